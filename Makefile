@@ -1,0 +1,62 @@
+# fedge — everything from zero on a fresh machine: `make test`, `make demo`, `make bench`.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := test
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Debian packages the build and the tests need; installed only when missing.
+APT_PKGS := build-essential cmake ninja-build pkg-config libsystemd-dev systemd \
+            dpkg-dev fakeroot lintian
+CORE_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/*.hpp csrc/cuda/*.cu csrc/cuda/*.cuh) \
+                CMakeLists.txt pyproject.toml
+
+.PHONY: test demo bench lint apt deps core clean deb
+
+apt: $(VENV)/.stamp-apt
+$(VENV)/.stamp-apt:
+	@missing=""; for p in $(APT_PKGS); do \
+	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "apt: installing$$missing"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@mkdir -p $(VENV) && touch $@
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch first, pinned: the CPU build lies on disk; a looser pin pulls CUDA wheels.
+$(VENV)/.stamp-torch: $(VENV)/.stamp-apt | $(VENV)/bin/python
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.12"
+	touch $@
+
+deps: $(VENV)/.stamp-deps
+$(VENV)/.stamp-deps: $(VENV)/.stamp-torch $(CORE_SOURCES)
+	$(PIP) install -q --no-build-isolation -e ".[test,systemd]"
+	touch $@
+
+core: deps
+	$(PY) -c "import fedge.core as c; print(c.info())"
+
+lint: deps
+	$(VENV)/bin/ruff check fedge tests bench
+
+test: deps lint
+	$(PY) -m pytest -q -ra tests
+
+demo: deps
+	$(VENV)/bin/fedge demo
+
+bench: deps
+	@for b in bench/*.py; do \
+	  case $$b in bench/_*|bench/gpu_check.py) continue;; esac; \
+	  echo "== $$b"; $(PY) $$b; done
+
+clean:
+	rm -rf build dist *.egg-info $(VENV)

@@ -1,0 +1,151 @@
+"""Atomic safetensors checkpoints of the global model (and the strategy state).
+
+Layout: ``<state_dir>/jobs/<job_id>/round-<r>.safetensors`` and
+``final.safetensors``. Tensors: ``weights`` (float32, the flat global model)
+and ``strategy.<name>`` (float64 server-optimiser buffers, e.g. ``strategy.m``).
+Metadata (all strings): ``plan`` (the TOML text), ``round``, ``model_digest``
+(hex sha256 of the flat float32 weights' bytes), ``feature_names`` (JSON list)
+and ``metrics`` (JSON).
+
+A write goes to a temporary file in the same directory, is fsynced, renamed
+over the target and the directory is fsynced, so a reader sees either the old
+file or the new one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+
+class CheckpointError(Exception):
+    """A checkpoint is missing, unreadable or inconsistent with its digest."""
+
+
+@dataclass
+class Checkpoint:
+    weights: np.ndarray
+    round: int
+    plan: str
+    strategy_state: dict[str, np.ndarray] = field(default_factory=dict)
+    feature_names: list[str] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model_digest(self) -> str:
+        return model_digest(self.weights)
+
+
+def model_digest(weights: np.ndarray) -> str:
+    """Hex sha256 of the flat float32 weights (little-endian bytes)."""
+    return hashlib.sha256(np.ascontiguousarray(weights, dtype="<f4").tobytes()).hexdigest()
+
+
+def job_dir(state_dir: str | Path, job_id: str) -> Path:
+    return Path(state_dir) / "jobs" / job_id
+
+
+def round_path(state_dir: str | Path, job_id: str, rnd: int) -> Path:
+    return job_dir(state_dir, job_id) / f"round-{rnd}.safetensors"
+
+
+def final_path(state_dir: str | Path, job_id: str) -> Path:
+    return job_dir(state_dir, job_id) / "final.safetensors"
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via temp file + fsync + rename + directory fsync."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> str:
+    """Write ``ckpt`` atomically; returns its model digest.
+
+    Raises:
+        CheckpointError: weights are not a 1-D float32 array.
+    """
+    w = np.asarray(ckpt.weights)
+    if w.dtype != np.float32 or w.ndim != 1:
+        raise CheckpointError(f"weights must be 1-D float32, got {w.dtype} with shape {w.shape}")
+    tensors: dict[str, np.ndarray] = {"weights": np.ascontiguousarray(w)}
+    for key, buf in ckpt.strategy_state.items():
+        tensors[f"strategy.{key}"] = np.ascontiguousarray(buf, dtype=np.float64)
+    digest = model_digest(w)
+    meta = {
+        "plan": ckpt.plan,
+        "round": str(ckpt.round),
+        "model_digest": digest,
+        "feature_names": json.dumps(list(ckpt.feature_names)),
+        "metrics": json.dumps(ckpt.metrics, sort_keys=True),
+    }
+    atomic_write(Path(path), st_save(tensors, metadata=meta))
+    return digest
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read and verify a checkpoint.
+
+    Raises:
+        CheckpointError: missing file, unparsable safetensors, missing
+            ``weights`` or metadata, or weights that do not match ``model_digest``.
+    """
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {p}: {exc}") from exc
+    try:
+        tensors = st_load(data)
+        meta = _metadata(data)
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"checkpoint {p} is not valid safetensors: {exc}") from exc
+    if "weights" not in tensors:
+        raise CheckpointError(f"checkpoint {p} has no 'weights' tensor")
+    for key in ("plan", "round", "model_digest"):
+        if key not in meta:
+            raise CheckpointError(f"checkpoint {p} metadata lacks {key!r}")
+    ckpt = Checkpoint(
+        weights=tensors["weights"],
+        round=int(meta["round"]),
+        plan=meta["plan"],
+        strategy_state={k[len("strategy."):]: v for k, v in tensors.items()
+                        if k.startswith("strategy.")},
+        feature_names=json.loads(meta.get("feature_names", "[]")),
+        metrics=json.loads(meta.get("metrics", "{}")),
+    )
+    if ckpt.model_digest != meta["model_digest"]:
+        raise CheckpointError(
+            f"checkpoint {p} weights digest {ckpt.model_digest} does not match metadata "
+            f"{meta['model_digest']}"
+        )
+    return ckpt
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    return dict(header.get("__metadata__", {}))

@@ -1,0 +1,321 @@
+"""Job plans: the TOML file an operator submits, parsed and checked in one place.
+
+A plan names a model, a data set, the number of rounds, the local training
+recipe, the server strategy (FLamby's parameter names), secure-aggregation and
+privacy settings, the minimum cohort and per-stage deadlines. Every field is
+checked when the plan is parsed; an invalid plan raises :class:`PlanError`
+naming the field, the value and the rule, and nothing is stored.
+
+Example::
+
+    [job]
+    dataset = "fed_tcga_brca"
+    rounds = 3
+    min_clients = 2
+    seed = 42
+
+    [model]
+    name = "cox_linear"
+    params = { in_features = 39 }
+
+    [train]
+    epochs = 1              # or: steps = 50
+    batch_size = 32
+    optimizer = "sgd"       # sgd | adam
+    learning_rate = 0.01
+    momentum = 0.0
+    weight_decay = 0.0
+
+    [strategy]
+    name = "fedadam"        # fedavg | fedavgm | fedprox | fedadam | fedyogi | fedadagrad
+    server_learning_rate = 0.01
+    beta1 = 0.9
+    beta2 = 0.999
+    tau = 1e-3
+
+    [secagg]
+    enabled = true
+    alpha = 0.1
+    delta = 0.01
+    clip = 1.0
+
+    [privacy]               # passed through to fedge.train unchanged
+    [deadlines]             # seconds
+    cohort_s = 60
+    train_s = 600
+    secagg_stage_s = 60
+    eval_s = 120
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad")
+OPTIMIZERS = ("sgd", "adam")
+
+# Which strategy parameters each strategy reads (all others are refused, so a
+# typo such as "server_lr" is an error rather than a silent default).
+STRATEGY_PARAMS: dict[str, tuple[str, ...]] = {
+    "fedavg": ("server_learning_rate",),
+    "fedavgm": ("server_learning_rate", "server_momentum"),
+    "fedprox": ("server_learning_rate", "mu"),
+    "fedadam": ("server_learning_rate", "beta1", "beta2", "tau"),
+    "fedyogi": ("server_learning_rate", "beta1", "beta2", "tau"),
+    "fedadagrad": ("server_learning_rate", "beta1", "tau"),
+}
+STRATEGY_DEFAULTS: dict[str, float] = {
+    "server_learning_rate": 1.0,
+    "server_momentum": 0.9,
+    "mu": 0.01,
+    "beta1": 0.9,
+    "beta2": 0.99,
+    "tau": 1e-3,
+}
+
+
+class PlanError(ValueError):
+    """An invalid job plan; ``field`` is the dotted TOML path of the culprit."""
+
+    def __init__(self, field: str, value: Any, rule: str) -> None:
+        self.field = field
+        self.value = value
+        self.rule = rule
+        super().__init__(f"plan field {field} = {value!r}: {rule}")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    epochs: int | None
+    steps: int | None
+    batch_size: int
+    optimizer: str
+    learning_rate: float
+    momentum: float
+    weight_decay: float
+
+
+@dataclass(frozen=True)
+class StrategySettings:
+    name: str
+    params: dict[str, float]
+
+    def get(self, key: str) -> float:
+        return self.params.get(key, STRATEGY_DEFAULTS[key])
+
+
+@dataclass(frozen=True)
+class SecAggSettings:
+    enabled: bool
+    alpha: float
+    delta: float
+    clip: float
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    cohort_s: float
+    train_s: float
+    secagg_stage_s: float
+    eval_s: float
+
+
+@dataclass(frozen=True)
+class Plan:
+    text: str
+    dataset: str
+    rounds: int
+    min_clients: int
+    seed: int
+    max_failed_attempts: int
+    model_name: str
+    model_params: dict[str, Any]
+    train: TrainSettings
+    strategy: StrategySettings
+    secagg: SecAggSettings
+    privacy: dict[str, Any]
+    deadlines: Deadlines
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+    @property
+    def prox_mu(self) -> float:
+        """The FedProx proximal weight the clients use (0 for other strategies)."""
+        return self.strategy.get("mu") if self.strategy.name == "fedprox" else 0.0
+
+
+_TOP = ("job", "model", "train", "strategy", "secagg", "privacy", "deadlines")
+
+
+def parse_plan(text: str) -> Plan:
+    """Parse and check a plan.
+
+    Raises:
+        PlanError: malformed TOML, an unknown table or key, a missing field, or a
+            value outside its rule; the message names the field and the rule.
+    """
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise PlanError("<toml>", text[:40], f"not valid TOML: {exc}") from exc
+    for key in raw:
+        if key not in _TOP:
+            raise PlanError(key, raw[key], f"unknown table; expected one of {', '.join(_TOP)}")
+    job = _table(raw, "job")
+    model = _table(raw, "model")
+    train = _table(raw, "train")
+    strat = _table(raw, "strategy")
+    sec = _table(raw, "secagg", required=False)
+    dead = _table(raw, "deadlines", required=False)
+    privacy = _table(raw, "privacy", required=False)
+    _known(job, "job", ("dataset", "rounds", "min_clients", "seed", "max_failed_attempts", "name"))
+    _known(model, "model", ("name", "params"))
+    _known(train, "train", ("epochs", "steps", "batch_size", "optimizer", "learning_rate",
+                            "momentum", "weight_decay"))
+    _known(sec, "secagg", ("enabled", "alpha", "delta", "clip"))
+    _known(dead, "deadlines", ("cohort_s", "train_s", "secagg_stage_s", "eval_s"))
+
+    dataset = _str(job, "job.dataset")
+    rounds = _int(job, "job.rounds", lo=1)
+    min_clients = _int(job, "job.min_clients", lo=1, default=2)
+    seed = _int(job, "job.seed", lo=0, default=0)
+    max_failed = _int(job, "job.max_failed_attempts", lo=1, default=3)
+
+    model_name = _str(model, "model.name")
+    params = model.get("params", {})
+    if not isinstance(params, dict):
+        raise PlanError("model.params", params, "must be a table")
+
+    epochs = _int(train, "train.epochs", lo=1, default=None)
+    steps = _int(train, "train.steps", lo=1, default=None)
+    if (epochs is None) == (steps is None):
+        raise PlanError("train.epochs", epochs, "give exactly one of train.epochs, train.steps")
+    optimizer = _str(train, "train.optimizer", default="sgd")
+    if optimizer not in OPTIMIZERS:
+        raise PlanError("train.optimizer", optimizer, f"must be one of {', '.join(OPTIMIZERS)}")
+    tsettings = TrainSettings(
+        epochs=epochs,
+        steps=steps,
+        batch_size=_int(train, "train.batch_size", lo=1),
+        optimizer=optimizer,
+        learning_rate=_float(train, "train.learning_rate", lo=0.0, lo_open=True),
+        momentum=_float(train, "train.momentum", lo=0.0, hi=1.0, hi_open=True, default=0.0),
+        weight_decay=_float(train, "train.weight_decay", lo=0.0, default=0.0),
+    )
+
+    sname = _str(strat, "strategy.name")
+    if sname not in STRATEGIES:
+        raise PlanError("strategy.name", sname, f"must be one of {', '.join(STRATEGIES)}")
+    allowed = STRATEGY_PARAMS[sname]
+    sparams: dict[str, float] = {}
+    for key, value in strat.items():
+        if key == "name":
+            continue
+        if key not in allowed:
+            raise PlanError(f"strategy.{key}", value,
+                            f"not a parameter of {sname}; it takes {', '.join(allowed)}")
+        if key in ("beta1", "beta2", "server_momentum"):
+            sparams[key] = _float(strat, f"strategy.{key}", lo=0.0, hi=1.0, hi_open=True)
+        elif key == "mu":
+            sparams[key] = _float(strat, f"strategy.{key}", lo=0.0)
+        else:
+            sparams[key] = _float(strat, f"strategy.{key}", lo=0.0, lo_open=True)
+
+    ssettings = SecAggSettings(
+        enabled=_bool(sec, "secagg.enabled", default=True),
+        alpha=_float(sec, "secagg.alpha", lo=0.0, hi=1.0, hi_open=True, default=0.1),
+        delta=_float(sec, "secagg.delta", lo=0.0, hi=1.0, lo_open=True, hi_open=True,
+                     default=0.01),
+        clip=_float(sec, "secagg.clip", lo=0.0, lo_open=True, default=1.0),
+    )
+    deadlines = Deadlines(
+        cohort_s=_float(dead, "deadlines.cohort_s", lo=0.0, lo_open=True, default=60.0),
+        train_s=_float(dead, "deadlines.train_s", lo=0.0, lo_open=True, default=600.0),
+        secagg_stage_s=_float(dead, "deadlines.secagg_stage_s", lo=0.0, lo_open=True,
+                              default=60.0),
+        eval_s=_float(dead, "deadlines.eval_s", lo=0.0, lo_open=True, default=120.0),
+    )
+    return Plan(
+        text=text, dataset=dataset, rounds=rounds, min_clients=min_clients, seed=seed,
+        max_failed_attempts=max_failed, model_name=model_name, model_params=dict(params),
+        train=tsettings, strategy=StrategySettings(sname, sparams), secagg=ssettings,
+        privacy=dict(privacy), deadlines=deadlines,
+    )
+
+
+def _table(raw: dict[str, Any], name: str, *, required: bool = True) -> dict[str, Any]:
+    if name not in raw:
+        if required:
+            raise PlanError(name, None, "required table is missing")
+        return {}
+    value = raw[name]
+    if not isinstance(value, dict):
+        raise PlanError(name, value, "must be a table")
+    return value
+
+
+def _known(table: dict[str, Any], prefix: str, keys: tuple[str, ...]) -> None:
+    for key in table:
+        if key not in keys:
+            raise PlanError(f"{prefix}.{key}", table[key],
+                            f"unknown key; {prefix} takes {', '.join(keys)}")
+
+
+_MISSING = object()
+
+
+def _get(table: dict[str, Any], dotted: str, default: Any) -> Any:
+    key = dotted.rsplit(".", 1)[-1]
+    if key in table:
+        return table[key]
+    if default is _MISSING:
+        raise PlanError(dotted, None, "required field is missing")
+    return default
+
+
+def _str(table: dict[str, Any], dotted: str, default: Any = _MISSING) -> str:
+    value = _get(table, dotted, default)
+    if not isinstance(value, str) or not value:
+        raise PlanError(dotted, value, "must be a non-empty string")
+    return value
+
+
+def _bool(table: dict[str, Any], dotted: str, default: Any = _MISSING) -> bool:
+    value = _get(table, dotted, default)
+    if not isinstance(value, bool):
+        raise PlanError(dotted, value, "must be true or false")
+    return value
+
+
+def _int(table: dict[str, Any], dotted: str, *, lo: int, default: Any = _MISSING) -> Any:
+    value = _get(table, dotted, default)
+    if value is None and default is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PlanError(dotted, value, "must be an integer")
+    if value < lo:
+        raise PlanError(dotted, value, f"must be >= {lo}")
+    return value
+
+
+def _float(table: dict[str, Any], dotted: str, *, lo: float | None = None,
+           hi: float | None = None, lo_open: bool = False, hi_open: bool = False,
+           default: Any = _MISSING) -> float:
+    value = _get(table, dotted, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise PlanError(dotted, value, "must be a number")
+    value = float(value)
+    if not math.isfinite(value):
+        raise PlanError(dotted, value, "must be finite")
+    if lo is not None and (value < lo or (lo_open and value == lo)):
+        raise PlanError(dotted, value, f"must be {'>' if lo_open else '>='} {lo}")
+    if hi is not None and (value > hi or (hi_open and value == hi)):
+        raise PlanError(dotted, value, f"must be {'<' if hi_open else '<='} {hi}")
+    return value

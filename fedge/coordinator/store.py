@@ -1,0 +1,551 @@
+"""The coordinator's durable state: one SQLite database in WAL mode.
+
+Tables: appliances (the fleet registry), operators, jobs, rounds, metrics and an
+append-only audit log. Every write is one transaction; a coordinator killed at
+any instant leaves the database at the last committed write (WAL +
+``synchronous=FULL``). The schema carries a version in ``meta``; opening a
+database written by a newer schema is refused rather than guessed at.
+
+Model weights are not stored here: they live in safetensors checkpoints beside
+the database (see :mod:`fedge.coordinator.checkpoint`); a round row is written
+only after its checkpoint file is durable, so "last committed round" always
+names a checkpoint that exists.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+DB_NAME = "coordinator.sqlite3"
+
+APPLIANCE_STATUSES = ("enrolled", "revoked")
+JOB_STATUSES = ("queued", "running", "completed", "failed", "cancelled")
+ROUND_STATUSES = ("committed", "failed")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS appliances (
+    site_id TEXT PRIMARY KEY,
+    curve_public_z85 TEXT NOT NULL UNIQUE,
+    ed25519_public BLOB NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('enrolled', 'revoked')),
+    version TEXT NOT NULL DEFAULT '',
+    last_seen REAL,
+    health_json TEXT NOT NULL DEFAULT '{}',
+    eligible INTEGER NOT NULL DEFAULT 1,
+    eligibility_reason TEXT NOT NULL DEFAULT '',
+    datasets_json TEXT NOT NULL DEFAULT '[]',
+    current_task TEXT NOT NULL DEFAULT '',
+    enrolled_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS operators (
+    name TEXT PRIMARY KEY,
+    ed25519_public BLOB NOT NULL,
+    role TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY,
+    plan_toml TEXT NOT NULL,
+    status TEXT NOT NULL,
+    submitted_by TEXT NOT NULL,
+    submitted_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    committed_round INTEGER NOT NULL DEFAULT 0,
+    failed_attempts INTEGER NOT NULL DEFAULT 0,
+    final_digest TEXT NOT NULL DEFAULT '',
+    error TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    job_id TEXT NOT NULL REFERENCES jobs(job_id),
+    round INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    ended_at REAL NOT NULL,
+    cohort_json TEXT NOT NULL,
+    survivors_json TEXT NOT NULL,
+    dropped_json TEXT NOT NULL,
+    model_digest TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    PRIMARY KEY (job_id, round, attempt)
+);
+CREATE TABLE IF NOT EXISTS metrics (
+    job_id TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    site TEXT NOT NULL,
+    split TEXT NOT NULL,
+    name TEXT NOT NULL,
+    value REAL NOT NULL,
+    n_examples INTEGER NOT NULL,
+    PRIMARY KEY (job_id, round, site, split, name)
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time REAL NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+"""
+
+
+class StoreError(Exception):
+    """A request the registry cannot satisfy (unknown site, duplicate key, ...)."""
+
+
+@dataclass(frozen=True)
+class Appliance:
+    site_id: str
+    curve_public_z85: str
+    ed25519_public: bytes
+    status: str
+    version: str
+    last_seen: float | None
+    health: dict[str, Any]
+    eligible: bool
+    eligibility_reason: str
+    datasets: list[str]
+    current_task: str
+    enrolled_at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "site_id": self.site_id,
+            "curve_public_z85": self.curve_public_z85,
+            "ed25519_public": self.ed25519_public.hex(),
+            "status": self.status,
+            "version": self.version,
+            "last_seen": self.last_seen,
+            "health": self.health,
+            "eligible": self.eligible,
+            "eligibility_reason": self.eligibility_reason,
+            "datasets": self.datasets,
+            "current_task": self.current_task,
+            "enrolled_at": self.enrolled_at,
+        }
+
+
+@dataclass(frozen=True)
+class Job:
+    job_id: str
+    plan_toml: str
+    status: str
+    submitted_by: str
+    submitted_at: float
+    updated_at: float
+    committed_round: int
+    failed_attempts: int
+    final_digest: str
+    error: str
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d.pop("plan_toml")
+        return d
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    job_id: str
+    round: int
+    attempt: int
+    status: str
+    started_at: float
+    ended_at: float
+    cohort: list[str]
+    survivors: list[str]
+    dropped: list[str]
+    model_digest: str
+    reason: str
+
+
+class Store:
+    """Thread-safe access to ``<state_dir>/coordinator.sqlite3``.
+
+    Raises:
+        StoreError: on opening a database whose schema version is newer than
+            this code's.
+    """
+
+    def __init__(self, state_dir: str | Path, *, clock: Any = time.time) -> None:
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.state_dir / DB_NAME
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._conn = sqlite3.connect(
+            self.path, check_same_thread=False, isolation_level=None, timeout=30.0
+        )
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        # executescript commits implicitly, so run it outside our BEGIN.
+        with self._lock:
+            self._conn.executescript(_SCHEMA)
+        with self._tx() as c:
+            row = c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            if row is None:
+                c.execute(
+                    "INSERT INTO meta(key, value) VALUES ('schema_version', ?)",
+                    (str(SCHEMA_VERSION),),
+                )
+            elif int(row[0]) > SCHEMA_VERSION:
+                raise StoreError(
+                    f"database {self.path} has schema version {row[0]}, newer than this "
+                    f"fedge's {SCHEMA_VERSION}; upgrade fedge before opening it"
+                )
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def schema_version(self) -> int:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT value FROM meta WHERE key='schema_version'"
+            ).fetchone()
+        return int(row[0])
+
+    # -- audit ------------------------------------------------------------------
+
+    def _audit(self, c: sqlite3.Connection, actor: str, action: str, detail: Any) -> None:
+        text = detail if isinstance(detail, str) else json.dumps(detail, sort_keys=True)
+        c.execute(
+            "INSERT INTO audit(time, actor, action, detail) VALUES (?, ?, ?, ?)",
+            (self._clock(), actor, action, text),
+        )
+
+    def audit(self, actor: str, action: str, detail: Any = "") -> None:
+        """Append one audit entry (its own transaction)."""
+        with self._tx() as c:
+            self._audit(c, actor, action, detail)
+
+    def audit_log(self, *, action: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        q = "SELECT id, time, actor, action, detail FROM audit"
+        args: tuple[Any, ...] = ()
+        if action is not None:
+            q += " WHERE action = ?"
+            args = (action,)
+        q += " ORDER BY id DESC LIMIT ?"
+        with self._lock:
+            rows = self._conn.execute(q, (*args, limit)).fetchall()
+        return [
+            {"id": r[0], "time": r[1], "actor": r[2], "action": r[3], "detail": r[4]}
+            for r in reversed(rows)
+        ]
+
+    # -- appliances ---------------------------------------------------------------
+
+    def enrol(self, site_id: str, curve_public_z85: str, ed25519_public: bytes, *,
+              actor: str) -> Appliance:
+        """Register (or re-enrol a revoked) appliance.
+
+        Raises:
+            StoreError: the site id is empty, the CURVE key is not 40 z85
+                characters, the Ed25519 key is not 32 bytes, or the CURVE key
+                already belongs to another site.
+        """
+        if not site_id or not site_id.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise StoreError(
+                f"site id {site_id!r} must be non-empty letters, digits, '-', '_', '.'"
+            )
+        if len(curve_public_z85) != 40:
+            raise StoreError(
+                f"CURVE public key for {site_id!r} has {len(curve_public_z85)} characters; "
+                "a z85 CURVE key has 40"
+            )
+        if len(ed25519_public) != 32:
+            raise StoreError(
+                f"Ed25519 public key for {site_id!r} has {len(ed25519_public)} bytes;"
+                " it must have 32"
+            )
+        now = self._clock()
+        with self._tx() as c:
+            other = c.execute(
+                "SELECT site_id FROM appliances WHERE curve_public_z85 = ? AND site_id != ?",
+                (curve_public_z85, site_id),
+            ).fetchone()
+            if other is not None:
+                raise StoreError(
+                    f"CURVE key {curve_public_z85} is already enrolled for site {other[0]!r}"
+                )
+            c.execute(
+                "INSERT INTO appliances(site_id, curve_public_z85, ed25519_public, status,"
+                " enrolled_at) VALUES (?, ?, ?, 'enrolled', ?)"
+                " ON CONFLICT(site_id) DO UPDATE SET curve_public_z85=excluded.curve_public_z85,"
+                " ed25519_public=excluded.ed25519_public, status='enrolled',"
+                " enrolled_at=excluded.enrolled_at",
+                (site_id, curve_public_z85, bytes(ed25519_public), now),
+            )
+            self._audit(c, actor, "enrol", {"site": site_id, "curve_public": curve_public_z85})
+        return self.appliance(site_id)
+
+    def revoke(self, site_id: str, *, actor: str) -> Appliance:
+        """Mark an appliance revoked.
+
+        Raises:
+            StoreError: unknown site.
+        """
+        with self._tx() as c:
+            cur = c.execute(
+                "UPDATE appliances SET status='revoked', current_task='' WHERE site_id = ?",
+                (site_id,),
+            )
+            if cur.rowcount == 0:
+                raise StoreError(f"cannot revoke unknown site {site_id!r}")
+            self._audit(c, actor, "revoke", {"site": site_id})
+        return self.appliance(site_id)
+
+    def appliance(self, site_id: str) -> Appliance:
+        """Raises: StoreError: unknown site."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT * FROM appliances WHERE site_id = ?", (site_id,)
+            ).fetchone()
+        if row is None:
+            raise StoreError(f"unknown site {site_id!r}")
+        return _appliance(row)
+
+    def appliances(self, *, status: str | None = None) -> list[Appliance]:
+        q = "SELECT * FROM appliances"
+        args: tuple[Any, ...] = ()
+        if status is not None:
+            q += " WHERE status = ?"
+            args = (status,)
+        with self._lock:
+            rows = self._conn.execute(q + " ORDER BY site_id", args).fetchall()
+        return [_appliance(r) for r in rows]
+
+    def site_for_key(self, curve_public_z85: str) -> str | None:
+        """The enrolled (not revoked) site holding this CURVE key, if any."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT site_id FROM appliances WHERE curve_public_z85 = ? AND status='enrolled'",
+                (curve_public_z85,),
+            ).fetchone()
+        return None if row is None else str(row[0])
+
+    def allowed_keys(self) -> set[str]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT curve_public_z85 FROM appliances WHERE status='enrolled'"
+            ).fetchall()
+        return {r[0] for r in rows}
+
+    def record_heartbeat(self, site_id: str, *, version: str, health: dict[str, Any],
+                         eligible: bool, reason: str, datasets: list[str],
+                         current_task: str) -> None:
+        """Raises: StoreError: unknown site."""
+        with self._tx() as c:
+            cur = c.execute(
+                "UPDATE appliances SET version=?, last_seen=?, health_json=?, eligible=?,"
+                " eligibility_reason=?, datasets_json=?, current_task=? WHERE site_id=?",
+                (version, self._clock(), json.dumps(health, sort_keys=True, default=str),
+                 int(eligible), reason, json.dumps(sorted(datasets)), current_task, site_id),
+            )
+            if cur.rowcount == 0:
+                raise StoreError(f"heartbeat from unknown site {site_id!r}")
+
+    # -- operators ----------------------------------------------------------------
+
+    def add_operator(self, name: str, ed25519_public: bytes, role: str, *, actor: str) -> None:
+        """Raises: StoreError: bad key length or duplicate name."""
+        if len(ed25519_public) != 32:
+            raise StoreError(f"operator {name!r} key has {len(ed25519_public)} bytes, needs 32")
+        with self._tx() as c:
+            try:
+                c.execute(
+                    "INSERT INTO operators(name, ed25519_public, role, created_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    (name, bytes(ed25519_public), role, self._clock()),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise StoreError(f"operator {name!r} already exists") from exc
+            self._audit(c, actor, "add_operator", {"name": name, "role": role})
+
+    def operators(self) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT name, ed25519_public, role, created_at FROM operators ORDER BY name"
+            ).fetchall()
+        return [
+            {"name": r[0], "ed25519_public": bytes(r[1]), "role": r[2], "created_at": r[3]}
+            for r in rows
+        ]
+
+    # -- jobs ---------------------------------------------------------------------
+
+    def create_job(self, job_id: str, plan_toml: str, *, actor: str) -> Job:
+        """Raises: StoreError: duplicate job id."""
+        now = self._clock()
+        with self._tx() as c:
+            try:
+                c.execute(
+                    "INSERT INTO jobs(job_id, plan_toml, status, submitted_by, submitted_at,"
+                    " updated_at) VALUES (?, ?, 'queued', ?, ?, ?)",
+                    (job_id, plan_toml, actor, now, now),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise StoreError(f"job {job_id!r} already exists") from exc
+            self._audit(c, actor, "submit_job", {"job": job_id})
+        return self.job(job_id)
+
+    def job(self, job_id: str) -> Job:
+        """Raises: StoreError: unknown job."""
+        with self._lock:
+            row = self._conn.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"unknown job {job_id!r}")
+        return Job(*row)
+
+    def jobs(self, *, status: str | None = None) -> list[Job]:
+        q = "SELECT * FROM jobs"
+        args: tuple[Any, ...] = ()
+        if status is not None:
+            q += " WHERE status = ?"
+            args = (status,)
+        with self._lock:
+            rows = self._conn.execute(q + " ORDER BY submitted_at, job_id", args).fetchall()
+        return [Job(*r) for r in rows]
+
+    def set_job_status(self, job_id: str, status: str, *, actor: str, error: str = "",
+                       final_digest: str = "") -> None:
+        """Raises: StoreError: unknown job or status."""
+        if status not in JOB_STATUSES:
+            raise StoreError(f"job status {status!r} is not one of {JOB_STATUSES}")
+        with self._tx() as c:
+            cur = c.execute(
+                "UPDATE jobs SET status=?, error=?, final_digest=CASE WHEN ?='' THEN"
+                " final_digest ELSE ? END, updated_at=? WHERE job_id=?",
+                (status, error, final_digest, final_digest, self._clock(), job_id),
+            )
+            if cur.rowcount == 0:
+                raise StoreError(f"unknown job {job_id!r}")
+            self._audit(c, actor, f"job_{status}", {"job": job_id, "error": error})
+
+    # -- rounds -------------------------------------------------------------------
+
+    def commit_round(self, job_id: str, rnd: int, *, started_at: float, cohort: list[str],
+                     survivors: list[str], dropped: list[str], model_digest: str,
+                     metrics: list[tuple[str, str, str, float, int]]) -> None:
+        """Record round ``rnd`` of a job as committed, with its metrics, atomically.
+
+        ``metrics`` rows are (site, split, name, value, n_examples). The
+        checkpoint for this round must already be durable on disk.
+
+        Raises:
+            StoreError: unknown job, or ``rnd`` is not the job's next round.
+        """
+        with self._tx() as c:
+            row = c.execute(
+                "SELECT committed_round FROM jobs WHERE job_id=?", (job_id,)
+            ).fetchone()
+            if row is None:
+                raise StoreError(f"unknown job {job_id!r}")
+            if rnd != row[0] + 1:
+                raise StoreError(
+                    f"round {rnd} of job {job_id!r} cannot be committed after round {row[0]}"
+                )
+            attempt = self._next_attempt(c, job_id, rnd)
+            c.execute(
+                "INSERT INTO rounds VALUES (?, ?, ?, 'committed', ?, ?, ?, ?, ?, ?, '')",
+                (job_id, rnd, attempt, started_at, self._clock(), json.dumps(cohort),
+                 json.dumps(survivors), json.dumps(dropped), model_digest),
+            )
+            c.executemany(
+                "INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(job_id, rnd, s, sp, n, float(v), int(k)) for s, sp, n, v, k in metrics],
+            )
+            c.execute(
+                "UPDATE jobs SET committed_round=?, failed_attempts=0, updated_at=? WHERE job_id=?",
+                (rnd, self._clock(), job_id),
+            )
+            self._audit(c, "coordinator", "round_committed",
+                        {"job": job_id, "round": rnd, "survivors": survivors,
+                         "dropped": dropped, "digest": model_digest})
+
+    def fail_round(self, job_id: str, rnd: int, *, started_at: float, cohort: list[str],
+                   reason: str) -> int:
+        """Record a failed attempt at round ``rnd``; returns the job's failed-attempt count.
+
+        Raises:
+            StoreError: unknown job.
+        """
+        with self._tx() as c:
+            attempt = self._next_attempt(c, job_id, rnd)
+            c.execute(
+                "INSERT INTO rounds VALUES (?, ?, ?, 'failed', ?, ?, ?, '[]', '[]', '', ?)",
+                (job_id, rnd, attempt, started_at, self._clock(), json.dumps(cohort), reason),
+            )
+            cur = c.execute(
+                "UPDATE jobs SET failed_attempts=failed_attempts+1, updated_at=? WHERE job_id=?",
+                (self._clock(), job_id),
+            )
+            if cur.rowcount == 0:
+                raise StoreError(f"unknown job {job_id!r}")
+            self._audit(c, "coordinator", "round_failed",
+                        {"job": job_id, "round": rnd, "reason": reason})
+            row = c.execute("SELECT failed_attempts FROM jobs WHERE job_id=?", (job_id,)).fetchone()
+        return int(row[0])
+
+    @staticmethod
+    def _next_attempt(c: sqlite3.Connection, job_id: str, rnd: int) -> int:
+        row = c.execute(
+            "SELECT COALESCE(MAX(attempt), 0) FROM rounds WHERE job_id=? AND round=?",
+            (job_id, rnd),
+        ).fetchone()
+        return int(row[0]) + 1
+
+    def rounds(self, job_id: str) -> list[RoundRecord]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT * FROM rounds WHERE job_id=? ORDER BY round, attempt", (job_id,)
+            ).fetchall()
+        return [
+            RoundRecord(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), json.loads(r[7]),
+                        json.loads(r[8]), r[9], r[10])
+            for r in rows
+        ]
+
+    def metrics(self, job_id: str) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT round, site, split, name, value, n_examples FROM metrics WHERE job_id=?"
+                " ORDER BY round, site, split, name",
+                (job_id,),
+            ).fetchall()
+        return [
+            {"round": r[0], "site": r[1], "split": r[2], "name": r[3], "value": r[4],
+             "n_examples": r[5]}
+            for r in rows
+        ]
+
+
+def _appliance(row: tuple[Any, ...]) -> Appliance:
+    return Appliance(
+        site_id=row[0], curve_public_z85=row[1], ed25519_public=bytes(row[2]), status=row[3],
+        version=row[4], last_seen=row[5], health=json.loads(row[6]), eligible=bool(row[7]),
+        eligibility_reason=row[8], datasets=json.loads(row[9]), current_task=row[10],
+        enrolled_at=row[11],
+    )

@@ -1,0 +1,104 @@
+"""Job plans: every invalid field is refused with its name and the rule."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedge.coordinator.plan import PlanError, parse_plan
+
+GOOD = """
+[job]
+dataset = "fed_tcga_brca"
+rounds = 3
+min_clients = 2
+seed = 7
+
+[model]
+name = "cox_linear"
+params = { in_features = 39 }
+
+[train]
+epochs = 1
+batch_size = 32
+optimizer = "sgd"
+learning_rate = 0.01
+
+[strategy]
+name = "fedadam"
+server_learning_rate = 0.01
+beta1 = 0.9
+beta2 = 0.999
+tau = 1e-3
+
+[secagg]
+enabled = true
+clip = 2.0
+
+[privacy]
+noise_multiplier = 1.1
+
+[deadlines]
+train_s = 30
+"""
+
+
+def test_good_plan_parses_with_defaults():
+    plan = parse_plan(GOOD)
+    assert plan.dataset == "fed_tcga_brca"
+    assert plan.rounds == 3 and plan.min_clients == 2 and plan.seed == 7
+    assert plan.model_params == {"in_features": 39}
+    assert plan.train.epochs == 1 and plan.train.steps is None
+    assert plan.strategy.get("beta2") == 0.999
+    assert plan.strategy.get("tau") == 1e-3
+    assert plan.secagg.clip == 2.0 and plan.secagg.alpha == 0.1
+    assert plan.deadlines.train_s == 30.0 and plan.deadlines.eval_s == 120.0
+    assert plan.privacy == {"noise_multiplier": 1.1}
+    assert plan.prox_mu == 0.0
+    assert len(plan.digest) == 64
+
+
+def test_fedprox_mu_reaches_clients():
+    plan = parse_plan(GOOD.replace('name = "fedadam"', 'name = "fedprox"\nmu = 0.1')
+                      .replace("beta1 = 0.9\nbeta2 = 0.999\ntau = 1e-3\n", ""))
+    assert plan.prox_mu == 0.1
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "field", "rule"),
+    [
+        ("rounds = 3", "rounds = 0", "job.rounds", ">= 1"),
+        ("rounds = 3", 'rounds = "3"', "job.rounds", "integer"),
+        ('dataset = "fed_tcga_brca"', "", "job.dataset", "missing"),
+        ("batch_size = 32", "batch_size = -1", "train.batch_size", ">= 1"),
+        ("epochs = 1", "epochs = 1\nsteps = 5", "train.epochs", "exactly one"),
+        ('optimizer = "sgd"', 'optimizer = "lbfgs"', "train.optimizer", "one of"),
+        ("learning_rate = 0.01", "learning_rate = 0", "train.learning_rate", "> 0"),
+        ("learning_rate = 0.01", "learning_rate = nan", "train.learning_rate", "finite"),
+        ('name = "fedadam"', 'name = "fedsgd"', "strategy.name", "one of"),
+        ("beta1 = 0.9", "beta1 = 1.0", "strategy.beta1", "< 1"),
+        ("tau = 1e-3", "tau = 1e-3\nmu = 0.1", "strategy.mu", "not a parameter of fedadam"),
+        ("server_learning_rate", "server_lr", "strategy.server_lr", "not a parameter"),
+        ("enabled = true", "enabled = 1", "secagg.enabled", "true or false"),
+        ("clip = 2.0", "clip = 0.0", "secagg.clip", "> 0"),
+        ("train_s = 30", "train_s = -5", "deadlines.train_s", "> 0"),
+        ("train_s = 30", "trian_s = 5", "deadlines.trian_s", "unknown key"),
+        ("[privacy]", "[extras]", "extras", "unknown table"),
+        ("[model]", "[model]\nlayers = 3", "model.layers", "unknown key"),
+    ],
+)
+def test_invalid_plan_names_field_and_rule(old, new, field, rule):
+    assert old in GOOD
+    with pytest.raises(PlanError, match=rule) as info:
+        parse_plan(GOOD.replace(old, new, 1))
+    assert info.value.field == field
+    assert field in str(info.value)
+
+
+def test_not_toml():
+    with pytest.raises(PlanError, match="not valid TOML"):
+        parse_plan("[job\nrounds=")
+
+
+def test_missing_table():
+    with pytest.raises(PlanError, match="strategy"):
+        parse_plan(GOOD.replace("[strategy]", "[strategyx]"))

@@ -1,0 +1,143 @@
+"""The coordinator registry: SQLite WAL, one transaction per write, audit trail."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from fedge.coordinator.store import SCHEMA_VERSION, Store, StoreError
+
+KEY_A = "A" * 40
+KEY_B = "B" * 40
+ED = bytes(range(32))
+
+
+def test_database_is_wal_and_versioned(tmp_path):
+    store = Store(tmp_path)
+    assert store.schema_version() == SCHEMA_VERSION
+    conn = sqlite3.connect(store.path)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_newer_schema_is_refused(tmp_path):
+    Store(tmp_path).close()
+    conn = sqlite3.connect(tmp_path / "coordinator.sqlite3")
+    conn.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match="schema version 99"):
+        Store(tmp_path)
+
+
+def test_enrol_revoke_and_allow_list(tmp_path):
+    store = Store(tmp_path)
+    store.enrol("site-a", KEY_A, ED, actor="alice")
+    store.enrol("site-b", KEY_B, ED, actor="alice")
+    assert store.allowed_keys() == {KEY_A, KEY_B}
+    assert store.site_for_key(KEY_A) == "site-a"
+    store.revoke("site-a", actor="bob")
+    assert store.allowed_keys() == {KEY_B}
+    assert store.site_for_key(KEY_A) is None
+    assert store.appliance("site-a").status == "revoked"
+    actions = [(e["actor"], e["action"]) for e in store.audit_log()]
+    assert actions == [("alice", "enrol"), ("alice", "enrol"), ("bob", "revoke")]
+    # re-enrolment after revocation restores access
+    store.enrol("site-a", KEY_A, ED, actor="alice")
+    assert store.site_for_key(KEY_A) == "site-a"
+
+
+@pytest.mark.parametrize(
+    ("site", "key", "ed", "match"),
+    [
+        ("", KEY_A, ED, "site id"),
+        ("bad site!", KEY_A, ED, "site id"),
+        ("s", "short", ED, "40"),
+        ("s", KEY_A, b"x" * 31, "32"),
+    ],
+)
+def test_enrol_rejects_bad_input_and_writes_nothing(tmp_path, site, key, ed, match):
+    store = Store(tmp_path)
+    with pytest.raises(StoreError, match=match):
+        store.enrol(site, key, ed, actor="a")
+    assert store.appliances() == []
+    assert store.audit_log() == []
+
+
+def test_key_cannot_be_shared_by_two_sites(tmp_path):
+    store = Store(tmp_path)
+    store.enrol("site-a", KEY_A, ED, actor="a")
+    with pytest.raises(StoreError, match="already enrolled for site 'site-a'"):
+        store.enrol("site-b", KEY_A, ED, actor="a")
+    assert [a.site_id for a in store.appliances()] == ["site-a"]
+
+
+def test_revoke_unknown_site(tmp_path):
+    with pytest.raises(StoreError, match="unknown site 'ghost'"):
+        Store(tmp_path).revoke("ghost", actor="a")
+
+
+def test_heartbeat_updates_fleet_view(tmp_path):
+    store = Store(tmp_path, clock=lambda: 1234.0)
+    store.enrol("site-a", KEY_A, ED, actor="a")
+    store.record_heartbeat("site-a", version="0.1.0", health={"gpu": 0}, eligible=False,
+                           reason="disk full", datasets=["b", "a"], current_task="job1/2")
+    a = store.appliance("site-a")
+    assert (a.version, a.last_seen, a.health, a.eligible, a.eligibility_reason) == (
+        "0.1.0", 1234.0, {"gpu": 0}, False, "disk full")
+    assert a.datasets == ["a", "b"]
+    assert a.to_dict()["current_task"] == "job1/2"
+    with pytest.raises(StoreError, match="unknown site"):
+        store.record_heartbeat("x", version="", health={}, eligible=True, reason="",
+                               datasets=[], current_task="")
+
+
+def test_rounds_commit_in_order_and_survive_reopen(tmp_path):
+    store = Store(tmp_path)
+    store.create_job("j1", "plan", actor="op")
+    with pytest.raises(StoreError, match="already exists"):
+        store.create_job("j1", "plan", actor="op")
+    with pytest.raises(StoreError, match=r"round 2 .* after round 0"):
+        store.commit_round("j1", 2, started_at=0, cohort=[], survivors=[], dropped=[],
+                           model_digest="d", metrics=[])
+    assert store.fail_round("j1", 1, started_at=0, cohort=["a"], reason="cohort too small") == 1
+    store.commit_round("j1", 1, started_at=0, cohort=["a", "b"], survivors=["a"],
+                       dropped=["b"], model_digest="d1",
+                       metrics=[("a", "val", "cindex", 0.7, 10)])
+    store.close()
+    again = Store(tmp_path)
+    job = again.job("j1")
+    assert job.committed_round == 1
+    assert job.failed_attempts == 0
+    rounds = again.rounds("j1")
+    assert [(r.round, r.attempt, r.status) for r in rounds] == [
+        (1, 1, "failed"), (1, 2, "committed")]
+    assert rounds[1].dropped == ["b"]
+    assert again.metrics("j1") == [
+        {"round": 1, "site": "a", "split": "val", "name": "cindex", "value": 0.7,
+         "n_examples": 10}]
+
+
+def test_failed_transaction_leaves_no_trace(tmp_path):
+    store = Store(tmp_path)
+    store.create_job("j1", "plan", actor="op")
+    with pytest.raises(StoreError):
+        store.commit_round("j1", 5, started_at=0, cohort=[], survivors=[], dropped=[],
+                           model_digest="", metrics=[("a", "val", "x", 1.0, 1)])
+    assert store.metrics("j1") == []
+    assert store.rounds("j1") == []
+
+
+def test_job_status_and_operators(tmp_path):
+    store = Store(tmp_path)
+    store.create_job("j1", "plan", actor="op")
+    store.set_job_status("j1", "running", actor="coordinator")
+    store.set_job_status("j1", "completed", actor="coordinator", final_digest="abc")
+    assert store.job("j1").status == "completed"
+    assert store.job("j1").final_digest == "abc"
+    with pytest.raises(StoreError, match="not one of"):
+        store.set_job_status("j1", "exploded", actor="x")
+    store.add_operator("alice", ED, "admin", actor="root")
+    with pytest.raises(StoreError, match="already exists"):
+        store.add_operator("alice", ED, "admin", actor="root")
+    assert store.operators()[0]["role"] == "admin"

@@ -1,0 +1,282 @@
+"""The agent's side of signed updates: a TUF client over the agent's existing
+ZeroMQ connection, verification with python-tuf, and installation.
+
+`ZmqFetcher` is python-tuf's FetcherInterface: each "URL" (``fedge:<path>``)
+becomes chunked `UpdateFetchRequest`s sent through `roundtrip`, a callable the
+agent supplies that sends one request over its connection and returns the
+reply. python-tuf does all verification (signatures, versions, expiry, hashes,
+lengths); this module decides what to install and installs it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tarfile
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+from tuf.api.exceptions import DownloadError, DownloadHTTPError
+from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
+
+from fedge.update import tuf_repo
+from fedge.update.ab import HealthCheckFailed, Service, SlotInstaller
+from fedge.update.files import write_atomic, write_json
+from fedge.update.messages import (
+    ERROR_NOT_FOUND,
+    UpdateFetchReply,
+    UpdateFetchRequest,
+)
+
+URL_SCHEME = "fedge:"
+METADATA_BASE = URL_SCHEME + "metadata/"
+TARGETS_BASE = URL_SCHEME + "targets/"
+
+Roundtrip = Callable[[UpdateFetchRequest], UpdateFetchReply]
+
+
+class ZmqFetcher(FetcherInterface):
+    """Fetch ``fedge:<path>`` in chunks through `roundtrip`."""
+
+    def __init__(self, roundtrip: Roundtrip, *, chunk: int = 65536) -> None:
+        """Raises: ValueError if chunk is not positive."""
+        if chunk <= 0:
+            raise ValueError(f"chunk {chunk} must be > 0")
+        self._roundtrip = roundtrip
+        self._chunk = chunk
+
+    def _fetch(self, url: str) -> Iterator[bytes]:
+        if not url.startswith(URL_SCHEME):
+            raise DownloadError(f"url {url!r} is not a {URL_SCHEME} url")
+        path = url[len(URL_SCHEME):]
+        return self._chunks(path)
+
+    def _chunks(self, path: str) -> Iterator[bytes]:
+        offset = 0
+        while True:
+            reply = self._roundtrip(UpdateFetchRequest(path, offset, self._chunk))
+            if not isinstance(reply, UpdateFetchReply):
+                raise DownloadError(f"fetch {path}: reply is {type(reply).__name__}, "
+                                    "expected UpdateFetchReply")
+            if reply.error == ERROR_NOT_FOUND:
+                raise DownloadHTTPError(f"fetch {path}: not found", 404)
+            if reply.error:
+                raise DownloadError(f"fetch {path}: coordinator says {reply.error}")
+            if reply.path != path or reply.offset != offset:
+                raise DownloadError(f"fetch {path}@{offset}: reply is for "
+                                    f"{reply.path}@{reply.offset}")
+            if len(reply.data) > self._chunk:
+                raise DownloadError(f"fetch {path}: reply carries {len(reply.data)} bytes, "
+                                    f"more than the {self._chunk} asked for")
+            if not reply.data and not reply.eof:
+                raise DownloadError(f"fetch {path}@{offset}: empty chunk without eof")
+            offset += len(reply.data)
+            if reply.data:
+                yield reply.data
+            if reply.eof:
+                return
+
+
+@dataclass(frozen=True)
+class InstallOutcome:
+    kind: str
+    name: str
+    version: str
+    ok: bool
+    rolled_back: bool
+    detail: str
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+class ModelInstaller(Protocol):
+    def install(self, model_name: str, onnx: bytes | Path) -> object: ...
+
+
+class AgentUpdater:
+    """Verify and install updates for one appliance.
+
+    State under ``<state_dir>``: ``tuf/metadata/root.json`` (trusted root from
+    enrolment), ``tuf/targets/`` (verified downloads), ``updates/installed.json``
+    and ``updates/audit.jsonl``.
+    """
+
+    def __init__(self, state_dir: Path, fetcher: FetcherInterface, *,
+                 clock: tuf_repo.Clock = tuf_repo.utcnow) -> None:
+        """Raises: FileNotFoundError if the appliance was never enrolled (no root)."""
+        self.state_dir = Path(state_dir)
+        self.metadata_dir = self.state_dir / "tuf" / "metadata"
+        self.targets_dir = self.state_dir / "tuf" / "targets"
+        if not (self.metadata_dir / "root.json").exists():
+            raise FileNotFoundError(f"no trusted TUF root at {self.metadata_dir / 'root.json'}:"
+                                    " enrol the appliance first (fedge agent enrol FILE)")
+        self.targets_dir.mkdir(parents=True, exist_ok=True)
+        self.fetcher = fetcher
+        self.clock = clock
+        self._updater: Updater | None = None
+
+    # -- verification --------------------------------------------------------------------
+    def refresh(self) -> list[tuf_repo.TargetSpec]:
+        """Fetch and verify the newest metadata; return every verified target.
+
+        Raises:
+            tuf.api.exceptions.RepositoryError: rollback, freeze (expired), mix-and-match,
+                bad signature — anything python-tuf refuses.
+            tuf.api.exceptions.DownloadError: the coordinator could not deliver.
+        """
+        updater = Updater(
+            metadata_dir=str(self.metadata_dir),
+            metadata_base_url=METADATA_BASE,
+            target_dir=str(self.targets_dir),
+            target_base_url=TARGETS_BASE,
+            fetcher=self.fetcher,
+            config=UpdaterConfig(),
+        )
+        # python-tuf reads the wall clock once, when it builds its trusted set; we set
+        # the reference time from our clock so expiry (freeze attacks) is testable.
+        updater._trusted_set.reference_time = self.clock()
+        updater.refresh()
+        self._updater = updater
+        targets = tuf_repo.load((self.metadata_dir / "targets.json").read_bytes(), "targets")
+        specs = []
+        for tf in targets.signed.targets.values():
+            try:
+                specs.append(tuf_repo.TargetSpec.from_target_file(tf))
+            except ValueError:
+                continue  # signed by the console but not a fedge target: ignore it
+        return specs
+
+    def pending(self) -> list[tuf_repo.TargetSpec]:
+        """The newest verified target per (kind, name) that is newer than installed.
+
+        Raises: as `refresh`.
+        """
+        installed = self.installed()
+        newest: dict[tuple[str, str], tuf_repo.TargetSpec] = {}
+        for spec in self.refresh():
+            key = (spec.kind, spec.name)
+            if key not in newest or (tuf_repo.version_key(spec.version)
+                                     > tuf_repo.version_key(newest[key].version)):
+                newest[key] = spec
+        out = []
+        for (kind, name), spec in sorted(newest.items()):
+            have = installed.get(f"{kind}/{name}")
+            if have is None or tuf_repo.version_key(spec.version) > tuf_repo.version_key(have):
+                out.append(spec)
+        return out
+
+    def download(self, spec: tuf_repo.TargetSpec) -> Path:
+        """Download one target and verify its length and hash.
+
+        Raises:
+            LookupError: the target is not in the verified metadata.
+            tuf.api.exceptions.RepositoryError / DownloadError: tampered or undeliverable.
+        """
+        if self._updater is None:
+            self.refresh()
+        assert self._updater is not None
+        info = self._updater.get_targetinfo(spec.path)
+        if info is None:
+            raise LookupError(f"target {spec.path!r} is not in the signed targets metadata")
+        dest = self.targets_dir / spec.path.replace("/", "__")
+        cached = self._updater.find_cached_target(info, str(dest))
+        return Path(cached or self._updater.download_target(info, str(dest)))
+
+    # -- installation --------------------------------------------------------------------
+    def installed(self) -> dict[str, str]:
+        path = self.state_dir / "updates" / "installed.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def install(self, spec: tuf_repo.TargetSpec, *, models: ModelInstaller | None = None,
+                service: Service | None = None, health_deadline_s: float = 30.0
+                ) -> InstallOutcome:
+        """Download, verify and install `spec`; record and audit the outcome.
+
+        Software goes into an A/B slot and is restarted through `service`; a failed
+        health check switches back to the previous slot. Never raises for a failed
+        install: the outcome says what happened.
+
+        Raises:
+            ValueError: a model target without `models`, or software without `service`.
+        """
+        if spec.kind == "model" and models is None:
+            raise ValueError("installing a model target needs a model repository (models=)")
+        if spec.kind == "software" and service is None:
+            raise ValueError("installing a software target needs a service (service=)")
+        rolled_back = False
+        try:
+            path = self.download(spec)
+            if spec.kind == "model":
+                assert models is not None
+                served = models.install(spec.name, path.read_bytes())
+                detail = f"model {spec.name} {spec.version} installed (serving version {served})"
+            elif spec.kind == "app":
+                detail = self._install_app(spec, path)
+            else:
+                assert service is not None
+                slots = SlotInstaller(self.state_dir / "software")
+                try:
+                    slots.install_and_switch(spec.version, path, service,
+                                             deadline_s=health_deadline_s)
+                    detail = f"software {spec.version} healthy in slot {slots.current_version()}"
+                except HealthCheckFailed as exc:
+                    rolled_back = exc.rolled_back
+                    raise
+            ok = True
+        except Exception as exc:  # an install failure is an outcome, not a crash
+            ok, detail = False, f"{type(exc).__name__}: {exc}"
+        outcome = InstallOutcome(spec.kind, spec.name, spec.version, ok, rolled_back, detail)
+        if ok:
+            installed = self.installed()
+            installed[f"{spec.kind}/{spec.name}"] = spec.version
+            write_json(self.state_dir / "updates" / "installed.json", installed)
+        self._audit(outcome)
+        return outcome
+
+    def _install_app(self, spec: tuf_repo.TargetSpec, archive: Path) -> str:
+        base = self.state_dir / "apps" / spec.name
+        dest = base / spec.version
+        tmp = base / f".{spec.version}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            with tarfile.open(archive) as tar:
+                tar.extractall(tmp, filter="data")  # refuses absolute paths, .., devices
+        except (tarfile.TarError, OSError) as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ValueError(f"app {spec.name} {spec.version}: bad archive: {exc}") from exc
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+        link_tmp = base / ".current.tmp"
+        link_tmp.unlink(missing_ok=True)
+        link_tmp.symlink_to(spec.version)
+        link_tmp.replace(base / "current")
+        return f"app {spec.name} {spec.version} installed at {dest}"
+
+    def _audit(self, outcome: InstallOutcome) -> None:
+        log = self.state_dir / "updates" / "audit.jsonl"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        record = {"time": self.clock().isoformat(), **outcome.to_dict()}
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def audit_log(self) -> list[dict[str, object]]:
+        log = self.state_dir / "updates" / "audit.jsonl"
+        if not log.exists():
+            return []
+        return [json.loads(line) for line in log.read_text().splitlines() if line]
+
+
+def install_trusted_root(state_dir: Path, root: bytes) -> None:
+    """Write the enrolment's TUF root as the agent's trusted root.
+
+    Raises: ValueError if `root` is not root metadata signed by its own root key.
+    """
+    md = tuf_repo.load(root, "root")
+    tuf_repo.verify_by(md, "root", md)
+    write_atomic(Path(state_dir) / "tuf" / "metadata" / "root.json", root)
+
+

@@ -1,0 +1,262 @@
+"""The coordinator's side of signed updates: TUF repository storage and relay.
+
+The console signs root and targets offline; this module holds the online
+snapshot and timestamp keys, re-signs those two roles whenever the console
+publishes new targets (and the timestamp before it expires), and answers the
+agents' chunked fetch requests. It never signs targets, so a compromised
+coordinator can at worst withhold updates, not forge them.
+
+Layout under ``<state_dir>/tuf/``::
+
+    keys/snapshot.pem, keys/timestamp.pem      online keys (0600)
+    metadata/<N>.root.json, <N>.targets.json, <N>.snapshot.json, timestamp.json
+    targets/<kind>/<name>/<version>/<sha256>.<file>
+    state.json                                 current versions (written last)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from fedge.update import tuf_repo
+from fedge.update.files import load_ed25519, save_ed25519, write_atomic, write_json
+from fedge.update.messages import (
+    ERROR_BAD_REQUEST,
+    ERROR_NOT_FOUND,
+    MAX_CHUNK,
+    UpdateFetchReply,
+    UpdateFetchRequest,
+)
+
+
+class UpdateRepositoryError(ValueError):
+    """A publish was refused; nothing was changed."""
+
+
+@dataclass
+class _Versions:
+    root: int
+    targets: int
+    snapshot: int
+    timestamp: int
+
+
+class UpdateRepository:
+    """TUF storage and relay. Create once with `provision`, then open with the class."""
+
+    def __init__(self, state_dir: Path, *, clock: tuf_repo.Clock = tuf_repo.utcnow) -> None:
+        """Open a provisioned repository.
+
+        Raises:
+            FileNotFoundError: `provision` was never run for this state dir.
+            ValueError: a key or the state file is corrupt.
+        """
+        self.root_dir = Path(state_dir) / "tuf"
+        self.clock = clock
+        state_file = self.root_dir / "state.json"
+        if not state_file.exists():
+            raise FileNotFoundError(f"no TUF repository at {self.root_dir}: run provisioning "
+                                    "with the console's coordinator-provision.json first")
+        self._snapshot_key = load_ed25519(self.root_dir / "keys" / "snapshot.pem")
+        self._timestamp_key = load_ed25519(self.root_dir / "keys" / "timestamp.pem")
+        try:
+            self._v = _Versions(**json.loads(state_file.read_text()))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"TUF state file {state_file} is corrupt: {exc}") from exc
+
+    # -- provisioning ------------------------------------------------------------------
+    @classmethod
+    def provision(
+        cls,
+        state_dir: Path,
+        *,
+        root: bytes,
+        targets: bytes,
+        snapshot_key: Ed25519PrivateKey,
+        timestamp_key: Ed25519PrivateKey,
+        clock: tuf_repo.Clock = tuf_repo.utcnow,
+    ) -> UpdateRepository:
+        """Install the console's root and first targets and the online keys.
+
+        Raises:
+            UpdateRepositoryError: root is not self-signed, targets not signed by
+                root's targets key, or the online keys are not those named in root.
+        """
+        root_md = _load_or_refuse(root, "root")
+        _verify_or_refuse(root_md, "root", root_md)
+        targets_md = _load_or_refuse(targets, "targets")
+        _verify_or_refuse(root_md, "targets", targets_md)
+        for role, key in (("snapshot", snapshot_key), ("timestamp", timestamp_key)):
+            keyid = tuf_repo.signer(key).public_key.keyid
+            if keyid not in root_md.signed.roles[role].keyids:
+                raise UpdateRepositoryError(f"the {role} key given ({keyid[:12]}…) is not "
+                                            f"the {role} key named in root")
+        base = Path(state_dir) / "tuf"
+        save_ed25519(base / "keys" / "snapshot.pem", snapshot_key)
+        save_ed25519(base / "keys" / "timestamp.pem", timestamp_key)
+        meta = base / "metadata"
+        write_atomic(meta / f"{root_md.signed.version}.root.json", root, mode=0o644)
+        write_atomic(meta / f"{targets_md.signed.version}.targets.json", targets, mode=0o644)
+        now = clock()
+        v = _Versions(root_md.signed.version, targets_md.signed.version, 0, 0)
+        cls._sign_online(base, snapshot_key, timestamp_key, v, now)
+        return cls(state_dir, clock=clock)
+
+    # -- publishing --------------------------------------------------------------------
+    def publish(
+        self,
+        targets: bytes,
+        files: Mapping[str, bytes],
+        *,
+        root: bytes | None = None,
+    ) -> int:
+        """Accept new console-signed targets (and optionally a rotated root).
+
+        `files` maps TUF target path → bytes for each target not already stored.
+        Returns the new snapshot version.
+
+        Raises:
+            UpdateRepositoryError: bad signature, version not increasing, expired
+                metadata, or a target file missing or not matching its hash.
+        """
+        now = self.clock()
+        root_md = self.current_root()
+        new_root_bytes = None
+        if root is not None:
+            new_root = _load_or_refuse(root, "root")
+            if new_root.signed.version != root_md.signed.version + 1:
+                raise UpdateRepositoryError(
+                    f"root version {new_root.signed.version} must be "
+                    f"{root_md.signed.version + 1}")
+            _verify_or_refuse(root_md, "root", new_root)
+            _verify_or_refuse(new_root, "root", new_root)
+            root_md, new_root_bytes = new_root, root
+        targets_md = _load_or_refuse(targets, "targets")
+        _verify_or_refuse(root_md, "targets", targets_md)
+        if targets_md.signed.version <= self._v.targets:
+            raise UpdateRepositoryError(
+                f"targets version {targets_md.signed.version} is not newer than the "
+                f"published version {self._v.targets} (rollback refused)")
+        if targets_md.signed.is_expired(now):
+            raise UpdateRepositoryError(
+                f"targets metadata expired at {targets_md.signed.expires.isoformat()}")
+        to_write: dict[Path, bytes] = {}
+        for tf in targets_md.signed.targets.values():
+            try:
+                tuf_repo.TargetSpec.from_target_file(tf)
+            except ValueError as exc:
+                raise UpdateRepositoryError(str(exc)) from exc
+            dest = self.root_dir / "targets" / tuf_repo.hashed_path(tf)
+            if dest.exists():
+                continue
+            data = files.get(tf.path)
+            if data is None:
+                raise UpdateRepositoryError(f"target {tf.path!r} is listed but its file was "
+                                            "not supplied")
+            digest = hashlib.sha256(data).hexdigest()
+            if len(data) != tf.length or digest != tf.hashes.get("sha256"):
+                raise UpdateRepositoryError(
+                    f"target {tf.path!r}: supplied file (length {len(data)}, sha256 "
+                    f"{digest[:12]}…) does not match its metadata (length {tf.length})")
+            to_write[dest] = data
+        for dest, data in to_write.items():
+            write_atomic(dest, data, mode=0o644)
+        meta = self.root_dir / "metadata"
+        if new_root_bytes is not None:
+            write_atomic(meta / f"{root_md.signed.version}.root.json", new_root_bytes,
+                         mode=0o644)
+        write_atomic(meta / f"{targets_md.signed.version}.targets.json", targets, mode=0o644)
+        v = _Versions(root_md.signed.version, targets_md.signed.version, self._v.snapshot,
+                      self._v.timestamp)
+        self._v = self._sign_online(self.root_dir, self._snapshot_key, self._timestamp_key,
+                                    v, now)
+        return self._v.snapshot
+
+    def refresh_timestamp(self, now: datetime | None = None) -> bool:
+        """Re-sign snapshot/timestamp when past half their lifetime. Returns True if it did."""
+        now = now or self.clock()
+        ts = tuf_repo.load((self.root_dir / "metadata" / "timestamp.json").read_bytes(),
+                           "timestamp")
+        snap = tuf_repo.load(
+            (self.root_dir / "metadata" / f"{self._v.snapshot}.snapshot.json").read_bytes(),
+            "snapshot")
+        if (ts.signed.expires - now > tuf_repo.EXPIRY["timestamp"] / 2
+                and snap.signed.expires - now > tuf_repo.EXPIRY["snapshot"] / 2):
+            return False
+        self._v = self._sign_online(self.root_dir, self._snapshot_key, self._timestamp_key,
+                                    self._v, now)
+        return True
+
+    @staticmethod
+    def _sign_online(base: Path, snapshot_key: Ed25519PrivateKey,
+                     timestamp_key: Ed25519PrivateKey, v: _Versions, now: datetime) -> _Versions:
+        meta = base / "metadata"
+        snap_version, ts_version = v.snapshot + 1, v.timestamp + 1
+        snap = tuf_repo.to_bytes(tuf_repo.create_snapshot(
+            snapshot_key, targets_version=v.targets, version=snap_version, now=now))
+        ts = tuf_repo.to_bytes(tuf_repo.create_timestamp(
+            timestamp_key, snap, snapshot_version=snap_version, version=ts_version, now=now))
+        write_atomic(meta / f"{snap_version}.snapshot.json", snap, mode=0o644)
+        write_atomic(meta / "timestamp.json", ts, mode=0o644)
+        nv = _Versions(v.root, v.targets, snap_version, ts_version)
+        write_json(base / "state.json", nv.__dict__, mode=0o644)
+        return nv
+
+    # -- reading -----------------------------------------------------------------------
+    def current_root(self) -> tuf_repo.Metadata:
+        return tuf_repo.load(
+            (self.root_dir / "metadata" / f"{self._v.root}.root.json").read_bytes(), "root")
+
+    def current_targets(self) -> tuf_repo.Metadata:
+        return tuf_repo.load(
+            (self.root_dir / "metadata" / f"{self._v.targets}.targets.json").read_bytes(),
+            "targets")
+
+    @property
+    def versions(self) -> dict[str, int]:
+        return dict(self._v.__dict__)
+
+    def handle_fetch(self, req: UpdateFetchRequest) -> UpdateFetchReply:
+        """Answer one chunked fetch. Never raises on bad input: the reply names the error."""
+        path = req.path if isinstance(req.path, str) else ""
+        if (not isinstance(req.offset, int) or not isinstance(req.length, int)
+                or req.offset < 0 or req.length <= 0):
+            return UpdateFetchReply(path, 0, b"", True,
+                                    f"{ERROR_BAD_REQUEST}: offset {req.offset!r} must be >= 0 "
+                                    f"and length {req.length!r} > 0")
+        parts = path.split("/")
+        if (len(parts) < 2 or parts[0] not in ("metadata", "targets")
+                or any(p in ("", ".", "..") for p in parts) or "\\" in path):
+            return UpdateFetchReply(path, req.offset, b"", True,
+                                    f"{ERROR_BAD_REQUEST}: path {path!r} is not a "
+                                    "metadata/ or targets/ path")
+        file = self.root_dir.joinpath(*parts)
+        try:
+            with open(file, "rb") as f:
+                f.seek(req.offset)
+                data = f.read(min(req.length, MAX_CHUNK))
+                eof = f.read(1) == b""
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return UpdateFetchReply(path, req.offset, b"", True, ERROR_NOT_FOUND)
+        return UpdateFetchReply(path, req.offset, data, eof, "")
+
+
+def _load_or_refuse(data: bytes, role: str) -> tuf_repo.Metadata:
+    try:
+        return tuf_repo.load(data, role)
+    except ValueError as exc:
+        raise UpdateRepositoryError(str(exc)) from exc
+
+
+def _verify_or_refuse(root: tuf_repo.Metadata, role: str, md: tuf_repo.Metadata) -> None:
+    try:
+        tuf_repo.verify_by(root, role, md)
+    except ValueError as exc:
+        raise UpdateRepositoryError(str(exc)) from exc

@@ -1,0 +1,311 @@
+"""A/B install for software updates: versioned slot directories, an atomic
+symlink switch, a restart and a health check, and rollback by itself.
+
+Layout under the slot root (e.g. ``/var/lib/fedge/software``)::
+
+    slots/<version>/          one unpacked bundle per version
+    current -> slots/<v>      what the service runs (switched with rename(2))
+    previous -> slots/<v0>    where a failed update goes back to
+
+Health, as systemd sees it: the new version must send ``READY=1`` over
+``NOTIFY_SOCKET`` within the deadline and then a good heartbeat
+(``WATCHDOG=1``) while still running. `NotifyProcessService` runs the slot's
+entry point as a child process with a real notify socket (tests, and hosts
+without systemd); `SystemdService` drives a systemd unit whose ExecStart runs
+``current/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from fedge.update.tuf_repo import version_key
+
+MANIFEST = "fedge-bundle.json"
+
+
+class HealthCheckFailed(RuntimeError):
+    """The new version did not become healthy. `rolled_back` says whether the
+    previous slot is running again."""
+
+    def __init__(self, message: str, *, rolled_back: bool) -> None:
+        super().__init__(message)
+        self.rolled_back = rolled_back
+
+
+class Service(Protocol):
+    def restart(self, slot: Path) -> None: ...
+    def wait_healthy(self, deadline_s: float) -> None: ...
+    def stop(self) -> None: ...
+
+
+class SlotInstaller:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.slots = self.root / "slots"
+
+    def current_version(self) -> str | None:
+        return self._link_target("current")
+
+    def previous_version(self) -> str | None:
+        return self._link_target("previous")
+
+    def _link_target(self, name: str) -> str | None:
+        link = self.root / name
+        return Path(os.readlink(link)).name if link.is_symlink() else None
+
+    def unpack(self, version: str, bundle: Path) -> Path:
+        """Unpack `bundle` (.tar.gz/.tgz/.tar, .whl, .deb) into slots/<version>.
+
+        Raises:
+            ValueError: bad version, unknown bundle type, unsafe or corrupt archive.
+        """
+        version_key(version)
+        bundle = Path(bundle)
+        dest = self.slots / version
+        tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=self._mkdir(self.slots)))
+        try:
+            name = bundle.name
+            if name.endswith((".tar.gz", ".tgz", ".tar")):
+                with tarfile.open(bundle) as tar:
+                    tar.extractall(tmp, filter="data")
+            elif name.endswith(".whl"):
+                site = tmp / "site-packages"
+                with zipfile.ZipFile(bundle) as zf:
+                    for member in zf.namelist():
+                        if member.startswith("/") or ".." in Path(member).parts:
+                            raise ValueError(f"wheel member {member!r} escapes the slot")
+                    zf.extractall(site)
+                if not (tmp / MANIFEST).exists():
+                    (tmp / MANIFEST).write_text(json.dumps(
+                        {"version": version, "exec": ["{python}", "-m", "fedge", "agent", "run"],
+                         "env": {"PYTHONPATH": "site-packages"}}))
+            elif name.endswith(".deb"):
+                subprocess.run(["dpkg-deb", "-x", str(bundle), str(tmp)], check=True,
+                               capture_output=True, timeout=120)
+            else:
+                raise ValueError(f"bundle {name!r}: unknown type (expected .tar.gz, .whl, .deb)")
+        except (tarfile.TarError, zipfile.BadZipFile, subprocess.SubprocessError, OSError) as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ValueError(f"bundle {bundle.name!r} cannot be unpacked: {exc}") from exc
+        except ValueError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+        return dest
+
+    def switch(self, version: str) -> str | None:
+        """Point `current` at slots/<version> atomically; returns the version it replaced.
+
+        Raises: FileNotFoundError if that slot does not exist.
+        """
+        if not (self.slots / version).is_dir():
+            raise FileNotFoundError(f"no slot for version {version} under {self.slots}")
+        old = self.current_version()
+        if old is not None and old != version:
+            self._set_link("previous", old)
+        self._set_link("current", version)
+        return old
+
+    def _set_link(self, name: str, version: str) -> None:
+        tmp = self.root / f".{name}.tmp"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(Path("slots") / version)
+        os.replace(tmp, self.root / name)  # rename(2): the switch is atomic
+        fd = os.open(self.root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def install_and_switch(self, version: str, bundle: Path, service: Service, *,
+                           deadline_s: float) -> None:
+        """Unpack, switch, restart, check health; on failure switch back by itself.
+
+        Raises:
+            ValueError: the bundle cannot be unpacked (nothing switched).
+            HealthCheckFailed: the new version was unhealthy; `rolled_back` tells
+                whether the previous version is running and healthy again.
+        """
+        self.unpack(version, bundle)
+        previous = self.switch(version)
+        try:
+            service.restart(self.root / "current")
+            service.wait_healthy(deadline_s)
+            return
+        except HealthCheckFailed as exc:
+            reason = str(exc)
+        if previous is None or previous == version:
+            service.stop()
+            raise HealthCheckFailed(f"version {version} unhealthy ({reason}); no previous "
+                                    "version to roll back to", rolled_back=False)
+        self._set_link("current", previous)
+        self._set_link("previous", version)
+        try:
+            service.restart(self.root / "current")
+            service.wait_healthy(deadline_s)
+        except HealthCheckFailed as exc2:
+            raise HealthCheckFailed(f"version {version} unhealthy ({reason}); rollback to "
+                                    f"{previous} also unhealthy ({exc2})",
+                                    rolled_back=False) from exc2
+        raise HealthCheckFailed(f"version {version} unhealthy ({reason}); rolled back to "
+                                f"{previous}", rolled_back=True)
+
+    @staticmethod
+    def _mkdir(path: Path) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+def slot_command(slot: Path) -> tuple[list[str], dict[str, str]]:
+    """The argv and extra environment from a slot's fedge-bundle.json.
+
+    Raises: HealthCheckFailed (not rolled back) if the manifest is missing or bad.
+    """
+    slot = Path(slot).resolve()
+    try:
+        manifest = json.loads((slot / MANIFEST).read_text())
+        argv = [str(a) for a in manifest["exec"]]
+        env = {str(k): str(v) for k, v in manifest.get("env", {}).items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise HealthCheckFailed(f"slot {slot.name}: bad {MANIFEST}: {exc}",
+                                rolled_back=False) from exc
+    argv = [sys.executable if a == "{python}" else a for a in argv]
+    argv = [str(slot / a) if not os.path.isabs(a) and (slot / a).exists() else a for a in argv]
+    env = {k: (str(slot / v) if (slot / v).exists() else v) for k, v in env.items()}
+    return argv, env
+
+
+class NotifyProcessService:
+    """Run the slot's entry point as a child process with a real sd_notify socket."""
+
+    def __init__(self, *, command: Callable[[Path], tuple[list[str], dict[str, str]]] =
+                 slot_command, stop_timeout_s: float = 5.0) -> None:
+        self._command = command
+        self._stop_timeout_s = stop_timeout_s
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._dir = Path(tempfile.mkdtemp(prefix="fedge-notify-"))
+        self._sock_path = self._dir / "notify"
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(str(self._sock_path))
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def restart(self, slot: Path) -> None:
+        self.stop()
+        self._drain()
+        argv, extra = self._command(slot)
+        env = {**os.environ, **extra, "NOTIFY_SOCKET": str(self._sock_path)}
+        try:
+            self._proc = subprocess.Popen(argv, env=env, cwd=str(Path(slot).resolve()),
+                                          stdin=subprocess.DEVNULL)
+        except OSError as exc:
+            raise HealthCheckFailed(f"cannot start {argv[0]}: {exc}", rolled_back=False) from exc
+
+    def _drain(self) -> None:
+        self._sock.setblocking(False)
+        try:
+            while True:
+                self._sock.recv(4096)
+        except BlockingIOError:
+            pass
+        finally:
+            self._sock.setblocking(True)
+
+    def wait_healthy(self, deadline_s: float) -> None:
+        """Wait for READY=1 then WATCHDOG=1 from the child within `deadline_s`.
+
+        Raises: HealthCheckFailed naming what was missing.
+        """
+        end = time.monotonic() + deadline_s
+        ready = False
+        while True:
+            if self._proc is None or self._proc.poll() is not None:
+                code = None if self._proc is None else self._proc.returncode
+                raise HealthCheckFailed(f"service exited with status {code} before "
+                                        f"{'a heartbeat' if ready else 'READY=1'}",
+                                        rolled_back=False)
+            left = end - time.monotonic()
+            if left <= 0:
+                raise HealthCheckFailed(f"no {'heartbeat' if ready else 'READY=1'} within "
+                                        f"{deadline_s:g} s", rolled_back=False)
+            self._sock.settimeout(min(left, 0.1))
+            try:
+                data = self._sock.recv(4096)
+            except TimeoutError:
+                continue
+            fields = dict(line.split("=", 1) for line in data.decode(errors="replace")
+                          .splitlines() if "=" in line)
+            if fields.get("READY") == "1":
+                ready = True
+            if ready and fields.get("WATCHDOG") == "1":
+                return
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(self._stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._proc = None
+
+    def close(self) -> None:
+        self.stop()
+        self._sock.close()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+class SystemdService:
+    """A systemd unit (Type=notify, WatchdogSec set) whose ExecStart runs current/.
+
+    Not exercised by the tests (no systemd as PID 1 there); `NotifyProcessService`
+    implements the same READY/heartbeat contract with a real child process.
+    """
+
+    def __init__(self, unit: str = "fedge-agent.service") -> None:
+        self.unit = unit
+
+    def _show(self) -> dict[str, str]:
+        out = subprocess.run(["systemctl", "show", self.unit, "-p", "ActiveState",
+                              "-p", "SubState", "-p", "NRestarts"],
+                             capture_output=True, text=True, timeout=30, check=False).stdout
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+    def restart(self, slot: Path) -> None:
+        # Type=notify: `systemctl restart` returns once READY=1 arrived or start timed out.
+        r = subprocess.run(["systemctl", "restart", self.unit], capture_output=True,
+                           text=True, timeout=300, check=False)
+        if r.returncode != 0:
+            raise HealthCheckFailed(f"systemctl restart {self.unit}: {r.stderr.strip()}",
+                                    rolled_back=False)
+        self._restarts = self._show().get("NRestarts", "0")
+
+    def wait_healthy(self, deadline_s: float) -> None:
+        time.sleep(deadline_s)  # let at least one watchdog interval pass
+        state = self._show()
+        if state.get("ActiveState") != "active" or state.get("NRestarts") != self._restarts:
+            raise HealthCheckFailed(f"{self.unit} is {state.get('ActiveState')}/"
+                                    f"{state.get('SubState')} after {deadline_s:g} s",
+                                    rolled_back=False)
+
+    def stop(self) -> None:
+        subprocess.run(["systemctl", "stop", self.unit], capture_output=True, timeout=120,
+                       check=False)

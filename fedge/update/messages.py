@@ -1,0 +1,36 @@
+"""Update-fetch messages: an agent pulls TUF metadata and targets, in chunks,
+over its existing connection to the coordinator.
+
+The runtime registers both with the wire codec (`fedge.wire.messages`). Fields
+use only str/int/bytes/bool so the generic codec serialises them.
+
+Chunking is what makes the endless-data attack harmless: the agent asks for at
+most `length` bytes from `offset`; a reply longer than asked is rejected, and
+python-tuf stops reading once a file passes its length bound.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MAX_CHUNK = 1 << 20  # largest chunk a coordinator will send in one reply
+
+# Values of UpdateFetchReply.error ("" means success).
+ERROR_NOT_FOUND = "not_found"
+ERROR_BAD_REQUEST = "bad_request"
+
+
+@dataclass(frozen=True)
+class UpdateFetchRequest:
+    path: str  # "metadata/<file>" or "targets/<kind>/<name>/<version>/<sha256>.<file>"
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class UpdateFetchReply:
+    path: str
+    offset: int
+    data: bytes
+    eof: bool
+    error: str = ""

@@ -1,0 +1,417 @@
+"""One federated round as a sans-I/O state machine.
+
+Theory of operation: a :class:`Round` never touches a socket, a clock or a
+file. The coordinator feeds it the fleet view (:meth:`Round.offer`), every
+message addressed to the round (:meth:`Round.receive`) and the time
+(:meth:`Round.tick`); each call returns the messages to send, as
+``(site, body)`` pairs. When ``phase`` is ``DONE`` the round holds the next
+global model, the strategy's new state and the metrics; the caller writes the
+checkpoint and commits. When ``phase`` is ``FAILED`` the global model is
+untouched and ``failure`` says why.
+
+Everything that changes the phase is in ``TRANSITIONS`` below.
+
+Secure aggregation input (documented here because both ends rely on it): each
+agent i sends concat(w_i·Δ_i, [w_i]) with Δ_i = w(local) − w(global) clipped
+coordinate-wise to [−c, c] (c = plan ``secagg.clip``) and
+w_i = weight_scale · n_i, weight_scale = min(1, c) / max_j n_j over the
+aggregation cohort. Hence every coordinate lies in [−c, c], the quantiser's
+range; the coordinator divides Σ w_i·Δ_i by Σ w_i (the last coordinate) and
+obtains the example-weighted mean update, whatever the common scale.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from fedge.coordinator.checkpoint import model_digest
+from fedge.coordinator.plan import Plan
+from fedge.coordinator.strategies import Strategy, StrategyError, mean_update
+from fedge.wire import messages as m
+
+Outgoing = list[tuple[str, Any]]
+
+
+class Phase(enum.Enum):
+    WAITING_COHORT = "waiting_cohort"
+    TRAINING = "training"
+    AGGREGATING = "aggregating"
+    EVALUATING = "evaluating"
+    DONE = "done"
+    FAILED = "failed"
+
+
+# phase -> {event: next phase}. The methods below implement exactly these edges.
+TRANSITIONS: dict[Phase, dict[str, Phase]] = {
+    Phase.WAITING_COHORT: {
+        "cohort >= min_clients": Phase.TRAINING,
+        "cohort deadline passed": Phase.FAILED,
+    },
+    Phase.TRAINING: {
+        "all answered or train deadline, >= min_clients trained": Phase.AGGREGATING,
+        "all answered or train deadline, < min_clients trained": Phase.FAILED,
+    },
+    Phase.AGGREGATING: {
+        "aggregation result": Phase.EVALUATING,
+        "aggregation aborted / strategy rejected update": Phase.FAILED,
+    },
+    Phase.EVALUATING: {"all evaluated or eval deadline": Phase.DONE},
+    Phase.DONE: {},
+    Phase.FAILED: {},
+}
+
+
+def derive_seed(job_seed: int, rnd: int, site: str, purpose: str) -> bytes:
+    """16 bytes determined by (job seed, round, site, purpose) alone.
+
+    Training and quantisation randomness come from here, never from the
+    secure-aggregation keys, so a round restarted with fresh keys after a
+    coordinator crash produces the same sum.
+    """
+    h = hashlib.sha256(f"fedge/{purpose}/{job_seed}/{rnd}/{site}".encode())
+    return h.digest()[:16]
+
+
+def train_seed(job_seed: int, rnd: int, site: str) -> int:
+    return int.from_bytes(derive_seed(job_seed, rnd, site, "train")[:8], "little") >> 1
+
+
+def weight_scale(clip: float, n_max: int) -> float:
+    """The factor turning an example count into the aggregation weight (see module doc)."""
+    return min(1.0, clip) / float(n_max)
+
+
+@dataclass
+class AggregationResult:
+    total: np.ndarray  # float64[d+1]: Σ w_i·Δ_i, Σ w_i
+    survivors: list[str]
+    dropped: list[str]
+
+
+class Aggregation(Protocol):
+    """What the round needs from an aggregation protocol (plain or SecAgg+)."""
+
+    def start(self, now: float) -> Outgoing: ...
+    def receive(self, sender: str, body: Any, now: float) -> Outgoing: ...
+    def tick(self, now: float) -> Outgoing: ...
+    @property
+    def result(self) -> AggregationResult | None: ...
+    @property
+    def failure(self) -> str | None: ...
+
+
+# (plan, round context, cohort, dimension d+1) -> Aggregation
+AggregationFactory = Callable[[Plan, "RoundInfo", list[str], int], Aggregation]
+
+
+@dataclass(frozen=True)
+class RoundInfo:
+    job_id: str
+    round: int
+    model_digest: bytes
+
+
+class PlainAggregation:
+    """Sum of plain input vectors (secure aggregation disabled in the plan).
+
+    Sums in sorted site order in float64, so the result is deterministic.
+    """
+
+    def __init__(self, cohort: list[str], dim: int, deadline_s: float) -> None:
+        self._cohort = sorted(cohort)
+        self._dim = dim
+        self._deadline_s = deadline_s
+        self._deadline = 0.0
+        self._vectors: dict[str, np.ndarray] = {}
+        self._result: AggregationResult | None = None
+        self._failure: str | None = None
+        self._min = 1
+
+    def start(self, now: float) -> Outgoing:
+        self._deadline = now + self._deadline_s
+        return []
+
+    def receive(self, sender: str, body: Any, now: float) -> Outgoing:
+        if not isinstance(body, m.PlainUpdate) or sender not in self._cohort:
+            return []
+        vec = np.asarray(body.vector)
+        if vec.shape != (self._dim,) or not np.all(np.isfinite(vec)):
+            self._vectors.pop(sender, None)
+            return [(sender, m.Rejected(f"plain update of shape {vec.shape} or non-finite; "
+                                        f"expected finite float32[{self._dim}]"))]
+        self._vectors.setdefault(sender, vec.astype(np.float64))
+        if len(self._vectors) == len(self._cohort):
+            self._finish()
+        return []
+
+    def tick(self, now: float) -> Outgoing:
+        if self._result is None and self._failure is None and now >= self._deadline:
+            if len(self._vectors) >= self._min:
+                self._finish()
+            else:
+                self._failure = "no plain update arrived before the aggregation deadline"
+        return []
+
+    def _finish(self) -> None:
+        total = np.zeros(self._dim, dtype=np.float64)
+        for site in sorted(self._vectors):
+            total += self._vectors[site]
+        self._result = AggregationResult(
+            total, sorted(self._vectors), [s for s in self._cohort if s not in self._vectors]
+        )
+
+    @property
+    def result(self) -> AggregationResult | None:
+        return self._result
+
+    @property
+    def failure(self) -> str | None:
+        return self._failure
+
+
+def plain_factory(plan: Plan, info: RoundInfo, cohort: list[str], dim: int) -> Aggregation:
+    return PlainAggregation(cohort, dim, plan.deadlines.secagg_stage_s)
+
+
+@dataclass
+class Round:
+    """Round ``round`` of job ``job_id``, starting from ``weights``.
+
+    ``strategy`` is a private copy; the caller keeps the old one until commit.
+    """
+
+    job_id: str
+    round: int
+    plan: Plan
+    weights: np.ndarray
+    strategy: Strategy
+    started_at: float
+    aggregation_factory: AggregationFactory = plain_factory
+    phase: Phase = Phase.WAITING_COHORT
+    failure: str = ""
+    cohort: list[str] = field(default_factory=list)
+    trained: dict[str, m.TrainDone] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)
+    survivors: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    new_weights: np.ndarray | None = None
+    evals: dict[str, m.EvalResult] = field(default_factory=dict)
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+    _deadline: float = 0.0
+    _aggregation: Aggregation | None = None
+    _agg_cohort: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.weights = np.ascontiguousarray(self.weights, dtype=np.float32)
+        self.digest = bytes.fromhex(model_digest(self.weights))
+        self._deadline = self.started_at + self.plan.deadlines.cohort_s
+
+    @property
+    def info(self) -> RoundInfo:
+        return RoundInfo(self.job_id, self.round, self.digest)
+
+    @property
+    def finished(self) -> bool:
+        return self.phase in (Phase.DONE, Phase.FAILED)
+
+    @property
+    def participants(self) -> list[str]:
+        return list(self.cohort)
+
+    # -- inputs ----------------------------------------------------------------------
+
+    def offer(self, candidates: list[str], now: float) -> Outgoing:
+        """The sites now eligible (enrolled, connected, healthy, holding the data set)."""
+        if self.phase is not Phase.WAITING_COHORT:
+            return []
+        if len(candidates) >= self.plan.min_clients:
+            self.cohort = sorted(candidates)
+            self.phase = Phase.TRAINING
+            self._deadline = now + self.plan.deadlines.train_s
+            return [
+                (site, m.TrainTask(
+                    plan=self.plan.text, weights=self.weights, model_digest=self.digest,
+                    train_seed=train_seed(self.plan.seed, self.round, site),
+                    quant_seed=derive_seed(self.plan.seed, self.round, site, "quantise"),
+                ))
+                for site in self.cohort
+            ]
+        return self.tick(now)
+
+    def receive(self, sender: str, body: Any, now: float) -> Outgoing:
+        """A message from ``sender`` for this round.
+
+        Messages that do not fit the phase or the sender are not errors of the
+        round: they are noted in ``rejected`` (site, reason) and answered with
+        :class:`~fedge.wire.messages.Rejected`; the round goes on.
+        """
+        if sender not in self.cohort:
+            return self._reject(sender, f"{sender} is not in the cohort of round {self.round}")
+        if self.phase is Phase.TRAINING:
+            if isinstance(body, m.TrainDone):
+                if sender in self.trained or sender in self.refused:
+                    return self._reject(sender, "duplicate train result")
+                if body.n_examples <= 0:
+                    self.refused[sender] = f"reported {body.n_examples} training examples"
+                    out = self._reject(sender, "train result with no examples")
+                    if len(self.trained) + len(self.refused) == len(self.cohort):
+                        out += self._end_training(now)
+                    return out
+                self.trained[sender] = body
+            elif isinstance(body, m.TaskRefused):
+                self.refused.setdefault(sender, body.reason)
+            else:
+                return self._reject(sender, f"{type(body).__name__} during training")
+            if len(self.trained) + len(self.refused) == len(self.cohort):
+                return self._end_training(now)
+            return []
+        if self.phase is Phase.AGGREGATING:
+            assert self._aggregation is not None
+            if sender not in self._agg_cohort:
+                return self._reject(sender, f"{sender} is not in the aggregation cohort")
+            if isinstance(body, m.TaskRefused):
+                # The agent gave up on its part; aggregation treats it as a dropout.
+                self.refused.setdefault(sender, body.reason)
+                return []
+            out = self._aggregation.receive(sender, body, now)
+            return out + self._check_aggregation(now)
+        if self.phase is Phase.EVALUATING:
+            if isinstance(body, m.EvalResult):
+                if sender in self.evals:
+                    return self._reject(sender, "duplicate evaluation result")
+                self.evals[sender] = body
+                if len(self.evals) == len(self._eval_cohort()):
+                    self.phase = Phase.DONE
+            elif isinstance(body, m.TaskRefused):
+                self.evals[sender] = m.EvalResult(0, {})
+                if len(self.evals) == len(self._eval_cohort()):
+                    self.phase = Phase.DONE
+            else:
+                return self._reject(sender, f"{type(body).__name__} during evaluation")
+            return []
+        return self._reject(sender, f"{type(body).__name__} in phase {self.phase.value}")
+
+    def tick(self, now: float) -> Outgoing:
+        """Advance deadlines."""
+        if self.phase is Phase.WAITING_COHORT and now >= self._deadline:
+            return self._fail(
+                f"cohort below min_clients {self.plan.min_clients} when the cohort deadline "
+                f"({self.plan.deadlines.cohort_s:g} s) passed"
+            )
+        if self.phase is Phase.TRAINING and now >= self._deadline:
+            return self._end_training(now)
+        if self.phase is Phase.AGGREGATING:
+            assert self._aggregation is not None
+            return self._aggregation.tick(now) + self._check_aggregation(now)
+        if self.phase is Phase.EVALUATING and now >= self._deadline:
+            self.phase = Phase.DONE
+        return []
+
+    def lost(self, site: str, now: float) -> Outgoing:
+        """``site``'s connection is gone: it will not answer during training or evaluation."""
+        if site not in self.cohort:
+            return []
+        if self.phase is Phase.TRAINING and site not in self.trained:
+            self.refused.setdefault(site, "connection lost during training")
+            if len(self.trained) + len(self.refused) == len(self.cohort):
+                return self._end_training(now)
+        if self.phase is Phase.EVALUATING and site not in self.evals:
+            self.evals[site] = m.EvalResult(0, {})
+            if len(self.evals) == len(self._eval_cohort()):
+                self.phase = Phase.DONE
+        return []
+
+    def abort(self, reason: str) -> Outgoing:
+        """Abandon the round (job cancelled, coordinator stopping)."""
+        if self.finished:
+            return []
+        return self._fail(reason)
+
+    # -- transitions -------------------------------------------------------------------
+
+    def _end_training(self, now: float) -> Outgoing:
+        done = sorted(self.trained)
+        if len(done) < self.plan.min_clients:
+            reasons = "; ".join(f"{s}: {r}" for s, r in sorted(self.refused.items()))
+            return self._fail(
+                f"{len(done)} of {len(self.cohort)} sites trained, below min_clients "
+                f"{self.plan.min_clients}" + (f" ({reasons})" if reasons else "")
+            )
+        self._agg_cohort = done
+        n_max = max(self.trained[s].n_examples for s in done)
+        scale = weight_scale(self.plan.secagg.clip, n_max)
+        self.phase = Phase.AGGREGATING
+        self._aggregation = self.aggregation_factory(
+            self.plan, self.info, done, self.weights.size + 1
+        )
+        threshold = int(getattr(self._aggregation, "threshold", 1))
+        out: Outgoing = [
+            (s, m.AggregateBegin(cohort=done, weight_scale=scale,
+                                 secure=self.plan.secagg.enabled, threshold=threshold))
+            for s in done
+        ]
+        # Sites that did not finish training are told to drop the round.
+        out += [(s, m.RoundAbort("not in the aggregation cohort"))
+                for s in self.cohort if s not in done]
+        out += self._aggregation.start(now)
+        return out + self._check_aggregation(now)
+
+    def _check_aggregation(self, now: float) -> Outgoing:
+        agg = self._aggregation
+        assert agg is not None
+        if agg.failure is not None:
+            return self._fail(f"aggregation failed: {agg.failure}")
+        res = agg.result
+        if res is None:
+            return []
+        d = self.weights.size
+        total_weight = float(res.total[d])
+        try:
+            avg = mean_update(res.total[:d], total_weight)
+            self.new_weights = self.strategy.step(self.weights, avg)
+        except StrategyError as exc:
+            return self._fail(f"aggregate rejected: {exc}")
+        self.survivors = sorted(res.survivors)
+        self.dropped = sorted(set(self.cohort) - set(self.survivors))
+        self.phase = Phase.EVALUATING
+        self._deadline = now + self.plan.deadlines.eval_s
+        return [(s, m.EvalTask(plan=self.plan.text, weights=self.new_weights, split="test"))
+                for s in self._eval_cohort()]
+
+    def _eval_cohort(self) -> list[str]:
+        return self.survivors
+
+    def _fail(self, reason: str) -> Outgoing:
+        self.phase = Phase.FAILED
+        self.failure = reason
+        self.new_weights = None
+        return [(s, m.RoundAbort(reason)) for s in self.cohort]
+
+    def _reject(self, sender: str, reason: str) -> Outgoing:
+        self.rejected.append((sender, reason))
+        return [(sender, m.Rejected(reason))]
+
+    # -- results ----------------------------------------------------------------------
+
+    def metric_rows(self) -> list[tuple[str, str, str, float, int]]:
+        """(site, split, name, value, n_examples) for the store, plus the weighted mean."""
+        rows: list[tuple[str, str, str, float, int]] = []
+        for site, done in sorted(self.trained.items()):
+            for name, value in sorted(done.metrics.items()):
+                rows.append((site, "train", name, float(value), done.n_examples))
+        sums: dict[str, tuple[float, int]] = {}
+        for site, ev in sorted(self.evals.items()):
+            for name, value in sorted(ev.metrics.items()):
+                rows.append((site, "test", name, float(value), ev.n_examples))
+                s, n = sums.get(name, (0.0, 0))
+                sums[name] = (s + float(value) * ev.n_examples, n + ev.n_examples)
+        for name, (s, n) in sorted(sums.items()):
+            if n > 0:
+                rows.append(("*", "test", name, s / n, n))
+        return rows

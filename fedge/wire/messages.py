@@ -1,0 +1,193 @@
+"""Every federation message type, in one place.
+
+The header frame (schema version, type, job, round, message id, sender) is the
+codec's; the bodies below are the payloads. Job and round travel in the header,
+so no body repeats them. Importing this module also registers the
+secure-aggregation messages (:mod:`fedge.secagg.messages`) and the update
+relay messages (:mod:`fedge.update.messages`) with the codec, so that one
+``import fedge.wire.messages`` gives a process the whole vocabulary.
+
+Direction and meaning:
+
+=================  =====================  ============================================
+message            direction              meaning
+=================  =====================  ============================================
+Heartbeat          agent → coordinator    liveness + version, health, eligibility,
+                                          data sets held, current task
+HeartbeatAck       coordinator → agent    liveness of the coordinator
+TrainTask          coordinator → agent    train on ``dataset`` from ``weights``
+TaskRefused        agent → coordinator    the task cannot run here, and why
+TrainDone          agent → coordinator    trained: example count and train metrics
+AggregateBegin     coordinator → agent    secure (or plain) aggregation starts over
+                                          ``cohort`` with the given weight scale
+PlainUpdate        agent → coordinator    plain-mode input vector (secagg disabled)
+EvalTask           coordinator → agent    evaluate ``weights`` on the local split
+EvalResult         agent → coordinator    example count and metrics
+RoundAbort         coordinator → agent    the round is abandoned; drop its state
+Rejected           coordinator → agent    your last message was refused, and why
+=================  =====================  ============================================
+
+No message carries data rows: agents send model vectors, counts and metrics.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Annotated
+
+import numpy as np
+
+from fedge.wire.codec import Tensor, message
+
+F32 = Annotated[np.ndarray, Tensor("float32", 1)]
+
+# Names of the tasks an agent can be running (Heartbeat.current_task prefix).
+TASK_TRAIN = "train"
+TASK_EVAL = "eval"
+
+
+@message("heartbeat")
+@dataclass(frozen=True)
+class Heartbeat:
+    site: str
+    version: str
+    health_json: str
+    eligible: bool
+    reason: str
+    datasets: list[str]
+    current_task: str
+
+
+@message("heartbeat_ack")
+@dataclass(frozen=True)
+class HeartbeatAck:
+    time: float
+    coordinator_version: str
+
+
+@message("train_task", max_bytes=None)
+@dataclass(frozen=True)
+class TrainTask:
+    plan: str  # the job plan TOML; the agent parses it with fedge.coordinator.plan
+    weights: F32  # the global model, d values
+    model_digest: bytes  # sha256 of weights (binds secagg masks to this model)
+    train_seed: int  # derived from (job seed, round, site)
+    quant_seed: bytes  # 16 bytes, derived from (job seed, round, site)
+
+
+@message("task_refused")
+@dataclass(frozen=True)
+class TaskRefused:
+    task: str
+    reason: str
+
+
+@message("train_done")
+@dataclass(frozen=True)
+class TrainDone:
+    n_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    epsilon: float = 0.0
+
+
+@message("aggregate_begin")
+@dataclass(frozen=True)
+class AggregateBegin:
+    cohort: list[str]
+    weight_scale: float  # w_i = weight_scale * n_i
+    secure: bool
+    threshold: int
+
+
+@message("plain_update", max_bytes=None)
+@dataclass(frozen=True)
+class PlainUpdate:
+    vector: F32  # concat(w_i * delta_i, [w_i]), d + 1 values
+
+
+@message("eval_task", max_bytes=None)
+@dataclass(frozen=True)
+class EvalTask:
+    plan: str
+    weights: F32  # d values
+    split: str
+
+
+@message("eval_result")
+@dataclass(frozen=True)
+class EvalResult:
+    n_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@message("round_abort")
+@dataclass(frozen=True)
+class RoundAbort:
+    reason: str
+
+
+@message("rejected")
+@dataclass(frozen=True)
+class Rejected:
+    reason: str
+
+
+FEDERATION_MESSAGES = (
+    Heartbeat, HeartbeatAck, TrainTask, TaskRefused, TrainDone, AggregateBegin, PlainUpdate,
+    EvalTask, EvalResult, RoundAbort, Rejected,
+)
+
+# The other packages define plain frozen dataclasses; they are registered here so
+# that the whole wire vocabulary is in one place. A bare ``np.ndarray`` field (the
+# secagg masked input) is a 1-D uint32 tensor on the wire.
+_UPDATE_MESSAGES = {
+    "update.fetch_request": "UpdateFetchRequest",
+    "update.fetch_reply": "UpdateFetchReply",
+}
+
+
+def _register_external() -> None:
+    try:
+        secagg = importlib.import_module("fedge.secagg.messages")
+    except ModuleNotFoundError as exc:  # that package has not landed its messages
+        if exc.name != "fedge.secagg.messages":
+            raise
+    else:
+        for wire_name, cls in getattr(secagg, "MESSAGE_TYPES", {}).items():
+            _register(wire_name, cls, tensor_dtype="uint32")
+    try:
+        update = importlib.import_module("fedge.update.messages")
+    except ModuleNotFoundError as exc:
+        if exc.name != "fedge.update.messages":
+            raise
+    else:
+        for wire_name, cls_name in _UPDATE_MESSAGES.items():
+            cls = getattr(update, cls_name, None)
+            if cls is not None:
+                _register(wire_name, cls, tensor_dtype="uint8", max_bytes=(1 << 20) + 4096)
+
+
+def _register(wire_name: str, cls: type, *, tensor_dtype: str,
+              max_bytes: int | None = None) -> None:
+    if getattr(cls, "__wire_type__", None) == wire_name:
+        return
+    has_tensor = False
+    for name, ann in list(cls.__annotations__.items()):
+        if ann in ("np.ndarray", "numpy.ndarray", np.ndarray):
+            cls.__annotations__[name] = Annotated[np.ndarray, Tensor(tensor_dtype, 1)]
+            has_tensor = True
+    message(wire_name, max_bytes=None if has_tensor else max_bytes or (1 << 20))(cls)
+
+
+_register_external()
+
+
+def is_secagg(body: object) -> bool:
+    return type(body).__module__ == "fedge.secagg.messages"
+
+
+def is_update_fetch(body: object) -> bool:
+    return type(body).__name__ == "UpdateFetchRequest" and type(body).__module__ == (
+        "fedge.update.messages"
+    )

@@ -1,0 +1,178 @@
+"""The round state machine, driven by hand: no sockets, no clock, no files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedge.coordinator.plan import parse_plan
+from fedge.coordinator.rounds import (
+    TRANSITIONS,
+    Phase,
+    Round,
+    derive_seed,
+    train_seed,
+    weight_scale,
+)
+from fedge.coordinator.strategies import Strategy
+from fedge.wire import messages as m
+
+PLAN = """
+[job]
+dataset = "toy"
+rounds = 2
+min_clients = 2
+seed = 3
+[model]
+name = "linear"
+[train]
+epochs = 1
+batch_size = 4
+learning_rate = 0.1
+[strategy]
+name = "fedavg"
+[secagg]
+enabled = false
+clip = 2.0
+[deadlines]
+cohort_s = 5
+train_s = 10
+secagg_stage_s = 10
+eval_s = 10
+"""
+
+W0 = np.array([0.5, -1.0, 2.0], dtype=np.float32)
+
+
+def new_round(plan_text=PLAN, t=0.0):
+    plan = parse_plan(plan_text)
+    return Round("job1", 1, plan, W0, Strategy(plan.strategy), started_at=t)
+
+
+def by_type(out, cls):
+    return [(s, b) for s, b in out if isinstance(b, cls)]
+
+
+def send_plain(rnd, sends, deltas, counts, now=1.0):
+    """Answer AggregateBegin the way an agent does: concat(w_i*delta_i, [w_i])."""
+    out = []
+    for site, begin in by_type(sends, m.AggregateBegin):
+        w = begin.weight_scale * counts[site]
+        vec = np.concatenate([w * deltas[site], [w]]).astype(np.float32)
+        out += rnd.receive(site, m.PlainUpdate(vec), now)
+    return out
+
+
+def test_transition_table_covers_every_phase():
+    assert set(TRANSITIONS) == set(Phase)
+    assert TRANSITIONS[Phase.DONE] == {} and TRANSITIONS[Phase.FAILED] == {}
+
+
+def test_seeds_depend_on_job_round_site_only():
+    assert derive_seed(1, 2, "a", "quantise") == derive_seed(1, 2, "a", "quantise")
+    assert len({derive_seed(1, 2, "a", "q"), derive_seed(1, 3, "a", "q"),
+                derive_seed(1, 2, "b", "q"), derive_seed(2, 2, "a", "q")}) == 4
+    assert 0 <= train_seed(1, 2, "a") < 2**63
+
+
+def test_full_round_weighted_average_and_eval():
+    rnd = new_round()
+    out = rnd.offer(["b", "a", "c"], now=0.0)
+    tasks = by_type(out, m.TrainTask)
+    assert [s for s, _ in tasks] == ["a", "b", "c"] and rnd.phase is Phase.TRAINING
+    assert tasks[0][1].train_seed == train_seed(3, 1, "a")
+    assert tasks[0][1].quant_seed == derive_seed(3, 1, "a", "quantise")
+    counts = {"a": 10, "b": 30, "c": 20}
+    deltas = {s: np.full(3, i + 1.0) * 0.1 for i, s in enumerate("abc")}
+    sends = []
+    for s in "abc":
+        sends += rnd.receive(s, m.TrainDone(counts[s], {"loss": 1.0}), 1.0)
+    assert rnd.phase is Phase.AGGREGATING
+    begins = by_type(sends, m.AggregateBegin)
+    assert begins[0][1].weight_scale == pytest.approx(weight_scale(2.0, 30)) == 1 / 30
+    evals = send_plain(rnd, sends, deltas, counts)
+    assert rnd.phase is Phase.EVALUATING
+    expect = W0 + sum(counts[s] * deltas[s] for s in "abc") / 60
+    np.testing.assert_allclose(rnd.new_weights, expect, rtol=1e-6)
+    assert [s for s, _ in by_type(evals, m.EvalTask)] == ["a", "b", "c"]
+    for s in "abc":
+        rnd.receive(s, m.EvalResult(5, {"cindex": 0.5 + 0.1 * "abc".index(s)}), 2.0)
+    assert rnd.phase is Phase.DONE
+    rows = rnd.metric_rows()
+    assert ("*", "test", "cindex", pytest.approx(0.6), 15) in rows
+    assert ("b", "train", "loss", 1.0, 30) in rows
+
+
+def test_cohort_below_min_waits_then_fails_without_touching_model():
+    rnd = new_round()
+    assert rnd.offer(["a"], now=1.0) == []
+    assert rnd.phase is Phase.WAITING_COHORT
+    rnd.offer(["a"], now=5.0)
+    assert rnd.phase is Phase.FAILED
+    assert "below min_clients 2" in rnd.failure
+    assert rnd.new_weights is None
+    np.testing.assert_array_equal(rnd.weights, W0)
+
+
+def test_cohort_arriving_before_deadline_starts_round():
+    rnd = new_round()
+    rnd.offer(["a"], now=1.0)
+    out = rnd.offer(["a", "b"], now=2.0)
+    assert len(by_type(out, m.TrainTask)) == 2
+
+
+def test_refusals_and_train_deadline():
+    rnd = new_round()
+    rnd.offer(["a", "b", "c"], 0.0)
+    rnd.receive("a", m.TaskRefused("train", "dataset toy not held"), 1.0)
+    rnd.receive("b", m.TrainDone(5), 1.0)
+    assert rnd.phase is Phase.TRAINING
+    out = rnd.tick(10.0)  # c never answers
+    assert rnd.phase is Phase.FAILED
+    assert "1 of 3 sites trained" in rnd.failure and "dataset toy not held" in rnd.failure
+    assert {s for s, _ in by_type(out, m.RoundAbort)} == {"a", "b", "c"}
+
+
+def test_lost_connection_during_training_proceeds_with_the_rest():
+    rnd = new_round()
+    rnd.offer(["a", "b", "c"], 0.0)
+    rnd.receive("a", m.TrainDone(5), 1.0)
+    rnd.receive("b", m.TrainDone(5), 1.0)
+    out = rnd.lost("c", 2.0)
+    assert rnd.phase is Phase.AGGREGATING
+    assert [s for s, _ in by_type(out, m.AggregateBegin)] == ["a", "b"]
+    assert [s for s, _ in by_type(out, m.RoundAbort)] == ["c"]
+    send_plain(rnd, out, {"a": np.ones(3), "b": np.ones(3)}, {"a": 5, "b": 5})
+    rnd.tick(30.0)
+    assert rnd.phase is Phase.DONE
+    assert rnd.dropped == ["c"] and rnd.survivors == ["a", "b"]
+
+
+def test_outsiders_duplicates_and_wrong_phase_are_rejected_and_round_goes_on():
+    rnd = new_round()
+    rnd.offer(["a", "b"], 0.0)
+    assert by_type(rnd.receive("x", m.TrainDone(5), 1.0), m.Rejected)
+    rnd.receive("a", m.TrainDone(5), 1.0)
+    assert by_type(rnd.receive("a", m.TrainDone(7), 1.0), m.Rejected)
+    assert by_type(rnd.receive("a", m.EvalResult(1, {}), 1.0), m.Rejected)
+    assert by_type(rnd.receive("b", m.TrainDone(0), 1.0), m.Rejected)
+    assert [r[0] for r in rnd.rejected] == ["x", "a", "a", "b"]
+    assert rnd.phase is Phase.FAILED  # b's zero count leaves 1 < min_clients
+
+
+def test_bad_plain_update_shape_is_rejected():
+    rnd = new_round()
+    rnd.offer(["a", "b"], 0.0)
+    rnd.receive("a", m.TrainDone(5), 1.0)
+    rnd.receive("b", m.TrainDone(5), 1.0)
+    out = rnd.receive("a", m.PlainUpdate(np.zeros(2, np.float32)), 1.0)
+    assert by_type(out, m.Rejected)
+    assert rnd.phase is Phase.AGGREGATING
+
+
+def test_abort_tells_the_cohort():
+    rnd = new_round()
+    rnd.offer(["a", "b"], 0.0)
+    out = rnd.abort("job cancelled")
+    assert rnd.phase is Phase.FAILED and len(by_type(out, m.RoundAbort)) == 2
+    assert rnd.abort("again") == []

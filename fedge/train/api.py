@@ -1,0 +1,494 @@
+"""The interface the agent, the coordinator and the serving side call (docs/CONTRACTS.md).
+
+::
+
+    spec = ModelSpec("cox_linear", {"in_features": 39})
+    data = load_site_data(DatasetSpec.from_config(agent_config["datasets"][0]))
+    cfg = TrainConfig.from_dict(plan["train"])
+    out = local_train(spec, global_flat, data, cfg, round=r)     # TrainOutcome
+    ev = evaluate(spec, out.weights, data, "val")               # EvalOutcome
+
+Only flat float32 weights, names and numbers cross this boundary; never rows.
+
+Theory of operation of ``local_train``: the registry builds the model, its
+parameters become views of one flat buffer (``FlatParams``) loaded with the
+global weights; ``steps`` mini-batches (or ``epochs`` passes) are drawn with a
+generator seeded from (seed, round, site); each step computes the loss's
+gradient into the flat gradient buffer (per-example, clipped and noised under
+DP-SGD) and the fused optimiser step updates the flat buffer in place, adding
+the FedProx proximal and SCAFFOLD correction terms when asked. Then the
+optional client-level DP clips and noises the update.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedge.train import metrics as M
+from fedge.train.data import DatasetSpec, SiteData, Split, load_site_data
+from fedge.train.models import TASK_OF_MODEL, ModelSpec, build_model, cox_partial_likelihood
+from fedge.train.optim import AdamStepper, FlatParams, SGDStepper, flatten, load_flat
+from fedge.train.privacy import (
+    ClientDPConfig,
+    DPConfig,
+    PrivacyBudgetError,
+    PrivacyLedger,
+    check_dp_plan,
+    dp_fedavg_privatise,
+    noisy_clipped_gradient,
+    per_example_grads,
+)
+
+__all__ = [
+    "ClientState",
+    "DatasetSpec",
+    "EvalOutcome",
+    "ModelSpec",
+    "SiteData",
+    "TrainConfig",
+    "TrainOutcome",
+    "build_model",
+    "check_dp_plan",
+    "evaluate",
+    "flatten",
+    "load_flat",
+    "load_site_data",
+    "local_train",
+    "predict",
+]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The plan's ``[train]`` table: what each site does in one round."""
+
+    steps: int | None = None  # local optimiser steps per round; None → epochs
+    epochs: int = 1
+    batch_size: int = 32
+    optimizer: str = "sgd"  # "sgd" | "adam" | "adamw"
+    lr: float = 0.01
+    lr_decay: float = 1.0  # lr * lr_decay**round
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    prox_mu: float = 0.0  # FedProx proximal term
+    scaffold: bool = False  # SCAFFOLD control variates (needs ClientState)
+    loss_reduction: str = "mean"  # Cox: "mean" (per batch example, FLamby) | "events"
+    dp: DPConfig | None = None  # record-level DP-SGD
+    client_dp: ClientDPConfig | None = None  # client-level DP-FedAvg
+    seed: int = 0
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
+        """Build from a plan's ``[train]`` table (``dp`` / ``client_dp`` as sub-tables).
+
+        Raises:
+            ValueError: an unknown key or a value breaking its rule (named).
+        """
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(
+                f"train: unknown key(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}"
+            )
+        values = dict(d)
+        if isinstance(values.get("dp"), Mapping):
+            values["dp"] = DPConfig.from_dict(values["dp"])
+        if isinstance(values.get("client_dp"), Mapping):
+            values["client_dp"] = ClientDPConfig.from_dict(values["client_dp"])
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k in self.__dataclass_fields__:
+            v = getattr(self, k)
+            if v is None:
+                continue
+            out[k] = v.__dict__.copy() if isinstance(v, DPConfig | ClientDPConfig) else v
+        return out
+
+    def validate(self) -> None:
+        """Raises:
+        ValueError: naming the field, the value and the rule.
+        """
+
+        def positive_int(name: str, v: object) -> None:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"train.{name}={v!r} must be an integer >= 1")
+
+        if self.steps is not None:
+            positive_int("steps", self.steps)
+        positive_int("epochs", self.epochs)
+        positive_int("batch_size", self.batch_size)
+        if self.optimizer not in ("sgd", "adam", "adamw"):
+            raise ValueError(f"train.optimizer={self.optimizer!r} must be 'sgd', 'adam' or 'adamw'")
+        for name in ("lr", "lr_decay"):
+            v = getattr(self, name)
+            if not isinstance(v, int | float) or not v > 0 or not math.isfinite(v):
+                raise ValueError(f"train.{name}={v!r} must be a finite number > 0")
+        for name in ("momentum", "weight_decay", "prox_mu"):
+            v = getattr(self, name)
+            if not isinstance(v, int | float) or v < 0 or not math.isfinite(v):
+                raise ValueError(f"train.{name}={v!r} must be a finite number >= 0")
+        if self.momentum >= 1:
+            raise ValueError(f"train.momentum={self.momentum} must be < 1")
+        if self.loss_reduction not in ("mean", "events", "sum"):
+            raise ValueError(
+                f"train.loss_reduction={self.loss_reduction!r} must be mean|events|sum"
+            )
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"train.device={self.device!r} must be 'auto', 'cpu' or 'cuda'")
+        if self.scaffold and self.dp is not None:
+            raise ValueError(
+                "train.scaffold with train.dp is not supported (control variates leak)"
+            )
+        if self.dp is not None:
+            self.dp.validate()
+
+
+@dataclass
+class ClientState:
+    """What a site keeps between rounds of one job (SCAFFOLD's c_i, the privacy ledger)."""
+
+    scaffold_ci: np.ndarray | None = None
+    ledger: PrivacyLedger = field(default_factory=PrivacyLedger)
+    job: str = ""
+
+
+@dataclass
+class TrainOutcome:
+    """One site's round result. ``weights`` are the new local weights (not the delta)."""
+
+    weights: np.ndarray
+    n_examples: int
+    metrics: dict[str, float]
+    epsilon: float | None = None  # cumulative ε of this job at this site (DP-SGD), else None
+    delta: float | None = None
+    extra: dict[str, np.ndarray] = field(default_factory=dict)  # e.g. "scaffold_delta_c"
+
+
+@dataclass
+class EvalOutcome:
+    n_examples: int
+    metrics: dict[str, float]
+
+
+# ---------------------------------------------------------------------------
+
+
+def _device(name: str) -> torch.device:
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device='cuda' but no CUDA device is available")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _seed(*parts: object) -> int:
+    h = hashlib.sha256("|".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def _task(spec: ModelSpec, data: SiteData) -> str:
+    kind = TASK_OF_MODEL[spec.name]
+    if kind == "survival" and data.task != "survival":
+        raise ValueError(f"model {spec.name!r} is a survival model; data set task is {data.task!r}")
+    if data.task == "survival" and kind not in ("survival", "any"):
+        raise ValueError(f"data set is a survival task; model {spec.name!r} is not a Cox model")
+    return data.task
+
+
+def _loss_terms(task: str, reduction: str):  # type: ignore[no-untyped-def]
+    """Per-example loss terms (vector) for the task; the batch loss is their mean/sum."""
+    if task == "survival":
+
+        def cox_terms(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            s = out.reshape(-1)
+            time, event = y[:, 1], y[:, 0]
+            at_risk = (time.reshape(1, -1) >= time.reshape(-1, 1)).to(s.dtype)
+            s_max = torch.max(s).detach()
+            log_den = torch.log(at_risk @ torch.exp(s - s_max)) + s_max
+            return (log_den - s) * event
+
+        return cox_terms
+    if task == "binary":
+        return lambda out, y: torch.nn.functional.binary_cross_entropy_with_logits(
+            out.reshape(-1), y.reshape(-1).to(out.dtype), reduction="none"
+        )
+    if task == "multiclass":
+        return lambda out, y: torch.nn.functional.cross_entropy(out, y.long(), reduction="none")
+    return lambda out, y: ((out.reshape(out.shape[0], -1) - y.reshape(y.shape[0], -1)) ** 2).mean(1)
+
+
+def _batch_loss(task: str, reduction: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if task == "survival":
+        return cox_partial_likelihood(out, y[:, 1], y[:, 0], reduction=reduction)
+    return _loss_terms(task, reduction)(out, y).mean()
+
+
+def _tensors(part: Split, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.from_numpy(part.x).to(device), torch.from_numpy(part.y).to(device)
+
+
+def _refuse_over_budget(
+    state: ClientState, dp: DPConfig, *, round: int, steps: int, sampling_rate: float
+) -> None:
+    """The site refuses a round that would push its ε for this job past the target."""
+    trial = PrivacyLedger.from_dict(state.ledger.to_dict())
+    trial.record(
+        job=state.job,
+        round=round,
+        noise_multiplier=dp.noise_multiplier,
+        sampling_rate=sampling_rate,
+        steps=steps,
+    )
+    after = trial.epsilon(dp.delta, job=state.job)
+    assert dp.target_epsilon is not None
+    if after > dp.target_epsilon:
+        before = state.ledger.epsilon(dp.delta, job=state.job)
+        raise PrivacyBudgetError(
+            f"round {round} refused: epsilon would rise from {before:.3f} to {after:.3f}, "
+            f"above target_epsilon {dp.target_epsilon:g} (delta={dp.delta:g})"
+        )
+
+
+def local_train(
+    spec: ModelSpec,
+    global_flat: np.ndarray,
+    data: SiteData,
+    cfg: TrainConfig,
+    *,
+    round: int,
+    state: ClientState | None = None,
+    server_control: np.ndarray | None = None,
+) -> TrainOutcome:
+    """Train the global model on this site's training split for one round.
+
+    ``state`` carries SCAFFOLD's client control variate and the privacy ledger
+    between rounds (the agent persists it); ``server_control`` is SCAFFOLD's c
+    from the coordinator. Deterministic for fixed (cfg.seed, round, site name)
+    on one device.
+
+    Raises:
+        ValueError: weights of the wrong length or non-finite, model/task mismatch,
+            SCAFFOLD without ``server_control`` of the right length, or a DP plan whose
+            ``target_epsilon`` this round would exceed (``PrivacyBudgetError``).
+        RuntimeError: ``device='cuda'`` without a GPU.
+    """
+    cfg.validate()
+    task = _task(spec, data)
+    device = _device(cfg.device)
+    state = state if state is not None else ClientState()
+    train = data.split("train")
+    n = len(train)
+    seed = _seed(cfg.seed, round, data.name)
+    gen = torch.Generator().manual_seed(seed)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # dropout masks
+        model = build_model(spec).to(device)
+        flat = FlatParams(model, device)
+        flat.load(global_flat)
+        w_global = flat.data.clone()
+        model.train()
+
+        c = ci = None
+        if cfg.scaffold:
+            if server_control is None or np.asarray(server_control).size != flat.size:
+                raise ValueError(
+                    f"train.scaffold needs server_control of length {flat.size}, got "
+                    f"{None if server_control is None else np.asarray(server_control).size}"
+                )
+            c = torch.from_numpy(np.asarray(server_control, np.float32)).to(device)
+            if state.scaffold_ci is None:
+                state.scaffold_ci = np.zeros(flat.size, dtype=np.float32)
+            ci = torch.from_numpy(state.scaffold_ci.astype(np.float32)).to(device)
+
+        stepper: SGDStepper | AdamStepper
+        if cfg.optimizer == "sgd":
+            stepper = SGDStepper(
+                flat.size,
+                device,
+                momentum=cfg.momentum,
+                weight_decay=cfg.weight_decay,
+                prox_mu=cfg.prox_mu,
+            )
+        else:
+            stepper = AdamStepper(
+                flat.size,
+                device,
+                weight_decay=cfg.weight_decay,
+                decoupled=cfg.optimizer == "adamw",
+                prox_mu=cfg.prox_mu,
+            )
+        lr = cfg.lr * cfg.lr_decay**round
+        steps = cfg.steps if cfg.steps is not None else cfg.epochs * math.ceil(n / cfg.batch_size)
+        if cfg.dp is not None:
+            q = min(1.0, cfg.batch_size / n)
+            if cfg.dp.target_epsilon is not None:
+                _refuse_over_budget(state, cfg.dp, round=round, steps=steps, sampling_rate=q)
+        x_all, y_all = _tensors(train, device)
+        terms = _loss_terms(task, cfg.loss_reduction)
+        losses: list[float] = []
+        clipped: list[float] = []
+        order = torch.randperm(n, generator=gen)
+        pos = 0
+        for _ in range(steps):
+            if cfg.dp is not None:
+                mask = torch.rand(n, generator=gen) < q
+                idx = torch.nonzero(mask).reshape(-1)
+            else:
+                if pos >= n:
+                    order, pos = torch.randperm(n, generator=gen), 0
+                idx = order[pos : pos + cfg.batch_size]
+                pos += cfg.batch_size
+            idx = idx.to(device)
+            flat.zero_grad()
+            if cfg.dp is not None:
+                if idx.numel() == 0:
+                    # an empty Poisson batch still releases noise (the mechanism ran)
+                    noisy = torch.randn(flat.size, generator=gen).to(device) * (
+                        cfg.dp.noise_multiplier * cfg.dp.max_grad_norm / (q * n)
+                    )
+                    flat.grad.copy_(noisy)
+                else:
+                    xb, yb = x_all[idx], y_all[idx]
+                    grads = per_example_grads(model, terms, xb, yb, coupled=task == "survival")
+                    noisy, frac = noisy_clipped_gradient(
+                        grads,
+                        max_grad_norm=cfg.dp.max_grad_norm,
+                        noise_multiplier=cfg.dp.noise_multiplier,
+                        expected_batch=q * n,
+                        generator=gen,
+                    )
+                    flat.grad.copy_(noisy)
+                    clipped.append(frac)
+                    with torch.no_grad():
+                        losses.append(float(terms(model(xb), yb).mean()))
+            else:
+                xb, yb = x_all[idx], y_all[idx]
+                loss = _batch_loss(task, cfg.loss_reduction, model(xb), yb)
+                loss.backward()
+                losses.append(float(loss.detach()))
+            stepper.step(
+                flat.data,
+                flat.grad,
+                lr=lr,
+                global_params=w_global if cfg.prox_mu else None,
+                scaffold_c=c,
+                scaffold_ci=ci,
+            )
+        if not torch.all(torch.isfinite(flat.data)):
+            raise ValueError(
+                f"training diverged at site {data.name!r} (non-finite weights); "
+                f"lower train.lr={cfg.lr}"
+            )
+
+    weights = flat.numpy()
+    extra: dict[str, np.ndarray] = {}
+    if cfg.scaffold:
+        assert c is not None and ci is not None
+        # SCAFFOLD option II: c_i+ = c_i - c + (x - y_i) / (K * lr)
+        ci_new = (ci - c + (w_global - flat.data) / (steps * lr)).cpu().numpy()
+        extra["scaffold_delta_c"] = (ci_new - state.scaffold_ci).astype(np.float32)
+        state.scaffold_ci = ci_new.astype(np.float32)
+    metrics: dict[str, float] = {
+        "train_loss": float(np.mean(losses)) if losses else 0.0,
+        "steps": float(steps),
+        "lr": float(lr),
+    }
+    if cfg.client_dp is not None:
+        update = weights - w_global.cpu().numpy()
+        private, norm = dp_fedavg_privatise(
+            update, cfg.client_dp, seed=hashlib.sha256(f"{seed}".encode()).digest()[:16]
+        )
+        weights = (w_global.cpu().numpy() + private).astype(np.float32)
+        metrics["update_norm"] = norm
+    epsilon = delta = None
+    if cfg.dp is not None:
+        state.ledger.record(
+            job=state.job,
+            round=round,
+            noise_multiplier=cfg.dp.noise_multiplier,
+            sampling_rate=q,
+            steps=steps,
+        )
+        delta = cfg.dp.delta
+        epsilon = state.ledger.epsilon(delta, job=state.job)
+        metrics["epsilon_round"] = state.ledger.epsilon(delta, job=state.job, round=round)
+        metrics["epsilon"] = epsilon
+        metrics["clipped_fraction"] = float(np.mean(clipped)) if clipped else 0.0
+    return TrainOutcome(weights, n, metrics, epsilon, delta, extra)
+
+
+def predict(spec: ModelSpec, flat: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Model outputs (log-risk, logits or values) for inputs ``x``, float64.
+
+    Raises:
+        ValueError: weights of the wrong length or non-finite.
+    """
+    model = build_model(spec)
+    load_flat(model, flat)
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.from_numpy(np.asarray(x, dtype=np.float32)))
+    return out.numpy().astype(np.float64)
+
+
+def evaluate(spec: ModelSpec, flat: np.ndarray, data: SiteData, split: str) -> EvalOutcome:
+    """Metrics of ``flat`` on one split of this site.
+
+    survival: c_index (Harrell), loss (Cox, Breslow); binary: accuracy, balanced_accuracy,
+    roc_auc (when both classes occur), brier, loss; multiclass: accuracy,
+    balanced_accuracy, loss; regression: mse.
+
+    Raises:
+        ValueError: unknown or absent split, wrong weights, model/task mismatch.
+    """
+    task = _task(spec, data)
+    part = data.split(split)
+    out = predict(spec, flat, part.x)
+    y = part.y
+    metrics: dict[str, float] = {}
+    if task == "survival":
+        risk = out.reshape(-1)
+        try:
+            metrics["c_index"] = M.concordance_index(y[:, 1], risk, y[:, 0])
+        except ValueError:
+            metrics["c_index"] = float("nan")
+        loss = cox_partial_likelihood(
+            torch.from_numpy(risk),
+            torch.from_numpy(y[:, 1].astype(np.float64)),
+            torch.from_numpy(y[:, 0].astype(np.float64)),
+            reduction="events",
+        )
+        metrics["loss"] = float(loss)
+    elif task == "binary":
+        logit = out.reshape(-1)
+        prob = 1.0 / (1.0 + np.exp(-logit))
+        pred = (prob >= 0.5).astype(np.float64)
+        metrics["accuracy"] = M.accuracy(y, pred)
+        metrics["balanced_accuracy"] = M.balanced_accuracy(y, pred)
+        metrics["brier"] = M.brier_score(y, prob)
+        if 0 < y.sum() < len(y):
+            metrics["roc_auc"] = M.roc_auc(y, prob)
+        eps = 1e-12
+        metrics["loss"] = float(-np.mean(y * np.log(prob + eps) + (1 - y) * np.log(1 - prob + eps)))
+    elif task == "multiclass":
+        pred = out.argmax(axis=1)
+        metrics["accuracy"] = M.accuracy(y, pred)
+        metrics["balanced_accuracy"] = M.balanced_accuracy(y, pred)
+        z = out - out.max(axis=1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        metrics["loss"] = float(-np.mean(logp[np.arange(len(y)), y.astype(int)]))
+    else:
+        metrics["mse"] = float(np.mean((out.reshape(len(y), -1) - y.reshape(len(y), -1)) ** 2))
+    return EvalOutcome(len(part), metrics)

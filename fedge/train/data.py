@@ -1,0 +1,645 @@
+"""Data adapters: what a hospital declares in its agent config, loaded and checked.
+
+An agent config lists its data sets as ``[[datasets]]`` tables; each becomes a
+``DatasetSpec``. ``load_site_data`` reads the file(s), validates every row,
+splits off a local validation set with a fixed seed, and fits a standardiser
+on the site's own training rows only (never validation or test rows, never
+another site's data).
+
+Kinds:
+
+- ``tabular``: CSV or Parquet with a header; declared ``features`` (or all
+  columns not otherwise used), and ``target`` or ``event`` + ``time`` for
+  survival; an optional ``split_column`` (train / val / test) and an optional
+  site filter (``site_column`` = ``site``).
+- ``fed_tcga_brca``: FLamby's Fed-TCGA-BRCA directory (brca.csv,
+  train_test_split.csv, centers.csv); ``site`` is the centre 0..5.
+- ``images``: a folder of class sub-folders of PNG/JPEG files (optionally under
+  ``train/`` and ``test/``), converted to single-channel ``image_size`` squares.
+- ``numpy``: an ``.npz`` with ``x`` and ``y`` (or ``event`` and ``time``), and an
+  optional ``split`` array of strings.
+
+Every problem in a file raises ``DataError`` naming the file, the line (1-based,
+the header is line 1) and the column.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "KINDS",
+    "TASKS",
+    "DataError",
+    "DatasetSpec",
+    "SiteData",
+    "Split",
+    "Standardiser",
+    "load_site_data",
+]
+
+KINDS = ("tabular", "fed_tcga_brca", "images", "numpy")
+TASKS = ("survival", "binary", "multiclass", "regression")
+_SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+
+
+class DataError(ValueError):
+    """A data file is unusable; ``file``, ``line`` and ``column`` say where."""
+
+    def __init__(
+        self, file: str | Path, message: str, *, line: int | None = None, column: str | None = None
+    ) -> None:
+        self.file = str(file)
+        self.line = line
+        self.column = column
+        where = self.file
+        if line is not None:
+            where += f", line {line}"
+        if column is not None:
+            where += f", column {column!r}"
+        super().__init__(f"{where}: {message}")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One ``[[datasets]]`` table of an agent config."""
+
+    name: str
+    kind: str
+    path: str
+    task: str = "survival"
+    features: tuple[str, ...] = ()
+    target: str | None = None
+    event: str | None = None
+    time: str | None = None
+    split_column: str | None = None
+    site_column: str | None = None
+    site: str | int | None = None
+    id_column: str | None = None
+    val_fraction: float = 0.2
+    seed: int = 0
+    standardise: str = "continuous"  # "none" | "continuous" (non-binary columns) | "all"
+    image_size: int = 64
+
+    @classmethod
+    def from_config(cls, table: Mapping[str, Any]) -> DatasetSpec:
+        """Build and validate from an agent-config ``[[datasets]]`` table.
+
+        Raises:
+            ValueError: a missing key, an unknown key, or a value breaking its rule (named).
+        """
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(table) - known)
+        if unknown:
+            raise ValueError(f"datasets: unknown key(s) {unknown}; known: {sorted(known)}")
+        for key in ("name", "kind", "path"):
+            if key not in table:
+                raise ValueError(f"datasets: missing required key {key!r}")
+        values = dict(table)
+        if "features" in values:
+            feats = values["features"]
+            if not isinstance(feats, list | tuple) or not all(isinstance(f, str) for f in feats):
+                raise ValueError(f"datasets.features={feats!r} must be a list of column names")
+            values["features"] = tuple(feats)
+        spec = cls(**values)
+        spec.validate()
+        return spec
+
+    def validate(self) -> None:
+        """Check the declared schema is coherent.
+
+        Raises:
+            ValueError: naming the field, its value and the rule it breaks.
+        """
+        if self.kind not in KINDS:
+            raise ValueError(f"datasets.kind={self.kind!r} must be one of {KINDS}")
+        if self.task not in TASKS:
+            raise ValueError(f"datasets.task={self.task!r} must be one of {TASKS}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"datasets.val_fraction={self.val_fraction!r} must lie in [0, 1)")
+        if self.standardise not in ("none", "continuous", "all"):
+            raise ValueError(
+                f"datasets.standardise={self.standardise!r} must be 'none', 'continuous' or 'all'"
+            )
+        if self.kind == "tabular":
+            if self.task == "survival" and (not self.event or not self.time):
+                raise ValueError(
+                    f"dataset {self.name!r}: task 'survival' needs both 'event' and 'time' columns"
+                )
+            if self.task != "survival" and not self.target:
+                raise ValueError(f"dataset {self.name!r}: task {self.task!r} needs a 'target'")
+            if (self.site_column is None) != (self.site is None):
+                raise ValueError(
+                    f"dataset {self.name!r}: 'site_column' and 'site' go together "
+                    f"(got site_column={self.site_column!r}, site={self.site!r})"
+                )
+        if self.kind == "fed_tcga_brca":
+            if self.task != "survival":
+                raise ValueError(f"dataset {self.name!r}: fed_tcga_brca is a survival task")
+            if not isinstance(self.site, int) or isinstance(self.site, bool):
+                raise ValueError(f"dataset {self.name!r}: site={self.site!r} must be a centre 0..5")
+            if not 0 <= self.site <= 5:
+                raise ValueError(f"dataset {self.name!r}: site={self.site} must lie in 0..5")
+        if self.kind == "images" and self.task not in ("binary", "multiclass"):
+            raise ValueError(f"dataset {self.name!r}: images need task 'binary' or 'multiclass'")
+
+
+@dataclass
+class Split:
+    """Arrays of one split. Survival ``y`` is (n, 2) float32: [event, time]."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+
+@dataclass
+class Standardiser:
+    """Per-feature (x - mean) / scale, fitted on one site's training rows."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+
+    @classmethod
+    def fit(cls, x: np.ndarray, mode: str) -> Standardiser:
+        d = x.shape[1]
+        mean = np.zeros(d, dtype=np.float64)
+        scale = np.ones(d, dtype=np.float64)
+        if mode != "none" and x.shape[0] > 1:
+            for j in range(d):
+                col = x[:, j].astype(np.float64)
+                if mode == "continuous" and np.all(np.isin(col, (0.0, 1.0))):
+                    continue  # one-hot / binary columns keep their 0/1 meaning
+                sd = float(col.std())
+                mean[j] = float(col.mean())
+                scale[j] = sd if sd > 1e-12 else 1.0
+        return cls(mean.astype(np.float32), scale.astype(np.float32))
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        return ((x - self.mean) / self.scale).astype(np.float32)
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return {"mean": self.mean.tolist(), "scale": self.scale.tolist()}
+
+
+@dataclass
+class SiteData:
+    """One site's data, ready for training: train / val / test splits."""
+
+    name: str
+    task: str
+    feature_names: list[str]
+    train: Split
+    val: Split | None = None
+    test: Split | None = None
+    standardiser: Standardiser | None = None
+    n_classes: int = 0
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def split(self, name: str) -> Split:
+        """The named split.
+
+        Raises:
+            ValueError: unknown name, or that split is absent at this site.
+        """
+        if name not in ("train", "val", "test"):
+            raise ValueError(f"split {name!r} must be 'train', 'val' or 'test'")
+        part = getattr(self, name)
+        if part is None or len(part) == 0:
+            raise ValueError(f"site {self.name!r} has no {name!r} split")
+        return part
+
+
+# ---------------------------------------------------------------------------
+# CSV / Parquet
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """Header and (line number, fields) rows; checks shape row by row."""
+    if not path.is_file():
+        raise DataError(path, "file does not exist")
+    with path.open(newline="", encoding="utf-8") as fh:
+        text = fh.read()
+    if not text.strip():
+        raise DataError(path, "file is empty (no header line)", line=1)
+    reader = csv.reader(text.splitlines(keepends=True), strict=True)
+    rows: list[tuple[int, list[str]]] = []
+    try:
+        header = next(reader)
+        for fields in reader:
+            if not fields or all(not f.strip() for f in fields):
+                continue
+            rows.append((reader.line_num, fields))
+    except csv.Error as exc:
+        raise DataError(path, f"malformed CSV: {exc}", line=reader.line_num) from exc
+    header = [h.strip() for h in header]
+    for lineno, fields in rows:
+        if len(fields) != len(header):
+            missing = header[len(fields)] if len(fields) < len(header) else None
+            what = "truncated row" if len(fields) < len(header) else "extra fields"
+            raise DataError(
+                path,
+                f"{what}: {len(fields)} fields where the header has {len(header)}",
+                line=lineno,
+                column=missing,
+            )
+    if not rows:
+        raise DataError(path, "no data rows after the header", line=2)
+    return header, rows
+
+
+def _read_parquet(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise DataError(path, "reading Parquet needs the 'pyarrow' package") from exc
+    if not path.is_file():
+        raise DataError(path, "file does not exist")
+    if path.stat().st_size == 0:
+        raise DataError(path, "file is empty")
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for corrupt files
+        raise DataError(path, f"not a readable Parquet file: {exc}") from exc
+    header = list(table.column_names)
+    cols = [table.column(i).to_pylist() for i in range(len(header))]
+    # Parquet has no text lines; "line" is the row number counting a header as line 1
+    # so that messages read the same for both formats.
+    rows = [
+        (i + 2, ["" if c[i] is None else str(c[i]) for c in cols]) for i in range(table.num_rows)
+    ]
+    if not rows:
+        raise DataError(path, "no data rows", line=2)
+    return header, rows
+
+
+def _read_table(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    if path.suffix.lower() in (".parquet", ".pq"):
+        return _read_parquet(path)
+    return _read_csv(path)
+
+
+def _column_index(path: Path, header: list[str], column: str) -> int:
+    try:
+        return header.index(column)
+    except ValueError:
+        raise DataError(path, "missing column in the header", line=1, column=column) from None
+
+
+def _numeric(path: Path, rows: list[tuple[int, list[str]]], idx: int, column: str) -> np.ndarray:
+    out = np.empty(len(rows), dtype=np.float64)
+    for k, (lineno, fields) in enumerate(rows):
+        raw = fields[idx].strip()
+        if raw == "":
+            raise DataError(path, "missing value", line=lineno, column=column)
+        try:
+            value = float(raw)
+        except ValueError:
+            raise DataError(
+                path, f"value {raw!r} is not a number", line=lineno, column=column
+            ) from None
+        if not math.isfinite(value):
+            raise DataError(path, f"value {raw!r} is not finite", line=lineno, column=column)
+        out[k] = value
+    return out
+
+
+def _check_survival(
+    path: Path, rows: list[tuple[int, list[str]]], event: np.ndarray, time: np.ndarray, spec: Any
+) -> None:
+    for k, (lineno, _) in enumerate(rows):
+        if event[k] not in (0.0, 1.0):
+            raise DataError(
+                path, f"event value {event[k]:g} must be 0 or 1", line=lineno, column=spec.event
+            )
+        if time[k] < 0:
+            raise DataError(
+                path, f"time value {time[k]:g} must be >= 0", line=lineno, column=spec.time
+            )
+
+
+@dataclass
+class _Table:
+    x: np.ndarray
+    y: np.ndarray
+    split: list[str | None]
+    features: list[str]
+    n_classes: int = 0
+
+
+def _load_tabular(spec: DatasetSpec, path: Path, rows_filter: Any = None) -> _Table:
+    header, rows = _read_table(path)
+    for col in (spec.split_column, spec.site_column, spec.id_column):
+        if col is not None:
+            _column_index(path, header, col)
+    if spec.site_column is not None:
+        sidx = header.index(spec.site_column)
+        rows = [(ln, f) for ln, f in rows if f[sidx].strip() == str(spec.site)]
+        if not rows:
+            raise DataError(path, f"no row has site value {spec.site!r}", column=spec.site_column)
+    if rows_filter is not None:
+        rows = rows_filter(header, rows)
+    used = {spec.target, spec.event, spec.time, spec.split_column, spec.site_column, spec.id_column}
+    features = list(spec.features) or [h for h in header if h not in used]
+    if not features:
+        raise DataError(path, "no feature column left after removing the declared columns")
+    x = np.stack(
+        [_numeric(path, rows, _column_index(path, header, f), f) for f in features], axis=1
+    )
+    n_classes = 0
+    if spec.task == "survival":
+        assert spec.event is not None and spec.time is not None
+        event = _numeric(path, rows, _column_index(path, header, spec.event), spec.event)
+        time = _numeric(path, rows, _column_index(path, header, spec.time), spec.time)
+        _check_survival(path, rows, event, time, spec)
+        y = np.stack([event, time], axis=1).astype(np.float32)
+    else:
+        assert spec.target is not None
+        tidx = _column_index(path, header, spec.target)
+        target = _numeric(path, rows, tidx, spec.target)
+        if spec.task in ("binary", "multiclass"):
+            for k, (lineno, _) in enumerate(rows):
+                v = target[k]
+                if v != int(v) or v < 0 or (spec.task == "binary" and v > 1):
+                    rule = "0 or 1" if spec.task == "binary" else "a non-negative integer"
+                    raise DataError(
+                        path, f"label {v:g} must be {rule}", line=lineno, column=spec.target
+                    )
+            n_classes = 2 if spec.task == "binary" else int(target.max()) + 1
+            y = target.astype(np.float32 if spec.task == "binary" else np.int64)
+        else:
+            y = target.astype(np.float32)
+    split: list[str | None] = [None] * len(rows)
+    if spec.split_column is not None:
+        pidx = header.index(spec.split_column)
+        for k, (lineno, fields) in enumerate(rows):
+            raw = fields[pidx].strip().lower()
+            if raw not in _SPLIT_NAMES:
+                raise DataError(
+                    path,
+                    f"split value {fields[pidx]!r} must be one of train, val, test",
+                    line=lineno,
+                    column=spec.split_column,
+                )
+            split[k] = _SPLIT_NAMES[raw]
+    return _Table(x.astype(np.float32), y, split, features, n_classes)
+
+
+# ---------------------------------------------------------------------------
+# Fed-TCGA-BRCA (FLamby)
+
+FED_TCGA_BRCA_REGIONS = ("Northeast", "South", "West", "Midwest", "Europe", "Canada")
+
+
+def tcga_centre_of_barcodes(path: Path) -> dict[str, int]:
+    """Map each patient id to its FLamby centre via the split file's ``fold2`` column.
+
+    FLamby derived ``fold2`` (``train_3`` / ``test_3``) from the TSS code of the
+    TCGA barcode (``TCGA-<TSS>-<participant>``) and the region in centers.csv.
+
+    Raises:
+        DataError: the split file is missing, malformed or names an unknown fold.
+    """
+    split_path = path / "train_test_split.csv"
+    header, rows = _read_csv(split_path)
+    pid = _column_index(split_path, header, "pid")
+    fold2 = _column_index(split_path, header, "fold2")
+    out: dict[str, int] = {}
+    for lineno, fields in rows:
+        part, _, centre = fields[fold2].strip().partition("_")
+        if part not in ("train", "test") or not centre.isdigit() or int(centre) > 5:
+            raise DataError(
+                split_path,
+                f"fold2 value {fields[fold2]!r} must look like train_<0..5> or test_<0..5>",
+                line=lineno,
+                column="fold2",
+            )
+        out[fields[pid].strip()] = int(centre)
+    return out
+
+
+def _load_fed_tcga_brca(spec: DatasetSpec) -> _Table:
+    root = Path(spec.path)
+    split_path = root / "train_test_split.csv"
+    header, rows = _read_csv(split_path)
+    pid = _column_index(split_path, header, "pid")
+    fold2 = _column_index(split_path, header, "fold2")
+    fold_of: dict[str, str] = {}
+    centre_of = tcga_centre_of_barcodes(root)
+    for _, fields in rows:
+        fold_of[fields[pid].strip()] = fields[fold2].strip().partition("_")[0]
+    site = int(spec.site)  # validated
+
+    def keep(hdr: list[str], data: list[tuple[int, list[str]]]) -> list[tuple[int, list[str]]]:
+        i = hdr.index("pid")
+        return [(ln, f) for ln, f in data if centre_of.get(f[i].strip()) == site]
+
+    inner = replace(
+        spec,
+        kind="tabular",
+        path=str(root / "brca.csv"),
+        event=spec.event or "E",
+        time=spec.time or "T",
+        id_column="pid",
+    )
+    table = _load_tabular(inner, root / "brca.csv", rows_filter=keep)
+    # re-read the ids in the kept order to attach the split
+    hdr, data = _read_csv(root / "brca.csv")
+    i = hdr.index("pid")
+    ids = [f[i].strip() for _, f in keep(hdr, data)]
+    table.split = [_SPLIT_NAMES[fold_of[p]] for p in ids]
+    return table
+
+
+# ---------------------------------------------------------------------------
+# images and numpy
+
+
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+
+
+def _load_images(spec: DatasetSpec) -> _Table:
+    from PIL import Image, UnidentifiedImageError
+
+    root = Path(spec.path)
+    if not root.is_dir():
+        raise DataError(root, "image folder does not exist")
+    parts = [("train", root / "train"), ("test", root / "test")]
+    if not (root / "train").is_dir():
+        parts = [(None, root)]
+    classes = sorted({p.name for _, d in parts if d.is_dir() for p in d.iterdir() if p.is_dir()})
+    if not classes:
+        raise DataError(root, "no class sub-folders (expected <root>/<class>/<image>.png)")
+    if spec.task == "binary" and len(classes) != 2:
+        raise DataError(root, f"task 'binary' needs 2 class folders, found {classes}")
+    xs: list[np.ndarray] = []
+    ys: list[int] = []
+    split: list[str | None] = []
+    size = spec.image_size
+    for part, folder in parts:
+        for label, cls in enumerate(classes):
+            cdir = folder / cls
+            if not cdir.is_dir():
+                continue
+            for f in sorted(cdir.iterdir()):
+                if f.suffix.lower() not in _IMAGE_SUFFIXES:
+                    continue
+                try:
+                    with Image.open(f) as im:
+                        im = im.convert("L").resize((size, size))
+                        arr = np.asarray(im, dtype=np.float32) / 255.0
+                except (UnidentifiedImageError, OSError) as exc:
+                    raise DataError(f, f"not a readable image: {exc}") from exc
+                xs.append(arr[None, :, :])
+                ys.append(label)
+                split.append(part)
+    if not xs:
+        raise DataError(root, "no image files found")
+    y = np.asarray(ys, dtype=np.float32 if spec.task == "binary" else np.int64)
+    return _Table(np.stack(xs), y, split, [f"pixel[{size}x{size}]"], len(classes))
+
+
+def _load_numpy(spec: DatasetSpec) -> _Table:
+    path = Path(spec.path)
+    if not path.is_file():
+        raise DataError(path, "file does not exist")
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise DataError(path, f"not a readable .npz file: {exc}") from exc
+    with npz:
+        keys = set(npz.files)
+        need = ["x", "event", "time"] if spec.task == "survival" else ["x", "y"]
+        for k in need:
+            if k not in keys:
+                raise DataError(path, f"missing array {k!r}; found {sorted(keys)}", column=k)
+        try:
+            x = np.asarray(npz["x"], dtype=np.float32)
+            if spec.task == "survival":
+                y = np.stack([npz["event"], npz["time"]], axis=1).astype(np.float32)
+            else:
+                y = np.asarray(npz["y"])
+            split_arr = npz["split"] if "split" in keys else None
+        except (ValueError, OSError, EOFError) as exc:
+            raise DataError(path, f"truncated or corrupt array: {exc}") from exc
+    if x.shape[0] == 0:
+        raise DataError(path, "array 'x' has no rows", column="x")
+    if y.shape[0] != x.shape[0]:
+        raise DataError(path, f"{y.shape[0]} labels for {x.shape[0]} rows of 'x'", column="y")
+    if not np.all(np.isfinite(x)):
+        row = int(np.argwhere(~np.isfinite(x.reshape(len(x), -1)))[0][0])
+        raise DataError(path, "non-finite value", line=row, column="x")
+    n_classes = 0
+    if spec.task in ("binary", "multiclass"):
+        n_classes = 2 if spec.task == "binary" else int(y.max()) + 1
+        y = y.astype(np.float32 if spec.task == "binary" else np.int64)
+    else:
+        y = y.astype(np.float32)
+    split: list[str | None] = [None] * len(x)
+    if split_arr is not None:
+        for k, v in enumerate(split_arr.tolist()):
+            if str(v).lower() not in _SPLIT_NAMES:
+                raise DataError(
+                    path, f"split value {v!r} must be train, val or test", line=k, column="split"
+                )
+            split[k] = _SPLIT_NAMES[str(v).lower()]
+    names = [f"x{j}" for j in range(x.shape[1])] if x.ndim == 2 else ["x"]
+    return _Table(x, y, split, names, n_classes)
+
+
+# ---------------------------------------------------------------------------
+
+
+def load_site_data(spec: DatasetSpec) -> SiteData:
+    """Load one declared data set, split it and standardise it.
+
+    Rows marked ``test`` form the test split; rows marked ``val`` the validation
+    split; otherwise ``val_fraction`` of the training rows (a permutation fixed
+    by ``seed``) become validation. The standardiser is fitted on what remains
+    for training and applied to all three splits.
+
+    Raises:
+        ValueError: the spec is incoherent.
+        DataError: a file is missing, empty, truncated, or a value is wrong
+            (naming the file, line and column).
+    """
+    spec.validate()
+    loaders = {
+        "tabular": lambda: _load_tabular(spec, Path(spec.path)),
+        "fed_tcga_brca": lambda: _load_fed_tcga_brca(spec),
+        "images": lambda: _load_images(spec),
+        "numpy": lambda: _load_numpy(spec),
+    }
+    table = loaders[spec.kind]()
+    split = np.array([s or "train" for s in table.split])
+    train_idx = np.flatnonzero(split == "train")
+    val_idx = np.flatnonzero(split == "val")
+    test_idx = np.flatnonzero(split == "test")
+    if val_idx.size == 0 and spec.val_fraction > 0:
+        rng = np.random.default_rng(spec.seed)
+        perm = rng.permutation(train_idx)
+        n_val = round(spec.val_fraction * perm.size)
+        val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    if train_idx.size == 0:
+        raise DataError(spec.path, f"dataset {spec.name!r}: no training rows at this site")
+    std = None
+    x = table.x
+    if x.ndim == 2:
+        std = Standardiser.fit(x[train_idx], spec.standardise)
+        x = std.transform(x)
+
+    def part(idx: np.ndarray) -> Split | None:
+        return Split(x[idx], table.y[idx]) if idx.size else None
+
+    train = part(train_idx)
+    assert train is not None
+    return SiteData(
+        name=spec.name,
+        task=spec.task,
+        feature_names=table.features,
+        train=train,
+        val=part(val_idx),
+        test=part(test_idx),
+        standardiser=std,
+        n_classes=table.n_classes,
+        info={"kind": spec.kind, "path": spec.path, "site": spec.site},
+    )
+
+
+def pooled(sites: Sequence[SiteData], name: str = "pooled") -> SiteData:
+    """Concatenate sites' splits (for the pooled-training baseline only; never on an agent).
+
+    Raises:
+        ValueError: no site, or sites of different tasks or feature counts.
+    """
+    if not sites:
+        raise ValueError("pooled needs at least one site")
+    if len({s.task for s in sites}) != 1 or len({s.train.x.shape[1:] for s in sites}) != 1:
+        raise ValueError("pooled: sites differ in task or feature shape")
+
+    def cat(name_: str) -> Split | None:
+        parts = [getattr(s, name_) for s in sites if getattr(s, name_) is not None]
+        if not parts:
+            return None
+        return Split(np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts]))
+
+    train = cat("train")
+    assert train is not None
+    return SiteData(
+        name=name,
+        task=sites[0].task,
+        feature_names=sites[0].feature_names,
+        train=train,
+        val=cat("val"),
+        test=cat("test"),
+        n_classes=max(s.n_classes for s in sites),
+    )

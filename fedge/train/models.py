@@ -1,0 +1,244 @@
+"""The model registry: names a plan may use, and the code behind them.
+
+Model code never travels over the federation wire: a plan names a model and
+its parameters (``ModelSpec``), every party builds the same module from this
+registry, and only flat float32 weights move. Construction is deterministic
+(``params["seed"]``, default 0), so a coordinator and an agent that build the
+same spec get bit-identical initial weights.
+
+| name          | task                     | output             | required params                |
+|---------------|--------------------------|--------------------|--------------------------------|
+| linear        | regression               | (n, out_features)  | in_features                    |
+| logistic      | binary / multiclass      | logits (n, k)      | in_features                    |
+| mlp           | any tabular              | (n, out_features)  | in_features                    |
+| cox_linear    | survival (Cox PH)        | log-risk (n, 1)    | in_features                    |
+| cox_mlp       | survival (Cox PH)        | log-risk (n, 1)    | in_features                    |
+| resnet_small  | images 1x64x64 (or CxHxW)| logits (n, k)      | (none: in_channels=1, classes) |
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["MODELS", "TASK_OF_MODEL", "ModelSpec", "build_model", "cox_partial_likelihood"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model named in the plan: registry name plus constructor parameters."""
+
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "params": dict(self.params)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelSpec:
+        """Build from a plan's ``[model]`` table.
+
+        Raises:
+            ValueError: ``name`` missing or not registered, or ``params`` not a table.
+        """
+        if "name" not in d:
+            raise ValueError("model: missing required key 'name'")
+        params = d.get("params", {})
+        if not isinstance(params, Mapping):
+            raise ValueError(f"model.params must be a table, got {type(params).__name__}")
+        spec = cls(str(d["name"]), dict(params))
+        _check_spec(spec)
+        return spec
+
+
+def _int_param(spec: ModelSpec, key: str, default: int | None = None, minimum: int = 1) -> int:
+    if key not in spec.params:
+        if default is None:
+            raise ValueError(f"model {spec.name!r}: missing required parameter {key!r}")
+        return default
+    value = spec.params[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(
+            f"model {spec.name!r}: parameter {key}={value!r} must be an integer >= {minimum}"
+        )
+    return value
+
+
+def _hidden(spec: ModelSpec) -> list[int]:
+    hidden = spec.params.get("hidden", [64])
+    if not isinstance(hidden, list | tuple) or not all(
+        isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden
+    ):
+        raise ValueError(
+            f"model {spec.name!r}: parameter hidden={hidden!r} must be a list of positive integers"
+        )
+    return list(hidden)
+
+
+def _dropout(spec: ModelSpec) -> float:
+    p = spec.params.get("dropout", 0.0)
+    if not isinstance(p, int | float) or not 0.0 <= float(p) < 1.0:
+        raise ValueError(f"model {spec.name!r}: parameter dropout={p!r} must lie in [0, 1)")
+    return float(p)
+
+
+def _mlp(d_in: int, hidden: list[int], d_out: int, dropout: float) -> nn.Module:
+    layers: list[nn.Module] = []
+    prev = d_in
+    for h in hidden:
+        layers += [nn.Linear(prev, h), nn.ReLU()]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        prev = h
+    layers.append(nn.Linear(prev, d_out))
+    return nn.Sequential(*layers)
+
+
+class _ResidualBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        # GroupNorm, not BatchNorm: no running statistics that FedAvg would mix
+        # across sites and that DP-SGD per-example gradients cannot handle.
+        self.norm1 = nn.GroupNorm(min(8, c_out), c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.norm2 = nn.GroupNorm(min(8, c_out), c_out)
+        self.skip: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.skip = nn.Conv2d(c_in, c_out, 1, stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.norm1(self.conv1(x)))
+        h = self.norm2(self.conv2(h))
+        return torch.relu(h + self.skip(x))
+
+
+class ResNetSmall(nn.Module):
+    """A small residual CNN for single-channel scans (64x64 by default): 3 stages."""
+
+    def __init__(self, in_channels: int, classes: int, width: int) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, 1, 1, bias=False),
+            nn.GroupNorm(min(8, width), width),
+            nn.ReLU(),
+        )
+        self.stages = nn.Sequential(
+            _ResidualBlock(width, width, 2),
+            _ResidualBlock(width, 2 * width, 2),
+            _ResidualBlock(2 * width, 4 * width, 2),
+        )
+        self.head = nn.Linear(4 * width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stages(self.stem(x))
+        return self.head(torch.mean(h, dim=(2, 3)))
+
+
+def _build_linear(spec: ModelSpec) -> nn.Module:
+    return nn.Linear(_int_param(spec, "in_features"), _int_param(spec, "out_features", 1))
+
+
+def _build_logistic(spec: ModelSpec) -> nn.Module:
+    # classes=2 → one logit (sigmoid); classes=k>2 → k logits (softmax).
+    classes = _int_param(spec, "classes", 2, minimum=2)
+    return nn.Linear(_int_param(spec, "in_features"), 1 if classes == 2 else classes)
+
+
+def _build_mlp(spec: ModelSpec) -> nn.Module:
+    return _mlp(
+        _int_param(spec, "in_features"),
+        _hidden(spec),
+        _int_param(spec, "out_features", 1),
+        _dropout(spec),
+    )
+
+
+def _build_cox_linear(spec: ModelSpec) -> nn.Module:
+    return nn.Linear(_int_param(spec, "in_features"), 1)
+
+
+def _build_cox_mlp(spec: ModelSpec) -> nn.Module:
+    return _mlp(_int_param(spec, "in_features"), _hidden(spec), 1, _dropout(spec))
+
+
+def _build_resnet_small(spec: ModelSpec) -> nn.Module:
+    classes = _int_param(spec, "classes", 2, minimum=2)
+    return ResNetSmall(
+        _int_param(spec, "in_channels", 1),
+        1 if classes == 2 else classes,
+        _int_param(spec, "width", 16),
+    )
+
+
+MODELS: dict[str, Callable[[ModelSpec], nn.Module]] = {
+    "linear": _build_linear,
+    "logistic": _build_logistic,
+    "mlp": _build_mlp,
+    "cox_linear": _build_cox_linear,
+    "cox_mlp": _build_cox_mlp,
+    "resnet_small": _build_resnet_small,
+}
+
+# The task a model's output is trained for; "classification" resolves to binary
+# or multiclass from `classes`; mlp follows the data set's task.
+TASK_OF_MODEL: dict[str, str] = {
+    "linear": "regression",
+    "logistic": "classification",
+    "mlp": "any",
+    "cox_linear": "survival",
+    "cox_mlp": "survival",
+    "resnet_small": "classification",
+}
+
+
+def _check_spec(spec: ModelSpec) -> None:
+    if spec.name not in MODELS:
+        raise ValueError(f"model name {spec.name!r} is not registered; known: {sorted(MODELS)}")
+
+
+def build_model(spec: ModelSpec) -> nn.Module:
+    """Build the registered model, deterministically from ``params["seed"]`` (default 0).
+
+    Raises:
+        ValueError: unknown name, or a missing / out-of-range parameter (named).
+    """
+    _check_spec(spec)
+    seed = spec.params.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"model {spec.name!r}: parameter seed={seed!r} must be an integer")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = MODELS[spec.name](spec)
+    return model.float()
+
+
+def cox_partial_likelihood(
+    log_risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor, *, reduction: str = "mean"
+) -> torch.Tensor:
+    """Negative Cox partial log-likelihood with Breslow's handling of tied times.
+
+    For each subject i with an event: ``-(s_i - log sum_{j: T_j >= T_i} exp(s_j))``.
+    ``reduction="mean"`` divides by the batch size (FLamby's scaling, so learning
+    rates carry over); ``"events"`` divides by the number of events; ``"sum"``.
+    Works under torch.func (no data-dependent Python control flow).
+
+    Raises:
+        ValueError: unknown reduction.
+    """
+    s = log_risk.reshape(-1)
+    at_risk = (time.reshape(1, -1) >= time.reshape(-1, 1)).to(s.dtype)  # [i, j]: j at risk at T_i
+    s_max = torch.max(s).detach()
+    log_denominator = torch.log(at_risk @ torch.exp(s - s_max)) + s_max
+    terms = (log_denominator - s) * event.reshape(-1)
+    if reduction == "mean":
+        return terms.sum() / s.numel()
+    if reduction == "events":
+        return terms.sum() / torch.clamp(event.sum(), min=1.0)
+    if reduction == "sum":
+        return terms.sum()
+    raise ValueError(f"reduction {reduction!r} must be one of 'mean', 'events', 'sum'")

@@ -1,0 +1,159 @@
+"""Enrolment files: everything one appliance needs, in one signed file.
+
+The console writes it (`create_enrolment`); the site carries it to the
+appliance, where `fedge agent enrol FILE` checks and installs it
+(`fedge.agent.enrol`). Format (JSON)::
+
+    {"format": "fedge-enrolment/1",
+     "payload": "<base64 of the payload JSON>",
+     "signature": "<hex Ed25519 signature of the payload bytes by the roster key>"}
+
+The payload holds the site name, console id, issue and expiry times, the
+appliance's CURVE key pair and Ed25519 identity (secret: the file is 0600 and
+expires), the coordinator's endpoint and CURVE public key, the roster public
+key, the current signed roster and the TUF root metadata.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from fedge.console.store import ConsoleStore
+from fedge.secagg.keys import Identity
+from fedge.update.files import check_z85_key, curve_keypair, write_json
+
+FORMAT = "fedge-enrolment/1"
+MAX_FILE_BYTES = 1 << 20
+
+
+class EnrolmentError(ValueError):
+    """An enrolment file is corrupt, expired, foreign or for another site."""
+
+
+@dataclass(frozen=True)
+class Enrolment:
+    site: str
+    console_id: str
+    issued: datetime
+    expires: datetime
+    curve_public: str
+    curve_secret: str
+    identity_private: bytes
+    coordinator_endpoint: str
+    coordinator_public_key: str
+    roster_public_key: bytes
+    roster: bytes
+    tuf_root: bytes
+
+    def fingerprint(self) -> str:
+        """The console fingerprint an operator can read out: roster key, first 16 hex."""
+        return self.roster_public_key.hex()[:16]
+
+
+def create_enrolment(store: ConsoleStore, site: str, *, valid_for: timedelta,
+                     out: Path | None = None) -> tuple[Path, Enrolment]:
+    """Create the identity of `site`, add it to the roster and write its enrolment file.
+
+    Raises:
+        ConsoleError: bad site name, or the site is already enrolled.
+    """
+    curve_public, curve_secret = curve_keypair()
+    identity = Identity.generate()
+    store.add_site(site, curve_public, identity.public_bytes())
+    now = store.clock().replace(microsecond=0)
+    enrolment = Enrolment(
+        site=site, console_id=store.console_id, issued=now, expires=now + valid_for,
+        curve_public=curve_public, curve_secret=curve_secret,
+        identity_private=identity.private_bytes(),
+        coordinator_endpoint=store.coordinator_endpoint,
+        coordinator_public_key=store.coordinator_public_key,
+        roster_public_key=store.roster_public_key(),
+        roster=store.roster().to_bytes(), tuf_root=store.root_bytes(),
+    )
+    payload = json.dumps({
+        "site": site, "console_id": enrolment.console_id,
+        "issued": now.isoformat(), "expires": enrolment.expires.isoformat(),
+        "curve_public": curve_public, "curve_secret": curve_secret,
+        "identity_private": enrolment.identity_private.hex(),
+        "coordinator_endpoint": enrolment.coordinator_endpoint,
+        "coordinator_public_key": enrolment.coordinator_public_key,
+        "roster_public_key": enrolment.roster_public_key.hex(),
+        "roster": enrolment.roster.decode(),
+        "tuf_root": enrolment.tuf_root.decode(),
+    }, sort_keys=True).encode()
+    signature = store.roster_identity().sign(payload)
+    path = Path(out) if out else store.home / "enrolments" / f"{site}.fedge-enrol"
+    write_json(path, {"format": FORMAT, "payload": base64.b64encode(payload).decode(),
+                      "signature": signature.hex()})
+    return path, enrolment
+
+
+def read_enrolment(path: Path, *, now: datetime | None = None,
+                   expected_console: bytes | None = None) -> Enrolment:
+    """Parse and check an enrolment file.
+
+    `expected_console`: the roster public key the appliance already trusts (from a
+    previous enrolment) or that the operator read out; a file signed by any other
+    console is refused as foreign.
+
+    Raises:
+        EnrolmentError: unreadable, corrupt (bad JSON, missing field, bad
+            signature), foreign (signed by another console), or expired.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise EnrolmentError(f"enrolment file {path}: cannot read: {exc}") from exc
+    if len(raw) > MAX_FILE_BYTES:
+        raise EnrolmentError(f"enrolment file {path}: {len(raw)} bytes is more than the "
+                             f"{MAX_FILE_BYTES} an enrolment file can be")
+    try:
+        outer = json.loads(raw)
+        if outer.get("format") != FORMAT:
+            raise EnrolmentError(f"enrolment file {path}: format {outer.get('format')!r} is "
+                                 f"not {FORMAT!r}")
+        payload = base64.b64decode(outer["payload"], validate=True)
+        signature = bytes.fromhex(outer["signature"])
+        p = json.loads(payload)
+        e = Enrolment(
+            site=str(p["site"]), console_id=str(p["console_id"]),
+            issued=datetime.fromisoformat(p["issued"]),
+            expires=datetime.fromisoformat(p["expires"]),
+            curve_public=check_z85_key(p["curve_public"], what="curve_public"),
+            curve_secret=check_z85_key(p["curve_secret"], what="curve_secret"),
+            identity_private=bytes.fromhex(p["identity_private"]),
+            coordinator_endpoint=str(p["coordinator_endpoint"]),
+            coordinator_public_key=check_z85_key(p["coordinator_public_key"],
+                                                 what="coordinator_public_key"),
+            roster_public_key=bytes.fromhex(p["roster_public_key"]),
+            roster=str(p["roster"]).encode(), tuf_root=str(p["tuf_root"]).encode(),
+        )
+    except EnrolmentError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError, binascii.Error) as exc:
+        raise EnrolmentError(f"enrolment file {path} is corrupt: {exc}") from exc
+    if expected_console is not None and e.roster_public_key != expected_console:
+        raise EnrolmentError(
+            f"enrolment file {path} is foreign: signed by console {e.fingerprint()}, this "
+            f"appliance trusts console {expected_console.hex()[:16]}")
+    try:
+        Ed25519PublicKey.from_public_bytes(e.roster_public_key).verify(signature, payload)
+    except (InvalidSignature, ValueError) as exc:
+        raise EnrolmentError(f"enrolment file {path} is corrupt: its signature does not "
+                             f"verify under console key {e.fingerprint()}") from exc
+    now = now or datetime.now(UTC)
+    if now >= e.expires:
+        stamp = now.replace(microsecond=0).isoformat()
+        raise EnrolmentError(f"enrolment file {path} for site {e.site!r} expired at "
+                             f"{e.expires.isoformat()} (now {stamp}); ask the console "
+                             "for a new one")
+    return e

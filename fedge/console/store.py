@@ -1,0 +1,303 @@
+"""The console's key store: the operator's root of trust.
+
+``fedge console init --home DIR`` creates (every file 0600, DIR 0700)::
+
+    console.json                    console id, coordinator endpoint+key, operators, sites
+    keys/roster.key                 Ed25519 roster-signing key (secagg Identity, 32 raw bytes)
+    keys/tuf-root.pem, tuf-targets.pem         offline TUF keys: never leave DIR
+    keys/tuf-snapshot.pem, tuf-timestamp.pem   online TUF keys: exported to the coordinator
+    keys/coordinator.curve.json     the coordinator's CURVE key pair
+    keys/operator-<name>.curve.json an operator's CURVE key pair and role
+    tuf/<N>.root.json, tuf/targets.json        signed TUF metadata (console's copy)
+    coordinator-provision.json      everything the coordinator needs, in one file
+
+Enrolment (`enrol`) creates an appliance's CURVE key pair and Ed25519 identity,
+enters the identity into the console-signed roster and writes one enrolment
+file for the site (see `fedge.console.enrolment`).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from fedge.secagg.keys import Identity, Roster, check_client_id
+from fedge.update import tuf_repo
+from fedge.update.files import (
+    curve_keypair,
+    load_ed25519,
+    save_ed25519,
+    write_atomic,
+    write_json,
+)
+
+FORMAT = "fedge-console/1"
+PROVISION_FORMAT = "fedge-coordinator-provision/1"
+ROLES: tuple[str, ...] = ("admin", "viewer")
+DEFAULT_OPERATORS: tuple[tuple[str, str], ...] = (("admin", "admin"), ("viewer", "viewer"))
+
+
+class ConsoleError(ValueError):
+    """A console operation was refused; the message names what and why."""
+
+
+class ConsoleStore:
+    """An initialised console home. Open with `ConsoleStore(home)`, create with `init`."""
+
+    def __init__(self, home: Path, *, clock: tuf_repo.Clock = tuf_repo.utcnow) -> None:
+        """Open the store at `home`.
+
+        Raises:
+            FileNotFoundError: `home` was never initialised (says to run init).
+            ConsoleError: console.json is corrupt or of another format.
+        """
+        self.home = Path(home)
+        self.clock = clock
+        path = self.home / "console.json"
+        if not path.exists():
+            raise FileNotFoundError(f"no console at {self.home}: run "
+                                    f"`fedge console init --home {self.home}` first")
+        try:
+            self.state = json.loads(path.read_text())
+        except ValueError as exc:
+            raise ConsoleError(f"{path} is corrupt: {exc}") from exc
+        if self.state.get("format") != FORMAT:
+            raise ConsoleError(f"{path} has format {self.state.get('format')!r}, "
+                               f"expected {FORMAT!r}")
+
+    # -- creation ------------------------------------------------------------------------
+    @classmethod
+    def init(
+        cls,
+        home: Path,
+        *,
+        coordinator_endpoint: str,
+        operators: Sequence[tuple[str, str]] = DEFAULT_OPERATORS,
+        clock: tuf_repo.Clock = tuf_repo.utcnow,
+    ) -> ConsoleStore:
+        """Create every key and the first TUF metadata.
+
+        Raises:
+            ConsoleError: `home` already holds a console, the endpoint is not
+                tcp://host:port, or an operator name/role is invalid.
+        """
+        home = Path(home)
+        if (home / "console.json").exists():
+            raise ConsoleError(f"{home} already holds a console; refusing to overwrite its keys")
+        if not (isinstance(coordinator_endpoint, str)
+                and coordinator_endpoint.startswith(("tcp://", "ipc://"))):
+            raise ConsoleError(f"coordinator endpoint {coordinator_endpoint!r} must look like "
+                               "tcp://HOST:PORT")
+        seen = set()
+        for name, role in operators:
+            _check_name(name, what="operator name")
+            if role not in ROLES:
+                raise ConsoleError(f"operator {name!r} role {role!r} must be one of "
+                                   f"{', '.join(ROLES)}")
+            if name in seen:
+                raise ConsoleError(f"operator name {name!r} given twice")
+            seen.add(name)
+        home.mkdir(parents=True, exist_ok=True)
+        os.chmod(home, 0o700)
+        keys = home / "keys"
+        keys.mkdir(mode=0o700, exist_ok=True)
+        roster = Identity.generate()
+        roster.save(keys / "roster.key")
+        tuf_keys = {role: Ed25519PrivateKey.generate() for role in tuf_repo.ROLE_NAMES}
+        for role, key in tuf_keys.items():
+            save_ed25519(keys / f"tuf-{role}.pem", key)
+        coord_pub, coord_sec = curve_keypair()
+        write_json(keys / "coordinator.curve.json", {"public": coord_pub, "secret": coord_sec})
+        ops = {}
+        for name, role in operators:
+            pub, sec = curve_keypair()
+            write_json(keys / f"operator-{name}.curve.json",
+                       {"name": name, "role": role, "public": pub, "secret": sec})
+            ops[name] = {"role": role, "public_key": pub}
+        now = clock()
+        root = tuf_repo.create_root(tuf_keys["root"], tuf_keys["targets"], tuf_keys["snapshot"],
+                                    tuf_keys["timestamp"], now=now)
+        targets = tuf_repo.create_targets(tuf_keys["targets"], {}, version=1, now=now)
+        write_atomic(home / "tuf" / "1.root.json", tuf_repo.to_bytes(root))
+        write_atomic(home / "tuf" / "targets.json", tuf_repo.to_bytes(targets))
+        state = {
+            "format": FORMAT,
+            "console_id": secrets.token_hex(8),
+            "created": now.isoformat(),
+            "coordinator": {"endpoint": coordinator_endpoint, "public_key": coord_pub},
+            "operators": ops,
+            "sites": {},
+            "root_version": 1,
+        }
+        write_json(home / "console.json", state)
+        store = cls(home, clock=clock)
+        store.write_provision_file()
+        return store
+
+    # -- keys and metadata -----------------------------------------------------------------
+    @property
+    def console_id(self) -> str:
+        return str(self.state["console_id"])
+
+    @property
+    def coordinator_endpoint(self) -> str:
+        return str(self.state["coordinator"]["endpoint"])
+
+    @property
+    def coordinator_public_key(self) -> str:
+        return str(self.state["coordinator"]["public_key"])
+
+    def roster_identity(self) -> Identity:
+        return Identity.load(self.home / "keys" / "roster.key")
+
+    def roster_public_key(self) -> bytes:
+        return self.roster_identity().public_bytes()
+
+    def tuf_key(self, role: str) -> Ed25519PrivateKey:
+        return load_ed25519(self.home / "keys" / f"tuf-{role}.pem")
+
+    def root_bytes(self) -> bytes:
+        return (self.home / "tuf" / f"{self.state['root_version']}.root.json").read_bytes()
+
+    def targets_bytes(self) -> bytes:
+        return (self.home / "tuf" / "targets.json").read_bytes()
+
+    def operator_keys(self, name: str) -> dict[str, str]:
+        """The operator's CURVE key pair and role.
+
+        Raises: ConsoleError if there is no such operator.
+        """
+        path = self.home / "keys" / f"operator-{name}.curve.json"
+        if name not in self.state["operators"] or not path.exists():
+            raise ConsoleError(f"no operator {name!r} in this console "
+                               f"(known: {', '.join(sorted(self.state['operators']))})")
+        return json.loads(path.read_text())
+
+    def provision(self) -> dict[str, object]:
+        """What the coordinator needs: CURVE secret, operators, roster key, TUF online keys."""
+        coord = json.loads((self.home / "keys" / "coordinator.curve.json").read_text())
+        online = {role: base64.b64encode((self.home / "keys" / f"tuf-{role}.pem").read_bytes())
+                  .decode() for role in ("snapshot", "timestamp")}
+        return {
+            "format": PROVISION_FORMAT,
+            "console_id": self.console_id,
+            "endpoint": self.coordinator_endpoint,
+            "curve_public": coord["public"],
+            "curve_secret": coord["secret"],
+            "operators": {op["public_key"]: {"name": name, "role": op["role"]}
+                          for name, op in self.state["operators"].items()},
+            "roster_public_key": self.roster_public_key().hex(),
+            "roster": self.roster().to_bytes().decode(),
+            "tuf_online_keys": online,
+            "tuf_root": self.root_bytes().decode(),
+            "tuf_targets": self.targets_bytes().decode(),
+        }
+
+    def write_provision_file(self) -> Path:
+        path = self.home / "coordinator-provision.json"
+        write_json(path, self.provision())
+        return path
+
+    # -- sites ---------------------------------------------------------------------------
+    def sites(self) -> dict[str, dict[str, object]]:
+        return dict(self.state["sites"])
+
+    def active_sites(self) -> list[str]:
+        return sorted(s for s, info in self.state["sites"].items() if not info.get("revoked"))
+
+    def roster(self) -> Roster:
+        """The console-signed roster of every enrolled, unrevoked site."""
+        entries = {s: bytes.fromhex(self.state["sites"][s]["ed25519_public"])
+                   for s in self.active_sites()}
+        return Roster.build(entries, self.roster_identity())
+
+    def add_site(self, site: str, curve_public: str, ed25519_public: bytes) -> None:
+        """Record an enrolled site.
+
+        Raises: ConsoleError if the site is already enrolled and not revoked.
+        """
+        _check_name(site, what="site")
+        existing = self.state["sites"].get(site)
+        if existing and not existing.get("revoked"):
+            raise ConsoleError(f"site {site!r} is already enrolled; revoke it first to "
+                               "issue a new identity")
+        self.state["sites"][site] = {
+            "curve_public": curve_public,
+            "ed25519_public": ed25519_public.hex(),
+            "enrolled": self.clock().isoformat(),
+            "revoked": False,
+        }
+        self._save()
+
+    def revoke_site(self, site: str) -> dict[str, object]:
+        """Mark `site` revoked; returns its record.
+
+        Raises: ConsoleError if the site was never enrolled.
+        """
+        info = self.state["sites"].get(site)
+        if info is None:
+            raise ConsoleError(f"site {site!r} is not enrolled (enrolled: "
+                               f"{', '.join(sorted(self.state['sites'])) or 'none'})")
+        info["revoked"] = True
+        info["revoked_at"] = self.clock().isoformat()
+        self._save()
+        return dict(info)
+
+    # -- signed updates ------------------------------------------------------------------
+    def sign_targets(
+        self, new: Iterable[tuple[str, str, str, str, bytes]], *, now: datetime | None = None
+    ) -> tuple[bytes, dict[str, bytes]]:
+        """Add targets (kind, name, version, filename, data) and sign a new targets.json.
+
+        Returns (targets metadata bytes, {TUF path: data}) for the coordinator.
+
+        Raises:
+            ConsoleError: a field is invalid, or (kind, name, version) was already
+                signed with different content.
+        """
+        now = now or self.clock()
+        current = tuf_repo.load(self.targets_bytes(), "targets")
+        files = dict(current.signed.targets)
+        payload: dict[str, bytes] = {}
+        for kind, name, version, filename, data in new:
+            try:
+                tf = tuf_repo.new_target_file(kind, name, version, filename, data)
+            except ValueError as exc:
+                raise ConsoleError(str(exc)) from exc
+            for old in files.values():
+                spec = tuf_repo.TargetSpec.from_target_file(old)
+                if (spec.kind, spec.name, spec.version) == (kind, name, version) and (
+                        old.hashes != tf.hashes):
+                    raise ConsoleError(f"{kind} {name} {version} was already signed with "
+                                       "other content; publish a new version instead")
+            files[tf.path] = tf
+            payload[tf.path] = data
+        md = tuf_repo.create_targets(self.tuf_key("targets"), files,
+                                     version=current.signed.version + 1, now=now)
+        data = tuf_repo.to_bytes(md)
+        write_atomic(self.home / "tuf" / "targets.json", data)
+        return data, payload
+
+    def _save(self) -> None:
+        write_json(self.home / "console.json", self.state)
+
+
+def _check_name(name: object, *, what: str) -> str:
+    try:
+        return check_client_id(name, what=what)
+    except ValueError as exc:
+        raise ConsoleError(str(exc)) from exc
+
+
+def validity(days: float) -> timedelta:
+    """Raises: ConsoleError if days is not in (0, 90]."""
+    if not 0 < days <= 90:
+        raise ConsoleError(f"validity {days} days must be in (0, 90]")
+    return timedelta(days=days)

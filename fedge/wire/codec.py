@@ -1,0 +1,831 @@
+"""The fedge wire codec: typed messages <-> ZeroMQ multipart frames.
+
+Theory of operation
+-------------------
+A message on the wire is a list of frames::
+
+    [header, body, tensor_0, tensor_1, ...]
+
+* ``header`` — a msgpack map with the keys of :data:`HEADER_FIELDS`: schema
+  ``version``, message ``type``, ``job``, ``round``, ``msg_id``, ``sender``,
+  ``sent_at`` (UNIX seconds) and ``reply_to`` (a ``msg_id`` or nil).
+* ``body`` — a msgpack map, one entry per dataclass field.  A tensor field is
+  written in the body as a descriptor ``[frame_index, dtype, shape]`` and its
+  bytes travel as their own frame, raw little-endian, C order.  Tensor frames
+  appear in the order their descriptors are met in a depth-first walk of the
+  body; every tensor frame is referenced exactly once.
+
+Encoding hands out ``memoryview`` s of the arrays' own buffers (send them with
+``copy=False``); decoding builds arrays with ``np.frombuffer`` over the frame
+buffers (receive with ``copy=False``), so a tensor is never copied by the codec.
+Decoded arrays are therefore read-only views; ``.copy()`` one to write to it.
+
+Message types are frozen dataclasses registered with :func:`message`.  The
+field annotations are the schema; supported annotations are
+
+* ``int``, ``float``, ``str``, ``bytes``, ``bool``;
+* ``X | None`` (``Optional[X]``), ``list[X]``, ``tuple[X, ...]``,
+  ``tuple[X, Y]``, ``dict[str, X]`` of supported types;
+* another (frozen) dataclass whose fields follow the same rule;
+* ``Annotated[np.ndarray, Tensor(dtype="uint32", ndim=1)]`` — a tensor of one
+  dtype (one of :data:`TENSOR_DTYPES`) and rank, optionally with fixed
+  dimensions (``Tensor("float32", ndim=2, shape=(None, 16))``).
+
+A field with a dataclass default may be absent on the wire (the default is
+used); every other field is required.  ``bool`` is not an ``int`` and an
+``int`` is not a ``float`` on the wire.  A dataclass ``__post_init__`` that
+raises ``ValueError``/``TypeError`` turns into :class:`BadField`, so a message
+type can add its own rules (ranges, lengths) and they hold for decoded input.
+
+Decoding checks, in this order, and stops at the first failure: frame count,
+total size against ``max_bytes``, header (well-formed, version, type, the
+type's own ``max_bytes``, header field types), body (well-formed, missing,
+unexpected and ill-typed fields, tensor descriptors against the declared
+dtype/rank/shape and the frame sizes), frame count against the descriptors.
+Every failure is a :class:`WireError` subclass whose message names the field,
+the value and the rule, and whose attributes ``field``, ``value`` and ``rule``
+carry them for logs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+import types
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, TypeVar, Union
+
+import msgpack
+import numpy as np
+
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "HEADER_FIELDS",
+    "MAX_HEADER_BYTES",
+    "SCHEMA_VERSION",
+    "TENSOR_DTYPES",
+    "BadField",
+    "Envelope",
+    "FrameCountMismatch",
+    "Header",
+    "MalformedFrame",
+    "MissingField",
+    "OversizeMessage",
+    "Tensor",
+    "UnexpectedField",
+    "UnknownMessageType",
+    "UnsupportedVersion",
+    "WireError",
+    "decode",
+    "encode",
+    "frame_nbytes",
+    "lookup",
+    "max_bytes_of",
+    "message",
+    "registered_types",
+    "type_name_of",
+]
+
+#: Version of the frame layout and header.  A peer speaking another version is
+#: refused with :class:`UnsupportedVersion`; bump it on any incompatible change.
+SCHEMA_VERSION = 1
+
+#: Per-type size limit when ``@message`` is given none (whole message, bytes).
+DEFAULT_MAX_BYTES = 1 << 20
+
+#: Upper bound for the header frame; checked before it is parsed.
+MAX_HEADER_BYTES = 4096
+
+#: Header keys, in wire order.
+HEADER_FIELDS = ("version", "type", "job", "round", "msg_id", "sender", "sent_at", "reply_to")
+
+#: Tensor dtypes accepted on the wire (names as in numpy), all little-endian.
+TENSOR_DTYPES: dict[str, np.dtype] = {
+    name: np.dtype(name).newbyteorder("<")
+    for name in (
+        "bool",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "uint8",
+        "uint16",
+        "uint32",
+        "uint64",
+        "float16",
+        "float32",
+        "float64",
+    )
+}
+
+_MAX_ID_LEN = 128  # msg_id, reply_to
+_MAX_NAME_LEN = 256  # sender, job, type
+_MAX_TENSOR_NDIM = 32
+_REPR_LIMIT = 80
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, list | tuple | dict) and len(value) > 8:
+        return f"<{type(value).__name__} of {len(value)} items>"
+    if isinstance(value, bytes | str) and len(value) > _REPR_LIMIT:
+        value = value[:_REPR_LIMIT]
+    text = repr(value)
+    if len(text) > _REPR_LIMIT:
+        text = text[: _REPR_LIMIT - 3] + "..."
+    return text
+
+
+class WireError(ValueError):
+    """A message that cannot be encoded or was refused on decoding.
+
+    Attributes ``field`` (dotted path, e.g. ``"body.shares[2].ciphertext"``),
+    ``value`` (a short repr of the offending value) and ``rule`` (what was
+    expected) say exactly what was wrong; ``str(err)`` combines them.
+    """
+
+    def __init__(self, field: str, value: Any, rule: str) -> None:
+        self.field = field
+        self.value = _short(value)
+        self.rule = rule
+        super().__init__(f"{field}: {self.value} {rule}")
+
+
+class MalformedFrame(WireError):
+    """A frame is not what the layout says (not msgpack, not a map, truncated...)."""
+
+
+class FrameCountMismatch(MalformedFrame):
+    """The number of frames does not match the header/body and tensor descriptors."""
+
+
+class UnsupportedVersion(WireError):
+    """The header's schema version is not :data:`SCHEMA_VERSION`."""
+
+
+class UnknownMessageType(WireError):
+    """The message type is not registered (or an unregistered class was encoded)."""
+
+
+class MissingField(WireError):
+    """A required header or body field is absent."""
+
+
+class UnexpectedField(WireError):
+    """A header or body field that the schema does not declare."""
+
+
+class BadField(WireError):
+    """A field has the wrong type, dtype, rank, shape or violates the type's own rule."""
+
+
+class OversizeMessage(WireError):
+    """The message exceeds the decoder's or the message type's ``max_bytes``."""
+
+
+# --------------------------------------------------------------------------- schema
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """Annotation marker for a tensor field: ``Annotated[np.ndarray, Tensor("uint32", 1)]``.
+
+    ``shape`` optionally fixes dimensions (``None`` leaves one free); its
+    length must equal ``ndim``.
+
+    Raises:
+        ValueError: unknown dtype, negative ndim, or a shape that does not fit ndim.
+    """
+
+    dtype: str
+    ndim: int
+    shape: tuple[int | None, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in TENSOR_DTYPES:
+            raise ValueError(
+                f"Tensor dtype {self.dtype!r} is not a wire dtype; use one of "
+                f"{sorted(TENSOR_DTYPES)}"
+            )
+        if not isinstance(self.ndim, int) or not 0 <= self.ndim <= _MAX_TENSOR_NDIM:
+            raise ValueError(f"Tensor ndim {self.ndim!r} must be an int in 0..{_MAX_TENSOR_NDIM}")
+        if self.shape is not None:
+            if len(self.shape) != self.ndim:
+                raise ValueError(
+                    f"Tensor shape {self.shape!r} has {len(self.shape)} dims, ndim is {self.ndim}"
+                )
+            for dim in self.shape:
+                if dim is not None and (not isinstance(dim, int) or dim < 0):
+                    raise ValueError(f"Tensor shape {self.shape!r}: dims must be ints >= 0 or None")
+
+
+# Schema nodes: small tuples built once per registered type.
+#   ("int",) ("float",) ("str",) ("bytes",) ("bool",)
+#   ("opt", node) ("list", node) ("tuple", (nodes...)) ("vtuple", node)
+#   ("dict", node) ("tensor", Tensor) ("struct", cls, {name: (node, required)})
+_Node = tuple[Any, ...]
+
+_SCALARS: dict[Any, _Node] = {
+    int: ("int",),
+    float: ("float",),
+    str: ("str",),
+    bytes: ("bytes",),
+    bool: ("bool",),
+}
+
+_STRUCTS: dict[type, _Node] = {}
+
+
+def _compile(annotation: Any, where: str) -> _Node:
+    if annotation in _SCALARS:
+        return _SCALARS[annotation]
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is Annotated:
+        base, *extras = args
+        tensors = [e for e in extras if isinstance(e, Tensor)]
+        if base is np.ndarray and len(tensors) == 1:
+            return ("tensor", tensors[0])
+        raise TypeError(f"{where}: Annotated[...] is supported only as "
+                        f"Annotated[np.ndarray, Tensor(...)], got {annotation!r}")
+    if annotation is np.ndarray or origin is np.ndarray:
+        raise TypeError(f"{where}: a numpy array field needs its dtype and rank: "
+                        f"Annotated[np.ndarray, Tensor(dtype=..., ndim=...)]")
+    if origin in (Union, types.UnionType):
+        non_none = [a for a in args if a is not type(None)]
+        if len(args) == 2 and len(non_none) == 1:
+            return ("opt", _compile(non_none[0], where))
+        raise TypeError(f"{where}: only X | None unions are supported, got {annotation!r}")
+    if origin is list and len(args) == 1:
+        return ("list", _compile(args[0], f"{where}[]"))
+    if origin is tuple and args:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return ("vtuple", _compile(args[0], f"{where}[]"))
+        return ("tuple", tuple(_compile(a, f"{where}[{i}]") for i, a in enumerate(args)))
+    if origin is dict and len(args) == 2:
+        if args[0] is not str:
+            raise TypeError(f"{where}: dict keys must be str, got {args[0]!r}")
+        return ("dict", _compile(args[1], f"{where}[]"))
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
+        return _struct_node(annotation)
+    raise TypeError(f"{where}: unsupported wire type {annotation!r}")
+
+
+def _struct_node(cls: type) -> _Node:
+    node = _STRUCTS.get(cls)
+    if node is not None:
+        return node
+    params = getattr(cls, "__dataclass_params__", None)
+    if params is None or not params.frozen:
+        raise TypeError(f"{cls.__qualname__}: wire messages must be frozen dataclasses")
+    hints = typing.get_type_hints(cls, include_extras=True)
+    fields: dict[str, tuple[_Node, bool]] = {}
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            raise TypeError(f"{cls.__qualname__}.{f.name}: init=False fields are not supported")
+        required = (
+            f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        )
+        fields[f.name] = (_compile(hints[f.name], f"{cls.__qualname__}.{f.name}"), required)
+    node = ("struct", cls, fields)
+    _STRUCTS[cls] = node
+    return node
+
+
+@dataclass(frozen=True)
+class _Registration:
+    type_name: str
+    cls: type
+    max_bytes: int | None
+    node: _Node
+
+
+_BY_NAME: dict[str, _Registration] = {}
+_BY_CLASS: dict[type, _Registration] = {}
+
+_T = TypeVar("_T")
+
+
+def message(type_name: str, *, max_bytes: int | None = DEFAULT_MAX_BYTES) -> Callable[[_T], _T]:
+    """Class decorator registering a frozen dataclass as wire message ``type_name``.
+
+    ``max_bytes`` bounds the whole encoded message (all frames); ``None`` leaves
+    only the decoder's own limit.  The schema is compiled here, so a bad
+    annotation fails at import time, not on the first message.
+
+    Raises:
+        TypeError: the class is not a frozen dataclass or a field type is unsupported.
+        ValueError: ``type_name`` is empty/too long, already taken by another
+            class, or ``max_bytes`` is not a positive int.
+    """
+    if not isinstance(type_name, str) or not 0 < len(type_name) <= _MAX_NAME_LEN:
+        raise ValueError(f"message type name {type_name!r} must be a non-empty str "
+                         f"of at most {_MAX_NAME_LEN} characters")
+    if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes <= 0):
+        raise ValueError(f"message {type_name!r}: max_bytes {max_bytes!r} must be a positive int")
+
+    def register(cls: _T) -> _T:
+        if not isinstance(cls, type) or not dataclasses.is_dataclass(cls):
+            raise TypeError(f"@message({type_name!r}) must decorate a frozen dataclass")
+        node = _struct_node(cls)
+        old = _BY_NAME.get(type_name)
+        if old is not None and (old.cls.__module__, old.cls.__qualname__) != (
+            cls.__module__,
+            cls.__qualname__,
+        ):
+            raise ValueError(
+                f"message type {type_name!r} is already registered to "
+                f"{old.cls.__module__}.{old.cls.__qualname__}"
+            )
+        reg = _Registration(type_name, cls, max_bytes, node)
+        if old is not None:  # the same class re-imported (module reload)
+            _BY_CLASS.pop(old.cls, None)
+        _BY_NAME[type_name] = reg
+        _BY_CLASS[cls] = reg
+        cls.__wire_type__ = type_name  # type: ignore[attr-defined]
+        return cls
+
+    return register
+
+
+def registered_types() -> dict[str, type]:
+    """All registered message types, ``{type_name: class}``."""
+    return {name: reg.cls for name, reg in _BY_NAME.items()}
+
+
+def lookup(type_name: str) -> type:
+    """The class registered as ``type_name``.
+
+    Raises:
+        UnknownMessageType: nothing is registered under that name.
+    """
+    reg = _BY_NAME.get(type_name)
+    if reg is None:
+        raise UnknownMessageType("header.type", type_name, "is not a registered message type")
+    return reg.cls
+
+
+def type_name_of(body_or_cls: Any) -> str:
+    """The wire type name of a registered message instance or class.
+
+    Raises:
+        UnknownMessageType: the class is not registered with ``@message``.
+    """
+    cls = body_or_cls if isinstance(body_or_cls, type) else type(body_or_cls)
+    reg = _BY_CLASS.get(cls)
+    if reg is None:
+        raise UnknownMessageType("body", cls.__qualname__, "is not a registered message class")
+    return reg.type_name
+
+
+def max_bytes_of(type_name: str) -> int | None:
+    """The per-type size limit of ``type_name`` (``None``: only the decoder's).
+
+    Raises:
+        UnknownMessageType: nothing is registered under that name.
+    """
+    lookup(type_name)
+    return _BY_NAME[type_name].max_bytes
+
+
+# --------------------------------------------------------------------------- header/envelope
+
+
+@dataclass(frozen=True)
+class Header:
+    """The routing and bookkeeping part of every message."""
+
+    version: int
+    type: str
+    job: str
+    round: int
+    msg_id: str
+    sender: str
+    sent_at: float
+    reply_to: str | None = None
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """A decoded message: its :class:`Header`, its typed ``body`` and its size in bytes."""
+
+    header: Header
+    body: Any
+    nbytes: int = 0
+
+
+# --------------------------------------------------------------------------- encode
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+_INT64_MIN, _UINT64_MAX = -(1 << 63), (1 << 64) - 1
+
+
+def _enc(node: _Node, value: Any, path: str, tensors: list[np.ndarray]) -> Any:
+    kind = node[0]
+    if kind == "int":
+        if not _is_int(value):
+            raise BadField(path, value, "must be an int")
+        if not _INT64_MIN <= value <= _UINT64_MAX:
+            raise BadField(path, value, "does not fit in 64 bits")
+        return value
+    if kind == "float":
+        if not (_is_int(value) or isinstance(value, float)):
+            raise BadField(path, value, "must be a float")
+        return float(value)
+    if kind == "str":
+        if not isinstance(value, str):
+            raise BadField(path, value, "must be a str")
+        return value
+    if kind == "bytes":
+        if not isinstance(value, bytes | bytearray | memoryview):
+            raise BadField(path, value, "must be bytes")
+        return bytes(value)
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise BadField(path, value, "must be a bool")
+        return value
+    if kind == "opt":
+        return None if value is None else _enc(node[1], value, path, tensors)
+    if kind in ("list", "vtuple"):
+        want = list if kind == "list" else tuple
+        if not isinstance(value, want):
+            raise BadField(path, value, f"must be a {want.__name__}")
+        return [_enc(node[1], v, f"{path}[{i}]", tensors) for i, v in enumerate(value)]
+    if kind == "tuple":
+        if not isinstance(value, tuple) or len(value) != len(node[1]):
+            raise BadField(path, value, f"must be a tuple of {len(node[1])} items")
+        pairs = enumerate(zip(node[1], value, strict=True))
+        return [_enc(n, v, f"{path}[{i}]", tensors) for i, (n, v) in pairs]
+    if kind == "dict":
+        if not isinstance(value, dict):
+            raise BadField(path, value, "must be a dict")
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise BadField(f"{path}[{k!r}]", k, "dict keys must be str")
+            out[k] = _enc(node[1], v, f"{path}[{k!r}]", tensors)
+        return out
+    if kind == "tensor":
+        spec: Tensor = node[1]
+        if not isinstance(value, np.ndarray):
+            raise BadField(path, type(value).__name__, "must be a numpy.ndarray")
+        want_dtype = TENSOR_DTYPES[spec.dtype]
+        if value.dtype != want_dtype:
+            raise BadField(path, f"dtype {value.dtype}", f"must have dtype {spec.dtype}")
+        _check_shape(spec, value.shape, path)
+        arr = value if value.flags.c_contiguous else value.copy(order="C")
+        tensors.append(arr)
+        return [len(tensors) - 1, spec.dtype, list(arr.shape)]
+    if kind == "struct":
+        cls, fields = node[1], node[2]
+        if type(value) is not cls:
+            raise BadField(path, type(value).__name__, f"must be a {cls.__qualname__}")
+        return {
+            name: _enc(sub, getattr(value, name), f"{path}.{name}", tensors)
+            for name, (sub, _req) in fields.items()
+        }
+    raise AssertionError(f"unknown schema node {kind!r}")  # pragma: no cover
+
+
+def _check_shape(spec: Tensor, shape: Sequence[int], path: str) -> None:
+    if len(shape) != spec.ndim:
+        raise BadField(path, f"shape {tuple(shape)}", f"must have ndim {spec.ndim}")
+    if spec.shape is not None:
+        for i, (got, want) in enumerate(zip(shape, spec.shape, strict=True)):
+            if want is not None and got != want:
+                raise BadField(
+                    path, f"shape {tuple(shape)}", f"must have dim {i} == {want} ({spec.shape})"
+                )
+
+
+def _tensor_frame(arr: np.ndarray) -> memoryview:
+    flat = arr.reshape(-1)  # a view: arr is C-contiguous
+    if flat.size == 0:
+        return memoryview(b"")
+    return memoryview(flat.view(np.uint8))
+
+
+def frame_nbytes(frame: Any) -> int:
+    """Size in bytes of one frame (bytes, bytearray, memoryview or ``zmq.Frame``)."""
+    if isinstance(frame, bytes | bytearray):
+        return len(frame)
+    if isinstance(frame, memoryview):
+        return frame.nbytes
+    buf = getattr(frame, "buffer", None)  # zmq.Frame without importing zmq
+    if buf is not None:
+        return memoryview(buf).nbytes
+    return memoryview(frame).nbytes
+
+
+def encode(
+    body: Any,
+    *,
+    sender: str,
+    job: str = "",
+    round: int = 0,
+    msg_id: str | None = None,
+    reply_to: str | None = None,
+    sent_at: float | None = None,
+) -> list[bytes | memoryview]:
+    """Encode a registered message into frames ``[header, body, *tensors]``.
+
+    Tensor frames are memoryviews of the arrays' buffers (a C-contiguous array
+    is not copied; any other is made contiguous first).  Send them with
+    ``copy=False`` and do not modify the arrays until the send completes.
+    ``msg_id`` defaults to 16 random bytes in hex; ``sent_at`` to ``time.time()``.
+
+    Raises:
+        UnknownMessageType: ``type(body)`` is not registered.
+        BadField: a body or header field has the wrong type/dtype/shape, or the
+            dataclass holds a value its schema does not allow.
+        OversizeMessage: the encoded message exceeds the type's ``max_bytes``.
+    """
+    reg = _BY_CLASS.get(type(body))
+    if reg is None:
+        raise UnknownMessageType(
+            "body", type(body).__qualname__, "is not a registered message class (use @message)"
+        )
+    if msg_id is None:
+        msg_id = os.urandom(16).hex()
+    header = Header(
+        version=SCHEMA_VERSION,
+        type=reg.type_name,
+        job=job,
+        round=round,
+        msg_id=msg_id,
+        sender=sender,
+        sent_at=time.time() if sent_at is None else float(sent_at),
+        reply_to=reply_to,
+    )
+    _check_header(header)
+    tensors: list[np.ndarray] = []
+    body_obj = _enc(reg.node, body, "body", tensors)
+    frames: list[bytes | memoryview] = [
+        msgpack.packb(_header_map(header)),
+        msgpack.packb(body_obj, use_bin_type=True),
+    ]
+    frames.extend(_tensor_frame(t) for t in tensors)
+    total = sum(frame_nbytes(f) for f in frames)
+    if reg.max_bytes is not None and total > reg.max_bytes:
+        raise OversizeMessage(
+            "message", f"{total} bytes", f"exceeds max_bytes={reg.max_bytes} of {reg.type_name!r}"
+        )
+    return frames
+
+
+def _header_map(header: Header) -> dict[str, Any]:
+    return {k: getattr(header, k) for k in HEADER_FIELDS}
+
+
+# --------------------------------------------------------------------------- decode
+
+
+def _buffer(frame: Any, index: int) -> memoryview:
+    if isinstance(frame, bytes | bytearray | memoryview):
+        mv = memoryview(frame)
+    else:
+        buf = getattr(frame, "buffer", None)  # zmq.Frame
+        try:
+            mv = memoryview(buf if buf is not None else frame)
+        except TypeError:
+            raise MalformedFrame(
+                f"frame[{index}]", type(frame).__name__, "is not a bytes-like frame"
+            ) from None
+    if mv.ndim != 1 or mv.format not in ("B", "b", "c"):
+        mv = mv.cast("B") if mv.c_contiguous else memoryview(mv.tobytes())
+    return mv
+
+
+def _unpack(buf: memoryview, what: str) -> Any:
+    try:
+        return msgpack.unpackb(buf, raw=False, strict_map_key=True, use_list=True)
+    except Exception as exc:  # msgpack raises several unrelated types on bad input
+        raise MalformedFrame(
+            what, bytes(buf[:16]), f"is not valid msgpack ({type(exc).__name__})"
+        ) from None
+
+
+_HEADER_TYPES: dict[str, tuple[str, int | None]] = {
+    # field: (kind, max length for str)
+    "version": ("int", None),
+    "type": ("str", _MAX_NAME_LEN),
+    "job": ("str", _MAX_NAME_LEN),
+    "round": ("int", None),
+    "msg_id": ("str", _MAX_ID_LEN),
+    "sender": ("str", _MAX_NAME_LEN),
+    "sent_at": ("float", None),
+    "reply_to": ("optstr", _MAX_ID_LEN),
+}
+
+
+def _check_header(h: Header) -> None:
+    for name, (kind, limit) in _HEADER_TYPES.items():
+        v = getattr(h, name)
+        path = f"header.{name}"
+        if kind == "int" and not _is_int(v):
+            raise BadField(path, v, "must be an int")
+        if kind == "float" and not (isinstance(v, float) and math.isfinite(v)):
+            raise BadField(path, v, "must be a finite float")
+        if kind == "str" and not isinstance(v, str):
+            raise BadField(path, v, "must be a str")
+        if kind == "optstr" and v is not None and not isinstance(v, str):
+            raise BadField(path, v, "must be a str or None")
+        if limit is not None and isinstance(v, str) and len(v) > limit:
+            raise BadField(path, v, f"must be at most {limit} characters")
+    if not 0 <= h.round < (1 << 63):
+        raise BadField("header.round", h.round, "must be in 0..2**63-1")
+    if not h.msg_id:
+        raise BadField("header.msg_id", h.msg_id, "must not be empty")
+
+
+def _dec(node: _Node, value: Any, path: str, ctx: _DecodeContext) -> Any:
+    kind = node[0]
+    if kind == "int":
+        if not _is_int(value):
+            raise BadField(path, value, "must be an int")
+        return value
+    if kind == "float":
+        if not isinstance(value, float):
+            raise BadField(path, value, "must be a float")
+        return value
+    if kind == "str":
+        if not isinstance(value, str):
+            raise BadField(path, value, "must be a str")
+        return value
+    if kind == "bytes":
+        if not isinstance(value, bytes):
+            raise BadField(path, value, "must be bytes")
+        return value
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise BadField(path, value, "must be a bool")
+        return value
+    if kind == "opt":
+        return None if value is None else _dec(node[1], value, path, ctx)
+    if kind in ("list", "vtuple"):
+        if not isinstance(value, list):
+            raise BadField(path, value, "must be a list")
+        items = [_dec(node[1], v, f"{path}[{i}]", ctx) for i, v in enumerate(value)]
+        return items if kind == "list" else tuple(items)
+    if kind == "tuple":
+        if not isinstance(value, list) or len(value) != len(node[1]):
+            raise BadField(path, value, f"must be a list of {len(node[1])} items")
+        pairs = enumerate(zip(node[1], value, strict=True))
+        return tuple(_dec(n, v, f"{path}[{i}]", ctx) for i, (n, v) in pairs)
+    if kind == "dict":
+        if not isinstance(value, dict):
+            raise BadField(path, value, "must be a map")
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise BadField(f"{path}[{k!r}]", k, "map keys must be str")
+            out[k] = _dec(node[1], v, f"{path}[{k!r}]", ctx)
+        return out
+    if kind == "tensor":
+        return ctx.tensor(node[1], value, path)
+    if kind == "struct":
+        cls, fields = node[1], node[2]
+        if not isinstance(value, dict):
+            raise BadField(path, value, f"must be a map ({cls.__qualname__})")
+        for k in value:
+            if k not in fields:
+                raise UnexpectedField(
+                    f"{path}.{k}" if isinstance(k, str) else path, k,
+                    f"is not a field of {cls.__qualname__}",
+                )
+        kwargs = {}
+        for name, (sub, required) in fields.items():
+            if name in value:
+                kwargs[name] = _dec(sub, value[name], f"{path}.{name}", ctx)
+            elif required:
+                raise MissingField(
+                    f"{path}.{name}", None, f"is required by {cls.__qualname__}"
+                )
+        try:
+            return cls(**kwargs)
+        except (ValueError, TypeError) as exc:
+            raise BadField(path, cls.__qualname__, f"violates its own rule: {exc}") from None
+    raise AssertionError(f"unknown schema node {kind!r}")  # pragma: no cover
+
+
+class _DecodeContext:
+    """Hands out tensor frames in order as their descriptors are met."""
+
+    def __init__(self, frames: Sequence[memoryview]) -> None:
+        self.frames = frames
+        self.used = 0
+
+    def tensor(self, spec: Tensor, desc: Any, path: str) -> np.ndarray:
+        if not (isinstance(desc, list) and len(desc) == 3):
+            raise BadField(path, desc, "must be a tensor descriptor [frame_index, dtype, shape]")
+        index, dtype, shape = desc
+        if not _is_int(index) or index != self.used:
+            raise BadField(
+                path, index, f"tensor frame index must be {self.used} (tensors in order, each once)"
+            )
+        if dtype != spec.dtype:
+            raise BadField(path, f"dtype {dtype!r}", f"must have dtype {spec.dtype}")
+        if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
+            raise BadField(path, f"shape {shape!r}", "must be a list of ints >= 0")
+        _check_shape(spec, shape, path)
+        if index >= len(self.frames):
+            raise FrameCountMismatch(
+                "frames", f"{len(self.frames)} tensor frames",
+                f"but {path} references tensor frame {index}",
+            )
+        dt = TENSOR_DTYPES[spec.dtype]
+        count = math.prod(shape)
+        buf = self.frames[index]
+        if buf.nbytes != count * dt.itemsize:
+            raise BadField(
+                path, f"frame of {buf.nbytes} bytes",
+                f"must hold {count} x {spec.dtype} = {count * dt.itemsize} bytes for shape "
+                f"{tuple(shape)}",
+            )
+        self.used += 1
+        return np.frombuffer(buf, dtype=dt, count=count).reshape(shape)
+
+
+def decode(frames: Sequence[Any], *, max_bytes: int) -> Envelope:
+    """Decode and validate frames ``[header, body, *tensors]`` into an :class:`Envelope`.
+
+    ``frames`` may hold bytes, memoryviews or ``zmq.Frame`` s (``recv_multipart(
+    copy=False)``); tensors are ``np.frombuffer`` views of the tensor frames,
+    read-only when the frames are.  ``max_bytes`` bounds the whole message;
+    the type's own ``max_bytes`` applies as well.
+
+    Raises:
+        FrameCountMismatch: fewer than 2 frames, or tensor frames that do not
+            match the body's descriptors.
+        OversizeMessage: the message exceeds ``max_bytes`` or the type's limit,
+            or the header exceeds :data:`MAX_HEADER_BYTES`.
+        MalformedFrame: a header/body frame that is not a msgpack map.
+        UnsupportedVersion: the header's version is not :data:`SCHEMA_VERSION`.
+        UnknownMessageType: the header's type is not registered.
+        MissingField, UnexpectedField, BadField: header or body fields that do
+            not match the schema.
+    """
+    if not isinstance(max_bytes, int) or max_bytes <= 0:
+        raise ValueError(f"decode: max_bytes {max_bytes!r} must be a positive int")
+    if len(frames) < 2:
+        raise FrameCountMismatch(
+            "frames", f"{len(frames)} frames", "must be at least 2 (header, body)"
+        )
+    bufs = [_buffer(f, i) for i, f in enumerate(frames)]
+    total = sum(b.nbytes for b in bufs)
+    if total > max_bytes:
+        raise OversizeMessage("message", f"{total} bytes", f"exceeds max_bytes={max_bytes}")
+    if bufs[0].nbytes > MAX_HEADER_BYTES:
+        raise OversizeMessage(
+            "header", f"{bufs[0].nbytes} bytes", f"exceeds MAX_HEADER_BYTES={MAX_HEADER_BYTES}"
+        )
+    raw = _unpack(bufs[0], "header")
+    if not isinstance(raw, dict):
+        raise MalformedFrame("header", raw, "must be a msgpack map")
+    if "version" not in raw:
+        raise MissingField("header.version", None, "is required")
+    version = raw["version"]
+    if version != SCHEMA_VERSION or not _is_int(version):
+        raise UnsupportedVersion(
+            "header.version", version, f"is not supported (this peer speaks {SCHEMA_VERSION})"
+        )
+    if "type" not in raw:
+        raise MissingField("header.type", None, "is required")
+    type_name = raw["type"]
+    reg = _BY_NAME.get(type_name) if isinstance(type_name, str) else None
+    if reg is None:
+        raise UnknownMessageType("header.type", type_name, "is not a registered message type")
+    if reg.max_bytes is not None and total > reg.max_bytes:
+        raise OversizeMessage(
+            "message", f"{total} bytes", f"exceeds max_bytes={reg.max_bytes} of {type_name!r}"
+        )
+    for k in raw:
+        if k not in _HEADER_TYPES:
+            raise UnexpectedField(
+                f"header.{k}" if isinstance(k, str) else "header", k, "is not a header field"
+            )
+    for k in HEADER_FIELDS:
+        if k not in raw and k != "reply_to":
+            raise MissingField(f"header.{k}", None, "is required")
+    header = Header(**{k: raw.get(k) for k in HEADER_FIELDS})
+    _check_header(header)
+
+    body_raw = _unpack(bufs[1], "body")
+    ctx = _DecodeContext(bufs[2:])
+    body = _dec(reg.node, body_raw, "body", ctx)
+    if ctx.used != len(bufs) - 2:
+        raise FrameCountMismatch(
+            "frames", f"{len(bufs) - 2} tensor frames",
+            f"but the body of {type_name!r} references {ctx.used}",
+        )
+    return Envelope(header=header, body=body, nbytes=total)

@@ -20,10 +20,13 @@ Public API (from :mod:`fedge.wire.codec`)::
     env.header.type, env.header.round, env.body.masked  # a read-only view of the frame
 
 * ``SCHEMA_VERSION`` — the frame layout version; other versions are refused.
-* ``message(type_name, *, max_bytes=DEFAULT_MAX_BYTES)`` — registers a frozen
-  dataclass; field types: int, float, str, bytes, bool, ``X | None``,
-  ``list[X]``, ``tuple[X, ...]``, ``dict[str, X]``, nested frozen dataclasses and
-  ``Annotated[np.ndarray, Tensor(dtype, ndim, shape=None)]``.
+* ``message(type_name, *, max_bytes=DEFAULT_MAX_BYTES, tensors=None)`` —
+  registers a frozen dataclass; field types: int, float, str, bytes, bool,
+  ``X | None``, ``list[X]``, ``tuple[X, ...]``, ``dict[str, X]``, nested frozen
+  dataclasses and ``Annotated[np.ndarray, Tensor(dtype, ndim, shape=None)]``.
+  For classes that annotate a bare ``np.ndarray`` (e.g. fedge.secagg.messages,
+  which does not import the wire), declare it at registration:
+  ``message("secagg.masked_input", tensors={"masked": Tensor("uint32", 1)})(MaskedInput)``.
 * ``encode(body, *, sender, job="", round=0, msg_id=None, reply_to=None,
   sent_at=None) -> list[bytes | memoryview]`` — frames ``[header, body, *tensors]``.
 * ``decode(frames, *, max_bytes) -> Envelope(header: Header, body, nbytes)``.

@@ -55,7 +55,7 @@ import os
 import time
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar, Union
 
@@ -277,14 +277,27 @@ def _compile(annotation: Any, where: str) -> _Node:
     raise TypeError(f"{where}: unsupported wire type {annotation!r}")
 
 
-def _struct_node(cls: type) -> _Node:
-    node = _STRUCTS.get(cls)
-    if node is not None:
-        return node
+def _struct_node(cls: type, tensors: Mapping[str, Tensor] | None = None) -> _Node:
+    if tensors is None:
+        node = _STRUCTS.get(cls)
+        if node is not None:
+            return node
     params = getattr(cls, "__dataclass_params__", None)
     if params is None or not params.frozen:
         raise TypeError(f"{cls.__qualname__}: wire messages must be frozen dataclasses")
     hints = typing.get_type_hints(cls, include_extras=True)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for name, spec in (tensors or {}).items():
+        if name not in names or not isinstance(spec, Tensor):
+            raise TypeError(
+                f"{cls.__qualname__}: tensors[{name!r}] must name a field and be a Tensor(...)"
+            )
+        if hints[name] is not np.ndarray:
+            raise TypeError(
+                f"{cls.__qualname__}.{name}: tensors= applies to bare np.ndarray fields, "
+                f"not {hints[name]!r}"
+            )
+        hints[name] = Annotated[np.ndarray, spec]
     fields: dict[str, tuple[_Node, bool]] = {}
     for f in dataclasses.fields(cls):
         if not f.init:
@@ -312,12 +325,21 @@ _BY_CLASS: dict[type, _Registration] = {}
 _T = TypeVar("_T")
 
 
-def message(type_name: str, *, max_bytes: int | None = DEFAULT_MAX_BYTES) -> Callable[[_T], _T]:
+def message(
+    type_name: str,
+    *,
+    max_bytes: int | None = DEFAULT_MAX_BYTES,
+    tensors: Mapping[str, Tensor] | None = None,
+) -> Callable[[_T], _T]:
     """Class decorator registering a frozen dataclass as wire message ``type_name``.
 
     ``max_bytes`` bounds the whole encoded message (all frames); ``None`` leaves
-    only the decoder's own limit.  The schema is compiled here, so a bad
-    annotation fails at import time, not on the first message.
+    only the decoder's own limit.  ``tensors`` declares dtype and rank for
+    fields annotated as bare ``np.ndarray`` — for classes defined where the wire
+    is not imported, e.g. ``message("secagg.masked_input",
+    tensors={"masked": Tensor("uint32", 1)})(MaskedInput)``.  The schema is
+    compiled here, so a bad annotation fails at import time, not on the first
+    message.
 
     Raises:
         TypeError: the class is not a frozen dataclass or a field type is unsupported.
@@ -333,7 +355,7 @@ def message(type_name: str, *, max_bytes: int | None = DEFAULT_MAX_BYTES) -> Cal
     def register(cls: _T) -> _T:
         if not isinstance(cls, type) or not dataclasses.is_dataclass(cls):
             raise TypeError(f"@message({type_name!r}) must decorate a frozen dataclass")
-        node = _struct_node(cls)
+        node = _struct_node(cls, tensors)
         old = _BY_NAME.get(type_name)
         if old is not None and (old.cls.__module__, old.cls.__qualname__) != (
             cls.__module__,

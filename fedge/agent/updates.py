@@ -134,6 +134,7 @@ class AgentUpdater:
             target_base_url=TARGETS_BASE,
             fetcher=self.fetcher,
             config=UpdaterConfig(),
+            bootstrap=None,  # trust the cached root.json (written at enrolment)
         )
         # python-tuf reads the wall clock once, when it builds its trusted set; we set
         # the reference time from our clock so expiry (freeze attacks) is testable.

@@ -1,0 +1,72 @@
+"""A console, a coordinator TUF relay and an enrolled agent, all on disk, with one
+controllable clock. The agent's fetcher is the real ZmqFetcher; `roundtrip` is
+the coordinator's real handler unless a test puts an attacker in between."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from fedge.agent.updates import AgentUpdater, ZmqFetcher, install_trusted_root
+from fedge.console.store import ConsoleStore
+from fedge.coordinator.updates import UpdateRepository
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def tiny_onnx(scale: float) -> bytes:
+    """y = x * scale, a valid ONNX model whose output tells versions apart."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])
+    k = helper.make_tensor("k", TensorProto.FLOAT, [1], [scale])
+    graph = helper.make_graph([helper.make_node("Mul", ["x", "k"], ["y"])], "g", [x], [y], [k])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+class Fleet:
+    def __init__(self, tmp_path) -> None:
+        self.clock = Clock()
+        self.console = ConsoleStore.init(tmp_path / "console",
+                                         coordinator_endpoint="tcp://127.0.0.1:7000",
+                                         clock=self.clock)
+        self.repo = UpdateRepository.provision(
+            tmp_path / "coordinator", root=self.console.root_bytes(),
+            targets=self.console.targets_bytes(),
+            snapshot_key=self.console.tuf_key("snapshot"),
+            timestamp_key=self.console.tuf_key("timestamp"), clock=self.clock)
+        self.agent_dir = tmp_path / "agent"
+        install_trusted_root(self.agent_dir, self.console.root_bytes())
+        self.requests = 0
+        self.roundtrip = self.repo.handle_fetch
+        self.fetcher = ZmqFetcher(self._roundtrip, chunk=4096)
+        self.updater = AgentUpdater(self.agent_dir, self.fetcher, clock=self.clock)
+
+    def _roundtrip(self, req):
+        self.requests += 1
+        return self.roundtrip(req)
+
+    def publish(self, kind: str, name: str, version: str, filename: str, data: bytes) -> None:
+        targets, files = self.console.sign_targets([(kind, name, version, filename, data)])
+        self.repo.publish(targets, files)
+
+
+@pytest.fixture
+def fleet(tmp_path) -> Fleet:
+    return Fleet(tmp_path)
+
+
+@pytest.fixture
+def make_onnx():
+    return tiny_onnx

@@ -1,0 +1,156 @@
+"""Each attack TUF defends against, through the agent's real fetcher and python-tuf.
+
+The coordinator relays metadata it cannot forge (root and targets are signed
+offline by the console); these tests play a hostile or broken coordinator by
+editing its storage or standing between it and the agent.
+"""
+
+import shutil
+from datetime import timedelta
+
+import pytest
+from tuf.api import exceptions as tuf_exc
+
+from fedge.coordinator.updates import UpdateRepositoryError
+from fedge.update import tuf_repo
+from fedge.update.messages import UpdateFetchReply
+
+
+def _meta(fleet, name):
+    return fleet.repo.root_dir / "metadata" / name
+
+
+def test_verified_update_is_listed_downloaded_and_served(make_onnx, fleet, tmp_path):
+    from fedge.serve.repository import ModelRepository
+
+    fleet.publish("model", "risk", "1", "model.onnx", make_onnx(2.0))
+    [spec] = fleet.updater.pending()
+    assert (spec.kind, spec.name, spec.version) == ("model", "risk", "1")
+    models = ModelRepository(tmp_path / "models")
+    outcome = fleet.updater.install(spec, models=models)
+    assert outcome.ok, outcome.detail
+    assert models.versions("risk") == [1]
+    assert models.path("risk", 1).read_bytes() == make_onnx(2.0)
+    assert fleet.updater.pending() == []  # installed: nothing newer
+    assert fleet.updater.audit_log()[-1]["ok"] is True
+
+
+def test_rollback_attack_older_timestamp_is_refused(make_onnx, fleet):
+    fleet.publish("model", "risk", "1", "model.onnx", make_onnx(1.0))
+    old_ts = _meta(fleet, "timestamp.json").read_bytes()
+    old_snap = {p.name: p.read_bytes() for p in _meta(fleet, "").glob("*.snapshot.json")}
+    fleet.publish("model", "risk", "2", "model.onnx", make_onnx(2.0))
+    assert {s.version for s in fleet.updater.pending()} == {"2"}  # agent has seen v2
+    # the coordinator replays yesterday's metadata to hide version 2
+    _meta(fleet, "timestamp.json").write_bytes(old_ts)
+    for name, data in old_snap.items():
+        _meta(fleet, name).write_bytes(data)
+    with pytest.raises(tuf_exc.BadVersionNumberError):
+        fleet.updater.refresh()
+
+
+def test_freeze_attack_expired_timestamp_is_refused(make_onnx, fleet):
+    fleet.publish("model", "risk", "1", "model.onnx", make_onnx(1.0))
+    fleet.updater.refresh()
+    # the coordinator stops re-signing: two days later its timestamp has expired
+    fleet.clock.now += timedelta(days=2)
+    with pytest.raises(tuf_exc.ExpiredMetadataError, match="timestamp"):
+        fleet.updater.refresh()
+    # an honest coordinator re-signs, and the agent accepts again
+    assert fleet.repo.refresh_timestamp()
+    assert [s.version for s in fleet.updater.refresh()] == ["1"]
+
+
+def test_mix_and_match_old_targets_under_new_snapshot_is_refused(make_onnx, fleet):
+    fleet.publish("model", "risk", "1", "model.onnx", make_onnx(1.0))
+    fleet.publish("model", "risk", "2", "model.onnx", make_onnx(2.0))
+    v = fleet.repo.versions["targets"]
+    # serve the older targets file where the snapshot says the newer one is
+    shutil.copy(_meta(fleet, f"{v - 1}.targets.json"), _meta(fleet, f"{v}.targets.json"))
+    with pytest.raises(tuf_exc.RepositoryError):
+        fleet.updater.refresh()
+
+
+def test_tampered_target_is_refused_and_not_installed(make_onnx, fleet, tmp_path):
+    from fedge.serve.repository import ModelRepository
+
+    fleet.publish("model", "risk", "1", "model.onnx", make_onnx(1.0))
+    [spec] = fleet.updater.pending()
+    stored = fleet.repo.root_dir / "targets" / "model/risk/1" / f"{spec.sha256}.model.onnx"
+    stored.write_bytes(make_onnx(666.0))  # same length, other content
+    with pytest.raises(tuf_exc.LengthOrHashMismatchError):
+        fleet.updater.download(spec)
+    models = ModelRepository(tmp_path / "models")
+    outcome = fleet.updater.install(spec, models=models)
+    assert not outcome.ok and "LengthOrHashMismatch" in outcome.detail
+    assert models.versions("risk") == []
+    assert fleet.updater.installed() == {}
+
+
+def test_wrong_key_targets_signed_by_coordinator_key_are_refused(make_onnx, fleet):
+    fleet.publish("model", "risk", "1", "model.onnx", make_onnx(1.0))
+    # a compromised coordinator signs targets with the key it holds (snapshot)
+    evil = fleet.console.tuf_key("snapshot")
+    data = make_onnx(9.0)
+    tf = tuf_repo.new_target_file("model", "risk", "9", "model.onnx", data)
+    forged = tuf_repo.to_bytes(tuf_repo.create_targets(
+        evil, {tf.path: tf}, version=fleet.repo.versions["targets"] + 1, now=fleet.clock()))
+    # its own publish path refuses ...
+    with pytest.raises(UpdateRepositoryError, match="not signed by the targets key"):
+        fleet.repo.publish(forged, {tf.path: data})
+    # ... so it writes the files and re-signs snapshot/timestamp by hand
+    v = fleet.repo.versions["targets"] + 1
+    _meta(fleet, f"{v}.targets.json").write_bytes(forged)
+    fleet.repo._v.targets = v
+    fleet.repo._v = fleet.repo._sign_online(fleet.repo.root_dir, fleet.repo._snapshot_key,
+                                            fleet.repo._timestamp_key, fleet.repo._v,
+                                            fleet.clock())
+    with pytest.raises(tuf_exc.UnsignedMetadataError):
+        fleet.updater.refresh()
+
+
+def test_endless_data_is_cut_at_the_length_bound(fleet):
+    fleet.updater.refresh()
+
+    def endless(req):  # never says eof
+        return UpdateFetchReply(req.path, req.offset, b"\0" * req.length, False, "")
+
+    fleet.roundtrip = endless
+    fleet.requests = 0
+    with pytest.raises(tuf_exc.DownloadLengthMismatchError, match="512000"):
+        fleet.updater.refresh()
+    # the first file asked for is the next root (bound 512000 bytes, 4 KiB chunks):
+    # the agent stopped reading right after the bound, not at the attacker's leisure
+    assert fleet.requests == 512000 // 4096 + 1
+
+
+def test_reply_larger_than_requested_chunk_is_refused(fleet):
+    def greedy(req):
+        return UpdateFetchReply(req.path, req.offset, b"{" * (req.length + 1), True, "")
+
+    fleet.roundtrip = greedy
+    with pytest.raises(tuf_exc.DownloadError, match="more than the 4096 asked for"):
+        fleet.updater.refresh()
+
+
+def test_coordinator_refuses_targets_rollback_and_missing_files(fleet):
+    t1, f1 = fleet.console.sign_targets([("model", "m", "1", "model.onnx", b"a")])
+    t2, f2 = fleet.console.sign_targets([("model", "m", "2", "model.onnx", b"b")])
+    fleet.repo.publish(t2, {**f1, **f2})
+    with pytest.raises(UpdateRepositoryError, match="rollback refused"):
+        fleet.repo.publish(t1, f1)
+    t3, _ = fleet.console.sign_targets([("app", "cox", "1", "app.tar.gz", b"c")])
+    with pytest.raises(UpdateRepositoryError, match="file was not supplied"):
+        fleet.repo.publish(t3, {})
+
+
+@pytest.mark.parametrize(
+    ("path", "error"),
+    [("../../etc/passwd", "bad_request"), ("metadata/../state.json", "bad_request"),
+     ("keys/snapshot.pem", "bad_request"), ("metadata/99.root.json", "not_found")],
+)
+def test_fetch_handler_refuses_paths_outside_the_repository(fleet, path, error):
+    from fedge.update.messages import UpdateFetchRequest
+
+    reply = fleet.repo.handle_fetch(UpdateFetchRequest(path, 0, 100))
+    assert reply.error.startswith(error) and reply.data == b""

@@ -1,0 +1,122 @@
+"""`fedge serve` and `fedge export` (nothing heavy is imported until a handler runs)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+DEFAULT_REPOSITORY = "/var/lib/fedge/models"
+DEFAULT_STATE_DIR = "/var/lib/fedge/coordinator"
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"port {text!r} is not an integer") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port {value} is outside 0..65535")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value} must be > 0 seconds")
+    return value
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"input shape {text!r} must be comma-separated integers, e.g. 39 or 3,32,32"
+        ) from None
+    if not dims or any(d < 1 for d in dims):
+        raise argparse.ArgumentTypeError(f"input shape {text!r} needs positive dimensions")
+    return dims
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    serve = subparsers.add_parser(
+        "serve", help="serve ONNX models over the Open Inference Protocol (KServe v2 REST)"
+    )
+    serve.add_argument("--repository", default=os.environ.get("FEDGE_MODEL_REPOSITORY",
+                                                              DEFAULT_REPOSITORY),
+                       help="model repository: <dir>/<model>/<version>/model.onnx "
+                            f"(default {DEFAULT_REPOSITORY} or $FEDGE_MODEL_REPOSITORY)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=_port, default=8000, help="0: any free port")
+    serve.add_argument("--poll-interval", type=_seconds, default=0.5,
+                       help="seconds between repository scans for new versions")
+    serve.add_argument("--max-body-bytes", type=_positive_int, default=64 * 1024 * 1024)
+    serve.add_argument("--threads", type=_positive_int, default=None,
+                       help="onnxruntime intra-op threads per session (default: CPUs, max 4)")
+    serve.set_defaults(func=_serve)
+
+    export = subparsers.add_parser("export", help="export a finished job's model to ONNX")
+    export.add_argument("--job", required=True, help="job id")
+    export.add_argument("--state-dir", default=os.environ.get("FEDGE_STATE_DIR",
+                                                              DEFAULT_STATE_DIR),
+                        help="coordinator state directory (holds jobs/<id>/final.safetensors)")
+    export.add_argument("--out", default=None,
+                        help="ONNX file to write (default: jobs/<id>/model.onnx)")
+    export.add_argument("--input-shape", type=_shape, default=None,
+                        help="per-example input shape when the checkpoint does not tell it")
+    export.add_argument("--install", metavar="REPOSITORY", default=None,
+                        help="also install the result as a new version in this repository")
+    export.add_argument("--name", default=None,
+                        help="model name for --install (default: the job id)")
+    export.set_defaults(func=_export)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from fedge.serve.server import serve
+
+    try:
+        serve(
+            args.repository, host=args.host, port=args.port, poll_interval=args.poll_interval,
+            max_body_bytes=args.max_body_bytes, threads=args.threads,
+            announce=lambda line: print(line, flush=True),
+        )
+    except (OSError, ValueError) as exc:
+        print(f"fedge serve: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from fedge.serve.export import ExportRefused
+    from fedge.serve.jobs import CheckpointError, export_job
+    from fedge.serve.repository import ModelRepository
+
+    try:
+        result = export_job(args.state_dir, args.job, args.out, input_shape=args.input_shape)
+    except (CheckpointError, ExportRefused) as exc:
+        print(f"fedge export: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {result.path} (opset {result.opset}, sha256 {result.sha256[:16]}…, "
+          f"parity max abs diff {result.parity_max_abs_diff:.3g} on {result.parity_batch} rows)")
+    if args.install:
+        try:
+            version = ModelRepository(args.install).install(args.name or args.job, result.path)
+        except ValueError as exc:
+            print(f"fedge export: {exc}", file=sys.stderr)
+            return 1
+        print(f"installed {args.name or args.job} version {version} in {args.install}")
+    return 0

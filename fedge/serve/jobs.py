@@ -1,0 +1,180 @@
+"""Export a finished federation job's global model from the coordinator's checkpoint.
+
+Checkpoint layout (docs/CONTRACTS.md): `<state_dir>/jobs/<job_id>/final.safetensors`
+whose metadata holds `plan` (TOML), `round`, `model_digest`, `feature_names`
+(JSON list) and `metrics` (JSON). The model is rebuilt from the plan's `[model]`
+table with the training registry's `build_model(ModelSpec)`, the weights loaded
+(a state dict, or one flat vector), and `export_onnx` writes it with the
+job's provenance.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from fedge.serve.export import ExportResult, Standardisation, export_onnx
+
+_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+class CheckpointError(ValueError):
+    """The checkpoint is missing, or lacks what an export needs."""
+
+
+def checkpoint_path(state_dir: str | Path, job_id: str) -> Path:
+    """Raises: CheckpointError for a job id that is not a plain name."""
+    if not _JOB_ID.fullmatch(job_id):
+        raise CheckpointError(f"job id {job_id!r} must match {_JOB_ID.pattern}")
+    return Path(state_dir) / "jobs" / job_id / "final.safetensors"
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors checkpoint.
+
+    Raises:
+        CheckpointError: no such file, or it is not a safetensors file.
+    """
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path} (has the job finished?)")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = dict(fh.metadata() or {})
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+    except Exception as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
+    return tensors, meta
+
+
+def model_spec_from_plan(plan_text: str) -> tuple[str, dict[str, Any]]:
+    """(model name, params) from the plan's `[model]` table.
+
+    Accepts `[model] name = "cox_linear"` with the params either in
+    `[model.params]` or beside `name`.
+
+    Raises:
+        CheckpointError: the plan is not TOML or has no `[model]` name.
+    """
+    try:
+        plan = tomllib.loads(plan_text)
+    except tomllib.TOMLDecodeError as exc:
+        raise CheckpointError(f"checkpoint plan is not valid TOML: {exc}") from None
+    model = plan.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("name"), str):
+        raise CheckpointError("checkpoint plan has no [model] table with a 'name'")
+    params = model.get("params")
+    if not isinstance(params, dict):
+        params = {k: v for k, v in model.items() if k != "name"}
+    return model["name"], dict(params)
+
+
+def _build(name: str, params: dict[str, Any]) -> torch.nn.Module:
+    try:
+        from fedge.train.api import ModelSpec, build_model
+    except ImportError:
+        from fedge.train import ModelSpec, build_model  # type: ignore[attr-defined,no-redef]
+    return build_model(ModelSpec(name=name, params=params))
+
+
+def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Load a state dict, or a single flat vector in `flatten` order.
+
+    Raises:
+        CheckpointError: names or sizes do not fit the model.
+    """
+    state = model.state_dict()
+    if set(tensors) == set(state):
+        try:
+            model.load_state_dict(tensors, strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(f"checkpoint weights do not fit the model: {exc}") from None
+        return
+    if len(tensors) == 1:
+        flat = next(iter(tensors.values())).reshape(-1)
+        params = list(model.parameters())
+        total = sum(p.numel() for p in params)
+        if flat.numel() != total:
+            raise CheckpointError(
+                f"checkpoint holds {flat.numel()} weights, the model has {total} parameters"
+            )
+        offset = 0
+        with torch.no_grad():
+            for p in params:
+                p.copy_(flat[offset : offset + p.numel()].view_as(p).to(p.dtype))
+                offset += p.numel()
+        return
+    raise CheckpointError(
+        f"checkpoint tensors {sorted(tensors)[:5]}… match neither the model's state dict "
+        f"{sorted(state)[:5]}… nor a single flat vector"
+    )
+
+
+def _example_input(
+    model: torch.nn.Module, feature_names: list[str], input_shape: Sequence[int] | None
+) -> torch.Tensor:
+    if input_shape:
+        return torch.zeros((2, *input_shape)).normal_(generator=torch.Generator().manual_seed(0))
+    if feature_names:
+        n = len(feature_names)
+    else:
+        first = next((m for m in model.modules() if isinstance(m, torch.nn.Linear)), None)
+        if first is None:
+            raise CheckpointError(
+                "cannot tell the model's input shape: no feature names in the checkpoint and "
+                "no Linear layer; pass --input-shape"
+            )
+        n = first.in_features
+    return torch.randn((2, n), generator=torch.Generator().manual_seed(0))
+
+
+def export_job(
+    state_dir: str | Path,
+    job_id: str,
+    out: str | Path | None = None,
+    *,
+    input_shape: Sequence[int] | None = None,
+) -> ExportResult:
+    """Export job `job_id`'s final model to ONNX (default: beside the checkpoint, model.onnx).
+
+    Raises:
+        CheckpointError: missing/invalid checkpoint, plan or weights.
+        ExportRefused: parity with PyTorch failed (nothing written).
+    """
+    ckpt = checkpoint_path(state_dir, job_id)
+    tensors, meta = read_checkpoint(ckpt)
+    if "plan" not in meta:
+        raise CheckpointError(f"{ckpt} metadata has no 'plan'")
+    name, params = model_spec_from_plan(meta["plan"])
+    model = _build(name, params)
+    load_weights(model, tensors)
+    try:
+        feature_names = json.loads(meta.get("feature_names", "[]"))
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{ckpt} metadata 'feature_names' is not JSON") from None
+    preprocessing = None
+    if "preprocessing" in meta:
+        try:
+            prep = json.loads(meta["preprocessing"])
+        except json.JSONDecodeError:
+            raise CheckpointError(f"{ckpt} metadata 'preprocessing' is not JSON") from None
+        if isinstance(prep, dict) and "mean" in prep and "std" in prep:
+            preprocessing = Standardisation(prep["mean"], prep["std"])
+    props = {
+        "job_id": job_id,
+        "round": meta.get("round", ""),
+        "model_digest": meta.get("model_digest", ""),
+        "model_name": name,
+        "model_params": json.dumps(params, sort_keys=True),
+        "feature_names": json.dumps(feature_names),
+        "metrics": meta.get("metrics", "{}"),
+    }
+    example = _example_input(model, feature_names, input_shape)
+    target = Path(out) if out is not None else ckpt.with_name("model.onnx")
+    return export_onnx(model, example, props, target, preprocessing=preprocessing)

@@ -1,0 +1,157 @@
+"""The model repository on disk: `<root>/<model name>/<version>/model.onnx`.
+
+A version is a directory named by a positive integer; the highest one is the
+live version and the ones below it stay for rollback. `install` writes the new
+model into a hidden staging directory beside the versions, fsyncs it and then
+renames the whole directory into place, so a serving process that scans the
+repository sees either no new version or a complete one, never a half-written
+file. Files copied in by hand are handled by the server's checks instead
+(a version that does not load is skipped and retried when it changes).
+
+`retire` moves a version out of the scan (to `.retired-<v>-<n>`), which is how
+a bad model is rolled back: the server falls back to the next highest version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import onnx
+
+MODEL_FILE = "model.onnx"
+NAME_RULE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def check_model_name(name: str) -> str:
+    """Return `name` if it is a valid model name.
+
+    Raises:
+        ValueError: the name does not match `[A-Za-z0-9][A-Za-z0-9_.-]{0,63}`.
+    """
+    if not isinstance(name, str) or not NAME_RULE.fullmatch(name):
+        raise ValueError(
+            f"model name {name!r} is invalid: it must match {NAME_RULE.pattern} "
+            "(letters, digits, '_', '.', '-'; at most 64 characters)"
+        )
+    return name
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ModelRepository:
+    """Versioned ONNX models under one root directory."""
+
+    def __init__(self, root: str | os.PathLike[str]):
+        self.root = Path(root)
+
+    def models(self) -> list[str]:
+        """Names of the models that have at least one version."""
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            p.name
+            for p in self.root.iterdir()
+            if p.is_dir() and NAME_RULE.fullmatch(p.name) and self.versions(p.name)
+        )
+
+    def versions(self, name: str) -> list[int]:
+        """The versions of `name` that hold a model file, ascending.
+
+        Raises:
+            ValueError: invalid model name.
+        """
+        base = self.root / check_model_name(name)
+        if not base.is_dir():
+            return []
+        found = []
+        for p in base.iterdir():
+            if p.name.isdigit() and not p.name.startswith("0") and (p / MODEL_FILE).is_file():
+                found.append(int(p.name))
+        return sorted(found)
+
+    def path(self, name: str, version: int) -> Path:
+        """Where version `version` of `name` keeps its ONNX file.
+
+        Raises:
+            ValueError: invalid model name or a version that is not a positive integer.
+        """
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise ValueError(f"model version {version!r} must be a positive integer")
+        return self.root / check_model_name(name) / str(version) / MODEL_FILE
+
+    def install(self, name: str, model: str | os.PathLike[str] | bytes) -> int:
+        """Add `model` (a path to an ONNX file, or its bytes) as the next version of `name`.
+
+        The model is parsed and checked with `onnx.checker` before anything is
+        written; the new version appears atomically. Returns the new version.
+
+        Raises:
+            ValueError: invalid model name, or bytes that are not a valid ONNX model
+                (the message names the checker's complaint); nothing is installed.
+            FileNotFoundError: `model` is a path that does not exist.
+        """
+        check_model_name(name)
+        data = model if isinstance(model, bytes) else Path(model).read_bytes()
+        try:
+            proto = onnx.load_from_string(data)
+            onnx.checker.check_model(proto)
+        except Exception as exc:  # protobuf DecodeError, ValidationError, ...
+            raise ValueError(
+                f"refusing to install {name!r}: not a valid ONNX model ({exc})"
+            ) from None
+
+        base = self.root / name
+        base.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=base))
+        try:
+            with open(staging / MODEL_FILE, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            _fsync_dir(staging)
+            while True:
+                version = max(self.versions(name), default=0) + 1
+                target = base / str(version)
+                try:
+                    # rename(2) replaces only an empty directory: a version another
+                    # installer created meanwhile makes this fail, and we take the next.
+                    os.rename(staging, target)
+                except OSError as exc:
+                    if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                        continue
+                    raise
+                break
+            _fsync_dir(base)
+            return version
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+
+    def retire(self, name: str, version: int) -> Path:
+        """Take `version` of `name` out of service (kept on disk under `.retired-…`).
+
+        Raises:
+            ValueError: invalid name or version.
+            FileNotFoundError: no such version.
+        """
+        src = self.path(name, version).parent
+        if not src.is_dir():
+            raise FileNotFoundError(f"model {name!r} has no version {version} in {self.root}")
+        dst = src.parent / f".retired-{version}-{uuid.uuid4().hex[:8]}"
+        os.rename(src, dst)
+        with contextlib.suppress(OSError):
+            _fsync_dir(src.parent)
+        return dst

@@ -1,0 +1,260 @@
+"""Loaded model versions and the hot swap.
+
+One onnxruntime `InferenceSession` per model version, shared by every request
+(`InferenceSession.run` is thread-safe). `ModelStore.sync(repository)` compares
+the repository with what is loaded: a new version directory is loaded in the
+caller's thread (the watcher thread, never the event loop), checked with a
+smoke inference, and only then published. Publishing replaces one immutable
+dict, so a request that already holds the old `LoadedModel` finishes on it
+while the next request sees the new one: no request waits and none fails.
+The previous version stays loaded for rollback and for requests that name it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from fedge.serve.protocol import DATATYPES, ONNX_TYPES, TensorSpec
+from fedge.serve.repository import ModelRepository
+
+log = logging.getLogger("fedge.serve")
+
+KEEP_LOADED = 2  # the live version and the one before it
+
+
+class ModelLoadError(RuntimeError):
+    """A version on disk that cannot be served (it is skipped, the old one stays live)."""
+
+
+def default_threads() -> int:
+    """Intra-op threads per session: the CPUs this process may use, at most 4."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        n = os.cpu_count() or 1
+    return max(1, min(n, 4))
+
+
+def session_options(threads: int) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Spinning workers burn a core between requests; on a small appliance that
+    # core is the HTTP server's.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    return opts
+
+
+def _spec(arg: ort.NodeArg) -> TensorSpec:
+    datatype = ONNX_TYPES.get(arg.type)
+    if datatype is None:
+        raise ModelLoadError(f"tensor {arg.name!r} has type {arg.type}, not servable here")
+    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in arg.shape)
+    return TensorSpec(arg.name, datatype, shape)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    name: str
+    version: int
+    path: Path
+    session: ort.InferenceSession
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def run(self, feeds: dict[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
+        return self.session.run(list(output_names), feeds)
+
+
+def load_model(name: str, version: int, path: Path, *, threads: int) -> LoadedModel:
+    """Load and check one version: session built, a smoke inference gives finite outputs.
+
+    Raises:
+        ModelLoadError: the file is missing, not ONNX, uses unsupported types, or its
+            smoke inference fails or gives non-finite numbers.
+    """
+    try:
+        session = ort.InferenceSession(
+            str(path), sess_options=session_options(threads), providers=["CPUExecutionProvider"]
+        )
+    except Exception as exc:
+        raise ModelLoadError(f"{name} version {version}: cannot load {path}: {exc}") from None
+    inputs = tuple(_spec(a) for a in session.get_inputs())
+    outputs = tuple(_spec(a) for a in session.get_outputs())
+    for spec in (*inputs, *outputs):
+        if spec.datatype not in DATATYPES:
+            raise ModelLoadError(
+                f"{name} version {version}: tensor {spec.name!r} is {spec.datatype}, "
+                "which this server does not serve"
+            )
+    feeds = {
+        s.name: np.zeros([d if d >= 0 else 1 for d in s.shape], dtype=DATATYPES[s.datatype])
+        for s in inputs
+    }
+    try:
+        results = session.run(None, feeds)
+    except Exception as exc:
+        raise ModelLoadError(f"{name} version {version}: smoke inference failed: {exc}") from None
+    for spec, res in zip(outputs, results, strict=True):
+        if res.dtype.kind == "f" and not np.all(np.isfinite(res)):
+            raise ModelLoadError(
+                f"{name} version {version}: output {spec.name!r} is not finite on a zero input"
+            )
+    meta = session.get_modelmeta().custom_metadata_map
+    return LoadedModel(name, version, path, session, inputs, outputs, dict(meta))
+
+
+@dataclass(frozen=True)
+class ModelVersions:
+    """What is loaded of one model: versions ascending; the live one is the last."""
+
+    loaded: dict[int, LoadedModel]
+
+    @property
+    def live(self) -> LoadedModel:
+        return self.loaded[max(self.loaded)]
+
+
+class UnknownModel(LookupError):
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class ModelStore:
+    """Loaded models, swapped atomically by `sync`; `get` never blocks."""
+
+    def __init__(self, *, threads: int | None = None, keep: int = KEEP_LOADED):
+        self.threads = threads or default_threads()
+        self.keep = keep
+        self._models: dict[str, ModelVersions] = {}
+        self._failed: dict[Path, tuple[float, int]] = {}
+        self._lock = threading.Lock()  # serialises sync(), never taken by get()
+        self.on_swap: Callable[[str, int], None] | None = None
+        self.on_load_failure: Callable[[str, int, str], None] | None = None
+
+    def names(self) -> list[str]:
+        return sorted(self._models)
+
+    def versions(self, name: str) -> list[int]:
+        entry = self._models.get(name)
+        return sorted(entry.loaded) if entry else []
+
+    def get(self, name: str, version: str | None = None) -> LoadedModel:
+        """The live version of `name`, or the named version.
+
+        Raises:
+            UnknownModel: no such model, a version that is not an integer, or one
+                that is not loaded.
+        """
+        entry = self._models.get(name)
+        if entry is None:
+            raise UnknownModel(f"unknown model '{name}'")
+        if version is None or version == "":
+            return entry.live
+        if not version.isdigit():
+            raise UnknownModel(f"unknown version '{version}' of model '{name}'")
+        found = entry.loaded.get(int(version))
+        if found is None:
+            have = ", ".join(str(v) for v in sorted(entry.loaded))
+            raise UnknownModel(
+                f"unknown version '{version}' of model '{name}' (loaded: {have})"
+            )
+        return found
+
+    def sync(self, repo: ModelRepository) -> list[tuple[str, int]]:
+        """Load what is new in `repo` and drop what left it.
+
+        Returns the (model, version) pairs that became live.
+        """
+        swapped: list[tuple[str, int]] = []
+        with self._lock:
+            current = dict(self._models)
+            on_disk = {name: repo.versions(name) for name in repo.models()}
+            for name in list(current):
+                if name not in on_disk:
+                    del current[name]
+            for name, versions in on_disk.items():
+                wanted = versions[-self.keep :]
+                have = current[name].loaded if name in current else {}
+                loaded = {v: m for v, m in have.items() if v in versions}
+                for v in wanted:
+                    if v in loaded:
+                        continue
+                    model = self._try_load(repo, name, v)
+                    if model is not None:
+                        loaded[v] = model
+                # keep at most `keep`, newest first
+                for v in sorted(loaded)[: -self.keep]:
+                    del loaded[v]
+                if loaded:
+                    before = max(have) if have else None
+                    current[name] = ModelVersions(loaded)
+                    if max(loaded) != before:
+                        swapped.append((name, max(loaded)))
+                else:
+                    current.pop(name, None)
+            self._models = current  # the swap: one reference assignment
+        for name, version in swapped:
+            log.info("serving %s version %d", name, version)
+            if self.on_swap:
+                self.on_swap(name, version)
+        return swapped
+
+    def _try_load(self, repo: ModelRepository, name: str, version: int) -> LoadedModel | None:
+        path = repo.path(name, version)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None
+        stamp = (st.st_mtime, st.st_size)
+        if self._failed.get(path) == stamp:
+            return None  # same bytes failed before; retry only when the file changes
+        try:
+            model = load_model(name, version, path, threads=self.threads)
+        except ModelLoadError as exc:
+            self._failed[path] = stamp
+            log.warning("not serving %s", exc)
+            if self.on_load_failure:
+                self.on_load_failure(name, version, str(exc))
+            return None
+        self._failed.pop(path, None)
+        return model
+
+
+class Watcher:
+    """Polls the repository in a daemon thread and calls `store.sync` on it."""
+
+    def __init__(self, store: ModelStore, repo: ModelRepository, interval: float):
+        if not interval > 0:
+            raise ValueError(f"poll interval {interval!r} must be > 0 seconds")
+        self.store, self.repo, self.interval = store, repo, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="fedge-serve-watcher", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.store.sync(self.repo)
+            except Exception:  # a scan that races a deletion: try again next tick
+                log.exception("repository scan failed")

@@ -1,0 +1,124 @@
+"""Fixtures for the serving tests: small exported models and a real `fedge serve` process."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from fedge.serve.export import export_onnx
+from fedge.serve.repository import ModelRepository
+
+N_FEATURES = 39  # Fed-TCGA-BRCA's clinical features
+
+
+class ShiftedCox(torch.nn.Module):
+    """A linear risk score plus a known offset, so tests can tell versions apart."""
+
+    def __init__(self, seed: int, offset: float):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.linear = torch.nn.Linear(N_FEATURES, 1)
+        self.offset = offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) + self.offset
+
+
+def export_cox(path: Path, *, seed: int = 0, offset: float = 0.0) -> tuple[Path, torch.nn.Module]:
+    model = ShiftedCox(seed, offset).eval()
+    export_onnx(model, torch.randn(4, N_FEATURES), {"job_id": f"job-{seed}"}, path)
+    return path, model
+
+
+@pytest.fixture(scope="session")
+def cox_v1(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
+    return export_cox(tmp_path_factory.mktemp("onnx") / "cox1.onnx", seed=1, offset=0.0)
+
+
+@pytest.fixture(scope="session")
+def cox_v2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
+    return export_cox(tmp_path_factory.mktemp("onnx") / "cox2.onnx", seed=2, offset=100.0)
+
+
+@dataclass
+class RunningServer:
+    url: str
+    host_port: str
+    repo: ModelRepository
+    process: subprocess.Popen[str]
+
+
+_ANNOUNCE = re.compile(r"listening on http://127\.0\.0\.1:(\d+)")
+
+
+def start_server(repo_root: Path, *extra: str) -> RunningServer:
+    """`fedge serve` on a free loopback port; waits (bounded) until it is live."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedge.cli", "serve", "--repository", str(repo_root),
+         "--host", "127.0.0.1", "--port", "0", "--poll-interval", "0.1", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 60
+    port = None
+    lines = []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        m = _ANNOUNCE.search(line)
+        if m:
+            port = int(m.group(1))
+            break
+    if port is None:
+        proc.kill()
+        raise AssertionError(f"fedge serve did not announce its port: {''.join(lines)}")
+    url = f"http://127.0.0.1:{port}"
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/v2/health/live", timeout=1).status_code == 200:
+                return RunningServer(url, f"127.0.0.1:{port}", ModelRepository(repo_root), proc)
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None, "fedge serve exited during start-up"
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("fedge serve did not become live within 60 s")
+
+
+def stop_server(server: RunningServer) -> None:
+    if server.process.poll() is None:
+        server.process.send_signal(signal.SIGTERM)
+        try:
+            server.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.process.kill()
+            server.process.wait(timeout=5)
+    if server.process.stdout:
+        server.process.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def server(
+    tmp_path_factory: pytest.TempPathFactory, cox_v1: tuple[Path, torch.nn.Module]
+) -> Iterator[RunningServer]:
+    root = tmp_path_factory.mktemp("repo")
+    ModelRepository(root).install("cox", cox_v1[0])
+    running = start_server(root, "--max-body-bytes", "1000000")
+    try:
+        yield running
+    finally:
+        stop_server(running)

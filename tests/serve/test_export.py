@@ -1,0 +1,120 @@
+"""export_onnx: opset, dynamic batch, provenance in metadata_props, parity or refusal."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from fedge import __version__
+from fedge.serve.export import ExportRefused, Standardisation, export_onnx, read_metadata
+
+META = {
+    "job_id": "brca-7",
+    "round": "12",
+    "model_digest": "ab" * 32,
+    "feature_names": json.dumps([f"f{i}" for i in range(5)]),
+    "metrics": json.dumps({"c_index": 0.74}),
+}
+
+
+def _mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+
+class SignBranch(torch.nn.Module):
+    """Data-dependent control flow: a tracer freezes whichever branch the example took."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            return x * 2
+        return -x
+
+
+def test_export_writes_opset_17_with_dynamic_batch_and_provenance(tmp_path: Path) -> None:
+    model = _mlp()
+    result = export_onnx(model, torch.randn(3, 5), META, tmp_path / "m.onnx")
+    proto = onnx.load(str(result.path))
+    onnx.checker.check_model(proto)
+    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    props = read_metadata(result.path)
+    for key, value in META.items():
+        assert props[key] == value
+    assert props["fedge_version"] == __version__
+    assert json.loads(props["preprocessing"]) == {"kind": "none"}
+    assert float(props["parity_max_abs_diff"]) == result.parity_max_abs_diff <= 1e-5
+    assert int(props["parity_batch"]) == result.parity_batch == 6  # not the traced 3
+    # any batch size runs and agrees with PyTorch
+    sess = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).standard_normal((17, 5)).astype(np.float32)
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(sess.run(None, {"input": x})[0], want, atol=1e-5)
+
+
+def test_parity_failure_is_refused_with_the_numbers_and_writes_nothing(tmp_path: Path) -> None:
+    target = tmp_path / "branch.onnx"
+    positive = torch.ones(2, 4)
+    held_out = -torch.ones(3, 4)  # takes the other branch
+    refusal = r"max \|onnxruntime - pytorch\| = 3 .*batch of 3.*1e-05"
+    with pytest.raises(ExportRefused, match=refusal) as err:
+        export_onnx(SignBranch(), positive, {}, target, held_out=held_out)
+    assert err.value.max_abs_diff == pytest.approx(3.0)
+    assert err.value.tolerance == 1e-5
+    assert not target.exists()
+    assert list(tmp_path.iterdir()) == []  # no temp file left behind either
+
+
+def test_standardisation_is_folded_into_the_graph(tmp_path: Path) -> None:
+    model = _mlp()
+    mean = [1.0, -2.0, 0.5, 10.0, 0.0]
+    std = [2.0, 0.5, 1.0, 4.0, 3.0]
+    result = export_onnx(model, torch.randn(2, 5), {}, tmp_path / "s.onnx",
+                         preprocessing=Standardisation(mean, std))
+    raw = np.random.default_rng(2).normal(5, 3, (4, 5)).astype(np.float32)
+    sess = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        want = model((torch.from_numpy(raw) - torch.tensor(mean)) / torch.tensor(std)).numpy()
+    np.testing.assert_allclose(sess.run(None, {"input": raw})[0], want, atol=1e-5)
+    prep = json.loads(read_metadata(result.path)["preprocessing"])
+    assert prep["mean"] == mean and prep["std"] == std
+
+
+def test_training_mode_is_restored(tmp_path: Path) -> None:
+    model = _mlp().train()
+    export_onnx(model, torch.randn(2, 5), {}, tmp_path / "m.onnx")
+    assert model.training
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "needle"),
+    [
+        ({"metadata": {"round": 3}}, TypeError, "metadata\\['round'\\] is int"),
+        ({"metadata": {"fedge_version": "x"}}, ValueError, "written by export_onnx"),
+        ({"opset": 13}, ValueError, "opset 13 is below the minimum 17"),
+        ({"tolerance": -1.0}, ValueError, "tolerance -1.0"),
+        ({"example_input": torch.zeros(0, 5)}, ValueError, "axis 0 must be >= 1"),
+        ({"held_out": torch.zeros(3, 4)}, ValueError, "held_out shape \\(3, 4\\)"),
+        ({"preprocessing": Standardisation([0.0], [1.0])}, ValueError, "1 features"),
+    ],
+)
+def test_bad_arguments_name_what_was_wrong(
+    tmp_path: Path, kwargs: dict, error: type[Exception], needle: str
+) -> None:
+    args = {"model": _mlp(), "example_input": torch.randn(2, 5), "metadata": {},
+            "path": tmp_path / "m.onnx", **kwargs}
+    with pytest.raises(error, match=needle):
+        export_onnx(**args)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_standardisation_rejects_a_zero_std() -> None:
+    with pytest.raises(ValueError, match=r"std\[1\] = 0.0; must be finite and > 0"):
+        Standardisation([0.0, 0.0], [1.0, 0.0])

@@ -1,0 +1,210 @@
+"""`fedge serve` as a real process on loopback: the v2 REST API, tritonclient, errors, metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import tritonclient.http as triton
+from tritonclient.utils import InferenceServerException
+
+from tests.serve.conftest import N_FEATURES, RunningServer
+
+
+def _rows(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, N_FEATURES)).astype(np.float32)
+
+
+def _torch(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(x)).numpy()
+
+
+def _json_request(x: np.ndarray, name: str = "input", datatype: str = "FP32") -> dict:
+    return {"inputs": [{"name": name, "shape": list(x.shape), "datatype": datatype,
+                        "data": x.ravel().tolist()}]}
+
+
+def test_tritonclient_default_settings_get_the_pytorch_answer(
+    server: RunningServer, cox_v1: tuple[Path, torch.nn.Module]
+) -> None:
+    client = triton.InferenceServerClient(server.host_port)
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("cox")
+    meta = client.get_model_metadata("cox")
+    assert meta["platform"] == "onnxruntime_onnx"
+    assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, N_FEATURES]}]
+    x = _rows(5)
+    inp = triton.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)  # default: binary tensor extension
+    result = client.infer("cox", [inp])
+    out = result.as_numpy("output")
+    assert out.shape == (5, 1)
+    np.testing.assert_allclose(out, _torch(cox_v1[1], x), atol=1e-5)
+    # binary in, binary out: the response used Inference-Header-Content-Length
+    assert result.get_response()["outputs"][0]["parameters"]["binary_data_size"] == 20
+
+
+def test_tritonclient_json_tensors_and_explicit_version(
+    server: RunningServer, cox_v1: tuple[Path, torch.nn.Module]
+) -> None:
+    client = triton.InferenceServerClient(server.host_port)
+    x = _rows(3, seed=1)
+    inp = triton.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=False)
+    out = triton.InferRequestedOutput("output", binary_data=False)
+    result = client.infer("cox", [inp], model_version="1", outputs=[out], request_id="r-7")
+    body = result.get_response()
+    assert body["id"] == "r-7" and body["model_version"] == "1"
+    assert "data" in body["outputs"][0]
+    np.testing.assert_allclose(result.as_numpy("output"), _torch(cox_v1[1], x), atol=1e-5)
+
+
+def test_plain_http_json_request(
+    server: RunningServer, cox_v1: tuple[Path, torch.nn.Module]
+) -> None:
+    x = _rows(2, seed=2)
+    r = httpx.post(f"{server.url}/v2/models/cox/infer", json=_json_request(x), timeout=5)
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "application/json"
+    body = r.json()
+    assert body["model_name"] == "cox"
+    out = body["outputs"][0]
+    got = np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
+    np.testing.assert_allclose(got, _torch(cox_v1[1], x), atol=1e-5)
+
+
+def test_gzip_request_body_is_accepted(server: RunningServer) -> None:
+    client = triton.InferenceServerClient(server.host_port)
+    x = _rows(4, seed=3)
+    inp = triton.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    plain = client.infer("cox", [inp]).as_numpy("output")
+    zipped = client.infer("cox", [inp], request_compression_algorithm="gzip").as_numpy("output")
+    np.testing.assert_array_equal(plain, zipped)
+
+
+def test_server_metadata_and_health(server: RunningServer) -> None:
+    meta = httpx.get(f"{server.url}/v2", timeout=5).json()
+    assert meta["name"] == "fedge" and "binary_tensor_data" in meta["extensions"]
+    assert httpx.get(f"{server.url}/v2/health/live", timeout=5).status_code == 200
+    assert httpx.get(f"{server.url}/v2/health/ready", timeout=5).status_code == 200
+    assert httpx.get(f"{server.url}/v2/models/cox/versions/1/ready", timeout=5).status_code == 200
+
+
+def test_model_config_carries_the_export_provenance(server: RunningServer) -> None:
+    config = triton.InferenceServerClient(server.host_port).get_model_config("cox")
+    params = {k: v["string_value"] for k, v in config["parameters"].items()}
+    assert params["job_id"] == "job-1"
+    assert float(params["parity_max_abs_diff"]) <= 1e-5
+
+
+# -- the bad-input table: one case per row, each a 4xx with {"error": ...} ------------
+
+
+def _assert_error(r: httpx.Response, status: int, *needles: str) -> str:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    message = r.json()["error"]
+    for needle in needles:
+        assert needle in message, message
+    return message
+
+
+def test_wrong_input_name_is_400(server: RunningServer) -> None:
+    r = httpx.post(f"{server.url}/v2/models/cox/infer",
+                   json=_json_request(_rows(1), name="features"), timeout=5)
+    _assert_error(r, 400, "'features'", "input")
+
+
+def test_wrong_shape_is_400(server: RunningServer) -> None:
+    x = np.zeros((2, N_FEATURES - 1), dtype=np.float32)
+    r = httpx.post(f"{server.url}/v2/models/cox/infer", json=_json_request(x), timeout=5)
+    _assert_error(r, 400, "shape [2, 38]", f"[-1, {N_FEATURES}]")
+
+
+def test_shape_that_disagrees_with_the_data_is_400(server: RunningServer) -> None:
+    req = _json_request(_rows(2))
+    req["inputs"][0]["shape"] = [3, N_FEATURES]
+    r = httpx.post(f"{server.url}/v2/models/cox/infer", json=req, timeout=5)
+    _assert_error(r, 400, "78 data elements", "117")
+
+
+def test_wrong_datatype_is_400(server: RunningServer) -> None:
+    r = httpx.post(f"{server.url}/v2/models/cox/infer",
+                   json=_json_request(_rows(1), datatype="FP64"), timeout=5)
+    _assert_error(r, 400, "FP64", "FP32")
+
+
+def test_wrong_datatype_through_tritonclient_is_an_error_not_a_crash(
+    server: RunningServer,
+) -> None:
+    client = triton.InferenceServerClient(server.host_port)
+    x = _rows(1).astype(np.float64)
+    inp = triton.InferInput("input", list(x.shape), "FP64")
+    inp.set_data_from_numpy(x)
+    with pytest.raises(InferenceServerException, match="FP64"):
+        client.infer("cox", [inp])
+
+
+def test_malformed_json_is_400(server: RunningServer) -> None:
+    r = httpx.post(f"{server.url}/v2/models/cox/infer", content=b'{"inputs": [', timeout=5)
+    _assert_error(r, 400, "malformed JSON")
+
+
+def test_binary_size_beyond_the_body_is_400(server: RunningServer) -> None:
+    header = json.dumps({"inputs": [{"name": "input", "shape": [1, N_FEATURES],
+                                     "datatype": "FP32",
+                                     "parameters": {"binary_data_size": 4 * N_FEATURES}}]})
+    body = header.encode() + b"\0" * 10
+    r = httpx.post(f"{server.url}/v2/models/cox/infer", content=body, timeout=5,
+                   headers={"Inference-Header-Content-Length": str(len(header))})
+    _assert_error(r, 400, "156 bytes", "10 remain")
+
+
+def test_oversized_body_is_413(server: RunningServer) -> None:
+    body = b"{" + b" " * 1_000_001 + b"}"  # the fixture's limit is 1,000,000 bytes
+    r = httpx.post(f"{server.url}/v2/models/cox/infer", content=body, timeout=10)
+    _assert_error(r, 413, "exceeds the limit of 1000000 bytes")
+    # the server is still fine afterwards
+    ok = httpx.post(f"{server.url}/v2/models/cox/infer", json=_json_request(_rows(1)), timeout=5)
+    assert ok.status_code == 200
+
+
+def test_unknown_model_is_404(server: RunningServer) -> None:
+    r = httpx.post(f"{server.url}/v2/models/nope/infer", json=_json_request(_rows(1)), timeout=5)
+    _assert_error(r, 404, "unknown model 'nope'")
+    r = httpx.get(f"{server.url}/v2/models/nope", timeout=5)
+    _assert_error(r, 404, "unknown model 'nope'")
+
+
+def test_unknown_version_is_404(server: RunningServer) -> None:
+    r = httpx.post(f"{server.url}/v2/models/cox/versions/7/infer",
+                   json=_json_request(_rows(1)), timeout=5)
+    _assert_error(r, 404, "unknown version '7'", "loaded: 1")
+    r = httpx.get(f"{server.url}/v2/models/cox/versions/7/ready", timeout=5)
+    _assert_error(r, 404, "unknown version '7'")
+
+
+def test_unknown_route_and_wrong_method_use_the_error_json(server: RunningServer) -> None:
+    _assert_error(httpx.get(f"{server.url}/v3", timeout=5), 404)
+    _assert_error(httpx.get(f"{server.url}/v2/models/cox/infer", timeout=5), 405)
+
+
+def test_metrics_count_requests_per_model_and_status(server: RunningServer) -> None:
+    httpx.post(f"{server.url}/v2/models/cox/infer", json=_json_request(_rows(1)), timeout=5)
+    httpx.post(f"{server.url}/v2/models/cox/infer", content=b"[", timeout=5)
+    text = httpx.get(f"{server.url}/metrics", timeout=5).text
+
+    def value(prefix: str) -> float:
+        line = next(ln for ln in text.splitlines() if ln.startswith(prefix))
+        return float(line.rsplit(" ", 1)[1])
+
+    assert value('fedge_serve_infer_requests_total{code="200",model="cox"}') >= 1
+    assert value('fedge_serve_infer_requests_total{code="400",model="cox"}') >= 1
+    assert value('fedge_serve_infer_duration_seconds_count{model="cox"}') >= 2
+    assert value('fedge_serve_model_live_version{model="cox"}') == 1

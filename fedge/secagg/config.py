@@ -1,0 +1,299 @@
+"""Round configuration, threshold rules and the neighbour graph.
+
+Thresholds follow the published bounds (Bonawitz et al. 2017, Bell et al.
+2020), applied to a client's neighbourhood of m clients (itself included;
+m = n on the complete graph, m = k + 1 on a k-regular sparse graph):
+
+* curious server:         t > alpha * m
+* semi-malicious server:  t > (m + alpha * m) / 2
+* dropouts:               t <= (1 - delta) * m, so a round that loses a
+                          fraction delta of each neighbourhood still unmasks.
+
+A configuration that breaks one is refused with ``SecAggConfigError`` naming
+the bound and the numbers.  The graph is complete for n <= 64; above, it is a
+Harary k-regular ring with k = 2 * ceil(1.5 * log2 n) (k = 20 for n = 100) laid
+out by a permutation drawn from a seed every client recomputes from the job,
+round, model digest and cohort, so the coordinator cannot pick the graph.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+
+from .errors import SecAggConfigError
+from .keys import check_client_id
+
+COMPLETE_GRAPH_MAX_N = 64
+MAX_COHORT = 65535  # share indices are 16-bit
+MAX_VECTOR_LENGTH = 1 << 31
+
+
+def default_degree(n: int) -> int:
+    """Neighbour count per client: n - 1 (complete) for n <= 64, else 2*ceil(1.5*log2 n)."""
+    if n <= COMPLETE_GRAPH_MAX_N:
+        return n - 1
+    return min(n - 1, 2 * math.ceil(1.5 * math.log2(n)))
+
+
+def _exact(value: float, name: str) -> Fraction:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise SecAggConfigError(f"{name} must be a number, got {value!r}")
+    if not 0 <= value < 1 or math.isnan(value):
+        raise SecAggConfigError(f"{name}={value} must lie in [0, 1)")
+    return Fraction(repr(float(value)))
+
+
+def _smallest_above(x: Fraction) -> int:
+    return math.floor(x) + 1
+
+
+@dataclass(frozen=True)
+class SecAggConfig:
+    """Parameters every party of a round must agree on.
+
+    ``n`` is the cohort size, ``threshold`` the number of shares that recover a
+    secret within a neighbourhood, ``clip`` the quantisation range [-clip, clip],
+    ``vector_length`` the length d of every client's input, ``min_clients`` the
+    fewest surviving inputs for which a sum is released, ``degree`` the number
+    of neighbours of each client (n - 1: complete graph), ``stage_timeout`` the
+    seconds the server waits at each stage.
+
+    Raises (on construction):
+        SecAggConfigError: any value out of range or a threshold outside the bounds.
+    """
+
+    n: int
+    threshold: int
+    clip: float
+    vector_length: int
+    alpha: float = 0.0
+    delta: float = 0.0
+    semi_malicious: bool = True
+    min_clients: int | None = None
+    degree: int | None = None
+    stage_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        n = self.n
+        if isinstance(n, bool) or not isinstance(n, int) or not 2 <= n <= MAX_COHORT:
+            raise SecAggConfigError(f"cohort size n={n!r} must be an integer in 2..{MAX_COHORT}")
+        if self.degree is None:
+            object.__setattr__(self, "degree", default_degree(n))
+        k = self.degree
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n - 1:
+            raise SecAggConfigError(f"degree k={k!r} must be an integer in 1..n-1={n - 1}")
+        if k < n - 1 and (k % 2 or k < 2):
+            raise SecAggConfigError(
+                f"degree k={k} of a sparse graph must be even and >= 2 (Harary ring), "
+                f"or n-1={n - 1}"
+            )
+        if not isinstance(self.clip, int | float) or not math.isfinite(self.clip) or self.clip <= 0:
+            raise SecAggConfigError(f"clip={self.clip!r} must be a finite number > 0")
+        d = self.vector_length
+        if isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= MAX_VECTOR_LENGTH:
+            raise SecAggConfigError(f"vector_length={d!r} must be an integer in 1..2^31")
+        st = self.stage_timeout
+        if not isinstance(st, int | float) or not math.isfinite(st) or st <= 0:
+            raise SecAggConfigError(f"stage_timeout={st!r} must be a finite number of seconds > 0")
+        check_threshold(
+            self.threshold,
+            n=n,
+            degree=k,
+            alpha=self.alpha,
+            delta=self.delta,
+            semi_malicious=self.semi_malicious,
+        )
+        if self.min_clients is None:
+            object.__setattr__(self, "min_clients", self.threshold)
+        mc = self.min_clients
+        if isinstance(mc, bool) or not isinstance(mc, int) or not 1 <= mc <= n:
+            raise SecAggConfigError(f"min_clients={mc!r} must be an integer in 1..n={n}")
+
+    @classmethod
+    def derive(
+        cls,
+        n: int,
+        *,
+        alpha: float,
+        delta: float,
+        semi_malicious: bool = True,
+        clip: float,
+        vector_length: int,
+        min_clients: int | None = None,
+        degree: int | None = None,
+        stage_timeout: float = 30.0,
+    ) -> SecAggConfig:
+        """The configuration with the smallest threshold the bounds allow.
+
+        Raises:
+            SecAggConfigError: no threshold satisfies both the security bound and the
+                dropout bound, or any other value is out of range.
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or not 2 <= n <= MAX_COHORT:
+            raise SecAggConfigError(f"cohort size n={n!r} must be an integer in 2..{MAX_COHORT}")
+        k = default_degree(n) if degree is None else degree
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n - 1:
+            raise SecAggConfigError(f"degree k={k!r} must be an integer in 1..n-1={n - 1}")
+        lower, _ = _lower_bound(n, k, _exact(alpha, "alpha"), semi_malicious)
+        return cls(
+            n=n,
+            threshold=max(lower, 1),
+            clip=clip,
+            vector_length=vector_length,
+            alpha=alpha,
+            delta=delta,
+            semi_malicious=semi_malicious,
+            min_clients=min_clients,
+            degree=k,
+            stage_timeout=stage_timeout,
+        )
+
+    @property
+    def complete_graph(self) -> bool:
+        return self.degree == self.n - 1
+
+    @property
+    def neighbourhood_size(self) -> int:
+        """m: the clients whose shares of one secret exist (neighbours and itself)."""
+        assert self.degree is not None
+        return self.degree + 1
+
+    @property
+    def bits(self) -> int:
+        """Quantisation bits for this cohort size (no wrap of a sum of n inputs)."""
+        from fedge import core
+
+        return core.quant_bits(self.n)
+
+
+def _where(n: int, k: int) -> str:
+    return f"n={n}" if k == n - 1 else f"neighbourhood size m={k + 1} (n={n}, degree k={k})"
+
+
+def _lower_bound(n: int, k: int, alpha: Fraction, semi_malicious: bool) -> tuple[int, str]:
+    m = k + 1
+    mm = "n" if k == n - 1 else "m"
+    if semi_malicious:
+        x = (m + alpha * m) / 2
+        rule = f"semi-malicious bound t > ({mm} + alpha*{mm})/2"
+    else:
+        x = alpha * m
+        rule = f"curious-server bound t > alpha*{mm}"
+    bound = _smallest_above(x)
+    if x.denominator != 1:
+        text = rule.split(" t > ")[0] + f" ceil({rule.split(' t > ')[1]}) = {bound}"
+    else:
+        text = rule + f", i.e. t >= {bound}"
+    return bound, text
+
+
+def check_threshold(
+    threshold: int, *, n: int, degree: int, alpha: float, delta: float, semi_malicious: bool
+) -> None:
+    """Check ``threshold`` against the security and dropout bounds.
+
+    Raises:
+        SecAggConfigError: e.g. "threshold 4 is below the semi-malicious bound
+            ceil((n + alpha*n)/2) = 6 for n=10, alpha=0.1".
+    """
+    a = _exact(alpha, "alpha")
+    dl = _exact(delta, "delta")
+    m = degree + 1
+    if isinstance(threshold, bool) or not isinstance(threshold, int) or not 1 <= threshold <= m:
+        raise SecAggConfigError(
+            f"threshold {threshold!r} must be an integer in 1..{m} for {_where(n, degree)}"
+        )
+    bound, text = _lower_bound(n, degree, a, semi_malicious)
+    if threshold < bound:
+        raise SecAggConfigError(
+            f"threshold {threshold} is below the {text} for {_where(n, degree)}, alpha={alpha}"
+        )
+    survivors = math.floor((1 - dl) * m)
+    if threshold > survivors:
+        mm = "n" if degree == n - 1 else "m"
+        raise SecAggConfigError(
+            f"threshold {threshold} is above the dropout bound floor((1 - delta)*{mm}) = "
+            f"{survivors} for {_where(n, degree)}, delta={delta}: a round losing that "
+            "fraction of clients could not unmask"
+        )
+
+
+@dataclass(frozen=True)
+class RoundContext:
+    """What binds a round's keys: the job, the round number, the digest of the global model.
+
+    Raises (on construction):
+        SecAggConfigError: empty or overlong job id, negative round, digest not 16-64 bytes.
+    """
+
+    job_id: str
+    round: int
+    model_digest: bytes
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.job_id, str) or not 1 <= len(self.job_id) <= 256:
+            raise SecAggConfigError(f"job_id={self.job_id!r} must be a str of 1-256 characters")
+        r = self.round
+        if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < 1 << 63:
+            raise SecAggConfigError(f"round={r!r} must be a non-negative integer")
+        md = self.model_digest
+        if not isinstance(md, bytes) or not 16 <= len(md) <= 64:
+            raise SecAggConfigError(f"model_digest must be 16-64 bytes, got {md!r:.40}")
+
+
+# --- neighbour graph -------------------------------------------------------------
+
+
+def graph_seed(ctx: RoundContext, cohort: Sequence[str]) -> bytes:
+    """The seed of the neighbour graph; anyone with the context and cohort recomputes it."""
+    h = hashlib.sha256(b"fedge/secagg/v1/graph")
+    for part in (ctx.job_id.encode(), ctx.round.to_bytes(8, "big"), ctx.model_digest):
+        h.update(len(part).to_bytes(4, "big") + part)
+    for cid in sorted(cohort):
+        raw = cid.encode()
+        h.update(len(raw).to_bytes(4, "big") + raw)
+    return h.digest()
+
+
+def check_cohort(cohort: Sequence[str], n: int) -> list[str]:
+    """Return the sorted cohort.
+
+    Raises:
+        SecAggConfigError: not n distinct valid client ids.
+    """
+    for cid in cohort:
+        check_client_id(cid, what="cohort member")
+    if len(set(cohort)) != len(cohort):
+        raise SecAggConfigError("cohort lists a client twice")
+    if len(cohort) != n:
+        raise SecAggConfigError(f"cohort has {len(cohort)} clients, the configuration says n={n}")
+    return sorted(cohort)
+
+
+def neighbours(cohort: Sequence[str], degree: int, seed: bytes) -> dict[str, frozenset[str]]:
+    """Each client's neighbours (itself excluded) on the graph of ``degree`` drawn from ``seed``.
+
+    Complete when degree >= len(cohort) - 1; otherwise a Harary ring: clients
+    ordered by SHA-256(seed || id), each joined to the degree/2 nearest on
+    either side, so every client has exactly ``degree`` neighbours.
+    """
+    ids = sorted(cohort)
+    n = len(ids)
+    if degree >= n - 1:
+        everyone = frozenset(ids)
+        return {c: everyone - {c} for c in ids}
+    ring = sorted(ids, key=lambda c: hashlib.sha256(seed + c.encode()).digest())
+    half = degree // 2
+    out: dict[str, frozenset[str]] = {}
+    for pos, c in enumerate(ring):
+        out[c] = frozenset(ring[(pos + off) % n] for off in range(-half, half + 1) if off)
+    return out
+
+
+def share_index(cohort_sorted: Sequence[str]) -> dict[str, int]:
+    """The Shamir x-coordinate of each client: its 1-based position in the sorted cohort."""
+    return {c: i + 1 for i, c in enumerate(cohort_sorted)}

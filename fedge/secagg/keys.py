@@ -1,0 +1,335 @@
+"""Identities, the console-signed roster, and every key derivation of a round.
+
+Long-term: each appliance holds an Ed25519 ``Identity``; the console signs a
+``Roster`` mapping client ids to those public keys.  Per round: each client
+makes two X25519 key pairs, one to encrypt shares, one for pairwise masks,
+and signs both public keys with its identity (``advertisement_payload``).
+
+Every derived key is bound to the job id, round, model digest and both
+client ids (HKDF-SHA256 ``info``), so masks cancel only among clients that
+trained the same model in the same round, and a share ciphertext cannot be
+moved to another pair, round or job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from .errors import SecAggConfigError
+
+_CLIENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
+PUBLIC_KEY_BYTES = 32
+SIGNATURE_BYTES = 64
+MASK_SEED_BYTES = 16  # AES-128 key of the core's PRG
+SHARE_KEY_BYTES = 32  # AES-256-GCM
+
+
+def check_client_id(client_id: object, *, what: str = "client_id") -> str:
+    """Return ``client_id`` if it is a valid client id.
+
+    Raises:
+        SecAggConfigError: not a str of 1-128 characters from [A-Za-z0-9._:@-]
+            starting with a letter or digit.
+    """
+    if not isinstance(client_id, str) or not _CLIENT_ID.match(client_id):
+        raise SecAggConfigError(
+            f"{what} {client_id!r} is not a client id (1-128 chars of [A-Za-z0-9._:@-], "
+            "starting with a letter or digit)"
+        )
+    return client_id
+
+
+def _lp(data: bytes | str) -> bytes:
+    """Length-prefixed encoding, so concatenations are unambiguous."""
+    raw = data.encode() if isinstance(data, str) else bytes(data)
+    return len(raw).to_bytes(4, "big") + raw
+
+
+class Identity:
+    """An appliance's long-term Ed25519 signing identity."""
+
+    def __init__(self, private_key: Ed25519PrivateKey) -> None:
+        self._key = private_key
+
+    @classmethod
+    def generate(cls) -> Identity:
+        return cls(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def from_private_bytes(cls, raw: bytes) -> Identity:
+        """Raises: SecAggConfigError if ``raw`` is not 32 bytes."""
+        if not isinstance(raw, bytes) or len(raw) != 32:
+            raise SecAggConfigError(
+                "an Ed25519 private key is 32 bytes, got "
+                + (f"{len(raw)}" if isinstance(raw, bytes) else type(raw).__name__)
+            )
+        return cls(Ed25519PrivateKey.from_private_bytes(raw))
+
+    def private_bytes(self) -> bytes:
+        from cryptography.hazmat.primitives import serialization
+
+        return self._key.private_bytes(
+            serialization.Encoding.Raw,
+            serialization.PrivateFormat.Raw,
+            serialization.NoEncryption(),
+        )
+
+    def public_bytes(self) -> bytes:
+        from cryptography.hazmat.primitives import serialization
+
+        return self._key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+
+    def sign(self, data: bytes) -> bytes:
+        return self._key.sign(data)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the private key (32 raw bytes) to ``path`` with mode 0600, atomically."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, self.private_bytes())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Identity:
+        """Raises: FileNotFoundError; SecAggConfigError if the file is not a 32-byte key."""
+        raw = Path(path).read_bytes()
+        if len(raw) != 32:
+            raise SecAggConfigError(f"identity file {path} holds {len(raw)} bytes, expected 32")
+        return cls.from_private_bytes(raw)
+
+
+def verify_signature(public_key: bytes, signature: bytes, data: bytes) -> bool:
+    """True iff ``signature`` is a valid Ed25519 signature of ``data`` under ``public_key``."""
+    if len(public_key) != PUBLIC_KEY_BYTES or len(signature) != SIGNATURE_BYTES:
+        return False
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, data)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+class RosterSignatureError(SecAggConfigError):
+    """A roster's signature does not verify under the console key, or it is malformed."""
+
+
+@dataclass(frozen=True)
+class Roster:
+    """The console-signed map {client_id: Ed25519 public key} of enrolled appliances."""
+
+    entries: Mapping[str, bytes]
+    signature: bytes
+
+    @classmethod
+    def build(cls, entries: Mapping[str, bytes], console_key: Identity) -> Roster:
+        """Sign ``entries`` with the console identity.
+
+        Raises:
+            SecAggConfigError: an invalid client id or a public key that is not 32 bytes.
+        """
+        clean = {}
+        for client_id, key in entries.items():
+            check_client_id(client_id)
+            if not isinstance(key, bytes) or len(key) != PUBLIC_KEY_BYTES:
+                raise SecAggConfigError(
+                    f"roster key of {client_id!r} must be {PUBLIC_KEY_BYTES} bytes"
+                )
+            clean[client_id] = key
+        return cls(clean, console_key.sign(_roster_body(clean)))
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(
+            {"body": _roster_body(self.entries).decode(), "signature": self.signature.hex()},
+            sort_keys=True,
+        ).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, console_public_key: bytes) -> Roster:
+        """Parse and verify a roster.
+
+        Raises:
+            RosterSignatureError: malformed, or the signature does not verify under
+                ``console_public_key``.
+        """
+        try:
+            outer = json.loads(data)
+            body = outer["body"].encode()
+            signature = bytes.fromhex(outer["signature"])
+            raw_entries = json.loads(body)["entries"]
+            entries = {cid: bytes.fromhex(h) for cid, h in raw_entries.items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise RosterSignatureError(f"roster is malformed: {exc}") from exc
+        if not verify_signature(console_public_key, signature, body):
+            raise RosterSignatureError("roster signature does not verify under the console key")
+        if _roster_body(entries) != body:
+            raise RosterSignatureError("roster body is not in canonical form")
+        for client_id, key in entries.items():
+            check_client_id(client_id)
+            if len(key) != PUBLIC_KEY_BYTES:
+                raise RosterSignatureError(f"roster key of {client_id!r} is not 32 bytes")
+        return cls(entries, signature)
+
+    def __contains__(self, client_id: object) -> bool:
+        return client_id in self.entries
+
+    def public_key(self, client_id: str) -> bytes:
+        """Raises: KeyError if the client is not enrolled."""
+        return self.entries[client_id]
+
+
+def _roster_body(entries: Mapping[str, bytes]) -> bytes:
+    return json.dumps(
+        {"entries": {cid: entries[cid].hex() for cid in sorted(entries)}, "version": 1},
+        sort_keys=True,
+        separators=(",", ":"),
+    ).encode()
+
+
+# --- per-round keys -------------------------------------------------------------
+
+
+class RoundKeys:
+    """A client's two per-round X25519 key pairs."""
+
+    def __init__(self) -> None:
+        self.enc_private = X25519PrivateKey.generate()
+        self.mask_private = X25519PrivateKey.generate()
+
+    @property
+    def enc_public(self) -> bytes:
+        return x25519_public(self.enc_private)
+
+    @property
+    def mask_public(self) -> bytes:
+        return x25519_public(self.mask_private)
+
+    def mask_private_bytes(self) -> bytes:
+        return x25519_private_bytes(self.mask_private)
+
+
+def x25519_public(key: X25519PrivateKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def x25519_private_bytes(key: X25519PrivateKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return key.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+
+
+def x25519_public_from_private(raw: bytes) -> bytes:
+    return x25519_public(X25519PrivateKey.from_private_bytes(raw))
+
+
+def _context(job_id: str, round_: int, model_digest: bytes) -> bytes:
+    return _lp(job_id) + round_.to_bytes(8, "big") + _lp(model_digest)
+
+
+def _pair(a: str, b: str) -> bytes:
+    lo, hi = sorted((a, b))
+    return _lp(lo) + _lp(hi)
+
+
+def _agree(private: X25519PrivateKey | bytes, peer_public: bytes) -> bytes:
+    if isinstance(private, bytes):
+        private = X25519PrivateKey.from_private_bytes(private)
+    return private.exchange(X25519PublicKey.from_public_bytes(peer_public))
+
+
+def _hkdf(ikm: bytes, info: bytes, length: int) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(ikm)
+
+
+def pairwise_mask_seed(
+    mask_private: X25519PrivateKey | bytes,
+    peer_mask_public: bytes,
+    *,
+    job_id: str,
+    round_: int,
+    model_digest: bytes,
+    me: str,
+    peer: str,
+) -> bytes:
+    """The 16-byte PRG seed of the mask shared by ``me`` and ``peer``.
+
+    Raises:
+        ValueError: ``peer_mask_public`` is not a valid X25519 key (or a low-order point).
+    """
+    secret = _agree(mask_private, peer_mask_public)
+    info = b"fedge/secagg/v1/pairwise-mask" + _context(job_id, round_, model_digest)
+    return _hkdf(secret, info + _pair(me, peer), MASK_SEED_BYTES)
+
+
+def share_encryption_key(
+    enc_private: X25519PrivateKey,
+    peer_enc_public: bytes,
+    *,
+    job_id: str,
+    round_: int,
+    model_digest: bytes,
+    me: str,
+    peer: str,
+) -> bytes:
+    """The AES-256-GCM key protecting shares between ``me`` and ``peer``.
+
+    Raises:
+        ValueError: ``peer_enc_public`` is not a valid X25519 key.
+    """
+    secret = _agree(enc_private, peer_enc_public)
+    info = b"fedge/secagg/v1/share-encryption" + _context(job_id, round_, model_digest)
+    return _hkdf(secret, info + _pair(me, peer), SHARE_KEY_BYTES)
+
+
+def share_associated_data(sender: str, receiver: str, job_id: str, round_: int) -> bytes:
+    return b"fedge/secagg/v1/share" + _lp(sender) + _lp(receiver) + _lp(job_id) + round_.to_bytes(
+        8, "big"
+    )
+
+
+def advertisement_payload(
+    client_id: str, enc_public: bytes, mask_public: bytes, *, job_id: str, round_: int
+) -> bytes:
+    """What a client signs when it advertises its round keys.
+
+    The model digest is deliberately not signed: a client given another model
+    still takes part, and its masks simply fail to cancel (garbage, not a leak).
+    """
+    return (
+        b"fedge/secagg/v1/advertise"
+        + _lp(job_id)
+        + round_.to_bytes(8, "big")
+        + _lp(client_id)
+        + _lp(enc_public)
+        + _lp(mask_public)
+    )
+
+
+def consistency_payload(survivors: list[str], *, job_id: str, round_: int) -> bytes:
+    """What each surviving client signs in the consistency check: the sorted survivor list."""
+    body = b"".join(_lp(c) for c in sorted(survivors))
+    return b"fedge/secagg/v1/consistency" + _lp(job_id) + round_.to_bytes(8, "big") + body

@@ -1,0 +1,470 @@
+"""SecAgg+ server as a sans-I/O state machine.
+
+Everything that moves the server from one stage to the next lives in
+``SERVER_TRANSITIONS``; nothing else changes ``ServerSession.stage``.
+
+Theory of operation: ``start(now)`` returns the opening messages as
+(recipient, message) pairs; the caller sends them.  Each arriving message is
+fed to ``receive(sender, message, now)`` with the transport-authenticated
+sender id; ``tick(now)`` is called when nothing arrives, so stage deadlines
+pass.  A stage closes when every expected client answered or its deadline
+passed; clients that missed it are dropped for the round.  A message from a
+dropped client, from outside the cohort, for another job/round, or one that
+does not fit its stage is discarded (counted in ``discarded``), never
+fatal.  The server needs no honest client to stay correct, but a client that
+lies about shares makes the result garbage (semi-honest clients, as in
+Bonawitz et al.); a reconstructed mask key that does not match its signed
+public key fails the round.
+
+The round ends with ``done`` true and either ``result`` (the float64 sum of the
+survivors' dequantised inputs) or ``failure`` (a ``SecAggAbort``); on failure
+every cohort member gets ``RoundFailed``.  No partial or still-masked vector is
+ever exposed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _masking, keys, shamir
+from .config import (
+    RoundContext,
+    SecAggConfig,
+    check_cohort,
+    graph_seed,
+    neighbours,
+    share_index,
+)
+from .errors import (
+    ReconstructionFailed,
+    SecAggAbort,
+    SecAggConfigError,
+    TooFewInputs,
+    TooFewSurvivors,
+)
+from .messages import (
+    AdvertisedKeys,
+    AdvertiseRequest,
+    ConsistencyRequest,
+    ConsistencySignature,
+    EncryptedShares,
+    KeyAdvertisement,
+    MaskedInput,
+    RelayedShares,
+    RoundFailed,
+    UnmaskRequest,
+    UnmaskShares,
+)
+
+# stage -> (message type it collects, stage after it closes).  A stage that
+# cannot continue goes to "Failed"; "Completed" and "Failed" are terminal.
+SERVER_TRANSITIONS: dict[str, tuple[str, str]] = {
+    "AdvertiseKeys": ("KeyAdvertisement", "ShareKeys"),
+    "ShareKeys": ("EncryptedShares", "MaskedInput"),
+    "MaskedInput": ("MaskedInput", "ConsistencyCheck"),
+    "ConsistencyCheck": ("ConsistencySignature", "Unmasking"),
+    "Unmasking": ("UnmaskShares", "Completed"),
+}
+SERVER_TERMINAL_STAGES = ("Completed", "Failed")
+
+Outgoing = list[tuple[str, object]]
+
+
+@dataclass(frozen=True)
+class SecAggResult:
+    """The unmasked sum of the survivors' inputs (float64[d]) and who took part."""
+
+    total: np.ndarray
+    survivors: list[str]
+    dropped: list[str]
+
+
+class ServerSession:
+    """The coordinator's side of one SecAgg+ round.
+
+    ``threads`` is passed to the core's mask kernel when masks are removed.
+
+    Raises (on construction):
+        SecAggConfigError: the cohort is not ``config.n`` distinct ids of the roster.
+    """
+
+    def __init__(
+        self,
+        config: SecAggConfig,
+        ctx: RoundContext,
+        cohort: list[str],
+        roster: keys.Roster,
+        *,
+        threads: int = 1,
+    ) -> None:
+        self.config = config
+        self.ctx = ctx
+        self.cohort = check_cohort(cohort, config.n)
+        for cid in self.cohort:
+            if cid not in roster:
+                raise SecAggConfigError(f"cohort member {cid!r} is not in the roster")
+        self.roster = roster
+        self.threads = threads if threads > 0 else (os.cpu_count() or 1)
+        self.graph_seed = graph_seed(ctx, self.cohort)
+        assert config.degree is not None
+        self.neighbours = neighbours(self.cohort, config.degree, self.graph_seed)
+        self.index = share_index(self.cohort)
+        self.stage = "Idle"
+        self.deadline = float("inf")
+        self.result: SecAggResult | None = None
+        self.failure: SecAggAbort | None = None
+        self.dropped: dict[str, str] = {}  # client -> stage where it dropped
+        self.discarded = 0
+        self._alive: set[str] = set(self.cohort)
+        self._replied: set[str] = set()
+        self._adverts: dict[str, KeyAdvertisement] = {}
+        self._ciphertexts: dict[str, dict[str, bytes]] = {}
+        self._total: np.ndarray | None = None
+        self._u2: set[str] = set()
+        self._u3: set[str] = set()
+        self._signatures: dict[str, bytes] = {}
+        self._seed_shares: dict[str, dict[str, bytes]] = {}
+        self._key_shares: dict[str, dict[str, bytes]] = {}
+
+    @property
+    def done(self) -> bool:
+        return self.stage in SERVER_TERMINAL_STAGES
+
+    def start(self, now: float) -> Outgoing:
+        """Open the round: send every cohort member the cohort and parameters.
+
+        Raises:
+            RuntimeError: the session was started before.
+        """
+        if self.stage != "Idle":
+            raise RuntimeError(f"start() called in stage {self.stage}")
+        self._enter("AdvertiseKeys", now)
+        request = AdvertiseRequest(
+            job_id=self.ctx.job_id,
+            round=self.ctx.round,
+            cohort=list(self.cohort),
+            threshold=self.config.threshold,
+            degree=self.config.degree or 0,
+            vector_length=self.config.vector_length,
+            graph_seed=self.graph_seed,
+        )
+        return [(cid, request) for cid in self.cohort]
+
+    def tick(self, now: float) -> Outgoing:
+        """Close the current stage if its deadline has passed."""
+        if not self.done and self.stage != "Idle" and now >= self.deadline:
+            return self._close_stage(now)
+        return []
+
+    def receive(self, sender: str, message: object, now: float) -> Outgoing:
+        """Take one client message; return what to send.  Never raises for bad input."""
+        out = self.tick(now)  # a message after the deadline is late
+        if self.done or self.stage == "Idle":
+            self.discarded += 1
+            return out
+        expected, _ = SERVER_TRANSITIONS[self.stage]
+        if (
+            type(message).__name__ != expected
+            or sender not in self._alive
+            or sender in self._replied
+            or getattr(message, "client_id", None) != sender
+            or getattr(message, "job_id", None) != self.ctx.job_id
+            or getattr(message, "round", None) != self.ctx.round
+        ):
+            self.discarded += 1
+            return out
+        accepted = getattr(self, "_take_" + expected)(sender, message)
+        if not accepted:
+            self._drop(sender)
+            self.discarded += 1
+        else:
+            self._replied.add(sender)
+        if self._stage_complete():
+            out += self._close_stage(now)
+        return out
+
+    # --- stage bookkeeping --------------------------------------------------------
+
+    def _enter(self, stage: str, now: float) -> None:
+        self.stage = stage
+        self.deadline = now + self.config.stage_timeout
+        self._replied = set()
+
+    def _drop(self, cid: str) -> None:
+        if cid in self._alive:
+            self._alive.discard(cid)
+            self.dropped[cid] = self.stage
+
+    def _stage_complete(self) -> bool:
+        if self.stage == "Unmasking":
+            return self._alive <= self._replied or self._can_reconstruct()
+        return self._alive <= self._replied
+
+    def _close_stage(self, now: float) -> Outgoing:
+        for cid in sorted(self._alive - self._replied):
+            if self.stage != "Unmasking":  # unmasking needs only t answers
+                self._drop(cid)
+        try:
+            out = getattr(self, "_close_" + self.stage)()
+        except SecAggAbort as exc:
+            return self._fail(exc)
+        _, next_stage = SERVER_TRANSITIONS[self.stage]
+        self._enter(next_stage, now)
+        if next_stage == "Completed":
+            self.deadline = float("inf")
+        return out
+
+    def _fail(self, exc: SecAggAbort) -> Outgoing:
+        self.failure = exc
+        self.stage = "Failed"
+        self._total = None
+        notice = RoundFailed(
+            job_id=self.ctx.job_id, round=self.ctx.round, reason=f"{type(exc).__name__}: {exc}"
+        )
+        return [(cid, notice) for cid in self.cohort]
+
+    def _prune(self, pool: set[str], what: str) -> None:
+        """Drop clients whose neighbourhood in ``pool`` has fewer than t members."""
+        t = self.config.threshold
+        before = len(self._alive)
+        changed = True
+        while changed:
+            changed = False
+            for cid in sorted(self._alive):
+                if len((self.neighbours[cid] | {cid}) & pool & self._alive) < t:
+                    self._drop(cid)
+                    changed = True
+        if len(self._alive) < t:
+            raise TooFewSurvivors(
+                f"{before} clients remain after {what}, too few for threshold {t}"
+            )
+
+    # --- stage 0: advertise keys ---------------------------------------------------
+
+    def _take_KeyAdvertisement(self, sender: str, msg: KeyAdvertisement) -> bool:
+        if not isinstance(msg.enc_public, bytes) or not isinstance(msg.mask_public, bytes):
+            return False
+        payload = keys.advertisement_payload(
+            sender, msg.enc_public, msg.mask_public, job_id=self.ctx.job_id, round_=self.ctx.round
+        )
+        if not isinstance(msg.signature, bytes) or not keys.verify_signature(
+            self.roster.public_key(sender), msg.signature, payload
+        ):
+            return False
+        self._adverts[sender] = msg
+        return True
+
+    def _close_AdvertiseKeys(self) -> Outgoing:
+        seen: dict[bytes, str] = {}
+        for cid in sorted(self._alive):  # one key, one client: refuse copies
+            adv = self._adverts[cid]
+            for key in (adv.enc_public, adv.mask_public):
+                if key in seen:
+                    self._drop(cid)
+                    self._drop(seen[key])
+                seen[key] = cid
+        self._prune(self._alive, "key advertisement")
+        out: Outgoing = []
+        for cid in sorted(self._alive):
+            group = sorted((self.neighbours[cid] | {cid}) & self._alive)
+            out.append(
+                (
+                    cid,
+                    AdvertisedKeys(
+                        job_id=self.ctx.job_id,
+                        round=self.ctx.round,
+                        enc_keys={c: self._adverts[c].enc_public for c in group},
+                        mask_keys={c: self._adverts[c].mask_public for c in group},
+                        signatures={c: self._adverts[c].signature for c in group},
+                    ),
+                )
+            )
+        return out
+
+    # --- stage 1: share keys ----------------------------------------------------------
+
+    def _take_EncryptedShares(self, sender: str, msg: EncryptedShares) -> bool:
+        expected = self.neighbours[sender] & self._alive
+        if not isinstance(msg.ciphertexts, dict) or not set(msg.ciphertexts) <= expected:
+            return False
+        from .client import MAX_SHARE_CIPHERTEXT
+
+        if any(
+            not isinstance(c, bytes) or len(c) > MAX_SHARE_CIPHERTEXT
+            for c in msg.ciphertexts.values()
+        ):
+            return False
+        self._ciphertexts[sender] = dict(msg.ciphertexts)
+        return True
+
+    def _close_ShareKeys(self) -> Outgoing:
+        self._prune(self._alive, "key sharing")
+        self._u2 = set(self._alive)
+        out: Outgoing = []
+        for cid in sorted(self._u2):
+            relayed = {
+                sender: self._ciphertexts[sender][cid]
+                for sender in sorted(self.neighbours[cid] & self._u2)
+                if cid in self._ciphertexts[sender]
+            }
+            out.append(
+                (cid, RelayedShares(job_id=self.ctx.job_id, round=self.ctx.round,
+                                    ciphertexts=relayed))
+            )
+        return out
+
+    # --- stage 2: masked input ----------------------------------------------------
+
+    def _take_MaskedInput(self, sender: str, msg: MaskedInput) -> bool:
+        masked = msg.masked
+        if (
+            not isinstance(masked, np.ndarray)
+            or masked.dtype != np.uint32
+            or masked.shape != (self.config.vector_length,)
+        ):
+            return False
+        if self._total is None:
+            self._total = np.zeros(self.config.vector_length, dtype=np.uint32)
+        np.add(self._total, masked, out=self._total)  # wraps mod 2^32
+        self._u3.add(sender)
+        return True
+
+    def _close_MaskedInput(self) -> Outgoing:
+        if len(self._u3) < self.config.min_clients:
+            raise TooFewInputs(
+                f"{len(self._u3)} masked inputs arrived, min_clients is {self.config.min_clients}"
+            )
+        t = self.config.threshold
+        for cid in sorted(self._u2):  # every mask in the sum must be removable
+            if cid in self._u3 or self.neighbours[cid] & self._u3:
+                holders = (self.neighbours[cid] | {cid}) & self._u3
+                if len(holders) < t:
+                    raise TooFewSurvivors(
+                        f"only {len(holders)} survivors hold shares of {cid!r}, threshold is {t}"
+                    )
+        request = ConsistencyRequest(
+            job_id=self.ctx.job_id, round=self.ctx.round, survivors=sorted(self._u3)
+        )
+        return [(cid, request) for cid in sorted(self._u3)]
+
+    # --- stage 3: consistency check -------------------------------------------------
+
+    def _take_ConsistencySignature(self, sender: str, msg: ConsistencySignature) -> bool:
+        payload = keys.consistency_payload(
+            sorted(self._u3), job_id=self.ctx.job_id, round_=self.ctx.round
+        )
+        if not isinstance(msg.signature, bytes) or not keys.verify_signature(
+            self.roster.public_key(sender), msg.signature, payload
+        ):
+            return False
+        self._signatures[sender] = msg.signature
+        return True
+
+    def _close_ConsistencyCheck(self) -> Outgoing:
+        self._prune(set(self._signatures), "the consistency check")
+        dropped = sorted(self._u2 - self._u3)
+        out: Outgoing = []
+        for cid in sorted(self._alive):
+            local = (self.neighbours[cid] | {cid}) & self._alive
+            out.append(
+                (
+                    cid,
+                    UnmaskRequest(
+                        job_id=self.ctx.job_id,
+                        round=self.ctx.round,
+                        survivors=sorted(self._u3),
+                        dropped=dropped,
+                        signatures={c: self._signatures[c] for c in sorted(local)},
+                    ),
+                )
+            )
+        return out
+
+    # --- stage 4: unmasking ---------------------------------------------------------
+
+    def _take_UnmaskShares(self, sender: str, msg: UnmaskShares) -> bool:
+        mine = self.neighbours[sender] | {sender}
+        seeds, mask_keys = msg.seed_shares, msg.mask_key_shares
+        if not isinstance(seeds, dict) or not isinstance(mask_keys, dict):
+            return False
+        dropped = self._u2 - self._u3
+        if not set(seeds) <= (mine & self._u3) or not set(mask_keys) <= (mine & dropped):
+            return False
+        x = self.index[sender]
+        for share in list(seeds.values()) + list(mask_keys.values()):
+            try:
+                if shamir.share_x(share) != x:
+                    return False
+            except ValueError:
+                return False
+        for owner, share in seeds.items():
+            self._seed_shares.setdefault(owner, {})[sender] = share
+        for owner, share in mask_keys.items():
+            self._key_shares.setdefault(owner, {})[sender] = share
+        return True
+
+    def _needed_key_owners(self) -> list[str]:
+        return sorted(c for c in self._u2 - self._u3 if self.neighbours[c] & self._u3)
+
+    def _can_reconstruct(self) -> bool:
+        t = self.config.threshold
+        return all(len(self._seed_shares.get(c, ())) >= t for c in self._u3) and all(
+            len(self._key_shares.get(c, ())) >= t for c in self._needed_key_owners()
+        )
+
+    def _close_Unmasking(self) -> Outgoing:
+        t = self.config.threshold
+        seeds: list[bytes] = []
+        signs: list[int] = []
+        for owner in sorted(self._u3):
+            seeds.append(_combine(self._seed_shares.get(owner, {}).values(), t, 16, owner))
+            signs.append(-1)
+        for owner in self._needed_key_owners():
+            raw = _combine(self._key_shares.get(owner, {}).values(), t, 32, owner)
+            try:
+                matches = keys.x25519_public_from_private(raw) == self._adverts[owner].mask_public
+            except ValueError:
+                matches = False
+            if not matches:
+                raise ReconstructionFailed(
+                    f"mask key of dropped {owner!r} does not match its signed public key"
+                )
+            for survivor in sorted(self.neighbours[owner] & self._u3):
+                seeds.append(
+                    keys.pairwise_mask_seed(
+                        raw,
+                        self._adverts[survivor].mask_public,
+                        job_id=self.ctx.job_id,
+                        round_=self.ctx.round,
+                        model_digest=self.ctx.model_digest,
+                        me=owner,
+                        peer=survivor,
+                    )
+                )
+                # the survivor added pair_sign(survivor, owner) * PRG; take it away
+                signs.append(-_masking.pair_sign(survivor, owner))
+        assert self._total is not None
+        total = self._total
+        self._total = None
+        _masking.remove_masks(total, seeds, signs, threads=self.threads)
+        summed = _masking.dequantise(
+            total, n_summands=len(self._u3), clip=self.config.clip, bits=self.config.bits
+        )
+        survivors = sorted(self._u3)
+        self.result = SecAggResult(
+            total=summed,
+            survivors=survivors,
+            dropped=[c for c in self.cohort if c not in self._u3],
+        )
+        return []
+
+
+def _combine(shares: Iterable[bytes], t: int, length: int, owner: str) -> bytes:
+    try:
+        return shamir.combine(shares, t, length)
+    except ValueError as exc:
+        raise ReconstructionFailed(f"cannot recover the secret of {owner!r}: {exc}") from exc

@@ -34,3 +34,31 @@ class UpdateFetchReply:
     data: bytes
     eof: bool
     error: str = ""
+
+
+# Roll-out: the coordinator tells one agent to install a verified target now; the
+# agent answers with the outcome (after its health check, for software). These two
+# are registered with the codec here; the fetch pair above by fedge.wire.messages.
+def _register_rollout() -> None:
+    from fedge.wire.codec import message
+
+    message("update.available")(UpdateAvailable)
+    message("update.outcome")(UpdateOutcome)
+
+
+@dataclass(frozen=True)
+class UpdateAvailable:
+    rollout_id: str
+    path: str  # the TUF target path to install ("model/risk/3/model.onnx")
+
+
+@dataclass(frozen=True)
+class UpdateOutcome:
+    rollout_id: str
+    path: str
+    ok: bool
+    rolled_back: bool
+    detail: str
+
+
+_register_rollout()

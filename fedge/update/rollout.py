@@ -1,0 +1,113 @@
+"""Fleet roll-out of one signed target: a canary first, then the rest, one site
+at a time; stop at the first failure. Sans-I/O: the coordinator feeds it
+outcomes and the clock and sends what it returns.
+
+Transitions (state, event) -> state::
+
+    pending   --start-->              canary     (UpdateAvailable to the canary)
+    canary    --ok-->                 rest       (UpdateAvailable to the next site)
+    rest      --ok, sites left-->     rest
+    rest      --ok, none left-->      succeeded
+    canary/rest --failed outcome-->   failed     (nobody else is told)
+    canary/rest --deadline-->         failed
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fedge.update.messages import UpdateAvailable, UpdateOutcome
+
+TRANSITIONS: dict[tuple[str, str], str] = {
+    ("pending", "start"): "canary",
+    ("canary", "ok"): "rest",
+    ("rest", "ok"): "rest",
+    ("rest", "done"): "succeeded",
+    ("canary", "failed"): "failed",
+    ("rest", "failed"): "failed",
+}
+
+
+@dataclass
+class Rollout:
+    rollout_id: str
+    path: str
+    sites: list[str]
+    deadline_s: float = 120.0
+    state: str = "pending"
+    results: dict[str, dict[str, object]] = field(default_factory=dict)
+    failure: str = ""
+    _next: int = 0
+    _waiting_since: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.sites:
+            raise ValueError("a roll-out needs at least one site (the canary)")
+        if len(set(self.sites)) != len(self.sites):
+            raise ValueError(f"roll-out sites {self.sites} name a site twice")
+        if self.deadline_s <= 0:
+            raise ValueError(f"deadline_s {self.deadline_s} must be > 0")
+
+    @property
+    def canary(self) -> str:
+        return self.sites[0]
+
+    @property
+    def waiting_for(self) -> str | None:
+        return self.sites[self._next] if self.state in ("canary", "rest") else None
+
+    @property
+    def done(self) -> bool:
+        return self.state in ("succeeded", "failed")
+
+    def _go(self, event: str) -> None:
+        self.state = TRANSITIONS[(self.state, event)]
+
+    def start(self, now: float) -> list[tuple[str, UpdateAvailable]]:
+        """Raises: RuntimeError if already started."""
+        if self.state != "pending":
+            raise RuntimeError(f"roll-out {self.rollout_id} already {self.state}")
+        self._go("start")
+        return self._ask(now)
+
+    def _ask(self, now: float) -> list[tuple[str, UpdateAvailable]]:
+        self._waiting_since = now
+        return [(self.sites[self._next], UpdateAvailable(self.rollout_id, self.path))]
+
+    def receive(self, site: str, outcome: UpdateOutcome, now: float
+                ) -> list[tuple[str, UpdateAvailable]]:
+        """Feed one agent's outcome. Outcomes from sites not being waited on, or for
+        another roll-out or path, are ignored (returns [])."""
+        if (self.done or site != self.waiting_for or outcome.rollout_id != self.rollout_id
+                or outcome.path != self.path):
+            return []
+        self.results[site] = {"ok": outcome.ok, "rolled_back": outcome.rolled_back,
+                              "detail": outcome.detail}
+        if not outcome.ok:
+            role = "canary" if self.state == "canary" else "site"
+            self.failure = (f"{role} {site} failed to install {self.path}: {outcome.detail}; "
+                            f"roll-out stopped, {len(self.sites) - self._next - 1} site(s) "
+                            "not updated")
+            self._go("failed")
+            return []
+        self._next += 1
+        self._go("ok")
+        if self._next == len(self.sites):
+            self._go("done")
+            return []
+        return self._ask(now)
+
+    def tick(self, now: float) -> None:
+        if self.done or now - self._waiting_since < self.deadline_s:
+            return
+        site = self.waiting_for
+        self.results[site or "?"] = {"ok": False, "rolled_back": False,
+                                     "detail": f"no outcome within {self.deadline_s:g} s"}
+        self.failure = (f"{site} did not report an outcome for {self.path} within "
+                        f"{self.deadline_s:g} s; roll-out stopped")
+        self._go("failed")
+
+    def to_dict(self) -> dict[str, object]:
+        return {"rollout_id": self.rollout_id, "path": self.path, "sites": self.sites,
+                "state": self.state, "waiting_for": self.waiting_for,
+                "results": self.results, "failure": self.failure}

@@ -1,0 +1,64 @@
+"""Roll-out: canary first, then the rest one at a time; stop at the first failure."""
+
+import pytest
+
+from fedge.update.messages import UpdateOutcome
+from fedge.update.rollout import Rollout
+
+P = "model/risk/2/model.onnx"
+
+
+def ok(site_ok=True, detail="fine"):
+    return UpdateOutcome("r1", P, site_ok, False, detail)
+
+
+def test_canary_first_then_each_site_in_turn():
+    r = Rollout("r1", P, ["a", "b", "c"])
+    assert [s for s, _ in r.start(0)] == ["a"]
+    assert [s for s, _ in r.receive("a", ok(), 1)] == ["b"]
+    assert r.state == "rest"
+    assert [s for s, _ in r.receive("b", ok(), 2)] == ["c"]
+    assert r.receive("c", ok(), 3) == [] and r.state == "succeeded"
+
+
+def test_canary_failure_stops_before_anyone_else_is_told():
+    r = Rollout("r1", P, ["a", "b", "c"])
+    r.start(0)
+    assert r.receive("a", ok(False, "health check failed; rolled back"), 1) == []
+    assert r.state == "failed"
+    assert "canary a failed" in r.failure and "2 site(s) not updated" in r.failure
+    assert set(r.results) == {"a"}
+
+
+def test_failure_after_canary_stops_the_rest():
+    r = Rollout("r1", P, ["a", "b", "c"])
+    r.start(0)
+    r.receive("a", ok(), 1)
+    r.receive("b", ok(False, "hash mismatch"), 2)
+    assert r.state == "failed" and "site b failed" in r.failure
+    assert "c" not in r.results
+
+
+def test_silence_past_the_deadline_fails_the_rollout():
+    r = Rollout("r1", P, ["a", "b"], deadline_s=5)
+    r.start(0)
+    r.tick(4.9)
+    assert r.state == "canary"
+    r.tick(5.0)
+    assert r.state == "failed" and "did not report" in r.failure
+
+
+def test_single_site_rollout_and_stray_outcomes():
+    r = Rollout("r1", P, ["a"])
+    r.start(0)
+    assert r.receive("b", ok(), 1) == []  # not the site being waited on
+    assert r.receive("a", UpdateOutcome("other", P, True, False, ""), 1) == []
+    r.receive("a", ok(), 2)
+    assert r.state == "succeeded"
+
+
+def test_bad_rollouts_are_refused():
+    with pytest.raises(ValueError, match="at least one site"):
+        Rollout("r", P, [])
+    with pytest.raises(ValueError, match="twice"):
+        Rollout("r", P, ["a", "a"])

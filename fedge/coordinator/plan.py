@@ -235,6 +235,9 @@ def parse_plan(text: str) -> Plan:
                      default=0.01),
         clip=_float(sec, "secagg.clip", lo=0.0, lo_open=True, default=1.0),
     )
+    if ssettings.enabled and min_clients < 2:
+        raise PlanError("job.min_clients", min_clients,
+                        "must be >= 2 when secagg.enabled: a sum of one input reveals it")
     deadlines = Deadlines(
         cohort_s=_float(dead, "deadlines.cohort_s", lo=0.0, lo_open=True, default=60.0),
         train_s=_float(dead, "deadlines.train_s", lo=0.0, lo_open=True, default=600.0),

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -203,6 +204,7 @@ class Round:
     new_weights: np.ndarray | None = None
     evals: dict[str, m.EvalResult] = field(default_factory=dict)
     rejected: list[tuple[str, str]] = field(default_factory=list)
+    task_id: str = field(default_factory=lambda: secrets.token_hex(8))
     _deadline: float = 0.0
     _aggregation: Aggregation | None = None
     _agg_cohort: list[str] = field(default_factory=list)
@@ -236,7 +238,8 @@ class Round:
             self._deadline = now + self.plan.deadlines.train_s
             return [
                 (site, m.TrainTask(
-                    plan=self.plan.text, weights=self.weights, model_digest=self.digest,
+                    task_id=self.task_id, plan=self.plan.text, weights=self.weights,
+                    model_digest=self.digest,
                     train_seed=train_seed(self.plan.seed, self.round, site),
                     quant_seed=derive_seed(self.plan.seed, self.round, site, "quantise"),
                 ))
@@ -253,6 +256,10 @@ class Round:
         """
         if sender not in self.cohort:
             return self._reject(sender, f"{sender} is not in the cohort of round {self.round}")
+        task_id = getattr(body, "task_id", self.task_id)
+        if task_id != self.task_id:
+            return self._reject(sender, f"{type(body).__name__} for task {task_id}, not the "
+                                f"current attempt {self.task_id}")
         if self.phase is Phase.TRAINING:
             if isinstance(body, m.TrainDone):
                 if sender in self.trained or sender in self.refused:
@@ -289,7 +296,7 @@ class Round:
                 if len(self.evals) == len(self._eval_cohort()):
                     self.phase = Phase.DONE
             elif isinstance(body, m.TaskRefused):
-                self.evals[sender] = m.EvalResult(0, {})
+                self.evals[sender] = m.EvalResult(self.task_id, 0, {})
                 if len(self.evals) == len(self._eval_cohort()):
                     self.phase = Phase.DONE
             else:
@@ -322,7 +329,7 @@ class Round:
             if len(self.trained) + len(self.refused) == len(self.cohort):
                 return self._end_training(now)
         if self.phase is Phase.EVALUATING and site not in self.evals:
-            self.evals[site] = m.EvalResult(0, {})
+            self.evals[site] = m.EvalResult(self.task_id, 0, {})
             if len(self.evals) == len(self._eval_cohort()):
                 self.phase = Phase.DONE
         return []
@@ -352,7 +359,7 @@ class Round:
         )
         threshold = int(getattr(self._aggregation, "threshold", 1))
         out: Outgoing = [
-            (s, m.AggregateBegin(cohort=done, weight_scale=scale,
+            (s, m.AggregateBegin(task_id=self.task_id, cohort=done, weight_scale=scale,
                                  secure=self.plan.secagg.enabled, threshold=threshold))
             for s in done
         ]
@@ -381,7 +388,8 @@ class Round:
         self.dropped = sorted(set(self.cohort) - set(self.survivors))
         self.phase = Phase.EVALUATING
         self._deadline = now + self.plan.deadlines.eval_s
-        return [(s, m.EvalTask(plan=self.plan.text, weights=self.new_weights, split="test"))
+        return [(s, m.EvalTask(task_id=self.task_id, plan=self.plan.text,
+                               weights=self.new_weights, split="test"))
                 for s in self._eval_cohort()]
 
     def _eval_cohort(self) -> list[str]:

@@ -27,6 +27,10 @@ RoundAbort         coordinator → agent    the round is abandoned; drop its sta
 Rejected           coordinator → agent    your last message was refused, and why
 =================  =====================  ============================================
 
+Every task message carries a ``task_id`` that names one attempt at one round;
+the agent echoes it, so a reply to an abandoned attempt (a round restarted after
+a coordinator crash, or retried after a failure) is recognised as stale.
+
 No message carries data rows: agents send model vectors, counts and metrics.
 """
 
@@ -69,6 +73,7 @@ class HeartbeatAck:
 @message("train_task", max_bytes=None)
 @dataclass(frozen=True)
 class TrainTask:
+    task_id: str  # names one attempt at one round; replies echo it
     plan: str  # the job plan TOML; the agent parses it with fedge.coordinator.plan
     weights: F32  # the global model, d values
     model_digest: bytes  # sha256 of weights (binds secagg masks to this model)
@@ -79,6 +84,7 @@ class TrainTask:
 @message("task_refused")
 @dataclass(frozen=True)
 class TaskRefused:
+    task_id: str  # names one attempt at one round; replies echo it
     task: str
     reason: str
 
@@ -86,6 +92,7 @@ class TaskRefused:
 @message("train_done")
 @dataclass(frozen=True)
 class TrainDone:
+    task_id: str  # names one attempt at one round; replies echo it
     n_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
     epsilon: float = 0.0
@@ -94,6 +101,7 @@ class TrainDone:
 @message("aggregate_begin")
 @dataclass(frozen=True)
 class AggregateBegin:
+    task_id: str  # names one attempt at one round; replies echo it
     cohort: list[str]
     weight_scale: float  # w_i = weight_scale * n_i
     secure: bool
@@ -103,12 +111,14 @@ class AggregateBegin:
 @message("plain_update", max_bytes=None)
 @dataclass(frozen=True)
 class PlainUpdate:
+    task_id: str  # names one attempt at one round; replies echo it
     vector: F32  # concat(w_i * delta_i, [w_i]), d + 1 values
 
 
 @message("eval_task", max_bytes=None)
 @dataclass(frozen=True)
 class EvalTask:
+    task_id: str  # names one attempt at one round; replies echo it
     plan: str
     weights: F32  # d values
     split: str
@@ -117,6 +127,7 @@ class EvalTask:
 @message("eval_result")
 @dataclass(frozen=True)
 class EvalResult:
+    task_id: str  # names one attempt at one round; replies echo it
     n_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
 

@@ -67,6 +67,7 @@ def test_fedprox_mu_reaches_clients():
     ("old", "new", "field", "rule"),
     [
         ("rounds = 3", "rounds = 0", "job.rounds", ">= 1"),
+        ("min_clients = 2", "min_clients = 1", "job.min_clients", "reveals it"),
         ("rounds = 3", 'rounds = "3"', "job.rounds", "integer"),
         ('dataset = "fed_tcga_brca"', "", "job.dataset", "missing"),
         ("batch_size = 32", "batch_size = -1", "train.batch_size", ">= 1"),

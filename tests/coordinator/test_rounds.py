@@ -59,7 +59,7 @@ def send_plain(rnd, sends, deltas, counts, now=1.0):
     for site, begin in by_type(sends, m.AggregateBegin):
         w = begin.weight_scale * counts[site]
         vec = np.concatenate([w * deltas[site], [w]]).astype(np.float32)
-        out += rnd.receive(site, m.PlainUpdate(vec), now)
+        out += rnd.receive(site, m.PlainUpdate(rnd.task_id, vec), now)
     return out
 
 
@@ -86,7 +86,7 @@ def test_full_round_weighted_average_and_eval():
     deltas = {s: np.full(3, i + 1.0) * 0.1 for i, s in enumerate("abc")}
     sends = []
     for s in "abc":
-        sends += rnd.receive(s, m.TrainDone(counts[s], {"loss": 1.0}), 1.0)
+        sends += rnd.receive(s, m.TrainDone(rnd.task_id, counts[s], {"loss": 1.0}), 1.0)
     assert rnd.phase is Phase.AGGREGATING
     begins = by_type(sends, m.AggregateBegin)
     assert begins[0][1].weight_scale == pytest.approx(weight_scale(2.0, 30)) == 1 / 30
@@ -96,7 +96,7 @@ def test_full_round_weighted_average_and_eval():
     np.testing.assert_allclose(rnd.new_weights, expect, rtol=1e-6)
     assert [s for s, _ in by_type(evals, m.EvalTask)] == ["a", "b", "c"]
     for s in "abc":
-        rnd.receive(s, m.EvalResult(5, {"cindex": 0.5 + 0.1 * "abc".index(s)}), 2.0)
+        rnd.receive(s, m.EvalResult(rnd.task_id, 5, {"cindex": 0.5 + 0.1 * "abc".index(s)}), 2.0)
     assert rnd.phase is Phase.DONE
     rows = rnd.metric_rows()
     assert ("*", "test", "cindex", pytest.approx(0.6), 15) in rows
@@ -124,8 +124,8 @@ def test_cohort_arriving_before_deadline_starts_round():
 def test_refusals_and_train_deadline():
     rnd = new_round()
     rnd.offer(["a", "b", "c"], 0.0)
-    rnd.receive("a", m.TaskRefused("train", "dataset toy not held"), 1.0)
-    rnd.receive("b", m.TrainDone(5), 1.0)
+    rnd.receive("a", m.TaskRefused(rnd.task_id, "train", "dataset toy not held"), 1.0)
+    rnd.receive("b", m.TrainDone(rnd.task_id, 5), 1.0)
     assert rnd.phase is Phase.TRAINING
     out = rnd.tick(10.0)  # c never answers
     assert rnd.phase is Phase.FAILED
@@ -136,8 +136,8 @@ def test_refusals_and_train_deadline():
 def test_lost_connection_during_training_proceeds_with_the_rest():
     rnd = new_round()
     rnd.offer(["a", "b", "c"], 0.0)
-    rnd.receive("a", m.TrainDone(5), 1.0)
-    rnd.receive("b", m.TrainDone(5), 1.0)
+    rnd.receive("a", m.TrainDone(rnd.task_id, 5), 1.0)
+    rnd.receive("b", m.TrainDone(rnd.task_id, 5), 1.0)
     out = rnd.lost("c", 2.0)
     assert rnd.phase is Phase.AGGREGATING
     assert [s for s, _ in by_type(out, m.AggregateBegin)] == ["a", "b"]
@@ -151,11 +151,11 @@ def test_lost_connection_during_training_proceeds_with_the_rest():
 def test_outsiders_duplicates_and_wrong_phase_are_rejected_and_round_goes_on():
     rnd = new_round()
     rnd.offer(["a", "b"], 0.0)
-    assert by_type(rnd.receive("x", m.TrainDone(5), 1.0), m.Rejected)
-    rnd.receive("a", m.TrainDone(5), 1.0)
-    assert by_type(rnd.receive("a", m.TrainDone(7), 1.0), m.Rejected)
-    assert by_type(rnd.receive("a", m.EvalResult(1, {}), 1.0), m.Rejected)
-    assert by_type(rnd.receive("b", m.TrainDone(0), 1.0), m.Rejected)
+    assert by_type(rnd.receive("x", m.TrainDone(rnd.task_id, 5), 1.0), m.Rejected)
+    rnd.receive("a", m.TrainDone(rnd.task_id, 5), 1.0)
+    assert by_type(rnd.receive("a", m.TrainDone(rnd.task_id, 7), 1.0), m.Rejected)
+    assert by_type(rnd.receive("a", m.EvalResult(rnd.task_id, 1, {}), 1.0), m.Rejected)
+    assert by_type(rnd.receive("b", m.TrainDone(rnd.task_id, 0), 1.0), m.Rejected)
     assert [r[0] for r in rnd.rejected] == ["x", "a", "a", "b"]
     assert rnd.phase is Phase.FAILED  # b's zero count leaves 1 < min_clients
 
@@ -163,9 +163,9 @@ def test_outsiders_duplicates_and_wrong_phase_are_rejected_and_round_goes_on():
 def test_bad_plain_update_shape_is_rejected():
     rnd = new_round()
     rnd.offer(["a", "b"], 0.0)
-    rnd.receive("a", m.TrainDone(5), 1.0)
-    rnd.receive("b", m.TrainDone(5), 1.0)
-    out = rnd.receive("a", m.PlainUpdate(np.zeros(2, np.float32)), 1.0)
+    rnd.receive("a", m.TrainDone(rnd.task_id, 5), 1.0)
+    rnd.receive("b", m.TrainDone(rnd.task_id, 5), 1.0)
+    out = rnd.receive("a", m.PlainUpdate(rnd.task_id, np.zeros(2, np.float32)), 1.0)
     assert by_type(out, m.Rejected)
     assert rnd.phase is Phase.AGGREGATING
 
@@ -176,3 +176,12 @@ def test_abort_tells_the_cohort():
     out = rnd.abort("job cancelled")
     assert rnd.phase is Phase.FAILED and len(by_type(out, m.RoundAbort)) == 2
     assert rnd.abort("again") == []
+
+
+def test_reply_to_an_abandoned_attempt_is_stale():
+    old = new_round()
+    rnd = new_round()
+    rnd.offer(["a", "b"], 0.0)
+    out = rnd.receive("a", m.TaskRefused(old.task_id, "train", "late refusal"), 1.0)
+    assert by_type(out, m.Rejected) and "not the current attempt" in rnd.rejected[0][1]
+    assert rnd.refused == {}

@@ -1,0 +1,283 @@
+"""The appliance agent's protocol logic: tasks, secure-aggregation client, heartbeats.
+
+:class:`Agent` is transport-agnostic: the process wrapper
+(:mod:`fedge.agent.process`) hands it each message from the coordinator
+(:meth:`Agent.handle_frames`) and gives it a ``send`` coroutine. Training and
+evaluation run in an executor (threads by default), so the event loop — and
+with it the heartbeats and the systemd watchdog — never stalls. Many agents
+can share one event loop and one executor (the scale benchmark does).
+
+Per round the agent keeps one :class:`_Task`. A new ``TrainTask`` for a job
+replaces whatever the agent held (a coordinator that restarted a round after a
+crash gets a fresh secure-aggregation session: new keys, never old ones).
+
+What leaves the appliance: heartbeats (version, health, eligibility, data set
+names), example counts, metrics, and the masked (or, if the plan disables
+secure aggregation, plain) weighted update. Never data rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fedge import __version__
+from fedge.agent.trainer import LocalResult, TaskRefusal, Trainer
+from fedge.coordinator.plan import Plan, PlanError, parse_plan
+from fedge.coordinator.secure import secagg_config
+from fedge.wire import codec
+from fedge.wire import messages as m
+
+log = logging.getLogger("fedge.agent")
+
+SendFn = Callable[[list[Any]], Awaitable[None]]
+
+
+@dataclass
+class _Task:
+    job: str
+    round: int
+    plan: Plan
+    weights: np.ndarray
+    digest: bytes
+    quant_seed: bytes
+    task_id: str = ""
+    local: LocalResult | None = None
+    session: Any = None
+    started: float = field(default_factory=time.monotonic)
+
+
+class Agent:
+    """One appliance's federation client.
+
+    ``identity`` (Ed25519, ``fedge.secagg.keys.Identity``) and ``roster``
+    (``fedge.secagg.keys.Roster``) are needed only when a plan enables secure
+    aggregation. ``health`` returns (health dict, eligible, reason).
+    """
+
+    def __init__(
+        self,
+        site: str,
+        trainer: Trainer,
+        *,
+        identity: Any = None,
+        roster: Any = None,
+        executor: Executor | None = None,
+        health: Callable[[], tuple[dict[str, Any], bool, str]] | None = None,
+        max_message_bytes: int = 1 << 30,
+        secagg_threads: int = 1,
+    ) -> None:
+        self.site = site
+        self.trainer = trainer
+        self.identity = identity
+        self.roster = roster
+        self.executor = executor
+        self.health = health or (lambda: ({}, True, ""))
+        self.max_message_bytes = max_message_bytes
+        self.secagg_threads = secagg_threads
+        self.send_frames: SendFn | None = None
+        self.task: _Task | None = None
+        self.last_ack: float | None = None
+        self.rejections: list[str] = []
+        self.refusals: list[str] = []
+        self.completed_rounds: list[tuple[str, int]] = []
+        self.on_status: Callable[[str], None] = lambda text: None
+        self._busy: str = ""
+        self._health_cache: tuple[dict[str, Any], bool, str] = ({}, True, "")
+
+    # -- outgoing -------------------------------------------------------------------
+
+    async def send(self, body: Any, *, job: str = "", round: int = 0) -> None:
+        if self.send_frames is None:
+            raise RuntimeError("agent has no link to the coordinator")
+        await self.send_frames(codec.encode(body, sender=self.site, job=job, round=round))
+
+    async def heartbeat(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            self._health_cache = await loop.run_in_executor(self.executor, self.health)
+        except Exception as exc:  # a broken probe must not silence the heartbeat
+            self._health_cache = ({"error": str(exc)}, False, f"health probe failed: {exc}")
+        report, eligible, reason = self._health_cache
+        await self.send(m.Heartbeat(
+            site=self.site, version=__version__, health_json=json.dumps(report, default=str),
+            eligible=eligible, reason=reason, datasets=self.trainer.datasets(),
+            current_task=self._busy))
+
+    # -- incoming -------------------------------------------------------------------
+
+    async def handle_frames(self, frames: list[Any]) -> None:
+        try:
+            env = codec.decode(frames, max_bytes=self.max_message_bytes)
+        except codec.WireError as exc:
+            log.warning("%s: dropped a malformed message from the coordinator: %s",
+                        self.site, exc)
+            return
+        await self.handle(env)
+
+    async def handle(self, env: codec.Envelope) -> None:
+        body, job, rnd = env.body, env.header.job, env.header.round
+        if isinstance(body, m.HeartbeatAck):
+            self.last_ack = time.monotonic()
+        elif isinstance(body, m.TrainTask):
+            await self._on_train(job, rnd, body)
+        elif isinstance(body, m.AggregateBegin):
+            await self._on_aggregate(job, rnd, body)
+        elif m.is_secagg(body):
+            await self._on_secagg(job, rnd, body)
+        elif isinstance(body, m.EvalTask):
+            await self._on_eval(job, rnd, body)
+        elif isinstance(body, m.RoundAbort):
+            if self._current(job, rnd):
+                log.info("%s: round %s/%d aborted: %s", self.site, job, rnd, body.reason)
+                self.task = None
+                self._set_busy("")
+        elif isinstance(body, m.Rejected):
+            log.warning("%s: coordinator rejected a message: %s", self.site, body.reason)
+            self.rejections.append(body.reason)
+        else:
+            log.warning("%s: ignoring unexpected %s", self.site, env.header.type)
+
+    def _current(self, job: str, rnd: int) -> bool:
+        return self.task is not None and (self.task.job, self.task.round) == (job, rnd)
+
+    def _set_busy(self, text: str) -> None:
+        self._busy = text
+        self.on_status(text or "idle")
+
+    async def _refuse(self, job: str, rnd: int, task: str, reason: str, task_id: str) -> None:
+        log.warning("%s: refusing %s for %s/%d: %s", self.site, task, job, rnd, reason)
+        self.refusals.append(reason)
+        await self.send(m.TaskRefused(task_id=task_id, task=task, reason=reason), job=job,
+                        round=rnd)
+
+    async def _on_train(self, job: str, rnd: int, t: m.TrainTask) -> None:
+        try:
+            plan = parse_plan(t.plan)
+        except PlanError as exc:
+            await self._refuse(job, rnd, m.TASK_TRAIN, f"unrunnable plan: {exc}", t.task_id)
+            return
+        if plan.dataset not in self.trainer.datasets():
+            await self._refuse(job, rnd, m.TASK_TRAIN,
+                               f"data set {plan.dataset!r} is not held by {self.site}", t.task_id)
+            return
+        if plan.secagg.enabled and (self.identity is None or self.roster is None):
+            await self._refuse(job, rnd, m.TASK_TRAIN,
+                               "secure aggregation needs an enrolled identity and roster",
+                               t.task_id)
+            return
+        weights = np.array(t.weights, dtype=np.float32)  # own copy: frames are read-only
+        task = _Task(job, rnd, plan, weights, bytes(t.model_digest), bytes(t.quant_seed),
+                     t.task_id)
+        self.task = task
+        self._set_busy(f"{m.TASK_TRAIN} {job} round {rnd}")
+        loop = asyncio.get_running_loop()
+        try:
+            result = await loop.run_in_executor(
+                self.executor,
+                lambda: self.trainer.train(self.site, job, plan, weights, round=rnd,
+                                           seed=t.train_seed))
+        except TaskRefusal as exc:
+            if self.task is task:
+                self.task = None
+                self._set_busy("")
+                await self._refuse(job, rnd, m.TASK_TRAIN, str(exc), t.task_id)
+            return
+        if self.task is not task:  # superseded or aborted while training
+            return
+        task.local = result
+        await self.send(m.TrainDone(task_id=task.task_id, n_examples=result.n_examples,
+                                    metrics=result.metrics, epsilon=result.epsilon),
+                        job=job, round=rnd)
+
+    def input_vector(self, task: _Task, weight_scale: float) -> np.ndarray:
+        """concat(w·Δ, [w]) with Δ clipped to [−c, c] and w = weight_scale·n (see rounds.py)."""
+        assert task.local is not None
+        c = task.plan.secagg.clip
+        delta = task.local.weights.astype(np.float64) - task.weights.astype(np.float64)
+        np.clip(delta, -c, c, out=delta)
+        w = weight_scale * task.local.n_examples
+        vec = np.empty(delta.size + 1, dtype=np.float32)
+        vec[:-1] = w * delta
+        vec[-1] = w
+        return vec
+
+    async def _on_aggregate(self, job: str, rnd: int, a: m.AggregateBegin) -> None:
+        task = self.task
+        if task is None or not self._current(job, rnd) or task.local is None \
+                or task.task_id != a.task_id:
+            await self._refuse(job, rnd, "aggregate", "no trained update for this round",
+                               a.task_id)
+            return
+        vec = self.input_vector(task, a.weight_scale)
+        if not a.secure:
+            await self.send(m.PlainUpdate(task.task_id, vec), job=job, round=rnd)
+            return
+        from fedge.secagg.client import ClientSession
+        from fedge.secagg.config import RoundContext
+        from fedge.secagg.errors import SecAggConfigError
+
+        try:
+            config = secagg_config(task.plan, len(a.cohort), vec.size)
+            kwargs: dict[str, Any] = {"threads": self.secagg_threads}
+            if "quant_seed" in inspect.signature(ClientSession).parameters:
+                kwargs["quant_seed"] = task.quant_seed
+            task.session = ClientSession(config, RoundContext(job, rnd, task.digest),
+                                         self.site, self.identity, self.roster, vec, **kwargs)
+        except SecAggConfigError as exc:
+            await self._refuse(job, rnd, "aggregate", f"secure aggregation: {exc}",
+                               task.task_id)
+            return
+        self._set_busy(f"secagg {job} round {rnd}")
+
+    async def _on_secagg(self, job: str, rnd: int, body: Any) -> None:
+        task = self.task
+        if task is None or not self._current(job, rnd) or task.session is None:
+            log.info("%s: secagg message for %s/%d, which is not in progress", self.site, job,
+                     rnd)
+            return
+        from fedge.secagg.errors import SecAggAbort
+
+        try:
+            replies = task.session.receive(body, time.time())
+        except SecAggAbort as exc:
+            log.error("%s: secure aggregation aborted: %s: %s", self.site,
+                      type(exc).__name__, exc)
+            task.session = None
+            await self._refuse(job, rnd, "aggregate", f"{type(exc).__name__}: {exc}",
+                               task.task_id)
+            return
+        for reply in replies:
+            await self.send(reply, job=job, round=rnd)
+
+    async def _on_eval(self, job: str, rnd: int, e: m.EvalTask) -> None:
+        try:
+            plan = parse_plan(e.plan)
+        except PlanError as exc:
+            await self._refuse(job, rnd, m.TASK_EVAL, f"unrunnable plan: {exc}", e.task_id)
+            return
+        weights = np.array(e.weights, dtype=np.float32)
+        self._set_busy(f"{m.TASK_EVAL} {job} round {rnd}")
+        loop = asyncio.get_running_loop()
+        try:
+            n, metrics = await loop.run_in_executor(
+                self.executor, lambda: self.trainer.evaluate(plan, weights, e.split))
+        except TaskRefusal as exc:
+            await self._refuse(job, rnd, m.TASK_EVAL, str(exc), e.task_id)
+            return
+        finally:
+            if self._current(job, rnd):
+                self.task = None
+            self._set_busy("")
+        self.completed_rounds.append((job, rnd))
+        await self.send(m.EvalResult(task_id=e.task_id, n_examples=n, metrics=metrics),
+                        job=job, round=rnd)

@@ -1,0 +1,180 @@
+"""What the agent runs for a task: local training and evaluation on its own data.
+
+:class:`TorchTrainer` is the real one (``fedge.train.api`` over the data sets
+of the agent config). :class:`SyntheticTrainer` is the "trivial local training"
+of the scale benchmark: a deterministic pseudo-update of any size, no data set
+files, so hundreds of agents fit in one process. Both return flat float32
+weights, counts and metrics — never rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from fedge.coordinator.plan import Plan
+
+
+class TaskRefusal(Exception):
+    """This site cannot run the task; the message is the reason sent to the coordinator."""
+
+
+@dataclass
+class LocalResult:
+    weights: np.ndarray
+    n_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    epsilon: float = 0.0
+
+
+class Trainer(Protocol):
+    def datasets(self) -> list[str]: ...
+
+    def train(self, site: str, job: str, plan: Plan, weights: np.ndarray, *, round: int,
+              seed: int) -> LocalResult: ...
+
+    def evaluate(self, plan: Plan, weights: np.ndarray, split: str) -> tuple[int, dict[str, float]]:
+        ...
+
+
+def train_config_dict(plan: Plan, seed: int) -> dict[str, Any]:
+    """The plan's training recipe in ``fedge.train.api.TrainConfig`` terms.
+
+    The plan's ``[privacy]`` table may hold ``dp`` and ``client_dp`` sub-tables;
+    they are passed through unchanged.
+    """
+    t = plan.train
+    cfg: dict[str, Any] = {
+        "epochs": t.epochs or 1,
+        "batch_size": t.batch_size,
+        "optimizer": t.optimizer,
+        "lr": t.learning_rate,
+        "momentum": t.momentum,
+        "weight_decay": t.weight_decay,
+        "prox_mu": plan.prox_mu,
+        "seed": seed,
+        "device": "cpu",
+    }
+    if t.steps is not None:
+        cfg["steps"] = t.steps
+    for key in ("dp", "client_dp"):
+        if key in plan.privacy:
+            cfg[key] = plan.privacy[key]
+    return cfg
+
+
+class TorchTrainer:
+    """Local training with ``fedge.train.api`` on the agent's ``[[datasets]]``.
+
+    Raises (on construction):
+        ValueError: a dataset table is invalid (the message names the key).
+    """
+
+    def __init__(self, dataset_tables: Sequence[Mapping[str, Any]]) -> None:
+        from fedge.train.api import DatasetSpec
+
+        self._specs = {}
+        for table in dataset_tables:
+            spec = DatasetSpec.from_config(table)
+            self._specs[spec.name] = spec
+        self._data: dict[str, Any] = {}
+        self._states: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def datasets(self) -> list[str]:
+        return sorted(self._specs)
+
+    def _site_data(self, name: str) -> Any:
+        from fedge.train.api import load_site_data
+
+        with self._lock:
+            if name not in self._specs:
+                raise TaskRefusal(f"data set {name!r} is not held here (held: "
+                                  f"{', '.join(sorted(self._specs)) or 'none'})")
+            if name not in self._data:
+                try:
+                    self._data[name] = load_site_data(self._specs[name])
+                except (OSError, ValueError) as exc:
+                    raise TaskRefusal(f"data set {name!r} cannot be loaded: {exc}") from exc
+            return self._data[name]
+
+    def train(self, site: str, job: str, plan: Plan, weights: np.ndarray, *, round: int,
+              seed: int) -> LocalResult:
+        """Raises: TaskRefusal: missing data set, or a plan this site cannot run."""
+        from fedge.train.api import ClientState, ModelSpec, TrainConfig, local_train
+
+        data = self._site_data(plan.dataset)
+        try:
+            spec = ModelSpec(plan.model_name, dict(plan.model_params))
+            cfg = TrainConfig.from_dict(train_config_dict(plan, seed))
+        except (KeyError, ValueError, TypeError) as exc:
+            raise TaskRefusal(f"plan cannot run here: {exc}") from exc
+        state = self._states.setdefault(job, ClientState(job=job))
+        try:
+            out = local_train(spec, np.asarray(weights, dtype=np.float32), data, cfg,
+                              round=round, state=state)
+        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+            raise TaskRefusal(f"local training failed: {type(exc).__name__}: {exc}") from exc
+        return LocalResult(np.ascontiguousarray(out.weights, dtype=np.float32), out.n_examples,
+                           {k: float(v) for k, v in out.metrics.items()},
+                           float(out.epsilon or 0.0))
+
+    def evaluate(self, plan: Plan, weights: np.ndarray, split: str) -> tuple[int, dict[str, float]]:
+        """Raises: TaskRefusal: missing data set or a model that does not fit it."""
+        from fedge.train.api import ModelSpec, evaluate
+
+        data = self._site_data(plan.dataset)
+        try:
+            out = evaluate(ModelSpec(plan.model_name, dict(plan.model_params)),
+                           np.asarray(weights, dtype=np.float32), data, split)
+        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+            raise TaskRefusal(f"evaluation failed: {type(exc).__name__}: {exc}") from exc
+        return out.n_examples, {k: float(v) for k, v in out.metrics.items()}
+
+
+class SyntheticTrainer:
+    """Trivial local training for benchmarks and protocol tests.
+
+    The "local model" is the global one moved towards a per-site target:
+    w ← w + lr·(target_site − w), target drawn from a generator seeded by the
+    site name, so the federated optimum is the count-weighted mean of the
+    targets. ``n_examples`` is fixed per site.
+    """
+
+    def __init__(self, site: str, *, dataset: str = "synthetic", n_examples: int = 100,
+                 scale: float = 0.1) -> None:
+        self.site = site
+        self.dataset = dataset
+        self.n_examples = n_examples
+        self.scale = scale
+        self._seed = int.from_bytes(hashlib.sha256(site.encode()).digest()[:8], "little")
+        self._target: np.ndarray | None = None
+
+    def datasets(self) -> list[str]:
+        return [self.dataset]
+
+    def target(self, d: int) -> np.ndarray:
+        if self._target is None or self._target.size != d:
+            rng = np.random.default_rng(self._seed)
+            self._target = (rng.standard_normal(d) * self.scale).astype(np.float32)
+        return self._target
+
+    def train(self, site: str, job: str, plan: Plan, weights: np.ndarray, *, round: int,
+              seed: int) -> LocalResult:
+        """Raises: TaskRefusal: the plan asks for another data set."""
+        if plan.dataset != self.dataset:
+            raise TaskRefusal(f"data set {plan.dataset!r} is not held here")
+        w = np.asarray(weights, dtype=np.float32)
+        lr = np.float32(min(1.0, plan.train.learning_rate))
+        new = w + lr * (self.target(w.size) - w)
+        loss = float(np.mean((w - self.target(w.size)) ** 2))
+        return LocalResult(new.astype(np.float32), self.n_examples, {"loss": loss})
+
+    def evaluate(self, plan: Plan, weights: np.ndarray, split: str) -> tuple[int, dict[str, float]]:
+        w = np.asarray(weights, dtype=np.float32)
+        return self.n_examples, {"loss": float(np.mean((w - self.target(w.size)) ** 2))}

@@ -1,0 +1,471 @@
+"""The coordinator's logic: fleet, jobs, rounds, commit — everything but sockets.
+
+:class:`Coordinator` owns the store, the active job and its current
+:class:`~fedge.coordinator.rounds.Round`. The process wrapper
+(:mod:`fedge.coordinator.process`) feeds it decoded frames from the ROUTER
+socket (:meth:`Coordinator.handle_frames`), calls :meth:`Coordinator.tick`
+periodically, and sends whatever lands in :attr:`Coordinator.outbox`. The admin
+channel calls the public methods (``fleet``, ``submit_job``, ``enrol`` ...).
+
+Crash safety: a round is committed by (1) writing ``round-<r>.safetensors``
+atomically (weights + strategy state), then (2) one SQLite transaction that
+records the round and moves ``jobs.committed_round``. A coordinator killed at
+any instant restarts at the last committed round: a checkpoint written but not
+committed is simply overwritten, and a round in flight is started again from
+scratch — new cohort, new secure-aggregation keys — never resumed. Training and
+quantisation seeds depend only on (job seed, round, site), so the restarted
+round yields the same sum and, on the CPU, the same model bit for bit.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedge import __version__
+from fedge.coordinator import checkpoint as ck
+from fedge.coordinator.cohort import select_cohort
+from fedge.coordinator.plan import Plan, PlanError, parse_plan
+from fedge.coordinator.rounds import AggregationFactory, Phase, Round, plain_factory
+from fedge.coordinator.store import Store, StoreError
+from fedge.coordinator.strategies import Strategy
+from fedge.wire import codec
+from fedge.wire import messages as m
+
+log = logging.getLogger("fedge.coordinator")
+
+SYSTEM = "coordinator"
+REPLAY_WINDOW = 4096  # message ids remembered per site
+DEFAULT_MAX_BYTES = 64 << 20
+
+
+class CoordinatorError(Exception):
+    """An admin request that cannot be carried out (unknown job, bad plan, ...)."""
+
+
+InitialWeights = Callable[[Plan], np.ndarray]
+
+
+def torch_initial_weights(plan: Plan) -> np.ndarray:
+    """The job's starting model: ``fedge.train`` builds it under ``torch.manual_seed(seed)``.
+
+    Raises:
+        PlanError: the model name or parameters are not known to fedge.train.
+    """
+    import torch
+
+    from fedge.train.api import ModelSpec, build_model, flatten
+
+    torch.manual_seed(plan.seed)
+    try:
+        model = build_model(ModelSpec(plan.model_name, dict(plan.model_params)))
+    except (KeyError, ValueError, TypeError) as exc:
+        raise PlanError("model", plan.model_name, f"cannot be built: {exc}") from exc
+    return np.ascontiguousarray(flatten(model), dtype=np.float32)
+
+
+@dataclass
+class Outgoing:
+    site: str
+    body: Any
+    job: str = ""
+    round: int = 0
+
+
+@dataclass
+class _Conn:
+    last_seen: float
+    seen_ids: collections.deque[str] = field(default_factory=collections.deque)
+    seen_set: set[str] = field(default_factory=set)
+
+    def seen(self, msg_id: str) -> bool:
+        if msg_id in self.seen_set:
+            return True
+        self.seen_ids.append(msg_id)
+        self.seen_set.add(msg_id)
+        if len(self.seen_ids) > REPLAY_WINDOW:
+            self.seen_set.discard(self.seen_ids.popleft())
+        return False
+
+
+class JobRunner:
+    """Runs one job round after round from its last committed checkpoint."""
+
+    def __init__(self, coord: Coordinator, job_id: str, plan: Plan, weights: np.ndarray,
+                 strategy: Strategy, committed: int) -> None:
+        self.coord = coord
+        self.job_id = job_id
+        self.plan = plan
+        self.weights = weights
+        self.strategy = strategy
+        self.committed = committed
+        self.round: Round | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.committed >= self.plan.rounds
+
+    def new_round(self, now: float) -> Round:
+        state = {k: v.copy() for k, v in self.strategy.state.items()}
+        self.round = Round(
+            job_id=self.job_id, round=self.committed + 1, plan=self.plan, weights=self.weights,
+            strategy=Strategy(self.plan.strategy, state), started_at=now,
+            aggregation_factory=self.coord.aggregation_factory(self.plan),
+        )
+        self.coord.store.audit(SYSTEM, "round_started",
+                               {"job": self.job_id, "round": self.round.round})
+        return self.round
+
+
+class Coordinator:
+    """The coordinator: registry, job queue, round driver (see module docstring).
+
+    ``aggregation`` picks the aggregation protocol for a plan (default: SecAgg+
+    when the plan enables it, else plain sums); ``initial_weights`` builds a
+    job's starting model.
+    """
+
+    def __init__(
+        self,
+        state_dir: str | Path,
+        *,
+        roster: bytes = b"",
+        roster_public_key: bytes = b"",
+        heartbeat_timeout_s: float = 10.0,
+        max_message_bytes: int = DEFAULT_MAX_BYTES,
+        initial_weights: InitialWeights = torch_initial_weights,
+        aggregation: Callable[[Plan], AggregationFactory] | None = None,
+        update_handler: Callable[[Any], Any] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.state_dir = Path(state_dir)
+        self.store = Store(self.state_dir, clock=clock)
+        self.clock = clock
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.max_message_bytes = max_message_bytes
+        self.initial_weights = initial_weights
+        self._aggregation = aggregation
+        self.update_handler = update_handler
+        self.roster = roster
+        self.roster_public_key = roster_public_key
+        self.outbox: list[Outgoing] = []
+        self.conns: dict[str, _Conn] = {}
+        self.runner: JobRunner | None = None
+        # Called with the new allow-list whenever enrolment changes (transport hook).
+        self.on_allow_list: Callable[[set[str]], None] = lambda keys: None
+        # Called with a site whose connection must be dropped at once (revocation).
+        self.on_disconnect: Callable[[str], None] = lambda site: None
+
+    # -- admin API ------------------------------------------------------------------
+
+    def fleet(self) -> list[dict[str, Any]]:
+        """Every appliance with its registry record and whether it is connected now."""
+        now = self.clock()
+        out = []
+        for a in self.store.appliances():
+            d = a.to_dict()
+            d["connected"] = self._connected(a.site_id, now)
+            out.append(d)
+        return out
+
+    def submit_job(self, plan_text: str, actor: str = "console") -> str:
+        """Queue a job; returns its id.
+
+        Raises:
+            PlanError: the plan is invalid (names the field); nothing is stored.
+        """
+        parse_plan(plan_text)
+        job_id = f"job-{time.strftime('%Y%m%d%H%M%S', time.gmtime(self.clock()))}-" \
+                 f"{secrets.token_hex(3)}"
+        self.store.create_job(job_id, plan_text, actor=actor)
+        return job_id
+
+    def list_jobs(self) -> list[dict[str, Any]]:
+        return [j.to_dict() for j in self.store.jobs()]
+
+    def job_status(self, job_id: str) -> dict[str, Any]:
+        """Raises: CoordinatorError: unknown job."""
+        try:
+            job = self.store.job(job_id)
+        except StoreError as exc:
+            raise CoordinatorError(str(exc)) from exc
+        d = job.to_dict()
+        d["rounds"] = [r.__dict__ for r in self.store.rounds(job_id)]
+        d["metrics"] = self.store.metrics(job_id)
+        d["rounds_planned"] = parse_plan(job.plan_toml).rounds
+        if self.runner is not None and self.runner.job_id == job_id and self.runner.round:
+            d["current_round"] = self.runner.round.round
+            d["phase"] = self.runner.round.phase.value
+        final = ck.final_path(self.state_dir, job_id)
+        d["final_checkpoint"] = str(final) if final.exists() else ""
+        return d
+
+    def cancel_job(self, job_id: str, actor: str = "console") -> None:
+        """Raises: CoordinatorError: unknown job or already finished."""
+        try:
+            job = self.store.job(job_id)
+        except StoreError as exc:
+            raise CoordinatorError(str(exc)) from exc
+        if job.status not in ("queued", "running"):
+            raise CoordinatorError(f"job {job_id!r} is {job.status}; only queued or running "
+                                   "jobs can be cancelled")
+        if self.runner is not None and self.runner.job_id == job_id:
+            if self.runner.round is not None:
+                self._emit(self.runner.round, self.runner.round.abort("job cancelled"))
+            self.runner = None
+        self.store.set_job_status(job_id, "cancelled", actor=actor)
+
+    def enrol(self, site: str, curve_public_z85: str, ed25519_public: bytes,
+              actor: str = "console") -> None:
+        """Raises: StoreError: invalid site or keys (named)."""
+        self.store.enrol(site, curve_public_z85, ed25519_public, actor=actor)
+        self.on_allow_list(self.store.allowed_keys())
+
+    def revoke(self, site: str, actor: str = "console") -> None:
+        """Revoke and drop the site's connection at once.
+
+        Raises:
+            StoreError: unknown site.
+        """
+        self.store.revoke(site, actor=actor)
+        self.on_allow_list(self.store.allowed_keys())
+        self.conns.pop(site, None)
+        self.on_disconnect(site)
+        if self.runner is not None and self.runner.round is not None:
+            self._emit(self.runner.round, self.runner.round.lost(site, self.clock()))
+
+    def set_roster(self, roster_bytes: bytes, actor: str = "console") -> None:
+        """Install a new console-signed roster (checked against the roster key if known).
+
+        Raises:
+            ValueError: the roster's signature does not verify.
+        """
+        if self.roster_public_key:
+            from fedge.secagg.keys import Roster
+
+            Roster.from_bytes(roster_bytes, self.roster_public_key)
+        self.roster = bytes(roster_bytes)
+        (self.state_dir / "roster.json").write_bytes(self.roster)
+        self.store.audit(actor, "set_roster", {"bytes": len(roster_bytes)})
+
+    # -- transport hooks ------------------------------------------------------------
+
+    def refused(self, curve_public_z85: str, reason: str) -> None:
+        """The transport refused a connection (unknown or revoked key)."""
+        self.store.audit("transport", "connection_refused",
+                         {"curve_public": curve_public_z85, "reason": reason})
+
+    def handle_frames(self, site: str, frames: Sequence[Any]) -> None:
+        """One multipart message from the authenticated ``site``.
+
+        Anything malformed, oversized, replayed, spoofed or out of place is
+        refused: logged in the audit trail, answered with ``Rejected``, and
+        nothing else changes.
+        """
+        now = self.clock()
+        try:
+            env = codec.decode(frames, max_bytes=self.max_message_bytes)
+        except codec.WireError as exc:
+            self._reject(site, "malformed_message", f"{type(exc).__name__}: {exc}")
+            return
+        conn = self.conns.get(site)
+        if conn is None:
+            conn = self.conns[site] = _Conn(now)
+        if conn.seen(env.header.msg_id):
+            self._reject(site, "replayed_message",
+                         f"message id {env.header.msg_id} ({env.header.type}) already received")
+            return
+        if env.header.sender != site:
+            self._reject(site, "spoofed_sender",
+                         f"header sender {env.header.sender!r} is not the authenticated {site!r}")
+            return
+        conn.last_seen = now
+        self.handle(site, env, now)
+
+    def handle(self, site: str, env: codec.Envelope, now: float) -> None:
+        body = env.body
+        if isinstance(body, m.Heartbeat):
+            if body.site != site:
+                self._reject(site, "spoofed_sender", f"heartbeat names site {body.site!r}")
+                return
+            self._heartbeat(site, body)
+            self.outbox.append(Outgoing(site, m.HeartbeatAck(now, __version__)))
+            return
+        if m.is_update_fetch(body):
+            if self.update_handler is None:
+                self._reject(site, "unroutable", "this coordinator relays no updates")
+            else:
+                self.outbox.append(Outgoing(site, self.update_handler(body)))
+            return
+        rnd = self.runner.round if self.runner is not None else None
+        if rnd is None or rnd.finished or env.header.job != rnd.job_id \
+                or env.header.round != rnd.round:
+            where = f"job {env.header.job!r} round {env.header.round}"
+            self._reject(site, "stale_message", f"{env.header.type} for {where}, "
+                         "which is not the round in progress")
+            return
+        before = len(rnd.rejected)
+        if isinstance(body, m.TaskRefused):
+            self.store.audit(site, "task_refused", {"job": rnd.job_id, "round": rnd.round,
+                                                    "task": body.task, "reason": body.reason})
+        self._emit(rnd, rnd.receive(site, body, now))
+        for rsite, reason in rnd.rejected[before:]:
+            self.store.audit(rsite, "rejected_message",
+                             {"job": rnd.job_id, "round": rnd.round, "reason": reason})
+        self._after(now)
+
+    def _heartbeat(self, site: str, hb: m.Heartbeat) -> None:
+        try:
+            self.store.record_heartbeat(
+                site, version=hb.version, health=_json(hb.health_json), eligible=hb.eligible,
+                reason=hb.reason, datasets=list(hb.datasets), current_task=hb.current_task)
+        except StoreError as exc:
+            self._reject(site, "unknown_site", str(exc))
+
+    def _reject(self, site: str, action: str, reason: str) -> None:
+        log.warning("rejected message from %s: %s", site, reason)
+        self.store.audit(site, action, reason)
+        self.outbox.append(Outgoing(site, m.Rejected(reason)))
+
+    # -- driving --------------------------------------------------------------------
+
+    def connected_sites(self, now: float | None = None) -> set[str]:
+        now = self.clock() if now is None else now
+        return {s for s in self.conns if self._connected(s, now)}
+
+    def _connected(self, site: str, now: float) -> bool:
+        c = self.conns.get(site)
+        return c is not None and now - c.last_seen <= self.heartbeat_timeout_s
+
+    def tick(self) -> None:
+        """Advance deadlines, notice lost connections, start and finish rounds."""
+        now = self.clock()
+        if self.runner is None:
+            self._start_next_job(now)
+            if self.runner is None:
+                return
+        runner = self.runner
+        if runner.round is None:
+            runner.new_round(now)
+        rnd = runner.round
+        assert rnd is not None
+        for site in rnd.participants:
+            if not self._connected(site, now):
+                self._emit(rnd, rnd.lost(site, now))
+        if rnd.phase is Phase.WAITING_COHORT:
+            sel = select_cohort(self.store.appliances(), connected=self.connected_sites(now),
+                                dataset=runner.plan.dataset)
+            self._emit(rnd, rnd.offer(sel.candidates, now))
+        else:
+            self._emit(rnd, rnd.tick(now))
+        self._after(now)
+
+    def _after(self, now: float) -> None:
+        runner = self.runner
+        if runner is None or runner.round is None or not runner.round.finished:
+            return
+        rnd = runner.round
+        if rnd.phase is Phase.DONE:
+            self._commit(runner, rnd)
+        else:
+            attempts = self.store.fail_round(rnd.job_id, rnd.round, started_at=rnd.started_at,
+                                             cohort=rnd.cohort, reason=rnd.failure)
+            log.warning("job %s round %d failed (attempt %d): %s", rnd.job_id, rnd.round,
+                        attempts, rnd.failure)
+            runner.round = None
+            if attempts >= runner.plan.max_failed_attempts:
+                self.store.set_job_status(
+                    rnd.job_id, "failed", actor=SYSTEM,
+                    error=f"round {rnd.round} failed {attempts} times; last: {rnd.failure}")
+                self.runner = None
+
+    def _commit(self, runner: JobRunner, rnd: Round) -> None:
+        assert rnd.new_weights is not None
+        rows = rnd.metric_rows()
+        summary = {f"{split}/{name}": v for site, split, name, v, _ in rows if site == "*"}
+        ckpt = ck.Checkpoint(weights=rnd.new_weights, round=rnd.round, plan=runner.plan.text,
+                             strategy_state=rnd.strategy.state, metrics=summary)
+        digest = ck.save_checkpoint(ck.round_path(self.state_dir, runner.job_id, rnd.round), ckpt)
+        self.store.commit_round(runner.job_id, rnd.round, started_at=rnd.started_at,
+                                cohort=rnd.cohort, survivors=rnd.survivors, dropped=rnd.dropped,
+                                model_digest=digest, metrics=rows)
+        log.info("job %s round %d committed (%s), survivors %s", runner.job_id, rnd.round,
+                 digest[:12], rnd.survivors)
+        runner.weights = rnd.new_weights
+        runner.strategy = rnd.strategy
+        runner.committed = rnd.round
+        runner.round = None
+        if runner.finished:
+            ck.save_checkpoint(ck.final_path(self.state_dir, runner.job_id), ckpt)
+            self.store.set_job_status(runner.job_id, "completed", actor=SYSTEM,
+                                      final_digest=digest)
+            self.runner = None
+
+    def _start_next_job(self, now: float) -> None:
+        jobs = self.store.jobs(status="running") or self.store.jobs(status="queued")
+        if not jobs:
+            return
+        job = jobs[0]
+        try:
+            plan = parse_plan(job.plan_toml)
+            if job.committed_round == 0:
+                weights = self._round0(job.job_id, plan)
+                strategy = Strategy(plan.strategy)
+            else:
+                c = ck.load_checkpoint(ck.round_path(self.state_dir, job.job_id,
+                                                     job.committed_round))
+                weights = c.weights.copy()
+                strategy = Strategy(plan.strategy, {k: v.copy()
+                                                    for k, v in c.strategy_state.items()})
+        except (PlanError, ck.CheckpointError) as exc:
+            self.store.set_job_status(job.job_id, "failed", actor=SYSTEM, error=str(exc))
+            return
+        if job.status == "queued":
+            self.store.set_job_status(job.job_id, "running", actor=SYSTEM)
+        else:
+            self.store.audit(SYSTEM, "job_resumed",
+                             {"job": job.job_id, "from_round": job.committed_round})
+        self.max_message_bytes = max(self.max_message_bytes, 8 * (weights.size + 1) + (1 << 20))
+        self.runner = JobRunner(self, job.job_id, plan, weights, strategy, job.committed_round)
+
+    def _round0(self, job_id: str, plan: Plan) -> np.ndarray:
+        path = ck.round_path(self.state_dir, job_id, 0)
+        if path.exists():
+            return ck.load_checkpoint(path).weights.copy()
+        weights = np.ascontiguousarray(self.initial_weights(plan), dtype=np.float32)
+        ck.save_checkpoint(path, ck.Checkpoint(weights=weights, round=0, plan=plan.text))
+        return weights
+
+    def _emit(self, rnd: Round, out: list[tuple[str, Any]]) -> None:
+        for site, body in out:
+            self.outbox.append(Outgoing(site, body, rnd.job_id, rnd.round))
+
+    def aggregation_factory(self, plan: Plan) -> AggregationFactory:
+        if self._aggregation is not None:
+            return self._aggregation(plan)
+        if not plan.secagg.enabled:
+            return plain_factory
+        from fedge.coordinator.secure import secagg_factory
+
+        return secagg_factory(self)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def _json(text: str) -> dict[str, Any]:
+    import json
+
+    try:
+        value = json.loads(text) if text else {}
+    except ValueError:
+        return {"unparsable": text[:200]}
+    return value if isinstance(value, dict) else {"value": value}

@@ -1,0 +1,143 @@
+"""Whole rounds through the real coordinator and agents, in memory, with SecAgg+."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from fedge.coordinator import checkpoint as ck
+from fedge.coordinator.rounds import weight_scale
+
+PLAN = """
+[job]
+dataset = "synthetic"
+rounds = {rounds}
+min_clients = 2
+seed = 11
+[model]
+name = "linear"
+[train]
+epochs = 1
+batch_size = 1
+learning_rate = 0.5
+[strategy]
+name = "{strategy}"
+[secagg]
+enabled = {secure}
+alpha = 0.1
+delta = 0.25
+clip = 1.0
+[deadlines]
+cohort_s = 5
+train_s = 5
+secagg_stage_s = 3
+eval_s = 3
+"""
+
+
+def plan(rounds=2, strategy="fedavg", secure="true"):
+    return PLAN.format(rounds=rounds, strategy=strategy, secure=secure)
+
+
+def expected_fedavg(fed, rounds, sites=None):
+    """The same job computed directly, without secure aggregation."""
+    sites = sorted(sites or fed.agents)
+    w = np.zeros(fed.dim, np.float32)
+    for _ in range(rounds):
+        ups, ns = [], []
+        for s in sites:
+            t = fed.agents[s].trainer
+            local = w + np.float32(0.5) * (t.target(fed.dim) - w)
+            ups.append(np.clip(local.astype(np.float64) - w, -1, 1))
+            ns.append(t.n_examples)
+        mean = sum(n * u for n, u in zip(ns, ups, strict=True)) / sum(ns)
+        w = (w.astype(np.float64) + mean).astype(np.float32)
+    return w
+
+
+def run(fed, job_text):
+    async def go():
+        await fed.heartbeats()
+        job = fed.coord.submit_job(job_text, actor="test")
+        await fed.pump(until=lambda: fed.coord.store.job(job).status in ("completed", "failed"))
+        return job
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("secure", ["true", "false"])
+def test_two_rounds_match_direct_computation(federation, secure):
+    fed = federation(["a", "b", "c"])
+    job = run(fed, plan(secure=secure))
+    st = fed.coord.store
+    assert st.job(job).status == "completed", st.job(job).error
+    final = ck.load_checkpoint(ck.final_path(fed.coord.state_dir, job))
+    expect = expected_fedavg(fed, 2)
+    # quantisation: each of n=3 inputs rounds to a step of 2c/(2^b - 1), b = quant_bits(3)
+    tol = 3 * 2.0 / (2**30 - 1) * 4 if secure == "true" else 1e-6
+    np.testing.assert_allclose(final.weights, expect, atol=max(tol, 1e-6))
+    rounds = st.rounds(job)
+    assert [(r.round, r.status, r.survivors) for r in rounds] == [
+        (1, "committed", ["a", "b", "c"]), (2, "committed", ["a", "b", "c"])]
+    names = {(m["site"], m["split"], m["name"]) for m in st.metrics(job)}
+    assert ("*", "test", "loss") in names and ("a", "train", "loss") in names
+    assert final.model_digest == st.job(job).final_digest
+
+
+def test_dropout_during_unmasking_still_completes(federation):
+    fed = federation(["a", "b", "c", "d"])
+    from fedge.secagg.messages import UnmaskRequest
+
+    fed.kill_hook = lambda site, body: site == "d" and isinstance(body, UnmaskRequest)
+    job = run(fed, plan(rounds=1))
+    assert fed.coord.store.job(job).status == "completed"
+    r = fed.coord.store.rounds(job)[-1]
+    # d's masked input arrived before it died; the others' shares remove its self
+    # mask, so its update is part of the sum (SecAgg+ semantics)
+    assert r.survivors == ["a", "b", "c", "d"]
+    final = ck.load_checkpoint(ck.final_path(fed.coord.state_dir, job))
+    np.testing.assert_allclose(final.weights, expected_fedavg(fed, 1), atol=1e-6)
+    # d never answered the evaluation: no test metrics from it
+    assert not [x for x in fed.coord.store.metrics(job) if x["site"] == "d"
+                and x["split"] == "test"]
+
+
+def test_dropout_during_training_excludes_site(federation):
+    fed = federation(["a", "b", "c"])
+    from fedge.wire.messages import TrainTask
+
+    fed.kill_hook = lambda site, body: site == "c" and isinstance(body, TrainTask)
+    job = run(fed, plan(rounds=1, secure="false"))
+    st = fed.coord.store
+    assert st.job(job).status == "completed"
+    final = ck.load_checkpoint(ck.final_path(fed.coord.state_dir, job))
+    np.testing.assert_allclose(final.weights, expected_fedavg(fed, 1, ["a", "b"]), atol=1e-6)
+    assert st.rounds(job)[-1].dropped == ["c"]
+
+
+def test_site_without_dataset_is_left_out_of_the_cohort(federation):
+    fed = federation(["a", "b"])
+    fed.agents["b"].trainer.dataset = "other"
+    job = run(fed, plan(rounds=1, secure="false").replace("min_clients = 2", "min_clients = 1"))
+    st = fed.coord.store
+    assert st.job(job).status == "completed"
+    assert st.rounds(job)[-1].cohort == ["a"]
+    assert st.appliance("b").datasets == ["other"]
+
+
+def test_secure_aggregation_that_cannot_run_fails_round_cleanly(federation):
+    fed = federation(["a", "b", "c", "d"])
+    job = run(fed, plan(rounds=1).replace("delta = 0.25", "delta = 0.5"))
+    st = fed.coord.store
+    assert st.job(job).status == "failed"
+    failed = st.rounds(job)
+    assert len(failed) == 3 and all(r.status == "failed" for r in failed)
+    assert "dropout bound" in failed[0].reason
+    assert not ck.final_path(fed.coord.state_dir, job).exists()
+    assert not ck.round_path(fed.coord.state_dir, job, 1).exists()
+
+
+def test_weight_scale_keeps_inputs_in_clip_range():
+    assert weight_scale(0.5, 200) * 200 == 0.5
+    assert weight_scale(3.0, 10) * 10 == 1.0

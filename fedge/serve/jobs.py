@@ -10,6 +10,7 @@ job's provenance.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import tomllib
@@ -76,19 +77,39 @@ def model_spec_from_plan(plan_text: str) -> tuple[str, dict[str, Any]]:
 
 
 def _build(name: str, params: dict[str, Any]) -> torch.nn.Module:
+    from fedge.train.api import ModelSpec, build_model
+
     try:
-        from fedge.train.api import ModelSpec, build_model
-    except ImportError:
-        from fedge.train import ModelSpec, build_model  # type: ignore[attr-defined,no-redef]
-    return build_model(ModelSpec(name=name, params=params))
+        spec = ModelSpec.from_dict({"name": name, "params": params})
+        return build_model(spec)
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint plan's model cannot be built: {exc}") from None
+
+
+def _digest(flat: torch.Tensor) -> str:
+    data = flat.detach().to(torch.float32).contiguous().numpy().astype("<f4").tobytes()
+    return hashlib.sha256(data).hexdigest()
 
 
 def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Load a state dict, or a single flat vector in `flatten` order.
+    """Load the checkpoint's flat `weights` (parameters() order), or a full state dict.
 
     Raises:
         CheckpointError: names or sizes do not fit the model.
     """
+    if "weights" in tensors:
+        flat = tensors["weights"].reshape(-1)
+        total = sum(p.numel() for p in model.parameters())
+        if flat.numel() != total:
+            raise CheckpointError(
+                f"checkpoint holds {flat.numel()} weights, the model has {total} parameters"
+            )
+        offset = 0
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(flat[offset : offset + p.numel()].view_as(p).to(p.dtype))
+                offset += p.numel()
+        return
     state = model.state_dict()
     if set(tensors) == set(state):
         try:
@@ -96,23 +117,9 @@ def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> No
         except RuntimeError as exc:
             raise CheckpointError(f"checkpoint weights do not fit the model: {exc}") from None
         return
-    if len(tensors) == 1:
-        flat = next(iter(tensors.values())).reshape(-1)
-        params = list(model.parameters())
-        total = sum(p.numel() for p in params)
-        if flat.numel() != total:
-            raise CheckpointError(
-                f"checkpoint holds {flat.numel()} weights, the model has {total} parameters"
-            )
-        offset = 0
-        with torch.no_grad():
-            for p in params:
-                p.copy_(flat[offset : offset + p.numel()].view_as(p).to(p.dtype))
-                offset += p.numel()
-        return
     raise CheckpointError(
-        f"checkpoint tensors {sorted(tensors)[:5]}… match neither the model's state dict "
-        f"{sorted(state)[:5]}… nor a single flat vector"
+        f"checkpoint tensors {sorted(tensors)[:5]} hold neither a flat 'weights' vector nor "
+        f"the model's state dict {sorted(state)[:5]}"
     )
 
 
@@ -153,6 +160,12 @@ def export_job(
         raise CheckpointError(f"{ckpt} metadata has no 'plan'")
     name, params = model_spec_from_plan(meta["plan"])
     model = _build(name, params)
+    digest = meta.get("model_digest")
+    if "weights" in tensors and digest and _digest(tensors["weights"]) != digest:
+        raise CheckpointError(
+            f"{ckpt}: weights do not match the recorded model_digest {digest[:16]}…; "
+            "refusing to export a corrupted checkpoint"
+        )
     load_weights(model, tensors)
     try:
         feature_names = json.loads(meta.get("feature_names", "[]"))
@@ -164,8 +177,8 @@ def export_job(
             prep = json.loads(meta["preprocessing"])
         except json.JSONDecodeError:
             raise CheckpointError(f"{ckpt} metadata 'preprocessing' is not JSON") from None
-        if isinstance(prep, dict) and "mean" in prep and "std" in prep:
-            preprocessing = Standardisation(prep["mean"], prep["std"])
+        if isinstance(prep, dict) and "mean" in prep and ("std" in prep or "scale" in prep):
+            preprocessing = Standardisation(prep["mean"], prep.get("std", prep.get("scale")))
     props = {
         "job_id": job_id,
         "round": meta.get("round", ""),
@@ -175,6 +188,12 @@ def export_job(
         "feature_names": json.dumps(feature_names),
         "metrics": meta.get("metrics", "{}"),
     }
+    if preprocessing is None:
+        props["preprocessing"] = json.dumps({
+            "kind": "none folded",
+            "detail": "inputs go in as the sites fed them to training (fedge.train's "
+                      "per-site standardiser, if the plan's data set used one)",
+        })
     example = _example_input(model, feature_names, input_shape)
     target = Path(out) if out is not None else ckpt.with_name("model.onnx")
     return export_onnx(model, example, props, target, preprocessing=preprocessing)

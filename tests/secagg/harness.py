@@ -53,12 +53,14 @@ class Federation:
     round: int = 3
     digests: dict[str, bytes] = field(default_factory=dict)
     stage_timeout: float = 10.0
+    extra_enrolled: int = 1  # enrolled in the roster but not in this round's cohort
 
     def __post_init__(self) -> None:
         rng = np.random.default_rng(self.seed)
         self.ids = [f"site-{i:03d}" for i in range(self.n)]
         self.console = Identity.generate()
-        self.identities = {cid: Identity.generate() for cid in self.ids}
+        self.spares = [f"spare-{i:03d}" for i in range(self.extra_enrolled)]
+        self.identities = {cid: Identity.generate() for cid in self.ids + self.spares}
         self.roster = Roster.build(
             {cid: ident.public_bytes() for cid, ident in self.identities.items()}, self.console
         )
@@ -162,6 +164,35 @@ class Federation:
             now += self.config.stage_timeout + 1
             queue += self.server.tick(now)
         raise AssertionError(f"round did not finish in {max_steps} steps")
+
+
+def attack(
+    fed: Federation,
+    victim: str,
+    message_type: type,
+    modify: Callable[[object], object],
+    drop: dict[str, set[str]] | None = None,
+) -> SecAggAbort:
+    """Run ``fed`` with the server's ``message_type`` to ``victim`` replaced by
+    ``modify(message)``; return what ``victim`` aborted with (it must abort)."""
+
+    def tamper(recipient: str, message: object) -> object | None:
+        if recipient == victim and isinstance(message, message_type):
+            return modify(message)
+        return None
+
+    fed.run(drop, tamper=tamper)
+    assert victim in fed.client_errors, f"{victim} did not abort"
+    assert fed.clients[victim].state == "Aborted"
+    return fed.client_errors[victim]
+
+
+def sign_advert(fed: Federation, signer: str, cid: str, enc: bytes, mask: bytes) -> bytes:
+    """A signature by ``signer``'s identity on an advertisement of ``cid``'s keys."""
+    from fedge.secagg import keys
+
+    payload = keys.advertisement_payload(cid, enc, mask, job_id=fed.job_id, round_=fed.round)
+    return fed.identities[signer].sign(payload)
 
 
 def revealed_kinds(sent: list[tuple[str, object]]) -> dict[tuple[str, str], set[str]]:

@@ -1,0 +1,89 @@
+#include "train.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "prg.h"
+
+namespace fedge {
+
+void sgd_step(float* params, const float* grads, float* momentum_buf, size_t n, const SgdArgs& a,
+              const float* global_params, const float* scaffold_c, const float* scaffold_ci) {
+  for (size_t i = 0; i < n; ++i) {
+    const double w = params[i];
+    double g = grads[i];
+    if (global_params != nullptr) g += a.prox_mu * (w - static_cast<double>(global_params[i]));
+    if (scaffold_c != nullptr) g += static_cast<double>(scaffold_c[i]);
+    if (scaffold_ci != nullptr) g -= static_cast<double>(scaffold_ci[i]);
+    if (a.weight_decay != 0.0) g += a.weight_decay * w;
+    if (a.momentum != 0.0) {
+      double buf = a.first_step ? g
+                                : a.momentum * static_cast<double>(momentum_buf[i]) +
+                                      (1.0 - a.dampening) * g;
+      const float buf32 = static_cast<float>(buf);
+      momentum_buf[i] = buf32;
+      buf = buf32;
+      g = a.nesterov ? g + a.momentum * buf : buf;
+    }
+    params[i] = static_cast<float>(w - a.lr * g);
+  }
+}
+
+void adam_step(float* params, const float* grads, float* exp_avg, float* exp_avg_sq, size_t n,
+               const AdamArgs& a) {
+  const double bc1 = 1.0 - std::pow(a.beta1, static_cast<double>(a.step));
+  const double bc2 = 1.0 - std::pow(a.beta2, static_cast<double>(a.step));
+  const double step_size = a.lr / bc1;
+  const double bc2_sqrt = std::sqrt(bc2);
+  const double decay = a.decoupled ? 1.0 - a.lr * a.weight_decay : 1.0;
+  for (size_t i = 0; i < n; ++i) {
+    double w = params[i];
+    double g = grads[i];
+    if (a.weight_decay != 0.0 && !a.decoupled) g += a.weight_decay * w;
+    w *= decay;
+    const float m = static_cast<float>(exp_avg[i] + (g - exp_avg[i]) * (1.0 - a.beta1));
+    const float v = static_cast<float>(a.beta2 * exp_avg_sq[i] + (1.0 - a.beta2) * g * g);
+    exp_avg[i] = m;
+    exp_avg_sq[i] = v;
+    const double denom = std::sqrt(static_cast<double>(v)) / bc2_sqrt + a.eps;
+    params[i] = static_cast<float>(w - step_size * static_cast<double>(m) / denom);
+  }
+}
+
+double l2_norm(const float* v, size_t n) {
+  // Four partial sums: lets the compiler vectorise without reassociation flags.
+  double s[4] = {0, 0, 0, 0};
+  size_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    for (int j = 0; j < 4; ++j) s[j] += static_cast<double>(v[i + j]) * v[i + j];
+  }
+  for (; i < n; ++i) s[0] += static_cast<double>(v[i]) * v[i];
+  return std::sqrt((s[0] + s[1]) + (s[2] + s[3]));
+}
+
+void scale(float* v, size_t n, double factor) {
+  for (size_t i = 0; i < n; ++i) v[i] = static_cast<float>(v[i] * factor);
+}
+
+void add_gaussian_noise(Path path, float* v, size_t n, double std, const RoundKeys& seed) {
+  constexpr size_t kPairs = 512;  // 2 normals per 4 words
+  constexpr double kTwoPi = 6.283185307179586476925286766559;
+  uint32_t w[4 * kPairs];
+  for (size_t base = 0; base < n; base += 2 * kPairs) {
+    const size_t cnt = std::min(2 * kPairs, n - base);  // normals in this chunk
+    const size_t pairs = (cnt + 1) / 2;
+    keystream(path, seed, 2 * static_cast<uint64_t>(base), w, 4 * pairs);
+    for (size_t p = 0; p < pairs; ++p) {
+      const uint64_t a = (uint64_t(w[4 * p]) << 21) ^ (w[4 * p + 1] >> 11);   // 53 bits
+      const uint64_t b = (uint64_t(w[4 * p + 2]) << 21) ^ (w[4 * p + 3] >> 11);
+      const double u1 = (static_cast<double>(a) + 1.0) * 0x1p-53;  // (0, 1]
+      const double u2 = static_cast<double>(b) * 0x1p-53;          // [0, 1)
+      const double r = std::sqrt(-2.0 * std::log(u1)) * std;
+      const size_t i = base + 2 * p;
+      v[i] = static_cast<float>(v[i] + r * std::cos(kTwoPi * u2));
+      if (i + 1 < n) v[i + 1] = static_cast<float>(v[i + 1] + r * std::sin(kTwoPi * u2));
+    }
+  }
+}
+
+}  // namespace fedge

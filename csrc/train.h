@@ -1,0 +1,43 @@
+// Fused optimiser kernels over one flat float32 parameter buffer. Each
+// element is computed in double and rounded once to float32 on store.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "aes.h"
+
+namespace fedge {
+
+struct SgdArgs {
+  double lr = 0.0, momentum = 0.0, weight_decay = 0.0, dampening = 0.0, prox_mu = 0.0;
+  bool nesterov = false;
+  bool first_step = false;  // torch semantics: the momentum buffer starts as the gradient
+};
+
+// torch.optim.SGD on the corrected gradient
+//   g' = g + prox_mu * (w - w_global) + (c - c_i)
+// momentum_buf may be null when momentum == 0; global_params, scaffold_c and
+// scaffold_ci may be null (term absent).
+void sgd_step(float* params, const float* grads, float* momentum_buf, size_t n, const SgdArgs& a,
+              const float* global_params, const float* scaffold_c, const float* scaffold_ci);
+
+struct AdamArgs {
+  double lr = 0.0, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.0;
+  int64_t step = 1;
+  bool decoupled = false;  // AdamW
+};
+
+// torch.optim.Adam (decoupled=false) / torch.optim.AdamW (decoupled=true).
+void adam_step(float* params, const float* grads, float* exp_avg, float* exp_avg_sq, size_t n,
+               const AdamArgs& a);
+
+// L2 norm in double.
+double l2_norm(const float* v, size_t n);
+void scale(float* v, size_t n, double factor);
+
+// v[i] += std * z_i, z_i standard normal from Box-Muller on PRG words (53-bit
+// uniforms built from pairs of words).
+void add_gaussian_noise(Path path, float* v, size_t n, double std, const RoundKeys& seed);
+
+}  // namespace fedge

@@ -1,0 +1,555 @@
+"""The typed Python face of the compiled core `fedge._core`.
+
+Every function checks its inputs here, naming the argument, the value and the
+rule it broke, and then calls one C++ function that releases the GIL. Arrays
+are 1-D and C-contiguous with an exact dtype: a wrong one raises instead of
+being converted, so an array written in place is never silently copied.
+
+CPU torch tensors are accepted where an array is (as their `.numpy()` view).
+CUDA torch tensors are accepted by `apply_masks`, `quantise`, `dequantise` and
+`sgd_step` when the core was built with CUDA; `prg(..., device="cuda")`
+returns a CUDA tensor. The device path gives the same bits as the CPU path.
+
+PRG: AES-128-CTR exactly as OpenSSL's EVP_aes_128_ctr keyed by the 16-byte
+seed with a zero IV, read as little-endian uint32 words; word i of the stream
+is the word at index i - offset_words of the result.
+
+Quantisation: s = (2^b - 1)/(2c); q = min(floor((clip(x) + c)·s + u), 2^b − 1)
+with u = w·2^-32, w the PRG word (keyed by `seed`) at the element's index; all
+in IEEE double without fused multiply-add. The sum S of n quantised vectors
+dequantises to S/s − n·c; for one vector |dequantise(q) − clip(x)| < 1/s, and
+E[dequantise(q)] = clip(x) (up to the 2^-32 resolution of u).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from fedge import _core
+
+__all__ = [
+    "adam_step",
+    "add_gaussian_noise",
+    "apply_masks",
+    "clip_l2",
+    "dequantise",
+    "info",
+    "prg",
+    "quant_bits",
+    "quantise",
+    "sgd_step",
+]
+
+SEED_BYTES = 16
+_MAX_WORDS = 1 << 62
+PATHS = ("vaes", "aesni", "portable")
+
+
+def info() -> dict[str, Any]:
+    """What this build can do.
+
+    Returns a dict with ``version``, ``simd`` (the fastest PRG path this CPU
+    supports: "vaes", "aesni" or "portable"), ``paths`` (all usable paths),
+    ``simd_forced`` ($FEDGE_SIMD or None), ``cuda_compiled`` and ``gpus``
+    (CUDA devices visible; 0 without a driver or GPU).
+    """
+    return dict(_core.info())
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _is_torch_tensor(obj: object) -> bool:
+    return type(obj).__module__.startswith("torch") and hasattr(obj, "is_cuda")
+
+
+def _is_cuda_tensor(obj: object) -> bool:
+    return _is_torch_tensor(obj) and bool(obj.is_cuda)  # type: ignore[attr-defined]
+
+
+def _array(obj: object, name: str, dtype: type, *, writable: bool = False) -> np.ndarray:
+    """Checks a 1-D C-contiguous array of exactly `dtype`; never copies.
+
+    Raises:
+        TypeError: not an array (or CPU tensor), or the wrong dtype.
+        ValueError: not 1-D, not C-contiguous, or read-only when written.
+    """
+    if _is_torch_tensor(obj):
+        if obj.is_cuda:  # type: ignore[attr-defined]
+            raise TypeError(f"{name} is a CUDA tensor but this operation runs on the CPU")
+        obj = obj.detach().numpy()  # type: ignore[attr-defined]
+    if not isinstance(obj, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array, got {type(obj).__name__}")
+    want = np.dtype(dtype)
+    if obj.dtype != want:
+        raise TypeError(f"{name} must have dtype {want.name}, got {obj.dtype.name}")
+    if obj.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {obj.shape}")
+    if not obj.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous (strides {obj.strides})")
+    if writable and not obj.flags.writeable:
+        raise ValueError(f"{name} is read-only but is written in place")
+    return obj
+
+
+def _int(value: object, name: str, *, minimum: int = 0, maximum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    v = int(value)
+    if v < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {v}")
+    if maximum is not None and v > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {v}")
+    return v
+
+
+def _float(value: object, name: str, *, positive: bool = False, nonneg: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    v = float(value)
+    if not np.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    if positive and v <= 0:
+        raise ValueError(f"{name} must be > 0, got {v}")
+    if nonneg and v < 0:
+        raise ValueError(f"{name} must be >= 0, got {v}")
+    return v
+
+
+def _seed(seed: object, name: str = "seed") -> bytes:
+    if not isinstance(seed, bytes | bytearray | memoryview):
+        raise TypeError(f"{name} must be {SEED_BYTES} bytes, got {type(seed).__name__}")
+    b = bytes(seed)
+    if len(b) != SEED_BYTES:
+        raise ValueError(f"{name} must be {SEED_BYTES} bytes, got {len(b)}")
+    return b
+
+
+def _path(path: str | None) -> str | None:
+    if path is None:
+        return None
+    if path not in PATHS:
+        raise ValueError(f"path={path!r} is not a PRG path; expected one of {PATHS}")
+    usable = _core.info()["paths"]
+    if path not in usable:
+        raise ValueError(f"path={path!r} is not supported by this CPU (available: {usable})")
+    return path
+
+
+def _threads(threads: object) -> int:
+    return _int(threads, "threads", minimum=1, maximum=1024)
+
+
+def _seeds(seeds: object) -> bytes:
+    if isinstance(seeds, np.ndarray):
+        if seeds.dtype != np.uint8 or seeds.ndim != 2 or seeds.shape[1] != SEED_BYTES:
+            raise ValueError(
+                f"seeds as an array must be uint8 of shape (k, {SEED_BYTES}), "
+                f"got {seeds.dtype.name} {seeds.shape}"
+            )
+        return np.ascontiguousarray(seeds).tobytes()
+    if isinstance(seeds, bytes | bytearray | str) or not isinstance(seeds, Sequence):
+        raise TypeError(
+            f"seeds must be a sequence of {SEED_BYTES}-byte seeds or a (k, {SEED_BYTES}) "
+            f"uint8 array, got {type(seeds).__name__}"
+        )
+    return b"".join(_seed(s, f"seeds[{i}]") for i, s in enumerate(seeds))
+
+
+def _signs(signs: object, k: int) -> list[int]:
+    if isinstance(signs, np.ndarray):
+        if signs.ndim != 1 or not np.issubdtype(signs.dtype, np.integer):
+            raise ValueError(
+                f"signs must be a 1-D integer array, got {signs.dtype.name} {signs.shape}"
+            )
+        values = [int(s) for s in signs]
+    elif isinstance(signs, Sequence) and not isinstance(signs, str | bytes):
+        values = []
+        for i, s in enumerate(signs):
+            if isinstance(s, bool) or not isinstance(s, int | np.integer):
+                raise TypeError(f"signs[{i}] must be +1 or -1, got {s!r}")
+            values.append(int(s))
+    else:
+        raise TypeError(f"signs must be a sequence of +1/-1, got {type(signs).__name__}")
+    if len(values) != k:
+        raise ValueError(f"signs has {len(values)} entries but there are {k} seeds")
+    for i, s in enumerate(values):
+        if s not in (1, -1):
+            raise ValueError(f"signs[{i}] must be +1 or -1, got {s}")
+    return values
+
+
+def _cuda() -> Any:
+    if not hasattr(_core, "cuda_apply_masks"):
+        raise RuntimeError("fedge._core was built without CUDA (info()['cuda_compiled'] is False)")
+    return _core
+
+
+def _cuda_tensor(t: Any, name: str, dtypes: tuple[str, ...], device: Any = None) -> Any:
+    """Checks a contiguous 1-D CUDA tensor; returns it.
+
+    Raises:
+        TypeError: not a CUDA tensor, or the wrong dtype.
+        ValueError: not 1-D, not contiguous, or on another device than `device`.
+    """
+    if not _is_cuda_tensor(t):
+        raise TypeError(f"{name} must be a CUDA tensor, got {type(t).__name__}")
+    dt = str(t.dtype).removeprefix("torch.")
+    if dt not in dtypes:
+        raise TypeError(f"{name} must have dtype {' or '.join(dtypes)}, got {dt}")
+    if t.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the other operands are on {device}")
+    return t
+
+
+def _stream(device: Any) -> int:
+    import torch
+
+    return int(torch.cuda.current_stream(device).cuda_stream)
+
+
+# ---------------------------------------------------------------------- PRG
+
+
+def prg(
+    seed: bytes,
+    n_words: int,
+    offset_words: int = 0,
+    *,
+    path: str | None = None,
+    device: str | None = None,
+) -> Any:
+    """Words [offset_words, offset_words + n_words) of the AES-128-CTR stream.
+
+    `path` forces the CPU implementation ("vaes", "aesni", "portable");
+    default: $FEDGE_SIMD, else the fastest. `device="cuda"` (or "cuda:N")
+    computes it on the GPU and returns a torch uint32 CUDA tensor.
+
+    Raises:
+        TypeError: seed not bytes, counts not ints.
+        ValueError: seed not 16 bytes, negative counts, offset_words + n_words
+            beyond 2^62, or an unknown/unsupported path.
+        RuntimeError: device given but the core has no CUDA.
+    """
+    key = _seed(seed)
+    n = _int(n_words, "n_words", maximum=_MAX_WORDS)
+    off = _int(offset_words, "offset_words", maximum=_MAX_WORDS)
+    if device is not None:
+        import torch
+
+        core = _cuda()
+        dev = torch.device(device)
+        if dev.type != "cuda":
+            raise ValueError(f"device must be a CUDA device, got {device!r}")
+        out = torch.empty(n, dtype=torch.uint32, device=dev)
+        core.cuda_prg(out.data_ptr(), n, key, off, _stream(dev))
+        return out
+    return _core.prg(key, n, off, path=_path(path))
+
+
+def apply_masks(
+    vec: Any,
+    seeds: Sequence[bytes] | np.ndarray,
+    signs: Sequence[int] | np.ndarray,
+    *,
+    offset_words: int = 0,
+    threads: int = 1,
+    path: str | None = None,
+) -> None:
+    """vec[i] += signs[j] · PRG(seeds[j])[offset_words + i] (mod 2^32), in place.
+
+    One cache-blocked pass over `vec` for all seeds, split over `threads`
+    contiguous ranges. `vec` may be a uint32 (or int32) CUDA tensor.
+
+    Raises:
+        TypeError: vec not a uint32 array, seeds/signs of the wrong type.
+        ValueError: vec not 1-D/contiguous/writable, a seed not 16 bytes, a
+            sign not ±1, len(signs) != len(seeds), threads < 1, bad path.
+    """
+    key_bytes = _seeds(seeds)
+    sign_list = _signs(signs, len(key_bytes) // SEED_BYTES)
+    off = _int(offset_words, "offset_words", maximum=_MAX_WORDS)
+    nthreads = _threads(threads)
+    if _is_cuda_tensor(vec):
+        core = _cuda()
+        t = _cuda_tensor(vec, "vec", ("uint32", "int32"))
+        core.cuda_apply_masks(t.data_ptr(), t.numel(), key_bytes, sign_list, off, _stream(t.device))
+        return
+    arr = _array(vec, "vec", np.uint32, writable=True)
+    _core.apply_masks(
+        arr, key_bytes, sign_list, offset_words=off, threads=nthreads, path=_path(path)
+    )
+
+
+# ------------------------------------------------------------- quantisation
+
+
+def quant_bits(n_summands: int) -> int:
+    """Largest b <= 31 with n_summands · (2^b − 1) <= 2^32 − 1.
+
+    Raises:
+        TypeError: not an int.
+        ValueError: n_summands < 1, or so large that even 1 bit could wrap.
+    """
+    n = _int(n_summands, "n_summands", minimum=1)
+    b = _core.quant_bits(n) if n <= 0xFFFFFFFF else 0
+    if b == 0:
+        raise ValueError(
+            f"n_summands={n} is too many: even 1-bit values could wrap a uint32 sum "
+            f"(at most {0xFFFFFFFF})"
+        )
+    return int(b)
+
+
+def quantise(
+    x: Any,
+    *,
+    clip: float,
+    bits: int,
+    seed: bytes,
+    threads: int = 1,
+    path: str | None = None,
+) -> Any:
+    """Clips x to [−clip, clip] and rounds it stochastically to `bits`-bit ints.
+
+    Returns a new uint32 array (a uint32 CUDA tensor when x is one).
+
+    Raises:
+        TypeError: x not float32, seed not bytes.
+        ValueError: x not 1-D/contiguous or holding NaN/Inf; clip not a
+            finite number > 0; bits outside [1, 31]; seed not 16 bytes.
+    """
+    c = _float(clip, "clip", positive=True)
+    b = _int(bits, "bits", minimum=1, maximum=31)
+    key = _seed(seed)
+    nthreads = _threads(threads)
+    if _is_cuda_tensor(x):
+        import torch
+
+        core = _cuda()
+        t = _cuda_tensor(x, "x", ("float32",))
+        out = torch.empty(t.numel(), dtype=torch.uint32, device=t.device)
+        ok = core.cuda_quantise(
+            t.data_ptr(), out.data_ptr(), t.numel(), c, b, key, _stream(t.device)
+        )
+        if not ok:
+            raise ValueError("x contains NaN or infinity")
+        return out
+    arr = _array(x, "x", np.float32)
+    return _core.quantise(arr, clip=c, bits=b, seed=key, threads=nthreads, path=_path(path))
+
+
+def dequantise(total: Any, *, n_summands: int, clip: float, bits: int) -> Any:
+    """Maps a uint32 sum of `n_summands` quantised vectors back to float64.
+
+    Raises:
+        TypeError: total not uint32.
+        ValueError: total not 1-D/contiguous; n_summands < 1 or too large for
+            `bits` (the sum could have wrapped); clip or bits out of range.
+    """
+    n = _int(n_summands, "n_summands", minimum=1)
+    c = _float(clip, "clip", positive=True)
+    b = _int(bits, "bits", minimum=1, maximum=31)
+    if n * ((1 << b) - 1) > 0xFFFFFFFF:
+        raise ValueError(
+            f"bits={b} with n_summands={n} can wrap the uint32 sum; use quant_bits({n})"
+            f" = {quant_bits(n) if n <= 0xFFFFFFFF else 'none'}"
+        )
+    if _is_cuda_tensor(total):
+        import torch
+
+        core = _cuda()
+        t = _cuda_tensor(total, "total", ("uint32",))
+        out = torch.empty(t.numel(), dtype=torch.float64, device=t.device)
+        core.cuda_dequantise(t.data_ptr(), out.data_ptr(), t.numel(), n, c, b, _stream(t.device))
+        return out
+    arr = _array(total, "total", np.uint32)
+    return _core.dequantise(arr, n_summands=n, clip=c, bits=b)
+
+
+# --------------------------------------------------------- training kernels
+
+
+def sgd_step(
+    params: Any,
+    grads: Any,
+    momentum_buf: Any,
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    prox_mu: float = 0.0,
+    global_params: Any = None,
+    scaffold_c: Any = None,
+    scaffold_ci: Any = None,
+    first_step: bool = False,
+) -> None:
+    """One fused SGD step over flat float32 buffers, in place.
+
+    Exactly torch.optim.SGD applied to the corrected gradient
+    g' = g + prox_mu·(params − global_params) + (scaffold_c − scaffold_ci)
+    (FedProx and SCAFFOLD; each term only when its arrays are given).
+    torch starts the momentum buffer as the first gradient: pass
+    `first_step=True` on the first step (with a zero buffer and dampening 0
+    both conventions agree). `momentum_buf` may be None when momentum is 0.
+    All arrays may instead be CUDA tensors on one device.
+
+    Raises:
+        TypeError: an array of the wrong dtype or type.
+        ValueError: arrays of different lengths, not 1-D/contiguous/writable;
+            a non-finite or negative hyper-parameter; nesterov without
+            momentum; prox_mu > 0 without global_params; one SCAFFOLD control
+            variate without the other; momentum > 0 without momentum_buf.
+    """
+    lr_ = _float(lr, "lr", nonneg=True)
+    mom = _float(momentum, "momentum", nonneg=True)
+    wd = _float(weight_decay, "weight_decay", nonneg=True)
+    damp = _float(dampening, "dampening", nonneg=True)
+    mu = _float(prox_mu, "prox_mu", nonneg=True)
+    if nesterov and (mom <= 0 or damp != 0):
+        raise ValueError("nesterov=True needs momentum > 0 and dampening 0")
+    if mu > 0 and global_params is None:
+        raise ValueError(f"prox_mu={mu} needs global_params")
+    if (scaffold_c is None) != (scaffold_ci is None):
+        raise ValueError("scaffold_c and scaffold_ci must be given together")
+    if mom > 0 and momentum_buf is None:
+        raise ValueError(f"momentum={mom} needs momentum_buf")
+    gp = global_params if mu > 0 else None
+    if _is_cuda_tensor(params):
+        core = _cuda()
+        p = _cuda_tensor(params, "params", ("float32",))
+        dev = p.device
+        others = {
+            "grads": grads,
+            "momentum_buf": momentum_buf,
+            "global_params": gp,
+            "scaffold_c": scaffold_c,
+            "scaffold_ci": scaffold_ci,
+        }
+        ptrs: dict[str, int] = {}
+        for name, t in others.items():
+            if t is None:
+                ptrs[name] = 0
+                continue
+            ct = _cuda_tensor(t, name, ("float32",), dev)
+            if ct.numel() != p.numel():
+                raise ValueError(f"{name} has {ct.numel()} elements but params has {p.numel()}")
+            ptrs[name] = ct.data_ptr()
+        core.cuda_sgd_step(
+            p.data_ptr(), ptrs["grads"], ptrs["momentum_buf"], p.numel(), lr_, mom, wd, damp,
+            bool(nesterov), mu, ptrs["global_params"], ptrs["scaffold_c"], ptrs["scaffold_ci"],
+            bool(first_step), _stream(dev),
+        )  # fmt: skip
+        return
+    _core.sgd_step(
+        _array(params, "params", np.float32, writable=True),
+        _array(grads, "grads", np.float32),
+        None
+        if momentum_buf is None
+        else _array(momentum_buf, "momentum_buf", np.float32, writable=True),
+        lr=lr_,
+        momentum=mom,
+        weight_decay=wd,
+        dampening=damp,
+        nesterov=bool(nesterov),
+        prox_mu=mu,
+        global_params=None if gp is None else _array(gp, "global_params", np.float32),
+        scaffold_c=None if scaffold_c is None else _array(scaffold_c, "scaffold_c", np.float32),
+        scaffold_ci=None if scaffold_ci is None else _array(scaffold_ci, "scaffold_ci", np.float32),
+        first_step=bool(first_step),
+    )
+
+
+def adam_step(
+    params: Any,
+    grads: Any,
+    exp_avg: Any,
+    exp_avg_sq: Any,
+    *,
+    step: int,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decoupled: bool = False,
+) -> None:
+    """One Adam step (AdamW when `decoupled`), in place; `step` counts from 1.
+
+    Exactly torch.optim.Adam / torch.optim.AdamW (amsgrad off, maximize off).
+
+    Raises:
+        TypeError: an array of the wrong dtype or type.
+        ValueError: arrays of different lengths or not 1-D/contiguous/writable;
+            step < 1; betas outside [0, 1); eps <= 0; lr or weight_decay < 0.
+    """
+    s = _int(step, "step", minimum=1)
+    lr_ = _float(lr, "lr", nonneg=True)
+    b1 = _float(beta1, "beta1", nonneg=True)
+    b2 = _float(beta2, "beta2", nonneg=True)
+    if b1 >= 1:
+        raise ValueError(f"beta1 must be in [0, 1), got {b1}")
+    if b2 >= 1:
+        raise ValueError(f"beta2 must be in [0, 1), got {b2}")
+    e = _float(eps, "eps", positive=True)
+    wd = _float(weight_decay, "weight_decay", nonneg=True)
+    _core.adam_step(
+        _array(params, "params", np.float32, writable=True),
+        _array(grads, "grads", np.float32),
+        _array(exp_avg, "exp_avg", np.float32, writable=True),
+        _array(exp_avg_sq, "exp_avg_sq", np.float32, writable=True),
+        step=s,
+        lr=lr_,
+        beta1=b1,
+        beta2=b2,
+        eps=e,
+        weight_decay=wd,
+        decoupled=bool(decoupled),
+    )
+
+
+def clip_l2(vec: Any, max_norm: float) -> float:
+    """Scales float32 `vec` in place so its L2 norm is at most `max_norm`.
+
+    Returns the norm before clipping (computed in float64).
+
+    Raises:
+        TypeError: vec not float32.
+        ValueError: vec not 1-D/contiguous/writable or holding NaN/Inf (vec is
+            then left unchanged); max_norm not a finite number > 0.
+    """
+    m = _float(max_norm, "max_norm", positive=True)
+    return float(_core.clip_l2(_array(vec, "vec", np.float32, writable=True), m))
+
+
+def add_gaussian_noise(vec: Any, *, std: float, seed: bytes, path: str | None = None) -> None:
+    """vec += std · N(0, 1) noise, in place, deterministic in `seed`.
+
+    Normals come from Box–Muller on 53-bit uniforms built from the AES-CTR
+    stream keyed by `seed` (four words per pair of normals).
+
+    Raises:
+        TypeError: vec not float32, seed not bytes.
+        ValueError: vec not 1-D/contiguous/writable; std negative or not
+            finite; seed not 16 bytes.
+    """
+    sd = _float(std, "std", nonneg=True)
+    key = _seed(seed)
+    _core.add_gaussian_noise(
+        _array(vec, "vec", np.float32, writable=True), std=sd, seed=key, path=_path(path)
+    )
+
+
+def fresh_seed() -> bytes:
+    """A new random 16-byte seed from the OS (for quantisation and noise)."""
+    return os.urandom(SEED_BYTES)

@@ -1,0 +1,133 @@
+"""Quantisation: clipping, unbiased stochastic rounding, no wrap in the sum."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import openssl_words
+
+from fedge import core
+
+
+def numpy_quantise(x: np.ndarray, clip: float, bits: int, seed: bytes) -> np.ndarray:
+    """The CONTRACTS.md formula in numpy (IEEE double, no FMA): the reference."""
+    u = openssl_words(seed, len(x)).astype(np.float64) * 2.0**-32
+    s = (2**bits - 1) / (2 * clip)
+    v = np.clip(x.astype(np.float64), -clip, clip)
+    return np.minimum(np.floor((v + clip) * s + u), 2**bits - 1).astype(np.uint32)
+
+
+@pytest.mark.parametrize(
+    ("n", "bits"), [(1, 31), (2, 31), (3, 30), (4, 30), (5, 29), (1000, 22), (2**32 - 1, 1)]
+)
+def test_quant_bits_is_the_largest_safe_width(n: int, bits: int) -> None:
+    b = core.quant_bits(n)
+    assert b == bits
+    assert n * (2**b - 1) <= 2**32 - 1
+    assert b == 31 or n * (2 ** (b + 1) - 1) > 2**32 - 1
+
+
+def test_quant_bits_rejects_impossible_counts() -> None:
+    with pytest.raises(ValueError, match="n_summands must be >= 1, got 0"):
+        core.quant_bits(0)
+    with pytest.raises(ValueError, match="n_summands=4294967296 is too many"):
+        core.quant_bits(2**32)
+
+
+@pytest.mark.parametrize("bits", [1, 8, 16, 24, 31])
+def test_quantise_matches_the_numpy_formula_bit_for_bit(path: str, bits: int) -> None:
+    rng = np.random.default_rng(bits)
+    x = (rng.standard_normal(50_003) * 2).astype(np.float32)
+    x[:4] = [3.0, -3.0, 2.5, -2.5]  # exactly at and beyond the clip
+    seed = rng.bytes(16)
+    q = core.quantise(x, clip=2.5, bits=bits, seed=seed, path=path)
+    assert q.dtype == np.uint32
+    np.testing.assert_array_equal(q, numpy_quantise(x, 2.5, bits, seed))
+    assert int(q.max()) <= 2**bits - 1
+
+
+def test_threads_give_the_same_bits() -> None:
+    x = np.random.default_rng(0).standard_normal(600_001).astype(np.float32)
+    seed = b"q" * 16
+    ref = core.quantise(x, clip=1.0, bits=20, seed=seed)
+    for t in (2, 3, 7):
+        np.testing.assert_array_equal(
+            core.quantise(x, clip=1.0, bits=20, seed=seed, threads=t), ref
+        )
+
+
+def test_round_trip_error_is_within_one_step() -> None:
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal(200_000) * 0.5).astype(np.float32)
+    clip, bits = 1.0, 12
+    q = core.quantise(x, clip=clip, bits=bits, seed=rng.bytes(16))
+    back = core.dequantise(q, n_summands=1, clip=clip, bits=bits)
+    assert back.dtype == np.float64
+    step = 2 * clip / (2**bits - 1)
+    err = np.abs(back - np.clip(x.astype(np.float64), -clip, clip))
+    assert err.max() < step * (1 + 1e-9)
+
+
+def test_sum_of_n_dequantises_to_the_sum_within_n_steps() -> None:
+    rng = np.random.default_rng(6)
+    n, d, clip = 7, 50_000, 0.25
+    bits = core.quant_bits(n)
+    xs = [(rng.standard_normal(d) * 0.1).astype(np.float32) for _ in range(n)]
+    total = np.zeros(d, np.uint32)
+    for x in xs:
+        total += core.quantise(x, clip=clip, bits=bits, seed=rng.bytes(16))
+    got = core.dequantise(total, n_summands=n, clip=clip, bits=bits)
+    want = np.sum([np.clip(x.astype(np.float64), -clip, clip) for x in xs], axis=0)
+    assert np.abs(got - want).max() < n * 2 * clip / (2**bits - 1)
+
+
+def test_stochastic_rounding_is_unbiased() -> None:
+    # 4-bit grid, clip 1: the grid step is 2/15, so deterministic rounding of
+    # these values would be off by up to 0.067; stochastic rounding's mean
+    # error must fall within 5 standard errors of zero.
+    clip, bits, m = 1.0, 4, 400_000
+    step = 2 * clip / (2**bits - 1)
+    for value in (0.123, -0.71, 0.3 * step, 0.999):
+        x = np.full(m, value, np.float32)
+        q = core.quantise(x, clip=clip, bits=bits, seed=b"unbiased-rounding"[:16])
+        back = core.dequantise(q, n_summands=1, clip=clip, bits=bits)
+        frac = ((float(np.float32(value)) + clip) / step) % 1.0
+        sd = step * np.sqrt(frac * (1 - frac)) / np.sqrt(m)
+        bias = back.mean() - float(np.float32(value))
+        assert abs(bias) <= 5 * sd + 1e-12, (value, bias, sd)
+        # and it really does round both ways
+        assert len(np.unique(q)) == (1 if frac == 0 else 2)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_or_inf_is_refused(bad: float) -> None:
+    x = np.zeros(1000, np.float32)
+    x[777] = bad
+    with pytest.raises(ValueError, match="x contains NaN or infinity"):
+        core.quantise(x, clip=1.0, bits=8, seed=bytes(16))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "words"),
+    [
+        ({"clip": 0.0}, ValueError, "clip must be > 0, got 0.0"),
+        ({"clip": float("nan")}, ValueError, "clip must be finite"),
+        ({"bits": 32}, ValueError, "bits must be <= 31, got 32"),
+        ({"bits": 0}, ValueError, "bits must be >= 1, got 0"),
+        ({"seed": bytes(8)}, ValueError, "seed must be 16 bytes, got 8"),
+        ({"x": np.zeros(4, np.float64)}, TypeError, "x must have dtype float32, got float64"),
+        ({"x": np.zeros((2, 2), np.float32)}, ValueError, "x must be 1-D"),
+    ],
+)
+def test_quantise_rejects_bad_arguments(kwargs: dict, exc: type, words: str) -> None:
+    args = {"x": np.zeros(4, np.float32), "clip": 1.0, "bits": 8, "seed": bytes(16)} | kwargs
+    x = args.pop("x")
+    with pytest.raises(exc, match=words):
+        core.quantise(x, **args)
+
+
+def test_dequantise_refuses_a_width_that_could_have_wrapped() -> None:
+    with pytest.raises(ValueError, match="bits=31 with n_summands=3 can wrap"):
+        core.dequantise(np.zeros(4, np.uint32), n_summands=3, clip=1.0, bits=31)
+    with pytest.raises(TypeError, match="total must have dtype uint32"):
+        core.dequantise(np.zeros(4, np.int32), n_summands=1, clip=1.0, bits=8)

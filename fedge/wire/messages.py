@@ -150,12 +150,14 @@ FEDERATION_MESSAGES = (
 )
 
 # The other packages define plain frozen dataclasses; they are registered here so
-# that the whole wire vocabulary is in one place. A bare ``np.ndarray`` field (the
-# secagg masked input) is a 1-D uint32 tensor on the wire.
-_UPDATE_MESSAGES = {
+# that the whole wire vocabulary is in one place. The secagg masked input is a bare
+# ``np.ndarray`` field, declared to the codec as a 1-D uint32 tensor.
+SECAGG_TENSORS = {"secagg.masked_input": {"masked": Tensor("uint32", 1)}}
+UPDATE_FETCH_MESSAGES = {
     "update.fetch_request": "UpdateFetchRequest",
     "update.fetch_reply": "UpdateFetchReply",
 }
+UPDATE_FETCH_MAX_BYTES = (1 << 20) + 4096  # one MAX_CHUNK of data plus the envelope
 
 
 def _register_external() -> None:
@@ -166,29 +168,18 @@ def _register_external() -> None:
             raise
     else:
         for wire_name, cls in getattr(secagg, "MESSAGE_TYPES", {}).items():
-            _register(wire_name, cls, tensor_dtype="uint32")
+            if getattr(cls, "__wire_type__", None) != wire_name:
+                message(wire_name, max_bytes=None, tensors=SECAGG_TENSORS.get(wire_name))(cls)
     try:
         update = importlib.import_module("fedge.update.messages")
     except ModuleNotFoundError as exc:
         if exc.name != "fedge.update.messages":
             raise
     else:
-        for wire_name, cls_name in _UPDATE_MESSAGES.items():
+        for wire_name, cls_name in UPDATE_FETCH_MESSAGES.items():
             cls = getattr(update, cls_name, None)
-            if cls is not None:
-                _register(wire_name, cls, tensor_dtype="uint8", max_bytes=(1 << 20) + 4096)
-
-
-def _register(wire_name: str, cls: type, *, tensor_dtype: str,
-              max_bytes: int | None = None) -> None:
-    if getattr(cls, "__wire_type__", None) == wire_name:
-        return
-    has_tensor = False
-    for name, ann in list(cls.__annotations__.items()):
-        if ann in ("np.ndarray", "numpy.ndarray", np.ndarray):
-            cls.__annotations__[name] = Annotated[np.ndarray, Tensor(tensor_dtype, 1)]
-            has_tensor = True
-    message(wire_name, max_bytes=None if has_tensor else max_bytes or (1 << 20))(cls)
+            if cls is not None and getattr(cls, "__wire_type__", None) != wire_name:
+                message(wire_name, max_bytes=UPDATE_FETCH_MAX_BYTES)(cls)
 
 
 _register_external()

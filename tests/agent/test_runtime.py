@@ -1,0 +1,214 @@
+"""The agent's task handling, one message at a time, with a recording link."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from fedge.agent.runtime import Agent
+from fedge.agent.trainer import LocalResult, SyntheticTrainer, TaskRefusal
+from fedge.coordinator.plan import parse_plan
+from fedge.wire import codec
+from fedge.wire import messages as m
+
+PLAN = """
+[job]
+dataset = "synthetic"
+rounds = 1
+min_clients = 2
+[model]
+name = "linear"
+[train]
+steps = 1
+batch_size = 1
+learning_rate = 0.5
+[strategy]
+name = "fedavg"
+[secagg]
+enabled = false
+clip = 0.25
+"""
+
+
+class Link:
+    def __init__(self, agent):
+        self.sent = []
+        agent.send_frames = self.send
+
+    async def send(self, frames):
+        env = codec.decode([bytes(f) for f in frames], max_bytes=1 << 24)
+        self.sent.append(env)
+
+    def bodies(self, cls):
+        return [e.body for e in self.sent if isinstance(e.body, cls)]
+
+
+def deliver(agent, body, job="job1", rnd=1):
+    frames = [bytes(f) for f in codec.encode(body, sender="coordinator", job=job, round=rnd)]
+    return agent.handle_frames(frames)
+
+
+def task(plan=PLAN, d=4, task_id="t1"):
+    w = np.zeros(d, np.float32)
+    return m.TrainTask(task_id=task_id, plan=plan, weights=w, model_digest=b"\x00" * 32,
+                       train_seed=1, quant_seed=b"\x01" * 16)
+
+
+def test_heartbeat_reports_version_health_and_datasets():
+    agent = Agent("site-a", SyntheticTrainer("site-a"),
+                  health=lambda: ({"gpu_temp_c": 40}, False, "GPU too hot"))
+    link = Link(agent)
+    asyncio.run(agent.heartbeat())
+    (hb,) = link.bodies(m.Heartbeat)
+    assert hb.site == "site-a" and hb.datasets == ["synthetic"]
+    assert json.loads(hb.health_json) == {"gpu_temp_c": 40}
+    assert (hb.eligible, hb.reason) == (False, "GPU too hot")
+    assert link.sent[0].header.sender == "site-a"
+
+
+def test_broken_health_probe_reports_ineligible_instead_of_crashing():
+    def boom():
+        raise OSError("nvml gone")
+
+    agent = Agent("site-a", SyntheticTrainer("site-a"), health=boom)
+    link = Link(agent)
+    asyncio.run(agent.heartbeat())
+    (hb,) = link.bodies(m.Heartbeat)
+    assert not hb.eligible and "nvml gone" in hb.reason
+
+
+def test_task_for_a_dataset_not_held_is_refused_with_reason():
+    agent = Agent("site-a", SyntheticTrainer("site-a", dataset="other"))
+    link = Link(agent)
+    asyncio.run(deliver(agent, task()))
+    (ref,) = link.bodies(m.TaskRefused)
+    assert ref.task_id == "t1" and "'synthetic' is not held by site-a" in ref.reason
+    assert link.sent[0].header.job == "job1" and link.sent[0].header.round == 1
+    assert agent.task is None
+
+
+def test_unrunnable_plan_is_refused():
+    agent = Agent("site-a", SyntheticTrainer("site-a"))
+    link = Link(agent)
+    asyncio.run(deliver(agent, task(plan=PLAN.replace("rounds = 1", "rounds = -1"))))
+    (ref,) = link.bodies(m.TaskRefused)
+    assert "unrunnable plan" in ref.reason and "job.rounds" in ref.reason
+
+
+def test_secure_plan_without_identity_is_refused():
+    agent = Agent("site-a", SyntheticTrainer("site-a"))
+    link = Link(agent)
+    asyncio.run(deliver(agent, task(plan=PLAN.replace("enabled = false", "enabled = true"))))
+    assert "enrolled identity" in link.bodies(m.TaskRefused)[0].reason
+
+
+def test_trainer_refusal_is_forwarded():
+    class Refusing(SyntheticTrainer):
+        def train(self, *a, **k):
+            raise TaskRefusal("privacy budget exhausted")
+
+    agent = Agent("site-a", Refusing("site-a"))
+    link = Link(agent)
+    asyncio.run(deliver(agent, task()))
+    assert link.bodies(m.TaskRefused)[0].reason == "privacy budget exhausted"
+
+
+def test_train_then_plain_update_is_clipped_weighted_and_has_no_rows():
+    trainer = SyntheticTrainer("site-a", n_examples=40)
+    agent = Agent("site-a", trainer)
+    link = Link(agent)
+
+    async def go():
+        await deliver(agent, task())
+        await deliver(agent, m.AggregateBegin(task_id="t1", cohort=["site-a", "site-b"],
+                                              weight_scale=0.25 / 80, secure=False,
+                                              threshold=1))
+    asyncio.run(go())
+    (done,) = link.bodies(m.TrainDone)
+    assert done.n_examples == 40 and "loss" in done.metrics
+    (up,) = link.bodies(m.PlainUpdate)
+    w = 0.25 / 80 * 40
+    delta = np.clip(0.5 * trainer.target(4), -0.25, 0.25)
+    np.testing.assert_allclose(up.vector, np.concatenate([w * delta, [w]]), rtol=1e-6)
+    assert up.vector.size == 5  # d + 1: the update and the weight, nothing per example
+
+
+def test_aggregate_for_unknown_or_stale_task_is_refused():
+    agent = Agent("site-a", SyntheticTrainer("site-a"))
+    link = Link(agent)
+
+    async def go():
+        await deliver(agent, task(task_id="new"))
+        await deliver(agent, m.AggregateBegin(task_id="old", cohort=["site-a"], weight_scale=1.0,
+                                              secure=False, threshold=1))
+    asyncio.run(go())
+    assert link.bodies(m.TaskRefused)[0].reason == "no trained update for this round"
+    assert link.bodies(m.PlainUpdate) == []
+
+
+def test_round_abort_drops_state():
+    agent = Agent("site-a", SyntheticTrainer("site-a"))
+    Link(agent)
+
+    async def go():
+        await deliver(agent, task())
+        assert agent.task is not None
+        await deliver(agent, m.RoundAbort("cohort too small"))
+    asyncio.run(go())
+    assert agent.task is None
+
+
+def test_evaluation_result():
+    agent = Agent("site-a", SyntheticTrainer("site-a", n_examples=7))
+    link = Link(agent)
+    asyncio.run(deliver(agent, m.EvalTask(task_id="t1", plan=PLAN,
+                                          weights=np.zeros(4, np.float32), split="test")))
+    (ev,) = link.bodies(m.EvalResult)
+    assert ev.n_examples == 7 and ev.metrics["loss"] > 0
+
+
+def test_malformed_message_from_coordinator_is_dropped():
+    agent = Agent("site-a", SyntheticTrainer("site-a"))
+    link = Link(agent)
+    asyncio.run(agent.handle_frames([b"\x00garbage", b""]))
+    assert link.sent == [] and agent.task is None
+
+
+def test_heartbeats_flow_while_training_runs_in_the_worker():
+    release = threading.Event()
+
+    class Slow(SyntheticTrainer):
+        def train(self, *a, **k):
+            release.wait(5)
+            return LocalResult(np.zeros(4, np.float32), 1, {})
+
+    agent = Agent("site-a", Slow("site-a"))
+    link = Link(agent)
+
+    async def go():
+        training = asyncio.create_task(deliver(agent, task()))
+        t0 = time.monotonic()
+        for _ in range(3):
+            await agent.heartbeat()
+            await asyncio.sleep(0.01)
+        elapsed = time.monotonic() - t0
+        release.set()
+        await training
+        return elapsed
+
+    elapsed = asyncio.run(go())
+    assert elapsed < 2.0
+    hbs = link.bodies(m.Heartbeat)
+    assert len(hbs) == 3 and hbs[0].current_task.startswith("train job1")
+    assert len(link.bodies(m.TrainDone)) == 1
+
+
+def test_synthetic_trainer_refuses_other_dataset():
+    with pytest.raises(TaskRefusal, match="not held"):
+        SyntheticTrainer("a", dataset="x").train("a", "j", parse_plan(PLAN),
+                                                  np.zeros(2, np.float32), round=1, seed=0)

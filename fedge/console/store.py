@@ -79,6 +79,7 @@ class ConsoleStore:
         home: Path,
         *,
         coordinator_endpoint: str,
+        admin_endpoint: str | None = None,
         operators: Sequence[tuple[str, str]] = DEFAULT_OPERATORS,
         clock: tuf_repo.Clock = tuf_repo.utcnow,
     ) -> ConsoleStore:
@@ -95,6 +96,12 @@ class ConsoleStore:
                 and coordinator_endpoint.startswith(("tcp://", "ipc://"))):
             raise ConsoleError(f"coordinator endpoint {coordinator_endpoint!r} must look like "
                                "tcp://HOST:PORT")
+        if admin_endpoint is None:
+            host, _, port = coordinator_endpoint.rpartition(":")
+            if not port.isdigit():
+                raise ConsoleError(f"coordinator endpoint {coordinator_endpoint!r} has no port; "
+                                   "give the admin endpoint explicitly")
+            admin_endpoint = f"{host}:{int(port) + 1}"
         seen = set()
         for name, role in operators:
             _check_name(name, what="operator name")
@@ -131,7 +138,8 @@ class ConsoleStore:
             "format": FORMAT,
             "console_id": secrets.token_hex(8),
             "created": now.isoformat(),
-            "coordinator": {"endpoint": coordinator_endpoint, "public_key": coord_pub},
+            "coordinator": {"endpoint": coordinator_endpoint, "admin_endpoint": admin_endpoint,
+                            "public_key": coord_pub},
             "operators": ops,
             "sites": {},
             "root_version": 1,
@@ -149,6 +157,10 @@ class ConsoleStore:
     @property
     def coordinator_endpoint(self) -> str:
         return str(self.state["coordinator"]["endpoint"])
+
+    @property
+    def admin_endpoint(self) -> str:
+        return str(self.state["coordinator"]["admin_endpoint"])
 
     @property
     def coordinator_public_key(self) -> str:
@@ -189,6 +201,7 @@ class ConsoleStore:
             "format": PROVISION_FORMAT,
             "console_id": self.console_id,
             "endpoint": self.coordinator_endpoint,
+            "admin_endpoint": self.admin_endpoint,
             "curve_public": coord["public"],
             "curve_secret": coord["secret"],
             "operators": {op["public_key"]: {"name": name, "role": op["role"]}

@@ -1,0 +1,293 @@
+"""The admin channel, coordinator side: operators' requests over CurveZMQ.
+
+`AdminService` is the logic (no sockets): it maps the operator's CURVE key to a
+name and role, refuses what the role may not do, calls the `Coordinator`'s
+admin API, publishes console-signed updates and drives roll-outs. `serve_admin`
+is the I/O: a ROUTER socket with a CURVE server key whose ZAP handler admits
+only operator keys; every reply goes back to the authenticated sender.
+
+Every request, allowed or refused, is written to the coordinator's audit log
+with the operator's name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedge.console.protocol import OPS, AdminReply, AdminRequest
+from fedge.update import tuf_repo
+from fedge.update.messages import UpdateOutcome
+from fedge.update.rollout import Rollout
+
+log = logging.getLogger("fedge.coordinator.admin")
+
+ADMIN_ACTOR = "operator"
+ADMIN_ZAP_DOMAIN = "fedge-admin"
+FETCHABLE = ("final.safetensors", "final.onnx", "model.onnx", "report.json", "report.md",
+             "metrics.json")
+
+
+@dataclass(frozen=True)
+class Operator:
+    name: str
+    role: str
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    endpoint: str
+    server_public_key: str  # z85
+    server_secret_key: str  # z85
+    operators: dict[str, Operator]  # z85 public key -> operator
+
+    @classmethod
+    def from_provision(cls, provision: Path | dict[str, Any], endpoint: str) -> AdminConfig:
+        """Build from the console's coordinator-provision.json.
+
+        Raises:
+            ValueError: the file is not a provision file or lacks a field (named).
+        """
+        doc = provision if isinstance(provision, dict) else json.loads(Path(provision)
+                                                                       .read_text())
+        try:
+            ops = {k: Operator(v["name"], v["role"]) for k, v in doc["operators"].items()}
+            return cls(endpoint, doc["curve_public"], doc["curve_secret"], ops)
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"provision file lacks {exc}") from exc
+
+
+class AdminService:
+    """Admin logic over a `fedge.coordinator.service.Coordinator`."""
+
+    def __init__(self, coordinator: Any, operators: dict[str, Operator], *,
+                 updates: Any | None = None,
+                 send: Callable[[str, Any], None] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.coordinator = coordinator
+        self.operators = dict(operators)
+        self.updates = updates
+        self.clock = clock
+        self._send = send or self._outbox_send
+        self.rollouts: dict[str, Rollout] = {}
+
+    def _outbox_send(self, site: str, body: Any) -> None:
+        from fedge.coordinator.service import Outgoing
+
+        self.coordinator.outbox.append(Outgoing(site, body))
+
+    def _audit(self, op: Operator | None, action: str, detail: Any) -> None:
+        actor = f"{ADMIN_ACTOR}:{op.name}" if op else f"{ADMIN_ACTOR}:unknown"
+        try:
+            self.coordinator.store.audit(actor, action, detail)
+        except Exception:  # auditing must not take the channel down
+            log.exception("audit failed")
+
+    # -- requests -----------------------------------------------------------------------
+    def handle(self, operator_key: str, req: Any) -> AdminReply:
+        """Answer one request. Never raises: errors become replies naming the problem."""
+        op = self.operators.get(operator_key)
+        if op is None:
+            self._audit(None, "admin.denied", {"key": operator_key, "reason": "unknown key"})
+            return _error("unknown operator key")
+        if not isinstance(req, AdminRequest):
+            return _error(f"expected an admin request, got {type(req).__name__}")
+        allowed = OPS.get(req.op)
+        if allowed is None:
+            return _error(f"unknown op {req.op!r} (known: {', '.join(sorted(OPS))})")
+        if op.role not in allowed:
+            self._audit(op, "admin.denied", {"op": req.op, "role": op.role})
+            return _error(f"operator {op.name!r} has role {op.role!r}; {req.op!r} needs "
+                          f"role {' or '.join(sorted(allowed))}")
+        try:
+            args = json.loads(req.args_json or "{}")
+            if not isinstance(args, dict):
+                raise ValueError("args must be a JSON object")
+        except ValueError as exc:
+            return _error(f"{req.op}: bad arguments: {exc}")
+        try:
+            result, blobs = getattr(self, f"_op_{req.op}")(op, args, dict(req.blobs))
+        except (KeyError, TypeError) as exc:
+            return _error(f"{req.op}: missing or wrong argument: {exc}")
+        except Exception as exc:  # CoordinatorError, StoreError, PlanError, ValueError ...
+            self._audit(op, f"admin.{req.op}.failed", {"error": str(exc)})
+            return _error(f"{req.op}: {exc}")
+        if req.op not in ("fleet", "jobs_list", "jobs_status", "rollout_status", "whoami"):
+            self._audit(op, f"admin.{req.op}", {k: v for k, v in args.items() if k != "plan"})
+        return AdminReply(True, json.dumps(result, default=str), "", blobs)
+
+    def _op_whoami(self, op: Operator, args: dict, blobs: dict) -> tuple[Any, dict]:
+        return {"name": op.name, "role": op.role}, {}
+
+    def _op_fleet(self, op: Operator, args: dict, blobs: dict) -> tuple[Any, dict]:
+        return self.coordinator.fleet(), {}
+
+    def _op_jobs_list(self, op: Operator, args: dict, blobs: dict) -> tuple[Any, dict]:
+        return self.coordinator.list_jobs(), {}
+
+    def _op_jobs_status(self, op: Operator, args: dict, blobs: dict) -> tuple[Any, dict]:
+        return self.coordinator.job_status(str(args["job_id"])), {}
+
+    def _op_jobs_submit(self, op: Operator, args: dict, blobs: dict) -> tuple[Any, dict]:
+        return {"job_id": self.coordinator.submit_job(str(args["plan"]),
+                                                      actor=f"{ADMIN_ACTOR}:{op.name}")}, {}
+
+    def _op_jobs_cancel(self, op: Operator, args: dict, blobs: dict) -> tuple[Any, dict]:
+        self.coordinator.cancel_job(str(args["job_id"]), actor=f"{ADMIN_ACTOR}:{op.name}")
+        return {"job_id": args["job_id"], "status": "cancelled"}, {}
+
+    def _op_jobs_fetch(self, op: Operator, args: dict, blobs: dict) -> tuple[Any, dict]:
+        job_id = str(args["job_id"])
+        status = self.coordinator.job_status(job_id)  # raises for an unknown job
+        from fedge.coordinator import checkpoint as ck
+
+        jdir = ck.job_dir(self.coordinator.state_dir, job_id)
+        out = {}
+        for name in FETCHABLE:
+            p = jdir / name
+            if p.is_file():
+                out[name] = p.read_bytes()
+        if not out:
+            raise ValueError(f"job {job_id} ({status.get('status')}) has no results yet")
+        return {"job_id": job_id, "files": sorted(out)}, out
+
+    def _op_enrol(self, op: Operator, args: dict, blobs: dict) -> tuple[Any, dict]:
+        site = str(args["site"])
+        self.coordinator.enrol(site, str(args["curve_public"]),
+                               bytes.fromhex(str(args["ed25519_public"])),
+                               actor=f"{ADMIN_ACTOR}:{op.name}")
+        if "roster" in blobs:
+            self.coordinator.set_roster(blobs["roster"], actor=f"{ADMIN_ACTOR}:{op.name}")
+        return {"site": site, "status": "enrolled"}, {}
+
+    def _op_revoke(self, op: Operator, args: dict, blobs: dict) -> tuple[Any, dict]:
+        site = str(args["site"])
+        self.coordinator.revoke(site, actor=f"{ADMIN_ACTOR}:{op.name}")
+        if "roster" in blobs:
+            self.coordinator.set_roster(blobs["roster"], actor=f"{ADMIN_ACTOR}:{op.name}")
+        return {"site": site, "status": "revoked"}, {}
+
+    def _op_push(self, op: Operator, args: dict, blobs: dict) -> tuple[Any, dict]:
+        if self.updates is None:
+            raise ValueError("this coordinator has no update repository (not provisioned)")
+        targets = blobs.pop("targets.json")
+        root = blobs.pop("root.json", None)
+        path = str(args["path"])
+        snapshot = self.updates.publish(targets, blobs, root=root)
+        listed = {tf.path for tf in self.updates.current_targets().signed.targets.values()}
+        if path not in listed:
+            raise ValueError(f"target {path!r} is not in the published targets")
+        tuf_repo.TargetSpec.from_target_file(
+            self.updates.current_targets().signed.targets[path])
+        sites = args.get("sites") or self._default_sites()
+        canary = args.get("canary")
+        if canary:
+            if canary not in sites:
+                raise ValueError(f"canary {canary!r} is not among the sites {sites}")
+            sites = [canary, *[s for s in sites if s != canary]]
+        if not sites:
+            raise ValueError("no connected, enrolled appliance to roll out to")
+        rollout = Rollout(f"rollout-{secrets.token_hex(4)}", path, list(sites),
+                          deadline_s=float(args.get("deadline_s", 300.0)))
+        self.rollouts[rollout.rollout_id] = rollout
+        for site, msg in rollout.start(self.clock()):
+            self._send(site, msg)
+        self._audit(op, "update.rollout_started", {**rollout.to_dict(), "snapshot": snapshot})
+        return rollout.to_dict(), {}
+
+    def _default_sites(self) -> list[str]:
+        return sorted(a["site_id"] for a in self.coordinator.fleet()
+                      if a.get("status") == "enrolled" and a.get("connected"))
+
+    def _op_rollout_status(self, op: Operator, args: dict, blobs: dict) -> tuple[Any, dict]:
+        rid = str(args["rollout_id"])
+        if rid not in self.rollouts:
+            raise ValueError(f"unknown roll-out {rid!r}")
+        return self.rollouts[rid].to_dict(), {}
+
+    # -- agents' outcomes and the clock -------------------------------------------------
+    def on_outcome(self, site: str, outcome: UpdateOutcome) -> None:
+        """An agent reported an install outcome: record it, advance its roll-out."""
+        self._audit(Operator(site, "agent"), "update.outcome",
+                    {"site": site, "path": outcome.path, "ok": outcome.ok,
+                     "rolled_back": outcome.rolled_back, "detail": outcome.detail})
+        rollout = self.rollouts.get(outcome.rollout_id)
+        if rollout is None:
+            return
+        for to, msg in rollout.receive(site, outcome, self.clock()):
+            self._send(to, msg)
+        if rollout.done:
+            self._audit(Operator("coordinator", "system"), f"update.rollout_{rollout.state}",
+                        rollout.to_dict())
+
+    def tick(self) -> None:
+        for rollout in self.rollouts.values():
+            was = rollout.state
+            rollout.tick(self.clock())
+            if rollout.state != was:
+                self._audit(Operator("coordinator", "system"),
+                            f"update.rollout_{rollout.state}", rollout.to_dict())
+
+
+def _error(message: str) -> AdminReply:
+    return AdminReply(False, "null", message, {})
+
+
+async def serve_admin(coordinator: Any, config: AdminConfig, *, updates: Any | None = None,
+                      service: AdminService | None = None,
+                      ready: asyncio.Event | None = None,
+                      tick_s: float = 0.5) -> None:
+    """Serve the admin channel until cancelled.
+
+    Raises:
+        zmq.ZMQError: the endpoint cannot be bound.
+    """
+    import zmq
+    import zmq.asyncio
+    from zmq.auth.asyncio import AsyncioAuthenticator
+
+    from fedge.wire import codec
+
+    service = service or AdminService(coordinator, config.operators, updates=updates)
+    ctx = zmq.asyncio.Context()  # own context: its ZAP handler serves only this socket
+    auth = AsyncioAuthenticator(ctx)
+    auth.start()
+
+    class _Operators:
+        def callback(self, domain: str, z85_key: bytes) -> bool:  # pyzmq passes z85
+            return z85_key.decode("ascii") in service.operators
+
+    auth.configure_curve_callback(ADMIN_ZAP_DOMAIN, credentials_provider=_Operators())
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.curve_server = True
+    sock.curve_publickey = config.server_public_key.encode("ascii")
+    sock.curve_secretkey = config.server_secret_key.encode("ascii")
+    sock.zap_domain = ADMIN_ZAP_DOMAIN.encode()
+    try:
+        sock.bind(config.endpoint)
+        if ready is not None:
+            ready.set()
+        while True:
+            if await sock.poll(int(tick_s * 1000)):
+                frames = await sock.recv_multipart(copy=False)
+                ident, rest = frames[0].bytes, frames[1:]
+                user = rest[0].get("User-Id") if rest else ""
+                try:
+                    env = codec.decode([f.bytes for f in rest], max_bytes=256 << 20)
+                    reply = service.handle(user, env.body)
+                except codec.WireError as exc:
+                    reply = _error(f"malformed request: {exc}")
+                await sock.send_multipart([ident, *codec.encode(reply, sender="coordinator")])
+            service.tick()
+    finally:
+        sock.close(0)
+        auth.stop()
+        ctx.term()

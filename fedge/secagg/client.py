@@ -278,7 +278,7 @@ class R0AdvertiseKeys(ClientState):
         expected_seed = graph_seed(s.ctx, message.cohort)
         if message.graph_seed != expected_seed:
             raise GraphSeedMismatch(
-                "graph seed differs from the one derived from job, round, model digest and cohort"
+                "graph seed differs from the one derived from job, round and cohort"
             )
         s.cohort = sorted(message.cohort)
         s.index = share_index(s.cohort)
@@ -586,7 +586,10 @@ def _open_share(s: ClientSession, sender: str, blob: bytes) -> tuple[bytes, byte
     try:
         plaintext = AESGCM(key).decrypt(blob[:_NONCE_BYTES], blob[_NONCE_BYTES:], aad)
     except InvalidTag as exc:
-        raise TamperedShare(f"share ciphertext from {sender!r} fails authentication") from exc
+        raise TamperedShare(
+            f"share ciphertext from {sender!r} fails authentication (tampered, or keyed for "
+            "another job, round or model digest)"
+        ) from exc
     head = keys._lp(sender) + keys._lp(me)
     if not plaintext.startswith(head) or len(plaintext) != len(head) + 2 * shamir.SHARE_BYTES:
         raise TamperedShare(f"share plaintext from {sender!r} names another sender or receiver")

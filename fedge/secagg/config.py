@@ -13,7 +13,7 @@ A configuration that breaks one is refused with ``SecAggConfigError`` naming
 the bound and the numbers.  The graph is complete for n <= 64; above, it is a
 Harary k-regular ring with k = 2 * ceil(1.5 * log2 n) (k = 20 for n = 100) laid
 out by a permutation drawn from a seed every client recomputes from the job,
-round, model digest and cohort, so the coordinator cannot pick the graph.
+round and cohort, so the coordinator cannot pick the graph.
 """
 
 from __future__ import annotations
@@ -249,9 +249,13 @@ class RoundContext:
 
 
 def graph_seed(ctx: RoundContext, cohort: Sequence[str]) -> bytes:
-    """The seed of the neighbour graph; anyone with the context and cohort recomputes it."""
+    """The seed of the neighbour graph; anyone with the job, round and cohort recomputes it.
+
+    The model digest stays out on purpose: a coordinator that hands out different
+    models must not be able to tell from the graph; the masks turn its sum to garbage.
+    """
     h = hashlib.sha256(b"fedge/secagg/v1/graph")
-    for part in (ctx.job_id.encode(), ctx.round.to_bytes(8, "big"), ctx.model_digest):
+    for part in (ctx.job_id.encode(), ctx.round.to_bytes(8, "big")):
         h.update(len(part).to_bytes(4, "big") + part)
     for cid in sorted(cohort):
         raw = cid.encode()

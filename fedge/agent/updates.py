@@ -26,8 +26,10 @@ from fedge.update.ab import HealthCheckFailed, Service, SlotInstaller
 from fedge.update.files import write_atomic, write_json
 from fedge.update.messages import (
     ERROR_NOT_FOUND,
+    UpdateAvailable,
     UpdateFetchReply,
     UpdateFetchRequest,
+    UpdateOutcome,
 )
 
 URL_SCHEME = "fedge:"
@@ -281,3 +283,32 @@ def install_trusted_root(state_dir: Path, root: bytes) -> None:
     write_atomic(Path(state_dir) / "tuf" / "metadata" / "root.json", root)
 
 
+
+
+def handle_update_available(updater: AgentUpdater, msg: UpdateAvailable, *,
+                            models: ModelInstaller | None = None,
+                            service: Service | None = None,
+                            health_deadline_s: float = 30.0) -> UpdateOutcome:
+    """The agent's answer to the coordinator's UpdateAvailable: verify, install, report.
+
+    Blocking (python-tuf is synchronous): from asyncio, run it in an executor.
+    Never raises: every failure is an outcome with its reason.
+    """
+    try:
+        specs = {s.path: s for s in updater.refresh()}
+        spec = specs.get(msg.path)
+        if spec is None:
+            return UpdateOutcome(msg.rollout_id, msg.path, False, False,
+                                 f"target {msg.path!r} is not in the verified targets metadata")
+        installed = updater.installed().get(f"{spec.kind}/{spec.name}")
+        if installed is not None and (tuf_repo.version_key(installed)
+                                      >= tuf_repo.version_key(spec.version)):
+            return UpdateOutcome(msg.rollout_id, msg.path, installed == spec.version, False,
+                                 f"{spec.kind} {spec.name} {installed} already installed")
+        outcome = updater.install(spec, models=models, service=service,
+                                  health_deadline_s=health_deadline_s)
+    except Exception as exc:  # verification refused, coordinator unreachable, ...
+        return UpdateOutcome(msg.rollout_id, msg.path, False, False,
+                             f"{type(exc).__name__}: {exc}")
+    return UpdateOutcome(msg.rollout_id, msg.path, outcome.ok, outcome.rolled_back,
+                         outcome.detail)

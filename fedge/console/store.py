@@ -265,11 +265,14 @@ class ConsoleStore:
 
     # -- signed updates ------------------------------------------------------------------
     def sign_targets(
-        self, new: Iterable[tuple[str, str, str, str, bytes]], *, now: datetime | None = None
+        self, new: Iterable[tuple[str, str, str, str, bytes]], *, now: datetime | None = None,
+        persist: bool = True,
     ) -> tuple[bytes, dict[str, bytes]]:
         """Add targets (kind, name, version, filename, data) and sign a new targets.json.
 
-        Returns (targets metadata bytes, {TUF path: data}) for the coordinator.
+        Returns (targets metadata bytes, {TUF path: data}) for the coordinator. With
+        persist=False the console's copy is updated only by `save_targets`, once the
+        coordinator accepted the new version.
 
         Raises:
             ConsoleError: a field is invalid, or (kind, name, version) was already
@@ -295,8 +298,13 @@ class ConsoleStore:
         md = tuf_repo.create_targets(self.tuf_key("targets"), files,
                                      version=current.signed.version + 1, now=now)
         data = tuf_repo.to_bytes(md)
-        write_atomic(self.home / "tuf" / "targets.json", data)
+        if persist:
+            self.save_targets(data)
         return data, payload
+
+    def save_targets(self, targets: bytes) -> None:
+        """Record `targets` (signed by this console) as the latest published version."""
+        write_atomic(self.home / "tuf" / "targets.json", targets)
 
     def _save(self) -> None:
         write_json(self.home / "console.json", self.state)

@@ -1,0 +1,289 @@
+"""`fedge console …`: the operator's commands.
+
+init, enrol SITE, revoke SITE, fleet [--json], jobs submit/list/status/cancel/fetch,
+push (sign a model/app/software target, publish, roll out: canary first).
+Heavy modules (zmq, the codec) load inside the handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_HOME = Path(os.environ.get("FEDGE_CONSOLE_HOME", Path.home() / ".fedge-console"))
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("console", help="operator console: enrol, fleet, jobs, updates")
+    p.add_argument("--home", type=Path, default=DEFAULT_HOME,
+                   help=f"console key store (default {DEFAULT_HOME}, or $FEDGE_CONSOLE_HOME)")
+    p.add_argument("--operator", default="admin", help="operator key to use (default admin)")
+    p.add_argument("--timeout", type=float, default=30.0, help="admin call timeout, seconds")
+    sub = p.add_subparsers(dest="console_command", metavar="COMMAND", required=True)
+
+    s = sub.add_parser("init", help="create the console's keys and TUF root")
+    s.add_argument("--coordinator", required=True, help="agents' endpoint, tcp://HOST:PORT")
+    s.add_argument("--admin-endpoint", default=None,
+                   help="admin channel endpoint (default: coordinator port + 1)")
+    s.add_argument("--operator-key", action="append", default=None, metavar="NAME:ROLE",
+                   help="operator key to create (repeatable; default admin:admin, "
+                        "viewer:viewer)")
+    s.set_defaults(func=_cmd_init)
+
+    s = sub.add_parser("enrol", help="create a site's identity and enrolment file")
+    s.add_argument("site")
+    s.add_argument("--valid-days", type=float, default=7.0)
+    s.add_argument("--out", type=Path, default=None, help="where to write the file")
+    s.add_argument("--offline", action="store_true",
+                   help="do not tell the coordinator now (tell it later with `sync`)")
+    s.set_defaults(func=_cmd_enrol)
+
+    s = sub.add_parser("revoke", help="revoke a site: its connection drops, it cannot rejoin")
+    s.add_argument("site")
+    s.set_defaults(func=_cmd_revoke)
+
+    s = sub.add_parser("fleet", help="the appliances, their health and eligibility")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=_cmd_fleet)
+
+    jobs = sub.add_parser("jobs", help="federation jobs").add_subparsers(
+        dest="jobs_command", metavar="COMMAND", required=True)
+    s = jobs.add_parser("submit", help="submit a plan (TOML)")
+    s.add_argument("plan", type=Path)
+    s.set_defaults(func=_cmd_jobs_submit)
+    s = jobs.add_parser("list", help="all jobs")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_cmd_jobs_list)
+    s = jobs.add_parser("status", help="a job with per-round metrics")
+    s.add_argument("job_id")
+    s.set_defaults(func=_cmd_jobs_status)
+    s = jobs.add_parser("cancel", help="cancel a queued or running job")
+    s.add_argument("job_id")
+    s.set_defaults(func=_cmd_jobs_cancel)
+    s = jobs.add_parser("fetch", help="download a job's results (final model, ONNX, report)")
+    s.add_argument("job_id")
+    s.add_argument("--out", type=Path, default=Path("."))
+    s.set_defaults(func=_cmd_jobs_fetch)
+
+    s = sub.add_parser("push", help="sign and roll out an update: canary first, then the rest")
+    s.add_argument("file", type=Path, help="the bundle: .onnx, app .tar.gz, .deb/.whl/.tar.gz")
+    s.add_argument("--kind", required=True, choices=("model", "app", "software"))
+    s.add_argument("--name", required=True)
+    s.add_argument("--version", required=True, help="dotted integers, e.g. 3 or 1.2.0")
+    s.add_argument("--canary", default=None, help="site updated first (default: first site)")
+    s.add_argument("--sites", default=None, help="comma-separated sites (default: connected)")
+    s.add_argument("--deadline", type=float, default=300.0, help="per-site seconds")
+    s.add_argument("--no-wait", action="store_true", help="return once the roll-out starts")
+    s.set_defaults(func=_cmd_push)
+
+
+def _fail(msg: str, code: int = 1) -> int:
+    print(f"fedge console: {msg}", file=sys.stderr)
+    return code
+
+
+def _store(args: argparse.Namespace) -> Any:
+    from fedge.console.store import ConsoleStore
+
+    return ConsoleStore(args.home)
+
+
+def _call(args: argparse.Namespace, op: str, a: dict[str, Any] | None = None,
+          blobs: dict[str, bytes] | None = None) -> tuple[Any, dict[str, bytes]]:
+    from fedge.console.client import AdminClient
+
+    client = AdminClient.from_store(_store(args), args.operator, timeout_s=args.timeout)
+    return client.call(op, a, blobs)
+
+
+def _errors() -> tuple[type[BaseException], ...]:
+    from fedge.console.client import AdminError
+    from fedge.console.enrolment import EnrolmentError
+    from fedge.console.store import ConsoleError
+
+    return (AdminError, ConsoleError, EnrolmentError, TimeoutError, FileNotFoundError, OSError)
+
+
+def _run(func: Any, args: argparse.Namespace) -> int:
+    try:
+        return int(func(args) or 0)
+    except _errors() as exc:
+        return _fail(str(exc))
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    def go(args: argparse.Namespace) -> int:
+        from fedge.console.store import DEFAULT_OPERATORS, ConsoleError, ConsoleStore
+
+        ops = DEFAULT_OPERATORS
+        if args.operator_key:
+            try:
+                ops = tuple(tuple(o.split(":", 1)) for o in args.operator_key)  # type: ignore
+                if any(len(o) != 2 for o in ops):
+                    raise ValueError
+            except ValueError:
+                raise ConsoleError(f"--operator-key {args.operator_key} must be NAME:ROLE")\
+                    from None
+        store = ConsoleStore.init(args.home, coordinator_endpoint=args.coordinator,
+                                  admin_endpoint=args.admin_endpoint, operators=ops)
+        print(f"console {store.console_id} created in {store.home}")
+        print(f"roster key fingerprint: {store.roster_public_key().hex()[:16]}")
+        print(f"coordinator provisioning file: {store.home / 'coordinator-provision.json'}")
+        return 0
+
+    return _run(go, args)
+
+
+def _cmd_enrol(args: argparse.Namespace) -> int:
+    def go(args: argparse.Namespace) -> int:
+        from fedge.console.enrolment import create_enrolment
+        from fedge.console.store import validity
+
+        store = _store(args)
+        path, e = create_enrolment(store, args.site, valid_for=validity(args.valid_days),
+                                   out=args.out)
+        print(f"enrolment file for {e.site}: {path} (expires {e.expires.isoformat()})")
+        print(f"console fingerprint to check on site: {e.fingerprint()}")
+        if args.offline:
+            return 0
+        info = store.sites()[args.site]
+        _call(args, "enrol", {"site": args.site, "curve_public": info["curve_public"],
+                              "ed25519_public": info["ed25519_public"]},
+              {"roster": store.roster().to_bytes()})
+        print(f"coordinator accepts {args.site}")
+        return 0
+
+    return _run(go, args)
+
+
+def _cmd_revoke(args: argparse.Namespace) -> int:
+    def go(args: argparse.Namespace) -> int:
+        store = _store(args)
+        store.revoke_site(args.site)
+        _call(args, "revoke", {"site": args.site}, {"roster": store.roster().to_bytes()})
+        print(f"revoked {args.site}: connection dropped, key refused from now on")
+        return 0
+
+    return _run(go, args)
+
+
+def _cmd_fleet(args: argparse.Namespace) -> int:
+    def go(args: argparse.Namespace) -> int:
+        from fedge.console.fleet import fleet_rows, format_table
+
+        fleet, _ = _call(args, "fleet")
+        if args.json:
+            print(json.dumps(fleet, indent=2, sort_keys=True, default=str))
+        else:
+            print(format_table(fleet_rows(fleet)))
+        return 0
+
+    return _run(go, args)
+
+
+def _cmd_jobs_submit(args: argparse.Namespace) -> int:
+    def go(args: argparse.Namespace) -> int:
+        result, _ = _call(args, "jobs_submit", {"plan": args.plan.read_text()})
+        print(result["job_id"])
+        return 0
+
+    return _run(go, args)
+
+
+def _cmd_jobs_list(args: argparse.Namespace) -> int:
+    def go(args: argparse.Namespace) -> int:
+        from fedge.console.fleet import format_table
+
+        jobs, _ = _call(args, "jobs_list")
+        if args.json:
+            print(json.dumps(jobs, indent=2, sort_keys=True, default=str))
+            return 0
+        cols = ("job", "status", "round", "submitted by")
+        rows = [[str(j.get("job_id")), str(j.get("status")), str(j.get("committed_round", "")),
+                 str(j.get("submitted_by", j.get("actor", "")))] for j in jobs]
+        print(format_table(rows, cols))
+        return 0
+
+    return _run(go, args)
+
+
+def _cmd_jobs_status(args: argparse.Namespace) -> int:
+    def go(args: argparse.Namespace) -> int:
+        status, _ = _call(args, "jobs_status", {"job_id": args.job_id})
+        print(json.dumps(status, indent=2, sort_keys=True, default=str))
+        return 0
+
+    return _run(go, args)
+
+
+def _cmd_jobs_cancel(args: argparse.Namespace) -> int:
+    def go(args: argparse.Namespace) -> int:
+        _call(args, "jobs_cancel", {"job_id": args.job_id})
+        print(f"cancelled {args.job_id}")
+        return 0
+
+    return _run(go, args)
+
+
+def _cmd_jobs_fetch(args: argparse.Namespace) -> int:
+    def go(args: argparse.Namespace) -> int:
+        from fedge.update.files import write_atomic
+
+        _, blobs = _call(args, "jobs_fetch", {"job_id": args.job_id})
+        out = args.out / args.job_id
+        for name, data in blobs.items():
+            write_atomic(out / Path(name).name, data, mode=0o644)
+            print(out / Path(name).name)
+        return 0
+
+    return _run(go, args)
+
+
+def push(store: Any, client: Any, file: Path, *, kind: str, name: str, version: str,
+         canary: str | None = None, sites: list[str] | None = None, deadline_s: float = 300.0,
+         wait: bool = True, poll_s: float = 0.5) -> dict[str, Any]:
+    """Sign `file` as a target, publish it and roll it out; wait for the end if asked.
+
+    Raises:
+        ConsoleError: bad target fields. AdminError: the coordinator refused.
+        TimeoutError: no answer from the coordinator.
+    """
+    data = Path(file).read_bytes()
+    targets, files = store.sign_targets([(kind, name, version, Path(file).name, data)],
+                                        persist=False)
+    [path] = files
+    args: dict[str, Any] = {"path": path, "deadline_s": deadline_s}
+    if canary:
+        args["canary"] = canary
+    if sites:
+        args["sites"] = sites
+    rollout, _ = client.call("push", args, {"targets.json": targets, **files})
+    store.save_targets(targets)  # published: the next signing builds on this version
+    while wait and rollout["state"] not in ("succeeded", "failed"):
+        time.sleep(poll_s)
+        rollout, _ = client.call("rollout_status", {"rollout_id": rollout["rollout_id"]})
+    return rollout
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    def go(args: argparse.Namespace) -> int:
+        from fedge.console.client import AdminClient
+
+        store = _store(args)
+        client = AdminClient.from_store(store, args.operator, timeout_s=args.timeout)
+        sites = [s for s in args.sites.split(",") if s] if args.sites else None
+        r = push(store, client, args.file, kind=args.kind, name=args.name,
+                 version=args.version, canary=args.canary, sites=sites,
+                 deadline_s=args.deadline, wait=not args.no_wait)
+        for site, res in r["results"].items():
+            print(f"{site}: {'ok' if res['ok'] else 'FAILED'} {res['detail']}")
+        print(f"roll-out {r['rollout_id']} of {r['path']}: {r['state']}"
+              + (f" — {r['failure']}" if r["failure"] else ""))
+        return 0 if r["state"] in ("succeeded", "canary", "rest") else 1
+
+    return _run(go, args)

@@ -1,0 +1,69 @@
+"""The fleet table: one line per appliance, for operators and for scripts."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+COLUMNS = ("site", "version", "connected", "last seen", "health", "eligible", "task")
+
+
+def health_summary(health: Any) -> str:
+    """A few words from a `fedge.health` report dict: GPUs, hottest GPU, disk, XIDs."""
+    if not isinstance(health, dict) or not health:
+        return "no report"
+    parts = []
+    gpus = health.get("gpus") or []
+    if gpus:
+        temps = [g.get("temperature_c") for g in gpus if isinstance(g, dict)
+                 and g.get("temperature_c") is not None]
+        parts.append(f"{len(gpus)} GPU" + (f" max {max(temps):.0f}C" if temps else ""))
+    else:
+        parts.append("no GPU")
+    host = health.get("host") or {}
+    if isinstance(host, dict) and host.get("disk_total_bytes"):
+        free = 100.0 * host.get("disk_free_bytes", 0) / host["disk_total_bytes"]
+        parts.append(f"disk {free:.0f}% free")
+    xids = health.get("xid_events") or []
+    if xids:
+        parts.append(f"{len(xids)} XID")
+    return ", ".join(parts)
+
+
+def _ago(ts: Any, now: float) -> str:
+    if not isinstance(ts, int | float):
+        return "never"
+    s = max(0.0, now - float(ts))
+    if s < 120:
+        return f"{s:.0f}s ago"
+    if s < 7200:
+        return f"{s / 60:.0f}m ago"
+    return f"{s / 3600:.1f}h ago"
+
+
+def fleet_rows(fleet: Sequence[dict[str, Any]], *, now: float | None = None) -> list[list[str]]:
+    now = time.time() if now is None else now
+    rows = []
+    for a in fleet:
+        status = a.get("status", "")
+        eligible = "yes" if a.get("eligible") else "no"
+        reason = a.get("eligibility_reason") or ""
+        rows.append([
+            str(a.get("site_id", "?")) + (" (revoked)" if status == "revoked" else ""),
+            str(a.get("version") or "-"),
+            "yes" if a.get("connected") else "no",
+            _ago(a.get("last_seen"), now),
+            health_summary(a.get("health")),
+            f"{eligible}: {reason}" if reason else eligible,
+            str(a.get("current_task") or "-"),
+        ])
+    return rows
+
+
+def format_table(rows: Sequence[Sequence[str]], columns: Sequence[str] = COLUMNS) -> str:
+    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c)
+              for i, c in enumerate(columns)]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)

@@ -1,0 +1,163 @@
+"""`fedge console …` end to end against a real coordinator admin channel, and a
+push rolled out to three appliances' real TUF clients (canary first)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import onnx
+from onnx import TensorProto, helper
+
+from fedge.agent.updates import (
+    AgentUpdater,
+    ZmqFetcher,
+    handle_update_available,
+    install_trusted_root,
+)
+from fedge.cli import main
+from fedge.console.cli import push
+from fedge.console.client import AdminClient
+from fedge.serve.repository import ModelRepository
+
+PLAN = """
+[job]
+dataset = "fed_tcga_brca"
+rounds = 1
+min_clients = 2
+
+[model]
+name = "cox_linear"
+params = { in_features = 39 }
+
+[train]
+epochs = 1
+batch_size = 32
+optimizer = "sgd"
+learning_rate = 0.01
+
+[strategy]
+name = "fedavg"
+"""
+
+
+def model(scale: float) -> bytes:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])
+    k = helper.make_tensor("k", TensorProto.FLOAT, [1], [scale])
+    g = helper.make_graph([helper.make_node("Mul", ["x", "k"], ["y"])], "g", [x], [y], [k])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m.SerializeToString()
+
+
+def test_init_through_the_real_command(tmp_path, port):
+    home = tmp_path / "c"
+    cmd = [sys.executable, "-m", "fedge.cli", "console", "--home", str(home), "init",
+           "--coordinator", f"tcp://127.0.0.1:{port}"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "roster key fingerprint" in r.stdout
+    assert (home / "coordinator-provision.json").exists()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "already holds a console" in r.stderr
+
+
+def test_enrol_fleet_jobs_revoke_from_the_command_line(tmp_path, port, make_server, capsys):
+    home = tmp_path / "c"
+    base = ["console", "--home", str(home), "--timeout", "5"]
+    assert main([*base, "init", "--coordinator", f"tcp://127.0.0.1:{port}"]) == 0
+    server = make_server(home)
+    for site in ("hospital-a", "hospital-b"):
+        assert main([*base, "enrol", site]) == 0
+    out = capsys.readouterr().out
+    assert "coordinator accepts hospital-b" in out
+    assert (home / "enrolments" / "hospital-a.fedge-enrol").exists()
+
+    assert main([*base, "--operator", "viewer", "fleet"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:3] == ["SITE", "VERSION", "CONNECTED"]
+    assert [line.split()[0] for line in table[1:]] == ["hospital-a", "hospital-b"]
+    assert main([*base, "fleet", "--json"]) == 0
+    assert {a["site_id"] for a in json.loads(capsys.readouterr().out)} == {"hospital-a",
+                                                                           "hospital-b"}
+    plan = tmp_path / "plan.toml"
+    plan.write_text(PLAN)
+    assert main([*base, "jobs", "submit", str(plan)]) == 0
+    job = capsys.readouterr().out.strip()
+    assert main([*base, "jobs", "list"]) == 0
+    assert job in capsys.readouterr().out
+    assert main([*base, "jobs", "status", job]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "queued"
+    assert main([*base, "jobs", "cancel", job]) == 0
+    capsys.readouterr()
+
+    # a viewer cannot revoke; an admin can, and the coordinator drops the site
+    assert main([*base, "--operator", "viewer", "revoke", "hospital-a"]) == 1
+    assert "needs role admin" in capsys.readouterr().err
+    assert main([*base, "revoke", "hospital-b"]) == 0
+    statuses = {a["site_id"]: a["status"] for a in server.coordinator.fleet()}
+    assert statuses == {"hospital-a": "enrolled", "hospital-b": "revoked"}
+
+
+class Appliance:
+    """An enrolled appliance's update path: real TUF client over the coordinator relay."""
+
+    def __init__(self, tmp_path, site, server, *, broken=False) -> None:
+        self.site = site
+        state = tmp_path / site
+        install_trusted_root(state, server.console.root_bytes())
+        self.updater = AgentUpdater(state, ZmqFetcher(server.updates.handle_fetch))
+        models_root = tmp_path / f"{site}-models"
+        if broken:  # a disk that cannot take the model: the install must fail cleanly
+            models_root.write_text("not a directory")
+        self.models = ModelRepository(models_root)
+
+
+def drive(server, appliances) -> None:
+    """Deliver each UpdateAvailable the coordinator sends and report the outcome back
+    (the agent process does this over its connection)."""
+    by_site = {a.site: a for a in appliances}
+    while server.sent:
+        site, msg = server.sent.pop(0)
+        a = by_site[site]
+        outcome = handle_update_available(a.updater, msg, models=a.models)
+        server.call_in_loop(server.service.on_outcome, site, outcome)
+
+
+def test_push_model_canary_first_then_all_serve_new_version(tmp_path, make_server):
+    server = make_server()
+    sites = ["h1", "h2", "h3"]
+    apps = [Appliance(tmp_path, s, server) for s in sites]
+    client = AdminClient.from_store(server.console, "admin", timeout_s=5)
+    onnx_file = tmp_path / "model.onnx"
+    onnx_file.write_bytes(model(3.0))
+    r = push(server.console, client, onnx_file, kind="model", name="risk", version="2",
+             canary="h2", sites=sites, wait=False)
+    assert r["state"] == "canary" and [s for s, _ in server.sent] == ["h2"]
+    drive(server, apps)
+    r, _ = client.call("rollout_status", {"rollout_id": r["rollout_id"]})
+    assert r["state"] == "succeeded", r
+    assert list(r["results"]) == ["h2", "h1", "h3"]
+    for a in apps:
+        assert a.models.versions("risk") == [1]
+        assert onnx.load_from_string(a.models.path("risk", 1).read_bytes()) is not None
+        assert a.models.path("risk", 1).read_bytes() == model(3.0)
+    audit = [e["action"] for e in server.coordinator.store.audit_log()]
+    assert "update.rollout_started" in audit and "update.rollout_succeeded" in audit
+
+
+def test_push_stops_at_the_failed_canary(tmp_path, make_server):
+    server = make_server()
+    apps = [Appliance(tmp_path, "h1", server, broken=True), Appliance(tmp_path, "h2", server)]
+    client = AdminClient.from_store(server.console, "admin", timeout_s=5)
+    f = tmp_path / "model.onnx"
+    f.write_bytes(model(5.0))
+    r = push(server.console, client, f, kind="model", name="risk", version="1",
+             sites=["h1", "h2"], wait=False)
+    drive(server, apps)
+    r, _ = client.call("rollout_status", {"rollout_id": r["rollout_id"]})
+    assert r["state"] == "failed" and "canary h1 failed" in r["failure"]
+    assert list(r["results"]) == ["h1"]
+    assert apps[1].models.versions("risk") == []  # never told to install

@@ -44,6 +44,7 @@ log = logging.getLogger("fedge.coordinator")
 
 SYSTEM = "coordinator"
 REPLAY_WINDOW = 4096  # message ids remembered per site
+HEARTBEAT_PERSIST_S = 30.0  # an unchanged heartbeat is written to SQLite this often
 DEFAULT_MAX_BYTES = 64 << 20
 
 
@@ -85,6 +86,8 @@ class _Conn:
     last_seen: float
     seen_ids: collections.deque[str] = field(default_factory=collections.deque)
     seen_set: set[str] = field(default_factory=set)
+    last_heartbeat: tuple[Any, ...] = ()
+    persisted_at: float = float("-inf")
 
     def seen(self, msg_id: str) -> bool:
         if msg_id in self.seen_set:
@@ -163,6 +166,8 @@ class Coordinator:
         self.on_allow_list: Callable[[set[str]], None] = lambda keys: None
         # Called with a site whose connection must be dropped at once (revocation).
         self.on_disconnect: Callable[[str], None] = lambda site: None
+        # Receives agents' update-install outcomes (the admin channel's roll-outs).
+        self.on_update_outcome: Callable[[str, Any], None] | None = None
 
     # -- admin API ------------------------------------------------------------------
 
@@ -299,6 +304,12 @@ class Coordinator:
             self._heartbeat(site, body)
             self.outbox.append(Outgoing(site, m.HeartbeatAck(now, __version__)))
             return
+        if type(body).__name__ == "UpdateOutcome":
+            if self.on_update_outcome is None:
+                self.store.audit(site, "update.outcome", repr(body))
+            else:
+                self.on_update_outcome(site, body)
+            return
         if m.is_update_fetch(body):
             if self.update_handler is None:
                 self._reject(site, "unroutable", "this coordinator relays no updates")
@@ -322,7 +333,26 @@ class Coordinator:
                              {"job": rnd.job_id, "round": rnd.round, "reason": reason})
         self._after(now)
 
+    def peer_lost(self, site: str) -> None:
+        """The transport lost ``site`` (heartbeat timeout or disconnect)."""
+        conn = self.conns.get(site)
+        if conn is not None and conn.last_seen != float("-inf"):
+            conn.last_seen = float("-inf")  # keeps its replay window
+            self.store.audit(site, "connection_lost", "")
+        if self.runner is not None and self.runner.round is not None:
+            self._emit(self.runner.round, self.runner.round.lost(site, self.clock()))
+
     def _heartbeat(self, site: str, hb: m.Heartbeat) -> None:
+        # Persist only what changed, or once per HEARTBEAT_PERSIST_S: a fleet of
+        # hundreds beating every second must not turn into hundreds of fsyncs.
+        conn = self.conns[site]
+        now = self.clock()
+        key = (hb.version, hb.health_json, hb.eligible, hb.reason, tuple(hb.datasets),
+               hb.current_task)
+        if key == conn.last_heartbeat and now - conn.persisted_at < HEARTBEAT_PERSIST_S:
+            return
+        conn.last_heartbeat = key
+        conn.persisted_at = now
         try:
             self.store.record_heartbeat(
                 site, version=hb.version, health=_json(hb.health_json), eligible=hb.eligible,

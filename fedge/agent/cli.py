@@ -1,0 +1,48 @@
+"""`fedge agent`: run the appliance agent, or install an enrolment file.
+
+    fedge agent --config FILE [--connect-timeout S]
+    fedge agent enrol FILE [--state-dir DIR]        (fedge.agent.enrol)
+
+Heavy imports happen inside the handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("agent", help="run the appliance agent")
+    p.add_argument("--config", type=Path, help="agent config (TOML)")
+    p.add_argument("--connect-timeout", type=float, default=None,
+                   help="exit with status 3 if no connection to the coordinator within S "
+                        "seconds (refused, impostor or unreachable); default: retry forever")
+    p.set_defaults(func=_run)
+    sub = p.add_subparsers(dest="agent_command", metavar="ACTION")
+    try:
+        from fedge.agent.enrol import register_enrol
+    except ModuleNotFoundError:  # pragma: no cover - console engineer's module absent
+        return
+    register_enrol(sub)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.config is None:
+        print("fedge agent: --config FILE is required", file=sys.stderr)
+        return 2
+    from fedge.agent.process import AgentConfigError, load_config, run
+    from fedge.systemd import setup_logging
+
+    setup_logging("fedge-agent")
+    try:
+        cfg = load_config(args.config)
+        return run(cfg, connect_timeout_s=args.connect_timeout)
+    except AgentConfigError as exc:
+        print(f"fedge agent: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # a [[datasets]] table fedge.train refuses
+        print(f"fedge agent: invalid configuration: {exc}", file=sys.stderr)
+        return 2

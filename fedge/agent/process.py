@@ -1,0 +1,267 @@
+"""The agent process: identity from the state dir, the DEALER socket, heartbeats, systemd.
+
+Configuration (TOML)::
+
+    state_dir = "/var/lib/fedge"    # enrolment: keys/, roster.json, enrolment.json
+    workers = 1                     # training/evaluation threads
+
+    [heartbeat]
+    interval_s = 1.0
+    timeout_s = 5.0
+
+    [eligibility]                   # fedge.health.EligibilityPolicy.from_config
+    [[datasets]]                    # fedge.train.api.DatasetSpec.from_config
+    name = "fed_tcga_brca"
+    kind = "fed_tcga_brca"
+    path = "/data/fed_tcga_brca"
+    site = 0
+
+The state dir layout is the one ``fedge agent enrol`` writes (fedge.agent.enrol):
+``keys/curve.json`` {public, secret}, ``keys/identity.key``,
+``keys/coordinator.json`` {endpoint, public_key}, ``roster.json``,
+``enrolment.json`` {site, roster_public_key, ...}.
+
+Under systemd: READY=1 once connected to the coordinator, WATCHDOG=1 from the
+event loop, STATUS= with the current task, STOPPING=1 on SIGTERM — the stage in
+progress is abandoned (the coordinator treats the site as a dropout) and the
+process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import tomllib
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedge.agent.runtime import Agent
+from fedge.agent.trainer import Trainer
+
+log = logging.getLogger("fedge.agent")
+
+
+class AgentConfigError(ValueError):
+    """An invalid agent configuration or enrolment state; names the key or file."""
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    state_dir: Path
+    datasets: list[dict[str, Any]] = field(default_factory=list)
+    heartbeat_interval_s: float = 1.0
+    heartbeat_timeout_s: float = 5.0
+    workers: int = 1
+    eligibility: dict[str, Any] = field(default_factory=dict)
+    health: bool = True
+
+
+@dataclass(frozen=True)
+class Enrolled:
+    site: str
+    curve_public: str
+    curve_secret: str
+    coordinator_endpoint: str
+    coordinator_public_key: str
+    identity: Any
+    roster: Any
+
+
+_KEYS = ("state_dir", "workers", "heartbeat", "eligibility", "datasets", "health")
+
+
+def load_config(path: str | Path) -> AgentConfig:
+    """Raises: AgentConfigError: unreadable, bad TOML, unknown key or bad value (named)."""
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_text())
+    except OSError as exc:
+        raise AgentConfigError(f"cannot read agent config {p}: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise AgentConfigError(f"agent config {p} is not valid TOML: {exc}") from exc
+    for key in raw:
+        if key not in _KEYS:
+            raise AgentConfigError(f"agent config key {key!r} is unknown; known: "
+                                   f"{', '.join(_KEYS)}")
+    sd = raw.get("state_dir", "/var/lib/fedge")
+    if not isinstance(sd, str) or not sd:
+        raise AgentConfigError(f"agent config state_dir = {sd!r} must be a path")
+    state_dir = Path(sd) if Path(sd).is_absolute() else p.parent / sd
+    hb = raw.get("heartbeat", {})
+    if not isinstance(hb, dict) or set(hb) - {"interval_s", "timeout_s"}:
+        raise AgentConfigError(f"agent config [heartbeat] = {hb!r} takes interval_s, timeout_s")
+    interval, timeout = hb.get("interval_s", 1.0), hb.get("timeout_s", 5.0)
+    for name, v in (("interval_s", interval), ("timeout_s", timeout)):
+        if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0:
+            raise AgentConfigError(f"agent config heartbeat.{name} = {v!r} must be > 0")
+    if timeout <= interval:
+        raise AgentConfigError(f"heartbeat.timeout_s = {timeout} must exceed interval_s")
+    workers = raw.get("workers", 1)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise AgentConfigError(f"agent config workers = {workers!r} must be an integer >= 1")
+    datasets = raw.get("datasets", [])
+    if not isinstance(datasets, list) or not all(isinstance(d, dict) for d in datasets):
+        raise AgentConfigError("agent config datasets must be [[datasets]] tables")
+    for d in datasets:
+        if "path" in d and not Path(d["path"]).is_absolute():
+            d["path"] = str(p.parent / d["path"])
+    elig = raw.get("eligibility", {})
+    if not isinstance(elig, dict):
+        raise AgentConfigError(f"agent config [eligibility] = {elig!r} must be a table")
+    health = raw.get("health", True)
+    if not isinstance(health, bool):
+        raise AgentConfigError(f"agent config health = {health!r} must be true or false")
+    return AgentConfig(state_dir, datasets, float(interval), float(timeout), workers, elig,
+                       health)
+
+
+def load_enrolled(state_dir: Path) -> Enrolled:
+    """Read the identity ``fedge agent enrol`` installed.
+
+    Raises:
+        AgentConfigError: not enrolled, or a file is missing or corrupt (named).
+    """
+    from fedge.secagg.keys import Identity, Roster
+
+    sd = Path(state_dir)
+    try:
+        meta = json.loads((sd / "enrolment.json").read_text())
+    except FileNotFoundError as exc:
+        raise AgentConfigError(f"appliance not enrolled: no {sd / 'enrolment.json'}; run "
+                               "`fedge agent enrol FILE`") from exc
+    except (OSError, ValueError) as exc:
+        raise AgentConfigError(f"{sd / 'enrolment.json'} is corrupt: {exc}") from exc
+    try:
+        curve = json.loads((sd / "keys" / "curve.json").read_text())
+        coord = json.loads((sd / "keys" / "coordinator.json").read_text())
+        identity = Identity.load(sd / "keys" / "identity.key")
+        roster = Roster.from_bytes((sd / "roster.json").read_bytes(),
+                                   bytes.fromhex(meta["roster_public_key"]))
+        return Enrolled(meta["site"], curve["public"], curve["secret"], coord["endpoint"],
+                        coord["public_key"], identity, roster)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise AgentConfigError(f"enrolment state under {sd} is corrupt: "
+                               f"{type(exc).__name__}: {exc}") from exc
+
+
+def health_probe(cfg: AgentConfig) -> Any:
+    """(report dict, eligible, reason) from fedge.health, or a constant when disabled."""
+    if not cfg.health:
+        return lambda: ({}, True, "")
+    from fedge.health import EligibilityPolicy, collect
+
+    policy = EligibilityPolicy.from_config(cfg.eligibility)
+
+    def probe() -> tuple[dict[str, Any], bool, str]:
+        report = collect(cfg.state_dir)
+        decision = policy.decide(report)
+        return report.to_dict(), bool(decision.eligible), str(decision.reason)
+
+    return probe
+
+
+async def run_agent(agent: Agent, enrolled: Enrolled, *, interval_s: float, timeout_s: float,
+                    stop: asyncio.Event, notifier: Any = None,
+                    connect_timeout_s: float | None = None) -> int:
+    """Connect, heartbeat and serve tasks until ``stop``; returns the exit code.
+
+    Returns 3 when the coordinator is an impostor (wrong key) or refuses this
+    appliance and ``connect_timeout_s`` passes without a connection.
+    """
+    from fedge.transport import Backoff, ClientSocket, CurveKeyPair, HandshakeFailed
+    from fedge.transport import HeartbeatConfig as TransportHeartbeat
+
+    failures: list[str] = []
+
+    def on_event(ev: Any) -> None:
+        if ev.kind == "handshake_failed":
+            log.error("%s: %s", agent.site, ev.detail)
+            failures.append(ev.detail)
+        elif ev.kind in ("connected", "disconnected", "heartbeat_timeout"):
+            log.info("%s: %s %s", agent.site, ev.kind, ev.detail)
+
+    client = ClientSocket(
+        CurveKeyPair(enrolled.curve_public, enrolled.curve_secret),
+        enrolled.coordinator_public_key, enrolled.coordinator_endpoint,
+        heartbeat=TransportHeartbeat(interval_s, timeout_s),
+        backoff=Backoff(0.1, min(30.0, 10 * timeout_s)), on_event=on_event,
+        max_message_bytes=agent.max_message_bytes)
+    client.start()
+    agent.send_frames = client.send
+    if notifier is not None:
+        agent.on_status = notifier.status
+    tasks: set[asyncio.Task[Any]] = set()
+
+    async def receive() -> None:
+        while True:
+            frames = await client.recv()
+            t = asyncio.ensure_future(agent.handle_frames(list(frames)))
+            tasks.add(t)
+            t.add_done_callback(tasks.discard)
+
+    async def beat() -> None:
+        ready = False
+        while True:
+            if client.state == "connected":
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(agent.heartbeat(), timeout_s)
+                if not ready and notifier is not None:
+                    notifier.ready()
+                ready = True
+            if notifier is not None:
+                notifier.watchdog()
+            await asyncio.sleep(interval_s)
+
+    workers = [asyncio.ensure_future(receive()), asyncio.ensure_future(beat())]
+    code = 0
+    try:
+        if connect_timeout_s is not None:
+            try:
+                await client.wait_connected(connect_timeout_s)
+            except (HandshakeFailed, TimeoutError) as exc:
+                log.error("%s: no connection to the coordinator: %s", agent.site, exc)
+                code = 3
+                return code
+        await stop.wait()
+    finally:
+        if notifier is not None:
+            notifier.stopping()
+        for t in [*workers, *tasks]:
+            t.cancel()
+        for t in [*workers, *tasks]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        await client.close()
+    return code
+
+
+def run(cfg: AgentConfig, *, connect_timeout_s: float | None = None) -> int:
+    """Blocking entry point for ``fedge agent``."""
+    from fedge.agent.trainer import TorchTrainer
+    from fedge.systemd import Notifier
+
+    enrolled = load_enrolled(cfg.state_dir)
+    trainer: Trainer = TorchTrainer(cfg.datasets)
+    executor: Executor = ThreadPoolExecutor(cfg.workers, thread_name_prefix="fedge-task")
+    agent = Agent(enrolled.site, trainer, identity=enrolled.identity, roster=enrolled.roster,
+                  executor=executor, health=health_probe(cfg))
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
+        return await run_agent(agent, enrolled, interval_s=cfg.heartbeat_interval_s,
+                               timeout_s=cfg.heartbeat_timeout_s, stop=stop,
+                               notifier=Notifier(), connect_timeout_s=connect_timeout_s)
+
+    try:
+        return asyncio.run(main())
+    finally:
+        executor.shutdown(wait=False, cancel_futures=True)

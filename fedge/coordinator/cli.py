@@ -1,0 +1,133 @@
+"""`fedge coordinator`: run the coordinator, or act on its state directory.
+
+    fedge coordinator --config FILE                  run (until SIGTERM)
+    fedge coordinator submit --config FILE PLAN      queue a job plan (TOML)
+    fedge coordinator enrol --config FILE --site S --curve-public Z85 --ed25519-public HEX
+    fedge coordinator status --config FILE [JOB]     fleet and jobs as JSON
+
+Heavy imports happen inside the handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("coordinator", help="run the federation coordinator")
+    p.add_argument("--config", type=Path, help="coordinator config (TOML)")
+    p.set_defaults(func=_run)
+    sub = p.add_subparsers(dest="coordinator_command", metavar="ACTION")
+    s = sub.add_parser("submit", help="queue a job plan")
+    s.add_argument("--config", type=Path, default=argparse.SUPPRESS)
+    s.add_argument("plan", type=Path, help="job plan (TOML)")
+    s.add_argument("--actor", default="cli")
+    s.set_defaults(func=_submit)
+    e = sub.add_parser("enrol", help="enrol an appliance directly in the registry")
+    e.add_argument("--config", type=Path, default=argparse.SUPPRESS)
+    e.add_argument("--site", required=True)
+    e.add_argument("--curve-public", required=True, help="the appliance's CURVE key (z85)")
+    e.add_argument("--ed25519-public", required=True, help="its Ed25519 identity key (hex)")
+    e.add_argument("--actor", default="cli")
+    e.set_defaults(func=_enrol)
+    st = sub.add_parser("status", help="print fleet and jobs as JSON")
+    st.add_argument("--config", type=Path, default=argparse.SUPPRESS)
+    st.add_argument("job", nargs="?")
+    st.set_defaults(func=_status)
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from fedge.coordinator.config import ConfigError, load_config
+
+    if getattr(args, "config", None) is None:
+        print("fedge coordinator: --config FILE is required", file=sys.stderr)
+        return None
+    try:
+        return load_config(args.config)
+    except ConfigError as exc:
+        print(f"fedge coordinator: {exc}", file=sys.stderr)
+        return None
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    if cfg is None:
+        return 2
+    from fedge.coordinator import process
+    from fedge.systemd import setup_logging
+
+    setup_logging("fedge-coordinator")
+    return process.run(cfg)
+
+
+def _submit(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    if cfg is None:
+        return 2
+    from fedge.coordinator.plan import PlanError, parse_plan
+    from fedge.coordinator.store import Store
+
+    try:
+        text = args.plan.read_text()
+        parse_plan(text)
+    except (OSError, PlanError) as exc:
+        print(f"fedge coordinator submit: {exc}", file=sys.stderr)
+        return 2
+    import secrets
+    import time
+
+    job_id = f"job-{time.strftime('%Y%m%d%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
+    store = Store(cfg.state_dir)
+    try:
+        store.create_job(job_id, text, actor=args.actor)
+    finally:
+        store.close()
+    print(job_id)
+    return 0
+
+
+def _enrol(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    if cfg is None:
+        return 2
+    from fedge.coordinator.store import Store, StoreError
+
+    store = Store(cfg.state_dir)
+    try:
+        store.enrol(args.site, args.curve_public, bytes.fromhex(args.ed25519_public),
+                    actor=args.actor)
+    except (StoreError, ValueError) as exc:
+        print(f"fedge coordinator enrol: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        store.close()
+    print(f"enrolled {args.site}")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    if cfg is None:
+        return 2
+    from fedge.coordinator.store import Store, StoreError
+
+    store = Store(cfg.state_dir)
+    try:
+        if args.job:
+            job = store.job(args.job)
+            out: Any = {**job.to_dict(), "rounds": [r.__dict__ for r in store.rounds(args.job)],
+                        "metrics": store.metrics(args.job)}
+        else:
+            out = {"fleet": [a.to_dict() for a in store.appliances()],
+                   "jobs": [j.to_dict() for j in store.jobs()]}
+    except StoreError as exc:
+        print(f"fedge coordinator status: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        store.close()
+    print(json.dumps(out, indent=2, default=str))
+    return 0

@@ -1,0 +1,144 @@
+"""The coordinator's configuration file (TOML), checked when it is read.
+
+::
+
+    state_dir = "/var/lib/fedge-coordinator"     # SQLite, checkpoints, endpoint file
+    bind = "tcp://0.0.0.0:7700"                  # appliances connect here
+    provision = "/etc/fedge/coordinator-provision.json"  # from `fedge console init`
+    # without a provision file:
+    # curve_key = "/etc/fedge/coordinator.key_secret"     # transport key file
+    # roster = "/etc/fedge/roster.json"                   # console-signed roster
+    # roster_public_key = "<hex Ed25519 key of the console>"
+    tick_s = 0.05
+
+    [heartbeat]
+    interval_s = 1.0
+    timeout_s = 5.0
+
+    [admin]                                     # optional: the operators' channel
+    endpoint = "tcp://127.0.0.1:7701"
+
+Relative paths are relative to the configuration file's directory.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the key and the rule."""
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    state_dir: Path
+    bind: str
+    curve_public: str
+    curve_secret: str
+    roster: bytes
+    roster_public_key: bytes
+    heartbeat_interval_s: float = 1.0
+    heartbeat_timeout_s: float = 5.0
+    tick_s: float = 0.05
+    admin: dict[str, Any] = field(default_factory=dict)
+    provision: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+
+_KEYS = ("state_dir", "bind", "provision", "curve_key", "roster", "roster_public_key",
+         "tick_s", "heartbeat", "admin")
+
+
+def load_config(path: str | Path) -> CoordinatorConfig:
+    """Read and check a coordinator configuration.
+
+    Raises:
+        ConfigError: unreadable file, bad TOML, unknown key, missing keys, bad values,
+            unreadable key/roster/provision files (each named).
+    """
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read coordinator config {p}: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"coordinator config {p} is not valid TOML: {exc}") from exc
+    for key in raw:
+        if key not in _KEYS:
+            raise ConfigError(f"coordinator config key {key!r} is unknown; known: "
+                              f"{', '.join(_KEYS)}")
+    base = p.parent
+
+    def rel(v: Any, key: str) -> Path:
+        if not isinstance(v, str) or not v:
+            raise ConfigError(f"coordinator config {key} = {v!r} must be a non-empty path")
+        q = Path(v)
+        return q if q.is_absolute() else base / q
+
+    state_dir = rel(raw.get("state_dir", "/var/lib/fedge-coordinator"), "state_dir")
+    bind = raw.get("bind", "tcp://0.0.0.0:7700")
+    if not isinstance(bind, str) or "://" not in bind:
+        raise ConfigError(f"coordinator config bind = {bind!r} must be a ZeroMQ endpoint "
+                          "like tcp://0.0.0.0:7700")
+    provision: dict[str, Any] = {}
+    if "provision" in raw:
+        pp = rel(raw["provision"], "provision")
+        try:
+            provision = json.loads(pp.read_text())
+            curve_public, curve_secret = provision["curve_public"], provision["curve_secret"]
+            roster = provision.get("roster", "").encode()
+            roster_pk = bytes.fromhex(provision["roster_public_key"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"provision file {pp} is unreadable or lacks a field: "
+                              f"{exc}") from exc
+    else:
+        for key in ("curve_key", "roster_public_key"):
+            if key not in raw:
+                raise ConfigError(f"coordinator config needs {key!r} (or a 'provision' file)")
+        from fedge.transport import KeyFileError, load_keypair
+
+        try:
+            kp = load_keypair(rel(raw["curve_key"], "curve_key"))
+        except (KeyFileError, OSError) as exc:
+            raise ConfigError(f"coordinator config curve_key: {exc}") from exc
+        curve_public, curve_secret = kp.public, kp.secret or ""
+        try:
+            roster_pk = bytes.fromhex(raw["roster_public_key"])
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"coordinator config roster_public_key = "
+                              f"{raw['roster_public_key']!r} must be hex") from exc
+        roster = b""
+        if "roster" in raw:
+            try:
+                roster = rel(raw["roster"], "roster").read_bytes()
+            except OSError as exc:
+                raise ConfigError(f"coordinator config roster: {exc}") from exc
+    if len(roster_pk) != 32:
+        raise ConfigError(f"roster public key has {len(roster_pk)} bytes, must have 32")
+    hb = raw.get("heartbeat", {})
+    if not isinstance(hb, dict) or set(hb) - {"interval_s", "timeout_s"}:
+        raise ConfigError(f"coordinator config [heartbeat] = {hb!r} takes interval_s, timeout_s")
+    interval = _pos(hb.get("interval_s", 1.0), "heartbeat.interval_s")
+    timeout = _pos(hb.get("timeout_s", 5.0), "heartbeat.timeout_s")
+    if timeout <= interval:
+        raise ConfigError(f"heartbeat.timeout_s = {timeout} must exceed interval_s = {interval}")
+    admin = raw.get("admin", {})
+    if not isinstance(admin, dict):
+        raise ConfigError(f"coordinator config [admin] = {admin!r} must be a table")
+    return CoordinatorConfig(
+        state_dir=state_dir, bind=bind, curve_public=curve_public, curve_secret=curve_secret,
+        roster=roster, roster_public_key=roster_pk, heartbeat_interval_s=interval,
+        heartbeat_timeout_s=timeout, tick_s=_pos(raw.get("tick_s", 0.05), "tick_s"),
+        admin=admin, provision=provision, path=p,
+    )
+
+
+def _pos(v: Any, key: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0:
+        raise ConfigError(f"coordinator config {key} = {v!r} must be a number > 0")
+    return float(v)

@@ -1,0 +1,208 @@
+"""The coordinator process: the ROUTER socket, the admin channel, the tick loop.
+
+Only I/O lives here; the decisions are :class:`~fedge.coordinator.service.Coordinator`'s.
+The bound endpoint is written to ``<state_dir>/endpoint`` (useful with port 0).
+The ZAP allow-list follows the registry: enrolment or revocation through the
+admin channel applies at once; a change written to the database by another
+process (``fedge coordinator enrol``) is picked up within a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from fedge.coordinator.config import CoordinatorConfig
+from fedge.coordinator.service import Coordinator
+
+log = logging.getLogger("fedge.coordinator")
+
+ALLOW_LIST_REFRESH_S = 1.0
+
+
+def _optional(module: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name != module:
+            raise
+        return None
+
+
+def build_coordinator(cfg: CoordinatorConfig, **kwargs: Any) -> Coordinator:
+    """A :class:`Coordinator` for this configuration (roster from the state dir if newer)."""
+    roster = cfg.roster
+    saved = cfg.state_dir / "roster.json"
+    if saved.exists():
+        roster = saved.read_bytes()
+    updates = None
+    upd_mod = _optional("fedge.coordinator.updates")
+    if upd_mod is not None and (cfg.state_dir / "tuf").exists():
+        try:
+            updates = upd_mod.UpdateRepository(cfg.state_dir)
+        except Exception as exc:  # a broken TUF store must not stop federated training
+            log.error("update relay disabled: %s", exc)
+    coord = Coordinator(
+        cfg.state_dir, roster=roster, roster_public_key=cfg.roster_public_key,
+        heartbeat_timeout_s=cfg.heartbeat_timeout_s,
+        update_handler=updates.handle_fetch if updates is not None else None, **kwargs)
+    coord.updates = updates  # type: ignore[attr-defined]
+    return coord
+
+
+async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
+                coordinator: Coordinator | None = None) -> int:
+    """Run the coordinator until ``stop`` is set (or SIGTERM/SIGINT); returns the exit code.
+
+    Raises:
+        TransportError: the endpoint cannot be bound.
+    """
+    from fedge.systemd import Notifier
+    from fedge.transport import CurveKeyPair, HeartbeatConfig, ServerSocket, TransportError
+    from fedge.wire import codec
+
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+    coord = coordinator or build_coordinator(cfg)
+    notifier = Notifier()
+    key_of: dict[str, str] = {}
+
+    def site_of(public_key: str) -> str | None:
+        site = coord.store.site_for_key(public_key)
+        if site is not None:
+            key_of[site] = public_key
+        return site
+
+    def on_refused(refusal: Any) -> None:
+        coord.refused(refusal.public_key or "", f"{refusal.reason} (from {refusal.address})")
+
+    def on_peer_lost(peer: Any) -> None:
+        site = coord.store.site_for_key(peer.public_key)
+        if site is not None:
+            coord.peer_lost(site)
+
+    server = ServerSocket(
+        CurveKeyPair(cfg.curve_public, cfg.curve_secret), allowed=coord.store.allowed_keys(),
+        on_refused=on_refused, on_peer_lost=on_peer_lost,
+        heartbeat=HeartbeatConfig(cfg.heartbeat_interval_s, cfg.heartbeat_timeout_s),
+        max_message_bytes=coord.max_message_bytes)
+    try:
+        endpoint = server.bind(cfg.bind)
+    except TransportError as exc:
+        log.error("cannot bind %s: %s", cfg.bind, exc)
+        return 1
+    (cfg.state_dir / "endpoint").write_text(endpoint + "\n")
+    allowed = coord.store.allowed_keys()
+
+    def set_allowed(keys: set[str]) -> None:
+        nonlocal allowed
+        allowed = set(keys)
+        server.set_allowed(keys)
+
+    def disconnect(site: str) -> None:
+        key = key_of.pop(site, None)
+        if key is not None:
+            server.disconnect(key)
+
+    coord.on_allow_list = set_allowed
+    coord.on_disconnect = disconnect
+    admin_task = _start_admin(cfg, coord)
+    log.info("coordinator listening on %s", endpoint)
+    notifier.ready()
+    notifier.status(f"listening on {endpoint}")
+    last_refresh = time.monotonic()
+    max_bytes = coord.max_message_bytes
+    try:
+        while not stop.is_set():
+            try:
+                msg = await server.recv(timeout=cfg.tick_s)
+            except TimeoutError:
+                msg = None
+            if msg is not None:
+                site = site_of(msg.peer.public_key)
+                if site is None:
+                    coord.refused(msg.peer.public_key, "message from a key not enrolled")
+                    server.disconnect(msg.peer)
+                else:
+                    coord.handle_frames(site, msg.frames)
+            coord.tick()
+            if coord.max_message_bytes != max_bytes:
+                max_bytes = coord.max_message_bytes
+                server.set_max_message_bytes(max_bytes)
+            await _drain(coord, server, key_of, codec)
+            now = time.monotonic()
+            if now - last_refresh > ALLOW_LIST_REFRESH_S:
+                last_refresh = now
+                notifier.watchdog()
+                fresh = coord.store.allowed_keys()
+                if fresh != allowed:
+                    for site, key in list(key_of.items()):
+                        if key not in fresh:
+                            disconnect(site)
+                            coord.peer_lost(site)
+                    set_allowed(fresh)
+                job = coord.runner
+                if job is not None and job.round is not None:
+                    notifier.status(f"job {job.job_id} round {job.round.round} "
+                                    f"{job.round.phase.value}")
+    finally:
+        notifier.stopping()
+        if admin_task is not None:
+            admin_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await admin_task
+        await server.close()
+        coord.close()
+    return 0
+
+
+async def _drain(coord: Coordinator, server: Any, key_of: dict[str, str], codec: Any) -> None:
+    from fedge.transport import NotConnected
+
+    outbox, coord.outbox = coord.outbox, []
+    for out in outbox:
+        key = key_of.get(out.site)
+        if key is None:
+            try:
+                key = coord.store.appliance(out.site).curve_public_z85
+            except Exception:
+                continue
+        frames = codec.encode(out.body, sender="coordinator", job=out.job, round=out.round)
+        try:
+            await server.send(key, frames)
+        except NotConnected:
+            log.info("%s is not connected; %s not delivered", out.site, type(out.body).__name__)
+
+
+def _start_admin(cfg: CoordinatorConfig, coord: Coordinator) -> asyncio.Task[None] | None:
+    if not cfg.admin:
+        return None
+    admin = _optional("fedge.coordinator.admin")
+    if admin is None:
+        log.warning("[admin] configured but fedge.coordinator.admin is not installed")
+        return None
+    endpoint = cfg.admin.get("endpoint") or cfg.provision.get("admin_endpoint")
+    if not endpoint or not cfg.provision:
+        log.error("[admin] needs an endpoint and a provision file (operator keys)")
+        return None
+    config = admin.AdminConfig.from_provision(cfg.provision, endpoint)
+    updates = getattr(coord, "updates", None)
+    service = admin.AdminService(coord, config.operators, updates=updates)
+    coord.on_update_outcome = service.on_outcome
+    return asyncio.ensure_future(admin.serve_admin(coord, config, updates=updates,
+                                                   service=service))
+
+
+def run(cfg: CoordinatorConfig) -> int:
+    """Blocking entry point for ``fedge coordinator``."""
+    Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
+    return asyncio.run(serve(cfg))

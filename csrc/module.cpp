@@ -326,6 +326,100 @@ void noise(const py::buffer& vec, double std, const py::bytes& seed,
   add_gaussian_noise(p, v.ptr, v.n, std, keys);
 }
 
+#ifdef FEDGE_HAVE_CUDA
+// CUDA entry points: device pointers (torch data_ptr()) and a stream handle
+// as integers. fedge/core.py checks the tensors' dtype, device, length and
+// contiguity; here only scalar ranges the kernels rely on are checked.
+template <typename T>
+T* device_ptr(uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+void bind_cuda(py::module_& m) {
+  using py::arg;
+  m.def("cuda_device_count", &cuda::device_count);
+  m.def(
+      "cuda_prg",
+      [](int device, uintptr_t stream, uintptr_t out, uint64_t n, const py::bytes& seed,
+         uint64_t offset_words) {
+        const RoundKeys keys = key_arg(seed, "seed");
+        check_span(offset_words, n);
+        py::gil_scoped_release release;
+        cuda::prg(device, stream, keys, offset_words, device_ptr<uint32_t>(out), n);
+      },
+      arg("device"), arg("stream"), arg("out_ptr"), arg("n_words"), arg("seed"),
+      arg("offset_words"));
+  m.def(
+      "cuda_apply_masks",
+      [](int device, uintptr_t stream, uintptr_t vec, uint64_t n, const py::bytes& seeds,
+         const std::vector<int>& signs, uint64_t offset_words) {
+        const std::string s = seeds;
+        const size_t k = s.size() / 16;
+        if (s.size() % 16 != 0 || signs.size() != k) {
+          throw py::value_error("seeds must be k * 16 bytes with k signs");
+        }
+        std::vector<RoundKeys> keys(k);
+        for (size_t i = 0; i < k; ++i) {
+          keys[i] = expand_key(reinterpret_cast<const uint8_t*>(s.data()) + 16 * i);
+          if (signs[i] != 1 && signs[i] != -1) throw py::value_error("signs must be +1 or -1");
+        }
+        check_span(offset_words, n);
+        py::gil_scoped_release release;
+        cuda::apply_masks(device, stream, keys.data(), signs.data(), k, offset_words,
+                          device_ptr<uint32_t>(vec), n);
+      },
+      arg("device"), arg("stream"), arg("vec_ptr"), arg("n"), arg("seeds"), arg("signs"),
+      arg("offset_words"));
+  m.def(
+      "cuda_quantise",
+      [](int device, uintptr_t stream, uintptr_t x, uintptr_t out, uint64_t n, double clip,
+         int bits, const py::bytes& seed) {
+        check_clip(clip);
+        check_bits(bits);
+        const RoundKeys keys = key_arg(seed, "seed");
+        py::gil_scoped_release release;
+        return cuda::quantise(device, stream, device_ptr<const float>(x),
+                              device_ptr<uint32_t>(out), n, clip, quant_scale(bits, clip),
+                              static_cast<uint32_t>((uint64_t(1) << bits) - 1), keys);
+      },
+      arg("device"), arg("stream"), arg("x_ptr"), arg("out_ptr"), arg("n"), arg("clip"),
+      arg("bits"), arg("seed"));
+  m.def(
+      "cuda_dequantise",
+      [](int device, uintptr_t stream, uintptr_t total, uintptr_t out, uint64_t n,
+         uint64_t n_summands, double clip, int bits) {
+        check_clip(clip);
+        check_bits(bits);
+        py::gil_scoped_release release;
+        cuda::dequantise(device, stream, device_ptr<const uint32_t>(total),
+                         device_ptr<double>(out), n, quant_scale(bits, clip),
+                         static_cast<double>(n_summands) * clip);
+      },
+      arg("device"), arg("stream"), arg("total_ptr"), arg("out_ptr"), arg("n"),
+      arg("n_summands"), arg("clip"), arg("bits"));
+  m.def(
+      "cuda_sgd_step",
+      [](int device, uintptr_t stream, uintptr_t params, uintptr_t grads, uintptr_t buf,
+         uint64_t n, double lr, double momentum, double weight_decay, double dampening,
+         bool nesterov, double prox_mu, uintptr_t global_params, uintptr_t scaffold_c,
+         uintptr_t scaffold_ci, bool first_step) {
+        if (momentum != 0.0 && buf == 0) {
+          throw py::value_error("momentum_buf is required when momentum != 0");
+        }
+        const cuda::SgdDeviceArgs a{lr, momentum, weight_decay, dampening, prox_mu, nesterov,
+                                    first_step};
+        py::gil_scoped_release release;
+        cuda::sgd_step(device, stream, device_ptr<float>(params), device_ptr<const float>(grads),
+                       device_ptr<float>(buf), n, a, device_ptr<const float>(global_params),
+                       device_ptr<const float>(scaffold_c), device_ptr<const float>(scaffold_ci));
+      },
+      arg("device"), arg("stream"), arg("params"), arg("grads"), arg("momentum_buf"), arg("n"),
+      arg("lr"), arg("momentum"), arg("weight_decay"), arg("dampening"), arg("nesterov"),
+      arg("prox_mu"), arg("global_params"), arg("scaffold_c"), arg("scaffold_ci"),
+      arg("first_step"));
+}
+#endif
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -356,6 +450,6 @@ PYBIND11_MODULE(_core, m) {
   m.def("add_gaussian_noise", &noise, arg("vec"), py::kw_only(), arg("std"), arg("seed"),
         arg("path") = none);
 #ifdef FEDGE_HAVE_CUDA
-  cuda::bind(m);
+  bind_cuda(m);
 #endif
 }

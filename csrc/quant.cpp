@@ -14,10 +14,6 @@ namespace {
 constexpr size_t kChunkWords = 2048;
 constexpr size_t kMinWordsPerThread = 1 << 16;
 
-double quant_scale(int bits, double clip) {
-  return static_cast<double>((uint64_t(1) << bits) - 1) / (2.0 * clip);
-}
-
 bool quantise_range(Path path, const float* x, size_t n, size_t first, double clip, double scale,
                     uint32_t qmax, const RoundKeys& seed, uint32_t* out) {
   alignas(64) uint32_t u[kChunkWords];
@@ -31,6 +27,10 @@ bool quantise_range(Path path, const float* x, size_t n, size_t first, double cl
 }
 
 }  // namespace
+
+double quant_scale(int bits, double clip) {
+  return static_cast<double>((uint64_t(1) << bits) - 1) / (2.0 * clip);
+}
 
 int quant_bits(uint64_t n_summands) {
   if (n_summands == 0) return 0;

@@ -20,6 +20,9 @@ namespace fedge {
 // Largest b <= 31 with n * (2^b - 1) <= 2^32 - 1, or 0 when even b = 1 wraps.
 int quant_bits(uint64_t n_summands);
 
+// s = (2^b - 1) / (2c)
+double quant_scale(int bits, double clip);
+
 // Returns false (out partly written) when x holds NaN or +-Inf.
 bool quantise(Path path, const float* x, size_t n, double clip, int bits, const RoundKeys& seed,
               uint32_t* out, int threads);

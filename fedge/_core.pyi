@@ -70,17 +70,34 @@ def add_gaussian_noise(
 # Present only when built with CUDA (info()["cuda_compiled"]); pointers are
 # device addresses (torch.Tensor.data_ptr()), stream a cudaStream_t as int.
 def cuda_device_count() -> int: ...
-def cuda_prg(out_ptr: int, n_words: int, seed: bytes, offset_words: int, stream: int) -> None: ...
+def cuda_prg(
+    device: int, stream: int, out_ptr: int, n_words: int, seed: bytes, offset_words: int
+) -> None: ...
 def cuda_apply_masks(
-    vec_ptr: int, n: int, seeds: bytes, signs: list[int], offset_words: int, stream: int
+    device: int,
+    stream: int,
+    vec_ptr: int,
+    n: int,
+    seeds: bytes,
+    signs: list[int],
+    offset_words: int,
 ) -> None: ...
 def cuda_quantise(
-    x_ptr: int, out_ptr: int, n: int, clip: float, bits: int, seed: bytes, stream: int
+    device: int, stream: int, x_ptr: int, out_ptr: int, n: int, clip: float, bits: int, seed: bytes
 ) -> bool: ...
 def cuda_dequantise(
-    total_ptr: int, out_ptr: int, n: int, n_summands: int, clip: float, bits: int, stream: int
+    device: int,
+    stream: int,
+    total_ptr: int,
+    out_ptr: int,
+    n: int,
+    n_summands: int,
+    clip: float,
+    bits: int,
 ) -> None: ...
 def cuda_sgd_step(
+    device: int,
+    stream: int,
     params: int,
     grads: int,
     momentum_buf: int,
@@ -95,5 +112,4 @@ def cuda_sgd_step(
     scaffold_c: int,
     scaffold_ci: int,
     first_step: bool,
-    stream: int,
 ) -> None: ...

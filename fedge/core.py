@@ -210,10 +210,12 @@ def _cuda_tensor(t: Any, name: str, dtypes: tuple[str, ...], device: Any = None)
     return t
 
 
-def _stream(device: Any) -> int:
+def _where(device: Any) -> tuple[int, int]:
+    """(device index, current torch stream handle) for a CUDA device."""
     import torch
 
-    return int(torch.cuda.current_stream(device).cuda_stream)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return int(index), int(torch.cuda.current_stream(index).cuda_stream)
 
 
 # ---------------------------------------------------------------------- PRG
@@ -250,7 +252,7 @@ def prg(
         if dev.type != "cuda":
             raise ValueError(f"device must be a CUDA device, got {device!r}")
         out = torch.empty(n, dtype=torch.uint32, device=dev)
-        core.cuda_prg(out.data_ptr(), n, key, off, _stream(dev))
+        core.cuda_prg(*_where(out.device), out.data_ptr(), n, key, off)
         return out
     return _core.prg(key, n, off, path=_path(path))
 
@@ -281,7 +283,7 @@ def apply_masks(
     if _is_cuda_tensor(vec):
         core = _cuda()
         t = _cuda_tensor(vec, "vec", ("uint32", "int32"))
-        core.cuda_apply_masks(t.data_ptr(), t.numel(), key_bytes, sign_list, off, _stream(t.device))
+        core.cuda_apply_masks(*_where(t.device), t.data_ptr(), t.numel(), key_bytes, sign_list, off)
         return
     arr = _array(vec, "vec", np.uint32, writable=True)
     _core.apply_masks(
@@ -338,7 +340,7 @@ def quantise(
         t = _cuda_tensor(x, "x", ("float32",))
         out = torch.empty(t.numel(), dtype=torch.uint32, device=t.device)
         ok = core.cuda_quantise(
-            t.data_ptr(), out.data_ptr(), t.numel(), c, b, key, _stream(t.device)
+            *_where(t.device), t.data_ptr(), out.data_ptr(), t.numel(), c, b, key
         )
         if not ok:
             raise ValueError("x contains NaN or infinity")
@@ -369,7 +371,7 @@ def dequantise(total: Any, *, n_summands: int, clip: float, bits: int) -> Any:
         core = _cuda()
         t = _cuda_tensor(total, "total", ("uint32",))
         out = torch.empty(t.numel(), dtype=torch.float64, device=t.device)
-        core.cuda_dequantise(t.data_ptr(), out.data_ptr(), t.numel(), n, c, b, _stream(t.device))
+        core.cuda_dequantise(*_where(t.device), t.data_ptr(), out.data_ptr(), t.numel(), n, c, b)
         return out
     arr = _array(total, "total", np.uint32)
     return _core.dequantise(arr, n_summands=n, clip=c, bits=b)
@@ -446,9 +448,9 @@ def sgd_step(
                 raise ValueError(f"{name} has {ct.numel()} elements but params has {p.numel()}")
             ptrs[name] = ct.data_ptr()
         core.cuda_sgd_step(
-            p.data_ptr(), ptrs["grads"], ptrs["momentum_buf"], p.numel(), lr_, mom, wd, damp,
-            bool(nesterov), mu, ptrs["global_params"], ptrs["scaffold_c"], ptrs["scaffold_ci"],
-            bool(first_step), _stream(dev),
+            *_where(dev), p.data_ptr(), ptrs["grads"], ptrs["momentum_buf"], p.numel(), lr_, mom,
+            wd, damp, bool(nesterov), mu, ptrs["global_params"], ptrs["scaffold_c"],
+            ptrs["scaffold_ci"], bool(first_step),
         )  # fmt: skip
         return
     _core.sgd_step(

@@ -10,13 +10,17 @@ lengths); this module decides what to install and installs it.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import json
+import logging
 import shutil
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import Executor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from tuf.api.exceptions import DownloadError, DownloadHTTPError
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
@@ -31,6 +35,8 @@ from fedge.update.messages import (
     UpdateFetchRequest,
     UpdateOutcome,
 )
+
+log = logging.getLogger("fedge.agent.updates")
 
 URL_SCHEME = "fedge:"
 METADATA_BASE = URL_SCHEME + "metadata/"
@@ -106,7 +112,7 @@ class AgentUpdater:
     and ``updates/audit.jsonl``.
     """
 
-    def __init__(self, state_dir: Path, fetcher: FetcherInterface, *,
+    def __init__(self, state_dir: Path, fetcher: FetcherInterface | None = None, *,
                  clock: tuf_repo.Clock = tuf_repo.utcnow) -> None:
         """Raises: FileNotFoundError if the appliance was never enrolled (no root)."""
         self.state_dir = Path(state_dir)
@@ -116,7 +122,7 @@ class AgentUpdater:
             raise FileNotFoundError(f"no trusted TUF root at {self.metadata_dir / 'root.json'}:"
                                     " enrol the appliance first (fedge agent enrol FILE)")
         self.targets_dir.mkdir(parents=True, exist_ok=True)
-        self.fetcher = fetcher
+        self.fetcher = fetcher  # AgentUpdateClient sets it to fetch over the connection
         self.clock = clock
         self._updater: Updater | None = None
 
@@ -129,6 +135,8 @@ class AgentUpdater:
                 bad signature — anything python-tuf refuses.
             tuf.api.exceptions.DownloadError: the coordinator could not deliver.
         """
+        if self.fetcher is None:
+            raise DownloadError("no fetcher: attach an AgentUpdateClient or pass fetcher=")
         updater = Updater(
             metadata_dir=str(self.metadata_dir),
             metadata_base_url=METADATA_BASE,
@@ -312,3 +320,81 @@ def handle_update_available(updater: AgentUpdater, msg: UpdateAvailable, *,
                              f"{type(exc).__name__}: {exc}")
     return UpdateOutcome(msg.rollout_id, msg.path, outcome.ok, outcome.rolled_back,
                          outcome.detail)
+
+
+class AgentUpdateClient:
+    """Signed updates inside the agent process, over its existing connection.
+
+    The agent's message loop passes every body for which `wants(body)` is true
+    to `handle(body)`. An UpdateAvailable starts verification and installation
+    in an executor thread (python-tuf is synchronous); the thread's fetches go
+    out through `send` as UpdateFetchRequests, and the UpdateFetchReplies that
+    come back resolve them. The outcome is sent back as UpdateOutcome.
+    """
+
+    def __init__(self, updater: AgentUpdater, send: Callable[[Any], Awaitable[None]], *,
+                 models: ModelInstaller | None = None, service: Service | None = None,
+                 executor: Executor | None = None, reply_timeout_s: float = 30.0,
+                 health_deadline_s: float = 30.0) -> None:
+        self.updater = updater
+        self._send = send
+        self.models = models
+        self.service = service
+        self.executor = executor
+        self.reply_timeout_s = reply_timeout_s
+        self.health_deadline_s = health_deadline_s
+        self._pending: dict[tuple[str, int], asyncio.Future[UpdateFetchReply]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._busy: asyncio.Lock | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.outcomes: list[UpdateOutcome] = []
+        updater.fetcher = ZmqFetcher(self.roundtrip)
+
+    @staticmethod
+    def wants(body: object) -> bool:
+        return isinstance(body, UpdateAvailable | UpdateFetchReply)
+
+    async def handle(self, body: object) -> None:
+        self._loop = asyncio.get_running_loop()
+        if isinstance(body, UpdateFetchReply):
+            fut = self._pending.pop((body.path, body.offset), None)
+            if fut is not None and not fut.done():
+                fut.set_result(body)
+        elif isinstance(body, UpdateAvailable):
+            task = asyncio.ensure_future(self._install(body))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _install(self, msg: UpdateAvailable) -> None:
+        if self._busy is None:
+            self._busy = asyncio.Lock()
+        async with self._busy:  # one install at a time
+            loop = asyncio.get_running_loop()
+            outcome = await loop.run_in_executor(
+                self.executor, lambda: handle_update_available(
+                    self.updater, msg, models=self.models, service=self.service,
+                    health_deadline_s=self.health_deadline_s))
+            self.outcomes.append(outcome)
+            log.info("update %s: %s", msg.path, outcome.detail)
+            await self._send(outcome)
+
+    async def _request(self, req: UpdateFetchRequest) -> UpdateFetchReply:
+        assert self._loop is not None
+        fut: asyncio.Future[UpdateFetchReply] = self._loop.create_future()
+        self._pending[(req.path, req.offset)] = fut
+        await self._send(req)
+        try:
+            return await asyncio.wait_for(fut, self.reply_timeout_s)
+        finally:
+            self._pending.pop((req.path, req.offset), None)
+
+    def roundtrip(self, req: UpdateFetchRequest) -> UpdateFetchReply:
+        """Called from the executor thread: one request, one reply, or DownloadError."""
+        if self._loop is None:
+            raise DownloadError("update client not attached to the agent's event loop")
+        try:
+            return asyncio.run_coroutine_threadsafe(self._request(req), self._loop).result(
+                self.reply_timeout_s + 1)
+        except (TimeoutError, concurrent.futures.TimeoutError) as exc:
+            raise DownloadError(f"fetch {req.path}@{req.offset}: no reply within "
+                                f"{self.reply_timeout_s:g} s") from exc

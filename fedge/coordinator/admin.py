@@ -31,6 +31,7 @@ log = logging.getLogger("fedge.coordinator.admin")
 
 ADMIN_ACTOR = "operator"
 ADMIN_ZAP_DOMAIN = "fedge-admin"
+TIMESTAMP_CHECK_S = 60.0
 FETCHABLE = ("final.safetensors", "final.onnx", "model.onnx", "report.json", "report.md",
              "metrics.json")
 
@@ -77,6 +78,7 @@ class AdminService:
         self.clock = clock
         self._send = send or self._outbox_send
         self.rollouts: dict[str, Rollout] = {}
+        self._last_refresh = float("-inf")
 
     def _outbox_send(self, site: str, body: Any) -> None:
         from fedge.coordinator.service import Outgoing
@@ -228,6 +230,16 @@ class AdminService:
                         rollout.to_dict())
 
     def tick(self) -> None:
+        """Roll-out deadlines; and keep the TUF timestamp fresh (once a minute)."""
+        now = self.clock()
+        if self.updates is not None and now - self._last_refresh >= TIMESTAMP_CHECK_S:
+            self._last_refresh = now
+            try:
+                if self.updates.refresh_timestamp():
+                    self._audit(Operator("coordinator", "system"), "update.timestamp_resigned",
+                                self.updates.versions)
+            except Exception:
+                log.exception("cannot re-sign the TUF timestamp")
         for rollout in self.rollouts.values():
             was = rollout.state
             rollout.tick(self.clock())

@@ -16,13 +16,16 @@ Layout under ``<state_dir>/tuf/``::
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedge.update import tuf_repo
@@ -108,6 +111,34 @@ class UpdateRepository:
         v = _Versions(root_md.signed.version, targets_md.signed.version, 0, 0)
         cls._sign_online(base, snapshot_key, timestamp_key, v, now)
         return cls(state_dir, clock=clock)
+
+    @classmethod
+    def from_provision(cls, state_dir: Path, provision: Mapping[str, Any], *,
+                       clock: tuf_repo.Clock = tuf_repo.utcnow) -> UpdateRepository:
+        """Open the repository, provisioning it first from the console's
+        coordinator-provision.json contents if this state dir has none.
+
+        Raises:
+            UpdateRepositoryError: the provision data lacks a TUF field or does not verify.
+            ValueError: an existing repository is corrupt.
+        """
+        if (Path(state_dir) / "tuf" / "state.json").exists():
+            return cls(state_dir, clock=clock)
+        try:
+            keys = {role: serialization.load_pem_private_key(
+                        base64.b64decode(provision["tuf_online_keys"][role]), password=None)
+                    for role in ("snapshot", "timestamp")}
+            root = str(provision["tuf_root"]).encode()
+            targets = str(provision["tuf_targets"]).encode()
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UpdateRepositoryError(f"provision data lacks a usable TUF field: {exc}") \
+                from exc
+        for role, key in keys.items():
+            if not isinstance(key, Ed25519PrivateKey):
+                raise UpdateRepositoryError(f"provision {role} key is not Ed25519")
+        return cls.provision(state_dir, root=root, targets=targets,
+                             snapshot_key=keys["snapshot"], timestamp_key=keys["timestamp"],
+                             clock=clock)
 
     # -- publishing --------------------------------------------------------------------
     def publish(

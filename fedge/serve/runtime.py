@@ -148,6 +148,9 @@ class ModelStore:
     def names(self) -> list[str]:
         return sorted(self._models)
 
+    def has(self, name: str) -> bool:
+        return name in self._models
+
     def versions(self, name: str) -> list[int]:
         entry = self._models.get(name)
         return sorted(entry.loaded) if entry else []

@@ -1,0 +1,247 @@
+"""Serving speed: onnxruntime vs PyTorch eager in-process, and `fedge serve` under load.
+
+For the Cox model (cox_linear, 39 features) and the CNN (resnet_small, 1x64x64):
+
+1. in-process per-call time at batch 1 and 64: onnxruntime vs PyTorch eager
+   (same thread count), ratio = torch / onnxruntime (> 1: onnxruntime faster);
+2. a real `fedge serve` process on loopback, 16 concurrent keep-alive clients
+   (closed loop, one asyncio process, raw HTTP/1.1 with the binary tensor
+   extension as tritonclient sends it): throughput and p50/p99 latency, and the
+   overhead ratio server p50 / in-process onnxruntime per call.
+
+The load generator is deliberately lean (prebuilt request bytes, no JSON on
+the client side) so that on this 2-core machine the figure is the server's,
+not the client library's. Last line: RESULT ort_vs_torch_b1=… server_p99_ms=…
+server_rps=… (Cox, batch 1) plus the other figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from fedge.serve.export import export_onnx
+from fedge.serve.repository import ModelRepository
+from fedge.serve.runtime import default_threads, session_options
+from fedge.train.api import ModelSpec, build_model
+
+CLIENTS = 16
+MODELS = {
+    "cox": (ModelSpec("cox_linear", {"in_features": 39}), (39,)),
+    "cnn": (ModelSpec("resnet_small", {"in_channels": 1, "classes": 2, "width": 16}),
+            (1, 64, 64)),
+}
+
+
+def _reps(fn, target_s: float = 0.01) -> int:  # type: ignore[no-untyped-def]
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    return max(1, int(target_s / max(time.perf_counter() - t0, 1e-7)))
+
+
+def _sample(fn, reps: int) -> float:  # type: ignore[no-untyped-def]
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / reps
+
+
+def paired_per_call(f_ort, f_torch, budget_s: float) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """Median per-call times, onnxruntime and torch samples interleaved.
+
+    Interleaving puts both under the same background load (this machine is
+    shared), so their ratio is steadier than two runs one after the other.
+    """
+    r_ort, r_torch = _reps(f_ort), _reps(f_torch)
+    ort_s: list[float] = []
+    torch_s: list[float] = []
+    end = time.perf_counter() + 2 * budget_s
+    while time.perf_counter() < end or len(ort_s) < 7:
+        ort_s.append(_sample(f_ort, r_ort))
+        torch_s.append(_sample(f_torch, r_torch))
+    return statistics.median(ort_s), statistics.median(torch_s)
+
+
+def in_process(model: torch.nn.Module, path: Path, shape: tuple[int, ...],
+               batch: int, budget_s: float, threads: int) -> tuple[float, float]:
+    x = np.random.default_rng(0).standard_normal((batch, *shape)).astype(np.float32)
+    sess = ort.InferenceSession(str(path), sess_options=session_options(threads),
+                                providers=["CPUExecutionProvider"])
+    xt = torch.from_numpy(x)
+    with torch.inference_mode():
+        return paired_per_call(lambda: sess.run(["output"], {"input": x}),
+                               lambda: model(xt), budget_s)
+
+
+def request_bytes(model: str, x: np.ndarray) -> bytes:
+    raw = x.astype("<f4").tobytes()
+    header = json.dumps({
+        "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                    "parameters": {"binary_data_size": len(raw)}}],
+        "parameters": {"binary_data_output": True},
+    }).encode()
+    body = header + raw
+    head = (f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Content-Type: application/octet-stream\r\n"
+            f"Inference-Header-Content-Length: {len(header)}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    return head + body
+
+
+async def _client(port: int, req: bytes, stop_at: float, warm_until: float,
+                  lat: list[float], errors: list[str]) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        while True:
+            t0 = time.perf_counter()
+            if t0 >= stop_at:
+                return
+            writer.write(req)
+            head = await reader.readuntil(b"\r\n\r\n")
+            m = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
+            body = await reader.readexactly(int(m.group(1)) if m else 0)
+            t1 = time.perf_counter()
+            if not head.startswith(b"HTTP/1.1 200"):
+                status = head.split(b"\r\n", 1)[0]
+                errors.append((status + b" " + body[:200]).decode("latin-1"))
+            elif t0 >= warm_until:
+                lat.append(t1 - t0)
+    finally:
+        writer.close()
+
+
+async def load(
+    port: int, req: bytes, clients: int, seconds: float
+) -> tuple[list[float], list[str], float]:
+    lat: list[float] = []
+    errors: list[str] = []
+    start = time.perf_counter()
+    warm_until = start + min(0.5, seconds / 4)
+    stop_at = warm_until + seconds
+    await asyncio.gather(*(_client(port, req, stop_at, warm_until, lat, errors)
+                           for _ in range(clients)))
+    return lat, errors, seconds
+
+
+def start_server(repo: Path) -> tuple[subprocess.Popen[str], int]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedge.cli", "serve", "--repository", str(repo),
+         "--host", "127.0.0.1", "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    m = re.search(r":(\d+) ", line)
+    if not m:
+        proc.kill()
+        raise SystemExit(f"fedge serve did not start: {line}{proc.stdout.read()}")
+    port = int(m.group(1))
+    import urllib.request
+
+    for _ in range(600):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1):
+                return proc, port
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise SystemExit("fedge serve never became ready")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="shorter timings (~30 s in all)")
+    args = ap.parse_args()
+    budget = 0.3 if args.quick else 1.0
+    load_s = 1.5 if args.quick else 4.0
+    threads = default_threads()
+    torch.set_num_threads(threads)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+
+    print(f"fedge serve bench: {os.cpu_count()} CPUs, {threads} threads per session, "
+          f"{CLIENTS} clients, torch {torch.__version__}, onnxruntime {ort.__version__}")
+    results: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="fedge-bench-serve-") as tmp:
+        repo = ModelRepository(Path(tmp) / "repo")
+        anchors: dict[tuple[str, int], float] = {}
+        for name, (spec, shape) in MODELS.items():
+            model = build_model(spec).eval()
+            path = Path(tmp) / f"{name}.onnx"
+            export_onnx(model, torch.randn(2, *shape), {"job_id": "bench"}, path)
+            repo.install(name, path)
+            for batch in (1, 64):
+                t_ort, t_torch = in_process(model, path, shape, batch, budget, threads)
+                anchors[(name, batch)] = t_ort
+                ratio = t_torch / t_ort
+                results[f"ort_vs_torch_{name}_b{batch}"] = ratio
+                print(f"{name:4s} batch {batch:2d}: onnxruntime {t_ort * 1e6:9.1f} us  "
+                      f"torch eager {t_torch * 1e6:9.1f} us  torch/ort = {ratio:5.2f}x")
+
+        proc, port = start_server(repo.root)
+        try:
+            for name, (_spec, shape) in MODELS.items():
+                for batch in (1, 64):
+                    x = np.random.default_rng(1).standard_normal((batch, *shape))
+                    req = request_bytes(name, x.astype(np.float32))
+                    seconds = load_s if (name, batch) == ("cox", 1) else load_s / 2
+                    lat, errors, span = asyncio.run(load(port, req, CLIENTS, seconds))
+                    if errors:
+                        print(f"  {len(errors)} failed requests, first: {errors[0]}")
+                    lat_ms = np.asarray(lat) * 1e3
+                    p50, p99 = np.percentile(lat_ms, [50, 99])
+                    rps = len(lat) / span
+                    overhead = p50 / 1e3 / anchors[(name, batch)]
+                    key = f"{name}_b{batch}"
+                    results[f"server_p50_ms_{key}"] = p50
+                    results[f"server_p99_ms_{key}"] = p99
+                    results[f"server_rps_{key}"] = rps
+                    results[f"server_errors_{key}"] = float(len(errors))
+                    print(f"server {name:4s} batch {batch:2d}: {rps:8.0f} req/s  p50 {p50:6.2f} ms"
+                          f"  p99 {p99:6.2f} ms  p50 / in-process ort = {overhead:6.1f}x  "
+                          f"({len(lat)} requests, {len(errors)} errors)")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    print(
+        "RESULT "
+        f"ort_vs_torch_b1={results['ort_vs_torch_cox_b1']:.2f} "
+        f"server_p99_ms={results['server_p99_ms_cox_b1']:.2f} "
+        f"server_rps={results['server_rps_cox_b1']:.0f} "
+        f"server_p50_ms={results['server_p50_ms_cox_b1']:.2f} "
+        f"ort_vs_torch_cnn_b1={results['ort_vs_torch_cnn_b1']:.2f} "
+        f"ort_vs_torch_cox_b64={results['ort_vs_torch_cox_b64']:.2f} "
+        f"ort_vs_torch_cnn_b64={results['ort_vs_torch_cnn_b64']:.2f} "
+        f"server_p99_ms_cnn_b1={results['server_p99_ms_cnn_b1']:.2f} "
+        f"server_rps_cnn_b1={results['server_rps_cnn_b1']:.0f} "
+        f"server_errors={int(sum(v for k, v in results.items() if k.startswith('server_errors')))}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""The v2 protocol as pure functions: request parsing, binary tensors, response encoding."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from fedge.serve.protocol import (
+    InferRequest,
+    ProtocolError,
+    RequestedOutput,
+    TensorSpec,
+    encode_infer_response,
+    parse_infer_request,
+)
+
+INPUTS = (TensorSpec("x", "FP32", (-1, 3)), TensorSpec("mask", "BOOL", (-1, 3)))
+OUTPUTS = (TensorSpec("risk", "FP32", (-1, 1)), TensorSpec("rank", "INT64", (-1,)))
+
+
+def _binary_body(doc: dict, *arrays: np.ndarray) -> tuple[bytes, str]:
+    header = json.dumps(doc).encode()
+    return header + b"".join(a.tobytes() for a in arrays), str(len(header))
+
+
+def _parse(doc: dict | bytes, header_length: str | None = None) -> InferRequest:
+    body = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
+    return parse_infer_request(body, header_length, "m", INPUTS, OUTPUTS)
+
+
+def _json_inputs(x: list, mask: list, rows: int = 2) -> dict:
+    return {"inputs": [
+        {"name": "x", "shape": [rows, 3], "datatype": "FP32", "data": x},
+        {"name": "mask", "shape": [rows, 3], "datatype": "BOOL", "data": mask},
+    ]}
+
+
+def test_json_tensors_flat_or_nested_become_arrays_of_the_model_dtype() -> None:
+    flat = _parse(_json_inputs([1, 2, 3, 4, 5, 6], [True] * 6))
+    nested = _parse(_json_inputs([[1, 2, 3], [4, 5, 6]], [[True] * 3] * 2))
+    for req in (flat, nested):
+        assert req.inputs["x"].dtype == np.float32 and req.inputs["x"].shape == (2, 3)
+        assert req.inputs["mask"].dtype == np.bool_
+    np.testing.assert_array_equal(flat.inputs["x"], nested.inputs["x"])
+    # no outputs named: all of them, JSON unless binary_data_output is set
+    assert flat.outputs == (RequestedOutput("risk", False), RequestedOutput("rank", False))
+
+
+def test_binary_tensors_are_read_in_input_order_after_the_json_header() -> None:
+    x = np.arange(6, dtype="<f4").reshape(2, 3)
+    mask = np.array([[1, 0, 1], [0, 1, 0]], dtype=bool)
+    doc = {"inputs": [
+        {"name": "mask", "shape": [2, 3], "datatype": "BOOL",
+         "parameters": {"binary_data_size": 6}},
+        {"name": "x", "shape": [2, 3], "datatype": "FP32",
+         "parameters": {"binary_data_size": 24}},
+    ], "parameters": {"binary_data_output": True},
+       "outputs": [{"name": "rank", "parameters": {"binary_data": False}}, {"name": "risk"}]}
+    body, length = _binary_body(doc, mask, x)
+    req = _parse(body, length)
+    np.testing.assert_array_equal(req.inputs["x"], x)
+    np.testing.assert_array_equal(req.inputs["mask"], mask)
+    assert req.outputs == (RequestedOutput("rank", False), RequestedOutput("risk", True))
+
+
+@pytest.mark.parametrize(
+    ("doc", "length", "needle"),
+    [
+        (b"\xff\xfe", None, "malformed JSON"),
+        (b"[1, 2]", None, "must be a JSON object, got list"),
+        ({"inputs": []}, None, "non-empty 'inputs'"),
+        ({"inputs": [{"name": "y", "shape": [1, 3], "datatype": "FP32", "data": [0] * 3}]},
+         None, "unexpected inference input 'y'"),
+        ({"inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32", "data": [0] * 3}]},
+         None, "needs input(s) mask"),
+        ({"inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32", "data": [0] * 3}] * 2},
+         None, "appears more than once"),
+        ({"inputs": [{"name": "x", "shape": [1, -3], "datatype": "FP32", "data": [0] * 3}]},
+         None, "non-negative integers"),
+        ({"inputs": [{"name": "x", "shape": [3], "datatype": "FP32", "data": [0] * 3}]},
+         None, "shape [3] but model 'm' expects [-1, 3]"),
+        ({"inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32", "data": ["a"] * 3}]},
+         None, "'data' is not a FP32 tensor"),
+        ({"inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32"}]},
+         None, "neither 'data' nor 'binary_data_size'"),
+        ({**_json_inputs([0] * 3, [1] * 3, rows=1), "outputs": [{"name": "nope"}]},
+         None, "unexpected inference output 'nope'"),
+        ({**_json_inputs([0] * 3, [1] * 3, rows=1), "parameters": {"binary_data_output": 1}},
+         None, "must be a boolean"),
+        (b'{"inputs": []}', "999", "outside the body of 14 bytes"),
+        (b'{"inputs": []}', "ten", "is not an integer"),
+    ],
+)
+def test_invalid_requests_are_400_naming_the_problem(
+    doc: dict | bytes, length: str | None, needle: str
+) -> None:
+    with pytest.raises(ProtocolError) as err:
+        _parse(doc, length)
+    assert err.value.status == 400
+    assert needle in err.value.message
+    assert json.loads(err.value.body()) == {"error": err.value.message}
+
+
+def test_binary_size_must_match_the_shape_and_leave_no_trailing_bytes() -> None:
+    doc = {"inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32",
+                       "parameters": {"binary_data_size": 8}}]}
+    body, length = _binary_body(doc, np.zeros(2, "<f4"))
+    with pytest.raises(ProtocolError, match="binary_data_size 8 does not match"):
+        _parse(body, length)
+    doc = {"inputs": [
+        {"name": "x", "shape": [1, 3], "datatype": "FP32", "parameters": {"binary_data_size": 12}},
+        {"name": "mask", "shape": [1, 3], "datatype": "BOOL", "data": [1, 0, 1]}]}
+    body, length = _binary_body(doc, np.zeros(3, "<f4"), np.zeros(5, "u1"))
+    with pytest.raises(ProtocolError, match="5 bytes of binary data follow the inputs unclaimed"):
+        _parse(body, length)
+
+
+def test_response_mixes_json_and_binary_outputs_with_the_header_length() -> None:
+    req = InferRequest(id="q1", inputs={}, outputs=(RequestedOutput("risk", True),
+                                                    RequestedOutput("rank", False)))
+    risk = np.array([[0.5], [-1.25]], dtype=np.float32)
+    rank = np.array([2, 1], dtype=np.int64)
+    body, headers = encode_infer_response("m", "3", req, [risk, rank])
+    n = int(headers["inference-header-content-length"])
+    assert headers["content-type"] == "application/octet-stream"
+    doc = json.loads(body[:n])
+    assert doc["id"] == "q1" and doc["model_version"] == "3"
+    assert doc["outputs"][0] == {"name": "risk", "datatype": "FP32", "shape": [2, 1],
+                                 "parameters": {"binary_data_size": 8}}
+    assert doc["outputs"][1] == {"name": "rank", "datatype": "INT64", "shape": [2],
+                                 "data": [2, 1]}
+    np.testing.assert_array_equal(np.frombuffer(body[n:], "<f4").reshape(2, 1), risk)
+
+
+def test_all_json_response_is_plain_json() -> None:
+    req = InferRequest(id=None, inputs={}, outputs=(RequestedOutput("rank", False),))
+    body, headers = encode_infer_response("m", "1", req, [np.array([7], dtype=np.int64)])
+    assert headers == {"content-type": "application/json"}
+    assert json.loads(body) == {"model_name": "m", "model_version": "1", "outputs": [
+        {"name": "rank", "datatype": "INT64", "shape": [1], "data": [7]}]}

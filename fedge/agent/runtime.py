@@ -19,7 +19,6 @@ secure aggregation, plain) weighted update. Never data rows.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import logging
 import time
@@ -228,11 +227,12 @@ class Agent:
 
         try:
             config = secagg_config(task.plan, len(a.cohort), vec.size)
-            kwargs: dict[str, Any] = {"threads": self.secagg_threads}
-            if "quant_seed" in inspect.signature(ClientSession).parameters:
-                kwargs["quant_seed"] = task.quant_seed
+            # The quantiser's rounding comes from (job seed, round, site), not from
+            # fresh randomness: a round restarted after a crash sums the same values.
             task.session = ClientSession(config, RoundContext(job, rnd, task.digest),
-                                         self.site, self.identity, self.roster, vec, **kwargs)
+                                         self.site, self.identity, self.roster, vec,
+                                         threads=self.secagg_threads,
+                                         quantise_seed=task.quant_seed)
         except SecAggConfigError as exc:
             await self._refuse(job, rnd, "aggregate", f"secure aggregation: {exc}",
                                task.task_id)

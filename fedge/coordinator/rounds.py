@@ -289,6 +289,8 @@ class Round:
             out = self._aggregation.receive(sender, body, now)
             return out + self._check_aggregation(now)
         if self.phase is Phase.EVALUATING:
+            if m.is_secagg(body):
+                return []  # a share that arrived after the unmask stage closed: harmless
             if isinstance(body, m.EvalResult):
                 if sender in self.evals:
                     return self._reject(sender, "duplicate evaluation result")

@@ -319,6 +319,11 @@ class Coordinator:
         rnd = self.runner.round if self.runner is not None else None
         if rnd is None or rnd.finished or env.header.job != rnd.job_id \
                 or env.header.round != rnd.round:
+            if m.is_secagg(body) or isinstance(body, m.EvalResult):
+                # late answers to a round that already closed (stage deadline passed)
+                log.info("late %s from %s for %s/%d ignored", env.header.type, site,
+                         env.header.job, env.header.round)
+                return
             where = f"job {env.header.job!r} round {env.header.round}"
             self._reject(site, "stale_message", f"{env.header.type} for {where}, "
                          "which is not the round in progress")

@@ -1,1 +1,90 @@
-"""fedge.transport."""
+"""fedge.transport — ZeroMQ sockets, CURVE keys, ZAP allow-list, heartbeats.
+
+Public API::
+
+    from fedge.transport import (
+        CurveKeyPair, save_keypair, load_keypair, load_public_key,
+        ServerSocket, ClientSocket, Peer, Refusal, Incoming, ClientEvent,
+        HeartbeatConfig, HeartbeatMonitor, Backoff, message_limit_for_model,
+        TransportError, KeyFileError, HandshakeFailed, NotConnected,
+    )
+
+Keys
+    ``CurveKeyPair.generate()``; ``CurveKeyPair(public_z85, secret_z85)``
+    validates both and that they match.  ``save_keypair(dir, name, kp)`` writes
+    ``name.key`` (0644) and ``name.key_secret`` (0600) in ZeroMQ certificate
+    format; ``load_keypair(path)`` refuses group/other-readable files, bad
+    format, bad Z85 or a mismatched pair with a ``KeyFileError`` saying which.
+
+Coordinator (ROUTER, CURVE server, ZAP allow-list)::
+
+    server = ServerSocket(keypair, allowed=enrolled_keys,
+                          on_refused=audit,          # Refusal(public_key, address, reason)
+                          on_peer_lost=mark_offline, # Peer, after heartbeat timeout
+                          heartbeat=HeartbeatConfig(interval=1.0, timeout=5.0),
+                          max_message_bytes=message_limit_for_model(d))
+    endpoint = server.bind("tcp://127.0.0.1:0")      # inside a running loop
+    msg = await server.recv(timeout=5.0)              # Incoming(peer, frames)
+    env = fedge.wire.decode(msg.frames, max_bytes=server.max_message_bytes)
+    await server.send(msg.peer, fedge.wire.encode(reply, sender="coordinator"))
+    await server.send(public_key_z85, frames)         # or address by appliance key
+    server.set_allowed(new_keys)   # next connections; revoked peers dropped now
+    server.disconnect(peer)        # shut one connection now
+    server.peers(); server.peer_for_key(key); server.set_max_message_bytes(n)
+    await server.close()
+
+Appliance (DEALER, CURVE client pinned to the coordinator key)::
+
+    client = ClientSocket(keypair, coordinator_key, endpoint,
+                          heartbeat=HeartbeatConfig(), backoff=Backoff(0.1, 30.0),
+                          on_event=log_event)        # ClientEvent(kind, detail, ...)
+    client.start()
+    await client.wait_connected(timeout=10)  # HandshakeFailed(kind="refused"|"impostor")
+    await client.send(frames); frames = await client.recv(timeout=5)
+    await client.close()
+
+Heartbeats are one-frame ``HEARTBEAT_FRAME`` messages consumed by the sockets
+(plus ZMTP heartbeats); ``HeartbeatMonitor`` is the sans-I/O bookkeeping
+(``seen``, ``expired(now)``, ``send_due(now)``).  ``Backoff`` gives jittered
+exponential delays (``next_delay()``, ``reset()``).  Frames are sent and
+received with ``copy=False``: with ``fedge.wire`` a tensor goes from the
+sender's array to the receiver's array view without a Python-level copy.
+"""
+
+from fedge.transport._sockopts import CURVE_FRAME_OVERHEAD, message_limit_for_model
+from fedge.transport.backoff import Backoff
+from fedge.transport.client import ClientEvent, ClientSocket
+from fedge.transport.errors import HandshakeFailed, KeyFileError, NotConnected, TransportError
+from fedge.transport.heartbeat import HEARTBEAT_FRAME, HeartbeatConfig, HeartbeatMonitor
+from fedge.transport.keys import (
+    CurveKeyPair,
+    check_public_key,
+    load_keypair,
+    load_public_key,
+    save_keypair,
+)
+from fedge.transport.server import Incoming, Peer, Refusal, ServerSocket
+
+__all__ = [
+    "CURVE_FRAME_OVERHEAD",
+    "HEARTBEAT_FRAME",
+    "Backoff",
+    "ClientEvent",
+    "ClientSocket",
+    "CurveKeyPair",
+    "HandshakeFailed",
+    "HeartbeatConfig",
+    "HeartbeatMonitor",
+    "Incoming",
+    "KeyFileError",
+    "NotConnected",
+    "Peer",
+    "Refusal",
+    "ServerSocket",
+    "TransportError",
+    "check_public_key",
+    "load_keypair",
+    "load_public_key",
+    "message_limit_for_model",
+    "save_keypair",
+]

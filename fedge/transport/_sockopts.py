@@ -1,0 +1,65 @@
+"""Socket options shared by the server and client sockets."""
+
+from __future__ import annotations
+
+import zmq
+from zmq.utils.monitor import parse_monitor_message
+
+from fedge.transport.heartbeat import HeartbeatConfig
+
+#: Bytes CurveZMQ adds to a frame on the wire ("\x07MESSAGE", nonce, MAC, flags),
+#: which ZMQ_MAXMSGSIZE counts; rounded up.
+CURVE_FRAME_OVERHEAD = 64
+
+EVENT_NAMES = {
+    getattr(zmq, n): n.removeprefix("EVENT_") for n in dir(zmq) if n.startswith("EVENT_")
+}
+
+
+def message_limit_for_model(n_params: int, itemsize: int = 4, *, headroom: int = 1 << 20) -> int:
+    """A message size limit for a job whose model has ``n_params`` parameters.
+
+    The largest message carries the model (or one update) once, plus headers
+    and metadata within ``headroom`` bytes.  Use it for both the socket's
+    ``max_message_bytes`` and ``fedge.wire.decode(max_bytes=...)``.
+
+    Raises:
+        ValueError: a negative or non-int count, or a non-positive itemsize/headroom.
+    """
+    if not isinstance(n_params, int) or n_params < 0:
+        raise ValueError(f"n_params {n_params!r} must be an int >= 0")
+    if not isinstance(itemsize, int) or itemsize <= 0:
+        raise ValueError(f"itemsize {itemsize!r} must be a positive int")
+    if not isinstance(headroom, int) or headroom <= 0:
+        raise ValueError(f"headroom {headroom!r} must be a positive int")
+    return n_params * itemsize + headroom
+
+
+def check_max_message_bytes(value: int | None) -> int | None:
+    """Raises: ValueError unless ``value`` is None or a positive int."""
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                              or value <= 0):
+        raise ValueError(f"max_message_bytes {value!r} must be a positive int or None")
+    return value
+
+
+def apply_common(
+    sock: zmq.Socket, heartbeat: HeartbeatConfig, max_message_bytes: int | None
+) -> None:
+    sock.linger = 0
+    sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(heartbeat.interval * 1000)))
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, int(heartbeat.timeout * 1000)))
+    sock.setsockopt(zmq.HEARTBEAT_TTL, max(100, int(heartbeat.timeout * 1000)))
+    set_max_message_bytes(sock, max_message_bytes)
+
+
+def set_max_message_bytes(sock: zmq.Socket, max_message_bytes: int | None) -> None:
+    # ZMQ_MAXMSGSIZE limits each (encrypted) frame; a peer exceeding it is
+    # disconnected by libzmq.  It applies to connections made after it is set.
+    limit = -1 if max_message_bytes is None else max_message_bytes + CURVE_FRAME_OVERHEAD
+    sock.setsockopt(zmq.MAXMSGSIZE, limit)
+
+
+def parse_event(frames: list[bytes]) -> tuple[str, int]:
+    ev = parse_monitor_message(frames)
+    return EVENT_NAMES.get(ev["event"], str(ev["event"])), int(ev["value"])

@@ -1,0 +1,332 @@
+"""The agent's socket: DEALER, CURVE client pinned to the coordinator's key.
+
+Theory of operation
+-------------------
+A supervisor task owns the DEALER socket and recreates it when needed.  The
+socket's monitor reports the CurveZMQ handshake:
+
+* ``HANDSHAKE_SUCCEEDED`` — connected; back-off reset, a heartbeat is sent at
+  once so the server learns of us.
+* ``HANDSHAKE_FAILED_AUTH`` — the server's ZAP handler refused our key (not
+  enrolled, or revoked): a :class:`HandshakeFailed` of kind ``"refused"``.
+* ``HANDSHAKE_FAILED_NO_DETAIL`` / ``_PROTOCOL`` — the server could not
+  complete the handshake for the key we pinned, i.e. it does not hold that
+  key's secret (an impostor, or a wrong coordinator key in our config):
+  kind ``"impostor"``.  CURVE guarantees no application data reaches it.
+
+After a failure, or when the server has been silent for the heartbeat timeout,
+the socket is closed and a new one made after ``Backoff.next_delay()``
+(exponential, jittered); libzmq's own TCP reconnects (ZMQ_RECONNECT_IVL/_MAX)
+cover plain connection loss.  Every state change goes to ``on_event``.
+ZMQ_IMMEDIATE is set, so nothing is queued for a connection whose handshake
+has not succeeded: :meth:`send` waits until connected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from fedge.transport._sockopts import apply_common, check_max_message_bytes, parse_event
+from fedge.transport.backoff import Backoff
+from fedge.transport.errors import HandshakeFailed, KeyFileError, NotConnected
+from fedge.transport.heartbeat import HEARTBEAT_FRAME, HeartbeatConfig, HeartbeatMonitor
+from fedge.transport.keys import CurveKeyPair, check_public_key
+
+__all__ = ["ClientEvent", "ClientSocket"]
+
+log = logging.getLogger("fedge.transport.client")
+
+_SERVER = "server"
+
+
+@dataclass(frozen=True)
+class ClientEvent:
+    """A connection state change: ``kind`` is one of ``connected``,
+    ``handshake_failed`` (``failure`` set), ``heartbeat_timeout``,
+    ``disconnected``, ``reconnecting`` (``delay`` set), ``closed``."""
+
+    kind: str
+    detail: str = ""
+    failure: HandshakeFailed | None = None
+    delay: float | None = None
+
+
+_FAILURES = {
+    "HANDSHAKE_FAILED_AUTH": (
+        "refused",
+        "the coordinator refused our CURVE key (ZAP status {value}): this appliance is "
+        "not enrolled or was revoked",
+    ),
+    "HANDSHAKE_FAILED_NO_DETAIL": (
+        "impostor",
+        "CURVE handshake with {endpoint} failed: the server there does not hold the secret "
+        "of the pinned coordinator key {key}... (impostor, or wrong coordinator key in our "
+        "config); refusing to talk to it",
+    ),
+    "HANDSHAKE_FAILED_PROTOCOL": (
+        "impostor",
+        "CURVE handshake with {endpoint} failed with a protocol error (code {value}): it is "
+        "not the coordinator whose key {key}... we pinned; refusing to talk to it",
+    ),
+}
+
+
+class ClientSocket:
+    """DEALER + CURVE client + heartbeats + reconnect.  Use inside a running loop.
+
+    ``server_key``: the coordinator's public key (Z85), pinned.
+    ``on_event(ClientEvent)`` is called from the event loop.
+
+    Raises (constructor):
+        KeyFileError: ``keypair`` without secret, or ``server_key`` not a Z85 key.
+        ValueError: bad ``max_message_bytes``.
+    """
+
+    def __init__(
+        self,
+        keypair: CurveKeyPair,
+        server_key: str | bytes,
+        endpoint: str,
+        *,
+        heartbeat: HeartbeatConfig | None = None,
+        backoff: Backoff | None = None,
+        on_event: Callable[[ClientEvent], None] | None = None,
+        max_message_bytes: int | None = None,
+        queue_size: int = 256,
+    ) -> None:
+        if keypair.secret is None:
+            raise KeyFileError("ClientSocket needs our secret key")
+        self.keypair = keypair
+        self.server_key = check_public_key(server_key, what="coordinator public key")
+        self.endpoint = endpoint
+        self.heartbeat = heartbeat or HeartbeatConfig()
+        self.backoff = backoff or Backoff()
+        self.on_event = on_event
+        self._max_message_bytes = check_max_message_bytes(max_message_bytes)
+        self._queue: asyncio.Queue[list[zmq.Frame]] = asyncio.Queue(queue_size)
+        self._ctx: zmq.asyncio.Context | None = None
+        self._sock: zmq.asyncio.Socket | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
+        self.state = "idle"  # idle, connecting, connected, failed, backoff, closed
+        self.last_failure: HandshakeFailed | None = None
+        self.failures = 0
+        self.connections = 0
+        self._hb: HeartbeatMonitor | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Create the socket and start connecting (returns at once).
+
+        Raises:
+            RuntimeError: no running event loop, or already started.
+        """
+        if self._supervisor is not None:
+            raise RuntimeError("ClientSocket already started")
+        self._ctx = zmq.asyncio.Context()
+        self._supervisor = asyncio.ensure_future(self._supervise())
+
+    async def close(self) -> None:
+        """Stop reconnecting and close the socket; pending sends are dropped."""
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._supervisor
+            self._supervisor = None
+        if self._ctx is not None:
+            self._ctx.destroy(linger=0)
+            self._ctx = None
+        self._set_state("closed", ClientEvent("closed"))
+
+    async def __aenter__(self) -> ClientSocket:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _set_state(self, state: str, event: ClientEvent | None = None) -> None:
+        self.state = state
+        self._changed.set()
+        self._changed = asyncio.Event()
+        if event is not None:
+            log.info("transport client: %s %s", event.kind, event.detail)
+            if self.on_event is not None:
+                try:
+                    self.on_event(event)
+                except Exception:
+                    log.exception("on_event callback failed")
+
+    async def wait_connected(self, timeout: float) -> None:
+        """Wait until the handshake succeeds.
+
+        Raises:
+            HandshakeFailed: a handshake failed while waiting (refused or impostor).
+            TimeoutError: not connected within ``timeout`` seconds.
+            NotConnected: the socket was closed.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        failures = self.failures
+        while True:
+            if self.state == "connected":
+                return
+            if self.failures != failures and self.last_failure is not None:
+                raise self.last_failure
+            if self.state == "closed":
+                raise NotConnected("ClientSocket was closed")
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError(
+                    f"no CURVE connection to {self.endpoint} within {timeout} s "
+                    f"(state {self.state})"
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+
+    # ------------------------------------------------------------------ I/O
+
+    async def send(self, frames: Sequence[Any], timeout: float | None = None) -> None:
+        """Send ``frames`` (from ``fedge.wire.encode``) zero-copy; waits while not connected.
+
+        Raises:
+            TimeoutError: not sent within ``timeout`` seconds.
+            NotConnected: the socket is closed or was replaced while sending
+                (the message may not have been delivered).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            sock = self._sock
+            if self.state == "closed":
+                raise NotConnected("ClientSocket is closed")
+            if sock is None or self.state != "connected":
+                remaining = None if deadline is None else deadline - loop.time()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"not connected to {self.endpoint} within {timeout} s")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), remaining)
+                continue
+            remaining = None if deadline is None else max(0.0, deadline - loop.time())
+            try:
+                await asyncio.wait_for(sock.send_multipart(frames, copy=False), remaining)
+                return
+            except zmq.ZMQError as exc:
+                raise NotConnected(f"send to {self.endpoint} failed: {exc}") from None
+
+    async def recv(self, timeout: float | None = None) -> list[zmq.Frame]:
+        """The next application message from the server (heartbeats consumed).
+
+        Raises:
+            TimeoutError: nothing within ``timeout`` seconds.
+        """
+        return await asyncio.wait_for(self._queue.get(), timeout)
+
+    # ------------------------------------------------------------------ supervisor
+
+    def _make_socket(self) -> tuple[zmq.asyncio.Socket, zmq.asyncio.Socket]:
+        assert self._ctx is not None
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.curve_secretkey = self.keypair.secret.encode("ascii")  # type: ignore[union-attr]
+        sock.curve_publickey = self.keypair.public.encode("ascii")
+        sock.curve_serverkey = self.server_key.encode("ascii")
+        sock.immediate = 1
+        sock.setsockopt(zmq.RECONNECT_IVL, max(1, int(self.backoff.initial * 1000)))
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, max(1, int(self.backoff.maximum * 1000)))
+        apply_common(sock, self.heartbeat, self._max_message_bytes)
+        monitor = sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            | zmq.EVENT_DISCONNECTED
+        )
+        sock.connect(self.endpoint)
+        return sock, monitor
+
+    async def _supervise(self) -> None:
+        while True:
+            sock, monitor = self._make_socket()
+            self._sock = sock
+            self._set_state("connecting")
+            reader = asyncio.ensure_future(self._read(sock))
+            try:
+                reason = await self._run_connection(sock, monitor)
+            finally:
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await reader
+                self._sock = None
+                sock.disable_monitor()
+                monitor.close(linger=0)
+                sock.close(linger=0)
+            delay = self.backoff.next_delay()
+            self._set_state("backoff", ClientEvent("reconnecting", reason, delay=delay))
+            await asyncio.sleep(delay)
+
+    async def _run_connection(self, sock: zmq.asyncio.Socket, monitor: zmq.asyncio.Socket) -> str:
+        """Runs until this socket should be replaced; returns why."""
+        hb = HeartbeatMonitor(self.heartbeat)
+        self._hb = hb
+        tick = self.heartbeat.interval / 2
+        pending = asyncio.ensure_future(monitor.recv_multipart())
+        try:
+            while True:
+                done, _ = await asyncio.wait({pending}, timeout=tick)
+                now = time.monotonic()
+                if pending in done:
+                    name, value = parse_event(pending.result())
+                    pending = asyncio.ensure_future(monitor.recv_multipart())
+                    if name == "HANDSHAKE_SUCCEEDED":
+                        self.connections += 1
+                        self.backoff.reset()
+                        hb.seen(_SERVER, now)
+                        self._set_state("connected", ClientEvent("connected", self.endpoint))
+                        self._send_heartbeat(sock, hb, now)
+                    elif name in _FAILURES:
+                        kind, text = _FAILURES[name]
+                        failure = HandshakeFailed(kind, text.format(
+                            value=value, endpoint=self.endpoint, key=self.server_key[:8]))
+                        self.last_failure = failure
+                        self.failures += 1
+                        self._set_state("failed", ClientEvent(
+                            "handshake_failed", failure.reason, failure=failure))
+                        return failure.reason
+                    elif name == "DISCONNECTED" and self.state == "connected":
+                        hb.forget(_SERVER)
+                        self._set_state("connecting", ClientEvent("disconnected", self.endpoint))
+                if self.state == "connected":
+                    if _SERVER in hb.expired(now):
+                        self._set_state("connecting", ClientEvent(
+                            "heartbeat_timeout",
+                            f"no message from {self.endpoint} for {self.heartbeat.timeout} s"))
+                        return "heartbeat timeout"
+                    if hb.send_due(now):
+                        self._send_heartbeat(sock, hb, now)
+        finally:
+            pending.cancel()
+
+    @staticmethod
+    def _send_heartbeat(sock: zmq.asyncio.Socket, hb: HeartbeatMonitor, now: float) -> None:
+        # Synchronous shadow: a NOBLOCK failure raises here, not on an unawaited future.
+        with contextlib.suppress(zmq.ZMQError):
+            zmq.Socket.shadow(sock.underlying).send(HEARTBEAT_FRAME, flags=zmq.NOBLOCK)
+        hb.sent(now)
+
+    async def _read(self, sock: zmq.asyncio.Socket) -> None:
+        while True:
+            frames = await sock.recv_multipart(copy=False)
+            hb = self._hb
+            if hb is not None:
+                hb.seen(_SERVER, time.monotonic())
+            if len(frames) == 1 and frames[0].bytes == HEARTBEAT_FRAME:
+                continue
+            await self._queue.put(frames)

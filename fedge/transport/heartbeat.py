@@ -1,0 +1,91 @@
+"""Heartbeats without I/O: who was heard from when, who is overdue, when to ping.
+
+The sockets feed ``seen(peer, now)`` on every message (any message proves
+liveness) and ask ``expired(now)`` / ``send_due(now)``; the monitor never
+reads a clock, so timeouts are unit-tested with plain numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+__all__ = ["HEARTBEAT_FRAME", "HeartbeatConfig", "HeartbeatMonitor"]
+
+#: The one-frame transport heartbeat.  Wire messages always have >= 2 frames,
+#: so a single frame equal to this is never an application message.
+HEARTBEAT_FRAME = b"\x00fedge-heartbeat"
+
+
+@dataclass(frozen=True)
+class HeartbeatConfig:
+    """Interval between heartbeats and the silence after which a peer is lost (seconds).
+
+    Also applied as ZMTP heartbeats (ZMQ_HEARTBEAT_IVL/TIMEOUT/TTL), which
+    detect dead TCP connections inside libzmq.
+
+    Raises:
+        ValueError: interval not > 0, or timeout not > interval.
+    """
+
+    interval: float = 1.0
+    timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not self.interval > 0:
+            raise ValueError(f"heartbeat interval {self.interval!r} must be > 0 seconds")
+        if not self.timeout > self.interval:
+            raise ValueError(
+                f"heartbeat timeout {self.timeout!r} must be > interval {self.interval!r}"
+            )
+
+
+class HeartbeatMonitor:
+    """Last-seen times per peer and the time of our own last heartbeat."""
+
+    def __init__(self, config: HeartbeatConfig) -> None:
+        self.config = config
+        self._last_seen: dict[Hashable, float] = {}
+        self._last_sent: float | None = None
+
+    def seen(self, peer: Hashable, now: float) -> None:
+        """Record that ``peer`` was heard from at ``now``."""
+        self._last_seen[peer] = now
+
+    def forget(self, peer: Hashable) -> None:
+        """Stop tracking ``peer`` (disconnected on purpose)."""
+        self._last_seen.pop(peer, None)
+
+    def last_seen(self, peer: Hashable) -> float | None:
+        return self._last_seen.get(peer)
+
+    def __contains__(self, peer: Hashable) -> bool:
+        return peer in self._last_seen
+
+    def peers(self) -> list[Hashable]:
+        return list(self._last_seen)
+
+    def alive(self, peer: Hashable, now: float) -> bool:
+        """Heard from within the timeout."""
+        t = self._last_seen.get(peer)
+        return t is not None and now - t <= self.config.timeout
+
+    def expired(self, now: float) -> list[Hashable]:
+        """Peers silent for longer than the timeout (still tracked until forgotten)."""
+        limit = now - self.config.timeout
+        return [p for p, t in self._last_seen.items() if t < limit]
+
+    def pop_expired(self, now: float) -> list[Hashable]:
+        """``expired(now)``, and forget them."""
+        gone = self.expired(now)
+        for p in gone:
+            del self._last_seen[p]
+        return gone
+
+    def send_due(self, now: float) -> bool:
+        """True when our next heartbeat is due (never sent, or ``interval`` elapsed)."""
+        return self._last_sent is None or now - self._last_sent >= self.config.interval
+
+    def sent(self, now: float) -> None:
+        """Record that we sent a heartbeat at ``now``."""
+        self._last_sent = now

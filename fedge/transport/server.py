@@ -1,0 +1,477 @@
+"""The coordinator's socket: ROUTER, CURVE server, live ZAP allow-list.
+
+Theory of operation
+-------------------
+One ``ServerSocket`` owns a ROUTER socket bound with the coordinator's CURVE key
+pair and a ZAP handler (pyzmq's ``AsyncioAuthenticator``) in its own
+``zmq.asyncio.Context``.  The ZAP handler asks :meth:`ServerSocket._zap_allows`
+about each connecting key, so :meth:`set_allowed` takes effect for the next
+connection without a restart; a key removed from the allow-list also has its
+open connections shut at once (its TCP socket is shut down, the peer's next
+reconnect is refused by ZAP) and messages still queued from it are dropped.
+
+Every refusal (unknown or revoked key, failed handshake) is reported to
+``on_refused(Refusal(...))`` for the audit log.  Each peer is known by the
+libzmq routing id of its connection and, through ZAP's User-Id, by its CURVE
+public key; :meth:`send` takes either.  Heartbeats: a one-frame
+``HEARTBEAT_FRAME`` to each peer every ``interval``, any message from a peer
+counts as its heartbeat, and peers silent for ``timeout`` are dropped and
+reported to ``on_peer_lost(peer)``.  ZMTP heartbeats run underneath.
+
+The socket only moves frames: decoding, message semantics and what to do about
+a refusal belong to the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket as pysocket
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+import zmq.asyncio
+from zmq.auth.asyncio import AsyncioAuthenticator
+
+from fedge.transport._sockopts import (
+    apply_common,
+    check_max_message_bytes,
+    parse_event,
+    set_max_message_bytes,
+)
+from fedge.transport.errors import KeyFileError, NotConnected, TransportError
+from fedge.transport.heartbeat import HEARTBEAT_FRAME, HeartbeatConfig, HeartbeatMonitor
+from fedge.transport.keys import CurveKeyPair, check_public_key
+
+__all__ = ["Incoming", "Peer", "Refusal", "ServerSocket"]
+
+log = logging.getLogger("fedge.transport.server")
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A connected client: its connection's routing id, CURVE public key (Z85) and IP."""
+
+    routing_id: bytes
+    public_key: str
+    address: str
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A refused connection or dropped peer, for the audit log.
+
+    ``public_key`` is ``None`` when the handshake failed before the key was
+    known (e.g. the client pinned another server key); ``address`` is the
+    peer's IP when known.
+    """
+
+    public_key: str | None
+    address: str | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """One message from a peer: the frames after the routing id (``zmq.Frame`` s)."""
+
+    peer: Peer
+    frames: list[zmq.Frame]
+
+
+class _Authenticator(AsyncioAuthenticator):
+    """pyzmq's authenticator, remembering the address of the request in flight."""
+
+    current_address: str | None = None
+
+    async def handle_zap_message(self, msg: list[bytes]) -> None:
+        self.current_address = (
+            msg[3].decode("utf-8", "replace") if len(msg) > 3 else None
+        )
+        try:
+            await super().handle_zap_message(msg)
+        finally:
+            self.current_address = None
+
+
+@dataclass
+class _PeerState:
+    peer: Peer
+    fd: int | None
+    peername: Any
+
+
+class ServerSocket:
+    """ROUTER + CURVE server + ZAP allow-list + heartbeats.  Use inside a running loop.
+
+    ``allowed``: enrolled client public keys (Z85).  ``on_refused(Refusal)`` and
+    ``on_peer_lost(Peer)`` are called from the event loop; keep them quick.
+    ``max_message_bytes`` (see :func:`message_limit_for_model`) sets
+    ZMQ_MAXMSGSIZE: a peer sending a larger frame is disconnected by libzmq.
+
+    Raises (constructor):
+        KeyFileError: ``keypair`` has no secret key or an allowed key is not Z85.
+        ValueError: bad ``max_message_bytes``.
+    """
+
+    def __init__(
+        self,
+        keypair: CurveKeyPair,
+        *,
+        allowed: Iterable[str | bytes] = (),
+        on_refused: Callable[[Refusal], None] | None = None,
+        on_peer_lost: Callable[[Peer], None] | None = None,
+        heartbeat: HeartbeatConfig | None = None,
+        max_message_bytes: int | None = None,
+        zap_domain: str = "fedge",
+        queue_size: int = 4096,
+    ) -> None:
+        if keypair.secret is None:
+            raise KeyFileError("ServerSocket needs the server's secret key")
+        self.keypair = keypair
+        self._allowed = frozenset(check_public_key(k, what="allowed key") for k in allowed)
+        self._revoked: set[str] = set()
+        self.on_refused = on_refused
+        self.on_peer_lost = on_peer_lost
+        self.heartbeat = heartbeat or HeartbeatConfig()
+        self._max_message_bytes = check_max_message_bytes(max_message_bytes)
+        self.zap_domain = zap_domain
+        self._monitor = HeartbeatMonitor(self.heartbeat)
+        self._peers: dict[bytes, _PeerState] = {}
+        self._by_key: dict[str, bytes] = {}
+        self._ctx: zmq.asyncio.Context | None = None
+        self._sock: zmq.asyncio.Socket | None = None
+        self._auth: _Authenticator | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._queue: asyncio.Queue[Incoming] = asyncio.Queue(queue_size)
+        self.endpoint: str | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def bind(self, endpoint: str = "tcp://127.0.0.1:0") -> str:
+        """Bind and start the ZAP handler and background tasks; returns the bound endpoint.
+
+        A port of 0 picks a free port.  Call from within a running event loop.
+
+        Raises:
+            TransportError: already bound, or the endpoint cannot be bound.
+            RuntimeError: no running event loop.
+        """
+        if self._sock is not None:
+            raise TransportError(f"ServerSocket already bound to {self.endpoint}")
+        asyncio.get_running_loop()
+        if endpoint.startswith("tcp://") and endpoint.endswith(":0"):
+            endpoint = endpoint[:-2] + ":*"
+        self._ctx = zmq.asyncio.Context()
+        self._auth = _Authenticator(self._ctx)
+        self._auth.start()
+        self._auth.configure_curve_callback(self.zap_domain, self)
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.curve_server = True
+        sock.curve_secretkey = self.keypair.secret.encode("ascii")  # type: ignore[union-attr]
+        sock.curve_publickey = self.keypair.public.encode("ascii")
+        sock.zap_domain = self.zap_domain.encode()
+        sock.router_mandatory = 1
+        apply_common(sock, self.heartbeat, self._max_message_bytes)
+        monitor = sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+            | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+        )
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            monitor.close(linger=0)
+            self._auth.stop()
+            self._ctx.term()
+            self._ctx = None
+            raise TransportError(f"cannot bind {endpoint}: {exc}") from None
+        self._sock = sock
+        self.endpoint = sock.last_endpoint.decode()
+        self._tasks = [
+            asyncio.ensure_future(self._watch(monitor)),
+            asyncio.ensure_future(self._heartbeats()),
+            asyncio.ensure_future(self._read(sock)),
+        ]
+        return self.endpoint
+
+    async def close(self) -> None:
+        """Stop tasks, close the socket and the context (pending sends are dropped)."""
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._tasks = []
+        if self._sock is not None:
+            self._sock.disable_monitor()
+            self._sock.close(linger=0)
+            self._sock = None
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+        if self._ctx is not None:
+            self._ctx.destroy(linger=0)
+            self._ctx = None
+
+    async def __aenter__(self) -> ServerSocket:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------------ allow-list
+
+    @property
+    def allowed(self) -> frozenset[str]:
+        return self._allowed
+
+    def set_allowed(self, keys: Iterable[str | bytes]) -> list[Peer]:
+        """Replace the allow-list; new connections see it at once.
+
+        Connected peers whose key left the list are disconnected now and
+        reported as refused (reason "revoked"); returns them.
+
+        Raises:
+            KeyFileError: a key is not a Z85 CURVE key (the list is unchanged).
+        """
+        new = frozenset(check_public_key(k, what="allowed key") for k in keys)
+        removed = self._allowed - new
+        self._allowed = new
+        self._revoked = (self._revoked | removed) - new
+        dropped = [st.peer for st in list(self._peers.values())
+                   if st.peer.public_key not in new]
+        for peer in dropped:
+            self.disconnect(peer)
+            self._refuse(peer.public_key, peer.address, "revoked: key removed from the allow-list")
+        return dropped
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        """The ZAP credentials callback (pyzmq API): is this Z85 key enrolled?"""
+        z85_key = key.decode("ascii", "replace")
+        if z85_key in self._allowed:
+            return True
+        address = self._auth.current_address if self._auth else None
+        reason = ("revoked: key removed from the allow-list" if z85_key in self._revoked
+                  else "unknown key: not in the allow-list of enrolled appliances")
+        self._refuse(z85_key, address, reason)
+        return False
+
+    def _refuse(self, key: str | None, address: str | None, reason: str) -> None:
+        log.warning("refused key=%s address=%s: %s", key, address, reason)
+        if self.on_refused is not None:
+            try:
+                self.on_refused(Refusal(key, address, reason))
+            except Exception:  # an audit-log failure must not kill the ZAP handler
+                log.exception("on_refused callback failed")
+
+    # ------------------------------------------------------------------ peers
+
+    def peers(self) -> list[Peer]:
+        """Peers heard from and not lost, disconnected or revoked."""
+        return [st.peer for st in self._peers.values()]
+
+    def peer_for_key(self, public_key: str) -> Peer | None:
+        """The latest connection of the client with this key, if connected."""
+        rid = self._by_key.get(public_key)
+        return self._peers[rid].peer if rid is not None else None
+
+    def disconnect(self, peer: Peer | str) -> bool:
+        """Drop a peer now: shut its TCP connection and forget it.
+
+        Returns True when a live connection was shut down.  The client's next
+        reconnect goes through ZAP again (refused if its key was revoked).
+        """
+        rid = self._resolve(peer)
+        st = self._peers.pop(rid, None) if rid is not None else None
+        if st is None:
+            return False
+        self._monitor.forget(rid)
+        if self._by_key.get(st.peer.public_key) == rid:
+            del self._by_key[st.peer.public_key]
+        if st.fd is None:
+            return False
+        try:
+            s = pysocket.socket(fileno=os.dup(st.fd))
+        except OSError:
+            return False
+        try:
+            # The fd may have been closed and reused by another connection:
+            # only shut it if it still joins the same two endpoints.
+            if s.getpeername() != st.peername:
+                return False
+            s.shutdown(pysocket.SHUT_RDWR)
+            return True
+        except OSError:
+            return False
+        finally:
+            s.close()
+
+    def _resolve(self, peer: Peer | str | bytes) -> bytes | None:
+        if isinstance(peer, Peer):
+            return peer.routing_id
+        if isinstance(peer, str):
+            return self._by_key.get(peer)
+        return peer
+
+    def _track(self, rid: bytes, first: zmq.Frame) -> Peer | None:
+        st = self._peers.get(rid)
+        if st is None:
+            try:
+                key = first.get("User-Id")
+                address = first.get("Peer-Address")
+            except zmq.ZMQError:
+                return None
+            if key not in self._allowed:  # revoked while its message was queued
+                return None
+            fd: int | None
+            peername: Any = None
+            try:
+                fd = first.get(zmq.SRCFD)
+                s = pysocket.socket(fileno=os.dup(fd))
+                try:
+                    peername = s.getpeername()
+                finally:
+                    s.close()
+            except (zmq.ZMQError, OSError, TypeError):
+                fd = None
+            st = _PeerState(Peer(rid, key, address), fd, peername)
+            old = self._by_key.get(key)
+            if old is not None and old != rid:
+                self._peers.pop(old, None)
+                self._monitor.forget(old)
+            self._peers[rid] = st
+            self._by_key[key] = rid
+        elif st.peer.public_key not in self._allowed:
+            self.disconnect(st.peer)
+            return None
+        self._monitor.seen(rid, time.monotonic())
+        return st.peer
+
+    # ------------------------------------------------------------------ I/O
+
+    @property
+    def max_message_bytes(self) -> int | None:
+        return self._max_message_bytes
+
+    def set_max_message_bytes(self, value: int | None) -> None:
+        """Change ZMQ_MAXMSGSIZE (e.g. for a job's model size); applies to new connections.
+
+        Raises:
+            ValueError: not None or a positive int.
+        """
+        self._max_message_bytes = check_max_message_bytes(value)
+        if self._sock is not None:
+            set_max_message_bytes(self._sock, value)
+
+    def _socket(self) -> zmq.asyncio.Socket:
+        if self._sock is None:
+            raise NotConnected("ServerSocket is not bound (call bind()) or was closed")
+        return self._sock
+
+    async def recv(self, timeout: float | None = None) -> Incoming:
+        """The next application message (heartbeats are consumed by the socket).
+
+        Frames are ``zmq.Frame`` s received with ``copy=False``; pass them to
+        ``fedge.wire.decode``.  A background reader receives continuously, so
+        peers stay tracked and alive while the caller is busy.
+
+        Raises:
+            TimeoutError: nothing arrived within ``timeout`` seconds.
+            NotConnected: the socket is not bound or was closed.
+        """
+        self._socket()
+        return await asyncio.wait_for(self._queue.get(), timeout)
+
+    async def _read(self, sock: zmq.asyncio.Socket) -> None:
+        while True:
+            frames = await sock.recv_multipart(copy=False)
+            if len(frames) < 2:
+                continue
+            peer = self._track(frames[0].bytes, frames[1])
+            if peer is None:
+                continue
+            body = frames[1:]
+            if len(body) == 1 and body[0].bytes == HEARTBEAT_FRAME:
+                continue
+            await self._queue.put(Incoming(peer, body))
+
+    async def send(self, peer: Peer | str, frames: Sequence[Any]) -> None:
+        """Send ``frames`` (from ``fedge.wire.encode``) to a peer or a public key, zero-copy.
+
+        Raises:
+            NotConnected: the peer is not connected (or the socket is closed).
+        """
+        sock = self._socket()
+        rid = self._resolve(peer)
+        if rid is None:
+            raise NotConnected(f"no connected peer with public key {str(peer)[:8]}...")
+        try:
+            await sock.send_multipart([rid, *frames], copy=False)
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:
+                st = self._peers.get(rid)
+                if st is not None:
+                    self._drop_lost(rid)
+                raise NotConnected(f"peer {peer!r} is not connected") from None
+            raise
+
+    def _drop_lost(self, rid: bytes) -> None:
+        st = self._peers.pop(rid, None)
+        self._monitor.forget(rid)
+        if st is None:
+            return
+        if self._by_key.get(st.peer.public_key) == rid:
+            del self._by_key[st.peer.public_key]
+        if self.on_peer_lost is not None:
+            try:
+                self.on_peer_lost(st.peer)
+            except Exception:
+                log.exception("on_peer_lost callback failed")
+
+    async def _heartbeats(self) -> None:
+        tick = self.heartbeat.interval / 2
+        while True:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            if self._queue.full():
+                # The reader waits for the caller, so peers' messages sit
+                # unread: silence proves nothing now.
+                for rid in list(self._peers):
+                    self._monitor.seen(rid, now)
+            for rid in self._monitor.expired(now):
+                self._drop_lost(rid)
+            if not self._monitor.send_due(now) or self._sock is None:
+                continue
+            self._monitor.sent(now)
+            # A synchronous shadow of the socket: a NOBLOCK send raises here
+            # instead of parking its error on a future nobody awaits.
+            sync = zmq.Socket.shadow(self._sock.underlying)
+            for rid in list(self._peers):
+                try:
+                    sync.send_multipart([rid, HEARTBEAT_FRAME], flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    pass  # queue full: the peer is busy receiving, which proves nothing
+                except zmq.ZMQError as exc:
+                    if exc.errno == zmq.EHOSTUNREACH:
+                        self._drop_lost(rid)
+
+    async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
+        try:
+            while True:
+                name, value = parse_event(await monitor.recv_multipart())
+                if name in ("HANDSHAKE_FAILED_PROTOCOL", "HANDSHAKE_FAILED_NO_DETAIL"):
+                    self._refuse(
+                        None, None,
+                        f"CURVE handshake failed ({name.lower()}, code {value}): the client "
+                        "does not hold a key pair for our public key or speaks another protocol",
+                    )
+        except (zmq.ZMQError, asyncio.CancelledError):
+            pass
+        finally:
+            monitor.close(linger=0)

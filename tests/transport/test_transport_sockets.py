@@ -1,0 +1,341 @@
+"""ServerSocket and ClientSocket over real ZeroMQ + CurveZMQ on 127.0.0.1.
+
+Every wait is bounded; ports are picked by the OS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fedge.transport import (
+    Backoff,
+    ClientEvent,
+    ClientSocket,
+    CurveKeyPair,
+    HandshakeFailed,
+    HeartbeatConfig,
+    NotConnected,
+    Peer,
+    Refusal,
+    ServerSocket,
+    TransportError,
+)
+from fedge.wire import Tensor, decode, encode, message
+
+pytestmark = pytest.mark.timeout(60)
+
+FAST_HB = HeartbeatConfig(interval=0.1, timeout=0.6)
+
+
+def fast_backoff() -> Backoff:
+    return Backoff(initial=0.05, maximum=0.2, jitter=0.5, rng=random.Random(0))
+
+
+@message("test.transport.blob", max_bytes=None, tensors={"data": Tensor("float32", 1)})
+@dataclass(frozen=True)
+class Blob:
+    name: str
+    data: np.ndarray
+
+
+def run(coro: Coroutine[Any, Any, Any], timeout: float = 30.0) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+class Harness:
+    """A server with recorded refusals/losses and clients with recorded events."""
+
+    def __init__(self, **server_kw: Any) -> None:
+        self.server_keys = CurveKeyPair.generate()
+        self.refusals: list[Refusal] = []
+        self.lost: list[Peer] = []
+        self.server = ServerSocket(
+            self.server_keys,
+            on_refused=self.refusals.append,
+            on_peer_lost=self.lost.append,
+            heartbeat=server_kw.pop("heartbeat", FAST_HB),
+            **server_kw,
+        )
+        self.clients: list[ClientSocket] = []
+        self.endpoint = ""
+
+    def start(self) -> str:
+        self.endpoint = self.server.bind("tcp://127.0.0.1:0")
+        return self.endpoint
+
+    def client(self, keys: CurveKeyPair, *, server_key: str | None = None,
+               endpoint: str | None = None, **kw: Any) -> tuple[ClientSocket, list[ClientEvent]]:
+        events: list[ClientEvent] = []
+        c = ClientSocket(keys, server_key or self.server_keys.public, endpoint or self.endpoint,
+                         heartbeat=kw.pop("heartbeat", FAST_HB), backoff=fast_backoff(),
+                         on_event=events.append, **kw)
+        c.start()
+        self.clients.append(c)
+        return c, events
+
+    async def close(self) -> None:
+        for c in self.clients:
+            await c.close()
+        await self.server.close()
+
+
+async def wait_until(pred: Any, timeout: float = 5.0, step: float = 0.02) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not pred():
+        if loop.time() > end:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(step)
+
+
+def test_enrolled_client_exchanges_wire_messages_both_ways() -> None:
+    async def main() -> None:
+        agent = CurveKeyPair.generate()
+        h = Harness(allowed=[agent.public])
+        h.start()
+        client, events = h.client(agent)
+        try:
+            await client.wait_connected(5)
+            w = np.arange(1000, dtype=np.float32)
+            await client.send(encode(Blob("up", w), sender="h1", job="j", round=1), timeout=5)
+            msg = await h.server.recv(timeout=5)
+            assert msg.peer.public_key == agent.public and msg.peer.address == "127.0.0.1"
+            env = decode(msg.frames, max_bytes=1 << 20)
+            assert env.header.sender == "h1" and env.body.name == "up"
+            np.testing.assert_array_equal(env.body.data, w)
+            assert h.server.peer_for_key(agent.public) == msg.peer
+            await h.server.send(agent.public, encode(Blob("down", w * 2), sender="coordinator"))
+            back = decode(await client.recv(timeout=5), max_bytes=1 << 20)
+            np.testing.assert_array_equal(back.body.data, w * 2)
+            assert [e.kind for e in events] == ["connected"]
+            assert h.refusals == []
+        finally:
+            await h.close()
+
+    run(main())
+
+
+def test_unknown_key_is_refused_and_reported_with_key_and_address() -> None:
+    async def main() -> None:
+        h = Harness(allowed=[CurveKeyPair.generate().public])
+        h.start()
+        stranger = CurveKeyPair.generate()
+        client, events = h.client(stranger)
+        try:
+            with pytest.raises(HandshakeFailed) as err:
+                await client.wait_connected(5)
+            assert err.value.kind == "refused" and "not enrolled" in err.value.reason
+            assert any(e.kind == "handshake_failed" for e in events)
+            await wait_until(lambda: h.refusals)
+            r = h.refusals[0]
+            assert (r.public_key, r.address) == (stranger.public, "127.0.0.1")
+            assert "unknown key" in r.reason
+            with pytest.raises(TimeoutError):
+                await h.server.recv(timeout=0.3)
+        finally:
+            await h.close()
+
+    run(main())
+
+
+def test_agent_facing_an_impostor_coordinator_refuses_and_says_so() -> None:
+    async def main() -> None:
+        agent = CurveKeyPair.generate()
+        impostor = Harness(allowed=[agent.public])  # even one that would admit the agent
+        impostor.start()
+        real_coordinator_key = CurveKeyPair.generate().public
+        client, events = impostor.client(agent, server_key=real_coordinator_key)
+        try:
+            with pytest.raises(HandshakeFailed) as err:
+                await client.wait_connected(5)
+            assert err.value.kind == "impostor"
+            assert "refusing to talk" in err.value.reason
+            assert real_coordinator_key[:8] in err.value.reason
+            assert client.state != "connected"
+            kinds = [e.kind for e in events]
+            assert "handshake_failed" in kinds and "connected" not in kinds
+            # Nothing the agent queued reaches the impostor.
+            with pytest.raises(TimeoutError):
+                await client.send(encode(Blob("secret", np.ones(3, np.float32)), sender="a"),
+                                  timeout=0.3)
+            with pytest.raises(TimeoutError):
+                await impostor.server.recv(timeout=0.3)
+            await wait_until(lambda: impostor.refusals)
+            assert impostor.refusals[0].public_key is None
+            assert "handshake failed" in impostor.refusals[0].reason
+        finally:
+            await impostor.close()
+
+    run(main())
+
+
+def test_enrolment_takes_effect_without_restart() -> None:
+    async def main() -> None:
+        h = Harness(allowed=[])
+        h.start()
+        agent = CurveKeyPair.generate()
+        client, events = h.client(agent)
+        try:
+            with pytest.raises(HandshakeFailed):
+                await client.wait_connected(5)
+            h.server.set_allowed([agent.public])
+            await client.wait_connected(5)  # the back-off loop retried by itself
+            assert "reconnecting" in [e.kind for e in events]
+            await client.send(encode(Blob("hi", np.ones(2, np.float32)), sender="a"), timeout=5)
+            assert (await h.server.recv(timeout=5)).peer.public_key == agent.public
+        finally:
+            await h.close()
+
+    run(main())
+
+
+def test_revoked_key_is_dropped_at_once_and_cannot_reconnect() -> None:
+    async def main() -> None:
+        keep, revoke = CurveKeyPair.generate(), CurveKeyPair.generate()
+        h = Harness(allowed=[keep.public, revoke.public])
+        h.start()
+        good, _ = h.client(keep)
+        bad, bad_events = h.client(revoke)
+        try:
+            await good.wait_connected(5)
+            await bad.wait_connected(5)
+            await wait_until(lambda: len(h.server.peers()) == 2)
+            dropped = h.server.set_allowed([keep.public])
+            assert [p.public_key for p in dropped] == [revoke.public]
+            assert [p.public_key for p in h.server.peers()] == [keep.public]
+            await wait_until(lambda: any(e.kind == "handshake_failed" for e in bad_events))
+            assert bad.last_failure is not None and bad.last_failure.kind == "refused"
+            reasons = [r.reason for r in h.refusals if r.public_key == revoke.public]
+            assert reasons and all("revoked" in r for r in reasons)
+            with pytest.raises(TimeoutError):
+                await bad.send(encode(Blob("x", np.ones(1, np.float32)), sender="b"), timeout=0.3)
+            # The other appliance is untouched.
+            await good.send(encode(Blob("ok", np.ones(1, np.float32)), sender="g"), timeout=5)
+            assert (await h.server.recv(timeout=5)).peer.public_key == keep.public
+        finally:
+            await h.close()
+
+    run(main())
+
+
+def test_disconnect_drops_one_connection_and_the_client_comes_back() -> None:
+    async def main() -> None:
+        agent = CurveKeyPair.generate()
+        h = Harness(allowed=[agent.public])
+        h.start()
+        client, events = h.client(agent)
+        try:
+            await client.wait_connected(5)
+            await wait_until(lambda: h.server.peers())
+            first = h.server.peers()[0]
+            assert h.server.disconnect(first) is True
+            assert h.server.disconnect(first) is False  # already gone
+            await wait_until(lambda: any(e.kind == "disconnected" for e in events))
+            await wait_until(lambda: client.state == "connected" and h.server.peers())
+            assert h.server.peers()[0].routing_id != first.routing_id
+        finally:
+            await h.close()
+
+    run(main())
+
+
+def test_server_reports_a_peer_lost_after_heartbeat_timeout() -> None:
+    async def main() -> None:
+        agent = CurveKeyPair.generate()
+        h = Harness(allowed=[agent.public])
+        h.start()
+        client, _ = h.client(agent)
+        try:
+            await client.wait_connected(5)
+            await wait_until(lambda: h.server.peers())
+            await asyncio.sleep(1.0)  # > timeout: heartbeats keep it alive
+            assert h.lost == [] and len(h.server.peers()) == 1
+            await client.close()
+            await wait_until(lambda: h.lost, timeout=5)
+            assert h.lost[0].public_key == agent.public and h.server.peers() == []
+            with pytest.raises(NotConnected):
+                await h.server.send(agent.public, [b"x", b"y"])
+        finally:
+            await h.close()
+
+    run(main())
+
+
+def test_client_detects_a_silent_coordinator_and_reconnects_to_its_restart() -> None:
+    async def main() -> None:
+        agent = CurveKeyPair.generate()
+        h = Harness(allowed=[agent.public])
+        endpoint = h.start()
+        client, events = h.client(agent)
+        try:
+            await client.wait_connected(5)
+            await h.server.close()
+            await wait_until(lambda: client.state != "connected", timeout=5)
+            kinds = [e.kind for e in events]
+            assert "disconnected" in kinds or "heartbeat_timeout" in kinds
+            restarted = ServerSocket(h.server_keys, allowed=[agent.public], heartbeat=FAST_HB)
+            assert restarted.bind(endpoint) == endpoint
+            try:
+                await client.wait_connected(10)
+                await client.send(encode(Blob("back", np.ones(1, np.float32)), sender="a"),
+                                  timeout=5)
+                assert (await restarted.recv(timeout=5)).peer.public_key == agent.public
+            finally:
+                await restarted.close()
+        finally:
+            await h.close()
+
+    run(main())
+
+
+def test_max_message_bytes_disconnects_an_oversize_sender() -> None:
+    async def main() -> None:
+        agent = CurveKeyPair.generate()
+        h = Harness(allowed=[agent.public], max_message_bytes=10_000)
+        h.start()
+        client, events = h.client(agent)
+        try:
+            await client.wait_connected(5)
+            big = encode(Blob("big", np.ones(10_000, np.float32)), sender="a")
+            await client.send(big, timeout=5)
+            with pytest.raises(TimeoutError):
+                await h.server.recv(timeout=0.5)
+            await wait_until(lambda: any(e.kind == "disconnected" for e in events))
+            await client.wait_connected(5)
+            await client.send(encode(Blob("ok", np.ones(10, np.float32)), sender="a"), timeout=5)
+            got = decode((await h.server.recv(timeout=5)).frames, max_bytes=10_000)
+            assert got.body.name == "ok"
+        finally:
+            await h.close()
+
+    run(main())
+
+
+def test_bad_construction_and_use_is_refused() -> None:
+    async def main() -> None:
+        kp = CurveKeyPair.generate()
+        with pytest.raises(ValueError, match="max_message_bytes 0"):
+            ServerSocket(kp, max_message_bytes=0)
+        s = ServerSocket(kp)
+        with pytest.raises(NotConnected, match="not bound"):
+            await s.recv(timeout=0.1)
+        s.bind("tcp://127.0.0.1:0")
+        try:
+            with pytest.raises(TransportError, match="already bound"):
+                s.bind("tcp://127.0.0.1:0")
+            other = ServerSocket(kp)
+            with pytest.raises(TransportError, match="cannot bind"):
+                other.bind(s.endpoint or "")
+        finally:
+            await s.close()
+        with pytest.raises(Exception, match="secret"):
+            ClientSocket(CurveKeyPair(kp.public), kp.public, "tcp://127.0.0.1:1")
+
+    run(main())

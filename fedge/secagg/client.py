@@ -165,6 +165,7 @@ class ClientSession:
         Raises:
             SecAggAbort: the named subclass of the protocol violation; the session is
                 then ``Aborted`` and any later call raises ``UnexpectedMessage``.
+            UnexpectedMessage: any message after ``Completed`` (the state stays).
         """
         del now  # the client keeps no deadlines: the server's drop it
         if self.done and isinstance(message, RoundFailed):
@@ -173,6 +174,8 @@ class ClientSession:
             raise UnexpectedMessage(
                 f"{type(message).__name__} after the session aborted ({self.failure!r})"
             )
+        if self.state == "Completed":  # stays completed: its one answer is given
+            raise UnexpectedMessage(f"{type(message).__name__} after the session completed")
         try:
             _check_round(message, self.ctx)
             if isinstance(message, RoundFailed):

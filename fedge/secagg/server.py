@@ -124,6 +124,7 @@ class ServerSession:
         self._adverts: dict[str, KeyAdvertisement] = {}
         self._ciphertexts: dict[str, dict[str, bytes]] = {}
         self._total: np.ndarray | None = None
+        self._u1: set[str] = set()
         self._u2: set[str] = set()
         self._u3: set[str] = set()
         self._signatures: dict[str, bytes] = {}
@@ -268,6 +269,7 @@ class ServerSession:
                     self._drop(seen[key])
                 seen[key] = cid
         self._prune(self._alive, "key advertisement")
+        self._u1 = set(self._alive)
         out: Outgoing = []
         for cid in sorted(self._alive):
             group = sorted((self.neighbours[cid] | {cid}) & self._alive)
@@ -288,7 +290,7 @@ class ServerSession:
     # --- stage 1: share keys ----------------------------------------------------------
 
     def _take_EncryptedShares(self, sender: str, msg: EncryptedShares) -> bool:
-        expected = self.neighbours[sender] & self._alive
+        expected = self.neighbours[sender] & self._u1  # as it was when the keys went out
         if not isinstance(msg.ciphertexts, dict) or not set(msg.ciphertexts) <= expected:
             return False
         from .client import MAX_SHARE_CIPHERTEXT

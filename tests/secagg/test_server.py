@@ -1,0 +1,121 @@
+"""The server survives misbehaving clients: bad messages are discarded, never fatal."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from fedge.secagg import SecAggConfigError, ServerSession
+from fedge.secagg import messages as msgs
+
+from .harness import Federation
+
+
+def _drive(fed: Federation, mangle) -> ServerSession:
+    """Run a round where ``mangle(sender, reply)`` may swap a client's reply."""
+    now = 0.0
+    queue = list(fed.server.start(now))
+    for _ in range(20):
+        while queue:
+            recipient, message = queue.pop(0)
+            for reply in fed.clients[recipient].receive(message, now):
+                for sender, body in mangle(recipient, reply):
+                    queue += fed.server.receive(sender, body, now)
+        if fed.server.done:
+            return fed.server
+        now += fed.config.stage_timeout + 1
+        queue += fed.server.tick(now)
+    raise AssertionError("round did not finish")
+
+
+BAD = "site-001"
+
+
+@pytest.mark.parametrize(
+    "mangle_name",
+    [
+        "wrong_shape",
+        "wrong_dtype",
+        "spoofed_sender",
+        "other_round",
+        "garbage_object",
+        "outsider",
+        "bad_shares_receiver",
+    ],
+)
+def test_misbehaving_client_is_dropped_or_ignored_and_the_rest_sum_exactly(mangle_name: str):
+    fed = Federation(5, 16, alpha=0.0, threshold=3, delta=0.2)
+
+    def mangle(sender: str, reply: object) -> list[tuple[str, object]]:
+        if sender != BAD:
+            return [(sender, reply)]
+        if mangle_name == "wrong_shape" and isinstance(reply, msgs.MaskedInput):
+            return [(sender, dataclasses.replace(reply, masked=reply.masked[:-1]))]
+        if mangle_name == "wrong_dtype" and isinstance(reply, msgs.MaskedInput):
+            return [(sender, dataclasses.replace(reply, masked=reply.masked.astype(np.int64)))]
+        if mangle_name == "spoofed_sender" and isinstance(reply, msgs.MaskedInput):
+            return [(sender, dataclasses.replace(reply, client_id="site-000"))]
+        if mangle_name == "other_round" and isinstance(reply, msgs.MaskedInput):
+            return [(sender, dataclasses.replace(reply, round=reply.round + 1))]
+        if mangle_name == "garbage_object" and isinstance(reply, msgs.MaskedInput):
+            return [(sender, "hello"), (sender, None)]
+        if mangle_name == "outsider" and isinstance(reply, msgs.MaskedInput):
+            return [(sender, reply), ("mallory", dataclasses.replace(reply, client_id="mallory"))]
+        if mangle_name == "bad_shares_receiver" and isinstance(reply, msgs.EncryptedShares):
+            return [(sender, dataclasses.replace(
+                reply, ciphertexts={**reply.ciphertexts, "mallory": b"x"}))]
+        return [(sender, reply)]
+
+    server = _drive(fed, mangle)
+    assert server.result is not None, server.failure
+    survivors = server.result.survivors
+    if mangle_name == "outsider":
+        assert survivors == fed.ids
+    else:
+        assert BAD not in survivors and len(survivors) == 4
+    assert server.discarded >= 1
+    np.testing.assert_array_equal(server.result.total, fed.expected_sum(survivors))
+
+
+def test_duplicate_masked_input_is_counted_once() -> None:
+    fed = Federation(4, 16, alpha=0.0)
+
+    def twice(sender: str, reply: object) -> list[tuple[str, object]]:
+        if isinstance(reply, msgs.MaskedInput) and sender == BAD:
+            return [(sender, reply), (sender, reply)]
+        return [(sender, reply)]
+
+    server = _drive(fed, twice)
+    assert server.result is not None and server.discarded >= 1
+    np.testing.assert_array_equal(server.result.total, fed.expected_sum(fed.ids))
+
+
+def test_server_refuses_a_cohort_that_is_not_in_the_roster() -> None:
+    fed = Federation(3, 4, alpha=0.0)
+    with pytest.raises(SecAggConfigError, match="'mallory' is not in the roster"):
+        ServerSession(fed.config, fed.ctx, ["site-000", "site-001", "mallory"], fed.roster)
+    with pytest.raises(SecAggConfigError, match="cohort has 2 clients"):
+        ServerSession(fed.config, fed.ctx, ["site-000", "site-001"], fed.roster)
+
+
+def test_server_cannot_be_started_twice_and_ignores_messages_before_start() -> None:
+    fed = Federation(3, 4, alpha=0.0)
+    assert fed.server.receive("site-000", "early", 0.0) == []
+    fed.server.start(0.0)
+    with pytest.raises(RuntimeError, match="start"):
+        fed.server.start(1.0)
+
+
+def test_stage_deadline_is_measured_from_when_the_stage_opened() -> None:
+    fed = Federation(3, 4, alpha=0.0, threshold=2, delta=0.33)
+    out = fed.server.start(100.0)
+    assert fed.server.deadline == 100.0 + fed.config.stage_timeout
+    for cid, request in out[:2]:
+        (advert,) = fed.clients[cid].receive(request, 100.0)
+        fed.server.receive(cid, advert, 105.0)
+    assert fed.server.tick(109.9) == [] and fed.server.stage == "AdvertiseKeys"
+    out = fed.server.tick(110.0)
+    assert fed.server.stage == "ShareKeys" and fed.server.dropped == {"site-002": "AdvertiseKeys"}
+    assert sorted(cid for cid, _ in out) == ["site-000", "site-001"]

@@ -398,3 +398,34 @@ class AgentUpdateClient:
         except (TimeoutError, concurrent.futures.TimeoutError) as exc:
             raise DownloadError(f"fetch {req.path}@{req.offset}: no reply within "
                                 f"{self.reply_timeout_s:g} s") from exc
+
+
+def attach_update_client(agent: Any, state_dir: Path, *, models: ModelInstaller | None = None,
+                         service: Service | None = None, reply_timeout_s: float = 30.0
+                         ) -> AgentUpdateClient:
+    """Give a `fedge.agent.runtime.Agent` signed updates: UpdateAvailable and
+    UpdateFetchReply go to an `AgentUpdateClient`, everything else to the agent.
+
+    `models` defaults to the serving repository under ``<state_dir>/models``.
+
+    Raises:
+        FileNotFoundError: the appliance was never enrolled (no trusted TUF root).
+    """
+    if models is None:
+        from fedge.serve.repository import ModelRepository
+
+        models = ModelRepository(Path(state_dir) / "models")
+    client = AgentUpdateClient(AgentUpdater(state_dir), agent.send, models=models,
+                               service=service, executor=getattr(agent, "executor", None),
+                               reply_timeout_s=reply_timeout_s)
+    inner = agent.handle
+
+    async def handle(env: Any) -> None:
+        if client.wants(env.body):
+            await client.handle(env.body)
+        else:
+            await inner(env)
+
+    agent.handle = handle
+    agent.update_client = client
+    return client

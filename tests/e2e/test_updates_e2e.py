@@ -1,0 +1,236 @@
+"""End to end, real processes on loopback: a coordinator (its admin channel and TUF
+relay), three enrolled appliance agents, three `fedge serve` processes. The
+console pushes a signed model update, canary first; every appliance verifies it
+over its own ZeroMQ connection and serves the new version.
+
+Also: a revoked appliance is dropped and refused on its next connection.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from onnx import TensorProto, helper
+
+from fedge.agent.enrol import install_enrolment
+from fedge.console.cli import push
+from fedge.console.client import AdminClient
+from fedge.console.enrolment import create_enrolment
+from fedge.console.store import ConsoleStore
+from fedge.coordinator.updates import UpdateRepository
+from fedge.serve.repository import ModelRepository
+
+pytestmark = pytest.mark.e2e
+
+SITES = ("h1", "h2", "h3")
+
+# The agent process as `fedge agent` runs it, with the update client attached
+# (fedge.agent.updates.attach_update_client) so UpdateAvailable is acted on.
+AGENT_MAIN = r"""
+import asyncio, signal, sys
+from concurrent.futures import ThreadPoolExecutor
+from fedge.agent.process import load_config, load_enrolled, run_agent
+from fedge.agent.runtime import Agent
+from fedge.agent.trainer import TorchTrainer
+from fedge.agent.updates import attach_update_client
+
+cfg = load_config(sys.argv[1])
+connect_timeout = float(sys.argv[2]) if len(sys.argv) > 2 else None
+enrolled = load_enrolled(cfg.state_dir)
+agent = Agent(enrolled.site, TorchTrainer(cfg.datasets), identity=enrolled.identity,
+              roster=enrolled.roster, executor=ThreadPoolExecutor(1))
+attach_update_client(agent, cfg.state_dir, reply_timeout_s=10)
+
+async def main():
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    return await run_agent(agent, enrolled, interval_s=cfg.heartbeat_interval_s,
+                           timeout_s=cfg.heartbeat_timeout_s, stop=stop,
+                           connect_timeout_s=connect_timeout)
+
+sys.exit(asyncio.run(main()))
+"""
+
+COORDINATOR_MAIN = r"""
+import sys
+from fedge.coordinator.config import load_config
+from fedge.coordinator.process import run
+sys.exit(run(load_config(sys.argv[1])))
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scale_model(scale: float) -> bytes:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])
+    k = helper.make_tensor("k", TensorProto.FLOAT, [1], [scale])
+    g = helper.make_graph([helper.make_node("Mul", ["x", "k"], ["y"])], "g", [x], [y], [k])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m.SerializeToString()
+
+
+def wait_for(what: str, predicate, timeout_s: float, interval_s: float = 0.2):
+    end = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < end:
+        try:
+            last = predicate()
+        except Exception as exc:  # not up yet
+            last = exc
+        if last and not isinstance(last, Exception):
+            return last
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what} (last: {last!r})")
+
+
+class Federation:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.procs: list[subprocess.Popen] = []
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        port = free_port()
+        admin_port = free_port()
+        self.console = ConsoleStore.init(
+            tmp / "console", coordinator_endpoint=f"tcp://127.0.0.1:{port}",
+            admin_endpoint=f"tcp://127.0.0.1:{admin_port}")
+        self.coord_dir = tmp / "coordinator"
+        UpdateRepository.from_provision(self.coord_dir, self.console.provision())
+        cfg = tmp / "coordinator.toml"
+        cfg.write_text(
+            f'state_dir = "{self.coord_dir}"\nbind = "tcp://127.0.0.1:{port}"\n'
+            f'provision = "{self.console.home / "coordinator-provision.json"}"\n'
+            "tick_s = 0.02\n[heartbeat]\ninterval_s = 0.5\ntimeout_s = 3.0\n"
+            f'[admin]\nendpoint = "tcp://127.0.0.1:{admin_port}"\n')
+        self.coordinator = self.spawn("coordinator", COORDINATOR_MAIN, str(cfg))
+        self.admin = AdminClient.from_store(self.console, "admin", timeout_s=10)
+        wait_for("the admin channel", lambda: self.admin.call("whoami")[0], 30)
+        self.agents: dict[str, subprocess.Popen] = {}
+
+    def spawn(self, name: str, code: str, *args: str) -> subprocess.Popen:
+        log = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+        p = subprocess.Popen([sys.executable, "-c", code, *args], stdout=log,
+                             stderr=subprocess.STDOUT, env=self.env)
+        self.procs.append(p)
+        return p
+
+    def enrol(self, site: str) -> Path:
+        path, _ = create_enrolment(self.console, site, valid_for=timedelta(days=1))
+        info = self.console.sites()[site]
+        self.admin.call("enrol", {"site": site, "curve_public": info["curve_public"],
+                                  "ed25519_public": info["ed25519_public"]},
+                        {"roster": self.console.roster().to_bytes()})
+        state = self.tmp / site
+        install_enrolment(path, state)
+        (self.tmp / f"{site}.toml").write_text(
+            f'state_dir = "{state}"\nhealth = false\n'
+            "[heartbeat]\ninterval_s = 0.5\ntimeout_s = 3.0\n")
+        return state
+
+    def start_agent(self, site: str, *extra: str) -> subprocess.Popen:
+        p = self.spawn(f"agent-{site}", AGENT_MAIN, str(self.tmp / f"{site}.toml"), *extra)
+        self.agents[site] = p
+        return p
+
+    def connected(self) -> set[str]:
+        fleet, _ = self.admin.call("fleet")
+        return {a["site_id"] for a in fleet if a["connected"]}
+
+    def log(self, name: str) -> str:
+        return (self.tmp / f"{name}.log").read_text(errors="replace")
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+@pytest.fixture
+def federation(tmp_path):
+    fed = Federation(tmp_path)
+    yield fed
+    fed.close()
+
+
+def start_server(fed: Federation, site: str, repo: Path) -> str:
+    log = open(fed.tmp / f"serve-{site}.log", "wb")  # noqa: SIM115
+    p = subprocess.Popen([sys.executable, "-m", "fedge.cli", "serve", "--repository",
+                          str(repo), "--port", "0", "--poll-interval", "0.2"],
+                         stdout=log, stderr=subprocess.STDOUT, env=fed.env)
+    fed.procs.append(p)
+    m = wait_for(f"fedge serve for {site}", lambda: re.search(
+        r"listening on (http://\S+)", fed.log(f"serve-{site}")), 60)
+    return m.group(1)
+
+
+def infer(url: str, x: list[float]) -> tuple[str, list[float]]:
+    body = json.dumps({"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32",
+                                   "data": x}]}).encode()
+    req = urllib.request.Request(f"{url}/v2/models/risk/infer", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        out = json.loads(r.read())
+    return str(out.get("model_version")), out["outputs"][0]["data"]
+
+
+def test_push_model_update_to_three_agents_each_serves_new_version(federation):
+    fed = federation
+    urls = {}
+    for site in SITES:
+        state = fed.enrol(site)
+        ModelRepository(state / "models").install("risk", scale_model(2.0))  # version 1
+        fed.start_agent(site)
+        urls[site] = start_server(fed, site, state / "models")
+    wait_for("three connected agents", lambda: fed.connected() == set(SITES), 60)
+    for site in SITES:
+        assert infer(urls[site], [1.0, 2.0]) == ("1", [2.0, 4.0])
+
+    onnx_file = fed.tmp / "risk-v2.onnx"
+    onnx_file.write_bytes(scale_model(3.0))
+    rollout = push(fed.console, fed.admin, onnx_file, kind="model", name="risk", version="2",
+                   canary="h2", deadline_s=60)
+    assert rollout["state"] == "succeeded", (rollout, fed.log("agent-h2"))
+    assert list(rollout["results"]) == ["h2", "h1", "h3"]  # canary first
+    for site in SITES:
+        assert wait_for(f"{site} serving version 2",
+                        lambda s=site: infer(urls[s], [1.0, 2.0]) == ("2", [3.0, 6.0]), 20)
+
+
+def test_revoked_appliance_is_dropped_and_refused_on_its_next_connection(federation):
+    fed = federation
+    for site in ("h1", "h2"):
+        fed.enrol(site)
+        fed.start_agent(site)
+    wait_for("two connected agents", lambda: fed.connected() == {"h1", "h2"}, 60)
+    fed.console.revoke_site("h2")
+    fed.admin.call("revoke", {"site": "h2"}, {"roster": fed.console.roster().to_bytes()})
+    wait_for("h2 dropped", lambda: fed.connected() == {"h1"}, 15)
+    fleet = {a["site_id"]: a for a in fed.admin.call("fleet")[0]}
+    assert fleet["h2"]["status"] == "revoked" and fleet["h1"]["connected"]
+    # the same appliance restarts with its keys: refused, it gives up with status 3
+    fed.agents["h2"].terminate()
+    fed.agents["h2"].wait(10)
+    again = fed.start_agent("h2", "5")
+    assert again.wait(30) == 3, fed.log("agent-h2")
+    assert fed.connected() == {"h1"}

@@ -34,6 +34,7 @@ from typing import Protocol
 from fedge.update.tuf_repo import version_key
 
 MANIFEST = "fedge-bundle.json"
+AGENT_CONFIG = "/etc/fedge/agent.toml"  # what a wheel slot runs by default
 
 
 class HealthCheckFailed(RuntimeError):
@@ -90,7 +91,8 @@ class SlotInstaller:
                     zf.extractall(site)
                 if not (tmp / MANIFEST).exists():
                     (tmp / MANIFEST).write_text(json.dumps(
-                        {"version": version, "exec": ["{python}", "-m", "fedge", "agent", "run"],
+                        {"version": version, "exec": ["{python}", "-m", "fedge.cli", "agent",
+                                                    "--config", AGENT_CONFIG],
                          "env": {"PYTHONPATH": "site-packages"}}))
             elif name.endswith(".deb"):
                 subprocess.run(["dpkg-deb", "-x", str(bundle), str(tmp)], check=True,

@@ -161,3 +161,27 @@ def test_push_stops_at_the_failed_canary(tmp_path, make_server):
     assert r["state"] == "failed" and "canary h1 failed" in r["failure"]
     assert list(r["results"]) == ["h1"]
     assert apps[1].models.versions("risk") == []  # never told to install
+
+
+def test_jobs_fetch_downloads_the_results(tmp_path, make_server, capsys):
+    import numpy as np
+    from safetensors.numpy import save
+
+    from fedge.coordinator import checkpoint as ck
+
+    server = make_server()
+    base = ["console", "--home", str(server.console.home), "--timeout", "5"]
+    plan = tmp_path / "plan.toml"
+    plan.write_text(PLAN)
+    assert main([*base, "jobs", "submit", str(plan)]) == 0
+    job = capsys.readouterr().out.strip()
+    jdir = ck.job_dir(server.coordinator.state_dir, job)
+    final = save({"weights": np.arange(40, dtype=np.float32)})
+    ck.atomic_write(jdir / "final.safetensors", final)
+    ck.atomic_write(jdir / "final.onnx", model(1.5))
+    out = tmp_path / "results"
+    assert main([*base, "--operator", "viewer", "jobs", "fetch", job, "--out", str(out)]) == 0
+    assert (out / job / "final.safetensors").read_bytes() == final
+    assert (out / job / "final.onnx").read_bytes() == model(1.5)
+    assert main([*base, "jobs", "fetch", "job-nope", "--out", str(out)]) == 1
+    assert "jobs_fetch" in capsys.readouterr().err

@@ -141,3 +141,24 @@ def test_signed_software_update_that_fails_health_rolls_back_and_is_audited(
     audit = fleet.updater.audit_log()
     assert [(a["version"], a["ok"], a["rolled_back"]) for a in audit] == [
         ("1.0.0", True, False), ("1.1.0", False, True)]
+
+
+def test_wheel_bundle_unpacks_into_site_packages_with_a_default_manifest(tmp_path):
+    import zipfile
+
+    from fedge.update.ab import slot_command
+
+    whl = tmp_path / "fedge-1.2.0-py3-none-any.whl"
+    with zipfile.ZipFile(whl, "w") as zf:
+        zf.writestr("fedge/__init__.py", "__version__ = '1.2.0'\n")
+    slots = SlotInstaller(tmp_path / "software")
+    slot = slots.unpack("1.2.0", whl)
+    assert (slot / "site-packages" / "fedge" / "__init__.py").exists()
+    argv, env = slot_command(slot)
+    assert argv[1:] == ["-m", "fedge.cli", "agent", "--config", "/etc/fedge/agent.toml"]
+    assert env["PYTHONPATH"] == str(slot.resolve() / "site-packages")
+    evil = tmp_path / "evil-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(evil, "w") as zf:
+        zf.writestr("../outside.py", "x")
+    with pytest.raises(ValueError, match="escapes the slot"):
+        slots.unpack("1.3.0", evil)

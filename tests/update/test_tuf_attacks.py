@@ -154,3 +154,40 @@ def test_fetch_handler_refuses_paths_outside_the_repository(fleet, path, error):
 
     reply = fleet.repo.handle_fetch(UpdateFetchRequest(path, 0, 100))
     assert reply.error.startswith(error) and reply.data == b""
+
+
+def _tar(files: dict[str, bytes]) -> bytes:
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_app_target_installs_model_code_and_default_plan(fleet):
+    app = _tar({"model.py": b"def build(): ...\n", "plan.toml": b"[job]\nrounds = 3\n"})
+    fleet.publish("app", "cox", "1.0", "cox-app.tar.gz", app)
+    [spec] = fleet.updater.pending()
+    outcome = fleet.updater.install(spec)
+    assert outcome.ok, outcome.detail
+    current = fleet.agent_dir / "apps" / "cox" / "current"
+    assert (current / "plan.toml").read_text() == "[job]\nrounds = 3\n"
+    fleet.publish("app", "cox", "1.1", "cox-app.tar.gz",
+                  _tar({"../../evil.py": b"x", "plan.toml": b""}))
+    [spec] = fleet.updater.pending()
+    bad = fleet.updater.install(spec)
+    assert not bad.ok and "bad archive" in bad.detail
+    assert (current / "plan.toml").read_text() == "[job]\nrounds = 3\n"  # still 1.0
+    assert fleet.updater.installed() == {"app/cox": "1.0"}
+
+
+def test_wrong_kind_arguments_are_refused_up_front(fleet):
+    fleet.publish("model", "risk", "1", "model.onnx", b"x")
+    [spec] = fleet.updater.pending()
+    with pytest.raises(ValueError, match="needs a model repository"):
+        fleet.updater.install(spec)

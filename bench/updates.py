@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import socket
 import tempfile
 import threading
@@ -122,6 +123,7 @@ def main() -> None:
     raw.close(0)
     ctx.term()
 
+    shutil.rmtree(tmp, ignore_errors=True)
     fetch, anchor = mib / fetch_s, mib / anchor_s
     print(f"verified TUF download over CurveZMQ: {fetch:8.1f} MiB/s ({fetch_s:.2f} s)")
     print(f"anchor, raw chunks same sockets:     {anchor:8.1f} MiB/s ({anchor_s:.2f} s)")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from fedge.serve.repository import ModelRepository
 log = logging.getLogger("fedge.serve")
 
 KEEP_LOADED = 2  # the live version and the one before it
+SMALL_MODEL_S = 0.0001  # one row faster than this: a single intra-op thread
 
 
 class ModelLoadError(RuntimeError):
@@ -35,7 +37,11 @@ class ModelLoadError(RuntimeError):
 
 
 def default_threads() -> int:
-    """Intra-op threads per session: the CPUs this process may use, at most 4."""
+    """Intra-op threads per session: the CPUs this process may use, at most 4.
+
+    `load_model` drops to one thread for models whose single-row inference is
+    below SMALL_MODEL_S (the Cox model), where a thread pool only adds wake-ups.
+    """
     try:
         n = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - non-Linux
@@ -73,6 +79,7 @@ class LoadedModel:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     metadata: dict[str, str] = field(default_factory=dict)
+    threads: int = 1
 
     def run(self, feeds: dict[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
         return self.session.run(list(output_names), feeds)
@@ -112,8 +119,24 @@ def load_model(name: str, version: int, path: Path, *, threads: int) -> LoadedMo
             raise ModelLoadError(
                 f"{name} version {version}: output {spec.name!r} is not finite on a zero input"
             )
+    if threads > 1 and _single_row_seconds(session, feeds) < SMALL_MODEL_S:
+        # A model this small never gains from the intra-op pool, and waking its
+        # workers costs more than the whole inference (and jitter on a busy host).
+        threads = 1
+        session = ort.InferenceSession(
+            str(path), sess_options=session_options(1), providers=["CPUExecutionProvider"]
+        )
     meta = session.get_modelmeta().custom_metadata_map
-    return LoadedModel(name, version, path, session, inputs, outputs, dict(meta))
+    return LoadedModel(name, version, path, session, inputs, outputs, dict(meta), threads)
+
+
+def _single_row_seconds(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> float:
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        session.run(None, feeds)
+        times.append(time.perf_counter() - t0)
+    return min(times)
 
 
 @dataclass(frozen=True)

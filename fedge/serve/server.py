@@ -53,6 +53,7 @@ from fedge.serve.protocol import (
 )
 from fedge.serve.repository import ModelRepository
 from fedge.serve.runtime import LoadedModel, ModelStore, UnknownModel, Watcher
+from fedge.systemd import Notifier, watchdog_interval
 
 log = logging.getLogger("fedge.serve")
 
@@ -175,10 +176,25 @@ class InferenceServer:
         gc.freeze()
         gc.set_threshold(20_000, 50, 100)
         self.watcher.start()
+        notifier = Notifier()
+        notifier.ready(f"serving {len(self.store.names())} model(s) from {self.repo.root}")
+        # The watchdog is fed from the event loop, so a wedged loop (the thing
+        # that answers requests) is what systemd notices.
+        interval = watchdog_interval()
+        pinger = asyncio.create_task(self._feed_watchdog(notifier, interval)) if interval else None
         try:
             yield
         finally:
+            notifier.stopping("shutting down")
+            if pinger is not None:
+                pinger.cancel()
             self.watcher.stop()
+
+    @staticmethod
+    async def _feed_watchdog(notifier: Notifier, interval: float) -> None:
+        while True:
+            notifier.watchdog()
+            await asyncio.sleep(interval / 2)
 
     def _swapped(self, name: str, version: int) -> None:
         self.metrics.swaps.labels(name).inc()

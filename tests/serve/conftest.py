@@ -62,13 +62,15 @@ class RunningServer:
 _ANNOUNCE = re.compile(r"listening on http://127\.0\.0\.1:(\d+)")
 
 
-def start_server(repo_root: Path, *extra: str) -> RunningServer:
+def start_server(
+    repo_root: Path, *extra: str, env: dict[str, str] | None = None
+) -> RunningServer:
     """`fedge serve` on a free loopback port; waits (bounded) until it is live."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "fedge.cli", "serve", "--repository", str(repo_root),
          "--host", "127.0.0.1", "--port", "0", "--poll-interval", "0.1", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
     assert proc.stdout is not None
     deadline = time.monotonic() + 60

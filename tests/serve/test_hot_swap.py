@@ -25,7 +25,6 @@ def fresh_server(tmp_path: Path, cox_v1: tuple[Path, torch.nn.Module]) -> Iterat
     root = tmp_path / "repo"
     root.mkdir()
     running = start_server(root)
-    running.repo.install("cox", cox_v1[0])
     try:
         yield running
     finally:
@@ -46,7 +45,13 @@ def _live_version(server: RunningServer) -> str | None:
     return r.json()["version"] if r.status_code == 200 else None
 
 
-def test_server_starts_empty_then_serves_an_installed_model(fresh_server: RunningServer) -> None:
+def test_server_starts_empty_then_serves_an_installed_model(
+    fresh_server: RunningServer, cox_v1: tuple[Path, torch.nn.Module]
+) -> None:
+    r = httpx.get(f"{fresh_server.url}/v2/health/ready", timeout=5)
+    assert r.status_code == 503 and r.json() == {"error": "no model is loaded yet"}
+    assert httpx.get(f"{fresh_server.url}/v2/models/cox/ready", timeout=5).status_code == 404
+    fresh_server.repo.install("cox", cox_v1[0])
     _wait_for(lambda: _live_version(fresh_server) == "1")
     assert httpx.get(f"{fresh_server.url}/v2/health/ready", timeout=5).status_code == 200
 
@@ -56,6 +61,7 @@ def test_hot_swap_under_concurrent_requests_fails_no_request(
     cox_v1: tuple[Path, torch.nn.Module],
     cox_v2: tuple[Path, torch.nn.Module],
 ) -> None:
+    fresh_server.repo.install("cox", cox_v1[0])
     _wait_for(lambda: _live_version(fresh_server) == "1")
     x = np.random.default_rng(0).standard_normal((4, N_FEATURES)).astype(np.float32)
     with torch.no_grad():
@@ -107,8 +113,11 @@ def test_hot_swap_under_concurrent_requests_fails_no_request(
 
 
 def test_a_broken_version_is_skipped_and_the_old_one_stays_live(
-    fresh_server: RunningServer, cox_v2: tuple[Path, torch.nn.Module]
+    fresh_server: RunningServer,
+    cox_v1: tuple[Path, torch.nn.Module],
+    cox_v2: tuple[Path, torch.nn.Module],
 ) -> None:
+    fresh_server.repo.install("cox", cox_v1[0])
     _wait_for(lambda: _live_version(fresh_server) == "1")
     # copied in by hand, bypassing install()'s checks
     broken = fresh_server.repo.root / "cox" / "2"
@@ -124,8 +133,11 @@ def test_a_broken_version_is_skipped_and_the_old_one_stays_live(
 
 
 def test_retiring_the_live_version_rolls_back(
-    fresh_server: RunningServer, cox_v2: tuple[Path, torch.nn.Module]
+    fresh_server: RunningServer,
+    cox_v1: tuple[Path, torch.nn.Module],
+    cox_v2: tuple[Path, torch.nn.Module],
 ) -> None:
+    fresh_server.repo.install("cox", cox_v1[0])
     _wait_for(lambda: _live_version(fresh_server) == "1")
     fresh_server.repo.install("cox", cox_v2[0])
     _wait_for(lambda: _live_version(fresh_server) == "2")

@@ -1,0 +1,119 @@
+"""Process lifecycle, and the pieces behind the request path tested in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from fedge.serve.repository import ModelRepository
+from fedge.serve.runtime import ModelLoadError, ModelStore, load_model
+from fedge.serve.server import InferenceServer
+from tests.serve.conftest import N_FEATURES, start_server, stop_server
+
+
+def test_systemd_gets_ready_watchdog_and_stopping(
+    tmp_path: Path, cox_v1: tuple[Path, torch.nn.Module]
+) -> None:
+    ModelRepository(tmp_path / "repo").install("cox", cox_v1[0])
+    sock_path = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(sock_path))
+        sock.settimeout(0.2)
+        server = start_server(tmp_path / "repo",
+                              env={"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "400000"})
+        received: list[str] = []
+        try:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and not (
+                any("READY=1" in m for m in received)
+                and sum("WATCHDOG=1" in m for m in received) >= 2
+            ):
+                with contextlib.suppress(TimeoutError):
+                    received.append(sock.recv(4096).decode())
+        finally:
+            stop_server(server)
+        while True:
+            try:
+                received.append(sock.recv(4096).decode())
+            except TimeoutError:
+                break
+    ready = next(m for m in received if "READY=1" in m)
+    assert "STATUS=serving 1 model(s)" in ready
+    assert sum("WATCHDOG=1" in m for m in received) >= 2
+    assert any("STOPPING=1" in m for m in received)
+    # uvicorn shuts down gracefully, then re-raises SIGTERM: systemd counts that as clean
+    assert server.process.returncode in (0, -signal.SIGTERM)
+
+
+def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "fedge.cli", "serve", "--repository", str(tmp_path),
+             "--port", str(port)], capture_output=True, text=True, timeout=60,
+        )
+    assert proc.returncode == 1
+    assert "fedge serve:" in proc.stderr and "in use" in proc.stderr
+
+
+def test_tiny_models_get_one_intra_op_thread(cox_v1: tuple[Path, torch.nn.Module]) -> None:
+    model = load_model("cox", 1, cox_v1[0], threads=2)
+    assert model.threads == 1
+    assert model.metadata["job_id"] == "job-1"
+
+
+def test_a_non_onnx_file_is_a_load_error_naming_the_version(tmp_path: Path) -> None:
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"\x08\x07garbage")
+    with pytest.raises(ModelLoadError, match="cox version 4: cannot load"):
+        load_model("cox", 4, bad, threads=1)
+
+
+def test_store_keeps_the_two_newest_versions(
+    tmp_path: Path, cox_v1: tuple[Path, torch.nn.Module]
+) -> None:
+    repo = ModelRepository(tmp_path)
+    store = ModelStore(threads=1)
+    for expected in (1, 2, 3):
+        repo.install("cox", cox_v1[0])
+        assert store.sync(repo) == [("cox", expected)]
+    assert store.versions("cox") == [2, 3]
+    assert store.get("cox").version == 3
+    assert store.sync(repo) == []  # nothing new, nothing swapped
+
+
+def test_starlette_infer_route_works_without_the_fast_path(
+    tmp_path: Path, cox_v1: tuple[Path, torch.nn.Module]
+) -> None:
+    ModelRepository(tmp_path).install("cox", cox_v1[0])
+    server = InferenceServer(tmp_path)
+    server.store.sync(server.repo)
+    x = np.ones((2, N_FEATURES), dtype=np.float32)
+    body = {"inputs": [{"name": "input", "shape": [2, N_FEATURES], "datatype": "FP32",
+                        "data": x.ravel().tolist()}]}
+
+    async def calls() -> tuple[httpx.Response, httpx.Response]:
+        transport = httpx.ASGITransport(app=server.app)  # Starlette alone
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            return (await client.post("/v2/models/cox/infer", json=body),
+                    await client.post("/v2/models/cox/infer", content=b"{"))
+
+    r, bad = asyncio.run(calls())
+    with torch.no_grad():
+        want = cox_v1[1](torch.from_numpy(x)).numpy().ravel()
+    np.testing.assert_allclose(r.json()["outputs"][0]["data"], want, atol=1e-5)
+    assert bad.status_code == 400 and "malformed JSON" in bad.json()["error"]

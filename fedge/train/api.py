@@ -98,6 +98,10 @@ class TrainConfig:
                 f"train: unknown key(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}"
             )
         values = dict(d)
+        if "learning_rate" in values:  # the plan's spelling
+            if "lr" in values:
+                raise ValueError("train: give 'lr' or 'learning_rate', not both")
+            values["lr"] = values.pop("learning_rate")
         if isinstance(values.get("dp"), Mapping):
             values["dp"] = DPConfig.from_dict(values["dp"])
         if isinstance(values.get("client_dp"), Mapping):
@@ -289,7 +293,7 @@ def local_train(
     state = state if state is not None else ClientState()
     train = data.split("train")
     n = len(train)
-    seed = _seed(cfg.seed, round, data.name)
+    seed = _seed(cfg.seed, round, data.name, data.info.get("site"))
     gen = torch.Generator().manual_seed(seed)
 
     with torch.random.fork_rng(devices=[]):

@@ -512,9 +512,11 @@ def _load_numpy(spec: DatasetSpec) -> _Table:
     path = Path(spec.path)
     if not path.is_file():
         raise DataError(path, "file does not exist")
+    import zipfile
+
     try:
         npz = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise DataError(path, f"not a readable .npz file: {exc}") from exc
     with npz:
         keys = set(npz.files)
@@ -529,7 +531,7 @@ def _load_numpy(spec: DatasetSpec) -> _Table:
             else:
                 y = np.asarray(npz["y"])
             split_arr = npz["split"] if "split" in keys else None
-        except (ValueError, OSError, EOFError) as exc:
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
             raise DataError(path, f"truncated or corrupt array: {exc}") from exc
     if x.shape[0] == 0:
         raise DataError(path, "array 'x' has no rows", column="x")

@@ -26,10 +26,23 @@ def core_function(name: str) -> Callable[..., Any] | None:
     """``fedge.core.<name>`` when the compiled core is importable and has it, else None."""
     try:
         core = importlib.import_module("fedge.core")
+        compiled = importlib.import_module("fedge._core")
     except ImportError:
         return None
     fn = getattr(core, name, None)
-    return fn if callable(fn) else None
+    # the Python face may be newer than the built extension: require both
+    return fn if callable(fn) and hasattr(compiled, name) else None
+
+
+def _core_for(name: str, device: torch.device) -> Callable[..., Any] | None:
+    fn = core_function(name)
+    if fn is None or device.type == "cpu":
+        return fn
+    try:
+        info = importlib.import_module("fedge.core").info()
+    except Exception:  # an extension without info() cannot run CUDA kernels either
+        return None
+    return fn if info.get("cuda_compiled") else None
 
 
 def flatten(model: nn.Module) -> np.ndarray:
@@ -110,8 +123,9 @@ class FlatParams:
         )
 
 
-def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().numpy()
+def _arr(t: torch.Tensor) -> Any:
+    """numpy view of a CPU buffer (shares memory); CUDA tensors go to the core as they are."""
+    return t.detach().numpy() if t.device.type == "cpu" else t.detach()
 
 
 class SGDStepper:
@@ -143,7 +157,7 @@ class SGDStepper:
         self.prox_mu = prox_mu
         self.buf = torch.zeros(size, dtype=torch.float32, device=device)
         self._first = True
-        core = core_function("sgd_step") if device.type == "cpu" else None
+        core = _core_for("sgd_step", device)
         if backend == "core" and core is None:
             raise RuntimeError("backend 'core' asked but fedge.core.sgd_step is unavailable")
         self._core = core if backend in ("auto", "core") else None
@@ -160,22 +174,20 @@ class SGDStepper:
         scaffold_ci: torch.Tensor | None = None,
     ) -> None:
         if self._core is not None:
-            if self._first and self.momentum:
-                # torch semantics: the first step's buffer is the raw direction
-                self.buf.zero_()
             self._core(
-                _np(w),
-                _np(grad),
-                _np(self.buf),
+                _arr(w),
+                _arr(grad),
+                _arr(self.buf),
                 lr=lr,
                 momentum=self.momentum,
                 weight_decay=self.weight_decay,
                 dampening=self.dampening,
                 nesterov=self.nesterov,
                 prox_mu=self.prox_mu,
-                global_params=None if global_params is None else _np(global_params),
-                scaffold_c=None if scaffold_c is None else _np(scaffold_c),
-                scaffold_ci=None if scaffold_ci is None else _np(scaffold_ci),
+                global_params=None if global_params is None else _arr(global_params),
+                scaffold_c=None if scaffold_c is None else _arr(scaffold_c),
+                scaffold_ci=None if scaffold_ci is None else _arr(scaffold_ci),
+                first_step=self._first,
             )
             self._first = False
             return
@@ -218,7 +230,7 @@ class AdamStepper:
         self.exp_avg = torch.zeros(size, dtype=torch.float32, device=device)
         self.exp_avg_sq = torch.zeros(size, dtype=torch.float32, device=device)
         self.t = 0
-        core = core_function("adam_step") if device.type == "cpu" else None
+        core = _core_for("adam_step", device)
         if backend == "core" and core is None:
             raise RuntimeError("backend 'core' asked but fedge.core.adam_step is unavailable")
         self._core = core if backend in ("auto", "core") else None
@@ -248,10 +260,10 @@ class AdamStepper:
                     g.add_(scaffold_c - scaffold_ci)
             if self._core is not None:
                 self._core(
-                    _np(w),
-                    _np(g.contiguous()),
-                    _np(self.exp_avg),
-                    _np(self.exp_avg_sq),
+                    _arr(w),
+                    _arr(g.contiguous()),
+                    _arr(self.exp_avg),
+                    _arr(self.exp_avg_sq),
                     step=self.t,
                     lr=lr,
                     beta1=self.beta1,

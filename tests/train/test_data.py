@@ -1,0 +1,223 @@
+"""Data adapters: declared schemas, splits, and errors that name file, line and column."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedge.train.data import DataError, DatasetSpec, load_site_data, pooled
+
+HEADER = "pid,age,stage,E,T,split\n"
+ROWS = [
+    "p1,50,1,1,100,train\n",
+    "p2,61,0,0,200,train\n",
+    "p3,70,1,1,50,train\n",
+    "p4,44,0,0,300,test\n",
+    "p5,58,1,1,120,train\n",
+]
+
+
+def _spec(path: Path, **kw: object) -> DatasetSpec:
+    args: dict[str, object] = {
+        "name": "onc",
+        "kind": "tabular",
+        "path": str(path),
+        "task": "survival",
+        "features": ["age", "stage"],
+        "event": "E",
+        "time": "T",
+        "split_column": "split",
+        "val_fraction": 0.0,
+    }
+    args.update(kw)
+    return DatasetSpec.from_config(args)
+
+
+def _write(tmp_path: Path, text: str, name: str = "site.csv") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_tabular_survival_csv_with_split_column(tmp_path: Path) -> None:
+    d = load_site_data(_spec(_write(tmp_path, HEADER + "".join(ROWS))))
+    assert len(d.train) == 4 and len(d.test) == 1 and d.val is None
+    assert d.feature_names == ["age", "stage"]
+    np.testing.assert_array_equal(d.test.y, [[0.0, 300.0]])
+    # standardiser ("continuous") fitted on the 4 training rows: age only
+    ages = np.array([50, 61, 70, 58], dtype=np.float32)
+    np.testing.assert_allclose(d.standardiser.mean, [ages.mean(), 0.0], rtol=1e-6)
+    np.testing.assert_allclose(d.train.x[:, 1], [1, 0, 1, 1])
+
+
+def test_missing_column_names_file_line_and_column(tmp_path: Path) -> None:
+    p = _write(tmp_path, "pid,age,E,T,split\np1,50,1,100,train\n")
+    with pytest.raises(DataError) as err:
+        load_site_data(_spec(p))
+    assert err.value.file == str(p) and err.value.line == 1 and err.value.column == "stage"
+    assert "missing column" in str(err.value)
+
+
+def test_wrong_type_names_line_and_column(tmp_path: Path) -> None:
+    rows = ROWS.copy()
+    rows[2] = "p3,seventy,1,1,50,train\n"
+    p = _write(tmp_path, HEADER + "".join(rows))
+    with pytest.raises(DataError) as err:
+        load_site_data(_spec(p))
+    assert (err.value.line, err.value.column) == (4, "age")
+    assert "'seventy' is not a number" in str(err.value) and str(p) in str(err.value)
+
+
+def test_truncated_file_names_the_cut_line(tmp_path: Path) -> None:
+    text = HEADER + "".join(ROWS)
+    p = _write(tmp_path, text[: text.index("p5") + 6])  # last row cut mid-way
+    with pytest.raises(DataError) as err:
+        load_site_data(_spec(p))
+    assert err.value.line == 6 and "truncated row" in str(err.value)
+    assert err.value.column == "E"  # the first column that is missing
+
+
+def test_empty_file_and_header_only_file(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="empty"):
+        load_site_data(_spec(_write(tmp_path, "")))
+    with pytest.raises(DataError, match="no data rows") as err:
+        load_site_data(_spec(_write(tmp_path, HEADER, "h.csv")))
+    assert err.value.line == 2
+
+
+def test_bad_event_bad_split_and_missing_value(tmp_path: Path) -> None:
+    bad_event = HEADER + "p1,50,1,2,100,train\n"
+    with pytest.raises(DataError, match="must be 0 or 1") as err:
+        load_site_data(_spec(_write(tmp_path, bad_event)))
+    assert (err.value.line, err.value.column) == (2, "E")
+    bad_split = HEADER + "p1,50,1,1,100,holdout\n"
+    with pytest.raises(DataError, match="split value") as err:
+        load_site_data(_spec(_write(tmp_path, bad_split, "b.csv")))
+    assert err.value.column == "split"
+    missing = HEADER + "p1,,1,1,100,train\n"
+    with pytest.raises(DataError, match="missing value") as err:
+        load_site_data(_spec(_write(tmp_path, missing, "c.csv")))
+    assert (err.value.line, err.value.column) == (2, "age")
+
+
+def test_nonexistent_file(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="does not exist"):
+        load_site_data(_spec(tmp_path / "nope.csv"))
+
+
+def test_schema_is_checked_before_reading(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="needs both 'event' and 'time'"):
+        DatasetSpec.from_config({"name": "a", "kind": "tabular", "path": "x.csv", "event": "E"})
+    with pytest.raises(ValueError, match="unknown key"):
+        DatasetSpec.from_config({"name": "a", "kind": "tabular", "path": "x", "colour": 1})
+    with pytest.raises(ValueError, match="kind='sql'"):
+        DatasetSpec.from_config({"name": "a", "kind": "sql", "path": "x"})
+
+
+def test_site_filter_and_binary_task(tmp_path: Path) -> None:
+    text = "h,x1,x2,y\nA,1,2,0\nB,3,4,1\nA,5,6,1\nA,7,8,0\n"
+    spec = DatasetSpec.from_config(
+        {
+            "name": "b",
+            "kind": "tabular",
+            "path": str(_write(tmp_path, text)),
+            "task": "binary",
+            "target": "y",
+            "site_column": "h",
+            "site": "A",
+            "val_fraction": 0.0,
+            "standardise": "none",
+        }
+    )
+    d = load_site_data(spec)
+    np.testing.assert_array_equal(d.train.x, [[1, 2], [5, 6], [7, 8]])
+    np.testing.assert_array_equal(d.train.y, [0, 1, 0])
+    bad = "h,x1,x2,y\nA,1,2,3\n"
+    with pytest.raises(DataError, match="must be 0 or 1"):
+        load_site_data(replace_path(spec, _write(tmp_path, bad, "bad.csv")))
+
+
+def replace_path(spec: DatasetSpec, path: Path) -> DatasetSpec:
+    from dataclasses import replace
+
+    return replace(spec, path=str(path))
+
+
+def test_parquet_reads_like_csv(tmp_path: Path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    table = pa.table(
+        {
+            "pid": ["p1", "p2", "p3"],
+            "age": [50.0, 61.0, 70.0],
+            "stage": [1, 0, 1],
+            "E": [1, 0, 1],
+            "T": [100.0, 200.0, 50.0],
+            "split": ["train", "train", "test"],
+        }
+    )
+    p = tmp_path / "site.parquet"
+    pq.write_table(table, p)
+    d = load_site_data(_spec(p))
+    assert len(d.train) == 2 and len(d.test) == 1
+    p.write_bytes(p.read_bytes()[:40])  # truncated
+    with pytest.raises(DataError, match="not a readable Parquet"):
+        load_site_data(_spec(p))
+
+
+def test_numpy_adapter_and_its_errors(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    p = tmp_path / "a.npz"
+    np.savez(p, x=rng.normal(size=(20, 3)), y=(rng.random(20) > 0.5).astype(int))
+    spec = DatasetSpec.from_config(
+        {"name": "n", "kind": "numpy", "path": str(p), "task": "binary", "val_fraction": 0.25}
+    )
+    d = load_site_data(spec)
+    assert len(d.train) == 15 and len(d.val) == 5
+    np.savez(p, x=rng.normal(size=(20, 3)))
+    with pytest.raises(DataError, match="missing array 'y'"):
+        load_site_data(spec)
+    p.write_bytes(b"PK\x03\x04garbage")
+    with pytest.raises(DataError, match=r"\.npz"):
+        load_site_data(spec)
+
+
+def test_image_folder_adapter(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for cls, value in (("benign", 30), ("malignant", 220)):
+        (tmp_path / cls).mkdir()
+        for i in range(4):
+            Image.fromarray(np.full((80, 80), value + i, np.uint8)).save(
+                tmp_path / cls / f"{i}.png"
+            )
+    spec = DatasetSpec.from_config(
+        {
+            "name": "scans",
+            "kind": "images",
+            "path": str(tmp_path),
+            "task": "binary",
+            "val_fraction": 0.25,
+        }
+    )
+    d = load_site_data(spec)
+    assert d.train.x.shape == (6, 1, 64, 64) and len(d.val) == 2
+    assert d.n_classes == 2
+    (tmp_path / "benign" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(DataError, match=r"broken\.png"):
+        load_site_data(spec)
+
+
+def test_pooled_concatenates_sites(tcga_dir: Path) -> None:
+    sites = [
+        load_site_data(
+            DatasetSpec(
+                name=f"c{i}", kind="fed_tcga_brca", path=str(tcga_dir), site=i, val_fraction=0.0
+            )
+        )
+        for i in (4, 5)
+    ]
+    p = pooled(sites)
+    assert len(p.train) == 129 + 40 and len(p.test) == 33 + 11

@@ -1,0 +1,175 @@
+"""Record-level DP-SGD, client-level DP-FedAvg, the accountant and plan refusal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedge.train.api import (
+    ClientState,
+    DatasetSpec,
+    ModelSpec,
+    TrainConfig,
+    load_site_data,
+    local_train,
+)
+from fedge.train.privacy import (
+    ClientDPConfig,
+    DPConfig,
+    PrivacyBudgetError,
+    PrivacyLedger,
+    calibrate_noise,
+    check_dp_plan,
+    dp_fedavg_privatise,
+    epsilon_for,
+    noisy_clipped_gradient,
+    per_example_grads,
+)
+
+COX = ModelSpec("cox_linear", {"in_features": 39})
+
+
+def test_epsilon_comes_from_dp_accounting_and_grows_with_steps() -> None:
+    import dp_accounting
+    from dp_accounting.rdp import RdpAccountant
+
+    acc = RdpAccountant()
+    acc.compose(
+        dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(0.05, dp_accounting.GaussianDpEvent(1.1)), 300
+        )
+    )
+    ref = acc.get_epsilon(1e-5)
+    ours = epsilon_for(noise_multiplier=1.1, sampling_rate=0.05, steps=300, delta=1e-5)
+    assert ours == pytest.approx(ref)
+    more = epsilon_for(noise_multiplier=1.1, sampling_rate=0.05, steps=600, delta=1e-5)
+    assert more > ours > 0
+
+
+def test_ledger_composes_per_round_and_cumulative() -> None:
+    ledger = PrivacyLedger()
+    for r in range(3):
+        ledger.record(job="j", round=r, noise_multiplier=1.0, sampling_rate=0.1, steps=50)
+    one = ledger.epsilon(1e-5, job="j", round=1)
+    total = ledger.epsilon(1e-5, job="j")
+    assert total == pytest.approx(
+        epsilon_for(noise_multiplier=1.0, sampling_rate=0.1, steps=150, delta=1e-5)
+    )
+    assert one < total < 3 * one  # RDP composition is sub-additive
+    assert PrivacyLedger.from_dict(ledger.to_dict()).epsilon(1e-5) == pytest.approx(total)
+
+
+def test_plan_refused_with_the_numbers_when_target_unreachable() -> None:
+    ok = check_dp_plan(
+        target_epsilon=50.0,
+        delta=1e-5,
+        rounds=5,
+        steps_per_round=100,
+        sampling_rate=0.03,
+        noise_multiplier=1.0,
+    )
+    assert 0 < ok <= 50.0
+    with pytest.raises(PrivacyBudgetError) as err:
+        check_dp_plan(
+            target_epsilon=1.0,
+            delta=1e-5,
+            rounds=20,
+            steps_per_round=100,
+            sampling_rate=0.03,
+            noise_multiplier=1.0,
+        )
+    msg = str(err.value)
+    assert "target epsilon 1" in msg and "20 rounds" in msg and "at most" in msg
+    assert "raise noise_multiplier to" in msg
+    z = calibrate_noise(target_epsilon=1.0, delta=1e-5, sampling_rate=0.03, steps=2000)
+    assert epsilon_for(noise_multiplier=z, sampling_rate=0.03, steps=2000, delta=1e-5) <= 1.0
+
+
+def test_per_example_gradients_match_a_loop() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    x = torch.randn(6, 3)
+    y = torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0, 0.0])
+
+    def terms(out: torch.Tensor, yy: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.binary_cross_entropy_with_logits(
+            out.reshape(-1), yy, reduction="none"
+        )
+
+    grads = per_example_grads(model, terms, x, y, coupled=False)
+    for i in range(6):
+        model.zero_grad()
+        terms(model(x[i : i + 1]), y[i : i + 1]).sum().backward()
+        torch.testing.assert_close(grads[0][i], model.weight.grad)
+        torch.testing.assert_close(grads[1][i], model.bias.grad)
+
+
+def test_clipping_bounds_each_example_and_noise_has_the_right_scale() -> None:
+    g = [torch.tensor([[3.0, 4.0], [0.3, 0.4]])]  # norms 5 and 0.5
+    gen = torch.Generator().manual_seed(0)
+    noiseless, frac = noisy_clipped_gradient(
+        g, max_grad_norm=1.0, noise_multiplier=0.0, expected_batch=2.0, generator=gen
+    )
+    torch.testing.assert_close(noiseless, torch.tensor([(0.6 + 0.3) / 2, (0.8 + 0.4) / 2]))
+    assert frac == 0.5
+    zeros = [torch.zeros(1, 20000)]
+    noisy, _ = noisy_clipped_gradient(
+        zeros, max_grad_norm=2.0, noise_multiplier=1.5, expected_batch=1.0, generator=gen
+    )
+    assert float(noisy.std()) == pytest.approx(3.0, rel=0.05)
+
+
+def test_dp_sgd_local_train_reports_epsilon_per_round_and_cumulative(tcga_dir: Path) -> None:
+    data = load_site_data(
+        DatasetSpec(name="c0", kind="fed_tcga_brca", path=str(tcga_dir), site=0, val_fraction=0.0)
+    )
+    dp = DPConfig(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5)
+    cfg = TrainConfig(steps=10, batch_size=16, lr=0.05, dp=dp)
+    state = ClientState(job="job-1")
+    w = np.zeros(40, np.float32)
+    first = local_train(COX, w, data, cfg, round=0, state=state)
+    second = local_train(COX, first.weights, data, cfg, round=1, state=state)
+    q = 16 / 248
+    assert first.epsilon == pytest.approx(
+        epsilon_for(noise_multiplier=1.0, sampling_rate=q, steps=10, delta=1e-5)
+    )
+    assert second.epsilon == pytest.approx(
+        epsilon_for(noise_multiplier=1.0, sampling_rate=q, steps=20, delta=1e-5)
+    )
+    assert second.metrics["epsilon_round"] == pytest.approx(first.epsilon)
+    assert second.delta == 1e-5 and np.all(np.isfinite(second.weights))
+    # a target the next round would break is refused, and nothing is recorded
+    tight = TrainConfig(
+        steps=10,
+        batch_size=16,
+        lr=0.05,
+        dp=DPConfig(noise_multiplier=1.0, delta=1e-5, target_epsilon=second.epsilon + 1e-3),
+    )
+    with pytest.raises(PrivacyBudgetError, match="round 2 refused"):
+        local_train(COX, second.weights, data, tight, round=2, state=state)
+    assert len(state.ledger.entries) == 2
+
+
+def test_dp_fedavg_clips_the_update_and_adds_the_noise_share() -> None:
+    update = np.full(10000, 0.1, np.float32)  # norm 10
+    cfg = ClientDPConfig(clip_norm=1.0, noise_multiplier=0.0, cohort_size=4)
+    clipped, norm = dp_fedavg_privatise(update, cfg, seed=b"\x01" * 16)
+    assert norm == pytest.approx(10.0, rel=1e-5)
+    assert float(np.linalg.norm(clipped)) == pytest.approx(1.0, rel=1e-5)
+    noisy_cfg = ClientDPConfig(clip_norm=1.0, noise_multiplier=2.0, cohort_size=4)
+    noisy, _ = dp_fedavg_privatise(np.zeros(40000, np.float32), noisy_cfg, seed=b"\x02" * 16)
+    assert float(noisy.std()) == pytest.approx(2.0 * 1.0 / 2.0, rel=0.05)  # z*S/sqrt(cohort)
+
+
+def test_dp_config_errors_are_named() -> None:
+    with pytest.raises(ValueError, match="noise_multiplier"):
+        DPConfig.from_dict({"max_grad_norm": 1.0})
+    with pytest.raises(ValueError, match=r"delta=2\.0"):
+        DPConfig.from_dict({"noise_multiplier": 1.0, "delta": 2.0})
+    with pytest.raises(ValueError, match="cohort_size"):
+        ClientDPConfig.from_dict({"clip_norm": 1.0, "noise_multiplier": 1.0})
+    with pytest.raises(ValueError, match=r"scaffold with train\.dp"):
+        TrainConfig(scaffold=True, dp=DPConfig(noise_multiplier=1.0)).validate()

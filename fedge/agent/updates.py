@@ -35,6 +35,7 @@ from fedge.update.messages import (
     UpdateFetchRequest,
     UpdateOutcome,
 )
+from fedge.update.version import SkewDecision, check_version_skew
 
 log = logging.getLogger("fedge.agent.updates")
 
@@ -348,7 +349,25 @@ class AgentUpdateClient:
         self._busy: asyncio.Lock | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         self.outcomes: list[UpdateOutcome] = []
+        self.skew: SkewDecision | None = None
         updater.fetcher = ZmqFetcher(self.roundtrip)
+
+    def note_coordinator_version(self, coordinator_version: str) -> SkewDecision:
+        """Compare with the coordinator's version (from its HeartbeatAck); log once
+        per change when this appliance must update or is refused."""
+        from fedge import __version__
+
+        try:
+            decision = check_version_skew(coordinator_version, __version__)
+        except ValueError as exc:
+            decision = SkewDecision(False, False, str(exc))
+        if decision != self.skew:
+            self.skew = decision
+            if not decision.accepted:
+                log.error("version skew: %s", decision.reason)
+            elif decision.update_required:
+                log.warning("version skew: %s", decision.reason)
+        return decision
 
     @staticmethod
     def wants(body: object) -> bool:
@@ -423,8 +442,11 @@ def attach_update_client(agent: Any, state_dir: Path, *, models: ModelInstaller 
     async def handle(env: Any) -> None:
         if client.wants(env.body):
             await client.handle(env.body)
-        else:
-            await inner(env)
+            return
+        coordinator_version = getattr(env.body, "coordinator_version", None)
+        if isinstance(coordinator_version, str):  # HeartbeatAck: check version skew
+            client.note_coordinator_version(coordinator_version)
+        await inner(env)
 
     agent.handle = handle
     agent.update_client = client

@@ -91,3 +91,21 @@ def test_repository_from_provision_file_and_timestamp_kept_fresh(tmp_path, fleet
     assert repo.versions["timestamp"] == 2
     assert coordinator.store.audit_log(action="update.timestamp_resigned")
     coordinator.close()
+
+
+def test_agent_reads_version_skew_from_the_coordinator_version(fleet, caplog):
+    from fedge import __version__
+    from fedge.update.version import parse_version
+
+    major, minor, _ = parse_version(__version__)
+
+    async def send(body: object) -> None:
+        return None
+
+    client = AgentUpdateClient(AgentUpdater(fleet.agent_dir, clock=fleet.clock), send)
+    assert client.note_coordinator_version(__version__).accepted
+    ahead = client.note_coordinator_version(f"{major}.{minor + 1}.0")
+    assert ahead.accepted and ahead.update_required
+    refused = client.note_coordinator_version(f"{major}.{minor + 2}.0")
+    assert not refused.accepted and __version__ in refused.reason
+    assert "update required" in caplog.text and "refused" in caplog.text

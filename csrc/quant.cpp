@@ -6,6 +6,8 @@
 #include <thread>
 #include <vector>
 
+#include <immintrin.h>
+
 #include "prg.h"
 
 namespace fedge {
@@ -14,14 +16,27 @@ namespace {
 constexpr size_t kChunkWords = 2048;
 constexpr size_t kMinWordsPerThread = 1 << 16;
 
+bool cpu_has_avx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2");
+}
+
 bool quantise_range(Path path, const float* x, size_t n, size_t first, double clip, double scale,
                     uint32_t qmax, const RoundKeys& seed, uint32_t* out) {
   alignas(64) uint32_t u[kChunkWords];
+  // The arithmetic follows the PRG path: portable -> scalar, aesni -> AVX2
+  // (when present), vaes -> AVX-512 (VAES implies AVX-512F here).
+  auto words = quantise_words;
+  if (path == Path::vaes) {
+    words = quantise_words_avx512;
+  } else if (path == Path::aesni && cpu_has_avx2()) {
+    words = quantise_words_avx2;
+  }
   bool finite = true;
   for (size_t c = 0; c < n; c += kChunkWords) {
     const size_t cnt = std::min(kChunkWords, n - c);
     keystream(path, seed, first + c, u, cnt);
-    finite &= quantise_words(x + c, u, cnt, clip, scale, qmax, out + c);
+    finite &= words(x + c, u, cnt, clip, scale, qmax, out + c);
   }
   return finite;
 }
@@ -42,11 +57,8 @@ int quant_bits(uint64_t n_summands) {
   return 0;
 }
 
-// Compiled three times and chosen by the loader (ifunc): the arithmetic is
-// the same IEEE operations in every clone, only the vector width differs.
-__attribute__((target_clones("avx512f", "avx2", "default"))) bool quantise_words(
-    const float* x, const uint32_t* u, size_t n, double clip, double scale, uint32_t qmax,
-    uint32_t* out) {
+bool quantise_words(const float* x, const uint32_t* u, size_t n, double clip, double scale,
+                    uint32_t qmax, uint32_t* out) {
   uint32_t bad = 0;
   const double top = static_cast<double>(qmax);
   for (size_t i = 0; i < n; ++i) {
@@ -62,6 +74,62 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) bool quantise_words
     out[i] = static_cast<uint32_t>(static_cast<int64_t>(f));
   }
   return bad == 0;
+}
+
+// The vector versions do the same IEEE operations in the same order on 4 or
+// 8 lanes (max/min equal the scalar selects for every non-NaN input; NaN
+// input is reported and its output is unspecified), so all three agree bit
+// for bit; the tests check it on every path.
+__attribute__((target("avx2"))) bool quantise_words_avx2(const float* x, const uint32_t* u,
+                                                         size_t n, double clip, double scale,
+                                                         uint32_t qmax, uint32_t* out) {
+  const __m256d c = _mm256_set1_pd(clip), nc = _mm256_set1_pd(-clip), s = _mm256_set1_pd(scale);
+  const __m256d top = _mm256_set1_pd(static_cast<double>(qmax));
+  const __m256d two32 = _mm256_set1_pd(0x1p-32), half = _mm256_set1_pd(0x1p31);
+  const __m128i expo = _mm_set1_epi32(0x7f800000), flip = _mm_set1_epi32(INT32_MIN);
+  __m128i bad = _mm_setzero_si128();
+  size_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    const __m128 xf = _mm_loadu_ps(x + i);
+    bad = _mm_or_si128(bad, _mm_cmpeq_epi32(_mm_and_si128(_mm_castps_si128(xf), expo), expo));
+    __m256d v = _mm256_cvtps_pd(xf);
+    v = _mm256_min_pd(_mm256_max_pd(v, nc), c);
+    // uint32 -> double, exactly: (int32)(u ^ 2^31) + 2^31
+    const __m128i uw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(u + i));
+    const __m256d ud = _mm256_add_pd(_mm256_cvtepi32_pd(_mm_xor_si128(uw, flip)), half);
+    const __m256d y = _mm256_add_pd(_mm256_mul_pd(_mm256_add_pd(v, c), s), _mm256_mul_pd(ud, two32));
+    const __m256d f = _mm256_min_pd(_mm256_round_pd(y, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC), top);
+    // f <= qmax <= 2^31 - 1: the signed conversion is exact
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm256_cvttpd_epi32(f));
+  }
+  const bool tail_ok = quantise_words(x + i, u + i, n - i, clip, scale, qmax, out + i);
+  return tail_ok && _mm_movemask_epi8(bad) == 0;
+}
+
+__attribute__((target("avx2,avx512f"))) bool quantise_words_avx512(
+    const float* x, const uint32_t* u, size_t n, double clip, double scale, uint32_t qmax,
+    uint32_t* out) {
+  const __m512d c = _mm512_set1_pd(clip), nc = _mm512_set1_pd(-clip), s = _mm512_set1_pd(scale);
+  const __m512d top = _mm512_set1_pd(static_cast<double>(qmax));
+  const __m512d two32 = _mm512_set1_pd(0x1p-32);
+  const __m256i expo = _mm256_set1_epi32(0x7f800000);
+  __m256i bad = _mm256_setzero_si256();
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 xf = _mm256_loadu_ps(x + i);
+    bad = _mm256_or_si256(
+        bad, _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(xf), expo), expo));
+    __m512d v = _mm512_cvtps_pd(xf);
+    v = _mm512_min_pd(_mm512_max_pd(v, nc), c);
+    const __m512d ud =
+        _mm512_cvtepu32_pd(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + i)));
+    const __m512d y = _mm512_add_pd(_mm512_mul_pd(_mm512_add_pd(v, c), s), _mm512_mul_pd(ud, two32));
+    const __m512d f = _mm512_min_pd(
+        _mm512_roundscale_pd(y, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC), top);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm512_cvttpd_epu32(f));
+  }
+  const bool tail_ok = quantise_words(x + i, u + i, n - i, clip, scale, qmax, out + i);
+  return tail_ok && _mm256_movemask_epi8(bad) == 0;
 }
 
 bool quantise(Path path, const float* x, size_t n, double clip, int bits, const RoundKeys& seed,

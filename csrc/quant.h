@@ -34,5 +34,11 @@ void dequantise(const uint32_t* total, size_t n, uint64_t n_summands, double cli
 // Returns false when x holds NaN or +-Inf.
 bool quantise_words(const float* x, const uint32_t* u, size_t n, double clip, double scale,
                     uint32_t qmax, uint32_t* out);
+// The same on 4 lanes (AVX2) and 8 lanes (AVX-512F): identical bits. Callers
+// check that the CPU has the instructions.
+bool quantise_words_avx2(const float* x, const uint32_t* u, size_t n, double clip, double scale,
+                         uint32_t qmax, uint32_t* out);
+bool quantise_words_avx512(const float* x, const uint32_t* u, size_t n, double clip, double scale,
+                           uint32_t qmax, uint32_t* out);
 
 }  // namespace fedge

@@ -28,8 +28,13 @@ Public API (from :mod:`fedge.wire.codec`)::
   which does not import the wire), declare it at registration:
   ``message("secagg.masked_input", tensors={"masked": Tensor("uint32", 1)})(MaskedInput)``.
 * ``encode(body, *, sender, job="", round=0, msg_id=None, reply_to=None,
-  sent_at=None) -> list[bytes | memoryview]`` — frames ``[header, body, *tensors]``.
-* ``decode(frames, *, max_bytes) -> Envelope(header: Header, body, nbytes)``.
+  sent_at=None, chunk_bytes=DEFAULT_CHUNK_BYTES) -> list[bytes | memoryview]`` —
+  frames ``[header, body, *tensors]``; tensors are views of the arrays, those
+  over ``chunk_bytes`` (64 MiB) split into several views.
+* ``decode(frames, *, max_bytes, release_frames=False) -> Envelope(header:
+  Header, body, nbytes)`` — single-frame tensors are read-only views of their
+  frame; chunked ones are copied once into a fresh array (``release_frames``
+  frees each chunk as it is copied, keeping the peak near one payload).
 * Errors, all ``WireError`` (a ``ValueError``) with ``.field``, ``.value``,
   ``.rule``: ``MalformedFrame`` (and ``FrameCountMismatch``), ``UnsupportedVersion``,
   ``UnknownMessageType``, ``MissingField``, ``UnexpectedField``, ``BadField``,
@@ -42,6 +47,7 @@ The frame layout and validation order are described in :mod:`fedge.wire.codec`.
 """
 
 from fedge.wire.codec import (
+    DEFAULT_CHUNK_BYTES,
     DEFAULT_MAX_BYTES,
     HEADER_FIELDS,
     MAX_HEADER_BYTES,
@@ -70,6 +76,7 @@ from fedge.wire.codec import (
 )
 
 __all__ = [
+    "DEFAULT_CHUNK_BYTES",
     "DEFAULT_MAX_BYTES",
     "HEADER_FIELDS",
     "MAX_HEADER_BYTES",

@@ -49,6 +49,7 @@ carry them for logs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -63,6 +64,7 @@ import msgpack
 import numpy as np
 
 __all__ = [
+    "DEFAULT_CHUNK_BYTES",
     "DEFAULT_MAX_BYTES",
     "HEADER_FIELDS",
     "MAX_HEADER_BYTES",
@@ -96,6 +98,9 @@ SCHEMA_VERSION = 1
 
 #: Per-type size limit when ``@message`` is given none (whole message, bytes).
 DEFAULT_MAX_BYTES = 1 << 20
+
+#: Tensors larger than this are sent as several frames of this size (see encode).
+DEFAULT_CHUNK_BYTES = 64 << 20
 
 #: Upper bound for the header frame; checked before it is parsed.
 MAX_HEADER_BYTES = 4096
@@ -452,7 +457,26 @@ def _is_int(v: Any) -> bool:
 _INT64_MIN, _UINT64_MAX = -(1 << 63), (1 << 64) - 1
 
 
-def _enc(node: _Node, value: Any, path: str, tensors: list[np.ndarray]) -> Any:
+class _TensorSink:
+    """Collects tensor frames while the body is encoded; splits big tensors into chunks."""
+
+    def __init__(self, chunk_bytes: int | None) -> None:
+        self.chunk_bytes = chunk_bytes
+        self.frames: list[memoryview] = []
+
+    def add(self, arr: np.ndarray, dtype: str) -> list[Any]:
+        index = len(self.frames)
+        view = _tensor_frame(arr)
+        step = self.chunk_bytes
+        if step is None or view.nbytes <= step:
+            self.frames.append(view)
+            return [index, dtype, list(arr.shape)]
+        # memoryview slices: the chunks are views of the array, not copies
+        self.frames.extend(view[i : i + step] for i in range(0, view.nbytes, step))
+        return [index, dtype, list(arr.shape), len(self.frames) - index]
+
+
+def _enc(node: _Node, value: Any, path: str, tensors: _TensorSink) -> Any:
     kind = node[0]
     if kind == "int":
         if not _is_int(value):
@@ -506,8 +530,7 @@ def _enc(node: _Node, value: Any, path: str, tensors: list[np.ndarray]) -> Any:
             raise BadField(path, f"dtype {value.dtype}", f"must have dtype {spec.dtype}")
         _check_shape(spec, value.shape, path)
         arr = value if value.flags.c_contiguous else value.copy(order="C")
-        tensors.append(arr)
-        return [len(tensors) - 1, spec.dtype, list(arr.shape)]
+        return tensors.add(arr, spec.dtype)
     if kind == "struct":
         cls, fields = node[1], node[2]
         if type(value) is not cls:
@@ -558,16 +581,20 @@ def encode(
     msg_id: str | None = None,
     reply_to: str | None = None,
     sent_at: float | None = None,
+    chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,
 ) -> list[bytes | memoryview]:
     """Encode a registered message into frames ``[header, body, *tensors]``.
 
     Tensor frames are memoryviews of the arrays' buffers (a C-contiguous array
     is not copied; any other is made contiguous first).  Send them with
     ``copy=False`` and do not modify the arrays until the send completes.
+    A tensor larger than ``chunk_bytes`` goes as several frames (views too), so
+    that libzmq's per-frame CURVE buffers stay small; ``None`` never splits.
     ``msg_id`` defaults to 16 random bytes in hex; ``sent_at`` to ``time.time()``.
 
     Raises:
         UnknownMessageType: ``type(body)`` is not registered.
+        ValueError: ``chunk_bytes`` is not None or a positive int.
         BadField: a body or header field has the wrong type/dtype/shape, or the
             dataclass holds a value its schema does not allow.
         OversizeMessage: the encoded message exceeds the type's ``max_bytes``.
@@ -577,6 +604,8 @@ def encode(
         raise UnknownMessageType(
             "body", type(body).__qualname__, "is not a registered message class (use @message)"
         )
+    if chunk_bytes is not None and (not _is_int(chunk_bytes) or chunk_bytes <= 0):
+        raise ValueError(f"encode: chunk_bytes {chunk_bytes!r} must be a positive int or None")
     if msg_id is None:
         msg_id = os.urandom(16).hex()
     header = Header(
@@ -590,13 +619,13 @@ def encode(
         reply_to=reply_to,
     )
     _check_header(header)
-    tensors: list[np.ndarray] = []
+    tensors = _TensorSink(chunk_bytes)
     body_obj = _enc(reg.node, body, "body", tensors)
     frames: list[bytes | memoryview] = [
         msgpack.packb(_header_map(header)),
         msgpack.packb(body_obj, use_bin_type=True),
     ]
-    frames.extend(_tensor_frame(t) for t in tensors)
+    frames.extend(tensors.frames)
     total = sum(frame_nbytes(f) for f in frames)
     if reg.max_bytes is not None and total > reg.max_bytes:
         raise OversizeMessage(
@@ -743,48 +772,77 @@ def _dec(node: _Node, value: Any, path: str, ctx: _DecodeContext) -> Any:
 class _DecodeContext:
     """Hands out tensor frames in order as their descriptors are met."""
 
-    def __init__(self, frames: Sequence[memoryview]) -> None:
+    def __init__(self, frames: list[memoryview | None], owner: list[Any] | None) -> None:
         self.frames = frames
+        self.owner = owner  # the caller's list, emptied chunk by chunk (release_frames)
         self.used = 0
 
     def tensor(self, spec: Tensor, desc: Any, path: str) -> np.ndarray:
-        if not (isinstance(desc, list) and len(desc) == 3):
-            raise BadField(path, desc, "must be a tensor descriptor [frame_index, dtype, shape]")
-        index, dtype, shape = desc
+        if not (isinstance(desc, list) and len(desc) in (3, 4)):
+            raise BadField(
+                path, desc, "must be a tensor descriptor [frame_index, dtype, shape(, n_frames)]"
+            )
+        index, dtype, shape = desc[:3]
+        n_frames = desc[3] if len(desc) == 4 else 1
         if not _is_int(index) or index != self.used:
             raise BadField(
                 path, index, f"tensor frame index must be {self.used} (tensors in order, each once)"
             )
+        if not _is_int(n_frames) or n_frames < 1 or (len(desc) == 4 and n_frames < 2):
+            raise BadField(path, f"n_frames {n_frames!r}", "must be an int >= 2 when given")
         if dtype != spec.dtype:
             raise BadField(path, f"dtype {dtype!r}", f"must have dtype {spec.dtype}")
         if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
             raise BadField(path, f"shape {shape!r}", "must be a list of ints >= 0")
         _check_shape(spec, shape, path)
-        if index >= len(self.frames):
+        if index + n_frames > len(self.frames):
             raise FrameCountMismatch(
                 "frames", f"{len(self.frames)} tensor frames",
-                f"but {path} references tensor frame {index}",
+                f"but {path} references tensor frames up to {index + n_frames - 1}",
             )
         dt = TENSOR_DTYPES[spec.dtype]
         count = math.prod(shape)
-        buf = self.frames[index]
-        if buf.nbytes != count * dt.itemsize:
+        want = count * dt.itemsize
+        parts = self.frames[index : index + n_frames]
+        got = sum(b.nbytes for b in parts if b is not None)
+        if got != want:
             raise BadField(
-                path, f"frame of {buf.nbytes} bytes",
-                f"must hold {count} x {spec.dtype} = {count * dt.itemsize} bytes for shape "
-                f"{tuple(shape)}",
+                path, f"{n_frames} frame(s) of {got} bytes",
+                f"must hold {count} x {spec.dtype} = {want} bytes for shape {tuple(shape)}",
             )
-        self.used += 1
-        return np.frombuffer(buf, dtype=dt, count=count).reshape(shape)
+        self.used += n_frames
+        if n_frames == 1:
+            buf = parts[0]
+            assert buf is not None
+            return np.frombuffer(buf, dtype=dt, count=count).reshape(shape)
+        # Chunked: one copy into a fresh array; with release_frames each chunk
+        # is let go as soon as it is copied, so the peak stays ~ one payload.
+        out = np.empty(count, dtype=dt)
+        flat = out.view(np.uint8)
+        offset = 0
+        for i in range(index, index + n_frames):
+            chunk = self.frames[i]
+            assert chunk is not None
+            flat[offset : offset + chunk.nbytes] = np.frombuffer(chunk, dtype=np.uint8)
+            offset += chunk.nbytes
+            if self.owner is not None:
+                self.frames[i] = None
+                with contextlib.suppress(BufferError):  # still exported elsewhere
+                    chunk.release()
+                self.owner[2 + i] = None
+        return out.reshape(shape)
 
 
-def decode(frames: Sequence[Any], *, max_bytes: int) -> Envelope:
+def decode(frames: Sequence[Any], *, max_bytes: int, release_frames: bool = False) -> Envelope:
     """Decode and validate frames ``[header, body, *tensors]`` into an :class:`Envelope`.
 
     ``frames`` may hold bytes, memoryviews or ``zmq.Frame`` s (``recv_multipart(
     copy=False)``); tensors are ``np.frombuffer`` views of the tensor frames,
     read-only when the frames are.  ``max_bytes`` bounds the whole message;
-    the type's own ``max_bytes`` applies as well.
+    the type's own ``max_bytes`` applies as well.  A tensor sent in chunks is
+    copied once into a fresh (writable) array; with ``release_frames=True`` and
+    ``frames`` a list, each chunk's entry is set to ``None`` once copied so its
+    memory is freed during decoding (the list is the caller's to give up).
 
     Raises:
         FrameCountMismatch: fewer than 2 frames, or tensor frames that do not
@@ -843,11 +901,14 @@ def decode(frames: Sequence[Any], *, max_bytes: int) -> Envelope:
     _check_header(header)
 
     body_raw = _unpack(bufs[1], "body")
-    ctx = _DecodeContext(bufs[2:])
+    owner = frames if release_frames and isinstance(frames, list) else None
+    tensor_bufs: list[memoryview | None] = list(bufs[2:])
+    del bufs[2:]
+    ctx = _DecodeContext(tensor_bufs, owner)
     body = _dec(reg.node, body_raw, "body", ctx)
-    if ctx.used != len(bufs) - 2:
+    if ctx.used != len(tensor_bufs):
         raise FrameCountMismatch(
-            "frames", f"{len(bufs) - 2} tensor frames",
+            "frames", f"{len(tensor_bufs)} tensor frames",
             f"but the body of {type_name!r} references {ctx.used}",
         )
     return Envelope(header=header, body=body, nbytes=total)

@@ -111,6 +111,12 @@ def main() -> None:
         "tensor_frame_missing": (ok_model[:2], "FrameCountMismatch", "frames", LIMIT),
         "tensor_frame_extra": ([*ok_model, b"\0" * 16], "FrameCountMismatch", "frames", LIMIT),
         "tensor_descriptor_is_bin": (model(b"\0" * 16), "BadField", "body.weights", LIMIT),
+        "tensor_chunks_short": (model([0, "float32", [4], 2], b"\0" * 8, b"\0" * 4), "BadField",
+                                "body.weights", LIMIT),
+        "tensor_chunk_count_one": (model([0, "float32", [4], 1], b"\0" * 16), "BadField",
+                                   "body.weights", LIMIT),
+        "tensor_chunk_count_beyond_frames": (model([0, "float32", [4], 9], b"\0" * 16),
+                                             "FrameCountMismatch", "frames", LIMIT),
         "fixed_dim_wrong": ([ok_every[0], msgpack.packb(
             {**every_body, "rows": [1, "float32", [1, 8]]}), *ok_every[2:]], "BadField",
             "body.rows", LIMIT),

@@ -368,7 +368,7 @@ def test_fixed_dimension_is_checked() -> None:
 def test_frame_count_must_match_descriptors() -> None:
     with pytest.raises(FrameCountMismatch, match=r"references 1"):
         decode(_model_frames([0, "float32", [2]], b"\0" * 8, b"\0" * 8), max_bytes=LIMIT)
-    with pytest.raises(FrameCountMismatch, match=r"references tensor frame 0"):
+    with pytest.raises(FrameCountMismatch, match=r"references tensor frames up to 0"):
         decode(_model_frames([0, "float32", [2]]), max_bytes=LIMIT)
     with pytest.raises(FrameCountMismatch, match=r"references 0"):
         decode(frames_of(header(), {"seq": 1}, b"extra"), max_bytes=LIMIT)
@@ -392,3 +392,52 @@ def test_long_values_are_shortened_in_errors() -> None:
 def test_decode_rejects_non_positive_limit() -> None:
     with pytest.raises(ValueError, match=r"max_bytes 0"):
         decode(encode(Ping(1), sender="s"), max_bytes=0)
+
+
+# ---------------------------------------------------------------- chunked tensors
+
+
+def test_big_tensors_travel_as_chunk_views_and_decode_into_one_array() -> None:
+    w = np.random.default_rng(1).standard_normal(2500).astype(np.float32)  # 10 000 bytes
+    frames = encode(ModelBlob(w), sender="s", chunk_bytes=4096)
+    assert [memoryview(f).nbytes for f in frames[2:]] == [4096, 4096, 1808]
+    for f in frames[2:]:
+        assert np.shares_memory(np.frombuffer(f, dtype=np.uint8), w)
+    body = msgpack.unpackb(frames[1])
+    assert body["weights"] == [0, "float32", [2500], 3]
+    env = decode([bytes(f) for f in frames], max_bytes=LIMIT)
+    np.testing.assert_array_equal(env.body.weights, w)
+    assert env.body.weights.flags.writeable  # a fresh array, the one copy
+
+
+def test_release_frames_lets_go_of_each_chunk_once_copied() -> None:
+    w = np.arange(3000, dtype=np.float32)
+    frames: list[Any] = [bytes(f) for f in encode(ModelBlob(w), sender="s", chunk_bytes=5000)]
+    env = decode(frames, max_bytes=LIMIT, release_frames=True)
+    np.testing.assert_array_equal(env.body.weights, w)
+    assert frames[:2] != [None, None] and frames[2:] == [None, None, None]
+
+
+def test_small_tensors_and_chunk_none_stay_single_zero_copy_frames() -> None:
+    w = np.arange(3000, dtype=np.float32)
+    assert len(encode(ModelBlob(w), sender="s")) == 3  # default chunk is 64 MiB
+    assert len(encode(ModelBlob(w), sender="s", chunk_bytes=None)) == 3
+    with pytest.raises(ValueError, match=r"chunk_bytes 0 must be a positive int"):
+        encode(ModelBlob(w), sender="s", chunk_bytes=0)
+
+
+@pytest.mark.parametrize(
+    ("desc", "tensors", "error", "rule"),
+    [
+        ([0, "float32", [4], 1], [b"\0" * 16], BadField, "n_frames"),
+        ([0, "float32", [4], 2], [b"\0" * 8, b"\0" * 4], BadField, "= 16 bytes"),
+        ([0, "float32", [4], 3], [b"\0" * 8, b"\0" * 8], FrameCountMismatch, "up to 2"),
+        ([0, "float32", [4], 2], [b"\0" * 8, b"\0" * 8, b"\0"], FrameCountMismatch, "references 2"),
+    ],
+)
+def test_bad_chunked_descriptors(
+    desc: Any, tensors: list[bytes], error: type[Exception], rule: str
+) -> None:
+    with pytest.raises(error) as err:
+        decode(_model_frames(desc, *tensors), max_bytes=LIMIT)
+    assert rule in str(err.value)

@@ -78,6 +78,8 @@ _VALID = [
     [bytes(f) for f in encode(everything(d=3), sender="s", job="j", round=1)],
     [bytes(f) for f in encode(ModelBlob(np.arange(4, dtype=np.float32)), sender="s")],
     [bytes(f) for f in encode(Ping(3), sender="s")],
+    [bytes(f) for f in encode(ModelBlob(np.arange(40, dtype=np.float32)), sender="s",
+                              chunk_bytes=48)],
 ]
 
 

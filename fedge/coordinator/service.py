@@ -301,6 +301,8 @@ class Coordinator:
             if body.site != site:
                 self._reject(site, "spoofed_sender", f"heartbeat names site {body.site!r}")
                 return
+            if not self._version_accepted(site, body.version):
+                return
             self._heartbeat(site, body)
             self.outbox.append(Outgoing(site, m.HeartbeatAck(now, __version__)))
             return
@@ -346,6 +348,27 @@ class Coordinator:
             self.store.audit(site, "connection_lost", "")
         if self.runner is not None and self.runner.round is not None:
             self._emit(self.runner.round, self.runner.round.lost(site, self.clock()))
+
+    def _version_accepted(self, site: str, agent_version: str) -> bool:
+        """Version skew (fedge.update.version): one minor behind is accepted and audited
+        as update-required; beyond that the agent is refused, naming both versions, and
+        dropped. (Added by the console/updates engineer.)"""
+        from fedge.update.version import SkewDecision, check_version_skew
+
+        try:
+            decision = check_version_skew(__version__, agent_version)
+        except ValueError as exc:
+            decision = SkewDecision(False, False, str(exc))
+        if not decision.accepted:
+            self._reject(site, "version_refused", decision.reason)
+            self.conns.pop(site, None)
+            self.on_disconnect(site)
+            return False
+        conn = self.conns.get(site)
+        if decision.update_required and (conn is None
+                                         or conn.last_heartbeat[:1] != (agent_version,)):
+            self.store.audit(site, "version_update_required", decision.reason)
+        return True
 
     def _heartbeat(self, site: str, hb: m.Heartbeat) -> None:
         # Persist only what changed, or once per HEARTBEAT_PERSIST_S: a fleet of

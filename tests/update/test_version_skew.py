@@ -37,3 +37,62 @@ def test_dev_suffixes_are_understood():
 def test_unparsable_version_names_the_value():
     with pytest.raises(ValueError, match="agent version 'banana'"):
         check_version_skew("1.0.0", "banana")
+
+
+def _heartbeat_frames(version: str):
+    from fedge.wire import codec
+    from fedge.wire import messages as m
+
+    hb = m.Heartbeat(site="h1", version=version, health_json="{}", eligible=True, reason="",
+                     datasets=[], current_task="")
+    return codec.encode(hb, sender="h1")
+
+
+def _coordinator(tmp_path):
+    from fedge.coordinator.service import Coordinator
+    from fedge.secagg.keys import Identity
+    from fedge.update.files import curve_keypair
+
+    coord = Coordinator(tmp_path / "coord")
+    coord.enrol("h1", curve_keypair()[0], Identity.generate().public_bytes())
+    dropped: list[str] = []
+    coord.on_disconnect = dropped.append
+    return coord, dropped
+
+
+@pytest.mark.parametrize("delta", [2, -1])
+def test_coordinator_refuses_and_drops_an_agent_too_far_off(tmp_path, delta):
+    from fedge import __version__
+    from fedge.update.version import parse_version
+    from fedge.wire import messages as m
+
+    major, minor, _ = parse_version(__version__)
+    old = f"{major}.{minor - delta}.0" if minor - delta >= 0 else f"{major + 1}.0.0"
+    coord, dropped = _coordinator(tmp_path)
+    coord.handle_frames("h1", _heartbeat_frames(old))
+    [out] = coord.outbox
+    assert isinstance(out.body, m.Rejected)
+    assert old in out.body.reason and __version__ in out.body.reason
+    assert dropped == ["h1"]
+    assert coord.fleet()[0]["version"] in ("", None)  # the heartbeat was not recorded
+    assert coord.store.audit_log(action="version_refused")
+    coord.close()
+
+
+def test_coordinator_accepts_one_minor_behind_and_records_update_required(tmp_path):
+    from fedge import __version__
+    from fedge.update.version import parse_version
+    from fedge.wire import messages as m
+
+    major, minor, _ = parse_version(__version__)
+    if minor == 0:
+        pytest.skip("no minor version behind 0")  # pragma: no cover
+    behind = f"{major}.{minor - 1}.3"
+    coord, dropped = _coordinator(tmp_path)
+    coord.handle_frames("h1", _heartbeat_frames(behind))
+    assert isinstance(coord.outbox[0].body, m.HeartbeatAck)
+    assert coord.outbox[0].body.coordinator_version == __version__
+    assert dropped == [] and coord.fleet()[0]["version"] == behind
+    [entry] = coord.store.audit_log(action="version_update_required")
+    assert behind in entry["detail"]
+    coord.close()

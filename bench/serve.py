@@ -2,8 +2,9 @@
 
 For the Cox model (cox_linear, 39 features) and the CNN (resnet_small, 1x64x64):
 
-1. in-process per-call time at batch 1 and 64: onnxruntime vs PyTorch eager
-   (same thread count), ratio = torch / onnxruntime (> 1: onnxruntime faster);
+1. in-process per-call time at batch 1 and 64, numpy in and numpy out:
+   onnxruntime vs PyTorch eager (each with its better of 1 thread and all
+   CPUs), ratio = torch / onnxruntime (> 1: onnxruntime faster);
 2. a real `fedge serve` process on loopback, 16 concurrent keep-alive clients
    (closed loop, one asyncio process, raw HTTP/1.1 with the binary tensor
    extension as tritonclient sends it): throughput and p50/p99 latency, and the
@@ -61,31 +62,49 @@ def _sample(fn, reps: int) -> float:  # type: ignore[no-untyped-def]
     return (time.perf_counter() - t0) / reps
 
 
-def paired_per_call(f_ort, f_torch, budget_s: float) -> tuple[float, float]:  # type: ignore[no-untyped-def]
-    """Median per-call times, onnxruntime and torch samples interleaved.
+def interleaved_per_call(fns: dict[str, object], budget_s: float) -> dict[str, float]:
+    """Median per-call time of each function, their samples taken round-robin.
 
-    Interleaving puts both under the same background load (this machine is
-    shared), so their ratio is steadier than two runs one after the other.
+    Interleaving puts every candidate under the same background load (this
+    machine is shared), so ratios are steadier than runs one after another.
     """
-    r_ort, r_torch = _reps(f_ort), _reps(f_torch)
-    ort_s: list[float] = []
-    torch_s: list[float] = []
-    end = time.perf_counter() + 2 * budget_s
-    while time.perf_counter() < end or len(ort_s) < 7:
-        ort_s.append(_sample(f_ort, r_ort))
-        torch_s.append(_sample(f_torch, r_torch))
-    return statistics.median(ort_s), statistics.median(torch_s)
+    reps = {k: _reps(f) for k, f in fns.items()}
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    end = time.perf_counter() + len(fns) * budget_s
+    while time.perf_counter() < end or min(len(v) for v in samples.values()) < 7:
+        for k, f in fns.items():
+            samples[k].append(_sample(f, reps[k]))
+    return {k: statistics.median(v) for k, v in samples.items()}
 
 
 def in_process(model: torch.nn.Module, path: Path, shape: tuple[int, ...],
                batch: int, budget_s: float, threads: int) -> tuple[float, float]:
+    """Best per-call time of onnxruntime and of torch eager, numpy in, numpy out.
+
+    Each runtime is timed with 1 thread and with `threads` and keeps its better
+    figure: on a loaded 2-core host torch's OpenMP pool can collapse, and a
+    bench should not win on the other side's bad configuration.
+    """
     x = np.random.default_rng(0).standard_normal((batch, *shape)).astype(np.float32)
-    sess = ort.InferenceSession(str(path), sess_options=session_options(threads),
-                                providers=["CPUExecutionProvider"])
-    xt = torch.from_numpy(x)
+    sessions = {n: ort.InferenceSession(str(path), sess_options=session_options(n),
+                                        providers=["CPUExecutionProvider"])
+                for n in sorted({1, threads})}
+
+    def torch_call(n: int):  # type: ignore[no-untyped-def]
+        def call() -> np.ndarray:
+            torch.set_num_threads(n)
+            return model(torch.from_numpy(x)).numpy()
+        return call
+
+    fns: dict[str, object] = {}
+    for n, sess in sessions.items():
+        fns[f"ort{n}"] = (lambda s: lambda: s.run(["output"], {"input": x}))(sess)
+        fns[f"torch{n}"] = torch_call(n)
     with torch.inference_mode():
-        return paired_per_call(lambda: sess.run(["output"], {"input": x}),
-                               lambda: model(xt), budget_s)
+        t = interleaved_per_call(fns, budget_s / len(sessions))
+    torch.set_num_threads(threads)
+    return (min(v for k, v in t.items() if k.startswith("ort")),
+            min(v for k, v in t.items() if k.startswith("torch")))
 
 
 def request_bytes(model: str, x: np.ndarray) -> bytes:

@@ -25,6 +25,7 @@ import re
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +140,10 @@ class InferenceServer:
         self.max_body_bytes = max_body_bytes
         self.offload_bytes = offload_bytes
         self.watcher = Watcher(self.store, self.repo, poll_interval)
+        # Large requests run one at a time on a worker thread: each already uses
+        # every core through onnxruntime's intra-op pool, so running several at
+        # once would only oversubscribe the CPUs.
+        self._heavy = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedge-infer")
         self.store.on_swap = self._swapped
         self.store.on_load_failure = lambda name, _v, _why: self.metrics.load_failures.labels(
             name
@@ -189,6 +194,7 @@ class InferenceServer:
             if pinger is not None:
                 pinger.cancel()
             self.watcher.stop()
+            self._heavy.shutdown(wait=True)
 
     @staticmethod
     async def _feed_watchdog(notifier: Notifier, interval: float) -> None:
@@ -296,7 +302,9 @@ class InferenceServer:
         try:
             if size > self.offload_bytes:
                 loop = asyncio.get_running_loop()
-                results = await loop.run_in_executor(None, model.run, request.inputs, names)
+                results = await loop.run_in_executor(
+                    self._heavy, model.run, request.inputs, names
+                )
             else:
                 results = model.run(request.inputs, names)
         except InvalidArgument as exc:

@@ -18,7 +18,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +46,10 @@ class Operator:
 class AdminConfig:
     endpoint: str
     server_public_key: str  # z85
-    server_secret_key: str  # z85
-    operators: dict[str, Operator]  # z85 public key -> operator
+    server_secret_key: str = field(repr=False)  # z85
+    operators: dict[str, Operator] = field(default_factory=dict)  # z85 public key -> operator
+    # the console's provision data: lets serve_admin set up the TUF relay on first start
+    provision: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_provision(cls, provision: Path | dict[str, Any], endpoint: str) -> AdminConfig:
@@ -60,7 +62,7 @@ class AdminConfig:
                                                                        .read_text())
         try:
             ops = {k: Operator(v["name"], v["role"]) for k, v in doc["operators"].items()}
-            return cls(endpoint, doc["curve_public"], doc["curve_secret"], ops)
+            return cls(endpoint, doc["curve_public"], doc["curve_secret"], ops, dict(doc))
         except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"provision file lacks {exc}") from exc
 
@@ -248,6 +250,24 @@ class AdminService:
                             f"update.rollout_{rollout.state}", rollout.to_dict())
 
 
+def _provision_updates(coordinator: Any, service: AdminService, provision: dict[str, Any]
+                       ) -> None:
+    """First start with a provision file: create (or open) the TUF relay and route
+    the agents' fetches to it."""
+    from fedge.coordinator.updates import UpdateRepository
+
+    try:
+        repo = UpdateRepository.from_provision(coordinator.state_dir, provision)
+    except Exception:  # a broken TUF store must not take the admin channel down
+        log.exception("update relay not available")
+        return
+    service.updates = repo
+    coordinator.updates = repo
+    if getattr(coordinator, "update_handler", None) is None:
+        coordinator.update_handler = repo.handle_fetch
+    log.info("update relay ready: %s", repo.versions)
+
+
 def _error(message: str) -> AdminReply:
     return AdminReply(False, "null", message, {})
 
@@ -268,6 +288,8 @@ async def serve_admin(coordinator: Any, config: AdminConfig, *, updates: Any | N
     from fedge.wire import codec
 
     service = service or AdminService(coordinator, config.operators, updates=updates)
+    if service.updates is None and config.provision.get("tuf_root"):
+        _provision_updates(coordinator, service, config.provision)
     ctx = zmq.asyncio.Context()  # own context: its ZAP handler serves only this socket
     auth = AsyncioAuthenticator(ctx)
     auth.start()

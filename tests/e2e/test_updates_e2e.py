@@ -27,7 +27,6 @@ from fedge.console.cli import push
 from fedge.console.client import AdminClient
 from fedge.console.enrolment import create_enrolment
 from fedge.console.store import ConsoleStore
-from fedge.coordinator.updates import UpdateRepository
 from fedge.serve.repository import ModelRepository
 
 pytestmark = pytest.mark.e2e
@@ -109,8 +108,7 @@ class Federation:
         self.console = ConsoleStore.init(
             tmp / "console", coordinator_endpoint=f"tcp://127.0.0.1:{port}",
             admin_endpoint=f"tcp://127.0.0.1:{admin_port}")
-        self.coord_dir = tmp / "coordinator"
-        UpdateRepository.from_provision(self.coord_dir, self.console.provision())
+        self.coord_dir = tmp / "coordinator"  # TUF relay set up by the admin channel itself
         cfg = tmp / "coordinator.toml"
         cfg.write_text(
             f'state_dir = "{self.coord_dir}"\nbind = "tcp://127.0.0.1:{port}"\n'

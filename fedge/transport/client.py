@@ -330,3 +330,4 @@ class ClientSocket:
             if len(frames) == 1 and frames[0].bytes == HEARTBEAT_FRAME:
                 continue
             await self._queue.put(frames)
+            del frames  # not held while waiting: decode(release_frames) may free chunks

@@ -396,10 +396,14 @@ class ServerSocket:
             peer = self._track(frames[0].bytes, frames[1])
             if peer is None:
                 continue
-            body = frames[1:]
-            if len(body) == 1 and body[0].bytes == HEARTBEAT_FRAME:
+            incoming = Incoming(peer, frames[1:])
+            # Drop our references while waiting: the receiver of a chunked
+            # tensor frees each chunk as it decodes (release_frames).
+            del frames
+            if len(incoming.frames) == 1 and incoming.frames[0].bytes == HEARTBEAT_FRAME:
                 continue
-            await self._queue.put(Incoming(peer, body))
+            await self._queue.put(incoming)
+            del incoming
 
     async def send(self, peer: Peer | str, frames: Sequence[Any]) -> None:
         """Send ``frames`` (from ``fedge.wire.encode``) to a peer or a public key, zero-copy.

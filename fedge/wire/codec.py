@@ -100,6 +100,10 @@ SCHEMA_VERSION = 1
 DEFAULT_MAX_BYTES = 1 << 20
 
 #: Tensors larger than this are sent as several frames of this size (see encode).
+#: libzmq's CURVE encoder holds ~2 transient copies of the frame being sent, so
+#: chunks bound the sender's overhead.  Above glibc's largest mmap threshold
+#: (32 MiB) so each received chunk is its own mapping, returned to the OS when
+#: ``decode(..., release_frames=True)`` lets it go.
 DEFAULT_CHUNK_BYTES = 64 << 20
 
 #: Upper bound for the header frame; checked before it is parsed.

@@ -117,7 +117,15 @@ void check_bits(int bits) {
 
 py::dict info() {
   py::dict d;
-  d["simd"] = path_name(best_path());
+  // The path used when a call names none: $FEDGE_SIMD when it names a usable
+  // path, else the fastest this CPU has (an unusable $FEDGE_SIMD makes such
+  // calls raise; info() still answers).
+  Path chosen = best_path();
+  try {
+    chosen = default_path();
+  } catch (const std::invalid_argument&) {
+  }
+  d["simd"] = path_name(chosen);
   py::list paths;
   for (Path p : available_paths()) paths.append(path_name(p));
   d["paths"] = paths;

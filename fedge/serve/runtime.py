@@ -227,6 +227,16 @@ class ModelStore:
                     del loaded[v]
                 if loaded:
                     before = max(have) if have else None
+                    new_live = loaded[max(loaded)]
+                    if before is not None and before in have and (
+                        have[before].inputs != new_live.inputs
+                        or have[before].outputs != new_live.outputs
+                    ):
+                        log.warning(
+                            "%s version %d changes the signature of version %d: inputs %s, "
+                            "outputs %s; clients built for the old one will get 400s",
+                            name, new_live.version, before, new_live.inputs, new_live.outputs,
+                        )
                     current[name] = ModelVersions(loaded)
                     if max(loaded) != before:
                         swapped.append((name, max(loaded)))

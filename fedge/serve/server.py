@@ -291,7 +291,8 @@ class InferenceServer:
         """Run one inference request; returns (status, body, headers).
 
         Raises:
-            ProtocolError: 400 for an invalid request, 404 for an unknown model/version.
+            ProtocolError: 400 for an invalid request, 404 for an unknown model/version,
+                500 when a valid request makes the model fail.
         """
         model = self._model(name, version)
         request = parse_infer_request(
@@ -309,6 +310,11 @@ class InferenceServer:
                 results = model.run(request.inputs, names)
         except InvalidArgument as exc:
             raise ProtocolError(400, f"model '{name}' rejected the input: {exc}") from None
+        except Exception as exc:  # the model failed on a valid request: our fault, say so
+            log.exception("inference failed for %s version %d", name, model.version)
+            raise ProtocolError(
+                500, f"inference failed in model '{name}' version {model.version}: {exc}"
+            ) from None
         payload, headers = encode_infer_response(name, str(model.version), request, results)
         return 200, payload, headers
 

@@ -117,3 +117,41 @@ def test_starlette_infer_route_works_without_the_fast_path(
         want = cox_v1[1](torch.from_numpy(x)).numpy().ravel()
     np.testing.assert_allclose(r.json()["outputs"][0]["data"], want, atol=1e-5)
     assert bad.status_code == 400 and "malformed JSON" in bad.json()["error"]
+
+
+def _reshape_to_one_row_model() -> bytes:
+    """Claims any batch size, but reshapes to one row: fails for batch > 1."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])],
+        "one_row",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+        initializer=[helper.make_tensor("shape", TensorProto.INT64, [2], [1, 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return model.SerializeToString()
+
+
+def test_a_model_failing_on_a_valid_request_is_a_500_with_the_error_json(
+    tmp_path: Path,
+) -> None:
+    ModelRepository(tmp_path).install("fragile", _reshape_to_one_row_model())
+    server = InferenceServer(tmp_path)
+    server.store.sync(server.repo)
+
+    def body(rows: int) -> dict:
+        return {"inputs": [{"name": "x", "shape": [rows, 3], "datatype": "FP32",
+                            "data": [0.5] * (3 * rows)}]}
+
+    async def calls() -> tuple[httpx.Response, httpx.Response]:
+        transport = httpx.ASGITransport(app=server)  # the fast path in front of Starlette
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            return (await client.post("/v2/models/fragile/infer", json=body(1)),
+                    await client.post("/v2/models/fragile/infer", json=body(2)))
+
+    ok, failed = asyncio.run(calls())
+    assert ok.status_code == 200 and ok.json()["outputs"][0]["data"] == [0.5] * 3
+    assert failed.status_code == 500
+    assert "inference failed in model 'fragile' version 1" in failed.json()["error"]

@@ -170,6 +170,10 @@ def test_oversized_body_is_413(server: RunningServer) -> None:
     body = b"{" + b" " * 1_000_001 + b"}"  # the fixture's limit is 1,000,000 bytes
     r = httpx.post(f"{server.url}/v2/models/cox/infer", content=body, timeout=10)
     _assert_error(r, 413, "exceeds the limit of 1000000 bytes")
+    # without a Content-Length (chunked), the limit holds while the body streams in
+    chunks = (b" " * 100_000 for _ in range(11))
+    r = httpx.post(f"{server.url}/v2/models/cox/infer", content=chunks, timeout=10)
+    _assert_error(r, 413, "exceeds the limit of 1000000 bytes")
     # the server is still fine afterwards
     ok = httpx.post(f"{server.url}/v2/models/cox/infer", json=_json_request(_rows(1)), timeout=5)
     assert ok.status_code == 200

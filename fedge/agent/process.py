@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import tomllib
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -44,6 +45,11 @@ from fedge.agent.runtime import Agent
 from fedge.agent.trainer import Trainer
 
 log = logging.getLogger("fedge.agent")
+
+# Fault injection for the crash tests: a comma-separated list of wire message
+# types; the agent SIGKILLs itself on receiving one (e.g. "train_task" = dies at
+# the start of local training, "secagg.unmask_request" = dies while unmasking).
+KILL_ON_ENV = "FEDGE_TEST_KILL_ON"
 
 
 class AgentConfigError(ValueError):
@@ -193,6 +199,14 @@ async def run_agent(agent: Agent, enrolled: Enrolled, *, interval_s: float, time
         max_message_bytes=agent.max_message_bytes)
     client.start()
     agent.send_frames = client.send
+    kill_on = {t for t in os.environ.get(KILL_ON_ENV, "").split(",") if t}
+    if kill_on:
+        def maybe_die(env: Any) -> None:
+            if env.header.type in kill_on:
+                log.warning("%s: %s=%s: killing myself on %s", agent.site, KILL_ON_ENV,
+                            ",".join(sorted(kill_on)), env.header.type)
+                os.kill(os.getpid(), signal.SIGKILL)
+        agent.before_handle = maybe_die
     if notifier is not None:
         agent.on_status = notifier.status
     tasks: set[asyncio.Task[Any]] = set()

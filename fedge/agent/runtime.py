@@ -90,6 +90,7 @@ class Agent:
         self.refusals: list[str] = []
         self.completed_rounds: list[tuple[str, int]] = []
         self.on_status: Callable[[str], None] = lambda text: None
+        self.before_handle: Callable[[codec.Envelope], None] | None = None
         self._busy: str = ""
         self._health_cache: tuple[dict[str, Any], bool, str] = ({}, True, "")
 
@@ -124,6 +125,8 @@ class Agent:
         await self.handle(env)
 
     async def handle(self, env: codec.Envelope) -> None:
+        if self.before_handle is not None:
+            self.before_handle(env)
         body, job, rnd = env.body, env.header.job, env.header.round
         if isinstance(body, m.HeartbeatAck):
             self.last_ack = time.monotonic()

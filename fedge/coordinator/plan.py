@@ -231,8 +231,7 @@ def parse_plan(text: str) -> Plan:
     ssettings = SecAggSettings(
         enabled=_bool(sec, "secagg.enabled", default=True),
         alpha=_float(sec, "secagg.alpha", lo=0.0, hi=1.0, hi_open=True, default=0.1),
-        delta=_float(sec, "secagg.delta", lo=0.0, hi=1.0, lo_open=True, hi_open=True,
-                     default=0.01),
+        delta=_float(sec, "secagg.delta", lo=0.0, hi=1.0, hi_open=True, default=0.0),
         clip=_float(sec, "secagg.clip", lo=0.0, lo_open=True, default=1.0),
     )
     if ssettings.enabled and min_clients < 2:

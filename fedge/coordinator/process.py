@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import importlib
 import logging
+import os
 import signal
 import time
 from pathlib import Path
@@ -24,6 +25,9 @@ from fedge.coordinator.service import Coordinator
 log = logging.getLogger("fedge.coordinator")
 
 ALLOW_LIST_REFRESH_S = 1.0
+# Fault injection for the crash tests: "ROUND:PHASE" (e.g. "2:aggregating"); the
+# coordinator SIGKILLs itself when a round reaches that phase.
+KILL_AT_ENV = "FEDGE_TEST_KILL_AT"
 
 
 def _optional(module: str) -> Any:
@@ -115,12 +119,16 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
 
     coord.on_allow_list = set_allowed
     coord.on_disconnect = disconnect
+    # Import the training stack (torch) in a worker thread while the loop already
+    # answers heartbeats: a job's first model is built with it.
+    warm = loop.run_in_executor(None, _optional, "fedge.train.api")
     admin_task = _start_admin(cfg, coord)
     log.info("coordinator listening on %s", endpoint)
     notifier.ready()
     notifier.status(f"listening on {endpoint}")
     last_refresh = time.monotonic()
     max_bytes = coord.max_message_bytes
+    kill_at = os.environ.get(KILL_AT_ENV, "")
     try:
         while not stop.is_set():
             try:
@@ -135,6 +143,8 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
                 else:
                     coord.handle_frames(site, msg.frames)
             coord.tick()
+            if kill_at:
+                _maybe_die(coord, kill_at)
             if coord.max_message_bytes != max_bytes:
                 max_bytes = coord.max_message_bytes
                 server.set_max_message_bytes(max_bytes)
@@ -156,6 +166,8 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
                                     f"{job.round.phase.value}")
     finally:
         notifier.stopping()
+        with contextlib.suppress(Exception):
+            await warm
         if admin_task is not None:
             admin_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -163,6 +175,16 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
         await server.close()
         coord.close()
     return 0
+
+
+def _maybe_die(coord: Coordinator, kill_at: str) -> None:
+    runner = coord.runner
+    if runner is None or runner.round is None:
+        return
+    rnd = runner.round
+    if f"{rnd.round}:{rnd.phase.value}" == kill_at:
+        log.warning("%s=%s: killing myself in job %s", KILL_AT_ENV, kill_at, rnd.job_id)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 async def _drain(coord: Coordinator, server: Any, key_of: dict[str, str], codec: Any) -> None:

@@ -71,7 +71,9 @@ class Proc:
 class Federation:
     """One coordinator and N agents under tmp_path."""
 
-    def __init__(self, tmp_path, *, heartbeat=(0.3, 3.0)):
+    wait_for = staticmethod(wait_for)
+
+    def __init__(self, tmp_path, *, heartbeat=(0.5, 10.0)):
         from fedge.secagg.keys import Identity
         from fedge.transport import CurveKeyPair, save_keypair
 

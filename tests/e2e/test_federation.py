@@ -31,7 +31,7 @@ tau = 0.001
 [secagg]
 enabled = true
 alpha = 0.1
-delta = 0.25
+delta = 0.0
 clip = 1.0
 [deadlines]
 cohort_s = 60
@@ -108,3 +108,211 @@ def test_three_agents_three_rounds_with_secure_aggregation(federation, brca):
     assert len(metrics) == 3 and all(0 <= m["value"] <= 1 for m in metrics)
     # agents stop cleanly on SIGTERM
     assert all(p.stop() == 0 for p in fed.procs.values()), fed.dump()
+
+
+def rounds_of(fed, job):
+    return fed.query("SELECT round, attempt, status, cohort_json, survivors_json, reason "
+                     "FROM rounds WHERE job_id = ? ORDER BY round, attempt", job)
+
+
+def test_agents_killed_in_training_and_unmasking_round_completes_and_they_rejoin(
+        federation, brca):
+    import json
+
+    fed = federation()
+    sites = {f"site-{i}": brca(i) for i in range(4)}
+    for s, ds in sites.items():
+        fed.add_site(s, [ds])
+    fed.enrol_in_store()
+    fed.start_coordinator()
+    kill = {"site-3": "train_task", "site-2": "secagg.unmask_request"}
+    for s in sites:
+        if s in kill:
+            fed.env["FEDGE_TEST_KILL_ON"] = kill[s]
+        fed.start_agent(s)
+        fed.env.pop("FEDGE_TEST_KILL_ON", None)
+    wait_for_connected(fed, set(sites))
+    text = plan(rounds=2, min_clients=2, train_s=20, stage_s=4)
+    job = fed.submit(text)
+    row = fed.wait_job(job, 150)
+    assert row["status"] == "completed", fed.dump()
+    rs = rounds_of(fed, job)
+    assert [(r["round"], r["status"]) for r in rs] == [(1, "committed"), (2, "committed")]
+    # round 1: site-3 died training (not in the sum), site-2 died while unmasking
+    # (its masked input was in; the others' shares removed its self mask)
+    assert json.loads(rs[0]["cohort_json"]) == sorted(sites)
+    assert json.loads(rs[0]["survivors_json"]) == ["site-0", "site-1", "site-2"]
+    # round 2 goes on with the living
+    assert json.loads(rs[1]["survivors_json"]) == ["site-0", "site-1"]
+    assert fed.procs["site-3"].p.wait(5) == -9 and fed.procs["site-2"].p.wait(5) == -9
+    # the killed agents restart and are picked again
+    fed.start_agent("site-2")
+    fed.start_agent("site-3")
+    wait_for_task_free(fed, {"site-2", "site-3"})
+    job2 = fed.submit(text.replace("rounds = 2", "rounds = 1").replace(
+        "min_clients = 2", "min_clients = 4"))
+    assert fed.wait_job(job2, 120)["status"] == "completed", fed.dump()
+    assert json.loads(rounds_of(fed, job2)[0]["survivors_json"]) == sorted(sites)
+
+
+def test_dropouts_below_threshold_abort_cleanly_and_the_round_is_retried(federation, brca):
+    import json
+
+    fed = federation()
+    sites = {f"site-{i}": brca(i) for i in range(3)}
+    for s, ds in sites.items():
+        fed.add_site(s, [ds])
+    fed.enrol_in_store()
+    fed.start_coordinator()
+    for s in sites:
+        if s != "site-0":
+            fed.env["FEDGE_TEST_KILL_ON"] = "secagg.unmask_request"
+        fed.start_agent(s)
+        fed.env.pop("FEDGE_TEST_KILL_ON", None)
+    wait_for_connected(fed, set(sites))
+    text = plan(rounds=1, min_clients=2, train_s=20, stage_s=3)
+    job = fed.submit(text)
+    # two of three die while unmasking: 1 survivor < threshold 2, the round aborts
+    fed.wait_for(lambda: rounds_of(fed, job), 120, "the first attempt to end")
+    first = rounds_of(fed, job)[0]
+    assert first["status"] == "failed", fed.dump()
+    assert "aggregation failed" in first["reason"]
+    assert not ck.round_path(fed.coord_dir, job, 1).exists()
+    assert fed.job(job)["committed_round"] == 0
+    # the killed agents come back; the retried round completes
+    fed.start_agent("site-1")
+    fed.start_agent("site-2")
+    row = fed.wait_job(job, 150)
+    assert row["status"] == "completed", fed.dump()
+    rs = rounds_of(fed, job)
+    assert rs[-1]["status"] == "committed" and rs[-1]["attempt"] >= 2
+    # the round starts as soon as min_clients sites are back: site-0 and at least
+    # one of the restarted ones
+    survivors = json.loads(rs[-1]["survivors_json"])
+    assert "site-0" in survivors and len(survivors) >= 2
+
+
+def test_coordinator_sigkilled_mid_round_resumes_to_the_same_final_model(federation, brca):
+    fed = federation()
+    sites = {f"site-{i}": brca(i) for i in range(3)}
+    for s, ds in sites.items():
+        fed.add_site(s, [ds])
+    fed.enrol_in_store()
+    fed.start_coordinator()
+    for s in sites:
+        fed.start_agent(s)
+    text = plan(rounds=3, min_clients=3)
+    uninterrupted = fed.submit(text)
+    assert fed.wait_job(uninterrupted, 150)["status"] == "completed", fed.dump()
+    # restart the coordinator with a fault: it SIGKILLs itself in round 2's aggregation
+    fed.coordinator.kill()
+    fed.env["FEDGE_TEST_KILL_AT"] = "2:aggregating"
+    fed.start_coordinator()
+    fed.env.pop("FEDGE_TEST_KILL_AT")
+    interrupted = fed.submit(text)
+    assert fed.coordinator.p.wait(120) == -9, fed.dump()
+    assert fed.job(interrupted)["committed_round"] == 1
+    assert fed.job(interrupted)["status"] == "running"
+    fed.start_coordinator()
+    row = fed.wait_job(interrupted, 150)
+    assert row["status"] == "completed", fed.dump()
+    a = ck.load_checkpoint(ck.final_path(fed.coord_dir, uninterrupted)).weights
+    b = ck.load_checkpoint(ck.final_path(fed.coord_dir, interrupted)).weights
+    assert a.tobytes() == b.tobytes()
+    assert fed.audit("job_resumed")
+
+
+def test_unknown_appliance_is_refused_and_agent_refuses_impostor(federation, brca):
+    from fedge.transport import CurveKeyPair
+
+    fed = federation()
+    fed.add_site("site-0", [brca(0)])
+    fed.add_site("stranger", [brca(1)], enrol=False)
+    fed.enrol_in_store()
+    fed.start_coordinator()
+    stranger = fed.start_agent("stranger", extra=["--connect-timeout", "8"])
+    impostor_key = CurveKeyPair.generate().public
+    fooled = fed.start_agent("site-0", extra=["--connect-timeout", "8"],
+                             coordinator_key=impostor_key)
+    assert stranger.p.wait(60) == 3, stranger.output()
+    assert "refused our CURVE key" in stranger.output()
+    refusals = fed.wait_for(lambda: fed.audit("connection_refused"), 10,
+                            "a refusal in the audit log")
+    assert any(fed.sites["stranger"]["curve"].public in r["detail"] for r in refusals)
+    # site-0 pinned a key the server does not hold: it will not talk to it
+    assert fooled.p.wait(60) == 3, fooled.output()
+    assert "impostor" in fooled.output()
+    assert fed.connected() == set()
+
+
+def test_malformed_oversized_and_replayed_messages_are_rejected_and_round_goes_on(
+        federation, brca):
+    import asyncio
+
+    from fedge import __version__
+    from fedge.transport import ClientSocket, HeartbeatConfig
+    from fedge.wire import codec
+    from fedge.wire import messages as m
+
+    fed = federation()
+    for i in range(2):
+        fed.add_site(f"site-{i}", [brca(i)])
+    fed.add_site("rogue", [brca(2)])
+    fed.enrol_in_store()
+    fed.start_coordinator()
+    for s in ("site-0", "site-1"):
+        fed.start_agent(s)
+    wait_for_connected(fed, {"site-0", "site-1"})
+    job = fed.submit(plan(rounds=2, min_clients=2))
+
+    async def rogue():
+        keys = fed.sites["rogue"]["curve"]
+        async with ClientSocket(keys, fed.coord_keys.public, fed.endpoint,
+                                heartbeat=HeartbeatConfig(0.3, 3.0)) as c:
+            await c.wait_connected(20)
+            hb = m.Heartbeat(site="rogue", version=__version__, health_json="{}",
+                             eligible=False, reason="rogue", datasets=[], current_task="")
+            frames = [bytes(f) for f in codec.encode(hb, sender="rogue")]
+            await c.send(frames)
+            await c.send(frames)  # replayed: same message id
+            await c.send([b"\xc1not msgpack", b"\x80"])  # malformed header
+            hb2 = m.Heartbeat(site="rogue", version=__version__, health_json="{}",
+                              eligible=False, reason="", datasets=[], current_task="")
+            # oversized for its type: 2 MiB riding along a heartbeat (1 MiB limit)
+            await c.send([*codec.encode(hb2, sender="rogue"), b"x" * (2 << 20)])
+            spoof = m.Heartbeat(site="site-0", version=__version__, health_json="{}",
+                                eligible=True, reason="", datasets=[], current_task="")
+            await c.send(codec.encode(spoof, sender="site-0"))  # another site's name
+            await c.send(codec.encode(m.TrainDone("t", 5), sender="rogue", job=job,
+                                      round=99))  # a round that is not in progress
+            replies = []
+            for _ in range(8):
+                try:
+                    frames = await c.recv(timeout=3)
+                except TimeoutError:
+                    break
+                replies.append(codec.decode([f.bytes for f in frames], max_bytes=1 << 20).body)
+            return replies
+
+    replies = asyncio.run(rogue())
+    rejected = [r.reason for r in replies if isinstance(r, m.Rejected)]
+    assert len(rejected) >= 5, replies
+    actions = {a["action"] for a in fed.audit() if a["actor"] == "rogue"}
+    assert {"replayed_message", "malformed_message", "spoofed_sender",
+            "stale_message"} <= actions
+    assert any("OversizeMessage" in a["detail"] for a in fed.audit("malformed_message"))
+    row = fed.wait_job(job, 150)
+    assert row["status"] == "completed", fed.dump()
+
+
+def wait_for_connected(fed, sites, timeout=120):
+    return fed.wait_for(lambda: sites <= fed.connected(), timeout, f"{sites} to connect")
+
+
+def wait_for_task_free(fed, sites, timeout=120):
+    def fresh():
+        rows = fed.query("SELECT site_id, last_seen FROM appliances")
+        import time
+        return all(r["last_seen"] and time.time() - r["last_seen"] < 2
+                   for r in rows if r["site_id"] in sites)
+    return fed.wait_for(fresh, timeout, f"{sites} to heartbeat again")

@@ -87,6 +87,11 @@ class DatasetSpec:
     seed: int = 0
     standardise: str = "continuous"  # "none" | "continuous" (non-binary columns) | "all"
     image_size: int = 64
+    # Federated cross-validation: with cv_folds >= 2 the site's test rows are
+    # dropped, its training rows are cut into cv_folds folds (permutation fixed
+    # by seed) and fold cv_fold becomes the evaluated "test" split.
+    cv_folds: int = 0
+    cv_fold: int = 0
 
     @classmethod
     def from_config(cls, table: Mapping[str, Any]) -> DatasetSpec:
@@ -124,6 +129,11 @@ class DatasetSpec:
             raise ValueError(f"datasets.task={self.task!r} must be one of {TASKS}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"datasets.val_fraction={self.val_fraction!r} must lie in [0, 1)")
+        if self.cv_folds and not (self.cv_folds >= 2 and 0 <= self.cv_fold < self.cv_folds):
+            raise ValueError(
+                f"datasets.cv_fold={self.cv_fold!r} must lie in 0..cv_folds-1 and "
+                f"cv_folds={self.cv_folds!r} must be >= 2 (or 0 for no cross-validation)"
+            )
         if self.standardise not in ("none", "continuous", "all"):
             raise ValueError(
                 f"datasets.standardise={self.standardise!r} must be 'none', 'continuous' or 'all'"
@@ -586,6 +596,9 @@ def load_site_data(spec: DatasetSpec) -> SiteData:
     train_idx = np.flatnonzero(split == "train")
     val_idx = np.flatnonzero(split == "val")
     test_idx = np.flatnonzero(split == "test")
+    if spec.cv_folds:
+        fold = np.random.default_rng(spec.seed).permutation(train_idx.size) % spec.cv_folds
+        train_idx, test_idx = train_idx[fold != spec.cv_fold], train_idx[fold == spec.cv_fold]
     if val_idx.size == 0 and spec.val_fraction > 0:
         rng = np.random.default_rng(spec.seed)
         perm = rng.permutation(train_idx)

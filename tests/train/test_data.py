@@ -221,3 +221,21 @@ def test_pooled_concatenates_sites(tcga_dir: Path) -> None:
     ]
     p = pooled(sites)
     assert len(p.train) == 129 + 40 and len(p.test) == 33 + 11
+
+
+def test_cv_fold_holds_out_part_of_training_rows_and_never_test_rows(tcga_dir: Path) -> None:
+    base = {"name": "c", "kind": "fed_tcga_brca", "path": str(tcga_dir), "site": 4,
+            "val_fraction": 0.0, "standardise": "none"}
+    full = load_site_data(DatasetSpec.from_config(base))
+    held = []
+    for k in range(3):
+        d = load_site_data(DatasetSpec.from_config({**base, "cv_folds": 3, "cv_fold": k}))
+        assert len(d.train) + len(d.test) == 129 and 40 <= len(d.test) <= 45
+        held.append(np.concatenate([d.test.x, d.test.y], axis=1))
+    # the three held-out folds are exactly the training rows; no test row appears
+    rows = np.concatenate(held)
+    ref = np.concatenate([full.train.x, full.train.y], axis=1)
+    np.testing.assert_array_equal(np.unique(rows, axis=0), np.unique(ref, axis=0))
+    assert len(rows) == len(ref)
+    with pytest.raises(ValueError, match="cv_fold=3 must lie"):
+        DatasetSpec.from_config({**base, "cv_folds": 3, "cv_fold": 3})

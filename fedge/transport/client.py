@@ -112,7 +112,7 @@ class ClientSocket:
         self.backoff = backoff or Backoff()
         self.on_event = on_event
         self._max_message_bytes = check_max_message_bytes(max_message_bytes)
-        self._queue: asyncio.Queue[list[zmq.Frame]] = asyncio.Queue(queue_size)
+        self._queue: asyncio.Queue[list[zmq.Frame] | None] = asyncio.Queue(queue_size)
         self._ctx: zmq.asyncio.Context | None = None
         self._sock: zmq.asyncio.Socket | None = None
         self._supervisor: asyncio.Task[None] | None = None
@@ -146,6 +146,9 @@ class ClientSocket:
         if self._ctx is not None:
             self._ctx.destroy(linger=0)
             self._ctx = None
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        self._queue.put_nowait(None)
         self._set_state("closed", ClientEvent("closed"))
 
     async def __aenter__(self) -> ClientSocket:
@@ -223,14 +226,30 @@ class ClientSocket:
                 return
             except zmq.ZMQError as exc:
                 raise NotConnected(f"send to {self.endpoint} failed: {exc}") from None
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # our caller is being cancelled
+                # the supervisor closed this socket under us (reconnect or close)
+                raise NotConnected(
+                    f"connection to {self.endpoint} was replaced while sending; "
+                    "the message may not have been delivered"
+                ) from None
 
     async def recv(self, timeout: float | None = None) -> list[zmq.Frame]:
         """The next application message from the server (heartbeats consumed).
 
         Raises:
             TimeoutError: nothing within ``timeout`` seconds.
+            NotConnected: the socket is closed (also wakes a waiting ``recv``).
         """
-        return await asyncio.wait_for(self._queue.get(), timeout)
+        if self.state == "closed":
+            raise NotConnected("ClientSocket is closed")
+        item = await asyncio.wait_for(self._queue.get(), timeout)
+        if item is None:
+            self._queue.put_nowait(None)
+            raise NotConnected("ClientSocket was closed")
+        return item
 
     # ------------------------------------------------------------------ supervisor
 

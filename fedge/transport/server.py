@@ -148,7 +148,8 @@ class ServerSocket:
         self._sock: zmq.asyncio.Socket | None = None
         self._auth: _Authenticator | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._queue: asyncio.Queue[Incoming] = asyncio.Queue(queue_size)
+        self._queue: asyncio.Queue[Incoming | None] = asyncio.Queue(queue_size)
+        self._closed = False
         self.endpoint: str | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -201,13 +202,20 @@ class ServerSocket:
         return self.endpoint
 
     async def close(self) -> None:
-        """Stop tasks, close the socket and the context (pending sends are dropped)."""
+        """Stop tasks, close the socket and the context (pending sends are dropped).
+
+        A ``recv`` waiting now, or called later, raises :class:`NotConnected`.
+        """
+        self._closed = True
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         self._tasks = []
+        while not self._queue.empty():  # undelivered messages are dropped
+            self._queue.get_nowait()
+        self._queue.put_nowait(None)
         if self._sock is not None:
             self._sock.disable_monitor()
             self._sock.close(linger=0)
@@ -370,7 +378,7 @@ class ServerSocket:
             set_max_message_bytes(self._sock, value)
 
     def _socket(self) -> zmq.asyncio.Socket:
-        if self._sock is None:
+        if self._sock is None or self._closed:
             raise NotConnected("ServerSocket is not bound (call bind()) or was closed")
         return self._sock
 
@@ -386,7 +394,11 @@ class ServerSocket:
             NotConnected: the socket is not bound or was closed.
         """
         self._socket()
-        return await asyncio.wait_for(self._queue.get(), timeout)
+        item = await asyncio.wait_for(self._queue.get(), timeout)
+        if item is None:  # close() woke us
+            self._queue.put_nowait(None)  # and any other waiter
+            raise NotConnected("ServerSocket was closed")
+        return item
 
     async def _read(self, sock: zmq.asyncio.Socket) -> None:
         while True:

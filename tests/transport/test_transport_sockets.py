@@ -339,3 +339,54 @@ def test_bad_construction_and_use_is_refused() -> None:
             ClientSocket(CurveKeyPair(kp.public), kp.public, "tcp://127.0.0.1:1")
 
     run(main())
+
+
+def test_close_wakes_waiting_receivers_with_not_connected() -> None:
+    async def main() -> None:
+        agent = CurveKeyPair.generate()
+        h = Harness(allowed=[agent.public])
+        h.start()
+        client, _ = h.client(agent)
+        await client.wait_connected(5)
+        server_wait = asyncio.ensure_future(h.server.recv(timeout=10))
+        client_wait = asyncio.ensure_future(client.recv(timeout=10))
+        await asyncio.sleep(0.1)
+        await client.close()
+        await h.server.close()
+        for waiting in (server_wait, client_wait):
+            with pytest.raises(NotConnected, match="closed"):
+                await waiting
+        with pytest.raises(NotConnected):
+            await h.server.recv(timeout=1)
+        with pytest.raises(NotConnected):
+            await client.send([b"a", b"b"], timeout=1)
+
+    run(main())
+
+
+def test_many_clients_are_told_apart_by_key() -> None:
+    async def main() -> None:
+        agents = [CurveKeyPair.generate() for _ in range(8)]
+        h = Harness(allowed=[a.public for a in agents])
+        h.start()
+        clients = [h.client(a)[0] for a in agents]
+        try:
+            await asyncio.gather(*(c.wait_connected(10) for c in clients))
+            for i, c in enumerate(clients):
+                await c.send(encode(Blob(f"site-{i}", np.full(4, i, np.float32)), sender=f"s{i}"),
+                             timeout=5)
+            got = {}
+            for _ in clients:
+                msg = await h.server.recv(timeout=5)
+                got[msg.peer.public_key] = decode(msg.frames, max_bytes=1 << 20).body.name
+            assert got == {a.public: f"site-{i}" for i, a in enumerate(agents)}
+            # Replies addressed by key reach the right appliance only.
+            for i, a in enumerate(agents):
+                await h.server.send(a.public, encode(Blob(f"to-{i}", np.zeros(1, np.float32)),
+                                                     sender="coordinator"))
+            for i, c in enumerate(clients):
+                assert decode(await c.recv(timeout=5), max_bytes=1 << 20).body.name == f"to-{i}"
+        finally:
+            await h.close()
+
+    run(main())

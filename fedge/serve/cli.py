@@ -94,7 +94,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_body_bytes=args.max_body_bytes, threads=args.threads,
             announce=lambda line: print(line, flush=True),
         )
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RuntimeError) as exc:
         print(f"fedge serve: {exc}", file=sys.stderr)
         return 1
     return 0

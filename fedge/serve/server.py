@@ -436,12 +436,20 @@ def serve(
 
     Raises:
         OSError: the address cannot be bound.
-        ValueError: invalid settings (see InferenceServer).
+        ValueError: invalid settings (see InferenceServer), or a repository path
+            that exists but is not a directory.
+        RuntimeError: the application failed to start (e.g. an unreadable repository).
     """
     import socket
 
     import uvicorn
 
+    root = Path(repository)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"--repository {root} exists but is not a directory")
+    if not root.exists():
+        log.warning("repository %s does not exist yet; serving nothing until a model "
+                    "is installed there", root)
     server_app = InferenceServer(
         repository, poll_interval=poll_interval, max_body_bytes=max_body_bytes, threads=threads
     )
@@ -458,4 +466,7 @@ def serve(
     )
     shown = f"[{host}]" if ":" in host else host
     announce(f"fedge serve listening on http://{shown}:{bound} (repository {repository})")
-    uvicorn.Server(config).run(sockets=[sock])
+    server = uvicorn.Server(config)
+    server.run(sockets=[sock])
+    if not server.started:
+        raise RuntimeError("start-up failed (the reason is logged above)")

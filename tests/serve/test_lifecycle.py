@@ -155,3 +155,17 @@ def test_a_model_failing_on_a_valid_request_is_a_500_with_the_error_json(
     assert ok.status_code == 200 and ok.json()["outputs"][0]["data"] == [0.5] * 3
     assert failed.status_code == 500
     assert "inference failed in model 'fragile' version 1" in failed.json()["error"]
+
+
+def test_a_repository_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    not_a_dir = tmp_path / "models"
+    not_a_dir.write_text("oops")
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedge.cli", "serve", "--repository", str(not_a_dir),
+         "--port", "0"], capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 1
+    assert f"--repository {not_a_dir} exists but is not a directory" in proc.stderr

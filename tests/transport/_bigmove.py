@@ -3,7 +3,7 @@
     python _bigmove.py recv MB   -> prints the endpoint and server key, then a JSON report
     python _bigmove.py send MB ENDPOINT SERVER_KEY AGENT_PUBLIC AGENT_SECRET -> JSON report
 
-Each process reports its own peak RSS growth (ru_maxrss) around the transfer,
+Each process reports its own peak RSS growth (VmHWM, reset first) around the transfer,
 so the sender's array and the receiver's buffers are measured apart.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import resource
 import sys
 import time
 import zlib
@@ -30,8 +29,26 @@ class Model:
     weights: np.ndarray
 
 
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak() -> float:
+    """Reset the peak-RSS mark (VmHWM) to the current RSS and return it, in MB.
+
+    ru_maxrss would not do: a child inherits its parent's peak across fork+exec.
+    """
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_mb("VmRSS")
+
+
 def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return _status_mb("VmHWM")
 
 
 def pattern(n: int) -> np.ndarray:
@@ -49,7 +66,7 @@ async def recv(mb: int) -> None:
     endpoint = server.bind("tcp://127.0.0.1:0")
     print(json.dumps({"endpoint": endpoint, "server_key": server_keys.public,
                       "agent_public": agent.public, "agent_secret": agent.secret}), flush=True)
-    base = peak_mb()
+    base = reset_peak()
     msg = await server.recv(timeout=120)
     t = time.perf_counter()
     n_frames = len(msg.frames)
@@ -78,7 +95,7 @@ async def send(mb: int, endpoint: str, server_key: str, public: str, secret: str
     n = mb * (1 << 20) // 4
     w = pattern(n)
     crc = zlib.crc32(memoryview(w).cast("B"))
-    base = peak_mb()
+    base = reset_peak()
     client = ClientSocket(CurveKeyPair(public, secret), server_key, endpoint)
     client.start()
     await client.wait_connected(30)

@@ -5,7 +5,8 @@ The sender's frames are views of its array (no copy; libzmq's CURVE encoder
 holds ~2 transient copies of one 64 MiB chunk).  The receiver holds the
 received chunks (the one copy) and copies them into the model array, freeing
 each chunk as it goes (``release_frames``).  Each process measures its own
-peak RSS growth around the transfer.
+peak RSS growth around the transfer (VmHWM after resetting it: ru_maxrss would
+carry the pytest process's peak into the child).
 """
 
 from __future__ import annotations

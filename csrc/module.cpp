@@ -425,6 +425,20 @@ void bind_cuda(py::module_& m) {
       arg("lr"), arg("momentum"), arg("weight_decay"), arg("dampening"), arg("nesterov"),
       arg("prox_mu"), arg("global_params"), arg("scaffold_c"), arg("scaffold_ci"),
       arg("first_step"));
+  m.def(
+      "cuda_adam_step",
+      [](int device, uintptr_t stream, uintptr_t params, uintptr_t grads, uintptr_t exp_avg,
+         uintptr_t exp_avg_sq, uint64_t n, int64_t step, double lr, double beta1, double beta2,
+         double eps, double weight_decay, bool decoupled) {
+        if (step < 1) throw py::value_error("step must be >= 1, got " + std::to_string(step));
+        const cuda::AdamDeviceArgs a{lr, beta1, beta2, eps, weight_decay, step, decoupled};
+        py::gil_scoped_release release;
+        cuda::adam_step(device, stream, device_ptr<float>(params), device_ptr<const float>(grads),
+                        device_ptr<float>(exp_avg), device_ptr<float>(exp_avg_sq), n, a);
+      },
+      arg("device"), arg("stream"), arg("params"), arg("grads"), arg("exp_avg"),
+      arg("exp_avg_sq"), arg("n"), arg("step"), arg("lr"), arg("beta1"), arg("beta2"),
+      arg("eps"), arg("weight_decay"), arg("decoupled"));
 }
 #endif
 

@@ -113,3 +113,19 @@ def cuda_sgd_step(
     scaffold_ci: int,
     first_step: bool,
 ) -> None: ...
+def cuda_adam_step(
+    device: int,
+    stream: int,
+    params: int,
+    grads: int,
+    exp_avg: int,
+    exp_avg_sq: int,
+    n: int,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+) -> None: ...

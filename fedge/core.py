@@ -210,6 +210,31 @@ def _cuda_tensor(t: Any, name: str, dtypes: tuple[str, ...], device: Any = None)
     return t
 
 
+def _cuda_group(**tensors: Any) -> tuple[Any, int, dict[str, int]]:
+    """Checks float32 CUDA tensors of one length on one device (None = absent).
+
+    The first tensor sets the device and length. Returns (device, length,
+    {name: data_ptr or 0}).
+
+    Raises:
+        TypeError: a tensor that is not a float32 CUDA tensor.
+        ValueError: not 1-D/contiguous, another device, or another length.
+    """
+    names = list(tensors)
+    first = _cuda_tensor(tensors[names[0]], names[0], ("float32",))
+    ptrs: dict[str, int] = {}
+    for name in names:
+        t = tensors[name]
+        if t is None:
+            ptrs[name] = 0
+            continue
+        ct = _cuda_tensor(t, name, ("float32",), first.device)
+        if ct.numel() != first.numel():
+            raise ValueError(f"{name} has {ct.numel()} elements but {names[0]} has {first.numel()}")
+        ptrs[name] = ct.data_ptr()
+    return first.device, int(first.numel()), ptrs
+
+
 def _where(device: Any) -> tuple[int, int]:
     """(device index, current torch stream handle) for a CUDA device."""
     import torch
@@ -429,28 +454,14 @@ def sgd_step(
     gp = global_params if mu > 0 else None
     if _is_cuda_tensor(params):
         core = _cuda()
-        p = _cuda_tensor(params, "params", ("float32",))
-        dev = p.device
-        others = {
-            "grads": grads,
-            "momentum_buf": momentum_buf,
-            "global_params": gp,
-            "scaffold_c": scaffold_c,
-            "scaffold_ci": scaffold_ci,
-        }
-        ptrs: dict[str, int] = {}
-        for name, t in others.items():
-            if t is None:
-                ptrs[name] = 0
-                continue
-            ct = _cuda_tensor(t, name, ("float32",), dev)
-            if ct.numel() != p.numel():
-                raise ValueError(f"{name} has {ct.numel()} elements but params has {p.numel()}")
-            ptrs[name] = ct.data_ptr()
+        dev, n, ptr = _cuda_group(
+            params=params, grads=grads, momentum_buf=momentum_buf, global_params=gp,
+            scaffold_c=scaffold_c, scaffold_ci=scaffold_ci,
+        )  # fmt: skip
         core.cuda_sgd_step(
-            *_where(dev), p.data_ptr(), ptrs["grads"], ptrs["momentum_buf"], p.numel(), lr_, mom,
-            wd, damp, bool(nesterov), mu, ptrs["global_params"], ptrs["scaffold_c"],
-            ptrs["scaffold_ci"], bool(first_step),
+            *_where(dev), ptr["params"], ptr["grads"], ptr["momentum_buf"], n, lr_, mom, wd,
+            damp, bool(nesterov), mu, ptr["global_params"], ptr["scaffold_c"],
+            ptr["scaffold_ci"], bool(first_step),
         )  # fmt: skip
         return
     _core.sgd_step(
@@ -489,6 +500,7 @@ def adam_step(
     """One Adam step (AdamW when `decoupled`), in place; `step` counts from 1.
 
     Exactly torch.optim.Adam / torch.optim.AdamW (amsgrad off, maximize off).
+    All arrays may instead be CUDA tensors on one device.
 
     Raises:
         TypeError: an array of the wrong dtype or type.
@@ -505,6 +517,16 @@ def adam_step(
         raise ValueError(f"beta2 must be in [0, 1), got {b2}")
     e = _float(eps, "eps", positive=True)
     wd = _float(weight_decay, "weight_decay", nonneg=True)
+    if _is_cuda_tensor(params):
+        core = _cuda()
+        dev, n, ptr = _cuda_group(
+            params=params, grads=grads, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq
+        )
+        core.cuda_adam_step(
+            *_where(dev), ptr["params"], ptr["grads"], ptr["exp_avg"], ptr["exp_avg_sq"], n, s,
+            lr_, b1, b2, e, wd, bool(decoupled),
+        )  # fmt: skip
+        return
     _core.adam_step(
         _array(params, "params", np.float32, writable=True),
         _array(grads, "grads", np.float32),

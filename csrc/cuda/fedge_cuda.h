@@ -40,4 +40,13 @@ void sgd_step(int device, uintptr_t stream, float* params, const float* grads, f
               size_t n, const SgdDeviceArgs& a, const float* global_params,
               const float* scaffold_c, const float* scaffold_ci);
 
+struct AdamDeviceArgs {
+  double lr, beta1, beta2, eps, weight_decay;
+  int64_t step;
+  bool decoupled;
+};
+
+void adam_step(int device, uintptr_t stream, float* params, const float* grads, float* exp_avg,
+               float* exp_avg_sq, size_t n, const AdamDeviceArgs& a);
+
 }  // namespace fedge::cuda

@@ -1,5 +1,7 @@
 // The fused SGD step on the GPU: the same per-element double arithmetic as
 // train.cpp (compiled with --fmad=false), one thread per parameter.
+#include <cmath>
+
 #include "common.cuh"
 #include "fedge_cuda.h"
 
@@ -30,7 +32,38 @@ __global__ void sgd_kernel(float* params, const float* grads, float* momentum_bu
   }
 }
 
+__global__ void adam_kernel(float* params, const float* grads, float* exp_avg, float* exp_avg_sq,
+                            size_t n, AdamDeviceArgs a, double step_size, double bc2_sqrt,
+                            double decay) {
+  for (uint64_t i = blockIdx.x * uint64_t(blockDim.x) + threadIdx.x; i < n;
+       i += uint64_t(gridDim.x) * blockDim.x) {
+    double w = params[i];
+    double g = grads[i];
+    if (a.weight_decay != 0.0 && !a.decoupled) g += a.weight_decay * w;
+    w *= decay;
+    const float m = static_cast<float>(exp_avg[i] + (g - exp_avg[i]) * (1.0 - a.beta1));
+    const float v = static_cast<float>(a.beta2 * exp_avg_sq[i] + (1.0 - a.beta2) * g * g);
+    exp_avg[i] = m;
+    exp_avg_sq[i] = v;
+    const double denom = sqrt(static_cast<double>(v)) / bc2_sqrt + a.eps;
+    params[i] = static_cast<float>(w - step_size * static_cast<double>(m) / denom);
+  }
+}
+
 }  // namespace
+
+void adam_step(int device, uintptr_t stream, float* params, const float* grads, float* exp_avg,
+               float* exp_avg_sq, size_t n, const AdamDeviceArgs& a) {
+  if (n == 0) return;
+  FEDGE_CUDA_CHECK(cudaSetDevice(device));
+  // Host-side scalars exactly as train.cpp computes them.
+  const double bc1 = 1.0 - std::pow(a.beta1, static_cast<double>(a.step));
+  const double bc2 = 1.0 - std::pow(a.beta2, static_cast<double>(a.step));
+  const double decay = a.decoupled ? 1.0 - a.lr * a.weight_decay : 1.0;
+  adam_kernel<<<grid_for(n), kThreads, 0, as_stream(stream)>>>(
+      params, grads, exp_avg, exp_avg_sq, n, a, a.lr / bc1, std::sqrt(bc2), decay);
+  FEDGE_CUDA_CHECK(cudaGetLastError());
+}
 
 void sgd_step(int device, uintptr_t stream, float* params, const float* grads, float* momentum_buf,
               size_t n, const SgdDeviceArgs& a, const float* global_params,

@@ -76,3 +76,26 @@ def test_sgd_on_device_equals_cpu() -> None:
                       scaffold_ci=dev[5], first_step=first, **kw)  # fmt: skip
     np.testing.assert_array_equal(dev[0].cpu().numpy(), w)
     np.testing.assert_array_equal(dev[2].cpu().numpy(), buf)
+
+
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_adam_on_device_equals_cpu(decoupled: bool) -> None:
+    rng = np.random.default_rng(3)
+    w, g = (rng.standard_normal(10_001).astype(np.float32) for _ in range(2))
+    m, v = np.zeros_like(w), np.zeros_like(w)
+    dev = [torch.from_numpy(a.copy()).cuda() for a in (w, g, m, v)]
+    kw = {"lr": 1e-3, "weight_decay": 0.01, "decoupled": decoupled}
+    for step in (1, 2, 3):
+        core.adam_step(w, g, m, v, step=step, **kw)
+        core.adam_step(*dev, step=step, **kw)
+    # libm's and CUDA's sqrt are both correctly rounded; pow is computed on the host
+    np.testing.assert_array_equal(dev[0].cpu().numpy(), w)
+    np.testing.assert_array_equal(dev[3].cpu().numpy(), v)
+
+
+def test_device_operands_must_share_a_length() -> None:
+    p = torch.zeros(10, device="cuda")
+    with pytest.raises(ValueError, match="grads has 9 elements but params has 10"):
+        core.sgd_step(p, torch.zeros(9, device="cuda"), None, lr=0.1)
+    with pytest.raises(TypeError, match="grads must be a CUDA tensor"):
+        core.sgd_step(p, np.zeros(10, np.float32), None, lr=0.1)

@@ -370,12 +370,36 @@ class ServerSocket:
     def set_max_message_bytes(self, value: int | None) -> None:
         """Change ZMQ_MAXMSGSIZE (e.g. for a job's model size); applies to new connections.
 
+        libzmq copies socket options into the listener when it binds, so the
+        socket is re-bound to the same endpoint (connected peers keep their
+        connections and the limit they were accepted with; a client connecting
+        in that instant retries by itself).
+
         Raises:
             ValueError: not None or a positive int.
+            TransportError: the endpoint could not be bound again.
         """
-        self._max_message_bytes = check_max_message_bytes(value)
-        if self._sock is not None:
+        value = check_max_message_bytes(value)
+        if value == self._max_message_bytes:
+            return
+        self._max_message_bytes = value
+        if self._sock is not None and self.endpoint is not None:
             set_max_message_bytes(self._sock, value)
+            self._sock.unbind(self.endpoint)
+            # The IO thread closes the old listener asynchronously: retry
+            # briefly (milliseconds in practice) until the port is free.
+            deadline = time.monotonic() + 2.0
+            while True:
+                try:
+                    self._sock.bind(self.endpoint)
+                    return
+                except zmq.ZMQError as exc:
+                    if exc.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
+                        raise TransportError(
+                            f"cannot re-bind {self.endpoint} to apply "
+                            f"max_message_bytes={value}: {exc}"
+                        ) from None
+                    time.sleep(0.005)
 
     def _socket(self) -> zmq.asyncio.Socket:
         if self._sock is None or self._closed:

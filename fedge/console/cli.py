@@ -47,6 +47,10 @@ def register(subparsers: Any) -> None:
     s.add_argument("site")
     s.set_defaults(func=_cmd_revoke)
 
+    s = sub.add_parser("sync", help="tell the coordinator every enrolment, revocation and "
+                       "the current roster (after --offline enrolments)")
+    s.set_defaults(func=_cmd_sync)
+
     s = sub.add_parser("fleet", help="the appliances, their health and eligibility")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=_cmd_fleet)
@@ -167,6 +171,29 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
         store.revoke_site(args.site)
         _call(args, "revoke", {"site": args.site}, {"roster": store.roster().to_bytes()})
         print(f"revoked {args.site}: connection dropped, key refused from now on")
+        return 0
+
+    return _run(go, args)
+
+
+def _cmd_sync(args: argparse.Namespace) -> int:
+    def go(args: argparse.Namespace) -> int:
+        store = _store(args)
+        fleet, _ = _call(args, "fleet")
+        known = {a["site_id"]: a for a in fleet}
+        roster = {"roster": store.roster().to_bytes()}
+        for site, info in sorted(store.sites().items()):
+            have = known.get(site, {})
+            if info.get("revoked"):
+                if have and have.get("status") != "revoked":
+                    _call(args, "revoke", {"site": site}, roster)
+                    print(f"revoked {site}")
+            elif (have.get("status") != "enrolled"
+                  or have.get("curve_public_z85") != info["curve_public"]):
+                _call(args, "enrol", {"site": site, "curve_public": info["curve_public"],
+                                      "ed25519_public": info["ed25519_public"]}, roster)
+                print(f"enrolled {site}")
+        print(f"coordinator in sync: {len(store.active_sites())} active site(s)")
         return 0
 
     return _run(go, args)

@@ -164,7 +164,13 @@ class AdminService:
 
     def _op_enrol(self, op: Operator, args: dict, blobs: dict) -> tuple[Any, dict]:
         site = str(args["site"])
-        self.coordinator.enrol(site, str(args["curve_public"]),
+        curve_public = str(args["curve_public"])
+        known = {a["site_id"]: a for a in self.coordinator.fleet()}.get(site)
+        if known and known.get("status") == "revoked" and known.get(
+                "curve_public_z85") == curve_public:
+            raise ValueError(f"site {site!r} was revoked with this CURVE key; a revoked "
+                             "identity cannot rejoin — enrol it with a new identity")
+        self.coordinator.enrol(site, curve_public,
                                bytes.fromhex(str(args["ed25519_public"])),
                                actor=f"{ADMIN_ACTOR}:{op.name}")
         if "roster" in blobs:

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import threading
 from datetime import UTC, datetime
@@ -47,8 +46,9 @@ class AdminServer:
     def __init__(self, tmp_path, console_home=None) -> None:
         if console_home is None:
             port = free_port()
-            self.console = ConsoleStore.init(tmp_path / "console",
-                                             coordinator_endpoint=f"tcp://127.0.0.1:{port}")
+            self.console = ConsoleStore.init(
+                tmp_path / "console", coordinator_endpoint=f"tcp://127.0.0.1:{port}",
+                admin_endpoint=f"tcp://127.0.0.1:{free_port()}")
         else:
             self.console = ConsoleStore(console_home)
         prov = self.console.provision()
@@ -65,21 +65,28 @@ class AdminServer:
                                     send=lambda site, msg: self.sent.append((site, msg)))
         self.loop = asyncio.new_event_loop()
         ready = threading.Event()
+        self.failure: BaseException | None = None
 
         async def main() -> None:
             ev = asyncio.Event()
             self.task = asyncio.ensure_future(serve_admin(self.coordinator, config,
                                                           service=self.service, ready=ev,
                                                           tick_s=0.05))
-            await ev.wait()
-            ready.set()
-            with contextlib.suppress(asyncio.CancelledError):
+            waiter = asyncio.ensure_future(ev.wait())
+            await asyncio.wait([waiter, self.task], return_when=asyncio.FIRST_COMPLETED)
+            ready.set()  # started, or failed to start (self.task done)
+            try:
                 await self.task
+            except asyncio.CancelledError:
+                pass
+            except BaseException as exc:
+                self.failure = exc
 
         self.thread = threading.Thread(target=self.loop.run_until_complete, args=(main(),),
                                        daemon=True)
         self.thread.start()
-        assert ready.wait(10), "admin server did not start"
+        assert ready.wait(60), "admin server did not start within 60 s"
+        assert not self.task.done(), f"admin server failed to start: {self.failure!r}"
 
     def call_in_loop(self, fn, *args):
         """Run fn(*args) on the admin server's event loop thread and wait for it."""
@@ -129,4 +136,9 @@ def make_server(tmp_path):
 
 @pytest.fixture
 def port() -> int:
+    return free_port()
+
+
+@pytest.fixture
+def admin_port() -> int:
     return free_port()

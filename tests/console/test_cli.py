@@ -19,6 +19,7 @@ from fedge.agent.updates import (
 from fedge.cli import main
 from fedge.console.cli import push
 from fedge.console.client import AdminClient
+from fedge.console.store import ConsoleStore
 from fedge.serve.repository import ModelRepository
 
 PLAN = """
@@ -64,10 +65,12 @@ def test_init_through_the_real_command(tmp_path, port):
     assert r.returncode == 1 and "already holds a console" in r.stderr
 
 
-def test_enrol_fleet_jobs_revoke_from_the_command_line(tmp_path, port, make_server, capsys):
+def test_enrol_fleet_jobs_revoke_from_the_command_line(tmp_path, port, admin_port, make_server,
+                                                        capsys):
     home = tmp_path / "c"
     base = ["console", "--home", str(home), "--timeout", "5"]
-    assert main([*base, "init", "--coordinator", f"tcp://127.0.0.1:{port}"]) == 0
+    assert main([*base, "init", "--coordinator", f"tcp://127.0.0.1:{port}",
+                 "--admin-endpoint", f"tcp://127.0.0.1:{admin_port}"]) == 0
     server = make_server(home)
     for site in ("hospital-a", "hospital-b"):
         assert main([*base, "enrol", site]) == 0
@@ -185,3 +188,30 @@ def test_jobs_fetch_downloads_the_results(tmp_path, make_server, capsys):
     assert (out / job / "final.onnx").read_bytes() == model(1.5)
     assert main([*base, "jobs", "fetch", "job-nope", "--out", str(out)]) == 1
     assert "jobs_fetch" in capsys.readouterr().err
+
+
+def test_offline_enrolment_then_sync_and_a_revoked_key_cannot_rejoin(make_server, capsys):
+    server = make_server()
+    base = ["console", "--home", str(server.console.home), "--timeout", "5"]
+    assert main([*base, "enrol", "h1", "--offline"]) == 0
+    assert server.coordinator.fleet() == []  # not told yet
+    assert main([*base, "sync"]) == 0
+    assert "enrolled h1" in capsys.readouterr().out
+    assert [a["site_id"] for a in server.coordinator.fleet()] == ["h1"]
+    assert main([*base, "sync"]) == 0  # idempotent
+    assert "enrolled h1" not in capsys.readouterr().out
+    old = ConsoleStore(server.console.home).sites()["h1"]  # as the CLI wrote it
+    assert main([*base, "revoke", "h1"]) == 0
+    # replaying the old identity's enrolment is refused by the coordinator
+    client = AdminClient.from_store(server.console, "admin", timeout_s=5)
+    import pytest
+
+    from fedge.console.client import AdminError
+
+    with pytest.raises(AdminError, match="cannot rejoin"):
+        client.call("enrol", {"site": "h1", "curve_public": old["curve_public"],
+                              "ed25519_public": old["ed25519_public"]})
+    # a new identity for the same site is fine
+    assert main([*base, "enrol", "h1"]) == 0
+    assert server.coordinator.fleet()[0]["status"] == "enrolled"
+    assert server.coordinator.fleet()[0]["curve_public_z85"] != old["curve_public"]

@@ -368,12 +368,13 @@ class ServerSocket:
         return self._max_message_bytes
 
     def set_max_message_bytes(self, value: int | None) -> None:
-        """Change ZMQ_MAXMSGSIZE (e.g. for a job's model size); applies to new connections.
+        """Change ZMQ_MAXMSGSIZE (e.g. for a job's model size) for every connection.
 
         libzmq copies socket options into the listener when it binds, so the
-        socket is re-bound to the same endpoint (connected peers keep their
-        connections and the limit they were accepted with; a client connecting
-        in that instant retries by itself).
+        socket is re-bound to the same endpoint.  That closes the connections
+        the old listener accepted; clients reconnect by themselves within their
+        reconnect interval, under the new limit.  Messages in flight at that
+        moment may be lost: change it between rounds (e.g. when a job starts).
 
         Raises:
             ValueError: not None or a positive int.

@@ -1,7 +1,7 @@
 """Hypothesis fuzzing of the decoder: whatever arrives, decode returns a valid
 message or raises a WireError — never another exception, never a crash.
 
-Together these run well over 10 000 examples in the normal test run.
+Together with test_wire_vocabulary these run 12 000 examples in the normal test run.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def test_random_frames(frames: list[bytes]) -> None:
     _decode_or_wire_error(frames)
 
 
-@settings(FAST, max_examples=3000)
+@settings(FAST, max_examples=2500)
 @given(header_maps, msgpack_values, st.lists(st.binary(max_size=80), max_size=4))
 def test_structured_garbage(h: dict[str, Any], body: Any, tensors: list[bytes]) -> None:
     _decode_or_wire_error([msgpack.packb(h), msgpack.packb(body), *tensors])
@@ -109,7 +109,7 @@ def mutated(draw: st.DrawFn) -> list[bytes]:
     return frames
 
 
-@settings(FAST, max_examples=4000)
+@settings(FAST, max_examples=3500)
 @given(mutated())
 def test_mutated_valid_messages(frames: list[bytes]) -> None:
     _decode_or_wire_error(frames)

@@ -62,17 +62,21 @@ def _sample(fn, reps: int) -> float:  # type: ignore[no-untyped-def]
     return (time.perf_counter() - t0) / reps
 
 
-def interleaved_per_call(fns: dict[str, object], budget_s: float) -> dict[str, float]:
-    """Median per-call time of each function, their samples taken round-robin.
+def interleaved_per_call(fns: dict[str, tuple], budget_s: float) -> dict[str, float]:  # type: ignore[type-arg]
+    """Median per-call time of each (setup, function), samples taken round-robin.
 
     Interleaving puts every candidate under the same background load (this
     machine is shared), so ratios are steadier than runs one after another.
     """
-    reps = {k: _reps(f) for k, f in fns.items()}
+    reps = {}
+    for k, (setup, f) in fns.items():
+        setup()
+        reps[k] = _reps(f)
     samples: dict[str, list[float]] = {k: [] for k in fns}
     end = time.perf_counter() + len(fns) * budget_s
     while time.perf_counter() < end or min(len(v) for v in samples.values()) < 7:
-        for k, f in fns.items():
+        for k, (setup, f) in fns.items():
+            setup()
             samples[k].append(_sample(f, reps[k]))
     return {k: statistics.median(v) for k, v in samples.items()}
 
@@ -90,16 +94,13 @@ def in_process(model: torch.nn.Module, path: Path, shape: tuple[int, ...],
                                         providers=["CPUExecutionProvider"])
                 for n in sorted({1, threads})}
 
-    def torch_call(n: int):  # type: ignore[no-untyped-def]
-        def call() -> np.ndarray:
-            torch.set_num_threads(n)
-            return model(torch.from_numpy(x)).numpy()
-        return call
+    def torch_call() -> np.ndarray:
+        return model(torch.from_numpy(x)).numpy()
 
-    fns: dict[str, object] = {}
+    fns: dict[str, tuple[object, object]] = {}
     for n, sess in sessions.items():
-        fns[f"ort{n}"] = (lambda s: lambda: s.run(["output"], {"input": x}))(sess)
-        fns[f"torch{n}"] = torch_call(n)
+        fns[f"ort{n}"] = (lambda: None, (lambda s: lambda: s.run(["output"], {"input": x}))(sess))
+        fns[f"torch{n}"] = ((lambda k: lambda: torch.set_num_threads(k))(n), torch_call)
     with torch.inference_mode():
         t = interleaved_per_call(fns, budget_s / len(sessions))
     torch.set_num_threads(threads)
@@ -239,6 +240,16 @@ def main() -> int:
                     print(f"server {name:4s} batch {batch:2d}: {rps:8.0f} req/s  p50 {p50:6.2f} ms"
                           f"  p99 {p99:6.2f} ms  p50 / in-process ort = {overhead:6.1f}x  "
                           f"({len(lat)} requests, {len(errors)} errors)")
+            # the floor: one client, no queueing, the same Cox request
+            x = np.random.default_rng(1).standard_normal((1, *MODELS["cox"][1]))
+            lat, errors, span = asyncio.run(
+                load(port, request_bytes("cox", x.astype(np.float32)), 1, load_s / 2)
+            )
+            p50_1 = float(np.percentile(np.asarray(lat) * 1e3, 50))
+            results["server_p50_ms_1client"] = p50_1
+            results["server_errors_1client"] = float(len(errors))
+            print(f"server cox  batch  1, one client: p50 {p50_1:6.3f} ms  "
+                  f"p50 / in-process ort = {p50_1 / 1e3 / anchors[('cox', 1)]:6.1f}x")
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -252,6 +263,7 @@ def main() -> int:
         f"server_p99_ms={results['server_p99_ms_cox_b1']:.2f} "
         f"server_rps={results['server_rps_cox_b1']:.0f} "
         f"server_p50_ms={results['server_p50_ms_cox_b1']:.2f} "
+        f"server_p50_ms_1client={results['server_p50_ms_1client']:.3f} "
         f"ort_vs_torch_cnn_b1={results['ort_vs_torch_cnn_b1']:.2f} "
         f"ort_vs_torch_cox_b64={results['ort_vs_torch_cox_b64']:.2f} "
         f"ort_vs_torch_cnn_b64={results['ort_vs_torch_cnn_b64']:.2f} "

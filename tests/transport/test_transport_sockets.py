@@ -426,3 +426,39 @@ def test_max_message_bytes_set_for_a_job_applies_to_all_connections() -> None:
             await h.close()
 
     run(main())
+
+
+def test_client_replaces_its_socket_when_a_live_server_goes_silent() -> None:
+    """A server that completes the handshake (and answers ZMTP pings) but never
+    sends fedge heartbeats: the client's own heartbeat monitor gives up on it,
+    reports heartbeat_timeout and makes a fresh socket."""
+
+    async def main() -> None:
+        import zmq
+        import zmq.asyncio
+
+        server_keys, agent = CurveKeyPair.generate(), CurveKeyPair.generate()
+        ctx = zmq.asyncio.Context()
+        silent = ctx.socket(zmq.ROUTER)
+        silent.curve_server = True
+        silent.curve_secretkey = (server_keys.secret or "").encode()
+        silent.curve_publickey = server_keys.public.encode()
+        port = silent.bind_to_random_port("tcp://127.0.0.1")
+        events: list[ClientEvent] = []
+        client = ClientSocket(agent, server_keys.public, f"tcp://127.0.0.1:{port}",
+                              heartbeat=HeartbeatConfig(interval=0.1, timeout=0.4),
+                              backoff=fast_backoff(), on_event=events.append)
+        client.start()
+        try:
+            await client.wait_connected(5)
+            await wait_until(lambda: any(e.kind == "heartbeat_timeout" for e in events), 5)
+            await wait_until(lambda: [e.kind for e in events].count("connected") >= 2, 5)
+            kinds = [e.kind for e in events]
+            assert kinds.index("heartbeat_timeout") < kinds.index("reconnecting")
+            assert client.connections >= 2
+        finally:
+            await client.close()
+            silent.close(linger=0)
+            ctx.term()
+
+    run(main())

@@ -264,6 +264,14 @@ def run(cfg: AgentConfig, *, connect_timeout_s: float | None = None) -> int:
     executor: Executor = ThreadPoolExecutor(cfg.workers, thread_name_prefix="fedge-task")
     agent = Agent(enrolled.site, trainer, identity=enrolled.identity, roster=enrolled.roster,
                   executor=executor, health=health_probe(cfg))
+    # Signed updates (console/updates engineer): UpdateAvailable / fetch replies go to
+    # the TUF client; models install into <state_dir>/models for `fedge serve`.
+    from fedge.agent.updates import attach_update_client
+
+    try:
+        attach_update_client(agent, cfg.state_dir)
+    except FileNotFoundError as exc:  # enrolled without a TUF root: no signed updates
+        log.warning("signed updates disabled: %s", exc)
 
     async def main() -> int:
         stop = asyncio.Event()

@@ -33,41 +33,6 @@ pytestmark = pytest.mark.e2e
 
 SITES = ("h1", "h2", "h3")
 
-# The agent process as `fedge agent` runs it, with the update client attached
-# (fedge.agent.updates.attach_update_client) so UpdateAvailable is acted on.
-AGENT_MAIN = r"""
-import asyncio, signal, sys
-from concurrent.futures import ThreadPoolExecutor
-from fedge.agent.process import load_config, load_enrolled, run_agent
-from fedge.agent.runtime import Agent
-from fedge.agent.trainer import TorchTrainer
-from fedge.agent.updates import attach_update_client
-
-cfg = load_config(sys.argv[1])
-connect_timeout = float(sys.argv[2]) if len(sys.argv) > 2 else None
-enrolled = load_enrolled(cfg.state_dir)
-agent = Agent(enrolled.site, TorchTrainer(cfg.datasets), identity=enrolled.identity,
-              roster=enrolled.roster, executor=ThreadPoolExecutor(1))
-attach_update_client(agent, cfg.state_dir, reply_timeout_s=10)
-
-async def main():
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    return await run_agent(agent, enrolled, interval_s=cfg.heartbeat_interval_s,
-                           timeout_s=cfg.heartbeat_timeout_s, stop=stop,
-                           connect_timeout_s=connect_timeout)
-
-sys.exit(asyncio.run(main()))
-"""
-
-COORDINATOR_MAIN = r"""
-import sys
-from fedge.coordinator.config import load_config
-from fedge.coordinator.process import run
-sys.exit(run(load_config(sys.argv[1])))
-"""
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -115,14 +80,15 @@ class Federation:
             f'provision = "{self.console.home / "coordinator-provision.json"}"\n'
             "tick_s = 0.02\n[heartbeat]\ninterval_s = 0.5\ntimeout_s = 3.0\n"
             f'[admin]\nendpoint = "tcp://127.0.0.1:{admin_port}"\n')
-        self.coordinator = self.spawn("coordinator", COORDINATOR_MAIN, str(cfg))
+        self.coordinator = self.spawn("coordinator", "coordinator", "--config", str(cfg))
         self.admin = AdminClient.from_store(self.console, "admin", timeout_s=10)
         wait_for("the admin channel", lambda: self.admin.call("whoami")[0], 30)
         self.agents: dict[str, subprocess.Popen] = {}
 
-    def spawn(self, name: str, code: str, *args: str) -> subprocess.Popen:
+    def spawn(self, name: str, *fedge_args: str) -> subprocess.Popen:
+        """Run `fedge ARGS…` (the real command) with its output in <name>.log."""
         log = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
-        p = subprocess.Popen([sys.executable, "-c", code, *args], stdout=log,
+        p = subprocess.Popen([sys.executable, "-m", "fedge.cli", *fedge_args], stdout=log,
                              stderr=subprocess.STDOUT, env=self.env)
         self.procs.append(p)
         return p
@@ -141,7 +107,8 @@ class Federation:
         return state
 
     def start_agent(self, site: str, *extra: str) -> subprocess.Popen:
-        p = self.spawn(f"agent-{site}", AGENT_MAIN, str(self.tmp / f"{site}.toml"), *extra)
+        p = self.spawn(f"agent-{site}", "agent", "--config", str(self.tmp / f"{site}.toml"),
+                       *extra)
         self.agents[site] = p
         return p
 
@@ -229,6 +196,6 @@ def test_revoked_appliance_is_dropped_and_refused_on_its_next_connection(federat
     # the same appliance restarts with its keys: refused, it gives up with status 3
     fed.agents["h2"].terminate()
     fed.agents["h2"].wait(10)
-    again = fed.start_agent("h2", "5")
+    again = fed.start_agent("h2", "--connect-timeout", "5")
     assert again.wait(30) == 3, fed.log("agent-h2")
     assert fed.connected() == {"h1"}

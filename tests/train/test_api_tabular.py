@@ -109,7 +109,7 @@ def test_bad_inputs_are_refused_with_named_parameter(tcga_dir: Path) -> None:
     with pytest.raises(ValueError, match=r"train\.lr"):
         TrainConfig.from_dict({"lr": -1.0})
     with pytest.raises(ValueError, match="unknown key"):
-        TrainConfig.from_dict({"learning_rate": 0.1})
+        TrainConfig.from_dict({"learnin_rate": 0.1})
     with pytest.raises(ValueError, match="no 'val' split"):
         evaluate(COX, np.zeros(40, np.float32), data, "val")
     with pytest.raises(ValueError, match="not a Cox model"):
@@ -118,3 +118,16 @@ def test_bad_inputs_are_refused_with_named_parameter(tcga_dir: Path) -> None:
         DatasetSpec.from_config(
             {"name": "x", "kind": "fed_tcga_brca", "path": str(tcga_dir), "site": 7}
         )
+
+
+def test_cindex_left_out_not_nan_when_a_split_has_no_event(tcga_dir: Path) -> None:
+    data = _site(tcga_dir, 5, val_fraction=0.0)
+    data.test.y[:, 0] = 0.0  # every test patient censored: no comparable pair
+    m = evaluate(COX, np.zeros(40, np.float32), data, "test").metrics
+    assert "c_index" not in m and all(np.isfinite(v) for v in m.values())
+
+
+def test_train_config_accepts_the_plans_learning_rate_spelling() -> None:
+    assert TrainConfig.from_dict({"learning_rate": 0.02, "steps": 5}).lr == 0.02
+    with pytest.raises(ValueError, match="not both"):
+        TrainConfig.from_dict({"learning_rate": 0.02, "lr": 0.1})

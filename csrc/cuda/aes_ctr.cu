@@ -1,6 +1,8 @@
 // PRG and masks on the GPU. One thread per 16-byte keystream block; the
 // block's words land at vector indices 4j - offset_words + {0..3}, so an
 // offset that is not a multiple of 4 needs no special head or tail.
+#include <vector>
+
 #include "common.cuh"
 #include "fedge_cuda.h"
 
@@ -72,7 +74,7 @@ int device_count() noexcept {
 void prg(int device, uintptr_t stream, const RoundKeys& key, uint64_t offset_words, uint32_t* out,
          size_t n) {
   if (n == 0) return;
-  FEDGE_CUDA_CHECK(cudaSetDevice(device));
+  const DeviceGuard guard(device);
   const size_t nblocks = (offset_words + n + 3) / 4 - offset_words / 4;
   prg_kernel<<<grid_for(nblocks), kThreads, 0, as_stream(stream)>>>(device_key(key), offset_words,
                                                                      out, n);
@@ -82,18 +84,18 @@ void prg(int device, uintptr_t stream, const RoundKeys& key, uint64_t offset_wor
 void apply_masks(int device, uintptr_t stream, const RoundKeys* keys, const int* signs, size_t k,
                  uint64_t offset_words, uint32_t* vec, size_t n) {
   if (n == 0 || k == 0) return;
-  FEDGE_CUDA_CHECK(cudaSetDevice(device));
+  const DeviceGuard guard(device);
   const cudaStream_t st = as_stream(stream);
   const size_t nblocks = (offset_words + n + 3) / 4 - offset_words / 4;
   DeviceKey* dkeys = nullptr;
   int* dsigns = nullptr;
   FEDGE_CUDA_CHECK(cudaMallocAsync(&dkeys, k * sizeof(DeviceKey), st));
   FEDGE_CUDA_CHECK(cudaMallocAsync(&dsigns, k * sizeof(int), st));
+  std::vector<DeviceKey> host_keys(k);
+  for (size_t i = 0; i < k; ++i) host_keys[i] = device_key(keys[i]);
   // Pageable host memory: cudaMemcpyAsync has staged the data when it returns.
-  for (size_t i = 0; i < k; ++i) {
-    const DeviceKey dk = device_key(keys[i]);
-    FEDGE_CUDA_CHECK(cudaMemcpyAsync(dkeys + i, &dk, sizeof dk, cudaMemcpyHostToDevice, st));
-  }
+  FEDGE_CUDA_CHECK(cudaMemcpyAsync(dkeys, host_keys.data(), k * sizeof(DeviceKey),
+                                   cudaMemcpyHostToDevice, st));
   FEDGE_CUDA_CHECK(cudaMemcpyAsync(dsigns, signs, k * sizeof(int), cudaMemcpyHostToDevice, st));
   for (size_t s = 0; s < k; s += kKeysPerLaunch) {
     const int cnt = static_cast<int>(k - s < kKeysPerLaunch ? k - s : kKeysPerLaunch);

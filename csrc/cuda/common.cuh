@@ -119,6 +119,22 @@ __device__ inline void aes_ctr_block(const AesTables& t, const uint32_t* rk, uin
   out[3] = __byte_perm(c3, 0, 0x0123);
 }
 
+// Makes `device` current for the call and restores the caller's device after:
+// torch (with its own CUDA runtime) shares the thread's current context.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    FEDGE_CUDA_CHECK(cudaGetDevice(&previous_));
+    if (previous_ != device) FEDGE_CUDA_CHECK(cudaSetDevice(device));
+  }
+  ~DeviceGuard() { (void)cudaSetDevice(previous_); }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+};
+
 inline cudaStream_t as_stream(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
 
 // Grid for `items` work items with kThreads per block, capped so that the

@@ -49,7 +49,7 @@ __global__ void dequantise_kernel(const uint32_t* total, double* out, size_t n, 
 bool quantise(int device, uintptr_t stream, const float* x, uint32_t* out, size_t n, double clip,
               double scale, uint32_t qmax, const RoundKeys& key) {
   if (n == 0) return true;
-  FEDGE_CUDA_CHECK(cudaSetDevice(device));
+  const DeviceGuard guard(device);
   const cudaStream_t st = as_stream(stream);
   unsigned* bad = nullptr;
   FEDGE_CUDA_CHECK(cudaMallocAsync(&bad, sizeof(unsigned), st));
@@ -67,7 +67,7 @@ bool quantise(int device, uintptr_t stream, const float* x, uint32_t* out, size_
 void dequantise(int device, uintptr_t stream, const uint32_t* total, double* out, size_t n,
                 double scale, double shift) {
   if (n == 0) return;
-  FEDGE_CUDA_CHECK(cudaSetDevice(device));
+  const DeviceGuard guard(device);
   dequantise_kernel<<<grid_for(n), kThreads, 0, as_stream(stream)>>>(total, out, n, scale, shift);
   FEDGE_CUDA_CHECK(cudaGetLastError());
 }

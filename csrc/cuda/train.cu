@@ -55,7 +55,7 @@ __global__ void adam_kernel(float* params, const float* grads, float* exp_avg, f
 void adam_step(int device, uintptr_t stream, float* params, const float* grads, float* exp_avg,
                float* exp_avg_sq, size_t n, const AdamDeviceArgs& a) {
   if (n == 0) return;
-  FEDGE_CUDA_CHECK(cudaSetDevice(device));
+  const DeviceGuard guard(device);
   // Host-side scalars exactly as train.cpp computes them.
   const double bc1 = 1.0 - std::pow(a.beta1, static_cast<double>(a.step));
   const double bc2 = 1.0 - std::pow(a.beta2, static_cast<double>(a.step));
@@ -69,7 +69,7 @@ void sgd_step(int device, uintptr_t stream, float* params, const float* grads, f
               size_t n, const SgdDeviceArgs& a, const float* global_params,
               const float* scaffold_c, const float* scaffold_ci) {
   if (n == 0) return;
-  FEDGE_CUDA_CHECK(cudaSetDevice(device));
+  const DeviceGuard guard(device);
   sgd_kernel<<<grid_for(n), kThreads, 0, as_stream(stream)>>>(params, grads, momentum_buf, n, a,
                                                                global_params, scaffold_c,
                                                                scaffold_ci);

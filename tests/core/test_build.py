@@ -53,7 +53,7 @@ def test_module_imports_and_reports_without_a_gpu() -> None:
     if shutil.which("nvcc") is not None:
         assert info["cuda_compiled"] is True  # AUTO picked nvcc up
     if info["gpus"] == 0 and info["cuda_compiled"]:
-        with pytest.raises(RuntimeError, match=r"CUDA error at .*\.cu:\d+"):
+        with pytest.raises(RuntimeError, match=r"CUDA error at .*\.cuh?:\d+"):
             core._core.cuda_prg(0, 0, 0, 4, bytes(16), 0)
 
 

@@ -43,6 +43,11 @@ Appliance (DEALER, CURVE client pinned to the coordinator key)::
     await client.send(frames); frames = await client.recv(timeout=5)
     await client.close()
 
+The client's decisions (when it is connected, when to give up on a silent
+server, when and after how long to make a new socket) are the sans-I/O
+``ClientConnection`` in :mod:`fedge.transport.connection`, whose
+``TRANSITIONS`` table is the single definition of its states.
+
 Heartbeats are one-frame ``HEARTBEAT_FRAME`` messages consumed by the sockets
 (plus ZMTP heartbeats); ``HeartbeatMonitor`` is the sans-I/O bookkeeping
 (``seen``, ``expired(now)``, ``send_due(now)``).  ``Backoff`` gives jittered
@@ -53,7 +58,8 @@ sender's array to the receiver's array view without a Python-level copy.
 
 from fedge.transport._sockopts import CURVE_FRAME_OVERHEAD, message_limit_for_model
 from fedge.transport.backoff import Backoff
-from fedge.transport.client import ClientEvent, ClientSocket
+from fedge.transport.client import ClientSocket
+from fedge.transport.connection import TRANSITIONS, ClientConnection, ClientEvent
 from fedge.transport.errors import HandshakeFailed, KeyFileError, NotConnected, TransportError
 from fedge.transport.heartbeat import HEARTBEAT_FRAME, HeartbeatConfig, HeartbeatMonitor
 from fedge.transport.keys import (
@@ -68,7 +74,9 @@ from fedge.transport.server import Incoming, Peer, Refusal, ServerSocket
 __all__ = [
     "CURVE_FRAME_OVERHEAD",
     "HEARTBEAT_FRAME",
+    "TRANSITIONS",
     "Backoff",
+    "ClientConnection",
     "ClientEvent",
     "ClientSocket",
     "CurveKeyPair",

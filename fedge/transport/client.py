@@ -1,25 +1,17 @@
 """The agent's socket: DEALER, CURVE client pinned to the coordinator's key.
 
-Theory of operation
--------------------
-A supervisor task owns the DEALER socket and recreates it when needed.  The
-socket's monitor reports the CurveZMQ handshake:
-
-* ``HANDSHAKE_SUCCEEDED`` — connected; back-off reset, a heartbeat is sent at
-  once so the server learns of us.
-* ``HANDSHAKE_FAILED_AUTH`` — the server's ZAP handler refused our key (not
-  enrolled, or revoked): a :class:`HandshakeFailed` of kind ``"refused"``.
-* ``HANDSHAKE_FAILED_NO_DETAIL`` / ``_PROTOCOL`` — the server could not
-  complete the handshake for the key we pinned, i.e. it does not hold that
-  key's secret (an impostor, or a wrong coordinator key in our config):
-  kind ``"impostor"``.  CURVE guarantees no application data reaches it.
-
-After a failure, or when the server has been silent for the heartbeat timeout,
-the socket is closed and a new one made after ``Backoff.next_delay()``
-(exponential, jittered); libzmq's own TCP reconnects (ZMQ_RECONNECT_IVL/_MAX)
-cover plain connection loss.  Every state change goes to ``on_event``.
-ZMQ_IMMEDIATE is set, so nothing is queued for a connection whose handshake
-has not succeeded: :meth:`send` waits until connected.
+A supervisor task owns the DEALER socket and carries out what the sans-I/O
+:class:`~fedge.transport.connection.ClientConnection` decides (see its
+transition table): the socket monitor's handshake events go in
+(``HANDSHAKE_SUCCEEDED``; ``HANDSHAKE_FAILED_AUTH`` — the coordinator refused
+our key; ``HANDSHAKE_FAILED_NO_DETAIL``/``_PROTOCOL`` — the server does not
+hold the pinned key's secret, an impostor), and so do received-message times
+and clock ticks; out come heartbeats, socket replacement after a jittered
+exponential back-off, and :class:`ClientEvent` reports to ``on_event``.
+libzmq's own TCP reconnects (ZMQ_RECONNECT_IVL/_MAX) cover plain connection
+loss.  ZMQ_IMMEDIATE is set, so nothing is queued for a connection whose
+handshake has not succeeded: :meth:`ClientSocket.send` waits until connected,
+and CURVE guarantees nothing reaches an impostor.
 """
 
 from __future__ import annotations
@@ -29,7 +21,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import zmq
@@ -37,48 +28,20 @@ import zmq.asyncio
 
 from fedge.transport._sockopts import apply_common, check_max_message_bytes, parse_event
 from fedge.transport.backoff import Backoff
+from fedge.transport.connection import (
+    ClientConnection,
+    ClientEvent,
+    ReplaceSocket,
+    Report,
+    SendHeartbeat,
+)
 from fedge.transport.errors import HandshakeFailed, KeyFileError, NotConnected
-from fedge.transport.heartbeat import HEARTBEAT_FRAME, HeartbeatConfig, HeartbeatMonitor
+from fedge.transport.heartbeat import HEARTBEAT_FRAME, HeartbeatConfig
 from fedge.transport.keys import CurveKeyPair, check_public_key
 
 __all__ = ["ClientEvent", "ClientSocket"]
 
 log = logging.getLogger("fedge.transport.client")
-
-_SERVER = "server"
-
-
-@dataclass(frozen=True)
-class ClientEvent:
-    """A connection state change: ``kind`` is one of ``connected``,
-    ``handshake_failed`` (``failure`` set), ``heartbeat_timeout``,
-    ``disconnected``, ``reconnecting`` (``delay`` set), ``closed``."""
-
-    kind: str
-    detail: str = ""
-    failure: HandshakeFailed | None = None
-    delay: float | None = None
-
-
-_FAILURES = {
-    "HANDSHAKE_FAILED_AUTH": (
-        "refused",
-        "the coordinator refused our CURVE key (ZAP status {value}): this appliance is "
-        "not enrolled or was revoked",
-    ),
-    "HANDSHAKE_FAILED_NO_DETAIL": (
-        "impostor",
-        "CURVE handshake with {endpoint} failed: the server there does not hold the secret "
-        "of the pinned coordinator key {key}... (impostor, or wrong coordinator key in our "
-        "config); refusing to talk to it",
-    ),
-    "HANDSHAKE_FAILED_PROTOCOL": (
-        "impostor",
-        "CURVE handshake with {endpoint} failed with a protocol error (code {value}): it is "
-        "not the coordinator whose key {key}... we pinned; refusing to talk to it",
-    ),
-}
-
 
 class ClientSocket:
     """DEALER + CURVE client + heartbeats + reconnect.  Use inside a running loop.
@@ -117,11 +80,28 @@ class ClientSocket:
         self._sock: zmq.asyncio.Socket | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
-        self.state = "idle"  # idle, connecting, connected, failed, backoff, closed
-        self.last_failure: HandshakeFailed | None = None
-        self.failures = 0
-        self.connections = 0
-        self._hb: HeartbeatMonitor | None = None
+        self._conn = ClientConnection(self.heartbeat, self.backoff, endpoint=endpoint,
+                                      server_key=self.server_key)
+        self._started = False
+
+    @property
+    def state(self) -> str:
+        """``idle`` before start, then ``connecting``, ``connected``, ``backoff``, ``closed``."""
+        return self._conn.state if self._started else "idle"
+
+    @property
+    def last_failure(self) -> HandshakeFailed | None:
+        return self._conn.last_failure
+
+    @property
+    def failures(self) -> int:
+        """Handshake failures so far."""
+        return self._conn.failures
+
+    @property
+    def connections(self) -> int:
+        """Successful handshakes so far."""
+        return self._conn.connections
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -134,6 +114,7 @@ class ClientSocket:
         if self._supervisor is not None:
             raise RuntimeError("ClientSocket already started")
         self._ctx = zmq.asyncio.Context()
+        self._started = True
         self._supervisor = asyncio.ensure_future(self._supervise())
 
     async def close(self) -> None:
@@ -149,7 +130,8 @@ class ClientSocket:
         while not self._queue.empty():
             self._queue.get_nowait()
         self._queue.put_nowait(None)
-        self._set_state("closed", ClientEvent("closed"))
+        self._started = True
+        self._apply(self._conn.event("close", time.monotonic()), None)
 
     async def __aenter__(self) -> ClientSocket:
         self.start()
@@ -158,17 +140,29 @@ class ClientSocket:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def _set_state(self, state: str, event: ClientEvent | None = None) -> None:
-        self.state = state
-        self._changed.set()
-        self._changed = asyncio.Event()
-        if event is not None:
-            log.info("transport client: %s %s", event.kind, event.detail)
-            if self.on_event is not None:
-                try:
-                    self.on_event(event)
-                except Exception:
-                    log.exception("on_event callback failed")
+    def _apply(self, actions: list[Any], sock: zmq.asyncio.Socket | None) -> ReplaceSocket | None:
+        """Carry out the state machine's actions; returns a ReplaceSocket if one came."""
+        replace = None
+        for action in actions:
+            if isinstance(action, SendHeartbeat) and sock is not None:
+                # A synchronous shadow: a NOBLOCK failure raises here, not on an
+                # unawaited future.
+                with contextlib.suppress(zmq.ZMQError):
+                    zmq.Socket.shadow(sock.underlying).send(HEARTBEAT_FRAME, flags=zmq.NOBLOCK)
+            elif isinstance(action, ReplaceSocket):
+                replace = action
+            elif isinstance(action, Report):
+                event = action.event
+                log.info("transport client: %s %s", event.kind, event.detail)
+                if self.on_event is not None:
+                    try:
+                        self.on_event(event)
+                    except Exception:
+                        log.exception("on_event callback failed")
+        if actions:
+            self._changed.set()
+            self._changed = asyncio.Event()
+        return replace
 
     async def wait_connected(self, timeout: float) -> None:
         """Wait until the handshake succeeds.
@@ -275,10 +269,9 @@ class ClientSocket:
         while True:
             sock, monitor = self._make_socket()
             self._sock = sock
-            self._set_state("connecting")
             reader = asyncio.ensure_future(self._read(sock))
             try:
-                reason = await self._run_connection(sock, monitor)
+                replace = await self._run_connection(sock, monitor)
             finally:
                 reader.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -287,14 +280,13 @@ class ClientSocket:
                 sock.disable_monitor()
                 monitor.close(linger=0)
                 sock.close(linger=0)
-            delay = self.backoff.next_delay()
-            self._set_state("backoff", ClientEvent("reconnecting", reason, delay=delay))
-            await asyncio.sleep(delay)
+            await asyncio.sleep(replace.delay)
+            self._apply(self._conn.event("backoff_elapsed", time.monotonic()), None)
 
-    async def _run_connection(self, sock: zmq.asyncio.Socket, monitor: zmq.asyncio.Socket) -> str:
-        """Runs until this socket should be replaced; returns why."""
-        hb = HeartbeatMonitor(self.heartbeat)
-        self._hb = hb
+    async def _run_connection(
+        self, sock: zmq.asyncio.Socket, monitor: zmq.asyncio.Socket
+    ) -> ReplaceSocket:
+        """Feeds the state machine until it asks for a new socket."""
         tick = self.heartbeat.interval / 2
         pending = asyncio.ensure_future(monitor.recv_multipart())
         try:
@@ -304,48 +296,19 @@ class ClientSocket:
                 if pending in done:
                     name, value = parse_event(pending.result())
                     pending = asyncio.ensure_future(monitor.recv_multipart())
-                    if name == "HANDSHAKE_SUCCEEDED":
-                        self.connections += 1
-                        self.backoff.reset()
-                        hb.seen(_SERVER, now)
-                        self._set_state("connected", ClientEvent("connected", self.endpoint))
-                        self._send_heartbeat(sock, hb, now)
-                    elif name in _FAILURES:
-                        kind, text = _FAILURES[name]
-                        failure = HandshakeFailed(kind, text.format(
-                            value=value, endpoint=self.endpoint, key=self.server_key[:8]))
-                        self.last_failure = failure
-                        self.failures += 1
-                        self._set_state("failed", ClientEvent(
-                            "handshake_failed", failure.reason, failure=failure))
-                        return failure.reason
-                    elif name == "DISCONNECTED" and self.state == "connected":
-                        hb.forget(_SERVER)
-                        self._set_state("connecting", ClientEvent("disconnected", self.endpoint))
-                if self.state == "connected":
-                    if _SERVER in hb.expired(now):
-                        self._set_state("connecting", ClientEvent(
-                            "heartbeat_timeout",
-                            f"no message from {self.endpoint} for {self.heartbeat.timeout} s"))
-                        return "heartbeat timeout"
-                    if hb.send_due(now):
-                        self._send_heartbeat(sock, hb, now)
+                    replace = self._apply(self._conn.event(name.lower(), now, value), sock)
+                    if replace is not None:
+                        return replace
+                replace = self._apply(self._conn.tick(now), sock)
+                if replace is not None:
+                    return replace
         finally:
             pending.cancel()
-
-    @staticmethod
-    def _send_heartbeat(sock: zmq.asyncio.Socket, hb: HeartbeatMonitor, now: float) -> None:
-        # Synchronous shadow: a NOBLOCK failure raises here, not on an unawaited future.
-        with contextlib.suppress(zmq.ZMQError):
-            zmq.Socket.shadow(sock.underlying).send(HEARTBEAT_FRAME, flags=zmq.NOBLOCK)
-        hb.sent(now)
 
     async def _read(self, sock: zmq.asyncio.Socket) -> None:
         while True:
             frames = await sock.recv_multipart(copy=False)
-            hb = self._hb
-            if hb is not None:
-                hb.seen(_SERVER, time.monotonic())
+            self._conn.message_received(time.monotonic())
             if len(frames) == 1 and frames[0].bytes == HEARTBEAT_FRAME:
                 continue
             await self._queue.put(frames)

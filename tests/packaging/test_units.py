@@ -1,0 +1,108 @@
+"""The systemd units as systemd itself judges them (fast: no package build)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+UNITS = Path(__file__).resolve().parents[2] / "packaging" / "systemd"
+
+pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                                reason="systemd-analyze not installed")
+
+
+def exposure(unit: Path) -> float:
+    out = subprocess.run(["systemd-analyze", "security", "--offline=true", "--no-pager", str(unit)],
+                         capture_output=True, text=True, timeout=60)
+    m = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", out.stdout)
+    assert m, out.stdout + out.stderr
+    return float(m.group(1))
+
+
+def test_agent_exposure_is_at_most_2() -> None:
+    assert exposure(UNITS / "fedge-agent.service") <= 2.0
+
+
+def test_coordinator_exposure_is_at_most_2() -> None:
+    assert exposure(UNITS / "fedge-coordinator.service") <= 2.0
+
+
+def test_security_threshold_flag_agrees() -> None:
+    # systemd-analyze itself fails the unit above the threshold (exposure x 10).
+    ok = subprocess.run(["systemd-analyze", "security", "--offline=true", "--threshold=20",
+                         "--no-pager", str(UNITS / "fedge-agent.service")],
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stdout[-2000:]
+    strict = subprocess.run(["systemd-analyze", "security", "--offline=true", "--threshold=5",
+                             "--no-pager", str(UNITS / "fedge-agent.service")],
+                            capture_output=True, text=True, timeout=60)
+    assert strict.returncode != 0  # the check can fail: the agent is above 0.5
+
+
+def unit_settings(unit: Path) -> dict[str, list[str]]:
+    settings: dict[str, list[str]] = {}
+    for line in unit.read_text().splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            key, value = line.split("=", 1)
+            settings.setdefault(key, []).append(value)
+    return settings
+
+
+@pytest.mark.parametrize("name", ["fedge-agent.service", "fedge-coordinator.service"])
+def test_units_have_the_required_settings(name: str) -> None:
+    s = unit_settings(UNITS / name)
+    required = {
+        "Type": ["notify"], "NotifyAccess": ["main"], "Restart": ["on-failure"],
+        "StateDirectory": ["fedge"], "ConfigurationDirectory": ["fedge"],
+        "LogsDirectory": ["fedge"], "ProtectSystem": ["strict"], "CapabilityBoundingSet": [""],
+        "User": ["fedge"], "NoNewPrivileges": ["yes"],
+    }
+    for key, value in required.items():
+        assert s.get(key) == value, (key, s.get(key))
+    assert s["WatchdogSec"] and s["SystemCallFilter"][0] == "@system-service"
+    assert s["RestrictAddressFamilies"] == ["AF_UNIX AF_INET AF_INET6 AF_NETLINK"]
+    assert s["LoadCredential"][0].startswith("fedge:/etc/fedge/credentials/")
+    assert s["ExecStart"][0].startswith("/usr/bin/fedge ")
+
+
+def test_only_the_agent_sees_the_gpus() -> None:
+    agent = unit_settings(UNITS / "fedge-agent.service")
+    coord = unit_settings(UNITS / "fedge-coordinator.service")
+    assert agent["DevicePolicy"] == ["closed"]
+    assert all("nvidia" in d for d in agent["DeviceAllow"])
+    assert "/dev/nvidiactl rw" in agent["DeviceAllow"]
+    assert coord["PrivateDevices"] == ["yes"] and "DeviceAllow" not in coord
+
+
+def test_verify_in_a_root_with_the_fedge_command(tmp_path: Path) -> None:
+    # systemd-analyze verify checks that ExecStart= exists and that every unit named
+    # resolves: give it a root with the fedge command and this system's units.
+    root = tmp_path / "root"
+    (root / "lib/systemd").mkdir(parents=True)
+    shutil.copytree("/lib/systemd/system", root / "lib/systemd/system", symlinks=True)
+    (root / "usr/bin").mkdir(parents=True)
+    fedge = root / "usr/bin/fedge"
+    fedge.write_text("#!/bin/sh\nexit 0\n")
+    fedge.chmod(0o755)
+    unit_dir = root / "etc/systemd/system"
+    unit_dir.mkdir(parents=True)
+    for unit in UNITS.glob("*.service"):
+        shutil.copy(unit, unit_dir / unit.name)
+    out = subprocess.run(
+        ["systemd-analyze", "verify", f"--root={root}", "--man=no", "--generators=no",
+         *(str(unit_dir / u.name) for u in UNITS.glob("*.service"))],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 0 and out.stderr.strip() == "", out.stderr
+    # and the check can fail: a unit whose command is missing is reported
+    fedge.unlink()
+    bad = subprocess.run(
+        ["systemd-analyze", "verify", f"--root={root}", "--man=no", "--generators=no",
+         str(unit_dir / "fedge-agent.service")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert bad.returncode != 0 and "/usr/bin/fedge" in bad.stderr

@@ -101,7 +101,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from fedge.serve.export import ExportRefused
+    from fedge.serve.errors import ExportRefused
     from fedge.serve.jobs import CheckpointError, export_job
     from fedge.serve.repository import ModelRepository
 

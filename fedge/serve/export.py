@@ -36,24 +36,17 @@ import onnxruntime as ort
 import torch
 
 from fedge import __version__
+from fedge.serve.errors import ExportRefused
 
 DEFAULT_OPSET = 17
 DEFAULT_TOLERANCE = 1e-5
 
 # metadata_props keys export_onnx writes itself; a caller may not set them.
+__all__ = ["ExportRefused", "ExportResult", "Standardisation", "export_onnx", "read_metadata"]
+
 RESERVED_KEYS = frozenset(
     {"fedge_version", "exporter", "parity_max_abs_diff", "parity_tolerance", "parity_batch"}
 )
-
-
-class ExportRefused(ValueError):
-    """The exported graph does not reproduce the PyTorch model closely enough."""
-
-    def __init__(self, message: str, *, max_abs_diff: float, tolerance: float, batch: int):
-        super().__init__(message)
-        self.max_abs_diff = max_abs_diff
-        self.tolerance = tolerance
-        self.batch = batch
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,12 @@ import re
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors import safe_open
+if TYPE_CHECKING:  # torch, onnx and safetensors load only once a checkpoint is found
+    import torch
 
-from fedge.serve.export import ExportResult, Standardisation, export_onnx
+    from fedge.serve.export import ExportResult
 
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
@@ -45,6 +45,8 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
     """
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path} (has the job finished?)")
+    from safetensors import safe_open
+
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = dict(fh.metadata() or {})
@@ -87,6 +89,8 @@ def _build(name: str, params: dict[str, Any]) -> torch.nn.Module:
 
 
 def _digest(flat: torch.Tensor) -> str:
+    import torch
+
     data = flat.detach().to(torch.float32).contiguous().numpy().astype("<f4").tobytes()
     return hashlib.sha256(data).hexdigest()
 
@@ -104,6 +108,8 @@ def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> No
             raise CheckpointError(
                 f"checkpoint holds {flat.numel()} weights, the model has {total} parameters"
             )
+        import torch
+
         offset = 0
         with torch.no_grad():
             for p in model.parameters():
@@ -126,6 +132,8 @@ def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> No
 def _example_input(
     model: torch.nn.Module, feature_names: list[str], input_shape: Sequence[int] | None
 ) -> torch.Tensor:
+    import torch
+
     if input_shape:
         return torch.zeros((2, *input_shape)).normal_(generator=torch.Generator().manual_seed(0))
     if feature_names:
@@ -156,6 +164,8 @@ def export_job(
     """
     ckpt = checkpoint_path(state_dir, job_id)
     tensors, meta = read_checkpoint(ckpt)
+    from fedge.serve.export import Standardisation, export_onnx
+
     if "plan" not in meta:
         raise CheckpointError(f"{ckpt} metadata has no 'plan'")
     name, params = model_spec_from_plan(meta["plan"])

@@ -1,0 +1,54 @@
+"""`fedge demo`: the oncology demo (Fed-TCGA-BRCA, 6 centres, one machine).
+
+Nothing heavy is imported here: torch, zmq and matplotlib load only when the
+demo runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "demo",
+        help="run a whole federation on loopback: Fed-TCGA-BRCA, 6 hospital agents, SecAgg on",
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="FLamby fed_tcga_brca folder (default: <repo>/../shared/data/fed_tcga_brca)",
+    )
+    p.add_argument(
+        "--report",
+        type=Path,
+        default=Path("fedge-demo-report"),
+        help="report directory (PNG curves, metrics.json, model.onnx)",
+    )
+    p.add_argument(
+        "--plan", type=Path, default=None, help="job plan (default: examples/demo/plan.toml)"
+    )
+    p.add_argument("--rounds", type=int, default=None, help="override the plan's rounds")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from fedge.demo.loopback import FederationError
+    from fedge.demo.run import DEFAULT_PLAN, DemoError, run_demo
+    from fedge.demo.tcga import default_data_dir
+
+    try:
+        run_demo(
+            args.data or default_data_dir(),
+            args.report,
+            plan_path=args.plan or DEFAULT_PLAN,
+            rounds=args.rounds,
+        )
+    except (DemoError, FederationError, ValueError) as exc:
+        print(f"fedge demo: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -7,6 +7,8 @@ import os
 import numpy as np
 import pytest
 from conftest import openssl_words
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedge import core
 
@@ -138,3 +140,74 @@ def test_binding_layer_checks_buffers_itself() -> None:
         _core.apply_masks(np.zeros(8, np.uint32)[::2], bytes(16), [1])
     with pytest.raises(ValueError, match="signs"):
         _core.apply_masks(np.zeros(8, np.uint32), bytes(32), [1])
+
+
+def test_a_contiguous_view_is_masked_in_its_parent() -> None:
+    parent = np.zeros(1000, np.uint32)
+    view = parent[100:200]
+    seed = b"\x02" * 16
+    core.apply_masks(view, [seed], [1])
+    np.testing.assert_array_equal(parent[100:200], openssl_words(seed, 100))
+    assert not parent[:100].any() and not parent[200:].any()
+
+
+def test_the_gil_is_released_while_masking() -> None:
+    import threading
+    import time
+
+    stamps: list[float] = []
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.is_set():
+            stamps.append(time.perf_counter())
+            time.sleep(0.001)
+
+    vec = np.zeros(3_000_000, np.uint32)
+    seeds = [bytes([i]) * 16 for i in range(4)]
+    ticker = threading.Thread(target=tick)
+    ticker.start()
+    try:
+        time.sleep(0.02)
+        t0 = time.perf_counter()
+        core.apply_masks(vec, seeds, [1, 1, 1, 1], path="portable")  # ~0.1-0.5 s
+        t1 = time.perf_counter()
+    finally:
+        stop.set()
+        ticker.join(timeout=10)
+    assert t1 - t0 > 0.05, "the call was too short to tell"
+    inside = [s for s in stamps if t0 + 0.01 < s < t1 - 0.01]
+    assert inside, "no Python thread ran while apply_masks held the CPU"
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n_clients=st.integers(2, 6),
+    d=st.integers(0, 5000),
+    offset=st.integers(0, 2**40),
+    threads=st.integers(1, 3),
+    data=st.data(),
+)
+def test_pairwise_masks_cancel_for_any_cohort(
+    n_clients: int, d: int, offset: int, threads: int, data: st.DataObject
+) -> None:
+    seeds = {
+        (i, j): data.draw(st.binary(min_size=16, max_size=16))
+        for i in range(n_clients)
+        for j in range(i + 1, n_clients)
+    }
+    rng = np.random.default_rng(d)
+    inputs = [rng.integers(0, 2**32, d, dtype=np.uint32) for _ in range(n_clients)]
+    total = np.zeros(d, np.uint32)
+    for i, x in enumerate(inputs):
+        others = [j for j in range(n_clients) if j != i]
+        v = x.copy()
+        core.apply_masks(
+            v,
+            [seeds[min(i, j), max(i, j)] for j in others],
+            [1 if i < j else -1 for j in others],
+            offset_words=offset,
+            threads=threads,
+        )
+        total += v
+    np.testing.assert_array_equal(total, np.sum(inputs, axis=0, dtype=np.uint32))

@@ -1,6 +1,6 @@
 """`fedge agent`: run the appliance agent, or install an enrolment file.
 
-    fedge agent --config FILE [--connect-timeout S]
+    fedge agent [run] --config FILE [--connect-timeout S]
     fedge agent enrol FILE [--state-dir DIR]        (fedge.agent.enrol)
 
 Heavy imports happen inside the handlers.
@@ -22,6 +22,10 @@ def register(subparsers: Any) -> None:
                         "seconds (refused, impostor or unreachable); default: retry forever")
     p.set_defaults(func=_run)
     sub = p.add_subparsers(dest="agent_command", metavar="ACTION")
+    r = sub.add_parser("run", help="run the agent (what the systemd unit starts)")
+    r.add_argument("--config", type=Path, default=argparse.SUPPRESS)
+    r.add_argument("--connect-timeout", type=float, default=argparse.SUPPRESS)
+    r.set_defaults(func=_run)
     try:
         from fedge.agent.enrol import register_enrol
     except ModuleNotFoundError:  # pragma: no cover - console engineer's module absent

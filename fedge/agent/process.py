@@ -94,7 +94,7 @@ def load_config(path: str | Path) -> AgentConfig:
         if key not in _KEYS:
             raise AgentConfigError(f"agent config key {key!r} is unknown; known: "
                                    f"{', '.join(_KEYS)}")
-    sd = raw.get("state_dir", "/var/lib/fedge")
+    sd = raw.get("state_dir", os.environ.get("STATE_DIRECTORY", "/var/lib/fedge"))
     if not isinstance(sd, str) or not sd:
         raise AgentConfigError(f"agent config state_dir = {sd!r} must be a path")
     state_dir = Path(sd) if Path(sd).is_absolute() else p.parent / sd
@@ -148,7 +148,18 @@ def load_enrolled(state_dir: Path) -> Enrolled:
         identity = Identity.load(sd / "keys" / "identity.key")
         roster = Roster.from_bytes((sd / "roster.json").read_bytes(),
                                    bytes.fromhex(meta["roster_public_key"]))
-        return Enrolled(meta["site"], curve["public"], curve["secret"], coord["endpoint"],
+        curve_public, curve_secret = curve["public"], curve["secret"]
+        creds = os.environ.get("CREDENTIALS_DIRECTORY")
+        if creds:  # systemd LoadCredential= (packaging/systemd): secrets off the state dir
+            cdir = Path(creds)
+            if (cdir / "fedge_curve.key").exists():
+                import zmq
+
+                curve_secret = (cdir / "fedge_curve.key").read_text().strip()
+                curve_public = zmq.curve_public(curve_secret.encode()).decode()
+            if (cdir / "fedge_identity.key").exists():
+                identity = Identity.load(cdir / "fedge_identity.key")
+        return Enrolled(meta["site"], curve_public, curve_secret, coord["endpoint"],
                         coord["public_key"], identity, roster)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise AgentConfigError(f"enrolment state under {sd} is corrupt: "

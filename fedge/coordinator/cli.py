@@ -1,6 +1,6 @@
 """`fedge coordinator`: run the coordinator, or act on its state directory.
 
-    fedge coordinator --config FILE                  run (until SIGTERM)
+    fedge coordinator [run] --config FILE            run (until SIGTERM)
     fedge coordinator submit --config FILE PLAN      queue a job plan (TOML)
     fedge coordinator enrol --config FILE --site S --curve-public Z85 --ed25519-public HEX
     fedge coordinator status --config FILE [JOB]     fleet and jobs as JSON
@@ -22,6 +22,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--config", type=Path, help="coordinator config (TOML)")
     p.set_defaults(func=_run)
     sub = p.add_subparsers(dest="coordinator_command", metavar="ACTION")
+    r = sub.add_parser("run", help="run the coordinator (what the systemd unit starts)")
+    r.add_argument("--config", type=Path, default=argparse.SUPPRESS)
+    r.set_defaults(func=_run)
     s = sub.add_parser("submit", help="queue a job plan")
     s.add_argument("--config", type=Path, default=argparse.SUPPRESS)
     s.add_argument("plan", type=Path, help="job plan (TOML)")

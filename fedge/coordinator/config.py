@@ -24,10 +24,14 @@ Relative paths are relative to the configuration file's directory.
 from __future__ import annotations
 
 import json
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+# systemd LoadCredential= name of the console's provision file (packaging/systemd)
+PROVISION_CREDENTIAL = "fedge_coordinator-provision.json"
 
 
 class ConfigError(ValueError):
@@ -80,11 +84,24 @@ def load_config(path: str | Path) -> CoordinatorConfig:
         q = Path(v)
         return q if q.is_absolute() else base / q
 
-    state_dir = rel(raw.get("state_dir", "/var/lib/fedge-coordinator"), "state_dir")
+    state_dir = rel(raw.get("state_dir", os.environ.get("STATE_DIRECTORY",
+                                                        "/var/lib/fedge-coordinator")),
+                    "state_dir")
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    if "provision" not in raw and creds and (Path(creds) / PROVISION_CREDENTIAL).exists():
+        raw["provision"] = str(Path(creds) / PROVISION_CREDENTIAL)
     bind = raw.get("bind", "tcp://0.0.0.0:7700")
     if not isinstance(bind, str) or "://" not in bind:
         raise ConfigError(f"coordinator config bind = {bind!r} must be a ZeroMQ endpoint "
                           "like tcp://0.0.0.0:7700")
+    hb = raw.get("heartbeat", {})
+    if not isinstance(hb, dict) or set(hb) - {"interval_s", "timeout_s"}:
+        raise ConfigError(f"coordinator config [heartbeat] = {hb!r} takes interval_s, timeout_s")
+    interval = _pos(hb.get("interval_s", 1.0), "heartbeat.interval_s")
+    timeout = _pos(hb.get("timeout_s", 5.0), "heartbeat.timeout_s")
+    if timeout <= interval:
+        raise ConfigError(f"heartbeat.timeout_s = {timeout} must exceed interval_s = {interval}")
+    tick_s = _pos(raw.get("tick_s", 0.05), "tick_s")
     provision: dict[str, Any] = {}
     if "provision" in raw:
         pp = rel(raw["provision"], "provision")
@@ -120,20 +137,13 @@ def load_config(path: str | Path) -> CoordinatorConfig:
                 raise ConfigError(f"coordinator config roster: {exc}") from exc
     if len(roster_pk) != 32:
         raise ConfigError(f"roster public key has {len(roster_pk)} bytes, must have 32")
-    hb = raw.get("heartbeat", {})
-    if not isinstance(hb, dict) or set(hb) - {"interval_s", "timeout_s"}:
-        raise ConfigError(f"coordinator config [heartbeat] = {hb!r} takes interval_s, timeout_s")
-    interval = _pos(hb.get("interval_s", 1.0), "heartbeat.interval_s")
-    timeout = _pos(hb.get("timeout_s", 5.0), "heartbeat.timeout_s")
-    if timeout <= interval:
-        raise ConfigError(f"heartbeat.timeout_s = {timeout} must exceed interval_s = {interval}")
     admin = raw.get("admin", {})
     if not isinstance(admin, dict):
         raise ConfigError(f"coordinator config [admin] = {admin!r} must be a table")
     return CoordinatorConfig(
         state_dir=state_dir, bind=bind, curve_public=curve_public, curve_secret=curve_secret,
         roster=roster, roster_public_key=roster_pk, heartbeat_interval_s=interval,
-        heartbeat_timeout_s=timeout, tick_s=_pos(raw.get("tick_s", 0.05), "tick_s"),
+        heartbeat_timeout_s=timeout, tick_s=tick_s,
         admin=admin, provision=provision, path=p,
     )
 

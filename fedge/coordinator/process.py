@@ -79,11 +79,15 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
     coord = coordinator or build_coordinator(cfg)
     notifier = Notifier()
     key_of: dict[str, str] = {}
+    site_by_key: dict[str, str] = {}  # cache; cleared whenever the allow-list changes
 
     def site_of(public_key: str) -> str | None:
-        site = coord.store.site_for_key(public_key)
-        if site is not None:
-            key_of[site] = public_key
+        site = site_by_key.get(public_key)
+        if site is None:
+            site = coord.store.site_for_key(public_key)
+            if site is not None:
+                key_of[site] = public_key
+                site_by_key[public_key] = site
         return site
 
     def on_refused(refusal: Any) -> None:
@@ -110,6 +114,7 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
     def set_allowed(keys: set[str]) -> None:
         nonlocal allowed
         allowed = set(keys)
+        site_by_key.clear()
         server.set_allowed(keys)
 
     def disconnect(site: str) -> None:

@@ -27,7 +27,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from . import _masking, keys, shamir
-from .config import RoundContext, SecAggConfig, graph_seed, neighbours, share_index
+from .config import RoundContext, SecAggConfig, graph_seed, neighbours_of, share_index
 from .errors import (
     BothSharesRequested,
     ClientListedAsAliveAndDropped,
@@ -149,6 +149,7 @@ class ClientSession:
         self.self_seed = b""
         self.peer_enc_keys: dict[str, bytes] = {}
         self.peer_mask_keys: dict[str, bytes] = {}
+        self.share_keys: dict[str, bytes] = {}  # AES-GCM key per peer, both directions
         self.advertised: set[str] = set()  # U1 as seen here (self included)
         self.own_shares: dict[str, tuple[bytes, bytes]] = {}  # holder -> (seed, key) share
         self.held_shares: dict[str, tuple[bytes, bytes]] = {}  # owner -> (seed, key) share
@@ -204,6 +205,7 @@ class ClientSession:
 
     def _forget_secrets(self) -> None:
         self._input = None
+        self.share_keys = {}
         self.round_keys = None
         self.self_seed = b""
         self.own_shares = {}
@@ -286,7 +288,7 @@ class R0AdvertiseKeys(ClientState):
         s.cohort = sorted(message.cohort)
         s.index = share_index(s.cohort)
         assert cfg.degree is not None
-        s.neighbours = neighbours(s.cohort, cfg.degree, expected_seed)[s.client_id]
+        s.neighbours = neighbours_of(s.client_id, s.cohort, cfg.degree, expected_seed)
         s.round_keys = keys.RoundKeys()
         enc, mask = s.round_keys.enc_public, s.round_keys.mask_public
         payload = keys.advertisement_payload(
@@ -373,6 +375,7 @@ class R1ShareKeys(ClientState):
                 )
             except ValueError as exc:
                 raise ForgedAdvertisement(f"encryption key of {peer!r} is unusable: {exc}") from exc
+            s.share_keys[peer] = key
             plaintext = _share_plaintext(me, peer, *s.own_shares[peer])
             nonce = os.urandom(_NONCE_BYTES)
             aad = keys.share_associated_data(me, peer, ctx.job_id, ctx.round)
@@ -573,18 +576,7 @@ def _open_share(s: ClientSession, sender: str, blob: bytes) -> tuple[bytes, byte
     ctx, me = s.ctx, s.client_id
     if not isinstance(blob, bytes) or not _NONCE_BYTES + 16 < len(blob) <= MAX_SHARE_CIPHERTEXT:
         raise TamperedShare(f"share ciphertext from {sender!r} has an impossible length")
-    try:
-        key = keys.share_encryption_key(
-            s.round_keys.enc_private,
-            s.peer_enc_keys[sender],
-            job_id=ctx.job_id,
-            round_=ctx.round,
-            model_digest=ctx.model_digest,
-            me=me,
-            peer=sender,
-        )
-    except ValueError as exc:
-        raise ForgedAdvertisement(f"encryption key of {sender!r} is unusable: {exc}") from exc
+    key = s.share_keys[sender]  # derived when this client encrypted its own shares
     aad = keys.share_associated_data(sender, me, ctx.job_id, ctx.round)
     try:
         plaintext = AESGCM(key).decrypt(blob[:_NONCE_BYTES], blob[_NONCE_BYTES:], aad)

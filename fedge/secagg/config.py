@@ -298,6 +298,20 @@ def neighbours(cohort: Sequence[str], degree: int, seed: bytes) -> dict[str, fro
     return out
 
 
+def neighbours_of(
+    client_id: str, cohort: Sequence[str], degree: int, seed: bytes
+) -> frozenset[str]:
+    """``neighbours(cohort, degree, seed)[client_id]``, computing only that client's set."""
+    ids = sorted(cohort)
+    n = len(ids)
+    if degree >= n - 1:
+        return frozenset(ids) - {client_id}
+    ring = sorted(ids, key=lambda c: hashlib.sha256(seed + c.encode()).digest())
+    pos = ring.index(client_id)
+    half = degree // 2
+    return frozenset(ring[(pos + off) % n] for off in range(-half, half + 1) if off)
+
+
 def share_index(cohort_sorted: Sequence[str]) -> dict[str, int]:
     """The Shamir x-coordinate of each client: its 1-based position in the sorted cohort."""
     return {c: i + 1 for i, c in enumerate(cohort_sorted)}

@@ -1,0 +1,23 @@
+"""The shipped example plans and configs are valid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedge.agent.process import load_config as load_agent_config
+from fedge.coordinator.plan import parse_plan
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+@pytest.mark.parametrize("path", sorted((EXAMPLES / "plans").glob("*.toml")), ids=str)
+def test_example_plans_parse(path):
+    plan = parse_plan(path.read_text())
+    assert plan.dataset == "fed_tcga_brca" and plan.rounds >= 1
+
+
+def test_example_agent_config_parses():
+    cfg = load_agent_config(EXAMPLES / "agent.toml")
+    assert cfg.datasets[0]["kind"] == "fed_tcga_brca"

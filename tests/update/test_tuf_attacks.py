@@ -191,3 +191,16 @@ def test_wrong_kind_arguments_are_refused_up_front(fleet):
     [spec] = fleet.updater.pending()
     with pytest.raises(ValueError, match="needs a model repository"):
         fleet.updater.install(spec)
+
+
+def test_wrong_key_root_rotation_not_signed_by_the_old_root_is_refused(fleet):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    fleet.updater.refresh()
+    # the coordinator tries to rotate trust to keys it controls
+    evil = Ed25519PrivateKey.generate()
+    root2 = tuf_repo.create_root(evil, evil, evil, evil, now=fleet.clock(), version=2)
+    _meta(fleet, "2.root.json").write_bytes(tuf_repo.to_bytes(root2))
+    with pytest.raises(tuf_exc.UnsignedMetadataError):
+        fleet.updater.refresh()
+    assert not (fleet.agent_dir / "tuf" / "metadata" / "root_history" / "2.root.json").exists()

@@ -425,6 +425,58 @@ void bind_cuda(py::module_& m) {
       arg("lr"), arg("momentum"), arg("weight_decay"), arg("dampening"), arg("nesterov"),
       arg("prox_mu"), arg("global_params"), arg("scaffold_c"), arg("scaffold_ci"),
       arg("first_step"));
+  // The kernels' per-item code run on the host: tests of the CUDA logic
+  // that need no GPU (slow; for test-sized inputs).
+  m.def(
+      "cuda_emulate_prg",
+      [](const py::bytes& seed, uint64_t n, uint64_t offset_words) {
+        const RoundKeys keys = key_arg(seed, "seed");
+        check_span(offset_words, n);
+        py::array_t<uint32_t> out(static_cast<py::ssize_t>(n));
+        uint32_t* dst = out.mutable_data();
+        py::gil_scoped_release release;
+        cuda::emulate_prg(keys, offset_words, dst, n);
+        return out;
+      },
+      arg("seed"), arg("n_words"), arg("offset_words"));
+  m.def(
+      "cuda_emulate_apply_masks",
+      [](const py::buffer& vec, const py::bytes& seeds, const std::vector<int>& signs,
+         uint64_t offset_words) {
+        Vec<uint32_t> v = vec_arg<uint32_t>(vec, "vec", true);
+        const std::string s = seeds;
+        const size_t k = s.size() / 16;
+        if (s.size() % 16 != 0 || signs.size() != k) {
+          throw py::value_error("seeds must be k * 16 bytes with k signs");
+        }
+        std::vector<RoundKeys> keys(k);
+        for (size_t i = 0; i < k; ++i) {
+          keys[i] = expand_key(reinterpret_cast<const uint8_t*>(s.data()) + 16 * i);
+        }
+        check_span(offset_words, v.n);
+        py::gil_scoped_release release;
+        cuda::emulate_apply_masks(keys.data(), signs.data(), k, offset_words, v.ptr, v.n);
+      },
+      arg("vec"), arg("seeds"), arg("signs"), arg("offset_words"));
+  m.def(
+      "cuda_emulate_quantise",
+      [](const py::buffer& x, double clip, int bits, const py::bytes& seed) {
+        Vec<float> v = vec_arg<float>(x, "x", false);
+        check_clip(clip);
+        check_bits(bits);
+        const RoundKeys keys = key_arg(seed, "seed");
+        py::array_t<uint32_t> out(static_cast<py::ssize_t>(v.n));
+        uint32_t* dst = out.mutable_data();
+        bool finite;
+        {
+          py::gil_scoped_release release;
+          finite = cuda::emulate_quantise(v.ptr, dst, v.n, clip, quant_scale(bits, clip),
+                                          static_cast<uint32_t>((uint64_t(1) << bits) - 1), keys);
+        }
+        if (!finite) throw py::value_error("x contains NaN or infinity");
+        return out;
+      },
+      arg("x"), arg("clip"), arg("bits"), arg("seed"));
   m.def(
       "cuda_adam_step",
       [](int device, uintptr_t stream, uintptr_t params, uintptr_t grads, uintptr_t exp_avg,

@@ -16,18 +16,10 @@ __global__ void prg_kernel(DeviceKey key, uint64_t offset_words, uint32_t* out, 
   __shared__ AesTables tables;
   init_tables(tables);
   __syncthreads();
-  const uint64_t first = offset_words / 4;
-  const uint64_t nblocks = (offset_words + n + 3) / 4 - first;
+  const uint64_t nblocks = (offset_words + n + 3) / 4 - offset_words / 4;
   for (uint64_t b = blockIdx.x * uint64_t(blockDim.x) + threadIdx.x; b < nblocks;
        b += uint64_t(gridDim.x) * blockDim.x) {
-    uint32_t w[4];
-    aes_ctr_block(tables, key.w, first + b, w);
-    const int64_t base = int64_t(4 * (first + b)) - int64_t(offset_words);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int64_t i = base + j;
-      if (i >= 0 && i < int64_t(n)) out[i] = w[j];
-    }
+    prg_item(tables, key, offset_words, b, out, n);
   }
 }
 
@@ -40,23 +32,10 @@ __global__ void mask_kernel(const DeviceKey* keys, const int* signs, int k, uint
   for (int i = threadIdx.x; i < k * 44; i += blockDim.x) sk[i / 44].w[i % 44] = keys[i / 44].w[i % 44];
   for (int i = threadIdx.x; i < k; i += blockDim.x) ss[i] = signs[i];
   __syncthreads();
-  const uint64_t first = offset_words / 4;
-  const uint64_t nblocks = (offset_words + n + 3) / 4 - first;
+  const uint64_t nblocks = (offset_words + n + 3) / 4 - offset_words / 4;
   for (uint64_t b = blockIdx.x * uint64_t(blockDim.x) + threadIdx.x; b < nblocks;
        b += uint64_t(gridDim.x) * blockDim.x) {
-    const int64_t base = int64_t(4 * (first + b)) - int64_t(offset_words);
-    uint32_t acc[4] = {0, 0, 0, 0};
-    for (int s = 0; s < k; ++s) {
-      uint32_t w[4];
-      aes_ctr_block(tables, sk[s].w, first + b, w);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) acc[j] = ss[s] > 0 ? acc[j] + w[j] : acc[j] - w[j];
-    }
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int64_t i = base + j;
-      if (i >= 0 && i < int64_t(n)) vec[i] += acc[j];
-    }
+    mask_item(tables, sk, ss, k, offset_words, b, vec, n);
   }
 }
 

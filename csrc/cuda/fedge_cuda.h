@@ -49,4 +49,11 @@ struct AdamDeviceArgs {
 void adam_step(int device, uintptr_t stream, float* params, const float* grads, float* exp_avg,
                float* exp_avg_sq, size_t n, const AdamDeviceArgs& a);
 
+// The kernels' per-item code run on the host (emulate.cu), for tests.
+void emulate_prg(const RoundKeys& key, uint64_t offset_words, uint32_t* out, size_t n);
+void emulate_apply_masks(const RoundKeys* keys, const int* signs, size_t k, uint64_t offset_words,
+                         uint32_t* vec, size_t n);
+bool emulate_quantise(const float* x, uint32_t* out, size_t n, double clip, double scale,
+                      uint32_t qmax, const RoundKeys& key);
+
 }  // namespace fedge::cuda

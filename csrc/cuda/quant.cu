@@ -1,5 +1,5 @@
 // Quantisation on the GPU, bit-identical to quant.cpp: the same IEEE double
-// operations in the same order, each explicitly rounded (no FMA).
+// operations in the same order (compiled with --fmad=false: no FMA).
 #include "common.cuh"
 #include "fedge_cuda.h"
 
@@ -15,23 +15,7 @@ __global__ void quantise_kernel(DeviceKey key, const float* x, uint32_t* out, si
   unsigned local_bad = 0;
   for (uint64_t b = blockIdx.x * uint64_t(blockDim.x) + threadIdx.x; b < nblocks;
        b += uint64_t(gridDim.x) * blockDim.x) {
-    uint32_t u[4];
-    aes_ctr_block(tables, key.w, b, u);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const uint64_t i = 4 * b + j;
-      if (i >= n) break;
-      const float xf = x[i];
-      local_bad |= static_cast<unsigned>((__float_as_uint(xf) & 0x7f800000u) == 0x7f800000u);
-      double v = static_cast<double>(xf);
-      v = v < -clip ? -clip : v;
-      v = v > clip ? clip : v;
-      const double y = __dadd_rn(__dmul_rn(__dadd_rn(v, clip), scale),
-                                 __dmul_rn(static_cast<double>(u[j]), 0x1p-32));
-      double f = floor(y);
-      f = f < top ? f : top;
-      out[i] = static_cast<uint32_t>(static_cast<long long>(f));
-    }
+    local_bad |= quantise_item(tables, key, b, x, out, n, clip, scale, top);
   }
   if (local_bad) atomicOr(bad, 1u);
 }
@@ -40,7 +24,7 @@ __global__ void dequantise_kernel(const uint32_t* total, double* out, size_t n, 
                                   double shift) {
   for (uint64_t i = blockIdx.x * uint64_t(blockDim.x) + threadIdx.x; i < n;
        i += uint64_t(gridDim.x) * blockDim.x) {
-    out[i] = __dsub_rn(__ddiv_rn(static_cast<double>(total[i]), scale), shift);
+    out[i] = dequantise_item(total[i], scale, shift);
   }
 }
 

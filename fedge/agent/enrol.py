@@ -51,21 +51,26 @@ def install_enrolment(file: Path, state_dir: Path, *, now: datetime | None = Non
     from fedge.agent.updates import install_trusted_root
     from fedge.console.enrolment import EnrolmentError, read_enrolment
     from fedge.secagg.keys import Identity, Roster
+    from fedge.update import tuf_repo
     from fedge.update.files import write_atomic, write_json
 
     state_dir = Path(state_dir)
     trusted = expected_console
     existing = state_dir / "enrolment.json"
     if trusted is None and existing.exists():
-        trusted = bytes.fromhex(json.loads(existing.read_text())["roster_public_key"])
+        try:
+            trusted = bytes.fromhex(json.loads(existing.read_text())["roster_public_key"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise EnrolmentError(f"existing enrolment state {existing} is corrupt ({exc}); "
+                                 "pass --console-key to say which console to trust") from exc
     e = read_enrolment(Path(file), now=now, expected_console=trusted)
     try:
-        Roster.from_bytes(e.roster, e.roster_public_key)
+        roster = Roster.from_bytes(e.roster, e.roster_public_key)
         identity = Identity.from_private_bytes(e.identity_private)
-        from fedge.update import tuf_repo
-
-        tuf_repo.verify_by(tuf_repo.load(e.tuf_root, "root"), "root",
-                           tuf_repo.load(e.tuf_root, "root"))
+        if roster.entries.get(e.site) != identity.public_bytes():
+            raise ValueError(f"the roster does not hold site {e.site!r} with this identity")
+        root = tuf_repo.load(e.tuf_root, "root")
+        tuf_repo.verify_by(root, "root", root)
     except ValueError as exc:
         raise EnrolmentError(f"enrolment file {file} is corrupt: {exc}") from exc
     for d in (state_dir, state_dir / "keys"):

@@ -311,3 +311,116 @@ class SystemdService:
     def stop(self) -> None:
         subprocess.run(["systemctl", "stop", self.unit], capture_output=True, timeout=120,
                        check=False)
+
+
+PENDING = "pending.json"
+OUTCOME = "outcome.json"
+
+
+class SelfUpdate:
+    """A service that updates the software it runs itself (the agent).
+
+    It cannot health-check its own restart, so the check is split in three:
+
+    1. `stage` (old version, running): unpack, switch `current`, write
+       ``pending.json``, then the caller asks systemd to restart the unit;
+    2. `preflight` (ExecStartPre, before every start, from the stable install):
+       counts starts of a pending version; after `max_attempts` starts that never
+       confirmed (crashed, no READY, watchdog kill) it switches `current` back;
+    3. `confirm` (new version, after READY and a good heartbeat): the update is
+       kept. Whichever version runs next reports the outcome (`take_outcome`).
+    """
+
+    def __init__(self, root: Path, *, max_attempts: int = 3) -> None:
+        """Raises: ValueError if max_attempts < 1."""
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts {max_attempts} must be >= 1")
+        self.slots = SlotInstaller(root)
+        self.root = Path(root)
+        self.max_attempts = max_attempts
+
+    def _read(self, name: str) -> dict[str, object] | None:
+        try:
+            return json.loads((self.root / name).read_text())
+        except FileNotFoundError:
+            return None
+        except ValueError:  # torn or corrupt: treat as absent, keep a copy for people
+            (self.root / name).replace(self.root / f"{name}.corrupt")
+            return None
+
+    def _write(self, name: str, doc: dict[str, object]) -> None:
+        from fedge.update.files import write_json
+
+        write_json(self.root / name, doc)
+
+    def pending(self) -> dict[str, object] | None:
+        return self._read(PENDING)
+
+    def stage(self, version: str, bundle: Path, *, rollout_id: str = "", path: str = "") -> None:
+        """Unpack and switch to `version`; the caller then restarts the service.
+
+        Raises: ValueError for a bad bundle (nothing switched).
+        """
+        self.slots.unpack(version, bundle)
+        previous = self.slots.switch(version)
+        self._write(PENDING, {"version": version, "previous": previous, "attempts": 0,
+                              "rollout_id": rollout_id, "path": path})
+
+    def preflight(self) -> str:
+        """Run before every start. Returns "none", "trial" or "rolled_back"."""
+        p = self.pending()
+        if p is None:
+            return "none"
+        attempts = int(p.get("attempts", 0)) + 1  # type: ignore[call-overload]
+        version, previous = str(p["version"]), p.get("previous")
+        if attempts <= self.max_attempts:
+            self._write(PENDING, {**p, "attempts": attempts})
+            return "trial"
+        detail = (f"version {version} did not confirm READY and a heartbeat in "
+                  f"{self.max_attempts} starts")
+        rolled_back = isinstance(previous, str) and (self.slots.slots / previous).is_dir()
+        if rolled_back:
+            self.slots._set_link("current", str(previous))
+            self.slots._set_link("previous", version)
+            detail += f"; rolled back to {previous}"
+        self._write(OUTCOME, {"rollout_id": p.get("rollout_id", ""), "path": p.get("path", ""),
+                              "version": version, "ok": False, "rolled_back": rolled_back,
+                              "detail": detail})
+        (self.root / PENDING).unlink()
+        return "rolled_back"
+
+    def confirm(self) -> bool:
+        """The running version is healthy: keep it. Returns True if an update was pending."""
+        p = self.pending()
+        if p is None or self.slots.current_version() != p["version"]:
+            return False
+        self._write(OUTCOME, {"rollout_id": p.get("rollout_id", ""), "path": p.get("path", ""),
+                              "version": p["version"], "ok": True, "rolled_back": False,
+                              "detail": f"software {p['version']} healthy after "
+                                        f"{p.get('attempts')} start(s)"})
+        (self.root / PENDING).unlink()
+        return True
+
+    def take_outcome(self) -> dict[str, object] | None:
+        """The last update's outcome, once (for reporting to the coordinator)."""
+        out = self._read(OUTCOME)
+        if out is not None:
+            (self.root / OUTCOME).unlink()
+        return out
+
+
+def _main(argv: list[str] | None = None) -> int:
+    """``python -m fedge.update.ab preflight --root DIR`` (the unit's ExecStartPre)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m fedge.update.ab")
+    ap.add_argument("action", choices=("preflight",))
+    ap.add_argument("--root", type=Path, required=True)
+    ap.add_argument("--max-attempts", type=int, default=3)
+    args = ap.parse_args(argv)
+    print(SelfUpdate(args.root, max_attempts=args.max_attempts).preflight())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

@@ -1,0 +1,107 @@
+"""The agent updating the software it runs: stage, restart, preflight before each
+start (the unit's ExecStartPre), confirm after a good heartbeat — or, after N
+starts that never confirm, back to the previous slot by itself.
+
+A small supervisor plays systemd (ExecStartPre, then ExecStart from `current`,
+Restart=on-failure); every start is a real process."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from fedge.update.ab import SelfUpdate, SlotInstaller, slot_command
+
+SERVICE = r'''
+import json, os, sys
+from fedge.update.ab import SelfUpdate
+mode, root = sys.argv[1], os.environ["FEDGE_TEST_ROOT"]
+if mode == "crash":
+    sys.exit(1)                      # dies before READY
+if mode == "good":
+    SelfUpdate(root).confirm()       # READY and a good heartbeat: keep me
+    sys.exit(0)
+out = SelfUpdate(root).take_outcome()  # the stable version reports what happened
+with open(os.environ["FEDGE_TEST_REPORT"], "w") as f:
+    json.dump(out, f)
+'''
+
+
+def bundle(tmp_path: Path, version: str, mode: str) -> Path:
+    files = {"fedge-bundle.json": json.dumps({"version": version,
+                                              "exec": ["{python}", "svc.py", mode]}).encode(),
+             "svc.py": SERVICE.encode()}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    path = tmp_path / f"fedge-{version}-{mode}.tar.gz"
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+def supervise(root: Path, env: dict[str, str], max_starts: int = 8) -> list[tuple]:
+    """systemd, reduced: preflight, start `current`, restart while it fails."""
+    runs = []
+    for _ in range(max_starts):
+        pre = subprocess.run([sys.executable, "-m", "fedge.update.ab", "preflight", "--root",
+                              str(root), "--max-attempts", "2"], capture_output=True,
+                             text=True, timeout=60, check=True).stdout.strip()
+        argv, extra = slot_command(root / "current")
+        rc = subprocess.run(argv, cwd=root / "current", env={**env, **extra},
+                            timeout=60).returncode
+        runs.append((Path(os.readlink(root / "current")).name, pre, rc))
+        if rc == 0:
+            break
+    return runs
+
+
+@pytest.fixture
+def installed(tmp_path):
+    root = tmp_path / "software"
+    slots = SlotInstaller(root)
+    slots.unpack("1.0.0", bundle(tmp_path, "1.0.0", "stable"))
+    slots.switch("1.0.0")
+    env = {**os.environ, "FEDGE_TEST_ROOT": str(root),
+           "FEDGE_TEST_REPORT": str(tmp_path / "report.json")}
+    return root, env
+
+
+def test_new_version_that_confirms_is_kept(tmp_path, installed):
+    root, env = installed
+    SelfUpdate(root).stage("1.1.0", bundle(tmp_path, "1.1.0", "good"), rollout_id="r1",
+                           path="software/fedge/1.1.0/x.tar.gz")
+    assert supervise(root, env) == [("1.1.0", "trial", 0)]
+    out = SelfUpdate(root).take_outcome()
+    assert out["ok"] and out["rollout_id"] == "r1" and out["version"] == "1.1.0"
+    assert SelfUpdate(root).pending() is None
+    assert SlotInstaller(root).previous_version() == "1.0.0"
+
+
+def test_new_version_that_never_confirms_is_rolled_back_by_preflight(tmp_path, installed):
+    root, env = installed
+    SelfUpdate(root).stage("1.1.0", bundle(tmp_path, "1.1.0", "crash"), rollout_id="r2")
+    runs = supervise(root, env)
+    assert runs == [("1.1.0", "trial", 1), ("1.1.0", "trial", 1),
+                    ("1.0.0", "rolled_back", 0)]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["ok"] is False and report["rolled_back"] is True
+    assert "rolled back to 1.0.0" in report["detail"] and report["rollout_id"] == "r2"
+    assert SlotInstaller(root).current_version() == "1.0.0"
+
+
+def test_preflight_without_an_update_does_nothing_and_bad_settings_are_refused(installed):
+    root, _ = installed
+    assert SelfUpdate(root).preflight() == "none"
+    assert SlotInstaller(root).current_version() == "1.0.0"
+    with pytest.raises(ValueError, match="max_attempts 0"):
+        SelfUpdate(root, max_attempts=0)

@@ -10,44 +10,14 @@ namespace fedge {
 void sgd_step(float* params, const float* grads, float* momentum_buf, size_t n, const SgdArgs& a,
               const float* global_params, const float* scaffold_c, const float* scaffold_ci) {
   for (size_t i = 0; i < n; ++i) {
-    const double w = params[i];
-    double g = grads[i];
-    if (global_params != nullptr) g += a.prox_mu * (w - static_cast<double>(global_params[i]));
-    if (scaffold_c != nullptr) g += static_cast<double>(scaffold_c[i]);
-    if (scaffold_ci != nullptr) g -= static_cast<double>(scaffold_ci[i]);
-    if (a.weight_decay != 0.0) g += a.weight_decay * w;
-    if (a.momentum != 0.0) {
-      double buf = a.first_step ? g
-                                : a.momentum * static_cast<double>(momentum_buf[i]) +
-                                      (1.0 - a.dampening) * g;
-      const float buf32 = static_cast<float>(buf);
-      momentum_buf[i] = buf32;
-      buf = buf32;
-      g = a.nesterov ? g + a.momentum * buf : buf;
-    }
-    params[i] = static_cast<float>(w - a.lr * g);
+    sgd_item(i, params, grads, momentum_buf, a, global_params, scaffold_c, scaffold_ci);
   }
 }
 
 void adam_step(float* params, const float* grads, float* exp_avg, float* exp_avg_sq, size_t n,
                const AdamArgs& a) {
-  const double bc1 = 1.0 - std::pow(a.beta1, static_cast<double>(a.step));
-  const double bc2 = 1.0 - std::pow(a.beta2, static_cast<double>(a.step));
-  const double step_size = a.lr / bc1;
-  const double bc2_sqrt = std::sqrt(bc2);
-  const double decay = a.decoupled ? 1.0 - a.lr * a.weight_decay : 1.0;
-  for (size_t i = 0; i < n; ++i) {
-    double w = params[i];
-    double g = grads[i];
-    if (a.weight_decay != 0.0 && !a.decoupled) g += a.weight_decay * w;
-    w *= decay;
-    const float m = static_cast<float>(exp_avg[i] + (g - exp_avg[i]) * (1.0 - a.beta1));
-    const float v = static_cast<float>(a.beta2 * exp_avg_sq[i] + (1.0 - a.beta2) * g * g);
-    exp_avg[i] = m;
-    exp_avg_sq[i] = v;
-    const double denom = std::sqrt(static_cast<double>(v)) / bc2_sqrt + a.eps;
-    params[i] = static_cast<float>(w - step_size * static_cast<double>(m) / denom);
-  }
+  const AdamScalars k = adam_scalars(a);
+  for (size_t i = 0; i < n; ++i) adam_item(i, params, grads, exp_avg, exp_avg_sq, a, k);
 }
 
 double l2_norm(const float* v, size_t n) {

@@ -6,14 +6,9 @@
 #include <cstdint>
 
 #include "aes.h"
+#include "train_item.h"
 
 namespace fedge {
-
-struct SgdArgs {
-  double lr = 0.0, momentum = 0.0, weight_decay = 0.0, dampening = 0.0, prox_mu = 0.0;
-  bool nesterov = false;
-  bool first_step = false;  // torch semantics: the momentum buffer starts as the gradient
-};
 
 // torch.optim.SGD on the corrected gradient
 //   g' = g + prox_mu * (w - w_global) + (c - c_i)
@@ -21,12 +16,6 @@ struct SgdArgs {
 // scaffold_ci may be null (term absent).
 void sgd_step(float* params, const float* grads, float* momentum_buf, size_t n, const SgdArgs& a,
               const float* global_params, const float* scaffold_c, const float* scaffold_ci);
-
-struct AdamArgs {
-  double lr = 0.0, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.0;
-  int64_t step = 1;
-  bool decoupled = false;  // AdamW
-};
 
 // torch.optim.Adam (decoupled=false) / torch.optim.AdamW (decoupled=true).
 void adam_step(float* params, const float* grads, float* exp_avg, float* exp_avg_sq, size_t n,

@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "../aes.h"
+#include "../train_item.h"
 
 namespace fedge::cuda {
 
@@ -31,23 +32,12 @@ bool quantise(int device, uintptr_t stream, const float* x, uint32_t* out, size_
 void dequantise(int device, uintptr_t stream, const uint32_t* total, double* out, size_t n,
                 double scale, double shift);
 
-struct SgdDeviceArgs {
-  double lr, momentum, weight_decay, dampening, prox_mu;
-  bool nesterov, first_step;
-};
-
 void sgd_step(int device, uintptr_t stream, float* params, const float* grads, float* momentum_buf,
-              size_t n, const SgdDeviceArgs& a, const float* global_params,
+              size_t n, const SgdArgs& a, const float* global_params,
               const float* scaffold_c, const float* scaffold_ci);
 
-struct AdamDeviceArgs {
-  double lr, beta1, beta2, eps, weight_decay;
-  int64_t step;
-  bool decoupled;
-};
-
 void adam_step(int device, uintptr_t stream, float* params, const float* grads, float* exp_avg,
-               float* exp_avg_sq, size_t n, const AdamDeviceArgs& a);
+               float* exp_avg_sq, size_t n, const AdamArgs& a);
 
 // The kernels' per-item code run on the host (emulate.cu), for tests.
 void emulate_prg(const RoundKeys& key, uint64_t offset_words, uint32_t* out, size_t n);

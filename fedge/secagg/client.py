@@ -27,6 +27,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from . import _masking, keys, shamir
+from . import messages as msgs
 from .config import RoundContext, SecAggConfig, graph_seed, neighbours_of, share_index
 from .errors import (
     BothSharesRequested,
@@ -178,6 +179,7 @@ class ClientSession:
         if self.state == "Completed":  # stays completed: its one answer is given
             raise UnexpectedMessage(f"{type(message).__name__} after the session completed")
         try:
+            msgs.check_fields(message)
             _check_round(message, self.ctx)
             if isinstance(message, RoundFailed):
                 self.state = "Aborted"
@@ -222,8 +224,6 @@ class ClientSession:
 def _check_round(message: object, ctx: RoundContext) -> None:
     job = getattr(message, "job_id", None)
     rnd = getattr(message, "round", None)
-    if job is None or rnd is None:
-        raise UnexpectedMessage(f"{type(message).__name__} is not a secagg message")
     if job != ctx.job_id or rnd != ctx.round:
         raise ReplayedMessage(
             f"{type(message).__name__} is for job {job!r} round {rnd}, this session is "

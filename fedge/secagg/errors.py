@@ -25,6 +25,10 @@ class UnexpectedMessage(SecAggAbort):
     """A message arrived that the current protocol state does not accept."""
 
 
+class MalformedMessage(SecAggAbort):
+    """A message field has the wrong type (e.g. a list where bytes belong)."""
+
+
 class ReplayedMessage(SecAggAbort):
     """A message carries another job id or round number (replayed or misrouted)."""
 
@@ -110,6 +114,7 @@ __all__ = [
     "DuplicateClient",
     "ForgedAdvertisement",
     "GraphSeedMismatch",
+    "MalformedMessage",
     "ParameterMismatch",
     "ReconstructionFailed",
     "ReplayedMessage",

@@ -19,9 +19,14 @@ stable wire name to each class for the codec's registry.
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
+
+from .errors import MalformedMessage
 
 # --- server -> client ---------------------------------------------------------------
 
@@ -166,3 +171,51 @@ MESSAGE_TYPES: dict[str, type] = {
     "secagg.consistency_signature": ConsistencySignature,
     "secagg.unmask_shares": UnmaskShares,
 }
+
+
+def check_fields(message: object) -> None:
+    """Check every field of a secagg message against its annotation.
+
+    Raises:
+        MalformedMessage: not a secagg message, or a field of the wrong type, naming
+            the message, the field and what was found.
+    """
+    cls = type(message)
+    if cls not in _CLASSES:
+        raise MalformedMessage(f"{cls.__name__} is not a secagg message")
+    for name, expected in _hints(cls).items():
+        value = getattr(message, name)
+        if not _matches(value, expected):
+            raise MalformedMessage(
+                f"{cls.__name__}.{name} should be {_describe(expected)}, "
+                f"got {type(value).__name__}"
+            )
+
+
+_CLASSES = frozenset(MESSAGE_TYPES.values())
+
+
+@cache
+def _hints(cls: type) -> dict[str, object]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _matches(value: object, expected: object) -> bool:
+    origin = typing.get_origin(expected)
+    if origin is list:
+        (item,) = typing.get_args(expected)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if origin is dict:
+        key, item = typing.get_args(expected)
+        return isinstance(value, dict) and all(
+            _matches(k, key) and _matches(v, item) for k, v in value.items()
+        )
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    assert isinstance(expected, type)
+    return isinstance(value, expected)
+
+
+def _describe(expected: object) -> str:
+    return getattr(expected, "__name__", None) or str(expected)

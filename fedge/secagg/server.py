@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _masking, keys, shamir
+from . import messages as msgs
 from .config import (
     RoundContext,
     SecAggConfig,
@@ -168,6 +169,11 @@ class ServerSession:
             self.discarded += 1
             return out
         expected, _ = SERVER_TRANSITIONS[self.stage]
+        try:
+            msgs.check_fields(message)
+        except SecAggAbort:
+            self.discarded += 1
+            return out
         if (
             type(message).__name__ != expected
             or sender not in self._alive

@@ -13,7 +13,8 @@ reconnect is refused by ZAP) and messages still queued from it are dropped.
 Every refusal (unknown or revoked key, failed handshake) is reported to
 ``on_refused(Refusal(...))`` for the audit log.  Each peer is known by the
 libzmq routing id of its connection and, through ZAP's User-Id, by its CURVE
-public key; :meth:`send` takes either.  Heartbeats: a one-frame
+public key; :meth:`send` takes either.  One key has one connection: when a
+key's new connection speaks, its older one is shut.  Heartbeats: a one-frame
 ``HEARTBEAT_FRAME`` to each peer every ``interval``, any message from a peer
 counts as its heartbeat, and peers silent for ``timeout`` are dropped and
 reported to ``on_peer_lost(peer)``.  ZMTP heartbeats run underneath.
@@ -350,9 +351,12 @@ class ServerSocket:
                 fd = None
             st = _PeerState(Peer(rid, key, address), fd, peername)
             old = self._by_key.get(key)
-            if old is not None and old != rid:
-                self._peers.pop(old, None)
-                self._monitor.forget(old)
+            if old is not None and old != rid and old in self._peers:
+                # One appliance, one connection: the newest wins (an agent that
+                # made a fresh socket); an older one still open is shut.
+                log.warning("key %s... connected again; closing its older connection",
+                            key[:8])
+                self.disconnect(self._peers[old].peer)
             self._peers[rid] = st
             self._by_key[key] = rid
         elif st.peer.public_key not in self._allowed:

@@ -462,3 +462,29 @@ def test_client_replaces_its_socket_when_a_live_server_goes_silent() -> None:
             ctx.term()
 
     run(main())
+
+
+def test_a_key_connecting_again_supersedes_its_older_connection() -> None:
+    async def main() -> None:
+        agent = CurveKeyPair.generate()
+        h = Harness(allowed=[agent.public])
+        h.start()
+        old, old_events = h.client(agent)
+        try:
+            await old.wait_connected(5)
+            await wait_until(lambda: h.server.peers())
+            first = h.server.peers()[0]
+            new, _ = h.client(agent)  # the same appliance with a fresh socket
+            await new.wait_connected(5)
+            await wait_until(lambda: any(e.kind == "disconnected" for e in old_events))
+            await old.close()
+            await wait_until(lambda: [p.routing_id for p in h.server.peers()] not in
+                             ([], [first.routing_id]))
+            assert len(h.server.peers()) == 1
+            await h.server.send(agent.public, encode(Blob("x", np.ones(1, np.float32)),
+                                                     sender="coordinator"))
+            assert decode(await new.recv(timeout=5), max_bytes=1 << 20).body.name == "x"
+        finally:
+            await h.close()
+
+    run(main())

@@ -26,7 +26,7 @@ from tuf.api.exceptions import DownloadError, DownloadHTTPError
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
 from fedge.update import tuf_repo
-from fedge.update.ab import HealthCheckFailed, Service, SlotInstaller
+from fedge.update.ab import HealthCheckFailed, SelfUpdate, Service, SlotInstaller
 from fedge.update.files import write_atomic, write_json
 from fedge.update.messages import (
     ERROR_NOT_FOUND,
@@ -241,12 +241,16 @@ class AgentUpdater:
         except Exception as exc:  # an install failure is an outcome, not a crash
             ok, detail = False, f"{type(exc).__name__}: {exc}"
         outcome = InstallOutcome(spec.kind, spec.name, spec.version, ok, rolled_back, detail)
-        if ok:
+        self.record(outcome)
+        return outcome
+
+    def record(self, outcome: InstallOutcome) -> None:
+        """Remember a successful install as installed; audit every outcome."""
+        if outcome.ok:
             installed = self.installed()
-            installed[f"{spec.kind}/{spec.name}"] = spec.version
+            installed[f"{outcome.kind}/{outcome.name}"] = outcome.version
             write_json(self.state_dir / "updates" / "installed.json", installed)
         self._audit(outcome)
-        return outcome
 
     def _install_app(self, spec: tuf_repo.TargetSpec, archive: Path) -> str:
         base = self.state_dir / "apps" / spec.name
@@ -336,7 +340,8 @@ class AgentUpdateClient:
     def __init__(self, updater: AgentUpdater, send: Callable[[Any], Awaitable[None]], *,
                  models: ModelInstaller | None = None, service: Service | None = None,
                  executor: Executor | None = None, reply_timeout_s: float = 30.0,
-                 health_deadline_s: float = 30.0) -> None:
+                 health_deadline_s: float = 30.0, self_update: SelfUpdate | None = None,
+                 restart: Callable[[], None] | None = None) -> None:
         self.updater = updater
         self._send = send
         self.models = models
@@ -350,6 +355,11 @@ class AgentUpdateClient:
         self.tasks: set[asyncio.Task[None]] = set()
         self.outcomes: list[UpdateOutcome] = []
         self.skew: SkewDecision | None = None
+        # Software the agent itself runs: staged, then the unit restarts; the new
+        # version confirms on its first HeartbeatAck (see fedge.update.ab.SelfUpdate).
+        self.self_update = self_update
+        self.restart = restart or _systemd_restart
+        self._acked = False
         updater.fetcher = ZmqFetcher(self.roundtrip)
 
     def note_coordinator_version(self, coordinator_version: str) -> SkewDecision:
@@ -389,6 +399,14 @@ class AgentUpdateClient:
             self._busy = asyncio.Lock()
         async with self._busy:  # one install at a time
             loop = asyncio.get_running_loop()
+            if self.self_update is not None:
+                staged = await loop.run_in_executor(self.executor, self._stage_software, msg)
+                if staged is True:
+                    return  # the restarted version reports the outcome
+                if isinstance(staged, UpdateOutcome):
+                    self.outcomes.append(staged)
+                    await self._send(staged)
+                    return
             outcome = await loop.run_in_executor(
                 self.executor, lambda: handle_update_available(
                     self.updater, msg, models=self.models, service=self.service,
@@ -396,6 +414,42 @@ class AgentUpdateClient:
             self.outcomes.append(outcome)
             log.info("update %s: %s", msg.path, outcome.detail)
             await self._send(outcome)
+
+    def _stage_software(self, msg: UpdateAvailable) -> bool | UpdateOutcome | None:
+        """Stage a software target for the restart; None if `msg` is not software."""
+        assert self.self_update is not None
+        try:
+            spec = {s.path: s for s in self.updater.refresh()}.get(msg.path)
+            if spec is None or spec.kind != "software":
+                return None
+            bundle = self.updater.download(spec)
+            self.self_update.stage(spec.version, bundle, rollout_id=msg.rollout_id,
+                                   path=msg.path)
+        except Exception as exc:  # refused by TUF, bad bundle: nothing switched
+            return UpdateOutcome(msg.rollout_id, msg.path, False, False,
+                                 f"{type(exc).__name__}: {exc}")
+        log.warning("software %s staged; restarting into it", spec.version)
+        self.restart()
+        return True
+
+    async def on_heartbeat_ack(self) -> None:
+        """First ack after start: a pending software update is healthy — keep it —
+        and whatever outcome the last update left is reported now."""
+        if self._acked or self.self_update is None:
+            return
+        self._acked = True
+        self.self_update.confirm()
+        out = self.self_update.take_outcome()
+        if out is None:
+            return
+        outcome = UpdateOutcome(str(out.get("rollout_id", "")), str(out.get("path", "")),
+                                bool(out.get("ok")), bool(out.get("rolled_back")),
+                                str(out.get("detail", "")))
+        version = str(out.get("version", ""))
+        self.updater.record(InstallOutcome("software", "fedge", version, outcome.ok,
+                                           outcome.rolled_back, outcome.detail))
+        self.outcomes.append(outcome)
+        await self._send(outcome)
 
     async def _request(self, req: UpdateFetchRequest) -> UpdateFetchReply:
         assert self._loop is not None
@@ -420,12 +474,15 @@ class AgentUpdateClient:
 
 
 def attach_update_client(agent: Any, state_dir: Path, *, models: ModelInstaller | None = None,
-                         service: Service | None = None, reply_timeout_s: float = 30.0
-                         ) -> AgentUpdateClient:
+                         service: Service | None = None, reply_timeout_s: float = 30.0,
+                         software_root: Path | None = None,
+                         restart: Callable[[], None] | None = None) -> AgentUpdateClient:
     """Give a `fedge.agent.runtime.Agent` signed updates: UpdateAvailable and
     UpdateFetchReply go to an `AgentUpdateClient`, everything else to the agent.
 
     `models` defaults to the serving repository under ``<state_dir>/models``.
+    Software updates of the agent itself are on when its unit runs from A/B slots:
+    `software_root` (default ``<state_dir>/software``) has a ``current`` link.
 
     Raises:
         FileNotFoundError: the appliance was never enrolled (no trusted TUF root).
@@ -434,9 +491,12 @@ def attach_update_client(agent: Any, state_dir: Path, *, models: ModelInstaller 
         from fedge.serve.repository import ModelRepository
 
         models = ModelRepository(Path(state_dir) / "models")
+    root = Path(software_root) if software_root else Path(state_dir) / "software"
+    self_update = SelfUpdate(root) if (root / "current").is_symlink() else None
     client = AgentUpdateClient(AgentUpdater(state_dir), agent.send, models=models,
                                service=service, executor=getattr(agent, "executor", None),
-                               reply_timeout_s=reply_timeout_s)
+                               reply_timeout_s=reply_timeout_s, self_update=self_update,
+                               restart=restart)
     inner = agent.handle
 
     async def handle(env: Any) -> None:
@@ -446,8 +506,20 @@ def attach_update_client(agent: Any, state_dir: Path, *, models: ModelInstaller 
         coordinator_version = getattr(env.body, "coordinator_version", None)
         if isinstance(coordinator_version, str):  # HeartbeatAck: check version skew
             client.note_coordinator_version(coordinator_version)
+            await client.on_heartbeat_ack()
         await inner(env)
 
     agent.handle = handle
     agent.update_client = client
     return client
+
+
+AGENT_UNIT = "fedge-agent.service"
+
+
+def _systemd_restart() -> None:
+    """Ask systemd to restart the agent's unit without waiting (it stops us)."""
+    import subprocess
+
+    subprocess.run(["systemctl", "--no-block", "restart", AGENT_UNIT], check=False,
+                   capture_output=True, timeout=30)

@@ -105,3 +105,58 @@ def test_preflight_without_an_update_does_nothing_and_bad_settings_are_refused(i
     assert SlotInstaller(root).current_version() == "1.0.0"
     with pytest.raises(ValueError, match="max_attempts 0"):
         SelfUpdate(root, max_attempts=0)
+
+
+def test_agent_stages_signed_software_restarts_and_reports_after_first_ack(tmp_path, fleet,
+                                                                           installed):
+    import asyncio
+
+    from fedge.agent.updates import AgentUpdateClient, AgentUpdater
+    from fedge.update.messages import UpdateAvailable, UpdateFetchRequest, UpdateOutcome
+    from fedge.wire import codec
+    from fedge.wire import messages as _registered  # noqa: F401
+
+    root, _ = installed
+    fleet.publish("software", "fedge", "1.1.0", "fedge-1.1.0.tar.gz",
+                  bundle(tmp_path, "1.1.0", "good").read_bytes())
+    path = next(iter(fleet.repo.current_targets().signed.targets))
+    sent: list[object] = []
+    restarts: list[str] = []
+
+    def new_client() -> AgentUpdateClient:
+        client: AgentUpdateClient
+
+        async def send(body: object) -> None:  # the connection, through the wire codec
+            body = codec.decode(codec.encode(body, sender="h1"), max_bytes=1 << 21).body
+            sent.append(body)
+            if isinstance(body, UpdateFetchRequest):
+                reply = codec.decode(codec.encode(fleet.repo.handle_fetch(body),
+                                                  sender="coordinator"), max_bytes=1 << 21)
+                asyncio.get_running_loop().call_soon(
+                    lambda: asyncio.ensure_future(client.handle(reply.body)))
+
+        client = AgentUpdateClient(AgentUpdater(fleet.agent_dir, clock=fleet.clock), send,
+                                   self_update=SelfUpdate(root),
+                                   restart=lambda: restarts.append("restart"))
+        return client
+
+    async def before_restart() -> None:
+        client = new_client()
+        await client.handle(UpdateAvailable("r9", path))
+        await asyncio.wait_for(asyncio.gather(*client.tasks), 30)
+
+    asyncio.run(before_restart())
+    assert restarts == ["restart"]
+    assert not any(isinstance(b, UpdateOutcome) for b in sent)  # not before the restart
+    assert SlotInstaller(root).current_version() == "1.1.0"
+    assert SelfUpdate(root).preflight() == "trial"  # ExecStartPre of the new start
+
+    async def after_restart() -> None:
+        client = new_client()
+        await client.on_heartbeat_ack()
+        await client.on_heartbeat_ack()  # reported once
+
+    asyncio.run(after_restart())
+    outcomes = [b for b in sent if isinstance(b, UpdateOutcome)]
+    assert [(o.rollout_id, o.path, o.ok) for o in outcomes] == [("r9", path, True)]
+    assert AgentUpdater(fleet.agent_dir).installed() == {"software/fedge": "1.1.0"}

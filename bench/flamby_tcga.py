@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from fedge.demo.loopback import LoopbackFederation  # noqa: E402
+from fedge.demo.recipe import CHECK_ROUNDS  # noqa: E402
 from fedge.demo.tcga import (  # noqa: E402
     FLAMBY_PUBLISHED,
     FLAMBY_STRATEGIES,
@@ -49,18 +50,23 @@ from fedge.demo.tcga import (  # noqa: E402
 STDS = ("continuous", "all")
 FOLDS = 3
 CV_ROUNDS = 20
-CHECK_ROUNDS = (5, 10, 15, 20)
 
 
 def candidates() -> list[dict]:
-    """The default survival grid: FedAvg (client lr 0.05) with per-site standardisation of
-    the continuous columns or of all columns, and L2 weight decay 0 or 0.01; three of the
-    four combinations (all columns with decay is left out to fit the time budget)."""
-    out = []
-    for std, wd in (("continuous", 0.0), ("continuous", 0.01), ("all", 0.0)):
-        out.append({"std": std, "wd": wd, "strategy": "fedavg", "lr": 0.05,
-                    "params": {"server_learning_rate": 1.0}})
-    return out
+    """fedge.demo.recipe's default survival grid, as plan pieces."""
+    from fedge.demo.recipe import survival_candidates
+
+    return [
+        {
+            "name": c.name,
+            "std": c.standardise,
+            "wd": c.train.weight_decay,
+            "strategy": c.strategy.name,
+            "lr": c.train.lr,
+            "params": dict(c.strategy.params),
+        }
+        for c in survival_candidates(CV_ROUNDS)
+    ]
 
 
 def run_job(fed: LoopbackFederation, plan: JobPlan, timeout: float = 600):

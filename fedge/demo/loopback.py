@@ -84,6 +84,7 @@ class LoopbackFederation:
             "PYTHONUNBUFFERED": "1",
             "OMP_NUM_THREADS": "1",
             "MKL_NUM_THREADS": "1",
+            "PYTHONFAULTHANDLER": "1",
         }
         self.env.pop("NOTIFY_SOCKET", None)
         self.console = Identity.generate()

@@ -68,8 +68,8 @@ def site_metrics(
     out: dict[str, Any] = {"sites": {n: m for n, (_, m) in zip(names, per, strict=True)}}
     if per:
         out["weighted"] = M.weighted_mean(per)
-        keys = per[0][1].keys()
-        out["mean"] = {k: float(np.nanmean([m[k] for _, m in per])) for k in keys}
+        keys = {k for _, m in per for k in m}
+        out["mean"] = {k: float(np.mean([m[k] for _, m in per if k in m])) for k in keys}
     return out
 
 

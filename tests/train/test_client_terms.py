@@ -84,3 +84,52 @@ def test_logistic_binary_task_reports_classification_metrics(tmp_path: Path) -> 
     m = evaluate(spec, out.weights, data, "val").metrics
     assert m["accuracy"] > 0.85 and m["roc_auc"] > 0.9 and m["brier"] < 0.15
     assert 0 <= m["balanced_accuracy"] <= 1
+
+
+def _scans(root: Path) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls, centre in (("clear", 0), ("lesion", 1)):
+        (root / cls).mkdir(parents=True)
+        for i in range(6):
+            img = rng.integers(0, 60, size=(64, 64)).astype(np.uint8)
+            if centre:
+                img[24:40, 24:40] = 250  # a bright lesion
+            Image.fromarray(img).save(root / cls / f"{i}.png")
+
+
+def test_resnet_small_trains_on_an_image_folder(tmp_path: Path) -> None:
+    _scans(tmp_path)
+    data = load_site_data(
+        DatasetSpec(
+            name="scans",
+            kind="images",
+            path=str(tmp_path),
+            task="binary",
+            val_fraction=0.0,
+            image_size=32,
+        )
+    )
+    spec = ModelSpec("resnet_small", {"classes": 2, "width": 4})
+    w0 = flatten(build_model(spec))
+    out = local_train(
+        spec, w0, data, TrainConfig(steps=10, batch_size=12, optimizer="adam", lr=0.01), round=0
+    )
+    assert out.n_examples == 12 and not np.array_equal(out.weights, w0)
+    assert evaluate(spec, out.weights, data, "train").metrics["accuracy"] >= 0.9
+
+
+@pytest.mark.gpu
+def test_cuda_training_matches_cpu(site) -> None:  # type: ignore[no-untyped-def]
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    w0 = flatten(build_model(COX))
+    cpu = local_train(
+        COX, w0, site, TrainConfig(steps=20, batch_size=8, lr=0.05, device="cpu"), round=0
+    )
+    gpu = local_train(
+        COX, w0, site, TrainConfig(steps=20, batch_size=8, lr=0.05, device="cuda"), round=0
+    )
+    np.testing.assert_allclose(gpu.weights, cpu.weights, rtol=1e-4, atol=1e-5)

@@ -186,10 +186,10 @@ def test_dropouts_below_threshold_abort_cleanly_and_the_round_is_retried(federat
     assert row["status"] == "completed", fed.dump()
     rs = rounds_of(fed, job)
     assert rs[-1]["status"] == "committed" and rs[-1]["attempt"] >= 2
-    # the round starts as soon as min_clients sites are back: site-0 and at least
-    # one of the restarted ones
+    # the round starts as soon as min_clients sites are connected: at least one of
+    # the restarted agents has rejoined and contributed
     survivors = json.loads(rs[-1]["survivors_json"])
-    assert "site-0" in survivors and len(survivors) >= 2
+    assert len(survivors) >= 2 and {"site-1", "site-2"} & set(survivors)
 
 
 def test_coordinator_sigkilled_mid_round_resumes_to_the_same_final_model(federation, brca):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import random
 import subprocess
 import sys
@@ -263,7 +264,9 @@ def print_table(rows) -> None:
     print("* Flower server not run at this d: its run at the smaller d, with the length-d")
     print("  vector work (PRG, additions; timed apart) scaled by the ratio of sizes.")
     print("Flower client = setup + share keys + masked vector + unmask, its own functions;")
-    print("fedge client = every ClientSession.receive of the round; 30% drop after sharing keys.")
+    print("fedge client = every ClientSession.receive of the round (1 thread); the fedge")
+    print(f"server removes masks with the core's kernel on all {os.cpu_count()} cores; Flower's")
+    print("numpy runs on one.  30% of clients drop after sharing keys (masks to rebuild).")
 
 
 if __name__ == "__main__":

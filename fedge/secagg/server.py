@@ -87,7 +87,8 @@ class SecAggResult:
 class ServerSession:
     """The coordinator's side of one SecAgg+ round.
 
-    ``threads`` is passed to the core's mask kernel when masks are removed.
+    ``threads`` is passed to the core's mask kernel when masks are removed; None
+    (the default) uses every core of the coordinator.
 
     Raises (on construction):
         SecAggConfigError: the cohort is not ``config.n`` distinct ids of the roster.
@@ -100,7 +101,7 @@ class ServerSession:
         cohort: list[str],
         roster: keys.Roster,
         *,
-        threads: int = 1,
+        threads: int | None = None,
     ) -> None:
         self.config = config
         self.ctx = ctx
@@ -109,7 +110,7 @@ class ServerSession:
             if cid not in roster:
                 raise SecAggConfigError(f"cohort member {cid!r} is not in the roster")
         self.roster = roster
-        self.threads = threads if threads > 0 else (os.cpu_count() or 1)
+        self.threads = threads if threads and threads > 0 else (os.cpu_count() or 1)
         self.graph_seed = graph_seed(ctx, self.cohort)
         assert config.degree is not None
         self.neighbours = neighbours(self.cohort, config.degree, self.graph_seed)
@@ -336,8 +337,9 @@ class ServerSession:
         ):
             return False
         if self._total is None:
-            self._total = np.zeros(self.config.vector_length, dtype=np.uint32)
-        np.add(self._total, masked, out=self._total)  # wraps mod 2^32
+            self._total = masked.copy()  # owned: the message's buffer may be read-only
+        else:
+            np.add(self._total, masked, out=self._total)  # wraps mod 2^32
         self._u3.add(sender)
         return True
 

@@ -484,6 +484,42 @@ void bind_cuda(py::module_& m) {
       },
       arg("x"), arg("clip"), arg("bits"), arg("seed"));
   m.def(
+      "cuda_clip_l2",
+      [](int device, uintptr_t stream, uintptr_t vec, uint64_t n, double max_norm) {
+        if (!(max_norm > 0.0) || !std::isfinite(max_norm)) {
+          throw py::value_error("max_norm must be a finite number > 0");
+        }
+        double norm;
+        {
+          py::gil_scoped_release release;
+          norm = cuda::clip_l2(device, stream, device_ptr<float>(vec), n, max_norm);
+        }
+        if (!std::isfinite(norm)) throw py::value_error("vec contains NaN or infinity");
+        return norm;
+      },
+      arg("device"), arg("stream"), arg("vec_ptr"), arg("n"), arg("max_norm"));
+  m.def(
+      "cuda_add_gaussian_noise",
+      [](int device, uintptr_t stream, uintptr_t vec, uint64_t n, double std,
+         const py::bytes& seed) {
+        if (!(std >= 0.0) || !std::isfinite(std)) {
+          throw py::value_error("std must be a finite number >= 0");
+        }
+        const RoundKeys keys = key_arg(seed, "seed");
+        py::gil_scoped_release release;
+        cuda::add_gaussian_noise(device, stream, device_ptr<float>(vec), n, std, keys);
+      },
+      arg("device"), arg("stream"), arg("vec_ptr"), arg("n"), arg("std"), arg("seed"));
+  m.def(
+      "cuda_emulate_gaussian_noise",
+      [](const py::buffer& vec, double std, const py::bytes& seed) {
+        Vec<float> v = vec_arg<float>(vec, "vec", true);
+        const RoundKeys keys = key_arg(seed, "seed");
+        py::gil_scoped_release release;
+        cuda::emulate_gaussian_noise(v.ptr, v.n, std, keys);
+      },
+      arg("vec"), arg("std"), arg("seed"));
+  m.def(
       "cuda_adam_step",
       [](int device, uintptr_t stream, uintptr_t params, uintptr_t grads, uintptr_t exp_avg,
          uintptr_t exp_avg_sq, uint64_t n, int64_t step, double lr, double beta1, double beta2,

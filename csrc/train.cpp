@@ -36,23 +36,12 @@ void scale(float* v, size_t n, double factor) {
 }
 
 void add_gaussian_noise(Path path, float* v, size_t n, double std, const RoundKeys& seed) {
-  constexpr size_t kPairs = 512;  // 2 normals per 4 words
-  constexpr double kTwoPi = 6.283185307179586476925286766559;
+  constexpr size_t kPairs = 512;  // one PRG block (4 words) per pair of normals
   uint32_t w[4 * kPairs];
   for (size_t base = 0; base < n; base += 2 * kPairs) {
-    const size_t cnt = std::min(2 * kPairs, n - base);  // normals in this chunk
-    const size_t pairs = (cnt + 1) / 2;
+    const size_t pairs = (std::min(2 * kPairs, n - base) + 1) / 2;
     keystream(path, seed, 2 * static_cast<uint64_t>(base), w, 4 * pairs);
-    for (size_t p = 0; p < pairs; ++p) {
-      const uint64_t a = (uint64_t(w[4 * p]) << 21) ^ (w[4 * p + 1] >> 11);   // 53 bits
-      const uint64_t b = (uint64_t(w[4 * p + 2]) << 21) ^ (w[4 * p + 3] >> 11);
-      const double u1 = (static_cast<double>(a) + 1.0) * 0x1p-53;  // (0, 1]
-      const double u2 = static_cast<double>(b) * 0x1p-53;          // [0, 1)
-      const double r = std::sqrt(-2.0 * std::log(u1)) * std;
-      const size_t i = base + 2 * p;
-      v[i] = static_cast<float>(v[i] + r * std::cos(kTwoPi * u2));
-      if (i + 1 < n) v[i + 1] = static_cast<float>(v[i + 1] + r * std::sin(kTwoPi * u2));
-    }
+    for (size_t p = 0; p < pairs; ++p) noise_pair(w + 4 * p, std, v, base + 2 * p, n);
   }
 }
 

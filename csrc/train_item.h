@@ -77,4 +77,19 @@ FEDGE_ITEM void adam_item(size_t i, float* params, const float* grads, float* ex
   params[i] = static_cast<float>(w - k.step_size * static_cast<double>(m) / denom);
 }
 
+// Two normals by Box-Muller from one PRG block w[0..3] (53-bit uniforms from
+// pairs of words), added times `std` to v[i] and v[i + 1] (when i + 1 < n).
+// On the GPU log/sqrt/sin/cos are CUDA's, within an ulp or two of libm's: the
+// noise there has the same distribution, not the same bits.
+FEDGE_ITEM void noise_pair(const uint32_t w[4], double std, float* v, size_t i, size_t n) {
+  const double two_pi = 6.283185307179586476925286766559;
+  const uint64_t a = (uint64_t(w[0]) << 21) | (w[1] >> 11);  // 53 bits
+  const uint64_t b = (uint64_t(w[2]) << 21) | (w[3] >> 11);
+  const double u1 = (static_cast<double>(a) + 1.0) * 0x1p-53;  // (0, 1]
+  const double u2 = static_cast<double>(b) * 0x1p-53;          // [0, 1)
+  const double r = sqrt(-2.0 * log(u1)) * std;
+  v[i] = static_cast<float>(v[i] + r * cos(two_pi * u2));
+  if (i + 1 < n) v[i + 1] = static_cast<float>(v[i + 1] + r * sin(two_pi * u2));
+}
+
 }  // namespace fedge

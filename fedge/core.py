@@ -6,8 +6,8 @@ are 1-D and C-contiguous with an exact dtype: a wrong one raises instead of
 being converted, so an array written in place is never silently copied.
 
 CPU torch tensors are accepted where an array is (as their `.numpy()` view).
-CUDA torch tensors are accepted by `apply_masks`, `quantise`, `dequantise` and
-`sgd_step` when the core was built with CUDA; `prg(..., device="cuda")`
+CUDA torch tensors are accepted by every function taking arrays when the core
+was built with CUDA; `prg(..., device="cuda")`
 returns a CUDA tensor. The device path gives the same bits as the CPU path.
 
 PRG: AES-128-CTR exactly as OpenSSL's EVP_aes_128_ctr keyed by the 16-byte
@@ -545,7 +545,9 @@ def adam_step(
 def clip_l2(vec: Any, max_norm: float) -> float:
     """Scales float32 `vec` in place so its L2 norm is at most `max_norm`.
 
-    Returns the norm before clipping (computed in float64).
+    Returns the norm before clipping (computed in float64). `vec` may be a
+    CUDA tensor (its norm then agrees with the CPU's to rounding: the
+    summation order differs).
 
     Raises:
         TypeError: vec not float32.
@@ -553,6 +555,9 @@ def clip_l2(vec: Any, max_norm: float) -> float:
             then left unchanged); max_norm not a finite number > 0.
     """
     m = _float(max_norm, "max_norm", positive=True)
+    if _is_cuda_tensor(vec):
+        dev, n, ptr = _cuda_group(vec=vec)
+        return float(_cuda().cuda_clip_l2(*_where(dev), ptr["vec"], n, m))
     return float(_core.clip_l2(_array(vec, "vec", np.float32, writable=True), m))
 
 
@@ -560,7 +565,9 @@ def add_gaussian_noise(vec: Any, *, std: float, seed: bytes, path: str | None = 
     """vec += std · N(0, 1) noise, in place, deterministic in `seed`.
 
     Normals come from Box–Muller on 53-bit uniforms built from the AES-CTR
-    stream keyed by `seed` (four words per pair of normals).
+    stream keyed by `seed` (four words per pair of normals). `vec` may be a
+    CUDA tensor: same uniforms, CUDA's log/sin/cos (same distribution, bits
+    may differ from the CPU's in the last place).
 
     Raises:
         TypeError: vec not float32, seed not bytes.
@@ -569,6 +576,10 @@ def add_gaussian_noise(vec: Any, *, std: float, seed: bytes, path: str | None = 
     """
     sd = _float(std, "std", nonneg=True)
     key = _seed(seed)
+    if _is_cuda_tensor(vec):
+        dev, n, ptr = _cuda_group(vec=vec)
+        _cuda().cuda_add_gaussian_noise(*_where(dev), ptr["vec"], n, sd, key)
+        return
     _core.add_gaussian_noise(
         _array(vec, "vec", np.float32, writable=True), std=sd, seed=key, path=_path(path)
     )

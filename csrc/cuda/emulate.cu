@@ -46,4 +46,13 @@ bool emulate_quantise(const float* x, uint32_t* out, size_t n, double clip, doub
   return bad == 0;
 }
 
+void emulate_gaussian_noise(float* vec, size_t n, double std, const RoundKeys& key) {
+  const DeviceKey dk = device_key(key);
+  for (uint64_t p = 0; p < (n + 1) / 2; ++p) {
+    uint32_t w[4];
+    aes_ctr_block(host_tables(), dk.w, p, w);
+    noise_pair(w, std, vec, 2 * p, n);
+  }
+}
+
 }  // namespace fedge::cuda

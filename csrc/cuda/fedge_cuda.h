@@ -39,11 +39,20 @@ void sgd_step(int device, uintptr_t stream, float* params, const float* grads, f
 void adam_step(int device, uintptr_t stream, float* params, const float* grads, float* exp_avg,
                float* exp_avg_sq, size_t n, const AdamArgs& a);
 
+// Returns the L2 norm (double accumulation; the order differs from the CPU's,
+// so it agrees to rounding, not bit for bit) and scales vec by max_norm/norm
+// when the norm exceeds max_norm. Synchronises the stream.
+double clip_l2(int device, uintptr_t stream, float* vec, size_t n, double max_norm);
+
+void add_gaussian_noise(int device, uintptr_t stream, float* vec, size_t n, double std,
+                        const RoundKeys& key);
+
 // The kernels' per-item code run on the host (emulate.cu), for tests.
 void emulate_prg(const RoundKeys& key, uint64_t offset_words, uint32_t* out, size_t n);
 void emulate_apply_masks(const RoundKeys* keys, const int* signs, size_t k, uint64_t offset_words,
                          uint32_t* vec, size_t n);
 bool emulate_quantise(const float* x, uint32_t* out, size_t n, double clip, double scale,
                       uint32_t qmax, const RoundKeys& key);
+void emulate_gaussian_noise(float* vec, size_t n, double std, const RoundKeys& key);
 
 }  // namespace fedge::cuda

@@ -99,3 +99,20 @@ def test_device_operands_must_share_a_length() -> None:
         core.sgd_step(p, torch.zeros(9, device="cuda"), None, lr=0.1)
     with pytest.raises(TypeError, match="grads must be a CUDA tensor"):
         core.sgd_step(p, np.zeros(10, np.float32), None, lr=0.1)
+
+
+def test_clip_l2_on_device_agrees_with_cpu() -> None:
+    v = np.random.default_rng(4).standard_normal(100_001).astype(np.float32)
+    dev = torch.from_numpy(v.copy()).cuda()
+    n_cpu = core.clip_l2(v, 10.0)
+    n_dev = core.clip_l2(dev, 10.0)
+    assert n_dev == pytest.approx(n_cpu, rel=1e-12)
+    np.testing.assert_allclose(dev.cpu().numpy(), v, rtol=1e-6)
+
+
+def test_noise_on_device_has_the_cpu_values_to_a_few_ulps() -> None:
+    cpu = np.zeros(100_001, np.float32)
+    dev = torch.zeros(100_001, device="cuda")
+    core.add_gaussian_noise(cpu, std=1.0, seed=b"g" * 16)
+    core.add_gaussian_noise(dev, std=1.0, seed=b"g" * 16)
+    np.testing.assert_allclose(dev.cpu().numpy(), cpu, rtol=1e-5, atol=1e-6)

@@ -58,3 +58,13 @@ def test_device_quantise_code_flags_nan() -> None:
     x[16] = np.inf
     with pytest.raises(ValueError, match="x contains NaN or infinity"):
         _core.cuda_emulate_quantise(x, 1.0, 8, bytes(16))
+
+
+def test_device_noise_code_uses_the_same_uniforms_as_the_cpu() -> None:
+    # On the host the per-item code calls libm, so it must match the CPU path
+    # bit for bit; on a GPU only CUDA's log/sin/cos differ (test_cuda.py).
+    cpu = np.arange(1001, dtype=np.float32)
+    emu = cpu.copy()
+    core.add_gaussian_noise(cpu, std=0.5, seed=b"n" * 16)
+    _core.cuda_emulate_gaussian_noise(emu, 0.5, b"n" * 16)
+    np.testing.assert_array_equal(emu, cpu)

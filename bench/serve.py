@@ -158,6 +158,13 @@ async def load(
     return lat, errors, seconds
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (less sensitive to other load than latency)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def start_server(repo: Path) -> tuple[subprocess.Popen[str], int]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "fedge.cli", "serve", "--repository", str(repo),
@@ -225,7 +232,9 @@ def main() -> int:
                     x = np.random.default_rng(1).standard_normal((batch, *shape))
                     req = request_bytes(name, x.astype(np.float32))
                     seconds = load_s if (name, batch) == ("cox", 1) else load_s / 2
+                    cpu0 = _cpu_seconds(proc.pid)
                     lat, errors, span = asyncio.run(load(port, req, CLIENTS, seconds))
+                    cpu_us = (_cpu_seconds(proc.pid) - cpu0) / max(1, len(lat) + len(errors)) * 1e6
                     if errors:
                         print(f"  {len(errors)} failed requests, first: {errors[0]}")
                     lat_ms = np.asarray(lat) * 1e3
@@ -237,8 +246,10 @@ def main() -> int:
                     results[f"server_p99_ms_{key}"] = p99
                     results[f"server_rps_{key}"] = rps
                     results[f"server_errors_{key}"] = float(len(errors))
+                    results[f"server_cpu_us_{key}"] = cpu_us
                     print(f"server {name:4s} batch {batch:2d}: {rps:8.0f} req/s  p50 {p50:6.2f} ms"
                           f"  p99 {p99:6.2f} ms  p50 / in-process ort = {overhead:6.1f}x  "
+                          f"server CPU {cpu_us:7.1f} us/req "
                           f"({len(lat)} requests, {len(errors)} errors)")
             # the floor: one client, no queueing, the same Cox request
             x = np.random.default_rng(1).standard_normal((1, *MODELS["cox"][1]))
@@ -264,6 +275,7 @@ def main() -> int:
         f"server_rps={results['server_rps_cox_b1']:.0f} "
         f"server_p50_ms={results['server_p50_ms_cox_b1']:.2f} "
         f"server_p50_ms_1client={results['server_p50_ms_1client']:.3f} "
+        f"server_cpu_us_per_req={results['server_cpu_us_cox_b1']:.0f} "
         f"ort_vs_torch_cnn_b1={results['ort_vs_torch_cnn_b1']:.2f} "
         f"ort_vs_torch_cox_b64={results['ort_vs_torch_cox_b64']:.2f} "
         f"ort_vs_torch_cnn_b64={results['ort_vs_torch_cnn_b64']:.2f} "

@@ -406,7 +406,47 @@ class InferenceServer:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-def _loop_and_http() -> tuple[str, str]:
+class _CoalescingTransport:
+    """A transport proxy that sends everything written in one event-loop step at once.
+
+    uvicorn writes a response's status line and headers, then its body, as two
+    `transport.write` calls: two syscalls, two TCP segments, two wake-ups of the
+    client. Buffering until the end of the current loop step (`call_soon`) joins
+    them into one write without delaying anything: the flush runs before the
+    loop polls for I/O again. On this 2-core host that cut the server's CPU per
+    Cox request by about 40% (bench/serve.py, `server CPU us/req`).
+    """
+
+    def __init__(self, transport: Any):
+        self._transport = transport
+        self._loop = asyncio.get_running_loop()
+        self._pending: list[bytes] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not self._pending:
+            self._loop.call_soon(self._flush)
+        self._pending.append(bytes(data))
+
+    def writelines(self, chunks: Any) -> None:
+        for chunk in chunks:
+            self.write(chunk)
+
+    def _flush(self) -> None:
+        if self._pending:
+            data = b"".join(self._pending)
+            self._pending.clear()
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+def _loop_and_http() -> tuple[str, Any]:
     try:
         import uvloop  # noqa: F401
 
@@ -414,12 +454,16 @@ def _loop_and_http() -> tuple[str, str]:
     except ImportError:  # pragma: no cover - depends on the install
         loop = "asyncio"
     try:
-        import httptools  # noqa: F401
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:  # pragma: no cover - httptools missing: uvicorn's pure-Python h11
+        return loop, "h11"
 
-        http = "httptools"
-    except ImportError:  # pragma: no cover
-        http = "h11"
-    return loop, http
+    class OneWriteHttpToolsProtocol(HttpToolsProtocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            # uvloop's transports are not asyncio.Transport subclasses: duck-typed
+            super().connection_made(_CoalescingTransport(transport))  # type: ignore[arg-type]
+
+    return loop, OneWriteHttpToolsProtocol
 
 
 def serve(

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedge.coordinator import checkpoint as ck
 from fedge.coordinator.config import CoordinatorConfig
 from fedge.coordinator.service import Coordinator
 
@@ -124,9 +125,6 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
 
     coord.on_allow_list = set_allowed
     coord.on_disconnect = disconnect
-    # Import the training stack (torch) in a worker thread while the loop already
-    # answers heartbeats: a job's first model is built with it.
-    warm = loop.run_in_executor(None, _optional, "fedge.train.api")
     admin_task = _start_admin(cfg, coord)
     log.info("coordinator listening on %s", endpoint)
     notifier.ready()
@@ -134,6 +132,7 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
     last_refresh = time.monotonic()
     max_bytes = coord.max_message_bytes
     kill_at = os.environ.get(KILL_AT_ENV, "")
+    preparing: asyncio.Future[None] | None = None
     try:
         while not stop.is_set():
             try:
@@ -147,7 +146,15 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
                     server.disconnect(msg.peer)
                 else:
                     coord.handle_frames(site, msg.frames)
-            coord.tick()
+            if coord.runner is None and _needs_initial_model(coord) is not None:
+                # the next job's starting model is built in a child process; the
+                # loop keeps serving heartbeats meanwhile
+                if preparing is None:
+                    preparing = asyncio.ensure_future(_prepare_initial_model(coord))
+                elif preparing.done():
+                    preparing = None
+            else:
+                coord.tick()
             if kill_at:
                 _maybe_die(coord, kill_at)
             if coord.max_message_bytes != max_bytes:
@@ -171,8 +178,6 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
                                     f"{job.round.phase.value}")
     finally:
         notifier.stopping()
-        with contextlib.suppress(Exception):
-            await warm
         if admin_task is not None:
             admin_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -180,6 +185,34 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
         await server.close()
         coord.close()
     return 0
+
+
+def _needs_initial_model(coord: Coordinator) -> Any:
+    """The next job to start if its round-0 checkpoint does not exist yet."""
+    jobs = coord.store.jobs(status="running") or coord.store.jobs(status="queued")
+    if not jobs or jobs[0].committed_round != 0:
+        return None
+    if ck.round_path(coord.state_dir, jobs[0].job_id, 0).exists():
+        return None
+    return jobs[0]
+
+
+async def _prepare_initial_model(coord: Coordinator) -> None:
+    from fedge.coordinator.initmodel import initial_weights_subprocess
+    from fedge.coordinator.plan import PlanError, parse_plan
+
+    job = _needs_initial_model(coord)
+    if job is None:
+        return
+    loop = asyncio.get_running_loop()
+    try:
+        plan = parse_plan(job.plan_toml)
+        weights = await loop.run_in_executor(None, initial_weights_subprocess, plan)
+    except PlanError as exc:
+        coord.store.set_job_status(job.job_id, "failed", actor="coordinator", error=str(exc))
+        return
+    ck.save_checkpoint(ck.round_path(coord.state_dir, job.job_id, 0),
+                       ck.Checkpoint(weights=weights, round=0, plan=plan.text))
 
 
 def _maybe_die(coord: Coordinator, kill_at: str) -> None:

@@ -1,0 +1,40 @@
+"""The starting model is built in a child process, identical to the in-process build."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedge.coordinator.initmodel import initial_weights_subprocess, main
+from fedge.coordinator.plan import parse_plan
+from fedge.coordinator.service import torch_initial_weights
+
+PLAN = """
+[job]
+dataset = "d"
+rounds = 1
+seed = 3
+[model]
+name = "{model}"
+params = {{ in_features = 5 }}
+[train]
+steps = 1
+batch_size = 1
+learning_rate = 0.1
+[strategy]
+name = "fedavg"
+"""
+
+
+def test_child_process_builds_the_seeded_model():
+    plan = parse_plan(PLAN.format(model="cox_linear"))
+    w = initial_weights_subprocess(plan)
+    assert w.dtype == np.float32 and w.ndim == 1 and w.size >= 5
+    assert w.tobytes() == torch_initial_weights(plan).tobytes()
+
+
+def test_unknown_model_exits_2_with_the_reason(tmp_path, capsys):
+    plan = tmp_path / "plan.toml"
+    plan.write_text(PLAN.format(model="no_such_model"))
+    assert main([str(plan), str(tmp_path / "w.npy")]) == 2
+    assert "no_such_model" in capsys.readouterr().err
+    assert not (tmp_path / "w.npy").exists()

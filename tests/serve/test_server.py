@@ -212,3 +212,23 @@ def test_metrics_count_requests_per_model_and_status(server: RunningServer) -> N
     assert value('fedge_serve_infer_requests_total{code="400",model="cox"}') >= 1
     assert value('fedge_serve_infer_duration_seconds_count{model="cox"}') >= 2
     assert value('fedge_serve_model_live_version{model="cox"}') == 1
+
+
+def test_connection_close_still_delivers_the_whole_response(server: RunningServer) -> None:
+    # Responses are written once per event-loop step; a closing connection must
+    # flush that write before it closes.
+    import socket
+
+    x = _rows(1)
+    body = json.dumps(_json_request(x)).encode()
+    head = (f"POST /v2/models/cox/infer HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    host, port = server.host_port.split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(head + body)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    header, _, payload = received.partition(b"\r\n\r\n")
+    assert header.startswith(b"HTTP/1.1 200")
+    assert json.loads(payload)["outputs"][0]["shape"] == [1, 1]

@@ -255,11 +255,12 @@ def prg_anchor(n: int) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="N in {10, 100} only")
+    ap.add_argument("--n", type=int, action="append", help="run only these N (repeatable)")
     ap.add_argument("--agent-host", nargs=2, metavar=("SPEC", "STATS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.agent_host:
         return agent_host(Path(args.agent_host[0]), Path(args.agent_host[1]))
-    ns = [10, 100] if args.quick else [10, 100, 500]
+    ns = args.n or ([10, 100] if args.quick else [10, 100, 500])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("NOTIFY_SOCKET", None)
     results = []

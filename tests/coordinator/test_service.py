@@ -1,0 +1,134 @@
+"""The Coordinator's admin API and its refusal paths, over the in-memory federation."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from fedge.coordinator.plan import PlanError
+from fedge.coordinator.service import CoordinatorError
+from fedge.coordinator.store import StoreError
+from fedge.wire import codec
+from fedge.wire import messages as m
+
+PLAN = """
+[job]
+dataset = "synthetic"
+rounds = 3
+min_clients = 2
+[model]
+name = "linear"
+[train]
+steps = 1
+batch_size = 1
+learning_rate = 0.5
+[strategy]
+name = "fedavg"
+[secagg]
+enabled = false
+[deadlines]
+cohort_s = 5
+train_s = 5
+secagg_stage_s = 5
+eval_s = 5
+"""
+
+
+def test_fleet_shows_registry_and_connection(federation):
+    fed = federation(["a", "b"])
+    asyncio.run(fed.agents["a"].heartbeat())
+    fed.coord.handle_frames("a", fed.inbox.pop()[1])
+    fleet = {f["site_id"]: f for f in fed.coord.fleet()}
+    assert fleet["a"]["connected"] and not fleet["b"]["connected"]
+    assert fleet["a"]["datasets"] == ["synthetic"] and fleet["a"]["status"] == "enrolled"
+
+
+def test_invalid_plan_is_refused_and_nothing_is_stored(federation):
+    fed = federation(["a"])
+    with pytest.raises(PlanError, match=r"job\.rounds"):
+        fed.coord.submit_job(PLAN.replace("rounds = 3", "rounds = 0"))
+    assert fed.coord.list_jobs() == []
+
+
+def test_job_status_and_cancel(federation):
+    fed = federation(["a", "b"])
+    job = fed.coord.submit_job(PLAN, actor="alice")
+    st = fed.coord.job_status(job)
+    assert st["status"] == "queued" and st["rounds_planned"] == 3 and st["final_checkpoint"] == ""
+
+    async def go():
+        await fed.heartbeats()
+        await fed.pump(until=lambda: fed.coord.store.job(job).committed_round >= 1)
+    asyncio.run(go())
+    fed.coord.cancel_job(job, actor="alice")
+    assert fed.coord.store.job(job).status == "cancelled"
+    assert fed.coord.runner is None
+    with pytest.raises(CoordinatorError, match="cancelled"):
+        fed.coord.cancel_job(job)
+    with pytest.raises(CoordinatorError, match="unknown job"):
+        fed.coord.job_status("nope")
+    actors = {(a["actor"], a["action"]) for a in fed.coord.store.audit_log()}
+    assert ("alice", "submit_job") in actors and ("alice", "job_cancelled") in actors
+
+
+def test_revoke_drops_connection_and_allow_list(federation):
+    fed = federation(["a", "b", "c"])
+    lists, dropped = [], []
+    fed.coord.on_allow_list = lists.append
+    fed.coord.on_disconnect = dropped.append
+    asyncio.run(fed.heartbeats())
+    for site, frames in fed.inbox:
+        fed.coord.handle_frames(site, frames)
+    fed.inbox.clear()
+    fed.coord.revoke("c", actor="alice")
+    assert dropped == ["c"] and "c" not in {s for s in fed.coord.connected_sites()}
+    assert len(lists[-1]) == 2
+    with pytest.raises(StoreError, match="unknown site"):
+        fed.coord.revoke("zzz")
+
+
+def test_set_roster_verifies_signature(federation):
+    from fedge.secagg.keys import Identity, Roster
+
+    fed = federation(["a"])
+    forged = Roster.build({"a": Identity.generate().public_bytes()}, Identity.generate())
+    with pytest.raises(ValueError, match="signature"):
+        fed.coord.set_roster(forged.to_bytes())
+
+
+def test_heartbeat_naming_another_site_is_rejected(federation):
+    fed = federation(["a", "b"])
+    hb = m.Heartbeat(site="b", version="0.1.0", health_json="{}", eligible=True, reason="",
+                     datasets=[], current_task="")
+    fed.coord.handle_frames("a", [bytes(f) for f in codec.encode(hb, sender="a")])
+    assert fed.coord.store.audit_log(action="spoofed_sender")
+    assert fed.coord.store.appliance("b").last_seen is None
+    assert isinstance(fed.coord.outbox[-1].body, m.Rejected)
+
+
+def test_update_outcome_is_routed(federation):
+    from fedge.update.messages import UpdateOutcome
+
+    fed = federation(["a"])
+    got = []
+    fed.coord.on_update_outcome = lambda site, body: got.append((site, body.ok))
+    out = UpdateOutcome(rollout_id="r1", path="p", ok=True, rolled_back=False, detail="")
+    fed.coord.handle_frames("a", [bytes(f) for f in codec.encode(out, sender="a")])
+    assert got == [("a", True)]
+
+
+def test_failed_attempts_limit_fails_job_without_checkpoints(federation):
+    fed = federation(["a"])
+    job = fed.coord.submit_job(PLAN)  # min_clients 2, only one site
+
+    async def go():
+        await fed.heartbeats()
+        await fed.pump(until=lambda: fed.coord.store.job(job).status == "failed",
+                       advance=1.0)
+    asyncio.run(go())
+    j = fed.coord.store.job(job)
+    assert "failed 3 times" in j.error and "below min_clients 2" in j.error
+    assert [r.status for r in fed.coord.store.rounds(job)] == ["failed"] * 3
+    w0 = fed.coord.state_dir / "jobs" / job / "round-0.safetensors"
+    assert w0.exists() and not (w0.parent / "round-1.safetensors").exists()

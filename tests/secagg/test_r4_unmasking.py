@@ -207,3 +207,16 @@ def test_second_unmask_request_is_refused_so_no_peer_gets_both_shares() -> None:
         client.receive(second, 99.0)
     assert client.revealed_shares[TARGET] == "seed"
     assert all(len(kinds) == 1 for kinds in revealed_kinds(fed.sent).values())
+
+
+def test_client_guard_refuses_to_reveal_a_second_share_kind_for_one_peer() -> None:
+    # defence in depth below the list checks: the reveal ledger itself refuses
+    from fedge.secagg import BothSharesRequested
+
+    fed = _fed()
+    client = fed.clients[VICTIM]
+    client._reveal(TARGET, "seed")
+    client._reveal(TARGET, "seed")  # the same kind again is harmless
+    with pytest.raises(BothSharesRequested, match=TARGET):
+        client._reveal(TARGET, "mask_key")
+    assert client.revealed_shares == {TARGET: "seed"}

@@ -119,3 +119,36 @@ def test_stage_deadline_is_measured_from_when_the_stage_opened() -> None:
     out = fed.server.tick(110.0)
     assert fed.server.stage == "ShareKeys" and fed.server.dropped == {"site-002": "AdvertiseKeys"}
     assert sorted(cid for cid, _ in out) == ["site-000", "site-001"]
+
+
+def test_lying_client_shares_for_a_dropped_peer_fail_the_round_not_the_sum() -> None:
+    # a client sends a forged mask-key share: the recovered key does not match the
+    # dropped client's signed public key, so the round fails instead of a wrong sum
+    from fedge.secagg import ReconstructionFailed, shamir
+
+    fed = Federation(5, 16, alpha=0.0, threshold=3, delta=0.4)
+    gone = "site-004"
+    liar = "site-001"
+    liar_x = fed.server.index[liar]
+
+    def lie(sender: str, reply: object) -> list[tuple[str, object]]:
+        if sender == liar and isinstance(reply, msgs.UnmaskShares):
+            forged = liar_x.to_bytes(2, "big") + bytes(range(66))
+            assert shamir.share_x(forged) == liar_x
+            reply = dataclasses.replace(reply, mask_key_shares={gone: forged})
+        return [(sender, reply)]
+
+    dropped_gone = {"done": False}
+
+    def mangle(sender: str, reply: object) -> list[tuple[str, object]]:
+        if sender == gone and isinstance(reply, msgs.MaskedInput):
+            dropped_gone["done"] = True
+            return []  # gone drops before its masked input arrives
+        return lie(sender, reply)
+
+    # site-000..002 answer first, so the server combines x = 1, 2, 3: the liar's among them
+    server = _drive(fed, mangle)
+    assert dropped_gone["done"]
+    assert server.result is None
+    assert isinstance(server.failure, ReconstructionFailed)
+    assert gone in str(server.failure)

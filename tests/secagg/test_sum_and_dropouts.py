@@ -90,3 +90,19 @@ def test_failed_round_tells_every_live_client() -> None:
     for cid in live:
         assert fed.clients[cid].state == "Aborted"
         assert type(fed.clients[cid].failure).__name__ == "ServerAborted"
+
+
+@pytest.mark.parametrize("stage", ["share", "masked_input", "consistency", "unmasking"])
+def test_sparse_graph_survives_dropouts_with_the_exact_sum(stage: str) -> None:
+    fed = Federation(30, 101, alpha=0.1, delta=0.3, degree=8, seed=11)
+    assert fed.config.threshold == 5 and fed.config.neighbourhood_size == 9
+    dropped = {"site-003", "site-017", "site-025"}  # at most 3 of any 9-neighbourhood
+    server = fed.run({stage: dropped})
+    assert server.failure is None and fed.client_errors == {}
+    assert server.result is not None
+    survivors = server.result.survivors
+    expected_survivors = (
+        sorted(set(fed.ids) - dropped) if stage in ("share", "masked_input") else fed.ids
+    )
+    assert survivors == expected_survivors
+    np.testing.assert_array_equal(server.result.total, fed.expected_sum(survivors))

@@ -47,7 +47,7 @@ from fedge.demo.tcga import (  # noqa: E402
     site_tables,
 )
 
-STDS = ("continuous", "all")
+STDS = ("continuous",)
 FOLDS = 3
 CV_ROUNDS = 20
 
@@ -70,13 +70,23 @@ def candidates() -> list[dict]:
 
 
 def run_job(fed: LoopbackFederation, plan: JobPlan, timeout: float = 600):
-    """Submit, wait; returns {round: {site: c_index}} and the final weights."""
+    """Submit, wait; returns {round: {site: c_index, "*": size-weighted}} and final weights."""
     per_round: dict[int, dict[str, float]] = {}
+
+    def on_round(r: int, rows: list[dict]) -> None:
+        sites = per_site_cindex(rows)
+        for x in rows:
+            if x["site"] == "*" and x["name"] == "c_index" and x["split"] == "test":
+                sites["*"] = float(x["value"])
+        per_round[r] = sites
+
     job = fed.submit(plan.text())
-    fed.wait_job(
-        job, timeout, on_round=lambda r, rows: per_round.__setitem__(r, per_site_cindex(rows))
-    )
+    fed.wait_job(job, timeout, on_round=on_round)
     return per_round, fed.final_weights(job)
+
+
+def client_mean(sites: dict[str, float]) -> float:
+    return float(np.mean([v for k, v in sites.items() if k != "*"]))
 
 
 def baselines(data_dir: Path, seeds: tuple[int, ...]) -> tuple[float, float]:
@@ -147,14 +157,15 @@ def main(argv: list[str] | None = None) -> int:
             for seed in seeds:
                 rounds, w = run_job(fed, JobPlan("tcga_raw", 5, seed, strat, params, lr))
                 sites = rounds[max(rounds)]
-                client.append(float(np.mean(list(sites.values()))))
+                client.append(client_mean(sites))
                 pooled_.append(pooled_test_cindex(w, raw_centres))
                 if seed == seeds[0]:
                     finals42[strat] = client[-1]
             table[strat] = (float(np.mean(client)), float(np.std(client)), float(np.mean(pooled_)))
             print(
                 f"  {strat:10s} per-client {table[strat][0]:.4f} ± {table[strat][1]:.4f}  "
-                f"pooled-test {table[strat][2]:.4f}  ({time.monotonic() - t0:.0f} s)",
+                f"pooled-test {table[strat][2]:.4f}  seeds {np.round(client, 3).tolist()} "
+                f"({time.monotonic() - t0:.0f} s)",
                 flush=True,
             )
 
@@ -165,13 +176,13 @@ def main(argv: list[str] | None = None) -> int:
             rounds, _ = run_job(
                 fed, JobPlan("tcga_raw", 5, seeds[0], strat, params, lr, secagg=False)
             )
-            off = float(np.mean(list(rounds[max(rounds)].values())))
+            off = client_mean(rounds[max(rounds)])
             deltas[strat] = abs(off - finals42[strat])
 
         # 2. federated cross-validation inside the training splits
         print(
             f"\nfederated {FOLDS}-fold CV inside each centre's training split "
-            "(score: mean per-centre C-index on the held-out fold):",
+            "(score: size-weighted C-index of the held-out folds):",
             flush=True,
         )
         scores: dict[tuple[int, int], float] = {}
@@ -190,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                         weight_decay=cand["wd"],
                     ),
                 )
-                per_fold.append({r: float(np.mean(list(rounds[r].values()))) for r in CHECK_ROUNDS})
+                per_fold.append({r: rounds[r].get("*", float("nan")) for r in CHECK_ROUNDS})
             for r in CHECK_ROUNDS:
                 scores[(i, r)] = float(np.mean([f[r] for f in per_fold]))
             print(
@@ -220,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                     weight_decay=best["wd"],
                 ),
             )
-            recipe_client.append(float(np.mean(list(rounds[max(rounds)].values()))))
+            recipe_client.append(client_mean(rounds[max(rounds)]))
             recipe_pooled.append(pooled_test_cindex(w, std_centres[best["std"]]))
 
     pooled_base, local_base = baselines(args.data, seeds)

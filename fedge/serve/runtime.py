@@ -30,6 +30,7 @@ log = logging.getLogger("fedge.serve")
 
 KEEP_LOADED = 2  # the live version and the one before it
 SMALL_MODEL_S = 0.0001  # one row faster than this: a single intra-op thread
+SMOKE_AXIS = 32  # size of a free non-batch axis in the load check
 
 
 class ModelLoadError(RuntimeError):
@@ -106,8 +107,13 @@ def load_model(name: str, version: int, path: Path, *, threads: int) -> LoadedMo
                 f"{name} version {version}: tensor {spec.name!r} is {spec.datatype}, "
                 "which this server does not serve"
             )
+    # Smoke input: one row; other free axes (sequence length, image size) get a
+    # size that strided convolutions and pooling accept.
     feeds = {
-        s.name: np.zeros([d if d >= 0 else 1 for d in s.shape], dtype=DATATYPES[s.datatype])
+        s.name: np.zeros(
+            [d if d >= 0 else (1 if i == 0 else SMOKE_AXIS) for i, d in enumerate(s.shape)],
+            dtype=DATATYPES[s.datatype],
+        )
         for s in inputs
     }
     try:

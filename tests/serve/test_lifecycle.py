@@ -172,17 +172,19 @@ def test_a_repository_that_is_a_file_is_refused(tmp_path: Path) -> None:
 
 
 def test_free_image_axes_are_checked_at_a_usable_size(tmp_path: Path) -> None:
-    from onnx import TensorProto, helper
+    from onnx import TensorProto, helper, numpy_helper
 
+    kernel = numpy_helper.from_array(np.ones((1, 1, 3, 3), np.float32), "k")
     graph = helper.make_graph(
-        [helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[4, 4], strides=[4, 4])],
-        "pool",
+        [helper.make_node("Conv", ["x", "k"], ["y"], kernel_shape=[3, 3])],  # no padding
+        "conv",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, "h", "w"])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 1, "h4", "w4"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 1, "h2", "w2"])],
+        initializer=[kernel],
     )
-    path = tmp_path / "pool.onnx"
+    path = tmp_path / "conv.onnx"
     path.write_bytes(
         helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
     )
-    model = load_model("pool", 1, path, threads=1)  # a 1x1 image would fail the 4x4 pool
+    model = load_model("conv", 1, path, threads=1)  # a 1x1 image would fail the 3x3 kernel
     assert model.inputs[0].shape == (-1, 1, -1, -1)

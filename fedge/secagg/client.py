@@ -80,7 +80,6 @@ CLIENT_TERMINAL_STATES = ("Completed", "Aborted")
 SEED_SHARE = "seed"
 MASK_KEY_SHARE = "mask_key"
 _NONCE_BYTES = 12
-MAX_SHARE_CIPHERTEXT = 4 * shamir.SHARE_BYTES + 1024
 
 
 class ClientSession:
@@ -562,7 +561,7 @@ _STATES: dict[str, type[ClientState]] = {
 
 
 def _share_plaintext(sender: str, receiver: str, seed_share: bytes, key_share: bytes) -> bytes:
-    return keys._lp(sender) + keys._lp(receiver) + seed_share + key_share
+    return keys.length_prefixed(sender) + keys.length_prefixed(receiver) + seed_share + key_share
 
 
 def _open_share(s: ClientSession, sender: str, blob: bytes) -> tuple[bytes, bytes]:
@@ -574,7 +573,7 @@ def _open_share(s: ClientSession, sender: str, blob: bytes) -> tuple[bytes, byte
     """
     assert s.round_keys is not None
     ctx, me = s.ctx, s.client_id
-    if not isinstance(blob, bytes) or not _NONCE_BYTES + 16 < len(blob) <= MAX_SHARE_CIPHERTEXT:
+    if not (isinstance(blob, bytes) and _NONCE_BYTES + 16 < len(blob) <= msgs.MAX_SHARE_CIPHERTEXT):
         raise TamperedShare(f"share ciphertext from {sender!r} has an impossible length")
     key = s.share_keys[sender]  # derived when this client encrypted its own shares
     aad = keys.share_associated_data(sender, me, ctx.job_id, ctx.round)
@@ -585,7 +584,7 @@ def _open_share(s: ClientSession, sender: str, blob: bytes) -> tuple[bytes, byte
             f"share ciphertext from {sender!r} fails authentication (tampered, or keyed for "
             "another job, round or model digest)"
         ) from exc
-    head = keys._lp(sender) + keys._lp(me)
+    head = keys.length_prefixed(sender) + keys.length_prefixed(me)
     if not plaintext.startswith(head) or len(plaintext) != len(head) + 2 * shamir.SHARE_BYTES:
         raise TamperedShare(f"share plaintext from {sender!r} names another sender or receiver")
     body = plaintext[len(head) :]

@@ -53,7 +53,7 @@ def check_client_id(client_id: object, *, what: str = "client_id") -> str:
     return client_id
 
 
-def _lp(data: bytes | str) -> bytes:
+def length_prefixed(data: bytes | str) -> bytes:
     """Length-prefixed encoding, so concatenations are unambiguous."""
     raw = data.encode() if isinstance(data, str) else bytes(data)
     return len(raw).to_bytes(4, "big") + raw
@@ -247,12 +247,12 @@ def x25519_public_from_private(raw: bytes) -> bytes:
 
 
 def _context(job_id: str, round_: int, model_digest: bytes) -> bytes:
-    return _lp(job_id) + round_.to_bytes(8, "big") + _lp(model_digest)
+    return length_prefixed(job_id) + round_.to_bytes(8, "big") + length_prefixed(model_digest)
 
 
 def _pair(a: str, b: str) -> bytes:
     lo, hi = sorted((a, b))
-    return _lp(lo) + _lp(hi)
+    return length_prefixed(lo) + length_prefixed(hi)
 
 
 def _agree(private: X25519PrivateKey | bytes, peer_public: bytes) -> bytes:
@@ -306,9 +306,8 @@ def share_encryption_key(
 
 
 def share_associated_data(sender: str, receiver: str, job_id: str, round_: int) -> bytes:
-    return b"fedge/secagg/v1/share" + _lp(sender) + _lp(receiver) + _lp(job_id) + round_.to_bytes(
-        8, "big"
-    )
+    parts = (length_prefixed(sender), length_prefixed(receiver), length_prefixed(job_id))
+    return b"fedge/secagg/v1/share" + b"".join(parts) + round_.to_bytes(8, "big")
 
 
 def advertisement_payload(
@@ -321,15 +320,16 @@ def advertisement_payload(
     """
     return (
         b"fedge/secagg/v1/advertise"
-        + _lp(job_id)
+        + length_prefixed(job_id)
         + round_.to_bytes(8, "big")
-        + _lp(client_id)
-        + _lp(enc_public)
-        + _lp(mask_public)
+        + length_prefixed(client_id)
+        + length_prefixed(enc_public)
+        + length_prefixed(mask_public)
     )
 
 
 def consistency_payload(survivors: list[str], *, job_id: str, round_: int) -> bytes:
     """What each surviving client signs in the consistency check: the sorted survivor list."""
-    body = b"".join(_lp(c) for c in sorted(survivors))
-    return b"fedge/secagg/v1/consistency" + _lp(job_id) + round_.to_bytes(8, "big") + body
+    body = b"".join(length_prefixed(c) for c in sorted(survivors))
+    head = b"fedge/secagg/v1/consistency" + length_prefixed(job_id) + round_.to_bytes(8, "big")
+    return head + body

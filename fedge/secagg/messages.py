@@ -28,6 +28,10 @@ import numpy as np
 
 from .errors import MalformedMessage
 
+# A share ciphertext holds two Shamir shares and the two ids; anything far larger
+# is refused before any decryption is tried.
+MAX_SHARE_CIPHERTEXT = 4096
+
 # --- server -> client ---------------------------------------------------------------
 
 

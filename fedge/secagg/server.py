@@ -300,10 +300,8 @@ class ServerSession:
         expected = self.neighbours[sender] & self._u1  # as it was when the keys went out
         if not isinstance(msg.ciphertexts, dict) or not set(msg.ciphertexts) <= expected:
             return False
-        from .client import MAX_SHARE_CIPHERTEXT
-
         if any(
-            not isinstance(c, bytes) or len(c) > MAX_SHARE_CIPHERTEXT
+            not isinstance(c, bytes) or len(c) > msgs.MAX_SHARE_CIPHERTEXT
             for c in msg.ciphertexts.values()
         ):
             return False

@@ -1,0 +1,116 @@
+// Buffer and argument checks shared by the binding files (module.cpp and
+// module_cuda.cpp). Header-only, internal to the extension.
+#pragma once
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cmath>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "aes.h"
+#include "prg.h"
+
+namespace fedge::bind {
+
+namespace py = pybind11;
+
+// A checked view of a 1-D contiguous numpy-compatible buffer. The
+// buffer_info keeps the exporter's view alive; it must be destroyed with the
+// GIL held (i.e. outside any gil_scoped_release block).
+template <typename T>
+struct Vec {
+  py::buffer_info info;
+  T* ptr = nullptr;
+  size_t n = 0;
+};
+
+template <typename T>
+constexpr const char* dtype_name() {
+  if constexpr (std::is_same_v<T, float>) return "float32";
+  if constexpr (std::is_same_v<T, double>) return "float64";
+  return "uint32";
+}
+
+template <typename T>
+bool format_matches(const std::string& fmt) {
+  std::string f = fmt;
+  if (!f.empty() && (f[0] == '<' || f[0] == '=' || f[0] == '@')) f = f.substr(1);
+  if constexpr (std::is_same_v<T, float>) return f == "f";
+  if constexpr (std::is_same_v<T, double>) return f == "d";
+  if constexpr (std::is_same_v<T, uint32_t>) return f == "I" || (f == "L" && sizeof(long) == 4);
+  return false;
+}
+
+template <typename T>
+Vec<T> vec_arg(const py::buffer& b, const char* name, bool writable) {
+  Vec<T> v{b.request(false)};
+  if (!format_matches<T>(v.info.format) || v.info.itemsize != static_cast<py::ssize_t>(sizeof(T))) {
+    throw py::type_error(std::string(name) + " must have dtype " + dtype_name<T>() +
+                         " (buffer format '" + v.info.format + "')");
+  }
+  if (v.info.ndim != 1) {
+    throw py::value_error(std::string(name) + " must be 1-D, got " + std::to_string(v.info.ndim) +
+                          " dimensions");
+  }
+  if (v.info.shape[0] > 1 && v.info.strides[0] != static_cast<py::ssize_t>(sizeof(T))) {
+    throw py::value_error(std::string(name) + " must be C-contiguous (stride " +
+                          std::to_string(v.info.strides[0]) + " bytes)");
+  }
+  if (writable && v.info.readonly) {
+    throw py::value_error(std::string(name) + " is read-only but is written in place");
+  }
+  v.ptr = static_cast<T*>(v.info.ptr);
+  v.n = static_cast<size_t>(v.info.shape[0]);
+  return v;
+}
+
+template <typename T>
+void same_length(const Vec<T>& v, size_t n, const char* name, const char* ref) {
+  if (v.n != n) {
+    throw py::value_error(std::string(name) + " has " + std::to_string(v.n) + " elements but " +
+                          ref + " has " + std::to_string(n));
+  }
+}
+
+inline RoundKeys key_arg(const py::bytes& seed, const char* name) {
+  const std::string s = seed;
+  if (s.size() != 16) {
+    throw py::value_error(std::string(name) + " must be 16 bytes, got " + std::to_string(s.size()));
+  }
+  return expand_key(reinterpret_cast<const uint8_t*>(s.data()));
+}
+
+inline Path path_arg(const std::optional<std::string>& path) {
+  return path ? parse_path(*path, "path") : default_path();
+}
+
+inline void check_span(uint64_t offset_words, uint64_t n_words) {
+  // The counter is 64-bit in the kernels: blocks (offset + n) / 4 < 2^62.
+  if (offset_words > (uint64_t(1) << 62) || n_words > (uint64_t(1) << 62)) {
+    throw py::value_error("offset_words + n_words must be below 2^62 (offset_words=" +
+                          std::to_string(offset_words) + ")");
+  }
+}
+
+inline void check_clip(double clip) {
+  if (!(clip > 0.0) || !std::isfinite(clip)) {
+    throw py::value_error("clip must be a finite number > 0, got " + std::to_string(clip));
+  }
+}
+
+inline void check_bits(int bits) {
+  if (bits < 1 || bits > 31) {
+    throw py::value_error("bits must be in [1, 31], got " + std::to_string(bits));
+  }
+}
+
+#ifdef FEDGE_HAVE_CUDA
+// Adds the cuda_* functions (module_cuda.cpp).
+void bind_cuda(py::module_& m);
+#endif
+
+}  // namespace fedge::bind

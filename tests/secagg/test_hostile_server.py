@@ -260,6 +260,22 @@ class HostileServer(RuleBasedStateMachine):
             if self._live(cid):
                 self._deliver(cid, message)
 
+    @precondition(
+        lambda self: not self.fed.server.done
+        and not (self.pending and isinstance(self.pending[0][1], self.attacked_stage))
+    )
+    @rule()
+    def run_honestly_up_to_the_attacked_stage(self) -> None:
+        for _ in range(12):
+            if self.pending and isinstance(self.pending[0][1], self.attacked_stage):
+                return
+            if self.fed.server.done and not self.pending:
+                return
+            if self.pending:
+                self.deliver_the_stage_honestly()
+            else:
+                self.let_a_stage_deadline_pass()
+
     @precondition(lambda self: self._may_lie())
     @rule(data=st.data())
     def tell_a_lie(self, data: st.DataObject) -> None:

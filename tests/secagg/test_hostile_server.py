@@ -339,7 +339,7 @@ class HostileServer(RuleBasedStateMachine):
 
 
 HostileServer.TestCase.settings = settings(
-    max_examples=100,
+    max_examples=75,
     stateful_step_count=20,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],

@@ -51,6 +51,10 @@ def register(subparsers: Any) -> None:
                        "the current roster (after --offline enrolments)")
     s.set_defaults(func=_cmd_sync)
 
+    s = sub.add_parser("rotate-online-keys",
+                       help="new TUF snapshot/timestamp keys for the coordinator (root v+1)")
+    s.set_defaults(func=_cmd_rotate)
+
     s = sub.add_parser("fleet", help="the appliances, their health and eligibility")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=_cmd_fleet)
@@ -194,6 +198,20 @@ def _cmd_sync(args: argparse.Namespace) -> int:
                                       "ed25519_public": info["ed25519_public"]}, roster)
                 print(f"enrolled {site}")
         print(f"coordinator in sync: {len(store.active_sites())} active site(s)")
+        return 0
+
+    return _run(go, args)
+
+
+def _cmd_rotate(args: argparse.Namespace) -> int:
+    def go(args: argparse.Namespace) -> int:
+        store = _store(args)
+        root, snapshot, timestamp = store.rotate_online_keys(persist=False)
+        versions, _ = _call(args, "rotate_online_keys", {},
+                            {"root.json": root, "snapshot.pem": snapshot,
+                             "timestamp.pem": timestamp})
+        store.commit_online_key_rotation(root, snapshot, timestamp)  # accepted: keep them
+        print(f"coordinator now signs with the new online keys: {versions}")
         return 0
 
     return _run(go, args)

@@ -26,6 +26,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedge.secagg.keys import Identity, Roster, check_client_id
@@ -305,6 +306,40 @@ class ConsoleStore:
     def save_targets(self, targets: bytes) -> None:
         """Record `targets` (signed by this console) as the latest published version."""
         write_atomic(self.home / "tuf" / "targets.json", targets)
+
+    def rotate_online_keys(self, *, now: datetime | None = None, persist: bool = True
+                           ) -> tuple[bytes, bytes, bytes]:
+        """New snapshot and timestamp keys (the coordinator's were exposed): sign root
+        version N+1 naming them with the offline root key.
+
+        Returns (new root metadata, snapshot key PEM, timestamp key PEM) for the
+        coordinator. With persist=False nothing is stored until
+        `commit_online_key_rotation`, once the coordinator accepted them.
+        """
+        now = now or self.clock()
+        version = int(self.state["root_version"]) + 1
+        snapshot, timestamp = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+        root = tuf_repo.to_bytes(tuf_repo.create_root(
+            self.tuf_key("root"), self.tuf_key("targets"), snapshot, timestamp, now=now,
+            version=version))
+        pems = tuple(k.private_bytes(serialization.Encoding.PEM,
+                                     serialization.PrivateFormat.PKCS8,
+                                     serialization.NoEncryption())
+                     for k in (snapshot, timestamp))
+        if persist:
+            self.commit_online_key_rotation(root, pems[0], pems[1])
+        return root, pems[0], pems[1]
+
+    def commit_online_key_rotation(self, root: bytes, snapshot_pem: bytes,
+                                   timestamp_pem: bytes) -> None:
+        """Store a rotation made by `rotate_online_keys` and rewrite the provision file."""
+        version = tuf_repo.load(root, "root").signed.version
+        write_atomic(self.home / "tuf" / f"{version}.root.json", root)
+        write_atomic(self.home / "keys" / "tuf-snapshot.pem", snapshot_pem)
+        write_atomic(self.home / "keys" / "tuf-timestamp.pem", timestamp_pem)
+        self.state["root_version"] = version
+        self._save()
+        self.write_provision_file()
 
     def _save(self) -> None:
         write_json(self.home / "console.json", self.state)

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from fedge.console.protocol import OPS, AdminReply, AdminRequest
 from fedge.update import tuf_repo
 from fedge.update.messages import UpdateOutcome
@@ -211,6 +213,21 @@ class AdminService:
             self._send(site, msg)
         self._audit(op, "update.rollout_started", {**rollout.to_dict(), "snapshot": snapshot})
         return rollout.to_dict(), {}
+
+    def _op_rotate_online_keys(self, op: Operator, args: dict, blobs: dict
+                               ) -> tuple[Any, dict]:
+        if self.updates is None:
+            raise ValueError("this coordinator has no update repository (not provisioned)")
+        from cryptography.hazmat.primitives import serialization
+
+        keys = []
+        for role in ("snapshot", "timestamp"):
+            key = serialization.load_pem_private_key(blobs[f"{role}.pem"], password=None)
+            if not isinstance(key, Ed25519PrivateKey):
+                raise ValueError(f"the {role} key is not Ed25519")
+            keys.append(key)
+        self.updates.rotate_online_keys(blobs["root.json"], keys[0], keys[1])
+        return self.updates.versions, {}
 
     def _default_sites(self) -> list[str]:
         return sorted(a["site_id"] for a in self.coordinator.fleet()

@@ -210,6 +210,36 @@ class UpdateRepository:
                                     v, now)
         return self._v.snapshot
 
+    def rotate_online_keys(self, root: bytes, snapshot_key: Ed25519PrivateKey,
+                           timestamp_key: Ed25519PrivateKey) -> None:
+        """Adopt root version N+1 (signed by the console's root key) that names new
+        online keys, and re-sign snapshot and timestamp with them at once.
+
+        Raises:
+            UpdateRepositoryError: the root is not the next version, is not signed by
+                the current root key and by itself, or does not name these keys.
+        """
+        current = self.current_root()
+        new_root = _load_or_refuse(root, "root")
+        if new_root.signed.version != current.signed.version + 1:
+            raise UpdateRepositoryError(f"root version {new_root.signed.version} must be "
+                                        f"{current.signed.version + 1}")
+        _verify_or_refuse(current, "root", new_root)
+        _verify_or_refuse(new_root, "root", new_root)
+        for role, key in (("snapshot", snapshot_key), ("timestamp", timestamp_key)):
+            if tuf_repo.signer(key).public_key.keyid not in new_root.signed.roles[role].keyids:
+                raise UpdateRepositoryError(f"the new {role} key is not the one root "
+                                            f"v{new_root.signed.version} names")
+        save_ed25519(self.root_dir / "keys" / "snapshot.pem", snapshot_key)
+        save_ed25519(self.root_dir / "keys" / "timestamp.pem", timestamp_key)
+        write_atomic(self.root_dir / "metadata" / f"{new_root.signed.version}.root.json", root,
+                     mode=0o644)
+        self._snapshot_key, self._timestamp_key = snapshot_key, timestamp_key
+        v = _Versions(new_root.signed.version, self._v.targets, self._v.snapshot,
+                      self._v.timestamp)
+        self._v = self._sign_online(self.root_dir, snapshot_key, timestamp_key, v,
+                                    self.clock())
+
     def refresh_timestamp(self, now: datetime | None = None) -> bool:
         """Re-sign snapshot/timestamp when past half their lifetime. Returns True if it did."""
         now = now or self.clock()

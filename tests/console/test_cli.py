@@ -215,3 +215,15 @@ def test_offline_enrolment_then_sync_and_a_revoked_key_cannot_rejoin(make_server
     assert main([*base, "enrol", "h1"]) == 0
     assert server.coordinator.fleet()[0]["status"] == "enrolled"
     assert server.coordinator.fleet()[0]["curve_public_z85"] != old["curve_public"]
+
+
+def test_rotate_online_keys_through_the_admin_channel(make_server, capsys):
+    server = make_server()
+    base = ["console", "--home", str(server.console.home), "--timeout", "5"]
+    assert main([*base, "--operator", "viewer", "rotate-online-keys"]) == 1
+    assert "needs role admin" in capsys.readouterr().err
+    assert server.updates.versions["root"] == 1
+    assert main([*base, "rotate-online-keys"]) == 0
+    assert server.updates.versions["root"] == 2
+    prov = json.loads((server.console.home / "coordinator-provision.json").read_text())
+    assert json.loads(prov["tuf_root"])["signed"]["version"] == 2

@@ -204,3 +204,36 @@ def test_wrong_key_root_rotation_not_signed_by_the_old_root_is_refused(fleet):
     with pytest.raises(tuf_exc.UnsignedMetadataError):
         fleet.updater.refresh()
     assert not (fleet.agent_dir / "tuf" / "metadata" / "root_history" / "2.root.json").exists()
+
+
+def test_online_key_rotation_is_followed_and_the_old_key_is_then_refused(fleet, make_onnx):
+    fleet.publish("model", "risk", "1", "model.onnx", make_onnx(1.0))
+    fleet.updater.refresh()
+    old_timestamp_key = fleet.console.tuf_key("timestamp")
+    root2, snap_pem, ts_pem = fleet.console.rotate_online_keys()
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    fleet.repo.rotate_online_keys(root2, load_pem_private_key(snap_pem, None),
+                                  load_pem_private_key(ts_pem, None))
+    assert [s.version for s in fleet.updater.refresh()] == ["1"]  # follows root v2
+    assert (fleet.agent_dir / "tuf" / "metadata" / "root_history" / "2.root.json").exists()
+    # whoever still holds the old (exposed) timestamp key can no longer sign for anyone
+    snap = _meta(fleet, f"{fleet.repo.versions['snapshot']}.snapshot.json").read_bytes()
+    stale = tuf_repo.create_timestamp(old_timestamp_key, snap,
+                                      snapshot_version=fleet.repo.versions["snapshot"],
+                                      version=fleet.repo.versions["timestamp"] + 1,
+                                      now=fleet.clock())
+    _meta(fleet, "timestamp.json").write_bytes(tuf_repo.to_bytes(stale))
+    with pytest.raises(tuf_exc.UnsignedMetadataError):
+        fleet.updater.refresh()
+
+
+def test_rotation_not_signed_by_the_current_root_is_refused_by_the_coordinator(fleet):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    evil = Ed25519PrivateKey.generate()
+    forged = tuf_repo.to_bytes(tuf_repo.create_root(evil, evil, evil, evil, now=fleet.clock(),
+                                                    version=2))
+    with pytest.raises(UpdateRepositoryError, match="not signed by the root key"):
+        fleet.repo.rotate_online_keys(forged, evil, evil)
+    assert fleet.repo.versions["root"] == 1

@@ -89,8 +89,12 @@ class AdminService:
 
         self.coordinator.outbox.append(Outgoing(site, body))
 
-    def _audit(self, op: Operator | None, action: str, detail: Any) -> None:
-        actor = f"{ADMIN_ACTOR}:{op.name}" if op else f"{ADMIN_ACTOR}:unknown"
+    def _audit(self, who: Operator | str | None, action: str, detail: Any) -> None:
+        """`who`: an operator (actor "operator:NAME"), or a site / "coordinator" as is."""
+        if isinstance(who, str):
+            actor = who
+        else:
+            actor = f"{ADMIN_ACTOR}:{who.name}" if who else f"{ADMIN_ACTOR}:unknown"
         try:
             self.coordinator.store.audit(actor, action, detail)
         except Exception:  # auditing must not take the channel down
@@ -192,13 +196,16 @@ class AdminService:
         targets = blobs.pop("targets.json")
         root = blobs.pop("root.json", None)
         path = str(args["path"])
-        snapshot = self.updates.publish(targets, blobs, root=root)
-        listed = {tf.path for tf in self.updates.current_targets().signed.targets.values()}
+        # everything checked before anything is published
+        listed = tuf_repo.load(targets, "targets").signed.targets
         if path not in listed:
-            raise ValueError(f"target {path!r} is not in the published targets")
-        tuf_repo.TargetSpec.from_target_file(
-            self.updates.current_targets().signed.targets[path])
-        sites = args.get("sites") or self._default_sites()
+            raise ValueError(f"target {path!r} is not in the signed targets")
+        tuf_repo.TargetSpec.from_target_file(listed[path])
+        fleet = {a["site_id"]: a for a in self.coordinator.fleet()}
+        sites = [str(s) for s in (args.get("sites") or self._default_sites())]
+        for site in sites:
+            if fleet.get(site, {}).get("status") != "enrolled":
+                raise ValueError(f"site {site!r} is not an enrolled appliance")
         canary = args.get("canary")
         if canary:
             if canary not in sites:
@@ -206,6 +213,7 @@ class AdminService:
             sites = [canary, *[s for s in sites if s != canary]]
         if not sites:
             raise ValueError("no connected, enrolled appliance to roll out to")
+        snapshot = self.updates.publish(targets, blobs, root=root)
         rollout = Rollout(f"rollout-{secrets.token_hex(4)}", path, list(sites),
                           deadline_s=float(args.get("deadline_s", 300.0)))
         self.rollouts[rollout.rollout_id] = rollout
@@ -242,7 +250,7 @@ class AdminService:
     # -- agents' outcomes and the clock -------------------------------------------------
     def on_outcome(self, site: str, outcome: UpdateOutcome) -> None:
         """An agent reported an install outcome: record it, advance its roll-out."""
-        self._audit(Operator(site, "agent"), "update.outcome",
+        self._audit(site, "update.outcome",
                     {"site": site, "path": outcome.path, "ok": outcome.ok,
                      "rolled_back": outcome.rolled_back, "detail": outcome.detail})
         rollout = self.rollouts.get(outcome.rollout_id)
@@ -251,8 +259,7 @@ class AdminService:
         for to, msg in rollout.receive(site, outcome, self.clock()):
             self._send(to, msg)
         if rollout.done:
-            self._audit(Operator("coordinator", "system"), f"update.rollout_{rollout.state}",
-                        rollout.to_dict())
+            self._audit("coordinator", f"update.rollout_{rollout.state}", rollout.to_dict())
 
     def tick(self) -> None:
         """Roll-out deadlines; and keep the TUF timestamp fresh (once a minute)."""
@@ -261,7 +268,7 @@ class AdminService:
             self._last_refresh = now
             try:
                 if self.updates.refresh_timestamp():
-                    self._audit(Operator("coordinator", "system"), "update.timestamp_resigned",
+                    self._audit("coordinator", "update.timestamp_resigned",
                                 self.updates.versions)
             except Exception:
                 log.exception("cannot re-sign the TUF timestamp")
@@ -269,8 +276,8 @@ class AdminService:
             was = rollout.state
             rollout.tick(self.clock())
             if rollout.state != was:
-                self._audit(Operator("coordinator", "system"),
-                            f"update.rollout_{rollout.state}", rollout.to_dict())
+                self._audit("coordinator", f"update.rollout_{rollout.state}",
+                            rollout.to_dict())
 
 
 def _provision_updates(coordinator: Any, service: AdminService, provision: dict[str, Any]

@@ -109,6 +109,15 @@ class Appliance:
 
     def __init__(self, tmp_path, site, server, *, broken=False) -> None:
         self.site = site
+        from datetime import timedelta
+
+        from fedge.console.enrolment import create_enrolment
+
+        create_enrolment(server.console, site, valid_for=timedelta(days=1))
+        info = server.console.sites()[site]
+        AdminClient.from_store(server.console, "admin", timeout_s=5).call(
+            "enrol", {"site": site, "curve_public": info["curve_public"],
+                      "ed25519_public": info["ed25519_public"]})
         state = tmp_path / site
         install_trusted_root(state, server.console.root_bytes())
         self.updater = AgentUpdater(state, ZmqFetcher(server.updates.handle_fetch))
@@ -227,3 +236,20 @@ def test_rotate_online_keys_through_the_admin_channel(make_server, capsys):
     assert server.updates.versions["root"] == 2
     prov = json.loads((server.console.home / "coordinator-provision.json").read_text())
     assert json.loads(prov["tuf_root"])["signed"]["version"] == 2
+
+
+def test_push_to_a_site_that_is_not_enrolled_publishes_nothing(tmp_path, make_server):
+    server = make_server()
+    Appliance(tmp_path, "h1", server)
+    client = AdminClient.from_store(server.console, "admin", timeout_s=5)
+    f = tmp_path / "model.onnx"
+    f.write_bytes(model(5.0))
+    import pytest
+
+    from fedge.console.client import AdminError
+
+    before = server.updates.versions
+    with pytest.raises(AdminError, match="'h9' is not an enrolled appliance"):
+        push(server.console, client, f, kind="model", name="risk", version="1",
+             sites=["h1", "h9"], wait=False)
+    assert server.updates.versions == before and server.sent == []

@@ -1,6 +1,7 @@
 """Serving speed: onnxruntime vs PyTorch eager in-process, and `fedge serve` under load.
 
-For the Cox model (cox_linear, 39 features) and the CNN (resnet_small, 1x64x64):
+For the Cox model (cox_linear, 39 features; cox_mlp in-process too) and the CNN
+(resnet_small, 1x64x64):
 
 1. in-process per-call time at batch 1 and 64, numpy in and numpy out:
    onnxruntime vs PyTorch eager (each with its better of 1 thread and all
@@ -225,6 +226,15 @@ def main() -> int:
                 print(f"{name:4s} batch {batch:2d}: onnxruntime {t_ort * 1e6:9.1f} us  "
                       f"torch eager {t_torch * 1e6:9.1f} us  torch/ort = {ratio:5.2f}x")
 
+        # the registry's other Cox model (one hidden layer), in-process only
+        mlp = build_model(ModelSpec("cox_mlp", {"in_features": 39, "hidden": [32]})).eval()
+        mlp_path = Path(tmp) / "cox_mlp.onnx"
+        export_onnx(mlp, torch.randn(2, 39), {"job_id": "bench"}, mlp_path)
+        t_ort, t_torch = in_process(mlp, mlp_path, (39,), 1, budget, threads)
+        results["ort_vs_torch_cox_mlp_b1"] = t_torch / t_ort
+        print(f"cox_mlp batch 1: onnxruntime {t_ort * 1e6:9.1f} us  torch eager "
+              f"{t_torch * 1e6:9.1f} us  torch/ort = {t_torch / t_ort:5.2f}x")
+
         proc, port = start_server(repo.root)
         try:
             for name, (_spec, shape) in MODELS.items():
@@ -277,6 +287,7 @@ def main() -> int:
         f"server_p50_ms_1client={results['server_p50_ms_1client']:.3f} "
         f"server_cpu_us_per_req={results['server_cpu_us_cox_b1']:.0f} "
         f"ort_vs_torch_cnn_b1={results['ort_vs_torch_cnn_b1']:.2f} "
+        f"ort_vs_torch_cox_mlp_b1={results['ort_vs_torch_cox_mlp_b1']:.2f} "
         f"ort_vs_torch_cox_b64={results['ort_vs_torch_cox_b64']:.2f} "
         f"ort_vs_torch_cnn_b64={results['ort_vs_torch_cnn_b64']:.2f} "
         f"server_p99_ms_cnn_b1={results['server_p99_ms_cnn_b1']:.2f} "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -174,6 +175,11 @@ def test_oversized_body_is_413(server: RunningServer) -> None:
     chunks = (b" " * 100_000 for _ in range(11))
     r = httpx.post(f"{server.url}/v2/models/cox/infer", content=chunks, timeout=10)
     _assert_error(r, 413, "exceeds the limit of 1000000 bytes")
+    # a small gzip body that inflates past the limit is refused as well
+    bomb = gzip.compress(b"{" + b" " * 2_000_000 + b"}")
+    r = httpx.post(f"{server.url}/v2/models/cox/infer", content=bomb, timeout=10,
+                   headers={"Content-Encoding": "gzip"})
+    _assert_error(r, 413, "decompressed body exceeds the limit of 1000000 bytes")
     # the server is still fine afterwards
     ok = httpx.post(f"{server.url}/v2/models/cox/infer", json=_json_request(_rows(1)), timeout=5)
     assert ok.status_code == 200

@@ -5,6 +5,7 @@
 // Three implementations of the same function, chosen at run time:
 //   portable  table-driven AES, any CPU
 //   aesni     AES-NI, 8 blocks in flight (128-bit registers)
+//   vaes256   VAES on 256-bit registers (no AVX-512), 16 blocks in flight
 //   vaes      VAES + AVX-512, 32 blocks in flight (4 blocks per register)
 #pragma once
 
@@ -21,7 +22,7 @@ struct RoundKeys {
 
 RoundKeys expand_key(const uint8_t key[16]);
 
-enum class Path : int { portable = 0, aesni = 1, vaes = 2 };
+enum class Path : int { portable = 0, aesni = 1, vaes256 = 2, vaes = 3 };
 
 // What a kernel does with each keystream word w at dst[i]:
 //   store: dst[i] = w;   add: dst[i] += w (mod 2^32);   sub: dst[i] -= w.
@@ -39,6 +40,8 @@ void ctr_portable(const RoundKeys& keys, Op op, uint64_t iv_hi, uint64_t block0,
                   uint32_t* dst);
 void ctr_aesni(const RoundKeys& keys, Op op, uint64_t iv_hi, uint64_t block0, size_t nblocks,
                uint32_t* dst);
+void ctr_vaes256(const RoundKeys& keys, Op op, uint64_t iv_hi, uint64_t block0, size_t nblocks,
+                 uint32_t* dst);
 void ctr_vaes(const RoundKeys& keys, Op op, uint64_t iv_hi, uint64_t block0, size_t nblocks,
               uint32_t* dst);
 

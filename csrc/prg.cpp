@@ -18,10 +18,15 @@ bool cpu_has_aesni() {
   return __builtin_cpu_supports("aes") && __builtin_cpu_supports("ssse3");
 }
 
+bool cpu_has_vaes256() {
+  __builtin_cpu_init();
+  return cpu_has_aesni() && __builtin_cpu_supports("vaes") && __builtin_cpu_supports("avx2");
+}
+
 bool cpu_has_vaes() {
   __builtin_cpu_init();
-  return cpu_has_aesni() && __builtin_cpu_supports("vaes") &&
-         __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+  return cpu_has_vaes256() && __builtin_cpu_supports("avx512f") &&
+         __builtin_cpu_supports("avx512bw");
 }
 
 }  // namespace
@@ -30,6 +35,8 @@ CtrKernel kernel_for(Path p) {
   switch (p) {
     case Path::vaes:
       return ctr_vaes;
+    case Path::vaes256:
+      return ctr_vaes256;
     case Path::aesni:
       return ctr_aesni;
     case Path::portable:
@@ -76,6 +83,8 @@ bool path_available(Path p) {
       return true;
     case Path::aesni:
       return cpu_has_aesni();
+    case Path::vaes256:
+      return cpu_has_vaes256();
     case Path::vaes:
       return cpu_has_vaes();
   }
@@ -84,7 +93,7 @@ bool path_available(Path p) {
 
 std::vector<Path> available_paths() {
   std::vector<Path> out;
-  for (Path p : {Path::vaes, Path::aesni, Path::portable}) {
+  for (Path p : {Path::vaes, Path::vaes256, Path::aesni, Path::portable}) {
     if (path_available(p)) out.push_back(p);
   }
   return out;
@@ -96,6 +105,8 @@ const char* path_name(Path p) {
   switch (p) {
     case Path::vaes:
       return "vaes";
+    case Path::vaes256:
+      return "vaes256";
     case Path::aesni:
       return "aesni";
     case Path::portable:
@@ -110,11 +121,14 @@ Path parse_path(const std::string& name, const char* what) {
     p = Path::portable;
   } else if (name == "aesni") {
     p = Path::aesni;
+  } else if (name == "vaes256") {
+    p = Path::vaes256;
   } else if (name == "vaes") {
     p = Path::vaes;
   } else {
     throw std::invalid_argument(std::string(what) + "='" + name +
-                                "' is not a PRG path; expected 'portable', 'aesni' or 'vaes'");
+                                "' is not a PRG path; expected 'portable', 'aesni', 'vaes256' "
+                                "or 'vaes'");
   }
   if (!path_available(p)) {
     std::string have;

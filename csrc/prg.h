@@ -16,7 +16,7 @@ bool path_available(Path p);
 std::vector<Path> available_paths();
 Path best_path();
 const char* path_name(Path p);
-// Parses "portable" | "aesni" | "vaes"; throws std::invalid_argument naming
+// Parses "portable" | "aesni" | "vaes256" | "vaes"; throws std::invalid_argument naming
 // `what` and the value when the name is unknown or the CPU lacks the path.
 Path parse_path(const std::string& name, const char* what);
 // The path used when none is asked for: $FEDGE_SIMD if set, else the best.

@@ -25,11 +25,11 @@ bool quantise_range(Path path, const float* x, size_t n, size_t first, double cl
                     uint32_t qmax, const RoundKeys& seed, uint32_t* out) {
   alignas(64) uint32_t u[kChunkWords];
   // The arithmetic follows the PRG path: portable -> scalar, aesni -> AVX2
-  // (when present), vaes -> AVX-512 (VAES implies AVX-512F here).
+  // (when present), vaes256 -> AVX2, vaes -> AVX-512 (implies AVX-512F).
   auto words = quantise_words;
   if (path == Path::vaes) {
     words = quantise_words_avx512;
-  } else if (path == Path::aesni && cpu_has_avx2()) {
+  } else if (path == Path::vaes256 || (path == Path::aesni && cpu_has_avx2())) {
     words = quantise_words_avx2;
   }
   bool finite = true;

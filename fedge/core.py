@@ -46,14 +46,15 @@ __all__ = [
 
 SEED_BYTES = 16
 _MAX_WORDS = 1 << 62
-PATHS = ("vaes", "aesni", "portable")
+PATHS = ("vaes", "vaes256", "aesni", "portable")
 
 
 def info() -> dict[str, Any]:
     """What this build can do.
 
-    Returns a dict with ``version``, ``simd`` (the fastest PRG path this CPU
-    supports: "vaes", "aesni" or "portable"), ``paths`` (all usable paths),
+    Returns a dict with ``version``, ``simd`` (the PRG path in effect:
+    $FEDGE_SIMD if set and usable, else the fastest this CPU supports: "vaes",
+    "vaes256", "aesni" or "portable"), ``paths`` (all usable paths, fastest first),
     ``simd_forced`` ($FEDGE_SIMD or None), ``cuda_compiled`` and ``gpus``
     (CUDA devices visible; 0 without a driver or GPU).
     """
@@ -256,7 +257,8 @@ def prg(
 ) -> Any:
     """Words [offset_words, offset_words + n_words) of the AES-128-CTR stream.
 
-    `path` forces the CPU implementation ("vaes", "aesni", "portable");
+    `path` forces the CPU implementation ("vaes", "vaes256", "aesni",
+    "portable");
     default: $FEDGE_SIMD, else the fastest. `device="cuda"` (or "cuda:N")
     computes it on the GPU and returns a torch uint32 CUDA tensor.
 

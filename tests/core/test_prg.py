@@ -17,7 +17,7 @@ from fedge import _core, core
 
 def test_info_reports_the_build() -> None:
     info = core.info()
-    assert info["simd"] in ("vaes", "aesni", "portable")
+    assert info["simd"] in ("vaes", "vaes256", "aesni", "portable")
     if info["simd_forced"] is None:
         assert info["simd"] == info["paths"][0]  # the fastest
     assert "portable" in info["paths"]
@@ -143,7 +143,7 @@ def test_prg_rejects_bad_arguments(kwargs: dict, exc: type, words: str) -> None:
 
 
 def test_unsupported_path_is_named() -> None:
-    missing = [p for p in ("vaes", "aesni") if p not in PATHS]
+    missing = [p for p in ("vaes", "vaes256", "aesni") if p not in PATHS]
     if not missing:
         pytest.skip("this CPU has every path")
     with pytest.raises(ValueError, match="not supported by this CPU"):

@@ -85,10 +85,10 @@ def test_unhealthy_update_rolls_back_by_itself(tmp_path, service, mode, why):
     t0 = time.monotonic()
     with pytest.raises(HealthCheckFailed, match=why) as info:
         slots.install_and_switch("1.1.0", write_bundle(tmp_path, "1.1.0", mode), service,
-                                 deadline_s=1.5)
+                                 deadline_s=5)
     assert info.value.rolled_back
     assert "rolled back to 1.0.0" in str(info.value)
-    assert time.monotonic() - t0 < 10
+    assert time.monotonic() - t0 < 20  # no hang: deadline 5 s for each of two starts
     assert slots.current_version() == "1.0.0"
     assert service.pid is not None  # the old version runs again, and was healthy
     assert service.running_log.read_text().split() == ["1.0.0", "1.1.0", "1.0.0"]
@@ -134,7 +134,7 @@ def test_signed_software_update_that_fails_health_rolls_back_and_is_audited(
     fleet.publish("software", "fedge", "1.1.0", "fedge-1.1.0.tar.gz",
                   bundle(tmp_path, "1.1.0", "crash"))
     [spec] = fleet.updater.pending()
-    outcome = fleet.updater.install(spec, service=service, health_deadline_s=2)
+    outcome = fleet.updater.install(spec, service=service, health_deadline_s=10)
     assert not outcome.ok and outcome.rolled_back
     assert "rolled back to 1.0.0" in outcome.detail
     assert fleet.updater.installed() == {"software/fedge": "1.0.0"}

@@ -33,7 +33,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fedge.demo.loopback import LoopbackFederation  # noqa: E402
+from fedge.demo.loopback import FederationError, LoopbackFederation  # noqa: E402
 from fedge.demo.recipe import CHECK_ROUNDS  # noqa: E402
 from fedge.demo.tcga import (  # noqa: E402
     FLAMBY_PUBLISHED,
@@ -89,6 +89,47 @@ def client_mean(sites: dict[str, float]) -> float:
     return float(np.mean([v for k, v in sites.items() if k != "*"]))
 
 
+class Supervised:
+    """Jobs on a loopback federation; if a process dies (as when the compiled core is
+    rebuilt in place under running processes), a fresh federation is started and that
+    job rerun once. Restarts are printed."""
+
+    def __init__(self, root: Path, tables: dict) -> None:
+        self.root, self.tables, self.starts = root, tables, 0
+        self.fed = self._start()
+
+    def _start(self) -> LoopbackFederation:
+        self.starts += 1
+        fed = LoopbackFederation(self.root / f"federation-{self.starts}", self.tables)
+        try:
+            fed.start(timeout=180)
+        except BaseException:
+            fed.close()
+            raise
+        return fed
+
+    def run(self, plan: JobPlan):
+        try:
+            return run_job(self.fed, plan)
+        except FederationError as exc:
+            print(
+                f"  ! {str(exc).splitlines()[0]}: restarting the federation, rerunning the job",
+                flush=True,
+            )
+            self.fed.close()
+            self.fed = self._start()
+            return run_job(self.fed, plan)
+
+    def close(self) -> None:
+        self.fed.close()
+
+    def __enter__(self) -> Supervised:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def baselines(data_dir: Path, seeds: tuple[int, ...]) -> tuple[float, float]:
     """Pooled and local-only (FLamby-style: raw features, lr 0.1, batch 8, 500 steps)."""
     from fedge.demo.sim import train_local_only
@@ -139,11 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     std_centres = {s: load_centres(args.data, s) for s in STDS}
     with (
         tempfile.TemporaryDirectory(prefix="fedge-bench-") as tmp,
-        LoopbackFederation(Path(tmp), site_tables(args.data, variants)) as fed,
+        Supervised(Path(tmp), site_tables(args.data, variants)) as sup,
     ):
-        fed.start(timeout=180)
         print(
-            f"federation up: coordinator + {len(fed.agents)} agents on loopback "
+            f"federation up: coordinator + {len(sup.fed.agents)} agents on loopback "
             f"({time.monotonic() - t0:.0f} s)",
             flush=True,
         )
@@ -155,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             lr, params = FLAMBY_STRATEGIES[strat]
             client, pooled_ = [], []
             for seed in seeds:
-                rounds, w = run_job(fed, JobPlan("tcga_raw", 5, seed, strat, params, lr))
+                rounds, w = sup.run(JobPlan("tcga_raw", 5, seed, strat, params, lr))
                 sites = rounds[max(rounds)]
                 client.append(client_mean(sites))
                 pooled_.append(pooled_test_cindex(w, raw_centres))
@@ -173,9 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         deltas = {}
         for strat in strategies:
             lr, params = FLAMBY_STRATEGIES[strat]
-            rounds, _ = run_job(
-                fed, JobPlan("tcga_raw", 5, seeds[0], strat, params, lr, secagg=False)
-            )
+            rounds, _ = sup.run(JobPlan("tcga_raw", 5, seeds[0], strat, params, lr, secagg=False))
             off = client_mean(rounds[max(rounds)])
             deltas[strat] = abs(off - finals42[strat])
 
@@ -189,8 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         for i, cand in enumerate(grid):
             per_fold = []
             for k in range(FOLDS):
-                rounds, _ = run_job(
-                    fed,
+                rounds, _ = sup.run(
                     JobPlan(
                         f"tcga_cv{k}_{cand['std']}",
                         CV_ROUNDS,
@@ -219,8 +256,7 @@ def main(argv: list[str] | None = None) -> int:
 
         recipe_client, recipe_pooled = [], []
         for seed in seeds:
-            rounds, w = run_job(
-                fed,
+            rounds, w = sup.run(
                 JobPlan(
                     f"tcga_{best['std']}",
                     best_r,

@@ -26,7 +26,7 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--report",
         type=Path,
-        default=Path("fedge-demo-report"),
+        default=Path("reports/demo"),
         help="report directory (PNG curves, metrics.json, model.onnx)",
     )
     p.add_argument(

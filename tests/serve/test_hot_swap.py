@@ -123,10 +123,13 @@ def test_a_broken_version_is_skipped_and_the_old_one_stays_live(
 ) -> None:
     fresh_server.repo.install("cox", cox_v1[0])
     _wait_for(lambda: _live_version(fresh_server) == "1")
-    # copied in by hand, bypassing install()'s checks
+    # copied in by hand, bypassing install()'s checks (staged, so it appears whole
+    # and fails exactly once)
+    staging = fresh_server.repo.root / "cox" / ".by-hand"
+    staging.mkdir()
+    (staging / "model.onnx").write_bytes(b"half a file")
     broken = fresh_server.repo.root / "cox" / "2"
-    broken.mkdir()
-    (broken / "model.onnx").write_bytes(b"half a file")
+    staging.rename(broken)
     time.sleep(0.5)  # several scans
     assert _live_version(fresh_server) == "1"
     metrics = httpx.get(f"{fresh_server.url}/metrics", timeout=5).text

@@ -82,7 +82,10 @@ def _array(obj: object, name: str, dtype: type, *, writable: bool = False) -> np
     if _is_torch_tensor(obj):
         if obj.is_cuda:  # type: ignore[attr-defined]
             raise TypeError(f"{name} is a CUDA tensor but this operation runs on the CPU")
-        obj = obj.detach().numpy()  # type: ignore[attr-defined]
+        try:
+            obj = obj.detach().numpy()  # type: ignore[attr-defined]
+        except TypeError as exc:  # e.g. bfloat16 has no numpy dtype
+            raise TypeError(f"{name} must have dtype {np.dtype(dtype).name}: {exc}") from exc
     if not isinstance(obj, np.ndarray):
         raise TypeError(f"{name} must be a numpy array, got {type(obj).__name__}")
     want = np.dtype(dtype)

@@ -197,3 +197,12 @@ def test_noise_is_the_same_on_every_path() -> None:
 def test_bad_arguments_are_named(call, exc: type, words: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(exc, match=words):
         call()
+
+
+def test_a_tensor_of_the_wrong_dtype_is_named() -> None:
+    with pytest.raises(TypeError, match="params must have dtype float32"):
+        core.sgd_step(torch.zeros(3, dtype=torch.bfloat16), torch.zeros(3), None, lr=0.1)
+    with pytest.raises(TypeError, match="params must have dtype float32, got float64"):
+        core.sgd_step(torch.zeros(3, dtype=torch.float64), torch.zeros(3), None, lr=0.1)
+    with pytest.raises(ValueError, match="params must be C-contiguous"):
+        core.sgd_step(torch.zeros(6)[::2], torch.zeros(3), None, lr=0.1)

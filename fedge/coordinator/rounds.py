@@ -205,6 +205,8 @@ class Round:
     evals: dict[str, m.EvalResult] = field(default_factory=dict)
     rejected: list[tuple[str, str]] = field(default_factory=list)
     task_id: str = field(default_factory=lambda: secrets.token_hex(8))
+    # (phase, time entered) as observed by the driver; for logs and benchmarks
+    phase_log: list[tuple[str, float]] = field(default_factory=list)
     _deadline: float = 0.0
     _aggregation: Aggregation | None = None
     _agg_cohort: list[str] = field(default_factory=list)

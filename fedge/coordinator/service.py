@@ -20,6 +20,7 @@ round yields the same sum and, on the CPU, the same model bit for bit.
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import secrets
 import time
@@ -455,8 +456,11 @@ class Coordinator:
         self.store.commit_round(runner.job_id, rnd.round, started_at=rnd.started_at,
                                 cohort=rnd.cohort, survivors=rnd.survivors, dropped=rnd.dropped,
                                 model_digest=digest, metrics=rows)
-        log.info("job %s round %d committed (%s), survivors %s", runner.job_id, rnd.round,
-                 digest[:12], rnd.survivors)
+        marks = [*rnd.phase_log, ("committed", self.clock())]
+        phases = ", ".join(f"{a} {t1 - t0:.2f} s" for (a, t0), (_, t1)
+                           in itertools.pairwise(marks))
+        log.info("job %s round %d committed (%s), survivors %s; %s", runner.job_id,
+                 rnd.round, digest[:12], rnd.survivors, phases)
         runner.weights = rnd.new_weights
         runner.strategy = rnd.strategy
         runner.committed = rnd.round
@@ -503,6 +507,8 @@ class Coordinator:
         return weights
 
     def _emit(self, rnd: Round, out: list[tuple[str, Any]]) -> None:
+        if not rnd.phase_log or rnd.phase_log[-1][0] != rnd.phase.value:
+            rnd.phase_log.append((rnd.phase.value, self.clock()))
         for site, body in out:
             self.outbox.append(Outgoing(site, body, rnd.job_id, rnd.round))
 

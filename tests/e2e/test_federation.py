@@ -7,7 +7,7 @@ import pytest
 
 from fedge.coordinator import checkpoint as ck
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
 
 PLAN = """
 [job]
@@ -210,7 +210,7 @@ def test_coordinator_sigkilled_mid_round_resumes_to_the_same_final_model(federat
     fed.start_coordinator()
     fed.env.pop("FEDGE_TEST_KILL_AT")
     interrupted = fed.submit(text)
-    assert fed.coordinator.p.wait(120) == -9, fed.dump()
+    assert fed.coordinator.p.wait(240) == -9, fed.dump()
     assert fed.job(interrupted)["committed_round"] == 1
     assert fed.job(interrupted)["status"] == "running"
     fed.start_coordinator()

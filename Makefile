@@ -13,7 +13,7 @@ APT_PKGS := build-essential cmake ninja-build pkg-config libsystemd-dev systemd 
 CORE_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/*.hpp csrc/cuda/*.cu csrc/cuda/*.cuh) \
                 CMakeLists.txt pyproject.toml
 
-.PHONY: test demo bench lint apt deps core clean deb
+.PHONY: test demo bench lint apt deps core clean deb deb-lint
 
 apt: $(VENV)/.stamp-apt
 $(VENV)/.stamp-apt:
@@ -57,6 +57,17 @@ bench: deps
 	@for b in bench/*.py; do \
 	  case $$b in bench/_*|bench/gpu_check.py) continue;; esac; \
 	  echo "== $$b"; $(PY) $$b; done
+
+# The Debian package: dist/fedge_VERSION_amd64.deb (packaging/build_deb.py; the
+# staging venv is cached in build/deb). DEB_VERSION=0.1.0-2 to override.
+DEB_VERSION ?=
+deb: deps
+	$(PY) packaging/build_deb.py --out dist $(if $(DEB_VERSION),--version $(DEB_VERSION))
+
+# lintian on the package, failing on any error (slow: ~200 ELF objects from the
+# wheels; CI runs it after `make test`).
+deb-lint: deb
+	lintian --fail-on error --tag-display-limit 0 $$(ls -t dist/fedge_*_amd64.deb | head -1)
 
 clean:
 	rm -rf build dist *.egg-info $(VENV)

@@ -170,6 +170,7 @@ class ModelStore:
         self.keep = keep
         self._models: dict[str, ModelVersions] = {}
         self._failed: dict[Path, tuple[float, int]] = {}
+        self.failures: dict[tuple[str, int], str] = {}  # (model, version) -> why not served
         self._lock = threading.Lock()  # serialises sync(), never taken by get()
         self.on_swap: Callable[[str, int], None] | None = None
         self.on_load_failure: Callable[[str, int, str], None] | None = None
@@ -268,11 +269,13 @@ class ModelStore:
             model = load_model(name, version, path, threads=self.threads)
         except ModelLoadError as exc:
             self._failed[path] = stamp
+            self.failures[(name, version)] = str(exc)
             log.warning("not serving %s", exc)
             if self.on_load_failure:
                 self.on_load_failure(name, version, str(exc))
             return None
         self._failed.pop(path, None)
+        self.failures.pop((name, version), None)
         return model
 
 

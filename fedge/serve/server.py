@@ -65,6 +65,8 @@ Send = Callable[[Message], Awaitable[None]]
 
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
 DEFAULT_OFFLOAD_BYTES = 256 * 1024
+# POST /v2/repository/index is served too, but not the rest of Triton's
+# model_repository extension (load/unload), so it is not advertised.
 EXTENSIONS = ["binary_tensor_data", "model_configuration"]
 _INFER = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
 _LATENCY_BUCKETS = (
@@ -161,6 +163,7 @@ class InferenceServer:
             Route("/v2/models/{name}/infer", self._infer_route, methods=["POST"]),
             Route("/v2/models/{name}/versions/{version}/infer", self._infer_route,
                   methods=["POST"]),
+            Route("/v2/repository/index", self._repository_index, methods=["POST"]),
             Route("/metrics", self._metrics),
         ]
         self.app = Starlette(
@@ -389,6 +392,23 @@ class InferenceServer:
             "output": [tensor(s) for s in model.outputs],
             "parameters": {k: {"string_value": v} for k, v in sorted(model.metadata.items())},
         })
+
+    async def _repository_index(self, _request: Request) -> Response:
+        """Triton's repository index: every version on disk and whether it is served."""
+        entries = []
+        for name in self.repo.models():
+            loaded = set(self.store.versions(name))
+            for version in self.repo.versions(name):
+                entry = {"name": name, "version": str(version)}
+                if version in loaded:
+                    entry["state"] = "READY"
+                else:
+                    entry["state"] = "UNAVAILABLE"
+                    entry["reason"] = self.store.failures.get(
+                        (name, version), "not loaded: only the newest versions stay in memory"
+                    )
+                entries.append(entry)
+        return JSONResponse(entries)
 
     async def _infer_route(self, request: Request) -> Response:
         # Reached only when the app is mounted without the fast path in front.

@@ -134,6 +134,10 @@ def test_a_broken_version_is_skipped_and_the_old_one_stays_live(
     assert _live_version(fresh_server) == "1"
     metrics = httpx.get(f"{fresh_server.url}/metrics", timeout=5).text
     assert 'fedge_serve_model_load_failures_total{model="cox"} 1.0' in metrics
+    index = triton.InferenceServerClient(fresh_server.host_port).get_model_repository_index()
+    assert index[0] == {"name": "cox", "version": "1", "state": "READY"}
+    assert index[1]["version"] == "2" and index[1]["state"] == "UNAVAILABLE"
+    assert "cox version 2: cannot load" in index[1]["reason"]
     # the copy completes: the same version directory now loads
     (broken / "model.onnx").write_bytes(cox_v2[0].read_bytes())
     _wait_for(lambda: _live_version(fresh_server) == "2")

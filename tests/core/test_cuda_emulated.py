@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import openssl_words
+from core_oracle import openssl_words
 
 from fedge import _core, core
 

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import openssl_words
+from core_oracle import openssl_words
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

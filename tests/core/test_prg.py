@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import PATHS, openssl_words
+from core_oracle import PATHS, openssl_words
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -7,7 +7,7 @@
 //   dequantise(S, n) = S / s - n * c
 //
 // All arithmetic is IEEE double with no fused multiply-add (-ffp-contract=off,
-// and __dmul_rn/__dadd_rn on the GPU), so CPU and CUDA agree bit for bit.
+// and --fmad=false for cuda/quant.cu), so CPU and CUDA agree bit for bit.
 #pragma once
 
 #include <cstddef>

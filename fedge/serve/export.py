@@ -277,6 +277,7 @@ def export_onnx(
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600; servers may run as another user
             os.replace(tmp, path)
         finally:
             with contextlib.suppress(FileNotFoundError):

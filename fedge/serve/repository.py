@@ -121,6 +121,9 @@ class ModelRepository:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
+            # mkdtemp makes 0700; the serving process may run as another user
+            os.chmod(staging / MODEL_FILE, 0o644)
+            os.chmod(staging, 0o755)
             _fsync_dir(staging)
             while True:
                 version = max(self.versions(name), default=0) + 1

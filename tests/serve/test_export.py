@@ -44,6 +44,7 @@ def test_export_writes_opset_17_with_dynamic_batch_and_provenance(tmp_path: Path
     onnx.checker.check_model(proto)
     assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert result.path.stat().st_mode & 0o777 == 0o644
     props = read_metadata(result.path)
     for key, value in META.items():
         assert props[key] == value

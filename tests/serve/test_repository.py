@@ -20,6 +20,9 @@ def test_install_numbers_versions_and_accepts_bytes(
     assert repo.install("cox", cox_v2[0].read_bytes()) == 2
     assert repo.versions("cox") == [1, 2] and repo.models() == ["cox"]
     assert repo.path("cox", 2).read_bytes() == cox_v2[0].read_bytes()
+    # readable by a serving process running as another user
+    assert repo.path("cox", 2).stat().st_mode & 0o777 == 0o644
+    assert repo.path("cox", 2).parent.stat().st_mode & 0o777 == 0o755
     # no staging directories are left behind
     assert sorted(p.name for p in (tmp_path / "cox").iterdir()) == ["1", "2"]
 

@@ -7,7 +7,7 @@ import os
 import sys
 
 DEFAULT_REPOSITORY = "/var/lib/fedge/models"
-DEFAULT_STATE_DIR = "/var/lib/fedge/coordinator"
+DEFAULT_STATE_DIR = "/var/lib/fedge-coordinator"  # the coordinator config's default
 
 
 def _positive_int(text: str) -> int:

@@ -10,7 +10,7 @@ PIP := $(PY) -m pip
 # Debian packages the build and the tests need; installed only when missing.
 APT_PKGS := build-essential cmake ninja-build pkg-config libsystemd-dev systemd \
             dpkg-dev fakeroot lintian
-CORE_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/*.hpp csrc/cuda/*.cu csrc/cuda/*.cuh) \
+CORE_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/*.hpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h) \
                 CMakeLists.txt pyproject.toml
 
 .PHONY: test demo bench lint apt deps core clean deb deb-lint

@@ -10,7 +10,7 @@ For each N in {10, 100, 500} (``--quick``: {10, 100}) it runs a 2-round job and
 reports: round latency (round 2, steady state: train task, SecAgg+ with the
 sparse graph above 64 clients, strategy step, evaluation, commit), the
 coordinator's CPU time and peak RSS (VmHWM), and bytes on the wire per agent
-(application frames, both directions, CURVE framing excluded).
+per round (application frames, both directions, CURVE framing excluded).
 
 Anchors measured in the same run: ``prg_s`` = time for fedge.core to generate
 N·d AES-CTR words in this process (the mask material one round needs at the
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -38,7 +39,10 @@ D = 100_000
 HOSTS = 4  # agent host processes
 
 
-def plan_text(n: int, rounds: int = 2) -> str:
+ROUNDS = 2
+
+
+def plan_text(n: int, rounds: int = ROUNDS) -> str:
     return f"""
 [job]
 dataset = "synthetic"
@@ -111,7 +115,7 @@ def agent_host(spec_path: Path, stats_path: Path) -> int:
             agent = CountingAgent(site["site"], SyntheticTrainer(site["site"]),
                                   identity=identity, roster=roster, executor=pool)
             agents.append(agent)
-            runs.append(run_agent(agent, enrolled, interval_s=2.0, timeout_s=30.0, stop=stop))
+            runs.append(run_agent(agent, enrolled, interval_s=5.0, timeout_s=60.0, stop=stop))
         await asyncio.gather(*runs)
 
     asyncio.run(main())
@@ -172,7 +176,7 @@ def run_n(n: int, root: Path, env: dict[str, str]) -> dict[str, float]:
         f'curve_key = "{root / "keys" / "coordinator.key_secret"}"\n'
         f'roster = "{root / "roster.json"}"\n'
         f'roster_public_key = "{console.public_bytes().hex()}"\ntick_s = 0.01\n'
-        "[heartbeat]\ninterval_s = 2.0\ntimeout_s = 30.0\n")
+        "[heartbeat]\ninterval_s = 5.0\ntimeout_s = 60.0\n")
     log = open(root / "coordinator.log", "wb")  # noqa: SIM115
     coord = subprocess.Popen([sys.executable, "-m", "fedge.cli", "coordinator", "--config",
                               str(cfg)], stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -238,7 +242,9 @@ def run_n(n: int, root: Path, env: dict[str, str]) -> dict[str, float]:
         p = root / f"stats-{h}.json"
         if p.exists():
             traffic.update(json.loads(p.read_text()))
-    per_agent = sum(a + b for a, b in traffic.values()) / max(1, len(traffic))
+    # per agent and per round: the connection's heartbeats are included, spread over
+    # the job's rounds
+    per_agent = sum(a + b for a, b in traffic.values()) / max(1, len(traffic)) / ROUNDS
     return {"n": n, "connect_s": connect_s, "round1_s": rounds[0][1], "round_s": rounds[-1][1],
             "coord_cpu_s": cpu, "coord_peak_mb": peak, "bytes_per_agent": per_agent}
 
@@ -264,7 +270,9 @@ def main() -> int:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("NOTIFY_SOCKET", None)
     results = []
-    with tempfile.TemporaryDirectory(prefix="fedge-scale-") as tmp:
+    keep = os.environ.get("FEDGE_BENCH_KEEP")  # keep logs: FEDGE_BENCH_KEEP=DIR
+    with (contextlib.nullcontext(tempfile.mkdtemp(prefix="fedge-scale-", dir=keep)) if keep
+          else tempfile.TemporaryDirectory(prefix="fedge-scale-")) as tmp:
         for n in ns:
             r = run_n(n, Path(tmp) / f"n{n}", env)
             r["prg_s"] = prg_anchor(n)
@@ -276,7 +284,8 @@ def main() -> int:
                   f"{r['round_s'] / r['prg_s']:.0f}x), coordinator CPU {r['coord_cpu_s']:.1f} s, "
                   f"peak {r['coord_peak_mb']:.0f} MB (target {r['target_mb']:.0f} MB, ratio "
                   f"{r['coord_peak_mb'] / r['target_mb']:.2f}), "
-                  f"{r['bytes_per_agent'] / 1e6:.2f} MB on the wire per agent", flush=True)
+                  f"{r['bytes_per_agent'] / 1e6:.2f} MB on the wire per agent per round (model "
+                  f"{4 * D / 1e6:.1f} MB)", flush=True)
     last = results[-1]
     key = f"n{last['n']}_round_s"
     print(f"RESULT {key}={last['round_s']:.2f} coord_peak_mb={last['coord_peak_mb']:.0f} "

@@ -209,32 +209,33 @@ class LoopbackFederation:
 
     # -- jobs ----------------------------------------------------------------------
     def submit(self, plan_text: str) -> str:
-        """Queue a plan; returns the job id.
+        """Queue a plan with ``fedge coordinator submit`` (run in this process: same code,
+        no interpreter start-up per job); returns the job id.
 
         Raises:
             FederationError: the coordinator refused the plan (its message included).
         """
+        import contextlib
+        import io
+
+        from fedge.cli import main as fedge_main
+
         plan = self.root / f"plan-{time.monotonic_ns()}.toml"
         plan.write_text(plan_text)
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "fedge.cli",
-                "coordinator",
-                "submit",
-                "--config",
-                str(self.root / "coordinator.toml"),
-                str(plan),
-            ],
-            capture_output=True,
-            text=True,
-            env=self.env,
-            timeout=120,
-        )
-        if out.returncode != 0:
-            raise FederationError(f"plan refused: {out.stderr.strip() or out.stdout.strip()}")
-        return out.stdout.strip()
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = fedge_main(
+                [
+                    "coordinator",
+                    "submit",
+                    "--config",
+                    str(self.root / "coordinator.toml"),
+                    str(plan),
+                ]
+            )
+        if rc != 0:
+            raise FederationError(f"plan refused: {err.getvalue().strip() or out.getvalue()}")
+        return out.getvalue().strip()
 
     def query(self, sql: str, *args: Any) -> list[dict[str, Any]]:
         conn = sqlite3.connect(self.coord_dir / "coordinator.sqlite3", timeout=10)

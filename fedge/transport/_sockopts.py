@@ -48,8 +48,9 @@ def apply_common(
 ) -> None:
     sock.linger = 0
     sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(heartbeat.interval * 1000)))
-    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, int(heartbeat.timeout * 1000)))
-    sock.setsockopt(zmq.HEARTBEAT_TTL, max(100, int(heartbeat.timeout * 1000)))
+    zmtp_ms = int(heartbeat.effective_zmtp_timeout * 1000)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, zmtp_ms))
+    sock.setsockopt(zmq.HEARTBEAT_TTL, max(100, zmtp_ms))
     set_max_message_bytes(sock, max_message_bytes)
 
 

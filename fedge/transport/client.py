@@ -27,6 +27,7 @@ import zmq
 import zmq.asyncio
 
 from fedge.transport._sockopts import apply_common, check_max_message_bytes, parse_event
+from fedge.transport._tcp import PROGRESS_BYTES, bytes_received, peername_of
 from fedge.transport.backoff import Backoff
 from fedge.transport.connection import (
     ClientConnection,
@@ -81,7 +82,7 @@ class ClientSocket:
         self._supervisor: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
         self._conn = ClientConnection(self.heartbeat, self.backoff, endpoint=endpoint,
-                                      server_key=self.server_key)
+                                      server_key=self.server_key, progress_bytes=PROGRESS_BYTES)
         self._started = False
 
     @property
@@ -258,7 +259,7 @@ class ClientSocket:
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, max(1, int(self.backoff.maximum * 1000)))
         apply_common(sock, self.heartbeat, self._max_message_bytes)
         monitor = sock.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
             | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
             | zmq.EVENT_DISCONNECTED
         )
@@ -289,6 +290,8 @@ class ClientSocket:
         """Feeds the state machine until it asks for a new socket."""
         tick = self.heartbeat.interval / 2
         pending = asyncio.ensure_future(monitor.recv_multipart())
+        fd: int | None = None
+        peer: Any = None
         try:
             while True:
                 done, _ = await asyncio.wait({pending}, timeout=tick)
@@ -296,9 +299,12 @@ class ClientSocket:
                 if pending in done:
                     name, value = parse_event(pending.result())
                     pending = asyncio.ensure_future(monitor.recv_multipart())
+                    if name == "CONNECTED":  # value: the TCP connection's fd
+                        fd, peer = value, peername_of(value)
                     replace = self._apply(self._conn.event(name.lower(), now, value), sock)
                     if replace is not None:
                         return replace
+                self._conn.transport_progress(now, bytes_received(fd, peer))
                 replace = self._apply(self._conn.tick(now), sock)
                 if replace is not None:
                     return replace

@@ -111,7 +111,8 @@ class ClientConnection:
     """State, heartbeat bookkeeping and back-off of one client connection."""
 
     def __init__(self, heartbeat: HeartbeatConfig, backoff: Backoff, *, endpoint: str,
-                 server_key: str) -> None:
+                 server_key: str, progress_bytes: int = 16 * 1024) -> None:
+        self.progress_bytes = progress_bytes
         self.heartbeat = HeartbeatMonitor(heartbeat)
         self.backoff = backoff
         self.endpoint = endpoint
@@ -120,6 +121,7 @@ class ClientConnection:
         self.last_failure: HandshakeFailed | None = None
         self.failures = 0
         self.connections = 0
+        self._rx_bytes: int | None = None
 
     def event(self, name: str, now: float, value: int = 0) -> list[Action]:
         """Feed a socket event (monitor event names in lower case, or ``close``)."""
@@ -162,6 +164,21 @@ class ClientConnection:
         """Any message (heartbeat or not) from the server proves it alive."""
         if self.state == "connected":
             self.heartbeat.seen(_SERVER, now)
+
+    def transport_progress(self, now: float, rx_bytes: int | None) -> None:
+        """Feed the connection's TCP byte count (``None``: unknown).
+
+        A server's heartbeat queues behind a large message it is sending us;
+        growth of at least ``progress_bytes`` since the previous sample shows
+        that message arriving, so it counts as hearing from the server.
+        """
+        if self.state != "connected":
+            self._rx_bytes = None
+            return
+        if (rx_bytes is not None and self._rx_bytes is not None
+                and rx_bytes - self._rx_bytes >= self.progress_bytes):
+            self.heartbeat.seen(_SERVER, now)
+        self._rx_bytes = rx_bytes
 
     def tick(self, now: float) -> list[Action]:
         """Heartbeat timing: the server's silence and our own next heartbeat."""

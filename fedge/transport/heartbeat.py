@@ -10,7 +10,11 @@ from __future__ import annotations
 from collections.abc import Hashable
 from dataclasses import dataclass
 
-__all__ = ["HEARTBEAT_FRAME", "HeartbeatConfig", "HeartbeatMonitor"]
+__all__ = ["HEARTBEAT_FRAME", "ZMTP_TIMEOUT_FLOOR", "HeartbeatConfig", "HeartbeatMonitor"]
+
+#: Default lower bound of the ZMTP heartbeat timeout (seconds): one 64 MiB frame
+#: must get through in that time, i.e. links down to ~2 MB/s.
+ZMTP_TIMEOUT_FLOOR = 30.0
 
 #: The one-frame transport heartbeat.  Wire messages always have >= 2 frames,
 #: so a single frame equal to this is never an application message.
@@ -21,15 +25,21 @@ HEARTBEAT_FRAME = b"\x00fedge-heartbeat"
 class HeartbeatConfig:
     """Interval between heartbeats and the silence after which a peer is lost (seconds).
 
-    Also applied as ZMTP heartbeats (ZMQ_HEARTBEAT_IVL/TIMEOUT/TTL), which
-    detect dead TCP connections inside libzmq.
+    ZMTP heartbeats (ZMQ_HEARTBEAT_IVL/TIMEOUT/TTL) run too, inside libzmq, and
+    close dead TCP connections.  A ZMTP PONG waits behind the frame being
+    written, so its timeout must outlast one frame (a 64 MiB tensor chunk) on
+    the slowest link: ``zmtp_timeout`` defaults to ``max(timeout,
+    ZMTP_TIMEOUT_FLOOR)``.  The application-level check (``timeout``) also
+    counts a connection's steady TCP progress, so it stays tight.
 
     Raises:
-        ValueError: interval not > 0, or timeout not > interval.
+        ValueError: interval not > 0, timeout not > interval, or zmtp_timeout
+            not > interval.
     """
 
     interval: float = 1.0
     timeout: float = 5.0
+    zmtp_timeout: float | None = None
 
     def __post_init__(self) -> None:
         if not self.interval > 0:
@@ -38,6 +48,18 @@ class HeartbeatConfig:
             raise ValueError(
                 f"heartbeat timeout {self.timeout!r} must be > interval {self.interval!r}"
             )
+        if self.zmtp_timeout is not None and not self.zmtp_timeout > self.interval:
+            raise ValueError(
+                f"heartbeat zmtp_timeout {self.zmtp_timeout!r} must be > interval "
+                f"{self.interval!r}"
+            )
+
+    @property
+    def effective_zmtp_timeout(self) -> float:
+        """The ZMTP heartbeat timeout applied to sockets (seconds)."""
+        if self.zmtp_timeout is not None:
+            return self.zmtp_timeout
+        return max(self.timeout, ZMTP_TIMEOUT_FLOOR)
 
 
 class HeartbeatMonitor:

@@ -17,7 +17,10 @@ public key; :meth:`send` takes either.  One key has one connection: when a
 key's new connection speaks, its older one is shut.  Heartbeats: a one-frame
 ``HEARTBEAT_FRAME`` to each peer every ``interval``, any message from a peer
 counts as its heartbeat, and peers silent for ``timeout`` are dropped and
-reported to ``on_peer_lost(peer)``.  ZMTP heartbeats run underneath.
+reported to ``on_peer_lost(peer)``, as are peers whose connection libzmq
+closes (ZMTP heartbeats run underneath and close dead TCP connections).  A
+peer's heartbeat can queue behind a large message it is sending, so steady
+growth of the connection's TCP byte count also counts as hearing from it.
 
 The socket only moves frames: decoding, message semantics and what to do about
 a refusal belong to the caller.
@@ -45,6 +48,7 @@ from fedge.transport._sockopts import (
     parse_event,
     set_max_message_bytes,
 )
+from fedge.transport._tcp import PROGRESS_BYTES, bytes_received, peername_of
 from fedge.transport.errors import KeyFileError, NotConnected, TransportError
 from fedge.transport.heartbeat import HEARTBEAT_FRAME, HeartbeatConfig, HeartbeatMonitor
 from fedge.transport.keys import CurveKeyPair, check_public_key
@@ -105,6 +109,7 @@ class _PeerState:
     peer: Peer
     fd: int | None
     peername: Any
+    rx_bytes: int | None = None  # TCP bytes received at the last sample
 
 
 class ServerSocket:
@@ -182,7 +187,7 @@ class ServerSocket:
         apply_common(sock, self.heartbeat, self._max_message_bytes)
         monitor = sock.get_monitor_socket(
             zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-            | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            | zmq.EVENT_DISCONNECTED
         )
         try:
             sock.bind(endpoint)
@@ -339,15 +344,12 @@ class ServerSocket:
             if key not in self._allowed:  # revoked while its message was queued
                 return None
             fd: int | None
-            peername: Any = None
             try:
                 fd = first.get(zmq.SRCFD)
-                s = pysocket.socket(fileno=os.dup(fd))
-                try:
-                    peername = s.getpeername()
-                finally:
-                    s.close()
-            except (zmq.ZMQError, OSError, TypeError):
+            except zmq.ZMQError:
+                fd = None
+            peername = peername_of(fd)
+            if peername is None:
                 fd = None
             st = _PeerState(Peer(rid, key, address), fd, peername)
             old = self._by_key.get(key)
@@ -489,6 +491,14 @@ class ServerSocket:
                 # unread: silence proves nothing now.
                 for rid in list(self._peers):
                     self._monitor.seen(rid, now)
+            for rid, st in list(self._peers.items()):
+                # A peer streaming a large message cannot get its heartbeat
+                # through (it queues behind): steady TCP progress counts.
+                rx = bytes_received(st.fd, st.peername)
+                if rx is not None and st.rx_bytes is not None and rx - st.rx_bytes >= (
+                        PROGRESS_BYTES):
+                    self._monitor.seen(rid, now)
+                st.rx_bytes = rx
             for rid in self._monitor.expired(now):
                 self._drop_lost(rid)
             if not self._monitor.send_due(now) or self._sock is None:
@@ -510,7 +520,13 @@ class ServerSocket:
         try:
             while True:
                 name, value = parse_event(await monitor.recv_multipart())
-                if name in ("HANDSHAKE_FAILED_PROTOCOL", "HANDSHAKE_FAILED_NO_DETAIL"):
+                if name == "DISCONNECTED":
+                    # value is the closed connection's fd; a peer on it is gone
+                    # (its fd is closed, or already reused by another peer).
+                    for rid, st in list(self._peers.items()):
+                        if st.fd == value and peername_of(st.fd) != st.peername:
+                            self._drop_lost(rid)
+                elif name in ("HANDSHAKE_FAILED_PROTOCOL", "HANDSHAKE_FAILED_NO_DETAIL"):
                     self._refuse(
                         None, None,
                         f"CURVE handshake failed ({name.lower()}, code {value}): the client "

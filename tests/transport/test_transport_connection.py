@@ -129,3 +129,31 @@ def test_messages_before_connecting_do_not_count_as_liveness() -> None:
     c = conn()
     c.message_received(0.0)
     assert c.tick(10.0) == [] and c.state == "connecting"
+
+
+def test_a_large_message_streaming_in_counts_as_hearing_from_the_server() -> None:
+    c = conn("connected")
+    c.transport_progress(0.5, 1_000)
+    for t, rx in [(1.0, 500_000), (2.0, 900_000), (3.0, 1_400_000), (3.9, 2_000_000)]:
+        c.transport_progress(t, rx)
+        assert "heartbeat_timeout" not in kinds(c.tick(t))
+    assert c.state == "connected"
+
+
+def test_zmtp_pings_alone_do_not_keep_a_stuck_server_alive() -> None:
+    c = conn("connected")
+    rx = 10_000
+    timed_out = False
+    for step in range(1, 10):
+        rx += 60  # a ZMTP PING/PONG per interval
+        c.transport_progress(step * 0.5, rx)
+        timed_out |= "heartbeat_timeout" in kinds(c.tick(step * 0.5))
+    assert timed_out and c.state == "backoff"
+
+
+def test_unknown_byte_counts_prove_nothing() -> None:
+    c = conn("connected")
+    c.transport_progress(1.0, None)
+    c.transport_progress(2.0, 10**9)
+    c.transport_progress(2.5, None)
+    assert "heartbeat_timeout" in kinds(c.tick(3.1))

@@ -488,3 +488,58 @@ def test_a_key_connecting_again_supersedes_its_older_connection() -> None:
             await h.close()
 
     run(main())
+
+
+def test_heartbeats_queued_behind_a_large_message_do_not_time_out_either_side() -> None:
+    """Heartbeats share the connection with a 96 MB model each way; the transfer
+    outlasts the heartbeat timeout, yet neither side gives up: steady TCP
+    progress counts as liveness.  (4 MiB chunks: libzmq's IO thread decrypts a
+    chunk at a time and must not stall longer than the timeout.)"""
+
+    async def main() -> None:
+        agent = CurveKeyPair.generate()
+        hb = HeartbeatConfig(interval=0.1, timeout=0.4)
+        h = Harness(allowed=[agent.public], heartbeat=hb)
+        h.start()
+        client, events = h.client(agent, heartbeat=hb)
+        try:
+            await client.wait_connected(5)
+            await wait_until(lambda: h.server.peers())
+            w = np.ones(24 << 20, np.float32)
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            await client.send(encode(Blob("up", w), sender="a", chunk_bytes=4 << 20), timeout=60)
+            msg = await h.server.recv(timeout=60)
+            env = decode(msg.frames, max_bytes=1 << 30, release_frames=True)
+            assert env.body.data.shape == w.shape
+            await h.server.send(msg.peer, encode(Blob("down", w), sender="coordinator",
+                                                 chunk_bytes=4 << 20))
+            down = decode(await client.recv(timeout=60), max_bytes=1 << 30, release_frames=True)
+            elapsed = loop.time() - t0
+            assert down.body.name == "down"
+            assert elapsed > hb.timeout  # the test means something only if so
+            assert [e.kind for e in events] == ["connected"]
+            assert h.lost == []
+        finally:
+            await h.close()
+
+    run(main())
+
+
+def test_server_drops_a_peer_as_soon_as_its_connection_closes() -> None:
+    async def main() -> None:
+        agent = CurveKeyPair.generate()
+        slow = HeartbeatConfig(interval=1.0, timeout=30.0)  # expiry would take 30 s
+        h = Harness(allowed=[agent.public], heartbeat=slow)
+        h.start()
+        client, _ = h.client(agent, heartbeat=slow)
+        try:
+            await client.wait_connected(5)
+            await wait_until(lambda: h.server.peers())
+            await client.close()
+            await wait_until(lambda: h.lost, timeout=5)
+            assert h.lost[0].public_key == agent.public and h.server.peers() == []
+        finally:
+            await h.close()
+
+    run(main())

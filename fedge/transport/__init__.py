@@ -48,8 +48,12 @@ server, when and after how long to make a new socket) are the sans-I/O
 ``ClientConnection`` in :mod:`fedge.transport.connection`, whose
 ``TRANSITIONS`` table is the single definition of its states.
 
-Heartbeats are one-frame ``HEARTBEAT_FRAME`` messages consumed by the sockets
-(plus ZMTP heartbeats); ``HeartbeatMonitor`` is the sans-I/O bookkeeping
+Heartbeats are one-frame ``HEARTBEAT_FRAME`` messages consumed by the sockets;
+any message counts, and so does steady TCP progress (a heartbeat queued behind
+a large model cannot arrive, the model's bytes can).  ZMTP heartbeats run
+underneath with a timeout of at least ``ZMTP_TIMEOUT_FLOOR`` (a PONG waits
+behind a whole 64 MiB frame); the server also drops a peer as soon as libzmq
+closes its connection.  ``HeartbeatMonitor`` is the sans-I/O bookkeeping
 (``seen``, ``expired(now)``, ``send_due(now)``).  ``Backoff`` gives jittered
 exponential delays (``next_delay()``, ``reset()``).  Frames are sent and
 received with ``copy=False``: with ``fedge.wire`` a tensor goes from the
@@ -61,7 +65,12 @@ from fedge.transport.backoff import Backoff
 from fedge.transport.client import ClientSocket
 from fedge.transport.connection import TRANSITIONS, ClientConnection, ClientEvent
 from fedge.transport.errors import HandshakeFailed, KeyFileError, NotConnected, TransportError
-from fedge.transport.heartbeat import HEARTBEAT_FRAME, HeartbeatConfig, HeartbeatMonitor
+from fedge.transport.heartbeat import (
+    HEARTBEAT_FRAME,
+    ZMTP_TIMEOUT_FLOOR,
+    HeartbeatConfig,
+    HeartbeatMonitor,
+)
 from fedge.transport.keys import (
     CurveKeyPair,
     check_public_key,
@@ -75,6 +84,7 @@ __all__ = [
     "CURVE_FRAME_OVERHEAD",
     "HEARTBEAT_FRAME",
     "TRANSITIONS",
+    "ZMTP_TIMEOUT_FLOOR",
     "Backoff",
     "ClientConnection",
     "ClientEvent",

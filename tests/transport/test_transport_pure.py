@@ -78,3 +78,11 @@ def test_message_limit_for_model() -> None:
     assert message_limit_for_model(1000, 4, headroom=100) == 4100
     with pytest.raises(ValueError, match="n_params -1"):
         message_limit_for_model(-1)
+
+
+def test_zmtp_timeout_has_a_floor_that_outlasts_one_large_frame() -> None:
+    assert HeartbeatConfig(1.0, 5.0).effective_zmtp_timeout == 30.0
+    assert HeartbeatConfig(1.0, 45.0).effective_zmtp_timeout == 45.0
+    assert HeartbeatConfig(0.1, 0.4, zmtp_timeout=2.0).effective_zmtp_timeout == 2.0
+    with pytest.raises(ValueError, match=r"zmtp_timeout 0\.05 must be > interval 0\.1"):
+        HeartbeatConfig(0.1, 0.4, zmtp_timeout=0.05)

@@ -341,8 +341,6 @@ class ServerSocket:
                 address = first.get("Peer-Address")
             except zmq.ZMQError:
                 return None
-            if key not in self._allowed:  # revoked while its message was queued
-                return None
             fd: int | None
             try:
                 fd = first.get(zmq.SRCFD)
@@ -352,6 +350,11 @@ class ServerSocket:
             if peername is None:
                 fd = None
             st = _PeerState(Peer(rid, key, address), fd, peername)
+            if key not in self._allowed:
+                # Revoked after its handshake, before we heard from it: shut it.
+                self._peers[rid] = st
+                self.disconnect(st.peer)
+                return None
             old = self._by_key.get(key)
             if old is not None and old != rid and old in self._peers:
                 # One appliance, one connection: the newest wins (an agent that

@@ -543,3 +543,46 @@ def test_server_drops_a_peer_as_soon_as_its_connection_closes() -> None:
             await h.close()
 
     run(main())
+
+
+def test_a_key_revoked_before_its_first_message_is_shut_when_it_speaks() -> None:
+    """A bare DEALER (no greeting heartbeat) completes its handshake, is revoked
+    before it ever speaks, then speaks: the message is dropped and the
+    connection shut."""
+
+    async def main() -> None:
+        import zmq
+        import zmq.asyncio
+        from zmq.utils.monitor import parse_monitor_message
+
+        agent = CurveKeyPair.generate()
+        h = Harness(allowed=[agent.public])
+        endpoint = h.start()
+        ctx = zmq.asyncio.Context()
+        raw = ctx.socket(zmq.DEALER)
+        raw.curve_secretkey = (agent.secret or "").encode()
+        raw.curve_publickey = agent.public.encode()
+        raw.curve_serverkey = h.server_keys.public.encode()
+        monitor = raw.get_monitor_socket()
+        raw.connect(endpoint)
+        try:
+            seen: list[int] = []
+
+            async def until(event: int) -> None:
+                while event not in seen:
+                    seen.append(parse_monitor_message(await monitor.recv_multipart())["event"])
+
+            await asyncio.wait_for(until(zmq.EVENT_HANDSHAKE_SUCCEEDED), 5)
+            assert h.server.peers() == []  # it has not spoken
+            h.server.set_allowed([])
+            await raw.send_multipart(encode(Blob("late", np.ones(1, np.float32)), sender="a"))
+            await asyncio.wait_for(until(zmq.EVENT_DISCONNECTED), 5)
+            with pytest.raises(TimeoutError):
+                await h.server.recv(timeout=0.3)
+        finally:
+            monitor.close(linger=0)
+            raw.close(linger=0)
+            ctx.term()
+            await h.close()
+
+    run(main())

@@ -497,6 +497,11 @@ class ServerSocket:
             for rid, st in list(self._peers.items()):
                 # A peer streaming a large message cannot get its heartbeat
                 # through (it queues behind): steady TCP progress counts.
+                # Only peers quiet for an interval are sampled (syscalls).
+                last = self._monitor.last_seen(rid)
+                if last is not None and now - last < self.heartbeat.interval:
+                    st.rx_bytes = None
+                    continue
                 rx = bytes_received(st.fd, st.peername)
                 if rx is not None and st.rx_bytes is not None and rx - st.rx_bytes >= (
                         PROGRESS_BYTES):

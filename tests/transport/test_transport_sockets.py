@@ -586,3 +586,36 @@ def test_a_key_revoked_before_its_first_message_is_shut_when_it_speaks() -> None
             await h.close()
 
     run(main())
+
+
+def test_garbage_from_an_enrolled_peer_reaches_the_decoder_not_a_crash() -> None:
+    """The socket only moves frames: junk from an enrolled appliance is handed
+    up as-is, the decoder refuses it with a named WireError, and the next good
+    message still arrives."""
+
+    async def main() -> None:
+        from fedge.wire import WireError
+
+        agent = CurveKeyPair.generate()
+        h = Harness(allowed=[agent.public])
+        h.start()
+        client, _ = h.client(agent)
+        try:
+            await client.wait_connected(5)
+            junk = [[b"\xc1"], [b"", b""], [b"\x00fedge-heartbeat", b"x"], [b"\xff" * 9000] * 3]
+            for frames in junk:
+                await client.send(frames, timeout=5)
+            await client.send(encode(Blob("good", np.ones(2, np.float32)), sender="a"), timeout=5)
+            refused = 0
+            for _ in junk:
+                msg = await h.server.recv(timeout=5)
+                with pytest.raises(WireError):
+                    decode(msg.frames, max_bytes=1 << 20)
+                refused += 1
+            good = await h.server.recv(timeout=5)
+            assert refused == len(junk)
+            assert decode(good.frames, max_bytes=1 << 20).body.name == "good"
+        finally:
+            await h.close()
+
+    run(main())

@@ -4,6 +4,8 @@ ignored events, back-off, and heartbeat timing — with plain numbers for time."
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedge.transport import Backoff, HeartbeatConfig
 from fedge.transport.connection import (
@@ -157,3 +159,37 @@ def test_unknown_byte_counts_prove_nothing() -> None:
     c.transport_progress(2.0, 10**9)
     c.transport_progress(2.5, None)
     assert "heartbeat_timeout" in kinds(c.tick(3.1))
+
+
+EVENTS = sorted({e for _, e in TRANSITIONS} | {"disconnected", "connected", "closed"})
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.lists(st.tuples(st.sampled_from([*EVENTS, "tick", "message", "progress"]),
+                          st.floats(0, 0.7)), max_size=40))
+def test_any_event_sequence_keeps_the_machine_consistent(steps: list[tuple[str, float]]) -> None:
+    c = conn()
+    now = 0.0
+    states = {s for s, _ in TRANSITIONS} | set(TRANSITIONS.values())
+    for name, dt in steps:
+        now += dt
+        before = c.state
+        if name == "tick":
+            actions = c.tick(now)
+        elif name == "message":
+            c.message_received(now)
+            actions = []
+        elif name == "progress":
+            c.transport_progress(now, int(now * 1e6))
+            actions = []
+        else:
+            actions = c.event(name, now, 400)
+        assert c.state in states
+        replaced = [a for a in actions if isinstance(a, ReplaceSocket)]
+        # a new socket is asked for exactly when a connection is given up
+        assert bool(replaced) == (c.state == "backoff" and before != "backoff")
+        if replaced:
+            assert 0 < replaced[0].delay <= c.backoff.maximum
+        if c.state == "closed":
+            assert c.event("handshake_succeeded", now) == [] and c.tick(now) == []
+    assert c.connections >= 0 and c.failures <= len(steps)

@@ -353,7 +353,8 @@ def message(
     Raises:
         TypeError: the class is not a frozen dataclass or a field type is unsupported.
         ValueError: ``type_name`` is empty/too long, already taken by another
-            class, or ``max_bytes`` is not a positive int.
+            class, the class already has another name, or ``max_bytes`` is not
+            a positive int.
     """
     if not isinstance(type_name, str) or not 0 < len(type_name) <= _MAX_NAME_LEN:
         raise ValueError(f"message type name {type_name!r} must be a non-empty str "
@@ -364,6 +365,12 @@ def message(
     def register(cls: _T) -> _T:
         if not isinstance(cls, type) or not dataclasses.is_dataclass(cls):
             raise TypeError(f"@message({type_name!r}) must decorate a frozen dataclass")
+        other = _BY_CLASS.get(cls)
+        if other is not None and other.type_name != type_name:
+            raise ValueError(
+                f"{cls.__qualname__} is already registered as message type "
+                f"{other.type_name!r}; one class has one wire name"
+            )
         node = _struct_node(cls, tensors)
         old = _BY_NAME.get(type_name)
         if old is not None and (old.cls.__module__, old.cls.__qualname__) != (

@@ -220,6 +220,9 @@ def test_registration_refuses_unsupported_schemas() -> None:
         class Impostor:
             seq: int
 
+    with pytest.raises(ValueError, match=r"already registered as message type 'test.ping'"):
+        message("test.ping.alias")(Ping)
+
     with pytest.raises(ValueError, match=r"not a wire dtype"):
         Tensor(dtype="complex64", ndim=1)
     with pytest.raises(ValueError, match=r"max_bytes"):

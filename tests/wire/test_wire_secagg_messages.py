@@ -8,6 +8,7 @@ from its annotation, so a field added later is covered too.
 from __future__ import annotations
 
 import typing
+from dataclasses import dataclass
 
 import msgpack
 import numpy as np
@@ -65,7 +66,15 @@ def test_masked_input_with_wrong_dtype_is_refused_both_ways() -> None:
 
 
 def test_tensors_override_must_name_a_bare_ndarray_field() -> None:
+    @dataclass(frozen=True)
+    class Bare:
+        client_id: str
+        masked: np.ndarray
+
     with pytest.raises(TypeError, match="must name a field"):
-        message("test.secagg.bad", tensors={"nope": Tensor("uint32", 1)})(sm.MaskedInput)
+        message("test.secagg.bad", tensors={"nope": Tensor("uint32", 1)})(Bare)
     with pytest.raises(TypeError, match=r"bare np\.ndarray"):
-        message("test.secagg.bad", tensors={"client_id": Tensor("uint32", 1)})(sm.MaskedInput)
+        message("test.secagg.bad", tensors={"client_id": Tensor("uint32", 1)})(Bare)
+    with pytest.raises(TypeError, match="dtype and rank"):
+        message("test.secagg.bad")(Bare)
+    assert "test.secagg.bad" not in registered_types()

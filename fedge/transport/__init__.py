@@ -20,17 +20,18 @@ Coordinator (ROUTER, CURVE server, ZAP allow-list)::
 
     server = ServerSocket(keypair, allowed=enrolled_keys,
                           on_refused=audit,          # Refusal(public_key, address, reason)
-                          on_peer_lost=mark_offline, # Peer, after heartbeat timeout
+                          on_peer_lost=mark_offline, # Peer: silent too long, or closed
                           heartbeat=HeartbeatConfig(interval=1.0, timeout=5.0),
                           max_message_bytes=message_limit_for_model(d))
     endpoint = server.bind("tcp://127.0.0.1:0")      # inside a running loop
     msg = await server.recv(timeout=5.0)              # Incoming(peer, frames)
-    env = fedge.wire.decode(msg.frames, max_bytes=server.max_message_bytes)
+    env = fedge.wire.decode(msg.frames, max_bytes=limit, release_frames=True)
     await server.send(msg.peer, fedge.wire.encode(reply, sender="coordinator"))
     await server.send(public_key_z85, frames)         # or address by appliance key
     server.set_allowed(new_keys)   # next connections; revoked peers dropped now
     server.disconnect(peer)        # shut one connection now
-    server.peers(); server.peer_for_key(key); server.set_max_message_bytes(n)
+    server.peers(); server.peer_for_key(key)
+    server.set_max_message_bytes(n)  # re-binds: every connection reconnects under n
     await server.close()
 
 Appliance (DEALER, CURVE client pinned to the coordinator key)::
@@ -40,8 +41,14 @@ Appliance (DEALER, CURVE client pinned to the coordinator key)::
                           on_event=log_event)        # ClientEvent(kind, detail, ...)
     client.start()
     await client.wait_connected(timeout=10)  # HandshakeFailed(kind="refused"|"impostor")
-    await client.send(frames); frames = await client.recv(timeout=5)
+    await client.send(frames, timeout=30); frames = await client.recv(timeout=5)
+    client.state  # idle, connecting, connected, backoff, closed
     await client.close()
+
+One key has one connection: a key's newer connection shuts its older one.
+Errors: ``TransportError`` (bind failures), ``KeyFileError`` (keys),
+``HandshakeFailed`` (``.kind``, ``.reason``), ``NotConnected`` (closed socket,
+peer not connected, connection replaced during a send), ``TimeoutError``.
 
 The client's decisions (when it is connected, when to give up on a silent
 server, when and after how long to make a new socket) are the sans-I/O

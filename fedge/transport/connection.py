@@ -33,6 +33,7 @@ __all__ = [
     "ReplaceSocket",
     "Report",
     "SendHeartbeat",
+    "diagram",
 ]
 
 #: (state, event) -> next state.  The only place client transitions are defined.
@@ -48,6 +49,15 @@ TRANSITIONS: dict[tuple[str, str], str] = {
     ("connected", "close"): "closed",
     ("backoff", "close"): "closed",
 }
+
+
+
+def diagram() -> str:
+    """The transition table as a Mermaid state diagram, for the docs."""
+    lines = ["stateDiagram-v2", "    [*] --> connecting"]
+    lines += [f"    {a} --> {b}: {event}" for (a, event), b in sorted(TRANSITIONS.items())]
+    return "\n".join(lines) + "\n"
+
 
 #: Handshake failure events -> (HandshakeFailed.kind, message template).
 FAILURES: dict[str, tuple[str, str]] = {

@@ -193,3 +193,13 @@ def test_any_event_sequence_keeps_the_machine_consistent(steps: list[tuple[str, 
         if c.state == "closed":
             assert c.event("handshake_succeeded", now) == [] and c.tick(now) == []
     assert c.connections >= 0 and c.failures <= len(steps)
+
+
+def test_the_docs_diagram_is_generated_from_the_table() -> None:
+    from fedge.transport.connection import diagram
+
+    text = diagram()
+    assert text.startswith("stateDiagram-v2\n    [*] --> connecting\n")
+    for (a, event), b in TRANSITIONS.items():
+        assert f"    {a} --> {b}: {event}\n" in text
+    assert text.count("-->") == len(TRANSITIONS) + 1

@@ -35,6 +35,26 @@ def message_limit_for_model(n_params: int, itemsize: int = 4, *, headroom: int =
     return n_params * itemsize + headroom
 
 
+def check_endpoint(endpoint: object) -> str:
+    """A connectable ZeroMQ endpoint: ``tcp://HOST:PORT`` or ``ipc://PATH``.
+
+    Raises:
+        ValueError: anything else, naming the endpoint and the rule.
+    """
+    if not isinstance(endpoint, str):
+        raise ValueError(f"endpoint {endpoint!r} must be a str like tcp://HOST:PORT")
+    if endpoint.startswith("ipc://") and len(endpoint) > len("ipc://"):
+        return endpoint
+    if not endpoint.startswith("tcp://"):
+        raise ValueError(f"endpoint {endpoint!r} must be tcp://HOST:PORT or ipc://PATH")
+    host, sep, port = endpoint[len("tcp://"):].rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(
+            f"endpoint {endpoint!r} must be tcp://HOST:PORT with PORT in 1..65535"
+        )
+    return endpoint
+
+
 def check_max_message_bytes(value: int | None) -> int | None:
     """Raises: ValueError unless ``value`` is None or a positive int."""
     if value is not None and (not isinstance(value, int) or isinstance(value, bool)

@@ -26,7 +26,12 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from fedge.transport._sockopts import apply_common, check_max_message_bytes, parse_event
+from fedge.transport._sockopts import (
+    apply_common,
+    check_endpoint,
+    check_max_message_bytes,
+    parse_event,
+)
 from fedge.transport._tcp import PROGRESS_BYTES, bytes_received, peername_of
 from fedge.transport.backoff import Backoff
 from fedge.transport.connection import (
@@ -52,7 +57,8 @@ class ClientSocket:
 
     Raises (constructor):
         KeyFileError: ``keypair`` without secret, or ``server_key`` not a Z85 key.
-        ValueError: bad ``max_message_bytes``.
+        ValueError: bad ``max_message_bytes``, or ``endpoint`` not
+            ``tcp://HOST:PORT`` (or ``ipc://PATH``).
     """
 
     def __init__(
@@ -71,7 +77,7 @@ class ClientSocket:
             raise KeyFileError("ClientSocket needs our secret key")
         self.keypair = keypair
         self.server_key = check_public_key(server_key, what="coordinator public key")
-        self.endpoint = endpoint
+        self.endpoint = check_endpoint(endpoint)
         self.heartbeat = heartbeat or HeartbeatConfig()
         self.backoff = backoff or Backoff()
         self.on_event = on_event

@@ -86,3 +86,23 @@ def test_zmtp_timeout_has_a_floor_that_outlasts_one_large_frame() -> None:
     assert HeartbeatConfig(0.1, 0.4, zmtp_timeout=2.0).effective_zmtp_timeout == 2.0
     with pytest.raises(ValueError, match=r"zmtp_timeout 0\.05 must be > interval 0\.1"):
         HeartbeatConfig(0.1, 0.4, zmtp_timeout=0.05)
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "rule"),
+    [
+        ("127.0.0.1:5555", "tcp://HOST:PORT or ipc://PATH"),
+        ("tcp://127.0.0.1", "PORT in 1..65535"),
+        ("tcp://127.0.0.1:0", "PORT in 1..65535"),
+        ("tcp://127.0.0.1:70000", "PORT in 1..65535"),
+        ("tcp://:5555", "PORT in 1..65535"),
+        (5555, "must be a str"),
+    ],
+)
+def test_client_refuses_a_bad_endpoint_before_connecting(endpoint: object, rule: str) -> None:
+    from fedge.transport import ClientSocket, CurveKeyPair
+
+    kp = CurveKeyPair.generate()
+    with pytest.raises(ValueError) as err:
+        ClientSocket(kp, kp.public, endpoint)  # type: ignore[arg-type]
+    assert rule in str(err.value) and repr(endpoint) in str(err.value)

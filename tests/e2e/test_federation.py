@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
+
 import numpy as np
 import pytest
 
@@ -83,8 +87,27 @@ def test_three_agents_three_rounds_with_secure_aggregation(federation, brca):
         fed.add_site(s, [ds])
     fed.enrol_in_store()
     fed.start_coordinator()
+    # site-0 runs as under systemd: a real notify socket collects its sd_notify datagrams
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(fed.root / "notify.sock"))
+    notify.settimeout(0.2)
+    states: list[str] = []
+    done = threading.Event()
+
+    def drain():  # as systemd does: read every datagram at once (a full queue blocks)
+        while not done.is_set():
+            try:
+                states.append(notify.recv(4096).decode())
+            except TimeoutError:
+                continue
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
     for s in sites:
+        if s == "site-0":
+            fed.env["NOTIFY_SOCKET"] = str(fed.root / "notify.sock")
         fed.start_agent(s)
+        fed.env.pop("NOTIFY_SOCKET", None)
     text = plan()
     job = fed.submit(text)
     row = fed.wait_job(job, 180)
@@ -108,6 +131,14 @@ def test_three_agents_three_rounds_with_secure_aggregation(federation, brca):
     assert len(metrics) == 3 and all(0 <= m["value"] <= 1 for m in metrics)
     # agents stop cleanly on SIGTERM
     assert all(p.stop() == 0 for p in fed.procs.values()), fed.dump()
+    time.sleep(0.5)
+    done.set()
+    reader.join(5)
+    notify.close()
+    text_all = "\n".join(states)
+    assert "READY=1" in text_all and "WATCHDOG=1" in text_all and "STOPPING=1" in text_all
+    assert any(line.startswith("STATUS=train") for st in states for line in st.splitlines())
+    assert text_all.index("READY=1") < text_all.index("STOPPING=1")
 
 
 def rounds_of(fed, job):

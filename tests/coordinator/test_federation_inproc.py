@@ -152,28 +152,41 @@ def test_same_plan_gives_bit_identical_models_despite_fresh_secagg_keys(federati
     assert w1.tobytes() == w2.tobytes()
 
 
-def test_coordinator_replaced_mid_round_resumes_from_last_commit_bit_for_bit(federation):
+_REFERENCE: dict[str, bytes] = {}
+
+
+@pytest.mark.parametrize("phase", ["training", "aggregating", "evaluating",
+                                   "checkpoint_written_not_committed"])
+def test_coordinator_replaced_mid_round_resumes_from_last_commit_bit_for_bit(federation, phase):
     from fedge.coordinator.rounds import Phase
     from fedge.coordinator.service import Coordinator
 
-    reference = federation(["a", "b", "c"])
-    ref_job = run(reference, plan(rounds=3, strategy="fedadam"))
-    ref_w = ck.load_checkpoint(ck.final_path(reference.coord.state_dir, ref_job)).weights
+    if "w" not in _REFERENCE:
+        reference = federation(["a", "b", "c"])
+        ref_job = run(reference, plan(rounds=3, strategy="fedadam"))
+        _REFERENCE["w"] = ck.load_checkpoint(
+            ck.final_path(reference.coord.state_dir, ref_job)).weights.tobytes()
 
     fed = federation(["a", "b", "c"])
+    stop_at = Phase.EVALUATING if phase.startswith("checkpoint") else Phase(phase)
 
     async def go():
         await fed.heartbeats()
         job = fed.coord.submit_job(plan(rounds=3, strategy="fedadam"), actor="test")
 
-        def mid_round_2():
+        def in_round_2():
             r = fed.coord.runner
             return r is not None and r.round is not None and r.round.round == 2 \
-                and r.round.phase is Phase.AGGREGATING
-        await fed.pump(until=mid_round_2)
+                and r.round.phase is stop_at
+        await fed.pump(until=in_round_2)
         # "crash": drop the coordinator object and everything in flight, start anew
         old = fed.coord
         fed.inbox.clear()
+        if phase.startswith("checkpoint"):
+            # killed between the checkpoint's rename and the SQLite commit
+            rnd = old.runner.round
+            ck.save_checkpoint(ck.round_path(old.state_dir, job, 2),
+                               ck.Checkpoint(weights=rnd.weights + 1, round=2, plan="x"))
         fed.coord = Coordinator(old.state_dir, roster=old.roster,
                                 roster_public_key=old.roster_public_key,
                                 heartbeat_timeout_s=30.0, initial_weights=old.initial_weights,
@@ -186,6 +199,7 @@ def test_coordinator_replaced_mid_round_resumes_from_last_commit_bit_for_bit(fed
 
     job = asyncio.run(go())
     w = ck.load_checkpoint(ck.final_path(fed.coord.state_dir, job)).weights
-    assert w.tobytes() == ref_w.tobytes()
+    assert w.tobytes() == _REFERENCE["w"]
     actions = [a["action"] for a in fed.coord.store.audit_log()]
     assert "job_resumed" in actions
+    assert [r.round for r in fed.coord.store.rounds(job)] == [1, 2, 3]

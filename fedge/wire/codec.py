@@ -572,7 +572,11 @@ def _tensor_frame(arr: np.ndarray) -> memoryview:
 
 
 def frame_nbytes(frame: Any) -> int:
-    """Size in bytes of one frame (bytes, bytearray, memoryview or ``zmq.Frame``)."""
+    """Size in bytes of one frame (bytes, bytearray, memoryview or ``zmq.Frame``).
+
+    Raises:
+        TypeError: ``frame`` does not expose a buffer.
+    """
     if isinstance(frame, bytes | bytearray):
         return len(frame)
     if isinstance(frame, memoryview):

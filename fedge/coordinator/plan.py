@@ -36,7 +36,7 @@ Example::
     [secagg]
     enabled = true
     alpha = 0.1
-    delta = 0.01
+    delta = 0.0
     clip = 1.0
 
     [privacy]               # passed through to fedge.train unchanged

@@ -15,6 +15,7 @@ import importlib
 import logging
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,14 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
 
     coord.on_allow_list = set_allowed
     coord.on_disconnect = disconnect
+    exports: set[asyncio.Task[None]] = set()
+
+    def on_job_completed(job_id: str) -> None:
+        task = loop.create_task(export_final_model(coord, job_id))
+        exports.add(task)
+        task.add_done_callback(exports.discard)
+
+    coord.on_job_completed = on_job_completed
     admin_task = _start_admin(cfg, coord)
     log.info("coordinator listening on %s", endpoint)
     notifier.ready()
@@ -191,6 +200,35 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
         await server.close()
         coord.close()
     return 0
+
+
+async def export_final_model(coord: Coordinator, job_id: str, *,
+                             timeout_s: float = 600.0) -> bool:
+    """Export a finished job's model to ONNX beside its checkpoint (``model.onnx``).
+
+    The export (torch, onnx, the parity check) runs in a child process, ``fedge
+    export``, so the coordinator never imports torch and its loop keeps serving.
+    The outcome is audited either way; a refused export leaves the job completed.
+    """
+    out = ck.final_path(coord.state_dir, job_id).with_name("model.onnx")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "fedge.cli", "export", "--job", job_id,
+        "--state-dir", str(coord.state_dir), "--out", str(out),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), timeout_s)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        err = f"timed out after {timeout_s:.0f} s".encode()
+    if proc.returncode == 0 and out.exists():
+        coord.store.audit("coordinator", "model_exported", {"job": job_id, "path": str(out)})
+        log.info("job %s exported to %s", job_id, out)
+        return True
+    reason = (err.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
+    coord.store.audit("coordinator", "model_export_failed", {"job": job_id, "reason": reason})
+    log.warning("job %s: ONNX export failed: %s", job_id, reason)
+    return False
 
 
 def _needs_initial_model(coord: Coordinator) -> Any:

@@ -169,6 +169,9 @@ class Coordinator:
         self.on_disconnect: Callable[[str], None] = lambda site: None
         # Receives agents' update-install outcomes (the admin channel's roll-outs).
         self.on_update_outcome: Callable[[str, Any], None] | None = None
+        # Called with a job id once its final checkpoint is committed (the process
+        # exports it to ONNX in a child process).
+        self.on_job_completed: Callable[[str], None] = lambda job_id: None
 
     # -- admin API ------------------------------------------------------------------
 
@@ -470,6 +473,7 @@ class Coordinator:
             self.store.set_job_status(runner.job_id, "completed", actor=SYSTEM,
                                       final_digest=digest)
             self.runner = None
+            self.on_job_completed(runner.job_id)
 
     def _start_next_job(self, now: float) -> None:
         jobs = self.store.jobs(status="running") or self.store.jobs(status="queued")

@@ -129,6 +129,25 @@ def test_three_agents_three_rounds_with_secure_aggregation(federation, brca):
     metrics = fed.query("SELECT * FROM metrics WHERE job_id = ? AND site = '*' AND "
                         "name = 'c_index'", job)
     assert len(metrics) == 3 and all(0 <= m["value"] <= 1 for m in metrics)
+    # the coordinator exports the final model to ONNX by itself (a child process)
+    deadline = time.monotonic() + 150
+    exported: list[dict] = []
+    while time.monotonic() < deadline and not exported:
+        exported = fed.query("SELECT action, detail FROM audit WHERE action LIKE "
+                             "'model_export%'")
+        time.sleep(0.5)
+    assert [e["action"] for e in exported] == ["model_exported"], (exported, fed.dump())
+    import onnxruntime as ort
+
+    onnx_file = ck.final_path(fed.coord_dir, job).with_name("model.onnx")
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    props = session.get_modelmeta().custom_metadata_map
+    assert props["job_id"] == job and props["model_digest"] == final.model_digest
+    # the ONNX graph computes the final weights' linear risk score
+    x = np.random.default_rng(0).standard_normal((5, 39)).astype(np.float32)
+    (risk,) = session.run(None, {session.get_inputs()[0].name: x})
+    w, b = final.weights[:39], final.weights[39]
+    np.testing.assert_allclose(risk.reshape(-1), x @ w + b, rtol=1e-4, atol=1e-4)
     # agents stop cleanly on SIGTERM
     assert all(p.stop() == 0 for p in fed.procs.values()), fed.dump()
     time.sleep(0.5)

@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         # 1. FLamby's protocol, secure aggregation on
         table: dict[str, tuple[float, float, float]] = {}
         finals42: dict[str, float] = {}
+        weights42: dict[str, np.ndarray] = {}
         for strat in strategies:
             lr, params = FLAMBY_STRATEGIES[strat]
             client, pooled_ = [], []
@@ -201,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                 pooled_.append(pooled_test_cindex(w, raw_centres))
                 if seed == seeds[0]:
                     finals42[strat] = client[-1]
+                    weights42[strat] = w
             table[strat] = (float(np.mean(client)), float(np.std(client)), float(np.mean(pooled_)))
             print(
                 f"  {strat:10s} per-client {table[strat][0]:.4f} ± {table[strat][1]:.4f}  "
@@ -210,12 +212,15 @@ def main(argv: list[str] | None = None) -> int:
             )
 
         # 3. secure aggregation off, first seed
-        deltas = {}
+        deltas, wdiff = {}, {}
         for strat in strategies:
             lr, params = FLAMBY_STRATEGIES[strat]
-            rounds, _ = sup.run(JobPlan("tcga_raw", 5, seeds[0], strat, params, lr, secagg=False))
+            rounds, w_off = sup.run(
+                JobPlan("tcga_raw", 5, seeds[0], strat, params, lr, secagg=False)
+            )
             off = client_mean(rounds[max(rounds)])
             deltas[strat] = abs(off - finals42[strat])
+            wdiff[strat] = float(np.max(np.abs(w_off - weights42[strat])))
 
         # 2. federated cross-validation inside the training splits
         print(
@@ -295,6 +300,12 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "secure aggregation on vs off, |delta C-index| (seed "
         f"{seeds[0]}): " + ", ".join(f"{s}={d:.5f}" for s, d in deltas.items())
+    )
+    print(
+        "  (final weights on vs off differ by at most "
+        + ", ".join(f"{s}={d:.1e}" for s, d in wdiff.items())
+        + ": SecAgg+ stochastic quantisation; adaptive servers with tau=1e-8 amplify it on"
+        " coordinates whose mean update is ~0, i.e. rare features, without changing the ranking)"
     )
     print(f"total {time.monotonic() - t0:.0f} s")
     recipe = f"{best['strategy']}/std={best['std']}/wd={best['wd']:g}/rounds={best_r}"

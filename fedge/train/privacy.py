@@ -25,9 +25,12 @@ when the rounds asked cannot meet the target.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -200,6 +203,40 @@ class PrivacyLedger:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> PrivacyLedger:
         return cls(entries=[dict(e) for e in d.get("entries", [])])
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the ledger as JSON atomically (temp file, fsync, rename): a site's spent
+        budget must survive a crash of the agent."""
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(self.to_dict(), fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> PrivacyLedger:
+        """Read a saved ledger; a missing file is an empty ledger.
+
+        Raises:
+            ValueError: the file is not a ledger (names the file and the problem).
+        """
+        target = Path(path)
+        if not target.exists():
+            return cls()
+        try:
+            data = json.loads(target.read_text(encoding="utf-8"))
+            entries = data["entries"]
+            keys = {"job", "round", "noise_multiplier", "sampling_rate", "steps"}
+            for i, e in enumerate(entries):
+                missing = keys - set(e)
+                if missing:
+                    raise ValueError(f"entry {i} lacks {sorted(missing)}")
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"privacy ledger {target}: not a valid ledger: {exc}") from exc
+        return cls(entries=[dict(e) for e in entries])
 
 
 def check_dp_plan(

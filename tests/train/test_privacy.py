@@ -173,3 +173,17 @@ def test_dp_config_errors_are_named() -> None:
         ClientDPConfig.from_dict({"clip_norm": 1.0, "noise_multiplier": 1.0})
     with pytest.raises(ValueError, match=r"scaffold with train\.dp"):
         TrainConfig(scaffold=True, dp=DPConfig(noise_multiplier=1.0)).validate()
+
+
+def test_ledger_survives_a_restart_and_refuses_a_corrupt_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    ledger = PrivacyLedger()
+    ledger.record(job="j", round=1, noise_multiplier=1.2, sampling_rate=0.05, steps=40)
+    path = tmp_path / "privacy" / "ledger.json"
+    ledger.save(path)
+    again = PrivacyLedger.load(path)
+    assert again.entries == ledger.entries
+    assert again.epsilon(1e-5) == pytest.approx(ledger.epsilon(1e-5))
+    assert PrivacyLedger.load(tmp_path / "none.json").entries == []
+    path.write_text('{"entries": [{"job": "j"}]}')
+    with pytest.raises(ValueError, match="lacks"):
+        PrivacyLedger.load(path)

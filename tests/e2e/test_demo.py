@@ -68,3 +68,25 @@ def test_demo_onnx_model_matches_the_final_weights(demo_report) -> None:  # type
 
     c = concordance_index(centre.test.y[:, 1], onnx_risk, centre.test.y[:, 0])
     assert c == pytest.approx(m["final"]["per_centre"]["centre-0"], abs=1e-6)
+
+
+def test_demo_refuses_a_missing_data_directory_with_a_clear_message(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedge.cli",
+            "demo",
+            "--data",
+            str(tmp_path / "nowhere"),
+            "--report",
+            str(tmp_path / "r"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    assert out.returncode == 1
+    assert "Fed-TCGA-BRCA not found" in out.stderr and "--data" in out.stderr
+    assert not (tmp_path / "r").exists()  # nothing started, nothing written

@@ -102,11 +102,17 @@ def _plots(report: Path, curve: list[dict[str, Any]]) -> list[str]:
     return ["learning_curve.png", "loss_curve.png"]
 
 
-def _export(report: Path, weights: np.ndarray, plan: dict[str, Any], digest: str) -> str | None:
+def _export(
+    report: Path, weights: np.ndarray, plan: dict[str, Any], digest: str, centres: list[Any]
+) -> list[str]:
+    """The final model in ONNX: ``model.onnx`` on standardised features, and one
+    ``model-centre-<i>.onnx`` per centre with that centre's own standardisation folded
+    into the graph, so each appliance serves raw features."""
     try:
         from fedge.serve import export_onnx
+        from fedge.serve.export import Standardisation
     except ImportError:
-        return None
+        return []
     import torch
 
     from fedge.train.api import ModelSpec, build_model, load_flat
@@ -116,18 +122,26 @@ def _export(report: Path, weights: np.ndarray, plan: dict[str, Any], digest: str
     load_flat(model, weights)
     model.eval()
     n_in = int(spec.params["in_features"])
+    meta = {"model": spec.name, "dataset": "fed_tcga_brca", "model_digest": digest}
     export_onnx(
         model,
         torch.zeros(2, n_in),
-        {
-            "model": spec.name,
-            "dataset": "fed_tcga_brca",
-            "model_digest": digest,
-            "inputs": "per-centre standardised features",
-        },
+        {**meta, "inputs": "standardised features"},
         report / "model.onnx",
     )
-    return "model.onnx"
+    files = ["model.onnx"]
+    for i, c in enumerate(centres):
+        name = f"model-centre-{i}.onnx"
+        prep = Standardisation(c.standardiser.mean.tolist(), c.standardiser.scale.tolist())
+        export_onnx(
+            model,
+            torch.zeros(2, n_in),
+            {**meta, "site": f"centre-{i}", "inputs": "raw FLamby features"},
+            report / name,
+            preprocessing=prep,
+        )
+        files.append(name)
+    return files
 
 
 def run_demo(
@@ -237,9 +251,7 @@ def run_demo(
     pooled_test = pooled_test_cindex(weights, centres)
     print(f"federated model on all test rows together: C-index {pooled_test:.3f}", file=out)
     files = _plots(report, curve)
-    onnx = _export(report, weights, plan, digest)
-    if onnx:
-        files.append(onnx)
+    files += _export(report, weights, plan, digest, centres)
     metrics = {
         "plan": plan,
         "rounds": curve,

@@ -58,16 +58,22 @@ def test_demo_onnx_model_matches_the_final_weights(demo_report) -> None:  # type
     import onnxruntime as ort
 
     from fedge.demo.tcga import load_centres
+    from fedge.train.metrics import concordance_index
 
-    sess = ort.InferenceSession(str(report / "model.onnx"), providers=["CPUExecutionProvider"])
     centre = load_centres(DATA, "continuous")[0]
+    sess = ort.InferenceSession(str(report / "model.onnx"), providers=["CPUExecutionProvider"])
     x = centre.test.x.astype(np.float32)
     onnx_risk = sess.run(None, {sess.get_inputs()[0].name: x})[0].reshape(-1)
     # the C-index of the exported model on centre 0 is the one the federation reported
-    from fedge.train.metrics import concordance_index
-
     c = concordance_index(centre.test.y[:, 1], onnx_risk, centre.test.y[:, 0])
     assert c == pytest.approx(m["final"]["per_centre"]["centre-0"], abs=1e-6)
+    # the per-centre export folds centre 0's standardisation in: raw features, same risks
+    raw = load_centres(DATA, "none")[0].test.x.astype(np.float32)
+    sess0 = ort.InferenceSession(
+        str(report / "model-centre-0.onnx"), providers=["CPUExecutionProvider"]
+    )
+    raw_risk = sess0.run(None, {sess0.get_inputs()[0].name: raw})[0].reshape(-1)
+    np.testing.assert_allclose(raw_risk, onnx_risk, rtol=1e-4, atol=1e-4)
 
 
 def test_demo_refuses_a_missing_data_directory_with_a_clear_message(tmp_path: Path) -> None:

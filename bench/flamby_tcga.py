@@ -307,6 +307,12 @@ def main(argv: list[str] | None = None) -> int:
         + ": SecAgg+ stochastic quantisation; adaptive servers with tau=1e-8 amplify it on"
         " coordinates whose mean update is ~0, i.e. rare features, without changing the ranking)"
     )
+    print(
+        "note: FedAvg/FedProx follow FLamby on raw features (age in years) with client lr 0.1;"
+        " the age coefficient flips sign between rounds, so the seed decides whether round 5"
+        " lands on a good or an inverted model (see the per-seed values); standardising per"
+        " centre removes this (fedge recipe)."
+    )
     print(f"total {time.monotonic() - t0:.0f} s")
     recipe = f"{best['strategy']}/std={best['std']}/wd={best['wd']:g}/rounds={best_r}"
     print(

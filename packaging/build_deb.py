@@ -321,7 +321,8 @@ def prune(venv: Path) -> None:
     if link.is_symlink() and os.path.isabs(os.readlink(link)):
         target = os.path.realpath(SYSTEM_PYTHON)  # /usr/bin/python3.11
         link.unlink()
-        link.symlink_to(os.path.relpath(target, link.parent))
+        # relative to where the link will live, not to the staging tree
+        link.symlink_to(os.path.relpath(target, f"{PREFIX}/bin"))
 
 
 def write_md5sums(pkg: Path) -> None:

@@ -108,6 +108,8 @@ def test_install_upgrade_remove_purge(debs: tuple[Path, Path]) -> None:
     sh("dpkg", "--force-unsafe-io", "-i", str(v1))
     assert installed_version() == f"{upstream()}-1"
     assert sh("fedge", "--version").stdout.strip() == f"fedge {upstream()}"
+    assert os.readlink("/usr/lib/fedge/bin/python3") == "../../../bin/python3.11"
+    assert os.path.realpath("/usr/lib/fedge/bin/python") == os.path.realpath("/usr/bin/python3")
     sh("/usr/lib/fedge/bin/python", "-c", "import fedge._core, fedge.health, fedge.systemd, "
        "torch, zmq, onnxruntime, systemd.daemon", cwd="/")
     user = pwd.getpwnam("fedge")

@@ -39,7 +39,9 @@ Example::
     delta = 0.0
     clip = 1.0
 
-    [privacy]               # passed through to fedge.train unchanged
+    [privacy]               # passed through to fedge.train (DP-SGD, DP-FedAvg)
+    min_site_examples = 100 # smallest site's training rows: bounds the sampling rate
+    dp = { noise_multiplier = 1.1, max_grad_norm = 1.0, delta = 1e-5, target_epsilon = 8.0 }
     [deadlines]             # seconds
     cohort_s = 60
     train_s = 600
@@ -237,6 +239,7 @@ def parse_plan(text: str) -> Plan:
     if ssettings.enabled and min_clients < 2:
         raise PlanError("job.min_clients", min_clients,
                         "must be >= 2 when secagg.enabled: a sum of one input reveals it")
+    _check_privacy(privacy, tsettings, rounds)
     deadlines = Deadlines(
         cohort_s=_float(dead, "deadlines.cohort_s", lo=0.0, lo_open=True, default=60.0),
         train_s=_float(dead, "deadlines.train_s", lo=0.0, lo_open=True, default=600.0),
@@ -250,6 +253,46 @@ def parse_plan(text: str) -> Plan:
         train=tsettings, strategy=StrategySettings(sname, sparams), secagg=ssettings,
         privacy=dict(privacy), deadlines=deadlines,
     )
+
+
+def _check_privacy(privacy: dict[str, Any], train: TrainSettings, rounds: int) -> None:
+    """Refuse a plan whose record-level DP target cannot be met with the rounds asked.
+
+    The worst case is the smallest site: sampling rate batch_size / min_site_examples.
+    A site smaller than declared refuses its task at training time with its own numbers.
+
+    Raises:
+        PlanError: an unknown privacy key, a missing ``min_site_examples`` where a
+            target is set, or a target that cannot be met (with the numbers).
+    """
+    _known(privacy, "privacy", ("dp", "client_dp", "min_site_examples"))
+    dp = privacy.get("dp")
+    if dp is None:
+        return
+    if not isinstance(dp, dict):
+        raise PlanError("privacy.dp", dp, "must be a table")
+    target = dp.get("target_epsilon")
+    if target is None:
+        return
+    sigma = _float(dp, "privacy.dp.noise_multiplier", lo=0.0, lo_open=True)
+    target = _float(dp, "privacy.dp.target_epsilon", lo=0.0, lo_open=True)
+    delta = _float(dp, "privacy.dp.delta", lo=0.0, hi=1.0, lo_open=True, hi_open=True,
+                   default=1e-5)
+    if "min_site_examples" not in privacy:
+        raise PlanError("privacy.min_site_examples", None,
+                        "required with privacy.dp.target_epsilon: the smallest site's "
+                        "training rows bound the sampling rate batch_size / n")
+    n_min = _int(privacy, "privacy.min_site_examples", lo=1)
+    q = min(1.0, train.batch_size / n_min)
+    steps = train.steps if train.steps is not None else \
+        (train.epochs or 1) * math.ceil(n_min / train.batch_size)
+    from fedge.train.accounting import PrivacyBudgetError, check_dp_plan
+
+    try:
+        check_dp_plan(target_epsilon=target, delta=delta, rounds=rounds, steps_per_round=steps,
+                      sampling_rate=q, noise_multiplier=sigma)
+    except PrivacyBudgetError as exc:
+        raise PlanError("privacy.dp.target_epsilon", target, str(exc)) from None
 
 
 def _table(raw: dict[str, Any], name: str, *, required: bool = True) -> dict[str, Any]:

@@ -35,7 +35,7 @@ enabled = true
 clip = 2.0
 
 [privacy]
-noise_multiplier = 1.1
+dp = { noise_multiplier = 1.1, max_grad_norm = 1.0 }
 
 [deadlines]
 train_s = 30
@@ -52,7 +52,7 @@ def test_good_plan_parses_with_defaults():
     assert plan.strategy.get("tau") == 1e-3
     assert plan.secagg.clip == 2.0 and plan.secagg.alpha == 0.1
     assert plan.deadlines.train_s == 30.0 and plan.deadlines.eval_s == 120.0
-    assert plan.privacy == {"noise_multiplier": 1.1}
+    assert plan.privacy == {"dp": {"noise_multiplier": 1.1, "max_grad_norm": 1.0}}
     assert plan.prox_mu == 0.0
     assert len(plan.digest) == 64
 
@@ -103,3 +103,41 @@ def test_not_toml():
 def test_missing_table():
     with pytest.raises(PlanError, match="strategy"):
         parse_plan(GOOD.replace("[strategy]", "[strategyx]"))
+
+
+def _dp_plan(rounds: int, target: float, *, n_min: int | None = 200) -> str:
+    table = f"dp = {{ noise_multiplier = 1.1, max_grad_norm = 1.0, delta = 1e-5, " \
+            f"target_epsilon = {target} }}\n"
+    if n_min is not None:
+        table += f"min_site_examples = {n_min}\n"
+    return GOOD.replace("rounds = 3", f"rounds = {rounds}").replace(
+        "dp = { noise_multiplier = 1.1, max_grad_norm = 1.0 }\n", table)
+
+
+def test_privacy_target_within_budget_is_accepted():
+    plan = parse_plan(_dp_plan(3, 8.0))
+    assert plan.privacy["dp"]["target_epsilon"] == 8.0
+
+
+def test_privacy_target_that_the_rounds_cannot_meet_is_refused_with_the_numbers():
+    with pytest.raises(PlanError) as info:
+        parse_plan(_dp_plan(200, 1.0))
+    err = info.value
+    assert err.field == "privacy.dp.target_epsilon"
+    # the refusal gives the spend, how many rounds would fit and the noise that would
+    assert "cannot be met" in err.rule and "at most" in err.rule
+    assert "raise noise_multiplier to" in err.rule
+    fit = int(err.rule.split("at most ")[1].split()[0])
+    assert 0 <= fit < 200
+    parse_plan(_dp_plan(max(fit, 1), 1.0)) if fit >= 1 else None
+
+
+def test_privacy_target_needs_the_smallest_site_size():
+    with pytest.raises(PlanError, match="privacy.min_site_examples"):
+        parse_plan(_dp_plan(3, 8.0, n_min=None))
+
+
+def test_unknown_privacy_key_is_refused():
+    with pytest.raises(PlanError, match="privacy.noise_multiplier"):
+        parse_plan(GOOD.replace("dp = { noise_multiplier = 1.1, max_grad_norm = 1.0 }",
+                                "noise_multiplier = 1.1"))

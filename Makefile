@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # Debian packages the build and the tests need; installed only when missing.
 APT_PKGS := build-essential cmake ninja-build pkg-config libsystemd-dev systemd \
-            dpkg-dev fakeroot lintian
+            dpkg-dev fakeroot lintian python3-venv git
 CORE_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/*.hpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h) \
                 CMakeLists.txt pyproject.toml
 

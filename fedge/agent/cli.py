@@ -2,6 +2,7 @@
 
     fedge agent [run] --config FILE [--connect-timeout S]
     fedge agent enrol FILE [--state-dir DIR]        (fedge.agent.enrol)
+    fedge agent privacy --config FILE [--delta D]   the privacy budget this site spent
 
 Heavy imports happen inside the handlers.
 """
@@ -26,6 +27,11 @@ def register(subparsers: Any) -> None:
     r.add_argument("--config", type=Path, default=argparse.SUPPRESS)
     r.add_argument("--connect-timeout", type=float, default=argparse.SUPPRESS)
     r.set_defaults(func=_run)
+    pv = sub.add_parser("privacy", help="the privacy budget (epsilon) this site has spent, "
+                                        "per job and in total")
+    pv.add_argument("--config", type=Path, default=argparse.SUPPRESS)
+    pv.add_argument("--delta", type=float, default=1e-5, help="delta for epsilon (1e-5)")
+    pv.set_defaults(func=_privacy)
     try:
         from fedge.agent.enrol import register_enrol
     except ModuleNotFoundError:  # pragma: no cover - console engineer's module absent
@@ -50,3 +56,30 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as exc:  # a [[datasets]] table fedge.train refuses
         print(f"fedge agent: invalid configuration: {exc}", file=sys.stderr)
         return 2
+
+
+def _privacy(args: argparse.Namespace) -> int:
+    if args.config is None:
+        print("fedge agent privacy: --config FILE is required", file=sys.stderr)
+        return 2
+    from fedge.agent.process import AgentConfigError, load_config
+    from fedge.agent.trainer import ledger_path
+    from fedge.train.accounting import PrivacyLedger
+
+    try:
+        cfg = load_config(args.config)
+        ledger = PrivacyLedger.load(ledger_path(cfg.state_dir))
+    except (AgentConfigError, ValueError) as exc:
+        print(f"fedge agent privacy: {exc}", file=sys.stderr)
+        return 2
+    if not 0 < args.delta < 1:
+        print(f"fedge agent privacy: --delta {args.delta} must lie in (0, 1)", file=sys.stderr)
+        return 2
+    jobs = sorted({e["job"] for e in ledger.entries})
+    print(f"{'job':<40} {'rounds':>6} {'epsilon':>10}")
+    for job in jobs:
+        rounds = len({e["round"] for e in ledger.entries if e["job"] == job})
+        print(f"{job:<40} {rounds:>6} {ledger.epsilon(args.delta, job=job):>10.4f}")
+    print(f"{'total (all jobs composed)':<40} {'':>6} {ledger.epsilon(args.delta):>10.4f}")
+    print(f"delta = {args.delta:g}; DP-SGD at this site only (sites without DP spend nothing)")
+    return 0

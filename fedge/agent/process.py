@@ -271,7 +271,7 @@ def run(cfg: AgentConfig, *, connect_timeout_s: float | None = None) -> int:
     from fedge.systemd import Notifier
 
     enrolled = load_enrolled(cfg.state_dir)
-    trainer: Trainer = TorchTrainer(cfg.datasets)
+    trainer: Trainer = TorchTrainer(cfg.datasets, state_dir=cfg.state_dir)
     executor: Executor = ThreadPoolExecutor(cfg.workers, thread_name_prefix="fedge-task")
     agent = Agent(enrolled.site, trainer, identity=enrolled.identity, roster=enrolled.roster,
                   executor=executor, health=health_probe(cfg))

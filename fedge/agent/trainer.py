@@ -13,6 +13,7 @@ import hashlib
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -68,6 +69,11 @@ def train_config_dict(plan: Plan, seed: int) -> dict[str, Any]:
     return cfg
 
 
+def ledger_path(state_dir: Path) -> Path:
+    """Where an agent keeps its privacy ledger (``fedge agent privacy`` reads it)."""
+    return Path(state_dir) / "privacy" / "ledger.json"
+
+
 class TorchTrainer:
     """Local training with ``fedge.train.api`` on the agent's ``[[datasets]]``.
 
@@ -75,9 +81,16 @@ class TorchTrainer:
         ValueError: a dataset table is invalid (the message names the key).
     """
 
-    def __init__(self, dataset_tables: Sequence[Mapping[str, Any]]) -> None:
+    def __init__(self, dataset_tables: Sequence[Mapping[str, Any]], *,
+                 state_dir: Path | None = None) -> None:
+        from fedge.train.accounting import PrivacyLedger
         from fedge.train.api import DatasetSpec
 
+        # One privacy ledger for every job this site runs, kept on disk so the
+        # budget spent survives a restart (per job and in total).
+        self._ledger_path = ledger_path(state_dir) if state_dir is not None else None
+        self._ledger = (PrivacyLedger.load(self._ledger_path) if self._ledger_path
+                        else PrivacyLedger())
         self._specs = {}
         for table in dataset_tables:
             spec = DatasetSpec.from_config(table)
@@ -114,12 +127,15 @@ class TorchTrainer:
             cfg = TrainConfig.from_dict(train_config_dict(plan, seed))
         except (KeyError, ValueError, TypeError) as exc:
             raise TaskRefusal(f"plan cannot run here: {exc}") from exc
-        state = self._states.setdefault(job, ClientState(job=job))
+        state = self._states.setdefault(job, ClientState(job=job, ledger=self._ledger))
         try:
             out = local_train(spec, np.asarray(weights, dtype=np.float32), data, cfg,
                               round=round, state=state)
         except (KeyError, ValueError, TypeError, RuntimeError) as exc:
             raise TaskRefusal(f"local training failed: {type(exc).__name__}: {exc}") from exc
+        if self._ledger_path is not None and out.epsilon is not None:
+            with self._lock:
+                self._ledger.save(self._ledger_path)
         return LocalResult(np.ascontiguousarray(out.weights, dtype=np.float32), out.n_examples,
                            {k: float(v) for k, v in out.metrics.items()},
                            float(out.epsilon or 0.0))

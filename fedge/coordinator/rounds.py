@@ -417,6 +417,9 @@ class Round:
         for site, done in sorted(self.trained.items()):
             for name, value in sorted(done.metrics.items()):
                 rows.append((site, "train", name, float(value), done.n_examples))
+            if done.epsilon > 0:  # the site's cumulative DP-SGD spend in this job
+                rows.append((site, "privacy", "epsilon_job", float(done.epsilon),
+                             done.n_examples))
         sums: dict[str, tuple[float, int]] = {}
         for site, ev in sorted(self.evals.items()):
             for name, value in sorted(ev.metrics.items()):

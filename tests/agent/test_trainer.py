@@ -68,3 +68,50 @@ def test_missing_dataset_and_wrong_model_are_refused(trainer):
 def test_bad_dataset_table_fails_at_startup():
     with pytest.raises(ValueError, match="kind"):
         TorchTrainer([{"name": "x", "kind": "nope", "path": "/nonexistent"}])
+
+
+DP_PLAN = PLAN.replace("rounds = 1", "rounds = 3").replace(
+    'name = "fedprox"\nmu = 0.1\n', 'name = "fedavg"\n'
+) + """
+[privacy]
+min_site_examples = 100
+dp = { noise_multiplier = 1.5, max_grad_norm = 1.0, delta = 1e-5, target_epsilon = 50.0 }
+"""
+
+
+def test_privacy_spent_is_kept_on_disk_per_job_and_in_total(tmp_path):
+    """A site's DP-SGD spend survives an agent restart and composes across jobs."""
+    if not DATA.exists():
+        pytest.skip(f"Fed-TCGA-BRCA not found at {DATA}")
+    import subprocess
+    import sys
+
+    table = {"name": "brca", "kind": "fed_tcga_brca", "path": str(DATA), "site": 0}
+    plan = parse_plan(DP_PLAN)
+    w0 = np.zeros(40, np.float32)
+    first = TorchTrainer([table], state_dir=tmp_path)
+    r1 = first.train("site-0", "job-a", plan, w0, round=1, seed=1)
+    assert r1.epsilon > 0
+    # a restarted agent continues from the ledger on disk: round 2 spends more
+    second = TorchTrainer([table], state_dir=tmp_path)
+    r2 = second.train("site-0", "job-a", plan, r1.weights, round=2, seed=2)
+    assert r2.epsilon > r1.epsilon
+    rb = second.train("site-0", "job-b", plan, w0, round=1, seed=3)
+    assert rb.epsilon == pytest.approx(r1.epsilon, rel=1e-6)  # a new job starts at its own 0
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'state_dir = "{tmp_path}"\n')
+    out = subprocess.run([sys.executable, "-m", "fedge.cli", "agent", "privacy",
+                          "--config", str(cfg)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()[1:3]}
+    assert float(rows["job-a"][2]) == pytest.approx(r2.epsilon, abs=1e-3)
+    assert float(rows["job-b"][2]) == pytest.approx(rb.epsilon, abs=1e-3)
+    total = float(out.stdout.splitlines()[3].split()[-1])
+    assert total > r2.epsilon  # both jobs composed
+
+
+def test_a_corrupt_privacy_ledger_is_named_not_reset(tmp_path):
+    (tmp_path / "privacy").mkdir()
+    (tmp_path / "privacy" / "ledger.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"ledger\.json"):
+        TorchTrainer([], state_dir=tmp_path)

@@ -86,7 +86,8 @@ def test_full_round_weighted_average_and_eval():
     deltas = {s: np.full(3, i + 1.0) * 0.1 for i, s in enumerate("abc")}
     sends = []
     for s in "abc":
-        sends += rnd.receive(s, m.TrainDone(rnd.task_id, counts[s], {"loss": 1.0}), 1.0)
+        sends += rnd.receive(s, m.TrainDone(rnd.task_id, counts[s], {"loss": 1.0},
+                                            epsilon=0.5 if s == "a" else 0.0), 1.0)
     assert rnd.phase is Phase.AGGREGATING
     begins = by_type(sends, m.AggregateBegin)
     assert begins[0][1].weight_scale == pytest.approx(weight_scale(2.0, 30)) == 1 / 30
@@ -101,6 +102,8 @@ def test_full_round_weighted_average_and_eval():
     rows = rnd.metric_rows()
     assert ("*", "test", "cindex", pytest.approx(0.6), 15) in rows
     assert ("b", "train", "loss", 1.0, 30) in rows
+    # each DP site's privacy spend is recorded per round; sites without DP spend nothing
+    assert [r for r in rows if r[1] == "privacy"] == [("a", "privacy", "epsilon_job", 0.5, 10)]
 
 
 def test_cohort_below_min_waits_then_fails_without_touching_model():

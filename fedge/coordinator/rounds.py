@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import math
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -86,6 +87,31 @@ def train_seed(job_seed: int, rnd: int, site: str) -> int:
 def weight_scale(clip: float, n_max: int) -> float:
     """The factor turning an example count into the aggregation weight (see module doc)."""
     return min(1.0, clip) / float(n_max)
+
+
+MAX_METRICS = 64
+
+
+def metric_name_ok(name: str) -> bool:
+    return 0 < len(name) <= 64 and all(c.isalnum() or c in "_-./" for c in name)
+
+
+def metrics_problem(metrics: dict[str, float], epsilon: float) -> str | None:
+    """Why a site's reported metrics cannot be stored, or None.
+
+    Metrics are stored and plotted as numbers: a NaN, an infinity, a strange name or
+    an endless dictionary from a site is refused with its name, never persisted.
+    """
+    if len(metrics) > MAX_METRICS:
+        return f"{len(metrics)} metrics, more than {MAX_METRICS}"
+    for name, value in metrics.items():
+        if not metric_name_ok(name):
+            return f"metric name {name[:80]!r} is not 1-64 letters, digits or _-./"
+        if not math.isfinite(value):
+            return f"metric {name} = {value} is not a finite number"
+    if not (math.isfinite(epsilon) and epsilon >= 0):
+        return f"epsilon = {epsilon} is not a finite number >= 0"
+    return None
 
 
 @dataclass
@@ -272,6 +298,13 @@ class Round:
                     if len(self.trained) + len(self.refused) == len(self.cohort):
                         out += self._end_training(now)
                     return out
+                problem = metrics_problem(body.metrics, body.epsilon)
+                if problem is not None:
+                    self.refused[sender] = f"invalid train result: {problem}"
+                    out = self._reject(sender, f"train result refused: {problem}")
+                    if len(self.trained) + len(self.refused) == len(self.cohort):
+                        out += self._end_training(now)
+                    return out
                 self.trained[sender] = body
             elif isinstance(body, m.TaskRefused):
                 self.refused.setdefault(sender, body.reason)
@@ -296,9 +329,15 @@ class Round:
             if isinstance(body, m.EvalResult):
                 if sender in self.evals:
                     return self._reject(sender, "duplicate evaluation result")
-                self.evals[sender] = body
+                problem = metrics_problem(body.metrics, 0.0)
+                if problem is None and body.n_examples < 0:
+                    problem = f"n_examples = {body.n_examples} is negative"
+                self.evals[sender] = body if problem is None else \
+                    m.EvalResult(self.task_id, 0, {})
                 if len(self.evals) == len(self._eval_cohort()):
                     self.phase = Phase.DONE
+                if problem is not None:
+                    return self._reject(sender, f"evaluation result refused: {problem}")
             elif isinstance(body, m.TaskRefused):
                 self.evals[sender] = m.EvalResult(self.task_id, 0, {})
                 if len(self.evals) == len(self._eval_cohort()):

@@ -188,3 +188,41 @@ def test_reply_to_an_abandoned_attempt_is_stale():
     out = rnd.receive("a", m.TaskRefused(old.task_id, "train", "late refusal"), 1.0)
     assert by_type(out, m.Rejected) and "not the current attempt" in rnd.rejected[0][1]
     assert rnd.refused == {}
+
+
+@pytest.mark.parametrize("metrics, epsilon, why", [
+    ({"loss": float("nan")}, 0.0, "loss = nan is not a finite number"),
+    ({"loss": float("inf")}, 0.0, "loss = inf is not a finite number"),
+    ({"bad name!": 1.0}, 0.0, "metric name 'bad name!'"),
+    ({f"m{i}": 1.0 for i in range(65)}, 0.0, "65 metrics"),
+    ({"loss": 1.0}, float("nan"), "epsilon = nan"),
+    ({"loss": 1.0}, -1.0, "epsilon = -1.0"),
+])
+def test_train_result_with_unstorable_metrics_is_refused_and_the_round_goes_on(
+        metrics, epsilon, why):
+    rnd = new_round()
+    rnd.offer(["a", "b", "c"], 0.0)
+    out = rnd.receive("c", m.TrainDone(rnd.task_id, 5, metrics, epsilon=epsilon), 1.0)
+    assert [s for s, _ in by_type(out, m.Rejected)] == ["c"]
+    assert why in by_type(out, m.Rejected)[0][1].reason and why in rnd.refused["c"]
+    rnd.receive("a", m.TrainDone(rnd.task_id, 5, {"loss": 1.0}), 1.0)
+    out = rnd.receive("b", m.TrainDone(rnd.task_id, 5, {"loss": 2.0}), 1.0)
+    assert rnd.phase is Phase.AGGREGATING  # with a and b; c is not aggregated
+    assert [s for s, _ in by_type(out, m.AggregateBegin)] == ["a", "b"]
+
+
+def test_eval_result_with_nan_is_refused_and_not_stored():
+    rnd = new_round()
+    rnd.offer(["a", "b"], 0.0)
+    sends = []
+    for s in "ab":
+        sends += rnd.receive(s, m.TrainDone(rnd.task_id, 5), 1.0)
+    send_plain(rnd, sends, {"a": np.ones(3), "b": np.ones(3)}, {"a": 5, "b": 5})
+    assert rnd.phase is Phase.EVALUATING
+    out = rnd.receive("a", m.EvalResult(rnd.task_id, 5, {"cindex": float("nan")}), 2.0)
+    assert "cindex = nan" in by_type(out, m.Rejected)[0][1].reason
+    rnd.receive("b", m.EvalResult(rnd.task_id, 5, {"cindex": 0.7}), 2.0)
+    assert rnd.phase is Phase.DONE
+    rows = [r for r in rnd.metric_rows() if r[1] == "test"]
+    assert ("a", "test", "cindex") not in {r[:3] for r in rows}
+    assert ("*", "test", "cindex", pytest.approx(0.7), 5) in rows

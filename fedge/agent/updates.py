@@ -14,7 +14,9 @@ import asyncio
 import concurrent.futures
 import json
 import logging
+import os
 import shutil
+import sys
 import tarfile
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Executor
@@ -517,9 +519,19 @@ def attach_update_client(agent: Any, state_dir: Path, *, models: ModelInstaller 
 AGENT_UNIT = "fedge-agent.service"
 
 
-def _systemd_restart() -> None:
-    """Ask systemd to restart the agent's unit without waiting (it stops us)."""
-    import subprocess
+RESTART_EXIT_CODE = 75  # EX_TEMPFAIL: the unit's Restart=on-failure starts us again
 
-    subprocess.run(["systemctl", "--no-block", "restart", AGENT_UNIT], check=False,
-                   capture_output=True, timeout=30)
+
+def _systemd_restart() -> None:
+    """Restart into the staged slot by leaving with status 75.
+
+    The agent runs unprivileged (User=fedge, NoNewPrivileges, no polkit rule), so it
+    cannot `systemctl restart` its own unit; systemd's Restart=on-failure (and
+    RestartForceExitStatus=75) starts it again: ExecStartPre's preflight counts the
+    trial, ExecStart runs the `current` slot. The stage is already on disk (atomic
+    rename), so nothing is lost by leaving here.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(RESTART_EXIT_CODE)

@@ -409,15 +409,55 @@ class SelfUpdate:
         return out
 
 
+def exec_current(root: Path, fallback: list[str]) -> list[str]:
+    """What the service runs: the ``current`` slot's entry point, else ``fallback``.
+
+    Used as the unit's ExecStart (``python -m fedge.update.ab exec --root DIR --
+    /usr/bin/fedge agent run ...``) so that a software update switched in by
+    `SelfUpdate.stage` is what systemd starts next, while an appliance that never
+    took an update runs the packaged install. The process is replaced with
+    ``execve``: the main PID (``NotifyAccess=main``) is the agent itself.
+
+    Returns the argv it would run (after updating ``os.environ``); `_main` execs it.
+
+    Raises: HealthCheckFailed for a ``current`` slot with a bad manifest (systemd
+        restarts the unit and ``preflight`` rolls back after max_attempts); ValueError
+        for an empty fallback.
+    """
+    if not fallback:
+        raise ValueError("exec needs a fallback command after --")
+    current = Path(root) / "current"
+    if not current.is_dir():
+        return list(fallback)
+    argv, extra = slot_command(current)
+    os.environ.update(extra)
+    os.environ["FEDGE_SOFTWARE_SLOT"] = current.resolve().name
+    return argv
+
+
 def _main(argv: list[str] | None = None) -> int:
-    """``python -m fedge.update.ab preflight --root DIR`` (the unit's ExecStartPre)."""
+    """``python -m fedge.update.ab preflight --root DIR`` (the unit's ExecStartPre) and
+    ``python -m fedge.update.ab exec --root DIR -- FALLBACK...`` (its ExecStart)."""
     import argparse
 
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    fallback: list[str] = []
+    if "--" in args_in:
+        cut = args_in.index("--")
+        args_in, fallback = args_in[:cut], args_in[cut + 1:]
     ap = argparse.ArgumentParser(prog="python -m fedge.update.ab")
-    ap.add_argument("action", choices=("preflight",))
+    ap.add_argument("action", choices=("preflight", "exec"))
     ap.add_argument("--root", type=Path, required=True)
     ap.add_argument("--max-attempts", type=int, default=3)
-    args = ap.parse_args(argv)
+    args = ap.parse_args(args_in)
+    if args.action == "exec":
+        try:
+            command = exec_current(args.root, fallback)
+        except (ValueError, HealthCheckFailed) as exc:
+            print(f"fedge.update.ab exec: {exc}", file=sys.stderr)
+            return 2
+        sys.stdout.flush()
+        os.execvp(command[0], command)
     print(SelfUpdate(args.root, max_attempts=args.max_attempts).preflight())
     return 0
 

@@ -66,7 +66,13 @@ def test_units_have_the_required_settings(name: str) -> None:
     assert s["WatchdogSec"] and s["SystemCallFilter"][0] == "@system-service"
     assert s["RestrictAddressFamilies"] == ["AF_UNIX AF_INET AF_INET6 AF_NETLINK"]
     assert s["LoadCredential"][0].startswith("fedge:/etc/fedge/credentials/")
-    assert s["ExecStart"][0].startswith("/usr/bin/fedge ")
+    if name == "fedge-agent.service":  # through the A/B slot launcher (signed updates)
+        assert s["ExecStartPre"] == ["/usr/lib/fedge/bin/python -m fedge.update.ab preflight "
+                                     "--root /var/lib/fedge/software"]
+        assert s["ExecStart"][0].startswith("/usr/lib/fedge/bin/python -m fedge.update.ab exec "
+                                            "--root /var/lib/fedge/software -- /usr/bin/fedge ")
+    else:
+        assert s["ExecStart"][0].startswith("/usr/bin/fedge ")
 
 
 def test_only_the_agent_sees_the_gpus() -> None:
@@ -88,6 +94,9 @@ def test_verify_in_a_root_with_the_fedge_command(tmp_path: Path) -> None:
     fedge = root / "usr/bin/fedge"
     fedge.write_text("#!/bin/sh\nexit 0\n")
     fedge.chmod(0o755)
+    python = root / "usr/lib/fedge/bin/python"  # the package's private venv
+    python.parent.mkdir(parents=True)
+    shutil.copy(fedge, python)
     unit_dir = root / "etc/systemd/system"
     unit_dir.mkdir(parents=True)
     for unit in UNITS.glob("*.service"):
@@ -100,9 +109,12 @@ def test_verify_in_a_root_with_the_fedge_command(tmp_path: Path) -> None:
     assert out.returncode == 0 and out.stderr.strip() == "", out.stderr
     # and the check can fail: a unit whose command is missing is reported
     fedge.unlink()
-    bad = subprocess.run(
-        ["systemd-analyze", "verify", f"--root={root}", "--man=no", "--generators=no",
-         str(unit_dir / "fedge-agent.service")],
-        capture_output=True, text=True, timeout=60,
-    )
-    assert bad.returncode != 0 and "/usr/bin/fedge" in bad.stderr
+    python.unlink()
+    for unit, command in (("fedge-coordinator.service", "/usr/bin/fedge"),
+                          ("fedge-agent.service", "/usr/lib/fedge/bin/python")):
+        bad = subprocess.run(
+            ["systemd-analyze", "verify", f"--root={root}", "--man=no", "--generators=no",
+             str(unit_dir / unit)],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert bad.returncode != 0 and command in bad.stderr, (unit, bad.stderr)

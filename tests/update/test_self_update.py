@@ -160,3 +160,58 @@ def test_agent_stages_signed_software_restarts_and_reports_after_first_ack(tmp_p
     outcomes = [b for b in sent if isinstance(b, UpdateOutcome)]
     assert [(o.rollout_id, o.path, o.ok) for o in outcomes] == [("r9", path, True)]
     assert AgentUpdater(fleet.agent_dir).installed() == {"software/fedge": "1.1.0"}
+
+
+def run_unit_exec(root: Path, fallback: list[str], env: dict[str, str] | None = None):
+    """The unit's ExecStart: `python -m fedge.update.ab exec --root ROOT -- FALLBACK`."""
+    return subprocess.run([sys.executable, "-m", "fedge.update.ab", "exec", "--root", str(root),
+                           "--", *fallback], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **(env or {})})
+
+
+def test_unit_exec_runs_the_packaged_install_until_an_update_is_staged(tmp_path):
+    root = tmp_path / "software"
+    out = run_unit_exec(root, [sys.executable, "-c", "import os; print('packaged', os.getpid())"])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("packaged")
+
+
+def test_unit_exec_replaces_itself_with_the_current_slot(tmp_path):
+    """After `stage`, the next start runs the new slot's entry point, in the same
+    process (the unit's main PID is the agent: NotifyAccess=main)."""
+    root = tmp_path / "software"
+    report = tmp_path / "report.json"
+    SelfUpdate(root).stage("1.1.0", bundle(tmp_path, "1.1.0", "report"))
+    out = run_unit_exec(root, [sys.executable, "-c", "print('packaged')"],
+                        env={"FEDGE_TEST_ROOT": str(root), "FEDGE_TEST_REPORT": str(report)})
+    assert out.returncode == 0, out.stderr
+    assert "packaged" not in out.stdout
+    assert report.exists()  # the slot's svc.py ran (it reports the outcome, None here)
+    assert json.loads(report.read_text()) is None
+
+
+def test_unit_exec_with_a_broken_slot_fails_so_preflight_can_roll_back(tmp_path):
+    root = tmp_path / "software"
+    SelfUpdate(root).stage("1.1.0", bundle(tmp_path, "1.1.0", "good"))
+    (root / "current" / "fedge-bundle.json").write_text("{not json")
+    out = run_unit_exec(root, [sys.executable, "-c", "print('packaged')"])
+    assert out.returncode == 2 and "bad fedge-bundle.json" in out.stderr
+
+
+def test_unit_exec_without_a_fallback_is_a_usage_error(tmp_path):
+    out = run_unit_exec(tmp_path, [])
+    assert out.returncode == 2 and "fallback" in out.stderr
+
+
+def test_agent_restarts_into_a_staged_update_by_leaving_with_status_75():
+    """Unprivileged under systemd, the agent cannot `systemctl restart` itself: it
+    leaves with 75, which the unit's Restart=on-failure / RestartForceExitStatus=75
+    turn into a start (preflight, then the `current` slot)."""
+    out = subprocess.run([sys.executable, "-c",
+                          "from fedge.agent.updates import _systemd_restart\n"
+                          "print('staged', flush=True)\n_systemd_restart()\nprint('not reached')"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 75 and out.stdout == "staged\n"
+    unit = (Path(__file__).resolve().parents[2] / "packaging/systemd/fedge-agent.service")
+    settings = [line.strip() for line in unit.read_text().splitlines()]
+    assert "RestartForceExitStatus=75" in settings and "Restart=on-failure" in settings

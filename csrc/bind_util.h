@@ -13,6 +13,7 @@
 
 #include "aes.h"
 #include "prg.h"
+#include "train_item.h"
 
 namespace fedge::bind {
 
@@ -112,5 +113,33 @@ inline void check_bits(int bits) {
 // Adds the cuda_* functions (module_cuda.cpp).
 void bind_cuda(py::module_& m);
 #endif
+
+// Optimiser arguments, checked once for the CPU and the CUDA bindings alike.
+inline SgdArgs sgd_args(double lr, double momentum, double weight_decay, double dampening,
+                        bool nesterov, double prox_mu, bool first_step) {
+  SgdArgs a;
+  a.lr = lr;
+  a.momentum = momentum;
+  a.weight_decay = weight_decay;
+  a.dampening = dampening;
+  a.nesterov = nesterov;
+  a.prox_mu = prox_mu;
+  a.first_step = first_step;
+  return a;
+}
+
+inline AdamArgs adam_args(int64_t step, double lr, double beta1, double beta2, double eps,
+                          double weight_decay, bool decoupled) {
+  if (step < 1) throw py::value_error("step must be >= 1, got " + std::to_string(step));
+  AdamArgs a;
+  a.lr = lr;
+  a.beta1 = beta1;
+  a.beta2 = beta2;
+  a.eps = eps;
+  a.weight_decay = weight_decay;
+  a.step = step;
+  a.decoupled = decoupled;
+  return a;
+}
 
 }  // namespace fedge::bind

@@ -181,14 +181,8 @@ void sgd(const py::buffer& params, const py::buffer& grads, const std::optional<
     ci = vec_arg<float>(*scaffold_ci, "scaffold_ci", false);
     same_length(*ci, p.n, "scaffold_ci", "params");
   }
-  SgdArgs a;
-  a.lr = lr;
-  a.momentum = momentum;
-  a.weight_decay = weight_decay;
-  a.dampening = dampening;
-  a.nesterov = nesterov;
-  a.prox_mu = prox_mu;
-  a.first_step = first_step;
+  const SgdArgs a =
+      sgd_args(lr, momentum, weight_decay, dampening, nesterov, prox_mu, first_step);
   py::gil_scoped_release release;
   sgd_step(p.ptr, g.ptr, m ? m->ptr : nullptr, p.n, a, wg ? wg->ptr : nullptr,
            c ? c->ptr : nullptr, ci ? ci->ptr : nullptr);
@@ -204,15 +198,7 @@ void adam(const py::buffer& params, const py::buffer& grads, const py::buffer& e
   same_length(g, p.n, "grads", "params");
   same_length(m, p.n, "exp_avg", "params");
   same_length(v, p.n, "exp_avg_sq", "params");
-  if (step < 1) throw py::value_error("step must be >= 1, got " + std::to_string(step));
-  AdamArgs a;
-  a.lr = lr;
-  a.beta1 = beta1;
-  a.beta2 = beta2;
-  a.eps = eps;
-  a.weight_decay = weight_decay;
-  a.step = step;
-  a.decoupled = decoupled;
+  const AdamArgs a = adam_args(step, lr, beta1, beta2, eps, weight_decay, decoupled);
   py::gil_scoped_release release;
   adam_step(p.ptr, g.ptr, m.ptr, v.ptr, p.n, a);
 }

@@ -93,14 +93,8 @@ void bind_cuda(py::module_& m) {
         if (momentum != 0.0 && buf == 0) {
           throw py::value_error("momentum_buf is required when momentum != 0");
         }
-        SgdArgs a;
-        a.lr = lr;
-        a.momentum = momentum;
-        a.weight_decay = weight_decay;
-        a.dampening = dampening;
-        a.prox_mu = prox_mu;
-        a.nesterov = nesterov;
-        a.first_step = first_step;
+        const SgdArgs a =
+            sgd_args(lr, momentum, weight_decay, dampening, nesterov, prox_mu, first_step);
         py::gil_scoped_release release;
         cuda::sgd_step(device, stream, device_ptr<float>(params), device_ptr<const float>(grads),
                        device_ptr<float>(buf), n, a, device_ptr<const float>(global_params),
@@ -203,15 +197,7 @@ void bind_cuda(py::module_& m) {
       [](int device, uintptr_t stream, uintptr_t params, uintptr_t grads, uintptr_t exp_avg,
          uintptr_t exp_avg_sq, uint64_t n, int64_t step, double lr, double beta1, double beta2,
          double eps, double weight_decay, bool decoupled) {
-        if (step < 1) throw py::value_error("step must be >= 1, got " + std::to_string(step));
-        AdamArgs a;
-        a.lr = lr;
-        a.beta1 = beta1;
-        a.beta2 = beta2;
-        a.eps = eps;
-        a.weight_decay = weight_decay;
-        a.step = step;
-        a.decoupled = decoupled;
+        const AdamArgs a = adam_args(step, lr, beta1, beta2, eps, weight_decay, decoupled);
         py::gil_scoped_release release;
         cuda::adam_step(device, stream, device_ptr<float>(params), device_ptr<const float>(grads),
                         device_ptr<float>(exp_avg), device_ptr<float>(exp_avg_sq), n, a);

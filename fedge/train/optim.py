@@ -45,6 +45,17 @@ def _core_for(name: str, device: torch.device) -> Callable[..., Any] | None:
     return fn if info.get("cuda_compiled") else None
 
 
+def _select_kernel(name: str, device: torch.device, backend: str) -> Callable[..., Any] | None:
+    """The core's fused kernel for `name` when `backend` allows it (None: use torch).
+
+    Raises: RuntimeError if backend is "core" and the core lacks the kernel here.
+    """
+    core = _core_for(name, device)
+    if backend == "core" and core is None:
+        raise RuntimeError(f"backend 'core' asked but fedge.core.{name} is unavailable")
+    return core if backend in ("auto", "core") else None
+
+
 def flatten(model: nn.Module) -> np.ndarray:
     """All parameters, in ``model.parameters()`` order, as one float32 vector (a copy)."""
     with torch.no_grad():
@@ -157,10 +168,7 @@ class SGDStepper:
         self.prox_mu = prox_mu
         self.buf = torch.zeros(size, dtype=torch.float32, device=device)
         self._first = True
-        core = _core_for("sgd_step", device)
-        if backend == "core" and core is None:
-            raise RuntimeError("backend 'core' asked but fedge.core.sgd_step is unavailable")
-        self._core = core if backend in ("auto", "core") else None
+        self._core = _select_kernel("sgd_step", device, backend)
         self.backend = "core" if self._core is not None else "torch"
 
     def step(
@@ -230,10 +238,7 @@ class AdamStepper:
         self.exp_avg = torch.zeros(size, dtype=torch.float32, device=device)
         self.exp_avg_sq = torch.zeros(size, dtype=torch.float32, device=device)
         self.t = 0
-        core = _core_for("adam_step", device)
-        if backend == "core" and core is None:
-            raise RuntimeError("backend 'core' asked but fedge.core.adam_step is unavailable")
-        self._core = core if backend in ("auto", "core") else None
+        self._core = _select_kernel("adam_step", device, backend)
         self.backend = "core" if self._core is not None else "torch"
 
     def step(

@@ -120,23 +120,38 @@ void apply_masks(const py::buffer& vec, const py::bytes& seeds, const std::vecto
   apply_keystreams(p, keys.data(), ops.data(), k, offset_words, v.ptr, v.n, threads);
 }
 
-py::array_t<uint32_t> py_quantise(const py::buffer& x, double clip, int bits, const py::bytes& seed,
-                               int threads, const std::optional<std::string>& path) {
+py::object py_quantise(const py::buffer& x, double clip, int bits, const py::bytes& seed, int threads,
+                       const std::optional<std::string>& path, const std::optional<py::buffer>& out) {
   Vec<float> v = vec_arg<float>(x, "x", false);
   check_clip(clip);
   check_bits(bits);
   if (threads < 1) throw py::value_error("threads must be >= 1, got " + std::to_string(threads));
   const RoundKeys keys = key_arg(seed, "seed");
   const Path p = path_arg(path);
-  py::array_t<uint32_t> out(static_cast<py::ssize_t>(v.n));
-  uint32_t* dst = out.mutable_data();
+  py::object result;
+  uint32_t* dst;
+  if (out) {
+    Vec<uint32_t> o = vec_arg<uint32_t>(*out, "out", true);
+    same_length(o, v.n, "out", "x");
+    const auto* xb = reinterpret_cast<const char*>(v.ptr);
+    const auto* ob = reinterpret_cast<const char*>(o.ptr);
+    if (v.n > 0 && xb < ob + 4 * o.n && ob < xb + 4 * v.n) {
+      throw py::value_error("out overlaps x in memory; quantise needs a separate output buffer");
+    }
+    dst = o.ptr;
+    result = *out;
+  } else {
+    py::array_t<uint32_t> fresh(static_cast<py::ssize_t>(v.n));
+    dst = fresh.mutable_data();
+    result = std::move(fresh);
+  }
   bool finite;
   {
     py::gil_scoped_release release;
     finite = fedge::quantise(p, v.ptr, v.n, clip, bits, keys, dst, threads);
   }
   if (!finite) throw py::value_error("x contains NaN or infinity");
-  return out;
+  return result;
 }
 
 py::array_t<double> py_dequantise(const py::buffer& total, uint64_t n_summands, double clip,
@@ -248,7 +263,7 @@ PYBIND11_MODULE(_core, m) {
         arg("offset_words") = 0, arg("threads") = 1, arg("path") = none);
   m.def("quant_bits", &quant_bits, arg("n_summands"));
   m.def("quantise", &py_quantise, arg("x"), py::kw_only(), arg("clip"), arg("bits"), arg("seed"),
-        arg("threads") = 1, arg("path") = none);
+        arg("threads") = 1, arg("path") = none, arg("out") = none);
   m.def("dequantise", &py_dequantise, arg("total"), py::kw_only(), arg("n_summands"), arg("clip"),
         arg("bits"));
   m.def("sgd_step", &sgd, arg("params"), arg("grads"), arg("momentum_buf").none(true),

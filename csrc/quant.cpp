@@ -106,30 +106,46 @@ __attribute__((target("avx2"))) bool quantise_words_avx2(const float* x, const u
   return tail_ok && _mm_movemask_epi8(bad) == 0;
 }
 
+namespace {
+
+// Eight lanes of the formula. u * 2^-32 is exact, so the fused multiply-add
+// rounds once exactly like the scalar add; the floor is the conversion's own
+// rounding mode, and the cap at qmax is applied to the (<= 2^31) integer.
+__attribute__((target("avx2,avx512f"))) inline __m256i quantise8_avx512(
+    __m256 xf, __m256i uw, __m512d nc, __m512d c, __m512d s, __m512d two32, __m256i top) {
+  __m512d v = _mm512_min_pd(_mm512_max_pd(_mm512_cvtps_pd(xf), nc), c);
+  const __m512d w = _mm512_mul_pd(_mm512_add_pd(v, c), s);
+  const __m512d y = _mm512_fmadd_pd(_mm512_cvtepu32_pd(uw), two32, w);
+  const __m256i f = _mm512_cvt_roundpd_epu32(y, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  return _mm256_min_epu32(f, top);
+}
+
+}  // namespace
+
 __attribute__((target("avx2,avx512f"))) bool quantise_words_avx512(
     const float* x, const uint32_t* u, size_t n, double clip, double scale, uint32_t qmax,
     uint32_t* out) {
   const __m512d c = _mm512_set1_pd(clip), nc = _mm512_set1_pd(-clip), s = _mm512_set1_pd(scale);
-  const __m512d top = _mm512_set1_pd(static_cast<double>(qmax));
   const __m512d two32 = _mm512_set1_pd(0x1p-32);
-  const __m256i expo = _mm256_set1_epi32(0x7f800000);
-  __m256i bad = _mm256_setzero_si256();
+  const __m256i top = _mm256_set1_epi32(static_cast<int>(qmax));
+  const __m512i expo = _mm512_set1_epi32(0x7f800000);
+  __mmask16 bad = 0;
   size_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256 xf = _mm256_loadu_ps(x + i);
-    bad = _mm256_or_si256(
-        bad, _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(xf), expo), expo));
-    __m512d v = _mm512_cvtps_pd(xf);
-    v = _mm512_min_pd(_mm512_max_pd(v, nc), c);
-    const __m512d ud =
-        _mm512_cvtepu32_pd(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + i)));
-    const __m512d y = _mm512_add_pd(_mm512_mul_pd(_mm512_add_pd(v, c), s), _mm512_mul_pd(ud, two32));
-    const __m512d f = _mm512_min_pd(
-        _mm512_roundscale_pd(y, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC), top);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm512_cvttpd_epu32(f));
+  for (; i + 16 <= n; i += 16) {
+    const __m512 xf = _mm512_loadu_ps(x + i);
+    const __m512i xi = _mm512_castps_si512(xf);
+    bad = static_cast<__mmask16>(bad | _mm512_cmpeq_epi32_mask(_mm512_and_si512(xi, expo), expo));
+    const __m256 lo = _mm512_castps512_ps256(xf);
+    const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(xf), 1));
+    const auto* ui = reinterpret_cast<const __m256i*>(u + i);
+    auto* oi = reinterpret_cast<__m256i*>(out + i);
+    const __m256i q0 = quantise8_avx512(lo, _mm256_loadu_si256(ui), nc, c, s, two32, top);
+    const __m256i q1 = quantise8_avx512(hi, _mm256_loadu_si256(ui + 1), nc, c, s, two32, top);
+    _mm256_storeu_si256(oi, q0);
+    _mm256_storeu_si256(oi + 1, q1);
   }
   const bool tail_ok = quantise_words(x + i, u + i, n - i, clip, scale, qmax, out + i);
-  return tail_ok && _mm256_movemask_epi8(bad) == 0;
+  return tail_ok && bad == 0;
 }
 
 bool quantise(Path path, const float* x, size_t n, double clip, int bits, const RoundKeys& seed,

@@ -28,6 +28,7 @@ def quantise(
     seed: bytes,
     threads: int = 1,
     path: str | None = None,
+    out: npt.NDArray[np.uint32] | None = None,
 ) -> npt.NDArray[np.uint32]: ...
 def dequantise(
     total: npt.NDArray[np.uint32], *, n_summands: int, clip: float, bits: int

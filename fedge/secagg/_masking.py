@@ -32,7 +32,7 @@ def quantise_and_mask(
     """Quantise ``x`` and add its self mask and pairwise masks in place, mod 2^32."""
     from fedge import core
 
-    masked = core.quantise(x, clip=clip, bits=bits, seed=quantise_seed)
+    masked = core.quantise(x, clip=clip, bits=bits, seed=quantise_seed, threads=threads)
     core.apply_masks(
         masked, [self_seed, *pair_seeds], [1, *pair_signs], threads=threads
     )

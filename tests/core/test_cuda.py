@@ -56,6 +56,21 @@ def test_quantise_and_dequantise_on_device_equal_cpu() -> None:
     )
 
 
+def test_quantise_on_device_into_out_equals_cpu_and_checks_out() -> None:
+    x = (np.random.default_rng(3).standard_normal(50_001)).astype(np.float32)
+    seed = b"o" * 16
+    xd = torch.from_numpy(x).cuda()
+    out = torch.zeros(x.size, dtype=torch.uint32, device="cuda")
+    assert core.quantise(xd, clip=1.0, bits=20, seed=seed, out=out) is out
+    np.testing.assert_array_equal(_host_u32(out), core.quantise(x, clip=1.0, bits=20, seed=seed))
+    with pytest.raises(ValueError, match="out has 10 elements but x has 50001"):
+        core.quantise(xd, clip=1.0, bits=20, seed=seed, out=out[:10])
+    with pytest.raises(TypeError, match="out must be a CUDA tensor"):
+        core.quantise(xd, clip=1.0, bits=20, seed=seed, out=np.zeros(x.size, np.uint32))
+    with pytest.raises(ValueError, match="out overlaps x"):
+        core.quantise(xd, clip=1.0, bits=20, seed=seed, out=xd.view(torch.uint32))
+
+
 def test_quantise_on_device_refuses_nan() -> None:
     x = torch.zeros(1000, device="cuda")
     x[500] = float("nan")

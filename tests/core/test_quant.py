@@ -131,3 +131,59 @@ def test_dequantise_refuses_a_width_that_could_have_wrapped() -> None:
         core.dequantise(np.zeros(4, np.uint32), n_summands=3, clip=1.0, bits=31)
     with pytest.raises(TypeError, match="total must have dtype uint32"):
         core.dequantise(np.zeros(4, np.int32), n_summands=1, clip=1.0, bits=8)
+
+
+def test_out_buffer_is_filled_in_place_with_the_same_bits(path: str) -> None:
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal(70_001).astype(np.float32)
+    seed = rng.bytes(16)
+    out = np.full(x.size, 0xDEADBEEF, np.uint32)
+    got = core.quantise(x, clip=2.0, bits=22, seed=seed, path=path, out=out, threads=2)
+    assert got is out
+    np.testing.assert_array_equal(out, numpy_quantise(x, 2.0, 22, seed))
+    # reused for another vector: every word is rewritten
+    y = rng.standard_normal(x.size).astype(np.float32)
+    core.quantise(y, clip=2.0, bits=22, seed=seed, path=path, out=out)
+    np.testing.assert_array_equal(out, numpy_quantise(y, 2.0, 22, seed))
+
+
+def test_out_may_be_a_cpu_tensor_and_is_returned_as_given() -> None:
+    torch = pytest.importorskip("torch")
+    x = np.linspace(-1, 1, 1001, dtype=np.float32)
+    t = torch.zeros(1001, dtype=torch.uint32)
+    assert core.quantise(x, clip=1.0, bits=12, seed=bytes(16), out=t) is t
+    np.testing.assert_array_equal(t.numpy(), core.quantise(x, clip=1.0, bits=12, seed=bytes(16)))
+
+
+def _bad_outs() -> list[tuple[object, type, str]]:
+    ro = np.zeros(8, np.uint32)
+    ro.flags.writeable = False
+    return [
+        (np.zeros(7, np.uint32), ValueError, "out has 7 elements but x has 8"),
+        (np.zeros(8, np.int32), TypeError, "out must have dtype uint32, got int32"),
+        (np.zeros(16, np.uint32)[::2], ValueError, "out must be C-contiguous"),
+        (ro, ValueError, "out is read-only but is written in place"),
+        ([0] * 8, TypeError, "out must be a numpy array, got list"),
+    ]
+
+
+@pytest.mark.parametrize(("out", "exc", "words"), _bad_outs())
+def test_a_bad_out_buffer_is_refused_and_left_untouched(out: object, exc: type, words: str) -> None:
+    x = np.ones(8, np.float32)
+    before = np.array(out, copy=True) if isinstance(out, np.ndarray) else None
+    with pytest.raises(exc, match=words):
+        core.quantise(x, clip=1.0, bits=8, seed=bytes(16), out=out)
+    if before is not None:
+        np.testing.assert_array_equal(out, before)
+
+
+def test_out_overlapping_x_is_refused_in_the_binding_too() -> None:
+    buf = np.zeros(128, np.float32)
+    x = buf[:64]
+    for out in (x.view(np.uint32), buf[32:96].view(np.uint32)):  # same memory; partly shared
+        with pytest.raises(ValueError, match="out overlaps x"):
+            core.quantise(x, clip=1.0, bits=8, seed=bytes(16), out=out)
+    assert not buf.any()  # nothing written
+    disjoint = buf[64:].view(np.uint32)  # adjacent but separate
+    core.quantise(x, clip=1.0, bits=8, seed=bytes(16), out=disjoint)
+    assert (disjoint == core.quantise(x, clip=1.0, bits=8, seed=bytes(16))).all()

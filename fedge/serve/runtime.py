@@ -73,6 +73,13 @@ def _spec(arg: ort.NodeArg) -> TensorSpec:
 
 @dataclass(frozen=True)
 class LoadedModel:
+    """One servable model version: its session, signature and measured speed.
+
+    `row_seconds` is the best single-row inference time measured at load (the
+    server runs requests whose estimated cost is below its inline budget on the
+    event loop, the rest on a worker thread).
+    """
+
     name: str
     version: int
     path: Path
@@ -81,9 +88,30 @@ class LoadedModel:
     outputs: tuple[TensorSpec, ...]
     metadata: dict[str, str] = field(default_factory=dict)
     threads: int = 1
+    row_seconds: float = 0.0
+    _run: Callable[..., list[np.ndarray]] = field(init=False, repr=False, compare=False)
+    _run_options: ort.RunOptions = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # `InferenceSession.run` is a Python wrapper around the binding's `run`
+        # that re-checks input names (the protocol layer already did, against
+        # this very signature) and handles execution-provider fallback (there is
+        # only the CPU provider here). At batch 1 on the Cox model that wrapper,
+        # plus pybind11's failed conversion of run_options=None, was a third of
+        # the call; the binding itself still validates every feed's type and shape.
+        run = getattr(self.session, "_sess", self.session).run
+        object.__setattr__(self, "_run", run)
+        object.__setattr__(self, "_run_options", ort.RunOptions())
 
     def run(self, feeds: dict[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
-        return self.session.run(list(output_names), feeds)
+        """The outputs named, in that order, for `feeds` (input name -> array).
+
+        Raises:
+            onnxruntime's InvalidArgument: a feed of the wrong type or shape, or a
+                missing one; other onnxruntime errors when the model fails.
+        """
+        names = output_names if isinstance(output_names, list) else list(output_names)
+        return self._run(names, feeds, self._run_options)  # type: ignore[no-any-return]
 
 
 def load_model(name: str, version: int, path: Path, *, threads: int) -> LoadedModel:
@@ -125,15 +153,19 @@ def load_model(name: str, version: int, path: Path, *, threads: int) -> LoadedMo
             raise ModelLoadError(
                 f"{name} version {version}: output {spec.name!r} is not finite on a zero input"
             )
-    if threads > 1 and _single_row_seconds(session, feeds) < SMALL_MODEL_S:
+    row_seconds = _single_row_seconds(session, feeds)
+    if threads > 1 and row_seconds < SMALL_MODEL_S:
         # A model this small never gains from the intra-op pool, and waking its
         # workers costs more than the whole inference (and jitter on a busy host).
         threads = 1
         session = ort.InferenceSession(
             str(path), sess_options=session_options(1), providers=["CPUExecutionProvider"]
         )
+        row_seconds = _single_row_seconds(session, feeds)
     meta = session.get_modelmeta().custom_metadata_map
-    return LoadedModel(name, version, path, session, inputs, outputs, dict(meta), threads)
+    return LoadedModel(
+        name, version, path, session, inputs, outputs, dict(meta), threads, row_seconds
+    )
 
 
 def _single_row_seconds(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> float:

@@ -13,7 +13,11 @@ Only flat float32 weights, names and numbers cross this boundary; never rows.
 Theory of operation of ``local_train``: the registry builds the model, its
 parameters become views of one flat buffer (``FlatParams``) loaded with the
 global weights; ``steps`` mini-batches (or ``epochs`` passes) are drawn with a
-generator seeded from (seed, round, site); each step computes the loss's
+generator seeded from (seed, round, site). With ``steps`` and a ``ClientState``
+the site walks one stream of shuffled epochs across the job's rounds: round r
+starts where round r-1 stopped (the last, possibly short, batch of an epoch
+included), as FLamby's ``DataLoaderWithMemory`` does, so every training row
+is visited equally often whatever ``steps * batch_size`` is. Each step computes the loss's
 gradient into the flat gradient buffer (per-example, clipped and noised under
 DP-SGD) and the fused optimiser step updates the flat buffer in place, adding
 the FedProx proximal and SCAFFOLD correction terms when asked. Then the
@@ -49,6 +53,7 @@ from fedge.train.privacy import (
 
 __all__ = [
     "ClientState",
+    "DataCursor",
     "DatasetSpec",
     "EvalOutcome",
     "ModelSpec",
@@ -62,6 +67,7 @@ __all__ = [
     "load_flat",
     "load_site_data",
     "local_train",
+    "minibatches",
     "predict",
 ]
 
@@ -160,12 +166,24 @@ class TrainConfig:
 
 
 @dataclass
+class DataCursor:
+    """Where a site's stream of shuffled epochs stands: the epoch's order and position."""
+
+    order: torch.Tensor
+    pos: int
+
+
+@dataclass
 class ClientState:
-    """What a site keeps between rounds of one job (SCAFFOLD's c_i, the privacy ledger)."""
+    """What a site keeps between rounds of one job (SCAFFOLD's c_i, the privacy ledger,
+    the data cursor of the epoch stream)."""
 
     scaffold_ci: np.ndarray | None = None
     ledger: PrivacyLedger = field(default_factory=PrivacyLedger)
     job: str = ""
+    # round -> cursor at that round's start; a retried round restarts from the same
+    # place, so it reproduces the same update. Only the latest two rounds are kept.
+    cursors: dict[int, DataCursor] = field(default_factory=dict)
 
 
 @dataclass
@@ -241,6 +259,36 @@ def _batch_loss(task: str, reduction: str, out: torch.Tensor, y: torch.Tensor) -
 
 def _tensors(part: Split, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(part.x).to(device), torch.from_numpy(part.y).to(device)
+
+
+def minibatches(
+    n: int,
+    batch_size: int,
+    steps: int,
+    generator: torch.Generator,
+    start: DataCursor | None = None,
+) -> tuple[list[torch.Tensor], DataCursor]:
+    """``steps`` batches of row indices from a stream of shuffled epochs, and where the
+    stream stands after them.
+
+    Each epoch is a fresh permutation of the ``n`` rows cut into batches of
+    ``batch_size``, the last one short when ``n`` is not a multiple (PyTorch's
+    ``DataLoader(shuffle=True, drop_last=False)``). The walk starts at ``start``
+    (a cursor left by an earlier call) or at a new epoch.
+    """
+    if start is not None and start.order.numel() == n and start.pos < n:
+        order, pos = start.order, start.pos
+    else:
+        order, pos = torch.randperm(n, generator=generator), 0
+    out: list[torch.Tensor] = []
+    for _ in range(steps):
+        if pos >= n:
+            order, pos = torch.randperm(n, generator=generator), 0
+        out.append(order[pos : pos + batch_size])
+        pos += batch_size
+    if pos >= n:  # the next call opens a fresh epoch, as a new iterator would
+        order, pos = torch.randperm(n, generator=generator), 0
+    return out, DataCursor(order, pos)
 
 
 def _refuse_over_budget(
@@ -344,17 +392,22 @@ def local_train(
         terms = _loss_terms(task, cfg.loss_reduction)
         losses: list[float] = []
         clipped: list[float] = []
-        order = torch.randperm(n, generator=gen)
-        pos = 0
-        for _ in range(steps):
+        batches: list[torch.Tensor] = []
+        if cfg.dp is None:
+            # a site that sat out a round resumes where it stopped; a retried round
+            # finds the cursor it started from again
+            earlier = [r for r in state.cursors if r <= round] if cfg.steps is not None else []
+            start = state.cursors[max(earlier)] if earlier else None
+            batches, end = minibatches(n, cfg.batch_size, steps, gen, start)
+            if cfg.steps is not None:
+                kept = {r: cur for r, cur in state.cursors.items() if r == round}
+                state.cursors = kept | {round + 1: end}
+        for step in range(steps):
             if cfg.dp is not None:
                 mask = torch.rand(n, generator=gen) < q
                 idx = torch.nonzero(mask).reshape(-1)
             else:
-                if pos >= n:
-                    order, pos = torch.randperm(n, generator=gen), 0
-                idx = order[pos : pos + cfg.batch_size]
-                pos += cfg.batch_size
+                idx = batches[step]
             idx = idx.to(device)
             flat.zero_grad()
             if cfg.dp is not None:

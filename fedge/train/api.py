@@ -38,7 +38,13 @@ import torch
 
 from fedge.train import metrics as M
 from fedge.train.data import DatasetSpec, SiteData, Split, load_site_data
-from fedge.train.models import TASK_OF_MODEL, ModelSpec, build_model, cox_partial_likelihood
+from fedge.train.models import (
+    TASK_OF_MODEL,
+    ModelSpec,
+    build_model,
+    cox_log_denominator,
+    cox_partial_likelihood,
+)
 from fedge.train.optim import AdamStepper, FlatParams, SGDStepper, flatten, load_flat
 from fedge.train.privacy import (
     ClientDPConfig,
@@ -235,11 +241,7 @@ def _loss_terms(task: str, reduction: str):  # type: ignore[no-untyped-def]
 
         def cox_terms(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             s = out.reshape(-1)
-            time, event = y[:, 1], y[:, 0]
-            at_risk = (time.reshape(1, -1) >= time.reshape(-1, 1)).to(s.dtype)
-            s_max = torch.max(s).detach()
-            log_den = torch.log(at_risk @ torch.exp(s - s_max)) + s_max
-            return (log_den - s) * event
+            return (cox_log_denominator(s, y[:, 1]) - s) * y[:, 0]
 
         return cox_terms
     if task == "binary":

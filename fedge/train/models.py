@@ -25,7 +25,14 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["MODELS", "TASK_OF_MODEL", "ModelSpec", "build_model", "cox_partial_likelihood"]
+__all__ = [
+    "MODELS",
+    "TASK_OF_MODEL",
+    "ModelSpec",
+    "build_model",
+    "cox_log_denominator",
+    "cox_partial_likelihood",
+]
 
 
 @dataclass(frozen=True)
@@ -217,6 +224,19 @@ def build_model(spec: ModelSpec) -> nn.Module:
     return model.float()
 
 
+def cox_log_denominator(s: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+    """``log sum_{j: T_j >= T_i} exp(s_j)`` for every i, stable for any spread of scores.
+
+    A log-sum-exp per row over its risk set (which always holds i itself), so a
+    subject whose score lies far below the batch maximum gets a finite term instead
+    of log(0) (one shared shift underflows once scores spread by more than ~87 in
+    float32, as raw features under large learning rates reach).
+    """
+    at_risk = time.reshape(1, -1) >= time.reshape(-1, 1)  # [i, j]: j at risk at T_i
+    masked = s.reshape(1, -1).expand(s.numel(), -1).masked_fill(~at_risk, -torch.inf)
+    return torch.logsumexp(masked, dim=1)
+
+
 def cox_partial_likelihood(
     log_risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor, *, reduction: str = "mean"
 ) -> torch.Tensor:
@@ -231,10 +251,8 @@ def cox_partial_likelihood(
         ValueError: unknown reduction.
     """
     s = log_risk.reshape(-1)
-    at_risk = (time.reshape(1, -1) >= time.reshape(-1, 1)).to(s.dtype)  # [i, j]: j at risk at T_i
-    s_max = torch.max(s).detach()
-    log_denominator = torch.log(at_risk @ torch.exp(s - s_max)) + s_max
-    terms = (log_denominator - s) * event.reshape(-1)
+    terms = cox_log_denominator(s, time) - s
+    terms = terms * event.reshape(-1)
     if reduction == "mean":
         return terms.sum() / s.numel()
     if reduction == "events":

@@ -13,6 +13,7 @@ Example::
     rounds = 3
     min_clients = 2
     seed = 42
+    eval_split = "val"      # split each round's model is evaluated on: val | test | train
 
     [model]
     name = "cox_linear"
@@ -57,6 +58,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
+EVAL_SPLITS = ("val", "test", "train")
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad")
 OPTIMIZERS = ("sgd", "adam")
 
@@ -142,6 +144,9 @@ class Plan:
     privacy: dict[str, Any]
     deadlines: Deadlines
     extra: dict[str, Any] = field(default_factory=dict)
+    # The split every site evaluates each round's global model on; "val" keeps the
+    # test rows unseen until the job is over (default "test": the final report).
+    eval_split: str = "test"
 
     @property
     def digest(self) -> str:
@@ -177,7 +182,8 @@ def parse_plan(text: str) -> Plan:
     sec = _table(raw, "secagg", required=False)
     dead = _table(raw, "deadlines", required=False)
     privacy = _table(raw, "privacy", required=False)
-    _known(job, "job", ("dataset", "rounds", "min_clients", "seed", "max_failed_attempts", "name"))
+    _known(job, "job", ("dataset", "rounds", "min_clients", "seed", "max_failed_attempts", "name",
+                        "eval_split"))
     _known(model, "model", ("name", "params"))
     _known(train, "train", ("epochs", "steps", "batch_size", "optimizer", "learning_rate",
                             "momentum", "weight_decay"))
@@ -189,6 +195,9 @@ def parse_plan(text: str) -> Plan:
     min_clients = _int(job, "job.min_clients", lo=1, default=2)
     seed = _int(job, "job.seed", lo=0, default=0)
     max_failed = _int(job, "job.max_failed_attempts", lo=1, default=3)
+    eval_split = _str(job, "job.eval_split", default="test")
+    if eval_split not in EVAL_SPLITS:
+        raise PlanError("job.eval_split", eval_split, f"must be one of {', '.join(EVAL_SPLITS)}")
 
     model_name = _str(model, "model.name")
     params = model.get("params", {})
@@ -251,7 +260,7 @@ def parse_plan(text: str) -> Plan:
         text=text, dataset=dataset, rounds=rounds, min_clients=min_clients, seed=seed,
         max_failed_attempts=max_failed, model_name=model_name, model_params=dict(params),
         train=tsettings, strategy=StrategySettings(sname, sparams), secagg=ssettings,
-        privacy=dict(privacy), deadlines=deadlines,
+        privacy=dict(privacy), deadlines=deadlines, eval_split=eval_split,
     )
 
 

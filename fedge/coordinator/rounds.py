@@ -432,7 +432,7 @@ class Round:
         self.phase = Phase.EVALUATING
         self._deadline = now + self.plan.deadlines.eval_s
         return [(s, m.EvalTask(task_id=self.task_id, plan=self.plan.text,
-                               weights=self.new_weights, split="test"))
+                               weights=self.new_weights, split=self.plan.eval_split))
                 for s in self._eval_cohort()]
 
     def _eval_cohort(self) -> list[str]:
@@ -462,10 +462,10 @@ class Round:
         sums: dict[str, tuple[float, int]] = {}
         for site, ev in sorted(self.evals.items()):
             for name, value in sorted(ev.metrics.items()):
-                rows.append((site, "test", name, float(value), ev.n_examples))
+                rows.append((site, self.plan.eval_split, name, float(value), ev.n_examples))
                 s, n = sums.get(name, (0.0, 0))
                 sums[name] = (s + float(value) * ev.n_examples, n + ev.n_examples)
         for name, (s, n) in sorted(sums.items()):
             if n > 0:
-                rows.append(("*", "test", name, s / n, n))
+                rows.append(("*", self.plan.eval_split, name, s / n, n))
         return rows

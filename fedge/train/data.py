@@ -225,7 +225,11 @@ class SiteData:
             raise ValueError(f"split {name!r} must be 'train', 'val' or 'test'")
         part = getattr(self, name)
         if part is None or len(part) == 0:
-            raise ValueError(f"site {self.name!r} has no {name!r} split")
+            hint = {
+                "val": " (hold one out with the data set's val_fraction > 0, or a split column)",
+                "test": " (the data set has no test rows: a split column or train_test_split.csv)",
+            }.get(name, "")
+            raise ValueError(f"site {self.name!r} has no {name!r} split{hint}")
         return part
 
 

@@ -1,14 +1,17 @@
 """`fedge demo`: Fed-TCGA-BRCA across six regional centres on one machine.
 
 A coordinator and six agent processes on loopback over CurveZMQ, secure
-aggregation on, fedge's recipe (examples/demo/plan.toml). A progress bar per
-round shows the federated evaluation C-index (size-weighted over the
-centres, computed by each agent on its own held-out rows). At the end: a
-table of each centre's test C-index for the federated model, the centre's
-local-only model (same recipe, its own data only) and pooled training (all
-centres' training rows in one place: the upper reference a federation tries to
-reach, impossible in practice); a report directory with learning curves (PNG),
-every metric (JSON) and the final model in ONNX.
+aggregation on, fedge's recipe (examples/demo/plan.toml). Each centre holds
+out a seeded ``VAL_FRACTION`` of its training rows as a validation split; the
+plan's ``eval_split = "val"`` has every agent score each round's global model
+on it, and the progress bar shows that live validation C-index (size-weighted
+over the centres). Test rows are not looked at until the job is over. At the
+end: a table of each centre's test C-index for the federated model, the
+centre's local-only model (same recipe, its own training rows only) and pooled
+training (all centres' training rows in one place: the upper reference a
+federation tries to reach, impossible in practice); a report directory with
+the validation learning curves (PNG), every metric (JSON) and the final model
+in ONNX.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ __all__ = ["DemoError", "run_demo"]
 
 DEFAULT_PLAN = Path(__file__).resolve().parents[2] / "examples/demo/plan.toml"
 STANDARDISE = "continuous"
+VAL_FRACTION = 0.2  # of each centre's training rows, held out for the live validation C-index
+SPLIT_SEED = 0  # fixes which rows are held out (the agents' [[datasets]] seed)
 
 
 class DemoError(RuntimeError):
@@ -70,6 +75,18 @@ def _baselines(plan: dict[str, Any], centres: list[Any]) -> tuple[dict[str, floa
     return local, {"per_centre": pooled_scores, "weights": wp}
 
 
+def _test_cindex(plan: dict[str, Any], weights: np.ndarray, centres: list[Any]) -> dict[str, float]:
+    """Each centre's test C-index of the final model (its rows standardised as its agent
+    does: the same data set table)."""
+    from fedge.train.api import ModelSpec, evaluate
+
+    spec = ModelSpec(plan["model"]["name"], dict(plan["model"]["params"]))
+    return {
+        f"centre-{i}": evaluate(spec, weights, c, "test").metrics["c_index"]
+        for i, c in enumerate(centres)
+    }
+
+
 def _plots(report: Path, curve: list[dict[str, Any]]) -> list[str]:
     import matplotlib
 
@@ -83,7 +100,7 @@ def _plots(report: Path, curve: list[dict[str, Any]]) -> list[str]:
         site = f"centre-{i}"
         ax.plot(rounds, [c["sites"].get(site, np.nan) for c in curve], lw=1, alpha=0.7, label=site)
     ax.set_xlabel("round")
-    ax.set_ylabel("C-index (federated evaluation)")
+    ax.set_ylabel("validation C-index (federated evaluation)")
     ax.set_title("Fed-TCGA-BRCA: global Cox model, per centre")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
@@ -94,7 +111,7 @@ def _plots(report: Path, curve: list[dict[str, Any]]) -> list[str]:
     loss = [c.get("loss", np.nan) for c in curve]
     ax.plot(rounds, loss, "b-o")
     ax.set_xlabel("round")
-    ax.set_ylabel("Cox partial-likelihood loss (held-out, weighted)")
+    ax.set_ylabel("Cox partial-likelihood loss (validation, weighted)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(report / "loss_curve.png", dpi=110)
@@ -177,6 +194,7 @@ def run_demo(
         )
     plan = tomllib.loads(plan_text)
     n_rounds = int(plan["job"]["rounds"])
+    eval_split = str(plan["job"].get("eval_split", "test"))
     report.mkdir(parents=True, exist_ok=True)
     dataset = plan["job"]["dataset"]
     sites = {
@@ -186,13 +204,14 @@ def run_demo(
                 "kind": "fed_tcga_brca",
                 "path": str(data_dir),
                 "site": c,
-                "val_fraction": 0.0,
+                "val_fraction": VAL_FRACTION,
+                "seed": SPLIT_SEED,
                 "standardise": STANDARDISE,
             }
         ]
         for c in range(CENTRES)
     }
-    centres = load_centres(data_dir, STANDARDISE)
+    centres = load_centres(data_dir, STANDARDISE, val_fraction=VAL_FRACTION)
     curve: list[dict[str, Any]] = []
     with (
         tempfile.TemporaryDirectory(prefix="fedge-demo-") as tmp,
@@ -220,10 +239,10 @@ def run_demo(
                 "round": r,
                 "weighted": agg.get("c_index", float("nan")),
                 "loss": agg.get("loss", float("nan")),
-                "sites": per_site_cindex(rows),
+                "sites": per_site_cindex(rows, eval_split),
             }
             curve.append(entry)
-            bar.set_postfix_str(f"C-index {entry['weighted']:.3f}")
+            bar.set_postfix_str(f"{eval_split} C-index {entry['weighted']:.3f}")
             bar.update(1)
 
         row = fed.wait_job(job, 600, on_round=on_round)
@@ -232,9 +251,11 @@ def run_demo(
         digest = str(row.get("final_digest", ""))
     fed_time = time.monotonic() - t0
     local, pooled_res = _baselines(plan, centres)
-    final_sites = curve[-1]["sites"] if curve else {}
+    final_sites = _test_cindex(plan, weights, centres)
     print(
-        f"\n{'centre':10s} {'n test':>6s} {'federated':>10s} {'local-only':>11s} {'pooled':>8s}",
+        f"\ntest C-index per centre (federated: the final global model; the test rows "
+        f"were not used before this table)\n"
+        f"{'centre':10s} {'n test':>6s} {'federated':>10s} {'local-only':>11s} {'pooled':>8s}",
         file=out,
     )
     for i, c in enumerate(centres):
@@ -254,6 +275,8 @@ def run_demo(
     files += _export(report, weights, plan, digest, centres)
     metrics = {
         "plan": plan,
+        "eval_split": eval_split,
+        "val_fraction": VAL_FRACTION,
         "rounds": curve,
         "final": {
             "per_centre": final_sites,

@@ -87,9 +87,14 @@ def site_tables(
     }
 
 
-def load_centres(data_dir: Path, standardise: str) -> list[SiteData]:
+def load_centres(data_dir: Path, standardise: str, *, val_fraction: float = 0.0) -> list[SiteData]:
+    """The six centres as their agents load them (same table, same standardisation)."""
     return [
-        load_site_data(DatasetSpec(**dataset_table(data_dir, c, f"centre-{c}", standardise)))
+        load_site_data(
+            DatasetSpec(
+                **dataset_table(data_dir, c, f"centre-{c}", standardise, val_fraction=val_fraction)
+            )
+        )
         for c in range(CENTRES)
     ]
 
@@ -125,6 +130,8 @@ class JobPlan:
     secagg: bool = True
     clip: float = 100.0  # per-coordinate bound of an update under SecAgg; wide: no clipping
     min_clients: int = CENTRES
+    eval_split: str = "test"
+    optimizer: str = "sgd"
 
     def text(self) -> str:
         params = {**self.model_params, "seed": self.seed}
@@ -133,8 +140,10 @@ class JobPlan:
         return (
             f'[job]\ndataset = "{self.dataset}"\nrounds = {self.rounds}\n'
             f"min_clients = {self.min_clients}\nseed = {self.seed}\n"
+            f'eval_split = "{self.eval_split}"\n'
             f'[model]\nname = "{self.model}"\nparams = {{ {p} }}\n'
-            f"[train]\nsteps = {self.steps}\nbatch_size = {self.batch_size}\n"
+            f'[train]\noptimizer = "{self.optimizer}"\n'
+            f"steps = {self.steps}\nbatch_size = {self.batch_size}\n"
             f"learning_rate = {self.lr!r}\nweight_decay = {self.weight_decay!r}\n"
             f'[strategy]\nname = "{self.strategy}"\n{strat}\n'
             f"[secagg]\nenabled = {'true' if self.secagg else 'false'}\nalpha = 0.1\n"
@@ -143,10 +152,10 @@ class JobPlan:
         )
 
 
-def per_site_cindex(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    """{site: test c_index} from one round's metric rows (the '*' aggregate excluded)."""
+def per_site_cindex(rows: Sequence[Mapping[str, Any]], split: str = "test") -> dict[str, float]:
+    """{site: c_index on ``split``} from one round's metric rows ('*' aggregate excluded)."""
     return {
         r["site"]: float(r["value"])
         for r in rows
-        if r["site"] != "*" and r["name"] == "c_index" and r["split"] == "test"
+        if r["site"] != "*" and r["name"] == "c_index" and r["split"] == split
     }

@@ -13,7 +13,7 @@ from fedge.coordinator.strategies import Strategy
 from fedge.demo.recipe import CVRow, best, cross_validate, survival_candidates
 from fedge.demo.sim import run_federation
 from fedge.demo.tcga import load_centres
-from fedge.train.api import ModelSpec, TrainConfig, build_model, flatten, local_train
+from fedge.train.api import ClientState, ModelSpec, TrainConfig, build_model, flatten, local_train
 
 DATA = Path(__file__).resolve().parents[2] / "../shared/data/fed_tcga_brca"
 COX = ModelSpec("cox_linear", {"in_features": 39})
@@ -34,8 +34,10 @@ def test_in_process_federation_is_local_train_plus_the_coordinators_strategy(cen
     res = run_federation(COX, centres, cfg, strat, 2, eval_split="test")
     w = flatten(build_model(COX))
     server = Strategy(strat)
+    # each site keeps its state between rounds (its place in its stream of epochs)
+    states = {c.name: ClientState(job="sim") for c in centres}
     for r in range(2):
-        outs = [local_train(COX, w, c, cfg, round=r) for c in centres]
+        outs = [local_train(COX, w, c, cfg, round=r, state=states[c.name]) for c in centres]
         n = sum(o.n_examples for o in outs)
         mean = sum(o.n_examples * (o.weights.astype(np.float64) - w) for o in outs) / n
         w = server.step(w, mean)

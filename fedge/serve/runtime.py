@@ -13,6 +13,7 @@ The previous version stays loaded for rollback and for requests that name it.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -89,6 +90,7 @@ class LoadedModel:
     metadata: dict[str, str] = field(default_factory=dict)
     threads: int = 1
     row_seconds: float = 0.0
+    row_bytes: int = field(init=False, repr=False, compare=False)
     _run: Callable[..., list[np.ndarray]] = field(init=False, repr=False, compare=False)
     _run_options: ort.RunOptions = field(init=False, repr=False, compare=False)
 
@@ -102,6 +104,11 @@ class LoadedModel:
         run = getattr(self.session, "_sess", self.session).run
         object.__setattr__(self, "_run", run)
         object.__setattr__(self, "_run_options", ort.RunOptions())
+        # bytes of one row of every input (a free non-batch axis counts as 1)
+        object.__setattr__(self, "row_bytes", max(1, sum(
+            DATATYPES[s.datatype].itemsize * math.prod(max(d, 1) for d in s.shape[1:])
+            for s in self.inputs if s.datatype in DATATYPES
+        )))
 
     def run(self, feeds: dict[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
         """The outputs named, in that order, for `feeds` (input name -> array).

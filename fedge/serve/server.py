@@ -1,14 +1,25 @@
 """The inference server: Open Inference Protocol (KServe v2) REST on uvicorn.
 
 Request path. Everything but inference is a plain Starlette route (health,
-metadata, config, /metrics, error pages). `POST …/infer` is answered by a
-small ASGI handler in front of Starlette: it reads the body with a size cap,
-hands it to the sans-I/O `protocol` module, runs the live session and sends
-the bytes back, with no Request/Response objects, middleware or thread hop in
-between. For the Cox model a request costs a few tens of microseconds of
-onnxruntime, so inference runs inline on the event loop; a request whose
-inputs exceed `offload_bytes` (a CNN batch) runs in a worker thread so the
-loop keeps answering health checks meanwhile (onnxruntime releases the GIL).
+metadata, config, /metrics, error pages). `POST …/infer` has two lanes:
+
+- direct: the HTTP protocol object itself (uvicorn's httptools protocol,
+  subclassed below) answers an inference request whose estimated cost fits
+  the inline budget, as soon as its last body byte is parsed: sans-I/O
+  `protocol` parsing, the live session, one write of status line, headers and
+  body. No ASGI scope, task, event or header re-validation: on the Cox model
+  those were most of the server's CPU per request, and on a 2-core host the
+  server's CPU per request is its latency under load;
+- ASGI: every other inference request (chunked or compressed bodies,
+  `Expect: 100-continue`, unknown models, a client that does not read its
+  responses, costly requests) goes through a small ASGI handler in front of
+  Starlette that reads the body with a size cap; a request whose estimated
+  cost exceeds the inline budget runs on a worker thread (onnxruntime releases
+  the GIL) so that the loop keeps answering health checks meanwhile.
+
+The estimate is the model's single-row time measured at load
+(`LoadedModel.row_seconds`) times the rows in the request (from the body size
+before parsing, exactly after); the budget is `inline_budget_s`.
 
 Errors: every client mistake is a 4xx with the protocol's `{"error": "..."}`
 body (400 malformed/invalid, 404 unknown model/version/route, 405 wrong
@@ -18,13 +29,15 @@ method, 413 oversized body); the server never answers 500 for a client's input.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import gc
+import itertools
 import logging
 import re
 import time
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -35,9 +48,9 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -47,6 +60,7 @@ from starlette.routing import Route
 from fedge import __version__
 from fedge.serve.protocol import (
     HEADER_LENGTH,
+    InferRequest,
     ProtocolError,
     encode_infer_response,
     error_body,
@@ -64,7 +78,10 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
-DEFAULT_OFFLOAD_BYTES = 256 * 1024
+# A request estimated to cost more than this runs on a worker thread, not on the
+# event loop (which would stall every other client meanwhile).
+DEFAULT_INLINE_BUDGET_S = 0.002
+DIRECT_MAX_BYTES = 1024 * 1024  # larger bodies take the ASGI lane (streamed, capped)
 # POST /v2/repository/index is served too, but not the rest of Triton's
 # model_repository extension (load/unload), so it is not advertised.
 EXTENSIONS = ["binary_tensor_data", "model_configuration"]
@@ -74,20 +91,57 @@ _LATENCY_BUCKETS = (
 )
 
 
+class _InferStats:
+    """Inference counts and latencies as plain numbers, turned into Prometheus
+    families only when /metrics is scraped.
+
+    prometheus_client's `Counter.inc` and `Histogram.observe` take a lock and walk
+    the buckets on every request; here a request costs a bisect and two
+    increments. Only the event-loop thread writes these numbers and /metrics
+    reads them on that same thread, so no lock is needed.
+    """
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, int], int] = {}
+        # model -> [count per bucket (the last is +Inf)..., sum of seconds]
+        self.latency: dict[str, list[float]] = {}
+
+    def observe(self, model: str, code: int, seconds: float) -> None:
+        key = (model, code)
+        self.counts[key] = self.counts.get(key, 0) + 1
+        row = self.latency.get(model)
+        if row is None:
+            row = self.latency[model] = [0.0] * (len(_LATENCY_BUCKETS) + 2)
+        row[bisect.bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+        row[-1] += seconds
+
+    def collect(self) -> Iterator[Any]:
+        requests = CounterMetricFamily(
+            "fedge_serve_infer_requests", "Inference requests by model and HTTP status",
+            labels=["model", "code"],
+        )
+        for (model, code), n in sorted(self.counts.items()):
+            requests.add_metric([model, str(code)], n)
+        yield requests
+        latency = HistogramMetricFamily(
+            "fedge_serve_infer_duration_seconds",
+            "Inference request handling time (body read to response sent)",
+            labels=["model"],
+        )
+        bounds = [repr(b) for b in _LATENCY_BUCKETS] + ["+Inf"]
+        for model, row in sorted(self.latency.items()):
+            cumulative = list(itertools.accumulate(row[:-1]))
+            latency.add_metric([model], list(zip(bounds, cumulative, strict=True)), row[-1])
+        yield latency
+
+
 class Metrics:
     """Prometheus metrics in a registry of their own (one per server)."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "fedge_serve_infer_requests", "Inference requests by model and HTTP status",
-            ["model", "code"], registry=self.registry,
-        )
-        self.latency = Histogram(
-            "fedge_serve_infer_duration_seconds",
-            "Inference request handling time (body read to response sent)",
-            ["model"], buckets=_LATENCY_BUCKETS, registry=self.registry,
-        )
+        self.infer = _InferStats()
+        self.registry.register(self.infer)  # type: ignore[arg-type]
         self.live_version = Gauge(
             "fedge_serve_model_live_version", "Version being served", ["model"],
             registry=self.registry,
@@ -99,15 +153,7 @@ class Metrics:
             "fedge_serve_model_load_failures", "Versions that failed to load or check",
             ["model"], registry=self.registry,
         )
-        self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
-
-    def observe(self, model: str, code: int, seconds: float) -> None:
-        pair = self._children.get((model, code))
-        if pair is None:
-            pair = (self.requests.labels(model, str(code)), self.latency.labels(model))
-            self._children[(model, code)] = pair
-        pair[0].inc()
-        pair[1].observe(seconds)
+        self.observe = self.infer.observe
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -131,16 +177,19 @@ class InferenceServer:
         poll_interval: float = 0.5,
         max_body_bytes: int = DEFAULT_MAX_BODY,
         threads: int | None = None,
-        offload_bytes: int = DEFAULT_OFFLOAD_BYTES,
+        inline_budget_s: float = DEFAULT_INLINE_BUDGET_S,
     ):
-        """Raises: ValueError for a non-positive poll interval or body limit."""
+        """Raises: ValueError for a non-positive poll interval or body limit, or a
+        negative inline budget."""
         if not max_body_bytes > 0:
             raise ValueError(f"max_body_bytes {max_body_bytes!r} must be > 0")
+        if not inline_budget_s >= 0:
+            raise ValueError(f"inline_budget_s {inline_budget_s!r} must be >= 0 seconds")
         self.repo = ModelRepository(repository)
         self.store = ModelStore(threads=threads)
         self.metrics = Metrics()
         self.max_body_bytes = max_body_bytes
-        self.offload_bytes = offload_bytes
+        self.inline_budget_s = inline_budget_s
         self.watcher = Watcher(self.store, self.repo, poll_interval)
         # Large requests run one at a time on a worker thread: each already uses
         # every core through onnxruntime's intra-op pool, so running several at
@@ -288,6 +337,38 @@ class InferenceServer:
             )
         return out
 
+    def inline(self, model: LoadedModel, rows: float) -> bool:
+        """Whether `rows` rows of `model` may run on the event loop."""
+        return model.row_seconds * max(rows, 1.0) <= self.inline_budget_s
+
+    def direct_model(self, name: str, version: str | None, body_bytes: int) -> LoadedModel | None:
+        """The model a direct-lane request of `body_bytes` bytes may run inline, else None.
+
+        The row count is estimated from the body size and the bytes of one input
+        row (binary tensors; a JSON body overestimates it, which only errs towards
+        the worker thread).
+        """
+        if body_bytes > DIRECT_MAX_BYTES:
+            return None
+        try:
+            model = self.store.get(name, version)
+        except UnknownModel:
+            return None
+        return model if self.inline(model, body_bytes / model.row_bytes) else None
+
+    def answer(
+        self, model: LoadedModel, body: bytes, header_length: str | None
+    ) -> tuple[int, bytes, dict[str, str]]:
+        """Answer one inference request inline; returns (status, body, headers).
+
+        Client mistakes and model failures become their error response (see `run`).
+        """
+        try:
+            request = self._parse(model, body, header_length)
+            return self._respond(model, request, self._run(model, request))
+        except ProtocolError as exc:
+            return exc.status, exc.body(), {"content-type": "application/json"}
+
     async def infer(
         self, name: str, version: str | None, body: bytes, scope: Scope
     ) -> tuple[int, bytes, dict[str, str]]:
@@ -298,27 +379,37 @@ class InferenceServer:
                 500 when a valid request makes the model fail.
         """
         model = self._model(name, version)
-        request = parse_infer_request(
-            body, _header(scope, HEADER_LENGTH.encode()), name, model.inputs, model.outputs
-        )
-        names = [o.name for o in request.outputs]
-        size = sum(a.nbytes for a in request.inputs.values())
+        request = self._parse(model, body, _header(scope, HEADER_LENGTH.encode()))
+        rows = float(next(iter(request.inputs.values())).shape[0]) if request.inputs else 1.0
+        if self.inline(model, rows):
+            results = self._run(model, request)
+        else:
+            loop = asyncio.get_running_loop()
+            results = await loop.run_in_executor(self._heavy, self._run, model, request)
+        return self._respond(model, request, results)
+
+    @staticmethod
+    def _parse(model: LoadedModel, body: bytes, header_length: str | None) -> InferRequest:
+        return parse_infer_request(body, header_length, model.name, model.inputs, model.outputs)
+
+    @staticmethod
+    def _run(model: LoadedModel, request: InferRequest) -> list[Any]:
+        """Raises: ProtocolError 400 when onnxruntime rejects the input, 500 when it fails."""
         try:
-            if size > self.offload_bytes:
-                loop = asyncio.get_running_loop()
-                results = await loop.run_in_executor(
-                    self._heavy, model.run, request.inputs, names
-                )
-            else:
-                results = model.run(request.inputs, names)
+            return model.run(request.inputs, [o.name for o in request.outputs])
         except InvalidArgument as exc:
-            raise ProtocolError(400, f"model '{name}' rejected the input: {exc}") from None
+            raise ProtocolError(400, f"model '{model.name}' rejected the input: {exc}") from None
         except Exception as exc:  # the model failed on a valid request: our fault, say so
-            log.exception("inference failed for %s version %d", name, model.version)
+            log.exception("inference failed for %s version %d", model.name, model.version)
             raise ProtocolError(
-                500, f"inference failed in model '{name}' version {model.version}: {exc}"
+                500, f"inference failed in model '{model.name}' version {model.version}: {exc}"
             ) from None
-        payload, headers = encode_infer_response(name, str(model.version), request, results)
+
+    @staticmethod
+    def _respond(
+        model: LoadedModel, request: InferRequest, results: list[Any]
+    ) -> tuple[int, bytes, dict[str, str]]:
+        payload, headers = encode_infer_response(model.name, str(model.version), request, results)
         return 200, payload, headers
 
     def _model(self, name: str, version: str | None) -> LoadedModel:
@@ -447,6 +538,14 @@ class _CoalescingTransport:
             self._loop.call_soon(self._flush)
         self._pending.append(bytes(data))
 
+    def write_now(self, data: bytes) -> None:
+        """Send `data` at once, after anything still pending (responses stay in order)."""
+        if self._pending:
+            self._pending.append(data)
+            self._flush()
+        elif not self._transport.is_closing():
+            self._transport.write(data)
+
     def writelines(self, chunks: Any) -> None:
         for chunk in chunks:
             self.write(chunk)
@@ -466,7 +565,41 @@ class _CoalescingTransport:
         return getattr(self._transport, name)
 
 
-def _loop_and_http() -> tuple[str, Any]:
+class _Direct:
+    """A direct-lane request between its headers and its last body byte."""
+
+    __slots__ = ("body", "header_length", "keep_alive", "label", "model", "start")
+
+    def __init__(self, model: LoadedModel, header_length: str | None, keep_alive: bool,
+                 start: float):
+        self.model = model
+        self.header_length = header_length
+        self.body = bytearray()
+        self.keep_alive = keep_alive
+        self.start = start
+        self.label = model.name
+
+
+def _direct_headers(headers: list[tuple[bytes, bytes]]) -> tuple[int, str | None] | None:
+    """(Content-Length, Inference-Header-Content-Length) of a request the direct lane
+    can take: a declared length, no body encoding, no `Expect`; else None."""
+    length: int | None = None
+    header_length = None
+    for key, value in headers:
+        if key == b"content-length":
+            if length is not None or not value.isdigit():
+                return None  # repeated or odd: the ASGI lane says what is wrong
+            length = int(value)
+        elif key == b"inference-header-content-length":
+            header_length = value.decode("latin-1")
+        elif key in (b"transfer-encoding", b"expect") or (
+            key == b"content-encoding" and value.lower() != b"identity"
+        ):
+            return None
+    return None if length is None else (length, header_length)
+
+
+def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
     try:
         import uvloop  # noqa: F401
 
@@ -474,16 +607,87 @@ def _loop_and_http() -> tuple[str, Any]:
     except ImportError:  # pragma: no cover - depends on the install
         loop = "asyncio"
     try:
-        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+        from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
     except ImportError:  # pragma: no cover - httptools missing: uvicorn's pure-Python h11
         return loop, "h11"
 
-    class OneWriteHttpToolsProtocol(HttpToolsProtocol):
+    class InferenceHttpProtocol(HttpToolsProtocol):
+        """uvicorn's httptools protocol, answering cheap inference requests itself."""
+
+        _direct: _Direct | None = None
+
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             # uvloop's transports are not asyncio.Transport subclasses: duck-typed
             super().connection_made(_CoalescingTransport(transport))  # type: ignore[arg-type]
 
-    return loop, OneWriteHttpToolsProtocol
+        def on_message_begin(self) -> None:
+            self._direct = None
+            super().on_message_begin()
+
+        def on_headers_complete(self) -> None:
+            self._direct = self._take_direct()
+            if self._direct is None:
+                super().on_headers_complete()
+
+        def _take_direct(self) -> _Direct | None:
+            if self.parser.get_method() != b"POST" or self.flow.write_paused:
+                return None
+            if self.pipeline or not (self.cycle is None or self.cycle.response_complete):
+                return None  # an ASGI response is still owed first: keep the order
+            path = self.url.split(b"?", 1)[0]
+            match = None if b"%" in path else _INFER.fullmatch(path.decode("latin-1"))
+            if match is None:
+                return None
+            declared = _direct_headers(self.headers)
+            if declared is None or declared[0] > app.max_body_bytes:
+                return None
+            model = app.direct_model(match.group(1), match.group(2), declared[0])
+            if model is None:
+                return None
+            keep_alive = (self.parser.get_http_version() != "1.0"
+                          and self.parser.should_keep_alive())
+            return _Direct(model, declared[1], keep_alive, time.perf_counter())
+
+        def on_body(self, body: bytes) -> None:
+            if self._direct is None:
+                super().on_body(body)
+            else:
+                self._direct.body += body
+
+        def on_message_complete(self) -> None:
+            direct = self._direct
+            if direct is None:
+                super().on_message_complete()
+                return
+            self._direct = None
+            try:
+                status, payload, headers = app.answer(
+                    direct.model, bytes(direct.body), direct.header_length
+                )
+            except Exception as exc:  # a bug, not the client: say so, keep serving
+                log.exception("inference request failed")
+                status, payload = 500, error_body(f"internal error: {exc}")
+                headers = {"content-type": "application/json"}
+            out = [STATUS_LINE[status]]
+            for key, value in self.server_state.default_headers:
+                out += [key, b": ", value, b"\r\n"]
+            for name, text in headers.items():
+                out += [name.encode(), b": ", text.encode("latin-1"), b"\r\n"]
+            out += [b"content-length: ", str(len(payload)).encode(), b"\r\n"]
+            if not direct.keep_alive:
+                out.append(b"connection: close\r\n")
+            out += [b"\r\n", payload]
+            self.transport.write_now(b"".join(out))  # type: ignore[attr-defined]
+            app.metrics.observe(direct.label, status, time.perf_counter() - direct.start)
+            if not direct.keep_alive:
+                self.transport.close()
+            else:
+                # what uvicorn does after an ASGI response: count it, arm the
+                # keep-alive timeout (cancelled by the next request's bytes)
+                self._unset_keepalive_if_required()
+                self.on_response_complete()
+
+    return loop, InferenceHttpProtocol
 
 
 def serve(
@@ -523,10 +727,11 @@ def serve(
     sock.bind((host, port))
     sock.set_inheritable(True)
     bound = sock.getsockname()[1]
-    loop, http = _loop_and_http()
+    loop, http = _loop_and_http(server_app)
     config = uvicorn.Config(
         server_app, loop=loop, http=http, lifespan="on", access_log=False,
         log_level="warning", backlog=1024, timeout_keep_alive=30,
+        proxy_headers=False,  # nothing here reads the client address
     )
     shown = f"[{host}]" if ":" in host else host
     announce(f"fedge serve listening on http://{shown}:{bound} (repository {repository})")

@@ -40,6 +40,16 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _milliseconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of milliseconds") from None
+    if not (value >= 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"{value} must be a finite number >= 0 milliseconds")
+    return value
+
+
 def _shape(text: str) -> tuple[int, ...]:
     try:
         dims = tuple(int(d) for d in text.split(","))
@@ -67,6 +77,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-body-bytes", type=_positive_int, default=64 * 1024 * 1024)
     serve.add_argument("--threads", type=_positive_int, default=None,
                        help="onnxruntime intra-op threads per session (default: CPUs, max 4)")
+    serve.add_argument("--inline-budget-ms", type=_milliseconds, default=2.0,
+                       help="requests estimated (single-row time measured at load x rows) to "
+                            "take longer run on a worker thread, not the event loop (default 2)")
     serve.set_defaults(func=_serve)
 
     export = subparsers.add_parser("export", help="export a finished job's model to ONNX")
@@ -92,6 +105,7 @@ def _serve(args: argparse.Namespace) -> int:
         serve(
             args.repository, host=args.host, port=args.port, poll_interval=args.poll_interval,
             max_body_bytes=args.max_body_bytes, threads=args.threads,
+            inline_budget_s=args.inline_budget_ms / 1000,
             announce=lambda line: print(line, flush=True),
         )
     except (OSError, ValueError, RuntimeError) as exc:

@@ -91,6 +91,7 @@ class LoadedModel:
     threads: int = 1
     row_seconds: float = 0.0
     row_bytes: int = field(init=False, repr=False, compare=False)
+    _input_names: frozenset[str] = field(init=False, repr=False, compare=False)
     _run: Callable[..., list[np.ndarray]] = field(init=False, repr=False, compare=False)
     _run_options: ort.RunOptions = field(init=False, repr=False, compare=False)
 
@@ -104,6 +105,7 @@ class LoadedModel:
         run = getattr(self.session, "_sess", self.session).run
         object.__setattr__(self, "_run", run)
         object.__setattr__(self, "_run_options", ort.RunOptions())
+        object.__setattr__(self, "_input_names", frozenset(s.name for s in self.inputs))
         # bytes of one row of every input (a free non-batch axis counts as 1)
         object.__setattr__(self, "row_bytes", max(1, sum(
             DATATYPES[s.datatype].itemsize * math.prod(max(d, 1) for d in s.shape[1:])
@@ -114,11 +116,17 @@ class LoadedModel:
         """The outputs named, in that order, for `feeds` (input name -> array).
 
         Raises:
-            onnxruntime's InvalidArgument: a feed of the wrong type or shape, or a
-                missing one; other onnxruntime errors when the model fails.
+            ValueError: `feeds` does not name exactly this model's inputs (the
+                binding does not check that itself).
+            onnxruntime's InvalidArgument: a feed of the wrong type or shape;
+                other onnxruntime errors when the model fails.
         """
-        names = output_names if isinstance(output_names, list) else list(output_names)
-        return self._run(names, feeds, self._run_options)  # type: ignore[no-any-return]
+        if feeds.keys() != self._input_names:
+            want = sorted(self._input_names)
+            raise ValueError(
+                f"{self.name} version {self.version} takes inputs {want}, got {sorted(feeds)}"
+            )
+        return self._run(output_names, feeds, self._run_options)  # type: ignore[no-any-return]
 
 
 def load_model(name: str, version: int, path: Path, *, threads: int) -> LoadedModel:

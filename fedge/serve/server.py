@@ -698,6 +698,7 @@ def serve(
     poll_interval: float = 0.5,
     max_body_bytes: int = DEFAULT_MAX_BODY,
     threads: int | None = None,
+    inline_budget_s: float = DEFAULT_INLINE_BUDGET_S,
     announce: Callable[[str], None] = print,
 ) -> None:
     """Bind `host:port` (0: any free port), announce the URL, serve until SIGINT/SIGTERM.
@@ -719,7 +720,8 @@ def serve(
         log.warning("repository %s does not exist yet; serving nothing until a model "
                     "is installed there", root)
     server_app = InferenceServer(
-        repository, poll_interval=poll_interval, max_body_bytes=max_body_bytes, threads=threads
+        repository, poll_interval=poll_interval, max_body_bytes=max_body_bytes, threads=threads,
+        inline_budget_s=inline_budget_s,
     )
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)

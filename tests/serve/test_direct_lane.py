@@ -1,0 +1,277 @@
+"""The two inference lanes of `fedge serve`: answered by the HTTP protocol itself
+(direct) or through ASGI, inline on the event loop or on a worker thread.
+
+Whatever lane a request takes, a client sees the same answers, in the order it
+sent its requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import re
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import tritonclient.http as triton
+from prometheus_client import generate_latest
+
+from fedge.serve.repository import ModelRepository
+from fedge.serve.runtime import load_model
+from fedge.serve.server import DIRECT_MAX_BYTES, InferenceServer, Metrics
+from tests.serve.conftest import N_FEATURES, RunningServer, start_server, stop_server
+
+
+def _rows(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, N_FEATURES)).astype(np.float32)
+
+
+def _expected(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(x)).numpy()
+
+
+def _json_body(x: np.ndarray) -> bytes:
+    return json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                                   "data": x.ravel().tolist()}]}).encode()
+
+
+def _post(body: bytes, *headers: str) -> bytes:
+    head = "".join(f"{h}\r\n" for h in ("POST /v2/models/cox/infer HTTP/1.1", "Host: t",
+                                         "Content-Type: application/json", *headers))
+    return head.encode() + b"\r\n" + body
+
+
+def _read_response(sock: socket.socket, buffer: bytearray) -> tuple[int, bytes]:
+    """One HTTP/1.1 response with a Content-Length (status, body); `buffer` keeps the rest."""
+    while b"\r\n\r\n" not in buffer:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed mid-response: {bytes(buffer)!r}"
+        buffer += chunk
+    head, _, rest = bytes(buffer).partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    length = next(int(v) for k, _, v in (ln.partition(": ") for ln in lines[1:])
+                  if k.lower() == "content-length")
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed mid-body"
+        rest += chunk
+    buffer[:] = rest[length:]
+    return int(lines[0].split()[1]), rest[:length]
+
+
+@pytest.fixture(scope="module")
+def budget0_server(
+    tmp_path_factory: pytest.TempPathFactory, cox_v1: tuple[Path, torch.nn.Module]
+) -> Iterator[RunningServer]:
+    """Every inference on the worker thread: an inline budget of 0."""
+    root = tmp_path_factory.mktemp("repo0")
+    ModelRepository(root).install("cox", cox_v1[0])
+    running = start_server(root, "--inline-budget-ms", "0")
+    try:
+        yield running
+    finally:
+        stop_server(running)
+
+
+def test_pipelined_requests_of_both_lanes_are_answered_in_order(
+    server: RunningServer, cox_v1: tuple[Path, torch.nn.Module]
+) -> None:
+    xs = [_rows(1, seed) for seed in range(5)]
+    chunked = _json_body(xs[1])
+    requests = [
+        _post(_json_body(xs[0]), f"Content-Length: {len(_json_body(xs[0]))}"),  # direct
+        _post(f"{len(chunked):x}\r\n".encode() + chunked + b"\r\n0\r\n\r\n",
+              "Transfer-Encoding: chunked"),  # ASGI: no declared length
+        _post(_json_body(xs[2]), f"Content-Length: {len(_json_body(xs[2]))}"),  # direct
+        _post(gzip.compress(_json_body(xs[3])), "Content-Encoding: gzip",
+              f"Content-Length: {len(gzip.compress(_json_body(xs[3])))}"),  # ASGI: gzip
+        _post(_json_body(xs[4]), f"Content-Length: {len(_json_body(xs[4]))}"),  # direct
+    ]
+    host, port = server.host_port.split(":")
+    buffer = bytearray()
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"".join(requests))  # all in one write: pipelined
+        answers = [_read_response(sock, buffer) for _ in requests]
+    for x, (status, body) in zip(xs, answers, strict=True):
+        assert status == 200, body
+        got = np.asarray(json.loads(body)["outputs"][0]["data"], dtype=np.float32)
+        np.testing.assert_allclose(got, _expected(cox_v1[1], x).ravel(), atol=1e-5)
+
+
+def test_expect_100_continue_is_honoured(
+    server: RunningServer, cox_v1: tuple[Path, torch.nn.Module]
+) -> None:
+    x = _rows(2, seed=7)
+    body = _json_body(x)
+    host, port = server.host_port.split(":")
+    buffer = bytearray()
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(_post(b"", "Expect: 100-continue", f"Content-Length: {len(body)}"))
+        interim = sock.recv(65536)
+        assert interim.startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        buffer += interim[len(b"HTTP/1.1 100 Continue\r\n\r\n"):]
+        sock.sendall(body)
+        status, answer = _read_response(sock, buffer)
+    assert status == 200
+    got = np.asarray(json.loads(answer)["outputs"][0]["data"], dtype=np.float32)
+    np.testing.assert_allclose(got, _expected(cox_v1[1], x).ravel(), atol=1e-5)
+
+
+@pytest.mark.parametrize("lane", ["inline", "worker thread"])
+def test_concurrent_clients_get_their_own_answers_on_either_lane(
+    lane: str,
+    request: pytest.FixtureRequest,
+    cox_v1: tuple[Path, torch.nn.Module],
+) -> None:
+    running: RunningServer = request.getfixturevalue(
+        "server" if lane == "inline" else "budget0_server"
+    )
+    failures: list[str] = []
+    lock = threading.Lock()
+
+    def client_loop(seed: int) -> None:
+        client = triton.InferenceServerClient(running.host_port)
+        try:
+            for i in range(25):
+                x = _rows(1 + (seed + i) % 3, seed=1000 * seed + i)
+                inp = triton.InferInput("input", list(x.shape), "FP32")
+                inp.set_data_from_numpy(x)
+                got = client.infer("cox", [inp]).as_numpy("output")
+                if not np.allclose(got, _expected(cox_v1[1], x), atol=1e-5):
+                    with lock:
+                        failures.append(f"client {seed} request {i}: wrong answer")
+        except Exception as exc:
+            with lock:
+                failures.append(f"client {seed}: {exc!r}")
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=client_loop, args=(seed,)) for seed in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert failures == []
+
+
+def test_the_lane_follows_the_model_cost_measured_at_load(
+    tmp_path: Path, cox_v1: tuple[Path, torch.nn.Module]
+) -> None:
+    ModelRepository(tmp_path).install("cox", cox_v1[0])
+    server = InferenceServer(tmp_path, inline_budget_s=0.002)
+    server.store.sync(server.repo)
+    cox = server.store.get("cox")
+    assert 0 < cox.row_seconds < 0.002  # one Linear(39, 1) row
+    assert cox.row_bytes == N_FEATURES * 4
+    one_row = 200 + cox.row_bytes
+    assert server.direct_model("cox", None, one_row) is cox
+    assert server.direct_model("cox", "1", one_row) is cox
+    assert server.direct_model("nope", None, one_row) is None  # the ASGI lane answers 404
+    assert server.direct_model("cox", "9", one_row) is None
+    assert server.direct_model("cox", None, DIRECT_MAX_BYTES + 1) is None
+    rows_over_budget = 0.002 / cox.row_seconds * 2  # a batch worth two budgets
+    assert not server.inline(cox, rows_over_budget)
+    big_batch = int(rows_over_budget * cox.row_bytes)
+    assert big_batch <= DIRECT_MAX_BYTES
+    assert server.direct_model("cox", None, big_batch) is None  # worker thread
+    nothing_inline = InferenceServer(tmp_path, inline_budget_s=0.0)
+    nothing_inline.store.sync(nothing_inline.repo)
+    assert nothing_inline.direct_model("cox", None, one_row) is None
+    with pytest.raises(ValueError, match="inline_budget_s -1"):
+        InferenceServer(tmp_path, inline_budget_s=-1)
+
+
+def test_loaded_model_run_checks_the_feed_names_and_onnxruntime_the_types(
+    cox_v1: tuple[Path, torch.nn.Module],
+) -> None:
+    model = load_model("cox", 1, cox_v1[0], threads=1)
+    x = _rows(3, seed=3)
+    (got,) = model.run({"input": x}, ["output"])
+    np.testing.assert_allclose(got, _expected(cox_v1[1], x), atol=1e-5)
+    with pytest.raises(ValueError, match=r"cox version 1 takes inputs \['input'\], got \[\]"):
+        model.run({}, ["output"])
+    with pytest.raises(ValueError, match=r"got \['input', 'other'\]"):
+        model.run({"input": x, "other": x}, ["output"])
+    with pytest.raises(ort.capi.onnxruntime_pybind11_state.InvalidArgument, match="data type"):
+        model.run({"input": x.astype(np.float64)}, ["output"])
+
+
+def test_inference_metrics_are_cumulative_histograms_per_model() -> None:
+    metrics = Metrics()
+    for seconds in (0.0004, 0.0005, 0.004, 3.0):
+        metrics.observe("cox", 200, seconds)
+    metrics.observe("cox", 400, 0.001)
+    text = generate_latest(metrics.registry).decode()
+
+    def value(sample: str) -> float:
+        line = next(ln for ln in text.splitlines() if ln.startswith(sample + " "))
+        return float(line.rsplit(" ", 1)[1])
+
+    assert value('fedge_serve_infer_requests_total{code="200",model="cox"}') == 4
+    assert value('fedge_serve_infer_requests_total{code="400",model="cox"}') == 1
+    hist = "fedge_serve_infer_duration_seconds"
+    assert value(f'{hist}_bucket{{le="0.0005",model="cox"}}') == 2  # le is inclusive
+    assert value(f'{hist}_bucket{{le="0.001",model="cox"}}') == 3
+    assert value(f'{hist}_bucket{{le="0.005",model="cox"}}') == 4
+    assert value(f'{hist}_bucket{{le="2.5",model="cox"}}') == 4
+    assert value(f'{hist}_bucket{{le="+Inf",model="cox"}}') == 5
+    assert value(f'{hist}_count{{model="cox"}}') == 5
+    assert value(f'{hist}_sum{{model="cox"}}') == pytest.approx(3.0059)
+
+
+def test_cheap_requests_are_answered_by_the_protocol_without_an_asgi_cycle(
+    tmp_path: Path, cox_v1: tuple[Path, torch.nn.Module]
+) -> None:
+    import uvicorn
+    from uvicorn.server import ServerState
+
+    from fedge.serve.server import _loop_and_http
+
+    ModelRepository(tmp_path).install("cox", cox_v1[0])
+    app = InferenceServer(tmp_path)
+    app.store.sync(app.repo)
+    x = _rows(1, seed=11)
+    plain = _json_body(x)
+    chunked = f"{len(plain):x}\r\n".encode() + plain + b"\r\n0\r\n\r\n"
+
+    async def exchange() -> list[tuple[int, bytes, bool]]:
+        loop = asyncio.get_running_loop()
+        _, protocol_class = _loop_and_http(app)
+        config = uvicorn.Config(app, lifespan="off", proxy_headers=False, log_level="warning")
+        config.load()
+        state = ServerState()
+        ours, theirs = socket.socketpair()
+        theirs.setblocking(False)
+        _, proto = await loop.connect_accepted_socket(
+            lambda: protocol_class(config=config, server_state=state, app_state={}), ours
+        )
+        seen = []
+        for request in (_post(plain, f"Content-Length: {len(plain)}"),
+                        _post(chunked, "Transfer-Encoding: chunked")):
+            await loop.sock_sendall(theirs, request)
+            buffer = bytearray()
+            while True:
+                buffer += await loop.sock_recv(theirs, 65536)
+                head, sep, body = bytes(buffer).partition(b"\r\n\r\n")
+                length = re.search(rb"(?i)\r\ncontent-length: (\d+)", head)
+                if sep and length and len(body) >= int(length.group(1)):
+                    break
+            seen.append((int(head.split()[1]), body, proto.cycle is not None))
+        theirs.close()
+        return seen
+
+    (status1, body1, asgi1), (status2, body2, asgi2) = asyncio.run(exchange())
+    assert status1 == status2 == 200
+    assert body1 == body2  # the same answer from either lane
+    got = np.asarray(json.loads(body1)["outputs"][0]["data"], dtype=np.float32)
+    np.testing.assert_allclose(got, _expected(cox_v1[1], x).ravel(), atol=1e-5)
+    assert not asgi1  # declared length, cheap model: the protocol answered it
+    assert asgi2  # a chunked body went through ASGI

@@ -88,6 +88,74 @@ def test_standardisation_is_folded_into_the_graph(tmp_path: Path) -> None:
     assert prep["mean"] == mean and prep["std"] == std
 
 
+def _node_types(path: Path) -> list[str]:
+    return [n.op_type for n in onnx.load(str(path)).graph.node]
+
+
+@pytest.mark.parametrize(
+    ("model", "nodes"),
+    [
+        (torch.nn.Linear(5, 1), ["Gemm"]),  # cox_linear
+        (torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1)),
+         ["Gemm", "Relu", "Gemm"]),  # cox_mlp
+    ],
+    ids=["linear", "mlp"],
+)
+def test_standardisation_folds_into_a_first_linear_layer(
+    tmp_path: Path, model: torch.nn.Module, nodes: list[str]
+) -> None:
+    torch.manual_seed(3)
+    mean = [40.0, -2.0, 0.5, 10.0, 0.0]
+    std = [12.0, 0.5, 1.0, 4.0, 3.0]
+    prep = Standardisation(mean, std)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    raw = torch.tensor(mean) + torch.randn(64, 5) * torch.tensor(std)
+    result = export_onnx(model, raw[:4], META, tmp_path / "f.onnx", held_out=raw[4:],
+                         preprocessing=prep)
+    assert _node_types(result.path) == nodes  # no Sub or Div left in front of the Gemm
+    sess = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    x = (torch.tensor(mean) + torch.randn(16, 5) * torch.tensor(std)).numpy()
+    with torch.no_grad():
+        want = model((torch.from_numpy(x) - torch.tensor(mean)) / torch.tensor(std)).numpy()
+    np.testing.assert_allclose(sess.run(None, {"input": x})[0], want, atol=1e-5)
+    props = read_metadata(result.path)
+    assert json.loads(props["preprocessing"]) == {
+        "kind": "standardise", "where": "folded into the first Linear layer's weights and bias",
+        "mean": mean, "std": std,
+    }
+    assert float(props["parity_max_abs_diff"]) <= 1e-5
+    assert props["job_id"] == "brca-7"
+    for name, value in model.state_dict().items():  # the caller's model is left as it was
+        assert torch.equal(value, before[name]), name
+
+
+def test_standardisation_stays_in_front_when_folding_would_lose_parity(tmp_path: Path) -> None:
+    # Features around 1e6: (W / std) x - (W / std) mean cancels in float32, far
+    # beyond 1e-5, while (x - mean) / std followed by W stays exact enough.
+    torch.manual_seed(4)
+    model = torch.nn.Linear(5, 1)
+    mean = [1.0e6] * 5
+    std = [1.0] * 5
+    raw = torch.tensor(mean) + torch.randn(40, 5)
+    result = export_onnx(model, raw[:4], {}, tmp_path / "u.onnx", held_out=raw[4:],
+                         preprocessing=Standardisation(mean, std))
+    assert _node_types(result.path) == ["Sub", "Div", "Gemm"]
+    prep = json.loads(read_metadata(result.path)["preprocessing"])
+    assert prep["where"] == "folded into the graph"
+    assert result.parity_max_abs_diff <= 1e-5
+
+
+def test_standardisation_of_other_models_stays_in_the_graph(tmp_path: Path) -> None:
+    model = SignBranch()  # does not start with a Linear layer: nothing to fold into
+    prep = Standardisation([1.0] * 3, [2.0] * 3)
+    example = torch.full((2, 3), 5.0)
+    result = export_onnx(model, example, {}, tmp_path / "o.onnx",
+                         held_out=torch.full((3, 3), 7.0), preprocessing=prep)
+    assert {"Sub", "Div"} <= set(_node_types(result.path))
+    assert json.loads(read_metadata(result.path)["preprocessing"])["where"] == \
+        "folded into the graph"
+
+
 def test_training_mode_is_restored(tmp_path: Path) -> None:
     model = _mlp().train()
     export_onnx(model, torch.randn(2, 5), {}, tmp_path / "m.onnx")

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from fedge.serve.protocol import DATATYPES, ONNX_TYPES, TensorSpec
+from fedge.serve.protocol import DATATYPES, ONNX_TYPES, ParsedHeader, TensorSpec
 from fedge.serve.repository import ModelRepository
 
 log = logging.getLogger("fedge.serve")
@@ -91,6 +91,10 @@ class LoadedModel:
     threads: int = 1
     row_seconds: float = 0.0
     row_bytes: int = field(init=False, repr=False, compare=False)
+    # request headers already checked against this version's signature (protocol.py)
+    parsed_headers: dict[bytes, ParsedHeader] = field(
+        init=False, repr=False, compare=False, default_factory=dict
+    )
     _input_names: frozenset[str] = field(init=False, repr=False, compare=False)
     _run: Callable[..., list[np.ndarray]] = field(init=False, repr=False, compare=False)
     _run_options: ort.RunOptions = field(init=False, repr=False, compare=False)

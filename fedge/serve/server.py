@@ -390,7 +390,9 @@ class InferenceServer:
 
     @staticmethod
     def _parse(model: LoadedModel, body: bytes, header_length: str | None) -> InferRequest:
-        return parse_infer_request(body, header_length, model.name, model.inputs, model.outputs)
+        return parse_infer_request(
+            body, header_length, model.name, model.inputs, model.outputs, model.parsed_headers
+        )
 
     @staticmethod
     def _run(model: LoadedModel, request: InferRequest) -> list[Any]:

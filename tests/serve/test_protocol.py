@@ -117,6 +117,58 @@ def test_binary_size_must_match_the_shape_and_leave_no_trailing_bytes() -> None:
         _parse(body, length)
 
 
+def _all_binary(rows: int, request_id: str | None = None) -> dict:
+    doc: dict = {"inputs": [
+        {"name": "x", "shape": [rows, 3], "datatype": "FP32",
+         "parameters": {"binary_data_size": 12 * rows}},
+        {"name": "mask", "shape": [rows, 3], "datatype": "BOOL",
+         "parameters": {"binary_data_size": 3 * rows}},
+    ], "outputs": [{"name": "risk", "parameters": {"binary_data": True}}]}
+    if request_id is not None:
+        doc["id"] = request_id
+    return doc
+
+
+def test_a_remembered_header_reads_each_request_s_own_tensor_values() -> None:
+    parsed: dict = {}
+    rng = np.random.default_rng(5)
+    for _ in range(3):  # the first parses in full, the others reuse the checked header
+        x = rng.standard_normal((2, 3)).astype("<f4")
+        mask = rng.integers(0, 2, (2, 3)).astype(bool)
+        body, length = _binary_body(_all_binary(2, "q7"), x, mask)
+        req = parse_infer_request(body, length, "m", INPUTS, OUTPUTS, parsed)
+        np.testing.assert_array_equal(req.inputs["x"], x)
+        np.testing.assert_array_equal(req.inputs["mask"], mask)
+        assert req.id == "q7"
+        assert req.outputs == (RequestedOutput("risk", True),)
+    assert len(parsed) == 1
+
+
+def test_a_remembered_header_with_other_binary_bytes_is_checked_in_full() -> None:
+    parsed: dict = {}
+    x, mask = np.zeros((1, 3), "<f4"), np.zeros((1, 3), bool)
+    body, length = _binary_body(_all_binary(1), x, mask)
+    parse_infer_request(body, length, "m", INPUTS, OUTPUTS, parsed)
+    with pytest.raises(ProtocolError, match="2 bytes of binary data follow the inputs unclaimed"):
+        parse_infer_request(body + b"!!", length, "m", INPUTS, OUTPUTS, parsed)
+    with pytest.raises(ProtocolError, match="needs 3 bytes of binary data but only 2 remain"):
+        parse_infer_request(body[:-1], length, "m", INPUTS, OUTPUTS, parsed)
+
+
+def test_only_all_binary_headers_are_remembered_and_no_more_than_the_limit() -> None:
+    from fedge.serve.protocol import PARSED_HEADERS_KEPT
+
+    parsed: dict = {}
+    parse_infer_request(json.dumps(_json_inputs([0] * 6, [1] * 6)).encode(), None, "m",
+                        INPUTS, OUTPUTS, parsed)
+    assert parsed == {}  # tensor values inside the JSON: nothing to reuse
+    x, mask = np.zeros((1, 3), "<f4"), np.zeros((1, 3), bool)
+    for i in range(PARSED_HEADERS_KEPT + 5):  # a client giving every request its own id
+        body, length = _binary_body(_all_binary(1, f"r{i}"), x, mask)
+        assert parse_infer_request(body, length, "m", INPUTS, OUTPUTS, parsed).id == f"r{i}"
+        assert 1 <= len(parsed) <= PARSED_HEADERS_KEPT
+
+
 def test_response_mixes_json_and_binary_outputs_with_the_header_length() -> None:
     req = InferRequest(id="q1", inputs={}, outputs=(RequestedOutput("risk", True),
                                                     RequestedOutput("rank", False)))

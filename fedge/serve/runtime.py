@@ -120,12 +120,13 @@ class LoadedModel:
         """The outputs named, in that order, for `feeds` (input name -> array).
 
         Raises:
-            ValueError: `feeds` does not name exactly this model's inputs (the
-                binding does not check that itself).
-            onnxruntime's InvalidArgument: a feed of the wrong type or shape;
-                other onnxruntime errors when the model fails.
+            ValueError: `feeds` has more or fewer entries than the model has inputs
+                (the binding does not check for a missing one itself).
+            onnxruntime's InvalidArgument: a feed with a name the model does not
+                have, or of the wrong type or shape; other onnxruntime errors when
+                the model fails.
         """
-        if feeds.keys() != self._input_names:
+        if len(feeds) != len(self._input_names):
             want = sorted(self._input_names)
             raise ValueError(
                 f"{self.name} version {self.version} takes inputs {want}, got {sorted(feeds)}"

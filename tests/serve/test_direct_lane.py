@@ -189,7 +189,7 @@ def test_the_lane_follows_the_model_cost_measured_at_load(
         InferenceServer(tmp_path, inline_budget_s=-1)
 
 
-def test_loaded_model_run_checks_the_feed_names_and_onnxruntime_the_types(
+def test_loaded_model_run_refuses_feeds_that_do_not_match_the_model(
     cox_v1: tuple[Path, torch.nn.Module],
 ) -> None:
     model = load_model("cox", 1, cox_v1[0], threads=1)
@@ -200,8 +200,13 @@ def test_loaded_model_run_checks_the_feed_names_and_onnxruntime_the_types(
         model.run({}, ["output"])
     with pytest.raises(ValueError, match=r"got \['input', 'other'\]"):
         model.run({"input": x, "other": x}, ["output"])
-    with pytest.raises(ort.capi.onnxruntime_pybind11_state.InvalidArgument, match="data type"):
+    invalid = ort.capi.onnxruntime_pybind11_state.InvalidArgument
+    with pytest.raises(invalid, match="data type"):
         model.run({"input": x.astype(np.float64)}, ["output"])
+    with pytest.raises(invalid, match="Invalid input name: other"):
+        model.run({"other": x}, ["output"])
+    with pytest.raises(invalid, match="Invalid output name"):
+        model.run({"input": x}, ["risk"])
 
 
 def test_inference_metrics_are_cumulative_histograms_per_model() -> None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import functools
 import gc
 import itertools
 import logging
@@ -576,7 +577,7 @@ class _Direct:
                  start: float):
         self.model = model
         self.header_length = header_length
-        self.body = bytearray()
+        self.body = b""  # one chunk (the usual case) is kept as is, never copied
         self.keep_alive = keep_alive
         self.start = start
         self.label = model.name
@@ -599,6 +600,29 @@ def _direct_headers(headers: list[tuple[bytes, bytes]]) -> tuple[int, str | None
         ):
             return None
     return None if length is None else (length, header_length)
+
+
+@functools.lru_cache(maxsize=256)
+def _infer_route(url: bytes) -> tuple[str, str | None] | None:
+    """(model, version or None) of an inference URL the direct lane can take, else None
+    (anything percent-encoded goes through ASGI, which decodes it)."""
+    path = url.split(b"?", 1)[0]
+    match = None if b"%" in path else _INFER.fullmatch(path.decode("latin-1"))
+    return None if match is None else (match.group(1), match.group(2))
+
+
+_default_block: tuple[object, bytes] = (None, b"")
+
+
+def _default_headers(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """uvicorn's default response headers (server, date) as one block; uvicorn
+    replaces the list when the date changes, so the list's identity is the key."""
+    global _default_block
+    source, block = _default_block
+    if source is not headers:
+        block = b"".join(k + b": " + v + b"\r\n" for k, v in headers)
+        _default_block = (headers, block)
+    return block
 
 
 def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
@@ -636,14 +660,13 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
                 return None
             if self.pipeline or not (self.cycle is None or self.cycle.response_complete):
                 return None  # an ASGI response is still owed first: keep the order
-            path = self.url.split(b"?", 1)[0]
-            match = None if b"%" in path else _INFER.fullmatch(path.decode("latin-1"))
-            if match is None:
+            route = _infer_route(self.url)
+            if route is None:
                 return None
             declared = _direct_headers(self.headers)
             if declared is None or declared[0] > app.max_body_bytes:
                 return None
-            model = app.direct_model(match.group(1), match.group(2), declared[0])
+            model = app.direct_model(route[0], route[1], declared[0])
             if model is None:
                 return None
             keep_alive = (self.parser.get_http_version() != "1.0"
@@ -654,7 +677,7 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
             if self._direct is None:
                 super().on_body(body)
             else:
-                self._direct.body += body
+                self._direct.body += body  # b"" + chunk is the chunk itself
 
         def on_message_complete(self) -> None:
             direct = self._direct
@@ -664,15 +687,13 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
             self._direct = None
             try:
                 status, payload, headers = app.answer(
-                    direct.model, bytes(direct.body), direct.header_length
+                    direct.model, direct.body, direct.header_length
                 )
             except Exception as exc:  # a bug, not the client: say so, keep serving
                 log.exception("inference request failed")
                 status, payload = 500, error_body(f"internal error: {exc}")
                 headers = {"content-type": "application/json"}
-            out = [STATUS_LINE[status]]
-            for key, value in self.server_state.default_headers:
-                out += [key, b": ", value, b"\r\n"]
+            out = [STATUS_LINE[status], _default_headers(self.server_state.default_headers)]
             for name, text in headers.items():
                 out += [name.encode(), b": ", text.encode("latin-1"), b"\r\n"]
             out += [b"content-length: ", str(len(payload)).encode(), b"\r\n"]

@@ -49,7 +49,7 @@ def test_in_process_federation_is_local_train_plus_the_coordinators_strategy(cen
     assert last["weighted"]["c_index"] == pytest.approx(np.dot(sizes, vals) / sum(sizes))
 
 
-def test_cross_validation_never_sees_test_rows_and_picks_the_best_mean(centres) -> None:  # type: ignore[no-untyped-def]
+def test_cross_validation_never_sees_test_rows_and_picks_the_lowest_held_out_loss(centres) -> None:  # type: ignore[no-untyped-def]
     grid = [
         replace(c, rounds=5, train=replace(c.train, steps=20)) for c in survival_candidates()[:2]
     ]
@@ -60,8 +60,10 @@ def test_cross_validation_never_sees_test_rows_and_picks_the_best_mean(centres) 
     assert len(rows) == 2 and seen == rows
     for row in rows:
         assert set(row.scores) == {5} and all(0 <= s <= 1 for s in row.scores.values())
-        assert len(row.fold_scores[5]) == 2
+        assert len(row.fold_scores[5]) == len(row.fold_losses[5]) == 2
+        assert all(0 < v < 10 for v in row.losses.values())
+    # the held-out Cox partial likelihood chooses (the C-index is shown)
     winner, rounds = best(rows)
-    assert rounds == 5 and winner.scores[5] == max(r.scores[5] for r in rows)
+    assert rounds == 5 and winner.losses[5] == min(r.losses[5] for r in rows)
     with pytest.raises(ValueError, match="folds=1"):
         cross_validate(COX, centres, grid, folds=1)

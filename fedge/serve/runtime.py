@@ -90,6 +90,8 @@ class LoadedModel:
     metadata: dict[str, str] = field(default_factory=dict)
     threads: int = 1
     row_seconds: float = 0.0
+    # rows are computed independently (checked at load): requests may share a run
+    batchable: bool = False
     row_bytes: int = field(init=False, repr=False, compare=False)
     # request headers already checked against this version's signature (protocol.py)
     parsed_headers: dict[bytes, ParsedHeader] = field(
@@ -184,8 +186,43 @@ def load_model(name: str, version: int, path: Path, *, threads: int) -> LoadedMo
         row_seconds = _single_row_seconds(session, feeds)
     meta = session.get_modelmeta().custom_metadata_map
     return LoadedModel(
-        name, version, path, session, inputs, outputs, dict(meta), threads, row_seconds
+        name, version, path, session, inputs, outputs, dict(meta), threads, row_seconds,
+        _rows_independent(session, inputs),
     )
+
+
+BATCH_CHECK_ROWS = 3
+
+
+def _rows_independent(session: ort.InferenceSession, inputs: Sequence[TensorSpec]) -> bool:
+    """Whether each output row depends on its own input row only: random rows run
+    together give what they give one at a time (every output keeps the batch axis).
+
+    A model that mixes rows (a batch statistic, a reshape across the batch) fails
+    this and never has requests batched together.
+    """
+    if not inputs or any(not s.shape or s.shape[0] != -1 for s in inputs):
+        return False
+    rng = np.random.default_rng(0)
+    feeds: dict[str, np.ndarray] = {}
+    for s in inputs:
+        shape = [BATCH_CHECK_ROWS, *(d if d >= 0 else SMOKE_AXIS for d in s.shape[1:])]
+        dtype = DATATYPES[s.datatype]
+        values = rng.standard_normal(shape) if dtype.kind == "f" else rng.integers(0, 2, shape)
+        feeds[s.name] = values.astype(dtype)
+    try:
+        together = session.run(None, feeds)
+        alone = [session.run(None, {k: v[i : i + 1] for k, v in feeds.items()})
+                 for i in range(BATCH_CHECK_ROWS)]
+    except Exception:
+        return False
+    for j, out in enumerate(together):
+        if out.ndim == 0 or out.shape[0] != BATCH_CHECK_ROWS:
+            return False
+        stacked = np.concatenate([a[j] for a in alone])
+        if stacked.shape != out.shape or not np.allclose(out, stacked, rtol=1e-4, atol=1e-5):
+            return False
+    return True
 
 
 def _single_row_seconds(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> float:

@@ -43,12 +43,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
+    Histogram,
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
@@ -154,6 +156,11 @@ class Metrics:
             "fedge_serve_model_load_failures", "Versions that failed to load or check",
             ["model"], registry=self.registry,
         )
+        self.batches = Histogram(
+            "fedge_serve_infer_batch_requests",
+            "Requests answered by one onnxruntime run (only runs of 2 or more are counted)",
+            buckets=(2, 4, 8, 16, 32, 64), registry=self.registry,
+        )
         self.observe = self.infer.observe
 
 
@@ -196,6 +203,8 @@ class InferenceServer:
         # every core through onnxruntime's intra-op pool, so running several at
         # once would only oversubscribe the CPUs.
         self._heavy = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedge-infer")
+        # direct-lane requests read in the current loop step (see `submit`)
+        self._batch: list[tuple[LoadedModel, InferRequest, Any]] = []
         self.store.on_swap = self._swapped
         self.store.on_load_failure = lambda name, _v, _why: self.metrics.load_failures.labels(
             name
@@ -369,6 +378,90 @@ class InferenceServer:
             return self._respond(model, request, self._run(model, request))
         except ProtocolError as exc:
             return exc.status, exc.body(), {"content-type": "application/json"}
+
+    def submit(self, direct: _Direct, reply: Callable[[int, bytes, dict[str, str]], None]) -> None:
+        """Answer a direct-lane request through `reply`: now, or with the other
+        requests for the same model that arrive in this event-loop step.
+
+        Requests read from several connections in one step of the loop run as one
+        batch (rows concatenated, outputs split back), for models whose rows are
+        independent (`LoadedModel.batchable`): one onnxruntime call instead of
+        one per request. The batch runs at the end of the step (`call_soon`), so
+        no request waits for a later one.
+        """
+        model = direct.model
+        try:
+            request = self._parse(model, direct.body, direct.header_length)
+        except ProtocolError as exc:
+            reply(exc.status, exc.body(), {"content-type": "application/json"})
+            return
+        if not model.batchable:
+            reply(*self._settle(model, request))
+            return
+        if not self._batch:
+            asyncio.get_running_loop().call_soon(self._run_batch)
+        self._batch.append((model, request, reply))
+
+    def _settle(
+        self, model: LoadedModel, request: InferRequest
+    ) -> tuple[int, bytes, dict[str, str]]:
+        try:
+            return self._respond(model, request, self._run(model, request))
+        except ProtocolError as exc:
+            return exc.status, exc.body(), {"content-type": "application/json"}
+
+    def _run_batch(self) -> None:
+        pending, self._batch = self._batch, []
+        groups: dict[tuple[Any, ...], list[tuple[LoadedModel, InferRequest, Any]]] = {}
+        for item in pending:
+            model, request, _ = item
+            key = (id(model), request.outputs, tuple(
+                (k, v.dtype.str, v.shape[1:]) for k, v in request.inputs.items()
+            ))
+            groups.setdefault(key, []).append(item)
+        for group in groups.values():
+            answers = self._batched(group) if len(group) > 1 else None
+            for i, (model, request, reply) in enumerate(group):
+                try:
+                    answer = answers[i] if answers else self._settle(model, request)
+                except Exception as exc:  # a bug, not the client: say so, keep serving
+                    log.exception("inference request failed")
+                    answer = (500, error_body(f"internal error: {exc}"),
+                              {"content-type": "application/json"})
+                try:
+                    reply(*answer)
+                except Exception:  # one connection's failure is not the others'
+                    log.exception("inference reply failed")
+
+    def _batched(
+        self, group: list[tuple[LoadedModel, InferRequest, Any]]
+    ) -> list[tuple[int, bytes, dict[str, str]]] | None:
+        """The answers of requests with one model and one signature, from one run;
+        None when that run fails (each request is then answered on its own)."""
+        model, first, _ = group[0]
+        rows = []
+        for _, request, _ in group:
+            counts = {v.shape[0] if v.ndim else -1 for v in request.inputs.values()}
+            if len(counts) != 1 or -1 in counts:
+                return None  # inputs that disagree on the batch: not splittable by rows
+            rows.append(counts.pop())
+        total = sum(rows)
+        try:
+            feeds = {name: np.concatenate([r.inputs[name] for _, r, _ in group])
+                     for name in first.inputs}
+            outputs = model.run(feeds, [o.name for o in first.outputs])
+            if any(out.ndim == 0 or out.shape[0] != total for out in outputs):
+                return None
+            answers = []
+            start = 0
+            for (_, request, _), n in zip(group, rows, strict=True):
+                part = [out[start : start + n] for out in outputs]
+                start += n
+                answers.append(self._respond(model, request, part))
+        except Exception:
+            return None  # e.g. one request's input the model rejects: answer each alone
+        self.metrics.batches.observe(len(group))
+        return answers
 
     async def infer(
         self, name: str, version: str | None, body: bytes, scope: Scope
@@ -641,6 +734,7 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
         """uvicorn's httptools protocol, answering cheap inference requests itself."""
 
         _direct: _Direct | None = None
+        _owed = False  # a direct-lane response not written yet
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             # uvloop's transports are not asyncio.Transport subclasses: duck-typed
@@ -656,7 +750,7 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
                 super().on_headers_complete()
 
         def _take_direct(self) -> _Direct | None:
-            if self.parser.get_method() != b"POST" or self.flow.write_paused:
+            if self.parser.get_method() != b"POST" or self.flow.write_paused or self._owed:
                 return None
             if self.pipeline or not (self.cycle is None or self.cycle.response_complete):
                 return None  # an ASGI response is still owed first: keep the order
@@ -685,14 +779,20 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
                 super().on_message_complete()
                 return
             self._direct = None
+            self._owed = True  # until it is answered, this connection's next request
+            # takes the ASGI lane, whose task runs after the batch: responses keep order
             try:
-                status, payload, headers = app.answer(
-                    direct.model, direct.body, direct.header_length
-                )
+                app.submit(direct, functools.partial(self._reply, direct))
             except Exception as exc:  # a bug, not the client: say so, keep serving
                 log.exception("inference request failed")
-                status, payload = 500, error_body(f"internal error: {exc}")
-                headers = {"content-type": "application/json"}
+                self._reply(direct, 500, error_body(f"internal error: {exc}"),
+                            {"content-type": "application/json"})
+
+        def _reply(self, direct: _Direct, status: int, payload: bytes,
+                   headers: dict[str, str]) -> None:
+            self._owed = False
+            if self.transport.is_closing():
+                return  # the client left meanwhile
             out = [STATUS_LINE[status], _default_headers(self.server_state.default_headers)]
             for name, text in headers.items():
                 out += [name.encode(), b": ", text.encode("latin-1"), b"\r\n"]
@@ -704,11 +804,13 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
             app.metrics.observe(direct.label, status, time.perf_counter() - direct.start)
             if not direct.keep_alive:
                 self.transport.close()
-            else:
+            elif self.cycle is None or self.cycle.response_complete:
                 # what uvicorn does after an ASGI response: count it, arm the
                 # keep-alive timeout (cancelled by the next request's bytes)
                 self._unset_keepalive_if_required()
                 self.on_response_complete()
+            else:  # a pipelined ASGI request is under way; its end arms the timeout
+                self.server_state.total_requests += 1
 
     return loop, InferenceHttpProtocol
 

@@ -280,3 +280,81 @@ def test_cheap_requests_are_answered_by_the_protocol_without_an_asgi_cycle(
     np.testing.assert_allclose(got, _expected(cox_v1[1], x).ravel(), atol=1e-5)
     assert not asgi1  # declared length, cheap model: the protocol answered it
     assert asgi2  # a chunked body went through ASGI
+
+
+def _row_mixing_model() -> bytes:
+    """y = x - mean(x over the batch): each row depends on the others."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["x"], ["m"], axes=[0], keepdims=1),
+         helper.make_node("Sub", ["x", "m"], ["y"])],
+        "mixing",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+def test_only_models_whose_rows_are_independent_are_batched(
+    tmp_path: Path, cox_v1: tuple[Path, torch.nn.Module]
+) -> None:
+    mixing = tmp_path / "mixing.onnx"
+    mixing.write_bytes(_row_mixing_model())
+    assert load_model("cox", 1, cox_v1[0], threads=1).batchable
+    assert not load_model("mixing", 1, mixing, threads=1).batchable
+
+
+def test_requests_read_in_one_loop_step_share_one_run_and_get_their_own_rows(
+    tmp_path: Path, cox_v1: tuple[Path, torch.nn.Module]
+) -> None:
+    import uvicorn
+    from uvicorn.server import ServerState
+
+    from fedge.serve.server import _loop_and_http
+
+    ModelRepository(tmp_path).install("cox", cox_v1[0])
+    app = InferenceServer(tmp_path)
+    app.store.sync(app.repo)
+    xs = [_rows(n, seed=20 + n) for n in (1, 3, 2, 1)]
+
+    async def exchange() -> list[bytes]:
+        loop = asyncio.get_running_loop()
+        _, protocol_class = _loop_and_http(app)
+        config = uvicorn.Config(app, lifespan="off", proxy_headers=False, log_level="warning")
+        config.load()
+        state = ServerState()
+        clients = []
+        for _ in xs:
+            ours, theirs = socket.socketpair()
+            await loop.connect_accepted_socket(
+                lambda: protocol_class(config=config, server_state=state, app_state={}), ours
+            )
+            clients.append(theirs)
+        for sock, x in zip(clients, xs, strict=True):  # all sent before the loop reads any
+            body = _json_body(x)
+            sock.sendall(_post(body, f"Content-Length: {len(body)}"))
+        answers = []
+        for sock in clients:
+            sock.setblocking(False)
+            buffer = bytearray()
+            while True:
+                buffer += await loop.sock_recv(sock, 65536)
+                head, sep, body = bytes(buffer).partition(b"\r\n\r\n")
+                length = re.search(rb"(?i)\r\ncontent-length: (\d+)", head)
+                if sep and length and len(body) >= int(length.group(1)):
+                    break
+            assert head.startswith(b"HTTP/1.1 200"), head
+            answers.append(body)
+            sock.close()
+        return answers
+
+    answers = asyncio.run(exchange())
+    for x, body in zip(xs, answers, strict=True):
+        out = json.loads(body)["outputs"][0]
+        assert out["shape"] == [len(x), 1]
+        np.testing.assert_allclose(np.asarray(out["data"], dtype=np.float32),
+                                   _expected(cox_v1[1], x).ravel(), atol=1e-5)
+    text = generate_latest(app.metrics.registry).decode()
+    assert "fedge_serve_infer_batch_requests_count 1.0" in text  # one run for the four
+    assert 'fedge_serve_infer_batch_requests_bucket{le="4.0"} 1.0' in text

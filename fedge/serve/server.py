@@ -21,6 +21,13 @@ The estimate is the model's single-row time measured at load
 (`LoadedModel.row_seconds`) times the rows in the request (from the body size
 before parsing, exactly after); the budget is `inline_budget_s`.
 
+Direct-lane requests for one model that are read in the same step of the event
+loop (several connections ready at once: the usual case under load) run as one
+onnxruntime batch at the end of that step, if the model's rows were found
+independent at load (`LoadedModel.batchable`). Nothing waits for a batch to
+fill; it only shares the fixed cost of a run, which for the Cox model is most
+of the inference.
+
 Errors: every client mistake is a 4xx with the protocol's `{"error": "..."}`
 body (400 malformed/invalid, 404 unknown model/version/route, 405 wrong
 method, 413 oversized body); the server never answers 500 for a client's input.

@@ -60,10 +60,9 @@ def test_demo_onnx_model_matches_the_final_weights(demo_report) -> None:  # type
         pytest.skip("fedge.serve.export_onnx not available")
     import onnxruntime as ort
 
+    from fedge.demo.run import VAL_FRACTION
     from fedge.demo.tcga import load_centres
     from fedge.train.metrics import concordance_index
-
-    from fedge.demo.run import VAL_FRACTION
 
     # centre 0 as its agent loads it: validation rows held out, standardiser fitted on the rest
     centre = load_centres(DATA, "continuous", val_fraction=VAL_FRACTION)[0]

@@ -32,6 +32,7 @@ recipe) for quick iterations; ``--quick`` a smoke run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 import time
@@ -240,15 +241,15 @@ def main(argv: list[str] | None = None) -> int:
     recipe_pooled: list[float] = []
     recipe = "not run"
     federated = bool({"protocol", "secagg", "recipe"} & set(parts))
-    with (
-        tempfile.TemporaryDirectory(prefix="fedge-bench-") as tmp,
-        Supervised(Path(tmp), site_tables(args.data, variants if federated else [])) as sup,
-    ):
-        print(
-            f"federation up: coordinator + {len(sup.fed.agents)} agents on loopback "
-            f"({time.monotonic() - t0:.0f} s)",
-            flush=True,
-        )
+    with tempfile.TemporaryDirectory(prefix="fedge-bench-") as tmp, contextlib.ExitStack() as es:
+        sup: Supervised = None  # type: ignore[assignment]  # the baselines need no federation
+        if federated:
+            sup = es.enter_context(Supervised(Path(tmp), site_tables(args.data, variants)))
+            print(
+                f"federation up: coordinator + {len(sup.fed.agents)} agents on loopback "
+                f"({time.monotonic() - t0:.0f} s)",
+                flush=True,
+            )
 
         # 1. FLamby's protocol, secure aggregation on
         finals42: dict[str, float] = {}

@@ -373,19 +373,6 @@ class InferenceServer:
             return None
         return model if self.inline(model, body_bytes / model.row_bytes) else None
 
-    def answer(
-        self, model: LoadedModel, body: bytes, header_length: str | None
-    ) -> tuple[int, bytes, dict[str, str]]:
-        """Answer one inference request inline; returns (status, body, headers).
-
-        Client mistakes and model failures become their error response (see `run`).
-        """
-        try:
-            request = self._parse(model, body, header_length)
-            return self._respond(model, request, self._run(model, request))
-        except ProtocolError as exc:
-            return exc.status, exc.body(), {"content-type": "application/json"}
-
     def submit(self, direct: _Direct, reply: Callable[[int, bytes, dict[str, str]], None]) -> None:
         """Answer a direct-lane request through `reply`: now, or with the other
         requests for the same model that arrive in this event-loop step.

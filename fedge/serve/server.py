@@ -728,7 +728,7 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
         """uvicorn's httptools protocol, answering cheap inference requests itself."""
 
         _direct: _Direct | None = None
-        _owed = False  # a direct-lane response not written yet
+        _owed: _Direct | None = None  # a direct-lane request not answered yet
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             # uvloop's transports are not asyncio.Transport subclasses: duck-typed
@@ -744,7 +744,8 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
                 super().on_headers_complete()
 
         def _take_direct(self) -> _Direct | None:
-            if self.parser.get_method() != b"POST" or self.flow.write_paused or self._owed:
+            if (self.parser.get_method() != b"POST" or self.flow.write_paused
+                    or self._owed is not None):
                 return None
             if self.pipeline or not (self.cycle is None or self.cycle.response_complete):
                 return None  # an ASGI response is still owed first: keep the order
@@ -761,6 +762,12 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
                           and self.parser.should_keep_alive())
             return _Direct(model, declared[1], keep_alive, time.perf_counter())
 
+        def shutdown(self) -> None:
+            if self._owed is not None:  # answer it first, then close (as uvicorn does
+                self._owed.keep_alive = False  # for an ASGI request under way)
+                return
+            super().shutdown()
+
         def on_body(self, body: bytes) -> None:
             if self._direct is None:
                 super().on_body(body)
@@ -773,7 +780,7 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
                 super().on_message_complete()
                 return
             self._direct = None
-            self._owed = True  # until it is answered, this connection's next request
+            self._owed = direct  # until it is answered, this connection's next request
             # takes the ASGI lane, whose task runs after the batch: responses keep order
             try:
                 app.submit(direct, functools.partial(self._reply, direct))
@@ -784,7 +791,7 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
 
         def _reply(self, direct: _Direct, status: int, payload: bytes,
                    headers: dict[str, str]) -> None:
-            self._owed = False
+            self._owed = None
             if self.transport.is_closing():
                 return  # the client left meanwhile
             out = [STATUS_LINE[status], _default_headers(self.server_state.default_headers)]

@@ -358,3 +358,46 @@ def test_requests_read_in_one_loop_step_share_one_run_and_get_their_own_rows(
     text = generate_latest(app.metrics.registry).decode()
     assert "fedge_serve_infer_batch_requests_count 1.0" in text  # one run for the four
     assert 'fedge_serve_infer_batch_requests_bucket{le="4.0"} 1.0' in text
+
+
+def test_shutdown_answers_a_request_already_read_then_closes(
+    tmp_path: Path, cox_v1: tuple[Path, torch.nn.Module]
+) -> None:
+    import uvicorn
+    from uvicorn.server import ServerState
+
+    from fedge.serve.server import _loop_and_http
+
+    ModelRepository(tmp_path).install("cox", cox_v1[0])
+    app = InferenceServer(tmp_path)
+    app.store.sync(app.repo)
+    x = _rows(2, seed=31)
+    body = _json_body(x)
+
+    async def exchange() -> bytes:
+        loop = asyncio.get_running_loop()
+        _, protocol_class = _loop_and_http(app)
+        config = uvicorn.Config(app, lifespan="off", proxy_headers=False, log_level="warning")
+        config.load()
+        state = ServerState()
+        ours, theirs = socket.socketpair()
+        theirs.setblocking(False)
+        _, proto = await loop.connect_accepted_socket(
+            lambda: protocol_class(config=config, server_state=state, app_state={}), ours
+        )
+        # the request is read (its batch runs at the end of this loop step), then
+        # the server shuts down before that step ends
+        proto.data_received(_post(body, f"Content-Length: {len(body)}"))
+        proto.shutdown()
+        received = b""
+        while chunk := await loop.sock_recv(theirs, 65536):
+            received += chunk  # until the server closes the connection
+        theirs.close()
+        return received
+
+    received = asyncio.run(exchange())
+    head, _, payload = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert b"\r\nconnection: close" in head
+    got = np.asarray(json.loads(payload)["outputs"][0]["data"], dtype=np.float32)
+    np.testing.assert_allclose(got, _expected(cox_v1[1], x).ravel(), atol=1e-5)

@@ -13,8 +13,9 @@ import json
 import re
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -47,6 +48,43 @@ def _post(body: bytes, *headers: str) -> bytes:
     head = "".join(f"{h}\r\n" for h in ("POST /v2/models/cox/infer HTTP/1.1", "Host: t",
                                          "Content-Type: application/json", *headers))
     return head.encode() + b"\r\n" + body
+
+
+def _connector(app: InferenceServer) -> Callable[[], Awaitable[tuple[Any, socket.socket]]]:
+    """Connects fedge serve's HTTP protocol (one config and server state for all)
+    to one end of a new socket pair, no listener; each call returns the protocol
+    object and the client's (non-blocking) end."""
+    import uvicorn
+    from uvicorn.server import ServerState
+
+    from fedge.serve.server import _loop_and_http
+
+    _, protocol_class = _loop_and_http(app)
+    config = uvicorn.Config(app, lifespan="off", proxy_headers=False, log_level="warning")
+    config.load()
+    state = ServerState()
+
+    async def connect() -> tuple[Any, socket.socket]:
+        ours, theirs = socket.socketpair()
+        theirs.setblocking(False)
+        _, proto = await asyncio.get_running_loop().connect_accepted_socket(
+            lambda: protocol_class(config=config, server_state=state, app_state={}), ours
+        )
+        return proto, theirs
+
+    return connect
+
+
+async def _recv_response(sock: socket.socket) -> tuple[bytes, bytes]:
+    """One HTTP response with a Content-Length from a non-blocking socket: (head, body)."""
+    loop = asyncio.get_running_loop()
+    buffer = bytearray()
+    while True:
+        buffer += await loop.sock_recv(sock, 65536)
+        head, sep, body = bytes(buffer).partition(b"\r\n\r\n")
+        length = re.search(rb"(?i)\r\ncontent-length: (\d+)", head)
+        if sep and length and len(body) >= int(length.group(1)):
+            return head, body
 
 
 def _read_response(sock: socket.socket, buffer: bytearray) -> tuple[int, bytes]:
@@ -235,11 +273,6 @@ def test_inference_metrics_are_cumulative_histograms_per_model() -> None:
 def test_cheap_requests_are_answered_by_the_protocol_without_an_asgi_cycle(
     tmp_path: Path, cox_v1: tuple[Path, torch.nn.Module]
 ) -> None:
-    import uvicorn
-    from uvicorn.server import ServerState
-
-    from fedge.serve.server import _loop_and_http
-
     ModelRepository(tmp_path).install("cox", cox_v1[0])
     app = InferenceServer(tmp_path)
     app.store.sync(app.repo)
@@ -249,26 +282,12 @@ def test_cheap_requests_are_answered_by_the_protocol_without_an_asgi_cycle(
 
     async def exchange() -> list[tuple[int, bytes, bool]]:
         loop = asyncio.get_running_loop()
-        _, protocol_class = _loop_and_http(app)
-        config = uvicorn.Config(app, lifespan="off", proxy_headers=False, log_level="warning")
-        config.load()
-        state = ServerState()
-        ours, theirs = socket.socketpair()
-        theirs.setblocking(False)
-        _, proto = await loop.connect_accepted_socket(
-            lambda: protocol_class(config=config, server_state=state, app_state={}), ours
-        )
+        proto, theirs = await _connector(app)()
         seen = []
         for request in (_post(plain, f"Content-Length: {len(plain)}"),
                         _post(chunked, "Transfer-Encoding: chunked")):
             await loop.sock_sendall(theirs, request)
-            buffer = bytearray()
-            while True:
-                buffer += await loop.sock_recv(theirs, 65536)
-                head, sep, body = bytes(buffer).partition(b"\r\n\r\n")
-                length = re.search(rb"(?i)\r\ncontent-length: (\d+)", head)
-                if sep and length and len(body) >= int(length.group(1)):
-                    break
+            head, body = await _recv_response(theirs)
             seen.append((int(head.split()[1]), body, proto.cycle is not None))
         theirs.close()
         return seen
@@ -308,42 +327,20 @@ def test_only_models_whose_rows_are_independent_are_batched(
 def test_requests_read_in_one_loop_step_share_one_run_and_get_their_own_rows(
     tmp_path: Path, cox_v1: tuple[Path, torch.nn.Module]
 ) -> None:
-    import uvicorn
-    from uvicorn.server import ServerState
-
-    from fedge.serve.server import _loop_and_http
-
     ModelRepository(tmp_path).install("cox", cox_v1[0])
     app = InferenceServer(tmp_path)
     app.store.sync(app.repo)
     xs = [_rows(n, seed=20 + n) for n in (1, 3, 2, 1)]
 
     async def exchange() -> list[bytes]:
-        loop = asyncio.get_running_loop()
-        _, protocol_class = _loop_and_http(app)
-        config = uvicorn.Config(app, lifespan="off", proxy_headers=False, log_level="warning")
-        config.load()
-        state = ServerState()
-        clients = []
-        for _ in xs:
-            ours, theirs = socket.socketpair()
-            await loop.connect_accepted_socket(
-                lambda: protocol_class(config=config, server_state=state, app_state={}), ours
-            )
-            clients.append(theirs)
+        connect = _connector(app)
+        clients = [(await connect())[1] for _ in xs]
         for sock, x in zip(clients, xs, strict=True):  # all sent before the loop reads any
             body = _json_body(x)
             sock.sendall(_post(body, f"Content-Length: {len(body)}"))
         answers = []
         for sock in clients:
-            sock.setblocking(False)
-            buffer = bytearray()
-            while True:
-                buffer += await loop.sock_recv(sock, 65536)
-                head, sep, body = bytes(buffer).partition(b"\r\n\r\n")
-                length = re.search(rb"(?i)\r\ncontent-length: (\d+)", head)
-                if sep and length and len(body) >= int(length.group(1)):
-                    break
+            head, body = await _recv_response(sock)
             assert head.startswith(b"HTTP/1.1 200"), head
             answers.append(body)
             sock.close()
@@ -363,11 +360,6 @@ def test_requests_read_in_one_loop_step_share_one_run_and_get_their_own_rows(
 def test_shutdown_answers_a_request_already_read_then_closes(
     tmp_path: Path, cox_v1: tuple[Path, torch.nn.Module]
 ) -> None:
-    import uvicorn
-    from uvicorn.server import ServerState
-
-    from fedge.serve.server import _loop_and_http
-
     ModelRepository(tmp_path).install("cox", cox_v1[0])
     app = InferenceServer(tmp_path)
     app.store.sync(app.repo)
@@ -376,15 +368,7 @@ def test_shutdown_answers_a_request_already_read_then_closes(
 
     async def exchange() -> bytes:
         loop = asyncio.get_running_loop()
-        _, protocol_class = _loop_and_http(app)
-        config = uvicorn.Config(app, lifespan="off", proxy_headers=False, log_level="warning")
-        config.load()
-        state = ServerState()
-        ours, theirs = socket.socketpair()
-        theirs.setblocking(False)
-        _, proto = await loop.connect_accepted_socket(
-            lambda: protocol_class(config=config, server_state=state, app_state={}), ours
-        )
+        proto, theirs = await _connector(app)()
         # the request is read (its batch runs at the end of this loop step), then
         # the server shuts down before that step ends
         proto.data_received(_post(body, f"Content-Length: {len(body)}"))

@@ -98,7 +98,11 @@ def _plots(report: Path, curve: list[dict[str, Any]]) -> list[str]:
     ax.plot(rounds, [c["weighted"] for c in curve], "k-o", lw=2, label="size-weighted")
     for i in range(CENTRES):
         site = f"centre-{i}"
-        ax.plot(rounds, [c["sites"].get(site, np.nan) for c in curve], lw=1, alpha=0.7, label=site)
+        values = [c["sites"].get(site, np.nan) for c in curve]
+        # a small centre's validation rows may hold no comparable pair (no event):
+        # its C-index is undefined every round, and the legend says so
+        label = site if np.isfinite(values).any() else f"{site} (no C-index: no comparable pair)"
+        ax.plot(rounds, values, lw=1, alpha=0.7, label=label)
     ax.set_xlabel("round")
     ax.set_ylabel("validation C-index (federated evaluation)")
     ax.set_title("Fed-TCGA-BRCA: global Cox model, per centre")

@@ -50,6 +50,7 @@ class _Task:
     digest: bytes
     quant_seed: bytes
     task_id: str = ""
+    client_control: np.ndarray | None = None  # SCAFFOLD: c_i at the start of the round
     local: LocalResult | None = None
     session: Any = None
     started: float = field(default_factory=time.monotonic)
@@ -92,6 +93,9 @@ class Agent:
         self.on_status: Callable[[str], None] = lambda text: None
         self.before_handle: Callable[[codec.Envelope], None] | None = None
         self._busy: str = ""
+        # SCAFFOLD's c_i, per job: {round r: c_i at the start of round r} (latest two).
+        # Held in memory for the job: an agent restart starts again from c_i = 0.
+        self.controls: dict[str, dict[int, np.ndarray]] = {}
         self._health_cache: tuple[dict[str, Any], bool, str] = ({}, True, "")
 
     # -- outgoing -------------------------------------------------------------------
@@ -177,9 +181,19 @@ class Agent:
                                "secure aggregation needs an enrolled identity and roster",
                                t.task_id)
             return
+        kwargs: dict[str, Any] = {}
+        if plan.scaffold:
+            control = None if t.server_control is None else np.array(t.server_control,
+                                                                      dtype=np.float32)
+            if control is None or control.shape != np.shape(t.weights):
+                await self._refuse(job, rnd, m.TASK_TRAIN,
+                                   f"scaffold task without a server control variate of "
+                                   f"length {np.size(t.weights)}", t.task_id)
+                return
+            kwargs = {"server_control": control, "client_control": self.client_control(job, rnd)}
         weights = np.array(t.weights, dtype=np.float32)  # own copy: frames are read-only
         task = _Task(job, rnd, plan, weights, bytes(t.model_digest), bytes(t.quant_seed),
-                     t.task_id)
+                     t.task_id, kwargs.get("client_control"))
         self.task = task
         self._set_busy(f"{m.TASK_TRAIN} {job} round {rnd}")
         loop = asyncio.get_running_loop()
@@ -187,7 +201,7 @@ class Agent:
             result = await loop.run_in_executor(
                 self.executor,
                 lambda: self.trainer.train(self.site, job, plan, weights, round=rnd,
-                                           seed=t.train_seed))
+                                           seed=t.train_seed, **kwargs))
         except TaskRefusal as exc:
             if self.task is task:
                 self.task = None
@@ -196,16 +210,51 @@ class Agent:
             return
         if self.task is not task:  # superseded or aborted while training
             return
+        if plan.scaffold and (result.delta_control is None
+                              or result.delta_control.shape != weights.shape):
+            self.task = None
+            self._set_busy("")
+            await self._refuse(job, rnd, m.TASK_TRAIN,
+                               "scaffold training returned no control variate update",
+                               t.task_id)
+            return
         task.local = result
         await self.send(m.TrainDone(task_id=task.task_id, n_examples=result.n_examples,
                                     metrics=result.metrics, epsilon=result.epsilon),
                         job=job, round=rnd)
 
+    def client_control(self, job: str, rnd: int) -> np.ndarray | None:
+        """SCAFFOLD's c_i for round ``rnd`` of ``job`` (None: zeros, never trained).
+
+        The value at the start of the latest round <= ``rnd``: a round retried after
+        the agent committed it starts from the same c_i as its first attempt.
+        """
+        held = self.controls.get(job, {})
+        earlier = [r for r in held if r <= rnd]
+        return held[max(earlier)] if earlier else None
+
+    def _commit_control(self, task: _Task) -> None:
+        """The round's update was summed (its EvalTask came): c_i ← c_i + Δc_i."""
+        assert task.local is not None and task.local.delta_control is not None
+        start = (task.client_control if task.client_control is not None
+                 else np.zeros_like(task.local.delta_control))
+        held = self.controls.setdefault(task.job, {})
+        held[task.round] = start
+        held[task.round + 1] = (start + task.local.delta_control).astype(np.float32)
+        for r in [r for r in held if r < task.round]:
+            del held[r]
+
     def input_vector(self, task: _Task, weight_scale: float) -> np.ndarray:
-        """concat(w·Δ, [w]) with Δ clipped to [−c, c] and w = weight_scale·n (see rounds.py)."""
+        """concat(w·Δ, [w]) with Δ clipped to [−c, c] and w = weight_scale·n (see rounds.py).
+
+        SCAFFOLD: concat(w·Δ, w·Δc, [w]), Δc clipped to [−c, c] as well.
+        """
         assert task.local is not None
         c = task.plan.secagg.clip
-        delta = task.local.weights.astype(np.float64) - task.weights.astype(np.float64)
+        parts = [task.local.weights.astype(np.float64) - task.weights.astype(np.float64)]
+        if task.local.delta_control is not None:
+            parts.append(task.local.delta_control.astype(np.float64))
+        delta = np.concatenate(parts)
         np.clip(delta, -c, c, out=delta)
         w = weight_scale * task.local.n_examples
         vec = np.empty(delta.size + 1, dtype=np.float32)
@@ -268,6 +317,10 @@ class Agent:
         except PlanError as exc:
             await self._refuse(job, rnd, m.TASK_EVAL, f"unrunnable plan: {exc}", e.task_id)
             return
+        task = self.task
+        if (task is not None and self._current(job, rnd) and task.task_id == e.task_id
+                and task.local is not None and task.local.delta_control is not None):
+            self._commit_control(task)  # only summed updates move c_i
         weights = np.array(e.weights, dtype=np.float32)
         self._set_busy(f"{m.TASK_EVAL} {job} round {rnd}")
         loop = asyncio.get_running_loop()

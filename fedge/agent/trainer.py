@@ -31,13 +31,16 @@ class LocalResult:
     n_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
     epsilon: float = 0.0
+    # SCAFFOLD: Δc_i = c_i⁺ − c_i (float32[d]); None for other strategies
+    delta_control: np.ndarray | None = None
 
 
 class Trainer(Protocol):
     def datasets(self) -> list[str]: ...
 
     def train(self, site: str, job: str, plan: Plan, weights: np.ndarray, *, round: int,
-              seed: int) -> LocalResult: ...
+              seed: int, server_control: np.ndarray | None = None,
+              client_control: np.ndarray | None = None) -> LocalResult: ...
 
     def evaluate(self, plan: Plan, weights: np.ndarray, split: str) -> tuple[int, dict[str, float]]:
         ...
@@ -58,6 +61,7 @@ def train_config_dict(plan: Plan, seed: int) -> dict[str, Any]:
         "momentum": t.momentum,
         "weight_decay": t.weight_decay,
         "prox_mu": plan.prox_mu,
+        "scaffold": plan.scaffold,
         "seed": seed,
         "device": "cpu",
     }
@@ -117,8 +121,14 @@ class TorchTrainer:
             return self._data[name]
 
     def train(self, site: str, job: str, plan: Plan, weights: np.ndarray, *, round: int,
-              seed: int) -> LocalResult:
-        """Raises: TaskRefusal: missing data set, or a plan this site cannot run."""
+              seed: int, server_control: np.ndarray | None = None,
+              client_control: np.ndarray | None = None) -> LocalResult:
+        """SCAFFOLD plans need ``server_control`` (c); ``client_control`` is this site's
+        c_i at the start of the round (None: zeros). The agent owns c_i, so a retried
+        round starts from the same c_i.
+
+        Raises: TaskRefusal: missing data set, or a plan this site cannot run.
+        """
         from fedge.train.api import ClientState, ModelSpec, TrainConfig, local_train
 
         data = self._site_data(plan.dataset)
@@ -128,9 +138,11 @@ class TorchTrainer:
         except (KeyError, ValueError, TypeError) as exc:
             raise TaskRefusal(f"plan cannot run here: {exc}") from exc
         state = self._states.setdefault(job, ClientState(job=job, ledger=self._ledger))
+        state.scaffold_ci = (None if client_control is None
+                             else np.array(client_control, dtype=np.float32))
         try:
             out = local_train(spec, np.asarray(weights, dtype=np.float32), data, cfg,
-                              round=round, state=state)
+                              round=round, state=state, server_control=server_control)
         except (KeyError, ValueError, TypeError, RuntimeError) as exc:
             raise TaskRefusal(f"local training failed: {type(exc).__name__}: {exc}") from exc
         if self._ledger_path is not None and out.epsilon is not None:
@@ -138,7 +150,7 @@ class TorchTrainer:
                 self._ledger.save(self._ledger_path)
         return LocalResult(np.ascontiguousarray(out.weights, dtype=np.float32), out.n_examples,
                            {k: float(v) for k, v in out.metrics.items()},
-                           float(out.epsilon or 0.0))
+                           float(out.epsilon or 0.0), out.extra.get("scaffold_delta_c"))
 
     def evaluate(self, plan: Plan, weights: np.ndarray, split: str) -> tuple[int, dict[str, float]]:
         """Raises: TaskRefusal: missing data set or a model that does not fit it."""
@@ -159,7 +171,10 @@ class SyntheticTrainer:
     The "local model" is the global one moved towards a per-site target:
     w ← w + lr·(target_site − w), target drawn from a generator seeded by the
     site name, so the federated optimum is the count-weighted mean of the
-    targets. ``n_examples`` is fixed per site.
+    targets. ``n_examples`` is fixed per site. That is K gradient steps
+    (K = plan ``train.steps``, 1 with ``train.epochs``) on ½‖w − target‖²; under
+    SCAFFOLD each step is corrected, y ← y − lr·((y − target) − c_i + c), and
+    Δc_i = c_i⁺ − c_i with option II's c_i⁺ = c_i − c + (w − y)/(K·lr).
     """
 
     def __init__(self, site: str, *, dataset: str = "synthetic", n_examples: int = 100,
@@ -181,15 +196,33 @@ class SyntheticTrainer:
         return self._target
 
     def train(self, site: str, job: str, plan: Plan, weights: np.ndarray, *, round: int,
-              seed: int) -> LocalResult:
-        """Raises: TaskRefusal: the plan asks for another data set."""
+              seed: int, server_control: np.ndarray | None = None,
+              client_control: np.ndarray | None = None) -> LocalResult:
+        """Raises: TaskRefusal: the plan asks for another data set, or SCAFFOLD
+        without a server control variate of length d."""
         if plan.dataset != self.dataset:
             raise TaskRefusal(f"data set {plan.dataset!r} is not held here")
         w = np.asarray(weights, dtype=np.float32)
         lr = np.float32(min(1.0, plan.train.learning_rate))
-        new = w + lr * (self.target(w.size) - w)
-        loss = float(np.mean((w - self.target(w.size)) ** 2))
-        return LocalResult(new.astype(np.float32), self.n_examples, {"loss": loss})
+        k = plan.train.steps or 1
+        target = self.target(w.size)
+        loss = float(np.mean((w - target) ** 2))
+        if not plan.scaffold:
+            new = w
+            for _ in range(k):
+                new = (new + lr * (target - new)).astype(np.float32)
+            return LocalResult(new, self.n_examples, {"loss": loss})
+        if server_control is None or np.asarray(server_control).shape != w.shape:
+            raise TaskRefusal(f"scaffold needs a server control variate of length {w.size}")
+        c = np.asarray(server_control, dtype=np.float32)
+        ci = (np.zeros_like(w) if client_control is None
+              else np.asarray(client_control, dtype=np.float32))
+        new = w
+        for _ in range(k):
+            new = (new - lr * ((new - target) - ci + c)).astype(np.float32)
+        ci_new = ci - c + (w - new) / (np.float32(k) * lr)
+        return LocalResult(new, self.n_examples, {"loss": loss},
+                           delta_control=(ci_new - ci).astype(np.float32))
 
     def evaluate(self, plan: Plan, weights: np.ndarray, split: str) -> tuple[int, dict[str, float]]:
         w = np.asarray(weights, dtype=np.float32)

@@ -28,7 +28,7 @@ Example::
     weight_decay = 0.0
 
     [strategy]
-    name = "fedadam"        # fedavg | fedavgm | fedprox | fedadam | fedyogi | fedadagrad
+    name = "fedadam"        # fedavg | fedavgm | fedprox | fedadam | fedyogi | fedadagrad | scaffold
     server_learning_rate = 0.01
     beta1 = 0.9
     beta2 = 0.999
@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 EVAL_SPLITS = ("val", "test", "train")
-STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad")
+STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "scaffold")
 OPTIMIZERS = ("sgd", "adam")
 
 # Which strategy parameters each strategy reads (all others are refused, so a
@@ -71,6 +71,7 @@ STRATEGY_PARAMS: dict[str, tuple[str, ...]] = {
     "fedadam": ("server_learning_rate", "beta1", "beta2", "tau"),
     "fedyogi": ("server_learning_rate", "beta1", "beta2", "tau"),
     "fedadagrad": ("server_learning_rate", "beta1", "tau"),
+    "scaffold": ("server_learning_rate",),
 }
 STRATEGY_DEFAULTS: dict[str, float] = {
     "server_learning_rate": 1.0,
@@ -156,6 +157,11 @@ class Plan:
     def prox_mu(self) -> float:
         """The FedProx proximal weight the clients use (0 for other strategies)."""
         return self.strategy.get("mu") if self.strategy.name == "fedprox" else 0.0
+
+    @property
+    def scaffold(self) -> bool:
+        """SCAFFOLD: tasks carry the server control variate c, updates carry Δc."""
+        return self.strategy.name == "scaffold"
 
 
 _TOP = ("job", "model", "train", "strategy", "secagg", "privacy", "deadlines")
@@ -249,6 +255,8 @@ def parse_plan(text: str) -> Plan:
         raise PlanError("job.min_clients", min_clients,
                         "must be >= 2 when secagg.enabled: a sum of one input reveals it")
     _check_privacy(privacy, tsettings, rounds)
+    if sname == "scaffold":
+        _check_scaffold(tsettings, privacy)
     deadlines = Deadlines(
         cohort_s=_float(dead, "deadlines.cohort_s", lo=0.0, lo_open=True, default=60.0),
         train_s=_float(dead, "deadlines.train_s", lo=0.0, lo_open=True, default=600.0),
@@ -302,6 +310,31 @@ def _check_privacy(privacy: dict[str, Any], train: TrainSettings, rounds: int) -
                       sampling_rate=q, noise_multiplier=sigma)
     except PrivacyBudgetError as exc:
         raise PlanError("privacy.dp.target_epsilon", target, str(exc)) from None
+
+
+def _check_scaffold(train: TrainSettings, privacy: dict[str, Any]) -> None:
+    """Refuse what SCAFFOLD's option II control variate does not hold for.
+
+    c_i⁺ = c_i − c + (w − y_i)/(K·lr) is the mean corrected gradient of K plain SGD
+    steps; with momentum or Adam it is not. DP-SGD (``dp``) and DP-FedAvg
+    (``client_dp``) privatise the weights but Δc_i would leave the site un-noised.
+
+    Raises:
+        PlanError: naming the offending field.
+    """
+    if train.optimizer != "sgd":
+        raise PlanError("train.optimizer", train.optimizer,
+                        "strategy scaffold needs plain sgd (option II control variates "
+                        "assume K plain SGD steps)")
+    if train.momentum != 0.0:
+        raise PlanError("train.momentum", train.momentum,
+                        "strategy scaffold needs momentum = 0 (option II control variates "
+                        "assume K plain SGD steps)")
+    for key in ("dp", "client_dp"):
+        if key in privacy:
+            raise PlanError(f"privacy.{key}", privacy[key],
+                            "not supported with strategy scaffold: the control variate "
+                            "update Δc_i would leave the site without noise")
 
 
 def _table(raw: dict[str, Any], name: str, *, required: bool = True) -> dict[str, Any]:

@@ -18,6 +18,10 @@ w_i = weight_scale · n_i, weight_scale = min(1, c) / max_j n_j over the
 aggregation cohort. Hence every coordinate lies in [−c, c], the quantiser's
 range; the coordinator divides Σ w_i·Δ_i by Σ w_i (the last coordinate) and
 obtains the example-weighted mean update, whatever the common scale.
+
+SCAFFOLD (plan strategy ``scaffold``): the task carries the server control
+variate c, and each input is concat(w_i·Δ_i, w_i·Δc_i, [w_i]) (2d + 1 values,
+Δc_i clipped like Δ_i), so c's update is also learnt from sums alone.
 """
 
 from __future__ import annotations
@@ -116,7 +120,7 @@ def metrics_problem(metrics: dict[str, float], epsilon: float) -> str | None:
 
 @dataclass
 class AggregationResult:
-    total: np.ndarray  # float64[d+1]: Σ w_i·Δ_i, Σ w_i
+    total: np.ndarray  # float64[d+1]: Σ w_i·Δ_i, Σ w_i (SCAFFOLD [2d+1]: then Σ w_i·Δc_i)
     survivors: list[str]
     dropped: list[str]
 
@@ -247,6 +251,12 @@ class Round:
         return RoundInfo(self.job_id, self.round, self.digest)
 
     @property
+    def input_length(self) -> int:
+        """Length of each aggregation input: d + 1, or 2d + 1 for SCAFFOLD."""
+        d = self.weights.size
+        return 2 * d + 1 if self.plan.scaffold else d + 1
+
+    @property
     def finished(self) -> bool:
         return self.phase in (Phase.DONE, Phase.FAILED)
 
@@ -264,12 +274,15 @@ class Round:
             self.cohort = sorted(candidates)
             self.phase = Phase.TRAINING
             self._deadline = now + self.plan.deadlines.train_s
+            control = (self.strategy.server_control(self.weights.size) if self.plan.scaffold
+                       else None)
             return [
                 (site, m.TrainTask(
                     task_id=self.task_id, plan=self.plan.text, weights=self.weights,
                     model_digest=self.digest,
                     train_seed=train_seed(self.plan.seed, self.round, site),
                     quant_seed=derive_seed(self.plan.seed, self.round, site, "quantise"),
+                    server_control=control,
                 ))
                 for site in self.cohort
             ]
@@ -398,7 +411,7 @@ class Round:
         scale = weight_scale(self.plan.secagg.clip, n_max)
         self.phase = Phase.AGGREGATING
         self._aggregation = self.aggregation_factory(
-            self.plan, self.info, done, self.weights.size + 1
+            self.plan, self.info, done, self.input_length
         )
         threshold = int(getattr(self._aggregation, "threshold", 1))
         out: Outgoing = [
@@ -421,10 +434,15 @@ class Round:
         if res is None:
             return []
         d = self.weights.size
-        total_weight = float(res.total[d])
+        total_weight = float(res.total[-1])
         try:
             avg = mean_update(res.total[:d], total_weight)
-            self.new_weights = self.strategy.step(self.weights, avg)
+            if self.plan.scaffold:
+                self.new_weights = self.strategy.step(
+                    self.weights, avg, mean_control=mean_update(res.total[d:2 * d], total_weight),
+                    participation=len(res.survivors) / len(self.cohort))
+            else:
+                self.new_weights = self.strategy.step(self.weights, avg)
         except StrategyError as exc:
             return self._fail(f"aggregate rejected: {exc}")
         self.survivors = sorted(res.survivors)

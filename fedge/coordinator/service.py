@@ -499,7 +499,9 @@ class Coordinator:
         else:
             self.store.audit(SYSTEM, "job_resumed",
                              {"job": job.job_id, "from_round": job.committed_round})
-        self.max_message_bytes = max(self.max_message_bytes, 8 * (weights.size + 1) + (1 << 20))
+        # room for the longest aggregation input (SCAFFOLD: 2d + 1 values)
+        self.max_message_bytes = max(self.max_message_bytes,
+                                     8 * (2 * weights.size + 1) + (1 << 20))
         self.runner = JobRunner(self, job.job_id, plan, weights, strategy, job.committed_round)
 
     def _round0(self, job_id: str, plan: Plan) -> np.ndarray:

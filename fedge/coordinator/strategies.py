@@ -13,6 +13,13 @@ FLamby's parameter names (η = ``server_learning_rate``, β₁ = ``beta1``,
     FedAdagrad  m ← β₁·m + (1−β₁)·Δ̄;  v ← v + Δ̄²;                         x ← x + η·m/(√v + τ)
     FedAdam     m ← β₁·m + (1−β₁)·Δ̄;  v ← β₂·v + (1−β₂)·Δ̄²;               x ← x + η·m/(√v + τ)
     FedYogi     m ← β₁·m + (1−β₁)·Δ̄;  v ← v − (1−β₂)·Δ̄²·sign(v − Δ̄²);    x ← x + η·m/(√v + τ)
+    SCAFFOLD    x ← x + η·Δ̄;  c ← c + (|S|/N)·Δc̄
+
+SCAFFOLD (Karimireddy et al. 2020, option II; FLamby's ``Scaffold``): the server
+keeps the control variate c (state ``"c"``, starts at 0) and sends it with every
+task; site i trains with the correction (c − c_i) and also returns
+Δc_i = c_i⁺ − c_i. Δc̄ is the same example-weighted mean as Δ̄ (the coordinator
+sees only sums), |S| the sites whose update was summed, N the round's cohort.
 
 m starts at 0 and v at τ² (the paper's v₋₁ ≥ τ²). The state (m, v) is part of
 every checkpoint, so a resumed job continues bit for bit. Arithmetic is in
@@ -43,11 +50,29 @@ class Strategy:
     def name(self) -> str:
         return self.settings.name
 
-    def step(self, global_weights: np.ndarray, mean_update: np.ndarray) -> np.ndarray:
-        """Return the next global model (float32); updates ``state`` in place.
+    def server_control(self, d: int) -> np.ndarray:
+        """SCAFFOLD's c as sent to the sites (float32[d]; zeros before the first round).
 
         Raises:
-            StrategyError: shapes differ, or the update holds NaN/inf.
+            StrategyError: the stored c does not have ``d`` values.
+        """
+        c = self.state.get("c")
+        if c is None:
+            return np.zeros(d, dtype=np.float32)
+        if c.shape != (d,):
+            raise StrategyError(f"strategy state 'c' has shape {c.shape}, expected {(d,)}")
+        return c.astype(np.float32)
+
+    def step(self, global_weights: np.ndarray, mean_update: np.ndarray, *,
+             mean_control: np.ndarray | None = None, participation: float = 1.0) -> np.ndarray:
+        """Return the next global model (float32); updates ``state`` in place.
+
+        ``mean_control`` (Δc̄) and ``participation`` (|S|/N, in (0, 1]) are SCAFFOLD's
+        and required by it; other strategies refuse a ``mean_control``.
+
+        Raises:
+            StrategyError: shapes differ, the update holds NaN/inf, or ``mean_control``
+                is missing (SCAFFOLD) or given (any other strategy).
         """
         x = np.asarray(global_weights)
         delta = np.asarray(mean_update, dtype=np.float64)
@@ -60,7 +85,23 @@ class Strategy:
         eta = self.settings.get("server_learning_rate")
         name = self.settings.name
         x64 = x.astype(np.float64)
-        if name in ("fedavg", "fedprox"):
+        if (mean_control is not None) != (name == "scaffold"):
+            raise StrategyError(f"strategy {name} {'needs' if name == 'scaffold' else 'takes no'}"
+                                " mean control-variate update")
+        if name == "scaffold":
+            assert mean_control is not None
+            dc = np.asarray(mean_control, dtype=np.float64)
+            if dc.shape != delta.shape:
+                raise StrategyError(f"mean control update shape {dc.shape} does not match "
+                                    f"global model shape {x.shape}")
+            if not np.all(np.isfinite(dc)):
+                raise StrategyError("mean control update holds NaN or infinite values")
+            if not 0.0 < participation <= 1.0:
+                raise StrategyError(f"participation |S|/N = {participation} is not in (0, 1]")
+            c = self._buf("c", delta.shape, 0.0)
+            c += participation * dc
+            new = x64 + eta * delta
+        elif name in ("fedavg", "fedprox"):
             new = x64 + eta * delta
         elif name == "fedavgm":
             m = self._buf("m", delta.shape, 0.0)

@@ -79,6 +79,8 @@ class TrainTask:
     model_digest: bytes  # sha256 of weights (binds secagg masks to this model)
     train_seed: int  # derived from (job seed, round, site)
     quant_seed: bytes  # 16 bytes, derived from (job seed, round, site)
+    # SCAFFOLD's server control variate c, d values; None for every other strategy
+    server_control: F32 | None = None
 
 
 @message("task_refused")
@@ -112,7 +114,8 @@ class AggregateBegin:
 @dataclass(frozen=True)
 class PlainUpdate:
     task_id: str  # names one attempt at one round; replies echo it
-    vector: F32  # concat(w_i * delta_i, [w_i]), d + 1 values
+    vector: F32  # concat(w_i * delta_i, [w_i]), d + 1 values; SCAFFOLD:
+    # concat(w_i * delta_i, w_i * delta_c_i, [w_i]), 2d + 1 values
 
 
 @message("eval_task", max_bytes=None)

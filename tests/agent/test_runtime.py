@@ -212,3 +212,44 @@ def test_synthetic_trainer_refuses_other_dataset():
     with pytest.raises(TaskRefusal, match="not held"):
         SyntheticTrainer("a", dataset="x").train("a", "j", parse_plan(PLAN),
                                                   np.zeros(2, np.float32), round=1, seed=0)
+
+
+SCAFFOLD_PLAN = PLAN.replace('name = "fedavg"', 'name = "scaffold"')
+
+
+@pytest.mark.parametrize("control", [None, np.zeros(3, np.float32)])
+def test_scaffold_task_without_a_fitting_server_control_is_refused(control):
+    agent = Agent("site-a", SyntheticTrainer("site-a"))
+    link = Link(agent)
+    t = task(plan=SCAFFOLD_PLAN)
+    t = m.TrainTask(**{**t.__dict__, "server_control": control})
+    asyncio.run(deliver(agent, t))
+    (ref,) = link.bodies(m.TaskRefused)
+    assert "without a server control variate of length 4" in ref.reason
+    assert agent.task is None and not link.bodies(m.TrainDone)
+
+
+def test_scaffold_update_vector_carries_delta_y_and_clipped_delta_c():
+    agent = Agent("site-a", SyntheticTrainer("site-a", n_examples=10))
+    link = Link(agent)
+    c = np.array([0.0, 1.0, -1.0, 0.5], np.float32)
+    t = m.TrainTask(**{**task(plan=SCAFFOLD_PLAN).__dict__, "server_control": c})
+    asyncio.run(deliver(agent, t))
+    assert link.bodies(m.TrainDone)
+    local = agent.task.local
+    asyncio.run(deliver(agent, m.AggregateBegin(task_id="t1", cohort=["site-a", "site-b"],
+                                                weight_scale=0.02, secure=False, threshold=1)))
+    (up,) = link.bodies(m.PlainUpdate)
+    w = 0.02 * 10
+    np.testing.assert_allclose(up.vector[:4], w * np.clip(local.weights, -0.25, 0.25),
+                               rtol=1e-6)
+    np.testing.assert_allclose(up.vector[4:8], w * np.clip(local.delta_control, -0.25, 0.25),
+                               rtol=1e-6)
+    assert up.vector[8] == np.float32(w) and up.vector.size == 9
+    # Δc_i = c_i⁺ − c_i = −c + (w − y)/(K·lr) with c_i = 0, w = 0, K = 1, lr = 0.5
+    np.testing.assert_allclose(local.delta_control, -c - local.weights / 0.5, atol=1e-6)
+    assert agent.client_control("job1", 2) is None  # committed only when the round is summed
+    asyncio.run(deliver(agent, m.EvalTask(task_id="t1", plan=SCAFFOLD_PLAN,
+                                          weights=np.zeros(4, np.float32), split="test")))
+    np.testing.assert_array_equal(agent.client_control("job1", 2), local.delta_control)
+    np.testing.assert_array_equal(agent.client_control("job1", 1), np.zeros(4, np.float32))

@@ -51,7 +51,7 @@ def plan(rounds=3, min_clients=3, train_s=60, stage_s=10):
 
 def in_process_reference(plan_text, sites):
     """The same job without secure aggregation or processes: local_train per site,
-    clipped weighted mean, strategy step."""
+    clipped weighted mean, strategy step (SCAFFOLD: with c, c_i and the Δc half)."""
     import torch
 
     from fedge.agent.trainer import TorchTrainer
@@ -66,18 +66,29 @@ def in_process_reference(plan_text, sites):
                              dtype=np.float32)
     strategy = Strategy(p.strategy)
     trainers = {s: TorchTrainer([ds]) for s, ds in sites.items()}
+    d = w.size
+    ci: dict[str, np.ndarray | None] = {s: None for s in sites}
     for r in range(1, p.rounds + 1):
-        outs = {s: t.train(s, "ref", p, w, round=r, seed=train_seed(p.seed, r, s))
+        kw = {s: {"server_control": strategy.server_control(d), "client_control": ci[s]}
+              if p.scaffold else {} for s in sites}
+        outs = {s: t.train(s, "ref", p, w, round=r, seed=train_seed(p.seed, r, s), **kw[s])
                 for s, t in sorted(trainers.items())}
         scale = weight_scale(p.secagg.clip, max(o.n_examples for o in outs.values()))
-        total = np.zeros(w.size + 1)
-        for o in outs.values():
+        total = np.zeros(2 * d + 1 if p.scaffold else d + 1)
+        for s, o in outs.items():
             wi = scale * o.n_examples
-            delta = np.clip(o.weights.astype(np.float64) - w, -p.secagg.clip, p.secagg.clip)
-            total[:-1] += wi * delta
+            parts = [o.weights.astype(np.float64) - w]
+            if p.scaffold:
+                parts.append(o.delta_control.astype(np.float64))
+                ci[s] = (np.zeros(d, np.float32) if ci[s] is None else ci[s]) + o.delta_control
+            total[:-1] += wi * np.clip(np.concatenate(parts), -p.secagg.clip, p.secagg.clip)
             total[-1] += wi
-        w = strategy.step(w, mean_update(total[:-1], total[-1]))
-    return w
+        if p.scaffold:
+            w = strategy.step(w, mean_update(total[:d], total[-1]),
+                              mean_control=mean_update(total[d:2 * d], total[-1]))
+        else:
+            w = strategy.step(w, mean_update(total[:-1], total[-1]))
+    return w, strategy.state
 
 
 def test_three_agents_three_rounds_with_secure_aggregation(federation, brca):
@@ -118,7 +129,7 @@ def test_three_agents_three_rounds_with_secure_aggregation(federation, brca):
         (1, "committed"), (2, "committed"), (3, "committed")]
     final = ck.load_checkpoint(ck.final_path(fed.coord_dir, job))
     assert final.model_digest == row["final_digest"]
-    expect = in_process_reference(text, sites)
+    expect, _ = in_process_reference(text, sites)
     # SecAgg+ quantises each coordinate of the weighted update to a step of
     # 2c/(2^b - 1), b = quant_bits(3) = 30; three inputs, three rounds, and
     # FedAdam's step bounded by server_learning_rate per coordinate: the
@@ -158,6 +169,38 @@ def test_three_agents_three_rounds_with_secure_aggregation(federation, brca):
     assert "READY=1" in text_all and "WATCHDOG=1" in text_all and "STOPPING=1" in text_all
     assert any(line.startswith("STATUS=train") for st in states for line in st.splitlines())
     assert text_all.index("READY=1") < text_all.index("STOPPING=1")
+
+
+SCAFFOLD = """
+[strategy]
+name = "scaffold"
+server_learning_rate = 1.0
+"""
+
+
+def test_scaffold_job_with_secure_aggregation_matches_the_in_process_reference(federation, brca):
+    """Two SCAFFOLD rounds through real processes and SecAgg+: c travels with the
+    task, each agent's masked input carries [Δy, Δc], the coordinator splits the sum."""
+    fed = federation()
+    sites = {f"site-{i}": brca(i) for i in range(3)}
+    for s, ds in sites.items():
+        fed.add_site(s, [ds])
+    fed.enrol_in_store()
+    fed.start_coordinator()
+    for s in sites:
+        fed.start_agent(s)
+    default = plan(rounds=2)
+    text = default[:default.index("[strategy]")] + SCAFFOLD.lstrip() + \
+        default[default.index("[secagg]"):]
+    job = fed.submit(text)
+    row = fed.wait_job(job, 180)
+    assert row["status"] == "completed", fed.dump()
+    final = ck.load_checkpoint(ck.final_path(fed.coord_dir, job))
+    expect, state = in_process_reference(text, sites)
+    np.testing.assert_allclose(final.weights, expect, atol=1e-5)
+    np.testing.assert_allclose(final.strategy_state["c"], state["c"], atol=1e-5)
+    assert np.abs(state["c"]).max() > 1e-3  # the control variate moved
+    assert all(p.stop() == 0 for p in fed.procs.values()), fed.dump()
 
 
 def rounds_of(fed, job):

@@ -1,0 +1,211 @@
+"""SCAFFOLD (Karimireddy et al. 2020, option II) as a plan strategy: the server rule,
+the plan checks, and whole in-memory federations against a numpy reference."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from test_federation_inproc import PLAN, run
+
+from fedge.agent.trainer import SyntheticTrainer, TaskRefusal
+from fedge.coordinator import checkpoint as ck
+from fedge.coordinator.plan import PlanError, StrategySettings, parse_plan
+from fedge.coordinator.strategies import Strategy, StrategyError
+
+LR = np.float32(0.3)  # train.learning_rate of the plans below
+K = 3  # train.steps: SyntheticTrainer takes K gradient steps (with one, SCAFFOLD is FedAvg)
+
+
+def local_plan(text):
+    return text.replace("epochs = 1", f"steps = {K}").replace("learning_rate = 0.5",
+                                                             f"learning_rate = {LR}")
+
+
+def scaffold_plan(rounds=2, secure="true", eta=None):
+    text = local_plan(PLAN.format(rounds=rounds, strategy="scaffold", secure=secure))
+    if eta is not None:
+        text = text.replace('name = "scaffold"', f'name = "scaffold"\nserver_learning_rate = {eta}')
+    return text
+
+
+# -- server rule ------------------------------------------------------------------------
+
+def test_server_rule_moves_weights_by_eta_mean_update_and_c_by_participation_mean_dc():
+    rng = np.random.default_rng(3)
+    x0 = rng.normal(size=6).astype(np.float32)
+    steps = [(rng.normal(size=6), rng.normal(size=6), p) for p in (1.0, 2 / 3, 0.5)]
+    s = Strategy(StrategySettings("scaffold", {"server_learning_rate": 0.7}))
+    np.testing.assert_array_equal(s.server_control(6), np.zeros(6, np.float32))
+    x, c = x0, np.zeros(6)
+    expect_x = x0.astype(np.float64)
+    for dy, dc, p in steps:
+        x = s.step(x, dy, mean_control=dc, participation=p)
+        expect_x = (expect_x + 0.7 * dy).astype(np.float32).astype(np.float64)
+        c = c + p * dc
+        np.testing.assert_allclose(x, expect_x, rtol=1e-6)
+        np.testing.assert_allclose(s.state["c"], c, rtol=1e-12)
+        np.testing.assert_array_equal(s.server_control(6), c.astype(np.float32))
+
+
+def test_server_rule_refuses_inconsistent_inputs():
+    x = np.zeros(3, np.float32)
+    scaffold = Strategy(StrategySettings("scaffold", {}))
+    with pytest.raises(StrategyError, match="scaffold needs mean control"):
+        scaffold.step(x, np.ones(3))
+    with pytest.raises(StrategyError, match=r"control update shape \(2,\)"):
+        scaffold.step(x, np.ones(3), mean_control=np.ones(2))
+    with pytest.raises(StrategyError, match="NaN"):
+        scaffold.step(x, np.ones(3), mean_control=np.array([0.0, np.nan, 0.0]))
+    with pytest.raises(StrategyError, match=r"participation \|S\|/N = 1.5"):
+        scaffold.step(x, np.ones(3), mean_control=np.ones(3), participation=1.5)
+    assert "c" not in scaffold.state  # nothing moved on a refused step
+    with pytest.raises(StrategyError, match="fedavg takes no mean control"):
+        Strategy(StrategySettings("fedavg", {})).step(x, np.ones(3), mean_control=np.ones(3))
+    with pytest.raises(StrategyError, match=r"state 'c' has shape \(3,\), expected \(4,\)"):
+        Strategy(StrategySettings("scaffold", {}), {"c": np.zeros(3)}).server_control(4)
+
+
+# -- plan --------------------------------------------------------------------------------
+
+def test_scaffold_plan_parses_with_default_server_learning_rate():
+    p = parse_plan(scaffold_plan())
+    assert p.scaffold and p.strategy.get("server_learning_rate") == 1.0
+    assert parse_plan(scaffold_plan(eta=0.3)).strategy.get("server_learning_rate") == 0.3
+    assert not parse_plan(PLAN.format(rounds=1, strategy="fedavg", secure="true")).scaffold
+
+
+@pytest.mark.parametrize("old,new,field,rule", [
+    ('name = "scaffold"', 'name = "scaffold"\nmu = 0.1', "strategy.mu",
+     "not a parameter of scaffold"),
+    ("batch_size = 1", 'batch_size = 1\noptimizer = "adam"', "train.optimizer",
+     "needs plain sgd"),
+    ("batch_size = 1", "batch_size = 1\nmomentum = 0.9", "train.momentum",
+     "needs momentum = 0"),
+    ("[deadlines]", "[privacy]\nclient_dp = { noise_multiplier = 1.0, clip = 1.0 }\n[deadlines]",
+     "privacy.client_dp", "not supported with strategy scaffold"),
+    ("[deadlines]", "[privacy]\ndp = { noise_multiplier = 1.0, max_grad_norm = 1.0 }\n"
+     "[deadlines]", "privacy.dp", "not supported with strategy scaffold"),
+])
+def test_scaffold_plan_refuses_what_its_control_variates_do_not_hold_for(old, new, field, rule):
+    with pytest.raises(PlanError, match=rule) as err:
+        parse_plan(scaffold_plan().replace(old, new))
+    assert err.value.field == field
+
+
+# -- whole federations ------------------------------------------------------------------
+
+def reference(fed, rounds, *, eta=1.0, absent=None):
+    """SCAFFOLD written out directly: each site K corrected gradient steps on
+    ½‖w − target‖² (SyntheticTrainer), c_i⁺ = c_i − c + (w − y_i)/(K·lr), clipped
+    example-weighted means, w ← w + η·Δȳ, c ← c + (|S|/N)·Δc̄."""
+    sites = sorted(fed.agents)
+    d = fed.dim
+    w = np.zeros(d, np.float32)
+    c = np.zeros(d)
+    ci = {s: np.zeros(d, np.float32) for s in sites}
+    for r in range(1, rounds + 1):
+        part = [s for s in sites if s not in (absent or {}).get(r, ())]
+        c32 = c.astype(np.float32)
+        dys, dcs, ns = [], [], []
+        for s in part:
+            target = fed.agents[s].trainer.target(d)
+            y = w
+            for _ in range(K):
+                y = (y - LR * ((y - target) - ci[s] + c32)).astype(np.float32)
+            new_ci = ci[s] - c32 + (w - y) / (K * LR)
+            dys.append(np.clip(y.astype(np.float64) - w, -1, 1))
+            dcs.append(np.clip((new_ci - ci[s]).astype(np.float64), -1, 1))
+            ns.append(fed.agents[s].trainer.n_examples)
+            ci[s] = new_ci.astype(np.float32)
+        mean_dy = sum(n * u for n, u in zip(ns, dys, strict=True)) / sum(ns)
+        mean_dc = sum(n * u for n, u in zip(ns, dcs, strict=True)) / sum(ns)
+        w = (w.astype(np.float64) + eta * mean_dy).astype(np.float32)
+        c = c + len(part) / len(sites) * mean_dc
+    return w, c, ci
+
+
+@pytest.mark.parametrize("secure", ["true", "false"])
+def test_three_rounds_three_sites_match_the_reference(federation, secure):
+    fed = federation(["a", "b", "c"])
+    job = run(fed, scaffold_plan(rounds=3, secure=secure, eta=0.8))
+    st = fed.coord.store
+    assert st.job(job).status == "completed", st.job(job).error
+    final = ck.load_checkpoint(ck.final_path(fed.coord.state_dir, job))
+    w, c, ci = reference(fed, 3, eta=0.8)
+    np.testing.assert_allclose(final.weights, w, atol=1e-5)
+    # c is checkpointed with the weights
+    np.testing.assert_allclose(final.strategy_state["c"], c, atol=1e-5)
+    for s, agent in fed.agents.items():  # each agent holds c_i for the round after the last
+        np.testing.assert_allclose(agent.client_control(job, 4), ci[s], atol=1e-6)
+    # the control variates are live (every f_i here has Hessian I, so the corrections
+    # cancel in the mean and the global iterate equals FedAvg's: the weights alone
+    # would not tell SCAFFOLD's wiring from FedAvg's, c and c_i do)
+    assert np.abs(c).max() > 1e-2 and min(np.abs(v).max() for v in ci.values()) > 1e-2
+
+
+class RefusesRound(SyntheticTrainer):
+    """A site that cannot train in the given rounds (so it sits them out)."""
+
+    def __init__(self, site, n_examples, rounds):
+        super().__init__(site, n_examples=n_examples)
+        self.rounds = rounds
+
+    def train(self, site, job, plan, weights, *, round, seed, **kw):
+        if round in self.rounds:
+            raise TaskRefusal(f"{site} sits out round {round}")
+        return super().train(site, job, plan, weights, round=round, seed=seed, **kw)
+
+
+def test_site_sitting_out_a_round_scales_c_by_participation_and_keeps_its_c_i(federation):
+    fed = federation(["a", "b", "c"])
+    fed.agents["c"].trainer = RefusesRound("c", 30, {1})
+    job = run(fed, scaffold_plan(rounds=2, secure="false"))
+    st = fed.coord.store
+    assert st.job(job).status == "completed", st.job(job).error
+    assert [r.survivors for r in st.rounds(job)] == [["a", "b"], ["a", "b", "c"]]
+    final = ck.load_checkpoint(ck.final_path(fed.coord.state_dir, job))
+    w, c, _ = reference(fed, 2, absent={1: {"c"}})
+    np.testing.assert_allclose(final.weights, w, atol=1e-6)
+    np.testing.assert_allclose(final.strategy_state["c"], c, atol=1e-6)
+    # the same numbers with full participation in round 1 are not these
+    w_full, _, _ = reference(fed, 2)
+    assert np.abs(w_full - w).max() > 1e-3
+
+
+@pytest.mark.parametrize("phase", ["aggregating", "evaluating"])
+def test_coordinator_replaced_mid_round_resumes_scaffold_bit_for_bit(federation, phase):
+    from fedge.coordinator.rounds import Phase
+    from fedge.coordinator.service import Coordinator
+
+    reference_fed = federation(["a", "b", "c"])
+    ref_job = run(reference_fed, scaffold_plan(rounds=3))
+    ref = ck.load_checkpoint(ck.final_path(reference_fed.coord.state_dir, ref_job))
+
+    fed = federation(["a", "b", "c"])
+
+    async def go():
+        await fed.heartbeats()
+        job = fed.coord.submit_job(scaffold_plan(rounds=3), actor="test")
+
+        def in_round_2():
+            r = fed.coord.runner
+            return r is not None and r.round is not None and r.round.round == 2 \
+                and r.round.phase is Phase(phase)
+        await fed.pump(until=in_round_2)
+        old = fed.coord
+        fed.inbox.clear()
+        fed.coord = Coordinator(old.state_dir, roster=old.roster,
+                                roster_public_key=old.roster_public_key,
+                                heartbeat_timeout_s=30.0, initial_weights=old.initial_weights,
+                                clock=fed.clock)
+        old.close()
+        await fed.heartbeats()
+        await fed.pump(until=lambda: fed.coord.store.job(job).status == "completed")
+        return job
+
+    job = asyncio.run(go())
+    final = ck.load_checkpoint(ck.final_path(fed.coord.state_dir, job))
+    assert final.weights.tobytes() == ref.weights.tobytes()
+    assert final.strategy_state["c"].tobytes() == ref.strategy_state["c"].tobytes()

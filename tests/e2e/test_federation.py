@@ -91,13 +91,20 @@ def in_process_reference(plan_text, sites):
     return w, strategy.state
 
 
-def test_three_agents_three_rounds_with_secure_aggregation(federation, brca):
+
+def _coordinated(federation, brca, n: int):  # type: ignore[no-untyped-def]
+    """A federation of n enrolled sites (site-i holds centre i's rows) with its
+    coordinator running; the test starts the agents. Returns (fed, {site: dataset})."""
     fed = federation()
-    sites = {f"site-{i}": brca(i) for i in range(3)}
+    sites = {f"site-{i}": brca(i) for i in range(n)}
     for s, ds in sites.items():
         fed.add_site(s, [ds])
     fed.enrol_in_store()
     fed.start_coordinator()
+    return fed, sites
+
+def test_three_agents_three_rounds_with_secure_aggregation(federation, brca):
+    fed, sites = _coordinated(federation, brca, 3)
     # site-0 runs as under systemd: a real notify socket collects its sd_notify datagrams
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(fed.root / "notify.sock"))
@@ -181,12 +188,7 @@ server_learning_rate = 1.0
 def test_scaffold_job_with_secure_aggregation_matches_the_in_process_reference(federation, brca):
     """Two SCAFFOLD rounds through real processes and SecAgg+: c travels with the
     task, each agent's masked input carries [Δy, Δc], the coordinator splits the sum."""
-    fed = federation()
-    sites = {f"site-{i}": brca(i) for i in range(3)}
-    for s, ds in sites.items():
-        fed.add_site(s, [ds])
-    fed.enrol_in_store()
-    fed.start_coordinator()
+    fed, sites = _coordinated(federation, brca, 3)
     for s in sites:
         fed.start_agent(s)
     default = plan(rounds=2)
@@ -212,12 +214,7 @@ def test_agents_killed_in_training_and_unmasking_round_completes_and_they_rejoin
         federation, brca):
     import json
 
-    fed = federation()
-    sites = {f"site-{i}": brca(i) for i in range(4)}
-    for s, ds in sites.items():
-        fed.add_site(s, [ds])
-    fed.enrol_in_store()
-    fed.start_coordinator()
+    fed, sites = _coordinated(federation, brca, 4)
     kill = {"site-3": "train_task", "site-2": "secagg.unmask_request"}
     for s in sites:
         if s in kill:
@@ -251,12 +248,7 @@ def test_agents_killed_in_training_and_unmasking_round_completes_and_they_rejoin
 def test_dropouts_below_threshold_abort_cleanly_and_the_round_is_retried(federation, brca):
     import json
 
-    fed = federation()
-    sites = {f"site-{i}": brca(i) for i in range(3)}
-    for s, ds in sites.items():
-        fed.add_site(s, [ds])
-    fed.enrol_in_store()
-    fed.start_coordinator()
+    fed, sites = _coordinated(federation, brca, 3)
     for s in sites:
         if s != "site-0":
             fed.env["FEDGE_TEST_KILL_ON"] = "secagg.unmask_request"
@@ -286,12 +278,7 @@ def test_dropouts_below_threshold_abort_cleanly_and_the_round_is_retried(federat
 
 
 def test_coordinator_sigkilled_mid_round_resumes_to_the_same_final_model(federation, brca):
-    fed = federation()
-    sites = {f"site-{i}": brca(i) for i in range(3)}
-    for s, ds in sites.items():
-        fed.add_site(s, [ds])
-    fed.enrol_in_store()
-    fed.start_coordinator()
+    fed, sites = _coordinated(federation, brca, 3)
     for s in sites:
         fed.start_agent(s)
     text = plan(rounds=3, min_clients=3)

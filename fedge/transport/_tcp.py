@@ -10,9 +10,11 @@ whose application is stuck is still found out.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import struct
+from collections.abc import Iterator
 from typing import Any
 
 #: Growth between two samples that counts as the peer's application sending.
@@ -23,6 +25,21 @@ _BYTES_RECEIVED_OFFSET = 128
 _TCP_INFO_LEN = 136
 
 
+@contextlib.contextmanager
+def _borrowed(fd: int) -> Iterator[socket.socket | None]:
+    """A socket object on a duplicate of ``fd`` (libzmq keeps the original), closed
+    on exit; ``None`` when ``fd`` cannot be duplicated (already closed)."""
+    try:
+        s = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        yield None
+        return
+    try:
+        yield s
+    finally:
+        s.close()
+
+
 def bytes_received(fd: int | None, peername: Any = None) -> int | None:
     """Total bytes received on TCP socket ``fd``; ``None`` when unknown.
 
@@ -31,36 +48,30 @@ def bytes_received(fd: int | None, peername: Any = None) -> int | None:
     """
     if fd is None or not hasattr(socket, "TCP_INFO"):
         return None
-    try:
-        s = socket.socket(fileno=os.dup(fd))
-    except OSError:
-        return None
-    try:
-        if s.family not in (socket.AF_INET, socket.AF_INET6) or s.type != socket.SOCK_STREAM:
+    with _borrowed(fd) as s:
+        if s is None:
             return None
-        if peername is not None and s.getpeername() != peername:
+        try:
+            if s.family not in (socket.AF_INET, socket.AF_INET6) or s.type != socket.SOCK_STREAM:
+                return None
+            if peername is not None and s.getpeername() != peername:
+                return None
+            info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+        except OSError:
             return None
-        info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
         if len(info) < _TCP_INFO_LEN:
             return None
         return int(struct.unpack_from("Q", info, _BYTES_RECEIVED_OFFSET)[0])
-    except OSError:
-        return None
-    finally:
-        s.close()
 
 
 def peername_of(fd: int | None) -> Any:
     """The remote address of socket ``fd``, or ``None``.  Never raises."""
     if fd is None:
         return None
-    try:
-        s = socket.socket(fileno=os.dup(fd))
-    except OSError:
-        return None
-    try:
-        return s.getpeername()
-    except OSError:
-        return None
-    finally:
-        s.close()
+    with _borrowed(fd) as s:
+        if s is None:
+            return None
+        try:
+            return s.getpeername()
+        except OSError:
+            return None

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import onnx
-from onnx import TensorProto, helper
 
 from fedge.agent.updates import (
     AgentUpdater,
@@ -21,6 +20,7 @@ from fedge.console.cli import push
 from fedge.console.client import AdminClient
 from fedge.console.store import ConsoleStore
 from fedge.serve.repository import ModelRepository
+from tests.update.conftest import tiny_onnx
 
 PLAN = """
 [job]
@@ -43,14 +43,6 @@ name = "fedavg"
 """
 
 
-def model(scale: float) -> bytes:
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])
-    k = helper.make_tensor("k", TensorProto.FLOAT, [1], [scale])
-    g = helper.make_graph([helper.make_node("Mul", ["x", "k"], ["y"])], "g", [x], [y], [k])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    return m.SerializeToString()
 
 
 def test_init_through_the_real_command(tmp_path, port):
@@ -144,7 +136,7 @@ def test_push_model_canary_first_then_all_serve_new_version(tmp_path, make_serve
     apps = [Appliance(tmp_path, s, server) for s in sites]
     client = AdminClient.from_store(server.console, "admin", timeout_s=5)
     onnx_file = tmp_path / "model.onnx"
-    onnx_file.write_bytes(model(3.0))
+    onnx_file.write_bytes(tiny_onnx(3.0))
     r = push(server.console, client, onnx_file, kind="model", name="risk", version="2",
              canary="h2", sites=sites, wait=False)
     assert r["state"] == "canary" and [s for s, _ in server.sent] == ["h2"]
@@ -155,7 +147,7 @@ def test_push_model_canary_first_then_all_serve_new_version(tmp_path, make_serve
     for a in apps:
         assert a.models.versions("risk") == [1]
         assert onnx.load_from_string(a.models.path("risk", 1).read_bytes()) is not None
-        assert a.models.path("risk", 1).read_bytes() == model(3.0)
+        assert a.models.path("risk", 1).read_bytes() == tiny_onnx(3.0)
     audit = [e["action"] for e in server.coordinator.store.audit_log()]
     assert "update.rollout_started" in audit and "update.rollout_succeeded" in audit
 
@@ -165,7 +157,7 @@ def test_push_stops_at_the_failed_canary(tmp_path, make_server):
     apps = [Appliance(tmp_path, "h1", server, broken=True), Appliance(tmp_path, "h2", server)]
     client = AdminClient.from_store(server.console, "admin", timeout_s=5)
     f = tmp_path / "model.onnx"
-    f.write_bytes(model(5.0))
+    f.write_bytes(tiny_onnx(5.0))
     r = push(server.console, client, f, kind="model", name="risk", version="1",
              sites=["h1", "h2"], wait=False)
     drive(server, apps)
@@ -190,11 +182,11 @@ def test_jobs_fetch_downloads_the_results(tmp_path, make_server, capsys):
     jdir = ck.job_dir(server.coordinator.state_dir, job)
     final = save({"weights": np.arange(40, dtype=np.float32)})
     ck.atomic_write(jdir / "final.safetensors", final)
-    ck.atomic_write(jdir / "final.onnx", model(1.5))
+    ck.atomic_write(jdir / "final.onnx", tiny_onnx(1.5))
     out = tmp_path / "results"
     assert main([*base, "--operator", "viewer", "jobs", "fetch", job, "--out", str(out)]) == 0
     assert (out / job / "final.safetensors").read_bytes() == final
-    assert (out / job / "final.onnx").read_bytes() == model(1.5)
+    assert (out / job / "final.onnx").read_bytes() == tiny_onnx(1.5)
     assert main([*base, "jobs", "fetch", "job-nope", "--out", str(out)]) == 1
     assert "jobs_fetch" in capsys.readouterr().err
 
@@ -243,7 +235,7 @@ def test_push_to_a_site_that_is_not_enrolled_publishes_nothing(tmp_path, make_se
     Appliance(tmp_path, "h1", server)
     client = AdminClient.from_store(server.console, "admin", timeout_s=5)
     f = tmp_path / "model.onnx"
-    f.write_bytes(model(5.0))
+    f.write_bytes(tiny_onnx(5.0))
     import pytest
 
     from fedge.console.client import AdminError

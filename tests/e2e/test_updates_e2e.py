@@ -20,7 +20,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from onnx import TensorProto, helper
 
 from fedge.agent.enrol import install_enrolment
 from fedge.console.cli import push
@@ -28,6 +27,7 @@ from fedge.console.client import AdminClient
 from fedge.console.enrolment import create_enrolment
 from fedge.console.store import ConsoleStore
 from fedge.serve.repository import ModelRepository
+from tests.update.conftest import tiny_onnx
 
 pytestmark = pytest.mark.e2e
 
@@ -39,14 +39,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def scale_model(scale: float) -> bytes:
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])
-    k = helper.make_tensor("k", TensorProto.FLOAT, [1], [scale])
-    g = helper.make_graph([helper.make_node("Mul", ["x", "k"], ["y"])], "g", [x], [y], [k])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    return m.SerializeToString()
 
 
 def wait_for(what: str, predicate, timeout_s: float, interval_s: float = 0.2):
@@ -165,7 +157,7 @@ def test_push_model_update_to_three_agents_each_serves_new_version(federation):
     urls = {}
     for site in SITES:
         state = fed.enrol(site)
-        ModelRepository(state / "models").install("risk", scale_model(2.0))  # version 1
+        ModelRepository(state / "models").install("risk", tiny_onnx(2.0))  # version 1
         fed.start_agent(site)
         urls[site] = start_server(fed, site, state / "models")
     wait_for("three connected agents", lambda: set(SITES) <= fed.connected(), 60)
@@ -174,7 +166,7 @@ def test_push_model_update_to_three_agents_each_serves_new_version(federation):
                         lambda s=site: infer(urls[s], [1.0, 2.0]) == ("1", [2.0, 4.0]), 30)
 
     onnx_file = fed.tmp / "risk-v2.onnx"
-    onnx_file.write_bytes(scale_model(3.0))
+    onnx_file.write_bytes(tiny_onnx(3.0))
     rollout = push(fed.console, fed.admin, onnx_file, kind="model", name="risk", version="2",
                    canary="h2", sites=list(SITES), deadline_s=60)
     assert rollout["state"] == "succeeded", (rollout, fed.log("agent-h2"))

@@ -50,6 +50,14 @@ def _post(body: bytes, *headers: str) -> bytes:
     return head.encode() + b"\r\n" + body
 
 
+def _serving_cox(root: Path, onnx_path: Path) -> InferenceServer:
+    """An in-process server whose repository holds the Cox model as "cox", loaded."""
+    ModelRepository(root).install("cox", onnx_path)
+    app = InferenceServer(root)
+    app.store.sync(app.repo)
+    return app
+
+
 def _connector(app: InferenceServer) -> Callable[[], Awaitable[tuple[Any, socket.socket]]]:
     """Connects fedge serve's HTTP protocol (one config and server state for all)
     to one end of a new socket pair, no listener; each call returns the protocol
@@ -273,9 +281,7 @@ def test_inference_metrics_are_cumulative_histograms_per_model() -> None:
 def test_cheap_requests_are_answered_by_the_protocol_without_an_asgi_cycle(
     tmp_path: Path, cox_v1: tuple[Path, torch.nn.Module]
 ) -> None:
-    ModelRepository(tmp_path).install("cox", cox_v1[0])
-    app = InferenceServer(tmp_path)
-    app.store.sync(app.repo)
+    app = _serving_cox(tmp_path, cox_v1[0])
     x = _rows(1, seed=11)
     plain = _json_body(x)
     chunked = f"{len(plain):x}\r\n".encode() + plain + b"\r\n0\r\n\r\n"
@@ -327,9 +333,7 @@ def test_only_models_whose_rows_are_independent_are_batched(
 def test_requests_read_in_one_loop_step_share_one_run_and_get_their_own_rows(
     tmp_path: Path, cox_v1: tuple[Path, torch.nn.Module]
 ) -> None:
-    ModelRepository(tmp_path).install("cox", cox_v1[0])
-    app = InferenceServer(tmp_path)
-    app.store.sync(app.repo)
+    app = _serving_cox(tmp_path, cox_v1[0])
     xs = [_rows(n, seed=20 + n) for n in (1, 3, 2, 1)]
 
     async def exchange() -> list[bytes]:
@@ -360,9 +364,7 @@ def test_requests_read_in_one_loop_step_share_one_run_and_get_their_own_rows(
 def test_shutdown_answers_a_request_already_read_then_closes(
     tmp_path: Path, cox_v1: tuple[Path, torch.nn.Module]
 ) -> None:
-    ModelRepository(tmp_path).install("cox", cox_v1[0])
-    app = InferenceServer(tmp_path)
-    app.store.sync(app.repo)
+    app = _serving_cox(tmp_path, cox_v1[0])
     x = _rows(2, seed=31)
     body = _json_body(x)
 

@@ -14,6 +14,7 @@
 
 #include "aes.h"
 #include "bind_util.h"
+#include "out_pool.h"
 #include "prg.h"
 #include "quant.h"
 #include "train.h"
@@ -141,7 +142,7 @@ py::object py_quantise(const py::buffer& x, double clip, int bits, const py::byt
     dst = o.ptr;
     result = *out;
   } else {
-    py::array_t<uint32_t> fresh(static_cast<py::ssize_t>(v.n));
+    py::array_t<uint32_t> fresh = pooled_array<uint32_t>(v.n);
     dst = fresh.mutable_data();
     result = std::move(fresh);
   }
@@ -264,6 +265,8 @@ PYBIND11_MODULE(_core, m) {
   m.def("quant_bits", &quant_bits, arg("n_summands"));
   m.def("quantise", &py_quantise, arg("x"), py::kw_only(), arg("clip"), arg("bits"), arg("seed"),
         arg("threads") = 1, arg("path") = none, arg("out") = none);
+  m.def("pool_stats", [] { return OutPool::instance().stats(); });
+  m.def("release_pool", [] { OutPool::instance().release(); });
   m.def("dequantise", &py_dequantise, arg("total"), py::kw_only(), arg("n_summands"), arg("clip"),
         arg("bits"));
   m.def("sgd_step", &sgd, arg("params"), arg("grads"), arg("momentum_buf").none(true),

@@ -187,3 +187,69 @@ def test_out_overlapping_x_is_refused_in_the_binding_too() -> None:
     disjoint = buf[64:].view(np.uint32)  # adjacent but separate
     core.quantise(x, clip=1.0, bits=8, seed=bytes(16), out=disjoint)
     assert (disjoint == core.quantise(x, clip=1.0, bits=8, seed=bytes(16))).all()
+
+
+# ------------------------------------------------ recycled result buffers
+POOL_WORDS = 1 << 18  # 1 MiB of uint32: the smallest result the pool serves
+
+
+def _addr(a: np.ndarray) -> int:
+    return int(a.ctypes.data)
+
+
+def test_a_dropped_result_is_recycled_for_the_next_call_of_its_length() -> None:
+    core.release_buffers()
+    x = np.random.default_rng(1).standard_normal(POOL_WORDS).astype(np.float32)
+    first = core.quantise(x, clip=2.0, bits=20, seed=bytes(16))
+    where = _addr(first)
+    assert where % 64 == 0
+    del first
+    assert core.buffer_pool()["buffers"] == 1
+    before = core.buffer_pool()["reused"]
+    again = core.quantise(x, clip=2.0, bits=20, seed=b"\x01" * 16)
+    assert _addr(again) == where  # the same pages, not fresh ones
+    assert core.buffer_pool()["reused"] == before + 1
+    assert core.buffer_pool()["buffers"] == 0
+    np.testing.assert_array_equal(again, numpy_quantise(x, 2.0, 20, b"\x01" * 16))
+
+
+def test_a_live_result_or_a_view_of_one_is_never_handed_out_again() -> None:
+    core.release_buffers()
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal(POOL_WORDS).astype(np.float32)
+    kept = core.quantise(x, clip=2.0, bits=20, seed=bytes(16))
+    tail = core.quantise(x, clip=2.0, bits=20, seed=b"\x02" * 16)[POOL_WORDS // 2 :]
+    kept_copy, tail_copy = kept.copy(), tail.copy()
+    for i in range(3):
+        other = core.quantise(x * (i + 2), clip=2.0, bits=20, seed=b"\x03" * 16)
+        assert _addr(other) not in (_addr(kept), _addr(tail) - 4 * (POOL_WORDS // 2))
+        del other
+    np.testing.assert_array_equal(kept, kept_copy)
+    np.testing.assert_array_equal(tail, tail_copy)
+
+
+def test_the_pool_stays_within_its_bounds_and_can_be_emptied() -> None:
+    core.release_buffers()
+    limits = core.buffer_pool()
+    x = np.ones(POOL_WORDS + 5 * 16, np.float32)
+    results = [
+        core.quantise(x[: POOL_WORDS + 16 * i], clip=1.0, bits=8, seed=bytes(16)) for i in range(6)
+    ]
+    del results
+    now = core.buffer_pool()
+    assert now["buffers"] == limits["max_buffers"] == 4  # six dropped, the oldest two freed
+    assert now["bytes"] <= limits["max_bytes"]
+    core.release_buffers()
+    assert core.buffer_pool()["buffers"] == core.buffer_pool()["bytes"] == 0
+
+
+def test_small_results_and_refused_calls_leave_the_pool_alone() -> None:
+    core.release_buffers()
+    small = core.quantise(np.ones(POOL_WORDS - 1, np.float32), clip=1.0, bits=8, seed=bytes(16))
+    del small
+    assert core.buffer_pool()["buffers"] == 0
+    bad = np.zeros(POOL_WORDS, np.float32)
+    bad[-1] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        core.quantise(bad, clip=1.0, bits=8, seed=bytes(16))
+    assert core.buffer_pool()["buffers"] == 1  # the refused call's buffer came back

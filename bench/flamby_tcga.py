@@ -30,6 +30,12 @@ recipe) for quick iterations; ``--quick`` a smoke run. ``--strategies`` may also
 name ``scaffold`` (opt-in, not in the default run; FLamby's client lr 0.01,
 server lr 1.0): FLamby publishes no Fed-TCGA-BRCA Scaffold number, so it is
 printed beside FLamby's per-seed files without a verdict and not counted.
+
+``--only calibrate`` (opt-in, about 4 minutes) re-runs FLamby's own local-only
+protocol in plain torch under 10 shuffle streams (the data-order seed moved,
+nothing else) beside fedge's local-only under the same streams, and counts how
+often each lands inside FLamby's band: the band is one sd of FLamby's five
+published seeds, narrower than the stream-to-stream spread of a 5-seed mean.
 """
 
 from __future__ import annotations
@@ -149,11 +155,14 @@ class Supervised:
         self.close()
 
 
-def baselines(data_dir: Path, seeds: tuple[int, ...]) -> dict[str, list[float]]:
+def baselines(
+    data_dir: Path, seeds: tuple[int, ...], *, shuffle_offset: int = 0, pooled_too: bool = True
+) -> dict[str, list[float]]:
     """Pooled and local-only as FLamby trains them: raw features, Adam lr 0.1, batch 8,
     30 epochs, model initialised from the seed. Per seed: pooled = mean over centres of
     the pooled model's test C-index; local-only = mean over centres of each centre's own
-    model on its own test rows."""
+    model on its own test rows. ``shuffle_offset`` moves the data-order seed (the
+    training seed) away from the model seed, as the calibration does."""
     from fedge.train.api import ModelSpec, TrainConfig, build_model, evaluate, flatten, local_train
     from fedge.train.data import pooled
 
@@ -162,13 +171,16 @@ def baselines(data_dir: Path, seeds: tuple[int, ...]) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {"pooled": [], "local-only": [], "pooled-test": []}
     for seed in seeds:
         spec = ModelSpec("cox_linear", {"in_features": 39, "seed": seed})
-        cfg = TrainConfig(epochs=30, batch_size=8, optimizer="adam", lr=0.1, seed=seed)
-        w0 = flatten(build_model(spec))
-        w = local_train(spec, w0, pool, cfg, round=0).weights
-        out["pooled"].append(
-            float(np.mean([evaluate(spec, w, c, "test").metrics["c_index"] for c in centres]))
+        cfg = TrainConfig(
+            epochs=30, batch_size=8, optimizer="adam", lr=0.1, seed=seed + shuffle_offset
         )
-        out["pooled-test"].append(pooled_test_cindex(w, centres))
+        w0 = flatten(build_model(spec))
+        if pooled_too:
+            w = local_train(spec, w0, pool, cfg, round=0).weights
+            out["pooled"].append(
+                float(np.mean([evaluate(spec, w, c, "test").metrics["c_index"] for c in centres]))
+            )
+            out["pooled-test"].append(pooled_test_cindex(w, centres))
         own = [
             evaluate(spec, local_train(spec, w0, c, cfg, round=0).weights, c, "test").metrics[
                 "c_index"
@@ -201,6 +213,52 @@ def spread_row(
 
 
 PARTS = ("protocol", "baselines", "secagg", "recipe")
+OPT_IN_PARTS = ("calibrate",)
+CALIBRATION_STREAMS = 10
+
+
+def calibrate(data_dir: Path, seeds: tuple[int, ...], streams: int) -> tuple[int, int]:
+    """How often FLamby's own local-only protocol lands inside FLamby's band when only
+    the shuffle stream changes, beside fedge's local-only under the same change.
+
+    Stream k trains with data-order seed ``seed + 1000 k`` (the model still initialised
+    from ``seed``); k = 0 is FLamby's published run. FLamby's side is its protocol in
+    plain torch (bench/_flamby_replica.py); fedge's is ``baselines``. Returns (FLamby
+    inside, fedge inside) counts over the streams.
+    """
+    from _flamby_replica import local_only as flamby_local_only
+
+    from fedge.demo.flamby_results import flamby_spread
+
+    band = flamby_spread("local-only")
+    centres = load_centres(data_dir, "none")
+    print(
+        f"\ncalibration: local-only over {streams} shuffle streams, seeds "
+        f"{seeds[0]}-{seeds[-1]}; FLamby's band {band.mean:.4f} ± {band.sd:.4f} "
+        f"(the data order is the only change)",
+        flush=True,
+    )
+    fl_in = fe_in = 0
+    fl_means, fe_means = [], []
+    for k in range(streams):
+        fl = flamby_local_only(centres, seeds, offset=1000 * k)
+        fe = baselines(data_dir, seeds, shuffle_offset=1000 * k, pooled_too=False)["local-only"]
+        fl_ok, fe_ok = band.holds(float(np.mean(fl))), band.holds(float(np.mean(fe)))
+        fl_in, fe_in = fl_in + fl_ok, fe_in + fe_ok
+        fl_means.append(float(np.mean(fl)))
+        fe_means.append(float(np.mean(fe)))
+        print(
+            f"  stream {k}: FLamby protocol (plain torch) {np.mean(fl):.4f} "
+            f"{'inside ' if fl_ok else 'OUTSIDE'} {np.round(fl, 3).tolist()}   fedge "
+            f"{np.mean(fe):.4f} {'inside ' if fe_ok else 'OUTSIDE'} {np.round(fe, 3).tolist()}",
+            flush=True,
+        )
+    print(
+        f"  5-seed means over {streams} streams: FLamby protocol {np.mean(fl_means):.4f} ± "
+        f"{np.std(fl_means, ddof=1):.4f} (inside its own band {fl_in}/{streams}); fedge "
+        f"{np.mean(fe_means):.4f} ± {np.std(fe_means, ddof=1):.4f} (inside {fe_in}/{streams})"
+    )
+    return fl_in, fe_in
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--only",
         default=",".join(PARTS),
-        help=f"comma-separated parts to run, of {', '.join(PARTS)} (default: all)",
+        help=f"comma-separated parts to run, of {', '.join(PARTS)} (default: all) and the"
+        f" opt-in {', '.join(OPT_IN_PARTS)}",
     )
     ap.add_argument(
         "--strategies",
@@ -224,9 +283,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     parts = [p for p in args.only.split(",") if p]
-    unknown = sorted(set(parts) - set(PARTS))
+    unknown = sorted(set(parts) - set(PARTS) - set(OPT_IN_PARTS))
     if unknown:
-        ap.error(f"--only: unknown part(s) {unknown}; choose from {', '.join(PARTS)}")
+        ap.error(
+            f"--only: unknown part(s) {unknown}; choose from {', '.join(PARTS + OPT_IN_PARTS)}"
+        )
     if "secagg" in parts and "protocol" not in parts:
         ap.error("--only secagg compares against the protocol runs: add 'protocol'")
     seeds = SEEDS[:2] if args.quick else SEEDS
@@ -304,6 +365,11 @@ def main(argv: list[str] | None = None) -> int:
         base = baselines(args.data, seeds)
         per_seed["pooled"], per_seed["local-only"] = base["pooled"], base["local-only"]
         pooled_tests["pooled"] = float(np.mean(base["pooled-test"]))
+    calibration = ""
+    if "calibrate" in parts:
+        fl_in, fe_in = calibrate(args.data, seeds, 2 if args.quick else CALIBRATION_STREAMS)
+        n = 2 if args.quick else CALIBRATION_STREAMS
+        calibration = f" local_only_inside_streams={fe_in}/{n} flamby_inside_streams={fl_in}/{n}"
     print(
         "\nFed-TCGA-BRCA, mean per-client test C-index over 6 centres, "
         f"{len(seeds)} seeds (fedge: real federation, SecAgg+ on; FLamby: its per-seed "
@@ -363,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         f"best_pooled_cindex={fmt(float(np.mean(recipe_pooled)) if recipe_pooled else nan)} "
         f"fedavg_cindex={fmt(float(np.mean(per_seed['fedavg'])) if 'fedavg' in per_seed else nan)} "
         f"secagg_delta={max(deltas.values()) if deltas else nan:.5f} "
-        f"inside_flamby_spread={sum(inside)}/{len(inside)} recipe={recipe}"
+        f"inside_flamby_spread={sum(inside)}/{len(inside)} recipe={recipe}{calibration}"
     )
     return 0
 

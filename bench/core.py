@@ -193,7 +193,7 @@ def main() -> int:
         t0 = time.perf_counter()
         core.quantise(x, clip=3.0, bits=24, seed=seed)
         tqf = min(tqf, time.perf_counter() - t0)
-    tn = best_time(lambda: numpy_quantise(x, 3.0, 24, rng), 2)
+    tn = best_time(lambda: numpy_quantise(x, 3.0, 24, rng), 3)
     tq2 = best_time(lambda: core.quantise(x, clip=3.0, bits=24, seed=seed, threads=2), reps)
     qbuf = np.empty(d, np.uint32)
     tqk = best_time(lambda: core.quantise(x, clip=3.0, bits=24, seed=seed, out=qbuf), reps)

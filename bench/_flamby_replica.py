@@ -34,17 +34,33 @@ def flamby_cox_loss(scores: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     return (-(shifted - torch.log(torch.exp(shifted).cumsum(0))) * e).mean()
 
 
+def breslow_cox_loss(scores: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """The same loss with Breslow's ties (every row with T_j >= T_i at risk), as fedge's."""
+    s, e, t = scores.reshape(-1), truth[:, 0], truth[:, 1]
+    at_risk = t.reshape(1, -1) >= t.reshape(-1, 1)
+    rows = s.reshape(1, -1).expand(len(s), -1)
+    log_den = torch.logsumexp(rows.masked_fill(~at_risk, -torch.inf), 1)
+    return ((log_den - s) * e).mean()
+
+
+LOSSES = {"order": flamby_cox_loss, "breslow": breslow_cox_loss}
+
+
 def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
 
 
-def local_only(centres: list, seeds: tuple[int, ...], offset: int = 0) -> list[float]:
+def local_only(
+    centres: list, seeds: tuple[int, ...], offset: int = 0, ties: str = "order"
+) -> list[float]:
     """Per seed, the mean over centres of each centre's own model on its own test rows.
 
     ``centres``: fedge.demo.tcga.load_centres(..., "none") (raw features, FLamby's split).
+    ``ties``: "order" is FLamby's loss; "breslow" the same protocol with Breslow's ties.
     """
+    loss_fn = LOSSES[ties]
     out = []
     with torch.random.fork_rng(devices=[]):
         for seed in seeds:
@@ -60,7 +76,7 @@ def local_only(centres: list, seeds: tuple[int, ...], offset: int = 0) -> list[f
                 for _ in range(EPOCHS):
                     for x, y in loader:
                         opt.zero_grad()
-                        flamby_cox_loss(model(x), y).backward()
+                        loss_fn(model(x), y).backward()
                         opt.step()
                 with torch.no_grad():
                     score = model(torch.from_numpy(c.test.x)).numpy().reshape(-1)

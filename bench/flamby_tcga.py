@@ -223,8 +223,9 @@ def calibrate(data_dir: Path, seeds: tuple[int, ...], streams: int) -> tuple[int
 
     Stream k trains with data-order seed ``seed + 1000 k`` (the model still initialised
     from ``seed``); k = 0 is FLamby's published run. FLamby's side is its protocol in
-    plain torch (bench/_flamby_replica.py); fedge's is ``baselines``. Returns (FLamby
-    inside, fedge inside) counts over the streams.
+    plain torch (bench/_flamby_replica.py), with its own loss and with Breslow's ties
+    (fedge's); fedge's is ``baselines``. Returns (FLamby inside, fedge inside) counts
+    over the streams.
     """
     from _flamby_replica import local_only as flamby_local_only
 
@@ -238,26 +239,38 @@ def calibrate(data_dir: Path, seeds: tuple[int, ...], streams: int) -> tuple[int
         f"(the data order is the only change)",
         flush=True,
     )
-    fl_in = fe_in = 0
-    fl_means, fe_means = [], []
+    runs: dict[str, list[list[float]]] = {"flamby": [], "flamby-breslow": [], "fedge": []}
     for k in range(streams):
-        fl = flamby_local_only(centres, seeds, offset=1000 * k)
-        fe = baselines(data_dir, seeds, shuffle_offset=1000 * k, pooled_too=False)["local-only"]
-        fl_ok, fe_ok = band.holds(float(np.mean(fl))), band.holds(float(np.mean(fe)))
-        fl_in, fe_in = fl_in + fl_ok, fe_in + fe_ok
-        fl_means.append(float(np.mean(fl)))
-        fe_means.append(float(np.mean(fe)))
+        runs["flamby"].append(flamby_local_only(centres, seeds, offset=1000 * k))
+        runs["flamby-breslow"].append(
+            flamby_local_only(centres, seeds, offset=1000 * k, ties="breslow")
+        )
+        runs["fedge"].append(
+            baselines(data_dir, seeds, shuffle_offset=1000 * k, pooled_too=False)["local-only"]
+        )
         print(
-            f"  stream {k}: FLamby protocol (plain torch) {np.mean(fl):.4f} "
-            f"{'inside ' if fl_ok else 'OUTSIDE'} {np.round(fl, 3).tolist()}   fedge "
-            f"{np.mean(fe):.4f} {'inside ' if fe_ok else 'OUTSIDE'} {np.round(fe, 3).tolist()}",
+            f"  stream {k}: "
+            + "   ".join(
+                f"{name} {np.mean(v[-1]):.4f} "
+                f"{'inside ' if band.holds(float(np.mean(v[-1]))) else 'OUTSIDE'} "
+                f"{np.round(v[-1], 3).tolist()}"
+                for name, v in runs.items()
+            ),
             flush=True,
         )
-    print(
-        f"  5-seed means over {streams} streams: FLamby protocol {np.mean(fl_means):.4f} ± "
-        f"{np.std(fl_means, ddof=1):.4f} (inside its own band {fl_in}/{streams}); fedge "
-        f"{np.mean(fe_means):.4f} ± {np.std(fe_means, ddof=1):.4f} (inside {fe_in}/{streams})"
-    )
+    inside = {}
+    for name, v in runs.items():
+        means = [float(np.mean(x)) for x in v]
+        every = np.concatenate(v)
+        sd = float(every.std(ddof=1))
+        se = sd / len(every) ** 0.5
+        inside[name] = sum(band.holds(m) for m in means)
+        print(
+            f"  {name:15s} {len(seeds)}-seed means {np.mean(means):.4f} ± "
+            f"{np.std(means, ddof=1):.4f}, inside the band {inside[name]}/{streams}; all "
+            f"{len(every)} seed runs {every.mean():.4f} ± {sd:.4f} (se {se:.4f})"
+        )
+    fl_in, fe_in = inside["flamby"], inside["fedge"]
     return fl_in, fe_in
 
 

@@ -6,8 +6,10 @@
 // A buffer goes back to the pool when the last numpy array over it dies (the
 // array's base is a capsule), never while anything still views it. The pool
 // keeps at most kMaxBuffers buffers and kMaxBytes in all, dropping the oldest
-// first; release() hands every kept buffer back to the system. Internal to the
-// extension; header-only.
+// first; release() hands every kept buffer back to the system. A buffer lent
+// out as an array is reported to tracemalloc (as numpy reports its own), so
+// memory measured with tracemalloc still counts it. Internal to the extension;
+// header-only.
 #pragma once
 
 #include <pybind11/numpy.h>
@@ -31,6 +33,7 @@ class OutPool {
   static constexpr size_t kMaxBuffers = 4;
   static constexpr size_t kMaxBytes = size_t{512} << 20;
   static constexpr size_t kAlign = 64;
+  static constexpr unsigned int kTraceDomain = 0x66656467;  // "fedg"
 
   static OutPool& instance() {
     static OutPool* pool = new OutPool();  // never destroyed: capsules may outlive exit order
@@ -144,9 +147,11 @@ pybind11::array_t<T> pooled_array(size_t n) {
   }
   py::capsule base(owner, [](void* o) {
     auto* own = static_cast<OutPool::Owner*>(o);
+    PyTraceMalloc_Untrack(OutPool::kTraceDomain, reinterpret_cast<uintptr_t>(own->p));
     OutPool::instance().give(own->p, own->bytes);
     delete own;
   });
+  PyTraceMalloc_Track(OutPool::kTraceDomain, reinterpret_cast<uintptr_t>(p), bytes);
   return py::array_t<T>({static_cast<py::ssize_t>(n)}, {static_cast<py::ssize_t>(sizeof(T))},
                         static_cast<T*>(owner->p), base);
 }

@@ -253,3 +253,21 @@ def test_small_results_and_refused_calls_leave_the_pool_alone() -> None:
     with pytest.raises(ValueError, match="NaN or infinity"):
         core.quantise(bad, clip=1.0, bits=8, seed=bytes(16))
     assert core.buffer_pool()["buffers"] == 1  # the refused call's buffer came back
+
+
+def test_a_pooled_result_is_counted_by_tracemalloc_while_it_lives() -> None:
+    import tracemalloc
+
+    core.release_buffers()
+    x = np.ones(POOL_WORDS, np.float32)
+    core.quantise(x, clip=1.0, bits=8, seed=bytes(16))  # one buffer now waits in the pool
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        q = core.quantise(x, clip=1.0, bits=8, seed=bytes(16))  # served from the pool
+        assert core.buffer_pool()["buffers"] == 0
+        assert tracemalloc.get_traced_memory()[0] - before >= q.nbytes
+        del q
+        assert tracemalloc.get_traced_memory()[0] - before < 4096
+    finally:
+        tracemalloc.stop()

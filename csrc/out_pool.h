@@ -25,6 +25,13 @@
 
 #include <sys/mman.h>
 
+// Python 3.11's tracemalloc.h declares these without extern "C", which gives
+// them C++ linkage here; name the C symbols directly instead.
+extern "C" int fedge_trace_track(unsigned int domain, uintptr_t ptr, size_t size) __asm__(
+    "PyTraceMalloc_Track");
+extern "C" int fedge_trace_untrack(unsigned int domain, uintptr_t ptr) __asm__(
+    "PyTraceMalloc_Untrack");
+
 namespace fedge::bind {
 
 class OutPool {
@@ -147,11 +154,11 @@ pybind11::array_t<T> pooled_array(size_t n) {
   }
   py::capsule base(owner, [](void* o) {
     auto* own = static_cast<OutPool::Owner*>(o);
-    PyTraceMalloc_Untrack(OutPool::kTraceDomain, reinterpret_cast<uintptr_t>(own->p));
+    fedge_trace_untrack(OutPool::kTraceDomain, reinterpret_cast<uintptr_t>(own->p));
     OutPool::instance().give(own->p, own->bytes);
     delete own;
   });
-  PyTraceMalloc_Track(OutPool::kTraceDomain, reinterpret_cast<uintptr_t>(p), bytes);
+  fedge_trace_track(OutPool::kTraceDomain, reinterpret_cast<uintptr_t>(p), bytes);
   return py::array_t<T>({static_cast<py::ssize_t>(n)}, {static_cast<py::ssize_t>(sizeof(T))},
                         static_cast<T*>(owner->p), base);
 }

@@ -268,8 +268,9 @@ def calibrate(data_dir: Path, seeds: tuple[int, ...], streams: int) -> tuple[int
         se = sd / len(every) ** 0.5
         inside[name] = sum(band.holds(m) for m in means)
         print(
-            f"  {name:15s} {len(seeds)}-seed means {np.mean(means):.4f} ± "
-            f"{np.std(means, ddof=1):.4f}, inside the band {inside[name]}/{streams}; all "
+            f"  {name:15s} {len(seeds)}-seed means {np.mean(means):.4f}"
+            + (f" ± {np.std(means, ddof=1):.4f}" if streams > 1 else "")
+            + f", inside the band {inside[name]}/{streams}; all "
             f"{len(every)} seed runs {every.mean():.4f} ± {sd:.4f} (se {se:.4f})"
         )
     fl_in, fe_in = inside["flamby"], inside["fedge"]

@@ -4,31 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_rounds import PLAN as ROUND_PLAN
+from test_rounds import new_round, send_plain
 
 from fedge.coordinator.plan import PlanError, parse_plan
-from fedge.coordinator.rounds import Phase, Round
-from fedge.coordinator.strategies import Strategy
+from fedge.coordinator.rounds import Phase
 from fedge.wire import messages as m
 
-PLAN = """
-[job]
-dataset = "toy"
-rounds = 1
-min_clients = 2
-seed = 3
-{split}
-[model]
-name = "linear"
-[train]
-epochs = 1
-batch_size = 4
-learning_rate = 0.1
-[strategy]
-name = "fedavg"
-[secagg]
-enabled = false
-clip = 2.0
-"""
+PLAN = ROUND_PLAN.replace("seed = 3\n", "seed = 3\n{split}\n")
 
 
 def test_default_is_test_and_val_or_train_may_be_asked() -> None:
@@ -47,17 +30,12 @@ def test_an_unknown_split_is_refused_naming_the_field_and_the_choices() -> None:
 
 
 def test_each_round_evaluates_and_records_the_plans_split() -> None:
-    plan = parse_plan(PLAN.format(split='eval_split = "val"'))
-    w0 = np.zeros(3, np.float32)
-    rnd = Round("job1", 1, plan, w0, Strategy(plan.strategy), started_at=0.0)
+    rnd = new_round(PLAN.format(split='eval_split = "val"'))
     sends = rnd.offer(["a", "b"], now=0.0)
     for s in "ab":
         sends += rnd.receive(s, m.TrainDone(rnd.task_id, 10, {"loss": 1.0}), 1.0)
-    evals = []
-    for site, begin in [(s, b) for s, b in sends if isinstance(b, m.AggregateBegin)]:
-        w = begin.weight_scale * 10
-        vec = np.concatenate([w * np.full(3, 0.1), [w]]).astype(np.float32)
-        evals += rnd.receive(site, m.PlainUpdate(rnd.task_id, vec), 1.0)
+    delta = np.full(3, 0.1)
+    evals = send_plain(rnd, sends, {"a": delta, "b": delta}, {"a": 10, "b": 10})
     tasks = [b for _, b in evals if isinstance(b, m.EvalTask)]
     assert [t.split for t in tasks] == ["val", "val"]
     rnd.receive("a", m.EvalResult(rnd.task_id, 4, {"c_index": 0.6}), 2.0)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,14 +114,23 @@ def stop_server(server: RunningServer) -> None:
         server.process.stdout.close()
 
 
+@contextmanager
+def serving(root: Path, *extra: str, cox: Path | None = None) -> Iterator[RunningServer]:
+    """`fedge serve` over the repository at ``root`` (with ``cox`` installed as "cox"
+    when given) for the duration of the block."""
+    if cox is not None:
+        ModelRepository(root).install("cox", cox)
+    running = start_server(root, *extra)
+    try:
+        yield running
+    finally:
+        stop_server(running)
+
+
 @pytest.fixture(scope="module")
 def server(
     tmp_path_factory: pytest.TempPathFactory, cox_v1: tuple[Path, torch.nn.Module]
 ) -> Iterator[RunningServer]:
     root = tmp_path_factory.mktemp("repo")
-    ModelRepository(root).install("cox", cox_v1[0])
-    running = start_server(root, "--max-body-bytes", "1000000")
-    try:
-        yield running
-    finally:
-        stop_server(running)
+    with serving(root, "--max-body-bytes", "1000000", cox=cox_v1[0]) as s:
+        yield s

@@ -27,7 +27,7 @@ from prometheus_client import generate_latest
 from fedge.serve.repository import ModelRepository
 from fedge.serve.runtime import load_model
 from fedge.serve.server import DIRECT_MAX_BYTES, InferenceServer, Metrics
-from tests.serve.conftest import N_FEATURES, RunningServer, start_server, stop_server
+from tests.serve.conftest import N_FEATURES, RunningServer, serving
 
 
 def _rows(n: int, seed: int) -> np.ndarray:
@@ -118,13 +118,8 @@ def budget0_server(
     tmp_path_factory: pytest.TempPathFactory, cox_v1: tuple[Path, torch.nn.Module]
 ) -> Iterator[RunningServer]:
     """Every inference on the worker thread: an inline budget of 0."""
-    root = tmp_path_factory.mktemp("repo0")
-    ModelRepository(root).install("cox", cox_v1[0])
-    running = start_server(root, "--inline-budget-ms", "0")
-    try:
-        yield running
-    finally:
-        stop_server(running)
+    with serving(tmp_path_factory.mktemp("repo0"), "--inline-budget-ms", "0", cox=cox_v1[0]) as s:
+        yield s
 
 
 def test_pipelined_requests_of_both_lanes_are_answered_in_order(

@@ -17,18 +17,15 @@ import pytest
 import torch
 import tritonclient.http as triton
 
-from tests.serve.conftest import N_FEATURES, RunningServer, start_server, stop_server
+from tests.serve.conftest import N_FEATURES, RunningServer, serving
 
 
 @pytest.fixture
 def fresh_server(tmp_path: Path, cox_v1: tuple[Path, torch.nn.Module]) -> Iterator[RunningServer]:
     root = tmp_path / "repo"
     root.mkdir()
-    running = start_server(root)
-    try:
-        yield running
-    finally:
-        stop_server(running)
+    with serving(root) as s:
+        yield s
 
 
 def _wait_for(predicate, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]

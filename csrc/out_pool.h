@@ -103,11 +103,6 @@ class OutPool {
   }
 
  private:
-  struct Owner {
-    void* p;
-    size_t bytes;
-  };
-
   static size_t round_up(size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
 
   // Transparent huge pages for a new large buffer, as numpy asks for its own
@@ -132,9 +127,12 @@ class OutPool {
   std::deque<std::pair<void*, size_t>> kept_;
   size_t kept_bytes_ = 0;
   uint64_t reused_ = 0;
+};
 
-  template <typename T>
-  friend pybind11::array_t<T> pooled_array(size_t n);
+// What a pooled array's capsule owns: the buffer and its size.
+struct PooledBuffer {
+  void* p;
+  size_t bytes;
 };
 
 // A fresh 1-D array of n T's: from the pool when large enough, else numpy's own.
@@ -145,15 +143,15 @@ pybind11::array_t<T> pooled_array(size_t n) {
   if (bytes < OutPool::kMinBytes) return py::array_t<T>(static_cast<py::ssize_t>(n));
   OutPool& pool = OutPool::instance();
   void* p = pool.take(bytes);
-  OutPool::Owner* owner;
+  PooledBuffer* owner;
   try {
-    owner = new OutPool::Owner{p, bytes};
+    owner = new PooledBuffer{p, bytes};
   } catch (...) {
     pool.give(p, bytes);
     throw;
   }
   py::capsule base(owner, [](void* o) {
-    auto* own = static_cast<OutPool::Owner*>(o);
+    auto* own = static_cast<PooledBuffer*>(o);
     fedge_trace_untrack(OutPool::kTraceDomain, reinterpret_cast<uintptr_t>(own->p));
     OutPool::instance().give(own->p, own->bytes);
     delete own;

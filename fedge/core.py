@@ -397,11 +397,9 @@ def quantise(
             raise ValueError("x contains NaN or infinity")
         return dst
     arr = _array(x, "x", np.float32)
-    if out is None:
-        return _core.quantise(arr, clip=c, bits=b, seed=key, threads=nthreads, path=_path(path))
-    buf = _array(out, "out", np.uint32, writable=True)
-    _core.quantise(arr, clip=c, bits=b, seed=key, threads=nthreads, path=_path(path), out=buf)
-    return out
+    buf = None if out is None else _array(out, "out", np.uint32, writable=True)
+    q = _core.quantise(arr, clip=c, bits=b, seed=key, threads=nthreads, path=_path(path), out=buf)
+    return q if out is None else out
 
 
 def buffer_pool() -> dict[str, int]:

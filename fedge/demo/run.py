@@ -68,16 +68,12 @@ def _baselines(plan: dict[str, Any], centres: list[Any]) -> tuple[dict[str, floa
         local[f"centre-{i}"] = evaluate(spec, w, c, "test").metrics["c_index"]
     pool = pooled(centres)
     wp = train_local_only(spec, pool, cfg, rounds)
-    pooled_scores = {
-        f"centre-{i}": evaluate(spec, wp, c, "test").metrics["c_index"]
-        for i, c in enumerate(centres)
-    }
-    return local, {"per_centre": pooled_scores, "weights": wp}
+    return local, {"per_centre": _test_cindex(plan, wp, centres), "weights": wp}
 
 
 def _test_cindex(plan: dict[str, Any], weights: np.ndarray, centres: list[Any]) -> dict[str, float]:
-    """Each centre's test C-index of the final model (its rows standardised as its agent
-    does: the same data set table)."""
+    """Each centre's test C-index of a model (its rows standardised as its agent does:
+    the same data set table)."""
     from fedge.train.api import ModelSpec, evaluate
 
     spec = ModelSpec(plan["model"]["name"], dict(plan["model"]["params"]))

@@ -131,7 +131,6 @@ class JobPlan:
     clip: float = 100.0  # per-coordinate bound of an update under SecAgg; wide: no clipping
     min_clients: int = CENTRES
     eval_split: str = "test"
-    optimizer: str = "sgd"
 
     def text(self) -> str:
         params = {**self.model_params, "seed": self.seed}
@@ -142,8 +141,7 @@ class JobPlan:
             f"min_clients = {self.min_clients}\nseed = {self.seed}\n"
             f'eval_split = "{self.eval_split}"\n'
             f'[model]\nname = "{self.model}"\nparams = {{ {p} }}\n'
-            f'[train]\noptimizer = "{self.optimizer}"\n'
-            f"steps = {self.steps}\nbatch_size = {self.batch_size}\n"
+            f"[train]\nsteps = {self.steps}\nbatch_size = {self.batch_size}\n"
             f"learning_rate = {self.lr!r}\nweight_decay = {self.weight_decay!r}\n"
             f'[strategy]\nname = "{self.strategy}"\n{strat}\n'
             f"[secagg]\nenabled = {'true' if self.secagg else 'false'}\nalpha = 0.1\n"

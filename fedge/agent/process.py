@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedge.agent.jobstate import JobStateStore
 from fedge.agent.runtime import Agent
 from fedge.agent.trainer import Trainer
 
@@ -48,7 +49,8 @@ log = logging.getLogger("fedge.agent")
 
 # Fault injection for the crash tests: a comma-separated list of wire message
 # types; the agent SIGKILLs itself on receiving one (e.g. "train_task" = dies at
-# the start of local training, "secagg.unmask_request" = dies while unmasking).
+# the start of local training, "secagg.unmask_request" = dies while unmasking);
+# "train_task@2" dies only on round 2's.
 KILL_ON_ENV = "FEDGE_TEST_KILL_ON"
 
 
@@ -210,12 +212,14 @@ async def run_agent(agent: Agent, enrolled: Enrolled, *, interval_s: float, time
         max_message_bytes=agent.max_message_bytes)
     client.start()
     agent.send_frames = client.send
+    # "type" dies on any such message, "type@r" only on one for round r
     kill_on = {t for t in os.environ.get(KILL_ON_ENV, "").split(",") if t}
     if kill_on:
         def maybe_die(env: Any) -> None:
-            if env.header.type in kill_on:
-                log.warning("%s: %s=%s: killing myself on %s", agent.site, KILL_ON_ENV,
-                            ",".join(sorted(kill_on)), env.header.type)
+            if {env.header.type, f"{env.header.type}@{env.header.round}"} & kill_on:
+                log.warning("%s: %s=%s: killing myself on %s of round %d", agent.site,
+                            KILL_ON_ENV, ",".join(sorted(kill_on)), env.header.type,
+                            env.header.round)
                 os.kill(os.getpid(), signal.SIGKILL)
         agent.before_handle = maybe_die
     if notifier is not None:
@@ -274,7 +278,8 @@ def run(cfg: AgentConfig, *, connect_timeout_s: float | None = None) -> int:
     trainer: Trainer = TorchTrainer(cfg.datasets, state_dir=cfg.state_dir)
     executor: Executor = ThreadPoolExecutor(cfg.workers, thread_name_prefix="fedge-task")
     agent = Agent(enrolled.site, trainer, identity=enrolled.identity, roster=enrolled.roster,
-                  executor=executor, health=health_probe(cfg))
+                  executor=executor, health=health_probe(cfg),
+                  job_state=JobStateStore(cfg.state_dir / "jobs"))
     # Signed updates (console/updates engineer): UpdateAvailable / fetch replies go to
     # the TUF client; models install into <state_dir>/models for `fedge serve`.
     from fedge.agent.updates import attach_update_client

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from fedge import __version__
+from fedge.agent.jobstate import JobStateStore
 from fedge.agent.trainer import LocalResult, TaskRefusal, Trainer
 from fedge.coordinator.plan import Plan, PlanError, parse_plan
 from fedge.coordinator.secure import secagg_config
@@ -75,6 +76,7 @@ class Agent:
         health: Callable[[], tuple[dict[str, Any], bool, str]] | None = None,
         max_message_bytes: int = 1 << 30,
         secagg_threads: int = 1,
+        job_state: JobStateStore | None = None,
     ) -> None:
         self.site = site
         self.trainer = trainer
@@ -93,9 +95,10 @@ class Agent:
         self.on_status: Callable[[str], None] = lambda text: None
         self.before_handle: Callable[[codec.Envelope], None] | None = None
         self._busy: str = ""
-        # SCAFFOLD's c_i, per job: {round r: c_i at the start of round r} (latest two).
-        # Held in memory for the job: an agent restart starts again from c_i = 0.
+        # SCAFFOLD's c_i, per job: {round r: c_i at the start of round r} (latest two),
+        # written to ``job_state`` at each commit so a restarted agent resumes it.
         self.controls: dict[str, dict[int, np.ndarray]] = {}
+        self.job_state = job_state
         self._health_cache: tuple[dict[str, Any], bool, str] = ({}, True, "")
 
     # -- outgoing -------------------------------------------------------------------
@@ -229,20 +232,33 @@ class Agent:
         The value at the start of the latest round <= ``rnd``: a round retried after
         the agent committed it starts from the same c_i as its first attempt.
         """
-        held = self.controls.get(job, {})
+        held = self._held_controls(job)
         earlier = [r for r in held if r <= rnd]
         return held[max(earlier)] if earlier else None
+
+    def _held_controls(self, job: str) -> dict[int, np.ndarray]:
+        held = self.controls.get(job)
+        if held is None:
+            saved = self.job_state.load(job, "controls") if self.job_state else {}
+            held = self.controls[job] = {int(r): a.astype(np.float32) for r, a in saved.items()
+                                         if r.lstrip("-").isdigit() and a.ndim == 1}
+        return held
 
     def _commit_control(self, task: _Task) -> None:
         """The round's update was summed (its EvalTask came): c_i ← c_i + Δc_i."""
         assert task.local is not None and task.local.delta_control is not None
         start = (task.client_control if task.client_control is not None
                  else np.zeros_like(task.local.delta_control))
-        held = self.controls.setdefault(task.job, {})
+        held = self._held_controls(task.job)
         held[task.round] = start
         held[task.round + 1] = (start + task.local.delta_control).astype(np.float32)
         for r in [r for r in held if r < task.round]:
             del held[r]
+        if self.job_state is not None:
+            try:
+                self.job_state.save(task.job, "controls", {str(r): a for r, a in held.items()})
+            except OSError as exc:  # the round stands; only a restart would lose c_i
+                log.error("%s: job %s: SCAFFOLD c_i not saved: %s", self.site, task.job, exc)
 
     def input_vector(self, task: _Task, weight_scale: float) -> np.ndarray:
         """concat(w·Δ, [w]) with Δ clipped to [−c, c] and w = weight_scale·n (see rounds.py).

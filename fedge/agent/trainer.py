@@ -10,6 +10,7 @@ weights, counts and metrics — never rows.
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,7 +19,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from fedge.agent.jobstate import JobStateStore
 from fedge.coordinator.plan import Plan
+
+log = logging.getLogger("fedge.agent")
 
 
 class TaskRefusal(Exception):
@@ -95,6 +99,10 @@ class TorchTrainer:
         self._ledger_path = ledger_path(state_dir) if state_dir is not None else None
         self._ledger = (PrivacyLedger.load(self._ledger_path) if self._ledger_path
                         else PrivacyLedger())
+        # Each job's place in its stream of shuffled epochs, kept on disk too, so a
+        # restarted agent trains on the rows an uninterrupted one would.
+        self._job_state = (JobStateStore(Path(state_dir) / "jobs") if state_dir is not None
+                           else None)
         self._specs = {}
         for table in dataset_tables:
             spec = DatasetSpec.from_config(table)
@@ -137,7 +145,14 @@ class TorchTrainer:
             cfg = TrainConfig.from_dict(train_config_dict(plan, seed))
         except (KeyError, ValueError, TypeError) as exc:
             raise TaskRefusal(f"plan cannot run here: {exc}") from exc
-        state = self._states.setdefault(job, ClientState(job=job, ledger=self._ledger))
+        state = self._states.get(job)
+        if state is None:
+            state = self._states[job] = ClientState(job=job, ledger=self._ledger)
+            if self._job_state is not None:
+                try:
+                    state.restore_cursors(self._job_state.load(job, "cursors"))
+                except ValueError as exc:
+                    log.error("job %s: saved data cursor ignored: %s", job, exc)
         state.scaffold_ci = (None if client_control is None
                              else np.array(client_control, dtype=np.float32))
         try:
@@ -145,6 +160,11 @@ class TorchTrainer:
                               round=round, state=state, server_control=server_control)
         except (KeyError, ValueError, TypeError, RuntimeError) as exc:
             raise TaskRefusal(f"local training failed: {type(exc).__name__}: {exc}") from exc
+        if self._job_state is not None and state.cursors:
+            try:
+                self._job_state.save(job, "cursors", state.cursor_arrays())
+            except OSError as exc:  # the update stands; only a restart would lose it
+                log.error("job %s: data cursor not saved: %s", job, exc)
         if self._ledger_path is not None and out.epsilon is not None:
             with self._lock:
                 self._ledger.save(self._ledger_path)

@@ -191,6 +191,33 @@ class ClientState:
     # place, so it reproduces the same update. Only the latest two rounds are kept.
     cursors: dict[int, DataCursor] = field(default_factory=dict)
 
+    def cursor_arrays(self) -> dict[str, np.ndarray]:
+        """The cursors as named arrays (``order<r>``, ``pos<r>``), for the agent to keep
+        on disk; :meth:`restore_cursors` reads them back."""
+        out: dict[str, np.ndarray] = {}
+        for r, cur in self.cursors.items():
+            out[f"order{r}"] = cur.order.cpu().numpy().astype(np.int64)
+            out[f"pos{r}"] = np.array(cur.pos, dtype=np.int64)
+        return out
+
+    def restore_cursors(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Replace the cursors with those of :meth:`cursor_arrays`' output.
+
+        Raises:
+            ValueError: an array is missing, misnamed or of the wrong shape (named).
+        """
+        cursors: dict[int, DataCursor] = {}
+        for name, order in arrays.items():
+            if not name.startswith("order"):
+                continue
+            r = name.removeprefix("order")
+            pos = arrays.get(f"pos{r}")
+            if not r.lstrip("-").isdigit() or pos is None or pos.shape != () \
+                    or order.ndim != 1 or not 0 <= int(pos) <= order.size:
+                raise ValueError(f"data cursor {name!r}: not a saved cursor")
+            cursors[int(r)] = DataCursor(torch.from_numpy(order.astype(np.int64)), int(pos))
+        self.cursors = cursors
+
 
 @dataclass
 class TrainOutcome:

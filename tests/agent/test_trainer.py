@@ -115,3 +115,31 @@ def test_a_corrupt_privacy_ledger_is_named_not_reset(tmp_path):
     (tmp_path / "privacy" / "ledger.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"ledger\.json"):
         TorchTrainer([], state_dir=tmp_path)
+
+
+def test_a_restarted_trainer_resumes_the_epoch_stream_from_disk(tmp_path):
+    """steps-based rounds walk one stream of epochs; a new TorchTrainer on the same
+    state directory (an agent restart) trains round 3 on the rows an uninterrupted
+    one would, and one without the saved cursor does not."""
+    if not DATA.exists():
+        pytest.skip(f"Fed-TCGA-BRCA not found at {DATA}")
+    table = {"name": "brca", "kind": "fed_tcga_brca", "path": str(DATA), "site": 0}
+    plan = parse_plan(PLAN.replace("rounds = 1", "rounds = 3"))
+    w0 = np.zeros(40, np.float32)
+
+    def run(trainers):
+        w = w0
+        for r, t in zip((1, 2, 3), trainers, strict=True):
+            w = t.train("site-0", "job-a", plan, w, round=r, seed=train_seed(5, r, "s0")).weights
+        return w
+
+    memory = TorchTrainer([table])
+    uninterrupted = run([memory] * 3)
+    before = TorchTrainer([table], state_dir=tmp_path)
+    after = TorchTrainer([table], state_dir=tmp_path)
+    np.testing.assert_array_equal(run([before, before, after]), uninterrupted)
+    forgetful = TorchTrainer([table])
+    assert not np.array_equal(run([memory, memory, forgetful]), uninterrupted)
+    saved = list((tmp_path / "jobs").iterdir())
+    assert [p.name.split(".", 1)[1] for p in saved] == ["cursors.npz"]
+    assert saved[0].stat().st_mode & 0o777 == 0o600

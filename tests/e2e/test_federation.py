@@ -205,6 +205,39 @@ def test_scaffold_job_with_secure_aggregation_matches_the_in_process_reference(f
     assert all(p.stop() == 0 for p in fed.procs.values()), fed.dump()
 
 
+def test_agent_sigkilled_between_scaffold_rounds_resumes_its_state_from_disk(
+        federation, brca):
+    """site-1 dies as round 2's task arrives; round 2 fails (min_clients = 3) and is
+    retried once it restarts. Its c_i and its place in the epoch stream come back
+    from its state directory, so the job ends on the uninterrupted reference's model
+    (a restart from c_i = 0 and a fresh epoch would not)."""
+    fed, sites = _coordinated(federation, brca, 3)
+    for s in sites:
+        if s == "site-1":
+            fed.env["FEDGE_TEST_KILL_ON"] = "train_task@2"
+        fed.start_agent(s)
+        fed.env.pop("FEDGE_TEST_KILL_ON", None)
+    wait_for_connected(fed, set(sites))
+    default = plan(rounds=3, train_s=8)
+    text = default[:default.index("[strategy]")] + SCAFFOLD.lstrip() + \
+        default[default.index("[secagg]"):]
+    job = fed.submit(text)
+    assert fed.procs["site-1"].p.wait(120) == -9, fed.dump()
+    fed.start_agent("site-1")
+    row = fed.wait_job(job, 180)
+    assert row["status"] == "completed", fed.dump()
+    rs = rounds_of(fed, job)
+    second = [r["status"] for r in rs if r["round"] == 2]
+    assert second[0] == "failed" and second[-1] == "committed", second
+    final = ck.load_checkpoint(ck.final_path(fed.coord_dir, job))
+    expect, state = in_process_reference(text, sites)
+    np.testing.assert_allclose(final.weights, expect, atol=1e-5)
+    np.testing.assert_allclose(final.strategy_state["c"], state["c"], atol=1e-5)
+    assert all(p.stop() == 0 for p in fed.procs.values()), fed.dump()
+    kept = sorted(p.name.split(".", 1)[1] for p in (fed.root / "agents/site-1/jobs").iterdir())
+    assert kept == ["controls.npz", "cursors.npz"], kept
+
+
 def rounds_of(fed, job):
     return fed.query("SELECT round, attempt, status, cohort_json, survivors_json, reason "
                      "FROM rounds WHERE job_id = ? ORDER BY round, attempt", job)

@@ -81,7 +81,17 @@ class AdminService:
         self.updates = updates
         self.clock = clock
         self._send = send or self._outbox_send
+        # Roll-outs live in the coordinator's database: a restarted coordinator answers
+        # for finished ones and goes on with the one in flight (an outcome reported
+        # after the restart advances it; its deadline kept running meanwhile).
         self.rollouts: dict[str, Rollout] = {}
+        for saved in coordinator.store.rollouts():
+            try:
+                rollout = Rollout.from_state(saved)
+            except ValueError as exc:
+                log.error("a saved roll-out cannot be resumed: %s", exc)
+                continue
+            self.rollouts[rollout.rollout_id] = rollout
         self._last_refresh = float("-inf")
 
     def _outbox_send(self, site: str, body: Any) -> None:
@@ -217,7 +227,9 @@ class AdminService:
         rollout = Rollout(f"rollout-{secrets.token_hex(4)}", path, list(sites),
                           deadline_s=float(args.get("deadline_s", 300.0)))
         self.rollouts[rollout.rollout_id] = rollout
-        for site, msg in rollout.start(self.clock()):
+        sends = rollout.start(self.clock())
+        self._save(rollout)
+        for site, msg in sends:
             self._send(site, msg)
         self._audit(op, "update.rollout_started", {**rollout.to_dict(), "snapshot": snapshot})
         return rollout.to_dict(), {}
@@ -247,6 +259,12 @@ class AdminService:
             raise ValueError(f"unknown roll-out {rid!r}")
         return self.rollouts[rid].to_dict(), {}
 
+    def _save(self, rollout: Rollout) -> None:
+        try:
+            self.coordinator.store.save_rollout(rollout.rollout_id, rollout.to_state())
+        except Exception:  # the roll-out goes on in memory; a restart would lose it
+            log.exception("cannot save roll-out %s", rollout.rollout_id)
+
     # -- agents' outcomes and the clock -------------------------------------------------
     def on_outcome(self, site: str, outcome: UpdateOutcome) -> None:
         """An agent reported an install outcome: record it, advance its roll-out."""
@@ -256,9 +274,13 @@ class AdminService:
         rollout = self.rollouts.get(outcome.rollout_id)
         if rollout is None:
             return
-        for to, msg in rollout.receive(site, outcome, self.clock()):
+        was = rollout.to_state()
+        sends = rollout.receive(site, outcome, self.clock())
+        if rollout.to_state() != was:
+            self._save(rollout)
+        for to, msg in sends:
             self._send(to, msg)
-        if rollout.done:
+        if rollout.done and rollout.to_state() != was:
             self._audit("coordinator", f"update.rollout_{rollout.state}", rollout.to_dict())
 
     def tick(self) -> None:
@@ -276,6 +298,7 @@ class AdminService:
             was = rollout.state
             rollout.tick(self.clock())
             if rollout.state != was:
+                self._save(rollout)
                 self._audit("coordinator", f"update.rollout_{rollout.state}",
                             rollout.to_dict())
 

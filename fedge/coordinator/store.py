@@ -89,6 +89,12 @@ CREATE TABLE IF NOT EXISTS metrics (
     n_examples INTEGER NOT NULL,
     PRIMARY KEY (job_id, round, site, split, name)
 );
+CREATE TABLE IF NOT EXISTS rollouts (
+    rollout_id TEXT PRIMARY KEY,
+    state_json TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     time REAL NOT NULL,
@@ -540,6 +546,29 @@ class Store:
              "n_examples": r[5]}
             for r in rows
         ]
+
+
+    # -- roll-outs of signed updates ------------------------------------------------
+
+    def save_rollout(self, rollout_id: str, state: dict[str, Any]) -> None:
+        """Insert or replace one roll-out's state (``Rollout.to_state()``), so a
+        restarted coordinator goes on with it."""
+        now = self._clock()
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO rollouts(rollout_id, state_json, started_at, updated_at) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT(rollout_id) DO UPDATE SET "
+                "state_json = excluded.state_json, updated_at = excluded.updated_at",
+                (rollout_id, json.dumps(state, sort_keys=True), now, now),
+            )
+
+    def rollouts(self) -> list[dict[str, Any]]:
+        """Every saved roll-out state, oldest first."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT state_json FROM rollouts ORDER BY started_at, rollout_id"
+            ).fetchall()
+        return [json.loads(r[0]) for r in rows]
 
 
 def _appliance(row: tuple[Any, ...]) -> Appliance:

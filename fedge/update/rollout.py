@@ -15,6 +15,7 @@ Transitions (state, event) -> state::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from fedge.update.messages import UpdateAvailable, UpdateOutcome
 
@@ -106,6 +107,36 @@ class Rollout:
         self.failure = (f"{site} did not report an outcome for {self.path} within "
                         f"{self.deadline_s:g} s; roll-out stopped")
         self._go("failed")
+
+    def to_state(self) -> dict[str, Any]:
+        """Everything needed to go on after a coordinator restart (JSON-able)."""
+        return {**self.to_dict(), "deadline_s": self.deadline_s, "next": self._next,
+                "waiting_since": self._waiting_since}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Rollout:
+        """The roll-out :meth:`to_state` saved. The deadline runs on from the saved
+        ``waiting_since`` (wall-clock seconds), so downtime counts against it.
+
+        Raises:
+            ValueError: a field is missing or out of range (named).
+        """
+        try:
+            r = cls(str(state["rollout_id"]), str(state["path"]),
+                    [str(s) for s in state["sites"]], float(state["deadline_s"]))
+            r.state, r.failure = str(state["state"]), str(state["failure"])
+            r.results = {str(k): dict(v) for k, v in state["results"].items()}
+            r._next, r._waiting_since = int(state["next"]), float(state["waiting_since"])
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"saved roll-out lacks or mistypes {exc}") from exc
+        valid = {s for pair in TRANSITIONS.items() for s in (pair[0][0], pair[1])}
+        if r.state not in valid:
+            raise ValueError(f"saved roll-out {r.rollout_id}: unknown state {r.state!r}")
+        if not 0 <= r._next <= len(r.sites) or (r._next == len(r.sites)) != (
+                r.state == "succeeded"):
+            raise ValueError(f"saved roll-out {r.rollout_id}: next={r._next} does not fit "
+                             f"state {r.state!r} with {len(r.sites)} site(s)")
+        return r
 
     def to_dict(self) -> dict[str, object]:
         return {"rollout_id": self.rollout_id, "path": self.path, "sites": self.sites,

@@ -54,11 +54,8 @@ class AdminServer:
         prov = self.console.provision()
         self.coordinator = Coordinator(tmp_path / "coordinator",
                                        roster_public_key=self.console.roster_public_key())
-        self.updates = UpdateRepository.provision(
-            tmp_path / "coordinator", root=self.console.root_bytes(),
-            targets=self.console.targets_bytes(),
-            snapshot_key=self.console.tuf_key("snapshot"),
-            timestamp_key=self.console.tuf_key("timestamp"))
+        # provisioned on the first start, opened on a restart (as the coordinator does)
+        self.updates = UpdateRepository.from_provision(tmp_path / "coordinator", prov)
         config = AdminConfig.from_provision(prov, self.console.admin_endpoint)
         self.sent: list[tuple[str, object]] = []
         self.service = AdminService(self.coordinator, config.operators, updates=self.updates,

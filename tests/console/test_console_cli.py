@@ -167,6 +167,35 @@ def test_push_stops_at_the_failed_canary(tmp_path, make_server):
     assert apps[1].models.versions("risk") == []  # never told to install
 
 
+def test_a_restarted_coordinator_goes_on_with_the_rollout_in_flight(tmp_path, make_server):
+    """The coordinator restarts while the canary installs; the canary's outcome arrives
+    at the new process, which knows the roll-out from its database and goes on."""
+    server = make_server()
+    sites = ["h1", "h2", "h3"]
+    apps = [Appliance(tmp_path, s, server) for s in sites]
+    f = tmp_path / "model.onnx"
+    f.write_bytes(tiny_onnx(7.0))
+    r = push(server.console, server.client("admin"), f, kind="model", name="risk",
+             version="3", canary="h2", sites=sites, wait=False)
+    (site, msg), = server.sent
+    assert site == "h2"
+    outcome = handle_update_available(apps[1].updater, msg, models=apps[1].models)
+    server.close()
+
+    again = make_server(server.console.home)
+    client = again.client("admin")
+    status, _ = client.call("rollout_status", {"rollout_id": r["rollout_id"]})
+    assert status["state"] == "canary" and status["waiting_for"] == "h2", status
+    again.call_in_loop(again.service.on_outcome, "h2", outcome)
+    assert [s for s, _ in again.sent] == ["h1"]
+    drive(again, apps)
+    status, _ = client.call("rollout_status", {"rollout_id": r["rollout_id"]})
+    assert status["state"] == "succeeded" and list(status["results"]) == ["h2", "h1", "h3"]
+    assert all(a.models.path("risk", 1).read_bytes() == tiny_onnx(7.0) for a in apps)
+    finished = [e for e in again.coordinator.store.audit_log(action="update.rollout_succeeded")]
+    assert len(finished) == 1
+
+
 def test_jobs_fetch_downloads_the_results(tmp_path, make_server, capsys):
     import numpy as np
     from safetensors.numpy import save

@@ -62,3 +62,28 @@ def test_bad_rollouts_are_refused():
         Rollout("r", P, [])
     with pytest.raises(ValueError, match="twice"):
         Rollout("r", P, ["a", "a"])
+
+
+def test_state_round_trips_at_every_stage_and_a_bad_one_is_named():
+    r = Rollout("r1", P, ["a", "b", "c"], deadline_s=30)
+    stages = [r.to_state()]
+    r.start(10)
+    stages.append(r.to_state())
+    r.receive("a", ok(), 11)
+    stages.append(r.to_state())
+    for state in stages:
+        back = Rollout.from_state(state)
+        assert back.to_state() == state
+    back = Rollout.from_state(stages[-1])
+    back.tick(40.9)  # the deadline runs from the saved waiting_since (11)
+    assert back.state == "rest"
+    assert [s for s, _ in back.receive("b", ok(), 41)] == ["c"]
+    late = Rollout.from_state(stages[-1])
+    late.tick(41.0)
+    assert late.state == "failed" and "b did not report" in late.failure
+    with pytest.raises(ValueError, match="waiting_since"):
+        Rollout.from_state({k: v for k, v in stages[-1].items() if k != "waiting_since"})
+    with pytest.raises(ValueError, match="unknown state 'halfway'"):
+        Rollout.from_state({**stages[-1], "state": "halfway"})
+    with pytest.raises(ValueError, match="next=3"):
+        Rollout.from_state({**stages[-1], "next": 3})

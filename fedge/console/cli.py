@@ -55,6 +55,13 @@ def register(subparsers: Any) -> None:
                        help="new TUF snapshot/timestamp keys for the coordinator (root v+1)")
     s.set_defaults(func=_cmd_rotate)
 
+    s = sub.add_parser("rotate-keys",
+                       help="new offline TUF keys (targets, root) after a loss or exposure: "
+                       "root v+1 and the targets re-signed; retired keys are refused")
+    s.add_argument("--role", action="append", choices=("root", "targets"), required=True,
+                   help="a role to rotate (repeat for both)")
+    s.set_defaults(func=_cmd_rotate_offline)
+
     s = sub.add_parser("fleet", help="the appliances, their health and eligibility")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=_cmd_fleet)
@@ -212,6 +219,20 @@ def _cmd_rotate(args: argparse.Namespace) -> int:
                              "timestamp.pem": timestamp})
         store.commit_online_key_rotation(root, snapshot, timestamp)  # accepted: keep them
         print(f"coordinator now signs with the new online keys: {versions}")
+        return 0
+
+    return _run(go, args)
+
+
+def _cmd_rotate_offline(args: argparse.Namespace) -> int:
+    def go(args: argparse.Namespace) -> int:
+        store = _store(args)
+        root, targets, pems = store.rotate_offline_keys(args.role, persist=False)
+        versions, _ = _call(args, "rotate_offline_keys", {"roles": sorted(pems)},
+                            {"root.json": root, "targets.json": targets})
+        store.commit_offline_key_rotation(root, targets, pems)  # accepted: keep them
+        print(f"new {' and '.join(sorted(pems))} key(s) in force; the retired ones are "
+              f"refused by every appliance from its next refresh: {versions}")
         return 0
 
     return _run(go, args)

@@ -28,6 +28,7 @@ OPS: dict[str, frozenset[str]] = {
     "revoke": frozenset({ROLE_ADMIN}),
     "push": frozenset({ROLE_ADMIN}),
     "rotate_online_keys": frozenset({ROLE_ADMIN}),
+    "rotate_offline_keys": frozenset({ROLE_ADMIN}),
 }
 
 ADMIN_MAX_BYTES = 256 << 20  # a software bundle or a fetched model travels in one message

@@ -341,6 +341,61 @@ class ConsoleStore:
         self._save()
         self.write_provision_file()
 
+    OFFLINE_ROLES = ("root", "targets")
+
+    def rotate_offline_keys(self, roles: Iterable[str], *, now: datetime | None = None,
+                            persist: bool = True) -> tuple[bytes, bytes, dict[str, bytes]]:
+        """New keys for the offline roles named ("root", "targets"): after a key is lost
+        or exposed, or on schedule. Root version N+1 names them and is signed by the
+        current root key (and, when root itself rotates, by the new one too, as TUF
+        requires); the current targets are re-signed as version M+1 with the targets
+        key now named. Appliances follow root N+1 on their next refresh; metadata
+        signed with a retired key is refused from then on.
+
+        Returns (root N+1, targets M+1, {role: new key PEM}) for the coordinator. With
+        persist=False nothing is stored until `commit_offline_key_rotation`, once the
+        coordinator accepted them.
+
+        Raises:
+            ConsoleError: no role, or a role that is not offline.
+        """
+        roles = sorted(set(roles))
+        bad = [r for r in roles if r not in self.OFFLINE_ROLES]
+        if not roles or bad:
+            raise ConsoleError(f"offline key roles to rotate must be among "
+                               f"{', '.join(self.OFFLINE_ROLES)}; got {roles or 'none'}")
+        now = now or self.clock()
+        keys = {r: (Ed25519PrivateKey.generate() if r in roles else self.tuf_key(r))
+                for r in self.OFFLINE_ROLES}
+        root_md = tuf_repo.create_root(keys["root"], keys["targets"], self.tuf_key("snapshot"),
+                                       self.tuf_key("timestamp"), now=now,
+                                       version=int(self.state["root_version"]) + 1)
+        if "root" in roles:  # the version before must vouch for the new root key
+            root_md.sign(tuf_repo.signer(self.tuf_key("root")), append=True)
+        current = tuf_repo.load(self.targets_bytes(), "targets")
+        targets = tuf_repo.create_targets(keys["targets"], current.signed.targets,
+                                          version=current.signed.version + 1, now=now)
+        pems = {r: keys[r].private_bytes(serialization.Encoding.PEM,
+                                         serialization.PrivateFormat.PKCS8,
+                                         serialization.NoEncryption()) for r in roles}
+        root, targets_bytes = tuf_repo.to_bytes(root_md), tuf_repo.to_bytes(targets)
+        if persist:
+            self.commit_offline_key_rotation(root, targets_bytes, pems)
+        return root, targets_bytes, pems
+
+    def commit_offline_key_rotation(self, root: bytes, targets: bytes,
+                                    pems: dict[str, bytes]) -> None:
+        """Store a rotation made by `rotate_offline_keys`: the retired keys are
+        overwritten, and new enrolments carry root N+1."""
+        version = tuf_repo.load(root, "root").signed.version
+        write_atomic(self.home / "tuf" / f"{version}.root.json", root)
+        for role, pem in pems.items():
+            write_atomic(self.home / "keys" / f"tuf-{role}.pem", pem)
+        self.save_targets(targets)
+        self.state["root_version"] = version
+        self._save()
+        self.write_provision_file()
+
     def _save(self) -> None:
         write_json(self.home / "console.json", self.state)
 

@@ -249,6 +249,15 @@ class AdminService:
         self.updates.rotate_online_keys(blobs["root.json"], keys[0], keys[1])
         return self.updates.versions, {}
 
+    def _op_rotate_offline_keys(self, op: Operator, args: dict, blobs: dict
+                                ) -> tuple[Any, dict]:
+        """Root N+1 naming new offline keys, with the targets re-signed under them;
+        the relay checks both as it does any rotated root (signed by root N and N+1)."""
+        if self.updates is None:
+            raise ValueError("this coordinator has no update repository (not provisioned)")
+        self.updates.publish(blobs["targets.json"], {}, root=blobs["root.json"])
+        return self.updates.versions, {}
+
     def _default_sites(self) -> list[str]:
         return sorted(a["site_id"] for a in self.coordinator.fleet()
                       if a.get("status") == "enrolled" and a.get("connected"))

@@ -259,6 +259,32 @@ def test_rotate_online_keys_through_the_admin_channel(make_server, capsys):
     assert json.loads(prov["tuf_root"])["signed"]["version"] == 2
 
 
+def test_rotate_offline_keys_through_the_admin_channel_then_push_installs(
+        tmp_path, make_server, capsys):
+    server = make_server()
+    app = Appliance(tmp_path, "h1", server)
+    base = ["console", "--home", str(server.console.home), "--timeout", "5"]
+    before = server.console.tuf_key("targets").public_key().public_bytes_raw()
+    assert main([*base, "--operator", "viewer", "rotate-keys", "--role", "targets"]) == 1
+    assert "needs role admin" in capsys.readouterr().err
+    assert server.console.tuf_key("targets").public_key().public_bytes_raw() == before
+    assert main([*base, "rotate-keys", "--role", "targets", "--role", "root"]) == 0
+    assert "new root and targets key(s) in force" in capsys.readouterr().out
+    assert server.updates.versions["root"] == 2
+    assert server.console.tuf_key("targets").public_key().public_bytes_raw() != before
+    # the appliance enrolled under root v1 follows v2 and installs what the new key signs
+    f = tmp_path / "model.onnx"
+    f.write_bytes(tiny_onnx(4.0))
+    client = AdminClient.from_store(server.console, "admin", timeout_s=5)
+    r = push(server.console, client, f, kind="model", name="risk", version="1",
+             sites=["h1"], wait=False)
+    drive(server, [app])
+    status, _ = client.call("rollout_status", {"rollout_id": r["rollout_id"]})
+    assert status["state"] == "succeeded", status
+    assert app.models.path("risk", 1).read_bytes() == tiny_onnx(4.0)
+    assert server.coordinator.store.audit_log(action="admin.rotate_offline_keys")
+
+
 def test_push_to_a_site_that_is_not_enrolled_publishes_nothing(tmp_path, make_server):
     server = make_server()
     Appliance(tmp_path, "h1", server)

@@ -237,3 +237,68 @@ def test_rotation_not_signed_by_the_current_root_is_refused_by_the_coordinator(f
     with pytest.raises(UpdateRepositoryError, match="not signed by the root key"):
         fleet.repo.rotate_online_keys(forged, evil, evil)
     assert fleet.repo.versions["root"] == 1
+
+
+def _forge_targets(fleet, key, data):
+    """Targets v+1 listing a bad model, signed with `key`, written into the relay and
+    vouched for by snapshot/timestamp (a compromised coordinator holds those keys)."""
+    tf = tuf_repo.new_target_file("model", "risk", "9", "model.onnx", data)
+    v = fleet.repo.versions["targets"] + 1
+    forged = tuf_repo.to_bytes(tuf_repo.create_targets(key, {tf.path: tf}, version=v,
+                                                       now=fleet.clock()))
+    with pytest.raises(UpdateRepositoryError, match="not signed by the targets key"):
+        fleet.repo.publish(forged, {tf.path: data})
+    _meta(fleet, f"{v}.targets.json").write_bytes(forged)
+    fleet.repo._v.targets = v
+    fleet.repo._v = fleet.repo._sign_online(fleet.repo.root_dir, fleet.repo._snapshot_key,
+                                            fleet.repo._timestamp_key, fleet.repo._v,
+                                            fleet.clock())
+
+
+@pytest.mark.parametrize("roles", [["targets"], ["root", "targets"]])
+def test_offline_key_rotation_is_followed_and_the_retired_keys_are_refused(
+        fleet, make_onnx, roles):
+    """The console's targets (and root) key was exposed: after the rotation every
+    appliance follows root v2, installs what the new key signs, and refuses what the
+    retired key signs, even relayed by a coordinator that re-signs snapshot/timestamp."""
+    fleet.publish("model", "risk", "1", "model.onnx", make_onnx(1.0))
+    fleet.updater.refresh()
+    retired = {r: fleet.console.tuf_key(r) for r in ("root", "targets")}
+    root2, targets2, pems = fleet.console.rotate_offline_keys(roles)
+    assert sorted(pems) == roles
+    fleet.repo.publish(targets2, {}, root=root2)
+    fleet.publish("model", "risk", "2", "model.onnx", make_onnx(2.0))
+    assert sorted(s.version for s in fleet.updater.refresh()) == ["1", "2"]
+    assert (fleet.agent_dir / "tuf" / "metadata" / "root_history" / "2.root.json").exists()
+    assert tuf_repo.load(fleet.console.root_bytes(), "root").signed.version == 2  # enrolments
+    # the stolen targets key cannot list a model any more
+    _forge_targets(fleet, retired["targets"], make_onnx(9.0))
+    with pytest.raises(tuf_exc.UnsignedMetadataError):
+        fleet.updater.refresh()
+    if "root" in roles:  # nor can the stolen root key move trust to its own keys
+        root3 = tuf_repo.create_root(retired["root"], retired["targets"], retired["root"],
+                                     retired["root"], now=fleet.clock(), version=3)
+        root3.sign(tuf_repo.signer(retired["root"]), append=True)
+        _meta(fleet, "3.root.json").write_bytes(tuf_repo.to_bytes(root3))
+        with pytest.raises(tuf_exc.UnsignedMetadataError):
+            fleet.updater.refresh()
+        assert not (fleet.agent_dir / "tuf" / "metadata" / "root_history" /
+                    "3.root.json").exists()
+
+
+def test_a_root_rotation_without_the_old_root_signature_is_refused(fleet):
+    from fedge.console.store import ConsoleError
+
+    with pytest.raises(ConsoleError, match="among root, targets; got \\['snapshot'\\]"):
+        fleet.console.rotate_offline_keys(["snapshot"])
+    with pytest.raises(ConsoleError, match="got none"):
+        fleet.console.rotate_offline_keys([])
+    root2, targets2, _ = fleet.console.rotate_offline_keys(["root"], persist=False)
+    # strip the old root's signature: the new key alone cannot vouch for itself
+    md = tuf_repo.load(root2, "root")
+    new_keyid = md.signed.roles["root"].keyids[0]
+    md.signatures = {k: v for k, v in md.signatures.items() if k == new_keyid}
+    with pytest.raises(UpdateRepositoryError, match="not signed by the root key"):
+        fleet.repo.publish(targets2, {}, root=tuf_repo.to_bytes(md))
+    assert fleet.repo.versions["root"] == 1
+    assert tuf_repo.load(fleet.console.root_bytes(), "root").signed.version == 1  # not kept

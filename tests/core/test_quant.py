@@ -271,3 +271,26 @@ def test_a_pooled_result_is_counted_by_tracemalloc_while_it_lives() -> None:
         assert tracemalloc.get_traced_memory()[0] - before < 4096
     finally:
         tracemalloc.stop()
+
+
+def test_the_pool_keeps_within_its_byte_bound_and_frees_a_result_too_big_for_it() -> None:
+    """Three dropped 200 MiB results: the oldest is freed to stay within 512 MiB; a
+    result larger than the whole bound goes straight back to the system. (About
+    1.1 GB at the peak, for under a second.)"""
+    core.release_buffers()
+    limits = core.buffer_pool()
+    words = (200 << 20) // 4
+    x = np.ones(words + 2, np.float32)
+    results = [core.quantise(x[: words + i], clip=1.0, bits=8, seed=bytes(16)) for i in range(3)]
+    while results:  # dropped oldest first: the pool keeps the last two
+        results.pop(0)
+    now = core.buffer_pool()
+    assert now["buffers"] == 2 and now["bytes"] == 4 * (2 * words + 3) <= limits["max_bytes"]
+    del x
+    core.release_buffers()
+    big = (limits["max_bytes"] // 4) + 1024
+    y = np.ones(big, np.float32)
+    q = core.quantise(y, clip=1.0, bits=8, seed=bytes(16))
+    assert q[-1] == q[0]
+    del q
+    assert core.buffer_pool()["buffers"] == core.buffer_pool()["bytes"] == 0

@@ -26,13 +26,13 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedge.secagg.keys import Identity, Roster, check_client_id
 from fedge.update import tuf_repo
 from fedge.update.files import (
     curve_keypair,
+    ed25519_pem,
     load_ed25519,
     save_ed25519,
     write_atomic,
@@ -322,10 +322,7 @@ class ConsoleStore:
         root = tuf_repo.to_bytes(tuf_repo.create_root(
             self.tuf_key("root"), self.tuf_key("targets"), snapshot, timestamp, now=now,
             version=version))
-        pems = tuple(k.private_bytes(serialization.Encoding.PEM,
-                                     serialization.PrivateFormat.PKCS8,
-                                     serialization.NoEncryption())
-                     for k in (snapshot, timestamp))
+        pems = (ed25519_pem(snapshot), ed25519_pem(timestamp))
         if persist:
             self.commit_online_key_rotation(root, pems[0], pems[1])
         return root, pems[0], pems[1]
@@ -375,9 +372,7 @@ class ConsoleStore:
         current = tuf_repo.load(self.targets_bytes(), "targets")
         targets = tuf_repo.create_targets(keys["targets"], current.signed.targets,
                                           version=current.signed.version + 1, now=now)
-        pems = {r: keys[r].private_bytes(serialization.Encoding.PEM,
-                                         serialization.PrivateFormat.PKCS8,
-                                         serialization.NoEncryption()) for r in roles}
+        pems = {r: ed25519_pem(keys[r]) for r in roles}
         root, targets_bytes = tuf_repo.to_bytes(root_md), tuf_repo.to_bytes(targets)
         if persist:
             self.commit_offline_key_rotation(root, targets_bytes, pems)

@@ -55,14 +55,18 @@ def ed25519_public_bytes(key: Ed25519PrivateKey) -> bytes:
     )
 
 
-def save_ed25519(path: Path, key: Ed25519PrivateKey) -> None:
-    """Save an Ed25519 private key as PKCS#8 PEM, mode 0600. Raises: OSError."""
-    pem = key.private_bytes(
+def ed25519_pem(key: Ed25519PrivateKey) -> bytes:
+    """An Ed25519 private key as unencrypted PKCS#8 PEM (what `load_ed25519` reads)."""
+    return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    write_atomic(path, pem)
+
+
+def save_ed25519(path: Path, key: Ed25519PrivateKey) -> None:
+    """Save an Ed25519 private key as PKCS#8 PEM, mode 0600. Raises: OSError."""
+    write_atomic(path, ed25519_pem(key))
 
 
 def load_ed25519(path: Path) -> Ed25519PrivateKey:

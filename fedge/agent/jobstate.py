@@ -67,7 +67,11 @@ class JobStateStore:
                 raise ValueError(f"it belongs to job {None if owner is None else str(owner)!r}")
         except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
             aside = path.with_name(path.name + ".corrupt")
-            path.replace(aside)
+            try:
+                path.replace(aside)
+            except OSError as move:
+                aside = path
+                log.error("job %s: cannot move %s aside: %s", job, path, move)
             log.error("job %s: %s state in %s is unreadable (%s); moved to %s, the job "
                       "goes on from fresh %s state", job, kind, path, exc, aside.name, kind)
             return {}

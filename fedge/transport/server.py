@@ -192,8 +192,9 @@ class ServerSocket:
         try:
             sock.bind(endpoint)
         except zmq.ZMQError as exc:
-            sock.close(linger=0)
+            sock.disable_monitor()
             monitor.close(linger=0)
+            sock.close(linger=0)
             self._auth.stop()
             self._ctx.term()
             self._ctx = None
@@ -213,6 +214,12 @@ class ServerSocket:
         A ``recv`` waiting now, or called later, raises :class:`NotConnected`.
         """
         self._closed = True
+        if self._sock is not None:
+            # First, while the monitor's PAIR socket is still open: libzmq sends a
+            # monitor event (a client's DISCONNECTED, say) with a blocking send under
+            # the lock disable_monitor takes, so an event raised after _watch closed
+            # that PAIR would block libzmq's IO thread and this call for ever.
+            self._sock.disable_monitor()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -223,7 +230,6 @@ class ServerSocket:
             self._queue.get_nowait()
         self._queue.put_nowait(None)
         if self._sock is not None:
-            self._sock.disable_monitor()
             self._sock.close(linger=0)
             self._sock = None
         if self._auth is not None:

@@ -629,3 +629,54 @@ def test_garbage_from_an_enrolled_peer_reaches_the_decoder_not_a_crash() -> None
             await h.close()
 
     run(main())
+
+
+_CLOSE_RACE = '''
+import asyncio, socket, time
+import zmq, zmq.asyncio
+from fedge.transport import CurveKeyPair, ServerSocket
+
+peers = []
+make_monitor = zmq.asyncio.Socket.get_monitor_socket
+
+def monitor_whose_close_is_followed_by_a_disconnect(self, *a, **k):
+    mon = make_monitor(self, *a, **k)
+    close = mon.close
+    def close_then_peer_leaves(linger=None):
+        close(linger=linger)
+        time.sleep(0.3)  # libzmq's reaper has closed the PAIR
+        for s in peers:
+            s.close()  # libzmq's IO thread now raises a monitor event
+        time.sleep(0.5)
+    mon.close = close_then_peer_leaves
+    return mon
+
+zmq.asyncio.Socket.get_monitor_socket = monitor_whose_close_is_followed_by_a_disconnect
+
+async def main():
+    server = ServerSocket(CurveKeyPair.generate())
+    host, port = server.bind("tcp://127.0.0.1:0").rsplit("/", 1)[1].rsplit(":", 1)
+    peers.append(socket.create_connection((host, int(port))))
+    await asyncio.sleep(0.3)
+    await server.close()
+    print("closed")
+
+asyncio.run(main())
+'''
+
+
+def test_server_close_does_not_hang_on_a_monitor_event_raised_while_closing() -> None:
+    """libzmq sends a monitor event with a blocking send, under the lock that
+    disable_monitor takes: if the monitor's PAIR socket closed first, a peer
+    leaving at that moment blocks the IO thread and close() for ever (a CI run
+    hung so). Run in a child process, since a hang in C cannot be interrupted;
+    the peer is made to leave just after the PAIR closes."""
+    import subprocess
+    import sys
+
+    try:
+        out = subprocess.run([sys.executable, "-c", _CLOSE_RACE], capture_output=True,
+                             text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("ServerSocket.close() hung (disable_monitor after the PAIR closed)")
+    assert out.returncode == 0 and out.stdout.strip() == "closed", out.stderr[-2000:]

@@ -590,6 +590,7 @@ def test_a_key_revoked_before_its_first_message_is_shut_when_it_speaks() -> None
             with pytest.raises(TimeoutError):
                 await h.server.recv(timeout=0.3)
         finally:
+            raw.disable_monitor()  # before its PAIR closes, or closing can hang
             monitor.close(linger=0)
             raw.close(linger=0)
             ctx.term()

@@ -298,10 +298,14 @@ class ClientSocket:
         pending = asyncio.ensure_future(monitor.recv_multipart())
         fd: int | None = None
         peer: Any = None
+        last = time.monotonic()
         try:
             while True:
                 done, _ = await asyncio.wait({pending}, timeout=tick)
                 now = time.monotonic()
+                if now - last > tick + self.heartbeat.interval:
+                    self._conn.loop_stalled(now)
+                last = now
                 if pending in done:
                     name, value = parse_event(pending.result())
                     pending = asyncio.ensure_future(monitor.recv_multipart())

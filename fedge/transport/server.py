@@ -492,12 +492,16 @@ class ServerSocket:
 
     async def _heartbeats(self) -> None:
         tick = self.heartbeat.interval / 2
+        last_tick = time.monotonic()
         while True:
             await asyncio.sleep(tick)
             now = time.monotonic()
-            if self._queue.full():
-                # The reader waits for the caller, so peers' messages sit
-                # unread: silence proves nothing now.
+            stalled = now - last_tick > tick + self.heartbeat.interval
+            last_tick = now
+            if self._queue.full() or stalled:
+                # The reader waits for the caller, or this event loop did not run
+                # for a while (a long synchronous step, a loaded machine): peers'
+                # messages sit unread, so silence proves nothing now.
                 for rid in list(self._peers):
                     self._monitor.seen(rid, now)
             for rid, st in list(self._peers.items()):

@@ -127,6 +127,16 @@ def test_a_silent_server_times_out_but_any_message_keeps_it_alive() -> None:
     assert c.state == "backoff" and c.tick(100.0) == []
 
 
+def test_our_own_stalled_loop_restarts_the_servers_timeout_instead_of_ending_it() -> None:
+    c = conn("connected")
+    c.loop_stalled(10.0)  # woke 10 s after the connection: silence proves nothing
+    assert "heartbeat_timeout" not in kinds(c.tick(10.0))
+    assert "heartbeat_timeout" not in kinds(c.tick(12.9))
+    assert kinds(c.tick(13.1))[0] == "heartbeat_timeout"  # still silent a timeout later
+    c.loop_stalled(20.0)  # not connected any more: nothing to refresh
+    assert c.state == "backoff" and c.tick(20.0) == []
+
+
 def test_messages_before_connecting_do_not_count_as_liveness() -> None:
     c = conn()
     c.message_received(0.0)

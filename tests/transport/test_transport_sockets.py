@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -681,3 +682,33 @@ def test_server_close_does_not_hang_on_a_monitor_event_raised_while_closing() ->
     except subprocess.TimeoutExpired:
         pytest.fail("ServerSocket.close() hung (disable_monitor after the PAIR closed)")
     assert out.returncode == 0 and out.stdout.strip() == "closed", out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("stall_s", [1.5])
+def test_a_stalled_event_loop_does_not_count_as_the_peer_going_silent(stall_s: float) -> None:
+    """Our own event loop blocked for longer than the heartbeat timeout (a long
+    synchronous step, a GC pause, a loaded machine): the peer's heartbeats sit
+    unread, so on waking neither side may call the other silent and drop a
+    connection whose messages are waiting to be read."""
+
+    async def main() -> None:
+        agent = CurveKeyPair.generate()
+        h = Harness(allowed=[agent.public])
+        h.start()
+        client, events = h.client(agent)
+        try:
+            await client.wait_connected(5)
+            await wait_until(lambda: h.server.peers())
+            await asyncio.sleep(0.3)  # heartbeats flowing both ways
+            await h.server.send(agent.public, encode(Blob("queued", np.ones(4, np.float32)),
+                                                     sender="coordinator"))
+            time.sleep(stall_s)  # the whole loop (both sides) blocked
+            got = decode(await client.recv(timeout=5), max_bytes=1 << 20)
+            assert got.body.name == "queued"
+            await asyncio.sleep(0.5)
+            assert [e.kind for e in events] == ["connected"], events
+            assert h.lost == [] and len(h.server.peers()) == 1
+        finally:
+            await h.close()
+
+    run(main())

@@ -57,7 +57,10 @@ server, when and after how long to make a new socket) are the sans-I/O
 
 Heartbeats are one-frame ``HEARTBEAT_FRAME`` messages consumed by the sockets;
 any message counts, and so does steady TCP progress (a heartbeat queued behind
-a large model cannot arrive, the model's bytes can).  ZMTP heartbeats run
+a large model cannot arrive, the model's bytes can).  A side whose own event
+loop stalled for more than an interval restarts its peers' timeouts on waking
+(their heartbeats may sit unread), so a stall delays the detection of a dead
+peer by one timeout and never drops a live one.  ZMTP heartbeats run
 underneath with a timeout of at least ``ZMTP_TIMEOUT_FLOOR`` (a PONG waits
 behind a whole 64 MiB frame); the server also drops a peer as soon as libzmq
 closes its connection.  ``HeartbeatMonitor`` is the sans-I/O bookkeeping

@@ -6,9 +6,10 @@ Every wait is bounded; ports are picked by the OS.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,6 +95,24 @@ async def wait_until(pred: Any, timeout: float = 5.0, step: float = 0.02) -> Non
         if loop.time() > end:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(step)
+
+
+@contextlib.asynccontextmanager
+async def connected_agent(
+    heartbeat: HeartbeatConfig = FAST_HB,
+) -> AsyncIterator[tuple[Harness, ClientSocket, list[ClientEvent], CurveKeyPair]]:
+    """A harness with one enrolled agent whose connection both sides have seen;
+    closed on the way out."""
+    agent = CurveKeyPair.generate()
+    h = Harness(allowed=[agent.public], heartbeat=heartbeat)
+    h.start()
+    client, events = h.client(agent, heartbeat=heartbeat)
+    try:
+        await client.wait_connected(5)
+        await wait_until(lambda: h.server.peers())
+        yield h, client, events, agent
+    finally:
+        await h.close()
 
 
 def test_enrolled_client_exchanges_wire_messages_both_ways() -> None:
@@ -228,34 +247,20 @@ def test_revoked_key_is_dropped_at_once_and_cannot_reconnect() -> None:
 
 def test_disconnect_drops_one_connection_and_the_client_comes_back() -> None:
     async def main() -> None:
-        agent = CurveKeyPair.generate()
-        h = Harness(allowed=[agent.public])
-        h.start()
-        client, events = h.client(agent)
-        try:
-            await client.wait_connected(5)
-            await wait_until(lambda: h.server.peers())
+        async with connected_agent() as (h, client, events, _):
             first = h.server.peers()[0]
             assert h.server.disconnect(first) is True
             assert h.server.disconnect(first) is False  # already gone
             await wait_until(lambda: any(e.kind == "disconnected" for e in events))
             await wait_until(lambda: client.state == "connected" and h.server.peers())
             assert h.server.peers()[0].routing_id != first.routing_id
-        finally:
-            await h.close()
 
     run(main())
 
 
 def test_server_reports_a_peer_lost_after_heartbeat_timeout() -> None:
     async def main() -> None:
-        agent = CurveKeyPair.generate()
-        h = Harness(allowed=[agent.public])
-        h.start()
-        client, _ = h.client(agent)
-        try:
-            await client.wait_connected(5)
-            await wait_until(lambda: h.server.peers())
+        async with connected_agent() as (h, client, _, agent):
             await asyncio.sleep(1.0)  # > timeout: heartbeats keep it alive
             assert h.lost == [] and len(h.server.peers()) == 1
             await client.close()
@@ -263,8 +268,6 @@ def test_server_reports_a_peer_lost_after_heartbeat_timeout() -> None:
             assert h.lost[0].public_key == agent.public and h.server.peers() == []
             with pytest.raises(NotConnected):
                 await h.server.send(agent.public, [b"x", b"y"])
-        finally:
-            await h.close()
 
     run(main())
 
@@ -500,14 +503,8 @@ def test_heartbeats_queued_behind_a_large_message_do_not_time_out_either_side() 
     goes again with a 256 MB model on the same connection."""
 
     async def main() -> None:
-        agent = CurveKeyPair.generate()
         hb = HeartbeatConfig(interval=0.1, timeout=0.4)
-        h = Harness(allowed=[agent.public], heartbeat=hb)
-        h.start()
-        client, events = h.client(agent, heartbeat=hb)
-        try:
-            await client.wait_connected(5)
-            await wait_until(lambda: h.server.peers())
+        async with connected_agent(hb) as (h, client, events, _):
             loop = asyncio.get_running_loop()
             for words in (24 << 20, 64 << 20):
                 w = np.ones(words, np.float32)
@@ -531,27 +528,17 @@ def test_heartbeats_queued_behind_a_large_message_do_not_time_out_either_side() 
             assert elapsed > hb.timeout  # the test means something only if so
             assert [e.kind for e in events] == ["connected"]
             assert h.lost == []
-        finally:
-            await h.close()
 
     run(main())
 
 
 def test_server_drops_a_peer_as_soon_as_its_connection_closes() -> None:
     async def main() -> None:
-        agent = CurveKeyPair.generate()
         slow = HeartbeatConfig(interval=1.0, timeout=30.0)  # expiry would take 30 s
-        h = Harness(allowed=[agent.public], heartbeat=slow)
-        h.start()
-        client, _ = h.client(agent, heartbeat=slow)
-        try:
-            await client.wait_connected(5)
-            await wait_until(lambda: h.server.peers())
+        async with connected_agent(slow) as (h, client, _, agent):
             await client.close()
             await wait_until(lambda: h.lost, timeout=5)
             assert h.lost[0].public_key == agent.public and h.server.peers() == []
-        finally:
-            await h.close()
 
     run(main())
 
@@ -692,13 +679,7 @@ def test_a_stalled_event_loop_does_not_count_as_the_peer_going_silent(stall_s: f
     connection whose messages are waiting to be read."""
 
     async def main() -> None:
-        agent = CurveKeyPair.generate()
-        h = Harness(allowed=[agent.public])
-        h.start()
-        client, events = h.client(agent)
-        try:
-            await client.wait_connected(5)
-            await wait_until(lambda: h.server.peers())
+        async with connected_agent() as (h, client, events, agent):
             await asyncio.sleep(0.3)  # heartbeats flowing both ways
             await h.server.send(agent.public, encode(Blob("queued", np.ones(4, np.float32)),
                                                      sender="coordinator"))
@@ -708,7 +689,5 @@ def test_a_stalled_event_loop_does_not_count_as_the_peer_going_silent(stall_s: f
             await asyncio.sleep(0.5)
             assert [e.kind for e in events] == ["connected"], events
             assert h.lost == [] and len(h.server.peers()) == 1
-        finally:
-            await h.close()
 
     run(main())

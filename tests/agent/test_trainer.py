@@ -143,3 +143,25 @@ def test_a_restarted_trainer_resumes_the_epoch_stream_from_disk(tmp_path):
     saved = list((tmp_path / "jobs").iterdir())
     assert [p.name.split(".", 1)[1] for p in saved] == ["cursors.npz"]
     assert saved[0].stat().st_mode & 0o777 == 0o600
+
+
+def test_a_saved_cursor_that_does_not_fit_is_named_and_the_stream_starts_afresh(
+        tmp_path, caplog):
+    if not DATA.exists():
+        pytest.skip(f"Fed-TCGA-BRCA not found at {DATA}")
+    import logging
+
+    from fedge.agent.jobstate import JobStateStore
+
+    table = {"name": "brca", "kind": "fed_tcga_brca", "path": str(DATA), "site": 0}
+    plan = parse_plan(PLAN.replace("rounds = 1", "rounds = 3"))
+    JobStateStore(tmp_path / "jobs").save("job-a", "cursors",
+                                          {"order2": np.arange(5), "pos2": np.array(99)})
+    w0 = np.zeros(40, np.float32)
+    with caplog.at_level(logging.ERROR, logger="fedge.agent"):
+        got = TorchTrainer([table], state_dir=tmp_path).train(
+            "site-0", "job-a", plan, w0, round=2, seed=train_seed(5, 2, "s0"))
+    assert "saved data cursor ignored" in caplog.text and "'order2'" in caplog.text
+    fresh = TorchTrainer([table]).train("site-0", "job-a", plan, w0, round=2,
+                                        seed=train_seed(5, 2, "s0"))
+    np.testing.assert_array_equal(got.weights, fresh.weights)

@@ -109,3 +109,33 @@ def test_agent_reads_version_skew_from_the_coordinator_version(fleet, caplog):
     refused = client.note_coordinator_version(f"{major}.{minor + 2}.0")
     assert not refused.accepted and __version__ in refused.reason
     assert "update required" in caplog.text and "refused" in caplog.text
+
+
+def test_a_saved_rollout_that_cannot_be_resumed_is_named_and_the_rest_load(tmp_path, caplog):
+    """The coordinator's database holds roll-outs across restarts; one whose saved
+    state does not fit is logged by id and skipped, the others answer as before."""
+    import logging
+
+    from fedge.update.rollout import Rollout
+
+    coordinator = Coordinator(tmp_path / "c")
+    good = Rollout("rollout-good", "model/risk/2/model.onnx", ["h1", "h2"])
+    good.start(100.0)
+    coordinator.store.save_rollout(good.rollout_id, good.to_state())
+    coordinator.store.save_rollout("rollout-bad", {**good.to_state(),
+                                                    "rollout_id": "rollout-bad", "next": 7})
+    coordinator.close()
+    coordinator = Coordinator(tmp_path / "c")
+    with caplog.at_level(logging.ERROR, logger="fedge.coordinator"):
+        service = AdminService(coordinator, {"k": Operator("admin", "admin")},
+                               clock=lambda: 101.0)
+    assert "rollout-bad" in caplog.text and "next=7" in caplog.text
+    assert list(service.rollouts) == ["rollout-good"]
+    service.on_outcome("h1", UpdateOutcome("rollout-good", good.path, True, False, "ok"))
+    assert service.rollouts["rollout-good"].waiting_for == "h2"
+    coordinator.close()
+    reopened = Coordinator(tmp_path / "c")  # the outcome was saved as it came
+    again = AdminService(reopened, {}, clock=lambda: 102.0)
+    assert again.rollouts["rollout-good"].to_dict()["results"] == {
+        "h1": {"ok": True, "rolled_back": False, "detail": "ok"}}
+    reopened.close()

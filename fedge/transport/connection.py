@@ -178,9 +178,8 @@ class ClientConnection:
     def loop_stalled(self, now: float) -> None:
         """Our event loop did not run for longer than a heartbeat interval: the
         server's messages may sit unread in the socket, so its silence proves
-        nothing; its timeout counts afresh from ``now``."""
-        if self.state == "connected":
-            self.heartbeat.seen(_SERVER, now)
+        nothing; its timeout counts afresh from ``now``, as after a message."""
+        self.message_received(now)
 
     def transport_progress(self, now: float, rx_bytes: int | None) -> None:
         """Feed the connection's TCP byte count (``None``: unknown).

@@ -47,6 +47,9 @@ TARGETS_BASE = URL_SCHEME + "targets/"
 
 Roundtrip = Callable[[UpdateFetchRequest], UpdateFetchReply]
 
+REPORTED = "reported.json"  # outcomes sent to roll-outs, for a coordinator asking again
+REPORTED_KEEP = 64
+
 
 class ZmqFetcher(FetcherInterface):
     """Fetch ``fedge:<path>`` in chunks through `roundtrip`."""
@@ -246,6 +249,44 @@ class AgentUpdater:
         self.record(outcome)
         return outcome
 
+    # -- outcomes reported to roll-outs ------------------------------------------------
+    def reported(self, rollout_id: str) -> UpdateOutcome | None:
+        """The outcome this appliance already reported for `rollout_id`, if any: a
+        coordinator that asks again (it lost the answer) gets the same one, and
+        nothing is installed twice."""
+        if not rollout_id:
+            return None
+        for doc in reversed(self._reported()):
+            if doc.get("rollout_id") == rollout_id:
+                return UpdateOutcome(str(doc["rollout_id"]), str(doc.get("path", "")),
+                                     bool(doc.get("ok")), bool(doc.get("rolled_back")),
+                                     str(doc.get("detail", "")))
+        return None
+
+    def note_reported(self, outcome: UpdateOutcome) -> None:
+        """Remember `outcome` for `reported` (the newest REPORTED_KEEP roll-outs)."""
+        if not outcome.rollout_id:
+            return
+        docs = [d for d in self._reported() if d.get("rollout_id") != outcome.rollout_id]
+        docs.append(asdict(outcome))
+        write_json(self.state_dir / "updates" / REPORTED, docs[-REPORTED_KEEP:])
+
+    def _reported(self) -> list[dict[str, Any]]:
+        path = self.state_dir / "updates" / REPORTED
+        try:
+            docs = json.loads(path.read_text())
+            if not isinstance(docs, list) or not all(isinstance(d, dict) for d in docs):
+                raise ValueError("not a list of outcomes")
+            return docs
+        except FileNotFoundError:
+            return []
+        except (ValueError, UnicodeDecodeError) as exc:
+            aside = path.with_name(path.name + ".corrupt")
+            log.error("%s is unreadable (%s); moved to %s: an outcome asked for again "
+                      "will be found by installing", path, exc, aside.name)
+            path.replace(aside)
+            return []
+
     def record(self, outcome: InstallOutcome) -> None:
         """Remember a successful install as installed; audit every outcome."""
         if outcome.ok:
@@ -356,6 +397,7 @@ class AgentUpdateClient:
         self._busy: asyncio.Lock | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         self.outcomes: list[UpdateOutcome] = []
+        self._inflight: set[str] = set()  # roll-outs being installed now
         self.skew: SkewDecision | None = None
         # Software the agent itself runs: staged, then the unit restarts; the new
         # version confirms on its first HeartbeatAck (see fedge.update.ab.SelfUpdate).
@@ -392,30 +434,54 @@ class AgentUpdateClient:
             if fut is not None and not fut.done():
                 fut.set_result(body)
         elif isinstance(body, UpdateAvailable):
+            # Asked again (the coordinator reconnected or restarted): an install of the
+            # same roll-out still running, or a software update waiting for its
+            # restarted version to confirm, reports on its own; nothing starts twice.
+            rid = body.rollout_id
+            if rid in self._inflight or (self.self_update is not None
+                                         and self.self_update.awaiting(rid)):
+                log.info("roll-out %s asked again while its install is under way; its "
+                         "outcome follows when done", rid)
+                return
+            self._inflight.add(rid)
             task = asyncio.ensure_future(self._install(body))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
+            task.add_done_callback(lambda _t: self._inflight.discard(rid))
 
     async def _install(self, msg: UpdateAvailable) -> None:
         if self._busy is None:
             self._busy = asyncio.Lock()
         async with self._busy:  # one install at a time
             loop = asyncio.get_running_loop()
+            again = self.updater.reported(msg.rollout_id)
+            if again is not None:
+                log.info("roll-out %s asked again: sending the outcome already reported "
+                         "(%s)", msg.rollout_id, again.detail)
+                await self._report(again)
+                return
             if self.self_update is not None:
                 staged = await loop.run_in_executor(self.executor, self._stage_software, msg)
                 if staged is True:
                     return  # the restarted version reports the outcome
                 if isinstance(staged, UpdateOutcome):
-                    self.outcomes.append(staged)
-                    await self._send(staged)
+                    await self._report(staged)
                     return
             outcome = await loop.run_in_executor(
                 self.executor, lambda: handle_update_available(
                     self.updater, msg, models=self.models, service=self.service,
                     health_deadline_s=self.health_deadline_s))
-            self.outcomes.append(outcome)
             log.info("update %s: %s", msg.path, outcome.detail)
-            await self._send(outcome)
+            await self._report(outcome)
+
+    async def _report(self, outcome: UpdateOutcome) -> None:
+        """Keep `outcome` on disk (a coordinator that lost it asks again), then send it."""
+        try:
+            self.updater.note_reported(outcome)
+        except OSError:  # a full disk must not keep the outcome from the coordinator
+            log.exception("cannot keep the outcome of roll-out %s", outcome.rollout_id)
+        self.outcomes.append(outcome)
+        await self._send(outcome)
 
     def _stage_software(self, msg: UpdateAvailable) -> bool | UpdateOutcome | None:
         """Stage a software target for the restart; None if `msg` is not software."""
@@ -450,8 +516,7 @@ class AgentUpdateClient:
         version = str(out.get("version", ""))
         self.updater.record(InstallOutcome("software", "fedge", version, outcome.ok,
                                            outcome.rolled_back, outcome.detail))
-        self.outcomes.append(outcome)
-        await self._send(outcome)
+        await self._report(outcome)
 
     async def _request(self, req: UpdateFetchRequest) -> UpdateFetchReply:
         assert self._loop is not None

@@ -292,6 +292,15 @@ class AdminService:
         if rollout.done and rollout.to_state() != was:
             self._audit("coordinator", f"update.rollout_{rollout.state}", rollout.to_dict())
 
+    def on_site_returned(self, site: str) -> None:
+        """``site`` reconnected (or is first seen since this process started): ask it
+        again for each roll-out waiting on it, since its outcome may have been lost."""
+        for rollout in self.rollouts.values():
+            for to, msg in rollout.reask(site):
+                self._send(to, msg)
+                self._audit("coordinator", "update.reasked",
+                            {"rollout_id": rollout.rollout_id, "site": to, "path": msg.path})
+
     def tick(self) -> None:
         """Roll-out deadlines; and keep the TUF timestamp fresh (once a minute)."""
         now = self.clock()

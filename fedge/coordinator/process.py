@@ -29,8 +29,10 @@ log = logging.getLogger("fedge.coordinator")
 ALLOW_LIST_REFRESH_S = 1.0
 RECV_BATCH = 256
 # Fault injection for the crash tests: "ROUND:PHASE" (e.g. "2:aggregating"); the
-# coordinator SIGKILLs itself when a round reaches that phase.
+# coordinator SIGKILLs itself when a round reaches that phase. "update.outcome": it
+# SIGKILLs itself as an agent's update outcome arrives, before recording it.
 KILL_AT_ENV = "FEDGE_TEST_KILL_AT"
+KILL_ON_OUTCOME = "update.outcome"
 
 
 def _optional(module: str) -> Any:
@@ -302,6 +304,14 @@ def _start_admin(cfg: CoordinatorConfig, coord: Coordinator) -> asyncio.Task[Non
     updates = getattr(coord, "updates", None)
     service = admin.AdminService(coord, config.operators, updates=updates)
     coord.on_update_outcome = service.on_outcome
+    coord.on_site_returned = service.on_site_returned
+    if os.environ.get(KILL_AT_ENV) == KILL_ON_OUTCOME:
+        def die_on_outcome(site: str, outcome: Any) -> None:
+            log.warning("%s=%s: killing myself as %s reports %s", KILL_AT_ENV,
+                        KILL_ON_OUTCOME, site, outcome.rollout_id)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        coord.on_update_outcome = die_on_outcome
     return asyncio.ensure_future(admin.serve_admin(coord, config, updates=updates,
                                                    service=service))
 

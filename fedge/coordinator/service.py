@@ -169,6 +169,10 @@ class Coordinator:
         self.on_disconnect: Callable[[str], None] = lambda site: None
         # Receives agents' update-install outcomes (the admin channel's roll-outs).
         self.on_update_outcome: Callable[[str, Any], None] | None = None
+        # Called with a site whose message arrives while it counted as not connected
+        # (first contact since this process started, or after a lost connection):
+        # the admin channel asks it again for an update outcome it may have lost.
+        self.on_site_returned: Callable[[str], None] = lambda site: None
         # Called with a job id once its final checkpoint is committed (the process
         # exports it to ONNX in a child process).
         self.on_job_completed: Callable[[str], None] = lambda job_id: None
@@ -285,6 +289,7 @@ class Coordinator:
         except codec.WireError as exc:
             self._reject(site, "malformed_message", f"{type(exc).__name__}: {exc}")
             return
+        returning = not self._connected(site, now)
         conn = self.conns.get(site)
         if conn is None:
             conn = self.conns[site] = _Conn(now)
@@ -298,6 +303,8 @@ class Coordinator:
             return
         conn.last_seen = now
         self.handle(site, env, now)
+        if returning and self._connected(site, now):  # not refused (version) meanwhile
+            self.on_site_returned(site)
 
     def handle(self, site: str, env: codec.Envelope, now: float) -> None:
         body = env.body

@@ -366,6 +366,13 @@ class SelfUpdate:
         self._write(PENDING, {"version": version, "previous": previous, "attempts": 0,
                               "rollout_id": rollout_id, "path": path})
 
+    def awaiting(self, rollout_id: str) -> bool:
+        """Whether `rollout_id`'s software is staged and its outcome not yet reported
+        (pending a restart's confirmation, or decided and waiting for `take_outcome`)."""
+        return bool(rollout_id) and any(
+            doc is not None and doc.get("rollout_id") == rollout_id
+            for doc in (self._read(PENDING), self._read(OUTCOME)))
+
     def preflight(self) -> str:
         """Run before every start. Returns "none", "trial" or "rolled_back"."""
         p = self.pending()

@@ -10,6 +10,10 @@ Transitions (state, event) -> state::
     rest      --ok, none left-->      succeeded
     canary/rest --failed outcome-->   failed     (nobody else is told)
     canary/rest --deadline-->         failed
+
+The awaited site is asked again whenever it reconnects (`reask`), with no change
+of state: an outcome lost with a dying connection or a crashed coordinator is
+sent again, and the agent does not install twice.
 """
 
 from __future__ import annotations
@@ -97,6 +101,15 @@ class Rollout:
             self._go("done")
             return []
         return self._ask(now)
+
+    def reask(self, site: str) -> list[tuple[str, UpdateAvailable]]:
+        """``site`` is back (reconnected, or first seen by a restarted coordinator): if it
+        is the site being waited on, ask it again, since its outcome may have been lost
+        with the old connection. The deadline keeps running from the first ask; the
+        agent answers a repeated ask with the outcome it already reported."""
+        if self.waiting_for != site:
+            return []
+        return [(site, UpdateAvailable(self.rollout_id, self.path))]
 
     def tick(self, now: float) -> None:
         if self.done or now - self._waiting_since < self.deadline_s:

@@ -118,6 +118,32 @@ def test_update_outcome_is_routed(federation):
     assert got == [("a", True)]
 
 
+def test_a_site_is_reported_as_returned_on_first_contact_and_after_a_lost_connection(
+        federation):
+    """Any authenticated message counts: the transport vouches for the sender."""
+    fed = federation(["a", "b"])
+    returned: list[str] = []
+    fed.coord.on_site_returned = returned.append
+
+    def beat(site, *, named=None, version="0.1.0"):
+        hb = m.Heartbeat(site=named or site, version=version, health_json="{}",
+                         eligible=True, reason="", datasets=[], current_task="")
+        fed.coord.handle_frames(site, [bytes(f) for f in codec.encode(hb, sender=site)])
+
+    beat("a")
+    beat("a")
+    assert returned == ["a"]  # first contact only, not every heartbeat
+    fed.clock.t += 31  # past the 30 s heartbeat timeout: it counts as gone
+    beat("a")
+    fed.coord.peer_lost("a")
+    beat("a")
+    assert returned == ["a", "a", "a"]
+    beat("b", version="99.0.0")  # refused for version skew and dropped: not a return
+    assert returned == ["a", "a", "a"]
+    beat("b", named="a")  # rejected, but b's authenticated connection is live
+    assert returned == ["a", "a", "a", "b"]
+
+
 def test_failed_attempts_limit_fails_job_without_checkpoints(federation):
     fed = federation(["a"])
     job = fed.coord.submit_job(PLAN)  # min_clients 2, only one site

@@ -56,7 +56,7 @@ def wait_for(what: str, predicate, timeout_s: float, interval_s: float = 0.2):
 
 
 class Federation:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, coordinator_env: dict[str, str] | None = None) -> None:
         self.tmp = tmp
         self.procs: list[subprocess.Popen] = []
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -66,22 +66,31 @@ class Federation:
             tmp / "console", coordinator_endpoint=f"tcp://127.0.0.1:{port}",
             admin_endpoint=f"tcp://127.0.0.1:{admin_port}")
         self.coord_dir = tmp / "coordinator"  # TUF relay set up by the admin channel itself
-        cfg = tmp / "coordinator.toml"
+        cfg = self.coord_config = tmp / "coordinator.toml"
         cfg.write_text(
             f'state_dir = "{self.coord_dir}"\nbind = "tcp://127.0.0.1:{port}"\n'
             f'provision = "{self.console.home / "coordinator-provision.json"}"\n'
             "tick_s = 0.02\n[heartbeat]\ninterval_s = 0.5\ntimeout_s = 3.0\n"
             f'[admin]\nendpoint = "tcp://127.0.0.1:{admin_port}"\n')
-        self.coordinator = self.spawn("coordinator", "coordinator", "--config", str(cfg))
         self.admin = AdminClient.from_store(self.console, "admin", timeout_s=10)
-        wait_for("the admin channel", lambda: self.admin.call("whoami")[0], 30)
+        self.coordinator = self.start_coordinator(coordinator_env)
         self.agents: dict[str, subprocess.Popen] = {}
 
-    def spawn(self, name: str, *fedge_args: str) -> subprocess.Popen:
-        """Run `fedge ARGS…` (the real command) with its output in <name>.log."""
-        log = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+    def start_coordinator(self, env: dict[str, str] | None = None) -> subprocess.Popen:
+        """`fedge coordinator` on this federation's config (and state), up to its admin
+        channel answering; `env` adds to the environment (fault injection)."""
+        p = self.spawn("coordinator", "coordinator", "--config", str(self.coord_config),
+                       env=env)
+        self.coordinator = p
+        wait_for("the admin channel", lambda: self.admin.call("whoami")[0], 30)
+        return p
+
+    def spawn(self, name: str, *fedge_args: str, env: dict[str, str] | None = None
+              ) -> subprocess.Popen:
+        """Run `fedge ARGS…` (the real command) with its output appended to <name>.log."""
+        log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
         p = subprocess.Popen([sys.executable, "-m", "fedge.cli", *fedge_args], stdout=log,
-                             stderr=subprocess.STDOUT, env=self.env)
+                             stderr=subprocess.STDOUT, env={**self.env, **(env or {})})
         self.procs.append(p)
         return p
 
@@ -194,3 +203,45 @@ def test_revoked_appliance_is_dropped_and_refused_on_its_next_connection(federat
     again = fed.start_agent("h4", "--connect-timeout", "5")
     assert again.wait(60) == 3, fed.log("agent-h4")
     assert "h4" not in fed.connected()
+
+
+def test_an_outcome_lost_with_a_crashed_coordinator_is_asked_for_again(tmp_path):
+    """The coordinator SIGKILLs itself as the canary's outcome arrives, before recording
+    it. Restarted, it asks the canary again when it reconnects; the canary answers with
+    the outcome it already reported, without installing twice, and the roll-out goes
+    on to the other site instead of stopping at its deadline."""
+    from fedge.coordinator.process import KILL_AT_ENV, KILL_ON_OUTCOME
+
+    fed = Federation(tmp_path, coordinator_env={KILL_AT_ENV: KILL_ON_OUTCOME})
+    try:
+        repos = {}
+        for site in ("h1", "h2"):
+            repos[site] = ModelRepository(fed.enrol(site) / "models")
+            repos[site].install("risk", tiny_onnx(2.0))  # version 1
+            fed.start_agent(site)
+        wait_for("two connected agents", lambda: {"h1", "h2"} <= fed.connected(), 60)
+        onnx_file = tmp_path / "risk-v2.onnx"
+        onnx_file.write_bytes(tiny_onnx(3.0))
+        started = push(fed.console, fed.admin, onnx_file, kind="model", name="risk",
+                       version="2", canary="h1", sites=["h1", "h2"], deadline_s=120,
+                       wait=False)
+        assert fed.coordinator.wait(60) == -9, fed.log("coordinator")
+        assert repos["h1"].versions("risk") == [1, 2]  # installed, outcome sent and lost
+        assert repos["h2"].versions("risk") == [1]
+
+        fed.start_coordinator()
+        rid = started["rollout_id"]
+        done = wait_for("the roll-out to finish", lambda: (lambda s: s if s["state"] in (
+            "succeeded", "failed") else None)(fed.admin.call(
+                "rollout_status", {"rollout_id": rid})[0]), 60)
+        assert done["state"] == "succeeded", (done, fed.log("agent-h1"))
+        assert list(done["results"]) == ["h1", "h2"]
+        assert repos["h1"].versions("risk") == [1, 2]  # not installed a second time
+        assert repos["h2"].versions("risk") == [1, 2]
+        installs = [json.loads(line) for line in
+                    (tmp_path / "h1" / "updates" / "audit.jsonl").read_text().splitlines()]
+        assert [(e["name"], e["version"]) for e in installs] == [("risk", "2")]
+        assert f"roll-out {rid} asked again: sending the outcome already reported" in \
+            fed.log("agent-h1")
+    finally:
+        fed.close()

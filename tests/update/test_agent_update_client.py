@@ -20,14 +20,13 @@ from fedge.wire import codec
 from fedge.wire import messages as _registered  # noqa: F401  (registers the fetch pair)
 
 
-def test_update_available_is_fetched_over_the_link_installed_and_reported(
-        fleet, tmp_path, make_onnx):
-    fleet.publish("model", "risk", "4", "model.onnx", make_onnx(4.0))
-    path = next(iter(fleet.repo.current_targets().signed.targets))
-    models = ModelRepository(tmp_path / "models")
-    to_coordinator: list[object] = []
+def linked(fleet, models, to_coordinator: list, **kw) -> list[UpdateOutcome]:
+    """Run one AgentUpdateClient (a fresh process's: new updater on the same state dir)
+    over a link through the codec to the coordinator's relay; feed it the
+    UpdateAvailables in ``kw["asks"]`` at once and return the outcomes it sent."""
+    asks = kw.pop("asks")
 
-    async def main() -> UpdateOutcome:
+    async def main() -> list[UpdateOutcome]:
         client: AgentUpdateClient
 
         async def send(body: object) -> None:  # the agent's connection, through the codec
@@ -41,16 +40,80 @@ def test_update_available_is_fetched_over_the_link_installed_and_reported(
                     lambda: asyncio.ensure_future(client.handle(back.body)))
 
         client = AgentUpdateClient(AgentUpdater(fleet.agent_dir, clock=fleet.clock), send,
-                                   models=models, reply_timeout_s=5)
-        await client.handle(UpdateAvailable("r1", path))
+                                   models=models, reply_timeout_s=5, **kw)
+        for ask in asks:
+            await client.handle(ask)
         await asyncio.wait_for(asyncio.gather(*client.tasks), 30)
-        return client.outcomes[-1]
+        return client.outcomes
 
-    outcome = asyncio.run(main())
+    return asyncio.run(main())
+
+
+def test_update_available_is_fetched_over_the_link_installed_and_reported(
+        fleet, tmp_path, make_onnx):
+    fleet.publish("model", "risk", "4", "model.onnx", make_onnx(4.0))
+    path = next(iter(fleet.repo.current_targets().signed.targets))
+    models = ModelRepository(tmp_path / "models")
+    to_coordinator: list[object] = []
+    outcome, = linked(fleet, models, to_coordinator, asks=[UpdateAvailable("r1", path)])
     assert outcome.ok, outcome.detail
     assert models.versions("risk") == [1]
     kinds = [type(b).__name__ for b in to_coordinator]
     assert kinds[-1] == "UpdateOutcome" and kinds.count("UpdateFetchRequest") >= 5
+
+
+def test_asked_again_the_agent_resends_its_outcome_and_installs_nothing_twice(
+        fleet, tmp_path, make_onnx, caplog):
+    """A coordinator that lost the outcome (crashed, or the connection died) asks
+    again when the agent reconnects: the same outcome comes back, from disk across an
+    agent restart, with no fetch and no second install. A second ask while the first
+    install still runs starts nothing either."""
+    import logging
+
+    fleet.publish("model", "risk", "4", "model.onnx", make_onnx(4.0))
+    path = next(iter(fleet.repo.current_targets().signed.targets))
+    models = ModelRepository(tmp_path / "models")
+    sent: list[object] = []
+    ask = UpdateAvailable("r1", path)
+    first = linked(fleet, models, sent, asks=[ask, ask])  # asked twice at once
+    assert len(first) == 1 and first[0].ok and models.versions("risk") == [1]
+
+    sent.clear()
+    with caplog.at_level(logging.INFO, logger="fedge.agent.updates"):
+        again = linked(fleet, models, sent, asks=[ask])  # a restarted agent
+    assert again == first and sent == first  # nothing fetched, the same outcome
+    assert "roll-out r1 asked again: sending the outcome already reported" in caplog.text
+    assert models.versions("risk") == [1]
+    assert len(AgentUpdater(fleet.agent_dir).audit_log()) == 1
+
+    # an unreadable record is moved aside and named; the agent then finds the install
+    # done by looking, and still installs nothing twice
+    record = fleet.agent_dir / "updates" / "reported.json"
+    record.write_text('[{"rollout_id": "r1", "ok": tr')
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="fedge.agent.updates"):
+        third, = linked(fleet, models, [], asks=[ask])
+    assert "reported.json is unreadable" in caplog.text
+    assert (fleet.agent_dir / "updates" / "reported.json.corrupt").exists()
+    assert third.ok and "already installed" in third.detail
+    assert models.versions("risk") == [1]
+
+
+def test_a_software_update_awaiting_its_restart_is_not_started_again(fleet, tmp_path):
+    """Asked again while the staged version has not confirmed yet (or its outcome is
+    not yet reported): the restarted version reports; nothing is staged twice."""
+    from fedge.update.ab import OUTCOME, PENDING, SelfUpdate
+
+    root = tmp_path / "software"
+    root.mkdir()
+    (root / PENDING).write_text(json.dumps({"version": "0.2.0", "rollout_id": "r7"}))
+    (root / OUTCOME).write_text(json.dumps({"version": "0.1.9", "rollout_id": "r6"}))
+    sent: list[object] = []
+    outcomes = linked(fleet, ModelRepository(tmp_path / "m"), sent, self_update=SelfUpdate(
+        root), restart=lambda: None, asks=[UpdateAvailable("r7", "software/fedge/0.2.0/b"),
+                                           UpdateAvailable("r6", "software/fedge/0.1.9/b")])
+    assert outcomes == [] and sent == []
+    assert SelfUpdate(root).awaiting("r7") and not SelfUpdate(root).awaiting("r8")
 
 
 def test_no_reply_from_the_coordinator_is_a_failed_outcome_not_a_hang(fleet, tmp_path):
@@ -139,3 +202,24 @@ def test_a_saved_rollout_that_cannot_be_resumed_is_named_and_the_rest_load(tmp_p
     assert again.rollouts["rollout-good"].to_dict()["results"] == {
         "h1": {"ok": True, "rolled_back": False, "detail": "ok"}}
     reopened.close()
+
+
+def test_the_awaited_site_is_asked_again_when_it_returns_and_audited(tmp_path):
+    from fedge.update.rollout import Rollout
+
+    coordinator = Coordinator(tmp_path / "c")
+    rollout = Rollout("rollout-1", "model/risk/2/model.onnx", ["h1", "h2"])
+    rollout.start(100.0)
+    coordinator.store.save_rollout(rollout.rollout_id, rollout.to_state())
+    sent: list[tuple[str, object]] = []
+    service = AdminService(coordinator, {}, send=lambda site, body: sent.append((site, body)),
+                           clock=lambda: 101.0)  # as a restarted coordinator loads it
+    service.on_site_returned("h2")
+    assert sent == []  # not its turn
+    service.on_site_returned("h1")
+    assert sent == [("h1", UpdateAvailable("rollout-1", "model/risk/2/model.onnx"))]
+    audit, = coordinator.store.audit_log(action="update.reasked")
+    assert audit["actor"] == "coordinator"
+    assert json.loads(audit["detail"]) == {"rollout_id": "rollout-1", "site": "h1",
+                                           "path": "model/risk/2/model.onnx"}
+    coordinator.close()

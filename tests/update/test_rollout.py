@@ -57,6 +57,17 @@ def test_single_site_rollout_and_stray_outcomes():
     assert r.state == "succeeded"
 
 
+def test_only_the_awaited_site_is_asked_again_and_the_deadline_runs_on():
+    r = Rollout("r1", P, ["a", "b"], deadline_s=10)
+    assert r.reask("a") == []  # not started
+    r.start(0)
+    (site, msg), = r.reask("a")
+    assert site == "a" and (msg.rollout_id, msg.path) == ("r1", P)
+    assert r.reask("b") == []  # not its turn
+    r.tick(10.0)  # asking again did not restart the deadline
+    assert r.state == "failed" and r.reask("a") == []
+
+
 def test_bad_rollouts_are_refused():
     with pytest.raises(ValueError, match="at least one site"):
         Rollout("r", P, [])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -51,15 +52,20 @@ def register(subparsers: Any) -> None:
                        "the current roster (after --offline enrolments)")
     s.set_defaults(func=_cmd_sync)
 
+    abandon_help = ("drop an unfinished rotation that the coordinator never took (checked "
+                    "with the coordinator first); without it, an unfinished rotation is "
+                    "finished before anything new")
     s = sub.add_parser("rotate-online-keys",
                        help="new TUF snapshot/timestamp keys for the coordinator (root v+1)")
+    s.add_argument("--abandon", action="store_true", help=abandon_help)
     s.set_defaults(func=_cmd_rotate)
 
     s = sub.add_parser("rotate-keys",
                        help="new offline TUF keys (targets, root) after a loss or exposure: "
                        "root v+1 and the targets re-signed; retired keys are refused")
-    s.add_argument("--role", action="append", choices=("root", "targets"), required=True,
+    s.add_argument("--role", action="append", choices=("root", "targets"),
                    help="a role to rotate (repeat for both)")
+    s.add_argument("--abandon", action="store_true", help=abandon_help)
     s.set_defaults(func=_cmd_rotate_offline)
 
     s = sub.add_parser("fleet", help="the appliances, their health and eligibility")
@@ -210,29 +216,93 @@ def _cmd_sync(args: argparse.Namespace) -> int:
     return _run(go, args)
 
 
+# Fault injection for the crash tests: "before:OP" or "after:OP" (OP a rotation op);
+# the console SIGKILLs itself just before sending, or just after the coordinator's
+# reply and before storing anything.
+CONSOLE_KILL_ENV = "FEDGE_TEST_CONSOLE_KILL"
+
+
+def _maybe_die(point: str) -> None:
+    if os.environ.get(CONSOLE_KILL_ENV) == point:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _rotate(args: argparse.Namespace, op: str, make: Any) -> Any:
+    """Send a key rotation and store it once the coordinator took it. It is kept on
+    disk from before sending until stored, so a console that dies or loses the reply
+    finishes it on the next run (the coordinator takes the same documents once).
+    `make(store)` builds a new one: (blobs for the coordinator, new key PEMs by role).
+    Returns the PendingRotation that is now in force."""
+    from fedge.console.client import AdminError
+    from fedge.console.store import ConsoleError
+
+    store = _store(args)
+    pending = store.pending_rotation()
+    if args.abandon:
+        versions, _ = _call(args, "update_versions")
+        dropped = store.abandon_rotation(int(versions["root"]))
+        print(f"dropped the unfinished rotation of {' and '.join(dropped.roles)} key(s) to "
+              f"root v{dropped.root_version}; the coordinator is at root v{versions['root']}")
+        return None
+    fresh = pending is None
+    if pending is None:
+        blobs, pems = make(store)
+        pending = store.begin_rotation(op, blobs, pems)
+    elif pending.op != op:
+        other = "rotate-online-keys" if pending.op == "rotate_online_keys" else "rotate-keys"
+        raise ConsoleError(f"a rotation of {' and '.join(pending.roles)} key(s) to root "
+                           f"v{pending.root_version} (begun {pending.created}) is unfinished: "
+                           f"run `fedge console {other}` to finish it first")
+    else:
+        print(f"finishing the rotation of {' and '.join(pending.roles)} key(s) to root "
+              f"v{pending.root_version} begun {pending.created}")
+    _maybe_die(f"before:{op}")
+    try:
+        versions, _ = _call(args, op, {"roles": pending.roles}, pending.blobs)
+    except (AdminError, TimeoutError) as exc:
+        if fresh and isinstance(exc, AdminError):
+            # refused, and never sent before: the coordinator holds none of it
+            store.pending_rotation_path.unlink()
+            raise
+        raise ConsoleError(
+            f"{exc}; the rotation to root v{pending.root_version} is kept in "
+            f"{store.pending_rotation_path}: run this command again to finish it, or with "
+            "--abandon to drop it if the coordinator never took it") from exc
+    _maybe_die(f"after:{op}")
+    store.finish_rotation(pending)  # the coordinator holds it: keep it
+    return versions, pending
+
+
 def _cmd_rotate(args: argparse.Namespace) -> int:
-    def go(args: argparse.Namespace) -> int:
-        store = _store(args)
+    def make(store: Any) -> tuple[dict[str, bytes], dict[str, bytes]]:
         root, snapshot, timestamp = store.rotate_online_keys(persist=False)
-        versions, _ = _call(args, "rotate_online_keys", {},
-                            {"root.json": root, "snapshot.pem": snapshot,
-                             "timestamp.pem": timestamp})
-        store.commit_online_key_rotation(root, snapshot, timestamp)  # accepted: keep them
-        print(f"coordinator now signs with the new online keys: {versions}")
+        return ({"root.json": root, "snapshot.pem": snapshot, "timestamp.pem": timestamp},
+                {"snapshot": snapshot, "timestamp": timestamp})
+
+    def go(args: argparse.Namespace) -> int:
+        done = _rotate(args, "rotate_online_keys", make)
+        if done is not None:
+            print(f"coordinator now signs with the new online keys: {done[0]}")
         return 0
 
     return _run(go, args)
 
 
 def _cmd_rotate_offline(args: argparse.Namespace) -> int:
-    def go(args: argparse.Namespace) -> int:
-        store = _store(args)
+    def make(store: Any) -> tuple[dict[str, bytes], dict[str, bytes]]:
+        from fedge.console.store import ConsoleError
+
+        if not args.role:
+            raise ConsoleError("name the key(s) to rotate: --role targets and/or --role root")
         root, targets, pems = store.rotate_offline_keys(args.role, persist=False)
-        versions, _ = _call(args, "rotate_offline_keys", {"roles": sorted(pems)},
-                            {"root.json": root, "targets.json": targets})
-        store.commit_offline_key_rotation(root, targets, pems)  # accepted: keep them
-        print(f"new {' and '.join(sorted(pems))} key(s) in force; the retired ones are "
-              f"refused by every appliance from its next refresh: {versions}")
+        return {"root.json": root, "targets.json": targets}, pems
+
+    def go(args: argparse.Namespace) -> int:
+        done = _rotate(args, "rotate_offline_keys", make)
+        if done is not None:
+            versions, pending = done
+            print(f"new {' and '.join(pending.roles)} key(s) in force; the retired ones are "
+                  f"refused by every appliance from its next refresh: {versions}")
         return 0
 
     return _run(go, args)

@@ -22,6 +22,7 @@ OPS: dict[str, frozenset[str]] = {
     "jobs_fetch": frozenset({ROLE_ADMIN, ROLE_VIEWER}),
     "rollout_status": frozenset({ROLE_ADMIN, ROLE_VIEWER}),
     "whoami": frozenset({ROLE_ADMIN, ROLE_VIEWER}),
+    "update_versions": frozenset({ROLE_ADMIN, ROLE_VIEWER}),
     "jobs_submit": frozenset({ROLE_ADMIN}),
     "jobs_cancel": frozenset({ROLE_ADMIN}),
     "enrol": frozenset({ROLE_ADMIN}),

@@ -10,6 +10,8 @@
     keys/operator-<name>.curve.json an operator's CURVE key pair and role
     tuf/<N>.root.json, tuf/targets.json        signed TUF metadata (console's copy)
     coordinator-provision.json      everything the coordinator needs, in one file
+    pending-rotation.json           a key rotation sent and not yet stored (its new
+                                    private keys): finished by running it again
 
 Enrolment (`enrol`) creates an appliance's CURVE key pair and Ed25519 identity,
 enters the identity into the console-signed roster and writes one enrolment
@@ -23,6 +25,7 @@ import json
 import os
 import secrets
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -391,8 +394,108 @@ class ConsoleStore:
         self._save()
         self.write_provision_file()
 
+    # -- a rotation in flight ---------------------------------------------------------
+    # A rotation is written here (with its new private keys, 0600) before the
+    # coordinator is told, and removed only once the console has stored it. A console
+    # that dies in between (or loses the coordinator's reply) finishes it by sending the
+    # same documents again: the coordinator takes them once, so new keys that the fleet
+    # may already trust are never lost.
+    ROTATION_OPS = ("rotate_online_keys", "rotate_offline_keys")
+
+    @property
+    def pending_rotation_path(self) -> Path:
+        return self.home / "pending-rotation.json"
+
+    def begin_rotation(self, op: str, blobs: dict[str, bytes], pems: dict[str, bytes]
+                       ) -> PendingRotation:
+        """Keep a rotation made with persist=False before it is sent.
+
+        Raises:
+            ConsoleError: another rotation is still unfinished, or `op` is not a rotation.
+        """
+        if op not in self.ROTATION_OPS:
+            raise ConsoleError(f"{op!r} is not a key rotation")
+        if self.pending_rotation() is not None:
+            raise ConsoleError(f"a key rotation is unfinished ({self.pending_rotation_path})")
+        doc = {"op": op, "created": self.clock().isoformat(),
+               "blobs": {k: base64.b64encode(v).decode() for k, v in blobs.items()},
+               "pems": {k: base64.b64encode(v).decode() for k, v in pems.items()}}
+        write_json(self.pending_rotation_path, doc)
+        pending = self.pending_rotation()
+        assert pending is not None
+        return pending
+
+    def pending_rotation(self) -> PendingRotation | None:
+        """The rotation begun and not yet finished, if any.
+
+        Raises:
+            ConsoleError: the file is unreadable. It holds new private keys that the
+                coordinator may already trust, so it is never moved aside or removed.
+        """
+        path = self.pending_rotation_path
+        try:
+            doc = json.loads(path.read_text())
+            op = str(doc["op"])
+            if op not in self.ROTATION_OPS:
+                raise ValueError(f"op {op!r} is not a key rotation")
+            blobs = {str(k): base64.b64decode(v, validate=True)
+                     for k, v in doc["blobs"].items()}
+            pems = {str(k): base64.b64decode(v, validate=True) for k, v in doc["pems"].items()}
+            version = tuf_repo.load(blobs["root.json"], "root").signed.version
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ConsoleError(
+                f"{path} is unreadable ({type(exc).__name__}: {exc}); it holds the keys of "
+                "an unfinished rotation: restore it from a backup before anything else") \
+                from exc
+        return PendingRotation(op, str(doc.get("created", "")), blobs, pems, version)
+
+    def finish_rotation(self, pending: PendingRotation) -> None:
+        """The coordinator holds `pending`: store it as the console's own, then forget
+        it as pending (last, so a crash here is finished by running this again)."""
+        root = pending.blobs["root.json"]
+        if pending.op == "rotate_online_keys":
+            self.commit_online_key_rotation(root, pending.pems["snapshot"],
+                                            pending.pems["timestamp"])
+        else:
+            self.commit_offline_key_rotation(root, pending.blobs["targets.json"],
+                                             pending.pems)
+        self.pending_rotation_path.unlink()
+
+    def abandon_rotation(self, coordinator_root_version: int) -> PendingRotation:
+        """Drop the pending rotation, which the coordinator never took.
+
+        Raises:
+            ConsoleError: none is pending, or the coordinator's root is already at (or
+                past) its version, so the fleet may trust its keys: finish it instead.
+        """
+        pending = self.pending_rotation()
+        if pending is None:
+            raise ConsoleError("no key rotation is pending")
+        if coordinator_root_version >= pending.root_version:
+            raise ConsoleError(
+                f"the coordinator already holds root v{coordinator_root_version}, the "
+                f"pending rotation's root is v{pending.root_version}: its keys may be "
+                "trusted by the fleet; finish it (run the rotation command again) instead")
+        self.pending_rotation_path.unlink()
+        return pending
+
     def _save(self) -> None:
         write_json(self.home / "console.json", self.state)
+
+
+@dataclass(frozen=True)
+class PendingRotation:
+    op: str  # "rotate_online_keys" or "rotate_offline_keys" (the admin op that sends it)
+    created: str
+    blobs: dict[str, bytes]  # what the coordinator is sent (root.json, targets.json, keys)
+    pems: dict[str, bytes]  # the new private keys, by role
+    root_version: int
+
+    @property
+    def roles(self) -> list[str]:
+        return sorted(self.pems)
 
 
 def _check_name(name: object, *, what: str) -> str:

@@ -139,12 +139,19 @@ class AdminService:
         except Exception as exc:  # CoordinatorError, StoreError, PlanError, ValueError ...
             self._audit(op, f"admin.{req.op}.failed", {"error": str(exc)})
             return _error(f"{req.op}: {exc}")
-        if req.op not in ("fleet", "jobs_list", "jobs_status", "rollout_status", "whoami"):
+        if req.op not in ("fleet", "jobs_list", "jobs_status", "rollout_status", "whoami",
+                          "update_versions"):
             self._audit(op, f"admin.{req.op}", {k: v for k, v in args.items() if k != "plan"})
         return AdminReply(True, json.dumps(result, default=str), "", blobs)
 
     def _op_whoami(self, op: Operator, args: dict, blobs: dict) -> tuple[Any, dict]:
         return {"name": op.name, "role": op.role}, {}
+
+    def _op_update_versions(self, op: Operator, args: dict, blobs: dict) -> tuple[Any, dict]:
+        """The TUF metadata versions this coordinator relays (root, targets, ...)."""
+        if self.updates is None:
+            raise ValueError("this coordinator has no update repository (not provisioned)")
+        return self.updates.versions, {}
 
     def _op_fleet(self, op: Operator, args: dict, blobs: dict) -> tuple[Any, dict]:
         return self.coordinator.fleet(), {}

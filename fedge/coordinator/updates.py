@@ -157,6 +157,8 @@ class UpdateRepository:
             UpdateRepositoryError: bad signature, version not increasing, expired
                 metadata, or a target file missing or not matching its hash.
         """
+        if self.holds(targets, root):  # sent again (the console lost our reply)
+            return self._v.snapshot
         now = self.clock()
         root_md = self.current_root()
         new_root_bytes = None
@@ -219,6 +221,10 @@ class UpdateRepository:
             UpdateRepositoryError: the root is not the next version, is not signed by
                 the current root key and by itself, or does not name these keys.
         """
+        if self.holds(None, root) and all(
+                _same_key(a, b) for a, b in ((snapshot_key, self._snapshot_key),
+                                             (timestamp_key, self._timestamp_key))):
+            return  # sent again (the console lost our reply): already in force
         current = self.current_root()
         new_root = _load_or_refuse(root, "root")
         if new_root.signed.version != current.signed.version + 1:
@@ -280,6 +286,17 @@ class UpdateRepository:
             (self.root_dir / "metadata" / f"{self._v.targets}.targets.json").read_bytes(),
             "targets")
 
+    def holds(self, targets: bytes | None, root: bytes | None = None) -> bool:
+        """Whether these exact documents are the current ones (a repeated publish or
+        rotation, byte for byte, changes nothing and is answered as done). None: not
+        compared; both None is False."""
+        if targets is None and root is None:
+            return False
+        meta = self.root_dir / "metadata"
+        return ((targets is None
+                 or (meta / f"{self._v.targets}.targets.json").read_bytes() == targets)
+                and (root is None or (meta / f"{self._v.root}.root.json").read_bytes() == root))
+
     @property
     def versions(self) -> dict[str, int]:
         return dict(self._v.__dict__)
@@ -307,6 +324,11 @@ class UpdateRepository:
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return UpdateFetchReply(path, req.offset, b"", True, ERROR_NOT_FOUND)
         return UpdateFetchReply(path, req.offset, data, eof, "")
+
+
+def _same_key(a: Ed25519PrivateKey, b: Ed25519PrivateKey) -> bool:
+    raw = serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    return a.public_key().public_bytes(*raw) == b.public_key().public_bytes(*raw)
 
 
 def _load_or_refuse(data: bytes, role: str) -> tuf_repo.Metadata:

@@ -300,3 +300,110 @@ def test_push_to_a_site_that_is_not_enrolled_publishes_nothing(tmp_path, make_se
         push(server.console, client, f, kind="model", name="risk", version="1",
              sites=["h1", "h9"], wait=False)
     assert server.updates.versions == before and server.sent == []
+
+
+def console_killed(home, *command, at):
+    """`fedge console …` as a real process that SIGKILLs itself at `at`
+    ("before:OP" just before sending, "after:OP" once the coordinator replied)."""
+    import os
+
+    from fedge.console.cli import CONSOLE_KILL_ENV
+
+    r = subprocess.run([sys.executable, "-m", "fedge.cli", "console", "--home", str(home),
+                        "--timeout", "5", *command], capture_output=True, text=True,
+                       timeout=120, env={**os.environ, CONSOLE_KILL_ENV: at})
+    assert r.returncode == -9, (r.returncode, r.stdout, r.stderr)
+
+
+def test_a_console_killed_after_the_coordinator_took_a_rotation_finishes_it_next_run(
+        tmp_path, make_server, capsys):
+    """The new keys exist only in the console's pending file when the coordinator (and
+    so the fleet) already trusts them: the next run stores them, and root is taken once."""
+    server = make_server()
+    app = Appliance(tmp_path, "h1", server)
+    home = server.console.home
+    console_killed(home, "rotate-keys", "--role", "targets", "--role", "root",
+                   at="after:rotate_offline_keys")
+    assert server.updates.versions["root"] == 2  # in force at the coordinator
+    assert ConsoleStore(home).state["root_version"] == 1  # and not stored by the console
+    pending = home / "pending-rotation.json"
+    assert pending.stat().st_mode & 0o777 == 0o600
+
+    base = ["console", "--home", str(home), "--timeout", "5"]
+    assert main([*base, "rotate-keys", "--role", "targets"]) == 0
+    out = capsys.readouterr().out
+    assert "finishing the rotation of root and targets key(s) to root v2" in out
+    assert server.updates.versions["root"] == 2  # the same root, taken once
+    assert ConsoleStore(home).state["root_version"] == 2 and not pending.exists()
+    f = tmp_path / "model.onnx"  # the console signs with the keys root v2 names
+    f.write_bytes(tiny_onnx(6.0))
+    client = AdminClient.from_store(ConsoleStore(home), "admin", timeout_s=5)
+    r = push(ConsoleStore(home), client, f, kind="model", name="risk", version="1",
+             sites=["h1"], wait=False)
+    drive(server, [app])
+    status, _ = client.call("rollout_status", {"rollout_id": r["rollout_id"]})
+    assert status["state"] == "succeeded", status
+    assert app.models.path("risk", 1).read_bytes() == tiny_onnx(6.0)
+
+
+def test_a_console_killed_before_sending_a_rotation_sends_the_same_one_next_run(
+        make_server, capsys):
+    server = make_server()
+    home = server.console.home
+    console_killed(home, "rotate-online-keys", at="before:rotate_online_keys")
+    assert server.updates.versions["root"] == 1
+    kept = ConsoleStore(home).pending_rotation()
+    assert kept is not None and kept.roles == ["snapshot", "timestamp"]
+    assert main(["console", "--home", str(home), "--timeout", "5", "rotate-online-keys"]) == 0
+    assert "finishing the rotation of snapshot and timestamp key(s)" in capsys.readouterr().out
+    assert server.updates.versions["root"] == 2
+    store = ConsoleStore(home)
+    assert store.pending_rotation() is None
+    assert store.tuf_key("snapshot").public_key().public_bytes_raw() == \
+        server.updates._snapshot_key.public_key().public_bytes_raw()
+
+
+def test_an_unfinished_rotation_is_kept_until_finished_and_abandoned_only_if_never_taken(
+        tmp_path, make_server, capsys):
+    server = make_server()
+    home = server.console.home
+    base = ["console", "--home", str(home), "--timeout", "5"]
+    console_killed(home, "rotate-keys", "--role", "targets", at="before:rotate_offline_keys")
+    # another kind of rotation waits for this one
+    assert main([*base, "rotate-online-keys"]) == 1
+    assert "run `fedge console rotate-keys` to finish it first" in capsys.readouterr().err
+    # a viewer's refused attempt keeps it: an earlier send may have been taken
+    assert main([*base, "--operator", "viewer", "rotate-keys", "--role", "targets"]) == 1
+    err = capsys.readouterr().err
+    assert "needs role admin" in err and "pending-rotation.json" in err
+    # never taken (the coordinator is at root v1): it may be dropped
+    assert main([*base, "rotate-keys", "--abandon"]) == 0
+    assert "dropped the unfinished rotation of targets key(s) to root v2" in \
+        capsys.readouterr().out
+    assert ConsoleStore(home).pending_rotation() is None
+
+    # taken by the coordinator (the console died after its reply): it may not be dropped
+    console_killed(home, "rotate-keys", "--role", "root", at="after:rotate_offline_keys")
+    assert main([*base, "rotate-keys", "--abandon"]) == 1
+    assert "already holds root v2" in capsys.readouterr().err
+    assert ConsoleStore(home).pending_rotation() is not None
+
+    # the coordinator is down: the rotation is kept and finished once it is back
+    server.close()
+    assert main([*base, "--timeout", "1", "rotate-keys", "--role", "root"]) == 1
+    assert "is kept in" in capsys.readouterr().err
+    again = make_server(home)
+    assert main([*base, "rotate-keys", "--role", "root"]) == 0
+    assert again.updates.versions["root"] == 2 and ConsoleStore(home).pending_rotation() is None
+
+    # an unreadable pending file is named and left in place (it holds keys)
+    import pytest
+
+    from fedge.console.store import ConsoleError
+
+    (home / "pending-rotation.json").write_text('{"op": "rotate_offline_keys", "blo')
+    with pytest.raises(ConsoleError, match=r"pending-rotation\.json is unreadable"):
+        ConsoleStore(home).pending_rotation()
+    assert main([*base, "rotate-keys", "--role", "targets"]) == 1
+    assert "restore it from a backup" in capsys.readouterr().err
+    assert (home / "pending-rotation.json").exists()

@@ -302,3 +302,18 @@ def test_a_root_rotation_without_the_old_root_signature_is_refused(fleet):
         fleet.repo.publish(targets2, {}, root=tuf_repo.to_bytes(md))
     assert fleet.repo.versions["root"] == 1
     assert tuf_repo.load(fleet.console.root_bytes(), "root").signed.version == 1  # not kept
+
+
+def test_a_rotation_sent_again_is_taken_once_and_another_of_the_same_version_refused(fleet):
+    """A console that lost the reply sends the same root and targets again: answered as
+    done, nothing re-signed. A different root of the version now in force is refused."""
+    root2, targets2, _ = fleet.console.rotate_offline_keys(["targets"], persist=False)
+    fleet.repo.publish(targets2, {}, root=root2)
+    before = fleet.repo.versions
+    fleet.repo.publish(targets2, {}, root=root2)
+    assert fleet.repo.versions == before
+    other_root, other_targets, _ = fleet.console.rotate_offline_keys(["targets"],
+                                                                     persist=False)
+    with pytest.raises(UpdateRepositoryError, match="root version 2 must be 3"):
+        fleet.repo.publish(other_targets, {}, root=other_root)
+    assert fleet.repo.versions == before

@@ -203,3 +203,61 @@ def test_coordinator_replaced_mid_round_resumes_from_last_commit_bit_for_bit(fed
     actions = [a["action"] for a in fed.coord.store.audit_log()]
     assert "job_resumed" in actions
     assert [r.round for r in fed.coord.store.rounds(job)] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("secure", ["true", "false"])
+def test_nothing_the_coordinator_receives_or_keeps_reveals_one_sites_update(federation,
+                                                                            secure):
+    """The security officer's first question, asked of the real coordinator: every
+    message each site sent it in a round is decoded and every vector in it compared
+    with each site's update. With SecAgg+ none is correlated with any site's update
+    (masked, uniform mod 2^32), the coordinator's files hold none, and yet the sum is
+    exact. With it off the same detector finds each update at once (the control)."""
+    from dataclasses import fields, is_dataclass
+
+    from fedge.wire import codec
+
+    dim = 2048
+    fed = federation(["a", "b", "c"], dim=dim)
+    received: list[tuple[str, object]] = []
+    handle = fed.coord.handle_frames
+
+    def tap(site, frames):
+        received.append((site, codec.decode(frames, max_bytes=1 << 26).body))
+        handle(site, frames)
+
+    fed.coord.handle_frames = tap
+    job = run(fed, plan(rounds=1, secure=secure))
+    assert fed.coord.store.job(job).status == "completed"
+    # each site's update from w = 0 (SyntheticTrainer, lr 0.5, clipped to the clip 1.0)
+    updates = {s: np.clip(0.5 * fed.agents[s].trainer.target(dim).astype(np.float64), -1, 1)
+               for s in fed.agents}
+
+    def vectors(body):
+        for f in fields(body) if is_dataclass(body) else ():
+            v = getattr(body, f.name)
+            if isinstance(v, np.ndarray) and v.size >= dim:
+                yield v.reshape(-1)[:dim].astype(np.float64)
+
+    corr = {}  # (sender, whose update) -> largest |correlation| over what it sent
+    for site, body in received:
+        for v in vectors(body):
+            for whose, u in updates.items():
+                c = abs(float(np.corrcoef(v, u)[0, 1]))
+                corr[site, whose] = max(corr.get((site, whose), 0.0), c)
+    if secure == "false":
+        assert all(corr[s, s] > 0.999 for s in updates), corr  # plain updates: seen
+        return
+    kinds = {type(b).__name__ for _, b in received}
+    assert "MaskedInput" in kinds and "PlainUpdate" not in kinds, kinds
+    assert len(corr) == 9 and max(corr.values()) < 0.15, corr
+    masked = [b.masked for _, b in received if type(b).__name__ == "MaskedInput"]
+    assert all(0.4 < float((m >= 2**31).mean()) < 0.6 for m in masked)
+    final = ck.load_checkpoint(ck.final_path(fed.coord.state_dir, job)).weights
+    np.testing.assert_allclose(final, expected_fedavg(fed, 1), atol=1e-6)  # the sum is exact
+    for path in fed.coord.state_dir.rglob("*"):  # nor does anything it wrote hold one
+        if path.is_file():
+            data = path.read_bytes()
+            for u in updates.values():
+                for dtype in (np.float32, np.float64):
+                    assert u.astype(dtype).tobytes()[:64] not in data, path

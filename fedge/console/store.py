@@ -280,8 +280,14 @@ class ConsoleStore:
 
         Raises:
             ConsoleError: a field is invalid, or (kind, name, version) was already
-                signed with different content.
+                signed with different content; or a rotation of the offline keys is
+                unfinished (the coordinator may already name a new targets key).
         """
+        pending = self.pending_rotation()
+        if pending is not None and pending.op == "rotate_offline_keys":
+            raise ConsoleError(f"a rotation of the {' and '.join(pending.roles)} key(s) to "
+                               f"root v{pending.root_version} is unfinished: run `fedge "
+                               "console rotate-keys` to finish it before signing targets")
         now = now or self.clock()
         current = tuf_repo.load(self.targets_bytes(), "targets")
         files = dict(current.signed.targets)

@@ -330,13 +330,17 @@ def test_a_console_killed_after_the_coordinator_took_a_rotation_finishes_it_next
     assert pending.stat().st_mode & 0o777 == 0o600
 
     base = ["console", "--home", str(home), "--timeout", "5"]
+    f = tmp_path / "model.onnx"
+    f.write_bytes(tiny_onnx(6.0))
+    # nothing is signed with the old targets key meanwhile
+    assert main([*base, "push", str(f), "--kind", "model", "--name", "risk",
+                 "--version", "1", "--no-wait"]) == 1
+    assert "finish it before signing targets" in capsys.readouterr().err
     assert main([*base, "rotate-keys", "--role", "targets"]) == 0
     out = capsys.readouterr().out
     assert "finishing the rotation of root and targets key(s) to root v2" in out
     assert server.updates.versions["root"] == 2  # the same root, taken once
     assert ConsoleStore(home).state["root_version"] == 2 and not pending.exists()
-    f = tmp_path / "model.onnx"  # the console signs with the keys root v2 names
-    f.write_bytes(tiny_onnx(6.0))
     client = AdminClient.from_store(ConsoleStore(home), "admin", timeout_s=5)
     r = push(ConsoleStore(home), client, f, kind="model", name="risk", version="1",
              sites=["h1"], wait=False)

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedge.console.protocol import OPS, AdminReply, AdminRequest
 from fedge.update import tuf_repo
-from fedge.update.messages import UpdateOutcome
+from fedge.update.messages import UpdateAvailable, UpdateOutcome
 from fedge.update.rollout import Rollout
 
 log = logging.getLogger("fedge.coordinator.admin")
@@ -303,10 +303,14 @@ class AdminService:
         """``site`` reconnected (or is first seen since this process started): ask it
         again for each roll-out waiting on it, since its outcome may have been lost."""
         for rollout in self.rollouts.values():
-            for to, msg in rollout.reask(site):
-                self._send(to, msg)
-                self._audit("coordinator", "update.reasked",
-                            {"rollout_id": rollout.rollout_id, "site": to, "path": msg.path})
+            self._reask(rollout, rollout.reask(site, self.clock()), "reconnected")
+
+    def _reask(self, rollout: Rollout, sends: list[tuple[str, UpdateAvailable]],
+               why: str) -> None:
+        for to, msg in sends:
+            self._send(to, msg)
+            self._audit("coordinator", "update.reasked", {
+                "rollout_id": rollout.rollout_id, "site": to, "path": msg.path, "why": why})
 
     def tick(self) -> None:
         """Roll-out deadlines; and keep the TUF timestamp fresh (once a minute)."""
@@ -321,11 +325,13 @@ class AdminService:
                 log.exception("cannot re-sign the TUF timestamp")
         for rollout in self.rollouts.values():
             was = rollout.state
-            rollout.tick(self.clock())
+            rollout.tick(now)
             if rollout.state != was:
                 self._save(rollout)
                 self._audit("coordinator", f"update.rollout_{rollout.state}",
                             rollout.to_dict())
+            self._reask(rollout, rollout.due(now),
+                        f"no outcome {rollout.reask_interval_s:g} s after the last ask")
 
 
 def _provision_updates(coordinator: Any, service: AdminService, provision: dict[str, Any]

@@ -11,9 +11,11 @@ Transitions (state, event) -> state::
     canary/rest --failed outcome-->   failed     (nobody else is told)
     canary/rest --deadline-->         failed
 
-The awaited site is asked again whenever it reconnects (`reask`), with no change
-of state: an outcome lost with a dying connection or a crashed coordinator is
-sent again, and the agent does not install twice.
+The awaited site is asked again, with no change of state, whenever it reconnects
+(`reask`) and every quarter of the deadline while it stays silent (`due`): an ask
+or an outcome lost with a dying connection or a crashed coordinator is sent
+again, and the agent does not install twice (it answers a repeated ask with the
+outcome it already reported, and ignores one for an install still running).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class Rollout:
     failure: str = ""
     _next: int = 0
     _waiting_since: float = 0.0
+    _asked_at: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.sites:
@@ -75,8 +78,13 @@ class Rollout:
         self._go("start")
         return self._ask(now)
 
+    @property
+    def reask_interval_s(self) -> float:
+        """How long the awaited site may stay silent before it is asked again."""
+        return self.deadline_s / 4
+
     def _ask(self, now: float) -> list[tuple[str, UpdateAvailable]]:
-        self._waiting_since = now
+        self._waiting_since = self._asked_at = now
         return [(self.sites[self._next], UpdateAvailable(self.rollout_id, self.path))]
 
     def receive(self, site: str, outcome: UpdateOutcome, now: float
@@ -102,14 +110,23 @@ class Rollout:
             return []
         return self._ask(now)
 
-    def reask(self, site: str) -> list[tuple[str, UpdateAvailable]]:
+    def reask(self, site: str, now: float) -> list[tuple[str, UpdateAvailable]]:
         """``site`` is back (reconnected, or first seen by a restarted coordinator): if it
-        is the site being waited on, ask it again, since its outcome may have been lost
-        with the old connection. The deadline keeps running from the first ask; the
-        agent answers a repeated ask with the outcome it already reported."""
+        is the site being waited on, ask it again, since the ask or its outcome may have
+        been lost with the old connection. The deadline keeps running from the first
+        ask; the agent answers a repeated ask with the outcome it already reported."""
         if self.waiting_for != site:
             return []
+        self._asked_at = now
         return [(site, UpdateAvailable(self.rollout_id, self.path))]
+
+    def due(self, now: float) -> list[tuple[str, UpdateAvailable]]:
+        """The awaited site, asked again if it has been silent for `reask_interval_s`
+        since it was last asked (a message lost on a connection that never dropped)."""
+        site = self.waiting_for
+        if site is None or now - self._asked_at < self.reask_interval_s:
+            return []
+        return self.reask(site, now)
 
     def tick(self, now: float) -> None:
         if self.done or now - self._waiting_since < self.deadline_s:
@@ -140,6 +157,7 @@ class Rollout:
             r.state, r.failure = str(state["state"]), str(state["failure"])
             r.results = {str(k): dict(v) for k, v in state["results"].items()}
             r._next, r._waiting_since = int(state["next"]), float(state["waiting_since"])
+            r._asked_at = r._waiting_since
         except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"saved roll-out lacks or mistypes {exc}") from exc
         valid = {s for pair in TRANSITIONS.items() for s in (pair[0][0], pair[1])}

@@ -196,6 +196,33 @@ def test_a_restarted_coordinator_goes_on_with_the_rollout_in_flight(tmp_path, ma
     assert len(finished) == 1
 
 
+def test_an_ask_lost_on_a_live_connection_is_repeated_by_the_admin_loop(tmp_path,
+                                                                         make_server):
+    """The first UpdateAvailable is lost though the site never disconnected: the
+    coordinator's admin loop asks again a quarter-deadline later, and the roll-out
+    goes on instead of failing at its deadline."""
+    import time
+
+    server = make_server()
+    apps = [Appliance(tmp_path, s, server) for s in ("h1", "h2")]
+    f = tmp_path / "model.onnx"
+    f.write_bytes(tiny_onnx(8.0))
+    r = push(server.console, server.client("admin"), f, kind="model", name="risk",
+             version="1", sites=["h1", "h2"], deadline_s=4, wait=False)
+    lost = server.sent.pop(0)  # never delivered
+    assert lost[0] == "h1" and server.sent == []
+    end = time.monotonic() + 10
+    while not server.sent and time.monotonic() < end:
+        time.sleep(0.05)
+    assert [s for s, _ in server.sent] == ["h1"] and server.sent[0][1] == lost[1]
+    drive(server, apps)
+    status, _ = server.client("admin").call("rollout_status", {"rollout_id": r["rollout_id"]})
+    assert status["state"] == "succeeded", status
+    why = [json.loads(e["detail"])["why"]
+           for e in server.coordinator.store.audit_log(action="update.reasked")]
+    assert why[0] == "no outcome 1 s after the last ask", why
+
+
 def test_jobs_fetch_downloads_the_results(tmp_path, make_server, capsys):
     import numpy as np
     from safetensors.numpy import save

@@ -221,5 +221,6 @@ def test_the_awaited_site_is_asked_again_when_it_returns_and_audited(tmp_path):
     audit, = coordinator.store.audit_log(action="update.reasked")
     assert audit["actor"] == "coordinator"
     assert json.loads(audit["detail"]) == {"rollout_id": "rollout-1", "site": "h1",
-                                           "path": "model/risk/2/model.onnx"}
+                                           "path": "model/risk/2/model.onnx",
+                                           "why": "reconnected"}
     coordinator.close()

@@ -59,13 +59,28 @@ def test_single_site_rollout_and_stray_outcomes():
 
 def test_only_the_awaited_site_is_asked_again_and_the_deadline_runs_on():
     r = Rollout("r1", P, ["a", "b"], deadline_s=10)
-    assert r.reask("a") == []  # not started
+    assert r.reask("a", 0) == []  # not started
     r.start(0)
-    (site, msg), = r.reask("a")
+    (site, msg), = r.reask("a", 1)
     assert site == "a" and (msg.rollout_id, msg.path) == ("r1", P)
-    assert r.reask("b") == []  # not its turn
+    assert r.reask("b", 1) == []  # not its turn
     r.tick(10.0)  # asking again did not restart the deadline
-    assert r.state == "failed" and r.reask("a") == []
+    assert r.state == "failed" and r.reask("a", 10) == [] and r.due(20) == []
+
+
+def test_a_silent_site_is_asked_again_every_quarter_deadline():
+    r = Rollout("r1", P, ["a", "b"], deadline_s=40)
+    assert r.reask_interval_s == 10
+    r.start(0)
+    assert r.due(9.9) == []
+    assert [s for s, _ in r.due(10)] == ["a"]
+    assert r.due(19.9) == []  # counted from the last ask
+    r.reask("a", 25)  # it came back: asked then
+    assert r.due(30) == [] and [s for s, _ in r.due(35)] == ["a"]
+    r.receive("a", ok(), 36)  # b is asked now, and its quarter runs from here
+    assert r.due(45) == [] and [s for s, _ in r.due(46)] == ["b"]
+    r.receive("b", ok(), 47)
+    assert r.state == "succeeded" and r.due(100) == []
 
 
 def test_bad_rollouts_are_refused():

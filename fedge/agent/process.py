@@ -78,6 +78,8 @@ class Enrolled:
     coordinator_public_key: str
     identity: Any
     roster: Any
+    roster_key: bytes = b""  # the console's roster key, trusted at enrolment
+    roster_path: Path | None = None  # where a newer roster from the coordinator is kept
 
 
 _KEYS = ("state_dir", "workers", "heartbeat", "eligibility", "datasets", "health")
@@ -162,7 +164,8 @@ def load_enrolled(state_dir: Path) -> Enrolled:
             if (cdir / "fedge_identity.key").exists():
                 identity = Identity.load(cdir / "fedge_identity.key")
         return Enrolled(meta["site"], curve_public, curve_secret, coord["endpoint"],
-                        coord["public_key"], identity, roster)
+                        coord["public_key"], identity, roster,
+                        bytes.fromhex(meta["roster_public_key"]), sd / "roster.json")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise AgentConfigError(f"enrolment state under {sd} is corrupt: "
                                f"{type(exc).__name__}: {exc}") from exc
@@ -278,6 +281,7 @@ def run(cfg: AgentConfig, *, connect_timeout_s: float | None = None) -> int:
     trainer: Trainer = TorchTrainer(cfg.datasets, state_dir=cfg.state_dir)
     executor: Executor = ThreadPoolExecutor(cfg.workers, thread_name_prefix="fedge-task")
     agent = Agent(enrolled.site, trainer, identity=enrolled.identity, roster=enrolled.roster,
+                  roster_key=enrolled.roster_key, roster_path=enrolled.roster_path,
                   executor=executor, health=health_probe(cfg),
                   job_state=JobStateStore(cfg.state_dir / "jobs"))
     # Signed updates (console/updates engineer): UpdateAvailable / fetch replies go to

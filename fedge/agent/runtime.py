@@ -25,6 +25,7 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -72,6 +73,8 @@ class Agent:
         *,
         identity: Any = None,
         roster: Any = None,
+        roster_key: bytes = b"",
+        roster_path: Path | None = None,
         executor: Executor | None = None,
         health: Callable[[], tuple[dict[str, Any], bool, str]] | None = None,
         max_message_bytes: int = 1 << 30,
@@ -82,6 +85,10 @@ class Agent:
         self.trainer = trainer
         self.identity = identity
         self.roster = roster
+        # A newer console-signed roster from the coordinator replaces ``roster`` (and
+        # the file at ``roster_path``) when it verifies under ``roster_key``.
+        self.roster_key = roster_key
+        self.roster_path = roster_path
         self.executor = executor
         self.health = health or (lambda: ({}, True, ""))
         self.max_message_bytes = max_message_bytes
@@ -153,8 +160,46 @@ class Agent:
         elif isinstance(body, m.Rejected):
             log.warning("%s: coordinator rejected a message: %s", self.site, body.reason)
             self.rejections.append(body.reason)
+        elif isinstance(body, m.RosterUpdate):
+            self._on_roster(body.roster)
         else:
             log.warning("%s: ignoring unexpected %s", self.site, env.header.type)
+
+    def _on_roster(self, data: bytes) -> bool:
+        """Take a newer roster the console signed (sites enrolled or revoked since this
+        appliance's enrolment). Refused, with the reason logged, and the roster in
+        force kept: one that does not verify under the console key trusted at
+        enrolment, an older serial (a replay that could bring back a revoked
+        identity), or one without this site under its own identity. Returns whether
+        it was taken."""
+        from fedge.secagg.keys import Roster, RosterSignatureError
+
+        if not self.roster_key or self.identity is None:
+            log.warning("%s: roster update ignored: no trusted roster key", self.site)
+            return False
+        try:
+            new = Roster.from_bytes(data, self.roster_key)
+        except RosterSignatureError as exc:
+            log.error("%s: roster update refused: %s", self.site, exc)
+            return False
+        held = getattr(self.roster, "serial", 0) if self.roster is not None else -1
+        if new.serial <= held:
+            if new.serial < held:
+                log.error("%s: roster update refused: serial %d is older than the roster "
+                          "in force (%d)", self.site, new.serial, held)
+            return False
+        if new.entries.get(self.site) != self.identity.public_bytes():
+            log.error("%s: roster update refused: serial %d does not hold this site with "
+                      "its identity (revoked or re-enrolled?)", self.site, new.serial)
+            return False
+        if self.roster_path is not None:
+            from fedge.update.files import write_atomic
+
+            write_atomic(self.roster_path, bytes(data))
+        self.roster = new
+        log.info("%s: roster serial %d in force: %d site(s)", self.site, new.serial,
+                 len(new.entries))
+        return True
 
     def _current(self, job: str, rnd: int) -> bool:
         return self.task is not None and (self.task.job, self.task.round) == (job, rnd)
@@ -169,9 +214,17 @@ class Agent:
         await self.send(m.TaskRefused(task_id=task_id, task=task, reason=reason), job=job,
                         round=rnd)
 
+    async def _plan(self, text: str) -> Plan:
+        """parse_plan off the event loop: its first parse of a DP plan runs the privacy
+        accountant, seconds on a loaded machine, and heartbeats must keep flowing.
+
+        Raises: PlanError, as parse_plan."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, parse_plan,
+                                                                text)
+
     async def _on_train(self, job: str, rnd: int, t: m.TrainTask) -> None:
         try:
-            plan = parse_plan(t.plan)
+            plan = await self._plan(t.plan)
         except PlanError as exc:
             await self._refuse(job, rnd, m.TASK_TRAIN, f"unrunnable plan: {exc}", t.task_id)
             return
@@ -329,7 +382,7 @@ class Agent:
 
     async def _on_eval(self, job: str, rnd: int, e: m.EvalTask) -> None:
         try:
-            plan = parse_plan(e.plan)
+            plan = await self._plan(e.plan)
         except PlanError as exc:
             await self._refuse(job, rnd, m.TASK_EVAL, f"unrunnable plan: {exc}", e.task_id)
             return

@@ -1,6 +1,6 @@
 """`fedge console …`: the operator's commands.
 
-init, enrol SITE, revoke SITE, fleet [--json], jobs submit/list/status/cancel/fetch,
+init, enrol SITE, revoke SITE, fleet [--json], jobs submit/list/status/watch/cancel/fetch,
 push (sign a model/app/software target, publish, roll out: canary first).
 Heavy modules (zmq, the codec) load inside the handlers.
 """
@@ -83,6 +83,13 @@ def register(subparsers: Any) -> None:
     s = jobs.add_parser("status", help="a job with per-round metrics")
     s.add_argument("job_id")
     s.set_defaults(func=_cmd_jobs_status)
+    s = jobs.add_parser("watch", help="follow a job round by round until it ends (exit 0 "
+                        "when it completes, 1 when it fails or is cancelled)")
+    s.add_argument("job_id")
+    s.add_argument("--interval", type=float, default=2.0, help="seconds between polls")
+    s.add_argument("--max-wait", type=float, default=None,
+                   help="give up after this many seconds (default: wait for the end)")
+    s.set_defaults(func=_cmd_jobs_watch)
     s = jobs.add_parser("cancel", help="cancel a queued or running job")
     s.add_argument("job_id")
     s.set_defaults(func=_cmd_jobs_cancel)
@@ -353,6 +360,85 @@ def _cmd_jobs_status(args: argparse.Namespace) -> int:
         status, _ = _call(args, "jobs_status", {"job_id": args.job_id})
         print(json.dumps(status, indent=2, sort_keys=True, default=str))
         return 0
+
+    return _run(go, args)
+
+
+JOB_ENDS = ("completed", "failed", "cancelled")
+RESULTS_WAIT_S = 180.0  # for the ONNX export and the report after the last round
+
+
+def watch_job(call: Any, job_id: str, *, interval_s: float = 2.0,
+              max_wait_s: float | None = None, out: Any = print) -> dict[str, Any]:
+    """Poll ``jobs_status`` and print each round as it commits (or an attempt as it
+    fails) with its federated evaluation, and each phase of the round in progress,
+    until the job ends; for a completed job, then until its results (ONNX, report)
+    are written. `call(op, args)` is an AdminClient's call. Returns the last status.
+
+    Raises:
+        TimeoutError: the job had not ended after `max_wait_s` (its state named).
+        AdminError: e.g. an unknown job.
+    """
+    started = time.monotonic()
+    seen: set[tuple[int, int]] = set()
+    phase = None
+    while True:
+        status, _ = call("jobs_status", {"job_id": job_id})
+        planned = status.get("rounds_planned")
+        for a in status.get("rounds", []):
+            if (a["round"], a["attempt"]) in seen:
+                continue
+            seen.add((a["round"], a["attempt"]))
+            secs = a["ended_at"] - a["started_at"]
+            if a["status"] != "committed":
+                out(f"round {a['round']} attempt {a['attempt']} failed after {secs:.1f} s: "
+                    f"{a['reason']}")
+                continue
+            agg = ", ".join(f"{m['split']} {m['name']} {m['value']:.4f}"
+                            for m in status.get("metrics", [])
+                            if m["round"] == a["round"] and m["site"] == "*")
+            out(f"round {a['round']}/{planned} committed in {secs:.1f} s: "
+                f"{len(a['survivors'])} of {len(a['cohort'])} site(s)"
+                + (f"; {agg}" if agg else ""))
+        now_phase = (status.get("current_round"), status.get("phase"))
+        if status.get("phase") and now_phase != phase:
+            out(f"round {now_phase[0]}/{planned}: {now_phase[1]}")
+        phase = now_phase
+        if status.get("status") in JOB_ENDS:
+            error = f": {status['error']}" if status.get("error") else ""
+            out(f"job {job_id} {status['status']}{error}")
+            break
+        if max_wait_s is not None and time.monotonic() - started > max_wait_s:
+            raise TimeoutError(f"job {job_id} is still {status.get('status')} (round "
+                               f"{status.get('committed_round')} of {planned} committed) "
+                               f"after {max_wait_s:g} s")
+        time.sleep(interval_s)
+    if status["status"] != "completed":
+        return status
+    # the coordinator exports the model and writes the report after the last commit;
+    # the report comes last
+    end = time.monotonic() + RESULTS_WAIT_S
+    while "report.md" not in status.get("results", []) and time.monotonic() < end:
+        time.sleep(interval_s)
+        status, _ = call("jobs_status", {"job_id": job_id})
+    results = status.get("results", [])
+    if "report.md" in results:
+        out(f"results ready: {', '.join(results)} (fedge console jobs fetch {job_id})")
+    else:
+        out(f"no report after {RESULTS_WAIT_S:g} s (the coordinator's audit log says why); "
+            f"results so far: {', '.join(results) or 'none'}")
+    return status
+
+
+def _cmd_jobs_watch(args: argparse.Namespace) -> int:
+    def go(args: argparse.Namespace) -> int:
+        from fedge.console.client import AdminClient
+
+        client = AdminClient.from_store(_store(args), args.operator, timeout_s=args.timeout)
+        status = watch_job(lambda op, a: client.call(op, a), args.job_id,
+                           interval_s=args.interval, max_wait_s=args.max_wait,
+                           out=lambda line: print(line, flush=True))
+        return 0 if status.get("status") == "completed" else 1
 
     return _run(go, args)
 

@@ -233,7 +233,18 @@ class ConsoleStore:
         """The console-signed roster of every enrolled, unrevoked site."""
         entries = {s: bytes.fromhex(self.state["sites"][s]["ed25519_public"])
                    for s in self.active_sites()}
-        return Roster.build(entries, self.roster_identity())
+        return Roster.build(entries, self.roster_identity(), serial=self.roster_serial)
+
+    @property
+    def roster_serial(self) -> int:
+        """Grows with every enrolment and revocation (the roster's version). A console
+        from before serials counts its history: one per site, one per revocation."""
+        default = len(self.state["sites"]) + sum(
+            1 for v in self.state["sites"].values() if v.get("revoked"))
+        return int(self.state.get("roster_serial", default))
+
+    def _roster_changed(self) -> None:
+        self.state["roster_serial"] = self.roster_serial + 1
 
     def add_site(self, site: str, curve_public: str, ed25519_public: bytes) -> None:
         """Record an enrolled site.
@@ -245,6 +256,7 @@ class ConsoleStore:
         if existing and not existing.get("revoked"):
             raise ConsoleError(f"site {site!r} is already enrolled; revoke it first to "
                                "issue a new identity")
+        self._roster_changed()
         self.state["sites"][site] = {
             "curve_public": curve_public,
             "ed25519_public": ed25519_public.hex(),
@@ -262,6 +274,7 @@ class ConsoleStore:
         if info is None:
             raise ConsoleError(f"site {site!r} is not enrolled (enrolled: "
                                f"{', '.join(sorted(self.state['sites'])) or 'none'})")
+        self._roster_changed()
         info["revoked"] = True
         info["revoked_at"] = self.clock().isoformat()
         self._save()

@@ -34,8 +34,6 @@ log = logging.getLogger("fedge.coordinator.admin")
 ADMIN_ACTOR = "operator"
 ADMIN_ZAP_DOMAIN = "fedge-admin"
 TIMESTAMP_CHECK_S = 60.0
-FETCHABLE = ("final.safetensors", "final.onnx", "model.onnx", "report.json", "report.md",
-             "metrics.json")
 
 
 @dataclass(frozen=True)
@@ -177,7 +175,7 @@ class AdminService:
 
         jdir = ck.job_dir(self.coordinator.state_dir, job_id)
         out = {}
-        for name in FETCHABLE:
+        for name in ck.RESULT_FILES:
             p = jdir / name
             if p.is_file():
                 out[name] = p.read_bytes()

@@ -61,6 +61,18 @@ def final_path(state_dir: str | Path, job_id: str) -> Path:
     return job_dir(state_dir, job_id) / "final.safetensors"
 
 
+# A finished job's results beside its checkpoints, as `fedge console jobs fetch` gets
+# them: the final weights, the ONNX export, and the report (written last).
+RESULT_FILES = ("final.safetensors", "final.onnx", "model.onnx", "report.json", "report.md",
+                "metrics.json", "learning_curve.png", "privacy.png")
+
+
+def results(state_dir: str | Path, job_id: str) -> list[str]:
+    """The names in RESULT_FILES that the job's directory holds now."""
+    d = job_dir(state_dir, job_id)
+    return [name for name in RESULT_FILES if (d / name).is_file()]
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via temp file + fsync + rename + directory fsync."""
     path.parent.mkdir(parents=True, exist_ok=True)

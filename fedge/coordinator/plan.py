@@ -52,6 +52,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import tomllib
@@ -170,10 +171,21 @@ _TOP = ("job", "model", "train", "strategy", "secagg", "privacy", "deadlines")
 def parse_plan(text: str) -> Plan:
     """Parse and check a plan.
 
+    The same text gives the same (frozen) Plan, parsed once: the DP feasibility check
+    runs an accountant (a tenth of a second, several on a loaded machine the first
+    time), and agents and the coordinator see a job's plan every round.
+
     Raises:
         PlanError: malformed TOML, an unknown table or key, a missing field, or a
             value outside its rule; the message names the field and the rule.
     """
+    if not isinstance(text, str):
+        raise PlanError("<toml>", type(text).__name__, "a plan is TOML text")
+    return _parse_plan(text)
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_plan(text: str) -> Plan:
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -132,7 +132,7 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
     exports: set[asyncio.Task[None]] = set()
 
     def on_job_completed(job_id: str) -> None:
-        task = loop.create_task(export_final_model(coord, job_id))
+        task = loop.create_task(finish_job(coord, job_id))
         exports.add(task)
         task.add_done_callback(exports.discard)
 
@@ -202,6 +202,32 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
         await server.close()
         coord.close()
     return 0
+
+
+async def finish_job(coord: Coordinator, job_id: str) -> None:
+    """After a job's last commit: its ONNX export, then its report (fedge.coordinator.
+    report), both beside the final checkpoint for ``fedge console jobs fetch``."""
+    await export_final_model(coord, job_id)
+    await write_report(coord, job_id)
+
+
+async def write_report(coord: Coordinator, job_id: str) -> bool:
+    """The job's report from the coordinator's records, written in a worker thread
+    (the loop keeps serving). Audited either way; a failure leaves the job completed."""
+    from fedge.coordinator.report import write_job_report
+
+    status = coord.job_status(job_id)
+    plan_toml = coord.store.job(job_id).plan_toml
+    out = ck.job_dir(coord.state_dir, job_id)
+    try:
+        files = await asyncio.to_thread(write_job_report, out, status, plan_toml)
+    except Exception as exc:  # a report must not take the coordinator down
+        coord.store.audit("coordinator", "report_failed", {"job": job_id, "reason": str(exc)})
+        log.exception("job %s: report failed", job_id)
+        return False
+    coord.store.audit("coordinator", "report_written", {"job": job_id, "files": files})
+    log.info("job %s report written to %s (%s)", job_id, out, ", ".join(files))
+    return True
 
 
 async def export_final_model(coord: Coordinator, job_id: str, *,

@@ -219,6 +219,7 @@ class Coordinator:
             d["phase"] = self.runner.round.phase.value
         final = ck.final_path(self.state_dir, job_id)
         d["final_checkpoint"] = str(final) if final.exists() else ""
+        d["results"] = ck.results(self.state_dir, job_id)
         return d
 
     def cancel_job(self, job_id: str, actor: str = "console") -> None:
@@ -264,10 +265,17 @@ class Coordinator:
         if self.roster_public_key:
             from fedge.secagg.keys import Roster
 
-            Roster.from_bytes(roster_bytes, self.roster_public_key)
+            new = Roster.from_bytes(roster_bytes, self.roster_public_key)
+            if self.roster:
+                held = Roster.from_bytes(self.roster, self.roster_public_key).serial
+                if new.serial < held:
+                    raise ValueError(f"roster serial {new.serial} is older than the one in "
+                                     f"force ({held}); refused")
         self.roster = bytes(roster_bytes)
         (self.state_dir / "roster.json").write_bytes(self.roster)
         self.store.audit(actor, "set_roster", {"bytes": len(roster_bytes)})
+        for site in sorted(self.connected_sites()):  # appliances follow at once
+            self.outbox.append(Outgoing(site, m.RosterUpdate(self.roster)))
 
     # -- transport hooks ------------------------------------------------------------
 
@@ -304,6 +312,8 @@ class Coordinator:
         conn.last_seen = now
         self.handle(site, env, now)
         if returning and self._connected(site, now):  # not refused (version) meanwhile
+            if self.roster:  # it may have missed roster changes while away
+                self.outbox.append(Outgoing(site, m.RosterUpdate(self.roster)))
             self.on_site_returned(site)
 
     def handle(self, site: str, env: codec.Envelope, now: float) -> None:

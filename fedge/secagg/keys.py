@@ -19,6 +19,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -136,18 +137,30 @@ class RosterSignatureError(SecAggConfigError):
 
 @dataclass(frozen=True)
 class Roster:
-    """The console-signed map {client_id: Ed25519 public key} of enrolled appliances."""
+    """The console-signed map {client_id: Ed25519 public key} of enrolled appliances.
+
+    ``serial`` grows with every change the console makes (an enrolment, a
+    revocation), so an appliance takes a newer roster from the coordinator and
+    refuses an older one: a coordinator cannot bring back a revoked identity by
+    replaying the roster that still held it. Rosters signed before serials existed
+    (body version 1) read as serial 0.
+    """
 
     entries: Mapping[str, bytes]
     signature: bytes
+    serial: int = 0
 
     @classmethod
-    def build(cls, entries: Mapping[str, bytes], console_key: Identity) -> Roster:
-        """Sign ``entries`` with the console identity.
+    def build(cls, entries: Mapping[str, bytes], console_key: Identity, *,
+              serial: int = 0) -> Roster:
+        """Sign ``entries`` (and ``serial``) with the console identity.
 
         Raises:
-            SecAggConfigError: an invalid client id or a public key that is not 32 bytes.
+            SecAggConfigError: an invalid client id, a public key that is not 32 bytes,
+                or a negative serial.
         """
+        if isinstance(serial, bool) or not isinstance(serial, int) or serial < 0:
+            raise SecAggConfigError(f"roster serial {serial!r} must be an integer >= 0")
         clean = {}
         for client_id, key in entries.items():
             check_client_id(client_id)
@@ -156,11 +169,12 @@ class Roster:
                     f"roster key of {client_id!r} must be {PUBLIC_KEY_BYTES} bytes"
                 )
             clean[client_id] = key
-        return cls(clean, console_key.sign(_roster_body(clean)))
+        return cls(clean, console_key.sign(_roster_body(clean, serial)), serial)
 
     def to_bytes(self) -> bytes:
         return json.dumps(
-            {"body": _roster_body(self.entries).decode(), "signature": self.signature.hex()},
+            {"body": _roster_body(self.entries, self.serial).decode(),
+             "signature": self.signature.hex()},
             sort_keys=True,
         ).encode()
 
@@ -176,19 +190,23 @@ class Roster:
             outer = json.loads(data)
             body = outer["body"].encode()
             signature = bytes.fromhex(outer["signature"])
-            raw_entries = json.loads(body)["entries"]
+            doc = json.loads(body)
+            raw_entries = doc["entries"]
             entries = {cid: bytes.fromhex(h) for cid, h in raw_entries.items()}
+            serial = doc.get("serial", 0)
+            if isinstance(serial, bool) or not isinstance(serial, int) or serial < 0:
+                raise ValueError(f"serial {serial!r} is not an integer >= 0")
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise RosterSignatureError(f"roster is malformed: {exc}") from exc
         if not verify_signature(console_public_key, signature, body):
             raise RosterSignatureError("roster signature does not verify under the console key")
-        if _roster_body(entries) != body:
+        if _roster_body(entries, serial) != body:
             raise RosterSignatureError("roster body is not in canonical form")
         for client_id, key in entries.items():
             check_client_id(client_id)
             if len(key) != PUBLIC_KEY_BYTES:
                 raise RosterSignatureError(f"roster key of {client_id!r} is not 32 bytes")
-        return cls(entries, signature)
+        return cls(entries, signature, serial)
 
     def __contains__(self, client_id: object) -> bool:
         return client_id in self.entries
@@ -198,12 +216,14 @@ class Roster:
         return self.entries[client_id]
 
 
-def _roster_body(entries: Mapping[str, bytes]) -> bytes:
-    return json.dumps(
-        {"entries": {cid: entries[cid].hex() for cid in sorted(entries)}, "version": 1},
-        sort_keys=True,
-        separators=(",", ":"),
-    ).encode()
+def _roster_body(entries: Mapping[str, bytes], serial: int = 0) -> bytes:
+    """The signed bytes: version 1 (no serial) for serial 0, so rosters signed before
+    serials existed still verify; version 2 with the serial otherwise."""
+    doc: dict[str, Any] = {"entries": {cid: entries[cid].hex() for cid in sorted(entries)},
+                           "version": 1}
+    if serial:
+        doc.update(serial=serial, version=2)
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
 
 # --- per-round keys -------------------------------------------------------------

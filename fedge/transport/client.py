@@ -304,6 +304,9 @@ class ClientSocket:
                 done, _ = await asyncio.wait({pending}, timeout=tick)
                 now = time.monotonic()
                 if now - last > tick + self.heartbeat.interval:
+                    log.warning("transport client: event loop stalled for %.1f s; the "
+                                "coordinator's silence meanwhile is not held against it",
+                                now - last)
                     self._conn.loop_stalled(now)
                 last = now
                 if pending in done:

@@ -497,6 +497,9 @@ class ServerSocket:
             await asyncio.sleep(tick)
             now = time.monotonic()
             stalled = now - last_tick > tick + self.heartbeat.interval
+            if stalled:
+                log.warning("transport server: event loop stalled for %.1f s; peers' "
+                            "silence meanwhile is not held against them", now - last_tick)
             last_tick = now
             if self._queue.full() or stalled:
                 # The reader waits for the caller, or this event loop did not run

@@ -25,6 +25,9 @@ EvalTask           coordinator → agent    evaluate ``weights`` on the local sp
 EvalResult         agent → coordinator    example count and metrics
 RoundAbort         coordinator → agent    the round is abandoned; drop its state
 Rejected           coordinator → agent    your last message was refused, and why
+RosterUpdate       coordinator → agent    the console-signed roster now in force (on
+                                          connecting and whenever it changes); the
+                                          agent takes it only if newer and verified
 =================  =====================  ============================================
 
 Every task message carries a ``task_id`` that names one attempt at one round;
@@ -147,9 +150,15 @@ class Rejected:
     reason: str
 
 
+@message("roster_update")
+@dataclass(frozen=True)
+class RosterUpdate:
+    roster: bytes  # fedge.secagg.keys.Roster.to_bytes(), signed by the console
+
+
 FEDERATION_MESSAGES = (
     Heartbeat, HeartbeatAck, TrainTask, TaskRefused, TrainDone, AggregateBegin, PlainUpdate,
-    EvalTask, EvalResult, RoundAbort, Rejected,
+    EvalTask, EvalResult, RoundAbort, Rejected, RosterUpdate,
 )
 
 # The other packages define plain frozen dataclasses; they are registered here so

@@ -192,6 +192,10 @@ def test_heartbeats_flow_while_training_runs_in_the_worker():
 
     async def go():
         training = asyncio.create_task(deliver(agent, task()))
+        for _ in range(500):  # the plan is parsed off the loop first
+            if agent.task is not None:
+                break
+            await asyncio.sleep(0.01)
         t0 = time.monotonic()
         for _ in range(3):
             await agent.heartbeat()
@@ -253,3 +257,42 @@ def test_scaffold_update_vector_carries_delta_y_and_clipped_delta_c():
                                           weights=np.zeros(4, np.float32), split="test")))
     np.testing.assert_array_equal(agent.client_control("job1", 2), local.delta_control)
     np.testing.assert_array_equal(agent.client_control("job1", 1), np.zeros(4, np.float32))
+
+
+def test_a_newer_roster_from_the_coordinator_is_kept_an_older_or_foreign_one_refused(
+        tmp_path, caplog):
+    """Sites enrolled after this one reach it through the coordinator, signed by the
+    console; a replayed older roster, one signed by another key, or one without this
+    site's own identity is refused by name and the roster in force is kept."""
+    import logging
+
+    from fedge.secagg.keys import Identity, Roster
+
+    console, me, other = Identity.generate(), Identity.generate(), Identity.generate()
+    path = tmp_path / "roster.json"
+    at_enrolment = Roster.build({"site-a": me.public_bytes()}, console, serial=1)
+    path.write_bytes(at_enrolment.to_bytes())
+    agent = Agent("site-a", SyntheticTrainer("site-a"), identity=me, roster=at_enrolment,
+                  roster_key=console.public_bytes(), roster_path=path)
+    Link(agent)
+    both = {"site-a": me.public_bytes(), "site-b": other.public_bytes()}
+
+    async def send(roster):
+        await deliver(agent, m.RosterUpdate(roster.to_bytes()), job="", rnd=0)
+
+    newer = Roster.build(both, console, serial=3)
+    with caplog.at_level(logging.INFO, logger="fedge.agent"):
+        asyncio.run(send(newer))
+        assert agent.roster.serial == 3 and "site-b" in agent.roster
+        assert path.read_bytes() == newer.to_bytes()  # a restart starts from it
+        refused = [
+            (Roster.build({"site-a": me.public_bytes()}, console, serial=2), "older"),
+            (Roster.build(both, Identity.generate(), serial=9), "does not verify"),
+            (Roster.build({"site-a": other.public_bytes(), "site-b": other.public_bytes()},
+                          console, serial=9), "does not hold this site"),
+        ]
+        for roster, why in refused:
+            caplog.clear()
+            asyncio.run(send(roster))
+            assert why in caplog.text and "roster update refused" in caplog.text
+            assert agent.roster.serial == 3 and path.read_bytes() == newer.to_bytes()

@@ -142,3 +142,19 @@ def test_agent_cli_enrol_installs_and_reports_errors_with_exit_code(tmp_path, ca
                               str(tmp_path / "s")])
     assert args.func(args) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_every_enrolment_and_revocation_signs_a_roster_with_a_higher_serial(console):
+    key = console.roster_public_key()
+    serials = [Roster.from_bytes(console.roster().to_bytes(), key).serial]
+    for site in ("h1", "h2"):
+        create_enrolment(console, site, valid_for=timedelta(days=1))
+        serials.append(Roster.from_bytes(console.roster().to_bytes(), key).serial)
+    console.revoke_site("h1")
+    roster = Roster.from_bytes(console.roster().to_bytes(), key)
+    assert serials + [roster.serial] == [0, 1, 2, 3] and list(roster.entries) == ["h2"]
+    # a console home from before serials counts its history (2 sites + 1 revocation)
+    state = json.loads((console.home / "console.json").read_text())
+    del state["roster_serial"]
+    (console.home / "console.json").write_text(json.dumps(state))
+    assert ConsoleStore(console.home).roster_serial == 3

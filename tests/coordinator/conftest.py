@@ -27,7 +27,7 @@ class Clock:
 class InProcFederation:
     def __init__(self, state_dir, sites, *, dim=8, n_examples=None, clock=None):
         self.clock = clock or Clock()
-        console = Identity.generate()
+        console = self.console = Identity.generate()
         self.identities = {s: Identity.generate() for s in sites}
         roster = Roster.build({s: i.public_bytes() for s, i in self.identities.items()}, console)
         self.dim = dim

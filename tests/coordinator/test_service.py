@@ -104,7 +104,8 @@ def test_heartbeat_naming_another_site_is_rejected(federation):
     fed.coord.handle_frames("a", [bytes(f) for f in codec.encode(hb, sender="a")])
     assert fed.coord.store.audit_log(action="spoofed_sender")
     assert fed.coord.store.appliance("b").last_seen is None
-    assert isinstance(fed.coord.outbox[-1].body, m.Rejected)
+    assert [type(o.body) for o in fed.coord.outbox if o.site == "a"] == [
+        m.Rejected, m.RosterUpdate]  # refused; a's live connection still gets the roster
 
 
 def test_update_outcome_is_routed(federation):
@@ -142,6 +143,41 @@ def test_a_site_is_reported_as_returned_on_first_contact_and_after_a_lost_connec
     assert returned == ["a", "a", "a"]
     beat("b", named="a")  # rejected, but b's authenticated connection is live
     assert returned == ["a", "a", "a", "b"]
+
+
+def test_the_roster_in_force_reaches_connected_agents_and_an_older_one_is_refused(
+        federation):
+    """A site enrolled later is known to the others through the coordinator: the
+    console's newer roster goes to every connected agent at once, and to a site when it
+    (re)connects; the agents take it (the in-process agents verify it for real)."""
+    from fedge.secagg.keys import Roster
+
+    fed = federation(["a", "b"])
+    for a in fed.agents.values():
+        a.roster_key = fed.console.public_bytes()
+
+    async def go():
+        await fed.heartbeats()  # both connect: each gets the roster in force
+        await fed.pump(until=lambda: not fed.inbox and not fed.coord.outbox)
+
+    asyncio.run(go())
+    entries = {s: i.public_bytes() for s, i in fed.identities.items()}
+    newer = Roster.build(entries, fed.console, serial=5)
+    fed.coord.set_roster(newer.to_bytes(), actor="test")
+    sent = [(o.site, type(o.body)) for o in fed.coord.outbox]
+    assert sent == [("a", m.RosterUpdate), ("b", m.RosterUpdate)]
+    asyncio.run(fed.pump(until=lambda: all(a.roster.serial == 5
+                                           for a in fed.agents.values())))
+    with pytest.raises(ValueError, match="serial 4 is older than the one in force"):
+        fed.coord.set_roster(Roster.build(entries, fed.console, serial=4).to_bytes())
+    assert Roster.from_bytes(fed.coord.roster, fed.console.public_bytes()).serial == 5
+    fed.coord.outbox.clear()
+    fed.coord.peer_lost("b")
+    asyncio.run(fed.agents["b"].heartbeat())  # b comes back: it is sent the roster again
+    (site, frames), = fed.inbox
+    fed.coord.handle_frames(site, frames)
+    assert [(o.site, type(o.body)) for o in fed.coord.outbox] == [
+        ("b", m.HeartbeatAck), ("b", m.RosterUpdate)]
 
 
 def test_failed_attempts_limit_fails_job_without_checkpoints(federation):

@@ -74,6 +74,25 @@ def test_roster_refuses_bad_entries() -> None:
         Roster.build({"": bytes(32)}, Identity.generate())
 
 
+def test_roster_serial_is_signed_and_a_roster_without_one_reads_as_serial_0() -> None:
+    console, legacy, entries = _roster()
+    assert json.loads(json.loads(legacy.to_bytes())["body"]) == {
+        "entries": {k: v.hex() for k, v in sorted(entries.items())}, "version": 1}
+    assert Roster.from_bytes(legacy.to_bytes(), console.public_bytes()).serial == 0
+    newer = Roster.build(entries, console, serial=7)
+    again = Roster.from_bytes(newer.to_bytes(), console.public_bytes())
+    assert again.serial == 7 and dict(again.entries) == entries
+    # a replayed old roster cannot be dressed up as a newer one: the serial is signed
+    outer = json.loads(newer.to_bytes())
+    body = json.loads(outer["body"])
+    body["serial"] = 8
+    outer["body"] = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    with pytest.raises(RosterSignatureError, match="does not verify"):
+        Roster.from_bytes(json.dumps(outer).encode(), console.public_bytes())
+    with pytest.raises(SecAggConfigError, match="serial -1"):
+        Roster.build(entries, console, serial=-1)
+
+
 def _seed(a: keys.RoundKeys, b: keys.RoundKeys, me: str, peer: str, **kw: object) -> bytes:
     ctx: dict[str, object] = {"job_id": "job", "round_": 1, "model_digest": D1}
     ctx.update(kw)

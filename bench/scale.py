@@ -113,7 +113,8 @@ def agent_host(spec_path: Path, stats_path: Path) -> int:
             enrolled = Enrolled(site["site"], site["curve_public"], site["curve_secret"],
                                 spec["endpoint"], spec["coordinator_public"], identity, roster)
             agent = CountingAgent(site["site"], SyntheticTrainer(site["site"]),
-                                  identity=identity, roster=roster, executor=pool)
+                                  identity=identity, roster=roster, executor=pool,
+                                  roster_key=bytes.fromhex(spec["console_public"]))
             agents.append(agent)
             runs.append(run_agent(agent, enrolled, interval_s=5.0, timeout_s=60.0, stop=stop))
         await asyncio.gather(*runs)

@@ -223,6 +223,26 @@ def test_an_ask_lost_on_a_live_connection_is_repeated_by_the_admin_loop(tmp_path
     assert why[0] == "no outcome 1 s after the last ask", why
 
 
+def test_jobs_watch_names_a_job_that_does_not_end_and_fails_for_a_cancelled_one(
+        tmp_path, make_server, capsys):
+    server = make_server()
+    base = ["console", "--home", str(server.console.home), "--timeout", "5"]
+    plan = tmp_path / "plan.toml"
+    plan.write_text(PLAN)
+    assert main([*base, "jobs", "submit", str(plan)]) == 0
+    job = capsys.readouterr().out.strip()
+    watch = [*base, "--operator", "viewer", "jobs", "watch", job, "--interval", "0.1"]
+    assert main([*watch, "--max-wait", "0.5"]) == 1  # no appliance: it stays queued
+    assert f"job {job} is still queued (round 0 of 1 committed) after 0.5 s" in \
+        capsys.readouterr().err
+    assert main([*base, "jobs", "cancel", job]) == 0
+    capsys.readouterr()
+    assert main(watch) == 1
+    assert capsys.readouterr().out.splitlines()[-1] == f"job {job} cancelled"
+    assert main([*base, "jobs", "watch", "job-nope"]) == 1
+    assert "job-nope" in capsys.readouterr().err
+
+
 def test_jobs_fetch_downloads_the_results(tmp_path, make_server, capsys):
     import numpy as np
     from safetensors.numpy import save

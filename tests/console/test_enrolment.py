@@ -152,7 +152,7 @@ def test_every_enrolment_and_revocation_signs_a_roster_with_a_higher_serial(cons
         serials.append(Roster.from_bytes(console.roster().to_bytes(), key).serial)
     console.revoke_site("h1")
     roster = Roster.from_bytes(console.roster().to_bytes(), key)
-    assert serials + [roster.serial] == [0, 1, 2, 3] and list(roster.entries) == ["h2"]
+    assert [*serials, roster.serial] == [0, 1, 2, 3] and list(roster.entries) == ["h2"]
     # a console home from before serials counts its history (2 sites + 1 revocation)
     state = json.loads((console.home / "console.json").read_text())
     del state["roster_serial"]

@@ -223,14 +223,20 @@ def test_an_ask_lost_on_a_live_connection_is_repeated_by_the_admin_loop(tmp_path
     assert why[0] == "no outcome 1 s after the last ask", why
 
 
-def test_jobs_watch_names_a_job_that_does_not_end_and_fails_for_a_cancelled_one(
-        tmp_path, make_server, capsys):
+def submitted(tmp_path, make_server, capsys):
+    """A console and coordinator with one job submitted through the CLI (no appliance
+    yet): (server, the CLI's leading arguments, the job id)."""
     server = make_server()
     base = ["console", "--home", str(server.console.home), "--timeout", "5"]
     plan = tmp_path / "plan.toml"
     plan.write_text(PLAN)
     assert main([*base, "jobs", "submit", str(plan)]) == 0
-    job = capsys.readouterr().out.strip()
+    return server, base, capsys.readouterr().out.strip()
+
+
+def test_jobs_watch_names_a_job_that_does_not_end_and_fails_for_a_cancelled_one(
+        tmp_path, make_server, capsys):
+    _, base, job = submitted(tmp_path, make_server, capsys)
     watch = [*base, "--operator", "viewer", "jobs", "watch", job, "--interval", "0.1"]
     assert main([*watch, "--max-wait", "0.5"]) == 1  # no appliance: it stays queued
     assert f"job {job} is still queued (round 0 of 1 committed) after 0.5 s" in \
@@ -249,12 +255,7 @@ def test_jobs_fetch_downloads_the_results(tmp_path, make_server, capsys):
 
     from fedge.coordinator import checkpoint as ck
 
-    server = make_server()
-    base = ["console", "--home", str(server.console.home), "--timeout", "5"]
-    plan = tmp_path / "plan.toml"
-    plan.write_text(PLAN)
-    assert main([*base, "jobs", "submit", str(plan)]) == 0
-    job = capsys.readouterr().out.strip()
+    server, base, job = submitted(tmp_path, make_server, capsys)
     jdir = ck.job_dir(server.coordinator.state_dir, job)
     final = save({"weights": np.arange(40, dtype=np.float32)})
     ck.atomic_write(jdir / "final.safetensors", final)

@@ -123,6 +123,21 @@ def test_operator_enrols_an_appliance_and_sees_it_in_the_fleet(operator):
     assert "host" in a["health"]  # the agent's real health report reached the console
 
 
+def hospitals(operator: ConsoleFederation, n: int) -> list[str]:
+    """n appliances enrolled one at a time, hospital-i holding Fed-TCGA-BRCA centre i,
+    all connected. They have no GPU: their IT allows CPU-only training."""
+    if not DATA.exists():
+        pytest.skip(f"Fed-TCGA-BRCA not found at {DATA}")
+    sites = [f"hospital-{i}" for i in range(n)]
+    for i, site in enumerate(sites):
+        operator.add_appliance(site, '[eligibility]\nallow_cpu_only = true\n'
+                               f'[[datasets]]\nname = "fed_tcga_brca"\n'
+                               f'kind = "fed_tcga_brca"\npath = "{DATA.resolve()}"\n'
+                               f"site = {i}\n")
+    operator.wait_connected(set(sites))
+    return sites
+
+
 PLAN = """
 [job]
 dataset = "fed_tcga_brca"
@@ -150,16 +165,7 @@ def test_ml_engineer_submits_watches_and_fetches_the_onnx_model_and_report(opera
     """Three hospitals (Fed-TCGA-BRCA centres 0-2) with DP-SGD and SecAgg+: the job is
     submitted, followed round by round and fetched with the CLI; the ONNX model
     computes the final weights' risk score, the report holds every round and its plots."""
-    if not DATA.exists():
-        pytest.skip(f"Fed-TCGA-BRCA not found at {DATA}")
-    sites = {f"hospital-{i}": i for i in range(3)}
-    for site, centre in sites.items():
-        # these appliances have no GPU: their IT allows CPU-only training
-        operator.add_appliance(site, '[eligibility]\nallow_cpu_only = true\n'
-                               f'[[datasets]]\nname = "fed_tcga_brca"\n'
-                               f'kind = "fed_tcga_brca"\npath = "{DATA.resolve()}"\n'
-                               f"site = {centre}\n")
-    operator.wait_connected(set(sites))
+    sites = hospitals(operator, 3)
     plan = operator.tmp / "plan.toml"
     plan.write_text(PLAN)
     r = fedge(*operator.console, "jobs", "submit", str(plan))
@@ -201,3 +207,31 @@ def test_ml_engineer_submits_watches_and_fetches_the_onnx_model_and_report(opera
     (risk,) = session.run(None, {session.get_inputs()[0].name: x})
     np.testing.assert_allclose(risk.reshape(-1), x @ weights[:39] + weights[39], rtol=1e-4,
                                atol=1e-4)
+
+
+def test_a_site_revoked_by_the_operator_is_left_out_and_the_others_train_securely(operator):
+    """Hospital IT revokes one of three appliances: it is dropped at once, the others
+    take the console's newer roster (without it) from the coordinator, and the next
+    SecAgg job runs with the two that remain."""
+    sites = hospitals(operator, 3)
+    r = fedge(*operator.console, "revoke", "hospital-2")
+    assert r.returncode == 0, r.stderr
+    end = time.monotonic() + 30
+    while time.monotonic() < end and not all(
+            "roster serial 4 in force: 2 site(s)" in operator.log(f"agent-{s}")
+            for s in sites[:2]):
+        time.sleep(0.3)
+    for s in sites[:2]:
+        assert "roster serial 4 in force: 2 site(s)" in operator.log(f"agent-{s}")
+    plan = operator.tmp / "plan.toml"
+    plan.write_text(PLAN.replace("min_clients = 3", "min_clients = 2"))
+    r = fedge(*operator.console, "jobs", "submit", str(plan))
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.strip()
+    r = fedge(*operator.console, "jobs", "watch", job, "--interval", "0.5", "--max-wait",
+              "240", timeout=480)
+    assert r.returncode == 0, r.stdout + r.stderr + operator.log("coordinator")
+    committed = [line for line in r.stdout.splitlines() if " committed in " in line]
+    assert len(committed) == 3 and all("2 of 2 site(s)" in line for line in committed)
+    fleet = {a["site_id"]: a for a in operator.viewer.call("fleet")[0]}
+    assert fleet["hospital-2"]["status"] == "revoked" and not fleet["hospital-2"]["connected"]

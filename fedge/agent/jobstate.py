@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedge.update.files import write_atomic
+from fedge.update.files import set_aside, write_atomic
 
 log = logging.getLogger("fedge.agent")
 
@@ -66,12 +66,7 @@ class JobStateStore:
             if owner is None or str(owner) != job:
                 raise ValueError(f"it belongs to job {None if owner is None else str(owner)!r}")
         except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-            aside = path.with_name(path.name + ".corrupt")
-            try:
-                path.replace(aside)
-            except OSError as move:
-                aside = path
-                log.error("job %s: cannot move %s aside: %s", job, path, move)
+            aside = set_aside(path, log)
             log.error("job %s: %s state in %s is unreadable (%s); moved to %s, the job "
                       "goes on from fresh %s state", job, kind, path, exc, aside.name, kind)
             return {}

@@ -195,7 +195,11 @@ class Agent:
         if self.roster_path is not None:
             from fedge.update.files import write_atomic
 
-            write_atomic(self.roster_path, bytes(data))
+            try:
+                write_atomic(self.roster_path, bytes(data))
+            except OSError as exc:  # in force anyway; a restart gets it again on connecting
+                log.error("%s: roster serial %d not kept in %s: %s", self.site, new.serial,
+                          self.roster_path, exc)
         self.roster = new
         log.info("%s: roster serial %d in force: %d site(s)", self.site, new.serial,
                  len(new.entries))

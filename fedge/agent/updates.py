@@ -29,7 +29,7 @@ from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
 from fedge.update import tuf_repo
 from fedge.update.ab import HealthCheckFailed, SelfUpdate, Service, SlotInstaller
-from fedge.update.files import write_atomic, write_json
+from fedge.update.files import set_aside, write_atomic, write_json
 from fedge.update.messages import (
     ERROR_NOT_FOUND,
     UpdateAvailable,
@@ -280,11 +280,10 @@ class AgentUpdater:
             return docs
         except FileNotFoundError:
             return []
-        except (ValueError, UnicodeDecodeError) as exc:
-            aside = path.with_name(path.name + ".corrupt")
+        except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+            aside = set_aside(path, log)
             log.error("%s is unreadable (%s); moved to %s: an outcome asked for again "
                       "will be found by installing", path, exc, aside.name)
-            path.replace(aside)
             return []
 
     def record(self, outcome: InstallOutcome) -> None:

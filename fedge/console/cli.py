@@ -369,7 +369,8 @@ RESULTS_WAIT_S = 180.0  # for the ONNX export and the report after the last roun
 
 
 def watch_job(call: Any, job_id: str, *, interval_s: float = 2.0,
-              max_wait_s: float | None = None, out: Any = print) -> dict[str, Any]:
+              max_wait_s: float | None = None, out: Any = print,
+              results_wait_s: float = RESULTS_WAIT_S) -> dict[str, Any]:
     """Poll ``jobs_status`` and print each round as it commits (or an attempt as it
     fails) with its federated evaluation, and each phase of the round in progress,
     until the job ends; for a completed job, then until its results (ONNX, report)
@@ -417,7 +418,7 @@ def watch_job(call: Any, job_id: str, *, interval_s: float = 2.0,
         return status
     # the coordinator exports the model and writes the report after the last commit;
     # the report comes last
-    end = time.monotonic() + RESULTS_WAIT_S
+    end = time.monotonic() + results_wait_s
     while "report.md" not in status.get("results", []) and time.monotonic() < end:
         time.sleep(interval_s)
         status, _ = call("jobs_status", {"job_id": job_id})
@@ -425,7 +426,7 @@ def watch_job(call: Any, job_id: str, *, interval_s: float = 2.0,
     if "report.md" in results:
         out(f"results ready: {', '.join(results)} (fedge console jobs fetch {job_id})")
     else:
-        out(f"no report after {RESULTS_WAIT_S:g} s (the coordinator's audit log says why); "
+        out(f"no report after {results_wait_s:g} s (the coordinator's audit log says why); "
             f"results so far: {', '.join(results) or 'none'}")
     return status
 

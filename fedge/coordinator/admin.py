@@ -174,11 +174,8 @@ class AdminService:
         from fedge.coordinator import checkpoint as ck
 
         jdir = ck.job_dir(self.coordinator.state_dir, job_id)
-        out = {}
-        for name in ck.RESULT_FILES:
-            p = jdir / name
-            if p.is_file():
-                out[name] = p.read_bytes()
+        out = {name: (jdir / name).read_bytes()
+               for name in ck.results(self.coordinator.state_dir, job_id)}
         if not out:
             raise ValueError(f"job {job_id} ({status.get('status')}) has no results yet")
         return {"job_id": job_id, "files": sorted(out)}, out

@@ -29,7 +29,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedge.update import tuf_repo
-from fedge.update.files import load_ed25519, save_ed25519, write_atomic, write_json
+from fedge.update.files import (
+    ed25519_public_bytes,
+    load_ed25519,
+    save_ed25519,
+    write_atomic,
+    write_json,
+)
 from fedge.update.messages import (
     ERROR_BAD_REQUEST,
     ERROR_NOT_FOUND,
@@ -222,8 +228,9 @@ class UpdateRepository:
                 the current root key and by itself, or does not name these keys.
         """
         if self.holds(None, root) and all(
-                _same_key(a, b) for a, b in ((snapshot_key, self._snapshot_key),
-                                             (timestamp_key, self._timestamp_key))):
+                ed25519_public_bytes(a) == ed25519_public_bytes(b)
+                for a, b in ((snapshot_key, self._snapshot_key),
+                             (timestamp_key, self._timestamp_key))):
             return  # sent again (the console lost our reply): already in force
         current = self.current_root()
         new_root = _load_or_refuse(root, "root")
@@ -324,11 +331,6 @@ class UpdateRepository:
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return UpdateFetchReply(path, req.offset, b"", True, ERROR_NOT_FOUND)
         return UpdateFetchReply(path, req.offset, data, eof, "")
-
-
-def _same_key(a: Ed25519PrivateKey, b: Ed25519PrivateKey) -> bool:
-    raw = serialization.Encoding.Raw, serialization.PublicFormat.Raw
-    return a.public_key().public_bytes(*raw) == b.public_key().public_bytes(*raw)
 
 
 def _load_or_refuse(data: bytes, role: str) -> tuf_repo.Metadata:

@@ -18,6 +18,7 @@ without systemd); `SystemdService` drives a systemd unit whose ExecStart runs
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import socket
@@ -32,6 +33,8 @@ from pathlib import Path
 from typing import Protocol
 
 from fedge.update.tuf_repo import version_key
+
+log = logging.getLogger("fedge.update.ab")
 
 MANIFEST = "fedge-bundle.json"
 AGENT_CONFIG = "/etc/fedge/agent.toml"  # what a wheel slot runs by default
@@ -344,8 +347,11 @@ class SelfUpdate:
             return json.loads((self.root / name).read_text())
         except FileNotFoundError:
             return None
-        except ValueError:  # torn or corrupt: treat as absent, keep a copy for people
-            (self.root / name).replace(self.root / f"{name}.corrupt")
+        except ValueError as exc:  # torn or corrupt: treat as absent, keep a copy for people
+            from fedge.update.files import set_aside
+
+            aside = set_aside(self.root / name, log)
+            log.error("%s is unreadable (%s); moved to %s", self.root / name, exc, aside.name)
             return None
 
     def _write(self, name: str, doc: dict[str, object]) -> None:

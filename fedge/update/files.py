@@ -4,6 +4,7 @@ atomic writes with owner-only permissions and Ed25519 / CURVE key files."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -41,6 +42,20 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o600) -> None:
 def write_json(path: Path, obj: object, *, mode: int = 0o600) -> None:
     """Write `obj` as indented JSON, atomically. Raises: OSError, TypeError."""
     write_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), mode=mode)
+
+
+def set_aside(path: Path, log: logging.Logger) -> Path:
+    """Move an unreadable state file out of the way as ``<name>.corrupt`` (nothing is
+    deleted: people may want it). Returns where it now is: `path` itself, logged, when
+    it cannot be moved."""
+    path = Path(path)
+    aside = path.with_name(path.name + ".corrupt")
+    try:
+        path.replace(aside)
+    except OSError as exc:
+        log.error("cannot move %s aside: %s", path, exc)
+        return path
+    return aside
 
 
 def ed25519_private_bytes(key: Ed25519PrivateKey) -> bytes:

@@ -296,3 +296,23 @@ def test_a_newer_roster_from_the_coordinator_is_kept_an_older_or_foreign_one_ref
             asyncio.run(send(roster))
             assert why in caplog.text and "roster update refused" in caplog.text
             assert agent.roster.serial == 3 and path.read_bytes() == newer.to_bytes()
+
+
+def test_a_newer_roster_that_cannot_be_kept_on_disk_is_still_taken(tmp_path, caplog):
+    """A full or broken disk: the roster is in force in memory (the coordinator sends it
+    again after a restart), and the failure is named."""
+    import logging
+
+    from fedge.secagg.keys import Identity, Roster
+
+    console, me = Identity.generate(), Identity.generate()
+    (tmp_path / "state").write_text("a file where the state directory should be")
+    agent = Agent("site-a", SyntheticTrainer("site-a"), identity=me,
+                  roster=Roster.build({"site-a": me.public_bytes()}, console, serial=1),
+                  roster_key=console.public_bytes(), roster_path=tmp_path / "state" / "r.json")
+    newer = Roster.build({"site-a": me.public_bytes(), "site-b": console.public_bytes()},
+                         console, serial=2)
+    with caplog.at_level(logging.ERROR, logger="fedge.agent"):
+        assert agent._on_roster(newer.to_bytes()) is True
+    assert agent.roster.serial == 2
+    assert "roster serial 2 not kept in" in caplog.text and "r.json" in caplog.text

@@ -249,6 +249,22 @@ def test_jobs_watch_names_a_job_that_does_not_end_and_fails_for_a_cancelled_one(
     assert "job-nope" in capsys.readouterr().err
 
 
+def test_jobs_watch_says_when_a_completed_job_has_no_report(tmp_path, make_server, capsys):
+    """The export or the report failed: watch stops waiting and says where to look."""
+    from fedge.console.cli import watch_job
+
+    server, _, job = submitted(tmp_path, make_server, capsys)
+    server.call_in_loop(lambda: server.coordinator.store.set_job_status(job, "completed",
+                                                                        actor="test"))
+    client = server.client("viewer")
+    lines: list[str] = []
+    status = watch_job(client.call, job, interval_s=0.05, out=lines.append,
+                       results_wait_s=0.3)
+    assert status["status"] == "completed" and status["results"] == []
+    assert lines[-2:] == [f"job {job} completed", "no report after 0.3 s (the coordinator's "
+                          "audit log says why); results so far: none"]
+
+
 def test_jobs_fetch_downloads_the_results(tmp_path, make_server, capsys):
     import numpy as np
     from safetensors.numpy import save

@@ -99,6 +99,25 @@ def test_asked_again_the_agent_resends_its_outcome_and_installs_nothing_twice(
     assert models.versions("risk") == [1]
 
 
+def test_an_outcome_that_cannot_be_kept_on_disk_still_reaches_the_coordinator(
+        fleet, tmp_path, make_onnx, caplog):
+    """The appliance's updates/ directory cannot be written (here: a file stands in its
+    place): the install fails, the outcome saying so is still sent, and the failure to
+    keep it is named."""
+    import logging
+
+    fleet.publish("model", "risk", "4", "model.onnx", make_onnx(4.0))
+    path = next(iter(fleet.repo.current_targets().signed.targets))
+    (fleet.agent_dir / "updates").write_text("not a directory")
+    sent: list[object] = []
+    with caplog.at_level(logging.ERROR, logger="fedge.agent.updates"):
+        outcome, = linked(fleet, ModelRepository(tmp_path / "m"), sent,
+                          asks=[UpdateAvailable("r1", path)])
+    assert not outcome.ok and outcome.rollout_id == "r1"
+    assert sent[-1] == outcome
+    assert "cannot keep the outcome of roll-out r1" in caplog.text
+
+
 def test_a_software_update_awaiting_its_restart_is_not_started_again(fleet, tmp_path):
     """Asked again while the staged version has not confirmed yet (or its outcome is
     not yet reported): the restarted version reports; nothing is staged twice."""

@@ -239,7 +239,8 @@ def _rotate(args: argparse.Namespace, op: str, make: Any) -> Any:
     disk from before sending until stored, so a console that dies or loses the reply
     finishes it on the next run (the coordinator takes the same documents once).
     `make(store)` builds a new one: (blobs for the coordinator, new key PEMs by role).
-    Returns the PendingRotation that is now in force."""
+    Returns (the coordinator's TUF versions, the rotation now in force), or None when
+    ``args.abandon`` dropped the unfinished one."""
     from fedge.console.client import AdminError
     from fedge.console.store import ConsoleError
 

@@ -136,7 +136,11 @@ class Agent:
             log.warning("%s: dropped a malformed message from the coordinator: %s",
                         self.site, exc)
             return
-        await self.handle(env)
+        try:
+            await self.handle(env)
+        except Exception:  # logged here, not lost in an unawaited task; the agent goes on
+            log.exception("%s: internal error handling %s from the coordinator", self.site,
+                          env.header.type)
 
     async def handle(self, env: codec.Envelope) -> None:
         if self.before_handle is not None:

@@ -128,7 +128,7 @@ class AdminService:
             args = json.loads(req.args_json or "{}")
             if not isinstance(args, dict):
                 raise ValueError("args must be a JSON object")
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             return _error(f"{req.op}: bad arguments: {exc}")
         try:
             result, blobs = getattr(self, f"_op_{req.op}")(op, args, dict(req.blobs))

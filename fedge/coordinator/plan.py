@@ -190,6 +190,8 @@ def _parse_plan(text: str) -> Plan:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise PlanError("<toml>", text[:40], f"not valid TOML: {exc}") from exc
+    except RecursionError as exc:  # nested past the parser's depth: not a plan
+        raise PlanError("<toml>", text[:40], "not valid TOML: nested too deeply") from exc
     for key in raw:
         if key not in _TOP:
             raise PlanError(key, raw[key], f"unknown table; expected one of {', '.join(_TOP)}")

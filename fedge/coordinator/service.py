@@ -310,7 +310,14 @@ class Coordinator:
                          f"header sender {env.header.sender!r} is not the authenticated {site!r}")
             return
         conn.last_seen = now
-        self.handle(site, env, now)
+        try:
+            self.handle(site, env, now)
+        except Exception as exc:  # a bug reached by one site's message must not end the
+            log.exception("internal error handling %s from %s", env.header.type, site)
+            self._reject(site, "internal_error",  # coordinator for every other site
+                         f"{env.header.type} could not be handled: {type(exc).__name__}: "
+                         f"{str(exc)[:200]}")
+            return
         if returning and self._connected(site, now):  # not refused (version) meanwhile
             if self.roster:  # it may have missed roster changes while away
                 self.outbox.append(Outgoing(site, m.RosterUpdate(self.roster)))
@@ -553,6 +560,6 @@ def _json(text: str) -> dict[str, Any]:
 
     try:
         value = json.loads(text) if text else {}
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested past json's depth
         return {"unparsable": text[:200]}
     return value if isinstance(value, dict) else {"value": value}

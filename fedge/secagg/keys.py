@@ -196,7 +196,7 @@ class Roster:
             serial = doc.get("serial", 0)
             if isinstance(serial, bool) or not isinstance(serial, int) or serial < 0:
                 raise ValueError(f"serial {serial!r} is not an integer >= 0")
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise RosterSignatureError(f"roster is malformed: {exc}") from exc
         if not verify_signature(console_public_key, signature, body):
             raise RosterSignatureError("roster signature does not verify under the console key")

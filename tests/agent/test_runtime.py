@@ -100,6 +100,31 @@ def test_unrunnable_plan_is_refused():
     assert "unrunnable plan" in ref.reason and "job.rounds" in ref.reason
 
 
+def test_a_plan_nested_past_the_parsers_depth_is_refused_by_name():
+    agent = Agent("site-a", SyntheticTrainer("site-a"))
+    link = Link(agent)
+    asyncio.run(deliver(agent, task(plan="a = " + "[" * 100_000)))
+    (ref,) = link.bodies(m.TaskRefused)
+    assert "nested too deeply" in ref.reason and agent.task is None
+
+
+def test_an_internal_error_handling_a_message_is_logged_and_the_agent_goes_on(caplog):
+    """A message that reaches a bug (here the roster handler made to fail) is logged
+    with its type, never raised into the transport's task; the next message is served."""
+    agent = Agent("site-a", SyntheticTrainer("site-a"))
+    link = Link(agent)
+
+    def broken(data):
+        raise KeyError("boom")
+
+    agent._on_roster = broken
+    with caplog.at_level("ERROR", logger="fedge.agent"):
+        asyncio.run(deliver(agent, m.RosterUpdate(b"{}")))
+    assert "internal error handling roster_update" in caplog.text
+    asyncio.run(deliver(agent, task()))
+    assert len(link.bodies(m.TrainDone)) == 1
+
+
 def test_secure_plan_without_identity_is_refused():
     agent = Agent("site-a", SyntheticTrainer("site-a"))
     link = Link(agent)

@@ -98,6 +98,8 @@ def test_invalid_plan_names_field_and_rule(old, new, field, rule):
 def test_not_toml():
     with pytest.raises(PlanError, match="not valid TOML"):
         parse_plan("[job\nrounds=")
+    with pytest.raises(PlanError, match="nested too deeply"):
+        parse_plan("a = " + "[" * 100_000)
 
 
 def test_missing_table():

@@ -108,6 +108,40 @@ def test_heartbeat_naming_another_site_is_rejected(federation):
         m.Rejected, m.RosterUpdate]  # refused; a's live connection still gets the roster
 
 
+def test_a_heartbeat_with_health_nested_past_the_parsers_depth_is_kept_not_fatal(federation):
+    """One enrolled site's odd health JSON (100 000 nested arrays) must not raise out of
+    the coordinator's message loop, which would end it for every site."""
+    fed = federation(["a", "b"])
+    hb = m.Heartbeat(site="a", version="0.1.0", health_json="[" * 100_000, eligible=True,
+                     reason="", datasets=["synthetic"], current_task="")
+    fed.coord.handle_frames("a", [bytes(f) for f in codec.encode(hb, sender="a")])
+    row = fed.coord.store.appliance("a")
+    assert row.last_seen is not None and row.health == {"unparsable": "[" * 200}
+    assert type(fed.coord.outbox[0].body) is m.HeartbeatAck
+
+
+def test_an_internal_error_handling_one_message_is_refused_and_audited_not_raised(federation):
+    """Whatever a message reaches that raises (here a heartbeat handler made to fail) is
+    logged, audited as internal_error and answered with Rejected; the next message from
+    the same site is handled as usual."""
+    fed = federation(["a"])
+    real = fed.coord._heartbeat
+
+    def broken(site, body):
+        raise KeyError("boom")
+
+    fed.coord._heartbeat = broken
+    hb = m.Heartbeat(site="a", version="0.1.0", health_json="{}", eligible=True, reason="",
+                     datasets=[], current_task="")
+    fed.coord.handle_frames("a", [bytes(f) for f in codec.encode(hb, sender="a")])
+    [entry] = fed.coord.store.audit_log(action="internal_error")
+    assert "heartbeat could not be handled: KeyError" in entry["detail"]
+    assert [type(o.body) for o in fed.coord.outbox] == [m.Rejected]
+    fed.coord._heartbeat = real
+    fed.coord.handle_frames("a", [bytes(f) for f in codec.encode(hb, sender="a")])
+    assert fed.coord.store.appliance("a").last_seen is not None
+
+
 def test_update_outcome_is_routed(federation):
     from fedge.update.messages import UpdateOutcome
 

@@ -65,6 +65,8 @@ def test_malformed_roster_is_refused() -> None:
     console, _, _ = _roster()
     with pytest.raises(RosterSignatureError, match="malformed"):
         Roster.from_bytes(b"{not json", console.public_bytes())
+    with pytest.raises(RosterSignatureError, match="malformed"):  # past json's depth
+        Roster.from_bytes(b"[" * 100_000, console.public_bytes())
 
 
 def test_roster_refuses_bad_entries() -> None:

@@ -165,6 +165,9 @@ class TorchTrainer:
                 self._job_state.save(job, "cursors", state.cursor_arrays())
             except OSError as exc:  # the update stands; only a restart would lose it
                 log.error("job %s: data cursor not saved: %s", job, exc)
+        if out.local_metrics:  # for this hospital's journal only; never sent
+            log.info("job %s round %d: %s (kept at this site)", job, round,
+                     ", ".join(f"{k}={v:.4g}" for k, v in sorted(out.local_metrics.items())))
         if self._ledger_path is not None and out.epsilon is not None:
             with self._lock:
                 self._ledger.save(self._ledger_path)

@@ -103,7 +103,7 @@ def run_federation(
         for s in sites:
             out = local_train(spec, weights, s, cfg, round=r, state=states[s.name])
             updates.append((out.n_examples, out.weights - weights))
-            train_losses.append(out.metrics["train_loss"])
+            train_losses.append({**out.metrics, **out.local_metrics}["train_loss"])
         weights = server.step(weights, aggregate(updates))
         record: dict[str, Any] = {"round": r + 1, "train_loss": float(np.mean(train_losses))}
         if eval_split is not None:

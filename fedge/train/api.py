@@ -55,6 +55,8 @@ from fedge.train.privacy import (
     dp_fedavg_privatise,
     noisy_clipped_gradient,
     per_example_grads,
+    secret_gaussian,
+    secret_uniform,
 )
 
 __all__ = [
@@ -229,6 +231,8 @@ class TrainOutcome:
     epsilon: float | None = None  # cumulative ε of this job at this site (DP-SGD), else None
     delta: float | None = None
     extra: dict[str, np.ndarray] = field(default_factory=dict)  # e.g. "scaffold_delta_c"
+    # figures for the site's own log, never sent (under DP-SGD: the raw batches' loss)
+    local_metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -357,7 +361,11 @@ def local_train(
     ``state`` carries SCAFFOLD's client control variate and the privacy ledger
     between rounds (the agent persists it); ``server_control`` is SCAFFOLD's c
     from the coordinator. Deterministic for fixed (cfg.seed, round, site name)
-    on one device.
+    on one device, except under DP: the Poisson sampling and the noise of DP-SGD
+    and DP-FedAvg come from keys fresh from the OS (fedge.train.privacy), since
+    noise derived from the coordinator's seed could be subtracted by it. Under
+    DP-SGD the noise-free ``train_loss`` and ``clipped_fraction`` of the batches
+    are not released: they are in ``TrainOutcome.local_metrics``, for the site.
 
     Raises:
         ValueError: weights of the wrong length or non-finite, model/task mismatch,
@@ -433,7 +441,7 @@ def local_train(
                 state.cursors = kept | {round + 1: end}
         for step in range(steps):
             if cfg.dp is not None:
-                mask = torch.rand(n, generator=gen) < q
+                mask = torch.from_numpy(secret_uniform(n) < q)
                 idx = torch.nonzero(mask).reshape(-1)
             else:
                 idx = batches[step]
@@ -442,10 +450,8 @@ def local_train(
             if cfg.dp is not None:
                 if idx.numel() == 0:
                     # an empty Poisson batch still releases noise (the mechanism ran)
-                    noisy = torch.randn(flat.size, generator=gen).to(device) * (
-                        cfg.dp.noise_multiplier * cfg.dp.max_grad_norm / (q * n)
-                    )
-                    flat.grad.copy_(noisy)
+                    std = cfg.dp.noise_multiplier * cfg.dp.max_grad_norm / (q * n)
+                    flat.grad.copy_(torch.from_numpy(secret_gaussian(flat.size, std)))
                 else:
                     xb, yb = x_all[idx], y_all[idx]
                     grads = per_example_grads(model, terms, xb, yb, coupled=task == "survival")
@@ -454,7 +460,6 @@ def local_train(
                         max_grad_norm=cfg.dp.max_grad_norm,
                         noise_multiplier=cfg.dp.noise_multiplier,
                         expected_batch=q * n,
-                        generator=gen,
                     )
                     flat.grad.copy_(noisy)
                     clipped.append(frac)
@@ -487,6 +492,7 @@ def local_train(
         ci_new = (ci - c + (w_global - flat.data) / (steps * lr)).cpu().numpy()
         extra["scaffold_delta_c"] = (ci_new - state.scaffold_ci).astype(np.float32)
         state.scaffold_ci = ci_new.astype(np.float32)
+    local: dict[str, float] = {}
     metrics: dict[str, float] = {
         "train_loss": float(np.mean(losses)) if losses else 0.0,
         "steps": float(steps),
@@ -494,9 +500,7 @@ def local_train(
     }
     if cfg.client_dp is not None:
         update = weights - w_global.cpu().numpy()
-        private, norm = dp_fedavg_privatise(
-            update, cfg.client_dp, seed=hashlib.sha256(f"{seed}".encode()).digest()[:16]
-        )
+        private, norm = dp_fedavg_privatise(update, cfg.client_dp)  # a fresh OS key
         weights = (w_global.cpu().numpy() + private).astype(np.float32)
         metrics["update_norm"] = norm
     epsilon = delta = None
@@ -512,8 +516,10 @@ def local_train(
         epsilon = state.ledger.epsilon(delta, job=state.job)
         metrics["epsilon_round"] = state.ledger.epsilon(delta, job=state.job, round=round)
         metrics["epsilon"] = epsilon
-        metrics["clipped_fraction"] = float(np.mean(clipped)) if clipped else 0.0
-    return TrainOutcome(weights, n, metrics, epsilon, delta, extra)
+        # computed on the raw batches, outside the mechanism: kept at the site
+        local["train_loss"] = metrics.pop("train_loss")
+        local["clipped_fraction"] = float(np.mean(clipped)) if clipped else 0.0
+    return TrainOutcome(weights, n, metrics, epsilon, delta, extra, local)
 
 
 def predict(spec: ModelSpec, flat: np.ndarray, x: np.ndarray) -> np.ndarray:

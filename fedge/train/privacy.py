@@ -15,6 +15,14 @@ risk set); a record also enters other records' denominators, so for Cox
 models the reported ε is that of the per-term mechanism (an approximation, as
 in published DP-Cox work); for classification and regression it is exact.
 
+Randomness: the Poisson sampling and every noise draw come from keys of 16
+fresh bytes from the OS (``os.urandom``) that are never stored or sent, expanded
+by the compiled core's AES-128-CTR (``secret_uniform``, ``secret_gaussian``).
+Noise derived from the job's training seed, which the coordinator chooses,
+could be regenerated and subtracted by the coordinator: the ε would then
+protect nothing. So DP rounds are not bit-reproducible; everything else in
+``local_train`` still is.
+
 Each site keeps a ``PrivacyLedger`` (JSON-serialisable) of the mechanisms it
 ran; ``epsilon`` composes all of them: per round and cumulative, per job.
 
@@ -26,6 +34,7 @@ when the rounds asked cannot meet the target.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -126,27 +135,73 @@ class ClientDPConfig:
         return cfg
 
 
+KEY_BYTES = 16
+
+
+def _key(key: bytes | None) -> bytes:
+    if key is None:
+        return os.urandom(KEY_BYTES)
+    if not isinstance(key, bytes) or len(key) != KEY_BYTES:
+        raise ValueError(f"a noise key is {KEY_BYTES} bytes, got {key!r:.40}")
+    return key
+
+
+def secret_gaussian(n: int, std: float, *, key: bytes | None = None) -> np.ndarray:
+    """``n`` float32 draws of N(0, std^2) under a key nobody else holds.
+
+    ``key``: 16 bytes; by default fresh from the OS and dropped after use (tests
+    pass one to check the distribution). The compiled core expands it with
+    AES-128-CTR and Box-Muller; without the core, numpy's PCG64 seeded with the
+    same 128 bits.
+    """
+    from fedge.train.optim import core_function
+
+    k = _key(key)
+    out = np.zeros(int(n), np.float32)
+    if std > 0:
+        noise = core_function("add_gaussian_noise")
+        if noise is not None:
+            noise(out, std=float(std), seed=k)
+        else:
+            rng = np.random.default_rng(int.from_bytes(k, "little"))
+            out += rng.normal(0.0, std, size=out.shape).astype(np.float32)
+    return out
+
+
+def secret_uniform(n: int, *, key: bytes | None = None) -> np.ndarray:
+    """``n`` float64 uniforms in [0, 1) under a key nobody else holds (as above):
+    words of the core's AES-128-CTR stream / 2^32, or PCG64 without the core."""
+    from fedge.train.optim import core_function
+
+    k = _key(key)
+    prg = core_function("prg")
+    if prg is not None:
+        return np.asarray(prg(k, int(n)), dtype=np.float64) / 2.0**32
+    return np.random.default_rng(int.from_bytes(k, "little")).random(int(n))
+
+
 def noisy_clipped_gradient(
     per_example: list[torch.Tensor],
     *,
     max_grad_norm: float,
     noise_multiplier: float,
     expected_batch: float,
-    generator: torch.Generator,
+    noise_key: bytes | None = None,
 ) -> tuple[torch.Tensor, float]:
     """Clip per-example gradients, sum, add Gaussian noise, divide by the expected batch.
 
-    ``per_example`` is one tensor per parameter, each (B, *shape). Returns the
-    flat noisy gradient and the fraction of examples that were clipped.
+    ``per_example`` is one tensor per parameter, each (B, *shape). The noise comes
+    from ``secret_gaussian`` (a fresh OS key unless ``noise_key`` is given). Returns
+    the flat noisy gradient and the fraction of examples that were clipped.
     """
     flat = torch.cat([g.reshape(g.shape[0], -1) for g in per_example], dim=1)  # (B, P)
     norms = flat.norm(dim=1)
     factors = torch.clamp(max_grad_norm / (norms + 1e-12), max=1.0)
     summed = (flat * factors[:, None]).sum(dim=0)
-    noise = torch.randn(summed.shape, generator=generator, dtype=summed.dtype, device="cpu").to(
-        summed.device
-    )
-    noisy = (summed + noise * noise_multiplier * max_grad_norm) / expected_batch
+    noise = torch.from_numpy(
+        secret_gaussian(summed.numel(), noise_multiplier * max_grad_norm, key=noise_key)
+    ).to(device=summed.device, dtype=summed.dtype)
+    noisy = (summed + noise) / expected_batch
     clipped = float((norms > max_grad_norm).float().mean()) if flat.shape[0] else 0.0
     return noisy, clipped
 
@@ -186,14 +241,17 @@ def per_example_grads(
 
 
 def dp_fedavg_privatise(
-    update: np.ndarray, cfg: ClientDPConfig, *, seed: bytes
+    update: np.ndarray, cfg: ClientDPConfig, *, seed: bytes | None = None
 ) -> tuple[np.ndarray, float]:
     """Clip a client's model update to ``clip_norm`` and add its noise share.
 
     Uses the compiled core's ``clip_l2`` / ``add_gaussian_noise`` when present
-    (same arithmetic in numpy otherwise). Returns the privatised update (a copy)
-    and the update's norm before clipping.
+    (same arithmetic in numpy otherwise). The noise key is ``seed`` or, by default,
+    16 fresh bytes from the OS that nobody else holds (see the module's note on
+    randomness). Returns the privatised update (a copy) and the update's norm
+    before clipping.
     """
+    seed = _key(seed)
     from fedge.train.optim import core_function
 
     vec = np.ascontiguousarray(update, dtype=np.float32).copy()

@@ -27,6 +27,8 @@ from fedge.train.privacy import (
     epsilon_for,
     noisy_clipped_gradient,
     per_example_grads,
+    secret_gaussian,
+    secret_uniform,
 )
 
 COX = ModelSpec("cox_linear", {"in_features": 39})
@@ -109,17 +111,68 @@ def test_per_example_gradients_match_a_loop() -> None:
 
 def test_clipping_bounds_each_example_and_noise_has_the_right_scale() -> None:
     g = [torch.tensor([[3.0, 4.0], [0.3, 0.4]])]  # norms 5 and 0.5
-    gen = torch.Generator().manual_seed(0)
     noiseless, frac = noisy_clipped_gradient(
-        g, max_grad_norm=1.0, noise_multiplier=0.0, expected_batch=2.0, generator=gen
+        g, max_grad_norm=1.0, noise_multiplier=0.0, expected_batch=2.0
     )
     torch.testing.assert_close(noiseless, torch.tensor([(0.6 + 0.3) / 2, (0.8 + 0.4) / 2]))
     assert frac == 0.5
     zeros = [torch.zeros(1, 20000)]
     noisy, _ = noisy_clipped_gradient(
-        zeros, max_grad_norm=2.0, noise_multiplier=1.5, expected_batch=1.0, generator=gen
+        zeros, max_grad_norm=2.0, noise_multiplier=1.5, expected_batch=1.0
     )
     assert float(noisy.std()) == pytest.approx(3.0, rel=0.05)
+
+
+def test_dp_randomness_is_keyed_by_fresh_os_bytes_and_right_in_distribution() -> None:
+    """A given key gives the same draws (the core's AES-CTR stream); no key means a
+    fresh one each call, so two calls never agree."""
+    key = bytes(range(16))
+    a = secret_gaussian(50_000, 2.0, key=key)
+    assert np.array_equal(a, secret_gaussian(50_000, 2.0, key=key))
+    assert float(a.mean()) == pytest.approx(0.0, abs=0.05)
+    assert float(a.std()) == pytest.approx(2.0, rel=0.02)
+    fresh = secret_gaussian(1000, 1.0)
+    assert not np.array_equal(fresh, secret_gaussian(1000, 1.0))
+    u = secret_uniform(100_000, key=key)
+    assert float(u.min()) >= 0.0 and float(u.max()) < 1.0
+    assert float(u.mean()) == pytest.approx(0.5, abs=0.01)
+    assert float((u < 0.1).mean()) == pytest.approx(0.1, abs=0.01)
+    assert not np.array_equal(secret_uniform(1000), secret_uniform(1000))
+    with pytest.raises(ValueError, match="16 bytes"):
+        secret_gaussian(4, 1.0, key=b"short")
+
+
+def test_the_coordinator_cannot_regenerate_the_dp_noise(tcga_dir: Path) -> None:
+    """Everything the coordinator knows (global weights, plan, its train seed, round,
+    site) is the same in both runs; under DP-SGD and under DP-FedAvg the released
+    weights still differ by about the noise's scale, so nobody holding those inputs
+    can subtract the noise. Without DP the same inputs give the same bits. Under
+    DP-SGD the raw batches' loss and clipped fraction stay at the site."""
+    data = load_site_data(
+        DatasetSpec(name="c0", kind="fed_tcga_brca", path=str(tcga_dir), site=0, val_fraction=0.0)
+    )
+    w = np.zeros(40, np.float32)
+    plain = TrainConfig(steps=5, batch_size=16, lr=0.05, seed=7)
+    assert np.array_equal(
+        local_train(COX, w, data, plain, round=3).weights,
+        local_train(COX, w, data, plain, round=3).weights,
+    )
+    dp = TrainConfig(steps=5, batch_size=16, lr=0.05, seed=7,
+                     dp=DPConfig(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5))
+    one = local_train(COX, w, data, dp, round=3, state=ClientState(job="j"))
+    two = local_train(COX, w, data, dp, round=3, state=ClientState(job="j"))
+    # per step the noise on the mean gradient has sd sigma*C/(q n) = 1/16; times lr, 5 steps
+    assert float(np.std(one.weights - two.weights)) > 0.2 * 0.05 / 16
+    assert "train_loss" not in one.metrics and "clipped_fraction" not in one.metrics
+    assert set(one.local_metrics) == {"train_loss", "clipped_fraction"}
+    assert np.isfinite(one.local_metrics["train_loss"])
+    client = TrainConfig(steps=5, batch_size=16, lr=0.05, seed=7,
+                         client_dp=ClientDPConfig(clip_norm=0.1, noise_multiplier=1.0,
+                                                  cohort_size=4))
+    a = local_train(COX, w, data, client, round=3).weights
+    b = local_train(COX, w, data, client, round=3).weights
+    # each update carries N(0, (z*S/sqrt(cohort))^2) = N(0, 0.05^2) per coordinate
+    assert float(np.std(a - b)) == pytest.approx(0.05 * np.sqrt(2), rel=0.35)
 
 
 def test_dp_sgd_local_train_reports_epsilon_per_round_and_cumulative(tcga_dir: Path) -> None:
@@ -156,11 +209,11 @@ def test_dp_sgd_local_train_reports_epsilon_per_round_and_cumulative(tcga_dir: P
 def test_dp_fedavg_clips_the_update_and_adds_the_noise_share() -> None:
     update = np.full(10000, 0.1, np.float32)  # norm 10
     cfg = ClientDPConfig(clip_norm=1.0, noise_multiplier=0.0, cohort_size=4)
-    clipped, norm = dp_fedavg_privatise(update, cfg, seed=b"\x01" * 16)
+    clipped, norm = dp_fedavg_privatise(update, cfg)
     assert norm == pytest.approx(10.0, rel=1e-5)
     assert float(np.linalg.norm(clipped)) == pytest.approx(1.0, rel=1e-5)
     noisy_cfg = ClientDPConfig(clip_norm=1.0, noise_multiplier=2.0, cohort_size=4)
-    noisy, _ = dp_fedavg_privatise(np.zeros(40000, np.float32), noisy_cfg, seed=b"\x02" * 16)
+    noisy, _ = dp_fedavg_privatise(np.zeros(40000, np.float32), noisy_cfg)
     assert float(noisy.std()) == pytest.approx(2.0 * 1.0 / 2.0, rel=0.05)  # z*S/sqrt(cohort)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -9,26 +10,48 @@ from typing import Any
 COLUMNS = ("site", "version", "connected", "last seen", "health", "eligible", "task")
 
 
+def _number(value: Any) -> float | None:
+    """A finite number from an appliance's report, or None for anything else."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
 def health_summary(health: Any) -> str:
-    """A few words from a `fedge.health` report dict: GPUs, hottest GPU, disk, XIDs."""
+    """A few words from a `fedge.health` report dict: GPUs, hottest GPU, disk, XIDs.
+
+    The report comes from the appliance: a field of the wrong shape (a GPU count
+    where a list is due, a temperature as text) is left out, never fatal to the
+    table for the whole fleet."""
     if not isinstance(health, dict) or not health:
         return "no report"
     parts = []
-    gpus = health.get("gpus") or []
+    gpus = health.get("gpus")
+    gpus = gpus if isinstance(gpus, list) else []
     if gpus:
-        temps = [g.get("temperature_c") for g in gpus if isinstance(g, dict)
-                 and g.get("temperature_c") is not None]
+        temps = [t for g in gpus if isinstance(g, dict)
+                 and (t := _number(g.get("temperature_c"))) is not None]
         parts.append(f"{len(gpus)} GPU" + (f" max {max(temps):.0f}C" if temps else ""))
     else:
         parts.append("no GPU")
-    host = health.get("host") or {}
-    if isinstance(host, dict) and host.get("disk_total_bytes"):
-        free = 100.0 * host.get("disk_free_bytes", 0) / host["disk_total_bytes"]
-        parts.append(f"disk {free:.0f}% free")
-    xids = health.get("xid_events") or []
-    if xids:
+    host = health.get("host")
+    if isinstance(host, dict):
+        total, free = _number(host.get("disk_total_bytes")), _number(host.get("disk_free_bytes"))
+        if total and free is not None:
+            parts.append(f"disk {100.0 * free / total:.0f}% free")
+    xids = health.get("xid_events")
+    if isinstance(xids, list) and xids:
         parts.append(f"{len(xids)} XID")
     return ", ".join(parts)
+
+
+def printable(value: Any) -> str:
+    """``str(value)`` with control characters shown escaped, so text an appliance
+    sent (an eligibility reason, a version) cannot drive the operator's terminal."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 def _ago(ts: Any, now: float) -> str:
@@ -49,7 +72,7 @@ def fleet_rows(fleet: Sequence[dict[str, Any]], *, now: float | None = None) -> 
         status = a.get("status", "")
         eligible = "yes" if a.get("eligible") else "no"
         reason = a.get("eligibility_reason") or ""
-        rows.append([
+        rows.append([printable(cell) for cell in (
             str(a.get("site_id", "?")) + (" (revoked)" if status == "revoked" else ""),
             str(a.get("version") or "-"),
             "yes" if a.get("connected") else "no",
@@ -57,7 +80,7 @@ def fleet_rows(fleet: Sequence[dict[str, Any]], *, now: float | None = None) -> 
             health_summary(a.get("health")),
             f"{eligible}: {reason}" if reason else eligible,
             str(a.get("current_task") or "-"),
-        ])
+        )])
     return rows
 
 

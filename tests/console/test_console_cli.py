@@ -96,6 +96,46 @@ def test_enrol_fleet_jobs_revoke_from_the_command_line(tmp_path, port, admin_por
     assert statuses == {"hospital-a": "enrolled", "hospital-b": "revoked"}
 
 
+def test_fleet_survives_an_appliances_odd_health_report_and_escapes_its_text(
+        tmp_path, port, admin_port, make_server, capsys):
+    """An enrolled appliance's heartbeat is its own to shape: a GPU count where a list
+    is due, text where numbers are due, terminal escape codes in its reason. The
+    coordinator stores it; the operator's fleet table still prints every site, with
+    the odd fields left out and the escape codes shown, not obeyed."""
+    import time
+
+    from fedge.wire import codec
+    from fedge.wire import messages as m
+
+    home = tmp_path / "c"
+    base = ["console", "--home", str(home), "--timeout", "5"]
+    assert main([*base, "init", "--coordinator", f"tcp://127.0.0.1:{port}",
+                 "--admin-endpoint", f"tcp://127.0.0.1:{admin_port}"]) == 0
+    server = make_server(home)
+    for site in ("hospital-a", "hospital-b"):
+        assert main([*base, "enrol", site]) == 0
+    capsys.readouterr()
+    health = {"gpus": 3, "host": {"disk_total_bytes": "lots", "disk_free_bytes": 1},
+              "xid_events": 5}
+    hb = m.Heartbeat(site="hospital-a", version="0.1.0\x1b]0;pwned\x07",
+                     health_json=json.dumps(health), eligible=False,
+                     reason="\x1b[31mGPU too hot\x1b[0m", datasets=[], current_task="")
+    frames = [bytes(f) for f in codec.encode(hb, sender="hospital-a")]
+    server.loop.call_soon_threadsafe(server.coordinator.handle_frames, "hospital-a", frames)
+    for _ in range(100):
+        if server.coordinator.store.appliance("hospital-a").last_seen is not None:
+            break
+        time.sleep(0.05)
+    assert server.coordinator.store.appliance("hospital-a").health == health
+    assert main([*base, "fleet"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out
+    row = next(line for line in out.splitlines() if line.startswith("hospital-a"))
+    assert "no GPU" in row and "XID" not in row and "disk" not in row
+    assert "no: \\x1b[31mGPU too hot\\x1b[0m" in row and "0.1.0\\x1b]0;pwned\\x07" in row
+    assert any(line.startswith("hospital-b") for line in out.splitlines())
+
+
 class Appliance:
     """An enrolled appliance's update path: real TUF client over the coordinator relay."""
 

@@ -25,3 +25,15 @@ def test_rows_show_eligibility_reason_and_revocation():
     assert rows[1][2:] == ["yes", "10s ago", "no GPU", "yes", "job-1 round 2"]
     table = format_table(rows).splitlines()
     assert table[0].startswith("SITE") and len(table) == 3
+
+
+def test_health_summary_leaves_out_fields_of_the_wrong_shape():
+    assert health_summary({"gpus": 3}) == "no GPU"
+    assert health_summary({"gpus": [{"temperature_c": "hot"}, {"temperature_c": 70}]}) == (
+        "2 GPU max 70C")
+    assert health_summary({"gpus": ["x"], "host": {"disk_total_bytes": 10,
+                                                   "disk_free_bytes": "5"}}) == "1 GPU"
+    assert health_summary({"host": {"disk_total_bytes": 0, "disk_free_bytes": 0}}) == "no GPU"
+    assert health_summary({"xid_events": 4, "gpus": [{"temperature_c": float("nan")}]}) == (
+        "1 GPU")
+    assert health_summary(["not", "a", "dict"]) == "no report"

@@ -266,6 +266,21 @@ def x25519_public_from_private(raw: bytes) -> bytes:
     return x25519_public(X25519PrivateKey.from_private_bytes(raw))
 
 
+def usable_x25519_public(raw: object) -> bool:
+    """Whether ``raw`` is a 32-byte X25519 public key that a peer can agree with.
+
+    A low-order point (all zero, for one) makes every exchange fail, so a
+    neighbour handed it could only abort; the server refuses it up front.
+    """
+    if not isinstance(raw, bytes) or len(raw) != 32:
+        return False
+    try:
+        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(raw))
+    except ValueError:
+        return False
+    return True
+
+
 def _context(job_id: str, round_: int, model_digest: bytes) -> bytes:
     return length_prefixed(job_id) + round_.to_bytes(8, "big") + length_prefixed(model_digest)
 

@@ -254,7 +254,11 @@ class ServerSession:
     # --- stage 0: advertise keys ---------------------------------------------------
 
     def _take_KeyAdvertisement(self, sender: str, msg: KeyAdvertisement) -> bool:
-        if not isinstance(msg.enc_public, bytes) or not isinstance(msg.mask_public, bytes):
+        # a signed key no neighbour can agree with would make every honest
+        # neighbour abort; refusing it drops only its owner
+        if not keys.usable_x25519_public(msg.enc_public) or not keys.usable_x25519_public(
+            msg.mask_public
+        ):
             return False
         payload = keys.advertisement_payload(
             sender, msg.enc_public, msg.mask_public, job_id=self.ctx.job_id, round_=self.ctx.round

@@ -152,3 +152,33 @@ def test_lying_client_shares_for_a_dropped_peer_fail_the_round_not_the_sum() -> 
     assert server.result is None
     assert isinstance(server.failure, ReconstructionFailed)
     assert gone in str(server.failure)
+
+
+LOW_ORDER_POINT = bytes([1]) + bytes(31)  # u = 1 has order 4: every exchange with it fails
+
+
+@pytest.mark.parametrize(
+    ("field", "key"),
+    [("enc_public", bytes(32)), ("enc_public", LOW_ORDER_POINT), ("mask_public", bytes(32))],
+    ids=["zero_enc_key", "low_order_enc_key", "zero_mask_key"],
+)
+def test_signed_but_unusable_key_drops_only_its_owner_not_the_round(field: str, key: bytes):
+    # a correctly signed advertisement of a key nobody can agree with used to be
+    # relayed, so every honest neighbour aborted and the round ended with no one
+    from .harness import sign_advert
+
+    fed = Federation(5, 8, alpha=0.0, delta=0.2)
+    bad = "site-004"
+
+    def unusable_key(sender: str, reply: object) -> list[tuple[str, object]]:
+        if sender == bad and isinstance(reply, msgs.KeyAdvertisement):
+            reply = dataclasses.replace(reply, **{field: key})
+            signature = sign_advert(fed, bad, bad, reply.enc_public, reply.mask_public)
+            reply = dataclasses.replace(reply, signature=signature)
+        return [(sender, reply)]
+
+    server = _drive(fed, unusable_key)
+    assert server.result is not None, server.failure
+    assert server.dropped == {bad: "AdvertiseKeys"} and server.discarded >= 1
+    assert server.result.survivors == fed.ids[:4]
+    np.testing.assert_array_equal(server.result.total, fed.expected_sum(fed.ids[:4]))

@@ -16,6 +16,14 @@ output is returned as binary when its request entry says
 `parameters.binary_data: true`, or, for outputs without that setting, when the
 request's `parameters.binary_data_output` is true (what tritonclient sends by
 default). The response then carries `Inference-Header-Content-Length`.
+
+Non-finite numbers: the v2 protocol says nothing about them and strict JSON
+(RFC 8259) has no spelling for them. A JSON output holding NaN or an infinity
+is written `NaN`, `Infinity`, `-Infinity`, as Python's json does and as Triton
+does since it turned on rapidjson's kWriteNanAndInfFlag
+(triton-inference-server/server#3870), so tritonclient and Python's json read
+them back; a client whose parser is strict should ask for binary outputs.
+Requests may use the same tokens.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -135,6 +144,13 @@ def _load_json(header: bytes) -> dict[str, Any]:
         doc = json.loads(header.decode()) if header[:1] == b"{" else json.loads(header)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise bad_request(f"malformed JSON in inference request: {exc}") from None
+    except RecursionError:
+        # json's decoder recurses once per nested array or object: a client can
+        # exhaust the interpreter's stack with a few kilobytes of brackets.
+        raise bad_request(
+            "malformed JSON in inference request: arrays or objects nested too deeply "
+            f"(the parser's limit is about {sys.getrecursionlimit()} levels)"
+        ) from None
     if not isinstance(doc, dict):
         raise bad_request(
             f"inference request must be a JSON object, got {type(doc).__name__}"

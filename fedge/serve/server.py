@@ -298,6 +298,11 @@ class InferenceServer:
             return
         except ProtocolError as exc:
             status, payload, headers = exc.status, exc.body(), {"content-type": "application/json"}
+        except Exception as exc:  # a bug, not the client: the protocol's error JSON, not
+            # uvicorn's plain-text 500 with our traceback in it
+            log.exception("inference request failed")
+            status, payload = 500, error_body(f"internal error: {exc}")
+            headers = {"content-type": "application/json"}
         raw_headers = [(k.encode(), v.encode()) for k, v in headers.items()]
         raw_headers.append((b"content-length", str(len(payload)).encode()))
         await send({"type": "http.response.start", "status": status, "headers": raw_headers})
@@ -468,7 +473,8 @@ class InferenceServer:
         """
         model = self._model(name, version)
         request = self._parse(model, body, _header(scope, HEADER_LENGTH.encode()))
-        rows = float(next(iter(request.inputs.values())).shape[0]) if request.inputs else 1.0
+        first = next(iter(request.inputs.values()), None)
+        rows = float(first.shape[0]) if first is not None and first.ndim else 1.0
         if self.inline(model, rows):
             results = self._run(model, request)
         else:

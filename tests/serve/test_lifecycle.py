@@ -7,6 +7,7 @@ import contextlib
 import signal
 import socket
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -155,6 +156,59 @@ def test_a_model_failing_on_a_valid_request_is_a_500_with_the_error_json(
     assert ok.status_code == 200 and ok.json()["outputs"][0]["data"] == [0.5] * 3
     assert failed.status_code == 500
     assert "inference failed in model 'fragile' version 1" in failed.json()["error"]
+
+
+def _scalar_model() -> bytes:
+    """y = 2 * x for a rank-0 x: an input without a batch axis."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "two"], ["y"])],
+        "scalar",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
+        initializer=[numpy_helper.from_array(np.array(2.0, np.float32), "two")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return model.SerializeToString()
+
+
+def test_a_rank_0_input_is_served_on_the_asgi_lane(tmp_path: Path) -> None:
+    ModelRepository(tmp_path).install("scalar", _scalar_model())
+    server = InferenceServer(tmp_path)
+    server.store.sync(server.repo)
+    body = {"inputs": [{"name": "x", "shape": [], "datatype": "FP32", "data": [1.5]}]}
+
+    async def call() -> httpx.Response:
+        transport = httpx.ASGITransport(app=server)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            return await client.post("/v2/models/scalar/infer", json=body)
+
+    r = asyncio.run(call())  # the batch size was read from a shape that has no axis 0
+    assert r.status_code == 200, r.text
+    assert r.json()["outputs"][0] == {"name": "y", "datatype": "FP32", "shape": [], "data": [3.0]}
+
+
+def test_an_unexpected_error_on_the_asgi_lane_is_a_500_with_the_error_json(
+    tmp_path: Path, cox_v1: tuple[Path, torch.nn.Module]
+) -> None:
+    ModelRepository(tmp_path).install("cox", cox_v1[0])
+    server = InferenceServer(tmp_path)
+    server.store.sync(server.repo)
+
+    async def broken_stream() -> AsyncIterator[bytes]:
+        yield b'{"inputs": ['
+        raise RuntimeError("the request stream broke")  # ASGI receive() raises this
+
+    async def call() -> httpx.Response:
+        transport = httpx.ASGITransport(app=server)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            return await client.post("/v2/models/cox/infer", content=broken_stream())
+
+    r = asyncio.run(call())  # uvicorn answered this with a plain-text traceback
+    assert r.status_code == 500
+    assert r.headers["content-type"] == "application/json"
+    assert r.json() == {"error": "internal error: the request stream broke"}
 
 
 def test_a_repository_that_is_a_file_is_refused(tmp_path: Path) -> None:

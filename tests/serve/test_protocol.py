@@ -91,6 +91,9 @@ def test_binary_tensors_are_read_in_input_order_after_the_json_header() -> None:
          None, "must be a boolean"),
         (b'{"inputs": []}', "999", "outside the body of 14 bytes"),
         (b'{"inputs": []}', "ten", "is not an integer"),
+        # json's decoder recurses per level: this exhausted the stack (a 500)
+        (b'{"inputs": ' + b"[" * 5000 + b"]" * 5000 + b"}", None, "nested too deeply"),
+        (b'{"inputs": ' + b'{"a": ' * 5000 + b"1" + b"}" * 5001, None, "nested too deeply"),
     ],
 )
 def test_invalid_requests_are_400_naming_the_problem(
@@ -192,3 +195,12 @@ def test_all_json_response_is_plain_json() -> None:
     assert headers == {"content-type": "application/json"}
     assert json.loads(body) == {"model_name": "m", "model_version": "1", "outputs": [
         {"name": "rank", "datatype": "INT64", "shape": [1], "data": [7]}]}
+
+
+def test_non_finite_json_outputs_use_the_tokens_triton_writes() -> None:
+    req = InferRequest(None, {}, (RequestedOutput("risk", False),))
+    out = np.array([np.nan, np.inf, -np.inf, 1.5], dtype=np.float32)
+    body, _ = encode_infer_response("m", "1", req, [out])
+    assert b'"data":[NaN,Infinity,-Infinity,1.5]' in body
+    back = json.loads(body)["outputs"][0]["data"]
+    assert np.isnan(back[0]) and back[1:] == [np.inf, -np.inf, 1.5]

@@ -157,6 +157,19 @@ def test_malformed_json_is_400(server: RunningServer) -> None:
     _assert_error(r, 400, "malformed JSON")
 
 
+def test_deeply_nested_json_is_400_on_either_lane(server: RunningServer) -> None:
+    url = f"{server.url}/v2/models/cox/infer"
+    # a small body with its length declared: the direct lane
+    shallow = b'{"inputs":' + b"[" * 5000 + b"]" * 5000 + b"}"
+    _assert_error(httpx.post(url, content=shallow, timeout=10), 400, "nested too deeply")
+    # streamed without a length: the ASGI lane (uvicorn answered a plain-text 500)
+    deep = b'{"inputs":' + b"[" * 200_000 + b"]" * 200_000 + b"}"
+    r = httpx.post(url, content=iter([deep]), timeout=10)
+    _assert_error(r, 400, "nested too deeply")
+    ok = httpx.post(url, json=_json_request(_rows(1)), timeout=5)
+    assert ok.status_code == 200
+
+
 def test_binary_size_beyond_the_body_is_400(server: RunningServer) -> None:
     header = json.dumps({"inputs": [{"name": "input", "shape": [1, N_FEATURES],
                                      "datatype": "FP32",

@@ -489,6 +489,14 @@ class AgentUpdateClient:
             spec = {s.path: s for s in self.updater.refresh()}.get(msg.path)
             if spec is None or spec.kind != "software":
                 return None
+            # Old targets stay signed forever: a push of one must not roll the
+            # appliance back, nor re-stage (and so unpack over) the running slot.
+            installed = self.updater.installed().get(f"{spec.kind}/{spec.name}")
+            if installed is not None and (tuf_repo.version_key(installed)
+                                          >= tuf_repo.version_key(spec.version)):
+                return UpdateOutcome(msg.rollout_id, msg.path, installed == spec.version,
+                                     False, f"{spec.kind} {spec.name} {installed} already "
+                                     f"installed; refusing {spec.version}")
             bundle = self.updater.download(spec)
             self.self_update.stage(spec.version, bundle, rollout_id=msg.rollout_id,
                                    path=msg.path)

@@ -212,7 +212,7 @@ class AdminService:
         listed = tuf_repo.load(targets, "targets").signed.targets
         if path not in listed:
             raise ValueError(f"target {path!r} is not in the signed targets")
-        tuf_repo.TargetSpec.from_target_file(listed[path])
+        _check_newest(tuf_repo.TargetSpec.from_target_file(listed[path]), listed)
         fleet = {a["site_id"]: a for a in self.coordinator.fleet()}
         sites = [str(s) for s in (args.get("sites") or self._default_sites())]
         for site in sites:
@@ -345,6 +345,32 @@ def _provision_updates(coordinator: Any, service: AdminService, provision: dict[
     if getattr(coordinator, "update_handler", None) is None:
         coordinator.update_handler = repo.handle_fetch
     log.info("update relay ready: %s", repo.versions)
+
+
+def _check_newest(spec: tuf_repo.TargetSpec, listed: dict[str, Any]) -> None:
+    """Refuse to roll out `spec` unless it is the newest signed version of its name.
+
+    Old targets stay in the signed list for good, and a push needs only an admin
+    operator key (not the offline targets key): without this, that key alone could
+    roll the fleet back to any older signed version.
+
+    Raises: ValueError naming the target, its version and the newer (or same) one.
+    """
+    mine = tuf_repo.version_key(spec.version)
+    for other_path, tf in sorted(listed.items()):
+        if other_path == spec.path:
+            continue
+        try:
+            other = tuf_repo.TargetSpec.from_target_file(tf)
+        except ValueError:
+            continue  # not a fedge target: nothing to compare
+        if (other.kind, other.name) != (spec.kind, spec.name):
+            continue
+        if tuf_repo.version_key(other.version) >= mine:
+            raise ValueError(
+                f"target {spec.path!r} is {spec.kind} {spec.name} {spec.version}, but the "
+                f"signed targets also list {other.version} ({other_path!r}): only the newest "
+                "version of a target is rolled out (an older one would roll appliances back)")
 
 
 def _error(message: str) -> AdminReply:

@@ -74,9 +74,13 @@ class SlotInstaller:
         """Unpack `bundle` (.tar.gz/.tgz/.tar, .whl, .deb) into slots/<version>.
 
         Raises:
-            ValueError: bad version, unknown bundle type, unsafe or corrupt archive.
+            ValueError: bad version, unknown bundle type, unsafe or corrupt archive,
+                or `version` is the `current` slot (the software running now).
         """
         version_key(version)
+        if version == self.current_version():
+            raise ValueError(f"version {version} is the current slot under {self.root}: "
+                             "refusing to unpack over the running software")
         bundle = Path(bundle)
         dest = self.slots / version
         tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=self._mkdir(self.slots)))

@@ -406,6 +406,35 @@ def test_push_to_a_site_that_is_not_enrolled_publishes_nothing(tmp_path, make_se
     assert server.updates.versions == before and server.sent == []
 
 
+def test_push_of_an_older_signed_version_is_refused_the_newest_may_go_again(
+        tmp_path, make_server):
+    """Old targets stay signed; an admin key alone must not roll the fleet back."""
+    import pytest
+
+    from fedge.console.client import AdminError
+    from fedge.update import tuf_repo
+
+    server = make_server()
+    app = Appliance(tmp_path, "h1", server)
+    client = AdminClient.from_store(server.console, "admin", timeout_s=5)
+    f = tmp_path / "model.onnx"
+    for version in ("1", "2"):
+        f.write_bytes(tiny_onnx(float(version)))
+        push(server.console, client, f, kind="model", name="risk", version=version,
+             sites=["h1"], wait=False)
+        drive(server, [app])
+    signed = tuf_repo.to_bytes(server.updates.current_targets())
+    paths = sorted(server.updates.current_targets().signed.targets)
+    assert [p.split("/")[2] for p in paths] == ["1", "2"]
+    before = server.updates.versions
+    with pytest.raises(AdminError, match=r"model risk 1, but the signed targets also list 2"):
+        client.call("push", {"path": paths[0], "sites": ["h1"]}, {"targets.json": signed})
+    assert server.updates.versions == before and server.sent == []
+    again, _ = client.call("push", {"path": paths[1], "sites": ["h1"]},
+                           {"targets.json": signed})
+    assert again["path"] == paths[1] and [s for s, _ in server.sent] == ["h1"]
+
+
 def console_killed(home, *command, at):
     """`fedge console …` as a real process that SIGKILLs itself at `at`
     ("before:OP" just before sending, "after:OP" once the coordinator replied)."""

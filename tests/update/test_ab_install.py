@@ -125,6 +125,19 @@ def test_bad_bundles_are_refused_before_anything_switches(tmp_path, service):
     assert slots.current_version() is None
 
 
+def test_unpacking_over_the_running_slot_is_refused_and_leaves_it_untouched(tmp_path):
+    slots = SlotInstaller(tmp_path / "software")
+    slots.unpack("2.0.0", write_bundle(tmp_path, "2.0.0", "good"))
+    slots.switch("2.0.0")
+    running = tmp_path / "software" / "slots" / "2.0.0" / "open-by-the-running-agent"
+    running.write_text("x")
+    inode = running.parent.stat().st_ino
+    with pytest.raises(ValueError, match=r"2\.0\.0 is the current slot"):
+        slots.unpack("2.0.0", write_bundle(tmp_path, "2.0.0", "crash"))
+    assert running.exists() and running.parent.stat().st_ino == inode
+    assert slots.current_version() == "2.0.0" and slots.previous_version() is None
+
+
 def test_signed_software_update_that_fails_health_rolls_back_and_is_audited(
         tmp_path, fleet, service):
     fleet.publish("software", "fedge", "1.0.0", "fedge-1.0.0.tar.gz",

@@ -162,6 +162,37 @@ def test_agent_stages_signed_software_restarts_and_reports_after_first_ack(tmp_p
     assert AgentUpdater(fleet.agent_dir).installed() == {"software/fedge": "1.1.0"}
 
 
+def test_agent_refuses_to_stage_an_older_or_the_running_software_version(tmp_path, fleet):
+    """Old software targets stay signed: pushing one must not roll the appliance back,
+    and pushing the running version must not unpack over its own slot."""
+    from fedge.agent.updates import AgentUpdater, InstallOutcome
+    from fedge.update.messages import UpdateAvailable
+    from tests.update.test_agent_update_client import linked
+
+    root = tmp_path / "software"
+    slots = SlotInstaller(root)
+    slots.unpack("2.0.0", bundle(tmp_path, "2.0.0", "stable"))
+    slots.switch("2.0.0")
+    running = root / "slots" / "2.0.0" / "open-by-the-running-agent"
+    running.write_text("x")
+    AgentUpdater(fleet.agent_dir).record(InstallOutcome("software", "fedge", "2.0.0", True,
+                                                        False, "installed"))
+    for version in ("1.0.0", "2.0.0"):
+        fleet.publish("software", "fedge", version, f"fedge-{version}.tar.gz",
+                      bundle(tmp_path, version, "good").read_bytes())
+    paths = {p.split("/")[2]: p for p in fleet.repo.current_targets().signed.targets}
+    restarts: list[str] = []
+    outcomes = linked(fleet, None, [], self_update=SelfUpdate(root),
+                      restart=lambda: restarts.append("restart"),
+                      asks=[UpdateAvailable("r-old", paths["1.0.0"]),
+                            UpdateAvailable("r-same", paths["2.0.0"])])
+    assert [(o.rollout_id, o.ok, o.rolled_back) for o in outcomes] == [
+        ("r-old", False, False), ("r-same", True, False)]
+    assert "software fedge 2.0.0 already installed; refusing 1.0.0" in outcomes[0].detail
+    assert restarts == [] and SelfUpdate(root).pending() is None
+    assert slots.current_version() == "2.0.0" and running.exists()
+
+
 def run_unit_exec(root: Path, fallback: list[str], env: dict[str, str] | None = None):
     """The unit's ExecStart: `python -m fedge.update.ab exec --root ROOT -- FALLBACK`."""
     return subprocess.run([sys.executable, "-m", "fedge.update.ab", "exec", "--root", str(root),

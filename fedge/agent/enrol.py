@@ -41,8 +41,11 @@ class EnrolledSite:
 
 
 def install_enrolment(file: Path, state_dir: Path, *, now: datetime | None = None,
-                      expected_console: bytes | None = None) -> EnrolledSite:
+                      expected_console: bytes | str | None = None) -> EnrolledSite:
     """Check `file` and install it into `state_dir`.
+
+    `expected_console`: the console's roster key, or the fingerprint the operator
+    read out (16+ hex digits); by default the console of a previous enrolment.
 
     Raises:
         EnrolmentError: corrupt, expired or foreign file (nothing written).
@@ -88,9 +91,28 @@ def install_enrolment(file: Path, state_dir: Path, *, now: datetime | None = Non
         "roster_public_key": e.roster_public_key.hex(), "issued": e.issued.isoformat(),
         "expires": e.expires.isoformat(),
     })
+    _give_to_owner(state_dir)
     return EnrolledSite(e.site, e.console_id, e.fingerprint(), e.coordinator_endpoint,
                         e.coordinator_public_key, e.curve_public, e.curve_secret,
                         e.roster_public_key, state_dir)
+
+
+def _give_to_owner(state_dir: Path) -> None:
+    """Run as root (as hospital IT does, with sudo) into a state directory the service
+    user owns (the package's /var/lib/fedge, owned by fedge): hand what root wrote
+    there to that user, or the agent, running as fedge, could not read its own keys.
+    (systemd's StateDirectory= does not re-own files inside a directory whose top is
+    already owned by the right user.) Modes stay as written (0600/0700)."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return
+    top = state_dir.stat()
+    if top.st_uid == 0:
+        return
+    for root, dirs, files in os.walk(state_dir):
+        for name in [*dirs, *files]:
+            path = os.path.join(root, name)
+            if os.lstat(path).st_uid == 0:
+                os.chown(path, top.st_uid, top.st_gid, follow_symlinks=False)
 
 
 def load_enrolled(state_dir: Path) -> EnrolledSite:
@@ -125,19 +147,28 @@ def register_enrol(subparsers: Any) -> None:
     p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
                    help=f"agent state directory (default {DEFAULT_STATE_DIR})")
     p.add_argument("--console-key", default=None,
-                   help="hex roster public key of the console to trust (refuse others)")
+                   help="the console to trust (refuse others): the fingerprint `fedge "
+                        "console enrol` printed (16 or more hex digits) or its full "
+                        "roster key (64)")
     p.set_defaults(func=_cmd_enrol)
 
 
 def _cmd_enrol(args: argparse.Namespace) -> int:
     from fedge.console.enrolment import EnrolmentError
 
-    try:
-        expected = bytes.fromhex(args.console_key) if args.console_key else None
-    except ValueError:
-        print(f"fedge agent enrol: --console-key {args.console_key!r} is not hex",
-              file=sys.stderr)
-        return 2
+    expected: bytes | str | None = None
+    if args.console_key:
+        key = args.console_key.strip().lower()
+        try:
+            bytes.fromhex(key if len(key) % 2 == 0 else key + "0")
+        except ValueError:
+            key = ""
+        if len(key) < 16 or len(key) > 64:
+            print(f"fedge agent enrol: --console-key {args.console_key!r} is neither a "
+                  "console fingerprint (16 or more hex digits) nor a roster key (64)",
+                  file=sys.stderr)
+            return 2
+        expected = bytes.fromhex(key) if len(key) == 64 else key
     try:
         site = install_enrolment(args.file, args.state_dir, expected_console=expected)
     except (EnrolmentError, OSError) as exc:

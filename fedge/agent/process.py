@@ -144,7 +144,9 @@ def load_enrolled(state_dir: Path) -> Enrolled:
     except FileNotFoundError as exc:
         raise AgentConfigError(f"appliance not enrolled: no {sd / 'enrolment.json'}; run "
                                "`fedge agent enrol FILE`") from exc
-    except (OSError, ValueError) as exc:
+    except OSError as exc:  # e.g. written by root, read by the service user
+        raise AgentConfigError(_unreadable(sd, exc)) from exc
+    except ValueError as exc:
         raise AgentConfigError(f"{sd / 'enrolment.json'} is corrupt: {exc}") from exc
     try:
         curve = json.loads((sd / "keys" / "curve.json").read_text())
@@ -166,9 +168,25 @@ def load_enrolled(state_dir: Path) -> Enrolled:
         return Enrolled(meta["site"], curve_public, curve_secret, coord["endpoint"],
                         coord["public_key"], identity, roster,
                         bytes.fromhex(meta["roster_public_key"]), sd / "roster.json")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (FileNotFoundError, ValueError, KeyError, TypeError) as exc:
         raise AgentConfigError(f"enrolment state under {sd} is corrupt: "
                                f"{type(exc).__name__}: {exc}") from exc
+    except OSError as exc:
+        raise AgentConfigError(_unreadable(sd, exc)) from exc
+
+
+def _unreadable(sd: Path, exc: OSError) -> str:
+    who = ""
+    if hasattr(os, "geteuid"):
+        import pwd
+
+        try:
+            who = f" as user {pwd.getpwuid(os.geteuid()).pw_name}"
+        except KeyError:
+            who = f" as uid {os.geteuid()}"
+    return (f"enrolment state under {sd} cannot be read{who}: {exc.strerror or exc}: "
+            f"{exc.filename or ''}; the files must belong to the user the agent runs as "
+            f"(e.g. chown -R fedge: {sd})")
 
 
 def health_probe(cfg: AgentConfig) -> Any:

@@ -96,13 +96,22 @@ def create_enrolment(store: ConsoleStore, site: str, *, valid_for: timedelta,
     return path, enrolment
 
 
+def console_matches(key: bytes, expected: bytes | str) -> bool:
+    """Whether roster key `key` is the console `expected` names: its full 32-byte key,
+    or the fingerprint an operator reads out (its first 16 or more hex digits)."""
+    if isinstance(expected, bytes):
+        return key == expected
+    return len(expected) >= 16 and key.hex().startswith(expected.lower())
+
+
 def read_enrolment(path: Path, *, now: datetime | None = None,
-                   expected_console: bytes | None = None) -> Enrolment:
+                   expected_console: bytes | str | None = None) -> Enrolment:
     """Parse and check an enrolment file.
 
     `expected_console`: the roster public key the appliance already trusts (from a
-    previous enrolment) or that the operator read out; a file signed by any other
-    console is refused as foreign.
+    previous enrolment), or the fingerprint the operator read out (hex, 16 digits or
+    more, as `fedge console enrol` prints it); a file signed by any other console is
+    refused as foreign.
 
     Raises:
         EnrolmentError: unreadable, corrupt (bad JSON, missing field, bad
@@ -137,14 +146,20 @@ def read_enrolment(path: Path, *, now: datetime | None = None,
             roster_public_key=bytes.fromhex(p["roster_public_key"]),
             roster=str(p["roster"]).encode(), tuf_root=str(p["tuf_root"]).encode(),
         )
+        for name, stamp in (("issued", e.issued), ("expires", e.expires)):
+            if stamp.tzinfo is None:
+                raise ValueError(f"{name} {stamp.isoformat()} has no time zone")
     except EnrolmentError:
         raise
     except (ValueError, KeyError, TypeError, AttributeError, binascii.Error) as exc:
         raise EnrolmentError(f"enrolment file {path} is corrupt: {exc}") from exc
-    if expected_console is not None and e.roster_public_key != expected_console:
+    if expected_console is not None and not console_matches(e.roster_public_key,
+                                                             expected_console):
+        trusted = (expected_console.hex()[:16] if isinstance(expected_console, bytes)
+                   else expected_console)
         raise EnrolmentError(
             f"enrolment file {path} is foreign: signed by console {e.fingerprint()}, this "
-            f"appliance trusts console {expected_console.hex()[:16]}")
+            f"appliance trusts console {trusted}")
     try:
         Ed25519PublicKey.from_public_bytes(e.roster_public_key).verify(signature, payload)
     except (InvalidSignature, ValueError) as exc:

@@ -2,8 +2,10 @@
 
 import base64
 import json
+import os
 import stat
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
@@ -125,6 +127,63 @@ def test_foreign_console_file_is_refused_once_enrolled(console, tmp_path, clock)
                           expected_console=console.roster_public_key())
 
 
+def test_the_fingerprint_the_console_prints_is_what_the_appliance_checks(tmp_path):
+    """Hospital IT reads the fingerprint off the console operator's screen and passes
+    it to `fedge agent enrol --console-key`: it is accepted, another console's file is
+    refused as foreign, and a too-short or non-hex value is refused by name."""
+    import re
+    import subprocess
+    import sys
+
+    def fedge(*argv):
+        return subprocess.run([sys.executable, "-m", "fedge.cli", *argv], capture_output=True,
+                              text=True, timeout=120)
+
+    files = {}
+    prints = {}
+    for name in ("ours", "theirs"):
+        home = tmp_path / name
+        assert fedge("console", "--home", str(home), "init", "--coordinator",
+                     "tcp://127.0.0.1:7009").returncode == 0
+        r = fedge("console", "--home", str(home), "enrol", "h1", "--offline",
+                  "--out", str(tmp_path / f"{name}.enrol"))
+        assert r.returncode == 0, r.stderr
+        prints[name] = re.search(r"console fingerprint to check on site: ([0-9a-f]+)",
+                                 r.stdout).group(1)
+        files[name] = tmp_path / f"{name}.enrol"
+    assert len(prints["ours"]) == 16 and prints["ours"] != prints["theirs"]
+    r = fedge("agent", "enrol", str(files["theirs"]), "--state-dir", str(tmp_path / "a"),
+              "--console-key", prints["ours"])
+    assert r.returncode == 2 and "is foreign" in r.stderr and prints["theirs"] in r.stderr
+    assert not (tmp_path / "a" / "enrolment.json").exists()
+    for bad in ("1f67b44c", "not-hex-at-all-but-long"):
+        r = fedge("agent", "enrol", str(files["ours"]), "--state-dir", str(tmp_path / "a"),
+                  "--console-key", bad)
+        assert r.returncode == 2 and "neither a console fingerprint" in r.stderr
+    r = fedge("agent", "enrol", str(files["ours"]), "--state-dir", str(tmp_path / "a"),
+              "--console-key", prints["ours"].upper())
+    assert r.returncode == 0, r.stderr
+    assert f"with console {prints['ours']}" in r.stdout
+    assert load_enrolled(tmp_path / "a").site == "h1"
+
+
+def test_an_enrolment_whose_dates_have_no_time_zone_is_refused_as_corrupt(console, tmp_path,
+                                                                         clock):
+    """Validly signed, but `expires` without a zone cannot be compared with now."""
+    path, _ = create_enrolment(console, "h1", valid_for=timedelta(days=1))
+    outer = json.loads(path.read_text())
+    payload = json.loads(base64.b64decode(outer["payload"]))
+    payload["expires"] = "2030-01-01T00:00:00"
+    raw = json.dumps(payload, sort_keys=True).encode()
+    outer["payload"] = base64.b64encode(raw).decode()
+    outer["signature"] = console.roster_identity().sign(raw).hex()
+    path.write_text(json.dumps(outer))
+    with pytest.raises(EnrolmentError, match="corrupt: expires 2030-01-01T00:00:00 has no "
+                                             "time zone"):
+        install_enrolment(path, tmp_path / "agent", now=clock())
+    assert not (tmp_path / "agent").exists()
+
+
 def test_agent_cli_enrol_installs_and_reports_errors_with_exit_code(tmp_path, capsys):
     import argparse
 
@@ -158,3 +217,53 @@ def test_every_enrolment_and_revocation_signs_a_roster_with_a_higher_serial(cons
     del state["roster_serial"]
     (console.home / "console.json").write_text(json.dumps(state))
     assert ConsoleStore(console.home).roster_serial == 3
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
+                    reason="needs root to enrol as root for another user, as hospital IT does")
+def test_enrolled_as_root_into_the_service_users_state_dir_the_agent_can_read_it(tmp_path):
+    """`sudo fedge agent enrol FILE` writes into /var/lib/fedge, which the package made
+    the fedge user's; the agent then runs as that user. Here the state dir belongs to
+    nobody (65534): after enrolling as root, every file under it is nobody's (modes
+    kept), and nobody can load the enrolment. A state dir left root's own is named,
+    with the fix, when the service user cannot read it."""
+    import subprocess
+    import sys
+    import tempfile
+
+    live = ConsoleStore.init(tmp_path / "live", coordinator_endpoint="tcp://127.0.0.1:7001")
+    path, _ = create_enrolment(live, "h3", valid_for=timedelta(days=1))
+    base = Path(tempfile.mkdtemp(prefix="fedge-owner-"))  # reachable by nobody
+    try:
+        os.chmod(base, 0o755)
+        os.chmod(path, 0o644)
+        state = base / "state"
+        state.mkdir(mode=0o700)
+        os.chown(state, 65534, 65534)
+        r = subprocess.run([sys.executable, "-m", "fedge.cli", "agent", "enrol", str(path),
+                            "--state-dir", str(state)], capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0, r.stderr
+        owners = {(p.relative_to(state).as_posix(), p.stat().st_uid) for p in state.rglob("*")}
+        assert owners and {uid for _, uid in owners} == {65534}, owners
+        assert _mode(state / "keys" / "identity.key") == 0o600
+        load = ("from fedge.agent.process import load_enrolled; import sys; "
+                "print(load_enrolled(sys.argv[1]).site)")
+        as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                     sys.executable, "-c", load]
+        r = subprocess.run([*as_nobody, str(state)], capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0 and r.stdout.strip() == "h3", r.stderr
+        # before the hand-over existed: root's files in a dir nobody may enter
+        other = base / "root-owned"
+        install_enrolment(path, other)
+        os.chmod(other, 0o755)
+        r = subprocess.run([*as_nobody, str(other)], capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode != 0
+        assert "cannot be read as user nobody: Permission denied" in r.stderr
+        assert f"chown -R fedge: {other}" in r.stderr and "corrupt" not in r.stderr
+    finally:
+        import shutil
+
+        shutil.rmtree(base, ignore_errors=True)

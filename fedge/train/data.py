@@ -20,12 +20,16 @@ Kinds:
   optional ``split`` array of strings.
 
 Every problem in a file raises ``DataError`` naming the file, the line (1-based,
-the header is line 1) and the column.
+the header is line 1) and the column.  A ``.npz`` has no lines, so its errors
+name the row instead (1-based, the first row of the arrays is row 1) and the
+array.  CSV must be UTF-8 text; a leading byte-order mark (as Excel writes) is
+ignored.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -54,14 +58,23 @@ class DataError(ValueError):
     """A data file is unusable; ``file``, ``line`` and ``column`` say where."""
 
     def __init__(
-        self, file: str | Path, message: str, *, line: int | None = None, column: str | None = None
+        self,
+        file: str | Path,
+        message: str,
+        *,
+        line: int | None = None,
+        column: str | None = None,
+        row: int | None = None,
     ) -> None:
         self.file = str(file)
         self.line = line
+        self.row = row  # for .npz arrays, which have rows but no lines
         self.column = column
         where = self.file
         if line is not None:
             where += f", line {line}"
+        if row is not None:
+            where += f", row {row}"
         if column is not None:
             where += f", column {column!r}"
         super().__init__(f"{where}: {message}")
@@ -138,6 +151,17 @@ class DatasetSpec:
             raise ValueError(
                 f"datasets.standardise={self.standardise!r} must be 'none', 'continuous' or 'all'"
             )
+        if len(set(self.features)) != len(self.features):
+            repeated = sorted({f for f in self.features if self.features.count(f) > 1})
+            raise ValueError(
+                f"dataset {self.name!r} ({self.path}): datasets.features lists {repeated} twice"
+            )
+        for role, col in self._role_columns().items():
+            if col in self.features:
+                raise ValueError(
+                    f"dataset {self.name!r} ({self.path}): feature column {col!r} is also the "
+                    f"{role!r} column; a model must not be given its own label or bookkeeping"
+                )
         if self.kind == "tabular":
             if self.task == "survival" and (not self.event or not self.time):
                 raise ValueError(
@@ -159,6 +183,18 @@ class DatasetSpec:
                 raise ValueError(f"dataset {self.name!r}: site={self.site} must lie in 0..5")
         if self.kind == "images" and self.task not in ("binary", "multiclass"):
             raise ValueError(f"dataset {self.name!r}: images need task 'binary' or 'multiclass'")
+
+    def _role_columns(self) -> dict[str, str]:
+        """Declared non-feature columns by role (target, event, time, split, site, id)."""
+        roles = {
+            "target": self.target,
+            "event": self.event,
+            "time": self.time,
+            "split_column": self.split_column,
+            "site_column": self.site_column,
+            "id_column": self.id_column,
+        }
+        return {role: col for role, col in roles.items() if col is not None}
 
 
 @dataclass
@@ -238,14 +274,25 @@ class SiteData:
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
-    """Header and (line number, fields) rows; checks shape row by row."""
+    """Header and (line number, fields) rows; checks shape row by row.
+
+    Lines are counted as the csv module counts them (only CR, LF and CRLF end a
+    line), so a U+2028 or form feed inside a cell does not shift later numbers.
+
+    Raises:
+        DataError: missing, empty, not UTF-8, malformed, truncated or ragged
+            (naming the line and, where there is one, the column).
+    """
     if not path.is_file():
         raise DataError(path, "file does not exist")
-    with path.open(newline="", encoding="utf-8") as fh:
-        text = fh.read()
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")  # Excel's "CSV UTF-8" starts with a BOM
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(path, exc) from None
     if not text.strip():
         raise DataError(path, "file is empty (no header line)", line=1)
-    reader = csv.reader(text.splitlines(keepends=True), strict=True)
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     rows: list[tuple[int, list[str]]] = []
     try:
         header = next(reader)
@@ -256,6 +303,14 @@ def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     except csv.Error as exc:
         raise DataError(path, f"malformed CSV: {exc}", line=reader.line_num) from exc
     header = [h.strip() for h in header]
+    repeated = sorted({h for h in header if header.count(h) > 1})
+    if repeated:
+        raise DataError(
+            path,
+            f"header names {repeated} more than once; each column needs its own name",
+            line=1,
+            column=repeated[0],
+        )
     for lineno, fields in rows:
         if len(fields) != len(header):
             missing = header[len(fields)] if len(fields) < len(header) else None
@@ -271,6 +326,62 @@ def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     return header, rows
 
 
+def _not_utf8(path: Path, exc: UnicodeDecodeError) -> DataError:
+    """A DataError naming the line and column of the first byte that is not UTF-8."""
+    data = exc.object  # the bytes after any BOM; exc.start indexes into them
+    if isinstance(data, bytes | bytearray) and data.startswith(b"PAR1"):
+        return DataError(
+            path,
+            "not UTF-8 text: this looks like a Parquet file; name it .parquet",
+            line=1,
+        )
+    # Decode again keeping bad bytes as lone surrogates, and let the csv module
+    # find the field that holds the first one, so line and column are its own.
+    line, column = None, None
+    try:
+        text = bytes(data).decode("utf-8", errors="surrogateescape")
+        reader = csv.reader(io.StringIO(text, newline=""))
+        header = [h.strip() for h in next(reader)]
+        first = _first_surrogate(header)
+        if first is not None:
+            line = reader.line_num
+        else:
+            for fields in reader:
+                first = _first_surrogate(fields)
+                if first is not None:
+                    line = reader.line_num
+                    column = header[first] if first < len(header) else None
+                    break
+    except (csv.Error, StopIteration):
+        pass
+    if line is None:  # the csv module gave up: count line ends up to the bad byte
+        before = bytes(data[: exc.start]).replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        line = before.count(b"\n") + 1
+    return DataError(
+        path,
+        f"not UTF-8 text (byte 0x{data[exc.start]:02x}); re-save the file as UTF-8 "
+        "(in Excel: CSV UTF-8)",
+        line=line,
+        column=column,
+    )
+
+
+def _first_surrogate(fields: list[str]) -> int | None:
+    for j, f in enumerate(fields):
+        if any("\udc80" <= ch <= "\udcff" for ch in f):
+            return j
+    return None
+
+
+def _parquet_cell(value: Any) -> str:
+    # booleans as 1/0 so an event or binary-label column of bools reads as numbers
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return str(value)
+
+
 def _read_parquet(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     try:
         import pyarrow.parquet as pq
@@ -281,16 +392,22 @@ def _read_parquet(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     if path.stat().st_size == 0:
         raise DataError(path, "file is empty")
     try:
-        table = pq.read_table(path)
+        names = list(pq.read_schema(path).names)
     except Exception as exc:  # pyarrow raises several types for corrupt files
+        raise DataError(path, f"not a readable Parquet file: {exc}") from exc
+    # before reading: pyarrow's own refusal of a repeated name does not say which
+    repeated = sorted({h for h in names if names.count(h) > 1})
+    if repeated:
+        raise DataError(path, f"column names {repeated} repeat", line=1, column=repeated[0])
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:
         raise DataError(path, f"not a readable Parquet file: {exc}") from exc
     header = list(table.column_names)
     cols = [table.column(i).to_pylist() for i in range(len(header))]
     # Parquet has no text lines; "line" is the row number counting a header as line 1
     # so that messages read the same for both formats.
-    rows = [
-        (i + 2, ["" if c[i] is None else str(c[i]) for c in cols]) for i in range(table.num_rows)
-    ]
+    rows = [(i + 2, [_parquet_cell(c[i]) for c in cols]) for i in range(table.num_rows)]
     if not rows:
         raise DataError(path, "no data rows", line=2)
     return header, rows
@@ -327,18 +444,70 @@ def _numeric(path: Path, rows: list[tuple[int, list[str]]], idx: int, column: st
     return out
 
 
+def _at(unit: str, position: int) -> dict[str, int]:
+    """``line=`` for text files, ``row=`` for arrays: where a DataError points."""
+    return {unit: position}
+
+
 def _check_survival(
-    path: Path, rows: list[tuple[int, list[str]]], event: np.ndarray, time: np.ndarray, spec: Any
+    path: Path,
+    positions: Sequence[int],
+    event: np.ndarray,
+    time: np.ndarray,
+    event_column: str,
+    time_column: str,
+    unit: str = "line",
 ) -> None:
-    for k, (lineno, _) in enumerate(rows):
+    """Every event is 0 or 1 and every time a finite number >= 0.
+
+    Raises:
+        DataError: at the first bad value, naming its line (or row) and column.
+    """
+    for k, pos in enumerate(positions):
         if event[k] not in (0.0, 1.0):
             raise DataError(
-                path, f"event value {event[k]:g} must be 0 or 1", line=lineno, column=spec.event
+                path,
+                f"event value {event[k]:g} must be 0 or 1",
+                column=event_column,
+                **_at(unit, pos),
             )
-        if time[k] < 0:
+        if not (math.isfinite(time[k]) and time[k] >= 0):
             raise DataError(
-                path, f"time value {time[k]:g} must be >= 0", line=lineno, column=spec.time
+                path,
+                f"time value {time[k]:g} must be a finite number >= 0",
+                column=time_column,
+                **_at(unit, pos),
             )
+
+
+def _check_labels(
+    path: Path,
+    positions: Sequence[int],
+    target: np.ndarray,
+    task: str,
+    column: str,
+    unit: str = "line",
+) -> tuple[np.ndarray, int]:
+    """The labels as the task's dtype, and the number of classes (0 for regression).
+
+    Raises:
+        DataError: a label that is not finite, or not 0/1 (binary) or a
+            non-negative integer (multiclass), naming its line (or row) and column.
+    """
+    for k, pos in enumerate(positions):
+        v = float(target[k])
+        if not math.isfinite(v):
+            raise DataError(path, f"label {v:g} is not finite", column=column, **_at(unit, pos))
+        if task in ("binary", "multiclass") and (
+            v != int(v) or v < 0 or (task == "binary" and v > 1)
+        ):
+            rule = "0 or 1" if task == "binary" else "a non-negative integer"
+            raise DataError(path, f"label {v:g} must be {rule}", column=column, **_at(unit, pos))
+    if task == "binary":
+        return target.astype(np.float32), 2
+    if task == "multiclass":
+        return target.astype(np.int64), int(target.max()) + 1
+    return target.astype(np.float32), 0
 
 
 @dataclass
@@ -363,6 +532,9 @@ def _load_tabular(spec: DatasetSpec, path: Path, rows_filter: Any = None) -> _Ta
     if rows_filter is not None:
         rows = rows_filter(header, rows)
     used = {spec.target, spec.event, spec.time, spec.split_column, spec.site_column, spec.id_column}
+    for role, col in spec._role_columns().items():
+        if col in spec.features:  # validate() catches this too, but not for defaults set here
+            raise DataError(path, f"feature column is also the {role!r} column", line=1, column=col)
     features = list(spec.features) or [h for h in header if h not in used]
     if not features:
         raise DataError(path, "no feature column left after removing the declared columns")
@@ -374,24 +546,14 @@ def _load_tabular(spec: DatasetSpec, path: Path, rows_filter: Any = None) -> _Ta
         assert spec.event is not None and spec.time is not None
         event = _numeric(path, rows, _column_index(path, header, spec.event), spec.event)
         time = _numeric(path, rows, _column_index(path, header, spec.time), spec.time)
-        _check_survival(path, rows, event, time, spec)
+        lines = [ln for ln, _ in rows]
+        _check_survival(path, lines, event, time, spec.event, spec.time)
         y = np.stack([event, time], axis=1).astype(np.float32)
     else:
         assert spec.target is not None
         tidx = _column_index(path, header, spec.target)
         target = _numeric(path, rows, tidx, spec.target)
-        if spec.task in ("binary", "multiclass"):
-            for k, (lineno, _) in enumerate(rows):
-                v = target[k]
-                if v != int(v) or v < 0 or (spec.task == "binary" and v > 1):
-                    rule = "0 or 1" if spec.task == "binary" else "a non-negative integer"
-                    raise DataError(
-                        path, f"label {v:g} must be {rule}", line=lineno, column=spec.target
-                    )
-            n_classes = 2 if spec.task == "binary" else int(target.max()) + 1
-            y = target.astype(np.float32 if spec.task == "binary" else np.int64)
-        else:
-            y = target.astype(np.float32)
+        y, n_classes = _check_labels(path, [ln for ln, _ in rows], target, spec.task, spec.target)
     split: list[str | None] = [None] * len(rows)
     if spec.split_column is not None:
         pidx = header.index(spec.split_column)
@@ -523,6 +685,12 @@ def _load_images(spec: DatasetSpec) -> _Table:
 
 
 def _load_numpy(spec: DatasetSpec) -> _Table:
+    """``x`` (n, ...) with ``y`` (n,) or ``event`` and ``time`` (n,), checked like a table.
+
+    Raises:
+        DataError: a missing, unreadable or misshapen array, or a bad value,
+            naming the array and the 1-based row.
+    """
     path = Path(spec.path)
     if not path.is_file():
         raise DataError(path, "file does not exist")
@@ -532,44 +700,72 @@ def _load_numpy(spec: DatasetSpec) -> _Table:
         npz = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise DataError(path, f"not a readable .npz file: {exc}") from exc
+    labels = ["event", "time"] if spec.task == "survival" else ["y"]
     with npz:
         keys = set(npz.files)
-        need = ["x", "event", "time"] if spec.task == "survival" else ["x", "y"]
-        for k in need:
+        for k in ["x", *labels]:
             if k not in keys:
                 raise DataError(path, f"missing array {k!r}; found {sorted(keys)}", column=k)
+        arrays: dict[str, np.ndarray] = {}
+        for k in ["x", *labels]:
+            try:
+                arrays[k] = np.asarray(npz[k], dtype=np.float64)
+            except (ValueError, TypeError) as exc:
+                raise DataError(path, f"array {k!r} is not numeric: {exc}", column=k) from exc
+            except (OSError, EOFError, zipfile.BadZipFile) as exc:
+                raise DataError(path, f"truncated or corrupt array: {exc}", column=k) from exc
         try:
-            x = np.asarray(npz["x"], dtype=np.float32)
-            if spec.task == "survival":
-                y = np.stack([npz["event"], npz["time"]], axis=1).astype(np.float32)
-            else:
-                y = np.asarray(npz["y"])
             split_arr = npz["split"] if "split" in keys else None
         except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-            raise DataError(path, f"truncated or corrupt array: {exc}") from exc
+            raise DataError(path, f"truncated or corrupt array: {exc}", column="split") from exc
+    x = arrays["x"]
+    if x.ndim < 2:
+        raise DataError(
+            path,
+            f"array 'x' has shape {x.shape}; it needs one row per sample, "
+            "shape (n, features) or (n, channels, height, width)",
+            column="x",
+        )
     if x.shape[0] == 0:
         raise DataError(path, "array 'x' has no rows", column="x")
-    if y.shape[0] != x.shape[0]:
-        raise DataError(path, f"{y.shape[0]} labels for {x.shape[0]} rows of 'x'", column="y")
-    if not np.all(np.isfinite(x)):
-        row = int(np.argwhere(~np.isfinite(x.reshape(len(x), -1)))[0][0])
-        raise DataError(path, "non-finite value", line=row, column="x")
+    for k in labels:
+        if arrays[k].shape != (x.shape[0],):
+            raise DataError(
+                path,
+                f"array {k!r} has shape {arrays[k].shape}; it needs one value for each of "
+                f"the {x.shape[0]} rows of 'x'",
+                column=k,
+            )
+    bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))
+    if bad.size:
+        raise DataError(path, "non-finite value", row=int(bad[0]) + 1, column="x")
+    rows = range(1, x.shape[0] + 1)
     n_classes = 0
-    if spec.task in ("binary", "multiclass"):
-        n_classes = 2 if spec.task == "binary" else int(y.max()) + 1
-        y = y.astype(np.float32 if spec.task == "binary" else np.int64)
+    if spec.task == "survival":
+        event, time = arrays["event"], arrays["time"]
+        _check_survival(path, rows, event, time, "event", "time", unit="row")
+        y = np.stack([event, time], axis=1).astype(np.float32)
     else:
-        y = y.astype(np.float32)
+        y, n_classes = _check_labels(path, rows, arrays["y"], spec.task, "y", unit="row")
     split: list[str | None] = [None] * len(x)
     if split_arr is not None:
+        if split_arr.shape != (len(x),):
+            raise DataError(
+                path,
+                f"array 'split' has shape {split_arr.shape}; it needs one value per row of 'x'",
+                column="split",
+            )
         for k, v in enumerate(split_arr.tolist()):
             if str(v).lower() not in _SPLIT_NAMES:
                 raise DataError(
-                    path, f"split value {v!r} must be train, val or test", line=k, column="split"
+                    path,
+                    f"split value {v!r} must be train, val or test",
+                    row=k + 1,
+                    column="split",
                 )
             split[k] = _SPLIT_NAMES[str(v).lower()]
     names = [f"x{j}" for j in range(x.shape[1])] if x.ndim == 2 else ["x"]
-    return _Table(x, y, split, names, n_classes)
+    return _Table(x.astype(np.float32), y, split, names, n_classes)
 
 
 # ---------------------------------------------------------------------------

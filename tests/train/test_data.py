@@ -239,3 +239,172 @@ def test_cv_fold_holds_out_part_of_training_rows_and_never_test_rows(tcga_dir: P
     assert len(rows) == len(ref)
     with pytest.raises(ValueError, match="cv_fold=3 must lie"):
         DatasetSpec.from_config({**base, "cv_folds": 3, "cv_fold": 3})
+
+
+# --- encodings, line counting, label checks for .npz, Parquet booleans, schema ---
+
+GOOD = "age,stage,E,T,split\n50,1,1,100,train\n61,0,0,200,train\n70,1,1,50,test\n"
+
+
+def test_excel_bom_does_not_hide_the_first_column(tmp_path: Path) -> None:
+    p = tmp_path / "excel.csv"
+    p.write_bytes(b"\xef\xbb\xbf" + GOOD.encode())  # Excel's "CSV UTF-8"
+    d = load_site_data(_spec(p))
+    assert d.feature_names == ["age", "stage"] and len(d.train) == 2
+
+
+def test_latin1_cell_names_file_line_and_column_and_says_re_save_as_utf8(tmp_path: Path) -> None:
+    p = tmp_path / "latin1.csv"
+    p.write_bytes((HEADER + ROWS[0] + "Sé,61,0,0,200,train\n").encode("latin-1"))
+    with pytest.raises(DataError) as err:
+        load_site_data(_spec(p))
+    assert (err.value.file, err.value.line, err.value.column) == (str(p), 3, "pid")
+    assert "not UTF-8" in str(err.value) and "re-save the file as UTF-8" in str(err.value)
+
+
+def test_parquet_file_named_csv_is_called_parquet(tmp_path: Path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    p = tmp_path / "export.csv"
+    pq.write_table(pa.table({"age": [50.0, 61.0], "stage": [1, 0], "E": [1, 0], "T": [1, 2]}), p)
+    with pytest.raises(DataError, match="looks like a Parquet file") as err:
+        load_site_data(_spec(p, split_column=None))
+    assert err.value.file == str(p) and err.value.line == 1
+
+
+@pytest.mark.parametrize(
+    "separator", ["\u2028", "\u2029", "\x0c", "\x0b", "\x1c", "\x1d", "\x1e", "\x85"]
+)
+def test_line_numbers_do_not_drift_after_a_cell_holding_a_unicode_line_break(
+    tmp_path: Path, separator: str
+) -> None:
+    text = "note,age,stage,E,T,split\n" + f'"a{separator}b",50,1,1,100,train\n'
+    text += "x,61,0,0,200,train\ny,seventy,1,1,50,train\n"
+    p = tmp_path / "notes.csv"
+    p.write_text(text, encoding="utf-8", newline="")
+    with pytest.raises(DataError, match="'seventy' is not a number") as err:
+        load_site_data(_spec(p))
+    assert (err.value.line, err.value.column) == (4, "age")
+
+
+def _npz_spec(path: Path, task: str) -> DatasetSpec:
+    return DatasetSpec.from_config(
+        {"name": "n", "kind": "numpy", "path": str(path), "task": task, "val_fraction": 0.0}
+    )
+
+
+X4 = np.ones((4, 2))
+
+
+@pytest.mark.parametrize(
+    ("task", "arrays", "row", "column", "message"),
+    [
+        ("binary", {"x": X4, "y": [0, 7, 1, 0]}, 2, "y", "label 7 must be 0 or 1"),
+        ("binary", {"x": X4, "y": [0, 1, np.nan, 0]}, 3, "y", "label nan is not finite"),
+        ("multiclass", {"x": X4, "y": [0, 2, 1.5, 0]}, 3, "y", "non-negative integer"),
+        ("regression", {"x": X4, "y": [0.5, np.inf, 1, 0]}, 2, "y", "not finite"),
+        (
+            "survival",
+            {"x": X4, "event": [1, 5, 0, 1], "time": [1, 2, 3, 4]},
+            2,
+            "event",
+            "event value 5 must be 0 or 1",
+        ),
+        (
+            "survival",
+            {"x": X4, "event": [1, 0, 0, 1], "time": [1, 2, -3, 4]},
+            3,
+            "time",
+            "time value -3 must be",
+        ),
+        (
+            "survival",
+            {"x": X4, "event": [1, 0, 0, 1], "time": [1, 2, 3, np.nan]},
+            4,
+            "time",
+            "time value nan must be",
+        ),
+        ("binary", {"x": [[np.nan, 1]] + [[1, 1]] * 3, "y": [0, 1, 0, 1]}, 1, "x", "non-finite"),
+        (
+            "binary",
+            {"x": X4, "y": [0, 1, 0, 1], "split": ["train", "holdout", "test", "train"]},
+            2,
+            "split",
+            "split value 'holdout'",
+        ),
+    ],
+)
+def test_numpy_labels_are_checked_like_a_table_and_rows_count_from_1(
+    tmp_path: Path, task: str, arrays: dict, row: int, column: str, message: str
+) -> None:
+    p = tmp_path / "site.npz"
+    np.savez(p, **{k: np.asarray(v) for k, v in arrays.items()})
+    with pytest.raises(DataError, match=message) as err:
+        load_site_data(_npz_spec(p, task))
+    assert (err.value.file, err.value.row, err.value.column) == (str(p), row, column)
+    assert f", row {row}," in str(err.value)
+
+
+def test_numpy_needs_one_row_per_sample_and_one_label_per_row(tmp_path: Path) -> None:
+    p = tmp_path / "site.npz"
+    np.savez(p, x=np.ones(4), y=np.array([0, 1, 0, 1]))
+    with pytest.raises(DataError, match=r"shape \(4,\)") as err:
+        load_site_data(_npz_spec(p, "binary"))
+    assert err.value.column == "x"
+    np.savez(p, x=X4, y=np.zeros((4, 1)))
+    with pytest.raises(DataError, match="one value for each of the 4 rows") as err:
+        load_site_data(_npz_spec(p, "binary"))
+    assert err.value.column == "y"
+
+
+def test_parquet_boolean_event_and_label_read_as_1_and_0(tmp_path: Path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    p = tmp_path / "bools.parquet"
+    events = [True, False, True]
+    pq.write_table(pa.table({"age": [50.0, 61.0, 45.0], "E": events, "T": [100, 250, 30]}), p)
+    d = load_site_data(_spec(p, features=["age"], split_column=None, standardise="none"))
+    np.testing.assert_array_equal(d.train.y, [[1, 100], [0, 250], [1, 30]])
+    spec = DatasetSpec.from_config(
+        {
+            "name": "b",
+            "kind": "tabular",
+            "path": str(p),
+            "task": "binary",
+            "target": "E",
+            "features": ["age"],
+            "val_fraction": 0.0,
+        }
+    )
+    np.testing.assert_array_equal(load_site_data(spec).train.y, [1, 0, 1])
+
+
+def test_feature_that_is_also_the_label_is_refused(tmp_path: Path, tcga_dir: Path) -> None:
+    p = _write(tmp_path, GOOD)
+    with pytest.raises(ValueError, match="feature column 'E' is also the 'event' column") as err:
+        load_site_data(_spec(p, features=["age", "E"]))
+    assert str(p) in str(err.value)
+    # fed_tcga_brca's event column defaults to E when the spec does not name it
+    spec = DatasetSpec(
+        name="c", kind="fed_tcga_brca", path=str(tcga_dir), site=4, features=("age_at_index", "E")
+    )
+    with pytest.raises(DataError, match="'event' column") as err:
+        load_site_data(spec)
+    assert err.value.file.endswith("brca.csv") and err.value.column == "E"
+
+
+def test_duplicate_column_names_are_refused(tmp_path: Path) -> None:
+    p = _write(tmp_path, "age,age,E,T,split\n50,1,1,100,train\n61,2,0,250,train\n")
+    with pytest.raises(DataError, match=r"\['age'\] more than once") as err:
+        load_site_data(_spec(p, features=["age"]))
+    assert (err.value.file, err.value.line, err.value.column) == (str(p), 1, "age")
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    q = tmp_path / "dup.parquet"
+    cols = [pa.array([50.0, 61.0]), pa.array([1.0, 2.0]), pa.array([1, 0]), pa.array([1, 2])]
+    pq.write_table(pa.Table.from_arrays(cols, names=["age", "age", "E", "T"]), q)
+    with pytest.raises(DataError, match="repeat") as err:
+        load_site_data(_spec(q, features=["age"], split_column=None))
+    assert (err.value.line, err.value.column) == (1, "age")
+    with pytest.raises(ValueError, match=r"lists \['age'\] twice"):
+        _spec(q, features=["age", "age"])

@@ -28,7 +28,13 @@ from tuf.api.exceptions import DownloadError, DownloadHTTPError
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
 from fedge.update import tuf_repo
-from fedge.update.ab import HealthCheckFailed, SelfUpdate, Service, SlotInstaller
+from fedge.update.ab import (
+    SOFTWARE_ROOT_ENV,
+    HealthCheckFailed,
+    SelfUpdate,
+    Service,
+    SlotInstaller,
+)
 from fedge.update.files import set_aside, write_atomic, write_json
 from fedge.update.messages import (
     ERROR_NOT_FOUND,
@@ -555,8 +561,11 @@ def attach_update_client(agent: Any, state_dir: Path, *, models: ModelInstaller 
     UpdateFetchReply go to an `AgentUpdateClient`, everything else to the agent.
 
     `models` defaults to the serving repository under ``<state_dir>/models``.
-    Software updates of the agent itself are on when its unit runs from A/B slots:
-    `software_root` (default ``<state_dir>/software``) has a ``current`` link.
+    Software updates of the agent itself are on when its unit starts it through
+    ``python -m fedge.update.ab exec`` (which sets ``FEDGE_SOFTWARE_ROOT``, also when
+    it runs the packaged install: a fresh appliance takes its first update), or when
+    `software_root` already has a ``current`` link. The slot root is `software_root`,
+    else the launcher's, else ``<state_dir>/software``.
 
     Raises:
         FileNotFoundError: the appliance was never enrolled (no trusted TUF root).
@@ -565,8 +574,10 @@ def attach_update_client(agent: Any, state_dir: Path, *, models: ModelInstaller 
         from fedge.serve.repository import ModelRepository
 
         models = ModelRepository(Path(state_dir) / "models")
-    root = Path(software_root) if software_root else Path(state_dir) / "software"
-    self_update = SelfUpdate(root) if (root / "current").is_symlink() else None
+    launcher_root = os.environ.get(SOFTWARE_ROOT_ENV)
+    root = Path(software_root or launcher_root or Path(state_dir) / "software")
+    under_launcher = launcher_root is not None and Path(launcher_root) == root
+    self_update = SelfUpdate(root) if under_launcher or (root / "current").is_symlink() else None
     client = AgentUpdateClient(AgentUpdater(state_dir), agent.send, models=models,
                                service=service, executor=getattr(agent, "executor", None),
                                reply_timeout_s=reply_timeout_s, self_update=self_update,

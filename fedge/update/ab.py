@@ -37,6 +37,9 @@ from fedge.update.tuf_repo import version_key
 log = logging.getLogger("fedge.update.ab")
 
 MANIFEST = "fedge-bundle.json"
+# Set by `exec_current` (the unit's ExecStart) to the slot root, whether it runs a
+# slot or the packaged install: the agent under it can update itself.
+SOFTWARE_ROOT_ENV = "FEDGE_SOFTWARE_ROOT"
 AGENT_CONFIG = "/etc/fedge/agent.toml"  # what a wheel slot runs by default
 
 
@@ -130,11 +133,19 @@ class SlotInstaller:
         self._set_link("current", version)
         return old
 
+    def unlink_current(self) -> None:
+        """Remove `current`: the service runs its packaged install (`exec_current`)."""
+        (self.root / "current").unlink(missing_ok=True)
+        self._fsync_root()
+
     def _set_link(self, name: str, version: str) -> None:
         tmp = self.root / f".{name}.tmp"
         tmp.unlink(missing_ok=True)
         tmp.symlink_to(Path("slots") / version)
         os.replace(tmp, self.root / name)  # rename(2): the switch is atomic
+        self._fsync_root()
+
+    def _fsync_root(self) -> None:
         fd = os.open(self.root, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -384,7 +395,12 @@ class SelfUpdate:
             for doc in (self._read(PENDING), self._read(OUTCOME)))
 
     def preflight(self) -> str:
-        """Run before every start. Returns "none", "trial" or "rolled_back"."""
+        """Run before every start. Returns "none", "trial" or "rolled_back".
+
+        Rolling back goes to the previous slot, or, when there is none (the first
+        update of a packaged install), removes ``current`` so that `exec_current`
+        runs the packaged install again.
+        """
         p = self.pending()
         if p is None:
             return "none"
@@ -395,11 +411,15 @@ class SelfUpdate:
             return "trial"
         detail = (f"version {version} did not confirm READY and a heartbeat in "
                   f"{self.max_attempts} starts")
-        rolled_back = isinstance(previous, str) and (self.slots.slots / previous).is_dir()
-        if rolled_back:
+        if isinstance(previous, str) and (self.slots.slots / previous).is_dir():
             self.slots._set_link("current", str(previous))
             self.slots._set_link("previous", version)
             detail += f"; rolled back to {previous}"
+        else:
+            self.slots.unlink_current()
+            detail += ("; no previous slot, so rolled back to the packaged install "
+                       "(`current` removed)")
+        rolled_back = True
         self._write(OUTCOME, {"rollout_id": p.get("rollout_id", ""), "path": p.get("path", ""),
                               "version": version, "ok": False, "rolled_back": rolled_back,
                               "detail": detail})
@@ -435,6 +455,9 @@ def exec_current(root: Path, fallback: list[str]) -> list[str]:
     took an update runs the packaged install. The process is replaced with
     ``execve``: the main PID (``NotifyAccess=main``) is the agent itself.
 
+    Either way ``FEDGE_SOFTWARE_ROOT`` (`SOFTWARE_ROOT_ENV`) names `root`, so the
+    agent knows it runs under this launcher and may stage its own first update.
+
     Returns the argv it would run (after updating ``os.environ``); `_main` execs it.
 
     Raises: HealthCheckFailed for a ``current`` slot with a bad manifest (systemd
@@ -443,6 +466,7 @@ def exec_current(root: Path, fallback: list[str]) -> list[str]:
     """
     if not fallback:
         raise ValueError("exec needs a fallback command after --")
+    os.environ[SOFTWARE_ROOT_ENV] = str(Path(root).absolute())
     current = Path(root) / "current"
     if not current.is_dir():
         return list(fallback)

@@ -99,6 +99,29 @@ def test_new_version_that_never_confirms_is_rolled_back_by_preflight(tmp_path, i
     assert SlotInstaller(root).current_version() == "1.0.0"
 
 
+def test_a_first_update_that_never_confirms_goes_back_to_the_packaged_install(tmp_path):
+    """No previous slot to go back to: preflight removes `current`, so the unit's
+    ExecStart runs the packaged install again, and the outcome says so."""
+    root = tmp_path / "software"
+    SelfUpdate(root).stage("0.2.0", bundle(tmp_path, "0.2.0", "crash"), rollout_id="r1")
+    runs = []
+    for _ in range(4):
+        pre = subprocess.run([sys.executable, "-m", "fedge.update.ab", "preflight", "--root",
+                              str(root), "--max-attempts", "2"], capture_output=True,
+                             text=True, timeout=60, check=True).stdout.strip()
+        out = run_unit_exec(root, [sys.executable, "-c", "print('packaged')"],
+                            env={"FEDGE_TEST_ROOT": str(root)})
+        runs.append((pre, out.returncode, out.stdout.strip()))
+        if out.returncode == 0:
+            break
+    assert runs == [("trial", 1, ""), ("trial", 1, ""), ("rolled_back", 0, "packaged")]
+    assert SlotInstaller(root).current_version() is None
+    report = SelfUpdate(root).take_outcome()
+    assert report["ok"] is False and report["rolled_back"] is True
+    assert "rolled back to the packaged install" in report["detail"]
+    assert SelfUpdate(root).preflight() == "none"
+
+
 def test_preflight_without_an_update_does_nothing_and_bad_settings_are_refused(installed):
     root, _ = installed
     assert SelfUpdate(root).preflight() == "none"
@@ -205,6 +228,61 @@ def test_unit_exec_runs_the_packaged_install_until_an_update_is_staged(tmp_path)
     out = run_unit_exec(root, [sys.executable, "-c", "import os; print('packaged', os.getpid())"])
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("packaged")
+
+
+def test_a_fresh_appliance_under_the_unit_launcher_takes_its_first_software_update(
+        tmp_path, fleet, monkeypatch):
+    """A packaged install has no `current` slot yet; started by the unit's ExecStart
+    it still updates itself (no service= needed), staging the first slot."""
+    import asyncio
+
+    from fedge.agent.updates import attach_update_client
+    from fedge.update.ab import SOFTWARE_ROOT_ENV
+    from fedge.update.messages import UpdateAvailable, UpdateFetchRequest, UpdateOutcome
+
+    root = tmp_path / "software"
+    packaged = ("import asyncio\n"
+                "from fedge.agent.updates import attach_update_client\n"
+                "class Agent:\n"
+                "    async def send(self, body): pass\n"
+                "    async def handle(self, env): pass\n"
+                f"c = attach_update_client(Agent(), {str(fleet.agent_dir)!r})\n"
+                "print(c.self_update.root if c.self_update else None)\n")
+    out = run_unit_exec(root, [sys.executable, "-c", packaged])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(root)  # the packaged agent has self-update on
+
+    fleet.publish("software", "fedge", "0.2.0", "fedge-0.2.0.tar.gz",
+                  bundle(tmp_path, "0.2.0", "good").read_bytes())
+    path = next(iter(fleet.repo.current_targets().signed.targets))
+    restarts: list[str] = []
+    sent: list[object] = []
+
+    class Agent:
+        async def send(self, body: object) -> None:
+            sent.append(body)
+            if isinstance(body, UpdateFetchRequest):
+                reply = fleet.repo.handle_fetch(body)
+                asyncio.get_running_loop().call_soon(
+                    lambda: asyncio.ensure_future(client.handle(reply)))
+
+        async def handle(self, env: object) -> None:
+            pass
+
+    monkeypatch.setenv(SOFTWARE_ROOT_ENV, str(root))  # as the launcher leaves it
+    client = attach_update_client(Agent(), fleet.agent_dir,
+                                  restart=lambda: restarts.append("restart"))
+    client.updater.clock = fleet.clock
+
+    async def first_update() -> None:
+        await client.handle(UpdateAvailable("r1", path))
+        await asyncio.wait_for(asyncio.gather(*client.tasks), 30)
+
+    asyncio.run(first_update())
+    assert not [b for b in sent if isinstance(b, UpdateOutcome)], sent
+    assert restarts == ["restart"]
+    assert SlotInstaller(root).current_version() == "0.2.0"
+    assert SelfUpdate(root).pending()["previous"] is None
 
 
 def test_unit_exec_replaces_itself_with_the_current_slot(tmp_path):

@@ -10,6 +10,10 @@ file. Files copied in by hand are handled by the server's checks instead
 
 `retire` moves a version out of the scan (to `.retired-<v>-<n>`), which is how
 a bad model is rolled back: the server falls back to the next highest version.
+
+A version number names one model for good: `install` takes a number above every
+version directory (with a model file or not) and every retired version, so a
+client that asked for version 2 never gets another model under that name.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import onnx
 
 MODEL_FILE = "model.onnx"
 NAME_RULE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_RETIRED = re.compile(r"\.retired-([1-9][0-9]*)-[0-9a-f]+")
+INSTALL_ATTEMPTS = 1000  # version numbers tried before install gives up
 
 
 def check_model_name(name: str) -> str:
@@ -82,6 +88,17 @@ class ModelRepository:
                 found.append(int(p.name))
         return sorted(found)
 
+    def _highest_number_taken(self, base: Path) -> int:
+        """The highest version number ever used under `base`: a version directory
+        with or without its model file (one being copied in by hand), or retired."""
+        highest = 0
+        for p in base.iterdir():
+            if p.name.isdigit() and not p.name.startswith("0"):
+                highest = max(highest, int(p.name))
+            elif m := _RETIRED.fullmatch(p.name):
+                highest = max(highest, int(m.group(1)))
+        return highest
+
     def path(self, name: str, version: int) -> Path:
         """Where version `version` of `name` keeps its ONNX file.
 
@@ -96,12 +113,15 @@ class ModelRepository:
         """Add `model` (a path to an ONNX file, or its bytes) as the next version of `name`.
 
         The model is parsed and checked with `onnx.checker` before anything is
-        written; the new version appears atomically. Returns the new version.
+        written; the new version appears atomically, numbered above every version
+        ever used (retired ones included). Returns the new version.
 
         Raises:
             ValueError: invalid model name, or bytes that are not a valid ONNX model
                 (the message names the checker's complaint); nothing is installed.
             FileNotFoundError: `model` is a path that does not exist.
+            OSError: the repository cannot be written, or INSTALL_ATTEMPTS version
+                numbers were all taken meanwhile; nothing is installed.
         """
         check_model_name(name)
         data = model if isinstance(model, bytes) else Path(model).read_bytes()
@@ -125,20 +145,24 @@ class ModelRepository:
             os.chmod(staging / MODEL_FILE, 0o644)
             os.chmod(staging, 0o755)
             _fsync_dir(staging)
-            while True:
-                version = max(self.versions(name), default=0) + 1
-                target = base / str(version)
+            version = self._highest_number_taken(base) + 1
+            for _ in range(INSTALL_ATTEMPTS):
                 try:
                     # rename(2) replaces only an empty directory: a version another
                     # installer created meanwhile makes this fail, and we take the next.
-                    os.rename(staging, target)
+                    os.rename(staging, base / str(version))
                 except OSError as exc:
-                    if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                        continue
-                    raise
-                break
-            _fsync_dir(base)
-            return version
+                    if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                        raise
+                    version = max(version, self._highest_number_taken(base)) + 1
+                    continue
+                _fsync_dir(base)
+                return version
+            raise OSError(
+                errno.EEXIST,
+                f"cannot install {name!r}: {INSTALL_ATTEMPTS} version numbers up to "
+                f"{version - 1} were taken meanwhile in {base}",
+            )
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)

@@ -8,6 +8,9 @@ smoke inference, and only then published. Publishing replaces one immutable
 dict, so a request that already holds the old `LoadedModel` finishes on it
 while the next request sees the new one: no request waits and none fails.
 The previous version stays loaded for rollback and for requests that name it.
+A loaded version whose model file is no longer the one it was loaded from (its
+inode, mtime or size changed: replaced by hand) is loaded again, so the server
+never answers under a version number with a model that left the disk.
 """
 
 from __future__ import annotations
@@ -32,6 +35,18 @@ log = logging.getLogger("fedge.serve")
 KEEP_LOADED = 2  # the live version and the one before it
 SMALL_MODEL_S = 0.0001  # one row faster than this: a single intra-op thread
 SMOKE_AXIS = 32  # size of a free non-batch axis in the load check
+
+
+FileId = tuple[int, int, int]  # inode, mtime in ns, size
+
+
+def file_id(path: Path) -> FileId | None:
+    """What tells one model file from the next at the same path; None if it is gone."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 class ModelLoadError(RuntimeError):
@@ -92,6 +107,8 @@ class LoadedModel:
     row_seconds: float = 0.0
     # rows are computed independently (checked at load): requests may share a run
     batchable: bool = False
+    # the file as it was just before loading: a different one means another model
+    file: FileId | None = None
     row_bytes: int = field(init=False, repr=False, compare=False)
     # request headers already checked against this version's signature (protocol.py)
     parsed_headers: dict[bytes, ParsedHeader] = field(
@@ -143,6 +160,7 @@ def load_model(name: str, version: int, path: Path, *, threads: int) -> LoadedMo
         ModelLoadError: the file is missing, not ONNX, uses unsupported types, or its
             smoke inference fails or gives non-finite numbers.
     """
+    loaded_file = file_id(path)  # before reading: a change meanwhile shows next time
     try:
         session = ort.InferenceSession(
             str(path), sess_options=session_options(threads), providers=["CPUExecutionProvider"]
@@ -187,7 +205,7 @@ def load_model(name: str, version: int, path: Path, *, threads: int) -> LoadedMo
     meta = session.get_modelmeta().custom_metadata_map
     return LoadedModel(
         name, version, path, session, inputs, outputs, dict(meta), threads, row_seconds,
-        _rows_independent(session, inputs),
+        _rows_independent(session, inputs), loaded_file,
     )
 
 
@@ -258,7 +276,7 @@ class ModelStore:
         self.threads = threads or default_threads()
         self.keep = keep
         self._models: dict[str, ModelVersions] = {}
-        self._failed: dict[Path, tuple[float, int]] = {}
+        self._failed: dict[Path, FileId] = {}
         self.failures: dict[tuple[str, int], str] = {}  # (model, version) -> why not served
         self._lock = threading.Lock()  # serialises sync(), never taken by get()
         self.on_swap: Callable[[str, int], None] | None = None
@@ -311,7 +329,9 @@ class ModelStore:
             for name, versions in on_disk.items():
                 wanted = versions[-self.keep :]
                 have = current[name].loaded if name in current else {}
-                loaded = {v: m for v, m in have.items() if v in versions}
+                # a version whose file was replaced is another model: load it again
+                loaded = {v: m for v, m in have.items()
+                          if v in versions and m.file == file_id(repo.path(name, v))}
                 for v in wanted:
                     if v in loaded:
                         continue
@@ -334,8 +354,8 @@ class ModelStore:
                             name, new_live.version, before, new_live.inputs, new_live.outputs,
                         )
                     current[name] = ModelVersions(loaded)
-                    if max(loaded) != before:
-                        swapped.append((name, max(loaded)))
+                    if before is None or new_live is not have[before]:
+                        swapped.append((name, new_live.version))
                 else:
                     current.pop(name, None)
             self._models = current  # the swap: one reference assignment
@@ -347,11 +367,9 @@ class ModelStore:
 
     def _try_load(self, repo: ModelRepository, name: str, version: int) -> LoadedModel | None:
         path = repo.path(name, version)
-        try:
-            st = path.stat()
-        except FileNotFoundError:
+        stamp = file_id(path)
+        if stamp is None:
             return None
-        stamp = (st.st_mtime, st.st_size)
         if self._failed.get(path) == stamp:
             return None  # same bytes failed before; retry only when the file changes
         try:

@@ -153,3 +153,6 @@ def test_retiring_the_live_version_rolls_back(
     _wait_for(lambda: _live_version(fresh_server) == "1")
     r = httpx.get(f"{fresh_server.url}/v2/models/cox/versions/2/ready", timeout=5)
     assert r.status_code == 404
+    # the fixed model pushed after the rollback is a new version, and it is served
+    assert fresh_server.repo.install("cox", cox_v1[0]) == 3
+    _wait_for(lambda: _live_version(fresh_server) == "3")

@@ -97,6 +97,35 @@ def test_store_keeps_the_two_newest_versions(
     assert store.sync(repo) == []  # nothing new, nothing swapped
 
 
+def test_a_version_whose_file_is_replaced_is_loaded_again(
+    tmp_path: Path, cox_v1: tuple[Path, torch.nn.Module], cox_v2: tuple[Path, torch.nn.Module]
+) -> None:
+    repo = ModelRepository(tmp_path)
+    store = ModelStore(threads=1)
+    repo.install("cox", cox_v1[0])
+    repo.install("cox", cox_v1[0])
+    assert store.sync(repo) == [("cox", 2)]
+    x = np.ones((1, N_FEATURES), dtype=np.float32)
+
+    def served(version: str | None = None) -> np.ndarray:
+        return store.get("cox", version).run({"input": x}, ["output"])[0]
+
+    with torch.no_grad():
+        want_v1 = cox_v1[1](torch.from_numpy(x)).numpy()
+        want_v2 = cox_v2[1](torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(served(), want_v1, atol=1e-5)
+    # version 2's file replaced by hand (a new inode): the old session was served on
+    staged = repo.path("cox", 2).with_name("model.onnx.new")
+    staged.write_bytes(cox_v2[0].read_bytes())
+    staged.replace(repo.path("cox", 2))
+    assert store.sync(repo) == [("cox", 2)]
+    np.testing.assert_allclose(served(), want_v2, atol=1e-4)
+    # rewritten in place (same inode, a new mtime): loaded again as well
+    repo.path("cox", 1).write_bytes(cox_v2[0].read_bytes())
+    assert store.sync(repo) == []  # the live version did not change
+    np.testing.assert_allclose(served("1"), want_v2, atol=1e-4)
+
+
 def test_starlette_infer_route_works_without_the_fast_path(
     tmp_path: Path, cox_v1: tuple[Path, torch.nn.Module]
 ) -> None:

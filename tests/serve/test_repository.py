@@ -68,8 +68,31 @@ def test_retire_takes_a_version_out_of_service(
     kept = repo.retire("cox", 2)
     assert repo.versions("cox") == [1]
     assert (kept / "model.onnx").is_file()
-    assert repo.install("cox", cox_v1[0]) == 2
+    # the retired number names the retired model for good: it is not handed out again
+    assert repo.install("cox", cox_v1[0]) == 3
+    repo.retire("cox", 3)
+    assert repo.install("cox", cox_v1[0]) == 4
+    assert repo.versions("cox") == [1, 4]
     with pytest.raises(FileNotFoundError, match="no version 9"):
         repo.retire("cox", 9)
     with pytest.raises(ValueError, match="positive integer"):
         repo.path("cox", 0)
+
+
+def test_install_skips_a_version_directory_without_a_model_file(
+    tmp_path: Path, cox_v1: tuple[Path, torch.nn.Module]
+) -> None:
+    repo = ModelRepository(tmp_path)
+    assert repo.install("cox", cox_v1[0]) == 1
+    # a copy by hand under way (or abandoned): not a version yet, but its number is taken
+    (tmp_path / "cox" / "2").mkdir()
+    (tmp_path / "cox" / "2" / "notes.txt").write_text("copying")
+    (tmp_path / "cox" / "3").mkdir()  # empty: taken as well
+    done: list[int] = []
+    worker = threading.Thread(target=lambda: done.append(repo.install("cox", cox_v1[0])),
+                              daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert done == [4], "install spun on a number it could not take"
+    assert repo.versions("cox") == [1, 4]
+    assert not [p for p in (tmp_path / "cox").iterdir() if p.name.startswith(".incoming-")]

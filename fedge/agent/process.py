@@ -189,8 +189,10 @@ def _unreadable(sd: Path, exc: OSError) -> str:
             f"(e.g. chown -R fedge: {sd})")
 
 
-def health_probe(cfg: AgentConfig) -> Any:
-    """(report dict, eligible, reason) from fedge.health, or a constant when disabled."""
+def health_probe(cfg: AgentConfig, xid_monitor: Any = None) -> Any:
+    """(report dict, eligible, reason) from fedge.health, or a constant when disabled.
+    ``xid_monitor`` (a started ``fedge.health.XidMonitor``) adds the GPUs' XID events,
+    which the eligibility policy weighs."""
     if not cfg.health:
         return lambda: ({}, True, "")
     from fedge.health import EligibilityPolicy, collect
@@ -198,7 +200,7 @@ def health_probe(cfg: AgentConfig) -> Any:
     policy = EligibilityPolicy.from_config(cfg.eligibility)
 
     def probe() -> tuple[dict[str, Any], bool, str]:
-        report = collect(cfg.state_dir)
+        report = collect(cfg.state_dir, xid_monitor=xid_monitor)
         decision = policy.decide(report)
         return report.to_dict(), bool(decision.eligible), str(decision.reason)
 
@@ -298,9 +300,10 @@ def run(cfg: AgentConfig, *, connect_timeout_s: float | None = None) -> int:
     enrolled = load_enrolled(cfg.state_dir)
     trainer: Trainer = TorchTrainer(cfg.datasets, state_dir=cfg.state_dir)
     executor: Executor = ThreadPoolExecutor(cfg.workers, thread_name_prefix="fedge-task")
+    xids = start_xid_monitor() if cfg.health else None
     agent = Agent(enrolled.site, trainer, identity=enrolled.identity, roster=enrolled.roster,
                   roster_key=enrolled.roster_key, roster_path=enrolled.roster_path,
-                  executor=executor, health=health_probe(cfg),
+                  executor=executor, health=health_probe(cfg, xids),
                   job_state=JobStateStore(cfg.state_dir / "jobs"))
     # Signed updates (console/updates engineer): UpdateAvailable / fetch replies go to
     # the TUF client; models install into <state_dir>/models for `fedge serve`.
@@ -325,3 +328,18 @@ def run(cfg: AgentConfig, *, connect_timeout_s: float | None = None) -> int:
         return asyncio.run(main())
     finally:
         executor.shutdown(wait=False, cancel_futures=True)
+        if xids is not None:
+            xids.stop()
+
+
+def start_xid_monitor() -> Any:
+    """A started XID monitor (its events reach every heartbeat's health report), or
+    None where NVML or its event API is missing; the reason is logged either way."""
+    from fedge.health import XidMonitor
+
+    monitor = XidMonitor()
+    if monitor.start():
+        log.info("watching GPUs %s for XID errors", monitor.registered)
+        return monitor
+    log.info("no XID monitor: %s", monitor.reason)
+    return None

@@ -19,8 +19,10 @@ secure aggregation, plain) weighted update. Never data rows.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
@@ -56,6 +58,32 @@ class _Task:
     local: LocalResult | None = None
     session: Any = None
     started: float = field(default_factory=time.monotonic)
+
+
+PROBE_WAIT_S = 0.5  # longest a heartbeat waits for its health probe
+
+
+def _in_daemon_thread(loop: asyncio.AbstractEventLoop, fn: Callable[[], Any],
+                      name: str) -> asyncio.Future[Any]:
+    """``fn()`` on a daemon thread, its result as a future of ``loop``: a call that
+    never returns (a hung driver) cannot hold up the process's exit, as it would on
+    an executor's worker."""
+    fut: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, exc: BaseException | None) -> None:
+        if not fut.done():
+            fut.set_exception(exc) if exc is not None else fut.set_result(result)
+
+    def run() -> None:
+        try:
+            result, exc = fn(), None
+        except Exception as e:
+            result, exc = None, e
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(settle, result, exc)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return fut
 
 
 class Agent:
@@ -107,6 +135,9 @@ class Agent:
         self.controls: dict[str, dict[int, np.ndarray]] = {}
         self.job_state = job_state
         self._health_cache: tuple[dict[str, Any], bool, str] = ({}, True, "")
+        # Health probes run on a thread of their own: on ``executor`` they would queue
+        # behind a round's training (one worker by default) and the heartbeat with them.
+        self._probe: asyncio.Future[tuple[dict[str, Any], bool, str]] | None = None
 
     # -- outgoing -------------------------------------------------------------------
 
@@ -116,11 +147,28 @@ class Agent:
         await self.send_frames(codec.encode(body, sender=self.site, job=job, round=round))
 
     async def heartbeat(self) -> None:
+        """Send a heartbeat with a fresh health report: the probe runs on its own
+        thread; one still running after ``PROBE_WAIT_S`` (a hung NVML call) is left to
+        finish for a later heartbeat, and until then heartbeats carry the last report
+        without waiting."""
         loop = asyncio.get_running_loop()
-        try:
-            self._health_cache = await loop.run_in_executor(self.executor, self.health)
-        except Exception as exc:  # a broken probe must not silence the heartbeat
-            self._health_cache = ({"error": str(exc)}, False, f"health probe failed: {exc}")
+        wait = 0.0  # a probe already late for an earlier heartbeat delays no other
+        if self._probe is None:
+            self._probe = _in_daemon_thread(loop, self.health, "fedge-health")
+            wait = PROBE_WAIT_S
+        probe = self._probe
+        if wait:
+            await asyncio.wait([probe], timeout=wait)
+        if probe.done():
+            self._probe = None
+            try:
+                self._health_cache = probe.result()
+            except Exception as exc:  # a broken probe must not silence the heartbeat
+                self._health_cache = ({"error": str(exc)}, False,
+                                      f"health probe failed: {exc}")
+        elif wait:
+            log.warning("%s: health probe still running after %.1f s; heartbeats go with "
+                        "the last report until it ends", self.site, PROBE_WAIT_S)
         report, eligible, reason = self._health_cache
         await self.send(m.Heartbeat(
             site=self.site, version=__version__, health_json=json.dumps(report, default=str),

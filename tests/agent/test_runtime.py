@@ -237,6 +237,67 @@ def test_heartbeats_flow_while_training_runs_in_the_worker():
     assert len(link.bodies(m.TrainDone)) == 1
 
 
+def test_health_probes_do_not_queue_behind_training_on_the_one_worker(monkeypatch):
+    """`fedge agent` trains on one worker thread by default. Heartbeats during a long
+    round still carry a fresh health report (the probe has its own thread); a probe
+    that hangs (an NVML call stuck) delays one heartbeat by PROBE_WAIT_S at most and
+    the next ones go out at once with the last report."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import fedge.agent.runtime as rt
+
+    monkeypatch.setattr(rt, "PROBE_WAIT_S", 0.3)
+    release, hang = threading.Event(), threading.Event()
+    probes = []
+
+    def probe():
+        probes.append(threading.current_thread().name)
+        if hang.is_set():
+            release.wait(10)
+        return {"probe": len(probes)}, True, ""
+
+    class Slow(SyntheticTrainer):
+        def train(self, *a, **k):
+            release.wait(10)
+            return LocalResult(np.zeros(4, np.float32), 1, {})
+
+    one = ThreadPoolExecutor(1)
+    agent = Agent("site-a", Slow("site-a"), executor=one, health=probe)
+    link = Link(agent)
+
+    async def go():
+        training = asyncio.create_task(deliver(agent, task()))
+        for _ in range(500):
+            if agent.task is not None:
+                break
+            await asyncio.sleep(0.01)
+        t0 = time.monotonic()
+        for _ in range(3):
+            await agent.heartbeat()
+        fresh = time.monotonic() - t0
+        hang.set()
+        t0 = time.monotonic()
+        for _ in range(3):
+            await agent.heartbeat()
+        stuck = time.monotonic() - t0
+        release.set()
+        await training
+        return fresh, stuck
+
+    try:
+        fresh, stuck = asyncio.run(go())
+    finally:
+        release.set()
+        one.shutdown(wait=True)
+    reports = [json.loads(hb.health_json) for hb in link.bodies(m.Heartbeat)]
+    assert [r["probe"] for r in reports[:3]] == [1, 2, 3] and fresh < 2.0
+    # the fourth probe hangs: heartbeats 4-6 carry report 3, and it is not re-queued
+    assert [r["probe"] for r in reports[3:]] == [3, 3, 3] and len(probes) == 4
+    assert 0.3 <= stuck < 0.3 + 1.0
+    assert all(name.startswith("fedge-health") for name in probes)
+    assert len(link.bodies(m.TrainDone)) == 1
+
+
 def test_synthetic_trainer_refuses_other_dataset():
     with pytest.raises(TaskRefusal, match="not held"):
         SyntheticTrainer("a", dataset="x").train("a", "j", parse_plan(PLAN),

@@ -227,3 +227,31 @@ def test_python_m_fedge_health_runs(tmp_path: Path) -> None:
     assert time.monotonic() - t0 < 60
     assert out.returncode == 0, out.stderr
     assert "ELIGIBLE: eligible: CPU-only" in out.stdout or "ELIGIBLE: eligible:" in out.stdout
+
+
+def test_the_agent_starts_an_xid_monitor_and_its_heartbeats_carry_the_events(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What `fedge agent` wires up: start_xid_monitor() then health_probe(cfg, monitor).
+    A GPU that falls off the bus (XID 79) reaches the report and makes the appliance
+    ineligible; without NVML there is no monitor and the probe still works."""
+    from fedge.agent.process import AgentConfig, health_probe, start_xid_monitor
+
+    fake = FakeNvml([gpu(), gpu()]).install(monkeypatch)
+    cfg = AgentConfig(state_dir=tmp_path)
+    monitor = start_xid_monitor()
+    assert monitor is not None and monitor.registered == [0, 1]
+    try:
+        probe = health_probe(cfg, monitor)
+        report, eligible, _ = probe()
+        assert report["xid_events"] == [] and eligible
+        fake.events.put((1, 79))
+        assert wait_for(lambda: len(monitor.events()) == 1)
+        report, eligible, reason = probe()
+    finally:
+        monitor.stop()
+    assert [(e["gpu_index"], e["xid"]) for e in report["xid_events"]] == [(1, 79)]
+    assert not eligible and "XID 79" in reason
+    FakeNvml([], init_error=pynvml.NVML_ERROR_LIBRARY_NOT_FOUND).install(monkeypatch)
+    assert start_xid_monitor() is None
+    assert health_probe(cfg, None)()[0]["xid_events"] == []

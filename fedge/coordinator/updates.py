@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,6 +28,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from tuf.api.metadata import TargetFile
 
 from fedge.update import tuf_repo
 from fedge.update.files import (
@@ -43,6 +45,12 @@ from fedge.update.messages import (
     UpdateFetchReply,
     UpdateFetchRequest,
 )
+
+# Far beyond any target this relay holds; refused before they reach seek(2) / open(2).
+MAX_FETCH_OFFSET = 1 << 40
+MAX_FETCH_PATH = 1024
+
+log = logging.getLogger("fedge.coordinator.updates")
 
 
 class UpdateRepositoryError(ValueError):
@@ -156,7 +164,9 @@ class UpdateRepository:
     ) -> int:
         """Accept new console-signed targets (and optionally a rotated root).
 
-        `files` maps TUF target path → bytes for each target not already stored.
+        `files` maps TUF target path → bytes for each target not already stored
+        intact: a stored file that no longer matches its signed hash is rewritten
+        from `files` (a corrupt one not supplied is logged and left for a re-push).
         Returns the new snapshot version.
 
         Raises:
@@ -193,9 +203,15 @@ class UpdateRepository:
             except ValueError as exc:
                 raise UpdateRepositoryError(str(exc)) from exc
             dest = self.root_dir / "targets" / tuf_repo.hashed_path(tf)
-            if dest.exists():
+            stored = _stored_state(dest, tf)
+            if stored == "ok":
                 continue
             data = files.get(tf.path)
+            if data is None and stored == "corrupt":
+                # agents refuse it by its hash; pushing the file again repairs it
+                log.error("stored target %s does not match its signed length/sha256; "
+                          "push it again to replace it", tf.path)
+                continue
             if data is None:
                 raise UpdateRepositoryError(f"target {tf.path!r} is listed but its file was "
                                             "not supplied")
@@ -309,13 +325,20 @@ class UpdateRepository:
         return dict(self._v.__dict__)
 
     def handle_fetch(self, req: UpdateFetchRequest) -> UpdateFetchReply:
-        """Answer one chunked fetch. Never raises on bad input: the reply names the error."""
+        """Answer one chunked fetch. Never raises on bad input: the reply names the error
+        (a hostile appliance's NUL, huge offset or over-long name is a bad request)."""
         path = req.path if isinstance(req.path, str) else ""
-        if (not isinstance(req.offset, int) or not isinstance(req.length, int)
-                or req.offset < 0 or req.length <= 0):
+        if (type(req.offset) is not int or type(req.length) is not int
+                or not 0 <= req.offset <= MAX_FETCH_OFFSET
+                or not 0 < req.length <= MAX_FETCH_OFFSET):
             return UpdateFetchReply(path, 0, b"", True,
-                                    f"{ERROR_BAD_REQUEST}: offset {req.offset!r} must be >= 0 "
-                                    f"and length {req.length!r} > 0")
+                                    f"{ERROR_BAD_REQUEST}: offset {req.offset!r} must be "
+                                    f"0..{MAX_FETCH_OFFSET} and length {req.length!r} "
+                                    f"1..{MAX_FETCH_OFFSET}")
+        if "\x00" in path or len(path) > MAX_FETCH_PATH:
+            return UpdateFetchReply(path[:MAX_FETCH_PATH], req.offset, b"", True,
+                                    f"{ERROR_BAD_REQUEST}: path must hold no NUL and at most "
+                                    f"{MAX_FETCH_PATH} characters (has {len(path)})")
         parts = path.split("/")
         if (len(parts) < 2 or parts[0] not in ("metadata", "targets")
                 or any(p in ("", ".", "..") for p in parts) or "\\" in path):
@@ -330,7 +353,29 @@ class UpdateRepository:
                 eof = f.read(1) == b""
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return UpdateFetchReply(path, req.offset, b"", True, ERROR_NOT_FOUND)
+        except (OSError, ValueError, OverflowError) as exc:  # ENAMETOOLONG, EACCES, ...
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            return UpdateFetchReply(path, req.offset, b"", True,
+                                    f"{ERROR_BAD_REQUEST}: path {path!r} cannot be read: "
+                                    f"{why}")
         return UpdateFetchReply(path, req.offset, data, eof, "")
+
+
+def _stored_state(dest: Path, tf: TargetFile) -> str:
+    """Whether the stored copy of `tf` is "missing", "ok", or "corrupt" (its length
+    or sha256 differ from the signed ones, or it cannot be read)."""
+    try:
+        if dest.stat().st_size != tf.length:
+            return "corrupt"
+        digest = hashlib.sha256()
+        with open(dest, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    except FileNotFoundError:
+        return "missing"
+    except OSError:
+        return "corrupt"
+    return "ok" if digest.hexdigest() == tf.hashes.get("sha256") else "corrupt"
 
 
 def _load_or_refuse(data: bytes, role: str) -> tuf_repo.Metadata:

@@ -144,6 +144,29 @@ def test_coordinator_refuses_targets_rollback_and_missing_files(fleet):
         fleet.repo.publish(t3, {})
 
 
+def test_a_corrupted_stored_target_is_repaired_by_pushing_it_again(make_onnx, fleet, caplog):
+    import logging
+
+    from fedge.agent.updates import AgentUpdater
+
+    fleet.publish("model", "risk", "1", "model.onnx", make_onnx(1.0))
+    tf, = fleet.repo.current_targets().signed.targets.values()
+    stored = fleet.repo.root_dir / "targets" / tuf_repo.hashed_path(tf)
+    stored.write_bytes(b"\0" * tf.length)  # bit rot, same length
+    [spec] = fleet.updater.pending()
+    with pytest.raises(tuf_exc.LengthOrHashMismatchError):
+        fleet.updater.download(spec)
+    # another push that does not carry it: accepted, the corrupt copy is named
+    with caplog.at_level(logging.ERROR, logger="fedge.coordinator.updates"):
+        fleet.publish("model", "other", "1", "model.onnx", make_onnx(2.0))
+    assert f"stored target {tf.path} does not match" in caplog.text
+    fleet.publish("model", "risk", "1", "model.onnx", make_onnx(1.0))  # pushed again
+    assert stored.read_bytes() == make_onnx(1.0)
+    fresh = AgentUpdater(fleet.agent_dir, fleet.fetcher, clock=fleet.clock)
+    spec = next(s for s in fresh.pending() if s.name == "risk")
+    assert fresh.download(spec).read_bytes() == make_onnx(1.0)
+
+
 @pytest.mark.parametrize(
     ("path", "error"),
     [("../../etc/passwd", "bad_request"), ("metadata/../state.json", "bad_request"),
@@ -154,6 +177,26 @@ def test_fetch_handler_refuses_paths_outside_the_repository(fleet, path, error):
 
     reply = fleet.repo.handle_fetch(UpdateFetchRequest(path, 0, 100))
     assert reply.error.startswith(error) and reply.data == b""
+
+
+@pytest.mark.parametrize(
+    ("path", "offset", "length", "why"),
+    [("metadata/x\x00y", 0, 10, "no NUL"),
+     ("metadata/1.root.json", 2**63, 10, "offset 9223372036854775808 must be"),
+     ("metadata/1.root.json", 0, 2**63, "length 9223372036854775808"),
+     ("metadata/" + "a" * 300, 0, 10, "File name too long"),
+     ("targets/" + "a/" * 600 + "b", 0, 10, "at most 1024 characters")],
+)
+def test_fetch_handler_answers_hostile_requests_with_a_bad_request(fleet, path, offset, length,
+                                                                   why):
+    """The relay's docstring promise: it never raises; the reply names what was wrong."""
+    from fedge.update.messages import UpdateFetchRequest
+
+    reply = fleet.repo.handle_fetch(UpdateFetchRequest(path, offset, length))
+    assert reply.error.startswith("bad_request: ") and why in reply.error
+    assert reply.data == b"" and reply.eof
+    good = fleet.repo.handle_fetch(UpdateFetchRequest("metadata/1.root.json", 0, 10))
+    assert good.error == "" and len(good.data) == 10  # the relay still answers
 
 
 def _tar(files: dict[str, bytes]) -> bytes:

@@ -115,15 +115,17 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    """Exit status 2 when the export or the install is refused (the one line on
+    stderr says why; nothing is written), 0 when done."""
     from fedge.serve.errors import ExportRefused
-    from fedge.serve.jobs import CheckpointError, export_job
+    from fedge.serve.jobs import ExportError, export_job
     from fedge.serve.repository import ModelRepository
 
     try:
         result = export_job(args.state_dir, args.job, args.out, input_shape=args.input_shape)
-    except (CheckpointError, ExportRefused) as exc:
+    except (ExportError, ExportRefused) as exc:
         print(f"fedge export: {exc}", file=sys.stderr)
-        return 1
+        return 2
     print(f"wrote {result.path} (opset {result.opset}, sha256 {result.sha256[:16]}…, "
           f"parity max abs diff {result.parity_max_abs_diff:.3g} on {result.parity_batch} rows)")
     if args.install:
@@ -131,6 +133,9 @@ def _export(args: argparse.Namespace) -> int:
             version = ModelRepository(args.install).install(args.name or args.job, result.path)
         except ValueError as exc:
             print(f"fedge export: {exc}", file=sys.stderr)
-            return 1
+            return 2
+        except OSError as exc:
+            print(f"fedge export: cannot install into {args.install}: {exc}", file=sys.stderr)
+            return 2
         print(f"installed {args.name or args.job} version {version} in {args.install}")
     return 0

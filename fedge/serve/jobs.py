@@ -26,7 +26,11 @@ if TYPE_CHECKING:  # torch, onnx and safetensors load only once a checkpoint is 
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
-class CheckpointError(ValueError):
+class ExportError(ValueError):
+    """The job cannot be exported as asked (the message names what was wrong)."""
+
+
+class CheckpointError(ExportError):
     """The checkpoint is missing, or lacks what an export needs."""
 
 
@@ -130,23 +134,51 @@ def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> No
 
 
 def _example_input(
-    model: torch.nn.Module, feature_names: list[str], input_shape: Sequence[int] | None
+    model: torch.nn.Module,
+    name: str,
+    params: dict[str, Any],
+    feature_names: list[str],
+    input_shape: Sequence[int] | None,
 ) -> torch.Tensor:
+    """Two example rows of the shape the model takes, checked by running the model.
+
+    The shape is `input_shape` when given, else what the model registry says the
+    plan's model takes (`fedge.train.models.input_shape`).
+
+    Raises:
+        ExportError: feature names that disagree with the model's input width, or
+            an input of that shape the model cannot run on.
+    """
     import torch
 
+    from fedge.train.api import ModelSpec
+    from fedge.train.models import input_shape as model_input_shape
+
     if input_shape:
-        return torch.zeros((2, *input_shape)).normal_(generator=torch.Generator().manual_seed(0))
-    if feature_names:
-        n = len(feature_names)
+        shape, source = tuple(input_shape), f"--input-shape {','.join(map(str, input_shape))}"
     else:
-        first = next((m for m in model.modules() if isinstance(m, torch.nn.Linear)), None)
-        if first is None:
+        try:
+            shape = model_input_shape(ModelSpec(name, params))
+        except ValueError as exc:
+            raise CheckpointError(f"checkpoint plan's model cannot be built: {exc}") from None
+        source = f"the plan's model {name!r}"
+        if feature_names and shape != (len(feature_names),):
             raise CheckpointError(
-                "cannot tell the model's input shape: no feature names in the checkpoint and "
-                "no Linear layer; pass --input-shape"
+                f"checkpoint lists {len(feature_names)} feature names but {source} takes "
+                f"inputs of shape {list(shape)} per example; the checkpoint's feature_names "
+                "do not belong to this model"
             )
-        n = first.in_features
-    return torch.randn((2, n), generator=torch.Generator().manual_seed(0))
+    example = torch.zeros((2, *shape)).normal_(generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            model(example)
+    except RuntimeError as exc:  # torch names the mismatch: "mat1 and mat2 shapes ..."
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(
+            f"model {name!r} cannot run on inputs of shape {list(shape)} per example "
+            f"(from {source}): {detail}"
+        ) from None
+    return example
 
 
 def export_job(
@@ -159,7 +191,9 @@ def export_job(
     """Export job `job_id`'s final model to ONNX (default: beside the checkpoint, model.onnx).
 
     Raises:
-        CheckpointError: missing/invalid checkpoint, plan or weights.
+        CheckpointError: missing/invalid checkpoint, plan, weights or feature names.
+        ExportError: an input shape the model cannot run on, or `out` cannot be
+            written (nothing written).
         ExportRefused: parity with PyTorch failed (nothing written).
     """
     ckpt = checkpoint_path(state_dir, job_id)
@@ -204,6 +238,9 @@ def export_job(
             "detail": "inputs go in as the sites fed them to training (fedge.train's "
                       "per-site standardiser, if the plan's data set used one)",
         })
-    example = _example_input(model, feature_names, input_shape)
+    example = _example_input(model, name, params, feature_names, input_shape)
     target = Path(out) if out is not None else ckpt.with_name("model.onnx")
-    return export_onnx(model, example, props, target, preprocessing=preprocessing)
+    try:
+        return export_onnx(model, example, props, target, preprocessing=preprocessing)
+    except OSError as exc:
+        raise ExportError(f"cannot write {target}: {exc.strerror or exc}") from None

@@ -13,7 +13,7 @@ same spec get bit-identical initial weights.
 | mlp           | any tabular              | (n, out_features)  | in_features                    |
 | cox_linear    | survival (Cox PH)        | log-risk (n, 1)    | in_features                    |
 | cox_mlp       | survival (Cox PH)        | log-risk (n, 1)    | in_features                    |
-| resnet_small  | images 1x64x64 (or CxHxW)| logits (n, k)      | (none: in_channels=1, classes) |
+| resnet_small  | images 1x64x64 (or CxHxW)| logits (n, k)      | (none: in_channels=1, classes, image_size=64) |
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ __all__ = [
     "build_model",
     "cox_log_denominator",
     "cox_partial_likelihood",
+    "input_shape",
 ]
 
 
@@ -201,6 +202,25 @@ TASK_OF_MODEL: dict[str, str] = {
     "cox_mlp": "survival",
     "resnet_small": "classification",
 }
+
+
+DEFAULT_IMAGE_SIZE = 64  # the image data sets' default (fedge.train.data.DatasetSpec)
+
+
+def input_shape(spec: ModelSpec) -> tuple[int, ...]:
+    """The shape of one example the model takes: ``(in_features,)`` for the tabular
+    models, ``(in_channels, image_size, image_size)`` for resnet_small (its optional
+    ``image_size`` parameter, default 64, is what the sites' images are scaled to;
+    the network itself pools over any size).
+
+    Raises:
+        ValueError: unknown name, or a missing / out-of-range parameter (named).
+    """
+    _check_spec(spec)
+    if spec.name == "resnet_small":
+        size = _int_param(spec, "image_size", DEFAULT_IMAGE_SIZE)
+        return _int_param(spec, "in_channels", 1), size, size
+    return (_int_param(spec, "in_features"),)
 
 
 def _check_spec(spec: ModelSpec) -> None:

@@ -50,3 +50,32 @@ def test_export_success_writes_the_onnx_beside_the_checkpoint(tmp_path):
     assert coord.store.audit_log(action="model_exported")
     assert ck.final_path(tmp_path, "job-y").with_name("model.onnx").stat().st_size > 0
     coord.close()
+
+
+IMAGE_PLAN = """
+[job]
+dataset = "scans"
+rounds = 1
+[model]
+name = "resnet_small"
+params = { classes = 2, width = 8 }
+"""
+
+
+def test_an_image_model_is_exported_at_job_end(tmp_path):
+    # the input shape comes from the model registry (1x64x64), not a Linear layer's width
+    from fedge.train.api import ModelSpec, build_model, flatten
+
+    coord = Coordinator(tmp_path, initial_weights=lambda plan: np.zeros(5, np.float32))
+    weights = flatten(build_model(ModelSpec("resnet_small", {"classes": 2, "width": 8})))
+    ck.save_checkpoint(ck.final_path(tmp_path, "job-cnn"),
+                       ck.Checkpoint(weights=weights, round=1, plan=IMAGE_PLAN))
+    assert asyncio.run(export_final_model(coord, "job-cnn", timeout_s=120)) is True
+    assert coord.store.audit_log(action="model_exported")
+    assert not coord.store.audit_log(action="model_export_failed")
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(ck.final_path(tmp_path, "job-cnn").with_name("model.onnx")),
+                                providers=["CPUExecutionProvider"])
+    assert sess.get_inputs()[0].shape[1:] == [1, 64, 64]
+    coord.close()

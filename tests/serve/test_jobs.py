@@ -85,8 +85,72 @@ def test_default_output_sits_beside_the_checkpoint(state_dir: Path) -> None:
 
 def test_missing_job_is_a_clear_cli_error(tmp_path: Path) -> None:
     proc = _run_cli("export", "--job", "nope", "--state-dir", str(tmp_path))
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert "no checkpoint at" in proc.stderr and "nope" in proc.stderr
+
+
+def _save_job(state_dir: Path, job: str, feature_names: list[str]) -> None:
+    ckpt = Checkpoint(weights=_trained_flat(), round=3, plan=PLAN, feature_names=feature_names,
+                      metrics={})
+    save_checkpoint(final_path(state_dir, job), ckpt)
+
+
+@pytest.mark.parametrize(
+    ("args", "features", "needle"),
+    [
+        (["--input-shape", "5"], [],
+         "model 'cox_mlp' cannot run on inputs of shape [5] per example (from --input-shape 5): "
+         "mat1 and mat2 shapes cannot be multiplied"),
+        ([], [f"f{i}" for i in range(10)],
+         "checkpoint lists 10 feature names but the plan's model 'cox_mlp' takes inputs of "
+         "shape [39] per example"),
+        (["--out", "/proc/fedge-test/x.onnx"], [], "cannot write /proc/fedge-test/x.onnx: "),
+    ],
+    ids=["wrong-input-shape", "feature-names-of-another-model", "unwritable-out"],
+)
+def test_ordinary_mistakes_are_one_line_errors_not_tracebacks(
+    tmp_path: Path, args: list[str], features: list[str], needle: str
+) -> None:
+    _save_job(tmp_path, "job-m", features)
+    proc = _run_cli("export", "--job", "job-m", "--state-dir", str(tmp_path), *args)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("fedge export: ") and needle in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert not (tmp_path / "jobs" / "job-m" / "model.onnx").exists()
+
+
+RESNET_PLAN = """
+[job]
+dataset = "scans"
+rounds = 1
+
+[model]
+name = "resnet_small"
+params = { classes = 3, width = 8 }
+"""
+
+
+def test_a_resnet_small_job_exports_with_the_image_shape_it_was_trained_on(
+    tmp_path: Path,
+) -> None:
+    spec = ModelSpec("resnet_small", {"classes": 3, "width": 8})
+    model = build_model(spec)
+    flat = flatten(model)
+    flat = (flat + np.random.default_rng(5).normal(0, 0.05, flat.shape)).astype(np.float32)
+    save_checkpoint(final_path(tmp_path, "job-cnn"),
+                    Checkpoint(weights=flat, round=1, plan=RESNET_PLAN, metrics={}))
+    result = export_job(tmp_path, "job-cnn")  # no feature names, no --input-shape
+    sess = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    (inp,) = sess.get_inputs()
+    assert inp.shape[1:] == [1, 64, 64]  # one channel, the data sets' 64x64 default
+    load_flat(model, flat)
+    model.eval()
+    x = np.random.default_rng(1).standard_normal((3, 1, 64, 64)).astype(np.float32)
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+    got = sess.run(None, {inp.name: x})[0]
+    assert got.shape == (3, 3)
+    np.testing.assert_allclose(got, want, atol=1e-5)  # the export's own parity bound
 
 
 def test_corrupted_weights_are_refused(state_dir: Path) -> None:

@@ -162,9 +162,18 @@ def _cmd_init(args: argparse.Namespace) -> int:
         print(f"console {store.console_id} created in {store.home}")
         print(f"roster key fingerprint: {store.roster_public_key().hex()[:16]}")
         print(f"coordinator provisioning file: {store.home / 'coordinator-provision.json'}")
+        print(_root_expiry_line(store))
         return 0
 
     return _run(go, args)
+
+
+def _root_expiry_line(store: Any) -> str:
+    from fedge.console.store import ROOT_RENEW_BEFORE
+
+    return (f"TUF root v{store.state['root_version']} expires "
+            f"{store.root_expires().isoformat()} (a push renews it once it expires within "
+            f"{ROOT_RENEW_BEFORE.days} days)")
 
 
 def _cmd_enrol(args: argparse.Namespace) -> int:
@@ -486,7 +495,13 @@ def push(store: Any, client: Any, file: Path, *, kind: str, name: str, version: 
         args["canary"] = canary
     if sites:
         args["sites"] = sites
-    rollout, _ = client.call("push", args, {"targets.json": targets, **files})
+    blobs = {"targets.json": targets, **files}
+    root = store.renewed_root()  # root expires within 30 days: the same keys, a new year
+    if root is not None:
+        blobs["root.json"] = root
+    rollout, _ = client.call("push", args, blobs)
+    if root is not None:
+        store.save_root(root)
     store.save_targets(targets)  # published: the next signing builds on this version
     while wait and rollout["state"] not in ("succeeded", "failed"):
         time.sleep(poll_s)
@@ -508,6 +523,7 @@ def _cmd_push(args: argparse.Namespace) -> int:
             print(f"{site}: {'ok' if res['ok'] else 'FAILED'} {res['detail']}")
         print(f"roll-out {r['rollout_id']} of {r['path']}: {r['state']}"
               + (f" — {r['failure']}" if r["failure"] else ""))
+        print(_root_expiry_line(store))
         return 0 if r["state"] in ("succeeded", "canary", "rest") else 1
 
     return _run(go, args)

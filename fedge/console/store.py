@@ -46,6 +46,10 @@ FORMAT = "fedge-console/1"
 PROVISION_FORMAT = "fedge-coordinator-provision/1"
 ROLES: tuple[str, ...] = ("admin", "viewer")
 DEFAULT_OPERATORS: tuple[tuple[str, str], ...] = (("admin", "admin"), ("viewer", "viewer"))
+# A push renews root (same keys, version N+1) once it expires within this: root
+# expires a year after it is signed, and an appliance refuses every update under an
+# expired root.
+ROOT_RENEW_BEFORE = timedelta(days=30)
 
 
 class ConsoleError(ValueError):
@@ -328,6 +332,47 @@ class ConsoleStore:
     def save_targets(self, targets: bytes) -> None:
         """Record `targets` (signed by this console) as the latest published version."""
         write_atomic(self.home / "tuf" / "targets.json", targets)
+
+    def root_expires(self) -> datetime:
+        """When the console's current root metadata expires."""
+        return tuf_repo.load(self.root_bytes(), "root").signed.expires
+
+    def renewed_root(self, *, now: datetime | None = None) -> bytes | None:
+        """Root version N+1 with the same keys when root N expires within
+        `ROOT_RENEW_BEFORE`, else None; stored only by `save_root`, once the
+        coordinator took it.
+
+        Made again before it is stored (the console died after the coordinator took
+        it), it is the same document byte for byte: its expiry is counted from root
+        N's in whole years (Ed25519 signatures are deterministic), so the coordinator
+        recognises the root it already holds. None while a key rotation is
+        unfinished: finishing it signs a new root anyway.
+        """
+        now = now or self.clock()
+        if self.pending_rotation() is not None:
+            return None
+        current = tuf_repo.load(self.root_bytes(), "root").signed
+        if current.expires - now > ROOT_RENEW_BEFORE:
+            return None
+        year = tuf_repo.EXPIRY["root"]
+        years = 1
+        while current.expires + years * year - now <= ROOT_RENEW_BEFORE:
+            years += 1
+        # create_root counts a year from `now`: give it the year before the expiry wanted
+        md = tuf_repo.create_root(self.tuf_key("root"), self.tuf_key("targets"),
+                                  self.tuf_key("snapshot"), self.tuf_key("timestamp"),
+                                  now=current.expires + (years - 1) * year,
+                                  version=current.version + 1)
+        return tuf_repo.to_bytes(md)
+
+    def save_root(self, root: bytes) -> None:
+        """Store a root made by `renewed_root` as the console's current one (new
+        enrolments carry it) and rewrite the provision file."""
+        version = tuf_repo.load(root, "root").signed.version
+        write_atomic(self.home / "tuf" / f"{version}.root.json", root)
+        self.state["root_version"] = version
+        self._save()
+        self.write_provision_file()
 
     def rotate_online_keys(self, *, now: datetime | None = None, persist: bool = True
                            ) -> tuple[bytes, bytes, bytes]:

@@ -171,10 +171,13 @@ class UpdateRepository:
 
         Raises:
             UpdateRepositoryError: bad signature, version not increasing, expired
-                metadata, or a target file missing or not matching its hash.
+                metadata (root included: named with its date), or a target file
+                missing or not matching its hash.
         """
         if self.holds(targets, root):  # sent again (the console lost our reply)
             return self._v.snapshot
+        if root is not None and self.holds(None, root):
+            root = None  # the root in force, sent again (a renewal the console never stored)
         now = self.clock()
         root_md = self.current_root()
         new_root_bytes = None
@@ -187,6 +190,12 @@ class UpdateRepository:
             _verify_or_refuse(root_md, "root", new_root)
             _verify_or_refuse(new_root, "root", new_root)
             root_md, new_root_bytes = new_root, root
+        if root_md.signed.is_expired(now):
+            raise UpdateRepositoryError(
+                f"root metadata v{root_md.signed.version} expired at "
+                f"{root_md.signed.expires.isoformat()}: appliances refuse every update under "
+                "it; renew it (`fedge console push` sends a renewed root once it expires "
+                "within 30 days, as do `fedge console rotate-keys` and rotate-online-keys)")
         targets_md = _load_or_refuse(targets, "targets")
         _verify_or_refuse(root_md, "targets", targets_md)
         if targets_md.signed.version <= self._v.targets:

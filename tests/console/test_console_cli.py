@@ -435,6 +435,43 @@ def test_push_of_an_older_signed_version_is_refused_the_newest_may_go_again(
     assert again["path"] == paths[1] and [s for s, _ in server.sent] == ["h1"]
 
 
+def test_a_push_near_root_expiry_renews_root_and_the_console_shows_the_date(
+        tmp_path, make_server, capsys):
+    """Root expires a year after init. A push within 30 days of that carries root v+1
+    (the same keys, a year more); the coordinator and then the fleet follow it."""
+    from datetime import timedelta
+
+    from fedge.update import tuf_repo
+
+    server = make_server()
+    app = Appliance(tmp_path, "h1", server)
+    home = server.console.home
+    base = ["console", "--home", str(home), "--timeout", "5"]
+    f = tmp_path / "model.onnx"
+    f.write_bytes(tiny_onnx(1.0))
+    assert main([*base, "push", str(f), "--kind", "model", "--name", "risk",
+                 "--version", "1", "--sites", "h1", "--no-wait"]) == 0
+    v1_expires = ConsoleStore(home).root_expires()
+    assert f"TUF root v1 expires {v1_expires.isoformat()}" in capsys.readouterr().out
+    drive(server, [app])
+
+    later = ConsoleStore(home, clock=lambda: v1_expires - timedelta(days=20))
+    client = AdminClient.from_store(later, "admin", timeout_s=5)
+    f.write_bytes(tiny_onnx(2.0))
+    r = push(later, client, f, kind="model", name="risk", version="2", sites=["h1"],
+             wait=False)
+    drive(server, [app])
+    status, _ = client.call("rollout_status", {"rollout_id": r["rollout_id"]})
+    assert status["state"] == "succeeded", status
+    assert server.updates.versions["root"] == 2
+    assert ConsoleStore(home).state["root_version"] == 2
+    assert ConsoleStore(home).root_expires() == v1_expires + timedelta(days=365)
+    assert tuf_repo.load((app.updater.metadata_dir / "root.json").read_bytes(),
+                         "root").signed.version == 2  # the appliance follows root v2
+    provision = json.loads((home / "coordinator-provision.json").read_text())
+    assert tuf_repo.load(provision["tuf_root"].encode(), "root").signed.version == 2
+
+
 def console_killed(home, *command, at):
     """`fedge console …` as a real process that SIGKILLs itself at `at`
     ("before:OP" just before sending, "after:OP" once the coordinator replied)."""

@@ -61,6 +61,50 @@ def test_freeze_attack_expired_timestamp_is_refused(make_onnx, fleet):
     assert [s.version for s in fleet.updater.refresh()] == ["1"]
 
 
+def test_root_near_its_expiry_is_renewed_by_a_push_and_updates_go_on_after_a_year(
+        make_onnx, fleet):
+    """Root expires a year after `console init`; the console renews it (root v2, the
+    same keys) on a push within 30 days of that, and appliances follow it."""
+    fleet.publish("model", "risk", "1", "model.onnx", make_onnx(1.0))
+    assert [s.version for s in fleet.updater.refresh()] == ["1"]
+    v1_expires = fleet.console.root_expires()
+    fleet.clock.now += timedelta(days=300)
+    assert fleet.console.renewed_root() is None  # two months left: nothing to do
+    fleet.clock.now += timedelta(days=40)
+    root = fleet.console.renewed_root()
+    assert root is not None and fleet.console.renewed_root() == root  # same bytes again
+    targets, files = fleet.console.sign_targets([("model", "risk", "2", "model.onnx",
+                                                  make_onnx(2.0))])
+    fleet.repo.publish(targets, files, root=root)
+    # the console died before storing root v2: the next push sends the same document,
+    # which the coordinator recognises as the root it holds
+    targets, files = fleet.console.sign_targets([("model", "risk", "3", "model.onnx",
+                                                  make_onnx(3.0))])
+    fleet.repo.publish(targets, files, root=fleet.console.renewed_root())
+    fleet.console.save_root(root)
+    assert fleet.repo.versions["root"] == 2 and fleet.console.state["root_version"] == 2
+    assert fleet.console.root_expires() == v1_expires + timedelta(days=365)
+    assert fleet.console.renewed_root() is None
+    fleet.clock.now += timedelta(days=30)  # past root v1's expiry
+    fleet.repo.refresh_timestamp()
+    assert sorted(s.version for s in fleet.updater.refresh()) == ["1", "2", "3"]
+
+
+def test_coordinator_refuses_to_publish_under_an_expired_root_naming_the_date(make_onnx,
+                                                                              fleet):
+    fleet.clock.now += timedelta(days=366)
+    targets, files = fleet.console.sign_targets([("model", "risk", "1", "model.onnx",
+                                                  make_onnx(1.0))])
+    with pytest.raises(UpdateRepositoryError,
+                       match=r"root metadata v1 expired at 2027-11-01T12:00:00\+00:00.*"
+                             r"fedge console push"):
+        fleet.repo.publish(targets, files)
+    assert fleet.repo.versions["targets"] == 1
+    # a renewed root in the same push is taken, and the fleet follows it
+    fleet.repo.publish(targets, files, root=fleet.console.renewed_root())
+    assert [s.version for s in fleet.updater.refresh()] == ["1"]
+
+
 def test_mix_and_match_old_targets_under_new_snapshot_is_refused(make_onnx, fleet):
     fleet.publish("model", "risk", "1", "model.onnx", make_onnx(1.0))
     fleet.publish("model", "risk", "2", "model.onnx", make_onnx(2.0))

@@ -188,10 +188,22 @@ def _cmd_enrol(args: argparse.Namespace) -> int:
         print(f"console fingerprint to check on site: {e.fingerprint()}")
         if args.offline:
             return 0
+        from fedge.console.client import AdminError
+        from fedge.console.store import ConsoleError
+
         info = store.sites()[args.site]
-        _call(args, "enrol", {"site": args.site, "curve_public": info["curve_public"],
-                              "ed25519_public": info["ed25519_public"]},
-              {"roster": store.roster().to_bytes()})
+        try:
+            _call(args, "enrol", {"site": args.site, "curve_public": info["curve_public"],
+                                  "ed25519_public": info["ed25519_public"]},
+                  {"roster": store.roster().to_bytes()})
+        except (AdminError, TimeoutError) as exc:
+            # The identity exists and its file may already be on its way to the site:
+            # keep both, and say how the coordinator gets to know it.
+            raise ConsoleError(
+                f"{exc}\n{args.site} is enrolled in this console and its enrolment file is "
+                f"written ({path}), but the coordinator does not know it yet: run `fedge "
+                "console sync` once the coordinator is reachable (or `fedge console revoke "
+                f"{args.site}` to withdraw it)") from exc
         print(f"coordinator accepts {args.site}")
         return 0
 

@@ -259,7 +259,8 @@ class ConsoleStore:
         existing = self.state["sites"].get(site)
         if existing and not existing.get("revoked"):
             raise ConsoleError(f"site {site!r} is already enrolled; revoke it first to "
-                               "issue a new identity")
+                               "issue a new identity (if the coordinator never took it, "
+                               "`fedge console sync` sends it)")
         self._roster_changed()
         self.state["sites"][site] = {
             "curve_public": curve_public,

@@ -96,6 +96,32 @@ def test_enrol_fleet_jobs_revoke_from_the_command_line(tmp_path, port, admin_por
     assert statuses == {"hospital-a": "enrolled", "hospital-b": "revoked"}
 
 
+def test_an_enrolment_the_coordinator_did_not_take_says_it_is_kept_and_sync_sends_it(
+        tmp_path, port, admin_port, make_server, capsys):
+    home = tmp_path / "c"
+    base = ["console", "--home", str(home), "--timeout", "1"]
+    assert main([*base, "init", "--coordinator", f"tcp://127.0.0.1:{port}",
+                 "--admin-endpoint", f"tcp://127.0.0.1:{admin_port}"]) == 0
+    capsys.readouterr()
+    assert main([*base, "enrol", "h1"]) == 1  # no coordinator is running
+    err = capsys.readouterr().err
+    assert "h1 is enrolled in this console and its enrolment file is written" in err
+    assert str(home / "enrolments" / "h1.fedge-enrol") in err
+    assert "run `fedge console sync` once the coordinator is reachable" in err
+    assert (home / "enrolments" / "h1.fedge-enrol").exists()
+    assert main([*base, "enrol", "h1"]) == 1  # again: it points at sync, too
+    assert "`fedge console sync` sends it" in capsys.readouterr().err
+
+    server = make_server(home)
+    assert main([*base, "--operator", "viewer", "enrol", "h2"]) == 1  # refused
+    err = capsys.readouterr().err
+    assert "needs role admin" in err and "h2 is enrolled in this console" in err
+    assert main([*base, "sync"]) == 0
+    assert "enrolled h1" in capsys.readouterr().out
+    statuses = {a["site_id"]: a["status"] for a in server.coordinator.fleet()}
+    assert statuses == {"h1": "enrolled", "h2": "enrolled"}
+
+
 def test_fleet_survives_an_appliances_odd_health_report_and_escapes_its_text(
         tmp_path, port, admin_port, make_server, capsys):
     """An enrolled appliance's heartbeat is its own to shape: a GPU count where a list

@@ -6,6 +6,14 @@ whose metadata holds `plan` (TOML), `round`, `model_digest`, `feature_names`
 table with the training registry's `build_model(ModelSpec)`, the weights loaded
 (a state dict, or one flat vector), and `export_onnx` writes it with the
 job's provenance.
+
+A federated job's tabular inputs were standardised at each site with constants
+fitted on that site's own training split, which never leave the site. The
+exported graph therefore does not standardise: its `preprocessing` metadata says
+so (per-site standardisation, not in the graph, for the plan's data set), and
+`input_columns` says where the column order is declared when the plan does not
+name the features. A checkpoint that carries `preprocessing` constants has them
+folded into the graph instead.
 """
 
 from __future__ import annotations
@@ -181,6 +189,39 @@ def _example_input(
     return example
 
 
+def _plan_dataset(plan_text: str) -> str:
+    job = tomllib.loads(plan_text).get("job")  # the plan parsed once already: valid TOML
+    dataset = job.get("dataset") if isinstance(job, dict) else None
+    return dataset if isinstance(dataset, str) else ""
+
+
+def _site_preprocessing(dataset: str, rank: int) -> dict[str, Any]:
+    """What a federated job's input went through before the model, truthfully.
+
+    Each site standardises its own tabular rows with constants fitted on its own
+    training split (fedge.train.data.Standardiser); those never leave the site,
+    so they are not in this graph and the serving site must apply its own.
+    Images are not standardised.
+    """
+    if rank != 1:
+        return {
+            "kind": "none", "in_graph": False, "dataset": dataset,
+            "input": "images as the sites' loader made them for training: single-channel, "
+                     "resized to the model's size, pixel values / 255 "
+                     "(fedge.train.data, kind 'images'); no standardisation",
+        }
+    return {
+        "kind": "per-site standardisation", "in_graph": False, "dataset": dataset,
+        "fitted": "by each site on its own training split of the data set; the constants "
+                  "stay at the site and are not in this model",
+        "transform": "(x - mean) / scale per feature (fedge.train.data.Standardiser); the "
+                     "site's 'standardise' setting for the data set says which columns: "
+                     "'continuous' (default: all but 0/1 columns), 'all' or 'none'",
+        "input": "standardise every row with the serving site's own constants for this "
+                 "data set before inference; raw values give wrong outputs",
+    }
+
+
 def export_job(
     state_dir: str | Path,
     job_id: str,
@@ -232,13 +273,16 @@ def export_job(
         "feature_names": json.dumps(feature_names),
         "metrics": meta.get("metrics", "{}"),
     }
-    if preprocessing is None:
-        props["preprocessing"] = json.dumps({
-            "kind": "none folded",
-            "detail": "inputs go in as the sites fed them to training (fedge.train's "
-                      "per-site standardiser, if the plan's data set used one)",
-        })
     example = _example_input(model, name, params, feature_names, input_shape)
+    if preprocessing is None:
+        dataset = _plan_dataset(meta["plan"])
+        props["preprocessing"] = json.dumps(_site_preprocessing(dataset, example.dim() - 1))
+        if not feature_names:
+            props["input_columns"] = (
+                f"the feature columns of data set {dataset!r} in the order each site's agent "
+                "config declares them ([[datasets]] features, or the file's column order); "
+                "the plan does not name them, so this model does not either"
+            )
     target = Path(out) if out is not None else ckpt.with_name("model.onnx")
     try:
         return export_onnx(model, example, props, target, preprocessing=preprocessing)

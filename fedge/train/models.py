@@ -13,7 +13,7 @@ same spec get bit-identical initial weights.
 | mlp           | any tabular              | (n, out_features)  | in_features                    |
 | cox_linear    | survival (Cox PH)        | log-risk (n, 1)    | in_features                    |
 | cox_mlp       | survival (Cox PH)        | log-risk (n, 1)    | in_features                    |
-| resnet_small  | images 1x64x64 (or CxHxW)| logits (n, k)      | (none: in_channels=1, classes, image_size=64) |
+| resnet_small  | images 1x64x64 (or CxHxW)| logits (n, k)      | (none: in_channels=1, classes) |
 """
 
 from __future__ import annotations

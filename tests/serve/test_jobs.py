@@ -17,6 +17,7 @@ from fedge.coordinator.checkpoint import Checkpoint, final_path, save_checkpoint
 from fedge.serve.export import read_metadata
 from fedge.serve.jobs import CheckpointError, export_job
 from fedge.serve.repository import ModelRepository
+from fedge.serve.runtime import load_model
 from fedge.train.api import ModelSpec, build_model, flatten, load_flat
 
 PLAN = """
@@ -119,6 +120,29 @@ def test_ordinary_mistakes_are_one_line_errors_not_tracebacks(
     assert not (tmp_path / "jobs" / "job-m" / "model.onnx").exists()
 
 
+def test_a_real_jobs_model_says_its_inputs_are_standardised_at_each_site(
+    tmp_path: Path,
+) -> None:
+    # what the coordinator's final checkpoint holds: no feature names, no constants
+    _save_job(tmp_path, "job-r", [])
+    result = export_job(tmp_path, "job-r")
+    served = load_model("brca", 1, result.path, threads=1).metadata  # what the server reports
+    prep = json.loads(served["preprocessing"])
+    assert prep["kind"] == "per-site standardisation" and prep["in_graph"] is False
+    assert prep["dataset"] == "fed_tcga_brca"
+    assert "serving site's own constants" in prep["input"]
+    assert json.loads(served["feature_names"]) == []
+    assert "fed_tcga_brca" in served["input_columns"]
+    # the graph takes the standardised row as it is: no constants hidden in it
+    x = np.random.default_rng(2).standard_normal((4, 39)).astype(np.float32)
+    model = build_model(ModelSpec("cox_mlp", {"in_features": 39, "hidden": [8]}))
+    load_flat(model, _trained_flat())
+    with torch.no_grad():
+        want = model.eval()(torch.from_numpy(x)).numpy()
+    sess = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(None, {"input": x})[0], want, atol=1e-5)
+
+
 RESNET_PLAN = """
 [job]
 dataset = "scans"
@@ -150,6 +174,8 @@ def test_a_resnet_small_job_exports_with_the_image_shape_it_was_trained_on(
         want = model(torch.from_numpy(x)).numpy()
     got = sess.run(None, {inp.name: x})[0]
     assert got.shape == (3, 3)
+    prep = json.loads(read_metadata(result.path)["preprocessing"])
+    assert prep["kind"] == "none" and "pixel values / 255" in prep["input"]
     np.testing.assert_allclose(got, want, atol=1e-5)  # the export's own parity bound
 
 

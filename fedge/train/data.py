@@ -433,6 +433,8 @@ def _numeric(path: Path, rows: list[tuple[int, list[str]]], idx: int, column: st
         if raw == "":
             raise DataError(path, "missing value", line=lineno, column=column)
         try:
+            if "_" in raw:  # float() takes Python's digit separators: 2_50 is no number
+                raise ValueError(raw)
             value = float(raw)
         except ValueError:
             raise DataError(

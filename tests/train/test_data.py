@@ -68,6 +68,11 @@ def test_wrong_type_names_line_and_column(tmp_path: Path) -> None:
         load_site_data(_spec(p))
     assert (err.value.line, err.value.column) == (4, "age")
     assert "'seventy' is not a number" in str(err.value) and str(p) in str(err.value)
+    rows[2] = "p3,7_0,1,1,50,train\n"  # float() would read 70: a typo is no number
+    p = _write(tmp_path, HEADER + "".join(rows))
+    with pytest.raises(DataError, match="'7_0' is not a number") as err:
+        load_site_data(_spec(p))
+    assert (err.value.line, err.value.column) == (4, "age")
 
 
 def test_truncated_file_names_the_cut_line(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ import collections
 import itertools
 import logging
 import secrets
+import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ log = logging.getLogger("fedge.coordinator")
 SYSTEM = "coordinator"
 REPLAY_WINDOW = 4096  # message ids remembered per site
 HEARTBEAT_PERSIST_S = 30.0  # an unchanged heartbeat is written to SQLite this often
+FINISH_RETRY_S = 10.0  # a job whose final checkpoint could not be written is retried this often
 DEFAULT_MAX_BYTES = 64 << 20
 
 
@@ -112,6 +114,13 @@ class JobRunner:
         self.strategy = strategy
         self.committed = committed
         self.round: Round | None = None
+        # The last committed round's checkpoint, which becomes final.safetensors once
+        # every planned round is committed (None before round 1 commits).
+        self.last_checkpoint: ck.Checkpoint | None = None
+        # When finishing the job (final checkpoint, status) last failed; it is retried
+        # every FINISH_RETRY_S, never followed by a round past plan.rounds.
+        self.finish_failed_at = float("-inf")
+        self.finish_error = ""
 
     @property
     def finished(self) -> bool:
@@ -217,6 +226,10 @@ class Coordinator:
         if self.runner is not None and self.runner.job_id == job_id and self.runner.round:
             d["current_round"] = self.runner.round.round
             d["phase"] = self.runner.round.phase.value
+        if self.runner is not None and self.runner.job_id == job_id and self.runner.finished:
+            d["phase"] = "finishing"  # all rounds committed; final checkpoint not yet written
+            if self.runner.finish_error:
+                d["finish_error"] = self.runner.finish_error
         final = ck.final_path(self.state_dir, job_id)
         d["final_checkpoint"] = str(final) if final.exists() else ""
         d["results"] = ck.results(self.state_dir, job_id)
@@ -439,6 +452,10 @@ class Coordinator:
             if self.runner is None:
                 return
         runner = self.runner
+        if runner.finished:  # every planned round committed: finish, never train one more
+            if now - runner.finish_failed_at >= FINISH_RETRY_S:
+                self._finish_job(runner, now)
+            return
         if runner.round is None:
             runner.new_round(now)
         rnd = runner.round
@@ -491,19 +508,51 @@ class Coordinator:
         runner.weights = rnd.new_weights
         runner.strategy = rnd.strategy
         runner.committed = rnd.round
+        runner.last_checkpoint = ckpt
         runner.round = None
         if runner.finished:
-            ck.save_checkpoint(ck.final_path(self.state_dir, runner.job_id), ckpt)
+            self._finish_job(runner, self.clock())
+
+    def _finish_job(self, runner: JobRunner, now: float) -> None:
+        """Every planned round is committed: write final.safetensors, mark the job
+        completed and hand it to ``on_job_completed``.
+
+        The last round is already committed when this runs, so a failure here (disk
+        full, the coordinator killed while writing) must not start another round:
+        it is logged and audited as ``job_finish_failed`` and :meth:`tick` tries
+        again every FINISH_RETRY_S (after a restart, :meth:`_start_next_job` does).
+        """
+        ckpt = runner.last_checkpoint
+        try:
+            if ckpt is None:  # resumed after a restart: the last committed round's file
+                ckpt = ck.load_checkpoint(ck.round_path(self.state_dir, runner.job_id,
+                                                        runner.committed))
+                runner.last_checkpoint = ckpt
+            digest = ck.save_checkpoint(ck.final_path(self.state_dir, runner.job_id), ckpt)
             self.store.set_job_status(runner.job_id, "completed", actor=SYSTEM,
                                       final_digest=digest)
-            self.runner = None
-            self.on_job_completed(runner.job_id)
+        except (OSError, ck.CheckpointError, StoreError, sqlite3.Error) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            log.error("job %s: all %d rounds committed but finishing failed (retried in "
+                      "%g s): %s", runner.job_id, runner.committed, FINISH_RETRY_S, error)
+            runner.finish_failed_at = now
+            runner.finish_error = error
+            try:
+                self.store.audit(SYSTEM, "job_finish_failed",
+                                 {"job": runner.job_id, "round": runner.committed,
+                                  "error": error[:500]})
+            except (StoreError, sqlite3.Error):
+                log.exception("cannot audit the failure to finish job %s", runner.job_id)
+            return
+        self.runner = None
+        self.on_job_completed(runner.job_id)
 
     def _start_next_job(self, now: float) -> None:
         jobs = self.store.jobs(status="running") or self.store.jobs(status="queued")
         if not jobs:
             return
         job = jobs[0]
+        last: ck.Checkpoint | None = None
         try:
             plan = parse_plan(job.plan_toml)
             if job.committed_round == 0:
@@ -513,6 +562,7 @@ class Coordinator:
                 c = ck.load_checkpoint(ck.round_path(self.state_dir, job.job_id,
                                                      job.committed_round))
                 weights = c.weights.copy()
+                last = c
                 strategy = Strategy(plan.strategy, {k: v.copy()
                                                     for k, v in c.strategy_state.items()})
         except (PlanError, ck.CheckpointError) as exc:
@@ -527,6 +577,11 @@ class Coordinator:
         self.max_message_bytes = max(self.max_message_bytes,
                                      8 * (2 * weights.size + 1) + (1 << 20))
         self.runner = JobRunner(self, job.job_id, plan, weights, strategy, job.committed_round)
+        if self.runner.finished:
+            # killed (or failing) between committing the last round and marking the job
+            # completed: finish it, do not train round plan.rounds + 1
+            self.runner.last_checkpoint = last
+            self._finish_job(self.runner, now)
 
     def _round0(self, job_id: str, plan: Plan) -> np.ndarray:
         path = ck.round_path(self.state_dir, job_id, 0)

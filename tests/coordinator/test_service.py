@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 
 from fedge.coordinator.plan import PlanError
@@ -228,3 +229,104 @@ def test_failed_attempts_limit_fails_job_without_checkpoints(federation):
     assert [r.status for r in fed.coord.store.rounds(job)] == ["failed"] * 3
     w0 = fed.coord.state_dir / "jobs" / job / "round-0.safetensors"
     assert w0.exists() and not (w0.parent / "round-1.safetensors").exists()
+
+
+def _block_final_checkpoint(fed, job):
+    """A directory where final.safetensors goes: its atomic rename fails with a real
+    OSError (IsADirectoryError), as a full disk or a dead disk would, even as root."""
+    from fedge.coordinator import checkpoint as ck
+
+    final = ck.final_path(fed.coord.state_dir, job)
+    final.mkdir(parents=True)
+    (final / "blocker").write_text("")
+    return final
+
+
+def _rounds_started(coord, job):
+    import json
+
+    return [json.loads(a["detail"])["round"] for a in coord.store.audit_log(
+        action="round_started") if json.loads(a["detail"])["job"] == job]
+
+
+def test_a_failing_final_checkpoint_is_retried_and_never_trains_a_round_past_the_plan(
+        federation):
+    """All rounds committed but final.safetensors cannot be written: the job stays
+    'finishing' (failure audited, retried), and completes once the disk takes the file;
+    it never starts round plan.rounds + 1."""
+    import shutil
+
+    from fedge.coordinator import checkpoint as ck
+
+    fed = federation(["a", "b"])
+    completed: list[str] = []
+    fed.coord.on_job_completed = completed.append
+    job = fed.coord.submit_job(PLAN.replace("rounds = 3", "rounds = 2"), actor="test")
+    final = _block_final_checkpoint(fed, job)
+
+    def finish_failures():
+        return len(fed.coord.store.audit_log(action="job_finish_failed"))
+
+    async def go():
+        await fed.heartbeats()
+        await fed.pump(until=lambda: finish_failures() >= 2, advance=1.0)  # retried
+    asyncio.run(go())
+    j = fed.coord.store.job(job)
+    assert (j.status, j.committed_round) == ("running", 2)
+    assert _rounds_started(fed.coord, job) == [1, 2]
+    st = fed.coord.job_status(job)
+    assert st["phase"] == "finishing" and "IsADirectoryError" in st["finish_error"]
+    assert "IsADirectoryError" in fed.coord.store.audit_log(action="job_finish_failed")[0][
+        "detail"]
+    assert completed == []
+
+    shutil.rmtree(final)  # space again
+    asyncio.run(fed.pump(until=lambda: fed.coord.store.job(job).status == "completed",
+                         advance=1.0))
+    assert _rounds_started(fed.coord, job) == [1, 2]
+    assert [r.round for r in fed.coord.store.rounds(job)] == [1, 2]
+    assert completed == [job] and fed.coord.runner is None
+    w2 = ck.load_checkpoint(ck.round_path(fed.coord.state_dir, job, 2)).weights
+    np.testing.assert_array_equal(ck.load_checkpoint(final).weights, w2)
+    assert fed.coord.store.job(job).final_digest == fed.coord.store.rounds(job)[-1].model_digest
+
+
+def test_a_coordinator_restarted_after_the_last_commit_completes_the_job_without_a_round(
+        federation):
+    """Killed after the last round's commit, before the job was marked completed: the
+    next coordinator on the same state directory writes the final checkpoint from the
+    last round and completes the job instead of training round plan.rounds + 1."""
+    import shutil
+
+    from fedge.coordinator import checkpoint as ck
+    from fedge.coordinator.service import Coordinator
+
+    fed = federation(["a", "b"])
+    job = fed.coord.submit_job(PLAN.replace("rounds = 3", "rounds = 2"), actor="test")
+    final = _block_final_checkpoint(fed, job)  # dies here: the final write never lands
+
+    async def go():
+        await fed.heartbeats()
+        await fed.pump(until=lambda: fed.coord.store.job(job).committed_round == 2)
+    asyncio.run(go())
+    old = fed.coord
+    shutil.rmtree(final)
+    fed.coord = Coordinator(old.state_dir, roster=old.roster,
+                            roster_public_key=old.roster_public_key, heartbeat_timeout_s=30.0,
+                            initial_weights=old.initial_weights, clock=fed.clock)
+    old.close()
+    completed: list[str] = []
+    fed.coord.on_job_completed = completed.append
+    assert fed.coord.store.job(job).status == "running"
+
+    async def again():
+        await fed.heartbeats()  # the sites are back: a round could start if one were due
+        await fed.pump(until=lambda: fed.coord.store.job(job).status != "running")
+    asyncio.run(again())
+    j = fed.coord.store.job(job)
+    assert (j.status, j.committed_round) == ("completed", 2)
+    assert completed == [job] and fed.coord.runner is None
+    assert _rounds_started(fed.coord, job) == [1, 2]
+    w2 = ck.load_checkpoint(ck.round_path(fed.coord.state_dir, job, 2)).weights
+    np.testing.assert_array_equal(ck.load_checkpoint(final).weights, w2)
+    assert j.final_digest == fed.coord.store.rounds(job)[-1].model_digest

@@ -339,6 +339,13 @@ class Round:
         if self.phase is Phase.EVALUATING:
             if m.is_secagg(body):
                 return []  # a share that arrived after the unmask stage closed: harmless
+            if sender not in self._eval_cohort():
+                if isinstance(body, m.TaskRefused):
+                    return []  # a dropped site giving up late: it is out already
+                # only survivors were sent the new model: anything else would be counted
+                # in place of a survivor's result and weighted into the round's metrics
+                return self._reject(sender, f"{type(body).__name__} from {sender}, which is "
+                                    f"not in the evaluation cohort of round {self.round}")
             if isinstance(body, m.EvalResult):
                 if sender in self.evals:
                     return self._reject(sender, "duplicate evaluation result")
@@ -384,7 +391,11 @@ class Round:
             self.refused.setdefault(site, "connection lost during training")
             if len(self.trained) + len(self.refused) == len(self.cohort):
                 return self._end_training(now)
-        if self.phase is Phase.EVALUATING and site not in self.evals:
+        # Only the evaluation cohort counts towards DONE: a site dropped before
+        # aggregation (lost() is called each tick while it stays away) was sent no
+        # EvalTask and must not take the place of a survivor still evaluating.
+        if self.phase is Phase.EVALUATING and site in self._eval_cohort() \
+                and site not in self.evals:
             self.evals[site] = m.EvalResult(self.task_id, 0, {})
             if len(self.evals) == len(self._eval_cohort()):
                 self.phase = Phase.DONE

@@ -261,3 +261,28 @@ def test_nothing_the_coordinator_receives_or_keeps_reveals_one_sites_update(fede
             for u in updates.values():
                 for dtype in (np.float32, np.float64):
                     assert u.astype(dtype).tobytes()[:64] not in data, path
+
+
+def test_a_site_lost_while_training_does_not_cut_the_survivors_evaluation_short(federation):
+    """c's connection is lost as its TrainTask goes out; the round goes on with a and b,
+    and its federated evaluation is a's and b's, weighted by their example counts."""
+    from fedge.wire.messages import TrainTask
+
+    fed = federation(["a", "b", "c"], n_examples={"a": 10, "b": 30, "c": 50})
+
+    def drop_c(site, body):
+        if site == "c" and isinstance(body, TrainTask):
+            fed.coord.peer_lost("c")  # the transport notices at once
+            return True
+        return False
+
+    fed.kill_hook = drop_c
+    job = run(fed, plan(rounds=1, secure="false"))
+    st = fed.coord.store
+    assert st.job(job).status == "completed", st.job(job).error
+    assert (st.rounds(job)[-1].survivors, st.rounds(job)[-1].dropped) == (["a", "b"], ["c"])
+    evals = [r for r in st.metrics(job) if r["split"] not in ("train", "privacy")]
+    assert sorted((r["site"], r["n_examples"]) for r in evals) == [
+        ("*", 40), ("a", 10), ("b", 30)]
+    by_site = {r["site"]: r["value"] for r in evals}
+    assert by_site["*"] == pytest.approx((10 * by_site["a"] + 30 * by_site["b"]) / 40)

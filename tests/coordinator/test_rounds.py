@@ -226,3 +226,26 @@ def test_eval_result_with_nan_is_refused_and_not_stored():
     rows = [r for r in rnd.metric_rows() if r[1] == "test"]
     assert ("a", "test", "cindex") not in {r[:3] for r in rows}
     assert ("*", "test", "cindex", pytest.approx(0.7), 5) in rows
+
+
+def test_a_site_dropped_before_aggregation_neither_ends_nor_joins_the_evaluation():
+    """c was lost while training; the driver calls lost("c") on every tick. Evaluation
+    still waits for both survivors, and nothing from c takes a survivor's place."""
+    rnd = new_round()
+    rnd.offer(["a", "b", "c"], 0.0)
+    rnd.lost("c", 0.5)
+    sends = []
+    for s in "ab":
+        sends += rnd.receive(s, m.TrainDone(rnd.task_id, 5 * (s == "a") + 15 * (s == "b")),
+                             1.0)
+    send_plain(rnd, sends, {"a": np.ones(3), "b": np.ones(3)}, {"a": 5, "b": 15})
+    assert rnd.phase is Phase.EVALUATING and rnd.survivors == ["a", "b"]
+    rnd.lost("c", 1.5)
+    out = rnd.receive("c", m.EvalResult(rnd.task_id, 100, {"cindex": 0.0}), 1.5)
+    assert "not in the evaluation cohort" in by_type(out, m.Rejected)[0][1].reason
+    assert rnd.receive("c", m.TaskRefused(rnd.task_id, "eval", "gone"), 1.5) == []
+    rnd.receive("a", m.EvalResult(rnd.task_id, 5, {"cindex": 0.5}), 2.0)
+    assert rnd.phase is Phase.EVALUATING  # b has not answered yet
+    rnd.receive("b", m.EvalResult(rnd.task_id, 15, {"cindex": 0.9}), 2.0)
+    assert rnd.phase is Phase.DONE and sorted(rnd.evals) == ["a", "b"]
+    assert ("*", "test", "cindex", pytest.approx(0.8), 20) in rnd.metric_rows()

@@ -169,6 +169,9 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
                 if preparing is None:
                     preparing = asyncio.ensure_future(_prepare_initial_model(coord))
                 elif preparing.done():
+                    if not preparing.cancelled() and preparing.exception() is not None:
+                        log.error("preparing the next job's starting model failed",
+                                  exc_info=preparing.exception())
                     preparing = None
             else:
                 coord.tick()
@@ -270,6 +273,14 @@ def _needs_initial_model(coord: Coordinator) -> Any:
 
 
 async def _prepare_initial_model(coord: Coordinator) -> None:
+    """Build the next job's starting model in a child and write its round-0 checkpoint.
+
+    A job whose model cannot be built, or whose directory cannot be written, is
+    marked failed with the reason (audited): left queued, it would be retried on
+    every tick and hold up every job behind it.
+    """
+    import subprocess
+
     from fedge.coordinator.initmodel import initial_weights_subprocess
     from fedge.coordinator.plan import PlanError, parse_plan
 
@@ -277,14 +288,22 @@ async def _prepare_initial_model(coord: Coordinator) -> None:
     if job is None:
         return
     loop = asyncio.get_running_loop()
+    path = ck.round_path(coord.state_dir, job.job_id, 0)
     try:
         plan = parse_plan(job.plan_toml)
+        # the job's directory first: one that cannot be made fails before torch starts
+        path.parent.mkdir(parents=True, exist_ok=True)
         weights = await loop.run_in_executor(None, initial_weights_subprocess, plan)
-    except PlanError as exc:
-        coord.store.set_job_status(job.job_id, "failed", actor="coordinator", error=str(exc))
+        ck.save_checkpoint(path, ck.Checkpoint(weights=weights, round=0, plan=plan.text))
         return
-    ck.save_checkpoint(ck.round_path(coord.state_dir, job.job_id, 0),
-                       ck.Checkpoint(weights=weights, round=0, plan=plan.text))
+    except PlanError as exc:
+        reason = str(exc)
+    except subprocess.TimeoutExpired as exc:
+        reason = f"building the starting model timed out after {exc.timeout:.0f} s"
+    except (OSError, ck.CheckpointError) as exc:
+        reason = f"cannot prepare the starting model {path}: {exc}"
+    log.error("job %s failed: %s", job.job_id, reason)
+    coord.store.set_job_status(job.job_id, "failed", actor="coordinator", error=reason)
 
 
 def _maybe_die(coord: Coordinator, kill_at: str) -> None:

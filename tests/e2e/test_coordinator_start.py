@@ -1,0 +1,56 @@
+"""What a real `fedge coordinator` process does with a state directory that is not as
+it left it: a job directory it cannot write, a job finished but not reported, a
+database it cannot open, temporary files from a write that was killed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+PLAN = """
+[job]
+dataset = "fed_tcga_brca"
+rounds = 1
+min_clients = 2
+seed = {seed}
+[model]
+name = "cox_linear"
+params = {{ in_features = 4 }}
+[train]
+steps = 1
+batch_size = 4
+learning_rate = 0.01
+[strategy]
+name = "fedavg"
+"""
+
+
+def _coordinator(federation):
+    fed = federation()
+    fed.add_site("a", [])
+    fed.enrol_in_store()
+    fed.write_coordinator_config()
+    return fed
+
+
+def test_a_job_whose_directory_cannot_be_written_fails_naming_it_and_the_next_job_runs(
+        federation):
+    fed = _coordinator(federation)
+    blocked = fed.submit(PLAN.format(seed=1))
+    following = fed.submit(PLAN.format(seed=2))
+    in_the_way = fed.coord_dir / "jobs" / blocked
+    in_the_way.parent.mkdir()
+    in_the_way.write_text("a plain file where the job's directory belongs\n")
+    fed.start_coordinator()
+    job = fed.wait_job(blocked, 60, statuses=("failed",))
+    assert str(in_the_way) in job["error"]
+    assert "File exists" in job["error"] or "Not a directory" in job["error"]
+    failed = [json.loads(r["detail"]) for r in fed.audit("job_failed")]
+    assert failed == [{"job": blocked, "error": job["error"]}]
+    fed.wait_job(following, 120, statuses=("running",))
+    assert fed.job(blocked)["status"] == "failed"
+    assert "never retrieved" not in fed.coordinator.output()
+    assert (fed.coord_dir / "jobs" / following / "round-0.safetensors").is_file()

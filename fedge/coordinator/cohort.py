@@ -13,17 +13,42 @@ from dataclasses import dataclass
 
 from fedge.coordinator.store import Appliance
 
+EXPLAIN_SITES = 5  # sites named in a cohort shortfall; the rest are counted
+
 
 @dataclass(frozen=True)
 class Selection:
     candidates: list[str]
     excluded: dict[str, str]
+    enrolled: int = 0  # sites enrolled (not revoked), candidates or not
+
+    def excluded_first(self, limit: int = EXPLAIN_SITES) -> dict[str, str]:
+        """The first ``limit`` excluded sites (by name) with their reasons."""
+        return {s: self.excluded[s] for s in sorted(self.excluded)[:limit]}
+
+    def explain(self, min_clients: int, limit: int = EXPLAIN_SITES) -> str:
+        """Why this selection makes no cohort of ``min_clients``, bounded: the counts,
+        and at most ``limit`` candidates and ``limit`` excluded sites by name."""
+        names = ", ".join(self.candidates[:limit])
+        if len(self.candidates) > limit:
+            names += f" and {len(self.candidates) - limit} more"
+        text = f"{len(self.candidates)} candidate site(s)"
+        if names:
+            text += f" ({names})"
+        text += f" of {self.enrolled} enrolled, min_clients {min_clients}"
+        if self.excluded:
+            first = self.excluded_first(limit)
+            text += "; excluded: " + "; ".join(f"{s}: {r}" for s, r in first.items())
+            if len(self.excluded) > len(first):
+                text += f"; and {len(self.excluded) - len(first)} more"
+        return text
 
 
 def select_cohort(appliances: Iterable[Appliance], *, connected: set[str], dataset: str,
                   busy: set[str] | None = None) -> Selection:
     """Split the fleet into candidates and excluded sites (with the reason)."""
     busy = busy or set()
+    appliances = list(appliances)
     candidates: list[str] = []
     excluded: dict[str, str] = {}
     for a in appliances:
@@ -39,4 +64,5 @@ def select_cohort(appliances: Iterable[Appliance], *, connected: set[str], datas
             excluded[a.site_id] = "busy with another task"
         else:
             candidates.append(a.site_id)
-    return Selection(sorted(candidates), excluded)
+    enrolled = sum(1 for a in appliances if a.status == "enrolled")
+    return Selection(sorted(candidates), excluded, enrolled)

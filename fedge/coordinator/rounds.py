@@ -226,6 +226,7 @@ class Round:
     aggregation_factory: AggregationFactory = plain_factory
     phase: Phase = Phase.WAITING_COHORT
     failure: str = ""
+    waiting_for: str = ""  # while WAITING_COHORT: why the candidates fall short
     cohort: list[str] = field(default_factory=list)
     trained: dict[str, m.TrainDone] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)
@@ -266,11 +267,17 @@ class Round:
 
     # -- inputs ----------------------------------------------------------------------
 
-    def offer(self, candidates: list[str], now: float) -> Outgoing:
-        """The sites now eligible (enrolled, connected, healthy, holding the data set)."""
+    def offer(self, candidates: list[str], now: float, why: str = "") -> Outgoing:
+        """The sites now eligible (enrolled, connected, healthy, holding the data set).
+
+        ``why`` says why the others are not (bounded); while the round waits it is
+        kept in ``waiting_for`` and becomes part of the failure if the deadline passes.
+        """
         if self.phase is not Phase.WAITING_COHORT:
             return []
+        self.waiting_for = why
         if len(candidates) >= self.plan.min_clients:
+            self.waiting_for = ""
             self.cohort = sorted(candidates)
             self.phase = Phase.TRAINING
             self._deadline = now + self.plan.deadlines.train_s
@@ -373,6 +380,7 @@ class Round:
             return self._fail(
                 f"cohort below min_clients {self.plan.min_clients} when the cohort deadline "
                 f"({self.plan.deadlines.cohort_s:g} s) passed"
+                + (f": {self.waiting_for}" if self.waiting_for else "")
             )
         if self.phase is Phase.TRAINING and now >= self._deadline:
             return self._end_training(now)

@@ -34,7 +34,7 @@ import numpy as np
 
 from fedge import __version__
 from fedge.coordinator import checkpoint as ck
-from fedge.coordinator.cohort import select_cohort
+from fedge.coordinator.cohort import Selection, select_cohort
 from fedge.coordinator.plan import Plan, PlanError, parse_plan
 from fedge.coordinator.rounds import AggregationFactory, Phase, Round, plain_factory
 from fedge.coordinator.store import Store, StoreError
@@ -121,6 +121,8 @@ class JobRunner:
         # every FINISH_RETRY_S, never followed by a round past plan.rounds.
         self.finish_failed_at = float("-inf")
         self.finish_error = ""
+        # The fleet as the last cohort offer saw it (job_status explains a wait with it).
+        self.selection: Selection | None = None
 
     @property
     def finished(self) -> bool:
@@ -226,6 +228,14 @@ class Coordinator:
         if self.runner is not None and self.runner.job_id == job_id and self.runner.round:
             d["current_round"] = self.runner.round.round
             d["phase"] = self.runner.round.phase.value
+            sel = self.runner.selection
+            if self.runner.round.phase is Phase.WAITING_COHORT and sel is not None:
+                first = sel.excluded_first()
+                d["cohort_wait"] = {
+                    "candidates": len(sel.candidates), "enrolled": sel.enrolled,
+                    "min_clients": self.runner.plan.min_clients, "excluded": first,
+                    "more_excluded": len(sel.excluded) - len(first),
+                    "summary": self.runner.round.waiting_for}
         if self.runner is not None and self.runner.job_id == job_id and self.runner.finished:
             d["phase"] = "finishing"  # all rounds committed; final checkpoint not yet written
             if self.runner.finish_error:
@@ -466,7 +476,9 @@ class Coordinator:
         if rnd.phase is Phase.WAITING_COHORT:
             sel = select_cohort(self.store.appliances(), connected=self.connected_sites(now),
                                 dataset=runner.plan.dataset)
-            self._emit(rnd, rnd.offer(sel.candidates, now))
+            runner.selection = sel
+            self._emit(rnd, rnd.offer(sel.candidates, now,
+                                      why=sel.explain(runner.plan.min_clients)))
         else:
             self._emit(rnd, rnd.tick(now))
         self._after(now)

@@ -330,3 +330,47 @@ def test_a_coordinator_restarted_after_the_last_commit_completes_the_job_without
     w2 = ck.load_checkpoint(ck.round_path(fed.coord.state_dir, job, 2)).weights
     np.testing.assert_array_equal(ck.load_checkpoint(final).weights, w2)
     assert j.final_digest == fed.coord.store.rounds(job)[-1].model_digest
+
+
+def _wait_then_fail(fed, job):
+    """Pump until the job's round waits for a cohort; return job_status then, and the
+    job once it has failed."""
+    def waiting():  # with every site's heartbeat handled
+        wait = fed.coord.job_status(job).get("cohort_wait")
+        return wait is not None and "not connected" not in wait["summary"]
+
+    async def go():
+        await fed.heartbeats()
+        await fed.pump(until=waiting)
+        status = fed.coord.job_status(job)
+        await fed.pump(until=lambda: fed.coord.store.job(job).status == "failed", advance=1.0)
+        return status
+    return asyncio.run(go()), fed.coord.store.job(job)
+
+
+def test_a_job_for_a_data_set_no_site_holds_says_so_while_waiting_and_when_it_fails(
+        federation):
+    sites = ["a", "b", "c", "d", "e", "f", "g"]
+    fed = federation(sites)
+    job = fed.coord.submit_job(PLAN.replace('"synthetic"', '"fed_heart"'), actor="test")
+    status, failed = _wait_then_fail(fed, job)
+    nodata = "does not hold data set 'fed_heart'"
+    assert status["phase"] == "waiting_cohort"
+    assert status["cohort_wait"] == {
+        "candidates": 0, "enrolled": 7, "min_clients": 2,
+        "excluded": {s: nodata for s in sites[:5]}, "more_excluded": 2,
+        "summary": "0 candidate site(s) of 7 enrolled, min_clients 2; excluded: "
+                   + "; ".join(f"{s}: {nodata}" for s in sites[:5]) + "; and 2 more"}
+    assert status["cohort_wait"]["summary"] in failed.error  # bounded: 5 named, 2 counted
+    assert "f: " not in failed.error and "below min_clients 2" in failed.error
+
+
+def test_a_job_needing_more_sites_than_enrolled_names_both_numbers(federation):
+    fed = federation(["a", "b"])
+    job = fed.coord.submit_job(PLAN.replace("min_clients = 2", "min_clients = 5"),
+                               actor="test")
+    status, failed = _wait_then_fail(fed, job)
+    why = "2 candidate site(s) (a, b) of 2 enrolled, min_clients 5"
+    assert status["cohort_wait"]["summary"] == why
+    assert (status["cohort_wait"]["excluded"], status["cohort_wait"]["more_excluded"]) == ({}, 0)
+    assert f"cohort deadline (5 s) passed: {why}" in failed.error

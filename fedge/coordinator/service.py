@@ -49,6 +49,12 @@ REPLAY_WINDOW = 4096  # message ids remembered per site
 HEARTBEAT_PERSIST_S = 30.0  # an unchanged heartbeat is written to SQLite this often
 FINISH_RETRY_S = 10.0  # a job whose final checkpoint could not be written is retried this often
 DEFAULT_MAX_BYTES = 64 << 20
+# A key the transport refuses again and again (an unenrolled or revoked appliance
+# reconnecting every few milliseconds) must not turn into an fsync'd audit row each
+# time: per (key, reason) the first refusal is audited, then at most one row per
+# REFUSAL_SUMMARY_S counting the rest, for the REFUSAL_KEYS most recent pairs.
+REFUSAL_SUMMARY_S = 60.0
+REFUSAL_KEYS = 1024
 
 
 class CoordinatorError(Exception):
@@ -100,6 +106,15 @@ class _Conn:
         if len(self.seen_ids) > REPLAY_WINDOW:
             self.seen_set.discard(self.seen_ids.popleft())
         return False
+
+
+@dataclass
+class _Refusals:
+    """Refusals of one (key, reason) since its last audit row."""
+
+    audited_at: float
+    count: int = 0  # refusals not yet in the audit log
+    since: float = 0.0  # the first of them
 
 
 class JobRunner:
@@ -174,6 +189,10 @@ class Coordinator:
         self.outbox: list[Outgoing] = []
         self.conns: dict[str, _Conn] = {}
         self.runner: JobRunner | None = None
+        # (key, reason) -> refusals not yet audited; least recently refused first
+        self._refusals: collections.OrderedDict[tuple[str, str], _Refusals] = \
+            collections.OrderedDict()
+        self._refusals_pending: set[tuple[str, str]] = set()
         # Called with the new allow-list whenever enrolment changes (transport hook).
         self.on_allow_list: Callable[[set[str]], None] = lambda keys: None
         # Called with a site whose connection must be dropped at once (revocation).
@@ -303,9 +322,52 @@ class Coordinator:
     # -- transport hooks ------------------------------------------------------------
 
     def refused(self, curve_public_z85: str, reason: str) -> None:
-        """The transport refused a connection (unknown or revoked key)."""
+        """The transport refused a connection (unknown or revoked key).
+
+        Audited once per (key, reason), then summarised: at most one row per
+        REFUSAL_SUMMARY_S saying how many more times it was refused (see
+        :meth:`_audit_refusals`); the rest are only counted, in memory bounded by
+        REFUSAL_KEYS pairs.
+        """
+        now = self.clock()
+        pair = (curve_public_z85, reason)
+        entry = self._refusals.get(pair)
+        if entry is None:
+            self.store.audit("transport", "connection_refused",
+                             {"curve_public": curve_public_z85, "reason": reason})
+            self._refusals[pair] = _Refusals(audited_at=now)
+            while len(self._refusals) > REFUSAL_KEYS:  # forget the least recent pair
+                old_pair, old = self._refusals.popitem(last=False)
+                self._audit_refusals(old_pair, old, now)
+            return
+        self._refusals.move_to_end(pair)
+        if entry.count == 0:
+            entry.since = now
+        entry.count += 1
+        self._refusals_pending.add(pair)
+        if now - entry.audited_at >= REFUSAL_SUMMARY_S:
+            self._audit_refusals(pair, entry, now)
+
+    def _audit_refusals(self, pair: tuple[str, str], entry: _Refusals, now: float) -> None:
+        """One audit row for the refusals of ``pair`` counted since its last row."""
+        self._refusals_pending.discard(pair)
+        if entry.count == 0:
+            return
+        since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry.since))
         self.store.audit("transport", "connection_refused",
-                         {"curve_public": curve_public_z85, "reason": reason})
+                         {"curve_public": pair[0], "reason": pair[1], "repeated": entry.count,
+                          "since": entry.since,
+                          "summary": f"refused {entry.count} more "
+                                     f"time{'s' if entry.count > 1 else ''} since {since}"})
+        entry.count = 0
+        entry.audited_at = now
+
+    def _flush_refusals(self, now: float) -> None:
+        """Summaries due for keys that stopped being refused (called by tick)."""
+        for pair in list(self._refusals_pending):
+            entry = self._refusals[pair]
+            if now - entry.audited_at >= REFUSAL_SUMMARY_S:
+                self._audit_refusals(pair, entry, now)
 
     def handle_frames(self, site: str, frames: Sequence[Any]) -> None:
         """One multipart message from the authenticated ``site``.
@@ -457,6 +519,8 @@ class Coordinator:
     def tick(self) -> None:
         """Advance deadlines, notice lost connections, start and finish rounds."""
         now = self.clock()
+        if self._refusals_pending:
+            self._flush_refusals(now)
         if self.runner is None:
             self._start_next_job(now)
             if self.runner is None:
@@ -619,7 +683,12 @@ class Coordinator:
         return secagg_factory(self)
 
     def close(self) -> None:
-        self.store.close()
+        now = self.clock()
+        try:
+            for pair in list(self._refusals_pending):  # counted, not yet audited
+                self._audit_refusals(pair, self._refusals[pair], now)
+        finally:
+            self.store.close()
 
 
 def _json(text: str) -> dict[str, Any]:

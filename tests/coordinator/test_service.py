@@ -374,3 +374,68 @@ def test_a_job_needing_more_sites_than_enrolled_names_both_numbers(federation):
     assert status["cohort_wait"]["summary"] == why
     assert (status["cohort_wait"]["excluded"], status["cohort_wait"]["more_excluded"]) == ({}, 0)
     assert f"cohort deadline (5 s) passed: {why}" in failed.error
+
+
+def test_a_key_refused_again_and_again_is_audited_once_then_once_a_minute_with_a_count(
+        federation):
+    """An unenrolled key reconnecting every few milliseconds: its first refusal is
+    audited, the rest are counted into at most one row per key per minute (written by
+    the next refusal or tick once the minute is up), never one fsync'd row each."""
+    import json
+
+    fed = federation(["a"])
+    coord, clock = fed.coord, fed.clock
+    key, why = "K" * 40, "unknown key (from 10.0.0.9)"
+
+    def rows():
+        return [json.loads(r["detail"]) for r in coord.store.audit_log(
+            action="connection_refused")]
+
+    t0 = clock.t
+    for _ in range(500):
+        coord.refused(key, why)
+        clock.t += 0.01
+    assert rows() == [{"curve_public": key, "reason": why}]
+    clock.t = t0 + 59.0
+    coord.refused(key, why)
+    coord.tick()
+    assert len(rows()) == 1  # not a minute yet
+    clock.t = t0 + 60.0
+    coord.refused(key, why)  # the minute is up: this one writes the summary
+    summary = rows()[1]
+    assert (summary["curve_public"], summary["reason"], summary["repeated"]) == (key, why, 501)
+    assert summary["since"] == pytest.approx(t0 + 0.01)
+    assert summary["summary"].startswith("refused 501 more times since 1970-")
+    coord.refused(key, "revoked: key removed from the allow-list")  # another reason: audited
+    assert len(rows()) == 3
+    for _ in range(3):
+        coord.refused(key, why)
+    coord.tick()
+    assert len(rows()) == 3
+    clock.t += 61.0  # the key has gone quiet: tick writes what is still counted
+    coord.tick()
+    assert rows()[3]["repeated"] == 3 and len(rows()) == 4
+    clock.t += 600.0
+    coord.tick()
+    assert len(rows()) == 4  # nothing new, nothing written
+
+
+def test_refusals_are_remembered_for_a_bounded_number_of_keys(federation):
+    """A flood of distinct keys costs one row each and at most REFUSAL_KEYS entries;
+    a forgotten key's counted refusals are audited as it is forgotten."""
+    import json
+
+    from fedge.coordinator.service import REFUSAL_KEYS
+
+    fed = federation(["a"])
+    coord = fed.coord
+    coord.refused("first", "unknown key")
+    coord.refused("first", "unknown key")
+    coord.refused("first", "unknown key")
+    for i in range(REFUSAL_KEYS):
+        coord.refused(f"key{i}", "unknown key")
+    assert len(coord._refusals) == REFUSAL_KEYS
+    details = [json.loads(r["detail"]) for r in coord.store.audit_log(
+        action="connection_refused", limit=5000)]
+    assert len(details) == 1 + REFUSAL_KEYS + 1
+    assert [d.get("repeated") for d in details if d["curve_public"] == "first"] == [None, 2]

@@ -137,6 +137,12 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
         task.add_done_callback(exports.discard)
 
     coord.on_job_completed = on_job_completed
+    unfinished = unfinished_jobs(coord)
+    if unfinished:
+        # one after the other: each export is a torch child of its own
+        task = loop.create_task(_resume_finishing(coord, unfinished))
+        exports.add(task)
+        task.add_done_callback(exports.discard)
     admin_task = _start_admin(cfg, coord)
     log.info("coordinator listening on %s", endpoint)
     notifier.ready()
@@ -209,9 +215,58 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
 
 async def finish_job(coord: Coordinator, job_id: str) -> None:
     """After a job's last commit: its ONNX export, then its report (fedge.coordinator.
-    report), both beside the final checkpoint for ``fedge console jobs fetch``."""
-    await export_final_model(coord, job_id)
+    report), both beside the final checkpoint for ``fedge console jobs fetch``.
+
+    Safe to run again for a job it has finished, wholly or in part: a ``model.onnx``
+    that loads and names the job's final model is kept, not exported again.
+    """
+    out = ck.final_path(coord.state_dir, job_id).with_name("model.onnx")
+    if await asyncio.to_thread(_is_export_of, out, coord.store.job(job_id).final_digest):
+        coord.store.audit("coordinator", "model_export_kept", {"job": job_id, "path": str(out)})
+        log.info("job %s: %s is already its final model's export", job_id, out)
+    else:
+        await export_final_model(coord, job_id)
     await write_report(coord, job_id)
+
+
+REPORT_FILES = ("report.md", "report.json")
+
+
+def unfinished_jobs(coord: Coordinator) -> list[str]:
+    """Completed jobs without their report: a coordinator stopped (or killed) between
+    the job's last commit and the end of finish_job. The report is written last."""
+    return [job.job_id for job in coord.store.jobs(status="completed")
+            if not all((ck.job_dir(coord.state_dir, job.job_id) / name).is_file()
+                       for name in REPORT_FILES)]
+
+
+async def _resume_finishing(coord: Coordinator, job_ids: list[str]) -> None:
+    for job_id in job_ids:
+        missing = [n for n in ("model.onnx", *REPORT_FILES)
+                   if n not in ck.results(coord.state_dir, job_id)]
+        coord.store.audit("coordinator", "job_finish_resumed",
+                          {"job": job_id, "missing": missing})
+        log.info("job %s completed without %s: finishing it now", job_id, ", ".join(missing))
+        try:
+            await finish_job(coord, job_id)
+        except Exception:  # one job's records must not keep the others unfinished
+            log.exception("job %s: finishing failed", job_id)
+
+
+def _is_export_of(path: Path, final_digest: str) -> bool:
+    """Whether ``path`` is an ONNX model exported from the weights with ``final_digest``
+    (its ``model_digest`` metadata). The export renames the file into place only after
+    its parity check, so a file that loads and names the digest is a whole export."""
+    if not final_digest or not path.is_file():
+        return False
+    try:
+        import onnx
+
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not ONNX, truncated, or onnx missing: export again
+        return False
+    return any(p.key == "model_digest" and p.value == final_digest
+               for p in proto.metadata_props)
 
 
 async def write_report(coord: Coordinator, job_id: str) -> bool:
@@ -242,8 +297,10 @@ async def export_final_model(coord: Coordinator, job_id: str, *,
     The outcome is audited either way; a refused export leaves the job completed.
     """
     out = ck.final_path(coord.state_dir, job_id).with_name("model.onnx")
+    # fedge.coordinator.child: the export dies with the coordinator, even with SIGKILL
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "fedge.cli", "export", "--job", job_id,
+        sys.executable, "-m", "fedge.coordinator.child", str(os.getpid()),
+        "fedge.cli", "export", "--job", job_id,
         "--state-dir", str(coord.state_dir), "--out", str(out),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:

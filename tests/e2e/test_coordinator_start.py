@@ -54,3 +54,29 @@ def test_a_job_whose_directory_cannot_be_written_fails_naming_it_and_the_next_jo
     assert fed.job(blocked)["status"] == "failed"
     assert "never retrieved" not in fed.coordinator.output()
     assert (fed.coord_dir / "jobs" / following / "round-0.safetensors").is_file()
+
+
+def test_a_job_completed_without_its_report_is_finished_when_the_coordinator_starts(
+        federation):
+    # the coordinator was killed between the job's last commit and its report
+    import onnx
+
+    from fedge.coordinator import checkpoint as ck
+    from tests.coordinator.test_export_on_completion import PLAN as EXPORT_PLAN
+    from tests.coordinator.test_export_on_completion import completed_job
+
+    fed = _coordinator(federation)
+    digest = completed_job(fed.coord_dir, "job-cut-short", EXPORT_PLAN)
+    fed.start_coordinator()
+    jdir = ck.job_dir(fed.coord_dir, "job-cut-short")
+    fed.wait_for(lambda: (jdir / "report.json").is_file(), 120, "the job's report")
+    meta = {p.key: p.value for p in onnx.load(str(jdir / "model.onnx")).metadata_props}
+    assert meta["model_digest"] == digest
+    assert json.loads((jdir / "report.json").read_text())["committed_round"] == 1
+    assert (jdir / "report.md").read_text().startswith("# Job job-cut-short: completed")
+    (resumed,) = fed.audit("job_finish_resumed")
+    assert json.loads(resumed["detail"]) == {
+        "job": "job-cut-short", "missing": ["model.onnx", "report.md", "report.json"]}
+    assert [r["action"] for r in fed.audit() if r["id"] > resumed["id"]] == [
+        "model_exported", "report_written"]
+    assert fed.job("job-cut-short")["status"] == "completed"

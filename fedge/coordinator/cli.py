@@ -61,10 +61,17 @@ def _run(args: argparse.Namespace) -> int:
     if cfg is None:
         return 2
     from fedge.coordinator import process
+    from fedge.coordinator.store import StoreError
     from fedge.systemd import setup_logging
 
     setup_logging("fedge-coordinator")
-    return process.run(cfg)
+    try:
+        # the database opens here, before the loop: a corrupt or locked one is one line
+        coord = process.build_coordinator(cfg)
+    except StoreError as exc:
+        print(f"fedge coordinator: {exc}", file=sys.stderr)
+        return 2
+    return process.run(cfg, coordinator=coord)
 
 
 def _submit(args: argparse.Namespace) -> int:

@@ -418,7 +418,7 @@ def _start_admin(cfg: CoordinatorConfig, coord: Coordinator) -> asyncio.Task[Non
                                                    service=service))
 
 
-def run(cfg: CoordinatorConfig) -> int:
+def run(cfg: CoordinatorConfig, *, coordinator: Coordinator | None = None) -> int:
     """Blocking entry point for ``fedge coordinator``."""
     Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
-    return asyncio.run(serve(cfg))
+    return asyncio.run(serve(cfg, coordinator=coordinator))

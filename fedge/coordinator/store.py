@@ -105,6 +105,14 @@ CREATE TABLE IF NOT EXISTS audit (
 """
 
 
+# How long a write waits for another connection's lock. At open it is shorter: the
+# other writers (`fedge coordinator submit/enrol`, the console's calls) hold the lock
+# for milliseconds, so a lock still held after seconds is a process that keeps it
+# (another coordinator), and saying so beats a silent half-minute wait.
+BUSY_TIMEOUT_S = 30.0
+OPEN_BUSY_TIMEOUT_S = 5.0
+
+
 class StoreError(Exception):
     """A request the registry cannot satisfy (unknown site, duplicate key, ...)."""
 
@@ -180,7 +188,8 @@ class Store:
 
     Raises:
         StoreError: on opening a database whose schema version is newer than
-            this code's.
+            this code's, one that is not an SQLite database (corrupt), or one
+            another process holds locked for longer than OPEN_BUSY_TIMEOUT_S.
     """
 
     def __init__(self, state_dir: str | Path, *, clock: Any = time.time) -> None:
@@ -190,8 +199,31 @@ class Store:
         self._clock = clock
         self._lock = threading.RLock()
         self._conn = sqlite3.connect(
-            self.path, check_same_thread=False, isolation_level=None, timeout=30.0
+            self.path, check_same_thread=False, isolation_level=None,
+            timeout=OPEN_BUSY_TIMEOUT_S,
         )
+        try:
+            self._open()
+        except sqlite3.DatabaseError as exc:
+            self._conn.close()
+            raise StoreError(self._open_refused(exc)) from exc
+        except BaseException:
+            self._conn.close()
+            raise
+        self._conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
+
+    def _open_refused(self, exc: sqlite3.DatabaseError) -> str:
+        if getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            return (f"database {self.path} is locked by another process (still after "
+                    f"{OPEN_BUSY_TIMEOUT_S:.0f} s): another coordinator on the same state "
+                    f"dir, or a command still writing to it? ({exc})")
+        reason = f"cannot open database {self.path}: {exc}"
+        if getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_NOTADB,
+                                                      sqlite3.SQLITE_CORRUPT):
+            reason += " (corrupt: restore it from a backup, or move it aside to start empty)"
+        return reason
+
+    def _open(self) -> None:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute("PRAGMA foreign_keys=ON")

@@ -5,8 +5,14 @@ database it cannot open, temporary files from a write that was killed."""
 from __future__ import annotations
 
 import json
+import sqlite3
+import subprocess
+import sys
+import time
 
 import pytest
+
+from tests.e2e.conftest import REPO
 
 pytestmark = pytest.mark.e2e
 
@@ -80,3 +86,46 @@ def test_a_job_completed_without_its_report_is_finished_when_the_coordinator_sta
     assert [r["action"] for r in fed.audit() if r["id"] > resumed["id"]] == [
         "model_exported", "report_written"]
     assert fed.job("job-cut-short")["status"] == "completed"
+
+
+def _run_coordinator_cli(fed, timeout=60):
+    cfg = fed.write_coordinator_config()
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "fedge.cli", "coordinator", "--config",
+                          str(cfg)], capture_output=True, text=True, env=fed.env,
+                         timeout=timeout, cwd=REPO)
+    return out, time.monotonic() - t0
+
+
+def test_a_corrupt_database_is_refused_in_one_line_naming_it(federation):
+    fed = _coordinator(federation)
+    db = fed.coord_dir / "coordinator.sqlite3"
+    for sidecar in fed.coord_dir.glob("coordinator.sqlite3-*"):
+        sidecar.unlink()
+    db.write_bytes(b"garbage" * 1000)
+    out, _ = _run_coordinator_cli(fed)
+    assert out.returncode == 2
+    assert out.stdout == ""
+    (line,) = out.stderr.splitlines()
+    assert line == (f"fedge coordinator: cannot open database {db}: file is not a database "
+                    "(corrupt: restore it from a backup, or move it aside to start empty)")
+    assert db.read_bytes() == b"garbage" * 1000
+    assert not (fed.coord_dir / "endpoint").exists()
+
+
+def test_a_database_locked_by_another_process_is_refused_in_one_line_naming_it(federation):
+    fed = _coordinator(federation)
+    db = fed.coord_dir / "coordinator.sqlite3"
+    holder = sqlite3.connect(db, isolation_level=None)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        out, seconds = _run_coordinator_cli(fed)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert out.returncode == 2
+    (line,) = out.stderr.splitlines()
+    assert line.startswith(f"fedge coordinator: database {db} is locked by another process")
+    assert "another coordinator on the same state dir" in line
+    assert seconds < 20
+    assert not (fed.coord_dir / "endpoint").exists()

@@ -17,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,25 +75,67 @@ def results(state_dir: str | Path, job_id: str) -> list[str]:
     return [name for name in RESULT_FILES if (d / name).is_file()]
 
 
+# atomic_write's temporary file beside its target: ".<name>.tmp-<pid>"
+TEMP_NAME = re.compile(r"\.(?P<name>.+)\.tmp-(?P<pid>[0-9]+)")
+
+
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via temp file + fsync + rename + directory fsync."""
+    """Write ``data`` to ``path`` via temp file + fsync + rename + directory fsync.
+
+    A failed write removes its temporary file; one killed mid-write leaves it, for
+    :func:`remove_stale_temps` at the next start.
+
+    Raises:
+        OSError: the directory or the file cannot be written.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
     try:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     dfd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def remove_stale_temps(state_dir: str | Path, *, older_than: float) -> list[Path]:
+    """Remove :func:`atomic_write`'s temporary files in the job directories that were
+    last written before ``older_than`` (a ``time.time()``, e.g. when this process
+    started): a write killed between open and rename leaves one, and its name holds
+    a pid, so no later write replaces it. Only names of that pattern are touched.
+
+    Returns the paths removed.
+    """
+    removed: list[Path] = []
+    try:
+        dirs = [d for d in (Path(state_dir) / "jobs").iterdir() if d.is_dir()]
+    except (FileNotFoundError, NotADirectoryError):
+        return removed
+    for d in dirs:
+        for f in d.iterdir():
+            if not TEMP_NAME.fullmatch(f.name):
+                continue
+            try:
+                st = f.lstat()
+                if stat.S_ISREG(st.st_mode) and st.st_mtime < older_than:
+                    f.unlink()
+                    removed.append(f)
+            except FileNotFoundError:
+                continue
+    return removed
 
 
 def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> str:

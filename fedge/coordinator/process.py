@@ -76,12 +76,16 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
     from fedge.transport import CurveKeyPair, HeartbeatConfig, ServerSocket, TransportError
     from fedge.wire import codec
 
+    started = time.time()
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     with contextlib.suppress(NotImplementedError, RuntimeError):
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
     coord = coordinator or build_coordinator(cfg)
+    # temp files of checkpoint writes killed mid-way (by pid, so never overwritten)
+    for stale in ck.remove_stale_temps(cfg.state_dir, older_than=started):
+        log.warning("removed %s, left by a checkpoint write that did not finish", stale)
     notifier = Notifier()
     key_of: dict[str, str] = {}
     site_by_key: dict[str, str] = {}  # cache; cleared whenever the allow-list changes

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import numpy as np
 import pytest
@@ -10,8 +12,10 @@ import pytest
 from fedge.coordinator.checkpoint import (
     Checkpoint,
     CheckpointError,
+    atomic_write,
     load_checkpoint,
     model_digest,
+    remove_stale_temps,
     round_path,
     save_checkpoint,
 )
@@ -72,3 +76,37 @@ def test_rejects_wrong_dtype(tmp_path):
     c.weights = c.weights.astype(np.float64)
     with pytest.raises(CheckpointError, match="float32"):
         save_checkpoint(tmp_path / "x.safetensors", c)
+
+
+def test_stale_temp_files_of_killed_writes_are_removed_and_nothing_else(tmp_path):
+    path = round_path(tmp_path, "job-1", 3)
+    save_checkpoint(path, make())
+    jdir = path.parent
+    start = time.time()
+    hour_ago = start - 3600
+    stale = [jdir / ".round-3.safetensors.tmp-4242", jdir / ".final.safetensors.tmp-7"]
+    kept = [jdir / ".round-4.safetensors.tmp-99",     # written after the start
+            jdir / ".round-3.safetensors.tmp-x",      # not the pattern: no pid
+            jdir / "round-3.safetensors.tmp-5",       # not the pattern: no dot
+            jdir / "notes.txt"]
+    for f in stale + kept:
+        f.write_bytes(b"partial")
+    for f in stale + kept[1:]:
+        os.utime(f, (hour_ago, hour_ago))
+    os.utime(kept[0], (start + 1, start + 1))
+    (jdir / ".model.tmp-3").mkdir()  # a directory is never removed
+    os.utime(jdir / ".model.tmp-3", (hour_ago, hour_ago))
+    assert sorted(remove_stale_temps(tmp_path, older_than=start)) == sorted(stale)
+    assert not any(f.exists() for f in stale)
+    assert all(f.exists() for f in kept) and (jdir / ".model.tmp-3").is_dir()
+    assert load_checkpoint(path).round == 2
+    assert remove_stale_temps(tmp_path / "nothing-here", older_than=start) == []
+
+
+def test_a_failed_atomic_write_leaves_no_temp_file(tmp_path):
+    target = tmp_path / "job" / "final.safetensors"
+    target.mkdir(parents=True)
+    (target / "x").write_text("a non-empty directory where the file goes")
+    with pytest.raises(OSError):
+        atomic_write(target, b"weights")
+    assert sorted(p.name for p in target.parent.iterdir()) == ["final.safetensors"]

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from tests.e2e.conftest import REPO
@@ -129,3 +130,27 @@ def test_a_database_locked_by_another_process_is_refused_in_one_line_naming_it(f
     assert "another coordinator on the same state dir" in line
     assert seconds < 20
     assert not (fed.coord_dir / "endpoint").exists()
+
+
+def test_temp_files_left_by_a_killed_checkpoint_write_are_removed_at_start(federation):
+    import os
+
+    from fedge.coordinator import checkpoint as ck
+
+    fed = _coordinator(federation)
+    jdir = fed.coord_dir / "jobs" / "job-old"
+    jdir.mkdir(parents=True)
+    stale = jdir / ".round-2.safetensors.tmp-31337"
+    stale.write_bytes(b"half a checkpoint")
+    an_hour_ago = time.time() - 3600
+    os.utime(stale, (an_hour_ago, an_hour_ago))
+    other = jdir / "model.onnx.tmp-1"  # not a checkpoint write's temp file
+    other.write_bytes(b"kept")
+    os.utime(other, (an_hour_ago, an_hour_ago))
+    ck.save_checkpoint(ck.round_path(fed.coord_dir, "job-old", 1),
+                       ck.Checkpoint(weights=np.zeros(3, np.float32), round=1, plan=""))
+    fed.start_coordinator()  # returns once the endpoint is written, after the clean-up
+    assert not stale.exists()
+    assert other.read_bytes() == b"kept"
+    assert ck.load_checkpoint(ck.round_path(fed.coord_dir, "job-old", 1)).round == 1
+    assert str(stale) in fed.coordinator.output()

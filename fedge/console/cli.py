@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedge.console.fleet import printable
+
 DEFAULT_HOME = Path(os.environ.get("FEDGE_CONSOLE_HOME", Path.home() / ".fedge-console"))
 
 
@@ -423,9 +425,11 @@ def watch_job(call: Any, job_id: str, *, interval_s: float = 2.0,
             out(f"round {a['round']}/{planned} committed in {secs:.1f} s: "
                 f"{len(a['survivors'])} of {len(a['cohort'])} site(s)"
                 + (f"; {agg}" if agg else ""))
-        now_phase = (status.get("current_round"), status.get("phase"))
+        wait = status.get("cohort_wait") or {}
+        now_phase = (status.get("current_round"), status.get("phase"), wait.get("summary"))
         if status.get("phase") and now_phase != phase:
-            out(f"round {now_phase[0]}/{planned}: {now_phase[1]}")
+            why = f" ({printable(wait['summary'])})" if wait.get("summary") else ""
+            out(f"round {now_phase[0]}/{planned}: {now_phase[1]}{why}")
         phase = now_phase
         if status.get("status") in JOB_ENDS:
             error = f": {status['error']}" if status.get("error") else ""

@@ -439,3 +439,21 @@ def test_refusals_are_remembered_for_a_bounded_number_of_keys(federation):
         action="connection_refused", limit=5000)]
     assert len(details) == 1 + REFUSAL_KEYS + 1
     assert [d.get("repeated") for d in details if d["curve_public"] == "first"] == [None, 2]
+
+
+def test_jobs_watch_shows_why_a_round_waits_and_why_the_job_failed(federation):
+    """What the ML engineer's `fedge console jobs watch` prints for a plan no site can
+    run: the waiting phase with its reason, then the failure with it."""
+    from fedge.console.cli import watch_job
+
+    fed = federation(["a", "b"])
+    job = fed.coord.submit_job(PLAN.replace('"synthetic"', '"fed_heart"'), actor="test")
+    waiting, _ = _wait_then_fail(fed, job)  # job_status as the round waited
+    lines: list[str] = []
+    seen = iter([waiting, fed.coord.job_status(job)])  # then as it ended
+    status = watch_job(lambda op, args: (next(seen), {}), job, interval_s=0, out=lines.append)
+    assert status["status"] == "failed"
+    assert lines[0] == ("round 1/3: waiting_cohort (0 candidate site(s) of 2 enrolled, "
+                        "min_clients 2; excluded: a: does not hold data set 'fed_heart'; "
+                        "b: does not hold data set 'fed_heart')")
+    assert lines[-1].startswith(f"job {job} failed: ") and "does not hold data set" in lines[-1]

@@ -74,12 +74,23 @@ def _run(args: argparse.Namespace) -> int:
     return process.run(cfg, coordinator=coord)
 
 
+def _open_store(cfg: Any, command: str) -> Any:
+    """The coordinator's database, or None after printing why it cannot be opened
+    (corrupt, locked by a running coordinator; StoreError names the file)."""
+    from fedge.coordinator.store import Store, StoreError
+
+    try:
+        return Store(cfg.state_dir)
+    except StoreError as exc:
+        print(f"fedge coordinator {command}: {exc}", file=sys.stderr)
+        return None
+
+
 def _submit(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if cfg is None:
         return 2
     from fedge.coordinator.plan import PlanError, parse_plan
-    from fedge.coordinator.store import Store
 
     try:
         text = args.plan.read_text()
@@ -91,7 +102,9 @@ def _submit(args: argparse.Namespace) -> int:
     import time
 
     job_id = f"job-{time.strftime('%Y%m%d%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
-    store = Store(cfg.state_dir)
+    store = _open_store(cfg, "submit")
+    if store is None:
+        return 2
     try:
         store.create_job(job_id, text, actor=args.actor)
     finally:
@@ -104,9 +117,11 @@ def _enrol(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if cfg is None:
         return 2
-    from fedge.coordinator.store import Store, StoreError
+    from fedge.coordinator.store import StoreError
 
-    store = Store(cfg.state_dir)
+    store = _open_store(cfg, "enrol")
+    if store is None:
+        return 2
     try:
         store.enrol(args.site, args.curve_public, bytes.fromhex(args.ed25519_public),
                     actor=args.actor)
@@ -123,9 +138,11 @@ def _status(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if cfg is None:
         return 2
-    from fedge.coordinator.store import Store, StoreError
+    from fedge.coordinator.store import StoreError
 
-    store = Store(cfg.state_dir)
+    store = _open_store(cfg, "status")
+    if store is None:
+        return 2
     try:
         if args.job:
             job = store.job(args.job)

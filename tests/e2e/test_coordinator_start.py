@@ -112,6 +112,18 @@ def test_a_corrupt_database_is_refused_in_one_line_naming_it(federation):
                     "(corrupt: restore it from a backup, or move it aside to start empty)")
     assert db.read_bytes() == b"garbage" * 1000
     assert not (fed.coord_dir / "endpoint").exists()
+    # the operator's other coordinator commands say the same, in one line each
+    cfg = fed.write_coordinator_config()
+    plan = fed.coord_dir.parent / "plan.toml"
+    plan.write_text(PLAN.format(seed=1))
+    for action in (["status"], ["submit", str(plan)]):
+        r = subprocess.run([sys.executable, "-m", "fedge.cli", "coordinator", *action[:1],
+                            "--config", str(cfg), *action[1:]], capture_output=True,
+                           text=True, env=fed.env, timeout=60, cwd=REPO)
+        assert r.returncode == 2, (action, r.stderr)
+        (line,) = r.stderr.splitlines()
+        assert line.startswith(f"fedge coordinator {action[0]}: cannot open database {db}")
+    assert db.read_bytes() == b"garbage" * 1000
 
 
 def test_a_database_locked_by_another_process_is_refused_in_one_line_naming_it(federation):

@@ -13,8 +13,11 @@ records the round and moves ``jobs.committed_round``. A coordinator killed at
 any instant restarts at the last committed round: a checkpoint written but not
 committed is simply overwritten, and a round in flight is started again from
 scratch — new cohort, new secure-aggregation keys — never resumed. Training and
-quantisation seeds depend only on (job seed, round, site), so the restarted
-round yields the same sum and, on the CPU, the same model bit for bit.
+quantisation seeds depend only on (job seed, round, site), so a restarted
+round with the same cohort yields the same sum and, on the CPU, the same model
+bit for bit (not under DP, whose noise is fresh at each site by design). The
+cohort may differ: the round starts once ``min_clients`` sites are back, so
+with ``min_clients`` below the fleet the first sites to return train it.
 """
 
 from __future__ import annotations

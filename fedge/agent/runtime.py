@@ -354,13 +354,17 @@ class Agent:
         return held
 
     def _commit_control(self, task: _Task) -> None:
-        """The round's update was summed (its EvalTask came): c_i ← c_i + Δc_i."""
+        """The round's update was summed (its EvalTask came): c_i ← c_i + Δc_i, with
+        Δc_i clipped to [−c, c] exactly as it went into the sum (``input_vector``), so
+        the server's c stays the mean of the sites' c_i."""
         assert task.local is not None and task.local.delta_control is not None
         start = (task.client_control if task.client_control is not None
                  else np.zeros_like(task.local.delta_control))
+        clip = task.plan.secagg.clip
+        summed = np.clip(task.local.delta_control.astype(np.float64), -clip, clip)
         held = self._held_controls(task.job)
         held[task.round] = start
-        held[task.round + 1] = (start + task.local.delta_control).astype(np.float32)
+        held[task.round + 1] = (start + summed).astype(np.float32)
         for r in [r for r in held if r < task.round]:
             del held[r]
         if self.job_state is not None:

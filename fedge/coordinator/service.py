@@ -68,18 +68,18 @@ InitialWeights = Callable[[Plan], np.ndarray]
 
 
 def torch_initial_weights(plan: Plan) -> np.ndarray:
-    """The job's starting model: ``fedge.train`` builds it under ``torch.manual_seed(seed)``.
+    """The job's starting model, built by ``fedge.train`` from the job's seed (or from
+    ``model.params.seed`` where the plan sets one): two jobs differing only in
+    ``job.seed`` start from different weights.
 
     Raises:
         PlanError: the model name or parameters are not known to fedge.train.
     """
-    import torch
-
     from fedge.train.api import ModelSpec, build_model, flatten
 
-    torch.manual_seed(plan.seed)
     try:
-        model = build_model(ModelSpec(plan.model_name, dict(plan.model_params)))
+        model = build_model(ModelSpec(plan.model_name,
+                                      {"seed": plan.seed, **plan.model_params}))
     except (KeyError, ValueError, TypeError) as exc:
         raise PlanError("model", plan.model_name, f"cannot be built: {exc}") from exc
     return np.ascontiguousarray(flatten(model), dtype=np.float32)

@@ -32,6 +32,19 @@ def test_child_process_builds_the_seeded_model():
     assert w.tobytes() == torch_initial_weights(plan).tobytes()
 
 
+def test_the_jobs_seed_chooses_the_starting_model_unless_the_model_names_one():
+    one = torch_initial_weights(parse_plan(PLAN.format(model="mlp").replace("seed = 3",
+                                                                            "seed = 1")))
+    again = torch_initial_weights(parse_plan(PLAN.format(model="mlp").replace("seed = 3",
+                                                                              "seed = 1")))
+    other = torch_initial_weights(parse_plan(PLAN.format(model="mlp").replace("seed = 3",
+                                                                              "seed = 999")))
+    assert one.tobytes() == again.tobytes() and not np.array_equal(one, other)
+    pinned = PLAN.format(model="mlp").replace("in_features = 5", "in_features = 5, seed = 7")
+    assert torch_initial_weights(parse_plan(pinned)).tobytes() == torch_initial_weights(
+        parse_plan(pinned.replace("seed = 3", "seed = 999"))).tobytes()
+
+
 def test_unknown_model_exits_2_with_the_reason(tmp_path, capsys):
     plan = tmp_path / "plan.toml"
     plan.write_text(PLAN.format(model="no_such_model"))

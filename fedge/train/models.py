@@ -18,6 +18,7 @@ same spec get bit-identical initial weights.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -110,11 +111,12 @@ class _ResidualBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, stride: int) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        # GroupNorm, not BatchNorm: no running statistics that FedAvg would mix
+        # GroupNorm, not BatchNorm: no running statistics that FedAvg would mix; up to 8
+        # groups that divide the channels (any width works)
         # across sites and that DP-SGD per-example gradients cannot handle.
-        self.norm1 = nn.GroupNorm(min(8, c_out), c_out)
+        self.norm1 = nn.GroupNorm(math.gcd(8, c_out), c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.norm2 = nn.GroupNorm(min(8, c_out), c_out)
+        self.norm2 = nn.GroupNorm(math.gcd(8, c_out), c_out)
         self.skip: nn.Module = nn.Identity()
         if stride != 1 or c_in != c_out:
             self.skip = nn.Conv2d(c_in, c_out, 1, stride, bias=False)
@@ -132,7 +134,7 @@ class ResNetSmall(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, width, 3, 1, 1, bias=False),
-            nn.GroupNorm(min(8, width), width),
+            nn.GroupNorm(math.gcd(8, width), width),
             nn.ReLU(),
         )
         self.stages = nn.Sequential(

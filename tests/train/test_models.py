@@ -35,6 +35,31 @@ def test_each_model_builds_deterministically_with_the_right_output(name: str) ->
     assert tuple(a(torch.zeros(in_shape)).shape) == out_shape
 
 
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_predict_in_batches_gives_what_one_forward_pass_gives(name: str) -> None:
+    """A site's whole split is predicted a few rows at a time (memory bounded by the
+    batch, not the split); the uneven last batch included, the outputs are the same."""
+    from fedge.train.api import predict
+
+    params, in_shape, _ = SPECS[name]
+    spec = ModelSpec(name, params)
+    model = build_model(spec)
+    model.eval()
+    x = np.random.default_rng(0).normal(size=(7, *in_shape[1:])).astype(np.float32)
+    with torch.no_grad():
+        whole = model(torch.from_numpy(x)).numpy()
+    batched = predict(spec, flatten(model), x, batch_size=3)
+    np.testing.assert_allclose(batched, whole, rtol=1e-5, atol=1e-6)
+    assert predict(spec, flatten(model), x[:0]).shape == (0, *whole.shape[1:])
+
+
+@pytest.mark.parametrize("width", [4, 6, 8, 10, 12, 16])
+def test_resnet_small_builds_at_any_width(width: int) -> None:
+    model = build_model(ModelSpec("resnet_small", {"classes": 3, "width": width}))
+    model.eval()
+    assert tuple(model(torch.zeros(1, 1, 64, 64)).shape) == (1, 3)
+
+
 def test_bad_specs_are_named() -> None:
     with pytest.raises(ValueError, match="'transformer' is not registered"):
         build_model(ModelSpec("transformer", {}))

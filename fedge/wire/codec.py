@@ -784,6 +784,10 @@ def _dec(node: _Node, value: Any, path: str, ctx: _DecodeContext) -> Any:
     raise AssertionError(f"unknown schema node {kind!r}")  # pragma: no cover
 
 
+#: The largest byte extent numpy can index (np.intp); shapes beyond it are refused.
+_MAX_ARRAY_BYTES = int(np.iinfo(np.intp).max)
+
+
 class _DecodeContext:
     """Hands out tensor frames in order as their descriptors are met."""
 
@@ -816,6 +820,15 @@ class _DecodeContext:
                 f"but {path} references tensor frames up to {index + n_frames - 1}",
             )
         dt = TENSOR_DTYPES[spec.dtype]
+        # numpy refuses a shape whose non-zero dimensions multiply past its
+        # index type, even when another dimension is 0 (an empty tensor).
+        extent = math.prod(d for d in shape if d) * dt.itemsize
+        if extent > _MAX_ARRAY_BYTES:
+            raise BadField(
+                path, f"shape {tuple(shape)}",
+                f"must have its non-zero dimensions x itemsize {dt.itemsize} <= "
+                f"{_MAX_ARRAY_BYTES} (numpy's largest array)",
+            )
         count = math.prod(shape)
         want = count * dt.itemsize
         parts = self.frames[index : index + n_frames]

@@ -360,6 +360,29 @@ def test_bad_tensor_descriptors(desc: Any, tensor: bytes, rule: str) -> None:
     assert err.value.field == "body.weights" and rule in err.value.rule
 
 
+@message("test.matrix")
+@dataclass(frozen=True)
+class Matrix:
+    m: Annotated[np.ndarray, Tensor(dtype="float32", ndim=2)]
+
+
+@pytest.mark.parametrize(
+    "shape", [[0, 2**64 - 1], [0, 2**61], [2**62, 0], [2**32, 2**32]]
+)
+def test_shape_numpy_cannot_hold_is_a_bad_field_even_when_empty(shape: list[int]) -> None:
+    # An empty tensor (a 0 dimension, no bytes) whose other dimensions overflow
+    # numpy's index type: numpy's own ValueError must not escape decode.
+    frames = frames_of(header(type="test.matrix"), {"m": [0, "float32", shape]}, b"")
+    with pytest.raises(BadField) as err:
+        decode(frames, max_bytes=LIMIT)
+    assert err.value.field == "body.m" and "numpy's largest array" in err.value.rule
+
+
+def test_empty_tensor_with_large_but_valid_dimension_decodes() -> None:
+    frames = frames_of(header(type="test.matrix"), {"m": [0, "float32", [0, 2**61 - 1]]}, b"")
+    assert decode(frames, max_bytes=LIMIT).body.m.shape == (0, 2**61 - 1)
+
+
 def test_fixed_dimension_is_checked() -> None:
     frames = encode(everything(), sender="s")
     body = msgpack.unpackb(frames[1])

@@ -447,12 +447,14 @@ class SelfUpdate:
 
 
 def exec_current(root: Path, fallback: list[str]) -> list[str]:
-    """What the service runs: the ``current`` slot's entry point, else ``fallback``.
+    """What the service runs: the ``current`` slot's entry point if that slot is newer
+    than the packaged install (`slot_is_newer`), else ``fallback``.
 
     Used as the unit's ExecStart (``python -m fedge.update.ab exec --root DIR --
     /usr/bin/fedge agent run ...``) so that a software update switched in by
     `SelfUpdate.stage` is what systemd starts next, while an appliance that never
-    took an update runs the packaged install. The process is replaced with
+    took an update, or whose .deb was since upgraded past its slot, runs the packaged
+    install. The process is replaced with
     ``execve``: the main PID (``NotifyAccess=main``) is the agent itself.
 
     Either way ``FEDGE_SOFTWARE_ROOT`` (`SOFTWARE_ROOT_ENV`) names `root`, so the
@@ -469,11 +471,44 @@ def exec_current(root: Path, fallback: list[str]) -> list[str]:
     os.environ[SOFTWARE_ROOT_ENV] = str(Path(root).absolute())
     current = Path(root) / "current"
     if not current.is_dir():
+        log.info("no software slot under %s: running the packaged install %s", root,
+                 packaged_version())
         return list(fallback)
+    slot = current.resolve().name
+    if not slot_is_newer(slot):
+        # A .deb upgrade does not touch the slot root: a slot an older OTA update
+        # left behind must not shadow the newer packaged install for ever.
+        log.warning("software slot %s is not newer than the packaged install %s: "
+                    "running the packaged install", slot, packaged_version())
+        return list(fallback)
+    log.info("running software slot %s (newer than the packaged install %s)", slot,
+             packaged_version())
     argv, extra = slot_command(current)
     os.environ.update(extra)
-    os.environ["FEDGE_SOFTWARE_SLOT"] = current.resolve().name
+    os.environ["FEDGE_SOFTWARE_SLOT"] = slot
     return argv
+
+
+def packaged_version() -> str:
+    """The version of the fedge package this interpreter imports (the .deb's)."""
+    import fedge
+
+    return fedge.__version__
+
+
+def slot_is_newer(slot_version: str, packaged: str | None = None) -> bool:
+    """Whether a slot's version is newer than the packaged install's (PEP 440 order,
+    so 0.10.0 > 0.9.0 and 0.2.0 > 0.2.0rc1). A version that does not parse on either
+    side counts as not newer: the packaged install is the one known to be whole."""
+    from packaging.version import InvalidVersion, Version
+
+    packaged = packaged_version() if packaged is None else packaged
+    try:
+        return Version(slot_version) > Version(packaged)
+    except InvalidVersion:
+        log.warning("cannot order software slot %r against the packaged install %r",
+                    slot_version, packaged)
+        return False
 
 
 def _main(argv: list[str] | None = None) -> int:
@@ -491,6 +526,8 @@ def _main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", type=Path, required=True)
     ap.add_argument("--max-attempts", type=int, default=3)
     args = ap.parse_args(args_in)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="fedge.update.ab: %(message)s")
     if args.action == "exec":
         try:
             command = exec_current(args.root, fallback)

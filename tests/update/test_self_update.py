@@ -324,3 +324,58 @@ def test_agent_restarts_into_a_staged_update_by_leaving_with_status_75():
     unit = (Path(__file__).resolve().parents[2] / "packaging/systemd/fedge-agent.service")
     settings = [line.strip() for line in unit.read_text().splitlines()]
     assert "RestartForceExitStatus=75" in settings and "Restart=on-failure" in settings
+
+
+def make_slot(root: Path, version: str) -> None:
+    """A slot whose entry point says which version ran and what the launcher left it."""
+    slot = root / "slots" / version
+    slot.mkdir(parents=True)
+    (slot / "fedge-bundle.json").write_text(json.dumps({"version": version, "exec": [
+        "{python}", "-c", "import os; print('slot', os.environ['FEDGE_SOFTWARE_SLOT'], "
+        "os.environ['FEDGE_SOFTWARE_ROOT'])"]}))
+    (root / "current").unlink(missing_ok=True)
+    (root / "current").symlink_to(Path("slots") / version)
+
+
+PACKAGED = [sys.executable, "-c", "import os; print('packaged', os.environ['FEDGE_SOFTWARE_ROOT'])"]
+
+
+def test_a_deb_upgrade_past_an_old_ota_slot_runs_the_packaged_install(tmp_path):
+    """The appliance once took OTA update 0.0.1; the .deb since installed a newer
+    fedge (postinst never touches the slot root). The launcher must run the .deb."""
+    from packaging.version import Version
+
+    import fedge
+
+    assert Version(fedge.__version__) > Version("0.0.1")
+    root = tmp_path / "software"
+    make_slot(root, "0.0.1")
+    out = run_unit_exec(root, PACKAGED)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["packaged", str(root)]
+    assert (f"software slot 0.0.1 is not newer than the packaged install {fedge.__version__}"
+            in out.stderr)
+
+    make_slot(root, fedge.__version__)  # the same version: the packaged install wins
+    out = run_unit_exec(root, PACKAGED)
+    assert out.stdout.split() == ["packaged", str(root)], out.stderr
+
+
+def test_an_ota_slot_newer_than_the_packaged_install_is_what_runs(tmp_path):
+    """Versions compare as versions, not strings; unparseable ones never win."""
+    from packaging.version import Version
+
+    from fedge.update.ab import slot_is_newer
+
+    assert slot_is_newer("0.10.0", "0.9.0") and not slot_is_newer("0.2.0rc1", "0.2.0")
+    assert not slot_is_newer("0.2.0", "0.2.0") and not slot_is_newer("latest", "0.1.0")
+
+    import fedge
+
+    newer = f"{Version(fedge.__version__).major + 10}.0.0"
+    root = tmp_path / "software"
+    make_slot(root, newer)
+    out = run_unit_exec(root, PACKAGED)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["slot", newer, str(root)]
+    assert f"running software slot {newer}" in out.stderr

@@ -2,7 +2,7 @@
 
 ::
 
-    state_dir = "/var/lib/fedge-coordinator"     # SQLite, checkpoints, endpoint file
+    state_dir = "/var/lib/fedge"                 # SQLite, checkpoints, endpoint file
     bind = "tcp://0.0.0.0:7700"                  # appliances connect here
     provision = "/etc/fedge/coordinator-provision.json"  # from `fedge console init`
     # without a provision file:
@@ -19,6 +19,20 @@
     endpoint = "tcp://127.0.0.1:7701"
 
 Relative paths are relative to the configuration file's directory.
+
+``state_dir`` defaults to ``$STATE_DIRECTORY`` (the unit's ``StateDirectory=fedge``),
+else `DEFAULT_STATE_DIR`, the same directory: the admin commands run from a shell
+(``fedge coordinator status --config /etc/fedge/coordinator.toml``) open the
+database the service writes.
+
+Without ``provision`` or ``curve_key`` the provision file is looked for, in order,
+at (`provision_candidates`):
+
+1. ``$CREDENTIALS_DIRECTORY/fedge_coordinator-provision.json`` (the unit's
+   ``LoadCredential=fedge:/etc/fedge/credentials/coordinator``);
+2. ``credentials/coordinator/coordinator-provision.json`` beside the configuration
+   file: where that credential comes from, read by an admin shell running as root;
+3. ``<state_dir>/coordinator-provision.json``.
 """
 
 from __future__ import annotations
@@ -32,6 +46,9 @@ from typing import Any
 
 # systemd LoadCredential= name of the console's provision file (packaging/systemd)
 PROVISION_CREDENTIAL = "fedge_coordinator-provision.json"
+PROVISION_FILE = "coordinator-provision.json"  # as `fedge console init` names it
+# The .deb's StateDirectory=fedge; also fedge.serve.cli's and the agent's default.
+DEFAULT_STATE_DIR = "/var/lib/fedge"
 
 
 class ConfigError(ValueError):
@@ -85,11 +102,15 @@ def load_config(path: str | Path) -> CoordinatorConfig:
         return q if q.is_absolute() else base / q
 
     state_dir = rel(raw.get("state_dir", os.environ.get("STATE_DIRECTORY",
-                                                        "/var/lib/fedge-coordinator")),
+                                                        DEFAULT_STATE_DIR)),
                     "state_dir")
-    creds = os.environ.get("CREDENTIALS_DIRECTORY")
-    if "provision" not in raw and creds and (Path(creds) / PROVISION_CREDENTIAL).exists():
-        raw["provision"] = str(Path(creds) / PROVISION_CREDENTIAL)
+    candidates = provision_candidates(p, state_dir)
+    if "provision" not in raw:
+        found = [c for c in candidates if c.is_file()]
+        # Explicit keys (curve_key) win over a provision file found by default,
+        # except the systemd credential, which is what the unit was given.
+        if found and ("curve_key" not in raw or found[0].name == PROVISION_CREDENTIAL):
+            raw["provision"] = str(found[0])
     bind = raw.get("bind", "tcp://0.0.0.0:7700")
     if not isinstance(bind, str) or "://" not in bind:
         raise ConfigError(f"coordinator config bind = {bind!r} must be a ZeroMQ endpoint "
@@ -116,7 +137,9 @@ def load_config(path: str | Path) -> CoordinatorConfig:
     else:
         for key in ("curve_key", "roster_public_key"):
             if key not in raw:
-                raise ConfigError(f"coordinator config needs {key!r} (or a 'provision' file)")
+                raise ConfigError(
+                    f"coordinator config {p} needs {key!r} (or a 'provision' file); no "
+                    f"provision file at {', '.join(str(c) for c in candidates)}")
         from fedge.transport import KeyFileError, load_keypair
 
         try:
@@ -146,6 +169,17 @@ def load_config(path: str | Path) -> CoordinatorConfig:
         heartbeat_timeout_s=timeout, tick_s=tick_s,
         admin=admin, provision=provision, path=p,
     )
+
+
+def provision_candidates(config: Path, state_dir: Path) -> list[Path]:
+    """Where a configuration without ``provision`` finds one, first match wins."""
+    found = []
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    if creds:
+        found.append(Path(creds) / PROVISION_CREDENTIAL)
+    found.append(Path(config).parent / "credentials" / "coordinator" / PROVISION_FILE)
+    found.append(state_dir / PROVISION_FILE)
+    return found
 
 
 def _pos(v: Any, key: str) -> float:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
-from fedge.coordinator.config import ConfigError, load_config
+from fedge.coordinator.config import DEFAULT_STATE_DIR, ConfigError, load_config
 from fedge.secagg.keys import Identity
+from fedge.serve import cli as serve_cli
 from fedge.transport import CurveKeyPair, save_keypair
 
 
@@ -81,3 +84,62 @@ def test_bad_roster_key(tmp_path, keyfile):
         load_config(write(tmp_path, f'curve_key = "{keyfile}"\nroster_public_key = "zz"\n'))
     with pytest.raises(ConfigError, match="32"):
         load_config(write(tmp_path, f'curve_key = "{keyfile}"\nroster_public_key = "00"\n'))
+
+
+PACKAGED_CONFFILE = Path(__file__).resolve().parents[2] / "packaging/debian/etc/coordinator.toml"
+
+
+def packaged_etc(tmp_path):
+    """/etc/fedge as the .deb leaves it, with the provision file where the conffile
+    says (credentials/coordinator/, the unit's LoadCredential= source)."""
+    etc = tmp_path / "etc" / "fedge"
+    (etc / "credentials" / "coordinator").mkdir(parents=True)
+    shutil.copy(PACKAGED_CONFFILE, etc / "coordinator.toml")
+    kp = CurveKeyPair.generate()
+    prov = {"curve_public": kp.public, "curve_secret": kp.secret,
+            "roster_public_key": Identity.generate().public_bytes().hex()}
+    (etc / "credentials" / "coordinator" / "coordinator-provision.json").write_text(
+        json.dumps(prov))
+    return etc, kp
+
+
+def test_the_packaged_config_gives_the_service_and_an_admin_shell_one_database(
+        tmp_path, monkeypatch):
+    etc, kp = packaged_etc(tmp_path)
+    # Under the unit: systemd sets both directories and copies the credential.
+    creds = tmp_path / "run-credentials"
+    creds.mkdir()
+    shutil.copy(etc / "credentials/coordinator/coordinator-provision.json",
+                creds / "fedge_coordinator-provision.json")
+    monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/fedge")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    service = load_config(etc / "coordinator.toml")
+    # From a root shell: neither is set.
+    monkeypatch.delenv("STATE_DIRECTORY")
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY")
+    shell = load_config(etc / "coordinator.toml")
+    assert service.state_dir == shell.state_dir == Path("/var/lib/fedge")
+    assert service.curve_public == shell.curve_public == kp.public
+    assert DEFAULT_STATE_DIR == serve_cli.DEFAULT_STATE_DIR == "/var/lib/fedge"
+    unit = (PACKAGED_CONFFILE.parents[2] / "systemd/fedge-coordinator.service").read_text()
+    assert "StateDirectory=fedge" in unit.splitlines()
+
+
+def test_without_credentials_the_provision_file_in_the_state_dir_is_used(tmp_path, monkeypatch):
+    etc, _ = packaged_etc(tmp_path)
+    (etc / "credentials" / "coordinator" / "coordinator-provision.json").unlink()
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    state = tmp_path / "state"
+    state.mkdir()
+    monkeypatch.setenv("STATE_DIRECTORY", str(state))
+    with pytest.raises(ConfigError) as err:
+        load_config(etc / "coordinator.toml")
+    assert "needs 'curve_key'" in str(err.value)
+    assert str(state / "coordinator-provision.json") in str(err.value)
+    assert str(etc / "credentials/coordinator/coordinator-provision.json") in str(err.value)
+    kp = CurveKeyPair.generate()
+    (state / "coordinator-provision.json").write_text(json.dumps(
+        {"curve_public": kp.public, "curve_secret": kp.secret,
+         "roster_public_key": Identity.generate().public_bytes().hex()}))
+    cfg = load_config(etc / "coordinator.toml")
+    assert cfg.curve_public == kp.public and cfg.state_dir == state

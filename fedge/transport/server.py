@@ -269,7 +269,19 @@ class ServerSocket:
         for peer in dropped:
             self.disconnect(peer)
             self._refuse(peer.public_key, peer.address, "revoked: key removed from the allow-list")
+        if removed:
+            self._purge_queue()
         return dropped
+
+    def _purge_queue(self) -> None:
+        """Drop queued messages whose sender's key is no longer allowed."""
+        kept = []
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if item is None or item.peer.public_key in self._allowed:
+                kept.append(item)
+        for item in kept:
+            self._queue.put_nowait(item)
 
     def callback(self, domain: str, key: bytes) -> bool:
         """The ZAP credentials callback (pyzmq API): is this Z85 key enrolled?"""
@@ -455,6 +467,10 @@ class ServerSocket:
             if len(incoming.frames) == 1 and incoming.frames[0].bytes == HEARTBEAT_FRAME:
                 continue
             await self._queue.put(incoming)
+            if incoming.peer.public_key not in self._allowed:
+                # Revoked while we waited for room: set_allowed purged the queue
+                # before this message got in.
+                self._purge_queue()
             del incoming
 
     async def send(self, peer: Peer | str, frames: Sequence[Any]) -> None:

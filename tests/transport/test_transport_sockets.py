@@ -245,6 +245,38 @@ def test_revoked_key_is_dropped_at_once_and_cannot_reconnect() -> None:
     run(main())
 
 
+def test_messages_queued_from_a_key_are_not_delivered_after_it_is_revoked() -> None:
+    """Messages a revoked appliance sent before its revocation, still waiting
+    for the caller's recv, are dropped with it; other appliances' are kept."""
+
+    async def main() -> None:
+        keep, revoke = CurveKeyPair.generate(), CurveKeyPair.generate()
+        h = Harness(allowed=[keep.public, revoke.public])
+        h.start()
+        good, _ = h.client(keep)
+        bad, _ = h.client(revoke)
+        try:
+            await good.wait_connected(5)
+            await bad.wait_connected(5)
+            for i in range(5):
+                await bad.send(encode(Blob(f"bad{i}", np.ones(1, np.float32)), sender="b"),
+                               timeout=5)
+            await good.send(encode(Blob("ok", np.ones(1, np.float32)), sender="g"), timeout=5)
+            # All six read off the socket and waiting in the server's queue.
+            await wait_until(lambda: h.server._queue.qsize() == 6)
+            h.server.set_allowed([keep.public])
+            got = []
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    got.append(await h.server.recv(timeout=0.5))
+            assert [m.peer.public_key for m in got] == [keep.public]
+            assert decode(got[0].frames, max_bytes=1 << 20).body.name == "ok"
+        finally:
+            await h.close()
+
+    run(main())
+
+
 def test_disconnect_drops_one_connection_and_the_client_comes_back() -> None:
     async def main() -> None:
         async with connected_agent() as (h, client, events, _):

@@ -19,7 +19,9 @@ Configuration (TOML)::
 The state dir layout is the one ``fedge agent enrol`` writes (fedge.agent.enrol):
 ``keys/curve.json`` {public, secret}, ``keys/identity.key``,
 ``keys/coordinator.json`` {endpoint, public_key}, ``roster.json``,
-``enrolment.json`` {site, roster_public_key, ...}.
+``enrolment.json`` {site, roster_public_key, ...}. The two secrets may instead be
+systemd credentials (``$CREDENTIALS_DIRECTORY/fedge_curve.key``, ``fedge_identity.key``),
+which win over the state dir's (`load_enrolled`).
 
 Under systemd: READY=1 once connected to the coordinator, WATCHDOG=1 from the
 event loop, STATUS= with the current task, STOPPING=1 on SIGTERM — the stage in
@@ -131,7 +133,8 @@ def load_config(path: str | Path) -> AgentConfig:
 
 
 def load_enrolled(state_dir: Path) -> Enrolled:
-    """Read the identity ``fedge agent enrol`` installed.
+    """Read the identity ``fedge agent enrol`` installed. Each secret (`SECRETS`) is
+    taken from ``$CREDENTIALS_DIRECTORY`` when it is there, else from the state dir.
 
     Raises:
         AgentConfigError: not enrolled, or a file is missing or corrupt (named).
@@ -149,30 +152,87 @@ def load_enrolled(state_dir: Path) -> Enrolled:
     except ValueError as exc:
         raise AgentConfigError(f"{sd / 'enrolment.json'} is corrupt: {exc}") from exc
     try:
-        curve = json.loads((sd / "keys" / "curve.json").read_text())
+        curve_public, curve_secret = _curve_key(_secret_file(sd, "curve"))
+        identity_file = _secret_file(sd, "identity")
+        try:
+            identity = Identity.load(identity_file)
+        except ValueError as exc:
+            raise AgentConfigError(f"identity key {identity_file} is corrupt: {exc}") from exc
         coord = json.loads((sd / "keys" / "coordinator.json").read_text())
-        identity = Identity.load(sd / "keys" / "identity.key")
         roster = Roster.from_bytes((sd / "roster.json").read_bytes(),
                                    bytes.fromhex(meta["roster_public_key"]))
-        curve_public, curve_secret = curve["public"], curve["secret"]
-        creds = os.environ.get("CREDENTIALS_DIRECTORY")
-        if creds:  # systemd LoadCredential= (packaging/systemd): secrets off the state dir
-            cdir = Path(creds)
-            if (cdir / "fedge_curve.key").exists():
-                import zmq
-
-                curve_secret = (cdir / "fedge_curve.key").read_text().strip()
-                curve_public = zmq.curve_public(curve_secret.encode()).decode()
-            if (cdir / "fedge_identity.key").exists():
-                identity = Identity.load(cdir / "fedge_identity.key")
         return Enrolled(meta["site"], curve_public, curve_secret, coord["endpoint"],
                         coord["public_key"], identity, roster,
                         bytes.fromhex(meta["roster_public_key"]), sd / "roster.json")
+    except AgentConfigError:
+        raise
     except (FileNotFoundError, ValueError, KeyError, TypeError) as exc:
         raise AgentConfigError(f"enrolment state under {sd} is corrupt: "
                                f"{type(exc).__name__}: {exc}") from exc
     except OSError as exc:
         raise AgentConfigError(_unreadable(sd, exc)) from exc
+
+
+# The appliance's two secrets: where `fedge agent enrol` writes them under the state
+# dir, and the name systemd gives them under $CREDENTIALS_DIRECTORY when IT has moved
+# them to /etc/fedge/credentials/agent/<name> (LoadCredential=fedge:..., so the
+# credential is fedge_<name>; firmware/README.md has the commands).
+SECRETS = {"curve": ("keys/curve.json", "curve.key"),
+           "identity": ("keys/identity.key", "identity.key")}
+
+
+def _secret_file(sd: Path, which: str) -> Path:
+    """The file holding secret `which`: the systemd credential when there is one,
+    else the state dir's.
+
+    Raises: AgentConfigError naming both places when neither exists.
+    """
+    state_name, etc_name = SECRETS[which]
+    looked = []
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    if creds:
+        cred = Path(creds) / f"fedge_{etc_name}"
+        if cred.exists():
+            return cred
+        looked.append(f"{cred} (from /etc/fedge/credentials/agent/{etc_name})")
+    else:
+        looked.append(f"$CREDENTIALS_DIRECTORY/fedge_{etc_name} (CREDENTIALS_DIRECTORY "
+                      "is not set: the agent is not running under its unit)")
+    own = sd / state_name
+    if own.exists():
+        return own
+    looked.append(str(own))
+    raise AgentConfigError(f"appliance {which} key not found: looked at {' and '.join(looked)}")
+
+
+def _curve_key(path: Path) -> tuple[str, str]:
+    """(public, secret) z85 from what enrolment writes (JSON {"public", "secret"}) or a
+    bare z85 secret key; the public key is always derived from the secret.
+
+    Raises: AgentConfigError naming the file and what is wrong with it.
+    """
+    import zmq
+
+    text = path.read_text().strip()
+    public = None
+    if text.startswith("{"):
+        try:
+            doc = json.loads(text)
+            secret, public = doc["secret"], doc.get("public")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise AgentConfigError(f"CURVE key {path} is JSON without a \"secret\" "
+                                   f"field: {type(exc).__name__}: {exc}") from exc
+    else:
+        secret = text
+    try:
+        derived = zmq.curve_public(str(secret).encode()).decode()
+    except ValueError as exc:
+        raise AgentConfigError(f"CURVE key {path} holds no 40-character z85 secret key "
+                               "(expected that, or the JSON `fedge agent enrol` writes)") from exc
+    if public is not None and public != derived:
+        raise AgentConfigError(f"CURVE key {path}: its \"public\" key does not belong to "
+                               "its secret key")
+    return derived, str(secret)
 
 
 def _unreadable(sd: Path, exc: OSError) -> str:

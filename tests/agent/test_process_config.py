@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -82,3 +87,93 @@ def test_not_enrolled_and_corrupt(tmp_path):
     (tmp_path / "roster.json").write_text("{}")
     with pytest.raises(AgentConfigError, match="corrupt"):
         load_enrolled(tmp_path)
+
+
+README = Path(__file__).resolve().parents[2] / "firmware" / "README.md"
+
+
+def readme_enrolment_commands() -> list[list[str]]:
+    """The shell lines of the firmware README's Enrolment section, split."""
+    section = README.read_text().split("## Enrolment", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```", 2)[1]
+    return [shlex.split(line) for line in block.strip().splitlines()]
+
+
+def test_the_firmware_readme_enrolment_steps_work_as_written(tmp_path, monkeypatch):
+    """Enrol (the README's first line, through the real CLI), run its install and
+    shred lines on real files, let "systemd" load the credential directory, start."""
+    from datetime import UTC, datetime, timedelta
+
+    from fedge.console.enrolment import create_enrolment
+    from fedge.console.store import ConsoleStore
+
+    console = ConsoleStore.init(tmp_path / "console", coordinator_endpoint="tcp://127.0.0.1:7000",
+                                clock=lambda: datetime.now(UTC))
+    file, _ = create_enrolment(console, "hospital-a", valid_for=timedelta(days=7))
+    state, etc = tmp_path / "var-lib-fedge", tmp_path / "etc-creds-agent"
+    etc.mkdir()
+
+    def here(arg: str) -> str:
+        return (arg.replace("/var/lib/fedge", str(state))
+                .replace("/etc/fedge/credentials/agent", str(etc)))
+
+    commands = readme_enrolment_commands()
+    assert [c[0] for c in commands] == ["fedge", "install", "install", "shred", "systemctl"]
+    enrol = commands[0]
+    assert enrol[:3] == ["fedge", "agent", "enrol"]
+    fingerprint = console.roster_public_key().hex()[:16]  # what `fedge console enrol` prints
+    out = subprocess.run([sys.executable, "-m", "fedge.cli", "agent", "enrol", "--state-dir",
+                          str(state), "--console-key", fingerprint, str(file)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    enrolled = load_enrolled(state)
+    for argv in commands[1:4]:
+        if argv[0] == "install":  # not root here: keep the mode, leave the owner
+            assert argv[1:7] == ["-o", "root", "-g", "root", "-m", "0600"]
+            argv = ["install", "-m", "0600", *argv[7:]]
+        subprocess.run([here(a) for a in argv], check=True, timeout=30)
+    assert not (state / "keys" / "curve.json").exists()
+    assert not (state / "keys" / "identity.key").exists()
+    assert sorted(p.name for p in etc.iterdir()) == ["curve.key", "identity.key"]
+
+    # Without the unit (no $CREDENTIALS_DIRECTORY) the keys are gone: a clear error.
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    with pytest.raises(AgentConfigError, match="curve key not found") as err:
+        load_enrolled(state)
+    assert "CREDENTIALS_DIRECTORY is not set" in str(err.value)
+    assert str(state / "keys" / "curve.json") in str(err.value)
+
+    # LoadCredential=fedge:<dir>: each file becomes fedge_<name>.
+    creds = tmp_path / "run-credentials"
+    creds.mkdir()
+    for f in etc.iterdir():
+        shutil.copy(f, creds / f"fedge_{f.name}")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    e = load_enrolled(state)
+    assert (e.curve_public, e.curve_secret) == (enrolled.curve_public, enrolled.curve_secret)
+    assert e.identity.public_bytes() == enrolled.identity.public_bytes()
+    assert e.site == "hospital-a"
+
+
+def test_curve_credential_as_bare_z85_or_json_and_what_is_refused(tmp_path, monkeypatch):
+    kp, _ = enrolled_state(tmp_path / "st")
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    cred = creds / "fedge_curve.key"
+    for text in (kp.secret + "\n", json.dumps({"public": kp.public, "secret": kp.secret}),
+                 json.dumps({"secret": kp.secret})):
+        cred.write_text(text)
+        assert load_enrolled(tmp_path / "st").curve_public == kp.public
+    for text, match in [("not-a-key", "no 40-character z85 secret key"),
+                        ('{"public": "x"}', 'JSON without a "secret"'),
+                        (json.dumps({"public": CurveKeyPair.generate().public,
+                                     "secret": kp.secret}), "does not belong")]:
+        cred.write_text(text)
+        with pytest.raises(AgentConfigError, match=match) as err:
+            load_enrolled(tmp_path / "st")
+        assert str(cred) in str(err.value)
+    cred.unlink()
+    (creds / "fedge_identity.key").write_bytes(b"short")
+    with pytest.raises(AgentConfigError, match=r"identity key .*fedge_identity\.key is corrupt"):
+        load_enrolled(tmp_path / "st")

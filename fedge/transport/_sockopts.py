@@ -11,6 +11,14 @@ from fedge.transport.heartbeat import HeartbeatConfig
 #: which ZMQ_MAXMSGSIZE counts; rounded up.
 CURVE_FRAME_OVERHEAD = 64
 
+#: ZMQ_RCVHWM, in messages, per connection.  A multipart message is checked
+#: against the message size limit only once libzmq hands it over, so while the
+#: reader waits (a full queue, a stalled event loop) libzmq holds up to this
+#: many messages per peer before it stops reading the connection (libzmq's
+#: default, 1000, is 1000 full-size models).  A peer's heartbeats fill it too:
+#: at the default 1 s interval a 16 s stall still reads, and answers ZMTP pings.
+RCVHWM = 16
+
 EVENT_NAMES = {
     getattr(zmq, n): n.removeprefix("EVENT_") for n in dir(zmq) if n.startswith("EVENT_")
 }
@@ -67,6 +75,7 @@ def apply_common(
     sock: zmq.Socket, heartbeat: HeartbeatConfig, max_message_bytes: int | None
 ) -> None:
     sock.linger = 0
+    sock.setsockopt(zmq.RCVHWM, RCVHWM)
     sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(heartbeat.interval * 1000)))
     zmtp_ms = int(heartbeat.effective_zmtp_timeout * 1000)
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, zmtp_ms))

@@ -53,9 +53,18 @@ from fedge.transport.errors import KeyFileError, NotConnected, TransportError
 from fedge.transport.heartbeat import HEARTBEAT_FRAME, HeartbeatConfig, HeartbeatMonitor
 from fedge.transport.keys import CurveKeyPair, check_public_key
 
-__all__ = ["Incoming", "Peer", "Refusal", "ServerSocket"]
+__all__ = ["MAX_FRAMES_PER_MESSAGE", "Incoming", "Peer", "Refusal", "ServerSocket"]
 
 log = logging.getLogger("fedge.transport.server")
+
+#: More frames than this in one message is refused like an oversize message:
+#: each frame costs a libzmq message and a Python object whatever its size
+#: (a wire message is a header, a body and one frame per tensor chunk).
+MAX_FRAMES_PER_MESSAGE = 1 << 16
+
+
+def _nbytes(incoming: Incoming) -> int:
+    return sum(len(f) for f in incoming.frames)
 
 
 @dataclass(frozen=True)
@@ -117,8 +126,16 @@ class ServerSocket:
 
     ``allowed``: enrolled client public keys (Z85).  ``on_refused(Refusal)`` and
     ``on_peer_lost(Peer)`` are called from the event loop; keep them quick.
-    ``max_message_bytes`` (see :func:`message_limit_for_model`) sets
-    ZMQ_MAXMSGSIZE: a peer sending a larger frame is disconnected by libzmq.
+    ``max_message_bytes`` (see :func:`message_limit_for_model`) bounds a
+    whole message, all frames together (as ``fedge.wire.decode`` does): a peer
+    sending a larger frame is disconnected by libzmq (ZMQ_MAXMSGSIZE); one
+    whose frames add up to more, or who sends more than
+    :data:`MAX_FRAMES_PER_MESSAGE` frames, has the message drained unkept,
+    is disconnected, reported to ``on_refused`` (reason "oversize: ...") and
+    to ``on_peer_lost``.  Messages wait for ``recv`` in a queue bounded by
+    ``queue_size`` messages and ``queue_bytes`` bytes (a larger message is
+    let in when the queue is empty); while it is full the reader waits and
+    libzmq holds a few messages per peer (``RCVHWM``) before TCP pushes back.
 
     Raises (constructor):
         KeyFileError: ``keypair`` has no secret key or an allowed key is not Z85.
@@ -136,9 +153,12 @@ class ServerSocket:
         max_message_bytes: int | None = None,
         zap_domain: str = "fedge",
         queue_size: int = 4096,
+        queue_bytes: int = 256 << 20,
     ) -> None:
         if keypair.secret is None:
             raise KeyFileError("ServerSocket needs the server's secret key")
+        if not isinstance(queue_bytes, int) or isinstance(queue_bytes, bool) or queue_bytes <= 0:
+            raise ValueError(f"queue_bytes {queue_bytes!r} must be a positive int")
         self.keypair = keypair
         self._allowed = frozenset(check_public_key(k, what="allowed key") for k in allowed)
         self._revoked: set[str] = set()
@@ -155,6 +175,10 @@ class ServerSocket:
         self._auth: _Authenticator | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._queue: asyncio.Queue[Incoming | None] = asyncio.Queue(queue_size)
+        self._queue_bytes = queue_bytes
+        self._queued_bytes = 0  # frame bytes of the messages in _queue
+        self._room = asyncio.Event()  # set when recv or a purge takes from _queue
+        self._reader_waiting = False  # for room in _queue: peers' messages sit unread
         self._closed = False
         self.endpoint: str | None = None
 
@@ -228,6 +252,7 @@ class ServerSocket:
         self._tasks = []
         while not self._queue.empty():  # undelivered messages are dropped
             self._queue.get_nowait()
+        self._queued_bytes = 0
         self._queue.put_nowait(None)
         if self._sock is not None:
             self._sock.close(linger=0)
@@ -282,6 +307,8 @@ class ServerSocket:
                 kept.append(item)
         for item in kept:
             self._queue.put_nowait(item)
+        self._queued_bytes = sum(_nbytes(i) for i in kept if i is not None)
+        self._room.set()
 
     def callback(self, domain: str, key: bytes) -> bool:
         """The ZAP credentials callback (pyzmq API): is this Z85 key enrolled?"""
@@ -450,27 +477,69 @@ class ServerSocket:
         if item is None:  # close() woke us
             self._queue.put_nowait(None)  # and any other waiter
             raise NotConnected("ServerSocket was closed")
+        self._queued_bytes -= _nbytes(item)
+        self._room.set()
         return item
 
+    def _oversize(self, nbytes: int, nframes: int) -> bool:
+        limit = self._max_message_bytes
+        return (limit is not None and nbytes > limit) or nframes > MAX_FRAMES_PER_MESSAGE
+
     async def _read(self, sock: zmq.asyncio.Socket) -> None:
+        sync = zmq.Socket.shadow(sock.underlying)
         while True:
-            frames = await sock.recv_multipart(copy=False)
-            if len(frames) < 2:
+            rid = (await sock.recv(copy=False)).bytes
+            # libzmq hands out a multipart message only once all of it has
+            # arrived, so the rest is read without waiting.  ZMQ_MAXMSGSIZE
+            # bounds each frame only: the sum is checked here, frame by frame,
+            # and the rest of an oversize message is drained without keeping it.
+            frames: list[zmq.Frame] = []
+            nbytes = nframes = 0
+            while sync.rcvmore:
+                frame = sync.recv(copy=False)
+                nbytes += len(frame)
+                nframes += 1
+                if nframes == 1 or not self._oversize(nbytes, nframes):
+                    frames.append(frame)
+                elif len(frames) > 1:
+                    del frames[1:]  # the first stays: it says who sent it
+                del frame
+            if not frames:
                 continue
-            peer = self._track(frames[0].bytes, frames[1])
+            peer = self._track(rid, frames[0])
             if peer is None:
                 continue
-            incoming = Incoming(peer, frames[1:])
+            if self._oversize(nbytes, nframes):
+                del frames
+                rule = (f"more than {MAX_FRAMES_PER_MESSAGE} frames"
+                        if nframes > MAX_FRAMES_PER_MESSAGE
+                        else f"more than max_message_bytes={self._max_message_bytes}")
+                self._refuse(
+                    peer.public_key, peer.address,
+                    f"oversize: a message of {nbytes} bytes in {nframes} frames, {rule}; "
+                    "dropped and disconnected",
+                )
+                self.disconnect(peer)
+                self._report_lost(peer)
+                continue
+            if (nframes == 1 and nbytes == len(HEARTBEAT_FRAME)
+                    and frames[0].bytes == HEARTBEAT_FRAME):
+                continue
+            incoming = Incoming(peer, frames)
             # Drop our references while waiting: the receiver of a chunked
             # tensor frees each chunk as it decodes (release_frames).
             del frames
-            if len(incoming.frames) == 1 and incoming.frames[0].bytes == HEARTBEAT_FRAME:
-                continue
-            await self._queue.put(incoming)
-            if incoming.peer.public_key not in self._allowed:
-                # Revoked while we waited for room: set_allowed purged the queue
-                # before this message got in.
-                self._purge_queue()
+            while self._queue.full() or (
+                    self._queued_bytes and self._queued_bytes + nbytes > self._queue_bytes):
+                self._room.clear()
+                self._reader_waiting = True
+                try:
+                    await self._room.wait()
+                finally:
+                    self._reader_waiting = False
+            if peer.public_key in self._allowed:  # not revoked while we waited
+                self._queue.put_nowait(incoming)
+                self._queued_bytes += nbytes
             del incoming
 
     async def send(self, peer: Peer | str, frames: Sequence[Any]) -> None:
@@ -500,9 +569,12 @@ class ServerSocket:
             return
         if self._by_key.get(st.peer.public_key) == rid:
             del self._by_key[st.peer.public_key]
+        self._report_lost(st.peer)
+
+    def _report_lost(self, peer: Peer) -> None:
         if self.on_peer_lost is not None:
             try:
-                self.on_peer_lost(st.peer)
+                self.on_peer_lost(peer)
             except Exception:
                 log.exception("on_peer_lost callback failed")
 
@@ -517,7 +589,7 @@ class ServerSocket:
                 log.warning("transport server: event loop stalled for %.1f s; peers' "
                             "silence meanwhile is not held against them", now - last_tick)
             last_tick = now
-            if self._queue.full() or stalled:
+            if self._reader_waiting or stalled:
                 # The reader waits for the caller, or this event loop did not run
                 # for a while (a long synchronous step, a loaded machine): peers'
                 # messages sit unread, so silence proves nothing now.

@@ -354,6 +354,102 @@ def test_max_message_bytes_disconnects_an_oversize_sender() -> None:
     run(main())
 
 
+def test_a_message_whose_frames_add_up_past_the_limit_is_refused_and_its_sender_dropped(
+) -> None:
+    """ZMQ_MAXMSGSIZE bounds each frame; the server bounds the whole message:
+    64 frames each under the limit are not handed to recv, the sender is
+    reported refused (for the audit log) and lost, and comes back."""
+
+    async def main() -> None:
+        agent = CurveKeyPair.generate()
+        h = Harness(allowed=[agent.public], max_message_bytes=10_000)
+        h.start()
+        client, events = h.client(agent)
+        try:
+            await client.wait_connected(5)
+            await wait_until(lambda: h.server.peers())
+            fits = encode(Blob("fits", np.ones(2000, np.float32)), sender="a", chunk_bytes=3000)
+            assert len(fits) == 5  # several frames, 8 000+ bytes together: delivered
+            await client.send(fits, timeout=5)
+            assert decode((await h.server.recv(timeout=5)).frames,
+                          max_bytes=10_000).body.name == "fits"
+            await client.send([b"h"] + [b"y" * 9_000] * 64, timeout=5)
+            with pytest.raises(TimeoutError):
+                await h.server.recv(timeout=0.5)
+            await wait_until(lambda: h.refusals and h.lost)
+            r = h.refusals[0]
+            assert (r.public_key, r.address) == (agent.public, "127.0.0.1")
+            assert r.reason.startswith("oversize: a message of 576001 bytes in 65 frames")
+            assert "max_message_bytes=10000" in r.reason
+            assert [p.public_key for p in h.lost] == [agent.public]
+            await wait_until(lambda: any(e.kind == "disconnected" for e in events))
+            await client.wait_connected(5)
+            await client.send(encode(Blob("ok", np.ones(10, np.float32)), sender="a"), timeout=5)
+            got = decode((await h.server.recv(timeout=5)).frames, max_bytes=10_000)
+            assert got.body.name == "ok"
+        finally:
+            await h.close()
+
+    run(main())
+
+
+def test_a_message_of_too_many_frames_is_refused_without_a_byte_limit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import fedge.transport.server as server_module
+
+    monkeypatch.setattr(server_module, "MAX_FRAMES_PER_MESSAGE", 16)
+
+    async def main() -> None:
+        async with connected_agent() as (h, client, _, agent):
+            await client.send([b""] * 17, timeout=5)
+            await wait_until(lambda: h.refusals)
+            assert h.refusals[0].public_key == agent.public
+            assert "17 frames, more than 16 frames" in h.refusals[0].reason
+            with pytest.raises(TimeoutError):
+                await h.server.recv(timeout=0.3)
+
+    run(main())
+
+
+def test_the_server_queue_is_bounded_in_bytes_and_keeps_peers_alive_while_full() -> None:
+    """Messages the caller has not taken yet are held up to ``queue_bytes``;
+    past that the reader waits (libzmq holds a few per peer: RCVHWM, then TCP
+    pushes back) and peers' unread silence is not held against them."""
+    from fedge.transport._sockopts import RCVHWM
+
+    async def main() -> None:
+        agent = CurveKeyPair.generate()
+        h = Harness(allowed=[agent.public], queue_bytes=50_000)
+        h.start()
+        client, events = h.client(agent)
+        try:
+            await client.wait_connected(5)
+            assert h.server._sock is not None and h.server._sock.rcvhwm == RCVHWM < 1000
+            for i in range(6):  # 20 000-byte tensors: two fit in 50 000 bytes
+                await client.send(encode(Blob(f"m{i}", np.full(5000, i, np.float32)),
+                                         sender="a"), timeout=5)
+            await wait_until(lambda: h.server._reader_waiting)
+            assert h.server._queue.qsize() == 2
+            await asyncio.sleep(1.0)  # > the heartbeat timeout, reader waiting
+            assert h.lost == [] and len(h.server.peers()) == 1
+            names = [decode((await h.server.recv(timeout=5)).frames,
+                            max_bytes=1 << 20).body.name for _ in range(6)]
+            assert names == [f"m{i}" for i in range(6)]
+            # One message larger than the whole bound still gets in, alone.
+            await client.send(encode(Blob("big", np.ones(20_000, np.float32)), sender="a"),
+                              timeout=5)
+            got = decode((await h.server.recv(timeout=5)).frames, max_bytes=1 << 20)
+            assert got.body.name == "big"
+            assert h.server._queued_bytes == 0
+            assert [e.kind for e in events] == ["connected"]
+            with pytest.raises(ValueError, match="queue_bytes 0"):
+                ServerSocket(h.server_keys, queue_bytes=0)
+        finally:
+            await h.close()
+
+    run(main())
+
+
 def test_bad_construction_and_use_is_refused() -> None:
     async def main() -> None:
         kp = CurveKeyPair.generate()

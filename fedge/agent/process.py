@@ -23,8 +23,12 @@ The state dir layout is the one ``fedge agent enrol`` writes (fedge.agent.enrol)
 systemd credentials (``$CREDENTIALS_DIRECTORY/fedge_curve.key``, ``fedge_identity.key``),
 which win over the state dir's (`load_enrolled`).
 
-Under systemd: READY=1 once connected to the coordinator, WATCHDOG=1 from the
-event loop, STATUS= with the current task, STOPPING=1 on SIGTERM — the stage in
+Under systemd: READY=1 once the enrolment is loaded and the client is connecting
+(STATUS= "connecting to ENDPOINT", then "connected to ..."), so a coordinator or
+WAN that is down at boot does not get the agent killed by TimeoutStartSec;
+WATCHDOG=1 from the event loop, also while it retries; STATUS= with the current
+task; a software update in trial is confirmed only by a heartbeat ack, i.e. a real
+connection (fedge.agent.updates); STOPPING=1 on SIGTERM — the stage in
 progress is abandoned (the coordinator treats the site as a dropout) and the
 process exits 0.
 """
@@ -279,13 +283,22 @@ async def run_agent(agent: Agent, enrolled: Enrolled, *, interval_s: float, time
     from fedge.transport import HeartbeatConfig as TransportHeartbeat
 
     failures: list[str] = []
+    endpoint = enrolled.coordinator_endpoint
+
+    def say(text: str) -> None:
+        if notifier is not None:
+            with contextlib.suppress(ValueError):
+                notifier.status(text)
 
     def on_event(ev: Any) -> None:
         if ev.kind == "handshake_failed":
             log.error("%s: %s", agent.site, ev.detail)
             failures.append(ev.detail)
+            say(f"connecting to {endpoint}: handshake failed, retrying")
         elif ev.kind in ("connected", "disconnected", "heartbeat_timeout"):
             log.info("%s: %s %s", agent.site, ev.kind, ev.detail)
+            say(f"connected to {endpoint}" if ev.kind == "connected"
+                else f"connecting to {endpoint} ({ev.kind.replace('_', ' ')})")
 
     client = ClientSocket(
         CurveKeyPair(enrolled.curve_public, enrolled.curve_secret),
@@ -307,6 +320,12 @@ async def run_agent(agent: Agent, enrolled: Enrolled, *, interval_s: float, time
         agent.before_handle = maybe_die
     if notifier is not None:
         agent.on_status = notifier.status
+        # READY once the state is loaded and the client is connecting, not once
+        # connected: with the coordinator or the WAN down at boot, TimeoutStartSec
+        # would otherwise kill and restart the agent every two minutes. Health for a
+        # software update is a heartbeat ack (a real connection, `on_heartbeat_ack`
+        # confirms the trial), not READY.
+        notifier.ready(f"connecting to {endpoint}")
     tasks: set[asyncio.Task[Any]] = set()
 
     async def receive() -> None:
@@ -317,15 +336,11 @@ async def run_agent(agent: Agent, enrolled: Enrolled, *, interval_s: float, time
             t.add_done_callback(tasks.discard)
 
     async def beat() -> None:
-        ready = False
         while True:
             if client.state == "connected":
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(agent.heartbeat(), timeout_s)
-                if not ready and notifier is not None:
-                    notifier.ready()
-                ready = True
-            if notifier is not None:
+            if notifier is not None:  # alive while retrying, too: the loop is not stuck
                 notifier.watchdog()
             await asyncio.sleep(interval_s)
 

@@ -1,0 +1,112 @@
+"""The agent as systemd sees it while the coordinator is unreachable: READY once it
+has loaded its enrolment and is connecting, watchdog pings while it retries, and a
+software update in trial left unconfirmed (only a heartbeat ack confirms it).
+
+Everything is real: the unit's launcher and preflight, the agent process, a bound
+NOTIFY_SOCKET, an enrolment from a console, and a coordinator port nobody listens on.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from fedge.agent.enrol import install_enrolment
+from fedge.console.enrolment import create_enrolment
+from fedge.console.store import ConsoleStore
+from fedge.update.ab import SelfUpdate
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def notify():
+    """systemd's side of Type=notify: a bound datagram socket (short path: 108 bytes)."""
+    tmp = tempfile.mkdtemp(prefix="fan", dir="/tmp")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(os.path.join(tmp, "notify"))
+    try:
+        yield sock
+    finally:
+        sock.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def agent_bundle(tmp_path: Path, version: str, config: Path) -> Path:
+    """A software update whose entry point is this tree's agent (as a wheel slot's is)."""
+    data = json.dumps({"version": version, "exec": ["{python}", "-m", "fedge.cli", "agent",
+                                                    "run", "--config", str(config)]}).encode()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        info = tarfile.TarInfo("fedge-bundle.json")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    path = tmp_path / f"fedge-{version}.tar.gz"
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+def test_with_the_coordinator_down_the_agent_is_ready_alive_and_its_update_unconfirmed(
+        tmp_path, notify):
+    endpoint = f"tcp://127.0.0.1:{free_port()}"  # nothing listens: coordinator down
+    console = ConsoleStore.init(tmp_path / "console", coordinator_endpoint=endpoint,
+                                clock=lambda: datetime.now(UTC))
+    file, _ = create_enrolment(console, "hospital-a", valid_for=timedelta(days=7))
+    state = tmp_path / "state"
+    install_enrolment(file, state)
+    config = tmp_path / "agent.toml"
+    config.write_text(f'state_dir = "{state}"\nhealth = false\n'
+                      "[heartbeat]\ninterval_s = 0.2\ntimeout_s = 1.0\n")
+    software = state / "software"
+    SelfUpdate(software).stage("90.0.0", agent_bundle(tmp_path, "90.0.0", config),
+                               rollout_id="r1")
+    # ExecStartPre, then ExecStart, as in packaging/systemd/fedge-agent.service
+    pre = subprocess.run([sys.executable, "-m", "fedge.update.ab", "preflight", "--root",
+                          str(software)], capture_output=True, text=True, timeout=60)
+    assert pre.stdout.strip() == "trial", pre.stderr
+    env = {**os.environ, "NOTIFY_SOCKET": notify.getsockname(), "WATCHDOG_USEC": "60000000",
+           "PYTHONUNBUFFERED": "1"}
+    env.pop("CREDENTIALS_DIRECTORY", None)
+    proc = subprocess.Popen([sys.executable, "-m", "fedge.update.ab", "exec", "--root",
+                             str(software), "--", "/bin/false"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    got: list[str] = []
+    try:
+        deadline = time.monotonic() + 90  # TimeoutStartSec=120s in the unit
+        while time.monotonic() < deadline and sum("WATCHDOG=1" in m for m in got) < 5:
+            notify.settimeout(max(0.1, deadline - time.monotonic()))
+            try:
+                got.append(notify.recv(4096).decode())
+            except TimeoutError:
+                break
+        assert proc.poll() is None, proc.communicate()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    lines = [line for m in got for line in m.splitlines()]
+    assert "READY=1" in lines, (got, err)
+    assert f"STATUS=connecting to {endpoint}" in lines
+    assert sum(line == "WATCHDOG=1" for line in lines[lines.index("READY=1"):]) >= 5
+    assert not any(line.startswith("STATUS=connected") for line in lines)
+    assert proc.returncode == 0, err
+    # No heartbeat ack, so no confirmation: the trial is still pending, no outcome yet.
+    pending = SelfUpdate(software).pending()
+    assert pending is not None and pending["version"] == "90.0.0"
+    assert SelfUpdate(software).take_outcome() is None

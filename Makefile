@@ -8,8 +8,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # Debian packages the build and the tests need; installed only when missing.
+# python3-dev: Python.h for CMake's Development.Module (fedge._core) and for
+# building systemd-python (with libsystemd-dev).
 APT_PKGS := build-essential cmake ninja-build pkg-config libsystemd-dev systemd \
-            dpkg-dev fakeroot lintian python3-venv git
+            dpkg-dev fakeroot lintian python3-venv python3-dev git
 CORE_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/*.hpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h) \
                 CMakeLists.txt pyproject.toml
 

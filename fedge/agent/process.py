@@ -41,6 +41,7 @@ import json
 import logging
 import os
 import signal
+import time
 import tomllib
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -52,6 +53,8 @@ from fedge.agent.runtime import Agent
 from fedge.agent.trainer import Trainer
 
 log = logging.getLogger("fedge.agent")
+
+TRIAL_UNCONFIRMED_EXIT = 75  # the unit's RestartForceExitStatus
 
 # Fault injection for the crash tests: a comma-separated list of wire message
 # types; the agent SIGKILLs itself on receiving one (e.g. "train_task" = dies at
@@ -73,6 +76,9 @@ class AgentConfig:
     workers: int = 1
     eligibility: dict[str, Any] = field(default_factory=dict)
     health: bool = True
+    # a software update in trial that no coordinator confirms within this is given up:
+    # the agent exits 75, systemd restarts it, preflight rolls back after 3 such starts
+    update_trial_s: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -88,7 +94,8 @@ class Enrolled:
     roster_path: Path | None = None  # where a newer roster from the coordinator is kept
 
 
-_KEYS = ("state_dir", "workers", "heartbeat", "eligibility", "datasets", "health")
+_KEYS = ("state_dir", "workers", "heartbeat", "eligibility", "datasets", "health",
+         "update_trial_s")
 
 
 def load_config(path: str | Path) -> AgentConfig:
@@ -132,8 +139,11 @@ def load_config(path: str | Path) -> AgentConfig:
     health = raw.get("health", True)
     if not isinstance(health, bool):
         raise AgentConfigError(f"agent config health = {health!r} must be true or false")
+    trial = raw.get("update_trial_s", 600.0)
+    if isinstance(trial, bool) or not isinstance(trial, int | float) or not trial > 0:
+        raise AgentConfigError(f"agent config update_trial_s = {trial!r} must be > 0")
     return AgentConfig(state_dir, datasets, float(interval), float(timeout), workers, elig,
-                       health)
+                       health, float(trial))
 
 
 def load_enrolled(state_dir: Path) -> Enrolled:
@@ -273,11 +283,14 @@ def health_probe(cfg: AgentConfig, xid_monitor: Any = None) -> Any:
 
 async def run_agent(agent: Agent, enrolled: Enrolled, *, interval_s: float, timeout_s: float,
                     stop: asyncio.Event, notifier: Any = None,
-                    connect_timeout_s: float | None = None) -> int:
+                    connect_timeout_s: float | None = None,
+                    trial_confirm_s: float = 600.0) -> int:
     """Connect, heartbeat and serve tasks until ``stop``; returns the exit code.
 
     Returns 3 when the coordinator is an impostor (wrong key) or refuses this
-    appliance and ``connect_timeout_s`` passes without a connection.
+    appliance and ``connect_timeout_s`` passes without a connection; 75 when this
+    start runs a software update in trial and no heartbeat ack confirms it within
+    ``trial_confirm_s``.
     """
     from fedge.transport import Backoff, ClientSocket, CurveKeyPair, HandshakeFailed
     from fedge.transport import HeartbeatConfig as TransportHeartbeat
@@ -335,6 +348,12 @@ async def run_agent(agent: Agent, enrolled: Enrolled, *, interval_s: float, time
             tasks.add(t)
             t.add_done_callback(tasks.discard)
 
+    updates = getattr(agent, "update_client", None)
+    trial = (updates.self_update.pending() if updates is not None
+             and updates.self_update is not None else None)
+    started = time.monotonic()
+    exit_code: list[int] = []
+
     async def beat() -> None:
         while True:
             if client.state == "connected":
@@ -342,6 +361,18 @@ async def run_agent(agent: Agent, enrolled: Enrolled, *, interval_s: float, time
                     await asyncio.wait_for(agent.heartbeat(), timeout_s)
             if notifier is not None:  # alive while retrying, too: the loop is not stuck
                 notifier.watchdog()
+            if (trial is not None and not updates.confirmed
+                    and time.monotonic() - started > trial_confirm_s):
+                # a version that cannot reach the coordinator is not known to work:
+                # exit 75 (RestartForceExitStatus), preflight counts the start and rolls
+                # back after its max_attempts
+                log.error("%s: software %s in trial: no heartbeat ack from the coordinator "
+                          "in %.0f s; exiting so the unit restarts (rolled back after "
+                          "repeated starts)", agent.site, trial.get("version"),
+                          trial_confirm_s)
+                exit_code.append(TRIAL_UNCONFIRMED_EXIT)
+                stop.set()
+                return
             await asyncio.sleep(interval_s)
 
     workers = [asyncio.ensure_future(receive()), asyncio.ensure_future(beat())]
@@ -355,6 +386,7 @@ async def run_agent(agent: Agent, enrolled: Enrolled, *, interval_s: float, time
                 code = 3
                 return code
         await stop.wait()
+        code = exit_code[0] if exit_code else 0
     finally:
         if notifier is not None:
             notifier.stopping()
@@ -397,7 +429,8 @@ def run(cfg: AgentConfig, *, connect_timeout_s: float | None = None) -> int:
                 loop.add_signal_handler(sig, stop.set)
         return await run_agent(agent, enrolled, interval_s=cfg.heartbeat_interval_s,
                                timeout_s=cfg.heartbeat_timeout_s, stop=stop,
-                               notifier=Notifier(), connect_timeout_s=connect_timeout_s)
+                               notifier=Notifier(), connect_timeout_s=connect_timeout_s,
+                               trial_confirm_s=cfg.update_trial_s)
 
     try:
         return asyncio.run(main())

@@ -513,6 +513,11 @@ class AgentUpdateClient:
         self.restart()
         return True
 
+    @property
+    def confirmed(self) -> bool:
+        """Whether a heartbeat ack has come since this process started."""
+        return self._acked
+
     async def on_heartbeat_ack(self) -> None:
         """First ack after start: a pending software update is healthy — keep it —
         and whatever outcome the last update left is reported now."""

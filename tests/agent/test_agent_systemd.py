@@ -110,3 +110,44 @@ def test_with_the_coordinator_down_the_agent_is_ready_alive_and_its_update_uncon
     pending = SelfUpdate(software).pending()
     assert pending is not None and pending["version"] == "90.0.0"
     assert SelfUpdate(software).take_outcome() is None
+
+
+def test_a_trial_no_coordinator_confirms_is_given_up_and_rolled_back_after_three_starts(
+        tmp_path):
+    """The other side of READY-before-connected: a new version that never reaches the
+    coordinator (broken, or the coordinator gone) must not stay in trial for ever. After
+    update_trial_s without a heartbeat ack the agent exits 75, the unit's
+    RestartForceExitStatus, and systemd starts it again; preflight rolls back on the
+    fourth start. Here systemd's loop is played by hand: preflight, then the launcher."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"  # nothing listens
+    console = ConsoleStore.init(tmp_path / "console", coordinator_endpoint=endpoint,
+                                clock=lambda: datetime.now(UTC))
+    file, _ = create_enrolment(console, "hospital-a", valid_for=timedelta(days=7))
+    state = tmp_path / "state"
+    install_enrolment(file, state)
+    config = tmp_path / "agent.toml"
+    config.write_text(f'state_dir = "{state}"\nhealth = false\nupdate_trial_s = 1.0\n'
+                      "[heartbeat]\ninterval_s = 0.2\ntimeout_s = 1.0\n")
+    software = state / "software"
+    SelfUpdate(software).stage("90.0.0", agent_bundle(tmp_path, "90.0.0", config),
+                               rollout_id="r1")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("CREDENTIALS_DIRECTORY", "NOTIFY_SOCKET")}
+    for start in (1, 2, 3):
+        pre = subprocess.run([sys.executable, "-m", "fedge.update.ab", "preflight", "--root",
+                              str(software)], capture_output=True, text=True, timeout=60)
+        assert pre.stdout.strip() == "trial", pre.stderr
+        t0 = time.monotonic()
+        run = subprocess.run([sys.executable, "-m", "fedge.update.ab", "exec", "--root",
+                              str(software), "--", "/bin/false"], env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 75, run.stderr
+        assert "software 90.0.0 in trial: no heartbeat ack from the coordinator" in run.stderr
+        assert time.monotonic() - t0 < 60
+        assert SelfUpdate(software).pending()["attempts"] == start
+    pre = subprocess.run([sys.executable, "-m", "fedge.update.ab", "preflight", "--root",
+                          str(software)], capture_output=True, text=True, timeout=60)
+    assert pre.stdout.strip() == "rolled_back", pre.stderr
+    outcome = SelfUpdate(software).take_outcome()
+    assert outcome["version"] == "90.0.0" and outcome["rolled_back"] and not outcome["ok"]
+    assert not (software / "current").exists()  # the packaged install runs next

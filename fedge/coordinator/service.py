@@ -37,6 +37,7 @@ import numpy as np
 
 from fedge import __version__
 from fedge.coordinator import checkpoint as ck
+from fedge.coordinator.auditlimit import AuditThrottle
 from fedge.coordinator.cohort import Selection, select_cohort
 from fedge.coordinator.plan import Plan, PlanError, parse_plan
 from fedge.coordinator.rounds import AggregationFactory, Phase, Round, plain_factory
@@ -52,10 +53,11 @@ REPLAY_WINDOW = 4096  # message ids remembered per site
 HEARTBEAT_PERSIST_S = 30.0  # an unchanged heartbeat is written to SQLite this often
 FINISH_RETRY_S = 10.0  # a job whose final checkpoint could not be written is retried this often
 DEFAULT_MAX_BYTES = 64 << 20
-# A key the transport refuses again and again (an unenrolled or revoked appliance
-# reconnecting every few milliseconds) must not turn into an fsync'd audit row each
-# time: per (key, reason) the first refusal is audited, then at most one row per
-# REFUSAL_SUMMARY_S counting the rest, for the REFUSAL_KEYS most recent pairs.
+# A key the transport refuses again and again, or an enrolled site whose messages
+# are rejected again and again, must not turn into an fsync'd audit row each time
+# (fedge.coordinator.auditlimit): per (key, reason) or (site, kind of rejection) the
+# first is audited, then at most one row per REFUSAL_SUMMARY_S counting the rest,
+# for the REFUSAL_KEYS most recent pairs.
 REFUSAL_SUMMARY_S = 60.0
 REFUSAL_KEYS = 1024
 
@@ -109,15 +111,6 @@ class _Conn:
         if len(self.seen_ids) > REPLAY_WINDOW:
             self.seen_set.discard(self.seen_ids.popleft())
         return False
-
-
-@dataclass
-class _Refusals:
-    """Refusals of one (key, reason) since its last audit row."""
-
-    audited_at: float
-    count: int = 0  # refusals not yet in the audit log
-    since: float = 0.0  # the first of them
 
 
 class JobRunner:
@@ -192,10 +185,10 @@ class Coordinator:
         self.outbox: list[Outgoing] = []
         self.conns: dict[str, _Conn] = {}
         self.runner: JobRunner | None = None
-        # (key, reason) -> refusals not yet audited; least recently refused first
-        self._refusals: collections.OrderedDict[tuple[str, str], _Refusals] = \
-            collections.OrderedDict()
-        self._refusals_pending: set[tuple[str, str]] = set()
+        self._refusals = AuditThrottle(self.store.audit, verb="refused",
+                                       every_s=REFUSAL_SUMMARY_S, max_keys=REFUSAL_KEYS)
+        self._rejections = AuditThrottle(self.store.audit, verb="rejected",
+                                         every_s=REFUSAL_SUMMARY_S, max_keys=REFUSAL_KEYS)
         # Called with the new allow-list whenever enrolment changes (transport hook).
         self.on_allow_list: Callable[[set[str]], None] = lambda keys: None
         # Called with a site whose connection must be dropped at once (revocation).
@@ -328,49 +321,12 @@ class Coordinator:
         """The transport refused a connection (unknown or revoked key).
 
         Audited once per (key, reason), then summarised: at most one row per
-        REFUSAL_SUMMARY_S saying how many more times it was refused (see
-        :meth:`_audit_refusals`); the rest are only counted, in memory bounded by
-        REFUSAL_KEYS pairs.
+        REFUSAL_SUMMARY_S saying how many more times it was refused
+        (fedge.coordinator.auditlimit).
         """
-        now = self.clock()
-        pair = (curve_public_z85, reason)
-        entry = self._refusals.get(pair)
-        if entry is None:
-            self.store.audit("transport", "connection_refused",
-                             {"curve_public": curve_public_z85, "reason": reason})
-            self._refusals[pair] = _Refusals(audited_at=now)
-            while len(self._refusals) > REFUSAL_KEYS:  # forget the least recent pair
-                old_pair, old = self._refusals.popitem(last=False)
-                self._audit_refusals(old_pair, old, now)
-            return
-        self._refusals.move_to_end(pair)
-        if entry.count == 0:
-            entry.since = now
-        entry.count += 1
-        self._refusals_pending.add(pair)
-        if now - entry.audited_at >= REFUSAL_SUMMARY_S:
-            self._audit_refusals(pair, entry, now)
-
-    def _audit_refusals(self, pair: tuple[str, str], entry: _Refusals, now: float) -> None:
-        """One audit row for the refusals of ``pair`` counted since its last row."""
-        self._refusals_pending.discard(pair)
-        if entry.count == 0:
-            return
-        since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry.since))
-        self.store.audit("transport", "connection_refused",
-                         {"curve_public": pair[0], "reason": pair[1], "repeated": entry.count,
-                          "since": entry.since,
-                          "summary": f"refused {entry.count} more "
-                                     f"time{'s' if entry.count > 1 else ''} since {since}"})
-        entry.count = 0
-        entry.audited_at = now
-
-    def _flush_refusals(self, now: float) -> None:
-        """Summaries due for keys that stopped being refused (called by tick)."""
-        for pair in list(self._refusals_pending):
-            entry = self._refusals[pair]
-            if now - entry.audited_at >= REFUSAL_SUMMARY_S:
-                self._audit_refusals(pair, entry, now)
+        self._refusals.event((curve_public_z85, reason), "transport", "connection_refused",
+                             {"curve_public": curve_public_z85, "reason": reason},
+                             self.clock())
 
     def handle_frames(self, site: str, frames: Sequence[Any]) -> None:
         """One multipart message from the authenticated ``site``.
@@ -505,8 +461,11 @@ class Coordinator:
             self._reject(site, "unknown_site", str(exc))
 
     def _reject(self, site: str, action: str, reason: str) -> None:
-        log.warning("rejected message from %s: %s", site, reason)
-        self.store.audit(site, action, reason)
+        """Answer ``site`` with Rejected(reason), every time; log and audit the first
+        rejection of each kind per site, then at most one summary row a minute (a site
+        sending malformed messages in a loop must not cost a fsync'd row each)."""
+        if self._rejections.event((site, action), site, action, reason, self.clock()):
+            log.warning("rejected message from %s: %s", site, reason)
         self.outbox.append(Outgoing(site, m.Rejected(reason)))
 
     # -- driving --------------------------------------------------------------------
@@ -522,8 +481,9 @@ class Coordinator:
     def tick(self) -> None:
         """Advance deadlines, notice lost connections, start and finish rounds."""
         now = self.clock()
-        if self._refusals_pending:
-            self._flush_refusals(now)
+        for throttle in (self._refusals, self._rejections):
+            if throttle.pending:
+                throttle.flush(now)
         if self.runner is None:
             self._start_next_job(now)
             if self.runner is None:
@@ -688,8 +648,8 @@ class Coordinator:
     def close(self) -> None:
         now = self.clock()
         try:
-            for pair in list(self._refusals_pending):  # counted, not yet audited
-                self._audit_refusals(pair, self._refusals[pair], now)
+            for throttle in (self._refusals, self._rejections):  # counted, not yet audited
+                throttle.close(now)
         finally:
             self.store.close()
 

@@ -457,3 +457,26 @@ def test_jobs_watch_shows_why_a_round_waits_and_why_the_job_failed(federation):
                         "min_clients 2; excluded: a: does not hold data set 'fed_heart'; "
                         "b: does not hold data set 'fed_heart')")
     assert lines[-1].startswith(f"job {job} failed: ") and "does not hold data set" in lines[-1]
+
+
+def test_a_site_sending_malformed_messages_in_a_loop_is_answered_each_time_audited_once(
+        federation):
+    """Each malformed message is answered with Rejected, but only the first of its kind
+    is logged and audited in full; the rest become one summary row a minute (written by
+    tick once the site goes quiet), not a fsync'd row each."""
+    import json
+
+    fed = federation(["a"])
+    coord, clock = fed.coord, fed.clock
+    for _ in range(500):
+        coord.handle_frames("a", [b"\x00not a message"])
+    assert [type(o.body) for o in coord.outbox] == [m.Rejected] * 500
+    rows = coord.store.audit_log(action="malformed_message")
+    assert len(rows) == 1 and rows[0]["actor"] == "a"
+    clock.t += 61
+    coord.tick()
+    rows = coord.store.audit_log(action="malformed_message")
+    assert len(rows) == 2
+    summary = json.loads(rows[1]["detail"])
+    assert summary["repeated"] == 499 and summary["summary"].startswith("rejected 499 more")
+    assert summary["reason"].startswith("FrameCountMismatch: frames:")  # the last one

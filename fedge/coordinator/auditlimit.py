@@ -1,0 +1,100 @@
+"""Audit rows for events a peer can repeat at will, without one fsync'd row each.
+
+A key the transport refuses again and again (an unenrolled or revoked appliance
+reconnecting every few milliseconds), or an enrolled appliance sending malformed
+messages in a loop, must not grow the audit log and stall the coordinator's loop
+with a SQLite transaction per event. Per key the first event is audited in full;
+the rest are counted and summarised in at most one row per ``every_s`` ("refused
+12 more times since ..."), written by the next event once that time is up, by
+:meth:`AuditThrottle.flush` (the coordinator's tick) once the key has gone quiet,
+or by :meth:`AuditThrottle.close`. At most ``max_keys`` keys are remembered, least
+recently seen dropped first (its count audited as it goes).
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any
+
+Audit = Callable[[str, str, Any], None]  # (actor, action, detail)
+
+
+@dataclass
+class _Pending:
+    actor: str
+    action: str
+    detail: Any  # the last event's, for the summary row (a dict, or a reason string)
+    audited_at: float
+    count: int = 0  # events not yet in the audit log
+    since: float = 0.0  # the first of them
+
+
+class AuditThrottle:
+    """``event(key, actor, action, detail, now)`` audits or counts one event."""
+
+    def __init__(self, audit: Audit, *, verb: str, every_s: float = 60.0,
+                 max_keys: int = 1024) -> None:
+        self.audit = audit
+        self.verb = verb  # "refused", "rejected": the summary says "<verb> N more times"
+        self.every_s = every_s
+        self.max_keys = max_keys
+        self._keys: collections.OrderedDict[Hashable, _Pending] = collections.OrderedDict()
+        self._pending: set[Hashable] = set()
+
+    def event(self, key: Hashable, actor: str, action: str, detail: Any,
+              now: float) -> bool:
+        """Returns whether this event was audited in full (the first for its key)."""
+        entry = self._keys.get(key)
+        if entry is None:
+            self.audit(actor, action, detail)
+            self._keys[key] = _Pending(actor, action, detail, audited_at=now)
+            while len(self._keys) > self.max_keys:  # forget the least recent key
+                old_key, old = self._keys.popitem(last=False)
+                self._summarise(old_key, old, now)
+            return True
+        self._keys.move_to_end(key)
+        if entry.count == 0:
+            entry.since = now
+        entry.count += 1
+        entry.detail = detail
+        self._pending.add(key)
+        if now - entry.audited_at >= self.every_s:
+            self._summarise(key, entry, now)
+        return False
+
+    def _summarise(self, key: Hashable, entry: _Pending, now: float) -> None:
+        """One audit row for the events of ``key`` counted since its last row."""
+        self._pending.discard(key)
+        if entry.count == 0:
+            return
+        since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry.since))
+        n = entry.count
+        last = entry.detail if isinstance(entry.detail, dict) else {"reason": entry.detail}
+        self.audit(entry.actor, entry.action,
+                   {**last, "repeated": n, "since": entry.since,
+                    "summary": f"{self.verb} {n} more time{'s' if n > 1 else ''} "
+                               f"since {since}"})
+        entry.count = 0
+        entry.audited_at = now
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._pending)
+
+    def flush(self, now: float) -> None:
+        """Summaries now due for keys that went quiet."""
+        for key in list(self._pending):
+            entry = self._keys[key]
+            if now - entry.audited_at >= self.every_s:
+                self._summarise(key, entry, now)
+
+    def close(self, now: float) -> None:
+        """Every count not yet audited."""
+        for key in list(self._pending):
+            self._summarise(key, self._keys[key], now)
+
+    def __len__(self) -> int:
+        return len(self._keys)

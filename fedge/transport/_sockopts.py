@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import zmq
+import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from fedge.transport.heartbeat import HeartbeatConfig
@@ -11,13 +12,15 @@ from fedge.transport.heartbeat import HeartbeatConfig
 #: which ZMQ_MAXMSGSIZE counts; rounded up.
 CURVE_FRAME_OVERHEAD = 64
 
-#: ZMQ_RCVHWM, in messages, per connection.  A multipart message is checked
-#: against the message size limit only once libzmq hands it over, so while the
-#: reader waits (a full queue, a stalled event loop) libzmq holds up to this
-#: many messages per peer before it stops reading the connection (libzmq's
-#: default, 1000, is 1000 full-size models).  A peer's heartbeats fill it too:
-#: at the default 1 s interval a 16 s stall still reads, and answers ZMTP pings.
-RCVHWM = 16
+#: ZMQ_RCVHWM, in messages, per connection (libzmq's default, set explicitly).
+#: It must not be small: when a connection's pipe is full libzmq stops reading
+#: it, and libzmq 4.3.5 then aborts the whole process (assertion ``!_io_error``
+#: in stream_engine_base.cpp) if that peer closes its connection.  A stalled
+#: event loop fills the pipe with the peer's heartbeats (16 s at a 1 s interval
+#: with a HWM of 16; the agent then gives up and closes), so a small HWM turned a
+#: long coordinator stall into a crash.  Bigger messages are bounded by the
+#: server's reader (whole-message limit) and its byte-bounded queue instead.
+RCVHWM = 1000
 
 EVENT_NAMES = {
     getattr(zmq, n): n.removeprefix("EVENT_") for n in dir(zmq) if n.startswith("EVENT_")
@@ -88,6 +91,23 @@ def set_max_message_bytes(sock: zmq.Socket, max_message_bytes: int | None) -> No
     # disconnected by libzmq.  It applies to connections made after it is set.
     limit = -1 if max_message_bytes is None else max_message_bytes + CURVE_FRAME_OVERHEAD
     sock.setsockopt(zmq.MAXMSGSIZE, limit)
+
+
+def send_nowait(sock: zmq.asyncio.Socket, frames: list[bytes]) -> BaseException | None:
+    """Send without waiting through the asyncio socket; the error, if any.
+
+    Not through a synchronous shadow: a send there makes libzmq process
+    pending commands, which can use up the edge of the socket's FD that the
+    asyncio reader waits on, and the reader then sleeps while messages pile
+    up.  pyzmq's own non-blocking send re-checks for waiting receivers.  With
+    another send in flight pyzmq queues this one behind it instead; its
+    outcome is then not waited for.
+    """
+    f = sock.send_multipart(frames, flags=zmq.NOBLOCK)
+    if not f.done():
+        f.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved
+        return None
+    return f.exception()
 
 
 def parse_event(frames: list[bytes]) -> tuple[str, int]:

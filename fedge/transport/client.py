@@ -31,6 +31,7 @@ from fedge.transport._sockopts import (
     check_endpoint,
     check_max_message_bytes,
     parse_event,
+    send_nowait,
 )
 from fedge.transport._tcp import PROGRESS_BYTES, bytes_received, peername_of
 from fedge.transport.backoff import Backoff
@@ -152,10 +153,7 @@ class ClientSocket:
         replace = None
         for action in actions:
             if isinstance(action, SendHeartbeat) and sock is not None:
-                # A synchronous shadow: a NOBLOCK failure raises here, not on an
-                # unawaited future.
-                with contextlib.suppress(zmq.ZMQError):
-                    zmq.Socket.shadow(sock.underlying).send(HEARTBEAT_FRAME, flags=zmq.NOBLOCK)
+                send_nowait(sock, [HEARTBEAT_FRAME])  # a failure proves nothing
             elif isinstance(action, ReplaceSocket):
                 replace = action
             elif isinstance(action, Report):

@@ -9,7 +9,7 @@ Theory of operation::
 
     connecting --handshake_succeeded--> connected --disconnected--> connecting
     connecting --handshake_failed_*---> backoff   (HandshakeFailed recorded)
-    connected  --heartbeat_timeout----> backoff   (server silent too long)
+    connected  --heartbeat_timeout----> backoff   (server silent for server_timeout)
     backoff    --backoff_elapsed------> connecting (a fresh socket)
     any        --close----------------> closed
 
@@ -123,7 +123,8 @@ class ClientConnection:
     def __init__(self, heartbeat: HeartbeatConfig, backoff: Backoff, *, endpoint: str,
                  server_key: str, progress_bytes: int = 16 * 1024) -> None:
         self.progress_bytes = progress_bytes
-        self.heartbeat = HeartbeatMonitor(heartbeat)
+        # A silent coordinator may only be busy (see HeartbeatConfig.server_timeout).
+        self.heartbeat = HeartbeatMonitor(heartbeat, heartbeat.effective_server_timeout)
         self.backoff = backoff
         self.endpoint = endpoint
         self.server_key = server_key
@@ -164,7 +165,7 @@ class ClientConnection:
             first = Report(ClientEvent("handshake_failed", failure.reason, failure=failure))
             reason = failure.reason
         else:
-            reason = f"no message from {self.endpoint} for {self.heartbeat.config.timeout} s"
+            reason = f"no message from {self.endpoint} for {self.heartbeat.timeout} s"
             first = Report(ClientEvent("heartbeat_timeout", reason))
         delay = self.backoff.next_delay()
         return [first, ReplaceSocket(reason, delay),

@@ -32,14 +32,24 @@ class HeartbeatConfig:
     ZMTP_TIMEOUT_FLOOR)``.  The application-level check (``timeout``) also
     counts a connection's steady TCP progress, so it stays tight.
 
+    ``timeout`` is how long the coordinator waits for a site.  A client waits
+    ``server_timeout`` for its coordinator, by default ``max(timeout,
+    effective_zmtp_timeout)``: a coordinator whose event loop is busy for a
+    few seconds (a commit, a checkpoint, unmasking a large model) sends
+    nothing meanwhile, while its libzmq IO thread still answers ZMTP pings;
+    replacing the connection then would lose what is queued on it and get the
+    site counted lost.  A dead coordinator or a cut network is found by the
+    ZMTP heartbeats (or the TCP connection closing) first.
+
     Raises:
-        ValueError: interval not > 0, timeout not > interval, or zmtp_timeout
+        ValueError: interval not > 0, timeout, zmtp_timeout or server_timeout
             not > interval.
     """
 
     interval: float = 1.0
     timeout: float = 5.0
     zmtp_timeout: float | None = None
+    server_timeout: float | None = None
 
     def __post_init__(self) -> None:
         if not self.interval > 0:
@@ -53,6 +63,11 @@ class HeartbeatConfig:
                 f"heartbeat zmtp_timeout {self.zmtp_timeout!r} must be > interval "
                 f"{self.interval!r}"
             )
+        if self.server_timeout is not None and not self.server_timeout > self.interval:
+            raise ValueError(
+                f"heartbeat server_timeout {self.server_timeout!r} must be > interval "
+                f"{self.interval!r}"
+            )
 
     @property
     def effective_zmtp_timeout(self) -> float:
@@ -61,12 +76,21 @@ class HeartbeatConfig:
             return self.zmtp_timeout
         return max(self.timeout, ZMTP_TIMEOUT_FLOOR)
 
+    @property
+    def effective_server_timeout(self) -> float:
+        """How long a client waits for any message from a connected server (seconds)."""
+        if self.server_timeout is not None:
+            return self.server_timeout
+        return max(self.timeout, self.effective_zmtp_timeout)
+
 
 class HeartbeatMonitor:
     """Last-seen times per peer and the time of our own last heartbeat."""
 
-    def __init__(self, config: HeartbeatConfig) -> None:
+    def __init__(self, config: HeartbeatConfig, timeout: float | None = None) -> None:
         self.config = config
+        #: The silence after which a peer is expired (``config.timeout`` unless given).
+        self.timeout = config.timeout if timeout is None else timeout
         self._last_seen: dict[Hashable, float] = {}
         self._last_sent: float | None = None
 
@@ -90,11 +114,11 @@ class HeartbeatMonitor:
     def alive(self, peer: Hashable, now: float) -> bool:
         """Heard from within the timeout."""
         t = self._last_seen.get(peer)
-        return t is not None and now - t <= self.config.timeout
+        return t is not None and now - t <= self.timeout
 
     def expired(self, now: float) -> list[Hashable]:
         """Peers silent for longer than the timeout (still tracked until forgotten)."""
-        limit = now - self.config.timeout
+        limit = now - self.timeout
         return [p for p, t in self._last_seen.items() if t < limit]
 
     def pop_expired(self, now: float) -> list[Hashable]:

@@ -21,6 +21,10 @@ reported to ``on_peer_lost(peer)``, as are peers whose connection libzmq
 closes (ZMTP heartbeats run underneath and close dead TCP connections).  A
 peer's heartbeat can queue behind a large message it is sending, so steady
 growth of the connection's TCP byte count also counts as hearing from it.
+While our event loop is stalled, and for ``timeout`` after it wakes, a closed
+connection is not reported lost at once: its client may have given up on us
+meanwhile and be reconnecting; it is reported only if its key has not spoken
+on a new connection by then.
 
 The socket only moves frames: decoding, message semantics and what to do about
 a refusal belong to the caller.
@@ -46,6 +50,7 @@ from fedge.transport._sockopts import (
     apply_common,
     check_max_message_bytes,
     parse_event,
+    send_nowait,
     set_max_message_bytes,
 )
 from fedge.transport._tcp import PROGRESS_BYTES, bytes_received, peername_of
@@ -135,7 +140,7 @@ class ServerSocket:
     to ``on_peer_lost``.  Messages wait for ``recv`` in a queue bounded by
     ``queue_size`` messages and ``queue_bytes`` bytes (a larger message is
     let in when the queue is empty); while it is full the reader waits and
-    libzmq holds a few messages per peer (``RCVHWM``) before TCP pushes back.
+    libzmq holds up to ``RCVHWM`` messages per peer before TCP pushes back.
 
     Raises (constructor):
         KeyFileError: ``keypair`` has no secret key or an allowed key is not Z85.
@@ -179,6 +184,12 @@ class ServerSocket:
         self._queued_bytes = 0  # frame bytes of the messages in _queue
         self._room = asyncio.Event()  # set when recv or a purge takes from _queue
         self._reader_waiting = False  # for room in _queue: peers' messages sit unread
+        self._last_tick = time.monotonic()  # the heartbeat task's last run
+        self._woke_at: float | None = None  # when it last found the loop had stalled
+        self._pending_lost: dict[str, tuple[Peer, float]] = {}  # key -> (peer, report at)
+        # Routing ids of connections we shut or saw close (libzmq never reuses
+        # one): their last messages, still queued, must not bring them back.
+        self._gone: dict[bytes, None] = {}
         self._closed = False
         self.endpoint: str | None = None
 
@@ -253,6 +264,7 @@ class ServerSocket:
         while not self._queue.empty():  # undelivered messages are dropped
             self._queue.get_nowait()
         self._queued_bytes = 0
+        self._pending_lost.clear()
         self._queue.put_nowait(None)
         if self._sock is not None:
             self._sock.close(linger=0)
@@ -350,6 +362,8 @@ class ServerSocket:
         st = self._peers.pop(rid, None) if rid is not None else None
         if st is None:
             return False
+        if rid is not None:
+            self._forget_connection(rid)
         self._monitor.forget(rid)
         if self._by_key.get(st.peer.public_key) == rid:
             del self._by_key[st.peer.public_key]
@@ -378,8 +392,18 @@ class ServerSocket:
             return self._by_key.get(peer)
         return peer
 
+    def _forget_connection(self, rid: bytes) -> None:
+        self._gone[rid] = None
+        while len(self._gone) > 4096:
+            del self._gone[next(iter(self._gone))]
+
     def _track(self, rid: bytes, first: zmq.Frame) -> Peer | None:
         st = self._peers.get(rid)
+        if st is None and rid in self._gone:
+            # Read after its connection was shut or closed (e.g. a backlog
+            # after our loop stalled): that connection is over; were it
+            # tracked again, it would supersede its key's newer connection.
+            return None
         if st is None:
             try:
                 key = first.get("User-Id")
@@ -400,6 +424,9 @@ class ServerSocket:
                 self._peers[rid] = st
                 self.disconnect(st.peer)
                 return None
+            if self._pending_lost.pop(key, None) is not None:
+                log.info("key %s... is back on a new connection after our loop stalled; "
+                         "its closed one is not reported lost", key[:8])
             old = self._by_key.get(key)
             if old is not None and old != rid and old in self._peers:
                 # One appliance, one connection: the newest wins (an agent that
@@ -486,24 +513,18 @@ class ServerSocket:
         return (limit is not None and nbytes > limit) or nframes > MAX_FRAMES_PER_MESSAGE
 
     async def _read(self, sock: zmq.asyncio.Socket) -> None:
-        sync = zmq.Socket.shadow(sock.underlying)
         while True:
-            rid = (await sock.recv(copy=False)).bytes
             # libzmq hands out a multipart message only once all of it has
-            # arrived, so the rest is read without waiting.  ZMQ_MAXMSGSIZE
-            # bounds each frame only: the sum is checked here, frame by frame,
-            # and the rest of an oversize message is drained without keeping it.
-            frames: list[zmq.Frame] = []
-            nbytes = nframes = 0
-            while sync.rcvmore:
-                frame = sync.recv(copy=False)
-                nbytes += len(frame)
-                nframes += 1
-                if nframes == 1 or not self._oversize(nbytes, nframes):
-                    frames.append(frame)
-                elif len(frames) > 1:
-                    del frames[1:]  # the first stays: it says who sent it
-                del frame
+            # arrived (its frames are already in memory), and ZMQ_MAXMSGSIZE
+            # bounds each frame only: the whole message is checked here and an
+            # oversize one let go at once.
+            frames = await sock.recv_multipart(copy=False)
+            rid = frames[0].bytes
+            nframes = len(frames) - 1
+            nbytes = sum(len(f) for f in frames[1:])
+            if self._oversize(nbytes, nframes):
+                del frames[2:]  # the first frame stays: it says who sent it
+            frames = frames[1:]
             if not frames:
                 continue
             peer = self._track(rid, frames[0])
@@ -569,7 +590,20 @@ class ServerSocket:
             return
         if self._by_key.get(st.peer.public_key) == rid:
             del self._by_key[st.peer.public_key]
-        self._report_lost(st.peer)
+        until = self._stall_grace_until(time.monotonic())
+        if until is None:
+            self._report_lost(st.peer)
+        else:
+            self._pending_lost[st.peer.public_key] = (st.peer, until)
+
+    def _stall_grace_until(self, now: float) -> float | None:
+        """While the loop is stalled or within ``timeout`` of waking: until when a
+        closed connection's loss waits for its key to come back; else None."""
+        if now - self._last_tick > 1.5 * self.heartbeat.interval:  # not run for that long
+            return now + self.heartbeat.timeout
+        if self._woke_at is not None and now - self._woke_at < self.heartbeat.timeout:
+            return self._woke_at + self.heartbeat.timeout
+        return None
 
     def _report_lost(self, peer: Peer) -> None:
         if self.on_peer_lost is not None:
@@ -580,15 +614,20 @@ class ServerSocket:
 
     async def _heartbeats(self) -> None:
         tick = self.heartbeat.interval / 2
-        last_tick = time.monotonic()
+        self._last_tick = time.monotonic()
         while True:
             await asyncio.sleep(tick)
             now = time.monotonic()
-            stalled = now - last_tick > tick + self.heartbeat.interval
+            stalled = now - self._last_tick > tick + self.heartbeat.interval
             if stalled:
                 log.warning("transport server: event loop stalled for %.1f s; peers' "
-                            "silence meanwhile is not held against them", now - last_tick)
-            last_tick = now
+                            "silence meanwhile is not held against them", now - self._last_tick)
+                self._woke_at = now
+            self._last_tick = now
+            for key, (peer, until) in list(self._pending_lost.items()):
+                if now >= until:
+                    del self._pending_lost[key]
+                    self._report_lost(peer)
             if self._reader_waiting or stalled:
                 # The reader waits for the caller, or this event loop did not run
                 # for a while (a long synchronous step, a loaded machine): peers'
@@ -613,17 +652,11 @@ class ServerSocket:
             if not self._monitor.send_due(now) or self._sock is None:
                 continue
             self._monitor.sent(now)
-            # A synchronous shadow of the socket: a NOBLOCK send raises here
-            # instead of parking its error on a future nobody awaits.
-            sync = zmq.Socket.shadow(self._sock.underlying)
             for rid in list(self._peers):
-                try:
-                    sync.send_multipart([rid, HEARTBEAT_FRAME], flags=zmq.NOBLOCK)
-                except zmq.Again:
-                    pass  # queue full: the peer is busy receiving, which proves nothing
-                except zmq.ZMQError as exc:
-                    if exc.errno == zmq.EHOSTUNREACH:
-                        self._drop_lost(rid)
+                # zmq.Again (queue full: the peer is busy receiving) proves nothing.
+                exc = send_nowait(self._sock, [rid, HEARTBEAT_FRAME])
+                if isinstance(exc, zmq.ZMQError) and exc.errno == zmq.EHOSTUNREACH:
+                    self._drop_lost(rid)
 
     async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
         try:
@@ -634,6 +667,7 @@ class ServerSocket:
                     # (its fd is closed, or already reused by another peer).
                     for rid, st in list(self._peers.items()):
                         if st.fd == value and peername_of(st.fd) != st.peername:
+                            self._forget_connection(rid)
                             self._drop_lost(rid)
                 elif name in ("HANDSHAKE_FAILED_PROTOCOL", "HANDSHAKE_FAILED_NO_DETAIL"):
                     self._refuse(

@@ -16,7 +16,7 @@ from fedge.transport.connection import (
     SendHeartbeat,
 )
 
-HB = HeartbeatConfig(interval=1.0, timeout=3.0)
+HB = HeartbeatConfig(interval=1.0, timeout=3.0, server_timeout=3.0)
 
 
 def conn(state: str = "connecting") -> ClientConnection:

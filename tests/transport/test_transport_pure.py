@@ -88,6 +88,17 @@ def test_zmtp_timeout_has_a_floor_that_outlasts_one_large_frame() -> None:
         HeartbeatConfig(0.1, 0.4, zmtp_timeout=0.05)
 
 
+def test_a_client_waits_for_its_server_much_longer_than_the_server_waits_for_it() -> None:
+    """A coordinator busy for longer than ``timeout`` is not given up on: the
+    client's own limit defaults to the ZMTP timeout (which finds a dead one)."""
+    assert HeartbeatConfig(1.0, 5.0).effective_server_timeout == 30.0
+    assert HeartbeatConfig(1.0, 45.0).effective_server_timeout == 45.0
+    assert HeartbeatConfig(0.1, 0.4, zmtp_timeout=2.0).effective_server_timeout == 2.0
+    assert HeartbeatConfig(0.1, 0.4, server_timeout=0.5).effective_server_timeout == 0.5
+    with pytest.raises(ValueError, match=r"server_timeout 0\.1 must be > interval 0\.1"):
+        HeartbeatConfig(0.1, 0.4, server_timeout=0.1)
+
+
 @pytest.mark.parametrize(
     ("endpoint", "rule"),
     [

@@ -413,7 +413,7 @@ def test_a_message_of_too_many_frames_is_refused_without_a_byte_limit(
 
 def test_the_server_queue_is_bounded_in_bytes_and_keeps_peers_alive_while_full() -> None:
     """Messages the caller has not taken yet are held up to ``queue_bytes``;
-    past that the reader waits (libzmq holds a few per peer: RCVHWM, then TCP
+    past that the reader waits (libzmq holds up to RCVHWM per peer, then TCP
     pushes back) and peers' unread silence is not held against them."""
     from fedge.transport._sockopts import RCVHWM
 
@@ -424,7 +424,7 @@ def test_the_server_queue_is_bounded_in_bytes_and_keeps_peers_alive_while_full()
         client, events = h.client(agent)
         try:
             await client.wait_connected(5)
-            assert h.server._sock is not None and h.server._sock.rcvhwm == RCVHWM < 1000
+            assert h.server._sock is not None and h.server._sock.rcvhwm == RCVHWM
             for i in range(6):  # 20 000-byte tensors: two fit in 50 000 bytes
                 await client.send(encode(Blob(f"m{i}", np.full(5000, i, np.float32)),
                                          sender="a"), timeout=5)
@@ -562,7 +562,8 @@ def test_max_message_bytes_set_for_a_job_applies_to_all_connections() -> None:
 
 def test_client_replaces_its_socket_when_a_live_server_goes_silent() -> None:
     """A server that completes the handshake (and answers ZMTP pings) but never
-    sends fedge heartbeats: the client's own heartbeat monitor gives up on it,
+    sends fedge heartbeats: the client's own heartbeat monitor gives up on it
+    after server_timeout (by default the ZMTP timeout, >= 30 s; short here),
     reports heartbeat_timeout and makes a fresh socket."""
 
     async def main() -> None:
@@ -578,7 +579,8 @@ def test_client_replaces_its_socket_when_a_live_server_goes_silent() -> None:
         port = silent.bind_to_random_port("tcp://127.0.0.1")
         events: list[ClientEvent] = []
         client = ClientSocket(agent, server_keys.public, f"tcp://127.0.0.1:{port}",
-                              heartbeat=HeartbeatConfig(interval=0.1, timeout=0.4),
+                              heartbeat=HeartbeatConfig(interval=0.1, timeout=0.4,
+                                                        server_timeout=0.4),
                               backoff=fast_backoff(), on_event=events.append)
         client.start()
         try:
@@ -817,5 +819,172 @@ def test_a_stalled_event_loop_does_not_count_as_the_peer_going_silent(stall_s: f
             await asyncio.sleep(0.5)
             assert [e.kind for e in events] == ["connected"], events
             assert h.lost == [] and len(h.server.peers()) == 1
+
+    run(main())
+
+
+class ThreadedClient:
+    """A ClientSocket on its own event loop in a thread, so that the server's
+    loop (the test's) can stall while the client keeps running."""
+
+    def __init__(self, keys: CurveKeyPair, server_key: str, endpoint: str,
+                 heartbeat: HeartbeatConfig) -> None:
+        import threading
+
+        self.events: list[ClientEvent] = []
+        self.loop = asyncio.new_event_loop()
+        self.client = ClientSocket(keys, server_key, endpoint, heartbeat=heartbeat,
+                                   backoff=fast_backoff(), on_event=self.events.append)
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.call(self._start())
+
+    async def _start(self) -> None:
+        self.client.start()
+
+    def call(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        """Run ``coro`` on the client's loop, blocking this thread (bounded)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=15)
+
+    async def acall(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        """Run ``coro`` on the client's loop without blocking the caller's loop."""
+        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return await asyncio.wait_for(asyncio.wrap_future(fut), 15)
+
+    def kinds(self) -> list[str]:
+        return [e.kind for e in list(self.events)]
+
+    def close(self) -> None:
+        try:
+            self.call(self.client.close())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=10)
+            self.loop.close()
+
+
+def test_a_coordinator_stalled_past_the_heartbeat_timeout_keeps_its_sites() -> None:
+    """The coordinator's event loop is blocked (a commit, a checkpoint, unmasking)
+    for longer than the heartbeat timeout while the agent runs on: the agent
+    hears nothing, but libzmq still answers its ZMTP pings, so it keeps its
+    connection (no reconnect, nothing queued lost) and the coordinator, on
+    waking, reports no site lost; both directions still work on the same
+    connection."""
+
+    async def main() -> None:
+        hb = HeartbeatConfig(interval=0.2, timeout=1.0)
+        agent = CurveKeyPair.generate()
+        h = Harness(allowed=[agent.public], heartbeat=hb)
+        h.start()
+        tc = ThreadedClient(agent, h.server_keys.public, h.endpoint, hb)
+        try:
+            await tc.acall(tc.client.wait_connected(5))
+            await wait_until(lambda: h.server.peers())
+            first = h.server.peers()[0]
+            await asyncio.sleep(0.5)  # heartbeats flowing both ways
+            time.sleep(2.5)  # our (the coordinator's) loop blocked: > 2x the timeout
+            await asyncio.sleep(2.0)  # > the timeout after waking: any loss would show
+            assert tc.kinds() == ["connected"], tc.events
+            assert tc.client.connections == 1 and tc.client.state == "connected"
+            assert h.lost == [] and h.server.peers() == [first]
+            await tc.acall(tc.client.send(encode(Blob("up", np.ones(2, np.float32)),
+                                                 sender="a"), timeout=5))
+            assert (await h.server.recv(timeout=5)).peer == first
+            await h.server.send(first, encode(Blob("down", np.ones(2, np.float32)),
+                                              sender="coordinator"))
+            got = await tc.acall(tc.client.recv(timeout=5))
+            assert decode(got, max_bytes=1 << 20).body.name == "down"
+        finally:
+            tc.close()
+            await h.close()
+
+    run(main())
+
+
+def test_a_site_that_reconnects_while_the_coordinator_is_stalled_is_not_counted_lost() -> None:
+    """An agent that does give up on a stalled coordinator (here a short
+    server_timeout) and reconnects: on waking the coordinator sees the old
+    connection closed and the same key back on a new one, and reports no loss."""
+
+    async def main() -> None:
+        hb = HeartbeatConfig(interval=0.2, timeout=1.0)
+        agent = CurveKeyPair.generate()
+        h = Harness(allowed=[agent.public], heartbeat=hb)
+        h.start()
+        impatient = HeartbeatConfig(interval=0.2, timeout=1.0, server_timeout=0.6)
+        tc = ThreadedClient(agent, h.server_keys.public, h.endpoint, impatient)
+        try:
+            await tc.acall(tc.client.wait_connected(5))
+            await wait_until(lambda: h.server.peers())
+            first = h.server.peers()[0]
+            await asyncio.sleep(0.5)
+            time.sleep(2.5)  # the agent gives up on us after 0.6 s and reconnects
+            await wait_until(lambda: tc.kinds().count("connected") >= 2, timeout=5)
+            await wait_until(lambda: h.server.peers() not in ([], [first]), timeout=5)
+            assert "heartbeat_timeout" in tc.kinds()
+            await asyncio.sleep(2.0)  # > the timeout after waking
+            assert h.lost == []
+            assert [p.public_key for p in h.server.peers()] == [agent.public]
+        finally:
+            tc.close()
+            await h.close()
+
+    run(main())
+
+
+def test_a_cut_network_is_found_by_zmtp_heartbeats_and_the_agent_reconnects() -> None:
+    """A dead coordinator is still detected in bounded time without the
+    application-level check: through a TCP relay that stops forwarding on its
+    open connections (a cut cable, packets dropped), the agent's ZMTP pings go
+    unanswered, libzmq closes the connection and reconnects."""
+
+    async def main() -> None:
+        agent = CurveKeyPair.generate()
+        h = Harness(allowed=[agent.public])
+        endpoint = h.start()
+        host, port = endpoint.removeprefix("tcp://").rsplit(":", 1)
+        cut: list[asyncio.StreamWriter] = []  # connections that stop forwarding
+        live: list[asyncio.StreamWriter] = []
+        pumps: list[asyncio.Task[None]] = []
+
+        async def pump(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(Exception):
+                while data := await r.read(65536):
+                    if w in cut:
+                        continue  # dropped on the floor, the TCP connection stays up
+                    w.write(data)
+                    await w.drain()
+
+        async def relay(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            ur, uw = await asyncio.open_connection(host, int(port))
+            live.extend([w, uw])
+            pumps.extend([asyncio.ensure_future(pump(r, uw)),
+                          asyncio.ensure_future(pump(ur, w))])
+
+        proxy = await asyncio.start_server(relay, "127.0.0.1", 0)
+        proxy_port = proxy.sockets[0].getsockname()[1]
+        # No application-level give-up: only ZMTP (1 s) can find the cut.
+        hb = HeartbeatConfig(interval=0.1, timeout=0.6, zmtp_timeout=1.0, server_timeout=60.0)
+        client, events = h.client(agent, endpoint=f"tcp://127.0.0.1:{proxy_port}", heartbeat=hb)
+        try:
+            await client.wait_connected(5)
+            await wait_until(lambda: h.server.peers())
+            cut.extend(live)
+            t0 = time.monotonic()
+            await wait_until(lambda: "disconnected" in [e.kind for e in events], timeout=10)
+            assert time.monotonic() - t0 < 5
+            await wait_until(lambda: client.connections >= 2, timeout=10)
+            assert "heartbeat_timeout" not in [e.kind for e in events]
+            await client.send(encode(Blob("back", np.ones(1, np.float32)), sender="a"),
+                              timeout=5)
+            assert (await h.server.recv(timeout=5)).peer.public_key == agent.public
+        finally:
+            await h.close()
+            proxy.close()
+            for w in live:
+                w.close()
+            for t in pumps:
+                t.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
 
     run(main())

@@ -140,7 +140,7 @@ def load_enrolled(state_dir: Path) -> EnrolledSite:
 
 
 def register_enrol(subparsers: Any) -> None:
-    """Add `enrol FILE [--state-dir DIR] [--console-fingerprint HEX]` to the agent's
+    """Add `enrol FILE [--state-dir DIR] [--console-key FINGERPRINT]` to the agent's
     subcommands (called from fedge/agent/cli.py)."""
     p = subparsers.add_parser("enrol", help="install an enrolment file from the console")
     p.add_argument("file", type=Path, help="the .fedge-enrol file")

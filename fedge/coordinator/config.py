@@ -163,6 +163,8 @@ def load_config(path: str | Path) -> CoordinatorConfig:
     admin = raw.get("admin", {})
     if not isinstance(admin, dict):
         raise ConfigError(f"coordinator config [admin] = {admin!r} must be a table")
+    if "admin" in raw and not admin:  # an empty [admin] turns the channel on too, at
+        admin = {"enabled": True}     # the provision file's admin_endpoint
     return CoordinatorConfig(
         state_dir=state_dir, bind=bind, curve_public=curve_public, curve_secret=curve_secret,
         roster=roster, roster_public_key=roster_pk, heartbeat_interval_s=interval,

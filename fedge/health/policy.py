@@ -1,6 +1,6 @@
 """May this appliance join a cohort? An eligibility policy over a HealthReport.
 
-The policy is configuration (the agent's ``[health]`` table, or the
+The policy is configuration (the agent's ``[eligibility]`` table, or the
 coordinator's), checked when loaded: an unknown key, a wrong type or an
 out-of-range value raises ``ValueError`` naming the key, the value and the rule.
 ``decide`` returns an :class:`Eligibility` whose ``reason`` is one short human

@@ -90,7 +90,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--out", default=None,
                         help="ONNX file to write (default: jobs/<id>/model.onnx)")
     export.add_argument("--input-shape", type=_shape, default=None,
-                        help="per-example input shape when the checkpoint does not tell it")
+                        help="per-example input shape (default: from the model registry, e.g. "
+                             "in_features, or channels x image size for resnet_small)")
     export.add_argument("--install", metavar="REPOSITORY", default=None,
                         help="also install the result as a new version in this repository")
     export.add_argument("--name", default=None,

@@ -45,6 +45,9 @@ def test_provision_file(tmp_path):
     cfg = load_config(write(tmp_path, 'provision = "prov.json"\n[admin]\n'
                             'endpoint = "tcp://127.0.0.1:7701"\n'))
     assert cfg.curve_public == kp.public and cfg.admin["endpoint"].endswith("7701")
+    # an empty [admin] turns the channel on (at the provision file's endpoint); none, off
+    assert load_config(write(tmp_path, 'provision = "prov.json"\n[admin]\n')).admin
+    assert not load_config(write(tmp_path, 'provision = "prov.json"\n')).admin
 
 
 def test_provision_from_systemd_credentials(tmp_path, monkeypatch):

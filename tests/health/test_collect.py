@@ -226,7 +226,30 @@ def test_python_m_fedge_health_runs(tmp_path: Path) -> None:
                           "--allow-cpu-only"], capture_output=True, text=True, timeout=60)
     assert time.monotonic() - t0 < 60
     assert out.returncode == 0, out.stderr
-    assert "ELIGIBLE: eligible: CPU-only" in out.stdout or "ELIGIBLE: eligible:" in out.stdout
+    assert "ELIGIBLE: eligible:" in out.stdout
+
+
+def test_python_m_fedge_health_with_the_agents_config_gives_the_agents_verdict(
+        tmp_path: Path) -> None:
+    """IT checks an appliance with the agent's own config: its [eligibility] decides
+    (here CPU-only allowed, no GPU on this machine), as in the agent's heartbeats; the
+    default policy would refuse. A bad policy key is exit 2, named."""
+    import subprocess
+    import sys
+
+    def run(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "fedge.health", *argv],
+                              capture_output=True, text=True, timeout=60)
+
+    conf = tmp_path / "agent.toml"
+    conf.write_text(f'state_dir = "{tmp_path}"\n[eligibility]\nallow_cpu_only = true\n')
+    if not collect(tmp_path).gpus:  # the default policy needs a GPU
+        assert run("--state-dir", str(tmp_path)).returncode == 1
+    out = run("--config", str(conf))
+    assert out.returncode == 0 and "ELIGIBLE: eligible:" in out.stdout, out.stderr
+    conf.write_text('[eligibility]\nmin_gpus = "two"\n')
+    out = run("--config", str(conf))
+    assert out.returncode == 2 and "min_gpus" in out.stderr
 
 
 def test_the_agent_starts_an_xid_monitor_and_its_heartbeats_carry_the_events(

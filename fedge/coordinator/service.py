@@ -462,9 +462,14 @@ class Coordinator:
 
     def _reject(self, site: str, action: str, reason: str) -> None:
         """Answer ``site`` with Rejected(reason), every time; log and audit the first
-        rejection of each kind per site, then at most one summary row a minute (a site
-        sending malformed messages in a loop must not cost a fsync'd row each)."""
-        if self._rejections.event((site, action), site, action, reason, self.clock()):
+        rejection of each kind per site (action, and the error class a reason starts
+        with), then at most one summary row a minute (a site sending malformed messages
+        in a loop must not cost a fsync'd row each)."""
+        # the kind: the error class a wire error names ("OversizeMessage: ..."), so each
+        # kind of malformation is audited once in full; replays etc. have one kind each
+        head, sep, _ = reason[:80].partition(":")
+        kind = head if sep else ""
+        if self._rejections.event((site, action, kind), site, action, reason, self.clock()):
             log.warning("rejected message from %s: %s", site, reason)
         self.outbox.append(Outgoing(site, m.Rejected(reason)))
 

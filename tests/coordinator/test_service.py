@@ -480,3 +480,10 @@ def test_a_site_sending_malformed_messages_in_a_loop_is_answered_each_time_audit
     summary = json.loads(rows[1]["detail"])
     assert summary["repeated"] == 499 and summary["summary"].startswith("rejected 499 more")
     assert summary["reason"].startswith("FrameCountMismatch: frames:")  # the last one
+    # another kind of malformation from the same site is audited in full at once
+    hb = m.Heartbeat(site="a", version="0.1.0", health_json="{}", eligible=True, reason="",
+                     datasets=[], current_task="")
+    coord.handle_frames("a", [*(bytes(f) for f in codec.encode(hb, sender="a")),
+                              b"x" * (2 << 20)])
+    rows = coord.store.audit_log(action="malformed_message")
+    assert len(rows) == 3 and "OversizeMessage" in rows[2]["detail"]

@@ -52,18 +52,15 @@ def plan(rounds=3, min_clients=3, train_s=60, stage_s=10):
 def in_process_reference(plan_text, sites):
     """The same job without secure aggregation or processes: local_train per site,
     clipped weighted mean, strategy step (SCAFFOLD: with c, c_i and the Δc half)."""
-    import torch
 
     from fedge.agent.trainer import TorchTrainer
     from fedge.coordinator.plan import parse_plan
     from fedge.coordinator.rounds import train_seed, weight_scale
+    from fedge.coordinator.service import torch_initial_weights
     from fedge.coordinator.strategies import Strategy, mean_update
-    from fedge.train.api import ModelSpec, build_model, flatten
 
     p = parse_plan(plan_text)
-    torch.manual_seed(p.seed)
-    w = np.ascontiguousarray(flatten(build_model(ModelSpec(p.model_name, p.model_params))),
-                             dtype=np.float32)
+    w = torch_initial_weights(p)  # the job's starting model, as the coordinator builds it
     strategy = Strategy(p.strategy)
     trainers = {s: TorchTrainer([ds]) for s, ds in sites.items()}
     d = w.size
@@ -80,7 +77,8 @@ def in_process_reference(plan_text, sites):
             parts = [o.weights.astype(np.float64) - w]
             if p.scaffold:
                 parts.append(o.delta_control.astype(np.float64))
-                ci[s] = (np.zeros(d, np.float32) if ci[s] is None else ci[s]) + o.delta_control
+                ci[s] = ((np.zeros(d, np.float32) if ci[s] is None else ci[s])  # what was summed
+                         + np.clip(o.delta_control, -p.secagg.clip, p.secagg.clip))
             total[:-1] += wi * np.clip(np.concatenate(parts), -p.secagg.clip, p.secagg.clip)
             total[-1] += wi
         if p.scaffold:

@@ -63,8 +63,10 @@ def agent_bundle(tmp_path: Path, version: str, config: Path) -> Path:
     return path
 
 
-def test_with_the_coordinator_down_the_agent_is_ready_alive_and_its_update_unconfirmed(
-        tmp_path, notify):
+def appliance_in_trial(tmp_path: Path, config_extra: str = "") -> tuple[str, Path]:
+    """An appliance enrolled with a console whose coordinator endpoint nobody listens
+    on, with software 90.0.0 (this tree's agent) staged for trial. Returns the endpoint
+    and the software root."""
     endpoint = f"tcp://127.0.0.1:{free_port()}"  # nothing listens: coordinator down
     console = ConsoleStore.init(tmp_path / "console", coordinator_endpoint=endpoint,
                                 clock=lambda: datetime.now(UTC))
@@ -72,11 +74,17 @@ def test_with_the_coordinator_down_the_agent_is_ready_alive_and_its_update_uncon
     state = tmp_path / "state"
     install_enrolment(file, state)
     config = tmp_path / "agent.toml"
-    config.write_text(f'state_dir = "{state}"\nhealth = false\n'
+    config.write_text(f'state_dir = "{state}"\nhealth = false\n{config_extra}'
                       "[heartbeat]\ninterval_s = 0.2\ntimeout_s = 1.0\n")
     software = state / "software"
     SelfUpdate(software).stage("90.0.0", agent_bundle(tmp_path, "90.0.0", config),
                                rollout_id="r1")
+    return endpoint, software
+
+
+def test_with_the_coordinator_down_the_agent_is_ready_alive_and_its_update_unconfirmed(
+        tmp_path, notify):
+    endpoint, software = appliance_in_trial(tmp_path)
     # ExecStartPre, then ExecStart, as in packaging/systemd/fedge-agent.service
     pre = subprocess.run([sys.executable, "-m", "fedge.update.ab", "preflight", "--root",
                           str(software)], capture_output=True, text=True, timeout=60)
@@ -119,18 +127,7 @@ def test_a_trial_no_coordinator_confirms_is_given_up_and_rolled_back_after_three
     update_trial_s without a heartbeat ack the agent exits 75, the unit's
     RestartForceExitStatus, and systemd starts it again; preflight rolls back on the
     fourth start. Here systemd's loop is played by hand: preflight, then the launcher."""
-    endpoint = f"tcp://127.0.0.1:{free_port()}"  # nothing listens
-    console = ConsoleStore.init(tmp_path / "console", coordinator_endpoint=endpoint,
-                                clock=lambda: datetime.now(UTC))
-    file, _ = create_enrolment(console, "hospital-a", valid_for=timedelta(days=7))
-    state = tmp_path / "state"
-    install_enrolment(file, state)
-    config = tmp_path / "agent.toml"
-    config.write_text(f'state_dir = "{state}"\nhealth = false\nupdate_trial_s = 1.0\n'
-                      "[heartbeat]\ninterval_s = 0.2\ntimeout_s = 1.0\n")
-    software = state / "software"
-    SelfUpdate(software).stage("90.0.0", agent_bundle(tmp_path, "90.0.0", config),
-                               rollout_id="r1")
+    _, software = appliance_in_trial(tmp_path, "update_trial_s = 1.0\n")
     env = {k: v for k, v in os.environ.items()
            if k not in ("CREDENTIALS_DIRECTORY", "NOTIFY_SOCKET")}
     for start in (1, 2, 3):

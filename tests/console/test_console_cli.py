@@ -57,8 +57,9 @@ def test_init_through_the_real_command(tmp_path, port):
     assert r.returncode == 1 and "already holds a console" in r.stderr
 
 
-def test_enrol_fleet_jobs_revoke_from_the_command_line(tmp_path, port, admin_port, make_server,
-                                                        capsys):
+def two_sites_enrolled(tmp_path, port, admin_port, make_server):
+    """`console init`, a coordinator, hospital-a and hospital-b enrolled from the CLI:
+    the console's base argv and the server."""
     home = tmp_path / "c"
     base = ["console", "--home", str(home), "--timeout", "5"]
     assert main([*base, "init", "--coordinator", f"tcp://127.0.0.1:{port}",
@@ -66,9 +67,15 @@ def test_enrol_fleet_jobs_revoke_from_the_command_line(tmp_path, port, admin_por
     server = make_server(home)
     for site in ("hospital-a", "hospital-b"):
         assert main([*base, "enrol", site]) == 0
+    return base, server
+
+
+def test_enrol_fleet_jobs_revoke_from_the_command_line(tmp_path, port, admin_port, make_server,
+                                                        capsys):
+    base, server = two_sites_enrolled(tmp_path, port, admin_port, make_server)
     out = capsys.readouterr().out
     assert "coordinator accepts hospital-b" in out
-    assert (home / "enrolments" / "hospital-a.fedge-enrol").exists()
+    assert (tmp_path / "c" / "enrolments" / "hospital-a.fedge-enrol").exists()
 
     assert main([*base, "--operator", "viewer", "fleet"]) == 0
     table = capsys.readouterr().out.splitlines()
@@ -133,13 +140,7 @@ def test_fleet_survives_an_appliances_odd_health_report_and_escapes_its_text(
     from fedge.wire import codec
     from fedge.wire import messages as m
 
-    home = tmp_path / "c"
-    base = ["console", "--home", str(home), "--timeout", "5"]
-    assert main([*base, "init", "--coordinator", f"tcp://127.0.0.1:{port}",
-                 "--admin-endpoint", f"tcp://127.0.0.1:{admin_port}"]) == 0
-    server = make_server(home)
-    for site in ("hospital-a", "hospital-b"):
-        assert main([*base, "enrol", site]) == 0
+    base, server = two_sites_enrolled(tmp_path, port, admin_port, make_server)
     capsys.readouterr()
     health = {"gpus": 3, "host": {"disk_total_bytes": "lots", "disk_free_bytes": 1},
               "xid_events": 5}

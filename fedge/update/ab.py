@@ -40,6 +40,7 @@ MANIFEST = "fedge-bundle.json"
 # Set by `exec_current` (the unit's ExecStart) to the slot root, whether it runs a
 # slot or the packaged install: the agent under it can update itself.
 SOFTWARE_ROOT_ENV = "FEDGE_SOFTWARE_ROOT"
+SLOT_ENV = "FEDGE_SOFTWARE_SLOT"  # the slot the launcher runs; unset for the packaged install
 AGENT_CONFIG = "/etc/fedge/agent.toml"  # what a wheel slot runs by default
 
 
@@ -427,9 +428,25 @@ class SelfUpdate:
         return "rolled_back"
 
     def confirm(self) -> bool:
-        """The running version is healthy: keep it. Returns True if an update was pending."""
+        """The running version is healthy: keep it. Returns True if an update was pending.
+
+        Under the unit's launcher (``FEDGE_SOFTWARE_ROOT`` set) the pending version is
+        confirmed only if it is what runs (``FEDGE_SOFTWARE_SLOT``): when the launcher
+        ran the packaged install instead (a .deb upgrade newer than the staged slot
+        landed meanwhile), the update is dropped and reported as superseded, never
+        marked healthy unrun."""
         p = self.pending()
         if p is None or self.slots.current_version() != p["version"]:
+            return False
+        if (os.environ.get(SOFTWARE_ROOT_ENV)
+                and os.environ.get(SLOT_ENV) != p["version"]):
+            self._write(OUTCOME, {"rollout_id": p.get("rollout_id", ""),
+                                  "path": p.get("path", ""), "version": p["version"],
+                                  "ok": False, "rolled_back": False,
+                                  "detail": f"software {p['version']} not run: the packaged "
+                                            f"install {packaged_version()} is newer (a .deb "
+                                            "upgrade came first); the update is dropped"})
+            (self.root / PENDING).unlink()
             return False
         self._write(OUTCOME, {"rollout_id": p.get("rollout_id", ""), "path": p.get("path", ""),
                               "version": p["version"], "ok": True, "rolled_back": False,
@@ -469,6 +486,7 @@ def exec_current(root: Path, fallback: list[str]) -> list[str]:
     if not fallback:
         raise ValueError("exec needs a fallback command after --")
     os.environ[SOFTWARE_ROOT_ENV] = str(Path(root).absolute())
+    os.environ.pop(SLOT_ENV, None)  # set below only when a slot runs
     current = Path(root) / "current"
     if not current.is_dir():
         log.info("no software slot under %s: running the packaged install %s", root,
@@ -485,7 +503,7 @@ def exec_current(root: Path, fallback: list[str]) -> list[str]:
              packaged_version())
     argv, extra = slot_command(current)
     os.environ.update(extra)
-    os.environ["FEDGE_SOFTWARE_SLOT"] = slot
+    os.environ[SLOT_ENV] = slot
     return argv
 
 

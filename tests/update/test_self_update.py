@@ -379,3 +379,36 @@ def test_an_ota_slot_newer_than_the_packaged_install_is_what_runs(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["slot", newer, str(root)]
     assert f"running software slot {newer}" in out.stderr
+
+
+def test_a_trial_the_launcher_did_not_run_is_dropped_not_confirmed(tmp_path, monkeypatch):
+    """Software 0.0.2 was staged, then a newer .deb landed before the restart: the
+    launcher runs the packaged install, whose first heartbeat ack must not mark the
+    unrun 0.0.2 healthy. The update is dropped and reported as superseded; a trial the
+    launcher did run is confirmed as before."""
+    import fedge
+    from fedge.update.ab import exec_current
+
+    root = tmp_path / "software"
+    SelfUpdate(root).stage("0.0.2", bundle(tmp_path, "0.0.2", "good"), rollout_id="r9")
+    # registered with monkeypatch so that what exec_current writes is undone afterwards
+    monkeypatch.setenv("FEDGE_SOFTWARE_ROOT", "")
+    monkeypatch.setenv("FEDGE_SOFTWARE_SLOT", "0.0.2")  # left over: the launcher resets it
+    assert exec_current(root, ["/usr/bin/fedge", "agent"]) == ["/usr/bin/fedge", "agent"]
+    assert "FEDGE_SOFTWARE_SLOT" not in os.environ
+    assert not SelfUpdate(root).confirm()
+    assert SelfUpdate(root).pending() is None
+    out = SelfUpdate(root).take_outcome()
+    assert out["rollout_id"] == "r9" and not out["ok"] and not out["rolled_back"]
+    assert (f"software 0.0.2 not run: the packaged install {fedge.__version__} is newer"
+            in out["detail"])
+    # a staged version the launcher does run is confirmed
+    newer = "99.0.0"
+    SelfUpdate(root).stage(newer, bundle(tmp_path, newer, "good"), rollout_id="r10")
+    exec_current(root, ["/usr/bin/fedge", "agent"])
+    assert os.environ["FEDGE_SOFTWARE_SLOT"] == newer
+    assert SelfUpdate(root).confirm() and SelfUpdate(root).take_outcome()["ok"]
+
+
+def test_the_launcher_environment_did_not_leak_into_later_tests():
+    assert "FEDGE_SOFTWARE_ROOT" not in os.environ and "FEDGE_SOFTWARE_SLOT" not in os.environ

@@ -8,7 +8,10 @@ the rest are counted and summarised in at most one row per ``every_s`` ("refused
 12 more times since ..."), written by the next event once that time is up, by
 :meth:`AuditThrottle.flush` (the coordinator's tick) once the key has gone quiet,
 or by :meth:`AuditThrottle.close`. At most ``max_keys`` keys are remembered, least
-recently seen dropped first (its count audited as it goes).
+recently seen dropped first (its count audited as it goes). And at most
+``max_new_keys`` new keys a window are audited in full: past that (a flood of fresh
+keys, each new by construction) events are counted under one overflow key per
+action, whose summary row says how many there were.
 """
 
 from __future__ import annotations
@@ -20,6 +23,11 @@ from dataclasses import dataclass
 from typing import Any
 
 Audit = Callable[[str, str, Any], None]  # (actor, action, detail)
+OVERFLOW = "<many keys>"
+
+
+def _is_overflow(key: Hashable) -> bool:
+    return isinstance(key, tuple) and len(key) == 2 and key[0] == OVERFLOW
 
 
 @dataclass
@@ -36,18 +44,31 @@ class AuditThrottle:
     """``event(key, actor, action, detail, now)`` audits or counts one event."""
 
     def __init__(self, audit: Audit, *, verb: str, every_s: float = 60.0,
-                 max_keys: int = 1024) -> None:
+                 max_keys: int = 1024, max_new_keys: int = 60) -> None:
         self.audit = audit
         self.verb = verb  # "refused", "rejected": the summary says "<verb> N more times"
         self.every_s = every_s
         self.max_keys = max_keys
+        self.max_new_keys = max_new_keys
         self._keys: collections.OrderedDict[Hashable, _Pending] = collections.OrderedDict()
         self._pending: set[Hashable] = set()
+        self._window = (float("-inf"), 0)  # (start, new keys audited in full since)
 
     def event(self, key: Hashable, actor: str, action: str, detail: Any,
               now: float) -> bool:
         """Returns whether this event was audited in full (the first for its key)."""
         entry = self._keys.get(key)
+        if entry is None and not _is_overflow(key):
+            start, new = self._window
+            if now - start >= self.every_s:
+                start, new = now, 0
+            if new >= self.max_new_keys:  # a flood of fresh keys: count them together
+                self._window = (start, new)
+                return self.event((OVERFLOW, action), actor, action,
+                                  {"overflow": f"more than {self.max_new_keys} new keys in "
+                                               f"{self.every_s:g} s; counted together",
+                                   "last": detail}, now) and False
+            self._window = (start, new + 1)
         if entry is None:
             self.audit(actor, action, detail)
             self._keys[key] = _Pending(actor, action, detail, audited_at=now)

@@ -420,25 +420,49 @@ def test_a_key_refused_again_and_again_is_audited_once_then_once_a_minute_with_a
     assert len(rows()) == 4  # nothing new, nothing written
 
 
-def test_refusals_are_remembered_for_a_bounded_number_of_keys(federation):
-    """A flood of distinct keys costs one row each and at most REFUSAL_KEYS entries;
-    a forgotten key's counted refusals are audited as it is forgotten."""
+def test_a_flood_of_distinct_keys_costs_a_bounded_number_of_rows(federation):
+    """Every key of a flood of fresh keys is new, so per-key throttling alone would
+    cost one row each: past 60 new keys a minute they are counted together under one
+    overflow row, summarised a minute later. Memory stays bounded too."""
     import json
 
-    from fedge.coordinator.service import REFUSAL_KEYS
-
     fed = federation(["a"])
-    coord = fed.coord
-    coord.refused("first", "unknown key")
-    coord.refused("first", "unknown key")
-    coord.refused("first", "unknown key")
-    for i in range(REFUSAL_KEYS):
+    coord, clock = fed.coord, fed.clock
+    for _ in range(3):
+        coord.refused("first", "unknown key")
+    for i in range(1024):
         coord.refused(f"key{i}", "unknown key")
-    assert len(coord._refusals) == REFUSAL_KEYS
-    details = [json.loads(r["detail"]) for r in coord.store.audit_log(
+    rows = [json.loads(r["detail"]) for r in coord.store.audit_log(
         action="connection_refused", limit=5000)]
-    assert len(details) == 1 + REFUSAL_KEYS + 1
-    assert [d.get("repeated") for d in details if d["curve_public"] == "first"] == [None, 2]
+    assert len(rows) == 1 + 59 + 1  # "first", key0-key58, then the overflow row
+    assert rows[-1]["overflow"] == "more than 60 new keys in 60 s; counted together"
+    assert rows[-1]["last"]["curve_public"] == "key59"
+    assert len(coord._refusals) == 61
+    clock.t += 61
+    coord.tick()
+    rows = [json.loads(r["detail"]) for r in coord.store.audit_log(
+        action="connection_refused", limit=5000)]
+    assert [r.get("repeated") for r in rows if r.get("curve_public") == "first"] == [None, 2]
+    assert rows[-1]["repeated"] == 1024 - 60 and rows[-1]["last"]["curve_public"] == "key1023"
+    coord.refused("later", "unknown key")  # a new window: new keys are audited again
+    assert json.loads(coord.store.audit_log(action="connection_refused",
+                                            limit=5000)[-1]["detail"])["curve_public"] == "later"
+
+
+def test_the_throttle_remembers_a_bounded_number_of_keys_and_audits_what_it_forgets():
+    from fedge.coordinator.auditlimit import AuditThrottle
+
+    rows = []
+    t = AuditThrottle(lambda actor, action, detail: rows.append(detail), verb="refused",
+                      max_keys=3, max_new_keys=100)
+    t.event("k1", "transport", "connection_refused", {"k": 1}, 0.0)
+    t.event("k1", "transport", "connection_refused", {"k": 1}, 1.0)  # counted
+    for k in ("k2", "k3", "k4"):
+        t.event(k, "transport", "connection_refused", {"k": k}, 2.0)
+    assert len(t) == 3  # k1 forgotten, least recently seen; its count audited as it went
+    assert rows == [{"k": 1}, {"k": "k2"}, {"k": "k3"}, {"k": "k4"},
+                    {"k": 1, "repeated": 1, "since": 1.0,
+                     "summary": "refused 1 more time since 1970-01-01T00:00:01Z"}]
 
 
 def test_jobs_watch_shows_why_a_round_waits_and_why_the_job_failed(federation):

@@ -51,7 +51,7 @@ class AuditThrottle:
         self.max_keys = max_keys
         self.max_new_keys = max_new_keys
         self._keys: collections.OrderedDict[Hashable, _Pending] = collections.OrderedDict()
-        self._pending: set[Hashable] = set()
+        self._pending: dict[Hashable, None] = {}  # insertion-ordered: rows in a stable order
         self._window = (float("-inf"), 0)  # (start, new keys audited in full since)
 
     def event(self, key: Hashable, actor: str, action: str, detail: Any,
@@ -81,14 +81,14 @@ class AuditThrottle:
             entry.since = now
         entry.count += 1
         entry.detail = detail
-        self._pending.add(key)
+        self._pending[key] = None
         if now - entry.audited_at >= self.every_s:
             self._summarise(key, entry, now)
         return False
 
     def _summarise(self, key: Hashable, entry: _Pending, now: float) -> None:
         """One audit row for the events of ``key`` counted since its last row."""
-        self._pending.discard(key)
+        self._pending.pop(key, None)
         if entry.count == 0:
             return
         since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry.since))

@@ -64,10 +64,11 @@ class AuditThrottle:
                 start, new = now, 0
             if new >= self.max_new_keys:  # a flood of fresh keys: count them together
                 self._window = (start, new)
-                return self.event((OVERFLOW, action), actor, action,
-                                  {"overflow": f"more than {self.max_new_keys} new keys in "
-                                               f"{self.every_s:g} s; counted together",
-                                   "last": detail}, now) and False
+                self.event((OVERFLOW, action), actor, action,
+                           {"overflow": f"more than {self.max_new_keys} new keys in "
+                                        f"{self.every_s:g} s; counted together",
+                            "last": detail}, now)
+                return False  # this key's own event was counted, not audited
             self._window = (start, new + 1)
         if entry is None:
             self.audit(actor, action, detail)

@@ -240,8 +240,7 @@ def unfinished_jobs(coord: Coordinator) -> list[str]:
     """Completed jobs without their report: a coordinator stopped (or killed) between
     the job's last commit and the end of finish_job. The report is written last."""
     return [job.job_id for job in coord.store.jobs(status="completed")
-            if not all((ck.job_dir(coord.state_dir, job.job_id) / name).is_file()
-                       for name in REPORT_FILES)]
+            if not set(REPORT_FILES) <= set(ck.results(coord.state_dir, job.job_id))]
 
 
 async def _resume_finishing(coord: Coordinator, job_ids: list[str]) -> None:
@@ -264,13 +263,11 @@ def _is_export_of(path: Path, final_digest: str) -> bool:
     if not final_digest or not path.is_file():
         return False
     try:
-        import onnx
+        from fedge.serve.export import read_metadata
 
-        proto = onnx.load(str(path), load_external_data=False)
+        return read_metadata(path).get("model_digest") == final_digest
     except Exception:  # not ONNX, truncated, or onnx missing: export again
         return False
-    return any(p.key == "model_digest" and p.value == final_digest
-               for p in proto.metadata_props)
 
 
 async def write_report(coord: Coordinator, job_id: str) -> bool:

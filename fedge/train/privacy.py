@@ -251,13 +251,11 @@ def dp_fedavg_privatise(
     randomness). Returns the privatised update (a copy) and the update's norm
     before clipping.
     """
-    seed = _key(seed)
     from fedge.train.optim import core_function
 
     vec = np.ascontiguousarray(update, dtype=np.float32).copy()
     std = cfg.noise_multiplier * cfg.clip_norm / math.sqrt(cfg.cohort_size)
     clip = core_function("clip_l2")
-    noise = core_function("add_gaussian_noise")
     if clip is not None:
         norm = float(clip(vec, cfg.clip_norm))
     else:
@@ -265,9 +263,5 @@ def dp_fedavg_privatise(
         if norm > cfg.clip_norm:
             vec *= np.float32(cfg.clip_norm / norm)
     if std > 0:
-        if noise is not None:
-            noise(vec, std=std, seed=seed)
-        else:
-            rng = np.random.default_rng(int.from_bytes(seed[:8], "little"))
-            vec += rng.normal(0.0, std, size=vec.shape).astype(np.float32)
+        vec += secret_gaussian(vec.size, std, key=seed)
     return vec, norm

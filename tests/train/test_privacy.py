@@ -169,10 +169,10 @@ def test_the_coordinator_cannot_regenerate_the_dp_noise(tcga_dir: Path) -> None:
     client = TrainConfig(steps=5, batch_size=16, lr=0.05, seed=7,
                          client_dp=ClientDPConfig(clip_norm=0.1, noise_multiplier=1.0,
                                                   cohort_size=4))
-    a = local_train(COX, w, data, client, round=3).weights
-    b = local_train(COX, w, data, client, round=3).weights
+    runs = [local_train(COX, w, data, client, round=3).weights for _ in range(10)]
+    diffs = np.concatenate([runs[i] - runs[i + 1] for i in range(0, 10, 2)])  # 200 values
     # each update carries N(0, (z*S/sqrt(cohort))^2) = N(0, 0.05^2) per coordinate
-    assert float(np.std(a - b)) == pytest.approx(0.05 * np.sqrt(2), rel=0.35)
+    assert float(np.std(diffs)) == pytest.approx(0.05 * np.sqrt(2), rel=0.3)
 
 
 def test_dp_sgd_local_train_reports_epsilon_per_round_and_cumulative(tcga_dir: Path) -> None:

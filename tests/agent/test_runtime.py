@@ -204,6 +204,17 @@ def test_malformed_message_from_coordinator_is_dropped():
     assert link.sent == [] and agent.task is None
 
 
+async def start_training(agent):
+    """Deliver a TrainTask and return once the agent holds it (the plan is parsed off
+    the loop first), with the delivery still running as a task."""
+    training = asyncio.create_task(deliver(agent, task()))
+    for _ in range(500):
+        if agent.task is not None:
+            break
+        await asyncio.sleep(0.01)
+    return training
+
+
 def test_heartbeats_flow_while_training_runs_in_the_worker():
     release = threading.Event()
 
@@ -216,11 +227,7 @@ def test_heartbeats_flow_while_training_runs_in_the_worker():
     link = Link(agent)
 
     async def go():
-        training = asyncio.create_task(deliver(agent, task()))
-        for _ in range(500):  # the plan is parsed off the loop first
-            if agent.task is not None:
-                break
-            await asyncio.sleep(0.01)
+        training = await start_training(agent)
         t0 = time.monotonic()
         for _ in range(3):
             await agent.heartbeat()
@@ -266,11 +273,7 @@ def test_health_probes_do_not_queue_behind_training_on_the_one_worker(monkeypatc
     link = Link(agent)
 
     async def go():
-        training = asyncio.create_task(deliver(agent, task()))
-        for _ in range(500):
-            if agent.task is not None:
-                break
-            await asyncio.sleep(0.01)
+        training = await start_training(agent)
         t0 = time.monotonic()
         for _ in range(3):
             await agent.heartbeat()

@@ -50,7 +50,6 @@ from typing import Any
 
 from fedge.agent.jobstate import JobStateStore
 from fedge.agent.runtime import Agent
-from fedge.agent.trainer import Trainer
 
 log = logging.getLogger("fedge.agent")
 
@@ -405,7 +404,7 @@ def run(cfg: AgentConfig, *, connect_timeout_s: float | None = None) -> int:
     from fedge.systemd import Notifier
 
     enrolled = load_enrolled(cfg.state_dir)
-    trainer: Trainer = TorchTrainer(cfg.datasets, state_dir=cfg.state_dir)
+    trainer = TorchTrainer(cfg.datasets, state_dir=cfg.state_dir)
     executor: Executor = ThreadPoolExecutor(cfg.workers, thread_name_prefix="fedge-task")
     xids = start_xid_monitor() if cfg.health else None
     agent = Agent(enrolled.site, trainer, identity=enrolled.identity, roster=enrolled.roster,
@@ -414,10 +413,13 @@ def run(cfg: AgentConfig, *, connect_timeout_s: float | None = None) -> int:
                   job_state=JobStateStore(cfg.state_dir / "jobs"))
     # Signed updates (console/updates engineer): UpdateAvailable / fetch replies go to
     # the TUF client; models install into <state_dir>/models for `fedge serve`.
-    from fedge.agent.updates import attach_update_client
+    from fedge.agent.updates import SiteModels, attach_update_client
+    from fedge.serve.repository import ModelRepository
 
+    models = SiteModels(ModelRepository(cfg.state_dir / "models"), trainer.standardisation,
+                        site=enrolled.site)
     try:
-        attach_update_client(agent, cfg.state_dir)
+        attach_update_client(agent, cfg.state_dir, models=models)
     except FileNotFoundError as exc:  # enrolled without a TUF root: no signed updates
         log.warning("signed updates disabled: %s", exc)
 

@@ -114,6 +114,21 @@ class TorchTrainer:
     def datasets(self) -> list[str]:
         return sorted(self._specs)
 
+    def standardisation(self, name: str) -> tuple[Any, Any, list[str]] | None:
+        """This site's standardiser for data set ``name`` (mean, scale, feature names),
+        fitted on its training split exactly as training uses it; None when the site
+        does not hold the data set or it is not tabular.
+
+        Raises:
+            TaskRefusal: the data set is declared but cannot be loaded (names why).
+        """
+        if name not in self._specs:
+            return None
+        data = self._site_data(name)
+        if data.standardiser is None:
+            return None
+        return data.standardiser.mean, data.standardiser.scale, list(data.feature_names)
+
     def _site_data(self, name: str) -> Any:
         from fedge.train.api import load_site_data
 

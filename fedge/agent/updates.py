@@ -116,6 +116,58 @@ class ModelInstaller(Protocol):
     def install(self, model_name: str, onnx: bytes | Path) -> object: ...
 
 
+# data set -> (mean, scale, feature names) of this site's standardiser; None when the
+# site does not hold the data set. May raise when the data set cannot be loaded.
+SiteStandardisation = Callable[[str], "tuple[Any, Any, list[str]] | None"]
+
+
+class SiteModels:
+    """The appliance's model installer: a pushed model that expects this site's own
+    standardisation (its features were standardised at each site with constants that
+    never left it) gets that standardisation prepended to its graph before it is
+    served, so the hospital's applications send raw rows. Any other model is
+    installed as it comes.
+
+    A model that needs a data set this site does not hold, or whose features differ
+    from the site's, is refused (the install outcome says why); the version already
+    serving keeps serving.
+    """
+
+    def __init__(self, repository: ModelInstaller, standardisation: SiteStandardisation,
+                 *, site: str = "") -> None:
+        self.repository = repository
+        self.standardisation = standardisation
+        self.site = site
+
+    def install(self, model_name: str, onnx: bytes | Path) -> object:
+        import onnx as onnx_lib
+
+        from fedge.serve.sitelocal import needs_site_standardisation, standardise_onnx
+
+        data = onnx if isinstance(onnx, bytes) else Path(onnx).read_bytes()
+        try:
+            proto = onnx_lib.load_from_string(data)
+        except Exception:  # the repository's checker names what is wrong
+            return self.repository.install(model_name, data)
+        dataset = needs_site_standardisation({p.key: p.value for p in proto.metadata_props})
+        if dataset is None:
+            return self.repository.install(model_name, data)
+        found = self.standardisation(dataset)
+        if found is None:
+            raise ValueError(
+                f"model {model_name!r} expects each site's own standardisation of data set "
+                f"{dataset!r}, which this appliance does not hold; not installed"
+            )
+        mean, scale, names = found
+        data = standardise_onnx(data, mean, scale, feature_names=names, provenance={
+            "site": self.site, "dataset": dataset,
+            "fitted": "on this site's training split of the data set",
+        })
+        log.info("model %s: this site's standardisation of %r prepended to its graph",
+                 model_name, dataset)
+        return self.repository.install(model_name, data)
+
+
 class AgentUpdater:
     """Verify and install updates for one appliance.
 

@@ -10,7 +10,9 @@ job's provenance.
 A federated job's tabular inputs were standardised at each site with constants
 fitted on that site's own training split, which never leave the site. The
 exported graph therefore does not standardise: its `preprocessing` metadata says
-so (per-site standardisation, not in the graph, for the plan's data set), and
+so (per-site standardisation, not in the graph, for the plan's data set; an
+appliance that installs it from a push prepends its own constants,
+fedge.serve.sitelocal), and
 `input_columns` says where the column order is declared when the plan does not
 name the features. A checkpoint that carries `preprocessing` constants has them
 folded into the graph instead.
@@ -218,7 +220,9 @@ def _site_preprocessing(dataset: str, rank: int) -> dict[str, Any]:
                      "site's 'standardise' setting for the data set says which columns: "
                      "'continuous' (default: all but 0/1 columns), 'all' or 'none'",
         "input": "standardise every row with the serving site's own constants for this "
-                 "data set before inference; raw values give wrong outputs",
+                 "data set before inference; raw values give wrong outputs. A fedge "
+                 "appliance holding the data set does this for you: pushed to it, the "
+                 "model gets the site's standardisation prepended to its graph",
     }
 
 

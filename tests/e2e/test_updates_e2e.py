@@ -185,6 +185,75 @@ def test_push_model_update_to_three_agents_each_serves_new_version(federation):
                         lambda s=site: infer(urls[s], [1.0, 2.0]) == ("2", [3.0, 6.0]), 20)
 
 
+def infer_rows(url: str, model: str, rows: list[list[float]]) -> list[float]:
+    body = json.dumps({"inputs": [{"name": "input", "shape": [len(rows), len(rows[0])],
+                                   "datatype": "FP32",
+                                   "data": [v for r in rows for v in r]}]}).encode()
+    req = urllib.request.Request(f"{url}/v2/models/{model}/infer", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        return json.loads(r.read())["outputs"][0]["data"]
+
+
+def test_a_pushed_federated_model_is_served_on_the_sites_raw_rows(federation):
+    """A federated tabular model (its features standardised at each site with constants
+    that never left it) pushed to an appliance that holds the data set: the appliance
+    prepends its own standardisation, so its application sends raw rows and gets what
+    the model gives on the rows as training saw them. An appliance without the data set
+    reports a failed install naming it, and serves nothing new."""
+    import numpy as np
+    import torch
+
+    from fedge.serve.export import export_onnx
+    from fedge.serve.jobs import _site_preprocessing
+    from fedge.train.api import DatasetSpec, load_site_data
+
+    fed = federation
+    names = ["age", "size"]
+    csv = fed.tmp / "h5-rows.csv"
+    rng = np.random.default_rng(5)
+    csv.write_text("age,size,relapse\n" + "".join(
+        f"{rng.normal(60, 9):.1f},{rng.gamma(2, 10):.2f},{int(rng.random() < 0.4)}\n"
+        for _ in range(40)))
+    table = {"name": "risk_rows", "kind": "tabular", "path": str(csv), "task": "binary",
+             "features": names, "target": "relapse"}
+    urls = {}
+    for site in ("h5", "h6"):
+        state = fed.enrol(site)
+        if site == "h5":
+            with open(fed.tmp / "h5.toml", "a") as f:
+                f.write(f'[[datasets]]\nname = "risk_rows"\nkind = "tabular"\n'
+                        f'path = "{csv}"\ntask = "binary"\nfeatures = {json.dumps(names)}\n'
+                        'target = "relapse"\n')
+        (state / "models").mkdir(exist_ok=True)
+        fed.start_agent(site)
+        urls[site] = start_server(fed, site, state / "models")
+    wait_for("h5 and h6 connected", lambda: {"h5", "h6"} <= fed.connected(), 60)
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 1)
+    onnx_file = fed.tmp / "relapse.onnx"
+    export_onnx(model, torch.zeros(1, 2), {
+        "feature_names": json.dumps(names),
+        "preprocessing": json.dumps(_site_preprocessing("risk_rows", 1))}, onnx_file)
+    rollout = push(fed.console, fed.admin, onnx_file, kind="model", name="relapse",
+                   version="1", sites=["h5"], deadline_s=60)
+    assert rollout["state"] == "succeeded", (rollout, fed.log("agent-h5"))
+
+    raw = [[71.0, 35.5], [48.5, 6.25]]
+    std = load_site_data(DatasetSpec.from_config(table)).standardiser
+    with torch.no_grad():
+        expected = model(torch.from_numpy(std.transform(np.array(raw, np.float32)))).numpy()
+    got = wait_for("h5 serving relapse", lambda: infer_rows(urls["h5"], "relapse", raw), 20)
+    np.testing.assert_allclose(np.ravel(got), np.ravel(expected), rtol=1e-5, atol=1e-5)
+
+    refused = push(fed.console, fed.admin, onnx_file, kind="model", name="relapse",
+                   version="2", sites=["h6"], deadline_s=60)
+    assert refused["state"] == "failed", refused
+    assert "'risk_rows'" in refused["results"]["h6"]["detail"], refused
+    assert not list((fed.tmp / "h6" / "models").glob("relapse/*/model.onnx"))
+
+
 def test_revoked_appliance_is_dropped_and_refused_on_its_next_connection(federation):
     fed = federation
     fed.enrol("h4")

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedge.agent.guard import PrivacyPolicy, PrivacyPolicyError, RevealLog
 from fedge.agent.jobstate import JobStateStore
 from fedge.agent.runtime import Agent
 
@@ -78,6 +79,8 @@ class AgentConfig:
     # a software update in trial that no coordinator confirms within this is given up:
     # the agent exits 75, systemd restarts it, preflight rolls back after 3 such starts
     update_trial_s: float = 600.0
+    # the site's privacy floor ([privacy]): secure aggregation required by default
+    policy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,7 @@ class Enrolled:
 
 
 _KEYS = ("state_dir", "workers", "heartbeat", "eligibility", "datasets", "health",
-         "update_trial_s")
+         "update_trial_s", "privacy")
 
 
 def load_config(path: str | Path) -> AgentConfig:
@@ -141,8 +144,12 @@ def load_config(path: str | Path) -> AgentConfig:
     trial = raw.get("update_trial_s", 600.0)
     if isinstance(trial, bool) or not isinstance(trial, int | float) or not trial > 0:
         raise AgentConfigError(f"agent config update_trial_s = {trial!r} must be > 0")
+    try:
+        policy = PrivacyPolicy.from_config(raw.get("privacy", {}))
+    except PrivacyPolicyError as exc:
+        raise AgentConfigError(f"agent config {p}: {exc}") from None
     return AgentConfig(state_dir, datasets, float(interval), float(timeout), workers, elig,
-                       health, float(trial))
+                       health, float(trial), policy)
 
 
 def load_enrolled(state_dir: Path) -> Enrolled:
@@ -410,7 +417,8 @@ def run(cfg: AgentConfig, *, connect_timeout_s: float | None = None) -> int:
     agent = Agent(enrolled.site, trainer, identity=enrolled.identity, roster=enrolled.roster,
                   roster_key=enrolled.roster_key, roster_path=enrolled.roster_path,
                   executor=executor, health=health_probe(cfg, xids),
-                  job_state=JobStateStore(cfg.state_dir / "jobs"))
+                  job_state=JobStateStore(cfg.state_dir / "jobs"), policy=cfg.policy,
+                  reveal_log=RevealLog(cfg.state_dir / "secagg" / "revealed.json"))
     # Signed updates (console/updates engineer): UpdateAvailable / fetch replies go to
     # the TUF client; models install into <state_dir>/models for `fedge serve`.
     from fedge.agent.updates import SiteModels, attach_update_client

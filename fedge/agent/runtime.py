@@ -13,7 +13,15 @@ crash gets a fresh secure-aggregation session: new keys, never old ones).
 
 What leaves the appliance: heartbeats (version, health, eligibility, data set
 names), example counts, metrics, and the masked (or, if the plan disables
-secure aggregation, plain) weighted update. Never data rows.
+secure aggregation and the site's policy allows it, plain) weighted update.
+Never data rows.
+
+The agent does not take the coordinator's word for what protects the update
+(fedge.agent.guard): it refuses plans and aggregations below the site's
+``PrivacyPolicy``, checks the model digest of every task against the weights it
+came with, binds the model, plan, weight scale, cohort and SCAFFOLD's c into the
+masks' context (``fedge.coordinator.rounds.context_digest``), and reveals the
+shares that unmask a sum holding one update over one survivor set only.
 """
 
 from __future__ import annotations
@@ -33,9 +41,12 @@ from typing import Any
 import numpy as np
 
 from fedge import __version__
+from fedge.agent.guard import PrivacyPolicy, RevealLog, update_digest
 from fedge.agent.jobstate import JobStateStore
 from fedge.agent.trainer import LocalResult, TaskRefusal, Trainer
+from fedge.coordinator.checkpoint import model_digest
 from fedge.coordinator.plan import Plan, PlanError, parse_plan
+from fedge.coordinator.rounds import context_digest
 from fedge.coordinator.secure import secagg_config
 from fedge.wire import codec
 from fedge.wire import messages as m
@@ -55,6 +66,7 @@ class _Task:
     quant_seed: bytes
     task_id: str = ""
     client_control: np.ndarray | None = None  # SCAFFOLD: c_i at the start of the round
+    server_control: np.ndarray | None = None  # SCAFFOLD: c as the task brought it
     local: LocalResult | None = None
     session: Any = None
     started: float = field(default_factory=time.monotonic)
@@ -108,8 +120,14 @@ class Agent:
         max_message_bytes: int = 1 << 30,
         secagg_threads: int = 1,
         job_state: JobStateStore | None = None,
+        policy: PrivacyPolicy | None = None,
+        reveal_log: RevealLog | None = None,
     ) -> None:
         self.site = site
+        # The site's own floor (agent.toml [privacy]); the default requires secure
+        # aggregation. The reveal log is in memory unless the process gives it a file.
+        self.policy = policy if policy is not None else PrivacyPolicy()
+        self.reveal_log = reveal_log if reveal_log is not None else RevealLog()
         self.trainer = trainer
         self.identity = identity
         self.roster = roster
@@ -284,6 +302,10 @@ class Agent:
         except PlanError as exc:
             await self._refuse(job, rnd, m.TASK_TRAIN, f"unrunnable plan: {exc}", t.task_id)
             return
+        refused = self.policy.refuse_plan(plan.secagg.enabled)
+        if refused:
+            await self._refuse(job, rnd, m.TASK_TRAIN, refused, t.task_id)
+            return
         if plan.dataset not in self.trainer.datasets():
             await self._refuse(job, rnd, m.TASK_TRAIN,
                                f"data set {plan.dataset!r} is not held by {self.site}", t.task_id)
@@ -304,8 +326,13 @@ class Agent:
                 return
             kwargs = {"server_control": control, "client_control": self.client_control(job, rnd)}
         weights = np.array(t.weights, dtype=np.float32)  # own copy: frames are read-only
+        if bytes.fromhex(model_digest(weights)) != bytes(t.model_digest):
+            await self._refuse(job, rnd, m.TASK_TRAIN,
+                               "the task's model digest does not match the weights it "
+                               "carries", t.task_id)
+            return
         task = _Task(job, rnd, plan, weights, bytes(t.model_digest), bytes(t.quant_seed),
-                     t.task_id, kwargs.get("client_control"))
+                     t.task_id, kwargs.get("client_control"), kwargs.get("server_control"))
         self.task = task
         self._set_busy(f"{m.TASK_TRAIN} {job} round {rnd}")
         loop = asyncio.get_running_loop()
@@ -398,6 +425,17 @@ class Agent:
             await self._refuse(job, rnd, "aggregate", "no trained update for this round",
                                a.task_id)
             return
+        client_dp = task.plan.privacy.get("client_dp")
+        refused = self.policy.refuse_aggregation(
+            plan_secure=task.plan.secagg.enabled, secure=a.secure, cohort=len(set(a.cohort)),
+            weight_scale=float(a.weight_scale),
+            client_dp_cohort=(int(client_dp["cohort_size"]) if isinstance(client_dp, dict)
+                              and "cohort_size" in client_dp else None))
+        if not refused and self.site not in a.cohort:
+            refused = f"the aggregation cohort does not include {self.site}"
+        if refused:
+            await self._refuse(job, rnd, "aggregate", refused, task.task_id)
+            return
         vec = self.input_vector(task, a.weight_scale)
         if not a.secure:
             await self.send(m.PlainUpdate(task.task_id, vec), job=job, round=rnd)
@@ -410,15 +448,35 @@ class Agent:
             config = secagg_config(task.plan, len(a.cohort), vec.size)
             # The quantiser's rounding comes from (job seed, round, site), not from
             # fresh randomness: a round restarted after a crash sums the same values.
-            task.session = ClientSession(config, RoundContext(job, rnd, task.digest),
+            bound = context_digest(task.digest, task.plan.text, float(a.weight_scale),
+                                   list(a.cohort), task.server_control)
+            local = task.local
+            summed = update_digest(local.weights, local.delta_control, local.n_examples)
+            task.session = ClientSession(config, RoundContext(job, rnd, bound),
                                          self.site, self.identity, self.roster, vec,
                                          threads=self.secagg_threads,
-                                         quantise_seed=task.quant_seed)
+                                         quantise_seed=task.quant_seed,
+                                         before_reveal=lambda survivors: self._before_reveal(
+                                             summed, survivors))
         except SecAggConfigError as exc:
             await self._refuse(job, rnd, "aggregate", f"secure aggregation: {exc}",
                                task.task_id)
             return
         self._set_busy(f"secagg {job} round {rnd}")
+
+    def _before_reveal(self, summed: bytes, survivors: list[str]) -> None:
+        """Record that update ``summed`` is unmasked over ``survivors`` (on disk first);
+        refuse if it already was over another set.
+
+        Raises: UpdateAlreadySummed (nothing revealed)."""
+        from fedge.secagg.errors import UpdateAlreadySummed
+
+        try:
+            self.reveal_log.check_and_record(summed, survivors)
+        except OSError as exc:
+            raise UpdateAlreadySummed(
+                f"cannot record the survivors this update is summed over ({exc}); "
+                "not revealing") from exc
 
     async def _on_secagg(self, job: str, rnd: int, body: Any) -> None:
         task = self.task

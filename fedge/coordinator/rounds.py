@@ -30,6 +30,7 @@ import enum
 import hashlib
 import math
 import secrets
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -82,6 +83,26 @@ def derive_seed(job_seed: int, rnd: int, site: str, purpose: str) -> bytes:
     """
     h = hashlib.sha256(f"fedge/{purpose}/{job_seed}/{rnd}/{site}".encode())
     return h.digest()[:16]
+
+
+def context_digest(model_digest: bytes, plan_text: str, weight_scale: float,
+                   cohort: list[str], server_control: np.ndarray | None) -> bytes:
+    """What every site of one secure aggregation must have been given alike, hashed:
+    the global model (its digest, which each agent checks against the weights it
+    got), the plan, the weight scale, the aggregation cohort and SCAFFOLD's c.
+
+    It is the round context's digest that keys every pairwise mask, so a coordinator
+    that gives one site other weights, another plan (a learning rate of 0) or another
+    weight scale (0: the sum would be one site's update) gets noise, not a sum.
+    """
+    h = hashlib.sha256(b"fedge/round-context/v1")
+    control = (b"" if server_control is None
+               else np.ascontiguousarray(server_control, dtype="<f4").tobytes())
+    for part in (bytes(model_digest), plan_text.encode(), struct.pack("<d", weight_scale),
+                 "\n".join(sorted(cohort)).encode(), control):
+        h.update(len(part).to_bytes(8, "big"))
+        h.update(part)
+    return h.digest()
 
 
 def train_seed(job_seed: int, rnd: int, site: str) -> int:
@@ -241,6 +262,7 @@ class Round:
     _deadline: float = 0.0
     _aggregation: Aggregation | None = None
     _agg_cohort: list[str] = field(default_factory=list)
+    _control: np.ndarray | None = None  # SCAFFOLD's c as sent with the tasks
 
     def __post_init__(self) -> None:
         self.weights = np.ascontiguousarray(self.weights, dtype=np.float32)
@@ -283,6 +305,7 @@ class Round:
             self._deadline = now + self.plan.deadlines.train_s
             control = (self.strategy.server_control(self.weights.size) if self.plan.scaffold
                        else None)
+            self._control = control
             return [
                 (site, m.TrainTask(
                     task_id=self.task_id, plan=self.plan.text, weights=self.weights,
@@ -429,9 +452,9 @@ class Round:
         n_max = max(self.trained[s].n_examples for s in done)
         scale = weight_scale(self.plan.secagg.clip, n_max)
         self.phase = Phase.AGGREGATING
-        self._aggregation = self.aggregation_factory(
-            self.plan, self.info, done, self.input_length
-        )
+        bound = RoundInfo(self.job_id, self.round, context_digest(
+            self.digest, self.plan.text, scale, done, self._control))
+        self._aggregation = self.aggregation_factory(self.plan, bound, done, self.input_length)
         threshold = int(getattr(self._aggregation, "threshold", 1))
         out: Outgoing = [
             (s, m.AggregateBegin(task_id=self.task_id, cohort=done, weight_scale=scale,

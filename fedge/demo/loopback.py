@@ -71,6 +71,7 @@ class LoopbackFederation:
         sites: Mapping[str, Sequence[Mapping[str, Any]]],
         *,
         heartbeat: tuple[float, float] = (0.5, 5.0),
+        allow_plain: bool = False,
     ) -> None:
         from fedge.secagg.keys import Identity
         from fedge.transport import CurveKeyPair, save_keypair
@@ -79,6 +80,9 @@ class LoopbackFederation:
         self.root.mkdir(parents=True, exist_ok=True)
         self.sites = {s: list(ds) for s, ds in sites.items()}
         self.interval, self.timeout = heartbeat
+        # the agents' [privacy] floor: secure aggregation required unless allowed here
+        # (the benchmark compares plans with it on and off)
+        self.allow_plain = allow_plain
         self.env = {
             **os.environ,
             "PYTHONUNBUFFERED": "1",
@@ -158,6 +162,8 @@ class LoopbackFederation:
             f"timeout_s = {self.timeout}",
             "[eligibility]",
             "allow_cpu_only = true",
+            "[privacy]",
+            f"require_secure_aggregation = {'false' if self.allow_plain else 'true'}",
         ]
         for ds in self.sites[site]:
             lines.append("[[datasets]]")

@@ -67,6 +67,7 @@ from .errors import (
     UnexpectedMessage,
     UnknownClient,
     UnsignedAdvertisement,
+    UpdateAlreadySummed,
 )
 from .keys import Identity, Roster, RosterSignatureError
 from .server import SERVER_TRANSITIONS, SecAggResult, ServerSession
@@ -105,6 +106,7 @@ __all__ = [
     "UnexpectedMessage",
     "UnknownClient",
     "UnsignedAdvertisement",
+    "UpdateAlreadySummed",
     "default_degree",
     "neighbours",
 ]

@@ -20,6 +20,7 @@ reveals at most one kind of share, self-mask seed (peer survived) or mask key
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import ClassVar
 
 import numpy as np
@@ -89,6 +90,10 @@ class ClientSession:
     w_i * delta_i followed by w_i); it must have ``config.vector_length`` finite
     entries.  ``threads`` is passed to the core's mask kernel; ``quantise_seed``
     (16 bytes) keys the stochastic rounding, fresh from the OS when None.
+    ``before_reveal(survivors)`` is called once every check of the unmask request
+    has passed and before any share leaves: it may raise a ``SecAggAbort`` (the
+    session then aborts, revealing nothing), e.g. ``UpdateAlreadySummed`` when the
+    caller knows this input was already summed over another survivor set.
 
     Raises (on construction):
         SecAggConfigError: ``client_id`` not in the roster, or the input vector has the
@@ -106,6 +111,7 @@ class ClientSession:
         *,
         threads: int = 1,
         quantise_seed: bytes | None = None,
+        before_reveal: Callable[[list[str]], None] | None = None,
     ) -> None:
         keys.check_client_id(client_id)
         if client_id not in roster:
@@ -137,6 +143,7 @@ class ClientSession:
         ):
             raise SecAggConfigError("quantise_seed must be 16 bytes or None")
         self._quantise_seed = quantise_seed or os.urandom(16)
+        self.before_reveal = before_reveal
         self.state: str = "R0AdvertiseKeys"
         self.failure: SecAggAbort | None = None
         self.revealed_shares: dict[str, str] = {}
@@ -533,6 +540,8 @@ class R4Unmasking(ClientState):
                 f"{len(local_signers)} consistency signatures from this neighbourhood, "
                 f"threshold is {t}"
             )
+        if s.before_reveal is not None:
+            s.before_reveal(list(s.signed_survivors))
         seed_shares: dict[str, bytes] = {}
         key_shares: dict[str, bytes] = {}
         for owner in sorted(s.shared):

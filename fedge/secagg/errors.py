@@ -93,6 +93,11 @@ class BothSharesRequested(SecAggAbort):
     """Revealing a share would give the server both share kinds of one peer."""
 
 
+class UpdateAlreadySummed(SecAggAbort):
+    """This client's update was already unmasked in a sum over another survivor set:
+    a second sum would give the server the difference, i.e. single updates."""
+
+
 class ServerAborted(SecAggAbort):
     """The server told this client that the round failed."""
 
@@ -129,4 +134,5 @@ __all__ = [
     "UnexpectedMessage",
     "UnknownClient",
     "UnsignedAdvertisement",
+    "UpdateAlreadySummed",
 ]

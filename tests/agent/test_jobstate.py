@@ -9,10 +9,14 @@ import numpy as np
 import pytest
 import torch
 
+from fedge.agent.guard import PrivacyPolicy
 from fedge.agent.jobstate import JobStateStore
 from fedge.agent.runtime import Agent
 from fedge.agent.trainer import LocalResult, SyntheticTrainer
 from fedge.train.api import ClientState, DataCursor
+
+# these agents run plans with and without secure aggregation
+PLAIN_OK = PrivacyPolicy(require_secure_aggregation=False)
 
 
 def test_arrays_round_trip_per_job_and_kind(tmp_path):
@@ -85,14 +89,17 @@ def test_agent_reloads_committed_scaffold_controls_after_a_restart(tmp_path):
     plan = parse_plan('[job]\ndataset = "synthetic"\nrounds = 3\n[model]\nname = "x"\n'
                       '[train]\nsteps = 1\nbatch_size = 8\nlearning_rate = 0.1\n'
                       '[strategy]\nname = "scaffold"\n[secagg]\nenabled = false\n')
-    first = Agent("site-0", SyntheticTrainer("site-0"), job_state=JobStateStore(tmp_path))
+    first = Agent("site-0", SyntheticTrainer("site-0"), job_state=JobStateStore(tmp_path),
+                  policy=PLAIN_OK)
     start = np.full(4, 0.5, np.float32)
     task = _Task("job", 2, plan, np.zeros(4, np.float32), b"", b"", client_control=start)
     task.local = LocalResult(np.zeros(4, np.float32), 10, {}, 0.0,
                              np.full(4, 0.25, np.float32))
     first._commit_control(task)
-    again = Agent("site-0", SyntheticTrainer("site-0"), job_state=JobStateStore(tmp_path))
+    again = Agent("site-0", SyntheticTrainer("site-0"), job_state=JobStateStore(tmp_path),
+                  policy=PLAIN_OK)
     np.testing.assert_array_equal(again.client_control("job", 3), np.full(4, 0.75))
     np.testing.assert_array_equal(again.client_control("job", 2), start)  # a retried round
     assert again.client_control("job", 1) is None
-    assert Agent("site-0", SyntheticTrainer("site-0")).client_control("job", 3) is None
+    agent = Agent("site-0", SyntheticTrainer("site-0"), policy=PLAIN_OK)
+    assert agent.client_control("job", 3) is None

@@ -10,11 +10,16 @@ import time
 import numpy as np
 import pytest
 
+from fedge.agent.guard import PrivacyPolicy
 from fedge.agent.runtime import Agent
 from fedge.agent.trainer import LocalResult, SyntheticTrainer, TaskRefusal
+from fedge.coordinator.checkpoint import model_digest
 from fedge.coordinator.plan import parse_plan
 from fedge.wire import codec
 from fedge.wire import messages as m
+
+# these agents run plans with and without secure aggregation
+PLAIN_OK = PrivacyPolicy(require_secure_aggregation=False)
 
 PLAN = """
 [job]
@@ -55,13 +60,14 @@ def deliver(agent, body, job="job1", rnd=1):
 
 def task(plan=PLAN, d=4, task_id="t1"):
     w = np.zeros(d, np.float32)
-    return m.TrainTask(task_id=task_id, plan=plan, weights=w, model_digest=b"\x00" * 32,
+    return m.TrainTask(task_id=task_id, plan=plan, weights=w,
+                       model_digest=bytes.fromhex(model_digest(w)),
                        train_seed=1, quant_seed=b"\x01" * 16)
 
 
 def test_heartbeat_reports_version_health_and_datasets():
     agent = Agent("site-a", SyntheticTrainer("site-a"),
-                  health=lambda: ({"gpu_temp_c": 40}, False, "GPU too hot"))
+                  health=lambda: ({"gpu_temp_c": 40}, False, "GPU too hot"), policy=PLAIN_OK)
     link = Link(agent)
     asyncio.run(agent.heartbeat())
     (hb,) = link.bodies(m.Heartbeat)
@@ -75,7 +81,7 @@ def test_broken_health_probe_reports_ineligible_instead_of_crashing():
     def boom():
         raise OSError("nvml gone")
 
-    agent = Agent("site-a", SyntheticTrainer("site-a"), health=boom)
+    agent = Agent("site-a", SyntheticTrainer("site-a"), health=boom, policy=PLAIN_OK)
     link = Link(agent)
     asyncio.run(agent.heartbeat())
     (hb,) = link.bodies(m.Heartbeat)
@@ -83,7 +89,7 @@ def test_broken_health_probe_reports_ineligible_instead_of_crashing():
 
 
 def test_task_for_a_dataset_not_held_is_refused_with_reason():
-    agent = Agent("site-a", SyntheticTrainer("site-a", dataset="other"))
+    agent = Agent("site-a", SyntheticTrainer("site-a", dataset="other"), policy=PLAIN_OK)
     link = Link(agent)
     asyncio.run(deliver(agent, task()))
     (ref,) = link.bodies(m.TaskRefused)
@@ -93,7 +99,7 @@ def test_task_for_a_dataset_not_held_is_refused_with_reason():
 
 
 def test_unrunnable_plan_is_refused():
-    agent = Agent("site-a", SyntheticTrainer("site-a"))
+    agent = Agent("site-a", SyntheticTrainer("site-a"), policy=PLAIN_OK)
     link = Link(agent)
     asyncio.run(deliver(agent, task(plan=PLAN.replace("rounds = 1", "rounds = -1"))))
     (ref,) = link.bodies(m.TaskRefused)
@@ -101,7 +107,7 @@ def test_unrunnable_plan_is_refused():
 
 
 def test_a_plan_nested_past_the_parsers_depth_is_refused_by_name():
-    agent = Agent("site-a", SyntheticTrainer("site-a"))
+    agent = Agent("site-a", SyntheticTrainer("site-a"), policy=PLAIN_OK)
     link = Link(agent)
     asyncio.run(deliver(agent, task(plan="a = " + "[" * 100_000)))
     (ref,) = link.bodies(m.TaskRefused)
@@ -111,7 +117,7 @@ def test_a_plan_nested_past_the_parsers_depth_is_refused_by_name():
 def test_an_internal_error_handling_a_message_is_logged_and_the_agent_goes_on(caplog):
     """A message that reaches a bug (here the roster handler made to fail) is logged
     with its type, never raised into the transport's task; the next message is served."""
-    agent = Agent("site-a", SyntheticTrainer("site-a"))
+    agent = Agent("site-a", SyntheticTrainer("site-a"), policy=PLAIN_OK)
     link = Link(agent)
 
     def broken(data):
@@ -126,7 +132,7 @@ def test_an_internal_error_handling_a_message_is_logged_and_the_agent_goes_on(ca
 
 
 def test_secure_plan_without_identity_is_refused():
-    agent = Agent("site-a", SyntheticTrainer("site-a"))
+    agent = Agent("site-a", SyntheticTrainer("site-a"), policy=PLAIN_OK)
     link = Link(agent)
     asyncio.run(deliver(agent, task(plan=PLAN.replace("enabled = false", "enabled = true"))))
     assert "enrolled identity" in link.bodies(m.TaskRefused)[0].reason
@@ -137,7 +143,7 @@ def test_trainer_refusal_is_forwarded():
         def train(self, *a, **k):
             raise TaskRefusal("privacy budget exhausted")
 
-    agent = Agent("site-a", Refusing("site-a"))
+    agent = Agent("site-a", Refusing("site-a"), policy=PLAIN_OK)
     link = Link(agent)
     asyncio.run(deliver(agent, task()))
     assert link.bodies(m.TaskRefused)[0].reason == "privacy budget exhausted"
@@ -145,7 +151,7 @@ def test_trainer_refusal_is_forwarded():
 
 def test_train_then_plain_update_is_clipped_weighted_and_has_no_rows():
     trainer = SyntheticTrainer("site-a", n_examples=40)
-    agent = Agent("site-a", trainer)
+    agent = Agent("site-a", trainer, policy=PLAIN_OK)
     link = Link(agent)
 
     async def go():
@@ -164,7 +170,7 @@ def test_train_then_plain_update_is_clipped_weighted_and_has_no_rows():
 
 
 def test_aggregate_for_unknown_or_stale_task_is_refused():
-    agent = Agent("site-a", SyntheticTrainer("site-a"))
+    agent = Agent("site-a", SyntheticTrainer("site-a"), policy=PLAIN_OK)
     link = Link(agent)
 
     async def go():
@@ -177,7 +183,7 @@ def test_aggregate_for_unknown_or_stale_task_is_refused():
 
 
 def test_round_abort_drops_state():
-    agent = Agent("site-a", SyntheticTrainer("site-a"))
+    agent = Agent("site-a", SyntheticTrainer("site-a"), policy=PLAIN_OK)
     Link(agent)
 
     async def go():
@@ -189,7 +195,7 @@ def test_round_abort_drops_state():
 
 
 def test_evaluation_result():
-    agent = Agent("site-a", SyntheticTrainer("site-a", n_examples=7))
+    agent = Agent("site-a", SyntheticTrainer("site-a", n_examples=7), policy=PLAIN_OK)
     link = Link(agent)
     asyncio.run(deliver(agent, m.EvalTask(task_id="t1", plan=PLAN,
                                           weights=np.zeros(4, np.float32), split="test")))
@@ -198,7 +204,7 @@ def test_evaluation_result():
 
 
 def test_malformed_message_from_coordinator_is_dropped():
-    agent = Agent("site-a", SyntheticTrainer("site-a"))
+    agent = Agent("site-a", SyntheticTrainer("site-a"), policy=PLAIN_OK)
     link = Link(agent)
     asyncio.run(agent.handle_frames([b"\x00garbage", b""]))
     assert link.sent == [] and agent.task is None
@@ -223,7 +229,7 @@ def test_heartbeats_flow_while_training_runs_in_the_worker():
             release.wait(5)
             return LocalResult(np.zeros(4, np.float32), 1, {})
 
-    agent = Agent("site-a", Slow("site-a"))
+    agent = Agent("site-a", Slow("site-a"), policy=PLAIN_OK)
     link = Link(agent)
 
     async def go():
@@ -269,7 +275,7 @@ def test_health_probes_do_not_queue_behind_training_on_the_one_worker(monkeypatc
             return LocalResult(np.zeros(4, np.float32), 1, {})
 
     one = ThreadPoolExecutor(1)
-    agent = Agent("site-a", Slow("site-a"), executor=one, health=probe)
+    agent = Agent("site-a", Slow("site-a"), executor=one, health=probe, policy=PLAIN_OK)
     link = Link(agent)
 
     async def go():
@@ -312,7 +318,7 @@ SCAFFOLD_PLAN = PLAN.replace('name = "fedavg"', 'name = "scaffold"')
 
 @pytest.mark.parametrize("control", [None, np.zeros(3, np.float32)])
 def test_scaffold_task_without_a_fitting_server_control_is_refused(control):
-    agent = Agent("site-a", SyntheticTrainer("site-a"))
+    agent = Agent("site-a", SyntheticTrainer("site-a"), policy=PLAIN_OK)
     link = Link(agent)
     t = task(plan=SCAFFOLD_PLAN)
     t = m.TrainTask(**{**t.__dict__, "server_control": control})
@@ -323,7 +329,7 @@ def test_scaffold_task_without_a_fitting_server_control_is_refused(control):
 
 
 def test_scaffold_update_vector_carries_delta_y_and_clipped_delta_c():
-    agent = Agent("site-a", SyntheticTrainer("site-a", n_examples=10))
+    agent = Agent("site-a", SyntheticTrainer("site-a", n_examples=10), policy=PLAIN_OK)
     link = Link(agent)
     c = np.array([0.0, 1.0, -1.0, 0.5], np.float32)
     plan = SCAFFOLD_PLAN.replace("clip = 0.25", "clip = 0.1")
@@ -367,7 +373,7 @@ def test_a_newer_roster_from_the_coordinator_is_kept_an_older_or_foreign_one_ref
     at_enrolment = Roster.build({"site-a": me.public_bytes()}, console, serial=1)
     path.write_bytes(at_enrolment.to_bytes())
     agent = Agent("site-a", SyntheticTrainer("site-a"), identity=me, roster=at_enrolment,
-                  roster_key=console.public_bytes(), roster_path=path)
+                  roster_key=console.public_bytes(), roster_path=path, policy=PLAIN_OK)
     Link(agent)
     both = {"site-a": me.public_bytes(), "site-b": other.public_bytes()}
 
@@ -403,7 +409,8 @@ def test_a_newer_roster_that_cannot_be_kept_on_disk_is_still_taken(tmp_path, cap
     (tmp_path / "state").write_text("a file where the state directory should be")
     agent = Agent("site-a", SyntheticTrainer("site-a"), identity=me,
                   roster=Roster.build({"site-a": me.public_bytes()}, console, serial=1),
-                  roster_key=console.public_bytes(), roster_path=tmp_path / "state" / "r.json")
+                  roster_key=console.public_bytes(), roster_path=tmp_path / "state" / "r.json",
+     policy=PLAIN_OK)
     newer = Roster.build({"site-a": me.public_bytes(), "site-b": console.public_bytes()},
                          console, serial=2)
     with caplog.at_level(logging.ERROR, logger="fedge.agent"):

@@ -9,11 +9,15 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from fedge.agent.guard import PrivacyPolicy
 from fedge.agent.runtime import Agent
 from fedge.agent.trainer import SyntheticTrainer
 from fedge.coordinator.service import Coordinator
 from fedge.secagg.keys import Identity, Roster
 from fedge.wire import codec
+
+# these agents run plans with and without secure aggregation
+PLAIN_OK = PrivacyPolicy(require_secure_aggregation=False)
 
 
 class Clock:
@@ -44,7 +48,8 @@ class InProcFederation:
         for i, s in enumerate(sites):
             self.coord.enrol(s, f"{i:040d}", self.identities[s].public_bytes(), actor="test")
             a = Agent(s, SyntheticTrainer(s, n_examples=n_examples.get(s, 10 * (i + 1))),
-                      identity=self.identities[s], roster=roster, executor=self.pool)
+                      identity=self.identities[s], roster=roster, executor=self.pool,
+     policy=PLAIN_OK)
             a.send_frames = self._sender(s)
             self.agents[s] = a
 

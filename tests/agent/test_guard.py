@@ -1,0 +1,305 @@
+"""What an appliance refuses a coordinator, whatever it asks: real Agents, the real
+SecAgg+ ServerSession, real wire encoding. Each attack here gave a coordinator one
+hospital's exact update before the agent held the line (fedge.agent.guard)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedge.agent.guard import PrivacyPolicy, PrivacyPolicyError, RevealLog, update_digest
+from fedge.agent.process import AgentConfigError, load_config
+from fedge.agent.runtime import Agent
+from fedge.agent.trainer import SyntheticTrainer
+from fedge.coordinator.checkpoint import model_digest
+from fedge.coordinator.plan import parse_plan
+from fedge.coordinator.rounds import context_digest
+from fedge.coordinator.secure import secagg_config
+from fedge.secagg import RoundContext, ServerSession
+from fedge.secagg.errors import UpdateAlreadySummed
+from fedge.secagg.keys import Identity, Roster
+from fedge.wire import codec
+from fedge.wire import messages as m
+
+SECURE = """
+[job]
+dataset = "synthetic"
+rounds = 1
+min_clients = 2
+[model]
+name = "linear"
+[train]
+steps = 1
+batch_size = 1
+learning_rate = 0.5
+[strategy]
+name = "fedavg"
+[secagg]
+enabled = true
+clip = 0.25
+"""
+PLAIN = SECURE.replace("enabled = true", "enabled = false")
+SITES = ["site-a", "site-b", "site-c"]
+D = 8
+JOB, RND = "job1", 1
+SCALE = 0.0025
+
+
+class Fleet:
+    """Three enrolled agents and a coordinator played by the test."""
+
+    def __init__(self, policy: PrivacyPolicy | None = None, tmp: Path | None = None) -> None:
+        console = Identity.generate()
+        ids = {s: Identity.generate() for s in SITES}
+        self.roster = Roster.build({s: i.public_bytes() for s, i in ids.items()}, console,
+                                   serial=1)
+        self.inbox: list[tuple[str, object]] = []
+        self.agents: dict[str, Agent] = {}
+        for s in SITES:
+            log = RevealLog(tmp / s / "revealed.json") if tmp is not None else None
+            a = Agent(s, SyntheticTrainer(s), identity=ids[s], roster=self.roster,
+                      roster_key=console.public_bytes(), policy=policy, reveal_log=log)
+
+            async def send(frames, s=s):
+                body = codec.decode([bytes(f) for f in frames], max_bytes=1 << 24).body
+                self.inbox.append((s, body))
+
+            a.send_frames = send
+            self.agents[s] = a
+        self.weights = np.zeros(D, np.float32)
+
+    async def deliver(self, site: str, body: object) -> None:
+        frames = [bytes(f) for f in codec.encode(body, sender="coordinator", job=JOB,
+                                                  round=RND)]
+        await self.agents[site].handle_frames(frames)
+
+    def refusals(self) -> dict[str, str]:
+        return {s: b.reason for s, b in self.inbox if isinstance(b, m.TaskRefused)}
+
+    async def train(self, sites: list[str], task_id: str, plan: str = SECURE,
+                    weights: dict[str, np.ndarray] | None = None) -> None:
+        self.inbox.clear()
+        for s in sites:
+            w = self.weights if weights is None else weights[s]
+            await self.deliver(s, m.TrainTask(
+                task_id=task_id, plan=plan, weights=w,
+                model_digest=bytes.fromhex(model_digest(self.weights)), train_seed=42,
+                quant_seed=b"\x01" * 16))
+
+    async def aggregate(self, cohort: list[str], task_id: str,
+                        scales: dict[str, float] | None = None) -> np.ndarray | None:
+        """The coordinator's side of one secure aggregation; the unmasked total or None."""
+        self.inbox.clear()
+        plan = parse_plan(SECURE)
+        cfg = secagg_config(plan, len(cohort), D + 1)
+        bound = context_digest(bytes.fromhex(model_digest(self.weights)), SECURE, SCALE,
+                               cohort, None)
+        server = ServerSession(cfg, RoundContext(JOB, RND, bound), cohort, self.roster)
+        for s in cohort:
+            scale = SCALE if scales is None else scales[s]
+            await self.deliver(s, m.AggregateBegin(task_id=task_id, cohort=cohort,
+                                                   weight_scale=scale, secure=True,
+                                                   threshold=cfg.threshold))
+        out = server.start(0.0)
+        for _ in range(20):  # bounded: five stages
+            for site, msg in out:
+                await self.deliver(site, msg)
+            out = []
+            pending, self.inbox = [(s, b) for s, b in self.inbox if m.is_secagg(b)], [
+                (s, b) for s, b in self.inbox if not m.is_secagg(b)]
+            if not pending or server.done:
+                break
+            for site, body in pending:
+                out += server.receive(site, body, 0.0)
+        if not server.done:
+            server.tick(1e9)  # stage deadlines: whoever did not answer dropped out
+        return None if server.result is None else server.result.total
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_a_second_sum_of_the_same_update_over_fewer_sites_is_refused(tmp_path: Path) -> None:
+    fleet = Fleet(tmp=tmp_path)
+
+    async def attack():
+        await fleet.train(SITES, "t1")
+        first = await fleet.aggregate(SITES, "t1")
+        assert first is not None  # the honest sum
+        # the same task again without site-b: the difference would be site-b's update
+        second = await fleet.aggregate(["site-a", "site-c"], "t1")
+        return second, fleet.refusals()
+
+    second, refused = run(attack())
+    assert second is None
+    assert set(refused) == {"site-a", "site-c"}
+    assert all("UpdateAlreadySummed" in r and "already summed" in r for r in refused.values())
+
+
+def test_a_retrained_round_summed_over_other_survivors_is_refused_the_same_ones_may_retry(
+    tmp_path: Path,
+) -> None:
+    """The coordinator re-sends the round (deterministic training: the same update):
+    over other survivors it is refused; over the very same ones (a coordinator that
+    crashed after unmasking and retries) it gives the same sum again, nothing more."""
+    fleet = Fleet(tmp=tmp_path)
+
+    async def retries():
+        await fleet.train(SITES, "t1")
+        first = await fleet.aggregate(SITES, "t1")
+        await fleet.train(["site-a", "site-c"], "t2")
+        fewer = await fleet.aggregate(["site-a", "site-c"], "t2")
+        refused = fleet.refusals()
+        await fleet.train(SITES, "t3")
+        same = await fleet.aggregate(SITES, "t3")
+        return first, fewer, refused, same
+
+    first, fewer, refused, same = run(retries())
+    assert fewer is None and set(refused) == {"site-a", "site-c"}
+    assert first is not None and same is not None
+    np.testing.assert_array_equal(first, same)
+
+
+def test_the_record_survives_an_agent_restart(tmp_path: Path) -> None:
+    fleet = Fleet(tmp=tmp_path)
+    run(fleet.train(SITES, "t1"))
+    assert run(fleet.aggregate(SITES, "t1")) is not None
+    restarted = Fleet(tmp=tmp_path)  # same state dirs, fresh processes (and fresh keys)
+    restarted.roster = fleet.roster
+    for s, a in restarted.agents.items():
+        a.identity, a.roster = fleet.agents[s].identity, fleet.roster
+
+    async def again():
+        await restarted.train(["site-a", "site-c"], "t2")
+        return await restarted.aggregate(["site-a", "site-c"], "t2"), restarted.refusals()
+
+    total, refused = run(again())
+    assert total is None and set(refused) == {"site-a", "site-c"}
+
+
+def test_a_plain_aggregation_is_refused_when_the_plan_enables_secure_aggregation() -> None:
+    fleet = Fleet(policy=PrivacyPolicy(require_secure_aggregation=False))
+
+    async def downgrade():
+        await fleet.train(["site-a"], "t1")
+        fleet.inbox.clear()
+        await fleet.deliver("site-a", m.AggregateBegin(task_id="t1", cohort=SITES,
+                                                       weight_scale=SCALE, secure=False,
+                                                       threshold=2))
+        return fleet.inbox
+
+    sent = run(downgrade())
+    assert not [b for _, b in sent if isinstance(b, m.PlainUpdate)]
+    [(_, refusal)] = sent
+    assert isinstance(refusal, m.TaskRefused) and "plain (unmasked)" in refusal.reason
+
+
+def test_by_default_a_plan_without_secure_aggregation_is_refused() -> None:
+    fleet = Fleet()  # the default policy: what agent.toml gives without [privacy]
+
+    async def plain():
+        await fleet.train(["site-a"], "t1", plan=PLAIN)
+        return fleet.refusals()
+
+    assert "require_secure_aggregation" in run(plain())["site-a"]
+    allowed = Fleet(policy=PrivacyPolicy(require_secure_aggregation=False))
+    run(allowed.train(["site-a"], "t1", plan=PLAIN))
+    assert [b for _, b in allowed.inbox if isinstance(b, m.TrainDone)]
+
+
+def test_a_zero_weight_scale_or_a_cohort_below_the_sites_minimum_is_refused() -> None:
+    fleet = Fleet(policy=PrivacyPolicy(min_cohort=3))
+
+    async def ask(cohort, scale):
+        await fleet.train(["site-a"], "t1")
+        fleet.inbox.clear()
+        await fleet.deliver("site-a", m.AggregateBegin(task_id="t1", cohort=cohort,
+                                                       weight_scale=scale, secure=True,
+                                                       threshold=2))
+        return fleet.refusals().get("site-a", "")
+
+    assert "min_cohort 3" in run(ask(["site-a", "site-b"], SCALE))
+    assert "weight_scale 0.0" in run(ask(SITES, 0.0))
+    assert "weight_scale nan" in run(ask(SITES, float("nan")))
+
+
+def test_a_weight_scale_that_differs_between_sites_gives_noise_not_one_sites_update() -> None:
+    """Weight 0 for all but site-a would make the sum site-a's update; the scale is
+    part of the masks' context, so sites given different scales do not cancel."""
+    fleet = Fleet()
+
+    async def isolate():
+        await fleet.train(SITES, "t1")
+        return await fleet.aggregate(SITES, "t1", scales={"site-a": SCALE, "site-b": 1e-9,
+                                                          "site-c": 1e-9})
+
+    assert run(isolate()) is None
+    refused = fleet.refusals()
+    assert set(refused) == set(SITES)  # keyed for another context: nothing opens
+    assert all(r.startswith("TamperedShare") for r in refused.values())
+
+
+def test_a_task_whose_model_digest_is_not_its_weights_is_refused() -> None:
+    """Different models to different sites under one digest: each site checks."""
+    fleet = Fleet()
+    other = np.full(D, 0.3, np.float32)
+    run(fleet.train(["site-a"], "t1", weights={"site-a": other}))
+    assert "model digest does not match" in fleet.refusals()["site-a"]
+
+
+def test_dp_fedavg_noise_drawn_for_a_larger_cohort_is_withheld() -> None:
+    fleet = Fleet()
+    plan = SECURE + "[privacy.client_dp]\nclip_norm = 1.0\nnoise_multiplier = 0.5\n" \
+                    "cohort_size = 10\n"
+
+    async def ask():
+        await fleet.train(["site-a"], "t1", plan=plan)
+        assert [b for _, b in fleet.inbox if isinstance(b, m.TrainDone)], fleet.inbox
+        fleet.inbox.clear()
+        await fleet.deliver("site-a", m.AggregateBegin(task_id="t1", cohort=SITES,
+                                                       weight_scale=SCALE, secure=True,
+                                                       threshold=2))
+        return fleet.refusals()["site-a"]
+
+    assert "cohort of 10" in run(ask())
+
+
+def test_reveal_log_on_disk_refuses_another_set_and_sets_a_corrupt_file_aside(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "secagg" / "revealed.json"
+    digest = update_digest(np.ones(3, np.float32), None, 7)
+    log = RevealLog(path)
+    log.check_and_record(digest, ["b", "a"])
+    log.check_and_record(digest, ["a", "b"])  # the same set, in any order
+    assert path.stat().st_mode & 0o777 == 0o600
+    with pytest.raises(UpdateAlreadySummed):
+        RevealLog(path).check_and_record(digest, ["a"])
+    other = update_digest(np.ones(3, np.float32), None, 8)  # another update: its own record
+    RevealLog(path).check_and_record(other, ["a"])
+    path.write_text("{not json")
+    fresh = RevealLog(path)
+    assert (tmp_path / "secagg" / "revealed.json.corrupt").exists()
+    fresh.check_and_record(digest, ["a"])
+    assert json.loads(path.read_text())["entries"][0]["survivors"] == ["a"]
+
+
+def test_agent_config_privacy_table(tmp_path: Path) -> None:
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text("[privacy]\nmin_cohort = 4\n")
+    assert load_config(cfg).policy == PrivacyPolicy(min_cohort=4)
+    cfg.write_text("")
+    assert load_config(cfg).policy.require_secure_aggregation is True
+    for bad, why in (("min_cohort = 1", "must be an integer >= 2"),
+                     ("require_secure_aggregation = 'yes'", "true or false"),
+                     ("min_clients = 3", "unknown")):
+        cfg.write_text(f"[privacy]\n{bad}\n")
+        with pytest.raises(AgentConfigError, match=why):
+            load_config(cfg)
+    with pytest.raises(PrivacyPolicyError):
+        PrivacyPolicy.from_config([])  # type: ignore[arg-type]

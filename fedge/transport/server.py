@@ -131,6 +131,10 @@ class ServerSocket:
 
     ``allowed``: enrolled client public keys (Z85).  ``on_refused(Refusal)`` and
     ``on_peer_lost(Peer)`` are called from the event loop; keep them quick.
+    ``on_superseded(old, new)``: a key connected again while its older connection
+    was still open (the older one is shut). An agent replacing its socket does
+    this now and then; two machines holding one appliance's keys (a copied
+    enrolment) do it over and over, from two addresses.
     ``max_message_bytes`` (see :func:`message_limit_for_model`) bounds a
     whole message, all frames together (as ``fedge.wire.decode`` does): a peer
     sending a larger frame is disconnected by libzmq (ZMQ_MAXMSGSIZE); one
@@ -154,6 +158,7 @@ class ServerSocket:
         allowed: Iterable[str | bytes] = (),
         on_refused: Callable[[Refusal], None] | None = None,
         on_peer_lost: Callable[[Peer], None] | None = None,
+        on_superseded: Callable[[Peer, Peer], None] | None = None,
         heartbeat: HeartbeatConfig | None = None,
         max_message_bytes: int | None = None,
         zap_domain: str = "fedge",
@@ -169,6 +174,7 @@ class ServerSocket:
         self._revoked: set[str] = set()
         self.on_refused = on_refused
         self.on_peer_lost = on_peer_lost
+        self.on_superseded = on_superseded
         self.heartbeat = heartbeat or HeartbeatConfig()
         self._max_message_bytes = check_max_message_bytes(max_message_bytes)
         self.zap_domain = zap_domain
@@ -431,9 +437,15 @@ class ServerSocket:
             if old is not None and old != rid and old in self._peers:
                 # One appliance, one connection: the newest wins (an agent that
                 # made a fresh socket); an older one still open is shut.
-                log.warning("key %s... connected again; closing its older connection",
-                            key[:8])
-                self.disconnect(self._peers[old].peer)
+                previous = self._peers[old].peer
+                log.warning("key %s... connected again from %s; closing its older "
+                            "connection from %s", key[:8], address, previous.address)
+                self.disconnect(previous)
+                if self.on_superseded is not None:
+                    try:
+                        self.on_superseded(previous, st.peer)
+                    except Exception:  # a hook's failure must not drop the connection
+                        log.exception("on_superseded hook failed")
             self._peers[rid] = st
             self._by_key[key] = rid
         elif st.peer.public_key not in self._allowed:

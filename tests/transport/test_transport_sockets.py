@@ -58,10 +58,12 @@ class Harness:
         self.server_keys = CurveKeyPair.generate()
         self.refusals: list[Refusal] = []
         self.lost: list[Peer] = []
+        self.superseded: list[tuple[Peer, Peer]] = []
         self.server = ServerSocket(
             self.server_keys,
             on_refused=self.refusals.append,
             on_peer_lost=self.lost.append,
+            on_superseded=lambda old, new: self.superseded.append((old, new)),
             heartbeat=server_kw.pop("heartbeat", FAST_HB),
             **server_kw,
         )
@@ -611,6 +613,11 @@ def test_a_key_connecting_again_supersedes_its_older_connection() -> None:
             new, _ = h.client(agent)  # the same appliance with a fresh socket
             await new.wait_connected(5)
             await wait_until(lambda: any(e.kind == "disconnected" for e in old_events))
+            await wait_until(lambda: h.superseded)
+            old_peer, new_peer = h.superseded[0]  # reported: who was shut, who took over
+            assert old_peer.routing_id == first.routing_id != new_peer.routing_id
+            assert old_peer.public_key == new_peer.public_key == agent.public
+            assert old_peer.address == new_peer.address == "127.0.0.1"
             await old.close()
             await wait_until(lambda: [p.routing_id for p in h.server.peers()] not in
                              ([], [first.routing_id]))

@@ -15,6 +15,7 @@ import importlib
 import logging
 import os
 import signal
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any
 
 from fedge.coordinator import checkpoint as ck
 from fedge.coordinator.config import CoordinatorConfig
-from fedge.coordinator.service import Coordinator
+from fedge.coordinator.service import FINISH_RETRY_S, Coordinator
 
 log = logging.getLogger("fedge.coordinator")
 
@@ -155,6 +156,7 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
     max_bytes = coord.max_message_bytes
     kill_at = os.environ.get(KILL_AT_ENV, "")
     preparing: asyncio.Future[None] | None = None
+    tick_failed_at = float("-inf")
     try:
         while not stop.is_set():
             # Take what has arrived (up to a batch), then tick once: with hundreds of
@@ -184,7 +186,16 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
                                   exc_info=preparing.exception())
                     preparing = None
             else:
-                coord.tick()
+                try:
+                    coord.tick()
+                except (OSError, sqlite3.OperationalError) as exc:
+                    # a full disk (SQLITE_FULL, ENOSPC) fails this tick's writes; the
+                    # next tick retries them. A corrupt database is no OperationalError:
+                    # it ends the process (fedge.coordinator.cli says so in one line).
+                    if time.monotonic() - tick_failed_at >= FINISH_RETRY_S:
+                        tick_failed_at = time.monotonic()
+                        log.error("coordinator tick failed, retried every tick (next report "
+                                  "in %g s): %s: %s", FINISH_RETRY_S, type(exc).__name__, exc)
             if kill_at:
                 _maybe_die(coord, kill_at)
             if coord.max_message_bytes != max_bytes:

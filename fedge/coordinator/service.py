@@ -132,6 +132,11 @@ class JobRunner:
         # every FINISH_RETRY_S, never followed by a round past plan.rounds.
         self.finish_failed_at = float("-inf")
         self.finish_error = ""
+        # When committing the finished round (its checkpoint, its SQLite row) last
+        # failed (disk full): the round is kept, not trained again, and the commit is
+        # retried every FINISH_RETRY_S.
+        self.commit_failed_at = float("-inf")
+        self.commit_error = ""
         # The fleet as the last cohort offer saw it (job_status explains a wait with it).
         self.selection: Selection | None = None
 
@@ -146,8 +151,11 @@ class JobRunner:
             strategy=Strategy(self.plan.strategy, state), started_at=now,
             aggregation_factory=self.coord.aggregation_factory(self.plan),
         )
-        self.coord.store.audit(SYSTEM, "round_started",
-                               {"job": self.job_id, "round": self.round.round})
+        try:
+            self.coord.store.audit(SYSTEM, "round_started",
+                                   {"job": self.job_id, "round": self.round.round})
+        except (StoreError, sqlite3.Error) as exc:  # a full disk: the round runs unrecorded
+            self.coord._not_audited(f"round_started of job {self.job_id}", exc)
         return self.round
 
 
@@ -189,6 +197,7 @@ class Coordinator:
                                        every_s=REFUSAL_SUMMARY_S, max_keys=REFUSAL_KEYS)
         self._rejections = AuditThrottle(self.store.audit, verb="rejected",
                                          every_s=REFUSAL_SUMMARY_S, max_keys=REFUSAL_KEYS)
+        self._audit_failed_at = float("-inf")  # when an audit row last failed (_not_audited)
         # Called with the new allow-list whenever enrolment changes (transport hook).
         self.on_allow_list: Callable[[set[str]], None] = lambda keys: None
         # Called with a site whose connection must be dropped at once (revocation).
@@ -251,6 +260,9 @@ class Coordinator:
                     "min_clients": self.runner.plan.min_clients, "excluded": first,
                     "more_excluded": len(sel.excluded) - len(first),
                     "summary": self.runner.round.waiting_for}
+        if self.runner is not None and self.runner.job_id == job_id \
+                and self.runner.commit_error:
+            d["commit_error"] = self.runner.commit_error  # the round is done, not committed
         if self.runner is not None and self.runner.job_id == job_id and self.runner.finished:
             d["phase"] = "finishing"  # all rounds committed; final checkpoint not yet written
             if self.runner.finish_error:
@@ -324,9 +336,12 @@ class Coordinator:
         REFUSAL_SUMMARY_S saying how many more times it was refused
         (fedge.coordinator.auditlimit).
         """
-        self._refusals.event((curve_public_z85, reason), "transport", "connection_refused",
-                             {"curve_public": curve_public_z85, "reason": reason},
-                             self.clock())
+        try:
+            self._refusals.event((curve_public_z85, reason), "transport", "connection_refused",
+                                 {"curve_public": curve_public_z85, "reason": reason},
+                                 self.clock())
+        except (StoreError, sqlite3.Error) as exc:  # a full disk must not stop the transport
+            self._not_audited(f"connection_refused of {curve_public_z85}", exc)
 
     def handle_frames(self, site: str, frames: Sequence[Any]) -> None:
         """One multipart message from the authenticated ``site``.
@@ -469,9 +484,23 @@ class Coordinator:
         # kind of malformation is audited once in full; replays etc. have one kind each
         head, sep, _ = reason[:80].partition(":")
         kind = head if sep else ""
-        if self._rejections.event((site, action, kind), site, action, reason, self.clock()):
-            log.warning("rejected message from %s: %s", site, reason)
+        try:
+            if self._rejections.event((site, action, kind), site, action, reason,
+                                      self.clock()):
+                log.warning("rejected message from %s: %s", site, reason)
+        except (StoreError, sqlite3.Error) as exc:  # a full disk: the answer still goes
+            self._not_audited(f"{action} of a message from {site}", exc)
         self.outbox.append(Outgoing(site, m.Rejected(reason)))
+
+    def _not_audited(self, what: str, exc: Exception) -> None:
+        """An audit row the database cannot take now (disk full): logged, at most once
+        per FINISH_RETRY_S, never raised. The event itself goes on; its record is what
+        a full disk costs."""
+        now = self.clock()
+        if now - self._audit_failed_at >= FINISH_RETRY_S:
+            self._audit_failed_at = now
+            log.error("%s not audited (audit rows failing; next report in %g s): %s: %s",
+                      what, FINISH_RETRY_S, type(exc).__name__, exc)
 
     # -- driving --------------------------------------------------------------------
 
@@ -488,7 +517,10 @@ class Coordinator:
         now = self.clock()
         for throttle in (self._refusals, self._rejections):
             if throttle.pending:
-                throttle.flush(now)
+                try:
+                    throttle.flush(now)
+                except (StoreError, sqlite3.Error) as exc:  # counted; flushed when it can be
+                    self._not_audited(f"a summary of {throttle.verb} events", exc)
         if self.runner is None:
             self._start_next_job(now)
             if self.runner is None:
@@ -502,6 +534,9 @@ class Coordinator:
             runner.new_round(now)
         rnd = runner.round
         assert rnd is not None
+        if rnd.finished:  # done but its commit failed (disk full): retried, not trained
+            self._after(now)
+            return
         for site in rnd.participants:
             if not self._connected(site, now):
                 self._emit(rnd, rnd.lost(site, now))
@@ -521,7 +556,8 @@ class Coordinator:
             return
         rnd = runner.round
         if rnd.phase is Phase.DONE:
-            self._commit(runner, rnd)
+            if now - runner.commit_failed_at >= FINISH_RETRY_S:
+                self._commit(runner, rnd, now)
         else:
             attempts = self.store.fail_round(rnd.job_id, rnd.round, started_at=rnd.started_at,
                                              cohort=rnd.cohort, reason=rnd.failure)
@@ -534,16 +570,43 @@ class Coordinator:
                     error=f"round {rnd.round} failed {attempts} times; last: {rnd.failure}")
                 self.runner = None
 
-    def _commit(self, runner: JobRunner, rnd: Round) -> None:
+    def _commit(self, runner: JobRunner, rnd: Round, now: float) -> None:
+        """Commit a DONE round: its checkpoint, then its SQLite row (module docstring).
+
+        A round that cannot be written (disk full, I/O error) is not lost and not
+        trained again: it stays the runner's DONE round, the failure is logged and
+        audited (best effort: the audit may not fit on the disk either) as
+        ``round_commit_failed``, and :meth:`tick` tries the commit again every
+        FINISH_RETRY_S. A coordinator restarted meanwhile retrains the round.
+        """
         assert rnd.new_weights is not None
         rows = rnd.metric_rows()
         summary = {f"{split}/{name}": v for site, split, name, v, _ in rows if site == "*"}
         ckpt = ck.Checkpoint(weights=rnd.new_weights, round=rnd.round, plan=runner.plan.text,
                              strategy_state=rnd.strategy.state, metrics=summary)
-        digest = ck.save_checkpoint(ck.round_path(self.state_dir, runner.job_id, rnd.round), ckpt)
-        self.store.commit_round(runner.job_id, rnd.round, started_at=rnd.started_at,
-                                cohort=rnd.cohort, survivors=rnd.survivors, dropped=rnd.dropped,
-                                model_digest=digest, metrics=rows)
+        path = ck.round_path(self.state_dir, runner.job_id, rnd.round)
+        try:
+            digest = ck.save_checkpoint(path, ckpt)
+            self.store.commit_round(runner.job_id, rnd.round, started_at=rnd.started_at,
+                                    cohort=rnd.cohort, survivors=rnd.survivors,
+                                    dropped=rnd.dropped, model_digest=digest, metrics=rows)
+        except (OSError, sqlite3.Error) as exc:
+            what = (f"cannot write {path}" if isinstance(exc, OSError)
+                    else f"cannot write database {self.store.path}")
+            error = f"{what}: {type(exc).__name__}: {exc}"
+            log.error("job %s round %d not committed (retried in %g s): %s", runner.job_id,
+                      rnd.round, FINISH_RETRY_S, error)
+            runner.commit_failed_at = now
+            runner.commit_error = error
+            try:
+                self.store.audit(SYSTEM, "round_commit_failed",
+                                 {"job": runner.job_id, "round": rnd.round,
+                                  "error": error[:500]})
+            except (StoreError, sqlite3.Error) as audit_exc:
+                self._not_audited(f"round_commit_failed of job {runner.job_id}", audit_exc)
+            return
+        runner.commit_failed_at = float("-inf")
+        runner.commit_error = ""
         marks = [*rnd.phase_log, ("committed", self.clock())]
         phases = ", ".join(f"{a} {t1 - t0:.2f} s" for (a, t0), (_, t1)
                            in itertools.pairwise(marks))

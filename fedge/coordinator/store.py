@@ -254,9 +254,19 @@ class Store:
             try:
                 yield self._conn
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                # SQLite rolls back by itself after some errors (SQLITE_FULL, IOERR):
+                # a second ROLLBACK would raise and hide the error that matters
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
                 raise
-            self._conn.execute("COMMIT")
+            try:
+                self._conn.execute("COMMIT")
+            except BaseException:
+                # a COMMIT that failed (disk full) may leave the transaction open, and
+                # every later BEGIN would then fail: end it, so a retry starts clean
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise
 
     def schema_version(self) -> int:
         with self._lock:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,7 @@ def _run(args: argparse.Namespace) -> int:
     if cfg is None:
         return 2
     from fedge.coordinator import process
-    from fedge.coordinator.store import StoreError
+    from fedge.coordinator.store import StoreError, database_error
     from fedge.systemd import setup_logging
 
     setup_logging("fedge-coordinator")
@@ -71,7 +72,11 @@ def _run(args: argparse.Namespace) -> int:
     except StoreError as exc:
         print(f"fedge coordinator: {exc}", file=sys.stderr)
         return 2
-    return process.run(cfg, coordinator=coord)
+    try:
+        return process.run(cfg, coordinator=coord)
+    except sqlite3.DatabaseError as exc:  # damaged while running: one line, as at start
+        print(f"fedge coordinator: {database_error(coord.store.path, exc)}", file=sys.stderr)
+        return 2
 
 
 def _open_store(cfg: Any, command: str) -> Any:
@@ -102,11 +107,16 @@ def _submit(args: argparse.Namespace) -> int:
     import time
 
     job_id = f"job-{time.strftime('%Y%m%d%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
+    from fedge.coordinator.store import database_error
+
     store = _open_store(cfg, "submit")
     if store is None:
         return 2
     try:
         store.create_job(job_id, text, actor=args.actor)
+    except sqlite3.DatabaseError as exc:
+        print(f"fedge coordinator submit: {database_error(store.path, exc)}", file=sys.stderr)
+        return 2
     finally:
         store.close()
     print(job_id)
@@ -117,7 +127,7 @@ def _enrol(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if cfg is None:
         return 2
-    from fedge.coordinator.store import StoreError
+    from fedge.coordinator.store import StoreError, database_error
 
     store = _open_store(cfg, "enrol")
     if store is None:
@@ -125,6 +135,9 @@ def _enrol(args: argparse.Namespace) -> int:
     try:
         store.enrol(args.site, args.curve_public, bytes.fromhex(args.ed25519_public),
                     actor=args.actor)
+    except sqlite3.DatabaseError as exc:
+        print(f"fedge coordinator enrol: {database_error(store.path, exc)}", file=sys.stderr)
+        return 2
     except (StoreError, ValueError) as exc:
         print(f"fedge coordinator enrol: {exc}", file=sys.stderr)
         return 2
@@ -138,7 +151,7 @@ def _status(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if cfg is None:
         return 2
-    from fedge.coordinator.store import StoreError
+    from fedge.coordinator.store import StoreError, database_error
 
     store = _open_store(cfg, "status")
     if store is None:
@@ -153,6 +166,9 @@ def _status(args: argparse.Namespace) -> int:
                    "jobs": [j.to_dict() for j in store.jobs()]}
     except StoreError as exc:
         print(f"fedge coordinator status: {exc}", file=sys.stderr)
+        return 2
+    except sqlite3.DatabaseError as exc:
+        print(f"fedge coordinator status: {database_error(store.path, exc)}", file=sys.stderr)
         return 2
     finally:
         store.close()

@@ -117,6 +117,23 @@ class StoreError(Exception):
     """A request the registry cannot satisfy (unknown site, duplicate key, ...)."""
 
 
+CORRUPT_HINT = "restore it from a backup, or move it aside to start empty"
+
+
+def is_corrupt(exc: sqlite3.Error) -> bool:
+    """Whether SQLite says the database file is damaged (not a database, malformed)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
+def database_error(path: Path, exc: sqlite3.Error) -> str:
+    """One line naming the database file and what SQLite said about it; for a corrupt
+    one, also what the operator can do."""
+    if is_corrupt(exc):
+        return f"database {path} is corrupt: {exc} ({CORRUPT_HINT})"
+    return f"database {path}: {type(exc).__name__}: {exc}"
+
+
 @dataclass(frozen=True)
 class Appliance:
     site_id: str
@@ -188,8 +205,9 @@ class Store:
 
     Raises:
         StoreError: on opening a database whose schema version is newer than
-            this code's, one that is not an SQLite database (corrupt), or one
-            another process holds locked for longer than OPEN_BUSY_TIMEOUT_S.
+            this code's, one that is not an SQLite database or fails SQLite's
+            ``quick_check`` (corrupt), or one another process holds locked for
+            longer than OPEN_BUSY_TIMEOUT_S.
     """
 
     def __init__(self, state_dir: str | Path, *, clock: Any = time.time) -> None:
@@ -218,15 +236,22 @@ class Store:
                     f"{OPEN_BUSY_TIMEOUT_S:.0f} s): another coordinator on the same state "
                     f"dir, or a command still writing to it? ({exc})")
         reason = f"cannot open database {self.path}: {exc}"
-        if getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_NOTADB,
-                                                      sqlite3.SQLITE_CORRUPT):
-            reason += " (corrupt: restore it from a backup, or move it aside to start empty)"
+        if is_corrupt(exc):
+            reason += f" (corrupt: {CORRUPT_HINT})"
         return reason
 
     def _open(self) -> None:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute("PRAGMA foreign_keys=ON")
+        # A damaged page past the header opens fine and fails only the queries that
+        # touch it, as a traceback deep in a command: check every page once, here.
+        problems = [str(r[0]) for r in self._conn.execute("PRAGMA quick_check").fetchall()]
+        if problems != ["ok"]:
+            first = " ".join(problems[0].split())  # SQLite's report spans lines
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise StoreError(f"cannot open database {self.path}: quick_check found {first}"
+                             f"{more} (corrupt: {CORRUPT_HINT})")
         # executescript commits implicitly, so run it outside our BEGIN.
         with self._lock:
             self._conn.executescript(_SCHEMA)

@@ -198,6 +198,8 @@ class Coordinator:
         self._rejections = AuditThrottle(self.store.audit, verb="rejected",
                                          every_s=REFUSAL_SUMMARY_S, max_keys=REFUSAL_KEYS)
         self._audit_failed_at = float("-inf")  # when an audit row last failed (_not_audited)
+        # (job, error, when) of the last start of a job that failed on its checkpoint
+        self._resume_failure: tuple[str, str, float] | None = None
         # Called with the new allow-list whenever enrolment changes (transport hook).
         self.on_allow_list: Callable[[set[str]], None] = lambda keys: None
         # Called with a site whose connection must be dropped at once (revocation).
@@ -267,6 +269,8 @@ class Coordinator:
             d["phase"] = "finishing"  # all rounds committed; final checkpoint not yet written
             if self.runner.finish_error:
                 d["finish_error"] = self.runner.finish_error
+        if self._resume_failure is not None and self._resume_failure[0] == job_id:
+            d["resume_error"] = self._resume_failure[1]  # retried every FINISH_RETRY_S
         final = ck.final_path(self.state_dir, job_id)
         d["final_checkpoint"] = str(final) if final.exists() else ""
         d["results"] = ck.results(self.state_dir, job_id)
@@ -655,10 +659,25 @@ class Coordinator:
         self.on_job_completed(runner.job_id)
 
     def _start_next_job(self, now: float) -> None:
+        """Start (or resume from its last committed round) the oldest running, else
+        queued, job.
+
+        A plan that does not parse fails the job. A checkpoint that cannot be read
+        (truncated or bit-flipped by a crash, unreadable for a moment, restored
+        from a backup later) does not: the job stays as it is, the error is logged
+        and audited as ``job_resume_failed`` (once per distinct error), shown in
+        job_status as ``resume_error``, and the start is tried again every
+        FINISH_RETRY_S, so putting the file back resumes the job. Until then the
+        jobs queued behind it wait; cancelling it lets them run.
+        """
         jobs = self.store.jobs(status="running") or self.store.jobs(status="queued")
         if not jobs:
             return
         job = jobs[0]
+        failure = self._resume_failure
+        if failure is not None and failure[0] == job.job_id \
+                and now - failure[2] < FINISH_RETRY_S:
+            return
         last: ck.Checkpoint | None = None
         try:
             plan = parse_plan(job.plan_toml)
@@ -672,9 +691,16 @@ class Coordinator:
                 last = c
                 strategy = Strategy(plan.strategy, {k: v.copy()
                                                     for k, v in c.strategy_state.items()})
-        except (PlanError, ck.CheckpointError) as exc:
+        except PlanError as exc:
+            log.error("job %s failed: %s", job.job_id, exc)
             self.store.set_job_status(job.job_id, "failed", actor=SYSTEM, error=str(exc))
             return
+        except ck.CheckpointError as exc:
+            self._cannot_resume(job.job_id, job.committed_round, str(exc), now)
+            return
+        if failure is not None and failure[0] == job.job_id:
+            log.info("job %s: its checkpoint reads again; resuming", job.job_id)
+        self._resume_failure = None
         if job.status == "queued":
             self.store.set_job_status(job.job_id, "running", actor=SYSTEM)
         else:
@@ -689,6 +715,20 @@ class Coordinator:
             # completed: finish it, do not train round plan.rounds + 1
             self.runner.last_checkpoint = last
             self._finish_job(self.runner, now)
+
+    def _cannot_resume(self, job_id: str, committed: int, error: str, now: float) -> None:
+        failure = self._resume_failure
+        new = failure is None or failure[:2] != (job_id, error)
+        self._resume_failure = (job_id, error, now)
+        if not new:
+            return
+        log.error("job %s cannot start from round %d (its status is kept; retried every "
+                  "%g s): %s", job_id, committed, FINISH_RETRY_S, error)
+        try:
+            self.store.audit(SYSTEM, "job_resume_failed",
+                             {"job": job_id, "round": committed, "error": error[:500]})
+        except (StoreError, sqlite3.Error) as exc:
+            self._not_audited(f"job_resume_failed of job {job_id}", exc)
 
     def _round0(self, job_id: str, plan: Plan) -> np.ndarray:
         path = ck.round_path(self.state_dir, job_id, 0)

@@ -201,3 +201,62 @@ def test_the_coordinator_process_survives_ticks_that_cannot_write(tmp_path, capl
     assert (code, while_full, after) == (0, "queued", "running")
     failed = [r.getMessage() for r in caplog.records if "tick failed" in r.getMessage()]
     assert len(failed) == 1 and "database or disk is full" in failed[0]
+
+
+def restarted(fed):
+    """A new coordinator process on the same state directory (the old one is gone)."""
+    from fedge.coordinator.service import Coordinator
+
+    old = fed.coord
+    fed.coord = Coordinator(old.state_dir, roster=old.roster,
+                            roster_public_key=old.roster_public_key, heartbeat_timeout_s=30.0,
+                            initial_weights=old.initial_weights, clock=fed.clock)
+    old.close()
+    return fed.coord
+
+
+def test_a_checkpoint_unreadable_at_restart_keeps_the_job_and_resumes_once_restored(
+        federation, caplog):
+    """The last committed round's checkpoint is truncated when the coordinator
+    restarts: the job is not failed for good. The error is logged naming the file and
+    audited, once; the job stays running at its round, is retried, and resumes (no
+    round lost, none trained twice) once the file is restored."""
+    fed = federation(["a", "b"])
+    job = fed.coord.submit_job(PLAN, actor="test")
+
+    async def go():
+        await fed.heartbeats()
+        await fed.pump(until=lambda: fed.coord.store.job(job).committed_round == 2)
+    asyncio.run(go())
+    path = ck.round_path(fed.coord.state_dir, job, 2)
+    good = path.read_bytes()
+    path.write_bytes(good[:500])
+    coord = restarted(fed)
+    t0 = fed.clock.t
+
+    async def broken():
+        await fed.heartbeats()
+        await fed.pump(until=lambda: fed.clock.t > t0 + 35, advance=1.0)  # 3 retries
+
+    with caplog.at_level(logging.ERROR, logger="fedge.coordinator"):
+        asyncio.run(broken())
+    j = coord.store.job(job)
+    assert (j.status, j.committed_round, j.error) == ("running", 2, "")
+    assert coord.runner is None and rounds_started(coord, job) == [1, 2]
+    logged = [r.getMessage() for r in caplog.records if "cannot start" in r.getMessage()]
+    assert len(logged) == 1 and str(path) in logged[0] and "from round 2" in logged[0]
+    [audited] = coord.store.audit_log(action="job_resume_failed")
+    assert str(path) in json.loads(audited["detail"])["error"]
+    assert str(path) in coord.job_status(job)["resume_error"]
+    assert coord.store.audit_log(action="job_failed") == []
+
+    path.write_bytes(good)  # restored from a backup
+
+    async def again():
+        await fed.heartbeats()
+        await fed.pump(until=lambda: coord.store.job(job).status == "completed", advance=1.0)
+    asyncio.run(again())
+    assert committed(coord, job) == [(1, 1, "committed"), (2, 1, "committed"),
+                                     (3, 1, "committed")]
+    assert rounds_started(coord, job) == [1, 2, 3]
+    assert "resume_error" not in coord.job_status(job)

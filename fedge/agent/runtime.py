@@ -347,6 +347,17 @@ class Agent:
                 self._set_busy("")
                 await self._refuse(job, rnd, m.TASK_TRAIN, str(exc), t.task_id)
             return
+        except Exception as exc:  # unforeseen: answer anyway, or the round waits train_s
+            log.exception("%s: local training for %s/%d failed", self.site, job, rnd)
+            if self.task is task:
+                self.task = None
+                self._set_busy("")
+                # the details stay in this site's journal; the coordinator gets the kind
+                await self._refuse(job, rnd, m.TASK_TRAIN,
+                                   f"local training failed: internal error "
+                                   f"({type(exc).__name__}; see the site's journal)",
+                                   t.task_id)
+            return
         if self.task is not task:  # superseded or aborted while training
             return
         if plan.scaffold and (result.delta_control is None

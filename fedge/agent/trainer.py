@@ -150,7 +150,8 @@ class TorchTrainer:
         c_i at the start of the round (None: zeros). The agent owns c_i, so a retried
         round starts from the same c_i.
 
-        Raises: TaskRefusal: missing data set, or a plan this site cannot run.
+        Raises: TaskRefusal: missing data set, a plan this site cannot run, or a DP
+        round whose privacy ledger cannot be saved (the update is withheld).
         """
         from fedge.train.api import ClientState, ModelSpec, TrainConfig, local_train
 
@@ -185,7 +186,11 @@ class TorchTrainer:
                      ", ".join(f"{k}={v:.4g}" for k, v in sorted(out.local_metrics.items())))
         if self._ledger_path is not None and out.epsilon is not None:
             with self._lock:
-                self._ledger.save(self._ledger_path)
+                try:
+                    self._ledger.save(self._ledger_path)
+                except OSError as exc:  # disk full: no update leaves without its record
+                    raise TaskRefusal(f"privacy ledger {self._ledger_path} cannot be saved: "
+                                      f"{exc}; the update is withheld") from exc
         return LocalResult(np.ascontiguousarray(out.weights, dtype=np.float32), out.n_examples,
                            {k: float(v) for k, v in out.metrics.items()},
                            float(out.epsilon or 0.0), out.extra.get("scaffold_delta_c"))

@@ -149,6 +149,29 @@ def test_trainer_refusal_is_forwarded():
     assert link.bodies(m.TaskRefused)[0].reason == "privacy budget exhausted"
 
 
+def test_an_unforeseen_training_error_is_answered_and_the_agent_is_free_again(caplog):
+    """Training fails with an error no code path names (here an OSError): the site
+    answers TaskRefused at once, rather than leaving the round to wait its training
+    deadline, keeps the details in its own journal, and takes the next task."""
+    class Failing(SyntheticTrainer):
+        def train(self, *a, **k):
+            open("/nonexistent/fedge/scratch", "rb")  # noqa: SIM115 - raises
+
+    agent = Agent("site-a", Failing("site-a"), policy=PLAIN_OK)
+    link = Link(agent)
+    with caplog.at_level("ERROR", logger="fedge.agent"):
+        asyncio.run(deliver(agent, task()))
+    (refused,) = link.bodies(m.TaskRefused)
+    assert refused.task_id == "t1" and refused.task == m.TASK_TRAIN
+    assert refused.reason == ("local training failed: internal error (FileNotFoundError; "
+                              "see the site's journal)")
+    assert "/nonexistent/fedge/scratch" in caplog.text  # the details stay here
+    assert agent.task is None and agent._busy == ""
+    agent.trainer = SyntheticTrainer("site-a")
+    asyncio.run(deliver(agent, task(task_id="t2")))
+    assert [d.task_id for d in link.bodies(m.TrainDone)] == ["t2"]
+
+
 def test_train_then_plain_update_is_clipped_weighted_and_has_no_rows():
     trainer = SyntheticTrainer("site-a", n_examples=40)
     agent = Agent("site-a", trainer, policy=PLAIN_OK)

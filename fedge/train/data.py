@@ -426,6 +426,11 @@ def _column_index(path: Path, header: list[str], column: str) -> int:
         raise DataError(path, "missing column in the header", line=1, column=column) from None
 
 
+# Every value is trained on as float32: beyond this, the cast makes it inf (and the
+# standardiser then makes its whole column NaN).
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _numeric(path: Path, rows: list[tuple[int, list[str]]], idx: int, column: str) -> np.ndarray:
     out = np.empty(len(rows), dtype=np.float64)
     for k, (lineno, fields) in enumerate(rows):
@@ -442,6 +447,9 @@ def _numeric(path: Path, rows: list[tuple[int, list[str]]], idx: int, column: st
             ) from None
         if not math.isfinite(value):
             raise DataError(path, f"value {raw!r} is not finite", line=lineno, column=column)
+        if abs(value) > FLOAT32_MAX:  # finite here, inf once training casts it to float32
+            raise DataError(path, f"value {raw!r} is outside float32's range "
+                            f"(|x| <= {FLOAT32_MAX:.4g})", line=lineno, column=column)
         out[k] = value
     return out
 
@@ -741,6 +749,14 @@ def _load_numpy(spec: DatasetSpec) -> _Table:
     bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))
     if bad.size:
         raise DataError(path, "non-finite value", row=int(bad[0]) + 1, column="x")
+    for k in ["x", *labels]:  # finite in float64, inf as the float32 training uses
+        flat = arrays[k].reshape(len(x), -1)
+        beyond = np.isfinite(flat) & (np.abs(flat) > FLOAT32_MAX)
+        big = np.flatnonzero(beyond.any(axis=1))
+        if big.size:
+            value = flat[big[0]][beyond[big[0]]][0]
+            raise DataError(path, f"value {float(value)!r} is outside float32's range "
+                            f"(|x| <= {FLOAT32_MAX:.4g})", row=int(big[0]) + 1, column=k)
     rows = range(1, x.shape[0] + 1)
     n_classes = 0
     if spec.task == "survival":

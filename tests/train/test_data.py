@@ -413,3 +413,36 @@ def test_duplicate_column_names_are_refused(tmp_path: Path) -> None:
     assert (err.value.line, err.value.column) == (1, "age")
     with pytest.raises(ValueError, match=r"lists \['age'\] twice"):
         _spec(q, features=["age", "age"])
+
+
+@pytest.mark.parametrize(("row", "line", "column", "raw"), [
+    ("p3,1e39,1,1,50,train\n", 4, "age", "1e39"),
+    ("p3,70,-4e38,1,50,train\n", 4, "stage", "-4e38"),
+    ("p3,70,1,1,1e39,train\n", 4, "T", "1e39"),
+])
+def test_a_value_beyond_float32_is_named_not_turned_into_a_column_of_nan(
+    tmp_path: Path, row: str, line: int, column: str, raw: str
+) -> None:
+    """Finite as a Python float, inf once cast to float32 for training (and a whole
+    standardised column of NaN, reported as "training diverged"): refused at load,
+    naming file, line and column."""
+    rows = ROWS.copy()
+    rows[2] = row
+    p = _write(tmp_path, HEADER + "".join(rows))
+    with pytest.raises(DataError) as err:
+        load_site_data(_spec(p))
+    assert (err.value.file, err.value.line, err.value.column) == (str(p), line, column)
+    assert f"value {raw!r} is outside float32's range" in str(err.value)
+    rows[2] = "p3,3.4e38,1,1,50,train\n"  # float32's largest finite values still load
+    d = load_site_data(_spec(_write(tmp_path, HEADER + "".join(rows))))
+    assert np.isfinite(d.train.x).all()
+
+
+def test_a_numpy_value_beyond_float32_is_named_with_its_row(tmp_path: Path) -> None:
+    p = tmp_path / "site.npz"
+    x = np.ones((4, 2))
+    x[2, 1] = -1e39
+    np.savez(p, x=x, y=np.array([0, 1, 0, 1]))
+    with pytest.raises(DataError, match=r"value -1e\+39 is outside float32's range") as err:
+        load_site_data(_npz_spec(p, "binary"))
+    assert (err.value.file, err.value.row, err.value.column) == (str(p), 3, "x")

@@ -77,6 +77,8 @@ def results(state_dir: str | Path, job_id: str) -> list[str]:
 
 # atomic_write's temporary file beside its target: ".<name>.tmp-<pid>"
 TEMP_NAME = re.compile(r"\.(?P<name>.+)\.tmp-(?P<pid>[0-9]+)")
+# the ONNX export's (fedge.serve.export, tempfile.mkstemp): ".<name>.onnx.<8 random>.tmp"
+EXPORT_TEMP_NAME = re.compile(r"\.(?P<name>[^/]+\.onnx)\.[a-z0-9_]{8}\.tmp")
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -112,10 +114,12 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 def remove_stale_temps(state_dir: str | Path, *, older_than: float) -> list[Path]:
-    """Remove :func:`atomic_write`'s temporary files in the job directories that were
-    last written before ``older_than`` (a ``time.time()``, e.g. when this process
-    started): a write killed between open and rename leaves one, and its name holds
-    a pid, so no later write replaces it. Only names of that pattern are touched.
+    """Remove :func:`atomic_write`'s temporary files, and the ONNX export's, in the job
+    directories that were last written before ``older_than`` (a ``time.time()``, e.g.
+    when this process started): a write killed between open and rename (the
+    coordinator SIGKILLed, its export child with it) leaves one, and its name holds a
+    pid or a random part, so no later write replaces it. Only names of those two
+    patterns are touched.
 
     Returns the paths removed.
     """
@@ -126,7 +130,7 @@ def remove_stale_temps(state_dir: str | Path, *, older_than: float) -> list[Path
         return removed
     for d in dirs:
         for f in d.iterdir():
-            if not TEMP_NAME.fullmatch(f.name):
+            if not (TEMP_NAME.fullmatch(f.name) or EXPORT_TEMP_NAME.fullmatch(f.name)):
                 continue
             try:
                 st = f.lstat()

@@ -84,9 +84,11 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
     coord = coordinator or build_coordinator(cfg)
-    # temp files of checkpoint writes killed mid-way (by pid, so never overwritten)
+    # temp files of checkpoint writes and ONNX exports killed mid-way (their names hold
+    # a pid or a random part, so no later write overwrites them)
     for stale in ck.remove_stale_temps(cfg.state_dir, older_than=started):
-        log.warning("removed %s, left by a checkpoint write that did not finish", stale)
+        log.warning("removed %s, left by a checkpoint write or export that did not finish",
+                    stale)
     notifier = Notifier()
     key_of: dict[str, str] = {}
     site_by_key: dict[str, str] = {}  # cache; cleared whenever the allow-list changes

@@ -84,16 +84,22 @@ def test_stale_temp_files_of_killed_writes_are_removed_and_nothing_else(tmp_path
     jdir = path.parent
     start = time.time()
     hour_ago = start - 3600
-    stale = [jdir / ".round-3.safetensors.tmp-4242", jdir / ".final.safetensors.tmp-7"]
+    stale = [jdir / ".round-3.safetensors.tmp-4242", jdir / ".final.safetensors.tmp-7",
+             # an ONNX export killed mid-way (fedge.serve.export's mkstemp names)
+             jdir / ".model.onnx.81zfl3wg.tmp", jdir / ".final.onnx.a_b4c9d2.tmp"]
     kept = [jdir / ".round-4.safetensors.tmp-99",     # written after the start
+            jdir / ".model.onnx.k2j4h6g8.tmp",        # an export running now (see below)
             jdir / ".round-3.safetensors.tmp-x",      # not the pattern: no pid
             jdir / "round-3.safetensors.tmp-5",       # not the pattern: no dot
+            jdir / ".model.onnx.tmp",                 # not the pattern: no random part
+            jdir / "model.onnx",                      # a finished export
             jdir / "notes.txt"]
     for f in stale + kept:
         f.write_bytes(b"partial")
-    for f in stale + kept[1:]:
+    for f in stale + kept[2:]:
         os.utime(f, (hour_ago, hour_ago))
-    os.utime(kept[0], (start + 1, start + 1))
+    for f in kept[:2]:
+        os.utime(f, (start + 1, start + 1))
     (jdir / ".model.tmp-3").mkdir()  # a directory is never removed
     os.utime(jdir / ".model.tmp-3", (hour_ago, hour_ago))
     assert sorted(remove_stale_temps(tmp_path, older_than=start)) == sorted(stale)

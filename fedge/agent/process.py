@@ -43,10 +43,11 @@ import os
 import signal
 import time
 import tomllib
+from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fedge.agent.guard import PrivacyPolicy, PrivacyPolicyError, RevealLog
 from fedge.agent.jobstate import JobStateStore
@@ -171,26 +172,52 @@ def load_enrolled(state_dir: Path) -> Enrolled:
         raise AgentConfigError(_unreadable(sd, exc)) from exc
     except ValueError as exc:
         raise AgentConfigError(f"{sd / 'enrolment.json'} is corrupt: {exc}") from exc
+    # Each file is read on its own, so that what is wrong is named by its path: hospital
+    # IT must not have to guess among the files, two of them secrets.
     try:
-        curve_public, curve_secret = _curve_key(_secret_file(sd, "curve"))
-        identity_file = _secret_file(sd, "identity")
-        try:
-            identity = Identity.load(identity_file)
-        except ValueError as exc:
-            raise AgentConfigError(f"identity key {identity_file} is corrupt: {exc}") from exc
-        coord = json.loads((sd / "keys" / "coordinator.json").read_text())
-        roster = Roster.from_bytes((sd / "roster.json").read_bytes(),
-                                   bytes.fromhex(meta["roster_public_key"]))
-        return Enrolled(meta["site"], curve_public, curve_secret, coord["endpoint"],
-                        coord["public_key"], identity, roster,
-                        bytes.fromhex(meta["roster_public_key"]), sd / "roster.json")
+        site, roster_key = str(meta["site"]), bytes.fromhex(meta["roster_public_key"])
+    except (KeyError, ValueError, TypeError) as exc:
+        raise AgentConfigError(_corrupt(sd / "enrolment.json", exc)) from exc
+    curve_file = _secret_file(sd, "curve")
+    curve_public, curve_secret = _read(sd, curve_file, _curve_key, "CURVE key ")
+    identity_file = _secret_file(sd, "identity")
+    identity = _read(sd, identity_file, Identity.load, "identity key ")
+    coord_file = sd / "keys" / "coordinator.json"
+
+    def coordinator(path: Path) -> tuple[str, str]:
+        doc = json.loads(path.read_text())
+        return str(doc["endpoint"]), str(doc["public_key"])
+
+    endpoint, coordinator_key = _read(sd, coord_file, coordinator)
+    roster_file = sd / "roster.json"
+    roster = _read(sd, roster_file, lambda path: Roster.from_bytes(path.read_bytes(), roster_key))
+    return Enrolled(site, curve_public, curve_secret, endpoint, coordinator_key, identity,
+                    roster, roster_key, roster_file)
+
+
+_T = TypeVar("_T")
+
+
+def _read(sd: Path, path: Path, parse: Callable[[Path], _T], what: str = "") -> _T:
+    """``parse(path)``, its failures named by the file.
+
+    Raises: AgentConfigError: the file is missing, unreadable or corrupt (names it).
+    """
+    try:
+        return parse(path)
     except AgentConfigError:
         raise
-    except (FileNotFoundError, ValueError, KeyError, TypeError) as exc:
-        raise AgentConfigError(f"enrolment state under {sd} is corrupt: "
-                               f"{type(exc).__name__}: {exc}") from exc
+    except FileNotFoundError as exc:
+        raise AgentConfigError(f"enrolment state under {sd} is incomplete: {what}{path} is "
+                               "missing; enrol again (`fedge agent enrol FILE`)") from exc
     except OSError as exc:
         raise AgentConfigError(_unreadable(sd, exc)) from exc
+    except (ValueError, KeyError, TypeError) as exc:  # UnicodeDecodeError is a ValueError
+        raise AgentConfigError(_corrupt(path, exc, what)) from exc
+
+
+def _corrupt(path: Path, exc: Exception, what: str = "") -> str:
+    return f"{what}{path} is corrupt: {type(exc).__name__}: {exc}"
 
 
 # The appliance's two secrets: where `fedge agent enrol` writes them under the state

@@ -89,6 +89,30 @@ def test_not_enrolled_and_corrupt(tmp_path):
         load_enrolled(tmp_path)
 
 
+@pytest.mark.parametrize("name", ["keys/coordinator.json", "keys/curve.json", "roster.json",
+                                  "keys/identity.key", "enrolment.json"])
+@pytest.mark.parametrize("content", [b"", b"\x00\xff garbage \xfe", b"{}"])
+def test_each_corrupt_enrolment_file_is_named(tmp_path, monkeypatch, name, content):
+    """Whichever enrolment file is damaged (empty, not UTF-8, or JSON lacking its
+    fields), the one-line error names that file: hospital IT must not guess among
+    them, two being secrets."""
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    enrolled_state(tmp_path)
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(AgentConfigError) as info:
+        load_enrolled(tmp_path)
+    message = str(info.value)
+    assert str(tmp_path / name) in message and "\n" not in message
+
+
+def test_a_missing_enrolment_file_is_named(tmp_path, monkeypatch):
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    enrolled_state(tmp_path)
+    (tmp_path / "keys" / "coordinator.json").unlink()
+    with pytest.raises(AgentConfigError, match=r"keys/coordinator\.json is missing"):
+        load_enrolled(tmp_path)
+
+
 README = Path(__file__).resolve().parents[2] / "firmware" / "README.md"
 
 

@@ -47,8 +47,9 @@ SYSTEM_PYTHON = "/usr/bin/python3"
 # Debian version: [epoch:]upstream[-revision]; upstream starts with a digit.
 DEB_VERSION = re.compile(r"^(?:[0-9]+:)?[0-9][A-Za-z0-9.+~-]*$")
 MAINTAINER = "fedge maintainers <fedge@example.org>"
-UNITS = ("fedge-agent.service", "fedge-coordinator.service")
-CONFFILES = ("agent.toml", "coordinator.toml")
+UNITS = ("fedge-agent.service", "fedge-coordinator.service", "fedge-nvidia-uvm.service",
+         "fedge-serve.service")
+CONFFILES = ("agent.toml", "coordinator.toml", "serve.env")
 TORCH = "torch==2.13.0"
 
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import shlex
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
 DEBIAN = Path(__file__).resolve().parents[2] / "packaging" / "debian"
+UNITS = DEBIAN.parent / "systemd"
 SCRIPTS = ("postinst", "prerm", "postrm")
 
 
@@ -32,8 +36,10 @@ def test_only_purge_deletes_state() -> None:
     postrm = (DEBIAN / "postrm").read_text()
     remove = postrm.split("    remove)", 1)[1].split(";;", 1)[0]
     purge = postrm.split("    purge)", 1)[1].split(";;", 1)[0]
-    assert "rm -rf" not in remove and "userdel" not in remove
-    assert "rm -rf /var/lib/fedge /var/log/fedge /etc/fedge/credentials" in purge
+    assert "remove_dir" not in remove and "userdel" not in remove
+    for path in ("/var/lib/fedge", "/var/lib/fedge-coordinator", "/var/log/fedge",
+                 "/etc/fedge/credentials"):
+        assert path in purge.split("for dir in", 1)[1].split("done", 1)[0], path
     postinst = (DEBIAN / "postinst").read_text()
     # state directories are created only when missing: an upgrade never resets them
     assert "if [ ! -d /var/lib/fedge ]; then" in postinst
@@ -91,3 +97,173 @@ def test_make_installs_the_python_headers_the_core_and_systemd_python_build_agai
             break
     assert "Development.Module" in (root / "CMakeLists.txt").read_text()
     assert {"python3-dev", "libsystemd-dev", "python3-venv"} <= set(pkgs), pkgs
+
+
+# -- the real scripts, run as dpkg runs them, in a scratch root --------------------
+#
+# A private mount namespace with a copy of /etc bound over /etc (adduser, userdel and
+# the credentials act on the copy) and tmpfs over /var/lib and /var/log: the scripts
+# run unchanged, and the host is untouched.
+
+
+def _can_unshare() -> bool:
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"],
+                           capture_output=True, timeout=30)
+    return probe.returncode == 0
+
+
+needs_namespace = pytest.mark.skipif(not _can_unshare(),
+                                     reason="needs root and unshare --mount")
+
+
+def in_scratch_root(tmp_path: Path, body: str) -> subprocess.CompletedProcess[str]:
+    """Run ``body`` (sh, set -e) with scratch /etc, /var/lib and /var/log.
+
+    ``$P`` is packaging/debian; the maintainer scripts' stderr goes to ``$ERR``.
+    """
+    etc = tmp_path / "etc"
+    subprocess.run(["cp", "-a", "/etc", str(etc)], check=True, timeout=60)
+    script = f"""set -e
+P={shlex.quote(str(DEBIAN))}
+ERR={shlex.quote(str(tmp_path / "stderr"))}
+mount --bind {shlex.quote(str(etc))} /etc
+mount -t tmpfs tmpfs /var/lib
+mount -t tmpfs tmpfs /var/log
+{body}
+"""
+    return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                          capture_output=True, text=True, timeout=120)
+
+
+def script_stderr(tmp_path: Path) -> str:
+    err = tmp_path / "stderr"
+    return err.read_text() if err.exists() else ""
+
+
+@needs_namespace
+@pytest.mark.parametrize("own_file_system", [True, False], ids=["mount-point", "directory"])
+def test_purge_finishes_when_the_state_directory_is_a_mount_point(
+        tmp_path: Path, own_file_system: bool) -> None:
+    """firmware/README.md puts /var/lib/fedge on a partition of its own: rm -rf used to
+    fail there with EBUSY, so postrm exited 1 before removing the user, and every retry
+    did the same. Now the mount point is emptied and kept, and the purge finishes."""
+    mount = ("mount -t tmpfs -o mode=0700 tmpfs /var/lib/fedge && chown fedge:fedge /var/lib/fedge"
+             if own_file_system else "true")
+    proc = in_scratch_root(tmp_path, f"""
+sh $P/postinst configure '' 2>>$ERR
+{mount}
+mkdir -p /var/lib/fedge/keys /var/lib/fedge/models/risk/1 /var/lib/fedge/.hidden
+echo secret > /var/lib/fedge/keys/identity.key
+echo onnx > /var/lib/fedge/models/risk/1/model.onnx
+chmod 0500 /var/lib/fedge/models/risk
+install -d -o fedge -g fedge -m 0700 /var/lib/fedge-coordinator
+touch /var/lib/fedge-coordinator/coordinator.sqlite3 /var/log/fedge/agent.log
+sh $P/postrm remove 2>>$ERR
+rc=0; sh $P/postrm purge 2>>$ERR || rc=$?
+echo "purge rc=$rc"
+if getent passwd fedge >/dev/null; then echo "user present"; else echo "user gone"; fi
+if getent group fedge >/dev/null; then echo "group present"; else echo "group gone"; fi
+if mountpoint -q /var/lib/fedge; then echo "still mounted"; fi
+for p in /var/lib/fedge /var/lib/fedge-coordinator /var/log/fedge /etc/fedge/credentials; do
+    if [ -e "$p" ]; then echo "left: $p $(ls -A $p | tr '\n' ' ')"; fi
+done
+""")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout.splitlines()
+    assert "purge rc=0" in out, (out, script_stderr(tmp_path))
+    assert "user gone" in out and "group gone" in out
+    left = [line for line in out if line.startswith("left: ")]
+    if own_file_system:
+        assert "still mounted" in out
+        assert left == ["left: /var/lib/fedge "]  # emptied, the mount point kept
+    else:
+        assert left == []
+
+
+LEGACY_COORDINATOR = """
+sh $P/postinst configure '' 2>>$ERR
+{setup}
+echo sqlite > /var/lib/fedge/coordinator.sqlite3
+mkdir -p /var/lib/fedge/jobs/job-1 /var/lib/fedge/tuf/metadata
+echo round > /var/lib/fedge/jobs/job-1/round-0.safetensors
+echo '{{}}' > /var/lib/fedge/roster.json
+{agent}
+chown -R fedge:fedge /var/lib/fedge
+echo "inode before $(stat -c %i /var/lib/fedge)"
+sh $P/postinst configure 0.1.0-1 2>>$ERR
+echo "--- second run"
+sh $P/postinst configure 0.1.0-1 2>>$ERR
+if [ -d /var/lib/fedge-coordinator ]; then
+    echo "new: $(stat -c '%i %U %a' /var/lib/fedge-coordinator)"
+    echo "new files: $(cd /var/lib/fedge-coordinator && find . -type f | sort | tr '\n' ' ')"
+fi
+echo "old: $(stat -c '%U %a' /var/lib/fedge) $(ls -A /var/lib/fedge | tr '\n' ' ')"
+# what the coordinator unit's ExecStartPre= says now, with the unit's $STATE_DIRECTORY
+rc=0; STATE_DIRECTORY=/var/lib/fedge-coordinator {guard} 2>>$ERR || rc=$?
+echo "guard rc=$rc"
+"""
+
+
+def coordinator_guard() -> str:
+    """The coordinator unit's ExecStartPre= as systemd runs it ($$ is a literal $)."""
+    pre = [line.split("=", 1)[1] for line in
+           (UNITS / "fedge-coordinator.service").read_text().splitlines()
+           if line.startswith("ExecStartPre=")]
+    assert len(pre) == 1, pre
+    return shlex.join(shlex.split(pre[0].replace("$$", "$")))
+
+
+def run_legacy(tmp_path: Path, setup: str = "", agent: str = "") -> list[str]:
+    proc = in_scratch_root(tmp_path, LEGACY_COORDINATOR.format(setup=setup, agent=agent,
+                                                               guard=coordinator_guard()))
+    assert proc.returncode == 0, proc.stdout + proc.stderr + script_stderr(tmp_path)
+    return proc.stdout.splitlines()
+
+
+@needs_namespace
+def test_upgrade_moves_a_coordinators_state_out_of_the_agents_directory(tmp_path: Path) -> None:
+    """Earlier packages ran the coordinator in /var/lib/fedge (finding 9): on a
+    coordinator-only host postinst renames it to /var/lib/fedge-coordinator, once,
+    and leaves an empty /var/lib/fedge for the fedge user's home."""
+    out = run_legacy(tmp_path)
+    inode = next(line for line in out if line.startswith("inode before ")).split()[-1]
+    assert f"new: {inode} fedge 700" in out  # one rename: nothing copied
+    assert ("new files: ./coordinator.sqlite3 ./jobs/job-1/round-0.safetensors "
+            "./roster.json ") in out
+    assert "old: fedge 700 " in out
+    assert "guard rc=0" in out
+    err = script_stderr(tmp_path)
+    assert err.count("moved the coordinator's state from /var/lib/fedge to "
+                     "/var/lib/fedge-coordinator") == 1, err  # the second run did nothing
+
+
+@needs_namespace
+def test_upgrade_moves_the_state_with_the_packaged_coordinator_toml(tmp_path: Path) -> None:
+    out = run_legacy(tmp_path, setup="cp $P/etc/coordinator.toml /etc/fedge/coordinator.toml")
+    assert any(line.startswith("new files: ./coordinator.sqlite3") for line in out)
+    assert "guard rc=0" in out
+
+
+@needs_namespace
+@pytest.mark.parametrize("case, setup, agent, why", [
+    ("agent beside it", "",
+     "mkdir -p /var/lib/fedge/keys && echo {} > /var/lib/fedge/enrolment.json",
+     "the agent's state is in the same directory"),
+    ("own file system", "mount -t tmpfs -o mode=0700 tmpfs /var/lib/fedge", "",
+     "/var/lib/fedge is a file system of its own"),
+    ("state_dir pinned", "echo 'state_dir = \"/var/lib/fedge\"' > /etc/fedge/coordinator.toml",
+     "", "/etc/fedge/coordinator.toml sets its own state_dir"),
+])
+def test_upgrade_moves_nothing_it_cannot_move_and_the_coordinator_refuses_an_empty_start(
+        tmp_path: Path, case: str, setup: str, agent: str, why: str) -> None:
+    out = run_legacy(tmp_path, setup=setup, agent=agent)
+    assert not any(line.startswith("new") for line in out), out
+    assert any(line.startswith("old: fedge 700 coordinator.sqlite3") for line in out), out
+    err = script_stderr(tmp_path)
+    assert f"the coordinator's state stays in /var/lib/fedge ({why})" in err, err
+    # the unit would not start a new, empty coordinator beside the old database
+    assert "guard rc=1" in out
+    assert ("the coordinator database is in /var/lib/fedge (where earlier packages kept it), "
+            "not in /var/lib/fedge-coordinator; not starting a new, empty coordinator") in err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,10 @@ def test_coordinator_exposure_is_at_most_2() -> None:
     assert exposure(UNITS / "fedge-coordinator.service") <= 2.0
 
 
+def test_serve_exposure_is_at_most_2() -> None:
+    assert exposure(UNITS / "fedge-serve.service") <= 2.0
+
+
 def test_security_threshold_flag_agrees() -> None:
     # systemd-analyze itself fails the unit above the threshold (exposure x 10).
     ok = subprocess.run(["systemd-analyze", "security", "--offline=true", "--threshold=20",
@@ -52,27 +57,94 @@ def unit_settings(unit: Path) -> dict[str, list[str]]:
     return settings
 
 
-@pytest.mark.parametrize("name", ["fedge-agent.service", "fedge-coordinator.service"])
+DAEMONS = ["fedge-agent.service", "fedge-coordinator.service", "fedge-serve.service"]
+
+
+@pytest.mark.parametrize("name", DAEMONS)
 def test_units_have_the_required_settings(name: str) -> None:
     s = unit_settings(UNITS / name)
     required = {
         "Type": ["notify"], "NotifyAccess": ["main"], "Restart": ["on-failure"],
-        "StateDirectory": ["fedge"], "ConfigurationDirectory": ["fedge"],
-        "LogsDirectory": ["fedge"], "ProtectSystem": ["strict"], "CapabilityBoundingSet": [""],
-        "User": ["fedge"], "NoNewPrivileges": ["yes"],
+        "ProtectSystem": ["strict"], "CapabilityBoundingSet": [""],
+        "User": ["fedge"], "Group": ["fedge"], "UMask": ["0077"], "NoNewPrivileges": ["yes"],
     }
     for key, value in required.items():
         assert s.get(key) == value, (key, s.get(key))
-    assert s["WatchdogSec"] and s["SystemCallFilter"][0] == "@system-service"
+    assert s["WatchdogSec"] == ["60s"] and s["SystemCallFilter"][0] == "@system-service"
     assert s["RestrictAddressFamilies"] == ["AF_UNIX AF_INET AF_INET6 AF_NETLINK"]
+    if name == "fedge-serve.service":  # no secrets, no state of its own: see below
+        assert "LoadCredential" not in s and "StateDirectory" not in s
+        assert s["ExecStart"][0].startswith("/usr/bin/fedge serve ")
+        return
+    assert s["ConfigurationDirectory"] == ["fedge"] and s["LogsDirectory"] == ["fedge"]
     assert s["LoadCredential"][0].startswith("fedge:/etc/fedge/credentials/")
     if name == "fedge-agent.service":  # through the A/B slot launcher (signed updates)
+        assert s["StateDirectory"] == ["fedge"]
         assert s["ExecStartPre"] == ["/usr/lib/fedge/bin/python -m fedge.update.ab preflight "
                                      "--root /var/lib/fedge/software"]
         assert s["ExecStart"][0].startswith("/usr/lib/fedge/bin/python -m fedge.update.ab exec "
                                             "--root /var/lib/fedge/software -- /usr/bin/fedge ")
     else:
         assert s["ExecStart"][0].startswith("/usr/bin/fedge ")
+
+
+def test_agent_and_coordinator_keep_their_state_apart() -> None:
+    """Both roles write roster.json and tuf/ in their state directory: sharing
+    /var/lib/fedge made one host running both overwrite each other's (finding 9)."""
+    agent = unit_settings(UNITS / "fedge-agent.service")
+    coord = unit_settings(UNITS / "fedge-coordinator.service")
+    assert agent["StateDirectory"] == ["fedge"]
+    assert coord["StateDirectory"] == ["fedge-coordinator"]
+
+
+def test_serve_unit_serves_the_agents_model_repository_and_nothing_else_of_its_state() -> None:
+    """Finding 1: nothing ran `fedge serve`. The unit serves what the agent installs
+    (its StateDirectory's models/), as the agent's user (UMask=0077 leaves the
+    repository readable by fedge only), and sees no other file of the agent's."""
+    agent = unit_settings(UNITS / "fedge-agent.service")
+    serve = unit_settings(UNITS / "fedge-serve.service")
+    state = "/var/lib/" + agent["StateDirectory"][0]
+    repository = f"{state}/models"
+    assert serve["ExecStart"] == [
+        f"/usr/bin/fedge serve --repository {repository} --host ${{FEDGE_SERVE_HOST}} "
+        "--port ${FEDGE_SERVE_PORT} $FEDGE_SERVE_ARGS"]
+    assert (serve["User"], serve["Group"]) == (agent["User"], agent["Group"])
+    assert serve["TemporaryFileSystem"] == [f"{state}:ro"]
+    assert serve["BindReadOnlyPaths"] == [repository]
+    assert serve["RequiresMountsFor"] == [state]
+    assert serve["EnvironmentFile"] == ["-/etc/fedge/serve.env"]
+    assert serve["PrivateDevices"] == ["yes"] and "DeviceAllow" not in serve
+    assert "multi-user.target" in serve["WantedBy"]
+
+
+def test_agent_is_ordered_after_the_unit_that_loads_nvidia_uvm() -> None:
+    """Finding 7: DeviceAllow=char-nvidia-uvm is resolved against /proc/devices when
+    the agent's cgroup is set up; with nvidia_uvm not loaded yet the group was
+    dropped. A unit of its own loads it first (an ExecStartPre=+ in the agent would
+    run too late and still under its DevicePolicy=)."""
+    agent = unit_settings(UNITS / "fedge-agent.service")
+    uvm = unit_settings(UNITS / "fedge-nvidia-uvm.service")
+    assert "fedge-nvidia-uvm.service" in agent["Wants"]
+    assert "fedge-nvidia-uvm.service" in agent["After"]
+    assert not any("nvidia-modprobe" in cmd for cmd in agent.get("ExecStartPre", []))
+    assert uvm["Type"] == ["oneshot"] and uvm["RemainAfterExit"] == ["yes"]
+    # "-": a failing or missing nvidia-modprobe (no GPU, no driver) fails nothing
+    assert uvm["ExecStart"] == ["-/usr/bin/nvidia-modprobe -u -c=0"]
+    assert uvm["ConditionPathExists"] == ["/usr/bin/nvidia-modprobe"]
+    assert uvm["Before"] == ["fedge-agent.service"]
+    assert "WantedBy" not in uvm  # pulled in by the agent only
+
+
+def test_the_package_ships_every_unit_and_conffile() -> None:
+    sys.path.insert(0, str(UNITS.parent))
+    try:
+        import build_deb
+    finally:
+        sys.path.remove(str(UNITS.parent))
+    assert sorted(build_deb.UNITS) == sorted(p.name for p in UNITS.glob("*.service"))
+    for conf in build_deb.CONFFILES:
+        assert (UNITS.parent / "debian" / "etc" / conf).is_file(), conf
+    assert "serve.env" in build_deb.CONFFILES
 
 
 def test_only_the_agent_sees_the_gpus() -> None:
@@ -96,6 +168,9 @@ def test_verify_in_a_root_with_the_fedge_command(tmp_path: Path) -> None:
     fedge = root / "usr/bin/fedge"
     fedge.write_text("#!/bin/sh\nexit 0\n")
     fedge.chmod(0o755)
+    if not (root / "bin").exists():  # the units' ExecStartPre=/bin/sh -c ...
+        (root / "bin").mkdir()
+        shutil.copy(fedge, root / "bin/sh")
     python = root / "usr/lib/fedge/bin/python"  # the package's private venv
     python.parent.mkdir(parents=True)
     shutil.copy(fedge, python)
@@ -113,6 +188,7 @@ def test_verify_in_a_root_with_the_fedge_command(tmp_path: Path) -> None:
     fedge.unlink()
     python.unlink()
     for unit, command in (("fedge-coordinator.service", "/usr/bin/fedge"),
+                          ("fedge-serve.service", "/usr/bin/fedge"),
                           ("fedge-agent.service", "/usr/lib/fedge/bin/python")):
         bad = subprocess.run(
             ["systemd-analyze", "verify", f"--root={root}", "--man=no", "--generators=no",

@@ -24,11 +24,21 @@ does since it turned on rapidjson's kWriteNanAndInfFlag
 (triton-inference-server/server#3870), so tritonclient and Python's json read
 them back; a client whose parser is strict should ask for binary outputs.
 Requests may use the same tokens.
+
+JSON tensor data: the protocol lets a server coerce elements or refuse them
+("The server can decide to coerce each element to the required type or return
+an error"). This one refuses: BOOL takes only `true`/`false`, the integer types
+only JSON integers within their range, the float types only JSON numbers (and
+the tokens above) that fit the type. Anything else (null, a string, a bool
+where a number belongs, 1.7 for an INT64, 1e300 for an FP32) is a 400 naming
+the input and the element: a missing lab value sent as null must not become a
+NaN risk score.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 import sys
@@ -86,6 +96,11 @@ class ProtocolError(Exception):
     def body(self) -> bytes:
         return error_body(self.message)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # raised in the JSON parser process too (see fedge.serve.server), so it
+        # must survive pickling with both of its arguments
+        return (type(self), (self.status, self.message))
+
 
 def error_body(message: str) -> bytes:
     """The protocol's error object: `{"error": "<message>"}`."""
@@ -137,12 +152,30 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryvi
     return body[:n], memoryview(body)[n:]
 
 
-def _load_json(header: bytes) -> dict[str, Any]:
+class _BeyondFloat64(str):
+    """A JSON number literal too large for a 64-bit float (Python's json reads it as
+    infinity, as if it were the Infinity token); see `_load_json(strict_numbers=True)`."""
+
+
+def _strict_float(text: str) -> float | _BeyondFloat64:
+    value = float(text)
+    return _BeyondFloat64(text) if math.isinf(value) else value
+
+
+class _InfiniteNumber(Exception):
+    """A float tensor element read as infinity: the Infinity token, or a literal such
+    as 1e400 that overflowed. Only a second, slower read of the document tells."""
+
+
+def _load_json(header: bytes, *, strict_numbers: bool = False) -> dict[str, Any]:
+    parse_float = _strict_float if strict_numbers else None
     try:
         # UTF-8 as the protocol says; anything else (a BOM, UTF-16) goes through
         # json's own encoding detection.
-        doc = json.loads(header.decode()) if header[:1] == b"{" else json.loads(header)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        text = header.decode() if header[:1] == b"{" else header
+        doc = json.loads(text, parse_float=parse_float)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, or an integer
+        # literal beyond Python's 4300-digit conversion limit
         raise bad_request(f"malformed JSON in inference request: {exc}") from None
     except RecursionError:
         # json's decoder recurses once per nested array or object: a client can
@@ -173,6 +206,130 @@ def _check_shape(raw: Any, where: str) -> tuple[int, ...]:
         else:
             return tuple(raw)
     raise bad_request(f"{where} 'shape' must be a list of non-negative integers, got {raw!r}")
+
+
+_JSON_TYPES: dict[str, tuple[frozenset[type], str]] = {
+    # numpy dtype kind -> (the Python types json gives for valid elements, the rule)
+    "b": (frozenset({bool}), "JSON true or false"),
+    "i": (frozenset({int}), "JSON integers"),
+    "u": (frozenset({int}), "JSON integers"),
+    "f": (frozenset({int, float}), "JSON numbers (or the tokens NaN, Infinity, -Infinity)"),
+}
+
+
+def _describe(value: Any) -> str:
+    """A JSON value as a client would recognise it in an error message."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, _BeyondFloat64):
+        return f"the number {value}, beyond the range of a 64-bit float"
+    if isinstance(value, str):
+        return f"the string {json.dumps(value[:30])[:-1]}{'...' if len(value) > 30 else ''}\""
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    if type(value) is int:
+        return _int_text(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("-Infinity" if value < 0 else "Infinity")
+    return f"the number {value!r}"
+
+
+def _int_text(value: int) -> str:
+    text = str(value)  # at most 4300 digits: json refuses longer literals
+    return f"the integer {text}" if len(text) <= 24 else \
+        f"an integer of {len(text.lstrip('-'))} digits"
+
+
+def _flatten(data: Any, where: str) -> tuple[list[Any], set[type]]:
+    """The elements of nested or flat `data` in row-major order, and their types.
+
+    Raises:
+        ProtocolError(400): lists and values mixed at one level, or nested lists
+            of different lengths.
+    """
+    if type(data) is not list:
+        data = [data]  # a bare value: the one element of a rank-0 tensor
+    flat = data
+    while True:
+        kinds = set(map(type, flat))
+        if list not in kinds:
+            return flat, kinds
+        if len(kinds) > 1:
+            raise bad_request(f"{where} 'data' mixes lists and values at one nesting level")
+        if len(set(map(len, flat))) > 1:
+            raise bad_request(f"{where} 'data' has nested lists of different lengths")
+        flat = list(itertools.chain.from_iterable(flat))
+
+
+def _json_tensor(
+    data: Any, datatype: str, dtype: np.dtype, where: str, *, strict_numbers: bool
+) -> np.ndarray:
+    """JSON `data` as a flat array of `dtype`, every element checked, none coerced.
+
+    Raises:
+        ProtocolError(400): the first element that is not a JSON value of
+            `datatype`, or one outside its range, by its row-major index.
+        _InfiniteNumber: a float element is infinite and the document was not
+            read with `strict_numbers` (the caller reads it again that way).
+    """
+    flat, kinds = _flatten(data, where)
+    allowed, rule = _JSON_TYPES[dtype.kind]
+    if not kinds <= allowed:
+        i = next(i for i, v in enumerate(flat) if type(v) not in allowed)
+        if type(flat[i]) is float and math.isinf(flat[i]) and not strict_numbers:
+            raise _InfiniteNumber  # Infinity, or a literal such as 1e400: say which
+        raise bad_request(
+            f"{where} 'data' element {i} is {_describe(flat[i])}; {datatype} data must be {rule}"
+        )
+    if dtype.kind in "iu":
+        try:
+            return np.array(flat, dtype=dtype)
+        except OverflowError:
+            info = np.iinfo(dtype)
+            i = next(i for i, v in enumerate(flat) if not info.min <= v <= info.max)
+            raise bad_request(
+                f"{where} 'data' element {i} is {_int_text(flat[i])}, outside the range of "
+                f"{datatype} "
+                f"({info.min}..{info.max})"
+            ) from None
+    if dtype.kind == "b":
+        return np.array(flat, dtype=dtype)
+    try:
+        with np.errstate(over="ignore"):  # overflow to infinity is looked for below
+            arr = np.array(flat, dtype=dtype)
+    except OverflowError:  # an integer too large even for a 64-bit float
+        i = next(i for i, v in enumerate(flat) if type(v) is int and _beyond_float64(v))
+        raise _out_of_range(where, i, _int_text(flat[i]), datatype) from None
+    if not np.isfinite(arr).all():  # NaN or an infinity: from the tokens, or an overflow
+        for i in np.flatnonzero(np.isinf(arr)).tolist():
+            value = flat[i]
+            if type(value) is float and math.isinf(value):
+                if not strict_numbers:
+                    raise _InfiniteNumber
+                continue  # the Infinity token (a literal 1e400 is a _BeyondFloat64 here)
+            shown = _int_text(value) if type(value) is int else f"the number {value!r}"
+            raise _out_of_range(where, i, shown, datatype)  # finite, but not in dtype
+    return arr
+
+
+def _beyond_float64(value: int) -> bool:
+    try:
+        float(value)
+    except OverflowError:
+        return True
+    return False
+
+
+def _out_of_range(where: str, index: int, shown: str, datatype: str) -> ProtocolError:
+    largest = float(np.finfo(DATATYPES[datatype]).max)
+    return bad_request(
+        f"{where} 'data' element {index} is {shown}, beyond the range of {datatype} "
+        f"(largest magnitude {largest:.8g})"
+    )
 
 
 class ParsedHeader(NamedTuple):
@@ -208,7 +365,9 @@ def parse_infer_request(
     Raises:
         ProtocolError(400): malformed JSON, a bad header length, an unknown,
             missing or duplicated input, a datatype, shape or data-size mismatch,
-            unsupported datatype, trailing binary bytes, an unknown requested output.
+            a JSON data element that is not of the input's datatype or not in its
+            range, unsupported datatype, trailing binary bytes, an unknown
+            requested output.
     """
     header, binary = _split_body(body, header_length)
     if parsed is not None:
@@ -218,7 +377,27 @@ def parse_infer_request(
                 name: np.frombuffer(binary[start:stop], dtype=dtype).reshape(shape)
                 for name, dtype, shape, start, stop in known.inputs
             }, known.outputs)
-    doc = _load_json(header)
+    try:
+        return _check_request(_load_json(header), header, binary, model, inputs, outputs,
+                              parsed, strict_numbers=False)
+    except _InfiniteNumber:
+        # Rare (an infinite float element): read the document again, slower, with
+        # number literals beyond a 64-bit float told apart from the Infinity token.
+        return _check_request(_load_json(header, strict_numbers=True), header, binary, model,
+                              inputs, outputs, parsed, strict_numbers=True)
+
+
+def _check_request(
+    doc: dict[str, Any],
+    header: bytes | memoryview,
+    binary: memoryview,
+    model: str,
+    inputs: Sequence[TensorSpec],
+    outputs: Sequence[TensorSpec],
+    parsed: dict[bytes, ParsedHeader] | None,
+    *,
+    strict_numbers: bool,
+) -> InferRequest:
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise bad_request("inference request 'id' must be a string")
@@ -289,10 +468,8 @@ def parse_infer_request(
         else:
             if "data" not in item:
                 raise bad_request(f"{where} has neither 'data' nor 'binary_data_size'")
-            try:
-                arr = np.asarray(item["data"], dtype=dtype)
-            except (ValueError, TypeError, OverflowError) as exc:
-                raise bad_request(f"{where} 'data' is not a {datatype} tensor: {exc}") from None
+            arr = _json_tensor(item["data"], datatype, dtype, where,
+                               strict_numbers=strict_numbers)
             if arr.size != count:
                 raise bad_request(
                     f"{where} has {arr.size} data elements but shape {list(shape)} "

@@ -82,12 +82,13 @@ def test_binary_tensors_are_read_in_input_order_after_the_json_header() -> None:
         ({"inputs": [{"name": "x", "shape": [3], "datatype": "FP32", "data": [0] * 3}]},
          None, "shape [3] but model 'm' expects [-1, 3]"),
         ({"inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32", "data": ["a"] * 3}]},
-         None, "'data' is not a FP32 tensor"),
+         None, "input 'x' 'data' element 0 is the string \"a\""),
         ({"inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32"}]},
          None, "neither 'data' nor 'binary_data_size'"),
-        ({**_json_inputs([0] * 3, [1] * 3, rows=1), "outputs": [{"name": "nope"}]},
+        ({**_json_inputs([0] * 3, [True] * 3, rows=1), "outputs": [{"name": "nope"}]},
          None, "unexpected inference output 'nope'"),
-        ({**_json_inputs([0] * 3, [1] * 3, rows=1), "parameters": {"binary_data_output": 1}},
+        ({**_json_inputs([0] * 3, [True] * 3, rows=1),
+          "parameters": {"binary_data_output": 1}},
          None, "must be a boolean"),
         (b'{"inputs": []}', "999", "outside the body of 14 bytes"),
         (b'{"inputs": []}', "ten", "is not an integer"),
@@ -106,6 +107,89 @@ def test_invalid_requests_are_400_naming_the_problem(
     assert json.loads(err.value.body()) == {"error": err.value.message}
 
 
+def _one_input(datatype: str, data: list | str) -> InferRequest:
+    """A request for a model with one input "v" of `datatype` and shape [-1];
+    `data` is a list, or the JSON text of one (for what json.dumps cannot write)."""
+    text = data if isinstance(data, str) else json.dumps(data)
+    body = (f'{{"inputs": [{{"name": "v", "shape": [{text.count(",") + 1}], '
+            f'"datatype": "{datatype}", "data": {text}}}]}}').encode()
+    return parse_infer_request(body, None, "m", (TensorSpec("v", datatype, (-1,)),), OUTPUTS)
+
+
+@pytest.mark.parametrize(
+    ("datatype", "data", "needle"),
+    [
+        # a missing lab value: read as NaN, answered with a NaN risk score and 200
+        ("FP32", "[1.5, null]", "element 1 is null; FP32 data must be JSON numbers"),
+        ("FP32", '[1.5, "1.5"]', 'element 1 is the string "1.5"; FP32 data must be JSON numbers'),
+        ("FP64", "[true, 2.0]", "element 0 is true; FP64 data must be JSON numbers"),
+        ("FP32", "[1, {}]", "element 1 is an object"),
+        # bool("false") is True: the string read as its opposite
+        ("BOOL", '["false", true]', 'element 0 is the string "false"; BOOL data must be JSON '
+                                    "true or false"),
+        ("BOOL", "[true, 2]", "element 1 is the integer 2; BOOL data must be JSON true or false"),
+        ("BOOL", "[0.5, true]", "element 0 is the number 0.5"),
+        ("BOOL", "[null, true]", "element 0 is null"),
+        # truncated to 1 and 2
+        ("INT64", "[1.7, 2.9]", "element 0 is the number 1.7; INT64 data must be JSON integers"),
+        ("INT64", "[3, false]", "element 1 is false; INT64 data must be JSON integers"),
+        ("INT32", "[1, 2.0]", "element 1 is the number 2.0; INT32 data must be JSON integers"),
+        ("INT8", "[127, 128]", "element 1 is the integer 128, outside the range of INT8 "
+                               "(-128..127)"),
+        ("UINT8", "[0, -1]", "element 1 is the integer -1, outside the range of UINT8 (0..255)"),
+        ("UINT64", "[18446744073709551616]", "element 0 is the integer 18446744073709551616, "
+                                             "outside the range of UINT64"),
+        ("INT64", "[1" + "0" * 30 + "]", "element 0 is an integer of 31 digits, outside the "
+                                         "range of INT64"),
+        ("INT64", "[1, Infinity]", "element 1 is Infinity; INT64 data must be JSON integers"),
+        # finite in the request, infinite once read as FP32: silently inf
+        ("FP32", "[1.0, 1e300]", "element 1 is the number 1e+300, beyond the range of FP32 "
+                                 "(largest magnitude 3.4028235e+38)"),
+        ("FP32", "[-1" + "0" * 39 + "]", "element 0 is an integer of 40 digits, beyond the "
+                                         "range of FP32"),
+        ("FP16", "[65504, 70000]", "element 1 is the integer 70000, beyond the range of FP16 "
+                                   "(largest magnitude 65504)"),
+        # beyond a 64-bit float already: json reads it as infinity, as if it were the token
+        ("FP64", "[Infinity, 1e400]", "element 1 is the number 1e400, beyond the range of a "
+                                      "64-bit float"),
+        ("INT64", "[1e400]", "element 0 is the number 1e400, beyond the range of a 64-bit float"),
+        # nested data must be a regular array
+        ("FP32", "[[1, 2], [3]]", "'data' has nested lists of different lengths"),
+        ("FP32", "[[1, 2], 3]", "'data' mixes lists and values at one nesting level"),
+    ],
+)
+def test_json_data_elements_are_checked_against_the_datatype_not_coerced(
+    datatype: str, data: str, needle: str
+) -> None:
+    with pytest.raises(ProtocolError) as err:
+        _one_input(datatype, data)
+    assert err.value.status == 400
+    assert err.value.message.startswith("input 'v' ")
+    assert needle in err.value.message
+
+
+def test_json_data_that_fits_the_datatype_is_read_exactly() -> None:
+    assert _one_input("BOOL", [True, False]).inputs["v"].tolist() == [True, False]
+    assert _one_input("UINT64", [2**64 - 1]).inputs["v"].tolist() == [2**64 - 1]
+    assert _one_input("INT64", [-(2**63), 2**53 + 1]).inputs["v"].tolist() == [-(2**63),
+                                                                             2**53 + 1]
+    assert _one_input("INT8", [-128, 127]).inputs["v"].dtype == np.int8
+    # integers are numbers too; the tokens Python's json and Triton write stay allowed
+    fp = _one_input("FP32", "[1, 2.5, -3e38, NaN, Infinity, -Infinity, 1e-50]").inputs["v"]
+    assert fp.dtype == np.float32
+    np.testing.assert_array_equal(fp[:3], np.array([1, 2.5, -3e38], np.float32))
+    assert np.isnan(fp[3]) and fp[4] == np.inf and fp[5] == -np.inf
+    assert fp[6] == 0.0  # below FP32's resolution: rounded, as any float conversion does
+    assert _one_input("FP16", [65504, 0.5]).inputs["v"].tolist() == [65504.0, 0.5]
+
+
+def test_protocol_errors_survive_the_trip_from_the_parser_process() -> None:
+    import pickle
+
+    err = pickle.loads(pickle.dumps(ProtocolError(400, "input 'v' 'data' element 0 is null")))
+    assert (err.status, err.message) == (400, "input 'v' 'data' element 0 is null")
+
+
 def test_binary_size_must_match_the_shape_and_leave_no_trailing_bytes() -> None:
     doc = {"inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32",
                        "parameters": {"binary_data_size": 8}}]}
@@ -114,7 +198,7 @@ def test_binary_size_must_match_the_shape_and_leave_no_trailing_bytes() -> None:
         _parse(body, length)
     doc = {"inputs": [
         {"name": "x", "shape": [1, 3], "datatype": "FP32", "parameters": {"binary_data_size": 12}},
-        {"name": "mask", "shape": [1, 3], "datatype": "BOOL", "data": [1, 0, 1]}]}
+        {"name": "mask", "shape": [1, 3], "datatype": "BOOL", "data": [True, False, True]}]}
     body, length = _binary_body(doc, np.zeros(3, "<f4"), np.zeros(5, "u1"))
     with pytest.raises(ProtocolError, match="5 bytes of binary data follow the inputs unclaimed"):
         _parse(body, length)
@@ -162,7 +246,7 @@ def test_only_all_binary_headers_are_remembered_and_no_more_than_the_limit() -> 
     from fedge.serve.protocol import PARSED_HEADERS_KEPT
 
     parsed: dict = {}
-    parse_infer_request(json.dumps(_json_inputs([0] * 6, [1] * 6)).encode(), None, "m",
+    parse_infer_request(json.dumps(_json_inputs([0] * 6, [True] * 6)).encode(), None, "m",
                         INPUTS, OUTPUTS, parsed)
     assert parsed == {}  # tensor values inside the JSON: nothing to reuse
     x, mask = np.zeros((1, 3), "<f4"), np.zeros((1, 3), bool)

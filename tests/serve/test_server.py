@@ -152,6 +152,29 @@ def test_wrong_datatype_through_tritonclient_is_an_error_not_a_crash(
         client.infer("cox", [inp])
 
 
+@pytest.mark.parametrize("gzipped", [False, True], ids=["direct-lane", "asgi-lane"])
+@pytest.mark.parametrize(
+    ("value", "needle"),
+    [
+        (None, "element 5 is null"),  # a missing lab value: was a NaN risk score, 200
+        ("1.5", 'element 5 is the string "1.5"'),
+        (True, "element 5 is true"),
+        (1e300, "element 5 is the number 1e+300, beyond the range of FP32"),  # was Infinity
+    ],
+)
+def test_json_data_that_is_not_an_fp32_number_is_400_naming_the_element(
+    server: RunningServer, value: object, needle: str, gzipped: bool
+) -> None:
+    req = _json_request(_rows(1))
+    req["inputs"][0]["data"][5] = value
+    body = json.dumps(req).encode()
+    headers = {"content-type": "application/json"}
+    if gzipped:
+        body, headers["content-encoding"] = gzip.compress(body), "gzip"
+    r = httpx.post(f"{server.url}/v2/models/cox/infer", content=body, headers=headers, timeout=5)
+    _assert_error(r, 400, "input 'input' 'data' " + needle)
+
+
 def test_malformed_json_is_400(server: RunningServer) -> None:
     r = httpx.post(f"{server.url}/v2/models/cox/infer", content=b'{"inputs": [', timeout=5)
     _assert_error(r, 400, "malformed JSON")

@@ -32,6 +32,9 @@ import onnx
 MODEL_FILE = "model.onnx"
 NAME_RULE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _RETIRED = re.compile(r"\.retired-([1-9][0-9]*)-[0-9a-f]+")
+# ASCII digits only: str.isdigit() also takes "²" (int() refuses it) and "١" (int()
+# reads it as 1, a second directory for version 1)
+_VERSION = re.compile(r"[1-9][0-9]*")
 INSTALL_ATTEMPTS = 1000  # version numbers tried before install gives up
 
 
@@ -84,7 +87,7 @@ class ModelRepository:
             return []
         found = []
         for p in base.iterdir():
-            if p.name.isdigit() and not p.name.startswith("0") and (p / MODEL_FILE).is_file():
+            if _VERSION.fullmatch(p.name) and (p / MODEL_FILE).is_file():
                 found.append(int(p.name))
         return sorted(found)
 
@@ -93,7 +96,7 @@ class ModelRepository:
         with or without its model file (one being copied in by hand), or retired."""
         highest = 0
         for p in base.iterdir():
-            if p.name.isdigit() and not p.name.startswith("0"):
+            if _VERSION.fullmatch(p.name):
                 highest = max(highest, int(p.name))
             elif m := _RETIRED.fullmatch(p.name):
                 highest = max(highest, int(m.group(1)))

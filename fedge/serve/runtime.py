@@ -296,15 +296,17 @@ class ModelStore:
         """The live version of `name`, or the named version.
 
         Raises:
-            UnknownModel: no such model, a version that is not an integer, or one
-                that is not loaded.
+            UnknownModel: no such model, a version that is not a number in ASCII
+                digits, or one that is not loaded.
         """
         entry = self._models.get(name)
         if entry is None:
             raise UnknownModel(f"unknown model '{name}'")
         if version is None or version == "":
             return entry.live
-        if not version.isdigit():
+        # str.isdigit() alone takes "²" (which int() refuses: a 500) and "١" (which
+        # int() reads as 1: another name for version 1); 20 digits bound int()'s work
+        if not (version.isascii() and version.isdigit() and len(version) <= 20):
             raise UnknownModel(f"unknown version '{version}' of model '{name}'")
         found = entry.loaded.get(int(version))
         if found is None:

@@ -96,3 +96,17 @@ def test_install_skips_a_version_directory_without_a_model_file(
     assert done == [4], "install spun on a number it could not take"
     assert repo.versions("cox") == [1, 4]
     assert not [p for p in (tmp_path / "cox").iterdir() if p.name.startswith(".incoming-")]
+
+
+def test_only_ascii_digit_directories_are_versions(
+    tmp_path: Path, cox_v1: tuple[Path, torch.nn.Module]
+) -> None:
+    repo = ModelRepository(tmp_path)
+    assert repo.install("cox", cox_v1[0]) == 1
+    # str.isdigit() takes both: "²" crashed every scan (int() refuses it), and
+    # "١" (Arabic-Indic one) was a second directory for version 1
+    for name in ("\u00b2", "\u0661"):
+        (tmp_path / "cox" / name).mkdir()
+        (tmp_path / "cox" / name / "model.onnx").write_bytes(cox_v1[0].read_bytes())
+    assert repo.versions("cox") == [1]
+    assert repo.install("cox", cox_v1[0]) == 2

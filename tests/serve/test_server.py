@@ -221,6 +221,17 @@ def test_oversized_body_is_413(server: RunningServer) -> None:
     assert ok.status_code == 200
 
 
+@pytest.mark.parametrize("version", ["%C2%B2", "%D9%A1", "%EF%BC%91", "1" * 30])
+def test_a_version_must_be_ascii_digits_else_404(server: RunningServer, version: str) -> None:
+    # "²" (superscript two) answered 500 on infer and plain-text 500 on the other
+    # routes; "١" (Arabic-Indic one) and "１" (fullwidth one) were served as version 1
+    for method, path in [("GET", ""), ("GET", "/ready"), ("GET", "/config"),
+                         ("POST", "/infer")]:
+        r = httpx.request(method, f"{server.url}/v2/models/cox/versions/{version}{path}",
+                          json=_json_request(_rows(1)) if method == "POST" else None, timeout=5)
+        _assert_error(r, 404, "unknown version", "of model 'cox'")
+
+
 def test_unknown_model_is_404(server: RunningServer) -> None:
     r = httpx.post(f"{server.url}/v2/models/nope/infer", json=_json_request(_rows(1)), timeout=5)
     _assert_error(r, 404, "unknown model 'nope'")

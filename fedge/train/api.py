@@ -44,6 +44,7 @@ from fedge.train.models import (
     build_model,
     cox_log_denominator,
     cox_partial_likelihood,
+    input_shape,
 )
 from fedge.train.optim import AdamStepper, FlatParams, SGDStepper, flatten, load_flat
 from fedge.train.privacy import (
@@ -263,6 +264,15 @@ def _task(spec: ModelSpec, data: SiteData) -> str:
         raise ValueError(f"model {spec.name!r} is a survival model; data set task is {data.task!r}")
     if data.task == "survival" and kind not in ("survival", "any"):
         raise ValueError(f"data set is a survival task; model {spec.name!r} is not a Cox model")
+    want, x = input_shape(spec), data.train.x
+    if x.ndim == 2 and len(want) == 1 and x.shape[1] != want[0]:
+        raise ValueError(
+            f"data set {data.name!r} has {x.shape[1]} features at this site but "
+            f"model.params.in_features is {want[0]}")
+    if x.ndim == 4 and len(want) == 3 and x.shape[1] != want[0]:
+        raise ValueError(
+            f"data set {data.name!r} has {x.shape[1]}-channel images at this site but "
+            f"model.params.in_channels is {want[0]}")
     return data.task
 
 
@@ -505,7 +515,10 @@ def local_train(
         update = weights - w_global.cpu().numpy()
         private, norm = dp_fedavg_privatise(update, cfg.client_dp)  # a fresh OS key
         weights = (w_global.cpu().numpy() + private).astype(np.float32)
-        metrics["update_norm"] = norm
+        # the raw update's norm and the raw batches' loss are outside the mechanism:
+        # only the noised weights leave the site
+        local["update_norm"] = norm
+        local["train_loss"] = metrics.pop("train_loss")
     epsilon = delta = None
     if cfg.dp is not None:
         state.ledger.record(

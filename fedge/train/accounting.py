@@ -80,24 +80,44 @@ class PrivacyLedger:
             }
         )
 
+    def events(
+        self, *, job: str | None = None, round: int | None = None
+    ) -> list[tuple[float, float, int]]:
+        """The distinct mechanisms among the selected entries, as (noise_multiplier,
+        sampling_rate, steps) with the steps of identical mechanisms summed.
+
+        RDP composes additively, and an entry is ``steps`` runs of one Poisson-sampled
+        Gaussian mechanism that (noise_multiplier, sampling_rate) defines, so entries
+        sharing both compose to exactly what one entry with their summed steps does.
+        A site's DP job records the same mechanism every round: its ledger grows by a
+        row a round, this list does not.
+        """
+        steps: dict[tuple[float, float], int] = {}
+        for e in self.entries:
+            if (job is None or e["job"] == job) and (round is None or e["round"] == round):
+                key = (float(e["noise_multiplier"]), float(e["sampling_rate"]))
+                steps[key] = steps.get(key, 0) + int(e["steps"])
+        return [(z, q, n) for (z, q), n in steps.items()]
+
     def epsilon(self, delta: float, *, job: str | None = None, round: int | None = None) -> float:
-        """Composed ε of the selected entries (all, one job, or one job's round)."""
+        """Composed ε of the selected entries (all, one job, or one job's round).
+
+        Each distinct mechanism (``events``) is composed once with its summed steps:
+        the same ε as composing entry by entry, in a time that does not grow with the
+        number of rounds recorded (each composition costs a fraction of a second).
+        """
         import dp_accounting
         from dp_accounting.rdp import RdpAccountant
 
-        chosen = [
-            e
-            for e in self.entries
-            if (job is None or e["job"] == job) and (round is None or e["round"] == round)
-        ]
+        chosen = self.events(job=job, round=round)
         if not chosen:
             return 0.0
         accountant = RdpAccountant()
-        for e in chosen:
+        for noise_multiplier, sampling_rate, steps in chosen:
             event = dp_accounting.PoissonSampledDpEvent(
-                e["sampling_rate"], dp_accounting.GaussianDpEvent(e["noise_multiplier"])
+                sampling_rate, dp_accounting.GaussianDpEvent(noise_multiplier)
             )
-            accountant.compose(dp_accounting.SelfComposedDpEvent(event, e["steps"]))
+            accountant.compose(dp_accounting.SelfComposedDpEvent(event, steps))
         return float(accountant.get_epsilon(delta))
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,0 +1,56 @@
+"""The privacy ledger composes each distinct mechanism once, whatever the number of rounds."""
+
+from __future__ import annotations
+
+import dp_accounting
+import pytest
+from dp_accounting.rdp import RdpAccountant
+
+from fedge.train.accounting import PrivacyLedger
+
+DELTA = 1e-5
+
+
+def entry_by_entry(ledger: PrivacyLedger, *, job: str | None = None) -> float:
+    """The ledger's ε composed one entry at a time (what epsilon() did before)."""
+    accountant = RdpAccountant()
+    for e in ledger.entries:
+        if job is not None and e["job"] != job:
+            continue
+        event = dp_accounting.PoissonSampledDpEvent(
+            e["sampling_rate"], dp_accounting.GaussianDpEvent(e["noise_multiplier"])
+        )
+        accountant.compose(dp_accounting.SelfComposedDpEvent(event, e["steps"]))
+    return float(accountant.get_epsilon(DELTA))
+
+
+def test_grouped_epsilon_equals_entry_by_entry_composition_per_job_and_in_total() -> None:
+    ledger = PrivacyLedger()
+    for r in (1, 2, 2):  # a retried round is charged twice
+        ledger.record(job="a", round=r, noise_multiplier=1.1, sampling_rate=0.05, steps=10)
+    ledger.record(job="b", round=1, noise_multiplier=0.9, sampling_rate=0.08, steps=7)
+    ledger.record(job="b", round=2, noise_multiplier=0.9, sampling_rate=0.08, steps=5)
+
+    assert ledger.events() == [(1.1, 0.05, 30), (0.9, 0.08, 12)]
+    assert ledger.events(job="b", round=2) == [(0.9, 0.08, 5)]
+    assert ledger.epsilon(DELTA) == pytest.approx(entry_by_entry(ledger), rel=0, abs=1e-9)
+    for job in ("a", "b"):
+        assert ledger.epsilon(DELTA, job=job) == pytest.approx(
+            entry_by_entry(ledger, job=job), rel=0, abs=1e-9)
+    assert 0 < ledger.epsilon(DELTA, job="a", round=1) < ledger.epsilon(DELTA, job="a")
+    assert ledger.epsilon(DELTA, job="nope") == 0.0
+
+
+def test_a_300_round_job_composes_one_mechanism_not_300() -> None:
+    ledger = PrivacyLedger()
+    for r in range(1, 301):
+        ledger.record(job="long", round=r, noise_multiplier=1.3, sampling_rate=0.02, steps=10)
+
+    assert ledger.events() == [(1.3, 0.02, 3000)]
+    assert ledger.events(job="long") == [(1.3, 0.02, 3000)]
+    assert ledger.events(job="long", round=150) == [(1.3, 0.02, 10)]
+    one_event = PrivacyLedger()
+    one_event.record(job="long", round=1, noise_multiplier=1.3, sampling_rate=0.02, steps=3000)
+    assert ledger.epsilon(DELTA) == pytest.approx(entry_by_entry(one_event), rel=0, abs=1e-9)
+    # the saved ledger keeps every round's row: only the composition is grouped
+    assert len(PrivacyLedger.from_dict(ledger.to_dict()).entries) == 300

@@ -56,6 +56,10 @@ log = logging.getLogger(__name__)
 
 # Fraction of WatchdogSec between two pings; sd_watchdog_enabled(3) recommends half.
 WATCHDOG_PING_FRACTION = 0.5
+# How often a daemon that asks for it (start_watchdog's unsupervised_s) pings when no
+# watchdog timeout is set: a supervisor may still read WATCHDOG=1 as the sign of a
+# healthy start (fedge.update.ab.NotifyProcessService does).
+UNSUPERVISED_PING_S = 1.0
 
 
 def _send_datagram(address: str, state: str) -> None:
@@ -197,29 +201,45 @@ async def _watchdog_loop(notifier: Notifier, period: float) -> None:
 
 
 def start_watchdog(
-    notifier: Notifier, interval: float | None = None
+    notifier: Notifier, interval: float | None = None, *, unsupervised_s: float | None = None
 ) -> asyncio.Task[None] | None:
     """Start pinging ``WATCHDOG=1`` every ``interval/2`` s from the running loop.
 
-    ``interval`` defaults to :func:`watchdog_interval`; None (no watchdog) or a
-    disabled notifier starts nothing and returns None. Cancel the task to stop.
+    ``interval`` defaults to :func:`watchdog_interval`. Without one (no watchdog),
+    pings go out every ``unsupervised_s`` when it is given, else nothing starts; so
+    they do, logged, when that environment is malformed. A disabled notifier starts
+    nothing. Returns the task (cancel it to stop) or None.
+
+    The period depends on the watchdog alone, never on what else the daemon does
+    at its own pace (heartbeats, ticks): a daemon must not be restarted because it
+    was configured to beat slowly.
 
     Raises:
         RuntimeError: no running event loop.
-        ValueError: ``interval`` is not positive, or the environment is malformed.
+        ValueError: ``interval`` or ``unsupervised_s`` is not positive, or the
+            environment is malformed and ``unsupervised_s`` is not given.
     """
+    if unsupervised_s is not None and not unsupervised_s > 0:
+        raise ValueError(f"unsupervised ping period {unsupervised_s!r} must be > 0 seconds")
     if interval is None:
-        interval = watchdog_interval()
-        if interval is None:
+        try:
+            interval = watchdog_interval()
+        except ValueError as exc:
+            if unsupervised_s is None:
+                raise
+            log.error("%s; pinging the watchdog every %g s", exc, unsupervised_s)
+    if interval is None:
+        if unsupervised_s is None:
             return None
-    if interval <= 0:
+        period = unsupervised_s
+    elif interval <= 0:
         raise ValueError(f"watchdog interval {interval!r} must be > 0 seconds")
+    else:
+        period = interval * WATCHDOG_PING_FRACTION
     if not notifier.enabled:
         return None
     loop = asyncio.get_running_loop()
-    return loop.create_task(
-        _watchdog_loop(notifier, interval * WATCHDOG_PING_FRACTION), name="sd-watchdog"
-    )
+    return loop.create_task(_watchdog_loop(notifier, period), name="sd-watchdog")
 
 
 def under_systemd(environ: Mapping[str, str] | None = None) -> bool:

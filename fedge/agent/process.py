@@ -392,8 +392,6 @@ async def run_agent(agent: Agent, enrolled: Enrolled, *, interval_s: float, time
             if client.state == "connected":
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(agent.heartbeat(), timeout_s)
-            if notifier is not None:  # alive while retrying, too: the loop is not stuck
-                notifier.watchdog()
             if (trial is not None and not updates.confirmed
                     and time.monotonic() - started > trial_confirm_s):
                 # a version that cannot reach the coordinator is not known to work:
@@ -409,6 +407,15 @@ async def run_agent(agent: Agent, enrolled: Enrolled, *, interval_s: float, time
             await asyncio.sleep(interval_s)
 
     workers = [asyncio.ensure_future(receive()), asyncio.ensure_future(beat())]
+    if notifier is not None:
+        # WATCHDOG=1 from this loop at half of WatchdogSec, whatever heartbeat.interval_s
+        # is (a slow heartbeat once meant a watchdog restart loop), and while the
+        # coordinator is unreachable too: the pings say the loop runs.
+        from fedge.systemd import UNSUPERVISED_PING_S, start_watchdog
+
+        pinger = start_watchdog(notifier, unsupervised_s=UNSUPERVISED_PING_S)
+        if pinger is not None:
+            workers.append(pinger)
     code = 0
     try:
         if connect_timeout_s is not None:

@@ -73,7 +73,7 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
     Raises:
         TransportError: the endpoint cannot be bound.
     """
-    from fedge.systemd import Notifier
+    from fedge.systemd import UNSUPERVISED_PING_S, Notifier, start_watchdog
     from fedge.transport import CurveKeyPair, HeartbeatConfig, ServerSocket, TransportError
     from fedge.wire import codec
 
@@ -154,6 +154,9 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
     log.info("coordinator listening on %s", endpoint)
     notifier.ready()
     notifier.status(f"listening on {endpoint}")
+    # WATCHDOG=1 from this loop at half of WatchdogSec, whatever tick_s is (a loop
+    # turn waits up to tick_s for a message): the pings say the loop runs
+    pinger = start_watchdog(notifier, unsupervised_s=UNSUPERVISED_PING_S)
     last_refresh = time.monotonic()
     max_bytes = coord.max_message_bytes
     kill_at = os.environ.get(KILL_AT_ENV, "")
@@ -207,7 +210,6 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
             now = time.monotonic()
             if now - last_refresh > ALLOW_LIST_REFRESH_S:
                 last_refresh = now
-                notifier.watchdog()
                 fresh = coord.store.allowed_keys()
                 if fresh != allowed:
                     for site, key in list(key_of.items()):
@@ -221,6 +223,10 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
                                     f"{job.round.phase.value}")
     finally:
         notifier.stopping()
+        if pinger is not None:
+            pinger.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pinger
         if admin_task is not None:
             admin_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -9,6 +9,7 @@ NOTIFY_SOCKET, an enrolment from a console, and a coordinator port nobody listen
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import shutil
@@ -89,7 +90,8 @@ def test_with_the_coordinator_down_the_agent_is_ready_alive_and_its_update_uncon
     pre = subprocess.run([sys.executable, "-m", "fedge.update.ab", "preflight", "--root",
                           str(software)], capture_output=True, text=True, timeout=60)
     assert pre.stdout.strip() == "trial", pre.stderr
-    env = {**os.environ, "NOTIFY_SOCKET": notify.getsockname(), "WATCHDOG_USEC": "60000000",
+    # WatchdogSec=2s: pings every second (half of it), so five come in seconds
+    env = {**os.environ, "NOTIFY_SOCKET": notify.getsockname(), "WATCHDOG_USEC": "2000000",
            "PYTHONUNBUFFERED": "1"}
     env.pop("CREDENTIALS_DIRECTORY", None)
     proc = subprocess.Popen([sys.executable, "-m", "fedge.update.ab", "exec", "--root",
@@ -148,3 +150,45 @@ def test_a_trial_no_coordinator_confirms_is_given_up_and_rolled_back_after_three
     outcome = SelfUpdate(software).take_outcome()
     assert outcome["version"] == "90.0.0" and outcome["rolled_back"] and not outcome["ok"]
     assert not (software / "current").exists()  # the packaged install runs next
+
+
+def test_a_slow_heartbeat_does_not_slow_the_watchdog_pings(tmp_path, notify):
+    """agent.toml may set heartbeat.interval_s past WatchdogSec (here 90 s against 2 s):
+    the pings come from the agent's loop at half of WatchdogSec all the same, so systemd
+    does not restart a healthy agent in a loop."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"  # nothing listens: coordinator down
+    console = ConsoleStore.init(tmp_path / "console", coordinator_endpoint=endpoint,
+                                clock=lambda: datetime.now(UTC))
+    file, _ = create_enrolment(console, "hospital-a", valid_for=timedelta(days=7))
+    state = tmp_path / "state"
+    install_enrolment(file, state)
+    config = tmp_path / "agent.toml"
+    config.write_text(f'state_dir = "{state}"\nhealth = false\n'
+                      "[heartbeat]\ninterval_s = 90.0\ntimeout_s = 180.0\n")
+    env = {**os.environ, "NOTIFY_SOCKET": notify.getsockname(), "WATCHDOG_USEC": "2000000",
+           "PYTHONUNBUFFERED": "1"}
+    env.pop("CREDENTIALS_DIRECTORY", None)
+    proc = subprocess.Popen([sys.executable, "-m", "fedge.cli", "agent", "run", "--config",
+                             str(config)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    pings: list[float] = []
+    ready = False
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(pings) < 6:
+            notify.settimeout(max(0.1, deadline - time.monotonic()))
+            try:
+                lines = notify.recv(4096).decode().splitlines()
+            except TimeoutError:
+                break
+            ready = ready or "READY=1" in lines
+            if ready and "WATCHDOG=1" in lines:
+                pings.append(time.monotonic())
+        assert proc.poll() is None, proc.communicate()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert len(pings) == 6, (pings, err)
+    gaps = [b - a for a, b in itertools.pairwise(pings)]
+    assert max(gaps) < 1.8, gaps  # 1 s apart; a WatchdogSec of 2 s is never missed
+    assert proc.returncode == 0, err

@@ -35,7 +35,13 @@ def initial_weights_subprocess(plan: Plan, *, timeout_s: float = 600.0) -> np.nd
                               timeout=timeout_s)
         if proc.returncode != 0 or not out.exists():
             reason = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise PlanError("model", plan.model_name, f"cannot be built: {reason}")
+            # The child's reason is usually a PlanError about this model already
+            # ("plan field model = 'mlp': cannot be built: ..."): keep its rule, not
+            # the whole message inside another.
+            prefix = str(PlanError("model", plan.model_name, ""))
+            rule = reason[len(prefix):] if reason.startswith(prefix) else \
+                f"cannot be built: {reason}"
+            raise PlanError("model", plan.model_name, rule)
         return np.ascontiguousarray(np.load(out), dtype=np.float32)
 
 

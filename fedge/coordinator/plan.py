@@ -43,6 +43,7 @@ Example::
     [privacy]               # passed through to fedge.train (DP-SGD, DP-FedAvg)
     min_site_examples = 100 # smallest site's training rows: bounds the sampling rate
     dp = { noise_multiplier = 1.1, max_grad_norm = 1.0, delta = 1e-5, target_epsilon = 8.0 }
+    # client_dp = { clip_norm = 1.0, noise_multiplier = 1.0, cohort_size = 3 }  # DP-FedAvg
     [deadlines]             # seconds
     cohort_s = 60
     train_s = 600
@@ -58,6 +59,8 @@ import math
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any
+
+from fedge.train.model_names import MODEL_NAMES
 
 EVAL_SPLITS = ("val", "test", "train")
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "scaffold")
@@ -220,6 +223,9 @@ def _parse_plan(text: str) -> Plan:
         raise PlanError("job.eval_split", eval_split, f"must be one of {', '.join(EVAL_SPLITS)}")
 
     model_name = _str(model, "model.name")
+    if model_name not in MODEL_NAMES:
+        raise PlanError("model.name", model_name,
+                        f"not a registered model; known: {', '.join(MODEL_NAMES)}")
     params = model.get("params", {})
     if not isinstance(params, dict):
         raise PlanError("model.params", params, "must be a table")
@@ -286,29 +292,50 @@ def _parse_plan(text: str) -> Plan:
     )
 
 
+# The keys of privacy.dp and privacy.client_dp and their rules are those of
+# fedge.train.privacy's DPConfig and ClientDPConfig, which the agents apply to the
+# same tables (tests/coordinator/test_plan.py holds the two together); checked here
+# too so that a bad table is refused at submit, named by its place in the plan.
+DP_KEYS = ("noise_multiplier", "max_grad_norm", "delta", "target_epsilon")
+CLIENT_DP_KEYS = ("clip_norm", "noise_multiplier", "cohort_size")
+
+
 def _check_privacy(privacy: dict[str, Any], train: TrainSettings, rounds: int) -> None:
-    """Refuse a plan whose record-level DP target cannot be met with the rounds asked.
+    """Check the ``dp`` and ``client_dp`` tables, and refuse a plan whose record-level DP
+    target cannot be met with the rounds asked.
 
     The worst case is the smallest site: sampling rate batch_size / min_site_examples.
     A site smaller than declared refuses its task at training time with its own numbers.
 
     Raises:
-        PlanError: an unknown privacy key, a missing ``min_site_examples`` where a
-            target is set, or a target that cannot be met (with the numbers).
+        PlanError: an unknown privacy key, a missing or out-of-range ``dp`` or
+            ``client_dp`` field, a missing ``min_site_examples`` where a target is
+            set, or a target that cannot be met (with the numbers).
     """
     _known(privacy, "privacy", ("dp", "client_dp", "min_site_examples"))
+    if "min_site_examples" in privacy:
+        _int(privacy, "privacy.min_site_examples", lo=1)
+    client_dp = privacy.get("client_dp")
+    if client_dp is not None:
+        if not isinstance(client_dp, dict):
+            raise PlanError("privacy.client_dp", client_dp, "must be a table")
+        _known(client_dp, "privacy.client_dp", CLIENT_DP_KEYS)
+        _float(client_dp, "privacy.client_dp.clip_norm", lo=0.0, lo_open=True)
+        _float(client_dp, "privacy.client_dp.noise_multiplier", lo=0.0)
+        _int(client_dp, "privacy.client_dp.cohort_size", lo=1)
     dp = privacy.get("dp")
     if dp is None:
         return
     if not isinstance(dp, dict):
         raise PlanError("privacy.dp", dp, "must be a table")
-    target = dp.get("target_epsilon")
-    if target is None:
-        return
+    _known(dp, "privacy.dp", DP_KEYS)
     sigma = _float(dp, "privacy.dp.noise_multiplier", lo=0.0, lo_open=True)
-    target = _float(dp, "privacy.dp.target_epsilon", lo=0.0, lo_open=True)
+    _float(dp, "privacy.dp.max_grad_norm", lo=0.0, lo_open=True, default=1.0)
     delta = _float(dp, "privacy.dp.delta", lo=0.0, hi=1.0, lo_open=True, hi_open=True,
                    default=1e-5)
+    if dp.get("target_epsilon") is None:
+        return
+    target = _float(dp, "privacy.dp.target_epsilon", lo=0.0, lo_open=True)
     if "min_site_examples" not in privacy:
         raise PlanError("privacy.min_site_examples", None,
                         "required with privacy.dp.target_epsilon: the smallest site's "

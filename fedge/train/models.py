@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedge.train.model_names import TASK_OF_MODEL
+
 __all__ = [
     "MODELS",
     "TASK_OF_MODEL",
@@ -185,6 +187,9 @@ def _build_resnet_small(spec: ModelSpec) -> nn.Module:
     )
 
 
+# One constructor per name in fedge.train.model_names (MODEL_NAMES, TASK_OF_MODEL), which
+# holds the names without torch so that the coordinator can refuse an unknown model
+# at submit time; tests/train/test_model_names.py holds the two together.
 MODELS: dict[str, Callable[[ModelSpec], nn.Module]] = {
     "linear": _build_linear,
     "logistic": _build_logistic,
@@ -192,17 +197,6 @@ MODELS: dict[str, Callable[[ModelSpec], nn.Module]] = {
     "cox_linear": _build_cox_linear,
     "cox_mlp": _build_cox_mlp,
     "resnet_small": _build_resnet_small,
-}
-
-# The task a model's output is trained for; "classification" resolves to binary
-# or multiclass from `classes`; mlp follows the data set's task.
-TASK_OF_MODEL: dict[str, str] = {
-    "linear": "regression",
-    "logistic": "classification",
-    "mlp": "any",
-    "cox_linear": "survival",
-    "cox_mlp": "survival",
-    "resnet_small": "classification",
 }
 
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from fedge.coordinator.initmodel import initial_weights_subprocess, main
-from fedge.coordinator.plan import parse_plan
+from fedge.coordinator.plan import PlanError, parse_plan
 from fedge.coordinator.service import torch_initial_weights
 
 PLAN = """
@@ -51,3 +52,13 @@ def test_unknown_model_exits_2_with_the_reason(tmp_path, capsys):
     assert main([str(plan), str(tmp_path / "w.npy")]) == 2
     assert "no_such_model" in capsys.readouterr().err
     assert not (tmp_path / "w.npy").exists()
+
+
+def test_a_model_that_cannot_be_built_is_named_once_not_wrapped_twice():
+    plan = parse_plan(PLAN.format(model="mlp").replace("params = { in_features = 5 }", ""))
+    with pytest.raises(PlanError) as info:
+        initial_weights_subprocess(plan)
+    message = str(info.value)
+    assert info.value.field == "model" and info.value.value == "mlp"
+    assert message.count("plan field") == 1 and message.count("cannot be built") == 1, message
+    assert "missing required parameter 'in_features'" in message

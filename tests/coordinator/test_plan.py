@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import tomllib
+
 import pytest
 
-from fedge.coordinator.plan import PlanError, parse_plan
+from fedge.coordinator.plan import CLIENT_DP_KEYS, DP_KEYS, PlanError, parse_plan
 
 GOOD = """
 [job]
@@ -144,3 +146,107 @@ def test_unknown_privacy_key_is_refused():
     with pytest.raises(PlanError, match=r"privacy\.noise_multiplier"):
         parse_plan(GOOD.replace("dp = { noise_multiplier = 1.1, max_grad_norm = 1.0 }",
                                 "noise_multiplier = 1.1"))
+
+
+def test_an_unregistered_model_is_refused_naming_the_known_ones():
+    with pytest.raises(PlanError) as info:
+        parse_plan(GOOD.replace('name = "cox_linear"', 'name = "cox_linearr"'))
+    assert info.value.field == "model.name" and info.value.value == "cox_linearr"
+    assert "not a registered model" in info.value.rule and "cox_linear" in info.value.rule
+    assert str(info.value).count("cox_linearr") == 1
+
+
+def test_the_plan_check_does_not_import_torch():
+    """The coordinator checks model names and privacy targets without torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom fedge.coordinator.plan import parse_plan\n"
+            f"parse_plan({_dp_plan(3, 8.0)!r})\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+# (privacy table, its inline body, the field a refusal names or None when accepted).
+# min_site_examples = 200 sits beside each table so that a target is checked for real.
+PRIVACY_TABLES = [
+    ("dp", "noise_multiplier = 1.1", None),
+    ("dp", "noise_multiplier = 1.0, delta = 1e-6, max_grad_norm = 2.0", None),
+    ("dp", "noise_multiplier = 1.0, target_epsilon = 50.0", None),
+    ("dp", "noise_multiplier = 1.1, max_grad_nrm = 1.0", "privacy.dp.max_grad_nrm"),
+    ("dp", "noise_multiplier = -1.0", "privacy.dp.noise_multiplier"),
+    ("dp", "noise_multiplier = 0.0", "privacy.dp.noise_multiplier"),
+    ("dp", "noise_multiplier = nan", "privacy.dp.noise_multiplier"),
+    ("dp", "max_grad_norm = 1.0", "privacy.dp.noise_multiplier"),
+    ("dp", "noise_multiplier = 1.0, max_grad_norm = 0.0", "privacy.dp.max_grad_norm"),
+    ("dp", "noise_multiplier = 1.0, max_grad_norm = -2.0", "privacy.dp.max_grad_norm"),
+    ("dp", "noise_multiplier = 1.0, delta = 1.0", "privacy.dp.delta"),
+    ("dp", "noise_multiplier = 1.0, delta = 0.0", "privacy.dp.delta"),
+    ("dp", "noise_multiplier = 1.0, target_epsilon = 0.0", "privacy.dp.target_epsilon"),
+    ("dp", "noise_multiplier = 1.0, target_epsilon = -3.0", "privacy.dp.target_epsilon"),
+    ("client_dp", "clip_norm = 0.5, noise_multiplier = 0.5, cohort_size = 3", None),
+    ("client_dp", "clip_norm = 0.5, noise_multiplier = 0.0, cohort_size = 1", None),
+    ("client_dp", "clip_norm = 0.5, noise = 0.5, cohort_size = 3", "privacy.client_dp.noise"),
+    ("client_dp", "clip_norm = 0.5, noise_multiplier = -0.5, cohort_size = 3",
+     "privacy.client_dp.noise_multiplier"),
+    ("client_dp", "clip_norm = 0.0, noise_multiplier = 0.5, cohort_size = 3",
+     "privacy.client_dp.clip_norm"),
+    ("client_dp", "clip_norm = -1.0, noise_multiplier = 0.5, cohort_size = 3",
+     "privacy.client_dp.clip_norm"),
+    ("client_dp", "clip_norm = 0.5, noise_multiplier = 0.5, cohort_size = 0",
+     "privacy.client_dp.cohort_size"),
+    ("client_dp", "clip_norm = 0.5, noise_multiplier = 0.5", "privacy.client_dp.cohort_size"),
+    ("client_dp", "noise_multiplier = 0.5, cohort_size = 3", "privacy.client_dp.clip_norm"),
+]
+
+
+def _privacy_plan(key: str, body: str) -> str:
+    old = "dp = { noise_multiplier = 1.1, max_grad_norm = 1.0 }"
+    assert old in GOOD
+    return GOOD.replace(old, f"{key} = {{ {body} }}\nmin_site_examples = 200")
+
+
+@pytest.mark.parametrize(("key", "body", "field"), PRIVACY_TABLES)
+def test_privacy_tables_are_checked_field_by_field_at_parse_time(key, body, field):
+    if field is None:
+        assert parse_plan(_privacy_plan(key, body)).privacy[key] == \
+            tomllib.loads(f"t = {{ {body} }}")["t"]
+        return
+    with pytest.raises(PlanError) as info:
+        parse_plan(_privacy_plan(key, body))
+    assert info.value.field == field
+    assert str(info.value).startswith(f"plan field {field} = ")
+
+
+def test_privacy_tables_follow_the_rules_the_sites_apply():
+    """What parse_plan accepts, fedge.train.privacy's configs (the agent's) accept too,
+    and what they refuse it refuses: a plan that passes submit is not refused later."""
+    from fedge.train.privacy import ClientDPConfig, DPConfig
+
+    configs = {"dp": DPConfig, "client_dp": ClientDPConfig}
+    for key, body, field in PRIVACY_TABLES:
+        try:
+            configs[key].from_dict(tomllib.loads(f"t = {{ {body} }}")["t"])
+            site_refuses = False
+        except ValueError:
+            site_refuses = True
+        assert site_refuses == (field is not None), (key, body)
+    assert set(DPConfig.__dataclass_fields__) == set(DP_KEYS)
+    assert set(ClientDPConfig.__dataclass_fields__) == set(CLIENT_DP_KEYS)
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ("dp = 3", "privacy.dp"),
+    ("client_dp = 3", "privacy.client_dp"),
+    ("client_dp = { clip_norm = 0.5, noise_multiplier = 0.5, cohort_size = 2.5 }",
+     "privacy.client_dp.cohort_size"),
+    ("client_dp = { clip_norm = 0.5, noise_multiplier = inf, cohort_size = 2 }",
+     "privacy.client_dp.noise_multiplier"),
+    ('dp = { noise_multiplier = "1.1" }', "privacy.dp.noise_multiplier"),
+    ("min_site_examples = 0", "privacy.min_site_examples"),
+])
+def test_privacy_values_that_are_not_numbers_of_the_right_kind_are_refused(body, field):
+    with pytest.raises(PlanError) as info:
+        parse_plan(GOOD.replace("dp = { noise_multiplier = 1.1, max_grad_norm = 1.0 }", body))
+    assert info.value.field == field

@@ -355,7 +355,13 @@ def _cmd_fleet(args: argparse.Namespace) -> int:
 
 def _cmd_jobs_submit(args: argparse.Namespace) -> int:
     def go(args: argparse.Namespace) -> int:
-        result, _ = _call(args, "jobs_submit", {"plan": args.plan.read_text()})
+        from fedge.coordinator.plan import PlanError, read_plan_file
+
+        try:
+            text = read_plan_file(args.plan)
+        except PlanError as exc:  # not text: refused here, nothing sent
+            return _fail(str(exc), 2)
+        result, _ = _call(args, "jobs_submit", {"plan": text})
         print(result["job_id"])
         return 0
 

@@ -53,11 +53,14 @@ Example::
 
 from __future__ import annotations
 
+import codecs
 import functools
 import hashlib
 import math
+import os
 import tomllib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fedge.train.model_names import MODEL_NAMES
@@ -169,6 +172,46 @@ class Plan:
 
 
 _TOP = ("job", "model", "train", "strategy", "secagg", "privacy", "deadlines")
+
+# Byte-order marks an editor may put in front of a plan (Windows Notepad saves
+# "Unicode" as UTF-16 LE with a BOM, or "UTF-8 with BOM"). UTF-32's come first: the
+# UTF-32 LE mark begins with the UTF-16 LE one.
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32-le"),
+    (codecs.BOM_UTF32_BE, "utf-32-be"),
+    (codecs.BOM_UTF8, "utf-8"),
+    (codecs.BOM_UTF16_LE, "utf-16-le"),
+    (codecs.BOM_UTF16_BE, "utf-16-be"),
+)
+
+
+def read_plan_file(path: str | os.PathLike[str]) -> str:
+    """The text of a plan file: UTF-8, or whatever encoding its byte-order mark names
+    (UTF-8, UTF-16 or UTF-32 with a BOM); the mark itself is not part of the text.
+
+    Raises:
+        OSError: the file cannot be read.
+        PlanError: the bytes are not text in that encoding, or hold NUL characters
+            (UTF-16 saved without a BOM); one line naming the file and the byte.
+    """
+    data = Path(path).read_bytes()
+    encoding, start = "utf-8", 0
+    for bom, name in _BOMS:
+        if data.startswith(bom):
+            encoding, start = name, len(bom)
+            break
+    try:
+        text = data[start:].decode(encoding)
+    except UnicodeDecodeError as exc:
+        at = start + exc.start
+        raise PlanError("<toml>", str(path),
+                        f"not {encoding.upper()} text: byte 0x{data[at]:02x} at offset {at} "
+                        "cannot be decoded; save the plan as UTF-8") from None
+    if "\x00" in text:
+        raise PlanError("<toml>", str(path),
+                        "holds NUL characters (UTF-16 saved without a byte-order mark?); "
+                        "save the plan as UTF-8")
+    return text
 
 
 def parse_plan(text: str) -> Plan:

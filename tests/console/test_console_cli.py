@@ -608,3 +608,30 @@ def test_an_unfinished_rotation_is_kept_until_finished_and_abandoned_only_if_nev
     assert main([*base, "rotate-keys", "--role", "targets"]) == 1
     assert "restore it from a backup" in capsys.readouterr().err
     assert (home / "pending-rotation.json").exists()
+
+
+def test_a_plan_saved_as_utf16_or_utf8_with_a_bom_is_submitted_as_its_text(
+        tmp_path, make_server, capsys):
+    """Windows Notepad saves "Unicode" (UTF-16 LE with a BOM) or "UTF-8 with BOM"."""
+    server = make_server()
+    base = ["console", "--home", str(server.console.home), "--timeout", "5"]
+    for encoding in ("utf-16", "utf-8-sig"):
+        plan = tmp_path / f"{encoding}.toml"
+        plan.write_bytes(PLAN.encode(encoding))
+        assert main([*base, "jobs", "submit", str(plan)]) == 0, capsys.readouterr().err
+        job = capsys.readouterr().out.strip()
+        assert server.coordinator.store.job(job).plan_toml == PLAN
+
+
+def test_a_plan_file_that_is_not_text_is_refused_in_one_line_with_exit_2(
+        tmp_path, make_server, capsys):
+    server = make_server()
+    base = ["console", "--home", str(server.console.home), "--timeout", "5"]
+    plan = tmp_path / "latin1.toml"
+    plan.write_bytes((PLAN + "# résumé\n").encode("latin-1"))
+    assert main([*base, "jobs", "submit", str(plan)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("fedge console: plan field <toml> = ") and str(plan) in err
+    assert "not UTF-8 text: byte 0xe9" in err and "save the plan as UTF-8" in err
+    assert server.coordinator.store.jobs() == []

@@ -6,7 +6,7 @@ import tomllib
 
 import pytest
 
-from fedge.coordinator.plan import CLIENT_DP_KEYS, DP_KEYS, PlanError, parse_plan
+from fedge.coordinator.plan import CLIENT_DP_KEYS, DP_KEYS, PlanError, parse_plan, read_plan_file
 
 GOOD = """
 [job]
@@ -250,3 +250,32 @@ def test_privacy_values_that_are_not_numbers_of_the_right_kind_are_refused(body,
     with pytest.raises(PlanError) as info:
         parse_plan(GOOD.replace("dp = { noise_multiplier = 1.1, max_grad_norm = 1.0 }", body))
     assert info.value.field == field
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-16-be",
+                                      "utf-32"])
+def test_a_plan_file_is_read_as_utf8_or_as_its_byte_order_mark_says(tmp_path, encoding):
+    text = GOOD.replace("seed = 7", "seed = 7  # Zürich, 東京")
+    data = text.encode(encoding)
+    if encoding in ("utf-16-le", "utf-16-be"):  # Notepad's "Unicode": with the mark
+        data = ("\ufeff" + text).encode(encoding)
+    path = tmp_path / "plan.toml"
+    path.write_bytes(data)
+    assert read_plan_file(path) == text
+    assert parse_plan(read_plan_file(path)).seed == 7
+
+
+@pytest.mark.parametrize(("data", "rule"), [
+    (GOOD.replace("seed = 7", "seed = 7  # résumé").encode("latin-1"),
+     "not UTF-8 text: byte 0xe9 at offset"),
+    (GOOD.encode("utf-16-le"), "holds NUL characters (UTF-16 saved without a byte-order mark?)"),
+    (b"\xff\xfe" + "[job]\n".encode("utf-16-le") + b"\x00", "not UTF-16-LE text"),
+])
+def test_a_plan_file_that_is_not_text_is_refused_in_one_line(tmp_path, data, rule):
+    path = tmp_path / "plan.toml"
+    path.write_bytes(data)
+    with pytest.raises(PlanError) as info:
+        read_plan_file(path)
+    assert info.value.field == "<toml>" and info.value.value == str(path)
+    assert rule in info.value.rule and "save the plan as UTF-8" in info.value.rule
+    assert "\n" not in str(info.value)

@@ -317,9 +317,9 @@ def _parse_plan(text: str) -> Plan:
     if ssettings.enabled and min_clients < 2:
         raise PlanError("job.min_clients", min_clients,
                         "must be >= 2 when secagg.enabled: a sum of one input reveals it")
-    _check_privacy(privacy, tsettings, rounds)
-    if sname == "scaffold":
+    if sname == "scaffold":  # first: no privacy table is allowed there, valid or not
         _check_scaffold(tsettings, privacy)
+    _check_privacy(privacy, tsettings, rounds)
     deadlines = Deadlines(
         cohort_s=_float(dead, "deadlines.cohort_s", lo=0.0, lo_open=True, default=60.0),
         train_s=_float(dead, "deadlines.train_s", lo=0.0, lo_open=True, default=600.0),

@@ -155,7 +155,7 @@ class JobRunner:
             self.coord.store.audit(SYSTEM, "round_started",
                                    {"job": self.job_id, "round": self.round.round})
         except (StoreError, sqlite3.Error) as exc:  # a full disk: the round runs unrecorded
-            self.coord._not_audited(f"round_started of job {self.job_id}", exc)
+            self.coord._not_written(f"round_started of job {self.job_id}", exc)
         return self.round
 
 
@@ -197,7 +197,7 @@ class Coordinator:
                                        every_s=REFUSAL_SUMMARY_S, max_keys=REFUSAL_KEYS)
         self._rejections = AuditThrottle(self.store.audit, verb="rejected",
                                          every_s=REFUSAL_SUMMARY_S, max_keys=REFUSAL_KEYS)
-        self._audit_failed_at = float("-inf")  # when an audit row last failed (_not_audited)
+        self._write_failed_at = float("-inf")  # when a record last failed (_not_written)
         # (job, error, when) of the last start of a job that failed on its checkpoint
         self._resume_failure: tuple[str, str, float] | None = None
         # Called with the new allow-list whenever enrolment changes (transport hook).
@@ -345,7 +345,7 @@ class Coordinator:
                                  {"curve_public": curve_public_z85, "reason": reason},
                                  self.clock())
         except (StoreError, sqlite3.Error) as exc:  # a full disk must not stop the transport
-            self._not_audited(f"connection_refused of {curve_public_z85}", exc)
+            self._not_written(f"connection_refused of {curve_public_z85}", exc)
 
     def handle_frames(self, site: str, frames: Sequence[Any]) -> None:
         """One multipart message from the authenticated ``site``.
@@ -478,6 +478,8 @@ class Coordinator:
                 reason=hb.reason, datasets=list(hb.datasets), current_task=hb.current_task)
         except StoreError as exc:
             self._reject(site, "unknown_site", str(exc))
+        except sqlite3.OperationalError as exc:  # a full disk: the site is still answered
+            self._not_written(f"heartbeat of {site}", exc)
 
     def _reject(self, site: str, action: str, reason: str) -> None:
         """Answer ``site`` with Rejected(reason), every time; log and audit the first
@@ -493,18 +495,18 @@ class Coordinator:
                                       self.clock()):
                 log.warning("rejected message from %s: %s", site, reason)
         except (StoreError, sqlite3.Error) as exc:  # a full disk: the answer still goes
-            self._not_audited(f"{action} of a message from {site}", exc)
+            self._not_written(f"{action} of a message from {site}", exc)
         self.outbox.append(Outgoing(site, m.Rejected(reason)))
 
-    def _not_audited(self, what: str, exc: Exception) -> None:
-        """An audit row the database cannot take now (disk full): logged, at most once
-        per FINISH_RETRY_S, never raised. The event itself goes on; its record is what
-        a full disk costs."""
+    def _not_written(self, what: str, exc: Exception) -> None:
+        """A record the database cannot take now (disk full): logged, at most once per
+        FINISH_RETRY_S, never raised. The event itself goes on; its record is what a
+        full disk costs."""
         now = self.clock()
-        if now - self._audit_failed_at >= FINISH_RETRY_S:
-            self._audit_failed_at = now
-            log.error("%s not audited (audit rows failing; next report in %g s): %s: %s",
-                      what, FINISH_RETRY_S, type(exc).__name__, exc)
+        if now - self._write_failed_at >= FINISH_RETRY_S:
+            self._write_failed_at = now
+            log.error("%s not written to the database (writes failing; next report in "
+                      "%g s): %s: %s", what, FINISH_RETRY_S, type(exc).__name__, exc)
 
     # -- driving --------------------------------------------------------------------
 
@@ -524,7 +526,7 @@ class Coordinator:
                 try:
                     throttle.flush(now)
                 except (StoreError, sqlite3.Error) as exc:  # counted; flushed when it can be
-                    self._not_audited(f"a summary of {throttle.verb} events", exc)
+                    self._not_written(f"a summary of {throttle.verb} events", exc)
         if self.runner is None:
             self._start_next_job(now)
             if self.runner is None:
@@ -607,7 +609,7 @@ class Coordinator:
                                  {"job": runner.job_id, "round": rnd.round,
                                   "error": error[:500]})
             except (StoreError, sqlite3.Error) as audit_exc:
-                self._not_audited(f"round_commit_failed of job {runner.job_id}", audit_exc)
+                self._not_written(f"round_commit_failed of job {runner.job_id}", audit_exc)
             return
         runner.commit_failed_at = float("-inf")
         runner.commit_error = ""
@@ -728,7 +730,7 @@ class Coordinator:
             self.store.audit(SYSTEM, "job_resume_failed",
                              {"job": job_id, "round": committed, "error": error[:500]})
         except (StoreError, sqlite3.Error) as exc:
-            self._not_audited(f"job_resume_failed of job {job_id}", exc)
+            self._not_written(f"job_resume_failed of job {job_id}", exc)
 
     def _round0(self, job_id: str, plan: Plan) -> np.ndarray:
         path = ck.round_path(self.state_dir, job_id, 0)

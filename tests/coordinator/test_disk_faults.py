@@ -17,8 +17,11 @@ import sqlite3
 
 import numpy as np
 
+from fedge import __version__
 from fedge.coordinator import checkpoint as ck
 from fedge.coordinator.rounds import Phase
+from fedge.wire import codec
+from fedge.wire import messages as m
 
 PLAN = """
 [job]
@@ -136,20 +139,29 @@ def test_a_full_database_at_a_round_commit_neither_raises_nor_loses_the_round(
 
     asyncio.run(go())
     give_room = fill_database(fed.coord.store)
-    t_full = fed.clock.t
 
     async def full():
         await fed.pump(until=lambda: fed.coord.runner.commit_error != "", advance=1.0)
-        await fed.heartbeats()  # recorded nowhere: SQLITE_FULL, answered all the same
-        await fed.pump(until=lambda: fed.clock.t > t_full + 25, advance=1.0)
+        t = fed.clock.t
+        await fed.pump(until=lambda: fed.clock.t > t + 25, advance=1.0)
 
     with caplog.at_level(logging.ERROR, logger="fedge.coordinator"):
         asyncio.run(full())
+        # a heartbeat with news to record (its health grew): SQLITE_FULL, answered anyway
+        fed.clock.t += 11  # past the last "not written" line, which comes once per 10 s
+        fed.coord.outbox.clear()
+        hb = m.Heartbeat(site="a", version=__version__, eligible=True, reason="",
+                         health_json=json.dumps({"note": "x" * 20000}),
+                         datasets=["synthetic"], current_task="")
+        fed.coord.handle_frames("a", [bytes(f) for f in codec.encode(hb, sender="a")])
+    assert type(fed.coord.outbox[0].body) is m.HeartbeatAck
     assert fed.coord.store.job(job).committed_round == 1
     assert fed.coord.runner.round.round == 2 and fed.coord.runner.round.phase is Phase.DONE
     assert "database or disk is full" in fed.coord.runner.commit_error
     assert str(fed.coord.store.path) in fed.coord.runner.commit_error
     assert caplog.text.count(f"job {job} round 2 not committed") >= 2  # retried
+    assert "heartbeat of a not written to the database" in caplog.text  # logged, not
+    assert "internal error" not in caplog.text                           # a traceback
 
     give_room()
 

@@ -29,7 +29,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD = REPO / "packaging" / "build_deb.py"
-UNITS = ("fedge-agent.service", "fedge-coordinator.service")
+UNITS = ("fedge-agent.service", "fedge-coordinator.service", "fedge-nvidia-uvm.service",
+         "fedge-serve.service")
 
 TOOLS = ("dpkg", "dpkg-deb", "systemd-analyze", "git")
 missing = [t for t in TOOLS if shutil.which(t) is None]
@@ -95,8 +96,9 @@ def test_deb_is_named_and_described_as_debian_expects(debs: tuple[Path, Path]) -
     assert re.search(r"^Depends: .*python3\.11.*adduser", fields, re.M)
     contents = sh("dpkg-deb", "--contents", str(v1)).stdout
     for path in ("./usr/bin/fedge -> ../lib/fedge/bin/fedge",
-                 "./lib/systemd/system/fedge-agent.service",
-                 "./etc/fedge/agent.toml", "./usr/share/doc/fedge/copyright"):
+                 *(f"./lib/systemd/system/{unit}" for unit in UNITS),
+                 "./etc/fedge/agent.toml", "./etc/fedge/serve.env",
+                 "./usr/share/doc/fedge/copyright"):
         assert path in contents, path
     assert "build/deb" not in contents
     print(f"package size: {v1.stat().st_size / 2**20:.1f} MiB")
@@ -120,7 +122,9 @@ def test_install_upgrade_remove_purge(debs: tuple[Path, Path]) -> None:
     cred = os.stat("/etc/fedge/credentials/agent")
     assert (cred.st_uid, stat.S_IMODE(cred.st_mode)) == (0, 0o700)
     conffiles = sh("dpkg-query", "-W", "-f=${Conffiles}", "fedge").stdout
-    assert "/etc/fedge/agent.toml" in conffiles and "/etc/fedge/coordinator.toml" in conffiles
+    for conffile in ("/etc/fedge/agent.toml", "/etc/fedge/coordinator.toml",
+                     "/etc/fedge/serve.env"):
+        assert conffile in conffiles, conffile
     # the health report runs from the installed tree, as the service user would
     health = sh("/usr/lib/fedge/bin/python", "-m", "fedge.health", "--state-dir", "/var/lib/fedge",
                 "--allow-cpu-only", check=False, cwd="/")
@@ -131,11 +135,13 @@ def test_install_upgrade_remove_purge(debs: tuple[Path, Path]) -> None:
     verify = sh("systemd-analyze", "verify", "--man=no", *unit_paths, check=False)
     assert verify.returncode == 0 and verify.stderr.strip() == "" and verify.stdout.strip() == "", (
         verify.stdout + verify.stderr)
-    security = sh("systemd-analyze", "security", "--offline=true", "--no-pager", unit_paths[0])
-    exposure = float(re.search(r"Overall exposure level for \S+: (\d+\.\d+)",
-                               security.stdout).group(1))
-    print(f"agent exposure: {exposure}")
-    assert exposure <= 2.0
+    for unit in ("fedge-agent.service", "fedge-serve.service"):
+        security = sh("systemd-analyze", "security", "--offline=true", "--no-pager",
+                      f"/lib/systemd/system/{unit}")
+        exposure = float(re.search(r"Overall exposure level for \S+: (\d+\.\d+)",
+                                   security.stdout).group(1))
+        print(f"{unit} exposure: {exposure}")
+        assert exposure <= 2.0
 
     # -- state and local configuration an upgrade must keep
     marker = Path("/var/lib/fedge/identity.marker")
@@ -169,7 +175,8 @@ def test_install_upgrade_remove_purge(debs: tuple[Path, Path]) -> None:
     # -- purge: everything goes
     sh("dpkg", "--purge", "fedge")
     assert dpkg_status() == ""
-    for path in ("/var/lib/fedge", "/var/log/fedge", "/etc/fedge", "/usr/lib/fedge"):
+    for path in ("/var/lib/fedge", "/var/lib/fedge-coordinator", "/var/log/fedge", "/etc/fedge",
+                 "/usr/lib/fedge"):
         assert not Path(path).exists(), path
     with pytest.raises(KeyError):
         pwd.getpwnam("fedge")

@@ -95,10 +95,10 @@ def _submit(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if cfg is None:
         return 2
-    from fedge.coordinator.plan import PlanError, parse_plan
+    from fedge.coordinator.plan import PlanError, parse_plan, read_plan_file
 
     try:
-        text = args.plan.read_text()
+        text = read_plan_file(args.plan)
         parse_plan(text)
     except (OSError, PlanError) as exc:
         print(f"fedge coordinator submit: {exc}", file=sys.stderr)

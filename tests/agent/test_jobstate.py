@@ -86,7 +86,7 @@ def test_agent_reloads_committed_scaffold_controls_after_a_restart(tmp_path):
     from fedge.agent.runtime import _Task
     from fedge.coordinator.plan import parse_plan
 
-    plan = parse_plan('[job]\ndataset = "synthetic"\nrounds = 3\n[model]\nname = "x"\n'
+    plan = parse_plan('[job]\ndataset = "synthetic"\nrounds = 3\n[model]\nname = "linear"\n'
                       '[train]\nsteps = 1\nbatch_size = 8\nlearning_rate = 0.1\n'
                       '[strategy]\nname = "scaffold"\n[secagg]\nenabled = false\n')
     first = Agent("site-0", SyntheticTrainer("site-0"), job_state=JobStateStore(tmp_path),

@@ -18,6 +18,8 @@ w_i = weight_scale · n_i, weight_scale = min(1, c) / max_j n_j over the
 aggregation cohort. Hence every coordinate lies in [−c, c], the quantiser's
 range; the coordinator divides Σ w_i·Δ_i by Σ w_i (the last coordinate) and
 obtains the example-weighted mean update, whatever the common scale.
+Under DP-FedAvg (plan ``privacy.client_dp``) every agent sends w_i = min(1, c)
+instead, so the result is the unweighted mean its noise shares are sized for.
 
 SCAFFOLD (plan strategy ``scaffold``): the task carries the server control
 variate c, and each input is concat(w_i·Δ_i, w_i·Δc_i, [w_i]) (2d + 1 values,

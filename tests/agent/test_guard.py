@@ -303,3 +303,36 @@ def test_agent_config_privacy_table(tmp_path: Path) -> None:
             load_config(cfg)
     with pytest.raises(PrivacyPolicyError):
         PrivacyPolicy.from_config([])  # type: ignore[arg-type]
+
+
+def test_dp_fedavg_sums_an_unweighted_mean_so_the_noise_is_the_plans_whatever_the_sizes() -> None:
+    """Each site's noise share N(0, (zS)^2/K) is sized for the unweighted mean of K
+    updates. Weighted by example counts (200, 50, 50) the largest site would move the
+    mean by more than S/K while the noise stayed the same: an effective z below the
+    plan's. The agent weighs every DP-FedAvg update alike, whatever the coordinator's
+    weight scale."""
+    from fedge.agent.runtime import _Task
+    from fedge.agent.trainer import LocalResult
+    from fedge.train.privacy import ClientDPConfig, dp_fedavg_privatise
+
+    z, clip_norm, sizes, d = 1.0, 0.5, (200, 50, 50), 20000
+    text = SECURE.replace("clip = 0.25", "clip = 10.0") + (
+        f"[privacy.client_dp]\nclip_norm = {clip_norm}\nnoise_multiplier = {z}\n"
+        f"cohort_size = {len(sizes)}\n")
+    plan = parse_plan(text)
+    cfg = ClientDPConfig(clip_norm, z, len(sizes))
+    agent = Agent("site-a", SyntheticTrainer("site-a"))
+    zero = np.zeros(d, np.float32)
+    scale = 1.0 / max(sizes)  # what a coordinator sends: min(1, c) / max n
+    vectors = []
+    for n in sizes:
+        noised, _ = dp_fedavg_privatise(zero, cfg)  # a zero update: pure noise
+        task = _Task("j", 1, plan, zero, b"\0" * 32, b"\1" * 16,
+                     local=LocalResult(noised.astype(np.float32), n))
+        vectors.append(agent.input_vector(task, scale))
+    total = np.sum(vectors, axis=0, dtype=np.float64)
+    mean = total[:-1] / total[-1]  # what the coordinator computes
+    weights = [v[-1] for v in vectors]
+    assert weights[0] == weights[1] == weights[2]
+    influence = clip_norm * max(weights) / sum(weights)  # one site's largest effect
+    assert float(np.std(mean)) / influence == pytest.approx(z, rel=0.05)

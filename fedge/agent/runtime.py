@@ -46,7 +46,7 @@ from fedge.agent.jobstate import JobStateStore
 from fedge.agent.trainer import LocalResult, TaskRefusal, Trainer
 from fedge.coordinator.checkpoint import model_digest
 from fedge.coordinator.plan import Plan, PlanError, parse_plan
-from fedge.coordinator.rounds import context_digest
+from fedge.coordinator.rounds import SECAGG_PROTOCOL, context_digest
 from fedge.coordinator.secure import secagg_config
 from fedge.wire import codec
 from fedge.wire import messages as m
@@ -191,7 +191,7 @@ class Agent:
         await self.send(m.Heartbeat(
             site=self.site, version=__version__, health_json=json.dumps(report, default=str),
             eligible=eligible, reason=reason, datasets=self.trainer.datasets(),
-            current_task=self._busy))
+            current_task=self._busy, secagg_protocol=SECAGG_PROTOCOL))
 
     # -- incoming -------------------------------------------------------------------
 

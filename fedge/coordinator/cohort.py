@@ -8,7 +8,7 @@ so an operator can see why a site sat a round out.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from fedge.coordinator.store import Appliance
@@ -45,9 +45,16 @@ class Selection:
 
 
 def select_cohort(appliances: Iterable[Appliance], *, connected: set[str], dataset: str,
-                  busy: set[str] | None = None) -> Selection:
-    """Split the fleet into candidates and excluded sites (with the reason)."""
+                  busy: set[str] | None = None,
+                  protocols: Mapping[str, int] | None = None,
+                  secure_protocol: int | None = None) -> Selection:
+    """Split the fleet into candidates and excluded sites (with the reason).
+
+    ``secure_protocol``: for a secure job, the secure-aggregation protocol the
+    coordinator speaks; a site whose ``protocols`` entry (from its heartbeats) differs
+    is left out, as its masks would not cancel with the others'."""
     busy = busy or set()
+    protocols = protocols or {}
     appliances = list(appliances)
     candidates: list[str] = []
     excluded: dict[str, str] = {}
@@ -62,6 +69,10 @@ def select_cohort(appliances: Iterable[Appliance], *, connected: set[str], datas
             excluded[a.site_id] = f"does not hold data set {dataset!r}"
         elif a.site_id in busy:
             excluded[a.site_id] = "busy with another task"
+        elif secure_protocol is not None and protocols.get(a.site_id, 1) != secure_protocol:
+            excluded[a.site_id] = (
+                f"speaks secure-aggregation protocol {protocols.get(a.site_id, 1)}, this "
+                f"coordinator {secure_protocol}: update the appliance")
         else:
             candidates.append(a.site_id)
     enrolled = sum(1 for a in appliances if a.status == "enrolled")

@@ -87,6 +87,13 @@ def derive_seed(job_seed: int, rnd: int, site: str, purpose: str) -> bytes:
     return h.digest()[:16]
 
 
+# The secure-aggregation protocol this code speaks: what keys the masks and the share
+# encryption (the round context below). Sites speaking another are left out of secure
+# cohorts (fedge.coordinator.cohort); raise it whenever that derivation changes.
+# 1: the model digest alone; 2: context_digest.
+SECAGG_PROTOCOL = 2
+
+
 def context_digest(model_digest: bytes, plan_text: str, weight_scale: float,
                    cohort: list[str], server_control: np.ndarray | None) -> bytes:
     """What every site of one secure aggregation must have been given alike, hashed:
@@ -97,7 +104,7 @@ def context_digest(model_digest: bytes, plan_text: str, weight_scale: float,
     that gives one site other weights, another plan (a learning rate of 0) or another
     weight scale (0: the sum would be one site's update) gets noise, not a sum.
     """
-    h = hashlib.sha256(b"fedge/round-context/v1")
+    h = hashlib.sha256(f"fedge/round-context/v{SECAGG_PROTOCOL}".encode())
     control = (b"" if server_control is None
                else np.ascontiguousarray(server_control, dtype="<f4").tobytes())
     for part in (bytes(model_digest), plan_text.encode(), struct.pack("<d", weight_scale),

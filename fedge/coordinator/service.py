@@ -40,7 +40,13 @@ from fedge.coordinator import checkpoint as ck
 from fedge.coordinator.auditlimit import AuditThrottle
 from fedge.coordinator.cohort import Selection, select_cohort
 from fedge.coordinator.plan import Plan, PlanError, parse_plan
-from fedge.coordinator.rounds import AggregationFactory, Phase, Round, plain_factory
+from fedge.coordinator.rounds import (
+    SECAGG_PROTOCOL,
+    AggregationFactory,
+    Phase,
+    Round,
+    plain_factory,
+)
 from fedge.coordinator.store import Store, StoreError
 from fedge.coordinator.strategies import Strategy
 from fedge.wire import codec
@@ -102,6 +108,7 @@ class _Conn:
     seen_set: set[str] = field(default_factory=set)
     last_heartbeat: tuple[Any, ...] = ()
     persisted_at: float = float("-inf")
+    secagg_protocol: int = 1  # from its heartbeats (fedge.coordinator.rounds)
 
     def seen(self, msg_id: str) -> bool:
         if msg_id in self.seen_set:
@@ -465,6 +472,7 @@ class Coordinator:
         # Persist only what changed, or once per HEARTBEAT_PERSIST_S: a fleet of
         # hundreds beating every second must not turn into hundreds of fsyncs.
         conn = self.conns[site]
+        conn.secagg_protocol = hb.secagg_protocol
         now = self.clock()
         key = (hb.version, hb.health_json, hb.eligible, hb.reason, tuple(hb.datasets),
                hb.current_task)
@@ -547,8 +555,11 @@ class Coordinator:
             if not self._connected(site, now):
                 self._emit(rnd, rnd.lost(site, now))
         if rnd.phase is Phase.WAITING_COHORT:
-            sel = select_cohort(self.store.appliances(), connected=self.connected_sites(now),
-                                dataset=runner.plan.dataset)
+            sel = select_cohort(
+                self.store.appliances(), connected=self.connected_sites(now),
+                dataset=runner.plan.dataset,
+                protocols={s: c.secagg_protocol for s, c in self.conns.items()},
+                secure_protocol=SECAGG_PROTOCOL if runner.plan.secagg.enabled else None)
             runner.selection = sel
             self._emit(rnd, rnd.offer(sel.candidates, now,
                                       why=sel.explain(runner.plan.min_clients)))

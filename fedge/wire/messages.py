@@ -64,6 +64,9 @@ class Heartbeat:
     reason: str
     datasets: list[str]
     current_task: str
+    # fedge.coordinator.rounds.SECAGG_PROTOCOL of the agent; absent from agents that
+    # predate it (protocol 1)
+    secagg_protocol: int = 1
 
 
 @message("heartbeat_ack")

@@ -27,3 +27,30 @@ def test_every_exclusion_has_its_reason(tmp_path):
         "nodata": "does not hold data set 'brca'",
         "busy": "busy with another task",
     }
+
+
+def test_a_secure_job_leaves_out_sites_speaking_another_secure_aggregation_protocol(tmp_path):
+    """Sites whose masks are keyed another way (an appliance not yet updated) would
+    turn every secure round into 'tampered' aborts; they are named and left out."""
+    from fedge.coordinator.rounds import SECAGG_PROTOCOL
+    from fedge.wire import codec
+    from fedge.wire import messages as m
+
+    store = Store(tmp_path)
+    for i, site in enumerate(["new", "old"]):
+        store.enrol(site, f"{i:040d}", ED, actor="t")
+        store.record_heartbeat(site, version="0.1.0", health={}, eligible=True, reason="",
+                               datasets=["brca"], current_task="")
+    # an agent from before the field existed sends none: it speaks protocol 1
+    frames = codec.encode(m.Heartbeat("old", "0.1.0", "{}", True, "", ["brca"], ""),
+                          sender="old")
+    assert codec.decode(frames, max_bytes=1 << 20).body.secagg_protocol == 1
+    protocols = {"new": SECAGG_PROTOCOL, "old": 1}
+    sel = select_cohort(store.appliances(), connected={"new", "old"}, dataset="brca",
+                        protocols=protocols, secure_protocol=SECAGG_PROTOCOL)
+    assert sel.candidates == ["new"]
+    assert sel.excluded == {"old": f"speaks secure-aggregation protocol 1, this coordinator "
+                                   f"{SECAGG_PROTOCOL}: update the appliance"}
+    plain = select_cohort(store.appliances(), connected={"new", "old"}, dataset="brca",
+                          protocols=protocols, secure_protocol=None)
+    assert plain.candidates == ["new", "old"]  # a plain job needs no common key derivation

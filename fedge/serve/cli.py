@@ -100,6 +100,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from fedge.systemd import setup_logging
+
+    # journald under systemd, else timestamped lines on stderr: which version was
+    # live when ("serving cox version 3") and why one was not ("not serving ...")
+    setup_logging("fedge-serve")
     from fedge.serve.server import serve
 
     try:

@@ -840,6 +840,8 @@ def serve(
         ValueError: invalid settings (see InferenceServer), or a repository path
             that exists but is not a directory.
         RuntimeError: the application failed to start (e.g. an unreadable repository).
+
+    Logging is the caller's: uvicorn's records go to the root logger.
     """
     import socket
 
@@ -865,6 +867,7 @@ def serve(
     config = uvicorn.Config(
         server_app, loop=loop, http=http, lifespan="on", access_log=False,
         log_level="warning", backlog=1024, timeout_keep_alive=30,
+        log_config=None,  # its records reach the root logger: the journal, under systemd
         proxy_headers=False,  # nothing here reads the client address
     )
     shown = f"[{host}]" if ":" in host else host

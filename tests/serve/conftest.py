@@ -7,10 +7,11 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -58,20 +59,30 @@ class RunningServer:
     host_port: str
     repo: ModelRepository
     process: subprocess.Popen[str]
+    # every line it has written (stdout and stderr), read as it comes: a server
+    # that logs into a pipe nobody reads stops once the pipe is full
+    output: list[str] = field(default_factory=list)
+    reader: threading.Thread | None = None
+
+    def log(self) -> str:
+        return "".join(self.output)
 
 
 _ANNOUNCE = re.compile(r"listening on http://127\.0\.0\.1:(\d+)")
 
 
 def start_server(
-    repo_root: Path, *extra: str, env: dict[str, str] | None = None
+    repo_root: Path,
+    *extra: str,
+    env: dict[str, str] | None = None,
+    preexec_fn: Callable[[], object] | None = None,
 ) -> RunningServer:
     """`fedge serve` on a free loopback port; waits (bounded) until it is live."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "fedge.cli", "serve", "--repository", str(repo_root),
          "--host", "127.0.0.1", "--port", "0", "--poll-interval", "0.1", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, preexec_fn=preexec_fn,
     )
     assert proc.stdout is not None
     deadline = time.monotonic() + 60
@@ -90,16 +101,24 @@ def start_server(
         proc.kill()
         raise AssertionError(f"fedge serve did not announce its port: {''.join(lines)}")
     url = f"http://127.0.0.1:{port}"
+    running = RunningServer(url, f"127.0.0.1:{port}", ModelRepository(repo_root), proc, lines)
+    running.reader = threading.Thread(target=_drain, args=(proc.stdout, lines), daemon=True)
+    running.reader.start()
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"{url}/v2/health/live", timeout=1).status_code == 200:
-                return RunningServer(url, f"127.0.0.1:{port}", ModelRepository(repo_root), proc)
+                return running
         except httpx.TransportError:
             pass
         assert proc.poll() is None, "fedge serve exited during start-up"
         time.sleep(0.05)
     proc.kill()
     raise AssertionError("fedge serve did not become live within 60 s")
+
+
+def _drain(stream: Iterable[str], lines: list[str]) -> None:
+    for line in stream:
+        lines.append(line)
 
 
 def stop_server(server: RunningServer) -> None:
@@ -110,6 +129,8 @@ def stop_server(server: RunningServer) -> None:
         except subprocess.TimeoutExpired:
             server.process.kill()
             server.process.wait(timeout=5)
+    if server.reader is not None:
+        server.reader.join(timeout=10)  # the pipe ends with the process
     if server.process.stdout:
         server.process.stdout.close()
 

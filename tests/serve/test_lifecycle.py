@@ -55,6 +55,34 @@ def test_systemd_gets_ready_watchdog_and_stopping(
     assert server.process.returncode in (0, -signal.SIGTERM)
 
 
+def test_the_log_says_which_version_is_served_and_why_one_is_not(
+    tmp_path: Path, cox_v1: tuple[Path, torch.nn.Module]
+) -> None:
+    import re
+
+    root = tmp_path / "repo"
+    ModelRepository(root).install("cox", cox_v1[0])
+    server = start_server(root)
+    try:
+        # a version copied in by hand that does not load (staged: it appears whole)
+        staging = root / "cox" / ".by-hand"
+        staging.mkdir()
+        (staging / "model.onnx").write_bytes(b"half a file")
+        staging.rename(root / "cox" / "2")
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and "not serving" not in server.log():
+            time.sleep(0.05)
+    finally:
+        stop_server(server)
+    # journald under systemd; here, one timestamped line per record on stderr
+    pid = server.process.pid
+    log = server.log()
+    assert re.search(rf"^\S+ \S+ fedge-serve\[{pid}\] INFO fedge.serve: serving cox version 1$",
+                     log, re.M), log
+    assert re.search(rf"^\S+ \S+ fedge-serve\[{pid}\] WARNING fedge.serve: not serving cox "
+                     r"version 2: cannot load", log, re.M), log
+
+
 def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
     import subprocess
     import sys

@@ -40,6 +40,16 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _timeout(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value} must be a finite number of seconds > 0")
+    return value
+
+
 def _milliseconds(text: str) -> float:
     try:
         value = float(text)
@@ -80,6 +90,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--inline-budget-ms", type=_milliseconds, default=2.0,
                        help="requests estimated (single-row time measured at load x rows) to "
                             "take longer run on a worker thread, not the event loop (default 2)")
+    serve.add_argument("--max-connections", type=_positive_int, default=1000,
+                       help="client connections open at once; one more closes the one that has "
+                            "waited longest on its client (default 1000, lowered to fit the "
+                            "open-file limit)")
+    serve.add_argument("--idle-timeout", type=_timeout, default=30.0,
+                       help="seconds a connection may wait before beginning a request "
+                            "(default 30)")
+    serve.add_argument("--request-timeout", type=_timeout, default=60.0,
+                       help="seconds from a request's first byte to its last, headers and body "
+                            "(default 60; then 408 and the connection is closed)")
     serve.set_defaults(func=_serve)
 
     export = subparsers.add_parser("export", help="export a finished job's model to ONNX")
@@ -111,7 +131,8 @@ def _serve(args: argparse.Namespace) -> int:
         serve(
             args.repository, host=args.host, port=args.port, poll_interval=args.poll_interval,
             max_body_bytes=args.max_body_bytes, threads=args.threads,
-            inline_budget_s=args.inline_budget_ms / 1000,
+            inline_budget_s=args.inline_budget_ms / 1000, max_connections=args.max_connections,
+            idle_timeout_s=args.idle_timeout, request_timeout_s=args.request_timeout,
             announce=lambda line: print(line, flush=True),
         )
     except (OSError, ValueError, RuntimeError) as exc:

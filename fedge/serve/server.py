@@ -28,9 +28,17 @@ independent at load (`LoadedModel.batchable`). Nothing waits for a batch to
 fill; it only shares the fixed cost of a run, which for the Cox model is most
 of the inference.
 
+Connections (`_Connections`): a connection waiting on its client has a deadline
+(`idle_timeout_s` to begin a request, `request_timeout_s` from its first byte to
+its last), and at most `max_connections` are open; one more evicts the
+connection that has waited longest on its client. Half-sent requests therefore
+neither pile up nor use up the file descriptors that the health checks and the
+repository watcher need.
+
 Errors: every client mistake is a 4xx with the protocol's `{"error": "..."}`
 body (400 malformed/invalid, 404 unknown model/version/route, 405 wrong
-method, 413 oversized body); the server never answers 500 for a client's input.
+method, 408 request not in within its deadline, 413 oversized body); the server
+never answers 500 for a client's input.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ import functools
 import gc
 import itertools
 import logging
+import math
 import re
 import time
 import zlib
@@ -92,6 +101,14 @@ DEFAULT_MAX_BODY = 64 * 1024 * 1024
 # event loop (which would stall every other client meanwhile).
 DEFAULT_INLINE_BUDGET_S = 0.002
 DIRECT_MAX_BYTES = 1024 * 1024  # larger bodies take the ASGI lane (streamed, capped)
+DEFAULT_MAX_CONNECTIONS = 1000
+DEFAULT_IDLE_TIMEOUT_S = 30.0  # to begin a request (a fresh or a keep-alive connection)
+# From a request's first byte to its last: a 64 MiB body needs about 9 Mbit/s.
+DEFAULT_REQUEST_TIMEOUT_S = 60.0
+# Descriptors kept free of client connections: the listening socket, logs, model
+# files being loaded, the watcher's directory scans.
+FD_RESERVE = 64
+_NEVER = math.inf
 # POST /v2/repository/index is served too, but not the rest of Triton's
 # model_repository extension (load/unload), so it is not advertised.
 EXTENSIONS = ["binary_tensor_data", "model_configuration"]
@@ -169,6 +186,17 @@ class Metrics:
             buckets=(2, 4, 8, 16, 32, 64), registry=self.registry,
         )
         self.observe = self.infer.observe
+        self.open_connections = Gauge(
+            "fedge_serve_open_connections", "Client connections open now",
+            registry=self.registry,
+        )
+        self.connections_closed = Counter(
+            "fedge_serve_connections_closed",
+            "Client connections the server closed on its own: idle_timeout, request_timeout "
+            "(408), evicted (at the connection limit, the one waiting longest on its client), "
+            "refused (at the limit with every connection busy, 503)",
+            ["reason"], registry=self.registry,
+        )
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -182,6 +210,100 @@ class _ClientGone(Exception):
     pass
 
 
+class _Connections:
+    """The server's client connections: their deadlines and how many may be open.
+
+    A connection waits either on its client (fresh, between requests, or with a
+    request still arriving) or on the server (a request read, its response not
+    written yet). Waiting on the client has a deadline: `idle_timeout_s` to begin
+    a request, `request_timeout_s` from a request's first byte to its last. Past
+    it the connection is closed, after a 408 when a request was under way.
+    Waiting on the server has none: a slow model is not the client's doing.
+
+    At most `limit` connections are open. One more evicts the connection that has
+    waited longest on its client (a half-sent request, an idle keep-alive
+    connection, or one whose client stopped reading its responses); if every
+    connection is waiting on the server, the newcomer gets a 503 instead. A flood
+    of half-sent requests can thus neither use up the process's file descriptors
+    nor lock out the health checks: each new connection displaces an old one.
+
+    One timer checks every deadline each `tick` seconds, rather than one timer
+    per request: on the request path a deadline is a float assignment.
+    """
+
+    def __init__(self, limit: int, idle_timeout_s: float, request_timeout_s: float,
+                 metrics: Metrics):
+        self.limit = limit
+        self.idle_timeout_s = idle_timeout_s
+        self.request_timeout_s = request_timeout_s
+        self.tick = min(1.0, idle_timeout_s / 4, request_timeout_s / 4)
+        self.open: set[Any] = set()
+        self._metrics = metrics
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
+        self._unreported: dict[str, int] = {}
+        self._next_report = 0.0
+        metrics.open_connections.set_function(lambda: len(self.open))
+
+    def admit(self, conn: Any) -> bool:
+        """Count a new connection in; False when it must be refused (the caller says why).
+
+        At the limit, the connection waiting longest on its client is closed to
+        make room.
+        """
+        self.open.add(conn)
+        loop = conn.loop
+        if self._timer is None or self._timer_loop is not loop:
+            self._timer_loop = loop
+            self._timer = loop.call_later(self.tick, self._sweep)
+        if len(self.open) <= self.limit:
+            return True
+        victim = None
+        oldest = _NEVER
+        for other in self.open:
+            since = other.waiting_on_client_since()
+            if since is not None and since < oldest and other is not conn:
+                victim, oldest = other, since
+        if victim is None:
+            self.note("refused")
+            return False
+        victim.evict()
+        self.note("evicted")
+        return True
+
+    def drop(self, conn: Any) -> None:
+        self.open.discard(conn)
+
+    def note(self, reason: str) -> None:
+        """Count a connection the server closed; anything but idle timeouts is also
+        logged, at most once a minute (a flood must not flood the journal too)."""
+        self._metrics.connections_closed.labels(reason).inc()
+        if reason != "idle_timeout":
+            self._unreported[reason] = self._unreported.get(reason, 0) + 1
+            self._report()
+
+    def _report(self) -> None:
+        now = time.monotonic()
+        if self._unreported and now >= self._next_report:
+            counts = ", ".join(f"{n} {why}" for why, n in sorted(self._unreported.items()))
+            log.warning(
+                "closed client connections: %s (limit %d open connections; a request must "
+                "arrive within %g s; see fedge_serve_connections_closed)",
+                counts, self.limit, self.request_timeout_s,
+            )
+            self._unreported.clear()
+            self._next_report = now + 60
+
+    def _sweep(self) -> None:
+        loop = self._timer_loop
+        assert loop is not None
+        now = loop.time()
+        for conn in [c for c in self.open if c.deadline <= now]:
+            conn.deadline_passed(now)
+        self._report()
+        self._timer = loop.call_later(self.tick, self._sweep) if self.open else None
+
+
 class InferenceServer:
     """The ASGI application: `InferenceServer(root)` is what uvicorn runs."""
 
@@ -193,13 +315,22 @@ class InferenceServer:
         max_body_bytes: int = DEFAULT_MAX_BODY,
         threads: int | None = None,
         inline_budget_s: float = DEFAULT_INLINE_BUDGET_S,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
+        request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
     ):
-        """Raises: ValueError for a non-positive poll interval or body limit, or a
-        negative inline budget."""
+        """Raises: ValueError for a non-positive poll interval, body limit, connection
+        limit or timeout, or a negative inline budget."""
         if not max_body_bytes > 0:
             raise ValueError(f"max_body_bytes {max_body_bytes!r} must be > 0")
         if not inline_budget_s >= 0:
             raise ValueError(f"inline_budget_s {inline_budget_s!r} must be >= 0 seconds")
+        if not max_connections >= 1:
+            raise ValueError(f"max_connections {max_connections!r} must be >= 1")
+        for what, seconds in (("idle_timeout_s", idle_timeout_s),
+                              ("request_timeout_s", request_timeout_s)):
+            if not 0 < seconds < _NEVER:
+                raise ValueError(f"{what} {seconds!r} must be a finite number of seconds > 0")
         self.repo = ModelRepository(repository)
         self.store = ModelStore(threads=threads)
         self.metrics = Metrics()
@@ -210,6 +341,8 @@ class InferenceServer:
         # every core through onnxruntime's intra-op pool, so running several at
         # once would only oversubscribe the CPUs.
         self._heavy = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedge-infer")
+        self.connections = _Connections(max_connections, idle_timeout_s, request_timeout_s,
+                                        self.metrics)
         # direct-lane requests read in the current loop step (see `submit`)
         self._batch: list[tuple[LoadedModel, InferRequest, Any]] = []
         self.store.on_swap = self._swapped
@@ -730,21 +863,102 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
     except ImportError:  # pragma: no cover - httptools missing: uvicorn's pure-Python h11
         return loop, "h11"
 
+    connections = app.connections
+
     class InferenceHttpProtocol(HttpToolsProtocol):
-        """uvicorn's httptools protocol, answering cheap inference requests itself."""
+        """uvicorn's httptools protocol, answering cheap inference requests itself,
+        with the deadlines and the connection limit of `_Connections`."""
 
         _direct: _Direct | None = None
         _owed: _Direct | None = None  # a direct-lane request not answered yet
+        # loop time by which the client must act; _NEVER while the server owes it
+        deadline: float = _NEVER
+        _since: float | None = None  # waiting on the client since (loop time)
+        _stalled: float | None = None  # the client stopped reading responses since
+        _reading = False  # between a request's first byte and its last
+        _in_headers = False  # ... and before the end of its headers
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             # uvloop's transports are not asyncio.Transport subclasses: duck-typed
             super().connection_made(_CoalescingTransport(transport))  # type: ignore[arg-type]
+            self._wait_on_client(connections.idle_timeout_s)
+            if not connections.admit(self):
+                self._close_with(503, f"the server is at its limit of {connections.limit} "
+                                      "connections, all of them busy; try again shortly")
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            connections.drop(self)
+            super().connection_lost(exc)
+
+        def _wait_on_client(self, timeout_s: float) -> None:
+            now = self.loop.time()
+            self._since = now
+            self.deadline = now + timeout_s
+
+        def waiting_on_client_since(self) -> float | None:
+            """Since when this connection has waited on its client (-inf: closing
+            already), or None while the server owes it something."""
+            if self.transport.is_closing():
+                return -_NEVER
+            return self._since if self._since is not None else self._stalled
+
+        def evict(self) -> None:
+            self.deadline = _NEVER
+            self.transport.abort()  # not close(): that would wait for a stalled reader
+
+        def deadline_passed(self, now: float) -> None:
+            self.deadline = _NEVER
+            if self.transport.is_closing():
+                return
+            if not self._reading:  # no request begun within the idle timeout
+                connections.note("idle_timeout")
+                self.transport.close()
+                return
+            if self._owes_response() or self.flow.read_paused:
+                # the server has yet to answer (or to read) what came before:
+                # not the client's delay
+                self.deadline = now + connections.request_timeout_s
+                return
+            connections.note("request_timeout")
+            message = (f"the request did not arrive in full within "
+                       f"{connections.request_timeout_s:g} s")
+            if (self._in_headers or self._direct is not None or self.cycle is None
+                    or not self.cycle.response_started):
+                self._close_with(408, message)
+            else:  # answered already (a 413 before the body): nothing more to say
+                self.transport.close()
+
+        def _owes_response(self) -> bool:
+            if self._owed is not None or self.pipeline:
+                return True
+            # until the headers are in, self.cycle is the previous request's
+            return self._in_headers and self.cycle is not None and not self.cycle.response_complete
+
+        def _close_with(self, status: int, message: str) -> None:
+            payload = error_body(message)
+            self.transport.write(b"".join([
+                STATUS_LINE[status], _default_headers(self.server_state.default_headers),
+                b"content-type: application/json\r\ncontent-length: ",
+                str(len(payload)).encode(), b"\r\nconnection: close\r\n\r\n", payload,
+            ]))
+            self.transport.close()
+
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            self._stalled = self.loop.time()
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            self._stalled = None
 
         def on_message_begin(self) -> None:
             self._direct = None
+            self._reading = self._in_headers = True
+            self.deadline = self.loop.time() + connections.request_timeout_s
             super().on_message_begin()
 
         def on_headers_complete(self) -> None:
+            self._in_headers = False
             self._direct = self._take_direct()
             if self._direct is None:
                 super().on_headers_complete()
@@ -781,10 +995,17 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
                 self._direct.body += body  # b"" + chunk is the chunk itself
 
         def on_message_complete(self) -> None:
+            self._reading = False
             direct = self._direct
             if direct is None:
+                if self.cycle is not None and self.cycle.response_complete:
+                    # answered before its body was in (a 413): idle from now on
+                    self._wait_on_client(connections.idle_timeout_s)
+                else:
+                    self._since, self.deadline = None, _NEVER
                 super().on_message_complete()
                 return
+            self._since, self.deadline = None, _NEVER
             self._direct = None
             self._owed = direct  # until it is answered, this connection's next request
             # takes the ASGI lane, whose task runs after the batch: responses keep order
@@ -819,6 +1040,15 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
             else:  # a pipelined ASGI request is under way; its end arms the timeout
                 self.server_state.total_requests += 1
 
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if self.transport.is_closing():
+                return
+            if self._reading:  # the next request is still arriving: the client's turn
+                self._since = self.loop.time()
+            elif self.timeout_keep_alive_task is not None:  # uvicorn found nothing queued
+                self._wait_on_client(connections.idle_timeout_s)
+
     return loop, InferenceHttpProtocol
 
 
@@ -831,17 +1061,23 @@ def serve(
     max_body_bytes: int = DEFAULT_MAX_BODY,
     threads: int | None = None,
     inline_budget_s: float = DEFAULT_INLINE_BUDGET_S,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
+    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
     announce: Callable[[str], None] = print,
 ) -> None:
     """Bind `host:port` (0: any free port), announce the URL, serve until SIGINT/SIGTERM.
 
+    The soft limit on open files is raised to the hard limit, and the connection
+    limit lowered to fit under it (`FD_RESERVE` descriptors kept for the rest).
+    Logging is the caller's: uvicorn's records go to the root logger.
+
     Raises:
         OSError: the address cannot be bound.
-        ValueError: invalid settings (see InferenceServer), or a repository path
-            that exists but is not a directory.
+        ValueError: invalid settings (see InferenceServer), an open-file limit too
+            low for any connection, or a repository path that exists but is not a
+            directory.
         RuntimeError: the application failed to start (e.g. an unreadable repository).
-
-    Logging is the caller's: uvicorn's records go to the root logger.
     """
     import socket
 
@@ -853,9 +1089,18 @@ def serve(
     if not root.exists():
         log.warning("repository %s does not exist yet; serving nothing until a model "
                     "is installed there", root)
+    open_files = _open_file_limit()
+    if open_files - FD_RESERVE < 1:
+        raise ValueError(f"the open-file limit of {open_files} leaves no descriptors for client "
+                         f"connections; raise it above {FD_RESERVE} (LimitNOFILE=, ulimit -n)")
+    if open_files - FD_RESERVE < max_connections:
+        log.warning("at most %d client connections, not %d: the open-file limit is %d",
+                    open_files - FD_RESERVE, max_connections, open_files)
+        max_connections = open_files - FD_RESERVE
     server_app = InferenceServer(
         repository, poll_interval=poll_interval, max_body_bytes=max_body_bytes, threads=threads,
-        inline_budget_s=inline_budget_s,
+        inline_budget_s=inline_budget_s, max_connections=max_connections,
+        idle_timeout_s=idle_timeout_s, request_timeout_s=request_timeout_s,
     )
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -866,8 +1111,9 @@ def serve(
     loop, http = _loop_and_http(server_app)
     config = uvicorn.Config(
         server_app, loop=loop, http=http, lifespan="on", access_log=False,
-        log_level="warning", backlog=1024, timeout_keep_alive=30,
+        log_level="warning", backlog=1024,
         log_config=None,  # its records reach the root logger: the journal, under systemd
+        timeout_keep_alive=idle_timeout_s,  # type: ignore[arg-type]  # a float works
         proxy_headers=False,  # nothing here reads the client address
     )
     shown = f"[{host}]" if ":" in host else host
@@ -876,3 +1122,21 @@ def serve(
     server.run(sockets=[sock])
     if not server.started:
         raise RuntimeError("start-up failed (the reason is logged above)")
+
+
+def _open_file_limit() -> int:
+    """The soft limit on open files, raised to the hard limit first where allowed
+    (systemd's default soft limit is 1024; a unit's system-call filter may forbid
+    raising it, and then its LimitNOFILE= is what counts)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    unlimited = resource.RLIM_INFINITY
+    if soft != unlimited and (hard == unlimited or soft < hard):
+        target = hard if hard != unlimited else max(soft, 1 << 16)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.info("the open-file limit stays at %d (raising it to %d: %s)", soft, target, exc)
+    return soft if soft != unlimited else 1 << 20

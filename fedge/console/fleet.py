@@ -65,6 +65,16 @@ def _ago(ts: Any, now: float) -> str:
     return f"{s / 3600:.1f}h ago"
 
 
+def _connected(a: dict[str, Any]) -> str:
+    text = "yes" if a.get("connected") else "no"
+    contested = a.get("contested")
+    if isinstance(contested, dict):  # its key keeps replacing its own connection
+        addresses = contested.get("addresses")
+        where = ", ".join(str(x) for x in addresses) if isinstance(addresses, list) else "?"
+        text += f" (CONTESTED: {contested.get('times', '?')} reconnects from {where})"
+    return text
+
+
 def fleet_rows(fleet: Sequence[dict[str, Any]], *, now: float | None = None) -> list[list[str]]:
     now = time.time() if now is None else now
     rows = []
@@ -75,7 +85,7 @@ def fleet_rows(fleet: Sequence[dict[str, Any]], *, now: float | None = None) -> 
         rows.append([printable(cell) for cell in (
             str(a.get("site_id", "?")) + (" (revoked)" if status == "revoked" else ""),
             str(a.get("version") or "-"),
-            "yes" if a.get("connected") else "no",
+            _connected(a),
             _ago(a.get("last_seen"), now),
             health_summary(a.get("health")),
             f"{eligible}: {reason}" if reason else eligible,

@@ -110,9 +110,14 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
         if site is not None:
             coord.peer_lost(site)
 
+    def on_superseded(old: Any, new: Any) -> None:
+        site = coord.store.site_for_key(new.public_key)
+        if site is not None:
+            coord.superseded(site, old.address, new.address)
+
     server = ServerSocket(
         CurveKeyPair(cfg.curve_public, cfg.curve_secret), allowed=coord.store.allowed_keys(),
-        on_refused=on_refused, on_peer_lost=on_peer_lost,
+        on_refused=on_refused, on_peer_lost=on_peer_lost, on_superseded=on_superseded,
         heartbeat=HeartbeatConfig(cfg.heartbeat_interval_s, cfg.heartbeat_timeout_s),
         max_message_bytes=coord.max_message_bytes)
     try:

@@ -66,6 +66,10 @@ DEFAULT_MAX_BYTES = 64 << 20
 # for the REFUSAL_KEYS most recent pairs.
 REFUSAL_SUMMARY_S = 60.0
 REFUSAL_KEYS = 1024
+# A key that replaced its own connection this many times within the window is shown
+# as contested in the fleet view (two machines holding one appliance's keys).
+SUPERSEDED_WINDOW_S = 600.0
+CONTESTED_TIMES = 3
 
 
 class CoordinatorError(Exception):
@@ -205,6 +209,9 @@ class Coordinator:
         self._rejections = AuditThrottle(self.store.audit, verb="rejected",
                                          every_s=REFUSAL_SUMMARY_S, max_keys=REFUSAL_KEYS)
         self._write_failed_at = float("-inf")  # when a record last failed (_not_written)
+        # site -> (times, addresses) of connections its key superseded lately: one
+        # appliance's keys on two machines (a copied enrolment) fight this way
+        self._superseded: dict[str, tuple[collections.deque[float], set[str]]] = {}
         # (job, error, when) of the last start of a job that failed on its checkpoint
         self._resume_failure: tuple[str, str, float] | None = None
         # Called with the new allow-list whenever enrolment changes (transport hook).
@@ -230,8 +237,47 @@ class Coordinator:
         for a in self.store.appliances():
             d = a.to_dict()
             d["connected"] = self._connected(a.site_id, now)
+            contested = self.contested(a.site_id, now)
+            if contested is not None:
+                d["contested"] = contested
             out.append(d)
         return out
+
+    def superseded(self, site: str, old_address: str, new_address: str) -> None:
+        """The transport shut ``site``'s connection from ``old_address`` because its key
+        connected again from ``new_address``. Now and then an agent replacing its
+        socket; again and again, or from two addresses, two machines holding the
+        appliance's keys. Audited once per address pair, then summarised (throttled),
+        and shown in the fleet view while it goes on."""
+        now = self.clock()
+        times, addresses = self._superseded.setdefault(site, (collections.deque(), set()))
+        while times and now - times[0] > SUPERSEDED_WINDOW_S:
+            times.popleft()
+        if not times:
+            addresses.clear()
+        times.append(now)
+        addresses.update((old_address, new_address))
+        pair = tuple(sorted((old_address, new_address)))
+        try:
+            if self._refusals.event((site, "superseded", pair), site, "connection_superseded",
+                                    {"site": site, "closed": old_address, "by": new_address},
+                                    now):
+                log.warning("site %s connected again from %s, closing its connection from "
+                            "%s", site, new_address, old_address)
+        except (StoreError, sqlite3.Error) as exc:
+            self._not_written(f"connection_superseded of {site}", exc)
+
+    def contested(self, site: str, now: float) -> dict[str, Any] | None:
+        """``{"times", "addresses"}`` when ``site``'s key replaced its own connection at
+        least CONTESTED_TIMES times in the last SUPERSEDED_WINDOW_S, else None."""
+        entry = self._superseded.get(site)
+        if entry is None:
+            return None
+        times, addresses = entry
+        recent = [t for t in times if now - t <= SUPERSEDED_WINDOW_S]
+        if len(recent) < CONTESTED_TIMES:
+            return None
+        return {"times": len(recent), "addresses": sorted(addresses)}
 
     def submit_job(self, plan_text: str, actor: str = "console") -> str:
         """Queue a job; returns its id.

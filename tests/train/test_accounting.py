@@ -54,3 +54,35 @@ def test_a_300_round_job_composes_one_mechanism_not_300() -> None:
     assert ledger.epsilon(DELTA) == pytest.approx(entry_by_entry(one_event), rel=0, abs=1e-9)
     # the saved ledger keeps every round's row: only the composition is grouped
     assert len(PrivacyLedger.from_dict(ledger.to_dict()).entries) == 300
+
+
+def test_a_save_that_runs_out_of_room_leaves_the_old_ledger_and_no_temp_file(tmp_path) -> None:
+    """A real short write: the child's file size limit stops the new ledger part way."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "privacy" / "ledger.json"
+    small = PrivacyLedger()
+    small.record(job="j", round=1, noise_multiplier=1.0, sampling_rate=0.1, steps=5)
+    small.save(path)
+    before = path.read_bytes()
+    child = f"""
+import resource, signal, sys
+from fedge.train.accounting import PrivacyLedger
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, ({len(before) + 64}, {len(before) + 64}))
+ledger = PrivacyLedger.load({str(path)!r})
+for r in range(2, 200):
+    ledger.record(job="j", round=r, noise_multiplier=1.0, sampling_rate=0.1, steps=5)
+try:
+    ledger.save({str(path)!r})
+except OSError as exc:
+    print("refused", exc.errno)
+    sys.exit(0)
+sys.exit(3)
+"""
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("refused"), out.stderr
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["ledger.json"]

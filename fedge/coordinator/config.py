@@ -2,7 +2,7 @@
 
 ::
 
-    state_dir = "/var/lib/fedge"                 # SQLite, checkpoints, endpoint file
+    state_dir = "/var/lib/fedge-coordinator"     # SQLite, checkpoints, endpoint file
     bind = "tcp://0.0.0.0:7700"                  # appliances connect here
     provision = "/etc/fedge/coordinator-provision.json"  # from `fedge console init`
     # without a provision file:
@@ -20,10 +20,12 @@
 
 Relative paths are relative to the configuration file's directory.
 
-``state_dir`` defaults to ``$STATE_DIRECTORY`` (the unit's ``StateDirectory=fedge``),
-else `DEFAULT_STATE_DIR`, the same directory: the admin commands run from a shell
+``state_dir`` defaults to ``$STATE_DIRECTORY`` (the unit's
+``StateDirectory=fedge-coordinator``), else `DEFAULT_STATE_DIR`, the same directory
+(the packaged coordinator.toml names it too): the admin commands run from a shell
 (``fedge coordinator status --config /etc/fedge/coordinator.toml``) open the
-database the service writes.
+database the service writes. Not the agent's /var/lib/fedge: on one host the two
+would overwrite each other's roster.json and tuf/.
 
 Without ``provision`` or ``curve_key`` the provision file is looked for, in order,
 at (`provision_candidates`):
@@ -47,8 +49,9 @@ from typing import Any
 # systemd LoadCredential= name of the console's provision file (packaging/systemd)
 PROVISION_CREDENTIAL = "fedge_coordinator-provision.json"
 PROVISION_FILE = "coordinator-provision.json"  # as `fedge console init` names it
-# The .deb's StateDirectory=fedge; also fedge.serve.cli's and the agent's default.
-DEFAULT_STATE_DIR = "/var/lib/fedge"
+# The .deb's StateDirectory=fedge-coordinator; also `fedge export`'s default.
+DEFAULT_STATE_DIR = "/var/lib/fedge-coordinator"
+MAX_TICK_S = 5.0
 
 
 class ConfigError(ValueError):
@@ -123,6 +126,9 @@ def load_config(path: str | Path) -> CoordinatorConfig:
     if timeout <= interval:
         raise ConfigError(f"heartbeat.timeout_s = {timeout} must exceed interval_s = {interval}")
     tick_s = _pos(raw.get("tick_s", 0.05), "tick_s")
+    if tick_s > MAX_TICK_S:  # a loop turn waits tick_s: SIGTERM would wait that long too
+        raise ConfigError(f"tick_s = {tick_s!r} must be at most {MAX_TICK_S:g} (each loop turn "
+                          "waits that long; a stop would too, past systemd's TimeoutStopSec)")
     provision: dict[str, Any] = {}
     if "provision" in raw:
         pp = rel(raw["provision"], "provision")

@@ -7,7 +7,7 @@ import os
 import sys
 
 DEFAULT_REPOSITORY = "/var/lib/fedge/models"
-DEFAULT_STATE_DIR = "/var/lib/fedge"  # = fedge.coordinator.config.DEFAULT_STATE_DIR
+DEFAULT_STATE_DIR = "/var/lib/fedge-coordinator"  # = fedge.coordinator.config.DEFAULT_STATE_DIR
 
 
 def _positive_int(text: str) -> int:

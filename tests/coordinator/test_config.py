@@ -114,22 +114,25 @@ def test_the_packaged_config_gives_the_service_and_an_admin_shell_one_database(
     creds.mkdir()
     shutil.copy(etc / "credentials/coordinator/coordinator-provision.json",
                 creds / "fedge_coordinator-provision.json")
-    monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/fedge")
+    monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/fedge-coordinator")
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
     service = load_config(etc / "coordinator.toml")
     # From a root shell: neither is set.
     monkeypatch.delenv("STATE_DIRECTORY")
     monkeypatch.delenv("CREDENTIALS_DIRECTORY")
     shell = load_config(etc / "coordinator.toml")
-    assert service.state_dir == shell.state_dir == Path("/var/lib/fedge")
+    assert service.state_dir == shell.state_dir == Path("/var/lib/fedge-coordinator")
     assert service.curve_public == shell.curve_public == kp.public
-    assert DEFAULT_STATE_DIR == serve_cli.DEFAULT_STATE_DIR == "/var/lib/fedge"
+    assert DEFAULT_STATE_DIR == serve_cli.DEFAULT_STATE_DIR == "/var/lib/fedge-coordinator"
     unit = (PACKAGED_CONFFILE.parents[2] / "systemd/fedge-coordinator.service").read_text()
-    assert "StateDirectory=fedge" in unit.splitlines()
+    assert "StateDirectory=fedge-coordinator" in unit.splitlines()
 
 
 def test_without_credentials_the_provision_file_in_the_state_dir_is_used(tmp_path, monkeypatch):
     etc, _ = packaged_etc(tmp_path)
+    conf = etc / "coordinator.toml"  # its state_dir left to $STATE_DIRECTORY
+    conf.write_text("\n".join(line for line in conf.read_text().splitlines()
+                              if not line.startswith("state_dir")) + "\n")
     (etc / "credentials" / "coordinator" / "coordinator-provision.json").unlink()
     monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
     state = tmp_path / "state"
@@ -146,3 +149,13 @@ def test_without_credentials_the_provision_file_in_the_state_dir_is_used(tmp_pat
          "roster_public_key": Identity.generate().public_bytes().hex()}))
     cfg = load_config(etc / "coordinator.toml")
     assert cfg.curve_public == kp.public and cfg.state_dir == state
+
+
+def test_a_tick_longer_than_a_stop_may_wait_is_refused(tmp_path):
+    from fedge.coordinator.config import MAX_TICK_S
+
+    cfg = tmp_path / "coordinator.toml"
+    for tick in (90, MAX_TICK_S * 2):
+        cfg.write_text(f'state_dir = "{tmp_path}"\ncurve_key = "k"\ntick_s = {tick}\n')
+        with pytest.raises(ConfigError, match=r"tick_s = .* must be at most 5"):
+            load_config(cfg)

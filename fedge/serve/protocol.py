@@ -6,8 +6,8 @@ the signature of the model version the URL names; it gets back validated numpy
 arrays or a `ProtocolError` that carries the HTTP status and the message for
 the protocol's error object `{"error": "..."}`. `encode_infer_response` turns
 the model's outputs into the response body and its headers. Everything here
-is a pure function of its arguments, so every malformed request is a plain
-unit test.
+but the two functions the server's JSON process runs (at the end) is a pure
+function of its arguments, so every malformed request is a plain unit test.
 
 Binary tensor extension (Triton `binary_tensor_data`): an input whose
 `parameters.binary_data_size` is set has no `data`; its bytes (little-endian,
@@ -41,7 +41,11 @@ import functools
 import itertools
 import json
 import math
+import os
+import signal
 import sys
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -514,6 +518,43 @@ def _check_request(
             parsed.clear()  # a client that varies its header: start over, stay bounded
         parsed[bytes(header)] = ParsedHeader(request_id, tuple(layout), requested, len(binary))
     return InferRequest(id=request_id, inputs=arrays, outputs=requested)
+
+
+# -- what the server's JSON process runs (fedge.serve.server) -----------------
+
+
+def json_process_init(server_pid: int) -> None:
+    """Start-up of the server's JSON process: Ctrl-C is for the server (which stops
+    this process itself), and the process exits once the server is gone. A server
+    killed outright would otherwise leave it behind for good: it holds both ends of
+    its own task queue, so it never reads end-of-file."""
+
+    def watch() -> None:
+        while os.getppid() == server_pid:
+            time.sleep(1.0)
+        os._exit(0)
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=watch, name="fedge-json-watch", daemon=True).start()
+
+
+def parse_infer_request_file(
+    path: str,
+    header_length: str | None,
+    model: str,
+    inputs: Sequence[TensorSpec],
+    outputs: Sequence[TensorSpec],
+) -> InferRequest:
+    """`parse_infer_request` of the body in the file at `path`: what the server's JSON
+    process runs (fedge.serve.server), a large body being handed over as a file.
+
+    Raises:
+        ProtocolError(400): as parse_infer_request.
+        OSError: the file cannot be read.
+    """
+    with open(path, "rb") as f:
+        body = f.read()
+    return parse_infer_request(body, header_length, model, inputs, outputs)
 
 
 def datatype_of(arr: np.ndarray) -> str:

@@ -28,6 +28,12 @@ independent at load (`LoadedModel.batchable`). Nothing waits for a batch to
 fill; it only shares the fixed cost of a run, which for the Cox model is most
 of the inference.
 
+A JSON body larger than `PARSE_APART_BYTES` is parsed, and a JSON response of
+more than `ENCODE_APART_ELEMENTS` numbers written, in a helper process (the
+JSON process): `json.loads`, the arrays built from its lists and `json.dumps`
+hold the GIL from start to end (0.7 s to parse 58 MiB here), so on a worker
+thread they would stall the event loop, health checks included, just the same.
+
 Connections (`_Connections`): a connection waiting on its client has a deadline
 (`idle_timeout_s` to begin a request, `request_timeout_s` from its first byte to
 its last), and at most `max_connections` are open; one more evicts the
@@ -51,13 +57,17 @@ import gc
 import itertools
 import logging
 import math
+import multiprocessing
+import os
 import re
+import tempfile
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
@@ -83,7 +93,9 @@ from fedge.serve.protocol import (
     ProtocolError,
     encode_infer_response,
     error_body,
+    json_process_init,
     parse_infer_request,
+    parse_infer_request_file,
 )
 from fedge.serve.repository import ModelRepository
 from fedge.serve.runtime import LoadedModel, ModelStore, UnknownModel, Watcher
@@ -101,14 +113,21 @@ DEFAULT_MAX_BODY = 64 * 1024 * 1024
 # event loop (which would stall every other client meanwhile).
 DEFAULT_INLINE_BUDGET_S = 0.002
 DIRECT_MAX_BYTES = 1024 * 1024  # larger bodies take the ASGI lane (streamed, capped)
+# JSON (the whole body, or the part before the binary tensors) larger than this is
+# parsed in the JSON process; about 12 ms of the event loop's time per MiB here.
+PARSE_APART_BYTES = DIRECT_MAX_BYTES
+# JSON outputs of more elements than this are written there too (about 0.5 to 1.5
+# microseconds per float here).
+ENCODE_APART_ELEMENTS = 32768
 DEFAULT_MAX_CONNECTIONS = 1000
 DEFAULT_IDLE_TIMEOUT_S = 30.0  # to begin a request (a fresh or a keep-alive connection)
 # From a request's first byte to its last: a 64 MiB body needs about 9 Mbit/s.
 DEFAULT_REQUEST_TIMEOUT_S = 60.0
-# Descriptors kept free of client connections: the listening socket, logs, model
-# files being loaded, the watcher's directory scans.
+# Descriptors kept free of client connections: the listening socket, logs, the
+# JSON process's pipes, model files being loaded, the watcher's directory scans.
 FD_RESERVE = 64
 _NEVER = math.inf
+_T = TypeVar("_T")
 # POST /v2/repository/index is served too, but not the rest of Triton's
 # model_repository extension (load/unload), so it is not advertised.
 EXTENSIONS = ["binary_tensor_data", "model_configuration"]
@@ -341,6 +360,10 @@ class InferenceServer:
         # every core through onnxruntime's intra-op pool, so running several at
         # once would only oversubscribe the CPUs.
         self._heavy = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedge-infer")
+        # the JSON process (see PARSE_APART_BYTES), started on first use
+        self._json_process: ProcessPoolExecutor | None = None
+        self._json_unavailable = False
+        self._spill = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedge-spill")
         self.connections = _Connections(max_connections, idle_timeout_s, request_timeout_s,
                                         self.metrics)
         # direct-lane requests read in the current loop step (see `submit`)
@@ -397,6 +420,9 @@ class InferenceServer:
                 pinger.cancel()
             self.watcher.stop()
             self._heavy.shutdown(wait=True)
+            if self._json_process is not None:
+                self._json_process.shutdown(wait=True, cancel_futures=True)
+            self._spill.shutdown(wait=True)
 
     @staticmethod
     async def _feed_watchdog(notifier: Notifier, interval: float) -> None:
@@ -442,7 +468,10 @@ class InferenceServer:
         await send({"type": "http.response.body", "body": payload})
         self.metrics.observe(label, status, time.perf_counter() - start)
 
-    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes | list[bytes]:
+        """The request body: bytes, or its chunks when it is large enough for the JSON
+        process (joining 58 MiB held the event loop for about 50 ms here; the chunks
+        are written to a file off the loop instead, see `_parse_apart`)."""
         limit = self.max_body_bytes
         declared = _header(scope, b"content-length")
         if declared is not None:
@@ -470,11 +499,10 @@ class InferenceServer:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         encoding = _header(scope, b"content-encoding")
         if encoding and encoding != "identity":
-            body = self._decompress(body, encoding)
-        return body
+            return self._decompress(_joined(chunks), encoding)
+        return chunks if total > PARSE_APART_BYTES else _joined(chunks)
 
     def _decompress(self, body: bytes, encoding: str) -> bytes:
         wbits = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}.get(encoding)
@@ -596,16 +624,23 @@ class InferenceServer:
         return answers
 
     async def infer(
-        self, name: str, version: str | None, body: bytes, scope: Scope
+        self, name: str, version: str | None, body: bytes | list[bytes], scope: Scope
     ) -> tuple[int, bytes, dict[str, str]]:
-        """Run one inference request; returns (status, body, headers).
+        """Run one inference request (`body`: bytes, or its chunks); returns (status,
+        body, headers).
 
         Raises:
             ProtocolError: 400 for an invalid request, 404 for an unknown model/version,
-                500 when a valid request makes the model fail.
+                500 when a valid request makes the model fail, 503 when the JSON
+                process died under it.
         """
         model = self._model(name, version)
-        request = self._parse(model, body, _header(scope, HEADER_LENGTH.encode()))
+        header_length = _header(scope, HEADER_LENGTH.encode())
+        size = len(body) if isinstance(body, bytes) else sum(map(len, body))
+        if _json_bytes(size, header_length) > PARSE_APART_BYTES:
+            request = await self._parse_apart(model, body, header_length)
+        else:
+            request = self._parse(model, _joined(body), header_length)
         first = next(iter(request.inputs.values()), None)
         rows = float(first.shape[0]) if first is not None and first.ndim else 1.0
         if self.inline(model, rows):
@@ -613,6 +648,14 @@ class InferenceServer:
         else:
             loop = asyncio.get_running_loop()
             results = await loop.run_in_executor(self._heavy, self._run, model, request)
+        json_elements = sum(arr.size for want, arr in zip(request.outputs, results, strict=True)
+                            if not want.binary)
+        if json_elements > ENCODE_APART_ELEMENTS:
+            payload, headers = await self._apart(
+                encode_infer_response, model.name, str(model.version),
+                request._replace(inputs={}), results,  # the inputs need not travel
+            )
+            return 200, payload, headers
         return self._respond(model, request, results)
 
     @staticmethod
@@ -620,6 +663,77 @@ class InferenceServer:
         return parse_infer_request(
             body, header_length, model.name, model.inputs, model.outputs, model.parsed_headers
         )
+
+    async def _parse_apart(
+        self, model: LoadedModel, body: bytes | list[bytes], header_length: str | None
+    ) -> InferRequest:
+        """`_parse` in the JSON process. The body travels as a file written on a
+        worker thread (os.write lets go of the GIL; pickling it to the process, as
+        ProcessPoolExecutor does with arguments, held the event loop for 0.1 to
+        0.25 s per 58 MiB here).
+
+        Raises: ProtocolError as `_parse` and `_apart` do.
+        """
+        chunks = [body] if isinstance(body, bytes) else body
+        loop = asyncio.get_running_loop()
+        try:
+            path = await loop.run_in_executor(self._spill, _spill, chunks)
+        except OSError as exc:  # no room for it: hand it over the slower way
+            log.warning("cannot write a large request body to a temporary file (%s)", exc)
+            return await self._apart(parse_infer_request, _joined(body), header_length,
+                                     model.name, model.inputs, model.outputs)
+        try:
+            return await self._apart(parse_infer_request_file, path, header_length, model.name,
+                                     model.inputs, model.outputs)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+    async def _apart(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """`fn(*args)` in the JSON process, so that the event loop keeps answering
+        meanwhile; on a worker thread where no such process can be started (the
+        request is answered, the others wait meanwhile).
+
+        Raises:
+            ProtocolError: what `fn` raises; 503 when the JSON process died under
+                this call (killed for memory, say: running it here instead could
+                take the server down with it). The next call gets a new process.
+        """
+        loop = asyncio.get_running_loop()
+        pool = self._json_pool()
+        if pool is None:
+            return await loop.run_in_executor(self._heavy, fn, *args)
+        try:
+            return await loop.run_in_executor(pool, fn, *args)
+        except BrokenProcessPool:
+            if self._json_process is pool:
+                self._json_process = None
+                pool.shutdown(wait=False, cancel_futures=True)
+            log.warning("the JSON process died in %s", fn.__name__)
+            raise ProtocolError(
+                503, "the server's JSON process stopped while handling this request (out of "
+                     "memory?); try again, or send and ask for the tensors as binary data"
+            ) from None
+        except OSError as exc:  # the process could not be started at all
+            self._json_process, self._json_unavailable = None, True
+            pool.shutdown(wait=False, cancel_futures=True)
+            log.warning("cannot start the JSON process (%s): large JSON requests and responses "
+                        "are handled on a thread, which stalls the other requests meanwhile", exc)
+            return await loop.run_in_executor(self._heavy, fn, *args)
+
+    def _json_pool(self) -> ProcessPoolExecutor | None:
+        if self._json_process is None and not self._json_unavailable:
+            try:
+                # spawn, not fork: this process has threads (onnxruntime's, the watcher)
+                self._json_process = ProcessPoolExecutor(
+                    max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                    initializer=json_process_init, initargs=(os.getpid(),),
+                )
+            except (OSError, ImportError) as exc:  # e.g. no working sem_open (/dev/shm)
+                log.warning("no JSON process (%s): large JSON requests and responses are "
+                            "handled on a thread, which stalls the other requests meanwhile", exc)
+                self._json_unavailable = True
+        return self._json_process
 
     @staticmethod
     def _run(model: LoadedModel, request: InferRequest) -> list[Any]:
@@ -744,6 +858,55 @@ class InferenceServer:
 
     async def _metrics(self, _request: Request) -> Response:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _json_bytes(size: int, header_length: str | None) -> int:
+    """How much of a body of `size` bytes is JSON: all of it, or the binary
+    extension's header part."""
+    if header_length is None:
+        return size
+    try:
+        return min(max(int(header_length), 0), size)
+    except ValueError:
+        return size  # parse_infer_request says what is wrong with it
+
+
+def _joined(body: bytes | list[bytes]) -> bytes:
+    if isinstance(body, bytes):
+        return body
+    return body[0] if len(body) == 1 else b"".join(body)
+
+
+_IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024)
+# a tmpfs where there is one: the body is read back at once
+_SPILL_DIR = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) \
+    else None
+
+
+def _spill(chunks: list[bytes]) -> str:
+    """Write `chunks` to a new temporary file; returns its path (the caller removes it).
+
+    Raises: OSError (the file is removed).
+    """
+    fd, path = tempfile.mkstemp(prefix="fedge-serve-body-", dir=_SPILL_DIR)
+    try:
+        # a few large writes, not one per 64 KiB chunk: each write gives the GIL
+        # back to the event loop and must then wait to take it again
+        views = [memoryview(c) for c in chunks if c]
+        i = 0
+        while i < len(views):
+            written = os.writev(fd, views[i : i + _IOV_MAX])
+            while i < len(views) and written >= len(views[i]):
+                written -= len(views[i])
+                i += 1
+            if written:  # a short write: the rest of this chunk next time
+                views[i] = views[i][written:]
+    except BaseException:
+        os.unlink(path)
+        raise
+    finally:
+        os.close(fd)
+    return path
 
 
 class _CoalescingTransport:

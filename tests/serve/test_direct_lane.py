@@ -13,10 +13,12 @@ import json
 import re
 import socket
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -382,3 +384,98 @@ def test_shutdown_answers_a_request_already_read_then_closes(
     assert b"\r\nconnection: close" in head
     got = np.asarray(json.loads(payload)["outputs"][0]["data"], dtype=np.float32)
     np.testing.assert_allclose(got, _expected(cox_v1[1], x).ravel(), atol=1e-5)
+
+
+def _send_and_read(port: int, request: bytes, out: list[bytes]) -> None:
+    """Write `request` on a new connection and append the whole response (read until
+    the server closes: the request says `Connection: close`) to `out`."""
+    with socket.create_connection(("127.0.0.1", port), timeout=120) as sock:
+        sock.sendall(request)  # lets go of the GIL: the probes run meanwhile
+        received = bytearray()
+        while chunk := sock.recv(1 << 20):
+            received += chunk
+    out.append(bytes(received))
+
+
+def _json_post(x: np.ndarray) -> bytes:
+    body = _json_body(x)
+    return _post(body, f"Content-Length: {len(body)}", "Connection: close")
+
+
+def test_health_checks_are_answered_while_a_58_mib_json_request_is_handled(
+    tmp_path: Path, cox_v1: tuple[Path, torch.nn.Module]
+) -> None:
+    # json.loads and the arrays built from its lists hold the GIL throughout, so
+    # a worker thread would not do: the event loop stalled 2.2 s for the reviewer
+    rows = 120_000
+    body = json.dumps({"inputs": [{"name": "input", "shape": [rows, N_FEATURES],
+                                   "datatype": "FP32",
+                                   "data": [0.123456789] * (rows * N_FEATURES)}]}).encode()
+    assert len(body) > 58 * 2**20  # the reviewer's request
+    request = _post(body, f"Content-Length: {len(body)}", "Connection: close")
+    x = np.full((3, N_FEATURES), 0.123456789, dtype=np.float32)
+    with serving(tmp_path / "repo", cox=cox_v1[0]) as server:
+        port = int(server.host_port.rsplit(":", 1)[1])
+        warm: list[bytes] = []  # the JSON process starts on first use
+        _send_and_read(port, _json_post(_rows(5000, seed=1)), warm)
+        assert warm[0].startswith(b"HTTP/1.1 200")
+        answer: list[bytes] = []
+        sender = threading.Thread(target=_send_and_read, args=(port, request, answer))
+        latencies: list[float] = []
+        with httpx.Client(base_url=server.url, timeout=10) as probe:
+            probe.get("/v2/health/live")
+            sender.start()
+            while sender.is_alive():
+                start = time.perf_counter()
+                assert probe.get("/v2/health/live").status_code == 200
+                latencies.append(time.perf_counter() - start)
+                time.sleep(0.02)
+        sender.join()
+    assert max(latencies) < 0.2, sorted(latencies)[-5:]  # about 10 ms here; was 0.9 to 2.2 s
+    assert len(latencies) >= 5
+    head, _, payload = answer[0].partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), answer[0][:300]
+    out = json.loads(payload)["outputs"][0]
+    assert out["shape"] == [rows, 1]
+    np.testing.assert_allclose(np.asarray(out["data"][:3], dtype=np.float32),
+                               _expected(cox_v1[1], x[:3]).ravel(), atol=1e-5)
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def test_the_json_process_ends_with_the_server_even_when_it_is_killed(
+    tmp_path: Path, cox_v1: tuple[Path, torch.nn.Module]
+) -> None:
+    with serving(tmp_path / "repo", cox=cox_v1[0]) as server:
+        assert _children(server.process.pid) == set()  # started on first use
+        answer: list[bytes] = []
+        port = int(server.host_port.rsplit(":", 1)[1])
+        _send_and_read(port, _json_post(_rows(5000, seed=2)), answer)  # 1.9 MB of JSON
+        assert answer[0].startswith(b"HTTP/1.1 200")
+        # its refusals come back as the protocol's errors
+        doc = json.loads(_json_body(_rows(5000, seed=3)))
+        doc["inputs"][0]["data"][7] = None
+        body = json.dumps(doc).encode()
+        _send_and_read(port, _post(body, f"Content-Length: {len(body)}", "Connection: close"),
+                       answer)
+        head, _, payload = answer[1].partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400")
+        assert json.loads(payload)["error"].startswith("input 'input' 'data' element 7 is null")
+        helpers = _children(server.process.pid)
+        assert helpers  # the JSON process (and multiprocessing's resource tracker)
+        server.process.kill()
+        server.process.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in helpers):
+            time.sleep(0.1)
+        assert not [p for p in helpers if Path(f"/proc/{p}").exists()]

@@ -1278,6 +1278,10 @@ def serve(
         log_config=None,  # its records reach the root logger: the journal, under systemd
         timeout_keep_alive=idle_timeout_s,  # type: ignore[arg-type]  # a float works
         proxy_headers=False,  # nothing here reads the client address
+        # no WebSocket route, and an upgraded connection would leave the HTTP
+        # protocol without passing through connection_lost: uncounted by
+        # _Connections. (What a host without a WebSocket library does anyway.)
+        ws="none",
     )
     shown = f"[{host}]" if ":" in host else host
     announce(f"fedge serve listening on http://{shown}:{bound} (repository {repository})")

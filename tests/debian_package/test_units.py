@@ -196,3 +196,17 @@ def test_verify_in_a_root_with_the_fedge_command(tmp_path: Path) -> None:
             capture_output=True, text=True, timeout=60,
         )
         assert bad.returncode != 0 and command in bad.stderr, (unit, bad.stderr)
+
+
+def test_a_stop_waits_longer_than_a_request_may_take() -> None:
+    """fedge serve lets requests in flight end when stopped; a half-sent one ends at
+    its --request-timeout. A shorter TimeoutStopSec would SIGKILL the server first."""
+    import argparse
+
+    from fedge.serve.cli import register
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    register(sub)
+    request_timeout = sub.choices["serve"].get_default("request_timeout")
+    stop = unit_settings(UNITS / "fedge-serve.service")["TimeoutStopSec"]
+    assert stop[0].endswith("s") and float(stop[0][:-1]) > request_timeout

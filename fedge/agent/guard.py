@@ -18,9 +18,11 @@ whether a round is secure, so none of those can be trusted to protect the site:
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -31,11 +33,11 @@ from typing import Any
 import numpy as np
 
 from fedge.secagg.errors import UpdateAlreadySummed
-from fedge.update.files import set_aside, write_json
+from fedge.update.files import write_json
 
 log = logging.getLogger("fedge.agent")
 
-__all__ = ["PrivacyPolicy", "PrivacyPolicyError", "RevealLog", "update_digest"]
+__all__ = ["PrivacyPolicy", "PrivacyPolicyError", "RevealLog", "RevealLogError", "update_digest"]
 
 
 class PrivacyPolicyError(ValueError):
@@ -103,57 +105,111 @@ class PrivacyPolicy:
         return None
 
 
-def update_digest(weights: np.ndarray, delta_control: np.ndarray | None,
-                  n_examples: int) -> bytes:
-    """SHA-256 of a trained update as the site produced it, before any scaling."""
-    h = hashlib.sha256(b"fedge/update/v1")
-    h.update(np.ascontiguousarray(weights, dtype="<f4").tobytes())
-    h.update(b"\x00" if delta_control is None else
-             b"\x01" + np.ascontiguousarray(delta_control, dtype="<f4").tobytes())
+def update_digest(update: np.ndarray, n_examples: int) -> bytes:
+    """SHA-256 of an update as it is summed, before any scaling: the clipped
+    Δ (and Δc) and the example count. Not the trained weights: the coordinator chooses
+    the model, and a change that moves no update (a Cox model's unused bias, a
+    constant on every logit) would make the same update look new."""
+    h = hashlib.sha256(b"fedge/update/v2")
+    h.update(np.ascontiguousarray(update, dtype="<f4").tobytes())
     h.update(int(n_examples).to_bytes(8, "big"))
     return h.digest()
 
 
+class RevealLogError(Exception):
+    """The reveal log cannot be read: nothing may be revealed until it can."""
+
+
+NEAR = 0.01  # updates closer than this, relative to their norm, count as the same
+SKETCH_BUCKETS = 128
+
+
 class RevealLog:
     """Which survivor set each update was summed over, kept on disk when ``path`` is
-    given (0600, atomic; the newest ``keep`` entries)."""
+    given (0600, atomic).
 
-    def __init__(self, path: Path | None = None, *, keep: int = 1024) -> None:
+    Two rules, checked before the shares that unmask a sum leave the site:
+
+    - the same update (``update_digest``) is summed over one survivor set only,
+      whenever it was (exact digests are never forgotten);
+    - an update within ``NEAR`` (1 %) of one summed over another survivor set among
+      the newest ``sketches`` is refused too: a coordinator that moves its model a
+      hair between two questions would otherwise get two near-equal updates and
+      their difference, one site's update to within that hair. Distances come from
+      a count sketch (``SKETCH_BUCKETS`` signed buckets per update, the hashing keyed
+      by a secret of this log that never leaves the site).
+
+    A log that cannot be read (unreadable, corrupt) is not reset: every reveal is
+    refused, naming the file, until it is restored or moved aside by hand.
+    """
+
+    def __init__(self, path: Path | None = None, *, sketches: int = 1024) -> None:
         self.path = Path(path) if path is not None else None
-        self.keep = keep
+        self.sketches = sketches
         self._lock = threading.Lock()
         self._entries: dict[str, list[str]] = {}
         self._times: dict[str, float] = {}
+        self._sketches: list[tuple[np.ndarray, float, list[str]]] = []
+        self._key = secrets.token_bytes(16)
+        self.error: str | None = None
         if self.path is not None and self.path.exists():
             self._load(self.path)
 
     def _load(self, path: Path) -> None:
         try:
-            rows = json.loads(path.read_text())["entries"]
-            for row in rows:
+            text = path.read_text()
+        except OSError as exc:
+            self.error = (f"secure aggregation reveal log {path} cannot be read ({exc}); "
+                          "nothing is revealed until it can")
+            log.error("%s", self.error)
+            return
+        try:
+            data = json.loads(text)
+            self._key = bytes.fromhex(data["key"])
+            for row in data["entries"]:
                 digest, survivors, at = row["digest"], row["survivors"], row.get("at", 0.0)
                 if not (isinstance(digest, str) and isinstance(survivors, list)
                         and all(isinstance(s, str) for s in survivors)):
                     raise ValueError(f"bad entry {row!r:.80}")
                 self._entries[digest] = survivors
                 self._times[digest] = float(at)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            aside = set_aside(path, log)
-            log.error("secure aggregation reveal log %s is unreadable (%s); moved to %s, "
-                      "starting a new one", path, exc, aside)
-            self._entries, self._times = {}, {}
+            for row in data.get("sketches", []):
+                sketch = np.frombuffer(base64.b64decode(row["sketch"]), dtype="<f4")
+                if sketch.size != SKETCH_BUCKETS:
+                    raise ValueError(f"sketch of {sketch.size} buckets")
+                self._sketches.append((sketch.astype(np.float64), float(row["norm"]),
+                                       [str(x) for x in row["survivors"]]))
+        except (ValueError, KeyError, TypeError) as exc:
+            self._entries, self._times, self._sketches = {}, {}, []
+            self.error = (f"secure aggregation reveal log {path} is corrupt ({exc}); nothing "
+                          "is revealed until it is restored, or moved aside by hand (which "
+                          "forgets what this site revealed)")
+            log.error("%s", self.error)
 
-    def check_and_record(self, digest: bytes, survivors: Sequence[str]) -> None:
+    def sketch(self, update: np.ndarray) -> np.ndarray:
+        """A count sketch of ``update``: each coordinate added, with a sign, into one of
+        ``SKETCH_BUCKETS`` buckets chosen by this log's secret key."""
+        x = np.asarray(update, dtype=np.float64).ravel()
+        rng = np.random.default_rng(int.from_bytes(self._key, "big"))
+        buckets = rng.integers(0, SKETCH_BUCKETS, x.size)
+        signs = rng.integers(0, 2, x.size) * 2.0 - 1.0
+        return np.bincount(buckets, weights=signs * x, minlength=SKETCH_BUCKETS)
+
+    def check_and_record(self, digest: bytes, survivors: Sequence[str],
+                         update: np.ndarray | None = None) -> None:
         """Allow revealing the unmasking shares of a sum over ``survivors`` that holds the
-        update ``digest``: the first time, recorded (on disk before returning); again,
-        only over the very same survivors.
+        update ``digest`` (values ``update``): recorded on disk before returning.
 
         Raises:
-            UpdateAlreadySummed: this update was summed over another survivor set.
+            UpdateAlreadySummed: this update, or one within NEAR of it, was summed over
+                another survivor set.
+            RevealLogError: the log could not be read.
             OSError: the record cannot be written (nothing may then be revealed).
         """
         key, now = digest.hex(), sorted(survivors)
         with self._lock:
+            if self.error is not None:
+                raise RevealLogError(self.error)
             earlier = self._entries.get(key)
             if earlier is not None:
                 if earlier != now:
@@ -162,17 +218,37 @@ class RevealLog:
                         f"{earlier}; a second sum over {now} would give the coordinator "
                         "the difference (a job re-run over other sites needs another seed)")
                 return
+            sketch, norm = None, 0.0
+            if update is not None:
+                norm = float(np.linalg.norm(np.asarray(update, dtype=np.float64)))
+                sketch = self.sketch(update)
+                for other, other_norm, sites in self._sketches:
+                    if sites == now or norm == 0.0:
+                        continue
+                    if float(np.linalg.norm(sketch - other)) <= NEAR * max(norm, other_norm):
+                        raise UpdateAlreadySummed(
+                            f"an update within {NEAR:.0%} of this one was already summed "
+                            f"over {len(sites)} sites {sites}; a second sum over {now} "
+                            "would give the coordinator the difference")
             self._entries[key] = now
             self._times[key] = time.time()
-            while len(self._entries) > self.keep:
-                oldest = next(iter(self._entries))
-                del self._entries[oldest]
-                self._times.pop(oldest, None)
+            if sketch is not None:
+                self._sketches.append((sketch, norm, now))
+                del self._sketches[:-self.sketches]
             if self.path is not None:
                 try:
-                    write_json(self.path, {"entries": [
-                        {"digest": d, "survivors": s, "at": self._times.get(d, 0.0)}
-                        for d, s in self._entries.items()]})
+                    write_json(self.path, self._state())
                 except OSError:
                     del self._entries[key]
+                    if sketch is not None:
+                        self._sketches.pop()
                     raise
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "key": self._key.hex(),
+            "entries": [{"digest": d, "survivors": s, "at": self._times.get(d, 0.0)}
+                        for d, s in self._entries.items()],
+            "sketches": [{"sketch": base64.b64encode(sk.astype("<f4").tobytes()).decode(),
+                          "norm": n, "survivors": s} for sk, n, s in self._sketches],
+        }

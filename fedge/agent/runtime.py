@@ -411,6 +411,19 @@ class Agent:
             except OSError as exc:  # the round stands; only a restart would lose c_i
                 log.error("%s: job %s: SCAFFOLD c_i not saved: %s", self.site, task.job, exc)
 
+    @staticmethod
+    def clipped_update(task: _Task) -> np.ndarray:
+        """Δ (and SCAFFOLD's Δc) clipped to [−c, c], float64: what the input vector
+        scales, and what the reveal log knows an update by."""
+        assert task.local is not None
+        c = task.plan.secagg.clip
+        parts = [task.local.weights.astype(np.float64) - task.weights.astype(np.float64)]
+        if task.local.delta_control is not None:
+            parts.append(task.local.delta_control.astype(np.float64))
+        delta = np.concatenate(parts)
+        np.clip(delta, -c, c, out=delta)
+        return delta
+
     def input_vector(self, task: _Task, weight_scale: float) -> np.ndarray:
         """concat(w·Δ, [w]) with Δ clipped to [−c, c] and w = weight_scale·n (see rounds.py).
 
@@ -426,11 +439,7 @@ class Agent:
         """
         assert task.local is not None
         c = task.plan.secagg.clip
-        parts = [task.local.weights.astype(np.float64) - task.weights.astype(np.float64)]
-        if task.local.delta_control is not None:
-            parts.append(task.local.delta_control.astype(np.float64))
-        delta = np.concatenate(parts)
-        np.clip(delta, -c, c, out=delta)
+        delta = self.clipped_update(task)
         if task.plan.privacy.get("client_dp") is not None:
             w = min(1.0, c)
         else:
@@ -472,31 +481,47 @@ class Agent:
             # fresh randomness: a round restarted after a crash sums the same values.
             bound = context_digest(task.digest, task.plan.text, float(a.weight_scale),
                                    list(a.cohort), task.server_control)
-            local = task.local
-            summed = update_digest(local.weights, local.delta_control, local.n_examples)
+            update = self.clipped_update(task).astype(np.float32)
+            summed = update_digest(update, task.local.n_examples)
+            plan = task.plan
             task.session = ClientSession(config, RoundContext(job, rnd, bound),
                                          self.site, self.identity, self.roster, vec,
                                          threads=self.secagg_threads,
                                          quantise_seed=task.quant_seed,
                                          before_reveal=lambda survivors: self._before_reveal(
-                                             summed, survivors))
+                                             plan, summed, update, survivors))
         except SecAggConfigError as exc:
             await self._refuse(job, rnd, "aggregate", f"secure aggregation: {exc}",
                                task.task_id)
             return
         self._set_busy(f"secagg {job} round {rnd}")
 
-    def _before_reveal(self, summed: bytes, survivors: list[str]) -> None:
-        """Record that update ``summed`` is unmasked over ``survivors`` (on disk first);
-        refuse if it already was over another set.
+    def _before_reveal(self, plan: Plan, summed: bytes, update: np.ndarray,
+                       survivors: list[str]) -> None:
+        """The last word before the shares that unmask a sum leave: the sum must hold
+        at least the site's ``min_cohort`` inputs (and, under DP-FedAvg, the cohort its
+        noise was drawn for), counted over the survivors actually summed, not the
+        sites invited; and the reveal log must allow it (recorded on disk first).
 
-        Raises: UpdateAlreadySummed (nothing revealed)."""
-        from fedge.secagg.errors import UpdateAlreadySummed
+        Raises: a SecAggAbort (nothing revealed)."""
+        from fedge.agent.guard import RevealLogError
+        from fedge.secagg.errors import RevealRefused, TooFewSurvivors
 
+        n = len(set(survivors))
+        if n < self.policy.min_cohort:
+            raise TooFewSurvivors(f"a sum over {n} sites is below this appliance's "
+                                  f"min_cohort {self.policy.min_cohort}")
+        client_dp = plan.privacy.get("client_dp")
+        if isinstance(client_dp, dict) and int(client_dp.get("cohort_size", 0)) > n:
+            raise TooFewSurvivors(
+                f"DP-FedAvg noise was drawn for a cohort of {client_dp['cohort_size']} but "
+                f"the sum holds {n} sites: it would carry less noise than epsilon assumes")
         try:
-            self.reveal_log.check_and_record(summed, survivors)
+            self.reveal_log.check_and_record(summed, survivors, update)
+        except RevealLogError as exc:
+            raise RevealRefused(str(exc)) from exc
         except OSError as exc:
-            raise UpdateAlreadySummed(
+            raise RevealRefused(
                 f"cannot record the survivors this update is summed over ({exc}); "
                 "not revealing") from exc
 

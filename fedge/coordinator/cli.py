@@ -95,11 +95,10 @@ def _submit(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if cfg is None:
         return 2
-    from fedge.coordinator.plan import PlanError, parse_plan, read_plan_file
+    from fedge.coordinator.plan import PlanError, read_plan_file, with_seed
 
     try:
-        text = read_plan_file(args.plan)
-        parse_plan(text)
+        text = with_seed(read_plan_file(args.plan))  # parsed; a seed if none is named
     except (OSError, PlanError) as exc:
         print(f"fedge coordinator submit: {exc}", file=sys.stderr)
         return 2

@@ -58,6 +58,8 @@ import functools
 import hashlib
 import math
 import os
+import re
+import secrets
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -490,3 +492,28 @@ def _float(table: dict[str, Any], dotted: str, *, lo: float | None = None,
     if hi is not None and (value > hi or (hi_open and value == hi)):
         raise PlanError(dotted, value, f"must be {'<' if hi_open else '<='} {hi}")
     return value
+
+
+_JOB_HEADER = re.compile(r"^[ \t]*\[job\][ \t]*(#.*)?$", re.MULTILINE)
+
+
+def with_seed(text: str) -> str:
+    """``text`` with ``seed = <fresh random>`` written into its [job] table when the
+    plan names no seed, so the job is reproducible from what is stored, and two jobs
+    do not train bit-identical updates: sites refuse to have one update summed over
+    two different survivor sets (fedge.agent.guard.RevealLog), so jobs sharing a
+    seed and a model could not be re-run over other sites. A plan that names its
+    seed is returned unchanged.
+
+    Raises: PlanError, as parse_plan.
+    """
+    parse_plan(text)
+    job = tomllib.loads(text).get("job", {})
+    if "seed" in job:
+        return text
+    header = _JOB_HEADER.search(text)
+    if header is None:  # [job] written some other way (dotted keys): left to seed 0
+        return text
+    seed = secrets.randbelow(2**31)
+    at = header.end()
+    return f"{text[:at]}\nseed = {seed}  # chosen at submission{text[at:]}"

@@ -480,7 +480,11 @@ class Round:
         agg = self._aggregation
         assert agg is not None
         if agg.failure is not None:
-            return self._fail(f"aggregation failed: {agg.failure}")
+            # what the sites said when they gave up is the reason an operator needs
+            # (an agent refusing to reveal), not the protocol's consequence of it
+            said = [f"{s}: {self.refused[s]}" for s in self._agg_cohort if s in self.refused]
+            why = f" ({len(said)} site(s) refused: {'; '.join(said)[:600]})" if said else ""
+            return self._fail(f"aggregation failed: {agg.failure}{why}")
         res = agg.result
         if res is None:
             return []

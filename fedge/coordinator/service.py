@@ -39,7 +39,7 @@ from fedge import __version__
 from fedge.coordinator import checkpoint as ck
 from fedge.coordinator.auditlimit import AuditThrottle
 from fedge.coordinator.cohort import Selection, select_cohort
-from fedge.coordinator.plan import Plan, PlanError, parse_plan
+from fedge.coordinator.plan import Plan, PlanError, parse_plan, with_seed
 from fedge.coordinator.rounds import (
     SECAGG_PROTOCOL,
     AggregationFactory,
@@ -285,7 +285,7 @@ class Coordinator:
         Raises:
             PlanError: the plan is invalid (names the field); nothing is stored.
         """
-        parse_plan(plan_text)
+        plan_text = with_seed(plan_text)  # parsed; a seed written in if none is named
         job_id = f"job-{time.strftime('%Y%m%d%H%M%S', time.gmtime(self.clock()))}-" \
                  f"{secrets.token_hex(3)}"
         self.store.create_job(job_id, plan_text, actor=actor)

@@ -93,9 +93,14 @@ class BothSharesRequested(SecAggAbort):
     """Revealing a share would give the server both share kinds of one peer."""
 
 
-class UpdateAlreadySummed(SecAggAbort):
-    """This client's update was already unmasked in a sum over another survivor set:
-    a second sum would give the server the difference, i.e. single updates."""
+class RevealRefused(SecAggAbort):
+    """The client's own records forbid revealing (they cannot be read or written)."""
+
+
+class UpdateAlreadySummed(RevealRefused):
+    """This client's update (or one within a hair of it) was already unmasked in a sum
+    over another survivor set: a second sum would give the server the difference,
+    i.e. single updates."""
 
 
 class ServerAborted(SecAggAbort):
@@ -123,6 +128,7 @@ __all__ = [
     "ParameterMismatch",
     "ReconstructionFailed",
     "ReplayedMessage",
+    "RevealRefused",
     "RevivedDroppedClient",
     "SecAggAbort",
     "SecAggConfigError",

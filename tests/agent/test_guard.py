@@ -5,13 +5,18 @@ hospital's exact update before the agent held the line (fedge.agent.guard)."""
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from fedge.agent.guard import PrivacyPolicy, PrivacyPolicyError, RevealLog, update_digest
+from fedge.agent.guard import (
+    PrivacyPolicy,
+    PrivacyPolicyError,
+    RevealLog,
+    RevealLogError,
+    update_digest,
+)
 from fedge.agent.process import AgentConfigError, load_config
 from fedge.agent.runtime import Agent
 from fedge.agent.trainer import SyntheticTrainer
@@ -71,6 +76,7 @@ class Fleet:
             a.send_frames = send
             self.agents[s] = a
         self.weights = np.zeros(D, np.float32)
+        self.plan_text = SECURE
 
     async def deliver(self, site: str, body: object) -> None:
         frames = [bytes(f) for f in codec.encode(body, sender="coordinator", job=JOB,
@@ -83,6 +89,7 @@ class Fleet:
     async def train(self, sites: list[str], task_id: str, plan: str = SECURE,
                     weights: dict[str, np.ndarray] | None = None) -> None:
         self.inbox.clear()
+        self.plan_text = plan
         for s in sites:
             w = self.weights if weights is None else weights[s]
             await self.deliver(s, m.TrainTask(
@@ -91,32 +98,38 @@ class Fleet:
                 quant_seed=b"\x01" * 16))
 
     async def aggregate(self, cohort: list[str], task_id: str,
-                        scales: dict[str, float] | None = None) -> np.ndarray | None:
-        """The coordinator's side of one secure aggregation; the unmasked total or None."""
+                        scales: dict[str, float] | None = None,
+                        absent: frozenset[str] = frozenset()) -> np.ndarray | None:
+        """The coordinator's side of one secure aggregation; the unmasked total or None.
+        Sites in ``absent`` are never asked: they drop out at the stage deadlines."""
         self.inbox.clear()
         plan = parse_plan(SECURE)
         cfg = secagg_config(plan, len(cohort), D + 1)
-        bound = context_digest(bytes.fromhex(model_digest(self.weights)), SECURE, SCALE,
-                               cohort, None)
+        bound = context_digest(bytes.fromhex(model_digest(self.weights)), self.plan_text,
+                               SCALE, cohort, None)
         server = ServerSession(cfg, RoundContext(JOB, RND, bound), cohort, self.roster)
-        for s in cohort:
+        for s in [s for s in cohort if s not in absent]:
             scale = SCALE if scales is None else scales[s]
             await self.deliver(s, m.AggregateBegin(task_id=task_id, cohort=cohort,
                                                    weight_scale=scale, secure=True,
                                                    threshold=cfg.threshold))
-        out = server.start(0.0)
-        for _ in range(20):  # bounded: five stages
+        now = 0.0
+        out = server.start(now)
+        for _ in range(40):  # bounded: five stages, each perhaps closed by its deadline
             for site, msg in out:
-                await self.deliver(site, msg)
+                if site not in absent:
+                    await self.deliver(site, msg)
             out = []
             pending, self.inbox = [(s, b) for s, b in self.inbox if m.is_secagg(b)], [
                 (s, b) for s, b in self.inbox if not m.is_secagg(b)]
-            if not pending or server.done:
+            if server.done:
                 break
+            if not pending:  # the stage deadline passes: whoever did not answer dropped
+                now += 1e6
+                out = server.tick(now)
+                continue
             for site, body in pending:
-                out += server.receive(site, body, 0.0)
-        if not server.done:
-            server.tick(1e9)  # stage deadlines: whoever did not answer dropped out
+                out += server.receive(site, body, now)
         return None if server.result is None else server.result.total
 
 
@@ -269,24 +282,105 @@ def test_dp_fedavg_noise_drawn_for_a_larger_cohort_is_withheld() -> None:
     assert "cohort of 10" in run(ask())
 
 
-def test_reveal_log_on_disk_refuses_another_set_and_sets_a_corrupt_file_aside(
-    tmp_path: Path,
-) -> None:
+def test_reveal_log_on_disk_refuses_another_set_and_never_forgets(tmp_path: Path) -> None:
     path = tmp_path / "secagg" / "revealed.json"
-    digest = update_digest(np.ones(3, np.float32), None, 7)
+    update = np.linspace(-1, 1, 50).astype(np.float32)
+    digest = update_digest(update, 7)
     log = RevealLog(path)
-    log.check_and_record(digest, ["b", "a"])
-    log.check_and_record(digest, ["a", "b"])  # the same set, in any order
+    log.check_and_record(digest, ["b", "a"], update)
+    log.check_and_record(digest, ["a", "b"], update)  # the same set, in any order
     assert path.stat().st_mode & 0o777 == 0o600
     with pytest.raises(UpdateAlreadySummed):
-        RevealLog(path).check_and_record(digest, ["a"])
-    other = update_digest(np.ones(3, np.float32), None, 8)  # another update: its own record
-    RevealLog(path).check_and_record(other, ["a"])
+        RevealLog(path).check_and_record(digest, ["a"], update)
+    other = update_digest(update, 8)  # the same values, another count: its own record
+    RevealLog(path).check_and_record(other, ["a"], None)
+    many = RevealLog(path)  # a long life: old records are never evicted
+    for i in range(1030):  # past the 1024 the first version kept
+        many.check_and_record(i.to_bytes(32, "big"), ["a", "b"], None)
+    with pytest.raises(UpdateAlreadySummed):
+        RevealLog(path).check_and_record(digest, ["a", "c"], update)
+
+
+def test_an_update_a_hair_from_one_already_summed_is_refused_a_new_one_is_not(
+    tmp_path: Path,
+) -> None:
+    rng = np.random.default_rng(3)
+    update = rng.standard_normal(5000).astype(np.float32) * 0.01
+    log = RevealLog(tmp_path / "revealed.json")
+    log.check_and_record(update_digest(update, 100), ["a", "b", "c"], update)
+    hair = update + np.float32(1e-7)  # a model moved by a hair: new bits, same update
+    with pytest.raises(UpdateAlreadySummed, match="within 1%"):
+        RevealLog(tmp_path / "revealed.json").check_and_record(
+            update_digest(hair, 100), ["a", "c"], hair)
+    fresh = rng.standard_normal(5000).astype(np.float32) * 0.01  # the next round's
+    RevealLog(tmp_path / "revealed.json").check_and_record(
+        update_digest(fresh, 100), ["a", "c"], fresh)
+
+
+def test_a_reveal_log_that_cannot_be_read_refuses_every_reveal_and_is_left_as_it_is(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "revealed.json"
     path.write_text("{not json")
-    fresh = RevealLog(path)
-    assert (tmp_path / "secagg" / "revealed.json.corrupt").exists()
-    fresh.check_and_record(digest, ["a"])
-    assert json.loads(path.read_text())["entries"][0]["survivors"] == ["a"]
+    log = RevealLog(path)
+    with pytest.raises(RevealLogError, match="is corrupt"):
+        log.check_and_record(b"\1" * 32, ["a", "b"], None)
+    assert path.read_text() == "{not json"  # not reset: restored or moved aside by hand
+    unreadable = tmp_path / "dir-not-file"
+    unreadable.mkdir()
+    with pytest.raises(RevealLogError, match="cannot be read"):
+        RevealLog(unreadable).check_and_record(b"\1" * 32, ["a", "b"], None)
+
+
+def test_a_model_moved_by_a_hair_does_not_buy_a_second_sum() -> None:
+    """The coordinator asks again with the global model changed in its sixth digit: the
+    same seeds give every site a new-looking but near-equal update."""
+    fleet = Fleet()
+
+    async def attack():
+        await fleet.train(SITES, "t1")
+        first = await fleet.aggregate(SITES, "t1")
+        fleet.weights = fleet.weights.copy()
+        fleet.weights[0] += 1e-6
+        await fleet.train(["site-a", "site-c"], "t2")
+        second = await fleet.aggregate(["site-a", "site-c"], "t2")
+        return first, second, fleet.refusals()
+
+    first, second, refused = run(attack())
+    assert first is not None and second is None
+    assert set(refused) == {"site-a", "site-c"}
+    assert all("within 1%" in r for r in refused.values())
+
+
+def test_min_cohort_counts_the_sites_summed_not_the_sites_invited() -> None:
+    """Invited: three. Summed: two, the third 'dropped' by a coordinator that never
+    asked it. Sites whose floor is three reveal nothing."""
+    fleet = Fleet(policy=PrivacyPolicy(min_cohort=3))
+
+    async def shrink():
+        await fleet.train(["site-a", "site-b"], "t1")
+        total = await fleet.aggregate(SITES, "t1", absent=frozenset({"site-c"}))
+        return total, fleet.refusals()
+
+    total, refused = run(shrink())
+    assert total is None
+    assert refused and all("below this appliance's min_cohort 3" in r
+                           for r in refused.values())
+
+
+def test_dp_fedavg_noise_for_three_is_not_revealed_in_a_sum_of_two() -> None:
+    fleet = Fleet()
+    plan = SECURE + "[privacy.client_dp]\nclip_norm = 1.0\nnoise_multiplier = 0.5\n" \
+                    "cohort_size = 3\n"
+
+    async def shrink():
+        await fleet.train(["site-a", "site-b"], "t1", plan=plan)
+        total = await fleet.aggregate(SITES, "t1", absent=frozenset({"site-c"}))
+        return total, fleet.refusals()
+
+    total, refused = run(shrink())
+    assert total is None
+    assert refused and all("drawn for a cohort of 3" in r for r in refused.values())
 
 
 def test_agent_config_privacy_table(tmp_path: Path) -> None:

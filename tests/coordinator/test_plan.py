@@ -279,3 +279,23 @@ def test_a_plan_file_that_is_not_text_is_refused_in_one_line(tmp_path, data, rul
     assert info.value.field == "<toml>" and info.value.value == str(path)
     assert rule in info.value.rule and "save the plan as UTF-8" in info.value.rule
     assert "\n" not in str(info.value)
+
+
+
+def test_a_plan_without_a_seed_gets_a_fresh_one_written_in_one_with_a_seed_is_kept() -> None:
+    """Jobs that share a seed and a model train bit-identical first-round updates,
+    which sites refuse to have summed over two survivor sets; a seed chosen at
+    submission keeps jobs apart and is stored with the plan (reproducible)."""
+    from fedge.coordinator.plan import with_seed
+
+    bare = "# a comment\n[job]   # the job\ndataset = \"d\"\nrounds = 1\n" \
+           "[model]\nname = \"linear\"\n[train]\nsteps = 1\nbatch_size = 1\n" \
+           "learning_rate = 0.1\n[strategy]\nname = \"fedavg\"\n"
+    one, two = with_seed(bare), with_seed(bare)
+    assert parse_plan(one).seed != parse_plan(two).seed  # 1 chance in 2**31 to be equal
+    assert one.startswith("# a comment\n[job]   # the job\nseed = ")
+    assert parse_plan(one).dataset == "d" and parse_plan(one).rounds == 1
+    named = bare.replace("rounds = 1", "rounds = 1\nseed = 7")
+    assert with_seed(named) == named
+    with pytest.raises(PlanError):
+        with_seed(bare.replace("rounds = 1", "rounds = 0"))

@@ -4,6 +4,7 @@ and refuses one that is not text in one line, exit 2 (docs/CONTRACTS.md)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from fedge.coordinator.store import Store
@@ -23,7 +24,8 @@ def test_a_utf16_plan_is_submitted_and_one_without_a_mark_is_refused_in_one_line
     assert status.returncode == 0 and json.loads(status.stdout)["status"] == "queued"
     store = Store(state)
     try:
-        assert store.job(job).plan_toml == PLAN  # the text, without the mark
+        stored = store.job(job).plan_toml  # the text, without the mark, and a seed
+        assert re.sub(r"\nseed = \d+  # chosen at submission", "", stored) == PLAN
     finally:
         store.close()
     plan.write_bytes(PLAN.encode("utf-16-le"))  # no mark: NULs between the characters

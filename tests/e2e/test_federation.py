@@ -270,11 +270,12 @@ def test_agents_killed_in_training_and_unmasking_round_completes_and_they_rejoin
     fed.start_agent("site-2")
     fed.start_agent("site-3")
     wait_for_task_free(fed, {"site-2", "site-3"})
-    # another seed: the same plan and seed would give site-0 and site-1 the same round-1
-    # updates as job 1, and a sum over other survivors (the difference: site-2's and
-    # site-3's updates) is what their agents refuse (fedge.agent.guard.RevealLog)
+    # no seed named: the coordinator writes a fresh one in (with_seed). Job 1's seed
+    # would give site-0 and site-1 the same round-1 updates as job 1, and a sum over
+    # other survivors (the difference: site-2's and site-3's updates) is what their
+    # agents refuse (fedge.agent.guard.RevealLog)
     job2 = fed.submit(text.replace("rounds = 2", "rounds = 1").replace(
-        "min_clients = 2", "min_clients = 4").replace("seed = 42", "seed = 43"))
+        "min_clients = 2", "min_clients = 4").replace("seed = 42\n", ""))
     assert fed.wait_job(job2, 120)["status"] == "completed", fed.dump()
     assert json.loads(rounds_of(fed, job2)[0]["survivors_json"]) == sorted(sites)
 

@@ -49,7 +49,9 @@ class PrivacyPolicy:
     """The hospital's floor, checked on every task whatever the plan says.
 
     ``require_secure_aggregation``: refuse a plan with ``[secagg] enabled = false``
-    and any plain (unmasked) aggregation. ``min_cohort``: refuse to send a masked
+    and any plain (unmasked) aggregation. ``require_dp``: refuse a plan without
+    DP-SGD or DP-FedAvg (across rounds, only DP bounds what a malicious coordinator
+    learns of one site). ``min_cohort``: refuse to send a masked
     update to a secure aggregation over fewer sites than this (2 at least: a sum over
     one site is that site's update). A plain update, where a policy allows one, is
     seen by the coordinator alone whatever the cohort.
@@ -57,14 +59,18 @@ class PrivacyPolicy:
 
     require_secure_aggregation: bool = True
     min_cohort: int = 2
+    require_dp: bool = False
 
-    KEYS = ("require_secure_aggregation", "min_cohort")
+    KEYS = ("require_secure_aggregation", "min_cohort", "require_dp")
 
     def __post_init__(self) -> None:
         if not isinstance(self.require_secure_aggregation, bool):
             raise PrivacyPolicyError(
                 f"privacy.require_secure_aggregation = {self.require_secure_aggregation!r} "
                 "must be true or false")
+        if not isinstance(self.require_dp, bool):
+            raise PrivacyPolicyError(f"privacy.require_dp = {self.require_dp!r} must be true "
+                                     "or false")
         m = self.min_cohort
         if isinstance(m, bool) or not isinstance(m, int) or m < 2:
             raise PrivacyPolicyError(f"privacy.min_cohort = {m!r} must be an integer >= 2")
@@ -80,11 +86,16 @@ class PrivacyPolicy:
                                      f"{', '.join(cls.KEYS)}")
         return cls(**dict(table))
 
-    def refuse_plan(self, secure: bool) -> str | None:
-        """Why a plan is refused, or None."""
+    def refuse_plan(self, secure: bool, dp: bool = False) -> str | None:
+        """Why a plan is refused, or None. ``dp``: the plan has privacy.dp or
+        privacy.client_dp."""
         if self.require_secure_aggregation and not secure:
             return ("this appliance requires secure aggregation ([privacy] "
                     "require_secure_aggregation in its agent.toml) and the plan disables it")
+        if self.require_dp and not dp:
+            return ("this appliance requires differential privacy ([privacy] require_dp in "
+                    "its agent.toml) and the plan has neither privacy.dp nor "
+                    "privacy.client_dp")
         return None
 
     def refuse_aggregation(self, *, plan_secure: bool, secure: bool, cohort: int,

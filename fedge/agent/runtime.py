@@ -302,7 +302,8 @@ class Agent:
         except PlanError as exc:
             await self._refuse(job, rnd, m.TASK_TRAIN, f"unrunnable plan: {exc}", t.task_id)
             return
-        refused = self.policy.refuse_plan(plan.secagg.enabled)
+        refused = self.policy.refuse_plan(
+            plan.secagg.enabled, dp=bool(plan.privacy.get("dp") or plan.privacy.get("client_dp")))
         if refused:
             await self._refuse(job, rnd, m.TASK_TRAIN, refused, t.task_id)
             return

@@ -391,6 +391,7 @@ def test_agent_config_privacy_table(tmp_path: Path) -> None:
     assert load_config(cfg).policy.require_secure_aggregation is True
     for bad, why in (("min_cohort = 1", "must be an integer >= 2"),
                      ("require_secure_aggregation = 'yes'", "true or false"),
+                     ("require_dp = 1", "true or false"),
                      ("min_clients = 3", "unknown")):
         cfg.write_text(f"[privacy]\n{bad}\n")
         with pytest.raises(AgentConfigError, match=why):
@@ -430,3 +431,13 @@ def test_dp_fedavg_sums_an_unweighted_mean_so_the_noise_is_the_plans_whatever_th
     assert weights[0] == weights[1] == weights[2]
     influence = clip_norm * max(weights) / sum(weights)  # one site's largest effect
     assert float(np.std(mean)) / influence == pytest.approx(z, rel=0.05)
+
+
+def test_a_site_requiring_dp_refuses_a_plan_without_it() -> None:
+    fleet = Fleet(policy=PrivacyPolicy(require_dp=True))
+    run(fleet.train(["site-a"], "t1"))
+    assert "requires differential privacy" in fleet.refusals()["site-a"]
+    with_dp = SECURE + "[privacy.client_dp]\nclip_norm = 1.0\nnoise_multiplier = 0.5\n" \
+                       "cohort_size = 3\n"
+    run(fleet.train(["site-a"], "t2", plan=with_dp))
+    assert [b for _, b in fleet.inbox if isinstance(b, m.TrainDone)]

@@ -9,16 +9,13 @@ NOTIFY_SOCKET, an enrolment from a console, and a coordinator port nobody listen
 from __future__ import annotations
 
 import io
-import itertools
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -29,6 +26,7 @@ from fedge.agent.enrol import install_enrolment
 from fedge.console.enrolment import create_enrolment
 from fedge.console.store import ConsoleStore
 from fedge.update.ab import SelfUpdate
+from tests.sdnotify import notify_socket, watchdog_gaps
 
 
 def free_port() -> int:
@@ -39,15 +37,9 @@ def free_port() -> int:
 
 @pytest.fixture
 def notify():
-    """systemd's side of Type=notify: a bound datagram socket (short path: 108 bytes)."""
-    tmp = tempfile.mkdtemp(prefix="fan", dir="/tmp")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(os.path.join(tmp, "notify"))
-    try:
+    """systemd's side of Type=notify: a bound datagram socket."""
+    with notify_socket() as sock:
         yield sock
-    finally:
-        sock.close()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def agent_bundle(tmp_path: Path, version: str, config: Path) -> Path:
@@ -168,27 +160,6 @@ def test_a_slow_heartbeat_does_not_slow_the_watchdog_pings(tmp_path, notify):
     env = {**os.environ, "NOTIFY_SOCKET": notify.getsockname(), "WATCHDOG_USEC": "2000000",
            "PYTHONUNBUFFERED": "1"}
     env.pop("CREDENTIALS_DIRECTORY", None)
-    proc = subprocess.Popen([sys.executable, "-m", "fedge.cli", "agent", "run", "--config",
-                             str(config)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    pings: list[float] = []
-    ready = False
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and len(pings) < 6:
-            notify.settimeout(max(0.1, deadline - time.monotonic()))
-            try:
-                lines = notify.recv(4096).decode().splitlines()
-            except TimeoutError:
-                break
-            ready = ready or "READY=1" in lines
-            if ready and "WATCHDOG=1" in lines:
-                pings.append(time.monotonic())
-        assert proc.poll() is None, proc.communicate()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    assert len(pings) == 6, (pings, err)
-    gaps = [b - a for a, b in itertools.pairwise(pings)]
+    gaps = watchdog_gaps([sys.executable, "-m", "fedge.cli", "agent", "run", "--config",
+                          str(config)], env, notify)
     assert max(gaps) < 1.8, gaps  # 1 s apart; a WatchdogSec of 2 s is never missed
-    assert proc.returncode == 0, err

@@ -27,6 +27,7 @@ from prometheus_client import generate_latest
 from fedge.serve.repository import ModelRepository
 from fedge.serve.server import InferenceServer
 from tests.serve.conftest import N_FEATURES, start_server, stop_server
+from tests.serve.test_direct_lane import _connector
 
 Connect = Callable[[], Awaitable[tuple[Any, socket.socket]]]
 
@@ -37,30 +38,6 @@ def _app(root: Path, onnx: Path | bytes, **settings: Any) -> InferenceServer:
     app = InferenceServer(root, **settings)
     app.store.sync(app.repo)
     return app
-
-
-def _connector(app: InferenceServer) -> Connect:
-    """fedge serve's HTTP protocol on one end of a new socket pair per call (no
-    listener); returns the protocol object and the client's non-blocking end."""
-    import uvicorn
-    from uvicorn.server import ServerState
-
-    from fedge.serve.server import _loop_and_http
-
-    _, protocol_class = _loop_and_http(app)
-    config = uvicorn.Config(app, lifespan="off", proxy_headers=False, log_level="warning")
-    config.load()
-    state = ServerState()
-
-    async def connect() -> tuple[Any, socket.socket]:
-        ours, theirs = socket.socketpair()
-        theirs.setblocking(False)
-        _, proto = await asyncio.get_running_loop().connect_accepted_socket(
-            lambda: protocol_class(config=config, server_state=state, app_state={}), ours
-        )
-        return proto, theirs
-
-    return connect
 
 
 async def _until_closed(sock: socket.socket, within: float) -> tuple[bytes, float]:

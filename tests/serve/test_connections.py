@@ -14,7 +14,6 @@ import json
 import resource
 import socket
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +27,6 @@ from fedge.serve.repository import ModelRepository
 from fedge.serve.server import InferenceServer
 from tests.serve.conftest import N_FEATURES, start_server, stop_server
 from tests.serve.test_direct_lane import _connector
-
-Connect = Callable[[], Awaitable[tuple[Any, socket.socket]]]
 
 
 def _app(root: Path, onnx: Path | bytes, **settings: Any) -> InferenceServer:

@@ -177,7 +177,13 @@ class AdminService:
         out = {name: (jdir / name).read_bytes()
                for name in ck.results(self.coordinator.state_dir, job_id)}
         if not out:
-            raise ValueError(f"job {job_id} ({status.get('status')}) has no results yet")
+            state = status.get("status")
+            if state in ("cancelled", "failed"):  # it will never have any
+                raise ValueError(
+                    f"job {job_id} ({state}) has no results and will not have any: results "
+                    f"are written when a job completes"
+                    + (f" ({status.get('error')})" if status.get("error") else ""))
+            raise ValueError(f"job {job_id} ({state}) has no results yet")
         return {"job_id": job_id, "files": sorted(out)}, out
 
     def _op_enrol(self, op: Operator, args: dict, blobs: dict) -> tuple[Any, dict]:

@@ -91,10 +91,14 @@ def test_jobs_submit_list_status_cancel(server):
     assert [j["job_id"] for j in jobs] == [job["job_id"]]
     status, _ = admin.call("jobs_status", {"job_id": job["job_id"]})
     assert status["status"] == "queued" and status["rounds_planned"] == 2
+    with pytest.raises(AdminError, match=r"jobs_fetch: .*\(queued\) has no results yet"):
+        admin.call("jobs_fetch", {"job_id": job["job_id"]})
     admin.call("jobs_cancel", {"job_id": job["job_id"]})
     status, _ = admin.call("jobs_status", {"job_id": job["job_id"]})
     assert status["status"] == "cancelled"
-    with pytest.raises(AdminError, match=r"jobs_fetch: .*no results yet"):
+    # a cancelled job will never have results: said so, not "yet"
+    with pytest.raises(AdminError, match=r"jobs_fetch: .*\(cancelled\) has no results and "
+                                         r"will not have any"):
         admin.call("jobs_fetch", {"job_id": job["job_id"]})
 
 

@@ -413,9 +413,19 @@ def watch_job(call: Any, job_id: str, *, interval_s: float = 2.0,
     started = time.monotonic()
     seen: set[tuple[int, int]] = set()
     phase = None
+    said_queued = False
     while True:
         status, _ = call("jobs_status", {"job_id": job_id})
         planned = status.get("rounds_planned")
+        if status.get("status") == "queued" and not said_queued:
+            said_queued = True  # jobs run one at a time: say what it waits for, once
+            jobs, _ = call("jobs_list", {})
+            ahead = [j for j in jobs if isinstance(j, dict) and j.get("job_id") != job_id
+                     and j.get("status") in ("queued", "running")
+                     and j.get("submitted_at", 0) <= status.get("submitted_at", 0)]
+            running = [j["job_id"] for j in ahead if j.get("status") == "running"]
+            out(f"job {job_id} queued: {len(ahead)} job(s) ahead of it"
+                + (f" (running: {', '.join(running)})" if running else ""))
         for a in status.get("rounds", []):
             if (a["round"], a["attempt"]) in seen:
                 continue

@@ -307,8 +307,17 @@ def test_jobs_watch_names_a_job_that_does_not_end_and_fails_for_a_cancelled_one(
     _, base, job = submitted(tmp_path, make_server, capsys)
     watch = [*base, "--operator", "viewer", "jobs", "watch", job, "--interval", "0.1"]
     assert main([*watch, "--max-wait", "0.5"]) == 1  # no appliance: it stays queued
-    assert f"job {job} is still queued (round 0 of 1 committed) after 0.5 s" in \
-        capsys.readouterr().err
+    got = capsys.readouterr()
+    assert f"job {job} is still queued (round 0 of 1 committed) after 0.5 s" in got.err
+    assert got.out.splitlines() == [f"job {job} queued: 0 job(s) ahead of it"]  # said once
+    plan = tmp_path / "second.toml"
+    plan.write_text(PLAN)
+    assert main([*base, "jobs", "submit", str(plan)]) == 0
+    second = capsys.readouterr().out.strip()
+    assert main([*base, "--operator", "viewer", "jobs", "watch", second, "--interval", "0.1",
+                 "--max-wait", "0.3"]) == 1
+    assert capsys.readouterr().out.splitlines() == [f"job {second} queued: 1 job(s) ahead "
+                                                    "of it"]
     assert main([*base, "jobs", "cancel", job]) == 0
     capsys.readouterr()
     assert main(watch) == 1

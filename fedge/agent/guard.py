@@ -132,7 +132,8 @@ class RevealLogError(Exception):
 
 
 NEAR = 0.01  # updates closer than this, relative to their norm, count as the same
-SKETCH_BUCKETS = 128
+SKETCH_BUCKETS = 128  # at most 128: a bucket and a sign share one byte
+SKETCH_SCHEME = 2  # how sketches are made; 1 (two draws per coordinate) was never released
 
 
 class RevealLog:
@@ -184,7 +185,10 @@ class RevealLog:
                     raise ValueError(f"bad entry {row!r:.80}")
                 self._entries[digest] = survivors
                 self._times[digest] = float(at)
-            for row in data.get("sketches", []):
+            # sketches made another way compare with nothing: dropped (digests kept)
+            rows = data.get("sketches", []) if data.get("sketch_scheme") == SKETCH_SCHEME \
+                else []
+            for row in rows:
                 sketch = np.frombuffer(base64.b64decode(row["sketch"]), dtype="<f4")
                 if sketch.size != SKETCH_BUCKETS:
                     raise ValueError(f"sketch of {sketch.size} buckets")
@@ -202,9 +206,11 @@ class RevealLog:
         ``SKETCH_BUCKETS`` buckets chosen by this log's secret key."""
         x = np.asarray(update, dtype=np.float64).ravel()
         rng = np.random.default_rng(int.from_bytes(self._key, "big"))
-        buckets = rng.integers(0, SKETCH_BUCKETS, x.size)
-        signs = rng.integers(0, 2, x.size) * 2.0 - 1.0
-        return np.bincount(buckets, weights=signs * x, minlength=SKETCH_BUCKETS)
+        # one byte per coordinate: its low 7 bits the bucket, its high bit the sign
+        h = rng.integers(0, 2 * SKETCH_BUCKETS, x.size, dtype=np.uint8)
+        signed = np.where(h < SKETCH_BUCKETS, x, -x)
+        return np.bincount(h & (SKETCH_BUCKETS - 1), weights=signed,
+                           minlength=SKETCH_BUCKETS)
 
     def check_and_record(self, digest: bytes, survivors: Sequence[str],
                          update: np.ndarray | None = None) -> None:
@@ -258,6 +264,7 @@ class RevealLog:
     def _state(self) -> dict[str, Any]:
         return {
             "key": self._key.hex(),
+            "sketch_scheme": SKETCH_SCHEME,
             "entries": [{"digest": d, "survivors": s, "at": self._times.get(d, 0.0)}
                         for d, s in self._entries.items()],
             "sketches": [{"sketch": base64.b64encode(sk.astype("<f4").tobytes()).decode(),

@@ -425,7 +425,8 @@ class Agent:
         np.clip(delta, -c, c, out=delta)
         return delta
 
-    def input_vector(self, task: _Task, weight_scale: float) -> np.ndarray:
+    def input_vector(self, task: _Task, weight_scale: float,
+                     delta: np.ndarray | None = None) -> np.ndarray:
         """concat(w·Δ, [w]) with Δ clipped to [−c, c] and w = weight_scale·n (see rounds.py).
 
         SCAFFOLD: concat(w·Δ, w·Δc, [w]), Δc clipped to [−c, c] as well.
@@ -440,7 +441,8 @@ class Agent:
         """
         assert task.local is not None
         c = task.plan.secagg.clip
-        delta = self.clipped_update(task)
+        if delta is None:  # ``clipped_update(task)``, when the caller has it already
+            delta = self.clipped_update(task)
         if task.plan.privacy.get("client_dp") is not None:
             w = min(1.0, c)
         else:
@@ -468,7 +470,8 @@ class Agent:
         if refused:
             await self._refuse(job, rnd, "aggregate", refused, task.task_id)
             return
-        vec = self.input_vector(task, a.weight_scale)
+        delta = self.clipped_update(task)  # once: the input vector and the reveal log's key
+        vec = self.input_vector(task, a.weight_scale, delta)
         if not a.secure:
             await self.send(m.PlainUpdate(task.task_id, vec), job=job, round=rnd)
             return
@@ -482,7 +485,7 @@ class Agent:
             # fresh randomness: a round restarted after a crash sums the same values.
             bound = context_digest(task.digest, task.plan.text, float(a.weight_scale),
                                    list(a.cohort), task.server_control)
-            update = self.clipped_update(task).astype(np.float32)
+            update = delta.astype(np.float32)
             summed = update_digest(update, task.local.n_examples)
             plan = task.plan
             task.session = ClientSession(config, RoundContext(job, rnd, bound),

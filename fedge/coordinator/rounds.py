@@ -42,6 +42,7 @@ import numpy as np
 from fedge.coordinator.checkpoint import model_digest
 from fedge.coordinator.plan import Plan
 from fedge.coordinator.strategies import Strategy, StrategyError, mean_update
+from fedge.secagg.keys import length_prefixed
 from fedge.wire import messages as m
 
 Outgoing = list[tuple[str, Any]]
@@ -107,10 +108,9 @@ def context_digest(model_digest: bytes, plan_text: str, weight_scale: float,
     h = hashlib.sha256(f"fedge/round-context/v{SECAGG_PROTOCOL}".encode())
     control = (b"" if server_control is None
                else np.ascontiguousarray(server_control, dtype="<f4").tobytes())
-    for part in (bytes(model_digest), plan_text.encode(), struct.pack("<d", weight_scale),
-                 "\n".join(sorted(cohort)).encode(), control):
-        h.update(len(part).to_bytes(8, "big"))
-        h.update(part)
+    for part in (bytes(model_digest), plan_text, struct.pack("<d", weight_scale),
+                 "\n".join(sorted(cohort)), control):
+        h.update(length_prefixed(part))
     return h.digest()
 
 

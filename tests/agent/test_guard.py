@@ -29,25 +29,10 @@ from fedge.secagg.errors import UpdateAlreadySummed
 from fedge.secagg.keys import Identity, Roster
 from fedge.wire import codec
 from fedge.wire import messages as m
+from tests.agent.test_runtime import PLAN
 
-SECURE = """
-[job]
-dataset = "synthetic"
-rounds = 1
-min_clients = 2
-[model]
-name = "linear"
-[train]
-steps = 1
-batch_size = 1
-learning_rate = 0.5
-[strategy]
-name = "fedavg"
-[secagg]
-enabled = true
-clip = 0.25
-"""
-PLAIN = SECURE.replace("enabled = true", "enabled = false")
+SECURE = PLAN.replace("enabled = false", "enabled = true")  # test_runtime's plan
+PLAIN = PLAN
 SITES = ["site-a", "site-b", "site-c"]
 D = 8
 JOB, RND = "job1", 1

@@ -16,10 +16,15 @@ run (minutes): it is run at d = 1e6, where its time splits into length-d vector
 work (PRG streams, additions; measured apart) and the rest (Shamir, key
 agreement); at 1e7 the vector part is scaled by 10, the rest kept (``*``).
 
+Also the agent's reveal log (``fedge.agent.guard.RevealLog``), which records each
+update before its unmasking shares leave: the time of one reveal on a log that
+already holds 1 000 and 10 000 reveals (an appliance's life), beside the anchor,
+one fsynced append of the same bytes to a plain file in the same directory.
+
 Usage: ``python bench/secagg.py [--quick]`` (quick: d in {1e5, 1e6}).
 Last line: ``RESULT client_vs_flower=… server30_vs_flower=… bytes_per_param=…
-client_mem_ratio=…`` (speed ratios: the smallest over the table; bytes and
-memory: the largest).
+client_mem_ratio=… reveal_ms_10k=… reveal_vs_fsync=… reveal_10k_vs_1k=…`` (speed
+ratios: the smallest over the table; bytes and memory: the largest).
 """
 
 from __future__ import annotations
@@ -168,12 +173,59 @@ def run_flower(py: Path, n: int, sizes: list[int], server_sizes: list[int], thre
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def reveal_log_cost(d: int = 1000, reps: int = 30) -> dict[str, float]:
+    """Milliseconds per reveal at 1 000 and 10 000 earlier reveals, and the fsync anchor
+    (median of ``reps``; ``d`` coordinates per update)."""
+    import statistics
+    import tempfile
+
+    from fedge.agent.guard import RevealLog
+
+    rng = np.random.default_rng(0)
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(dir=REPO) as tmp:
+        log = RevealLog(Path(tmp) / "revealed.jsonl")
+        done = 0
+        for mark in (1000, 10_000):
+            for i in range(done, mark):
+                log.check_and_record(i.to_bytes(32, "big"), ["a", "b"],
+                                     rng.standard_normal(d) if i >= mark - 1024 else None)
+            done = mark
+            times = []
+            for _ in range(reps):
+                u = rng.standard_normal(d)
+                t = time.perf_counter()
+                log.check_and_record(done.to_bytes(32, "big"), ["a", "b"], u)
+                times.append(time.perf_counter() - t)
+                done += 1
+            out[f"ms_{mark // 1000}k"] = statistics.median(times) * 1e3
+        line = (Path(tmp) / "revealed.jsonl").read_bytes().splitlines()[-1] + b"\n"
+        anchor = []
+        fd = os.open(Path(tmp) / "plain", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            for _ in range(reps):
+                t = time.perf_counter()
+                os.write(fd, line)
+                os.fsync(fd)
+                anchor.append(time.perf_counter() - t)
+        finally:
+            os.close(fd)
+        out["fsync_ms"] = statistics.median(anchor) * 1e3
+        out["bytes"] = float((Path(tmp) / "revealed.jsonl").stat().st_size)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="d in {1e5, 1e6} instead")
     opts = parser.parse_args()
     sizes = [100_000, 1_000_000] if opts.quick else [1_000_000, 10_000_000]
     cohorts = [10, 100]
+    reveal = reveal_log_cost()
+    print(f"reveal log: {reveal['ms_1k']:.2f} ms per reveal after 1 000 reveals, "
+          f"{reveal['ms_10k']:.2f} ms after 10 000 ({reveal['bytes'] / 1e6:.1f} MB on disk); "
+          f"anchor: one fsynced append of the same line {reveal['fsync_ms']:.2f} ms",
+          flush=True)
     py = flwr_python()
     rows = []
     for n in cohorts:
@@ -215,7 +267,10 @@ def main() -> int:
         f"client_vs_flower={smallest('client_x'):.1f} "
         f"server30_vs_flower={smallest('server30_x'):.1f} "
         f"bytes_per_param={max(r['bytes_per_param'] for r in rows):.4f} "
-        f"client_mem_ratio={max(r['mem_ratio'] for r in rows):.2f}"
+        f"client_mem_ratio={max(r['mem_ratio'] for r in rows):.2f} "
+        f"reveal_ms_10k={reveal['ms_10k']:.2f} "
+        f"reveal_vs_fsync={reveal['ms_10k'] / reveal['fsync_ms']:.2f} "
+        f"reveal_10k_vs_1k={reveal['ms_10k'] / reveal['ms_1k']:.2f}"
     )
     return 0
 

@@ -19,9 +19,11 @@ whether a round is secure, so none of those can be trusted to protect the site:
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import logging
+import os
 import secrets
 import threading
 import time
@@ -33,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from fedge.secagg.errors import UpdateAlreadySummed
-from fedge.update.files import write_json
+from fedge.update.files import write_atomic
 
 log = logging.getLogger("fedge.agent")
 
@@ -138,7 +140,8 @@ SKETCH_SCHEME = 2  # how sketches are made; 1 (two draws per coordinate) was nev
 
 class RevealLog:
     """Which survivor set each update was summed over, kept on disk when ``path`` is
-    given (0600, atomic).
+    given: an append-only JSON Lines file (0600), one fsynced line per reveal, so a
+    reveal costs the same on an appliance's first round and its ten-thousandth.
 
     Two rules, checked before the shares that unmask a sum leave the site:
 
@@ -152,54 +155,205 @@ class RevealLog:
       by a secret of this log that never leaves the site).
 
     A log that cannot be read (unreadable, corrupt) is not reset: every reveal is
-    refused, naming the file, until it is restored or moved aside by hand.
+    refused, naming the file, until it is restored or moved aside by hand. Only a
+    torn last line (no newline: a crash inside the append, before the reveal it
+    would have allowed) is dropped. ``legacy``: the whole-file JSON log of earlier
+    releases, taken over once when ``path`` does not exist yet and then renamed
+    ``<name>.migrated``.
     """
 
-    def __init__(self, path: Path | None = None, *, sketches: int = 1024) -> None:
+    FORMAT = "fedge-reveal-log"
+    VERSION = 1
+
+    def __init__(self, path: Path | None = None, *, sketches: int = 1024,
+                 legacy: Path | None = None) -> None:
         self.path = Path(path) if path is not None else None
         self.sketches = sketches
         self._lock = threading.Lock()
         self._entries: dict[str, list[str]] = {}
         self._times: dict[str, float] = {}
-        self._sketches: list[tuple[np.ndarray, float, list[str]]] = []
+        self._sketch_rows = np.zeros((0, SKETCH_BUCKETS))
+        self._sketch_norms = np.zeros(0)
+        self._sketch_sites: list[list[str]] = []
         self._key = secrets.token_bytes(16)
+        self._end = 0  # bytes of complete lines in the file
         self.error: str | None = None
-        if self.path is not None and self.path.exists():
+        if self.path is None:
+            return
+        if self.path.exists():
             self._load(self.path)
+        elif legacy is not None and Path(legacy).exists():
+            self._migrate(Path(legacy))
 
-    def _load(self, path: Path) -> None:
+    # -- reading -----------------------------------------------------------------------
+
+    def _fail(self, path: Path, why: str) -> None:
+        self._entries, self._times = {}, {}
+        self._keep_sketches([], [], [])
+        self.error = (f"secure aggregation reveal log {path} {why}; nothing is revealed "
+                      "until it is restored, or moved aside by hand (which forgets what "
+                      "this site revealed)")
+        log.error("%s", self.error)
+
+    def _read(self, path: Path) -> bytes | None:
         try:
-            text = path.read_text()
+            return path.read_bytes()
         except OSError as exc:
             self.error = (f"secure aggregation reveal log {path} cannot be read ({exc}); "
                           "nothing is revealed until it can")
             log.error("%s", self.error)
+            return None
+
+    def _load(self, path: Path) -> None:
+        data = self._read(path)
+        if data is None:
             return
+        complete = data.rfind(b"\n") + 1
+        if complete < len(data):
+            log.warning("reveal log %s: a torn last line (%d bytes, a crash while "
+                        "recording) is dropped; its reveal never happened",
+                        path, len(data) - complete)
+        lines = data[:complete].decode("utf-8", "replace").splitlines()
+        sketches: list[np.ndarray] = []
+        norms: list[float] = []
+        sites: list[list[str]] = []
         try:
-            data = json.loads(text)
-            self._key = bytes.fromhex(data["key"])
-            for row in data["entries"]:
-                digest, survivors, at = row["digest"], row["survivors"], row.get("at", 0.0)
-                if not (isinstance(digest, str) and isinstance(survivors, list)
-                        and all(isinstance(s, str) for s in survivors)):
-                    raise ValueError(f"bad entry {row!r:.80}")
-                self._entries[digest] = survivors
-                self._times[digest] = float(at)
+            if not lines:
+                raise ValueError("no header line")
+            head = json.loads(lines[0])
+            if not isinstance(head, dict) or head.get("format") != self.FORMAT:
+                raise ValueError(f"line 1 is not a {self.FORMAT} header")
+            if head.get("version") != self.VERSION:
+                raise ValueError(f"version {head.get('version')!r}, this agent reads "
+                                 f"{self.VERSION}")
+            self._key = bytes.fromhex(head["key"])
             # sketches made another way compare with nothing: dropped (digests kept)
-            rows = data.get("sketches", []) if data.get("sketch_scheme") == SKETCH_SCHEME \
-                else []
-            for row in rows:
-                sketch = np.frombuffer(base64.b64decode(row["sketch"]), dtype="<f4")
-                if sketch.size != SKETCH_BUCKETS:
-                    raise ValueError(f"sketch of {sketch.size} buckets")
-                self._sketches.append((sketch.astype(np.float64), float(row["norm"]),
-                                       [str(x) for x in row["survivors"]]))
+            same_scheme = head.get("sketch_scheme") == SKETCH_SCHEME
+            for number, line in enumerate(lines[1:], start=2):
+                try:
+                    self._take_row(json.loads(line), same_scheme, sketches, norms, sites)
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise ValueError(f"line {number}: {exc}") from None
         except (ValueError, KeyError, TypeError) as exc:
-            self._entries, self._times, self._sketches = {}, {}, []
-            self.error = (f"secure aggregation reveal log {path} is corrupt ({exc}); nothing "
-                          "is revealed until it is restored, or moved aside by hand (which "
-                          "forgets what this site revealed)")
-            log.error("%s", self.error)
+            self._fail(path, f"is corrupt ({exc})")
+            return
+        self._keep_sketches(sketches, norms, sites)
+        self._end = complete
+        if not same_scheme or len(sketches) > 2 * self.sketches:
+            # compacted: digests all kept, sketches only the newest (what is compared)
+            self._rewrite_or_fail(path)
+
+    def _take_row(self, row: Any, same_scheme: bool, sketches: list[np.ndarray],
+                  norms: list[float], sites: list[list[str]]) -> None:
+        survivors = row["survivors"]
+        if not (isinstance(survivors, list) and all(isinstance(s, str) for s in survivors)):
+            raise ValueError(f"bad survivors {survivors!r:.80}")
+        digest = row.get("digest")
+        if digest is not None:
+            if not isinstance(digest, str):
+                raise ValueError(f"bad digest {digest!r:.80}")
+            self._entries[digest] = survivors
+            self._times[digest] = float(row.get("at", 0.0))
+        if "sketch" in row and same_scheme:
+            sketch = np.frombuffer(base64.b64decode(row["sketch"], validate=True), dtype="<f4")
+            if sketch.size != SKETCH_BUCKETS:
+                raise ValueError(f"sketch of {sketch.size} buckets")
+            sketches.append(sketch.astype(np.float64))
+            norms.append(float(row["norm"]))
+            sites.append(survivors)
+
+    def _keep_sketches(self, sketches: Sequence[np.ndarray], norms: Sequence[float],
+                       sites: Sequence[list[str]]) -> None:
+        keep = slice(max(0, len(sketches) - self.sketches), None)
+        self._sketch_rows = (np.stack(sketches[keep]) if len(sketches[keep])
+                             else np.zeros((0, SKETCH_BUCKETS)))
+        self._sketch_norms = np.asarray(norms[keep], dtype=np.float64)
+        self._sketch_sites = list(sites[keep])
+
+    def _migrate(self, legacy: Path) -> None:
+        """Take over the whole-file log of earlier releases (fails closed like a
+        corrupt log when it cannot be read or the new log cannot be written)."""
+        data = self._read(legacy)
+        if data is None:
+            return
+        sketches: list[np.ndarray] = []
+        norms: list[float] = []
+        sites: list[list[str]] = []
+        try:
+            doc = json.loads(data)
+            self._key = bytes.fromhex(doc["key"])
+            for row in doc["entries"]:
+                self._take_row(row, True, [], [], [])
+            if doc.get("sketch_scheme") == SKETCH_SCHEME:
+                for row in doc.get("sketches", []):
+                    self._take_row({"survivors": row["survivors"], "sketch": row["sketch"],
+                                    "norm": row["norm"]}, True, sketches, norms, sites)
+        except (ValueError, KeyError, TypeError) as exc:
+            self._fail(legacy, f"is corrupt ({exc})")
+            return
+        self._keep_sketches(sketches, norms, sites)
+        assert self.path is not None
+        if self._rewrite_or_fail(self.path):
+            try:
+                legacy.replace(legacy.with_name(legacy.name + ".migrated"))
+            except OSError as exc:  # harmless: the new log exists and is read first
+                log.warning("reveal log %s taken over but not renamed: %s", legacy, exc)
+            log.info("reveal log %s taken over into %s (%d updates)", legacy, self.path,
+                     len(self._entries))
+
+    # -- writing -----------------------------------------------------------------------
+
+    def _header(self) -> bytes:
+        return _line({"format": self.FORMAT, "version": self.VERSION,
+                      "key": self._key.hex(), "sketch_scheme": SKETCH_SCHEME})
+
+    def _sketch_fields(self, i: int) -> dict[str, Any]:
+        raw = self._sketch_rows[i].astype("<f4").tobytes()
+        return {"sketch": base64.b64encode(raw).decode(), "norm": float(self._sketch_norms[i])}
+
+    def _rewrite_or_fail(self, path: Path) -> bool:
+        """Write the whole log afresh (atomically): the header, every digest, the
+        kept sketches. False, with every reveal refused, when it cannot be written."""
+        lines = [self._header()]
+        lines += [_line({"digest": d, "survivors": s, "at": self._times.get(d, 0.0)})
+                  for d, s in self._entries.items()]
+        lines += [_line({"survivors": s, **self._sketch_fields(i)})
+                  for i, s in enumerate(self._sketch_sites)]
+        data = b"".join(lines)
+        try:
+            write_atomic(path, data)
+        except OSError as exc:
+            self._fail(path, f"cannot be written ({exc})")
+            return False
+        self._end = len(data)
+        return True
+
+    def _append(self, row: dict[str, Any]) -> None:
+        """One line at the end of the log, fsynced; a torn or failed write is cut off
+        again so the next line starts clean. Raises: OSError."""
+        assert self.path is not None
+        data = _line(row)
+        if self._end == 0:  # a new log: header and first line in one atomic write
+            data = self._header() + data
+            write_atomic(self.path, data)
+            self._end = len(data)
+            return
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        try:
+            if os.fstat(fd).st_size != self._end:
+                os.ftruncate(fd, self._end)  # a torn line from an earlier crash or failure
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except OSError:
+            # if this fails too, the next append cuts it (size != _end), or a load drops it
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, self._end)
+            raise
+        finally:
+            os.close(fd)
+        self._end += len(data)
 
     def sketch(self, update: np.ndarray) -> np.ndarray:
         """A count sketch of ``update``: each coordinate added, with a sign, into one of
@@ -235,38 +389,32 @@ class RevealLog:
                         f"{earlier}; a second sum over {now} would give the coordinator "
                         "the difference (a job re-run over other sites needs another seed)")
                 return
+            row: dict[str, Any] = {"digest": key, "survivors": now, "at": time.time()}
             sketch, norm = None, 0.0
             if update is not None:
                 norm = float(np.linalg.norm(np.asarray(update, dtype=np.float64)))
                 sketch = self.sketch(update)
-                for other, other_norm, sites in self._sketches:
-                    if sites == now or norm == 0.0:
-                        continue
-                    if float(np.linalg.norm(sketch - other)) <= NEAR * max(norm, other_norm):
-                        raise UpdateAlreadySummed(
-                            f"an update within {NEAR:.0%} of this one was already summed "
-                            f"over {len(sites)} sites {sites}; a second sum over {now} "
-                            "would give the coordinator the difference")
-            self._entries[key] = now
-            self._times[key] = time.time()
-            if sketch is not None:
-                self._sketches.append((sketch, norm, now))
-                del self._sketches[:-self.sketches]
+                if norm > 0.0 and len(self._sketch_sites):
+                    far = np.linalg.norm(self._sketch_rows - sketch, axis=1)
+                    near = far <= NEAR * np.maximum(norm, self._sketch_norms)
+                    for i in np.flatnonzero(near):
+                        sites = self._sketch_sites[i]
+                        if sites != now:
+                            raise UpdateAlreadySummed(
+                                f"an update within {NEAR:.0%} of this one was already "
+                                f"summed over {len(sites)} sites {sites}; a second sum "
+                                f"over {now} would give the coordinator the difference")
+                row["sketch"] = base64.b64encode(sketch.astype("<f4").tobytes()).decode()
+                row["norm"] = norm
             if self.path is not None:
-                try:
-                    write_json(self.path, self._state())
-                except OSError:
-                    del self._entries[key]
-                    if sketch is not None:
-                        self._sketches.pop()
-                    raise
+                self._append(row)  # OSError: nothing recorded, nothing revealed
+            self._entries[key] = now
+            self._times[key] = row["at"]
+            if sketch is not None:
+                self._sketch_rows = np.vstack([self._sketch_rows, sketch])[-self.sketches:]
+                self._sketch_norms = np.append(self._sketch_norms, norm)[-self.sketches:]
+                self._sketch_sites = [*self._sketch_sites, now][-self.sketches:]
 
-    def _state(self) -> dict[str, Any]:
-        return {
-            "key": self._key.hex(),
-            "sketch_scheme": SKETCH_SCHEME,
-            "entries": [{"digest": d, "survivors": s, "at": self._times.get(d, 0.0)}
-                        for d, s in self._entries.items()],
-            "sketches": [{"sketch": base64.b64encode(sk.astype("<f4").tobytes()).decode(),
-                          "norm": n, "survivors": s} for sk, n, s in self._sketches],
-        }
+
+def _line(row: Mapping[str, Any]) -> bytes:
+    return (json.dumps(row, sort_keys=True, separators=(",", ":")) + "\n").encode()

@@ -452,7 +452,8 @@ def run(cfg: AgentConfig, *, connect_timeout_s: float | None = None) -> int:
                   roster_key=enrolled.roster_key, roster_path=enrolled.roster_path,
                   executor=executor, health=health_probe(cfg, xids),
                   job_state=JobStateStore(cfg.state_dir / "jobs"), policy=cfg.policy,
-                  reveal_log=RevealLog(cfg.state_dir / "secagg" / "revealed.json"))
+                  reveal_log=RevealLog(cfg.state_dir / "secagg" / "revealed.jsonl",
+                                       legacy=cfg.state_dir / "secagg" / "revealed.json"))
     # Signed updates (console/updates engineer): UpdateAvailable / fetch replies go to
     # the TUF client; models install into <state_dir>/models for `fedge serve`.
     from fedge.agent.updates import SiteModels, attach_update_client

@@ -5,6 +5,8 @@ hospital's exact update before the agent held the line (fedge.agent.guard)."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +52,7 @@ class Fleet:
         self.inbox: list[tuple[str, object]] = []
         self.agents: dict[str, Agent] = {}
         for s in SITES:
-            log = RevealLog(tmp / s / "revealed.json") if tmp is not None else None
+            log = RevealLog(tmp / s / "revealed.jsonl") if tmp is not None else None
             a = Agent(s, SyntheticTrainer(s), identity=ids[s], roster=self.roster,
                       roster_key=console.public_bytes(), policy=policy, reveal_log=log)
 
@@ -268,7 +270,7 @@ def test_dp_fedavg_noise_drawn_for_a_larger_cohort_is_withheld() -> None:
 
 
 def test_reveal_log_on_disk_refuses_another_set_and_never_forgets(tmp_path: Path) -> None:
-    path = tmp_path / "secagg" / "revealed.json"
+    path = tmp_path / "secagg" / "revealed.jsonl"
     update = np.linspace(-1, 1, 50).astype(np.float32)
     digest = update_digest(update, 7)
     log = RevealLog(path)
@@ -291,21 +293,21 @@ def test_an_update_a_hair_from_one_already_summed_is_refused_a_new_one_is_not(
 ) -> None:
     rng = np.random.default_rng(3)
     update = rng.standard_normal(5000).astype(np.float32) * 0.01
-    log = RevealLog(tmp_path / "revealed.json")
+    log = RevealLog(tmp_path / "revealed.jsonl")
     log.check_and_record(update_digest(update, 100), ["a", "b", "c"], update)
     hair = update + np.float32(1e-7)  # a model moved by a hair: new bits, same update
     with pytest.raises(UpdateAlreadySummed, match="within 1%"):
-        RevealLog(tmp_path / "revealed.json").check_and_record(
+        RevealLog(tmp_path / "revealed.jsonl").check_and_record(
             update_digest(hair, 100), ["a", "c"], hair)
     fresh = rng.standard_normal(5000).astype(np.float32) * 0.01  # the next round's
-    RevealLog(tmp_path / "revealed.json").check_and_record(
+    RevealLog(tmp_path / "revealed.jsonl").check_and_record(
         update_digest(fresh, 100), ["a", "c"], fresh)
 
 
 def test_a_reveal_log_that_cannot_be_read_refuses_every_reveal_and_is_left_as_it_is(
     tmp_path: Path,
 ) -> None:
-    path = tmp_path / "revealed.json"
+    path = tmp_path / "revealed.jsonl"
     path.write_text("{not json")
     log = RevealLog(path)
     with pytest.raises(RevealLogError, match="is corrupt"):
@@ -315,6 +317,132 @@ def test_a_reveal_log_that_cannot_be_read_refuses_every_reveal_and_is_left_as_it
     unreadable.mkdir()
     with pytest.raises(RevealLogError, match="cannot be read"):
         RevealLog(unreadable).check_and_record(b"\1" * 32, ["a", "b"], None)
+
+
+def test_the_reveal_log_appends_one_line_per_reveal_and_keeps_earlier_bytes(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "revealed.jsonl"
+    log = RevealLog(path)
+    rng = np.random.default_rng(5)
+    sizes = []
+    for i in range(5):
+        update = rng.standard_normal(300).astype(np.float32)
+        before = path.read_bytes() if path.exists() else b""
+        log.check_and_record(update_digest(update, i + 1), ["a", "b"], update)
+        after = path.read_bytes()
+        assert after.startswith(before)  # appended, never rewritten
+        sizes.append(len(after) - len(before))
+    assert path.read_bytes().count(b"\n") == 6  # a header and one line per reveal
+    assert max(sizes[1:]) - min(sizes[1:]) < 40  # the same cost on the 5th as the 2nd
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_torn_last_line_is_dropped_and_cut_a_torn_middle_line_refuses_every_reveal(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "revealed.jsonl"
+    update = np.linspace(-1, 1, 80).astype(np.float32)
+    digest = update_digest(update, 3)
+    RevealLog(path).check_and_record(digest, ["a", "b", "c"], update)
+    whole = path.read_bytes()
+    with path.open("ab") as f:  # a crash inside the next append: no newline
+        f.write(b'{"digest":"ab12","surv')
+    log = RevealLog(path)
+    assert log.error is None
+    with pytest.raises(UpdateAlreadySummed):  # the complete record still holds
+        log.check_and_record(digest, ["a", "b"], update)
+    other = update_digest(update * 3, 3)
+    log.check_and_record(other, ["a", "b"], None)
+    text = path.read_bytes()
+    assert text.startswith(whole) and b"surv{" not in text and b'"ab12"' not in text
+    assert RevealLog(path).error is None  # the torn bytes were cut, not glued on
+    with pytest.raises(UpdateAlreadySummed):
+        RevealLog(path).check_and_record(other, ["a", "c"], None)
+
+    lines = text.split(b"\n")
+    lines[1] = lines[1][:30]  # damage inside the file, not at its end
+    path.write_bytes(b"\n".join(lines))
+    damaged = path.read_bytes()
+    with pytest.raises(RevealLogError, match=r"is corrupt \(line 2"):
+        RevealLog(path).check_and_record(b"\2" * 32, ["a", "b"], None)
+    assert path.read_bytes() == damaged  # left for a person to restore
+
+
+def test_a_failed_append_records_nothing_and_the_next_one_starts_clean(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "revealed.jsonl"
+    log = RevealLog(path)
+    log.check_and_record(b"\1" * 32, ["a", "b"], None)
+    path.rename(tmp_path / "kept")
+    path.mkdir()  # the append cannot open the log
+    with pytest.raises(OSError):
+        log.check_and_record(b"\3" * 32, ["a", "b"], None)
+    path.rmdir()
+    (tmp_path / "kept").rename(path)
+    log.check_and_record(b"\3" * 32, ["a", "c"], None)  # not remembered as summed
+    with path.open("ab") as f:  # bytes of a write that failed half-way
+        f.write(b'{"digest":"')
+    log.check_and_record(b"\4" * 32, ["a", "b"], None)
+    assert RevealLog(path).error is None
+    with pytest.raises(UpdateAlreadySummed):
+        RevealLog(path).check_and_record(b"\4" * 32, ["b", "c"], None)
+
+
+def test_a_long_log_is_compacted_on_load_to_every_digest_and_the_newest_sketches(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "revealed.jsonl"
+    rng = np.random.default_rng(4)
+    updates = [rng.standard_normal(500).astype(np.float32) for _ in range(10)]
+    log = RevealLog(path, sketches=4)
+    for u in updates:
+        log.check_and_record(update_digest(u, 5), ["a", "b"], u)
+    assert path.read_bytes().count(b"\n") == 11
+    RevealLog(path, sketches=4)  # 10 sketches on disk > 2 x 4: rewritten
+    assert path.read_bytes().count(b"\n") == 1 + 10 + 4
+    for u in updates:  # every digest is still refused over another set
+        with pytest.raises(UpdateAlreadySummed, match="already summed over 2"):
+            RevealLog(path, sketches=4).check_and_record(update_digest(u, 5), ["a"], u)
+    newest = updates[-1] + np.float32(1e-6)
+    with pytest.raises(UpdateAlreadySummed, match="within 1%"):
+        RevealLog(path, sketches=4).check_and_record(update_digest(newest, 5), ["a"], newest)
+
+
+def _legacy_log(path: Path, key: bytes, entries: dict[str, list[str]],
+                sketches: list[tuple[np.ndarray, float, list[str]]]) -> None:
+    """The whole-file JSON log the agent wrote before the append-only one."""
+    path.write_text(json.dumps({
+        "key": key.hex(), "sketch_scheme": 2,
+        "entries": [{"digest": d, "survivors": s, "at": 1.0} for d, s in entries.items()],
+        "sketches": [{"sketch": base64.b64encode(sk.astype("<f4").tobytes()).decode(),
+                      "norm": n, "survivors": s} for sk, n, s in sketches]}, indent=2))
+
+
+def test_the_whole_file_log_of_earlier_releases_is_taken_over_once(tmp_path: Path) -> None:
+    legacy, path = tmp_path / "revealed.json", tmp_path / "revealed.jsonl"
+    update = np.random.default_rng(9).standard_normal(2000).astype(np.float32)
+    old = RevealLog()  # the old log's key makes the old sketches
+    sketch = old.sketch(update)
+    _legacy_log(legacy, old._key, {update_digest(update, 10).hex(): ["a", "b", "c"]},
+                [(sketch, float(np.linalg.norm(update)), ["a", "b", "c"])])
+    log = RevealLog(path, legacy=legacy)
+    assert log.error is None and path.exists() and not legacy.exists()
+    assert (tmp_path / "revealed.json.migrated").exists()
+    with pytest.raises(UpdateAlreadySummed, match="already summed over 3"):
+        log.check_and_record(update_digest(update, 10), ["a", "b"], update)
+    hair = update + np.float32(1e-6)
+    with pytest.raises(UpdateAlreadySummed, match="within 1%"):  # its sketch came too
+        RevealLog(path, legacy=legacy).check_and_record(update_digest(hair, 10), ["a"], hair)
+
+    broken = tmp_path / "b" / "revealed.json"
+    broken.parent.mkdir()
+    broken.write_text('{"key": "00", "entries": [{"digest": 5}]}')
+    with pytest.raises(RevealLogError, match=r"revealed.json is corrupt"):
+        RevealLog(broken.with_suffix(".jsonl"), legacy=broken).check_and_record(
+            b"\1" * 32, ["a", "b"], None)
+    assert broken.exists() and not broken.with_suffix(".jsonl").exists()
 
 
 def test_a_model_moved_by_a_hair_does_not_buy_a_second_sum() -> None:

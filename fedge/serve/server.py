@@ -36,10 +36,11 @@ thread they would stall the event loop, health checks included, just the same.
 
 Connections (`_Connections`): a connection waiting on its client has a deadline
 (`idle_timeout_s` to begin a request, `request_timeout_s` from its first byte to
-its last), and at most `max_connections` are open; one more evicts the
-connection that has waited longest on its client. Half-sent requests therefore
-neither pile up nor use up the file descriptors that the health checks and the
-repository watcher need.
+its last, and `request_timeout_s` to read any more once it has stopped reading its
+responses and the server's send buffer is full), and at most `max_connections`
+are open; one more evicts the connection that has waited longest on its client.
+Half-sent requests and unread responses therefore neither pile up nor use up the
+file descriptors that the health checks and the repository watcher need.
 
 Errors: every client mistake is a 4xx with the protocol's `{"error": "..."}`
 body (400 malformed/invalid, 404 unknown model/version/route, 405 wrong
@@ -212,8 +213,9 @@ class Metrics:
         self.connections_closed = Counter(
             "fedge_serve_connections_closed",
             "Client connections the server closed on its own: idle_timeout, request_timeout "
-            "(408), evicted (at the connection limit, the one waiting longest on its client), "
-            "refused (at the limit with every connection busy, 503)",
+            "(408), write_timeout (stopped reading its responses), evicted (at the connection "
+            "limit, the one waiting longest on its client), refused (at the limit with every "
+            "connection busy, 503)",
             ["reason"], registry=self.registry,
         )
 
@@ -235,8 +237,11 @@ class _Connections:
     A connection waits either on its client (fresh, between requests, or with a
     request still arriving) or on the server (a request read, its response not
     written yet). Waiting on the client has a deadline: `idle_timeout_s` to begin
-    a request, `request_timeout_s` from a request's first byte to its last. Past
-    it the connection is closed, after a 408 when a request was under way.
+    a request, `request_timeout_s` from a request's first byte to its last, and,
+    once it has stopped reading its responses (the send buffer full), each
+    `request_timeout_s` it must have read some more: a slow reader stays. Past a
+    deadline the connection is closed, after a 408 when a request was under way
+    (a reader that stopped gets nothing more: it is aborted).
     Waiting on the server has none: a slow model is not the client's doing.
 
     At most `limit` connections are open. One more evicts the connection that has
@@ -317,7 +322,7 @@ class _Connections:
         loop = self._timer_loop
         assert loop is not None
         now = loop.time()
-        for conn in [c for c in self.open if c.deadline <= now]:
+        for conn in [c for c in self.open if c.deadline <= now or c.stall_deadline <= now]:
             conn.deadline_passed(now)
         self._report()
         self._timer = loop.call_later(self.tick, self._sweep) if self.open else None
@@ -1036,6 +1041,9 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
         _owed: _Direct | None = None  # a direct-lane request not answered yet
         # loop time by which the client must act; _NEVER while the server owes it
         deadline: float = _NEVER
+        # loop time by which a client that stopped reading its responses must read on
+        stall_deadline: float = _NEVER
+        _unsent = 0  # bytes waiting to be sent when the stall deadline was last set
         _since: float | None = None  # waiting on the client since (loop time)
         _stalled: float | None = None  # the client stopped reading responses since
         _reading = False  # between a request's first byte and its last
@@ -1070,6 +1078,18 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
             self.transport.abort()  # not close(): that would wait for a stalled reader
 
         def deadline_passed(self, now: float) -> None:
+            if self.stall_deadline <= now:
+                unsent = self.transport.get_write_buffer_size()
+                if unsent < self._unsent:  # it read some: a slow reader, not a stopped one
+                    self._unsent = unsent
+                    self.stall_deadline = now + connections.request_timeout_s
+                else:  # read nothing of its responses for so long
+                    self.stall_deadline = self.deadline = _NEVER
+                    connections.note("write_timeout")
+                    self.transport.abort()  # close() would wait on the reader that stopped
+                    return
+            if self.deadline > now:
+                return
             self.deadline = _NEVER
             if self.transport.is_closing():
                 return
@@ -1109,10 +1129,13 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
         def pause_writing(self) -> None:
             super().pause_writing()
             self._stalled = self.loop.time()
+            self.stall_deadline = self._stalled + connections.request_timeout_s
+            self._unsent = self.transport.get_write_buffer_size()
 
         def resume_writing(self) -> None:
             super().resume_writing()
             self._stalled = None
+            self.stall_deadline = _NEVER
 
         def on_message_begin(self) -> None:
             self._direct = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import resource
 import socket
 import time
@@ -141,6 +142,82 @@ def test_a_keep_alive_connection_is_closed_when_it_idles_after_its_response(
 
     received, after = asyncio.run(scenario())
     assert received.startswith(b"HTTP/1.1 200") and 0.4 < after < 2.5
+
+
+def _tight_connector(app: InferenceServer) -> Any:
+    """Like `_connector`, with socket buffers of a few KiB, so that a response of
+    a few hundred KiB fills them when the client does not read it."""
+    import uvicorn
+    from uvicorn.server import ServerState
+
+    from fedge.serve.server import _loop_and_http
+
+    _, protocol_class = _loop_and_http(app)
+    config = uvicorn.Config(app, lifespan="off", proxy_headers=False, log_level="warning")
+    config.load()
+    state = ServerState()
+
+    async def connect() -> tuple[Any, socket.socket]:
+        ours, theirs = socket.socketpair()
+        for sock in (ours, theirs):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        theirs.setblocking(False)
+        _, proto = await asyncio.get_running_loop().connect_accepted_socket(
+            lambda: protocol_class(config=config, server_state=state, app_state={}), ours)
+        return proto, theirs
+
+    return connect
+
+
+def test_a_client_that_stops_reading_its_response_is_cut_off_one_that_reads_slowly_is_not(
+    tmp_path: Path, cox_v1: tuple[Path, torch.nn.Module]
+) -> None:
+    app = _app(tmp_path, cox_v1[0], idle_timeout_s=30, request_timeout_s=0.6)
+    rows = 8_000  # a JSON response of about 160 KB, past the send buffer's 64 KiB
+
+    async def read_some(sock: socket.socket, at_most: int) -> bytes:
+        """Up to `at_most` bytes, as fast as they come (stops at a 0.05 s lull)."""
+        loop, got = asyncio.get_running_loop(), b""
+        while len(got) < at_most:
+            try:
+                chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), 0.05)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            got += chunk
+        return got
+
+    async def scenario() -> tuple[bytes, bytes, float]:
+        connect = _tight_connector(app)
+        loop = asyncio.get_running_loop()
+        _, stopped = await connect()
+        await _send(stopped, _post(_rows_body(rows)))
+        await asyncio.sleep(2.0)  # reads nothing for more than 3 request timeouts
+        cut, _ = await _until_closed(stopped, within=3)
+        _, slow = await connect()
+        await _send(slow, _post(_rows_body(rows)))
+        start, got = loop.time(), b""
+        while loop.time() < start + 60:
+            await asyncio.sleep(0.4)  # a pause shorter than the timeout, then 24 KB
+            got += await read_some(slow, 24_000)
+            head, _, body = got.partition(b"\r\n\r\n")
+            match = re.search(rb"content-length: (\d+)", head)
+            if match and len(body) >= int(match.group(1)):
+                break
+        return cut, got, loop.time() - start
+
+    cut, slow, took = asyncio.run(scenario())
+    head, _, body = cut.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    declared = int(re.search(rb"content-length: (\d+)", head).group(1))  # type: ignore[union-attr]
+    assert declared > 100_000 and len(body) < declared  # cut off, not finished
+    status, answer = _status_and_body(slow)
+    assert status == 200 and len(answer["outputs"][0]["data"]) == rows
+    assert took > 1.2  # it did read slowly, past two request timeouts in all
+    text = generate_latest(app.metrics.registry).decode()
+    assert 'fedge_serve_connections_closed_total{reason="write_timeout"} 1.0' in text
 
 
 def _slow_model(hidden: int = 2048) -> bytes:

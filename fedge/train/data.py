@@ -16,6 +16,14 @@ Kinds:
   train_test_split.csv, centers.csv); ``site`` is the centre 0..5.
 - ``images``: a folder of class sub-folders of PNG/JPEG files (optionally under
   ``train/`` and ``test/``), converted to single-channel ``image_size`` squares.
+  ``classes`` is required: the class folder names in label order, the same list
+  at every site, so that a class has one label across the federation whatever
+  folders a site holds. A visible folder not in the list is refused by name;
+  folders and files whose names start with a dot (``.ipynb_checkpoints``, macOS's
+  ``._x.png``) are ignored. 8-bit images are scaled by 1/255; 16-bit greyscale
+  (Pillow's ``I;16`` modes, and ``I`` with values in 0..65535, as some readers
+  give 16-bit files) by 1/65535; 32-bit float images (``F``) and ``I`` images
+  beyond 16 bits have no fixed range and are refused.
 - ``numpy``: an ``.npz`` with ``x`` and ``y`` (or ``event`` and ``time``), and an
   optional ``split`` array of strings.
 
@@ -100,6 +108,8 @@ class DatasetSpec:
     seed: int = 0
     standardise: str = "continuous"  # "none" | "continuous" (non-binary columns) | "all"
     image_size: int = 64
+    # images: the class folder names in label order (label = position in the list)
+    classes: tuple[str, ...] = ()
     # Federated cross-validation: with cv_folds >= 2 the site's test rows are
     # dropped, its training rows are cut into cv_folds folds (permutation fixed
     # by seed) and fold cv_fold becomes the evaluated "test" split.
@@ -126,6 +136,11 @@ class DatasetSpec:
             if not isinstance(feats, list | tuple) or not all(isinstance(f, str) for f in feats):
                 raise ValueError(f"datasets.features={feats!r} must be a list of column names")
             values["features"] = tuple(feats)
+        if "classes" in values:
+            names = values["classes"]
+            if not isinstance(names, list | tuple) or not all(isinstance(c, str) for c in names):
+                raise ValueError(f"datasets.classes={names!r} must be a list of folder names")
+            values["classes"] = tuple(names)
         spec = cls(**values)
         spec.validate()
         return spec
@@ -181,8 +196,50 @@ class DatasetSpec:
                 raise ValueError(f"dataset {self.name!r}: site={self.site!r} must be a centre 0..5")
             if not 0 <= self.site <= 5:
                 raise ValueError(f"dataset {self.name!r}: site={self.site} must lie in 0..5")
-        if self.kind == "images" and self.task not in ("binary", "multiclass"):
+        if self.classes and self.kind != "images":
+            raise ValueError(
+                f"dataset {self.name!r}: datasets.classes names image class folders; "
+                f"kind {self.kind!r} takes none"
+            )
+        if self.kind == "images":
+            self._validate_classes()
+
+    def _validate_classes(self) -> None:
+        """An image data set declares its classes: two or more distinct folder names
+        (exactly two for a binary task), the same list in the same order at every site.
+
+        Raises:
+            ValueError: naming the data set, the list and the rule.
+        """
+        if self.task not in ("binary", "multiclass"):
             raise ValueError(f"dataset {self.name!r}: images need task 'binary' or 'multiclass'")
+        classes = list(self.classes)
+        if not classes:
+            raise ValueError(
+                f"dataset {self.name!r} ({self.path}): kind 'images' needs datasets.classes, "
+                "the class folder names in label order, e.g. classes = [\"benign\", "
+                "\"malignant\"], the same list at every site: labels taken from each site's "
+                "own folders would differ wherever a site lacks a class"
+            )
+        if len(classes) < 2:
+            raise ValueError(
+                f"dataset {self.name!r}: datasets.classes={classes!r} must name at least 2 "
+                "classes (a classifier of one class learns nothing)"
+            )
+        if self.task == "binary" and len(classes) != 2:
+            raise ValueError(
+                f"dataset {self.name!r}: task 'binary' needs exactly 2 datasets.classes, "
+                f"got {classes!r} (use task 'multiclass')"
+            )
+        repeated = sorted({c for c in classes if classes.count(c) > 1})
+        if repeated:
+            raise ValueError(f"dataset {self.name!r}: datasets.classes lists {repeated} twice")
+        bad = [c for c in classes if not c or c.startswith(".") or "/" in c or "\\" in c]
+        if bad:
+            raise ValueError(
+                f"dataset {self.name!r}: datasets.classes {bad!r} must be plain folder names "
+                "(not empty, no '/', not starting with '.')"
+            )
 
     def _role_columns(self) -> dict[str, str]:
         """Declared non-feature columns by role (target, event, time, split, site, id)."""
@@ -653,7 +710,19 @@ def _load_fed_tcga_brca(spec: DatasetSpec) -> _Table:
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 
+def _visible(path: Path) -> bool:
+    """Not a dot-file or dot-folder (``.ipynb_checkpoints``, ``.DS_Store``, ``._x.png``)."""
+    return not path.name.startswith(".")
+
+
 def _load_images(spec: DatasetSpec) -> _Table:
+    """Images under ``<root>/<class>/`` (or ``<root>/{train,test}/<class>/``), labelled
+    by the class's position in ``spec.classes``.
+
+    Raises:
+        DataError: no folder, a visible class folder not among ``spec.classes``
+            (named), no image, or an image that cannot be read or scaled (named).
+    """
     from PIL import Image, UnidentifiedImageError
 
     root = Path(spec.path)
@@ -662,11 +731,19 @@ def _load_images(spec: DatasetSpec) -> _Table:
     parts = [("train", root / "train"), ("test", root / "test")]
     if not (root / "train").is_dir():
         parts = [(None, root)]
-    classes = sorted({p.name for _, d in parts if d.is_dir() for p in d.iterdir() if p.is_dir()})
-    if not classes:
-        raise DataError(root, "no class sub-folders (expected <root>/<class>/<image>.png)")
-    if spec.task == "binary" and len(classes) != 2:
-        raise DataError(root, f"task 'binary' needs 2 class folders, found {classes}")
+    classes = list(spec.classes)
+    label_of = {name: k for k, name in enumerate(classes)}
+    for _, folder in parts:
+        if not folder.is_dir():
+            continue
+        unknown = sorted(p.name for p in folder.iterdir()
+                         if p.is_dir() and _visible(p) and p.name not in label_of)
+        if unknown:
+            raise DataError(
+                folder,
+                f"class folder(s) {unknown} are not among datasets.classes {classes}; "
+                "declare them (in the same place in the list at every site) or move them out",
+            )
     xs: list[np.ndarray] = []
     ys: list[int] = []
     split: list[str | None] = []
@@ -675,23 +752,61 @@ def _load_images(spec: DatasetSpec) -> _Table:
         for label, cls in enumerate(classes):
             cdir = folder / cls
             if not cdir.is_dir():
-                continue
+                continue  # a site may hold no image of some class
             for f in sorted(cdir.iterdir()):
-                if f.suffix.lower() not in _IMAGE_SUFFIXES:
+                if f.suffix.lower() not in _IMAGE_SUFFIXES or not _visible(f):
                     continue
                 try:
                     with Image.open(f) as im:
-                        im = im.convert("L").resize((size, size))
-                        arr = np.asarray(im, dtype=np.float32) / 255.0
+                        arr = _grey_pixels(f, im, size)
                 except (UnidentifiedImageError, OSError) as exc:
                     raise DataError(f, f"not a readable image: {exc}") from exc
                 xs.append(arr[None, :, :])
                 ys.append(label)
                 split.append(part)
     if not xs:
-        raise DataError(root, "no image files found")
+        raise DataError(
+            root, f"no image files found in class folders {classes} "
+            "(expected <root>/<class>/<image>.png)"
+        )
     y = np.asarray(ys, dtype=np.float32 if spec.task == "binary" else np.int64)
     return _Table(np.stack(xs), y, split, [f"pixel[{size}x{size}]"], len(classes))
+
+
+SIXTEEN_BIT_MAX = 65535.0
+
+
+def _grey_pixels(path: Path, im: Any, size: int) -> np.ndarray:
+    """One image as a ``size`` x ``size`` float32 greyscale array in [0, 1].
+
+    8-bit modes (L, RGB, P, ...) go through Pillow's greyscale conversion and / 255.
+    16-bit greyscale (``I;16``, ``I;16B``, ...) is read as its integers and / 65535:
+    ``convert("L")`` would clip every value above 255 to white. ``I`` (32-bit integer)
+    is taken as 16-bit when its values lie in 0..65535 (readers give some 16-bit
+    files so); beyond that, and for ``F`` (32-bit float), there is no fixed range
+    to scale by, and a per-image min-max would make intensities incomparable
+    between images, so they are refused.
+
+    Raises:
+        DataError: a mode without a fixed range (names the file and the mode).
+    """
+    from PIL import Image
+
+    if im.mode.startswith("I;16") or im.mode == "I":
+        raw = np.asarray(im)
+        lo, hi = (int(raw.min()), int(raw.max())) if raw.size else (0, 0)
+        if lo < 0 or hi > SIXTEEN_BIT_MAX:
+            raise DataError(path, f"32-bit integer pixels (mode {im.mode}) range {lo}..{hi}, "
+                            "beyond 16 bits: no fixed scale to [0, 1]; export the image as "
+                            "8- or 16-bit greyscale")
+        grey = Image.fromarray(raw.astype(np.float32) / np.float32(SIXTEEN_BIT_MAX))
+        scaled = np.asarray(grey.resize((size, size)), dtype=np.float32)
+        return np.clip(scaled, 0.0, 1.0)  # bicubic resampling overshoots at edges
+    if im.mode == "F":
+        raise DataError(path, "32-bit float pixels (mode F) have no fixed range to scale "
+                        "to [0, 1]; export the image as 8- or 16-bit greyscale with the "
+                        "intensity window you want")
+    return np.asarray(im.convert("L").resize((size, size)), dtype=np.float32) / 255.0
 
 
 def _load_numpy(spec: DatasetSpec) -> _Table:

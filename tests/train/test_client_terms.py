@@ -107,6 +107,7 @@ def test_resnet_small_trains_on_an_image_folder(tmp_path: Path) -> None:
             kind="images",
             path=str(tmp_path),
             task="binary",
+            classes=("clear", "lesion"),
             val_fraction=0.0,
             image_size=32,
         )

@@ -204,6 +204,7 @@ def test_image_folder_adapter(tmp_path: Path) -> None:
             "kind": "images",
             "path": str(tmp_path),
             "task": "binary",
+            "classes": ["benign", "malignant"],
             "val_fraction": 0.25,
         }
     )

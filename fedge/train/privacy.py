@@ -219,6 +219,11 @@ def per_example_grads(
     ``loss_terms(output, y)`` returns one loss per example. Uncoupled losses use
     ``vmap(grad)`` over single examples; a coupled loss (Cox partial likelihood)
     uses ``jacrev`` of the vector of terms computed on the whole batch.
+
+    Dropout: under ``vmap`` each example draws its own mask (``randomness=
+    "different"``), as it does in a batched forward pass without DP; the gradient
+    of one example is that of its own masked forward pass, so clipping it still
+    bounds what that example contributes.
     """
     from torch.func import functional_call, grad, jacrev, vmap
 
@@ -236,7 +241,7 @@ def per_example_grads(
         out = functional_call(model, p, (xi.unsqueeze(0),))
         return loss_terms(out, yi.unsqueeze(0)).sum()
 
-    g = vmap(grad(one), in_dims=(None, 0, 0))(params, x, y)
+    g = vmap(grad(one), in_dims=(None, 0, 0), randomness="different")(params, x, y)
     return [g[k] for k in names]
 
 

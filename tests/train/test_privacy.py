@@ -240,3 +240,50 @@ def test_ledger_survives_a_restart_and_refuses_a_corrupt_file(tmp_path) -> None:
     path.write_text('{"entries": [{"job": "j"}]}')
     with pytest.raises(ValueError, match="lacks"):
         PrivacyLedger.load(path)
+
+
+def test_per_example_grads_of_a_dropout_mlp_use_one_mask_per_example() -> None:
+    """MLP 4 -> 8 -> dropout(0.5) -> 1: an example's last-layer weight gradient over its
+    bias gradient is its hidden vector times its own dropout mask / (1 - p), so each
+    entry is 0 or h / (1 - p); the first layer's rows of dropped units are 0 by the same
+    mask; and examples draw different masks (vmap used to refuse the random op)."""
+    from fedge.train.api import _loss_terms
+    from fedge.train.models import build_model
+
+    torch.manual_seed(0)
+    spec = ModelSpec("mlp", {"in_features": 4, "hidden": [8], "dropout": 0.5})
+    model = build_model(spec)
+    model.train()
+    x = torch.randn(64, 4)
+    y = (torch.rand(64) > 0.5).float()
+    w1, _b1, w2, b2 = per_example_grads(model, _loss_terms("binary", "mean"), x, y,
+                                       coupled=False)
+    hidden = torch.relu(x @ model[0].weight.T + model[0].bias)  # (64, 8)
+    ratio = w2.reshape(64, 8) / b2.reshape(64, 1)
+    kept = ratio.abs() > 1e-6
+    torch.testing.assert_close(ratio[kept], (hidden / 0.5)[kept], rtol=1e-4, atol=1e-5)
+    live = hidden > 1e-6
+    assert torch.all(w1.abs().sum(dim=2)[live & ~kept] == 0)  # dropped unit: no gradient
+    assert torch.all(w1.abs().sum(dim=2)[live & kept] > 0)
+    # one mask shared by the batch would keep or drop a unit for every example alike
+    kept_somewhere = (live & kept).any(dim=0)
+    dropped_somewhere = (live & ~kept).any(dim=0)
+    assert torch.any(kept_somewhere & dropped_somewhere)
+    assert 0.3 < float(kept[live].float().mean()) < 0.7  # p = 0.5
+
+
+def test_a_dp_sgd_round_trains_a_dropout_mlp() -> None:
+    from fedge.train.data import SiteData, Split
+    from fedge.train.models import build_model
+    from fedge.train.optim import flatten
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50, 4)).astype(np.float32)
+    y = (rng.random(50) > 0.5).astype(np.float32)
+    data = SiteData("s", "binary", ["a", "b", "c", "d"], Split(x, y))
+    spec = ModelSpec("mlp", {"in_features": 4, "hidden": [8], "dropout": 0.3})
+    w0 = flatten(build_model(spec))
+    cfg = TrainConfig(steps=3, batch_size=10, lr=0.1, dp=DPConfig(noise_multiplier=1.0))
+    out = local_train(spec, w0, data, cfg, round=0)
+    assert out.epsilon is not None and out.epsilon > 0
+    assert np.all(np.isfinite(out.weights)) and not np.array_equal(out.weights, w0)

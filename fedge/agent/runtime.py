@@ -568,6 +568,13 @@ class Agent:
         except TaskRefusal as exc:
             await self._refuse(job, rnd, m.TASK_EVAL, str(exc), e.task_id)
             return
+        except Exception as exc:  # unforeseen: answer anyway, or the round waits eval_s
+            log.exception("%s: evaluation for %s/%d failed", self.site, job, rnd)
+            # the details stay in this site's journal; the coordinator gets the kind
+            await self._refuse(job, rnd, m.TASK_EVAL,
+                               f"evaluation failed: internal error ({type(exc).__name__}; "
+                               "see the site's journal)", e.task_id)
+            return
         finally:
             if self._current(job, rnd):
                 self.task = None

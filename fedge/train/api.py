@@ -273,7 +273,46 @@ def _task(spec: ModelSpec, data: SiteData) -> str:
         raise ValueError(
             f"data set {data.name!r} has {x.shape[1]}-channel images at this site but "
             f"model.params.in_channels is {want[0]}")
+    if data.task in ("binary", "multiclass"):
+        _check_classes(spec, data)
     return data.task
+
+
+def _check_classes(spec: ModelSpec, data: SiteData) -> None:
+    """The model's output tells apart the site's classes: one logit for binary data,
+    one logit per class (at least as many as the site's labels) for multiclass data.
+
+    Raises:
+        ValueError: naming the data set, its number of classes, the model and the
+            parameter that sets its output.
+    """
+    if spec.name in ("logistic", "resnet_small"):
+        k = spec.params.get("classes", 2)
+        param = f"model.params.classes = {k}"
+        logits = 1 if k == 2 else k
+    else:
+        k = logits = spec.params.get("out_features", 1)
+        param = f"model.params.out_features = {k}"
+    if not isinstance(logits, int) or isinstance(logits, bool):
+        return  # build_model names the bad parameter
+    if data.task == "binary" and logits != 1:
+        raise ValueError(
+            f"data set {data.name!r} is binary (labels 0/1) but model {spec.name!r} has "
+            f"{param} ({logits} outputs); a binary model has one logit: "
+            + ("classes = 2" if spec.name in ("logistic", "resnet_small") else "out_features = 1")
+        )
+    if data.task == "multiclass":
+        if logits < 2:
+            raise ValueError(
+                f"data set {data.name!r} is multiclass ({data.n_classes} classes at this site) "
+                f"but model {spec.name!r} has {param}, one logit (binary); give it one "
+                "output per class"
+            )
+        if data.n_classes > logits:
+            raise ValueError(
+                f"data set {data.name!r} has {data.n_classes} classes at this site (labels "
+                f"0..{data.n_classes - 1}) but model {spec.name!r} has {logits} ({param})"
+            )
 
 
 def _loss_terms(task: str, reduction: str):  # type: ignore[no-untyped-def]

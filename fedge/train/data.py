@@ -8,12 +8,16 @@ another site's data).
 
 Kinds:
 
-- ``tabular``: CSV or Parquet with a header; declared ``features`` (or all
-  columns not otherwise used), and ``target`` or ``event`` + ``time`` for
-  survival; an optional ``split_column`` (train / val / test) and an optional
-  site filter (``site_column`` = ``site``).
+- ``tabular``: CSV or Parquet with a header; declared ``features`` (required:
+  the model's inputs in order, the same list at every site, so that a weight
+  reads the same column everywhere whatever order a site's header has), and
+  ``target`` or ``event`` + ``time`` for survival; an optional
+  ``split_column`` (train / val / test) and an optional site filter
+  (``site_column`` = ``site``).
 - ``fed_tcga_brca``: FLamby's Fed-TCGA-BRCA directory (brca.csv,
-  train_test_split.csv, centers.csv); ``site`` is the centre 0..5.
+  train_test_split.csv, centers.csv); ``site`` is the centre 0..5; the features
+  are FLamby's 39 columns in FLamby's order (``FED_TCGA_BRCA_FEATURES``) unless
+  ``features`` says otherwise.
 - ``images``: a folder of class sub-folders of PNG/JPEG files (optionally under
   ``train/`` and ``test/``), converted to single-channel ``image_size`` squares.
   ``classes`` is required: the class folder names in label order, the same list
@@ -184,6 +188,14 @@ class DatasetSpec:
                 )
             if self.task != "survival" and not self.target:
                 raise ValueError(f"dataset {self.name!r}: task {self.task!r} needs a 'target'")
+            if not self.features:
+                raise ValueError(
+                    f"dataset {self.name!r} ({self.path}): kind 'tabular' needs "
+                    "datasets.features, the feature columns in model-input order, the same "
+                    "list at every site: without it each site's own header order decides "
+                    "which weight reads which column, and FedAvg would average different "
+                    "features across sites"
+                )
             if (self.site_column is None) != (self.site is None):
                 raise ValueError(
                     f"dataset {self.name!r}: 'site_column' and 'site' go together "
@@ -598,13 +610,12 @@ def _load_tabular(spec: DatasetSpec, path: Path, rows_filter: Any = None) -> _Ta
             raise DataError(path, f"no row has site value {spec.site!r}", column=spec.site_column)
     if rows_filter is not None:
         rows = rows_filter(header, rows)
-    used = {spec.target, spec.event, spec.time, spec.split_column, spec.site_column, spec.id_column}
     for role, col in spec._role_columns().items():
         if col in spec.features:  # validate() catches this too, but not for defaults set here
             raise DataError(path, f"feature column is also the {role!r} column", line=1, column=col)
-    features = list(spec.features) or [h for h in header if h not in used]
-    if not features:
-        raise DataError(path, "no feature column left after removing the declared columns")
+    features = list(spec.features)
+    if not features:  # validate() refuses this too; a header's own order is no schema
+        raise DataError(path, "no feature columns declared (datasets.features)")
     x = np.stack(
         [_numeric(path, rows, _column_index(path, header, f), f) for f in features], axis=1
     )
@@ -641,6 +652,50 @@ def _load_tabular(spec: DatasetSpec, path: Path, rows_filter: Any = None) -> _Ta
 # Fed-TCGA-BRCA (FLamby)
 
 FED_TCGA_BRCA_REGIONS = ("Northeast", "South", "West", "Midwest", "Europe", "Canada")
+
+# FLamby's 39 features of brca.csv, in its column order (FLamby's in_features = 39):
+# every centre's model input, whatever order a copy of the file has.
+FED_TCGA_BRCA_FEATURES: tuple[str, ...] = (
+    "age_at_index",
+    "ethnicity_not hispanic or latino",
+    "ethnicity_not reported",
+    "race_asian",
+    "race_black or african american",
+    "race_not reported",
+    "race_white",
+    "ajcc_pathologic_m_MX",
+    "ajcc_pathologic_n_N0 (i-)",
+    "ajcc_pathologic_n_N1",
+    "ajcc_pathologic_n_N1a",
+    "ajcc_pathologic_n_N2",
+    "ajcc_pathologic_n_N2a",
+    "ajcc_pathologic_stage_Stage IA",
+    "ajcc_pathologic_stage_Stage IIA",
+    "ajcc_pathologic_stage_Stage IIB",
+    "ajcc_pathologic_stage_Stage IIIA",
+    "ajcc_pathologic_stage_Stage IIIC",
+    "ajcc_pathologic_t_T1c",
+    "ajcc_pathologic_t_T2",
+    "ajcc_pathologic_t_T3",
+    "ajcc_staging_system_edition_5th",
+    "ajcc_staging_system_edition_6th",
+    "ajcc_staging_system_edition_7th",
+    "icd_10_code_C50.9",
+    "morphology_8500/3",
+    "morphology_8520/3",
+    "primary_diagnosis_Infiltrating duct carcinoma, NOS",
+    "primary_diagnosis_Lobular carcinoma, NOS",
+    "prior_malignancy_yes",
+    "synchronous_malignancy_Not Reported",
+    "treatment_or_therapy_not reported",
+    "treatment_or_therapy_yes",
+    "tumor_stage_stage i",
+    "tumor_stage_stage ia",
+    "tumor_stage_stage iia",
+    "tumor_stage_stage iib",
+    "tumor_stage_stage iiia",
+    "tumor_stage_stage iiic",
+)
 
 
 def tcga_centre_of_barcodes(path: Path) -> dict[str, int]:
@@ -693,6 +748,7 @@ def _load_fed_tcga_brca(spec: DatasetSpec) -> _Table:
         event=spec.event or "E",
         time=spec.time or "T",
         id_column="pid",
+        features=spec.features or FED_TCGA_BRCA_FEATURES,
     )
     table = _load_tabular(inner, root / "brca.csv", rows_filter=keep)
     # re-read the ids in the kept order to attach the split

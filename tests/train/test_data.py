@@ -130,6 +130,7 @@ def test_site_filter_and_binary_task(tmp_path: Path) -> None:
             "path": str(_write(tmp_path, text)),
             "task": "binary",
             "target": "y",
+            "features": ["x1", "x2"],
             "site_column": "h",
             "site": "A",
             "val_fraction": 0.0,
@@ -447,3 +448,45 @@ def test_a_numpy_value_beyond_float32_is_named_with_its_row(tmp_path: Path) -> N
     with pytest.raises(DataError, match=r"value -1e\+39 is outside float32's range") as err:
         load_site_data(_npz_spec(p, "binary"))
     assert (err.value.file, err.value.row, err.value.column) == (str(p), 3, "x")
+
+
+def test_a_table_without_declared_features_is_refused_before_reading() -> None:
+    """Each site's header order would decide which weight reads which column: two sites
+    whose CSVs list age and tumour_size in opposite orders would have FedAvg average the
+    weight of age with that of tumour_size, silently."""
+    with pytest.raises(ValueError, match=r"kind 'tabular' needs datasets\.features") as err:
+        DatasetSpec.from_config({"name": "onc", "kind": "tabular", "path": "/nonexistent.csv",
+                                 "task": "binary", "target": "y"})
+    assert "FedAvg would average different features" in str(err.value)
+
+
+def test_declared_features_give_one_column_order_whatever_the_header(tmp_path: Path) -> None:
+    a = _write(tmp_path, "age,size,y\n50,2.0,1\n60,3.0,0\n70,1.0,1\n", "a.csv")
+    b = _write(tmp_path, "size,age,y\n2.0,50,1\n3.0,60,0\n1.0,70,1\n", "b.csv")
+    sites = [load_site_data(DatasetSpec(name=p.stem, kind="tabular", path=str(p), task="binary",
+                                        target="y", features=("age", "size"), val_fraction=0.0,
+                                        standardise="none")) for p in (a, b)]
+    assert sites[0].feature_names == sites[1].feature_names == ["age", "size"]
+    np.testing.assert_array_equal(sites[0].train.x, sites[1].train.x)
+
+
+def test_fed_tcga_brca_features_are_flamby_s_39_whatever_a_copy_s_column_order(
+        tmp_path: Path, tcga_dir: Path) -> None:
+    import csv
+    import shutil
+
+    from fedge.train.data import FED_TCGA_BRCA_FEATURES
+
+    assert len(FED_TCGA_BRCA_FEATURES) == 39
+    for name in ("train_test_split.csv", "centers.csv"):
+        shutil.copy(tcga_dir / name, tmp_path / name)
+    with open(tcga_dir / "brca.csv", newline="") as fh:
+        rows = list(csv.reader(fh))
+    order = list(reversed(range(len(rows[0]))))  # every column moved
+    with open(tmp_path / "brca.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([[r[j] for j in order] for r in rows])
+    spec = DatasetSpec(name="c4", kind="fed_tcga_brca", path=str(tcga_dir), site=4)
+    original = load_site_data(spec)
+    shuffled = load_site_data(replace_path(spec, tmp_path))
+    assert original.feature_names == shuffled.feature_names == list(FED_TCGA_BRCA_FEATURES)
+    np.testing.assert_array_equal(original.train.x, shuffled.train.x)

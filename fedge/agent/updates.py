@@ -34,6 +34,7 @@ from fedge.update.ab import (
     SelfUpdate,
     Service,
     SlotInstaller,
+    running_version,
 )
 from fedge.update.files import set_aside, write_atomic, write_json
 from fedge.update.messages import (
@@ -225,23 +226,61 @@ class AgentUpdater:
         return specs
 
     def pending(self) -> list[tuf_repo.TargetSpec]:
-        """The newest verified target per (kind, name) that is newer than installed.
+        """The newest verified target per lineage that this appliance would install
+        (`refusal` finds nothing against it).
 
         Raises: as `refresh`.
         """
+        specs = self.refresh()
+        newest = _newest_per_lineage(specs)
+        return [spec for _, spec in sorted(newest.items())
+                if self.refusal(spec, specs) is None]
+
+    def refusal(self, spec: tuf_repo.TargetSpec, specs: list[tuf_repo.TargetSpec]
+                ) -> tuple[bool, str] | None:
+        """Why the verified target `spec` must not be installed, or None if it may.
+
+        Returns (ok, detail): ok is True when `spec` is exactly what this appliance
+        already has (nothing to do), False for a refusal.
+
+        Every version ever signed stays signed, and the coordinator that names one
+        is not trusted: a target is installed only if it is the newest signed in
+        its lineage among `specs` (the verified targets), and newer than what is
+        installed. Software has one lineage whatever its name, and must also be
+        newer than the version that runs now (`fedge.update.ab.running_version`).
+        """
+        lineage = _lineage(spec)
+        above = [s for s in specs if _lineage(s) == lineage
+                 and tuf_repo.version_key(s.version) > tuf_repo.version_key(spec.version)]
+        if above:
+            top = max(above, key=lambda s: tuf_repo.version_key(s.version))
+            return False, (f"{spec.kind} {spec.name} {spec.version} is not the newest signed "
+                           f"version: {top.path!r} is; refusing to install an older one")
         installed = self.installed()
-        newest: dict[tuple[str, str], tuf_repo.TargetSpec] = {}
-        for spec in self.refresh():
-            key = (spec.kind, spec.name)
-            if key not in newest or (tuf_repo.version_key(spec.version)
-                                     > tuf_repo.version_key(newest[key].version)):
-                newest[key] = spec
-        out = []
-        for (kind, name), spec in sorted(newest.items()):
-            have = installed.get(f"{kind}/{name}")
-            if have is None or tuf_repo.version_key(spec.version) > tuf_repo.version_key(have):
-                out.append(spec)
-        return out
+        if spec.kind != "software":
+            have = installed.get(f"{spec.kind}/{spec.name}")
+            if have is not None and (tuf_repo.version_key(have)
+                                     >= tuf_repo.version_key(spec.version)):
+                return have == spec.version, (f"{spec.kind} {spec.name} {have} already "
+                                              f"installed; refusing {spec.version}")
+            return None
+        floors = [(f"installed {key}", v) for key, v in sorted(installed.items())
+                  if key.startswith("software/")]
+        floors.append(("running software", running_version()))
+        from packaging.version import InvalidVersion, Version
+
+        for what, have in floors:
+            try:
+                newer = Version(spec.version) > Version(have)
+            except InvalidVersion:
+                return False, (f"software {spec.version} cannot be ordered against the "
+                               f"{what} {have!r}; refusing it")
+            if Version(spec.version) == Version(have):
+                return True, f"software {spec.version} is the {what} already; nothing to do"
+            if not newer:
+                return False, (f"software {spec.name} {spec.version} is older than the "
+                               f"{what} {have}; refusing it")
+        return None
 
     def download(self, spec: tuf_repo.TargetSpec) -> Path:
         """Download one target and verify its length and hash.
@@ -386,6 +425,23 @@ class AgentUpdater:
         return [json.loads(line) for line in log.read_text().splitlines() if line]
 
 
+def _lineage(spec: tuf_repo.TargetSpec) -> tuple[str, str]:
+    """Versions of one lineage replace each other: (kind, name), except that all
+    software is one lineage (the appliance runs one fedge)."""
+    return (spec.kind, tuf_repo.SOFTWARE_NAME if spec.kind == "software" else spec.name)
+
+
+def _newest_per_lineage(specs: list[tuf_repo.TargetSpec]
+                        ) -> dict[tuple[str, str], tuf_repo.TargetSpec]:
+    newest: dict[tuple[str, str], tuf_repo.TargetSpec] = {}
+    for spec in specs:
+        key = _lineage(spec)
+        if key not in newest or (tuf_repo.version_key(spec.version)
+                                 > tuf_repo.version_key(newest[key].version)):
+            newest[key] = spec
+    return newest
+
+
 def install_trusted_root(state_dir: Path, root: bytes) -> None:
     """Write the enrolment's TUF root as the agent's trusted root.
 
@@ -413,11 +469,9 @@ def handle_update_available(updater: AgentUpdater, msg: UpdateAvailable, *,
         if spec is None:
             return UpdateOutcome(msg.rollout_id, msg.path, False, False,
                                  f"target {msg.path!r} is not in the verified targets metadata")
-        installed = updater.installed().get(f"{spec.kind}/{spec.name}")
-        if installed is not None and (tuf_repo.version_key(installed)
-                                      >= tuf_repo.version_key(spec.version)):
-            return UpdateOutcome(msg.rollout_id, msg.path, installed == spec.version, False,
-                                 f"{spec.kind} {spec.name} {installed} already installed")
+        refused = updater.refusal(spec, list(specs.values()))
+        if refused is not None:
+            return UpdateOutcome(msg.rollout_id, msg.path, refused[0], False, refused[1])
         outcome = updater.install(spec, models=models, service=service,
                                   health_deadline_s=health_deadline_s)
     except Exception as exc:  # verification refused, coordinator unreachable, ...
@@ -544,20 +598,18 @@ class AgentUpdateClient:
         """Stage a software target for the restart; None if `msg` is not software."""
         assert self.self_update is not None
         try:
-            spec = {s.path: s for s in self.updater.refresh()}.get(msg.path)
+            specs = self.updater.refresh()
+            spec = {s.path: s for s in specs}.get(msg.path)
             if spec is None or spec.kind != "software":
                 return None
             # Old targets stay signed forever: a push of one must not roll the
             # appliance back, nor re-stage (and so unpack over) the running slot.
-            installed = self.updater.installed().get(f"{spec.kind}/{spec.name}")
-            if installed is not None and (tuf_repo.version_key(installed)
-                                          >= tuf_repo.version_key(spec.version)):
-                return UpdateOutcome(msg.rollout_id, msg.path, installed == spec.version,
-                                     False, f"{spec.kind} {spec.name} {installed} already "
-                                     f"installed; refusing {spec.version}")
+            refused = self.updater.refusal(spec, specs)
+            if refused is not None:
+                return UpdateOutcome(msg.rollout_id, msg.path, refused[0], False, refused[1])
             bundle = self.updater.download(spec)
             self.self_update.stage(spec.version, bundle, rollout_id=msg.rollout_id,
-                                   path=msg.path)
+                                   path=msg.path, name=spec.name)
         except Exception as exc:  # refused by TUF, bad bundle: nothing switched
             return UpdateOutcome(msg.rollout_id, msg.path, False, False,
                                  f"{type(exc).__name__}: {exc}")
@@ -584,7 +636,8 @@ class AgentUpdateClient:
                                 bool(out.get("ok")), bool(out.get("rolled_back")),
                                 str(out.get("detail", "")))
         version = str(out.get("version", ""))
-        self.updater.record(InstallOutcome("software", "fedge", version, outcome.ok,
+        name = str(out.get("name") or tuf_repo.SOFTWARE_NAME)  # staged before names were kept
+        self.updater.record(InstallOutcome("software", name, version, outcome.ok,
                                            outcome.rolled_back, outcome.detail))
         await self._report(outcome)
 

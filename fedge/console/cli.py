@@ -515,9 +515,19 @@ def push(store: Any, client: Any, file: Path, *, kind: str, name: str, version: 
     """Sign `file` as a target, publish it and roll it out; wait for the end if asked.
 
     Raises:
-        ConsoleError: bad target fields. AdminError: the coordinator refused.
-        TimeoutError: no answer from the coordinator.
+        ConsoleError: bad target fields, or software named other than "fedge".
+        AdminError: the coordinator refused. TimeoutError: no answer from the
+        coordinator.
     """
+    from fedge.console.store import ConsoleError
+    from fedge.update.tuf_repo import SOFTWARE_NAME
+
+    if kind == "software" and name != SOFTWARE_NAME:
+        # One software lineage: under a second name, an old version would not be
+        # older than anything installed under that name, and would roll sites back.
+        raise ConsoleError(f"--name {name!r} for --kind software: the appliance runs one "
+                           f"software, so its updates are all named {SOFTWARE_NAME!r} "
+                           f"(push it with --name {SOFTWARE_NAME})")
     data = Path(file).read_bytes()
     targets, files = store.sign_targets([(kind, name, version, Path(file).name, data)],
                                         persist=False)

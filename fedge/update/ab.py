@@ -378,7 +378,8 @@ class SelfUpdate:
     def pending(self) -> dict[str, object] | None:
         return self._read(PENDING)
 
-    def stage(self, version: str, bundle: Path, *, rollout_id: str = "", path: str = "") -> None:
+    def stage(self, version: str, bundle: Path, *, rollout_id: str = "", path: str = "",
+              name: str = "fedge") -> None:
         """Unpack and switch to `version`; the caller then restarts the service.
 
         Raises: ValueError for a bad bundle (nothing switched).
@@ -386,7 +387,7 @@ class SelfUpdate:
         self.slots.unpack(version, bundle)
         previous = self.slots.switch(version)
         self._write(PENDING, {"version": version, "previous": previous, "attempts": 0,
-                              "rollout_id": rollout_id, "path": path})
+                              "rollout_id": rollout_id, "path": path, "name": name})
 
     def awaiting(self, rollout_id: str) -> bool:
         """Whether `rollout_id`'s software is staged and its outcome not yet reported
@@ -422,7 +423,8 @@ class SelfUpdate:
                        "(`current` removed)")
         rolled_back = True
         self._write(OUTCOME, {"rollout_id": p.get("rollout_id", ""), "path": p.get("path", ""),
-                              "version": version, "ok": False, "rolled_back": rolled_back,
+                              "name": p.get("name", "fedge"), "version": version, "ok": False,
+                              "rolled_back": rolled_back,
                               "detail": detail})
         (self.root / PENDING).unlink()
         return "rolled_back"
@@ -441,15 +443,16 @@ class SelfUpdate:
         if (os.environ.get(SOFTWARE_ROOT_ENV)
                 and os.environ.get(SLOT_ENV) != p["version"]):
             self._write(OUTCOME, {"rollout_id": p.get("rollout_id", ""),
-                                  "path": p.get("path", ""), "version": p["version"],
-                                  "ok": False, "rolled_back": False,
+                                  "path": p.get("path", ""), "name": p.get("name", "fedge"),
+                                  "version": p["version"], "ok": False, "rolled_back": False,
                                   "detail": f"software {p['version']} not run: the packaged "
                                             f"install {packaged_version()} is newer (a .deb "
                                             "upgrade came first); the update is dropped"})
             (self.root / PENDING).unlink()
             return False
         self._write(OUTCOME, {"rollout_id": p.get("rollout_id", ""), "path": p.get("path", ""),
-                              "version": p["version"], "ok": True, "rolled_back": False,
+                              "name": p.get("name", "fedge"), "version": p["version"],
+                              "ok": True, "rolled_back": False,
                               "detail": f"software {p['version']} healthy after "
                                         f"{p.get('attempts')} start(s)"})
         (self.root / PENDING).unlink()
@@ -505,6 +508,12 @@ def exec_current(root: Path, fallback: list[str]) -> list[str]:
     os.environ.update(extra)
     os.environ[SLOT_ENV] = slot
     return argv
+
+
+def running_version() -> str:
+    """The software version this process runs: the slot the unit's launcher started
+    (``FEDGE_SOFTWARE_SLOT``, set by `exec_current`), else the packaged install."""
+    return os.environ.get(SLOT_ENV) or packaged_version()
 
 
 def packaged_version() -> str:

@@ -35,6 +35,9 @@ from tuf.api.metadata import (
 from tuf.api.serialization.json import JSONSerializer
 
 TARGET_KINDS: tuple[str, ...] = ("software", "app", "model")
+# The one software lineage: the appliance runs one fedge, so every software target
+# is a version of it, whatever it is named (the console signs only this name).
+SOFTWARE_NAME = "fedge"
 ROLE_NAMES: tuple[str, ...] = ("root", "targets", "snapshot", "timestamp")
 EXPIRY: Mapping[str, timedelta] = {
     "root": timedelta(days=365),

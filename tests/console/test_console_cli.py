@@ -472,6 +472,33 @@ def test_push_of_an_older_signed_version_is_refused_the_newest_may_go_again(
     assert again["path"] == paths[1] and [s for s, _ in server.sent] == ["h1"]
 
 
+def test_software_pushed_under_a_name_other_than_fedge_is_refused_before_anything_is_signed(
+        tmp_path, make_server, capsys):
+    """The appliance runs one software: under a second name an old version would not
+    be older than anything installed under that name. The console says which name to
+    use, and signs and sends nothing."""
+    import pytest
+
+    from fedge.console.store import ConsoleError
+
+    server = make_server()
+    Appliance(tmp_path, "h1", server)
+    client = AdminClient.from_store(server.console, "admin", timeout_s=5)
+    f = tmp_path / "fedge-1.0.0.tar.gz"
+    f.write_bytes(b"a bundle")
+    before, targets = server.updates.versions, server.console.targets_bytes()
+    with pytest.raises(ConsoleError, match=r"--name 'fedge-agent' for --kind software.*"
+                                           r"push it with --name fedge"):
+        push(server.console, client, f, kind="software", name="fedge-agent",
+             version="1.0.0", sites=["h1"], wait=False)
+    base = ["console", "--home", str(server.console.home), "--timeout", "5"]
+    assert main([*base, "push", str(f), "--kind", "software", "--name", "agent",
+                 "--version", "1.0.0", "--sites", "h1", "--no-wait"]) == 1
+    assert "--name 'agent' for --kind software" in capsys.readouterr().err
+    assert server.updates.versions == before and server.sent == []
+    assert server.console.targets_bytes() == targets
+
+
 def test_a_push_near_root_expiry_renews_root_and_the_console_shows_the_date(
         tmp_path, make_server, capsys):
     """Root expires a year after init. A push within 30 days of that carries root v+1

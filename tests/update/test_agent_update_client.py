@@ -99,6 +99,47 @@ def test_asked_again_the_agent_resends_its_outcome_and_installs_nothing_twice(
     assert models.versions("risk") == [1]
 
 
+def test_a_coordinator_naming_an_older_signed_model_or_app_gets_a_refusal_not_a_rollback(
+        fleet, tmp_path, make_onnx):
+    """Every version ever signed stays signed. A compromised coordinator that asks a
+    site with nothing installed yet for model risk 1 and app cox 1, while 2 of each
+    is signed, is refused by the agent itself (not only by an honest coordinator's
+    push check); the newest installs."""
+    import io
+    import tarfile
+
+    def app(version: str) -> bytes:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+            data = f"version {version}".encode()
+            info = tarfile.TarInfo("plan.toml")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        return buf.getvalue()
+
+    for version in ("1", "2"):
+        fleet.publish("model", "risk", version, "model.onnx", make_onnx(float(version)))
+        fleet.publish("app", "cox", version, "app.tar.gz", app(version))
+    paths = sorted(fleet.repo.current_targets().signed.targets)
+    old_app, new_app, old_model, new_model = paths
+    models = ModelRepository(tmp_path / "models")
+    old = linked(fleet, models, [], asks=[UpdateAvailable("evil-1", old_model),
+                                          UpdateAvailable("evil-2", old_app)])
+    assert [(o.rollout_id, o.ok) for o in old] == [("evil-1", False), ("evil-2", False)]
+    assert (f"model risk 1 is not the newest signed version: {new_model!r} is; refusing"
+            in old[0].detail)
+    assert f"app cox 1 is not the newest signed version: {new_app!r} is" in old[1].detail
+    assert models.versions("risk") == [] and not (fleet.agent_dir / "apps").exists()
+    assert AgentUpdater(fleet.agent_dir).installed() == {}
+    assert [s.path for s in fleet.updater.pending()] == [new_app, new_model]
+
+    new = linked(fleet, models, [], asks=[UpdateAvailable("r1", new_model),
+                                          UpdateAvailable("r2", new_app)])
+    assert all(o.ok for o in new), new
+    assert models.path("risk", 1).read_bytes() == make_onnx(2.0)
+    assert AgentUpdater(fleet.agent_dir).installed() == {"model/risk": "2", "app/cox": "2"}
+
+
 def test_an_outcome_that_cannot_be_kept_on_disk_still_reaches_the_coordinator(
         fleet, tmp_path, make_onnx, caplog):
     """The appliance's updates/ directory cannot be written (here: a file stands in its

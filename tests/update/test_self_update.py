@@ -211,9 +211,121 @@ def test_agent_refuses_to_stage_an_older_or_the_running_software_version(tmp_pat
                             UpdateAvailable("r-same", paths["2.0.0"])])
     assert [(o.rollout_id, o.ok, o.rolled_back) for o in outcomes] == [
         ("r-old", False, False), ("r-same", True, False)]
-    assert "software fedge 2.0.0 already installed; refusing 1.0.0" in outcomes[0].detail
+    assert ("software fedge 1.0.0 is not the newest signed version: "
+            f"{paths['2.0.0']!r} is") in outcomes[0].detail
+    assert "software 2.0.0 is the installed software/fedge already" in outcomes[1].detail
     assert restarts == [] and SelfUpdate(root).pending() is None
     assert slots.current_version() == "2.0.0" and running.exists()
+
+
+def test_a_coordinator_naming_an_older_signed_software_version_is_refused_on_a_fresh_appliance(
+        tmp_path, fleet):
+    """Nothing installed yet (a packaged install): 1.0.0 and 2.0.0 are both signed
+    and newer than what runs, and the coordinator names 1.0.0. The agent refuses it
+    (only the newest signed version of its software may go in), stages nothing and
+    does not restart; the unit keeps running the packaged install."""
+    from fedge.update.messages import UpdateAvailable
+    from tests.update.test_agent_update_client import linked
+
+    root = tmp_path / "software"
+    for version in ("1.0.0", "2.0.0"):
+        fleet.publish("software", "fedge", version, f"fedge-{version}.tar.gz",
+                      bundle(tmp_path, version, "good").read_bytes())
+    paths = {p.split("/")[2]: p for p in fleet.repo.current_targets().signed.targets}
+    restarts: list[str] = []
+    outcome, = linked(fleet, None, [], self_update=SelfUpdate(root),
+                      restart=lambda: restarts.append("restart"),
+                      asks=[UpdateAvailable("evil", paths["1.0.0"])])
+    assert not outcome.ok and not outcome.rolled_back
+    assert (f"software fedge 1.0.0 is not the newest signed version: {paths['2.0.0']!r}"
+            in outcome.detail)
+    assert restarts == [] and SelfUpdate(root).pending() is None
+    assert SlotInstaller(root).current_version() is None
+    assert run_unit_exec(root, [sys.executable, "-c", "print('packaged')"]).stdout == (
+        "packaged\n")
+
+
+def test_software_not_newer_than_the_running_slot_is_refused_though_nothing_is_recorded(
+        tmp_path, fleet, monkeypatch):
+    """installed.json is not the only witness: the launcher says which slot runs
+    (FEDGE_SOFTWARE_SLOT). With 3.0.0 running and no record of it (a state directory
+    restored from a backup, say), signed 2.0.0 is refused, and 3.0.0 is nothing to do."""
+    from fedge.update.ab import SLOT_ENV
+    from fedge.update.messages import UpdateAvailable
+    from tests.update.test_agent_update_client import linked
+
+    root = tmp_path / "software"
+    fleet.publish("software", "fedge", "2.0.0", "fedge-2.0.0.tar.gz",
+                  bundle(tmp_path, "2.0.0", "good").read_bytes())
+    [path] = fleet.repo.current_targets().signed.targets
+    monkeypatch.setenv(SLOT_ENV, "3.0.0")
+    restarts: list[str] = []
+    outcome, = linked(fleet, None, [], self_update=SelfUpdate(root),
+                      restart=lambda: restarts.append("restart"),
+                      asks=[UpdateAvailable("r-old", path)])
+    assert not outcome.ok
+    assert "software fedge 2.0.0 is older than the running software 3.0.0" in outcome.detail
+    assert restarts == [] and SlotInstaller(root).current_version() is None
+    monkeypatch.setenv(SLOT_ENV, "2.0.0")
+    outcome, = linked(fleet, None, [], self_update=SelfUpdate(root),
+                      restart=lambda: restarts.append("restart"),
+                      asks=[UpdateAvailable("r-same", path)])
+    assert outcome.ok and "software 2.0.0 is the running software already" in outcome.detail
+    assert restarts == []
+
+
+def test_software_is_one_lineage_whatever_its_target_name(tmp_path, fleet, monkeypatch):
+    """A software target named other than "fedge" (a console before names were
+    checked) is recorded under its own name when it confirms, and software under any
+    name is compared with every installed software version: an older "fedge" after a
+    newer "fedge-agent" is a rollback, refused."""
+    import asyncio
+
+    from fedge.agent.updates import AgentUpdateClient, AgentUpdater, InstallOutcome
+    from fedge.update.ab import SLOT_ENV, SOFTWARE_ROOT_ENV
+    from fedge.update.messages import UpdateAvailable
+    from tests.update.test_agent_update_client import linked
+
+    root = tmp_path / "software"
+    fleet.publish("software", "fedge-agent", "2.0.0", "fedge-2.0.0.tar.gz",
+                  bundle(tmp_path, "2.0.0", "good").read_bytes())
+    [path] = fleet.repo.current_targets().signed.targets
+    assert linked(fleet, None, [], self_update=SelfUpdate(root), restart=lambda: None,
+                  asks=[UpdateAvailable("r1", path)]) == []  # staged; reports after restart
+    assert SelfUpdate(root).pending()["name"] == "fedge-agent"
+    monkeypatch.setenv(SOFTWARE_ROOT_ENV, str(root))  # the launcher ran the new slot
+    monkeypatch.setenv(SLOT_ENV, "2.0.0")
+
+    async def first_ack() -> list:
+        async def send(body: object) -> None:
+            pass
+
+        client = AgentUpdateClient(AgentUpdater(fleet.agent_dir, clock=fleet.clock), send,
+                                   self_update=SelfUpdate(root), restart=lambda: None)
+        await client.on_heartbeat_ack()
+        return client.outcomes
+
+    [confirmed] = asyncio.run(first_ack())
+    assert confirmed.ok and confirmed.rollout_id == "r1"
+    assert AgentUpdater(fleet.agent_dir).installed() == {"software/fedge-agent": "2.0.0"}
+
+    # Another appliance of that fleet, whose newest signed "fedge" is 1.5.0: its
+    # installed fedge-agent 2.0.0 is the same software, so 1.5.0 is a rollback.
+    monkeypatch.delenv(SOFTWARE_ROOT_ENV)
+    monkeypatch.delenv(SLOT_ENV)
+    other = type(fleet)(tmp_path / "other")
+    AgentUpdater(other.agent_dir).record(InstallOutcome("software", "fedge-agent", "2.0.0",
+                                                        True, False, "installed"))
+    other.publish("software", "fedge", "1.5.0", "fedge-1.5.0.tar.gz",
+                  bundle(tmp_path, "1.5.0", "good").read_bytes())
+    [old] = other.repo.current_targets().signed.targets
+    restarts: list[str] = []
+    outcome, = linked(other, None, [], self_update=SelfUpdate(tmp_path / "other-software"),
+                      restart=lambda: restarts.append("restart"),
+                      asks=[UpdateAvailable("evil", old)])
+    assert not outcome.ok and restarts == []
+    assert ("software fedge 1.5.0 is older than the installed software/fedge-agent 2.0.0"
+            in outcome.detail)
 
 
 def run_unit_exec(root: Path, fallback: list[str], env: dict[str, str] | None = None):

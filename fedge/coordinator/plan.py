@@ -42,7 +42,8 @@ Example::
 
     [privacy]               # passed through to fedge.train (DP-SGD, DP-FedAvg)
     min_site_examples = 100 # smallest site's training rows: bounds the sampling rate
-    dp = { noise_multiplier = 1.1, max_grad_norm = 1.0, delta = 1e-5, target_epsilon = 8.0 }
+    # DP-SGD (a Cox model's ε bounds one loss term, not one record: cox_per_term says so)
+    dp = { noise_multiplier = 1.1, delta = 1e-5, target_epsilon = 8.0, cox_per_term = true }
     # client_dp = { clip_norm = 1.0, noise_multiplier = 1.0, cohort_size = 3 }  # DP-FedAvg
     [deadlines]             # seconds
     cohort_s = 60
@@ -65,7 +66,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedge.train.model_names import MODEL_NAMES
+from fedge.train.model_names import MODEL_NAMES, TASK_OF_MODEL
 
 EVAL_SPLITS = ("val", "test", "train")
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "scaffold")
@@ -321,7 +322,7 @@ def _parse_plan(text: str) -> Plan:
                         "must be >= 2 when secagg.enabled: a sum of one input reveals it")
     if sname == "scaffold":  # first: no privacy table is allowed there, valid or not
         _check_scaffold(tsettings, privacy)
-    _check_privacy(privacy, tsettings, rounds)
+    _check_privacy(privacy, tsettings, rounds, model_name)
     deadlines = Deadlines(
         cohort_s=_float(dead, "deadlines.cohort_s", lo=0.0, lo_open=True, default=60.0),
         train_s=_float(dead, "deadlines.train_s", lo=0.0, lo_open=True, default=600.0),
@@ -341,13 +342,15 @@ def _parse_plan(text: str) -> Plan:
 # fedge.train.privacy's DPConfig and ClientDPConfig, which the agents apply to the
 # same tables (tests/coordinator/test_plan.py holds the two together); checked here
 # too so that a bad table is refused at submit, named by its place in the plan.
-DP_KEYS = ("noise_multiplier", "max_grad_norm", "delta", "target_epsilon")
+DP_KEYS = ("noise_multiplier", "max_grad_norm", "delta", "target_epsilon", "cox_per_term")
 CLIENT_DP_KEYS = ("clip_norm", "noise_multiplier", "cohort_size")
 
 
-def _check_privacy(privacy: dict[str, Any], train: TrainSettings, rounds: int) -> None:
+def _check_privacy(privacy: dict[str, Any], train: TrainSettings, rounds: int,
+                   model_name: str) -> None:
     """Check the ``dp`` and ``client_dp`` tables, and refuse a plan whose record-level DP
-    target cannot be met with the rounds asked.
+    target cannot be met with the rounds asked, or that runs DP-SGD on a Cox model
+    without ``cox_per_term = true`` (its ε bounds a loss term, not a record).
 
     The worst case is the smallest site: sampling rate batch_size / min_site_examples.
     A site smaller than declared refuses its task at training time with its own numbers.
@@ -355,7 +358,8 @@ def _check_privacy(privacy: dict[str, Any], train: TrainSettings, rounds: int) -
     Raises:
         PlanError: an unknown privacy key, a missing or out-of-range ``dp`` or
             ``client_dp`` field, a missing ``min_site_examples`` where a target is
-            set, or a target that cannot be met (with the numbers).
+            set, a target that cannot be met (with the numbers), or DP-SGD on a
+            Cox model without ``privacy.dp.cox_per_term = true`` (with why).
     """
     _known(privacy, "privacy", ("dp", "client_dp", "min_site_examples"))
     if "min_site_examples" in privacy:
@@ -378,6 +382,12 @@ def _check_privacy(privacy: dict[str, Any], train: TrainSettings, rounds: int) -
     _float(dp, "privacy.dp.max_grad_norm", lo=0.0, lo_open=True, default=1.0)
     delta = _float(dp, "privacy.dp.delta", lo=0.0, hi=1.0, lo_open=True, hi_open=True,
                    default=1e-5)
+    cox_per_term = _bool(dp, "privacy.dp.cox_per_term", default=False)
+    if TASK_OF_MODEL.get(model_name) == "survival" and not cox_per_term:
+        from fedge.train.accounting import COX_DP_RULE
+
+        raise PlanError("privacy.dp.cox_per_term", cox_per_term,
+                        f"model {model_name!r} is a Cox model. {COX_DP_RULE}")
     if dp.get("target_epsilon") is None:
         return
     target = _float(dp, "privacy.dp.target_epsilon", lo=0.0, lo_open=True)

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "COX_DP_RULE",
+    "PER_LOSS_TERM",
     "PrivacyBudgetError",
     "PrivacyLedger",
     "calibrate_noise",
@@ -26,6 +28,21 @@ __all__ = [
 
 class PrivacyBudgetError(ValueError):
     """A plan's privacy target cannot be met; the message carries the numbers."""
+
+
+# Why DP-SGD on a Cox model needs the plan's explicit consent (fedge.train.privacy's
+# docstring): said the same way by the coordinator's plan check and by a site.
+COX_DP_RULE = (
+    "DP-SGD on a Cox model clips each record's own loss term, but a record also sits "
+    "in the risk-set denominators of the other events in its batch, so removing one "
+    "record can move the clipped gradient sum by up to about (2b - 1) x max_grad_norm "
+    "for a batch of b, not max_grad_norm: the epsilon reported is per loss term, not a "
+    "record-level bound. Set privacy.dp.cox_per_term = true to run it on those terms"
+)
+
+# The label a ledger entry (and a round's metrics) carries when its ε is per Cox
+# loss term rather than per record.
+PER_LOSS_TERM = "per loss term, not a record-level bound"
 
 
 # ---------------------------------------------------------------------------
@@ -68,17 +85,27 @@ class PrivacyLedger:
     entries: list[dict[str, Any]] = field(default_factory=list)
 
     def record(
-        self, *, job: str, round: int, noise_multiplier: float, sampling_rate: float, steps: int
+        self, *, job: str, round: int, noise_multiplier: float, sampling_rate: float, steps: int,
+        per_loss_term: bool = False,
     ) -> None:
-        self.entries.append(
-            {
-                "job": job,
-                "round": int(round),
-                "noise_multiplier": float(noise_multiplier),
-                "sampling_rate": float(sampling_rate),
-                "steps": int(steps),
-            }
-        )
+        """Add one round's mechanism. ``per_loss_term``: DP-SGD on a Cox model, whose ε
+        bounds one loss term, not one record (the entry says so in ``bound``)."""
+        entry: dict[str, Any] = {
+            "job": job,
+            "round": int(round),
+            "noise_multiplier": float(noise_multiplier),
+            "sampling_rate": float(sampling_rate),
+            "steps": int(steps),
+        }
+        if per_loss_term:
+            entry["bound"] = PER_LOSS_TERM
+        self.entries.append(entry)
+
+    def per_loss_term(self, *, job: str | None = None) -> bool:
+        """Whether any selected entry's ε is per Cox loss term: then so is their
+        composition, and it is not a record-level bound."""
+        return any(e.get("bound") == PER_LOSS_TERM for e in self.entries
+                   if job is None or e["job"] == job)
 
     def events(
         self, *, job: str | None = None, round: int | None = None

@@ -48,6 +48,7 @@ from fedge.train.models import (
 )
 from fedge.train.optim import AdamStepper, FlatParams, SGDStepper, flatten, load_flat
 from fedge.train.privacy import (
+    COX_DP_RULE,
     ClientDPConfig,
     DPConfig,
     PrivacyBudgetError,
@@ -474,6 +475,8 @@ def local_train(
         lr = cfg.lr * cfg.lr_decay**round
         steps = cfg.steps if cfg.steps is not None else cfg.epochs * math.ceil(n / cfg.batch_size)
         if cfg.dp is not None:
+            if task == "survival" and not cfg.dp.cox_per_term:
+                raise ValueError(COX_DP_RULE)
             q = min(1.0, cfg.batch_size / n)
             if cfg.dp.target_epsilon is not None:
                 _refuse_over_budget(state, cfg.dp, round=round, steps=steps, sampling_rate=q)
@@ -560,17 +563,22 @@ def local_train(
         local["train_loss"] = metrics.pop("train_loss")
     epsilon = delta = None
     if cfg.dp is not None:
+        per_term = task == "survival"
         state.ledger.record(
             job=state.job,
             round=round,
             noise_multiplier=cfg.dp.noise_multiplier,
             sampling_rate=q,
             steps=steps,
+            per_loss_term=per_term,
         )
         delta = cfg.dp.delta
         epsilon = state.ledger.epsilon(delta, job=state.job)
-        metrics["epsilon_round"] = state.ledger.epsilon(delta, job=state.job, round=round)
-        metrics["epsilon"] = epsilon
+        # a Cox model's ε bounds one loss term, not one record: its name says so
+        label = "_per_loss_term" if per_term else ""
+        metrics[f"epsilon_round{label}"] = state.ledger.epsilon(delta, job=state.job,
+                                                                round=round)
+        metrics[f"epsilon{label}"] = epsilon
         # computed on the raw batches, outside the mechanism: kept at the site
         local["train_loss"] = metrics.pop("train_loss")
         local["clipped_fraction"] = float(np.mean(clipped)) if clipped else 0.0

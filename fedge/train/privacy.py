@@ -11,9 +11,14 @@ of ours.
 
 Cox models: the partial likelihood couples a record to the risk sets of
 others. We clip each record's own loss term (its event term with the batch
-risk set); a record also enters other records' denominators, so for Cox
-models the reported ε is that of the per-term mechanism (an approximation, as
-in published DP-Cox work); for classification and regression it is exact.
+risk set), but a record also enters the denominators of every earlier event in
+its batch, so removing one record can move the clipped sum by up to about
+(2b - 1)·C for a batch of b, not C. The ε reported for a Cox model is therefore
+that of the per-term mechanism, not a record-level bound: the plan must opt in
+(``[privacy.dp] cox_per_term = true``; the coordinator's plan check and
+``local_train`` refuse it otherwise), and the ledger and the round's metrics
+label it (``per_loss_term``, ``epsilon_per_loss_term``). For classification
+and regression ε is the record-level bound.
 
 Randomness: the Poisson sampling and every noise draw come from keys of 16
 fresh bytes from the OS (``os.urandom``) that are never stored or sent, expanded
@@ -43,6 +48,7 @@ import numpy as np
 import torch
 
 from fedge.train.accounting import (
+    COX_DP_RULE,
     PrivacyBudgetError,
     PrivacyLedger,
     calibrate_noise,
@@ -51,6 +57,7 @@ from fedge.train.accounting import (
 )
 
 __all__ = [
+    "COX_DP_RULE",
     "ClientDPConfig",
     "DPConfig",
     "PrivacyBudgetError",
@@ -71,6 +78,8 @@ class DPConfig:
     max_grad_norm: float = 1.0
     delta: float = 1e-5
     target_epsilon: float | None = None
+    # Cox models: the plan accepts an ε per loss term, not per record (module docstring)
+    cox_per_term: bool = False
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DPConfig:
@@ -82,7 +91,8 @@ class DPConfig:
             raise ValueError(f"train.dp: unknown key(s) {unknown}")
         if "noise_multiplier" not in d:
             raise ValueError("train.dp: missing required key 'noise_multiplier'")
-        cfg = cls(**{k: (float(v) if v is not None else None) for k, v in d.items()})
+        cfg = cls(**{k: (v if k == "cox_per_term" or v is None else float(v))
+                     for k, v in d.items()})
         cfg.validate()
         return cfg
 
@@ -98,6 +108,8 @@ class DPConfig:
             raise ValueError(f"train.dp.delta={self.delta} must lie in (0, 1)")
         if self.target_epsilon is not None and not self.target_epsilon > 0:
             raise ValueError(f"train.dp.target_epsilon={self.target_epsilon} must be > 0")
+        if not isinstance(self.cox_per_term, bool):
+            raise ValueError(f"train.dp.cox_per_term={self.cox_per_term!r} must be true or false")
 
 
 @dataclass(frozen=True)

@@ -37,11 +37,12 @@ enabled = true
 clip = 2.0
 
 [privacy]
-dp = { noise_multiplier = 1.1, max_grad_norm = 1.0 }
+dp = { noise_multiplier = 1.1, max_grad_norm = 1.0, cox_per_term = true }
 
 [deadlines]
 train_s = 30
 """
+GOOD_DP = "dp = { noise_multiplier = 1.1, max_grad_norm = 1.0, cox_per_term = true }"
 
 
 def test_good_plan_parses_with_defaults():
@@ -54,7 +55,8 @@ def test_good_plan_parses_with_defaults():
     assert plan.strategy.get("tau") == 1e-3
     assert plan.secagg.clip == 2.0 and plan.secagg.alpha == 0.1
     assert plan.deadlines.train_s == 30.0 and plan.deadlines.eval_s == 120.0
-    assert plan.privacy == {"dp": {"noise_multiplier": 1.1, "max_grad_norm": 1.0}}
+    assert plan.privacy == {"dp": {"noise_multiplier": 1.1, "max_grad_norm": 1.0,
+                                   "cox_per_term": True}}
     assert plan.prox_mu == 0.0
     assert len(plan.digest) == 64
 
@@ -111,11 +113,11 @@ def test_missing_table():
 
 def _dp_plan(rounds: int, target: float, *, n_min: int | None = 200) -> str:
     table = f"dp = {{ noise_multiplier = 1.1, max_grad_norm = 1.0, delta = 1e-5, " \
-            f"target_epsilon = {target} }}\n"
+            f"target_epsilon = {target}, cox_per_term = true }}\n"
     if n_min is not None:
         table += f"min_site_examples = {n_min}\n"
     return GOOD.replace("rounds = 3", f"rounds = {rounds}").replace(
-        "dp = { noise_multiplier = 1.1, max_grad_norm = 1.0 }\n", table)
+        GOOD_DP + "\n", table)
 
 
 def test_privacy_target_within_budget_is_accepted():
@@ -144,7 +146,7 @@ def test_privacy_target_needs_the_smallest_site_size():
 
 def test_unknown_privacy_key_is_refused():
     with pytest.raises(PlanError, match=r"privacy\.noise_multiplier"):
-        parse_plan(GOOD.replace("dp = { noise_multiplier = 1.1, max_grad_norm = 1.0 }",
+        parse_plan(GOOD.replace(GOOD_DP,
                                 "noise_multiplier = 1.1"))
 
 
@@ -202,16 +204,19 @@ PRIVACY_TABLES = [
 
 
 def _privacy_plan(key: str, body: str) -> str:
-    old = "dp = { noise_multiplier = 1.1, max_grad_norm = 1.0 }"
+    old = GOOD_DP
     assert old in GOOD
+    if key == "dp":  # GOOD's model is a Cox model (tests/coordinator/test_plan_cox_dp.py)
+        body += ", cox_per_term = true"
     return GOOD.replace(old, f"{key} = {{ {body} }}\nmin_site_examples = 200")
 
 
 @pytest.mark.parametrize(("key", "body", "field"), PRIVACY_TABLES)
 def test_privacy_tables_are_checked_field_by_field_at_parse_time(key, body, field):
     if field is None:
-        assert parse_plan(_privacy_plan(key, body)).privacy[key] == \
-            tomllib.loads(f"t = {{ {body} }}")["t"]
+        plan = parse_plan(_privacy_plan(key, body))
+        table = tomllib.loads(f"t = {{ {body} }}")["t"]
+        assert {k: v for k, v in plan.privacy[key].items() if k != "cox_per_term"} == table
         return
     with pytest.raises(PlanError) as info:
         parse_plan(_privacy_plan(key, body))
@@ -248,7 +253,7 @@ def test_privacy_tables_follow_the_rules_the_sites_apply():
 ])
 def test_privacy_values_that_are_not_numbers_of_the_right_kind_are_refused(body, field):
     with pytest.raises(PlanError) as info:
-        parse_plan(GOOD.replace("dp = { noise_multiplier = 1.1, max_grad_norm = 1.0 }", body))
+        parse_plan(GOOD.replace(GOOD_DP, body))
     assert info.value.field == field
 
 

@@ -158,7 +158,8 @@ def test_the_coordinator_cannot_regenerate_the_dp_noise(tcga_dir: Path) -> None:
         local_train(COX, w, data, plain, round=3).weights,
     )
     dp = TrainConfig(steps=5, batch_size=16, lr=0.05, seed=7,
-                     dp=DPConfig(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5))
+                     dp=DPConfig(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5,
+                                 cox_per_term=True))
     one = local_train(COX, w, data, dp, round=3, state=ClientState(job="j"))
     two = local_train(COX, w, data, dp, round=3, state=ClientState(job="j"))
     # per step the noise on the mean gradient has sd sigma*C/(q n) = 1/16; times lr, 5 steps
@@ -179,7 +180,7 @@ def test_dp_sgd_local_train_reports_epsilon_per_round_and_cumulative(tcga_dir: P
     data = load_site_data(
         DatasetSpec(name="c0", kind="fed_tcga_brca", path=str(tcga_dir), site=0, val_fraction=0.0)
     )
-    dp = DPConfig(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5)
+    dp = DPConfig(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5, cox_per_term=True)
     cfg = TrainConfig(steps=10, batch_size=16, lr=0.05, dp=dp)
     state = ClientState(job="job-1")
     w = np.zeros(40, np.float32)
@@ -192,14 +193,15 @@ def test_dp_sgd_local_train_reports_epsilon_per_round_and_cumulative(tcga_dir: P
     assert second.epsilon == pytest.approx(
         epsilon_for(noise_multiplier=1.0, sampling_rate=q, steps=20, delta=1e-5)
     )
-    assert second.metrics["epsilon_round"] == pytest.approx(first.epsilon)
+    assert second.metrics["epsilon_round_per_loss_term"] == pytest.approx(first.epsilon)
     assert second.delta == 1e-5 and np.all(np.isfinite(second.weights))
     # a target the next round would break is refused, and nothing is recorded
     tight = TrainConfig(
         steps=10,
         batch_size=16,
         lr=0.05,
-        dp=DPConfig(noise_multiplier=1.0, delta=1e-5, target_epsilon=second.epsilon + 1e-3),
+        dp=DPConfig(noise_multiplier=1.0, delta=1e-5, target_epsilon=second.epsilon + 1e-3,
+                    cox_per_term=True),
     )
     with pytest.raises(PrivacyBudgetError, match="round 2 refused"):
         local_train(COX, second.weights, data, tight, round=2, state=state)
@@ -284,6 +286,54 @@ def test_a_dp_sgd_round_trains_a_dropout_mlp() -> None:
     spec = ModelSpec("mlp", {"in_features": 4, "hidden": [8], "dropout": 0.3})
     w0 = flatten(build_model(spec))
     cfg = TrainConfig(steps=3, batch_size=10, lr=0.1, dp=DPConfig(noise_multiplier=1.0))
-    out = local_train(spec, w0, data, cfg, round=0)
+    state = ClientState(job="j")
+    out = local_train(spec, w0, data, cfg, round=0, state=state)
     assert out.epsilon is not None and out.epsilon > 0
+    # a record-level bound: no per-loss-term label anywhere
+    assert out.metrics["epsilon"] == out.epsilon and "epsilon_per_loss_term" not in out.metrics
+    assert not state.ledger.per_loss_term() and "bound" not in state.ledger.entries[0]
     assert np.all(np.isfinite(out.weights)) and not np.array_equal(out.weights, w0)
+
+
+def _cox_site() -> object:
+    from fedge.train.data import SiteData, Split
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 3)).astype(np.float32)
+    y = np.stack([rng.integers(0, 2, 40), rng.random(40) * 10], 1).astype(np.float32)
+    return SiteData("s", "survival", ["a", "b", "c"], Split(x, y))
+
+
+def test_a_site_refuses_dp_sgd_on_a_cox_model_unless_the_plan_accepts_a_per_term_bound(
+        tmp_path: Path) -> None:
+    """Removing one record moves a Cox batch's clipped sum by up to ~(2b-1)·C, not C: the
+    accountant's ε is not a record-level bound. An mlp trained on survival data is a Cox
+    model too, which the coordinator cannot see in the plan; the site refuses it."""
+    from fedge.train.accounting import PER_LOSS_TERM
+    from fedge.train.models import build_model
+    from fedge.train.optim import flatten
+
+    data = _cox_site()
+    for spec in (ModelSpec("cox_linear", {"in_features": 3}),
+                 ModelSpec("mlp", {"in_features": 3, "hidden": [4]})):
+        w0 = flatten(build_model(spec))
+        cfg = TrainConfig(steps=2, batch_size=10, dp=DPConfig(noise_multiplier=1.0))
+        state = ClientState(job="j")
+        with pytest.raises(ValueError, match=r"\(2b - 1\) x max_grad_norm.*cox_per_term"):
+            local_train(spec, w0, data, cfg, round=0, state=state)
+        assert state.ledger.entries == []
+        ok = TrainConfig(steps=2, batch_size=10,
+                         dp=DPConfig(noise_multiplier=1.0, cox_per_term=True))
+        out = local_train(spec, w0, data, ok, round=0, state=state)
+        assert "epsilon" not in out.metrics and "epsilon_round" not in out.metrics
+        assert out.metrics["epsilon_per_loss_term"] == pytest.approx(out.epsilon)
+        assert state.ledger.entries[0]["bound"] == PER_LOSS_TERM
+        assert state.ledger.per_loss_term(job="j") and not state.ledger.per_loss_term(job="k")
+        state.ledger.save(tmp_path / "ledger.json")
+        assert PrivacyLedger.load(tmp_path / "ledger.json").per_loss_term(job="j")
+
+
+def test_cox_per_term_is_a_boolean() -> None:
+    assert DPConfig.from_dict({"noise_multiplier": 1.0, "cox_per_term": True}).cox_per_term
+    with pytest.raises(ValueError, match="cox_per_term='yes' must be true or false"):
+        DPConfig.from_dict({"noise_multiplier": 1.0, "cox_per_term": "yes"})

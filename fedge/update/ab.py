@@ -341,8 +341,8 @@ class SelfUpdate:
 
     It cannot health-check its own restart, so the check is split in three:
 
-    1. `stage` (old version, running): unpack, switch `current`, write
-       ``pending.json``, then the caller asks systemd to restart the unit;
+    1. `stage` (old version, running): unpack, write ``pending.json``, switch
+       `current`, then the caller asks systemd to restart the unit;
     2. `preflight` (ExecStartPre, before every start, from the stable install):
        counts starts of a pending version; after `max_attempts` starts that never
        confirmed (crashed, no READY, watchdog kill) it switches `current` back;
@@ -382,12 +382,43 @@ class SelfUpdate:
               name: str = "fedge") -> None:
         """Unpack and switch to `version`; the caller then restarts the service.
 
-        Raises: ValueError for a bad bundle (nothing switched).
+        ``pending.json`` is written before `current` moves: whatever instant the
+        process dies at, a `current` on an unconfirmed slot has its pending record,
+        so `preflight` puts it on trial and rolls it back. A record whose switch
+        never happened is dropped by the next `preflight`.
+
+        Raises:
+            ValueError: a bad bundle (nothing switched).
+            OSError: pending.json or the switch could not be written (e.g. a full
+                disk); `current` is left where it was and no record stays.
         """
         self.slots.unpack(version, bundle)
-        previous = self.slots.switch(version)
+        previous = self.slots.current_version()
+        before = self.slots.previous_version()
         self._write(PENDING, {"version": version, "previous": previous, "attempts": 0,
                               "rollout_id": rollout_id, "path": path, "name": name})
+        try:
+            self.slots.switch(version)
+        except BaseException:
+            self._undo_switch(version, previous, before)
+            raise
+
+    def _undo_switch(self, version: str, current: str | None, previous: str | None) -> None:
+        """Put `current` and `previous` back after a failed switch to `version`, then
+        drop pending.json, unless `current` still names `version`: then the record
+        stays, and preflight tries that slot and rolls it back like any other."""
+        for link, want in (("current", current), ("previous", previous)):
+            if self.slots._link_target(link) == want:
+                continue
+            try:
+                if want is None:
+                    (self.root / link).unlink(missing_ok=True)
+                else:
+                    self.slots._set_link(link, want)
+            except OSError as exc:
+                log.error("cannot put %s back to %s after a failed switch: %s", link, want, exc)
+        if self.slots.current_version() != version:
+            (self.root / PENDING).unlink(missing_ok=True)
 
     def awaiting(self, rollout_id: str) -> bool:
         """Whether `rollout_id`'s software is staged and its outcome not yet reported
@@ -408,24 +439,34 @@ class SelfUpdate:
             return "none"
         attempts = int(p.get("attempts", 0)) + 1  # type: ignore[call-overload]
         version, previous = str(p["version"]), p.get("previous")
+        if self.slots.current_version() != version:
+            # `stage` died (or failed) before `current` moved, or a roll-back died
+            # after moving it back: the pending version is not what starts.
+            log.warning("pending software %s is not the current slot (%s): nothing to "
+                        "try; pending record dropped", version, self.slots.current_version())
+            (self.root / PENDING).unlink()
+            return "none"
         if attempts <= self.max_attempts:
             self._write(PENDING, {**p, "attempts": attempts})
             return "trial"
         detail = (f"version {version} did not confirm READY and a heartbeat in "
                   f"{self.max_attempts} starts")
-        if isinstance(previous, str) and (self.slots.slots / previous).is_dir():
-            self.slots._set_link("current", str(previous))
-            self.slots._set_link("previous", version)
+        back = isinstance(previous, str) and (self.slots.slots / previous).is_dir()
+        if back:
             detail += f"; rolled back to {previous}"
         else:
-            self.slots.unlink_current()
             detail += ("; no previous slot, so rolled back to the packaged install "
                        "(`current` removed)")
-        rolled_back = True
+        # The outcome goes first: a crash after the links moved leaves pending.json
+        # for a slot that is no longer current, which the next preflight drops.
         self._write(OUTCOME, {"rollout_id": p.get("rollout_id", ""), "path": p.get("path", ""),
                               "name": p.get("name", "fedge"), "version": version, "ok": False,
-                              "rolled_back": rolled_back,
-                              "detail": detail})
+                              "rolled_back": True, "detail": detail})
+        if back:
+            self.slots._set_link("current", str(previous))
+            self.slots._set_link("previous", version)
+        else:
+            self.slots.unlink_current()
         (self.root / PENDING).unlink()
         return "rolled_back"
 

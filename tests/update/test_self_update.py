@@ -122,6 +122,109 @@ def test_a_first_update_that_never_confirms_goes_back_to_the_packaged_install(tm
     assert SelfUpdate(root).preflight() == "none"
 
 
+STAGER = r'''
+import os, sys
+from fedge.update.ab import SelfUpdate
+root, bundle, die_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
+calls = 0
+
+def power_cut(frame, event, arg):  # dies before the die_at-th change to the file system
+    global calls
+    if event == "c_call" and getattr(arg, "__module__", None) == "posix" and arg.__name__ in (
+            "mkdir", "rename", "replace", "symlink", "unlink", "rmdir"):
+        calls += 1
+        if calls == die_at:
+            os._exit(137)
+
+sys.setprofile(power_cut)
+SelfUpdate(root).stage("1.1.0", bundle, rollout_id="r1")
+sys.setprofile(None)
+print(calls)
+'''
+
+
+def test_a_power_cut_at_any_point_of_staging_leaves_the_old_slot_or_a_trial_that_rolls_back(
+        tmp_path, monkeypatch):
+    """Staging a broken 1.1.0 over a running 1.0.0, cut at every change it makes to
+    the disk in turn: whatever the instant, the unit (preflight, then exec) ends up
+    running 1.0.0 again. Before, a cut between the switch of `current` and the write
+    of pending.json left 1.1.0 current with no record: never rolled back, it
+    crash-looped for ever."""
+    from fedge.update.ab import SLOT_ENV, SOFTWARE_ROOT_ENV, exec_current
+
+    monkeypatch.setenv(SOFTWARE_ROOT_ENV, "")  # exec_current sets both; undone afterwards
+    monkeypatch.setenv(SLOT_ENV, "")
+    broken = bundle(tmp_path, "1.1.0", "crash")
+    stable = bundle(tmp_path, "1.0.0", "stable")
+    die_at, ends = 1, []
+    while True:
+        root = tmp_path / f"cut-{die_at}"
+        SlotInstaller(root).unpack("1.0.0", stable)
+        SlotInstaller(root).switch("1.0.0")
+        staged = subprocess.run([sys.executable, "-c", STAGER, str(root), str(broken),
+                                 str(die_at)], capture_output=True, text=True, timeout=60)
+        assert staged.returncode in (0, 137), staged.stderr
+        runs = []
+        for _ in range(4):  # systemd: ExecStartPre, ExecStart, Restart=on-failure
+            pre = SelfUpdate(root, max_attempts=2).preflight()
+            exec_current(root, ["packaged"])
+            runs.append((pre, os.environ.get(SLOT_ENV)))
+            if os.environ.get(SLOT_ENV) == "1.0.0":  # 1.1.0 dies at start
+                break
+        ends.append((die_at, runs[-1][1]))
+        assert runs[-1][1] == "1.0.0", (die_at, runs)
+        assert SelfUpdate(root).pending() is None
+        if staged.returncode == 0:  # staging ran to the end: it was the real trial
+            assert runs == [("trial", "1.1.0"), ("trial", "1.1.0"), ("rolled_back", "1.0.0")]
+            break
+        die_at += 1
+    assert die_at >= 5, ends  # the cut landed inside unpack, the record and the switch
+
+
+def test_a_stage_that_cannot_write_its_record_or_switch_leaves_the_running_slot_current(
+        tmp_path):
+    """A disk that refuses a write (here: something in the way of pending.json, then
+    of the new link) fails the stage with OSError, which the agent reports as
+    "nothing switched", and that is true: `current`, `previous` and the next start
+    are as before, and no record is left. Before, `current` had already moved to
+    the new slot when the record failed, so the next start ran it untried."""
+    from fedge.update.ab import PENDING
+
+    root = tmp_path / "software"
+    slots = SlotInstaller(root)
+    for version in ("0.9.0", "1.0.0"):
+        slots.unpack(version, bundle(tmp_path, version, "stable"))
+        slots.switch(version)
+    (root / PENDING).mkdir()
+    (root / PENDING / "in-the-way").write_text("x")
+    with pytest.raises(IsADirectoryError):
+        SelfUpdate(root).stage("1.1.0", bundle(tmp_path, "1.1.0", "good"), rollout_id="r1")
+    assert (slots.current_version(), slots.previous_version()) == ("1.0.0", "0.9.0")
+
+    (root / PENDING / "in-the-way").unlink()
+    (root / PENDING).rmdir()
+    (root / ".current.tmp").mkdir()  # the new `current` link cannot be made
+    (root / ".current.tmp" / "in-the-way").write_text("x")
+    with pytest.raises(OSError):
+        SelfUpdate(root).stage("1.1.0", bundle(tmp_path, "1.1.0", "good"), rollout_id="r2")
+    assert (slots.current_version(), slots.previous_version()) == ("1.0.0", "0.9.0")
+    assert SelfUpdate(root).pending() is None and SelfUpdate(root).preflight() == "none"
+
+
+def test_a_pending_record_whose_switch_never_happened_is_dropped_by_preflight(installed):
+    """pending.json names 1.1.0 but `current` is still 1.0.0 (staging died between the
+    two): there is nothing on trial, so preflight drops the record and says none."""
+    from fedge.update.ab import PENDING
+
+    root, _ = installed
+    (root / PENDING).write_text(json.dumps({"version": "1.1.0", "previous": "1.0.0",
+                                            "attempts": 0, "rollout_id": "r1"}))
+    assert SelfUpdate(root).preflight() == "none"
+    assert SelfUpdate(root).pending() is None
+    assert SlotInstaller(root).current_version() == "1.0.0"
+    assert SelfUpdate(root).take_outcome() is None
+
+
 def test_preflight_without_an_update_does_nothing_and_bad_settings_are_refused(installed):
     root, _ = installed
     assert SelfUpdate(root).preflight() == "none"

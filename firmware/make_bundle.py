@@ -11,7 +11,9 @@ appliance (see firmware/README.md)::
 
 ``exec``/``env`` follow fedge.update.ab.slot_command: ``"{python}"`` is the
 running interpreter, relative paths that exist in the slot resolve into it.
-``files`` lets the appliance re-check the unpacked slot (:func:`verify_slot`).
+``files`` lets the appliance re-check the unpacked slot before it switches to it
+(``fedge.update.ab.verify_slot``; :func:`verify_slot` here is the same check by
+hand, for a machine without fedge).
 
 The archive is reproducible: members sorted, mtime 0, owner root, modes
 normalised (0755 for executables and directories, 0644 otherwise), gzip header

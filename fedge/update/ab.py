@@ -77,9 +77,16 @@ class SlotInstaller:
     def unpack(self, version: str, bundle: Path) -> Path:
         """Unpack `bundle` (.tar.gz/.tgz/.tar, .whl, .deb) into slots/<version>.
 
+        Every archive type goes through the same member checks (tarfile's "data"
+        filter: no absolute or escaping paths or links, no device nodes, no
+        setuid/setgid bits), and a manifest that lists its files' hashes (a bundle
+        from firmware/make_bundle.py) is checked against the unpacked slot
+        (`verify_slot`) before the slot is kept.
+
         Raises:
             ValueError: bad version, unknown bundle type, unsafe or corrupt archive,
-                or `version` is the `current` slot (the software running now).
+                a slot that does not match its manifest's hashes, or `version` is
+                the `current` slot (the software running now).
         """
         version_key(version)
         if version == self.current_version():
@@ -106,10 +113,10 @@ class SlotInstaller:
                                                     "--config", AGENT_CONFIG],
                          "env": {"PYTHONPATH": "site-packages"}}))
             elif name.endswith(".deb"):
-                subprocess.run(["dpkg-deb", "-x", str(bundle), str(tmp)], check=True,
-                               capture_output=True, timeout=120)
+                _unpack_deb(bundle, tmp)
             else:
                 raise ValueError(f"bundle {name!r}: unknown type (expected .tar.gz, .whl, .deb)")
+            verify_slot(tmp)
         except (tarfile.TarError, zipfile.BadZipFile, subprocess.SubprocessError, OSError) as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             raise ValueError(f"bundle {bundle.name!r} cannot be unpacked: {exc}") from exc
@@ -190,6 +197,64 @@ class SlotInstaller:
     def _mkdir(path: Path) -> Path:
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+
+def _unpack_deb(deb: Path, dest: Path) -> None:
+    """Unpack a .deb's data archive into `dest` with the same member checks as a
+    .tar.gz (`dpkg-deb -x` would keep escaping symlinks and setuid bits).
+
+    Raises: subprocess.SubprocessError (dpkg-deb failed), tarfile.TarError (refused
+        or corrupt member), OSError.
+    """
+    with tempfile.TemporaryFile(dir=dest.parent) as data:
+        done = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=data,
+                              stderr=subprocess.PIPE, timeout=120, check=False)
+        if done.returncode != 0:
+            raise subprocess.SubprocessError(
+                f"dpkg-deb --fsys-tarfile exited with {done.returncode}: "
+                f"{done.stderr.decode(errors='replace').strip()}")
+        data.seek(0)
+        with tarfile.open(fileobj=data) as tar:
+            tar.extractall(dest, filter="data")
+
+
+def verify_slot(slot: Path) -> None:
+    """Check an unpacked slot against the sha256 of each file its manifest lists.
+
+    Only a manifest with a ``files`` table (format 1, written by
+    firmware/make_bundle.py) can be checked; a slot from a .whl, a .deb or a
+    hand-made .tar.gz without one passes unchecked (TUF already verified the
+    archive's hash). Same rule as ``make_bundle.py --verify``.
+
+    Raises: ValueError naming the file that is missing, altered or not listed.
+    """
+    import hashlib
+
+    try:
+        manifest = json.loads((slot / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return  # slot_command names a bad manifest when the slot is started
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if files is None:
+        return
+    if manifest.get("format") != 1 or not isinstance(files, dict):
+        raise ValueError(f"{MANIFEST}: format {manifest.get('format')!r} with files of type "
+                         f"{type(files).__name__}; expected format 1 and a table of hashes")
+    for rel, digest in sorted(files.items()):
+        path = slot / rel
+        if not path.is_file() or path.is_symlink():
+            raise ValueError(f"{rel}, listed in {MANIFEST}, is missing from the bundle")
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        if h.hexdigest() != digest:
+            raise ValueError(f"{rel} does not match its sha256 in {MANIFEST}")
+    extra = sorted(p.relative_to(slot).as_posix() for p in slot.rglob("*")
+                   if not p.is_dir() and p.relative_to(slot).as_posix() not in files
+                   and p.relative_to(slot).as_posix() != MANIFEST)
+    if extra:
+        raise ValueError(f"files not listed in {MANIFEST}: {extra[:5]}")
 
 
 def slot_command(slot: Path) -> tuple[list[str], dict[str, str]]:

@@ -5,6 +5,7 @@ import io
 import json
 import tarfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -175,3 +176,107 @@ def test_wheel_bundle_unpacks_into_site_packages_with_a_default_manifest(tmp_pat
         zf.writestr("../outside.py", "x")
     with pytest.raises(ValueError, match="escapes the slot"):
         slots.unpack("1.3.0", evil)
+
+
+def deb(path, members) -> None:
+    """A .deb (ar: debian-binary, control.tar.xz, data.tar.xz) whose data archive
+    holds `members`: (TarInfo, bytes) pairs, written as given."""
+    data = io.BytesIO()
+    with tarfile.open(fileobj=data, mode="w:xz") as tar:
+        for info, payload in members:
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    control = io.BytesIO()
+    with tarfile.open(fileobj=control, mode="w:xz") as tar:
+        text = b"Package: fedge\nVersion: 3.0.0\nArchitecture: all\nMaintainer: x <x@x>\n"
+        info = tarfile.TarInfo("./control")
+        info.size = len(text)
+        tar.addfile(info, io.BytesIO(text))
+
+    def ar_member(name: str, payload: bytes) -> bytes:
+        header = f"{name:<16}{0:<12}{0:<6}{0:<6}{100644:<8}{len(payload):<10}`\n".encode()
+        return header + payload + (b"\n" if len(payload) % 2 else b"")
+
+    path.write_bytes(b"!<arch>\n" + ar_member("debian-binary", b"2.0\n")
+                     + ar_member("control.tar.xz", control.getvalue())
+                     + ar_member("data.tar.xz", data.getvalue()))
+
+
+def member(name: str, *, mode: int = 0o644, link: str | None = None):
+    info = tarfile.TarInfo(name)
+    info.mode = mode
+    if link is not None:
+        info.type, info.linkname = tarfile.SYMTYPE, link
+    return info
+
+
+needs_dpkg = pytest.mark.skipif(__import__("shutil").which("dpkg-deb") is None,
+                                reason="dpkg-deb is not installed")
+
+
+@needs_dpkg
+@pytest.mark.parametrize("link", ["/etc/shadow", "../../outside"],
+                         ids=["absolute", "escaping"])
+def test_a_deb_with_a_link_out_of_its_slot_is_refused_and_writes_nothing(tmp_path, link):
+    """A .deb goes through the same member checks as a .tar.gz: `dpkg-deb -x` kept
+    a link to /etc/shadow, or out of the slot, for the slot's software to follow."""
+    outside = tmp_path / "software" / "outside"
+    outside.mkdir(parents=True)
+    manifest = json.dumps({"version": "3.0.0", "exec": ["true"]}).encode()
+    path = tmp_path / "fedge-3.0.0.deb"
+    deb(path, [(member("./fedge-bundle.json"), manifest),
+               (member("./esc", link=link), b"")])
+    slots = SlotInstaller(tmp_path / "software")
+    with pytest.raises(ValueError, match=r"fedge-3\.0\.0\.deb' cannot be unpacked: './esc'"):
+        slots.unpack("3.0.0", path)
+    assert list(outside.iterdir()) == []
+    assert not (slots.slots / "3.0.0").exists() and list(slots.slots.iterdir()) == []
+
+
+@needs_dpkg
+def test_a_deb_unpacks_into_its_slot_without_setuid_bits(tmp_path):
+    manifest = json.dumps({"version": "3.0.0", "exec": ["./bin/fedge"]}).encode()
+    path = tmp_path / "fedge-3.0.0.deb"
+    deb(path, [(member("./fedge-bundle.json"), manifest),
+               (member("./bin/fedge", mode=0o4755), b"#!/bin/sh\n"),
+               (member("./bin/helper", mode=0o2775), b"#!/bin/sh\n"),
+               (member("./lib/here", link="../bin/fedge"), b"")])
+    slot = SlotInstaller(tmp_path / "software").unpack("3.0.0", path)
+    assert (slot / "bin" / "fedge").stat().st_mode & 0o7777 == 0o755
+    assert (slot / "bin" / "helper").stat().st_mode & 0o7777 == 0o755
+    assert (slot / "lib" / "here").resolve() == (slot / "bin" / "fedge").resolve()
+
+
+def test_a_slot_that_does_not_match_its_manifests_hashes_is_refused_before_switching(
+        tmp_path, service):
+    """A bundle from firmware/make_bundle.py lists every file's sha256: the unpacked
+    slot is checked against it before it is kept, so an altered, missing or extra
+    file refuses the bundle and nothing switches."""
+    import hashlib
+
+    good = b"print('ok')\n"
+
+    def made(files: dict[str, bytes], listed: dict[str, bytes]) -> Path:
+        manifest = {"format": 1, "version": "4.0.0", "exec": ["{python}", "app.py"],
+                    "env": {}, "files": {n: hashlib.sha256(d).hexdigest()
+                                         for n, d in listed.items()}}
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+            for name, data in {"fedge-bundle.json": json.dumps(manifest).encode(),
+                               **files}.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        out = tmp_path / "fedge-4.0.0.tar.gz"
+        out.write_bytes(buf.getvalue())
+        return out
+
+    slots = SlotInstaller(tmp_path / "software")
+    for files, why in [({"app.py": b"print('altered')\n"}, "app.py does not match its sha256"),
+                       ({}, "app.py, listed in fedge-bundle.json, is missing"),
+                       ({"app.py": good, "extra.py": b"x"}, r"not listed .*\['extra.py'\]")]:
+        with pytest.raises(ValueError, match=why):
+            slots.install_and_switch("4.0.0", made(files, {"app.py": good}), service,
+                                     deadline_s=1)
+        assert slots.current_version() is None and list(slots.slots.iterdir()) == []
+    assert slots.unpack("4.0.0", made({"app.py": good}, {"app.py": good})).is_dir()

@@ -7,10 +7,12 @@ importing torch. The accountant is Google's ``dp_accounting`` (RDP).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,6 +80,21 @@ def epsilon_for(
     ).epsilon(delta)
 
 
+@contextlib.contextmanager
+def _quiet_accountant() -> Iterator[None]:
+    """Silence dp_accounting's absl warnings while it runs: for some (q, sigma) its RDP
+    series "failed to converge" at a few small orders, which it then leaves out of the
+    minimum over orders (ε stays an upper bound), and it says so ~7 times per ε, so an
+    agent's journal fills with lines that need no action. Errors still get through."""
+    log = logging.getLogger("absl")
+    before = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(before)
+
+
 @dataclass
 class PrivacyLedger:
     """The mechanisms one site ran: list of {job, round, noise_multiplier, sampling_rate, steps}."""
@@ -140,12 +157,13 @@ class PrivacyLedger:
         if not chosen:
             return 0.0
         accountant = RdpAccountant()
-        for noise_multiplier, sampling_rate, steps in chosen:
-            event = dp_accounting.PoissonSampledDpEvent(
-                sampling_rate, dp_accounting.GaussianDpEvent(noise_multiplier)
-            )
-            accountant.compose(dp_accounting.SelfComposedDpEvent(event, steps))
-        return float(accountant.get_epsilon(delta))
+        with _quiet_accountant():
+            for noise_multiplier, sampling_rate, steps in chosen:
+                event = dp_accounting.PoissonSampledDpEvent(
+                    sampling_rate, dp_accounting.GaussianDpEvent(noise_multiplier)
+                )
+                accountant.compose(dp_accounting.SelfComposedDpEvent(event, steps))
+            return float(accountant.get_epsilon(delta))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -242,7 +260,7 @@ def check_dp_plan(
             delta=delta,
         )
         lo, hi = (mid, hi) if eps_mid <= target_epsilon else (lo, mid - 1)
-    needed = calibrate_noise(
+    needed = _advised_noise(
         target_epsilon=target_epsilon,
         delta=delta,
         sampling_rate=sampling_rate,
@@ -255,6 +273,30 @@ def check_dp_plan(
         f"({per_round:.3f} in one round); at most {lo} rounds fit, "
         f"or raise noise_multiplier to {needed:.3f}"
     )
+
+
+def _advised_noise(*, target_epsilon: float, delta: float, sampling_rate: float,
+                   steps: int) -> float:
+    """The noise multiplier a refusal advises, as printed (3 decimals): the smallest
+    such value whose ε, computed at the printed value, meets the target, so a plan
+    resubmitted with it is accepted (rounding to nearest could print one just below).
+
+    Raises:
+        PrivacyBudgetError: as ``calibrate_noise``.
+    """
+
+    def fits(z: float) -> bool:
+        return epsilon_for(noise_multiplier=z, sampling_rate=sampling_rate, steps=steps,
+                           delta=delta) <= target_epsilon
+
+    # calibrate_noise is within 0.1 % above the least noise: a step or two either way
+    z = math.ceil(calibrate_noise(target_epsilon=target_epsilon, delta=delta,
+                                  sampling_rate=sampling_rate, steps=steps) * 1000) / 1000
+    while not fits(z):
+        z = round(z + 0.001, 3)
+    while z > 0.001 and fits(round(z - 0.001, 3)):
+        z = round(z - 0.001, 3)
+    return z
 
 
 def calibrate_noise(

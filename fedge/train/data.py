@@ -372,6 +372,15 @@ def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     except csv.Error as exc:
         raise DataError(path, f"malformed CSV: {exc}", line=reader.line_num) from exc
     header = [h.strip() for h in header]
+    for sep, name in ((";", "semicolon"), ("\t", "tab")):
+        if len(header) == 1 and sep in header[0]:
+            raise DataError(
+                path,
+                f"the header is one column {header[0]!r}: this file looks {name}-separated "
+                "(as Excel saves CSV in some locales); fedge reads comma-separated CSV, "
+                "so re-save it as CSV (comma delimited) or as Parquet",
+                line=1,
+            )
     repeated = sorted({h for h in header if header.count(h) > 1})
     if repeated:
         raise DataError(
@@ -598,6 +607,16 @@ class _Table:
     n_classes: int = 0
 
 
+def _same_site(cell: str, site: str | int | None) -> bool:
+    """A row's site value is the declared one: as numbers when both read as numbers
+    (a Parquet float column gives 1.0 for site = 1; a CSV may write 01), else as text."""
+    raw, want = cell.strip(), str(site).strip()
+    try:
+        return float(raw) == float(want)
+    except ValueError:
+        return raw == want
+
+
 def _load_tabular(spec: DatasetSpec, path: Path, rows_filter: Any = None) -> _Table:
     header, rows = _read_table(path)
     for col in (spec.split_column, spec.site_column, spec.id_column):
@@ -605,7 +624,7 @@ def _load_tabular(spec: DatasetSpec, path: Path, rows_filter: Any = None) -> _Ta
             _column_index(path, header, col)
     if spec.site_column is not None:
         sidx = header.index(spec.site_column)
-        rows = [(ln, f) for ln, f in rows if f[sidx].strip() == str(spec.site)]
+        rows = [(ln, f) for ln, f in rows if _same_site(f[sidx], spec.site)]
         if not rows:
             raise DataError(path, f"no row has site value {spec.site!r}", column=spec.site_column)
     if rows_filter is not None:
@@ -868,6 +887,11 @@ def _grey_pixels(path: Path, im: Any, size: int) -> np.ndarray:
 def _load_numpy(spec: DatasetSpec) -> _Table:
     """``x`` (n, ...) with ``y`` (n,) or ``event`` and ``time`` (n,), checked like a table.
 
+    ``x`` of shape (n, height, width) is taken as single-channel images and given
+    its channel axis, (n, 1, height, width), as the image models take. Numbers only:
+    complex, date and time arrays are refused (no meaning as one float each). A
+    ``split`` array may hold text or bytes (``np.array([b"train", ...])``).
+
     Raises:
         DataError: a missing, unreadable or misshapen array, or a bad value,
             naming the array and the 1-based row.
@@ -881,6 +905,9 @@ def _load_numpy(spec: DatasetSpec) -> _Table:
         npz = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise DataError(path, f"not a readable .npz file: {exc}") from exc
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise DataError(path, "a .npy file holds one array; fedge reads an .npz with "
+                        "named arrays: np.savez(path, x=..., y=...) (survival: x, event, time)")
     labels = ["event", "time"] if spec.task == "survival" else ["y"]
     with npz:
         keys = set(npz.files)
@@ -890,8 +917,15 @@ def _load_numpy(spec: DatasetSpec) -> _Table:
         arrays: dict[str, np.ndarray] = {}
         for k in ["x", *labels]:
             try:
-                arrays[k] = np.asarray(npz[k], dtype=np.float64)
+                raw = npz[k]
+                if raw.dtype.kind in "cmM":
+                    what = {"c": "complex numbers", "m": "time spans", "M": "dates"}
+                    raise DataError(path, f"array {k!r} holds {what[raw.dtype.kind]} "
+                                    f"(dtype {raw.dtype}); it needs plain numbers", column=k)
+                arrays[k] = np.asarray(raw, dtype=np.float64)
             except (ValueError, TypeError) as exc:
+                if isinstance(exc, DataError):
+                    raise
                 raise DataError(path, f"array {k!r} is not numeric: {exc}", column=k) from exc
             except (OSError, EOFError, zipfile.BadZipFile) as exc:
                 raise DataError(path, f"truncated or corrupt array: {exc}", column=k) from exc
@@ -900,6 +934,8 @@ def _load_numpy(spec: DatasetSpec) -> _Table:
         except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
             raise DataError(path, f"truncated or corrupt array: {exc}", column="split") from exc
     x = arrays["x"]
+    if x.ndim == 3:  # (n, height, width): single-channel images without their channel axis
+        x = x[:, None, :, :]
     if x.ndim < 2:
         raise DataError(
             path,
@@ -945,6 +981,8 @@ def _load_numpy(spec: DatasetSpec) -> _Table:
                 column="split",
             )
         for k, v in enumerate(split_arr.tolist()):
+            if isinstance(v, bytes):
+                v = v.decode("utf-8", errors="replace")
             if str(v).lower() not in _SPLIT_NAMES:
                 raise DataError(
                     path,

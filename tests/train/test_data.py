@@ -490,3 +490,80 @@ def test_fed_tcga_brca_features_are_flamby_s_39_whatever_a_copy_s_column_order(
     shuffled = load_site_data(replace_path(spec, tmp_path))
     assert original.feature_names == shuffled.feature_names == list(FED_TCGA_BRCA_FEATURES)
     np.testing.assert_array_equal(original.train.x, shuffled.train.x)
+
+
+def _npz_spec(path: Path, task: str = "binary") -> DatasetSpec:
+    return DatasetSpec(name="arr", kind="numpy", path=str(path), task=task, val_fraction=0.0)
+
+
+def test_a_plain_npy_file_is_refused_naming_it_and_the_format(tmp_path: Path) -> None:
+    p = tmp_path / "plain.npy"
+    np.save(p, np.ones((4, 3)))
+    with pytest.raises(DataError, match=r"plain\.npy: a \.npy file holds one array.*np\.savez"):
+        load_site_data(_npz_spec(p))
+
+
+@pytest.mark.parametrize(("x", "what"), [
+    (np.array([[1 + 5j, 2], [3, 4], [5, 6], [7, 8]]), "complex numbers"),
+    (np.array(["2020-01-01"] * 8, dtype="datetime64[D]").reshape(4, 2), "dates"),
+    (np.array([1, 2, 3, 4] * 2, dtype="timedelta64[s]").reshape(4, 2), "time spans"),
+])
+def test_arrays_that_are_not_plain_numbers_are_refused(tmp_path: Path, x: np.ndarray,
+                                                       what: str) -> None:
+    p = tmp_path / "odd.npz"
+    np.savez(p, x=x, y=np.array([0, 1, 0, 1.0]))
+    with pytest.raises(DataError, match=f"odd.npz, column 'x': array 'x' holds {what}"):
+        load_site_data(_npz_spec(p))
+
+
+def test_a_bytes_split_array_is_read_as_text(tmp_path: Path) -> None:
+    p = tmp_path / "s.npz"
+    np.savez(p, x=np.arange(8.0).reshape(4, 2), y=np.array([0, 1, 0, 1.0]),
+             split=np.array([b"train", b"train", b"test", b"val"]))
+    d = load_site_data(_npz_spec(p))
+    assert (len(d.train), len(d.val), len(d.test)) == (2, 1, 1)
+
+
+def test_images_without_a_channel_axis_get_one_and_train(tmp_path: Path) -> None:
+    from fedge.train.api import ModelSpec, TrainConfig, build_model, flatten, local_train
+
+    p = tmp_path / "img.npz"
+    np.savez(p, x=np.random.default_rng(0).random((10, 32, 32)), y=np.array([0.0, 1.0] * 5))
+    d = load_site_data(_npz_spec(p))
+    assert d.train.x.shape == (10, 1, 32, 32)
+    spec = ModelSpec("resnet_small", {"width": 4, "image_size": 32})
+    out = local_train(spec, flatten(build_model(spec)), d, TrainConfig(steps=1, batch_size=4),
+                      round=0)
+    assert np.all(np.isfinite(out.weights))
+
+
+@pytest.mark.parametrize(("cell", "site"), [("1.0", 1), ("1", 1), ("01", "1"), (" 2.50", 2.5),
+                                            ("A", "A")])
+def test_a_site_value_matches_as_a_number_when_both_are_numbers(
+        tmp_path: Path, cell: str, site: object) -> None:
+    p = _write(tmp_path, f"a,y,site\n1,1,{cell}\n2,0,{cell}\n3,1,other\n")
+    d = load_site_data(DatasetSpec(name="s", kind="tabular", path=str(p), task="binary",
+                                   target="y", features=("a",), site_column="site", site=site,
+                                   val_fraction=0.0, standardise="none"))
+    np.testing.assert_array_equal(d.train.x[:, 0], [1, 2])
+
+
+def test_a_parquet_float_site_column_matches_an_integer_site(tmp_path: Path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    p = tmp_path / "s.parquet"
+    pq.write_table(pa.table({"a": [1.0, 2.0, 3.0], "y": [0, 1, 1], "s": [1.0, 1.0, 2.0]}), p)
+    d = load_site_data(DatasetSpec(name="s", kind="tabular", path=str(p), task="binary",
+                                   target="y", features=("a",), site_column="s", site=1,
+                                   val_fraction=0.0))
+    assert len(d.train) == 2
+
+
+@pytest.mark.parametrize(("sep", "name"), [(";", "semicolon"), ("\t", "tab")])
+def test_a_semicolon_or_tab_separated_file_is_named_as_such(tmp_path: Path, sep: str,
+                                                            name: str) -> None:
+    p = _write(tmp_path, sep.join("aby") + "\n" + sep.join("120") + "\n")
+    with pytest.raises(DataError, match=f"looks {name}-separated") as err:
+        load_site_data(DatasetSpec(name="s", kind="tabular", path=str(p), task="binary",
+                                   target="y", features=("a", "b")))
+    assert err.value.line == 1 and "comma delimited" in str(err.value)

@@ -76,10 +76,17 @@ def _privacy(args: argparse.Namespace) -> int:
         print(f"fedge agent privacy: --delta {args.delta} must lie in (0, 1)", file=sys.stderr)
         return 2
     jobs = sorted({e["job"] for e in ledger.entries})
-    print(f"{'job':<40} {'rounds':>6} {'epsilon':>10}")
+    def bound(job: str | None = None) -> str:
+        return "per loss term" if ledger.per_loss_term(job=job) else "per record"
+
+    print(f"{'job':<40} {'rounds':>6} {'epsilon':>10}  bound")
     for job in jobs:
         rounds = len({e["round"] for e in ledger.entries if e["job"] == job})
-        print(f"{job:<40} {rounds:>6} {ledger.epsilon(args.delta, job=job):>10.4f}")
-    print(f"{'total (all jobs composed)':<40} {'':>6} {ledger.epsilon(args.delta):>10.4f}")
+        print(f"{job:<40} {rounds:>6} {ledger.epsilon(args.delta, job=job):>10.4f}  {bound(job)}")
+    print(f"{'total (all jobs composed)':<40} {'':>6} {ledger.epsilon(args.delta):>10.4f}  "
+          f"{bound()}")
+    if ledger.per_loss_term():
+        print("per loss term: DP-SGD on a Cox model (privacy.dp.cox_per_term); a record also "
+              "sits in other events' risk sets, so this epsilon is not a record-level bound")
     print(f"delta = {args.delta:g}; DP-SGD at this site only (sites without DP spend nothing)")
     return 0

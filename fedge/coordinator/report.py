@@ -67,8 +67,24 @@ def summarise(status: dict[str, Any], plan_toml: str = "") -> dict[str, Any]:
         "final": final,
         "curves": curves,
         "privacy": {s: v for s, v in sorted(privacy.items())},
+        "privacy_bound": privacy_bound(plan_toml) if privacy else None,
         "metrics": rows,
     }
+
+
+def privacy_bound(plan_toml: str) -> str:
+    """What the job's DP-SGD epsilon bounds: one record, or (a Cox model run with
+    ``privacy.dp.cox_per_term``) one loss term only."""
+    import tomllib
+
+    from fedge.train.accounting import PER_LOSS_TERM
+
+    try:
+        dp = tomllib.loads(plan_toml).get("privacy", {}).get("dp", {})
+    except (tomllib.TOMLDecodeError, AttributeError):
+        dp = {}
+    return PER_LOSS_TERM if isinstance(dp, dict) and dp.get("cox_per_term") is True \
+        else "per record"
 
 
 def write_job_report(out_dir: Path, status: dict[str, Any], plan_toml: str = "") -> list[str]:
@@ -84,7 +100,7 @@ def write_job_report(out_dir: Path, status: dict[str, Any], plan_toml: str = "")
         _learning_curve(out_dir / "learning_curve.png", report)
         written.append("learning_curve.png")
     if report["privacy"]:
-        _privacy_plot(out_dir / "privacy.png", report["privacy"])
+        _privacy_plot(out_dir / "privacy.png", report["privacy"], report["privacy_bound"])
         written.append("privacy.png")
     write_atomic(out_dir / "report.md", _markdown(report, written).encode(), mode=0o644)
     write_atomic(out_dir / "report.json",
@@ -116,7 +132,8 @@ def _learning_curve(path: Path, report: dict[str, Any]) -> None:
     fig.savefig(path, dpi=100)
 
 
-def _privacy_plot(path: Path, privacy: dict[str, list[tuple[int, float]]]) -> None:
+def _privacy_plot(path: Path, privacy: dict[str, list[tuple[int, float]]],
+                  bound: str = "per record") -> None:
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
@@ -127,6 +144,7 @@ def _privacy_plot(path: Path, privacy: dict[str, list[tuple[int, float]]]) -> No
     ax.set_xlabel("round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("cumulative epsilon in this job (DP-SGD)")
+    ax.set_title(f"epsilon {bound}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -164,6 +182,10 @@ def _markdown(report: dict[str, Any], plots: list[str]) -> str:
                    f"{', '.join(a['dropped']) or '–'} | {a.get('reason') or '–'} |")
     if report["privacy"]:
         out += ["", "## Privacy (DP-SGD), cumulative epsilon per site", "",
+                f"Epsilon {report['privacy_bound']}."
+                + (" A Cox model's loss terms share risk sets: one record moves other "
+                   "terms too, so this does not bound what one patient's record reveals."
+                   if report["privacy_bound"] != "per record" else ""), "",
                 "| site | epsilon after the last round |", "|---|---|"]
         out += [f"| {s} | {v[-1][1]:.3f} |" for s, v in report["privacy"].items()]
     if report["plan"]:

@@ -78,7 +78,12 @@ DP_PLAN = PLAN.replace("rounds = 1", "rounds = 3").replace(
 ) + """
 [privacy]
 min_site_examples = 100
-dp = { noise_multiplier = 1.5, max_grad_norm = 1.0, delta = 1e-5, target_epsilon = 50.0 }
+[privacy.dp]
+noise_multiplier = 1.5
+max_grad_norm = 1.0
+delta = 1e-5
+target_epsilon = 50.0
+cox_per_term = true  # a Cox model: its epsilon bounds one loss term
 """
 
 
@@ -109,8 +114,12 @@ def test_privacy_spent_is_kept_on_disk_per_job_and_in_total(tmp_path):
     rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()[1:3]}
     assert float(rows["job-a"][2]) == pytest.approx(r2.epsilon, abs=1e-3)
     assert float(rows["job-b"][2]) == pytest.approx(rb.epsilon, abs=1e-3)
-    total = float(out.stdout.splitlines()[3].split()[-1])
+    total = float(out.stdout.splitlines()[3].split()[4])
     assert total > r2.epsilon  # both jobs composed
+    # a Cox model's epsilon is per loss term (cox_per_term): every line says so
+    assert rows["job-a"][3:] == ["per", "loss", "term"]
+    assert out.stdout.splitlines()[3].endswith("per loss term")
+    assert "not a record-level bound" in out.stdout
 
 
 def test_a_dp_round_whose_privacy_ledger_cannot_be_saved_is_refused_naming_the_file(

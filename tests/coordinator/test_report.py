@@ -49,3 +49,17 @@ def test_a_report_that_cannot_be_written_is_audited_and_the_job_stays_completed(
     assert job in entry["detail"]
     assert fed.coord.store.job(job).status == "completed"
     assert ck.final_path(fed.coord.state_dir, job).exists()
+
+
+def test_the_report_says_what_a_cox_models_epsilon_bounds() -> None:
+    from fedge.coordinator.report import privacy_bound, summarise
+
+    rows = [{"site": "a", "split": "privacy", "name": "epsilon_job", "round": 1,
+             "value": 1.5}]
+    status = {"job_id": "j", "metrics": rows, "rounds": []}
+    cox = "[privacy.dp]\nnoise_multiplier = 1.1\ncox_per_term = true\n"
+    assert summarise(status, cox)["privacy_bound"] == "per loss term, not a record-level bound"
+    assert summarise(status, "[privacy.dp]\nnoise_multiplier = 1.1\n")["privacy_bound"] == \
+        "per record"
+    assert summarise({**status, "metrics": []}, cox)["privacy_bound"] is None  # no DP-SGD
+    assert privacy_bound("not toml [") == "per record"

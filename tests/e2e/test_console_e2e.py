@@ -156,8 +156,13 @@ name = "fedavg"
 [secagg]
 enabled = true
 [privacy]
-dp = { noise_multiplier = 1.1, max_grad_norm = 1.0, delta = 1e-5, target_epsilon = 50.0 }
 min_site_examples = 100
+[privacy.dp]
+noise_multiplier = 1.1
+max_grad_norm = 1.0
+delta = 1e-5
+target_epsilon = 50.0
+cox_per_term = true  # a Cox model: its epsilon bounds one loss term
 """
 
 
@@ -196,6 +201,9 @@ def test_ml_engineer_submits_watches_and_fetches_the_onnx_model_and_report(opera
     assert [a["round"] for a in report["attempts"] if a["status"] == "committed"] == [1, 2, 3]
     assert set(report["privacy"]) == set(sites)  # each site's DP-SGD spend, per round
     assert all(0 < v[-1][1] <= 50.0 for v in report["privacy"].values())
+    # a Cox model's DP-SGD epsilon bounds a loss term, not a record: the report says so
+    assert report["privacy_bound"] == "per loss term, not a record-level bound"
+    assert "Epsilon per loss term, not a record-level bound." in (got / "report.md").read_text()
     # DP noise is fresh at each site on every run (nobody can subtract it), so no quality
     # bar here (bench/ measures quality); the report's final C-index is round 3's
     # size-weighted evaluation, the figure `jobs watch` printed for that round

@@ -43,6 +43,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -832,9 +833,19 @@ def _load_images(spec: DatasetSpec) -> _Table:
                 if f.suffix.lower() not in _IMAGE_SUFFIXES or not _visible(f):
                     continue
                 try:
-                    with Image.open(f) as im:
-                        arr = _grey_pixels(f, im, size)
-                except (UnidentifiedImageError, OSError) as exc:
+                    with warnings.catch_warnings():
+                        # past Pillow's pixel limit (~89 M) a warning, past twice it an
+                        # error: either way far beyond a training image, and a file
+                        # made to exhaust memory (a decompression bomb)
+                        warnings.simplefilter("error", Image.DecompressionBombWarning)
+                        with Image.open(f) as im:
+                            im.verify()  # every chunk's CRC, the pixel data's included
+                        with Image.open(f) as im:
+                            arr = _grey_pixels(f, im, size)
+                except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+                    raise DataError(f, f"image too large to load safely: {exc}") from exc
+                except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+                    # verify() raises SyntaxError for a broken PNG chunk
                     raise DataError(f, f"not a readable image: {exc}") from exc
                 xs.append(arr[None, :, :])
                 ys.append(label)

@@ -124,3 +124,26 @@ def test_images_without_a_fixed_range_are_refused_by_name(tmp_path: Path) -> Non
     Image.fromarray(np.full((16, 16), 30000, np.int32)).save(root / "a" / "i.tif")
     d = _load(root, ["a", "b"], task="binary")  # within 16 bits: scaled as 16-bit
     assert d.train.x.max() == pytest.approx(30000 / 65535, rel=1e-5)
+
+
+def test_a_png_whose_pixel_data_fails_its_crc_is_refused_naming_the_file(
+    tmp_path: Path,
+) -> None:
+    root = _folders(tmp_path, ["benign", "malignant"])
+    bad = root / "benign" / "0.png"
+    data = bytearray(bad.read_bytes())
+    at = data.find(b"IDAT")
+    length = int.from_bytes(data[at - 4:at], "big")
+    data[at + 4 + length] ^= 0xFF  # the IDAT chunk's CRC: the pixels may be damaged
+    bad.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"0\.png.*not a readable image"):
+        _load(root, ["benign", "malignant"])
+
+
+def test_a_decompression_bomb_is_refused_before_its_pixels_are_decoded(
+    tmp_path: Path,
+) -> None:
+    root = _folders(tmp_path, ["benign", "malignant"])
+    Image.new("L", (12000, 12000)).save(root / "malignant" / "big.png")  # 144 M pixels
+    with pytest.raises(DataError, match=r"big\.png.*too large to load safely"):
+        _load(root, ["benign", "malignant"])

@@ -202,6 +202,10 @@ class Agent:
             log.warning("%s: dropped a malformed message from the coordinator: %s",
                         self.site, exc)
             return
+        except Exception as exc:  # the decoder failing on hostile input is still input
+            log.warning("%s: dropped a message from the coordinator that could not be "
+                        "decoded (%s)", self.site, type(exc).__name__)
+            return
         try:
             await self.handle(env)
         except Exception:  # logged here, not lost in an unawaited task; the agent goes on

@@ -233,6 +233,40 @@ def test_malformed_message_from_coordinator_is_dropped():
     assert link.sent == [] and agent.task is None
 
 
+def test_a_message_nested_a_thousand_deep_is_dropped_and_the_agent_goes_on():
+    """1 KB of msgpack nested ~1000 lists deep: parsed, then refused. Describing the
+    bad field once raised RecursionError, which is no WireError."""
+    agent = Agent("site-a", SyntheticTrainer("site-a", n_examples=7), policy=PLAIN_OK)
+    link = Link(agent)
+    header = bytes(codec.encode(m.HeartbeatAck(time=1.0, coordinator_version="1"),
+                                sender="coordinator")[0])
+    for depth in (900, 1000, 1023, 1100):
+        asyncio.run(agent.handle_frames([header, b"\x91" * depth + b"\xc0"]))
+    assert link.sent == [] and agent.task is None
+    asyncio.run(deliver(agent, m.EvalTask(task_id="t1", plan=PLAN,
+                                          weights=np.zeros(4, np.float32), split="test")))
+    assert [e.n_examples for e in link.bodies(m.EvalResult)] == [7]
+
+
+def test_an_unforeseen_evaluation_error_is_answered_and_the_agent_is_free_again(caplog):
+    class Failing(SyntheticTrainer):
+        def evaluate(self, *a, **k):
+            open("/nonexistent/fedge/eval", "rb")  # noqa: SIM115 - raises
+
+    agent = Agent("site-a", Failing("site-a"), policy=PLAIN_OK)
+    link = Link(agent)
+    with caplog.at_level("ERROR", logger="fedge.agent"):
+        asyncio.run(deliver(agent, m.EvalTask(task_id="t1", plan=PLAN,
+                                              weights=np.zeros(4, np.float32),
+                                              split="test")))
+    (refused,) = link.bodies(m.TaskRefused)
+    assert refused.task_id == "t1" and refused.task == m.TASK_EVAL
+    assert refused.reason == ("evaluation failed: internal error (FileNotFoundError; "
+                              "see the site's journal)")
+    assert "/nonexistent/fedge/eval" in caplog.text
+    assert agent.task is None and agent._busy == ""
+
+
 async def start_training(agent):
     """Deliver a TrainTask and return once the agent holds it (the plan is parsed off
     the loop first), with the delivery still running as a task."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -63,3 +64,32 @@ def test_extension_has_no_dynamic_cudart_dependency() -> None:
         pytest.skip("needs ldd")
     out = subprocess.run(["ldd", str(so)], capture_output=True, text=True, timeout=30)
     assert "libcudart" not in out.stdout
+
+
+def _compile_flags(tmp_path: Path, *defines: str) -> str:
+    import pybind11
+
+    build = tmp_path / "b"
+    out = subprocess.run(
+        [
+            "cmake", "-S", str(REPO), "-B", str(build), "-DFEDGE_CUDA=OFF",
+            "-DCMAKE_EXPORT_COMPILE_COMMANDS=ON", f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-DPython_EXECUTABLE={sys.executable}", *defines,
+        ],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    commands = json.loads((build / "compile_commands.json").read_text())
+    return next(c["command"] for c in commands if c["file"].endswith("module.cpp"))
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="needs cmake")
+def test_warnings_are_errors_unless_a_sanitizer_build_turns_that_off(tmp_path: Path) -> None:
+    default = _compile_flags(tmp_path / "default")
+    assert "-Werror" in default.split()
+    assert "-fsanitize" not in default
+    asan = _compile_flags(
+        tmp_path / "asan", "-DFEDGE_WERROR=OFF", "-DFEDGE_SANITIZE=address,undefined"
+    )
+    assert "-Werror" not in asan.split()
+    assert "-fsanitize=address,undefined" in asan.split()

@@ -3,7 +3,8 @@
 #include <algorithm>
 #include <cstdlib>
 #include <stdexcept>
-#include <thread>
+
+#include "parallel.h"
 
 namespace fedge {
 namespace {
@@ -166,21 +167,11 @@ void apply_keystreams(Path path, const RoundKeys* keys, const Op* ops, size_t k,
     uint32_t* body = dst + done;
     size_t t = static_cast<size_t>(std::max(threads, 1));
     t = std::max<size_t>(1, std::min(t, nblocks / kMinBlocksPerThread));
-    if (t == 1) {
-      apply_blocks(kern, keys, ops, k, block0, nblocks, body);
-    } else {
-      std::vector<std::thread> pool;
-      pool.reserve(t - 1);
-      const size_t per = (nblocks + t - 1) / t;
-      for (size_t i = 1; i < t; ++i) {
-        const size_t b = i * per;
-        if (b >= nblocks) break;
-        const size_t cnt = std::min(per, nblocks - b);
-        pool.emplace_back(apply_blocks, kern, keys, ops, k, block0 + b, cnt, body + 4 * b);
-      }
-      apply_blocks(kern, keys, ops, k, block0, std::min(per, nblocks), body);
-      for (auto& th : pool) th.join();
-    }
+    const size_t per = (nblocks + t - 1) / t;
+    run_parts((nblocks + per - 1) / per, [&](size_t i) {
+      const size_t b = i * per;
+      apply_blocks(kern, keys, ops, k, block0 + b, std::min(per, nblocks - b), body + 4 * b);
+    });
     done += 4 * nblocks;
     pos += 4 * nblocks;
   }

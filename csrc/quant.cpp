@@ -3,11 +3,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <thread>
 #include <vector>
 
 #include <immintrin.h>
 
+#include "parallel.h"
 #include "prg.h"
 
 namespace fedge {
@@ -155,19 +155,13 @@ bool quantise(Path path, const float* x, size_t n, double clip, int bits, const 
   size_t t = static_cast<size_t>(std::max(threads, 1));
   t = std::max<size_t>(1, std::min(t, n / kMinWordsPerThread));
   if (t == 1) return quantise_range(path, x, n, 0, clip, scale, qmax, seed, out);
-  std::vector<std::thread> pool;
-  std::vector<char> ok(t, 1);
   const size_t per = ((n + t - 1) / t + 3) & ~size_t(3);
-  for (size_t i = 1; i < t; ++i) {
+  const size_t n_parts = (n + per - 1) / per;
+  std::vector<char> ok(n_parts, 1);
+  run_parts(n_parts, [&](size_t i) {
     const size_t a = i * per;
-    if (a >= n) break;
-    const size_t cnt = std::min(per, n - a);
-    pool.emplace_back([&, i, a, cnt] {
-      ok[i] = quantise_range(path, x + a, cnt, a, clip, scale, qmax, seed, out + a);
-    });
-  }
-  ok[0] = quantise_range(path, x, std::min(per, n), 0, clip, scale, qmax, seed, out);
-  for (auto& th : pool) th.join();
+    ok[i] = quantise_range(path, x + a, std::min(per, n - a), a, clip, scale, qmax, seed, out + a);
+  });
   return std::all_of(ok.begin(), ok.end(), [](char v) { return v != 0; });
 }
 

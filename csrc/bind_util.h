@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 
 #include <cmath>
+#include <cstdint>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -89,11 +90,17 @@ inline Path path_arg(const std::optional<std::string>& path) {
   return path ? parse_path(*path, "path") : default_path();
 }
 
+// The PRG window, words [offset_words, offset_words + n_words), must end at or
+// below word 2^62: block indices (word / 4) then stay far below the wrap of
+// the kernels' 64-bit counter.
+constexpr uint64_t kMaxWords = uint64_t(1) << 62;
+
 inline void check_span(uint64_t offset_words, uint64_t n_words) {
-  // The counter is 64-bit in the kernels: blocks (offset + n) / 4 < 2^62.
-  if (offset_words > (uint64_t(1) << 62) || n_words > (uint64_t(1) << 62)) {
-    throw py::value_error("offset_words + n_words must be below 2^62 (offset_words=" +
-                          std::to_string(offset_words) + ")");
+  // Two comparisons instead of the sum: offset_words + n_words may wrap.
+  if (offset_words > kMaxWords || n_words > kMaxWords - offset_words) {
+    throw py::value_error("offset_words + n_words must be at most 2^62 (offset_words=" +
+                          std::to_string(offset_words) + ", n_words=" + std::to_string(n_words) +
+                          ")");
   }
 }
 

@@ -276,6 +276,10 @@ def prg(
     key = _seed(seed)
     n = _int(n_words, "n_words", maximum=_MAX_WORDS)
     off = _int(offset_words, "offset_words", maximum=_MAX_WORDS)
+    if off + n > _MAX_WORDS:
+        raise ValueError(
+            f"offset_words + n_words must be at most 2^62, got {off} + {n} = {off + n}"
+        )
     if device is not None:
         import torch
 
@@ -306,7 +310,8 @@ def apply_masks(
     Raises:
         TypeError: vec not a uint32 array, seeds/signs of the wrong type.
         ValueError: vec not 1-D/contiguous/writable, a seed not 16 bytes, a
-            sign not ±1, len(signs) != len(seeds), threads < 1, bad path.
+            sign not ±1, len(signs) != len(seeds), offset_words + len(vec)
+            beyond 2^62, threads < 1, bad path.
     """
     key_bytes = _seeds(seeds)
     sign_list = _signs(signs, len(key_bytes) // SEED_BYTES)

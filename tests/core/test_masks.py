@@ -211,3 +211,12 @@ def test_pairwise_masks_cancel_for_any_cohort(
         )
         total += v
     np.testing.assert_array_equal(total, np.sum(inputs, axis=0, dtype=np.uint32))
+
+
+def test_masking_beyond_word_2_62_is_refused_and_untouched() -> None:
+    v = np.zeros(8, np.uint32)
+    with pytest.raises(ValueError, match=r"offset_words \+ n_words must be at most 2\^62"):
+        core.apply_masks(v, [bytes(16)], [1], offset_words=2**62 - 7)
+    assert not v.any()
+    core.apply_masks(v, [bytes(16)], [1], offset_words=2**62 - 8)  # ends exactly at 2^62
+    np.testing.assert_array_equal(v, openssl_words(bytes(16), 8, 2**62 - 8))

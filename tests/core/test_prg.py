@@ -162,3 +162,22 @@ def test_any_window_of_the_stream_equals_openssl(
 ) -> None:
     got = core.prg(seed, n_words, offset_words, path=path)
     np.testing.assert_array_equal(got, openssl_words(seed, n_words, offset_words))
+
+
+@pytest.mark.parametrize(
+    ("n_words", "offset_words"), [(4, 2**62), (1, 2**62), (2**61 + 1, 2**61), (2**62, 1)]
+)
+def test_a_window_ending_beyond_word_2_62_is_refused(n_words: int, offset_words: int) -> None:
+    # Each count alone is within 2^62; their sum is not.
+    with pytest.raises(ValueError, match=r"offset_words \+ n_words must be at most 2\^62"):
+        core.prg(bytes(16), n_words, offset_words)
+    with pytest.raises(ValueError, match=r"offset_words \+ n_words must be at most 2\^62"):
+        _core.prg(bytes(16), n_words, offset_words)
+
+
+def test_a_window_ending_exactly_at_word_2_62_is_served(path: str) -> None:
+    seed = b"\x3c" * 16
+    np.testing.assert_array_equal(
+        core.prg(seed, 7, 2**62 - 7, path=path), openssl_words(seed, 7, 2**62 - 7)
+    )
+    assert core.prg(seed, 0, 2**62, path=path).shape == (0,)

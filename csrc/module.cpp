@@ -83,6 +83,12 @@ py::bytes ctr_blocks(const py::bytes& key, const py::bytes& counter, uint64_t n_
   if (n_blocks > 0 && lo + (n_blocks - 1) < lo) {
     throw py::value_error("counter: the low 64 bits would wrap within n_blocks");
   }
+  // 4 * n_blocks words under the PRG's cap: the product cannot wrap, so the
+  // buffer below is as long as the kernel writes.
+  if (n_blocks > kMaxWords / 4) {
+    throw py::value_error("n_blocks must be at most 2^60 (4 * n_blocks words, at most 2^62), got " +
+                          std::to_string(n_blocks));
+  }
   const CtrKernel kern = kernel_for(path_arg(path));
   std::vector<uint32_t> out(4 * n_blocks);
   {

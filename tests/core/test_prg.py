@@ -164,6 +164,14 @@ def test_any_window_of_the_stream_equals_openssl(
     np.testing.assert_array_equal(got, openssl_words(seed, n_words, offset_words))
 
 
+def test_ctr_blocks_refuses_a_count_whose_buffer_size_would_wrap() -> None:
+    # 4 * (2^62 + 1) words wraps to 4: the kernel would write 2^62 + 1 blocks
+    # into a 16-byte buffer with the GIL released.
+    for n_blocks in (2**62 + 1, 2**61, 2**60 + 1):
+        with pytest.raises(ValueError, match=f"n_blocks must be at most 2\\^60.*got {n_blocks}"):
+            _core.ctr_blocks(bytes(16), bytes(16), n_blocks, path="portable")
+
+
 @pytest.mark.parametrize(
     ("n_words", "offset_words"), [(4, 2**62), (1, 2**62), (2**61 + 1, 2**61), (2**62, 1)]
 )

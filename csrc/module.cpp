@@ -137,15 +137,19 @@ py::object py_quantise(const py::buffer& x, double clip, int bits, const py::byt
   const Path p = path_arg(path);
   py::object result;
   uint32_t* dst;
+  // At function scope: the export of `out` must be held until the kernel is
+  // done with it, or another thread could resize or free the buffer while the
+  // kernel writes into it with the GIL released.
+  std::optional<Vec<uint32_t>> o;
   if (out) {
-    Vec<uint32_t> o = vec_arg<uint32_t>(*out, "out", true);
-    same_length(o, v.n, "out", "x");
+    o = vec_arg<uint32_t>(*out, "out", true);
+    same_length(*o, v.n, "out", "x");
     const auto* xb = reinterpret_cast<const char*>(v.ptr);
-    const auto* ob = reinterpret_cast<const char*>(o.ptr);
-    if (v.n > 0 && xb < ob + 4 * o.n && ob < xb + 4 * v.n) {
+    const auto* ob = reinterpret_cast<const char*>(o->ptr);
+    if (v.n > 0 && xb < ob + 4 * o->n && ob < xb + 4 * v.n) {
       throw py::value_error("out overlaps x in memory; quantise needs a separate output buffer");
     }
-    dst = o.ptr;
+    dst = o->ptr;
     result = *out;
   } else {
     py::array_t<uint32_t> fresh = pooled_array<uint32_t>(v.n);

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from core_oracle import openssl_words
@@ -294,3 +297,65 @@ def test_the_pool_keeps_within_its_byte_bound_and_frees_a_result_too_big_for_it(
     assert q[-1] == q[0]
     del q
     assert core.buffer_pool()["buffers"] == core.buffer_pool()["bytes"] == 0
+
+
+# ------------------------------------------------ out= while other threads run
+_RESIZE_OUT_DURING_QUANTISE = """
+import array, sys, threading, time
+import numpy as np
+from fedge import _core
+
+n = 1 << 21
+x = np.linspace(-2, 2, n, dtype=np.float32)
+out = array.array("I", bytes(4 * n))
+in_call = threading.Event()
+stop = threading.Event()
+refused = resized = 0
+
+def resizer():
+    global refused, resized
+    while not stop.is_set():
+        if not in_call.is_set():
+            time.sleep(0)
+            continue
+        try:
+            out.append(0)  # may move the buffer the kernel is writing
+            del out[n:]
+            resized += 1
+        except BufferError:
+            refused += 1
+
+t = threading.Thread(target=resizer)
+t.start()
+deadline = time.monotonic() + 20
+calls = 0
+try:
+    while time.monotonic() < deadline and (calls < 5 or refused == 0):
+        in_call.set()
+        try:
+            _core.quantise(x, clip=1.0, bits=16, seed=bytes(16), out=out, path="portable")
+            calls += 1
+        except ValueError:
+            pass  # resized before the call took its export: the length check saw n + 1
+        in_call.clear()
+finally:
+    stop.set()
+    t.join()
+del out[n:]
+want = _core.quantise(x, clip=1.0, bits=16, seed=bytes(16), path="portable")
+print(calls, refused, resized, bool((np.frombuffer(out, np.uint32) == want).all()))
+"""
+
+
+def test_out_stays_exported_while_the_kernel_writes_it() -> None:
+    # quantise releases the GIL: another thread that resizes `out` meanwhile
+    # must get BufferError (the export is held), not free the memory under the
+    # kernel. In a subprocess: on failure the kernel writes freed memory.
+    proc = subprocess.run(
+        [sys.executable, "-c", _RESIZE_OUT_DURING_QUANTISE],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    calls, refused, _resized, equal = proc.stdout.split()
+    assert int(refused) > 0, f"no resize was refused during {calls} calls"
+    assert equal == "True"

@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -101,6 +102,46 @@ inline void check_span(uint64_t offset_words, uint64_t n_words) {
     throw py::value_error("offset_words + n_words must be at most 2^62 (offset_words=" +
                           std::to_string(offset_words) + ", n_words=" + std::to_string(n_words) +
                           ")");
+  }
+}
+
+// One operand of a kernel, by its bytes, for the aliasing check below.
+struct Operand {
+  const char* name;
+  const void* ptr;  // null: the operand is absent
+  size_t bytes;
+  bool written;
+};
+
+template <typename T>
+Operand operand(const Vec<T>& v, const char* name, bool written) {
+  return {name, v.ptr, sizeof(T) * v.n, written};
+}
+
+template <typename T>
+Operand operand(const std::optional<Vec<T>>& v, const char* name, bool written) {
+  return v ? operand(*v, name, written) : Operand{name, nullptr, 0, written};
+}
+
+// The kernels read and write element by element, vectorised: a buffer they
+// write must share no byte with any other operand, or the result depends on
+// the order of loads and stores (and differs between paths). Operands that
+// are only read may alias each other.
+inline void check_disjoint(const char* function, std::initializer_list<Operand> operands) {
+  for (auto a = operands.begin(); a != operands.end(); ++a) {
+    for (auto b = a + 1; b != operands.end(); ++b) {
+      if (!a->written && !b->written) continue;
+      if (a->ptr == nullptr || b->ptr == nullptr || a->bytes == 0 || b->bytes == 0) continue;
+      const auto a0 = reinterpret_cast<uintptr_t>(a->ptr);
+      const auto b0 = reinterpret_cast<uintptr_t>(b->ptr);
+      if (a0 < b0 + b->bytes && b0 < a0 + a->bytes) {
+        const Operand& w = b->written ? *b : *a;
+        const Operand& o = b->written ? *a : *b;
+        throw py::value_error(std::string(w.name) + " overlaps " + o.name + " in memory; " +
+                              function + " writes " + w.name +
+                              " in place, so it needs a buffer of its own");
+      }
+    }
   }
 }
 

@@ -144,11 +144,7 @@ py::object py_quantise(const py::buffer& x, double clip, int bits, const py::byt
   if (out) {
     o = vec_arg<uint32_t>(*out, "out", true);
     same_length(*o, v.n, "out", "x");
-    const auto* xb = reinterpret_cast<const char*>(v.ptr);
-    const auto* ob = reinterpret_cast<const char*>(o->ptr);
-    if (v.n > 0 && xb < ob + 4 * o->n && ob < xb + 4 * v.n) {
-      throw py::value_error("out overlaps x in memory; quantise needs a separate output buffer");
-    }
+    check_disjoint("quantise", {operand(v, "x", false), operand(o, "out", true)});
     dst = o->ptr;
     result = *out;
   } else {
@@ -207,6 +203,10 @@ void sgd(const py::buffer& params, const py::buffer& grads, const std::optional<
     ci = vec_arg<float>(*scaffold_ci, "scaffold_ci", false);
     same_length(*ci, p.n, "scaffold_ci", "params");
   }
+  check_disjoint("sgd_step",
+                 {operand(p, "params", true), operand(m, "momentum_buf", true),
+                  operand(g, "grads", false), operand(wg, "global_params", false),
+                  operand(c, "scaffold_c", false), operand(ci, "scaffold_ci", false)});
   const SgdArgs a =
       sgd_args(lr, momentum, weight_decay, dampening, nesterov, prox_mu, first_step);
   py::gil_scoped_release release;
@@ -224,6 +224,8 @@ void adam(const py::buffer& params, const py::buffer& grads, const py::buffer& e
   same_length(g, p.n, "grads", "params");
   same_length(m, p.n, "exp_avg", "params");
   same_length(v, p.n, "exp_avg_sq", "params");
+  check_disjoint("adam_step", {operand(p, "params", true), operand(m, "exp_avg", true),
+                               operand(v, "exp_avg_sq", true), operand(g, "grads", false)});
   const AdamArgs a = adam_args(step, lr, beta1, beta2, eps, weight_decay, decoupled);
   py::gil_scoped_release release;
   adam_step(p.ptr, g.ptr, m.ptr, v.ptr, p.n, a);

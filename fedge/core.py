@@ -241,6 +241,29 @@ def _cuda_group(**tensors: Any) -> tuple[Any, int, dict[str, int]]:
     return first.device, int(first.numel()), ptrs
 
 
+def _cuda_disjoint(function: str, n: int, ptrs: dict[str, int], written: tuple[str, ...]) -> None:
+    """Refuses a written CUDA buffer that shares memory with another operand.
+
+    `ptrs` as from `_cuda_group` (float32, n elements each, 0 = absent); the
+    same rule as the CPU binding's check.
+
+    Raises:
+        ValueError: a buffer in `written` overlaps another operand.
+    """
+    size = 4 * n
+    names = [k for k, p in ptrs.items() if p]
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            if a not in written and b not in written:
+                continue
+            if size and ptrs[a] < ptrs[b] + size and ptrs[b] < ptrs[a] + size:
+                w, o = (b, a) if b in written else (a, b)
+                raise ValueError(
+                    f"{w} overlaps {o} in memory; {function} writes {w} in place, "
+                    "so it needs a buffer of its own"
+                )
+
+
 def _where(device: Any) -> tuple[int, int]:
     """(device index, current torch stream handle) for a CUDA device."""
     import torch
@@ -484,6 +507,7 @@ def sgd_step(
     Raises:
         TypeError: an array of the wrong dtype or type.
         ValueError: arrays of different lengths, not 1-D/contiguous/writable;
+            params or momentum_buf sharing memory with another array;
             a non-finite or negative hyper-parameter; nesterov without
             momentum; prox_mu > 0 without global_params; one SCAFFOLD control
             variate without the other; momentum > 0 without momentum_buf.
@@ -508,6 +532,7 @@ def sgd_step(
             params=params, grads=grads, momentum_buf=momentum_buf, global_params=gp,
             scaffold_c=scaffold_c, scaffold_ci=scaffold_ci,
         )  # fmt: skip
+        _cuda_disjoint("sgd_step", n, ptr, ("params", "momentum_buf"))
         core.cuda_sgd_step(
             *_where(dev), ptr["params"], ptr["grads"], ptr["momentum_buf"], n, lr_, mom, wd,
             damp, bool(nesterov), mu, ptr["global_params"], ptr["scaffold_c"],
@@ -555,6 +580,7 @@ def adam_step(
     Raises:
         TypeError: an array of the wrong dtype or type.
         ValueError: arrays of different lengths or not 1-D/contiguous/writable;
+            params, exp_avg or exp_avg_sq sharing memory with another array;
             step < 1; betas outside [0, 1); eps <= 0; lr or weight_decay < 0.
     """
     s = _int(step, "step", minimum=1)
@@ -572,6 +598,7 @@ def adam_step(
         dev, n, ptr = _cuda_group(
             params=params, grads=grads, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq
         )
+        _cuda_disjoint("adam_step", n, ptr, ("params", "exp_avg", "exp_avg_sq"))
         core.cuda_adam_step(
             *_where(dev), ptr["params"], ptr["grads"], ptr["exp_avg"], ptr["exp_avg_sq"], n, s,
             lr_, b1, b2, e, wd, bool(decoupled),

@@ -206,3 +206,47 @@ def test_a_tensor_of_the_wrong_dtype_is_named() -> None:
         core.sgd_step(torch.zeros(3, dtype=torch.float64), torch.zeros(3), None, lr=0.1)
     with pytest.raises(ValueError, match="params must be C-contiguous"):
         core.sgd_step(torch.zeros(6)[::2], torch.zeros(3), None, lr=0.1)
+
+
+# ---------------------------------------------------- buffers that alias
+def test_sgd_refuses_a_written_buffer_that_overlaps_another() -> None:
+    a = np.arange(9, dtype=np.float32)
+    with pytest.raises(ValueError, match="params overlaps grads"):
+        core.sgd_step(a[1:], a[:-1], None, lr=1.0)
+    np.testing.assert_array_equal(a, np.arange(9))  # nothing written
+    buf = np.zeros(16, np.float32)
+    with pytest.raises(ValueError, match="momentum_buf overlaps params"):
+        core.sgd_step(buf[:8], np.ones(8, np.float32), buf[4:12], lr=0.1, momentum=0.9)
+    g = np.ones(8, np.float32)
+    with pytest.raises(ValueError, match="params overlaps global_params"):
+        core.sgd_step(buf[:8], g, None, lr=0.1, prox_mu=0.1, global_params=buf[:8])
+    # operands that are only read may share memory
+    c = np.ones(8, np.float32)
+    core.sgd_step(buf[:8], g, None, lr=0.1, scaffold_c=c, scaffold_ci=c)
+    np.testing.assert_allclose(buf[:8], -0.1)
+
+
+def test_adam_refuses_a_written_buffer_that_overlaps_another() -> None:
+    p, g = np.ones(8, np.float32), np.full(8, 0.5, np.float32)
+    m = np.zeros(8, np.float32)
+    with pytest.raises(ValueError, match="exp_avg_sq overlaps exp_avg"):
+        core.adam_step(p, g, m, m, step=1, lr=0.1)
+    with pytest.raises(ValueError, match="params overlaps grads"):
+        core.adam_step(p, p, m, np.zeros(8, np.float32), step=1, lr=0.1)
+    np.testing.assert_array_equal(p, 1.0)
+    np.testing.assert_array_equal(m, 0.0)
+    # adjacent but separate
+    both = np.zeros(16, np.float32)
+    core.adam_step(p, g, both[:8], both[8:], step=1, lr=0.1)
+    np.testing.assert_allclose(p, 0.9, rtol=1e-6)
+
+
+def test_the_cuda_paths_refuse_the_same_overlaps_by_pointer() -> None:
+    # The CUDA bindings take raw device pointers; fedge.core checks them.
+    ptrs = {"params": 4096, "grads": 4096 + 4 * 7, "momentum_buf": 0}
+    with pytest.raises(ValueError, match="params overlaps grads"):
+        core._cuda_disjoint("sgd_step", 8, ptrs, ("params", "momentum_buf"))
+    ptrs["grads"] = 4096 + 4 * 8  # adjacent
+    core._cuda_disjoint("sgd_step", 8, ptrs, ("params", "momentum_buf"))
+    read_only = {"params": 0, "scaffold_c": 8192, "scaffold_ci": 8192}
+    core._cuda_disjoint("sgd_step", 8, read_only, ("params",))

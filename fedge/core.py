@@ -6,6 +6,9 @@ are 1-D and C-contiguous with an exact dtype: a wrong one raises instead of
 being converted, so an array written in place is never silently copied.
 
 CPU torch tensors are accepted where an array is (as their `.numpy()` view).
+A tensor written in place must not require grad while grad mode is on (as
+with torch's own in-place ops; an optimiser step runs under torch.no_grad()),
+and its autograd version is bumped after the write.
 CUDA torch tensors are accepted by every function taking arrays when the core
 was built with CUDA; `prg(..., device="cuda")`
 returns a CUDA tensor. The device path gives the same bits as the CPU path.
@@ -74,20 +77,68 @@ def _is_cuda_tensor(obj: object) -> bool:
     return _is_torch_tensor(obj) and bool(obj.is_cuda)  # type: ignore[attr-defined]
 
 
+def _check_writable_tensor(obj: object, name: str) -> None:
+    """Refuses to write a torch tensor in place where autograd would need to record it.
+
+    The kernels write through the tensor's memory, which autograd cannot see:
+    like torch's own in-place ops on a tensor that requires grad, that is
+    allowed only under torch.no_grad() (as in an optimiser step), and then
+    `_tensors_written` bumps the tensor's version afterwards.
+
+    Raises:
+        TypeError: a tensor that requires grad while grad mode is on.
+    """
+    if _is_torch_tensor(obj) and obj.requires_grad:  # type: ignore[attr-defined]
+        import torch
+
+        if torch.is_grad_enabled():
+            raise TypeError(
+                f"{name} requires grad and is written in place, which autograd cannot record; "
+                "write it under torch.no_grad() (as an optimiser step does) or pass "
+                f"{name}.detach()"
+            )
+
+
+def _tensors_written(*objs: object) -> None:
+    """Bumps the autograd version of each torch tensor a kernel wrote in place.
+
+    The kernels write through numpy views or data pointers, which torch does
+    not see. Bumped, a graph that saved one of these tensors refuses to run
+    backward ("modified by an inplace operation") instead of silently using
+    the new values, exactly as after a torch in-place op.
+    """
+    tensors = [t for t in objs if _is_torch_tensor(t)]
+    if tensors:
+        import torch
+
+        torch.autograd.graph.increment_version(tensors)
+
+
 def _array(obj: object, name: str, dtype: type, *, writable: bool = False) -> np.ndarray:
     """Checks a 1-D C-contiguous array of exactly `dtype`; never copies.
 
+    A written torch tensor must also pass `_check_writable_tensor`; the caller
+    then calls `_tensors_written` on it after the kernel.
+
     Raises:
-        TypeError: not an array (or CPU tensor), or the wrong dtype.
+        TypeError: not an array (or CPU tensor numpy can view), the wrong
+            dtype, or a written tensor that requires grad under grad mode.
         ValueError: not 1-D, not C-contiguous, or read-only when written.
     """
     if _is_torch_tensor(obj):
         if obj.is_cuda:  # type: ignore[attr-defined]
             raise TypeError(f"{name} is a CUDA tensor but this operation runs on the CPU")
+        if writable:
+            _check_writable_tensor(obj, name)
         try:
             obj = obj.detach().numpy()  # type: ignore[attr-defined]
         except TypeError as exc:  # e.g. bfloat16 has no numpy dtype
             raise TypeError(f"{name} must have dtype {np.dtype(dtype).name}: {exc}") from exc
+        except RuntimeError as exc:  # a lazily negated or conjugated view
+            raise TypeError(
+                f"{name} is a tensor numpy cannot view without a copy (resolve_neg()/"
+                f"resolve_conj() it first): {exc}"
+            ) from exc
     if not isinstance(obj, np.ndarray):
         raise TypeError(f"{name} must be a numpy array, got {type(obj).__name__}")
     want = np.dtype(dtype)
@@ -331,7 +382,8 @@ def apply_masks(
     contiguous ranges. `vec` may be a uint32 (or int32) CUDA tensor.
 
     Raises:
-        TypeError: vec not a uint32 array, seeds/signs of the wrong type.
+        TypeError: vec not a uint32 array, seeds/signs of the wrong type, vec a
+            tensor that requires grad under grad mode.
         ValueError: vec not 1-D/contiguous/writable, a seed not 16 bytes, a
             sign not ±1, len(signs) != len(seeds), offset_words + len(vec)
             beyond 2^62, threads < 1, bad path.
@@ -343,12 +395,15 @@ def apply_masks(
     if _is_cuda_tensor(vec):
         core = _cuda()
         t = _cuda_tensor(vec, "vec", ("uint32", "int32"))
+        _check_writable_tensor(t, "vec")
         core.cuda_apply_masks(*_where(t.device), t.data_ptr(), t.numel(), key_bytes, sign_list, off)
+        _tensors_written(t)
         return
     arr = _array(vec, "vec", np.uint32, writable=True)
     _core.apply_masks(
         arr, key_bytes, sign_list, offset_words=off, threads=nthreads, path=_path(path)
     )
+    _tensors_written(vec)
 
 
 # ------------------------------------------------------------- quantisation
@@ -392,8 +447,8 @@ def quantise(
     caller that keeps its own buffer.
 
     Raises:
-        TypeError: x not float32, out not uint32 (or not on x's device), seed
-            not bytes.
+        TypeError: x not float32, out not uint32 (or not on x's device, or a
+            tensor that requires grad under grad mode), seed not bytes.
         ValueError: x not 1-D/contiguous or holding NaN/Inf; out of another
             length, not contiguous, read-only or overlapping x; clip not a
             finite number > 0; bits outside [1, 31]; seed not 16 bytes.
@@ -411,6 +466,7 @@ def quantise(
             dst = torch.empty(t.numel(), dtype=torch.uint32, device=t.device)
         else:
             dst = _cuda_tensor(out, "out", ("uint32",), t.device)
+            _check_writable_tensor(dst, "out")
             if dst.numel() != t.numel():
                 raise ValueError(f"out has {dst.numel()} elements but x has {t.numel()}")
             n4 = 4 * t.numel()
@@ -421,12 +477,18 @@ def quantise(
         ok = core.cuda_quantise(
             *_where(t.device), t.data_ptr(), dst.data_ptr(), t.numel(), c, b, key
         )
+        _tensors_written(out)
         if not ok:
             raise ValueError("x contains NaN or infinity")
         return dst
     arr = _array(x, "x", np.float32)
     buf = None if out is None else _array(out, "out", np.uint32, writable=True)
-    q = _core.quantise(arr, clip=c, bits=b, seed=key, threads=nthreads, path=_path(path), out=buf)
+    try:
+        q = _core.quantise(
+            arr, clip=c, bits=b, seed=key, threads=nthreads, path=_path(path), out=buf
+        )
+    finally:
+        _tensors_written(out)  # also on an error: NaN/Inf is found after writing
     return q if out is None else out
 
 
@@ -505,7 +567,8 @@ def sgd_step(
     All arrays may instead be CUDA tensors on one device.
 
     Raises:
-        TypeError: an array of the wrong dtype or type.
+        TypeError: an array of the wrong dtype or type; params or momentum_buf
+            a tensor that requires grad under grad mode.
         ValueError: arrays of different lengths, not 1-D/contiguous/writable;
             params or momentum_buf sharing memory with another array;
             a non-finite or negative hyper-parameter; nesterov without
@@ -528,6 +591,8 @@ def sgd_step(
     gp = global_params if mu > 0 else None
     if _is_cuda_tensor(params):
         core = _cuda()
+        _check_writable_tensor(params, "params")
+        _check_writable_tensor(momentum_buf, "momentum_buf")
         dev, n, ptr = _cuda_group(
             params=params, grads=grads, momentum_buf=momentum_buf, global_params=gp,
             scaffold_c=scaffold_c, scaffold_ci=scaffold_ci,
@@ -538,6 +603,7 @@ def sgd_step(
             damp, bool(nesterov), mu, ptr["global_params"], ptr["scaffold_c"],
             ptr["scaffold_ci"], bool(first_step),
         )  # fmt: skip
+        _tensors_written(params, momentum_buf)
         return
     _core.sgd_step(
         _array(params, "params", np.float32, writable=True),
@@ -556,6 +622,7 @@ def sgd_step(
         scaffold_ci=None if scaffold_ci is None else _array(scaffold_ci, "scaffold_ci", np.float32),
         first_step=bool(first_step),
     )
+    _tensors_written(params, momentum_buf)
 
 
 def adam_step(
@@ -578,7 +645,8 @@ def adam_step(
     All arrays may instead be CUDA tensors on one device.
 
     Raises:
-        TypeError: an array of the wrong dtype or type.
+        TypeError: an array of the wrong dtype or type; params, exp_avg or
+            exp_avg_sq a tensor that requires grad under grad mode.
         ValueError: arrays of different lengths or not 1-D/contiguous/writable;
             params, exp_avg or exp_avg_sq sharing memory with another array;
             step < 1; betas outside [0, 1); eps <= 0; lr or weight_decay < 0.
@@ -595,6 +663,8 @@ def adam_step(
     wd = _float(weight_decay, "weight_decay", nonneg=True)
     if _is_cuda_tensor(params):
         core = _cuda()
+        for name, t in (("params", params), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+            _check_writable_tensor(t, name)
         dev, n, ptr = _cuda_group(
             params=params, grads=grads, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq
         )
@@ -603,6 +673,7 @@ def adam_step(
             *_where(dev), ptr["params"], ptr["grads"], ptr["exp_avg"], ptr["exp_avg_sq"], n, s,
             lr_, b1, b2, e, wd, bool(decoupled),
         )  # fmt: skip
+        _tensors_written(params, exp_avg, exp_avg_sq)
         return
     _core.adam_step(
         _array(params, "params", np.float32, writable=True),
@@ -617,6 +688,7 @@ def adam_step(
         weight_decay=wd,
         decoupled=bool(decoupled),
     )
+    _tensors_written(params, exp_avg, exp_avg_sq)
 
 
 def clip_l2(vec: Any, max_norm: float) -> float:
@@ -627,15 +699,21 @@ def clip_l2(vec: Any, max_norm: float) -> float:
     summation order differs).
 
     Raises:
-        TypeError: vec not float32.
+        TypeError: vec not float32, or a tensor that requires grad under grad
+            mode.
         ValueError: vec not 1-D/contiguous/writable or holding NaN/Inf (vec is
             then left unchanged); max_norm not a finite number > 0.
     """
     m = _float(max_norm, "max_norm", positive=True)
     if _is_cuda_tensor(vec):
+        _check_writable_tensor(vec, "vec")
         dev, n, ptr = _cuda_group(vec=vec)
-        return float(_cuda().cuda_clip_l2(*_where(dev), ptr["vec"], n, m))
-    return float(_core.clip_l2(_array(vec, "vec", np.float32, writable=True), m))
+        norm = float(_cuda().cuda_clip_l2(*_where(dev), ptr["vec"], n, m))
+    else:
+        norm = float(_core.clip_l2(_array(vec, "vec", np.float32, writable=True), m))
+    if norm > m:
+        _tensors_written(vec)
+    return norm
 
 
 def add_gaussian_noise(vec: Any, *, std: float, seed: bytes, path: str | None = None) -> None:
@@ -647,19 +725,22 @@ def add_gaussian_noise(vec: Any, *, std: float, seed: bytes, path: str | None = 
     may differ from the CPU's in the last place).
 
     Raises:
-        TypeError: vec not float32, seed not bytes.
+        TypeError: vec not float32 (or a tensor that requires grad under grad
+            mode), seed not bytes.
         ValueError: vec not 1-D/contiguous/writable; std negative or not
             finite; seed not 16 bytes.
     """
     sd = _float(std, "std", nonneg=True)
     key = _seed(seed)
     if _is_cuda_tensor(vec):
+        _check_writable_tensor(vec, "vec")
         dev, n, ptr = _cuda_group(vec=vec)
         _cuda().cuda_add_gaussian_noise(*_where(dev), ptr["vec"], n, sd, key)
-        return
-    _core.add_gaussian_noise(
-        _array(vec, "vec", np.float32, writable=True), std=sd, seed=key, path=_path(path)
-    )
+    else:
+        _core.add_gaussian_noise(
+            _array(vec, "vec", np.float32, writable=True), std=sd, seed=key, path=_path(path)
+        )
+    _tensors_written(vec)
 
 
 def fresh_seed() -> bytes:

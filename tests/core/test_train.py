@@ -208,6 +208,60 @@ def test_a_tensor_of_the_wrong_dtype_is_named() -> None:
         core.sgd_step(torch.zeros(6)[::2], torch.zeros(3), None, lr=0.1)
 
 
+# ------------------------------------------- tensors written behind autograd
+def test_a_tensor_that_requires_grad_is_not_written_under_grad_mode() -> None:
+    # autograd cannot record a write through the tensor's memory: refused, as
+    # torch refuses an in-place op on a leaf that requires grad.
+    w = torch.ones(8, requires_grad=True)
+    calls = {
+        "sgd_step": lambda: core.sgd_step(w, torch.ones(8), None, lr=0.1),
+        "adam_step": lambda: core.adam_step(
+            w, torch.ones(8), torch.zeros(8), torch.zeros(8), step=1, lr=0.1
+        ),
+        "clip_l2": lambda: core.clip_l2(w, 0.5),
+        "add_gaussian_noise": lambda: core.add_gaussian_noise(w, std=1.0, seed=bytes(16)),
+    }
+    for name, call in calls.items():
+        with pytest.raises(TypeError, match=r"(params|vec) requires grad"):
+            call()
+        assert torch.equal(w.detach(), torch.ones(8)), name
+    m = torch.zeros(8, requires_grad=True)
+    with pytest.raises(TypeError, match="exp_avg requires grad"):
+        core.adam_step(torch.ones(8), torch.ones(8), m, torch.zeros(8), step=1, lr=0.1)
+    out = torch.zeros(8, dtype=torch.uint32)
+    core.quantise(torch.ones(8, requires_grad=True), clip=1.0, bits=8, seed=bytes(16), out=out)
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda w: core.sgd_step(w, torch.ones(8), None, lr=0.1),
+        lambda w: core.adam_step(w, torch.ones(8), torch.zeros(8), torch.zeros(8), step=1, lr=0.1),
+        lambda w: core.clip_l2(w, 0.5),
+        lambda w: core.add_gaussian_noise(w, std=1.0, seed=bytes(16)),
+    ],
+    ids=["sgd_step", "adam_step", "clip_l2", "add_gaussian_noise"],
+)
+def test_a_write_under_no_grad_invalidates_graphs_that_saved_the_tensor(write) -> None:  # type: ignore[no-untyped-def]
+    # As after torch's own in-place ops: backward through a graph that saved
+    # the old values raises instead of silently using the new ones.
+    w = torch.ones(8, requires_grad=True)
+    loss = (w * w).sum()  # saves w
+    with torch.no_grad():
+        write(w)
+    assert not torch.equal(w.detach(), torch.ones(8))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_a_negated_view_is_refused_by_type() -> None:
+    neg = torch._neg_view(torch.ones(8))
+    with pytest.raises(TypeError, match="params is a tensor numpy cannot view"):
+        core.sgd_step(neg, torch.ones(8), None, lr=0.1)
+    with pytest.raises(TypeError, match="grads is a tensor numpy cannot view"):
+        core.sgd_step(torch.ones(8), neg, None, lr=0.1)
+
+
 # ---------------------------------------------------- buffers that alias
 def test_sgd_refuses_a_written_buffer_that_overlaps_another() -> None:
     a = np.arange(9, dtype=np.float32)

@@ -11,6 +11,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from fedge.wire.codec import short
+
+MAX_VERSION_LEN = 64
+
 _VERSION = re.compile(r"^(\d+)\.(\d+)(?:\.(\d+))?(?:[.+\-].*)?$")
 
 
@@ -28,10 +32,15 @@ def parse_version(value: str, *, what: str = "version") -> tuple[int, int, int]:
         ValueError: the value is not a string of that form (names `what` and the value).
     """
     if not isinstance(value, str):
-        raise ValueError(f"{what} {value!r} is not a string")
+        raise ValueError(f"{what} {short(value)} is not a string")
+    # an agent's version is quoted in replies and logs: one of any length or with
+    # control characters is refused, and quoted cut short
+    if len(value) > MAX_VERSION_LEN or not value.isprintable():
+        raise ValueError(f"{what} {short(value)} is not a printable string of at most "
+                         f"{MAX_VERSION_LEN} characters")
     match = _VERSION.match(value.strip())
     if match is None:
-        raise ValueError(f"{what} {value!r} is not of the form MAJOR.MINOR[.PATCH]")
+        raise ValueError(f"{what} {short(value)} is not of the form MAJOR.MINOR[.PATCH]")
     major, minor, patch = match.groups()
     return int(major), int(minor), int(patch or 0)
 

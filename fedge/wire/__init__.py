@@ -41,6 +41,8 @@ Public API (from :mod:`fedge.wire.codec`)::
   ``OversizeMessage``.
 * ``registered_types()``, ``lookup(type_name)``, ``type_name_of(body_or_cls)``,
   ``max_bytes_of(type_name)``, ``frame_nbytes(frame)``.
+* ``short(value, limit=80)`` — a repr of at most ``limit`` characters that never
+  raises: quote a peer's value with it in errors, replies and logs.
 
 The frame layout and validation order are described in :mod:`fedge.wire.codec`.
 ``fedge/wire/messages.py`` (the runtime's) defines the federation messages.
@@ -72,6 +74,7 @@ from fedge.wire.codec import (
     max_bytes_of,
     message,
     registered_types,
+    short,
     type_name_of,
 )
 
@@ -101,5 +104,6 @@ __all__ = [
     "max_bytes_of",
     "message",
     "registered_types",
+    "short",
     "type_name_of",
 ]

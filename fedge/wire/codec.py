@@ -53,6 +53,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import reprlib
 import time
 import types
 import typing
@@ -89,6 +90,7 @@ __all__ = [
     "max_bytes_of",
     "message",
     "registered_types",
+    "short",
     "type_name_of",
 ]
 
@@ -135,20 +137,43 @@ _MAX_ID_LEN = 128  # msg_id, reply_to
 _MAX_NAME_LEN = 256  # sender, job, type
 _MAX_TENSOR_NDIM = 32
 _REPR_LIMIT = 80
+_FIELD_LIMIT = 200
 
 
 # --------------------------------------------------------------------------- errors
 
 
-def _short(value: Any) -> str:
-    if isinstance(value, list | tuple | dict) and len(value) > 8:
-        return f"<{type(value).__name__} of {len(value)} items>"
-    if isinstance(value, bytes | str) and len(value) > _REPR_LIMIT:
-        value = value[:_REPR_LIMIT]
-    text = repr(value)
-    if len(text) > _REPR_LIMIT:
-        text = text[: _REPR_LIMIT - 3] + "..."
+# Containers are shown two levels deep, a few items each: a peer's value nested a
+# thousand levels deep must cost a short string, not a RecursionError.
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 2
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 8
+_REPR.maxstring = _REPR.maxother = _REPR_LIMIT
+_REPR.maxlong = 40
+
+
+def short(value: Any, limit: int = _REPR_LIMIT) -> str:
+    """A repr of ``value`` of at most ``limit`` characters, for quoting a peer's value
+    in an error, a reply or a log line.
+
+    Safe for anything a peer can send: a string of any length is cut before it is
+    quoted (a NUL repr-expands fourfold), a container nested past Python's recursion
+    limit is shown a few levels deep, and a value whose repr raises is named by type.
+    Never raises.
+    """
+    try:
+        if isinstance(value, list | tuple | dict) and len(value) > 8:
+            return f"<{type(value).__name__} of {len(value)} items>"
+        cut = isinstance(value, bytes | str)
+        text = repr(value[:limit]) if cut else _REPR.repr(value)
+    except Exception:  # a repr that raises (RecursionError, a huge int...): say what it is
+        return f"<{type(value).__name__}>"
+    if len(text) > limit:
+        text = text[: max(limit - 3, 0)] + "..."
     return text
+
+
+_short = short  # the name this module's errors use
 
 
 class WireError(ValueError):
@@ -160,6 +185,8 @@ class WireError(ValueError):
     """
 
     def __init__(self, field: str, value: Any, rule: str) -> None:
+        if len(field) > _FIELD_LIMIT:  # a path through a peer's map keys
+            field = field[: _FIELD_LIMIT - 3] + "..."
         self.field = field
         self.value = _short(value)
         self.rule = rule
@@ -714,6 +741,12 @@ def _check_header(h: Header) -> None:
         raise BadField("header.msg_id", h.msg_id, "must not be empty")
 
 
+def _key(name: str) -> str:
+    """A peer's map key as a path component: as is when it reads like a field name."""
+    return name if len(name) <= 64 and name.isidentifier() and name.isascii() \
+        else short(name, 40)
+
+
 def _dec(node: _Node, value: Any, path: str, ctx: _DecodeContext) -> Any:
     kind = node[0]
     if kind == "int":
@@ -754,8 +787,8 @@ def _dec(node: _Node, value: Any, path: str, ctx: _DecodeContext) -> Any:
         out = {}
         for k, v in value.items():
             if not isinstance(k, str):
-                raise BadField(f"{path}[{k!r}]", k, "map keys must be str")
-            out[k] = _dec(node[1], v, f"{path}[{k!r}]", ctx)
+                raise BadField(f"{path}[{short(k, 40)}]", k, "map keys must be str")
+            out[k] = _dec(node[1], v, f"{path}[{short(k, 40)}]", ctx)
         return out
     if kind == "tensor":
         return ctx.tensor(node[1], value, path)
@@ -766,7 +799,7 @@ def _dec(node: _Node, value: Any, path: str, ctx: _DecodeContext) -> Any:
         for k in value:
             if k not in fields:
                 raise UnexpectedField(
-                    f"{path}.{k}" if isinstance(k, str) else path, k,
+                    f"{path}.{_key(k)}" if isinstance(k, str) else path, k,
                     f"is not a field of {cls.__qualname__}",
                 )
         kwargs = {}
@@ -882,9 +915,25 @@ def decode(frames: Sequence[Any], *, max_bytes: int, release_frames: bool = Fals
         UnknownMessageType: the header's type is not registered.
         MissingField, UnexpectedField, BadField: header or body fields that do
             not match the schema.
+
+    Nothing else: whatever else a peer's bytes make the decoder raise (a
+    ``RecursionError``, an error in a message type's own rule...) is reported as
+    :class:`MalformedFrame` naming the exception's type, so a caller that catches
+    :class:`WireError` drops the message and goes on.
     """
     if not isinstance(max_bytes, int) or max_bytes <= 0:
         raise ValueError(f"decode: max_bytes {max_bytes!r} must be a positive int")
+    try:
+        return _decode(frames, max_bytes, release_frames)
+    except WireError:
+        raise
+    except Exception as exc:
+        raise MalformedFrame(
+            "message", type(exc).__name__, f"could not be decoded: {short(str(exc))}"
+        ) from None
+
+
+def _decode(frames: Sequence[Any], max_bytes: int, release_frames: bool) -> Envelope:
     if len(frames) < 2:
         raise FrameCountMismatch(
             "frames", f"{len(frames)} frames", "must be at least 2 (header, body)"
@@ -920,7 +969,8 @@ def decode(frames: Sequence[Any], *, max_bytes: int, release_frames: bool = Fals
     for k in raw:
         if k not in _HEADER_TYPES:
             raise UnexpectedField(
-                f"header.{k}" if isinstance(k, str) else "header", k, "is not a header field"
+                f"header.{_key(k)}" if isinstance(k, str) else "header", k,
+                "is not a header field",
             )
     for k in HEADER_FIELDS:
         if k not in raw and k != "reply_to":

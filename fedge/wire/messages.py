@@ -40,6 +40,7 @@ No message carries data rows: agents send model vectors, counts and metrics.
 from __future__ import annotations
 
 import importlib
+import math
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -52,6 +53,29 @@ F32 = Annotated[np.ndarray, Tensor("float32", 1)]
 # Names of the tasks an agent can be running (Heartbeat.current_task prefix).
 TASK_TRAIN = "train"
 TASK_EVAL = "eval"
+
+# The largest example count a site may report (about 10^12): far beyond any hospital's
+# data set, and small enough that counts, their sums and their products with a metric
+# stay exact in a float64 and fit SQLite's INTEGER. A wire int goes up to 2^64 - 1.
+MAX_EXAMPLES = 1 << 40
+
+
+# Reasons the coordinator sends (Rejected, RoundAbort) are cut to this many characters:
+# they may quote what a peer sent, and must stay far below those messages' 1 MiB limit.
+MAX_REASON_CHARS = 2000
+
+
+def clip_reason(reason: str) -> str:
+    """``reason`` cut to MAX_REASON_CHARS characters ("..." marks a cut)."""
+    if len(reason) <= MAX_REASON_CHARS:
+        return reason
+    return reason[: MAX_REASON_CHARS - 3] + "..."
+
+
+def _check_examples(cls: str, n: int, least: int) -> None:
+    if not least <= n <= MAX_EXAMPLES:
+        raise ValueError(f"{cls}.n_examples {n} is not in {least}..2**40 "
+                         f"({least}..{MAX_EXAMPLES})")
 
 
 @message("heartbeat")
@@ -74,6 +98,10 @@ class Heartbeat:
 class HeartbeatAck:
     time: float
     coordinator_version: str
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.time):
+            raise ValueError(f"HeartbeatAck.time {self.time} is not a finite number")
 
 
 @message("train_task", max_bytes=None)
@@ -105,6 +133,10 @@ class TrainDone:
     metrics: dict[str, float] = field(default_factory=dict)
     epsilon: float = 0.0
 
+    def __post_init__(self) -> None:
+        # a site that trained on nothing says so with TaskRefused
+        _check_examples("TrainDone", self.n_examples, 1)
+
 
 @message("aggregate_begin")
 @dataclass(frozen=True)
@@ -114,6 +146,13 @@ class AggregateBegin:
     weight_scale: float  # w_i = weight_scale * n_i
     secure: bool
     threshold: int
+
+    def __post_init__(self) -> None:
+        # min(1, clip) / max n_i (fedge.coordinator.rounds.weight_scale): a NaN, an
+        # infinity, 0 or more than 1 would put the inputs outside the quantiser's range
+        if not (math.isfinite(self.weight_scale) and 0.0 < self.weight_scale <= 1.0):
+            raise ValueError(f"AggregateBegin.weight_scale {self.weight_scale} is not a "
+                             "finite number in (0, 1]")
 
 
 @message("plain_update", max_bytes=None)
@@ -139,6 +178,9 @@ class EvalResult:
     task_id: str  # names one attempt at one round; replies echo it
     n_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_examples("EvalResult", self.n_examples, 0)
 
 
 @message("round_abort")

@@ -44,6 +44,7 @@ from fedge.coordinator.plan import Plan
 from fedge.coordinator.strategies import Strategy, StrategyError, mean_update
 from fedge.secagg.keys import length_prefixed
 from fedge.wire import messages as m
+from fedge.wire.codec import short
 
 Outgoing = list[tuple[str, Any]]
 
@@ -124,6 +125,16 @@ def weight_scale(clip: float, n_max: int) -> float:
 
 
 MAX_METRICS = 64
+
+
+# A site's own words (TaskRefused.reason) are kept to this many characters: they are
+# joined into the round's failure, which every cohort site is sent and SQLite keeps.
+PEER_REASON_CHARS = 200
+
+
+def _peer_reason(reason: str) -> str:
+    return reason if len(reason) <= PEER_REASON_CHARS else \
+        reason[: PEER_REASON_CHARS - 3] + "..."
 
 
 def metric_name_ok(name: str) -> bool:
@@ -338,8 +349,8 @@ class Round:
             return self._reject(sender, f"{sender} is not in the cohort of round {self.round}")
         task_id = getattr(body, "task_id", self.task_id)
         if task_id != self.task_id:
-            return self._reject(sender, f"{type(body).__name__} for task {task_id}, not the "
-                                f"current attempt {self.task_id}")
+            return self._reject(sender, f"{type(body).__name__} for task {short(task_id)}, "
+                                f"not the current attempt {self.task_id}")
         if self.phase is Phase.TRAINING:
             if isinstance(body, m.TrainDone):
                 if sender in self.trained or sender in self.refused:
@@ -347,22 +358,27 @@ class Round:
                 if body.n_examples <= 0:
                     self.refused[sender] = f"reported {body.n_examples} training examples"
                     out = self._reject(sender, "train result with no examples")
-                    if len(self.trained) + len(self.refused) == len(self.cohort):
+                    if self._all_answered():
                         out += self._end_training(now)
                     return out
                 problem = metrics_problem(body.metrics, body.epsilon)
                 if problem is not None:
                     self.refused[sender] = f"invalid train result: {problem}"
                     out = self._reject(sender, f"train result refused: {problem}")
-                    if len(self.trained) + len(self.refused) == len(self.cohort):
+                    if self._all_answered():
                         out += self._end_training(now)
                     return out
                 self.trained[sender] = body
             elif isinstance(body, m.TaskRefused):
-                self.refused.setdefault(sender, body.reason)
+                if sender in self.trained:
+                    # counted once, as trained: a site must not stand for two answers
+                    # and end training before an honest site still at work
+                    return self._reject(sender, "task refused after its train result; "
+                                        "the train result stands")
+                self.refused.setdefault(sender, _peer_reason(body.reason))
             else:
                 return self._reject(sender, f"{type(body).__name__} during training")
-            if len(self.trained) + len(self.refused) == len(self.cohort):
+            if self._all_answered():
                 return self._end_training(now)
             return []
         if self.phase is Phase.AGGREGATING:
@@ -371,7 +387,7 @@ class Round:
                 return self._reject(sender, f"{sender} is not in the aggregation cohort")
             if isinstance(body, m.TaskRefused):
                 # The agent gave up on its part; aggregation treats it as a dropout.
-                self.refused.setdefault(sender, body.reason)
+                self.refused.setdefault(sender, _peer_reason(body.reason))
                 return []
             out = self._aggregation.receive(sender, body, now)
             return out + self._check_aggregation(now)
@@ -429,7 +445,7 @@ class Round:
             return []
         if self.phase is Phase.TRAINING and site not in self.trained:
             self.refused.setdefault(site, "connection lost during training")
-            if len(self.trained) + len(self.refused) == len(self.cohort):
+            if self._all_answered():
                 return self._end_training(now)
         # Only the evaluation cohort counts towards DONE: a site dropped before
         # aggregation (lost() is called each tick while it stays away) was sent no
@@ -444,6 +460,15 @@ class Round:
     def abort(self, reason: str) -> Outgoing:
         """Abandon the round (job cancelled, coordinator stopping)."""
         if self.finished:
+            return []
+        return self._fail(reason)
+
+    def discard(self, reason: str) -> Outgoing:
+        """The round cannot be carried on or committed (its commit raised): FAILED
+        with ``reason`` whatever its phase, DONE included, so that the coordinator
+        records a failed attempt and starts the round again instead of retrying the
+        same failure for ever."""
+        if self.phase is Phase.FAILED:
             return []
         return self._fail(reason)
 
@@ -511,13 +536,19 @@ class Round:
     def _eval_cohort(self) -> list[str]:
         return self.survivors
 
+    def _all_answered(self) -> bool:
+        """Every cohort site trained, refused or was lost (each counted once)."""
+        return len(self.trained.keys() | self.refused.keys()) == len(self.cohort)
+
     def _fail(self, reason: str) -> Outgoing:
+        reason = m.clip_reason(reason)
         self.phase = Phase.FAILED
         self.failure = reason
         self.new_weights = None
         return [(s, m.RoundAbort(reason)) for s in self.cohort]
 
     def _reject(self, sender: str, reason: str) -> Outgoing:
+        reason = m.clip_reason(reason)
         self.rejected.append((sender, reason))
         return [(sender, m.Rejected(reason))]
 

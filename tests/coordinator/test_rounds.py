@@ -158,9 +158,66 @@ def test_outsiders_duplicates_and_wrong_phase_are_rejected_and_round_goes_on():
     rnd.receive("a", m.TrainDone(rnd.task_id, 5), 1.0)
     assert by_type(rnd.receive("a", m.TrainDone(rnd.task_id, 7), 1.0), m.Rejected)
     assert by_type(rnd.receive("a", m.EvalResult(rnd.task_id, 1, {}), 1.0), m.Rejected)
-    assert by_type(rnd.receive("b", m.TrainDone(rnd.task_id, 0), 1.0), m.Rejected)
-    assert [r[0] for r in rnd.rejected] == ["x", "a", "a", "b"]
-    assert rnd.phase is Phase.FAILED  # b's zero count leaves 1 < min_clients
+    # a zero count cannot even be built (nor decoded): the site refuses instead
+    with pytest.raises(ValueError, match="n_examples 0 is not in 1"):
+        m.TrainDone(rnd.task_id, 0)
+    assert rnd.receive("b", m.TaskRefused(rnd.task_id, "train", "no examples"), 1.0) == [
+        ("a", m.RoundAbort("1 of 2 sites trained, below min_clients 2 (b: no examples)")),
+        ("b", m.RoundAbort("1 of 2 sites trained, below min_clients 2 (b: no examples)"))]
+    assert [r[0] for r in rnd.rejected] == ["x", "a", "a"]
+    assert rnd.phase is Phase.FAILED  # b's refusal leaves 1 < min_clients
+
+
+def test_training_waits_for_an_honest_site_when_another_refuses_after_training():
+    """A site that sends TrainDone and then TaskRefused counts once, as trained: its
+    refusal is rejected as a duplicate answer, and training goes on until the honest
+    site still at work answers (counted twice, it ended training without it)."""
+    rnd = new_round()  # min_clients 2 of 3
+    rnd.offer(["a", "b", "honest"], 0.0)
+    rnd.receive("a", m.TrainDone(rnd.task_id, 10), 1.0)
+    out = rnd.receive("a", m.TaskRefused(rnd.task_id, "train", "changed my mind"), 1.1)
+    assert [type(b) for _, b in out] == [m.Rejected] and "train result stands" in out[0][1].reason
+    assert rnd.receive("b", m.TrainDone(rnd.task_id, 10), 1.2) == []
+    assert rnd.phase is Phase.TRAINING  # honest has not answered yet
+    out = rnd.receive("honest", m.TrainDone(rnd.task_id, 10), 5.0)
+    assert rnd.phase is Phase.AGGREGATING
+    assert [s for s, _ in by_type(out, m.AggregateBegin)] == ["a", "b", "honest"]
+
+
+def test_a_refusal_after_training_does_not_fail_a_round_of_two():
+    rnd = new_round()
+    rnd.offer(["a", "honest"], 0.0)
+    rnd.receive("a", m.TrainDone(rnd.task_id, 10), 1.0)
+    rnd.receive("a", m.TaskRefused(rnd.task_id, "train", "x"), 1.1)
+    assert rnd.phase is Phase.TRAINING and not rnd.failure
+    rnd.receive("honest", m.TrainDone(rnd.task_id, 10), 2.0)
+    assert rnd.phase is Phase.AGGREGATING
+
+
+def test_a_refusal_reason_of_any_length_is_cut_before_it_reaches_the_round_failure():
+    """Each site's TaskRefused.reason is joined into the failure that every cohort site is
+    sent as RoundAbort (1 MiB limit): three sites refusing with 900 KB each must not make
+    that message unsendable."""
+    from fedge.wire import codec
+
+    rnd = new_round(PLAN.replace("min_clients = 2", "min_clients = 3"))
+    rnd.offer(["a", "b", "c"], 0.0)
+    out = []
+    for s in ("a", "b", "c"):
+        out += rnd.receive(s, m.TaskRefused(rnd.task_id, "train", "\x00" * 900_000), 1.0)
+    assert rnd.phase is Phase.FAILED and len(rnd.failure) <= m.MAX_REASON_CHARS
+    for _site, body in out:
+        codec.encode(body, sender="coordinator")  # raised OversizeMessage before
+
+
+def test_a_task_id_of_any_length_is_quoted_short_in_the_rejection():
+    from fedge.wire import codec
+
+    rnd = new_round()
+    rnd.offer(["a", "b"], 0.0)
+    [(_, rejected)] = rnd.receive("a", m.TrainDone("\x00" * 300_000, 5), 1.0)
+    assert len(rejected.reason) < 300
+    codec.encode(rejected, sender="coordinator")
 
 
 def test_bad_plain_update_shape_is_rejected():

@@ -28,6 +28,7 @@ from fedge.console.protocol import OPS, AdminReply, AdminRequest
 from fedge.update import tuf_repo
 from fedge.update.messages import UpdateAvailable, UpdateOutcome
 from fedge.update.rollout import Rollout
+from fedge.wire.codec import short
 
 log = logging.getLogger("fedge.coordinator.admin")
 
@@ -118,8 +119,8 @@ class AdminService:
         if not isinstance(req, AdminRequest):
             return _error(f"expected an admin request, got {type(req).__name__}")
         allowed = OPS.get(req.op)
-        if allowed is None:
-            return _error(f"unknown op {req.op!r} (known: {', '.join(sorted(OPS))})")
+        if allowed is None:  # the op is the operator's string, of any length: cut it
+            return _error(f"unknown op {short(req.op)} (known: {', '.join(sorted(OPS))})")
         if op.role not in allowed:
             self._audit(op, "admin.denied", {"op": req.op, "role": op.role})
             return _error(f"operator {op.name!r} has role {op.role!r}; {req.op!r} needs "
@@ -383,6 +384,32 @@ def _error(message: str) -> AdminReply:
     return AdminReply(False, "null", message, {})
 
 
+async def _answer(sock: Any, service: AdminService, frames: list[Any], codec: Any) -> None:
+    """Decode one request, handle it, send the reply. Whatever fails on the way is
+    logged and, where a reply can still be made, answered with an error: one
+    operator's request, however odd, must not end the channel for everyone."""
+    ident = frames[0].bytes
+    try:
+        rest = frames[1:]
+        user = rest[0].get("User-Id") if rest else ""
+        try:
+            env = codec.decode([f.bytes for f in rest], max_bytes=256 << 20)
+            reply = service.handle(user, env.body)
+        except codec.WireError as exc:
+            reply = _error(f"malformed request: {exc}")
+        try:
+            out = codec.encode(reply, sender="coordinator")
+        except codec.WireError as exc:  # e.g. a reply past AdminReply's size limit
+            log.error("the reply to %s cannot be encoded: %s", user, exc)
+            out = codec.encode(_error(f"the reply cannot be sent: {exc}"),
+                               sender="coordinator")
+        await sock.send_multipart([ident, *out])
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("an admin request could not be answered; dropped")
+
+
 async def serve_admin(coordinator: Any, config: AdminConfig, *, updates: Any | None = None,
                       service: AdminService | None = None,
                       ready: asyncio.Event | None = None,
@@ -423,15 +450,11 @@ async def serve_admin(coordinator: Any, config: AdminConfig, *, updates: Any | N
         while True:
             if await sock.poll(int(tick_s * 1000)):
                 frames = await sock.recv_multipart(copy=False)
-                ident, rest = frames[0].bytes, frames[1:]
-                user = rest[0].get("User-Id") if rest else ""
-                try:
-                    env = codec.decode([f.bytes for f in rest], max_bytes=256 << 20)
-                    reply = service.handle(user, env.body)
-                except codec.WireError as exc:
-                    reply = _error(f"malformed request: {exc}")
-                await sock.send_multipart([ident, *codec.encode(reply, sender="coordinator")])
-            service.tick()
+                await _answer(sock, service, frames, codec)
+            try:
+                service.tick()
+            except Exception:  # roll-out deadlines: logged; the channel keeps serving
+                log.exception("admin tick failed")
     finally:
         sock.close(0)
         auth.stop()

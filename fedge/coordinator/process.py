@@ -167,6 +167,7 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
     kill_at = os.environ.get(KILL_AT_ENV, "")
     preparing: asyncio.Future[None] | None = None
     tick_failed_at = float("-inf")
+    admin_failed_at = float("-inf")
     try:
         while not stop.is_set():
             # Take what has arrived (up to a batch), then tick once: with hundreds of
@@ -183,7 +184,15 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
                     coord.refused(msg.peer.public_key, "message from a key not enrolled")
                     server.disconnect(msg.peer)
                 else:
-                    coord.handle_frames(site, msg.frames)
+                    try:
+                        coord.handle_frames(site, msg.frames)
+                    except sqlite3.DatabaseError as exc:
+                        if not isinstance(exc, sqlite3.OperationalError):
+                            raise  # corrupt: ends the process (fedge.coordinator.cli)
+                        log.error("a message from %s could not be handled (the database "
+                                  "refused a write): %s; dropped", site, exc)
+                    except Exception:  # one site's message must not end the coordinator
+                        log.exception("a message from %s could not be handled; dropped", site)
                 del msg
             if coord.runner is None and _needs_initial_model(coord) is not None:
                 # the next job's starting model is built in a child process; the
@@ -206,12 +215,22 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
                         tick_failed_at = time.monotonic()
                         log.error("coordinator tick failed, retried every tick (next report "
                                   "in %g s): %s: %s", FINISH_RETRY_S, type(exc).__name__, exc)
+                except sqlite3.DatabaseError:
+                    raise
+                except Exception as exc:
+                    # a bug, or what a site sent, that the round cannot get past: the
+                    # round in flight fails naming it (and is retried, up to the plan's
+                    # max_failed_attempts), so the same error is not met on every tick;
+                    # the coordinator goes on serving every other site and job
+                    tick_failed_at = _tick_raised(coord, exc, tick_failed_at)
             if kill_at:
                 _maybe_die(coord, kill_at)
             if coord.max_message_bytes != max_bytes:
                 max_bytes = coord.max_message_bytes
                 server.set_max_message_bytes(max_bytes)
             await _drain(coord, server, key_of, codec)
+            admin_task, admin_failed_at = _watch_admin(cfg, coord, admin_task,
+                                                       admin_failed_at)
             now = time.monotonic()
             if now - last_refresh > ALLOW_LIST_REFRESH_S:
                 last_refresh = now
@@ -234,8 +253,12 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
                 await pinger
         if admin_task is not None:
             admin_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
+            try:
                 await admin_task
+            except asyncio.CancelledError:
+                pass
+            except Exception:  # said, not hidden: the channel had stopped by itself
+                log.exception("the admin channel had failed")
         await server.close()
         coord.close()
     return 0
@@ -398,22 +421,72 @@ def _maybe_die(coord: Coordinator, kill_at: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _tick_raised(coord: Coordinator, exc: Exception, reported_at: float) -> float:
+    """A tick raised something that is not a write failure: fail the round in flight
+    with the reason (Coordinator.fail_round_in_flight) and log it, in full once per
+    FINISH_RETRY_S. Returns when it was last reported in full."""
+    reason = f"the coordinator could not go on with it: {type(exc).__name__}: {exc}"[:500]
+    try:
+        failed = coord.fail_round_in_flight(reason)
+    except Exception:
+        log.exception("failing the round after a tick error failed too")
+        failed = False
+    now = time.monotonic()
+    if now - reported_at >= FINISH_RETRY_S or failed:
+        log.error("coordinator tick failed (%s); the coordinator goes on: %s: %s",
+                  "the round in flight is failed" if failed else "no round to fail",
+                  type(exc).__name__, exc, exc_info=exc)
+        return now
+    return reported_at
+
+
 async def _drain(coord: Coordinator, server: Any, key_of: dict[str, str], codec: Any) -> None:
+    """Send the outbox. A message that cannot be encoded or sent is logged and
+    skipped: the others still go, and the loop goes on."""
     from fedge.transport import NotConnected
 
     outbox, coord.outbox = coord.outbox, []
     for out in outbox:
+        kind = type(out.body).__name__
         key = key_of.get(out.site)
         if key is None:
             try:
                 key = coord.store.appliance(out.site).curve_public_z85
             except Exception:
                 continue
-        frames = codec.encode(out.body, sender="coordinator", job=out.job, round=out.round)
+        try:
+            frames = codec.encode(out.body, sender="coordinator", job=out.job, round=out.round)
+        except Exception as exc:  # e.g. OversizeMessage: a bug here must not end serve()
+            log.error("%s for %s cannot be encoded, not sent: %s: %s", kind, out.site,
+                      type(exc).__name__, codec.short(str(exc), 300))
+            continue
         try:
             await server.send(key, frames)
         except NotConnected:
-            log.info("%s is not connected; %s not delivered", out.site, type(out.body).__name__)
+            log.info("%s is not connected; %s not delivered", out.site, kind)
+        except Exception as exc:
+            log.error("%s for %s could not be sent: %s: %s", kind, out.site,
+                      type(exc).__name__, codec.short(str(exc), 300))
+
+
+ADMIN_RESTART_S = 5.0  # a failed admin channel is started again at most this often
+
+
+def _watch_admin(cfg: CoordinatorConfig, coord: Coordinator,
+                 task: asyncio.Task[None] | None, failed_at: float
+                 ) -> tuple[asyncio.Task[None] | None, float]:
+    """An admin channel that stopped by itself (it serves until cancelled) is logged
+    with its exception and started again, at most once per ADMIN_RESTART_S."""
+    if task is None or not task.done():
+        return task, failed_at
+    now = time.monotonic()
+    if now - failed_at < ADMIN_RESTART_S:
+        return task, failed_at
+    exc = None if task.cancelled() else task.exception()
+    log.error("the admin channel stopped (%s); starting it again",
+              f"{type(exc).__name__}: {exc}" if exc is not None else "cancelled",
+              exc_info=exc)
+    return _start_admin(cfg, coord), now
 
 
 def _start_admin(cfg: CoordinatorConfig, coord: Coordinator) -> asyncio.Task[None] | None:

@@ -413,6 +413,12 @@ class Coordinator:
         except codec.WireError as exc:
             self._reject(site, "malformed_message", f"{type(exc).__name__}: {exc}")
             return
+        except Exception as exc:  # decode names every refusal a WireError; if one slips
+            log.exception("decoding a message from %s failed", site)  # by, drop it alone
+            self._reject(site, "malformed_message",
+                         f"MalformedFrame: the message could not be decoded "
+                         f"({type(exc).__name__})")
+            return
         returning = not self._connected(site, now)
         conn = self.conns.get(site)
         if conn is None:
@@ -422,8 +428,8 @@ class Coordinator:
                          f"message id {env.header.msg_id} ({env.header.type}) already received")
             return
         if env.header.sender != site:
-            self._reject(site, "spoofed_sender",
-                         f"header sender {env.header.sender!r} is not the authenticated {site!r}")
+            self._reject(site, "spoofed_sender", f"header sender "
+                         f"{codec.short(env.header.sender)} is not the authenticated {site!r}")
             return
         conn.last_seen = now
         try:
@@ -443,7 +449,8 @@ class Coordinator:
         body = env.body
         if isinstance(body, m.Heartbeat):
             if body.site != site:
-                self._reject(site, "spoofed_sender", f"heartbeat names site {body.site!r}")
+                self._reject(site, "spoofed_sender",
+                             f"heartbeat names site {codec.short(body.site)}")
                 return
             if not self._version_accepted(site, body.version):
                 return
@@ -476,8 +483,9 @@ class Coordinator:
             return
         before = len(rnd.rejected)
         if isinstance(body, m.TaskRefused):
-            self.store.audit(site, "task_refused", {"job": rnd.job_id, "round": rnd.round,
-                                                    "task": body.task, "reason": body.reason})
+            self.store.audit(site, "task_refused", {
+                "job": rnd.job_id, "round": rnd.round, "task": codec.short(body.task, 40),
+                "reason": m.clip_reason(body.reason)})
         self._emit(rnd, rnd.receive(site, body, now))
         for rsite, reason in rnd.rejected[before:]:
             self.store.audit(rsite, "rejected_message",
@@ -542,6 +550,7 @@ class Coordinator:
         in a loop must not cost a fsync'd row each)."""
         # the kind: the error class a wire error names ("OversizeMessage: ..."), so each
         # kind of malformation is audited once in full; replays etc. have one kind each
+        reason = m.clip_reason(reason)  # it may quote what the site sent
         head, sep, _ = reason[:80].partition(":")
         kind = head if sep else ""
         try:
@@ -613,6 +622,22 @@ class Coordinator:
             self._emit(rnd, rnd.tick(now))
         self._after(now)
 
+    def fail_round_in_flight(self, reason: str) -> bool:
+        """Fail the round in progress with ``reason`` (its sites are told to drop it) and
+        record the failed attempt, as for any failed round: the next tick starts the
+        round again, and a job whose rounds keep failing fails after
+        ``max_failed_attempts``. For an error the coordinator cannot get past (a tick
+        that raises): each attempt fails once, never in a loop. Returns whether there
+        was a round to fail.
+        """
+        runner = self.runner
+        if runner is None or runner.round is None or runner.round.phase is Phase.FAILED:
+            return False
+        rnd = runner.round
+        self._emit(rnd, rnd.discard(reason))
+        self._after(self.clock())
+        return True
+
     def _after(self, now: float) -> None:
         runner = self.runner
         if runner is None or runner.round is None or not runner.round.finished:
@@ -667,6 +692,13 @@ class Coordinator:
                                   "error": error[:500]})
             except (StoreError, sqlite3.Error) as audit_exc:
                 self._not_written(f"round_commit_failed of job {runner.job_id}", audit_exc)
+            return
+        except Exception as exc:  # not the disk: what the round holds cannot be written
+            # (a value SQLite refuses...). Retrying would fail the same way every
+            # FINISH_RETRY_S for ever: the attempt fails, naming why, and is run again.
+            log.exception("job %s round %d cannot be committed", runner.job_id, rnd.round)
+            self.fail_round_in_flight(f"round {rnd.round} could not be committed: "
+                                      f"{type(exc).__name__}: {str(exc)[:300]}")
             return
         runner.commit_failed_at = float("-inf")
         runner.commit_error = ""

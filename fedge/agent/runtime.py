@@ -228,12 +228,14 @@ class Agent:
             await self._on_eval(job, rnd, body)
         elif isinstance(body, m.RoundAbort):
             if self._current(job, rnd):
-                log.info("%s: round %s/%d aborted: %s", self.site, job, rnd, body.reason)
+                log.info("%s: round %s/%d aborted: %s", self.site, job, rnd,
+                         codec.short(body.reason, 300))
                 self.task = None
                 self._set_busy("")
         elif isinstance(body, m.Rejected):
-            log.warning("%s: coordinator rejected a message: %s", self.site, body.reason)
-            self.rejections.append(body.reason)
+            reason = codec.short(body.reason, 300)
+            log.warning("%s: coordinator rejected a message: %s", self.site, reason)
+            self.rejections.append(reason)
         elif isinstance(body, m.RosterUpdate):
             self._on_roster(body.roster)
         else:
@@ -372,6 +374,13 @@ class Agent:
             await self._refuse(job, rnd, m.TASK_TRAIN,
                                "scaffold training returned no control variate update",
                                t.task_id)
+            return
+        if not 1 <= result.n_examples <= m.MAX_EXAMPLES:  # TrainDone's own range
+            self.task = None
+            self._set_busy("")
+            await self._refuse(job, rnd, m.TASK_TRAIN,
+                               f"trained on {result.n_examples} examples; a train result "
+                               f"needs 1..{m.MAX_EXAMPLES}", t.task_id)
             return
         task.local = result
         await self.send(m.TrainDone(task_id=task.task_id, n_examples=result.n_examples,
@@ -583,6 +592,10 @@ class Agent:
             if self._current(job, rnd):
                 self.task = None
             self._set_busy("")
+        if not 0 <= n <= m.MAX_EXAMPLES:  # EvalResult's own range
+            await self._refuse(job, rnd, m.TASK_EVAL, f"evaluated {n} examples; an "
+                               f"evaluation result needs 0..{m.MAX_EXAMPLES}", e.task_id)
+            return
         self.completed_rounds.append((job, rnd))
         await self.send(m.EvalResult(task_id=e.task_id, n_examples=n, metrics=metrics),
                         job=job, round=rnd)

@@ -267,6 +267,22 @@ def test_an_unforeseen_evaluation_error_is_answered_and_the_agent_is_free_again(
     assert agent.task is None and agent._busy == ""
 
 
+def test_a_result_outside_the_wires_example_range_is_refused_not_left_to_time_out():
+    """A trainer that counts 0 examples (or more than 2^40) cannot be told as a
+    TrainDone: the site refuses at once instead of raising inside the handler."""
+    agent = Agent("site-a", SyntheticTrainer("site-a", n_examples=0), policy=PLAIN_OK)
+    link = Link(agent)
+    asyncio.run(deliver(agent, task()))
+    (refused,) = link.bodies(m.TaskRefused)
+    assert refused.task == m.TASK_TRAIN and "trained on 0 examples" in refused.reason
+    assert agent.task is None and agent._busy == ""
+    agent.trainer = SyntheticTrainer("site-a", n_examples=m.MAX_EXAMPLES + 1)
+    asyncio.run(deliver(agent, m.EvalTask(task_id="t2", plan=PLAN,
+                                          weights=np.zeros(4, np.float32), split="test")))
+    (_, refused) = link.bodies(m.TaskRefused)
+    assert refused.task == m.TASK_EVAL and "an evaluation result needs 0.." in refused.reason
+
+
 async def start_training(agent):
     """Deliver a TrainTask and return once the agent holds it (the plan is parsed off
     the loop first), with the delivery still running as a task."""

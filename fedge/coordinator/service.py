@@ -58,6 +58,11 @@ SYSTEM = "coordinator"
 REPLAY_WINDOW = 4096  # message ids remembered per site
 HEARTBEAT_PERSIST_S = 30.0  # an unchanged heartbeat is written to SQLite this often
 FINISH_RETRY_S = 10.0  # a job whose final checkpoint could not be written is retried this often
+# what one heartbeat may put in the appliances table (a message may be 1 MiB, and the
+# fleet view reads every row): a health report of a few GPUs is a few KiB
+HEALTH_JSON_MAX = 64 << 10
+HEARTBEAT_TEXT_MAX = 1000  # reason, current task: characters
+DATASETS_MAX = 256  # data set names kept per appliance, each cut to HEARTBEAT_TEXT_MAX
 DEFAULT_MAX_BYTES = 64 << 20
 # A key the transport refuses again and again, or an enrolled site whose messages
 # are rejected again and again, must not turn into an fsync'd audit row each time
@@ -535,9 +540,14 @@ class Coordinator:
         conn.last_heartbeat = key
         conn.persisted_at = now
         try:
+            health = (_json(hb.health_json) if len(hb.health_json) <= HEALTH_JSON_MAX else
+                      {"unparsable": f"health report of {len(hb.health_json)} characters, "
+                                     f"over {HEALTH_JSON_MAX}: not kept"})
             self.store.record_heartbeat(
-                site, version=hb.version, health=_json(hb.health_json), eligible=hb.eligible,
-                reason=hb.reason, datasets=list(hb.datasets), current_task=hb.current_task)
+                site, version=hb.version, health=health, eligible=hb.eligible,
+                reason=hb.reason[:HEARTBEAT_TEXT_MAX],
+                datasets=[d[:HEARTBEAT_TEXT_MAX] for d in hb.datasets[:DATASETS_MAX]],
+                current_task=hb.current_task[:HEARTBEAT_TEXT_MAX])
         except StoreError as exc:
             self._reject(site, "unknown_site", str(exc))
         except sqlite3.OperationalError as exc:  # a full disk: the site is still answered

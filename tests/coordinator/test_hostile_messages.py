@@ -307,3 +307,23 @@ def test_an_unknown_op_of_any_length_is_quoted_short(tmp_path):
         assert json.loads(reply.result_json) is None
     finally:
         coord.close()
+
+
+def test_a_heartbeat_with_megabyte_fields_is_stored_bounded(federation):
+    """A heartbeat may be 1 MiB; the appliances table, which the fleet view reads
+    whole, keeps a bounded row: a long reason and task cut, an outsized health report
+    replaced by a note, at most 256 data set names."""
+    from fedge.coordinator.service import DATASETS_MAX, HEALTH_JSON_MAX, HEARTBEAT_TEXT_MAX
+
+    fed = federation(["a"])
+    big = heartbeat("a", health_json=json.dumps({"x": "y" * 400_000}), reason="r" * 200_000,
+                    current_task="t" * 100_000, datasets=[f"d{i}" * 20 for i in range(2000)])
+    fed.coord.handle_frames("a", [bytes(f) for f in codec.encode(big, sender="a")])
+    assert [b for b in replies(fed.coord, "a") if isinstance(b, m.HeartbeatAck)]
+    row = fed.coord.store.appliance("a")
+    assert len(row.eligibility_reason) == HEARTBEAT_TEXT_MAX
+    assert len(row.current_task) == HEARTBEAT_TEXT_MAX
+    assert len(row.datasets) == DATASETS_MAX
+    assert "not kept" in row.health["unparsable"] and str(HEALTH_JSON_MAX) in \
+        row.health["unparsable"]
+    assert len(json.dumps(row.to_dict(), default=str)) < 400_000

@@ -85,8 +85,11 @@ def ledger_path(state_dir: Path) -> Path:
 class TorchTrainer:
     """Local training with ``fedge.train.api`` on the agent's ``[[datasets]]``.
 
-    Raises (on construction):
-        ValueError: a dataset table is invalid (the message names the key).
+    A data set table this release refuses (an invalid key or value; after an upgrade,
+    a rule the older release did not have, such as tabular ``features``) is left out,
+    not fatal: it is logged at start, not offered in heartbeats, and a task naming it
+    is refused with the reason. The appliance stays up, its other data sets, its
+    health reports and its signed updates with it, while someone fixes agent.toml.
     """
 
     def __init__(self, dataset_tables: Sequence[Mapping[str, Any]], *,
@@ -104,8 +107,17 @@ class TorchTrainer:
         self._job_state = (JobStateStore(Path(state_dir) / "jobs") if state_dir is not None
                            else None)
         self._specs = {}
-        for table in dataset_tables:
-            spec = DatasetSpec.from_config(table)
+        self.unusable: dict[str, str] = {}  # data set name -> why its table is refused
+        for i, table in enumerate(dataset_tables):
+            try:
+                spec = DatasetSpec.from_config(table)
+            except (ValueError, TypeError) as exc:
+                name = table.get("name")
+                name = name if isinstance(name, str) and name else f"[[datasets]] #{i + 1}"
+                self.unusable[name] = str(exc)
+                log.error("data set %r in agent.toml left out, its tasks refused until the "
+                          "table is fixed: %s", name, exc)
+                continue
             self._specs[spec.name] = spec
         self._data: dict[str, Any] = {}
         self._states: dict[str, Any] = {}
@@ -133,6 +145,9 @@ class TorchTrainer:
         from fedge.train.api import load_site_data
 
         with self._lock:
+            if name in self.unusable:
+                raise TaskRefusal(f"data set {name!r} is declared in this appliance's "
+                                  f"agent.toml but refused: {self.unusable[name]}")
             if name not in self._specs:
                 raise TaskRefusal(f"data set {name!r} is not held here (held: "
                                   f"{', '.join(sorted(self._specs)) or 'none'})")

@@ -68,9 +68,9 @@ def test_missing_dataset_and_wrong_model_are_refused(trainer):
         trainer.train("s", "j", plan, np.zeros(40, np.float32), round=1, seed=0)
 
 
-def test_bad_dataset_table_fails_at_startup():
-    with pytest.raises(ValueError, match="kind"):
-        TorchTrainer([{"name": "x", "kind": "nope", "path": "/nonexistent"}])
+def test_a_bad_dataset_table_is_left_out_naming_its_key():
+    trainer = TorchTrainer([{"name": "x", "kind": "nope", "path": "/nonexistent"}])
+    assert trainer.datasets() == [] and "kind" in trainer.unusable["x"]
 
 
 DP_PLAN = PLAN.replace("rounds = 1", "rounds = 3").replace(
@@ -198,3 +198,24 @@ def test_a_saved_cursor_that_does_not_fit_is_named_and_the_stream_starts_afresh(
     fresh = TorchTrainer([table]).train("site-0", "job-a", plan, w0, round=2,
                                         seed=train_seed(5, 2, "s0"))
     np.testing.assert_array_equal(got.weights, fresh.weights)
+
+
+def test_a_data_set_table_this_release_refuses_is_left_out_not_fatal(tmp_path, caplog):
+    """An agent.toml written for an older release (a tabular data set without
+    `features`, which this release requires) must not stop the appliance: that data
+    set is not offered, a task naming it is refused with the rule, the others work."""
+    csv = tmp_path / "rows.csv"
+    csv.write_text("age,size,y\n" + "".join(f"{i},{i % 7},{i % 2}\n" for i in range(40)))
+    old = {"name": "old_rows", "kind": "tabular", "path": str(csv), "task": "binary",
+           "target": "y"}
+    good = {**old, "name": "rows", "features": ["age", "size"]}
+    with caplog.at_level("ERROR", logger="fedge.agent"):
+        trainer = TorchTrainer([old, good, {"kind": "tabular"}], state_dir=tmp_path)
+    assert trainer.datasets() == ["rows"]
+    assert set(trainer.unusable) == {"old_rows", "[[datasets]] #3"}
+    assert "old_rows" in caplog.text and "datasets.features" in caplog.text
+    plan = parse_plan(PLAN.replace('dataset = "brca"', 'dataset = "old_rows"'))
+    with pytest.raises(TaskRefusal, match=r"declared in this appliance's agent\.toml but "
+                                          r"refused: .*datasets\.features"):
+        trainer.train("site-0", "job", plan, np.zeros(3, np.float32), round=1, seed=1)
+    assert trainer.standardisation("rows") is not None

@@ -440,6 +440,9 @@ def _tick_raised(coord: Coordinator, exc: Exception, reported_at: float) -> floa
     return reported_at
 
 
+CLOSE_AFTER_S = 1.0  # a refused site's connection outlives its Rejected by this much
+
+
 async def _drain(coord: Coordinator, server: Any, key_of: dict[str, str], codec: Any) -> None:
     """Send the outbox. A message that cannot be encoded or sent is logged and
     skipped: the others still go, and the loop goes on."""
@@ -447,6 +450,9 @@ async def _drain(coord: Coordinator, server: Any, key_of: dict[str, str], codec:
 
     outbox, coord.outbox = coord.outbox, []
     for out in outbox:
+        if out.close_after:  # after the message has had time to leave (libzmq's queue)
+            asyncio.get_running_loop().call_later(CLOSE_AFTER_S, coord.on_disconnect,
+                                                  out.site)
         kind = type(out.body).__name__
         key = key_of.get(out.site)
         if key is None:

@@ -108,6 +108,7 @@ class Outgoing:
     body: Any
     job: str = ""
     round: int = 0
+    close_after: bool = False  # drop the site's connection once this has had time to go
 
 
 @dataclass
@@ -517,9 +518,10 @@ class Coordinator:
         except ValueError as exc:
             decision = SkewDecision(False, False, str(exc))
         if not decision.accepted:
-            self._reject(site, "version_refused", decision.reason)
+            # the Rejected goes first (the agent's journal then says why), the
+            # connection is dropped after it (fedge.coordinator.process._drain)
+            self._reject(site, "version_refused", decision.reason, close_after=True)
             self.conns.pop(site, None)
-            self.on_disconnect(site)
             return False
         conn = self.conns.get(site)
         if decision.update_required and (conn is None
@@ -553,7 +555,8 @@ class Coordinator:
         except sqlite3.OperationalError as exc:  # a full disk: the site is still answered
             self._not_written(f"heartbeat of {site}", exc)
 
-    def _reject(self, site: str, action: str, reason: str) -> None:
+    def _reject(self, site: str, action: str, reason: str, *,
+                close_after: bool = False) -> None:
         """Answer ``site`` with Rejected(reason), every time; log and audit the first
         rejection of each kind per site (action, and the error class a reason starts
         with), then at most one summary row a minute (a site sending malformed messages
@@ -569,7 +572,7 @@ class Coordinator:
                 log.warning("rejected message from %s: %s", site, reason)
         except (StoreError, sqlite3.Error) as exc:  # a full disk: the answer still goes
             self._not_written(f"{action} of a message from {site}", exc)
-        self.outbox.append(Outgoing(site, m.Rejected(reason)))
+        self.outbox.append(Outgoing(site, m.Rejected(reason), close_after=close_after))
 
     def _not_written(self, what: str, exc: Exception) -> None:
         """A record the database cannot take now (disk full): logged, at most once per

@@ -124,7 +124,9 @@ def test_one_enrolled_site_cannot_end_the_coordinator_with_a_heartbeat_or_a_nest
         assert rejected and all(len(b.reason) < 400 for b in rejected), (name, said[name])
     assert "heartbeat names site '\\x00" in said["site"][0].reason
     assert said["nested"][0].reason.startswith("BadField: body: [[[...]]]")
-    # refused for its version, the site is dropped at once (before its Rejected goes)
+    # refused for its version, the site is told why, then dropped
+    [told] = [b for b in said["version"] if isinstance(b, m.Rejected)]
+    assert "printable string of at most 64" in told.reason and len(told.reason) < 400
     [refused] = fed.audit("version_refused")
     assert "printable string of at most 64" in refused["detail"]
     assert len(refused["detail"]) < 400

@@ -349,8 +349,8 @@ CLIENT_DP_KEYS = ("clip_norm", "noise_multiplier", "cohort_size")
 def _check_privacy(privacy: dict[str, Any], train: TrainSettings, rounds: int,
                    model_name: str) -> None:
     """Check the ``dp`` and ``client_dp`` tables, and refuse a plan whose record-level DP
-    target cannot be met with the rounds asked, or that runs DP-SGD on a Cox model
-    without ``cox_per_term = true`` (its ε bounds a loss term, not a record).
+    target cannot be met with the rounds asked. (DP-SGD on a Cox model needs
+    ``cox_per_term = true``: a rule for new jobs, in `check_submission`.)
 
     The worst case is the smallest site: sampling rate batch_size / min_site_examples.
     A site smaller than declared refuses its task at training time with its own numbers.
@@ -358,8 +358,7 @@ def _check_privacy(privacy: dict[str, Any], train: TrainSettings, rounds: int,
     Raises:
         PlanError: an unknown privacy key, a missing or out-of-range ``dp`` or
             ``client_dp`` field, a missing ``min_site_examples`` where a target is
-            set, a target that cannot be met (with the numbers), or DP-SGD on a
-            Cox model without ``privacy.dp.cox_per_term = true`` (with why).
+            set, or a target that cannot be met (with the numbers).
     """
     _known(privacy, "privacy", ("dp", "client_dp", "min_site_examples"))
     if "min_site_examples" in privacy:
@@ -382,12 +381,7 @@ def _check_privacy(privacy: dict[str, Any], train: TrainSettings, rounds: int,
     _float(dp, "privacy.dp.max_grad_norm", lo=0.0, lo_open=True, default=1.0)
     delta = _float(dp, "privacy.dp.delta", lo=0.0, hi=1.0, lo_open=True, hi_open=True,
                    default=1e-5)
-    cox_per_term = _bool(dp, "privacy.dp.cox_per_term", default=False)
-    if TASK_OF_MODEL.get(model_name) == "survival" and not cox_per_term:
-        from fedge.train.accounting import COX_DP_RULE
-
-        raise PlanError("privacy.dp.cox_per_term", cox_per_term,
-                        f"model {model_name!r} is a Cox model. {COX_DP_RULE}")
+    _bool(dp, "privacy.dp.cox_per_term", default=False)  # its rule: check_submission
     if dp.get("target_epsilon") is None:
         return
     target = _float(dp, "privacy.dp.target_epsilon", lo=0.0, lo_open=True)
@@ -507,17 +501,39 @@ def _float(table: dict[str, Any], dotted: str, *, lo: float | None = None,
 _JOB_HEADER = re.compile(r"^[ \t]*\[job\][ \t]*(#.*)?$", re.MULTILINE)
 
 
+def check_submission(text: str) -> Plan:
+    """`parse_plan`, plus the rules a plan must meet to be submitted now but that a
+    job stored by an earlier release may predate (its status must stay readable, and
+    its sites, which apply the same rules, refuse it with the reason):
+
+    - DP-SGD on a Cox model needs ``privacy.dp.cox_per_term = true``: its ε bounds
+      one loss term, not one record.
+
+    Raises: PlanError, naming the field and the rule.
+    """
+    plan = parse_plan(text)
+    dp = plan.privacy.get("dp")
+    if isinstance(dp, dict) and TASK_OF_MODEL.get(plan.model_name) == "survival" \
+            and dp.get("cox_per_term") is not True:
+        from fedge.train.accounting import COX_DP_RULE
+
+        raise PlanError("privacy.dp.cox_per_term", dp.get("cox_per_term", False),
+                        f"model {plan.model_name!r} is a Cox model. {COX_DP_RULE}")
+    return plan
+
+
 def with_seed(text: str) -> str:
     """``text`` with ``seed = <fresh random>`` written into its [job] table when the
     plan names no seed, so the job is reproducible from what is stored, and two jobs
     do not train bit-identical updates: sites refuse to have one update summed over
     two different survivor sets (fedge.agent.guard.RevealLog), so jobs sharing a
     seed and a model could not be re-run over other sites. A plan that names its
-    seed is returned unchanged.
+    seed is returned unchanged. Used at submission: the plan is checked as
+    `check_submission` does.
 
-    Raises: PlanError, as parse_plan.
+    Raises: PlanError, as check_submission.
     """
-    parse_plan(text)
+    check_submission(text)
     job = tomllib.loads(text).get("job", {})
     if "seed" in job:
         return text

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedge.coordinator.plan import PlanError, parse_plan
+from fedge.coordinator.plan import PlanError, check_submission, parse_plan
 
 PLAN = """
 [job]
@@ -34,7 +34,7 @@ dp = {{ noise_multiplier = 1.1{extra} }}
 def test_dp_sgd_on_a_cox_model_without_consent_is_refused_saying_why(model: str,
                                                                      extra: str) -> None:
     with pytest.raises(PlanError) as info:
-        parse_plan(PLAN.format(model=model, extra=extra))
+        check_submission(PLAN.format(model=model, extra=extra))
     err = info.value
     assert err.field == "privacy.dp.cox_per_term" and err.value is False
     assert f"model {model!r} is a Cox model" in err.rule
@@ -59,3 +59,22 @@ def test_other_models_need_no_consent_and_the_flag_must_be_a_boolean() -> None:
         parse_plan(PLAN.format(model="cox_linear", extra=', cox_per_term = "yes"'))
     assert info.value.field == "privacy.dp.cox_per_term"
     assert "true or false" in info.value.rule
+
+
+def test_a_cox_dp_job_stored_by_an_earlier_release_stays_readable_but_is_not_resubmitted(
+    tmp_path,
+) -> None:
+    """The rule is for new jobs: a job queued or finished before it (its plan without
+    cox_per_term) keeps its status readable; its sites refuse to train it, saying why."""
+    from fedge.coordinator.service import Coordinator
+
+    old = PLAN.format(model="cox_linear", extra="")
+    assert parse_plan(old).privacy["dp"] == {"noise_multiplier": 1.1}
+    coord = Coordinator(tmp_path / "coord")
+    try:
+        coord.store.create_job("job-old", old, actor="console")  # as the old release did
+        assert coord.job_status("job-old")["rounds_planned"] == 3
+        with pytest.raises(PlanError, match="cox_per_term"):
+            coord.submit_job(old)
+    finally:
+        coord.close()

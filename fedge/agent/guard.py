@@ -158,8 +158,9 @@ class RevealLog:
     refused, naming the file, until it is restored or moved aside by hand. Only a
     torn last line (no newline: a crash inside the append, before the reveal it
     would have allowed) is dropped. ``legacy``: the whole-file JSON log of earlier
-    releases, taken over once when ``path`` does not exist yet and then renamed
-    ``<name>.migrated``.
+    releases, taken over once when ``path`` does not exist yet; it is copied to
+    ``<name>.migrated`` and replaced by a stub that those releases read as corrupt
+    (so one rolled back to refuses every reveal rather than start with no record).
     """
 
     FORMAT = "fedge-reveal-log"
@@ -294,10 +295,21 @@ class RevealLog:
         self._keep_sketches(sketches, norms, sites)
         assert self.path is not None
         if self._rewrite_or_fail(self.path):
+            # The old file is kept as <name>.migrated, and in its place goes a stub
+            # that the earlier release reads as corrupt: rolled back to it (an update
+            # that never confirms), it then refuses every reveal instead of finding
+            # no file and starting with an empty log.
             try:
-                legacy.replace(legacy.with_name(legacy.name + ".migrated"))
-            except OSError as exc:  # harmless: the new log exists and is read first
-                log.warning("reveal log %s taken over but not renamed: %s", legacy, exc)
+                write_atomic(legacy.with_name(legacy.name + ".migrated"), data)
+                write_atomic(legacy, (json.dumps({
+                    "moved_to": self.path.name,
+                    "note": "this release keeps its reveal log in the file above; this "
+                            "stub makes an earlier release refuse to reveal rather than "
+                            "forget"}) + "\n").encode())
+            except OSError as exc:  # the new log is read first; an old release is not
+                log.warning("reveal log %s taken over but not replaced by a stub (an "
+                            "earlier release rolled back to would read it): %s",
+                            legacy, exc)
             log.info("reveal log %s taken over into %s (%d updates)", legacy, self.path,
                      len(self._entries))
 

@@ -9,6 +9,7 @@ import base64
 import json
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import pytest
 
@@ -224,8 +225,29 @@ def test_a_zero_weight_scale_or_a_cohort_below_the_sites_minimum_is_refused() ->
         return fleet.refusals().get("site-a", "")
 
     assert "min_cohort 3" in run(ask(["site-a", "site-b"], SCALE))
-    assert "weight_scale 0.0" in run(ask(SITES, 0.0))
-    assert "weight_scale nan" in run(ask(SITES, float("nan")))
+
+    # a weight scale outside (0, 1] cannot even be decoded now: dropped, nothing sent
+    async def raw(scale):
+        await fleet.train(["site-a"], "t1")
+        fleet.inbox.clear()
+        frames = [bytes(f) for f in codec.encode(
+            m.AggregateBegin(task_id="t1", cohort=SITES, weight_scale=SCALE, secure=True,
+                             threshold=2), sender="coordinator", job=JOB, round=RND)]
+        body = msgpack.unpackb(frames[1])
+        body["weight_scale"] = scale
+        await fleet.agents["site-a"].handle_frames([frames[0], msgpack.packb(body),
+                                                    *frames[2:]])
+        return list(fleet.inbox)
+
+    for scale in (0.0, float("nan"), -1.0, 1.5):
+        with pytest.raises(ValueError, match="weight_scale"):
+            m.AggregateBegin(task_id="t1", cohort=SITES, weight_scale=scale, secure=True,
+                             threshold=2)
+        assert run(raw(scale)) == [], scale
+    for scale in (0.0, float("nan")):  # and the agent's own floor, behind the decoder
+        assert "weight_scale" in (PrivacyPolicy().refuse_aggregation(
+            plan_secure=True, secure=True, cohort=3, weight_scale=scale,
+            client_dp_cohort=None) or "")
 
 
 def test_a_weight_scale_that_differs_between_sites_gives_noise_not_one_sites_update() -> None:
@@ -427,9 +449,15 @@ def test_the_whole_file_log_of_earlier_releases_is_taken_over_once(tmp_path: Pat
     sketch = old.sketch(update)
     _legacy_log(legacy, old._key, {update_digest(update, 10).hex(): ["a", "b", "c"]},
                 [(sketch, float(np.linalg.norm(update)), ["a", "b", "c"])])
+    original = legacy.read_bytes()
     log = RevealLog(path, legacy=legacy)
-    assert log.error is None and path.exists() and not legacy.exists()
-    assert (tmp_path / "revealed.json.migrated").exists()
+    assert log.error is None and path.exists()
+    assert (tmp_path / "revealed.json.migrated").read_bytes() == original
+    # in its place a stub that the earlier release's loader (data["key"], then
+    # data["entries"]) reads as corrupt: rolled back to, it refuses every reveal
+    # rather than find no file and start with an empty log
+    stub = json.loads(legacy.read_text())
+    assert stub["moved_to"] == "revealed.jsonl" and "key" not in stub and "entries" not in stub
     with pytest.raises(UpdateAlreadySummed, match="already summed over 3"):
         log.check_and_record(update_digest(update, 10), ["a", "b"], update)
     hair = update + np.float32(1e-6)

@@ -43,9 +43,11 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -608,14 +610,20 @@ class _Table:
     n_classes: int = 0
 
 
+# a plain decimal number: no leading zeros (007 is a code, not 7), no exponent, no _
+_DECIMAL = re.compile(r"[+-]?(0|[1-9][0-9]*)(\.[0-9]+)?")
+
+
 def _same_site(cell: str, site: str | int | None) -> bool:
-    """A row's site value is the declared one: as numbers when both read as numbers
-    (a Parquet float column gives 1.0 for site = 1; a CSV may write 01), else as text."""
+    """A row's site value is the declared one: the same text, or the same number when
+    both are plain decimals (a Parquet float column gives 1.0 for site = 1), compared
+    exactly (large ids stay apart). A zero-padded code (007) is text."""
     raw, want = cell.strip(), str(site).strip()
-    try:
-        return float(raw) == float(want)
-    except ValueError:
-        return raw == want
+    if raw == want:
+        return True
+    if _DECIMAL.fullmatch(raw) and _DECIMAL.fullmatch(want):
+        return Decimal(raw) == Decimal(want)
+    return False
 
 
 def _load_tabular(spec: DatasetSpec, path: Path, rows_filter: Any = None) -> _Table:

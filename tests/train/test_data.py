@@ -537,8 +537,8 @@ def test_images_without_a_channel_axis_get_one_and_train(tmp_path: Path) -> None
     assert np.all(np.isfinite(out.weights))
 
 
-@pytest.mark.parametrize(("cell", "site"), [("1.0", 1), ("1", 1), ("01", "1"), (" 2.50", 2.5),
-                                            ("A", "A")])
+@pytest.mark.parametrize(("cell", "site"), [("1.0", 1), ("1", 1), (" 2.50", 2.5), ("A", "A"),
+                                            ("007", "007"), ("nan", "nan")])
 def test_a_site_value_matches_as_a_number_when_both_are_numbers(
         tmp_path: Path, cell: str, site: object) -> None:
     p = _write(tmp_path, f"a,y,site\n1,1,{cell}\n2,0,{cell}\n3,1,other\n")
@@ -567,3 +567,16 @@ def test_a_semicolon_or_tab_separated_file_is_named_as_such(tmp_path: Path, sep:
         load_site_data(DatasetSpec(name="s", kind="tabular", path=str(p), task="binary",
                                    target="y", features=("a", "b")))
     assert err.value.line == 1 and "comma delimited" in str(err.value)
+
+
+@pytest.mark.parametrize(("cell", "site"), [("007", 7), ("01", "1"),
+                                            ("9007199254740993", 9007199254740992),
+                                            ("1_0", 10), ("1e1", 10), ("1.0", "1.0x")])
+def test_site_values_that_only_look_alike_as_floats_stay_apart(
+        tmp_path: Path, cell: str, site: object) -> None:
+    """Zero-padded codes, ids past a float's 53 bits, 1_0 and 1e1 are not the site."""
+    p = _write(tmp_path, f"a,y,site\n1,1,{cell}\n2,0,{cell}\n3,1,other\n")
+    with pytest.raises(DataError, match="no row has site value"):
+        load_site_data(DatasetSpec(name="s", kind="tabular", path=str(p), task="binary",
+                                   target="y", features=("a",), site_column="site",
+                                   site=site, val_fraction=0.0, standardise="none"))

@@ -24,6 +24,7 @@ from typing import Any
 from fedge.coordinator import checkpoint as ck
 from fedge.coordinator.config import CoordinatorConfig
 from fedge.coordinator.service import FINISH_RETRY_S, Coordinator
+from fedge.wire import messages as m
 
 log = logging.getLogger("fedge.coordinator")
 
@@ -425,7 +426,8 @@ def _tick_raised(coord: Coordinator, exc: Exception, reported_at: float) -> floa
     """A tick raised something that is not a write failure: fail the round in flight
     with the reason (Coordinator.fail_round_in_flight) and log it, in full once per
     FINISH_RETRY_S. Returns when it was last reported in full."""
-    reason = f"the coordinator could not go on with it: {type(exc).__name__}: {exc}"[:500]
+    reason = m.clip_reason(f"the coordinator could not go on with it: "
+                           f"{type(exc).__name__}: {exc}", 500)
     try:
         failed = coord.fail_round_in_flight(reason)
     except Exception:

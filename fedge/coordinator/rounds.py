@@ -132,11 +132,6 @@ MAX_METRICS = 64
 PEER_REASON_CHARS = 200
 
 
-def _peer_reason(reason: str) -> str:
-    return reason if len(reason) <= PEER_REASON_CHARS else \
-        reason[: PEER_REASON_CHARS - 3] + "..."
-
-
 def metric_name_ok(name: str) -> bool:
     return 0 < len(name) <= 64 and all(c.isalnum() or c in "_-./" for c in name)
 
@@ -375,7 +370,7 @@ class Round:
                     # and end training before an honest site still at work
                     return self._reject(sender, "task refused after its train result; "
                                         "the train result stands")
-                self.refused.setdefault(sender, _peer_reason(body.reason))
+                self.refused.setdefault(sender, m.clip_reason(body.reason, PEER_REASON_CHARS))
             else:
                 return self._reject(sender, f"{type(body).__name__} during training")
             if self._all_answered():
@@ -387,7 +382,7 @@ class Round:
                 return self._reject(sender, f"{sender} is not in the aggregation cohort")
             if isinstance(body, m.TaskRefused):
                 # The agent gave up on its part; aggregation treats it as a dropout.
-                self.refused.setdefault(sender, _peer_reason(body.reason))
+                self.refused.setdefault(sender, m.clip_reason(body.reason, PEER_REASON_CHARS))
                 return []
             out = self._aggregation.receive(sender, body, now)
             return out + self._check_aggregation(now)

@@ -65,11 +65,11 @@ MAX_EXAMPLES = 1 << 40
 MAX_REASON_CHARS = 2000
 
 
-def clip_reason(reason: str) -> str:
-    """``reason`` cut to MAX_REASON_CHARS characters ("..." marks a cut)."""
-    if len(reason) <= MAX_REASON_CHARS:
+def clip_reason(reason: str, limit: int = MAX_REASON_CHARS) -> str:
+    """``reason`` cut to ``limit`` characters ("..." marks a cut)."""
+    if len(reason) <= limit:
         return reason
-    return reason[: MAX_REASON_CHARS - 3] + "..."
+    return reason[: max(limit - 3, 0)] + "..."
 
 
 def _check_examples(cls: str, n: int, least: int) -> None:

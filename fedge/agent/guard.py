@@ -39,7 +39,8 @@ from fedge.update.files import write_atomic
 
 log = logging.getLogger("fedge.agent")
 
-__all__ = ["PrivacyPolicy", "PrivacyPolicyError", "RevealLog", "RevealLogError", "update_digest"]
+__all__ = ["PrivacyPolicy", "PrivacyPolicyError", "RevealLog", "RevealLogError",
+           "refuse_threshold", "update_digest"]
 
 
 class PrivacyPolicyError(ValueError):
@@ -57,13 +58,24 @@ class PrivacyPolicy:
     update to a secure aggregation over fewer sites than this (2 at least: a sum over
     one site is that site's update). A plain update, where a policy allows one, is
     seen by the coordinator alone whatever the cohort.
+
+    ``max_colluders``: how many enrolled sites this hospital assumes could collude
+    with the coordinator (0: none, the default threat model). The coordinator can
+    tell two groups of sites different survivor lists, one with a site alive, one
+    with it dropped; each honest site signs one list and reveals one kind of share,
+    but a colluder signs both, and with 2t - m <= colluders in that site's
+    neighbourhood of m (t the threshold) the coordinator holds t shares of both of
+    its secrets and unmasks its update. A threshold with 2t - m <= max_colluders is
+    refused. (min_cohort does not stop this: both lists are long.) The plan's
+    ``[secagg] alpha`` sets 2t - m > alpha * m.
     """
 
     require_secure_aggregation: bool = True
     min_cohort: int = 2
     require_dp: bool = False
+    max_colluders: int = 0
 
-    KEYS = ("require_secure_aggregation", "min_cohort", "require_dp")
+    KEYS = ("require_secure_aggregation", "min_cohort", "require_dp", "max_colluders")
 
     def __post_init__(self) -> None:
         if not isinstance(self.require_secure_aggregation, bool):
@@ -76,6 +88,9 @@ class PrivacyPolicy:
         m = self.min_cohort
         if isinstance(m, bool) or not isinstance(m, int) or m < 2:
             raise PrivacyPolicyError(f"privacy.min_cohort = {m!r} must be an integer >= 2")
+        f = self.max_colluders
+        if isinstance(f, bool) or not isinstance(f, int) or f < 0:
+            raise PrivacyPolicyError(f"privacy.max_colluders = {f!r} must be an integer >= 0")
 
     @classmethod
     def from_config(cls, table: Mapping[str, Any]) -> PrivacyPolicy:
@@ -116,6 +131,19 @@ class PrivacyPolicy:
                     f"aggregation has {cohort} sites: the sum would carry less noise than "
                     "the plan's epsilon assumes")
         return None
+
+
+def refuse_threshold(policy: PrivacyPolicy, threshold: int, neighbourhood: int) -> str | None:
+    """Why a secure aggregation's threshold ``threshold`` over neighbourhoods of
+    ``neighbourhood`` sites (this one included) is refused under ``policy``, or None."""
+    t, m, f = threshold, neighbourhood, policy.max_colluders
+    if 2 * t - m > f:
+        return None
+    return (f"secure aggregation threshold t={t} over neighbourhoods of m={m} sites: a "
+            f"coordinator colluding with {f} enrolled site(s) could tell sites different "
+            f"survivor lists and unmask one site's update (this appliance's [privacy] "
+            f"max_colluders = {f} needs 2t - m > {f}); raise the plan's [secagg] alpha "
+            f"above {f}/{m}")
 
 
 def update_digest(update: np.ndarray, n_examples: int) -> bytes:

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from fedge import __version__
-from fedge.agent.guard import PrivacyPolicy, RevealLog, update_digest
+from fedge.agent.guard import PrivacyPolicy, RevealLog, refuse_threshold, update_digest
 from fedge.agent.jobstate import JobStateStore
 from fedge.agent.trainer import LocalResult, TaskRefusal, Trainer
 from fedge.coordinator.checkpoint import model_digest
@@ -494,6 +494,10 @@ class Agent:
 
         try:
             config = secagg_config(task.plan, len(a.cohort), vec.size)
+            too_low = refuse_threshold(self.policy, config.threshold, config.degree + 1)
+            if too_low:
+                await self._refuse(job, rnd, "aggregate", too_low, task.task_id)
+                return
             # The quantiser's rounding comes from (job seed, round, site), not from
             # fresh randomness: a round restarted after a crash sums the same values.
             bound = context_digest(task.digest, task.plan.text, float(a.weight_scale),

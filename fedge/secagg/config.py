@@ -13,7 +13,10 @@ A configuration that breaks one is refused with ``SecAggConfigError`` naming
 the bound and the numbers.  The graph is complete for n <= 64; above, it is a
 Harary k-regular ring with k = 2 * ceil(1.5 * log2 n) (k = 20 for n = 100) laid
 out by a permutation drawn from a seed every client recomputes from the job,
-round and cohort, so the coordinator cannot pick the graph.
+round and cohort. The coordinator chooses those (it can try job ids until a
+layout suits it), so the bounds must hold against any colluders a site's
+neighbourhood may hold: an appliance refuses a threshold that its assumed
+colluders could split (fedge.agent.guard.refuse_threshold, ``max_colluders``).
 """
 
 from __future__ import annotations

@@ -91,7 +91,7 @@ class Fleet:
         """The coordinator's side of one secure aggregation; the unmasked total or None.
         Sites in ``absent`` are never asked: they drop out at the stage deadlines."""
         self.inbox.clear()
-        plan = parse_plan(SECURE)
+        plan = parse_plan(self.plan_text)  # the plan the sites trained under
         cfg = secagg_config(plan, len(cohort), D + 1)
         bound = context_digest(bytes.fromhex(model_digest(self.weights)), self.plan_text,
                                SCALE, cohort, None)
@@ -471,6 +471,28 @@ def test_the_whole_file_log_of_earlier_releases_is_taken_over_once(tmp_path: Pat
         RevealLog(broken.with_suffix(".jsonl"), legacy=broken).check_and_record(
             b"\1" * 32, ["a", "b"], None)
     assert broken.exists() and not broken.with_suffix(".jsonl").exists()
+
+
+def test_a_threshold_one_colluder_could_split_is_refused_where_the_site_assumes_one() -> None:
+    """With t = 2 of m = 3, a coordinator telling site-b "site-a survived" and site-c
+    "site-a dropped" gets one share kind of site-a from each; a colluding third site
+    signs both lists and gives the rest. A site assuming one colluder refuses such a
+    threshold; a plan whose alpha lifts t to 3 is summed."""
+    fleet = Fleet(policy=PrivacyPolicy(max_colluders=1))
+
+    async def ask(plan):
+        await fleet.train(SITES, "t1", plan=plan)
+        return await fleet.aggregate(SITES, "t1"), fleet.refusals()
+
+    total, refused = run(ask(SECURE))
+    assert total is None and set(refused) == set(SITES)
+    assert all("t=2 over neighbourhoods of m=3" in r and "max_colluders = 1" in r
+               for r in refused.values())
+    strict = SECURE.replace("[secagg]\n", "[secagg]\nalpha = 0.5\ndelta = 0.0\n")
+    total, refused = run(ask(strict))
+    assert total is not None and refused == {}
+    with pytest.raises(PrivacyPolicyError, match="max_colluders"):
+        PrivacyPolicy(max_colluders=-1)
 
 
 def test_a_model_moved_by_a_hair_does_not_buy_a_second_sum() -> None:

@@ -18,6 +18,7 @@ import signal
 import sqlite3
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -168,7 +169,7 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
     kill_at = os.environ.get(KILL_AT_ENV, "")
     preparing: asyncio.Future[None] | None = None
     tick_failed_at = float("-inf")
-    admin_failed_at = float("-inf")
+    admin_watch = _AdminWatch(started_at=time.monotonic())
     try:
         while not stop.is_set():
             # Take what has arrived (up to a batch), then tick once: with hundreds of
@@ -230,8 +231,7 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
                 max_bytes = coord.max_message_bytes
                 server.set_max_message_bytes(max_bytes)
             await _drain(coord, server, key_of, codec)
-            admin_task, admin_failed_at = _watch_admin(cfg, coord, admin_task,
-                                                       admin_failed_at)
+            admin_task = _watch_admin(cfg, coord, admin_task, admin_watch)
             now = time.monotonic()
             if now - last_refresh > ALLOW_LIST_REFRESH_S:
                 last_refresh = now
@@ -477,24 +477,55 @@ async def _drain(coord: Coordinator, server: Any, key_of: dict[str, str], codec:
                       type(exc).__name__, codec.short(str(exc), 300))
 
 
-ADMIN_RESTART_S = 5.0  # a failed admin channel is started again at most this often
+ADMIN_RESTART_S = 5.0  # a failed admin channel is started again after this, at first
+ADMIN_RESTART_MAX_S = 300.0  # ... doubling for each failure in a row, up to this
+ADMIN_HEALTHY_S = 60.0  # a channel that served this long ends a run of failures
+
+
+@dataclass
+class _AdminWatch:
+    """The admin channel's restarts, kept between `_watch_admin` calls."""
+
+    started_at: float
+    failures: int = 0  # in a row
+    stopped_at: float | None = None  # when the current task was seen stopped
 
 
 def _watch_admin(cfg: CoordinatorConfig, coord: Coordinator,
-                 task: asyncio.Task[None] | None, failed_at: float
-                 ) -> tuple[asyncio.Task[None] | None, float]:
+                 task: asyncio.Task[None] | None, watch: _AdminWatch
+                 ) -> asyncio.Task[None] | None:
     """An admin channel that stopped by itself (it serves until cancelled) is logged
-    with its exception and started again, at most once per ADMIN_RESTART_S."""
-    if task is None or not task.done():
-        return task, failed_at
+    and started again: at least ADMIN_RESTART_S after it was started, then twice as
+    long after each further failure in a row, up to ADMIN_RESTART_MAX_S (a port taken
+    by another process must not fill the journal). The first failure of a run is
+    logged with its traceback, the rest in one line each."""
     now = time.monotonic()
-    if now - failed_at < ADMIN_RESTART_S:
-        return task, failed_at
+    if task is None:
+        return None
+    if not task.done():
+        if watch.failures and now - watch.started_at >= ADMIN_HEALTHY_S:
+            watch.failures = 0
+        return task
+    if watch.stopped_at is None:
+        watch.stopped_at = now
+        watch.failures += 1
+    if watch.failures == 1:
+        due = watch.started_at + ADMIN_RESTART_S
+    else:
+        due = watch.stopped_at + min(ADMIN_RESTART_S * 2 ** (watch.failures - 1),
+                                     ADMIN_RESTART_MAX_S)
+    if now < due:
+        return task
     exc = None if task.cancelled() else task.exception()
-    log.error("the admin channel stopped (%s); starting it again",
-              f"{type(exc).__name__}: {exc}" if exc is not None else "cancelled",
-              exc_info=exc)
-    return _start_admin(cfg, coord), now
+    why = f"{type(exc).__name__}: {exc}" if exc is not None else "cancelled"
+    if watch.failures == 1:
+        log.error("the admin channel stopped (%s); starting it again", why, exc_info=exc)
+    else:
+        log.error("the admin channel stopped again (%s), %d times in a row; starting it "
+                  "again, next time after %g s", why, watch.failures,
+                  min(ADMIN_RESTART_S * 2 ** watch.failures, ADMIN_RESTART_MAX_S))
+    watch.started_at, watch.stopped_at = now, None
+    return _start_admin(cfg, coord)
 
 
 def _start_admin(cfg: CoordinatorConfig, coord: Coordinator) -> asyncio.Task[None] | None:

@@ -327,3 +327,40 @@ def test_a_heartbeat_with_megabyte_fields_is_stored_bounded(federation):
     assert "not kept" in row.health["unparsable"] and str(HEALTH_JSON_MAX) in \
         row.health["unparsable"]
     assert len(json.dumps(row.to_dict(), default=str)) < 400_000
+
+
+def test_an_admin_channel_that_fails_at_every_start_is_retried_ever_more_slowly(
+        tmp_path, caplog, monkeypatch):
+    """A port taken by another process fails every start: restarts back off (doubling
+    up to a ceiling) and only the first failure logs its traceback."""
+    from fedge.coordinator import process
+
+    monkeypatch.setattr(process, "ADMIN_RESTART_S", 0.05)
+    monkeypatch.setattr(process, "ADMIN_RESTART_MAX_S", 0.4)
+    coord, cfg, _, _, _ = _served(tmp_path)
+    started = []
+
+    def start_admin(cfg, coord):
+        started.append(1)
+
+        async def channel():
+            raise OSError(98, "Address already in use")
+
+        return asyncio.ensure_future(channel())
+
+    monkeypatch.setattr(process, "_start_admin", start_admin)
+
+    async def go():
+        stop = asyncio.Event()
+        served = asyncio.create_task(process.serve(cfg, stop=stop, coordinator=coord))
+        await asyncio.sleep(2.0)
+        stop.set()
+        return await served
+
+    with caplog.at_level(logging.ERROR, logger="fedge.coordinator"):
+        assert asyncio.run(go()) == 0
+    # every 0.05 s would be ~40 starts; 0.05, 0.1, 0.2, 0.4, 0.4, ... is under 10
+    assert 3 <= len(started) <= 10, len(started)
+    restarts = [r for r in caplog.records if "admin channel stopped" in r.getMessage()]
+    assert restarts[0].exc_info and not any(r.exc_info for r in restarts[1:])
+    assert "times in a row" in restarts[-1].getMessage()

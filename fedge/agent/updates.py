@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from packaging.version import InvalidVersion, Version
 from tuf.api.exceptions import DownloadError, DownloadHTTPError
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
@@ -243,42 +244,54 @@ class AgentUpdater:
         Returns (ok, detail): ok is True when `spec` is exactly what this appliance
         already has (nothing to do), False for a refusal.
 
-        Every version ever signed stays signed, and the coordinator that names one
-        is not trusted: a target is installed only if it is the newest signed in
-        its lineage among `specs` (the verified targets), and newer than what is
-        installed. Software has one lineage whatever its name, and must also be
-        newer than the version that runs now (`fedge.update.ab.running_version`).
+        What is already here comes first: a version installed (or, for software,
+        installed or running) is nothing to do even after newer ones were signed, so
+        a roll-out of it does not stop at this site. Otherwise, every version ever
+        signed stays signed, and the coordinator that names one is not trusted: a
+        target is installed only if it is the newest signed in its lineage among
+        `specs` (the verified targets), and newer than what is installed. Software
+        has one lineage whatever its name, and must also be newer than the version
+        that runs now (`fedge.update.ab.running_version`).
+
+        Every comparison is PEP 440 (`release_version`), as `fedge.update.ab`
+        orders software slots: "1.2" and "1.2.0" are the same version, and the
+        running version may be a development build ("0.3.0.dev1").
         """
+        mine = release_version(spec.version)
+        if mine is None:  # from_target_file checked it: only a changed format gets here
+            return False, f"{spec.kind} {spec.name} version {spec.version!r} is not PEP 440"
+        installed = self.installed()
+        if spec.kind == "software":
+            floors = [(f"installed {key}", v) for key, v in sorted(installed.items())
+                      if key.startswith("software/")]
+            floors.append(("running software", running_version()))
+        else:
+            have = installed.get(f"{spec.kind}/{spec.name}")
+            floors = [] if have is None else [(f"installed {spec.kind}/{spec.name}", have)]
+        ordered = []
+        for what, have in floors:
+            theirs = release_version(have)
+            if theirs is None:
+                return False, (f"{spec.kind} {spec.version} cannot be ordered against the "
+                               f"{what} {have!r}; refusing it")
+            if theirs == mine and spec.kind == "software":
+                return True, f"software {spec.version} is the {what} already; nothing to do"
+            if theirs == mine:
+                return True, (f"{spec.kind} {spec.name} {have} already installed; "
+                              f"{spec.version} is the same version, nothing to do")
+            ordered.append((what, have, theirs))
         lineage = _lineage(spec)
+        # (a sibling whose version does not parse cannot be newer: from_target_file
+        # let through only dotted integers, all of them PEP 440)
         above = [s for s in specs if _lineage(s) == lineage
-                 and tuf_repo.version_key(s.version) > tuf_repo.version_key(spec.version)]
+                 and (release_version(s.version) or mine) > mine]
         if above:
-            top = max(above, key=lambda s: tuf_repo.version_key(s.version))
+            top = max(above, key=lambda s: release_version(s.version))
             return False, (f"{spec.kind} {spec.name} {spec.version} is not the newest signed "
                            f"version: {top.path!r} is; refusing to install an older one")
-        installed = self.installed()
-        if spec.kind != "software":
-            have = installed.get(f"{spec.kind}/{spec.name}")
-            if have is not None and (tuf_repo.version_key(have)
-                                     >= tuf_repo.version_key(spec.version)):
-                return have == spec.version, (f"{spec.kind} {spec.name} {have} already "
-                                              f"installed; refusing {spec.version}")
-            return None
-        floors = [(f"installed {key}", v) for key, v in sorted(installed.items())
-                  if key.startswith("software/")]
-        floors.append(("running software", running_version()))
-        from packaging.version import InvalidVersion, Version
-
-        for what, have in floors:
-            try:
-                newer = Version(spec.version) > Version(have)
-            except InvalidVersion:
-                return False, (f"software {spec.version} cannot be ordered against the "
-                               f"{what} {have!r}; refusing it")
-            if Version(spec.version) == Version(have):
-                return True, f"software {spec.version} is the {what} already; nothing to do"
-            if not newer:
-                return False, (f"software {spec.name} {spec.version} is older than the "
+        for what, have, theirs in ordered:
+            if theirs > mine:
+                return False, (f"{spec.kind} {spec.name} {spec.version} is older than the "
                                f"{what} {have}; refusing it")
         return None
 
@@ -436,10 +449,20 @@ def _newest_per_lineage(specs: list[tuf_repo.TargetSpec]
     newest: dict[tuple[str, str], tuf_repo.TargetSpec] = {}
     for spec in specs:
         key = _lineage(spec)
-        if key not in newest or (tuf_repo.version_key(spec.version)
-                                 > tuf_repo.version_key(newest[key].version)):
+        if key not in newest or (release_version(spec.version)
+                                 > release_version(newest[key].version)):
             newest[key] = spec
     return newest
+
+
+def release_version(version: str) -> Version | None:
+    """`version` in PEP 440 order (how software slots are ordered, and so "1.2" ==
+    "1.2.0"), or None if it is not a PEP 440 version. Every signed target version
+    (`tuf_repo.version_key`'s dotted integers) is one, in the same order."""
+    try:
+        return Version(version)
+    except InvalidVersion:
+        return None
 
 
 def install_trusted_root(state_dir: Path, root: bytes) -> None:

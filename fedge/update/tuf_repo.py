@@ -66,7 +66,9 @@ def signer(key: Ed25519PrivateKey) -> CryptoSigner:
 
 
 def version_key(version: str) -> tuple[int, ...]:
-    """Order target versions ("3", "1.2.0").
+    """Order target versions ("3", "1.2.0") as PEP 440 orders them (the agent's
+    `fedge.agent.updates.release_version`, and software slots): trailing zeros do not
+    count, so "1.2" and "1.2.0" are the same version.
 
     Raises:
         ValueError: not 1-4 dot-separated integers (names the value).
@@ -74,7 +76,10 @@ def version_key(version: str) -> tuple[int, ...]:
     if not isinstance(version, str) or not _VERSION.match(version):
         raise ValueError(f"target version {version!r} must be 1-4 dot-separated integers, "
                          "e.g. '3' or '1.2.0'")
-    return tuple(int(p) for p in version.split("."))
+    key = [int(p) for p in version.split(".")]
+    while len(key) > 1 and key[-1] == 0:
+        key.pop()
+    return tuple(key)
 
 
 @dataclass(frozen=True)

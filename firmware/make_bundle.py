@@ -12,8 +12,12 @@ appliance (see firmware/README.md)::
 ``exec``/``env`` follow fedge.update.ab.slot_command: ``"{python}"`` is the
 running interpreter, relative paths that exist in the slot resolve into it.
 ``files`` lets the appliance re-check the unpacked slot before it switches to it
-(``fedge.update.ab.verify_slot``; :func:`verify_slot` here is the same check by
-hand, for a machine without fedge).
+(``fedge.update.ab.verify_slot``); ``--verify`` runs that same function by hand,
+and also refuses a slot without a manifest, which it cannot vouch for.
+
+Run it from a source tree or wherever fedge is installed (it imports
+``fedge.update.ab``): ``python firmware/make_bundle.py`` from a checkout finds the
+``fedge`` package beside it.
 
 The archive is reproducible: members sorted, mtime 0, owner root, modes
 normalised (0755 for executables and directories, 0644 otherwise), gzip header
@@ -40,7 +44,13 @@ import tarfile
 from collections.abc import Sequence
 from pathlib import Path
 
-MANIFEST = "fedge-bundle.json"  # the name fedge.update.ab reads
+try:
+    from fedge.update import ab
+except ImportError:  # run as a script from a checkout without fedge installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from fedge.update import ab
+
+MANIFEST = ab.MANIFEST
 FORMAT = 1
 DEFAULT_EXEC = ("{python}", "-m", "fedge.cli", "agent", "run", "--config",
                 "/etc/fedge/agent.toml")
@@ -139,33 +149,20 @@ def make_bundle(
 
 
 def verify_slot(slot: Path) -> dict:
-    """Check an unpacked slot against its manifest's hashes; returns the manifest.
+    """Check an unpacked slot with ``fedge.update.ab.verify_slot``, the appliance's
+    own check, requiring a manifest; returns it.
 
     Raises:
-        BundleError: the manifest is missing or malformed, a file is missing,
-            altered, or not listed.
+        BundleError: the manifest is missing, malformed or has no hashes; a listed
+            file is missing, altered or a symlink; or the slot holds anything not
+            listed (a symlink included).
     """
     slot = Path(slot)
     try:
-        manifest = json.loads((slot / MANIFEST).read_text())
-        files = manifest["files"]
-        if manifest.get("format") != FORMAT or not isinstance(files, dict):
-            raise KeyError("format/files")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise BundleError(f"slot {slot}: bad or missing {MANIFEST}: {exc}") from None
-    for rel, digest in sorted(files.items()):
-        path = slot / rel
-        if not path.is_file():
-            raise BundleError(f"slot {slot}: {rel} is missing")
-        if _sha256(path) != digest:
-            raise BundleError(f"slot {slot}: {rel} does not match its sha256 in {MANIFEST}")
-    extra = sorted(
-        p.relative_to(slot).as_posix() for p in slot.rglob("*")
-        if p.is_file() and p.relative_to(slot).as_posix() not in files
-        and p.name != MANIFEST
-    )
-    if extra:
-        raise BundleError(f"slot {slot}: files not in {MANIFEST}: {extra[:5]}")
+        manifest = ab.verify_slot(slot, require_manifest=True)
+    except ValueError as exc:
+        raise BundleError(f"slot {slot}: {exc}") from None
+    assert manifest is not None  # require_manifest: a slot without one raised
     return manifest
 
 

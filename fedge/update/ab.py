@@ -218,31 +218,62 @@ def _unpack_deb(deb: Path, dest: Path) -> None:
             tar.extractall(dest, filter="data")
 
 
-def verify_slot(slot: Path) -> None:
-    """Check an unpacked slot against the sha256 of each file its manifest lists.
+def verify_slot(slot: Path, *, require_manifest: bool = False) -> dict | None:
+    """Check an unpacked slot against the sha256 of each file its manifest lists;
+    returns the manifest, or None for a slot that has no hashes to check.
+
+    The one slot check: `SlotInstaller.unpack` runs it on every slot, and
+    ``firmware/make_bundle.py --verify`` runs it with `require_manifest`.
 
     Only a manifest with a ``files`` table (format 1, written by
     firmware/make_bundle.py) can be checked; a slot from a .whl, a .deb or a
     hand-made .tar.gz without one passes unchecked (TUF already verified the
-    archive's hash). Same rule as ``make_bundle.py --verify``.
+    archive's hash) unless `require_manifest`, which refuses it. With a table, the
+    slot must be exactly what it lists: each listed file a regular file (not a
+    symlink) with that hash, and nothing else in the slot — a symlink or any other
+    entry that is not a directory is an extra, and only the top-level
+    ``fedge-bundle.json`` is exempt.
 
-    Raises: ValueError naming the file that is missing, altered or not listed.
+    Raises: ValueError naming the file that is missing, altered, a symlink or not
+        listed, or (with `require_manifest`) the manifest that is missing or has no
+        table of hashes.
     """
     import hashlib
 
+    slot = Path(slot)
     try:
         manifest = json.loads((slot / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return  # slot_command names a bad manifest when the slot is started
+    except (OSError, ValueError) as exc:
+        if require_manifest:
+            raise ValueError(f"bad or missing {MANIFEST}: {exc}") from None
+        return None  # slot_command names a bad manifest when the slot is started
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if files is None:
-        return
+        if require_manifest:
+            raise ValueError(f"{MANIFEST} has no files table: nothing to check the slot "
+                             "against (not a bundle from firmware/make_bundle.py)")
+        return None
     if manifest.get("format") != 1 or not isinstance(files, dict):
         raise ValueError(f"{MANIFEST}: format {manifest.get('format')!r} with files of type "
                          f"{type(files).__name__}; expected format 1 and a table of hashes")
+    # First, so that no hash is read through a symlinked directory. The walk does not
+    # follow links, and a link to a directory counts as an entry like any other.
+    entries = []
+    for top, dirs, names in os.walk(slot, followlinks=False):
+        here = Path(top).relative_to(slot)
+        entries += [(here / n).as_posix() for n in names]
+        entries += [(here / d).as_posix() for d in dirs if os.path.islink(os.path.join(top, d))]
+    extra = sorted(e for e in entries if e not in files and e != MANIFEST)
+    if extra:
+        raise ValueError(f"files not listed in {MANIFEST}: {extra[:5]}")
     for rel, digest in sorted(files.items()):
         path = slot / rel
-        if not path.is_file() or path.is_symlink():
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise ValueError(f"{rel!r}, listed in {MANIFEST}, is not a path inside the slot")
+        if path.is_symlink():
+            raise ValueError(f"{rel}, listed in {MANIFEST}, is a symlink; a bundle holds "
+                             "regular files only")
+        if not path.is_file():
             raise ValueError(f"{rel}, listed in {MANIFEST}, is missing from the bundle")
         h = hashlib.sha256()
         with open(path, "rb") as fh:
@@ -250,11 +281,7 @@ def verify_slot(slot: Path) -> None:
                 h.update(chunk)
         if h.hexdigest() != digest:
             raise ValueError(f"{rel} does not match its sha256 in {MANIFEST}")
-    extra = sorted(p.relative_to(slot).as_posix() for p in slot.rglob("*")
-                   if not p.is_dir() and p.relative_to(slot).as_posix() not in files
-                   and p.relative_to(slot).as_posix() != MANIFEST)
-    if extra:
-        raise ValueError(f"files not listed in {MANIFEST}: {extra[:5]}")
+    return manifest
 
 
 def slot_command(slot: Path) -> tuple[list[str], dict[str, str]]:

@@ -99,14 +99,49 @@ def test_verify_slot_catches_tampering_and_extra_files(tmp_path: Path) -> None:
     (slot / "mode.txt").write_text("good\n")
     (slot / "lib" / "implant.so").write_bytes(b"\x7fELF")
     with pytest.raises(mb.BundleError, match=re.escape(
-            "files not in fedge-bundle.json: ['lib/implant.so']")):
+            "files not listed in fedge-bundle.json: ['lib/implant.so']")):
         mb.verify_slot(slot)
     (slot / "lib" / "implant.so").unlink()
     (slot / "app.py").unlink()
-    with pytest.raises(mb.BundleError, match=re.escape("app.py is missing")):
+    with pytest.raises(mb.BundleError, match=re.escape(
+            "app.py, listed in fedge-bundle.json, is missing")):
         mb.verify_slot(slot)
     with pytest.raises(mb.BundleError, match=re.escape("bad or missing fedge-bundle.json")):
         mb.verify_slot(tmp_path)
+
+
+def test_verify_is_the_appliances_own_check_and_also_wants_a_manifest(tmp_path: Path) -> None:
+    """--verify runs fedge.update.ab.verify_slot, so it refuses what the appliance
+    refuses: a listed file that is a symlink (even to the same bytes), a link or a
+    fedge-bundle.json below the top level that the manifest does not list. A slot
+    without a table of hashes (a .whl's) the appliance takes unchecked; --verify
+    cannot vouch for it and says so."""
+    from fedge.update.ab import verify_slot
+
+    slot = SlotInstaller(tmp_path / "software").unpack("1.0.0", bundle(tmp_path, "good",
+                                                                       "1.0.0"))
+    (slot / "mode.txt").rename(tmp_path / "mode.txt")
+    (slot / "mode.txt").symlink_to(tmp_path / "mode.txt")
+    with pytest.raises(mb.BundleError, match=re.escape(
+            "mode.txt, listed in fedge-bundle.json, is a symlink")):
+        mb.verify_slot(slot)
+    (slot / "mode.txt").unlink()
+    (tmp_path / "mode.txt").rename(slot / "mode.txt")
+    for name, make in [("lib/fedge-bundle.json", lambda p: p.write_text("{}")),
+                       ("dangling", lambda p: p.symlink_to(tmp_path / "nowhere"))]:
+        make(slot / name)
+        with pytest.raises(mb.BundleError, match=re.escape(f"not listed in fedge-bundle.json: "
+                                                           f"[{name!r}]")):
+            mb.verify_slot(slot)
+        (slot / name).unlink()
+    assert mb.verify_slot(slot) == verify_slot(slot)
+
+    wheel_like = tmp_path / "wheel-slot"
+    wheel_like.mkdir()
+    (wheel_like / "fedge-bundle.json").write_text('{"version": "1.0.0", "exec": ["x"]}')
+    assert verify_slot(wheel_like) is None
+    with pytest.raises(mb.BundleError, match=re.escape("fedge-bundle.json has no files table")):
+        mb.verify_slot(wheel_like)
 
 
 def test_bad_inputs_are_refused_with_the_reason(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ socket, and rollback by itself when the new version is unhealthy."""
 
 import io
 import json
+import re
 import tarfile
 import time
 from pathlib import Path
@@ -280,3 +281,32 @@ def test_a_slot_that_does_not_match_its_manifests_hashes_is_refused_before_switc
                                      deadline_s=1)
         assert slots.current_version() is None and list(slots.slots.iterdir()) == []
     assert slots.unpack("4.0.0", made({"app.py": good}, {"app.py": good})).is_dir()
+
+
+def test_a_slot_with_a_symlink_its_manifest_does_not_list_is_refused(tmp_path):
+    """Links inside the slot pass tarfile's "data" filter, but a bundle from
+    firmware/make_bundle.py never has one: a link is an entry like any file, so an
+    unlisted one refuses the bundle even when it points at a listed directory (a
+    walk that asks is_dir() follows it and took it for a directory)."""
+    import hashlib
+
+    from fedge.update.ab import verify_slot
+
+    data = b"weights"
+    slot = tmp_path / "slot"
+    (slot / "data").mkdir(parents=True)
+    (slot / "data" / "a.bin").write_bytes(data)
+    (slot / "fedge-bundle.json").write_text(json.dumps(
+        {"format": 1, "version": "4.0.0", "exec": ["{python}"],
+         "files": {"data/a.bin": hashlib.sha256(data).hexdigest()}}))
+    verify_slot(slot)  # as made: passes
+    (slot / "alias").symlink_to("data")
+    with pytest.raises(ValueError, match=re.escape(
+            "files not listed in fedge-bundle.json: ['alias']")):
+        verify_slot(slot)
+    (slot / "alias").unlink()
+    (slot / "data" / "a.bin").rename(tmp_path / "a.bin")  # the same bytes, elsewhere
+    (slot / "data" / "a.bin").symlink_to(tmp_path / "a.bin")
+    with pytest.raises(ValueError, match=re.escape(
+            "data/a.bin, listed in fedge-bundle.json, is a symlink")):
+        verify_slot(slot)

@@ -144,32 +144,6 @@ def test_a_keep_alive_connection_is_closed_when_it_idles_after_its_response(
     assert received.startswith(b"HTTP/1.1 200") and 0.4 < after < 2.5
 
 
-def _tight_connector(app: InferenceServer) -> Any:
-    """Like `_connector`, with socket buffers of a few KiB, so that a response of
-    a few hundred KiB fills them when the client does not read it."""
-    import uvicorn
-    from uvicorn.server import ServerState
-
-    from fedge.serve.server import _loop_and_http
-
-    _, protocol_class = _loop_and_http(app)
-    config = uvicorn.Config(app, lifespan="off", proxy_headers=False, log_level="warning")
-    config.load()
-    state = ServerState()
-
-    async def connect() -> tuple[Any, socket.socket]:
-        ours, theirs = socket.socketpair()
-        for sock in (ours, theirs):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        theirs.setblocking(False)
-        _, proto = await asyncio.get_running_loop().connect_accepted_socket(
-            lambda: protocol_class(config=config, server_state=state, app_state={}), ours)
-        return proto, theirs
-
-    return connect
-
-
 def test_a_client_that_stops_reading_its_response_is_cut_off_one_that_reads_slowly_is_not(
     tmp_path: Path, cox_v1: tuple[Path, torch.nn.Module]
 ) -> None:
@@ -190,7 +164,7 @@ def test_a_client_that_stops_reading_its_response_is_cut_off_one_that_reads_slow
         return got
 
     async def scenario() -> tuple[bytes, bytes, float]:
-        connect = _tight_connector(app)
+        connect = _connector(app, buffers=4096)  # a 160 KB response fills them
         loop = asyncio.get_running_loop()
         _, stopped = await connect()
         await _send(stopped, _post(_rows_body(rows)))

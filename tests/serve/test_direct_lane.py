@@ -60,10 +60,12 @@ def _serving_cox(root: Path, onnx_path: Path) -> InferenceServer:
     return app
 
 
-def _connector(app: InferenceServer) -> Callable[[], Awaitable[tuple[Any, socket.socket]]]:
+def _connector(app: InferenceServer, *, buffers: int | None = None,
+               ) -> Callable[[], Awaitable[tuple[Any, socket.socket]]]:
     """Connects fedge serve's HTTP protocol (one config and server state for all)
     to one end of a new socket pair, no listener; each call returns the protocol
-    object and the client's (non-blocking) end."""
+    object and the client's (non-blocking) end. ``buffers``: both ends' socket send
+    and receive buffers, in bytes (small ones fill when a client does not read)."""
     import uvicorn
     from uvicorn.server import ServerState
 
@@ -76,6 +78,9 @@ def _connector(app: InferenceServer) -> Callable[[], Awaitable[tuple[Any, socket
 
     async def connect() -> tuple[Any, socket.socket]:
         ours, theirs = socket.socketpair()
+        for sock in (ours, theirs) if buffers is not None else ():
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffers)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffers)
         theirs.setblocking(False)
         _, proto = await asyncio.get_running_loop().connect_accepted_socket(
             lambda: protocol_class(config=config, server_state=state, app_state={}), ours

@@ -313,6 +313,11 @@ class Agent:
         if refused:
             await self._refuse(job, rnd, m.TASK_TRAIN, refused, t.task_id)
             return
+        try:  # declared, but its agent.toml table is refused: say why, not "not held"
+            getattr(self.trainer, "refuse_unusable", lambda name: None)(plan.dataset)
+        except TaskRefusal as exc:
+            await self._refuse(job, rnd, m.TASK_TRAIN, str(exc), t.task_id)
+            return
         if plan.dataset not in self.trainer.datasets():
             await self._refuse(job, rnd, m.TASK_TRAIN,
                                f"data set {plan.dataset!r} is not held by {self.site}", t.task_id)

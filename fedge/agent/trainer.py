@@ -126,6 +126,13 @@ class TorchTrainer:
     def datasets(self) -> list[str]:
         return sorted(self._specs)
 
+    def refuse_unusable(self, name: str) -> None:
+        """Raises: TaskRefusal: ``name`` is declared in agent.toml but its table is
+        refused (the reason names the rule), so a task naming it says what to fix."""
+        if name in self.unusable:
+            raise TaskRefusal(f"data set {name!r} is declared in this appliance's "
+                              f"agent.toml but refused: {self.unusable[name]}")
+
     def standardisation(self, name: str) -> tuple[Any, Any, list[str]] | None:
         """This site's standardiser for data set ``name`` (mean, scale, feature names),
         fitted on its training split exactly as training uses it; None when the site
@@ -134,6 +141,7 @@ class TorchTrainer:
         Raises:
             TaskRefusal: the data set is declared but cannot be loaded (names why).
         """
+        self.refuse_unusable(name)
         if name not in self._specs:
             return None
         data = self._site_data(name)
@@ -145,9 +153,7 @@ class TorchTrainer:
         from fedge.train.api import load_site_data
 
         with self._lock:
-            if name in self.unusable:
-                raise TaskRefusal(f"data set {name!r} is declared in this appliance's "
-                                  f"agent.toml but refused: {self.unusable[name]}")
+            self.refuse_unusable(name)
             if name not in self._specs:
                 raise TaskRefusal(f"data set {name!r} is not held here (held: "
                                   f"{', '.join(sorted(self._specs)) or 'none'})")

@@ -11,6 +11,7 @@ import pytest
 from fedge.agent.trainer import TaskRefusal, TorchTrainer, train_config_dict
 from fedge.coordinator.plan import parse_plan
 from fedge.coordinator.rounds import train_seed
+from fedge.wire import messages as m
 
 DATA = Path(__file__).resolve().parents[2] / "../shared/data/fed_tcga_brca"
 
@@ -219,3 +220,20 @@ def test_a_data_set_table_this_release_refuses_is_left_out_not_fatal(tmp_path, c
                                           r"refused: .*datasets\.features"):
         trainer.train("site-0", "job", plan, np.zeros(3, np.float32), round=1, seed=1)
     assert trainer.standardisation("rows") is not None
+    with pytest.raises(TaskRefusal, match=r"refused: .*datasets"):
+        trainer.standardisation("old_rows")  # a pushed model for it says why too
+
+    # and through the agent, as the coordinator's task meets it
+    import asyncio
+
+    from fedge.agent.guard import PrivacyPolicy
+    from fedge.agent.runtime import Agent
+    from tests.agent.test_runtime import Link, deliver, task
+
+    agent = Agent("site-0", trainer, policy=PrivacyPolicy(require_secure_aggregation=False))
+    link = Link(agent)
+    old_plan = PLAN.replace('dataset = "brca"', 'dataset = "old_rows"')
+    asyncio.run(deliver(agent, task(plan=old_plan, d=3)))
+    (refused,) = link.bodies(m.TaskRefused)
+    assert "declared in this appliance's agent.toml but refused" in refused.reason
+    assert "datasets.features" in refused.reason

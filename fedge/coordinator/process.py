@@ -452,9 +452,6 @@ async def _drain(coord: Coordinator, server: Any, key_of: dict[str, str], codec:
 
     outbox, coord.outbox = coord.outbox, []
     for out in outbox:
-        if out.close_after:  # after the message has had time to leave (libzmq's queue)
-            asyncio.get_running_loop().call_later(CLOSE_AFTER_S, coord.on_disconnect,
-                                                  out.site)
         kind = type(out.body).__name__
         key = key_of.get(out.site)
         if key is None:
@@ -462,6 +459,13 @@ async def _drain(coord: Coordinator, server: Any, key_of: dict[str, str], codec:
                 key = coord.store.appliance(out.site).curve_public_z85
             except Exception:
                 continue
+        if out.close_after:
+            # the connection this goes to, by its routing id (a reconnection of the
+            # same site meanwhile is another connection and stays), shut once the
+            # message has had time to leave libzmq's queue
+            peer = server.peer_for_key(key)
+            if peer is not None:
+                asyncio.get_running_loop().call_later(CLOSE_AFTER_S, server.disconnect, peer)
         try:
             frames = codec.encode(out.body, sender="coordinator", job=out.job, round=out.round)
         except Exception as exc:  # e.g. OversizeMessage: a bug here must not end serve()

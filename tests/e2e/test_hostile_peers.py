@@ -52,9 +52,10 @@ def heartbeat(name, **over):
     return m.Heartbeat(**fields)
 
 
-def client(fed, site):
+def client(fed, site, events=None):
     return ClientSocket(fed.sites[site]["curve"], fed.coord_keys.public, fed.endpoint,
-                        heartbeat=HeartbeatConfig(0.3, 3.0))
+                        heartbeat=HeartbeatConfig(0.3, 3.0),
+                        on_event=events.append if events is not None else None)
 
 
 async def answers(c, n=8, timeout=3.0):
@@ -93,7 +94,8 @@ def test_one_enrolled_site_cannot_end_the_coordinator_with_a_heartbeat_or_a_nest
     fed.start_coordinator()
 
     async def go():
-        async with client(fed, "honest") as h, client(fed, "rogue") as r:
+        events = []
+        async with client(fed, "honest") as h, client(fed, "rogue", events) as r:
             await h.wait_connected(20)
             await r.wait_connected(20)
             said = {}
@@ -107,17 +109,22 @@ def test_one_enrolled_site_cannot_end_the_coordinator_with_a_heartbeat_or_a_nest
                 await r.send(frames)
                 said[name] = await answers(r, n=3, timeout=2.0)
                 assert fed.coordinator.p.poll() is None, (name, fed.dump())
-                if name == "version":  # refused for its version: dropped, connects again
+                if name == "version":  # refused for its version: told, dropped, back again
+                    for _ in range(100):
+                        if any(e.kind == "disconnected" for e in events):
+                            break
+                        await asyncio.sleep(0.1)
+                    dropped = any(e.kind == "disconnected" for e in events)
                     await r.wait_connected(20)
             await h.send(codec.encode(heartbeat("honest"), sender="honest"))
             for _ in range(3):
                 frames = await h.recv(timeout=5)
                 if isinstance(codec.decode([f.bytes for f in frames], max_bytes=1 << 30).body,
                               m.HeartbeatAck):
-                    return said, True
-            return said, False
+                    return said, True, dropped
+            return said, False, dropped
 
-    said, honest_answered = asyncio.run(go())
+    said, honest_answered, dropped = asyncio.run(go())
     assert honest_answered and fed.coordinator.p.poll() is None, fed.dump()
     for name in ("site", "nested"):
         rejected = [b for b in said[name] if isinstance(b, m.Rejected)]
@@ -125,6 +132,7 @@ def test_one_enrolled_site_cannot_end_the_coordinator_with_a_heartbeat_or_a_nest
     assert "heartbeat names site '\\x00" in said["site"][0].reason
     assert said["nested"][0].reason.startswith("BadField: body: [[[...]]]")
     # refused for its version, the site is told why, then dropped
+    assert dropped
     [told] = [b for b in said["version"] if isinstance(b, m.Rejected)]
     assert "printable string of at most 64" in told.reason and len(told.reason) < 400
     [refused] = fed.audit("version_refused")

@@ -310,6 +310,13 @@ class RevealLog:
         sites: list[list[str]] = []
         try:
             doc = json.loads(data)
+            if isinstance(doc, dict) and "moved_to" in doc:  # our own stub: the log is gone
+                self.error = (f"secure aggregation reveal log {self.path} is missing, and "
+                              f"{legacy} says the log was moved there; nothing is revealed "
+                              f"until it is restored (to start afresh, which forgets what "
+                              f"this site revealed, move {legacy} aside as well)")
+                log.error("%s", self.error)
+                return
             self._key = bytes.fromhex(doc["key"])
             for row in doc["entries"]:
                 self._take_row(row, True, [], [], [])

@@ -66,10 +66,10 @@ MAX_REASON_CHARS = 2000
 
 
 def clip_reason(reason: str, limit: int = MAX_REASON_CHARS) -> str:
-    """``reason`` cut to ``limit`` characters ("..." marks a cut)."""
+    """``reason`` cut to ``limit`` characters ("..." marks a cut, where 3 fit)."""
     if len(reason) <= limit:
         return reason
-    return reason[: max(limit - 3, 0)] + "..."
+    return reason[:limit - 3] + "..." if limit >= 3 else reason[:max(limit, 0)]
 
 
 def _check_examples(cls: str, n: int, least: int) -> None:

@@ -464,6 +464,12 @@ def test_the_whole_file_log_of_earlier_releases_is_taken_over_once(tmp_path: Pat
     with pytest.raises(UpdateAlreadySummed, match="within 1%"):  # its sketch came too
         RevealLog(path, legacy=legacy).check_and_record(update_digest(hair, 10), ["a"], hair)
 
+    # the new log lost (moved aside by hand, say): the stub names it, nothing revealed
+    path.rename(tmp_path / "aside.jsonl")
+    with pytest.raises(RevealLogError, match=r"revealed\.jsonl is missing, and .*revealed\.json "
+                                             r"says the log was moved there"):
+        RevealLog(path, legacy=legacy).check_and_record(b"\1" * 32, ["a", "b"], None)
+
     broken = tmp_path / "b" / "revealed.json"
     broken.parent.mkdir()
     broken.write_text('{"key": "00", "entries": [{"digest": 5}]}')

@@ -43,7 +43,7 @@ import numpy as np
 from fedge import __version__
 from fedge.agent.guard import PrivacyPolicy, RevealLog, refuse_threshold, update_digest
 from fedge.agent.jobstate import JobStateStore
-from fedge.agent.trainer import LocalResult, TaskRefusal, Trainer
+from fedge.agent.trainer import LocalResult, TaskRefusal, Trainer, declared_but_refused
 from fedge.coordinator.checkpoint import model_digest
 from fedge.coordinator.plan import Plan, PlanError, parse_plan
 from fedge.coordinator.rounds import SECAGG_PROTOCOL, context_digest
@@ -313,14 +313,12 @@ class Agent:
         if refused:
             await self._refuse(job, rnd, m.TASK_TRAIN, refused, t.task_id)
             return
-        try:  # declared, but its agent.toml table is refused: say why, not "not held"
-            getattr(self.trainer, "refuse_unusable", lambda name: None)(plan.dataset)
-        except TaskRefusal as exc:
-            await self._refuse(job, rnd, m.TASK_TRAIN, str(exc), t.task_id)
-            return
         if plan.dataset not in self.trainer.datasets():
+            why = self.trainer.unusable.get(plan.dataset)  # declared, its table refused
             await self._refuse(job, rnd, m.TASK_TRAIN,
-                               f"data set {plan.dataset!r} is not held by {self.site}", t.task_id)
+                               declared_but_refused(plan.dataset, why) if why is not None
+                               else f"data set {plan.dataset!r} is not held by {self.site}",
+                               t.task_id)
             return
         if plan.secagg.enabled and (self.identity is None or self.roster is None):
             await self._refuse(job, rnd, m.TASK_TRAIN,

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Protocol
 
 import numpy as np
@@ -40,6 +41,9 @@ class LocalResult:
 
 
 class Trainer(Protocol):
+    # data sets declared in agent.toml whose table is refused, and why: not held
+    unusable: Mapping[str, str]
+
     def datasets(self) -> list[str]: ...
 
     def train(self, site: str, job: str, plan: Plan, weights: np.ndarray, *, round: int,
@@ -48,6 +52,11 @@ class Trainer(Protocol):
 
     def evaluate(self, plan: Plan, weights: np.ndarray, split: str) -> tuple[int, dict[str, float]]:
         ...
+
+
+def declared_but_refused(name: str, why: str) -> str:
+    """The refusal of a task naming a data set whose agent.toml table is refused."""
+    return f"data set {name!r} is declared in this appliance's agent.toml but refused: {why}"
 
 
 def train_config_dict(plan: Plan, seed: int) -> dict[str, Any]:
@@ -126,12 +135,11 @@ class TorchTrainer:
     def datasets(self) -> list[str]:
         return sorted(self._specs)
 
-    def refuse_unusable(self, name: str) -> None:
+    def _refuse_unusable(self, name: str) -> None:
         """Raises: TaskRefusal: ``name`` is declared in agent.toml but its table is
         refused (the reason names the rule), so a task naming it says what to fix."""
         if name in self.unusable:
-            raise TaskRefusal(f"data set {name!r} is declared in this appliance's "
-                              f"agent.toml but refused: {self.unusable[name]}")
+            raise TaskRefusal(declared_but_refused(name, self.unusable[name]))
 
     def standardisation(self, name: str) -> tuple[Any, Any, list[str]] | None:
         """This site's standardiser for data set ``name`` (mean, scale, feature names),
@@ -141,7 +149,7 @@ class TorchTrainer:
         Raises:
             TaskRefusal: the data set is declared but cannot be loaded (names why).
         """
-        self.refuse_unusable(name)
+        self._refuse_unusable(name)
         if name not in self._specs:
             return None
         data = self._site_data(name)
@@ -153,7 +161,7 @@ class TorchTrainer:
         from fedge.train.api import load_site_data
 
         with self._lock:
-            self.refuse_unusable(name)
+            self._refuse_unusable(name)
             if name not in self._specs:
                 raise TaskRefusal(f"data set {name!r} is not held here (held: "
                                   f"{', '.join(sorted(self._specs)) or 'none'})")
@@ -240,6 +248,8 @@ class SyntheticTrainer:
     SCAFFOLD each step is corrected, y ← y − lr·((y − target) − c_i + c), and
     Δc_i = c_i⁺ − c_i with option II's c_i⁺ = c_i − c + (w − y)/(K·lr).
     """
+
+    unusable: Mapping[str, str] = MappingProxyType({})  # every table is its own
 
     def __init__(self, site: str, *, dataset: str = "synthetic", n_examples: int = 100,
                  scale: float = 0.1) -> None:

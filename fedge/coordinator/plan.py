@@ -322,7 +322,7 @@ def _parse_plan(text: str) -> Plan:
                         "must be >= 2 when secagg.enabled: a sum of one input reveals it")
     if sname == "scaffold":  # first: no privacy table is allowed there, valid or not
         _check_scaffold(tsettings, privacy)
-    _check_privacy(privacy, tsettings, rounds, model_name)
+    _check_privacy(privacy, tsettings, rounds)
     deadlines = Deadlines(
         cohort_s=_float(dead, "deadlines.cohort_s", lo=0.0, lo_open=True, default=60.0),
         train_s=_float(dead, "deadlines.train_s", lo=0.0, lo_open=True, default=600.0),
@@ -346,8 +346,7 @@ DP_KEYS = ("noise_multiplier", "max_grad_norm", "delta", "target_epsilon", "cox_
 CLIENT_DP_KEYS = ("clip_norm", "noise_multiplier", "cohort_size")
 
 
-def _check_privacy(privacy: dict[str, Any], train: TrainSettings, rounds: int,
-                   model_name: str) -> None:
+def _check_privacy(privacy: dict[str, Any], train: TrainSettings, rounds: int) -> None:
     """Check the ``dp`` and ``client_dp`` tables, and refuse a plan whose record-level DP
     target cannot be met with the rounds asked. (DP-SGD on a Cox model needs
     ``cox_per_term = true``: a rule for new jobs, in `check_submission`.)

@@ -75,14 +75,13 @@ def summarise(status: dict[str, Any], plan_toml: str = "") -> dict[str, Any]:
 def privacy_bound(plan_toml: str) -> str:
     """What the job's DP-SGD epsilon bounds: one record, or (a Cox model run with
     ``privacy.dp.cox_per_term``) one loss term only."""
-    import tomllib
-
+    from fedge.coordinator.plan import PlanError, parse_plan
     from fedge.train.accounting import PER_LOSS_TERM
 
     try:
-        dp = tomllib.loads(plan_toml).get("privacy", {}).get("dp", {})
-    except (tomllib.TOMLDecodeError, AttributeError):
-        dp = {}
+        dp = parse_plan(plan_toml).privacy.get("dp")
+    except PlanError:
+        dp = None
     return PER_LOSS_TERM if isinstance(dp, dict) and dp.get("cox_per_term") is True \
         else "per record"
 

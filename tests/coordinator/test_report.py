@@ -57,9 +57,11 @@ def test_the_report_says_what_a_cox_models_epsilon_bounds() -> None:
     rows = [{"site": "a", "split": "privacy", "name": "epsilon_job", "round": 1,
              "value": 1.5}]
     status = {"job_id": "j", "metrics": rows, "rounds": []}
-    cox = "[privacy.dp]\nnoise_multiplier = 1.1\ncox_per_term = true\n"
+    from tests.coordinator.test_plan_cox_dp import PLAN
+
+    cox = PLAN.format(model="cox_linear", extra=", cox_per_term = true")
     assert summarise(status, cox)["privacy_bound"] == "per loss term, not a record-level bound"
-    assert summarise(status, "[privacy.dp]\nnoise_multiplier = 1.1\n")["privacy_bound"] == \
+    assert summarise(status, PLAN.format(model="logistic", extra=""))["privacy_bound"] == \
         "per record"
     assert summarise({**status, "metrics": []}, cox)["privacy_bound"] is None  # no DP-SGD
     assert privacy_bound("not toml [") == "per record"

@@ -19,29 +19,11 @@ from fedge.coordinator import checkpoint as ck
 from fedge.coordinator.rounds import Phase
 from fedge.wire import codec
 from fedge.wire import messages as m
+from tests.coordinator.test_service import PLAN as SERVICE_PLAN
 
-PLAN = """
-[job]
-dataset = "synthetic"
-rounds = 2
-min_clients = 2
-max_failed_attempts = 2
-[model]
-name = "linear"
-[train]
-steps = 1
-batch_size = 1
-learning_rate = 0.5
-[strategy]
-name = "fedavg"
-[secagg]
-enabled = false
-[deadlines]
-cohort_s = 5
-train_s = 5
-secagg_stage_s = 5
-eval_s = 5
-"""
+# test_service's plan, two rounds, failing a job after two failed attempts
+PLAN = SERVICE_PLAN.replace("rounds = 3", "rounds = 2").replace(
+    "min_clients = 2\n", "min_clients = 2\nmax_failed_attempts = 2\n")
 
 
 def heartbeat(name, **over):

@@ -14,10 +14,10 @@ import time
 import msgpack
 import numpy as np
 
-from fedge import __version__
 from fedge.transport import ClientSocket, HeartbeatConfig
 from fedge.wire import codec
 from fedge.wire import messages as m
+from tests.coordinator.test_hostile_messages import heartbeat as synthetic_heartbeat
 
 PLAN = """
 [job]
@@ -46,10 +46,7 @@ eval_s = 4
 
 
 def heartbeat(name, **over):
-    fields = dict(site=name, version=__version__, health_json="{}", eligible=True, reason="",
-                  datasets=["fed_tcga_brca"], current_task="")
-    fields.update(over)
-    return m.Heartbeat(**fields)
+    return synthetic_heartbeat(name, **{"datasets": ["fed_tcga_brca"], **over})
 
 
 def client(fed, site, events=None):

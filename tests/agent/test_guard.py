@@ -610,3 +610,16 @@ def test_a_site_requiring_dp_refuses_a_plan_without_it() -> None:
                        "cohort_size = 3\n"
     run(fleet.train(["site-a"], "t2", plan=with_dp))
     assert [b for _, b in fleet.inbox if isinstance(b, m.TrainDone)]
+
+
+def test_a_take_over_that_cannot_write_the_new_log_refuses_every_reveal_and_keeps_the_old(
+    tmp_path: Path,
+) -> None:
+    legacy = tmp_path / "revealed.json"
+    _legacy_log(legacy, b"\0" * 16, {"ab" * 32: ["a", "b"]}, [])
+    before = legacy.read_bytes()
+    (tmp_path / "not-a-dir").write_text("")  # the new log's directory cannot be made
+    log = RevealLog(tmp_path / "not-a-dir" / "revealed.jsonl", legacy=legacy)
+    with pytest.raises(RevealLogError, match="cannot be written"):
+        log.check_and_record(b"\1" * 32, ["a", "b"], None)
+    assert legacy.read_bytes() == before  # not replaced by the stub: still the record

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 
 import numpy as np
 
@@ -346,3 +347,19 @@ def test_an_admin_channel_that_fails_at_every_start_is_retried_ever_more_slowly(
     restarts = [r for r in caplog.records if "admin channel stopped" in r.getMessage()]
     assert restarts[0].exc_info and not any(r.exc_info for r in restarts[1:])
     assert "times in a row" in restarts[-1].getMessage()
+
+
+def test_an_admin_channel_that_served_a_while_starts_a_new_run_of_failures(tmp_path):
+    """After ADMIN_HEALTHY_S of service, the next failure restarts at the first step
+    again, not after the doubled wait of the failures before it."""
+    from fedge.coordinator import process
+
+    async def go():
+        running = asyncio.ensure_future(asyncio.Event().wait())
+        watch = process._AdminWatch(started_at=time.monotonic() - process.ADMIN_HEALTHY_S,
+                                    failures=4)
+        assert process._watch_admin(None, None, running, watch) is running
+        running.cancel()
+        return watch.failures
+
+    assert asyncio.run(go()) == 0

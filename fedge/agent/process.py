@@ -51,7 +51,7 @@ from typing import Any, TypeVar
 
 from fedge.agent.guard import PrivacyPolicy, PrivacyPolicyError, RevealLog
 from fedge.agent.jobstate import JobStateStore
-from fedge.agent.runtime import Agent
+from fedge.agent.runtime import HEALTH_MAX_AGE_S, Agent
 
 log = logging.getLogger("fedge.agent")
 
@@ -314,6 +314,24 @@ def health_probe(cfg: AgentConfig, xid_monitor: Any = None) -> Any:
     return probe
 
 
+def health_max_age_s(cfg: AgentConfig) -> float:
+    """How long a health verdict stands in the agent's heartbeats: the site's
+    ``[eligibility] max_report_age_s``. The probe decides as soon as it has collected,
+    so the policy never sees an old report; the agent (``Agent.max_report_age_s``)
+    applies the limit to the report it keeps and to a probe that does not return.
+    With health disabled the constant probe is always eligible and the agent's
+    default stands.
+
+    Raises:
+        ValueError: the [eligibility] table is invalid (as ``health_probe``).
+    """
+    if not cfg.health:
+        return HEALTH_MAX_AGE_S
+    from fedge.health import EligibilityPolicy
+
+    return EligibilityPolicy.from_config(cfg.eligibility).max_report_age_s
+
+
 async def run_agent(agent: Agent, enrolled: Enrolled, *, interval_s: float, timeout_s: float,
                     stop: asyncio.Event, notifier: Any = None,
                     connect_timeout_s: float | None = None,
@@ -451,6 +469,7 @@ def run(cfg: AgentConfig, *, connect_timeout_s: float | None = None) -> int:
     agent = Agent(enrolled.site, trainer, identity=enrolled.identity, roster=enrolled.roster,
                   roster_key=enrolled.roster_key, roster_path=enrolled.roster_path,
                   executor=executor, health=health_probe(cfg, xids),
+                  max_report_age_s=health_max_age_s(cfg),
                   job_state=JobStateStore(cfg.state_dir / "jobs"), policy=cfg.policy,
                   reveal_log=RevealLog(cfg.state_dir / "secagg" / "revealed.jsonl",
                                        legacy=cfg.state_dir / "secagg" / "revealed.json"))

@@ -73,6 +73,9 @@ class _Task:
 
 
 PROBE_WAIT_S = 0.5  # longest a heartbeat waits for its health probe
+# How long a health verdict stands when the process names no limit: EligibilityPolicy's
+# default max_report_age_s (fedge.health is not imported where health is disabled).
+HEALTH_MAX_AGE_S = 300.0
 
 
 def _in_daemon_thread(loop: asyncio.AbstractEventLoop, fn: Callable[[], Any],
@@ -103,7 +106,10 @@ class Agent:
 
     ``identity`` (Ed25519, ``fedge.secagg.keys.Identity``) and ``roster``
     (``fedge.secagg.keys.Roster``) are needed only when a plan enables secure
-    aggregation. ``health`` returns (health dict, eligible, reason).
+    aggregation. ``health`` returns (health dict, eligible, reason); a verdict stands
+    for ``max_report_age_s`` (the site's ``EligibilityPolicy.max_report_age_s``), and
+    until ``health`` first returns the appliance says it is not eligible (without
+    ``health``, always eligible).
     """
 
     def __init__(
@@ -117,6 +123,7 @@ class Agent:
         roster_path: Path | None = None,
         executor: Executor | None = None,
         health: Callable[[], tuple[dict[str, Any], bool, str]] | None = None,
+        max_report_age_s: float = HEALTH_MAX_AGE_S,
         max_message_bytes: int = 1 << 30,
         secagg_threads: int = 1,
         job_state: JobStateStore | None = None,
@@ -136,7 +143,10 @@ class Agent:
         self.roster_key = roster_key
         self.roster_path = roster_path
         self.executor = executor
+        if not max_report_age_s > 0:
+            raise ValueError(f"max_report_age_s={max_report_age_s!r} must be > 0")
         self.health = health or (lambda: ({}, True, ""))
+        self.max_report_age_s = max_report_age_s
         self.max_message_bytes = max_message_bytes
         self.secagg_threads = secagg_threads
         self.send_frames: SendFn | None = None
@@ -152,10 +162,18 @@ class Agent:
         # written to ``job_state`` at each commit so a restarted agent resumes it.
         self.controls: dict[str, dict[int, np.ndarray]] = {}
         self.job_state = job_state
-        self._health_cache: tuple[dict[str, Any], bool, str] = ({}, True, "")
+        # The cohort holds only appliances known to be healthy: nothing measured is no
+        # verdict, so the heartbeats before the first probe returns say not eligible
+        # (without a probe, health is not watched and the constant verdict holds).
+        self._health_cache: tuple[dict[str, Any], bool, str] = (
+            ({}, False, "health not measured yet") if health is not None else ({}, True, ""))
+        self._health_measured: float | None = None  # monotonic, when its probe returned
         # Health probes run on a thread of their own: on ``executor`` they would queue
         # behind a round's training (one worker by default) and the heartbeat with them.
-        self._probe: asyncio.Future[tuple[dict[str, Any], bool, str]] | None = None
+        # The probe's future holds its verdict and when (monotonic) the probe returned.
+        self._probe: asyncio.Future[tuple[tuple[dict[str, Any], bool, str], float]] | None = None
+        self._probe_started = 0.0  # monotonic
+        self._probe_overdue_logged = False
 
     # -- outgoing -------------------------------------------------------------------
 
@@ -168,11 +186,14 @@ class Agent:
         """Send a heartbeat with a fresh health report: the probe runs on its own
         thread; one still running after ``PROBE_WAIT_S`` (a hung NVML call) is left to
         finish for a later heartbeat, and until then heartbeats carry the last report
-        without waiting."""
+        without waiting, eligible for ``max_report_age_s`` at most (see
+        :meth:`_health_verdict`)."""
         loop = asyncio.get_running_loop()
         wait = 0.0  # a probe already late for an earlier heartbeat delays no other
         if self._probe is None:
-            self._probe = _in_daemon_thread(loop, self.health, "fedge-health")
+            self._probe = _in_daemon_thread(loop, self._measure, "fedge-health")
+            self._probe_started = time.monotonic()
+            self._probe_overdue_logged = False
             wait = PROBE_WAIT_S
         probe = self._probe
         if wait:
@@ -180,18 +201,50 @@ class Agent:
         if probe.done():
             self._probe = None
             try:
-                self._health_cache = probe.result()
+                self._health_cache, self._health_measured = probe.result()
             except Exception as exc:  # a broken probe must not silence the heartbeat
                 self._health_cache = ({"error": str(exc)}, False,
                                       f"health probe failed: {exc}")
+                self._health_measured = time.monotonic()
         elif wait:
             log.warning("%s: health probe still running after %.1f s; heartbeats go with "
                         "the last report until it ends", self.site, PROBE_WAIT_S)
-        report, eligible, reason = self._health_cache
+        report, eligible, reason = self._health_verdict(time.monotonic())
         await self.send(m.Heartbeat(
             site=self.site, version=__version__, health_json=json.dumps(report, default=str),
             eligible=eligible, reason=reason, datasets=self.trainer.datasets(),
             current_task=self._busy, secagg_protocol=SECAGG_PROTOCOL))
+
+    def _measure(self) -> tuple[tuple[dict[str, Any], bool, str], float]:
+        """The probe's verdict and the moment it was decided: the probe decides as
+        soon as it has collected, and the heartbeat that takes it up may come later."""
+        verdict = self.health()
+        return verdict, time.monotonic()
+
+    def _health_verdict(self, now: float) -> tuple[dict[str, Any], bool, str]:
+        """The cached (report, eligible, reason), unless it is too old to stand.
+
+        A verdict was decided when its report was collected, so it stands for
+        ``max_report_age_s`` from the moment its probe returned; and a probe running
+        longer than that (an NVML call stuck after the GPU fell off the bus, say) makes
+        the appliance ineligible until it returns, rather than leave the last good
+        verdict standing for as long as the call hangs."""
+        report, eligible, reason = self._health_cache
+        limit = self.max_report_age_s
+        running = now - self._probe_started if self._probe is not None else 0.0
+        if running > limit:
+            reason = (f"health probe has not returned for {running:.1f} s "
+                      f"(limit {limit:g} s): a hung NVML call?")
+            if not self._probe_overdue_logged:
+                self._probe_overdue_logged = True
+                log.error("%s: %s; not eligible until it returns", self.site, reason)
+            return report, False, reason
+        if eligible and self._health_measured is not None:
+            age = now - self._health_measured
+            if age > limit:
+                return report, False, (f"health report is {age:.1f} s old "
+                                       f"(limit {limit:g} s)")
+        return report, eligible, reason
 
     # -- incoming -------------------------------------------------------------------
 

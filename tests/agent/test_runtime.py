@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import time
 
@@ -86,6 +87,140 @@ def test_broken_health_probe_reports_ineligible_instead_of_crashing():
     asyncio.run(agent.heartbeat())
     (hb,) = link.bodies(m.Heartbeat)
     assert not hb.eligible and "nvml gone" in hb.reason
+
+
+def test_before_the_first_health_probe_returns_the_appliance_is_not_eligible(monkeypatch):
+    """The cohort holds only appliances known to be healthy: a first probe stuck in
+    NVML is no verdict of health."""
+    import fedge.agent.runtime as rt
+
+    monkeypatch.setattr(rt, "PROBE_WAIT_S", 0.05)
+    release = threading.Event()
+
+    def probe():
+        release.wait(5)
+        return {"probe": 1}, True, "eligible: 1 GPU(s) healthy"
+
+    agent = Agent("site-a", SyntheticTrainer("site-a"), health=probe, policy=PLAIN_OK)
+    link = Link(agent)
+
+    async def go():
+        await agent.heartbeat()
+        await agent.heartbeat()
+
+    try:
+        asyncio.run(go())
+    finally:
+        release.set()
+    for hb in link.bodies(m.Heartbeat):
+        assert (hb.eligible, hb.reason) == (False, "health not measured yet")
+        assert json.loads(hb.health_json) == {}
+
+
+async def _until_the_probe_returns(agent, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while agent._probe is not None and not agent._probe.done():
+        assert time.monotonic() < deadline, "the health probe did not return"
+        await asyncio.sleep(0.01)
+
+
+def test_a_health_probe_stuck_past_the_report_age_limit_makes_the_appliance_ineligible(
+        monkeypatch):
+    """A probe that hangs (an NVML call stuck after XID 79) leaves the last verdict
+    standing for max_report_age_s, no longer: then heartbeats say not eligible and how
+    long the probe has been stuck; the probe returning makes it eligible again."""
+    import fedge.agent.runtime as rt
+
+    monkeypatch.setattr(rt, "PROBE_WAIT_S", 0.05)
+    limit = 0.5
+    hang, release = threading.Event(), threading.Event()
+
+    def probe():
+        if hang.is_set():
+            release.wait(5)
+        return {"gpus": 1}, True, "eligible: 1 GPU(s) healthy"
+
+    agent = Agent("site-a", SyntheticTrainer("site-a"), health=probe, max_report_age_s=limit,
+                  policy=PLAIN_OK)
+    link = Link(agent)
+
+    async def go():
+        await agent.heartbeat()  # 1: measured, eligible
+        hang.set()
+        t0 = time.monotonic()
+        await agent.heartbeat()  # 2: the probe hangs, the last verdict stands
+        await agent.heartbeat()  # 3: likewise, without waiting
+        within = time.monotonic() - t0
+        await asyncio.sleep(limit + 0.2)
+        await agent.heartbeat()  # 4: stuck past the limit
+        await agent.heartbeat()  # 5: still stuck
+        release.set()
+        await _until_the_probe_returns(agent)
+        await agent.heartbeat()  # 6: the stuck probe's verdict, fresh
+        return within
+
+    try:
+        within = asyncio.run(go())
+    finally:
+        release.set()
+    hbs = link.bodies(m.Heartbeat)
+    assert within < limit
+    assert [hb.eligible for hb in hbs] == [True, True, True, False, False, True]
+    for hb in hbs[3:5]:
+        match = re.fullmatch(r"health probe has not returned for ([0-9.]+) s \(limit 0.5 s\): "
+                             r"a hung NVML call\?", hb.reason)
+        assert match and float(match.group(1)) > limit, hb.reason
+        assert json.loads(hb.health_json) == {"gpus": 1}  # the last report, for the fleet view
+    assert hbs[5].reason == "eligible: 1 GPU(s) healthy"
+
+
+def test_a_verdict_older_than_the_report_age_limit_is_not_sent_as_eligible(monkeypatch):
+    """Heartbeats that stopped for a while (a stalled loop, a link down) find a verdict
+    decided long ago; the next probe not back yet, the old one does not stand."""
+    import fedge.agent.runtime as rt
+
+    monkeypatch.setattr(rt, "PROBE_WAIT_S", 0.05)
+    limit = 0.3
+    hang, release = threading.Event(), threading.Event()
+
+    def probe():
+        if hang.is_set():
+            release.wait(5)
+        return {}, True, "eligible: 1 GPU(s) healthy"
+
+    agent = Agent("site-a", SyntheticTrainer("site-a"), health=probe, max_report_age_s=limit,
+                  policy=PLAIN_OK)
+    link = Link(agent)
+
+    async def go():
+        await agent.heartbeat()
+        await asyncio.sleep(limit + 0.1)
+        hang.set()
+        await agent.heartbeat()  # the new probe has run PROBE_WAIT_S, the verdict is old
+        release.set()
+        await _until_the_probe_returns(agent)
+        await agent.heartbeat()
+
+    try:
+        asyncio.run(go())
+    finally:
+        release.set()
+    first, old, fresh = link.bodies(m.Heartbeat)
+    assert first.eligible and fresh.eligible
+    assert not old.eligible
+    assert re.fullmatch(r"health report is [0-9.]+ s old \(limit 0.3 s\)", old.reason)
+
+
+def test_the_agent_takes_its_report_age_limit_from_the_sites_eligibility_policy(tmp_path):
+    from fedge.agent.process import AgentConfig, health_max_age_s
+
+    assert health_max_age_s(AgentConfig(tmp_path, eligibility={"max_report_age_s": 42})) == 42
+    assert health_max_age_s(AgentConfig(tmp_path)) == 300.0  # EligibilityPolicy's default
+    assert health_max_age_s(AgentConfig(tmp_path, health=False)) == 300.0
+    with pytest.raises(ValueError, match="max_report_age_s"):
+        health_max_age_s(AgentConfig(tmp_path, eligibility={"max_report_age_s": 0}))
+    with pytest.raises(ValueError, match=r"max_report_age_s=0 must be > 0"):
+        Agent("site-a", SyntheticTrainer("site-a"), max_report_age_s=0)
 
 
 def test_task_for_a_dataset_not_held_is_refused_with_reason():
@@ -373,8 +508,10 @@ def test_health_probes_do_not_queue_behind_training_on_the_one_worker(monkeypatc
         one.shutdown(wait=True)
     reports = [json.loads(hb.health_json) for hb in link.bodies(m.Heartbeat)]
     assert [r["probe"] for r in reports[:3]] == [1, 2, 3] and fresh < 2.0
-    # the fourth probe hangs: heartbeats 4-6 carry report 3, and it is not re-queued
+    # the fourth probe hangs: heartbeats 4-6 carry report 3, and it is not re-queued;
+    # its verdict stands while the probe is within max_report_age_s (300 s here)
     assert [r["probe"] for r in reports[3:]] == [3, 3, 3] and len(probes) == 4
+    assert all(hb.eligible for hb in link.bodies(m.Heartbeat))
     assert 0.3 <= stuck < 0.3 + 1.0
     assert all(name.startswith("fedge-health") for name in probes)
     assert len(link.bodies(m.TrainDone)) == 1

@@ -45,7 +45,7 @@ CLOCKS_EVENT_REASONS: tuple[tuple[int, str], ...] = (
 
 
 def decode_clocks_event_reasons(mask: int) -> list[str]:
-    """Names of the set bits of an ``nvmlDeviceGetCurrentClocksEventReasons`` mask.
+    """Names of the set bits of a clocks-event (or, before r535, throttle) reason mask.
 
     Unknown bits are kept as ``"0x..."`` so a newer driver's reason is not lost.
 
@@ -91,6 +91,33 @@ class _GpuReader:
         except pynvml.NVMLError as exc:
             self.reading.errors[metric] = nvml_error_name(exc)
         return None
+
+
+# Newest first: the clocks-event reasons came with driver r535 (and nvidia-ml-py 12.535)
+# under a new name for the throttle reasons, with the same bits. An older driver answers
+# the new name with FunctionNotFound; older bindings do not have it at all.
+_CLOCKS_EVENT_REASON_CALLS = ("nvmlDeviceGetCurrentClocksEventReasons",
+                              "nvmlDeviceGetCurrentClocksThrottleReasons")
+
+
+def _clocks_event_reasons(handle: Any) -> int:
+    """The device's clocks-event reason mask, from whichever call the driver and the
+    bindings have.
+
+    Raises:
+        NVMLError_NotSupported: neither call exists here (the metric is absent, as on
+            a device that does not report it, not an error).
+        NVMLError: as the call raises it.
+    """
+    for name in _CLOCKS_EVENT_REASON_CALLS:
+        call = getattr(pynvml, name, None)
+        if call is None:
+            continue
+        try:
+            return int(call(handle))
+        except pynvml.NVMLError_FunctionNotFound:
+            continue
+    raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
 
 
 def _read_gpu(index: int) -> GpuReading:
@@ -140,9 +167,7 @@ def _read_gpu(index: int) -> GpuReading:
         reading.utilization_memory_pct = float(util.memory)
     sm = r.read("sm_clock", lambda: pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM))
     reading.sm_clock_mhz = None if sm is None else int(sm)
-    reasons = r.read(
-        "clocks_event_reasons", lambda: pynvml.nvmlDeviceGetCurrentClocksEventReasons(handle)
-    )
+    reasons = r.read("clocks_event_reasons", lambda: _clocks_event_reasons(handle))
     reading.clocks_event_reasons = None if reasons is None else decode_clocks_event_reasons(
         int(reasons)
     )

@@ -57,8 +57,12 @@ class FakeNvml:
     """State behind the fake functions; ``install`` patches pynvml."""
 
     def __init__(self, gpus: list[dict[str, Any]], *, init_error: int | None = None,
-                 count_error: int | None = None, driver: str = "550.90.07") -> None:
+                 count_error: int | None = None, driver: str = "550.90.07",
+                 driver_lacks: tuple[str, ...] = ()) -> None:
+        """``driver_lacks``: NVML functions this driver's libnvidia-ml.so does not
+        export; nvidia-ml-py answers a call to one with NVMLError_FunctionNotFound."""
         self.gpus = gpus
+        self.driver_lacks = driver_lacks
         self.init_error = init_error
         self.count_error = count_error
         self.driver = driver
@@ -151,6 +155,9 @@ class FakeNvml:
             "nvmlDeviceGetClockInfo": lambda h, c: self._value(h, "sm_clock"),
             "nvmlDeviceGetCurrentClocksEventReasons": lambda h: self._value(
                 h, "clocks_event_reasons"),
+            # the same bits under their pre-r535 name
+            "nvmlDeviceGetCurrentClocksThrottleReasons": lambda h: self._value(
+                h, "clocks_event_reasons"),
             "nvmlDeviceGetTotalEccErrors": ecc,
             "nvmlDeviceGetRetiredPages": retired,
             "nvmlDeviceGetRetiredPagesPendingStatus": lambda h: self._value(h, "retired_pending"),
@@ -161,6 +168,12 @@ class FakeNvml:
             "nvmlEventSetWait_v2": wait,
             "nvmlEventSetFree": free,
         }
+        def not_exported(*args: Any) -> Any:
+            raise nvml_error(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
+
+        for name in self.driver_lacks:
+            assert name in fns, name
+            fns[name] = not_exported
         for name, fn in fns.items():
             assert hasattr(pynvml, name), name  # only patch functions nvidia-ml-py really has
             mp.setattr(pynvml, name, fn)

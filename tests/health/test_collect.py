@@ -130,6 +130,53 @@ def test_pre_ampere_retired_pages_path(tmp_path: Path, monkeypatch: pytest.Monke
     assert g.unsupported == ["remapped_rows"] and g.remapping_pending is None
 
 
+def test_a_pre_r535_driver_is_read_through_the_throttle_reasons_call(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """nvmlDeviceGetCurrentClocksEventReasons came with driver r535; an older driver
+    answers it with FunctionNotFound. Its throttle reasons are the same bits: a healthy
+    GPU there stays eligible, and a thermal slowdown is still seen."""
+    FakeNvml([gpu(clocks_event_reasons=0x4 | 0x10), gpu(clocks_event_reasons=0x40)],
+             driver="470.256.02",
+             driver_lacks=("nvmlDeviceGetCurrentClocksEventReasons",)).install(monkeypatch)
+    report = collect(tmp_path)
+    g0, g1 = report.gpus
+    assert g0.clocks_event_reasons == ["SwPowerCap", "SyncBoost"]
+    assert g0.errors == {} and "clocks_event_reasons" not in g0.unsupported
+    assert g1.clocks_event_reasons == ["HwThermalSlowdown"]
+    verdict = EligibilityPolicy().decide(report)
+    assert verdict.problems == ("GPU 1 (NVIDIA H100 80GB HBM3) clocks held back by "
+                                "HwThermalSlowdown",)
+    report.gpus = [g0]
+    assert EligibilityPolicy().decide(report).eligible
+
+
+def test_bindings_without_the_clocks_event_reasons_call_use_the_throttle_reasons_call(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """nvidia-ml-py before 12.535 has no nvmlDeviceGetCurrentClocksEventReasons at all."""
+    FakeNvml([gpu(clocks_event_reasons=0x1)]).install(monkeypatch)
+    monkeypatch.delattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons")
+    report = collect(tmp_path)
+    assert report.gpus[0].clocks_event_reasons == ["GpuIdle"]
+    assert report.gpus[0].errors == {}
+    assert EligibilityPolicy().decide(report).eligible
+
+
+@pytest.mark.parametrize("bindings_lack_it", [False, True])
+def test_clocks_event_reasons_nowhere_to_be_read_are_unsupported_not_an_error(
+        bindings_lack_it: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = ("nvmlDeviceGetCurrentClocksEventReasons",
+             "nvmlDeviceGetCurrentClocksThrottleReasons")
+    FakeNvml([gpu()], driver_lacks=() if bindings_lack_it else calls).install(monkeypatch)
+    if bindings_lack_it:
+        for name in calls:
+            monkeypatch.delattr(pynvml, name)
+    report = collect(tmp_path)
+    g = report.gpus[0]
+    assert g.clocks_event_reasons is None and g.errors == {}
+    assert "clocks_event_reasons" in g.unsupported
+    assert EligibilityPolicy().decide(report).eligible
+
+
 def test_device_count_failure_and_zero_devices(tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     fake = FakeNvml([gpu()], count_error=pynvml.NVML_ERROR_UNKNOWN).install(monkeypatch)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 from pathlib import Path
 
 import msgpack
@@ -358,6 +359,34 @@ def test_the_reveal_log_appends_one_line_per_reveal_and_keeps_earlier_bytes(
     assert path.read_bytes().count(b"\n") == 6  # a header and one line per reveal
     assert max(sizes[1:]) - min(sizes[1:]) < 40  # the same cost on the 5th as the 2nd
     assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_each_reveal_is_on_disk_before_it_is_allowed(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reveal allowed, then a power cut, must not come back as a log without it (the
+    coordinator could then ask for a second sum): the first record is written atomically
+    (file synced before the rename, directory after), each later one is an appended
+    line synced before check_and_record returns."""
+    path = tmp_path / "revealed.jsonl"
+    synced: list[tuple[str, int]] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        synced.append((os.readlink(f"/proc/self/fd/{fd}"), os.fstat(fd).st_size))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    log = RevealLog(path)
+    log.check_and_record(b"\1" * 32, ["a", "b"], None)
+    (temp, temp_size), (directory, _) = synced
+    assert Path(temp).parent == tmp_path and temp_size == path.stat().st_size
+    assert not Path(temp).exists() and directory == str(tmp_path)
+    for n in (2, 3):
+        synced.clear()
+        log.check_and_record(bytes([n]) * 32, ["a", "b"], None)
+        # the log itself, synced with the new line in it
+        assert synced == [(str(path), path.stat().st_size)]
+        assert path.read_bytes().count(b"\n") == n + 1
 
 
 def test_a_torn_last_line_is_dropped_and_cut_a_torn_middle_line_refuses_every_reveal(

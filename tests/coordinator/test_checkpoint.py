@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 
 import numpy as np
@@ -116,3 +117,32 @@ def test_a_failed_atomic_write_leaves_no_temp_file(tmp_path):
     with pytest.raises(OSError):
         atomic_write(target, b"weights")
     assert sorted(p.name for p in target.parent.iterdir()) == ["final.safetensors"]
+
+
+def test_atomic_write_syncs_the_file_before_the_rename_and_the_directory_after(
+        tmp_path, monkeypatch):
+    """A crash (power cut) after atomic_write returns finds the whole new file under its
+    name: the data is synced before the rename makes it visible, and the directory
+    after, so the rename itself survives."""
+    target = tmp_path / "job" / "final.safetensors"
+    data = b"weights" * 1000
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        st = os.fstat(fd)  # a file's size when synced: all of it written by then
+        size = st.st_size if stat.S_ISREG(st.st_mode) else None
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"), size))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    atomic_write(target, data)
+    tmp = str(target.with_name(f".{target.name}.tmp-{os.getpid()}"))
+    assert events == [("fsync", tmp, len(data)), ("replace", tmp, str(target)),
+                      ("fsync", str(target.parent), None)]
+    assert target.read_bytes() == data

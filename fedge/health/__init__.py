@@ -4,7 +4,7 @@ Public API (docs/CONTRACTS.md):
 
 * ``collect(state_dir, *, xid_monitor=None) -> HealthReport`` — NVML readings per
   GPU, XID events, host CPU/memory/disk; ``report.to_dict()`` is msgpack-able,
-  ``HealthReport.from_dict`` reads it back (coordinator side).
+  ``HealthReport.from_dict`` reads it back.
 * ``EligibilityPolicy.from_config(dict).decide(report) -> Eligibility(eligible, reason)``.
 * ``XidMonitor`` — the event-set thread collecting XID critical errors.
 * ``gpu_report_text(report=None) -> str`` — one human-readable health report.

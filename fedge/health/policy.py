@@ -1,11 +1,13 @@
 """May this appliance join a cohort? An eligibility policy over a HealthReport.
 
-The policy is configuration (the agent's ``[eligibility]`` table, or the
-coordinator's), checked when loaded: an unknown key, a wrong type or an
+The policy is configuration (the agent's ``[eligibility]`` table; the coordinator
+has none), checked when loaded: an unknown key, a wrong type or an
 out-of-range value raises ``ValueError`` naming the key, the value and the rule.
 ``decide`` returns an :class:`Eligibility` whose ``reason`` is one short human
-sentence; the agent sends it with each heartbeat and the coordinator shows it
-in the fleet view and writes it to the audit log.
+sentence; the agent decides and sends the verdict and the reason with each
+heartbeat (no longer eligible once the verdict is older than ``max_report_age_s``,
+fedge.agent.runtime), and the coordinator stores them as sent, shows them in the
+fleet view and leaves ineligible sites out of the cohort.
 """
 
 from __future__ import annotations

@@ -41,6 +41,8 @@ import json
 import logging
 import os
 import signal
+import sys
+import threading
 import time
 import tomllib
 from collections.abc import Callable
@@ -56,6 +58,14 @@ from fedge.agent.runtime import HEALTH_MAX_AGE_S, Agent
 log = logging.getLogger("fedge.agent")
 
 TRIAL_UNCONFIRMED_EXIT = 75  # the unit's RestartForceExitStatus
+# How long a stop waits for a task already running on a worker thread (training,
+# evaluation, an update being staged) before the process leaves without it: well
+# inside the unit's TimeoutStopSec=90s, so `systemctl stop` and an upgrade's restart
+# never end in SIGKILL. Leaving mid-task loses nothing: a result is sent, and the
+# ledger, cursors and update slots written, only by atomic steps already made safe
+# against a kill, and the coordinator retries the round without this site.
+STOP_GRACE_S = 5.0
+TASK_THREAD_PREFIX = "fedge-task"
 
 # Fault injection for the crash tests: a comma-separated list of wire message
 # types; the agent SIGKILLs itself on receiving one (e.g. "train_task" = dies at
@@ -464,7 +474,7 @@ def run(cfg: AgentConfig, *, connect_timeout_s: float | None = None) -> int:
 
     enrolled = load_enrolled(cfg.state_dir)
     trainer = TorchTrainer(cfg.datasets, state_dir=cfg.state_dir)
-    executor: Executor = ThreadPoolExecutor(cfg.workers, thread_name_prefix="fedge-task")
+    executor: Executor = ThreadPoolExecutor(cfg.workers, thread_name_prefix=TASK_THREAD_PREFIX)
     xids = start_xid_monitor() if cfg.health else None
     agent = Agent(enrolled.site, trainer, identity=enrolled.identity, roster=enrolled.roster,
                   roster_key=enrolled.roster_key, roster_path=enrolled.roster_path,
@@ -497,11 +507,30 @@ def run(cfg: AgentConfig, *, connect_timeout_s: float | None = None) -> int:
                                trial_confirm_s=cfg.update_trial_s)
 
     try:
-        return asyncio.run(main())
+        code = asyncio.run(main())
     finally:
         executor.shutdown(wait=False, cancel_futures=True)
         if xids is not None:
             xids.stop()
+    if not wait_for_tasks(STOP_GRACE_S):
+        # Python would join the worker at exit, however long its task runs
+        log.warning("%s: stopping without the task still running (after %g s); "
+                    "its result is not sent", enrolled.site, STOP_GRACE_S)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def wait_for_tasks(grace_s: float) -> bool:
+    """Wait up to ``grace_s`` for the task threads still running; whether none is left."""
+    deadline = time.monotonic() + grace_s
+    for t in threading.enumerate():
+        if t.name.startswith(TASK_THREAD_PREFIX) and t is not threading.current_thread():
+            t.join(max(0.0, deadline - time.monotonic()))
+    return not any(t.name.startswith(TASK_THREAD_PREFIX) and t.is_alive()
+                   for t in threading.enumerate())
 
 
 def start_xid_monitor() -> Any:

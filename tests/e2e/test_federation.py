@@ -283,6 +283,32 @@ def test_agents_killed_in_training_and_unmasking_round_completes_and_they_rejoin
     assert json.loads(rounds_of(fed, job2)[0]["survivors_json"]) == sorted(sites)
 
 
+def test_agent_stopped_mid_training_exits_within_the_grace_not_after_its_task(
+        federation, brca):
+    """`systemctl stop` (SIGTERM) while a long local training step runs: the agent
+    leaves after STOP_GRACE_S, well inside the unit's TimeoutStopSec, instead of
+    Python joining the training thread until systemd's SIGKILL."""
+    import signal
+
+    from fedge.agent.process import STOP_GRACE_S
+
+    fed, sites = _coordinated(federation, brca, 2)
+    for s in sites:
+        fed.start_agent(s)
+    wait_for_connected(fed, set(sites))
+    text = plan(rounds=1, min_clients=2, train_s=600).replace("steps = 3", "steps = 2000000")
+    fed.submit(text)
+    fed.wait_for(lambda: fed.query("SELECT 1 FROM appliances WHERE site_id = 'site-0' AND "
+                                   "current_task LIKE 'train%'"), 120, "site-0 to train")
+    agent = fed.procs["site-0"]
+    started = time.monotonic()
+    agent.p.send_signal(signal.SIGTERM)
+    code = agent.p.wait(STOP_GRACE_S + 20)
+    took = time.monotonic() - started
+    assert code == 0 and took < STOP_GRACE_S + 15, (code, took, agent.output()[-2000:])
+    assert "stopping without the task still running" in agent.output()
+
+
 def test_dropouts_below_threshold_abort_cleanly_and_the_round_is_retried(federation, brca):
     import json
 

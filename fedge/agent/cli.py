@@ -1,7 +1,9 @@
 """`fedge agent`: run the appliance agent, or install an enrolment file.
 
     fedge agent [run] --config FILE [--connect-timeout S]
-    fedge agent enrol FILE [--state-dir DIR]        (fedge.agent.enrol)
+    fedge agent [--config FILE] enrol FILE [--state-dir DIR] [--console-key FINGERPRINT]
+                [--replace]                         (fedge.agent.enrol; into the config's
+                                                    state_dir when --config is given)
     fedge agent privacy --config FILE [--delta D]   the privacy budget this site spent
 
 Heavy imports happen inside the handlers.

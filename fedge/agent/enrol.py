@@ -7,10 +7,28 @@ Written under ``<state_dir>`` (files 0600, directories 0700)::
     keys/coordinator.json    {"endpoint", "public_key"} — the pinned coordinator key
     roster.json              the console-signed roster at enrolment time
     tuf/metadata/root.json   trusted TUF root for signed updates
-    enrolment.json           site, console id and fingerprint, roster public key (last)
+    enrolment.json           site, console id and console key fingerprint, roster public
+                             key (last)
 
 A file signed by another console than the one this appliance already trusts is
 refused, as are corrupt and expired files; nothing is written then.
+
+A state dir enrolled as one site takes a file for another site (or for a site of
+another console: site names are a console's own) only with ``replace``
+(``--replace``): the operator's slip, a file carried to the wrong appliance or
+enrolled into the wrong state dir, would otherwise turn this appliance silently
+into another site. Replacing replaces the files above and nothing else: the
+privacy ledger (``privacy/ledger.json``) and the secure-aggregation reveal log
+(``secagg/revealed.jsonl``) describe this appliance's data, not its name, so they
+stay: the privacy budget its data has spent stays spent, and no update revealed
+under the old site can be unmasked over another survivor set under the new one.
+The same site enrolled again (the command run twice, or a renewed file after the
+console revoked and re-enrolled the site) needs no ``replace``, as before.
+
+Where: ``--state-dir DIR``, else the ``state_dir`` of the agent config given with
+``--config`` (``fedge agent --config FILE enrol ...``, as the agent reads it),
+else /var/lib/fedge; a ``--state-dir`` and a ``--config`` naming two directories
+are refused.
 """
 
 from __future__ import annotations
@@ -38,17 +56,29 @@ class EnrolledSite:
     curve_secret: str
     roster_public_key: bytes
     state_dir: Path
+    # what this install replaced: another site's enrolment ("site 'h1' of console
+    # key …"), installed over with `replace`; None when there was none or the same site
+    replaced: str | None = None
+
+
+def _site_of(site: str, roster_public_key: bytes) -> str:
+    return f"site {site!r} of console key {roster_public_key.hex()[:16]}"
 
 
 def install_enrolment(file: Path, state_dir: Path, *, now: datetime | None = None,
-                      expected_console: bytes | str | None = None) -> EnrolledSite:
+                      expected_console: bytes | str | None = None,
+                      replace: bool = False) -> EnrolledSite:
     """Check `file` and install it into `state_dir`.
 
-    `expected_console`: the console's roster key, or the fingerprint the operator
-    read out (16+ hex digits); by default the console of a previous enrolment.
+    `expected_console`: the console's roster key, or the console key fingerprint the
+    operator read out (16+ hex digits); by default the console of a previous enrolment.
+    `replace`: install over an enrolment of another site, or of a site of another
+    console (the privacy ledger and reveal log stay; module docstring).
 
     Raises:
-        EnrolmentError: corrupt, expired or foreign file (nothing written).
+        EnrolmentError: corrupt, expired or foreign file; or `state_dir` is enrolled as
+            another site (or its enrolment state is corrupt) and not `replace`. Nothing
+            is written then.
         OSError: the state dir cannot be written.
     """
     from fedge.agent.updates import install_trusted_root
@@ -58,15 +88,38 @@ def install_enrolment(file: Path, state_dir: Path, *, now: datetime | None = Non
     from fedge.update.files import write_atomic, write_json
 
     state_dir = Path(state_dir)
-    trusted = expected_console
     existing = state_dir / "enrolment.json"
-    if trusted is None and existing.exists():
+    previous: tuple[str, bytes] | None = None
+    if existing.exists():
         try:
-            trusted = bytes.fromhex(json.loads(existing.read_text())["roster_public_key"])
+            meta = json.loads(existing.read_text())
+            previous = str(meta["site"]), bytes.fromhex(meta["roster_public_key"])
         except (ValueError, KeyError, TypeError) as exc:
-            raise EnrolmentError(f"existing enrolment state {existing} is corrupt ({exc}); "
-                                 "pass --console-key to say which console to trust") from exc
-    e = read_enrolment(Path(file), now=now, expected_console=trusted)
+            if expected_console is None:
+                raise EnrolmentError(
+                    f"existing enrolment state {existing} is corrupt ({exc}); pass "
+                    "--console-key to say which console to trust, and --replace to enrol "
+                    "over it") from exc
+            if not replace:
+                raise EnrolmentError(
+                    f"existing enrolment state {existing} is corrupt ({exc}): which site "
+                    "this appliance is cannot be told; nothing changed. Pass --replace to "
+                    f"enrol {file} over it") from exc
+    if expected_console is None and previous is not None:
+        e = read_enrolment(Path(file), now=now, expected_console=previous[1],
+                           trusted_from=existing)
+    else:
+        e = read_enrolment(Path(file), now=now, expected_console=expected_console)
+    replaced = None
+    if previous is not None and previous != (e.site, e.roster_public_key):
+        replaced = _site_of(*previous)
+        if not replace:
+            raise EnrolmentError(
+                f"{state_dir} already holds the enrolment of {replaced}; {file} is for "
+                f"{_site_of(e.site, e.roster_public_key)}; nothing changed. To enrol "
+                "another appliance, give its state dir (--state-dir, or --config with its "
+                f"agent config); to make this appliance site {e.site!r} instead, pass "
+                "--replace (its privacy ledger and reveal log stay)")
     try:
         roster = Roster.from_bytes(e.roster, e.roster_public_key)
         identity = Identity.from_private_bytes(e.identity_private)
@@ -94,7 +147,7 @@ def install_enrolment(file: Path, state_dir: Path, *, now: datetime | None = Non
     _give_to_owner(state_dir)
     return EnrolledSite(e.site, e.console_id, e.fingerprint(), e.coordinator_endpoint,
                         e.coordinator_public_key, e.curve_public, e.curve_secret,
-                        e.roster_public_key, state_dir)
+                        e.roster_public_key, state_dir, replaced)
 
 
 def _give_to_owner(state_dir: Path) -> None:
@@ -140,22 +193,60 @@ def load_enrolled(state_dir: Path) -> EnrolledSite:
 
 
 def register_enrol(subparsers: Any) -> None:
-    """Add `enrol FILE [--state-dir DIR] [--console-key FINGERPRINT]` to the agent's
-    subcommands (called from fedge/agent/cli.py)."""
-    p = subparsers.add_parser("enrol", help="install an enrolment file from the console")
+    """Add `enrol FILE [--state-dir DIR | --config FILE] [--console-key FINGERPRINT]
+    [--replace]` to the agent's subcommands (called from fedge/agent/cli.py)."""
+    p = subparsers.add_parser(
+        "enrol", help="install an enrolment file from the console",
+        description="Install an enrolment file from `fedge console enrol` into the agent "
+                    "state directory: --state-dir, else the state_dir of the agent config "
+                    f"(--config), else {DEFAULT_STATE_DIR}.")
     p.add_argument("file", type=Path, help="the .fedge-enrol file")
-    p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
-                   help=f"agent state directory (default {DEFAULT_STATE_DIR})")
-    p.add_argument("--console-key", default=None,
-                   help="the console to trust (refuse others): the fingerprint `fedge "
-                        "console enrol` printed (16 or more hex digits) or its full "
-                        "roster key (64)")
+    p.add_argument("--state-dir", type=Path, default=None,
+                   help="agent state directory (default: the state_dir of --config, else "
+                        f"{DEFAULT_STATE_DIR}); refused if --config names another")
+    # default SUPPRESS: `fedge agent --config FILE enrol ...` sets it before the action
+    p.add_argument("--config", type=Path, default=argparse.SUPPRESS, metavar="FILE",
+                   help="agent config (TOML): enrol into its state_dir")
+    p.add_argument("--console-key", default=None, metavar="FINGERPRINT",
+                   help="the console to trust (refuse others): the console key fingerprint "
+                        "that `fedge console init` and `fedge console enrol` print (16 or "
+                        "more hex digits), or the full console key (64)")
+    p.add_argument("--replace", action="store_true",
+                   help="install over the enrolment of another site (or of another "
+                        "console's site) in this state directory; refused otherwise. Only "
+                        "the enrolment is replaced (keys, coordinator, roster, TUF root): "
+                        "the appliance keeps its privacy ledger, so the privacy budget its "
+                        "data has spent stays spent, and its reveal log, so no update "
+                        "revealed under the old site is unmasked again under the new one")
     p.set_defaults(func=_cmd_enrol)
+
+
+def _state_dir(args: argparse.Namespace) -> Path:
+    """--state-dir, else the config's state_dir, else the default.
+
+    Raises:
+        ValueError: the config cannot be read, or it and --state-dir differ (both named).
+    """
+    config = getattr(args, "config", None)
+    if config is None:
+        return args.state_dir or DEFAULT_STATE_DIR
+    from fedge.agent.process import load_config
+
+    configured = load_config(config).state_dir  # AgentConfigError is a ValueError
+    if args.state_dir is not None and args.state_dir.resolve() != configured.resolve():
+        raise ValueError(f"--state-dir {args.state_dir} is not the state_dir {configured} "
+                         f"of --config {config}; give one of them")
+    return configured
 
 
 def _cmd_enrol(args: argparse.Namespace) -> int:
     from fedge.console.enrolment import EnrolmentError
 
+    try:
+        state_dir = _state_dir(args)
+    except ValueError as exc:
+        print(f"fedge agent enrol: {exc}", file=sys.stderr)
+        return 2
     expected: bytes | str | None = None
     if args.console_key:
         key = args.console_key.strip().lower()
@@ -165,15 +256,19 @@ def _cmd_enrol(args: argparse.Namespace) -> int:
             key = ""
         if len(key) < 16 or len(key) > 64:
             print(f"fedge agent enrol: --console-key {args.console_key!r} is neither a "
-                  "console fingerprint (16 or more hex digits) nor a roster key (64)",
+                  "console key fingerprint (16 or more hex digits) nor a console key (64)",
                   file=sys.stderr)
             return 2
         expected = bytes.fromhex(key) if len(key) == 64 else key
     try:
-        site = install_enrolment(args.file, args.state_dir, expected_console=expected)
+        site = install_enrolment(args.file, state_dir, expected_console=expected,
+                                 replace=args.replace)
     except (EnrolmentError, OSError) as exc:
         print(f"fedge agent enrol: {exc}", file=sys.stderr)
         return 2
-    print(f"enrolled site {site.site} with console {site.console_fingerprint}; coordinator "
-          f"{site.coordinator_endpoint}; state in {site.state_dir}")
+    if site.replaced:
+        print(f"replaced {site.replaced}; kept this appliance's privacy ledger and reveal "
+              "log (the budget its data has spent stays spent)")
+    print(f"enrolled site {site.site} with console key {site.console_fingerprint}; "
+          f"coordinator {site.coordinator_endpoint}; state in {site.state_dir}")
     return 0

@@ -161,8 +161,9 @@ def _cmd_init(args: argparse.Namespace) -> int:
                     from None
         store = ConsoleStore.init(args.home, coordinator_endpoint=args.coordinator,
                                   admin_endpoint=args.admin_endpoint, operators=ops)
-        print(f"console {store.console_id} created in {store.home}")
-        print(f"roster key fingerprint: {store.roster_public_key().hex()[:16]}")
+        print(f"console created in {store.home} (console id {store.console_id})")
+        print(f"console key fingerprint: {store.roster_public_key().hex()[:16]} (give it to "
+              "`fedge agent enrol --console-key` on each appliance)")
         print(f"coordinator provisioning file: {store.home / 'coordinator-provision.json'}")
         print(_root_expiry_line(store))
         return 0
@@ -187,7 +188,8 @@ def _cmd_enrol(args: argparse.Namespace) -> int:
         path, e = create_enrolment(store, args.site, valid_for=validity(args.valid_days),
                                    out=args.out)
         print(f"enrolment file for {e.site}: {path} (expires {e.expires.isoformat()})")
-        print(f"console fingerprint to check on site: {e.fingerprint()}")
+        print(f"console key fingerprint: {e.fingerprint()} (give it to `fedge agent enrol "
+              "--console-key` on site, apart from the file)")
         if args.offline:
             return 0
         from fedge.console.client import AdminError

@@ -54,7 +54,8 @@ class Enrolment:
     tuf_root: bytes
 
     def fingerprint(self) -> str:
-        """The console fingerprint an operator can read out: roster key, first 16 hex."""
+        """The console key fingerprint an operator reads out and gives to `fedge agent
+        enrol --console-key`: the console's (roster) key, first 16 hex digits."""
         return self.roster_public_key.hex()[:16]
 
 
@@ -105,13 +106,16 @@ def console_matches(key: bytes, expected: bytes | str) -> bool:
 
 
 def read_enrolment(path: Path, *, now: datetime | None = None,
-                   expected_console: bytes | str | None = None) -> Enrolment:
+                   expected_console: bytes | str | None = None,
+                   trusted_from: Path | None = None) -> Enrolment:
     """Parse and check an enrolment file.
 
     `expected_console`: the roster public key the appliance already trusts (from a
-    previous enrolment), or the fingerprint the operator read out (hex, 16 digits or
-    more, as `fedge console enrol` prints it); a file signed by any other console is
-    refused as foreign.
+    previous enrolment), or the console key fingerprint the operator read out (hex, 16
+    digits or more, as `fedge console init` and `fedge console enrol` print it); a file
+    signed by any other console is refused as foreign. `trusted_from`: the enrolment
+    state `expected_console` was read from; None when the operator gave it
+    (`--console-key`). The refusal says which.
 
     Raises:
         EnrolmentError: unreadable, corrupt (bad JSON, missing field, bad
@@ -157,9 +161,19 @@ def read_enrolment(path: Path, *, now: datetime | None = None,
                                                              expected_console):
         trusted = (expected_console.hex()[:16] if isinstance(expected_console, bytes)
                    else expected_console)
-        raise EnrolmentError(
-            f"enrolment file {path} is foreign: signed by console {e.fingerprint()}, this "
-            f"appliance trusts console {trusted}")
+        message = (f"enrolment file {path} is foreign: it is signed by console key "
+                   f"{e.fingerprint()}, not ")
+        if trusted_from is not None:
+            message += (f"console key {trusted} that this appliance is enrolled with "
+                        f"({trusted_from})")
+        else:
+            message += (f"the {trusted} given with --console-key; the console key "
+                        "fingerprint is printed by `fedge console init` and `fedge console "
+                        "enrol`")
+            if e.console_id.lower().startswith(trusted.lower()):
+                # `console init` prints the console id too: a value read off the wrong line
+                message += f" ({trusted} is the console id, not its key fingerprint)"
+        raise EnrolmentError(message)
     try:
         Ed25519PublicKey.from_public_bytes(e.roster_public_key).verify(signature, payload)
     except (InvalidSignature, ValueError) as exc:

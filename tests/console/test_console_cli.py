@@ -52,7 +52,7 @@ def test_init_through_the_real_command(tmp_path, port):
            "--coordinator", f"tcp://127.0.0.1:{port}"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    assert "roster key fingerprint" in r.stdout
+    assert "console key fingerprint" in r.stdout
     assert (home / "coordinator-provision.json").exists()
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "already holds a console" in r.stderr

@@ -148,8 +148,7 @@ def test_the_fingerprint_the_console_prints_is_what_the_appliance_checks(tmp_pat
         r = fedge("console", "--home", str(home), "enrol", "h1", "--offline",
                   "--out", str(tmp_path / f"{name}.enrol"))
         assert r.returncode == 0, r.stderr
-        prints[name] = re.search(r"console fingerprint to check on site: ([0-9a-f]+)",
-                                 r.stdout).group(1)
+        prints[name] = re.search(r"console key fingerprint: ([0-9a-f]+)", r.stdout).group(1)
         files[name] = tmp_path / f"{name}.enrol"
     assert len(prints["ours"]) == 16 and prints["ours"] != prints["theirs"]
     r = fedge("agent", "enrol", str(files["theirs"]), "--state-dir", str(tmp_path / "a"),
@@ -159,12 +158,70 @@ def test_the_fingerprint_the_console_prints_is_what_the_appliance_checks(tmp_pat
     for bad in ("1f67b44c", "not-hex-at-all-but-long"):
         r = fedge("agent", "enrol", str(files["ours"]), "--state-dir", str(tmp_path / "a"),
                   "--console-key", bad)
-        assert r.returncode == 2 and "neither a console fingerprint" in r.stderr
+        assert r.returncode == 2 and "neither a console key fingerprint" in r.stderr
     r = fedge("agent", "enrol", str(files["ours"]), "--state-dir", str(tmp_path / "a"),
               "--console-key", prints["ours"].upper())
     assert r.returncode == 0, r.stderr
-    assert f"with console {prints['ours']}" in r.stdout
+    assert f"with console key {prints['ours']}" in r.stdout
     assert load_enrolled(tmp_path / "a").site == "h1"
+
+
+def test_the_console_key_fingerprint_has_one_name_and_the_wrong_one_is_named(tmp_path):
+    """`console init` printed the console id beside the roster key's fingerprint and
+    `console enrol` called the fingerprint something else; an operator gave the id to
+    `agent enrol --console-key` and was told "this appliance trusts console <id>", which
+    only echoed what was typed. Now init and enrol print the one value under one name,
+    and the refusal says what signed the file, what was given, and where the right
+    value is printed."""
+    import re
+    import subprocess
+    import sys
+
+    def fedge(*argv):
+        return subprocess.run([sys.executable, "-m", "fedge.cli", *argv], capture_output=True,
+                              text=True, timeout=120)
+
+    home = tmp_path / "console"
+    init = fedge("console", "--home", str(home), "init", "--coordinator",
+                 "tcp://127.0.0.1:7009")
+    assert init.returncode == 0, init.stderr
+    enrol = fedge("console", "--home", str(home), "enrol", "h1", "--offline",
+                  "--out", str(tmp_path / "h1.fedge-enrol"))
+    assert enrol.returncode == 0, enrol.stderr
+    named = re.compile(r"console key fingerprint: ([0-9a-f]{16}) \(give it to "
+                       r"`fedge agent enrol --console-key`")
+    [key] = named.findall(init.stdout)
+    assert named.findall(enrol.stdout) == [key]
+    assert key == ConsoleStore(home).roster_public_key().hex()[:16]
+    for out in (init.stdout, enrol.stdout):  # no other name for it
+        assert "roster key fingerprint" not in out and "console fingerprint" not in out
+    [console_id] = re.findall(r"console id ([0-9a-f]+)", init.stdout)
+    assert console_id != key
+
+    r = fedge("agent", "enrol", "--state-dir", str(tmp_path / "a"), "--console-key",
+              console_id, str(tmp_path / "h1.fedge-enrol"))
+    assert r.returncode == 2
+    assert (f"signed by console key {key}, not the {console_id} given with --console-key"
+            in r.stderr)
+    assert "printed by `fedge console init` and `fedge console enrol`" in r.stderr
+    assert f"{console_id} is the console id" in r.stderr
+    assert "trusts console" not in r.stderr
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_file_of_another_console_names_the_console_key_the_appliance_is_enrolled_with(
+        console, tmp_path, clock):
+    other = ConsoleStore.init(tmp_path / "other", coordinator_endpoint="tcp://10.0.0.9:1",
+                              clock=clock)
+    state = tmp_path / "agent"
+    install_enrolment(create_enrolment(console, "h1", valid_for=timedelta(days=1))[0], state,
+                      now=clock())
+    foreign, _ = create_enrolment(other, "h1", valid_for=timedelta(days=1))
+    mine, theirs = (c.roster_public_key().hex()[:16] for c in (console, other))
+    with pytest.raises(EnrolmentError) as err:
+        install_enrolment(foreign, state, now=clock())
+    assert (f"signed by console key {theirs}, not console key {mine} that this appliance "
+            f"is enrolled with ({state / 'enrolment.json'})") in str(err.value)
 
 
 def test_an_enrolment_whose_dates_have_no_time_zone_is_refused_as_corrupt(console, tmp_path,

@@ -66,7 +66,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedge.train.model_names import MODEL_NAMES, TASK_OF_MODEL
+from fedge.train.model_names import MODEL_NAMES, TASK_OF_MODEL, ModelParamError, check_model_params
 
 EVAL_SPLITS = ("val", "test", "train")
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "scaffold")
@@ -505,12 +505,22 @@ def check_submission(text: str) -> Plan:
     job stored by an earlier release may predate (its status must stay readable, and
     its sites, which apply the same rules, refuse it with the reason):
 
+    - ``model.params`` holds only the parameters the model takes, each by its rule
+      (fedge.train.model_names.MODEL_PARAMS): a misspelt one would otherwise leave
+      the default silently in its place. The sites and the coordinator's starting
+      model are built by fedge.train, which applies the same rule, so a stored job
+      that predates it is refused there, saying why. (A missing required parameter
+      is named when the starting model is built.)
     - DP-SGD on a Cox model needs ``privacy.dp.cox_per_term = true``: its ε bounds
       one loss term, not one record.
 
     Raises: PlanError, naming the field and the rule.
     """
     plan = parse_plan(text)
+    try:
+        check_model_params(plan.model_name, plan.model_params)
+    except ModelParamError as exc:
+        raise PlanError(f"model.params.{exc.key}", exc.value, exc.rule) from None
     dp = plan.privacy.get("dp")
     if isinstance(dp, dict) and TASK_OF_MODEL.get(plan.model_name) == "survival" \
             and dp.get("cox_per_term") is not True:

@@ -4,7 +4,9 @@ Model code never travels over the federation wire: a plan names a model and
 its parameters (``ModelSpec``), every party builds the same module from this
 registry, and only flat float32 weights move. Construction is deterministic
 (``params["seed"]``, default 0), so a coordinator and an agent that build the
-same spec get bit-identical initial weights.
+same spec get bit-identical initial weights. The parameters each model takes, their
+rules and defaults are declared in ``fedge.train.model_names.MODEL_PARAMS``; any
+other parameter is refused, so a misspelt one cannot leave its default in place.
 
 | name          | task                     | output             | required params                |
 |---------------|--------------------------|--------------------|--------------------------------|
@@ -26,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedge.train.model_names import TASK_OF_MODEL
+from fedge.train.model_names import TASK_OF_MODEL, check_model_params, model_param
 
 __all__ = [
     "MODELS",
@@ -54,7 +56,8 @@ class ModelSpec:
         """Build from a plan's ``[model]`` table.
 
         Raises:
-            ValueError: ``name`` missing or not registered, or ``params`` not a table.
+            ValueError: ``name`` missing or not registered, ``params`` not a table,
+                or a parameter the model does not take or whose value breaks its rule.
         """
         if "name" not in d:
             raise ValueError("model: missing required key 'name'")
@@ -66,35 +69,10 @@ class ModelSpec:
         return spec
 
 
-def _int_param(spec: ModelSpec, key: str, default: int | None = None, minimum: int = 1) -> int:
-    if key not in spec.params:
-        if default is None:
-            raise ValueError(f"model {spec.name!r}: missing required parameter {key!r}")
-        return default
-    value = spec.params[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(
-            f"model {spec.name!r}: parameter {key}={value!r} must be an integer >= {minimum}"
-        )
-    return value
-
-
-def _hidden(spec: ModelSpec) -> list[int]:
-    hidden = spec.params.get("hidden", [64])
-    if not isinstance(hidden, list | tuple) or not all(
-        isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden
-    ):
-        raise ValueError(
-            f"model {spec.name!r}: parameter hidden={hidden!r} must be a list of positive integers"
-        )
-    return list(hidden)
-
-
-def _dropout(spec: ModelSpec) -> float:
-    p = spec.params.get("dropout", 0.0)
-    if not isinstance(p, int | float) or not 0.0 <= float(p) < 1.0:
-        raise ValueError(f"model {spec.name!r}: parameter dropout={p!r} must lie in [0, 1)")
-    return float(p)
+def _param(spec: ModelSpec, key: str) -> Any:
+    # every value a builder reads goes through the declared table (KeyError: a builder
+    # reading a parameter model_names does not declare for this model)
+    return model_param(spec.name, spec.params, key)
 
 
 def _mlp(d_in: int, hidden: list[int], d_out: int, dropout: float) -> nn.Module:
@@ -152,44 +130,43 @@ class ResNetSmall(nn.Module):
 
 
 def _build_linear(spec: ModelSpec) -> nn.Module:
-    return nn.Linear(_int_param(spec, "in_features"), _int_param(spec, "out_features", 1))
+    return nn.Linear(_param(spec, "in_features"), _param(spec, "out_features"))
 
 
 def _build_logistic(spec: ModelSpec) -> nn.Module:
     # classes=2 → one logit (sigmoid); classes=k>2 → k logits (softmax).
-    classes = _int_param(spec, "classes", 2, minimum=2)
-    return nn.Linear(_int_param(spec, "in_features"), 1 if classes == 2 else classes)
+    classes = _param(spec, "classes")
+    return nn.Linear(_param(spec, "in_features"), 1 if classes == 2 else classes)
 
 
 def _build_mlp(spec: ModelSpec) -> nn.Module:
     return _mlp(
-        _int_param(spec, "in_features"),
-        _hidden(spec),
-        _int_param(spec, "out_features", 1),
-        _dropout(spec),
+        _param(spec, "in_features"),
+        list(_param(spec, "hidden")),
+        _param(spec, "out_features"),
+        float(_param(spec, "dropout")),
     )
 
 
 def _build_cox_linear(spec: ModelSpec) -> nn.Module:
-    return nn.Linear(_int_param(spec, "in_features"), 1)
+    return nn.Linear(_param(spec, "in_features"), 1)
 
 
 def _build_cox_mlp(spec: ModelSpec) -> nn.Module:
-    return _mlp(_int_param(spec, "in_features"), _hidden(spec), 1, _dropout(spec))
+    return _mlp(_param(spec, "in_features"), list(_param(spec, "hidden")), 1,
+                float(_param(spec, "dropout")))
 
 
 def _build_resnet_small(spec: ModelSpec) -> nn.Module:
-    classes = _int_param(spec, "classes", 2, minimum=2)
-    return ResNetSmall(
-        _int_param(spec, "in_channels", 1),
-        1 if classes == 2 else classes,
-        _int_param(spec, "width", 16),
-    )
+    classes = _param(spec, "classes")
+    return ResNetSmall(_param(spec, "in_channels"), 1 if classes == 2 else classes,
+                       _param(spec, "width"))
 
 
-# One constructor per name in fedge.train.model_names (MODEL_NAMES, TASK_OF_MODEL), which
-# holds the names without torch so that the coordinator can refuse an unknown model
-# at submit time; tests/train/test_model_names.py holds the two together.
+# One constructor per name in fedge.train.model_names (MODEL_NAMES, TASK_OF_MODEL,
+# MODEL_PARAMS), which holds the names and parameters without torch so that the
+# coordinator can refuse an unknown model or parameter at submit time;
+# tests/train/test_model_names.py holds the two together.
 MODELS: dict[str, Callable[[ModelSpec], nn.Module]] = {
     "linear": _build_linear,
     "logistic": _build_logistic,
@@ -200,9 +177,6 @@ MODELS: dict[str, Callable[[ModelSpec], nn.Module]] = {
 }
 
 
-DEFAULT_IMAGE_SIZE = 64  # the image data sets' default (fedge.train.data.DatasetSpec)
-
-
 def input_shape(spec: ModelSpec) -> tuple[int, ...]:
     """The shape of one example the model takes: ``(in_features,)`` for the tabular
     models, ``(in_channels, image_size, image_size)`` for resnet_small (its optional
@@ -210,32 +184,32 @@ def input_shape(spec: ModelSpec) -> tuple[int, ...]:
     the network itself pools over any size).
 
     Raises:
-        ValueError: unknown name, or a missing / out-of-range parameter (named).
+        ValueError: unknown name, or an unknown, missing or out-of-range parameter (named).
     """
     _check_spec(spec)
     if spec.name == "resnet_small":
-        size = _int_param(spec, "image_size", DEFAULT_IMAGE_SIZE)
-        return _int_param(spec, "in_channels", 1), size, size
-    return (_int_param(spec, "in_features"),)
+        size = _param(spec, "image_size")
+        return _param(spec, "in_channels"), size, size
+    return (_param(spec, "in_features"),)
 
 
 def _check_spec(spec: ModelSpec) -> None:
+    """Raises: ValueError: an unregistered name; ModelParamError (a ValueError): a
+    parameter the model does not read, or a value that breaks its rule."""
     if spec.name not in MODELS:
         raise ValueError(f"model name {spec.name!r} is not registered; known: {sorted(MODELS)}")
+    check_model_params(spec.name, spec.params)
 
 
 def build_model(spec: ModelSpec) -> nn.Module:
     """Build the registered model, deterministically from ``params["seed"]`` (default 0).
 
     Raises:
-        ValueError: unknown name, or a missing / out-of-range parameter (named).
+        ValueError: unknown name, or an unknown, missing or out-of-range parameter (named).
     """
     _check_spec(spec)
-    seed = spec.params.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"model {spec.name!r}: parameter seed={seed!r} must be an integer")
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(_param(spec, "seed"))
         model = MODELS[spec.name](spec)
     return model.float()
 

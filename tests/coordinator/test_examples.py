@@ -7,14 +7,18 @@ from pathlib import Path
 import pytest
 
 from fedge.agent.process import load_config as load_agent_config
-from fedge.coordinator.plan import parse_plan
+from fedge.coordinator.plan import check_submission
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
-@pytest.mark.parametrize("path", sorted((EXAMPLES / "plans").glob("*.toml")), ids=str)
-def test_example_plans_parse(path):
-    plan = parse_plan(path.read_text())
+PLANS = [*sorted((EXAMPLES / "plans").glob("*.toml")), EXAMPLES / "demo" / "plan.toml"]
+
+
+@pytest.mark.parametrize("path", PLANS, ids=str)
+def test_example_plans_are_accepted_at_submission(path):
+    """As `fedge coordinator submit` checks them (model parameters included)."""
+    plan = check_submission(path.read_text())
     assert plan.dataset == "fed_tcga_brca" and plan.rounds >= 1
 
 

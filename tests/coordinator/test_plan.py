@@ -159,12 +159,14 @@ def test_an_unregistered_model_is_refused_naming_the_known_ones():
 
 
 def test_the_plan_check_does_not_import_torch():
-    """The coordinator checks model names and privacy targets without torch."""
+    """The coordinator checks model names, model parameters and privacy targets
+    without torch."""
     import subprocess
     import sys
 
-    code = ("import sys\nfrom fedge.coordinator.plan import parse_plan\n"
+    code = ("import sys\nfrom fedge.coordinator.plan import check_submission, parse_plan\n"
             f"parse_plan({_dp_plan(3, 8.0)!r})\n"
+            f"check_submission({GOOD!r})\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -304,3 +306,100 @@ def test_a_plan_without_a_seed_gets_a_fresh_one_written_in_one_with_a_seed_is_ke
     assert with_seed(named) == named
     with pytest.raises(PlanError):
         with_seed(bare.replace("rounds = 1", "rounds = 0"))
+
+
+MLP = """
+[job]
+dataset = "d"
+rounds = 1
+[model]
+name = "{model}"
+params = {{ {params} }}
+[train]
+steps = 1
+batch_size = 1
+learning_rate = 0.1
+[strategy]
+name = "fedavg"
+"""
+
+
+def test_a_misspelt_model_parameter_is_refused_at_submission_naming_the_ones_it_takes():
+    """An ML engineer's `hiden = [8]` trained the default hidden = [64], silently."""
+    from fedge.coordinator.plan import check_submission, with_seed
+
+    text = MLP.format(model="mlp", params="in_features = 5, hiden = [8]")
+    for submit in (check_submission, with_seed):
+        with pytest.raises(PlanError) as info:
+            submit(text)
+        assert info.value.field == "model.params.hiden" and info.value.value == [8]
+        assert info.value.rule == ("unknown parameter of model 'mlp'; it takes dropout, "
+                                   "hidden, in_features, out_features, seed")
+
+
+@pytest.mark.parametrize(("model", "params", "field", "rule"), [
+    ("mlp", 'in_features = 5, hidden = "8"', "model.params.hidden",
+     "must be a list of positive integers"),
+    ("mlp", "in_features = 5, hidden = [8, 0]", "model.params.hidden",
+     "must be a list of positive integers"),
+    ("cox_mlp", "in_features = 5, dropout = 1.0", "model.params.dropout", "must lie in [0, 1)"),
+    ("logistic", "in_features = 5, classes = 1", "model.params.classes",
+     "must be an integer >= 2"),
+    ("linear", "in_features = 5.0", "model.params.in_features", "must be an integer >= 1"),
+    ("cox_linear", "in_features = 39, seed = true", "model.params.seed", "must be an integer"),
+    ("resnet_small", "width = 8, image_size = 0", "model.params.image_size",
+     "must be an integer >= 1"),
+    # a parameter of another model is no parameter of this one
+    ("cox_linear", "in_features = 39, hidden = [8]", "model.params.hidden",
+     "unknown parameter of model 'cox_linear'; it takes in_features, seed"),
+])
+def test_a_model_parameter_that_breaks_its_rule_is_refused_at_submission(model, params, field,
+                                                                         rule):
+    from fedge.coordinator.plan import check_submission
+
+    with pytest.raises(PlanError) as info:
+        check_submission(MLP.format(model=model, params=params))
+    assert info.value.field == field and info.value.rule == rule
+
+
+@pytest.mark.parametrize(("model", "params"), [
+    ("linear", "in_features = 5, out_features = 2, seed = 3"),
+    ("logistic", "in_features = 5, classes = 3, seed = 3"),
+    ("mlp", "in_features = 5, hidden = [8, 4], out_features = 3, dropout = 0.1, seed = 3"),
+    ("cox_linear", "in_features = 39, seed = 3"),  # bench/flamby_tcga.py, the demo
+    ("cox_mlp", "in_features = 39, hidden = [32], dropout = 0.0, seed = 3"),
+    ("resnet_small", "in_channels = 1, classes = 2, width = 16, image_size = 32, seed = 3"),
+    # a missing required one is named when the starting model is built
+    # (tests/coordinator/test_initmodel.py); plans run on synthetic weights leave it out
+    ("linear", ""),
+])
+def test_every_parameter_a_model_takes_is_accepted_at_submission(model, params):
+    from fedge.coordinator.plan import check_submission
+
+    assert check_submission(MLP.format(model=model, params=params)).model_name == model
+
+
+def test_a_job_with_a_misspelt_model_parameter_stored_by_an_earlier_release_stays_readable(
+    tmp_path,
+):
+    """The rule is checked at submission, not in parse_plan (as the Cox DP rule is):
+    a job stored before it keeps its status readable. It never trains the default in
+    place of what was asked: the coordinator's starting model and every site's model
+    are built by fedge.train, which refuses the same parameter."""
+    from fedge.coordinator.service import Coordinator, torch_initial_weights
+    from fedge.train.api import ModelSpec, build_model
+
+    old = MLP.format(model="mlp", params="in_features = 5, hiden = [8]")
+    plan = parse_plan(old)
+    coord = Coordinator(tmp_path / "coord")
+    try:
+        coord.store.create_job("job-old", old, actor="console")  # as the old release did
+        assert coord.job_status("job-old")["rounds_planned"] == 1
+        with pytest.raises(PlanError, match=r"model\.params\.hiden"):
+            coord.submit_job(old)
+    finally:
+        coord.close()
+    with pytest.raises(PlanError, match="unknown parameter 'hiden'"):
+        torch_initial_weights(plan)
+    with pytest.raises(ValueError, match="unknown parameter 'hiden'"):  # as the agent's
+        build_model(ModelSpec(plan.model_name, dict(plan.model_params)))  # trainer does

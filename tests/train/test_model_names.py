@@ -9,3 +9,4 @@ def test_every_listed_name_has_a_constructor_and_every_constructor_a_name():
     assert set(models.MODELS) == set(model_names.MODEL_NAMES)
     assert models.TASK_OF_MODEL is model_names.TASK_OF_MODEL
     assert set(model_names.TASK_OF_MODEL) == set(model_names.MODEL_NAMES)
+    assert set(model_names.MODEL_PARAMS) == set(model_names.MODEL_NAMES)

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from fedge.train.models import MODELS, ModelSpec, build_model, cox_partial_likelihood
+from fedge.train.model_names import MODEL_PARAMS
+from fedge.train.models import (
+    MODELS,
+    ModelSpec,
+    build_model,
+    cox_partial_likelihood,
+    input_shape,
+)
 from fedge.train.optim import flatten
 
 SPECS = {
@@ -69,6 +76,38 @@ def test_bad_specs_are_named() -> None:
         build_model(ModelSpec("mlp", {"in_features": 3, "hidden": [0]}))
     with pytest.raises(ValueError, match="missing required key 'name'"):
         ModelSpec.from_dict({"params": {}})
+
+
+def test_a_parameter_the_model_does_not_take_is_refused_naming_the_ones_it_takes() -> None:
+    """A misspelt parameter is refused, not read as its default (hiden = [8] trained
+    hidden = [64]); so is another model's parameter."""
+    with pytest.raises(ValueError, match=r"model 'mlp': unknown parameter 'hiden'; mlp takes "
+                                         r"dropout, hidden, in_features, out_features, seed$"):
+        build_model(ModelSpec("mlp", {"in_features": 5, "hiden": [8]}))
+    with pytest.raises(ValueError, match="unknown parameter 'hidden'"):
+        build_model(ModelSpec("cox_linear", {"in_features": 5, "hidden": [8]}))
+    with pytest.raises(ValueError, match="unknown parameter 'widht'"):
+        ModelSpec.from_dict({"name": "resnet_small", "params": {"widht": 8}})
+    with pytest.raises(ValueError, match="unknown parameter 'image_sise'"):
+        input_shape(ModelSpec("resnet_small", {"image_sise": 32}))
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_every_declared_parameter_is_taken_and_its_declared_default_is_the_builders(
+    name: str,
+) -> None:
+    """Each model's declared parameters (MODEL_PARAMS, the table the coordinator checks
+    plans against) are the ones its builder reads, with the defaults it builds with: a
+    plan that spells every default out builds the same weights as one that leaves
+    them out."""
+    params, _, _ = SPECS[name]
+    required = {k: v for k, v in params.items() if MODEL_PARAMS[name][k].default is None}
+    spelt = required | {k: p.default for k, p in MODEL_PARAMS[name].items()
+                        if p.default is not None}
+    assert set(spelt) == set(MODEL_PARAMS[name])
+    np.testing.assert_array_equal(flatten(build_model(ModelSpec(name, spelt))),
+                                  flatten(build_model(ModelSpec(name, required))))
+    assert input_shape(ModelSpec(name, spelt)) == input_shape(ModelSpec(name, required))
 
 
 def _breslow_reference(s: np.ndarray, t: np.ndarray, e: np.ndarray) -> float:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import pytest
 
 from fedge.agent.process import load_config as load_agent_config
-from fedge.coordinator.plan import check_submission
+from fedge.coordinator.plan import check_submission, parse_plan, with_seed
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -20,6 +21,18 @@ def test_example_plans_are_accepted_at_submission(path):
     """As `fedge coordinator submit` checks them (model parameters included)."""
     plan = check_submission(path.read_text())
     assert plan.dataset == "fed_tcga_brca" and plan.rounds >= 1
+
+
+@pytest.mark.parametrize("path", sorted((EXAMPLES / "plans").glob("*.toml")), ids=str)
+def test_example_plans_leave_the_seed_to_submission_so_they_can_be_rerun_over_other_sites(path):
+    """A fixed seed makes a re-run train the same update as the first run, which the
+    sites refuse to reveal summed over another set of survivors; the coordinator
+    writes a fresh seed into a plan that names none."""
+    text = path.read_text()
+    raw = tomllib.loads(text)
+    assert "seed" not in raw["job"] and "seed" not in raw["model"].get("params", {})
+    first, rerun = parse_plan(with_seed(text)), parse_plan(with_seed(text))
+    assert first.seed != rerun.seed  # 1 chance in 2**31 to be equal
 
 
 def test_example_agent_config_parses():

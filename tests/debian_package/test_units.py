@@ -210,3 +210,32 @@ def test_a_stop_waits_longer_than_a_request_may_take() -> None:
     request_timeout = sub.choices["serve"].get_default("request_timeout")
     stop = unit_settings(UNITS / "fedge-serve.service")["TimeoutStopSec"]
     assert stop[0].endswith("s") and float(stop[0][:-1]) > request_timeout
+
+
+def test_the_nvidia_uvm_unit_has_only_what_loading_a_module_and_mknod_need() -> None:
+    """Finding 5: it ran as root with no sandbox (exposure 8.8). Three capabilities, a
+    read-only system, no network, the @module calls on top of @system-service. What
+    would break it stays off: a device list (DevicePolicy=, DeviceAllow=, PrivateDevices=,
+    or ProtectClock=, which implies DeviceAllow=char-rtc) is resolved before nvidia_uvm
+    exists and would forbid the mknod; ProtectKernelModules= forbids the load;
+    ProcSubset=pid hides /proc/devices; PrivateUsers= takes real root away."""
+    unit = UNITS / "fedge-nvidia-uvm.service"
+    s = unit_settings(unit)
+    assert s["CapabilityBoundingSet"] == ["CAP_SYS_MODULE CAP_MKNOD CAP_CHOWN"]
+    assert s["AmbientCapabilities"] == [""] and "User" not in s
+    assert s["SystemCallFilter"][0] == "@system-service @module"
+    assert not any("@module" in f or "@chown" in f or "@privileged" in f
+                   for f in s["SystemCallFilter"][1:])
+    for key, value in {"ProtectSystem": "strict", "ProtectHome": "yes", "PrivateTmp": "yes",
+                       "PrivateNetwork": "yes", "ProtectKernelTunables": "yes",
+                       "ProtectControlGroups": "yes", "RestrictNamespaces": "yes",
+                       "RestrictSUIDSGID": "yes", "NoNewPrivileges": "yes",
+                       "LockPersonality": "yes", "MemoryDenyWriteExecute": "yes",
+                       "SystemCallArchitectures": "native"}.items():
+        assert s.get(key) == [value], (key, s.get(key))
+    assert s["RestrictAddressFamilies"] == ["AF_UNIX AF_NETLINK"]
+    for breaking in ("DevicePolicy", "DeviceAllow", "PrivateDevices", "ProtectClock",
+                     "ProtectKernelModules", "ProcSubset", "PrivateUsers", "DynamicUser"):
+        assert breaking not in s, breaking
+    assert "ReadOnlyPaths" not in s and "InaccessiblePaths" not in s  # /dev stays writable
+    assert exposure(unit) <= 2.5

@@ -9,12 +9,31 @@ Public API (imported lazily so that `import fedge.serve` stays cheap):
   `.versions(name)`, `.retire(name, version)` — fedge.serve.repository
 - `InferenceServer(root)` (the ASGI app), `serve(root, host=, port=)` — fedge.serve.server
 - `export_job(state_dir, job_id, out)` — fedge.serve.jobs
+
+Importing this package turns onnxruntime's telemetry off for the process, before
+any fedge module imports onnxruntime (they all live here). Its Linux wheels (1.32
+here; POSIX telemetry came with microsoft/onnxruntime#27379) write a device id and
+an event queue (OS, CPU, interpreter path) under
+``~/.cache/Microsoft/DeveloperTools/.onnxruntime`` and upload them; an appliance in
+a hospital network talks to its coordinator and nothing else. The opt-out that
+stops all of it is ``ORT_DISABLE_TELEMETRY=1`` in the environment when onnxruntime
+initialises, which is at import: ``onnxruntime.disable_telemetry_events()`` comes
+too late for the device id and the first event, so it is only the fallback for an
+onnxruntime imported before this package. An explicit ``ORT_DISABLE_TELEMETRY`` in
+the environment is left as it is; the units set it as well.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import Any
+
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+_disable = getattr(sys.modules.get("onnxruntime"), "disable_telemetry_events", None)
+if _disable is not None:
+    _disable()
 
 _EXPORTS = {
     "export_onnx": "fedge.serve.export",

@@ -192,3 +192,41 @@ def test_the_unit_command_serves_the_agents_models_and_feeds_the_watchdog(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+TELEMETRY_PROBE = """
+import sys
+import fedge.serve.runtime  # what `fedge serve` loads models with
+import onnxruntime
+session = onnxruntime.InferenceSession(sys.stdin.buffer.read(),
+                                       providers=["CPUExecutionProvider"])
+session.run(None, {"x": [[1.0, 2.0, 3.0]]})
+"""
+
+
+def test_fedge_serve_turns_onnxruntime_telemetry_off_before_it_starts(tmp_path: Path) -> None:
+    """onnxruntime (1.32 here) writes a device id and a telemetry queue under
+    $HOME/.cache/Microsoft as soon as it is imported, for upload to Microsoft;
+    onnxruntime.disable_telemetry_events() comes too late for both. Run from a fresh
+    HOME with nothing set in the environment, a session through fedge.serve writes
+    nothing there."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("ORT_DISABLE_TELEMETRY", "XDG_CACHE_HOME", "CI", "GITHUB_ACTIONS",
+                        "TF_BUILD", "ORT_RUNNING_UNIT_TESTS")}
+    env["HOME"] = str(home)
+    proc = subprocess.run([sys.executable, "-c", TELEMETRY_PROBE], input=onnx_model(), env=env,
+                          capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert sorted(str(p.relative_to(home)) for p in home.rglob("*")) == []
+
+
+def test_fedge_imports_onnxruntime_only_through_fedge_serve() -> None:
+    """fedge/serve/__init__.py turns the telemetry off before its modules import
+    onnxruntime; an import elsewhere in fedge could come first."""
+    root = PACKAGING.parent / "fedge"
+    elsewhere = [str(p.relative_to(root)) for p in root.rglob("*.py")
+                 if "serve" not in p.relative_to(root).parts[:1]
+                 and re.search(r"^\s*(import|from)\s+onnxruntime\b", p.read_text(), re.M)]
+    assert elsewhere == []

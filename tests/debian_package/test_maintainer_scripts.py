@@ -32,6 +32,17 @@ def test_unknown_action_is_refused_and_named(script: str) -> None:
     assert f"{script} called with unknown argument 'frobnicate'" in proc.stderr
 
 
+def shipped_units() -> list[str]:
+    return sorted(p.name for p in UNITS.glob("*.service"))
+
+
+@pytest.mark.parametrize("script", ["postinst", "postrm"])
+def test_scripts_act_on_every_unit_the_package_ships(script: str) -> None:
+    (line,) = [line for line in (DEBIAN / script).read_text().splitlines()
+               if line.startswith("UNITS=")]
+    assert sorted(shlex.split(line.split("=", 1)[1])[0].split()) == shipped_units()
+
+
 def test_only_purge_deletes_state() -> None:
     postrm = (DEBIAN / "postrm").read_text()
     remove = postrm.split("    remove)", 1)[1].split(";;", 1)[0]
@@ -61,9 +72,10 @@ def test_purge_cleans_every_units_enable_symlinks(tmp_path: Path) -> None:
     postrm = (DEBIAN / "postrm").read_text()
     purge = postrm.split("    purge)", 1)[1].split(";;", 1)[0]
     loop = purge[purge.index("for unit in"):purge.index("done") + len("done")]
-    units = sorted(p.name for p in (DEBIAN.parent / "systemd").glob("*.service"))
-    assert loop.split("\n", 1)[0].split("in", 1)[1].strip(" ;do").split() == units
+    units = shipped_units()
+    assert loop.split("\n", 1)[0] == "for unit in $UNITS; do"
     assert "if [ -x /usr/bin/deb-systemd-helper ]; then" in loop
+    loop = f"UNITS='{' '.join(units)}'\n{loop}"
     helper, calls = tmp_path / "deb-systemd-helper", tmp_path / "calls"
     helper.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
     helper.chmod(0o755)
@@ -74,10 +86,12 @@ def test_purge_cleans_every_units_enable_symlinks(tmp_path: Path) -> None:
     (wants / "ssh.service").symlink_to("/lib/systemd/system/ssh.service")
     script = (loop.replace("/usr/bin/deb-systemd-helper", str(helper))
               .replace("deb-systemd-helper purge", f"{helper} purge")
+              .replace("deb-systemd-helper unmask", f"{helper} unmask")
               .replace("/etc/systemd/system", str(tmp_path / "etc/systemd/system")))
     proc = subprocess.run(["sh", "-ec", script], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
-    assert calls.read_text().split("\n")[:-1] == [f"purge {u}" for u in units]
+    assert calls.read_text().split("\n")[:-1] == [
+        call for u in units for call in (f"purge {u}", f"unmask {u}")]
     assert sorted(p.name for p in wants.iterdir()) == ["ssh.service"]
     helper.unlink()  # no deb-systemd-helper (init-system-helpers gone): still fine
     for unit in units:
@@ -102,8 +116,32 @@ def test_make_installs_the_python_headers_the_core_and_systemd_python_build_agai
 # -- the real scripts, run as dpkg runs them, in a scratch root --------------------
 #
 # A private mount namespace with a copy of /etc bound over /etc (adduser, userdel and
-# the credentials act on the copy) and tmpfs over /var/lib and /var/log: the scripts
-# run unchanged, and the host is untouched.
+# the credentials act on the copy) and tmpfs over /var/lib, /var/cache and /var/log:
+# the scripts run unchanged, and the host is untouched. With systemd=True, /run is a
+# tmpfs with /run/systemd/system in it (systemd "running") and systemctl a stub on
+# PATH; deb-systemd-invoke and deb-systemd-helper are the real ones.
+
+SYSTEMCTL_STUB = """#!/bin/sh
+# systemctl as the maintainer scripts and deb-systemd-invoke call it: every call
+# logged; a unit is active while $ACTIVE/<unit> exists; every unit is disabled (the
+# package ships them installed, not enabled).
+echo "$*" >> "$LOG"
+action=""
+units=""
+for arg in "$@"; do
+    case $arg in
+        -*) ;;
+        *) if [ -z "$action" ]; then action=$arg; else units="$units $arg"; fi ;;
+    esac
+done
+case $action in
+    is-active) for u in $units; do [ -e "$ACTIVE/$u" ] || exit 3; done ;;
+    is-enabled) echo disabled; exit 1 ;;
+    stop) for u in $units; do rm -f "$ACTIVE/$u"; done ;;
+    start|restart) for u in $units; do : > "$ACTIVE/$u"; done ;;
+esac
+exit 0
+"""
 
 
 def _can_unshare() -> bool:
@@ -118,20 +156,41 @@ needs_namespace = pytest.mark.skipif(not _can_unshare(),
                                      reason="needs root and unshare --mount")
 
 
-def in_scratch_root(tmp_path: Path, body: str) -> subprocess.CompletedProcess[str]:
-    """Run ``body`` (sh, set -e) with scratch /etc, /var/lib and /var/log.
+def in_scratch_root(tmp_path: Path, body: str,
+                    systemd: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run ``body`` (sh, set -e) with scratch /etc, /var/lib, /var/cache and /var/log.
 
-    ``$P`` is packaging/debian; the maintainer scripts' stderr goes to ``$ERR``.
+    ``$P`` is packaging/debian; the maintainer scripts' stderr goes to ``$ERR``. With
+    ``systemd``, ``$LOG`` collects the systemctl calls and ``$ACTIVE`` holds one
+    file per active unit (`SYSTEMCTL_STUB`).
     """
     etc = tmp_path / "etc"
     subprocess.run(["cp", "-a", "/etc", str(etc)], check=True, timeout=60)
+    stub = ""
+    if systemd:
+        bin_dir, active = tmp_path / "bin", tmp_path / "active"
+        bin_dir.mkdir()
+        active.mkdir()
+        (bin_dir / "systemctl").write_text(SYSTEMCTL_STUB)
+        (bin_dir / "systemctl").chmod(0o755)
+        stub = f"""mount -t tmpfs -o mode=0755 tmpfs /run
+mkdir -p /run/systemd/system
+# a container's policy-rc.d (exit 101) would keep deb-systemd-invoke from acting
+if [ -e /usr/sbin/policy-rc.d ]; then mount --bind /dev/null /usr/sbin/policy-rc.d; fi
+export PATH={shlex.quote(str(bin_dir))}:$PATH
+export LOG={shlex.quote(str(tmp_path / "systemctl.log"))}
+export ACTIVE={shlex.quote(str(active))}
+"""
     script = f"""set -e
 P={shlex.quote(str(DEBIAN))}
 ERR={shlex.quote(str(tmp_path / "stderr"))}
+# as dpkg runs them (deb-systemd-helper does nothing without it)
+export DPKG_MAINTSCRIPT_PACKAGE=fedge
 mount --bind {shlex.quote(str(etc))} /etc
-mount -t tmpfs tmpfs /var/lib
-mount -t tmpfs tmpfs /var/log
-{body}
+mount -t tmpfs -o mode=0755 tmpfs /var/lib
+mount -t tmpfs -o mode=0755 tmpfs /var/cache
+mount -t tmpfs -o mode=0755 tmpfs /var/log
+{stub}{body}
 """
     return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
                           capture_output=True, text=True, timeout=120)
@@ -267,3 +326,68 @@ def test_upgrade_moves_nothing_it_cannot_move_and_the_coordinator_refuses_an_emp
     assert "guard rc=1" in out
     assert ("the coordinator database is in /var/lib/fedge (where earlier packages kept it), "
             "not in /var/lib/fedge-coordinator; not starting a new, empty coordinator") in err
+
+
+@needs_namespace
+@pytest.mark.parametrize("active", [True, False], ids=["active", "inactive"])
+def test_upgrade_leaves_the_coordinator_running_as_it_found_it(tmp_path: Path,
+                                                               active: bool) -> None:
+    """Moving a coordinator's state, postinst stops it and starts it again. The start
+    went through deb-systemd-invoke, which starts only enabled units, and the units
+    ship not enabled: a coordinator started by hand stayed down after the upgrade."""
+    proc = in_scratch_root(tmp_path, f"""
+sh $P/postinst configure '' 2>>$ERR
+echo sqlite > /var/lib/fedge/coordinator.sqlite3
+chown -R fedge:fedge /var/lib/fedge
+{"touch $ACTIVE/fedge-coordinator.service" if active else "true"}
+: > $LOG
+sh $P/postinst configure 0.1.0-1 2>>$ERR
+if [ -e $ACTIVE/fedge-coordinator.service ]; then echo "active after"
+else echo "inactive after"; fi
+if [ -e /var/lib/fedge-coordinator/coordinator.sqlite3 ]; then echo "moved"; fi
+""", systemd=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr + script_stderr(tmp_path)
+    out = proc.stdout.splitlines()
+    assert "moved" in out
+    assert ("active after" if active else "inactive after") in out, (
+        out, (tmp_path / "systemctl.log").read_text(), script_stderr(tmp_path))
+    calls = (tmp_path / "systemctl.log").read_text().splitlines()
+    if active:
+        stop = calls.index("stop fedge-coordinator.service")
+        assert calls.index("start fedge-coordinator.service") > stop
+    else:
+        assert not any(c.startswith(("stop ", "start ")) for c in calls), calls
+
+
+@needs_namespace
+def test_remove_masks_the_units_and_reinstall_or_purge_unmasks_only_those(
+        tmp_path: Path) -> None:
+    """What dh_installsystemd's snippets do: after `dpkg -r` the unit files are gone
+    but a unit enabled by hand keeps its link; masked, systemd reports it masked
+    instead of a link to nothing. A mask the administrator made stays."""
+    units = shipped_units()
+    show = "for u in " + " ".join(units) + """; do
+    if [ -L /etc/systemd/system/$u ]; then echo "$u -> $(readlink /etc/systemd/system/$u)"; fi
+done"""
+    proc = in_scratch_root(tmp_path, f"""
+sh $P/postinst configure '' 2>>$ERR
+mkdir -p /etc/systemd/system/multi-user.target.wants
+ln -s /lib/systemd/system/fedge-agent.service /etc/systemd/system/multi-user.target.wants/
+ln -s /dev/null /etc/systemd/system/fedge-serve.service   # the administrator's own mask
+echo "--- remove"
+sh $P/postrm remove 2>>$ERR
+{show}
+echo "--- reinstall"
+sh $P/postinst configure 0.1.0-1 2>>$ERR
+{show}
+echo "--- remove, purge"
+sh $P/postrm remove 2>>$ERR
+sh $P/postrm purge 2>>$ERR
+{show}
+""")
+    assert proc.returncode == 0, proc.stdout + proc.stderr + script_stderr(tmp_path)
+    out = proc.stdout.split("--- ")
+    masked = [f"{u} -> /dev/null" for u in units]
+    assert out[1].splitlines()[1:] == masked, out[1]
+    assert out[2].splitlines()[1:] == ["fedge-serve.service -> /dev/null"], out[2]
+    assert out[3].splitlines()[1:] == ["fedge-serve.service -> /dev/null"], out[3]

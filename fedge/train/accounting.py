@@ -12,14 +12,17 @@ import json
 import logging
 import math
 import os
+import threading
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 __all__ = [
     "COX_DP_RULE",
+    "PENDING",
     "PER_LOSS_TERM",
+    "RELEASED",
     "PrivacyBudgetError",
     "PrivacyLedger",
     "calibrate_noise",
@@ -95,28 +98,154 @@ def _quiet_accountant() -> Iterator[None]:
         log.setLevel(before)
 
 
+# A ledger entry's status. A run of a DP mechanism is charged when its output can
+# leave the site, not when training ends: a round's first attempt that fails before
+# its update is unmasked, or a site whose update is never summed, spends nothing.
+PENDING = "pending"    # trained; the output is still only at the site: not counted
+RELEASED = "released"  # the output left, or was about to (marked first): counted
+STATUSES = (PENDING, RELEASED)
+
+_REQUIRED = ("job", "round", "noise_multiplier", "sampling_rate", "steps")
+
+# (job, round, attempt): one run of one round's mechanism at this site
+EntryKey = tuple[str, int, int]
+
+
+def _selects(e: Mapping[str, Any], job: str | None, round: int | None) -> bool:
+    return (job is None or e["job"] == job) and (round is None or e["round"] == round)
+
+
+def _key(e: Mapping[str, Any]) -> tuple[str, int, int | None]:
+    return (e["job"], int(e["round"]), e.get("attempt"))
+
+
+def _normalised(entries: Any) -> list[dict[str, Any]]:
+    """Copies of ``entries``, checked, each with an ``attempt`` and a ``status``.
+
+    An entry saved by a release before statuses (no ``status``) is released: it was
+    charged when its round trained, and an upgrade never lowers a site's recorded
+    spend. One without ``attempt`` is numbered after the earlier runs of its round.
+
+    Raises:
+        ValueError: an entry lacks a key, has an unknown status or a bad attempt, or
+            repeats another's (job, round, attempt); the message names the entry.
+    """
+    if not isinstance(entries, list):
+        raise ValueError(f"entries is a {type(entries).__name__}, not a list")
+    out: list[dict[str, Any]] = []
+    runs: dict[tuple[str, int], int] = {}
+    seen: set[tuple[str, int, int | None]] = set()
+    for i, raw in enumerate(entries):
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"entry {i} is not a table")
+        e = dict(raw)
+        missing = set(_REQUIRED) - set(e)
+        if missing:
+            raise ValueError(f"entry {i} lacks {sorted(missing)}")
+        e.setdefault("status", RELEASED)
+        if e["status"] not in STATUSES:
+            raise ValueError(f"entry {i}: status {e['status']!r} is not one of {STATUSES}")
+        run = (e["job"], int(e["round"]))
+        if "attempt" not in e:
+            e["attempt"] = runs.get(run, 0) + 1
+        if not isinstance(e["attempt"], int) or isinstance(e["attempt"], bool) \
+                or e["attempt"] < 1:
+            raise ValueError(f"entry {i}: attempt {e['attempt']!r} is not an integer >= 1")
+        runs[run] = max(runs.get(run, 0), e["attempt"])
+        if _key(e) in seen:
+            raise ValueError(f"entry {i} repeats job {e['job']!r} round {e['round']} "
+                             f"attempt {e['attempt']}")
+        seen.add(_key(e))
+        out.append(e)
+    return out
+
+
 @dataclass
 class PrivacyLedger:
-    """The mechanisms one site ran: list of {job, round, noise_multiplier, sampling_rate, steps}."""
+    """The DP mechanisms one site ran, one entry per run: {job, round, attempt, status,
+    noise_multiplier, sampling_rate, steps} (and ``bound`` for a Cox model's).
+
+    A run is charged when its output can leave the site, not when it ends (DP noise is
+    fresh from the OS each time, so a retried round is a new run, an entry of its own
+    keyed by ``attempt``). Training records its run ``pending``; the agent marks it
+    ``released`` and saves the ledger, fsynced, before the update can leave (with
+    secure aggregation: before its unmask shares go, since the masked input alone
+    reveals nothing; without: before the plain update goes), and releases nothing when
+    that save fails. ε counts released entries only. So a pending entry is a run whose
+    output never left: one whose round was released after a crash cannot exist, as the
+    mark is on disk before the release. (A crash between the mark and the send charges
+    an update that never left: the error is on the safe side.) Entries are never
+    removed. A ledger saved before statuses existed loads with every entry released.
+    """
 
     entries: list[dict[str, Any]] = field(default_factory=list)
+    # record, release and save of one ledger may come from different threads (a
+    # superseded training still running as the next one starts)
+    _lock: Any = field(default_factory=threading.RLock, init=False,
+                       repr=False, compare=False)
 
     def record(
         self, *, job: str, round: int, noise_multiplier: float, sampling_rate: float, steps: int,
-        per_loss_term: bool = False,
-    ) -> None:
-        """Add one round's mechanism. ``per_loss_term``: DP-SGD on a Cox model, whose ε
-        bounds one loss term, not one record (the entry says so in ``bound``)."""
-        entry: dict[str, Any] = {
-            "job": job,
-            "round": int(round),
-            "noise_multiplier": float(noise_multiplier),
-            "sampling_rate": float(sampling_rate),
-            "steps": int(steps),
-        }
-        if per_loss_term:
-            entry["bound"] = PER_LOSS_TERM
-        self.entries.append(entry)
+        per_loss_term: bool = False, pending: bool = False,
+    ) -> EntryKey:
+        """Add one run of a round's mechanism; return its key (job, round, attempt), the
+        attempt numbering this site's runs of that round from 1.
+
+        ``pending``: its output has not left the site; not counted until
+        :meth:`release`. Otherwise it is charged at once. ``per_loss_term``: DP-SGD on a
+        Cox model, whose ε bounds one loss term, not one record (``bound`` says so)."""
+        with self._lock:
+            attempt = 1 + max((e["attempt"] for e in self.entries
+                               if (e["job"], e["round"]) == (job, int(round))), default=0)
+            entry: dict[str, Any] = {
+                "job": job,
+                "round": int(round),
+                "attempt": attempt,
+                "status": PENDING if pending else RELEASED,
+                "noise_multiplier": float(noise_multiplier),
+                "sampling_rate": float(sampling_rate),
+                "steps": int(steps),
+            }
+            if per_loss_term:
+                entry["bound"] = PER_LOSS_TERM
+            self.entries.append(entry)
+            return (job, int(round), attempt)
+
+    def release(self, key: EntryKey, *, path: str | os.PathLike[str] | None = None) -> None:
+        """Charge the run ``key``: its output is about to leave the site. With ``path``
+        the ledger is saved there (:meth:`save`: fsynced, the directory too) before
+        this returns; a save that fails leaves the entry pending and raises, and the
+        caller must then not release. A released entry stays as it is (nothing saved).
+
+        Raises:
+            KeyError: no entry has that key.
+            OSError: the ledger could not be saved.
+        """
+        with self._lock:
+            entry = next((e for e in self.entries if _key(e) == tuple(key)), None)
+            if entry is None:
+                raise KeyError(f"no privacy ledger entry for job {key[0]!r} round {key[1]} "
+                               f"attempt {key[2]}")
+            if entry["status"] == RELEASED:
+                return
+            entry["status"] = RELEASED
+            if path is None:
+                return
+            try:
+                self.save(path)
+            except BaseException:
+                entry["status"] = PENDING
+                raise
+
+    def pending(self, *, job: str | None = None) -> list[dict[str, Any]]:
+        """The selected entries whose output never left the site (not counted in ε)."""
+        return [dict(e) for e in self.entries
+                if e.get("status", RELEASED) == PENDING and _selects(e, job, None)]
+
+    def released(self, *, job: str | None = None) -> list[dict[str, Any]]:
+        """The selected entries counted in ε."""
+        return [dict(e) for e in self.entries
+                if e.get("status", RELEASED) == RELEASED and _selects(e, job, None)]
 
     def per_loss_term(self, *, job: str | None = None) -> bool:
         """Whether any selected entry's ε is per Cox loss term: then so is their
@@ -125,9 +254,11 @@ class PrivacyLedger:
                    if job is None or e["job"] == job)
 
     def events(
-        self, *, job: str | None = None, round: int | None = None
+        self, *, job: str | None = None, round: int | None = None,
+        including: Mapping[str, Any] | None = None,
     ) -> list[tuple[float, float, int]]:
-        """The distinct mechanisms among the selected entries, as (noise_multiplier,
+        """The distinct mechanisms among the selected released entries (and
+        ``including``, one more run counted as if released), as (noise_multiplier,
         sampling_rate, steps) with the steps of identical mechanisms summed.
 
         RDP composes additively, and an entry is ``steps`` runs of one Poisson-sampled
@@ -136,15 +267,24 @@ class PrivacyLedger:
         A site's DP job records the same mechanism every round: its ledger grows by a
         row a round, this list does not.
         """
+        with self._lock:
+            chosen = [e for e in self.entries
+                      if e.get("status", RELEASED) == RELEASED and _selects(e, job, round)]
+        if including is not None and _selects(including, job, round) \
+                and all(_key(e) != _key(including) for e in chosen):
+            chosen.append(dict(including))
         steps: dict[tuple[float, float], int] = {}
-        for e in self.entries:
-            if (job is None or e["job"] == job) and (round is None or e["round"] == round):
-                key = (float(e["noise_multiplier"]), float(e["sampling_rate"]))
-                steps[key] = steps.get(key, 0) + int(e["steps"])
+        for e in chosen:
+            key = (float(e["noise_multiplier"]), float(e["sampling_rate"]))
+            steps[key] = steps.get(key, 0) + int(e["steps"])
         return [(z, q, n) for (z, q), n in steps.items()]
 
-    def epsilon(self, delta: float, *, job: str | None = None, round: int | None = None) -> float:
-        """Composed ε of the selected entries (all, one job, or one job's round).
+    def epsilon(self, delta: float, *, job: str | None = None, round: int | None = None,
+                including: Mapping[str, Any] | None = None) -> float:
+        """Composed ε of the selected released entries (all, one job, or one job's
+        round); ``including``: one more run counted as if released (a round about to be
+        trained, for the budget check, or one trained and not yet released, for the ε
+        it will have spent once it is). Pending entries are not counted.
 
         Each distinct mechanism (``events``) is composed once with its summed steps:
         the same ε as composing entry by entry, in a time that does not grow with the
@@ -153,7 +293,7 @@ class PrivacyLedger:
         import dp_accounting
         from dp_accounting.rdp import RdpAccountant
 
-        chosen = self.events(job=job, round=round)
+        chosen = self.events(job=job, round=round, including=including)
         if not chosen:
             return 0.0
         accountant = RdpAccountant()
@@ -165,35 +305,56 @@ class PrivacyLedger:
                 accountant.compose(dp_accounting.SelfComposedDpEvent(event, steps))
             return float(accountant.get_epsilon(delta))
 
+    def entry(self, key: EntryKey) -> dict[str, Any]:
+        """A copy of the entry ``key``.
+
+        Raises: KeyError: no entry has that key."""
+        with self._lock:
+            for e in self.entries:
+                if _key(e) == tuple(key):
+                    return dict(e)
+        raise KeyError(f"no privacy ledger entry for job {key[0]!r} round {key[1]} "
+                       f"attempt {key[2]}")
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        with self._lock:
+            return {"entries": [dict(e) for e in self.entries]}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> PrivacyLedger:
-        return cls(entries=[dict(e) for e in d.get("entries", [])])
+        """Raises: ValueError: as :func:`_normalised` (a bad or repeated entry)."""
+        return cls(entries=_normalised(d.get("entries", [])))
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the ledger as JSON atomically (temp file, fsync, rename): a site's spent
-        budget must survive a crash of the agent. A write that fails (a full disk)
-        leaves the saved ledger as it was and no temp file behind.
+        """Write the ledger as JSON atomically (temp file, fsync, rename, fsync of the
+        directory, so the rename itself survives a power cut): a site's spent budget
+        must survive a crash. A write that fails (a full disk) before the rename leaves
+        the saved ledger as it was and no temp file behind.
 
         Raises: OSError."""
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(target.name + ".tmp")
-        try:
-            with open(tmp, "w", encoding="utf-8") as fh:
-                json.dump(self.to_dict(), fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with self._lock:
+            try:
+                with open(tmp, "w", encoding="utf-8") as fh:
+                    json.dump(self.to_dict(), fh)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, target)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            dfd = os.open(target.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> PrivacyLedger:
-        """Read a saved ledger; a missing file is an empty ledger.
+        """Read a saved ledger; a missing file is an empty ledger. Entries saved without
+        a status (earlier releases) are released: never less spend after an upgrade.
 
         Raises:
             ValueError: the file is not a ledger (names the file and the problem).
@@ -203,15 +364,9 @@ class PrivacyLedger:
             return cls()
         try:
             data = json.loads(target.read_text(encoding="utf-8"))
-            entries = data["entries"]
-            keys = {"job", "round", "noise_multiplier", "sampling_rate", "steps"}
-            for i, e in enumerate(entries):
-                missing = keys - set(e)
-                if missing:
-                    raise ValueError(f"entry {i} lacks {sorted(missing)}")
+            return cls(entries=_normalised(data["entries"]))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"privacy ledger {target}: not a valid ledger: {exc}") from exc
-        return cls(entries=[dict(e) for e in entries])
 
 
 def check_dp_plan(

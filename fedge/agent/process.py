@@ -232,10 +232,13 @@ def _corrupt(path: Path, exc: Exception, what: str = "") -> str:
 
 # The appliance's two secrets: where `fedge agent enrol` writes them under the state
 # dir, and the name systemd gives them under $CREDENTIALS_DIRECTORY when IT has moved
-# them to /etc/fedge/credentials/agent/<name> (LoadCredential=fedge:..., so the
-# credential is fedge_<name>; firmware/README.md has the commands).
+# them to CREDENTIALS_SOURCE/<name> (LoadCredential=fedge:..., so the credential is
+# fedge_<name>; firmware/README.md has the commands).
 SECRETS = {"curve": ("keys/curve.json", "curve.key"),
            "identity": ("keys/identity.key", "identity.key")}
+# The unit's LoadCredential= source: root's only, outside the state dir (which the
+# service user owns), on an appliance on the encrypted volume (packaging/debian/postinst).
+CREDENTIALS_SOURCE = "/var/lib/fedge-credentials/agent"
 
 
 def _secret_file(sd: Path, which: str) -> Path:
@@ -251,7 +254,7 @@ def _secret_file(sd: Path, which: str) -> Path:
         cred = Path(creds) / f"fedge_{etc_name}"
         if cred.exists():
             return cred
-        looked.append(f"{cred} (from /etc/fedge/credentials/agent/{etc_name})")
+        looked.append(f"{cred} (from {CREDENTIALS_SOURCE}/{etc_name})")
     else:
         looked.append(f"$CREDENTIALS_DIRECTORY/fedge_{etc_name} (CREDENTIALS_DIRECTORY "
                       "is not set: the agent is not running under its unit)")

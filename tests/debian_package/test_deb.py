@@ -119,8 +119,10 @@ def test_install_upgrade_remove_purge(debs: tuple[Path, Path]) -> None:
     assert user.pw_uid < 1000 and grp.getgrgid(user.pw_gid).gr_name == "fedge"
     st = os.stat("/var/lib/fedge")
     assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (user.pw_uid, 0o700)
-    cred = os.stat("/etc/fedge/credentials/agent")
-    assert (cred.st_uid, stat.S_IMODE(cred.st_mode)) == (0, 0o700)
+    for path in ("/var/lib/fedge-credentials", "/var/lib/fedge-credentials/agent",
+                 "/etc/fedge/credentials/coordinator"):
+        cred = os.stat(path)
+        assert (cred.st_uid, stat.S_IMODE(cred.st_mode)) == (0, 0o700), path
     conffiles = sh("dpkg-query", "-W", "-f=${Conffiles}", "fedge").stdout
     for conffile in ("/etc/fedge/agent.toml", "/etc/fedge/coordinator.toml",
                      "/etc/fedge/serve.env"):
@@ -149,9 +151,13 @@ def test_install_upgrade_remove_purge(debs: tuple[Path, Path]) -> None:
     os.chown(marker, user.pw_uid, user.pw_gid)
     with open("/etc/fedge/agent.toml", "a") as fh:
         fh.write('\n[agent]\nsite = "hospital-test"\n')
-    secret = Path("/etc/fedge/credentials/agent/curve.key")
+    secret = Path("/var/lib/fedge-credentials/agent/curve.key")
     secret.write_text("z85-secret")
     secret.chmod(0o600)
+    # where packages before 0.1.0-2's kept it: the upgrade moves it
+    old_place = Path("/etc/fedge/credentials/agent")
+    old_place.mkdir(mode=0o700)
+    (old_place / "identity.key").write_text("ed25519-secret")
 
     # -- upgrade to the rebuilt, higher version
     sh("dpkg", "--force-unsafe-io", "--force-confold", "-i", str(v2))
@@ -160,6 +166,9 @@ def test_install_upgrade_remove_purge(debs: tuple[Path, Path]) -> None:
     assert marker.read_text() == "appliance identity\n" and marker.stat().st_uid == user.pw_uid
     assert 'site = "hospital-test"' in Path("/etc/fedge/agent.toml").read_text()
     assert secret.read_text() == "z85-secret"
+    moved = secret.parent / "identity.key"
+    assert moved.read_text() == "ed25519-secret" and stat.S_IMODE(moved.stat().st_mode) == 0o600
+    assert not old_place.exists()
     assert pwd.getpwnam("fedge").pw_uid == user.pw_uid
     assert sh("fedge", "--version").stdout.strip() == f"fedge {upstream()}"
 
@@ -171,13 +180,18 @@ def test_install_upgrade_remove_purge(debs: tuple[Path, Path]) -> None:
     assert marker.exists() and secret.exists()
     assert 'site = "hospital-test"' in Path("/etc/fedge/agent.toml").read_text()
     assert pwd.getpwnam("fedge")
+    if shutil.which("deb-systemd-helper"):  # masked, as debhelper packages are
+        for unit in UNITS:
+            assert os.readlink(f"/etc/systemd/system/{unit}") == "/dev/null", unit
 
     # -- purge: everything goes
     sh("dpkg", "--purge", "fedge")
     assert dpkg_status() == ""
-    for path in ("/var/lib/fedge", "/var/lib/fedge-coordinator", "/var/log/fedge", "/etc/fedge",
-                 "/usr/lib/fedge"):
-        assert not Path(path).exists(), path
+    for path in ("/var/lib/fedge", "/var/lib/fedge-coordinator", "/var/lib/fedge-credentials",
+                 "/var/cache/fedge-coordinator", "/var/cache/fedge-serve", "/var/log/fedge",
+                 "/etc/fedge", "/usr/lib/fedge",
+                 *(f"/etc/systemd/system/{unit}" for unit in UNITS)):
+        assert not Path(path).exists() and not Path(path).is_symlink(), path
     with pytest.raises(KeyError):
         pwd.getpwnam("fedge")
     with pytest.raises(KeyError):

@@ -48,7 +48,8 @@ def test_only_purge_deletes_state() -> None:
     remove = postrm.split("    remove)", 1)[1].split(";;", 1)[0]
     purge = postrm.split("    purge)", 1)[1].split(";;", 1)[0]
     assert "remove_dir" not in remove and "userdel" not in remove
-    for path in ("/var/lib/fedge", "/var/lib/fedge-coordinator", "/var/log/fedge",
+    for path in ("/var/lib/fedge", "/var/lib/fedge-coordinator", "/var/lib/fedge-credentials",
+                 "/var/cache/fedge-coordinator", "/var/cache/fedge-serve", "/var/log/fedge",
                  "/etc/fedge/credentials"):
         assert path in purge.split("for dir in", 1)[1].split("done", 1)[0], path
     postinst = (DEBIAN / "postinst").read_text()
@@ -219,13 +220,17 @@ echo onnx > /var/lib/fedge/models/risk/1/model.onnx
 chmod 0500 /var/lib/fedge/models/risk
 install -d -o fedge -g fedge -m 0700 /var/lib/fedge-coordinator
 touch /var/lib/fedge-coordinator/coordinator.sqlite3 /var/log/fedge/agent.log
+install -m 0600 /dev/null /var/lib/fedge-credentials/agent/curve.key
+install -d -o fedge -g fedge /var/cache/fedge-coordinator/matplotlib /var/cache/fedge-serve
 sh $P/postrm remove 2>>$ERR
 rc=0; sh $P/postrm purge 2>>$ERR || rc=$?
 echo "purge rc=$rc"
 if getent passwd fedge >/dev/null; then echo "user present"; else echo "user gone"; fi
 if getent group fedge >/dev/null; then echo "group present"; else echo "group gone"; fi
 if mountpoint -q /var/lib/fedge; then echo "still mounted"; fi
-for p in /var/lib/fedge /var/lib/fedge-coordinator /var/log/fedge /etc/fedge/credentials; do
+for p in /var/lib/fedge /var/lib/fedge-coordinator /var/lib/fedge-credentials \
+         /var/cache/fedge-coordinator /var/cache/fedge-serve /var/log/fedge \
+         /etc/fedge/credentials; do
     if [ -e "$p" ]; then echo "left: $p $(ls -A $p | tr '\n' ' ')"; fi
 done
 """)
@@ -357,6 +362,110 @@ if [ -e /var/lib/fedge-coordinator/coordinator.sqlite3 ]; then echo "moved"; fi
         assert calls.index("start fedge-coordinator.service") > stop
     else:
         assert not any(c.startswith(("stop ", "start ")) for c in calls), calls
+
+
+CREDENTIALS = "/var/lib/fedge-credentials/agent"
+
+
+@needs_namespace
+def test_install_makes_the_agents_credentials_root_only_outside_its_state(
+        tmp_path: Path) -> None:
+    """The unit's LoadCredential= source and every directory above it are root's and
+    writable by root only: systemd reads it as root, following symlinks, so the
+    fedge user (owner of /var/lib/fedge) must not be able to swap any part of it."""
+    proc = in_scratch_root(tmp_path, f"""
+sh $P/postinst configure '' 2>>$ERR
+d={CREDENTIALS}
+while [ "$d" != / ]; do stat -c '%n %U %G %a' "$d"; d=$(dirname "$d"); done
+stat -c '%n %U %G %a' /var/lib/fedge
+""")
+    assert proc.returncode == 0, proc.stdout + proc.stderr + script_stderr(tmp_path)
+    stats = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines()}
+    assert stats[CREDENTIALS] == ["root", "root", "700"]
+    assert stats["/var/lib/fedge-credentials"] == ["root", "root", "700"]
+    for path, (user, _group, mode) in stats.items():
+        if path != "/var/lib/fedge":
+            assert user == "root" and int(mode, 8) & 0o022 == 0, (path, user, mode)
+    assert stats["/var/lib/fedge"][0] == "fedge"  # the state dir: the fedge user's
+    assert not CREDENTIALS.startswith("/var/lib/fedge/")
+
+
+OLD_CREDENTIALS = "/etc/fedge/credentials/agent"
+
+
+@needs_namespace
+def test_upgrade_moves_the_agents_credentials_out_of_etc_once(tmp_path: Path) -> None:
+    """Earlier packages (and their docs) kept the keys in /etc/fedge/credentials/agent,
+    on / and in the clear on an appliance. The upgrade moves them, keeps their content
+    and root's 0600, removes the old copies and directory, says so once, and a second
+    run does nothing."""
+    proc = in_scratch_root(tmp_path, f"""
+sh $P/postinst configure '' 2>>$ERR
+install -d -m 0700 {OLD_CREDENTIALS}
+printf curve-secret > {OLD_CREDENTIALS}/curve.key
+printf identity-secret > {OLD_CREDENTIALS}/identity.key
+chmod 0640 {OLD_CREDENTIALS}/curve.key {OLD_CREDENTIALS}/identity.key
+sh $P/postinst configure 0.1.0-1 2>>$ERR
+sh $P/postinst configure 0.1.0-1 2>>$ERR
+for f in {CREDENTIALS}/* {CREDENTIALS}/.*.fedge-new; do
+    [ -e "$f" ] && echo "new: $(stat -c '%n %U %a' "$f") $(cat "$f")"
+done
+if [ -e {OLD_CREDENTIALS} ]; then echo "old left: $(ls -A {OLD_CREDENTIALS})"; fi
+if [ -d /etc/fedge/credentials/coordinator ]; then echo "coordinator's kept"; fi
+""")
+    assert proc.returncode == 0, proc.stdout + proc.stderr + script_stderr(tmp_path)
+    out = proc.stdout.splitlines()
+    assert [line for line in out if line.startswith("new: ")] == [
+        f"new: {CREDENTIALS}/curve.key root 600 curve-secret",
+        f"new: {CREDENTIALS}/identity.key root 600 identity-secret"]
+    assert not any(line.startswith("old left") for line in out), out
+    assert "coordinator's kept" in out
+    err = script_stderr(tmp_path)
+    assert err.count(f"moved the agent's credentials ( curve.key identity.key ) from "
+                     f"{OLD_CREDENTIALS} to {CREDENTIALS}") == 1, err
+
+
+@needs_namespace
+def test_the_credentials_move_never_overwrites_a_key_and_finishes_an_interrupted_one(
+        tmp_path: Path) -> None:
+    proc = in_scratch_root(tmp_path, f"""
+sh $P/postinst configure '' 2>>$ERR
+install -d -m 0700 {OLD_CREDENTIALS} {OLD_CREDENTIALS}/not-a-file
+echo old-curve > {OLD_CREDENTIALS}/curve.key       # another key already in the new place
+echo new-curve > {CREDENTIALS}/curve.key
+echo identity > {OLD_CREDENTIALS}/identity.key     # copied by a run that then stopped
+echo identity > {CREDENTIALS}/identity.key
+sh $P/postinst configure 0.1.0-1 2>>$ERR
+echo "old: $(ls -A {OLD_CREDENTIALS} | tr '\n' ' ')$(cat {OLD_CREDENTIALS}/curve.key)"
+echo "new: $(ls -A {CREDENTIALS} | tr '\n' ' ')$(cat {CREDENTIALS}/curve.key)"
+""")
+    assert proc.returncode == 0, proc.stdout + proc.stderr + script_stderr(tmp_path)
+    out = proc.stdout.splitlines()
+    assert "old: curve.key not-a-file old-curve" in out
+    assert "new: curve.key identity.key new-curve" in out
+    err = script_stderr(tmp_path)
+    assert "moved the agent's credentials ( identity.key )" in err, err
+    assert f"left in {OLD_CREDENTIALS} ( curve.key not-a-file )" in err, err
+
+
+@needs_namespace
+def test_postinst_says_when_an_appliances_keys_are_not_on_its_encrypted_volume(
+        tmp_path: Path) -> None:
+    """/var/lib/fedge on a volume of its own (the appliance) and the keys on /: the
+    earlier firmware layout, after the upgrade moved the keys out of /etc."""
+    proc = in_scratch_root(tmp_path, """
+mkdir -p /var/lib/fedge /var/lib/fedge-credentials
+mount -t tmpfs -o mode=0700 tmpfs /var/lib/fedge
+sh $P/postinst configure '' 2>>$ERR
+echo "--- both on the volume"
+mount -t tmpfs -o mode=0700 tmpfs /var/lib/fedge-credentials
+sh $P/postinst configure 0.1.0-1 2>>$ERR
+""")
+    assert proc.returncode == 0, proc.stdout + proc.stderr + script_stderr(tmp_path)
+    err = script_stderr(tmp_path)
+    assert err.count("/var/lib/fedge is a file system of its own, /var/lib/fedge-credentials "
+                     "is not: the agent's keys are not on the appliance's encrypted "
+                     "volume") == 1, err
 
 
 @needs_namespace

@@ -37,13 +37,14 @@ def unit_values(key: str) -> list[str]:
             if line.startswith(f"{key}=")]
 
 
-def unit_environment(env_file_text: str) -> dict[str, str]:
-    """Environment= assignments, then the EnvironmentFile='s KEY=value lines over them."""
+def unit_environment(env_file_text: str, cache_root: str = "%C") -> dict[str, str]:
+    """Environment= assignments (the specifier %C, /var/cache, replaced by
+    ``cache_root``), then the EnvironmentFile='s KEY=value lines over them."""
     env: dict[str, str] = {}
     for line in unit_values("Environment"):
         for word in shlex.split(line):
             key, value = word.split("=", 1)
-            env[key] = value
+            env[key] = value.replace("%C", cache_root)
     for line in env_file_text.splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
@@ -145,9 +146,12 @@ def test_the_unit_command_serves_the_agents_models_and_feeds_the_watchdog(
 
     repo = tmp_path / "models"
     ModelRepository(repo).install("risk", onnx_model())
+    cache_root = tmp_path / "var-cache"  # CacheDirectory=, made by systemd before the start
+    (cache_root / unit_values("CacheDirectory")[0]).mkdir(parents=True)
     # an administrator's serve.env: another port (0: any free one here) and more options
     env = unit_environment(SERVE_ENV.read_text() + "FEDGE_SERVE_PORT=0\n"
-                           "FEDGE_SERVE_ARGS=--poll-interval 0.2 --threads 1\n")
+                           "FEDGE_SERVE_ARGS=--poll-interval 0.2 --threads 1\n",
+                           cache_root=str(cache_root))
     argv = expand(unit_values("ExecStart")[0], env)
     assert argv[:2] == ["/usr/bin/fedge", "serve"]
     assert argv[-4:] == ["--poll-interval", "0.2", "--threads", "1"]
@@ -209,7 +213,8 @@ def test_fedge_serve_turns_onnxruntime_telemetry_off_before_it_starts(tmp_path: 
     $HOME/.cache/Microsoft as soon as it is imported, for upload to Microsoft;
     onnxruntime.disable_telemetry_events() comes too late for both. Run from a fresh
     HOME with nothing set in the environment, a session through fedge.serve writes
-    nothing there."""
+    nothing there. (onnxruntime imported before fedge.serve: the units' environment,
+    test_units.py::test_every_daemon_starts_with_onnxruntime_telemetry_off.)"""
     home = tmp_path / "home"
     home.mkdir()
     env = {k: v for k, v in os.environ.items()

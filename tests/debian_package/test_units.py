@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -77,7 +79,9 @@ def test_units_have_the_required_settings(name: str) -> None:
         assert s["ExecStart"][0].startswith("/usr/bin/fedge serve ")
         return
     assert s["ConfigurationDirectory"] == ["fedge"] and s["LogsDirectory"] == ["fedge"]
-    assert s["LoadCredential"][0].startswith("fedge:/etc/fedge/credentials/")
+    assert s["LoadCredential"] == [{"fedge-agent.service": "fedge:/var/lib/fedge-credentials/agent",
+                                    "fedge-coordinator.service":
+                                        "fedge:/etc/fedge/credentials/coordinator"}[name]]
     if name == "fedge-agent.service":  # through the A/B slot launcher (signed updates)
         assert s["StateDirectory"] == ["fedge"]
         assert s["ExecStartPre"] == ["/usr/lib/fedge/bin/python -m fedge.update.ab preflight "
@@ -210,6 +214,103 @@ def test_a_stop_waits_longer_than_a_request_may_take() -> None:
     request_timeout = sub.choices["serve"].get_default("request_timeout")
     stop = unit_settings(UNITS / "fedge-serve.service")["TimeoutStopSec"]
     assert stop[0].endswith("s") and float(stop[0][:-1]) > request_timeout
+
+
+def owned_by_the_service_user() -> set[Path]:
+    """The directories systemd creates and hands to a unit's User= (StateDirectory=,
+    CacheDirectory=, LogsDirectory=, RuntimeDirectory=; ConfigurationDirectory= stays
+    root's), for every fedge unit."""
+    roots = {"StateDirectory": "/var/lib", "CacheDirectory": "/var/cache",
+             "LogsDirectory": "/var/log", "RuntimeDirectory": "/run"}
+    owned = set()
+    for unit in UNITS.glob("*.service"):
+        s = unit_settings(unit)
+        for key, root in roots.items():
+            owned |= {Path(root) / name for value in s.get(key, []) for name in value.split()}
+    return owned
+
+
+def test_the_agents_keys_are_where_a_reimage_keeps_them_and_fedge_cannot_swap_them() -> None:
+    """Finding 1: the keys were in /etc/fedge/credentials/agent, on / (unencrypted on the
+    appliance, lost with a re-image of /). Not inside /var/lib/fedge either: the fedge
+    user owns it and could rename a root-owned subdirectory and put a symlink in its
+    place, and systemd reads LoadCredential= sources as root, following symlinks."""
+    agent = unit_settings(UNITS / "fedge-agent.service")
+    (source,) = [Path(v.split(":", 1)[1]) for v in agent["LoadCredential"]]
+    assert source == Path("/var/lib/fedge-credentials/agent")
+    assert Path("/etc") not in source.parents
+    for owned in owned_by_the_service_user():
+        assert owned != source and owned not in source.parents, owned
+    # started only once the volume holding state and keys is mounted
+    mounts = " ".join(agent["RequiresMountsFor"]).split()
+    assert "/var/lib/fedge" in mounts and str(source.parent) in mounts
+
+
+HOME_CACHES = {"fedge-coordinator.service": "fedge-coordinator",
+               "fedge-serve.service": "fedge-serve"}
+
+
+def unit_env(unit: Path, cache_root: str = "%C") -> dict[str, str]:
+    """Environment= assignments as systemd sets them, %C (the cache root) replaced."""
+    env: dict[str, str] = {}
+    for line in unit_settings(unit).get("Environment", []):
+        for word in shlex.split(line):
+            key, value = word.split("=", 1)
+            env[key] = value.replace("%C", cache_root)
+    return env
+
+
+@pytest.mark.parametrize("name, cache", HOME_CACHES.items())
+def test_coordinator_and_serve_keep_what_libraries_write_under_home_in_their_cache(
+        name: str, cache: str) -> None:
+    """The fedge user's HOME is the agent's /var/lib/fedge, read-only (and for the
+    server hidden) in these two units; matplotlib (the report's plots at the end of a
+    job) and others then fail or fall back to a fresh temporary cache each run."""
+    s = unit_settings(UNITS / name)
+    assert s["CacheDirectory"] == [cache] and s["CacheDirectoryMode"] == ["0700"]
+    env = unit_env(UNITS / name)
+    assert env["HOME"] == env["XDG_CACHE_HOME"] == f"%C/{cache}"
+    assert env["MPLCONFIGDIR"] == f"%C/{cache}/matplotlib"
+
+
+def test_the_report_plots_write_only_into_the_coordinators_cache(tmp_path: Path) -> None:
+    """matplotlib and onnxruntime run with the coordinator unit's environment (%C a
+    scratch cache root, the CacheDirectory= made as systemd makes it): whatever they
+    write lands in the unit's cache directory, nothing outside it."""
+    cache_root = tmp_path / "var-cache"
+    (cache_root / "fedge-coordinator").mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HOME", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "MPLCONFIGDIR",
+                        "ORT_DISABLE_TELEMETRY", "MPLBACKEND")}
+    env.update(unit_env(UNITS / "fedge-coordinator.service", str(cache_root)))
+    code = """
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+plt.plot([0, 1], [1, 0])
+plt.savefig(sys.argv[1])
+import onnxruntime
+"""
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.run([sys.executable, "-c", "import sys\n" + code, str(out / "plot.png")],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "is not a writable directory" not in proc.stderr  # matplotlib's fallback warning
+    written = {p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file()}
+    assert written - {Path("out/plot.png")}, "matplotlib cached nothing"
+    outside = {p for p in written - {Path("out/plot.png")}
+               if Path("var-cache/fedge-coordinator") not in p.parents}
+    assert not outside, outside
+    assert not any("Microsoft" in p.parts for p in written), written
+
+
+@pytest.mark.parametrize("name", DAEMONS)
+def test_every_daemon_starts_with_onnxruntime_telemetry_off(name: str) -> None:
+    """onnxruntime's Linux build writes a device id under HOME and queues usage events
+    for upload as soon as it is imported; only ORT_DISABLE_TELEMETRY=1 set before that
+    stops it (fedge.serve sets it too, for onnxruntime imported through fedge)."""
+    assert unit_env(UNITS / name)["ORT_DISABLE_TELEMETRY"] == "1"
 
 
 def test_the_nvidia_uvm_unit_has_only_what_loading_a_module_and_mknod_need() -> None:

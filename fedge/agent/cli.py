@@ -5,6 +5,7 @@
                 [--replace]                         (fedge.agent.enrol; into the config's
                                                     state_dir when --config is given)
     fedge agent privacy --config FILE [--delta D]   the privacy budget this site spent
+                                                    (released updates; pending runs apart)
 
 Heavy imports happen inside the handlers.
 """
@@ -81,12 +82,22 @@ def _privacy(args: argparse.Namespace) -> int:
     def bound(job: str | None = None) -> str:
         return "per loss term" if ledger.per_loss_term(job=job) else "per record"
 
+    # rounds and epsilon count released runs only: an update that left this site (or
+    # was about to: the ledger is marked first); a run whose update never left is pending
     print(f"{'job':<40} {'rounds':>6} {'epsilon':>10}  bound")
     for job in jobs:
-        rounds = len({e["round"] for e in ledger.entries if e["job"] == job})
+        rounds = len({e["round"] for e in ledger.released(job=job)})
         print(f"{job:<40} {rounds:>6} {ledger.epsilon(args.delta, job=job):>10.4f}  {bound(job)}")
     print(f"{'total (all jobs composed)':<40} {'':>6} {ledger.epsilon(args.delta):>10.4f}  "
           f"{bound()}")
+    pending = ledger.pending()
+    if pending:
+        print("pending (trained, never released; not counted in epsilon):")
+        for job in sorted({e["job"] for e in pending}):
+            runs = ", ".join(f"round {e['round']} attempt {e['attempt']}"
+                             for e in sorted(ledger.pending(job=job),
+                                             key=lambda e: (e["round"], e["attempt"])))
+            print(f"  {job:<38} {runs}")
     if ledger.per_loss_term():
         print("per loss term: DP-SGD on a Cox model (privacy.dp.cox_per_term); a record also "
               "sits in other events' risk sets, so this epsilon is not a record-level bound")

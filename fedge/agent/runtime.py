@@ -21,7 +21,9 @@ The agent does not take the coordinator's word for what protects the update
 ``PrivacyPolicy``, checks the model digest of every task against the weights it
 came with, binds the model, plan, weight scale, cohort and SCAFFOLD's c into the
 masks' context (``fedge.coordinator.rounds.context_digest``), and reveals the
-shares that unmask a sum holding one update over one survivor set only.
+shares that unmask a sum holding one update over one survivor set only. A DP-SGD
+run is charged in the site's privacy ledger, on disk, just before its update can be
+revealed (its unmask shares, or a plain update), not when training ends.
 """
 
 from __future__ import annotations
@@ -542,6 +544,12 @@ class Agent:
         delta = self.clipped_update(task)  # once: the input vector and the reveal log's key
         vec = self.input_vector(task, a.weight_scale, delta)
         if not a.secure:
+            # the update itself leaves now: its DP run is charged, on disk, first
+            refused = self._release_privacy(task)
+            if refused:
+                await self._refuse(job, rnd, "aggregate", f"{refused}; the update is withheld",
+                                   task.task_id)
+                return
             await self.send(m.PlainUpdate(task.task_id, vec), job=job, round=rnd)
             return
         from fedge.secagg.client import ClientSession
@@ -560,30 +568,47 @@ class Agent:
                                    list(a.cohort), task.server_control)
             update = delta.astype(np.float32)
             summed = update_digest(update, task.local.n_examples)
-            plan = task.plan
             task.session = ClientSession(config, RoundContext(job, rnd, bound),
                                          self.site, self.identity, self.roster, vec,
                                          threads=self.secagg_threads,
                                          quantise_seed=task.quant_seed,
                                          before_reveal=lambda survivors: self._before_reveal(
-                                             plan, summed, update, survivors))
+                                             task, summed, update, survivors))
         except SecAggConfigError as exc:
             await self._refuse(job, rnd, "aggregate", f"secure aggregation: {exc}",
                                task.task_id)
             return
         self._set_busy(f"secagg {job} round {rnd}")
 
-    def _before_reveal(self, plan: Plan, summed: bytes, update: np.ndarray,
+    @staticmethod
+    def _release_privacy(task: _Task) -> str:
+        """Charge the task's DP run in the site's privacy ledger, on disk, before its
+        update can be revealed (``LocalResult.release_privacy``); '' when done or when
+        there is nothing to charge, else why it failed (then nothing may be revealed:
+        the run stays pending)."""
+        assert task.local is not None
+        if task.local.release_privacy is None:
+            return ""
+        try:
+            task.local.release_privacy()
+        except OSError as exc:
+            return f"cannot record this update's privacy spend in the ledger ({exc})"
+        return ""
+
+    def _before_reveal(self, task: _Task, summed: bytes, update: np.ndarray,
                        survivors: list[str]) -> None:
         """The last word before the shares that unmask a sum leave: the sum must hold
         at least the site's ``min_cohort`` inputs (and, under DP-FedAvg, the cohort its
         noise was drawn for), counted over the survivors actually summed, not the
-        sites invited; and the reveal log must allow it (recorded on disk first).
+        sites invited; the reveal log must allow it (recorded on disk first); and a DP
+        run is charged in the privacy ledger, on disk, here: the masked input revealed
+        nothing, the shares that unmask it do.
 
         Raises: a SecAggAbort (nothing revealed)."""
         from fedge.agent.guard import RevealLogError
         from fedge.secagg.errors import RevealRefused, TooFewSurvivors
 
+        plan = task.plan
         n = len(set(survivors))
         if n < self.policy.min_cohort:
             raise TooFewSurvivors(f"a sum over {n} sites is below this appliance's "
@@ -601,6 +626,9 @@ class Agent:
             raise RevealRefused(
                 f"cannot record the survivors this update is summed over ({exc}); "
                 "not revealing") from exc
+        refused = self._release_privacy(task)
+        if refused:
+            raise RevealRefused(f"{refused}; not revealing")
 
     async def _on_secagg(self, job: str, rnd: int, body: Any) -> None:
         task = self.task

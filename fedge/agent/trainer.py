@@ -9,10 +9,11 @@ weights, counts and metrics — never rows.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -35,9 +36,15 @@ class LocalResult:
     weights: np.ndarray
     n_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
+    # DP-SGD: this job's ε at this site once this update is released
     epsilon: float = 0.0
     # SCAFFOLD: Δc_i = c_i⁺ − c_i (float32[d]); None for other strategies
     delta_control: np.ndarray | None = None
+    # DP-SGD: charges this run in the site's privacy ledger, on disk (fsynced) when it
+    # returns. The agent calls it before anything that reveals the update leaves (the
+    # unmask shares, or a plain update), and reveals nothing if it raises OSError (the
+    # run then stays pending, uncounted). None: nothing to charge.
+    release_privacy: Callable[[], None] | None = None
 
 
 class Trainer(Protocol):
@@ -179,6 +186,9 @@ class TorchTrainer:
         c_i at the start of the round (None: zeros). The agent owns c_i, so a retried
         round starts from the same c_i.
 
+        A DP-SGD run is recorded in the privacy ledger pending, and saved; the result's
+        ``release_privacy`` charges it (the agent calls it before the update can leave).
+
         Raises: TaskRefusal: missing data set, a plan this site cannot run, or a DP
         round whose privacy ledger cannot be saved (the update is withheld).
         """
@@ -213,16 +223,23 @@ class TorchTrainer:
         if out.local_metrics:  # for this hospital's journal only; never sent
             log.info("job %s round %d: %s (kept at this site)", job, round,
                      ", ".join(f"{k}={v:.4g}" for k, v in sorted(out.local_metrics.items())))
-        if self._ledger_path is not None and out.epsilon is not None:
-            with self._lock:
-                try:
-                    self._ledger.save(self._ledger_path)
-                except OSError as exc:  # disk full: no update leaves without its record
-                    raise TaskRefusal(f"privacy ledger {self._ledger_path} cannot be saved: "
-                                      f"{exc}; the update is withheld") from exc
+        release: Callable[[], None] | None = None
+        if out.ledger_key is not None:
+            # the run is on disk pending (so `fedge agent privacy` shows a run that
+            # trained and never left, even after a crash); it is charged on release
+            if self._ledger_path is not None:
+                with self._lock:
+                    try:
+                        self._ledger.save(self._ledger_path)
+                    except OSError as exc:  # disk full: no update leaves without its record
+                        raise TaskRefusal(f"privacy ledger {self._ledger_path} cannot be "
+                                          f"saved: {exc}; the update is withheld") from exc
+            release = functools.partial(self._ledger.release, out.ledger_key,
+                                        path=self._ledger_path)
         return LocalResult(np.ascontiguousarray(out.weights, dtype=np.float32), out.n_examples,
                            {k: float(v) for k, v in out.metrics.items()},
-                           float(out.epsilon or 0.0), out.extra.get("scaffold_delta_c"))
+                           float(out.epsilon or 0.0), out.extra.get("scaffold_delta_c"),
+                           release)
 
     def evaluate(self, plan: Plan, weights: np.ndarray, split: str) -> tuple[int, dict[str, float]]:
         """Raises: TaskRefusal: missing data set or a model that does not fit it."""

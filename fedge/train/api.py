@@ -230,11 +230,16 @@ class TrainOutcome:
     weights: np.ndarray
     n_examples: int
     metrics: dict[str, float]
-    epsilon: float | None = None  # cumulative ε of this job at this site (DP-SGD), else None
+    # DP-SGD: this job's ε at this site once this update is released (earlier released
+    # runs and this one), else None
+    epsilon: float | None = None
     delta: float | None = None
     extra: dict[str, np.ndarray] = field(default_factory=dict)  # e.g. "scaffold_delta_c"
     # figures for the site's own log, never sent (under DP-SGD: the raw batches' loss)
     local_metrics: dict[str, float] = field(default_factory=dict)
+    # DP-SGD: this run's (job, round, attempt) in ``state.ledger``, recorded pending;
+    # the caller releases it (PrivacyLedger.release) before the update can leave
+    ledger_key: tuple[str, int, int] | None = None
 
 
 @dataclass
@@ -377,16 +382,12 @@ def minibatches(
 def _refuse_over_budget(
     state: ClientState, dp: DPConfig, *, round: int, steps: int, sampling_rate: float
 ) -> None:
-    """The site refuses a round that would push its ε for this job past the target."""
-    trial = PrivacyLedger.from_dict(state.ledger.to_dict())
-    trial.record(
-        job=state.job,
-        round=round,
-        noise_multiplier=dp.noise_multiplier,
-        sampling_rate=sampling_rate,
-        steps=steps,
-    )
-    after = trial.epsilon(dp.delta, job=state.job)
+    """The site refuses a round that would push its ε for this job past the target:
+    its released runs plus this one (pending runs never left the site and are not
+    counted; this one is, as if it were released)."""
+    this_round = {"job": state.job, "round": round, "noise_multiplier": dp.noise_multiplier,
+                  "sampling_rate": sampling_rate, "steps": steps}
+    after = state.ledger.epsilon(dp.delta, job=state.job, including=this_round)
     assert dp.target_epsilon is not None
     if after > dp.target_epsilon:
         before = state.ledger.epsilon(dp.delta, job=state.job)
@@ -416,6 +417,8 @@ def local_train(
     noise derived from the coordinator's seed could be subtracted by it. Under
     DP-SGD the noise-free ``train_loss`` and ``clipped_fraction`` of the batches
     are not released: they are in ``TrainOutcome.local_metrics``, for the site.
+    A DP-SGD run enters the ledger pending (``TrainOutcome.ledger_key``): it counts in
+    ε once the caller releases it, before the update leaves the site.
 
     Raises:
         ValueError: weights of the wrong length or non-finite, model/task mismatch,
@@ -562,27 +565,33 @@ def local_train(
         local["update_norm"] = norm
         local["train_loss"] = metrics.pop("train_loss")
     epsilon = delta = None
+    ledger_key = None
     if cfg.dp is not None:
         per_term = task == "survival"
-        state.ledger.record(
+        # pending: charged only once the caller releases the update (the ledger's
+        # docstring); a run that never leaves the site spends nothing
+        ledger_key = state.ledger.record(
             job=state.job,
             round=round,
             noise_multiplier=cfg.dp.noise_multiplier,
             sampling_rate=q,
             steps=steps,
             per_loss_term=per_term,
+            pending=True,
         )
         delta = cfg.dp.delta
-        epsilon = state.ledger.epsilon(delta, job=state.job)
+        # the job's ε and the round's as they stand once this update is released
+        this_run = state.ledger.entry(ledger_key)
+        epsilon = state.ledger.epsilon(delta, job=state.job, including=this_run)
         # a Cox model's ε bounds one loss term, not one record: its name says so
         label = "_per_loss_term" if per_term else ""
         metrics[f"epsilon_round{label}"] = state.ledger.epsilon(delta, job=state.job,
-                                                                round=round)
+                                                                round=round, including=this_run)
         metrics[f"epsilon{label}"] = epsilon
         # computed on the raw batches, outside the mechanism: kept at the site
         local["train_loss"] = metrics.pop("train_loss")
         local["clipped_fraction"] = float(np.mean(clipped)) if clipped else 0.0
-    return TrainOutcome(weights, n, metrics, epsilon, delta, extra, local)
+    return TrainOutcome(weights, n, metrics, epsilon, delta, extra, local, ledger_key)
 
 
 PREDICT_BATCH = 256  # rows per forward pass: a site's image set never sits in one

@@ -93,7 +93,7 @@ class Fleet:
         Sites in ``absent`` are never asked: they drop out at the stage deadlines."""
         self.inbox.clear()
         plan = parse_plan(self.plan_text)  # the plan the sites trained under
-        cfg = secagg_config(plan, len(cohort), D + 1)
+        cfg = secagg_config(plan, len(cohort), self.weights.size + 1)
         bound = context_digest(bytes.fromhex(model_digest(self.weights)), self.plan_text,
                                SCALE, cohort, None)
         server = ServerSession(cfg, RoundContext(JOB, RND, bound), cohort, self.roster)

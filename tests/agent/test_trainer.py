@@ -11,6 +11,7 @@ import pytest
 from fedge.agent.trainer import TaskRefusal, TorchTrainer, train_config_dict
 from fedge.coordinator.plan import parse_plan
 from fedge.coordinator.rounds import train_seed
+from fedge.train.accounting import PrivacyLedger
 from fedge.wire import messages as m
 
 DATA = Path(__file__).resolve().parents[2] / "../shared/data/fed_tcga_brca"
@@ -89,7 +90,8 @@ cox_per_term = true  # a Cox model: its epsilon bounds one loss term
 
 
 def test_privacy_spent_is_kept_on_disk_per_job_and_in_total(tmp_path):
-    """A site's DP-SGD spend survives an agent restart and composes across jobs."""
+    """A site's DP-SGD spend (its released runs) survives an agent restart and composes
+    across jobs; a run whose update never left is shown apart, not counted."""
     if not DATA.exists():
         pytest.skip(f"Fed-TCGA-BRCA not found at {DATA}")
     import subprocess
@@ -101,12 +103,20 @@ def test_privacy_spent_is_kept_on_disk_per_job_and_in_total(tmp_path):
     first = TorchTrainer([table], state_dir=tmp_path)
     r1 = first.train("site-0", "job-a", plan, w0, round=1, seed=1)
     assert r1.epsilon > 0
+    r1.release_privacy()  # its update left the site
+    # round 2 trains, then the agent dies before its update leaves
+    first.train("site-0", "job-a", plan, r1.weights, round=2, seed=2)
     # a restarted agent continues from the ledger on disk: round 2 spends more
     second = TorchTrainer([table], state_dir=tmp_path)
     r2 = second.train("site-0", "job-a", plan, r1.weights, round=2, seed=2)
     assert r2.epsilon > r1.epsilon
     rb = second.train("site-0", "job-b", plan, w0, round=1, seed=3)
     assert rb.epsilon == pytest.approx(r1.epsilon, rel=1e-6)  # a new job starts at its own 0
+    r2.release_privacy()
+    rb.release_privacy()
+    # two runs of job-a charged, not three
+    assert PrivacyLedger.load(tmp_path / "privacy" / "ledger.json").epsilon(
+        1e-5, job="job-a") == pytest.approx(r2.epsilon)
     cfg = tmp_path / "agent.toml"
     cfg.write_text(f'state_dir = "{tmp_path}"\n')
     out = subprocess.run([sys.executable, "-m", "fedge.cli", "agent", "privacy",
@@ -121,6 +131,10 @@ def test_privacy_spent_is_kept_on_disk_per_job_and_in_total(tmp_path):
     assert rows["job-a"][3:] == ["per", "loss", "term"]
     assert out.stdout.splitlines()[3].endswith("per loss term")
     assert "not a record-level bound" in out.stdout
+    assert rows["job-a"][1] == "2"  # rounds released
+    lines = out.stdout.splitlines()
+    at = lines.index("pending (trained, never released; not counted in epsilon):")
+    assert lines[at + 1].split() == ["job-a", "round", "2", "attempt", "1"]
 
 
 def test_a_dp_round_whose_privacy_ledger_cannot_be_saved_is_refused_naming_the_file(

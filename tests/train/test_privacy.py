@@ -177,6 +177,8 @@ def test_the_coordinator_cannot_regenerate_the_dp_noise(tcga_dir: Path) -> None:
 
 
 def test_dp_sgd_local_train_reports_epsilon_per_round_and_cumulative(tcga_dir: Path) -> None:
+    """A run enters the ledger pending and counts once released; the ε a round reports is
+    the job's as it stands once that round's update is released."""
     data = load_site_data(
         DatasetSpec(name="c0", kind="fed_tcga_brca", path=str(tcga_dir), site=0, val_fraction=0.0)
     )
@@ -184,28 +186,40 @@ def test_dp_sgd_local_train_reports_epsilon_per_round_and_cumulative(tcga_dir: P
     cfg = TrainConfig(steps=10, batch_size=16, lr=0.05, dp=dp)
     state = ClientState(job="job-1")
     w = np.zeros(40, np.float32)
+
+    def eps(steps: int) -> float:
+        return epsilon_for(noise_multiplier=1.0, sampling_rate=16 / 248, steps=steps,
+                           delta=1e-5)
+
     first = local_train(COX, w, data, cfg, round=0, state=state)
+    assert first.ledger_key == ("job-1", 0, 1)
+    assert state.ledger.epsilon(1e-5, job="job-1") == 0.0  # trained, not yet released
+    state.ledger.release(first.ledger_key)
+    # round 1's first attempt never leaves the site (its round failed); the retry does
+    lost = local_train(COX, first.weights, data, cfg, round=1, state=state)
     second = local_train(COX, first.weights, data, cfg, round=1, state=state)
-    q = 16 / 248
-    assert first.epsilon == pytest.approx(
-        epsilon_for(noise_multiplier=1.0, sampling_rate=q, steps=10, delta=1e-5)
-    )
-    assert second.epsilon == pytest.approx(
-        epsilon_for(noise_multiplier=1.0, sampling_rate=q, steps=20, delta=1e-5)
-    )
+    assert (lost.ledger_key, second.ledger_key) == (("job-1", 1, 1), ("job-1", 1, 2))
+    state.ledger.release(second.ledger_key)
+    assert first.epsilon == pytest.approx(eps(10))
+    assert second.epsilon == pytest.approx(eps(20))  # the lost attempt is not counted
+    assert state.ledger.epsilon(1e-5, job="job-1") == pytest.approx(eps(20))
     assert second.metrics["epsilon_round_per_loss_term"] == pytest.approx(first.epsilon)
     assert second.delta == 1e-5 and np.all(np.isfinite(second.weights))
+
+    def target(value: float) -> TrainConfig:
+        return TrainConfig(steps=10, batch_size=16, lr=0.05,
+                           dp=DPConfig(noise_multiplier=1.0, delta=1e-5, target_epsilon=value,
+                                       cox_per_term=True))
+
     # a target the next round would break is refused, and nothing is recorded
-    tight = TrainConfig(
-        steps=10,
-        batch_size=16,
-        lr=0.05,
-        dp=DPConfig(noise_multiplier=1.0, delta=1e-5, target_epsilon=second.epsilon + 1e-3,
-                    cox_per_term=True),
-    )
     with pytest.raises(PrivacyBudgetError, match="round 2 refused"):
-        local_train(COX, second.weights, data, tight, round=2, state=state)
-    assert len(state.ledger.entries) == 2
+        local_train(COX, second.weights, data, target(second.epsilon + 1e-3), round=2,
+                    state=state)
+    assert len(state.ledger.entries) == 3
+    # the check counts the released runs and the round about to run, not the lost one
+    third = local_train(COX, second.weights, data, target(eps(30) + 1e-3), round=2,
+                        state=state)
+    assert third.epsilon == pytest.approx(eps(30))
 
 
 def test_dp_fedavg_clips_the_update_and_adds_the_noise_share() -> None:

@@ -73,6 +73,48 @@ def test_parity_failure_is_refused_with_the_numbers_and_writes_nothing(tmp_path:
     assert list(tmp_path.iterdir()) == []  # no temp file left behind either
 
 
+class OffOnOneBranch(torch.nn.Module):
+    """A linear risk score on raw (large) inputs; eager PyTorch scales it by 1 + 1e-4
+    on inputs that sum below zero, a branch the tracer never sees: the exported
+    graph is wrong there by 1e-4 of the output, ten times the relative tolerance."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(11)
+        self.linear = torch.nn.Linear(39, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        if x.sum() > 0:
+            return y
+        return y * (1 + 1e-4)
+
+
+def test_large_outputs_are_compared_relative_to_their_magnitude(tmp_path: Path) -> None:
+    # a linear risk score on raw values in the thousands: outputs up to 3000 on the
+    # held-out batch, where onnxruntime and PyTorch differ by 3.7e-4 (1.2e-7 of it,
+    # one float32 rounding); a fixed 1e-5 refused this correct export
+    torch.manual_seed(0)
+    model = torch.nn.Linear(39, 1)
+    example = torch.randn(4, 39) * 1000
+    result = export_onnx(model, example, META, tmp_path / "raw.onnx")
+    assert 1e-5 < result.parity_max_abs_diff <= 1e-5 + 1e-5 * 3000
+    props = read_metadata(result.path)
+    assert (props["parity_tolerance"], props["parity_rtol"]) == ("1e-05", "1e-05")
+    assert float(props["parity_max_abs_diff"]) == result.parity_max_abs_diff
+    # a wrong graph on the same scale is still refused
+    target = tmp_path / "wrong.onnx"
+    positive = torch.rand(4, 39) * 1000
+    with pytest.raises(ExportRefused, match=r"in output 'output' .* exceeds the tolerance "
+                                            r"1e-05 \+ 1e-05 x max \|pytorch\|") as err:
+        export_onnx(OffOnOneBranch(), positive, {}, target, held_out=-positive)
+    with torch.no_grad():
+        largest = float(OffOnOneBranch()(-positive).abs().max())
+    assert err.value.max_abs_diff > 5 * 1e-5 * largest
+    assert (err.value.tolerance, err.value.rtol) == (1e-5, 1e-5)
+    assert not target.exists()
+
+
 def test_standardisation_is_folded_into_the_graph(tmp_path: Path) -> None:
     model = _mlp()
     mean = [1.0, -2.0, 0.5, 10.0, 0.0]
@@ -169,6 +211,7 @@ def test_training_mode_is_restored(tmp_path: Path) -> None:
         ({"metadata": {"fedge_version": "x"}}, ValueError, "written by export_onnx"),
         ({"opset": 13}, ValueError, "opset 13 is below the minimum 17"),
         ({"tolerance": -1.0}, ValueError, "tolerance -1.0"),
+        ({"rtol": float("nan")}, ValueError, "rtol nan must be a finite number >= 0"),
         ({"example_input": torch.zeros(0, 5)}, ValueError, "axis 0 must be >= 1"),
         ({"held_out": torch.zeros(3, 4)}, ValueError, "held_out shape \\(3, 4\\)"),
         ({"preprocessing": Standardisation([0.0], [1.0])}, ValueError, "1 features"),

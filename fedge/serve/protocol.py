@@ -11,7 +11,8 @@ function of its arguments, so every malformed request is a plain unit test.
 
 Binary tensor extension (Triton `binary_tensor_data`): an input whose
 `parameters.binary_data_size` is set has no `data`; its bytes (little-endian,
-row-major) follow the JSON header in the body, in the order of the inputs. An
+row-major; a BOOL is one byte, 0 or 1) follow the JSON header in the body, in
+the order of the inputs. An
 output is returned as binary when its request entry says
 `parameters.binary_data: true`, or, for outputs without that setting, when the
 request's `parameters.binary_data_output` is true (what tritonclient sends by
@@ -32,7 +33,13 @@ only JSON integers within their range, the float types only JSON numbers (and
 the tokens above) that fit the type. Anything else (null, a string, a bool
 where a number belongs, 1.7 for an INT64, 1e300 for an FP32) is a 400 naming
 the input and the element: a missing lab value sent as null must not become a
-NaN risk score.
+NaN risk score. `data` is flat (any shape of as many elements) or nested exactly
+as the shape: the protocol allows both, and a nesting that contradicts the shape
+(a feature-major list) would otherwise be read as other patients' rows.
+
+A tensor with no elements (a batch of 0) is a 400: the protocol does not say,
+onnxruntime fails on it in some graphs (a 500), and Triton refused a batch size
+below 1.
 """
 
 from __future__ import annotations
@@ -248,39 +255,57 @@ def _int_text(value: int) -> str:
         f"an integer of {len(text.lstrip('-'))} digits"
 
 
-def _flatten(data: Any, where: str) -> tuple[list[Any], set[type]]:
+def _flatten(data: Any, shape: tuple[int, ...], where: str) -> tuple[list[Any], set[type]]:
     """The elements of nested or flat `data` in row-major order, and their types.
 
+    Flat data (one list, or a bare value) stands for any shape of as many
+    elements; nested lists are the tensor itself, so their lengths at each level
+    must be `shape`: a feature-major [39][2] list sent with shape [2, 39] holds
+    the right number of elements in the wrong order, and flattening it anyway
+    would score each patient on other patients' values.
+
     Raises:
-        ProtocolError(400): lists and values mixed at one level, or nested lists
-            of different lengths.
+        ProtocolError(400): lists and values mixed at one level, nested lists of
+            different lengths, or a nesting that is not `shape`.
     """
     if type(data) is not list:
         data = [data]  # a bare value: the one element of a rank-0 tensor
     flat = data
+    nesting = [len(data)]
     while True:
         kinds = set(map(type, flat))
         if list not in kinds:
-            return flat, kinds
+            break
         if len(kinds) > 1:
             raise bad_request(f"{where} 'data' mixes lists and values at one nesting level")
-        if len(set(map(len, flat))) > 1:
+        lengths = set(map(len, flat))
+        if len(lengths) > 1:
             raise bad_request(f"{where} 'data' has nested lists of different lengths")
+        nesting.append(lengths.pop())
         flat = list(itertools.chain.from_iterable(flat))
+    if len(nesting) > 1 and tuple(nesting) != shape:
+        raise bad_request(
+            f"{where} data is nested as {nesting} but shape is {list(shape)} (send the "
+            "elements flat, or nested exactly as the shape, row-major)"
+        )
+    return flat, kinds
 
 
 def _json_tensor(
-    data: Any, datatype: str, dtype: np.dtype, where: str, *, strict_numbers: bool
+    data: Any, shape: tuple[int, ...], datatype: str, dtype: np.dtype, where: str, *,
+    strict_numbers: bool,
 ) -> np.ndarray:
-    """JSON `data` as a flat array of `dtype`, every element checked, none coerced.
+    """JSON `data` of a tensor of `shape` as a flat array of `dtype`, every element
+    checked, none coerced.
 
     Raises:
-        ProtocolError(400): the first element that is not a JSON value of
-            `datatype`, or one outside its range, by its row-major index.
+        ProtocolError(400): nested lists that are not `shape` (see `_flatten`); the
+            first element that is not a JSON value of `datatype`, or one outside its
+            range, by its row-major index.
         _InfiniteNumber: a float element is infinite and the document was not
             read with `strict_numbers` (the caller reads it again that way).
     """
-    flat, kinds = _flatten(data, where)
+    flat, kinds = _flatten(data, shape, where)
     allowed, rule = _JSON_TYPES[dtype.kind]
     if not kinds <= allowed:
         i = next(i for i, v in enumerate(flat) if type(v) not in allowed)
@@ -344,6 +369,19 @@ class ParsedHeader(NamedTuple):
     inputs: tuple[tuple[str, np.dtype, tuple[int, ...], int, int], ...]  # name, dtype, shape, slice
     outputs: tuple[RequestedOutput, ...]
     binary_bytes: int
+    has_bool: bool  # a BOOL input, whose bytes must be checked every time
+
+
+def _check_bool_bytes(arr: np.ndarray, where: str) -> None:
+    """Raises ProtocolError(400) if a BOOL tensor read from binary data holds a byte
+    other than 0 or 1 (numpy would take any byte as a bool; the JSON path takes
+    only true and false)."""
+    raw = arr.reshape(-1).view(np.uint8)
+    if raw.size and int(raw.max()) > 1:
+        i = int(np.flatnonzero(raw > 1)[0])
+        raise bad_request(
+            f"{where} binary data byte {i} is {int(raw[i])}; BOOL bytes must be 0 or 1"
+        )
 
 
 PARSED_HEADERS_KEPT = 64  # distinct headers remembered per model version
@@ -377,10 +415,15 @@ def parse_infer_request(
     if parsed is not None:
         known = parsed.get(header)
         if known is not None and known.binary_bytes == len(binary):
-            return InferRequest(known.id, {
+            arrays = {
                 name: np.frombuffer(binary[start:stop], dtype=dtype).reshape(shape)
                 for name, dtype, shape, start, stop in known.inputs
-            }, known.outputs)
+            }
+            if known.has_bool:
+                for name, arr in arrays.items():
+                    if arr.dtype.kind == "b":
+                        _check_bool_bytes(arr, f"input '{name}'")
+            return InferRequest(known.id, arrays, known.outputs)
     try:
         return _check_request(_load_json(header), header, binary, model, inputs, outputs,
                               parsed, strict_numbers=False)
@@ -449,6 +492,15 @@ def _check_request(
                 f"{list(spec.shape)} (-1: any size)"
             )
         count = math.prod(shape)
+        if count == 0:
+            # Nothing to infer on. onnxruntime runs some graphs on an empty batch
+            # and fails in others (the CNN's GroupNorm Reshape): a 500 for a
+            # client's input. The protocol does not say; Triton refused a batch
+            # size below 1 ("inference request batch-size must be >= 1").
+            raise bad_request(
+                f"{where} has shape {list(shape)}, which holds no elements; "
+                "send at least one"
+            )
         params = _parameters(item, where)
         size = params.get("binary_data_size")
         if size is not None:
@@ -467,12 +519,14 @@ def _check_request(
                     f"{len(binary) - offset} remain in the body"
                 )
             arr = np.frombuffer(binary[offset : offset + size], dtype=dtype).reshape(shape)
+            if dtype.kind == "b":
+                _check_bool_bytes(arr, where)
             layout.append((name, dtype, shape, offset, offset + size))
             offset += size
         else:
             if "data" not in item:
                 raise bad_request(f"{where} has neither 'data' nor 'binary_data_size'")
-            arr = _json_tensor(item["data"], datatype, dtype, where,
+            arr = _json_tensor(item["data"], shape, datatype, dtype, where,
                                strict_numbers=strict_numbers)
             if arr.size != count:
                 raise bad_request(
@@ -516,7 +570,10 @@ def _check_request(
     if parsed is not None and len(layout) == len(arrays):  # every tensor was binary
         if len(parsed) >= PARSED_HEADERS_KEPT:
             parsed.clear()  # a client that varies its header: start over, stay bounded
-        parsed[bytes(header)] = ParsedHeader(request_id, tuple(layout), requested, len(binary))
+        parsed[bytes(header)] = ParsedHeader(
+            request_id, tuple(layout), requested, len(binary),
+            any(dtype.kind == "b" for _, dtype, _, _, _ in layout),
+        )
     return InferRequest(id=request_id, inputs=arrays, outputs=requested)
 
 

@@ -288,3 +288,61 @@ def test_non_finite_json_outputs_use_the_tokens_triton_writes() -> None:
     assert b'"data":[NaN,Infinity,-Infinity,1.5]' in body
     back = json.loads(body)["outputs"][0]["data"]
     assert np.isnan(back[0]) and back[1:] == [np.inf, -np.inf, 1.5]
+
+
+def test_nested_data_must_be_nested_as_the_shape_says() -> None:
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    # feature-major: as many elements, each patient's row scored on other patients' values
+    with pytest.raises(ProtocolError) as err:
+        _parse(_json_inputs(x.T.tolist(), [True] * 6))
+    assert err.value.status == 400
+    assert err.value.message == (
+        "input 'x' data is nested as [3, 2] but shape is [2, 3] (send the elements flat, "
+        "or nested exactly as the shape, row-major)"
+    )
+    for wrong, nesting in [(x[..., None].tolist(), [2, 3, 1]), (x[None].tolist(), [1, 2, 3]),
+                           (x.reshape(3, 2).tolist(), [3, 2])]:
+        with pytest.raises(ProtocolError, match=rf"nested as \{nesting}"):
+            _parse(_json_inputs(wrong, [True] * 6))
+    # flat stays allowed (the protocol's "flattened one-dimensional representation"),
+    # and nested exactly as the shape is read row-major
+    for data in (x.ravel().tolist(), x.tolist()):
+        np.testing.assert_array_equal(_parse(_json_inputs(data, [True] * 6)).inputs["x"], x)
+
+
+@pytest.mark.parametrize("shape", [[0, 3], [2, 0]])
+def test_a_tensor_with_no_elements_is_400_naming_it(shape: list[int]) -> None:
+    # the CNN failed in onnxruntime on an empty batch: a 500 and a traceback
+    inputs = (TensorSpec("x", "FP32", (-1, -1)),)
+    doc = {"inputs": [{"name": "x", "shape": shape, "datatype": "FP32", "data": []}]}
+    with pytest.raises(ProtocolError) as err:
+        parse_infer_request(json.dumps(doc).encode(), None, "m", inputs, OUTPUTS)
+    assert err.value.status == 400
+    assert err.value.message == (
+        f"input 'x' has shape {shape}, which holds no elements; send at least one"
+    )
+    doc["inputs"][0] = {"name": "x", "shape": shape, "datatype": "FP32",
+                        "parameters": {"binary_data_size": 0}}
+    with pytest.raises(ProtocolError, match="holds no elements"):
+        parse_infer_request(json.dumps(doc).encode(), str(len(json.dumps(doc))), "m", inputs,
+                            OUTPUTS)
+
+
+def test_binary_bool_bytes_other_than_0_and_1_are_400_on_either_path() -> None:
+    x = np.zeros((2, 3), "<f4")
+    good = np.array([[1, 0, 1], [0, 1, 0]], dtype=np.uint8)
+    bad = good.copy()
+    bad[1, 1] = 2  # numpy reads any byte as a bool: True
+    parsed: dict = {}
+    body, length = _binary_body(_all_binary(2), x, good)
+    req = parse_infer_request(body, length, "m", INPUTS, OUTPUTS, parsed)
+    np.testing.assert_array_equal(req.inputs["mask"], good.astype(bool))
+    assert len(parsed) == 1  # the header is remembered: the next request takes the fast path
+    body, length = _binary_body(_all_binary(2), x, bad)
+    for remembered in (parsed, None):  # the remembered header, and a full parse
+        with pytest.raises(ProtocolError) as err:
+            parse_infer_request(body, length, "m", INPUTS, OUTPUTS, remembered)
+        assert err.value.status == 400
+        assert err.value.message == (
+            "input 'mask' binary data byte 4 is 2; BOOL bytes must be 0 or 1"
+        )

@@ -43,9 +43,12 @@ Half-sent requests and unread responses therefore neither pile up nor use up the
 file descriptors that the health checks and the repository watcher need.
 
 Errors: every client mistake is a 4xx with the protocol's `{"error": "..."}`
-body (400 malformed/invalid, 404 unknown model/version/route, 405 wrong
-method, 408 request not in within its deadline, 413 oversized body); the server
-never answers 500 for a client's input.
+body (400 malformed/invalid, HTTP that httptools cannot parse included, 404
+unknown model/version/route, 405 wrong method, 408 request not in within its
+deadline, 413 oversized body, 414/431 a request line or headers over
+`max_header_bytes`); the server never answers 500 for a client's input. A
+request that cannot be parsed (400, 414, 431) closes its connection, after the
+responses to the requests pipelined before it.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ import multiprocessing
 import os
 import re
 import tempfile
+import threading
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
@@ -110,6 +114,10 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
+# A request's line and headers together. httptools and uvicorn keep appending to
+# a header value or URL that does not end, each append copying all of it so far:
+# one client sending an endless header held the event loop for seconds at a time.
+DEFAULT_MAX_HEADER_BYTES = 64 * 1024
 # A request estimated to cost more than this runs on a worker thread, not on the
 # event loop (which would stall every other client meanwhile).
 DEFAULT_INLINE_BUDGET_S = 0.002
@@ -133,6 +141,15 @@ _T = TypeVar("_T")
 # model_repository extension (load/unload), so it is not advertised.
 EXTENSIONS = ["binary_tensor_data", "model_configuration"]
 _INFER = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
+# A version as the repository names its directories: "01" is not another name
+# for version 1 (nor is "١" or "²"); 20 digits bound int()'s work.
+_VERSION_TEXT = re.compile(r"[1-9][0-9]{0,19}")
+MODEL_FAILURE_LOG_INTERVAL_S = 60.0
+# How long a connection refused for a malformed or oversized request head stays
+# open after its response, so that the client can read it (see _send_refusal),
+# and how much it reads and discards meanwhile before it stops reading.
+LINGER_S = 2.0
+LINGER_BYTES = 256 * 1024
 _LATENCY_BUCKETS = (
     0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 )
@@ -215,7 +232,9 @@ class Metrics:
             "Client connections the server closed on its own: idle_timeout, request_timeout "
             "(408), write_timeout (stopped reading its responses), evicted (at the connection "
             "limit, the one waiting longest on its client), refused (at the limit with every "
-            "connection busy, 503)",
+            "connection busy, 503), malformed (400: not a valid HTTP request), "
+            "headers_too_large (431, or 414 for the URL: the request line and headers over "
+            "their limit)",
             ["reason"], registry=self.registry,
         )
 
@@ -229,6 +248,36 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 class _ClientGone(Exception):
     pass
+
+
+class _FailureLog:
+    """Logs an error with its traceback at most once per `interval_s`; the ones in
+    between are counted, and their number is logged with the next one.
+
+    A request that matches a model's signature can still make the model fail (an
+    input its graph cannot take): a client repeating it must not fill the journal
+    with tracebacks. Called from the event loop and the worker thread alike.
+    """
+
+    def __init__(self, interval_s: float):
+        self.interval_s = interval_s
+        self._lock = threading.Lock()
+        self._next = 0.0
+        self._unlogged = 0
+
+    def exception(self, message: str, *args: object) -> None:
+        """`log.exception(message, *args)`, or only a count if one was logged recently;
+        call it in an `except` block."""
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next:
+                self._unlogged += 1
+                return
+            unlogged, self._unlogged = self._unlogged, 0
+            self._next = now + self.interval_s
+        if unlogged:
+            message += f" ({unlogged} more such failures since the last one logged)"
+        log.exception(message, *args)
 
 
 class _Connections:
@@ -342,11 +391,14 @@ class InferenceServer:
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
         request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+        max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
     ):
-        """Raises: ValueError for a non-positive poll interval, body limit, connection
-        limit or timeout, or a negative inline budget."""
+        """Raises: ValueError for a non-positive poll interval, body or header limit,
+        connection limit or timeout, or a negative inline budget."""
         if not max_body_bytes > 0:
             raise ValueError(f"max_body_bytes {max_body_bytes!r} must be > 0")
+        if not max_header_bytes > 0:
+            raise ValueError(f"max_header_bytes {max_header_bytes!r} must be > 0")
         if not inline_budget_s >= 0:
             raise ValueError(f"inline_budget_s {inline_budget_s!r} must be >= 0 seconds")
         if not max_connections >= 1:
@@ -359,6 +411,8 @@ class InferenceServer:
         self.store = ModelStore(threads=threads)
         self.metrics = Metrics()
         self.max_body_bytes = max_body_bytes
+        self.max_header_bytes = max_header_bytes
+        self._model_failures = _FailureLog(MODEL_FAILURE_LOG_INTERVAL_S)
         self.inline_budget_s = inline_budget_s
         self.watcher = Watcher(self.store, self.repo, poll_interval)
         # Large requests run one at a time on a worker thread: each already uses
@@ -539,7 +593,7 @@ class InferenceServer:
         if body_bytes > DIRECT_MAX_BYTES:
             return None
         try:
-            model = self.store.get(name, version)
+            model = self._resolve(name, version)
         except UnknownModel:
             return None
         return model if self.inline(model, body_bytes / model.row_bytes) else None
@@ -740,15 +794,16 @@ class InferenceServer:
                 self._json_unavailable = True
         return self._json_process
 
-    @staticmethod
-    def _run(model: LoadedModel, request: InferRequest) -> list[Any]:
+    def _run(self, model: LoadedModel, request: InferRequest) -> list[Any]:
         """Raises: ProtocolError 400 when onnxruntime rejects the input, 500 when it fails."""
         try:
             return model.run(request.inputs, [o.name for o in request.outputs])
         except InvalidArgument as exc:
             raise ProtocolError(400, f"model '{model.name}' rejected the input: {exc}") from None
         except Exception as exc:  # the model failed on a valid request: our fault, say so
-            log.exception("inference failed for %s version %d", model.name, model.version)
+            self._model_failures.exception(
+                "inference failed for %s version %d", model.name, model.version
+            )
             raise ProtocolError(
                 500, f"inference failed in model '{model.name}' version {model.version}: {exc}"
             ) from None
@@ -762,9 +817,49 @@ class InferenceServer:
 
     def _model(self, name: str, version: str | None) -> LoadedModel:
         try:
-            return self.store.get(name, version)
+            return self.find(name, version)
         except UnknownModel as exc:
             raise ProtocolError(404, exc.message) from None
+
+    def _resolve(self, name: str, version: str | None) -> LoadedModel:
+        """Raises: UnknownModel (see `find`), without the reason."""
+        if version is not None and not _VERSION_TEXT.fullmatch(version) and self.store.has(name):
+            raise UnknownModel(
+                f"unknown version '{version}' of model '{name}' (a version is a positive "
+                "integer written without leading zeros)"
+            )
+        return self.store.get(name, version)
+
+    def find(self, name: str, version: str | None) -> LoadedModel:
+        """The live version of `name`, or the version named in the URL.
+
+        Raises:
+            UnknownModel: no such model, or no such version loaded; when a version on
+                disk failed to load, the message says why (as the log and
+                /v2/repository/index do).
+        """
+        try:
+            return self._resolve(name, version)
+        except UnknownModel as exc:
+            why = self._load_failure(name, version)
+            if why is None:
+                raise
+            raise UnknownModel(f"{exc.message}: not serving {why}") from None
+
+    def _load_failure(self, name: str, version: str | None) -> str | None:
+        """Why the version named (else the newest version of `name` on disk) is not
+        served, if it failed to load; else None."""
+        failures = dict(self.store.failures)  # one copy: the watcher thread writes it
+        if version is None:
+            candidates = sorted((v for n, v in failures if n == name), reverse=True)
+        elif _VERSION_TEXT.fullmatch(version):
+            candidates = [int(version)] if (name, int(version)) in failures else []
+        else:
+            candidates = []
+        for v in candidates:
+            if self.repo.path(name, v).is_file():  # still on disk, not a stale entry
+                return failures[(name, v)]
+        return None
 
     # -- Starlette routes --------------------------------------------------
 
@@ -789,9 +884,7 @@ class InferenceServer:
 
     def _lookup(self, request: Request) -> LoadedModel | Response:
         try:
-            return self.store.get(
-                request.path_params["name"], request.path_params.get("version")
-            )
+            return self.find(request.path_params["name"], request.path_params.get("version"))
         except UnknownModel as exc:
             return self._error(404, exc.message)
 
@@ -958,6 +1051,10 @@ class _CoalescingTransport:
         self._flush()
         self._transport.close()
 
+    def write_eof(self) -> None:
+        self._flush()
+        self._transport.write_eof()
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
 
@@ -1027,11 +1124,13 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
     except ImportError:  # pragma: no cover - depends on the install
         loop = "asyncio"
     try:
+        import httptools
         from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
     except ImportError:  # pragma: no cover - httptools missing: uvicorn's pure-Python h11
         return loop, "h11"
 
     connections = app.connections
+    head_limit = app.max_header_bytes
 
     class InferenceHttpProtocol(HttpToolsProtocol):
         """uvicorn's httptools protocol, answering cheap inference requests itself,
@@ -1048,6 +1147,12 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
         _stalled: float | None = None  # the client stopped reading responses since
         _reading = False  # between a request's first byte and its last
         _in_headers = False  # ... and before the end of its headers
+        _head_bytes = 0  # bytes read since the last request's headers ended
+        # (status, message) to answer before closing, once the responses owed for
+        # the earlier requests on this connection are written
+        _refusal: tuple[int, str] | None = None
+        _lingering = False  # the refusal is sent: reading what else comes until closed
+        _discarded = 0  # bytes read and dropped meanwhile
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             # uvloop's transports are not asyncio.Transport subclasses: duck-typed
@@ -1093,6 +1198,9 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
             self.deadline = _NEVER
             if self.transport.is_closing():
                 return
+            if self._lingering:  # a refused client had its time to read the refusal
+                self.transport.abort()
+                return
             if not self._reading:  # no request begun within the idle timeout
                 connections.note("idle_timeout")
                 self.transport.close()
@@ -1137,6 +1245,99 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
             self._stalled = None
             self.stall_deadline = _NEVER
 
+        def data_received(self, data: bytes) -> None:
+            """uvicorn's, plus a limit on a request's line and headers, and the
+            protocol's JSON error body for a request that is not valid HTTP.
+
+            The head's size is checked after each read from the socket, so it may
+            overshoot the limit by one read (256 KiB at most) before the 431.
+            """
+            if self._refusal is not None:  # closing: parse nothing more
+                self._discarded += len(data)
+                if not self._lingering or self._discarded > LINGER_BYTES:
+                    self.flow.pause_reading()  # a flooder: let its sends block instead
+                return
+            self._unset_keepalive_if_required()
+            if self._in_headers or not self._reading:
+                self._head_bytes += len(data)
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserUpgrade:
+                # answered as a plain request (no WebSocket here, ws="none"); the
+                # parser reads nothing after an Upgrade request's head
+                return
+            except httptools.HttpParserError as exc:
+                self._refuse(400, f"malformed HTTP request: {exc}", "malformed")
+                return
+            if self._in_headers and self._head_bytes > head_limit:
+                if 2 * len(self.url) >= self._head_bytes:  # mostly the URL
+                    self._refuse(414, f"request URL too long: the request line and headers "
+                                      f"exceed {head_limit} bytes", "headers_too_large")
+                else:
+                    self._refuse(431, f"request headers exceed {head_limit} bytes",
+                                 "headers_too_large")
+
+        def _refuse(self, status: int, message: str, reason: str) -> None:
+            """Answer `status` with `message` and close. A request at fault in its
+            head is answered after the responses still owed for the earlier requests
+            on this connection (pipelined), which keep their order; one at fault in
+            its body, at once, unless it has had its answer already (a 413 before
+            the body): then the connection is only closed."""
+            connections.note(reason)
+            in_head = self._in_headers or not self._reading
+            direct_body = self._direct is not None  # else self.cycle is the request's
+            self._refusal = (status, message)
+            self._reading = self._in_headers = False
+            self._direct = None
+            self.flow.pause_reading()
+            self._since, self.deadline = None, _NEVER  # the server's turn now
+            if in_head:
+                if not self._owes_earlier():
+                    self._send_refusal()
+                # else sent by _reply or on_response_complete
+            elif direct_body or self.cycle is None or not self.cycle.response_started:
+                self._send_refusal()
+            else:
+                self._lingering = True
+                self.transport.close()
+
+        def _owes_earlier(self) -> bool:
+            """Whether a response to an earlier request is still to be written (called
+            before the current request's headers are in: self.cycle is an earlier one)."""
+            return self._owed is not None or bool(self.pipeline) or (
+                self.cycle is not None and not self.cycle.response_complete
+            )
+
+        def _send_refusal_if_due(self) -> None:
+            if (self._refusal is not None and not self._lingering
+                    and not self.transport.is_closing() and not self._owes_earlier()):
+                self._send_refusal()
+
+        def _send_refusal(self) -> None:
+            """Write the refusal, end the sending side, and keep the connection for up
+            to LINGER_S, reading and dropping up to LINGER_BYTES of what the client
+            still sends (then no more): closing a socket with unread data in it
+            resets the connection, which can destroy the response in the client's
+            buffer before it is read (a flooder would never see its 431). A client
+            that reads the response and closes ends it sooner."""
+            assert self._refusal is not None
+            status, message = self._refusal
+            self._lingering = True
+            payload = error_body(message)
+            self.transport.write(b"".join([
+                STATUS_LINE[status], _default_headers(self.server_state.default_headers),
+                b"content-type: application/json\r\ncontent-length: ",
+                str(len(payload)).encode(), b"\r\nconnection: close\r\n\r\n", payload,
+            ]))
+            if not self.transport.can_write_eof():  # pragma: no cover - TLS
+                self.transport.close()
+                return
+            self.transport.write_eof()  # the client reads the response, then EOF
+            self._discarded = 0
+            self.flow.resume_reading()
+            now = self.loop.time()
+            self._since, self.deadline = now, now + LINGER_S  # evictable meanwhile
+
         def on_message_begin(self) -> None:
             self._direct = None
             self._reading = self._in_headers = True
@@ -1145,6 +1346,7 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
 
         def on_headers_complete(self) -> None:
             self._in_headers = False
+            self._head_bytes = 0
             self._direct = self._take_direct()
             if self._direct is None:
                 super().on_headers_complete()
@@ -1225,10 +1427,14 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
                 self.on_response_complete()
             else:  # a pipelined ASGI request is under way; its end arms the timeout
                 self.server_state.total_requests += 1
+            self._send_refusal_if_due()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
             if self.transport.is_closing():
+                return
+            if self._refusal is not None:
+                self._send_refusal_if_due()
                 return
             if self._reading:  # the next request is still arriving: the client's turn
                 self._since = self.loop.time()
@@ -1250,6 +1456,7 @@ def serve(
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
     announce: Callable[[str], None] = print,
 ) -> None:
     """Bind `host:port` (0: any free port), announce the URL, serve until SIGINT/SIGTERM.
@@ -1287,6 +1494,7 @@ def serve(
         repository, poll_interval=poll_interval, max_body_bytes=max_body_bytes, threads=threads,
         inline_budget_s=inline_budget_s, max_connections=max_connections,
         idle_timeout_s=idle_timeout_s, request_timeout_s=request_timeout_s,
+        max_header_bytes=max_header_bytes,
     )
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)

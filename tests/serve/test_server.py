@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import time
 from pathlib import Path
 
 import httpx
@@ -13,7 +14,7 @@ import torch
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from tests.serve.conftest import N_FEATURES, RunningServer
+from tests.serve.conftest import N_FEATURES, RunningServer, serving
 
 
 def _rows(n: int, seed: int = 0) -> np.ndarray:
@@ -221,10 +222,11 @@ def test_oversized_body_is_413(server: RunningServer) -> None:
     assert ok.status_code == 200
 
 
-@pytest.mark.parametrize("version", ["%C2%B2", "%D9%A1", "%EF%BC%91", "1" * 30])
+@pytest.mark.parametrize("version", ["%C2%B2", "%D9%A1", "%EF%BC%91", "1" * 30, "01", "0001"])
 def test_a_version_must_be_ascii_digits_else_404(server: RunningServer, version: str) -> None:
     # "²" (superscript two) answered 500 on infer and plain-text 500 on the other
-    # routes; "١" (Arabic-Indic one) and "１" (fullwidth one) were served as version 1
+    # routes; "١" (Arabic-Indic one) and "１" (fullwidth one) were served as version 1,
+    # and so were "01" and "0001": no version directory is named so
     for method, path in [("GET", ""), ("GET", "/ready"), ("GET", "/config"),
                          ("POST", "/infer")]:
         r = httpx.request(method, f"{server.url}/v2/models/cox/versions/{version}{path}",
@@ -285,3 +287,84 @@ def test_connection_close_still_delivers_the_whole_response(server: RunningServe
     header, _, payload = received.partition(b"\r\n\r\n")
     assert header.startswith(b"HTTP/1.1 200")
     assert json.loads(payload)["outputs"][0]["shape"] == [1, 1]
+
+
+def test_a_version_that_failed_to_load_is_a_404_that_says_why(
+    tmp_path: Path, cox_v1: tuple[Path, torch.nn.Module]
+) -> None:
+    # "unknown model 'broken'" for a model on disk left its operator guessing
+    # broken's only version; cox's version 2, under the one installed (3, above it)
+    for name, version in (("broken", 1), ("cox", 2)):
+        (tmp_path / name / str(version)).mkdir(parents=True)
+        (tmp_path / name / str(version) / "model.onnx").write_bytes(b"not onnx")
+    with serving(tmp_path, cox=cox_v1[0]) as server:
+        deadline = time.monotonic() + 20
+        while "not serving cox version 2" not in server.log() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for path in ("", "/ready", "/config"):
+            r = httpx.get(f"{server.url}/v2/models/broken{path}", timeout=5)
+            _assert_error(r, 404, "unknown model 'broken': not serving broken version 1: "
+                                  "cannot load ")
+        r = httpx.post(f"{server.url}/v2/models/broken/infer", json=_json_request(_rows(1)),
+                       timeout=5)
+        _assert_error(r, 404, "unknown model 'broken': not serving broken version 1")
+        r = httpx.get(f"{server.url}/v2/models/cox/versions/2", timeout=5)
+        _assert_error(r, 404, "unknown version '2' of model 'cox' (loaded: 3): not serving cox "
+                              "version 2: cannot load ")
+        r = httpx.post(f"{server.url}/v2/models/cox/versions/2/infer",
+                       json=_json_request(_rows(1)), timeout=5)
+        _assert_error(r, 404, "not serving cox version 2")
+        # a version never on disk, and the live one, answer as before
+        _assert_error(httpx.get(f"{server.url}/v2/models/cox/versions/4", timeout=5), 404,
+                      "unknown version '4' of model 'cox' (loaded: 3)")
+        assert httpx.get(f"{server.url}/v2/models/cox", timeout=5).status_code == 200
+        # the health checks keep their meaning: ready, with cox loaded
+        assert httpx.get(f"{server.url}/v2/health/ready", timeout=5).status_code == 200
+
+
+def _reshaping_model() -> bytes:
+    """ONNX: input [-1, -1] reshaped to [-1, 4]. It loads (the smoke input [1, 32]
+    reshapes) and fails in onnxruntime on a valid-looking [1, 5]: a 500."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])], "reshape",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", "m"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["k", 4])],
+        [helper.make_tensor("shape", TensorProto.INT64, [2], [-1, 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def test_model_failures_are_500s_logged_with_a_traceback_at_most_once_a_minute(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import asyncio
+    import logging
+
+    from fedge.serve.repository import ModelRepository
+    from fedge.serve.server import InferenceServer
+
+    ModelRepository(tmp_path).install("m", _reshaping_model())
+    app = InferenceServer(tmp_path)
+    app.store.sync(app.repo)
+    body = json.dumps({"inputs": [{"name": "x", "shape": [1, 5], "datatype": "FP32",
+                                   "data": [0.5] * 5}]}).encode()
+
+    async def infer() -> tuple[int, bytes, dict[str, str]]:
+        try:
+            return await app.infer("m", None, body, {"headers": []})
+        except Exception as exc:
+            from fedge.serve.protocol import ProtocolError
+
+            assert isinstance(exc, ProtocolError)
+            return exc.status, exc.body(), {}
+
+    with caplog.at_level(logging.ERROR, logger="fedge.serve"):
+        answers = [asyncio.run(infer()) for _ in range(5)]
+    assert [status for status, _, _ in answers] == [500] * 5
+    assert "inference failed in model 'm' version 1" in json.loads(answers[0][1])["error"]
+    failures = [r for r in caplog.records if r.getMessage().startswith("inference failed")]
+    assert len(failures) == 1 and failures[0].exc_info is not None

@@ -1,0 +1,199 @@
+"""A request's head (request line and headers): bounded in size, and answered with
+the protocol's error JSON when it is not valid HTTP.
+
+httptools and uvicorn append to a header value or URL for as long as it lasts,
+each append copying all of it so far: one client sending an endless header held
+the event loop, health checks and the watchdog's pings included, for seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+
+import httpx
+import pytest
+
+from tests.serve.conftest import RunningServer
+
+FLOOD_S = 2.0
+
+
+async def _health_latencies(port: int, until: float) -> list[float]:
+    """GET /v2/health/ready on one keep-alive connection every 50 ms until `until`
+    (loop time); the latency of each."""
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    latencies = []
+    try:
+        while loop.time() < until:
+            start = loop.time()
+            writer.write(b"GET /v2/health/ready HTTP/1.1\r\nHost: t\r\n\r\n")
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200"), head
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+            latencies.append(loop.time() - start)
+            await asyncio.sleep(0.05)
+    finally:
+        writer.close()
+    return latencies
+
+
+async def _flood(port: int, opening: bytes, until: float) -> tuple[bytes, bool]:
+    """Send `opening`, then 64 KiB chunks of "a" until `until` (loop time) or the
+    server stops taking them, reading meanwhile; returns what the server sent, and
+    whether it closed the connection (end of file, or a reset) by 5 s after that."""
+    loop = asyncio.get_running_loop()
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setblocking(False)
+    received = bytearray()
+
+    async def send() -> None:
+        await loop.sock_sendall(sock, opening)
+        chunk = b"a" * 65536
+        while loop.time() < until:
+            try:
+                sock.send(chunk)
+            except BlockingIOError:  # the server stopped reading
+                await asyncio.sleep(0.01)
+            except OSError:  # closed by the server
+                return
+            await asyncio.sleep(0)  # the health checks' turn on this loop too
+
+    async def read() -> bool:
+        while True:
+            try:
+                data = await loop.sock_recv(sock, 65536)
+            except ConnectionResetError:
+                return True
+            if not data:
+                return True
+            received.extend(data)
+
+    sender = asyncio.create_task(send())
+    try:
+        closed = await asyncio.wait_for(read(), until + 5 - loop.time())
+    except TimeoutError:
+        closed = False
+    finally:
+        sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)
+        sock.close()
+    return bytes(received), closed
+
+
+@pytest.mark.parametrize(
+    ("opening", "status", "message"),
+    [
+        (b"GET /v2 HTTP/1.1\r\nHost: t\r\nX-Flood: ", 431, "request headers exceed 65536 bytes"),
+        (b"GET /v2/", 414,
+         "request URL too long: the request line and headers exceed 65536 bytes"),
+    ],
+    ids=["header", "url"],
+)
+def test_an_endless_header_or_url_is_refused_and_health_checks_stay_fast(
+    server: RunningServer, opening: bytes, status: int, message: str
+) -> None:
+    port = int(server.host_port.rsplit(":", 1)[1])
+
+    async def flood_again(until: float) -> list[tuple[bytes, bool]]:
+        """A flooder that connects again each time it is refused, until `until`."""
+        loop = asyncio.get_running_loop()
+        attempts = [await _flood(port, opening, until)]
+        while loop.time() < until and attempts[-1][1]:
+            attempts.append(await _flood(port, opening, until))
+        return attempts
+
+    async def scenario() -> tuple[list[float], list[tuple[bytes, bool]]]:
+        until = asyncio.get_running_loop().time() + FLOOD_S
+        return await asyncio.gather(_health_latencies(port, until), flood_again(until))
+
+    latencies, attempts = asyncio.run(scenario())
+    for received, closed in attempts:
+        head, _, body = received.partition(b"\r\n\r\n")
+        assert head.startswith(f"HTTP/1.1 {status} ".encode()), received[:200]
+        assert b"\r\nconnection: close" in head and b"content-type: application/json" in head
+        assert json.loads(body) == {"error": message}
+        assert closed, "the flooding connection stayed open"
+    assert len(latencies) >= 10
+    assert max(latencies) < 0.5, latencies
+    # a header just under the limit is fine
+    r = httpx.get(f"{server.url}/v2/health/ready", headers={"X-Big": "b" * 60_000}, timeout=5)
+    assert r.status_code == 200
+
+
+def _exchange(server: RunningServer, data: bytes) -> bytes:
+    """Send `data` in one write; everything the server sends until it closes."""
+    host, port = server.host_port.split(":")
+    received = b""
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(data)
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received
+
+
+def _responses(raw: bytes) -> list[tuple[int, bytes, bytes]]:
+    """(status, head, body) of each response in `raw` (each with a Content-Length)."""
+    out = []
+    while raw:
+        head, _, rest = raw.partition(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        out.append((int(head.split()[1]), head, rest[:length]))
+        raw = rest[length:]
+    return out
+
+
+INFER = (b'{"inputs": [{"name": "input", "shape": [1, 39], "datatype": "FP32", "data": ['
+         + b", ".join([b"0.5"] * 39) + b"]}]}")
+
+
+def _post(body: bytes) -> bytes:
+    return (b"POST /v2/models/cox/infer HTTP/1.1\r\nHost: t\r\nContent-Length: "
+            + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
+@pytest.mark.parametrize(
+    ("data", "statuses", "error"),
+    [
+        (b"GARBAGE\r\n\r\n", [400], "malformed HTTP request: Invalid method encountered"),
+        (b"POST /v2/models/cox/infer HTTP/1.1\r\nHost: t\r\nContent-Length: abc\r\n\r\n",
+         [400], "malformed HTTP request: Invalid character in Content-Length"),
+        # pipelined after valid requests: their answers first, in order (the direct
+        # lane's, then an ASGI one), then the error; a Content-Length shorter than the
+        # body leaves the rest to be read as the next request
+        (_post(INFER) + b"GET /v2/health/ready HTTP/1.1\r\nHost: t\r\n\r\nGARBAGE\r\n\r\n",
+         [200, 200, 400], "malformed HTTP request: Invalid method encountered"),
+        (_post(INFER) + b"}}\r\n\r\n", [200, 400],
+         "malformed HTTP request: Invalid method encountered"),
+        # at fault in its body (ASGI, chunked): answered at once
+        (b"POST /v2/models/cox/infer HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+         b"5\r\n{\"inp\r\nzz\r\n", [400],
+         "malformed HTTP request: Invalid character in chunk size"),
+    ],
+    ids=["request-line", "content-length", "after-both-lanes", "body-overrun", "chunk-size"],
+)
+def test_a_request_that_is_not_http_gets_the_error_json_after_the_earlier_answers(
+    server: RunningServer, data: bytes, statuses: list[int], error: str
+) -> None:
+    responses = _responses(_exchange(server, data))
+    assert [status for status, _, _ in responses] == statuses
+    _, head, body = responses[-1]
+    assert b"content-type: application/json" in head and b"connection: close" in head
+    assert json.loads(body) == {"error": error}
+    for _, _, answer in responses[:-1]:  # an inference's outputs, or {"ready": true}
+        assert "outputs" in json.loads(answer) or json.loads(answer) == {"ready": True}
+
+
+def test_a_large_body_in_one_write_is_not_taken_for_headers(server: RunningServer) -> None:
+    # the head is counted until its end only: a 900 KB body read with it is no flood
+    body = (b'{"inputs": [{"name": "input", "shape": [1, 39], "datatype": "FP32", "data": ['
+            + b", ".join([b"0.5"] * 39) + b"]}]" + b" " * 900_000 + b"}")
+    request = _post(body).replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1)
+    start = time.monotonic()
+    responses = _responses(_exchange(server, request))
+    assert [status for status, _, _ in responses] == [200]
+    assert time.monotonic() - start < 5

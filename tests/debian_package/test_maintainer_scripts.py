@@ -68,16 +68,20 @@ def test_abort_actions_succeed_without_side_effects(tmp_path: Path) -> None:
 
 def test_purge_cleans_every_units_enable_symlinks(tmp_path: Path) -> None:
     """postrm purge's unit loop, run for real against a stand-in /etc and
-    deb-systemd-helper: the helper purges each unit the package ships (guarded by
-    -x, as debhelper does), and links left by `systemctl enable` are removed."""
+    deb-systemd-helper: the helper purges and unmasks each unit the package ships
+    (only where it is installed, as debhelper does), and links left by `systemctl
+    enable` are removed."""
     postrm = (DEBIAN / "postrm").read_text()
     purge = postrm.split("    purge)", 1)[1].split(";;", 1)[0]
     loop = purge[purge.index("for unit in"):purge.index("done") + len("done")]
     units = shipped_units()
     assert loop.split("\n", 1)[0] == "for unit in $UNITS; do"
-    assert "if [ -x /usr/bin/deb-systemd-helper ]; then" in loop
+    assert "if command -v deb-systemd-helper >/dev/null; then" in loop
     loop = f"UNITS='{' '.join(units)}'\n{loop}"
-    helper, calls = tmp_path / "deb-systemd-helper", tmp_path / "calls"
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    (bin_dir / "rm").symlink_to(shutil.which("rm"))
+    helper = bin_dir / "deb-systemd-helper"
     helper.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
     helper.chmod(0o755)
     wants = tmp_path / "etc/systemd/system/multi-user.target.wants"
@@ -85,11 +89,10 @@ def test_purge_cleans_every_units_enable_symlinks(tmp_path: Path) -> None:
     for unit in units:
         (wants / unit).symlink_to(f"/lib/systemd/system/{unit}")  # dangling, as after remove
     (wants / "ssh.service").symlink_to("/lib/systemd/system/ssh.service")
-    script = (loop.replace("/usr/bin/deb-systemd-helper", str(helper))
-              .replace("deb-systemd-helper purge", f"{helper} purge")
-              .replace("deb-systemd-helper unmask", f"{helper} unmask")
-              .replace("/etc/systemd/system", str(tmp_path / "etc/systemd/system")))
-    proc = subprocess.run(["sh", "-ec", script], capture_output=True, text=True, timeout=30)
+    script = loop.replace("/etc/systemd/system", str(tmp_path / "etc/systemd/system"))
+    env = {"PATH": str(bin_dir)}  # the stand-in helper, and no other
+    proc = subprocess.run(["/bin/sh", "-ec", script], capture_output=True, text=True, timeout=30,
+                          env=env)
     assert proc.returncode == 0, proc.stderr
     assert calls.read_text().split("\n")[:-1] == [
         call for u in units for call in (f"purge {u}", f"unmask {u}")]
@@ -97,7 +100,8 @@ def test_purge_cleans_every_units_enable_symlinks(tmp_path: Path) -> None:
     helper.unlink()  # no deb-systemd-helper (init-system-helpers gone): still fine
     for unit in units:
         (wants / unit).symlink_to(f"/lib/systemd/system/{unit}")
-    proc = subprocess.run(["sh", "-ec", script], capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(["/bin/sh", "-ec", script], capture_output=True, text=True, timeout=30,
+                          env=env)
     assert proc.returncode == 0 and sorted(p.name for p in wants.iterdir()) == ["ssh.service"]
 
 

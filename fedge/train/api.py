@@ -308,11 +308,21 @@ def _check_classes(spec: ModelSpec, data: SiteData) -> None:
             + ("classes = 2" if spec.name in ("logistic", "resnet_small") else "out_features = 1")
         )
     if data.task == "multiclass":
+        if logits < 2 and spec.name in ("logistic", "resnet_small"):
+            # classes = 2 always builds one logit: "one output per class" cannot be
+            # followed for two classes, only by declaring the data binary
+            raise ValueError(
+                f"data set {data.name!r} is multiclass ({data.n_classes} classes at this "
+                f"site) but model {spec.name!r} has {param}, which builds one logit "
+                "(binary): for two classes declare the data set task = \"binary\" in each "
+                "site's [[datasets]] table; for three or more, give the model classes >= 3"
+            )
         if logits < 2:
             raise ValueError(
                 f"data set {data.name!r} is multiclass ({data.n_classes} classes at this site) "
                 f"but model {spec.name!r} has {param}, one logit (binary); give it one "
-                "output per class"
+                "output per class (out_features >= 2), or for two classes declare the data "
+                "set task = \"binary\" at the sites"
             )
         if data.n_classes > logits:
             raise ValueError(

@@ -61,8 +61,40 @@ def test_binary_data_needs_a_one_logit_model(tmp_path: Path) -> None:
 
 def test_multiclass_data_needs_one_logit_per_class(tmp_path: Path) -> None:
     data = _site(tmp_path, "multiclass", 2)
-    for msg in _both(ModelSpec("logistic", {"in_features": 2, "classes": 2}), data):
+    for msg in _both(ModelSpec("mlp", {"in_features": 2, "out_features": 1}), data):
         assert "is multiclass" in msg and "one logit (binary)" in msg
+        assert "out_features >= 2" in msg
+
+
+def test_two_classes_declared_multiclass_are_told_to_declare_binary(tmp_path: Path) -> None:
+    """A model's classes = 2 always builds one logit, so "give it one output per class"
+    (the old advice) could not be followed: the fix is the data set's task."""
+    data = _site(tmp_path, "multiclass", 2)
+    for msg in _both(ModelSpec("logistic", {"in_features": 2, "classes": 2}), data):
+        assert "is multiclass (2 classes at this site)" in msg
+        assert "model.params.classes = 2, which builds one logit (binary)" in msg
+        assert 'declare the data set task = "binary"' in msg and "classes >= 3" in msg
+        assert "one output per class" not in msg
+
+
+def test_two_image_classes_declared_multiclass_are_told_to_declare_binary(
+        tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    for name in ("benign", "malignant"):
+        (tmp_path / name).mkdir()
+        for i in range(3):
+            Image.fromarray(np.full((16, 16), 40 * i, np.uint8)).save(tmp_path / name / f"{i}.png")
+    data = load_site_data(DatasetSpec.from_config({
+        "name": "scans", "kind": "images", "path": str(tmp_path), "task": "multiclass",
+        "classes": ["benign", "malignant"], "val_fraction": 0.0, "image_size": 16}))
+    spec = ModelSpec("resnet_small", {"in_channels": 1, "classes": 2, "width": 4})
+    with pytest.raises(ValueError) as err:
+        local_train(spec, flatten(build_model(spec)), data,
+                    TrainConfig(steps=1, batch_size=2), round=1)
+    assert 'declare the data set task = "binary"' in str(err.value)
+    assert "one output per class" not in str(err.value)
 
 
 def test_a_site_with_fewer_classes_than_the_model_trains_and_evaluates(

@@ -352,7 +352,9 @@ def _check_privacy(privacy: dict[str, Any], train: TrainSettings, rounds: int) -
     ``cox_per_term = true``: a rule for new jobs, in `check_submission`.)
 
     The worst case is the smallest site: sampling rate batch_size / min_site_examples.
-    A site smaller than declared refuses its task at training time with its own numbers.
+    A site smaller than declared (or whose epochs round up to more steps a round)
+    refuses the job before its first released run, with its own rows and ε, so it
+    spends nothing (``fedge.train.api.local_train`` given the plan's rounds).
 
     Raises:
         PlanError: an unknown privacy key, a missing or out-of-range ``dp`` or

@@ -55,6 +55,7 @@ from fedge.train.privacy import (
     PrivacyLedger,
     check_dp_plan,
     dp_fedavg_privatise,
+    epsilon_for,
     noisy_clipped_gradient,
     per_example_grads,
     secret_gaussian,
@@ -407,6 +408,49 @@ def _refuse_over_budget(
         )
 
 
+def _refuse_plan_over_budget(
+    state: ClientState, cfg: TrainConfig, *, rounds: int, min_site_examples: int | None,
+    n: int, steps: int, sampling_rate: float,
+) -> None:
+    """Before this site spends anything on a job, it refuses a plan whose rounds its own
+    data cannot fit: ``rounds`` runs of this round's mechanism (its own rows, so its
+    own sampling rate and, with ``epochs``, its own steps a round) past the target.
+
+    The coordinator checked the plan at the declared ``min_site_examples``; a site with
+    fewer rows (a higher sampling rate), or whose epochs round up to more steps, can
+    spend more. Refused by the per-round check alone, such a site would release rounds
+    until the budget ran out and the job failed, its ε spent for nothing. All the
+    plan's rounds are counted, not those left from ``round``: the plan's premise is
+    that every site fits every round, and round numbers need not start at 1. Once a
+    run of the job is released here the site has committed to it, and the per-round
+    check governs. One composition (``epsilon_for``), whatever ``rounds`` is.
+
+    Raises:
+        PrivacyBudgetError: with the site's rows, the plan's min_site_examples, steps,
+            sampling rate and the ε the plan would spend here.
+    """
+    dp = cfg.dp
+    assert dp is not None and dp.target_epsilon is not None
+    if state.ledger.released(job=state.job):
+        return
+    spent = epsilon_for(noise_multiplier=dp.noise_multiplier, sampling_rate=sampling_rate,
+                        steps=rounds * steps, delta=dp.delta)
+    if spent <= dp.target_epsilon:
+        return
+    why = f"this site has {n} training rows"
+    if min_site_examples is not None and n < min_site_examples:
+        why += f", below the plan's min_site_examples {min_site_examples}"
+    elif min_site_examples is not None and cfg.steps is None:
+        why += (f", not below the plan's min_site_examples {min_site_examples}, but its "
+                f"epochs in batches of {cfg.batch_size} round up to {steps} steps a round")
+    raise PrivacyBudgetError(
+        f"job {state.job!r} refused before training: {why}: its {rounds} rounds of "
+        f"{steps} steps at sampling rate {sampling_rate:.4g} would spend epsilon "
+        f"{spent:.3f} > target_epsilon {dp.target_epsilon:g} (delta={dp.delta:g}); "
+        "nothing was trained or spent"
+    )
+
+
 def local_train(
     spec: ModelSpec,
     global_flat: np.ndarray,
@@ -416,6 +460,8 @@ def local_train(
     round: int,
     state: ClientState | None = None,
     server_control: np.ndarray | None = None,
+    rounds: int | None = None,
+    min_site_examples: int | None = None,
 ) -> TrainOutcome:
     """Train the global model on this site's training split for one round.
 
@@ -430,13 +476,24 @@ def local_train(
     A DP-SGD run enters the ledger pending (``TrainOutcome.ledger_key``): it counts in
     ε once the caller releases it, before the update leaves the site.
 
+    ``rounds`` and ``min_site_examples``: the plan's ``job.rounds`` and
+    ``privacy.min_site_examples``. With a DP-SGD ``target_epsilon`` and ``rounds``, a
+    site that has released nothing of this job yet refuses a plan whose rounds, at its
+    own rows, would spend more than the target, before training
+    (``_refuse_plan_over_budget``); every round is also refused if it alone would take
+    the job's ε past the target.
+
     Raises:
         ValueError: weights of the wrong length or non-finite, model/task mismatch,
-            SCAFFOLD without ``server_control`` of the right length, or a DP plan whose
-            ``target_epsilon`` this round would exceed (``PrivacyBudgetError``).
+            SCAFFOLD without ``server_control`` of the right length, ``rounds`` < 1, or
+            a DP plan whose ``target_epsilon`` this round, or with ``rounds`` the whole
+            plan at this site, would exceed (``PrivacyBudgetError``).
         RuntimeError: ``device='cuda'`` without a GPU.
     """
     cfg.validate()
+    if rounds is not None and (isinstance(rounds, bool) or not isinstance(rounds, int)
+                               or rounds < 1):
+        raise ValueError(f"rounds={rounds!r} must be an integer >= 1 (the plan's job.rounds)")
     task = _task(spec, data)
     device = _device(cfg.device)
     if device.type == "cuda":  # cuDNN's default convolution kernels are not reproducible
@@ -492,6 +549,11 @@ def local_train(
                 raise ValueError(COX_DP_RULE)
             q = min(1.0, cfg.batch_size / n)
             if cfg.dp.target_epsilon is not None:
+                if rounds is not None:
+                    _refuse_plan_over_budget(state, cfg, rounds=rounds,
+                                             min_site_examples=min_site_examples, n=n,
+                                             steps=steps, sampling_rate=q)
+                # the safety net: a site already committed, or called without ``rounds``
                 _refuse_over_budget(state, cfg.dp, round=round, steps=steps, sampling_rate=q)
         x_all, y_all = _tensors(train, device)
         terms = _loss_terms(task, cfg.loss_reduction)

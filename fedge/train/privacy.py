@@ -29,7 +29,9 @@ protect nothing. So DP rounds are not bit-reproducible; everything else in
 ``local_train`` still is.
 
 Each site keeps a ``PrivacyLedger`` (JSON-serialisable) of the mechanisms it
-ran; ``epsilon`` composes all of them: per round and cumulative, per job.
+ran, each run pending until its output can leave the site, then released;
+``epsilon`` composes the released runs only (a pending run whose update never left
+spends nothing): per round and cumulative, per job.
 
 Plan validation: ``check_dp_plan`` is what the coordinator calls on a plan
 with a ``target_epsilon``; it raises ``PrivacyBudgetError`` with the numbers

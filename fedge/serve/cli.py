@@ -85,6 +85,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--poll-interval", type=_seconds, default=0.5,
                        help="seconds between repository scans for new versions")
     serve.add_argument("--max-body-bytes", type=_positive_int, default=64 * 1024 * 1024)
+    serve.add_argument("--max-header-bytes", type=_positive_int, default=64 * 1024,
+                       help="request line and headers of one request; more gets 431 (414 for "
+                            "a long URL) and the connection is closed (default 65536)")
     serve.add_argument("--threads", type=_positive_int, default=None,
                        help="onnxruntime intra-op threads per session (default: CPUs, max 4)")
     serve.add_argument("--inline-budget-ms", type=_milliseconds, default=2.0,
@@ -130,7 +133,8 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         serve(
             args.repository, host=args.host, port=args.port, poll_interval=args.poll_interval,
-            max_body_bytes=args.max_body_bytes, threads=args.threads,
+            max_body_bytes=args.max_body_bytes, max_header_bytes=args.max_header_bytes,
+            threads=args.threads,
             inline_budget_s=args.inline_budget_ms / 1000, max_connections=args.max_connections,
             idle_timeout_s=args.idle_timeout, request_timeout_s=args.request_timeout,
             announce=lambda line: print(line, flush=True),

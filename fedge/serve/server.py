@@ -1132,6 +1132,9 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
     connections = app.connections
     head_limit = app.max_header_bytes
 
+    class _HeadTooLarge(Exception):
+        """Raised from a parser callback to stop parsing a head over the limit."""
+
     class InferenceHttpProtocol(HttpToolsProtocol):
         """uvicorn's httptools protocol, answering cheap inference requests itself,
         with the deadlines and the connection limit of `_Connections`."""
@@ -1148,6 +1151,7 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
         _reading = False  # between a request's first byte and its last
         _in_headers = False  # ... and before the end of its headers
         _head_bytes = 0  # bytes read since the last request's headers ended
+        _head_over = 0  # the size of a head measured whole and found over the limit
         # (status, message) to answer before closing, once the responses owed for
         # the earlier requests on this connection are written
         _refusal: tuple[int, str] | None = None
@@ -1249,8 +1253,9 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
             """uvicorn's, plus a limit on a request's line and headers, and the
             protocol's JSON error body for a request that is not valid HTTP.
 
-            The head's size is checked after each read from the socket, so it may
-            overshoot the limit by one read (256 KiB at most) before the 431.
+            A head still arriving is checked after each read from the socket, so a
+            flood may overshoot the limit by one read (256 KiB at most) before the
+            431; a head that arrives whole is measured in on_headers_complete.
             """
             if self._refusal is not None:  # closing: parse nothing more
                 self._discarded += len(data)
@@ -1267,15 +1272,21 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
                 # parser reads nothing after an Upgrade request's head
                 return
             except httptools.HttpParserError as exc:
-                self._refuse(400, f"malformed HTTP request: {exc}", "malformed")
+                if self._head_over:  # raised by on_headers_complete, below
+                    self._refuse_head(self._head_over)
+                else:
+                    self._refuse(400, f"malformed HTTP request: {exc}", "malformed")
                 return
             if self._in_headers and self._head_bytes > head_limit:
-                if 2 * len(self.url) >= self._head_bytes:  # mostly the URL
-                    self._refuse(414, f"request URL too long: the request line and headers "
-                                      f"exceed {head_limit} bytes", "headers_too_large")
-                else:
-                    self._refuse(431, f"request headers exceed {head_limit} bytes",
-                                 "headers_too_large")
+                self._refuse_head(self._head_bytes)
+
+        def _refuse_head(self, size: int) -> None:
+            if 2 * len(self.url) >= size:  # mostly the URL
+                self._refuse(414, f"request URL too long: the request line and headers "
+                                  f"exceed {head_limit} bytes", "headers_too_large")
+            else:
+                self._refuse(431, f"request headers exceed {head_limit} bytes",
+                             "headers_too_large")
 
         def _refuse(self, status: int, message: str, reason: str) -> None:
             """Answer `status` with `message` and close. A request at fault in its
@@ -1347,6 +1358,12 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
         def on_headers_complete(self) -> None:
             self._in_headers = False
             self._head_bytes = 0
+            # a head that came whole in one read is measured here: its URL and
+            # header fields (the reads' count above also holds body bytes)
+            size = len(self.url) + sum(len(k) + len(v) for k, v in self.headers)
+            if size > head_limit:
+                self._head_over = size
+                raise _HeadTooLarge(size)  # httptools stops parsing; data_received answers
             self._direct = self._take_direct()
             if self._direct is None:
                 super().on_headers_complete()

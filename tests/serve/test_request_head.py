@@ -12,6 +12,7 @@ import asyncio
 import json
 import socket
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -197,3 +198,15 @@ def test_a_large_body_in_one_write_is_not_taken_for_headers(server: RunningServe
     responses = _responses(_exchange(server, request))
     assert [status for status, _, _ in responses] == [200]
     assert time.monotonic() - start < 5
+
+
+def test_the_head_limit_is_set_from_the_command_line(tmp_path: Path) -> None:
+    """`fedge serve --max-header-bytes N`: a head over N gets 431; one under it is served."""
+    from tests.serve.conftest import serving
+
+    with serving(tmp_path, "--max-header-bytes", "2048") as s:
+        ok = httpx.get(f"{s.url}/v2/health/live", headers={"x-pad": "a" * 1000}, timeout=10)
+        assert ok.status_code == 200, ok.text
+        big = httpx.get(f"{s.url}/v2/health/live", headers={"x-pad": "a" * 4000}, timeout=10)
+        assert big.status_code == 431, big.text
+        assert big.json() == {"error": "request headers exceed 2048 bytes"}

@@ -212,7 +212,9 @@ class TorchTrainer:
                              else np.array(client_control, dtype=np.float32))
         try:
             out = local_train(spec, np.asarray(weights, dtype=np.float32), data, cfg,
-                              round=round, state=state, server_control=server_control)
+                              round=round, state=state, server_control=server_control,
+                              rounds=plan.rounds,
+                              min_site_examples=plan.privacy.get("min_site_examples"))
         except (KeyError, ValueError, TypeError, RuntimeError) as exc:
             raise TaskRefusal(f"local training failed: {type(exc).__name__}: {exc}") from exc
         if self._job_state is not None and state.cursors:

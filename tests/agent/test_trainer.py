@@ -89,6 +89,24 @@ cox_per_term = true  # a Cox model: its epsilon bounds one loss term
 """
 
 
+def test_a_site_smaller_than_the_plan_declares_refuses_before_spending_anything(tmp_path):
+    """The plan fits target_epsilon at its declared min_site_examples; this site's
+    198 rows sample more per step, so its three rounds would not: it refuses the job
+    at round 1, with its numbers, before training or recording anything."""
+    if not DATA.exists():
+        pytest.skip(f"Fed-TCGA-BRCA not found at {DATA}")
+
+    plan = parse_plan(DP_PLAN.replace("min_site_examples = 100", "min_site_examples = 10000")
+                      .replace("target_epsilon = 50.0", "target_epsilon = 2.5"))
+    table = {"name": "brca", "kind": "fed_tcga_brca", "path": str(DATA), "site": 0}
+    trainer = TorchTrainer([table], state_dir=tmp_path)
+    with pytest.raises(TaskRefusal, match=r"this site has 198 training rows, below the plan's "
+                       r"min_site_examples 10000: its 3 rounds .* would spend epsilon 2\.7\d+ "
+                       r"> target_epsilon 2\.5 .*nothing was trained or spent"):
+        trainer.train("site-0", "job-a", plan, np.zeros(40, np.float32), round=1, seed=1)
+    assert PrivacyLedger.load(tmp_path / "privacy" / "ledger.json").entries == []
+
+
 def test_privacy_spent_is_kept_on_disk_per_job_and_in_total(tmp_path):
     """A site's DP-SGD spend (its released runs) survives an agent restart and composes
     across jobs; a run whose update never left is shown apart, not counted."""

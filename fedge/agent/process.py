@@ -247,16 +247,16 @@ def _secret_file(sd: Path, which: str) -> Path:
 
     Raises: AgentConfigError naming both places when neither exists.
     """
-    state_name, etc_name = SECRETS[which]
+    state_name, cred_name = SECRETS[which]
     looked = []
     creds = os.environ.get("CREDENTIALS_DIRECTORY")
     if creds:
-        cred = Path(creds) / f"fedge_{etc_name}"
+        cred = Path(creds) / f"fedge_{cred_name}"
         if cred.exists():
             return cred
-        looked.append(f"{cred} (from {CREDENTIALS_SOURCE}/{etc_name})")
+        looked.append(f"{cred} (from {CREDENTIALS_SOURCE}/{cred_name})")
     else:
-        looked.append(f"$CREDENTIALS_DIRECTORY/fedge_{etc_name} (CREDENTIALS_DIRECTORY "
+        looked.append(f"$CREDENTIALS_DIRECTORY/fedge_{cred_name} (CREDENTIALS_DIRECTORY "
                       "is not set: the agent is not running under its unit)")
     own = sd / state_name
     if own.exists():

@@ -134,12 +134,12 @@ def test_the_firmware_readme_enrolment_steps_work_as_written(tmp_path, monkeypat
     console = ConsoleStore.init(tmp_path / "console", coordinator_endpoint="tcp://127.0.0.1:7000",
                                 clock=lambda: datetime.now(UTC))
     file, _ = create_enrolment(console, "hospital-a", valid_for=timedelta(days=7))
-    state, etc = tmp_path / "var-lib-fedge", tmp_path / "etc-creds-agent"
+    state, etc = tmp_path / "var-lib-fedge", tmp_path / "creds-agent"
     etc.mkdir()
 
-    def here(arg: str) -> str:
-        return (arg.replace("/var/lib/fedge", str(state))
-                .replace("/etc/fedge/credentials/agent", str(etc)))
+    def here(arg: str) -> str:  # the credentials' path first: it starts as the state's
+        return (arg.replace("/var/lib/fedge-credentials/agent", str(etc))
+                .replace("/var/lib/fedge", str(state)))
 
     commands = readme_enrolment_commands()
     assert [c[0] for c in commands] == ["fedge", "install", "install", "shred", "systemctl"]

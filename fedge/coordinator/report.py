@@ -4,10 +4,15 @@ with ``fedge console jobs fetch`` together with the ONNX model.
 Written from the coordinator's own records (``Coordinator.job_status``): every
 committed round's federated evaluation (each site and the size-weighted
 aggregate, the ``*`` rows), each site's training metrics and DP-SGD spend, and
-every attempt, failed ones with their reason. Files::
+every attempt with each dropped site's reason (failed attempts with theirs), and,
+where the sites evaluated the final model on their ``test`` split after the last
+round, that final test. A failed or cancelled job that committed at least one
+round gets its report too, marked as such: its model is the last committed one.
+Files::
 
     report.json          every number below, machine-readable
-    report.md            the summary: plan, rounds, final metrics per site, privacy
+    report.md            the summary: plan, final metrics per site, final test, every
+                         round's metrics per site, attempts and dropped sites, privacy
     learning_curve.png   one panel per evaluation metric: aggregate and each site
     privacy.png          each site's cumulative epsilon per round (DP-SGD jobs only)
 
@@ -25,6 +30,36 @@ from typing import Any
 from fedge.update.files import write_atomic
 
 AGGREGATE = "*"  # the site name of the size-weighted aggregate rows
+FINAL_TEST_SPLIT = "test"  # the split of the final model's held-out evaluation
+
+
+def _plan_settings(plan_toml: str) -> tuple[str | None, float | None]:
+    """(eval_split, DP-SGD delta) of the plan, or None where it cannot say."""
+    from fedge.coordinator.plan import PlanError, parse_plan
+
+    try:
+        plan = parse_plan(plan_toml)
+    except PlanError:
+        return None, None
+    dp = plan.privacy.get("dp")
+    delta = None
+    if isinstance(dp, dict):
+        value = dp.get("delta", 1e-5)  # the plan's default (fedge.coordinator.plan)
+        delta = float(value) if isinstance(value, int | float) else None
+    return plan.eval_split, delta
+
+
+def _by_site(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """{metric: {"aggregate": value, "sites": {site: value}, "n_examples": {...}}}."""
+    out: dict[str, Any] = {}
+    for r in rows:
+        entry = out.setdefault(r["name"], {"aggregate": None, "sites": {}, "n_examples": {}})
+        if r["site"] == AGGREGATE:
+            entry["aggregate"] = r["value"]
+        else:
+            entry["sites"][r["site"]] = r["value"]
+            entry["n_examples"][r["site"]] = r.get("n_examples")
+    return {name: out[name] for name in sorted(out)}
 
 
 def summarise(status: dict[str, Any], plan_toml: str = "") -> dict[str, Any]:
@@ -37,8 +72,14 @@ def summarise(status: dict[str, Any], plan_toml: str = "") -> dict[str, Any]:
         job_id, rows, attempts = status["job_id"], status["metrics"], status["rounds"]
     except KeyError as exc:
         raise ValueError(f"job status lacks {exc}: not from Coordinator.job_status") from exc
+    plan_split, delta = _plan_settings(plan_toml) if plan_toml else (None, None)
     eval_splits = sorted({r["split"] for r in rows if r["site"] == AGGREGATE})
-    split = eval_splits[0] if eval_splits else ""
+    if plan_split is not None:
+        split = plan_split if plan_split in eval_splits else ""
+    else:  # no plan: the split every round was evaluated on (not the final test's)
+        rounds_of = {sp: {r["round"] for r in rows if r["split"] == sp} for sp in eval_splits}
+        split = max(eval_splits, key=lambda sp: (len(rounds_of[sp]), sp != FINAL_TEST_SPLIT),
+                    default="")
     curves: dict[str, dict[str, Any]] = {}
     privacy: dict[str, list[tuple[int, float]]] = {}
     for r in rows:
@@ -56,18 +97,44 @@ def summarise(status: dict[str, Any], plan_toml: str = "") -> dict[str, Any]:
                     "sites": {s: v[-1][1] for s, v in sorted(c["sites"].items())
                               if v[-1][0] == last}}
              for name, c in sorted(curves.items())}
+    per_round: dict[int, dict[str, Any]] = {}
+    for rnd in sorted({r["round"] for r in rows if r["split"] == split}):
+        per_round[rnd] = _by_site([r for r in rows if r["round"] == rnd
+                                   and r["split"] == split])
+    # the final model's held-out test: the sites' test split after the last round
+    # (each round's own evaluation when the plan evaluates on test anyway)
+    test_rows = [r for r in rows if r["split"] == FINAL_TEST_SPLIT]
+    test_round = max((r["round"] for r in test_rows), default=None)
+    final_test = None
+    if test_round is not None:
+        final_test = {"round": test_round,
+                      "metrics": _by_site([r for r in test_rows if r["round"] == test_round])}
+    attempts = [{**a, "dropped_reasons": dict(a.get("dropped_reasons") or {})}
+                for a in attempts]
+    dropped = {str(a["round"]): a["dropped_reasons"] for a in attempts
+               if a.get("status") == "committed" and a["dropped_reasons"]}
+    state = status.get("status")
+    committed = status.get("committed_round")
     return {
         "job_id": job_id,
-        "status": status.get("status"),
+        "status": state,
+        # a failed or cancelled job's results are its last committed model, not the
+        # planned final one (True also before any round committed: nothing is final)
+        "partial": state != "completed",
+        "error": status.get("error") or "",
         "rounds_planned": status.get("rounds_planned"),
-        "committed_round": status.get("committed_round"),
+        "committed_round": committed,
         "eval_split": split,
         "plan": plan_toml,
         "attempts": attempts,
+        "dropped": dropped,
         "final": final,
+        "final_test": final_test,
+        "rounds": {str(k): v for k, v in per_round.items()},
         "curves": curves,
         "privacy": {s: v for s, v in sorted(privacy.items())},
         "privacy_bound": privacy_bound(plan_toml) if privacy else None,
+        "privacy_delta": delta if privacy else None,
         "metrics": rows,
     }
 
@@ -156,32 +223,76 @@ def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
+def _cell(text: str) -> str:
+    """Text for one table cell: a site's words may hold '|' or line breaks."""
+    return " ".join(str(text).split()).replace("|", "\\|") or "–"
+
+
+def _site_table(by_site: dict[str, Any], first: str = "site") -> list[str]:
+    names = list(by_site)
+    sites = sorted({s for n in names for s in by_site[n]["sites"]})
+    out = [f"| {first} | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for s in sites:
+        out.append(f"| {s} | " + " | ".join(_fmt(by_site[n]["sites"].get(s))
+                                             for n in names) + " |")
+    out.append("| **aggregate** | " + " | ".join(_fmt(by_site[n]["aggregate"])
+                                                 for n in names) + " |")
+    return out
+
+
 def _markdown(report: dict[str, Any], plots: list[str]) -> str:
     names = sorted(report["final"])
-    out = [f"# Job {report['job_id']}: {report['status']}", "",
-           f"{report['committed_round']} of {report['rounds_planned']} rounds committed; "
-           f"evaluation split `{report['eval_split'] or 'none'}`.", ""]
+    state, committed = report["status"], report["committed_round"]
+    title = f"# Job {report['job_id']}: {state}"
+    if state in ("failed", "cancelled"):
+        title += f", last committed round {committed} of {report['rounds_planned']}"
+    out = [title, ""]
+    if state in ("failed", "cancelled"):
+        out += [f"**This job {state} after {committed} of {report['rounds_planned']} "
+                f"rounds were committed: its model and metrics are those of its last "
+                f"committed global model (round {committed}), not of a finished "
+                "training.**" + (f" Why: {_cell(report['error'])}" if report["error"]
+                                 else ""), ""]
+    out += [f"{committed} of {report['rounds_planned']} rounds committed; "
+            f"evaluation split `{report['eval_split'] or 'none'}`.", ""]
     out += [f"![{p}]({p})" for p in plots]
     if names:
-        sites = sorted({s for n in names for s in report["final"][n]["sites"]})
         out += ["", "## Final round, each site and the size-weighted aggregate", "",
-                "| site | " + " | ".join(names) + " |",
-                "|---|" + "---|" * len(names)]
-        for s in sites:
-            out.append(f"| {s} | " + " | ".join(_fmt(report["final"][n]["sites"].get(s))
-                                                 for n in names) + " |")
-        out.append("| **aggregate** | " + " | ".join(
-            _fmt(report["final"][n]["aggregate"]) for n in names) + " |")
+                *_site_table(report["final"])]
+    test = report["final_test"]
+    if test is not None:
+        out += ["", f"## Final test: round {test['round']}'s model on each site's "
+                f"`{FINAL_TEST_SPLIT}` split", ""]
+        if report["eval_split"] == FINAL_TEST_SPLIT:
+            out += ["The plan evaluates every round on the test split: this is the last "
+                    "round's evaluation.", ""]
+        else:
+            out += ["Evaluated once, after the last round; no round's training or model "
+                    "choice saw these numbers. Sites without a test split are not in it.",
+                    ""]
+        out += _site_table(test["metrics"])
+    if len(report["rounds"]) > 1 or (report["rounds"] and not names):
+        out += ["", f"## Every round, each site (`{report['eval_split']}` split)", ""]
+        for rnd, by_site in report["rounds"].items():
+            out += ["", f"Round {rnd}:", "", *_site_table(by_site)]
     out += ["", "## Rounds", "", "| round | attempt | status | seconds | cohort | survivors "
             "| dropped | reason |", "|---|---|---|---|---|---|---|---|"]
     for a in report["attempts"]:
         secs = (a.get("ended_at") or 0) - (a.get("started_at") or 0)
+        reasons = a["dropped_reasons"]
+        # a failed attempt's reason names its refusals; a committed one's dropped
+        # sites each have their own
+        why = a.get("reason") or "; ".join(f"{s}: {r}" for s, r in sorted(reasons.items()))
         out.append(f"| {a['round']} | {a['attempt']} | {a['status']} | {secs:.1f} | "
                    f"{len(a['cohort'])} | {len(a['survivors'])} | "
-                   f"{', '.join(a['dropped']) or '–'} | {a.get('reason') or '–'} |")
+                   f"{', '.join(sorted(set(a['dropped']) | set(reasons))) or '–'} | "
+                   f"{_cell(why)} |")
     if report["privacy"]:
+        delta = report["privacy_delta"]
         out += ["", "## Privacy (DP-SGD), cumulative epsilon per site", "",
                 f"Epsilon {report['privacy_bound']}."
+                + (f" Each is an (epsilon, delta) bound with delta = {delta:g} (the "
+                   "plan's privacy.dp.delta)." if delta is not None else "")
                 + (" A Cox model's loss terms share risk sets: one record moves other "
                    "terms too, so this does not bound what one patient's record reveals."
                    if report["privacy_bound"] != "per record" else ""), "",

@@ -16,6 +16,11 @@ fedge.serve.sitelocal), and
 `input_columns` says where the column order is declared when the plan does not
 name the features. A checkpoint that carries `preprocessing` constants has them
 folded into the graph instead.
+
+The `output` metadata (JSON) says what the model's output is: a classifier's
+logit(s) (no sigmoid or softmax in the graph) and its labels by number (the class
+names are declared at the sites, which the coordinator never sees), a Cox model's
+log relative risk, or a regression's value.
 """
 
 from __future__ import annotations
@@ -226,6 +231,53 @@ def _site_preprocessing(dataset: str, rank: int) -> dict[str, Any]:
     }
 
 
+def _output_description(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """What the model's output means, for whoever serves it.
+
+    Every classifier ends in raw scores: ``logistic`` and ``resnet_small`` with
+    ``classes = 2`` give one logit (log-odds of label 1), with ``classes = k`` one
+    logit per label 0..k-1; no sigmoid or softmax is in the graph. The class names
+    are declared at each site (the data set's labels, or an image data set's
+    ``classes`` folders in the agent config), which the coordinator never sees, so
+    the model names the labels by number only.
+    """
+    from fedge.train.model_names import TASK_OF_MODEL
+
+    task = TASK_OF_MODEL.get(name, "")
+    names_note = ("class names are not known to the coordinator: label i is the i-th class "
+                  "of the data set as each site declares it (a table's integer label, or "
+                  "the i-th name in an image data set's [[datasets]] classes list)")
+    if task == "classification":
+        k = params.get("classes", 2)
+        if k == 2:
+            return {"kind": "logit", "task": "binary", "classes": 2, "labels": [0, 1],
+                    "meaning": "one logit per example: the log-odds of label 1; "
+                               "sigmoid(logit) is its probability (not applied in the graph)",
+                    "class_names": names_note}
+        return {"kind": "logits", "task": "multiclass", "classes": k,
+                "labels": list(range(k)) if isinstance(k, int) else [],
+                "meaning": f"{k} logits per example, one per label 0..{k - 1} in label "
+                           "order; softmax gives the probabilities (not applied in the graph)",
+                "class_names": names_note}
+    if task == "survival":
+        return {"kind": "log relative risk", "task": "survival",
+                "meaning": "the Cox model's linear predictor per example: higher means a "
+                           "higher hazard; not a probability, and no baseline hazard"}
+    if task == "regression":
+        return {"kind": "value", "task": "regression",
+                "meaning": f"{params.get('out_features', 1)} predicted target value(s) per "
+                           "example, in the units the sites trained on"}
+    k = params.get("out_features", 1)
+    return {"kind": "raw", "task": "as the data set declares it",
+            "meaning": f"{k} raw output(s) per example: for a classification data set "
+                       + ("the log-odds of label 1 (sigmoid gives its probability)" if k == 1
+                          else f"one logit per label 0..{k - 1} (softmax gives the "
+                               "probabilities)")
+                       + "; for a regression data set the predicted value(s); no sigmoid "
+                         "or softmax is in the graph",
+            "class_names": names_note}
+
+
 def export_job(
     state_dir: str | Path,
     job_id: str,
@@ -276,6 +328,7 @@ def export_job(
         "model_params": json.dumps(params, sort_keys=True),
         "feature_names": json.dumps(feature_names),
         "metrics": meta.get("metrics", "{}"),
+        "output": json.dumps(_output_description(name, params)),
     }
     example = _example_input(model, name, params, feature_names, input_shape)
     if preprocessing is None:

@@ -44,6 +44,17 @@ class Selection:
         return text
 
 
+    def explain_missing(self, sites: list[str], limit: int = EXPLAIN_SITES) -> str:
+        """Why each of ``sites`` that is not a candidate is not, bounded: "site-3 (not
+        connected), ..." (a site the registry does not hold: "not enrolled")."""
+        missing = [s for s in sites if s not in self.candidates]
+        text = ", ".join(f"{s} ({self.excluded.get(s, 'not enrolled')})"
+                         for s in missing[:limit])
+        if len(missing) > limit:
+            text += f" and {len(missing) - limit} more"
+        return text
+
+
 def select_cohort(appliances: Iterable[Appliance], *, connected: set[str], dataset: str,
                   busy: set[str] | None = None,
                   protocols: Mapping[str, int] | None = None,

@@ -11,6 +11,16 @@ untouched and ``failure`` says why.
 
 Everything that changes the phase is in ``TRANSITIONS`` below.
 
+A round whose unmasking was already asked for (an earlier attempt, before a
+coordinator crash or a failure) is *pinned* to that attempt's survivor set S
+(``pinned_cohort``): the sites logged their reveal over S and refuse to reveal
+the same update over any other set, since two sums over different sets give
+the coordinator their difference. A pinned round starts only with exactly S,
+fails at once when a site of S will not train, and never sends a consistency
+check or unmask request listing other survivors. The first unmask request of
+every attempt is held until the driver has made S durable
+(:attr:`Round.unmask_pending`, :meth:`Round.unmask_recorded`).
+
 Secure aggregation input (documented here because both ends rely on it): each
 agent i sends concat(w_i·Δ_i, [w_i]) with Δ_i = w(local) − w(global) clipped
 coordinate-wise to [−c, c] (c = plan ``secagg.clip``) and
@@ -61,16 +71,20 @@ class Phase(enum.Enum):
 # phase -> {event: next phase}. The methods below implement exactly these edges.
 TRANSITIONS: dict[Phase, dict[str, Phase]] = {
     Phase.WAITING_COHORT: {
-        "cohort >= min_clients": Phase.TRAINING,
+        "cohort >= min_clients (pinned: every site of S a candidate)": Phase.TRAINING,
         "cohort deadline passed": Phase.FAILED,
     },
     Phase.TRAINING: {
-        "all answered or train deadline, >= min_clients trained": Phase.AGGREGATING,
+        "all answered or train deadline, >= min_clients trained (pinned: all of S)":
+            Phase.AGGREGATING,
         "all answered or train deadline, < min_clients trained": Phase.FAILED,
+        "pinned: a site of S refused or was lost": Phase.FAILED,
     },
     Phase.AGGREGATING: {
         "aggregation result": Phase.EVALUATING,
         "aggregation aborted / strategy rejected update": Phase.FAILED,
+        "refusals leave the unmasking impossible": Phase.FAILED,
+        "pinned: the survivors asked to sign or unmask are not S": Phase.FAILED,
     },
     Phase.EVALUATING: {"all evaluated or eval deadline": Phase.DONE},
     Phase.DONE: {},
@@ -132,6 +146,12 @@ MAX_METRICS = 64
 PEER_REASON_CHARS = 200
 
 
+def already_unmasked(rnd: int, survivors: list[str]) -> str:
+    """Why a pinned round (module docstring) waits for, or fails without, a site."""
+    return (f"round {rnd}'s update was already unmasked over {sorted(survivors)}; a sum "
+            "over another set would reveal a difference")
+
+
 def metric_name_ok(name: str) -> bool:
     return 0 < len(name) <= 64 and all(c.isalnum() or c in "_-./" for c in name)
 
@@ -167,6 +187,10 @@ class Aggregation(Protocol):
     def start(self, now: float) -> Outgoing: ...
     def receive(self, sender: str, body: Any, now: float) -> Outgoing: ...
     def tick(self, now: float) -> Outgoing: ...
+    def refused(self, sender: str, now: float) -> Outgoing:
+        """``sender`` gave up its part (TaskRefused): it will send nothing more. The
+        aggregation goes on without it when it can, and fails at once when it cannot."""
+        ...
     @property
     def result(self) -> AggregationResult | None: ...
     @property
@@ -196,6 +220,7 @@ class PlainAggregation:
         self._deadline_s = deadline_s
         self._deadline = 0.0
         self._vectors: dict[str, np.ndarray] = {}
+        self._refused: set[str] = set()
         self._result: AggregationResult | None = None
         self._failure: str | None = None
         self._min = 1
@@ -213,9 +238,23 @@ class PlainAggregation:
             return [(sender, m.Rejected(f"plain update of shape {vec.shape} or non-finite; "
                                         f"expected finite float32[{self._dim}]"))]
         self._vectors.setdefault(sender, vec.astype(np.float64))
-        if len(self._vectors) == len(self._cohort):
-            self._finish()
+        self._close_if_answered()
         return []
+
+    def refused(self, sender: str, now: float) -> Outgoing:
+        if sender in self._cohort and sender not in self._vectors:
+            self._refused.add(sender)
+            self._close_if_answered()
+        return []
+
+    def _close_if_answered(self) -> None:
+        if self._result is not None or self._failure is not None:
+            return
+        if len(self._vectors) + len(self._refused) == len(self._cohort):
+            if len(self._vectors) >= self._min:
+                self._finish()
+            else:
+                self._failure = "every site refused to send its plain update"
 
     def tick(self, now: float) -> Outgoing:
         if self._result is None and self._failure is None and now >= self._deadline:
@@ -278,11 +317,20 @@ class Round:
     _aggregation: Aggregation | None = None
     _agg_cohort: list[str] = field(default_factory=list)
     _control: np.ndarray | None = None  # SCAFFOLD's c as sent with the tasks
+    # S, when an earlier attempt already asked for this round's unmasking (module doc)
+    pinned_cohort: list[str] | None = None
+    # the unmask requests held until the driver has recorded their survivor set
+    _held: Outgoing = field(default_factory=list)
+    _held_survivors: list[str] | None = None
+    _unmask_recorded: bool = False
+    _record_error: str = ""
 
     def __post_init__(self) -> None:
         self.weights = np.ascontiguousarray(self.weights, dtype=np.float32)
         self.digest = bytes.fromhex(model_digest(self.weights))
         self._deadline = self.started_at + self.plan.deadlines.cohort_s
+        if self.pinned_cohort is not None:
+            self.pinned_cohort = sorted(self.pinned_cohort)
 
     @property
     def info(self) -> RoundInfo:
@@ -302,6 +350,29 @@ class Round:
     def participants(self) -> list[str]:
         return list(self.cohort)
 
+    @property
+    def unmask_pending(self) -> list[str] | None:
+        """The survivor set of unmask requests held until the driver records it durably
+        (then :meth:`unmask_recorded`); None when nothing waits for a record."""
+        if self.phase is Phase.AGGREGATING and self._held and not self._unmask_recorded:
+            return self._held_survivors
+        return None
+
+    def unmask_recorded(self) -> Outgoing:
+        """The driver recorded :attr:`unmask_pending` durably: the held unmask requests."""
+        self._record_error = ""
+        if self.phase is not Phase.AGGREGATING or self._unmask_recorded:
+            return []
+        self._unmask_recorded = True
+        held, self._held = self._held, []
+        return held
+
+    def unmask_not_recorded(self, why: str) -> None:
+        """Recording :attr:`unmask_pending` failed for now (``why``): the requests stay
+        held, the driver tries again; if the stage deadline passes first, the failure
+        says why nobody was asked."""
+        self._record_error = why
+
     # -- inputs ----------------------------------------------------------------------
 
     def offer(self, candidates: list[str], now: float, why: str = "") -> Outgoing:
@@ -309,13 +380,24 @@ class Round:
 
         ``why`` says why the others are not (bounded); while the round waits it is
         kept in ``waiting_for`` and becomes part of the failure if the deadline passes.
+        A pinned round (module docstring) starts with exactly its survivor set S once
+        every site of S is a candidate, whatever else is; ``why`` then says why the
+        missing sites of S are not.
         """
         if self.phase is not Phase.WAITING_COHORT:
             return []
-        self.waiting_for = why
-        if len(candidates) >= self.plan.min_clients:
+        pinned = self.pinned_cohort
+        if pinned is None:
+            ready = len(candidates) >= self.plan.min_clients
+            self.waiting_for = why
+        else:
+            missing = [s for s in pinned if s not in candidates]
+            ready = not missing
+            self.waiting_for = (f"{already_unmasked(self.round, pinned)}; waiting for "
+                                f"{why or ', '.join(missing)}")
+        if ready:
             self.waiting_for = ""
-            self.cohort = sorted(candidates)
+            self.cohort = list(pinned) if pinned is not None else sorted(candidates)
             self.phase = Phase.TRAINING
             self._deadline = now + self.plan.deadlines.train_s
             control = (self.strategy.server_control(self.weights.size) if self.plan.scaffold
@@ -353,14 +435,18 @@ class Round:
                 if body.n_examples <= 0:
                     self.refused[sender] = f"reported {body.n_examples} training examples"
                     out = self._reject(sender, "train result with no examples")
-                    if self._all_answered():
+                    if self._pinned_short():
+                        out += self._fail_pinned()
+                    elif self._all_answered():
                         out += self._end_training(now)
                     return out
                 problem = metrics_problem(body.metrics, body.epsilon)
                 if problem is not None:
                     self.refused[sender] = f"invalid train result: {problem}"
                     out = self._reject(sender, f"train result refused: {problem}")
-                    if self._all_answered():
+                    if self._pinned_short():
+                        out += self._fail_pinned()
+                    elif self._all_answered():
                         out += self._end_training(now)
                     return out
                 self.trained[sender] = body
@@ -373,6 +459,8 @@ class Round:
                 self.refused.setdefault(sender, m.clip_reason(body.reason, PEER_REASON_CHARS))
             else:
                 return self._reject(sender, f"{type(body).__name__} during training")
+            if self._pinned_short():
+                return self._fail_pinned()
             if self._all_answered():
                 return self._end_training(now)
             return []
@@ -381,11 +469,12 @@ class Round:
             if sender not in self._agg_cohort:
                 return self._reject(sender, f"{sender} is not in the aggregation cohort")
             if isinstance(body, m.TaskRefused):
-                # The agent gave up on its part; aggregation treats it as a dropout.
+                # The agent gave up on its part: a dropout the aggregation learns of now,
+                # not at its stage deadline, so a refusal that leaves the unmasking
+                # impossible fails the attempt at once (naming the refusal).
                 self.refused.setdefault(sender, m.clip_reason(body.reason, PEER_REASON_CHARS))
-                return []
-            out = self._aggregation.receive(sender, body, now)
-            return out + self._check_aggregation(now)
+                return self._aggregated(self._aggregation.refused(sender, now), now)
+            return self._aggregated(self._aggregation.receive(sender, body, now), now)
         if self.phase is Phase.EVALUATING:
             if m.is_secagg(body):
                 return []  # a share that arrived after the unmask stage closed: harmless
@@ -420,6 +509,9 @@ class Round:
     def tick(self, now: float) -> Outgoing:
         """Advance deadlines."""
         if self.phase is Phase.WAITING_COHORT and now >= self._deadline:
+            if self.pinned_cohort is not None:
+                return self._fail(f"the cohort deadline ({self.plan.deadlines.cohort_s:g} s) "
+                                  f"passed: {self.waiting_for}")
             return self._fail(
                 f"cohort below min_clients {self.plan.min_clients} when the cohort deadline "
                 f"({self.plan.deadlines.cohort_s:g} s) passed"
@@ -429,7 +521,7 @@ class Round:
             return self._end_training(now)
         if self.phase is Phase.AGGREGATING:
             assert self._aggregation is not None
-            return self._aggregation.tick(now) + self._check_aggregation(now)
+            return self._aggregated(self._aggregation.tick(now), now)
         if self.phase is Phase.EVALUATING and now >= self._deadline:
             self.phase = Phase.DONE
         return []
@@ -440,6 +532,8 @@ class Round:
             return []
         if self.phase is Phase.TRAINING and site not in self.trained:
             self.refused.setdefault(site, "connection lost during training")
+            if self._pinned_short():
+                return self._fail_pinned()
             if self._all_answered():
                 return self._end_training(now)
         # Only the evaluation cohort counts towards DONE: a site dropped before
@@ -471,7 +565,12 @@ class Round:
 
     def _end_training(self, now: float) -> Outgoing:
         done = sorted(self.trained)
-        if len(done) < self.plan.min_clients:
+        if self.pinned_cohort is not None and done != self.pinned_cohort:
+            for s in self.pinned_cohort:
+                if s not in self.trained:
+                    self.refused.setdefault(s, "did not train before the train deadline")
+            return self._fail_pinned()
+        if self.pinned_cohort is None and len(done) < self.plan.min_clients:
             reasons = "; ".join(f"{s}: {r}" for s, r in sorted(self.refused.items()))
             return self._fail(
                 f"{len(done)} of {len(self.cohort)} sites trained, below min_clients "
@@ -493,8 +592,41 @@ class Round:
         # Sites that did not finish training are told to drop the round.
         out += [(s, m.RoundAbort("not in the aggregation cohort"))
                 for s in self.cohort if s not in done]
-        out += self._aggregation.start(now)
+        return out + self._aggregated(self._aggregation.start(now), now)
+
+    def _aggregated(self, out: Outgoing, now: float) -> Outgoing:
+        """What the aggregation sends, checked (:meth:`_from_aggregation`), then the
+        aggregation's outcome, if it has one."""
+        out = self._from_aggregation(out)
+        if self.phase is not Phase.AGGREGATING:
+            return out
         return out + self._check_aggregation(now)
+
+    def _from_aggregation(self, out: Outgoing) -> Outgoing:
+        """The aggregation's messages as they may go: a pinned round's consistency check
+        or unmask request listing survivors other than S fails the attempt instead (and
+        none of them goes); unmask requests are held until the driver has recorded
+        their survivor set (:attr:`unmask_pending`)."""
+        from fedge.secagg.messages import ConsistencyRequest, UnmaskRequest
+
+        passed: Outgoing = []
+        for site, body in out:
+            if isinstance(body, ConsistencyRequest | UnmaskRequest):
+                survivors = sorted(body.survivors)
+                if self.pinned_cohort is not None and survivors != self.pinned_cohort:
+                    gone = [s for s in self.pinned_cohort if s not in survivors]
+                    said = [f"{s}: {self.refused[s]}" for s in gone if s in self.refused]
+                    return self._fail(
+                        f"{already_unmasked(self.round, self.pinned_cohort)}; this attempt's "
+                        f"survivors are {survivors} ({', '.join(gone)} dropped out of secure "
+                        f"aggregation{': ' + '; '.join(said) if said else ''}): not asked "
+                        "to unmask")
+                if isinstance(body, UnmaskRequest) and not self._unmask_recorded:
+                    self._held_survivors = survivors
+                    self._held.append((site, body))
+                    continue
+            passed.append((site, body))
+        return passed
 
     def _check_aggregation(self, now: float) -> Outgoing:
         agg = self._aggregation
@@ -504,6 +636,9 @@ class Round:
             # (an agent refusing to reveal), not the protocol's consequence of it
             said = [f"{s}: {self.refused[s]}" for s in self._agg_cohort if s in self.refused]
             why = f" ({len(said)} site(s) refused: {'; '.join(said)[:600]})" if said else ""
+            if self._held and not self._unmask_recorded:
+                why += (" (no site was asked to unmask: the survivor set could not be "
+                        f"recorded: {self._record_error or 'not yet written'})")
             return self._fail(f"aggregation failed: {agg.failure}{why}")
         res = agg.result
         if res is None:
@@ -530,6 +665,19 @@ class Round:
 
     def _eval_cohort(self) -> list[str]:
         return self.survivors
+
+    def _pinned_short(self) -> list[str]:
+        """The sites of a pinned round's S that will not train it (refused, lost)."""
+        if self.pinned_cohort is None or self.phase is not Phase.TRAINING:
+            return []
+        return [s for s in self.pinned_cohort if s in self.refused]
+
+    def _fail_pinned(self) -> Outgoing:
+        assert self.pinned_cohort is not None
+        short = [s for s in self.pinned_cohort if s in self.refused]
+        said = "; ".join(f"{s}: {self.refused[s]}" for s in short)
+        return self._fail(f"{already_unmasked(self.round, self.pinned_cohort)}; without "
+                          f"{', '.join(short)} it cannot be summed again ({said})")
 
     def _all_answered(self) -> bool:
         """Every cohort site trained, refused or was lost (each counted once)."""

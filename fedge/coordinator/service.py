@@ -17,7 +17,15 @@ quantisation seeds depend only on (job seed, round, site), so a restarted
 round with the same cohort yields the same sum and, on the CPU, the same model
 bit for bit (not under DP, whose noise is fresh at each site by design). The
 cohort may differ: the round starts once ``min_clients`` sites are back, so
-with ``min_clients`` below the fleet the first sites to return train it.
+with ``min_clients`` below the fleet the first sites to return train it —
+unless an earlier attempt at the round already asked for its unmasking. Then
+the sites have logged their reveal over that attempt's survivor set S and
+refuse to reveal over another set (a second sum would give the difference), so
+the survivor set is recorded in SQLite before the first unmask request leaves
+(``Store.record_unmask_set``) and every later attempt at the round is pinned to
+exactly S (:mod:`fedge.coordinator.rounds`): it waits, up to the plan's cohort
+deadline, for every site of S, and fails naming the ones missing rather than
+start with another set.
 """
 
 from __future__ import annotations
@@ -163,11 +171,17 @@ class JobRunner:
 
     def new_round(self, now: float) -> Round:
         state = {k: v.copy() for k, v in self.strategy.state.items()}
+        number = self.committed + 1
         self.round = Round(
-            job_id=self.job_id, round=self.committed + 1, plan=self.plan, weights=self.weights,
+            job_id=self.job_id, round=number, plan=self.plan, weights=self.weights,
             strategy=Strategy(self.plan.strategy, state), started_at=now,
             aggregation_factory=self.coord.aggregation_factory(self.plan),
+            pinned_cohort=self.coord.store.unmask_set(self.job_id, number),
         )
+        if self.round.pinned_cohort is not None:
+            log.warning("job %s round %d: an earlier attempt asked for its unmasking over "
+                        "%s; this one waits for exactly those sites", self.job_id, number,
+                        self.round.pinned_cohort)
         try:
             self.coord.store.audit(SYSTEM, "round_started",
                                    {"job": self.job_id, "round": self.round.round})
@@ -619,6 +633,8 @@ class Coordinator:
         if rnd.finished:  # done but its commit failed (disk full): retried, not trained
             self._after(now)
             return
+        if rnd.unmask_pending is not None:  # its record failed: the requests still wait
+            self._record_unmask(rnd)
         for site in rnd.participants:
             if not self._connected(site, now):
                 self._emit(rnd, rnd.lost(site, now))
@@ -629,8 +645,9 @@ class Coordinator:
                 protocols={s: c.secagg_protocol for s, c in self.conns.items()},
                 secure_protocol=SECAGG_PROTOCOL if runner.plan.secagg.enabled else None)
             runner.selection = sel
-            self._emit(rnd, rnd.offer(sel.candidates, now,
-                                      why=sel.explain(runner.plan.min_clients)))
+            why = (sel.explain_missing(rnd.pinned_cohort) if rnd.pinned_cohort is not None
+                   else sel.explain(runner.plan.min_clients))
+            self._emit(rnd, rnd.offer(sel.candidates, now, why=why))
         else:
             self._emit(rnd, rnd.tick(now))
         self._after(now)
@@ -847,6 +864,28 @@ class Coordinator:
             rnd.phase_log.append((rnd.phase.value, self.clock()))
         for site, body in out:
             self.outbox.append(Outgoing(site, body, rnd.job_id, rnd.round))
+        if rnd.unmask_pending is not None:
+            self._record_unmask(rnd)
+
+    def _record_unmask(self, rnd: Round) -> None:
+        """Make the survivor set of the round's held unmask requests durable, then send
+        them (module docstring). Another set already recorded fails the attempt and
+        asks nobody; a write the database refuses now (locked, full) keeps them held,
+        tried again each tick until the unmasking stage's deadline."""
+        survivors = rnd.unmask_pending
+        assert survivors is not None
+        try:
+            self.store.record_unmask_set(rnd.job_id, rnd.round, survivors)
+        except StoreError as exc:
+            log.error("job %s round %d: %s", rnd.job_id, rnd.round, exc)
+            self._emit(rnd, rnd.discard(str(exc)))
+            return
+        except sqlite3.OperationalError as exc:
+            rnd.unmask_not_recorded(f"database {self.store.path}: {exc}")
+            self._not_written(f"the survivor set of job {rnd.job_id} round {rnd.round}'s "
+                              "unmasking (its unmask requests wait for it)", exc)
+            return
+        self._emit(rnd, rnd.unmask_recorded())
 
     def aggregation_factory(self, plan: Plan) -> AggregationFactory:
         if self._aggregation is not None:

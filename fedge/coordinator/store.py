@@ -1,10 +1,12 @@
 """The coordinator's durable state: one SQLite database in WAL mode.
 
-Tables: appliances (the fleet registry), operators, jobs, rounds, metrics and an
+Tables: appliances (the fleet registry), operators, jobs, rounds, metrics, the
+survivor sets a round's unmasking was asked over (``unmask_sets``) and an
 append-only audit log. Every write is one transaction; a coordinator killed at
 any instant leaves the database at the last committed write (WAL +
-``synchronous=FULL``). The schema carries a version in ``meta``; opening a
-database written by a newer schema is refused rather than guessed at.
+``synchronous=FULL``). The schema carries a version in ``meta``; an older
+database is brought up to date at open (``_MIGRATIONS``, one transaction), one
+written by a newer schema is refused rather than guessed at.
 
 Model weights are not stored here: they live in safetensors checkpoints beside
 the database (see :mod:`fedge.coordinator.checkpoint`); a round row is written
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DB_NAME = "coordinator.sqlite3"
 
 APPLIANCE_STATUSES = ("enrolled", "revoked")
@@ -103,6 +105,20 @@ CREATE TABLE IF NOT EXISTS audit (
     detail TEXT NOT NULL
 );
 """
+
+# _SCHEMA above is version 1. Schema version -> the statements that bring a database
+# of the version before it up to it; at open, every step a database lacks runs, in
+# one transaction with the version's update (a new database takes them all).
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    # the survivor set each round's unmasking was asked over, so that a round retried
+    # after a crash is summed over the same sites (fedge.coordinator.service)
+    2: ("""CREATE TABLE IF NOT EXISTS unmask_sets (
+            job_id TEXT NOT NULL,
+            round INTEGER NOT NULL,
+            survivors_json TEXT NOT NULL,
+            recorded_at REAL NOT NULL,
+            PRIMARY KEY (job_id, round))""",),
+}
 
 
 # How long a write waits for another connection's lock. At open it is shorter: the
@@ -257,16 +273,21 @@ class Store:
             self._conn.executescript(_SCHEMA)
         with self._tx() as c:
             row = c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-            if row is None:
-                c.execute(
-                    "INSERT INTO meta(key, value) VALUES ('schema_version', ?)",
-                    (str(SCHEMA_VERSION),),
-                )
-            elif int(row[0]) > SCHEMA_VERSION:
+            version = 1 if row is None else int(row[0])  # new: _SCHEMA just made version 1
+            if version > SCHEMA_VERSION:
                 raise StoreError(
                     f"database {self.path} has schema version {row[0]}, newer than this "
                     f"fedge's {SCHEMA_VERSION}; upgrade fedge before opening it"
                 )
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS[step]:
+                    c.execute(statement)
+            c.execute("INSERT INTO meta(key, value) VALUES ('schema_version', ?) "
+                      "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                      (str(SCHEMA_VERSION),))
+            if row is not None and version < SCHEMA_VERSION:
+                self._audit(c, "coordinator", "schema_migrated",
+                            {"from": version, "to": SCHEMA_VERSION})
 
     def close(self) -> None:
         with self._lock:
@@ -554,6 +575,9 @@ class Store:
                 "UPDATE jobs SET committed_round=?, failed_attempts=0, updated_at=? WHERE job_id=?",
                 (rnd, self._clock(), job_id),
             )
+            # a committed round is never run again: its survivor set guards nothing now
+            # (its survivors are in the round's row)
+            c.execute("DELETE FROM unmask_sets WHERE job_id=? AND round=?", (job_id, rnd))
             self._audit(c, "coordinator", "round_committed",
                         {"job": job_id, "round": rnd, "survivors": survivors,
                          "dropped": dropped, "digest": model_digest})
@@ -581,6 +605,40 @@ class Store:
                         {"job": job_id, "round": rnd, "reason": reason})
             row = c.execute("SELECT failed_attempts FROM jobs WHERE job_id=?", (job_id,)).fetchone()
         return int(row[0])
+
+    def record_unmask_set(self, job_id: str, rnd: int, survivors: list[str]) -> None:
+        """Record, before any site is asked to unmask it, that round ``rnd``'s sum is over
+        ``survivors``. Sites log each reveal and refuse to unmask one update over a
+        second set (a second sum would give the difference), so every later attempt at
+        the round must sum over the same set; recording it again is a no-op.
+
+        Raises:
+            StoreError: another set is recorded for the round (nothing is written).
+            sqlite3.OperationalError: the database cannot take the write now.
+        """
+        now = sorted(survivors)
+        with self._tx() as c:
+            row = c.execute("SELECT survivors_json FROM unmask_sets WHERE job_id=? AND round=?",
+                            (job_id, rnd)).fetchone()
+            if row is not None:
+                earlier = json.loads(row[0])
+                if earlier != now:
+                    raise StoreError(
+                        f"round {rnd} of job {job_id} was already unmasked over {earlier}; "
+                        f"asking to unmask it over {now} would reveal a difference")
+                return
+            c.execute("INSERT INTO unmask_sets VALUES (?, ?, ?, ?)",
+                      (job_id, rnd, json.dumps(now), self._clock()))
+            self._audit(c, "coordinator", "unmask_set_recorded",
+                        {"job": job_id, "round": rnd, "survivors": now})
+
+    def unmask_set(self, job_id: str, rnd: int) -> list[str] | None:
+        """The survivor set round ``rnd``'s unmasking was asked over, or None."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT survivors_json FROM unmask_sets WHERE job_id=? AND round=?",
+                (job_id, rnd)).fetchone()
+        return None if row is None else [str(s) for s in json.loads(row[0])]
 
     @staticmethod
     def _next_attempt(c: sqlite3.Connection, job_id: str, rnd: int) -> int:

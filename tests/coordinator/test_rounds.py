@@ -306,3 +306,112 @@ def test_a_site_dropped_before_aggregation_neither_ends_nor_joins_the_evaluation
     rnd.receive("b", m.EvalResult(rnd.task_id, 15, {"cindex": 0.9}), 2.0)
     assert rnd.phase is Phase.DONE and sorted(rnd.evals) == ["a", "b"]
     assert ("*", "test", "cindex", pytest.approx(0.8), 20) in rnd.metric_rows()
+
+
+class _ScriptedAggregation:
+    """An aggregation that sends what the test scripts, when the test says."""
+
+    def __init__(self):
+        self.pending = []
+        self.refusals = []
+
+    def start(self, now):
+        return []
+
+    def receive(self, sender, body, now):
+        out, self.pending = self.pending, []
+        return out
+
+    def tick(self, now):
+        out, self.pending = self.pending, []
+        return out
+
+    def refused(self, sender, now):
+        self.refusals.append(sender)
+        return []
+
+    result = None
+    failure = None
+
+
+def _aggregating(pinned=None, sites=("a", "b", "c")):
+    agg = _ScriptedAggregation()
+    plan = parse_plan(PLAN)
+    rnd = Round("job1", 2, plan, W0, Strategy(plan.strategy), started_at=0.0,
+                aggregation_factory=lambda *a: agg, pinned_cohort=pinned)
+    rnd.offer(list(sites), 0.0)
+    for s in rnd.cohort:
+        rnd.receive(s, m.TrainDone(rnd.task_id, 10), 0.5)
+    assert rnd.phase is Phase.AGGREGATING
+    return rnd, agg
+
+
+def _secagg(kind, survivors):
+    from fedge.secagg.messages import ConsistencyRequest, UnmaskRequest
+
+    if kind == "consistency":
+        return ConsistencyRequest(job_id="job1", round=2, survivors=survivors)
+    return UnmaskRequest(job_id="job1", round=2, survivors=survivors, dropped=[],
+                         signatures={})
+
+
+@pytest.mark.parametrize("kind", ["consistency", "unmask"])
+def test_a_pinned_round_never_asks_for_a_sum_over_other_survivors(kind):
+    """Round 2 was unmasked over a, b, c before; c drops out of this attempt's secure
+    aggregation. Asking a and b to sign or unmask a sum over {a, b} would give the
+    coordinator c's update as the difference of the two sums: the attempt fails
+    instead, and none of those requests goes out."""
+    rnd, agg = _aggregating(pinned=["a", "b", "c"])
+    agg.pending = [(s, _secagg(kind, ["a", "b"])) for s in ("a", "b")]
+    out = rnd.tick(1.0)
+    assert rnd.phase is Phase.FAILED
+    assert not [b for _, b in out if type(b).__name__.endswith("Request")]
+    assert {s for s, b in out if isinstance(b, m.RoundAbort)} == {"a", "b", "c"}
+    assert "round 2's update was already unmasked over ['a', 'b', 'c']" in rnd.failure
+    assert "c dropped out of secure aggregation" in rnd.failure
+
+
+def test_unmask_requests_wait_until_their_survivor_set_is_recorded():
+    """The driver must make the survivor set durable before any site is asked to
+    reveal: the round holds the requests (unmask_pending) until unmask_recorded()."""
+    rnd, agg = _aggregating()
+    agg.pending = [(s, _secagg("unmask", ["a", "b", "c"])) for s in ("a", "b", "c")]
+    assert rnd.tick(1.0) == []
+    assert rnd.unmask_pending == ["a", "b", "c"]
+    rnd.unmask_not_recorded("database locked")
+    assert rnd.unmask_pending == ["a", "b", "c"]
+    released = rnd.unmask_recorded()
+    assert [s for s, _ in released] == ["a", "b", "c"] and rnd.unmask_pending is None
+    agg.pending = [("a", _secagg("unmask", ["a", "b", "c"]))]  # later ones go at once
+    assert len(rnd.tick(1.5)) == 1
+
+
+def test_a_pinned_round_starts_with_exactly_its_survivors_whatever_else_is_there():
+    """Pinned to a, b: a, b, c, d connected start it with a and b alone; a and c (two,
+    min_clients) do not start it at all."""
+    plan = parse_plan(PLAN)
+    rnd = Round("job1", 2, plan, W0, Strategy(plan.strategy), started_at=0.0,
+                pinned_cohort=["b", "a"])
+    assert rnd.offer(["a", "c"], 0.0, why="b (not connected)") == []
+    assert rnd.phase is Phase.WAITING_COHORT
+    assert rnd.waiting_for.endswith("; waiting for b (not connected)")
+    out = rnd.offer(["a", "b", "c", "d"], 1.0)
+    assert rnd.cohort == ["a", "b"]
+    assert sorted(s for s, _ in by_type(out, m.TrainTask)) == ["a", "b"]
+
+
+def test_a_pinned_round_fails_as_soon_as_a_site_of_its_survivors_will_not_train():
+    plan = parse_plan(PLAN)
+    rnd = Round("job1", 2, plan, W0, Strategy(plan.strategy), started_at=0.0,
+                pinned_cohort=["a", "b", "c"])
+    rnd.offer(["a", "b", "c"], 0.0)
+    rnd.receive("a", m.TrainDone(rnd.task_id, 10), 0.5)
+    rnd.receive("c", m.TaskRefused(rnd.task_id, "train", "disk full"), 0.6)
+    assert rnd.phase is Phase.FAILED  # b need not be waited for
+    assert "without c it cannot be summed again (c: disk full)" in rnd.failure
+
+
+def test_a_refusal_during_aggregation_is_passed_to_the_aggregation_at_once():
+    rnd, agg = _aggregating()
+    rnd.receive("b", m.TaskRefused(rnd.task_id, "aggregate", "SecAggAbort: no"), 1.0)
+    assert agg.refusals == ["b"] and rnd.refused["b"] == "SecAggAbort: no"

@@ -141,3 +141,44 @@ def test_job_status_and_operators(tmp_path):
     with pytest.raises(StoreError, match="already exists"):
         store.add_operator("alice", ED, "admin", actor="root")
     assert store.operators()[0]["role"] == "admin"
+
+def test_a_version_1_database_is_migrated_at_open_and_keeps_its_rows(tmp_path):
+    """A database written before unmask_sets existed (schema 1) opens, gains the table
+    and its version, and keeps what it held; the step is audited."""
+    store = Store(tmp_path)
+    store.create_job("j1", "plan", actor="op")
+    store.close()
+    conn = sqlite3.connect(tmp_path / "coordinator.sqlite3")
+    conn.execute("DROP TABLE unmask_sets")
+    conn.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
+    conn.commit()
+    conn.close()
+    again = Store(tmp_path)
+    assert again.schema_version() == SCHEMA_VERSION == 2
+    assert again.job("j1").plan_toml == "plan"
+    again.record_unmask_set("j1", 1, ["b", "a"])
+    assert again.unmask_set("j1", 1) == ["a", "b"]
+    (migrated,) = again.audit_log(action="schema_migrated")
+    assert migrated["detail"] == '{"from": 1, "to": 2}'
+    again.close()
+    assert Store(tmp_path).audit_log(action="schema_migrated") == [migrated]  # once
+
+
+def test_an_unmask_set_is_recorded_once_refuses_another_and_ends_with_its_round(tmp_path):
+    store = Store(tmp_path)
+    store.create_job("j1", "plan", actor="op")
+    assert store.unmask_set("j1", 1) is None
+    store.record_unmask_set("j1", 1, ["c", "a", "b"])
+    store.record_unmask_set("j1", 1, ["a", "b", "c"])  # the same set again: nothing new
+    with pytest.raises(StoreError, match=r"already unmasked over \['a', 'b', 'c'\]; asking "
+                                         r"to unmask it over \['a', 'b'\]"):
+        store.record_unmask_set("j1", 1, ["a", "b"])
+    assert store.unmask_set("j1", 1) == ["a", "b", "c"]
+    assert len(store.audit_log(action="unmask_set_recorded")) == 1
+    store.fail_round("j1", 1, started_at=0, cohort=["a", "b"], reason="x")
+    assert store.unmask_set("j1", 1) == ["a", "b", "c"]  # a failed attempt keeps it
+    store.commit_round("j1", 1, started_at=0, cohort=["a", "b", "c"],
+                       survivors=["a", "b", "c"], dropped=[], model_digest="d", metrics=[])
+    assert store.unmask_set("j1", 1) is None  # the round cannot run again
+    assert store.unmask_set("j1", 2) is None
+

@@ -5,11 +5,24 @@ The bound endpoint is written to ``<state_dir>/endpoint`` (useful with port 0).
 The ZAP allow-list follows the registry: enrolment or revocation through the
 admin channel applies at once; a change written to the database by another
 process (``fedge coordinator enrol``) is picked up within a second.
+
+One event loop takes every message, ticks, and sends systemd's watchdog pings,
+so nothing on it may wait long. A database locked by another process (an
+operator's sqlite3 shell in a write transaction) costs one write's short wait
+(``store.SERVICE_BUSY_TIMEOUT_S``), after which the loop stops taking messages
+for that turn and backs off (``BUSY_BACKOFF_S``, no tick); while the lock stays
+held, writes fail at once instead of waiting (``store.BUSY_QUIET_S``), so the
+loop goes on at its pace, every record it cannot write logged as lost, except
+a message whose handling met the lock before acting (``service.DatabaseLocked``):
+that one is held, no newer message is taken (they wait in ZeroMQ, in order) and
+no tick runs until it has been handled. The lock is logged naming the file, once
+per FINISH_RETRY_S while it lasts, and its end.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import importlib
 import logging
@@ -24,13 +37,17 @@ from typing import Any
 
 from fedge.coordinator import checkpoint as ck
 from fedge.coordinator.config import CoordinatorConfig
-from fedge.coordinator.service import FINISH_RETRY_S, Coordinator
+from fedge.coordinator.service import FINISH_RETRY_S, Coordinator, DatabaseLocked
+from fedge.coordinator.store import Store, is_locked
 from fedge.wire import messages as m
 
 log = logging.getLogger("fedge.coordinator")
 
 ALLOW_LIST_REFRESH_S = 1.0
 RECV_BATCH = 256
+# After a write found the database locked by another process: no tick and no new
+# message for this long (the loop awaits meanwhile: pings, sends, the admin channel).
+BUSY_BACKOFF_S = 0.5
 # Fault injection for the crash tests: "ROUND:PHASE" (e.g. "2:aggregating"); the
 # coordinator SIGKILLs itself when a round reaches that phase. "update.outcome": it
 # SIGKILLs itself as an agent's update outcome arrives, before recording it.
@@ -170,12 +187,32 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
     preparing: asyncio.Future[None] | None = None
     tick_failed_at = float("-inf")
     admin_watch = _AdminWatch(started_at=time.monotonic())
+    # messages whose handling met a locked database before acting, oldest first
+    held: collections.deque[tuple[str, Any]] = collections.deque()
+    held_since: float | None = None  # since when no new message has been taken for them
+    lock = _LockReport(coord.store)
+    backoff_until = float("-inf")
     try:
         while not stop.is_set():
+            wait = backoff_until - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            # a write that waited for the lock this turn: no more messages, no tick
+            waits_before = coord.store.lock_waits
+            while held and coord.store.lock_waits == waits_before:
+                if _handle(coord, *held[0]) is not None:
+                    break
+                held.popleft()
+            if not held and held_since is not None:
+                # the sites were not listened to meanwhile: not their silence
+                coord.not_listening(time.monotonic() - held_since)
+                held_since = None
             # Take what has arrived (up to a batch), then tick once: with hundreds of
             # agents a tick per message would dominate the coordinator's CPU time.
             timeout = cfg.tick_s
             for _ in range(RECV_BATCH):
+                if held or coord.store.lock_waits != waits_before:
+                    break  # the database is locked: the rest waits in ZeroMQ
                 try:
                     msg = await server.recv(timeout=timeout)
                 except TimeoutError:
@@ -185,18 +222,16 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
                 if site is None:
                     coord.refused(msg.peer.public_key, "message from a key not enrolled")
                     server.disconnect(msg.peer)
-                else:
-                    try:
-                        coord.handle_frames(site, msg.frames)
-                    except sqlite3.DatabaseError as exc:
-                        if not isinstance(exc, sqlite3.OperationalError):
-                            raise  # corrupt: ends the process (fedge.coordinator.cli)
-                        log.error("a message from %s could not be handled (the database "
-                                  "refused a write): %s; dropped", site, exc)
-                    except Exception:  # one site's message must not end the coordinator
-                        log.exception("a message from %s could not be handled; dropped", site)
+                elif (locked := _handle(coord, site, msg.frames)) is not None:
+                    held.append((site, msg.frames))
+                    held_since = time.monotonic()
+                    log.info("%s from %s met the database locked before it took effect: "
+                             "held, and handled again once the lock is free (no newer "
+                             "message is taken meanwhile)", locked.kind, site)
                 del msg
-            if coord.runner is None and _needs_initial_model(coord) is not None:
+            if held or coord.store.lock_waits != waits_before:
+                pass  # backing off: no tick while a message is held or a write waited
+            elif coord.runner is None and _needs_initial_model(coord) is not None:
                 # the next job's starting model is built in a child process; the
                 # loop keeps serving heartbeats meanwhile
                 if preparing is None:
@@ -213,7 +248,9 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
                     # a full disk (SQLITE_FULL, ENOSPC) fails this tick's writes; the
                     # next tick retries them. A corrupt database is no OperationalError:
                     # it ends the process (fedge.coordinator.cli says so in one line).
-                    if time.monotonic() - tick_failed_at >= FINISH_RETRY_S:
+                    # A locked one is reported by _LockReport.
+                    if not is_locked(exc) and \
+                            time.monotonic() - tick_failed_at >= FINISH_RETRY_S:
                         tick_failed_at = time.monotonic()
                         log.error("coordinator tick failed, retried every tick (next report "
                                   "in %g s): %s: %s", FINISH_RETRY_S, type(exc).__name__, exc)
@@ -225,6 +262,10 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
                     # max_failed_attempts), so the same error is not met on every tick;
                     # the coordinator goes on serving every other site and job
                     tick_failed_at = _tick_raised(coord, exc, tick_failed_at)
+            if held or coord.store.lock_waits != waits_before:
+                # (a held message is tried again after it: the loop awaits meanwhile)
+                backoff_until = time.monotonic() + BUSY_BACKOFF_S
+            lock.update(len(held))
             if kill_at:
                 _maybe_die(coord, kill_at)
             if coord.max_message_bytes != max_bytes:
@@ -410,6 +451,54 @@ async def _prepare_initial_model(coord: Coordinator) -> None:
         reason = f"cannot prepare the starting model {path}: {exc}"
     log.error("job %s failed: %s", job.job_id, reason)
     coord.store.set_job_status(job.job_id, "failed", actor="coordinator", error=reason)
+
+
+def _handle(coord: Coordinator, site: str, frames: Any) -> DatabaseLocked | None:
+    """Hand one message to the coordinator; the DatabaseLocked when it was handed back
+    because the database is locked, to be handled again later, else None."""
+    try:
+        coord.handle_frames(site, frames)
+    except DatabaseLocked as exc:
+        return exc
+    except sqlite3.DatabaseError as exc:
+        if not isinstance(exc, sqlite3.OperationalError):
+            raise  # corrupt: ends the process (fedge.coordinator.cli)
+        log.error("a message from %s could not be handled (database %s refused a write): "
+                  "%s; dropped", site, coord.store.path, exc)
+    except Exception:  # one site's message must not end the coordinator
+        log.exception("a message from %s could not be handled; dropped", site)
+    return None
+
+
+class _LockReport:
+    """Says, once per FINISH_RETRY_S while it lasts, that another process holds the
+    database's lock, naming the file; and when it is free again."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.reported_at = float("-inf")
+        self.since: float | None = None
+
+    def update(self, held: int) -> None:
+        since = self.store.locked_since
+        if since is not None and self.store.writable():
+            since = None  # released with nothing written since
+        now = time.monotonic()
+        if since is not None:
+            self.since = since
+            if now - self.reported_at >= FINISH_RETRY_S:
+                self.reported_at = now
+                log.error("database %s is locked by another process (a sqlite3 shell or a "
+                          "backup in a write transaction?) for %.1f s: writes wait at most "
+                          "%g s, then this loop backs off %g s and tries again; %d message(s) "
+                          "held until it is free, the rest wait in ZeroMQ (next report in "
+                          "%g s)", self.store.path, now - since, self.store.busy_timeout_s,
+                          BUSY_BACKOFF_S, held, FINISH_RETRY_S)
+        elif self.since is not None:
+            log.warning("database %s is writable again, after %.1f s", self.store.path,
+                        now - self.since)
+            self.since = None
+            self.reported_at = float("-inf")
 
 
 def _maybe_die(coord: Coordinator, kill_at: str) -> None:

@@ -26,6 +26,12 @@ the survivor set is recorded in SQLite before the first unmask request leaves
 exactly S (:mod:`fedge.coordinator.rounds`): it waits, up to the plan's cohort
 deadline, for every site of S, and fails naming the ones missing rather than
 start with another set.
+
+A write the database refuses because another process holds its lock (an
+operator's sqlite3 shell) waits at most ``SERVICE_BUSY_TIMEOUT_S``
+(fedge.coordinator.store). A message whose handling met it before taking any
+effect is handed back whole (:class:`DatabaseLocked`; the process loop retries
+it); one that had taken effect keeps it, and only its record is lost (logged).
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ from fedge.coordinator.rounds import (
     Round,
     plain_factory,
 )
-from fedge.coordinator.store import Store, StoreError
+from fedge.coordinator.store import SERVICE_BUSY_TIMEOUT_S, Store, StoreError, is_locked
 from fedge.coordinator.strategies import Strategy
 from fedge.wire import codec
 from fedge.wire import messages as m
@@ -66,6 +72,7 @@ SYSTEM = "coordinator"
 REPLAY_WINDOW = 4096  # message ids remembered per site
 HEARTBEAT_PERSIST_S = 30.0  # an unchanged heartbeat is written to SQLite this often
 FINISH_RETRY_S = 10.0  # a job whose final checkpoint could not be written is retried this often
+LOCKED_RETRY_S = 1.0  # ... a round commit the database's lock refused, this often
 # what one heartbeat may put in the appliances table (a message may be 1 MiB, and the
 # fleet view reads every row): a health report of a few GPUs is a few KiB
 HEALTH_JSON_MAX = 64 << 10
@@ -87,6 +94,18 @@ CONTESTED_TIMES = 3
 
 class CoordinatorError(Exception):
     """An admin request that cannot be carried out (unknown job, bad plan, ...)."""
+
+
+class DatabaseLocked(Exception):
+    """A message from ``site`` could not be handled because another process holds the
+    database's lock, before it took any effect: its message id is forgotten, so the
+    same frames may be handled again later (fedge.coordinator.process does)."""
+
+    def __init__(self, site: str, kind: str, error: Exception) -> None:
+        super().__init__(f"{kind} from {site}: {error}")
+        self.site = site
+        self.kind = kind
+        self.error = error
 
 
 InitialWeights = Callable[[Plan], np.ndarray]
@@ -137,6 +156,12 @@ class _Conn:
             self.seen_set.discard(self.seen_ids.popleft())
         return False
 
+    def forget(self, msg_id: str) -> None:
+        """Un-see a message handed back unhandled (DatabaseLocked), so it may come again."""
+        if msg_id in self.seen_set:
+            self.seen_set.discard(msg_id)
+            self.seen_ids.remove(msg_id)
+
 
 class JobRunner:
     """Runs one job round after round from its last committed checkpoint."""
@@ -159,8 +184,9 @@ class JobRunner:
         self.finish_error = ""
         # When committing the finished round (its checkpoint, its SQLite row) last
         # failed (disk full): the round is kept, not trained again, and the commit is
-        # retried every FINISH_RETRY_S.
+        # retried every FINISH_RETRY_S (LOCKED_RETRY_S when the database was locked).
         self.commit_failed_at = float("-inf")
+        self.commit_retry_s = FINISH_RETRY_S
         self.commit_error = ""
         # The fleet as the last cohort offer saw it (job_status explains a wait with it).
         self.selection: Selection | None = None
@@ -210,9 +236,10 @@ class Coordinator:
         aggregation: Callable[[Plan], AggregationFactory] | None = None,
         update_handler: Callable[[Any], Any] | None = None,
         clock: Callable[[], float] = time.time,
+        busy_timeout_s: float = SERVICE_BUSY_TIMEOUT_S,
     ) -> None:
         self.state_dir = Path(state_dir)
-        self.store = Store(self.state_dir, clock=clock)
+        self.store = Store(self.state_dir, clock=clock, busy_timeout_s=busy_timeout_s)
         self.clock = clock
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.max_message_bytes = max_message_bytes
@@ -229,6 +256,9 @@ class Coordinator:
         self._rejections = AuditThrottle(self.store.audit, verb="rejected",
                                          every_s=REFUSAL_SUMMARY_S, max_keys=REFUSAL_KEYS)
         self._write_failed_at = float("-inf")  # when a record last failed (_not_written)
+        # whether the message being handled has taken effect (handle_frames): a locked
+        # database met before it did hands the message back, after it loses a record
+        self._took_effect = False
         # site -> (times, addresses) of connections its key superseded lately: one
         # appliance's keys on two machines (a copied enrolment) fight this way
         self._superseded: dict[str, tuple[collections.deque[float], set[str]]] = {}
@@ -452,11 +482,21 @@ class Coordinator:
                          f"{codec.short(env.header.sender)} is not the authenticated {site!r}")
             return
         conn.last_seen = now
+        self._took_effect = False
         try:
             self.handle(site, env, now)
-        except Exception as exc:  # a bug reached by one site's message must not end the
+        except Exception as exc:  # neither a bug reached by one site's message nor a lock
+            # held by another process may end the coordinator for every other site
+            if is_locked(exc):
+                if not self._took_effect:  # nothing happened: it can be handled again later
+                    conn.forget(env.header.msg_id)
+                    raise DatabaseLocked(site, env.header.type, exc) from exc
+                log.error("%s from %s was handled, but a record of it was not written: "
+                          "database %s is locked by another process (%s)", env.header.type,
+                          site, self.store.path, exc)
+                return
             log.exception("internal error handling %s from %s", env.header.type, site)
-            self._reject(site, "internal_error",  # coordinator for every other site
+            self._reject(site, "internal_error",
                          f"{env.header.type} could not be handled: {type(exc).__name__}: "
                          f"{str(exc)[:200]}")
             return
@@ -466,6 +506,9 @@ class Coordinator:
             self.on_site_returned(site)
 
     def handle(self, site: str, env: codec.Envelope, now: float) -> None:
+        """Act on one authenticated, decoded message. Until it sets ``_took_effect`` it
+        has changed nothing, and a locked database (raised) hands the message back;
+        after, every write is its own (a failure costs that record, logged)."""
         body = env.body
         if isinstance(body, m.Heartbeat):
             if body.site != site:
@@ -474,16 +517,19 @@ class Coordinator:
                 return
             if not self._version_accepted(site, body.version):
                 return
+            self._took_effect = True
             self._heartbeat(site, body)
             self.outbox.append(Outgoing(site, m.HeartbeatAck(now, __version__)))
             return
         if type(body).__name__ == "UpdateOutcome":
             if self.on_update_outcome is None:
-                self.store.audit(site, "update.outcome", repr(body))
+                self.store.audit(site, "update.outcome", repr(body))  # the only record
             else:
+                self._took_effect = True
                 self.on_update_outcome(site, body)
             return
         if m.is_update_fetch(body):
+            self._took_effect = True
             if self.update_handler is None:
                 self._reject(site, "unroutable", "this coordinator relays no updates")
             else:
@@ -503,21 +549,44 @@ class Coordinator:
             return
         before = len(rnd.rejected)
         if isinstance(body, m.TaskRefused):
-            self.store.audit(site, "task_refused", {
-                "job": rnd.job_id, "round": rnd.round, "task": codec.short(body.task, 40),
-                "reason": m.clip_reason(body.reason)})
+            try:  # recorded before the round acts on it; a locked database hands it back
+                self.store.audit(site, "task_refused", {
+                    "job": rnd.job_id, "round": rnd.round, "task": codec.short(body.task, 40),
+                    "reason": m.clip_reason(body.reason)})
+            except sqlite3.OperationalError as exc:
+                if is_locked(exc):
+                    raise
+                self._not_written(f"task_refused of {site}", exc)  # a full disk: acted on
+        self._took_effect = True
         self._emit(rnd, rnd.receive(site, body, now))
-        for rsite, reason in rnd.rejected[before:]:
-            self.store.audit(rsite, "rejected_message",
-                             {"job": rnd.job_id, "round": rnd.round, "reason": reason})
-        self._after(now)
+        try:
+            for rsite, reason in rnd.rejected[before:]:
+                self.store.audit(rsite, "rejected_message",
+                                 {"job": rnd.job_id, "round": rnd.round, "reason": reason})
+        except (StoreError, sqlite3.OperationalError) as exc:
+            self._not_written(f"rejected_message of {site}", exc)
+        try:
+            self._after(now)
+        except (StoreError, sqlite3.OperationalError) as exc:  # the next tick records it
+            self._not_written(f"the end of job {rnd.job_id} round {rnd.round}", exc)
+
+    def not_listening(self, seconds: float) -> None:
+        """The process took no message for ``seconds`` (they waited in ZeroMQ while the
+        database was locked): the sites' silence over that time was the coordinator's
+        deafness, so it does not count towards their heartbeat timeout."""
+        for conn in self.conns.values():
+            if conn.last_seen != float("-inf"):
+                conn.last_seen += seconds
 
     def peer_lost(self, site: str) -> None:
         """The transport lost ``site`` (heartbeat timeout or disconnect)."""
         conn = self.conns.get(site)
         if conn is not None and conn.last_seen != float("-inf"):
             conn.last_seen = float("-inf")  # keeps its replay window
-            self.store.audit(site, "connection_lost", "")
+            try:
+                self.store.audit(site, "connection_lost", "")
+            except (StoreError, sqlite3.OperationalError) as exc:
+                self._not_written(f"connection_lost of {site}", exc)
         if self.runner is not None and self.runner.round is not None:
             self._emit(self.runner.round, self.runner.round.lost(site, self.clock()))
 
@@ -595,8 +664,9 @@ class Coordinator:
         now = self.clock()
         if now - self._write_failed_at >= FINISH_RETRY_S:
             self._write_failed_at = now
-            log.error("%s not written to the database (writes failing; next report in "
-                      "%g s): %s: %s", what, FINISH_RETRY_S, type(exc).__name__, exc)
+            log.error("%s not written to the database %s (writes failing; next report in "
+                      "%g s): %s: %s", what, self.store.path, FINISH_RETRY_S,
+                      type(exc).__name__, exc)
 
     # -- driving --------------------------------------------------------------------
 
@@ -674,18 +744,20 @@ class Coordinator:
             return
         rnd = runner.round
         if rnd.phase is Phase.DONE:
-            if now - runner.commit_failed_at >= FINISH_RETRY_S:
+            if now - runner.commit_failed_at >= runner.commit_retry_s:
                 self._commit(runner, rnd, now)
         else:
+            # the attempt and, at the plan's limit, the job's end in one transaction: a
+            # write refused here leaves both to the next tick, never one without the other
             attempts = self.store.fail_round(rnd.job_id, rnd.round, started_at=rnd.started_at,
-                                             cohort=rnd.cohort, reason=rnd.failure)
+                                             cohort=rnd.cohort, reason=rnd.failure,
+                                             max_attempts=runner.plan.max_failed_attempts)
             log.warning("job %s round %d failed (attempt %d): %s", rnd.job_id, rnd.round,
                         attempts, rnd.failure)
             runner.round = None
             if attempts >= runner.plan.max_failed_attempts:
-                self.store.set_job_status(
-                    rnd.job_id, "failed", actor=SYSTEM,
-                    error=f"round {rnd.round} failed {attempts} times; last: {rnd.failure}")
+                log.error("job %s failed: round %d failed %d times", rnd.job_id, rnd.round,
+                          attempts)
                 self.runner = None
 
     def _commit(self, runner: JobRunner, rnd: Round, now: float) -> None:
@@ -712,8 +784,9 @@ class Coordinator:
             what = (f"cannot write {path}" if isinstance(exc, OSError)
                     else f"cannot write database {self.store.path}")
             error = f"{what}: {type(exc).__name__}: {exc}"
+            runner.commit_retry_s = LOCKED_RETRY_S if is_locked(exc) else FINISH_RETRY_S
             log.error("job %s round %d not committed (retried in %g s): %s", runner.job_id,
-                      rnd.round, FINISH_RETRY_S, error)
+                      rnd.round, runner.commit_retry_s, error)
             runner.commit_failed_at = now
             runner.commit_error = error
             try:

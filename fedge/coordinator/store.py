@@ -127,6 +127,14 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
 # (another coordinator), and saying so beats a silent half-minute wait.
 BUSY_TIMEOUT_S = 30.0
 OPEN_BUSY_TIMEOUT_S = 5.0
+# The running coordinator's writes wait less: it handles every message on one event
+# loop, which also sends systemd's watchdog pings, and a write waiting for an
+# operator's sqlite3 shell (BEGIN IMMEDIATE) would freeze it. Once a write found the
+# lock held that long, the following ones fail at once (a try, not a wait) until one
+# succeeds or BUSY_QUIET_S pass without a try failing: the loop is blocked once per
+# lock, not once per write (fedge.coordinator.process backs off meanwhile).
+SERVICE_BUSY_TIMEOUT_S = 1.5
+BUSY_QUIET_S = 5.0
 
 
 class StoreError(Exception):
@@ -140,6 +148,17 @@ def is_corrupt(exc: sqlite3.Error) -> bool:
     """Whether SQLite says the database file is damaged (not a database, malformed)."""
     code = getattr(exc, "sqlite_errorcode", None)
     return code is not None and code & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
+def is_locked(exc: BaseException) -> bool:
+    """Whether ``exc`` is SQLite saying another connection holds the lock (SQLITE_BUSY,
+    SQLITE_LOCKED): the database is fine, a write has to wait for its turn."""
+    if not isinstance(exc, sqlite3.OperationalError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return "locked" in str(exc) or "busy" in str(exc)
 
 
 def database_error(path: Path, exc: sqlite3.Error) -> str:
@@ -219,6 +238,14 @@ class RoundRecord:
 class Store:
     """Thread-safe access to ``<state_dir>/coordinator.sqlite3``.
 
+    ``busy_timeout_s``: how long a write waits for another connection's lock
+    (BUSY_TIMEOUT_S for the short-lived commands; the running coordinator passes
+    SERVICE_BUSY_TIMEOUT_S). A write that finds the lock held raises
+    ``sqlite3.OperationalError`` (``is_locked``); ``busy_count`` counts them,
+    ``lock_waits`` those that waited busy_timeout_s first (the others failed at once,
+    BUSY_QUIET_S), and ``locked_since`` says since when (monotonic) writes have been
+    failing so, None once one succeeds.
+
     Raises:
         StoreError: on opening a database whose schema version is newer than
             this code's, one that is not an SQLite database or fails SQLite's
@@ -226,12 +253,18 @@ class Store:
             longer than OPEN_BUSY_TIMEOUT_S.
     """
 
-    def __init__(self, state_dir: str | Path, *, clock: Any = time.time) -> None:
+    def __init__(self, state_dir: str | Path, *, clock: Any = time.time,
+                 busy_timeout_s: float = BUSY_TIMEOUT_S) -> None:
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.state_dir / DB_NAME
         self._clock = clock
         self._lock = threading.RLock()
+        self._busy_timeout_s = busy_timeout_s
+        self.busy_count = 0
+        self.lock_waits = 0
+        self.locked_since: float | None = None
+        self._busy_at = float("-inf")  # monotonic: when a write last found the lock held
         self._conn = sqlite3.connect(
             self.path, check_same_thread=False, isolation_level=None,
             timeout=OPEN_BUSY_TIMEOUT_S,
@@ -244,7 +277,21 @@ class Store:
         except BaseException:
             self._conn.close()
             raise
-        self._conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
+        self._set_busy_timeout(busy_timeout_s)
+
+    @property
+    def busy_timeout_s(self) -> float:
+        """How long a write waits for another connection's lock (class docstring)."""
+        return self._busy_timeout_s
+
+    @busy_timeout_s.setter
+    def busy_timeout_s(self, seconds: float) -> None:
+        with self._lock:
+            self._busy_timeout_s = seconds
+            self._set_busy_timeout(seconds)
+
+    def _set_busy_timeout(self, seconds: float) -> None:
+        self._conn.execute(f"PRAGMA busy_timeout={int(seconds * 1000)}")
 
     def _open_refused(self, exc: sqlite3.DatabaseError) -> str:
         if getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
@@ -296,7 +343,7 @@ class Store:
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
+            self._begin()
             try:
                 yield self._conn
             except BaseException:
@@ -313,6 +360,56 @@ class Store:
                 if self._conn.in_transaction:
                     self._conn.execute("ROLLBACK")
                 raise
+            self._busy_at = float("-inf")
+            self.locked_since = None
+
+    def _begin(self) -> None:
+        """BEGIN IMMEDIATE: the write lock, waited for busy_timeout_s, or not at all while
+        the lock has just been found held (SERVICE_BUSY_TIMEOUT_S above).
+
+        Raises:
+            sqlite3.OperationalError: the lock is held (``is_locked``), or SQLite failed.
+        """
+        now = time.monotonic()
+        quiet = now - self._busy_at < BUSY_QUIET_S
+        if quiet:
+            self._set_busy_timeout(0)
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if is_locked(exc):
+                self.busy_count += 1
+                self.lock_waits += not quiet
+                self._busy_at = time.monotonic()
+                if self.locked_since is None:
+                    self.locked_since = now
+            raise
+        finally:
+            if quiet:
+                self._set_busy_timeout(self.busy_timeout_s)
+
+    def writable(self) -> bool:
+        """Whether the write lock can be had now: taken and given back at once, without
+        waiting. True ends ``locked_since``.
+
+        Raises:
+            sqlite3.OperationalError: SQLite failed otherwise than on the lock.
+        """
+        with self._lock:
+            self._set_busy_timeout(0)
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if is_locked(exc):
+                    self._busy_at = time.monotonic()
+                    return False
+                raise
+            finally:
+                self._set_busy_timeout(self.busy_timeout_s)
+            self._conn.execute("ROLLBACK")
+            self._busy_at = float("-inf")
+            self.locked_since = None
+            return True
 
     def schema_version(self) -> int:
         with self._lock:
@@ -583,8 +680,12 @@ class Store:
                          "dropped": dropped, "digest": model_digest})
 
     def fail_round(self, job_id: str, rnd: int, *, started_at: float, cohort: list[str],
-                   reason: str) -> int:
+                   reason: str, max_attempts: int | None = None) -> int:
         """Record a failed attempt at round ``rnd``; returns the job's failed-attempt count.
+
+        With ``max_attempts``, a count that reaches it marks the job failed in the same
+        transaction ("round r failed n times; last: reason"), so a write failing in
+        between can neither lose the job's end nor count one attempt twice.
 
         Raises:
             StoreError: unknown job.
@@ -604,7 +705,13 @@ class Store:
             self._audit(c, "coordinator", "round_failed",
                         {"job": job_id, "round": rnd, "reason": reason})
             row = c.execute("SELECT failed_attempts FROM jobs WHERE job_id=?", (job_id,)).fetchone()
-        return int(row[0])
+            attempts = int(row[0])
+            if max_attempts is not None and attempts >= max_attempts:
+                error = f"round {rnd} failed {attempts} times; last: {reason}"
+                c.execute("UPDATE jobs SET status='failed', error=?, updated_at=? WHERE job_id=?",
+                          (error, self._clock(), job_id))
+                self._audit(c, "coordinator", "job_failed", {"job": job_id, "error": error})
+        return attempts
 
     def record_unmask_set(self, job_id: str, rnd: int, survivors: list[str]) -> None:
         """Record, before any site is asked to unmask it, that round ``rnd``'s sum is over

@@ -142,6 +142,7 @@ def test_job_status_and_operators(tmp_path):
         store.add_operator("alice", ED, "admin", actor="root")
     assert store.operators()[0]["role"] == "admin"
 
+
 def test_a_version_1_database_is_migrated_at_open_and_keeps_its_rows(tmp_path):
     """A database written before unmask_sets existed (schema 1) opens, gains the table
     and its version, and keeps what it held; the step is audited."""
@@ -182,3 +183,45 @@ def test_an_unmask_set_is_recorded_once_refuses_another_and_ends_with_its_round(
     assert store.unmask_set("j1", 1) is None  # the round cannot run again
     assert store.unmask_set("j1", 2) is None
 
+
+def test_the_last_allowed_failed_attempt_fails_the_job_in_the_same_transaction(tmp_path):
+    store = Store(tmp_path)
+    store.create_job("j1", "plan", actor="op")
+    assert store.fail_round("j1", 1, started_at=0, cohort=[], reason="one",
+                            max_attempts=2) == 1
+    assert store.job("j1").status == "queued"
+    assert store.fail_round("j1", 1, started_at=0, cohort=[], reason="two",
+                            max_attempts=2) == 2
+    job = store.job("j1")
+    assert (job.status, job.error) == ("failed", "round 1 failed 2 times; last: two")
+    assert store.audit_log(action="job_failed")
+
+
+def test_a_write_waits_briefly_for_a_lock_held_elsewhere_then_tries_without_waiting(
+        tmp_path):
+    """The running coordinator's writes wait busy_timeout_s for another process's lock
+    (an operator's sqlite3 shell in BEGIN IMMEDIATE), once; while the lock stays held
+    the next ones fail at once, and the first write after it is free succeeds."""
+    import time
+
+    from fedge.coordinator.store import is_locked
+
+    store = Store(tmp_path, busy_timeout_s=0.3)
+    shell = sqlite3.connect(tmp_path / "coordinator.sqlite3", isolation_level=None)
+    shell.execute("BEGIN IMMEDIATE")
+    t0 = time.monotonic()
+    with pytest.raises(sqlite3.OperationalError) as first:
+        store.audit("t", "x")
+    waited = time.monotonic() - t0
+    assert is_locked(first.value) and 0.25 <= waited < 2.0
+    assert store.busy_count == store.lock_waits == 1 and store.locked_since is not None
+    t0 = time.monotonic()
+    with pytest.raises(sqlite3.OperationalError):
+        store.audit("t", "y")
+    assert time.monotonic() - t0 < 0.1 and (store.busy_count, store.lock_waits) == (2, 1)
+    assert not store.writable()
+    assert store.appliances() == []  # reads go on (WAL)
+    shell.execute("ROLLBACK")
+    assert store.writable() and store.locked_since is None
+    store.audit("t", "z")
+    assert [a["action"] for a in store.audit_log()] == ["z"]

@@ -1,0 +1,105 @@
+"""The coordinator while another process holds its database's write lock (an operator's
+sqlite3 shell in BEGIN IMMEDIATE): a message that met the lock before it took effect is
+handed back whole, to be handled again; one that needs no write is answered."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+
+import pytest
+
+from fedge import __version__
+from fedge.coordinator.rounds import Phase
+from fedge.coordinator.service import DatabaseLocked
+from fedge.wire import codec
+from fedge.wire import messages as m
+
+PLAN = """
+[job]
+dataset = "synthetic"
+rounds = 1
+min_clients = 2
+[model]
+name = "linear"
+[train]
+steps = 1
+batch_size = 1
+learning_rate = 0.5
+[strategy]
+name = "fedavg"
+[secagg]
+enabled = false
+[deadlines]
+cohort_s = 5
+train_s = 5
+secagg_stage_s = 5
+eval_s = 5
+"""
+
+
+def frames(body, site, job="", rnd=0):
+    return [bytes(f) for f in codec.encode(body, sender=site, job=job, round=rnd)]
+
+
+@pytest.fixture
+def training(federation):
+    """A job's round 1 in training at a, b (the tasks not delivered), the database's
+    write lock free; the coordinator's writes wait at most 0.2 s for it."""
+    fed = federation(["a", "b"])
+    fed.coord.store.busy_timeout_s = 0.2
+    asyncio.run(fed.heartbeats())
+    while fed.inbox:
+        fed.coord.handle_frames(*fed.inbox.pop(0))
+    job = fed.coord.submit_job(PLAN, actor="test")
+    fed.coord.tick()
+    rnd = fed.coord.runner.round
+    assert rnd.phase is Phase.TRAINING
+    fed.coord.outbox.clear()
+    return fed, job, rnd
+
+
+def test_a_refusal_met_by_a_locked_database_is_handed_back_whole_and_handled_once_free(
+        training):
+    fed, job, rnd = training
+    refusal = frames(m.TaskRefused(rnd.task_id, "train", "out of memory"), "a", job, 1)
+    shell = sqlite3.connect(fed.coord.store.path, isolation_level=None)
+    shell.execute("BEGIN IMMEDIATE")
+    with pytest.raises(DatabaseLocked) as locked:
+        fed.coord.handle_frames("a", refusal)
+    assert (locked.value.site, locked.value.kind) == ("a", "task_refused")
+    assert rnd.refused == {}  # nothing happened
+    # a heartbeat needs no write it cannot do without: it is answered all the same
+    hb = m.Heartbeat(site="b", version=__version__, eligible=True, reason="",
+                     health_json="{}", datasets=["synthetic"], current_task="")
+    fed.coord.handle_frames("b", frames(hb, "b"))
+    assert [type(o.body) for o in fed.coord.outbox] == [m.HeartbeatAck]
+    shell.execute("ROLLBACK")
+    fed.coord.handle_frames("a", refusal)  # the same frames: not a replay
+    assert rnd.refused == {"a": "out of memory"}
+    assert not [o for o in fed.coord.outbox if isinstance(o.body, m.Rejected)]
+    audited = fed.coord.store.audit_log(action="task_refused")
+    assert len(audited) == 1 and "out of memory" in audited[0]["detail"]
+
+
+def test_a_message_that_met_the_lock_after_taking_effect_is_not_handed_back(training,
+                                                                           caplog):
+    """Once the round has acted on a message, handing it back would apply it twice: a
+    lock met after that costs only the record, and the log names the site, the message
+    type and the database file."""
+    fed, job, rnd = training
+    done = frames(m.TrainDone(rnd.task_id, 10, {"loss": 1.0}), "a", job, 1)
+    receive = rnd.receive
+
+    def acts_then_cannot_write(sender, body, now):
+        receive(sender, body, now)
+        raise sqlite3.OperationalError("database is locked")
+    rnd.receive = acts_then_cannot_write
+    fed.coord.handle_frames("a", done)  # no DatabaseLocked
+    assert "a" in rnd.trained
+    assert (f"train_done from a was handled, but a record of it was not written: database "
+            f"{fed.coord.store.path} is locked") in caplog.text
+    rnd.receive = receive
+    fed.coord.handle_frames("a", done)  # the same frames again are a replay
+    (rejected,) = [o.body for o in fed.coord.outbox if isinstance(o.body, m.Rejected)]
+    assert rejected.reason.startswith("message id")

@@ -416,9 +416,11 @@ def watch_job(call: Any, job_id: str, *, interval_s: float = 2.0,
     seen: set[tuple[int, int]] = set()
     phase = None
     said_queued = False
+    said_test = False
     while True:
         status, _ = call("jobs_status", {"job_id": job_id})
         planned = status.get("rounds_planned")
+        eval_split = status.get("eval_split")
         if status.get("status") == "queued" and not said_queued:
             said_queued = True  # jobs run one at a time: say what it waits for, once
             jobs, _ = call("jobs_list", {})
@@ -439,16 +441,23 @@ def watch_job(call: Any, job_id: str, *, interval_s: float = 2.0,
                 continue
             agg = ", ".join(f"{m['split']} {m['name']} {m['value']:.4f}"
                             for m in status.get("metrics", [])
-                            if m["round"] == a["round"] and m["site"] == "*")
+                            if m["round"] == a["round"] and m["site"] == "*"
+                            and eval_split in (None, m["split"]))
             out(f"round {a['round']}/{planned} committed in {secs:.1f} s: "
                 f"{len(a['survivors'])} of {len(a['cohort'])} site(s)"
                 + (f"; {agg}" if agg else ""))
+            for site, why in sorted((a.get("dropped_reasons") or {}).items()):
+                out(f"  dropped {printable(site)}: {printable(why)}")
         wait = status.get("cohort_wait") or {}
         now_phase = (status.get("current_round"), status.get("phase"), wait.get("summary"))
         if status.get("phase") and now_phase != phase:
             why = f" ({printable(wait['summary'])})" if wait.get("summary") else ""
             out(f"round {now_phase[0]}/{planned}: {now_phase[1]}{why}")
         phase = now_phase
+        test = status.get("final_test")
+        if test and test.get("metrics") and not said_test:
+            said_test = True
+            out(final_test_line(test))
         if status.get("status") in JOB_ENDS:
             error = f": {status['error']}" if status.get("error") else ""
             out(f"job {job_id} {status['status']}{error}")
@@ -458,21 +467,41 @@ def watch_job(call: Any, job_id: str, *, interval_s: float = 2.0,
                                f"{status.get('committed_round')} of {planned} committed) "
                                f"after {max_wait_s:g} s")
         time.sleep(interval_s)
-    if status["status"] != "completed":
-        return status
-    # the coordinator exports the model and writes the report after the last commit;
-    # the report comes last
+    committed = int(status.get("committed_round") or 0)
+    if status["status"] != "completed" and committed == 0:
+        return status  # nothing was committed: there will be no results
+    # the coordinator exports the model and writes the report after the last commit
+    # (a failed or cancelled job's: of its last committed round); the report comes last
     end = time.monotonic() + results_wait_s
     while "report.md" not in status.get("results", []) and time.monotonic() < end:
         time.sleep(interval_s)
         status, _ = call("jobs_status", {"job_id": job_id})
     results = status.get("results", [])
+    partial = "" if status["status"] == "completed" else (
+        f"; a {status['status']} job's last committed model, round {committed} of {planned}")
     if "report.md" in results:
-        out(f"results ready: {', '.join(results)} (fedge console jobs fetch {job_id})")
+        out(f"results ready: {', '.join(results)} (fedge console jobs fetch {job_id})"
+            + partial)
     else:
         out(f"no report after {results_wait_s:g} s (the coordinator's audit log says why); "
             f"results so far: {', '.join(results) or 'none'}")
     return status
+
+
+def final_test_line(test: dict[str, Any]) -> str:
+    """`jobs_status`'s ``final_test`` in one line: the final model on the sites' test
+    split, the size-weighted aggregate of each metric and how many sites answered."""
+    metrics = test.get("metrics") or {}
+    agg = ", ".join(f"{name} {m['aggregate']:.4f}" for name, m in sorted(metrics.items())
+                    if isinstance(m.get("aggregate"), int | float))
+    sites = sorted({s for m in metrics.values() for s in m.get("sites", {})})
+    line = (f"final test (round {test.get('round')}'s model, test split): "
+            f"{agg or 'no aggregate'} over {len(sites)} site(s)")
+    missing = test.get("missing") or {}
+    if missing:
+        line += "; not evaluated: " + "; ".join(
+            f"{printable(s)}: {printable(w)}" for s, w in sorted(missing.items()))
+    return line
 
 
 def _cmd_jobs_watch(args: argparse.Namespace) -> int:
@@ -501,11 +530,13 @@ def _cmd_jobs_fetch(args: argparse.Namespace) -> int:
     def go(args: argparse.Namespace) -> int:
         from fedge.update.files import write_atomic
 
-        _, blobs = _call(args, "jobs_fetch", {"job_id": args.job_id})
+        result, blobs = _call(args, "jobs_fetch", {"job_id": args.job_id})
         out = args.out / args.job_id
         for name, data in blobs.items():
             write_atomic(out / Path(name).name, data, mode=0o644)
             print(out / Path(name).name)
+        if isinstance(result, dict) and result.get("note"):  # a failed/cancelled job's
+            print(f"note: {printable(result['note'])}")
         return 0
 
     return _run(go, args)

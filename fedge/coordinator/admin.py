@@ -177,15 +177,33 @@ class AdminService:
         jdir = ck.job_dir(self.coordinator.state_dir, job_id)
         out = {name: (jdir / name).read_bytes()
                for name in ck.results(self.coordinator.state_dir, job_id)}
+        state = status.get("status")
+        committed = int(status.get("committed_round") or 0)
+        planned = status.get("rounds_planned")
+        ended = state in ("cancelled", "failed")
+        error = f" ({status['error']})" if status.get("error") else ""
         if not out:
-            state = status.get("status")
-            if state in ("cancelled", "failed"):  # it will never have any
+            if ended and committed == 0:  # nothing was ever committed: nothing to give
                 raise ValueError(
-                    f"job {job_id} ({state}) has no results and will not have any: results "
-                    f"are written when a job completes"
-                    + (f" ({status.get('error')})" if status.get("error") else ""))
+                    f"job {job_id} ({state}) has no results and will not have any: it "
+                    f"{'was cancelled' if state == 'cancelled' else 'failed'} before any "
+                    f"round was committed{error}")
+            if ended:  # the coordinator writes them when the job ends (Coordinator docs)
+                raise ValueError(
+                    f"job {job_id} ({state} after round {committed} of {planned}) has no "
+                    "results yet: its last committed model and report are being written "
+                    "(if they never come, the coordinator's audit log says why)")
             raise ValueError(f"job {job_id} ({state}) has no results yet")
-        return {"job_id": job_id, "files": sorted(out)}, out
+        result: dict[str, Any] = {"job_id": job_id, "files": sorted(out), "status": state,
+                                  "committed_round": committed, "rounds_planned": planned}
+        if ended:
+            result["note"] = (
+                f"job {job_id} {state} after {committed} of {planned} round(s){error}: "
+                f"this is a {state} job's last committed model (round {committed}) and its "
+                "report, not a finished training"
+                + ("" if "model.onnx" in out else "; no ONNX export (not written, or not "
+                   "yet: fetch again later)"))
+        return result, out
 
     def _op_enrol(self, op: Operator, args: dict, blobs: dict) -> tuple[Any, dict]:
         site = str(args["site"])

@@ -49,8 +49,9 @@ def _plan_settings(plan_toml: str) -> tuple[str | None, float | None]:
     return plan.eval_split, delta
 
 
-def _by_site(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """{metric: {"aggregate": value, "sites": {site: value}, "n_examples": {...}}}."""
+def by_site(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Metric rows of one round and split as
+    {metric: {"aggregate": value, "sites": {site: value}, "n_examples": {...}}}."""
     out: dict[str, Any] = {}
     for r in rows:
         entry = out.setdefault(r["name"], {"aggregate": None, "sites": {}, "n_examples": {}})
@@ -99,7 +100,7 @@ def summarise(status: dict[str, Any], plan_toml: str = "") -> dict[str, Any]:
              for name, c in sorted(curves.items())}
     per_round: dict[int, dict[str, Any]] = {}
     for rnd in sorted({r["round"] for r in rows if r["split"] == split}):
-        per_round[rnd] = _by_site([r for r in rows if r["round"] == rnd
+        per_round[rnd] = by_site([r for r in rows if r["round"] == rnd
                                    and r["split"] == split])
     # the final model's held-out test: the sites' test split after the last round
     # (each round's own evaluation when the plan evaluates on test anyway)
@@ -108,7 +109,9 @@ def summarise(status: dict[str, Any], plan_toml: str = "") -> dict[str, Any]:
     final_test = None
     if test_round is not None:
         final_test = {"round": test_round,
-                      "metrics": _by_site([r for r in test_rows if r["round"] == test_round])}
+                      "metrics": by_site([r for r in test_rows if r["round"] == test_round]),
+                      # survivors not in it, and why (Coordinator.job_status)
+                      "missing": dict((status.get("final_test") or {}).get("missing") or {})}
     attempts = [{**a, "dropped_reasons": dict(a.get("dropped_reasons") or {})}
                 for a in attempts]
     dropped = {str(a["round"]): a["dropped_reasons"] for a in attempts
@@ -271,6 +274,9 @@ def _markdown(report: dict[str, Any], plots: list[str]) -> str:
                     "choice saw these numbers. Sites without a test split are not in it.",
                     ""]
         out += _site_table(test["metrics"])
+        if test["missing"]:
+            out += ["", "Not in the final test: " + "; ".join(
+                f"{s}: {_cell(w)}" for s, w in sorted(test["missing"].items())) + "."]
     if len(report["rounds"]) > 1 or (report["rounds"] and not names):
         out += ["", f"## Every round, each site (`{report['eval_split']}` split)", ""]
         for rnd, by_site in report["rounds"].items():

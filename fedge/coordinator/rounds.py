@@ -11,6 +11,14 @@ untouched and ``failure`` says why.
 
 Everything that changes the phase is in ``TRANSITIONS`` below.
 
+The last round of a job whose plan evaluates on another split than ``test`` also
+has the new model evaluated once on each survivor's ``test`` split (the *final
+test*: held out from every round's evaluation, so no choice made while training
+saw it). Its EvalTask goes with the round's own, under its own task id
+(``test_task_id``), and its rows are stored with the round's under split
+``test``; a site without a test split refuses it as it refuses any missing split
+(``test_missing`` keeps why).
+
 A round whose unmasking was already asked for (an earlier attempt, before a
 coordinator crash or a failure) is *pinned* to that attempt's survivor set S
 (``pinned_cohort``): the sites logged their reveal over S and refuse to reveal
@@ -86,7 +94,10 @@ TRANSITIONS: dict[Phase, dict[str, Phase]] = {
         "refusals leave the unmasking impossible": Phase.FAILED,
         "pinned: the survivors asked to sign or unmask are not S": Phase.FAILED,
     },
-    Phase.EVALUATING: {"all evaluated or eval deadline": Phase.DONE},
+    Phase.EVALUATING: {
+        "all evaluated (last round: on the eval split and on test) or eval deadline":
+            Phase.DONE,
+    },
     Phase.DONE: {},
     Phase.FAILED: {},
 }
@@ -141,9 +152,29 @@ def weight_scale(clip: float, n_max: int) -> float:
 MAX_METRICS = 64
 
 
-# A site's own words (TaskRefused.reason) are kept to this many characters: they are
-# joined into the round's failure, which every cohort site is sent and SQLite keeps.
-PEER_REASON_CHARS = 200
+# A site's own words (TaskRefused.reason) are kept to their first and last this many
+# characters: they are joined into the round's failure, which every cohort site is sent
+# and SQLite keeps, and stored as the reason a site was dropped. The end is kept as well
+# as the start because that is where a reason says what to do about it (the agent's
+# "... a job re-run over other sites needs another seed").
+PEER_REASON_HEAD = PEER_REASON_TAIL = 160
+PEER_REASON_CHARS = PEER_REASON_HEAD + 1 + PEER_REASON_TAIL
+
+
+def peer_reason(reason: str) -> str:
+    """A site's reason as the coordinator keeps it: whole when it fits in
+    PEER_REASON_CHARS, else its start and its end around "…"."""
+    if len(reason) <= PEER_REASON_CHARS:
+        return reason
+    return reason[:PEER_REASON_HEAD] + "…" + reason[-PEER_REASON_TAIL:]
+
+
+FINAL_TEST_SPLIT = "test"  # the split of the last round's final test (module doc)
+
+# Why a site is missing from a committed round's survivors when it said nothing.
+SILENT_IN_TRAINING = "did not answer before the train deadline"
+SILENT_IN_AGGREGATION = ("trained but dropped out of the aggregation (its part did not "
+                         "arrive before the stage deadline)")
 
 
 def already_unmasked(rnd: int, survivors: list[str]) -> str:
@@ -309,6 +340,9 @@ class Round:
     dropped: list[str] = field(default_factory=list)
     new_weights: np.ndarray | None = None
     evals: dict[str, m.EvalResult] = field(default_factory=dict)
+    # the final test (module doc): survivors' test-split results, and why any is missing
+    test_evals: dict[str, m.EvalResult] = field(default_factory=dict)
+    test_missing: dict[str, str] = field(default_factory=dict)
     rejected: list[tuple[str, str]] = field(default_factory=list)
     task_id: str = field(default_factory=lambda: secrets.token_hex(8))
     # (phase, time entered) as observed by the driver; for logs and benchmarks
@@ -331,6 +365,23 @@ class Round:
         self._deadline = self.started_at + self.plan.deadlines.cohort_s
         if self.pinned_cohort is not None:
             self.pinned_cohort = sorted(self.pinned_cohort)
+        self.test_task_id = f"{self.task_id}-test"
+
+    @property
+    def final_test(self) -> bool:
+        """Whether this round ends with the final test (module doc)."""
+        return self.round == self.plan.rounds and self.plan.eval_split != FINAL_TEST_SPLIT
+
+    def dropped_reasons(self) -> dict[str, str]:
+        """Why each site left out is left out, in its own words where it said any (cut
+        as :func:`peer_reason`): once aggregated (EVALUATING, DONE) each dropped site
+        (the cohort less the survivors), before that (FAILED) each site that refused
+        or was lost."""
+        if self.phase not in (Phase.EVALUATING, Phase.DONE):
+            return dict(sorted(self.refused.items()))
+        return {s: self.refused.get(s) or (SILENT_IN_AGGREGATION if s in self.trained
+                                           else SILENT_IN_TRAINING)
+                for s in self.dropped}
 
     @property
     def info(self) -> RoundInfo:
@@ -425,6 +476,9 @@ class Round:
         if sender not in self.cohort:
             return self._reject(sender, f"{sender} is not in the cohort of round {self.round}")
         task_id = getattr(body, "task_id", self.task_id)
+        if task_id == self.test_task_id and self.final_test \
+                and self.phase is Phase.EVALUATING:
+            return self._receive_test(sender, body)
         if task_id != self.task_id:
             return self._reject(sender, f"{type(body).__name__} for task {short(task_id)}, "
                                 f"not the current attempt {self.task_id}")
@@ -456,7 +510,7 @@ class Round:
                     # and end training before an honest site still at work
                     return self._reject(sender, "task refused after its train result; "
                                         "the train result stands")
-                self.refused.setdefault(sender, m.clip_reason(body.reason, PEER_REASON_CHARS))
+                self.refused.setdefault(sender, peer_reason(body.reason))
             else:
                 return self._reject(sender, f"{type(body).__name__} during training")
             if self._pinned_short():
@@ -472,7 +526,7 @@ class Round:
                 # The agent gave up on its part: a dropout the aggregation learns of now,
                 # not at its stage deadline, so a refusal that leaves the unmasking
                 # impossible fails the attempt at once (naming the refusal).
-                self.refused.setdefault(sender, m.clip_reason(body.reason, PEER_REASON_CHARS))
+                self.refused.setdefault(sender, peer_reason(body.reason))
                 return self._aggregated(self._aggregation.refused(sender, now), now)
             return self._aggregated(self._aggregation.receive(sender, body, now), now)
         if self.phase is Phase.EVALUATING:
@@ -493,14 +547,12 @@ class Round:
                     problem = f"n_examples = {body.n_examples} is negative"
                 self.evals[sender] = body if problem is None else \
                     m.EvalResult(self.task_id, 0, {})
-                if len(self.evals) == len(self._eval_cohort()):
-                    self.phase = Phase.DONE
+                self._done_if_evaluated()
                 if problem is not None:
                     return self._reject(sender, f"evaluation result refused: {problem}")
             elif isinstance(body, m.TaskRefused):
                 self.evals[sender] = m.EvalResult(self.task_id, 0, {})
-                if len(self.evals) == len(self._eval_cohort()):
-                    self.phase = Phase.DONE
+                self._done_if_evaluated()
             else:
                 return self._reject(sender, f"{type(body).__name__} during evaluation")
             return []
@@ -523,6 +575,11 @@ class Round:
             assert self._aggregation is not None
             return self._aggregated(self._aggregation.tick(now), now)
         if self.phase is Phase.EVALUATING and now >= self._deadline:
+            if self.final_test:
+                for s in self._eval_cohort():
+                    if s not in self.test_evals:
+                        self.test_missing.setdefault(
+                            s, "no final test result before the evaluation deadline")
             self.phase = Phase.DONE
         return []
 
@@ -539,11 +596,12 @@ class Round:
         # Only the evaluation cohort counts towards DONE: a site dropped before
         # aggregation (lost() is called each tick while it stays away) was sent no
         # EvalTask and must not take the place of a survivor still evaluating.
-        if self.phase is Phase.EVALUATING and site in self._eval_cohort() \
-                and site not in self.evals:
-            self.evals[site] = m.EvalResult(self.task_id, 0, {})
-            if len(self.evals) == len(self._eval_cohort()):
-                self.phase = Phase.DONE
+        if self.phase is Phase.EVALUATING and site in self._eval_cohort():
+            if site not in self.evals:
+                self.evals[site] = m.EvalResult(self.task_id, 0, {})
+            if self.final_test and site not in self.test_evals:
+                self.test_missing.setdefault(site, "connection lost during the final test")
+            self._done_if_evaluated()
         return []
 
     def abort(self, reason: str) -> Outgoing:
@@ -571,6 +629,9 @@ class Round:
                     self.refused.setdefault(s, "did not train before the train deadline")
             return self._fail_pinned()
         if self.pinned_cohort is None and len(done) < self.plan.min_clients:
+            for s in self.cohort:
+                if s not in self.trained:
+                    self.refused.setdefault(s, SILENT_IN_TRAINING)
             reasons = "; ".join(f"{s}: {r}" for s, r in sorted(self.refused.items()))
             return self._fail(
                 f"{len(done)} of {len(self.cohort)} sites trained, below min_clients "
@@ -634,8 +695,15 @@ class Round:
         if agg.failure is not None:
             # what the sites said when they gave up is the reason an operator needs
             # (an agent refusing to reveal), not the protocol's consequence of it
+            # (those that refused to train first: often the first cause, and their
+            # remedy, e.g. a missing column, is what the operator can act on)
             said = [f"{s}: {self.refused[s]}" for s in self._agg_cohort if s in self.refused]
-            why = f" ({len(said)} site(s) refused: {'; '.join(said)[:600]})" if said else ""
+            before = [f"{s}: {r}" for s, r in sorted(self.refused.items())
+                      if s not in self._agg_cohort]
+            why = f" ({len(said)} site(s) refused: {'; '.join(said)})" if said else ""
+            if before:
+                why += (f" ({len(before)} site(s) had refused to train: "
+                        f"{'; '.join(before)})")
             if self._held and not self._unmask_recorded:
                 why += (" (no site was asked to unmask: the survivor set could not be "
                         f"recorded: {self._record_error or 'not yet written'})")
@@ -659,12 +727,51 @@ class Round:
         self.dropped = sorted(set(self.cohort) - set(self.survivors))
         self.phase = Phase.EVALUATING
         self._deadline = now + self.plan.deadlines.eval_s
-        return [(s, m.EvalTask(task_id=self.task_id, plan=self.plan.text,
-                               weights=self.new_weights, split=self.plan.eval_split))
-                for s in self._eval_cohort()]
+        out: Outgoing = [(s, m.EvalTask(task_id=self.task_id, plan=self.plan.text,
+                                        weights=self.new_weights, split=self.plan.eval_split))
+                         for s in self._eval_cohort()]
+        if self.final_test:
+            out += [(s, m.EvalTask(task_id=self.test_task_id, plan=self.plan.text,
+                                   weights=self.new_weights, split=FINAL_TEST_SPLIT))
+                    for s in self._eval_cohort()]
+        return out
 
     def _eval_cohort(self) -> list[str]:
         return self.survivors
+
+    def _receive_test(self, sender: str, body: Any) -> Outgoing:
+        """A survivor's answer to the final test's EvalTask (module doc)."""
+        if sender not in self._eval_cohort():
+            if isinstance(body, m.TaskRefused):
+                return []
+            return self._reject(sender, f"{type(body).__name__} from {sender}, which is "
+                                f"not in the final test of round {self.round}")
+        if sender in self.test_evals or sender in self.test_missing:
+            return self._reject(sender, "duplicate final test result")
+        out: Outgoing = []
+        if isinstance(body, m.EvalResult):
+            problem = metrics_problem(body.metrics, 0.0)
+            if problem is None:
+                self.test_evals[sender] = body
+            else:
+                self.test_missing[sender] = f"invalid result: {problem}"
+                out = self._reject(sender, f"final test result refused: {problem}")
+        elif isinstance(body, m.TaskRefused):
+            self.test_missing[sender] = peer_reason(body.reason)
+        else:
+            return self._reject(sender, f"{type(body).__name__} during the final test")
+        self._done_if_evaluated()
+        return out
+
+    def _done_if_evaluated(self) -> None:
+        """DONE once every survivor answered the round's evaluation and, in a final
+        test round, the final test too."""
+        cohort = self._eval_cohort()
+        if len(self.evals) < len(cohort):
+            return
+        if self.final_test and len(self.test_evals) + len(self.test_missing) < len(cohort):
+            return
+        self.phase = Phase.DONE
 
     def _pinned_short(self) -> list[str]:
         """The sites of a pinned round's S that will not train it (refused, lost)."""
@@ -715,4 +822,13 @@ class Round:
         for name, (s, n) in sorted(sums.items()):
             if n > 0:
                 rows.append(("*", self.plan.eval_split, name, s / n, n))
+        test: dict[str, tuple[float, int]] = {}
+        for site, ev in sorted(self.test_evals.items()):
+            for name, value in sorted(ev.metrics.items()):
+                rows.append((site, FINAL_TEST_SPLIT, name, float(value), ev.n_examples))
+                s, n = test.get(name, (0.0, 0))
+                test[name] = (s + float(value) * ev.n_examples, n + ev.n_examples)
+        for name, (s, n) in sorted(test.items()):
+            if n > 0:
+                rows.append(("*", FINAL_TEST_SPLIT, name, s / n, n))
         return rows

@@ -27,6 +27,12 @@ exactly S (:mod:`fedge.coordinator.rounds`): it waits, up to the plan's cohort
 deadline, for every site of S, and fails naming the ones missing rather than
 start with another set.
 
+A job that ends failed or cancelled after committing at least one round keeps its
+last committed global model as its result: ``final.safetensors`` is written from
+that round's checkpoint and ``on_job_completed`` is called as for a completed job
+(the process exports it and writes the report, which says which round it is and why
+the job ended). The sites spent training time and privacy budget on it.
+
 A write the database refuses because another process holds its lock (an
 operator's sqlite3 shell) waits at most ``SERVICE_BUSY_TIMEOUT_S``
 (fedge.coordinator.store). A message whose handling met it before taking any
@@ -274,8 +280,9 @@ class Coordinator:
         # (first contact since this process started, or after a lost connection):
         # the admin channel asks it again for an update outcome it may have lost.
         self.on_site_returned: Callable[[str], None] = lambda site: None
-        # Called with a job id once its final checkpoint is committed (the process
-        # exports it to ONNX in a child process).
+        # Called with a job id once its final checkpoint is written: a completed job's,
+        # or a failed or cancelled job's last committed model (module docstring). The
+        # process exports it to ONNX in a child process, then writes the report.
         self.on_job_completed: Callable[[str], None] = lambda job_id: None
 
     # -- admin API ------------------------------------------------------------------
@@ -353,7 +360,11 @@ class Coordinator:
         d = job.to_dict()
         d["rounds"] = [r.__dict__ for r in self.store.rounds(job_id)]
         d["metrics"] = self.store.metrics(job_id)
-        d["rounds_planned"] = parse_plan(job.plan_toml).rounds
+        plan = parse_plan(job.plan_toml)
+        d["rounds_planned"] = plan.rounds
+        d["eval_split"] = plan.eval_split
+        d["final_test"] = self._final_test(job_id, d["metrics"], job.committed_round,
+                                           plan.rounds)
         if self.runner is not None and self.runner.job_id == job_id and self.runner.round:
             d["current_round"] = self.runner.round.round
             d["phase"] = self.runner.round.phase.value
@@ -379,8 +390,58 @@ class Coordinator:
         d["results"] = ck.results(self.state_dir, job_id)
         return d
 
+    def _final_test(self, job_id: str, metrics: list[dict[str, Any]], committed: int,
+                    planned: int) -> dict[str, Any] | None:
+        """The final model's evaluation on the sites' test split (fedge.coordinator.
+        rounds, module doc), once the last round is committed: ``{round, metrics:
+        {name: {aggregate, sites, n_examples}}, missing: {site: why}}``; else None."""
+        from fedge.coordinator.report import by_site
+        from fedge.coordinator.rounds import FINAL_TEST_SPLIT
+
+        if committed < planned or committed == 0:
+            return None
+        rows = [r for r in metrics if r["round"] == committed
+                and r["split"] == FINAL_TEST_SPLIT]
+        missing: dict[str, str] = {}
+        for entry in reversed(self.store.audit_log(action="final_test", limit=50)):
+            detail = _json(entry["detail"])
+            if detail.get("job") == job_id and detail.get("round") == committed:
+                missing = {str(k): str(v) for k, v in dict(detail.get("missing", {})).items()}
+                break
+        if not rows and not missing:
+            return None
+        return {"round": committed, "split": FINAL_TEST_SPLIT, "metrics": by_site(rows),
+                "missing": missing}
+
+    def _keep_last_model(self, job_id: str, committed: int,
+                         checkpoint: ck.Checkpoint | None = None) -> str:
+        """Write a failed or cancelled job's last committed model as its
+        ``final.safetensors`` (module docstring); returns its digest, or "" when there
+        is none (no round committed) or it cannot be written (logged and audited: the
+        job ends all the same, and ``jobs fetch`` says it has no results yet)."""
+        if committed < 1:
+            return ""
+        try:
+            if checkpoint is None:
+                checkpoint = ck.load_checkpoint(ck.round_path(self.state_dir, job_id,
+                                                              committed))
+            return ck.save_checkpoint(ck.final_path(self.state_dir, job_id), checkpoint)
+        except (OSError, ck.CheckpointError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            log.error("job %s: its last committed model (round %d) cannot be kept as its "
+                      "result: %s", job_id, committed, error)
+            try:
+                self.store.audit(SYSTEM, "job_results_failed",
+                                 {"job": job_id, "round": committed, "error": error[:500]})
+            except (StoreError, sqlite3.Error) as audit_exc:
+                self._not_written(f"job_results_failed of job {job_id}", audit_exc)
+            return ""
+
     def cancel_job(self, job_id: str, actor: str = "console") -> None:
-        """Raises: CoordinatorError: unknown job or already finished."""
+        """Cancel a queued or running job. One that committed a round keeps its last
+        committed model as its result (module docstring).
+
+        Raises: CoordinatorError: unknown job or already finished."""
         try:
             job = self.store.job(job_id)
         except StoreError as exc:
@@ -388,11 +449,16 @@ class Coordinator:
         if job.status not in ("queued", "running"):
             raise CoordinatorError(f"job {job_id!r} is {job.status}; only queued or running "
                                    "jobs can be cancelled")
+        last = None
         if self.runner is not None and self.runner.job_id == job_id:
             if self.runner.round is not None:
                 self._emit(self.runner.round, self.runner.round.abort("job cancelled"))
+            last = self.runner.last_checkpoint
             self.runner = None
-        self.store.set_job_status(job_id, "cancelled", actor=actor)
+        digest = self._keep_last_model(job_id, job.committed_round, last)
+        self.store.set_job_status(job_id, "cancelled", actor=actor, final_digest=digest)
+        if digest:
+            self.on_job_completed(job_id)
 
     def enrol(self, site: str, curve_public_z85: str, ed25519_public: bytes,
               actor: str = "console") -> None:
@@ -751,7 +817,8 @@ class Coordinator:
             # write refused here leaves both to the next tick, never one without the other
             attempts = self.store.fail_round(rnd.job_id, rnd.round, started_at=rnd.started_at,
                                              cohort=rnd.cohort, reason=rnd.failure,
-                                             max_attempts=runner.plan.max_failed_attempts)
+                                             max_attempts=runner.plan.max_failed_attempts,
+                                             dropped_reasons=rnd.dropped_reasons())
             log.warning("job %s round %d failed (attempt %d): %s", rnd.job_id, rnd.round,
                         attempts, rnd.failure)
             runner.round = None
@@ -759,6 +826,8 @@ class Coordinator:
                 log.error("job %s failed: round %d failed %d times", rnd.job_id, rnd.round,
                           attempts)
                 self.runner = None
+                if self._keep_last_model(rnd.job_id, runner.committed, runner.last_checkpoint):
+                    self.on_job_completed(rnd.job_id)
 
     def _commit(self, runner: JobRunner, rnd: Round, now: float) -> None:
         """Commit a DONE round: its checkpoint, then its SQLite row (module docstring).
@@ -779,7 +848,8 @@ class Coordinator:
             digest = ck.save_checkpoint(path, ckpt)
             self.store.commit_round(runner.job_id, rnd.round, started_at=rnd.started_at,
                                     cohort=rnd.cohort, survivors=rnd.survivors,
-                                    dropped=rnd.dropped, model_digest=digest, metrics=rows)
+                                    dropped=rnd.dropped, model_digest=digest, metrics=rows,
+                                    dropped_reasons=rnd.dropped_reasons())
         except (OSError, sqlite3.Error) as exc:
             what = (f"cannot write {path}" if isinstance(exc, OSError)
                     else f"cannot write database {self.store.path}")
@@ -810,6 +880,13 @@ class Coordinator:
                            in itertools.pairwise(marks))
         log.info("job %s round %d committed (%s), survivors %s; %s", runner.job_id,
                  rnd.round, digest[:12], rnd.survivors, phases)
+        if rnd.final_test:  # which survivors are not in the final test, and why
+            try:
+                self.store.audit(SYSTEM, "final_test", {
+                    "job": runner.job_id, "round": rnd.round,
+                    "evaluated": sorted(rnd.test_evals), "missing": rnd.test_missing})
+            except (StoreError, sqlite3.Error) as exc:
+                self._not_written(f"final_test of job {runner.job_id}", exc)
         runner.weights = rnd.new_weights
         runner.strategy = rnd.strategy
         runner.committed = rnd.round

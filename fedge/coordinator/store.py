@@ -8,6 +8,12 @@ any instant leaves the database at the last committed write (WAL +
 database is brought up to date at open (``_MIGRATIONS``, one transaction), one
 written by a newer schema is refused rather than guessed at.
 
+A round row's ``dropped_json`` holds ``{site: why it was left out}`` (a committed
+round: each site dropped from its survivors; a failed attempt: each site that
+refused or was lost), in the site's own words where it gave any. Rows written
+before it did hold a plain list of the dropped sites, read with no reasons; the
+column and the schema version are unchanged, so either fedge opens either database.
+
 Model weights are not stored here: they live in safetensors checkpoints beside
 the database (see :mod:`fedge.coordinator.checkpoint`); a round row is written
 only after its checkpoint file is durable, so "last committed round" always
@@ -22,7 +28,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -233,6 +239,8 @@ class RoundRecord:
     dropped: list[str]
     model_digest: str
     reason: str
+    # site -> why it was left out of this attempt (module doc); {} for older rows
+    dropped_reasons: dict[str, str] = field(default_factory=dict)
 
 
 class Store:
@@ -639,11 +647,13 @@ class Store:
 
     def commit_round(self, job_id: str, rnd: int, *, started_at: float, cohort: list[str],
                      survivors: list[str], dropped: list[str], model_digest: str,
-                     metrics: list[tuple[str, str, str, float, int]]) -> None:
+                     metrics: list[tuple[str, str, str, float, int]],
+                     dropped_reasons: dict[str, str] | None = None) -> None:
         """Record round ``rnd`` of a job as committed, with its metrics, atomically.
 
         ``metrics`` rows are (site, split, name, value, n_examples). The
         checkpoint for this round must already be durable on disk.
+        ``dropped_reasons``: why each of ``dropped`` was left out (module doc).
 
         Raises:
             StoreError: unknown job, or ``rnd`` is not the job's next round.
@@ -662,7 +672,9 @@ class Store:
             c.execute(
                 "INSERT INTO rounds VALUES (?, ?, ?, 'committed', ?, ?, ?, ?, ?, ?, '')",
                 (job_id, rnd, attempt, started_at, self._clock(), json.dumps(cohort),
-                 json.dumps(survivors), json.dumps(dropped), model_digest),
+                 json.dumps(survivors),
+                 json.dumps({s: (dropped_reasons or {}).get(s, "") for s in dropped}),
+                 model_digest),
             )
             c.executemany(
                 "INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -677,11 +689,14 @@ class Store:
             c.execute("DELETE FROM unmask_sets WHERE job_id=? AND round=?", (job_id, rnd))
             self._audit(c, "coordinator", "round_committed",
                         {"job": job_id, "round": rnd, "survivors": survivors,
-                         "dropped": dropped, "digest": model_digest})
+                         "dropped": dropped, "digest": model_digest,
+                         **({"dropped_reasons": dropped_reasons} if dropped_reasons else {})})
 
     def fail_round(self, job_id: str, rnd: int, *, started_at: float, cohort: list[str],
-                   reason: str, max_attempts: int | None = None) -> int:
+                   reason: str, max_attempts: int | None = None,
+                   dropped_reasons: dict[str, str] | None = None) -> int:
         """Record a failed attempt at round ``rnd``; returns the job's failed-attempt count.
+        ``dropped_reasons``: each site that refused or was lost, and why (module doc).
 
         With ``max_attempts``, a count that reaches it marks the job failed in the same
         transaction ("round r failed n times; last: reason"), so a write failing in
@@ -693,8 +708,9 @@ class Store:
         with self._tx() as c:
             attempt = self._next_attempt(c, job_id, rnd)
             c.execute(
-                "INSERT INTO rounds VALUES (?, ?, ?, 'failed', ?, ?, ?, '[]', '[]', '', ?)",
-                (job_id, rnd, attempt, started_at, self._clock(), json.dumps(cohort), reason),
+                "INSERT INTO rounds VALUES (?, ?, ?, 'failed', ?, ?, ?, '[]', ?, '', ?)",
+                (job_id, rnd, attempt, started_at, self._clock(), json.dumps(cohort),
+                 json.dumps(dict(dropped_reasons or {})), reason),
             )
             cur = c.execute(
                 "UPDATE jobs SET failed_attempts=failed_attempts+1, updated_at=? WHERE job_id=?",
@@ -760,11 +776,15 @@ class Store:
             rows = self._conn.execute(
                 "SELECT * FROM rounds WHERE job_id=? ORDER BY round, attempt", (job_id,)
             ).fetchall()
-        return [
-            RoundRecord(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), json.loads(r[7]),
-                        json.loads(r[8]), r[9], r[10])
-            for r in rows
-        ]
+        out = []
+        for r in rows:
+            dropped = json.loads(r[8])  # {site: reason}, or a list in older rows
+            reasons = ({str(k): str(v) for k, v in dropped.items()}
+                       if isinstance(dropped, dict) else {})
+            out.append(RoundRecord(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]),
+                                   json.loads(r[7]), sorted(dropped), r[9], r[10],
+                                   {k: v for k, v in reasons.items() if v}))
+        return out
 
     def metrics(self, job_id: str) -> list[dict[str, Any]]:
         with self._lock:

@@ -415,3 +415,119 @@ def test_a_refusal_during_aggregation_is_passed_to_the_aggregation_at_once():
     rnd, agg = _aggregating()
     rnd.receive("b", m.TaskRefused(rnd.task_id, "aggregate", "SecAggAbort: no"), 1.0)
     assert agg.refusals == ["b"] and rnd.refused["b"] == "SecAggAbort: no"
+
+
+# -- why sites are left out, in their own words ------------------------------------
+
+REMEDY = "a job re-run over other sites needs another seed"
+
+
+def _train(rnd, sites, now=1.0, counts=None):
+    out = []
+    for s in sites:
+        out += rnd.receive(s, m.TrainDone(rnd.task_id, (counts or {}).get(s, 10),
+                                          {"loss": 1.0}), now)
+    return out
+
+
+def test_a_long_refusal_keeps_its_start_and_the_remedy_at_its_end():
+    from fedge.coordinator.rounds import PEER_REASON_CHARS
+
+    rnd = new_round(PLAN.replace("min_clients = 2", "min_clients = 3"))
+    rnd.offer(["a", "b", "c"], 0.0)
+    why = "UpdateAlreadySummed: this update was revealed over " + "x" * 400 + "; " + REMEDY
+    rnd.receive("c", m.TaskRefused(rnd.task_id, "train", why), 1.0)
+    kept = rnd.refused["c"]
+    assert len(kept) <= PEER_REASON_CHARS < len(why)
+    assert kept.startswith("UpdateAlreadySummed: this update") and kept.endswith(REMEDY)
+    _train(rnd, "ab")
+    assert rnd.phase is Phase.FAILED and REMEDY in rnd.failure
+
+
+def test_an_aggregation_failure_names_the_sites_that_refused_to_train_too():
+    rnd = new_round()
+    rnd.offer(["a", "b", "c"], 0.0)
+    rnd.receive("c", m.TaskRefused(rnd.task_id, "train", "column 'sbp': missing column"), 1.0)
+    _train(rnd, "ab")
+    assert rnd.phase is Phase.AGGREGATING
+    for s in "ab":
+        rnd.receive(s, m.TaskRefused(rnd.task_id, "aggregate", f"{s} gave up"), 2.0)
+    assert rnd.phase is Phase.FAILED
+    assert "a: a gave up; b: b gave up" in rnd.failure
+    assert "had refused to train: c: column 'sbp': missing column" in rnd.failure
+    assert rnd.dropped_reasons() == {"a": "a gave up", "b": "b gave up",
+                                     "c": "column 'sbp': missing column"}
+
+
+def test_a_committed_rounds_dropped_sites_each_have_a_reason():
+    rnd = new_round(PLAN.replace("min_clients = 2", "min_clients = 1"))
+    rnd.offer(["a", "b", "c", "d"], 0.0)
+    rnd.receive("c", m.TaskRefused(rnd.task_id, "train", "bin_missing.csv: missing column"),
+                1.0)
+    _train(rnd, "ab")
+    begins = rnd.tick(20.0)  # d never answers: the train deadline passes
+    assert rnd.phase is Phase.AGGREGATING
+    rnd.receive("b", m.TaskRefused(rnd.task_id, "aggregate", "disk full"), 21.0)
+    send_plain(rnd, [x for x in begins if x[0] == "a"], {"a": np.ones(3) * 0.1}, {"a": 10})
+    assert rnd.phase is Phase.EVALUATING and rnd.survivors == ["a"]
+    assert rnd.dropped_reasons() == {
+        "b": "disk full", "c": "bin_missing.csv: missing column",
+        "d": "did not answer before the train deadline"}
+
+
+# -- the final test: the last round's model on the sites' test split ----------------
+
+def _evaluating_last_round(split="val"):
+    plan = parse_plan(PLAN.replace("seed = 3", f'seed = 3\neval_split = "{split}"'))
+    rnd = Round("job1", plan.rounds, plan, W0, Strategy(plan.strategy), started_at=0.0)
+    rnd.offer(["a", "b", "c"], 0.0)
+    counts = {"a": 10, "b": 30, "c": 20}
+    sends = _train(rnd, "abc", counts=counts)
+    out = send_plain(rnd, sends, {s: np.full(3, 0.1) for s in "abc"}, counts)
+    assert rnd.phase is Phase.EVALUATING
+    return rnd, out
+
+
+def test_the_last_round_evaluates_on_the_plans_split_and_once_on_test():
+    rnd, out = _evaluating_last_round("val")
+    tasks = by_type(out, m.EvalTask)
+    assert [(s, t.split, t.task_id) for s, t in tasks] == \
+        [(s, "val", rnd.task_id) for s in "abc"] + \
+        [(s, "test", rnd.test_task_id) for s in "abc"]
+    for s in "abc":
+        rnd.receive(s, m.EvalResult(rnd.task_id, 5, {"auc": 0.6}), 2.0)
+    assert rnd.phase is Phase.EVALUATING  # the final test is not in yet
+    rnd.receive("a", m.EvalResult(rnd.test_task_id, 4, {"auc": 0.7}), 2.0)
+    rnd.receive("b", m.EvalResult(rnd.test_task_id, 12, {"auc": 0.8}), 2.0)
+    rnd.receive("c", m.TaskRefused(rnd.test_task_id, "eval",
+                                   "evaluation failed: ValueError: no 'test' split"), 2.0)
+    assert rnd.phase is Phase.DONE
+    assert rnd.test_missing == {"c": "evaluation failed: ValueError: no 'test' split"}
+    rows = rnd.metric_rows()
+    assert ("*", "val", "auc", pytest.approx(0.6), 15) in rows
+    assert [r for r in rows if r[1] == "test"] == [
+        ("a", "test", "auc", 0.7, 4), ("b", "test", "auc", 0.8, 12),
+        ("*", "test", "auc", pytest.approx(0.775), 16)]
+
+
+def test_a_final_test_site_that_stays_silent_is_named_at_the_eval_deadline():
+    rnd, _ = _evaluating_last_round("val")
+    for s in "abc":
+        rnd.receive(s, m.EvalResult(rnd.task_id, 5, {"auc": 0.6}), 2.0)
+    rnd.receive("a", m.EvalResult(rnd.test_task_id, 4, {"auc": 0.7}), 2.0)
+    rnd.tick(100.0)
+    assert rnd.phase is Phase.DONE
+    assert set(rnd.test_missing) == {"b", "c"}
+
+
+def test_a_plan_evaluating_on_test_has_no_second_evaluation():
+    rnd, out = _evaluating_last_round("test")
+    assert [t.split for _, t in by_type(out, m.EvalTask)] == ["test"] * 3
+    for s in "abc":
+        rnd.receive(s, m.EvalResult(rnd.task_id, 5, {"auc": 0.6}), 2.0)
+    assert rnd.phase is Phase.DONE and not rnd.final_test
+
+
+def test_an_earlier_round_has_no_final_test():
+    rnd = new_round(PLAN.replace("seed = 3", 'seed = 3\neval_split = "val"'))
+    assert rnd.round < rnd.plan.rounds and not rnd.final_test

@@ -144,6 +144,7 @@ dataset = "fed_tcga_brca"
 rounds = 3
 min_clients = 3
 seed = 42
+eval_split = "val"  # each round on validation; the final model once on test
 [model]
 name = "cox_linear"
 params = { in_features = 39 }
@@ -169,7 +170,8 @@ cox_per_term = true  # a Cox model: its epsilon bounds one loss term
 def test_ml_engineer_submits_watches_and_fetches_the_onnx_model_and_report(operator):
     """Three hospitals (Fed-TCGA-BRCA centres 0-2) with DP-SGD and SecAgg+: the job is
     submitted, followed round by round and fetched with the CLI; the ONNX model
-    computes the final weights' risk score, the report holds every round and its plots."""
+    computes the final weights' risk score, the report holds every round and its plots,
+    and the final model's evaluation on each site's held-out test split."""
     sites = hospitals(operator, 3)
     plan = operator.tmp / "plan.toml"
     plan.write_text(PLAN)
@@ -183,7 +185,9 @@ def test_ml_engineer_submits_watches_and_fetches_the_onnx_model_and_report(opera
     lines = r.stdout.splitlines()
     committed = [line for line in lines if " committed in " in line]
     assert [line.split()[1] for line in committed] == ["1/3", "2/3", "3/3"], lines
-    assert all("3 of 3 site(s)" in line and "c_index" in line for line in committed)
+    assert all("3 of 3 site(s)" in line and "val c_index" in line for line in committed)
+    tested = [line for line in lines if line.startswith("final test (round 3's model")]
+    assert len(tested) == 1 and "c_index" in tested[0] and "over 3 site(s)" in tested[0], lines
     assert f"job {job} completed" in lines
     assert lines[-1].startswith("results ready: ") and "report.md" in lines[-1]
 
@@ -209,8 +213,14 @@ def test_ml_engineer_submits_watches_and_fetches_the_onnx_model_and_report(opera
     # size-weighted evaluation, the figure `jobs watch` printed for that round
     final = report["final"]["c_index"]["aggregate"]
     assert [r["value"] for r in report["metrics"] if r["round"] == 3 and r["site"] == "*"
-            and r["name"] == "c_index"] == [final] and 0.0 <= final <= 1.0
+            and r["name"] == "c_index" and r["split"] == "val"] == [final] and 0.0 <= final <= 1.0
     assert f"c_index {final:.4f}" in committed[-1]
+    # the final test: round 3's model once on each site's test split, apart from val
+    assert report["eval_split"] == "val" and report["final_test"]["round"] == 3
+    test = report["final_test"]["metrics"]["c_index"]
+    assert set(test["sites"]) == set(sites) and f"c_index {test['aggregate']:.4f}" in tested[0]
+    assert "## Final test: round 3's model on each site's `test` split" in \
+        (got / "report.md").read_text()
 
     import onnxruntime as ort
     from safetensors.numpy import load_file

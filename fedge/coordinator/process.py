@@ -326,10 +326,19 @@ REPORT_FILES = ("report.md", "report.json")
 
 
 def unfinished_jobs(coord: Coordinator) -> list[str]:
-    """Completed jobs without their report: a coordinator stopped (or killed) between
-    the job's last commit and the end of finish_job. The report is written last."""
-    return [job.job_id for job in coord.store.jobs(status="completed")
-            if not set(REPORT_FILES) <= set(ck.results(coord.state_dir, job.job_id))]
+    """Jobs with a final model but without their report: a coordinator stopped (or
+    killed) between the job's last commit and the end of finish_job. The report is
+    written last. A failed or cancelled job counts when it kept its last committed
+    model as its result (``final.safetensors``); one that committed nothing has none."""
+    out = []
+    for status in ("completed", "failed", "cancelled"):
+        for job in coord.store.jobs(status=status):
+            have = set(ck.results(coord.state_dir, job.job_id))
+            if status != "completed" and "final.safetensors" not in have:
+                continue
+            if not set(REPORT_FILES) <= have:
+                out.append(job.job_id)
+    return out
 
 
 async def _resume_finishing(coord: Coordinator, job_ids: list[str]) -> None:

@@ -131,6 +131,27 @@ def test_finishing_again_keeps_a_whole_export_and_writes_the_missing_report(tmp_
     coord.close()
 
 
+def test_a_cancelled_job_that_kept_its_last_model_is_finished_after_a_restart(tmp_path):
+    """A job cancelled (or failed) after a commit keeps its last committed model as its
+    result; a coordinator killed before its report was written finishes it on restart,
+    the report marked cancelled. One cancelled before any commit has nothing to finish."""
+    completed_job(tmp_path, "job-c")
+    store = Store(tmp_path)
+    try:
+        store.set_job_status("job-c", "cancelled", actor="test")
+        store.create_job("job-n", PLAN, actor="test")
+        store.set_job_status("job-n", "cancelled", actor="test")
+    finally:
+        store.close()
+    coord = Coordinator(tmp_path, initial_weights=lambda plan: np.zeros(5, np.float32))
+    assert unfinished_jobs(coord) == ["job-c"]
+    asyncio.run(finish_job(coord, "job-c"))
+    report = json.loads((ck.job_dir(tmp_path, "job-c") / "report.json").read_text())
+    assert report["status"] == "cancelled"
+    assert unfinished_jobs(coord) == []
+    coord.close()
+
+
 def test_finishing_again_exports_over_a_model_onnx_that_is_not_the_final_models(tmp_path):
     import onnx
 

@@ -332,24 +332,10 @@ class PrivacyLedger:
         the saved ledger as it was and no temp file behind.
 
         Raises: OSError."""
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".tmp")
+        from fedge.update.files import write_atomic
+
         with self._lock:
-            try:
-                with open(tmp, "w", encoding="utf-8") as fh:
-                    json.dump(self.to_dict(), fh)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, target)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
-            dfd = os.open(target.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            write_atomic(Path(path), json.dumps(self.to_dict()).encode())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> PrivacyLedger:

@@ -255,7 +255,8 @@ def test_save_syncs_the_file_before_the_rename_and_the_directory_after(
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
     ledger.save(path)
-    tmp = str(path.with_name(path.name + ".tmp"))
+    (tmp,) = [e[1] for e in events if e[0] == "replace"]  # a temp file beside the ledger
+    assert os.path.dirname(tmp) == str(path.parent) and tmp != str(path)
     size = path.stat().st_size
     assert events == [("fsync", tmp, size), ("replace", tmp, str(path)),
                       ("fsync", str(path.parent), None)]

@@ -23,7 +23,8 @@ came with, binds the model, plan, weight scale, cohort and SCAFFOLD's c into the
 masks' context (``fedge.coordinator.rounds.context_digest``), and reveals the
 shares that unmask a sum holding one update over one survivor set only. A DP-SGD
 run is charged in the site's privacy ledger, on disk, just before its update can be
-revealed (its unmask shares, or a plain update), not when training ends.
+revealed (its masked input, which the other survivors can unmask without it, or a
+plain update), not when training ends.
 """
 
 from __future__ import annotations
@@ -573,7 +574,8 @@ class Agent:
                                          threads=self.secagg_threads,
                                          quantise_seed=task.quant_seed,
                                          before_reveal=lambda survivors: self._before_reveal(
-                                             task, summed, update, survivors))
+                                             task, summed, update, survivors),
+                                         before_masked_input=lambda: self._before_input(task))
         except SecAggConfigError as exc:
             await self._refuse(job, rnd, "aggregate", f"secure aggregation: {exc}",
                                task.task_id)
@@ -584,7 +586,7 @@ class Agent:
     def _release_privacy(task: _Task) -> str:
         """Charge the task's DP run in the site's privacy ledger, on disk, before its
         update can be revealed (``LocalResult.release_privacy``); '' when done or when
-        there is nothing to charge, else why it failed (then nothing may be revealed:
+        there is nothing to charge, else why it failed (then the update may not leave:
         the run stays pending)."""
         assert task.local is not None
         if task.local.release_privacy is None:
@@ -595,14 +597,27 @@ class Agent:
             return f"cannot record this update's privacy spend in the ledger ({exc})"
         return ""
 
+    def _before_input(self, task: _Task) -> None:
+        """A DP run is charged in the privacy ledger, on disk, before the masked input
+        leaves: from then on the other survivors can unmask it without this site (any t
+        of them reveal its self-mask seed), whether or not it sends its own shares or
+        stays connected. A round that fails after this was charged: the safe side.
+
+        Raises: RevealRefused (a SecAggAbort): the ledger cannot be saved; the masked
+        input is withheld and the run stays pending."""
+        from fedge.secagg.errors import RevealRefused
+
+        refused = self._release_privacy(task)
+        if refused:
+            raise RevealRefused(f"{refused}; the masked input is withheld")
+
     def _before_reveal(self, task: _Task, summed: bytes, update: np.ndarray,
                        survivors: list[str]) -> None:
         """The last word before the shares that unmask a sum leave: the sum must hold
         at least the site's ``min_cohort`` inputs (and, under DP-FedAvg, the cohort its
         noise was drawn for), counted over the survivors actually summed, not the
-        sites invited; the reveal log must allow it (recorded on disk first); and a DP
-        run is charged in the privacy ledger, on disk, here: the masked input revealed
-        nothing, the shares that unmask it do.
+        sites invited; and the reveal log must allow it (recorded on disk first). The
+        round's DP run was charged before the masked input left (``_before_input``).
 
         Raises: a SecAggAbort (nothing revealed)."""
         from fedge.agent.guard import RevealLogError
@@ -626,9 +641,6 @@ class Agent:
             raise RevealRefused(
                 f"cannot record the survivors this update is summed over ({exc}); "
                 "not revealing") from exc
-        refused = self._release_privacy(task)
-        if refused:
-            raise RevealRefused(f"{refused}; not revealing")
 
     async def _on_secagg(self, job: str, rnd: int, body: Any) -> None:
         task = self.task

@@ -41,9 +41,9 @@ class LocalResult:
     # SCAFFOLD: Δc_i = c_i⁺ − c_i (float32[d]); None for other strategies
     delta_control: np.ndarray | None = None
     # DP-SGD: charges this run in the site's privacy ledger, on disk (fsynced) when it
-    # returns. The agent calls it before anything that reveals the update leaves (the
-    # unmask shares, or a plain update), and reveals nothing if it raises OSError (the
-    # run then stays pending, uncounted). None: nothing to charge.
+    # returns. The agent calls it before anything that can reveal the update leaves
+    # (the masked input, or a plain update), and sends nothing if it raises OSError
+    # (the run then stays pending, uncounted). None: nothing to charge.
     release_privacy: Callable[[], None] | None = None
 
 

@@ -94,6 +94,11 @@ class ClientSession:
     has passed and before any share leaves: it may raise a ``SecAggAbort`` (the
     session then aborts, revealing nothing), e.g. ``UpdateAlreadySummed`` when the
     caller knows this input was already summed over another survivor set.
+    ``before_masked_input()`` is called once the masked input is formed and before it
+    leaves: past that point the input can be unmasked without this client (any t
+    survivors reveal its self-mask seed), so it is the caller's last chance to record
+    what the input releases (a DP run's privacy spend) or to withhold it by raising a
+    ``SecAggAbort``.
 
     Raises (on construction):
         SecAggConfigError: ``client_id`` not in the roster, or the input vector has the
@@ -112,6 +117,7 @@ class ClientSession:
         threads: int = 1,
         quantise_seed: bytes | None = None,
         before_reveal: Callable[[list[str]], None] | None = None,
+        before_masked_input: Callable[[], None] | None = None,
     ) -> None:
         keys.check_client_id(client_id)
         if client_id not in roster:
@@ -144,6 +150,7 @@ class ClientSession:
             raise SecAggConfigError("quantise_seed must be 16 bytes or None")
         self._quantise_seed = quantise_seed or os.urandom(16)
         self.before_reveal = before_reveal
+        self.before_masked_input = before_masked_input
         self.state: str = "R0AdvertiseKeys"
         self.failure: SecAggAbort | None = None
         self.revealed_shares: dict[str, str] = {}
@@ -449,6 +456,8 @@ class R2MaskedInput(ClientState):
             threads=s.threads,
         )
         s._input = None
+        if s.before_masked_input is not None:
+            s.before_masked_input()
         return [MaskedInput(job_id=ctx.job_id, round=ctx.round, client_id=me, masked=masked)]
 
 

@@ -100,7 +100,7 @@ def _quiet_accountant() -> Iterator[None]:
 
 # A ledger entry's status. A run of a DP mechanism is charged when its output can
 # leave the site, not when training ends: a round's first attempt that fails before
-# its update is unmasked, or a site whose update is never summed, spends nothing.
+# its masked input is sent, or a site never asked for it, spends nothing.
 PENDING = "pending"    # trained; the output is still only at the site: not counted
 RELEASED = "released"  # the output left, or was about to (marked first): counted
 STATUSES = (PENDING, RELEASED)
@@ -169,13 +169,15 @@ class PrivacyLedger:
     fresh from the OS each time, so a retried round is a new run, an entry of its own
     keyed by ``attempt``). Training records its run ``pending``; the agent marks it
     ``released`` and saves the ledger, fsynced, before the update can leave (with
-    secure aggregation: before its unmask shares go, since the masked input alone
-    reveals nothing; without: before the plain update goes), and releases nothing when
-    that save fails. ε counts released entries only. So a pending entry is a run whose
-    output never left: one whose round was released after a crash cannot exist, as the
-    mark is on disk before the release. (A crash between the mark and the send charges
-    an update that never left: the error is on the safe side.) Entries are never
-    removed. A ledger saved before statuses existed loads with every entry released.
+    secure aggregation: before its masked input goes, since from then on the other
+    survivors can unmask it without this site; without: before the plain update goes),
+    and releases nothing when that save fails. ε counts released entries only. So a
+    pending entry is a run whose output never left: one whose round was released after
+    a crash cannot exist, as the mark is on disk before the release. (A crash between
+    the mark and the send charges an update that never left, as does an attempt that
+    fails after its masked input was sent: the error is on the safe side.) Entries are
+    never removed. A ledger saved before statuses existed loads with every entry
+    released.
     """
 
     entries: list[dict[str, Any]] = field(default_factory=list)

@@ -12,11 +12,11 @@ import pytest
 
 from fedge.agent.guard import PrivacyPolicy
 from fedge.agent.trainer import TorchTrainer, ledger_path
-from fedge.secagg.messages import UnmaskShares
+from fedge.secagg.messages import MaskedInput, UnmaskShares
 from fedge.train.accounting import PrivacyLedger, epsilon_for
 from fedge.wire import codec
 from fedge.wire import messages as m
-from tests.agent.test_guard import JOB, RND, SITES, Fleet
+from tests.agent.test_guard import JOB, RND, SCALE, SITES, Fleet
 
 DATA = Path(__file__).resolve().parents[2] / "../shared/data/fed_tcga_brca"
 D = 40  # cox_linear on 39 features
@@ -97,11 +97,12 @@ def runs(ledger: PrivacyLedger) -> list[tuple[int, int, str]]:
                                                                statuses(ledger), strict=True)]
 
 
-def test_a_round_aborted_before_reveal_spends_nothing_and_its_retry_is_charged_once(
+def test_a_round_aborted_before_its_inputs_spends_nothing_and_its_retry_is_charged_once(
         fleet) -> None:
-    """Round 1's first attempt: every site trains, then the sum fails before anything
-    is unmasked (two sites drop out), so no update left a site: ε stays 0. The retry is
-    summed: each site is charged one round, marked on disk before its shares left."""
+    """Round 1's first attempt: every site trains, then the sum fails before any masked
+    input is sent (two sites drop out advertising keys), so no update left a site: ε
+    stays 0. The retry is summed: each site is charged one round, marked on disk before
+    its masked input left (from then on the others could unmask it without it)."""
     f = fleet()
 
     async def attempts():
@@ -125,8 +126,8 @@ def test_a_round_aborted_before_reveal_spends_nothing_and_its_retry_is_charged_o
         assert ledger.epsilon(DELTA, job=JOB) == pytest.approx(one_round(i))
         # the ε the retry reported is the one charged, not two rounds'
         assert done[site].epsilon == pytest.approx(one_round(i))
-        # the mark was on disk before this site's unmask shares left
-        (statuses,) = [st for s, b, st in f.sent if s == site and isinstance(b, UnmaskShares)]
+        # the mark was on disk before this site's masked input left
+        (statuses,) = [st for s, b, st in f.sent if s == site and isinstance(b, MaskedInput)]
         assert statuses == ["pending", "released"]
 
 
@@ -146,9 +147,9 @@ def test_a_site_whose_update_is_not_summed_is_not_charged(fleet) -> None:
         assert fleet.ledger(site).epsilon(DELTA) == pytest.approx(one_round(i))
 
 
-def test_a_ledger_that_cannot_record_the_release_refuses_to_reveal(fleet, monkeypatch) -> None:
-    """Disk full when the round's run is to be charged: the site reveals nothing (as when
-    its reveal log cannot be written), so no sum holds it, and nothing is charged."""
+def test_a_ledger_that_cannot_record_the_release_withholds_the_input(fleet, monkeypatch) -> None:
+    """Disk full when the round's run is to be charged: no site sends its masked input,
+    so no sum can hold it, and nothing is charged."""
     f = fleet()
 
     async def full_disk():
@@ -165,12 +166,43 @@ def test_a_ledger_that_cannot_record_the_release_refuses_to_reveal(fleet, monkey
     refused = f.refusals()
     assert set(refused) == set(SITES)
     assert all(r.startswith("RevealRefused: cannot record this update's privacy spend in "
-                            "the ledger ([Errno 28] No space left on device); not revealing")
-               for r in refused.values()), refused
-    assert not [b for _, b, _ in f.sent if isinstance(b, UnmaskShares)]
+                            "the ledger ([Errno 28] No space left on device); the masked "
+                            "input is withheld") for r in refused.values()), refused
+    assert not [b for _, b, _ in f.sent if isinstance(b, (MaskedInput, UnmaskShares))]
     for site in SITES:
         assert runs(fleet.ledger(site)) == [(RND, 1, "pending")]
         assert f.agents[site].trainer._ledger.epsilon(DELTA) == 0.0  # in memory as well
+
+
+def test_one_site_that_cannot_charge_its_run_is_left_out_of_the_sum_uncharged(
+        fleet, monkeypatch) -> None:
+    """Only site-a's ledger cannot be saved: site-a withholds its masked input, the sum
+    goes on over site-b and site-c (above the threshold) without it, and site-a, whose
+    update is in no sum, is not charged. Had it sent the input, the other two could
+    have unmasked it without site-a's shares: the charge comes before the input."""
+    f = fleet()
+    real_save = PrivacyLedger.save
+
+    def a_full(self, path):
+        if "site-a" in str(path):
+            raise OSError(28, "No space left on device")
+        real_save(self, path)
+
+    async def round_():
+        await f.train(SITES, "t1", plan=DP_PLAN)
+        counts = {s: b.n_examples for s, b in f.inbox if isinstance(b, m.TrainDone)}
+        monkeypatch.setattr(PrivacyLedger, "save", a_full)
+        return counts, await f.aggregate(SITES, "t1")
+
+    weights, total = asyncio.run(round_())
+    monkeypatch.undo()
+    assert total is not None, f.refusals()
+    assert list(f.refusals()) == ["site-a"]
+    assert not [s for s, b, _ in f.sent if s == "site-a" and isinstance(b, MaskedInput)]
+    assert total[-1] == pytest.approx(SCALE * (weights["site-b"] + weights["site-c"]), rel=1e-3)
+    assert runs(fleet.ledger("site-a")) == [(RND, 1, "pending")]
+    for i, site in enumerate(SITES[1:], start=1):
+        assert fleet.ledger(site).epsilon(DELTA) == pytest.approx(one_round(i))
 
 
 def test_a_plain_update_is_charged_on_disk_before_it_leaves_or_withheld(

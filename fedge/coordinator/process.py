@@ -326,28 +326,36 @@ REPORT_FILES = ("report.md", "report.json")
 
 
 def unfinished_jobs(coord: Coordinator) -> list[str]:
-    """Jobs with a final model but without their report: a coordinator stopped (or
-    killed) between the job's last commit and the end of finish_job. The report is
-    written last. A failed or cancelled job counts when it kept its last committed
-    model as its result (``final.safetensors``); one that committed nothing has none."""
+    """Ended jobs whose results are not all written: a coordinator stopped (or killed)
+    between the job's last commit and the end of finish_job (the report is written
+    last). A failed or cancelled job that committed a round has its last committed
+    model as its result; one that committed nothing has none."""
     out = []
     for status in ("completed", "failed", "cancelled"):
         for job in coord.store.jobs(status=status):
-            have = set(ck.results(coord.state_dir, job.job_id))
-            if status != "completed" and "final.safetensors" not in have:
+            if status != "completed" and job.committed_round < 1:
                 continue
-            if not set(REPORT_FILES) <= have:
+            if not set(REPORT_FILES) <= set(ck.results(coord.state_dir, job.job_id)):
                 out.append(job.job_id)
     return out
 
 
 async def _resume_finishing(coord: Coordinator, job_ids: list[str]) -> None:
     for job_id in job_ids:
+        job = coord.store.job(job_id)
+        if job.status != "completed" and not ck.final_path(coord.state_dir, job_id).is_file():
+            # ended before its last committed model was kept as its result (a kill
+            # between the status and the file, or a write that failed): keep it now
+            digest = coord.keep_last_model(job_id, job.committed_round)
+            if not digest:
+                continue  # logged and audited; the next start tries again
+            coord.store.set_final_digest(job_id, digest)
         missing = [n for n in ("model.onnx", *REPORT_FILES)
                    if n not in ck.results(coord.state_dir, job_id)]
         coord.store.audit("coordinator", "job_finish_resumed",
                           {"job": job_id, "missing": missing})
-        log.info("job %s completed without %s: finishing it now", job_id, ", ".join(missing))
+        log.info("job %s (%s) without %s: finishing it now", job_id, job.status,
+                 ", ".join(missing))
         try:
             await finish_job(coord, job_id)
         except Exception:  # one job's records must not keep the others unfinished

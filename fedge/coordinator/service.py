@@ -413,12 +413,13 @@ class Coordinator:
         return {"round": committed, "split": FINAL_TEST_SPLIT, "metrics": by_site(rows),
                 "missing": missing}
 
-    def _keep_last_model(self, job_id: str, committed: int,
-                         checkpoint: ck.Checkpoint | None = None) -> str:
+    def keep_last_model(self, job_id: str, committed: int,
+                        checkpoint: ck.Checkpoint | None = None) -> str:
         """Write a failed or cancelled job's last committed model as its
         ``final.safetensors`` (module docstring); returns its digest, or "" when there
         is none (no round committed) or it cannot be written (logged and audited: the
-        job ends all the same, and ``jobs fetch`` says it has no results yet)."""
+        job ends all the same, and ``jobs fetch`` says it has no results yet; a
+        restarted coordinator writes it then, fedge.coordinator.process)."""
         if committed < 1:
             return ""
         try:
@@ -455,8 +456,13 @@ class Coordinator:
                 self._emit(self.runner.round, self.runner.round.abort("job cancelled"))
             last = self.runner.last_checkpoint
             self.runner = None
-        digest = self._keep_last_model(job_id, job.committed_round, last)
-        self.store.set_job_status(job_id, "cancelled", actor=actor, final_digest=digest)
+        digest = self.keep_last_model(job_id, job.committed_round, last)
+        try:
+            self.store.set_job_status(job_id, "cancelled", actor=actor, final_digest=digest)
+        except BaseException:  # still running: no result may stand beside it
+            if digest:
+                ck.final_path(self.state_dir, job_id).unlink(missing_ok=True)
+            raise
         if digest:
             self.on_job_completed(job_id)
 
@@ -639,10 +645,13 @@ class Coordinator:
     def not_listening(self, seconds: float) -> None:
         """The process took no message for ``seconds`` (they waited in ZeroMQ while the
         database was locked): the sites' silence over that time was the coordinator's
-        deafness, so it does not count towards their heartbeat timeout."""
+        deafness, so it does not count towards their heartbeat timeout. A site heard
+        since (the held message itself) is not moved: never past now."""
+        now = self.clock()
+        began = now - seconds
         for conn in self.conns.values():
-            if conn.last_seen != float("-inf"):
-                conn.last_seen += seconds
+            if conn.last_seen != float("-inf") and conn.last_seen < began:
+                conn.last_seen = min(conn.last_seen + seconds, now)
 
     def peer_lost(self, site: str) -> None:
         """The transport lost ``site`` (heartbeat timeout or disconnect)."""
@@ -826,7 +835,13 @@ class Coordinator:
                 log.error("job %s failed: round %d failed %d times", rnd.job_id, rnd.round,
                           attempts)
                 self.runner = None
-                if self._keep_last_model(rnd.job_id, runner.committed, runner.last_checkpoint):
+                digest = self.keep_last_model(rnd.job_id, runner.committed,
+                                              runner.last_checkpoint)
+                if digest:
+                    try:  # names the export's weights, so a resumed finish keeps it
+                        self.store.set_final_digest(rnd.job_id, digest)
+                    except (StoreError, sqlite3.OperationalError) as exc:
+                        self._not_written(f"the final digest of job {rnd.job_id}", exc)
                     self.on_job_completed(rnd.job_id)
 
     def _commit(self, runner: JobRunner, rnd: Round, now: float) -> None:

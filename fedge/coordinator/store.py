@@ -11,8 +11,9 @@ written by a newer schema is refused rather than guessed at.
 A round row's ``dropped_json`` holds ``{site: why it was left out}`` (a committed
 round: each site dropped from its survivors; a failed attempt: each site that
 refused or was lost), in the site's own words where it gave any. Rows written
-before it did hold a plain list of the dropped sites, read with no reasons; the
-column and the schema version are unchanged, so either fedge opens either database.
+before it did hold a plain list of the dropped sites, read with no reasons. Schema
+version 2 added ``unmask_sets``: a version-1 database is migrated at open, and a
+release that knows only version 1 then refuses it (a downgrade cannot open it).
 
 Model weights are not stored here: they live in safetensors checkpoints beside
 the database (see :mod:`fedge.coordinator.checkpoint`); a round row is written
@@ -642,6 +643,15 @@ class Store:
             if cur.rowcount == 0:
                 raise StoreError(f"unknown job {job_id!r}")
             self._audit(c, actor, f"job_{status}", {"job": job_id, "error": error})
+
+    def set_final_digest(self, job_id: str, digest: str) -> None:
+        """Name the weights of a job's ``final.safetensors`` (a failed job's last
+        committed model, written after its status). Raises: StoreError: unknown job."""
+        with self._tx() as c:
+            cur = c.execute("UPDATE jobs SET final_digest=?, updated_at=? WHERE job_id=?",
+                            (digest, self._clock(), job_id))
+            if cur.rowcount == 0:
+                raise StoreError(f"unknown job {job_id!r}")
 
     # -- rounds -------------------------------------------------------------------
 

@@ -152,6 +152,31 @@ def test_a_cancelled_job_that_kept_its_last_model_is_finished_after_a_restart(tm
     coord.close()
 
 
+def test_a_failed_job_killed_before_it_kept_its_last_model_keeps_it_after_a_restart(tmp_path):
+    """The job's status said failed, then the coordinator died before writing its last
+    committed model as final.safetensors: the restarted one writes it from the round's
+    checkpoint, names its digest, and finishes the job (export kept on a second pass)."""
+    from fedge.coordinator.process import _resume_finishing
+
+    digest = completed_job(tmp_path, "job-f")
+    ck.final_path(tmp_path, "job-f").unlink()
+    store = Store(tmp_path)
+    try:
+        store.set_job_status("job-f", "failed", actor="test", error="round 2 failed 3 times")
+    finally:
+        store.close()
+    coord = Coordinator(tmp_path, initial_weights=lambda plan: np.zeros(5, np.float32))
+    assert unfinished_jobs(coord) == ["job-f"]
+    asyncio.run(_resume_finishing(coord, ["job-f"]))
+    assert ck.final_path(tmp_path, "job-f").is_file()
+    assert coord.store.job("job-f").final_digest == digest
+    report = json.loads((ck.job_dir(tmp_path, "job-f") / "report.json").read_text())
+    assert report["status"] == "failed"
+    assert unfinished_jobs(coord) == []
+    assert len(coord.store.audit_log(action="model_exported")) == 1
+    coord.close()
+
+
 def test_finishing_again_exports_over_a_model_onnx_that_is_not_the_final_models(tmp_path):
     import onnx
 

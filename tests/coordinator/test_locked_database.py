@@ -103,3 +103,20 @@ def test_a_message_that_met_the_lock_after_taking_effect_is_not_handed_back(trai
     fed.coord.handle_frames("a", done)  # the same frames again are a replay
     (rejected,) = [o.body for o in fed.coord.outbox if isinstance(o.body, m.Rejected)]
     assert rejected.reason.startswith("message id")
+
+
+def test_a_hold_moves_the_silence_of_sites_not_heard_since_and_no_one_past_now(federation):
+    """After messages were held for 20 s: a site last heard before the hold gets those
+    20 s back on its heartbeat timeout; the site whose held message was just handled
+    is not moved into the future (it would outlive its death by the hold's length)."""
+    fed = federation(["a", "b"])
+    asyncio.run(fed.heartbeats())
+    while fed.inbox:
+        fed.coord.handle_frames(*fed.inbox.pop(0))
+    conns = fed.coord.conns
+    now = fed.coord.clock()
+    conns["a"].last_seen = now - 30  # heard before the hold began
+    conns["b"].last_seen = now       # its held message handled just now
+    fed.coord.not_listening(20.0)
+    assert conns["a"].last_seen == pytest.approx(now - 10, abs=1.0)
+    assert conns["b"].last_seen <= fed.coord.clock()

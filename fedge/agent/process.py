@@ -509,20 +509,26 @@ def run(cfg: AgentConfig, *, connect_timeout_s: float | None = None) -> int:
                                notifier=Notifier(), connect_timeout_s=connect_timeout_s,
                                trial_confirm_s=cfg.update_trial_s)
 
+    code = 1  # unless main() returns one
     try:
         code = asyncio.run(main())
     finally:
         executor.shutdown(wait=False, cancel_futures=True)
         if xids is not None:
             xids.stop()
-    if not wait_for_tasks(STOP_GRACE_S):
-        # Python would join the worker at exit, however long its task runs
-        log.warning("%s: stopping without the task still running (after %g s); "
-                    "its result is not sent", enrolled.site, STOP_GRACE_S)
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        if not wait_for_tasks(STOP_GRACE_S):
+            # Python would join the worker at exit, however long its task runs, on an
+            # error as on a stop; leaving here, the error is logged or it is lost
+            error = sys.exc_info()[1]
+            if error is not None:
+                log.error("%s: the agent stopped on an error", enrolled.site,
+                          exc_info=error)
+            log.warning("%s: stopping without the task still running (after %g s); "
+                        "its result is not sent", enrolled.site, STOP_GRACE_S)
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
     return code
 
 

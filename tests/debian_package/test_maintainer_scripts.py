@@ -453,6 +453,43 @@ echo "new: $(ls -A {CREDENTIALS} | tr '\n' ' ')$(cat {CREDENTIALS}/curve.key)"
 
 
 @needs_namespace
+def test_keys_that_cannot_be_removed_from_etc_are_copied_and_named_not_fatal(
+        tmp_path: Path) -> None:
+    """The old directory read-only (shred and rm fail): the keys are copied to the new
+    place, postinst still succeeds (set -e), and names what is left to remove."""
+    proc = in_scratch_root(tmp_path, f"""
+sh $P/postinst configure '' 2>>$ERR
+install -d -m 0700 {OLD_CREDENTIALS}
+printf curve-secret > {OLD_CREDENTIALS}/curve.key
+mount --bind {OLD_CREDENTIALS} {OLD_CREDENTIALS}
+mount -o remount,bind,ro {OLD_CREDENTIALS}
+sh $P/postinst configure 0.1.0-1 2>>$ERR
+echo "new: $(cat {CREDENTIALS}/curve.key)"
+echo "old: $(ls -A {OLD_CREDENTIALS})"
+""")
+    assert proc.returncode == 0, proc.stdout + proc.stderr + script_stderr(tmp_path)
+    assert "new: curve-secret" in proc.stdout.splitlines()
+    assert "old: curve.key" in proc.stdout.splitlines()
+    err = script_stderr(tmp_path)
+    assert (f"copied the agent's credentials ( curve.key ) to {CREDENTIALS}, but could "
+            f"not remove them from {OLD_CREDENTIALS}") in err, err
+
+
+@needs_namespace
+def test_a_symlinked_old_credentials_directory_is_named_not_skipped_silently(
+        tmp_path: Path) -> None:
+    proc = in_scratch_root(tmp_path, f"""
+sh $P/postinst configure '' 2>>$ERR
+install -d -m 0700 /etc/fedge/elsewhere
+ln -s /etc/fedge/elsewhere {OLD_CREDENTIALS}
+sh $P/postinst configure 0.1.0-1 2>>$ERR
+""")
+    assert proc.returncode == 0, proc.stdout + proc.stderr + script_stderr(tmp_path)
+    assert f"{OLD_CREDENTIALS} is a symbolic link: nothing moved from it" in \
+        script_stderr(tmp_path)
+
+
+@needs_namespace
 def test_postinst_says_when_an_appliances_keys_are_not_on_its_encrypted_volume(
         tmp_path: Path) -> None:
     """/var/lib/fedge on a volume of its own (the appliance) and the keys on /: the

@@ -403,7 +403,7 @@ class Coordinator:
         rows = [r for r in metrics if r["round"] == committed
                 and r["split"] == FINAL_TEST_SPLIT]
         missing: dict[str, str] = {}
-        for entry in reversed(self.store.audit_log(action="final_test", limit=50)):
+        for entry in reversed(self.store.audit_log(action="final_test", job=job_id, limit=50)):
             detail = _json(entry["detail"])
             if detail.get("job") == job_id and detail.get("round") == committed:
                 missing = {str(k): str(v) for k, v in dict(detail.get("missing", {})).items()}

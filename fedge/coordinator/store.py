@@ -441,12 +441,22 @@ class Store:
         with self._tx() as c:
             self._audit(c, actor, action, detail)
 
-    def audit_log(self, *, action: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+    def audit_log(self, *, action: str | None = None, job: str | None = None,
+                  limit: int = 1000) -> list[dict[str, Any]]:
+        """The newest ``limit`` entries, oldest first; ``action`` and ``job`` (the
+        ``job`` of a JSON detail) select."""
         q = "SELECT id, time, actor, action, detail FROM audit"
+        where: list[str] = []
         args: tuple[Any, ...] = ()
         if action is not None:
-            q += " WHERE action = ?"
-            args = (action,)
+            where.append("action = ?")
+            args += (action,)
+        if job is not None:
+            where.append("CASE WHEN json_valid(detail) THEN json_extract(detail, '$.job') "
+                         "END = ?")
+            args += (job,)
+        if where:
+            q += " WHERE " + " AND ".join(where)
         q += " ORDER BY id DESC LIMIT ?"
         with self._lock:
             rows = self._conn.execute(q, (*args, limit)).fetchall()

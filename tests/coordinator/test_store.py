@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 
 import pytest
@@ -225,3 +226,20 @@ def test_a_write_waits_briefly_for_a_lock_held_elsewhere_then_tries_without_wait
     assert store.writable() and store.locked_since is None
     store.audit("t", "z")
     assert [a["action"] for a in store.audit_log()] == ["z"]
+
+
+def test_audit_log_selects_a_jobs_entries_however_many_came_after(tmp_path):
+    """A job's audit entries are found by its id among any number of later jobs' (the
+    final test's missing sites are read this way), and a detail that is not JSON is
+    passed over, not an error."""
+    store = Store(tmp_path)
+    try:
+        store.audit("coordinator", "final_test", {"job": "job-0", "missing": {"a": "x"}})
+        store.audit("site-a", "final_test", "not json")
+        for i in range(1, 80):
+            store.audit("coordinator", "final_test", {"job": f"job-{i}", "missing": {}})
+        (entry,) = store.audit_log(action="final_test", job="job-0", limit=50)
+        assert json.loads(entry["detail"])["missing"] == {"a": "x"}
+        assert len(store.audit_log(action="final_test", limit=50)) == 50
+    finally:
+        store.close()

@@ -1356,7 +1356,6 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
             super().on_message_begin()
 
         def on_headers_complete(self) -> None:
-            self._in_headers = False
             self._head_bytes = 0
             # a head that came whole in one read is measured here: its URL and
             # header fields (the reads' count above also holds body bytes)
@@ -1366,7 +1365,10 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
                 raise _HeadTooLarge(size)  # httptools stops parsing; data_received answers
             self._direct = self._take_direct()
             if self._direct is None:
-                super().on_headers_complete()
+                super().on_headers_complete()  # raises for a URL it cannot parse
+            # only now, with the request taken: anything raised above is a fault in
+            # its head, answered after the responses owed to the earlier requests
+            self._in_headers = False
 
         def _take_direct(self) -> _Direct | None:
             if (self.parser.get_method() != b"POST" or self.flow.write_paused

@@ -12,12 +12,13 @@ import asyncio
 import json
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.serve.conftest import RunningServer
+from tests.serve.conftest import RunningServer, serving
 
 FLOOD_S = 2.0
 
@@ -202,11 +203,67 @@ def test_a_large_body_in_one_write_is_not_taken_for_headers(server: RunningServe
 
 def test_the_head_limit_is_set_from_the_command_line(tmp_path: Path) -> None:
     """`fedge serve --max-header-bytes N`: a head over N gets 431; one under it is served."""
-    from tests.serve.conftest import serving
-
     with serving(tmp_path, "--max-header-bytes", "2048") as s:
         ok = httpx.get(f"{s.url}/v2/health/live", headers={"x-pad": "a" * 1000}, timeout=10)
         assert ok.status_code == 200, ok.text
         big = httpx.get(f"{s.url}/v2/health/live", headers={"x-pad": "a" * 4000}, timeout=10)
         assert big.status_code == 431, big.text
         assert big.json() == {"error": "request headers exceed 2048 bytes"}
+
+
+READY = b"GET /v2/health/ready HTTP/1.1\r\nHost: t\r\n\r\n"
+BIG_HEAD = b"GET /v2/health/ready HTTP/1.1\r\nHost: t\r\nX-Pad: " + b"a" * 4000 + b"\r\n\r\n"
+BAD_CHUNK = (b"POST /v2/models/cox/infer HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n"
+             b"\r\n5\r\n{\"inp\r\nzz\r\n")
+
+
+def _exchange_in_writes(server: RunningServer, writes: list[bytes]) -> bytes:
+    """Send each of `writes` 0.2 s apart on one connection (each its own read on the
+    server); everything the server sends until it closes."""
+    host, port = server.host_port.split(":")
+    received = b""
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        for data in writes:
+            sock.sendall(data)
+            time.sleep(0.2)
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received
+
+
+def _errors_logged(server: RunningServer, since: int) -> list[str]:
+    time.sleep(0.3)  # a request task still running after the refusal logs by then
+    return [line for line in server.output[since:] if "ERROR" in line or "Traceback" in line]
+
+
+@pytest.fixture(scope="module")
+def small_head_server(
+    tmp_path_factory: pytest.TempPathFactory, cox_v1: tuple[Path, object]
+) -> Iterator[RunningServer]:
+
+    with serving(tmp_path_factory.mktemp("repo"), "--max-header-bytes", "2048",
+                 cox=cox_v1[0]) as s:
+        yield s
+
+
+@pytest.mark.parametrize(
+    "writes",
+    [
+        [READY, BIG_HEAD],
+        [READY + BIG_HEAD],
+        [READY, BIG_HEAD[:1000], BIG_HEAD[1000:]],
+        [_post(INFER), BIG_HEAD],
+        [_post(INFER) + BIG_HEAD],
+    ],
+    ids=["after-asgi", "pipelined-after-asgi", "after-asgi-in-two-reads", "after-direct",
+         "pipelined-after-direct"],
+)
+def test_a_head_over_the_limit_is_refused_after_the_earlier_answers(
+    small_head_server: RunningServer, writes: list[bytes]
+) -> None:
+    since = len(small_head_server.output)
+    responses = _responses(_exchange_in_writes(small_head_server, writes))
+    assert [status for status, _, _ in responses] == [200, 431]
+    assert json.loads(responses[-1][2]) == {"error": "request headers exceed 2048 bytes"}
+    assert _errors_logged(small_head_server, since) == []
+

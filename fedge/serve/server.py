@@ -1022,14 +1022,19 @@ class _CoalescingTransport:
         self._transport = transport
         self._loop = asyncio.get_running_loop()
         self._pending: list[bytes] = []
+        self._ended = False  # write_eof() called: what is written after it is dropped
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._ended:  # a refused request's app answering late: nobody to read it
+            return
         if not self._pending:
             self._loop.call_soon(self._flush)
         self._pending.append(bytes(data))
 
     def write_now(self, data: bytes) -> None:
         """Send `data` at once, after anything still pending (responses stay in order)."""
+        if self._ended:
+            return
         if self._pending:
             self._pending.append(data)
             self._flush()
@@ -1053,6 +1058,7 @@ class _CoalescingTransport:
 
     def write_eof(self) -> None:
         self._flush()
+        self._ended = True
         self._transport.write_eof()
 
     def __getattr__(self, name: str) -> Any:
@@ -1289,11 +1295,11 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
                              "headers_too_large")
 
         def _refuse(self, status: int, message: str, reason: str) -> None:
-            """Answer `status` with `message` and close. A request at fault in its
-            head is answered after the responses still owed for the earlier requests
-            on this connection (pipelined), which keep their order; one at fault in
-            its body, at once, unless it has had its answer already (a 413 before
-            the body): then the connection is only closed."""
+            """Answer `status` with `message` and close. The refusal is answered after
+            the responses still owed for the earlier requests on this connection
+            (pipelined), which keep their order; a request at fault in its body that
+            has had its answer already (a 413 before the body) gets none: the
+            connection is only closed."""
             connections.note(reason)
             in_head = self._in_headers or not self._reading
             direct_body = self._direct is not None  # else self.cycle is the request's
@@ -1307,7 +1313,19 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
                     self._send_refusal()
                 # else sent by _reply or on_response_complete
             elif direct_body or self.cycle is None or not self.cycle.response_started:
-                self._send_refusal()
+                if not direct_body and self.cycle is not None:
+                    # its app is told the client left and its writes are dropped: the
+                    # refusal is this request's answer, owed after the earlier ones
+                    self.cycle.disconnected = self.cycle.response_complete = True
+                    self.cycle.message_event.set()
+                    if self.pipeline and self.pipeline[0][0] is self.cycle:
+                        # queued behind an earlier ASGI response (uvicorn appends on
+                        # the left), never started: sent by on_response_complete
+                        self.pipeline.popleft()
+                        return
+                if not self._owes_earlier():
+                    self._send_refusal()
+                # else sent by _reply or on_response_complete
             else:
                 self._lingering = True
                 self.transport.close()

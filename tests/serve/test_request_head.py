@@ -267,3 +267,34 @@ def test_a_head_over_the_limit_is_refused_after_the_earlier_answers(
     assert json.loads(responses[-1][2]) == {"error": "request headers exceed 2048 bytes"}
     assert _errors_logged(small_head_server, since) == []
 
+
+@pytest.mark.parametrize(
+    "writes",
+    [
+        [READY + BAD_CHUNK],
+        [_post(INFER) + BAD_CHUNK],
+        [READY, BAD_CHUNK],
+    ],
+    ids=["pipelined-after-asgi", "pipelined-after-direct", "after-asgi"],
+)
+def test_a_body_at_fault_is_refused_after_the_earlier_answers(
+    server: RunningServer, writes: list[bytes]
+) -> None:
+    since = len(server.output)
+    responses = _responses(_exchange_in_writes(server, writes))
+    assert [status for status, _, _ in responses] == [200, 400]
+    assert json.loads(responses[-1][2]) == {
+        "error": "malformed HTTP request: Invalid character in chunk size"}
+    assert _errors_logged(server, since) == []
+
+
+@pytest.mark.parametrize("path", [b"/v2/health/ready", b"/nope", b"/v2/models/unknown/infer",
+                                  b"/v2/models/cox/infer"])
+def test_a_body_at_fault_to_a_route_that_does_not_read_it_logs_nothing(
+    server: RunningServer, path: bytes
+) -> None:
+    # the route's own answer, written after the 400 and the end of the stream, is dropped
+    since = len(server.output)
+    responses = _responses(_exchange(server, BAD_CHUNK.replace(b"/v2/models/cox/infer", path)))
+    assert [status for status, _, _ in responses] == [400]
+    assert _errors_logged(server, since) == []

@@ -1137,6 +1137,8 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
 
     connections = app.connections
     head_limit = app.max_header_bytes
+    # a bug in a parser callback, met by every request that takes the same path
+    callback_failures = _FailureLog(MODEL_FAILURE_LOG_INTERVAL_S)
 
     class _HeadTooLarge(Exception):
         """Raised from a parser callback to stop parsing a head over the limit."""
@@ -1278,13 +1280,29 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
                 # parser reads nothing after an Upgrade request's head
                 return
             except httptools.HttpParserError as exc:
-                if self._head_over:  # raised by on_headers_complete, below
-                    self._refuse_head(self._head_over)
-                else:
-                    self._refuse(400, f"malformed HTTP request: {exc}", "malformed")
+                self._parse_failed(exc)
                 return
             if self._in_headers and self._head_bytes > head_limit:
                 self._refuse_head(self._head_bytes)
+
+        def _parse_failed(self, exc: Exception) -> None:
+            """Refuse the request httptools stopped at. An exception raised in one of
+            the parser's callbacks (uvicorn's or this class's) reaches here as an
+            HttpParserCallbackError whose __context__ is the original: a client's
+            fault only if it is one of the faults named here, else a bug. Called in
+            an `except` block."""
+            cause = exc.__context__ if isinstance(exc, httptools.HttpParserCallbackError) else None
+            if cause is None:
+                self._refuse(400, f"malformed HTTP request: {exc}", "malformed")
+            elif isinstance(cause, _HeadTooLarge):  # raised by on_headers_complete
+                self._refuse_head(self._head_over)
+            elif isinstance(cause, httptools.HttpParserInvalidURLError):
+                self._refuse(400, "malformed HTTP request: invalid URL", "malformed")
+            elif isinstance(cause, UnicodeDecodeError):  # uvicorn decodes the path as ASCII
+                self._refuse(400, "malformed HTTP request: the URL is not ASCII", "malformed")
+            else:  # called in data_received's except: the log shows both tracebacks
+                callback_failures.exception("HTTP request handling failed")
+                self._refuse(500, "internal error", "internal_error")
 
         def _refuse_head(self, size: int) -> None:
             if 2 * len(self.url) >= size:  # mostly the URL

@@ -484,3 +484,36 @@ def test_the_json_process_ends_with_the_server_even_when_it_is_killed(
         while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in helpers):
             time.sleep(0.1)
         assert not [p for p in helpers if Path(f"/proc/{p}").exists()]
+
+
+def test_a_bug_in_a_parser_callback_is_a_500_logged_at_most_once_a_minute(
+    tmp_path: Path, cox_v1: tuple[Path, torch.nn.Module], caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import logging
+
+    app = _serving_cox(tmp_path, cox_v1[0])
+
+    def broken(*_args: object) -> None:
+        raise KeyError("a bug in the direct lane")
+
+    monkeypatch.setattr(app, "direct_model", broken)  # called from on_headers_complete
+    plain = _json_body(_rows(1, seed=3))
+
+    async def exchange() -> list[tuple[bytes, bytes]]:
+        connect = _connector(app)
+        seen = []
+        for _ in range(3):
+            _, theirs = await connect()
+            await asyncio.get_running_loop().sock_sendall(
+                theirs, _post(plain, f"Content-Length: {len(plain)}"))
+            seen.append(await _recv_response(theirs))
+            theirs.close()
+        return seen
+
+    with caplog.at_level(logging.ERROR, logger="fedge.serve"):
+        answers = asyncio.run(exchange())
+    assert [int(head.split()[1]) for head, _ in answers] == [500] * 3
+    assert all(json.loads(body) == {"error": "internal error"} for _, body in answers)
+    logged = [r for r in caplog.records if r.getMessage().startswith("HTTP request handling")]
+    assert len(logged) == 1 and logged[0].exc_info is not None

@@ -298,3 +298,26 @@ def test_a_body_at_fault_to_a_route_that_does_not_read_it_logs_nothing(
     responses = _responses(_exchange(server, BAD_CHUNK.replace(b"/v2/models/cox/infer", path)))
     assert [status for status, _, _ in responses] == [400]
     assert _errors_logged(server, since) == []
+
+
+BAD_URL = b"GET http://a:99999/ HTTP/1.1\r\nHost: t\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("writes", "statuses", "error"),
+    [
+        ([BAD_URL], [400], "invalid URL"),
+        ([READY, BAD_URL], [200, 400], "invalid URL"),
+        ([_post(INFER) + BAD_URL], [200, 400], "invalid URL"),
+    ],
+    ids=["alone", "after-asgi", "pipelined-after-direct"],
+)
+def test_a_url_that_does_not_parse_is_a_client_fault_named_as_such(
+    server: RunningServer, writes: list[bytes], statuses: list[int], error: str
+) -> None:
+    # raised in uvicorn's on_headers_complete, a parser callback, as a bug would be
+    since = len(server.output)
+    responses = _responses(_exchange_in_writes(server, writes))
+    assert [status for status, _, _ in responses] == statuses
+    assert json.loads(responses[-1][2]) == {"error": f"malformed HTTP request: {error}"}
+    assert _errors_logged(server, since) == []

@@ -241,21 +241,21 @@ def _output_description(name: str, params: dict[str, Any]) -> dict[str, Any]:
     ``classes`` folders in the agent config), which the coordinator never sees, so
     the model names the labels by number only.
     """
-    from fedge.train.model_names import TASK_OF_MODEL
+    from fedge.train.model_names import TASK_OF_MODEL, model_param
 
     task = TASK_OF_MODEL.get(name, "")
     names_note = ("class names are not known to the coordinator: label i is the i-th class "
                   "of the data set as each site declares it (a table's integer label, or "
                   "the i-th name in an image data set's [[datasets]] classes list)")
     if task == "classification":
-        k = params.get("classes", 2)
+        k = model_param(name, params, "classes")  # the plan's, or the model's default
         if k == 2:
             return {"kind": "logit", "task": "binary", "classes": 2, "labels": [0, 1],
                     "meaning": "one logit per example: the log-odds of label 1; "
                                "sigmoid(logit) is its probability (not applied in the graph)",
                     "class_names": names_note}
         return {"kind": "logits", "task": "multiclass", "classes": k,
-                "labels": list(range(k)) if isinstance(k, int) else [],
+                "labels": list(range(k)),
                 "meaning": f"{k} logits per example, one per label 0..{k - 1} in label "
                            "order; softmax gives the probabilities (not applied in the graph)",
                 "class_names": names_note}
@@ -265,9 +265,10 @@ def _output_description(name: str, params: dict[str, Any]) -> dict[str, Any]:
                            "higher hazard; not a probability, and no baseline hazard"}
     if task == "regression":
         return {"kind": "value", "task": "regression",
-                "meaning": f"{params.get('out_features', 1)} predicted target value(s) per "
+                "meaning": f"{model_param(name, params, 'out_features')} predicted target "
+                           "value(s) per "
                            "example, in the units the sites trained on"}
-    k = params.get("out_features", 1)
+    k = model_param(name, params, "out_features")
     return {"kind": "raw", "task": "as the data set declares it",
             "meaning": f"{k} raw output(s) per example: for a classification data set "
                        + ("the log-odds of label 1 (sigmoid gives its probability)" if k == 1

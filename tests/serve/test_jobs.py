@@ -192,3 +192,20 @@ def test_corrupted_weights_are_refused(state_dir: Path) -> None:
 def test_job_ids_cannot_escape_the_state_dir(state_dir: Path) -> None:
     with pytest.raises(CheckpointError, match=r"job id '\.\./x' must match"):
         export_job(state_dir, "../x")
+
+
+@pytest.mark.parametrize(("name", "key", "said"), [
+    ("logistic", "classes", '"classes": 5'),
+    ("resnet_small", "classes", '"classes": 5'),
+    ("linear", "out_features", "5 predicted target value(s)"),
+    ("mlp", "out_features", "5 raw output(s)"),
+])
+def test_the_output_description_takes_a_plan_default_from_the_model_s_parameters(
+    monkeypatch: pytest.MonkeyPatch, name: str, key: str, said: str
+) -> None:
+    # one source for a parameter's default: fedge.train.model_names.MODEL_PARAMS
+    from fedge.serve.jobs import _output_description
+    from fedge.train.model_names import MODEL_PARAMS, ModelParam
+
+    monkeypatch.setitem(MODEL_PARAMS[name], key, ModelParam("integer", 5, minimum=1))
+    assert said in json.dumps(_output_description(name, {"in_features": 3}))

@@ -412,7 +412,8 @@ class InferenceServer:
         self.metrics = Metrics()
         self.max_body_bytes = max_body_bytes
         self.max_header_bytes = max_header_bytes
-        self._model_failures = _FailureLog(MODEL_FAILURE_LOG_INTERVAL_S)
+        # one per (model, version): a model failing often hides none of another's
+        self._model_failures: dict[tuple[str, int], _FailureLog] = {}
         self.inline_budget_s = inline_budget_s
         self.watcher = Watcher(self.store, self.repo, poll_interval)
         # Large requests run one at a time on a worker thread: each already uses
@@ -801,9 +802,9 @@ class InferenceServer:
         except InvalidArgument as exc:
             raise ProtocolError(400, f"model '{model.name}' rejected the input: {exc}") from None
         except Exception as exc:  # the model failed on a valid request: our fault, say so
-            self._model_failures.exception(
-                "inference failed for %s version %d", model.name, model.version
-            )
+            failures = self._model_failures.setdefault(  # atomic: loop and worker alike
+                (model.name, model.version), _FailureLog(MODEL_FAILURE_LOG_INTERVAL_S))
+            failures.exception("inference failed for %s version %d", model.name, model.version)
             raise ProtocolError(
                 500, f"inference failed in model '{model.name}' version {model.version}: {exc}"
             ) from None

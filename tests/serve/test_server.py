@@ -368,3 +368,33 @@ def test_model_failures_are_500s_logged_with_a_traceback_at_most_once_a_minute(
     assert "inference failed in model 'm' version 1" in json.loads(answers[0][1])["error"]
     failures = [r for r in caplog.records if r.getMessage().startswith("inference failed")]
     assert len(failures) == 1 and failures[0].exc_info is not None
+
+
+def test_one_failing_model_does_not_hide_another_s_first_traceback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import asyncio
+    import logging
+
+    from fedge.serve.protocol import ProtocolError
+    from fedge.serve.repository import ModelRepository
+    from fedge.serve.server import InferenceServer
+
+    for name in ("m", "n"):
+        ModelRepository(tmp_path).install(name, _reshaping_model())
+    app = InferenceServer(tmp_path)
+    app.store.sync(app.repo)
+    body = json.dumps({"inputs": [{"name": "x", "shape": [1, 5], "datatype": "FP32",
+                                   "data": [0.5] * 5}]}).encode()
+
+    async def infer(name: str) -> int:
+        try:
+            return (await app.infer(name, None, body, {"headers": []}))[0]
+        except ProtocolError as exc:
+            return exc.status
+
+    with caplog.at_level(logging.ERROR, logger="fedge.serve"):
+        statuses = [asyncio.run(infer(name)) for name in ("m", "m", "n", "m", "n")]
+    assert statuses == [500] * 5
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("inference")]
+    assert logged == ["inference failed for m version 1", "inference failed for n version 1"]

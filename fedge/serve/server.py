@@ -1394,9 +1394,12 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
 
         def on_headers_complete(self) -> None:
             self._head_bytes = 0
-            # a head that came whole in one read is measured here: its URL and
-            # header fields (the reads' count above also holds body bytes)
-            size = len(self.url) + sum(len(k) + len(v) for k, v in self.headers)
+            # a head that came whole in one read is measured here, in the bytes it
+            # took on the wire (as data_received counts a head arriving in parts, so
+            # the verdict does not depend on how TCP cut it): "METHOD URL HTTP/1.1\r\n",
+            # "name: value\r\n" each, and the blank line
+            size = (len(self.parser.get_method()) + len(self.url) + 12
+                    + sum(len(k) + len(v) + 4 for k, v in self.headers) + 2)
             if size > head_limit:
                 self._head_over = size
                 raise _HeadTooLarge(size)  # httptools stops parsing; data_received answers

@@ -321,3 +321,17 @@ def test_a_url_that_does_not_parse_is_a_client_fault_named_as_such(
     assert [status for status, _, _ in responses] == statuses
     assert json.loads(responses[-1][2]) == {"error": f"malformed HTTP request: {error}"}
     assert _errors_logged(server, since) == []
+
+
+SHORT_HEADERS = (b"GET /v2/health/ready HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
+                 + b"".join(b"X-H%03d: v\r\n" % i for i in range(200)) + b"\r\n")
+
+
+@pytest.mark.parametrize("cut", [None, 2100], ids=["one-read", "two-reads"])
+def test_a_head_is_measured_alike_however_it_arrives(
+    small_head_server: RunningServer, cut: int | None
+) -> None:
+    # 2,261 bytes on the wire, of which 1,415 are header names and values
+    writes = [SHORT_HEADERS] if cut is None else [SHORT_HEADERS[:cut], SHORT_HEADERS[cut:]]
+    responses = _responses(_exchange_in_writes(small_head_server, writes))
+    assert [status for status, _, _ in responses] == [431]

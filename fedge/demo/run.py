@@ -254,7 +254,7 @@ def run_demo(
     final_sites = _test_cindex(plan, weights, centres)
     print(
         f"\ntest C-index per centre (federated: the final global model; the test rows "
-        f"were not used before this table)\n"
+        f"trained and chose nothing: the job's final test scores this model only)\n"
         f"{'centre':10s} {'n test':>6s} {'federated':>10s} {'local-only':>11s} {'pooled':>8s}",
         file=out,
     )

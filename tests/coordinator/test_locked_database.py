@@ -9,33 +9,14 @@ import sqlite3
 
 import pytest
 
-from fedge import __version__
 from fedge.coordinator.rounds import Phase
 from fedge.coordinator.service import DatabaseLocked
 from fedge.wire import codec
 from fedge.wire import messages as m
+from tests.coordinator.test_hostile_messages import heartbeat
+from tests.coordinator.test_service import PLAN as SERVICE_PLAN
 
-PLAN = """
-[job]
-dataset = "synthetic"
-rounds = 1
-min_clients = 2
-[model]
-name = "linear"
-[train]
-steps = 1
-batch_size = 1
-learning_rate = 0.5
-[strategy]
-name = "fedavg"
-[secagg]
-enabled = false
-[deadlines]
-cohort_s = 5
-train_s = 5
-secagg_stage_s = 5
-eval_s = 5
-"""
+PLAN = SERVICE_PLAN.replace("rounds = 3", "rounds = 1")  # round 1 stays in training
 
 
 def frames(body, site, job="", rnd=0):
@@ -70,9 +51,7 @@ def test_a_refusal_met_by_a_locked_database_is_handed_back_whole_and_handled_onc
     assert (locked.value.site, locked.value.kind) == ("a", "task_refused")
     assert rnd.refused == {}  # nothing happened
     # a heartbeat needs no write it cannot do without: it is answered all the same
-    hb = m.Heartbeat(site="b", version=__version__, eligible=True, reason="",
-                     health_json="{}", datasets=["synthetic"], current_task="")
-    fed.coord.handle_frames("b", frames(hb, "b"))
+    fed.coord.handle_frames("b", frames(heartbeat("b"), "b"))
     assert [type(o.body) for o in fed.coord.outbox] == [m.HeartbeatAck]
     shell.execute("ROLLBACK")
     fed.coord.handle_frames("a", refusal)  # the same frames: not a replay

@@ -17,6 +17,7 @@ from fedge.coordinator import checkpoint as ck
 from fedge.coordinator.admin import AdminService, Operator
 from fedge.coordinator.report import write_job_report
 from fedge.wire import messages as m
+from tests.coordinator.test_federation_inproc import run
 
 PLAN = """
 [job]
@@ -64,15 +65,6 @@ class NoTestSplit(SyntheticTrainer):
         return super().evaluate(plan, weights, split)
 
 
-def _run(fed, text, until=("completed", "failed")):
-    async def go():
-        await fed.heartbeats()
-        job = fed.coord.submit_job(text, actor="test")
-        await fed.pump(until=lambda: fed.coord.store.job(job).status in until)
-        return job
-    return asyncio.run(go())
-
-
 def _watch(coord, job):
     lines: list[str] = []
     watch_job(lambda op, a: (coord.job_status(a["job_id"]), None), job, interval_s=0,
@@ -83,7 +75,7 @@ def _watch(coord, job):
 def test_why_a_site_was_dropped_reaches_watch_status_and_the_report(federation, tmp_path):
     fed = federation(["a", "b", "c", "d"])  # SecAgg+ over the three that train
     fed.agents["c"].trainer = MissingColumn("c", n_examples=30)
-    job = _run(fed, PLAN.format(rounds=2, secure="true"))
+    job = run(fed, PLAN.format(rounds=2, secure="true"))
     coord = fed.coord
     assert coord.store.job(job).status == "completed", coord.store.job(job).error
     rounds = coord.job_status(job)["rounds"]  # what `jobs status` prints
@@ -102,7 +94,7 @@ def test_why_a_site_was_dropped_reaches_watch_status_and_the_report(federation, 
 def test_the_final_model_is_evaluated_once_on_the_sites_test_split(federation, tmp_path):
     fed = federation(["a", "b", "c"])
     fed.agents["c"].trainer = NoTestSplit("c", n_examples=30)
-    job = _run(fed, PLAN.format(rounds=2, secure="false"))
+    job = run(fed, PLAN.format(rounds=2, secure="false"))
     coord = fed.coord
     assert coord.store.job(job).status == "completed", coord.store.job(job).error
     rows = coord.store.metrics(job)

@@ -18,6 +18,7 @@ from fedge.coordinator.service import Coordinator
 from fedge.secagg.errors import UpdateAlreadySummed
 from fedge.secagg.messages import UnmaskRequest
 from fedge.wire import messages as m
+from tests.coordinator.test_federation_inproc import run
 
 PLAN = """
 [job]
@@ -82,13 +83,6 @@ def record_sends(fed):
     return sent
 
 
-async def _run(fed, text):
-    await fed.heartbeats()
-    job = fed.coord.submit_job(text, actor="test")
-    await fed.pump(until=lambda: fed.coord.store.job(job).status in ("completed", "failed"))
-    return job
-
-
 def final_weights(fed, job):
     return ck.load_checkpoint(ck.final_path(fed.coord.state_dir, job)).weights.tobytes()
 
@@ -107,7 +101,7 @@ def test_a_round_unmasked_before_a_crash_waits_for_all_its_survivors_and_names_t
     of an uninterrupted run, bit for bit."""
     sites = ["a", "b", "c", "d"]
     reference = federation(sites)
-    ref_job = asyncio.run(_run(reference, plan(rounds=3)))
+    ref_job = run(reference, plan(rounds=3))
     fed = federation(sites)
 
     async def go():
@@ -187,7 +181,7 @@ def test_refusals_that_leave_the_unmasking_impossible_fail_the_attempt_at_once(f
             raise UpdateAlreadySummed(f"{site}'s update was summed over another set")
         fed.agents[site].reveal_log.check_and_record = refuse
     sent = record_sends(fed)
-    job = asyncio.run(_run(fed, plan(rounds=1, attempts=1)))
+    job = run(fed, plan(rounds=1, attempts=1))
     st = fed.coord.store
     assert st.job(job).status == "failed"
     (attempt,) = st.rounds(job)
@@ -204,13 +198,13 @@ def test_a_refusal_that_leaves_enough_shares_does_not_end_the_unmasking(federati
     same model as a round where d revealed."""
     sites = ["a", "b", "c", "d"]
     reference = federation(sites)
-    ref_job = asyncio.run(_run(reference, plan(rounds=1)))
+    ref_job = run(reference, plan(rounds=1))
     fed = federation(sites)
 
     def refuse(digest, survivors, update=None):
         raise UpdateAlreadySummed("d's update was summed over another set")
     fed.agents["d"].reveal_log.check_and_record = refuse
-    job = asyncio.run(_run(fed, plan(rounds=1)))
+    job = run(fed, plan(rounds=1))
     assert fed.coord.store.job(job).status == "completed", fed.coord.store.job(job).error
     assert history(fed, job) == [(1, "committed", sites, sites)]
     assert final_weights(fed, job) == final_weights(reference, ref_job)
@@ -221,11 +215,11 @@ def test_a_site_refusing_its_part_is_not_waited_for_until_the_stage_deadline(fed
     advertised their keys nothing is left to wait for, so the stage closes then and the
     round goes on without d, instead of after secagg_stage_s."""
     reference = federation(["a", "b", "c"])
-    ref_job = asyncio.run(_run(reference, plan(rounds=1)))
+    ref_job = run(reference, plan(rounds=1))
     fed = federation(["a", "b", "c", "d"])
     fed.agents["d"].policy = PrivacyPolicy(require_secure_aggregation=False, min_cohort=10)
     sent = record_sends(fed)
-    job = asyncio.run(_run(fed, plan(rounds=1)))
+    job = run(fed, plan(rounds=1))
     assert fed.coord.store.job(job).status == "completed", fed.coord.store.job(job).error
     abc = ["a", "b", "c"]
     assert history(fed, job) == [(1, "committed", ["a", "b", "c", "d"], abc)]

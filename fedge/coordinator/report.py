@@ -27,10 +27,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+from fedge.coordinator.rounds import FINAL_TEST_SPLIT
 from fedge.update.files import write_atomic
 
 AGGREGATE = "*"  # the site name of the size-weighted aggregate rows
-FINAL_TEST_SPLIT = "test"  # the split of the final model's held-out evaluation
 
 
 def _plan_settings(plan_toml: str) -> tuple[str | None, float | None]:

@@ -171,6 +171,22 @@ def peer_reason(reason: str) -> str:
 
 FINAL_TEST_SPLIT = "test"  # the split of the last round's final test (module doc)
 
+
+def _eval_rows(evals: dict[str, Any], split: str) -> list[tuple[str, str, str, float, int]]:
+    """Metric rows of one split's evaluations: each site's, then each metric's
+    size-weighted aggregate as site "*"."""
+    rows = []
+    sums: dict[str, tuple[float, int]] = {}
+    for site, ev in sorted(evals.items()):
+        for name, value in sorted(ev.metrics.items()):
+            rows.append((site, split, name, float(value), ev.n_examples))
+            s, n = sums.get(name, (0.0, 0))
+            sums[name] = (s + float(value) * ev.n_examples, n + ev.n_examples)
+    for name, (s, n) in sorted(sums.items()):
+        if n > 0:
+            rows.append(("*", split, name, s / n, n))
+    return rows
+
 # Why a site is missing from a committed round's survivors when it said nothing.
 SILENT_IN_TRAINING = "did not answer before the train deadline"
 SILENT_IN_AGGREGATION = ("trained but dropped out of the aggregation (its part did not "
@@ -813,22 +829,6 @@ class Round:
             if done.epsilon > 0:  # the site's cumulative DP-SGD spend in this job
                 rows.append((site, "privacy", "epsilon_job", float(done.epsilon),
                              done.n_examples))
-        sums: dict[str, tuple[float, int]] = {}
-        for site, ev in sorted(self.evals.items()):
-            for name, value in sorted(ev.metrics.items()):
-                rows.append((site, self.plan.eval_split, name, float(value), ev.n_examples))
-                s, n = sums.get(name, (0.0, 0))
-                sums[name] = (s + float(value) * ev.n_examples, n + ev.n_examples)
-        for name, (s, n) in sorted(sums.items()):
-            if n > 0:
-                rows.append(("*", self.plan.eval_split, name, s / n, n))
-        test: dict[str, tuple[float, int]] = {}
-        for site, ev in sorted(self.test_evals.items()):
-            for name, value in sorted(ev.metrics.items()):
-                rows.append((site, FINAL_TEST_SPLIT, name, float(value), ev.n_examples))
-                s, n = test.get(name, (0.0, 0))
-                test[name] = (s + float(value) * ev.n_examples, n + ev.n_examples)
-        for name, (s, n) in sorted(test.items()):
-            if n > 0:
-                rows.append(("*", FINAL_TEST_SPLIT, name, s / n, n))
+        rows += _eval_rows(self.evals, self.plan.eval_split)
+        rows += _eval_rows(self.test_evals, FINAL_TEST_SPLIT)
         return rows

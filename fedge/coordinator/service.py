@@ -405,7 +405,7 @@ class Coordinator:
         missing: dict[str, str] = {}
         for entry in reversed(self.store.audit_log(action="final_test", job=job_id, limit=50)):
             detail = _json(entry["detail"])
-            if detail.get("job") == job_id and detail.get("round") == committed:
+            if detail.get("round") == committed:
                 missing = {str(k): str(v) for k, v in dict(detail.get("missing", {})).items()}
                 break
         if not rows and not missing:
@@ -778,8 +778,6 @@ class Coordinator:
         if rnd.finished:  # done but its commit failed (disk full): retried, not trained
             self._after(now)
             return
-        if rnd.unmask_pending is not None:  # its record failed: the requests still wait
-            self._record_unmask(rnd)
         for site in rnd.participants:
             if not self._connected(site, now):
                 self._emit(rnd, rnd.lost(site, now))

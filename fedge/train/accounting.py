@@ -224,10 +224,7 @@ class PrivacyLedger:
             OSError: the ledger could not be saved.
         """
         with self._lock:
-            entry = next((e for e in self.entries if _key(e) == tuple(key)), None)
-            if entry is None:
-                raise KeyError(f"no privacy ledger entry for job {key[0]!r} round {key[1]} "
-                               f"attempt {key[2]}")
+            entry = self._find(key)
             if entry["status"] == RELEASED:
                 return
             entry["status"] = RELEASED
@@ -312,9 +309,13 @@ class PrivacyLedger:
 
         Raises: KeyError: no entry has that key."""
         with self._lock:
-            for e in self.entries:
-                if _key(e) == tuple(key):
-                    return dict(e)
+            return dict(self._find(key))
+
+    def _find(self, key: EntryKey) -> dict[str, Any]:
+        """The entry ``key`` itself (the caller holds the lock). Raises: KeyError."""
+        for e in self.entries:
+            if _key(e) == tuple(key):
+                return e
         raise KeyError(f"no privacy ledger entry for job {key[0]!r} round {key[1]} "
                        f"attempt {key[2]}")
 

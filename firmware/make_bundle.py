@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import hashlib
 import io
 import json
 import re
@@ -51,7 +50,7 @@ except ImportError:  # run as a script from a checkout without fedge installed
     from fedge.update import ab
 
 MANIFEST = ab.MANIFEST
-FORMAT = 1
+FORMAT = ab.FORMAT
 DEFAULT_EXEC = ("{python}", "-m", "fedge.cli", "agent", "run", "--config",
                 "/etc/fedge/agent.toml")
 _VERSION = re.compile(r"^[0-9]+(\.[0-9]+){1,3}([.+-][A-Za-z0-9.]+)?$")
@@ -76,14 +75,6 @@ def _payload_files(payload: Path) -> list[Path]:
     if not files:
         raise BundleError(f"payload {payload} has no files")
     return files
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _tarinfo(name: str, size: int, *, directory: bool = False, executable: bool = False):
@@ -124,7 +115,7 @@ def make_bundle(
         "version": version,
         "exec": list(exec_argv),
         "env": dict(sorted((env or {}).items())),
-        "files": {rel.as_posix(): _sha256(payload / rel) for rel in files},
+        "files": {rel.as_posix(): ab.sha256_file(payload / rel) for rel in files},
     }
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
@@ -195,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"make_bundle: {exc}", file=sys.stderr)
         return 1
     print(f"{args.out}: version {manifest['version']}, {len(manifest['files'])} files, "
-          f"sha256 {_sha256(args.out)}")
+          f"sha256 {ab.sha256_file(args.out)}")
     return 0
 
 

@@ -37,6 +37,18 @@ from fedge.update.tuf_repo import version_key
 log = logging.getLogger("fedge.update.ab")
 
 MANIFEST = "fedge-bundle.json"
+FORMAT = 1  # of the manifest's files table (firmware/make_bundle.py writes it)
+
+
+def sha256_file(path: Path) -> str:
+    """The hex sha256 of a file, read in 1 MiB pieces."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 # Set by `exec_current` (the unit's ExecStart) to the slot root, whether it runs a
 # slot or the packaged install: the agent under it can update itself.
 SOFTWARE_ROOT_ENV = "FEDGE_SOFTWARE_ROOT"
@@ -238,8 +250,6 @@ def verify_slot(slot: Path, *, require_manifest: bool = False) -> dict | None:
         listed, or (with `require_manifest`) the manifest that is missing or has no
         table of hashes.
     """
-    import hashlib
-
     slot = Path(slot)
     try:
         manifest = json.loads((slot / MANIFEST).read_text())
@@ -253,7 +263,7 @@ def verify_slot(slot: Path, *, require_manifest: bool = False) -> dict | None:
             raise ValueError(f"{MANIFEST} has no files table: nothing to check the slot "
                              "against (not a bundle from firmware/make_bundle.py)")
         return None
-    if manifest.get("format") != 1 or not isinstance(files, dict):
+    if manifest.get("format") != FORMAT or not isinstance(files, dict):
         raise ValueError(f"{MANIFEST}: format {manifest.get('format')!r} with files of type "
                          f"{type(files).__name__}; expected format 1 and a table of hashes")
     # First, so that no hash is read through a symlinked directory. The walk does not
@@ -275,11 +285,7 @@ def verify_slot(slot: Path, *, require_manifest: bool = False) -> dict | None:
                              "regular files only")
         if not path.is_file():
             raise ValueError(f"{rel}, listed in {MANIFEST}, is missing from the bundle")
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        if h.hexdigest() != digest:
+        if sha256_file(path) != digest:
             raise ValueError(f"{rel} does not match its sha256 in {MANIFEST}")
     return manifest
 

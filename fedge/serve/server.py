@@ -1398,20 +1398,21 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
             # took on the wire (as data_received counts a head arriving in parts, so
             # the verdict does not depend on how TCP cut it): "METHOD URL HTTP/1.1\r\n",
             # "name: value\r\n" each, and the blank line
-            size = (len(self.parser.get_method()) + len(self.url) + 12
+            method = self.parser.get_method()
+            size = (len(method) + len(self.url) + 12
                     + sum(len(k) + len(v) + 4 for k, v in self.headers) + 2)
             if size > head_limit:
                 self._head_over = size
                 raise _HeadTooLarge(size)  # httptools stops parsing; data_received answers
-            self._direct = self._take_direct()
+            self._direct = self._take_direct(method)
             if self._direct is None:
                 super().on_headers_complete()  # raises for a URL it cannot parse
             # only now, with the request taken: anything raised above is a fault in
             # its head, answered after the responses owed to the earlier requests
             self._in_headers = False
 
-        def _take_direct(self) -> _Direct | None:
-            if (self.parser.get_method() != b"POST" or self.flow.write_paused
+        def _take_direct(self, method: bytes) -> _Direct | None:
+            if (method != b"POST" or self.flow.write_paused
                     or self._owed is not None):
                 return None
             if self.pipeline or not (self.cycle is None or self.cycle.response_complete):

@@ -6,11 +6,9 @@ the neighbour degree and the vector length never travel as free parameters.
 
 A site that refuses its part (``TaskRefused``: an agent's ``SecAggAbort``, a
 reveal its log forbids) sends nothing more, so the session need not wait for
-its stage deadline: once every site the stage still waits for has refused, the
-stage closes at once; and in the unmasking stage, once the refusals leave some
-secret with fewer than t sites able to send a share of it, the aggregation
-fails at once, saying which. The session's own rules decide everything else
-(its deadline, what a share is worth), read through its public state.
+its stage deadline: ``ServerSession.refuse`` drops it at once, closing a stage
+that waits only for refusers, and failing an unmasking that some secret can no
+longer complete, saying which.
 """
 
 from __future__ import annotations
@@ -50,20 +48,9 @@ class SecureAggregation:
 
         self._failure: str | None = None
         self._result: AggregationResult | None = None
-        self.threshold = 0
         self.session: Any = None
-        self._refused: set[str] = set()
-        # the stage the session was in when last seen, and who answered it (a message
-        # of the stage's kind the session took)
-        self._stage = ""
-        self._answered: set[str] = set()
-        # the unmask requests as sent: who was asked, for which survivors and dropped
-        self._unmask_asked: set[str] = set()
-        self._unmask_survivors: list[str] = []
-        self._unmask_dropped: list[str] = []
         try:
             config = secagg_config(plan, len(cohort), dim)
-            self.threshold = config.threshold
             self.session = ServerSession(
                 config, RoundContext(info.job_id, info.round, info.model_digest), list(cohort),
                 roster, threads=threads)
@@ -71,97 +58,18 @@ class SecureAggregation:
             self._failure = f"secure aggregation cannot run over {len(cohort)} sites: {exc}"
 
     def start(self, now: float) -> list[tuple[str, Any]]:
-        return [] if self.session is None else self._sent(self.session.start(now))
+        return [] if self.session is None else self.session.start(now)
 
     def receive(self, sender: str, body: Any, now: float) -> list[tuple[str, Any]]:
-        if self.session is None:
-            return []
-        self._follow_stage()
-        discarded = self.session.discarded
-        out = self.session.receive(sender, body, now)
-        if self._follow_stage() and self._expects(body) \
-                and self.session.discarded == discarded:  # taken, not discarded
-            self._answered.add(sender)
-        return self._sent(out) + self._close_if_only_refused(now)
+        return [] if self.session is None else self.session.receive(sender, body, now)
 
     def tick(self, now: float) -> list[tuple[str, Any]]:
-        return [] if self.session is None else self._sent(self.session.tick(now))
+        return [] if self.session is None else self.session.tick(now)
 
     def refused(self, sender: str, now: float) -> list[tuple[str, Any]]:
-        """``sender`` refused its part (see the module docstring).
-
-        A refusal after its answer to the current stage changes nothing (the answer
-        stands, as in ``Round``'s training)."""
-        s = self.session
-        if s is None or s.done or sender not in s.cohort or sender in s.dropped:
-            return []  # a dropped site is out already
-        self._follow_stage()
-        if sender in self._answered:
-            return []
-        self._refused.add(sender)
-        if s.stage == "Unmasking":
-            impossible = self._unmask_impossible()
-            if impossible:
-                self._failure = impossible
-                return []
-        return self._close_if_only_refused(now)
-
-    def _close_if_only_refused(self, now: float) -> list[tuple[str, Any]]:
-        """Close the stage now when every site it still waits for has refused."""
-        s = self.session
-        if s.done or not self._refused:
-            return []
-        self._follow_stage()
-        waiting = set(s.cohort) - set(s.dropped) - self._answered
-        if not waiting <= self._refused:
-            return []
-        s.deadline = now  # nobody it waits for will answer
-        return self._sent(s.tick(now))
-
-    def _follow_stage(self) -> bool:
-        """Forget the answers of a stage the session has left; whether it is the same
-        stage as when last seen."""
-        stage = self.session.stage
-        if stage != self._stage:
-            self._stage, self._answered = stage, set()
-            return False
-        return True
-
-    def _expects(self, body: Any) -> bool:
-        from fedge.secagg.server import SERVER_TRANSITIONS
-
-        expected = SERVER_TRANSITIONS.get(self.session.stage)
-        return expected is not None and type(body).__name__ == expected[0]
-
-    def _sent(self, out: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
-        from fedge.secagg.messages import UnmaskRequest
-
-        for site, body in out:
-            if isinstance(body, UnmaskRequest):
-                self._unmask_asked.add(site)
-                self._unmask_survivors = list(body.survivors)
-                self._unmask_dropped = list(body.dropped)
-        self._follow_stage()
-        return out
-
-    def _unmask_impossible(self) -> str | None:
-        """Why the unmasking cannot complete with the sites still able to answer, or
-        None. A site asked to unmask sends shares of itself and of its neighbours
-        (survivors' self-mask seeds, dropped sites' mask keys); each secret needs t."""
-        s = self.session
-        t = s.config.threshold
-        able = self._unmask_asked - self._refused - set(s.dropped)
-        survivors = set(self._unmask_survivors)
-        secrets = [(owner, "self-mask seed") for owner in sorted(survivors)]
-        secrets += [(owner, "mask key") for owner in sorted(self._unmask_dropped)
-                    if s.neighbours[owner] & survivors]
-        for owner, what in secrets:
-            holders = [h for h in able if h == owner or owner in s.neighbours[h]]
-            if len(holders) < t:
-                return (f"unmasking cannot complete: {len(self._refused)} site(s) refused "
-                        f"({', '.join(sorted(self._refused))}), so {len(holders)} of the "
-                        f"sites holding a share of {owner!r}'s {what} remain, threshold {t}")
-        return None
+        """``sender`` refused its part (see the module docstring and
+        ``ServerSession.refuse``)."""
+        return [] if self.session is None else self.session.refuse(sender, now)
 
     @property
     def result(self) -> AggregationResult | None:

@@ -189,8 +189,29 @@ class ServerSession:
         if not accepted:
             self._drop(sender)
             self.discarded += 1
+            if self.stage == "Unmasking" and (short := self._unmask_shortfall()):
+                return out + self._fail(ReconstructionFailed(short))
         else:
             self._replied.add(sender)
+        if self._stage_complete():
+            out += self._close_stage(now)
+        return out
+
+    def refuse(self, sender: str, now: float) -> Outgoing:
+        """``sender`` has said it will send nothing more this round (its own abort, a
+        reveal its log forbids): it is dropped now, not at the stage deadline, so a
+        stage left waiting only for refusers closes at once.
+
+        An answer it gave to the current stage stands. In the unmasking stage, once the
+        sites still able to answer cannot bring some secret to t shares, the round
+        fails at once, naming it (ReconstructionFailed). Never raises."""
+        out = self.tick(now)
+        if (self.done or self.stage == "Idle" or sender not in self._alive
+                or sender in self._replied):
+            return out
+        self._drop(sender)
+        if self.stage == "Unmasking" and (short := self._unmask_shortfall()):
+            return out + self._fail(ReconstructionFailed(short))
         if self._stage_complete():
             out += self._close_stage(now)
         return out
@@ -427,6 +448,24 @@ class ServerSession:
         return all(len(self._seed_shares.get(c, ())) >= t for c in self._u3) and all(
             len(self._key_shares.get(c, ())) >= t for c in self._needed_key_owners()
         )
+
+    def _unmask_shortfall(self) -> str | None:
+        """Why the unmasking cannot complete with the shares taken and the sites still
+        due to answer, or None. A site sends a share of each secret of itself and of
+        its neighbours (survivors' self-mask seeds, dropped sites' mask keys)."""
+        t = self.config.threshold
+        due = self._alive - self._replied
+        secrets = [(owner, "self-mask seed", self._seed_shares) for owner in sorted(self._u3)]
+        secrets += [(owner, "mask key", self._key_shares) for owner in self._needed_key_owners()]
+        for owner, what, taken in secrets:
+            can = len(taken.get(owner, ())) + sum(
+                1 for h in due if h == owner or owner in self.neighbours[h])
+            if can < t:
+                left = sorted(c for c, stage in self.dropped.items() if stage == "Unmasking")
+                return (f"unmasking cannot complete: {len(left)} site(s) dropped out of "
+                        f"it ({', '.join(left)}), so {can} of the sites holding a share of "
+                        f"{owner!r}'s {what} remain, threshold {t}")
+        return None
 
     def _close_Unmasking(self) -> Outgoing:
         t = self.config.threshold

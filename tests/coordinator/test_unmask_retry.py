@@ -187,7 +187,7 @@ def test_refusals_that_leave_the_unmasking_impossible_fail_the_attempt_at_once(f
     (attempt,) = st.rounds(job)
     asked_at = min(t for t, _, b in sent if isinstance(b, UnmaskRequest))
     assert attempt.ended_at - asked_at < STAGE_S, (attempt.ended_at - asked_at, attempt.reason)
-    assert "unmasking cannot complete: 2 site(s) refused (a, b)" in attempt.reason
+    assert "unmasking cannot complete: 2 site(s) dropped out of it (a, b)" in attempt.reason
     assert "a's update was summed over another set" in attempt.reason
     assert "b's update was summed over another set" in attempt.reason
 

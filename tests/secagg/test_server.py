@@ -182,3 +182,95 @@ def test_signed_but_unusable_key_drops_only_its_owner_not_the_round(field: str, 
     assert server.dropped == {bad: "AdvertiseKeys"} and server.discarded >= 1
     assert server.result.survivors == fed.ids[:4]
     np.testing.assert_array_equal(server.result.total, fed.expected_sum(fed.ids[:4]))
+
+
+def _run_refusing(fed: Federation, refuse: dict[str, type], *, after_answer: bool = False,
+                  now: float = 0.0) -> list[tuple[str, object]]:
+    """Run a round at one instant (no deadline ever passes): each site in ``refuse``
+    calls ``ServerSession.refuse`` on the message of its type, instead of answering
+    it or, with ``after_answer``, once its answer is in. Returns what the server sent."""
+    sent: list[tuple[str, object]] = []
+    queue = list(fed.server.start(now))
+    while queue:
+        recipient, message = queue.pop(0)
+        sent.append((recipient, message))
+        refusing = isinstance(message, refuse.get(recipient, ()))
+        if refusing and not after_answer:
+            queue += fed.server.refuse(recipient, now)
+            continue
+        for reply in fed.clients[recipient].receive(message, now):
+            queue += fed.server.receive(recipient, reply, now)
+        if refusing:
+            queue += fed.server.refuse(recipient, now)
+    return sent
+
+
+@pytest.mark.parametrize("opener", [msgs.AdvertiseRequest, msgs.RelayedShares,
+                                    msgs.ConsistencyRequest])
+def test_a_refusal_drops_its_site_at_once_and_the_round_ends_without_waiting(opener: type):
+    """No deadline passes: the stage the refuser was due to answer closes as the last
+    other answer arrives, and the sum is the others' (its input, if it was masked in
+    before it refused the consistency check, included)."""
+    fed = Federation(5, 16, alpha=0.0, threshold=3, delta=0.2)
+    _run_refusing(fed, {BAD: opener})
+    server = fed.server
+    assert server.result is not None, server.failure
+    stage = {msgs.AdvertiseRequest: "AdvertiseKeys", msgs.RelayedShares: "MaskedInput",
+             msgs.ConsistencyRequest: "ConsistencyCheck"}[opener]
+    assert server.dropped == {BAD: stage}
+    summed = fed.ids if opener is msgs.ConsistencyRequest else \
+        [c for c in fed.ids if c != BAD]
+    assert server.result.survivors == summed
+    np.testing.assert_allclose(server.result.total, fed.expected_sum(summed), atol=1e-6)
+
+
+def test_a_refusal_after_its_answer_changes_nothing():
+    fed = Federation(4, 16, alpha=0.0)
+    _run_refusing(fed, {BAD: msgs.RelayedShares}, after_answer=True)
+    assert fed.server.result is not None and fed.server.dropped == {}
+    assert fed.server.result.survivors == fed.ids
+
+
+def test_unmask_refusals_fail_the_round_at_once_when_a_secret_falls_below_t():
+    """t = 3 of 4: one refusal to unmask leaves three sites with a share of every
+    secret (the round sums all four inputs); two leave two, and the round fails as
+    the second arrives, naming both, and every site is told."""
+    fed = Federation(4, 16, alpha=0.0, threshold=3, delta=0.2)
+    _run_refusing(fed, {"site-001": msgs.UnmaskRequest})
+    assert fed.server.result is not None, fed.server.failure
+    np.testing.assert_allclose(fed.server.result.total, fed.expected_sum(fed.ids), atol=1e-6)
+
+    fed = Federation(4, 16, alpha=0.0, threshold=3, delta=0.2)
+    refusers = {"site-001": msgs.UnmaskRequest, "site-002": msgs.UnmaskRequest}
+    sent = _run_refusing(fed, refusers)
+    assert fed.server.stage == "Failed" and fed.server.result is None
+    assert "unmasking cannot complete: 2 site(s) dropped out of it (site-001, site-002), " \
+        "so 2 of the sites holding a share of" in str(fed.server.failure)
+    assert "threshold 3" in str(fed.server.failure)
+    told = {cid for cid, m in sent if isinstance(m, msgs.RoundFailed)}
+    assert told == set(fed.ids)
+
+
+def test_a_refusal_before_start_or_after_the_end_is_ignored():
+    fed = Federation(3, 4, alpha=0.0)
+    assert fed.server.refuse("site-000", 0.0) == [] and fed.server.stage == "Idle"
+    _run_refusing(fed, {})
+    assert fed.server.result is not None
+    assert fed.server.refuse("site-000", 0.0) == [] and fed.server.dropped == {}
+
+
+def test_bad_unmask_shares_that_leave_a_secret_below_t_fail_the_round_at_once():
+    """Two of four send shares that are not shares (t = 3): they are dropped as they
+    arrive, and the round fails then, naming them, not after the stage."""
+    fed = Federation(4, 16, alpha=0.0, threshold=3, delta=0.2)
+
+    def garble(sender: str, reply: object) -> list[tuple[str, object]]:
+        if isinstance(reply, msgs.UnmaskShares) and sender in ("site-001", "site-002"):
+            bad = {owner: b"not a share" for owner in reply.seed_shares}
+            return [(sender, dataclasses.replace(reply, seed_shares=bad))]
+        return [(sender, reply)]
+
+    server = _drive(fed, garble)
+    assert server.stage == "Failed"
+    assert "unmasking cannot complete: 2 site(s) dropped out of it (site-001, site-002)" \
+        in str(server.failure)

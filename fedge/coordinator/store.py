@@ -250,10 +250,10 @@ class Store:
     ``busy_timeout_s``: how long a write waits for another connection's lock
     (BUSY_TIMEOUT_S for the short-lived commands; the running coordinator passes
     SERVICE_BUSY_TIMEOUT_S). A write that finds the lock held raises
-    ``sqlite3.OperationalError`` (``is_locked``); ``busy_count`` counts them,
-    ``lock_waits`` those that waited busy_timeout_s first (the others failed at once,
-    BUSY_QUIET_S), and ``locked_since`` says since when (monotonic) writes have been
-    failing so, None once one succeeds.
+    ``sqlite3.OperationalError`` (``is_locked``); ``lock_waits`` counts those that
+    waited busy_timeout_s first (the others failed at once, BUSY_QUIET_S), and
+    ``locked_since`` says since when (monotonic) writes have been failing so, None
+    once one succeeds.
 
     Raises:
         StoreError: on opening a database whose schema version is newer than
@@ -270,7 +270,6 @@ class Store:
         self._clock = clock
         self._lock = threading.RLock()
         self._busy_timeout_s = busy_timeout_s
-        self.busy_count = 0
         self.lock_waits = 0
         self.locked_since: float | None = None
         self._busy_at = float("-inf")  # monotonic: when a write last found the lock held
@@ -369,8 +368,7 @@ class Store:
                 if self._conn.in_transaction:
                     self._conn.execute("ROLLBACK")
                 raise
-            self._busy_at = float("-inf")
-            self.locked_since = None
+            self._lock_free()
 
     def _begin(self) -> None:
         """BEGIN IMMEDIATE: the write lock, waited for busy_timeout_s, or not at all while
@@ -380,22 +378,40 @@ class Store:
             sqlite3.OperationalError: the lock is held (``is_locked``), or SQLite failed.
         """
         now = time.monotonic()
-        quiet = now - self._busy_at < BUSY_QUIET_S
-        if quiet:
+        wait = now - self._busy_at >= BUSY_QUIET_S
+        try:
+            self._begin_immediate(wait=wait)
+        except sqlite3.OperationalError as exc:
+            if is_locked(exc):
+                self.lock_waits += wait
+                if self.locked_since is None:
+                    self.locked_since = now
+            raise
+
+    def _begin_immediate(self, *, wait: bool) -> None:
+        """BEGIN IMMEDIATE, waiting busy_timeout_s for the lock, or (``wait`` False) not at
+        all; a lock found held starts BUSY_QUIET_S anew.
+
+        Raises:
+            sqlite3.OperationalError: the lock is held (``is_locked``), or SQLite failed.
+        """
+        if not wait:
             self._set_busy_timeout(0)
         try:
             self._conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
             if is_locked(exc):
-                self.busy_count += 1
-                self.lock_waits += not quiet
                 self._busy_at = time.monotonic()
-                if self.locked_since is None:
-                    self.locked_since = now
             raise
         finally:
-            if quiet:
+            if not wait:
                 self._set_busy_timeout(self.busy_timeout_s)
+
+    def _lock_free(self) -> None:
+        """The write lock was had: the next write waits for it again, and writes are no
+        longer failing on it."""
+        self._busy_at = float("-inf")
+        self.locked_since = None
 
     def writable(self) -> bool:
         """Whether the write lock can be had now: taken and given back at once, without
@@ -405,19 +421,14 @@ class Store:
             sqlite3.OperationalError: SQLite failed otherwise than on the lock.
         """
         with self._lock:
-            self._set_busy_timeout(0)
             try:
-                self._conn.execute("BEGIN IMMEDIATE")
+                self._begin_immediate(wait=False)
             except sqlite3.OperationalError as exc:
                 if is_locked(exc):
-                    self._busy_at = time.monotonic()
                     return False
                 raise
-            finally:
-                self._set_busy_timeout(self.busy_timeout_s)
             self._conn.execute("ROLLBACK")
-            self._busy_at = float("-inf")
-            self.locked_since = None
+            self._lock_free()
             return True
 
     def schema_version(self) -> int:
@@ -645,14 +656,21 @@ class Store:
         if status not in JOB_STATUSES:
             raise StoreError(f"job status {status!r} is not one of {JOB_STATUSES}")
         with self._tx() as c:
-            cur = c.execute(
-                "UPDATE jobs SET status=?, error=?, final_digest=CASE WHEN ?='' THEN"
-                " final_digest ELSE ? END, updated_at=? WHERE job_id=?",
-                (status, error, final_digest, final_digest, self._clock(), job_id),
-            )
-            if cur.rowcount == 0:
-                raise StoreError(f"unknown job {job_id!r}")
-            self._audit(c, actor, f"job_{status}", {"job": job_id, "error": error})
+            self._set_job_status(c, job_id, status, actor=actor, error=error,
+                                 final_digest=final_digest)
+
+    def _set_job_status(self, c: sqlite3.Connection, job_id: str, status: str, *,
+                        actor: str, error: str = "", final_digest: str = "") -> None:
+        """set_job_status within the caller's transaction (``final_digest`` '' keeps the
+        job's). Raises: StoreError: unknown job."""
+        cur = c.execute(
+            "UPDATE jobs SET status=?, error=?, final_digest=CASE WHEN ?='' THEN"
+            " final_digest ELSE ? END, updated_at=? WHERE job_id=?",
+            (status, error, final_digest, final_digest, self._clock(), job_id),
+        )
+        if cur.rowcount == 0:
+            raise StoreError(f"unknown job {job_id!r}")
+        self._audit(c, actor, f"job_{status}", {"job": job_id, "error": error})
 
     def set_final_digest(self, job_id: str, digest: str) -> None:
         """Name the weights of a job's ``final.safetensors`` (a failed job's last
@@ -743,10 +761,8 @@ class Store:
             row = c.execute("SELECT failed_attempts FROM jobs WHERE job_id=?", (job_id,)).fetchone()
             attempts = int(row[0])
             if max_attempts is not None and attempts >= max_attempts:
-                error = f"round {rnd} failed {attempts} times; last: {reason}"
-                c.execute("UPDATE jobs SET status='failed', error=?, updated_at=? WHERE job_id=?",
-                          (error, self._clock(), job_id))
-                self._audit(c, "coordinator", "job_failed", {"job": job_id, "error": error})
+                self._set_job_status(c, job_id, "failed", actor="coordinator",
+                                     error=f"round {rnd} failed {attempts} times; last: {reason}")
         return attempts
 
     def record_unmask_set(self, job_id: str, rnd: int, survivors: list[str]) -> None:

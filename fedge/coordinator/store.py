@@ -6,7 +6,9 @@ append-only audit log. Every write is one transaction; a coordinator killed at
 any instant leaves the database at the last committed write (WAL +
 ``synchronous=FULL``). The schema carries a version in ``meta``; an older
 database is brought up to date at open (``_MIGRATIONS``, one transaction), one
-written by a newer schema is refused rather than guessed at.
+written by a newer schema is refused rather than guessed at. Indexes are outside
+the version: made at open where missing (``_INDEXES``), as any release can open a
+database that has them.
 
 A round row's ``dropped_json`` holds ``{site: why it was left out}`` (a committed
 round: each site dropped from its survivors; a failed attempt: each site that
@@ -126,6 +128,19 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
             recorded_at REAL NOT NULL,
             PRIMARY KEY (job_id, round))""",),
 }
+
+# The job an audit entry is about: its JSON detail's "job", NULL for any other detail.
+# audit_log selects with this very expression, so that SQLite uses the index below.
+_AUDIT_JOB = "CASE WHEN json_valid(detail) THEN json_extract(detail, '$.job') END"
+
+# Indexes change no query's answer, only its cost: they are made at every open when
+# missing, outside the version (a release without one opens the database all the same,
+# so adding one need not make a downgrade refuse it, as a migration step would).
+# audit_by_action_job: `jobs status` reads a job's final_test entry (audit_log with
+# action and job); without it every entry ever audited is read, on the event loop.
+_INDEXES = f"""
+CREATE INDEX IF NOT EXISTS audit_by_action_job ON audit(action, ({_AUDIT_JOB}));
+"""
 
 
 # How long a write waits for another connection's lock. At open it is shorter: the
@@ -325,7 +340,7 @@ class Store:
                              f"{more} (corrupt: {CORRUPT_HINT})")
         # executescript commits implicitly, so run it outside our BEGIN.
         with self._lock:
-            self._conn.executescript(_SCHEMA)
+            self._conn.executescript(_SCHEMA + _INDEXES)
         with self._tx() as c:
             row = c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
             version = 1 if row is None else int(row[0])  # new: _SCHEMA just made version 1
@@ -463,8 +478,7 @@ class Store:
             where.append("action = ?")
             args += (action,)
         if job is not None:
-            where.append("CASE WHEN json_valid(detail) THEN json_extract(detail, '$.job') "
-                         "END = ?")
+            where.append(f"{_AUDIT_JOB} = ?")
             args += (job,)
         if where:
             q += " WHERE " + " AND ".join(where)

@@ -245,3 +245,47 @@ def test_audit_log_selects_a_jobs_entries_however_many_came_after(tmp_path):
         assert len(store.audit_log(action="final_test", limit=50)) == 50
     finally:
         store.close()
+
+
+def test_a_jobs_audit_entries_are_found_at_a_cost_that_does_not_grow_with_the_log(tmp_path):
+    """`jobs status` reads the job's final_test entry on every call, on the coordinator's
+    event loop: the lookup is indexed, also in a database written before the index
+    (it is made at open), so it reads the same few rows however much was audited."""
+    Store(tmp_path).close()
+    path = tmp_path / "coordinator.sqlite3"
+    conn = sqlite3.connect(path)
+    conn.execute("DROP INDEX audit_by_action_job")  # as written before it existed
+
+    def audit_rounds(n: int) -> None:
+        conn.executemany("INSERT INTO audit(time, actor, action, detail) VALUES (0, 'c', ?, ?)",
+                         [("round_committed", json.dumps({"job": f"job-{i}", "round": 1}))
+                          for i in range(n)])
+        conn.commit()
+
+    audit_rounds(100)
+    store = Store(tmp_path)
+    try:
+        store.audit("coordinator", "final_test", {"job": "job-7", "missing": {"a": "x"}})
+
+        def steps_to_find() -> int:
+            steps = 0
+
+            def count() -> int:
+                nonlocal steps
+                steps += 1
+                return 0
+
+            store._conn.set_progress_handler(count, 1)  # one call per VM instruction
+            try:
+                (entry,) = store.audit_log(action="final_test", job="job-7")
+            finally:
+                store._conn.set_progress_handler(None, 1)
+            assert json.loads(entry["detail"])["missing"] == {"a": "x"}
+            return steps
+
+        few = steps_to_find()
+        audit_rounds(20_000)
+        assert steps_to_find() < 2 * few
+    finally:
+        store.close()
+        conn.close()

@@ -504,21 +504,13 @@ class Round:
                     return self._reject(sender, "duplicate train result")
                 if body.n_examples <= 0:
                     self.refused[sender] = f"reported {body.n_examples} training examples"
-                    out = self._reject(sender, "train result with no examples")
-                    if self._pinned_short():
-                        out += self._fail_pinned()
-                    elif self._all_answered():
-                        out += self._end_training(now)
-                    return out
+                    return (self._reject(sender, "train result with no examples")
+                            + self._answered_training(now))
                 problem = metrics_problem(body.metrics, body.epsilon)
                 if problem is not None:
                     self.refused[sender] = f"invalid train result: {problem}"
-                    out = self._reject(sender, f"train result refused: {problem}")
-                    if self._pinned_short():
-                        out += self._fail_pinned()
-                    elif self._all_answered():
-                        out += self._end_training(now)
-                    return out
+                    return (self._reject(sender, f"train result refused: {problem}")
+                            + self._answered_training(now))
                 self.trained[sender] = body
             elif isinstance(body, m.TaskRefused):
                 if sender in self.trained:
@@ -529,11 +521,7 @@ class Round:
                 self.refused.setdefault(sender, peer_reason(body.reason))
             else:
                 return self._reject(sender, f"{type(body).__name__} during training")
-            if self._pinned_short():
-                return self._fail_pinned()
-            if self._all_answered():
-                return self._end_training(now)
-            return []
+            return self._answered_training(now)
         if self.phase is Phase.AGGREGATING:
             assert self._aggregation is not None
             if sender not in self._agg_cohort:
@@ -605,10 +593,7 @@ class Round:
             return []
         if self.phase is Phase.TRAINING and site not in self.trained:
             self.refused.setdefault(site, "connection lost during training")
-            if self._pinned_short():
-                return self._fail_pinned()
-            if self._all_answered():
-                return self._end_training(now)
+            return self._answered_training(now)
         # Only the evaluation cohort counts towards DONE: a site dropped before
         # aggregation (lost() is called each tick while it stays away) was sent no
         # EvalTask and must not take the place of a survivor still evaluating.
@@ -788,6 +773,16 @@ class Round:
         if self.final_test and len(self.test_evals) + len(self.test_missing) < len(cohort):
             return
         self.phase = Phase.DONE
+
+    def _answered_training(self, now: float) -> Outgoing:
+        """A cohort site has just trained, refused or been lost: a pinned round that lost
+        a site of S fails at once, and once every site answered training ends without
+        waiting for its deadline."""
+        if self._pinned_short():
+            return self._fail_pinned()
+        if self._all_answered():
+            return self._end_training(now)
+        return []
 
     def _pinned_short(self) -> list[str]:
         """The sites of a pinned round's S that will not train it (refused, lost)."""

@@ -253,13 +253,17 @@ class AgentUpdater:
         has one lineage whatever its name, and must also be newer than the version
         that runs now (`fedge.update.ab.running_version`).
 
-        Every comparison is PEP 440 (`release_version`), as `fedge.update.ab`
-        orders software slots: "1.2" and "1.2.0" are the same version, and the
-        running version may be a development build ("0.3.0.dev1").
+        Every comparison is PEP 440, as `fedge.update.ab` orders software slots:
+        "1.2" and "1.2.0" are the same version, and the running version may be a
+        development build ("0.3.0.dev1"). A verified target's version always is one
+        (`from_target_file` lets through only dotted integers); what is installed or
+        running may not be (`release_version`), and is then refused against.
+
+        Raises:
+            packaging.version.InvalidVersion: a target in `spec` or `specs` that
+                `from_target_file` did not make, whose version is not PEP 440.
         """
-        mine = release_version(spec.version)
-        if mine is None:  # from_target_file checked it: only a changed format gets here
-            return False, f"{spec.kind} {spec.name} version {spec.version!r} is not PEP 440"
+        mine = Version(spec.version)
         installed = self.installed()
         if spec.kind == "software":
             floors = [(f"installed {key}", v) for key, v in sorted(installed.items())
@@ -281,12 +285,9 @@ class AgentUpdater:
                               f"{spec.version} is the same version, nothing to do")
             ordered.append((what, have, theirs))
         lineage = _lineage(spec)
-        # (a sibling whose version does not parse cannot be newer: from_target_file
-        # let through only dotted integers, all of them PEP 440)
-        above = [s for s in specs if _lineage(s) == lineage
-                 and (release_version(s.version) or mine) > mine]
+        above = [s for s in specs if _lineage(s) == lineage and Version(s.version) > mine]
         if above:
-            top = max(above, key=lambda s: release_version(s.version))
+            top = max(above, key=lambda s: Version(s.version))
             return False, (f"{spec.kind} {spec.name} {spec.version} is not the newest signed "
                            f"version: {top.path!r} is; refusing to install an older one")
         for what, have, theirs in ordered:
@@ -449,14 +450,14 @@ def _newest_per_lineage(specs: list[tuf_repo.TargetSpec]
     newest: dict[tuple[str, str], tuf_repo.TargetSpec] = {}
     for spec in specs:
         key = _lineage(spec)
-        if key not in newest or (release_version(spec.version)
-                                 > release_version(newest[key].version)):
+        if key not in newest or Version(spec.version) > Version(newest[key].version):
             newest[key] = spec
     return newest
 
 
 def release_version(version: str) -> Version | None:
-    """`version` in PEP 440 order (how software slots are ordered, and so "1.2" ==
+    """A version read from outside the verified metadata (installed.json, the running
+    software's), in PEP 440 order (how software slots are ordered, and so "1.2" ==
     "1.2.0"), or None if it is not a PEP 440 version. Every signed target version
     (`tuf_repo.version_key`'s dotted integers) is one, in the same order."""
     try:
@@ -473,8 +474,6 @@ def install_trusted_root(state_dir: Path, root: bytes) -> None:
     md = tuf_repo.load(root, "root")
     tuf_repo.verify_by(md, "root", md)
     write_atomic(Path(state_dir) / "tuf" / "metadata" / "root.json", root)
-
-
 
 
 def handle_update_available(updater: AgentUpdater, msg: UpdateAvailable, *,

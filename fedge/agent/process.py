@@ -48,12 +48,16 @@ import tomllib
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fedge.agent.guard import PrivacyPolicy, PrivacyPolicyError, RevealLog
 from fedge.agent.jobstate import JobStateStore
 from fedge.agent.runtime import HEALTH_MAX_AGE_S, Agent
+
+if TYPE_CHECKING:
+    from fedge.health import EligibilityPolicy
 
 log = logging.getLogger("fedge.agent")
 
@@ -92,6 +96,18 @@ class AgentConfig:
     update_trial_s: float = 600.0
     # the site's privacy floor ([privacy]): secure aggregation required by default
     policy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
+
+    @cached_property
+    def eligibility_policy(self) -> EligibilityPolicy:
+        """The [eligibility] table, parsed once for both the health probe and the
+        report age limit (fedge.health is imported only where health is enabled).
+
+        Raises:
+            ValueError: the table is invalid (names the key).
+        """
+        from fedge.health import EligibilityPolicy
+
+        return EligibilityPolicy.from_config(self.eligibility)
 
 
 @dataclass(frozen=True)
@@ -315,9 +331,9 @@ def health_probe(cfg: AgentConfig, xid_monitor: Any = None) -> Any:
     which the eligibility policy weighs."""
     if not cfg.health:
         return lambda: ({}, True, "")
-    from fedge.health import EligibilityPolicy, collect
+    from fedge.health import collect
 
-    policy = EligibilityPolicy.from_config(cfg.eligibility)
+    policy = cfg.eligibility_policy
 
     def probe() -> tuple[dict[str, Any], bool, str]:
         report = collect(cfg.state_dir, xid_monitor=xid_monitor)
@@ -340,9 +356,7 @@ def health_max_age_s(cfg: AgentConfig) -> float:
     """
     if not cfg.health:
         return HEALTH_MAX_AGE_S
-    from fedge.health import EligibilityPolicy
-
-    return EligibilityPolicy.from_config(cfg.eligibility).max_report_age_s
+    return cfg.eligibility_policy.max_report_age_s
 
 
 async def run_agent(agent: Agent, enrolled: Enrolled, *, interval_s: float, timeout_s: float,

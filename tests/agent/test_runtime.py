@@ -223,6 +223,25 @@ def test_the_agent_takes_its_report_age_limit_from_the_sites_eligibility_policy(
         Agent("site-a", SyntheticTrainer("site-a"), max_report_age_s=0)
 
 
+def test_the_sites_eligibility_table_is_parsed_once_for_the_probe_and_the_age_limit(
+        tmp_path, monkeypatch):
+    from fedge.agent.process import AgentConfig, health_max_age_s, health_probe
+    from fedge.health import EligibilityPolicy
+
+    parsed = []
+    real = EligibilityPolicy.from_config
+
+    def counted(config):
+        parsed.append(config)
+        return real(config)
+
+    monkeypatch.setattr(EligibilityPolicy, "from_config", counted)
+    cfg = AgentConfig(tmp_path, eligibility={"max_report_age_s": 42})
+    health_probe(cfg)
+    assert health_max_age_s(cfg) == 42
+    assert parsed == [{"max_report_age_s": 42}]
+
+
 def test_task_for_a_dataset_not_held_is_refused_with_reason():
     agent = Agent("site-a", SyntheticTrainer("site-a", dataset="other"), policy=PLAIN_OK)
     link = Link(agent)

@@ -1330,7 +1330,7 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
             if in_head:
                 if not self._owes_earlier():
                     self._send_refusal()
-                # else sent by _reply or on_response_complete
+                # else sent by on_response_complete (after a direct reply too)
             elif direct_body or self.cycle is None or not self.cycle.response_started:
                 if not direct_body and self.cycle is not None:
                     # its app is told the client left and its writes are dropped: the
@@ -1344,7 +1344,7 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
                         return
                 if not self._owes_earlier():
                     self._send_refusal()
-                # else sent by _reply or on_response_complete
+                # else sent by on_response_complete (after a direct reply too)
             else:
                 self._lingering = True
                 self.transport.close()
@@ -1482,12 +1482,12 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
                 self.transport.close()
             elif self.cycle is None or self.cycle.response_complete:
                 # what uvicorn does after an ASGI response: count it, arm the
-                # keep-alive timeout (cancelled by the next request's bytes)
+                # keep-alive timeout (cancelled by the next request's bytes), and
+                # send a refusal that was waiting for this response
                 self._unset_keepalive_if_required()
                 self.on_response_complete()
             else:  # a pipelined ASGI request is under way; its end arms the timeout
-                self.server_state.total_requests += 1
-            self._send_refusal_if_due()
+                self.server_state.total_requests += 1  # (and sends a refusal behind it)
 
         def on_response_complete(self) -> None:
             super().on_response_complete()

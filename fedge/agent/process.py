@@ -506,7 +506,7 @@ def run(cfg: AgentConfig, *, connect_timeout_s: float | None = None) -> int:
     from fedge.serve.repository import ModelRepository
 
     models = SiteModels(ModelRepository(cfg.state_dir / "models"), trainer.standardisation,
-                        site=enrolled.site)
+                        site=enrolled.site, classes=trainer.class_names)
     try:
         attach_update_client(agent, cfg.state_dir, models=models)
     except FileNotFoundError as exc:  # enrolled without a TUF root: no signed updates

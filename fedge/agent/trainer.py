@@ -164,6 +164,12 @@ class TorchTrainer:
             return None
         return data.standardiser.mean, data.standardiser.scale, list(data.feature_names)
 
+    def class_names(self, name: str) -> tuple[str, ...] | None:
+        """The classes this site declares for data set ``name`` in label order (an
+        image data set's ``classes``); None when it does not hold it or names none."""
+        spec = self._specs.get(name)
+        return (spec.classes or None) if spec is not None else None
+
     def _site_data(self, name: str) -> Any:
         from fedge.train.api import load_site_data
 

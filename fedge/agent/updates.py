@@ -121,14 +121,19 @@ class ModelInstaller(Protocol):
 # data set -> (mean, scale, feature names) of this site's standardiser; None when the
 # site does not hold the data set. May raise when the data set cannot be loaded.
 SiteStandardisation = Callable[[str], "tuple[Any, Any, list[str]] | None"]
+# data set -> the class names this site declares for it, in label order; None when the
+# site does not hold it or names no classes (a table's integer labels)
+SiteClasses = Callable[[str], "tuple[str, ...] | None"]
 
 
 class SiteModels:
     """The appliance's model installer: a pushed model that expects this site's own
     standardisation (its features were standardised at each site with constants that
     never left it) gets that standardisation prepended to its graph before it is
-    served, so the hospital's applications send raw rows. Any other model is
-    installed as it comes.
+    served, so the hospital's applications send raw rows; a classifier of a data set
+    whose classes this site names (an image data set's ``classes``) gets them in its
+    ``output`` metadata, which ``fedge serve`` shows in the model's metadata. Any
+    other model is installed as it comes.
 
     A model that needs a data set this site does not hold, or whose features differ
     from the site's, is refused (the install outcome says why); the version already
@@ -136,9 +141,10 @@ class SiteModels:
     """
 
     def __init__(self, repository: ModelInstaller, standardisation: SiteStandardisation,
-                 *, site: str = "") -> None:
+                 *, site: str = "", classes: SiteClasses | None = None) -> None:
         self.repository = repository
         self.standardisation = standardisation
+        self.classes = classes
         self.site = site
 
     def install(self, model_name: str, onnx: bytes | Path) -> object:
@@ -151,7 +157,9 @@ class SiteModels:
             proto = onnx_lib.load_from_string(data)
         except Exception:  # the repository's checker names what is wrong
             return self.repository.install(model_name, data)
-        dataset = needs_site_standardisation({p.key: p.value for p in proto.metadata_props})
+        metadata = {p.key: p.value for p in proto.metadata_props}
+        data = self._named(model_name, data, metadata)
+        dataset = needs_site_standardisation(metadata)
         if dataset is None:
             return self.repository.install(model_name, data)
         found = self.standardisation(dataset)
@@ -168,6 +176,25 @@ class SiteModels:
         log.info("model %s: this site's standardisation of %r prepended to its graph",
                  model_name, dataset)
         return self.repository.install(model_name, data)
+
+    def _named(self, model_name: str, data: bytes, metadata: dict[str, str]) -> bytes:
+        """``data`` with its logits' class names, where this site declares them."""
+        from fedge.serve.sitelocal import name_classes, output_dataset
+
+        dataset = output_dataset(metadata)
+        classes = self.classes(dataset) if self.classes and dataset else None
+        if not classes:
+            return data
+        named = name_classes(data, classes, provenance=(
+            f"site {self.site or '(this appliance)'}'s data set {dataset!r}: its declared "
+            "classes, in label order"))
+        if named is None:
+            log.warning("model %s: its output is not one logit per class of data set %r "
+                        "(%d classes here); installed without class names",
+                        model_name, dataset, len(classes))
+            return data
+        log.info("model %s: output named with this site's classes of %r", model_name, dataset)
+        return named
 
 
 class AgentUpdater:

@@ -239,14 +239,17 @@ def _output_description(name: str, params: dict[str, Any]) -> dict[str, Any]:
     logit per label 0..k-1; no sigmoid or softmax is in the graph. The class names
     are declared at each site (the data set's labels, or an image data set's
     ``classes`` folders in the agent config), which the coordinator never sees, so
-    the model names the labels by number only.
+    the model names the labels by number only (an appliance pushed the model names
+    an image data set's classes: fedge.serve.sitelocal.name_classes).
     """
     from fedge.train.model_names import TASK_OF_MODEL, model_param
 
     task = TASK_OF_MODEL.get(name, "")
     names_note = ("class names are not known to the coordinator: label i is the i-th class "
                   "of the data set as each site declares it (a table's integer label, or "
-                  "the i-th name in an image data set's [[datasets]] classes list)")
+                  "the i-th name in an image data set's [[datasets]] classes list); a "
+                  "fedge appliance holding an image data set writes its names here when "
+                  "the model is pushed to it")
     if task == "classification":
         k = model_param(name, params, "classes")  # the plan's, or the model's default
         if k == 2:

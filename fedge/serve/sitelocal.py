@@ -11,6 +11,9 @@ level (Sub and Div on the original input name; the rest of the graph untouched),
 with onnxruntime that the new graph on raw rows equals the old one on standardised
 rows, and rewrites ``preprocessing`` to say where the constants came from. The
 appliance does this when it installs a model pushed to it (fedge.agent.updates).
+
+`name_classes` does the same for what the coordinator cannot know either: the class
+names of an image data set, written into the model's ``output`` metadata.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["SiteStandardisationError", "needs_site_standardisation", "standardise_onnx"]
+__all__ = ["SiteStandardisationError", "name_classes", "needs_site_standardisation",
+           "output_dataset", "standardise_onnx"]
 
 PARITY_TOLERANCE = 1e-4
 _FLOAT_TYPES = {TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64}
@@ -52,6 +56,60 @@ def needs_site_standardisation(metadata: dict[str, str]) -> str | None:
         return None
     dataset = prep.get("dataset")
     return dataset if isinstance(dataset, str) and dataset else None
+
+
+def _set_metadata(proto: onnx.ModelProto, key: str, value: str) -> None:
+    for entry in proto.metadata_props:
+        if entry.key == key:
+            entry.value = value
+            return
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = key, value
+
+
+def output_dataset(metadata: dict[str, str]) -> str | None:
+    """The data set a federated model was trained on, as its export names it (in
+    ``preprocessing``, for tabular and image models alike); None if it names none."""
+    try:
+        prep = json.loads(metadata.get("preprocessing", "{}"))
+    except json.JSONDecodeError:
+        return None
+    dataset = prep.get("dataset") if isinstance(prep, dict) else None
+    return dataset if isinstance(dataset, str) and dataset else None
+
+
+def name_classes(data: bytes, classes: Sequence[str], *, provenance: str) -> bytes | None:
+    """The model with its ``output`` metadata naming each logit's class, or None when
+    its output is not one logit (binary) or one logit per class, as many as
+    ``classes``. The graph is untouched.
+
+    The coordinator never sees the sites' class names: a federated classifier's
+    export numbers its labels (fedge.serve.jobs). An image data set's classes are
+    declared at every site, the same list in label order (fedge.train.data), so the
+    site serving the model can name them; ``provenance`` says where they came from.
+    """
+    proto = onnx.load_from_string(data)
+    try:
+        out = json.loads(_metadata(proto).get("output", "{}"))
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(out, dict):
+        return None
+    names = [str(c) for c in classes]
+    if out.get("kind") == "logit" and len(names) == 2:
+        out["meaning"] = (f"one logit per example: the log-odds of label 1 ({names[1]!r}, "
+                          f"against label 0, {names[0]!r}); sigmoid(logit) is its "
+                          "probability (not applied in the graph)")
+    elif out.get("kind") == "logits" and out.get("classes") == len(names):
+        out["meaning"] = (f"{len(names)} logits per example, one per class in this order: "
+                          f"{', '.join(repr(n) for n in names)}; softmax gives the "
+                          "probabilities (not applied in the graph)")
+    else:
+        return None
+    out["class_names"] = names
+    out["class_names_from"] = provenance
+    _set_metadata(proto, "output", json.dumps(out))
+    return proto.SerializeToString()
 
 
 def _fresh_name(base: str, taken: set[str]) -> str:
@@ -165,13 +223,7 @@ def standardise_onnx(
         "std": [float(v) for v in scale_v],
         **(provenance or {}),
     }
-    for entry in proto.metadata_props:
-        if entry.key == "preprocessing":
-            entry.value = json.dumps(prep)
-            break
-    else:
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = "preprocessing", json.dumps(prep)
+    _set_metadata(proto, "preprocessing", json.dumps(prep))
     try:
         onnx.checker.check_model(proto)
     except Exception as exc:

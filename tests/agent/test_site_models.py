@@ -102,3 +102,65 @@ def test_an_unreadable_data_set_is_named_and_a_plain_model_goes_through_unchange
     plain = tiny_onnx(3.0)  # no per-site standardisation asked: installed byte for byte
     version = models.install("risk", plain)
     assert repo.path("risk", version).read_bytes() == plain
+
+
+def _scans(root: Path, classes: list[str]) -> dict:
+    from PIL import Image
+
+    for i, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for j in range(3):
+            Image.fromarray(np.full((8, 8), 30 * i + j, np.uint8)).save(root / name / f"{j}.png")
+    return {"name": "scans", "kind": "images", "path": str(root), "classes": classes,
+            "task": "binary" if len(classes) == 2 else "multiclass", "image_size": 8}
+
+
+def _pushed_classifier(tmp_path: Path, k: int) -> tuple[bytes, torch.nn.Module]:
+    from fedge.serve.jobs import _output_description
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 1 if k == 2 else k))
+    out = tmp_path / f"scans{k}.onnx"
+    export_onnx(model, torch.zeros(1, 1, 8, 8), {
+        "output": json.dumps(_output_description("resnet_small", {"classes": k})),
+        "preprocessing": json.dumps(_site_preprocessing("scans", 3))}, out)
+    return out.read_bytes(), model
+
+
+@pytest.mark.parametrize("classes", [["benign", "malignant"], ["normal", "benign", "malignant"]])
+def test_a_pushed_image_classifier_is_served_with_this_sites_class_names(
+    tmp_path: Path, classes: list[str],
+) -> None:
+    """The coordinator numbers the labels; the site names them, from its declared
+    classes, in the metadata `fedge serve` shows; the graph is the one pushed."""
+    trainer = TorchTrainer([_scans(tmp_path / "scans", classes)])
+    repo = ModelRepository(tmp_path / "models")
+    models = SiteModels(repo, trainer.standardisation, site="h1", classes=trainer.class_names)
+    data, model = _pushed_classifier(tmp_path, len(classes))
+    version = models.install("tumour", data)
+    served = ort.InferenceSession(str(repo.path("tumour", version)),
+                                  providers=["CPUExecutionProvider"])
+    out = json.loads(served.get_modelmeta().custom_metadata_map["output"])
+    assert out["class_names"] == classes and "h1" in out["class_names_from"]
+    assert repr(classes[-1]) in out["meaning"]
+    x = np.random.default_rng(0).random((5, 1, 8, 8), dtype=np.float32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy()
+    got = served.run(None, {served.get_inputs()[0].name: x})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_class_names_are_left_out_where_they_do_not_fit_the_output(tmp_path: Path) -> None:
+    """Three logits, two classes at this site: installed, labels numbered as pushed;
+    a site without the data set installs it unnamed too."""
+    trainer = TorchTrainer([_scans(tmp_path / "scans", ["benign", "malignant"])])
+    for site_trainer in (trainer, TorchTrainer([])):
+        repo = ModelRepository(tmp_path / f"models{id(site_trainer)}")
+        models = SiteModels(repo, site_trainer.standardisation, site="h1",
+                            classes=site_trainer.class_names)
+        data, _ = _pushed_classifier(tmp_path, 3)
+        version = models.install("tumour", data)
+        meta = ort.InferenceSession(str(repo.path("tumour", version)),
+                                    providers=["CPUExecutionProvider"]).get_modelmeta()
+        out = json.loads(meta.custom_metadata_map["output"])
+        assert out["labels"] == [0, 1, 2] and isinstance(out["class_names"], str)

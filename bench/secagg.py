@@ -24,7 +24,10 @@ one fsynced append of the same bytes to a plain file in the same directory.
 Usage: ``python bench/secagg.py [--quick]`` (quick: d in {1e5, 1e6}).
 Last line: ``RESULT client_vs_flower=… server30_vs_flower=… bytes_per_param=…
 client_mem_ratio=… reveal_ms_10k=… reveal_vs_fsync=… reveal_10k_vs_1k=…`` (speed
-ratios: the smallest over the table; bytes and memory: the largest).
+ratios: the smallest over the table; bytes and memory: the largest). Without its
+anchor there is no figure: when Flower cannot be set up, its driver fails, or a
+ratio comes out NaN, the reason goes to stderr and the bench exits 1 with no
+RESULT line.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import random
 import subprocess
@@ -63,7 +67,7 @@ def flwr_python() -> Path | None:
         )
         subprocess.run(check, check=True)
     except (subprocess.SubprocessError, OSError) as exc:
-        print(f"cannot set up Flower: {exc}", flush=True)
+        print(f"cannot set up Flower: {exc}", file=sys.stderr, flush=True)
         return None
     return py
 
@@ -158,6 +162,7 @@ def run_fedge(n: int, d: int, fraction: float, x: np.ndarray, seed: int) -> dict
 
 def run_flower(py: Path, n: int, sizes: list[int], server_sizes: list[int], threshold: int,
                degree: int) -> dict | None:
+    """Flower's figures from its driver, or None (the reason on stderr)."""
     args = {
         "n": n, "ds": sizes, "server_ds": server_sizes, "num_shares": degree + 1,
         "threshold": threshold, "measure_clients": 2 if n <= 10 else 1,
@@ -168,7 +173,8 @@ def run_flower(py: Path, n: int, sizes: list[int], server_sizes: list[int], thre
         capture_output=True, text=True, timeout=400,
     )
     if proc.returncode != 0:
-        print(f"Flower driver failed: {proc.stderr[-2000:]}", flush=True)
+        print(f"Flower driver failed (exit {proc.returncode}): {proc.stderr[-2000:]}",
+              file=sys.stderr, flush=True)
         return None
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -227,6 +233,8 @@ def main() -> int:
           f"anchor: one fsynced append of the same line {reveal['fsync_ms']:.2f} ms",
           flush=True)
     py = flwr_python()
+    if py is None:
+        return no_anchor("Flower (the anchor) cannot run in this environment")
     rows = []
     for n in cohorts:
         ours = {}
@@ -251,21 +259,24 @@ def main() -> int:
         t0 = time.perf_counter()
         server_sizes = sizes[:1]
         flower_sizes = sizes
-        flower = run_flower(py, n, flower_sizes, server_sizes, t, k) if py else None
+        flower = run_flower(py, n, flower_sizes, server_sizes, t, k)
+        if flower is None:
+            return no_anchor(f"Flower's driver failed for n={n}")
         print(f"Flower n={n}: driver ran {time.perf_counter() - t0:.0f}s", flush=True)
-        val = flower and flower["sizes"][str(flower_sizes[0])]["server"]["0.0"]["max_abs_error"]
+        val = flower["sizes"][str(flower_sizes[0])]["server"]["0.0"]["max_abs_error"]
         if val is not None:
             print(f"Flower n={n}: unmasked mean max error {val:.2e} (driver check)", flush=True)
         for d in sizes:
             rows.append(table_row(n, d, server_sizes, ours, flower))
     print_table(rows)
-    def smallest(key):
-        vals = [r[key] for r in rows if r[key] == r[key]]
-        return min(vals) if vals else float("nan")
+    missing = [f"{key} at n={r['n']} d={r['d']:.0e}" for r in rows
+               for key in ("client_x", "server30_x") if not math.isfinite(r[key])]
+    if missing:
+        return no_anchor("no ratio for " + ", ".join(missing))
     print(
         "RESULT "
-        f"client_vs_flower={smallest('client_x'):.1f} "
-        f"server30_vs_flower={smallest('server30_x'):.1f} "
+        f"client_vs_flower={min(r['client_x'] for r in rows):.1f} "
+        f"server30_vs_flower={min(r['server30_x'] for r in rows):.1f} "
         f"bytes_per_param={max(r['bytes_per_param'] for r in rows):.4f} "
         f"client_mem_ratio={max(r['mem_ratio'] for r in rows):.2f} "
         f"reveal_ms_10k={reveal['ms_10k']:.2f} "
@@ -273,6 +284,12 @@ def main() -> int:
         f"reveal_10k_vs_1k={reveal['ms_10k'] / reveal['ms_1k']:.2f}"
     )
     return 0
+
+
+def no_anchor(reason: str) -> int:
+    """A ratio without its anchor is no figure: say why on stderr, print no RESULT."""
+    print(f"secagg bench: {reason}; no RESULT line", file=sys.stderr, flush=True)
+    return 1
 
 
 def flower_server_s(flower: dict, d: int, server_sizes: list[int], fraction: float) -> float:

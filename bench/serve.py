@@ -19,7 +19,9 @@ machine the figure is the server's, not the client library's: each latency
 runs from writing the request to holding the response's last byte.
 
 Last line: RESULT ort_vs_torch_b1=… server_p99_ms=… server_rps=… (Cox, batch 1)
-plus the other figures.
+plus the other figures. Latencies and throughput count successful requests
+only, so a run where any request failed prints its figures and the failures,
+then exits 1 with no RESULT line.
 """
 
 from __future__ import annotations
@@ -301,7 +303,7 @@ def main() -> int:
                     if errors:
                         print(f"  {len(errors)} failed requests, first: {errors[0]}")
                     lat_ms = np.asarray(lat) * 1e3
-                    p50, p99 = np.percentile(lat_ms, [50, 99])
+                    p50, p99 = np.percentile(lat_ms, [50, 99]) if lat else (np.nan, np.nan)
                     rps = len(lat) / span
                     overhead = p50 / 1e3 / anchors[(name, batch)]
                     key = f"{name}_b{batch}"
@@ -319,9 +321,11 @@ def main() -> int:
             lat, errors, span = asyncio.run(
                 load(port, request_bytes("cox", x.astype(np.float32)), 1, load_s / 2)
             )
-            p50_1 = float(np.percentile(np.asarray(lat) * 1e3, 50))
+            p50_1 = float(np.percentile(np.asarray(lat) * 1e3, 50)) if lat else np.nan
             results["server_p50_ms_1client"] = p50_1
             results["server_errors_1client"] = float(len(errors))
+            if errors:
+                print(f"  {len(errors)} failed requests, first: {errors[0]}")
             print(f"server cox  batch  1, one client: p50 {p50_1:6.3f} ms  "
                   f"p50 / in-process ort = {p50_1 / 1e3 / anchors[('cox', 1)]:6.1f}x")
         finally:
@@ -331,6 +335,13 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
 
+    failed = {k.removeprefix("server_errors_"): int(v) for k, v in results.items()
+              if k.startswith("server_errors_") and v}
+    if failed:
+        print("serve bench: requests failed (" + ", ".join(f"{k}: {n}" for k, n in
+              failed.items()) + "); latency and throughput above count only the others, "
+              "so no RESULT line", file=sys.stderr)
+        return 1
     print(
         "RESULT "
         f"ort_vs_torch_b1={results['ort_vs_torch_cox_b1']:.2f} "

@@ -15,7 +15,10 @@ per round (application frames, both directions, CURVE framing excluded).
 Anchors measured in the same run: ``prg_s`` = time for fedge.core to generate
 N·d AES-CTR words in this process (the mask material one round needs at the
 least), so ``round/prg`` says how far the round is from its compute floor; and
-the memory target 3·N·d·4 bytes + 200 MB, so ``peak/target`` < 1 meets it.
+the memory target 3·N·d·4 bytes + 200 MiB, so ``peak/target`` < 1 meets it.
+Memory is in MiB (2^20 bytes) although the RESULT key says ``mb``; wire bytes
+in MB (10^6). Every agent host must write its traffic file: a host that wrote
+none (or missed agents) fails the bench rather than shrink the sample.
 
 Last line: RESULT n500_round_s=... coord_peak_mb=... bytes_per_agent=...
 """
@@ -241,8 +244,13 @@ def run_n(n: int, root: Path, env: dict[str, str]) -> dict[str, float]:
     traffic = {}
     for h in range(len(hosts)):
         p = root / f"stats-{h}.json"
-        if p.exists():
-            traffic.update(json.loads(p.read_text()))
+        if not p.exists():
+            raise RuntimeError(f"agent host {h} wrote no traffic file {p} (exit "
+                               f"{hosts[h].returncode}; see {root / f'host-{h}.log'}): "
+                               "bytes_per_agent would be over the other hosts only")
+        traffic.update(json.loads(p.read_text()))
+    if len(traffic) != n:
+        raise RuntimeError(f"traffic files count {len(traffic)} agents, not {n}")
     # per agent and per round: the connection's heartbeats are included, spread over
     # the job's rounds
     per_agent = sum(a + b for a, b in traffic.values()) / max(1, len(traffic)) / ROUNDS
@@ -283,7 +291,7 @@ def main() -> int:
                   f"{r['round1_s']:.2f} s, round 2 {r['round_s']:.2f} s "
                   f"(anchor prg of N*d words {r['prg_s']:.3f} s, ratio "
                   f"{r['round_s'] / r['prg_s']:.0f}x), coordinator CPU {r['coord_cpu_s']:.1f} s, "
-                  f"peak {r['coord_peak_mb']:.0f} MB (target {r['target_mb']:.0f} MB, ratio "
+                  f"peak {r['coord_peak_mb']:.0f} MiB (target {r['target_mb']:.0f} MiB, ratio "
                   f"{r['coord_peak_mb'] / r['target_mb']:.2f}), "
                   f"{r['bytes_per_agent'] / 1e6:.2f} MB on the wire per agent per round (model "
                   f"{4 * D / 1e6:.1f} MB)", flush=True)

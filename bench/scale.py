@@ -246,8 +246,9 @@ def run_n(n: int, root: Path, env: dict[str, str]) -> dict[str, float]:
         p = root / f"stats-{h}.json"
         if not p.exists():
             raise RuntimeError(f"agent host {h} wrote no traffic file {p} (exit "
-                               f"{hosts[h].returncode}; see {root / f'host-{h}.log'}): "
-                               "bytes_per_agent would be over the other hosts only")
+                               f"{hosts[h].returncode}; its log host-{h}.log is kept with "
+                               "FEDGE_BENCH_KEEP=DIR): bytes_per_agent would be over the "
+                               "other hosts only")
         traffic.update(json.loads(p.read_text()))
     if len(traffic) != n:
         raise RuntimeError(f"traffic files count {len(traffic)} agents, not {n}")

@@ -42,7 +42,7 @@ def _status_mb(field: str) -> float:
 
 
 def reset_peak() -> float:
-    """Reset the peak-RSS mark (VmHWM) to the current RSS and return it, in MB.
+    """Reset the peak-RSS mark (VmHWM) to the current RSS and return it, in MiB.
 
     ru_maxrss would not do: a child inherits its parent's peak across fork+exec.
     """

@@ -1,8 +1,8 @@
 """Helper process for bench/transport.py: one side of a large-model transfer.
 
-    _transport_peer.py recv MB curve|null   -> prints a JSON line with the endpoint/keys,
+    _transport_peer.py recv MIB curve|null  -> prints a JSON line with the endpoint/keys,
                                                then a JSON report when done
-    _transport_peer.py send MB MODE ENDPOINT SERVER_KEY AGENT_PUBLIC AGENT_SECRET
+    _transport_peer.py send MIB MODE ENDPOINT SERVER_KEY AGENT_PUBLIC AGENT_SECRET
 
 ``curve`` uses fedge.transport (CurveZMQ, ZAP, heartbeats) and fedge.wire;
 ``null`` is the anchor: bare pyzmq ROUTER/DEALER without security, one raw

@@ -45,6 +45,9 @@ log = logging.getLogger("fedge.coordinator")
 
 ALLOW_LIST_REFRESH_S = 1.0
 RECV_BATCH = 256
+# a loop that took no message for this long was deaf: the sites' silence meanwhile is
+# not held against them (_deaf_for)
+STALL_S = 1.0
 # After a write found the database locked by another process: no tick and no new
 # message for this long (the loop awaits meanwhile: pings, sends, the admin channel).
 BUSY_BACKOFF_S = 0.5
@@ -192,6 +195,7 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
     held_since: float | None = None  # since when no new message has been taken for them
     lock = _LockReport(coord.store)
     backoff_until = float("-inf")
+    heard_at = time.monotonic()  # when the loop last took what had arrived
     try:
         while not stop.is_set():
             wait = backoff_until - time.monotonic()
@@ -207,16 +211,20 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
                 # the sites were not listened to meanwhile: not their silence
                 coord.not_listening(time.monotonic() - held_since)
                 held_since = None
+                heard_at = time.monotonic()
             # Take what has arrived (up to a batch), then tick once: with hundreds of
             # agents a tick per message would dominate the coordinator's CPU time.
             timeout = cfg.tick_s
             for _ in range(RECV_BATCH):
                 if held or coord.store.lock_waits != waits_before:
                     break  # the database is locked: the rest waits in ZeroMQ
+                entered = time.monotonic()
                 try:
                     msg = await server.recv(timeout=timeout)
                 except TimeoutError:
+                    heard_at = _deaf_for(coord, heard_at, entered, timeout)
                     break
+                heard_at = _deaf_for(coord, heard_at, entered, timeout)
                 timeout = 0.0005
                 site = site_of(msg.peer.public_key)
                 if site is None:
@@ -468,6 +476,22 @@ async def _prepare_initial_model(coord: Coordinator) -> None:
         reason = f"cannot prepare the starting model {path}: {exc}"
     log.error("job %s failed: %s", job.job_id, reason)
     coord.store.set_job_status(job.job_id, "failed", actor="coordinator", error=reason)
+
+
+def _deaf_for(coord: Coordinator, heard_at: float, entered: float, timeout: float) -> float:
+    """After ``server.recv`` returned: when the loop last took what had arrived was
+    ``heard_at``; it went back to listening at ``entered`` for at most ``timeout``. Time
+    away from the socket (a long tick, a long message) and time a wait overran (the
+    process paused or swapped out) was the coordinator's deafness: once it reaches
+    STALL_S, the sites' silence over it is not held against them (not_listening:
+    heartbeats and the round's deadlines). Returns now, the new ``heard_at``."""
+    now = time.monotonic()
+    deaf = (entered - heard_at) + max(0.0, now - entered - timeout)
+    if deaf >= STALL_S:
+        log.warning("no message was taken for %.1f s (the loop did not run: paused, swapped "
+                    "out or busy): the round's deadlines move %.1f s later", deaf, deaf)
+        coord.not_listening(deaf)
+    return now
 
 
 def _handle(coord: Coordinator, site: str, frames: Any) -> DatabaseLocked | None:

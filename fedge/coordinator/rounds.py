@@ -238,6 +238,9 @@ class Aggregation(Protocol):
         """``sender`` gave up its part (TaskRefused): it will send nothing more. The
         aggregation goes on without it when it can, and fails at once when it cannot."""
         ...
+    def postpone(self, seconds: float) -> None:
+        """The coordinator took no message for ``seconds``: its deadline moves on."""
+        ...
     @property
     def result(self) -> AggregationResult | None: ...
     @property
@@ -293,6 +296,9 @@ class PlainAggregation:
             self._refused.add(sender)
             self._close_if_answered()
         return []
+
+    def postpone(self, seconds: float) -> None:
+        self._deadline += seconds
 
     def _close_if_answered(self) -> None:
         if self._result is not None or self._failure is not None:
@@ -586,6 +592,15 @@ class Round:
                             s, "no final test result before the evaluation deadline")
             self.phase = Phase.DONE
         return []
+
+    def postpone(self, seconds: float) -> None:
+        """The coordinator took no message for ``seconds`` (its loop did not run, or a
+        locked database held the messages back): the phase's deadline, and the
+        aggregation's, move that much later, so the sites' silence meanwhile, the
+        coordinator's own deafness, is not counted against them."""
+        self._deadline += seconds
+        if self.phase is Phase.AGGREGATING and self._aggregation is not None:
+            self._aggregation.postpone(seconds)
 
     def lost(self, site: str, now: float) -> Outgoing:
         """``site``'s connection is gone: it will not answer during training or evaluation."""

@@ -71,6 +71,10 @@ class SecureAggregation:
         ``ServerSession.refuse``)."""
         return [] if self.session is None else self.session.refuse(sender, now)
 
+    def postpone(self, seconds: float) -> None:
+        if self.session is not None:
+            self.session.postpone(seconds)
+
     @property
     def result(self) -> AggregationResult | None:
         s = self.session

@@ -644,14 +644,18 @@ class Coordinator:
 
     def not_listening(self, seconds: float) -> None:
         """The process took no message for ``seconds`` (they waited in ZeroMQ while the
-        database was locked): the sites' silence over that time was the coordinator's
-        deafness, so it does not count towards their heartbeat timeout. A site heard
-        since (the held message itself) is not moved: never past now."""
+        database was locked, or its loop did not run: paused, swapped out, busy): the
+        sites' silence over that time was the coordinator's deafness, so it does not
+        count towards their heartbeat timeout, and the round's deadlines move that
+        much later. A site heard since (the held message itself) is not moved: never
+        past now."""
         now = self.clock()
         began = now - seconds
         for conn in self.conns.values():
             if conn.last_seen != float("-inf") and conn.last_seen < began:
                 conn.last_seen = min(conn.last_seen + seconds, now)
+        if self.runner is not None and self.runner.round is not None:
+            self.runner.round.postpone(seconds)
 
     def peer_lost(self, site: str) -> None:
         """The transport lost ``site`` (heartbeat timeout or disconnect)."""

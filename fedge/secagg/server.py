@@ -163,9 +163,21 @@ class ServerSession:
             return self._close_stage(now)
         return []
 
+    def postpone(self, seconds: float) -> None:
+        """The server took no message for ``seconds``: the stage's deadline moves
+        that much later (the clients' silence meanwhile was the server's deafness)."""
+        if not self.done and self.stage != "Idle":
+            self.deadline += seconds
+
     def receive(self, sender: str, message: object, now: float) -> Outgoing:
-        """Take one client message; return what to send.  Never raises for bad input."""
-        out = self.tick(now)  # a message after the deadline is late
+        """Take one client message; return what to send.  Never raises for bad input.
+
+        A stage closes at its deadline by :meth:`tick`, not here: a message taken
+        before the tick that closes its stage counts, whatever ``now`` says. A
+        server that did not run for a while (paused, swapped out, held up by a
+        locked database) takes the answers that waited for it before it ticks,
+        and must not hold its own deafness against them."""
+        out: Outgoing = []
         if self.done or self.stage == "Idle":
             self.discarded += 1
             return out
@@ -205,7 +217,7 @@ class ServerSession:
         An answer it gave to the current stage stands. In the unmasking stage, once the
         sites still able to answer cannot bring some secret to t shares, the round
         fails at once, naming it (ReconstructionFailed). Never raises."""
-        out = self.tick(now)
+        out: Outgoing = []
         if (self.done or self.stage == "Idle" or sender not in self._alive
                 or sender in self._replied):
             return out

@@ -326,6 +326,9 @@ class _ScriptedAggregation:
         out, self.pending = self.pending, []
         return out
 
+    def postpone(self, seconds):
+        pass
+
     def refused(self, sender, now):
         self.refusals.append(sender)
         return []

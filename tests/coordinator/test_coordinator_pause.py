@@ -1,0 +1,43 @@
+"""A coordinator that did not run for a while (paused, swapped out, a VM frozen, held
+up by a locked database) takes the answers that waited for it: sites that answered on
+time are not dropped for its deafness, and no round is run twice (which would charge
+DP sites twice for it). In memory, real agents and SecAgg+."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedge.wire import codec
+from tests.coordinator.test_federation_inproc import run
+from tests.coordinator.test_unmask_retry import STAGE_S, history, plan
+
+
+def pause_before(fed, message_type: str, seconds: float) -> list[str]:
+    """The coordinator stops for ``seconds`` just before it handles the first
+    ``message_type`` of round 1 (every site's answer already waiting); returns the
+    types it then handled, in order."""
+    handled: list[str] = []
+    handle = fed.coord.handle_frames
+
+    def paused_handle(site, frames):
+        kind = codec.decode(frames, max_bytes=1 << 26).header.type
+        if kind == message_type and message_type not in handled:
+            fed.clock.t += seconds
+        handled.append(kind)
+        return handle(site, frames)
+
+    fed.coord.handle_frames = paused_handle
+    return handled
+
+
+@pytest.mark.parametrize("stage", ["secagg.masked_input", "secagg.unmask_shares",
+                                   "secagg.encrypted_shares"])
+def test_answers_that_waited_for_a_paused_coordinator_are_taken(federation, stage):
+    sites = ["a", "b", "c"]
+    fed = federation(sites)
+    handled = pause_before(fed, stage, 3 * STAGE_S)
+    job = run(fed, plan(rounds=2))
+    st = fed.coord.store
+    assert stage in handled
+    assert st.job(job).status == "completed", st.job(job).error
+    assert history(fed, job) == [(1, "committed", sites, sites), (2, "committed", sites, sites)]

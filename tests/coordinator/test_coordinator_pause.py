@@ -41,3 +41,39 @@ def test_answers_that_waited_for_a_paused_coordinator_are_taken(federation, stag
     assert stage in handled
     assert st.job(job).status == "completed", st.job(job).error
     assert history(fed, job) == [(1, "committed", sites, sites), (2, "committed", sites, sites)]
+
+
+def test_a_pause_the_loop_notices_moves_the_deadlines_before_it_ticks(federation):
+    """The pause is noticed by the process loop (``_deaf_for``: a wait that overran)
+    before its next tick, with every masked input still unread: the stage's deadline
+    moves by the pause, so the tick does not close the stage on answers not yet read.
+    Without the move the attempt fails (TooFewInputs) and round 1 is run twice."""
+    import time
+
+    from fedge.coordinator.process import _deaf_for
+
+    sites = ["a", "b", "c"]
+    fed = federation(sites)
+    tick = fed.coord.tick
+    paused = []
+
+    def tick_after_pause():
+        rnd = fed.coord.runner.round if fed.coord.runner is not None else None
+        agg = getattr(rnd, "_aggregation", None) if rnd is not None else None
+        session = getattr(agg, "session", None)
+        if not paused and session is not None and session.stage == "MaskedInput" \
+                and fed.inbox:
+            pause = 3 * STAGE_S
+            fed.clock.t += pause
+            now = time.monotonic()
+            # it went back to listening (entered) as it last took a message, and the
+            # wait of at most 0.05 s came back ``pause`` later
+            _deaf_for(fed.coord, heard_at=now - pause, entered=now - pause, timeout=0.05)
+            paused.append(pause)
+        return tick()
+
+    fed.coord.tick = tick_after_pause
+    job = run(fed, plan(rounds=1))
+    assert paused
+    assert fed.coord.store.job(job).status == "completed", fed.coord.store.job(job).error
+    assert history(fed, job) == [(1, "committed", sites, sites)]

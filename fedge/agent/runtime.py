@@ -35,6 +35,7 @@ import json
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -46,7 +47,13 @@ import numpy as np
 from fedge import __version__
 from fedge.agent.guard import PrivacyPolicy, RevealLog, refuse_threshold, update_digest
 from fedge.agent.jobstate import JobStateStore
-from fedge.agent.trainer import LocalResult, TaskRefusal, Trainer, declared_but_refused
+from fedge.agent.trainer import (
+    HELD_JOBS,
+    LocalResult,
+    TaskRefusal,
+    Trainer,
+    declared_but_refused,
+)
 from fedge.coordinator.checkpoint import model_digest
 from fedge.coordinator.plan import Plan, PlanError, parse_plan
 from fedge.coordinator.rounds import SECAGG_PROTOCOL, context_digest
@@ -112,7 +119,10 @@ class Agent:
     aggregation. ``health`` returns (health dict, eligible, reason); a verdict stands
     for ``max_report_age_s`` (the site's ``EligibilityPolicy.max_report_age_s``), and
     until ``health`` first returns the appliance says it is not eligible (without
-    ``health``, always eligible).
+    ``health``, always eligible). ``held_jobs``: how many jobs' SCAFFOLD c_i stay in
+    memory (the ones used last).
+
+    Raises: ValueError: ``max_report_age_s`` not above 0, ``held_jobs`` below 1.
     """
 
     def __init__(
@@ -132,8 +142,11 @@ class Agent:
         job_state: JobStateStore | None = None,
         policy: PrivacyPolicy | None = None,
         reveal_log: RevealLog | None = None,
+        held_jobs: int = HELD_JOBS,
     ) -> None:
         self.site = site
+        if held_jobs < 1:
+            raise ValueError(f"held_jobs={held_jobs!r} must be at least 1")
         # The site's own floor (agent.toml [privacy]); the default requires secure
         # aggregation. The reveal log is in memory unless the process gives it a file.
         self.policy = policy if policy is not None else PrivacyPolicy()
@@ -162,8 +175,12 @@ class Agent:
         self.before_handle: Callable[[codec.Envelope], None] | None = None
         self._busy: str = ""
         # SCAFFOLD's c_i, per job: {round r: c_i at the start of round r} (latest two),
-        # written to ``job_state`` at each commit so a restarted agent resumes it.
-        self.controls: dict[str, dict[int, np.ndarray]] = {}
+        # written to ``job_state`` at each commit so a restarted agent resumes it. Only
+        # the ``held_jobs`` jobs used last stay in memory: a job ends without telling the
+        # agent (its tasks just stop), and a job that comes back after being dropped
+        # here reloads its c_i from ``job_state`` (without one it starts from zeros).
+        self.controls: OrderedDict[str, dict[int, np.ndarray]] = OrderedDict()
+        self.held_jobs = held_jobs
         self.job_state = job_state
         # The cohort holds only appliances known to be healthy: nothing measured is no
         # verdict, so the heartbeats before the first probe returns say not eligible
@@ -462,6 +479,10 @@ class Agent:
             saved = self.job_state.load(job, "controls") if self.job_state else {}
             held = self.controls[job] = {int(r): a.astype(np.float32) for r, a in saved.items()
                                          if r.lstrip("-").isdigit() and a.ndim == 1}
+            while len(self.controls) > self.held_jobs:
+                self.controls.popitem(last=False)  # used longest ago; on disk if anywhere
+        else:
+            self.controls.move_to_end(job)
         return held
 
     def _commit_control(self, task: _Task) -> None:

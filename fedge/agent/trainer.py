@@ -13,6 +13,7 @@ import functools
 import hashlib
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,12 @@ from fedge.agent.jobstate import JobStateStore
 from fedge.coordinator.plan import Plan
 
 log = logging.getLogger("fedge.agent")
+
+# Jobs whose per-job state (the agent's SCAFFOLD c_i, the trainer's ClientState) stays
+# in memory, the ones used last. A job ends without telling the agent, so a bound on
+# jobs is what frees a finished one; a job dropped here and used again reloads its
+# state from the agent's JobStateStore, which keeps the newest 32 on disk.
+HELD_JOBS = 8
 
 
 class TaskRefusal(Exception):
@@ -109,7 +116,8 @@ class TorchTrainer:
     """
 
     def __init__(self, dataset_tables: Sequence[Mapping[str, Any]], *,
-                 state_dir: Path | None = None) -> None:
+                 state_dir: Path | None = None, held_jobs: int = HELD_JOBS) -> None:
+        """Raises: ValueError: ``held_jobs`` below 1."""
         from fedge.train.accounting import PrivacyLedger
         from fedge.train.api import DatasetSpec
 
@@ -136,7 +144,13 @@ class TorchTrainer:
                 continue
             self._specs[spec.name] = spec
         self._data: dict[str, Any] = {}
-        self._states: dict[str, Any] = {}
+        if held_jobs < 1:
+            raise ValueError(f"held_jobs={held_jobs!r} must be at least 1")
+        # Each job's ClientState, for the ``held_jobs`` jobs trained last: a job dropped
+        # here and trained again restores its data cursor from the job state on disk
+        # (c_i comes from the agent with every task; the ledger is one for all jobs).
+        self._states: OrderedDict[str, Any] = OrderedDict()
+        self._held_jobs = held_jobs
         self._lock = threading.Lock()
 
     def datasets(self) -> list[str]:
@@ -198,7 +212,7 @@ class TorchTrainer:
         Raises: TaskRefusal: missing data set, a plan this site cannot run, or a DP
         round whose privacy ledger cannot be saved (the update is withheld).
         """
-        from fedge.train.api import ClientState, ModelSpec, TrainConfig, local_train
+        from fedge.train.api import ModelSpec, TrainConfig, local_train
 
         data = self._site_data(plan.dataset)
         try:
@@ -206,14 +220,7 @@ class TorchTrainer:
             cfg = TrainConfig.from_dict(train_config_dict(plan, seed))
         except (KeyError, ValueError, TypeError) as exc:
             raise TaskRefusal(f"plan cannot run here: {exc}") from exc
-        state = self._states.get(job)
-        if state is None:
-            state = self._states[job] = ClientState(job=job, ledger=self._ledger)
-            if self._job_state is not None:
-                try:
-                    state.restore_cursors(self._job_state.load(job, "cursors"))
-                except ValueError as exc:
-                    log.error("job %s: saved data cursor ignored: %s", job, exc)
+        state = self._job_client_state(job)
         state.scaffold_ci = (None if client_control is None
                              else np.array(client_control, dtype=np.float32))
         try:
@@ -248,6 +255,30 @@ class TorchTrainer:
                            {k: float(v) for k, v in out.metrics.items()},
                            float(out.epsilon or 0.0), out.extra.get("scaffold_delta_c"),
                            release)
+
+    def _job_client_state(self, job: str) -> Any:
+        """``job``'s ClientState, made (its data cursor restored from disk) when it is
+        not held; holding it makes it the newest, and the oldest beyond ``held_jobs``
+        goes. A state dropped while a round of its job trains is the round's still."""
+        from fedge.train.api import ClientState
+
+        with self._lock:
+            state = self._states.get(job)
+            if state is not None:
+                self._states.move_to_end(job)
+                return state
+        state = ClientState(job=job, ledger=self._ledger)
+        if self._job_state is not None:
+            try:
+                state.restore_cursors(self._job_state.load(job, "cursors"))
+            except ValueError as exc:
+                log.error("job %s: saved data cursor ignored: %s", job, exc)
+        with self._lock:
+            state = self._states.setdefault(job, state)  # made meanwhile by another thread?
+            self._states.move_to_end(job)
+            while len(self._states) > self._held_jobs:
+                self._states.popitem(last=False)
+        return state
 
     def evaluate(self, plan: Plan, weights: np.ndarray, split: str) -> tuple[int, dict[str, float]]:
         """Raises: TaskRefusal: missing data set or a model that does not fit it."""

@@ -588,6 +588,58 @@ def test_scaffold_update_vector_carries_delta_y_and_clipped_delta_c():
     np.testing.assert_array_equal(agent.client_control("job1", 1), np.zeros(4, np.float32))
 
 
+def scaffold_round(agent, job, rnd=1):
+    """One summed SCAFFOLD round of ``job`` (train, plain aggregate, evaluate): c_i moves."""
+    c = np.array([0.0, 1.0, -1.0, 0.5], np.float32)
+    t = m.TrainTask(**{**task(plan=SCAFFOLD_PLAN, task_id=f"{job}-{rnd}").__dict__,
+                       "server_control": c})
+
+    async def go():
+        await deliver(agent, t, job=job, rnd=rnd)
+        await deliver(agent, m.AggregateBegin(task_id=f"{job}-{rnd}",
+                                              cohort=["site-a", "site-b"], weight_scale=0.02,
+                                              secure=False, threshold=1), job=job, rnd=rnd)
+        await deliver(agent, m.EvalTask(task_id=f"{job}-{rnd}", plan=SCAFFOLD_PLAN,
+                                        weights=np.zeros(4, np.float32), split="test"),
+                      job=job, rnd=rnd)
+    asyncio.run(go())
+    return agent.client_control(job, rnd + 1)
+
+
+def test_the_agent_holds_c_i_of_its_last_used_jobs_only_and_reloads_a_dropped_one(tmp_path):
+    """Jobs end without telling the agent: c_i of finished jobs must not pile up in
+    memory, and a job dropped from memory comes back with the c_i it committed."""
+    from fedge.agent.jobstate import JobStateStore
+
+    agent = Agent("site-a", SyntheticTrainer("site-a", n_examples=10), policy=PLAIN_OK,
+                  job_state=JobStateStore(tmp_path), held_jobs=2)
+    Link(agent)
+    committed = {job: scaffold_round(agent, job) for job in ("job-1", "job-2")}
+    assert committed["job-1"] is not None and list(agent.controls) == ["job-1", "job-2"]
+    agent.client_control("job-1", 2)  # used again: now the newest
+    committed["job-3"] = scaffold_round(agent, "job-3")
+    assert list(agent.controls) == ["job-1", "job-3"]  # job-2, used longest ago, dropped
+    for _ in range(10):
+        scaffold_round(agent, "job-4")
+    assert len(agent.controls) == 2
+    # job-2's next round (and a retry of its last) starts from what it committed
+    np.testing.assert_array_equal(agent.client_control("job-2", 2), committed["job-2"])
+    np.testing.assert_array_equal(agent.client_control("job-2", 1), np.zeros(4))
+    assert list(agent.controls) == ["job-4", "job-2"]
+    with pytest.raises(ValueError, match="held_jobs=0"):
+        Agent("site-a", SyntheticTrainer("site-a"), held_jobs=0)
+
+
+def test_without_a_job_store_a_job_dropped_from_memory_starts_from_zeros():
+    agent = Agent("site-a", SyntheticTrainer("site-a", n_examples=10), policy=PLAIN_OK,
+                  held_jobs=1)
+    Link(agent)
+    assert scaffold_round(agent, "job-1") is not None
+    scaffold_round(agent, "job-2")
+    assert list(agent.controls) == ["job-2"]
+    assert agent.client_control("job-1", 2) is None
+
+
 def test_a_newer_roster_from_the_coordinator_is_kept_an_older_or_foreign_one_refused(
         tmp_path, caplog):
     """Sites enrolled after this one reach it through the coordinator, signed by the

@@ -211,6 +211,36 @@ def test_a_restarted_trainer_resumes_the_epoch_stream_from_disk(tmp_path):
     assert saved[0].stat().st_mode & 0o777 == 0o600
 
 
+def test_the_trainer_holds_its_last_jobs_states_and_a_dropped_job_resumes_from_disk(
+        tmp_path):
+    """Jobs end without telling the agent: the trainer keeps the ClientState of its
+    last ``held_jobs`` jobs only, and a job it dropped trains on from its saved cursor
+    as if it had never been dropped."""
+    if not DATA.exists():
+        pytest.skip(f"Fed-TCGA-BRCA not found at {DATA}")
+    table = {"name": "brca", "kind": "fed_tcga_brca", "path": str(DATA), "site": 0}
+    plan = parse_plan(PLAN.replace("rounds = 1", "rounds = 3"))
+    w0 = np.zeros(40, np.float32)
+
+    def rnd(t, job, r, w):
+        return t.train("site-0", job, plan, w, round=r, seed=train_seed(5, r, "s0")).weights
+
+    alone = TorchTrainer([table])
+    w = w0
+    for r in (1, 2, 3):
+        w = rnd(alone, "job-a", r, w)
+    busy = TorchTrainer([table], state_dir=tmp_path, held_jobs=1)
+    v = rnd(busy, "job-a", 1, w0)
+    rnd(busy, "job-b", 1, w0)  # job-a's state leaves memory
+    assert list(busy._states) == ["job-b"]
+    v = rnd(busy, "job-a", 2, v)
+    v = rnd(busy, "job-a", 3, v)
+    np.testing.assert_array_equal(v, w)
+    assert list(busy._states) == ["job-a"]
+    with pytest.raises(ValueError, match="held_jobs=0"):
+        TorchTrainer([table], held_jobs=0)
+
+
 def test_a_saved_cursor_that_does_not_fit_is_named_and_the_stream_starts_afresh(
         tmp_path, caplog):
     if not DATA.exists():

@@ -168,9 +168,6 @@ class Agent:
         self.send_frames: SendFn | None = None
         self.task: _Task | None = None
         self.last_ack: float | None = None
-        self.rejections: list[str] = []
-        self.refusals: list[str] = []
-        self.completed_rounds: list[tuple[str, int]] = []
         self.on_status: Callable[[str], None] = lambda text: None
         self.before_handle: Callable[[codec.Envelope], None] | None = None
         self._busy: str = ""
@@ -306,9 +303,8 @@ class Agent:
                 self.task = None
                 self._set_busy("")
         elif isinstance(body, m.Rejected):
-            reason = codec.short(body.reason, 300)
-            log.warning("%s: coordinator rejected a message: %s", self.site, reason)
-            self.rejections.append(reason)
+            log.warning("%s: coordinator rejected a message: %s", self.site,
+                        codec.short(body.reason, 300))
         elif isinstance(body, m.RosterUpdate):
             self._on_roster(body.roster)
         else:
@@ -363,7 +359,6 @@ class Agent:
 
     async def _refuse(self, job: str, rnd: int, task: str, reason: str, task_id: str) -> None:
         log.warning("%s: refusing %s for %s/%d: %s", self.site, task, job, rnd, reason)
-        self.refusals.append(reason)
         await self.send(m.TaskRefused(task_id=task_id, task=task, reason=reason), job=job,
                         round=rnd)
 
@@ -717,6 +712,5 @@ class Agent:
             await self._refuse(job, rnd, m.TASK_EVAL, f"evaluated {n} examples; an "
                                f"evaluation result needs 0..{m.MAX_EXAMPLES}", e.task_id)
             return
-        self.completed_rounds.append((job, rnd))
         await self.send(m.EvalResult(task_id=e.task_id, n_examples=n, metrics=metrics),
                         job=job, round=rnd)

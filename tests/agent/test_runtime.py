@@ -371,6 +371,25 @@ def test_round_abort_drops_state():
     assert agent.task is None
 
 
+def test_a_rejection_from_the_coordinator_is_logged_shortened_and_not_kept(caplog):
+    """The reason goes to the site's journal, cut to 300 characters; the agent keeps
+    no list of them (one appended per message grew for the life of the process)."""
+    import logging
+
+    agent = Agent("site-a", SyntheticTrainer("site-a"), policy=PLAIN_OK)
+    Link(agent)
+    before = {name: repr(value) for name, value in vars(agent).items()}
+
+    async def go():
+        for _ in range(3):
+            await deliver(agent, m.Rejected("x" * 5000))
+    with caplog.at_level(logging.WARNING, logger="fedge.agent"):
+        asyncio.run(go())
+    lines = [r.getMessage() for r in caplog.records if "rejected a message" in r.getMessage()]
+    assert len(lines) == 3 and all(len(line) < 400 for line in lines)
+    assert {name: repr(value) for name, value in vars(agent).items()} == before
+
+
 def test_evaluation_result():
     agent = Agent("site-a", SyntheticTrainer("site-a", n_examples=7), policy=PLAIN_OK)
     link = Link(agent)

@@ -242,6 +242,11 @@ class Aggregation(Protocol):
         """The coordinator took no message for ``seconds``: its deadline moves on."""
         ...
     @property
+    def left_out(self) -> dict[str, str]:
+        """Each cohort site the aggregation went on without, and why (a refusal
+        included): what a failed aggregation tells the operator."""
+        ...
+    @property
     def result(self) -> AggregationResult | None: ...
     @property
     def failure(self) -> str | None: ...
@@ -299,6 +304,14 @@ class PlainAggregation:
 
     def postpone(self, seconds: float) -> None:
         self._deadline += seconds
+
+    @property
+    def left_out(self) -> dict[str, str]:
+        closed = self._result is not None or self._failure is not None
+        return {s: "refused to send its plain update" if s in self._refused else
+                "sent no plain update before the aggregation deadline"
+                for s in self._cohort if s not in self._vectors
+                and (closed or s in self._refused)}
 
     def _close_if_answered(self) -> None:
         if self._result is not None or self._failure is not None:
@@ -723,6 +736,8 @@ class Round:
             if self._held and not self._unmask_recorded:
                 why += (" (no site was asked to unmask: the survivor set could not be "
                         f"recorded: {self._record_error or 'not yet written'})")
+            for s, left in agg.left_out.items():  # who it lost, for the attempt's record
+                self.refused.setdefault(s, left)
             return self._fail(f"aggregation failed: {agg.failure}{why}")
         res = agg.result
         if res is None:

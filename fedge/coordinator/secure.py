@@ -76,6 +76,15 @@ class SecureAggregation:
             self.session.postpone(seconds)
 
     @property
+    def left_out(self) -> dict[str, str]:
+        s = self.session
+        if s is None:
+            return {}
+        return {cid: f"dropped out of secure aggregation in its {stage} stage (no valid "
+                     "answer before the stage closed)"
+                for cid, stage in sorted(s.dropped.items())}
+
+    @property
     def result(self) -> AggregationResult | None:
         s = self.session
         if self._result is None and s is not None and s.result is not None:

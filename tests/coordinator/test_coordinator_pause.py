@@ -77,3 +77,19 @@ def test_a_pause_the_loop_notices_moves_the_deadlines_before_it_ticks(federation
     assert paused
     assert fed.coord.store.job(job).status == "completed", fed.coord.store.job(job).error
     assert history(fed, job) == [(1, "committed", sites, sites)]
+
+
+def test_a_failed_secure_aggregation_names_the_sites_it_lost(federation):
+    """b and c go silent after key sharing: one masked input arrives, below
+    min_clients, and the attempt's record names b and c and the stage they left in
+    (it said nothing of them before)."""
+    from fedge.secagg.messages import RelayedShares
+
+    fed = federation(["a", "b", "c"])
+    fed.kill_hook = lambda site, body: site in ("b", "c") and isinstance(body, RelayedShares)
+    job = run(fed, plan(rounds=1, attempts=1))
+    (attempt,) = fed.coord.store.rounds(job)
+    assert attempt.status == "failed" and "TooFewInputs" in attempt.reason
+    assert sorted(attempt.dropped) == ["b", "c"], attempt.dropped
+    for site in ("b", "c"):
+        assert "MaskedInput stage" in attempt.dropped_reasons[site]

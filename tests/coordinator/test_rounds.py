@@ -329,6 +329,10 @@ class _ScriptedAggregation:
     def postpone(self, seconds):
         pass
 
+    @property
+    def left_out(self):
+        return {}
+
     def refused(self, sender, now):
         self.refusals.append(sender)
         return []
@@ -534,3 +538,20 @@ def test_a_plan_evaluating_on_test_has_no_second_evaluation():
 def test_an_earlier_round_has_no_final_test():
     rnd = new_round(PLAN.replace("seed = 3", 'seed = 3\neval_split = "val"'))
     assert rnd.round < rnd.plan.rounds and not rnd.final_test
+
+
+def test_a_plain_aggregation_names_who_it_went_without():
+    from fedge.coordinator.rounds import PlainAggregation
+
+    agg = PlainAggregation(["a", "b", "c"], 3, deadline_s=5.0)
+    agg.start(0.0)
+    agg.refused("c", 1.0)
+    assert agg.left_out == {"c": "refused to send its plain update"}  # b may still send
+    agg.postpone(10.0)
+    agg.tick(14.0)
+    assert agg.failure is None  # the deadline moved to 15
+    agg.tick(15.0)
+    assert agg.failure is not None
+    assert agg.left_out == {"a": "sent no plain update before the aggregation deadline",
+                            "b": "sent no plain update before the aggregation deadline",
+                            "c": "refused to send its plain update"}

@@ -20,6 +20,7 @@ import base64
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -49,6 +50,9 @@ from fedge.update.messages import (
 # Far beyond any target this relay holds; refused before they reach seek(2) / open(2).
 MAX_FETCH_OFFSET = 1 << 40
 MAX_FETCH_PATH = 1024
+# A stored target's hash is remembered only for a file last written this long before
+# it was hashed (see UpdateRepository._stored_state).
+RACY_NS = 2_000_000_000
 
 log = logging.getLogger("fedge.coordinator.updates")
 
@@ -87,6 +91,11 @@ class UpdateRepository:
             self._v = _Versions(**json.loads(state_file.read_text()))
         except (ValueError, TypeError) as exc:
             raise ValueError(f"TUF state file {state_file} is corrupt: {exc}") from exc
+        # Stored targets whose bytes this process hashed and found to match the signed
+        # sha256 (in their hashed name): hashed path -> (size, mtime_ns, inode) then.
+        # A publish re-hashes a stored target only when that changed or the console
+        # supplies it again, so a push costs its own bytes, not everything stored.
+        self._intact: dict[Path, tuple[int, int, int]] = {}
 
     # -- provisioning ------------------------------------------------------------------
     @classmethod
@@ -212,10 +221,11 @@ class UpdateRepository:
             except ValueError as exc:
                 raise UpdateRepositoryError(str(exc)) from exc
             dest = self.root_dir / "targets" / tuf_repo.hashed_path(tf)
-            stored = _stored_state(dest, tf)
+            data = files.get(tf.path)
+            # a target sent again is checked byte for byte: pushing it repairs it
+            stored = self._stored_state(dest, tf, recheck=data is not None)
             if stored == "ok":
                 continue
-            data = files.get(tf.path)
             if data is None and stored == "corrupt":
                 # agents refuse it by its hash; pushing the file again repairs it
                 log.error("stored target %s does not match its signed length/sha256; "
@@ -308,6 +318,40 @@ class UpdateRepository:
         write_json(base / "state.json", nv.__dict__, mode=0o644)
         return nv
 
+    def _stored_state(self, dest: Path, tf: TargetFile, *, recheck: bool) -> str:
+        """Whether the stored copy of `tf` is "missing", "ok", or "corrupt" (its length
+        or sha256 differ from the signed ones, or it cannot be read).
+
+        Its bytes are hashed only if this process has not hashed them since they last
+        changed (size, mtime or inode), or if `recheck`. File times are coarse (a
+        kernel tick), so, as git does with its index, a file is remembered only once
+        its mtime is `RACY_NS` older than the hash: a write within the same tick as
+        an earlier one cannot then go unseen. A file altered in place with its size
+        and mtime kept by hand is found by the agents' own check (they verify every
+        length and hash), and repaired by pushing it again.
+        """
+        try:
+            key = _stat_key(dest)
+            if key[0] != tf.length:
+                self._intact.pop(dest, None)
+                return "corrupt"
+            if not recheck and self._intact.get(dest) == key:
+                return "ok"
+            started = time.time_ns()
+            ok = _sha256_file(dest) == tf.hashes.get("sha256")
+        except FileNotFoundError:
+            self._intact.pop(dest, None)
+            return "missing"
+        except OSError:
+            self._intact.pop(dest, None)
+            return "corrupt"
+        if ok:
+            if key[1] < started - RACY_NS:
+                self._intact[dest] = key
+            return "ok"
+        self._intact.pop(dest, None)
+        return "corrupt"
+
     # -- reading -----------------------------------------------------------------------
     def current_root(self) -> tuf_repo.Metadata:
         return tuf_repo.load(
@@ -370,21 +414,18 @@ class UpdateRepository:
         return UpdateFetchReply(path, req.offset, data, eof, "")
 
 
-def _stored_state(dest: Path, tf: TargetFile) -> str:
-    """Whether the stored copy of `tf` is "missing", "ok", or "corrupt" (its length
-    or sha256 differ from the signed ones, or it cannot be read)."""
-    try:
-        if dest.stat().st_size != tf.length:
-            return "corrupt"
-        digest = hashlib.sha256()
-        with open(dest, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-    except FileNotFoundError:
-        return "missing"
-    except OSError:
-        return "corrupt"
-    return "ok" if digest.hexdigest() == tf.hashes.get("sha256") else "corrupt"
+def _stat_key(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def _sha256_file(path: Path) -> str:
+    """Raises: OSError if `path` cannot be read."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _load_or_refuse(data: bytes, role: str) -> tuf_repo.Metadata:

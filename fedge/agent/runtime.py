@@ -82,6 +82,17 @@ class _Task:
     started: float = field(default_factory=time.monotonic)
 
 
+@dataclass(eq=False)
+class _Arriving:
+    """A TrainTask whose plan is being parsed (off the event loop), before it becomes
+    ``Agent.task``: a RoundAbort for its round in that while marks it, and it is dropped
+    once parsed instead of trained."""
+
+    job: str
+    round: int
+    aborted: bool = False
+
+
 PROBE_WAIT_S = 0.5  # longest a heartbeat waits for its health probe
 # How long a health verdict stands when the process names no limit: EligibilityPolicy's
 # default max_report_age_s (fedge.health is not imported where health is disabled).
@@ -167,6 +178,7 @@ class Agent:
         self.secagg_threads = secagg_threads
         self.send_frames: SendFn | None = None
         self.task: _Task | None = None
+        self._arriving: list[_Arriving] = []
         self.last_ack: float | None = None
         self.on_status: Callable[[str], None] = lambda text: None
         self.before_handle: Callable[[codec.Envelope], None] | None = None
@@ -297,9 +309,13 @@ class Agent:
         elif isinstance(body, m.EvalTask):
             await self._on_eval(job, rnd, body)
         elif isinstance(body, m.RoundAbort):
-            if self._current(job, rnd):
+            arriving = [a for a in self._arriving if (a.job, a.round) == (job, rnd)]
+            for a in arriving:
+                a.aborted = True
+            if arriving or self._current(job, rnd):
                 log.info("%s: round %s/%d aborted: %s", self.site, job, rnd,
                          codec.short(body.reason, 300))
+            if self._current(job, rnd):
                 self.task = None
                 self._set_busy("")
         elif isinstance(body, m.Rejected):
@@ -371,10 +387,23 @@ class Agent:
                                                                 text)
 
     async def _on_train(self, job: str, rnd: int, t: m.TrainTask) -> None:
+        # The task is this round's before its plan is parsed: a RoundAbort that comes
+        # meanwhile must stop it, or the aborted attempt would train to the end on the
+        # one worker and send a TrainDone nobody waits for.
+        arriving = _Arriving(job, rnd)
+        self._arriving.append(arriving)
         try:
             plan = await self._plan(t.plan)
         except PlanError as exc:
-            await self._refuse(job, rnd, m.TASK_TRAIN, f"unrunnable plan: {exc}", t.task_id)
+            if not arriving.aborted:
+                await self._refuse(job, rnd, m.TASK_TRAIN, f"unrunnable plan: {exc}",
+                                   t.task_id)
+            return
+        finally:
+            self._arriving.remove(arriving)
+        if arriving.aborted:
+            log.info("%s: task %s for %s/%d dropped: its round was aborted while its plan "
+                     "was read", self.site, codec.short(t.task_id, 80), job, rnd)
             return
         refused = self.policy.refuse_plan(
             plan.secagg.enabled, dp=bool(plan.privacy.get("dp") or plan.privacy.get("client_dp")))

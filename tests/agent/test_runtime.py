@@ -390,6 +390,46 @@ def test_a_rejection_from_the_coordinator_is_logged_shortened_and_not_kept(caplo
     assert {name: repr(value) for name, value in vars(agent).items()} == before
 
 
+class CountingTrainer(SyntheticTrainer):
+    def __init__(self, site):
+        super().__init__(site)
+        self.trained = []
+
+    def train(self, site, job, plan, weights, *, round, seed, **kw):
+        self.trained.append((job, round))
+        return super().train(site, job, plan, weights, round=round, seed=seed, **kw)
+
+
+def test_a_round_aborted_while_its_task_plan_is_parsed_is_not_trained():
+    """TrainTask then RoundAbort, each handled as its own asyncio task (as the agent
+    process's receive loop does): the abort lands while the plan is parsed in the
+    executor, before the task is the agent's. The aborted attempt must not occupy the
+    one worker nor send a stale TrainDone; the round's next attempt trains."""
+    trainer = CountingTrainer("site-a")
+    agent = Agent("site-a", trainer, policy=PLAIN_OK)
+    link = Link(agent)
+
+    def frames(body, job="job1", rnd=1):
+        return [bytes(f) for f in codec.encode(body, sender="coordinator", job=job,
+                                               round=rnd)]
+
+    async def go():
+        racing = [asyncio.ensure_future(agent.handle_frames(frames(body))) for body in
+                  (task(task_id="attempt-1"), m.RoundAbort("job cancelled"))]
+        await asyncio.gather(*racing)
+        assert trainer.trained == [] and agent.task is None and agent._busy == ""
+        assert link.sent == []
+        # an abort of another round leaves a task being parsed alone
+        racing = [asyncio.ensure_future(agent.handle_frames(f)) for f in
+                  (frames(task(task_id="attempt-2")),
+                   frames(m.RoundAbort("other round"), rnd=2))]
+        await asyncio.gather(*racing)
+    asyncio.run(go())
+    assert trainer.trained == [("job1", 1)]
+    assert [d.task_id for d in link.bodies(m.TrainDone)] == ["attempt-2"]
+    assert agent._arriving == []
+
+
 def test_evaluation_result():
     agent = Agent("site-a", SyntheticTrainer("site-a", n_examples=7), policy=PLAIN_OK)
     link = Link(agent)

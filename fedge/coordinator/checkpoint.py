@@ -14,6 +14,7 @@ file or the new one, never a torn one.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -164,6 +165,19 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> str:
     }
     atomic_write(Path(path), st_save(tensors, metadata=meta))
     return digest
+
+
+def save_final(state_dir: str | Path, job_id: str, ckpt: Checkpoint) -> str:
+    """Write ``ckpt`` as the job's ``final.safetensors``, without its strategy state
+    (the round checkpoints keep it: nothing resumes from the final model); returns
+    its model digest, the same as the round's.
+
+    Raises:
+        CheckpointError: weights are not a 1-D float32 array.
+        OSError: the file cannot be written.
+    """
+    return save_checkpoint(final_path(state_dir, job_id),
+                           dataclasses.replace(ckpt, strategy_state={}))
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:

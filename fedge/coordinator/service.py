@@ -29,7 +29,8 @@ start with another set.
 
 A job that ends failed or cancelled after committing at least one round keeps its
 last committed global model as its result: ``final.safetensors`` is written from
-that round's checkpoint and ``on_job_completed`` is called as for a completed job
+that round's checkpoint (weights only, as for a completed job; the round's file
+keeps the strategy state) and ``on_job_completed`` is called as for a completed job
 (the process exports it and writes the report, which says which round it is and why
 the job ended). The sites spent training time and privacy budget on it.
 
@@ -426,7 +427,7 @@ class Coordinator:
             if checkpoint is None:
                 checkpoint = ck.load_checkpoint(ck.round_path(self.state_dir, job_id,
                                                               committed))
-            return ck.save_checkpoint(ck.final_path(self.state_dir, job_id), checkpoint)
+            return ck.save_final(self.state_dir, job_id, checkpoint)
         except (OSError, ck.CheckpointError) as exc:
             error = f"{type(exc).__name__}: {exc}"
             log.error("job %s: its last committed model (round %d) cannot be kept as its "
@@ -927,7 +928,7 @@ class Coordinator:
                 ckpt = ck.load_checkpoint(ck.round_path(self.state_dir, runner.job_id,
                                                         runner.committed))
                 runner.last_checkpoint = ckpt
-            digest = ck.save_checkpoint(ck.final_path(self.state_dir, runner.job_id), ckpt)
+            digest = ck.save_final(self.state_dir, runner.job_id, ckpt)
             self.store.set_job_status(runner.job_id, "completed", actor=SYSTEM,
                                       final_digest=digest)
         except (OSError, ck.CheckpointError, StoreError, sqlite3.Error) as exc:

@@ -10,6 +10,24 @@ and ``metrics`` (JSON).
 A write goes to a temporary file in the same directory, is fsynced, renamed
 over the target and the directory is fsynced, so a reader sees either the old
 file or the new one, never a torn one.
+
+Retention: a job's directory keeps ``round-0`` (the starting model, weights
+only), its last committed round (weights and strategy state: what a restarted
+coordinator resumes from, and what a failed or cancelled job's result is
+written from) and ``final.safetensors`` (weights only: the result, which
+nothing resumes from). Every other round checkpoint is removed once a later
+round is committed in SQLite (:func:`prune_rounds`); until then it is the
+only copy a resume can use. What reads which file:
+
+=====================  ==========================================================
+round-0                starting or resuming a job before its round 1 commits
+round-<committed>      resuming after a restart (also a round pinned to an earlier
+                       unmasking: it starts again from the same model); a failed or
+                       cancelled job's final.safetensors; finishing a job whose
+                       final write failed or was cut short
+final.safetensors      the ONNX export, ``jobs fetch``, ``fedge export``/serve
+report files           written from SQLite, read by ``jobs fetch`` only
+=====================  ==========================================================
 """
 
 from __future__ import annotations
@@ -62,6 +80,60 @@ def round_path(state_dir: str | Path, job_id: str, rnd: int) -> Path:
 
 def final_path(state_dir: str | Path, job_id: str) -> Path:
     return job_dir(state_dir, job_id) / "final.safetensors"
+
+
+ROUND_NAME = re.compile(r"round-(?P<round>0|[1-9][0-9]{0,8})\.safetensors")
+# committed rounds whose checkpoints a job keeps (module docstring): the last one is
+# all that resuming and a failed job's result read
+KEEP_COMMITTED_ROUNDS = 1
+
+
+def round_checkpoints(state_dir: str | Path, job_id: str) -> dict[int, Path]:
+    """The job's ``round-<r>.safetensors`` files now on disk, by round."""
+    try:
+        names = [f.name for f in job_dir(state_dir, job_id).iterdir()]
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    out: dict[int, Path] = {}
+    for name in names:
+        match = ROUND_NAME.fullmatch(name)
+        if match is not None:
+            out[int(match["round"])] = job_dir(state_dir, job_id) / name
+    return out
+
+
+def prune_rounds(state_dir: str | Path, job_id: str, committed: int, *, ended: bool = False,
+                 keep: int = KEEP_COMMITTED_ROUNDS) -> list[Path]:
+    """Remove the job's round checkpoints that nothing reads any more (module
+    docstring), given that round ``committed`` is committed in SQLite, not only
+    written: every round r with 0 < r <= committed - keep. Round 0 stays, and so do
+    the ``keep`` last committed rounds. A round past ``committed`` is a checkpoint
+    written but not committed (a crash or a failed database write in between); a
+    running job writes it again, so it stays unless ``ended`` (the job is completed,
+    failed or cancelled in SQLite, and no round of it will ever commit again).
+
+    A crash part-way leaves files that the next call removes: it looks at the
+    directory, not at what the last call did.
+
+    Returns the paths removed.
+
+    Raises:
+        ValueError: ``keep`` below 1 (the last committed round is the only copy a
+            resume can read).
+        OSError: a file cannot be removed (other than one already gone).
+    """
+    if keep < 1:
+        raise ValueError(f"keep {keep} must be at least 1: the last committed round's "
+                         "checkpoint is what a restarted coordinator resumes from")
+    removed: list[Path] = []
+    for rnd, path in sorted(round_checkpoints(state_dir, job_id).items()):
+        if 0 < rnd <= committed - keep or (ended and rnd > committed):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            removed.append(path)
+    return removed
 
 
 # A finished job's results beside its checkpoints, as `fedge console jobs fetch` gets
@@ -169,7 +241,7 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> str:
 
 def save_final(state_dir: str | Path, job_id: str, ckpt: Checkpoint) -> str:
     """Write ``ckpt`` as the job's ``final.safetensors``, without its strategy state
-    (the round checkpoints keep it: nothing resumes from the final model); returns
+    (module docstring: the last committed round's checkpoint keeps that); returns
     its model digest, the same as the round's.
 
     Raises:

@@ -337,11 +337,16 @@ def unfinished_jobs(coord: Coordinator) -> list[str]:
     """Ended jobs whose results are not all written: a coordinator stopped (or killed)
     between the job's last commit and the end of finish_job (the report is written
     last). A failed or cancelled job that committed a round has its last committed
-    model as its result; one that committed nothing has none."""
+    model as its result; one that committed nothing has none. A job whose directory
+    is gone is not one: every ended job with a result has one (its final or last
+    committed checkpoint is written before its status), so the operator deleted it
+    (packaging/debian/README.Debian), and there is nothing left to finish it from."""
     out = []
     for status in ("completed", "failed", "cancelled"):
         for job in coord.store.jobs(status=status):
             if status != "completed" and job.committed_round < 1:
+                continue
+            if not ck.job_dir(coord.state_dir, job.job_id).is_dir():
                 continue
             if not set(REPORT_FILES) <= set(ck.results(coord.state_dir, job.job_id)):
                 out.append(job.job_id)
@@ -358,6 +363,9 @@ async def _resume_finishing(coord: Coordinator, job_ids: list[str]) -> None:
             if not digest:
                 continue  # logged and audited; the next start tries again
             coord.store.set_final_digest(job_id, digest)
+        # killed before its old round checkpoints went (service: they go before the
+        # export and report, whose absence brings the job here)
+        coord.forget_rounds(job_id)
         missing = [n for n in ("model.onnx", *REPORT_FILES)
                    if n not in ck.results(coord.state_dir, job_id)]
         coord.store.audit("coordinator", "job_finish_resumed",

@@ -9,15 +9,19 @@ channel calls the public methods (``fleet``, ``submit_job``, ``enrol`` ...).
 
 Crash safety: a round is committed by (1) writing ``round-<r>.safetensors``
 atomically (weights + strategy state), then (2) one SQLite transaction that
-records the round and moves ``jobs.committed_round``. A coordinator killed at
-any instant restarts at the last committed round: a checkpoint written but not
-committed is simply overwritten, and a round in flight is started again from
-scratch — new cohort, new secure-aggregation keys — never resumed. Training and
-quantisation seeds depend only on (job seed, round, site), so a restarted
-round with the same cohort yields the same sum and, on the CPU, the same model
-bit for bit (not under DP, whose noise is fresh at each site by design). The
-cohort may differ: the round starts once ``min_clients`` sites are back, so
-with ``min_clients`` below the fleet the first sites to return train it —
+records the round and moves ``jobs.committed_round``; only then (3) are the
+round checkpoints before it removed (fedge.coordinator.checkpoint: a job keeps
+round 0, its last committed round and its final model), so the last committed
+round's file is never removed before its successor is committed, and a crash
+between (2) and (3) leaves files the next commit or the job's end removes. A
+coordinator killed at any instant restarts at the last committed round: a
+checkpoint written but not committed is simply overwritten, and a round in
+flight is started again from scratch — new cohort, new secure-aggregation keys —
+never resumed. Training and quantisation seeds depend only on (job seed, round,
+site), so a restarted round with the same cohort yields the same sum and, on the
+CPU, the same model bit for bit (not under DP, whose noise is fresh at each site
+by design). The cohort may differ: the round starts once ``min_clients`` sites
+are back, so with ``min_clients`` below the fleet the first sites to return train it —
 unless an earlier attempt at the round already asked for its unmasking. Then
 the sites have logged their reveal over that attempt's survivor set S and
 refuse to reveal over another set (a second sum would give the difference), so
@@ -464,6 +468,7 @@ class Coordinator:
             if digest:
                 ck.final_path(self.state_dir, job_id).unlink(missing_ok=True)
             raise
+        self.forget_rounds(job_id)
         if digest:
             self.on_job_completed(job_id)
 
@@ -840,6 +845,7 @@ class Coordinator:
                 self.runner = None
                 digest = self.keep_last_model(rnd.job_id, runner.committed,
                                               runner.last_checkpoint)
+                self.forget_rounds(rnd.job_id)
                 if digest:
                     try:  # names the export's weights, so a resumed finish keeps it
                         self.store.set_final_digest(rnd.job_id, digest)
@@ -893,6 +899,7 @@ class Coordinator:
             return
         runner.commit_failed_at = float("-inf")
         runner.commit_error = ""
+        self._prune_rounds(runner.job_id, rnd.round, ended=False)
         marks = [*rnd.phase_log, ("committed", self.clock())]
         phases = ", ".join(f"{a} {t1 - t0:.2f} s" for (a, t0), (_, t1)
                            in itertools.pairwise(marks))
@@ -945,7 +952,34 @@ class Coordinator:
                 log.exception("cannot audit the failure to finish job %s", runner.job_id)
             return
         self.runner = None
+        self._prune_rounds(runner.job_id, runner.committed, ended=True)
         self.on_job_completed(runner.job_id)
+
+    def forget_rounds(self, job_id: str) -> None:
+        """Remove the round checkpoints of an ended job that nothing reads any more
+        (:func:`fedge.coordinator.checkpoint.prune_rounds`: round 0 and the last
+        committed round stay). Its status and committed round are read from SQLite,
+        so only what is durable there decides; a job still running is pruned as at a
+        commit. Best effort: a failure is logged, and the files stay."""
+        try:
+            job = self.store.job(job_id)
+        except (StoreError, sqlite3.Error) as exc:
+            log.warning("job %s: its old round checkpoints are kept for now: %s", job_id, exc)
+            return
+        self._prune_rounds(job_id, job.committed_round,
+                           ended=job.status in ("completed", "failed", "cancelled"))
+
+    def _prune_rounds(self, job_id: str, committed: int, *, ended: bool) -> None:
+        """checkpoint.prune_rounds once round ``committed`` is committed in SQLite; a
+        file that cannot be removed is logged and left for the next commit to try."""
+        try:
+            removed = ck.prune_rounds(self.state_dir, job_id, committed, ended=ended)
+        except OSError as exc:
+            log.warning("job %s: cannot remove an old round checkpoint (tried again at the "
+                        "next commit): %s", job_id, exc)
+            return
+        if removed:
+            log.debug("job %s: removed %s", job_id, ", ".join(p.name for p in removed))
 
     def _start_next_job(self, now: float) -> None:
         """Start (or resume from its last committed round) the oldest running, else

@@ -135,8 +135,10 @@ def test_three_rounds_three_sites_match_the_reference(federation, secure):
     final = ck.load_checkpoint(ck.final_path(fed.coord.state_dir, job))
     w, c, ci = reference(fed, 3, eta=0.8)
     np.testing.assert_allclose(final.weights, w, atol=1e-5)
-    # c is checkpointed with the weights
-    np.testing.assert_allclose(final.strategy_state["c"], c, atol=1e-5)
+    # c is checkpointed with the last round's weights (final.safetensors: weights only)
+    last = ck.load_checkpoint(ck.round_path(fed.coord.state_dir, job, 3))
+    assert last.weights.tobytes() == final.weights.tobytes() and final.strategy_state == {}
+    np.testing.assert_allclose(last.strategy_state["c"], c, atol=1e-5)
     for s, agent in fed.agents.items():  # each agent holds c_i for the round after the last
         np.testing.assert_allclose(agent.client_control(job, 4), ci[s], atol=1e-6)
     # the control variates are live (every f_i here has Hessian I, so the corrections
@@ -168,7 +170,8 @@ def test_site_sitting_out_a_round_scales_c_by_participation_and_keeps_its_c_i(fe
     final = ck.load_checkpoint(ck.final_path(fed.coord.state_dir, job))
     w, c, _ = reference(fed, 2, absent={1: {"c"}})
     np.testing.assert_allclose(final.weights, w, atol=1e-6)
-    np.testing.assert_allclose(final.strategy_state["c"], c, atol=1e-6)
+    last = ck.load_checkpoint(ck.round_path(fed.coord.state_dir, job, 2))
+    np.testing.assert_allclose(last.strategy_state["c"], c, atol=1e-6)
     # the same numbers with full participation in round 1 are not these
     w_full, _, _ = reference(fed, 2)
     assert np.abs(w_full - w).max() > 1e-3
@@ -181,7 +184,7 @@ def test_coordinator_replaced_mid_round_resumes_scaffold_bit_for_bit(federation,
 
     reference_fed = federation(["a", "b", "c"])
     ref_job = run(reference_fed, scaffold_plan(rounds=3))
-    ref = ck.load_checkpoint(ck.final_path(reference_fed.coord.state_dir, ref_job))
+    ref = ck.load_checkpoint(ck.round_path(reference_fed.coord.state_dir, ref_job, 3))
 
     fed = federation(["a", "b", "c"])
 
@@ -207,5 +210,6 @@ def test_coordinator_replaced_mid_round_resumes_scaffold_bit_for_bit(federation,
 
     job = asyncio.run(go())
     final = ck.load_checkpoint(ck.final_path(fed.coord.state_dir, job))
-    assert final.weights.tobytes() == ref.weights.tobytes()
-    assert final.strategy_state["c"].tobytes() == ref.strategy_state["c"].tobytes()
+    last = ck.load_checkpoint(ck.round_path(fed.coord.state_dir, job, 3))
+    assert final.weights.tobytes() == last.weights.tobytes() == ref.weights.tobytes()
+    assert last.strategy_state["c"].tobytes() == ref.strategy_state["c"].tobytes()

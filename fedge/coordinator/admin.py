@@ -183,6 +183,10 @@ class AdminService:
         ended = state in ("cancelled", "failed")
         error = f" ({status['error']})" if status.get("error") else ""
         if not out:
+            if committed and not jdir.exists():  # the operator removed it (README.Debian)
+                raise ValueError(
+                    f"job {job_id} ({state}) has no results any more: its directory "
+                    f"{jdir} was removed from the coordinator")
             if ended and committed == 0:  # nothing was ever committed: nothing to give
                 raise ValueError(
                     f"job {job_id} ({state}) has no results and will not have any: it "

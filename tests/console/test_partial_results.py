@@ -97,3 +97,22 @@ def test_a_job_cancelled_before_any_commit_says_it_has_no_results_and_why(
     assert f"job {job} (cancelled) has no results and will not have any: it was " \
            "cancelled before any round was committed" in err
     assert not ck.final_path(server.coordinator.state_dir, job).exists()
+
+
+def test_a_job_whose_directory_the_operator_removed_says_so(tmp_path, make_server, capsys):
+    """README.Debian lets hospital IT delete a finished job's directory: fetching it
+    then says that, not that its results are still to come."""
+    import shutil
+
+    server = make_server()
+    coord = server.coordinator
+    base = ["console", "--home", str(server.console.home), "--timeout", "5"]
+    job = _submit(tmp_path, server, base, capsys)
+    _commit(coord, job, 1)
+    assert main([*base, "jobs", "cancel", job]) == 0
+    capsys.readouterr()
+    shutil.rmtree(ck.job_dir(coord.state_dir, job))
+    assert main([*base, "jobs", "fetch", job, "--out", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert f"job {job} (cancelled) has no results any more: its directory " in err
+    assert "was removed from the coordinator" in err

@@ -24,6 +24,7 @@ import numpy as np
 
 from fedge.agent.jobstate import JobStateStore
 from fedge.coordinator.plan import Plan
+from fedge.update.files import remove_stale_temps
 
 log = logging.getLogger("fedge.agent")
 
@@ -124,6 +125,9 @@ class TorchTrainer:
         # One privacy ledger for every job this site runs, kept on disk so the
         # budget spent survives a restart (per job and in total).
         self._ledger_path = ledger_path(state_dir) if state_dir is not None else None
+        if state_dir is not None:  # what a write killed mid-way (SIGKILL, power cut) left
+            for written in (Path(state_dir) / "jobs", ledger_path(state_dir).parent):
+                remove_stale_temps(written)
         self._ledger = (PrivacyLedger.load(self._ledger_path) if self._ledger_path
                         else PrivacyLedger())
         # Each job's place in its stream of shuffled epochs, kept on disk too, so a

@@ -8,6 +8,11 @@ repository sees either no new version or a complete one, never a half-written
 file. Files copied in by hand are handled by the server's checks instead
 (a version that does not load is skipped and retried when it changes).
 
+Opening a repository removes the staging directories of installs that were
+killed before their rename (``.incoming-*``, under a random name no later install
+reuses), unless a live install still holds one
+(``fedge.update.files.remove_stale_temps``).
+
 `retire` moves a version out of the scan (to `.retired-<v>-<n>`), which is how
 a bad model is rolled back: the server falls back to the next highest version.
 
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import re
 import shutil
@@ -29,9 +35,15 @@ from pathlib import Path
 
 import onnx
 
+from fedge.update.files import holding, remove_stale_temps
+
+log = logging.getLogger("fedge.serve.repository")
+
 MODEL_FILE = "model.onnx"
 NAME_RULE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _RETIRED = re.compile(r"\.retired-([1-9][0-9]*)-[0-9a-f]+")
+# `install`'s staging directory: ".incoming-<mkdtemp's 8 random characters>"
+_STAGING = re.compile(r"\.incoming-[a-z0-9_]{8}")
 # ASCII digits only: str.isdigit() also takes "²" (int() refuses it) and "١" (int()
 # reads it as 1, a second directory for version 1)
 _VERSION = re.compile(r"[1-9][0-9]*")
@@ -65,6 +77,23 @@ class ModelRepository:
 
     def __init__(self, root: str | os.PathLike[str]):
         self.root = Path(root)
+        self.remove_stale_staging()
+
+    def remove_stale_staging(self) -> list[Path]:
+        """Remove the staging directories that killed installs left (module
+        docstring); returns them. Versions and retired versions are not touched."""
+        try:
+            bases = [p for p in self.root.iterdir()
+                     if NAME_RULE.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        except OSError as exc:
+            log.warning("cannot look for stale staging directories in %s: %s", self.root, exc)
+            return []
+        removed: list[Path] = []
+        for base in bases:
+            removed += remove_stale_temps(base, _STAGING, directories=True)
+        return removed
 
     def models(self) -> list[str]:
         """Names of the models that have at least one version."""
@@ -140,32 +169,33 @@ class ModelRepository:
         base.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=base))
         try:
-            with open(staging / MODEL_FILE, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            # mkdtemp makes 0700; the serving process may run as another user
-            os.chmod(staging / MODEL_FILE, 0o644)
-            os.chmod(staging, 0o755)
-            _fsync_dir(staging)
-            version = self._highest_number_taken(base) + 1
-            for _ in range(INSTALL_ATTEMPTS):
-                try:
-                    # rename(2) replaces only an empty directory: a version another
-                    # installer created meanwhile makes this fail, and we take the next.
-                    os.rename(staging, base / str(version))
-                except OSError as exc:
-                    if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                        raise
-                    version = max(version, self._highest_number_taken(base)) + 1
-                    continue
-                _fsync_dir(base)
-                return version
-            raise OSError(
-                errno.EEXIST,
-                f"cannot install {name!r}: {INSTALL_ATTEMPTS} version numbers up to "
-                f"{version - 1} were taken meanwhile in {base}",
-            )
+            with holding(staging):  # until renamed into place or removed
+                with open(staging / MODEL_FILE, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                # mkdtemp makes 0700; the serving process may run as another user
+                os.chmod(staging / MODEL_FILE, 0o644)
+                os.chmod(staging, 0o755)
+                _fsync_dir(staging)
+                version = self._highest_number_taken(base) + 1
+                for _ in range(INSTALL_ATTEMPTS):
+                    try:
+                        # rename(2) replaces only an empty directory: a version another
+                        # installer created meanwhile makes this fail, and we take the next.
+                        os.rename(staging, base / str(version))
+                    except OSError as exc:
+                        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                            raise
+                        version = max(version, self._highest_number_taken(base)) + 1
+                        continue
+                    _fsync_dir(base)
+                    return version
+                raise OSError(
+                    errno.EEXIST,
+                    f"cannot install {name!r}: {INSTALL_ATTEMPTS} version numbers up to "
+                    f"{version - 1} were taken meanwhile in {base}",
+                )
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -32,6 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+from fedge.update.files import holding, remove_stale_temps
 from fedge.update.tuf_repo import version_key
 
 log = logging.getLogger("fedge.update.ab")
@@ -71,10 +73,22 @@ class Service(Protocol):
     def stop(self) -> None: ...
 
 
+# `SlotInstaller.unpack`'s temporary slot: ".<version>.<mkdtemp's 8 random characters>"
+SLOT_TEMP_NAME = re.compile(r"\.[0-9][0-9.]*\.[a-z0-9_]{8}")
+
+
 class SlotInstaller:
+    """Opening one removes what killed installs left under ``root``: a slot whose
+    unpacking never finished (hundreds of MB, under a random name no retry reuses)
+    and pending.json or outcome.json written half-way; one a live process is still
+    writing is left (``fedge.update.files.remove_stale_temps``). Slots, ``current``
+    and ``previous`` are never touched."""
+
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.slots = self.root / "slots"
+        remove_stale_temps(self.slots, SLOT_TEMP_NAME, directories=True)
+        remove_stale_temps(self.root)
 
     def current_version(self) -> str | None:
         return self._link_target("current")
@@ -107,6 +121,11 @@ class SlotInstaller:
         bundle = Path(bundle)
         dest = self.slots / version
         tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=self._mkdir(self.slots)))
+        with holding(tmp):  # until renamed into place or removed
+            return self._unpack_into(tmp, version, bundle, dest)
+
+    def _unpack_into(self, tmp: Path, version: str, bundle: Path, dest: Path) -> Path:
+        """`unpack`'s work in the temporary slot ``tmp``. Raises: as `unpack`."""
         try:
             name = bundle.name
             if name.endswith((".tar.gz", ".tgz", ".tar")):

@@ -1,16 +1,41 @@
 """Small file helpers shared by the console, the coordinator and the agent:
-atomic writes with owner-only permissions and Ed25519 / CURVE key files."""
+atomic writes with owner-only permissions, the sweep of temporaries that killed
+writes leave, and Ed25519 / CURVE key files.
+
+A temporary file or directory is *held* (an exclusive ``flock`` on it) by its
+writer until it is renamed into place or removed; the lock goes with the process,
+so one killed mid-write (SIGKILL, power cut) leaves a temporary nobody holds, and
+:func:`remove_stale_temps` removes it when its owner is next opened, whatever
+process that is. One held by a live writer, in this process or another, is left
+alone.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
+import re
+import shutil
+import stat
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+log = logging.getLogger("fedge.update.files")
+
+# write_atomic's temporary: ".<target name>.<mkstemp's 8 random characters>"
+ATOMIC_TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}")
+# A temporary younger than this is left alone even when nobody holds it: its writer
+# may be between creating it and taking the lock (microseconds), or be a release from
+# before temporaries were held.
+TEMP_GRACE_S = 60.0
 
 
 def write_atomic(path: Path, data: bytes, *, mode: int = 0o600) -> None:
@@ -23,12 +48,13 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o600) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # held until renamed (module docstring)
+            os.fchmod(f.fileno(), mode)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+            os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -37,6 +63,82 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o600) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+@contextlib.contextmanager
+def holding(path: Path) -> Iterator[None]:
+    """Hold the temporary file or directory ``path`` (an exclusive ``flock``) while the
+    block runs, so that :func:`remove_stale_temps` leaves it alone; rename it into
+    place inside the block.
+
+    Raises: OSError: ``path`` cannot be opened.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temps(directory: Path, name: re.Pattern[str] = ATOMIC_TEMP_NAME, *,
+                       directories: bool = False,
+                       grace_s: float = TEMP_GRACE_S) -> list[Path]:
+    """Remove the temporaries in ``directory`` (not below it) that killed writes left:
+    entries whose whole name matches ``name``, regular files (or, with
+    ``directories``, directories, with what they hold), that no live writer holds
+    (module docstring) and that were last modified more than ``grace_s`` ago. Nothing
+    else is touched: not a symlink, not a name of another shape.
+
+    Meant for when the owner of ``directory`` is opened. A temporary that cannot be
+    looked at or removed (permissions) is logged and left; a missing ``directory``
+    has none.
+
+    Returns the paths removed.
+    """
+    directory = Path(directory)
+    try:
+        entries = [e for e in os.scandir(directory) if name.fullmatch(e.name)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except OSError as exc:
+        log.warning("cannot look for stale temporaries in %s: %s", directory, exc)
+        return []
+    kind = stat.S_ISDIR if directories else stat.S_ISREG
+    removed: list[Path] = []
+    for entry in entries:
+        path = directory / entry.name
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if not kind(st.st_mode) or st.st_mtime > time.time() - grace_s:
+                continue
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:  # renamed into place or removed meanwhile
+            continue
+        except OSError as exc:
+            log.warning("cannot check stale temporary %s: %s", path, exc)
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # its writer is alive
+                continue
+            # still the entry that was opened (not renamed into place and replaced)
+            if os.fstat(fd).st_ino != os.lstat(path).st_ino:
+                continue
+            if directories:
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed.append(path)
+            log.info("removed %s, left by a write that did not finish", path)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            log.warning("cannot remove stale temporary %s: %s", path, exc)
+        finally:
+            os.close(fd)
+    return removed
 
 
 def write_json(path: Path, obj: object, *, mode: int = 0o600) -> None:

@@ -241,6 +241,25 @@ def test_the_trainer_holds_its_last_jobs_states_and_a_dropped_job_resumes_from_d
         TorchTrainer([table], held_jobs=0)
 
 
+def test_a_trainer_opened_on_a_state_dir_removes_temps_that_killed_writes_left(tmp_path):
+    """A write_atomic killed before its rename leaves ``.<name>.<random>`` beside the
+    job state and the privacy ledger; the next agent start removes it, and nothing
+    else."""
+    import os
+    import time
+
+    jobs, privacy = tmp_path / "jobs", tmp_path / "privacy"
+    jobs.mkdir()
+    privacy.mkdir()
+    stale = [jobs / ".0123abcd.controls.npz.k2_9zzzz", privacy / ".ledger.json.abcdefgh"]
+    kept = [jobs / "0123abcd.controls.npz", privacy / "ledger.json.corrupt"]
+    for p in stale + kept:
+        p.write_bytes(b"{}")
+        os.utime(p, (time.time() - 3600,) * 2)
+    TorchTrainer([], state_dir=tmp_path)
+    assert [p.exists() for p in stale + kept] == [False, False, True, True]
+
+
 def test_a_saved_cursor_that_does_not_fit_is_named_and_the_stream_starts_afresh(
         tmp_path, caplog):
     if not DATA.exists():

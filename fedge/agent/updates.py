@@ -273,10 +273,12 @@ class AgentUpdater:
 
         What is already here comes first: a version installed (or, for software,
         installed or running) is nothing to do even after newer ones were signed, so
-        a roll-out of it does not stop at this site. Otherwise, every version ever
-        signed stays signed, and the coordinator that names one is not trusted: a
-        target is installed only if it is the newest signed in its lineage among
-        `specs` (the verified targets), and newer than what is installed. Software
+        a roll-out of it does not stop at this site. Otherwise the coordinator that
+        names a version is not trusted (the console lists only the newest of each
+        lineage, but targets signed by an earlier console list every version ever
+        pushed): a target is installed only if it is the newest signed in its
+        lineage among `specs` (the verified targets), and newer than what is
+        installed, the floor that stops a rollback whatever is listed. Software
         has one lineage whatever its name, and must also be newer than the version
         that runs now (`fedge.update.ab.running_version`).
 
@@ -467,9 +469,22 @@ class AgentUpdater:
 
 
 def _lineage(spec: tuf_repo.TargetSpec) -> tuple[str, str]:
-    """Versions of one lineage replace each other: (kind, name), except that all
-    software is one lineage (the appliance runs one fedge)."""
-    return (spec.kind, tuf_repo.SOFTWARE_NAME if spec.kind == "software" else spec.name)
+    return tuf_repo.lineage(spec.kind, spec.name)
+
+
+def _named_target(path: str) -> tuf_repo.TargetSpec | None:
+    """The (kind, name, version) that a target path names, unverified: a path the
+    verified metadata does not list (the console lists only the newest of each
+    lineage) may only be refused or found already here, never installed."""
+    parts = path.split("/") if isinstance(path, str) else []
+    if len(parts) != 4:
+        return None
+    kind, name, version, filename = parts
+    try:
+        tuf_repo.target_path(kind, name, version, filename)
+    except ValueError:
+        return None
+    return tuf_repo.TargetSpec(kind, name, version, path, 0, "")
 
 
 def _newest_per_lineage(specs: list[tuf_repo.TargetSpec]
@@ -516,6 +531,13 @@ def handle_update_available(updater: AgentUpdater, msg: UpdateAvailable, *,
         specs = {s.path: s for s in updater.refresh()}
         spec = specs.get(msg.path)
         if spec is None:
+            # No longer listed (a newer version replaced it), or never signed: the
+            # version named may still be what is installed here (a roll-out asked
+            # again after a newer push: nothing to do), or older than one signed.
+            named = _named_target(msg.path)
+            refused = None if named is None else updater.refusal(named, list(specs.values()))
+            if refused is not None:
+                return UpdateOutcome(msg.rollout_id, msg.path, refused[0], False, refused[1])
             return UpdateOutcome(msg.rollout_id, msg.path, False, False,
                                  f"target {msg.path!r} is not in the verified targets metadata")
         refused = updater.refusal(spec, list(specs.values()))
@@ -651,8 +673,9 @@ class AgentUpdateClient:
             spec = {s.path: s for s in specs}.get(msg.path)
             if spec is None or spec.kind != "software":
                 return None
-            # Old targets stay signed forever: a push of one must not roll the
-            # appliance back, nor re-stage (and so unpack over) the running slot.
+            # An older target may still be listed (signed by an earlier console): a
+            # push of one must not roll the appliance back, nor re-stage (and so
+            # unpack over) the running slot.
             refused = self.updater.refusal(spec, specs)
             if refused is not None:
                 return UpdateOutcome(msg.rollout_id, msg.path, refused[0], False, refused[1])

@@ -114,6 +114,13 @@ def check_target_fields(kind: object, name: object, version: object) -> None:
     version_key(version)  # type: ignore[arg-type]
 
 
+def lineage(kind: str, name: str) -> tuple[str, str]:
+    """Versions of one lineage replace each other: (kind, name), except that all
+    software is one lineage (the appliance runs one fedge). The console signs only the
+    newest target of each; the appliance installs only the newest signed of each."""
+    return (kind, SOFTWARE_NAME if kind == "software" else name)
+
+
 def target_path(kind: str, name: str, version: str, filename: str) -> str:
     """The TUF path of a target. Raises: ValueError for a bad field or file name."""
     check_target_fields(kind, name, version)

@@ -13,6 +13,7 @@ from onnx import TensorProto, helper
 from fedge.agent.updates import AgentUpdater, ZmqFetcher, install_trusted_root
 from fedge.console.store import ConsoleStore
 from fedge.coordinator.updates import UpdateRepository
+from fedge.update import tuf_repo
 
 
 class Clock:
@@ -57,14 +58,41 @@ class Fleet:
         self.requests += 1
         return self.roundtrip(req)
 
-    def publish(self, kind: str, name: str, version: str, filename: str, data: bytes) -> None:
+    def publish(self, kind: str, name: str, version: str, filename: str, data: bytes) -> str:
+        """Sign and publish one target as `fedge console push` does; returns its path."""
         targets, files = self.console.sign_targets([(kind, name, version, filename, data)])
         self.repo.publish(targets, files)
+        [path] = files
+        return path
+
+    def publish_as_earlier_console(self, kind: str, name: str, version: str, filename: str,
+                                   data: bytes) -> str:
+        """Publish one target as a console before this release did: added to every
+        target signed so far, so that older versions stay listed. Returns its path."""
+        current = tuf_repo.load(self.console.targets_bytes(), "targets")
+        tf = tuf_repo.new_target_file(kind, name, version, filename, data)
+        md = tuf_repo.create_targets(self.console.tuf_key("targets"),
+                                     {**current.signed.targets, tf.path: tf},
+                                     version=current.signed.version + 1, now=self.clock())
+        targets = tuf_repo.to_bytes(md)
+        self.repo.publish(targets, {tf.path: data})
+        self.console.save_targets(targets)
+        return tf.path
 
 
 @pytest.fixture
 def fleet(tmp_path) -> Fleet:
     return Fleet(tmp_path)
+
+
+@pytest.fixture(params=["newest-only", "earlier-console"])
+def publisher(request):
+    """How older versions were signed: this console lists only the newest of each
+    lineage; one before this release listed every version ever pushed. The appliance
+    must refuse a rollback either way."""
+    if request.param == "newest-only":
+        return Fleet.publish
+    return Fleet.publish_as_earlier_console
 
 
 @pytest.fixture

@@ -100,11 +100,11 @@ def test_asked_again_the_agent_resends_its_outcome_and_installs_nothing_twice(
 
 
 def test_a_coordinator_naming_an_older_signed_model_or_app_gets_a_refusal_not_a_rollback(
-        fleet, tmp_path, make_onnx):
-    """Every version ever signed stays signed. A compromised coordinator that asks a
-    site with nothing installed yet for model risk 1 and app cox 1, while 2 of each
-    is signed, is refused by the agent itself (not only by an honest coordinator's
-    push check); the newest installs."""
+        fleet, tmp_path, make_onnx, publisher):
+    """A compromised coordinator that asks a site with nothing installed yet for model
+    risk 1 and app cox 1, while 2 of each is signed, is refused by the agent itself
+    (not only by an honest coordinator's push check), whether 1 is still listed (an
+    earlier console's targets) or not; the newest installs."""
     import io
     import tarfile
 
@@ -117,11 +117,12 @@ def test_a_coordinator_naming_an_older_signed_model_or_app_gets_a_refusal_not_a_
             tar.addfile(info, io.BytesIO(data))
         return buf.getvalue()
 
-    for version in ("1", "2"):
-        fleet.publish("model", "risk", version, "model.onnx", make_onnx(float(version)))
-        fleet.publish("app", "cox", version, "app.tar.gz", app(version))
-    paths = sorted(fleet.repo.current_targets().signed.targets)
-    old_app, new_app, old_model, new_model = paths
+    old_model, new_model, old_app, new_app = (
+        publisher(fleet, kind, name, version, file, data(version))
+        for kind, name, file, data in (("model", "risk", "model.onnx",
+                                        lambda v: make_onnx(float(v))),
+                                       ("app", "cox", "app.tar.gz", app))
+        for version in ("1", "2"))
     models = ModelRepository(tmp_path / "models")
     old = linked(fleet, models, [], asks=[UpdateAvailable("evil-1", old_model),
                                           UpdateAvailable("evil-2", old_app)])

@@ -32,16 +32,16 @@ def with_installed(fleet, **installed: str) -> AgentUpdater:
 
 
 def test_a_roll_out_of_the_installed_software_after_a_newer_one_was_signed_goes_on(
-        tmp_path, fleet):
+        tmp_path, fleet, publisher):
     """2.0.0 is installed, then 3.0.0 is signed; a roll-out of 2.0.0 (started before,
     or re-asked on reconnect) finds it here: ok, nothing staged, and the roll-out goes
-    on to the next site instead of stopping at this one."""
+    on to the next site instead of stopping at this one, though 2.0.0 is no longer
+    listed (or still is: an earlier console's targets)."""
     root = tmp_path / "software"
     with_installed(fleet, software__fedge="2.0.0")
-    for version in ("2.0.0", "3.0.0"):
-        fleet.publish("software", "fedge", version, f"fedge-{version}.tar.gz",
-                      bundle(tmp_path, version, "good").read_bytes())
-    paths = {p.split("/")[2]: p for p in fleet.repo.current_targets().signed.targets}
+    paths = {version: publisher(fleet, "software", "fedge", version, f"fedge-{version}.tar.gz",
+                                bundle(tmp_path, version, "good").read_bytes())
+             for version in ("2.0.0", "3.0.0")}
     restarts: list[str] = []
     outcome, = linked(fleet, None, [], self_update=SelfUpdate(root),
                       restart=lambda: restarts.append("restart"),
@@ -57,11 +57,10 @@ def test_a_roll_out_of_the_installed_software_after_a_newer_one_was_signed_goes_
 
 
 def test_a_roll_out_of_the_installed_model_after_a_newer_one_was_signed_is_nothing_to_do(
-        tmp_path, fleet, make_onnx):
+        tmp_path, fleet, make_onnx, publisher):
     with_installed(fleet, model__risk="2")
-    for version in ("2", "3"):
-        fleet.publish("model", "risk", version, "model.onnx", make_onnx(float(version)))
-    old = next(p for p in fleet.repo.current_targets().signed.targets if "/2/" in p)
+    old, _ = (publisher(fleet, "model", "risk", version, "model.onnx", make_onnx(float(version)))
+              for version in ("2", "3"))
     models = ModelRepository(tmp_path / "models")
     outcome, = linked(fleet, models, [], asks=[UpdateAvailable("r2", old)])
     assert outcome.ok, outcome.detail

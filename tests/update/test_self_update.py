@@ -288,9 +288,11 @@ def test_agent_stages_signed_software_restarts_and_reports_after_first_ack(tmp_p
     assert AgentUpdater(fleet.agent_dir).installed() == {"software/fedge": "1.1.0"}
 
 
-def test_agent_refuses_to_stage_an_older_or_the_running_software_version(tmp_path, fleet):
-    """Old software targets stay signed: pushing one must not roll the appliance back,
-    and pushing the running version must not unpack over its own slot."""
+def test_agent_refuses_to_stage_an_older_or_the_running_software_version(tmp_path, fleet,
+                                                                         publisher):
+    """Naming an older software target (no longer listed, or still listed by an earlier
+    console) must not roll the appliance back, and naming the running version must not
+    unpack over its own slot."""
     from fedge.agent.updates import AgentUpdater, InstallOutcome
     from fedge.update.messages import UpdateAvailable
     from tests.update.test_agent_update_client import linked
@@ -303,10 +305,9 @@ def test_agent_refuses_to_stage_an_older_or_the_running_software_version(tmp_pat
     running.write_text("x")
     AgentUpdater(fleet.agent_dir).record(InstallOutcome("software", "fedge", "2.0.0", True,
                                                         False, "installed"))
-    for version in ("1.0.0", "2.0.0"):
-        fleet.publish("software", "fedge", version, f"fedge-{version}.tar.gz",
-                      bundle(tmp_path, version, "good").read_bytes())
-    paths = {p.split("/")[2]: p for p in fleet.repo.current_targets().signed.targets}
+    paths = {version: publisher(fleet, "software", "fedge", version, f"fedge-{version}.tar.gz",
+                                bundle(tmp_path, version, "good").read_bytes())
+             for version in ("1.0.0", "2.0.0")}
     restarts: list[str] = []
     outcomes = linked(fleet, None, [], self_update=SelfUpdate(root),
                       restart=lambda: restarts.append("restart"),
@@ -322,19 +323,19 @@ def test_agent_refuses_to_stage_an_older_or_the_running_software_version(tmp_pat
 
 
 def test_a_coordinator_naming_an_older_signed_software_version_is_refused_on_a_fresh_appliance(
-        tmp_path, fleet):
-    """Nothing installed yet (a packaged install): 1.0.0 and 2.0.0 are both signed
-    and newer than what runs, and the coordinator names 1.0.0. The agent refuses it
-    (only the newest signed version of its software may go in), stages nothing and
-    does not restart; the unit keeps running the packaged install."""
+        tmp_path, fleet, publisher):
+    """Nothing installed yet (a packaged install): 1.0.0 and 2.0.0 were signed, both
+    newer than what runs, and the coordinator names 1.0.0 (no longer listed, or still
+    listed by an earlier console). The agent refuses it (only the newest signed
+    version of its software may go in), stages nothing and does not restart; the unit
+    keeps running the packaged install."""
     from fedge.update.messages import UpdateAvailable
     from tests.update.test_agent_update_client import linked
 
     root = tmp_path / "software"
-    for version in ("1.0.0", "2.0.0"):
-        fleet.publish("software", "fedge", version, f"fedge-{version}.tar.gz",
-                      bundle(tmp_path, version, "good").read_bytes())
-    paths = {p.split("/")[2]: p for p in fleet.repo.current_targets().signed.targets}
+    paths = {version: publisher(fleet, "software", "fedge", version, f"fedge-{version}.tar.gz",
+                                bundle(tmp_path, version, "good").read_bytes())
+             for version in ("1.0.0", "2.0.0")}
     restarts: list[str] = []
     outcome, = linked(fleet, None, [], self_update=SelfUpdate(root),
                       restart=lambda: restarts.append("restart"),

@@ -24,12 +24,13 @@ import base64
 import json
 import os
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from tuf.api.metadata import TargetFile
 
 from fedge.secagg.keys import Identity, Roster, check_client_id
 from fedge.update import tuf_repo
@@ -290,16 +291,21 @@ class ConsoleStore:
         self, new: Iterable[tuple[str, str, str, str, bytes]], *, now: datetime | None = None,
         persist: bool = True,
     ) -> tuple[bytes, dict[str, bytes]]:
-        """Add targets (kind, name, version, filename, data) and sign a new targets.json.
+        """Add targets (kind, name, version, filename, data) and sign a new targets.json
+        that lists only the newest target of each lineage (`tuf_repo.lineage`): an
+        appliance installs nothing older than the newest signed, nor than what it has
+        installed, so an older one is of no use to it, and the coordinator may delete
+        its file. An appliance several versions behind takes the newest directly.
 
         Returns (targets metadata bytes, {TUF path: data}) for the coordinator. With
         persist=False the console's copy is updated only by `save_targets`, once the
         coordinator accepted the new version.
 
         Raises:
-            ConsoleError: a field is invalid, or (kind, name, version) was already
-                signed with different content; or a rotation of the offline keys is
-                unfinished (the coordinator may already name a new targets key).
+            ConsoleError: a field is invalid; the version is older than the newest
+                signed in its lineage, or is that version under another path or with
+                other content; or a rotation of the offline keys is unfinished (the
+                coordinator may already name a new targets key).
         """
         pending = self.pending_rotation()
         if pending is not None and pending.op == "rotate_offline_keys":
@@ -315,15 +321,24 @@ class ConsoleStore:
                 tf = tuf_repo.new_target_file(kind, name, version, filename, data)
             except ValueError as exc:
                 raise ConsoleError(str(exc)) from exc
-            for old in files.values():
+            mine = tuf_repo.version_key(version)
+            for old in _newest_per_lineage(files).values():
                 spec = tuf_repo.TargetSpec.from_target_file(old)
-                if (spec.kind, spec.name, spec.version) == (kind, name, version) and (
-                        old.hashes != tf.hashes):
-                    raise ConsoleError(f"{kind} {name} {version} was already signed with "
-                                       "other content; publish a new version instead")
+                if tuf_repo.lineage(spec.kind, spec.name) != tuf_repo.lineage(kind, name):
+                    continue
+                theirs = tuf_repo.version_key(spec.version)
+                if theirs > mine:
+                    raise ConsoleError(
+                        f"{kind} {name} {version} is older than the signed {spec.kind} "
+                        f"{spec.name} {spec.version} ({old.path!r}): appliances install only "
+                        f"the newest version; publish a version above {spec.version}")
+                if theirs == mine and (old.path != tf.path or old.hashes != tf.hashes):
+                    other = " with other content" if old.hashes != tf.hashes else ""
+                    raise ConsoleError(f"{kind} {name} {version} was already signed as "
+                                       f"{old.path!r}{other}; publish a new version instead")
             files[tf.path] = tf
             payload[tf.path] = data
-        md = tuf_repo.create_targets(self.tuf_key("targets"), files,
+        md = tuf_repo.create_targets(self.tuf_key("targets"), _newest_only(files),
                                      version=current.signed.version + 1, now=now)
         data = tuf_repo.to_bytes(md)
         if persist:
@@ -438,7 +453,7 @@ class ConsoleStore:
         if "root" in roles:  # the version before must vouch for the new root key
             root_md.sign(tuf_repo.signer(self.tuf_key("root")), append=True)
         current = tuf_repo.load(self.targets_bytes(), "targets")
-        targets = tuf_repo.create_targets(keys["targets"], current.signed.targets,
+        targets = tuf_repo.create_targets(keys["targets"], _newest_only(current.signed.targets),
                                           version=current.signed.version + 1, now=now)
         pems = {r: ed25519_pem(keys[r]) for r in roles}
         root, targets_bytes = tuf_repo.to_bytes(root_md), tuf_repo.to_bytes(targets)
@@ -561,6 +576,37 @@ class PendingRotation:
     @property
     def roles(self) -> list[str]:
         return sorted(self.pems)
+
+
+def _newest_per_lineage(files: Mapping[str, TargetFile]) -> dict[tuple[str, str], TargetFile]:
+    """The newest fedge target of each lineage among `files`."""
+    newest: dict[tuple[str, str], tuple[tuple[int, ...], TargetFile]] = {}
+    for tf in files.values():
+        try:
+            spec = tuf_repo.TargetSpec.from_target_file(tf)
+        except ValueError:
+            continue
+        key, version = tuf_repo.lineage(spec.kind, spec.name), tuf_repo.version_key(spec.version)
+        if key not in newest or version > newest[key][0]:
+            newest[key] = (version, tf)
+    return {key: tf for key, (_, tf) in newest.items()}
+
+
+def _newest_only(files: Mapping[str, TargetFile]) -> dict[str, TargetFile]:
+    """`files` less every fedge target older than the newest of its lineage (targets
+    signed by an earlier console list every version ever pushed). Anything not a fedge
+    target is kept as it is."""
+    newest = {tf.path for tf in _newest_per_lineage(files).values()}
+    kept = {}
+    for path, tf in files.items():
+        try:
+            tuf_repo.TargetSpec.from_target_file(tf)
+        except ValueError:
+            kept[path] = tf
+            continue
+        if path in newest:
+            kept[path] = tf
+    return kept
 
 
 def _check_name(name: object, *, what: str) -> str:

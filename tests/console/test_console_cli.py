@@ -447,10 +447,14 @@ def test_push_to_a_site_that_is_not_enrolled_publishes_nothing(tmp_path, make_se
 
 def test_push_of_an_older_signed_version_is_refused_the_newest_may_go_again(
         tmp_path, make_server):
-    """Old targets stay signed; an admin key alone must not roll the fleet back."""
+    """An admin key alone must not roll the fleet back: the console signs only the
+    newest version of a target and will not sign an older one; the coordinator rolls
+    out only a listed target that is the newest of its name, also under targets signed
+    by an earlier console, which listed every version ever pushed."""
     import pytest
 
     from fedge.console.client import AdminError
+    from fedge.console.store import ConsoleError
     from fedge.update import tuf_repo
 
     server = make_server()
@@ -463,15 +467,29 @@ def test_push_of_an_older_signed_version_is_refused_the_newest_may_go_again(
              sites=["h1"], wait=False)
         drive(server, [app])
     signed = tuf_repo.to_bytes(server.updates.current_targets())
-    paths = sorted(server.updates.current_targets().signed.targets)
-    assert [p.split("/")[2] for p in paths] == ["1", "2"]
+    [newest] = server.updates.current_targets().signed.targets
+    assert newest.split("/")[2] == "2"
+    old = newest.replace("/2/", "/1/")
+    f.write_bytes(tiny_onnx(1.0))
+    with pytest.raises(ConsoleError, match=r"model risk 1 is older than the signed model risk 2"):
+        push(server.console, client, f, kind="model", name="risk", version="1", sites=["h1"],
+             wait=False)
     before = server.updates.versions
+    with pytest.raises(AdminError, match=r"is not in the signed targets"):
+        client.call("push", {"path": old, "sites": ["h1"]}, {"targets.json": signed})
+    # targets an earlier console signed, listing both versions
+    listed = dict(server.updates.current_targets().signed.targets)
+    listed[old] = tuf_repo.new_target_file("model", "risk", "1", "model.onnx", tiny_onnx(1.0))
+    earlier = tuf_repo.to_bytes(tuf_repo.create_targets(
+        server.console.tuf_key("targets"), listed, version=before["targets"] + 1,
+        now=server.console.clock()))
     with pytest.raises(AdminError, match=r"model risk 1, but the signed targets also list 2"):
-        client.call("push", {"path": paths[0], "sites": ["h1"]}, {"targets.json": signed})
+        client.call("push", {"path": old, "sites": ["h1"]},
+                    {"targets.json": earlier, old: tiny_onnx(1.0)})
     assert server.updates.versions == before and server.sent == []
-    again, _ = client.call("push", {"path": paths[1], "sites": ["h1"]},
+    again, _ = client.call("push", {"path": newest, "sites": ["h1"]},
                            {"targets.json": signed})
-    assert again["path"] == paths[1] and [s for s, _ in server.sent] == ["h1"]
+    assert again["path"] == newest and [s for s, _ in server.sent] == ["h1"]
 
 
 def test_software_pushed_under_a_name_other_than_fedge_is_refused_before_anything_is_signed(

@@ -60,7 +60,7 @@ def test_a_restarted_relay_hashes_what_it_holds_once(fleet, monkeypatch):
     fleet.publish("app", "cox", "1", "app.tar.gz", b"app")
     assert sorted(hashed) == [SIZE] * 3  # nothing known yet: each checked once
     _an_hour_passes(fleet)
-    fleet.publish("app", "cox", "2", "app.tar.gz", b"app2")
+    fleet.publish("app", "ward", "1", "app.tar.gz", b"ward")
     assert sorted(hashed) == [3] + [SIZE] * 3  # only cox 1, first seen an hour ago
 
 

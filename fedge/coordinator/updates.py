@@ -12,11 +12,17 @@ Layout under ``<state_dir>/tuf/``::
     metadata/<N>.root.json, <N>.targets.json, <N>.snapshot.json, timestamp.json
     targets/<kind>/<name>/<version>/<sha256>.<file>
     state.json                                 current versions (written last)
+
+Every root is kept; of targets and snapshot, the newest two versions, and of target
+files those they list (`UpdateRepository.prune`, after each publish and re-sign):
+the newest of each lineage and what the publish before listed, however many were
+pushed.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import logging
@@ -53,6 +59,13 @@ MAX_FETCH_PATH = 1024
 # A stored target's hash is remembered only for a file last written this long before
 # it was hashed (see UpdateRepository._stored_state).
 RACY_NS = 2_000_000_000
+# Targets and snapshot metadata versions kept, newest first, with every target file
+# they list: an agent that read timestamp.json just before a publish or a re-sign
+# then fetches the snapshot, targets and files it names. Older ones no client asks
+# for (consistent snapshots: a client fetches only the versions that the newest
+# timestamp and snapshot name); every root is kept, for a client that walks the
+# chain up from the root it was enrolled with.
+KEEP_METADATA_VERSIONS = 2
 
 log = logging.getLogger("fedge.coordinator.updates")
 
@@ -251,6 +264,7 @@ class UpdateRepository:
                       self._v.timestamp)
         self._v = self._sign_online(self.root_dir, self._snapshot_key, self._timestamp_key,
                                     v, now)
+        self.prune()
         return self._v.snapshot
 
     def rotate_online_keys(self, root: bytes, snapshot_key: Ed25519PrivateKey,
@@ -287,6 +301,7 @@ class UpdateRepository:
                       self._v.timestamp)
         self._v = self._sign_online(self.root_dir, snapshot_key, timestamp_key, v,
                                     self.clock())
+        self.prune()
 
     def refresh_timestamp(self, now: datetime | None = None) -> bool:
         """Re-sign snapshot/timestamp when past half their lifetime. Returns True if it did."""
@@ -301,6 +316,7 @@ class UpdateRepository:
             return False
         self._v = self._sign_online(self.root_dir, self._snapshot_key, self._timestamp_key,
                                     self._v, now)
+        self.prune()
         return True
 
     @staticmethod
@@ -351,6 +367,49 @@ class UpdateRepository:
             return "ok"
         self._intact.pop(dest, None)
         return "corrupt"
+
+    def prune(self) -> int:
+        """Delete what no agent can still ask for, once the current versions are
+        published (state.json written): targets and snapshot metadata older than the
+        newest `KEEP_METADATA_VERSIONS` of each, and every target file that none of
+        the kept targets versions lists (the console lists only the newest version of
+        each lineage, so a replaced one goes at the publish after the one that
+        replaced it). Roots and the timestamp are kept. A crash midway leaves files
+        for the next prune.
+        Returns the bytes freed; a file that cannot be removed is logged and left.
+        """
+        meta = self.root_dir / "metadata"
+        freed = 0
+        kept_targets: list[int] = []
+        for role, current in (("targets", self._v.targets), ("snapshot", self._v.snapshot)):
+            versions = sorted(v for v in (_numbered(p, role) for p in meta.iterdir())
+                              if v is not None and v <= current)
+            keep = versions[-KEEP_METADATA_VERSIONS:]
+            if role == "targets":
+                kept_targets = keep
+            for version in versions[:-KEEP_METADATA_VERSIONS]:
+                freed += _remove(meta / f"{version}.{role}.json")
+        listed: set[Path] = set()
+        for version in kept_targets:
+            try:
+                md = tuf_repo.load((meta / f"{version}.targets.json").read_bytes(), "targets")
+            except (OSError, ValueError) as exc:
+                log.error("not pruning target files: targets v%d cannot be read (%s)",
+                          version, exc)
+                return freed
+            listed.update(self.root_dir / "targets" / tuf_repo.hashed_path(tf)
+                          for tf in md.signed.targets.values())
+        base = self.root_dir / "targets"
+        for path in sorted(base.rglob("*"), reverse=True):  # files before their folders
+            if path.is_dir() and not path.is_symlink():
+                with contextlib.suppress(OSError):  # not empty: kept
+                    path.rmdir()
+            elif path not in listed:
+                self._intact.pop(path, None)
+                freed += _remove(path)
+        if freed:
+            log.info("update relay: %d bytes of replaced metadata and targets removed", freed)
+        return freed
 
     # -- reading -----------------------------------------------------------------------
     def current_root(self) -> tuf_repo.Metadata:
@@ -412,6 +471,25 @@ class UpdateRepository:
                                     f"{ERROR_BAD_REQUEST}: path {path!r} cannot be read: "
                                     f"{why}")
         return UpdateFetchReply(path, req.offset, data, eof, "")
+
+
+def _numbered(path: Path, role: str) -> int | None:
+    """N for a file named N.<role>.json, else None."""
+    number, sep, rest = path.name.partition(".")
+    return int(number) if sep and rest == f"{role}.json" and number.isdigit() else None
+
+
+def _remove(path: Path) -> int:
+    """Delete `path`; returns its size, 0 if it was gone or could not be removed."""
+    try:
+        size = path.lstat().st_size
+        path.unlink()
+    except FileNotFoundError:
+        return 0
+    except OSError as exc:
+        log.error("cannot remove %s: %s", path, exc)
+        return 0
+    return size
 
 
 def _stat_key(path: Path) -> tuple[int, int, int]:

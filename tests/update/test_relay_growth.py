@@ -78,3 +78,74 @@ def test_a_target_changed_in_place_is_hashed_again_and_named(make_onnx, fleet, c
     with caplog.at_level(logging.ERROR, logger="fedge.coordinator.updates"):
         fleet.publish("app", "cox", "1", "app.tar.gz", b"app")
     assert f"stored target {tf.path} does not match" in caplog.text
+
+
+def _files(path) -> list:
+    return sorted(p for p in path.rglob("*") if p.is_file())
+
+
+def test_ten_pushes_leave_two_versions_of_each_lineage_and_the_metadata_agents_need(
+        fleet, make_onnx, tmp_path):
+    """The relay keeps the newest two targets and snapshot versions, every root, and
+    the target files those targets list (the newest of each lineage, and the one the
+    last publish replaced): storage stays flat however many are pushed. An appliance
+    ten versions behind takes the newest directly."""
+    from datetime import timedelta
+
+    from fedge.serve.repository import ModelRepository
+
+    models = ModelRepository(tmp_path / "models")
+    fleet.publish("model", "risk", "1", "model.onnx", make_onnx(1.0))
+    [first] = fleet.updater.pending()
+    assert fleet.updater.install(first, models=models).ok
+    sizes = []
+    for i in range(2, 12):
+        fleet.publish("model", "risk", str(i), "model.onnx", make_onnx(float(i)))
+        fleet.publish("app", "cox", str(i), "app.tar.gz", os.urandom(SIZE))
+        fleet.clock.now += timedelta(hours=13)  # the timestamp is re-signed in between
+        assert fleet.repo.refresh_timestamp()
+        sizes.append(sum(p.stat().st_size for p in _files(fleet.repo.root_dir / "targets")))
+        targets = [p.relative_to(fleet.repo.root_dir / "targets").parts[:3]
+                   for p in _files(fleet.repo.root_dir / "targets")]
+        assert sorted(targets) == sorted([("app", "cox", str(v)) for v in (i - 1, i) if v > 1]
+                                         + [("model", "risk", str(i))])
+        # (cox i - 1 stays until the next publish: the last one replaced it)
+        meta = [p.name for p in _files(fleet.repo.root_dir / "metadata")]
+        v = fleet.repo.versions
+        assert sorted(meta) == sorted([
+            "1.root.json", "timestamp.json",
+            f"{v['targets'] - 1}.targets.json", f"{v['targets']}.targets.json",
+            f"{v['snapshot'] - 1}.snapshot.json", f"{v['snapshot']}.snapshot.json"])
+    assert max(sizes[1:]) == sizes[-1]  # flat from the second push on
+    [newest] = fleet.updater.pending()[1:]  # cox 11 and risk 11; risk 1 is installed
+    assert newest.version == "11"
+    assert fleet.updater.install(newest, models=models).ok
+    assert fleet.updater.installed()["model/risk"] == "11"
+
+
+def test_an_agent_that_read_the_timestamp_just_before_a_publish_finishes_its_update(
+        fleet, make_onnx, tmp_path):
+    """The relay removes what it replaced right after a publish; an appliance that was
+    midway through its refresh then still finds the snapshot, targets and file that the
+    timestamp it read names (the version before is kept)."""
+    from fedge.serve.repository import ModelRepository
+
+    fleet.publish("model", "risk", "1", "model.onnx", make_onnx(1.0))
+    fleet.publish("model", "risk", "2", "model.onnx", make_onnx(2.0))
+    relay_fetch, pushed = fleet.roundtrip, []
+
+    def push_after_the_timestamp(req):
+        reply = relay_fetch(req)
+        if req.path == "metadata/timestamp.json" and reply.eof and not pushed:
+            pushed.append(fleet.publish("model", "risk", "3", "model.onnx", make_onnx(3.0)))
+        return reply
+
+    fleet.roundtrip = push_after_the_timestamp
+    [spec] = fleet.updater.pending()
+    assert pushed and spec.version == "2"
+    models = ModelRepository(tmp_path / "models")
+    outcome = fleet.updater.install(spec, models=models)
+    assert outcome.ok, outcome.detail
+    assert models.path("risk", 1).read_bytes() == make_onnx(2.0)
+    [spec] = fleet.updater.pending()
+    assert spec.version == "3"

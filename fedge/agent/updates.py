@@ -57,6 +57,10 @@ Roundtrip = Callable[[UpdateFetchRequest], UpdateFetchReply]
 
 REPORTED = "reported.json"  # outcomes sent to roll-outs, for a coordinator asking again
 REPORTED_KEEP = 64
+# Versions of one model kept in the serving repository: `fedge serve` loads the newest
+# two (fedge.serve.runtime.KEEP_LOADED), the live one and the one before it, which
+# requests that name its version still reach. Apps keep `current` and the one before.
+MODEL_VERSIONS_KEPT = 2
 
 
 class ZmqFetcher(FetcherInterface):
@@ -201,8 +205,9 @@ class AgentUpdater:
     """Verify and install updates for one appliance.
 
     State under ``<state_dir>``: ``tuf/metadata/root.json`` (trusted root from
-    enrolment), ``tuf/targets/`` (verified downloads), ``updates/installed.json``
-    and ``updates/audit.jsonl``.
+    enrolment), ``tuf/targets/`` (verified downloads, each removed once installed),
+    ``updates/installed.json`` and ``updates/audit.jsonl``; installed apps under
+    ``apps/<name>/`` (`current` and the version before it).
     """
 
     def __init__(self, state_dir: Path, fetcher: FetcherInterface | None = None, *,
@@ -218,6 +223,7 @@ class AgentUpdater:
         self.fetcher = fetcher  # AgentUpdateClient sets it to fetch over the connection
         self.clock = clock
         self._updater: Updater | None = None
+        self._listed: set[str] = set()  # download names of the targets last verified
 
     # -- verification --------------------------------------------------------------------
     def refresh(self) -> list[tuf_repo.TargetSpec]:
@@ -245,6 +251,7 @@ class AgentUpdater:
         updater.refresh()
         self._updater = updater
         targets = tuf_repo.load((self.metadata_dir / "targets.json").read_bytes(), "targets")
+        self._listed = {_download_name(path) for path in targets.signed.targets}
         specs = []
         for tf in targets.signed.targets.values():
             try:
@@ -338,9 +345,31 @@ class AgentUpdater:
         info = self._updater.get_targetinfo(spec.path)
         if info is None:
             raise LookupError(f"target {spec.path!r} is not in the signed targets metadata")
-        dest = self.targets_dir / spec.path.replace("/", "__")
+        dest = self.targets_dir / _download_name(spec.path)
         cached = self._updater.find_cached_target(info, str(dest))
         return Path(cached or self._updater.download_target(info, str(dest)))
+
+    def discard_downloads(self, spec: tuf_repo.TargetSpec) -> None:
+        """Remove the download of `spec` (its install took what it needs: a model's
+        bytes, an unpacked app or slot) and any other no longer listed (a replaced
+        version, or one left by a release that kept them all). Installs run one at a
+        time, so none of these is in use."""
+        keep = self._listed - {_download_name(spec.path)}
+        try:
+            found = list(self.targets_dir.iterdir())
+        except OSError as exc:
+            log.warning("cannot list %s to remove installed downloads: %s",
+                        self.targets_dir, exc)
+            return
+        for path in found:
+            if path.name in keep or not path.is_file():
+                continue
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("cannot remove the download %s: %s", path, exc)
 
     # -- installation --------------------------------------------------------------------
     def installed(self) -> dict[str, str]:
@@ -370,6 +399,7 @@ class AgentUpdater:
                 assert models is not None
                 served = models.install(spec.name, path.read_bytes())
                 detail = f"model {spec.name} {spec.version} installed (serving version {served})"
+                _prune_models(models, spec.name)
             elif spec.kind == "app":
                 detail = self._install_app(spec, path)
             else:
@@ -385,6 +415,8 @@ class AgentUpdater:
             ok = True
         except Exception as exc:  # an install failure is an outcome, not a crash
             ok, detail = False, f"{type(exc).__name__}: {exc}"
+        finally:
+            self.discard_downloads(spec)
         outcome = InstallOutcome(spec.kind, spec.name, spec.version, ok, rolled_back, detail)
         self.record(outcome)
         return outcome
@@ -448,11 +480,35 @@ class AgentUpdater:
             raise ValueError(f"app {spec.name} {spec.version}: bad archive: {exc}") from exc
         shutil.rmtree(dest, ignore_errors=True)
         tmp.rename(dest)
+        link = base / "current"
+        before = os.readlink(link) if link.is_symlink() else None
         link_tmp = base / ".current.tmp"
         link_tmp.unlink(missing_ok=True)
         link_tmp.symlink_to(spec.version)
-        link_tmp.replace(base / "current")
+        link_tmp.replace(link)
+        self._prune_apps(base, keep={spec.version, before})
         return f"app {spec.name} {spec.version} installed at {dest}"
+
+    @staticmethod
+    def _prune_apps(base: Path, keep: set[str | None]) -> None:
+        """Remove the versions of one app under `base` other than `keep` (`current`
+        and the one it replaced), and staging folders a crash left. Never raises: the
+        install is done, a version left behind is logged."""
+        try:
+            found = list(base.iterdir())
+        except OSError as exc:
+            log.warning("cannot list %s to remove replaced app versions: %s", base, exc)
+            return
+        for path in found:
+            name = path.name
+            staged = name.startswith(".") and name.endswith(".tmp") and path.is_dir()
+            if name in keep or not (staged or (path.is_dir() and not path.is_symlink()
+                                               and _is_version(name))):
+                continue
+            try:
+                shutil.rmtree(path)
+            except OSError as exc:
+                log.warning("cannot remove the replaced app version %s: %s", path, exc)
 
     def _audit(self, outcome: InstallOutcome) -> None:
         log = self.state_dir / "updates" / "audit.jsonl"
@@ -470,6 +526,43 @@ class AgentUpdater:
 
 def _lineage(spec: tuf_repo.TargetSpec) -> tuple[str, str]:
     return tuf_repo.lineage(spec.kind, spec.name)
+
+
+def _download_name(path: str) -> str:
+    """The file under tuf/targets/ that a target's download goes to."""
+    return path.replace("/", "__")
+
+
+def _is_version(name: str) -> bool:
+    try:
+        tuf_repo.version_key(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _prune_models(models: ModelInstaller, name: str) -> None:
+    """Keep the newest `MODEL_VERSIONS_KEPT` versions of model `name` in the serving
+    repository: each older one is retired (renamed out of `fedge serve`'s view, in one
+    rename) and then deleted. Nothing to do for an installer that is not (or does not
+    wrap) a `fedge.serve.repository.ModelRepository`. Never raises: the install is
+    done, a version left behind is logged."""
+    from fedge.serve.repository import ModelRepository
+
+    repo = next((r for r in (models, getattr(models, "repository", None))
+                 if isinstance(r, ModelRepository)), None)
+    if repo is None:
+        return
+    try:
+        old = repo.versions(name)[:-MODEL_VERSIONS_KEPT]
+    except (OSError, ValueError) as exc:
+        log.warning("cannot list the versions of model %s to remove old ones: %s", name, exc)
+        return
+    for version in old:
+        try:
+            shutil.rmtree(repo.retire(name, version))
+        except (OSError, ValueError) as exc:
+            log.warning("cannot remove version %d of model %s: %s", version, name, exc)
 
 
 def _named_target(path: str) -> tuf_repo.TargetSpec | None:
@@ -679,9 +772,12 @@ class AgentUpdateClient:
             refused = self.updater.refusal(spec, specs)
             if refused is not None:
                 return UpdateOutcome(msg.rollout_id, msg.path, refused[0], False, refused[1])
-            bundle = self.updater.download(spec)
-            self.self_update.stage(spec.version, bundle, rollout_id=msg.rollout_id,
-                                   path=msg.path, name=spec.name)
+            try:
+                bundle = self.updater.download(spec)
+                self.self_update.stage(spec.version, bundle, rollout_id=msg.rollout_id,
+                                       path=msg.path, name=spec.name)
+            finally:  # unpacked into its slot, or refused: not needed again
+                self.updater.discard_downloads(spec)
         except Exception as exc:  # refused by TUF, bad bundle: nothing switched
             return UpdateOutcome(msg.rollout_id, msg.path, False, False,
                                  f"{type(exc).__name__}: {exc}")

@@ -542,11 +542,14 @@ def _is_version(name: str) -> bool:
 
 
 def _prune_models(models: ModelInstaller, name: str) -> None:
-    """Keep the newest `MODEL_VERSIONS_KEPT` versions of model `name` in the serving
-    repository: each older one is retired (renamed out of `fedge serve`'s view, in one
-    rename) and then deleted. Nothing to do for an installer that is not (or does not
-    wrap) a `fedge.serve.repository.ModelRepository`. Never raises: the install is
-    done, a version left behind is logged."""
+    """Keep the newest `MODEL_VERSIONS_KEPT` versions of model `name` that onnxruntime
+    loads (what `fedge serve` can serve; a newer one that does not load stays, and
+    does not count) in the serving repository: each older one is retired (renamed out
+    of `fedge serve`'s view, in one rename) and then deleted, so a pushed model that
+    passes the checker but cannot be served never costs the site the last one that
+    can. Nothing to do for an installer that is not (or does not wrap) a
+    `fedge.serve.repository.ModelRepository`. Never raises: the install is done, a
+    version left behind is logged."""
     from fedge.serve.repository import ModelRepository
 
     repo = next((r for r in (models, getattr(models, "repository", None))
@@ -554,15 +557,35 @@ def _prune_models(models: ModelInstaller, name: str) -> None:
     if repo is None:
         return
     try:
-        old = repo.versions(name)[:-MODEL_VERSIONS_KEPT]
+        versions = repo.versions(name)
     except (OSError, ValueError) as exc:
         log.warning("cannot list the versions of model %s to remove old ones: %s", name, exc)
         return
+    servable, old = 0, []
+    for version in reversed(versions):
+        if servable >= MODEL_VERSIONS_KEPT:
+            old.append(version)
+        elif _loads(repo.path(name, version)):
+            servable += 1
+        else:
+            log.warning("version %d of model %s does not load in onnxruntime: kept, and "
+                        "the older versions fedge serve can serve are kept too", version, name)
     for version in old:
         try:
             shutil.rmtree(repo.retire(name, version))
         except (OSError, ValueError) as exc:
             log.warning("cannot remove version %d of model %s: %s", version, name, exc)
+
+
+def _loads(path: Path) -> bool:
+    """Whether onnxruntime opens the model at ``path`` (as `fedge serve` would)."""
+    import onnxruntime as ort
+
+    try:
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception:  # onnxruntime raises its own types for a model it cannot run
+        return False
+    return True
 
 
 def _named_target(path: str) -> tuf_repo.TargetSpec | None:

@@ -329,17 +329,23 @@ class ModelStore:
                 if name not in on_disk:
                     del current[name]
             for name, versions in on_disk.items():
-                wanted = versions[-self.keep :]
                 have = current[name].loaded if name in current else {}
                 # a version whose file was replaced is another model: load it again
                 loaded = {v: m for v, m in have.items()
                           if v in versions and m.file == file_id(repo.path(name, v))}
-                for v in wanted:
-                    if v in loaded:
-                        continue
-                    model = self._try_load(repo, name, v)
-                    if model is not None:
+                # the newest `keep` versions that load: one that does not is passed
+                # over for the next older (a pushed model onnxruntime cannot run must
+                # not leave a restarted server with nothing to serve)
+                servable = 0
+                for v in reversed(versions):
+                    if servable >= self.keep:
+                        break
+                    if v not in loaded:
+                        model = self._try_load(repo, name, v)
+                        if model is None:
+                            continue
                         loaded[v] = model
+                    servable += 1
                 # keep at most `keep`, newest first
                 for v in sorted(loaded)[: -self.keep]:
                     del loaded[v]

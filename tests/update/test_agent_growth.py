@@ -124,3 +124,41 @@ def test_a_software_install_with_a_health_check_removes_its_download(tmp_path, f
     outcome = fleet.updater.install(spec, service=HealthyService())
     assert outcome.ok, outcome.detail
     assert _files(fleet.agent_dir / "tuf" / "targets") == []
+
+
+def _unservable() -> bytes:
+    """Passes onnx.checker (an op of a domain it does not know), fails onnxruntime."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])
+    graph = helper.make_graph([helper.make_node("Frobnicate", ["x"], ["y"],
+                                                domain="com.example")], "g", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.example", 1)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def test_pushed_models_that_cannot_be_served_never_cost_the_last_ones_that_can(
+        fleet, tmp_path, make_onnx):
+    """Versions 3 and 4 pass the checker but onnxruntime cannot load them: versions 1
+    and 2, the newest two fedge serve can serve, are kept, and serve goes on with 2."""
+    from fedge.serve.runtime import ModelStore
+
+    models = ModelRepository(tmp_path / "models")
+    serve = ModelStore(threads=1)
+    for i, data in enumerate([make_onnx(1.0), make_onnx(2.0), _unservable(),
+                              _unservable()], start=1):
+        fleet.publish("model", "risk", str(i), "model.onnx", data)
+        [spec] = fleet.updater.pending()
+        assert fleet.updater.install(spec, models=models).ok
+    assert models.versions("risk") == [1, 2, 3, 4]
+    serve.sync(models)
+    assert serve.get("risk").version == 2
+    fleet.publish("model", "risk", "5", "model.onnx", make_onnx(5.0))
+    [spec] = fleet.updater.pending()
+    assert fleet.updater.install(spec, models=models).ok
+    assert models.versions("risk") == [2, 3, 4, 5]  # 5 and 2 load: 1 goes

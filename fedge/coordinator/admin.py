@@ -379,9 +379,10 @@ def _provision_updates(coordinator: Any, service: AdminService, provision: dict[
 def _check_newest(spec: tuf_repo.TargetSpec, listed: dict[str, Any]) -> None:
     """Refuse to roll out `spec` unless it is the newest signed version of its name.
 
-    Old targets stay in the signed list for good, and a push needs only an admin
-    operator key (not the offline targets key): without this, that key alone could
-    roll the fleet back to any older signed version.
+    The console signs only the newest version of each name, but targets metadata
+    signed by an earlier console lists every version it signed, and a push needs
+    only an admin operator key (not the offline targets key): without this, that key
+    alone could roll the fleet back to an older signed version.
 
     Raises: ValueError naming the target, its version and the newer (or same) one.
     """

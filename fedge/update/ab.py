@@ -6,6 +6,12 @@ Layout under the slot root (e.g. ``/var/lib/fedge/software``)::
     slots/<version>/          one unpacked bundle per version
     current -> slots/<v>      what the service runs (switched with rename(2))
     previous -> slots/<v0>    where a failed update goes back to
+    pending.json, outcome.json  a self-update on trial, and how the last one ended
+
+Once a switch is confirmed (`SelfUpdate.confirm`, or a healthy
+`SlotInstaller.install_and_switch`), `SlotInstaller.prune` removes every other
+slot: ``current``, ``previous`` and the versions the state files name are all an
+appliance can run or go back to, and a slot may be a whole venv (~1.4 GB).
 
 Health, as systemd sees it: the new version must send ``READY=1`` over
 ``NOTIFY_SOCKET`` within the deadline and then a good heartbeat
@@ -73,16 +79,32 @@ class Service(Protocol):
     def stop(self) -> None: ...
 
 
-# `SlotInstaller.unpack`'s temporary slot: ".<version>.<mkdtemp's 8 random characters>"
+# `SlotInstaller.unpack`'s temporary slot: ".<version>.<mkdtemp's 8 random characters>",
+# and a slot `SlotInstaller.prune` is removing (renamed to the same shape first).
 SLOT_TEMP_NAME = re.compile(r"\.[0-9][0-9.]*\.[a-z0-9_]{8}")
+_TEMP_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789_"  # mkdtemp's, so the sweep matches
+
+PENDING = "pending.json"  # `SelfUpdate`: the version on trial and the one before it
+OUTCOME = "outcome.json"  # `SelfUpdate`: the last update's result, not yet reported
+
+
+def is_slot_name(name: str) -> bool:
+    """Whether ``name`` is a slot's, i.e. a version `unpack` accepts (1-4 dot-separated
+    integers); a hidden temporary, a link's name or anything else is not."""
+    try:
+        version_key(name)
+    except ValueError:
+        return False
+    return True
 
 
 class SlotInstaller:
     """Opening one removes what killed installs left under ``root``: a slot whose
-    unpacking never finished (hundreds of MB, under a random name no retry reuses)
-    and pending.json or outcome.json written half-way; one a live process is still
-    writing is left (``fedge.update.files.remove_stale_temps``). Slots, ``current``
-    and ``previous`` are never touched."""
+    unpacking never finished (hundreds of MB, under a random name no retry reuses),
+    one whose removal by `prune` was cut short, and pending.json or outcome.json
+    written half-way; one a live process is still writing is left
+    (``fedge.update.files.remove_stale_temps``). Slots, ``current`` and
+    ``previous`` are never touched on open: only `prune` removes slots."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -185,7 +207,11 @@ class SlotInstaller:
         self._fsync_root()
 
     def _fsync_root(self) -> None:
-        fd = os.open(self.root, os.O_RDONLY)
+        self._fsync(self.root)
+
+    @staticmethod
+    def _fsync(directory: Path) -> None:
+        fd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
@@ -194,6 +220,7 @@ class SlotInstaller:
     def install_and_switch(self, version: str, bundle: Path, service: Service, *,
                            deadline_s: float) -> None:
         """Unpack, switch, restart, check health; on failure switch back by itself.
+        Healthy, the switch is confirmed and older slots are pruned (`prune`).
 
         Raises:
             ValueError: the bundle cannot be unpacked (nothing switched).
@@ -205,9 +232,11 @@ class SlotInstaller:
         try:
             service.restart(self.root / "current")
             service.wait_healthy(deadline_s)
-            return
         except HealthCheckFailed as exc:
             reason = str(exc)
+        else:
+            self.prune()  # healthy: the switch is confirmed
+            return
         if previous is None or previous == version:
             service.stop()
             raise HealthCheckFailed(f"version {version} unhealthy ({reason}); no previous "
@@ -223,6 +252,84 @@ class SlotInstaller:
                                     rolled_back=False) from exc2
         raise HealthCheckFailed(f"version {version} unhealthy ({reason}); rolled back to "
                                 f"{previous}", rolled_back=True)
+
+    def prune(self) -> list[str]:
+        """Remove every slot but the ones an appliance may run or go back to:
+        ``current``, ``previous``, and each version pending.json and outcome.json
+        name. Call it once a switch is confirmed; returns the versions removed.
+
+        While a switch is pending (pending.json there, or unreadable) nothing is
+        removed. Only real directories with a slot's name (`is_slot_name`) go, never
+        a link or an entry of another name. Each goes in two steps: renamed to a
+        temporary name (`SLOT_TEMP_NAME`, held while it is removed), then deleted, so
+        that a process killed mid-way leaves a whole slot or a temporary that the
+        next open of the installer sweeps, never a slot half deleted under its name.
+
+        Never raises: a slot that cannot be renamed or deleted is logged and left
+        (the update it follows is done; the next prune tries again).
+        """
+        keep = self._kept_versions()
+        if keep is None:
+            return []
+        try:
+            entries = [e for e in os.scandir(self.slots)
+                       if is_slot_name(e.name) and e.name not in keep
+                       and e.is_dir(follow_symlinks=False)]
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            log.warning("cannot list software slots in %s to prune them: %s", self.slots, exc)
+            return []
+        removed = []
+        for entry in sorted(entries, key=lambda e: version_key(e.name)):
+            if self._remove_slot(entry.name):
+                removed.append(entry.name)
+        if removed:
+            log.info("removed software slot(s) %s; kept %s", ", ".join(removed),
+                     ", ".join(sorted(keep, key=version_key)) or "none")
+        return removed
+
+    def _kept_versions(self) -> set[str] | None:
+        """The slots `prune` keeps, or None while a switch is pending (nothing may go)."""
+        keep = {v for v in (self.current_version(), self.previous_version()) if v}
+        for name in (PENDING, OUTCOME):
+            try:
+                doc = json.loads((self.root / name).read_text())
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError) as exc:  # SelfUpdate sets a torn one aside
+                log.warning("%s is unreadable (%s): no software slot pruned", name, exc)
+                return None
+            if name == PENDING:
+                log.info("a software switch is pending (%s): no slot pruned", self.root / name)
+                return None
+            if isinstance(doc, dict):
+                keep |= {str(doc[k]) for k in ("version", "previous") if doc.get(k)}
+        return keep
+
+    def _remove_slot(self, version: str) -> bool:
+        """Rename slots/<version> to a temporary name, then delete it. Returns whether
+        it is gone; a failure is logged (what is left is whole, or the sweep's)."""
+        import secrets
+
+        slot = self.slots / version
+        for _ in range(8):
+            suffix = "".join(secrets.choice(_TEMP_CHARS) for _ in range(8))
+            tmp = self.slots / f".{version}.{suffix}"
+            if not os.path.lexists(tmp):
+                break
+        try:
+            with holding(slot):  # the lock follows the directory through the rename
+                os.rename(slot, tmp)
+                self._fsync(self.slots)  # renamed before anything in it is deleted
+                shutil.rmtree(tmp)
+        except FileNotFoundError:  # gone meanwhile
+            return not slot.exists()
+        except OSError as exc:
+            where = tmp if os.path.lexists(tmp) else slot
+            log.warning("cannot remove software slot %s (%s); left at %s", version, exc, where)
+            return False
+        return True
 
     @staticmethod
     def _mkdir(path: Path) -> Path:
@@ -449,10 +556,6 @@ class SystemdService:
                        check=False)
 
 
-PENDING = "pending.json"
-OUTCOME = "outcome.json"
-
-
 class SelfUpdate:
     """A service that updates the software it runs itself (the agent).
 
@@ -464,7 +567,8 @@ class SelfUpdate:
        counts starts of a pending version; after `max_attempts` starts that never
        confirmed (crashed, no READY, watchdog kill) it switches `current` back;
     3. `confirm` (new version, after READY and a good heartbeat): the update is
-       kept. Whichever version runs next reports the outcome (`take_outcome`).
+       kept and the slots it no longer needs are removed (`SlotInstaller.prune`).
+       Whichever version runs next reports the outcome (`take_outcome`).
     """
 
     def __init__(self, root: Path, *, max_attempts: int = 3) -> None:
@@ -588,7 +692,9 @@ class SelfUpdate:
         return "rolled_back"
 
     def confirm(self) -> bool:
-        """The running version is healthy: keep it. Returns True if an update was pending.
+        """The running version is healthy: keep it, and prune the slots neither it nor a
+        rollback from it needs (`SlotInstaller.prune`). Returns True if an update was
+        pending.
 
         Under the unit's launcher (``FEDGE_SOFTWARE_ROOT`` set) the pending version is
         confirmed only if it is what runs (``FEDGE_SOFTWARE_SLOT``): when the launcher
@@ -614,6 +720,7 @@ class SelfUpdate:
                               "detail": f"software {p['version']} healthy after "
                                         f"{p.get('attempts')} start(s)"})
         (self.root / PENDING).unlink()
+        self.slots.prune()
         return True
 
     def take_outcome(self) -> dict[str, object] | None:

@@ -548,8 +548,8 @@ def _is_version(name: str) -> bool:
 
 
 def _prune_models(models: ModelInstaller, name: str) -> None:
-    """Keep the newest `MODEL_VERSIONS_KEPT` versions of model `name` that onnxruntime
-    loads (what `fedge serve` can serve; a newer one that does not load stays, and
+    """Keep the newest `MODEL_VERSIONS_KEPT` versions of model `name` that `fedge
+    serve` serves (its own load and checks; a newer one that fails them stays, and
     does not count) in the serving repository: each older one is retired (renamed out
     of `fedge serve`'s view, in one rename) and then deleted, so a pushed model that
     passes the checker but cannot be served never costs the site the last one that
@@ -571,11 +571,11 @@ def _prune_models(models: ModelInstaller, name: str) -> None:
     for version in reversed(versions):
         if servable >= MODEL_VERSIONS_KEPT:
             old.append(version)
-        elif _loads(repo.path(name, version)):
+        elif _servable(name, version, repo.path(name, version)):
             servable += 1
         else:
-            log.warning("version %d of model %s does not load in onnxruntime: kept, and "
-                        "the older versions fedge serve can serve are kept too", version, name)
+            log.warning("version %d of model %s is not one fedge serve serves: kept, and "
+                        "the older versions it can serve are kept too", version, name)
     for version in old:
         try:
             shutil.rmtree(repo.retire(name, version))
@@ -583,13 +583,14 @@ def _prune_models(models: ModelInstaller, name: str) -> None:
             log.warning("cannot remove version %d of model %s: %s", version, name, exc)
 
 
-def _loads(path: Path) -> bool:
-    """Whether onnxruntime opens the model at ``path`` (as `fedge serve` would)."""
-    import onnxruntime as ort
+def _servable(name: str, version: int, path: Path) -> bool:
+    """Whether `fedge serve` would serve the model at ``path``: its own load and
+    checks (session, served types, a finite smoke inference)."""
+    from fedge.serve.runtime import ModelLoadError, load_model
 
     try:
-        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception:  # onnxruntime raises its own types for a model it cannot run
+        load_model(name, version, path, threads=1)
+    except ModelLoadError:
         return False
     return True
 
@@ -825,7 +826,9 @@ class AgentUpdateClient:
         if self._acked or self.self_update is None:
             return
         self._acked = True
-        self.self_update.confirm()
+        # in a thread: the confirm removes old software slots (a bundled venv is a GB
+        # of small files), which must not stall the loop's heartbeats and messages
+        await asyncio.to_thread(self.self_update.confirm)
         out = self.self_update.take_outcome()
         if out is None:
             return

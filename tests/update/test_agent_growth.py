@@ -142,16 +142,31 @@ def _unservable() -> bytes:
     return model.SerializeToString()
 
 
+def _not_finite() -> bytes:
+    """Loads in onnxruntime, but log(0) = -inf on fedge serve's zero smoke input."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])
+    graph = helper.make_graph([helper.make_node("Log", ["x"], ["y"])], "g", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
 def test_pushed_models_that_cannot_be_served_never_cost_the_last_ones_that_can(
         fleet, tmp_path, make_onnx):
-    """Versions 3 and 4 pass the checker but onnxruntime cannot load them: versions 1
-    and 2, the newest two fedge serve can serve, are kept, and serve goes on with 2."""
+    """Versions 3 and 4 pass the checker but fedge serve will not serve them (3 does
+    not load in onnxruntime, 4 gives -inf on its smoke input): versions 1 and 2, the
+    newest two it can serve, are kept, and serve goes on with 2."""
     from fedge.serve.runtime import ModelStore
 
     models = ModelRepository(tmp_path / "models")
     serve = ModelStore(threads=1)
     for i, data in enumerate([make_onnx(1.0), make_onnx(2.0), _unservable(),
-                              _unservable()], start=1):
+                              _not_finite()], start=1):
         fleet.publish("model", "risk", str(i), "model.onnx", data)
         [spec] = fleet.updater.pending()
         assert fleet.updater.install(spec, models=models).ok

@@ -232,16 +232,7 @@ class AgentUpdater:
         self._listed: set[str] = set()  # download names of the targets last verified
 
     # -- verification --------------------------------------------------------------------
-    def refresh(self) -> list[tuf_repo.TargetSpec]:
-        """Fetch and verify the newest metadata; return every verified target.
-
-        Raises:
-            tuf.api.exceptions.RepositoryError: rollback, freeze (expired), mix-and-match,
-                bad signature — anything python-tuf refuses.
-            tuf.api.exceptions.DownloadError: the coordinator could not deliver.
-        """
-        if self.fetcher is None:
-            raise DownloadError("no fetcher: attach an AgentUpdateClient or pass fetcher=")
+    def _refreshed(self) -> Updater:
         updater = Updater(
             metadata_dir=str(self.metadata_dir),
             metadata_base_url=METADATA_BASE,
@@ -255,6 +246,28 @@ class AgentUpdater:
         # the reference time from our clock so expiry (freeze attacks) is testable.
         updater._trusted_set.reference_time = self.clock()
         updater.refresh()
+        return updater
+
+    def refresh(self) -> list[tuf_repo.TargetSpec]:
+        """Fetch and verify the newest metadata; return every verified target.
+
+        Raises:
+            tuf.api.exceptions.RepositoryError: rollback, freeze (expired), mix-and-match,
+                bad signature — anything python-tuf refuses.
+            tuf.api.exceptions.DownloadError: the coordinator could not deliver.
+        """
+        if self.fetcher is None:
+            raise DownloadError("no fetcher: attach an AgentUpdateClient or pass fetcher=")
+        try:
+            updater = self._refreshed()
+        except DownloadHTTPError as exc:
+            if exc.status_code != 404:
+                raise
+            # the relay keeps the two newest snapshot and targets versions: two publishes
+            # between our reading the timestamp and fetching what it named removed it.
+            # Once more, from the new timestamp (a second miss is an error)
+            log.info("update metadata changed during the refresh (%s): refreshing again", exc)
+            updater = self._refreshed()
         self._updater = updater
         targets = tuf_repo.load((self.metadata_dir / "targets.json").read_bytes(), "targets")
         self._listed = {_download_name(path) for path in targets.signed.targets}

@@ -20,6 +20,7 @@ from fedge.coordinator.rounds import Phase
 from fedge.coordinator.service import Coordinator
 from fedge.wire import messages as m
 from tests.coordinator.test_federation_inproc import plan, run
+from tests.coordinator.test_unmask_retry import restart
 
 ROUNDS = 5
 
@@ -39,17 +40,6 @@ def kept(coord, job):
 
 def rounds_on_disk(coord, job):
     return sorted(ck.round_checkpoints(coord.state_dir, job))
-
-
-def restart(fed):
-    """Everything in memory and in flight is gone; a new coordinator opens the same
-    state directory."""
-    old = fed.coord
-    fed.inbox.clear()
-    fed.coord = Coordinator(old.state_dir, roster=old.roster,
-                            roster_public_key=old.roster_public_key, heartbeat_timeout_s=30.0,
-                            initial_weights=old.initial_weights, clock=fed.clock)
-    old.close()
 
 
 _REFERENCE: dict[str, bytes] = {}

@@ -149,3 +149,25 @@ def test_an_agent_that_read_the_timestamp_just_before_a_publish_finishes_its_upd
     assert models.path("risk", 1).read_bytes() == make_onnx(2.0)
     [spec] = fleet.updater.pending()
     assert spec.version == "3"
+
+
+def test_an_agent_refreshing_while_two_publishes_remove_what_it_was_to_fetch_refreshes_again(
+        fleet, make_onnx):
+    """The relay keeps the two newest snapshot and targets versions: two publishes
+    between an agent's reading the timestamp and its fetching the snapshot it named
+    remove that snapshot. The agent refreshes once more and sees the newest."""
+    fleet.publish("model", "risk", "1", "m.onnx", make_onnx(1.0))
+    fetch = fleet.roundtrip
+    published: list[str] = []
+
+    def publishing_meanwhile(req):
+        reply = fetch(req)
+        if req.path == "metadata/timestamp.json" and reply.eof and not published:
+            for version in ("2", "3"):
+                fleet.publish("model", "risk", version, "m.onnx", make_onnx(float(version)))
+                published.append(version)
+        return reply
+
+    fleet.roundtrip = publishing_meanwhile
+    assert [s.path for s in fleet.updater.refresh()] == ["model/risk/3/m.onnx"]
+    assert published == ["2", "3"]

@@ -77,12 +77,12 @@ class SecureAggregation:
 
     @property
     def left_out(self) -> dict[str, str]:
-        s = self.session
-        if s is None:
-            return {}
-        return {cid: f"dropped out of secure aggregation in its {stage} stage (no valid "
-                     "answer before the stage closed)"
-                for cid, stage in sorted(s.dropped.items())}
+        return {} if self.session is None else self.session.left_out()
+
+    @property
+    def threshold(self) -> int:
+        """t, as AggregateBegin tells the sites (each derives its own from the plan)."""
+        return 0 if self.session is None else int(self.session.config.threshold)
 
     @property
     def result(self) -> AggregationResult | None:

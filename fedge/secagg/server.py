@@ -120,6 +120,8 @@ class ServerSession:
         self.result: SecAggResult | None = None
         self.failure: SecAggAbort | None = None
         self.dropped: dict[str, str] = {}  # client -> stage where it dropped
+        self._why: dict[str, str] = {}  # client -> why it was dropped
+        self.failed_in = ""  # the stage the round failed in
         self.discarded = 0
         self._alive: set[str] = set(self.cohort)
         self._replied: set[str] = set()
@@ -199,7 +201,8 @@ class ServerSession:
             return out
         accepted = getattr(self, "_take_" + expected)(sender, message)
         if not accepted:
-            self._drop(sender)
+            self._drop(sender, f"its {expected} was refused (malformed, or not what "
+                               "this stage allows)")
             self.discarded += 1
             if self.stage == "Unmasking" and (short := self._unmask_shortfall()):
                 return out + self._fail(ReconstructionFailed(short))
@@ -221,7 +224,7 @@ class ServerSession:
         if (self.done or self.stage == "Idle" or sender not in self._alive
                 or sender in self._replied):
             return out
-        self._drop(sender)
+        self._drop(sender, "it refused its part")
         if self.stage == "Unmasking" and (short := self._unmask_shortfall()):
             return out + self._fail(ReconstructionFailed(short))
         if self._stage_complete():
@@ -235,10 +238,23 @@ class ServerSession:
         self.deadline = now + self.config.stage_timeout
         self._replied = set()
 
-    def _drop(self, cid: str) -> None:
+    def _drop(self, cid: str, why: str) -> None:
         if cid in self._alive:
             self._alive.discard(cid)
             self.dropped[cid] = self.stage
+            self._why[cid] = why
+
+    def left_out(self) -> dict[str, str]:
+        """Each cohort member the round went on (or failed) without, and why: those
+        dropped, with their stage, and in a round that failed while unmasking, those
+        asked who had not answered."""
+        out = {cid: f"dropped out of secure aggregation in its {stage} stage: "
+                    f"{self._why.get(cid, 'no answer')}"
+               for cid, stage in sorted(self.dropped.items())}
+        if self.failed_in == "Unmasking":
+            for cid in sorted(self._alive - self._replied):
+                out[cid] = "asked to unmask, no answer before the round failed"
+        return out
 
     def _stage_complete(self) -> bool:
         if self.stage == "Unmasking":
@@ -248,7 +264,7 @@ class ServerSession:
     def _close_stage(self, now: float) -> Outgoing:
         for cid in sorted(self._alive - self._replied):
             if self.stage != "Unmasking":  # unmasking needs only t answers
-                self._drop(cid)
+                self._drop(cid, "no answer before the stage deadline")
         try:
             out = getattr(self, "_close_" + self.stage)()
         except SecAggAbort as exc:
@@ -261,6 +277,7 @@ class ServerSession:
 
     def _fail(self, exc: SecAggAbort) -> Outgoing:
         self.failure = exc
+        self.failed_in = self.stage
         self.stage = "Failed"
         self._total = None
         notice = RoundFailed(
@@ -277,7 +294,8 @@ class ServerSession:
             changed = False
             for cid in sorted(self._alive):
                 if len((self.neighbours[cid] | {cid}) & pool & self._alive) < t:
-                    self._drop(cid)
+                    self._drop(cid, f"fewer than t = {t} of it and its neighbours were "
+                                    f"left after {what}")
                     changed = True
         if len(self._alive) < t:
             raise TooFewSurvivors(
@@ -309,8 +327,9 @@ class ServerSession:
             adv = self._adverts[cid]
             for key in (adv.enc_public, adv.mask_public):
                 if key in seen:
-                    self._drop(cid)
-                    self._drop(seen[key])
+                    why = "it advertised the same public key as another site"
+                    self._drop(cid, why)
+                    self._drop(seen[key], why)
                 seen[key] = cid
         self._prune(self._alive, "key advertisement")
         self._u1 = set(self._alive)

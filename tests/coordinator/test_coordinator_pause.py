@@ -93,3 +93,33 @@ def test_a_failed_secure_aggregation_names_the_sites_it_lost(federation):
     assert sorted(attempt.dropped) == ["b", "c"], attempt.dropped
     for site in ("b", "c"):
         assert "MaskedInput stage" in attempt.dropped_reasons[site]
+
+
+def test_a_secure_aggregation_failing_in_its_unmasking_names_those_asked_who_were_silent(
+        federation):
+    """t = 3 of 4: b and c go silent when asked to unmask; the attempt fails, naming
+    them (the unmasking never drops a silent site: t answers are enough)."""
+    from fedge.secagg.messages import UnmaskRequest
+
+    fed = federation(["a", "b", "c", "d"])
+    fed.kill_hook = lambda site, body: site in ("b", "c") and isinstance(body, UnmaskRequest)
+    job = run(fed, plan(rounds=1, attempts=1))
+    (attempt,) = fed.coord.store.rounds(job)
+    assert attempt.status == "failed" and "ReconstructionFailed" in attempt.reason
+    assert attempt.dropped_reasons == {
+        s: "asked to unmask, no answer before the round failed" for s in ("b", "c")}
+
+
+def test_aggregate_begin_tells_the_sites_the_rounds_threshold(federation):
+    from fedge.coordinator.plan import parse_plan
+    from fedge.coordinator.secure import secagg_config
+    from fedge.wire import messages as m
+
+    fed = federation(["a", "b", "c", "d"])
+    told: list[tuple[str, int]] = []
+    fed.kill_hook = lambda site, body: isinstance(body, m.AggregateBegin) and \
+        told.append((site, body.threshold)) and False
+    job = run(fed, plan(rounds=1))
+    assert fed.coord.store.job(job).status == "completed"
+    t = secagg_config(parse_plan(plan(rounds=1)), 4, fed.dim + 1).threshold
+    assert t > 1 and sorted(told) == [(s, t) for s in "abcd"]

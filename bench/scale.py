@@ -38,6 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _coordinator import start_coordinator, wait_for
+
 D = 100_000
 HOSTS = 4  # agent host processes
 
@@ -142,16 +144,6 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def wait_for(pred, timeout: float, what: str):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.2)
-    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
-
-
 def run_n(n: int, root: Path, env: dict[str, str]) -> dict[str, float]:
     from fedge.coordinator.store import Store
     from fedge.secagg.keys import Identity, Roster
@@ -174,21 +166,11 @@ def run_n(n: int, root: Path, env: dict[str, str]) -> dict[str, float]:
     for s in sites:
         store.enrol(s["site"], s["curve_public"], s["ed"], actor="bench")
     store.close()
-    cfg = root / "coordinator.toml"
-    cfg.write_text(
-        f'state_dir = "{coord_dir}"\nbind = "tcp://127.0.0.1:0"\n'
-        f'curve_key = "{root / "keys" / "coordinator.key_secret"}"\n'
-        f'roster = "{root / "roster.json"}"\n'
-        f'roster_public_key = "{console.public_bytes().hex()}"\ntick_s = 0.01\n'
-        "[heartbeat]\ninterval_s = 5.0\ntimeout_s = 60.0\n")
-    log = open(root / "coordinator.log", "wb")  # noqa: SIM115
-    coord = subprocess.Popen([sys.executable, "-m", "fedge.cli", "coordinator", "--config",
-                              str(cfg)], stdout=log, stderr=subprocess.STDOUT, env=env)
+    coord, endpoint = start_coordinator(root, coord_dir, console.public_bytes().hex(),
+                                        heartbeat=(5.0, 60.0), extra="tick_s = 0.01\n",
+                                        env=env)
     hosts: list[subprocess.Popen[bytes]] = []
     try:
-        endpoint = wait_for(lambda: (coord_dir / "endpoint").exists()
-                            and (coord_dir / "endpoint").read_text().strip(), 120,
-                            "coordinator endpoint")
         k = min(HOSTS, n)
         for h in range(k):
             part = sites[h::k]
@@ -240,7 +222,6 @@ def run_n(n: int, root: Path, env: dict[str, str]) -> dict[str, float]:
             coord.wait(30)
         except subprocess.TimeoutExpired:
             coord.kill()
-        log.close()
     traffic = {}
     for h in range(len(hosts)):
         p = root / f"stats-{h}.json"

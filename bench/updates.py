@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+from _coordinator import start_coordinator as coordinator_process
 
 from fedge.agent.updates import ZmqFetcher, attach_update_client, install_trusted_root
 
@@ -98,16 +99,6 @@ def anchor_pull(endpoint: str, public: bytes, size: int) -> float:
         sock.close(0)
 
 
-def wait_for(pred, timeout: float, what: str):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.1)
-    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
-
-
 @dataclass(frozen=True)
 class Site:
     """What the one enrolled appliance needs to connect and verify."""
@@ -142,26 +133,8 @@ def start_coordinator(root: Path, tuf_targets: list[tuple[str, str, str, str, by
     store = Store(coord_dir)
     store.enrol(site, site_keys.public, identity.public_bytes(), actor="bench")
     store.close()
-    cfg = root / "coordinator.toml"
-    cfg.write_text(
-        f'state_dir = "{coord_dir}"\nbind = "tcp://127.0.0.1:0"\n'
-        f'curve_key = "{root / "keys" / "coordinator.key_secret"}"\n'
-        f'roster = "{root / "roster.json"}"\n'
-        f'roster_public_key = "{roster_key.public_bytes().hex()}"\n'
-        "[heartbeat]\ninterval_s = 1.0\ntimeout_s = 10.0\n")
-    log = open(root / "coordinator.log", "wb")  # noqa: SIM115  closed with the process
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("NOTIFY_SOCKET", None)
-    proc = subprocess.Popen([sys.executable, "-m", "fedge.cli", "coordinator", "--config",
-                             str(cfg)], stdout=log, stderr=subprocess.STDOUT, env=env)
-    log.close()
-    try:
-        endpoint = wait_for(lambda: (coord_dir / "endpoint").exists()
-                            and (coord_dir / "endpoint").read_text().strip(), 120,
-                            "the coordinator's endpoint")
-    except BaseException:
-        proc.kill()
-        raise
+    proc, endpoint = coordinator_process(root, coord_dir, roster_key.public_bytes().hex(),
+                                         heartbeat=(1.0, 10.0))
     stored = next((repo.root_dir / "targets").rglob(f"*.{tuf_targets[0][3]}"))
     enrolled = Enrolled(site, site_keys.public, site_keys.secret, endpoint, coord_keys.public,
                         identity, roster, roster_key=roster_key.public_bytes())

@@ -21,6 +21,7 @@ in MB (10^6). Every agent host must write its traffic file: a host that wrote
 none (or missed agents) fails the bench rather than shrink the sample.
 
 Last line: RESULT n500_round_s=... coord_peak_mb=... bytes_per_agent=...
+(--quick: n100_round_s for n500_round_s)
 """
 
 from __future__ import annotations

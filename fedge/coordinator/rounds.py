@@ -414,8 +414,9 @@ class Round:
         or was lost."""
         if self.phase not in (Phase.EVALUATING, Phase.DONE):
             return dict(sorted(self.refused.items()))
-        return {s: self.refused.get(s) or (SILENT_IN_AGGREGATION if s in self.trained
-                                           else SILENT_IN_TRAINING)
+        left = self._aggregation.left_out if self._aggregation is not None else {}
+        return {s: self.refused.get(s) or (left.get(s, SILENT_IN_AGGREGATION)
+                                           if s in self.trained else SILENT_IN_TRAINING)
                 for s in self.dropped}
 
     @property

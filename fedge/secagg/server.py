@@ -6,9 +6,10 @@ Everything that moves the server from one stage to the next lives in
 Theory of operation: ``start(now)`` returns the opening messages as
 (recipient, message) pairs; the caller sends them.  Each arriving message is
 fed to ``receive(sender, message, now)`` with the transport-authenticated
-sender id; ``tick(now)`` is called when nothing arrives, so stage deadlines
-pass.  A stage closes when every expected client answered or its deadline
-passed; clients that missed it are dropped for the round.  A message from a
+sender id; ``tick(now)`` must be called regularly (the coordinator ticks after
+each batch of messages): it is the only place a stage's deadline passes.  A
+stage closes when every expected client answered or its deadline passed;
+clients that missed it are dropped for the round.  A message from a
 dropped client, from outside the cohort, for another job/round, or one that
 does not fit its stage is discarded (counted in ``discarded``), never
 fatal.  The server needs no honest client to stay correct, but a client that

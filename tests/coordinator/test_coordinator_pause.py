@@ -123,3 +123,18 @@ def test_aggregate_begin_tells_the_sites_the_rounds_threshold(federation):
     assert fed.coord.store.job(job).status == "completed"
     t = secagg_config(parse_plan(plan(rounds=1)), 4, fed.dim + 1).threshold
     assert t > 1 and sorted(told) == [(s, t) for s in "abcd"]
+
+
+def test_a_committed_round_says_in_which_secure_aggregation_stage_a_site_dropped_out(
+        federation):
+    from fedge.secagg.messages import RelayedShares
+
+    sites = ["a", "b", "c", "d"]
+    fed = federation(sites)
+    fed.kill_hook = lambda site, body: site == "d" and isinstance(body, RelayedShares)
+    job = run(fed, plan(rounds=1, attempts=1))
+    (attempt,) = fed.coord.store.rounds(job)
+    assert attempt.status == "committed" and attempt.survivors == ["a", "b", "c"]
+    assert attempt.dropped_reasons == {"d": "dropped out of secure aggregation in its "
+                                            "MaskedInput stage: no answer before the stage "
+                                            "deadline"}

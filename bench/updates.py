@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import zmq
-from _coordinator import start_coordinator as coordinator_process
+from _coordinator import start_coordinator
 
 from fedge.agent.updates import ZmqFetcher, attach_update_client, install_trusted_root
 
@@ -108,7 +108,7 @@ class Site:
     trusted_root: bytes  # the console's TUF root, as enrolment installs it
 
 
-def start_coordinator(root: Path, tuf_targets: list[tuple[str, str, str, str, bytes]]
+def start_relay_with_site(root: Path, tuf_targets: list[tuple[str, str, str, str, bytes]]
                       ) -> tuple[subprocess.Popen[bytes], Site, Path]:
     """A `fedge coordinator` relaying `tuf_targets`, with one enrolled site.
 
@@ -133,8 +133,8 @@ def start_coordinator(root: Path, tuf_targets: list[tuple[str, str, str, str, by
     store = Store(coord_dir)
     store.enrol(site, site_keys.public, identity.public_bytes(), actor="bench")
     store.close()
-    proc, endpoint = coordinator_process(root, coord_dir, roster_key.public_bytes().hex(),
-                                         heartbeat=(1.0, 10.0))
+    proc, endpoint = start_coordinator(root, coord_dir, roster_key.public_bytes().hex(),
+                                       heartbeat=(1.0, 10.0))
     stored = next((repo.root_dir / "targets").rglob(f"*.{tuf_targets[0][3]}"))
     enrolled = Enrolled(site, site_keys.public, site_keys.secret, endpoint, coord_keys.public,
                         identity, roster, roster_key=roster_key.public_bytes())
@@ -220,7 +220,8 @@ def main() -> int:
     data = os.urandom(mib << 20)
     with tempfile.TemporaryDirectory(prefix="fedge-bench-updates-") as tmp:
         root = Path(tmp)
-        coord, site, stored = start_coordinator(root, [("model", "big", "1", "model.onnx", data)])
+        coord, site, stored = start_relay_with_site(
+            root, [("model", "big", "1", "model.onnx", data)])
         server = None
         try:
             server = subprocess.Popen(

@@ -35,7 +35,6 @@ import json
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -50,6 +49,7 @@ from fedge.agent.jobstate import JobStateStore
 from fedge.agent.trainer import (
     HELD_JOBS,
     LocalResult,
+    RecentJobs,
     TaskRefusal,
     Trainer,
     declared_but_refused,
@@ -156,8 +156,6 @@ class Agent:
         held_jobs: int = HELD_JOBS,
     ) -> None:
         self.site = site
-        if held_jobs < 1:
-            raise ValueError(f"held_jobs={held_jobs!r} must be at least 1")
         # The site's own floor (agent.toml [privacy]); the default requires secure
         # aggregation. The reveal log is in memory unless the process gives it a file.
         self.policy = policy if policy is not None else PrivacyPolicy()
@@ -188,8 +186,7 @@ class Agent:
         # the ``held_jobs`` jobs used last stay in memory: a job ends without telling the
         # agent (its tasks just stop), and a job that comes back after being dropped
         # here reloads its c_i from ``job_state`` (without one it starts from zeros).
-        self.controls: OrderedDict[str, dict[int, np.ndarray]] = OrderedDict()
-        self.held_jobs = held_jobs
+        self.controls = RecentJobs(held_jobs)  # job -> {round: c_i}
         self.job_state = job_state
         # The cohort holds only appliances known to be healthy: nothing measured is no
         # verdict, so the heartbeats before the first probe returns say not eligible
@@ -498,15 +495,12 @@ class Agent:
         return held[max(earlier)] if earlier else None
 
     def _held_controls(self, job: str) -> dict[int, np.ndarray]:
-        held = self.controls.get(job)
+        held: dict[int, np.ndarray] | None = self.controls.touch(job)
         if held is None:
             saved = self.job_state.load(job, "controls") if self.job_state else {}
-            held = self.controls[job] = {int(r): a.astype(np.float32) for r, a in saved.items()
-                                         if r.lstrip("-").isdigit() and a.ndim == 1}
-            while len(self.controls) > self.held_jobs:
-                self.controls.popitem(last=False)  # used longest ago; on disk if anywhere
-        else:
-            self.controls.move_to_end(job)
+            held = self.controls.hold(job, {int(r): a.astype(np.float32)
+                                            for r, a in saved.items()
+                                            if r.lstrip("-").isdigit() and a.ndim == 1})
         return held
 
     def _commit_control(self, task: _Task) -> None:

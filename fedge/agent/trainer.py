@@ -35,6 +35,34 @@ log = logging.getLogger("fedge.agent")
 HELD_JOBS = 8
 
 
+class RecentJobs(OrderedDict[str, Any]):
+    """Per-job state for the ``held`` jobs used last (``HELD_JOBS``), oldest first.
+
+    Raises (on construction): ValueError: ``held`` below 1."""
+
+    def __init__(self, held: int = HELD_JOBS) -> None:
+        if held < 1:
+            raise ValueError(f"held_jobs={held!r} must be at least 1")
+        super().__init__()
+        self.held = held
+
+    def touch(self, job: str) -> Any:
+        """``job``'s state, now the newest; None when it is not held."""
+        state = self.get(job)
+        if state is not None:
+            self.move_to_end(job)
+        return state
+
+    def hold(self, job: str, state: Any) -> Any:
+        """Hold ``state`` for ``job`` unless one is held already; returns the one held,
+        now the newest. The oldest beyond ``held`` go (on disk, if anywhere)."""
+        state = self.setdefault(job, state)
+        self.move_to_end(job)
+        while len(self) > self.held:
+            self.popitem(last=False)
+        return state
+
+
 class TaskRefusal(Exception):
     """This site cannot run the task; the message is the reason sent to the coordinator."""
 
@@ -148,13 +176,10 @@ class TorchTrainer:
                 continue
             self._specs[spec.name] = spec
         self._data: dict[str, Any] = {}
-        if held_jobs < 1:
-            raise ValueError(f"held_jobs={held_jobs!r} must be at least 1")
         # Each job's ClientState, for the ``held_jobs`` jobs trained last: a job dropped
         # here and trained again restores its data cursor from the job state on disk
         # (c_i comes from the agent with every task; the ledger is one for all jobs).
-        self._states: OrderedDict[str, Any] = OrderedDict()
-        self._held_jobs = held_jobs
+        self._states = RecentJobs(held_jobs)
         self._lock = threading.Lock()
 
     def datasets(self) -> list[str]:
@@ -267,10 +292,9 @@ class TorchTrainer:
         from fedge.train.api import ClientState
 
         with self._lock:
-            state = self._states.get(job)
-            if state is not None:
-                self._states.move_to_end(job)
-                return state
+            state = self._states.touch(job)
+        if state is not None:
+            return state
         state = ClientState(job=job, ledger=self._ledger)
         if self._job_state is not None:
             try:
@@ -278,11 +302,7 @@ class TorchTrainer:
             except ValueError as exc:
                 log.error("job %s: saved data cursor ignored: %s", job, exc)
         with self._lock:
-            state = self._states.setdefault(job, state)  # made meanwhile by another thread?
-            self._states.move_to_end(job)
-            while len(self._states) > self._held_jobs:
-                self._states.popitem(last=False)
-        return state
+            return self._states.hold(job, state)  # one made meanwhile by another thread?
 
     def evaluate(self, plan: Plan, weights: np.ndarray, split: str) -> tuple[int, dict[str, float]]:
         """Raises: TaskRefusal: missing data set or a model that does not fit it."""

@@ -54,14 +54,10 @@ URL_SCHEME = "fedge:"
 METADATA_BASE = URL_SCHEME + "metadata/"
 TARGETS_BASE = URL_SCHEME + "targets/"
 
-Roundtrip = Callable[[UpdateFetchRequest], UpdateFetchReply]
-
 REPORTED = "reported.json"  # outcomes sent to roll-outs, for a coordinator asking again
 REPORTED_KEEP = 64
-# Versions of one model kept in the serving repository: `fedge serve` loads the newest
-# two (fedge.serve.runtime.KEEP_LOADED), the live one and the one before it, which
-# requests that name its version still reach. Apps keep `current` and the one before.
-MODEL_VERSIONS_KEPT = 2
+
+Roundtrip = Callable[[UpdateFetchRequest], UpdateFetchReply]
 
 
 class ZmqFetcher(FetcherInterface):
@@ -189,9 +185,9 @@ class SiteModels:
 
     def _named(self, model_name: str, data: bytes, metadata: dict[str, str]) -> bytes:
         """``data`` with its logits' class names, where this site declares them."""
-        from fedge.serve.sitelocal import name_classes, output_dataset
+        from fedge.serve.sitelocal import name_classes, trained_dataset
 
-        dataset = output_dataset(metadata)
+        dataset = trained_dataset(metadata)
         classes = self.classes(dataset) if self.classes and dataset else None
         if not classes:
             return data
@@ -339,10 +335,8 @@ class AgentUpdater:
                 return True, (f"{spec.kind} {spec.name} {have} already installed; "
                               f"{spec.version} is the same version, nothing to do")
             ordered.append((what, have, theirs))
-        lineage = _lineage(spec)
-        above = [s for s in specs if _lineage(s) == lineage and Version(s.version) > mine]
-        if above:
-            top = max(above, key=lambda s: Version(s.version))
+        top = _newest_per_lineage(specs).get(_lineage(spec))
+        if top is not None and Version(top.version) > mine:
             return False, (f"{spec.kind} {spec.name} {spec.version} is not the newest signed "
                            f"version: {top.path!r} is; refusing to install an older one")
         for what, have, theirs in ordered:
@@ -522,7 +516,7 @@ class AgentUpdater:
             name = path.name
             staged = name.startswith(".") and name.endswith(".tmp") and path.is_dir()
             if name in keep or not (staged or (path.is_dir() and not path.is_symlink()
-                                               and _is_version(name))):
+                                               and tuf_repo.is_version(name))):
                 continue
             try:
                 shutil.rmtree(path)
@@ -552,16 +546,8 @@ def _download_name(path: str) -> str:
     return path.replace("/", "__")
 
 
-def _is_version(name: str) -> bool:
-    try:
-        tuf_repo.version_key(name)
-    except ValueError:
-        return False
-    return True
-
-
 def _prune_models(models: ModelInstaller, name: str) -> None:
-    """Keep the newest `MODEL_VERSIONS_KEPT` versions of model `name` that `fedge
+    """Keep the newest `KEEP_LOADED` (2) versions of model `name` that `fedge
     serve` serves (its own load and checks; a newer one that fails them stays, and
     does not count) in the serving repository: each older one is retired (renamed out
     of `fedge serve`'s view, in one rename) and then deleted, so a pushed model that
@@ -570,6 +556,7 @@ def _prune_models(models: ModelInstaller, name: str) -> None:
     `fedge.serve.repository.ModelRepository`. Never raises: the install is done, a
     version left behind is logged."""
     from fedge.serve.repository import ModelRepository
+    from fedge.serve.runtime import KEEP_LOADED  # the versions fedge serve keeps loaded
 
     repo = next((r for r in (models, getattr(models, "repository", None))
                  if isinstance(r, ModelRepository)), None)
@@ -582,7 +569,7 @@ def _prune_models(models: ModelInstaller, name: str) -> None:
         return
     servable, old = 0, []
     for version in reversed(versions):
-        if servable >= MODEL_VERSIONS_KEPT:
+        if servable >= KEEP_LOADED:
             old.append(version)
         elif _servable(name, version, repo.path(name, version)):
             servable += 1

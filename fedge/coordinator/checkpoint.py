@@ -83,9 +83,6 @@ def final_path(state_dir: str | Path, job_id: str) -> Path:
 
 
 ROUND_NAME = re.compile(r"round-(?P<round>0|[1-9][0-9]{0,8})\.safetensors")
-# committed rounds whose checkpoints a job keeps (module docstring): the last one is
-# all that resuming and a failed job's result read
-KEEP_COMMITTED_ROUNDS = 1
 
 
 def round_checkpoints(state_dir: str | Path, job_id: str) -> dict[int, Path]:
@@ -102,12 +99,13 @@ def round_checkpoints(state_dir: str | Path, job_id: str) -> dict[int, Path]:
     return out
 
 
-def prune_rounds(state_dir: str | Path, job_id: str, committed: int, *, ended: bool = False,
-                 keep: int = KEEP_COMMITTED_ROUNDS) -> list[Path]:
+def prune_rounds(state_dir: str | Path, job_id: str, committed: int, *,
+                 ended: bool = False) -> list[Path]:
     """Remove the job's round checkpoints that nothing reads any more (module
     docstring), given that round ``committed`` is committed in SQLite, not only
-    written: every round r with 0 < r <= committed - keep. Round 0 stays, and so do
-    the ``keep`` last committed rounds. A round past ``committed`` is a checkpoint
+    written: every round r with 0 < r < committed. Round 0 stays, and so does the
+    last committed round, all that resuming and a failed job's result read. A round
+    past ``committed`` is a checkpoint
     written but not committed (a crash or a failed database write in between); a
     running job writes it again, so it stays unless ``ended`` (the job is completed,
     failed or cancelled in SQLite, and no round of it will ever commit again).
@@ -118,16 +116,11 @@ def prune_rounds(state_dir: str | Path, job_id: str, committed: int, *, ended: b
     Returns the paths removed.
 
     Raises:
-        ValueError: ``keep`` below 1 (the last committed round is the only copy a
-            resume can read).
         OSError: a file cannot be removed (other than one already gone).
     """
-    if keep < 1:
-        raise ValueError(f"keep {keep} must be at least 1: the last committed round's "
-                         "checkpoint is what a restarted coordinator resumes from")
     removed: list[Path] = []
     for rnd, path in sorted(round_checkpoints(state_dir, job_id).items()):
-        if 0 < rnd <= committed - keep or (ended and rnd > committed):
+        if 0 < rnd < committed or (ended and rnd > committed):
             try:
                 path.unlink()
             except FileNotFoundError:

@@ -189,8 +189,8 @@ def _eval_rows(evals: dict[str, Any], split: str) -> list[tuple[str, str, str, f
 
 # Why a site is missing from a committed round's survivors when it said nothing.
 SILENT_IN_TRAINING = "did not answer before the train deadline"
-SILENT_IN_AGGREGATION = ("trained but dropped out of the aggregation (its part did not "
-                         "arrive before the stage deadline)")
+# (the aggregation names why, with its stage: this is for one that does not)
+SILENT_IN_AGGREGATION = "trained but left out of the aggregation"
 
 
 def already_unmasked(rnd: int, survivors: list[str]) -> str:
@@ -243,8 +243,12 @@ class Aggregation(Protocol):
         ...
     @property
     def left_out(self) -> dict[str, str]:
-        """Each cohort site the aggregation went on without, and why (a refusal
-        included): what a failed aggregation tells the operator."""
+        """Each cohort site the aggregation went on (or failed) without, and why (a
+        refusal included): what the attempt's record tells the operator."""
+        ...
+    @property
+    def threshold(self) -> int:
+        """t, as AggregateBegin tells the sites (1 for a plain sum)."""
         ...
     @property
     def result(self) -> AggregationResult | None: ...
@@ -304,6 +308,10 @@ class PlainAggregation:
 
     def postpone(self, seconds: float) -> None:
         self._deadline += seconds
+
+    @property
+    def threshold(self) -> int:
+        return 1
 
     @property
     def left_out(self) -> dict[str, str]:
@@ -410,8 +418,9 @@ class Round:
     def dropped_reasons(self) -> dict[str, str]:
         """Why each site left out is left out, in its own words where it said any (cut
         as :func:`peer_reason`): once aggregated (EVALUATING, DONE) each dropped site
-        (the cohort less the survivors), before that (FAILED) each site that refused
-        or was lost."""
+        (the cohort less the survivors), with the aggregation's reason for a site
+        that trained; before that (FAILED) each site that refused or was lost, and
+        those a failed aggregation went without (``Aggregation.left_out``)."""
         if self.phase not in (Phase.EVALUATING, Phase.DONE):
             return dict(sorted(self.refused.items()))
         left = self._aggregation.left_out if self._aggregation is not None else {}
@@ -674,10 +683,10 @@ class Round:
         bound = RoundInfo(self.job_id, self.round, context_digest(
             self.digest, self.plan.text, scale, done, self._control))
         self._aggregation = self.aggregation_factory(self.plan, bound, done, self.input_length)
-        threshold = int(getattr(self._aggregation, "threshold", 1))
         out: Outgoing = [
             (s, m.AggregateBegin(task_id=self.task_id, cohort=done, weight_scale=scale,
-                                 secure=self.plan.secagg.enabled, threshold=threshold))
+                                 secure=self.plan.secagg.enabled,
+                                 threshold=self._aggregation.threshold))
             for s in done
         ]
         # Sites that did not finish training are told to drop the round.

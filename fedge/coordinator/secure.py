@@ -77,7 +77,7 @@ class SecureAggregation:
 
     @property
     def left_out(self) -> dict[str, str]:
-        return {} if self.session is None else self.session.left_out()
+        return {} if self.session is None else self.session.left_out
 
     @property
     def threshold(self) -> int:

@@ -122,7 +122,7 @@ class ServerSession:
         self.failure: SecAggAbort | None = None
         self.dropped: dict[str, str] = {}  # client -> stage where it dropped
         self._why: dict[str, str] = {}  # client -> why it was dropped
-        self.failed_in = ""  # the stage the round failed in
+        self._failed_in = ""  # the stage the round failed in
         self.discarded = 0
         self._alive: set[str] = set(self.cohort)
         self._replied: set[str] = set()
@@ -180,16 +180,15 @@ class ServerSession:
         server that did not run for a while (paused, swapped out, held up by a
         locked database) takes the answers that waited for it before it ticks,
         and must not hold its own deafness against them."""
-        out: Outgoing = []
         if self.done or self.stage == "Idle":
             self.discarded += 1
-            return out
+            return []
         expected, _ = SERVER_TRANSITIONS[self.stage]
         try:
             msgs.check_fields(message)
         except SecAggAbort:
             self.discarded += 1
-            return out
+            return []
         if (
             type(message).__name__ != expected
             or sender not in self._alive
@@ -199,19 +198,14 @@ class ServerSession:
             or getattr(message, "round", None) != self.ctx.round
         ):
             self.discarded += 1
-            return out
+            return []
         accepted = getattr(self, "_take_" + expected)(sender, message)
         if not accepted:
-            self._drop(sender, f"its {expected} was refused (malformed, or not what "
-                               "this stage allows)")
             self.discarded += 1
-            if self.stage == "Unmasking" and (short := self._unmask_shortfall()):
-                return out + self._fail(ReconstructionFailed(short))
-        else:
-            self._replied.add(sender)
-        if self._stage_complete():
-            out += self._close_stage(now)
-        return out
+            return self._drop_now(sender, f"its {expected} was refused (malformed, or not "
+                                          "what this stage allows)", now)
+        self._replied.add(sender)
+        return self._close_stage(now) if self._stage_complete() else []
 
     def refuse(self, sender: str, now: float) -> Outgoing:
         """``sender`` has said it will send nothing more this round (its own abort, a
@@ -221,16 +215,10 @@ class ServerSession:
         An answer it gave to the current stage stands. In the unmasking stage, once the
         sites still able to answer cannot bring some secret to t shares, the round
         fails at once, naming it (ReconstructionFailed). Never raises."""
-        out: Outgoing = []
         if (self.done or self.stage == "Idle" or sender not in self._alive
                 or sender in self._replied):
-            return out
-        self._drop(sender, "it refused its part")
-        if self.stage == "Unmasking" and (short := self._unmask_shortfall()):
-            return out + self._fail(ReconstructionFailed(short))
-        if self._stage_complete():
-            out += self._close_stage(now)
-        return out
+            return []
+        return self._drop_now(sender, "it refused its part", now)
 
     # --- stage bookkeeping --------------------------------------------------------
 
@@ -245,6 +233,15 @@ class ServerSession:
             self.dropped[cid] = self.stage
             self._why[cid] = why
 
+    def _drop_now(self, cid: str, why: str, now: float) -> Outgoing:
+        """Drop ``cid`` before the stage ends: the unmasking fails at once if that leaves
+        a secret short of t shares; a stage that now has every answer due closes."""
+        self._drop(cid, why)
+        if self.stage == "Unmasking" and (short := self._unmask_shortfall()):
+            return self._fail(ReconstructionFailed(short))
+        return self._close_stage(now) if self._stage_complete() else []
+
+    @property
     def left_out(self) -> dict[str, str]:
         """Each cohort member the round went on (or failed) without, and why: those
         dropped, with their stage, and in a round that failed while unmasking, those
@@ -252,7 +249,7 @@ class ServerSession:
         out = {cid: f"dropped out of secure aggregation in its {stage} stage: "
                     f"{self._why.get(cid, 'no answer')}"
                for cid, stage in sorted(self.dropped.items())}
-        if self.failed_in == "Unmasking":
+        if self._failed_in == "Unmasking":
             for cid in sorted(self._alive - self._replied):
                 out[cid] = "asked to unmask, no answer before the round failed"
         return out
@@ -278,7 +275,7 @@ class ServerSession:
 
     def _fail(self, exc: SecAggAbort) -> Outgoing:
         self.failure = exc
-        self.failed_in = self.stage
+        self._failed_in = self.stage
         self.stage = "Failed"
         self._total = None
         notice = RoundFailed(
@@ -475,11 +472,16 @@ class ServerSession:
     def _needed_key_owners(self) -> list[str]:
         return sorted(c for c in self._u2 - self._u3 if self.neighbours[c] & self._u3)
 
+    def _secrets(self) -> list[tuple[str, str, dict[str, bytes]]]:
+        """What the unmasking recovers: (owner, what, the shares of it taken so far),
+        each survivor's self-mask seed and each needed dropped site's mask key."""
+        return ([(c, "self-mask seed", self._seed_shares.get(c, {})) for c in sorted(self._u3)]
+                + [(c, "mask key", self._key_shares.get(c, {}))
+                   for c in self._needed_key_owners()])
+
     def _can_reconstruct(self) -> bool:
         t = self.config.threshold
-        return all(len(self._seed_shares.get(c, ())) >= t for c in self._u3) and all(
-            len(self._key_shares.get(c, ())) >= t for c in self._needed_key_owners()
-        )
+        return all(len(taken) >= t for _, _, taken in self._secrets())
 
     def _unmask_shortfall(self) -> str | None:
         """Why the unmasking cannot complete with the shares taken and the sites still
@@ -487,11 +489,8 @@ class ServerSession:
         its neighbours (survivors' self-mask seeds, dropped sites' mask keys)."""
         t = self.config.threshold
         due = self._alive - self._replied
-        secrets = [(owner, "self-mask seed", self._seed_shares) for owner in sorted(self._u3)]
-        secrets += [(owner, "mask key", self._key_shares) for owner in self._needed_key_owners()]
-        for owner, what, taken in secrets:
-            can = len(taken.get(owner, ())) + sum(
-                1 for h in due if h == owner or owner in self.neighbours[h])
+        for owner, what, taken in self._secrets():
+            can = len(taken) + sum(1 for h in due if h == owner or owner in self.neighbours[h])
             if can < t:
                 left = sorted(c for c, stage in self.dropped.items() if stage == "Unmasking")
                 return (f"unmasking cannot complete: {len(left)} site(s) dropped out of "

@@ -28,7 +28,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 __all__ = ["SiteStandardisationError", "name_classes", "needs_site_standardisation",
-           "output_dataset", "standardise_onnx"]
+           "standardise_onnx", "trained_dataset"]
 
 PARITY_TOLERANCE = 1e-4
 _FLOAT_TYPES = {TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64}
@@ -46,16 +46,10 @@ def needs_site_standardisation(metadata: dict[str, str]) -> str | None:
     """The data set whose site constants the model expects, when its graph does not
     standardise by itself; None for a model that needs nothing (images, a graph with
     the constants folded in, a model of another origin)."""
-    try:
-        prep = json.loads(metadata.get("preprocessing", "{}"))
-    except json.JSONDecodeError:
+    prep = _preprocessing(metadata)
+    if prep.get("kind") != "per-site standardisation" or prep.get("in_graph") is not False:
         return None
-    if not isinstance(prep, dict) or prep.get("kind") != "per-site standardisation":
-        return None
-    if prep.get("in_graph") is not False:
-        return None
-    dataset = prep.get("dataset")
-    return dataset if isinstance(dataset, str) and dataset else None
+    return trained_dataset(metadata)
 
 
 def _set_metadata(proto: onnx.ModelProto, key: str, value: str) -> None:
@@ -67,15 +61,20 @@ def _set_metadata(proto: onnx.ModelProto, key: str, value: str) -> None:
     entry.key, entry.value = key, value
 
 
-def output_dataset(metadata: dict[str, str]) -> str | None:
+def trained_dataset(metadata: dict[str, str]) -> str | None:
     """The data set a federated model was trained on, as its export names it (in
     ``preprocessing``, for tabular and image models alike); None if it names none."""
+    dataset = _preprocessing(metadata).get("dataset")
+    return dataset if isinstance(dataset, str) and dataset else None
+
+
+def _preprocessing(metadata: dict[str, str]) -> dict[str, Any]:
+    """The model's ``preprocessing`` metadata as a dict ({} if absent or not one)."""
     try:
         prep = json.loads(metadata.get("preprocessing", "{}"))
     except json.JSONDecodeError:
-        return None
-    dataset = prep.get("dataset") if isinstance(prep, dict) else None
-    return dataset if isinstance(dataset, str) and dataset else None
+        return {}
+    return prep if isinstance(prep, dict) else {}
 
 
 def name_classes(data: bytes, classes: Sequence[str], *, provenance: str) -> bytes | None:

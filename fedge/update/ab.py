@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Protocol
 
 from fedge.update.files import holding, remove_stale_temps
-from fedge.update.tuf_repo import version_key
+from fedge.update.tuf_repo import is_version, version_key
 
 log = logging.getLogger("fedge.update.ab")
 
@@ -86,16 +86,6 @@ _TEMP_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789_"  # mkdtemp's, so the sweep
 
 PENDING = "pending.json"  # `SelfUpdate`: the version on trial and the one before it
 OUTCOME = "outcome.json"  # `SelfUpdate`: the last update's result, not yet reported
-
-
-def is_slot_name(name: str) -> bool:
-    """Whether ``name`` is a slot's, i.e. a version `unpack` accepts (1-4 dot-separated
-    integers); a hidden temporary, a link's name or anything else is not."""
-    try:
-        version_key(name)
-    except ValueError:
-        return False
-    return True
 
 
 class SlotInstaller:
@@ -259,7 +249,7 @@ class SlotInstaller:
         name. Call it once a switch is confirmed; returns the versions removed.
 
         While a switch is pending (pending.json there, or unreadable) nothing is
-        removed. Only real directories with a slot's name (`is_slot_name`) go, never
+        removed. Only real directories with a slot's name (`tuf_repo.is_version`) go, never
         a link or an entry of another name. Each goes in two steps: renamed to a
         temporary name (`SLOT_TEMP_NAME`, held while it is removed), then deleted, so
         that a process killed mid-way leaves a whole slot or a temporary that the
@@ -273,7 +263,7 @@ class SlotInstaller:
             return []
         try:
             entries = [e for e in os.scandir(self.slots)
-                       if is_slot_name(e.name) and e.name not in keep
+                       if is_version(e.name) and e.name not in keep
                        and e.is_dir(follow_symlinks=False)]
         except FileNotFoundError:
             return []

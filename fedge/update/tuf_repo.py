@@ -82,6 +82,16 @@ def version_key(version: str) -> tuple[int, ...]:
     return tuple(key)
 
 
+def is_version(name: str) -> bool:
+    """Whether ``name`` is a target version (`version_key` takes it): a software slot's,
+    a model's or an app's version folder; a hidden temporary or a link's name is not."""
+    try:
+        version_key(name)
+    except ValueError:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class TargetSpec:
     """One verified target, as fedge reads it."""

@@ -80,14 +80,12 @@ def test_prune_keeps_round_0_the_last_committed_round_and_rounds_not_yet_committ
     assert all((ck.job_dir(tmp_path, "j") / name).exists() for name in others)
 
 
-def test_prune_before_any_commit_removes_nothing_and_keep_below_1_is_refused(tmp_path):
+def test_prune_before_any_commit_removes_nothing(tmp_path):
     _write_rounds(tmp_path, "j", [0, 1])
     assert ck.prune_rounds(tmp_path, "j", 0) == []
+    assert ck.prune_rounds(tmp_path, "j", 1) == []  # round 1 is the last committed
     assert ck.prune_rounds(tmp_path, "missing", 4) == []
-    with pytest.raises(ValueError, match="keep 0 must be at least 1"):
-        ck.prune_rounds(tmp_path, "j", 1, keep=0)
-    ck.prune_rounds(tmp_path, "j", 3, keep=2)
-    assert sorted(ck.round_checkpoints(tmp_path, "j")) == [0]
+    assert sorted(ck.round_checkpoints(tmp_path, "j")) == [0, 1]
 
 
 def test_the_final_model_is_written_without_the_strategy_state(tmp_path):

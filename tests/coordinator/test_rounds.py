@@ -333,6 +333,8 @@ class _ScriptedAggregation:
     def left_out(self):
         return {}
 
+    threshold = 2
+
     def refused(self, sender, now):
         self.refusals.append(sender)
         return []

@@ -8,7 +8,7 @@ import io
 import os
 import tarfile
 
-from fedge.agent.updates import MODEL_VERSIONS_KEPT, SiteModels
+from fedge.agent.updates import SiteModels
 from fedge.serve.repository import ModelRepository
 from fedge.update.ab import SelfUpdate
 from fedge.update.messages import UpdateAvailable
@@ -65,12 +65,6 @@ def test_ten_pushes_of_a_model_and_an_app_leave_two_versions_of_each_and_no_down
         assert (apps / "current" / "plan.toml").read_text() == f"version = '{i}'\n"
     assert serve.get("risk").version == 10
     assert fleet.updater.installed() == {"model/risk": "10", "app/cox": "10"}
-
-
-def test_models_kept_are_those_fedge_serve_loads():
-    from fedge.serve.runtime import KEEP_LOADED
-
-    assert MODEL_VERSIONS_KEPT == KEEP_LOADED
 
 
 def test_a_site_model_installer_prunes_the_repository_it_wraps(fleet, tmp_path, make_onnx):

@@ -122,10 +122,12 @@ def test_a_first_update_that_never_confirms_goes_back_to_the_packaged_install(tm
     assert SelfUpdate(root).preflight() == "none"
 
 
-STAGER = r'''
+# A child process running ACTION (with sys.argv) that loses power before the die_at-th
+# (its last argument) change it makes to the file system; it prints how many it made.
+POWER_CUT = r'''
 import os, sys
 from fedge.update.ab import SelfUpdate
-root, bundle, die_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
+die_at = int(sys.argv[-1])
 calls = 0
 
 def power_cut(frame, event, arg):  # dies before the die_at-th change to the file system
@@ -137,10 +139,12 @@ def power_cut(frame, event, arg):  # dies before the die_at-th change to the fil
             os._exit(137)
 
 sys.setprofile(power_cut)
-SelfUpdate(root).stage("1.1.0", bundle, rollout_id="r1")
+ACTION
 sys.setprofile(None)
 print(calls)
 '''
+STAGER = POWER_CUT.replace(
+    "ACTION", 'SelfUpdate(sys.argv[1]).stage("1.1.0", sys.argv[2], rollout_id="r1")')
 
 
 def test_a_power_cut_at_any_point_of_staging_leaves_the_old_slot_or_a_trial_that_rolls_back(

@@ -26,7 +26,7 @@ from fedge.update.ab import (
     SlotInstaller,
 )
 from tests.update.test_ab_install import write_bundle
-from tests.update.test_self_update import bundle, supervise
+from tests.update.test_self_update import POWER_CUT, bundle, supervise
 from tests.update.test_sweep import age, kill, paused_child
 
 
@@ -220,25 +220,7 @@ def test_a_prune_killed_between_rename_and_delete_leaves_the_slot_to_the_sweep(
     assert slot_names(root) == ["1.0.0", "1.1.0"]
 
 
-CONFIRMER = r'''
-import os, sys
-from fedge.update.ab import SelfUpdate
-root, die_at = sys.argv[1], int(sys.argv[2])
-calls = 0
-
-def power_cut(frame, event, arg):  # dies before the die_at-th change to the file system
-    global calls
-    if event == "c_call" and getattr(arg, "__module__", None) == "posix" and arg.__name__ in (
-            "mkdir", "rename", "replace", "symlink", "unlink", "rmdir"):
-        calls += 1
-        if calls == die_at:
-            os._exit(137)
-
-sys.setprofile(power_cut)
-SelfUpdate(root).confirm()
-sys.setprofile(None)
-print(calls)
-'''
+CONFIRMER = POWER_CUT.replace("ACTION", "SelfUpdate(sys.argv[1]).confirm()")
 
 
 def test_a_power_cut_at_any_point_of_a_confirm_leaves_every_needed_slot_whole(tmp_path):

@@ -282,7 +282,7 @@ class AgentUpdater:
         Raises: as `refresh`.
         """
         specs = self.refresh()
-        newest = _newest_per_lineage(specs)
+        newest = tuf_repo.newest_per_lineage(specs)
         return [spec for _, spec in sorted(newest.items())
                 if self.refusal(spec, specs) is None]
 
@@ -335,7 +335,7 @@ class AgentUpdater:
                 return True, (f"{spec.kind} {spec.name} {have} already installed; "
                               f"{spec.version} is the same version, nothing to do")
             ordered.append((what, have, theirs))
-        top = _newest_per_lineage(specs).get(_lineage(spec))
+        top = tuf_repo.newest_per_lineage(specs).get(_lineage(spec))
         if top is not None and Version(top.version) > mine:
             return False, (f"{spec.kind} {spec.name} {spec.version} is not the newest signed "
                            f"version: {top.path!r} is; refusing to install an older one")
@@ -608,16 +608,6 @@ def _named_target(path: str) -> tuf_repo.TargetSpec | None:
     except ValueError:
         return None
     return tuf_repo.TargetSpec(kind, name, version, path, 0, "")
-
-
-def _newest_per_lineage(specs: list[tuf_repo.TargetSpec]
-                        ) -> dict[tuple[str, str], tuf_repo.TargetSpec]:
-    newest: dict[tuple[str, str], tuf_repo.TargetSpec] = {}
-    for spec in specs:
-        key = _lineage(spec)
-        if key not in newest or Version(spec.version) > Version(newest[key].version):
-            newest[key] = spec
-    return newest
 
 
 def release_version(version: str) -> Version | None:

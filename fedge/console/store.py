@@ -322,10 +322,10 @@ class ConsoleStore:
             except ValueError as exc:
                 raise ConsoleError(str(exc)) from exc
             mine = tuf_repo.version_key(version)
-            for old in _newest_per_lineage(files).values():
-                spec = tuf_repo.TargetSpec.from_target_file(old)
-                if tuf_repo.lineage(spec.kind, spec.name) != tuf_repo.lineage(kind, name):
-                    continue
+            newest = tuf_repo.newest_per_lineage(_fedge_specs(files).values())
+            spec = newest.get(tuf_repo.lineage(kind, name))
+            if spec is not None:
+                old = files[spec.path]
                 theirs = tuf_repo.version_key(spec.version)
                 if theirs > mine:
                     raise ConsoleError(
@@ -578,35 +578,25 @@ class PendingRotation:
         return sorted(self.pems)
 
 
-def _newest_per_lineage(files: Mapping[str, TargetFile]) -> dict[tuple[str, str], TargetFile]:
-    """The newest fedge target of each lineage among `files`."""
-    newest: dict[tuple[str, str], tuple[tuple[int, ...], TargetFile]] = {}
-    for tf in files.values():
+def _fedge_specs(files: Mapping[str, TargetFile]) -> dict[str, tuf_repo.TargetSpec]:
+    """The fedge targets among `files`, by path (a target without fedge's description
+    is not one)."""
+    specs = {}
+    for path, tf in files.items():
         try:
-            spec = tuf_repo.TargetSpec.from_target_file(tf)
+            specs[path] = tuf_repo.TargetSpec.from_target_file(tf)
         except ValueError:
             continue
-        key, version = tuf_repo.lineage(spec.kind, spec.name), tuf_repo.version_key(spec.version)
-        if key not in newest or version > newest[key][0]:
-            newest[key] = (version, tf)
-    return {key: tf for key, (_, tf) in newest.items()}
+    return specs
 
 
 def _newest_only(files: Mapping[str, TargetFile]) -> dict[str, TargetFile]:
     """`files` less every fedge target older than the newest of its lineage (targets
     signed by an earlier console list every version ever pushed). Anything not a fedge
     target is kept as it is."""
-    newest = {tf.path for tf in _newest_per_lineage(files).values()}
-    kept = {}
-    for path, tf in files.items():
-        try:
-            tuf_repo.TargetSpec.from_target_file(tf)
-        except ValueError:
-            kept[path] = tf
-            continue
-        if path in newest:
-            kept[path] = tf
-    return kept
+    specs = _fedge_specs(files)
+    newest = {spec.path for spec in tuf_repo.newest_per_lineage(specs.values()).values()}
+    return {path: tf for path, tf in files.items() if path not in specs or path in newest}
 
 
 def _check_name(name: object, *, what: str) -> str:

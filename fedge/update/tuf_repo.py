@@ -15,7 +15,7 @@ are on, so files are stored and fetched under their hash-prefixed names.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -129,6 +129,17 @@ def lineage(kind: str, name: str) -> tuple[str, str]:
     software is one lineage (the appliance runs one fedge). The console signs only the
     newest target of each; the appliance installs only the newest signed of each."""
     return (kind, SOFTWARE_NAME if kind == "software" else name)
+
+
+def newest_per_lineage(specs: Iterable[TargetSpec]) -> dict[tuple[str, str], TargetSpec]:
+    """The newest target of each lineage among ``specs`` (``version_key`` order, PEP
+    440's for these versions): what the console signs, and all the appliance installs."""
+    newest: dict[tuple[str, str], TargetSpec] = {}
+    for spec in specs:
+        key = lineage(spec.kind, spec.name)
+        if key not in newest or version_key(spec.version) > version_key(newest[key].version):
+            newest[key] = spec
+    return newest
 
 
 def target_path(kind: str, name: str, version: str, filename: str) -> str:

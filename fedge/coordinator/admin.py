@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 import secrets
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedge.console.protocol import OPS, AdminReply, AdminRequest
+from fedge.coordinator.store import is_locked
 from fedge.update import tuf_repo
 from fedge.update.messages import UpdateAvailable, UpdateOutcome
 from fedge.update.rollout import Rollout
@@ -307,10 +309,21 @@ class AdminService:
 
     # -- agents' outcomes and the clock -------------------------------------------------
     def on_outcome(self, site: str, outcome: UpdateOutcome) -> None:
-        """An agent reported an install outcome: record it, advance its roll-out."""
-        self._audit(site, "update.outcome",
-                    {"site": site, "path": outcome.path, "ok": outcome.ok,
-                     "rolled_back": outcome.rolled_back, "detail": outcome.detail})
+        """An agent reported an install outcome: record it, advance its roll-out.
+
+        Raises: sqlite3.OperationalError: the database is locked by another process,
+            before anything was done (the coordinator hands the message back, to be
+            handled again: the outcome's audit row is not lost)."""
+        detail = {"site": site, "path": outcome.path, "ok": outcome.ok,
+                  "rolled_back": outcome.rolled_back, "detail": outcome.detail}
+        try:
+            self.coordinator.store.audit(site, "update.outcome", detail)
+        except sqlite3.OperationalError as exc:
+            if is_locked(exc):
+                raise
+            log.exception("audit failed")
+        except Exception:  # auditing must not take the channel down
+            log.exception("audit failed")
         rollout = self.rollouts.get(outcome.rollout_id)
         if rollout is None:
             return

@@ -602,8 +602,7 @@ class Coordinator:
         if type(body).__name__ == "UpdateOutcome":
             if self.on_update_outcome is None:
                 self.store.audit(site, "update.outcome", repr(body))  # the only record
-            else:
-                self._took_effect = True
+            else:  # it writes its audit row first: a locked database hands it back whole
                 self.on_update_outcome(site, body)
             return
         if m.is_update_fetch(body):

@@ -99,3 +99,28 @@ def test_a_hold_moves_the_silence_of_sites_not_heard_since_and_no_one_past_now(f
     fed.coord.not_listening(20.0)
     assert conns["a"].last_seen == pytest.approx(now - 10, abs=1.0)
     assert conns["b"].last_seen <= fed.coord.clock()
+
+
+def test_an_update_outcome_met_by_a_locked_database_is_handed_back_and_audited_once(
+        training):
+    """The admin channel records an agent's install outcome, then advances its
+    roll-out: the record met the lock first, so the message is handed back whole, and
+    the outcome is audited once the lock is free (it was logged and lost)."""
+    from fedge.coordinator.admin import AdminService
+    from fedge.update.messages import UpdateOutcome
+
+    fed, _, _ = training
+    admin = AdminService(fed.coord, {})
+    fed.coord.on_update_outcome = admin.on_outcome
+    outcome = frames(UpdateOutcome("r1", "model/risk/2/m.onnx", True, False, "installed"), "a")
+    shell = sqlite3.connect(fed.coord.store.path, isolation_level=None)
+    shell.execute("BEGIN IMMEDIATE")
+    with pytest.raises(DatabaseLocked) as locked:
+        fed.coord.handle_frames("a", outcome)
+    assert (locked.value.site, locked.value.kind) == ("a", "update.outcome")
+    shell.execute("ROLLBACK")
+    assert fed.coord.store.audit_log(action="update.outcome") == []
+    fed.coord.handle_frames("a", outcome)  # the same frames: not a replay
+    (row,) = fed.coord.store.audit_log(action="update.outcome")
+    assert "model/risk/2/m.onnx" in str(row)
+    assert not [o for o in fed.coord.outbox if isinstance(o.body, m.Rejected)]

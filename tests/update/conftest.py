@@ -4,6 +4,7 @@ the coordinator's real handler unless a test puts an attacker in between."""
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime
 
 import onnx
@@ -98,3 +99,19 @@ def publisher(request):
 @pytest.fixture
 def make_onnx():
     return tiny_onnx
+
+
+@pytest.fixture
+def installed(tmp_path):
+    """A software slot root running 1.0.0 (tests.update.test_self_update's bundles), and
+    the environment its `supervise` starts the unit in."""
+    from fedge.update.ab import SlotInstaller
+    from tests.update.test_self_update import bundle
+
+    root = tmp_path / "software"
+    slots = SlotInstaller(root)
+    slots.unpack("1.0.0", bundle(tmp_path, "1.0.0", "stable"))
+    slots.switch("1.0.0")
+    env = {**os.environ, "FEDGE_TEST_ROOT": str(root),
+           "FEDGE_TEST_REPORT": str(tmp_path / "report.json")}
+    return root, env

@@ -65,17 +65,6 @@ def supervise(root: Path, env: dict[str, str], max_starts: int = 8) -> list[tupl
     return runs
 
 
-@pytest.fixture
-def installed(tmp_path):
-    root = tmp_path / "software"
-    slots = SlotInstaller(root)
-    slots.unpack("1.0.0", bundle(tmp_path, "1.0.0", "stable"))
-    slots.switch("1.0.0")
-    env = {**os.environ, "FEDGE_TEST_ROOT": str(root),
-           "FEDGE_TEST_REPORT": str(tmp_path / "report.json")}
-    return root, env
-
-
 def test_new_version_that_confirms_is_kept(tmp_path, installed):
     root, env = installed
     SelfUpdate(root).stage("1.1.0", bundle(tmp_path, "1.1.0", "good"), rollout_id="r1",

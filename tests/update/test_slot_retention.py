@@ -41,18 +41,6 @@ def whole(root: Path, version: str) -> bool:
             and json.loads((slot / "fedge-bundle.json").read_text())["version"] == version)
 
 
-@pytest.fixture
-def unit(tmp_path):
-    """A slot root running 1.0.0, and the environment `supervise` starts it in."""
-    root = tmp_path / "software"
-    slots = SlotInstaller(root)
-    slots.unpack("1.0.0", bundle(tmp_path, "1.0.0", "stable"))
-    slots.switch("1.0.0")
-    env = {**os.environ, "FEDGE_TEST_ROOT": str(root),
-           "FEDGE_TEST_REPORT": str(tmp_path / "report.json")}
-    return root, env
-
-
 def push(tmp_path: Path, root: Path, env: dict[str, str], version: str, mode: str) -> list:
     """One software update as the appliance takes it: stage, then the unit's starts
     (preflight, the slot) until one exits 0; a "good" slot confirms itself."""
@@ -61,10 +49,10 @@ def push(tmp_path: Path, root: Path, env: dict[str, str], version: str, mode: st
 
 
 def test_after_many_confirmed_updates_only_the_current_and_previous_slots_remain(
-        tmp_path, unit):
+        tmp_path, installed):
     """Before, every push left its slot for ever: six pushes, seven slots (1.4 GB
     each for a bundle that carries a venv)."""
-    root, env = unit
+    root, env = installed
     versions = ["1.0.0"]
     for minor in range(1, 7):
         version = f"1.{minor}.0"
@@ -78,8 +66,8 @@ def test_after_many_confirmed_updates_only_the_current_and_previous_slots_remain
     assert [p.name for p in (root / "slots").iterdir() if p.name.startswith(".")] == []
 
 
-def test_a_rollback_after_pruning_still_returns_to_the_previous_slot(tmp_path, unit):
-    root, env = unit
+def test_a_rollback_after_pruning_still_returns_to_the_previous_slot(tmp_path, installed):
+    root, env = installed
     for version in ("1.1.0", "1.2.0", "1.3.0"):
         push(tmp_path, root, env, version, "good")
     assert slot_names(root) == ["1.2.0", "1.3.0"]
@@ -93,11 +81,11 @@ def test_a_rollback_after_pruning_still_returns_to_the_previous_slot(tmp_path, u
     assert slot_names(root) == ["1.3.0", "1.5.0"]
 
 
-def test_nothing_is_pruned_while_a_switch_is_on_trial(tmp_path, unit):
+def test_nothing_is_pruned_while_a_switch_is_on_trial(tmp_path, installed):
     """Slots an earlier release never pruned are still there when 1.3.0 is staged: a
     prune then (here called directly, as a healthy install_and_switch in the same root
     would) removes nothing, the rollback target above all. The confirm does prune."""
-    root, _ = unit
+    root, _ = installed
     slots = SlotInstaller(root)
     for version in ("0.8.0", "0.9.0", "1.2.0"):  # left by a release that kept them all
         slots.unpack(version, bundle(tmp_path, version, "stable"))
@@ -115,8 +103,8 @@ def test_nothing_is_pruned_while_a_switch_is_on_trial(tmp_path, unit):
 
 
 def test_a_torn_pending_record_prunes_nothing_and_an_unreported_outcome_keeps_its_version(
-        tmp_path, unit):
-    root, _ = unit
+        tmp_path, installed):
+    root, _ = installed
     slots = SlotInstaller(root)
     for version in ("0.7.0", "0.8.0", "0.9.0", "1.1.0"):
         slots.unpack(version, bundle(tmp_path, version, "stable"))
@@ -129,8 +117,8 @@ def test_a_torn_pending_record_prunes_nothing_and_an_unreported_outcome_keeps_it
     assert slot_names(root) == ["0.8.0", "1.0.0", "1.1.0"]
 
 
-def test_only_directories_with_a_slots_name_are_removed(tmp_path, unit):
-    root, _ = unit
+def test_only_directories_with_a_slots_name_are_removed(tmp_path, installed):
+    root, _ = installed
     slots = SlotInstaller(root)
     for version in ("0.9.0", "1.1.0"):
         slots.unpack(version, bundle(tmp_path, version, "stable"))
@@ -150,8 +138,8 @@ def test_only_directories_with_a_slots_name_are_removed(tmp_path, unit):
 
 
 def test_a_slot_that_cannot_be_removed_is_logged_and_left_and_the_confirm_stands(
-        tmp_path, unit, monkeypatch, caplog):
-    root, _ = unit
+        tmp_path, installed, monkeypatch, caplog):
+    root, _ = installed
     slots = SlotInstaller(root)
     for version in ("0.7.0", "0.8.0", "0.9.0"):
         slots.unpack(version, bundle(tmp_path, version, "stable"))
@@ -198,8 +186,8 @@ SlotInstaller(sys.argv[2]).prune()
 
 
 def test_a_prune_killed_between_rename_and_delete_leaves_the_slot_to_the_sweep(
-        tmp_path, unit):
-    root, _ = unit
+        tmp_path, installed):
+    root, _ = installed
     slots = SlotInstaller(root)
     for version in ("0.9.0", "1.1.0"):
         slots.unpack(version, bundle(tmp_path, version, "stable"))

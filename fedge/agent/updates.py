@@ -816,9 +816,12 @@ class AgentUpdateClient:
         if self._acked or self.self_update is None:
             return
         self._acked = True
-        # in a thread: the confirm removes old software slots (a bundled venv is a GB
-        # of small files), which must not stall the loop's heartbeats and messages
-        await asyncio.to_thread(self.self_update.confirm)
+        if self._busy is None:
+            self._busy = asyncio.Lock()
+        async with self._busy:  # not beside an install (the slot root's lock is the floor)
+            # in a thread: the confirm removes old software slots (a bundled venv is a
+            # GB of small files), which must not stall the loop's heartbeats and messages
+            await asyncio.to_thread(self.self_update.confirm)
         out = self.self_update.take_outcome()
         if out is None:
             return

@@ -23,6 +23,8 @@ without systemd); `SystemdService` drives a systemd unit whose ExecStart runs
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -35,7 +37,7 @@ import tarfile
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -64,6 +66,10 @@ SLOT_ENV = "FEDGE_SOFTWARE_SLOT"  # the slot the launcher runs; unset for the pa
 AGENT_CONFIG = "/etc/fedge/agent.toml"  # what a wheel slot runs by default
 
 
+class SoftwareOnTrial(ValueError):
+    """A software update was asked to stage while the running one is still on trial."""
+
+
 class HealthCheckFailed(RuntimeError):
     """The new version did not become healthy. `rolled_back` says whether the
     previous slot is running again."""
@@ -86,6 +92,7 @@ _TEMP_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789_"  # mkdtemp's, so the sweep
 
 PENDING = "pending.json"  # `SelfUpdate`: the version on trial and the one before it
 OUTCOME = "outcome.json"  # `SelfUpdate`: the last update's result, not yet reported
+LOCK = ".lock"  # `SlotInstaller.lock`: one change to the slot root at a time
 
 
 class SlotInstaller:
@@ -101,6 +108,19 @@ class SlotInstaller:
         self.slots = self.root / "slots"
         remove_stale_temps(self.slots, SLOT_TEMP_NAME, directories=True)
         remove_stale_temps(self.root)
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the slot root's lock (``flock`` on ``<root>/.lock``): one of stage,
+        preflight, confirm, install_and_switch and prune at a time, across threads
+        and processes. Not reentrant: a locked method calls the unlocked parts."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def current_version(self) -> str | None:
         return self._link_target("current")
@@ -217,6 +237,11 @@ class SlotInstaller:
             HealthCheckFailed: the new version was unhealthy; `rolled_back` tells
                 whether the previous version is running and healthy again.
         """
+        with self.lock():
+            self._install_and_switch(version, bundle, service, deadline_s=deadline_s)
+
+    def _install_and_switch(self, version: str, bundle: Path, service: Service, *,
+                            deadline_s: float) -> None:
         self.unpack(version, bundle)
         previous = self.switch(version)
         try:
@@ -225,7 +250,7 @@ class SlotInstaller:
         except HealthCheckFailed as exc:
             reason = str(exc)
         else:
-            self.prune()  # healthy: the switch is confirmed
+            self._prune()  # healthy: the switch is confirmed
             return
         if previous is None or previous == version:
             service.stop()
@@ -258,6 +283,10 @@ class SlotInstaller:
         Never raises: a slot that cannot be renamed or deleted is logged and left
         (the update it follows is done; the next prune tries again).
         """
+        with self.lock():
+            return self._prune()
+
+    def _prune(self) -> list[str]:
         keep = self._kept_versions()
         if keep is None:
             return []
@@ -602,7 +631,21 @@ class SelfUpdate:
             ValueError: a bad bundle (nothing switched).
             OSError: pending.json or the switch could not be written (e.g. a full
                 disk); `current` is left where it was and no record stays.
+            SoftwareOnTrial: the running slot is itself on trial (not yet confirmed):
+                nothing is unpacked; push the version again once it is confirmed.
         """
+        with self.slots.lock():
+            p = self.pending()
+            current = self.slots.current_version()
+            if p is not None and p.get("version") == current:
+                raise SoftwareOnTrial(
+                    f"software {current} is on trial (its start not yet confirmed healthy): "
+                    f"staging {version} now would leave nothing to roll back to and drop "
+                    f"{current}'s trial; push it again once {current} is confirmed")
+            self._stage(version, bundle, rollout_id=rollout_id, path=path, name=name)
+
+    def _stage(self, version: str, bundle: Path, *, rollout_id: str, path: str,
+               name: str) -> None:
         self.slots.unpack(version, bundle)
         previous = self.slots.current_version()
         before = self.slots.previous_version()
@@ -645,6 +688,10 @@ class SelfUpdate:
         update of a packaged install), removes ``current`` so that `exec_current`
         runs the packaged install again.
         """
+        with self.slots.lock():
+            return self._preflight()
+
+    def _preflight(self) -> str:
         p = self.pending()
         if p is None:
             return "none"
@@ -691,6 +738,10 @@ class SelfUpdate:
         ran the packaged install instead (a .deb upgrade newer than the staged slot
         landed meanwhile), the update is dropped and reported as superseded, never
         marked healthy unrun."""
+        with self.slots.lock():
+            return self._confirm()
+
+    def _confirm(self) -> bool:
         p = self.pending()
         if p is None or self.slots.current_version() != p["version"]:
             return False
@@ -710,15 +761,16 @@ class SelfUpdate:
                               "detail": f"software {p['version']} healthy after "
                                         f"{p.get('attempts')} start(s)"})
         (self.root / PENDING).unlink()
-        self.slots.prune()
+        self.slots._prune()
         return True
 
     def take_outcome(self) -> dict[str, object] | None:
         """The last update's outcome, once (for reporting to the coordinator)."""
-        out = self._read(OUTCOME)
-        if out is not None:
-            (self.root / OUTCOME).unlink()
-        return out
+        with self.slots.lock():
+            out = self._read(OUTCOME)
+            if out is not None:
+                (self.root / OUTCOME).unlink()
+            return out
 
 
 def exec_current(root: Path, fallback: list[str]) -> list[str]:

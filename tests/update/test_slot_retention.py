@@ -20,10 +20,12 @@ from fedge.update.ab import (
     OUTCOME,
     PENDING,
     SLOT_TEMP_NAME,
+    SOFTWARE_ROOT_ENV,
     HealthCheckFailed,
     NotifyProcessService,
     SelfUpdate,
     SlotInstaller,
+    SoftwareOnTrial,
 )
 from tests.update.test_ab_install import write_bundle
 from tests.update.test_self_update import POWER_CUT, bundle, supervise
@@ -272,3 +274,54 @@ def test_healthy_installs_prune_and_an_unhealthy_one_after_them_rolls_back(tmp_p
     slots.install_and_switch("1.5.0", write_bundle(tmp_path, "1.5.0", "good"), service,
                              deadline_s=10)
     assert slot_names(tmp_path / "software") == ["1.3.0", "1.5.0"]
+
+
+def test_a_stage_of_the_next_version_during_a_confirm_waits_for_it(tmp_path, installed,
+                                                                  monkeypatch):
+    """The agent confirms its trial in a thread while its executor may stage the next
+    version (an UpdateAvailable beside the first heartbeat ack): the stage runs just as
+    the confirm's prune has worked out what to keep. It waits for the slot root's lock,
+    so the prune never removes the slot `current` is about to name. Before, the prune
+    deleted 1.2.0 and left `current` pointing at nothing (the packaged install ran)."""
+    import threading
+
+    monkeypatch.delenv(SOFTWARE_ROOT_ENV, raising=False)
+    root, _ = installed
+    SelfUpdate(root).stage("1.1.0", bundle(tmp_path, "1.1.0", "good"), rollout_id="r1")
+    next_bundle = bundle(tmp_path, "1.2.0", "good")
+    kept = SlotInstaller._kept_versions
+    staged: list[threading.Thread] = []
+
+    def stage_meanwhile(self):
+        keep = kept(self)
+        if not staged:
+            staged.append(threading.Thread(target=lambda: SelfUpdate(root).stage(
+                "1.2.0", next_bundle, rollout_id="r2")))
+            staged[0].start()
+            staged[0].join(1.0)  # it waits for the lock: the prune goes on
+        return keep
+
+    monkeypatch.setattr(SlotInstaller, "_kept_versions", stage_meanwhile)
+    assert SelfUpdate(root).confirm()
+    staged[0].join(30)
+    assert (root / "current").resolve() == (root / "slots" / "1.2.0").resolve()
+    assert whole(root, "1.2.0") and whole(root, "1.1.0")
+    assert SelfUpdate(root).pending()["version"] == "1.2.0"
+    assert SelfUpdate(root).preflight() == "trial"
+
+
+def test_the_next_version_is_not_staged_while_the_running_one_is_on_trial(tmp_path,
+                                                                         installed):
+    """1.1.0 is current and on trial: staging 1.2.0 over it would drop 1.1.0's trial
+    (a crash-looping 1.1.0 would never be rolled back). It is refused, nothing
+    unpacked, and staged once 1.1.0 is confirmed."""
+    root, _ = installed
+    update = SelfUpdate(root)
+    update.stage("1.1.0", bundle(tmp_path, "1.1.0", "good"), rollout_id="r1")
+    with pytest.raises(SoftwareOnTrial, match=r"software 1\.1\.0 is on trial"):
+        update.stage("1.2.0", bundle(tmp_path, "1.2.0", "good"), rollout_id="r2")
+    assert not (root / "slots" / "1.2.0").exists()
+    assert update.pending()["version"] == "1.1.0"
+    assert update.confirm()
+    update.stage("1.2.0", bundle(tmp_path, "1.2.0", "good"), rollout_id="r2")
+    assert update.pending()["version"] == "1.2.0"

@@ -5,22 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
+from fedge.demo.loopback import wait_for
 
-def wait_for(pred: Any, timeout: float, what: str, *, every: float = 0.1) -> Any:
-    """``pred()``'s first true value, polled every ``every`` s.
-
-    Raises: TimeoutError naming ``what`` after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(every)
-    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+__all__ = ["start_coordinator", "wait_for"]
 
 
 def start_coordinator(root: Path, coord_dir: Path, roster_public_key: str, *,
@@ -32,7 +21,7 @@ def start_coordinator(root: Path, coord_dir: Path, roster_public_key: str, *,
     loopback port, ``extra`` top-level lines) and start the coordinator, its output in
     ``root/coordinator.log``; returns the process and its endpoint once it listens.
 
-    Raises: TimeoutError when it is not listening within 120 s (the process killed)."""
+    Raises: FederationError when it is not listening within 120 s (the process killed)."""
     cfg = root / "coordinator.toml"
     cfg.write_text(
         f'state_dir = "{coord_dir}"\nbind = "tcp://127.0.0.1:0"\n'

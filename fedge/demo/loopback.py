@@ -30,7 +30,11 @@ class FederationError(RuntimeError):
     """The loopback federation could not start or a job did not finish in time."""
 
 
-def _wait(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
+def wait_for(pred: Callable[[], Any], timeout: float, what: str,
+             interval: float = 0.1) -> Any:
+    """``pred()``'s first true value, polled every ``interval`` s.
+
+    Raises: FederationError naming ``what`` after ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = pred()
@@ -188,7 +192,7 @@ class LoopbackFederation:
             self.root / "coordinator.log",
             self.env,
         )
-        self.endpoint = _wait(
+        self.endpoint = wait_for(
             lambda: self._alive() and endpoint_file.exists() and endpoint_file.read_text().strip(),
             timeout,
             "the coordinator's endpoint file",
@@ -201,7 +205,7 @@ class LoopbackFederation:
                 self.root / f"agent-{site}.log",
                 self.env,
             )
-        _wait(
+        wait_for(
             lambda: self._alive() and self.connected() >= set(self.sites),
             timeout,
             "every agent to connect",

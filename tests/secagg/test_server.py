@@ -274,3 +274,59 @@ def test_bad_unmask_shares_that_leave_a_secret_below_t_fail_the_round_at_once():
     assert server.stage == "Failed"
     assert "unmasking cannot complete: 2 site(s) dropped out of it (site-001, site-002)" \
         in str(server.failure)
+
+
+def test_two_sites_advertising_the_same_key_are_both_dropped_and_named():
+    """site-004 advertises site-000's keys under its own signature: one key, one
+    client, so both go (neither can be told from the other), the record says why,
+    and the other three sum exactly."""
+    from .harness import sign_advert
+
+    fed = Federation(5, 8, alpha=0.0, threshold=3, delta=0.2)
+    copier, owner = "site-004", "site-000"
+    adverts: dict[str, msgs.KeyAdvertisement] = {}
+
+    def copy_keys(sender: str, reply: object) -> list[tuple[str, object]]:
+        if isinstance(reply, msgs.KeyAdvertisement):
+            adverts[sender] = reply
+            if sender == copier:
+                theirs = adverts[owner]
+                signature = sign_advert(fed, copier, copier, theirs.enc_public,
+                                        theirs.mask_public)
+                reply = dataclasses.replace(reply, enc_public=theirs.enc_public,
+                                            mask_public=theirs.mask_public,
+                                            signature=signature)
+        return [(sender, reply)]
+
+    server = _drive(fed, copy_keys)
+    assert server.result is not None, server.failure
+    assert server.dropped == {owner: "AdvertiseKeys", copier: "AdvertiseKeys"}
+    for cid in (owner, copier):
+        assert server.left_out[cid] == ("dropped out of secure aggregation in its "
+                                        "AdvertiseKeys stage: it advertised the same "
+                                        "public key as another site")
+    rest = ["site-001", "site-002", "site-003"]
+    assert server.result.survivors == rest
+    np.testing.assert_array_equal(server.result.total, fed.expected_sum(rest))
+
+
+def test_a_site_whose_neighbours_dropped_out_is_pruned_and_the_record_says_so():
+    """On a sparse graph (degree 4 of 10, t = 3), three of one site's four neighbours
+    drop out before advertising: it is left with fewer than t of its neighbourhood, so
+    the server drops it too, names why, and sums the rest exactly."""
+    fed = Federation(10, 8, alpha=0.0, threshold=3, degree=4, delta=0.2)
+    lonely = fed.ids[0]
+    gone = set(sorted(fed.server.neighbours[lonely])[:3])
+    server = fed.run({"advertise": gone})
+    assert server.result is not None, server.failure
+    assert set(server.dropped) >= gone | {lonely}
+    assert server.left_out[lonely] == (
+        "dropped out of secure aggregation in its AdvertiseKeys stage: fewer than "
+        "t = 3 of it and its neighbours were left after key advertisement")
+    for cid in gone:
+        assert server.left_out[cid].endswith("no answer before the stage deadline")
+    survivors = [c for c in fed.ids if c not in server.dropped]
+    assert server.result.survivors == survivors and lonely not in survivors
+    for cid in survivors:  # every survivor kept t of its neighbourhood
+        assert len((fed.server.neighbours[cid] | {cid}) & set(survivors)) >= 3
+    np.testing.assert_array_equal(server.result.total, fed.expected_sum(survivors))

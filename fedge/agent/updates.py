@@ -21,11 +21,12 @@ import tarfile
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Executor
 from dataclasses import asdict, dataclass
+from datetime import UTC, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
 from packaging.version import InvalidVersion, Version
-from tuf.api.exceptions import DownloadError, DownloadHTTPError
+from tuf.api.exceptions import DownloadError, DownloadHTTPError, ExpiredMetadataError
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
 from fedge.update import tuf_repo
@@ -56,6 +57,12 @@ TARGETS_BASE = URL_SCHEME + "targets/"
 
 REPORTED = "reported.json"  # outcomes sent to roll-outs, for a coordinator asking again
 REPORTED_KEEP = 64
+# How an outcome refused for expired metadata begins (`handle_update_available`,
+# `AgentUpdater.install`): not kept as final, since a clock put right makes it pass
+EXPIRED_DETAIL = f"{ExpiredMetadataError.__name__}: "
+# who signs each role: the console offline, the coordinator online (re-signed daily)
+_SIGNED_BY = {"root": "the console", "targets": "the console",
+              "snapshot": "the coordinator", "timestamp": "the coordinator"}
 
 Roundtrip = Callable[[UpdateFetchRequest], UpdateFetchReply]
 
@@ -241,7 +248,12 @@ class AgentUpdater:
         # python-tuf reads the wall clock once, when it builds its trusted set; we set
         # the reference time from our clock so expiry (freeze attacks) is testable.
         updater._trusted_set.reference_time = self.clock()
-        updater.refresh()
+        try:
+            updater.refresh()
+        except ExpiredMetadataError as exc:
+            # python-tuf says only "timestamp.json is expired": name the clocks, since
+            # a wrong clock here, at the coordinator or at the console reads the same
+            raise ExpiredMetadataError(_expired_detail(updater, exc)) from exc
         return updater
 
     def refresh(self) -> list[tuf_repo.TargetSpec]:
@@ -249,7 +261,9 @@ class AgentUpdater:
 
         Raises:
             tuf.api.exceptions.RepositoryError: rollback, freeze (expired), mix-and-match,
-                bad signature — anything python-tuf refuses.
+                bad signature — anything python-tuf refuses. Expired metadata is an
+                ExpiredMetadataError whose message names this appliance's clock, the
+                role and when it expired (`_expired_detail`).
             tuf.api.exceptions.DownloadError: the coordinator could not deliver.
         """
         if self.fetcher is None:
@@ -438,19 +452,22 @@ class AgentUpdater:
     def reported(self, rollout_id: str) -> UpdateOutcome | None:
         """The outcome this appliance already reported for `rollout_id`, if any: a
         coordinator that asks again (it lost the answer) gets the same one, and
-        nothing is installed twice."""
+        nothing is installed twice. A refusal for expired metadata is not one
+        (`retryable`): asked again, perhaps after a clock was put right, the
+        appliance tries again."""
         if not rollout_id:
             return None
         for doc in reversed(self._reported()):
-            if doc.get("rollout_id") == rollout_id:
+            if doc.get("rollout_id") == rollout_id and not _retryable_doc(doc):
                 return UpdateOutcome(str(doc["rollout_id"]), str(doc.get("path", "")),
                                      bool(doc.get("ok")), bool(doc.get("rolled_back")),
                                      str(doc.get("detail", "")))
         return None
 
     def note_reported(self, outcome: UpdateOutcome) -> None:
-        """Remember `outcome` for `reported` (the newest REPORTED_KEEP roll-outs)."""
-        if not outcome.rollout_id:
+        """Remember `outcome` for `reported` (the newest REPORTED_KEEP roll-outs); a
+        `retryable` one (expired metadata) is not kept."""
+        if not outcome.rollout_id or retryable(outcome):
             return
         docs = [d for d in self._reported() if d.get("rollout_id") != outcome.rollout_id]
         docs.append(asdict(outcome))
@@ -535,6 +552,66 @@ class AgentUpdater:
         if not log.exists():
             return []
         return [json.loads(line) for line in log.read_text().splitlines() if line]
+
+
+def retryable(outcome: UpdateOutcome) -> bool:
+    """Whether `outcome` is a refusal for expired metadata: worth trying again when
+    the roll-out asks again (a clock put right, the coordinator re-signing), so not
+    kept as this roll-out's final answer."""
+    return not outcome.ok and outcome.detail.startswith(EXPIRED_DETAIL)
+
+
+def _retryable_doc(doc: dict[str, Any]) -> bool:
+    return not doc.get("ok") and str(doc.get("detail", "")).startswith(EXPIRED_DETAIL)
+
+
+def _expired_detail(updater: Updater, exc: ExpiredMetadataError) -> str:
+    """What python-tuf's ExpiredMetadataError means, in clock terms: this appliance's
+    clock, the role that expired and when (read from the metadata it holds; said so
+    when it cannot be read), and what to do."""
+    trusted = updater._trusted_set
+    now = trusted.reference_time
+    role, signed = None, None
+    # the order python-tuf checks them in; the first expired one is what it refused
+    for name in ("root", "timestamp", "snapshot", "targets"):
+        md = trusted.get(name)
+        if md is not None and md.is_expired(now):
+            role, signed = name, md
+            break
+    if role is None:  # refused before it was trusted ("New targets is expired")
+        text = str(exc)
+        role = next((n for n in ("root", "timestamp", "snapshot", "targets") if n in text),
+                    "some")
+    stamp = now.astimezone(UTC).replace(microsecond=0).isoformat()
+    if signed is not None:
+        ago = _span(now - signed.expires)
+        what = (f"{role} metadata v{signed.version} (signed by {_SIGNED_BY[role]}) expired "
+                f"at {signed.expires.isoformat()}, {ago} before this clock's reading")
+        if role != "root":  # signed for a fixed lifetime: when, by its signer's clock
+            signed_at = (signed.expires - tuf_repo.EXPIRY[role]).isoformat()
+            what += f" (signed at about {signed_at} by {_SIGNED_BY[role]}'s clock)"
+    else:
+        who = f" (signed by {_SIGNED_BY[role]})" if role in _SIGNED_BY else ""
+        what = (f"{role} metadata{who} is expired by this clock (python-tuf: {exc}; its "
+                "expiry could not be read)")
+    return (f"this appliance's clock reads {stamp}; {what}; if this clock or the "
+            "coordinator's/console's is wrong, fix it (NTP/RTC) and push again (asked "
+            "again, this appliance tries again); if every clock is right, "
+            f"{_SIGNED_BY.get(role, 'the signer')} did not re-sign it in time, or the "
+            "coordinator withholds newer metadata (a freeze attack)")
+
+
+def _span(delta: timedelta) -> str:
+    """A timedelta in words: "3 days 2 h", "5 h 4 min", "40 s"."""
+    s = int(delta.total_seconds())
+    if s >= 86400:
+        days = s // 86400
+        return f"{days} day{'s' if days > 1 else ''} {s % 86400 // 3600} h"
+    if s >= 3600:
+        return f"{s // 3600} h {s % 3600 // 60} min"
+    if s >= 60:
+        return f"{s // 60} min"
+    return f"{s} s"
 
 
 def _lineage(spec: tuf_repo.TargetSpec) -> tuple[str, str]:
@@ -638,7 +715,9 @@ def handle_update_available(updater: AgentUpdater, msg: UpdateAvailable, *,
     """The agent's answer to the coordinator's UpdateAvailable: verify, install, report.
 
     Blocking (python-tuf is synchronous): from asyncio, run it in an executor.
-    Never raises: every failure is an outcome with its reason.
+    Never raises: every failure is an outcome with its reason. Expired metadata is
+    refused with this appliance's clock and the role's expiry in the reason (a wrong
+    clock anywhere reads like a freeze attack), and is `retryable`.
     """
     try:
         specs = {s.path: s for s in updater.refresh()}

@@ -549,9 +549,11 @@ def push(store: Any, client: Any, file: Path, *, kind: str, name: str, version: 
 
     Raises:
         ConsoleError: bad target fields, or software named other than "fedge".
-        AdminError: the coordinator refused. TimeoutError: no answer from the
-        coordinator.
+        AdminError: the coordinator refused (for expired metadata, with what this
+        console's clock reads: `ConsoleStore.clock_note`). TimeoutError: no answer
+        from the coordinator.
     """
+    from fedge.console.client import AdminError
     from fedge.console.store import ConsoleError
     from fedge.update.tuf_repo import SOFTWARE_NAME
 
@@ -574,7 +576,13 @@ def push(store: Any, client: Any, file: Path, *, kind: str, name: str, version: 
     root = store.renewed_root()  # root expires within 30 days: the same keys, a new year
     if root is not None:
         blobs["root.json"] = root
-    rollout, _ = client.call("push", args, blobs)
+    try:
+        rollout, _ = client.call("push", args, blobs)
+    except AdminError as exc:
+        if "expired" not in str(exc):
+            raise
+        # root not renewed, or targets signed already expired: this clock may be slow
+        raise AdminError(f"{exc}; {store.clock_note()}") from exc
     if root is not None:
         store.save_root(root)
     store.save_targets(targets)  # published: the next signing builds on this version

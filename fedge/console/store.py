@@ -363,6 +363,9 @@ class ConsoleStore:
         N's in whole years (Ed25519 signatures are deterministic), so the coordinator
         recognises the root it already holds. None while a key rotation is
         unfinished: finishing it signs a new root anyway.
+
+        "Within" is by this console's clock: a slow one renews too late, and the
+        coordinator refuses the push with root expired (`clock_note` says so).
         """
         now = now or self.clock()
         if self.pending_rotation() is not None:
@@ -380,6 +383,23 @@ class ConsoleStore:
                                   now=current.expires + (years - 1) * year,
                                   version=current.version + 1)
         return tuf_repo.to_bytes(md)
+
+    def clock_note(self, *, now: datetime | None = None) -> str:
+        """What this console's clock makes of the metadata it signs, for a refusal of
+        expired metadata: its reading, when root expires by it (and so when a push
+        renews it), and when the targets it signs now expire. A slow console clock
+        explains such a refusal: it renews root too late and signs targets that the
+        coordinator and the appliances already see as expired."""
+        now = now or self.clock()
+        expires = self.root_expires()
+        renew = expires - ROOT_RENEW_BEFORE
+        stamp = now.replace(microsecond=0).isoformat()
+        return (f"this console's clock reads {stamp}; by it, root v{self.state['root_version']} "
+                f"expires {expires.isoformat()} (a push renews it from {renew.isoformat()}) "
+                f"and targets signed now expire "
+                f"{(now + tuf_repo.EXPIRY['targets']).replace(microsecond=0).isoformat()}: if "
+                "this clock is slow, that explains the refusal (root not renewed in time, "
+                "targets signed already expired); fix it (NTP/RTC) and push again")
 
     def save_root(self, root: bytes) -> None:
         """Store a root made by `renewed_root` as the console's current one (new

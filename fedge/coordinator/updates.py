@@ -126,12 +126,18 @@ class UpdateRepository:
 
         Raises:
             UpdateRepositoryError: root is not self-signed, targets not signed by
-                root's targets key, or the online keys are not those named in root.
+                root's targets key, the online keys are not those named in root, or
+                root or targets is already expired by `clock` (the message names the
+                expiry and this coordinator's clock; nothing is written then).
         """
         root_md = _load_or_refuse(root, "root")
         _verify_or_refuse(root_md, "root", root_md)
         targets_md = _load_or_refuse(targets, "targets")
         _verify_or_refuse(root_md, "targets", targets_md)
+        now = clock()
+        for md in (root_md, targets_md):
+            if md.signed.is_expired(now):
+                raise UpdateRepositoryError(_expired_at_provision(md, now))
         for role, key in (("snapshot", snapshot_key), ("timestamp", timestamp_key)):
             keyid = tuf_repo.signer(key).public_key.keyid
             if keyid not in root_md.signed.roles[role].keyids:
@@ -143,9 +149,9 @@ class UpdateRepository:
         meta = base / "metadata"
         write_atomic(meta / f"{root_md.signed.version}.root.json", root, mode=0o644)
         write_atomic(meta / f"{targets_md.signed.version}.targets.json", targets, mode=0o644)
-        now = clock()
         v = _Versions(root_md.signed.version, targets_md.signed.version, 0, 0)
         cls._sign_online(base, snapshot_key, timestamp_key, v, now)
+        _check_clock(root_md, targets_md, now)
         return cls(state_dir, clock=clock)
 
     @classmethod
@@ -215,9 +221,12 @@ class UpdateRepository:
         if root_md.signed.is_expired(now):
             raise UpdateRepositoryError(
                 f"root metadata v{root_md.signed.version} expired at "
-                f"{root_md.signed.expires.isoformat()}: appliances refuse every update under "
-                "it; renew it (`fedge console push` sends a renewed root once it expires "
-                "within 30 days, as do `fedge console rotate-keys` and rotate-online-keys)")
+                f"{root_md.signed.expires.isoformat()} by this coordinator's clock, which "
+                f"reads {_stamp(now)}: appliances refuse every update under it; renew it "
+                "(`fedge console push` sends a renewed root once it expires within 30 days "
+                "by the console's clock, as do `fedge console rotate-keys` and "
+                "rotate-online-keys); if it was not renewed, the console's clock may be slow, "
+                "or this coordinator's fast: fix the wrong one (NTP/RTC) and push again")
         targets_md = _load_or_refuse(targets, "targets")
         _verify_or_refuse(root_md, "targets", targets_md)
         if targets_md.signed.version <= self._v.targets:
@@ -226,7 +235,12 @@ class UpdateRepository:
                 f"published version {self._v.targets} (rollback refused)")
         if targets_md.signed.is_expired(now):
             raise UpdateRepositoryError(
-                f"targets metadata expired at {targets_md.signed.expires.isoformat()}")
+                f"targets metadata v{targets_md.signed.version} expired at "
+                f"{targets_md.signed.expires.isoformat()} by this coordinator's clock, which "
+                f"reads {_stamp(now)}; the console signs targets for "
+                f"{tuf_repo.EXPIRY['targets'].days} days from its own clock, so it signed "
+                f"these at about {_signed_at(targets_md)}: the console's clock is slow or "
+                "this coordinator's is fast; fix the wrong one (NTP/RTC) and push again")
         to_write: dict[Path, bytes] = {}
         for tf in targets_md.signed.targets.values():
             try:
@@ -264,6 +278,7 @@ class UpdateRepository:
                       self._v.timestamp)
         self._v = self._sign_online(self.root_dir, self._snapshot_key, self._timestamp_key,
                                     v, now)
+        _check_clock(root_md, targets_md, now)
         self.prune()
         return self._v.snapshot
 
@@ -304,7 +319,12 @@ class UpdateRepository:
         self.prune()
 
     def refresh_timestamp(self, now: datetime | None = None) -> bool:
-        """Re-sign snapshot/timestamp when past half their lifetime. Returns True if it did."""
+        """Re-sign snapshot/timestamp when past half their lifetime. Returns True if it did.
+
+        Having re-signed, logs an error naming this coordinator's clock when the root
+        or targets it relays is expired by it, or when the timestamp it signed expires
+        before the console's clock read when it signed the targets (`_check_clock`):
+        appliances refuse every update then, and a wrong clock is the likely cause."""
         now = now or self.clock()
         ts = tuf_repo.load((self.root_dir / "metadata" / "timestamp.json").read_bytes(),
                            "timestamp")
@@ -316,12 +336,16 @@ class UpdateRepository:
             return False
         self._v = self._sign_online(self.root_dir, self._snapshot_key, self._timestamp_key,
                                     self._v, now)
+        _check_clock(self.current_root(), self.current_targets(), now)
         self.prune()
         return True
 
     @staticmethod
     def _sign_online(base: Path, snapshot_key: Ed25519PrivateKey,
                      timestamp_key: Ed25519PrivateKey, v: _Versions, now: datetime) -> _Versions:
+        """Sign snapshot and timestamp to expire `tuf_repo.EXPIRY` after `now` (this
+        coordinator's clock: always in its future; whether it is in the appliances' is
+        what `_check_clock` looks at) and record the versions."""
         meta = base / "metadata"
         snap_version, ts_version = v.snapshot + 1, v.timestamp + 1
         snap = tuf_repo.to_bytes(tuf_repo.create_snapshot(
@@ -471,6 +495,54 @@ class UpdateRepository:
                                     f"{ERROR_BAD_REQUEST}: path {path!r} cannot be read: "
                                     f"{why}")
         return UpdateFetchReply(path, req.offset, data, eof, "")
+
+
+def _stamp(now: datetime) -> str:
+    return now.replace(microsecond=0).isoformat()
+
+
+def _signed_at(md: tuf_repo.Metadata) -> str:
+    """When the console signed targets metadata `md`, by its clock: its expiry less the
+    lifetime it signs targets for."""
+    return (md.signed.expires - tuf_repo.EXPIRY["targets"]).isoformat()
+
+
+def _expired_at_provision(md: tuf_repo.Metadata, now: datetime) -> str:
+    role = md.signed.type
+    lifetime = ("a year" if role == "root"
+                else f"{tuf_repo.EXPIRY['targets'].days} days")
+    return (f"{role} metadata v{md.signed.version} from the console expired at "
+            f"{md.signed.expires.isoformat()} by this coordinator's clock, which reads "
+            f"{_stamp(now)}: appliances would refuse every update under it. `fedge console "
+            f"init` signs {role} for {lifetime} from the console's clock, so either the "
+            "console's clock was slow when it ran (fix it, NTP/RTC, and run `fedge console "
+            "init` again before any appliance is enrolled) or this coordinator's clock is "
+            "fast (fix it and start the coordinator again); nothing was provisioned")
+
+
+def _check_clock(root: tuf_repo.Metadata, targets: tuf_repo.Metadata, now: datetime) -> None:
+    """Log an error naming this coordinator's clock when what it just signed cannot
+    serve: the root or targets it relays is expired by its clock, or the timestamp it
+    signed (expiring `EXPIRY["timestamp"]` after `now`) expires before the console's
+    clock read when it signed the targets: this clock is slow, or the console's fast,
+    and an appliance that keeps the console's time refuses the timestamp as expired."""
+    for md in (root, targets):
+        if md.signed.is_expired(now):
+            log.error("%s metadata v%d that this coordinator relays expired at %s by its "
+                      "clock, which reads %s: appliances refuse every update; if this clock "
+                      "is fast, fix it (NTP/RTC); else the console must renew it (a push)",
+                      md.signed.type, md.signed.version, md.signed.expires.isoformat(),
+                      _stamp(now))
+    timestamp_expires = now + tuf_repo.EXPIRY["timestamp"]
+    console_signed = targets.signed.expires - tuf_repo.EXPIRY["targets"]
+    if console_signed >= timestamp_expires:
+        log.error("this coordinator's clock reads %s, but the console signed targets v%d at "
+                  "about %s by its clock: the timestamp signed now expires at %s, already "
+                  "past for an appliance that keeps the console's time, which then refuses "
+                  "every update as expired. This clock is slow or the console's is fast: fix "
+                  "the wrong one (NTP/RTC); the timestamp is re-signed from the fixed clock",
+                  _stamp(now), targets.signed.version, console_signed.isoformat(),
+                  _stamp(timestamp_expires))
 
 
 def _numbered(path: Path, role: str) -> int | None:

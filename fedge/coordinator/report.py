@@ -171,10 +171,12 @@ def write_job_report(out_dir: Path, status: dict[str, Any], plan_toml: str = "")
     if report["privacy"]:
         _privacy_plot(out_dir / "privacy.png", report["privacy"], report["privacy_bound"])
         written.append("privacy.png")
-    write_atomic(out_dir / "report.md", _markdown(report, written).encode(), mode=0o644)
     write_atomic(out_dir / "report.json",
                  (json.dumps(report, indent=2, sort_keys=True, default=str) + "\n").encode(),
                  mode=0o644)
+    # report.md last: its presence says every other file is in place (`jobs watch`
+    # announces the results, and `jobs fetch` takes them, once it is listed)
+    write_atomic(out_dir / "report.md", _markdown(report, written).encode(), mode=0o644)
     return ["report.json", "report.md", *written]
 
 

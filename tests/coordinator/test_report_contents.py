@@ -128,3 +128,17 @@ def test_a_cancelled_jobs_report_is_marked_as_its_last_committed_model(tmp_path)
     failed = summarise({**status, "status": "failed",
                         "error": "round 3 failed 3 times; last: x"}, PLAN.format(rounds=5))
     assert failed["partial"] is True and failed["error"].startswith("round 3 failed")
+
+
+def test_report_md_is_written_last_so_its_presence_means_the_rest_is_there(tmp_path):
+    """`jobs watch` says the results are ready once report.md is listed: a report.json
+    that cannot be written leaves no report.md behind to say otherwise."""
+    (tmp_path / "report.json").mkdir()  # the rename onto it fails
+    try:
+        write_job_report(tmp_path, _status(), PLAN.format(rounds=2))
+    except OSError:
+        pass
+    else:
+        raise AssertionError("report.json could not be written, yet no error was raised")
+    assert not (tmp_path / "report.md").exists()
+    assert (tmp_path / "learning_curve.png").is_file()

@@ -43,6 +43,7 @@ BAD = "site-001"
         "garbage_object",
         "outsider",
         "bad_shares_receiver",
+        "forged_consistency_signature",
     ],
 )
 def test_misbehaving_client_is_dropped_or_ignored_and_the_rest_sum_exactly(mangle_name: str):
@@ -66,6 +67,9 @@ def test_misbehaving_client_is_dropped_or_ignored_and_the_rest_sum_exactly(mangl
         if mangle_name == "bad_shares_receiver" and isinstance(reply, msgs.EncryptedShares):
             return [(sender, dataclasses.replace(
                 reply, ciphertexts={**reply.ciphertexts, "mallory": b"x"}))]
+        if (mangle_name == "forged_consistency_signature"
+                and isinstance(reply, msgs.ConsistencySignature)):
+            return [(sender, dataclasses.replace(reply, signature=bytes(64)))]
         return [(sender, reply)]
 
     server = _drive(fed, mangle)
@@ -73,6 +77,14 @@ def test_misbehaving_client_is_dropped_or_ignored_and_the_rest_sum_exactly(mangl
     survivors = server.result.survivors
     if mangle_name == "outsider":
         assert survivors == fed.ids
+    elif mangle_name == "forged_consistency_signature":
+        # its masked input was in before it forged the signature: the sum keeps it,
+        # but the site itself is dropped at the consistency check, named as refused
+        assert survivors == fed.ids
+        assert server.dropped == {BAD: "ConsistencyCheck"}
+        assert server.left_out[BAD] == (
+            "dropped out of secure aggregation in its ConsistencyCheck stage: its "
+            "ConsistencySignature was refused (malformed, or not what this stage allows)")
     else:
         assert BAD not in survivors and len(survivors) == 4
     assert server.discarded >= 1

@@ -163,7 +163,46 @@ def test_lying_client_shares_for_a_dropped_peer_fail_the_round_not_the_sum() -> 
     assert dropped_gone["done"]
     assert server.result is None
     assert isinstance(server.failure, ReconstructionFailed)
-    assert gone in str(server.failure)
+    # these bytes are no share of anything: the interpolation itself gives them away
+    assert str(server.failure) == (
+        "cannot recover the secret of 'site-004': shares are inconsistent: the "
+        "recovered value does not fit 32 bytes")
+
+
+def test_a_share_that_recovers_a_wrong_but_well_formed_key_fails_the_round() -> None:
+    """The liar shifts its share of the dropped site's mask key so that the key the
+    server interpolates is the real key + 1: a well-formed 32-byte key, which only
+    the check against the dropped site's signed public key can catch."""
+    from fedge.secagg import ReconstructionFailed, shamir
+
+    fed = Federation(5, 16, alpha=0.0, threshold=3, delta=0.4)
+    gone, liar = "site-004", "site-001"
+    # site-000..002 answer first, so the server combines their x = 1, 2, 3
+    first = ("site-000", "site-001", "site-002")
+    assert all(gone in fed.server.neighbours[c] for c in first)
+    xs = tuple(sorted(fed.server.index[c] for c in first))
+    weight = shamir._lagrange_at_zero(xs)[xs.index(fed.server.index[liar])]
+    forged_any = {"done": False}
+
+    def mangle(sender: str, reply: object) -> list[tuple[str, object]]:
+        if sender == gone and isinstance(reply, msgs.MaskedInput):
+            return []  # gone drops before its masked input arrives
+        if sender == liar and isinstance(reply, msgs.UnmaskShares):
+            real = reply.mask_key_shares[gone]
+            _, y = shamir._decode(real)
+            # the interpolation weighs this y by `weight`: adding weight^-1 adds 1
+            y = (y + pow(weight, -1, shamir.PRIME)) % shamir.PRIME
+            forged = real[:2] + y.to_bytes(len(real) - 2, "big")
+            reply = dataclasses.replace(reply, mask_key_shares={gone: forged})
+            forged_any["done"] = True
+        return [(sender, reply)]
+
+    server = _drive(fed, mangle)
+    assert forged_any["done"]
+    assert server.result is None
+    assert isinstance(server.failure, ReconstructionFailed), server.failure
+    assert str(server.failure) == (
+        "mask key of dropped 'site-004' does not match its signed public key")
 
 
 LOW_ORDER_POINT = bytes([1]) + bytes(31)  # u = 1 has order 4: every exchange with it fails

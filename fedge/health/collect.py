@@ -283,9 +283,12 @@ def collect(
         finally:
             with contextlib.suppress(pynvml.NVMLError):
                 pynvml.nvmlShutdown()
-    events = xid_monitor.events() if xid_monitor is not None else []
+    # the events dated from the monotonic clock against this same wall-clock reading
+    # (XidMonitor.events): their age in the report is true across wall-clock steps
+    now = time.time()
+    events = xid_monitor.events(wall=now) if xid_monitor is not None else []
     return HealthReport(
-        time=time.time(), nvml=status, driver_version=driver, gpus=gpus, host=host,
+        time=now, nvml=status, driver_version=driver, gpus=gpus, host=host,
         xid_events=events,
     )
 
@@ -294,7 +297,10 @@ class XidMonitor:
     """A background thread waiting on an NVML event set for XID critical errors.
 
     ``start()`` returns False (and starts no thread) when NVML or the event API
-    is unavailable; ``reason`` says why. Events are kept in a bounded deque.
+    is unavailable; ``reason`` says why. Events are kept in a bounded deque, each
+    stamped with the monotonic clock when it arrived: ``events()`` dates it from
+    that, so a step of the wall clock (NTP, an RTC put right) neither ages an event
+    nor makes it new again (see ``events``).
     """
 
     def __init__(self, *, poll_ms: int = 500, max_events: int = 256) -> None:
@@ -303,7 +309,8 @@ class XidMonitor:
         if max_events <= 0:
             raise ValueError(f"max_events {max_events} must be > 0")
         self.poll_ms = poll_ms
-        self._events: deque[XidEvent] = deque(maxlen=max_events)
+        # (gpu index, xid, time.monotonic() when the event set delivered it)
+        self._events: deque[tuple[int | None, int, float]] = deque(maxlen=max_events)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -364,15 +371,26 @@ class XidMonitor:
                 index = int(pynvml.nvmlDeviceGetIndex(data.device))
             except pynvml.NVMLError:
                 index = None
-            event = XidEvent(gpu_index=index, xid=int(data.eventData), time=time.time())
-            log.warning("GPU %s reported XID %d", index, event.xid)
+            xid = int(data.eventData)
+            log.warning("GPU %s reported XID %d", index, xid)
             with self._lock:
-                self._events.append(event)
+                self._events.append((index, xid, time.monotonic()))
 
-    def events(self) -> list[XidEvent]:
-        """The events seen so far, oldest first."""
+    def events(self, *, wall: float | None = None) -> list[XidEvent]:
+        """The events seen so far, oldest first.
+
+        Each event's ``time`` is ``wall`` (the wall clock now by default) less the
+        event's age on the monotonic clock: against a report stamped ``wall``
+        (``collect``), its age is its true age whatever steps the wall clock took
+        since, so the policy's XID lookback holds across them; the wall time itself
+        is for display.
+        """
+        mono = time.monotonic()
+        wall = time.time() if wall is None else wall
         with self._lock:
-            return list(self._events)
+            seen = list(self._events)
+        return [XidEvent(gpu_index=index, xid=xid, time=wall - max(0.0, mono - at))
+                for index, xid, at in seen]
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the thread (within one poll period) and free the event set."""

@@ -212,10 +212,17 @@ class EligibilityPolicy:
         return out
 
     def _xid_problems(self, report: HealthReport, now: float) -> list[str]:
+        """Fatal XIDs within the lookback. An event's age is taken against the report
+        (``report.time - e.time``: the collector dates events from the monotonic clock
+        against the report's own wall-clock reading, so a wall-clock step before the
+        report changes neither), plus the report's age at ``now``, counted as 0 when
+        ``now`` reads before the report (the wall clock stepped back since)."""
         out = []
+        report_age = max(0.0, now - report.time)
         for e in report.xid_events:
-            if e.xid in self.fatal_xids and now - e.time <= self.xid_lookback_s:
-                minutes = max(0, round((now - e.time) / 60))
+            age = (report.time - e.time) + report_age
+            if e.xid in self.fatal_xids and age <= self.xid_lookback_s:
+                minutes = max(0, round(age / 60))
                 out.append(f"GPU {e.gpu_index} reported XID {e.xid} {minutes} min ago")
         return out
 

@@ -325,3 +325,56 @@ def test_the_agent_starts_an_xid_monitor_and_its_heartbeats_carry_the_events(
     FakeNvml([], init_error=pynvml.NVML_ERROR_LIBRARY_NOT_FOUND).install(monkeypatch)
     assert start_xid_monitor() is None
     assert health_probe(cfg, None)()[0]["xid_events"] == []
+
+
+class SteppedClock:
+    """The `time` module as fedge.health.collect sees it: a wall clock that a test
+    steps (NTP, an RTC put right) and a monotonic clock that never steps."""
+
+    def __init__(self) -> None:
+        self.wall = 1_800_000_000.0
+        self.mono = 5_000.0
+
+    def time(self) -> float:
+        return self.wall
+
+    def monotonic(self) -> float:
+        return self.mono
+
+    def advance(self, s: float) -> None:
+        self.wall += s
+        self.mono += s
+
+
+@pytest.mark.parametrize("step", [2 * 3600.0, -2 * 3600.0])
+def test_a_wall_clock_step_neither_forgets_nor_prolongs_a_fatal_xid(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: float
+) -> None:
+    """A GPU falls off the bus (XID 79); a minute later the wall clock steps by two
+    hours. The XID is a minute old: the GPU stays ineligible (it used to be forgotten
+    after a +2 h step). An hour later by the monotonic clock it has left the lookback
+    (a -2 h step used to keep it for three hours)."""
+    import importlib
+
+    # fedge.health's `collect` (the function) hides the module of that name
+    collect_module = importlib.import_module("fedge.health.collect")
+    clock = SteppedClock()
+    monkeypatch.setattr(collect_module, "time", clock)
+    fake = FakeNvml([gpu()]).install(monkeypatch)
+    monitor = XidMonitor(poll_ms=20)
+    assert monitor.start()
+    try:
+        fake.events.put((0, 79))
+        assert wait_for(lambda: len(monitor.events()) == 1)
+        clock.advance(60)
+        clock.wall += step
+        report = collect(tmp_path, xid_monitor=monitor)
+        policy = EligibilityPolicy()
+        verdict = policy.decide(report, now=clock.wall)
+        assert "GPU 0 reported XID 79 1 min ago" in verdict.problems, verdict.problems
+        assert report.time - report.xid_events[0].time == 60  # its age, for display too
+        clock.advance(policy.xid_lookback_s)
+        later = collect(tmp_path, xid_monitor=monitor)
+        assert not any("XID" in p for p in policy.decide(later, now=clock.wall).problems)
+    finally:
+        monitor.stop()

@@ -70,6 +70,15 @@ def test_old_xid_events_leave_the_lookback_window() -> None:
     assert any("XID" in p for p in EligibilityPolicy().decide(report, now=T + 5).problems)
 
 
+def test_xid_age_is_counted_from_the_report_when_the_wall_clock_stepped_back_since() -> None:
+    """The wall clock stepped back two hours between collecting and deciding: the
+    XIDs are still as old as the report says (4 min), not "0 min"."""
+    problems = EligibilityPolicy().decide(load("a100_sxm_remap_pending_xid"),
+                                          now=T - 7200).problems
+    assert [p for p in problems if "XID" in p] == ["GPU 1 reported XID 63 4 min ago",
+                                                   "GPU 1 reported XID 94 4 min ago"]
+
+
 def test_low_disk_and_little_gpu_memory_free() -> None:
     verdict = decide("a100_pcie_low_disk_busy")
     assert verdict.problems == (

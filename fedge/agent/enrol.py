@@ -38,7 +38,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -76,9 +76,10 @@ def install_enrolment(file: Path, state_dir: Path, *, now: datetime | None = Non
     console (the privacy ledger and reveal log stay; module docstring).
 
     Raises:
-        EnrolmentError: corrupt, expired or foreign file; or `state_dir` is enrolled as
-            another site (or its enrolment state is corrupt) and not `replace`. Nothing
-            is written then.
+        EnrolmentError: corrupt, expired (the message names this appliance's clock:
+            a fast one expires files early) or foreign file; or `state_dir` is enrolled
+            as another site (or its enrolment state is corrupt) and not `replace`.
+            Nothing is written then.
         OSError: the state dir cannot be written.
     """
     from fedge.agent.updates import install_trusted_root
@@ -88,6 +89,7 @@ def install_enrolment(file: Path, state_dir: Path, *, now: datetime | None = Non
     from fedge.update.files import write_atomic, write_json
 
     state_dir = Path(state_dir)
+    now = now or datetime.now(UTC)
     existing = state_dir / "enrolment.json"
     previous: tuple[str, bytes] | None = None
     if existing.exists():
@@ -105,11 +107,19 @@ def install_enrolment(file: Path, state_dir: Path, *, now: datetime | None = Non
                     f"existing enrolment state {existing} is corrupt ({exc}): which site "
                     "this appliance is cannot be told; nothing changed. Pass --replace to "
                     f"enrol {file} over it") from exc
-    if expected_console is None and previous is not None:
-        e = read_enrolment(Path(file), now=now, expected_console=previous[1],
-                           trusted_from=existing)
-    else:
-        e = read_enrolment(Path(file), now=now, expected_console=expected_console)
+    try:
+        if expected_console is None and previous is not None:
+            e = read_enrolment(Path(file), now=now, expected_console=previous[1],
+                               trusted_from=existing)
+        else:
+            e = read_enrolment(Path(file), now=now, expected_console=expected_console)
+    except EnrolmentError as exc:
+        if not str(exc).endswith("ask the console for a new one"):  # not read_enrolment's expiry
+            raise
+        # a fresh file reads as expired on an appliance whose clock is fast
+        raise EnrolmentError(f"{exc}, or check this appliance's clock (it reads "
+                             f"{now.replace(microsecond=0).isoformat()}): one that is fast "
+                             "makes a file expire early") from exc
     replaced = None
     if previous is not None and previous != (e.site, e.roster_public_key):
         replaced = _site_of(*previous)

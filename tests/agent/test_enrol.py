@@ -188,3 +188,18 @@ def test_a_corrupt_enrolment_state_is_replaced_only_when_asked(console, tmp_path
               "--replace", str(file))
     assert r.returncode == 0, r.stderr
     assert load_enrolled(state).site == "h1"
+
+
+def test_an_expired_file_on_a_fast_appliance_points_at_its_clock(console, tmp_path):
+    """A fresh file (valid a day) on an appliance whose clock is 8 days fast reads as
+    expired: the refusal says to check this appliance's clock and what it reads."""
+    from datetime import UTC, datetime
+
+    path = enrolment_file(console, "h1", tmp_path)
+    fast = datetime.now(UTC).replace(microsecond=0) + timedelta(days=8)
+    with pytest.raises(EnrolmentError) as err:
+        install_enrolment(path, tmp_path / "state", now=fast)
+    assert str(err.value).endswith(
+        f"ask the console for a new one, or check this appliance's clock (it reads "
+        f"{fast.isoformat()}): one that is fast makes a file expire early")
+    assert not (tmp_path / "state").exists()

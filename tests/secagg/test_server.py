@@ -381,3 +381,52 @@ def test_a_site_whose_neighbours_dropped_out_is_pruned_and_the_record_says_so():
     for cid in survivors:  # every survivor kept t of its neighbourhood
         assert len((fed.server.neighbours[cid] | {cid}) & set(survivors)) >= 3
     np.testing.assert_array_equal(server.result.total, fed.expected_sum(survivors))
+
+
+def test_a_dropped_site_with_t_minus_1_holders_left_fails_the_round_naming_it():
+    """On a sparse graph (degree 4 of 10, t = 3) a site and two of its four neighbours
+    drop out before their masked inputs: the dropped site's mask key is in the others'
+    masks, and only t - 1 = 2 survivors hold shares of it. The server fails the round
+    then, naming that site, rather than unmask a sum it could not finish."""
+    import itertools
+
+    from fedge.secagg import TooFewSurvivors
+
+    fed = Federation(10, 8, alpha=0.0, threshold=3, degree=4, delta=0.2)
+    nb, t = fed.server.neighbours, 3
+
+    def short(gone: set[str]) -> dict[str, int]:
+        """The sites whose shares the survivors need and who have < t holders left."""
+        u3 = set(fed.ids) - gone
+        counts = {c: len((nb[c] | {c}) & u3) for c in fed.ids if c in u3 or nb[c] & u3}
+        return {c: k for c, k in counts.items() if k < t}
+
+    # the first site and pair of its neighbours whose loss leaves that site, and only
+    # it, with exactly t - 1 holders (so the error can name no other site first)
+    target, gone = next(
+        (c, {c, *pair}) for c in fed.ids for pair in itertools.combinations(sorted(nb[c]), 2)
+        if short({c, *pair}) == {c: t - 1})
+    server = fed.run({"masked_input": gone})
+    assert server.stage == "Failed" and server.result is None
+    assert isinstance(server.failure, TooFewSurvivors), server.failure
+    assert str(server.failure) == f"only 2 survivors hold shares of {target!r}, threshold is 3"
+    assert server.dropped == {c: "MaskedInput" for c in gone}
+
+
+def test_a_stage_that_leaves_t_minus_1_sites_fails_the_round_too_few_for_threshold():
+    """After pruning, every site left keeps t of its neighbourhood, so a stage leaves
+    either none or at least t: t - 1 survivors can only happen with t = 1 (curious
+    server, alpha = 0), when every site drops out. The server says so then (it does
+    not go on with nobody to the masked inputs)."""
+    from fedge.secagg import TooFewSurvivors
+
+    fed = Federation(10, 8, alpha=0.0, threshold=3, degree=4, delta=0.2)
+    fed.config = dataclasses.replace(fed.config, threshold=1, semi_malicious=False,
+                                     min_clients=1)
+    fed.clients = {cid: fed.make_client(cid) for cid in fed.ids}
+    fed.server = ServerSession(fed.config, fed.ctx, fed.ids, fed.roster)
+    server = fed.run({"share": set(fed.ids)})
+    assert server.stage == "Failed" and server.result is None
+    assert isinstance(server.failure, TooFewSurvivors), server.failure
+    assert str(server.failure) == "0 clients remain after key sharing, too few for threshold 1"
+    assert server.dropped == {c: "ShareKeys" for c in fed.ids}

@@ -343,16 +343,43 @@ def _cmd_rotate_offline(args: argparse.Namespace) -> int:
 
 def _cmd_fleet(args: argparse.Namespace) -> int:
     def go(args: argparse.Namespace) -> int:
-        from fedge.console.fleet import fleet_rows, format_table
+        from fedge.console.fleet import fleet_rows, format_table, reference_time
 
         fleet, _ = _call(args, "fleet")
         if args.json:
             print(json.dumps(fleet, indent=2, sort_keys=True, default=str))
         else:
-            print(format_table(fleet_rows(fleet)))
+            now = time.time()
+            print(format_table(fleet_rows(fleet, now=now)))
+            _, off = reference_time(fleet, now)
+            if off is not None:
+                print(clock_off_note(now, off), file=sys.stderr)
         return 0
 
     return _run(go, args)
+
+
+def clock_off_note(now: float, off: float) -> str:
+    """What `fedge console fleet` says when this console's clock (`now`) is `off`
+    seconds off the coordinator's (`fedge.console.fleet.reference_time`)."""
+    from datetime import UTC, datetime
+
+    stamp = datetime.fromtimestamp(now, UTC).replace(microsecond=0).isoformat()
+    how = "ahead of" if off > 0 else "behind"
+    return (f"note: this console's clock reads {stamp}, about {_duration(abs(off))} {how} "
+            "the coordinator's (by the newest heartbeat it reports); LAST SEEN is counted "
+            "from the coordinator's time. Fix the clock that is wrong (NTP/RTC): signed "
+            "updates expire by these clocks")
+
+
+def _duration(s: float) -> str:
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 7200:
+        return f"{s / 60:.0f} min"
+    if s < 172800:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 86400:.1f} days"
 
 
 def _cmd_jobs_submit(args: argparse.Namespace) -> int:

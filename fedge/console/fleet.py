@@ -8,6 +8,11 @@ from collections.abc import Sequence
 from typing import Any
 
 COLUMNS = ("site", "version", "connected", "last seen", "health", "eligible", "task")
+# How far the coordinator's clock may be past the newest "last seen" of a connected
+# appliance: the coordinator writes an unchanged heartbeat to its store every 30 s and
+# counts a site connected for its heartbeat timeout (10 s by default) after the last.
+# A console clock outside [newest, newest + this] is not the coordinator's time.
+CLOCK_SLACK_S = 120.0
 
 
 def _number(value: Any) -> float | None:
@@ -75,8 +80,32 @@ def _connected(a: dict[str, Any]) -> str:
     return text
 
 
-def fleet_rows(fleet: Sequence[dict[str, Any]], *, now: float | None = None) -> list[list[str]]:
+def reference_time(fleet: Sequence[dict[str, Any]], now: float | None = None
+                   ) -> tuple[float, float | None]:
+    """The time to count "last seen" from, and how far this console's clock (`now`)
+    is off the coordinator's, or None when it is not found off.
+
+    "last seen" is the coordinator's time; the fleet reply carries no reading of its
+    clock, but a connected appliance was seen within `CLOCK_SLACK_S` of it. So with
+    one connected, a console clock before the newest such "last seen" or more than
+    `CLOCK_SLACK_S` after it is off (slow or fast), and ages are counted from that
+    newest "last seen" instead (each under-counted by at most the slack). With none
+    connected, this console's clock is all there is."""
     now = time.time() if now is None else now
+    seen = [float(a["last_seen"]) for a in fleet
+            if a.get("connected") and (_number(a.get("last_seen")) is not None)]
+    if not seen:
+        return now, None
+    newest = max(seen)
+    if newest <= now <= newest + CLOCK_SLACK_S:
+        return now, None
+    return newest, now - newest
+
+
+def fleet_rows(fleet: Sequence[dict[str, Any]], *, now: float | None = None) -> list[list[str]]:
+    """One row of `COLUMNS` per appliance; "last seen" counted from `reference_time`
+    (this console's clock, `now`, unless that is found off the coordinator's)."""
+    now, _ = reference_time(fleet, now)
     rows = []
     for a in fleet:
         status = a.get("status", "")

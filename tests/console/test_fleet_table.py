@@ -37,3 +37,33 @@ def test_health_summary_leaves_out_fields_of_the_wrong_shape():
     assert health_summary({"xid_events": 4, "gpus": [{"temperature_c": float("nan")}]}) == (
         "1 GPU")
     assert health_summary(["not", "a", "dict"]) == "no report"
+
+
+def test_last_seen_is_counted_from_the_coordinators_time_when_the_consoles_clock_is_off():
+    """'last seen' is the coordinator's time. A connected site was seen by it moments
+    ago: a console 2 h fast used to show it '2.0h ago' (and one 2 h slow, every site
+    '0s ago'); the newest heartbeat of a connected site stands for the coordinator's
+    clock then, and the rows count from it."""
+    coordinator_now = 1_800_000_000.0
+    fleet = [{"site_id": "a", "connected": True, "last_seen": coordinator_now - 3},
+             {"site_id": "b", "connected": False, "last_seen": coordinator_now - 1800}]
+    for off in (7200.0, -7200.0):
+        rows = fleet_rows(fleet, now=coordinator_now + off)
+        assert [r[3] for r in rows] == ["0s ago", "30m ago"]
+
+    from fedge.console.cli import clock_off_note
+    from fedge.console.fleet import reference_time
+
+    for off in (7200.0, -7200.0):
+        ref, found = reference_time(fleet, coordinator_now + off)
+        assert ref == coordinator_now - 3 and found == off + 3
+    # the console's clock right: its own reading, to the second
+    assert [r[3] for r in fleet_rows(fleet, now=coordinator_now)] == ["3s ago", "30m ago"]
+    assert reference_time(fleet, coordinator_now) == (coordinator_now, None)
+    # nobody connected: the console's clock is all there is
+    alone = [dict(fleet[1])]
+    assert fleet_rows(alone, now=coordinator_now + 7200)[0][3] == "2.5h ago"
+    note = clock_off_note(coordinator_now + 7200, 7203.0)
+    assert note.startswith("note: this console's clock reads 2027-01-15T10:00:00+00:00, "
+                           "about 2.0 h ahead of the coordinator's")
+    assert "behind" in clock_off_note(coordinator_now, -7203.0)

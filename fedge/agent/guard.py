@@ -40,7 +40,7 @@ from fedge.update.files import write_atomic
 log = logging.getLogger("fedge.agent")
 
 __all__ = ["PrivacyPolicy", "PrivacyPolicyError", "RevealLog", "RevealLogError",
-           "refuse_threshold", "update_digest"]
+           "refuse_eval", "refuse_threshold", "update_digest"]
 
 
 class PrivacyPolicyError(ValueError):
@@ -131,6 +131,28 @@ class PrivacyPolicy:
                     f"aggregation has {cohort} sites: the sum would carry less noise than "
                     "the plan's epsilon assumes")
         return None
+
+
+def refuse_eval(split: str, *, plan_split: str, privacy: Mapping[str, Any]) -> str | None:
+    """Why an EvalTask on ``split`` is refused under a plan whose ``job.eval_split`` is
+    ``plan_split`` and whose ``[privacy]`` table is ``privacy``, or None.
+
+    Evaluation metrics leave the site without noise. Under ``privacy.dp`` or
+    ``privacy.client_dp`` the training split is never evaluated: its metrics are about
+    the very records the ε protects, on whatever weights the coordinator sends. And
+    the coordinator evaluates only the split the plan names, or ``test`` (the last
+    round's final test): it cannot pick another one."""
+    if split == "train" and (privacy.get("dp") is not None
+                             or privacy.get("client_dp") is not None):
+        return ("an evaluation on the training split was asked for under a DP plan "
+                "(privacy.dp or privacy.client_dp): its metrics would leave this site "
+                "without noise, outside the plan's epsilon, about the very records "
+                "epsilon protects")
+    if split not in (plan_split, "test"):
+        return (f"an evaluation on split {split!r} was asked for, but the plan's "
+                f"job.eval_split is {plan_split!r} (and the last round's final test is "
+                "'test'); a coordinator cannot choose a split the plan does not name")
+    return None
 
 
 def refuse_threshold(policy: PrivacyPolicy, threshold: int, neighbourhood: int) -> str | None:

@@ -44,7 +44,13 @@ from typing import Any
 import numpy as np
 
 from fedge import __version__
-from fedge.agent.guard import PrivacyPolicy, RevealLog, refuse_threshold, update_digest
+from fedge.agent.guard import (
+    PrivacyPolicy,
+    RevealLog,
+    refuse_eval,
+    refuse_threshold,
+    update_digest,
+)
 from fedge.agent.jobstate import JobStateStore
 from fedge.agent.trainer import (
     HELD_JOBS,
@@ -711,6 +717,14 @@ class Agent:
         if (task is not None and self._current(job, rnd) and task.task_id == e.task_id
                 and task.local is not None and task.local.delta_control is not None):
             self._commit_control(task)  # only summed updates move c_i
+        # metrics leave without noise: not on the training split under DP, and only on
+        # the split the plan names or the final test (fedge.agent.guard.refuse_eval)
+        refused = refuse_eval(e.split, plan_split=plan.eval_split, privacy=plan.privacy)
+        if refused:
+            if self._current(job, rnd):
+                self.task = None
+            await self._refuse(job, rnd, m.TASK_EVAL, refused, e.task_id)
+            return
         weights = np.array(e.weights, dtype=np.float32)
         self._set_busy(f"{m.TASK_EVAL} {job} round {rnd}")
         loop = asyncio.get_running_loop()

@@ -14,6 +14,7 @@ Example::
     min_clients = 2
     seed = 42
     eval_split = "val"      # split each round's model is evaluated on: val | test | train
+                            # (not train under privacy.dp / client_dp: metrics carry no noise)
 
     [model]
     name = "cox_linear"
@@ -515,6 +516,9 @@ def check_submission(text: str) -> Plan:
       is named when the starting model is built.)
     - DP-SGD on a Cox model needs ``privacy.dp.cox_per_term = true``: its ε bounds
       one loss term, not one record.
+    - The DP rules of `_check_dp_release` (the training split is not evaluated
+      under DP). Sites hold their side themselves: they refuse an evaluation on the
+      training split under DP (fedge.agent.guard.refuse_eval).
 
     Raises: PlanError, naming the field and the rule.
     """
@@ -530,7 +534,29 @@ def check_submission(text: str) -> Plan:
 
         raise PlanError("privacy.dp.cox_per_term", dp.get("cox_per_term", False),
                         f"model {plan.model_name!r} is a Cox model. {COX_DP_RULE}")
+    _check_dp_release(plan)
     return plan
+
+
+def _check_dp_release(plan: Plan) -> None:
+    """The rules that keep what a DP plan releases inside its ε (`check_submission`).
+
+    - ``job.eval_split = "train"`` is refused with ``privacy.dp`` or
+      ``privacy.client_dp``: evaluation metrics leave the sites without noise, and on
+      the training split they are about the very records the ε protects. (On the
+      validation and test splits they are released without noise too, outside ε,
+      about records that were not trained on.)
+
+    Raises: PlanError, naming the field, the numbers and the rule.
+    """
+    privacy = plan.privacy
+    dp = privacy.get("dp")
+    if (dp is not None or privacy.get("client_dp") is not None) and plan.eval_split == "train":
+        raise PlanError("job.eval_split", plan.eval_split,
+                        "not allowed with privacy.dp or privacy.client_dp: evaluation "
+                        "metrics leave the sites without noise, outside the plan's ε, and "
+                        "on the training split they are about the very records ε "
+                        'protects; evaluate on "val" or "test"')
 
 
 def with_seed(text: str) -> str:

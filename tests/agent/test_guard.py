@@ -652,3 +652,43 @@ def test_a_take_over_that_cannot_write_the_new_log_refuses_every_reveal_and_keep
     with pytest.raises(RevealLogError, match="cannot be written"):
         log.check_and_record(b"\1" * 32, ["a", "b"], None)
     assert legacy.read_bytes() == before  # not replaced by the stub: still the record
+
+
+# -- what a DP plan releases stays inside its ε, whatever the coordinator asks ---------
+
+DP_PLAN = SECURE + "[privacy.client_dp]\nclip_norm = 1.0\nnoise_multiplier = 0.5\n" \
+                   "cohort_size = 3\n"
+
+
+def _evaluate(fleet: Fleet, plan: str, split: str, task_id: str = "e1") -> object:
+    fleet.inbox.clear()
+    run(fleet.deliver("site-a", m.EvalTask(task_id=task_id, plan=plan,
+                                           weights=np.zeros(D, np.float32), split=split)))
+    (body,) = [b for s, b in fleet.inbox if s == "site-a"]
+    return body
+
+
+def test_the_training_split_is_not_evaluated_under_dp_whatever_the_coordinator_asks() -> None:
+    """Evaluation metrics leave without noise, on the weights the coordinator sends:
+    on the training split under DP they are about the very records ε protects. A
+    plan stored with eval_split = "train" (submit now refuses it) is refused too."""
+    fleet = Fleet()
+    for plan in (DP_PLAN, DP_PLAN.replace("[job]", '[job]\neval_split = "train"')):
+        body = _evaluate(fleet, plan, "train")
+        assert isinstance(body, m.TaskRefused) and body.task == m.TASK_EVAL
+        assert "training split" in body.reason and "without noise" in body.reason
+        assert isinstance(_evaluate(fleet, plan, "test"), m.EvalResult)
+    # without DP the plan's own choice of the training split is evaluated
+    assert isinstance(_evaluate(fleet, SECURE.replace("[job]", '[job]\neval_split = "train"'),
+                                "train"), m.EvalResult)
+
+
+def test_a_coordinator_cannot_pick_a_split_the_plan_does_not_name() -> None:
+    fleet = Fleet()
+    val = SECURE.replace("[job]", '[job]\neval_split = "val"')
+    for plan, split in ((SECURE, "val"), (SECURE, "train"), (val, "train")):
+        body = _evaluate(fleet, plan, split)
+        assert isinstance(body, m.TaskRefused), (plan, split)
+        assert f"split {split!r}" in body.reason and "plan does not name" in body.reason
+    for plan, split in ((SECURE, "test"), (val, "val"), (val, "test")):
+        assert isinstance(_evaluate(fleet, plan, split), m.EvalResult), (plan, split)

@@ -1,0 +1,63 @@
+"""What a DP plan releases stays inside its ε: the rules check_submission adds
+(fedge.coordinator.plan._check_dp_release), each refused naming the field and the
+numbers. A job stored before a rule existed still parses (its status stays readable);
+its sites hold their side of the rule (tests/agent/test_guard.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedge.coordinator.plan import PlanError, check_submission, parse_plan
+
+BASE = """
+[job]
+dataset = "fed_tcga_brca"
+rounds = 2
+min_clients = 3
+seed = 5
+{job}
+[model]
+name = "cox_linear"
+params = {{ in_features = 39 }}
+[train]
+steps = 10
+batch_size = 8
+learning_rate = 0.1
+[strategy]
+name = "fedavg"
+[secagg]
+enabled = {secure}
+clip = {clip}
+[privacy]
+{privacy}
+"""
+DP = "dp = { noise_multiplier = 1.5, max_grad_norm = 1.0, cox_per_term = true }"
+
+
+def client_dp(z: float = 1.0, s: float = 1.0, k: int = 3) -> str:
+    return f"client_dp = {{ clip_norm = {s}, noise_multiplier = {z}, cohort_size = {k} }}"
+
+
+def plan(*, job: str = "", secure: str = "true", clip: float = 10.0, privacy: str = "") -> str:
+    return BASE.format(job=job, secure=secure, clip=clip, privacy=privacy)
+
+
+def refused(text: str) -> PlanError:
+    with pytest.raises(PlanError) as info:
+        check_submission(text)
+    return info.value
+
+
+@pytest.mark.parametrize("privacy", [DP, client_dp()])
+def test_the_training_split_is_not_evaluated_under_dp(privacy: str) -> None:
+    """Evaluation metrics leave the sites without noise; on the training split they
+    are about the records ε protects (on any weights the coordinator sends)."""
+    text = plan(job='eval_split = "train"', privacy=privacy)
+    err = refused(text)
+    assert err.field == "job.eval_split" and err.value == "train"
+    assert "privacy.dp or privacy.client_dp" in err.rule and "without noise" in err.rule
+    assert parse_plan(text).eval_split == "train"  # a stored job stays readable
+    for split in ("val", "test"):
+        assert check_submission(plan(job=f'eval_split = "{split}"', privacy=privacy)) \
+            .eval_split == split
+    assert check_submission(plan(job='eval_split = "train"')).eval_split == "train"  # no DP

@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import secrets
 import threading
@@ -40,7 +41,8 @@ from fedge.update.files import write_atomic
 log = logging.getLogger("fedge.agent")
 
 __all__ = ["PrivacyPolicy", "PrivacyPolicyError", "RevealLog", "RevealLogError",
-           "refuse_eval", "refuse_threshold", "update_digest"]
+           "has_dp_noise", "plain_client_dp_refusal", "refuse_eval", "refuse_threshold",
+           "update_digest"]
 
 
 class PrivacyPolicyError(ValueError):
@@ -53,8 +55,8 @@ class PrivacyPolicy:
 
     ``require_secure_aggregation``: refuse a plan with ``[secagg] enabled = false``
     and any plain (unmasked) aggregation. ``require_dp``: refuse a plan without
-    DP-SGD or DP-FedAvg (across rounds, only DP bounds what a malicious coordinator
-    learns of one site). ``min_cohort``: refuse to send a masked
+    DP-SGD or DP-FedAvg with a noise multiplier > 0 (across rounds, only DP bounds
+    what a malicious coordinator learns of one site). ``min_cohort``: refuse to send a masked
     update to a secure aggregation over fewer sites than this (2 at least: a sum over
     one site is that site's update). A plain update, where a policy allows one, is
     seen by the coordinator alone whatever the cohort.
@@ -68,6 +70,9 @@ class PrivacyPolicy:
     its secrets and unmasks its update. A threshold with 2t - m <= max_colluders is
     refused. (min_cohort does not stop this: both lists are long.) The plan's
     ``[secagg] alpha`` sets 2t - m > alpha * m.
+
+    Whatever the policy, DP-FedAvg noise sized for a cohort (``client_dp.cohort_size``
+    > 1) never goes to a plain aggregation (`plain_client_dp_refusal`).
     """
 
     require_secure_aggregation: bool = True
@@ -103,24 +108,41 @@ class PrivacyPolicy:
                                      f"{', '.join(cls.KEYS)}")
         return cls(**dict(table))
 
-    def refuse_plan(self, secure: bool, dp: bool = False) -> str | None:
-        """Why a plan is refused, or None. ``dp``: the plan has privacy.dp or
-        privacy.client_dp."""
+    def refuse_plan(self, secure: bool, privacy: Mapping[str, Any] | None = None) -> str | None:
+        """Why a plan is refused, or None. ``secure``: the plan's ``[secagg] enabled``;
+        ``privacy``: its ``[privacy]`` table.
+
+        ``require_dp`` counts a ``dp`` or ``client_dp`` table as DP only when its
+        ``noise_multiplier`` is a number > 0 (`has_dp_noise`). Whatever the policy, a
+        plan without secure aggregation whose ``client_dp`` noise is sized for a
+        cohort (cohort_size > 1) is refused (`plain_client_dp_refusal`)."""
+        privacy = {} if privacy is None else privacy
+        if not isinstance(privacy, Mapping):
+            raise TypeError(f"refuse_plan: privacy must be the plan's [privacy] table, "
+                            f"not {type(privacy).__name__}")
         if self.require_secure_aggregation and not secure:
             return ("this appliance requires secure aggregation ([privacy] "
                     "require_secure_aggregation in its agent.toml) and the plan disables it")
-        if self.require_dp and not dp:
+        if self.require_dp and not has_dp_noise(privacy):
             return ("this appliance requires differential privacy ([privacy] require_dp in "
                     "its agent.toml) and the plan has neither privacy.dp nor "
-                    "privacy.client_dp")
+                    "privacy.client_dp with a noise_multiplier > 0")
+        if not secure:
+            return plain_client_dp_refusal(_client_dp_cohort(privacy))
         return None
 
     def refuse_aggregation(self, *, plan_secure: bool, secure: bool, cohort: int,
                            weight_scale: float, client_dp_cohort: int | None) -> str | None:
-        """Why an AggregateBegin is refused, or None."""
+        """Why an AggregateBegin is refused, or None. ``client_dp_cohort``: the plan's
+        ``privacy.client_dp.cohort_size`` (None without client_dp); a plain aggregation
+        of noise sized for more than one site is refused whatever the policy."""
         if not secure and (plan_secure or self.require_secure_aggregation):
             why = "the plan enables it" if plan_secure else "this appliance requires it"
             return f"a plain (unmasked) aggregation was asked for, but {why}"
+        if not secure:
+            refused = plain_client_dp_refusal(client_dp_cohort)
+            if refused:
+                return refused
         if secure and cohort < self.min_cohort:  # a plain update is seen alone anyway
             return (f"an aggregation over {cohort} site(s) is below this appliance's "
                     f"min_cohort {self.min_cohort}")
@@ -131,6 +153,44 @@ class PrivacyPolicy:
                     f"aggregation has {cohort} sites: the sum would carry less noise than "
                     "the plan's epsilon assumes")
         return None
+
+
+def has_dp_noise(privacy: Mapping[str, Any]) -> bool:
+    """Whether a plan's ``[privacy]`` table asks for DP that adds noise: a ``dp`` or
+    ``client_dp`` table whose ``noise_multiplier`` is a finite number > 0. A table
+    without one, or with 0 (DP-FedAvg then only clips), is no DP."""
+    for key in ("dp", "client_dp"):
+        table = privacy.get(key)
+        if not isinstance(table, Mapping):
+            continue
+        z = table.get("noise_multiplier")
+        if isinstance(z, int | float) and not isinstance(z, bool) and math.isfinite(z) \
+                and z > 0:
+            return True
+    return False
+
+
+def _client_dp_cohort(privacy: Mapping[str, Any]) -> int | None:
+    table = privacy.get("client_dp")
+    if not isinstance(table, Mapping):
+        return None
+    k = table.get("cohort_size")
+    return k if isinstance(k, int) and not isinstance(k, bool) else None
+
+
+def plain_client_dp_refusal(client_dp_cohort: int | None) -> str | None:
+    """Why a plain (unmasked) aggregation of a DP-FedAvg update whose noise was sized
+    for ``client_dp_cohort`` sites is refused, or None (no client_dp, or a cohort of
+    1). Each site adds N(0, (zS)²/K) so that the sum of K carries (zS)²: an update
+    the coordinator sees alone carries 1/√K of the plan's noise."""
+    k = client_dp_cohort
+    if k is None or k <= 1:
+        return None
+    return (f"a plain (unmasked) aggregation of a DP-FedAvg update was asked for, but "
+            f"the plan's privacy.client_dp.cohort_size is {k}: this site's noise is "
+            f"sized for the sum of {k} sites, so its update seen alone would carry "
+            f"1/√{k} of the plan's noise; DP-FedAvg over a cohort needs secure "
+            "aggregation")
 
 
 def refuse_eval(split: str, *, plan_split: str, privacy: Mapping[str, Any]) -> str | None:

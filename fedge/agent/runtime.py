@@ -408,8 +408,7 @@ class Agent:
             log.info("%s: task %s for %s/%d dropped: its round was aborted while its plan "
                      "was read", self.site, codec.short(t.task_id, 80), job, rnd)
             return
-        refused = self.policy.refuse_plan(
-            plan.secagg.enabled, dp=bool(plan.privacy.get("dp") or plan.privacy.get("client_dp")))
+        refused = self.policy.refuse_plan(plan.secagg.enabled, plan.privacy)
         if refused:
             await self._refuse(job, rnd, m.TASK_TRAIN, refused, t.task_id)
             return

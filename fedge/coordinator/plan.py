@@ -45,7 +45,8 @@ Example::
     min_site_examples = 100 # smallest site's training rows: bounds the sampling rate
     # DP-SGD (a Cox model's ε bounds one loss term, not one record: cox_per_term says so)
     dp = { noise_multiplier = 1.1, delta = 1e-5, target_epsilon = 8.0, cox_per_term = true }
-    # client_dp = { clip_norm = 1.0, noise_multiplier = 1.0, cohort_size = 3 }  # DP-FedAvg
+    # DP-FedAvg: noise_multiplier > 0; cohort_size > 1 needs [secagg] enabled
+    # client_dp = { clip_norm = 1.0, noise_multiplier = 1.0, cohort_size = 3 }
     [deadlines]             # seconds
     cohort_s = 60
     train_s = 600
@@ -517,8 +518,12 @@ def check_submission(text: str) -> Plan:
     - DP-SGD on a Cox model needs ``privacy.dp.cox_per_term = true``: its ε bounds
       one loss term, not one record.
     - The DP rules of `_check_dp_release` (the training split is not evaluated
-      under DP). Sites hold their side themselves: they refuse an evaluation on the
-      training split under DP (fedge.agent.guard.refuse_eval).
+      under DP, DP-FedAvg has noise and needs secure aggregation over a cohort).
+      Sites hold their side of these themselves: they refuse an evaluation on the
+      training split under DP (fedge.agent.guard.refuse_eval), a ``client_dp``
+      without noise (fedge.train.privacy.ClientDPConfig; a ``require_dp`` appliance
+      counts it as no DP) and a plain aggregation of DP-FedAvg noise sized for a
+      cohort.
 
     Raises: PlanError, naming the field and the rule.
     """
@@ -546,17 +551,37 @@ def _check_dp_release(plan: Plan) -> None:
       the training split they are about the very records the ε protects. (On the
       validation and test splits they are released without noise too, outside ε,
       about records that were not trained on.)
+    - ``privacy.client_dp.noise_multiplier`` must be > 0: without noise DP-FedAvg
+      only clips, and each update leaves the site as it was trained.
+    - ``privacy.client_dp.cohort_size`` > 1 needs ``secagg.enabled``: each site's
+      noise share is sized for the sum of cohort_size sites (std z·S/√K), so an
+      update seen alone carries z/√K of noise, not z.
 
     Raises: PlanError, naming the field, the numbers and the rule.
     """
     privacy = plan.privacy
     dp = privacy.get("dp")
-    if (dp is not None or privacy.get("client_dp") is not None) and plan.eval_split == "train":
+    client_dp = privacy.get("client_dp")
+    if (dp is not None or client_dp is not None) and plan.eval_split == "train":
         raise PlanError("job.eval_split", plan.eval_split,
                         "not allowed with privacy.dp or privacy.client_dp: evaluation "
                         "metrics leave the sites without noise, outside the plan's ε, and "
                         "on the training split they are about the very records ε "
                         'protects; evaluate on "val" or "test"')
+    if isinstance(client_dp, dict):
+        z = float(client_dp["noise_multiplier"])
+        cohort = int(client_dp["cohort_size"])
+        if not z > 0:
+            raise PlanError("privacy.client_dp.noise_multiplier", client_dp["noise_multiplier"],
+                            "must be > 0: without noise DP-FedAvg only clips, and each "
+                            "site's update leaves it as trained (no ε)")
+        if cohort > 1 and not plan.secagg.enabled:
+            raise PlanError("secagg.enabled", plan.secagg.enabled,
+                            f"privacy.client_dp.cohort_size = {cohort} needs secure "
+                            f"aggregation: each site's noise share is sized for the sum of "
+                            f"{cohort} sites (std z·S/√{cohort}), so an update seen alone "
+                            f"carries 1/√{cohort} of the plan's noise; enable secagg, or "
+                            "set cohort_size = 1")
 
 
 def with_seed(text: str) -> str:

@@ -119,12 +119,20 @@ class ClientDPConfig:
     """Client-level DP-FedAvg (McMahan et al. 2018): clip each update, noise the sum.
 
     Under secure aggregation no one sees an individual update, so each client adds
-    its share N(0, (z*S)^2 / cohort_size); the sum carries N(0, (z*S)^2).
+    its share N(0, (z*S)^2 / cohort_size); the sum carries N(0, (z*S)^2). (An update
+    seen alone carries z/sqrt(cohort_size): a cohort above 1 needs secure
+    aggregation, which the plan check and the agent's guard require.)
+
+    Checked when made (`validate`): clip_norm > 0, noise_multiplier > 0 (without
+    noise DP-FedAvg only clips: no ε), cohort_size >= 1.
     """
 
     clip_norm: float
     noise_multiplier: float
     cohort_size: int
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ClientDPConfig:
@@ -137,16 +145,22 @@ class ClientDPConfig:
         for key in cls.__dataclass_fields__:
             if key not in d:
                 raise ValueError(f"train.client_dp: missing required key {key!r}")
-        cfg = cls(float(d["clip_norm"]), float(d["noise_multiplier"]), int(d["cohort_size"]))
-        if not cfg.clip_norm > 0:
-            raise ValueError(f"train.client_dp.clip_norm={cfg.clip_norm} must be > 0")
-        if not cfg.noise_multiplier >= 0:
+        return cls(float(d["clip_norm"]), float(d["noise_multiplier"]), int(d["cohort_size"]))
+
+    def validate(self) -> None:
+        """Raises:
+        ValueError: naming the field, value and rule.
+        """
+        if not self.clip_norm > 0:
+            raise ValueError(f"train.client_dp.clip_norm={self.clip_norm} must be > 0")
+        if not self.noise_multiplier > 0:
             raise ValueError(
-                f"train.client_dp.noise_multiplier={cfg.noise_multiplier} must be >= 0"
+                f"train.client_dp.noise_multiplier={self.noise_multiplier} must be > 0: "
+                "without noise DP-FedAvg only clips, and the update leaves the site as "
+                "trained (no epsilon)"
             )
-        if cfg.cohort_size < 1:
-            raise ValueError(f"train.client_dp.cohort_size={cfg.cohort_size} must be >= 1")
-        return cfg
+        if self.cohort_size < 1:
+            raise ValueError(f"train.client_dp.cohort_size={self.cohort_size} must be >= 1")
 
 
 KEY_BYTES = 16

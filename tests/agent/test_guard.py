@@ -660,6 +660,59 @@ DP_PLAN = SECURE + "[privacy.client_dp]\nclip_norm = 1.0\nnoise_multiplier = 0.5
                    "cohort_size = 3\n"
 
 
+def test_a_site_requiring_dp_counts_dp_without_noise_as_no_dp() -> None:
+    """DP-FedAvg with noise_multiplier 0 only clips: the update leaves as trained.
+    A stored plan may still carry it (parse_plan reads it); the site refuses it."""
+    fleet = Fleet(policy=PrivacyPolicy(require_dp=True))
+    no_noise = DP_PLAN.replace("noise_multiplier = 0.5", "noise_multiplier = 0.0")
+    run(fleet.train(["site-a"], "t1", plan=no_noise))
+    assert "requires differential privacy" in fleet.refusals()["site-a"]
+    assert "noise_multiplier > 0" in fleet.refusals()["site-a"]
+    assert not [b for _, b in fleet.inbox if isinstance(b, m.TrainDone)]
+    policy = PrivacyPolicy(require_dp=True)
+    for privacy in ({}, {"client_dp": {"clip_norm": 1.0, "noise_multiplier": 0,
+                                       "cohort_size": 3}},
+                    {"client_dp": {"clip_norm": 1.0, "cohort_size": 3}},  # no multiplier
+                    {"dp": {"noise_multiplier": -1.0}}, {"dp": {"noise_multiplier": True}},
+                    {"dp": {"noise_multiplier": float("nan")}}):
+        assert "requires differential privacy" in (policy.refuse_plan(True, privacy) or ""), \
+            privacy
+    for privacy in ({"dp": {"noise_multiplier": 1.1}},
+                    {"client_dp": {"clip_norm": 1.0, "noise_multiplier": 0.5,
+                                   "cohort_size": 3}}):
+        assert policy.refuse_plan(True, privacy) is None, privacy
+    with pytest.raises(TypeError, match=r"\[privacy\] table"):
+        policy.refuse_plan(True, True)  # type: ignore[arg-type]
+
+
+def test_dp_fedavg_noise_sized_for_a_cohort_never_goes_to_a_plain_aggregation() -> None:
+    """Each site's share N(0, (zS)^2/K) is sized for the sum of K sites: an update
+    the coordinator sees alone carries z/sqrt(K). Refused even where this site's
+    policy allows plain aggregation: at the plan, and at the AggregateBegin."""
+    plain_ok = PrivacyPolicy(require_secure_aggregation=False)
+    fleet = Fleet(policy=plain_ok)
+    plain_dp = PLAIN.replace("clip = 0.25", "clip = 10.0") + \
+        "[privacy.client_dp]\nclip_norm = 1.0\nnoise_multiplier = 0.5\ncohort_size = 3\n"
+    run(fleet.train(["site-a"], "t1", plan=plain_dp))
+    reason = fleet.refusals()["site-a"]
+    assert "cohort_size is 3" in reason and "needs secure aggregation" in reason
+    assert not [b for _, b in fleet.inbox if isinstance(b, m.TrainDone)]
+    for policy in (plain_ok, PrivacyPolicy()):
+        why = policy.refuse_aggregation(plan_secure=False, secure=False, cohort=3,
+                                        weight_scale=1.0, client_dp_cohort=3)
+        assert why is not None and "plain (unmasked)" in why, policy
+    assert "1/√3 of the plan's noise" in (plain_ok.refuse_aggregation(
+        plan_secure=False, secure=False, cohort=3, weight_scale=1.0, client_dp_cohort=3) or "")
+    # a cohort of one (noise z*S alone), or no DP-FedAvg: plain is the policy's call
+    assert plain_ok.refuse_aggregation(plan_secure=False, secure=False, cohort=3,
+                                       weight_scale=1.0, client_dp_cohort=1) is None
+    assert plain_ok.refuse_aggregation(plan_secure=False, secure=False, cohort=3,
+                                       weight_scale=1.0, client_dp_cohort=None) is None
+    cohort_one = plain_dp.replace("cohort_size = 3", "cohort_size = 1")
+    run(fleet.train(["site-a"], "t2", plan=cohort_one))
+    assert [b for _, b in fleet.inbox if isinstance(b, m.TrainDone)], fleet.inbox
+
+
 def _evaluate(fleet: Fleet, plan: str, split: str, task_id: str = "e1") -> object:
     fleet.inbox.clear()
     run(fleet.deliver("site-a", m.EvalTask(task_id=task_id, plan=plan,

@@ -6,7 +6,14 @@ import tomllib
 
 import pytest
 
-from fedge.coordinator.plan import CLIENT_DP_KEYS, DP_KEYS, PlanError, parse_plan, read_plan_file
+from fedge.coordinator.plan import (
+    CLIENT_DP_KEYS,
+    DP_KEYS,
+    PlanError,
+    check_submission,
+    parse_plan,
+    read_plan_file,
+)
 
 GOOD = """
 [job]
@@ -190,7 +197,8 @@ PRIVACY_TABLES = [
     ("dp", "noise_multiplier = 1.0, target_epsilon = 0.0", "privacy.dp.target_epsilon"),
     ("dp", "noise_multiplier = 1.0, target_epsilon = -3.0", "privacy.dp.target_epsilon"),
     ("client_dp", "clip_norm = 0.5, noise_multiplier = 0.5, cohort_size = 3", None),
-    ("client_dp", "clip_norm = 0.5, noise_multiplier = 0.0, cohort_size = 1", None),
+    ("client_dp", "clip_norm = 0.5, noise_multiplier = 0.0, cohort_size = 1",
+     "privacy.client_dp.noise_multiplier"),
     ("client_dp", "clip_norm = 0.5, noise = 0.5, cohort_size = 3", "privacy.client_dp.noise"),
     ("client_dp", "clip_norm = 0.5, noise_multiplier = -0.5, cohort_size = 3",
      "privacy.client_dp.noise_multiplier"),
@@ -214,21 +222,22 @@ def _privacy_plan(key: str, body: str) -> str:
 
 
 @pytest.mark.parametrize(("key", "body", "field"), PRIVACY_TABLES)
-def test_privacy_tables_are_checked_field_by_field_at_parse_time(key, body, field):
+def test_privacy_tables_are_checked_field_by_field_at_submit(key, body, field):
     if field is None:
-        plan = parse_plan(_privacy_plan(key, body))
+        plan = check_submission(_privacy_plan(key, body))
         table = tomllib.loads(f"t = {{ {body} }}")["t"]
         assert {k: v for k, v in plan.privacy[key].items() if k != "cox_per_term"} == table
         return
     with pytest.raises(PlanError) as info:
-        parse_plan(_privacy_plan(key, body))
+        check_submission(_privacy_plan(key, body))
     assert info.value.field == field
     assert str(info.value).startswith(f"plan field {field} = ")
 
 
 def test_privacy_tables_follow_the_rules_the_sites_apply():
-    """What parse_plan accepts, fedge.train.privacy's configs (the agent's) accept too,
-    and what they refuse it refuses: a plan that passes submit is not refused later."""
+    """What submit (check_submission) accepts, fedge.train.privacy's configs (the
+    agent's) accept too, and what they refuse it refuses: a plan that passes submit is
+    not refused later."""
     from fedge.train.privacy import ClientDPConfig, DPConfig
 
     configs = {"dp": DPConfig, "client_dp": ClientDPConfig}

@@ -61,3 +61,22 @@ def test_the_training_split_is_not_evaluated_under_dp(privacy: str) -> None:
         assert check_submission(plan(job=f'eval_split = "{split}"', privacy=privacy)) \
             .eval_split == split
     assert check_submission(plan(job='eval_split = "train"')).eval_split == "train"  # no DP
+
+
+def test_dp_fedavg_without_noise_is_refused() -> None:
+    text = plan(privacy=client_dp(z=0.0, k=1))
+    err = refused(text)
+    assert err.field == "privacy.client_dp.noise_multiplier" and err.value == 0.0
+    assert "must be > 0" in err.rule and "only clips" in err.rule
+    assert parse_plan(text).privacy["client_dp"]["noise_multiplier"] == 0.0  # stored: readable
+    assert check_submission(plan(privacy=client_dp(z=0.1, k=1)))
+
+
+def test_dp_fedavg_over_a_cohort_needs_secure_aggregation() -> None:
+    """Each site's share N(0, (zS)²/K) is sized for the sum of K: alone it carries
+    z/√K. A plain plan is refused for K > 1 and taken for K = 1."""
+    err = refused(plan(secure="false", privacy=client_dp(k=3)))
+    assert err.field == "secagg.enabled" and err.value is False
+    assert "cohort_size = 3 needs secure aggregation" in err.rule and "1/√3" in err.rule
+    assert check_submission(plan(secure="false", privacy=client_dp(k=1)))
+    assert check_submission(plan(secure="true", privacy=client_dp(k=3)))

@@ -224,10 +224,10 @@ def test_dp_sgd_local_train_reports_epsilon_per_round_and_cumulative(tcga_dir: P
 
 def test_dp_fedavg_clips_the_update_and_adds_the_noise_share() -> None:
     update = np.full(10000, 0.1, np.float32)  # norm 10
-    cfg = ClientDPConfig(clip_norm=1.0, noise_multiplier=0.0, cohort_size=4)
+    cfg = ClientDPConfig(clip_norm=1.0, noise_multiplier=1e-6, cohort_size=4)  # noise ~0
     clipped, norm = dp_fedavg_privatise(update, cfg)
     assert norm == pytest.approx(10.0, rel=1e-5)
-    assert float(np.linalg.norm(clipped)) == pytest.approx(1.0, rel=1e-5)
+    assert float(np.linalg.norm(clipped)) == pytest.approx(1.0, rel=1e-4)
     noisy_cfg = ClientDPConfig(clip_norm=1.0, noise_multiplier=2.0, cohort_size=4)
     noisy, _ = dp_fedavg_privatise(np.zeros(40000, np.float32), noisy_cfg)
     assert float(noisy.std()) == pytest.approx(2.0 * 1.0 / 2.0, rel=0.05)  # z*S/sqrt(cohort)
@@ -240,6 +240,22 @@ def test_dp_config_errors_are_named() -> None:
         DPConfig.from_dict({"noise_multiplier": 1.0, "delta": 2.0})
     with pytest.raises(ValueError, match="cohort_size"):
         ClientDPConfig.from_dict({"clip_norm": 1.0, "noise_multiplier": 1.0})
+
+
+@pytest.mark.parametrize("z", [0.0, -1.0, float("nan")])
+def test_dp_fedavg_without_noise_is_refused_however_it_is_made(z: float) -> None:
+    """noise_multiplier 0 would only clip: the update would leave the site as trained
+    with nothing to account. Refused from a plan's table and when built directly."""
+    with pytest.raises(ValueError, match=r"train\.client_dp\.noise_multiplier=.* must be > 0"):
+        ClientDPConfig.from_dict({"clip_norm": 1.0, "noise_multiplier": z, "cohort_size": 1})
+    with pytest.raises(ValueError, match="only clips"):
+        ClientDPConfig(clip_norm=1.0, noise_multiplier=z, cohort_size=1)
+    with pytest.raises(ValueError, match=r"train\.client_dp\.noise_multiplier"):
+        TrainConfig.from_dict({"client_dp": {"clip_norm": 1.0, "noise_multiplier": z,
+                                             "cohort_size": 1}})
+    with pytest.raises(ValueError, match="clip_norm"):
+        ClientDPConfig(clip_norm=0.0, noise_multiplier=1.0, cohort_size=1)
+    assert ClientDPConfig(clip_norm=1.0, noise_multiplier=0.01, cohort_size=1)
     with pytest.raises(ValueError, match=r"scaffold with train\.dp"):
         TrainConfig(scaffold=True, dp=DPConfig(noise_multiplier=1.0)).validate()
 

@@ -45,7 +45,8 @@ Example::
     min_site_examples = 100 # smallest site's training rows: bounds the sampling rate
     # DP-SGD (a Cox model's ε bounds one loss term, not one record: cox_per_term says so)
     dp = { noise_multiplier = 1.1, delta = 1e-5, target_epsilon = 8.0, cox_per_term = true }
-    # DP-FedAvg: noise_multiplier > 0; cohort_size > 1 needs [secagg] enabled
+    # DP-FedAvg: noise_multiplier > 0; cohort_size > 1 needs [secagg] enabled, and
+    # secagg.clip >= 6 * noise_multiplier * clip_norm / sqrt(cohort_size) (3.465 here)
     # client_dp = { clip_norm = 1.0, noise_multiplier = 1.0, cohort_size = 3 }
     [deadlines]             # seconds
     cohort_s = 60
@@ -518,12 +519,12 @@ def check_submission(text: str) -> Plan:
     - DP-SGD on a Cox model needs ``privacy.dp.cox_per_term = true``: its ε bounds
       one loss term, not one record.
     - The DP rules of `_check_dp_release` (the training split is not evaluated
-      under DP, DP-FedAvg has noise and needs secure aggregation over a cohort).
-      Sites hold their side of these themselves: they refuse an evaluation on the
-      training split under DP (fedge.agent.guard.refuse_eval), a ``client_dp``
-      without noise (fedge.train.privacy.ClientDPConfig; a ``require_dp`` appliance
-      counts it as no DP) and a plain aggregation of DP-FedAvg noise sized for a
-      cohort.
+      under DP, DP-FedAvg has noise, needs secure aggregation over a cohort, and a
+      ``secagg.clip`` that leaves its noise whole). Sites hold their side of these
+      themselves: they refuse an evaluation on the training split under DP
+      (fedge.agent.guard.refuse_eval), a ``client_dp`` without noise
+      (fedge.train.privacy.ClientDPConfig; a ``require_dp`` appliance counts it as no
+      DP) and a plain aggregation of DP-FedAvg noise sized for a cohort.
 
     Raises: PlanError, naming the field and the rule.
     """
@@ -543,6 +544,21 @@ def check_submission(text: str) -> Plan:
     return plan
 
 
+# Under DP-FedAvg each site clips its noised update elementwise to ±secagg.clip
+# (fedge.agent.runtime.Agent.clipped_update): the clip must sit this many standard
+# deviations of the site's noise share above zero to leave the noise whole.
+CLIENT_DP_CLIP_SIGMAS = 6.0
+
+
+def _round_up(x: float, digits: int = 4) -> float:
+    """``x`` rounded up to ``digits`` significant digits (a bound that, written as
+    shown, still holds)."""
+    if x <= 0:
+        return x
+    step = 10.0 ** (math.floor(math.log10(x)) - digits + 1)
+    return float(f"{math.ceil(x / step * (1 - 1e-12)) * step:.{digits}g}")
+
+
 def _check_dp_release(plan: Plan) -> None:
     """The rules that keep what a DP plan releases inside its ε (`check_submission`).
 
@@ -556,6 +572,9 @@ def _check_dp_release(plan: Plan) -> None:
     - ``privacy.client_dp.cohort_size`` > 1 needs ``secagg.enabled``: each site's
       noise share is sized for the sum of cohort_size sites (std z·S/√K), so an
       update seen alone carries z/√K of noise, not z.
+    - under ``privacy.client_dp``, ``secagg.clip`` >= 6·z·S/√K: each site clips its
+      noised update elementwise to ±secagg.clip before it is summed (plain or
+      masked), and a clip nearer its noise share cuts the noise off.
 
     Raises: PlanError, naming the field, the numbers and the rule.
     """
@@ -570,6 +589,7 @@ def _check_dp_release(plan: Plan) -> None:
                         'protects; evaluate on "val" or "test"')
     if isinstance(client_dp, dict):
         z = float(client_dp["noise_multiplier"])
+        clip_norm = float(client_dp["clip_norm"])
         cohort = int(client_dp["cohort_size"])
         if not z > 0:
             raise PlanError("privacy.client_dp.noise_multiplier", client_dp["noise_multiplier"],
@@ -582,6 +602,15 @@ def _check_dp_release(plan: Plan) -> None:
                             f"{cohort} sites (std z·S/√{cohort}), so an update seen alone "
                             f"carries 1/√{cohort} of the plan's noise; enable secagg, or "
                             "set cohort_size = 1")
+        std = z * clip_norm / math.sqrt(cohort)
+        need = CLIENT_DP_CLIP_SIGMAS * std
+        if plan.secagg.clip < need * (1 - 1e-9):
+            raise PlanError("secagg.clip", plan.secagg.clip,
+                            f"too small for privacy.client_dp: each site clips its noised "
+                            f"update elementwise to ±secagg.clip, and its noise share has "
+                            f"std z·S/√K = {z:g}·{clip_norm:g}/√{cohort} = {std:.4g}; a clip "
+                            f"below {CLIENT_DP_CLIP_SIGMAS:g} std cuts into the noise. "
+                            f"Set secagg.clip >= {_round_up(need):g}")
 
 
 def with_seed(text: str) -> str:

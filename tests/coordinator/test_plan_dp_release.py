@@ -5,6 +5,8 @@ its sites hold their side of the rule (tests/agent/test_guard.py)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from fedge.coordinator.plan import PlanError, check_submission, parse_plan
@@ -80,3 +82,23 @@ def test_dp_fedavg_over_a_cohort_needs_secure_aggregation() -> None:
     assert "cohort_size = 3 needs secure aggregation" in err.rule and "1/√3" in err.rule
     assert check_submission(plan(secure="false", privacy=client_dp(k=1)))
     assert check_submission(plan(secure="true", privacy=client_dp(k=3)))
+
+
+@pytest.mark.parametrize(("z", "s", "k"), [(1.0, 1.0, 3), (0.5, 0.5, 3), (2.0, 0.1, 1),
+                                           (1.1, 2.0, 10)])
+def test_secagg_clip_must_leave_the_dp_fedavg_noise_whole(z: float, s: float, k: int) -> None:
+    """Each noised update is clipped elementwise to ±secagg.clip before it is summed:
+    the clip must be at least 6 standard deviations of the site's noise share."""
+    need = 6 * z * s / math.sqrt(k)
+    err = refused(plan(clip=need * 0.99, privacy=client_dp(z, s, k)))
+    assert err.field == "secagg.clip"
+    assert f"std z·S/√K = {z:g}·{s:g}/√{k} = {z * s / math.sqrt(k):.4g}" in err.rule
+    smallest = float(err.rule.rsplit("Set secagg.clip >= ", 1)[1])
+    assert need * (1 - 1e-9) <= smallest <= need * 1.001
+    assert check_submission(plan(clip=smallest, privacy=client_dp(z, s, k)))  # as it says
+    assert check_submission(plan(clip=need, privacy=client_dp(z, s, k)))
+
+
+def test_the_default_clip_is_refused_for_the_commented_example_in_the_plan_docs() -> None:
+    err = refused(plan(clip=1.0, privacy=client_dp(1.0, 1.0, 3)))
+    assert err.rule.endswith("Set secagg.clip >= 3.465")

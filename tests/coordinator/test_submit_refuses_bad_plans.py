@@ -37,6 +37,7 @@ client_dp = { clip_norm = 0.5, noise_multiplier = 0.5, cohort_size = 3 }
     ("noise_multiplier = 0.5", "noise_multiplier = 0.0", "privacy.client_dp.noise_multiplier"),
     ("min_clients = 3", 'min_clients = 3\neval_split = "train"', "job.eval_split"),
     ("[privacy]", "[secagg]\nenabled = false\n[privacy]", "secagg.enabled"),
+    ("[privacy]", "[secagg]\nclip = 0.5\n[privacy]", "secagg.clip"),
 ])
 def test_a_plan_the_sites_would_refuse_gets_no_job_id(tmp_path, old, new, field):
     coord = Coordinator(tmp_path, initial_weights=lambda plan: np.zeros(40, np.float32))

@@ -520,9 +520,9 @@ def check_submission(text: str) -> Plan:
       one loss term, not one record.
     - The DP rules of `_check_dp_release` (the training split is not evaluated
       under DP, DP-FedAvg has noise, needs secure aggregation over a cohort, and a
-      ``secagg.clip`` that leaves its noise whole). Sites hold their side of these
-      themselves: they refuse an evaluation on the training split under DP
-      (fedge.agent.guard.refuse_eval), a ``client_dp`` without noise
+      ``secagg.clip`` that leaves its noise whole; δ well below 1/n). Sites hold
+      their side of these themselves: they refuse an evaluation on the training
+      split under DP (fedge.agent.guard.refuse_eval), a ``client_dp`` without noise
       (fedge.train.privacy.ClientDPConfig; a ``require_dp`` appliance counts it as no
       DP) and a plain aggregation of DP-FedAvg noise sized for a cohort.
 
@@ -559,6 +559,12 @@ def _round_up(x: float, digits: int = 4) -> float:
     return float(f"{math.ceil(x / step * (1 - 1e-12)) * step:.{digits}g}")
 
 
+def _round_down(x: float, digits: int = 2) -> float:
+    """``x`` rounded down to ``digits`` significant digits."""
+    step = 10.0 ** (math.floor(math.log10(x)) - digits + 1)
+    return float(f"{math.floor(x / step * (1 + 1e-12)) * step:.{digits}g}")
+
+
 def _check_dp_release(plan: Plan) -> None:
     """The rules that keep what a DP plan releases inside its ε (`check_submission`).
 
@@ -575,6 +581,9 @@ def _check_dp_release(plan: Plan) -> None:
     - under ``privacy.client_dp``, ``secagg.clip`` >= 6·z·S/√K: each site clips its
       noised update elementwise to ±secagg.clip before it is summed (plain or
       masked), and a clip nearer its noise share cuts the noise off.
+    - with ``privacy.min_site_examples`` = n, ``privacy.dp.delta`` must be below
+      1/n: a δ of 1/n allows releasing a whole record of n outright. (Without n the
+      sites check δ against their own rows.)
 
     Raises: PlanError, naming the field, the numbers and the rule.
     """
@@ -611,6 +620,15 @@ def _check_dp_release(plan: Plan) -> None:
                             f"std z·S/√K = {z:g}·{clip_norm:g}/√{cohort} = {std:.4g}; a clip "
                             f"below {CLIENT_DP_CLIP_SIGMAS:g} std cuts into the noise. "
                             f"Set secagg.clip >= {_round_up(need):g}")
+    if isinstance(dp, dict) and "min_site_examples" in privacy:
+        n = int(privacy["min_site_examples"])
+        delta = float(dp.get("delta", 1e-5))
+        if delta >= 1.0 / n:
+            raise PlanError("privacy.dp.delta", delta,
+                            f"must be well below 1/min_site_examples = 1/{n} = {1.0 / n:.3g}: "
+                            f"a delta of 1/n allows a mechanism that releases one of the n "
+                            f"records outright; take delta <= {_round_down(0.1 / n):g} "
+                            "(1e-5 or smaller is usual)")
 
 
 def with_seed(text: str) -> str:

@@ -102,3 +102,22 @@ def test_secagg_clip_must_leave_the_dp_fedavg_noise_whole(z: float, s: float, k:
 def test_the_default_clip_is_refused_for_the_commented_example_in_the_plan_docs() -> None:
     err = refused(plan(clip=1.0, privacy=client_dp(1.0, 1.0, 3)))
     assert err.rule.endswith("Set secagg.clip >= 3.465")
+
+
+@pytest.mark.parametrize("delta", [0.1, 0.025, 1.0 / 40])
+def test_dp_delta_must_be_well_below_one_over_the_smallest_sites_rows(delta: float) -> None:
+    """δ of 1/n allows a mechanism that releases one record of n outright."""
+    err = refused(plan(privacy=DP.replace("max_grad_norm", f"delta = {delta}, max_grad_norm")
+                       + "\nmin_site_examples = 40"))
+    assert err.field == "privacy.dp.delta" and err.value == delta
+    assert "well below 1/min_site_examples = 1/40 = 0.025" in err.rule
+    assert "delta <= 0.0025" in err.rule
+
+
+def test_a_small_delta_is_taken_and_without_min_site_examples_the_sites_judge() -> None:
+    with_n = DP.replace("max_grad_norm", "delta = 1e-3, max_grad_norm") + \
+        "\nmin_site_examples = 40"
+    assert check_submission(plan(privacy=with_n)).privacy["dp"]["delta"] == 1e-3
+    assert check_submission(plan(privacy=DP + "\nmin_site_examples = 40"))  # default 1e-5
+    without_n = DP.replace("max_grad_norm", "delta = 0.1, max_grad_norm")
+    assert check_submission(plan(privacy=without_n)).privacy["dp"]["delta"] == 0.1

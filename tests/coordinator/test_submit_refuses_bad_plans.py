@@ -38,6 +38,9 @@ client_dp = { clip_norm = 0.5, noise_multiplier = 0.5, cohort_size = 3 }
     ("min_clients = 3", 'min_clients = 3\neval_split = "train"', "job.eval_split"),
     ("[privacy]", "[secagg]\nenabled = false\n[privacy]", "secagg.enabled"),
     ("[privacy]", "[secagg]\nclip = 0.5\n[privacy]", "secagg.clip"),
+    ("client_dp = { clip_norm = 0.5, noise_multiplier = 0.5, cohort_size = 3 }",
+     "dp = { noise_multiplier = 1.1, delta = 0.1, cox_per_term = true }\n"
+     "min_site_examples = 40", "privacy.dp.delta"),
 ])
 def test_a_plan_the_sites_would_refuse_gets_no_job_id(tmp_path, old, new, field):
     coord = Coordinator(tmp_path, initial_weights=lambda plan: np.zeros(40, np.float32))

@@ -90,16 +90,61 @@ def _connector(app: InferenceServer, *, buffers: int | None = None,
     return connect
 
 
-async def _recv_response(sock: socket.socket) -> tuple[bytes, bytes]:
-    """One HTTP response with a Content-Length from a non-blocking socket: (head, body)."""
+async def _recv_response(sock: socket.socket, within: float = 30.0) -> tuple[bytes, bytes]:
+    """One HTTP response with a Content-Length from a non-blocking socket: (head, body).
+
+    Fails (AssertionError naming what arrived so far) if the peer closes the
+    connection before the whole response arrived, or if it is not all there within
+    ``within`` seconds."""
     loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
     buffer = bytearray()
     while True:
-        buffer += await loop.sock_recv(sock, 65536)
+        left = deadline - loop.time()
+        try:
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), max(left, 0.001))
+        except TimeoutError:
+            raise AssertionError(f"no whole response after {within} s; got {bytes(buffer)!r}"
+                                 ) from None
+        except ConnectionResetError:
+            chunk = b""
+        if not chunk:
+            raise AssertionError(f"connection closed mid-response; got {bytes(buffer)!r}")
+        buffer += chunk
         head, sep, body = bytes(buffer).partition(b"\r\n\r\n")
         length = re.search(rb"(?i)\r\ncontent-length: (\d+)", head)
         if sep and length and len(body) >= int(length.group(1)):
             return head, body
+
+
+def test_recv_response_fails_naming_what_arrived_when_the_peer_closes_or_stalls() -> None:
+    """The reader the lane tests wait on cannot hang a run: a peer that closes early,
+    or sends half a response and goes quiet, fails the wait with what it did send."""
+    partial = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"
+
+    async def closes_early() -> None:
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            ours.setblocking(False)
+            theirs.sendall(partial)
+            theirs.close()
+            await _recv_response(ours, within=5.0)
+
+    async def stalls() -> float:
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            ours.setblocking(False)
+            theirs.sendall(partial)
+            start = time.monotonic()
+            with pytest.raises(AssertionError) as stalled:
+                await _recv_response(ours, within=0.2)
+            assert str(stalled.value) == f"no whole response after 0.2 s; got {partial!r}"
+            return time.monotonic() - start
+
+    with pytest.raises(AssertionError) as closed:
+        asyncio.run(closes_early())
+    assert str(closed.value) == f"connection closed mid-response; got {partial!r}"
+    assert 0.2 <= asyncio.run(stalls()) < 5.0
 
 
 def _read_response(sock: socket.socket, buffer: bytearray) -> tuple[int, bytes]:

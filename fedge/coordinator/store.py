@@ -262,6 +262,9 @@ class RoundRecord:
 class Store:
     """Thread-safe access to ``<state_dir>/coordinator.sqlite3``.
 
+    ``clock``: the wall clock (``time.time``) that dates every row it writes; nothing
+    here measures time with it (the lock's timers read ``time.monotonic``).
+
     ``busy_timeout_s``: how long a write waits for another connection's lock
     (BUSY_TIMEOUT_S for the short-lived commands; the running coordinator passes
     SERVICE_BUSY_TIMEOUT_S). A write that finds the lock held raises
@@ -655,13 +658,17 @@ class Store:
         return Job(*row)
 
     def jobs(self, *, status: str | None = None) -> list[Job]:
+        """The jobs (of ``status``), in the order they were submitted: by insertion (the
+        table's rowid), never by ``submitted_at``, a wall-clock time that a step of the
+        clock backwards would put a later job's before an earlier one's. Every jobs
+        table has the rowid (its key is TEXT), so databases of any version order so."""
         q = "SELECT * FROM jobs"
         args: tuple[Any, ...] = ()
         if status is not None:
             q += " WHERE status = ?"
             args = (status,)
         with self._lock:
-            rows = self._conn.execute(q + " ORDER BY submitted_at, job_id", args).fetchall()
+            rows = self._conn.execute(q + " ORDER BY rowid", args).fetchall()
         return [Job(*r) for r in rows]
 
     def set_job_status(self, job_id: str, status: str, *, actor: str, error: str = "",
@@ -865,10 +872,10 @@ class Store:
             )
 
     def rollouts(self) -> list[dict[str, Any]]:
-        """Every saved roll-out state, oldest first."""
+        """Every saved roll-out state, oldest first (by insertion, as :meth:`jobs`)."""
         with self._lock:
             rows = self._conn.execute(
-                "SELECT state_json FROM rollouts ORDER BY started_at, rollout_id"
+                "SELECT state_json FROM rollouts ORDER BY rowid"
             ).fetchall()
         return [json.loads(r[0]) for r in rows]
 

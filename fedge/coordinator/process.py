@@ -68,7 +68,12 @@ def _optional(module: str) -> Any:
 
 
 def build_coordinator(cfg: CoordinatorConfig, **kwargs: Any) -> Coordinator:
-    """A :class:`Coordinator` for this configuration (roster from the state dir if newer)."""
+    """A :class:`Coordinator` for this configuration (roster from the state dir if newer).
+
+    Its clocks are the defaults (fedge.coordinator.service): ``time.monotonic``
+    measures its deadlines and the heartbeat timeout, as the loop below measures the
+    deafness it hands to ``not_listening`` (_deaf_for), and ``time.time`` only dates
+    its records, so a step of the wall clock moves no deadline."""
     roster = cfg.roster
     saved = cfg.state_dir / "roster.json"
     if saved.exists():

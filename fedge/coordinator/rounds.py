@@ -3,7 +3,9 @@
 Theory of operation: a :class:`Round` never touches a socket, a clock or a
 file. The coordinator feeds it the fleet view (:meth:`Round.offer`), every
 message addressed to the round (:meth:`Round.receive`) and the time
-(:meth:`Round.tick`); each call returns the messages to send, as
+(:meth:`Round.tick`: a clock that never steps, such as ``time.monotonic``, since
+every deadline is a reading of it plus a span; ``started_at`` alone is a time of
+day, for the records); each call returns the messages to send, as
 ``(site, body)`` pairs. When ``phase`` is ``DONE`` the round holds the next
 global model, the strategy's new state and the metrics; the caller writes the
 checkpoint and commits. When ``phase`` is ``FAILED`` the global model is
@@ -371,8 +373,12 @@ class Round:
     plan: Plan
     weights: np.ndarray
     strategy: Strategy
-    started_at: float
+    started_at: float  # the time of day it started, as recorded (the driver's wall clock)
     aggregation_factory: AggregationFactory = plain_factory
+    # when it opened on the clock that ``offer``, ``receive`` and ``tick`` are given
+    # (the driver's monotonic clock), from which its cohort deadline counts; None:
+    # ``started_at`` (one clock for both)
+    opened_at: float | None = None
     phase: Phase = Phase.WAITING_COHORT
     failure: str = ""
     waiting_for: str = ""  # while WAITING_COHORT: why the candidates fall short
@@ -405,7 +411,9 @@ class Round:
     def __post_init__(self) -> None:
         self.weights = np.ascontiguousarray(self.weights, dtype=np.float32)
         self.digest = bytes.fromhex(model_digest(self.weights))
-        self._deadline = self.started_at + self.plan.deadlines.cohort_s
+        if self.opened_at is None:
+            self.opened_at = self.started_at
+        self._deadline = self.opened_at + self.plan.deadlines.cohort_s
         if self.pinned_cohort is not None:
             self.pinned_cohort = sorted(self.pinned_cohort)
         self.test_task_id = f"{self.task_id}-test"

@@ -38,6 +38,18 @@ keeps the strategy state) and ``on_job_completed`` is called as for a completed 
 (the process exports it and writes the report, which says which round it is and why
 the job ended). The sites spent training time and privacy budget on it.
 
+Two clocks (:class:`Coordinator`'s ``clock`` and ``wall``): everything that
+measures time — stage and round deadlines, the heartbeat timeout behind "connected",
+postponing them (:meth:`Coordinator.not_listening`, fed by the process loop's own
+``time.monotonic`` readings), retry and throttle timers, phase durations — reads
+``clock``, ``time.monotonic`` in production, which an NTP step or a VM's resumed
+clock does not move. Only what is written down as a time of day reads ``wall``
+(``time.time``): the SQLite timestamps (``started_at``, ``ended_at``, ``last_seen``,
+``submitted_at``, the audit log's), job ids and HeartbeatAck's time. Nothing written
+to disk is compared with a ``clock`` reading, so none from an earlier boot is either
+(a round started again after a restart gets its deadlines anew; the audit throttles'
+"since" is ``clock`` shifted onto the wall clock's time at start, for reading only).
+
 A write the database refuses because another process holds its lock (an
 operator's sqlite3 shell) waits at most ``SERVICE_BUSY_TIMEOUT_S``
 (fedge.coordinator.store). A message whose handling met it before taking any
@@ -207,11 +219,14 @@ class JobRunner:
         return self.committed >= self.plan.rounds
 
     def new_round(self, now: float) -> Round:
+        """The next round, opened at ``now`` (the coordinator's ``clock``: its deadlines
+        count from it); its recorded ``started_at`` is the wall clock's time."""
         state = {k: v.copy() for k, v in self.strategy.state.items()}
         number = self.committed + 1
         self.round = Round(
             job_id=self.job_id, round=number, plan=self.plan, weights=self.weights,
-            strategy=Strategy(self.plan.strategy, state), started_at=now,
+            strategy=Strategy(self.plan.strategy, state), started_at=self.coord.wall(),
+            opened_at=now,
             aggregation_factory=self.coord.aggregation_factory(self.plan),
             pinned_cohort=self.coord.store.unmask_set(self.job_id, number),
         )
@@ -233,6 +248,12 @@ class Coordinator:
     ``aggregation`` picks the aggregation protocol for a plan (default: SecAgg+
     when the plan enables it, else plain sums); ``initial_weights`` builds a
     job's starting model.
+
+    ``clock`` measures time (deadlines, the heartbeat timeout, retry and throttle
+    timers): it must never step, ``time.monotonic`` by default. ``wall`` dates what is
+    written down (SQLite, the audit log, job ids): ``time.time`` by default, or
+    ``clock`` itself when only ``clock`` is given (a test's one fake clock then stands
+    for both; a test of a stepping wall clock passes both). Module docstring.
     """
 
     def __init__(
@@ -246,12 +267,23 @@ class Coordinator:
         initial_weights: InitialWeights = torch_initial_weights,
         aggregation: Callable[[Plan], AggregationFactory] | None = None,
         update_handler: Callable[[Any], Any] | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
+        wall: Callable[[], float] | None = None,
         busy_timeout_s: float = SERVICE_BUSY_TIMEOUT_S,
     ) -> None:
+        if clock is None:
+            clock, wall = time.monotonic, wall or time.time
+        elif wall is None:
+            wall = clock
         self.state_dir = Path(state_dir)
-        self.store = Store(self.state_dir, clock=clock, busy_timeout_s=busy_timeout_s)
-        self.clock = clock
+        self.store = Store(self.state_dir, clock=wall, busy_timeout_s=busy_timeout_s)
+        self.clock: Callable[[], float] = clock
+        self.wall: Callable[[], float] = wall
+        # The audit throttles read one time for their intervals and for the "since"
+        # their summary rows write: ``clock`` shifted onto the wall clock as it read at
+        # start, so an interval never steps and "since" is a time of day (off by any
+        # step of the wall clock since this process started).
+        self._throttle_offset = wall() - clock()
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.max_message_bytes = max_message_bytes
         self.initial_weights = initial_weights
@@ -323,7 +355,7 @@ class Coordinator:
         try:
             if self._refusals.event((site, "superseded", pair), site, "connection_superseded",
                                     {"site": site, "closed": old_address, "by": new_address},
-                                    now):
+                                    now + self._throttle_offset):
                 log.warning("site %s connected again from %s, closing its connection from "
                             "%s", site, new_address, old_address)
         except (StoreError, sqlite3.Error) as exc:
@@ -348,7 +380,7 @@ class Coordinator:
             PlanError: the plan is invalid (names the field); nothing is stored.
         """
         plan_text = with_seed(plan_text)  # parsed; a seed written in if none is named
-        job_id = f"job-{time.strftime('%Y%m%d%H%M%S', time.gmtime(self.clock()))}-" \
+        job_id = f"job-{time.strftime('%Y%m%d%H%M%S', time.gmtime(self.wall()))}-" \
                  f"{secrets.token_hex(3)}"
         self.store.create_job(job_id, plan_text, actor=actor)
         return job_id
@@ -524,7 +556,7 @@ class Coordinator:
         try:
             self._refusals.event((curve_public_z85, reason), "transport", "connection_refused",
                                  {"curve_public": curve_public_z85, "reason": reason},
-                                 self.clock())
+                                 self.clock() + self._throttle_offset)
         except (StoreError, sqlite3.Error) as exc:  # a full disk must not stop the transport
             self._not_written(f"connection_refused of {curve_public_z85}", exc)
 
@@ -597,7 +629,7 @@ class Coordinator:
                 return
             self._took_effect = True
             self._heartbeat(site, body)
-            self.outbox.append(Outgoing(site, m.HeartbeatAck(now, __version__)))
+            self.outbox.append(Outgoing(site, m.HeartbeatAck(self.wall(), __version__)))
             return
         if type(body).__name__ == "UpdateOutcome":
             if self.on_update_outcome is None:
@@ -653,7 +685,9 @@ class Coordinator:
         sites' silence over that time was the coordinator's deafness, so it does not
         count towards their heartbeat timeout, and the round's deadlines move that
         much later. A site heard since (the held message itself) is not moved: never
-        past now."""
+        past now. ``seconds`` is measured as ``clock`` measures (fedge.coordinator.process
+        reads ``time.monotonic``, the production ``clock``): a step of the wall clock
+        neither makes nor hides deafness."""
         now = self.clock()
         began = now - seconds
         for conn in self.conns.values():
@@ -735,7 +769,7 @@ class Coordinator:
         kind = head if sep else ""
         try:
             if self._rejections.event((site, action, kind), site, action, reason,
-                                      self.clock()):
+                                      self.clock() + self._throttle_offset):
                 log.warning("rejected message from %s: %s", site, reason)
         except (StoreError, sqlite3.Error) as exc:  # a full disk: the answer still goes
             self._not_written(f"{action} of a message from {site}", exc)
@@ -768,7 +802,7 @@ class Coordinator:
         for throttle in (self._refusals, self._rejections):
             if throttle.pending:
                 try:
-                    throttle.flush(now)
+                    throttle.flush(now + self._throttle_offset)
                 except (StoreError, sqlite3.Error) as exc:  # counted; flushed when it can be
                     self._not_written(f"a summary of {throttle.verb} events", exc)
         if self.runner is None:
@@ -1098,7 +1132,7 @@ class Coordinator:
         return secagg_factory(self)
 
     def close(self) -> None:
-        now = self.clock()
+        now = self.clock() + self._throttle_offset
         try:
             for throttle in (self._refusals, self._rejections):  # counted, not yet audited
                 throttle.close(now)

@@ -28,9 +28,29 @@ class Clock:
         return self.t
 
 
+class SteppingWall:
+    """The wall clock of a machine whose time of day steps (an NTP correction, a VM
+    resumed): ``mono``'s reading plus an offset that :meth:`step` changes, while
+    ``mono`` (the coordinator's monotonic clock) goes on as before."""
+
+    def __init__(self, mono: Clock, start: float = 1_800_000_000.0) -> None:
+        self.mono = mono
+        self.offset = start - mono.t
+
+    def __call__(self) -> float:
+        return self.mono.t + self.offset
+
+    def step(self, seconds: float) -> None:
+        self.offset += seconds
+
+
 class InProcFederation:
-    def __init__(self, state_dir, sites, *, dim=8, n_examples=None, clock=None):
+    def __init__(self, state_dir, sites, *, dim=8, n_examples=None, clock=None, wall=None):
+        """``clock``: the coordinator's monotonic clock (a :class:`Clock`, which
+        :meth:`pump` advances); ``wall``: its wall clock (e.g. a :class:`SteppingWall`),
+        by default ``clock`` itself."""
         self.clock = clock or Clock()
+        self.wall = wall or self.clock
         console = self.console = Identity.generate()
         self.identities = {s: Identity.generate() for s in sites}
         roster = Roster.build({s: i.public_bytes() for s, i in self.identities.items()}, console)
@@ -38,7 +58,7 @@ class InProcFederation:
         self.coord = Coordinator(
             state_dir, roster=roster.to_bytes(), roster_public_key=console.public_bytes(),
             heartbeat_timeout_s=30.0, initial_weights=lambda plan: np.zeros(dim, np.float32),
-            clock=self.clock)
+            clock=self.clock, **({} if wall is None else {"wall": wall}))
         self.pool = ThreadPoolExecutor(2)
         self.agents: dict[str, Agent] = {}
         self.inbox: list[tuple[str, list]] = []

@@ -71,24 +71,39 @@ class AdminConfig:
 
 
 class AdminService:
-    """Admin logic over a `fedge.coordinator.service.Coordinator`."""
+    """Admin logic over a `fedge.coordinator.service.Coordinator`.
+
+    ``clock`` measures the roll-outs' deadlines and re-asks and the TUF timestamp's
+    check interval: it must never step, ``time.monotonic`` by default. ``wall`` dates
+    a roll-out's ask in its saved state, so a restarted coordinator counts the
+    downtime against the deadline (fedge.update.rollout): ``time.time`` by default,
+    or ``clock`` itself when only ``clock`` is given (a test's one fake clock).
+    """
 
     def __init__(self, coordinator: Any, operators: dict[str, Operator], *,
                  updates: Any | None = None,
                  send: Callable[[str, Any], None] | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] | None = None,
+                 wall: Callable[[], float] | None = None) -> None:
+        if clock is None:
+            clock, wall = time.monotonic, wall or time.time
+        elif wall is None:
+            wall = clock
         self.coordinator = coordinator
         self.operators = dict(operators)
         self.updates = updates
-        self.clock = clock
+        self.clock: Callable[[], float] = clock
+        self.wall: Callable[[], float] = wall
         self._send = send or self._outbox_send
         # Roll-outs live in the coordinator's database: a restarted coordinator answers
         # for finished ones and goes on with the one in flight (an outcome reported
-        # after the restart advances it; its deadline kept running meanwhile).
+        # after the restart advances it; its deadline kept running meanwhile, by the
+        # wall clock: the saved time of its ask is one).
         self.rollouts: dict[str, Rollout] = {}
+        now, wall_now = self.clock(), self.wall()
         for saved in coordinator.store.rollouts():
             try:
-                rollout = Rollout.from_state(saved)
+                rollout = Rollout.from_state(saved, now=now, wall=wall_now)
             except ValueError as exc:
                 log.error("a saved roll-out cannot be resumed: %s", exc)
                 continue
@@ -260,7 +275,7 @@ class AdminService:
         rollout = Rollout(f"rollout-{secrets.token_hex(4)}", path, list(sites),
                           deadline_s=float(args.get("deadline_s", 300.0)))
         self.rollouts[rollout.rollout_id] = rollout
-        sends = rollout.start(self.clock())
+        sends = rollout.start(self.clock(), self.wall())
         self._save(rollout)
         for site, msg in sends:
             self._send(site, msg)
@@ -328,7 +343,7 @@ class AdminService:
         if rollout is None:
             return
         was = rollout.to_state()
-        sends = rollout.receive(site, outcome, self.clock())
+        sends = rollout.receive(site, outcome, self.clock(), self.wall())
         if rollout.to_state() != was:
             self._save(rollout)
         for to, msg in sends:

@@ -16,6 +16,14 @@ The awaited site is asked again, with no change of state, whenever it reconnects
 or an outcome lost with a dying connection or a crashed coordinator is sent
 again, and the agent does not install twice (it answers a repeated ask with the
 outcome it already reported, and ignores one for an install still running).
+
+Two clocks: ``now`` (every method's) measures the deadline and the re-asks and must
+never step (the coordinator passes ``time.monotonic``), so an NTP step neither fails
+an install still running nor stretches the wait for a silent site. ``wall`` (given
+with ``now`` wherever a site is asked) dates the ask for :meth:`Rollout.to_state`:
+a monotonic reading means nothing to the next boot, so the saved state holds the
+wall-clock time of the ask, and :meth:`Rollout.from_state` turns it back into the
+new process's ``now`` (the downtime counts against the deadline).
 """
 
 from __future__ import annotations
@@ -45,7 +53,8 @@ class Rollout:
     results: dict[str, dict[str, object]] = field(default_factory=dict)
     failure: str = ""
     _next: int = 0
-    _waiting_since: float = 0.0
+    _waiting_since: float = 0.0  # on the ``now`` clock (module doc)
+    _waiting_since_wall: float = 0.0  # the same instant on the wall clock, as saved
     _asked_at: float = 0.0
 
     def __post_init__(self) -> None:
@@ -71,26 +80,32 @@ class Rollout:
     def _go(self, event: str) -> None:
         self.state = TRANSITIONS[(self.state, event)]
 
-    def start(self, now: float) -> list[tuple[str, UpdateAvailable]]:
-        """Raises: RuntimeError if already started."""
+    def start(self, now: float, wall: float | None = None
+              ) -> list[tuple[str, UpdateAvailable]]:
+        """Ask the canary. ``wall``: the wall clock's time (module doc); None: ``now``
+        (one clock for both).
+
+        Raises: RuntimeError if already started."""
         if self.state != "pending":
             raise RuntimeError(f"roll-out {self.rollout_id} already {self.state}")
         self._go("start")
-        return self._ask(now)
+        return self._ask(now, wall)
 
     @property
     def reask_interval_s(self) -> float:
         """How long the awaited site may stay silent before it is asked again."""
         return self.deadline_s / 4
 
-    def _ask(self, now: float) -> list[tuple[str, UpdateAvailable]]:
+    def _ask(self, now: float, wall: float | None) -> list[tuple[str, UpdateAvailable]]:
         self._waiting_since = self._asked_at = now
+        self._waiting_since_wall = now if wall is None else wall
         return [(self.sites[self._next], UpdateAvailable(self.rollout_id, self.path))]
 
-    def receive(self, site: str, outcome: UpdateOutcome, now: float
-                ) -> list[tuple[str, UpdateAvailable]]:
+    def receive(self, site: str, outcome: UpdateOutcome, now: float,
+                wall: float | None = None) -> list[tuple[str, UpdateAvailable]]:
         """Feed one agent's outcome. Outcomes from sites not being waited on, or for
-        another roll-out or path, are ignored (returns [])."""
+        another roll-out or path, are ignored (returns []). ``wall`` as for
+        :meth:`start`."""
         if (self.done or site != self.waiting_for or outcome.rollout_id != self.rollout_id
                 or outcome.path != self.path):
             return []
@@ -108,7 +123,7 @@ class Rollout:
         if self._next == len(self.sites):
             self._go("done")
             return []
-        return self._ask(now)
+        return self._ask(now, wall)
 
     def reask(self, site: str, now: float) -> list[tuple[str, UpdateAvailable]]:
         """``site`` is back (reconnected, or first seen by a restarted coordinator): if it
@@ -139,24 +154,36 @@ class Rollout:
         self._go("failed")
 
     def to_state(self) -> dict[str, Any]:
-        """Everything needed to go on after a coordinator restart (JSON-able)."""
+        """Everything needed to go on after a coordinator restart (JSON-able); its
+        ``waiting_since`` is the wall-clock time of the ask (module doc)."""
         return {**self.to_dict(), "deadline_s": self.deadline_s, "next": self._next,
-                "waiting_since": self._waiting_since}
+                "waiting_since": self._waiting_since_wall}
 
     @classmethod
-    def from_state(cls, state: dict[str, Any]) -> Rollout:
+    def from_state(cls, state: dict[str, Any], *, now: float | None = None,
+                   wall: float | None = None) -> Rollout:
         """The roll-out :meth:`to_state` saved. The deadline runs on from the saved
-        ``waiting_since`` (wall-clock seconds), so downtime counts against it.
+        ``waiting_since`` (wall-clock seconds), so downtime counts against it: given
+        this process's ``now`` and ``wall`` (read together), the wait so far is
+        ``wall - waiting_since`` (none if the wall clock is now before it) and the
+        deadline counts from ``now`` less that; without them, from ``waiting_since``
+        on the one clock given to later calls.
 
         Raises:
-            ValueError: a field is missing or out of range (named).
+            ValueError: a field is missing or out of range (named), or only one of
+                ``now`` and ``wall`` is given.
         """
+        if (now is None) != (wall is None):
+            raise ValueError("Rollout.from_state needs both now and wall, or neither")
         try:
             r = cls(str(state["rollout_id"]), str(state["path"]),
                     [str(s) for s in state["sites"]], float(state["deadline_s"]))
             r.state, r.failure = str(state["state"]), str(state["failure"])
             r.results = {str(k): dict(v) for k, v in state["results"].items()}
-            r._next, r._waiting_since = int(state["next"]), float(state["waiting_since"])
+            r._next, r._waiting_since_wall = int(state["next"]), float(state["waiting_since"])
+            r._waiting_since = r._waiting_since_wall
+            if now is not None and wall is not None:
+                r._waiting_since = now - max(0.0, wall - r._waiting_since_wall)
             r._asked_at = r._waiting_since
         except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"saved roll-out lacks or mistypes {exc}") from exc

@@ -412,3 +412,13 @@ def test_a_job_with_a_misspelt_model_parameter_stored_by_an_earlier_release_stay
         torch_initial_weights(plan)
     with pytest.raises(ValueError, match="unknown parameter 'hiden'"):  # as the agent's
         build_model(ModelSpec(plan.model_name, dict(plan.model_params)))  # trainer does
+
+
+@pytest.mark.parametrize("target", ["0.0", "-3.0"])
+def test_a_target_epsilon_that_is_not_positive_is_refused_as_such(target):
+    """Refused for what it is (not a budget no noise could meet): the message says the
+    target must be above 0."""
+    with pytest.raises(PlanError) as info:
+        check_submission(_privacy_plan("dp", f"noise_multiplier = 1.0, target_epsilon = {target}"))
+    assert info.value.field == "privacy.dp.target_epsilon"
+    assert "must be > 0" in str(info.value), str(info.value)

@@ -123,9 +123,15 @@ def test_resnet_small_trains_on_an_image_folder(tmp_path: Path) -> None:
 
 @pytest.mark.gpu
 def test_cuda_training_matches_cpu(site) -> None:  # type: ignore[no-untyped-def]
+    """Truly needs torch on CUDA: local_train moves the torch model and batches to
+    device="cuda". With a CPU-only torch it skips even where a GPU is present."""
+    from fedge import core
+
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
+        pytest.skip(f"training with device='cuda' needs a CUDA-enabled torch: torch "
+                    f"{torch.__version__} has none (torch.cuda.is_available() is False; "
+                    f"GPUs visible to fedge._core: {core.info()['gpus']})")
     w0 = flatten(build_model(COX))
     cpu = local_train(
         COX, w0, site, TrainConfig(steps=20, batch_size=8, lr=0.05, device="cpu"), round=0

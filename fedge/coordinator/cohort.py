@@ -1,9 +1,11 @@
 """Cohort selection: which appliances may take part in a round.
 
 A site is a candidate when it is enrolled (not revoked), connected (heard from
-within the heartbeat timeout), eligible by its own health policy, holds the
-job's data set, and is not busy with another job. Every exclusion has a reason,
-so an operator can see why a site sat a round out.
+within the heartbeat timeout), has sent this coordinator process a heartbeat since
+it connected (until then what it declares is unknown: after a restart, an agent's
+first message may be another), eligible by its own health policy, holds the job's
+data set, and is not busy with another job. Every exclusion has a reason, so an
+operator can see why a site sat a round out.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 from fedge.coordinator.store import Appliance
 
 EXPLAIN_SITES = 5  # sites named in a cohort shortfall; the rest are counted
+WAITING_FOR_HEARTBEAT = "connected, waiting for its first heartbeat"
 
 
 @dataclass(frozen=True)
@@ -57,13 +60,18 @@ class Selection:
 
 def select_cohort(appliances: Iterable[Appliance], *, connected: set[str], dataset: str,
                   busy: set[str] | None = None,
-                  protocols: Mapping[str, int] | None = None,
+                  protocols: Mapping[str, int | None] | None = None,
                   secure_protocol: int | None = None) -> Selection:
     """Split the fleet into candidates and excluded sites (with the reason).
 
+    ``protocols``: each connected site's secure-aggregation protocol from its
+    heartbeats, None for a site not heard from by heartbeat yet (it is left out,
+    "waiting for its first heartbeat", for any job: its eligibility and data sets are
+    as it last declared them, perhaps before a restart). A site missing from
+    ``protocols`` speaks protocol 1 (an agent from before the field existed).
     ``secure_protocol``: for a secure job, the secure-aggregation protocol the
-    coordinator speaks; a site whose ``protocols`` entry (from its heartbeats) differs
-    is left out, as its masks would not cancel with the others'."""
+    coordinator speaks; a site whose protocol differs is left out, as its masks would
+    not cancel with the others'."""
     busy = busy or set()
     protocols = protocols or {}
     appliances = list(appliances)
@@ -74,6 +82,8 @@ def select_cohort(appliances: Iterable[Appliance], *, connected: set[str], datas
             excluded[a.site_id] = f"status {a.status}"
         elif a.site_id not in connected:
             excluded[a.site_id] = "not connected"
+        elif a.site_id in protocols and protocols[a.site_id] is None:
+            excluded[a.site_id] = WAITING_FOR_HEARTBEAT
         elif not a.eligible:
             excluded[a.site_id] = f"not eligible: {a.eligibility_reason or 'no reason given'}"
         elif dataset not in a.datasets:

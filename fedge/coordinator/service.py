@@ -168,7 +168,10 @@ class _Conn:
     seen_set: set[str] = field(default_factory=set)
     last_heartbeat: tuple[Any, ...] = ()
     persisted_at: float = float("-inf")
-    secagg_protocol: int = 1  # from its heartbeats (fedge.coordinator.rounds)
+    # from its heartbeats (fedge.coordinator.rounds); None until this process has had
+    # one: after a restart an agent's first message may be another (a late answer),
+    # and the site is then "connected, waiting for its first heartbeat" (cohort.py)
+    secagg_protocol: int | None = None
 
     def seen(self, msg_id: str) -> bool:
         if msg_id in self.seen_set:

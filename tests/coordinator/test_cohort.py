@@ -54,3 +54,22 @@ def test_a_secure_job_leaves_out_sites_speaking_another_secure_aggregation_proto
     plain = select_cohort(store.appliances(), connected={"new", "old"}, dataset="brca",
                           protocols=protocols, secure_protocol=None)
     assert plain.candidates == ["new", "old"]  # a plain job needs no common key derivation
+
+
+def test_a_connected_site_not_heard_from_by_heartbeat_yet_waits_for_one(tmp_path):
+    """Its protocol (None) is unknown, and so is what it declares now: for a secure or a
+    plain job it is left out as waiting, with no advice to update it."""
+    from fedge.coordinator.cohort import WAITING_FOR_HEARTBEAT
+    from fedge.coordinator.rounds import SECAGG_PROTOCOL
+
+    store = Store(tmp_path)
+    for i, site in enumerate(["beat", "quiet"]):
+        store.enrol(site, f"{i:040d}", ED, actor="t")
+        store.record_heartbeat(site, version="0.1.0", health={}, eligible=True, reason="",
+                               datasets=["brca"], current_task="")
+    protocols = {"beat": SECAGG_PROTOCOL, "quiet": None}
+    for secure in (SECAGG_PROTOCOL, None):
+        sel = select_cohort(store.appliances(), connected={"beat", "quiet"}, dataset="brca",
+                            protocols=protocols, secure_protocol=secure)
+        assert sel.candidates == ["beat"]
+        assert sel.excluded == {"quiet": WAITING_FOR_HEARTBEAT}

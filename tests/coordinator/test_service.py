@@ -512,3 +512,49 @@ def test_a_site_sending_malformed_messages_in_a_loop_is_answered_each_time_audit
                               b"x" * (2 << 20)])
     rows = coord.store.audit_log(action="malformed_message")
     assert len(rows) == 3 and "OversizeMessage" in rows[2]["detail"]
+
+
+def _restarted(fed):
+    """A new coordinator process on ``fed``'s state directory (the old one closed)."""
+    from fedge.coordinator.service import Coordinator
+
+    old = fed.coord
+    fed.inbox.clear()
+    fed.coord = Coordinator(old.state_dir, roster=old.roster,
+                            roster_public_key=old.roster_public_key, heartbeat_timeout_s=30.0,
+                            initial_weights=old.initial_weights, clock=fed.clock)
+    old.close()
+    return fed.coord
+
+
+def test_after_a_restart_a_site_whose_first_message_is_no_heartbeat_waits_for_one(federation):
+    """A restarted coordinator hears from site a first by a late answer, not a heartbeat:
+    a is connected but what it speaks is unknown. It is shown as waiting for its first
+    heartbeat (no "update the appliance" advice, which would be wrong: it is current),
+    and sits in the cohort as soon as that heartbeat comes."""
+    fed = federation(["a", "b"])
+
+    async def beat(*sites):
+        for s in sites:
+            await fed.agents[s].heartbeat()
+        while fed.inbox:
+            fed.coord.handle_frames(*fed.inbox.pop(0))
+
+    asyncio.run(beat("a", "b"))  # both declared their data sets before the restart
+    coord = _restarted(fed)
+    job = coord.submit_job(PLAN.replace("enabled = false", "enabled = true"), actor="test")
+    late = codec.encode(m.TaskRefused("t-old", "train", "too late"), sender="a",
+                        job="job-old", round=1)
+    coord.handle_frames("a", [bytes(f) for f in late])  # stale: rejected, but a is back
+    asyncio.run(beat("b"))
+    coord.tick()
+    assert coord.connected_sites() == {"a", "b"}
+    wait = coord.job_status(job)["cohort_wait"]
+    assert wait["excluded"] == {"a": "connected, waiting for its first heartbeat"}, wait
+    assert "update the appliance" not in wait["summary"]
+    asyncio.run(beat("a"))
+    coord.tick()
+    status = coord.job_status(job)
+    assert status["phase"] == "training" and "cohort_wait" not in status
+    assert coord.runner.round.cohort == ["a", "b"]
+

@@ -12,6 +12,14 @@ recently seen dropped first (its count audited as it goes). And at most
 ``max_new_keys`` new keys a window are audited in full: past that (a flood of fresh
 keys, each new by construction) events are counted under one overflow key per
 action, whose summary row says how many there were.
+
+Two times: the ``now`` each call is given measures the intervals (``every_s``, the
+window of new keys) and must never step (the coordinator passes ``time.monotonic``
+readings); the "since" a summary row writes is a time of day, read from ``wall``
+(``time.time`` in the coordinator) when the first event it counts happens. A step of
+the wall clock then moves neither an interval nor a row's due time, and "since" says
+what the wall clock said. Without ``wall``, ``now`` serves for both (a test's one
+fake clock).
 """
 
 from __future__ import annotations
@@ -37,15 +45,19 @@ class _Pending:
     detail: Any  # the last event's, for the summary row (a dict, or a reason string)
     audited_at: float
     count: int = 0  # events not yet in the audit log
-    since: float = 0.0  # the first of them
+    since: float = 0.0  # the first of them, by the wall clock
 
 
 class AuditThrottle:
-    """``event(key, actor, action, detail, now)`` audits or counts one event."""
+    """``event(key, actor, action, detail, now)`` audits or counts one event.
+
+    ``wall``: the wall clock "since" is read from (module docstring); None: ``now``."""
 
     def __init__(self, audit: Audit, *, verb: str, every_s: float = 60.0,
-                 max_keys: int = 1024, max_new_keys: int = 60) -> None:
+                 max_keys: int = 1024, max_new_keys: int = 60,
+                 wall: Callable[[], float] | None = None) -> None:
         self.audit = audit
+        self.wall = wall
         self.verb = verb  # "refused", "rejected": the summary says "<verb> N more times"
         self.every_s = every_s
         self.max_keys = max_keys
@@ -79,7 +91,7 @@ class AuditThrottle:
             return True
         self._keys.move_to_end(key)
         if entry.count == 0:
-            entry.since = now
+            entry.since = now if self.wall is None else self.wall()
         entry.count += 1
         entry.detail = detail
         self._pending[key] = None

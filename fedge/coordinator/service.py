@@ -47,8 +47,8 @@ clock does not move. Only what is written down as a time of day reads ``wall``
 (``time.time``): the SQLite timestamps (``started_at``, ``ended_at``, ``last_seen``,
 ``submitted_at``, the audit log's), job ids and HeartbeatAck's time. Nothing written
 to disk is compared with a ``clock`` reading, so none from an earlier boot is either
-(a round started again after a restart gets its deadlines anew; the audit throttles'
-"since" is ``clock`` shifted onto the wall clock's time at start, for reading only).
+(a round started again after a restart gets its deadlines anew; the audit throttles
+measure their intervals on ``clock`` and read the "since" they write from ``wall``).
 
 A write the database refuses because another process holds its lock (an
 operator's sqlite3 shell) waits at most ``SERVICE_BUSY_TIMEOUT_S``
@@ -282,11 +282,6 @@ class Coordinator:
         self.store = Store(self.state_dir, clock=wall, busy_timeout_s=busy_timeout_s)
         self.clock: Callable[[], float] = clock
         self.wall: Callable[[], float] = wall
-        # The audit throttles read one time for their intervals and for the "since"
-        # their summary rows write: ``clock`` shifted onto the wall clock as it read at
-        # start, so an interval never steps and "since" is a time of day (off by any
-        # step of the wall clock since this process started).
-        self._throttle_offset = wall() - clock()
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.max_message_bytes = max_message_bytes
         self.initial_weights = initial_weights
@@ -297,10 +292,14 @@ class Coordinator:
         self.outbox: list[Outgoing] = []
         self.conns: dict[str, _Conn] = {}
         self.runner: JobRunner | None = None
+        # The audit throttles measure their intervals on ``clock`` (the ``now`` they are
+        # given) and read the "since" of their summary rows from ``wall``.
         self._refusals = AuditThrottle(self.store.audit, verb="refused",
-                                       every_s=REFUSAL_SUMMARY_S, max_keys=REFUSAL_KEYS)
+                                       every_s=REFUSAL_SUMMARY_S, max_keys=REFUSAL_KEYS,
+                                       wall=wall)
         self._rejections = AuditThrottle(self.store.audit, verb="rejected",
-                                         every_s=REFUSAL_SUMMARY_S, max_keys=REFUSAL_KEYS)
+                                         every_s=REFUSAL_SUMMARY_S, max_keys=REFUSAL_KEYS,
+                                         wall=wall)
         self._write_failed_at = float("-inf")  # when a record last failed (_not_written)
         # whether the message being handled has taken effect (handle_frames): a locked
         # database met before it did hands the message back, after it loses a record
@@ -358,7 +357,7 @@ class Coordinator:
         try:
             if self._refusals.event((site, "superseded", pair), site, "connection_superseded",
                                     {"site": site, "closed": old_address, "by": new_address},
-                                    now + self._throttle_offset):
+                                    now):
                 log.warning("site %s connected again from %s, closing its connection from "
                             "%s", site, new_address, old_address)
         except (StoreError, sqlite3.Error) as exc:
@@ -559,7 +558,7 @@ class Coordinator:
         try:
             self._refusals.event((curve_public_z85, reason), "transport", "connection_refused",
                                  {"curve_public": curve_public_z85, "reason": reason},
-                                 self.clock() + self._throttle_offset)
+                                 self.clock())
         except (StoreError, sqlite3.Error) as exc:  # a full disk must not stop the transport
             self._not_written(f"connection_refused of {curve_public_z85}", exc)
 
@@ -772,7 +771,7 @@ class Coordinator:
         kind = head if sep else ""
         try:
             if self._rejections.event((site, action, kind), site, action, reason,
-                                      self.clock() + self._throttle_offset):
+                                      self.clock()):
                 log.warning("rejected message from %s: %s", site, reason)
         except (StoreError, sqlite3.Error) as exc:  # a full disk: the answer still goes
             self._not_written(f"{action} of a message from {site}", exc)
@@ -805,7 +804,7 @@ class Coordinator:
         for throttle in (self._refusals, self._rejections):
             if throttle.pending:
                 try:
-                    throttle.flush(now + self._throttle_offset)
+                    throttle.flush(now)
                 except (StoreError, sqlite3.Error) as exc:  # counted; flushed when it can be
                     self._not_written(f"a summary of {throttle.verb} events", exc)
         if self.runner is None:
@@ -1135,7 +1134,7 @@ class Coordinator:
         return secagg_factory(self)
 
     def close(self) -> None:
-        now = self.clock() + self._throttle_offset
+        now = self.clock()
         try:
             for throttle in (self._refusals, self._rejections):  # counted, not yet audited
                 throttle.close(now)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -558,3 +559,41 @@ def test_after_a_restart_a_site_whose_first_message_is_no_heartbeat_waits_for_on
     assert status["phase"] == "training" and "cohort_wait" not in status
     assert coord.runner.round.cohort == ["a", "b"]
 
+
+def test_a_wall_clock_step_moves_no_throttle_interval_but_since_shows_the_wall_time(
+        federation):
+    """The throttle's minute is measured on the monotonic clock: the wall clock stepping
+    back an hour neither delays the summary row nor brings it early. Its "since" is
+    the wall clock's reading when the first counted refusal came, step included."""
+    import json
+
+    from tests.coordinator.conftest import Clock, SteppingWall
+
+    mono = Clock()
+    wall = SteppingWall(mono)
+    fed = federation(["a"], clock=mono, wall=wall)
+    coord, key, why = fed.coord, "K" * 40, "unknown key"
+
+    def rows():
+        return [json.loads(r["detail"]) for r in coord.store.audit_log(
+            action="connection_refused")]
+
+    t0 = mono.t
+    coord.refused(key, why)  # audited in full
+    wall.step(-3600.0)
+    mono.t += 1.0
+    counted_at = wall()  # the first counted refusal's time of day, an hour back
+    coord.refused(key, why)
+    mono.t = t0 + 59.5
+    coord.tick()
+    assert len(rows()) == 1  # 59.5 s on the monotonic clock: not a minute yet
+    wall.step(+7200.0)  # and forward past the minute: still not due
+    coord.tick()
+    assert len(rows()) == 1
+    mono.t = t0 + 60.0
+    coord.tick()  # a minute by the monotonic clock, whatever the wall clock did
+    summary = rows()[1]
+    assert summary["repeated"] == 1
+    assert summary["since"] == pytest.approx(counted_at)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(counted_at))
+    assert summary["summary"] == f"refused 1 more time since {stamp}"

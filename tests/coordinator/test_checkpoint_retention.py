@@ -269,12 +269,17 @@ def test_a_failed_job_keeps_its_last_committed_round_and_drops_one_never_committ
 
 
 def test_a_restarted_coordinator_keeps_an_ended_jobs_result_and_drops_its_old_rounds(
-        tmp_path, monkeypatch):
+        tmp_path):
     """Killed after a job was marked failed, before its final model was written and
     its old rounds removed: the next start (process._resume_finishing) writes the
-    final model from the last committed round, then removes the rounds before it."""
+    final model from the last committed round, removes the rounds before it, then
+    finishes the job for real: its ONNX export (of that model) and its report."""
     coord = Coordinator(tmp_path, initial_weights=lambda p: np.zeros(4, np.float32))
-    job = coord.submit_job(fedadam(), actor="test")
+    # a model `fedge export` can build from the plan: 3 inputs and a bias, 4 weights
+    exportable = fedadam().replace('name = "linear"\n',
+                                   'name = "linear"\nparams = { in_features = 3 }\n')
+    assert exportable != fedadam()
+    job = coord.submit_job(exportable, actor="test")
     text = coord.store.job(job).plan_toml
     for r in (0, 1, 2, 3):
         c = ck.Checkpoint(weights=np.full(4, r, np.float32), round=r, plan=text,
@@ -285,21 +290,31 @@ def test_a_restarted_coordinator_keeps_an_ended_jobs_result_and_drops_its_old_ro
                                      survivors=["a", "b"], dropped=[], model_digest=digest,
                                      metrics=[])
     coord.store.set_job_status(job, "failed", actor="test", error="round 3 failed 3 times")
-    finished: list[str] = []
-
-    async def finish_job(c, job_id):
-        finished.append(job_id)
-    monkeypatch.setattr(process, "finish_job", finish_job)
     try:
         assert process.unfinished_jobs(coord) == [job]
         asyncio.run(process._resume_finishing(coord, [job]))
-        assert finished == [job]
-        assert kept(coord, job) == ["final.safetensors", "round-0.safetensors",
-                                    "round-2.safetensors"]
+        assert not coord.store.audit_log(action="model_export_failed")
+        assert kept(coord, job) == ["final.safetensors", "model.onnx", "report.json",
+                                    "report.md", "round-0.safetensors", "round-2.safetensors"]
         final = ck.load_checkpoint(ck.final_path(tmp_path, job))
         assert (final.round, final.strategy_state) == (2, {})
         assert final.weights.tolist() == [2.0] * 4
         assert coord.store.job(job).final_digest == final.model_digest
+        # the export is of that model: it names its digest and computes with its weights
+        import onnxruntime as ort
+
+        from fedge.serve.export import read_metadata
+
+        onnx_path = ck.job_dir(tmp_path, job) / "model.onnx"
+        assert read_metadata(onnx_path).get("model_digest") == final.model_digest
+        sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        x = np.array([[1.0, 2.0, 3.0]], np.float32)
+        (y,) = sess.run(None, {sess.get_inputs()[0].name: x})
+        assert y.ravel().tolist() == [2.0 * (1 + 2 + 3) + 2.0]  # w = 2, bias = 2
+        report = json.loads((ck.job_dir(tmp_path, job) / "report.json").read_text())
+        assert (report["job_id"], report["status"], report["partial"], report["error"],
+                report["committed_round"]) == (job, "failed", True, "round 3 failed 3 times", 2)
+        assert process.unfinished_jobs(coord) == []
     finally:
         coord.close()
 

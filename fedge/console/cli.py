@@ -76,7 +76,8 @@ def register(subparsers: Any) -> None:
 
     jobs = sub.add_parser("jobs", help="federation jobs").add_subparsers(
         dest="jobs_command", metavar="COMMAND", required=True)
-    s = jobs.add_parser("submit", help="submit a plan (TOML)")
+    s = jobs.add_parser("submit", help="submit a plan (TOML): prints the job id, and on "
+                        "stderr a warning for a job queued that may not run as planned")
     s.add_argument("plan", type=Path)
     s.set_defaults(func=_cmd_jobs_submit)
     s = jobs.add_parser("list", help="all jobs")
@@ -391,7 +392,9 @@ def _cmd_jobs_submit(args: argparse.Namespace) -> int:
         except PlanError as exc:  # not text: refused here, nothing sent
             return _fail(str(exc), 2)
         result, _ = _call(args, "jobs_submit", {"plan": text})
-        print(result["job_id"])
+        print(result["job_id"])  # alone on stdout: scripts read the id from it
+        for warning in result.get("warnings") or []:  # queued all the same
+            print(f"warning: {printable(warning)}", file=sys.stderr)
         return 0
 
     return _run(go, args)

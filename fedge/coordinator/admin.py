@@ -179,8 +179,13 @@ class AdminService:
         return self.coordinator.job_status(str(args["job_id"])), {}
 
     def _op_jobs_submit(self, op: Operator, args: dict, blobs: dict) -> tuple[Any, dict]:
-        return {"job_id": self.coordinator.submit_job(str(args["plan"]),
-                                                      actor=f"{ADMIN_ACTOR}:{op.name}")}, {}
+        """``{"job_id", "warnings"}``: what the operator should know about the job
+        queued (Coordinator.submit_job), each a sentence; [] when nothing."""
+        warnings: list[str] = []
+        job_id = self.coordinator.submit_job(str(args["plan"]),
+                                             actor=f"{ADMIN_ACTOR}:{op.name}",
+                                             warnings=warnings)
+        return {"job_id": job_id, "warnings": warnings}, {}
 
     def _op_jobs_cancel(self, op: Operator, args: dict, blobs: dict) -> tuple[Any, dict]:
         self.coordinator.cancel_job(str(args["job_id"]), actor=f"{ADMIN_ACTOR}:{op.name}")

@@ -172,6 +172,9 @@ class _Conn:
     # one: after a restart an agent's first message may be another (a late answer),
     # and the site is then "connected, waiting for its first heartbeat" (cohort.py)
     secagg_protocol: int | None = None
+    # the data sets its last heartbeat declared (None: no heartbeat since this process
+    # started); what submit_job checks a plan's job.dataset against
+    datasets: tuple[str, ...] | None = None
 
     def seen(self, msg_id: str) -> bool:
         if msg_id in self.seen_set:
@@ -375,17 +378,57 @@ class Coordinator:
             return None
         return {"times": len(recent), "addresses": sorted(addresses)}
 
-    def submit_job(self, plan_text: str, actor: str = "console") -> str:
-        """Queue a job; returns its id.
+    def submit_job(self, plan_text: str, actor: str = "console",
+                   warnings: list[str] | None = None) -> str:
+        """Queue a job; returns its id. What the operator should know about a job that
+        is queued all the same (:meth:`submission_warnings`) is appended to
+        ``warnings``.
 
         Raises:
             PlanError: the plan is invalid (names the field); nothing is stored.
+            CoordinatorError: no site declares the plan's data set (a typo), named with
+                the data sets the sites do declare (:meth:`submission_warnings`);
+                nothing is stored.
         """
         plan_text = with_seed(plan_text)  # parsed; a seed written in if none is named
+        found = self.submission_warnings(parse_plan(plan_text))
         job_id = f"job-{time.strftime('%Y%m%d%H%M%S', time.gmtime(self.wall()))}-" \
                  f"{secrets.token_hex(3)}"
         self.store.create_job(job_id, plan_text, actor=actor)
+        if warnings is not None:
+            warnings.extend(found)
         return job_id
+
+    def submission_warnings(self, plan: Plan) -> list[str]:
+        """What submitting ``plan`` now deserves to be told, from what the enrolled sites
+        declared in their heartbeats to this process (a coordinator just started, not
+        heard from any yet, knows nothing and says nothing).
+
+        Raises:
+            CoordinatorError: no site heard from declares ``job.dataset`` while at least
+                ``min_clients`` have declared theirs: a job that would wait
+                ``cohort_s`` × ``max_failed_attempts`` for nothing and block the queue.
+        """
+        enrolled = {a.site_id for a in self.store.appliances() if a.status == "enrolled"}
+        known = {s: c.datasets for s, c in self.conns.items()
+                 if s in enrolled and c.datasets is not None}
+        if not known:
+            return []
+        holders = sorted(s for s, ds in known.items() if plan.dataset in ds)
+        if not holders and len(known) >= plan.min_clients:
+            raise CoordinatorError(
+                f"plan field job.dataset = {plan.dataset!r}: no enrolled site declares "
+                f"this data set; the {len(known)} site(s) heard from declare "
+                f"{_declared(known)}. Nothing was submitted")
+        if len(holders) >= plan.min_clients:
+            return []
+        who = f" ({_names(holders)})" if holders else ""
+        return [f"job.dataset {plan.dataset!r} is declared by {len(holders)} of the "
+                f"{len(known)} site(s) heard from{who}, fewer than job.min_clients = "
+                f"{plan.min_clients} ({len(enrolled) - len(known)} enrolled site(s) not "
+                "heard from yet): unless more sites holding it connect, its rounds wait "
+                f"for a cohort and the job fails after {plan.max_failed_attempts} "
+                f"attempt(s) of {plan.deadlines.cohort_s:g} s"]
 
     def list_jobs(self) -> list[dict[str, Any]]:
         return [j.to_dict() for j in self.store.jobs()]
@@ -737,6 +780,7 @@ class Coordinator:
         # hundreds beating every second must not turn into hundreds of fsyncs.
         conn = self.conns[site]
         conn.secagg_protocol = hb.secagg_protocol
+        conn.datasets = tuple(d[:HEARTBEAT_TEXT_MAX] for d in hb.datasets[:DATASETS_MAX])
         now = self.clock()
         key = (hb.version, hb.health_json, hb.eligible, hb.reason, tuple(hb.datasets),
                hb.current_task)
@@ -1140,6 +1184,25 @@ class Coordinator:
                 throttle.close(now)
         finally:
             self.store.close()
+
+
+def _names(sites: Sequence[str], limit: int = 5) -> str:
+    """"a, b, c" for at most ``limit`` sites, the rest counted."""
+    text = ", ".join(sites[:limit])
+    return text + (f" and {len(sites) - limit} more" if len(sites) > limit else "")
+
+
+def _declared(known: dict[str, tuple[str, ...]], limit: int = 10) -> str:
+    """The data sets ``known`` sites declare, each with its sites, bounded."""
+    by_set: dict[str, list[str]] = {}
+    for site, datasets in sorted(known.items()):
+        for d in datasets:
+            by_set.setdefault(d, []).append(site)
+    if not by_set:
+        return "no data set"
+    names = sorted(by_set)
+    text = ", ".join(f"{d!r} ({_names(by_set[d])})" for d in names[:limit])
+    return text + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def _json(text: str) -> dict[str, Any]:

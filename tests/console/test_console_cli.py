@@ -693,3 +693,44 @@ def test_a_plan_file_that_is_not_text_is_refused_in_one_line_with_exit_2(
     assert err.startswith("fedge console: plan field <toml> = ") and str(plan) in err
     assert "not UTF-8 text: byte 0xe9" in err and "save the plan as UTF-8" in err
     assert server.coordinator.store.jobs() == []
+
+
+def _declares(server, datasets_by_site):
+    """Enrol each site on the coordinator and hand it the site's heartbeat declaring
+    its data sets, as if the appliance had connected."""
+    from fedge import __version__
+    from fedge.wire import codec
+    from fedge.wire import messages as m
+
+    def go():
+        for i, (site, datasets) in enumerate(sorted(datasets_by_site.items())):
+            server.coordinator.enrol(site, f"{i:040d}", bytes(32), actor="test")
+            beat = m.Heartbeat(site, __version__, "{}", True, "", datasets, "")
+            server.coordinator.handle_frames(
+                site, [bytes(f) for f in codec.encode(beat, sender=site)])
+    server.call_in_loop(go)
+
+
+def test_jobs_submit_refuses_a_data_set_no_site_declares_and_warns_of_too_few(
+        tmp_path, make_server, capsys):
+    server = make_server()
+    base = ["console", "--home", str(server.console.home), "--timeout", "5"]
+    _declares(server, {"h1": ["fed_tcga_brca", "synth"], "h2": ["fed_tcga_brca"],
+                       "h3": ["synth"]})
+    plan = tmp_path / "plan.toml"
+    plan.write_text(PLAN.replace('"fed_tcga_brca"', '"fed_tcga_brac"'))
+    assert main([*base, "jobs", "submit", str(plan)]) == 1
+    got = capsys.readouterr()
+    assert got.out == ""
+    assert got.err == ("fedge console: jobs_submit: plan field job.dataset = "
+                       "'fed_tcga_brac': no enrolled site declares this data set; the 3 "
+                       "site(s) heard from declare 'fed_tcga_brca' (h1, h2), 'synth' (h1, "
+                       "h3). Nothing was submitted\n")
+    assert server.coordinator.store.jobs() == []
+    plan.write_text(PLAN.replace("min_clients = 2", "min_clients = 3"))
+    assert main([*base, "jobs", "submit", str(plan)]) == 0
+    got = capsys.readouterr()
+    job = got.out.strip()  # the id alone on stdout; the warning on stderr
+    assert server.coordinator.store.job(job).status == "queued"
+    assert got.err.startswith("warning: job.dataset 'fed_tcga_brca' is declared by 2 of the "
+                              "3 site(s) heard from (h1, h2), fewer than job.min_clients = 3")

@@ -597,3 +597,52 @@ def test_a_wall_clock_step_moves_no_throttle_interval_but_since_shows_the_wall_t
     assert summary["since"] == pytest.approx(counted_at)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(counted_at))
     assert summary["summary"] == f"refused 1 more time since {stamp}"
+
+
+def _heard_from(fed, *sites):
+    """Each of ``sites`` sends its heartbeat (declaring its data sets) and is handled."""
+    async def go():
+        for s in sites:
+            await fed.agents[s].heartbeat()
+    asyncio.run(go())
+    while fed.inbox:
+        fed.coord.handle_frames(*fed.inbox.pop(0))
+
+
+def test_a_job_for_a_data_set_no_site_declares_is_refused_at_submit_naming_theirs(federation):
+    """A typo in job.dataset would block the queue for cohort_s x max_failed_attempts:
+    once min_clients sites have declared their data sets and none holds the plan's, the
+    submission is refused, naming what they declare; nothing is stored."""
+    fed = federation(["a", "b", "c"])
+    coord = fed.coord
+    typo = PLAN.replace('"synthetic"', '"synthetc"')
+    job = coord.submit_job(typo, actor="test")  # just started, heard from nobody: taken
+    coord.cancel_job(job, actor="test")
+    _heard_from(fed, "a")  # one site heard from, below min_clients 2: taken, with a word
+    warnings: list[str] = []
+    job = coord.submit_job(typo, actor="test", warnings=warnings)
+    coord.cancel_job(job, actor="test")
+    assert warnings == ["job.dataset 'synthetc' is declared by 0 of the 1 site(s) heard "
+                        "from, fewer than job.min_clients = 2 (2 enrolled site(s) not heard "
+                        "from yet): unless more sites holding it connect, its rounds wait "
+                        "for a cohort and the job fails after 3 attempt(s) of 5 s"]
+    _heard_from(fed, "b", "c")
+    with pytest.raises(CoordinatorError) as refused:
+        coord.submit_job(typo, actor="test")
+    assert str(refused.value) == (
+        "plan field job.dataset = 'synthetc': no enrolled site declares this data set; the "
+        "3 site(s) heard from declare 'synthetic' (a, b, c). Nothing was submitted")
+    assert [j["status"] for j in coord.list_jobs()] == ["cancelled", "cancelled"]
+    warnings = []
+    coord.submit_job(PLAN, actor="test", warnings=warnings)  # held by all three: no word
+    assert warnings == []
+    coord.submit_job(PLAN.replace("min_clients = 2", "min_clients = 4"), actor="test",
+                     warnings=warnings)
+    assert warnings == ["job.dataset 'synthetic' is declared by 3 of the 3 site(s) heard "
+                        "from (a, b, c), fewer than job.min_clients = 4 (0 enrolled site(s) "
+                        "not heard from yet): unless more sites holding it connect, its "
+                        "rounds wait for a cohort and the job fails after 3 attempt(s) of "
+                        "5 s"]
+    coord.revoke("c", actor="test")  # a revoked site's data sets count no more
+    coord.revoke("b", actor="test")
+    coord.submit_job(typo, actor="test")  # a alone is known now: below min_clients

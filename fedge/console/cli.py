@@ -408,13 +408,23 @@ def _cmd_jobs_list(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(jobs, indent=2, sort_keys=True, default=str))
             return 0
-        cols = ("job", "status", "round", "submitted by")
-        rows = [[str(j.get("job_id")), str(j.get("status")), str(j.get("committed_round", "")),
-                 str(j.get("submitted_by", j.get("actor", "")))] for j in jobs]
-        print(format_table(rows, cols))
+        print(format_table(job_rows(jobs), JOB_COLUMNS))
         return 0
 
     return _run(go, args)
+
+
+JOB_COLUMNS = ("job", "name", "status", "round", "data set", "model", "submitted by")
+
+
+def job_rows(jobs: list[dict[str, Any]]) -> list[list[str]]:
+    """`jobs list`'s table rows (JOB_COLUMNS) from ``jobs_list``'s records; a job
+    without a name (or a coordinator too old to send one) shows "–"."""
+    def cell(value: Any) -> str:
+        return printable(value) if value not in (None, "") else "–"
+    return [[cell(j.get("job_id")), cell(j.get("name")), cell(j.get("status")),
+             cell(j.get("committed_round")), cell(j.get("dataset")), cell(j.get("model")),
+             cell(j.get("submitted_by", j.get("actor")))] for j in jobs]
 
 
 def _cmd_jobs_status(args: argparse.Namespace) -> int:

@@ -9,6 +9,8 @@ naming the field, the value and the rule, and nothing is stored.
 Example::
 
     [job]
+    name = "brca cox baseline"  # optional, at most 100 characters: shown in `jobs list`,
+                                # job status, the report's title and the ONNX metadata
     dataset = "fed_tcga_brca"
     rounds = 3
     min_clients = 2
@@ -74,6 +76,7 @@ from fedge.train.model_names import MODEL_NAMES, TASK_OF_MODEL, ModelParamError,
 EVAL_SPLITS = ("val", "test", "train")
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "scaffold")
 OPTIMIZERS = ("sgd", "adam")
+JOB_NAME_MAX = 100  # characters of job.name
 
 # Which strategy parameters each strategy reads (all others are refused, so a
 # typo such as "server_lr" is an error rather than a silent default).
@@ -161,6 +164,10 @@ class Plan:
     # The split every site evaluates each round's global model on; "val" keeps the
     # test rows unseen until the job is over (default "test": the final report).
     eval_split: str = "test"
+    # job.name, a label for people ("" when the plan has none). Checked at submission
+    # (check_submission); a stored plan from before that check gives its name if it
+    # is a string, cut to JOB_NAME_MAX characters, else "".
+    name: str = ""
 
     @property
     def digest(self) -> str:
@@ -268,6 +275,8 @@ def _parse_plan(text: str) -> Plan:
     seed = _int(job, "job.seed", lo=0, default=0)
     max_failed = _int(job, "job.max_failed_attempts", lo=1, default=3)
     eval_split = _str(job, "job.eval_split", default="test")
+    name = job.get("name", "")
+    name = name[:JOB_NAME_MAX] if isinstance(name, str) else ""
     if eval_split not in EVAL_SPLITS:
         raise PlanError("job.eval_split", eval_split, f"must be one of {', '.join(EVAL_SPLITS)}")
 
@@ -337,7 +346,7 @@ def _parse_plan(text: str) -> Plan:
         text=text, dataset=dataset, rounds=rounds, min_clients=min_clients, seed=seed,
         max_failed_attempts=max_failed, model_name=model_name, model_params=dict(params),
         train=tsettings, strategy=StrategySettings(sname, sparams), secagg=ssettings,
-        privacy=dict(privacy), deadlines=deadlines, eval_split=eval_split,
+        privacy=dict(privacy), deadlines=deadlines, eval_split=eval_split, name=name,
     )
 
 
@@ -526,9 +535,13 @@ def check_submission(text: str) -> Plan:
       (fedge.train.privacy.ClientDPConfig; a ``require_dp`` appliance counts it as no
       DP) and a plain aggregation of DP-FedAvg noise sized for a cohort.
 
+    - ``job.name``, where given, is a string of at most JOB_NAME_MAX characters
+      without control characters (it is printed in tables and titles).
+
     Raises: PlanError, naming the field and the rule.
     """
     plan = parse_plan(text)
+    _check_job_name(tomllib.loads(text).get("job", {}))
     try:
         check_model_params(plan.model_name, plan.model_params)
     except ModelParamError as exc:
@@ -542,6 +555,23 @@ def check_submission(text: str) -> Plan:
                         f"model {plan.model_name!r} is a Cox model. {COX_DP_RULE}")
     _check_dp_release(plan)
     return plan
+
+
+def _check_job_name(job: Any) -> None:
+    """Raises: PlanError: ``job.name`` is not a short printable string."""
+    if not isinstance(job, dict) or "name" not in job:
+        return
+    value = job["name"]
+    rule = (f"must be a string of at most {JOB_NAME_MAX} characters (a label shown in "
+            "`jobs list`, job status and the report's title)")
+    if not isinstance(value, str):
+        raise PlanError("job.name", value, rule)
+    if len(value) > JOB_NAME_MAX:
+        raise PlanError("job.name", value[:40] + "…",
+                        f"{rule}; this one has {len(value)}")
+    if not value.isprintable():
+        raise PlanError("job.name", value, f"{rule}, without line breaks or control "
+                        "characters")
 
 
 # Under DP-FedAvg each site clips its noised update elementwise to ±secagg.clip
@@ -629,6 +659,26 @@ def _check_dp_release(plan: Plan) -> None:
                             f"a delta of 1/n allows a mechanism that releases one of the n "
                             f"records outright; take delta <= {_round_down(0.1 / n):g} "
                             "(1e-5 or smaller is usual)")
+
+
+def plan_labels(text: str) -> dict[str, str]:
+    """``{"name", "dataset", "model"}`` of a stored plan for listing it: ``job.name``,
+    ``job.dataset`` and ``model.name``, each "" where the plan lacks it or holds no
+    string there. Reads the TOML only (no rule is checked, no accountant run), and
+    never raises: a job list shows every job, whatever its plan."""
+    try:
+        raw = tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, RecursionError, TypeError):
+        return {"name": "", "dataset": "", "model": ""}
+    job, model = raw.get("job"), raw.get("model")
+    job = job if isinstance(job, dict) else {}
+    model = model if isinstance(model, dict) else {}
+
+    def text_of(table: dict[str, Any], key: str) -> str:
+        value = table.get(key, "")
+        return value[:JOB_NAME_MAX] if isinstance(value, str) else ""
+    return {"name": text_of(job, "name"), "dataset": text_of(job, "dataset"),
+            "model": text_of(model, "name")}
 
 
 def with_seed(text: str) -> str:

@@ -120,6 +120,7 @@ def summarise(status: dict[str, Any], plan_toml: str = "") -> dict[str, Any]:
     committed = status.get("committed_round")
     return {
         "job_id": job_id,
+        "name": str(status.get("name") or ""),  # the plan's job.name ("" for none)
         "status": state,
         # a failed or cancelled job's results are its last committed model, not the
         # planned final one (True also before any round committed: nothing is final)
@@ -198,7 +199,10 @@ def _learning_curve(path: Path, report: dict[str, Any]) -> None:
         ax.set_ylabel(f"{name} ({report['eval_split']})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
-    fig.suptitle(f"job {report['job_id']}: federated evaluation of the global model")
+    # "$" escaped: a name holding two would be parsed as mathtext (and may not parse)
+    label = str(report.get("name") or "").replace("$", r"\$")
+    name = f" ({label})" if label else ""
+    fig.suptitle(f"job {report['job_id']}{name}: federated evaluation of the global model")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -248,7 +252,8 @@ def _site_table(by_site: dict[str, Any], first: str = "site") -> list[str]:
 def _markdown(report: dict[str, Any], plots: list[str]) -> str:
     names = sorted(report["final"])
     state, committed = report["status"], report["committed_round"]
-    title = f"# Job {report['job_id']}: {state}"
+    name = f" ({_cell(report['name'])})" if report.get("name") else ""
+    title = f"# Job {report['job_id']}{name}: {state}"
     if state in ("failed", "cancelled"):
         title += f", last committed round {committed} of {report['rounds_planned']}"
     out = [title, ""]

@@ -76,7 +76,7 @@ from fedge import __version__
 from fedge.coordinator import checkpoint as ck
 from fedge.coordinator.auditlimit import AuditThrottle
 from fedge.coordinator.cohort import Selection, select_cohort
-from fedge.coordinator.plan import Plan, PlanError, parse_plan, with_seed
+from fedge.coordinator.plan import Plan, PlanError, parse_plan, plan_labels, with_seed
 from fedge.coordinator.rounds import (
     SECAGG_PROTOCOL,
     AggregationFactory,
@@ -404,11 +404,27 @@ class Coordinator:
         declared in their heartbeats to this process (a coordinator just started, not
         heard from any yet, knows nothing and says nothing).
 
+        A ``job.name`` that a queued or running job already has is taken, with a
+        warning naming that job (two jobs told apart by their ids only).
+
         Raises:
             CoordinatorError: no site heard from declares ``job.dataset`` while at least
                 ``min_clients`` have declared theirs: a job that would wait
                 ``cohort_s`` × ``max_failed_attempts`` for nothing and block the queue.
         """
+        found: list[str] = []
+        if plan.name:
+            same = [j.job_id for j in self.store.jobs(status="running")
+                    + self.store.jobs(status="queued")
+                    if plan_labels(j.plan_toml)["name"] == plan.name]
+            if same:
+                found.append(f"job.name {plan.name!r} is also the name of {len(same)} "
+                             f"queued or running job(s) ({_names(same)}): tell them apart "
+                             "by their ids")
+        return found + self._dataset_warnings(plan)
+
+    def _dataset_warnings(self, plan: Plan) -> list[str]:
+        """submission_warnings' part on ``job.dataset``; raises as it does."""
         enrolled = {a.site_id for a in self.store.appliances() if a.status == "enrolled"}
         known = {s: c.datasets for s, c in self.conns.items()
                  if s in enrolled and c.datasets is not None}
@@ -431,7 +447,9 @@ class Coordinator:
                 f"attempt(s) of {plan.deadlines.cohort_s:g} s"]
 
     def list_jobs(self) -> list[dict[str, Any]]:
-        return [j.to_dict() for j in self.store.jobs()]
+        """Every job's record, with its plan's ``name``, ``dataset`` and ``model``
+        (plan.plan_labels: "" where the plan has none)."""
+        return [{**j.to_dict(), **plan_labels(j.plan_toml)} for j in self.store.jobs()]
 
     def job_status(self, job_id: str) -> dict[str, Any]:
         """Raises: CoordinatorError: unknown job."""
@@ -443,6 +461,7 @@ class Coordinator:
         d["rounds"] = [r.__dict__ for r in self.store.rounds(job_id)]
         d["metrics"] = self.store.metrics(job_id)
         plan = parse_plan(job.plan_toml)
+        d.update(name=plan.name, dataset=plan.dataset, model=plan.model_name)
         d["rounds_planned"] = plan.rounds
         d["eval_split"] = plan.eval_split
         d["final_test"] = self._final_test(job_id, d["metrics"], job.committed_round,

@@ -734,3 +734,28 @@ def test_jobs_submit_refuses_a_data_set_no_site_declares_and_warns_of_too_few(
     assert server.coordinator.store.job(job).status == "queued"
     assert got.err.startswith("warning: job.dataset 'fed_tcga_brca' is declared by 2 of the "
                               "3 site(s) heard from (h1, h2), fewer than job.min_clients = 3")
+
+
+def test_jobs_list_shows_each_jobs_name_data_set_and_model(tmp_path, make_server, capsys):
+    server = make_server()
+    base = ["console", "--home", str(server.console.home), "--timeout", "5"]
+    plan = tmp_path / "plan.toml"
+    plan.write_text(PLAN.replace("[job]\n", '[job]\nname = "brca baseline"\n'))
+    assert main([*base, "jobs", "submit", str(plan)]) == 0
+    named = capsys.readouterr().out.strip()
+    assert main([*base, "jobs", "submit", str(plan)]) == 0  # the same name again
+    got = capsys.readouterr()
+    again = got.out.strip()
+    assert got.err == (f"warning: job.name 'brca baseline' is also the name of 1 queued or "
+                       f"running job(s) ({named}): tell them apart by their ids\n")
+    plan.write_text(PLAN)
+    assert main([*base, "jobs", "submit", str(plan)]) == 0
+    unnamed = capsys.readouterr().out.strip()
+    assert main([*base, "--operator", "viewer", "jobs", "list"]) == 0
+    table = [line.split("  ") for line in capsys.readouterr().out.splitlines()]
+    table = [[cell.strip() for cell in row if cell.strip()] for row in table]
+    assert table == [
+        ["JOB", "NAME", "STATUS", "ROUND", "DATA SET", "MODEL", "SUBMITTED BY"],
+        [named, "brca baseline", "queued", "0", "fed_tcga_brca", "cox_linear", "operator:admin"],
+        [again, "brca baseline", "queued", "0", "fed_tcga_brca", "cox_linear", "operator:admin"],
+        [unnamed, "–", "queued", "0", "fed_tcga_brca", "cox_linear", "operator:admin"]]

@@ -422,3 +422,23 @@ def test_a_target_epsilon_that_is_not_positive_is_refused_as_such(target):
         check_submission(_privacy_plan("dp", f"noise_multiplier = 1.0, target_epsilon = {target}"))
     assert info.value.field == "privacy.dp.target_epsilon"
     assert "must be > 0" in str(info.value), str(info.value)
+
+
+def test_job_name_is_parsed_and_a_bad_one_refused_at_submission():
+    from fedge.coordinator.plan import plan_labels
+
+    named = GOOD.replace("[job]\n", '[job]\nname = "brca baseline"\n')
+    assert check_submission(named).name == "brca baseline"
+    assert parse_plan(GOOD).name == ""
+    assert plan_labels(named) == {"name": "brca baseline", "dataset": "fed_tcga_brca",
+                                  "model": "cox_linear"}
+    for value, rule in [("3", "must be a string of at most 100 characters"),
+                        ('"' + "x" * 101 + '"', "this one has 101"),
+                        ('"two\\nlines"', "without line breaks or control characters")]:
+        bad = GOOD.replace("[job]\n", f"[job]\nname = {value}\n")
+        with pytest.raises(PlanError, match=rule) as refused:
+            check_submission(bad)
+        assert refused.value.field == "job.name"
+        # a job stored before the rule existed still reads: its name is kept if it can be
+        assert parse_plan(bad).name in ("", "x" * 100, "two\nlines")
+    assert check_submission(GOOD.replace("[job]\n", f'[job]\nname = "{"y" * 100}"\n'))

@@ -65,3 +65,15 @@ def test_the_report_says_what_a_cox_models_epsilon_bounds() -> None:
         "per record"
     assert summarise({**status, "metrics": []}, cox)["privacy_bound"] is None  # no DP-SGD
     assert privacy_bound("not toml [") == "per record"
+
+
+def test_a_named_jobs_report_carries_its_name_in_the_title(federation):
+    fed = federation(["a", "b", "c"])
+    # TOML "\\q": the name holds "$\q$", which matplotlib could not parse as mathtext
+    job = run(fed, plan(rounds=1).replace("[job]\n", '[job]\nname = "sbp $\\\\q$ | try 2"\n'))
+    assert asyncio.run(write_report(fed.coord, job)) is True
+    jdir = ck.job_dir(fed.coord.state_dir, job)
+    md = (jdir / "report.md").read_text()
+    assert md.startswith(f"# Job {job} (sbp $\\q$ \\| try 2): completed\n")
+    assert json.loads((jdir / "report.json").read_text())["name"] == "sbp $\\q$ | try 2"
+    assert (jdir / "learning_curve.png").read_bytes()[:8] == PNG

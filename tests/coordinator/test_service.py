@@ -646,3 +646,31 @@ def test_a_job_for_a_data_set_no_site_declares_is_refused_at_submit_naming_their
     coord.revoke("c", actor="test")  # a revoked site's data sets count no more
     coord.revoke("b", actor="test")
     coord.submit_job(typo, actor="test")  # a alone is known now: below min_clients
+
+
+def test_a_jobs_name_data_set_and_model_are_listed_and_a_name_in_use_is_warned_of(
+        federation):
+    fed = federation(["a", "b"])
+    coord = fed.coord
+    named = PLAN.replace("[job]\n", '[job]\nname = "sbp baseline"\n')
+    warnings: list[str] = []
+    first = coord.submit_job(named, actor="alice", warnings=warnings)
+    assert warnings == []
+    second = coord.submit_job(named, actor="bob", warnings=warnings)  # taken, with a word
+    assert warnings == [f"job.name 'sbp baseline' is also the name of 1 queued or running "
+                        f"job(s) ({first}): tell them apart by their ids"]
+    unnamed = coord.submit_job(PLAN, actor="bob")
+    listed = {j["job_id"]: (j["name"], j["dataset"], j["model"]) for j in coord.list_jobs()}
+    assert listed == {first: ("sbp baseline", "synthetic", "linear"),
+                      second: ("sbp baseline", "synthetic", "linear"),
+                      unnamed: ("", "synthetic", "linear")}
+    status = coord.job_status(second)
+    assert (status["name"], status["dataset"], status["model"]) == ("sbp baseline",
+                                                                    "synthetic", "linear")
+    coord.cancel_job(first, actor="alice")
+    coord.cancel_job(second, actor="bob")
+    warnings = []
+    coord.submit_job(named, actor="bob", warnings=warnings)  # ended jobs' names are free
+    assert warnings == []
+    with pytest.raises(PlanError, match=r"job\.name"):
+        coord.submit_job(PLAN.replace("[job]\n", "[job]\nname = 7\n"), actor="bob")

@@ -76,10 +76,12 @@ class LocalResult:
     epsilon: float = 0.0
     # SCAFFOLD: Δc_i = c_i⁺ − c_i (float32[d]); None for other strategies
     delta_control: np.ndarray | None = None
-    # DP-SGD: charges this run in the site's privacy ledger, on disk (fsynced) when it
-    # returns. The agent calls it before anything that can reveal the update leaves
-    # (the masked input, or a plain update), and sends nothing if it raises OSError
-    # (the run then stays pending, uncounted). None: nothing to charge.
+    # Charges this run in the site's privacy ledger, on disk (fsynced) when it returns;
+    # set for every run TorchTrainer trains, with or without DP (a run without DP is
+    # charged as it trains already: its exact metrics leave in TrainDone; calling it
+    # again charges nothing more). The agent calls it before anything that can reveal
+    # the update leaves (the masked input, or a plain update), and sends nothing if it
+    # raises OSError (the run then stays pending, uncounted). None: nothing to charge.
     release_privacy: Callable[[], None] | None = None
 
 
@@ -235,10 +237,13 @@ class TorchTrainer:
         c_i at the start of the round (None: zeros). The agent owns c_i, so a retried
         round starts from the same c_i.
 
-        A DP-SGD run is recorded in the privacy ledger pending, and saved; the result's
-        ``release_privacy`` charges it (the agent calls it before the update can leave).
+        Every run is recorded in the privacy ledger, with its mechanism (DP-SGD,
+        DP-FedAvg or none), and saved: a DP run pending, charged by the result's
+        ``release_privacy`` (the agent calls it before the update can leave); a run
+        without DP charged at once, since its exact ``train_loss`` leaves in the
+        TrainDone that follows (its ``release_privacy`` then charges nothing more).
 
-        Raises: TaskRefusal: missing data set, a plan this site cannot run, or a DP
+        Raises: TaskRefusal: missing data set, a plan this site cannot run, or a
         round whose privacy ledger cannot be saved (the update is withheld).
         """
         from fedge.train.api import ModelSpec, TrainConfig, local_train
@@ -269,15 +274,21 @@ class TorchTrainer:
                      ", ".join(f"{k}={v:.4g}" for k, v in sorted(out.local_metrics.items())))
         release: Callable[[], None] | None = None
         if out.ledger_key is not None:
+            from fedge.train.accounting import NO_DP
+
             # the run is on disk pending (so `fedge agent privacy` shows a run that
-            # trained and never left, even after a crash); it is charged on release
-            if self._ledger_path is not None:
-                with self._lock:
-                    try:
+            # trained and never left, even after a crash); it is charged on release.
+            # Without DP its exact train_loss leaves in TrainDone: charged now.
+            exact = self._ledger.entry(out.ledger_key).get("mechanism") == NO_DP
+            with self._lock:
+                try:
+                    if exact:
+                        self._ledger.release(out.ledger_key, path=self._ledger_path)
+                    elif self._ledger_path is not None:
                         self._ledger.save(self._ledger_path)
-                    except OSError as exc:  # disk full: no update leaves without its record
-                        raise TaskRefusal(f"privacy ledger {self._ledger_path} cannot be "
-                                          f"saved: {exc}; the update is withheld") from exc
+                except OSError as exc:  # disk full: no update leaves without its record
+                    raise TaskRefusal(f"privacy ledger {self._ledger_path} cannot be "
+                                      f"saved: {exc}; the update is withheld") from exc
             release = functools.partial(self._ledger.release, out.ledger_key,
                                         path=self._ledger_path)
         return LocalResult(np.ascontiguousarray(out.weights, dtype=np.float32), out.n_examples,

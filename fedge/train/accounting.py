@@ -2,12 +2,24 @@
 
 Kept apart from ``fedge.train.privacy`` (which needs torch for DP-SGD) so that
 the coordinator can refuse a plan whose privacy target cannot be met without
-importing torch. The accountant is Google's ``dp_accounting`` (RDP).
+importing torch. The accountant is Google's ``dp_accounting``: its privacy loss
+distribution (PLD) accountant, under the REPLACE_ONE neighbouring relation.
+
+Adjacency. Every ε here bounds what the released updates reveal when one record is
+replaced by another (DP-SGD, "per record"), or one site's whole data by other data
+(DP-FedAvg, "client-level"), never when one is added or removed: a site's exact
+record count leaves with every update (``TrainDone.n_examples``, the weight of its
+update in the aggregate), so adding or removing a record is not hidden, and the
+add-or-remove bound (what an RDP accountant gives for Poisson sampling) would be
+smaller than the truth. Replace-one ε is roughly twice the add-or-remove one for the
+same mechanism. The PLD accountant's estimate is pessimistic (rounded up on its grid):
+the ε reported is an upper bound.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -20,6 +32,10 @@ from typing import Any
 
 __all__ = [
     "COX_DP_RULE",
+    "DP_FEDAVG",
+    "DP_SGD",
+    "MECHANISMS",
+    "NO_DP",
     "PENDING",
     "PER_LOSS_TERM",
     "RELEASED",
@@ -57,7 +73,9 @@ PER_LOSS_TERM = "per loss term, not a record-level bound"
 def epsilon_for(
     *, noise_multiplier: float, sampling_rate: float, steps: int, delta: float
 ) -> float:
-    """ε after ``steps`` Poisson-sampled Gaussian steps (dp_accounting RDP accountant).
+    """ε after ``steps`` Poisson-sampled Gaussian steps (DP-SGD), for replacing one
+    record with another (the module docstring: the record count is released with the
+    updates), from dp_accounting's PLD accountant: an upper bound.
 
     Raises:
         ValueError: sampling_rate outside (0, 1], steps < 0, or delta outside (0, 1).
@@ -70,17 +88,89 @@ def epsilon_for(
         raise ValueError(f"delta={delta} must lie in (0, 1)")
     if steps == 0:
         return 0.0
-    return PrivacyLedger(
-        entries=[
-            {
-                "noise_multiplier": noise_multiplier,
-                "sampling_rate": sampling_rate,
-                "steps": steps,
-                "round": 0,
-                "job": "",
-            }
-        ]
-    ).epsilon(delta)
+    return _composed_epsilon(
+        ((DP_SGD, float(noise_multiplier), float(sampling_rate), int(steps)),), float(delta))
+
+
+# Beyond this the PLD grid would need more memory than a site has, and no such ε
+# protects anything: a composition whose add-or-remove estimate passes it is reported
+# as unbounded (math.inf, still an upper bound).
+EPSILON_CEILING = 1e4
+
+# The RDP orders of the scale estimate (a few: it only sizes the PLD grid)
+_SCALE_ORDERS = (1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 64.0, 128.0,
+                 256.0, 512.0)
+_FINEST_GRID = 1e-4  # dp_accounting's default value_discretization_interval
+
+
+def _grid(scale: float, steps: int) -> float:
+    """The PLD grid (value_discretization_interval) for a composition of ``steps``
+    mechanisms whose ε is about ``scale``: never finer than dp_accounting's default.
+
+    The pessimistic estimate rounds every step's privacy loss up, so any grid gives an
+    upper bound; its excess grows about as steps x grid^2 / 3, so the grid is sized to
+    keep it near 1e-3 x ε (and under scale / 300): within 0.2 % of the default grid's
+    ε over z 0.6-1000, q 0.001-1, 1-100000 steps (tests/train/test_ledger_mechanisms.py
+    checks some), and a plan check's or a noise calibration's few dozen compositions
+    take a second, not minutes (the default grid takes up to ~1.5 s for each).
+    """
+    return max(_FINEST_GRID, min(scale / 300, math.sqrt(1e-3 * scale / max(steps, 1))))
+
+
+@functools.lru_cache(maxsize=4096)
+def _composed_epsilon(events: tuple[tuple[str, float, float, int], ...], delta: float) -> float:
+    """ε at ``delta`` of the composition of ``events`` (``PrivacyLedger.events``'s
+    tuples, sorted), for replacing one record (or, for DP-FedAvg, one site's data),
+    from dp_accounting's PLD accountant (pessimistic: an upper bound). Cached: a plan
+    check or a noise calibration asks for the same compositions many times.
+
+    Events:
+        ``(DP_SGD, z, q, steps)``: ``steps`` Poisson-sampled (rate q) Gaussian steps
+            whose clipped sum moves by up to 2C when a record is replaced, with noise
+            zC: the PLD accountant's PoissonSampledDpEvent(q, GaussianDpEvent(z)) under
+            REPLACE_ONE.
+        ``(DP_FEDAVG, z, 1.0, rounds)``: ``rounds`` releases of a cohort's sum of
+            updates each clipped to S, with noise N(0, (zS)^2) on the sum; the cohort is
+            public (the roster), so neighbours replace one site's data, which moves the
+            sum by up to 2S: sensitivity 2S against noise zS, i.e. GaussianDpEvent(z/2)
+            in add-or-remove terms, and GaussianDpEvent(z) under REPLACE_ONE (the
+            accountant doubles the sensitivity for a replacement). Every site takes part
+            in every round (q = 1). A record's influence is bounded by its site's, so
+            this also bounds every record of the site.
+        ``(NO_DP, ...)``: exact updates: unbounded (math.inf).
+    """
+    import dp_accounting
+    from dp_accounting.pld import PLDAccountant
+    from dp_accounting.rdp import RdpAccountant
+
+    if any(kind == NO_DP or z <= 0 for kind, z, _, n in events if n > 0):
+        return math.inf
+
+    def event(kind: str, z: float, q: float, n: int, *, halve: bool) -> Any:
+        if kind == DP_FEDAVG:  # halve: the same Gaussian in add-or-remove terms
+            return dp_accounting.SelfComposedDpEvent(
+                dp_accounting.GaussianDpEvent(z / 2 if halve else z), n)
+        return dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), n)
+
+    chosen = [e for e in events if e[3] > 0]
+    if not chosen:
+        return 0.0
+    with _quiet_accountant():
+        # the scale of ε, to size the PLD grid: the add-or-remove RDP ε (about half
+        # the replace-one one), computed in closed form without a grid
+        rdp = RdpAccountant(_SCALE_ORDERS)
+        for kind, z, q, n in chosen:
+            rdp.compose(event(kind, z, q, n, halve=True))
+        scale = float(rdp.get_epsilon(delta))
+        if not scale <= EPSILON_CEILING:
+            return math.inf
+        pld = PLDAccountant(
+            neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE,
+            value_discretization_interval=_grid(scale, sum(n for *_, n in chosen)))
+        for kind, z, q, n in chosen:
+            pld.compose(event(kind, z, q, n, halve=False))
+        return float(pld.get_epsilon(delta))
 
 
 @contextlib.contextmanager
@@ -105,6 +195,13 @@ PENDING = "pending"    # trained; the output is still only at the site: not coun
 RELEASED = "released"  # the output left, or was about to (marked first): counted
 STATUSES = (PENDING, RELEASED)
 
+# What a run released (an entry's ``mechanism``). Every training run whose update can
+# leave the site is recorded, with or without DP: ε composes them all.
+DP_SGD = "dp_sgd"        # record-level DP-SGD (privacy.dp): Poisson-sampled Gaussian
+DP_FEDAVG = "dp_fedavg"  # client-level DP-FedAvg (privacy.client_dp): one Gaussian a round
+NO_DP = "none"           # neither: exact updates; any selection holding one is unbounded
+MECHANISMS = (DP_SGD, DP_FEDAVG, NO_DP)
+
 _REQUIRED = ("job", "round", "noise_multiplier", "sampling_rate", "steps")
 
 # (job, round, attempt): one run of one round's mechanism at this site
@@ -125,10 +222,13 @@ def _normalised(entries: Any) -> list[dict[str, Any]]:
     An entry saved by a release before statuses (no ``status``) is released: it was
     charged when its round trained, and an upgrade never lowers a site's recorded
     spend. One without ``attempt`` is numbered after the earlier runs of its round.
+    One without ``mechanism`` (saved before the ledger recorded runs without DP-SGD,
+    when DP-SGD was all it recorded) is DP-SGD.
 
     Raises:
-        ValueError: an entry lacks a key, has an unknown status or a bad attempt, or
-            repeats another's (job, round, attempt); the message names the entry.
+        ValueError: an entry lacks a key, has an unknown status, mechanism or a bad
+            attempt, or repeats another's (job, round, attempt); the message names the
+            entry.
     """
     if not isinstance(entries, list):
         raise ValueError(f"entries is a {type(entries).__name__}, not a list")
@@ -145,6 +245,10 @@ def _normalised(entries: Any) -> list[dict[str, Any]]:
         e.setdefault("status", RELEASED)
         if e["status"] not in STATUSES:
             raise ValueError(f"entry {i}: status {e['status']!r} is not one of {STATUSES}")
+        e.setdefault("mechanism", DP_SGD)
+        if e["mechanism"] not in MECHANISMS:
+            raise ValueError(f"entry {i}: mechanism {e['mechanism']!r} is not one of "
+                             f"{MECHANISMS}")
         run = (e["job"], int(e["round"]))
         if "attempt" not in e:
             e["attempt"] = runs.get(run, 0) + 1
@@ -162,8 +266,16 @@ def _normalised(entries: Any) -> list[dict[str, Any]]:
 
 @dataclass
 class PrivacyLedger:
-    """The DP mechanisms one site ran, one entry per run: {job, round, attempt, status,
-    noise_multiplier, sampling_rate, steps} (and ``bound`` for a Cox model's).
+    """Every training run of one site whose update can leave it, one entry per run:
+    {job, round, attempt, status, mechanism, noise_multiplier, sampling_rate, steps}
+    (and ``bound`` for a Cox model's DP-SGD; ``clip_norm``, ``cohort_size`` for
+    DP-FedAvg). ``mechanism``: ``dp_sgd`` (record-level DP-SGD: ``steps``
+    Poisson-sampled Gaussian steps at rate ``sampling_rate``), ``dp_fedavg``
+    (client-level DP-FedAvg: one Gaussian release of the round's clipped update,
+    ``sampling_rate`` 1 and ``steps`` 1) or ``none`` (no DP: the exact update left,
+    ``noise_multiplier`` 0). A run without DP is recorded too: its records are those
+    a DP job of the same site protects, and any selection of entries that holds a
+    released one has an unbounded ε (math.inf).
 
     A run is charged when its output can leave the site, not when it ends (DP noise is
     fresh from the OS each time, so a retried round is a new run, an entry of its own
@@ -177,7 +289,10 @@ class PrivacyLedger:
     the mark and the send charges an update that never left, as does an attempt that
     fails after its masked input was sent: the error is on the safe side.) Entries are
     never removed. A ledger saved before statuses existed loads with every entry
-    released.
+    released; one saved before mechanisms existed, with every entry DP-SGD.
+
+    ε is for replacing one record (DP-SGD) or one site's data (DP-FedAvg), the site's
+    record count being released with its updates (the module docstring).
     """
 
     entries: list[dict[str, Any]] = field(default_factory=list)
@@ -187,15 +302,33 @@ class PrivacyLedger:
                        repr=False, compare=False)
 
     def record(
-        self, *, job: str, round: int, noise_multiplier: float, sampling_rate: float, steps: int,
-        per_loss_term: bool = False, pending: bool = False,
+        self, *, job: str, round: int, noise_multiplier: float = 0.0,
+        sampling_rate: float = 1.0, steps: int = 1, per_loss_term: bool = False,
+        pending: bool = False, mechanism: str = DP_SGD, clip_norm: float | None = None,
+        cohort_size: int | None = None,
     ) -> EntryKey:
         """Add one run of a round's mechanism; return its key (job, round, attempt), the
         attempt numbering this site's runs of that round from 1.
 
+        ``mechanism``: ``dp_sgd`` (``noise_multiplier``, ``sampling_rate``, ``steps``),
+        ``dp_fedavg`` (``noise_multiplier`` z: the cohort's sum carries N(0, (zS)^2);
+        ``clip_norm`` S and ``cohort_size`` kept for the record; counted as one
+        release, whatever ``sampling_rate`` and ``steps`` say) or ``none`` (the exact
+        update: ``noise_multiplier`` is recorded as 0; ``steps`` for the record).
         ``pending``: its output has not left the site; not counted until
         :meth:`release`. Otherwise it is charged at once. ``per_loss_term``: DP-SGD on a
-        Cox model, whose ε bounds one loss term, not one record (``bound`` says so)."""
+        Cox model, whose ε bounds one loss term, not one record (``bound`` says so).
+
+        Raises:
+            ValueError: an unknown mechanism, or DP-SGD without a positive
+                noise_multiplier or with a sampling_rate outside (0, 1].
+        """
+        if mechanism not in MECHANISMS:
+            raise ValueError(f"mechanism {mechanism!r} is not one of {MECHANISMS}")
+        if mechanism == DP_SGD and not (noise_multiplier > 0 and 0 < sampling_rate <= 1):
+            raise ValueError(f"a dp_sgd run needs noise_multiplier > 0 (got "
+                             f"{noise_multiplier}) and sampling_rate in (0, 1] (got "
+                             f"{sampling_rate})")
         with self._lock:
             attempt = 1 + max((e["attempt"] for e in self.entries
                                if (e["job"], e["round"]) == (job, int(round))), default=0)
@@ -204,10 +337,14 @@ class PrivacyLedger:
                 "round": int(round),
                 "attempt": attempt,
                 "status": PENDING if pending else RELEASED,
-                "noise_multiplier": float(noise_multiplier),
-                "sampling_rate": float(sampling_rate),
-                "steps": int(steps),
+                "mechanism": mechanism,
+                "noise_multiplier": 0.0 if mechanism == NO_DP else float(noise_multiplier),
+                "sampling_rate": float(sampling_rate) if mechanism == DP_SGD else 1.0,
+                "steps": 1 if mechanism == DP_FEDAVG else int(steps),
             }
+            if mechanism == DP_FEDAVG:
+                entry["clip_norm"] = None if clip_norm is None else float(clip_norm)
+                entry["cohort_size"] = None if cohort_size is None else int(cohort_size)
             if per_loss_term:
                 entry["bound"] = PER_LOSS_TERM
             self.entries.append(entry)
@@ -252,19 +389,35 @@ class PrivacyLedger:
         return any(e.get("bound") == PER_LOSS_TERM for e in self.entries
                    if job is None or e["job"] == job)
 
+    def mechanisms(self, *, job: str | None = None) -> list[str]:
+        """The mechanisms of the selected entries (released or pending), in
+        ``MECHANISMS`` order."""
+        with self._lock:
+            found = {e.get("mechanism", DP_SGD) for e in self.entries
+                     if _selects(e, job, None)}
+        return [m for m in MECHANISMS if m in found]
+
+    def without_dp(self, *, job: str | None = None) -> list[str]:
+        """The jobs among the selected that released an update without DP (a released
+        ``none`` run): the ε of any selection holding one of them is unbounded."""
+        return sorted({e["job"] for e in self.released(job=job)
+                       if e.get("mechanism", DP_SGD) == NO_DP})
+
     def events(
         self, *, job: str | None = None, round: int | None = None,
         including: Mapping[str, Any] | None = None,
-    ) -> list[tuple[float, float, int]]:
+    ) -> list[tuple[str, float, float, int]]:
         """The distinct mechanisms among the selected released entries (and
-        ``including``, one more run counted as if released), as (noise_multiplier,
-        sampling_rate, steps) with the steps of identical mechanisms summed.
+        ``including``, one more run counted as if released), as (mechanism,
+        noise_multiplier, sampling_rate, steps) with the steps of identical mechanisms
+        summed: a DP-SGD entry is ``steps`` Poisson-sampled Gaussian steps, a DP-FedAvg
+        entry one Gaussian release (its sampling rate 1), a ``none`` entry one exact
+        release.
 
-        RDP composes additively, and an entry is ``steps`` runs of one Poisson-sampled
-        Gaussian mechanism that (noise_multiplier, sampling_rate) defines, so entries
-        sharing both compose to exactly what one entry with their summed steps does.
-        A site's DP job records the same mechanism every round: its ledger grows by a
-        row a round, this list does not.
+        Composition of identical mechanisms depends only on how many there are, so
+        entries sharing all three compose to exactly what one entry with their summed
+        steps does. A site's DP job records the same mechanism every round: its ledger
+        grows by a row a round, this list does not.
         """
         with self._lock:
             chosen = [e for e in self.entries
@@ -272,11 +425,18 @@ class PrivacyLedger:
         if including is not None and _selects(including, job, round) \
                 and all(_key(e) != _key(including) for e in chosen):
             chosen.append(dict(including))
-        steps: dict[tuple[float, float], int] = {}
+        steps: dict[tuple[str, float, float], int] = {}
         for e in chosen:
-            key = (float(e["noise_multiplier"]), float(e["sampling_rate"]))
-            steps[key] = steps.get(key, 0) + int(e["steps"])
-        return [(z, q, n) for (z, q), n in steps.items()]
+            kind = e.get("mechanism", DP_SGD)
+            if kind == DP_SGD:
+                key = (kind, float(e["noise_multiplier"]), float(e["sampling_rate"]))
+                n = int(e["steps"])
+            elif kind == DP_FEDAVG:
+                key, n = (kind, float(e["noise_multiplier"]), 1.0), 1
+            else:
+                key, n = (kind, 0.0, 1.0), 1
+            steps[key] = steps.get(key, 0) + n
+        return [(kind, z, q, n) for (kind, z, q), n in steps.items()]
 
     def epsilon(self, delta: float, *, job: str | None = None, round: int | None = None,
                 including: Mapping[str, Any] | None = None) -> float:
@@ -285,24 +445,28 @@ class PrivacyLedger:
         trained, for the budget check, or one trained and not yet released, for the ε
         it will have spent once it is). Pending entries are not counted.
 
+        For replacing one record with another (DP-SGD; the site's record count is
+        released with its updates, so add-or-remove neighbours are distinguishable),
+        from dp_accounting's PLD accountant under REPLACE_ONE: an upper bound. A
+        DP-FedAvg entry is a Gaussian release with sensitivity 2S (one site's data
+        replaced) against noise zS: its ε is client-level, and as a site's data bounds
+        each of its records, it composes with DP-SGD entries into a record-level bound
+        (``_composed_epsilon``). A selection holding a released run without DP is
+        unbounded: math.inf.
+
         Each distinct mechanism (``events``) is composed once with its summed steps:
         the same ε as composing entry by entry, in a time that does not grow with the
-        number of rounds recorded (each composition costs a fraction of a second).
-        """
-        import dp_accounting
-        from dp_accounting.rdp import RdpAccountant
+        number of rounds recorded; compositions are cached.
 
+        Raises:
+            ValueError: delta outside (0, 1).
+        """
+        if not 0 < delta < 1:
+            raise ValueError(f"delta={delta} must lie in (0, 1)")
         chosen = self.events(job=job, round=round, including=including)
         if not chosen:
             return 0.0
-        accountant = RdpAccountant()
-        with _quiet_accountant():
-            for noise_multiplier, sampling_rate, steps in chosen:
-                event = dp_accounting.PoissonSampledDpEvent(
-                    sampling_rate, dp_accounting.GaussianDpEvent(noise_multiplier)
-                )
-                accountant.compose(dp_accounting.SelfComposedDpEvent(event, steps))
-            return float(accountant.get_epsilon(delta))
+        return _composed_epsilon(tuple(sorted(chosen)), float(delta))
 
     def entry(self, key: EntryKey) -> dict[str, Any]:
         """A copy of the entry ``key``.
@@ -370,7 +534,9 @@ def check_dp_plan(
     """Refuse a plan whose privacy target cannot be met; return the ε it will spend.
 
     The coordinator's plan validation calls this with the plan's DP settings and
-    the smallest site's sampling rate (batch_size / n_train, the worst case).
+    the smallest site's sampling rate (batch_size / n_train, the worst case). ε is
+    for replacing one record (``epsilon_for``: a site's record count is released with
+    its updates), so it is about twice what an add-or-remove accountant gives.
 
     Raises:
         PrivacyBudgetError: the plan would spend more than ``target_epsilon``; the
@@ -451,7 +617,9 @@ def calibrate_noise(
     steps: int,
     max_noise: float = 1000.0,
 ) -> float:
-    """Smallest noise multiplier (to 1e-3 relative) reaching ``target_epsilon``.
+    """Smallest noise multiplier (to 1e-3 relative) reaching ``target_epsilon`` over
+    ``steps`` Poisson-sampled Gaussian steps, ε for replacing one record
+    (``epsilon_for``).
 
     Raises:
         PrivacyBudgetError: even ``max_noise`` does not reach the target.

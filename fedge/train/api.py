@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from fedge.train import metrics as M
+from fedge.train.accounting import DP_FEDAVG, DP_SGD, NO_DP
 from fedge.train.data import DatasetSpec, SiteData, Split, load_site_data
 from fedge.train.models import (
     TASK_OF_MODEL,
@@ -238,8 +239,9 @@ class TrainOutcome:
     extra: dict[str, np.ndarray] = field(default_factory=dict)  # e.g. "scaffold_delta_c"
     # figures for the site's own log, never sent (under DP-SGD: the raw batches' loss)
     local_metrics: dict[str, float] = field(default_factory=dict)
-    # DP-SGD: this run's (job, round, attempt) in ``state.ledger``, recorded pending;
-    # the caller releases it (PrivacyLedger.release) before the update can leave
+    # this run's (job, round, attempt) in ``state.ledger``, recorded pending whatever
+    # its mechanism (DP-SGD, DP-FedAvg or none); the caller releases it
+    # (PrivacyLedger.release) before the update can leave
     ledger_key: tuple[str, int, int] | None = None
 
 
@@ -396,8 +398,9 @@ def _refuse_over_budget(
     """The site refuses a round that would push its ε for this job past the target:
     its released runs plus this one (pending runs never left the site and are not
     counted; this one is, as if it were released)."""
-    this_round = {"job": state.job, "round": round, "noise_multiplier": dp.noise_multiplier,
-                  "sampling_rate": sampling_rate, "steps": steps}
+    this_round = {"job": state.job, "round": round, "mechanism": DP_SGD,
+                  "noise_multiplier": dp.noise_multiplier, "sampling_rate": sampling_rate,
+                  "steps": steps}
     after = state.ledger.epsilon(dp.delta, job=state.job, including=this_round)
     assert dp.target_epsilon is not None
     if after > dp.target_epsilon:
@@ -473,8 +476,12 @@ def local_train(
     noise derived from the coordinator's seed could be subtracted by it. Under
     DP-SGD the noise-free ``train_loss`` and ``clipped_fraction`` of the batches
     are not released: they are in ``TrainOutcome.local_metrics``, for the site.
-    A DP-SGD run enters the ledger pending (``TrainOutcome.ledger_key``): it counts in
-    ε once the caller releases it, before the update leaves the site.
+    Every run enters the ledger pending (``TrainOutcome.ledger_key``), with its
+    mechanism: ``dp_sgd`` (``cfg.dp``; with ``cfg.client_dp`` as well, the DP-FedAvg
+    step is post-processing of the DP-SGD weights, so the DP-SGD bound stands),
+    ``dp_fedavg`` (``cfg.client_dp`` alone) or ``none`` (neither: the exact update,
+    whose release makes the job's ε unbounded). It counts in ε once the caller
+    releases it, before the update leaves the site.
 
     ``rounds`` and ``min_site_examples``: the plan's ``job.rounds`` and
     ``privacy.min_site_examples``. With a DP-SGD ``target_epsilon`` and ``rounds``, a
@@ -637,14 +644,26 @@ def local_train(
         local["update_norm"] = norm
         local["train_loss"] = metrics.pop("train_loss")
     epsilon = delta = None
-    ledger_key = None
-    if cfg.dp is not None:
+    # every run is recorded pending, with its mechanism: charged only once the caller
+    # releases the update (the ledger's docstring); a run that never leaves the site
+    # spends nothing, and one without DP that does leaves its job's ε unbounded
+    if cfg.dp is None and cfg.client_dp is not None:
+        ledger_key = state.ledger.record(
+            job=state.job, round=round, mechanism=DP_FEDAVG,
+            noise_multiplier=cfg.client_dp.noise_multiplier,
+            clip_norm=cfg.client_dp.clip_norm, cohort_size=cfg.client_dp.cohort_size,
+            pending=True)
+    elif cfg.dp is None:
+        ledger_key = state.ledger.record(job=state.job, round=round, mechanism=NO_DP,
+                                         steps=steps, pending=True)
+    else:
         per_term = task == "survival"
-        # pending: charged only once the caller releases the update (the ledger's
-        # docstring); a run that never leaves the site spends nothing
+        # with client_dp as well, its clipping and noise are post-processing of these
+        # DP-SGD weights: the DP-SGD bound stands, and is what is recorded
         ledger_key = state.ledger.record(
             job=state.job,
             round=round,
+            mechanism=DP_SGD,
             noise_multiplier=cfg.dp.noise_multiplier,
             sampling_rate=q,
             steps=steps,
@@ -660,8 +679,10 @@ def local_train(
         metrics[f"epsilon_round{label}"] = state.ledger.epsilon(delta, job=state.job,
                                                                 round=round, including=this_run)
         metrics[f"epsilon{label}"] = epsilon
-        # computed on the raw batches, outside the mechanism: kept at the site
-        local["train_loss"] = metrics.pop("train_loss")
+        # computed on the raw batches, outside the mechanism: kept at the site (with
+        # client_dp too, already moved there)
+        if "train_loss" in metrics:
+            local["train_loss"] = metrics.pop("train_loss")
         local["clipped_fraction"] = float(np.mean(clipped)) if clipped else 0.0
     return TrainOutcome(weights, n, metrics, epsilon, delta, extra, local, ledger_key)
 

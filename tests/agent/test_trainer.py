@@ -11,7 +11,7 @@ import pytest
 from fedge.agent.trainer import TaskRefusal, TorchTrainer, train_config_dict
 from fedge.coordinator.plan import parse_plan
 from fedge.coordinator.rounds import train_seed
-from fedge.train.accounting import PrivacyLedger
+from fedge.train.accounting import PrivacyLedger, epsilon_for
 from fedge.wire import messages as m
 
 DATA = Path(__file__).resolve().parents[2] / "../shared/data/fed_tcga_brca"
@@ -100,9 +100,12 @@ def test_a_site_smaller_than_the_plan_declares_refuses_before_spending_anything(
                       .replace("target_epsilon = 50.0", "target_epsilon = 2.5"))
     table = {"name": "brca", "kind": "fed_tcga_brca", "path": str(DATA), "site": 0}
     trainer = TorchTrainer([table], state_dir=tmp_path)
-    with pytest.raises(TaskRefusal, match=r"this site has 198 training rows, below the plan's "
-                       r"min_site_examples 10000: its 3 rounds .* would spend epsilon 2\.7\d+ "
-                       r"> target_epsilon 2\.5 .*nothing was trained or spent"):
+    # ε for replacing one record, recomputed by the accountant: 3 rounds of 5 steps
+    spent = epsilon_for(noise_multiplier=1.5, sampling_rate=32 / 198, steps=15, delta=1e-5)
+    assert spent > 2.5
+    with pytest.raises(TaskRefusal, match=rf"this site has 198 training rows, below the plan's "
+                       rf"min_site_examples 10000: its 3 rounds .* would spend epsilon "
+                       rf"{spent:.3f} > target_epsilon 2\.5 .*nothing was trained or spent"):
         trainer.train("site-0", "job-a", plan, np.zeros(40, np.float32), round=1, seed=1)
     assert PrivacyLedger.load(tmp_path / "privacy" / "ledger.json").entries == []
 

@@ -32,6 +32,19 @@ MODEL = ModelSpec("logistic", {"in_features": 2})
 SIGMA = 1.1
 
 
+def _eps(rows: int, rounds: int = 3) -> float:
+    """ε at this module's sites: ``rounds`` epochs of ceil(rows / 16) steps at rate
+    16 / rows (for replacing one record: recomputed by the accountant, not pasted)."""
+    return epsilon_for(noise_multiplier=SIGMA, sampling_rate=16 / rows,
+                       steps=rounds * -(-rows // 16), delta=1e-5)
+
+
+# a target the plan meets at its min_site_examples (160 rows) and a 128-row site does not
+TARGET = round((_eps(160) + _eps(128)) / 2, 2)
+# one the plan meets at 160 rows and a 161-row site (11 steps an epoch) does not
+TARGET_161 = round((_eps(160) + _eps(161)) / 2, 2)
+
+
 def _site(tmp_path: Path, n: int):  # type: ignore[no-untyped-def]
     p = tmp_path / f"rows{n}.csv"
     p.write_text("a,b,y\n" + "".join(f"{i},{i % 3},{i % 2}\n" for i in range(n)))
@@ -64,38 +77,40 @@ def _train(data, cfg: TrainConfig, state: ClientState, round: int):  # type: ign
 
 def test_a_site_below_min_site_examples_refuses_the_plan_before_training(
         tmp_path: Path) -> None:
-    """Was: rounds 1 and 2 trained and released (ε 3.914), round 3 refused, job failed."""
-    _plan_accepted(4.3)
+    """Was: rounds 1 and 2 trained and released, round 3 refused, job failed."""
+    assert _eps(160) < TARGET < _eps(128) and _eps(128, rounds=2) < TARGET
+    _plan_accepted(TARGET)
     state = ClientState(job="job-1")
     with pytest.raises(PrivacyBudgetError) as err:
-        _train(_site(tmp_path, 128), _cfg(4.3), state, round=1)
+        _train(_site(tmp_path, 128), _cfg(TARGET), state, round=1)
     assert str(err.value) == (
         "job 'job-1' refused before training: this site has 128 training rows, below the "
         "plan's min_site_examples 160: its 3 rounds of 8 steps at sampling rate 0.125 "
-        "would spend epsilon 4.521 > target_epsilon 4.3 (delta=1e-05); nothing was "
-        "trained or spent")
+        f"would spend epsilon {_eps(128):.3f} > target_epsilon {TARGET:g} (delta=1e-05); "
+        "nothing was trained or spent")
     assert state.ledger.entries == []
 
 
 def test_a_site_whose_epochs_round_up_to_more_steps_refuses_the_plan_too(
         tmp_path: Path) -> None:
     """161 rows are not below 160, but one epoch in batches of 16 is 11 steps, not 10:
-    ε 4.145 over 3 rounds where the plan's check, at 160 rows, found 4.025."""
-    _plan_accepted(4.1)
+    more ε over 3 rounds than the plan's check found at 160 rows."""
+    assert _eps(160) < TARGET_161 < _eps(161)
+    _plan_accepted(TARGET_161)
     state = ClientState(job="job-1")
     with pytest.raises(PrivacyBudgetError) as err:
-        _train(_site(tmp_path, 161), _cfg(4.1), state, round=1)
+        _train(_site(tmp_path, 161), _cfg(TARGET_161), state, round=1)
     assert ("this site has 161 training rows, not below the plan's min_site_examples 160, "
             "but its epochs in batches of 16 round up to 11 steps a round: its 3 rounds of "
-            "11 steps at sampling rate 0.09938 would spend epsilon 4.145 > target_epsilon "
-            "4.1") in str(err.value)
+            f"11 steps at sampling rate 0.09938 would spend epsilon {_eps(161):.3f} > "
+            f"target_epsilon {TARGET_161:g}") in str(err.value)
     assert state.ledger.entries == []
 
 
 def test_a_site_the_plan_fits_trains_every_round(tmp_path: Path) -> None:
     data, state = _site(tmp_path, 160), ClientState(job="job-1")
     for r in (1, 2, 3):
-        out = _train(data, _cfg(4.3), state, round=r)
+        out = _train(data, _cfg(TARGET), state, round=r)
         state.ledger.release(out.ledger_key)
     assert out.epsilon == pytest.approx(
         epsilon_for(noise_multiplier=SIGMA, sampling_rate=0.1, steps=30, delta=1e-5))
@@ -111,7 +126,7 @@ def test_a_site_with_only_unreleased_runs_of_the_job_is_still_checked_whole(
     state.ledger.record(job="other", round=1, noise_multiplier=SIGMA, sampling_rate=0.125,
                         steps=8)  # another job's released run commits nothing to this one
     with pytest.raises(PrivacyBudgetError, match="refused before training: this site has 128"):
-        _train(_site(tmp_path, 128), _cfg(4.3), state, round=2)
+        _train(_site(tmp_path, 128), _cfg(TARGET), state, round=2)
     assert len(state.ledger.entries) == 2
 
 
@@ -122,12 +137,13 @@ def test_once_a_run_of_the_job_is_released_the_per_round_check_governs(
     data, state = _site(tmp_path, 128), ClientState(job="job-1")
     state.ledger.record(job="job-1", round=1, noise_multiplier=SIGMA, sampling_rate=0.125,
                         steps=8)
-    out = _train(data, _cfg(4.3), state, round=2)
-    assert out.epsilon == pytest.approx(3.914, abs=1e-3)
+    out = _train(data, _cfg(TARGET), state, round=2)
+    assert out.epsilon == pytest.approx(_eps(128, rounds=2))
     state.ledger.release(out.ledger_key)
-    with pytest.raises(PrivacyBudgetError, match=r"round 3 refused: epsilon would rise from "
-                                                 r"3\.914 to 4\.521"):
-        _train(data, _cfg(4.3), state, round=3)
+    with pytest.raises(PrivacyBudgetError, match=rf"round 3 refused: epsilon would rise from "
+                                                 rf"{_eps(128, rounds=2):.3f} to "
+                                                 rf"{_eps(128):.3f}"):
+        _train(data, _cfg(TARGET), state, round=3)
 
 
 def test_the_whole_plan_costs_one_composition_however_many_rounds(
@@ -140,7 +156,7 @@ def test_the_whole_plan_costs_one_composition_however_many_rounds(
 
     monkeypatch.setattr(api, "epsilon_for", counted)
     with pytest.raises(PrivacyBudgetError, match="its 100000 rounds of 8 steps"):
-        local_train(MODEL, flatten(build_model(MODEL)), _site(tmp_path, 128), _cfg(4.3),
+        local_train(MODEL, flatten(build_model(MODEL)), _site(tmp_path, 128), _cfg(TARGET),
                     round=1, state=ClientState(job="job-1"), rounds=100_000)
     assert calls == [800_000]
 
@@ -148,5 +164,5 @@ def test_the_whole_plan_costs_one_composition_however_many_rounds(
 def test_rounds_must_be_a_positive_integer(tmp_path: Path) -> None:
     for bad in (0, -1, True, 2.0):
         with pytest.raises(ValueError, match=r"rounds=.* must be an integer >= 1"):
-            local_train(MODEL, np.zeros(3, np.float32), _site(tmp_path, 16), _cfg(4.3),
+            local_train(MODEL, np.zeros(3, np.float32), _site(tmp_path, 16), _cfg(TARGET),
                         round=1, rounds=bad)  # type: ignore[arg-type]

@@ -1,0 +1,256 @@
+"""What the privacy ledger tells a hospital is not smaller than the truth.
+
+Every training run whose update can leave the site is recorded, with its mechanism:
+DP-SGD, client-level DP-FedAvg, or none (an exact update, whose release makes ε
+unbounded). ε is for replacing one record (the site's record count leaves with its
+updates, so add-or-remove neighbours are told apart), computed by dp_accounting's PLD
+accountant under REPLACE_ONE; a DP-FedAvg round is a Gaussian release of sensitivity
+2S (one site's data replaced) against noise zS.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import dp_accounting
+import pytest
+from dp_accounting.pld import PLDAccountant
+from dp_accounting.rdp import RdpAccountant
+
+from fedge.train.accounting import (
+    DP_FEDAVG,
+    DP_SGD,
+    NO_DP,
+    RELEASED,
+    PrivacyLedger,
+    calibrate_noise,
+    check_dp_plan,
+    epsilon_for,
+)
+from fedge.train.api import (
+    ClientState,
+    DatasetSpec,
+    ModelSpec,
+    TrainConfig,
+    build_model,
+    flatten,
+    load_site_data,
+    local_train,
+)
+from fedge.train.privacy import ClientDPConfig, DPConfig
+
+DELTA = 1e-5
+REPLACE_ONE = dp_accounting.NeighboringRelation.REPLACE_ONE
+
+
+def poisson_gaussian(z: float, q: float, steps: int) -> dp_accounting.DpEvent:
+    return dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), steps)
+
+
+def pld_replace_one(*events: dp_accounting.DpEvent) -> float:
+    """dp_accounting's PLD accountant for replacing one record, its default grid."""
+    accountant = PLDAccountant(neighboring_relation=REPLACE_ONE)
+    for event in events:
+        accountant.compose(event)
+    return float(accountant.get_epsilon(DELTA))
+
+
+def gaussian_epsilon(mu: float, delta: float = DELTA) -> float:
+    """The exact ε of a Gaussian mechanism whose sensitivity / noise ratio is ``mu``
+    (composed Gaussians: mu = sqrt(sum of the squares)), by the closed form of
+    Balle & Wang 2018: delta(eps) = Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2)."""
+
+    def phi(x: float) -> float:
+        return 0.5 * math.erfc(-x / math.sqrt(2))
+
+    def delta_at(eps: float) -> float:
+        return phi(-eps / mu + mu / 2) - math.exp(eps) * phi(-eps / mu - mu / 2)
+
+    lo, hi = 0.0, 200.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if delta_at(mid) <= delta else (mid, hi)
+    return hi
+
+
+# --- record-level ε is for replacing one record ------------------------------------
+
+
+def test_record_level_epsilon_is_for_replacing_one_record_not_adding_or_removing() -> None:
+    """The review's numbers (q = 0.2, z = 2.5, 300 steps): the RDP add-or-remove ε the
+    ledger reported was 7.489; the PLD accountant's for replacing one record is 14.85.
+    Every record-level figure (epsilon_for, the ledger, the plan check) is the latter."""
+    event = poisson_gaussian(2.5, 0.2, 300)
+    rdp = RdpAccountant()
+    rdp.compose(event)
+    add_or_remove = rdp.get_epsilon(DELTA)
+    replace_one = pld_replace_one(event)
+    assert replace_one > 1.9 * add_or_remove
+
+    ours = epsilon_for(noise_multiplier=2.5, sampling_rate=0.2, steps=300, delta=DELTA)
+    assert replace_one <= ours <= replace_one * 1.003
+    ledger = PrivacyLedger()
+    for r in range(30):
+        ledger.record(job="j", round=r, noise_multiplier=2.5, sampling_rate=0.2, steps=10)
+    assert ledger.epsilon(DELTA) == ours
+    assert check_dp_plan(target_epsilon=ours, delta=DELTA, rounds=30, steps_per_round=10,
+                         sampling_rate=0.2, noise_multiplier=2.5) == ours
+    # a plan the add-or-remove figure let through is now refused
+    with pytest.raises(ValueError, match="cannot be met"):
+        check_dp_plan(target_epsilon=add_or_remove * 1.01, delta=DELTA, rounds=30,
+                      steps_per_round=10, sampling_rate=0.2, noise_multiplier=2.5)
+    z = calibrate_noise(target_epsilon=8.0, delta=DELTA, sampling_rate=0.2, steps=300)
+    assert epsilon_for(noise_multiplier=z, sampling_rate=0.2, steps=300, delta=DELTA) <= 8.0
+    assert pld_replace_one(poisson_gaussian(z, 0.2, 300)) <= 8.0
+
+
+@pytest.mark.parametrize(("z", "q", "steps"), [
+    (2.5, 0.2, 300), (5.0, 0.5, 10), (20.0, 0.01, 1000), (1000.0, 0.2, 300),
+    (2.0, 0.001, 100_000), (1.1, 0.004, 30_000), (4.0, 1.0, 50),
+])
+def test_the_coarser_grid_stays_an_upper_bound_within_0_3_percent(
+        z: float, q: float, steps: int) -> None:
+    """ε is computed on a grid sized to its scale (fast), never below what the default,
+    finest grid gives (pessimistic: an upper bound) and close to it."""
+    reference = pld_replace_one(poisson_gaussian(z, q, steps))
+    ours = epsilon_for(noise_multiplier=z, sampling_rate=q, steps=steps, delta=DELTA)
+    assert reference <= ours <= reference * 1.003
+
+
+def test_noise_too_small_to_protect_anything_is_unbounded_and_quick() -> None:
+    """A composition past EPSILON_CEILING is reported unbounded (an upper bound still)
+    at once, not after minutes on a PLD grid too big for a site's memory."""
+    start = time.perf_counter()
+    assert epsilon_for(noise_multiplier=0.01, sampling_rate=0.5, steps=100_000,
+                       delta=DELTA) == math.inf
+    assert epsilon_for(noise_multiplier=0.05, sampling_rate=0.2, steps=300,
+                       delta=DELTA) == math.inf
+    assert time.perf_counter() - start < 5
+
+
+def test_a_plan_check_and_a_calibration_stay_fast() -> None:
+    """A refusal searches the rounds that fit and the noise that would: dozens of
+    compositions, each on a grid sized to its ε (the default grid took ~1.5 s each)."""
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="raise noise_multiplier to"):
+        check_dp_plan(target_epsilon=3.0, delta=DELTA, rounds=200, steps_per_round=25,
+                      sampling_rate=0.021, noise_multiplier=0.91)
+    assert time.perf_counter() - start < 20
+
+
+# --- every run is recorded, with its mechanism --------------------------------------
+
+
+def test_a_ledger_saved_before_mechanisms_loads_every_entry_as_dp_sgd(tmp_path) -> None:
+    path = tmp_path / "ledger.json"
+    old = [{"job": "j", "round": r, "attempt": 1, "status": RELEASED,
+            "noise_multiplier": 1.1, "sampling_rate": 0.05, "steps": 10} for r in (1, 2)]
+    path.write_text(json.dumps({"entries": old}))
+    ledger = PrivacyLedger.load(path)
+    assert [e["mechanism"] for e in ledger.entries] == [DP_SGD, DP_SGD]
+    assert ledger.epsilon(DELTA) == epsilon_for(noise_multiplier=1.1, sampling_rate=0.05,
+                                                steps=20, delta=DELTA)
+    path.write_text(json.dumps({"entries": [{**old[0], "mechanism": "dp_magic"}]}))
+    with pytest.raises(ValueError, match=r"entry 0: mechanism 'dp_magic' is not one of"):
+        PrivacyLedger.load(path)
+
+
+def test_a_released_run_without_dp_makes_its_job_and_the_total_unbounded() -> None:
+    ledger = PrivacyLedger()
+    ledger.record(job="dp", round=1, noise_multiplier=1.1, sampling_rate=0.05, steps=10)
+    key = ledger.record(job="plain", round=1, mechanism=NO_DP, steps=10, pending=True)
+    # trained, never left: nothing spent, nothing unbounded
+    assert ledger.epsilon(DELTA, job="plain") == 0.0 and ledger.without_dp() == []
+    finite = ledger.epsilon(DELTA)
+    assert 0 < finite < math.inf
+    ledger.release(key)
+    assert ledger.epsilon(DELTA, job="plain") == math.inf
+    assert ledger.epsilon(DELTA) == math.inf
+    assert ledger.epsilon(DELTA, job="dp") == finite  # the DP job's own ε stands
+    assert ledger.without_dp() == ["plain"] and ledger.mechanisms() == [DP_SGD, NO_DP]
+    assert PrivacyLedger.from_dict(ledger.to_dict()).epsilon(DELTA) == math.inf
+
+
+def test_a_dp_fedavg_round_is_a_gaussian_of_sensitivity_2s_against_noise_zs() -> None:
+    """The cohort is public (the roster), so the neighbouring relation replaces one
+    site's data: its clipped update moves the sum by up to 2S, against noise zS on the
+    sum. R released rounds (q = 1, every site each round) compose to a Gaussian with
+    mu = 2 sqrt(R) / z, whose exact ε the closed form gives."""
+    z, rounds = 1.5, 12
+    ledger = PrivacyLedger()
+    for r in range(1, rounds + 1):
+        ledger.record(job="fl", round=r, mechanism=DP_FEDAVG, noise_multiplier=z,
+                      clip_norm=0.7, cohort_size=5)
+    assert ledger.events() == [(DP_FEDAVG, z, 1.0, rounds)]
+    exact = gaussian_epsilon(2 * math.sqrt(rounds) / z)
+    ours = ledger.epsilon(DELTA, job="fl")
+    assert exact <= ours <= exact * 1.003
+    # GaussianDpEvent(z/2) in add-or-remove terms: the same figure
+    add_or_remove = PLDAccountant()
+    add_or_remove.compose(dp_accounting.GaussianDpEvent(z / 2), rounds)
+    assert ours == pytest.approx(add_or_remove.get_epsilon(DELTA), rel=3e-3)
+    # one round is one release whatever the entry's steps say
+    assert ledger.epsilon(DELTA, job="fl", round=3) == pytest.approx(
+        gaussian_epsilon(2 / z), rel=3e-3)
+
+
+def test_the_site_total_composes_dp_fedavg_rounds_with_dp_sgd_runs() -> None:
+    ledger = PrivacyLedger()
+    for r in (1, 2, 3):
+        ledger.record(job="fl", round=r, mechanism=DP_FEDAVG, noise_multiplier=2.0)
+        ledger.record(job="sgd", round=r, noise_multiplier=1.1, sampling_rate=0.05, steps=10)
+    reference = pld_replace_one(
+        dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(2.0), 3),
+        poisson_gaussian(1.1, 0.05, 30))
+    total = ledger.epsilon(DELTA)
+    assert reference <= total <= reference * 1.003
+    assert total > max(ledger.epsilon(DELTA, job="fl"), ledger.epsilon(DELTA, job="sgd"))
+
+
+# --- local_train records every run -------------------------------------------------
+
+MODEL = ModelSpec("logistic", {"in_features": 2})
+
+
+def _site(tmp_path: Path, n: int):  # type: ignore[no-untyped-def]
+    p = tmp_path / f"rows{n}.csv"
+    p.write_text("a,b,y\n" + "".join(f"{i},{i % 3},{i % 2}\n" for i in range(n)))
+    return load_site_data(DatasetSpec(name="rows", kind="tabular", path=str(p), task="binary",
+                                      features=("a", "b"), target="y", val_fraction=0.0))
+
+
+@pytest.mark.parametrize(("privacy", "mechanism"), [
+    ({}, NO_DP),
+    ({"client_dp": ClientDPConfig(clip_norm=0.5, noise_multiplier=1.2, cohort_size=3)},
+     DP_FEDAVG),
+    ({"dp": DPConfig(noise_multiplier=1.1)}, DP_SGD),
+    # DP-FedAvg on DP-SGD weights is post-processing: the DP-SGD bound is recorded
+    ({"dp": DPConfig(noise_multiplier=1.1),
+      "client_dp": ClientDPConfig(clip_norm=0.5, noise_multiplier=1.2, cohort_size=3)},
+     DP_SGD),
+])
+def test_local_train_records_every_run_pending_with_its_mechanism(
+        tmp_path: Path, privacy: dict, mechanism: str) -> None:
+    state = ClientState(job="job-1")
+    cfg = TrainConfig(steps=3, batch_size=8, lr=0.1, **privacy)
+    out = local_train(MODEL, flatten(build_model(MODEL)), _site(tmp_path, 64), cfg, round=1,
+                      state=state)
+    assert out.ledger_key == ("job-1", 1, 1)
+    entry = state.ledger.entry(out.ledger_key)
+    assert (entry["mechanism"], entry["status"]) == (mechanism, "pending")
+    assert state.ledger.epsilon(DELTA) == 0.0
+    state.ledger.release(out.ledger_key)
+    spent = state.ledger.epsilon(DELTA)
+    if mechanism == NO_DP:
+        assert spent == math.inf
+    elif mechanism == DP_FEDAVG:
+        assert (entry["noise_multiplier"], entry["clip_norm"], entry["cohort_size"]) == \
+            (1.2, 0.5, 3)
+        assert spent == pytest.approx(gaussian_epsilon(2 / 1.2), rel=3e-3)
+    else:
+        assert spent == epsilon_for(noise_multiplier=1.1, sampling_rate=8 / 64, steps=3,
+                                    delta=DELTA)

@@ -492,9 +492,11 @@ def local_train(
 
     Raises:
         ValueError: weights of the wrong length or non-finite, model/task mismatch,
-            SCAFFOLD without ``server_control`` of the right length, ``rounds`` < 1, or
-            a DP plan whose ``target_epsilon`` this round, or with ``rounds`` the whole
-            plan at this site, would exceed (``PrivacyBudgetError``).
+            SCAFFOLD without ``server_control`` of the right length, ``rounds`` < 1, a
+            DP-SGD plan whose delta is not below 1/n for this site's n training
+            records (such a bound permits publishing a record outright), or a DP plan
+            whose ``target_epsilon`` this round, or with ``rounds`` the whole plan at
+            this site, would exceed (``PrivacyBudgetError``).
         RuntimeError: ``device='cuda'`` without a GPU.
     """
     cfg.validate()
@@ -554,6 +556,12 @@ def local_train(
         if cfg.dp is not None:
             if task == "survival" and not cfg.dp.cox_per_term:
                 raise ValueError(COX_DP_RULE)
+            if cfg.dp.delta >= 1 / n:
+                raise ValueError(
+                    f"train.dp.delta={cfg.dp.delta:g} is not below 1/n = {1 / n:.4g} for "
+                    f"this site's n={n} training records: an (epsilon, delta) bound with "
+                    "delta >= 1/n allows publishing a record outright; the plan must set "
+                    "delta well below 1/n")
             q = min(1.0, cfg.batch_size / n)
             if cfg.dp.target_epsilon is not None:
                 if rounds is not None:

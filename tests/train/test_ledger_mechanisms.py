@@ -5,7 +5,8 @@ DP-SGD, client-level DP-FedAvg, or none (an exact update, whose release makes ε
 unbounded). ε is for replacing one record (the site's record count leaves with its
 updates, so add-or-remove neighbours are told apart), computed by dp_accounting's PLD
 accountant under REPLACE_ONE; a DP-FedAvg round is a Gaussian release of sensitivity
-2S (one site's data replaced) against noise zS.
+2S (one site's data replaced) against noise zS. A DP-SGD site refuses a delta that is
+not below 1/n.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 import dp_accounting
+import numpy as np
 import pytest
 from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
@@ -211,7 +213,7 @@ def test_the_site_total_composes_dp_fedavg_rounds_with_dp_sgd_runs() -> None:
     assert total > max(ledger.epsilon(DELTA, job="fl"), ledger.epsilon(DELTA, job="sgd"))
 
 
-# --- local_train records every run -------------------------------------------------
+# --- local_train records every run; a DP-SGD site refuses delta >= 1/n ----------------
 
 MODEL = ModelSpec("logistic", {"in_features": 2})
 
@@ -254,3 +256,20 @@ def test_local_train_records_every_run_pending_with_its_mechanism(
     else:
         assert spent == epsilon_for(noise_multiplier=1.1, sampling_rate=8 / 64, steps=3,
                                     delta=DELTA)
+
+
+def test_a_dp_sgd_site_refuses_a_delta_not_below_one_over_its_records(tmp_path: Path) -> None:
+    data = _site(tmp_path, 64)  # 1/n = 0.015625
+    for delta in (0.5, 1 / 64):
+        state = ClientState(job="job-1")
+        cfg = TrainConfig(steps=2, batch_size=8, lr=0.1,
+                          dp=DPConfig(noise_multiplier=1.1, delta=delta))
+        with pytest.raises(ValueError, match=rf"train\.dp\.delta={delta:g} is not below "
+                                             r"1/n = 0\.01562 for this site's n=64 training"):
+            local_train(MODEL, flatten(build_model(MODEL)), data, cfg, round=1, state=state)
+        assert state.ledger.entries == []
+    cfg = TrainConfig(steps=2, batch_size=8, lr=0.1,
+                      dp=DPConfig(noise_multiplier=1.1, delta=0.01))
+    out = local_train(MODEL, flatten(build_model(MODEL)), data, cfg, round=1,
+                      state=ClientState(job="job-1"))
+    assert np.all(np.isfinite(out.weights)) and out.epsilon is not None

@@ -499,8 +499,7 @@ def watch_job(call: Any, job_id: str, *, interval_s: float = 2.0,
             said_test = True
             out(final_test_line(test))
         if status.get("status") in JOB_ENDS:
-            error = f": {status['error']}" if status.get("error") else ""
-            out(f"job {job_id} {status['status']}{error}")
+            out(end_line(job_id, status))
             break
         if max_wait_s is not None and time.monotonic() - started > max_wait_s:
             raise TimeoutError(f"job {job_id} is still {status.get('status')} (round "
@@ -526,6 +525,16 @@ def watch_job(call: Any, job_id: str, *, interval_s: float = 2.0,
         out(f"no report after {results_wait_s:g} s (the coordinator's audit log says why); "
             f"results so far: {', '.join(results) or 'none'}")
     return status
+
+
+def end_line(job_id: str, status: dict[str, Any]) -> str:
+    """How `jobs watch` says a job ended: "job J completed", "job J failed: why", "job J
+    cancelled by operator:alice at 2026-11-30T05:53:19Z" (the coordinator's record of
+    who cancelled it; an older coordinator's: "job J cancelled")."""
+    state, error = str(status.get("status")), printable(status.get("error") or "")
+    if state == "cancelled" and error.startswith("cancelled by "):
+        return f"job {job_id} {error}"
+    return f"job {job_id} {state}" + (f": {error}" if error else "")
 
 
 def final_test_line(test: dict[str, Any]) -> str:

@@ -541,7 +541,10 @@ class Coordinator:
 
     def cancel_job(self, job_id: str, actor: str = "console") -> None:
         """Cancel a queued or running job. One that committed a round keeps its last
-        committed model as its result (module docstring).
+        committed model as its result (module docstring). Who cancelled it and when
+        (the wall clock, UTC) is the job's ``error``: "cancelled by operator:alice at
+        2026-11-30T05:53:19Z", what its owner sees in ``jobs watch``, ``jobs status``
+        and report.md; its round's sites are told the same.
 
         Raises: CoordinatorError: unknown job or already finished."""
         try:
@@ -551,15 +554,18 @@ class Coordinator:
         if job.status not in ("queued", "running"):
             raise CoordinatorError(f"job {job_id!r} is {job.status}; only queued or running "
                                    "jobs can be cancelled")
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.wall()))
+        reason = f"cancelled by {actor} at {when}"
         last = None
         if self.runner is not None and self.runner.job_id == job_id:
             if self.runner.round is not None:
-                self._emit(self.runner.round, self.runner.round.abort("job cancelled"))
+                self._emit(self.runner.round, self.runner.round.abort(f"job {reason}"))
             last = self.runner.last_checkpoint
             self.runner = None
         digest = self.keep_last_model(job_id, job.committed_round, last)
         try:
-            self.store.set_job_status(job_id, "cancelled", actor=actor, final_digest=digest)
+            self.store.set_job_status(job_id, "cancelled", actor=actor, error=reason,
+                                      final_digest=digest)
         except BaseException:  # still running: no result may stand beside it
             if digest:
                 ck.final_path(self.state_dir, job_id).unlink(missing_ok=True)

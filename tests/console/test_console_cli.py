@@ -322,8 +322,10 @@ def test_jobs_watch_names_a_job_that_does_not_end_and_fails_for_a_cancelled_one(
                                                     "of it"]
     assert main([*base, "jobs", "cancel", job]) == 0
     capsys.readouterr()
-    assert main(watch) == 1
-    assert capsys.readouterr().out.splitlines()[-1] == f"job {job} cancelled"
+    assert main(watch) == 1  # says who cancelled it, and when
+    assert re.fullmatch(rf"job {job} cancelled by operator:admin at "
+                        r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ",
+                        capsys.readouterr().out.splitlines()[-1])
     assert main([*base, "jobs", "watch", "job-nope"]) == 1
     assert "job-nope" in capsys.readouterr().err
 

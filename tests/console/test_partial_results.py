@@ -6,6 +6,7 @@ and why. Through the real CLI, a real coordinator and its SQLite store."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 from safetensors.numpy import load_file
@@ -73,15 +74,23 @@ def test_a_job_cancelled_after_two_rounds_returns_its_last_committed_model(
     assert {p.name for p in got.iterdir()} >= {"final.safetensors", "report.md",
                                                "report.json"}
     np.testing.assert_array_equal(load_file(str(got / "final.safetensors"))["weights"], last)
+    # who cancelled it, and when: the job's error, in its status, the note and the report
+    who = coord.store.job(job).error
+    assert re.fullmatch(r"cancelled by operator:admin at \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ",
+                        who), who
     assert printed[-1] == (
-        f"note: job {job} cancelled after 2 of 5 round(s): this is a cancelled job's last "
-        "committed model (round 2) and its report, not a finished training; no ONNX export "
-        "(not written, or not yet: fetch again later)")
+        f"note: job {job} cancelled after 2 of 5 round(s) ({who}): this is a cancelled job's "
+        "last committed model (round 2) and its report, not a finished training; no ONNX "
+        "export (not written, or not yet: fetch again later)")
+    assert main([*base, "--operator", "viewer", "jobs", "status", job]) == 0
+    assert json.loads(capsys.readouterr().out)["error"] == who
     report = json.loads((got / "report.json").read_text())
     assert (report["status"], report["committed_round"], report["partial"]) == \
         ("cancelled", 2, True)
-    assert (got / "report.md").read_text().startswith(
-        f"# Job {job}: cancelled, last committed round 2 of 5\n")
+    assert report["error"] == who
+    md = (got / "report.md").read_text()
+    assert md.startswith(f"# Job {job}: cancelled, last committed round 2 of 5\n")
+    assert f"Why: {who}" in md
     assert coord.store.job(job).final_digest == ck.model_digest(last)
 
 

@@ -674,3 +674,28 @@ def test_a_jobs_name_data_set_and_model_are_listed_and_a_name_in_use_is_warned_o
     assert warnings == []
     with pytest.raises(PlanError, match=r"job\.name"):
         coord.submit_job(PLAN.replace("[job]\n", "[job]\nname = 7\n"), actor="bob")
+
+
+def test_who_cancelled_a_running_job_and_when_is_its_reason_and_its_sites_are_told(
+        federation):
+    fed = federation(["a", "b"])
+    job = fed.coord.submit_job(PLAN, actor="operator:bob")
+    sent = []
+    fed.kill_hook = lambda site, body: sent.append((site, body)) and False
+
+    async def go():
+        await fed.heartbeats()
+        await fed.pump(until=lambda: fed.coord.runner is not None
+                       and fed.coord.runner.round is not None
+                       and fed.coord.runner.round.cohort)
+        fed.coord.cancel_job(job, actor="operator:alice")
+        cancelled_at = fed.wall()
+        await fed.pump(until=lambda: not fed.coord.outbox)
+        return cancelled_at
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(asyncio.run(go())))
+    reason = f"cancelled by operator:alice at {when}"
+    assert fed.coord.store.job(job).error == reason
+    status = fed.coord.job_status(job)
+    assert (status["status"], status["error"]) == ("cancelled", reason)
+    aborts = {s: b.reason for s, b in sent if isinstance(b, m.RoundAbort)}
+    assert aborts == {"a": f"job {reason}", "b": f"job {reason}"}

@@ -5,9 +5,11 @@ sampling with rate q = batch_size / n, computes per-example gradients
 (``torch.func``: ``vmap(grad(...))``, or ``jacrev`` of the per-example loss
 terms for Cox models), clips each to L2 norm C, sums, adds N(0, (sigma*C)^2)
 and divides by the expected batch size. Privacy is accounted with Google's
-``dp_accounting`` RDP accountant on the composition of Poisson-sampled
-Gaussian mechanisms, so ε is what the maintained library says, not a formula
-of ours.
+``dp_accounting`` PLD accountant on the composition of Poisson-sampled
+Gaussian mechanisms, for replacing one record (``REPLACE_ONE``: a site's record
+count leaves with its updates, so add/remove neighbours could be told apart), so
+ε is what the maintained library says, not a formula of ours
+(``fedge.train.accounting``).
 
 Cox models: the partial likelihood couples a record to the risk sets of
 others. We clip each record's own loss term (its event term with the batch
@@ -28,10 +30,13 @@ could be regenerated and subtracted by the coordinator: the ε would then
 protect nothing. So DP rounds are not bit-reproducible; everything else in
 ``local_train`` still is.
 
-Each site keeps a ``PrivacyLedger`` (JSON-serialisable) of the mechanisms it
-ran, each run pending until its output can leave the site, then released;
-``epsilon`` composes the released runs only (a pending run whose update never left
-spends nothing): per round and cumulative, per job.
+Each site keeps a ``PrivacyLedger`` (JSON-serialisable) of every training run
+whose update can leave it, with its mechanism (``dp_sgd``, ``dp_fedavg``, or
+``none``, which makes any ε it is part of unbounded), each run pending until its
+output can leave the site, then released; ``epsilon`` composes the released runs
+only (a pending run whose update never left spends nothing): per round and
+cumulative, per job. DP-FedAvg is accounted client-level (one Gaussian release a
+round, q = 1, neighbours replacing one site's data).
 
 Plan validation: ``check_dp_plan`` is what the coordinator calls on a plan
 with a ``target_epsilon``; it raises ``PrivacyBudgetError`` with the numbers

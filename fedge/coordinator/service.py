@@ -936,12 +936,13 @@ class Coordinator:
         else:
             # the attempt and, at the plan's limit, the job's end in one transaction: a
             # write refused here leaves both to the next tick, never one without the other
+            reason = remedy_first(rnd.failure, rnd.refused)
             attempts = self.store.fail_round(rnd.job_id, rnd.round, started_at=rnd.started_at,
-                                             cohort=rnd.cohort, reason=rnd.failure,
+                                             cohort=rnd.cohort, reason=reason,
                                              max_attempts=runner.plan.max_failed_attempts,
                                              dropped_reasons=rnd.dropped_reasons())
             log.warning("job %s round %d failed (attempt %d): %s", rnd.job_id, rnd.round,
-                        attempts, rnd.failure)
+                        attempts, reason)
             runner.round = None
             if attempts >= runner.plan.max_failed_attempts:
                 log.error("job %s failed: round %d failed %d times", rnd.job_id, rnd.round,
@@ -1209,6 +1210,26 @@ class Coordinator:
                 throttle.close(now)
         finally:
             self.store.close()
+
+
+# What the owner of a seeded plan re-run over another set of sites must do: each site
+# trains the update it already had summed over the first run's sites, and refuses to
+# reveal it over a second set (fedge.agent.guard.RevealLog: the difference of the sums
+# would be a site's update). The agents' own words end with it; the failure leads with it.
+RESEED_REMEDY = "resubmit the plan with another job.seed (or with none: a fresh one is drawn)"
+ALREADY_SUMMED = "UpdateAlreadySummed"
+
+
+def remedy_first(failure: str, refusals: dict[str, str]) -> str:
+    """A failed attempt's reason as it is recorded: ``failure``, led by RESEED_REMEDY when
+    a site refused because its update was already summed over another set of sites
+    (``refusals``: site -> its reason, fedge.coordinator.rounds.Round.refused)."""
+    summed = sorted(s for s, r in refusals.items() if r.startswith(ALREADY_SUMMED))
+    if not summed:
+        return failure
+    return (f"{RESEED_REMEDY}: this plan's seed was run before over another set of sites, "
+            f"and {_names(summed)} refused to have the same update summed again over "
+            f"this one. {failure}")
 
 
 def _names(sites: Sequence[str], limit: int = 5) -> str:

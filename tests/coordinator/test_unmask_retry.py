@@ -230,3 +230,25 @@ def test_a_site_refusing_its_part_is_not_waited_for_until_the_stage_deadline(fed
     np.testing.assert_allclose(
         np.frombuffer(final_weights(fed, job), np.float32),
         np.frombuffer(final_weights(reference, ref_job), np.float32), atol=1e-6)
+
+
+RESEED = ("resubmit the plan with another job.seed (or with none: a fresh one is drawn)")
+
+
+def test_a_seeded_plan_re_run_over_other_sites_fails_with_the_remedy_first(federation):
+    """The same seeded plan, run again without d: each site's update is the one it
+    already had summed over a, b, c, d, so the sites refuse to reveal over a, b, c
+    (the difference would be d's). The failure the owner reads starts with what to
+    do about it, not with the protocol's account of the unmasking."""
+    fed = federation(["a", "b", "c", "d"])
+    first = run(fed, plan(rounds=1))
+    assert fed.coord.store.job(first).status == "completed"
+    fed.dead.add("d")
+    again = run(fed, plan(rounds=1, attempts=1))
+    st = fed.coord.store
+    job = st.job(again)
+    assert job.status == "failed"
+    (attempt,) = st.rounds(again)
+    assert attempt.reason.startswith(RESEED), attempt.reason
+    assert "UpdateAlreadySummed" in attempt.reason  # the sites' own words follow
+    assert job.error.startswith(f"round 1 failed 1 times; last: {RESEED}"), job.error

@@ -767,7 +767,8 @@ class Round:
             if self.plan.scaffold:
                 self.new_weights = self.strategy.step(
                     self.weights, avg, mean_control=mean_update(res.total[d:2 * d], total_weight),
-                    participation=len(res.survivors) / len(self.cohort))
+                    examples={s: t.n_examples for s, t in self.trained.items()},
+                    survivors=res.survivors, round=self.round)
             else:
                 self.new_weights = self.strategy.step(self.weights, avg)
         except StrategyError as exc:

@@ -32,21 +32,54 @@ def scaffold_plan(rounds=2, secure="true", eta=None):
 
 # -- server rule ------------------------------------------------------------------------
 
-def test_server_rule_moves_weights_by_eta_mean_update_and_c_by_participation_mean_dc():
+def test_server_rule_keeps_c_the_example_weighted_mean_of_the_sites_c_i():
+    """c is checked against the invariant itself, computed from the sites' c_i (as each
+    moves by its own Δc_i when summed), not against the update rule restated: sites of
+    10, 20 and 30 examples, the 30-example one left out of the second sum (n_S/N = 1/2,
+    where |S|/N = 2/3 would give c 17% off) and a site seen only in the third round."""
     rng = np.random.default_rng(3)
-    x0 = rng.normal(size=6).astype(np.float32)
-    steps = [(rng.normal(size=6), rng.normal(size=6), p) for p in (1.0, 2 / 3, 0.5)]
+    d = 6
+    x0 = rng.normal(size=d).astype(np.float32)
+    n = {"a": 10, "b": 20, "c": 30, "late": 40}
+    rounds = [  # (sites that trained, those whose update was summed)
+        ({"a", "b", "c"}, {"a", "b", "c"}),
+        ({"a", "b", "c"}, {"a", "b"}),  # c trained, then dropped out of the sum
+        ({"a", "c", "late"}, {"a", "c", "late"}),
+    ]
     s = Strategy(StrategySettings("scaffold", {"server_learning_rate": 0.7}))
-    np.testing.assert_array_equal(s.server_control(6), np.zeros(6, np.float32))
-    x, c = x0, np.zeros(6)
+    np.testing.assert_array_equal(s.server_control(d), np.zeros(d, np.float32))
+    x, ci, seen = x0, {}, set()
     expect_x = x0.astype(np.float64)
-    for dy, dc, p in steps:
-        x = s.step(x, dy, mean_control=dc, participation=p)
+    for r, (trained, summed) in enumerate(rounds, 1):
+        dy = rng.normal(size=d)
+        dcs = {site: rng.normal(size=d) for site in summed}
+        mean_dc = sum(n[t] * dcs[t] for t in summed) / sum(n[t] for t in summed)
+        before = s.state.get("c", np.zeros(d)).copy()
+        x = s.step(x, dy, mean_control=mean_dc, examples={t: n[t] for t in trained},
+                   survivors=sorted(summed), round=r)
+        for t in summed:
+            ci[t] = ci.get(t, np.zeros(d)) + dcs[t]
+        seen |= trained
         expect_x = (expect_x + 0.7 * dy).astype(np.float32).astype(np.float64)
-        c = c + p * dc
+        invariant = sum(n[t] * ci.get(t, np.zeros(d)) for t in seen) / sum(n[t] for t in seen)
         np.testing.assert_allclose(x, expect_x, rtol=1e-6)
-        np.testing.assert_allclose(s.state["c"], c, rtol=1e-12)
-        np.testing.assert_array_equal(s.server_control(6), c.astype(np.float32))
+        np.testing.assert_allclose(s.state["c"], invariant, rtol=1e-12, atol=1e-15)
+        np.testing.assert_array_equal(s.server_control(d), s.state["c"].astype(np.float32))
+        if r == 2:  # c + (|S|/N)·Δc̄ would miss the invariant by far
+            unweighted = before + len(summed) / len(seen) * mean_dc
+            assert np.abs(unweighted - invariant).max() > 0.1 * np.abs(invariant).max()
+    # each site's last summed round, for its ControlCommit
+    assert s.sites() == {"a": (10, 3), "b": (20, 2), "c": (30, 3), "late": (40, 3)}
+    assert [s.summed_round(t) for t in ("a", "b", "c", "late", "never")] == [3, 2, 3, 3, 0]
+
+
+def test_server_rule_without_site_counts_is_full_participation():
+    s = Strategy(StrategySettings("scaffold", {}))
+    x = np.zeros(3, np.float32)
+    s.step(x, np.ones(3), mean_control=np.full(3, 0.5))
+    s.step(x, np.ones(3), mean_control=np.full(3, 0.25))
+    np.testing.assert_array_equal(s.state["c"], np.full(3, 0.75))
+    assert s.sites() == {}
 
 
 def test_server_rule_refuses_inconsistent_inputs():
@@ -58,9 +91,18 @@ def test_server_rule_refuses_inconsistent_inputs():
         scaffold.step(x, np.ones(3), mean_control=np.ones(2))
     with pytest.raises(StrategyError, match="NaN"):
         scaffold.step(x, np.ones(3), mean_control=np.array([0.0, np.nan, 0.0]))
-    with pytest.raises(StrategyError, match=r"participation \|S\|/N = 1.5"):
-        scaffold.step(x, np.ones(3), mean_control=np.ones(3), participation=1.5)
-    assert "c" not in scaffold.state  # nothing moved on a refused step
+    with pytest.raises(StrategyError, match=r"survivors \['b'\] have no example count"):
+        scaffold.step(x, np.ones(3), mean_control=np.ones(3), examples={"a": 1},
+                      survivors=["a", "b"], round=1)
+    with pytest.raises(StrategyError, match=r"example counts \{'a': 0\}"):
+        scaffold.step(x, np.ones(3), mean_control=np.ones(3), examples={"a": 0},
+                      survivors=["a"], round=1)
+    with pytest.raises(StrategyError, match="no survivor"):
+        scaffold.step(x, np.ones(3), mean_control=np.ones(3), examples={"a": 1}, round=1)
+    with pytest.raises(StrategyError, match="round 0 is not"):
+        scaffold.step(x, np.ones(3), mean_control=np.ones(3), examples={"a": 1},
+                      survivors=["a"], round=0)
+    assert scaffold.state == {}  # nothing moved on a refused step
     with pytest.raises(StrategyError, match="fedavg takes no mean control"):
         Strategy(StrategySettings("fedavg", {})).step(x, np.ones(3), mean_control=np.ones(3))
     with pytest.raises(StrategyError, match=r"state 'c' has shape \(3,\), expected \(4,\)"):
@@ -99,14 +141,18 @@ def test_scaffold_plan_refuses_what_its_control_variates_do_not_hold_for(old, ne
 def reference(fed, rounds, *, eta=1.0, absent=None):
     """SCAFFOLD written out directly: each site K corrected gradient steps on
     ½‖w − target‖² (SyntheticTrainer), c_i⁺ = c_i − c + (w − y_i)/(K·lr), clipped
-    example-weighted means, w ← w + η·Δȳ, c ← c + (|S|/N)·Δc̄."""
+    example-weighted means, w ← w + η·Δȳ, and c the paper's invariant, computed from
+    the sites' c_i: c = Σ n_i·c_i / Σ n_i over every site that has trained (the
+    others hold c_i = 0 and no known n_i)."""
     sites = sorted(fed.agents)
     d = fed.dim
     w = np.zeros(d, np.float32)
     c = np.zeros(d)
     ci = {s: np.zeros(d, np.float32) for s in sites}
+    seen: set[str] = set()
     for r in range(1, rounds + 1):
         part = [s for s in sites if s not in (absent or {}).get(r, ())]
+        seen |= set(part)
         c32 = c.astype(np.float32)
         dys, dcs, ns = [], [], []
         for s in part:
@@ -118,11 +164,11 @@ def reference(fed, rounds, *, eta=1.0, absent=None):
             dys.append(np.clip(y.astype(np.float64) - w, -1, 1))
             dcs.append(np.clip((new_ci - ci[s]).astype(np.float64), -1, 1))
             ns.append(fed.agents[s].trainer.n_examples)
-            ci[s] = new_ci.astype(np.float32)
+            ci[s] = (ci[s] + dcs[-1]).astype(np.float32)  # c_i moves by what was summed
         mean_dy = sum(n * u for n, u in zip(ns, dys, strict=True)) / sum(ns)
-        mean_dc = sum(n * u for n, u in zip(ns, dcs, strict=True)) / sum(ns)
         w = (w.astype(np.float64) + eta * mean_dy).astype(np.float32)
-        c = c + len(part) / len(sites) * mean_dc
+        n = {s: fed.agents[s].trainer.n_examples for s in seen}
+        c = sum(n[s] * ci[s].astype(np.float64) for s in seen) / sum(n.values())
     return w, c, ci
 
 
@@ -160,7 +206,7 @@ class RefusesRound(SyntheticTrainer):
         return super().train(site, job, plan, weights, round=round, seed=seed, **kw)
 
 
-def test_site_sitting_out_a_round_scales_c_by_participation_and_keeps_its_c_i(federation):
+def test_site_sitting_out_the_first_round_joins_the_mean_when_it_first_trains(federation):
     fed = federation(["a", "b", "c"])
     fed.agents["c"].trainer = RefusesRound("c", 30, {1})
     job = run(fed, scaffold_plan(rounds=2, secure="false"))

@@ -25,6 +25,19 @@ shares that unmask a sum holding one update over one survivor set only. A DP-SGD
 run is charged in the site's privacy ledger, on disk, just before its update can be
 revealed (its masked input, which the other survivors can unmask without it, or a
 plain update), not when training ends.
+
+SCAFFOLD: the server's c stays the example-weighted mean of the sites' c_i
+(fedge.coordinator.strategies) only if each c_i moves by exactly the Δc_i that
+committed rounds summed. So the clipped Δc_i of a round is kept *pending* (on disk,
+before the update can leave, as the privacy ledger is) and c_i does not move when
+the round's EvalTask comes: that attempt may still fail, and a site that died after
+its masked input left is summed without ever getting one. The coordinator sends a
+``ControlCommit`` before each TrainTask of a scaffold job, naming the last committed
+round whose sum held this site's Δc_i; the agent adds the pending Δc_i when it is
+that round's and drops it otherwise (and drops any c_i an older agent moved for a
+round that was not committed with it), then trains from the c_i that results. A
+scaffold TrainTask without its ControlCommit (a coordinator that predates it) is
+refused. The last round's Δc_i stays pending: no task follows it.
 """
 
 from __future__ import annotations
@@ -187,12 +200,17 @@ class Agent:
         self.on_status: Callable[[str], None] = lambda text: None
         self.before_handle: Callable[[codec.Envelope], None] | None = None
         self._busy: str = ""
-        # SCAFFOLD's c_i, per job: {round r: c_i at the start of round r} (latest two),
-        # written to ``job_state`` at each commit so a restarted agent resumes it. Only
+        # SCAFFOLD's c_i, per job: {round r: c_i at the start of round r} (the latest),
+        # and the clipped Δc_i of the last round whose update left, pending until a
+        # ControlCommit says whether c holds it (module doc); both written to
+        # ``job_state`` whenever they change, so a restarted agent resumes them. Only
         # the ``held_jobs`` jobs used last stay in memory: a job ends without telling the
         # agent (its tasks just stop), and a job that comes back after being dropped
-        # here reloads its c_i from ``job_state`` (without one it starts from zeros).
+        # here reloads them from ``job_state`` (without one it starts from zeros).
         self.controls = RecentJobs(held_jobs)  # job -> {round: c_i}
+        self.pending_controls = RecentJobs(held_jobs)  # job -> (round, Δc_i) | (0, None)
+        # job -> task_id of the last ControlCommit taken: its TrainTask may train
+        self._control_commits = RecentJobs(held_jobs)
         self.job_state = job_state
         # The cohort holds only appliances known to be healthy: nothing measured is no
         # verdict, so the heartbeats before the first probe returns say not eligible
@@ -303,6 +321,8 @@ class Agent:
         body, job, rnd = env.body, env.header.job, env.header.round
         if isinstance(body, m.HeartbeatAck):
             self.last_ack = time.monotonic()
+        elif isinstance(body, m.ControlCommit):
+            self._on_control_commit(job, rnd, body)
         elif isinstance(body, m.TrainTask):
             await self._on_train(job, rnd, body)
         elif isinstance(body, m.AggregateBegin):
@@ -433,6 +453,13 @@ class Agent:
                                    f"scaffold task without a server control variate of "
                                    f"length {np.size(t.weights)}", t.task_id)
                 return
+            if self._control_commits.touch(job) != t.task_id:
+                await self._refuse(job, rnd, m.TASK_TRAIN,
+                                   "scaffold task without its ControlCommit (which of this "
+                                   "site's control variate updates the server's c holds): "
+                                   "the coordinator predates it; update the coordinator",
+                                   t.task_id)
+                return
             kwargs = {"server_control": control, "client_control": self.client_control(job, rnd)}
         weights = np.array(t.weights, dtype=np.float32)  # own copy: frames are read-only
         if bytes.fromhex(model_digest(weights)) != bytes(t.model_digest):
@@ -490,14 +517,21 @@ class Agent:
                         job=job, round=rnd)
 
     def client_control(self, job: str, rnd: int) -> np.ndarray | None:
-        """SCAFFOLD's c_i for round ``rnd`` of ``job`` (None: zeros, never trained).
+        """SCAFFOLD's c_i for round ``rnd`` of ``job`` (None: zeros, never moved).
 
-        The value at the start of the latest round <= ``rnd``: a round retried after
-        the agent committed it starts from the same c_i as its first attempt.
+        The value at the start of the latest round <= ``rnd``: c_i as the committed
+        rounds the agent has been told of (ControlCommit) left it; a pending Δc_i
+        (:meth:`pending_control`) is not in it.
         """
         held = self._held_controls(job)
         earlier = [r for r in held if r <= rnd]
         return held[max(earlier)] if earlier else None
+
+    def pending_control(self, job: str) -> tuple[int, np.ndarray] | None:
+        """SCAFFOLD: (round, clipped Δc_i) of ``job``'s last update that left, until a
+        ControlCommit says whether the server's c holds it; None when none waits."""
+        rnd, dc = self._held_pending(job)
+        return None if dc is None else (rnd, dc)
 
     def _held_controls(self, job: str) -> dict[int, np.ndarray]:
         held: dict[int, np.ndarray] | None = self.controls.touch(job)
@@ -508,25 +542,91 @@ class Agent:
                                             if r.lstrip("-").isdigit() and a.ndim == 1})
         return held
 
-    def _commit_control(self, task: _Task) -> None:
-        """The round's update was summed (its EvalTask came): c_i ← c_i + Δc_i, with
-        Δc_i clipped to [−c, c] exactly as it went into the sum (``input_vector``), so
-        the server's c stays the mean of the sites' c_i."""
-        assert task.local is not None and task.local.delta_control is not None
-        start = (task.client_control if task.client_control is not None
-                 else np.zeros_like(task.local.delta_control))
+    def _held_pending(self, job: str) -> tuple[int, np.ndarray | None]:
+        pending: tuple[int, np.ndarray | None] | None = self.pending_controls.touch(job)
+        if pending is None:
+            saved = self.job_state.load(job, "controls") if self.job_state else {}
+            dc, at = saved.get("pending"), saved.get("pending_round")
+            pending = ((int(at.reshape(-1)[0]), dc.astype(np.float64))
+                       if dc is not None and at is not None and dc.ndim == 1 and at.size == 1
+                       else (0, None))
+            pending = self.pending_controls.hold(job, pending)
+        return pending
+
+    def _save_controls(self, job: str) -> None:
+        """c_i and the pending Δc_i of ``job`` to ``job_state``. Raises: OSError."""
+        if self.job_state is None:
+            return
+        arrays = {str(r): a for r, a in self._held_controls(job).items()}
+        rnd, dc = self._held_pending(job)
+        if dc is not None:
+            arrays["pending"] = dc
+            arrays["pending_round"] = np.array([rnd], dtype=np.int64)
+        self.job_state.save(job, "controls", arrays)
+
+    def _hold_control(self, task: _Task) -> str:
+        """SCAFFOLD: keep the round's Δc_i, clipped to [−c, c] exactly as it goes into
+        the sum (``input_vector``), as the job's pending one, on disk, before the update
+        can be summed (module doc); '' when done or not SCAFFOLD, else why it could not
+        be kept (then the update may not leave: c would hold a Δc_i this c_i never gets)."""
+        assert task.local is not None
+        if task.local.delta_control is None:
+            return ""
         clip = task.plan.secagg.clip
         summed = np.clip(task.local.delta_control.astype(np.float64), -clip, clip)
-        held = self._held_controls(task.job)
-        held[task.round] = start
-        held[task.round + 1] = (start + summed).astype(np.float32)
-        for r in [r for r in held if r < task.round]:
+        self._held_pending(task.job)
+        self.pending_controls[task.job] = (task.round, summed)
+        try:
+            self._save_controls(task.job)
+        except OSError as exc:
+            return f"cannot record this update's SCAFFOLD control variate change ({exc})"
+        return ""
+
+    def _on_control_commit(self, job: str, rnd: int, cc: m.ControlCommit) -> None:
+        """The server's c holds this site's Δc_i of round ``cc.summed_round`` and none
+        later (module doc): c_i takes the pending Δc_i if it is that round's and drops
+        it otherwise, and a c_i moved for a later round (by an agent that moved it when
+        the EvalTask came) goes back; then the TrainTask of ``cc.task_id`` may train."""
+        q = cc.summed_round
+        if q >= rnd:
+            log.warning("%s: ControlCommit for %s/%d names round %d, not an earlier one: "
+                        "ignored", self.site, job, rnd, q)
+            return
+        held = self._held_controls(job)
+        at, dc = self._held_pending(job)
+        changed = False
+        if dc is not None:
+            if at == q:
+                start = self.client_control(job, q)
+                base = np.zeros(dc.shape) if start is None else start.astype(np.float64)
+                held[q + 1] = (base + dc).astype(np.float32)
+                log.info("%s: job %s: round %d's control variate update committed", self.site,
+                         job, q)
+            else:
+                log.info("%s: job %s: round %d's update was not committed with this site: "
+                         "its control variate update is dropped", self.site, job, at)
+            self.pending_controls[job] = (0, None)
+            changed = True
+        later = sorted(r for r in held if r > q + 1)
+        if later:
+            log.warning("%s: job %s: c_i had moved for round(s) %s, which were not "
+                        "committed with this site: back to round %d's", self.site, job,
+                        [r - 1 for r in later], q)
+        if q > 0 and not any(r == q + 1 for r in held):
+            log.error("%s: job %s: the server's c holds this site's control variate update "
+                      "of round %d, which this agent no longer has (its state was lost): "
+                      "its c_i lags the server's c", self.site, job, q)
+        keep = [r for r in held if r <= q + 1]
+        for r in [r for r in held if r > q + 1 or (keep and r < max(keep))]:
             del held[r]
-        if self.job_state is not None:
+            changed = True
+        if changed:
             try:
-                self.job_state.save(task.job, "controls", {str(r): a for r, a in held.items()})
-            except OSError as exc:  # the round stands; only a restart would lose c_i
-                log.error("%s: job %s: SCAFFOLD c_i not saved: %s", self.site, task.job, exc)
+                self._save_controls(job)
+            except OSError as exc:  # only a restart would lose it
+                log.error("%s: job %s: SCAFFOLD c_i not saved: %s", self.site, job, exc)
+        self._control_commits.pop(job, None)
+        self._control_commits.hold(job, cc.task_id)
 
     @staticmethod
     def clipped_update(task: _Task) -> np.ndarray:
@@ -589,8 +689,9 @@ class Agent:
         delta = self.clipped_update(task)  # once: the input vector and the reveal log's key
         vec = self.input_vector(task, a.weight_scale, delta)
         if not a.secure:
-            # the update itself leaves now: its DP run is charged, on disk, first
-            refused = self._release_privacy(task)
+            # the update itself leaves now: its DP run is charged, on disk, first, and
+            # SCAFFOLD's Δc_i kept pending
+            refused = self._release_privacy(task) or self._hold_control(task)
             if refused:
                 await self._refuse(job, rnd, "aggregate", f"{refused}; the update is withheld",
                                    task.task_id)
@@ -647,11 +748,14 @@ class Agent:
         of them reveal its self-mask seed), whether or not it sends its own shares or
         stays connected. A round that fails after this was charged: the safe side.
 
-        Raises: RevealRefused (a SecAggAbort): the ledger cannot be saved; the masked
-        input is withheld and the run stays pending."""
+        SCAFFOLD's Δc_i is kept pending (:meth:`_hold_control`) here too: once the input
+        left, it can be summed without this site.
+
+        Raises: RevealRefused (a SecAggAbort): the ledger (or the pending Δc_i) cannot be
+        saved; the masked input is withheld and the run stays pending."""
         from fedge.secagg.errors import RevealRefused
 
-        refused = self._release_privacy(task)
+        refused = self._release_privacy(task) or self._hold_control(task)
         if refused:
             raise RevealRefused(f"{refused}; the masked input is withheld")
 
@@ -712,10 +816,7 @@ class Agent:
         except PlanError as exc:
             await self._refuse(job, rnd, m.TASK_EVAL, f"unrunnable plan: {exc}", e.task_id)
             return
-        task = self.task
-        if (task is not None and self._current(job, rnd) and task.task_id == e.task_id
-                and task.local is not None and task.local.delta_control is not None):
-            self._commit_control(task)  # only summed updates move c_i
+        # SCAFFOLD's c_i does not move here (module doc: the ControlCommit moves it)
         # metrics leave without noise: not on the training split under DP, and only on
         # the split the plan names or the final test (fedge.agent.guard.refuse_eval)
         refused = refuse_eval(e.split, plan_split=plan.eval_split, privacy=plan.privacy)

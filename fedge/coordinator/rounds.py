@@ -43,7 +43,14 @@ instead, so the result is the unweighted mean its noise shares are sized for.
 
 SCAFFOLD (plan strategy ``scaffold``): the task carries the server control
 variate c, and each input is concat(w_i·Δ_i, w_i·Δc_i, [w_i]) (2d + 1 values,
-Δc_i clipped like Δ_i), so c's update is also learnt from sums alone.
+Δc_i clipped like Δ_i), so c's update is also learnt from sums alone. c stays the
+example-weighted mean of the sites' c_i (fedge.coordinator.strategies) only if a
+site's c_i moves by exactly the Δc_i that committed rounds summed: each TrainTask
+is preceded by a ``ControlCommit`` naming the last committed round whose sum held
+that site's Δc_i (the strategy's table, checkpointed with c), and the agent applies
+the Δc_i it kept for that round and drops any other. An EvalTask moves nothing: it
+comes before the commit (an attempt can still fail), and a site that dropped out
+after its masked input was summed never gets one.
 """
 
 from __future__ import annotations
@@ -507,16 +514,19 @@ class Round:
             control = (self.strategy.server_control(self.weights.size) if self.plan.scaffold
                        else None)
             self._control = control
-            return [
-                (site, m.TrainTask(
+            out: Outgoing = []
+            for site in self.cohort:
+                if self.plan.scaffold:  # which of its Δc_i c holds: before it trains
+                    out.append((site, m.ControlCommit(
+                        task_id=self.task_id, summed_round=self.strategy.summed_round(site))))
+                out.append((site, m.TrainTask(
                     task_id=self.task_id, plan=self.plan.text, weights=self.weights,
                     model_digest=self.digest,
                     train_seed=train_seed(self.plan.seed, self.round, site),
                     quant_seed=derive_seed(self.plan.seed, self.round, site, "quantise"),
                     server_control=control,
-                ))
-                for site in self.cohort
-            ]
+                )))
+            return out
         return self.tick(now)
 
     def receive(self, sender: str, body: Any, now: float) -> Outgoing:

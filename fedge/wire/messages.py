@@ -15,6 +15,9 @@ message            direction              meaning
 Heartbeat          agent → coordinator    liveness + version, health, eligibility,
                                           data sets held, current task
 HeartbeatAck       coordinator → agent    liveness of the coordinator
+ControlCommit      coordinator → agent    SCAFFOLD, just before each TrainTask: the
+                                          last committed round whose sum held this
+                                          site's Δc_i (its c_i moves by that one only)
 TrainTask          coordinator → agent    train on ``dataset`` from ``weights``
 TaskRefused        agent → coordinator    the task cannot run here, and why
 TrainDone          agent → coordinator    trained: example count and train metrics
@@ -117,6 +120,29 @@ class TrainTask:
     server_control: F32 | None = None
 
 
+@message("control_commit")
+@dataclass(frozen=True)
+class ControlCommit:
+    """SCAFFOLD: sent to a site just before each TrainTask of a scaffold job, with the
+    same ``task_id``. ``summed_round`` is the last committed round of the job whose sum
+    held this site's Δc_i (0: none yet): the server's c holds exactly those, so the site
+    adds the Δc_i it kept for that round to its c_i and drops any other it kept (an
+    attempt that failed, a round committed without it) before it trains. An agent
+    refuses a scaffold TrainTask that did not come with one.
+
+    A separate message, not a TrainTask field, so that agents one minor version behind
+    (which the coordinator accepts) still decode every TrainTask: the codec refuses
+    unknown fields, and an unknown message type is only dropped and logged."""
+
+    task_id: str  # the TrainTask it goes with
+    summed_round: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.summed_round < (1 << 31):
+            raise ValueError(f"ControlCommit.summed_round {self.summed_round} is not in "
+                             "0..2**31-1")
+
+
 @message("task_refused")
 @dataclass(frozen=True)
 class TaskRefused:
@@ -202,8 +228,8 @@ class RosterUpdate:
 
 
 FEDERATION_MESSAGES = (
-    Heartbeat, HeartbeatAck, TrainTask, TaskRefused, TrainDone, AggregateBegin, PlainUpdate,
-    EvalTask, EvalResult, RoundAbort, Rejected, RosterUpdate,
+    Heartbeat, HeartbeatAck, ControlCommit, TrainTask, TaskRefused, TrainDone, AggregateBegin,
+    PlainUpdate, EvalTask, EvalResult, RoundAbort, Rejected, RosterUpdate,
 )
 
 # The other packages define plain frozen dataclasses; they are registered here so

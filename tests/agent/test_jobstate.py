@@ -82,9 +82,14 @@ def test_client_state_cursors_round_trip_and_bad_arrays_are_named():
 
 
 def test_agent_reloads_committed_scaffold_controls_after_a_restart(tmp_path):
-    """c_i committed by one Agent is what a new Agent on the same store starts from."""
+    """c_i and the pending Δc_i kept by one Agent are what a new Agent on the same store
+    starts from: the restarted one still adds its Δc_i when the ControlCommit comes."""
+    import asyncio
+
     from fedge.agent.runtime import _Task
     from fedge.coordinator.plan import parse_plan
+    from fedge.wire import codec
+    from fedge.wire import messages as m
 
     plan = parse_plan('[job]\ndataset = "synthetic"\nrounds = 3\n[model]\nname = "linear"\n'
                       '[train]\nsteps = 1\nbatch_size = 8\nlearning_rate = 0.1\n'
@@ -92,14 +97,23 @@ def test_agent_reloads_committed_scaffold_controls_after_a_restart(tmp_path):
     first = Agent("site-0", SyntheticTrainer("site-0"), job_state=JobStateStore(tmp_path),
                   policy=PLAIN_OK)
     start = np.full(4, 0.5, np.float32)
+    JobStateStore(tmp_path).save("job", "controls", {"2": start})
     task = _Task("job", 2, plan, np.zeros(4, np.float32), b"", b"", client_control=start)
     task.local = LocalResult(np.zeros(4, np.float32), 10, {}, 0.0,
                              np.full(4, 0.25, np.float32))
-    first._commit_control(task)
+    assert first._hold_control(task) == ""  # as its update leaves
     again = Agent("site-0", SyntheticTrainer("site-0"), job_state=JobStateStore(tmp_path),
                   policy=PLAIN_OK)
-    np.testing.assert_array_equal(again.client_control("job", 3), np.full(4, 0.75))
-    np.testing.assert_array_equal(again.client_control("job", 2), start)  # a retried round
-    assert again.client_control("job", 1) is None
+    at, dc = again.pending_control("job")
+    assert at == 2
+    np.testing.assert_array_equal(dc, np.full(4, 0.25))
+    np.testing.assert_array_equal(again.client_control("job", 3), start)  # not yet
+    frames = codec.encode(m.ControlCommit(task_id="t", summed_round=2), sender="coordinator",
+                          job="job", round=3)
+    asyncio.run(again.handle_frames([bytes(f) for f in frames]))
+    third = Agent("site-0", SyntheticTrainer("site-0"), job_state=JobStateStore(tmp_path),
+                  policy=PLAIN_OK)
+    np.testing.assert_array_equal(third.client_control("job", 3), np.full(4, 0.75))
+    assert third.pending_control("job") is None and third.client_control("job", 1) is None
     agent = Agent("site-0", SyntheticTrainer("site-0"), policy=PLAIN_OK)
     assert agent.client_control("job", 3) is None

@@ -616,12 +616,34 @@ def test_scaffold_task_without_a_fitting_server_control_is_refused(control):
     assert agent.task is None and not link.bodies(m.TrainDone)
 
 
+def test_scaffold_task_without_its_control_commit_is_refused_by_name():
+    """A coordinator that predates ControlCommit: the agent would not know which of its
+    Δc_i the server's c holds, so it refuses rather than let c_i drift from c."""
+    agent = Agent("site-a", SyntheticTrainer("site-a"), policy=PLAIN_OK)
+    link = Link(agent)
+    c = np.zeros(4, np.float32)
+    t = m.TrainTask(**{**task(plan=SCAFFOLD_PLAN).__dict__, "server_control": c})
+
+    async def go():
+        await deliver(agent, t)
+        # one for another attempt does not stand for this one
+        await deliver(agent, m.ControlCommit(task_id="t0", summed_round=0))
+        await deliver(agent, t)
+    asyncio.run(go())
+    refused = link.bodies(m.TaskRefused)
+    assert len(refused) == 2 and all("without its ControlCommit" in r.reason
+                                     and "update the coordinator" in r.reason
+                                     for r in refused)
+    assert not link.bodies(m.TrainDone)
+
+
 def test_scaffold_update_vector_carries_delta_y_and_clipped_delta_c():
     agent = Agent("site-a", SyntheticTrainer("site-a", n_examples=10), policy=PLAIN_OK)
     link = Link(agent)
     c = np.array([0.0, 1.0, -1.0, 0.5], np.float32)
     plan = SCAFFOLD_PLAN.replace("clip = 0.25", "clip = 0.1")
     t = m.TrainTask(**{**task(plan=plan).__dict__, "server_control": c})
+    asyncio.run(deliver(agent, m.ControlCommit(task_id="t1", summed_round=0)))
     asyncio.run(deliver(agent, t))
     assert link.bodies(m.TrainDone)
     local = agent.task.local
@@ -636,24 +658,63 @@ def test_scaffold_update_vector_carries_delta_y_and_clipped_delta_c():
     assert up.vector[8] == np.float32(w) and up.vector.size == 9
     # Δc_i = c_i⁺ − c_i = −c + (w − y)/(K·lr) with c_i = 0, w = 0, K = 1, lr = 0.5
     np.testing.assert_allclose(local.delta_control, -c - local.weights / 0.5, atol=1e-6)
-    assert agent.client_control("job1", 2) is None  # committed only when the round is summed
+    # kept pending once the update left, clipped as it was summed
+    at, pending = agent.pending_control("job1")
+    assert at == 1 and agent.client_control("job1", 2) is None
     asyncio.run(deliver(agent, m.EvalTask(task_id="t1", plan=plan,
                                           weights=np.zeros(4, np.float32), split="test")))
-    # c_i moves by what was summed (Δc_i clipped), or the server's c, which moved by the
-    # clipped sum, would drift from the mean of the c_i
+    assert agent.client_control("job1", 2) is None  # an EvalTask moves nothing
+    # the next task's ControlCommit says round 1's sum held it: c_i moves by what was
+    # summed (Δc_i clipped), or the server's c, which moved by the clipped sum, would
+    # drift from the mean of the c_i
+    asyncio.run(deliver(agent, m.ControlCommit(task_id="t2", summed_round=1), rnd=2))
     assert np.abs(local.delta_control).max() > 0.1  # the clip matters here
+    np.testing.assert_array_equal(pending, np.clip(local.delta_control.astype(np.float64),
+                                                   -0.1, 0.1))
     np.testing.assert_array_equal(agent.client_control("job1", 2),
                                   np.clip(local.delta_control, -0.1, 0.1))
-    np.testing.assert_array_equal(agent.client_control("job1", 1), np.zeros(4, np.float32))
+    assert agent.client_control("job1", 1) is None and agent.pending_control("job1") is None
 
 
-def scaffold_round(agent, job, rnd=1):
-    """One summed SCAFFOLD round of ``job`` (train, plain aggregate, evaluate): c_i moves."""
+def test_a_dc_the_control_commit_does_not_name_is_dropped_and_a_later_c_i_undone(tmp_path):
+    """Round 1's update left but its attempt failed and round 1 was committed without
+    this site: its Δc_i is dropped. c_i that an older agent moved when the EvalTask came
+    (saved in the job state) goes back to the committed round's."""
+    from fedge.agent.jobstate import JobStateStore
+
+    agent = Agent("site-a", SyntheticTrainer("site-a", n_examples=10), policy=PLAIN_OK,
+                  job_state=JobStateStore(tmp_path))
+    Link(agent)
+    scaffold_round(agent, "job", 1)
+    assert agent.pending_control("job")[0] == 1
+    asyncio.run(deliver(agent, m.ControlCommit(task_id="x", summed_round=0), job="job",
+                        rnd=2))
+    assert agent.pending_control("job") is None and agent.client_control("job", 2) is None
+    # an older agent's state: c_i moved for rounds 1 and 2 at their EvalTasks
+    JobStateStore(tmp_path).save("job", "controls", {
+        "2": np.full(4, 0.5, np.float32), "3": np.full(4, 0.75, np.float32)})
+    again = Agent("site-a", SyntheticTrainer("site-a"), policy=PLAIN_OK,
+                  job_state=JobStateStore(tmp_path))
+    asyncio.run(deliver(again, m.ControlCommit(task_id="y", summed_round=1), job="job",
+                        rnd=3))
+    np.testing.assert_array_equal(again.client_control("job", 3), np.full(4, 0.5))
+    assert JobStateStore(tmp_path).load("job", "controls").keys() == {"2"}
+    # a ControlCommit naming its own round or a later one is no commit
+    asyncio.run(deliver(again, m.ControlCommit(task_id="z", summed_round=3), job="job",
+                        rnd=3))
+    np.testing.assert_array_equal(again.client_control("job", 9), np.full(4, 0.5))
+
+
+def scaffold_round(agent, job, rnd=1, summed=0):
+    """One SCAFFOLD round of ``job`` (ControlCommit naming round ``summed``, train, plain
+    aggregate, evaluate): its Δc_i is pending; returns c_i for the round after."""
     c = np.array([0.0, 1.0, -1.0, 0.5], np.float32)
     t = m.TrainTask(**{**task(plan=SCAFFOLD_PLAN, task_id=f"{job}-{rnd}").__dict__,
                        "server_control": c})
 
     async def go():
+        await deliver(agent, m.ControlCommit(task_id=f"{job}-{rnd}", summed_round=summed),
+                      job=job, rnd=rnd)
         await deliver(agent, t, job=job, rnd=rnd)
         await deliver(agent, m.AggregateBegin(task_id=f"{job}-{rnd}",
                                               cohort=["site-a", "site-b"], weight_scale=0.02,
@@ -665,6 +726,13 @@ def scaffold_round(agent, job, rnd=1):
     return agent.client_control(job, rnd + 1)
 
 
+def commit(agent, job, rnd):
+    """The ControlCommit of round ``rnd + 1``: round ``rnd``'s sum held the site's Δc_i."""
+    asyncio.run(deliver(agent, m.ControlCommit(task_id="next", summed_round=rnd), job=job,
+                        rnd=rnd + 1))
+    return agent.client_control(job, rnd + 1)
+
+
 def test_the_agent_holds_c_i_of_its_last_used_jobs_only_and_reloads_a_dropped_one(tmp_path):
     """Jobs end without telling the agent: c_i of finished jobs must not pile up in
     memory, and a job dropped from memory comes back with the c_i it committed."""
@@ -673,17 +741,19 @@ def test_the_agent_holds_c_i_of_its_last_used_jobs_only_and_reloads_a_dropped_on
     agent = Agent("site-a", SyntheticTrainer("site-a", n_examples=10), policy=PLAIN_OK,
                   job_state=JobStateStore(tmp_path), held_jobs=2)
     Link(agent)
-    committed = {job: scaffold_round(agent, job) for job in ("job-1", "job-2")}
+    for job in ("job-1", "job-2"):
+        scaffold_round(agent, job)
+    committed = {job: commit(agent, job, 1) for job in ("job-1", "job-2")}
     assert committed["job-1"] is not None and list(agent.controls) == ["job-1", "job-2"]
     agent.client_control("job-1", 2)  # used again: now the newest
-    committed["job-3"] = scaffold_round(agent, "job-3")
+    scaffold_round(agent, "job-3")
+    committed["job-3"] = commit(agent, "job-3", 1)
     assert list(agent.controls) == ["job-1", "job-3"]  # job-2, used longest ago, dropped
     for _ in range(10):
         scaffold_round(agent, "job-4")
-    assert len(agent.controls) == 2
-    # job-2's next round (and a retry of its last) starts from what it committed
+    assert len(agent.controls) == 2 and len(agent.pending_controls) == 2
+    # job-2's next round starts from what it committed
     np.testing.assert_array_equal(agent.client_control("job-2", 2), committed["job-2"])
-    np.testing.assert_array_equal(agent.client_control("job-2", 1), np.zeros(4))
     assert list(agent.controls) == ["job-4", "job-2"]
     with pytest.raises(ValueError, match="held_jobs=0"):
         Agent("site-a", SyntheticTrainer("site-a"), held_jobs=0)
@@ -693,7 +763,8 @@ def test_without_a_job_store_a_job_dropped_from_memory_starts_from_zeros():
     agent = Agent("site-a", SyntheticTrainer("site-a", n_examples=10), policy=PLAIN_OK,
                   held_jobs=1)
     Link(agent)
-    assert scaffold_round(agent, "job-1") is not None
+    scaffold_round(agent, "job-1")
+    assert commit(agent, "job-1", 1) is not None
     scaffold_round(agent, "job-2")
     assert list(agent.controls) == ["job-2"]
     assert agent.client_control("job-1", 2) is None

@@ -185,8 +185,12 @@ def test_three_rounds_three_sites_match_the_reference(federation, secure):
     last = ck.load_checkpoint(ck.round_path(fed.coord.state_dir, job, 3))
     assert last.weights.tobytes() == final.weights.tobytes() and final.strategy_state == {}
     np.testing.assert_allclose(last.strategy_state["c"], c, atol=1e-5)
-    for s, agent in fed.agents.items():  # each agent holds c_i for the round after the last
-        np.testing.assert_allclose(agent.client_control(job, 4), ci[s], atol=1e-6)
+    for s, agent in fed.agents.items():
+        # each agent holds c_i as committed rounds moved it, and the last round's Δc_i
+        # pending: no ControlCommit follows the last round
+        at, dc = agent.pending_control(job)
+        assert at == 3
+        np.testing.assert_allclose(agent.client_control(job, 4) + dc, ci[s], atol=1e-6)
     # the control variates are live (every f_i here has Hessian I, so the corrections
     # cancel in the mean and the global iterate equals FedAvg's: the weights alone
     # would not tell SCAFFOLD's wiring from FedAvg's, c and c_i do)

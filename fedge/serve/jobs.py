@@ -196,10 +196,15 @@ def _example_input(
     return example
 
 
-def _plan_dataset(plan_text: str) -> str:
+def _plan_job_field(plan_text: str, key: str) -> str:
+    """``job.<key>`` of a stored plan, "" where it holds no string."""
     job = tomllib.loads(plan_text).get("job")  # the plan parsed once already: valid TOML
-    dataset = job.get("dataset") if isinstance(job, dict) else None
-    return dataset if isinstance(dataset, str) else ""
+    value = job.get(key) if isinstance(job, dict) else None
+    return value if isinstance(value, str) else ""
+
+
+def _plan_dataset(plan_text: str) -> str:
+    return _plan_job_field(plan_text, "dataset")
 
 
 def _site_preprocessing(dataset: str, rank: int) -> dict[str, Any]:
@@ -334,6 +339,8 @@ def export_job(
         "metrics": meta.get("metrics", "{}"),
         "output": json.dumps(_output_description(name, params)),
     }
+    if job_name := _plan_job_field(meta["plan"], "name"):
+        props["job_name"] = job_name  # the plan's job.name, as `jobs list` shows it
     example = _example_input(model, name, params, feature_names, input_shape)
     if preprocessing is None:
         dataset = _plan_dataset(meta["plan"])

@@ -209,3 +209,17 @@ def test_the_output_description_takes_a_plan_default_from_the_model_s_parameters
 
     monkeypatch.setitem(MODEL_PARAMS[name], key, ModelParam("integer", 5, minimum=1))
     assert said in json.dumps(_output_description(name, {"in_features": 3}))
+
+
+def test_a_named_jobs_model_carries_its_name_and_an_unnamed_one_no_name(tmp_path: Path) -> None:
+    """The plan's job.name, as `jobs list` shows it, is in the model's metadata, so a
+    model on an appliance can be traced to the job an engineer named."""
+    named = PLAN.replace('[job]\n', '[job]\nname = "brca risk, run 2"\n')
+    for job_id, plan in (("job-named", named), ("job-plain", PLAN)):
+        ckpt = Checkpoint(weights=_trained_flat(), round=3, plan=plan, feature_names=FEATURES)
+        save_checkpoint(final_path(tmp_path, job_id), ckpt)
+        export_job(tmp_path, job_id)
+    assert read_metadata(final_path(tmp_path, "job-named").with_name("model.onnx"))[
+        "job_name"] == "brca risk, run 2"
+    assert "job_name" not in read_metadata(
+        final_path(tmp_path, "job-plain").with_name("model.onnx"))

@@ -246,7 +246,15 @@ def _site_table(by_site: dict[str, Any], first: str = "site") -> list[str]:
                                              for n in names) + " |")
     out.append("| **aggregate** | " + " | ".join(_fmt(by_site[n]["aggregate"])
                                                  for n in names) + " |")
+    if len(sites) > 1:  # each site counted once, as FLamby's per-client mean does
+        out.append("| mean of sites | " + " | ".join(
+            _fmt(_unweighted_mean(by_site[n]["sites"].values())) for n in names) + " |")
     return out
+
+
+def _unweighted_mean(values: Any) -> float | None:
+    present = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return sum(present) / len(present) if present else None
 
 
 def _markdown(report: dict[str, Any], plots: list[str]) -> str:
@@ -268,6 +276,9 @@ def _markdown(report: dict[str, Any], plots: list[str]) -> str:
     out += [f"![{p}]({p})" for p in plots]
     if names:
         out += ["", "## Final round, each site and the size-weighted aggregate", "",
+                "The aggregate weighs each site by its examples (a C-index or an AUC "
+                "of the pooled records would differ); the mean of sites counts each "
+                "site once, as FLamby's per-client mean does.", "",
                 *_site_table(report["final"])]
     test = report["final_test"]
     if test is not None:

@@ -142,3 +142,19 @@ def test_report_md_is_written_last_so_its_presence_means_the_rest_is_there(tmp_p
         raise AssertionError("report.json could not be written, yet no error was raised")
     assert not (tmp_path / "report.md").exists()
     assert (tmp_path / "learning_curve.png").is_file()
+
+
+def test_tables_give_the_mean_of_sites_beside_the_size_weighted_aggregate(tmp_path):
+    """h1 (30 test rows) 0.60 and h2 (10) 0.90: the aggregate the coordinator stores
+    weighs them by size (0.675); FLamby's per-client mean counts each once (0.75)."""
+    status = _status(test=False)
+    status["metrics"] += [_row(2, "h1", "test", "auc", 0.60, 30),
+                          _row(2, "h2", "test", "auc", 0.90, 10),
+                          _row(2, "*", "test", "auc", 0.675, 40)]
+    write_job_report(tmp_path, status, PLAN.format(rounds=2))
+    md = (tmp_path / "report.md").read_text()
+    test = md[md.index("## Final test"):md.index("## Every round")]
+    assert "| **aggregate** | 0.6750 |" in test and "| mean of sites | 0.7500 |" in test
+    final = md[md.index("## Final round"):md.index("## Final test")]
+    assert "counts each site once" in final
+    assert "| mean of sites | 0.8000 | 0.7000 |" in final  # auc, loss of round 2

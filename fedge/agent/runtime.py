@@ -9,7 +9,13 @@ can share one event loop and one executor (the scale benchmark does).
 
 Per round the agent keeps one :class:`_Task`. A new ``TrainTask`` for a job
 replaces whatever the agent held (a coordinator that restarted a round after a
-crash gets a fresh secure-aggregation session: new keys, never old ones).
+crash gets a fresh secure-aggregation session: new keys, never old ones). A task
+that is replaced, or whose round is aborted (``RoundAbort``: a job cancelled, a
+failed attempt), has its cancel event set: its training stops within one step
+(``Trainer.train``'s ``cancel``), sends nothing and releases nothing, training
+queued behind it for an abandoned task does not start, and until the worker is free
+again heartbeats say ``finishing aborted train <job> round <r>``, so that the next
+job's round does not wait out a whole local training that nobody will use.
 
 What leaves the appliance: heartbeats (version, health, eligibility, data set
 names), example counts, metrics, and the masked (or, if the plan disables
@@ -99,6 +105,15 @@ class _Task:
     local: LocalResult | None = None
     session: Any = None
     started: float = field(default_factory=time.monotonic)
+    # set when the round is aborted or the task superseded: training stops within a
+    # step (Trainer.train's ``cancel``), and work queued for it is skipped
+    cancel: threading.Event = field(default_factory=threading.Event)
+    training: bool = False  # its Trainer.train is queued or running on the executor
+
+    @property
+    def finishing(self) -> str:
+        """What ``current_task`` says while an abandoned training winds down."""
+        return f"finishing aborted {m.TASK_TRAIN} {self.job} round {self.round}"
 
 
 @dataclass(eq=False)
@@ -339,8 +354,9 @@ class Agent:
                 log.info("%s: round %s/%d aborted: %s", self.site, job, rnd,
                          codec.short(body.reason, 300))
             if self._current(job, rnd):
+                assert self.task is not None
+                self._abandon(self.task)
                 self.task = None
-                self._set_busy("")
         elif isinstance(body, m.Rejected):
             log.warning("%s: coordinator rejected a message: %s", self.site,
                         codec.short(body.reason, 300))
@@ -396,18 +412,29 @@ class Agent:
         self._busy = text
         self.on_status(text or "idle")
 
+    def _abandon(self, task: _Task) -> None:
+        """``task`` is no longer the agent's (its round aborted, or another task took
+        its place): its training stops within a step and queued work for it is
+        skipped; while its thread winds down, heartbeats say so."""
+        task.cancel.set()
+        if self.task is task:
+            self._set_busy(task.finishing if task.training else "")
+
     async def _refuse(self, job: str, rnd: int, task: str, reason: str, task_id: str) -> None:
         log.warning("%s: refusing %s for %s/%d: %s", self.site, task, job, rnd, reason)
         await self.send(m.TaskRefused(task_id=task_id, task=task, reason=reason), job=job,
                         round=rnd)
 
-    async def _plan(self, text: str) -> Plan:
+    async def _plan(self, text: str, arriving: _Arriving | None = None) -> Plan | None:
         """parse_plan off the event loop: its first parse of a DP plan runs the privacy
         accountant, seconds on a loaded machine, and heartbeats must keep flowing.
+        None, unparsed, when ``arriving`` was aborted while the parse waited for the
+        worker (behind an abandoned training, say).
 
         Raises: PlanError, as parse_plan."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, parse_plan,
-                                                                text)
+        def parse() -> Plan | None:
+            return None if arriving is not None and arriving.aborted else parse_plan(text)
+        return await asyncio.get_running_loop().run_in_executor(self.executor, parse)
 
     async def _on_train(self, job: str, rnd: int, t: m.TrainTask) -> None:
         # The task is this round's before its plan is parsed: a RoundAbort that comes
@@ -415,8 +442,12 @@ class Agent:
         # one worker and send a TrainDone nobody waits for.
         arriving = _Arriving(job, rnd)
         self._arriving.append(arriving)
+        if self.task is not None:
+            # superseded now, not once this plan is parsed: the parse waits for the one
+            # worker, which an abandoned training would hold to its end
+            self._abandon(self.task)
         try:
-            plan = await self._plan(t.plan)
+            plan = await self._plan(t.plan, arriving)
         except PlanError as exc:
             if not arriving.aborted:
                 await self._refuse(job, rnd, m.TASK_TRAIN, f"unrunnable plan: {exc}",
@@ -424,7 +455,7 @@ class Agent:
             return
         finally:
             self._arriving.remove(arriving)
-        if arriving.aborted:
+        if arriving.aborted or plan is None:
             log.info("%s: task %s for %s/%d dropped: its round was aborted while its plan "
                      "was read", self.site, codec.short(t.task_id, 80), job, rnd)
             return
@@ -469,32 +500,39 @@ class Agent:
             return
         task = _Task(job, rnd, plan, weights, bytes(t.model_digest), bytes(t.quant_seed),
                      t.task_id, kwargs.get("client_control"), kwargs.get("server_control"))
+        if self.task is not None:  # superseded (another TrainTask came meanwhile)
+            self._abandon(self.task)
         self.task = task
         self._set_busy(f"{m.TASK_TRAIN} {job} round {rnd}")
         loop = asyncio.get_running_loop()
+        task.training = True
         try:
             result = await loop.run_in_executor(
                 self.executor,
                 lambda: self.trainer.train(self.site, job, plan, weights, round=rnd,
-                                           seed=t.train_seed, **kwargs))
-        except TaskRefusal as exc:
+                                           seed=t.train_seed, cancel=task.cancel, **kwargs))
+        except Exception as exc:
+            if task.cancel.is_set():  # abandoned meanwhile: nobody waits for an answer
+                log.info("%s: training for %s/%d stopped: its round was aborted or the task "
+                         "superseded (%s)", self.site, job, rnd, codec.short(str(exc), 200))
+                return
+            if not isinstance(exc, TaskRefusal):  # unforeseen: answer anyway, or the
+                # round waits train_s; the details stay in this site's journal
+                log.exception("%s: local training for %s/%d failed", self.site, job, rnd)
             if self.task is task:
                 self.task = None
                 self._set_busy("")
-                await self._refuse(job, rnd, m.TASK_TRAIN, str(exc), t.task_id)
-            return
-        except Exception as exc:  # unforeseen: answer anyway, or the round waits train_s
-            log.exception("%s: local training for %s/%d failed", self.site, job, rnd)
-            if self.task is task:
-                self.task = None
-                self._set_busy("")
-                # the details stay in this site's journal; the coordinator gets the kind
-                await self._refuse(job, rnd, m.TASK_TRAIN,
+                await self._refuse(job, rnd, m.TASK_TRAIN, str(exc)
+                                   if isinstance(exc, TaskRefusal) else
                                    f"local training failed: internal error "
                                    f"({type(exc).__name__}; see the site's journal)",
                                    t.task_id)
             return
-        if self.task is not task:  # superseded or aborted while training
+        finally:
+            task.training = False
+            if self._busy == task.finishing:  # the worker is free again
+                self._set_busy("")
+        if self.task is not task or task.cancel.is_set():  # superseded or aborted
             return
         if plan.scaffold and (result.delta_control is None
                               or result.delta_control.shape != weights.shape):
@@ -816,6 +854,7 @@ class Agent:
         except PlanError as exc:
             await self._refuse(job, rnd, m.TASK_EVAL, f"unrunnable plan: {exc}", e.task_id)
             return
+        assert plan is not None  # only an arriving TrainTask's parse is ever skipped
         # SCAFFOLD's c_i does not move here (module doc: the ControlCommit moves it)
         # metrics leave without noise: not on the training split under DP, and only on
         # the split the plan names or the final test (fedge.agent.guard.refuse_eval)

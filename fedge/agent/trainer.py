@@ -67,6 +67,14 @@ class TaskRefusal(Exception):
     """This site cannot run the task; the message is the reason sent to the coordinator."""
 
 
+def _check_cancel(cancel: threading.Event | None, when: str) -> None:
+    """Raises: TrainingCancelled: ``cancel`` is set."""
+    if cancel is not None and cancel.is_set():
+        from fedge.train.api import TrainingCancelled
+
+        raise TrainingCancelled(f"training cancelled {when}")
+
+
 @dataclass
 class LocalResult:
     weights: np.ndarray
@@ -93,7 +101,11 @@ class Trainer(Protocol):
 
     def train(self, site: str, job: str, plan: Plan, weights: np.ndarray, *, round: int,
               seed: int, server_control: np.ndarray | None = None,
-              client_control: np.ndarray | None = None) -> LocalResult: ...
+              client_control: np.ndarray | None = None,
+              cancel: threading.Event | None = None) -> LocalResult:
+        """``cancel``: set when the task's round is aborted or superseded; training
+        checks it every step and raises ``TrainingCancelled``."""
+        ...
 
     def evaluate(self, plan: Plan, weights: np.ndarray, split: str) -> tuple[int, dict[str, float]]:
         ...
@@ -232,10 +244,17 @@ class TorchTrainer:
 
     def train(self, site: str, job: str, plan: Plan, weights: np.ndarray, *, round: int,
               seed: int, server_control: np.ndarray | None = None,
-              client_control: np.ndarray | None = None) -> LocalResult:
+              client_control: np.ndarray | None = None,
+              cancel: threading.Event | None = None) -> LocalResult:
         """SCAFFOLD plans need ``server_control`` (c); ``client_control`` is this site's
         c_i at the start of the round (None: zeros). The agent owns c_i, so a retried
         round starts from the same c_i.
+
+        ``cancel`` (the round was aborted or superseded) is checked before the data
+        set is loaded, before every step and once more when training returns: a
+        cancelled run raises ``TrainingCancelled`` and releases nothing (a run that
+        finished training stays pending in the ledger, uncounted; its cursor is
+        not saved).
 
         Every run is recorded in the privacy ledger, with its mechanism (DP-SGD,
         DP-FedAvg or none), and saved: a DP run pending, charged by the result's
@@ -245,9 +264,11 @@ class TorchTrainer:
 
         Raises: TaskRefusal: missing data set, a plan this site cannot run, or a
         round whose privacy ledger cannot be saved (the update is withheld).
+        TrainingCancelled: ``cancel`` was set.
         """
         from fedge.train.api import ModelSpec, TrainConfig, local_train
 
+        _check_cancel(cancel, "before training")
         data = self._site_data(plan.dataset)
         try:
             spec = ModelSpec(plan.model_name, dict(plan.model_params))
@@ -261,9 +282,13 @@ class TorchTrainer:
             out = local_train(spec, np.asarray(weights, dtype=np.float32), data, cfg,
                               round=round, state=state, server_control=server_control,
                               rounds=plan.rounds,
-                              min_site_examples=plan.privacy.get("min_site_examples"))
+                              min_site_examples=plan.privacy.get("min_site_examples"),
+                              cancel=cancel)
         except (KeyError, ValueError, TypeError, RuntimeError) as exc:
             raise TaskRefusal(f"local training failed: {type(exc).__name__}: {exc}") from exc
+        # cancelled as it ended: the run is in the ledger pending (never released) and
+        # the agent sends nothing
+        _check_cancel(cancel, "when training ended")
         if self._job_state is not None and state.cursors:
             try:
                 self._job_state.save(job, "cursors", state.cursor_arrays())
@@ -362,9 +387,12 @@ class SyntheticTrainer:
 
     def train(self, site: str, job: str, plan: Plan, weights: np.ndarray, *, round: int,
               seed: int, server_control: np.ndarray | None = None,
-              client_control: np.ndarray | None = None) -> LocalResult:
+              client_control: np.ndarray | None = None,
+              cancel: threading.Event | None = None) -> LocalResult:
         """Raises: TaskRefusal: the plan asks for another data set, or SCAFFOLD
-        without a server control variate of length d."""
+        without a server control variate of length d. TrainingCancelled: ``cancel``
+        was set."""
+        _check_cancel(cancel, "before training")
         if plan.dataset != self.dataset:
             raise TaskRefusal(f"data set {plan.dataset!r} is not held here")
         w = np.asarray(weights, dtype=np.float32)

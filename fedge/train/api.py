@@ -21,7 +21,9 @@ is visited equally often whatever ``steps * batch_size`` is. Each step computes 
 gradient into the flat gradient buffer (per-example, clipped and noised under
 DP-SGD) and the fused optimiser step updates the flat buffer in place, adding
 the FedProx proximal and SCAFFOLD correction terms when asked. Then the
-optional client-level DP clips and noises the update.
+optional client-level DP clips and noises the update. A ``cancel`` event, checked
+before every step, stops a run whose round was abandoned (``TrainingCancelled``):
+nothing of it is recorded in the ledger, and ``state`` is as it was before.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -63,6 +65,9 @@ from fedge.train.privacy import (
     secret_uniform,
 )
 
+if TYPE_CHECKING:
+    import threading
+
 __all__ = [
     "ClientState",
     "DataCursor",
@@ -72,6 +77,7 @@ __all__ = [
     "SiteData",
     "TrainConfig",
     "TrainOutcome",
+    "TrainingCancelled",
     "build_model",
     "check_dp_plan",
     "evaluate",
@@ -82,6 +88,11 @@ __all__ = [
     "minibatches",
     "predict",
 ]
+
+
+class TrainingCancelled(Exception):
+    """``local_train`` stopped because its ``cancel`` event was set (its round was
+    aborted or superseded): no update, nothing recorded in the privacy ledger."""
 
 
 @dataclass(frozen=True)
@@ -465,6 +476,7 @@ def local_train(
     server_control: np.ndarray | None = None,
     rounds: int | None = None,
     min_site_examples: int | None = None,
+    cancel: threading.Event | None = None,
 ) -> TrainOutcome:
     """Train the global model on this site's training split for one round.
 
@@ -490,6 +502,10 @@ def local_train(
     (``_refuse_plan_over_budget``); every round is also refused if it alone would take
     the job's ε past the target.
 
+    ``cancel``: checked before every step (one mini-batch): once set, the run stops
+    with ``TrainingCancelled`` within one step, records nothing in the ledger, and
+    leaves ``state`` (the data cursors, SCAFFOLD's c_i) as it found it.
+
     Raises:
         ValueError: weights of the wrong length or non-finite, model/task mismatch,
             SCAFFOLD without ``server_control`` of the right length, ``rounds`` < 1, a
@@ -498,6 +514,7 @@ def local_train(
             whose ``target_epsilon`` this round, or with ``rounds`` the whole plan at
             this site, would exceed (``PrivacyBudgetError``).
         RuntimeError: ``device='cuda'`` without a GPU.
+        TrainingCancelled: ``cancel`` was set.
     """
     cfg.validate()
     if rounds is not None and (isinstance(rounds, bool) or not isinstance(rounds, int)
@@ -509,6 +526,14 @@ def local_train(
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
     state = state if state is not None else ClientState()
+    cursors = dict(state.cursors)  # put back if the run is cancelled
+
+    def cancelled(done: int) -> None:
+        if cancel is not None and cancel.is_set():
+            state.cursors = cursors
+            raise TrainingCancelled(f"training cancelled after {done} of {steps} steps")
+    steps = 0
+    cancelled(0)
     train = data.split("train")
     n = len(train)
     seed = _seed(cfg.seed, round, data.name, data.info.get("site"))
@@ -585,6 +610,7 @@ def local_train(
                 kept = {r: cur for r, cur in state.cursors.items() if r == round}
                 state.cursors = kept | {round + 1: end}
         for step in range(steps):
+            cancelled(step)
             if cfg.dp is not None:
                 mask = torch.from_numpy(secret_uniform(n) < q)
                 idx = torch.nonzero(mask).reshape(-1)
@@ -623,6 +649,7 @@ def local_train(
                 scaffold_c=c,
                 scaffold_ci=ci,
             )
+        cancelled(steps)
         if not torch.all(torch.isfinite(flat.data)):
             raise ValueError(
                 f"training diverged at site {data.name!r} (non-finite weights); "

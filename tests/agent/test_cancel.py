@@ -139,7 +139,9 @@ def test_an_abandoned_long_training_stops_within_a_second_and_the_next_one_train
 
     stopped = asyncio.run(go())
     pool.shutdown(wait=True)
-    assert stopped < 1.0, f"training went on for {stopped:.2f} s after it was abandoned"
+    # uncancelled it trains for a minute or more; the bound leaves room for a loaded
+    # machine's thread switches (timings are the benches' business, not the tests')
+    assert stopped < 10.0, f"training went on for {stopped:.2f} s after it was abandoned"
     assert [why for _, why in trainer.left] == ["TrainingCancelled", "done"]
     assert [d.task_id for d in link.bodies(m.TrainDone)] == ["next"]
     assert link.bodies(m.TaskRefused) == []  # nobody waits for an answer to the aborted one
@@ -179,7 +181,7 @@ def test_a_dp_sgd_run_cancelled_mid_training_records_nothing_and_keeps_the_curso
     with pytest.raises(TrainingCancelled, match=r"cancelled after \d+ of 200000 steps"):
         local_train(spec, np.zeros(40, np.float32), data, cfg, round=2, state=state,
                     cancel=cancel)
-    assert time.monotonic() - t0 < 1.3
+    assert time.monotonic() - t0 < 10.0  # uncancelled: a minute or more
     assert state.ledger.entries == before
     assert {r: repr(c) for r, c in state.cursors.items()} == cursors
     # a run cancelled before it starts does not load or train anything either

@@ -92,9 +92,10 @@ def epsilon_for(
         ((DP_SGD, float(noise_multiplier), float(sampling_rate), int(steps)),), float(delta))
 
 
-# Beyond this the PLD grid would need more memory than a site has, and no such ε
-# protects anything: a composition whose add-or-remove estimate passes it is reported
-# as unbounded (math.inf, still an upper bound).
+# Beyond this add-or-remove estimate no ε protects anything, and the grid that keeps
+# ε within 0.1 % would need more memory than a site has: such a composition is
+# accounted on a coarse grid (scale / 300), still an upper bound. Only one the
+# accountant cannot compute even so is reported as unbounded (math.inf).
 EPSILON_CEILING = 1e4
 
 # The RDP orders of the scale estimate (a few: it only sizes the PLD grid)
@@ -112,8 +113,12 @@ def _grid(scale: float, steps: int) -> float:
     keep it near 1e-3 x ε (and under scale / 300): within 0.2 % of the default grid's
     ε over z 0.6-1000, q 0.001-1, 1-100000 steps (tests/train/test_ledger_mechanisms.py
     checks some), and a plan check's or a noise calibration's few dozen compositions
-    take a second, not minutes (the default grid takes up to ~1.5 s for each).
+    take a second, not minutes (the default grid takes up to ~1.5 s for each). Where
+    the scale overstates ε (the RDP estimate at small q or small z: hundreds of times),
+    ``_composed_epsilon`` sizes the grid again from the ε the first grid gave.
     """
+    if scale > EPSILON_CEILING:
+        return scale / 300
     return max(_FINEST_GRID, min(scale / 300, math.sqrt(1e-3 * scale / max(steps, 1))))
 
 
@@ -163,14 +168,31 @@ def _composed_epsilon(events: tuple[tuple[str, float, float, int], ...], delta: 
         for kind, z, q, n in chosen:
             rdp.compose(event(kind, z, q, n, halve=True))
         scale = float(rdp.get_epsilon(delta))
-        if not scale <= EPSILON_CEILING:
+        steps = sum(n for *_, n in chosen)
+
+        def pld_epsilon(grid: float) -> float:
+            pld = PLDAccountant(
+                neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE,
+                value_discretization_interval=grid)
+            for kind, z, q, n in chosen:
+                pld.compose(event(kind, z, q, n, halve=False))
+            return float(pld.get_epsilon(delta))
+
+        if not math.isfinite(scale):
             return math.inf
-        pld = PLDAccountant(
-            neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE,
-            value_discretization_interval=_grid(scale, sum(n for *_, n in chosen)))
-        for kind, z, q, n in chosen:
-            pld.compose(event(kind, z, q, n, halve=False))
-        return float(pld.get_epsilon(delta))
+        grid = _grid(scale, steps)
+        try:
+            epsilon = pld_epsilon(grid)
+        except (OverflowError, MemoryError, ValueError):
+            return math.inf  # beyond what the accountant can compute: unbounded
+        # the scale may overstate ε many times (RDP at small q or z): then the grid
+        # was coarser than ε calls for; size it again from the ε it gave (an upper
+        # bound, so the new grid is still no finer than needed)
+        finer = _grid(epsilon, steps)
+        if finer < grid / 2:
+            with contextlib.suppress(OverflowError, MemoryError, ValueError):
+                epsilon = min(epsilon, pld_epsilon(finer))
+        return epsilon
 
 
 @contextlib.contextmanager

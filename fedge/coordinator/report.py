@@ -321,7 +321,9 @@ def _markdown(report: dict[str, Any], plots: list[str]) -> str:
                    "terms too, so this does not bound what one patient's record reveals."
                    if report["privacy_bound"] != "per record" else ""), "",
                 "| site | epsilon after the last round |", "|---|---|"]
-        out += [f"| {s} | {v[-1][1]:.3f} |" for s, v in report["privacy"].items()]
+        out += [f"| {s} | " + (f"{v[-1][1]:.3f}" if math.isfinite(v[-1][1]) else
+                               "unbounded (noise too small to bound anything)") + " |"
+                for s, v in report["privacy"].items()]
     if report["plan"]:
         out += ["", "## Plan", "", "```toml", report["plan"].strip(), "```"]
     return "\n".join(out) + "\n"

@@ -216,17 +216,20 @@ def metrics_problem(metrics: dict[str, float], epsilon: float) -> str | None:
     """Why a site's reported metrics cannot be stored, or None.
 
     Metrics are stored and plotted as numbers: a NaN, an infinity, a strange name or
-    an endless dictionary from a site is refused with its name, never persisted.
+    an endless dictionary from a site is refused with its name, never persisted. An ε
+    (``epsilon`` and metrics named ``epsilon…``) may be +inf: a site's accountant says
+    so of noise too small to bound anything, and the site has already charged the run
+    (refusing its update would lose the round, not the spend).
     """
     if len(metrics) > MAX_METRICS:
         return f"{len(metrics)} metrics, more than {MAX_METRICS}"
     for name, value in metrics.items():
         if not metric_name_ok(name):
             return f"metric name {name[:80]!r} is not 1-64 letters, digits or _-./"
-        if not math.isfinite(value):
+        if not math.isfinite(value) and not (name.startswith("epsilon") and value == math.inf):
             return f"metric {name} = {value} is not a finite number"
-    if not (math.isfinite(epsilon) and epsilon >= 0):
-        return f"epsilon = {epsilon} is not a finite number >= 0"
+    if not (epsilon >= 0 and not math.isnan(epsilon)):
+        return f"epsilon = {epsilon} is not a number >= 0"
     return None
 
 

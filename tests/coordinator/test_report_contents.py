@@ -158,3 +158,15 @@ def test_tables_give_the_mean_of_sites_beside_the_size_weighted_aggregate(tmp_pa
     final = md[md.index("## Final round"):md.index("## Final test")]
     assert "counts each site once" in final
     assert "| mean of sites | 0.8000 | 0.7000 |" in final  # auc, loss of round 2
+
+
+def test_an_unbounded_epsilon_is_said_in_words_and_report_json_still_loads(tmp_path):
+    status = _status()
+    status["metrics"] = [dict(r, value=float("inf")) if (r["site"], r["name"], r["round"])
+                         == ("h2", "epsilon_job", 2) else r for r in status["metrics"]]
+    write_job_report(tmp_path, status, PLAN.format(rounds=2))
+    md = (tmp_path / "report.md").read_text()
+    assert "| h1 | 1.000 |" in md
+    assert "| h2 | unbounded (noise too small to bound anything) |" in md
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["privacy"]["h2"][-1][1] == float("inf")

@@ -268,6 +268,23 @@ def test_train_result_with_unstorable_metrics_is_refused_and_the_round_goes_on(
     assert [s for s, _ in by_type(out, m.AggregateBegin)] == ["a", "b"]
 
 
+def test_an_unbounded_epsilon_is_taken_with_its_update_not_refused():
+    """A site whose accountant calls its spend unbounded (+inf: noise too small to bound
+    anything) has already charged the run: its update is aggregated, its ε kept as
+    it is; -inf or NaN is still refused."""
+    rnd = new_round()
+    rnd.offer(["a", "b", "c"], 0.0)
+    inf = float("inf")
+    out = rnd.receive("a", m.TrainDone(rnd.task_id, 5, {"loss": 1.0, "epsilon": inf},
+                                       epsilon=inf), 1.0)
+    assert not by_type(out, m.Rejected) and "a" not in rnd.refused
+    out = rnd.receive("c", m.TrainDone(rnd.task_id, 5, {"epsilon_round": -inf}), 1.0)
+    assert "epsilon_round = -inf is not a finite number" in rnd.refused["c"]
+    out = rnd.receive("b", m.TrainDone(rnd.task_id, 5, {"loss": 2.0}), 1.0)
+    assert rnd.phase is Phase.AGGREGATING
+    assert [s for s, _ in by_type(out, m.AggregateBegin)] == ["a", "b"]
+
+
 def test_eval_result_with_nan_is_refused_and_not_stored():
     rnd = new_round()
     rnd.offer(["a", "b"], 0.0)

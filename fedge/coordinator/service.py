@@ -62,6 +62,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import math
 import secrets
 import sqlite3
 import time
@@ -407,12 +408,25 @@ class Coordinator:
         A ``job.name`` that a queued or running job already has is taken, with a
         warning naming that job (two jobs told apart by their ids only).
 
+        A ``privacy.dp.delta`` above the usual 1e-5 is taken with a warning: each site
+        refuses DP-SGD when its training records number 1/δ or more, which the plan
+        check (against ``min_site_examples``, the smallest site) cannot see.
+
         Raises:
-            CoordinatorError: no site heard from declares ``job.dataset`` while at least
-                ``min_clients`` have declared theirs: a job that would wait
-                ``cohort_s`` × ``max_failed_attempts`` for nothing and block the queue.
+            CoordinatorError: no site heard from declares ``job.dataset``, at least
+                ``min_clients`` have declared theirs, and too few enrolled sites are
+                left unheard to make ``min_clients`` even if all of them held it: a job
+                that would wait ``cohort_s`` ×
+                ``max_failed_attempts`` for nothing and block the queue.
         """
         found: list[str] = []
+        dp = plan.privacy.get("dp")
+        delta = dp.get("delta", 1e-5) if isinstance(dp, dict) else None
+        if isinstance(delta, float) and delta > 1e-5:
+            found.append(f"privacy.dp.delta = {delta:g}: each site refuses DP-SGD when its "
+                         f"training records number 1/delta = {math.ceil(1 / delta)} or "
+                         "more (such a delta allows publishing one of them outright); "
+                         "1e-5 or less suits sites of up to 100000 records")
         if plan.name:
             same = [j.job_id for j in self.store.jobs(status="running")
                     + self.store.jobs(status="queued")
@@ -431,11 +445,14 @@ class Coordinator:
         if not known:
             return []
         holders = sorted(s for s, ds in known.items() if plan.dataset in ds)
-        if not holders and len(known) >= plan.min_clients:
+        if not holders and len(known) >= plan.min_clients \
+                and len(enrolled) - len(known) < plan.min_clients:
             raise CoordinatorError(
                 f"plan field job.dataset = {plan.dataset!r}: no enrolled site declares "
                 f"this data set; the {len(known)} site(s) heard from declare "
-                f"{_declared(known)}. Nothing was submitted")
+                f"{_declared(known)}, and the {len(enrolled) - len(known)} not heard "
+                f"from yet could not make job.min_clients = {plan.min_clients} even if "
+                "they all held it. Nothing was submitted")
         if len(holders) >= plan.min_clients:
             return []
         who = f" ({_names(holders)})" if holders else ""

@@ -727,7 +727,9 @@ def test_jobs_submit_refuses_a_data_set_no_site_declares_and_warns_of_too_few(
     assert got.err == ("fedge console: jobs_submit: plan field job.dataset = "
                        "'fed_tcga_brac': no enrolled site declares this data set; the 3 "
                        "site(s) heard from declare 'fed_tcga_brca' (h1, h2), 'synth' (h1, "
-                       "h3). Nothing was submitted\n")
+                       "h3), and the 0 not heard from yet could not make "
+                       "job.min_clients = 2 even if they all held it. Nothing was "
+                       "submitted\n")
     assert server.coordinator.store.jobs() == []
     plan.write_text(PLAN.replace("min_clients = 2", "min_clients = 3"))
     assert main([*base, "jobs", "submit", str(plan)]) == 0

@@ -631,7 +631,9 @@ def test_a_job_for_a_data_set_no_site_declares_is_refused_at_submit_naming_their
         coord.submit_job(typo, actor="test")
     assert str(refused.value) == (
         "plan field job.dataset = 'synthetc': no enrolled site declares this data set; the "
-        "3 site(s) heard from declare 'synthetic' (a, b, c). Nothing was submitted")
+        "3 site(s) heard from declare 'synthetic' (a, b, c), and the 0 not heard from yet "
+        "could not make job.min_clients = 2 even if they all held it. Nothing was "
+        "submitted")
     assert [j["status"] for j in coord.list_jobs()] == ["cancelled", "cancelled"]
     warnings = []
     coord.submit_job(PLAN, actor="test", warnings=warnings)  # held by all three: no word
@@ -646,6 +648,43 @@ def test_a_job_for_a_data_set_no_site_declares_is_refused_at_submit_naming_their
     coord.revoke("c", actor="test")  # a revoked site's data sets count no more
     coord.revoke("b", actor="test")
     coord.submit_job(typo, actor="test")  # a alone is known now: below min_clients
+
+
+def test_sites_not_heard_from_that_could_hold_the_data_set_turn_the_refusal_to_a_warning(
+        federation):
+    """Overnight, two of four sites are up and neither holds the plan's data set: the
+    two not heard from could (min_clients 2), so the job is taken, with a word."""
+    fed = federation(["a", "b", "c", "d"])
+    _heard_from(fed, "a", "b")
+    warnings: list[str] = []
+    other = PLAN.replace('"synthetic"', '"held_by_c_and_d"')
+    fed.coord.submit_job(other, actor="test", warnings=warnings)
+    assert warnings == ["job.dataset 'held_by_c_and_d' is declared by 0 of the 2 site(s) "
+                        "heard from, fewer than job.min_clients = 2 (2 enrolled site(s) not "
+                        "heard from yet): unless more sites holding it connect, its rounds "
+                        "wait for a cohort and the job fails after 3 attempt(s) of 5 s"]
+    _heard_from(fed, "c")  # d alone is left: it could not make min_clients 2
+    with pytest.raises(CoordinatorError, match=r"the 1 not heard from yet could not make "
+                                               r"job\.min_clients = 2"):
+        fed.coord.submit_job(other, actor="test")
+
+
+@pytest.mark.parametrize(("delta", "warned"), [(None, False), (1e-5, False), (1e-6, False),
+                                               (1e-3, True)])
+def test_a_delta_above_1e_5_is_taken_with_a_word_on_which_sites_refuse_it(
+        federation, delta, warned):
+    """The plan check weighs delta against min_site_examples (the smallest site); each
+    site refuses DP-SGD with delta >= 1/n for its own n, which a large site meets."""
+    fed = federation(["a", "b"])
+    body = "noise_multiplier = 1.0" + (f", delta = {delta}" if delta else "")
+    plan = PLAN + f"[privacy]\ndp = {{ {body} }}\n"
+    warnings: list[str] = []
+    fed.coord.submit_job(plan, actor="test", warnings=warnings)
+    said = [w for w in warnings if w.startswith("privacy.dp.delta")]
+    assert said == ([f"privacy.dp.delta = {delta:g}: each site refuses DP-SGD when its "
+                     "training records number 1/delta = 1000 or more (such a delta allows "
+                     "publishing one of them outright); 1e-5 or less suits sites of up to "
+                     "100000 records"] if warned else [])
 
 
 def test_a_jobs_name_data_set_and_model_are_listed_and_a_name_in_use_is_warned_of(

@@ -1136,6 +1136,8 @@ class Coordinator:
                 last = c
                 strategy = Strategy(plan.strategy, {k: v.copy()
                                                     for k, v in c.strategy_state.items()})
+                if plan.scaffold and not strategy.sites():
+                    self._restore_scaffold_sites(job.job_id, job.committed_round, strategy)
         except PlanError as exc:
             log.error("job %s failed: %s", job.job_id, exc)
             self.store.set_job_status(job.job_id, "failed", actor=SYSTEM, error=str(exc))
@@ -1160,6 +1162,47 @@ class Coordinator:
             # completed: finish it, do not train round plan.rounds + 1
             self.runner.last_checkpoint = last
             self._finish_job(self.runner, now)
+
+    def _restore_scaffold_sites(self, job_id: str, committed: int,
+                                strategy: Strategy) -> None:
+        """A SCAFFOLD job checkpointed by fedge < 0.2 (c, no table of sites): rebuild the
+        table from SQLite (fedge.coordinator.strategies), so that c is neither rescaled
+        to 0 at the next step nor every site's ControlCommit says none of its Δc_i is in
+        c. n_i is each site's count in its last committed round's train metrics (every
+        site that trained has them: TrainDone's n_examples), the summed round the last
+        committed round whose survivors hold it.
+
+        Raises:
+            StoreError, sqlite3.Error: the database cannot be read (the resume is retried).
+        """
+        counts: dict[str, int] = {}
+        for row in self.store.metrics(job_id):  # ordered by round: the last count wins
+            if row["split"] in ("train", "privacy") and row["site"] != "*" \
+                    and row["round"] <= committed:
+                counts[row["site"]] = int(row["n_examples"])
+        summed: dict[str, int] = {}
+        for r in self.store.rounds(job_id):
+            if r.status == "committed" and r.round <= committed:
+                for site in r.survivors:
+                    summed[site] = max(summed.get(site, 0), r.round)
+        uncounted = strategy.restore_sites(counts, summed)
+        table = strategy.sites()
+        log.warning("job %s: its round %d checkpoint was written by an earlier fedge (< 0.2, "
+                    "SCAFFOLD's c without its table of sites): the table is rebuilt from the "
+                    "database: %s", job_id, committed,
+                    ", ".join(f"{s} n={n} last summed round {q}"
+                              for s, (n, q) in sorted(table.items())) or "no site")
+        if uncounted:
+            log.error("job %s: no example count stored for %s, whose updates c holds: left "
+                      "out of SCAFFOLD's table (their c_i restart from 0; c keeps them)",
+                      job_id, uncounted)
+        try:
+            self.store.audit(SYSTEM, "scaffold_sites_rebuilt",
+                             {"job": job_id, "round": committed,
+                              "sites": {s: [n, q] for s, (n, q) in sorted(table.items())},
+                              **({"uncounted": uncounted} if uncounted else {})})
+        except (StoreError, sqlite3.Error) as exc:
+            self._not_written(f"scaffold_sites_rebuilt of job {job_id}", exc)
 
     def _cannot_resume(self, job_id: str, committed: int, error: str, now: float) -> None:
         failure = self._resume_failure

@@ -35,7 +35,9 @@ makes the invariant approximate by (n_i' − n_i)·c_i/N, which the coordinator
 cannot correct (it never sees c_i). The table of sites (state ``"sites/<site>"``:
 [n_i, the last round whose sum held its Δc_i]) is part of the checkpoint; the
 second number tells each site which of its Δc_i the server's c holds
-(fedge.wire.messages.ControlCommit), since c_i may move only by those.
+(fedge.wire.messages.ControlCommit), since c_i may move only by those. A
+checkpoint written by fedge < 0.2 holds c and no table; the coordinator rebuilds the
+table from its database when it resumes such a job (:meth:`Strategy.restore_sites`).
 
 m starts at 0 and v at τ² (the paper's v₋₁ ≥ τ²). The state (m, v) is part of
 every checkpoint, so a resumed job continues bit for bit. Arithmetic is in
@@ -91,6 +93,28 @@ class Strategy:
             if key.startswith(SITE_KEY) and buf.shape == (2,):
                 out[key[len(SITE_KEY):]] = (int(buf[0]), int(buf[1]))
         return out
+
+    def restore_sites(self, counts: Mapping[str, int], summed: Mapping[str, int]) -> list[str]:
+        """Rebuild SCAFFOLD's table of sites for a state that has none: a checkpoint of a
+        job an earlier fedge (< 0.2) committed, which kept only c. ``counts`` is each
+        site's last n_i of a committed round (its TrainDone's count, stored with its
+        train metrics), ``summed`` the last committed round whose survivors held each
+        site (0 or absent: none). Sites in ``summed`` without a count cannot be weighed
+        and are left out (returned, for the caller to report); c is kept as it is.
+
+        Raises:
+            StrategyError: the state has a table already, or a count or round is bad.
+        """
+        if self.sites():
+            raise StrategyError("the strategy state has a table of sites already")
+        bad = {s: n for s, n in counts.items() if not (isinstance(n, int) and n >= 1)}
+        bad |= {s: r for s, r in summed.items() if not (isinstance(r, int) and r >= 0)}
+        if bad:
+            raise StrategyError(f"site counts or rounds {bad} are not integers >= 1 (>= 0)")
+        uncounted = sorted(s for s, r in summed.items() if r > 0 and s not in counts)
+        for site, n in counts.items():
+            self.state[SITE_KEY + site] = np.array([n, summed.get(site, 0)], dtype=np.float64)
+        return uncounted
 
     def summed_round(self, site: str) -> int:
         """The last committed round whose sum held ``site``'s Δc_i (0: none): what its

@@ -8,6 +8,8 @@ ControlCommit of its next task would add it)."""
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 
 import numpy as np
 from test_federation_inproc import run
@@ -169,3 +171,78 @@ def test_an_attempt_failed_after_its_eval_tasks_moves_no_c_i(federation):
     got, sites = assert_invariant(fed, job, 2, set("abc"))
     np.testing.assert_allclose(got, c, atol=1e-5)
     np.testing.assert_allclose(sites["c"], ci["c"], atol=1e-5)
+
+
+def test_a_job_checkpointed_by_an_earlier_fedge_keeps_c_and_its_sites_c_i(federation, caplog):
+    """A SCAFFOLD job two rounds in when the coordinator is upgraded from fedge < 0.2,
+    whose round checkpoint holds c and no table of sites: the coordinator rebuilds the
+    table from its database (n_i from the train metrics, the last committed round whose
+    survivors hold each site), so c is not rescaled to 0, each site's ControlCommit names
+    the last round that summed it (c sat round 2 out: 1), no site drops its c_i, and c
+    stays Σ n_i·c_i / Σ n_i through round 3, as in a job never interrupted."""
+    from fedge.coordinator.service import Coordinator
+
+    fed = federation(["a", "b", "c"])
+    fed.agents["c"].trainer = RefusesRound("c", 30, {2})
+    commits: dict[str, list[tuple[int, int]]] = {s: [] for s in fed.agents}
+    for s, agent in fed.agents.items():
+        inner = agent.handle_frames
+
+        async def handle(frames, s=s, inner=inner):
+            env = codec.decode(frames, max_bytes=1 << 30)
+            if isinstance(env.body, m.ControlCommit):
+                commits[s].append((env.header.round, env.body.summed_round))
+            await inner(frames)
+        agent.handle_frames = handle
+    job = fed.coord.submit_job(scaffold_plan(rounds=3, secure="false"), actor="test")
+
+    async def two_rounds():
+        await fed.heartbeats()
+        await fed.pump(until=lambda: fed.coord.store.job(job).committed_round == 2)
+    asyncio.run(two_rounds())
+    path = ck.round_path(fed.coord.state_dir, job, 2)
+    head = ck.load_checkpoint(path)
+    assert summed_rounds(head.strategy_state) == {"a": 2, "b": 2, "c": 1}
+    c2 = head.strategy_state["c"]
+    assert np.abs(c2).max() > 1e-2
+    # what fedge 0.1 wrote: the weights and c, no table of sites
+    ck.save_checkpoint(path, ck.Checkpoint(weights=head.weights, round=2, plan=head.plan,
+                                           strategy_state={"c": c2}, metrics=head.metrics))
+    old = fed.coord
+    fed.inbox.clear()
+    fed.coord = Coordinator(old.state_dir, roster=old.roster,
+                            roster_public_key=old.roster_public_key, heartbeat_timeout_s=30.0,
+                            initial_weights=old.initial_weights, clock=fed.clock)
+    old.close()
+    for log in commits.values():
+        log.clear()
+    with caplog.at_level(logging.WARNING, logger="fedge.coordinator"):
+        fed.coord.tick()  # resumes the job from round 2
+        runner = fed.coord.runner
+        assert runner is not None and runner.committed == 2
+        np.testing.assert_array_equal(runner.strategy.state["c"], c2)
+        assert runner.strategy.sites() == {"a": (10, 2), "b": (20, 2), "c": (30, 1)}
+
+        async def rest():
+            await fed.heartbeats()
+            await fed.pump(until=lambda: fed.coord.store.job(job).status in
+                           ("completed", "failed"))
+        asyncio.run(rest())
+    st = fed.coord.store
+    assert st.job(job).status == "completed", st.job(job).error
+    rebuilt = [r.getMessage() for r in caplog.records if "earlier fedge" in r.getMessage()]
+    assert len(rebuilt) == 1 and job in rebuilt[0]
+    assert [json.loads(a["detail"])["sites"] for a in st.audit_log(
+        action="scaffold_sites_rebuilt")] == [{"a": [10, 2], "b": [20, 2], "c": [30, 1]}]
+    assert {s: log[:1] for s, log in commits.items()} == {"a": [(3, 2)], "b": [(3, 2)],
+                                                          "c": [(3, 1)]}
+    dropped = [r.getMessage() for r in caplog.records if "back to round" in r.getMessage()]
+    assert dropped == []
+    # as if never interrupted: the reference, and the invariant from the sites' own c_i
+    w, c, ci = reference(fed, 3, absent={2: {"c"}})
+    np.testing.assert_allclose(
+        ck.load_checkpoint(ck.final_path(fed.coord.state_dir, job)).weights, w, atol=1e-5)
+    got, sites = assert_invariant(fed, job, 3, set("abc"))
+    np.testing.assert_allclose(got, c, atol=1e-5)
+    for s in "abc":
+        np.testing.assert_allclose(sites[s], ci[s], atol=1e-5)

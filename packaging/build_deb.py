@@ -18,7 +18,7 @@ maintainer scripts from ``packaging/debian``, handed to ``dpkg-deb
 
 Usage::
 
-    packaging/build_deb.py [--version 0.1.0-1] [--out dist] [--work build/deb]
+    packaging/build_deb.py [--version 0.2.0-1] [--out dist] [--work build/deb]
                            [--compress zstd|gzip|xz|none] [--level N]
 
 Prints the path of the .deb on its last line.

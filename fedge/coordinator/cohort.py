@@ -4,8 +4,11 @@ A site is a candidate when it is enrolled (not revoked), connected (heard from
 within the heartbeat timeout), has sent this coordinator process a heartbeat since
 it connected (until then what it declares is unknown: after a restart, an agent's
 first message may be another), eligible by its own health policy, holds the job's
-data set, and is not busy with another job. Every exclusion has a reason, so an
-operator can see why a site sat a round out.
+data set, and is not busy with another job. For a DP job (``privacy.dp`` or
+``privacy.client_dp``) it must also run fedge 0.2 or later: earlier agents report ε
+for adding or removing one record, lower than today's replace-one figure
+(fedge.update.version.reports_replace_one_epsilon). Every exclusion has a reason, so
+an operator can see why a site sat a round out.
 """
 
 from __future__ import annotations
@@ -14,9 +17,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from fedge.coordinator.store import Appliance
+from fedge.update.version import reports_replace_one_epsilon
 
 EXPLAIN_SITES = 5  # sites named in a cohort shortfall; the rest are counted
 WAITING_FOR_HEARTBEAT = "connected, waiting for its first heartbeat"
+OLD_EPSILON_ACCOUNTING = ("reports epsilon under the accounting of fedge <0.2 (add-or-remove, "
+                          "lower than today's replace-one): update the appliance")
 
 
 @dataclass(frozen=True)
@@ -61,7 +67,8 @@ class Selection:
 def select_cohort(appliances: Iterable[Appliance], *, connected: set[str], dataset: str,
                   busy: set[str] | None = None,
                   protocols: Mapping[str, int | None] | None = None,
-                  secure_protocol: int | None = None) -> Selection:
+                  secure_protocol: int | None = None, dp: bool = False,
+                  versions: Mapping[str, str] | None = None) -> Selection:
     """Split the fleet into candidates and excluded sites (with the reason).
 
     ``protocols``: each connected site's secure-aggregation protocol from its
@@ -71,9 +78,14 @@ def select_cohort(appliances: Iterable[Appliance], *, connected: set[str], datas
     ``protocols`` speaks protocol 1 (an agent from before the field existed).
     ``secure_protocol``: for a secure job, the secure-aggregation protocol the
     coordinator speaks; a site whose protocol differs is left out, as its masks would
-    not cancel with the others'."""
+    not cancel with the others'.
+    ``dp``: the job is DP (``privacy.dp`` or ``privacy.client_dp``); a site whose
+    version is before fedge 0.2 is left out (module doc). ``versions``: each site's
+    version from its heartbeats on this connection; a site missing from it is taken
+    at the version its registry record holds."""
     busy = busy or set()
     protocols = protocols or {}
+    versions = versions or {}
     appliances = list(appliances)
     candidates: list[str] = []
     excluded: dict[str, str] = {}
@@ -94,6 +106,8 @@ def select_cohort(appliances: Iterable[Appliance], *, connected: set[str], datas
             excluded[a.site_id] = (
                 f"speaks secure-aggregation protocol {protocols.get(a.site_id, 1)}, this "
                 f"coordinator {secure_protocol}: update the appliance")
+        elif dp and not reports_replace_one_epsilon(versions.get(a.site_id, a.version)):
+            excluded[a.site_id] = OLD_EPSILON_ACCOUNTING
         else:
             candidates.append(a.site_id)
     enrolled = sum(1 for a in appliances if a.status == "enrolled")

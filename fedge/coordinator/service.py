@@ -917,7 +917,10 @@ class Coordinator:
                 self.store.appliances(), connected=self.connected_sites(now),
                 dataset=runner.plan.dataset,
                 protocols={s: c.secagg_protocol for s, c in self.conns.items()},
-                secure_protocol=SECAGG_PROTOCOL if runner.plan.secagg.enabled else None)
+                secure_protocol=SECAGG_PROTOCOL if runner.plan.secagg.enabled else None,
+                dp=any(runner.plan.privacy.get(k) is not None for k in ("dp", "client_dp")),
+                versions={s: c.last_heartbeat[0] for s, c in self.conns.items()
+                          if c.last_heartbeat})
             runner.selection = sel
             why = (sel.explain_missing(rnd.pinned_cohort) if rnd.pinned_cohort is not None
                    else sel.explain(runner.plan.min_clients))

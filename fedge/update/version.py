@@ -4,6 +4,12 @@ Rule: an agent on the coordinator's major.minor is accepted; an agent exactly
 one minor version behind (same major) is accepted and told to update; anything
 else — older by more than one minor, another major, or newer than the
 coordinator — is refused with a reason naming both versions.
+
+Privacy accounting: from fedge 0.2 an agent reports ε for replacing one record
+(PLD accounting); agents before it report ε for adding or removing one (RDP), a
+lower figure for the same run. The coordinator gives DP jobs no seat to an agent
+before :data:`REPLACE_ONE_EPSILON_SINCE` (:func:`reports_replace_one_epsilon`,
+fedge.coordinator.cohort), though the skew rule accepts it for other jobs.
 """
 
 from __future__ import annotations
@@ -67,3 +73,17 @@ def check_version_skew(coordinator_version: str, agent_version: str) -> SkewDeci
         rule = "agents may lag by at most one minor version"
     return SkewDecision(False, False, f"agent {agent_version} refused by coordinator "
                         f"{coordinator_version}: {rule}")
+
+
+# the first major.minor whose agents report ε for replacing one record (module doc)
+REPLACE_ONE_EPSILON_SINCE = (0, 2)
+
+
+def reports_replace_one_epsilon(agent_version: str) -> bool:
+    """Whether an agent of ``agent_version`` reports ε under today's replace-one (PLD)
+    accounting (module doc); a version that cannot be parsed does not."""
+    try:
+        return parse_version(agent_version, what="agent version")[:2] \
+            >= REPLACE_ONE_EPSILON_SINCE
+    except ValueError:
+        return False

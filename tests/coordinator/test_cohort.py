@@ -73,3 +73,30 @@ def test_a_connected_site_not_heard_from_by_heartbeat_yet_waits_for_one(tmp_path
                             protocols=protocols, secure_protocol=secure)
         assert sel.candidates == ["beat"]
         assert sel.excluded == {"quiet": WAITING_FOR_HEARTBEAT}
+
+
+def test_a_dp_job_leaves_out_sites_before_fedge_0_2_which_report_a_lower_epsilon(tmp_path):
+    """Agents before 0.2 report ε for adding or removing one record (RDP), below today's
+    replace-one figure: a DP job gives them no seat; any other job does. The version
+    heard on this connection wins over the registry's."""
+    from fedge.coordinator.cohort import OLD_EPSILON_ACCOUNTING
+
+    store = Store(tmp_path)
+    for i, (site, version) in enumerate([("new", "0.2.0"), ("newer", "0.2.3+dev1"),
+                                         ("old", "0.1.9"), ("updated", "0.1.0"),
+                                         ("unread", "")]):
+        store.enrol(site, f"{i:040d}", ED, actor="t")
+        store.record_heartbeat(site, version=version, health={}, eligible=True, reason="",
+                               datasets=["brca"], current_task="")
+    everyone = {"new", "newer", "old", "updated", "unread"}
+    versions = {"updated": "0.2.0"}  # its heartbeat since the registry's was written
+    dp = select_cohort(store.appliances(), connected=everyone, dataset="brca", dp=True,
+                       versions=versions)
+    assert dp.candidates == ["new", "newer", "updated"]
+    assert dp.excluded == {"old": OLD_EPSILON_ACCOUNTING, "unread": OLD_EPSILON_ACCOUNTING}
+    assert OLD_EPSILON_ACCOUNTING == (
+        "reports epsilon under the accounting of fedge <0.2 (add-or-remove, lower than "
+        "today's replace-one): update the appliance")
+    plain = select_cohort(store.appliances(), connected=everyone, dataset="brca",
+                          versions=versions)
+    assert plain.candidates == sorted(everyone)

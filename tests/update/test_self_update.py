@@ -17,7 +17,19 @@ from pathlib import Path
 
 import pytest
 
+import fedge
 from fedge.update.ab import SelfUpdate, SlotInstaller, slot_command
+
+
+def _next_minor() -> str:
+    """A version newer than the packaged install (an OTA update it would take)."""
+    from packaging.version import Version
+
+    v = Version(fedge.__version__)
+    return f"{v.major}.{v.minor + 1}.0"
+
+
+NEXT = _next_minor()
 
 SERVICE = r'''
 import json, os, sys
@@ -92,7 +104,7 @@ def test_a_first_update_that_never_confirms_goes_back_to_the_packaged_install(tm
     """No previous slot to go back to: preflight removes `current`, so the unit's
     ExecStart runs the packaged install again, and the outcome says so."""
     root = tmp_path / "software"
-    SelfUpdate(root).stage("0.2.0", bundle(tmp_path, "0.2.0", "crash"), rollout_id="r1")
+    SelfUpdate(root).stage(NEXT, bundle(tmp_path, NEXT, "crash"), rollout_id="r1")
     runs = []
     for _ in range(4):
         pre = subprocess.run([sys.executable, "-m", "fedge.update.ab", "preflight", "--root",
@@ -463,8 +475,8 @@ def test_a_fresh_appliance_under_the_unit_launcher_takes_its_first_software_upda
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(root)  # the packaged agent has self-update on
 
-    fleet.publish("software", "fedge", "0.2.0", "fedge-0.2.0.tar.gz",
-                  bundle(tmp_path, "0.2.0", "good").read_bytes())
+    fleet.publish("software", "fedge", NEXT, f"fedge-{NEXT}.tar.gz",
+                  bundle(tmp_path, NEXT, "good").read_bytes())
     path = next(iter(fleet.repo.current_targets().signed.targets))
     restarts: list[str] = []
     sent: list[object] = []
@@ -492,7 +504,7 @@ def test_a_fresh_appliance_under_the_unit_launcher_takes_its_first_software_upda
     asyncio.run(first_update())
     assert not [b for b in sent if isinstance(b, UpdateOutcome)], sent
     assert restarts == ["restart"]
-    assert SlotInstaller(root).current_version() == "0.2.0"
+    assert SlotInstaller(root).current_version() == NEXT
     assert SelfUpdate(root).pending()["previous"] is None
 
 

@@ -6,7 +6,9 @@
                                                     state_dir when --config is given)
     fedge agent privacy --config FILE [--delta D]   the privacy budget this site spent
                                                     (every released update, with DP or
-                                                    without; pending runs apart)
+                                                    without; pending runs apart), cross-
+                                                    checked with the secure aggregation
+                                                    reveal log
 
 Heavy imports happen inside the handlers.
 """
@@ -14,7 +16,11 @@ Heavy imports happen inside the handlers.
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -79,36 +85,165 @@ def _privacy(args: argparse.Namespace) -> int:
     if not 0 < args.delta < 1:
         print(f"fedge agent privacy: --delta {args.delta} must lie in (0, 1)", file=sys.stderr)
         return 2
-    print_privacy(ledger, args.delta)
+    print_privacy(ledger, args.delta, reveals=read_reveals(Path(cfg.state_dir)))
     return 0
 
 
-def print_privacy(ledger: Any, delta: float) -> None:
+@dataclass
+class Reveals:
+    """What the secure aggregation reveal log says this site revealed: ``times``, one
+    per update summed (its ``at``, 0 where an old log kept none), or ``error``: why the
+    log could not be read (then nothing can be cross-checked)."""
+
+    path: Path
+    times: list[float] = field(default_factory=list)
+    error: str | None = None
+
+
+def read_reveals(state_dir: Path) -> Reveals:
+    """Read, never write, the reveal log (``fedge.agent.guard.RevealLog``): the JSON
+    Lines file ``<state_dir>/secagg/revealed.jsonl`` (a header line, then one line per
+    update whose unmasking shares this site revealed: its digest, survivors and time
+    ``at``; lines without a digest are sketches of a compacted log), or, where an agent
+    has not yet taken it over, the whole-file ``revealed.json`` of earlier releases.
+    Not through ``RevealLog``: opening one may compact or migrate the file, under a
+    running agent. A torn last line (a crash mid-append) is dropped as the agent does.
+    """
+    from fedge.agent.guard import RevealLog
+
+    path = state_dir / "secagg" / "revealed.jsonl"
+    old = state_dir / "secagg" / "revealed.json"
+    times: dict[str, float] = {}
+    try:
+        if path.exists():
+            data = path.read_bytes()
+            lines = data[:data.rfind(b"\n") + 1].decode("utf-8").splitlines()
+            if not lines:
+                raise ValueError("no header line")
+            head = json.loads(lines[0])
+            if not isinstance(head, dict) or head.get("format") != RevealLog.FORMAT \
+                    or head.get("version") != RevealLog.VERSION:
+                raise ValueError(f"line 1 is not a {RevealLog.FORMAT} version "
+                                 f"{RevealLog.VERSION} header")
+            rows = [json.loads(line) for line in lines[1:]]
+        elif old.exists():
+            doc = json.loads(old.read_bytes())
+            if isinstance(doc, dict) and "moved_to" in doc:
+                raise ValueError(f"the log is missing: {old} says it was moved there")
+            path, rows = old, doc["entries"]
+        else:
+            return Reveals(path)
+        for row in rows:
+            if isinstance(row.get("digest"), str):
+                times[row["digest"]] = float(row.get("at", 0.0))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError,
+            AttributeError) as exc:
+        return Reveals(path, error=f"{exc}")
+    return Reveals(path, sorted(times.values()))
+
+
+def _unrecorded(ledger: Any, reveals: Reveals) -> tuple[int, list[float]]:
+    """How many updates, at least, this site revealed under secure aggregation that
+    ``ledger`` did not record, and the times of the reveals they are among.
+
+    A released run has one update and so at most one reveal (its digest; the same
+    update is summed over one survivor set only), and a release that records every run
+    marks the run released before its masked input leaves, so each reveal has a
+    released entry of its own. Reveals (the log names no job) are counted against
+    released entries in two periods: before ``complete_since`` against the entries an
+    earlier release recorded (``legacy_entries``: DP-SGD runs only), from then on
+    against the later ones. Where a period holds more reveals than entries, the excess
+    left unrecorded. A lower bound: a released entry whose update was not summed under
+    secure aggregation (a plain update, or a site gone before the reveal) hides one
+    unrecorded reveal of its period; a plain update without an entry leaves no trace.
+    """
+    from fedge.train.accounting import RELEASED
+
+    if reveals.error is not None or not reveals.times:
+        return 0, []
+
+    def released(entries: list[dict[str, Any]]) -> int:
+        return sum(e.get("status", RELEASED) == RELEASED for e in entries)
+
+    since = ledger.complete_since
+    periods = ([(reveals.times, ledger.entries)] if since is None else
+               [([t for t in reveals.times if t < since], ledger.entries[:ledger.legacy_entries]),
+                ([t for t in reveals.times if t >= since],
+                 ledger.entries[ledger.legacy_entries:])])
+    missing, among = 0, []
+    for times, entries in periods:
+        excess = len(times) - released(entries)
+        if excess > 0:
+            missing += excess
+            among += times
+    return missing, among
+
+
+def _day(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t))
+
+
+def _when(times: list[float]) -> str:
+    known = [t for t in times if t > 0]
+    if not known:
+        return "at times the log did not keep"
+    first, last = _day(min(known)), _day(max(known))
+    return f"at {first}" if first == last else f"from {first} to {last}"
+
+
+def print_privacy(ledger: Any, delta: float, *, reveals: Reveals | None = None) -> None:
     """``fedge agent privacy``'s table: per job and in total, the ε of the released runs
     at ``delta``; pending runs apart; then what the numbers bound.
 
     A job whose update left without DP has an unbounded ε, and so has the total: said
     plainly, naming the jobs. ε is for replacing one record (DP-SGD, "per record") or
     the site's data (DP-FedAvg, "client-level"), the site's record count being released
-    with its updates (fedge.train.accounting's docstring)."""
+    with its updates (fedge.train.accounting's docstring).
+
+    ``reveals``: the reveal log (:func:`read_reveals`). Updates it shows this site
+    revealed that the ledger did not record (:func:`_unrecorded`: on an appliance
+    upgraded from a release that recorded DP-SGD runs only) get a row of their own,
+    unbounded, and make the total unbounded; the log names no job, so neither can
+    this. A ledger started by such a release (``legacy``), or reveals older than the
+    ledger (before its ``complete_since``, or with no ledger file), gets the plain word
+    that runs before the upgrade were recorded only if they used DP-SGD and that plain
+    updates sent then cannot be known here, and no claim that every run is counted.
+    Without ``reveals`` nothing is cross-checked."""
     from fedge.train.accounting import DP_FEDAVG, DP_SGD, NO_DP
 
+    reveals = reveals if reveals is not None else Reveals(Path())
     jobs = sorted({e["job"] for e in ledger.entries})
     without_dp = ledger.without_dp()
+    missing, among = _unrecorded(ledger, reveals)
+    since = ledger.complete_since
+    # reveals older than this ledger's complete record: from a release before it
+    older = [t for t in reveals.times if since is None or t < since]
+    upgraded = ledger.legacy or bool(older)
+    legacy_jobs = sorted({e["job"] for e in ledger.entries[:ledger.legacy_entries]})
 
     def bound(job: str | None = None) -> str:
         released = {e.get("mechanism", DP_SGD) for e in ledger.released(job=job)}
         kinds = released or set(ledger.mechanisms(job=job))
+        if job is None and (NO_DP in released or missing):
+            said = []
+            if without_dp:
+                said.append(f"job{'s' if len(without_dp) > 1 else ''} "
+                            f"{', '.join(without_dp)} released updates without DP")
+            if missing:
+                said.append(f"{missing} update{'s' if missing > 1 else ''} of jobs this "
+                            "ledger did not record")
+            return "; ".join(said)
         if NO_DP in released:
-            if job is None:
-                return (f"job{'s' if len(without_dp) > 1 else ''} "
-                        f"{', '.join(without_dp)} released updates without DP")
             return "none: exact updates released without DP"
         if kinds == {NO_DP}:
             return "none (nothing released)"
+        if not kinds:
+            return "nothing released"
         if kinds <= {DP_FEDAVG}:
-            return "client-level"
-        return "per loss term" if ledger.per_loss_term(job=job) else "per record"
+            kind = "client-level"
+        else:
+            kind = "per loss term" if ledger.per_loss_term(job=job) else "per record"
+        return f"{kind}, recorded before the upgrade" if job in legacy_jobs else kind
 
     def number(eps: float) -> str:
         return f"{eps:>10.4f}" if eps != float("inf") else f"{'unbounded':>10}"
@@ -119,8 +254,11 @@ def print_privacy(ledger: Any, delta: float) -> None:
     for job in jobs:
         rounds = len({e["round"] for e in ledger.released(job=job)})
         print(f"{job:<40} {rounds:>6} {number(ledger.epsilon(delta, job=job))}  {bound(job)}")
-    print(f"{'total (all jobs composed)':<40} {'':>6} {number(ledger.epsilon(delta))}  "
-          f"{bound()}")
+    if missing:
+        print(f"{'(not recorded in this ledger)':<40} {missing:>6} {number(math.inf)}  "
+              "updates revealed under secure aggregation; job not known here")
+    total = math.inf if missing else ledger.epsilon(delta)
+    print(f"{'total (all jobs composed)':<40} {'':>6} {number(total)}  {bound()}")
     pending = ledger.pending()
     if pending:
         print("pending (trained, never released; not counted in epsilon):")
@@ -140,7 +278,41 @@ def print_privacy(ledger: Any, delta: float) -> None:
     if without_dp:
         print(f"without DP: {', '.join(without_dp)} released exact updates computed from "
               "this site's records; no epsilon bounds them, so the total is unbounded")
+    if missing:
+        print(f"not recorded: this site's secure aggregation reveal log ({reveals.path}) "
+              f"shows {len(reveals.times)} updates it revealed, and at least {missing} of "
+              f"them, revealed {_when(among)}, have no released run in this ledger: "
+              "updates computed from this site's records left it unrecorded. The log "
+              "names no job (the coordinator's jobs of those dates do). No epsilon "
+              "bounds them, so the total is unbounded")
+    if reveals.error is not None:
+        print(f"reveal log: {reveals.path} cannot be read ({reveals.error}); updates "
+              "this ledger did not record cannot be looked for there")
+    if upgraded:
+        began = "" if since is None else f"; this ledger records every run since {_day(since)}"
+        if ledger.legacy:
+            who = ("before the upgrade: this ledger was started by a fedge release that "
+                   "recorded a training run only if it used DP-SGD" + began)
+        else:
+            who = (f"before this ledger: this site revealed {len(older)} update"
+                   f"{'s' if len(older) > 1 else ''} under secure aggregation before this "
+                   "ledger began (an earlier fedge release recorded a training run only if "
+                   "it used DP-SGD, and here it recorded none)" + began)
+        print(who + ". Runs before the upgrade without DP-SGD (exact updates, DP-FedAvg) "
+              "are not in it: those summed under secure aggregation are counted from the "
+              "reveal log above; plain (non-secure) updates sent before the upgrade cannot "
+              "be known from this appliance")
+    if ledger.legacy_entries:
+        print(f"recomputed: epsilon of the {ledger.legacy_entries} entries recorded before "
+              "the upgrade is recomputed here for replacing one record (the earlier release "
+              "computed it for adding or removing one, with an RDP accountant): the numbers "
+              "differ from what it showed:")
+        for job in legacy_jobs:
+            now, then = ledger.legacy_epsilon(delta, job=job)
+            print(f"  {job:<38} {now:.4f} now, {then:.4f} as the earlier release showed")
+    claim = ("" if upgraded or reveals.error is not None else
+             ". Every training run whose update left this site is counted, with DP or "
+             "without")
     print(f"delta = {delta:g}; epsilon is for replacing one record with another (or, "
           "client-level, this site's data), not for adding or removing one: this site's "
-          "record count leaves with its updates. Every training run whose update left "
-          "this site is counted, with DP or without")
+          f"record count leaves with its updates{claim}")

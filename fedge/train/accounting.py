@@ -34,6 +34,7 @@ __all__ = [
     "COX_DP_RULE",
     "DP_FEDAVG",
     "DP_SGD",
+    "LEDGER_VERSION",
     "MECHANISMS",
     "NO_DP",
     "PENDING",
@@ -226,6 +227,10 @@ MECHANISMS = (DP_SGD, DP_FEDAVG, NO_DP)
 
 _REQUIRED = ("job", "round", "noise_multiplier", "sampling_rate", "steps")
 
+# The saved ledger's format (``PrivacyLedger.save``). A file without a version was
+# saved by a release that recorded DP-SGD runs only: it loads ``legacy``.
+LEDGER_VERSION = 2
+
 # (job, round, attempt): one run of one round's mechanism at this site
 EntryKey = tuple[str, int, int]
 
@@ -286,6 +291,22 @@ def _normalised(entries: Any) -> list[dict[str, Any]]:
     return out
 
 
+def _events(chosen: list[dict[str, Any]]) -> list[tuple[str, float, float, int]]:
+    """``PrivacyLedger.events`` of the entries ``chosen``."""
+    steps: dict[tuple[str, float, float], int] = {}
+    for e in chosen:
+        kind = e.get("mechanism", DP_SGD)
+        if kind == DP_SGD:
+            key = (kind, float(e["noise_multiplier"]), float(e["sampling_rate"]))
+            n = int(e["steps"])
+        elif kind == DP_FEDAVG:
+            key, n = (kind, float(e["noise_multiplier"]), 1.0), 1
+        else:
+            key, n = (kind, 0.0, 1.0), 1
+        steps[key] = steps.get(key, 0) + n
+    return [(kind, z, q, n) for (kind, z, q), n in steps.items()]
+
+
 @dataclass
 class PrivacyLedger:
     """Every training run of one site whose update can leave it, one entry per run:
@@ -313,11 +334,28 @@ class PrivacyLedger:
     never removed. A ledger saved before statuses existed loads with every entry
     released; one saved before mechanisms existed, with every entry DP-SGD.
 
+    Upgrades. :meth:`save` writes format ``LEDGER_VERSION`` (2); a file without a
+    ``version`` was saved by a release that recorded a run only if it used DP-SGD (and
+    computed its ε add-or-remove, about half the replace-one ε computed here). Such a
+    ledger is ``legacy``: its first ``legacy_entries`` entries were recorded by that
+    release, and runs it trained without DP-SGD (exact updates, DP-FedAvg) are not in
+    it. Both are kept in every later save, so the ledger says so for good.
+    ``complete_since``: when this ledger began recording every run (its first save by a
+    release that does; None before that). A run released before then without DP-SGD
+    is not in it: ``fedge agent privacy`` counts those it can from the secure
+    aggregation reveal log.
+
     ε is for replacing one record (DP-SGD) or one site's data (DP-FedAvg), the site's
     record count being released with its updates (the module docstring).
     """
 
     entries: list[dict[str, Any]] = field(default_factory=list)
+    # started by a release that recorded DP-SGD runs only (a file saved without a
+    # version); its first legacy_entries entries are that release's
+    legacy: bool = False
+    legacy_entries: int = 0
+    # when this ledger began recording every run whose update can leave (time.time())
+    complete_since: float | None = None
     # record, release and save of one ledger may come from different threads (a
     # superseded training still running as the next one starts)
     _lock: Any = field(default_factory=threading.RLock, init=False,
@@ -447,18 +485,40 @@ class PrivacyLedger:
         if including is not None and _selects(including, job, round) \
                 and all(_key(e) != _key(including) for e in chosen):
             chosen.append(dict(including))
-        steps: dict[tuple[str, float, float], int] = {}
-        for e in chosen:
-            kind = e.get("mechanism", DP_SGD)
-            if kind == DP_SGD:
-                key = (kind, float(e["noise_multiplier"]), float(e["sampling_rate"]))
-                n = int(e["steps"])
-            elif kind == DP_FEDAVG:
-                key, n = (kind, float(e["noise_multiplier"]), 1.0), 1
-            else:
-                key, n = (kind, 0.0, 1.0), 1
-            steps[key] = steps.get(key, 0) + n
-        return [(kind, z, q, n) for (kind, z, q), n in steps.items()]
+        return _events(chosen)
+
+    def legacy_epsilon(self, delta: float, *, job: str | None = None) -> tuple[float, float]:
+        """ε of the selected released entries an earlier release recorded (the first
+        ``legacy_entries``: its DP-SGD runs) as (computed here, as that release computed
+        it). Here: for replacing one record, PLD (:meth:`epsilon`). That release: for
+        adding or removing one, from dp_accounting's RDP accountant at its default
+        orders: the number its ``fedge agent privacy`` showed. Neither is bigger for
+        every plan (RDP is looser, add-or-remove smaller); (0, 0) without such entries.
+
+        Raises:
+            ValueError: delta outside (0, 1).
+        """
+        import dp_accounting
+        from dp_accounting.rdp import RdpAccountant
+
+        if not 0 < delta < 1:
+            raise ValueError(f"delta={delta} must lie in (0, 1)")
+        with self._lock:
+            chosen = [e for e in self.entries[:self.legacy_entries]
+                      if e.get("status", RELEASED) == RELEASED and _selects(e, job, None)]
+        events = _events(chosen)
+        if not events:
+            return 0.0, 0.0
+        now = _composed_epsilon(tuple(sorted(events)), float(delta))
+        if any(kind != DP_SGD for kind, *_ in events):  # not that release's entries
+            return now, math.inf
+        accountant = RdpAccountant()
+        with _quiet_accountant():
+            for _, z, q, n in events:
+                accountant.compose(dp_accounting.SelfComposedDpEvent(
+                    dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)),
+                    n))
+            return now, float(accountant.get_epsilon(delta))
 
     def epsilon(self, delta: float, *, job: str | None = None, round: int | None = None,
                 including: Mapping[str, Any] | None = None) -> float:
@@ -506,30 +566,73 @@ class PrivacyLedger:
                        f"attempt {key[2]}")
 
     def to_dict(self) -> dict[str, Any]:
+        """The saved form: format ``LEDGER_VERSION``, whether the ledger is legacy and
+        how many of its entries are, when it began recording every run, the entries.
+        (A release before versions reads ``entries`` only.)"""
         with self._lock:
-            return {"entries": [dict(e) for e in self.entries]}
+            return {"version": LEDGER_VERSION, "legacy": self.legacy,
+                    "legacy_entries": self.legacy_entries,
+                    "complete_since": self.complete_since,
+                    "entries": [dict(e) for e in self.entries]}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> PrivacyLedger:
-        """Raises: ValueError: as :func:`_normalised` (a bad or repeated entry)."""
-        return cls(entries=_normalised(d.get("entries", [])))
+        """The ledger ``d`` (:meth:`to_dict`'s form, or an earlier release's
+        ``{"entries": [...]}``, which loads ``legacy`` with every entry legacy).
+
+        Raises: ValueError: an unknown version, a bad ``legacy``, ``legacy_entries`` or
+            ``complete_since``, or as :func:`_normalised` (a bad or repeated entry)."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"a ledger is a table, not a {type(d).__name__}")
+        entries = _normalised(d.get("entries", []))
+        version = d.get("version")
+        if version is None:  # a release that recorded DP-SGD runs only
+            return cls(entries=entries, legacy=True, legacy_entries=len(entries))
+        if version != LEDGER_VERSION or isinstance(version, bool):
+            raise ValueError(f"version {version!r}: this release reads {LEDGER_VERSION} "
+                             "(a ledger saved by a later release)")
+        legacy, count, since = d.get("legacy"), d.get("legacy_entries"), d.get("complete_since")
+        if not isinstance(legacy, bool):
+            raise ValueError(f"legacy {legacy!r} is not true or false")
+        if isinstance(count, bool) or not isinstance(count, int) \
+                or not 0 <= count <= len(entries):
+            raise ValueError(f"legacy_entries {count!r} is not an integer from 0 to the "
+                             f"{len(entries)} entries")
+        if since is not None and (isinstance(since, bool) or not isinstance(since, int | float)
+                                  or not math.isfinite(since)):
+            raise ValueError(f"complete_since {since!r} is not a time")
+        return cls(entries=entries, legacy=legacy, legacy_entries=count,
+                   complete_since=None if since is None else float(since))
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the ledger as JSON atomically (temp file, fsync, rename, fsync of the
         directory, so the rename itself survives a power cut): a site's spent budget
         must survive a crash. A write that fails (a full disk) before the rename leaves
-        the saved ledger as it was and no temp file behind.
+        the saved ledger as it was and no temp file behind. The first save sets
+        ``complete_since`` (this release records every run from then on).
 
         Raises: OSError."""
+        import time
+
         from fedge.update.files import write_atomic
 
         with self._lock:
-            write_atomic(Path(path), json.dumps(self.to_dict()).encode())
+            first = self.complete_since is None
+            if first:
+                self.complete_since = time.time()
+            try:
+                write_atomic(Path(path), json.dumps(self.to_dict()).encode())
+            except BaseException:
+                if first:
+                    self.complete_since = None
+                raise
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> PrivacyLedger:
         """Read a saved ledger; a missing file is an empty ledger. Entries saved without
-        a status (earlier releases) are released: never less spend after an upgrade.
+        a status (earlier releases) are released: never less spend after an upgrade. A
+        file saved without a version (a release that recorded DP-SGD runs only) loads
+        ``legacy`` (:meth:`from_dict`).
 
         Raises:
             ValueError: the file is not a ledger (names the file and the problem).
@@ -539,7 +642,9 @@ class PrivacyLedger:
             return cls()
         try:
             data = json.loads(target.read_text(encoding="utf-8"))
-            return cls(entries=_normalised(data["entries"]))
+            if not isinstance(data, dict) or "entries" not in data:
+                raise ValueError("no entries")
+            return cls.from_dict(data)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"privacy ledger {target}: not a valid ledger: {exc}") from exc
 

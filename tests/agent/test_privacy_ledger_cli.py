@@ -1,10 +1,14 @@
 """`fedge agent privacy` tells a hospital every release of its records: a job without
 DP that released exact updates makes the total unbounded, and says which; a DP-FedAvg
-job is shown client-level; ε is said to be for replacing one record. Real TorchTrainer
-training on a CSV site, the ledger on disk, the real CLI in a subprocess."""
+job is shown client-level; ε is said to be for replacing one record. On an appliance
+upgraded from a release that recorded DP-SGD runs only, the updates its secure
+aggregation reveal log shows and the ledger lacks are counted unbounded, and the
+footer says what the ledger cannot know. Real TorchTrainer training on a CSV site, the
+ledger and the reveal log on disk, the real CLI in a subprocess."""
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -12,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedge.agent.guard import RevealLog, update_digest
 from fedge.agent.trainer import TorchTrainer, ledger_path
 from fedge.coordinator.plan import parse_plan
 from fedge.train.accounting import DP_FEDAVG, DP_SGD, NO_DP, PrivacyLedger
@@ -101,3 +106,122 @@ def test_without_a_job_lacking_dp_the_total_is_a_number(tmp_path: Path) -> None:
     assert float(total[4]) == round(ledger.epsilon(1e-5), 4)
     assert 0 < ledger.epsilon(1e-5) < math.inf
     assert total[5:] == ["per", "record"]  # DP-FedAvg bounds each record too
+    # a reveal for each released run: nothing unrecorded, and the claim stands
+    for seed in (1, 2):
+        _reveal(tmp_path, seed)
+    text = "\n".join(_privacy_cli(tmp_path))
+    assert "not recorded" not in text and "before the upgrade" not in text
+    assert "Every training run whose update left this site is counted" in text
+
+
+# The ledger of site-0 of a federation run by the release before mechanisms (a149b53):
+# a DP-SGD Cox job of 2 rounds. That site had also released exact updates in a FedAdam
+# job (2 rounds) and a SCAFFOLD job (3 rounds) under secure aggregation: 7 reveals.
+OLD_LEDGER = {"entries": [
+    {"job": "job-20261130065035-bf60c8", "round": r, "attempt": 1, "status": "released",
+     "noise_multiplier": 1.1, "sampling_rate": 0.08080808080808081, "steps": 3,
+     "bound": "per loss term, not a record-level bound"} for r in (1, 2)]}
+OLD_JOB = "job-20261130065035-bf60c8"
+
+
+def _reveal(tmp_path: Path, seed: int) -> None:
+    """What the agent does before revealing the shares that unmask a sum holding one
+    update of this site: the real reveal log records it on disk."""
+    update = np.random.default_rng(seed).normal(size=40).astype(np.float32)
+    log = RevealLog(tmp_path / "state" / "secagg" / "revealed.jsonl")
+    log.check_and_record(update_digest(update, 99), ["site-0", "site-1", "site-2"], update)
+
+
+def _row(lines: list[str], name: str) -> list[str]:
+    (row,) = [line for line in lines if line.startswith(name)]
+    return row[40:].split()
+
+
+def test_an_upgraded_site_counts_the_updates_its_old_ledger_did_not_record(
+        tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    ledger_path(state).parent.mkdir(parents=True)
+    ledger_path(state).write_text(json.dumps(OLD_LEDGER))
+    for seed in range(7):
+        _reveal(tmp_path, seed)
+
+    lines = _privacy_cli(tmp_path)
+    text = "\n".join(lines)
+    assert _row(lines, OLD_JOB)[:2] == ["2", "1.9947"]
+    assert "recorded before the upgrade" in lines[1]
+    assert _row(lines, "(not recorded in this ledger)")[:2] == ["5", "unbounded"]
+    assert _row(lines, "total (all jobs composed)") == [
+        "unbounded", "5", "updates", "of", "jobs", "this", "ledger", "did", "not", "record"]
+    assert "shows 7 updates it revealed, and at least 5 of them" in text
+    assert "recorded a training run only if it used DP-SGD" in text
+    assert "plain (non-secure) updates sent before the upgrade cannot be known from " \
+           "this appliance" in text
+    assert "Every training run" not in text
+    # the epsilon the earlier release showed (RDP, add-or-remove), and today's
+    assert f"{OLD_JOB}              1.9947 now, 2.1578 as the earlier release showed" \
+        in text
+
+    # the upgraded agent trains a DP-SGD round, released and revealed: the ledger is
+    # saved in today's format and stays legacy; the new run has its reveal, so still 5
+    trainer = _trainer(tmp_path)
+    run = trainer.train("site-0", "job-new", parse_plan(DP_SGD_PLAN), np.zeros(3, np.float32),
+                        round=1, seed=1)
+    run.release_privacy()
+    _reveal(tmp_path, 100)
+    saved = json.loads(ledger_path(state).read_text())
+    assert (saved["version"], saved["legacy"], saved["legacy_entries"]) == (2, True, 2)
+    assert saved["complete_since"] > 0
+    lines = _privacy_cli(tmp_path)
+    text = "\n".join(lines)
+    assert _row(lines, "(not recorded in this ledger)")[:2] == ["5", "unbounded"]
+    assert _row(lines, "job-new")[2:] == ["per", "record"]  # not "before the upgrade"
+    assert _row(lines, "total (all jobs composed)")[:2] == ["unbounded", "5"]
+    assert "this ledger records every run since" in text
+    assert "cannot be known from this appliance" in text and "Every training run" not in text
+    assert "job-new" not in text.split("recomputed:")[1]
+
+
+def test_reveals_older_than_the_ledger_are_counted_unbounded(tmp_path: Path) -> None:
+    """No ledger file (the earlier release recorded DP-SGD runs only, and this site ran
+    none), 3 updates revealed: each left without an entry. Then today's agent trains a
+    job without DP and reveals its update: that one is recorded."""
+    for seed in range(3):
+        _reveal(tmp_path, seed)
+    lines = _privacy_cli(tmp_path)
+    text = "\n".join(lines)
+    assert not ledger_path(tmp_path / "state").exists()
+    assert _row(lines, "(not recorded in this ledger)")[:2] == ["3", "unbounded"]
+    assert _row(lines, "total (all jobs composed)")[:2] == ["unbounded", "3"]
+    assert "this site revealed 3 updates under secure aggregation before this ledger" \
+        in text
+    assert "cannot be known from this appliance" in text and "Every training run" not in text
+
+    trainer = _trainer(tmp_path)
+    trainer.train("site-0", "job-plain", parse_plan(BASE), np.zeros(3, np.float32), round=1,
+                  seed=1)
+    _reveal(tmp_path, 50)
+    lines = _privacy_cli(tmp_path)
+    text = "\n".join(lines)
+    assert _row(lines, "(not recorded in this ledger)")[:2] == ["3", "unbounded"]
+    assert _row(lines, "total (all jobs composed)") == [
+        "unbounded", "job", "job-plain", "released", "updates", "without", "DP;", "3",
+        "updates", "of", "jobs", "this", "ledger", "did", "not", "record"]
+    assert "before this ledger" in text and "Every training run" not in text
+    # a reveal today's ledger lacks (every run is recorded before it leaves: a reveal
+    # beyond the runs is an update unaccounted for) is counted too
+    _reveal(tmp_path, 51)
+    assert _row(_privacy_cli(tmp_path), "(not recorded in this ledger)")[:2] == [
+        "4", "unbounded"]
+
+
+def test_a_reveal_log_that_cannot_be_read_is_said_and_nothing_is_claimed(
+        tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path)
+    trainer.train("site-0", "job-sgd", parse_plan(DP_SGD_PLAN), np.zeros(3, np.float32),
+                  round=1, seed=1).release_privacy()
+    log = tmp_path / "state" / "secagg" / "revealed.jsonl"
+    log.parent.mkdir(parents=True)
+    log.write_text("not a reveal log\n")
+    text = "\n".join(_privacy_cli(tmp_path))
+    assert f"reveal log: {log} cannot be read" in text
+    assert "Every training run" not in text

@@ -182,6 +182,62 @@ def test_a_ledger_saved_before_mechanisms_loads_every_entry_as_dp_sgd(tmp_path) 
         PrivacyLedger.load(path)
 
 
+def test_a_ledger_saved_before_mechanisms_stays_legacy_through_later_saves(
+        tmp_path) -> None:
+    """An earlier release recorded DP-SGD runs only: its ledger (no version) loads
+    legacy, and every save keeps saying so (which entries it recorded, and since when
+    this release records every run), so `fedge agent privacy` can tell the hospital."""
+    path = tmp_path / "ledger.json"
+    old = [{"job": "old", "round": r, "attempt": 1, "status": RELEASED,
+            "noise_multiplier": 1.1, "sampling_rate": 0.08, "steps": 3} for r in (1, 2)]
+    path.write_text(json.dumps({"entries": old}))
+    ledger = PrivacyLedger.load(path)
+    assert (ledger.legacy, ledger.legacy_entries, ledger.complete_since) == (True, 2, None)
+    before = time.time()
+    ledger.record(job="new", round=1, mechanism=NO_DP, steps=3)
+    ledger.save(path)
+    saved = json.loads(path.read_text())
+    assert (saved["version"], saved["legacy"], saved["legacy_entries"]) == (2, True, 2)
+    since = saved["complete_since"]
+    assert before <= since <= time.time()
+    again = PrivacyLedger.load(path)
+    assert (again.legacy, again.legacy_entries, again.complete_since) == (True, 2, since)
+    assert again.entries == ledger.entries
+    again.save(path)  # the first save's time stands
+    assert json.loads(path.read_text())["complete_since"] == since
+    # the ε the earlier release showed for its entries (RDP, add-or-remove) and today's
+    rdp = RdpAccountant()
+    rdp.compose(poisson_gaussian(1.1, 0.08, 6))
+    assert again.legacy_epsilon(DELTA) == (
+        epsilon_for(noise_multiplier=1.1, sampling_rate=0.08, steps=6, delta=DELTA),
+        pytest.approx(rdp.get_epsilon(DELTA)))
+    assert again.legacy_epsilon(DELTA, job="new") == (0.0, 0.0)
+    # a ledger started by this release is not legacy
+    fresh = PrivacyLedger()
+    fresh.record(job="new", round=1, mechanism=NO_DP, steps=3)
+    fresh.save(tmp_path / "fresh.json")
+    loaded = PrivacyLedger.load(tmp_path / "fresh.json")
+    assert (loaded.legacy, loaded.legacy_entries) == (False, 0)
+    assert loaded.complete_since is not None
+
+
+@pytest.mark.parametrize(("change", "why"), [
+    ({"version": 3}, "version 3: this release reads 2"),
+    ({"legacy_entries": 5}, "legacy_entries 5 is not an integer from 0 to the 1 entries"),
+    ({"legacy": "yes"}, "legacy 'yes' is not true or false"),
+    ({"complete_since": "today"}, "complete_since 'today' is not a time"),
+])
+def test_a_versioned_ledger_with_a_bad_field_is_refused_naming_it(
+        tmp_path, change, why) -> None:
+    path = tmp_path / "ledger.json"
+    ledger = PrivacyLedger()
+    ledger.record(job="j", round=1, mechanism=NO_DP)
+    ledger.save(path)
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    with pytest.raises(ValueError, match=f"ledger {path}: not a valid ledger: {why}"):
+        PrivacyLedger.load(path)
+
+
 def test_a_released_run_without_dp_makes_its_job_and_the_total_unbounded() -> None:
     ledger = PrivacyLedger()
     ledger.record(job="dp", round=1, noise_multiplier=1.1, sampling_rate=0.05, steps=10)

@@ -7,8 +7,10 @@ first message may be another), eligible by its own health policy, holds the job'
 data set, and is not busy with another job. For a DP job (``privacy.dp`` or
 ``privacy.client_dp``) it must also run fedge 0.2 or later: earlier agents report ε
 for adding or removing one record, lower than today's replace-one figure
-(fedge.update.version.reports_replace_one_epsilon). Every exclusion has a reason, so
-an operator can see why a site sat a round out.
+(fedge.update.version.reports_replace_one_epsilon). So must it for a SCAFFOLD job:
+earlier agents move their control variate when the EvalTask arrives and drop the
+ControlCommit, so their c_i would drift from the server's c. Every exclusion has a
+reason, so an operator can see why a site sat a round out.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ EXPLAIN_SITES = 5  # sites named in a cohort shortfall; the rest are counted
 WAITING_FOR_HEARTBEAT = "connected, waiting for its first heartbeat"
 OLD_EPSILON_ACCOUNTING = ("reports epsilon under the accounting of fedge <0.2 (add-or-remove, "
                           "lower than today's replace-one): update the appliance")
+OLD_CONTROL_RULE = ("moves its SCAFFOLD control variate by the rule of fedge <0.2 (at the "
+                    "EvalTask, not on a ControlCommit), which lets it drift from the "
+                    "server's: update the appliance")
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,7 @@ def select_cohort(appliances: Iterable[Appliance], *, connected: set[str], datas
                   busy: set[str] | None = None,
                   protocols: Mapping[str, int | None] | None = None,
                   secure_protocol: int | None = None, dp: bool = False,
+                  scaffold: bool = False,
                   versions: Mapping[str, str] | None = None) -> Selection:
     """Split the fleet into candidates and excluded sites (with the reason).
 
@@ -80,7 +86,8 @@ def select_cohort(appliances: Iterable[Appliance], *, connected: set[str], datas
     coordinator speaks; a site whose protocol differs is left out, as its masks would
     not cancel with the others'.
     ``dp``: the job is DP (``privacy.dp`` or ``privacy.client_dp``); a site whose
-    version is before fedge 0.2 is left out (module doc). ``versions``: each site's
+    version is before fedge 0.2 is left out (module doc); so it is for ``scaffold``, a
+    SCAFFOLD job. ``versions``: each site's
     version from its heartbeats on this connection; a site missing from it is taken
     at the version its registry record holds."""
     busy = busy or set()
@@ -108,6 +115,9 @@ def select_cohort(appliances: Iterable[Appliance], *, connected: set[str], datas
                 f"coordinator {secure_protocol}: update the appliance")
         elif dp and not reports_replace_one_epsilon(versions.get(a.site_id, a.version)):
             excluded[a.site_id] = OLD_EPSILON_ACCOUNTING
+        elif scaffold and not reports_replace_one_epsilon(versions.get(a.site_id,
+                                                                       a.version)):
+            excluded[a.site_id] = OLD_CONTROL_RULE  # the same release brought both
         else:
             candidates.append(a.site_id)
     enrolled = sum(1 for a in appliances if a.status == "enrolled")

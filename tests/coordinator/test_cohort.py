@@ -100,3 +100,22 @@ def test_a_dp_job_leaves_out_sites_before_fedge_0_2_which_report_a_lower_epsilon
     plain = select_cohort(store.appliances(), connected=everyone, dataset="brca",
                           versions=versions)
     assert plain.candidates == sorted(everyone)
+
+
+def test_a_scaffold_job_leaves_out_sites_before_fedge_0_2_which_move_c_i_their_own_way(
+        tmp_path):
+    """Agents before 0.2 drop the ControlCommit and move c_i at the EvalTask: their
+    c_i would drift from the server's c, so a SCAFFOLD job gives them no seat."""
+    from fedge.coordinator.cohort import OLD_CONTROL_RULE
+
+    store = Store(tmp_path)
+    for i, (site, version) in enumerate([("new", "0.2.0"), ("old", "0.1.9")]):
+        store.enrol(site, f"{i:040d}", ED, actor="t")
+        store.record_heartbeat(site, version=version, health={}, eligible=True, reason="",
+                               datasets=["brca"], current_task="")
+    scaffold = select_cohort(store.appliances(), connected={"new", "old"}, dataset="brca",
+                             scaffold=True)
+    assert scaffold.candidates == ["new"] and scaffold.excluded == {"old": OLD_CONTROL_RULE}
+    assert "update the appliance" in OLD_CONTROL_RULE
+    fedavg = select_cohort(store.appliances(), connected={"new", "old"}, dataset="brca")
+    assert fedavg.candidates == ["new", "old"]

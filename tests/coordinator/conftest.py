@@ -73,6 +73,19 @@ class InProcFederation:
             a.send_frames = self._sender(s)
             self.agents[s] = a
 
+    def restart(self):
+        """The coordinator "crashes": everything in memory and in flight is gone, and a
+        new one opens the same state dir, on the same clocks. Returns it."""
+        old = self.coord
+        self.inbox.clear()
+        self.coord = Coordinator(old.state_dir, roster=old.roster,
+                                 roster_public_key=old.roster_public_key,
+                                 heartbeat_timeout_s=30.0,
+                                 initial_weights=old.initial_weights, clock=self.clock,
+                                 wall=self.wall)
+        old.close()
+        return self.coord
+
     def _sender(self, site):
         async def send(frames):
             # frames travel as bytes, as they would over a socket

@@ -20,7 +20,6 @@ from fedge.coordinator.rounds import Phase
 from fedge.coordinator.service import Coordinator
 from fedge.wire import messages as m
 from tests.coordinator.test_federation_inproc import plan, run
-from tests.coordinator.test_unmask_retry import restart
 
 ROUNDS = 5
 
@@ -189,7 +188,7 @@ def test_a_coordinator_killed_at_any_step_of_a_commit_resumes_and_keeps_only_wha
     assert not ck.final_path(fed.coord.state_dir, job).exists()
     if crash.startswith("unmasked"):
         assert fed.coord.store.unmask_set(job, 3) == ["a", "b", "c"]
-    restart(fed)
+    fed.restart()
     assert fed.coord.store.job(job).committed_round == committed
 
     async def again():

@@ -180,7 +180,6 @@ def test_a_job_checkpointed_by_an_earlier_fedge_keeps_c_and_its_sites_c_i(federa
     survivors hold each site), so c is not rescaled to 0, each site's ControlCommit names
     the last round that summed it (c sat round 2 out: 1), no site drops its c_i, and c
     stays Σ n_i·c_i / Σ n_i through round 3, as in a job never interrupted."""
-    from fedge.coordinator.service import Coordinator
 
     fed = federation(["a", "b", "c"])
     fed.agents["c"].trainer = RefusesRound("c", 30, {2})
@@ -208,12 +207,7 @@ def test_a_job_checkpointed_by_an_earlier_fedge_keeps_c_and_its_sites_c_i(federa
     # what fedge 0.1 wrote: the weights and c, no table of sites
     ck.save_checkpoint(path, ck.Checkpoint(weights=head.weights, round=2, plan=head.plan,
                                            strategy_state={"c": c2}, metrics=head.metrics))
-    old = fed.coord
-    fed.inbox.clear()
-    fed.coord = Coordinator(old.state_dir, roster=old.roster,
-                            roster_public_key=old.roster_public_key, heartbeat_timeout_s=30.0,
-                            initial_weights=old.initial_weights, clock=fed.clock)
-    old.close()
+    fed.restart()
     for log in commits.values():
         log.clear()
     with caplog.at_level(logging.WARNING, logger="fedge.coordinator"):

@@ -515,19 +515,6 @@ def test_a_site_sending_malformed_messages_in_a_loop_is_answered_each_time_audit
     assert len(rows) == 3 and "OversizeMessage" in rows[2]["detail"]
 
 
-def _restarted(fed):
-    """A new coordinator process on ``fed``'s state directory (the old one closed)."""
-    from fedge.coordinator.service import Coordinator
-
-    old = fed.coord
-    fed.inbox.clear()
-    fed.coord = Coordinator(old.state_dir, roster=old.roster,
-                            roster_public_key=old.roster_public_key, heartbeat_timeout_s=30.0,
-                            initial_weights=old.initial_weights, clock=fed.clock)
-    old.close()
-    return fed.coord
-
-
 def test_after_a_restart_a_site_whose_first_message_is_no_heartbeat_waits_for_one(federation):
     """A restarted coordinator hears from site a first by a late answer, not a heartbeat:
     a is connected but what it speaks is unknown. It is shown as waiting for its first
@@ -542,7 +529,7 @@ def test_after_a_restart_a_site_whose_first_message_is_no_heartbeat_waits_for_on
             fed.coord.handle_frames(*fed.inbox.pop(0))
 
     asyncio.run(beat("a", "b"))  # both declared their data sets before the restart
-    coord = _restarted(fed)
+    coord = fed.restart()
     job = coord.submit_job(PLAN.replace("enabled = false", "enabled = true"), actor="test")
     late = codec.encode(m.TaskRefused("t-old", "train", "too late"), sender="a",
                         job="job-old", round=1)

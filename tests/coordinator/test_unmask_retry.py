@@ -14,7 +14,6 @@ import numpy as np
 from fedge.agent.guard import PrivacyPolicy
 from fedge.coordinator import checkpoint as ck
 from fedge.coordinator.rounds import Phase
-from fedge.coordinator.service import Coordinator
 from fedge.secagg.errors import UpdateAlreadySummed
 from fedge.secagg.messages import UnmaskRequest
 from fedge.wire import messages as m
@@ -61,16 +60,6 @@ def in_phase(fed, rnd, phase):
     return check
 
 
-def restart(fed):
-    """The coordinator "crashes": everything in memory and in flight is gone, a new one
-    opens the same state dir."""
-    old = fed.coord
-    fed.inbox.clear()
-    fed.coord = Coordinator(old.state_dir, roster=old.roster,
-                            roster_public_key=old.roster_public_key, heartbeat_timeout_s=30.0,
-                            initial_weights=old.initial_weights, clock=fed.clock)
-    old.close()
-
 
 def record_sends(fed):
     """Every message the coordinator sends to a live site, with the (fake) time."""
@@ -108,7 +97,7 @@ def test_a_round_unmasked_before_a_crash_waits_for_all_its_survivors_and_names_t
         await fed.heartbeats()
         job = fed.coord.submit_job(plan(rounds=3), actor="test")
         await fed.pump(until=in_phase(fed, 2, Phase.EVALUATING))  # every site revealed
-        restart(fed)
+        fed.restart()
         fed.dead.add("d")
         sent = record_sends(fed)
         await fed.heartbeats()
@@ -156,7 +145,7 @@ def test_a_retry_of_an_unmasked_round_never_starts_with_a_superset_either(federa
         await fed.heartbeats()
         job = fed.coord.submit_job(plan(rounds=3), actor="test")
         await fed.pump(until=in_phase(fed, 2, Phase.EVALUATING))
-        restart(fed)
+        fed.restart()
         fed.dead.discard("e")
         await fed.heartbeats()
         await fed.pump(until=lambda: fed.coord.store.job(job).status in ("completed",

@@ -141,13 +141,20 @@ def test_prg_kernel_equals_cpu(mem: DeviceMemory, n: int, offset: int) -> None:
     np.testing.assert_array_equal(mem.get(out, np.uint32, n), core.prg(seed, n, offset))
 
 
-def test_mask_kernel_equals_cpu(mem: DeviceMemory) -> None:
+def _mask_case() -> tuple[np.ndarray, list[bytes], list[int], np.ndarray]:
+    """A vector, 70 seeds (more than one launch's worth of keys) with their signs, and
+    the vector masked on the CPU at offset 5."""
     rng = np.random.default_rng(0)
     base = rng.integers(0, 2**32, 300_001, dtype=np.uint32)
-    seeds = [rng.bytes(16) for _ in range(70)]  # more than one launch's worth of keys
+    seeds = [rng.bytes(16) for _ in range(70)]
     signs = [1 if i % 3 else -1 for i in range(70)]
     cpu = base.copy()
     core.apply_masks(cpu, seeds, signs, offset_words=5)
+    return base, seeds, signs, cpu
+
+
+def test_mask_kernel_equals_cpu(mem: DeviceMemory) -> None:
+    base, seeds, signs, cpu = _mask_case()
     dev = mem.put(base)
     _core.cuda_apply_masks(DEV, STREAM, dev, base.size, b"".join(seeds), signs, 5)
     np.testing.assert_array_equal(mem.get(dev, np.uint32, base.size), cpu)
@@ -242,12 +249,7 @@ def test_prg_on_device_equals_cpu(n: int, offset: int) -> None:
 
 @needs_torch_cuda
 def test_masks_on_device_equal_cpu() -> None:
-    rng = np.random.default_rng(0)
-    base = rng.integers(0, 2**32, 300_001, dtype=np.uint32)
-    seeds = [rng.bytes(16) for _ in range(70)]  # more than one launch's worth of keys
-    signs = [1 if i % 3 else -1 for i in range(70)]
-    cpu = base.copy()
-    core.apply_masks(cpu, seeds, signs, offset_words=5)
+    base, seeds, signs, cpu = _mask_case()
     dev = torch.from_numpy(base.view(np.int32).copy()).cuda()
     core.apply_masks(dev, seeds, signs, offset_words=5)
     np.testing.assert_array_equal(_host_u32(dev), cpu)

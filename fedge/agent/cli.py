@@ -89,22 +89,39 @@ def _privacy(args: argparse.Namespace) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class Reveal:
+    """One update this site revealed: when (``at``, 0 where an old log kept none), and
+    the ``job`` and ``round`` it was trained for where the row records them (rows
+    written before they were recorded have neither)."""
+
+    at: float
+    job: str | None = None
+    round: int | None = None
+
+
 @dataclass
 class Reveals:
-    """What the secure aggregation reveal log says this site revealed: ``times``, one
-    per update summed (its ``at``, 0 where an old log kept none), or ``error``: why the
-    log could not be read (then nothing can be cross-checked)."""
+    """What the secure aggregation reveal log says this site revealed: ``rows``, one
+    per update summed, oldest first, or ``error``: why the log could not be read (then
+    nothing can be cross-checked)."""
 
     path: Path
-    times: list[float] = field(default_factory=list)
+    rows: list[Reveal] = field(default_factory=list)
     error: str | None = None
+
+    @property
+    def times(self) -> list[float]:
+        """Each reveal's ``at``, in order."""
+        return [r.at for r in self.rows]
 
 
 def read_reveals(state_dir: Path) -> Reveals:
     """Read, never write, the reveal log (``fedge.agent.guard.RevealLog``): the JSON
     Lines file ``<state_dir>/secagg/revealed.jsonl`` (a header line, then one line per
-    update whose unmasking shares this site revealed: its digest, survivors and time
-    ``at``; lines without a digest are sketches of a compacted log), or, where an agent
+    update whose unmasking shares this site revealed: its digest, survivors, time
+    ``at`` and, where recorded, ``job`` and ``round``; lines without a digest are
+    sketches of a compacted log), or, where an agent
     has not yet taken it over, the whole-file ``revealed.json`` of earlier releases.
     Not through ``RevealLog``: opening one may compact or migrate the file, under a
     running agent. A torn last line (a crash mid-append) is dropped as the agent does.
@@ -113,7 +130,7 @@ def read_reveals(state_dir: Path) -> Reveals:
 
     path = state_dir / "secagg" / "revealed.jsonl"
     old = state_dir / "secagg" / "revealed.json"
-    times: dict[str, float] = {}
+    found: dict[str, Reveal] = {}
     try:
         if path.exists():
             data = path.read_bytes()
@@ -133,50 +150,98 @@ def read_reveals(state_dir: Path) -> Reveals:
             path, rows = old, doc["entries"]
         else:
             return Reveals(path)
-        for row in rows:
+        for number, row in enumerate(rows, start=2):
             if isinstance(row.get("digest"), str):
-                times[row["digest"]] = float(row.get("at", 0.0))
+                job, rnd = row.get("job"), row.get("round")
+                if job is not None and not isinstance(job, str):
+                    raise ValueError(f"line {number}: bad job {job!r:.80}")
+                if rnd is not None and (isinstance(rnd, bool) or not isinstance(rnd, int)):
+                    raise ValueError(f"line {number}: bad round {rnd!r:.80}")
+                found[row["digest"]] = Reveal(float(row.get("at", 0.0)), job, rnd)
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError,
             AttributeError) as exc:
         return Reveals(path, error=f"{exc}")
-    return Reveals(path, sorted(times.values()))
+    return Reveals(path, sorted(found.values(), key=lambda r: r.at))
 
 
-def _unrecorded(ledger: Any, reveals: Reveals) -> tuple[int, list[float]]:
-    """How many updates, at least, this site revealed under secure aggregation that
-    ``ledger`` did not record, and the times of the reveals they are among.
+@dataclass
+class Unrecorded:
+    """What :func:`_unrecorded` found: ``named``, the reveals that record their job and
+    have no released entry of it (and of their round, where recorded); ``unnamed``,
+    how many more, at least, among reveals that record no job, and ``among``, the times
+    of the reveals those are among."""
+
+    named: list[Reveal] = field(default_factory=list)
+    unnamed: int = 0
+    among: list[float] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return len(self.named) + self.unnamed
+
+    @property
+    def times(self) -> list[float]:
+        """The times of the reveals the unrecorded updates are among."""
+        return sorted([r.at for r in self.named] + self.among)
+
+
+def _unrecorded(ledger: Any, reveals: Reveals) -> Unrecorded:
+    """The updates this site revealed under secure aggregation that ``ledger`` did not
+    record.
 
     A released run has one update and so at most one reveal (its digest; the same
     update is summed over one survivor set only), and a release that records every run
     marks the run released before its masked input leaves, so each reveal has a
-    released entry of its own. Reveals (the log names no job) are counted against
-    released entries in two periods: before ``complete_since`` against the entries an
-    earlier release recorded (``legacy_entries``: DP-SGD runs only), from then on
-    against the later ones. Where a period holds more reveals than entries, the excess
-    left unrecorded. A lower bound: a released entry whose update was not summed under
+    released entry of its own. A reveal whose row records its job (and round) takes a
+    released entry of that job (and round): one without is named. The other reveals
+    (rows of releases that recorded no job) are counted against the released entries
+    left, in two periods: before ``complete_since`` against the entries an earlier
+    release recorded (``legacy_entries``: DP-SGD runs only), from then on against the
+    later ones. Where a period holds more reveals than entries, the excess left
+    unrecorded. A lower bound: a released entry whose update was not summed under
     secure aggregation (a plain update, or a site gone before the reveal) hides one
     unrecorded reveal of its period; a plain update without an entry leaves no trace.
     """
     from fedge.train.accounting import RELEASED
 
-    if reveals.error is not None or not reveals.times:
-        return 0, []
-
-    def released(entries: list[dict[str, Any]]) -> int:
-        return sum(e.get("status", RELEASED) == RELEASED for e in entries)
-
+    found = Unrecorded()
+    if reveals.error is not None or not reveals.rows:
+        return found
+    entries = list(enumerate(ledger.entries))
+    free = {i for i, e in entries if e.get("status", RELEASED) == RELEASED}
+    for reveal in reveals.rows:
+        if reveal.job is None:
+            continue
+        match = next((i for i, e in entries if i in free and e["job"] == reveal.job and (
+            reveal.round is None or e["round"] == reveal.round)), None)
+        if match is None:
+            found.named.append(reveal)
+        else:
+            free.discard(match)
+    unnamed = [r.at for r in reveals.rows if r.job is None]
     since = ledger.complete_since
-    periods = ([(reveals.times, ledger.entries)] if since is None else
-               [([t for t in reveals.times if t < since], ledger.entries[:ledger.legacy_entries]),
-                ([t for t in reveals.times if t >= since],
-                 ledger.entries[ledger.legacy_entries:])])
-    missing, among = 0, []
-    for times, entries in periods:
-        excess = len(times) - released(entries)
+    legacy = ledger.legacy_entries
+    periods = ([(unnamed, free)] if since is None else
+               [([t for t in unnamed if t < since], {i for i in free if i < legacy}),
+                ([t for t in unnamed if t >= since], {i for i in free if i >= legacy})])
+    for times, entries_left in periods:
+        excess = len(times) - len(entries_left)
         if excess > 0:
-            missing += excess
-            among += times
-    return missing, among
+            found.unnamed += excess
+            found.among += times
+    return found
+
+
+def _runs(reveals: list[Reveal]) -> str:
+    """``reveals``' rounds: "round 2", "rounds 1, 3", "round not recorded"."""
+    rounds = sorted({r.round for r in reveals if r.round is not None})
+    if not rounds:
+        return "round not recorded"
+    said = f"round{'s' if len(rounds) > 1 else ''} {', '.join(map(str, rounds))}"
+    unknown = sum(r.round is None for r in reveals)
+    if unknown:
+        said += f" and {unknown} whose round was not recorded"
+    return said
 
 
 def _day(t: float) -> str:
@@ -203,9 +268,11 @@ def print_privacy(ledger: Any, delta: float, *, reveals: Reveals | None = None) 
     ``reveals``: the reveal log (:func:`read_reveals`). Updates it shows this site
     revealed that the ledger did not record (:func:`_unrecorded`: on an appliance
     upgraded from a release that recorded DP-SGD runs only) get a row of their own,
-    unbounded, and make the total unbounded; the log names no job, so neither can
-    this. A ledger started by such a release (``legacy``), or reveals older than the
-    ledger (before its ``complete_since``, or with no ledger file), gets the plain word
+    unbounded, and make the total unbounded; those whose log rows record their job are
+    named with their rounds (a job of the ledger with such a reveal is unbounded too),
+    the others counted ("job not recorded in this row"). A ledger started by such a
+    release (``legacy``), or reveals older than the ledger (before its
+    ``complete_since``, or with no ledger file), gets the plain word
     that runs before the upgrade were recorded only if they used DP-SGD and that plain
     updates sent then cannot be known here, and no claim that every run is counted.
     Without ``reveals`` nothing is cross-checked."""
@@ -214,7 +281,11 @@ def print_privacy(ledger: Any, delta: float, *, reveals: Reveals | None = None) 
     reveals = reveals if reveals is not None else Reveals(Path())
     jobs = sorted({e["job"] for e in ledger.entries})
     without_dp = ledger.without_dp()
-    missing, among = _unrecorded(ledger, reveals)
+    unrecorded = _unrecorded(ledger, reveals)
+    missing = unrecorded.count
+    named: dict[str, list[Reveal]] = {}
+    for reveal in unrecorded.named:
+        named.setdefault(str(reveal.job), []).append(reveal)
     since = ledger.complete_since
     # reveals older than this ledger's complete record: from a release before it
     older = [t for t in reveals.times if since is None or t < since]
@@ -253,10 +324,18 @@ def print_privacy(ledger: Any, delta: float, *, reveals: Reveals | None = None) 
     print(f"{'job':<40} {'rounds':>6} {'epsilon':>10}  bound")
     for job in jobs:
         rounds = len({e["round"] for e in ledger.released(job=job)})
-        print(f"{job:<40} {rounds:>6} {number(ledger.epsilon(delta, job=job))}  {bound(job)}")
+        eps, said = ledger.epsilon(delta, job=job), bound(job)
+        if job in named:  # an update of it left unrecorded: no epsilon bounds the job
+            eps, said = math.inf, f"{said}; {_runs(named[job])} revealed, not recorded"
+        print(f"{job:<40} {rounds:>6} {number(eps)}  {said}")
     if missing:
+        which = "job not known here"
+        if named:
+            which = f"job{'s' if len(named) > 1 else ''} {', '.join(sorted(named))}"
+            if unrecorded.unnamed:
+                which += f"; {unrecorded.unnamed} with no job recorded"
         print(f"{'(not recorded in this ledger)':<40} {missing:>6} {number(math.inf)}  "
-              "updates revealed under secure aggregation; job not known here")
+              f"updates revealed under secure aggregation; {which}")
     total = math.inf if missing else ledger.epsilon(delta)
     print(f"{'total (all jobs composed)':<40} {'':>6} {number(total)}  {bound()}")
     pending = ledger.pending()
@@ -279,12 +358,22 @@ def print_privacy(ledger: Any, delta: float, *, reveals: Reveals | None = None) 
         print(f"without DP: {', '.join(without_dp)} released exact updates computed from "
               "this site's records; no epsilon bounds them, so the total is unbounded")
     if missing:
+        names = ("The log names no job (the coordinator's jobs of those dates do). "
+                 if not named else "")
         print(f"not recorded: this site's secure aggregation reveal log ({reveals.path}) "
               f"shows {len(reveals.times)} updates it revealed, and at least {missing} of "
-              f"them, revealed {_when(among)}, have no released run in this ledger: "
-              "updates computed from this site's records left it unrecorded. The log "
-              "names no job (the coordinator's jobs of those dates do). No epsilon "
-              "bounds them, so the total is unbounded")
+              f"them, revealed {_when(unrecorded.times)}, have no released run in this "
+              "ledger: updates computed from this site's records left it unrecorded. "
+              f"{names}No epsilon bounds them, so the total is unbounded"
+              + ("; by job, where the log records it:" if named else ""))
+        for job in sorted(named):
+            print(f"  {job:<38} {_runs(named[job])}, revealed "
+                  f"{_when([r.at for r in named[job]])}")
+        if named and unrecorded.unnamed:
+            n = unrecorded.unnamed
+            print(f"  {'(job not recorded in this row)':<38} {n} update{'s' if n > 1 else ''}"
+                  f", at least, among the reveals {_when(unrecorded.among)} (the "
+                  "coordinator's jobs of those dates name them)")
     if reveals.error is not None:
         print(f"reveal log: {reveals.path} cannot be read ({reveals.error}); updates "
               "this ledger did not record cannot be looked for there")

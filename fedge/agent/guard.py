@@ -271,6 +271,11 @@ class RevealLog:
     releases, taken over once when ``path`` does not exist yet; it is copied to
     ``<name>.migrated`` and replaced by a stub that those releases read as corrupt
     (so one rolled back to refuses every reveal rather than start with no record).
+
+    A row may also carry the ``job`` and ``round`` of the update (given to
+    :meth:`check_and_record`): kept through compaction, read by ``fedge agent privacy``
+    to name reveals its privacy ledger lacks. Both are optional (rows of earlier
+    releases have neither) and earlier releases of this format ignore them.
     """
 
     FORMAT = "fedge-reveal-log"
@@ -283,6 +288,7 @@ class RevealLog:
         self._lock = threading.Lock()
         self._entries: dict[str, list[str]] = {}
         self._times: dict[str, float] = {}
+        self._runs: dict[str, dict[str, Any]] = {}  # digest: its job and round, if known
         self._sketch_rows = np.zeros((0, SKETCH_BUCKETS))
         self._sketch_norms = np.zeros(0)
         self._sketch_sites: list[list[str]] = []
@@ -299,7 +305,7 @@ class RevealLog:
     # -- reading -----------------------------------------------------------------------
 
     def _fail(self, path: Path, why: str) -> None:
-        self._entries, self._times = {}, {}
+        self._entries, self._times, self._runs = {}, {}, {}
         self._keep_sketches([], [], [])
         self.error = (f"secure aggregation reveal log {path} {why}; nothing is revealed "
                       "until it is restored, or moved aside by hand (which forgets what "
@@ -365,6 +371,9 @@ class RevealLog:
                 raise ValueError(f"bad digest {digest!r:.80}")
             self._entries[digest] = survivors
             self._times[digest] = float(row.get("at", 0.0))
+            run = _run_fields(row.get("job"), row.get("round"))
+            if run:
+                self._runs[digest] = run
         if "sketch" in row and same_scheme:
             sketch = np.frombuffer(base64.b64decode(row["sketch"], validate=True), dtype="<f4")
             if sketch.size != SKETCH_BUCKETS:
@@ -444,7 +453,8 @@ class RevealLog:
         """Write the whole log afresh (atomically): the header, every digest, the
         kept sketches. False, with every reveal refused, when it cannot be written."""
         lines = [self._header()]
-        lines += [_line({"digest": d, "survivors": s, "at": self._times.get(d, 0.0)})
+        lines += [_line({"digest": d, "survivors": s, "at": self._times.get(d, 0.0),
+                         **self._runs.get(d, {})})
                   for d, s in self._entries.items()]
         lines += [_line({"survivors": s, **self._sketch_fields(i)})
                   for i, s in enumerate(self._sketch_sites)]
@@ -496,17 +506,22 @@ class RevealLog:
                            minlength=SKETCH_BUCKETS)
 
     def check_and_record(self, digest: bytes, survivors: Sequence[str],
-                         update: np.ndarray | None = None) -> None:
+                         update: np.ndarray | None = None, *, job: str | None = None,
+                         round: int | None = None) -> None:
         """Allow revealing the unmasking shares of a sum over ``survivors`` that holds the
-        update ``digest`` (values ``update``): recorded on disk before returning.
+        update ``digest`` (values ``update``): recorded on disk before returning, with
+        the ``job`` and ``round`` the update was trained for where given (recorded only,
+        never compared: the rules are the digest's and the sketch's).
 
         Raises:
+            ValueError: ``job`` is not a string or ``round`` not an integer.
             UpdateAlreadySummed: this update, or one within NEAR of it, was summed over
                 another survivor set.
             RevealLogError: the log could not be read.
             OSError: the record cannot be written (nothing may then be revealed).
         """
         key, now = digest.hex(), sorted(survivors)
+        run = _run_fields(job, round)
         with self._lock:
             if self.error is not None:
                 raise RevealLogError(self.error)
@@ -518,7 +533,7 @@ class RevealLog:
                         f"{earlier}; a second sum over {now} would give the coordinator "
                         "the difference (a job re-run over other sites needs another seed)")
                 return
-            row: dict[str, Any] = {"digest": key, "survivors": now, "at": time.time()}
+            row: dict[str, Any] = {"digest": key, "survivors": now, "at": time.time(), **run}
             sketch, norm = None, 0.0
             if update is not None:
                 norm = float(np.linalg.norm(np.asarray(update, dtype=np.float64)))
@@ -539,10 +554,27 @@ class RevealLog:
                 self._append(row)  # OSError: nothing recorded, nothing revealed
             self._entries[key] = now
             self._times[key] = row["at"]
+            if run:
+                self._runs[key] = run
             if sketch is not None:
                 self._sketch_rows = np.vstack([self._sketch_rows, sketch])[-self.sketches:]
                 self._sketch_norms = np.append(self._sketch_norms, norm)[-self.sketches:]
                 self._sketch_sites = [*self._sketch_sites, now][-self.sketches:]
+
+
+def _run_fields(job: Any, round: Any) -> dict[str, Any]:
+    """The optional ``job`` and ``round`` of a reveal log row, those that are given.
+    Raises: ValueError naming the bad one."""
+    run: dict[str, Any] = {}
+    if job is not None:
+        if not isinstance(job, str):
+            raise ValueError(f"bad job {job!r:.80} (a string)")
+        run["job"] = job
+    if round is not None:
+        if isinstance(round, bool) or not isinstance(round, int):
+            raise ValueError(f"bad round {round!r:.80} (an integer)")
+        run["round"] = round
+    return run
 
 
 def _line(row: Mapping[str, Any]) -> bytes:

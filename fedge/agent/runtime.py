@@ -820,7 +820,8 @@ class Agent:
                 f"DP-FedAvg noise was drawn for a cohort of {client_dp['cohort_size']} but "
                 f"the sum holds {n} sites: it would carry less noise than epsilon assumes")
         try:
-            self.reveal_log.check_and_record(summed, survivors, update)
+            self.reveal_log.check_and_record(summed, survivors, update, job=task.job,
+                                             round=task.round)
         except RevealLogError as exc:
             raise RevealRefused(str(exc)) from exc
         except OSError as exc:

@@ -745,3 +745,46 @@ def test_a_coordinator_cannot_pick_a_split_the_plan_does_not_name() -> None:
         assert f"split {split!r}" in body.reason and "plan does not name" in body.reason
     for plan, split in ((SECURE, "test"), (val, "val"), (val, "test")):
         assert isinstance(_evaluate(fleet, plan, split), m.EvalResult), (plan, split)
+
+
+def test_each_reveal_row_carries_its_job_and_round_through_compaction(tmp_path: Path) -> None:
+    """The agent records the job and round of each update it reveals, beside the
+    digest; rows without them (earlier releases) still load and still refuse, and a
+    compaction keeps both."""
+    fleet = Fleet(tmp=tmp_path)
+
+    async def honest():
+        await fleet.train(SITES, "t1")
+        return await fleet.aggregate(SITES, "t1")
+
+    assert run(honest()) is not None
+    for s in SITES:
+        _, row = [json.loads(line) for line in
+                     (tmp_path / s / "revealed.jsonl").read_text().splitlines()]
+        assert (row["job"], row["round"]) == (JOB, RND)
+        assert row["survivors"] == sorted(SITES)
+
+    path = tmp_path / "revealed.jsonl"
+    rng = np.random.default_rng(7)
+    updates = [rng.standard_normal(50).astype(np.float32) for _ in range(3)]
+    log = RevealLog(path, sketches=1)
+    log.check_and_record(update_digest(updates[0], 5), ["a", "b"], updates[0])  # no job
+    for r, u in enumerate(updates[1:], start=2):
+        log.check_and_record(update_digest(u, 5), ["a", "b"], u, job="job-x", round=r)
+    RevealLog(path, sketches=1)  # 3 sketches on disk > 2 x 1: rewritten
+    rows = [json.loads(line) for line in path.read_text().splitlines()[1:]]
+    digests = {row["digest"]: row for row in rows if "digest" in row}
+    assert len(rows) == 3 + 1  # every digest, the newest sketch
+    assert [(digests[update_digest(u, 5).hex()].get("job"),
+             digests[update_digest(u, 5).hex()].get("round")) for u in updates] == [
+        (None, None), ("job-x", 2), ("job-x", 3)]
+    with pytest.raises(UpdateAlreadySummed):  # the row without a job still refuses
+        RevealLog(path).check_and_record(update_digest(updates[0], 5), ["a"], None)
+    with pytest.raises(ValueError, match="bad round '2'"):
+        RevealLog(path).check_and_record(b"\x09" * 32, ["a"], None, job="job-x",
+                                         round="2")  # type: ignore[arg-type]
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([*lines, json.dumps({"digest": "ab", "survivors": ["a"],
+                                                   "job": 7})]) + "\n")
+    with pytest.raises(RevealLogError, match="bad job 7"):
+        RevealLog(path).check_and_record(b"\1" * 32, ["a", "b"], None)

@@ -124,12 +124,15 @@ OLD_LEDGER = {"entries": [
 OLD_JOB = "job-20261130065035-bf60c8"
 
 
-def _reveal(tmp_path: Path, seed: int) -> None:
+def _reveal(tmp_path: Path, seed: int, job: str | None = None,
+            round: int | None = None) -> None:
     """What the agent does before revealing the shares that unmask a sum holding one
-    update of this site: the real reveal log records it on disk."""
+    update of this site: the real reveal log records it on disk (with the job and round,
+    as today's agent does; without, as earlier releases did)."""
     update = np.random.default_rng(seed).normal(size=40).astype(np.float32)
     log = RevealLog(tmp_path / "state" / "secagg" / "revealed.jsonl")
-    log.check_and_record(update_digest(update, 99), ["site-0", "site-1", "site-2"], update)
+    log.check_and_record(update_digest(update, 99), ["site-0", "site-1", "site-2"], update,
+                         job=job, round=round)
 
 
 def _row(lines: list[str], name: str) -> list[str]:
@@ -224,4 +227,42 @@ def test_a_reveal_log_that_cannot_be_read_is_said_and_nothing_is_claimed(
     log.write_text("not a reveal log\n")
     text = "\n".join(_privacy_cli(tmp_path))
     assert f"reveal log: {log} cannot be read" in text
+    assert "Every training run" not in text
+
+
+def test_a_reveal_without_a_ledger_entry_is_named_by_its_job_and_round(
+        tmp_path: Path) -> None:
+    """An earlier release revealed one update (its row records no job); today's agent
+    trains job-x round 1 under DP-SGD, released and revealed, then reveals job-x round 2
+    and job-y round 4 with no released entry: those two are named, with their rounds,
+    the old row counted as before."""
+    _reveal(tmp_path, 1)  # a row as earlier releases wrote it: no job, no round
+    trainer = _trainer(tmp_path)
+    trainer.train("site-0", "job-x", parse_plan(DP_SGD_PLAN), np.zeros(3, np.float32),
+                  round=1, seed=1).release_privacy()
+    _reveal(tmp_path, 2, job="job-x", round=1)  # has its released entry
+    _reveal(tmp_path, 3, job="job-x", round=2)  # has none
+    _reveal(tmp_path, 4, job="job-y", round=4)  # a job the ledger never saw
+    rows = [json.loads(line) for line in (tmp_path / "state" / "secagg" /
+                                          "revealed.jsonl").read_text().splitlines()[1:]]
+    assert [(r.get("job"), r.get("round")) for r in rows] == [
+        (None, None), ("job-x", 1), ("job-x", 2), ("job-y", 4)]
+
+    lines = _privacy_cli(tmp_path)
+    text = "\n".join(lines)
+    # job-x's own row: an update of it left unrecorded, so no epsilon bounds it
+    assert _row(lines, "job-x")[:2] == ["1", "unbounded"]
+    assert "round 2 revealed, not recorded" in " ".join(_row(lines, "job-x"))
+    assert _row(lines, "(not recorded in this ledger)") == [
+        "3", "unbounded", "updates", "revealed", "under", "secure", "aggregation;", "jobs",
+        "job-x,", "job-y;", "1", "with", "no", "job", "recorded"]
+    assert _row(lines, "total (all jobs composed)")[:2] == ["unbounded", "3"]
+    assert "shows 4 updates it revealed, and at least 3 of them" in text
+    assert "by job, where the log records it:" in text
+    (x,) = [line for line in lines if line.startswith("  job-x ")]
+    assert x.split()[1:3] == ["round", "2,"]
+    (y,) = [line for line in lines if line.startswith("  job-y ")]
+    assert y.split()[1:3] == ["round", "4,"]
+    (old,) = [line for line in lines if line.startswith("  (job not recorded in this row)")]
+    assert old[40:].split()[:4] == ["1", "update,", "at", "least,"]
     assert "Every training run" not in text

@@ -166,7 +166,7 @@ def test_refusals_that_leave_the_unmasking_impossible_fail_the_attempt_at_once(f
     refusal arrives, naming both, not when the stage deadline passes."""
     fed = federation(["a", "b", "c"])
     for site in ("a", "b"):
-        def refuse(digest, survivors, update=None, site=site):
+        def refuse(digest, survivors, update=None, site=site, **_):
             raise UpdateAlreadySummed(f"{site}'s update was summed over another set")
         fed.agents[site].reveal_log.check_and_record = refuse
     sent = record_sends(fed)
@@ -190,7 +190,7 @@ def test_a_refusal_that_leaves_enough_shares_does_not_end_the_unmasking(federati
     ref_job = run(reference, plan(rounds=1))
     fed = federation(sites)
 
-    def refuse(digest, survivors, update=None):
+    def refuse(digest, survivors, update=None, **_):
         raise UpdateAlreadySummed("d's update was summed over another set")
     fed.agents["d"].reveal_log.check_and_record = refuse
     job = run(fed, plan(rounds=1))

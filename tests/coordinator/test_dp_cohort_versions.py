@@ -13,29 +13,17 @@ import fedge
 from fedge.agent import runtime
 from fedge.coordinator.cohort import OLD_EPSILON_ACCOUNTING
 from fedge.update.version import parse_version
+from tests.coordinator.test_service import PLAN as SERVICE_PLAN
 
-PLAN = """
-[job]
-dataset = "synthetic"
-rounds = 1
-min_clients = {min_clients}
-[model]
-name = "linear"
-[train]
-steps = 1
-batch_size = 1
-learning_rate = 0.5
-[strategy]
-name = "fedavg"
-[secagg]
-enabled = false
-clip = 3.0
-[deadlines]
-cohort_s = 5
-train_s = 5
-secagg_stage_s = 5
-eval_s = 5
-"""
+
+def plan(min_clients: int) -> str:
+    """test_service's one-site-per-step plan, one round, ``min_clients`` sites, and a
+    clip DP-FedAvg's noise fits in (3.0)."""
+    return (SERVICE_PLAN.replace("rounds = 3", "rounds = 1")
+            .replace("min_clients = 2", f"min_clients = {min_clients}")
+            .replace("enabled = false", "enabled = false\nclip = 3.0"))
+
+
 DP = "[privacy]\ndp = { noise_multiplier = 1.0 }\n"
 CLIENT_DP = "[privacy]\nclient_dp = { clip_norm = 1.0, noise_multiplier = 0.5, cohort_size = 1 }\n"
 
@@ -68,24 +56,24 @@ def test_a_dp_job_gives_no_seat_to_an_agent_before_0_2(federation, monkeypatch, 
     assert [a["actor"] for a in coord.store.audit_log(action="version_update_required")] \
         == ["c"]
     # all three are needed: the job waits, naming why c is not a candidate
-    job = coord.submit_job(PLAN.format(min_clients=3) + privacy, actor="test")
+    job = coord.submit_job(plan(3) + privacy, actor="test")
     coord.tick()
     wait = coord.job_status(job)["cohort_wait"]
     assert (wait["candidates"], wait["excluded"]) == (2, {"c": OLD_EPSILON_ACCOUNTING})
     assert "c: " + OLD_EPSILON_ACCOUNTING in wait["summary"]
     coord.cancel_job(job, actor="test")
     # two suffice: the round starts with a and b
-    job = coord.submit_job(PLAN.format(min_clients=2) + privacy, actor="test")
+    job = coord.submit_job(plan(2) + privacy, actor="test")
     coord.tick()
     assert coord.runner.job_id == job and coord.runner.round.cohort == ["a", "b"]
     coord.cancel_job(job, actor="test")
     # a job without DP seats c
-    job = coord.submit_job(PLAN.format(min_clients=3), actor="test")
+    job = coord.submit_job(plan(3), actor="test")
     coord.tick()
     assert coord.runner.job_id == job and coord.runner.round.cohort == ["a", "b", "c"]
     # c updated: the next heartbeat says so, and a DP job seats it
     coord.cancel_job(job, actor="test")
     heard(fed, monkeypatch, old=set())
-    job = coord.submit_job(PLAN.format(min_clients=3) + privacy, actor="test")
+    job = coord.submit_job(plan(3) + privacy, actor="test")
     coord.tick()
     assert coord.runner.job_id == job and coord.runner.round.cohort == ["a", "b", "c"]

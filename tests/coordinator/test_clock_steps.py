@@ -12,30 +12,14 @@ import pytest
 from fedge.coordinator.rounds import FINAL_TEST_SPLIT, Phase
 from fedge.wire import messages as m
 from tests.coordinator.conftest import Clock, SteppingWall
+from tests.coordinator.test_federation_inproc import plan
 
-PLAN = """
-[job]
-dataset = "synthetic"
-rounds = 2
-min_clients = 2
-seed = 11
-max_failed_attempts = 3
-[model]
-name = "linear"
-[train]
-epochs = 1
-batch_size = 1
-learning_rate = 0.5
-[strategy]
-name = "fedavg"
-[secagg]
-enabled = true
-[deadlines]
-cohort_s = 60
-train_s = 20
-secagg_stage_s = 20
-eval_s = 20
-"""
+# test_federation_inproc's plan, SecAgg+ on its defaults, deadlines long enough that
+# only a clock step could end one early
+PLAN = (plan(rounds=2).replace("alpha = 0.1\ndelta = 0.25\nclip = 1.0\n", "")
+        .replace("seed = 11\n", "seed = 11\nmax_failed_attempts = 3\n")
+        .replace("cohort_s = 5\ntrain_s = 5\nsecagg_stage_s = 3\neval_s = 3",
+                 "cohort_s = 60\ntrain_s = 20\nsecagg_stage_s = 20\neval_s = 20"))
 SITES = ["a", "b", "c"]
 WALL_START = 1_800_000_000.0  # the wall clock's time at the start; Clock starts at 1e6
 HEARTBEAT_TIMEOUT_S = 5.0  # the production default (fedge.coordinator.config)

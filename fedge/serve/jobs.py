@@ -196,17 +196,6 @@ def _example_input(
     return example
 
 
-def _plan_job_field(plan_text: str, key: str) -> str:
-    """``job.<key>`` of a stored plan, "" where it holds no string."""
-    job = tomllib.loads(plan_text).get("job")  # the plan parsed once already: valid TOML
-    value = job.get(key) if isinstance(job, dict) else None
-    return value if isinstance(value, str) else ""
-
-
-def _plan_dataset(plan_text: str) -> str:
-    return _plan_job_field(plan_text, "dataset")
-
-
 def _site_preprocessing(dataset: str, rank: int) -> dict[str, Any]:
     """What a federated job's input went through before the model, truthfully.
 
@@ -304,6 +293,7 @@ def export_job(
     """
     ckpt = checkpoint_path(state_dir, job_id)
     tensors, meta = read_checkpoint(ckpt)
+    from fedge.coordinator.plan import plan_labels
     from fedge.serve.export import Standardisation, export_onnx
 
     if "plan" not in meta:
@@ -339,11 +329,12 @@ def export_job(
         "metrics": meta.get("metrics", "{}"),
         "output": json.dumps(_output_description(name, params)),
     }
-    if job_name := _plan_job_field(meta["plan"], "name"):
-        props["job_name"] = job_name  # the plan's job.name, as `jobs list` shows it
+    labels = plan_labels(meta["plan"])  # job.name and job.dataset, as `jobs list` shows them
+    if labels["name"]:
+        props["job_name"] = labels["name"]
     example = _example_input(model, name, params, feature_names, input_shape)
     if preprocessing is None:
-        dataset = _plan_dataset(meta["plan"])
+        dataset = labels["dataset"]
         props["preprocessing"] = json.dumps(_site_preprocessing(dataset, example.dim() - 1))
         if not feature_names:
             props["input_columns"] = (

@@ -128,7 +128,7 @@ class PrivacyPolicy:
                     "its agent.toml) and the plan has neither privacy.dp nor "
                     "privacy.client_dp with a noise_multiplier > 0")
         if not secure:
-            return plain_client_dp_refusal(_client_dp_cohort(privacy))
+            return plain_client_dp_refusal(client_dp_cohort(privacy))
         return None
 
     def refuse_aggregation(self, *, plan_secure: bool, secure: bool, cohort: int,
@@ -170,7 +170,8 @@ def has_dp_noise(privacy: Mapping[str, Any]) -> bool:
     return False
 
 
-def _client_dp_cohort(privacy: Mapping[str, Any]) -> int | None:
+def client_dp_cohort(privacy: Mapping[str, Any]) -> int | None:
+    """The ``cohort_size`` a plan's ``privacy.client_dp`` sized its noise for, or None."""
     table = privacy.get("client_dp")
     if not isinstance(table, Mapping):
         return None

@@ -66,6 +66,7 @@ from fedge import __version__
 from fedge.agent.guard import (
     PrivacyPolicy,
     RevealLog,
+    client_dp_cohort,
     refuse_eval,
     refuse_threshold,
     update_digest,
@@ -713,12 +714,10 @@ class Agent:
             await self._refuse(job, rnd, "aggregate", "no trained update for this round",
                                a.task_id)
             return
-        client_dp = task.plan.privacy.get("client_dp")
         refused = self.policy.refuse_aggregation(
             plan_secure=task.plan.secagg.enabled, secure=a.secure, cohort=len(set(a.cohort)),
             weight_scale=float(a.weight_scale),
-            client_dp_cohort=(int(client_dp["cohort_size"]) if isinstance(client_dp, dict)
-                              and "cohort_size" in client_dp else None))
+            client_dp_cohort=client_dp_cohort(task.plan.privacy))
         if not refused and self.site not in a.cohort:
             refused = f"the aggregation cohort does not include {self.site}"
         if refused:

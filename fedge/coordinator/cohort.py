@@ -113,11 +113,9 @@ def select_cohort(appliances: Iterable[Appliance], *, connected: set[str], datas
             excluded[a.site_id] = (
                 f"speaks secure-aggregation protocol {protocols.get(a.site_id, 1)}, this "
                 f"coordinator {secure_protocol}: update the appliance")
-        elif dp and not reports_replace_one_epsilon(versions.get(a.site_id, a.version)):
-            excluded[a.site_id] = OLD_EPSILON_ACCOUNTING
-        elif scaffold and not reports_replace_one_epsilon(versions.get(a.site_id,
-                                                                       a.version)):
-            excluded[a.site_id] = OLD_CONTROL_RULE  # the same release brought both
+        elif (dp or scaffold) and not reports_replace_one_epsilon(
+                versions.get(a.site_id, a.version)):  # the same release brought both
+            excluded[a.site_id] = OLD_EPSILON_ACCOUNTING if dp else OLD_CONTROL_RULE
         else:
             candidates.append(a.site_id)
     enrolled = sum(1 for a in appliances if a.status == "enrolled")

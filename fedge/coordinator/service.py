@@ -919,7 +919,7 @@ class Coordinator:
                 protocols={s: c.secagg_protocol for s, c in self.conns.items()},
                 secure_protocol=SECAGG_PROTOCOL if runner.plan.secagg.enabled else None,
                 dp=any(runner.plan.privacy.get(k) is not None for k in ("dp", "client_dp")),
-                scaffold=runner.plan.strategy.name == "scaffold",
+                scaffold=runner.plan.scaffold,
                 versions={s: c.last_heartbeat[0] for s, c in self.conns.items()
                           if c.last_heartbeat})
             runner.selection = sel

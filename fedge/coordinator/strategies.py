@@ -118,8 +118,10 @@ class Strategy:
 
     def summed_round(self, site: str) -> int:
         """The last committed round whose sum held ``site``'s Δc_i (0: none): what its
-        c_i may have moved by (fedge.wire.messages.ControlCommit)."""
-        return self.sites().get(site, (0, 0))[1]
+        c_i may have moved by (fedge.wire.messages.ControlCommit). One lookup: it is
+        asked for every site of a cohort."""
+        buf = self.state.get(SITE_KEY + site)
+        return int(buf[1]) if buf is not None and buf.shape == (2,) else 0
 
     def step(self, global_weights: np.ndarray, mean_update: np.ndarray, *,
              mean_control: np.ndarray | None = None,

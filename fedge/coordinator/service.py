@@ -822,7 +822,8 @@ class Coordinator:
         # hundreds beating every second must not turn into hundreds of fsyncs.
         conn = self.conns[site]
         conn.secagg_protocol = hb.secagg_protocol
-        conn.datasets = tuple(d[:HEARTBEAT_TEXT_MAX] for d in hb.datasets[:DATASETS_MAX])
+        datasets = [d[:HEARTBEAT_TEXT_MAX] for d in hb.datasets[:DATASETS_MAX]]
+        conn.datasets = tuple(datasets)
         now = self.clock()
         key = (hb.version, hb.health_json, hb.eligible, hb.reason, tuple(hb.datasets),
                hb.current_task)
@@ -837,7 +838,7 @@ class Coordinator:
             self.store.record_heartbeat(
                 site, version=hb.version, health=health, eligible=hb.eligible,
                 reason=hb.reason[:HEARTBEAT_TEXT_MAX],
-                datasets=[d[:HEARTBEAT_TEXT_MAX] for d in hb.datasets[:DATASETS_MAX]],
+                datasets=datasets,
                 current_task=hb.current_task[:HEARTBEAT_TEXT_MAX])
         except StoreError as exc:
             self._reject(site, "unknown_site", str(exc))

@@ -458,10 +458,13 @@ class AgentUpdater:
         if not rollout_id:
             return None
         for doc in reversed(self._reported()):
-            if doc.get("rollout_id") == rollout_id and not _retryable_doc(doc):
-                return UpdateOutcome(str(doc["rollout_id"]), str(doc.get("path", "")),
-                                     bool(doc.get("ok")), bool(doc.get("rolled_back")),
-                                     str(doc.get("detail", "")))
+            if doc.get("rollout_id") != rollout_id:
+                continue
+            outcome = UpdateOutcome(str(doc["rollout_id"]), str(doc.get("path", "")),
+                                    bool(doc.get("ok")), bool(doc.get("rolled_back")),
+                                    str(doc.get("detail", "")))
+            if not retryable(outcome):
+                return outcome
         return None
 
     def note_reported(self, outcome: UpdateOutcome) -> None:
@@ -559,10 +562,6 @@ def retryable(outcome: UpdateOutcome) -> bool:
     the roll-out asks again (a clock put right, the coordinator re-signing), so not
     kept as this roll-out's final answer."""
     return not outcome.ok and outcome.detail.startswith(EXPIRED_DETAIL)
-
-
-def _retryable_doc(doc: dict[str, Any]) -> bool:
-    return not doc.get("ok") and str(doc.get("detail", "")).startswith(EXPIRED_DETAIL)
 
 
 def _expired_detail(updater: Updater, exc: ExpiredMetadataError) -> str:

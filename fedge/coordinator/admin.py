@@ -17,7 +17,6 @@ import json
 import logging
 import secrets
 import sqlite3
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedge.console.protocol import OPS, AdminReply, AdminRequest
+from fedge.coordinator.service import coordinator_clocks
 from fedge.coordinator.store import is_locked
 from fedge.update import tuf_repo
 from fedge.update.messages import UpdateAvailable, UpdateOutcome
@@ -85,10 +85,7 @@ class AdminService:
                  send: Callable[[str, Any], None] | None = None,
                  clock: Callable[[], float] | None = None,
                  wall: Callable[[], float] | None = None) -> None:
-        if clock is None:
-            clock, wall = time.monotonic, wall or time.time
-        elif wall is None:
-            wall = clock
+        clock, wall = coordinator_clocks(clock, wall)
         self.coordinator = coordinator
         self.operators = dict(operators)
         self.updates = updates

@@ -249,6 +249,17 @@ class JobRunner:
         return self.round
 
 
+def coordinator_clocks(clock: Callable[[], float] | None,
+                       wall: Callable[[], float] | None
+                       ) -> tuple[Callable[[], float], Callable[[], float]]:
+    """(the clock deadlines are measured on, the clock records are dated by): by
+    default time.monotonic and time.time; a ``clock`` given alone serves as both (a
+    test's one fake clock)."""
+    if clock is None:
+        return time.monotonic, wall or time.time
+    return clock, wall or clock
+
+
 class Coordinator:
     """The coordinator: registry, job queue, round driver (see module docstring).
 
@@ -278,10 +289,7 @@ class Coordinator:
         wall: Callable[[], float] | None = None,
         busy_timeout_s: float = SERVICE_BUSY_TIMEOUT_S,
     ) -> None:
-        if clock is None:
-            clock, wall = time.monotonic, wall or time.time
-        elif wall is None:
-            wall = clock
+        clock, wall = coordinator_clocks(clock, wall)
         self.state_dir = Path(state_dir)
         self.store = Store(self.state_dir, clock=wall, busy_timeout_s=busy_timeout_s)
         self.clock: Callable[[], float] = clock

@@ -126,7 +126,7 @@ def read_reveals(state_dir: Path) -> Reveals:
     Not through ``RevealLog``: opening one may compact or migrate the file, under a
     running agent. A torn last line (a crash mid-append) is dropped as the agent does.
     """
-    from fedge.agent.guard import RevealLog
+    from fedge.agent.guard import RevealLog, reveal_run_fields
 
     path = state_dir / "secagg" / "revealed.jsonl"
     old = state_dir / "secagg" / "revealed.json"
@@ -152,12 +152,12 @@ def read_reveals(state_dir: Path) -> Reveals:
             return Reveals(path)
         for number, row in enumerate(rows, start=2):
             if isinstance(row.get("digest"), str):
-                job, rnd = row.get("job"), row.get("round")
-                if job is not None and not isinstance(job, str):
-                    raise ValueError(f"line {number}: bad job {job!r:.80}")
-                if rnd is not None and (isinstance(rnd, bool) or not isinstance(rnd, int)):
-                    raise ValueError(f"line {number}: bad round {rnd!r:.80}")
-                found[row["digest"]] = Reveal(float(row.get("at", 0.0)), job, rnd)
+                try:  # the reveal log's own rule for these fields
+                    run = reveal_run_fields(row.get("job"), row.get("round"))
+                except ValueError as exc:
+                    raise ValueError(f"line {number}: {exc}") from None
+                found[row["digest"]] = Reveal(float(row.get("at", 0.0)), run.get("job"),
+                                              run.get("round"))
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError,
             AttributeError) as exc:
         return Reveals(path, error=f"{exc}")

@@ -372,7 +372,7 @@ class RevealLog:
                 raise ValueError(f"bad digest {digest!r:.80}")
             self._entries[digest] = survivors
             self._times[digest] = float(row.get("at", 0.0))
-            run = _run_fields(row.get("job"), row.get("round"))
+            run = reveal_run_fields(row.get("job"), row.get("round"))
             if run:
                 self._runs[digest] = run
         if "sketch" in row and same_scheme:
@@ -522,7 +522,7 @@ class RevealLog:
             OSError: the record cannot be written (nothing may then be revealed).
         """
         key, now = digest.hex(), sorted(survivors)
-        run = _run_fields(job, round)
+        run = reveal_run_fields(job, round)
         with self._lock:
             if self.error is not None:
                 raise RevealLogError(self.error)
@@ -563,7 +563,7 @@ class RevealLog:
                 self._sketch_sites = [*self._sketch_sites, now][-self.sketches:]
 
 
-def _run_fields(job: Any, round: Any) -> dict[str, Any]:
+def reveal_run_fields(job: Any, round: Any) -> dict[str, Any]:
     """The optional ``job`` and ``round`` of a reveal log row, those that are given.
     Raises: ValueError naming the bad one."""
     run: dict[str, Any] = {}

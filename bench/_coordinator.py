@@ -9,7 +9,7 @@ from pathlib import Path
 
 from fedge.demo.loopback import wait_for
 
-__all__ = ["start_coordinator", "wait_for"]
+__all__ = ["start_coordinator"]
 
 
 def start_coordinator(root: Path, coord_dir: Path, roster_public_key: str, *,

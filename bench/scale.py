@@ -39,7 +39,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from _coordinator import start_coordinator, wait_for
+from _coordinator import start_coordinator
+
+from fedge.demo.loopback import wait_for
 
 D = 100_000
 HOSTS = 4  # agent host processes

@@ -83,7 +83,7 @@ def install_enrolment(file: Path, state_dir: Path, *, now: datetime | None = Non
         OSError: the state dir cannot be written.
     """
     from fedge.agent.updates import install_trusted_root
-    from fedge.console.enrolment import EnrolmentError, read_enrolment
+    from fedge.console.enrolment import EnrolmentError, EnrolmentExpired, read_enrolment
     from fedge.secagg.keys import Identity, Roster
     from fedge.update import tuf_repo
     from fedge.update.files import write_atomic, write_json
@@ -113,9 +113,7 @@ def install_enrolment(file: Path, state_dir: Path, *, now: datetime | None = Non
                                trusted_from=existing)
         else:
             e = read_enrolment(Path(file), now=now, expected_console=expected_console)
-    except EnrolmentError as exc:
-        if not str(exc).endswith("ask the console for a new one"):  # not read_enrolment's expiry
-            raise
+    except EnrolmentExpired as exc:
         # a fresh file reads as expired on an appliance whose clock is fast
         raise EnrolmentError(f"{exc}, or check this appliance's clock (it reads "
                              f"{now.replace(microsecond=0).isoformat()}): one that is fast "

@@ -38,6 +38,10 @@ class EnrolmentError(ValueError):
     """An enrolment file is corrupt, expired, foreign or for another site."""
 
 
+class EnrolmentExpired(EnrolmentError):
+    """An enrolment file whose signature verifies but whose expiry has passed."""
+
+
 @dataclass(frozen=True)
 class Enrolment:
     site: str
@@ -182,7 +186,7 @@ def read_enrolment(path: Path, *, now: datetime | None = None,
     now = now or datetime.now(UTC)
     if now >= e.expires:
         stamp = now.replace(microsecond=0).isoformat()
-        raise EnrolmentError(f"enrolment file {path} for site {e.site!r} expired at "
+        raise EnrolmentExpired(f"enrolment file {path} for site {e.site!r} expired at "
                              f"{e.expires.isoformat()} (now {stamp}); ask the console "
                              "for a new one")
     return e

@@ -112,14 +112,22 @@ class AdminService:
 
         self.coordinator.outbox.append(Outgoing(site, body))
 
-    def _audit(self, who: Operator | str | None, action: str, detail: Any) -> None:
-        """`who`: an operator (actor "operator:NAME"), or a site / "coordinator" as is."""
+    def _audit(self, who: Operator | str | None, action: str, detail: Any, *,
+               locked_raises: bool = False) -> None:
+        """`who`: an operator (actor "operator:NAME"), or a site / "coordinator" as is.
+
+        Raises: sqlite3.OperationalError: only with `locked_raises`, when the database
+            is locked by another process (the caller hands its message back)."""
         if isinstance(who, str):
             actor = who
         else:
             actor = f"{ADMIN_ACTOR}:{who.name}" if who else f"{ADMIN_ACTOR}:unknown"
         try:
             self.coordinator.store.audit(actor, action, detail)
+        except sqlite3.OperationalError as exc:
+            if locked_raises and is_locked(exc):
+                raise
+            log.exception("audit failed")
         except Exception:  # auditing must not take the channel down
             log.exception("audit failed")
 
@@ -333,14 +341,7 @@ class AdminService:
             handled again: the outcome's audit row is not lost)."""
         detail = {"site": site, "path": outcome.path, "ok": outcome.ok,
                   "rolled_back": outcome.rolled_back, "detail": outcome.detail}
-        try:
-            self.coordinator.store.audit(site, "update.outcome", detail)
-        except sqlite3.OperationalError as exc:
-            if is_locked(exc):
-                raise
-            log.exception("audit failed")
-        except Exception:  # auditing must not take the channel down
-            log.exception("audit failed")
+        self._audit(site, "update.outcome", detail, locked_raises=True)
         rollout = self.rollouts.get(outcome.rollout_id)
         if rollout is None:
             return

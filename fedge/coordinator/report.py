@@ -16,6 +16,9 @@ Files::
     learning_curve.png   one panel per evaluation metric: aggregate and each site
     privacy.png          each site's cumulative epsilon per round (DP-SGD jobs only)
 
+A DP-FedAvg job's sites send no epsilon (its plan names no delta): its report gives
+each site's client-level epsilon at CLIENT_DP_DELTA from the sums that held its update.
+
 Plotting uses matplotlib's object API (no pyplot state), so it may run in a
 worker thread of the coordinator's process.
 """
@@ -139,8 +142,46 @@ def summarise(status: dict[str, Any], plan_toml: str = "") -> dict[str, Any]:
         "privacy": {s: v for s, v in sorted(privacy.items())},
         "privacy_bound": privacy_bound(plan_toml) if privacy else None,
         "privacy_delta": delta if privacy else None,
+        "client_privacy": client_privacy(plan_toml, attempts),
         "metrics": rows,
     }
+
+
+# The delta of a DP-FedAvg job's client-level epsilon in the report: the plan names
+# none (privacy.client_dp has no delta), and `fedge agent privacy` uses this by default
+CLIENT_DP_DELTA = 1e-5
+
+
+def client_privacy(plan_toml: str, attempts: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """A DP-FedAvg job's (``privacy.client_dp`` without ``privacy.dp``) client-level
+    epsilon per site at CLIENT_DP_DELTA, from the coordinator's side: each round
+    attempt whose sum held the site's update (it survived to the sum) is one release.
+    None for other jobs (with ``privacy.dp`` too, the sites report DP-SGD's epsilon,
+    the bound they record).
+
+    A site's own ledger (`fedge agent privacy`) is the authority: it charges an update
+    when it leaves, so one lost on the way counts there and not here."""
+    from fedge.coordinator.plan import PlanError, parse_plan
+    from fedge.train.accounting import client_epsilon_for
+
+    try:
+        privacy = parse_plan(plan_toml).privacy
+    except PlanError:
+        return None
+    cdp = privacy.get("client_dp")
+    if not isinstance(cdp, dict) or privacy.get("dp") is not None:
+        return None
+    z = float(cdp.get("noise_multiplier", 0.0))
+    releases: dict[str, int] = {}
+    for a in attempts:
+        for site in a.get("survivors") or ():
+            releases[site] = releases.get(site, 0) + 1
+    sites = {}
+    for site, n in sorted(releases.items()):
+        eps = client_epsilon_for(noise_multiplier=z, rounds=n, delta=CLIENT_DP_DELTA) \
+            if z > 0 else math.inf
+        sites[site] = {"releases": n, "epsilon": eps}
+    return {"delta": CLIENT_DP_DELTA, "noise_multiplier": z, "sites": sites}
 
 
 def privacy_bound(plan_toml: str) -> str:
@@ -324,6 +365,19 @@ def _markdown(report: dict[str, Any], plots: list[str]) -> str:
         out += [f"| {s} | " + (f"{v[-1][1]:.3f}" if math.isfinite(v[-1][1]) else
                                "unbounded (noise too small to bound anything)") + " |"
                 for s, v in report["privacy"].items()]
+    client = report.get("client_privacy")
+    if client and client["sites"]:
+        out += ["", "## Privacy (DP-FedAvg), client-level epsilon per site", "",
+                f"Each is an (epsilon, delta) bound with delta = {client['delta']:g}, for "
+                "replacing one site's whole data (so every record of it too), over the "
+                "round sums that held the site's update (noise multiplier "
+                f"{client['noise_multiplier']:g}). The site's own ledger (`fedge agent "
+                "privacy`) is the authority: it also counts an update that left and was "
+                "lost on the way.", "",
+                "| site | sums holding its update | epsilon |", "|---|---|---|"]
+        out += [f"| {s} | {v['releases']} | "
+                + (f"{v['epsilon']:.3f}" if math.isfinite(v["epsilon"]) else "unbounded")
+                + " |" for s, v in client["sites"].items()]
     if report["plan"]:
         out += ["", "## Plan", "", "```toml", report["plan"].strip(), "```"]
     return "\n".join(out) + "\n"

@@ -44,6 +44,7 @@ __all__ = [
     "PrivacyLedger",
     "calibrate_noise",
     "check_dp_plan",
+    "client_epsilon_for",
     "epsilon_for",
 ]
 
@@ -91,6 +92,26 @@ def epsilon_for(
         return 0.0
     return _composed_epsilon(
         ((DP_SGD, float(noise_multiplier), float(sampling_rate), int(steps)),), float(delta))
+
+
+def client_epsilon_for(*, noise_multiplier: float, rounds: int, delta: float) -> float:
+    """Client-level ε of DP-FedAvg after ``rounds`` releases of a cohort's noised sum
+    (the ``DP_FEDAVG`` event of `_composed_epsilon`: replacing one site's data, q = 1),
+    the figure a site's ledger gives for the same rounds: an upper bound.
+
+    Raises:
+        ValueError: noise_multiplier <= 0, rounds < 0, or delta outside (0, 1).
+    """
+    if not noise_multiplier > 0:
+        raise ValueError(f"noise_multiplier={noise_multiplier} must be > 0")
+    if rounds < 0:
+        raise ValueError(f"rounds={rounds} must be >= 0")
+    if not 0 < delta < 1:
+        raise ValueError(f"delta={delta} must lie in (0, 1)")
+    if rounds == 0:
+        return 0.0
+    return _composed_epsilon(((DP_FEDAVG, float(noise_multiplier), 1.0, int(rounds)),),
+                             float(delta))
 
 
 # Beyond this add-or-remove estimate no ε protects anything, and the grid that keeps

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from fedge.coordinator.report import summarise, write_job_report
 
 PLAN = """
@@ -170,3 +172,56 @@ def test_an_unbounded_epsilon_is_said_in_words_and_report_json_still_loads(tmp_p
     assert "| h2 | unbounded (noise too small to bound anything) |" in md
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["privacy"]["h2"][-1][1] == float("inf")
+
+
+CLIENT_DP_PLAN = PLAN.replace("""[privacy.dp]
+noise_multiplier = 1.1
+max_grad_norm = 1.0
+delta = 1e-6
+""", """[privacy.client_dp]
+clip_norm = 0.5
+noise_multiplier = 0.8
+cohort_size = 3
+[secagg]
+enabled = true
+clip = 8.0
+""")
+
+
+def test_a_dp_fedavg_jobs_report_gives_each_sites_client_level_epsilon_as_its_ledger_does(
+        tmp_path):
+    """DP-FedAvg's sites report no epsilon with their updates, so the report computes
+    each site's client-level epsilon from the sums that held its update, and it is the
+    figure the site's own ledger gives for the same releases."""
+    from fedge.coordinator.plan import parse_plan
+    from fedge.train.accounting import DP_FEDAVG, PrivacyLedger
+
+    plan = CLIENT_DP_PLAN.format(rounds=3)
+    assert parse_plan(plan).privacy["client_dp"]["noise_multiplier"] == 0.8
+    status = _status(rounds=3, committed=3)
+    status["metrics"] = [r for r in status["metrics"] if r["split"] != "privacy"]
+    # h3 was dropped from round 1's sum, and a failed attempt's sum held no one
+    status["rounds"].insert(1, _attempt(2, status="failed", reason="unmasking failed"))
+    write_job_report(tmp_path, status, plan)
+    report = json.loads((tmp_path / "report.json").read_text())
+    client = report["client_privacy"]
+    assert client["delta"] == 1e-5 and client["noise_multiplier"] == 0.8
+    assert {s: v["releases"] for s, v in client["sites"].items()} == {"h1": 3, "h2": 3, "h3": 2}
+    for site, v in client["sites"].items():
+        ledger = PrivacyLedger()
+        for rnd in range(1, v["releases"] + 1):
+            ledger.release(ledger.record(job="job-r", round=rnd, mechanism=DP_FEDAVG,
+                                         noise_multiplier=0.8, clip_norm=0.5,
+                                         cohort_size=3, pending=True))
+        assert v["epsilon"] == pytest.approx(ledger.epsilon(1e-5), rel=1e-9), site
+    assert client["sites"]["h3"]["epsilon"] < client["sites"]["h1"]["epsilon"]
+    md = (tmp_path / "report.md").read_text()
+    section = md[md.index("## Privacy (DP-FedAvg), client-level epsilon per site"):]
+    assert f"| h1 | 3 | {client['sites']['h1']['epsilon']:.3f} |" in section
+    assert f"| h3 | 2 | {client['sites']['h3']['epsilon']:.3f} |" in section
+
+
+def test_a_dp_sgd_jobs_report_has_no_client_level_section(tmp_path):
+    write_job_report(tmp_path, _status(), PLAN.format(rounds=2))
+    assert json.loads((tmp_path / "report.json").read_text())["client_privacy"] is None
+    assert "DP-FedAvg" not in (tmp_path / "report.md").read_text()

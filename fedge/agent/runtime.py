@@ -157,6 +157,15 @@ def _in_daemon_thread(loop: asyncio.AbstractEventLoop, fn: Callable[[], Any],
     return fut
 
 
+@dataclass
+class _JobControls:
+    """SCAFFOLD state of one job at this site: c_i by the round it starts, and the
+    (round, clipped Δc_i) pending until a ControlCommit, (0, None) when none waits."""
+
+    by_round: dict[int, np.ndarray]
+    pending: tuple[int, np.ndarray | None] = (0, None)
+
+
 class Agent:
     """One appliance's federation client.
 
@@ -223,8 +232,7 @@ class Agent:
         # the ``held_jobs`` jobs used last stay in memory: a job ends without telling the
         # agent (its tasks just stop), and a job that comes back after being dropped
         # here reloads them from ``job_state`` (without one it starts from zeros).
-        self.controls = RecentJobs(held_jobs)  # job -> {round: c_i}
-        self.pending_controls = RecentJobs(held_jobs)  # job -> (round, Δc_i) | (0, None)
+        self.controls = RecentJobs(held_jobs)  # job -> _JobControls, read once a job
         # job -> task_id of the last ControlCommit taken: its TrainTask may train
         self._control_commits = RecentJobs(held_jobs)
         self.job_state = job_state
@@ -572,25 +580,26 @@ class Agent:
         rnd, dc = self._held_pending(job)
         return None if dc is None else (rnd, dc)
 
-    def _held_controls(self, job: str) -> dict[int, np.ndarray]:
-        held: dict[int, np.ndarray] | None = self.controls.touch(job)
+    def _job_controls(self, job: str) -> _JobControls:
+        """``job``'s c_i and pending Δc_i, from ``job_state`` (one read) the first time
+        and after the job was dropped from memory."""
+        held: _JobControls | None = self.controls.touch(job)
         if held is None:
-            saved = self.job_state.load(job, "controls") if self.job_state else {}
-            held = self.controls.hold(job, {int(r): a.astype(np.float32)
-                                            for r, a in saved.items()
-                                            if r.lstrip("-").isdigit() and a.ndim == 1})
-        return held
-
-    def _held_pending(self, job: str) -> tuple[int, np.ndarray | None]:
-        pending: tuple[int, np.ndarray | None] | None = self.pending_controls.touch(job)
-        if pending is None:
             saved = self.job_state.load(job, "controls") if self.job_state else {}
             dc, at = saved.get("pending"), saved.get("pending_round")
             pending = ((int(at.reshape(-1)[0]), dc.astype(np.float64))
                        if dc is not None and at is not None and dc.ndim == 1 and at.size == 1
                        else (0, None))
-            pending = self.pending_controls.hold(job, pending)
-        return pending
+            held = self.controls.hold(job, _JobControls(
+                {int(r): a.astype(np.float32) for r, a in saved.items()
+                 if r.lstrip("-").isdigit() and a.ndim == 1}, pending))
+        return held
+
+    def _held_controls(self, job: str) -> dict[int, np.ndarray]:
+        return self._job_controls(job).by_round
+
+    def _held_pending(self, job: str) -> tuple[int, np.ndarray | None]:
+        return self._job_controls(job).pending
 
     def _save_controls(self, job: str) -> None:
         """c_i and the pending Δc_i of ``job`` to ``job_state``. Raises: OSError."""
@@ -613,8 +622,7 @@ class Agent:
             return ""
         clip = task.plan.secagg.clip
         summed = np.clip(task.local.delta_control.astype(np.float64), -clip, clip)
-        self._held_pending(task.job)
-        self.pending_controls[task.job] = (task.round, summed)
+        self._job_controls(task.job).pending = (task.round, summed)
         try:
             self._save_controls(task.job)
         except OSError as exc:
@@ -644,7 +652,7 @@ class Agent:
             else:
                 log.info("%s: job %s: round %d's update was not committed with this site: "
                          "its control variate update is dropped", self.site, job, at)
-            self.pending_controls[job] = (0, None)
+            self._job_controls(job).pending = (0, None)
             changed = True
         later = sorted(r for r in held if r > q + 1)
         if later:

@@ -751,9 +751,14 @@ def test_the_agent_holds_c_i_of_its_last_used_jobs_only_and_reloads_a_dropped_on
     assert list(agent.controls) == ["job-1", "job-3"]  # job-2, used longest ago, dropped
     for _ in range(10):
         scaffold_round(agent, "job-4")
-    assert len(agent.controls) == 2 and len(agent.pending_controls) == 2
-    # job-2's next round starts from what it committed
+    assert len(agent.controls) == 2
+    # job-2's next round starts from what it committed, read back from disk once
+    loads = []
+    real_load = agent.job_state.load
+    agent.job_state.load = lambda job, kind: loads.append((job, kind)) or real_load(job, kind)
     np.testing.assert_array_equal(agent.client_control("job-2", 2), committed["job-2"])
+    assert agent.pending_control("job-2") is None
+    assert loads == [("job-2", "controls")]
     assert list(agent.controls) == ["job-4", "job-2"]
     with pytest.raises(ValueError, match="held_jobs=0"):
         Agent("site-a", SyntheticTrainer("site-a"), held_jobs=0)

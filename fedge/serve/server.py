@@ -879,9 +879,10 @@ class InferenceServer:
         return JSONResponse({"live": True})
 
     async def _ready(self, _request: Request) -> Response:
+        # "a 4xx status code indicates false" (v2 health API); Triton answers 400 too
         if self.store.names():
             return JSONResponse({"ready": True})
-        return self._error(503, "no model is loaded yet")
+        return self._error(400, "no model is loaded yet")
 
     def _lookup(self, request: Request) -> LoadedModel | Response:
         try:

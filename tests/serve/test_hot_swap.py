@@ -46,7 +46,7 @@ def test_server_starts_empty_then_serves_an_installed_model(
     fresh_server: RunningServer, cox_v1: tuple[Path, torch.nn.Module]
 ) -> None:
     r = httpx.get(f"{fresh_server.url}/v2/health/ready", timeout=5)
-    assert r.status_code == 503 and r.json() == {"error": "no model is loaded yet"}
+    assert r.status_code == 400 and r.json() == {"error": "no model is loaded yet"}
     assert httpx.get(f"{fresh_server.url}/v2/models/cox/ready", timeout=5).status_code == 404
     fresh_server.repo.install("cox", cox_v1[0])
     _wait_for(lambda: _live_version(fresh_server) == "1")

@@ -1,0 +1,94 @@
+"""`fedge serve` against the KServe Open Inference Protocol v2 REST text, where an
+earlier version deviated from it: readiness "false" as a 4xx, the `Allow` header
+of a 405, an encoded slash that must not pick another route or version, and the
+Triton request features this server does not implement, refused rather than
+ignored.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import tritonclient.http as triton
+from tritonclient.utils import InferenceServerException
+
+from tests.serve.conftest import N_FEATURES, RunningServer, serving
+
+
+@pytest.fixture(scope="module")
+def two_versions(
+    tmp_path_factory: pytest.TempPathFactory,
+    cox_v1: tuple[Path, torch.nn.Module],
+    cox_v2: tuple[Path, torch.nn.Module],
+) -> Iterator[RunningServer]:
+    """A server with cox versions 1 and 2 loaded; 2 is the live one."""
+    root = tmp_path_factory.mktemp("repo")
+    with serving(root, cox=cox_v1[0]) as running:
+        assert running.repo.install("cox", cox_v2[0]) == 2
+        for _ in range(400):  # bounded: 20 s
+            r = httpx.get(f"{running.url}/v2/models/cox", timeout=5)
+            if r.status_code == 200 and r.json()["versions"] == ["1", "2"]:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError(f"version 2 not loaded: {running.log()}")
+        yield running
+
+
+def _rows(n: int) -> np.ndarray:
+    return np.random.default_rng(n).standard_normal((n, N_FEATURES)).astype(np.float32)
+
+
+def _request(x: np.ndarray, **extra: Any) -> dict[str, Any]:
+    return {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                        "data": x.ravel().tolist()}], **extra}
+
+
+def _raw(server: RunningServer, method: str, path: str, body: bytes | None = None,
+         ) -> tuple[int, dict[str, str], bytes]:
+    """One request with `path` sent byte for byte (no client-side normalisation of
+    percent-escapes): status, headers (lower-case names), body."""
+    host, port = server.host_port.split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        headers = {"content-type": "application/json"} if body is not None else {}
+        conn.request(method, path, body=body, headers=headers)
+        response = conn.getresponse()
+        return (response.status, {k.lower(): v for k, v in response.getheaders()},
+                response.read())
+    finally:
+        conn.close()
+
+
+def _error(status: int, headers: dict[str, str], body: bytes) -> str:
+    assert headers["content-type"].startswith("application/json"), (status, headers)
+    message = json.loads(body)["error"]
+    assert isinstance(message, str)
+    return message
+
+
+# -- health: "a 4xx status code indicates false" -------------------------------------
+
+
+def test_server_not_ready_is_a_4xx_with_the_error_json(tmp_path: Path) -> None:
+    # was 503; the v2 health API says 200 is true and a 4xx false (Triton: 400)
+    with serving(tmp_path) as empty:
+        r = httpx.get(f"{empty.url}/v2/health/ready", timeout=5)
+        assert r.status_code == 400, r.text
+        assert r.headers["content-type"] == "application/json"
+        assert r.json() == {"error": "no model is loaded yet"}
+        assert httpx.get(f"{empty.url}/v2/health/live", timeout=5).status_code == 200
+        # a model that is not ready: 4xx as well (404: no such model loaded)
+        for path in ("/v2/models/cox/ready", "/v2/models/cox/versions/1/ready"):
+            r = httpx.get(f"{empty.url}{path}", timeout=5)
+            assert r.status_code == 404 and "unknown model 'cox'" in r.json()["error"]
+        assert triton.InferenceServerClient(empty.host_port).is_server_ready() is False

@@ -97,7 +97,10 @@ def summarise(status: dict[str, Any], plan_toml: str = "") -> dict[str, Any]:
         elif r["split"] == "privacy" and r["name"] == "epsilon_job":
             privacy.setdefault(r["site"], []).append((r["round"], r["value"]))
     last = max((r["round"] for r in rows), default=0)
-    final = {name: {"aggregate": c["aggregate"][-1] if c["aggregate"] else None,
+    # the last round's values only: a metric no site reported in it (the sites that
+    # could compute it dropped out) has no final value, not an earlier round's
+    final = {name: {"aggregate": c["aggregate"][-1] if c["rounds"] and c["rounds"][-1] == last
+                    else None,
                     "sites": {s: v[-1][1] for s, v in sorted(c["sites"].items())
                               if v[-1][0] == last}}
              for name, c in sorted(curves.items())}

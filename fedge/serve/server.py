@@ -68,7 +68,7 @@ import tempfile
 import threading
 import time
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, MutableMapping
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -865,12 +865,14 @@ class InferenceServer:
     # -- Starlette routes --------------------------------------------------
 
     @staticmethod
-    def _error(status: int, message: str) -> Response:
-        return Response(error_body(message), status_code=status, media_type="application/json")
+    def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
+        return Response(error_body(message), status_code=status, headers=headers,
+                        media_type="application/json")
 
     async def _http_error(self, _request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
-        return self._error(exc.status_code, str(exc.detail))
+        # with the headers Starlette puts on it: a 405's `Allow` (RFC 9110 15.5.6)
+        return self._error(exc.status_code, str(exc.detail), exc.headers)
 
     async def _server_metadata(self, _request: Request) -> Response:
         return JSONResponse({"name": "fedge", "version": __version__, "extensions": EXTENSIONS})

@@ -7,6 +7,7 @@ ignored.
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import time
@@ -19,7 +20,6 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.http as triton
-from tritonclient.utils import InferenceServerException
 
 from tests.serve.conftest import N_FEATURES, RunningServer, serving
 
@@ -92,3 +92,48 @@ def test_server_not_ready_is_a_4xx_with_the_error_json(tmp_path: Path) -> None:
             r = httpx.get(f"{empty.url}{path}", timeout=5)
             assert r.status_code == 404 and "unknown model 'cox'" in r.json()["error"]
         assert triton.InferenceServerClient(empty.host_port).is_server_ready() is False
+
+
+# -- 405 names the methods the route takes (RFC 9110 15.5.6: MUST send Allow) --------
+
+
+@pytest.mark.parametrize(("method", "path", "allowed"), [
+    ("GET", "/v2/models/cox/infer", {"POST"}),
+    ("PUT", "/v2/models/cox/versions/1/infer", {"POST"}),
+    ("OPTIONS", "/v2/models/cox/infer", {"POST"}),
+    ("GET", "/v2/repository/index", {"POST"}),
+    ("POST", "/v2/health/ready", {"GET", "HEAD"}),
+    ("DELETE", "/v2/models/cox", {"GET", "HEAD"}),
+])
+def test_a_405_carries_allow_and_the_error_json(
+    two_versions: RunningServer, method: str, path: str, allowed: set[str]
+) -> None:
+    status, headers, body = _raw(two_versions, method, path,
+                                 b"{}" if method in ("POST", "PUT") else None)
+    assert status == 405
+    assert _error(status, headers, body) == "Method Not Allowed"
+    assert {m.strip() for m in headers["allow"].split(",")} == allowed
+
+
+def test_a_405_carries_allow_from_starlette_alone(
+    tmp_path: Path, cox_v1: tuple[Path, torch.nn.Module]
+) -> None:
+    # the Starlette app mounted without the inference fast path in front
+    from fedge.serve.repository import ModelRepository
+    from fedge.serve.server import InferenceServer
+
+    ModelRepository(tmp_path).install("cox", cox_v1[0])
+    server = InferenceServer(tmp_path)
+    server.store.sync(server.repo)
+
+    async def calls() -> list[httpx.Response]:
+        out = []
+        for app in (server, server.app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                out.append(await client.get("/v2/models/cox/infer"))
+        return out
+
+    for r in asyncio.run(calls()):
+        assert r.status_code == 405 and r.headers["allow"] == "POST"
+        assert r.json() == {"error": "Method Not Allowed"}

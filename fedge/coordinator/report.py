@@ -6,8 +6,9 @@ committed round's federated evaluation (each site and the size-weighted
 aggregate, the ``*`` rows), each site's training metrics and DP-SGD spend, and
 every attempt with each dropped site's reason (failed attempts with theirs), and,
 where the sites evaluated the final model on their ``test`` split after the last
-round, that final test. A failed or cancelled job that committed at least one
-round gets its report too, marked as such: its model is the last committed one.
+round, that final test (why each site missed it, even when none gave it). A failed
+or cancelled job that committed at least one round gets its report too, marked as
+such: its model is the last committed one.
 Files::
 
     report.json          every number below, machine-readable
@@ -112,12 +113,17 @@ def summarise(status: dict[str, Any], plan_toml: str = "") -> dict[str, Any]:
     # (each round's own evaluation when the plan evaluates on test anyway)
     test_rows = [r for r in rows if r["split"] == FINAL_TEST_SPLIT]
     test_round = max((r["round"] for r in test_rows), default=None)
+    # survivors not in it, and why (Coordinator.job_status): when every one missed
+    # it there are no rows, and the reasons are all there is to say
+    recorded = status.get("final_test") or {}
+    missing = dict(recorded.get("missing") or {})
+    if test_round is None and missing and isinstance(recorded.get("round"), int):
+        test_round = recorded["round"]
     final_test = None
     if test_round is not None:
         final_test = {"round": test_round,
                       "metrics": by_site([r for r in test_rows if r["round"] == test_round]),
-                      # survivors not in it, and why (Coordinator.job_status)
-                      "missing": dict((status.get("final_test") or {}).get("missing") or {})}
+                      "missing": missing}
     attempts = [{**a, "dropped_reasons": dict(a.get("dropped_reasons") or {})}
                 for a in attempts]
     dropped = {str(a["round"]): a["dropped_reasons"] for a in attempts
@@ -335,7 +341,10 @@ def _markdown(report: dict[str, Any], plots: list[str]) -> str:
             out += ["Evaluated once, after the last round; no round's training or model "
                     "choice saw these numbers. Sites without a test split are not in it.",
                     ""]
-        out += _site_table(test["metrics"])
+        if test["metrics"]:
+            out += _site_table(test["metrics"])
+        else:
+            out += ["No site gave a result: the final model has no test metrics."]
         if test["missing"]:
             out += ["", "Not in the final test: " + "; ".join(
                 f"{s}: {_cell(w)}" for s, w in sorted(test["missing"].items())) + "."]

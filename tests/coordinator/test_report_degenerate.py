@@ -62,3 +62,21 @@ def test_every_aggregate_in_the_report_is_paired_with_its_own_round():
         assert len(c["rounds"]) == len(c["aggregate"])
         for rnd, value in zip(c["rounds"], c["aggregate"], strict=True):
             assert report["rounds"][str(rnd)][name]["aggregate"] == value
+
+
+NO_TEST = "site 'surv' has no 'test' split (hold one out)"
+
+
+def test_a_final_test_every_site_missed_keeps_why_in_report_json_and_md(tmp_path):
+    status = _stale_status()
+    status["final_test"] = {"round": 2, "split": "test", "metrics": {},
+                            "missing": {"site-b": NO_TEST}}
+    write_job_report(tmp_path, status)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["final_test"] == {"round": 2, "metrics": {},
+                                    "missing": {"site-b": NO_TEST}}
+    md = (tmp_path / "report.md").read_text()
+    section = md[md.index("## Final test: round 2's model"):md.index("## Every round")]
+    assert "No site gave a result: the final model has no test metrics." in section
+    assert f"Not in the final test: site-b: {NO_TEST}." in section
+    assert "| **aggregate** |" not in section

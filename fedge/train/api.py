@@ -47,6 +47,7 @@ from fedge.train.models import (
     build_model,
     cox_log_denominator,
     cox_partial_likelihood,
+    cox_risk_sets,
     input_shape,
 )
 from fedge.train.optim import AdamStepper, FlatParams, SGDStepper, flatten, load_flat
@@ -749,8 +750,8 @@ def predict(spec: ModelSpec, flat: np.ndarray, x: np.ndarray, *,
 def evaluate(spec: ModelSpec, flat: np.ndarray, data: SiteData, split: str) -> EvalOutcome:
     """Metrics of ``flat`` on one split of this site.
 
-    survival: c_index (Harrell), loss (Cox, Breslow; absent when the split has no event,
-    like c_index when no pair is comparable); binary: accuracy, balanced_accuracy,
+    survival: c_index (Harrell), loss (Cox, Breslow, per event; absent when the split has
+    no event, like c_index when no pair is comparable); binary: accuracy, balanced_accuracy,
     roc_auc (when both classes occur), brier, loss; multiclass: accuracy,
     balanced_accuracy, loss; regression: mse.
 
@@ -767,16 +768,18 @@ def evaluate(spec: ModelSpec, flat: np.ndarray, data: SiteData, split: str) -> E
         # no comparable pair (no event in a tiny split): the key is left out, never NaN
         with contextlib.suppress(ValueError):
             metrics["c_index"] = M.concordance_index(y[:, 1], risk, y[:, 0])
-        # no event, no partial likelihood: a loss of 0.0 would pull the sites' weighted
-        # mean towards 0 with this split's whole weight, so the key is left out
-        if float(y[:, 0].sum()) > 0:
-            loss = cox_partial_likelihood(
-                torch.from_numpy(risk),
-                torch.from_numpy(y[:, 1].astype(np.float64)),
-                torch.from_numpy(y[:, 0].astype(np.float64)),
-                reduction="events",
-            )
-            metrics["loss"] = float(loss)
+        # Breslow's loss over the whole split, in O(n) memory (a large site's split
+        # would need n x n matrices). No event, no partial likelihood: a loss of 0.0
+        # would pull the sites' weighted mean towards 0 with this split's whole
+        # weight, so the key is left out.
+        s = torch.from_numpy(risk)
+        event = torch.from_numpy(y[:, 0].astype(np.float64))
+        log_denominator, _ = cox_risk_sets(
+            s, torch.from_numpy(y[:, 1].astype(np.float64))
+        )
+        if float(event.sum()) > 0:
+            terms = (log_denominator - s) * event
+            metrics["loss"] = float(terms.sum() / event.sum())
     elif task == "binary":
         logit = out.reshape(-1)
         prob = 1.0 / (1.0 + np.exp(-logit))

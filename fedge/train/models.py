@@ -37,6 +37,7 @@ __all__ = [
     "build_model",
     "cox_log_denominator",
     "cox_partial_likelihood",
+    "cox_risk_sets",
     "input_shape",
 ]
 
@@ -225,6 +226,26 @@ def cox_log_denominator(s: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
     at_risk = time.reshape(1, -1) >= time.reshape(-1, 1)  # [i, j]: j at risk at T_i
     masked = s.reshape(1, -1).expand(s.numel(), -1).masked_fill(~at_risk, -torch.inf)
     return torch.logsumexp(masked, dim=1)
+
+
+def cox_risk_sets(s: torch.Tensor, time: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every subject's risk set, in O(n) memory: ``log sum_{j: T_j >= T_i} exp(s_j)``
+    (the same Breslow denominator as ``cox_log_denominator``) and ``|{j: T_j >= T_i}|``.
+
+    For evaluation over a whole split, where ``cox_log_denominator``'s n x n matrices
+    would need gigabytes (16,000 rows: 4 GiB): the scores are summed, as a running
+    log-sum-exp, in order of decreasing time, and subject i reads the running sum at
+    the last subject whose time is >= T_i, so every subject tied with i is in i's
+    risk set, as in Breslow. O(n log n) time. Training keeps ``cox_log_denominator``
+    (batch-sized, and it works under torch.func), so its results do not move.
+    """
+    s = s.reshape(-1)
+    time = time.reshape(-1)
+    descending = torch.argsort(time, descending=True, stable=True)
+    running = torch.logcumsumexp(s[descending], dim=0)
+    ascending_times = torch.flip(time[descending], dims=(0,))
+    size = time.numel() - torch.searchsorted(ascending_times, time, right=False)
+    return running[size - 1], size
 
 
 def cox_partial_likelihood(

@@ -87,6 +87,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -451,6 +452,7 @@ class InferenceServer:
         self.app = Starlette(
             routes=routes,
             exception_handlers={HTTPException: self._http_error},
+            middleware=[Middleware(_RefuseEncodedSlash)],
             lifespan=self._lifespan,
         )
 
@@ -499,7 +501,7 @@ class InferenceServer:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
             match = _INFER.fullmatch(scope["path"])
-            if match:
+            if match and _encoded_slash(scope) is None:  # else Starlette refuses it
                 await self._infer_asgi(match.group(1), match.group(2), scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -960,6 +962,43 @@ class InferenceServer:
 
     async def _metrics(self, _request: Request) -> Response:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _encoded_slash(scope: Scope) -> str | None:
+    """Why a request whose URL path has an encoded slash (`%2F`, any case) is refused,
+    else None.
+
+    Routes match the decoded path, in which `cox%2Fversions%2F1` is three segments:
+    `POST /v2/models/cox%2Fversions%2F1/infer` was answered by version 1, past a
+    proxy that lets through only `/v2/models/cox/infer`. No model name, version or
+    fixed route of this server holds a '/' inside a segment, so it is refused.
+    """
+    raw = scope.get("raw_path")
+    if not raw or b"%" not in raw:
+        return None
+    path = raw.split(b"?", 1)[0]  # some servers leave the query in raw_path
+    if b"%2f" not in path.lower():
+        return None
+    return (f"no route for the URL path '{path.decode('latin-1')}': it holds an encoded "
+            "slash (%2F), and no model name or version can contain '/'")
+
+
+class _RefuseEncodedSlash:
+    """ASGI middleware: a 404 with the protocol's error JSON for a URL path with an
+    encoded slash (see `_encoded_slash`), before any route is matched."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            refusal = _encoded_slash(scope)
+            if refusal is not None:
+                response = Response(error_body(refusal), status_code=404,
+                                    media_type="application/json")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _json_bytes(size: int, header_length: str | None) -> int:

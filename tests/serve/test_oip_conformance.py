@@ -137,3 +137,65 @@ def test_a_405_carries_allow_from_starlette_alone(
     for r in asyncio.run(calls()):
         assert r.status_code == 405 and r.headers["allow"] == "POST"
         assert r.json() == {"error": "Method Not Allowed"}
+
+
+# -- an encoded slash cannot pick another route or version ---------------------------
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("POST", "/v2/models/cox%2Fversions%2F1/infer"),  # was answered by version 1
+    ("POST", "/v2/models/cox%2fversions%2f1/infer"),
+    ("POST", "/v2/models/cox/versions/1%2Finfer"),
+    ("POST", "/v2/models/cox%2Finfer"),
+    ("GET", "/v2/models/cox%2Fversions%2F1"),  # was cox's metadata
+    ("GET", "/v2/models/cox%2Fversions%2F1/ready"),
+    ("GET", "/v2/models/cox/versions/1%2Fconfig"),
+    ("HEAD", "/v2/models/cox%2Fready"),
+    ("GET", "/v2%2Fhealth%2Fready"),
+])
+def test_an_encoded_slash_in_a_segment_is_a_404_naming_it(
+    two_versions: RunningServer, method: str, path: str
+) -> None:
+    body = json.dumps(_request(_rows(1))).encode() if method == "POST" else None
+    status, headers, text = _raw(two_versions, method, path, body)
+    assert status == 404, text
+    assert headers["content-type"] == "application/json"
+    if method != "HEAD":
+        message = _error(status, headers, text)
+        assert "encoded slash (%2F)" in message and path.split("?")[0] in message
+
+
+def test_routes_without_an_encoded_slash_still_answer(two_versions: RunningServer) -> None:
+    body = json.dumps(_request(_rows(1))).encode()
+    for path, version in [("/v2/models/cox/infer", "2"), ("/v2/models/cox/versions/1/infer", "1"),
+                          ("/v2/models/co%78/infer", "2"),  # other escapes decode as before
+                          ("/v2/models/cox/infer?next=a%2Fb", "2")]:  # in the query: no matter
+        status, _, text = _raw(two_versions, "POST", path, body)
+        assert status == 200, (path, text)
+        assert json.loads(text)["model_version"] == version, path
+    status, _, text = _raw(two_versions, "GET", "/v2/models/cox/versions/1")
+    assert status == 200 and json.loads(text)["name"] == "cox"
+
+
+def test_an_encoded_slash_is_refused_by_starlette_alone_too(
+    tmp_path: Path, cox_v1: tuple[Path, torch.nn.Module]
+) -> None:
+    from fedge.serve.repository import ModelRepository
+    from fedge.serve.server import InferenceServer
+
+    ModelRepository(tmp_path).install("cox", cox_v1[0])
+    server = InferenceServer(tmp_path)
+    server.store.sync(server.repo)
+    body = _request(_rows(1))
+
+    async def calls() -> list[httpx.Response]:
+        out = []
+        for app in (server, server.app):  # the fast path in front, and Starlette alone
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                out.append(await client.post("/v2/models/cox%2Fversions%2F1/infer", json=body))
+                out.append(await client.get("/v2/models/cox%2Fversions%2F1"))
+        return out
+
+    for r in asyncio.run(calls()):
+        assert r.status_code == 404 and "encoded slash" in r.json()["error"], r.text

@@ -13,7 +13,8 @@ Files::
 
     report.json          every number below, machine-readable
     report.md            the summary: plan, final metrics per site, final test, every
-                         round's metrics per site, attempts and dropped sites, privacy
+                         round's metrics per site, survivors not evaluated and why,
+                         attempts and dropped sites, privacy
     learning_curve.png   one panel per evaluation metric: aggregate and each site
     privacy.png          each site's cumulative epsilon per round (DP-SGD jobs only)
 
@@ -124,10 +125,13 @@ def summarise(status: dict[str, Any], plan_toml: str = "") -> dict[str, Any]:
         final_test = {"round": test_round,
                       "metrics": by_site([r for r in test_rows if r["round"] == test_round]),
                       "missing": missing}
-    attempts = [{**a, "dropped_reasons": dict(a.get("dropped_reasons") or {})}
-                for a in attempts]
+    attempts = [{**a, "dropped_reasons": dict(a.get("dropped_reasons") or {}),
+                 "eval_missing": dict(a.get("eval_missing") or {})} for a in attempts]
     dropped = {str(a["round"]): a["dropped_reasons"] for a in attempts
                if a.get("status") == "committed" and a["dropped_reasons"]}
+    # survivors of a committed round that are not in its evaluation, and why
+    not_evaluated = {str(a["round"]): a["eval_missing"] for a in attempts
+                     if a.get("status") == "committed" and a["eval_missing"]}
     state = status.get("status")
     committed = status.get("committed_round")
     return {
@@ -144,6 +148,8 @@ def summarise(status: dict[str, Any], plan_toml: str = "") -> dict[str, Any]:
         "plan": plan_toml,
         "attempts": attempts,
         "dropped": dropped,
+        "eval_missing": not_evaluated,
+        "final_round": last,  # the round of "final" (its last with any metric)
         "final": final,
         "final_test": final_test,
         "rounds": {str(k): v for k, v in per_round.items()},
@@ -302,6 +308,15 @@ def _site_table(by_site: dict[str, Any], first: str = "site") -> list[str]:
     return out
 
 
+def _not_evaluated(report: dict[str, Any], rnd: str) -> list[str]:
+    """The line after round ``rnd``'s table naming its survivors not in it, and why."""
+    missing = report["eval_missing"].get(rnd)
+    if not missing:
+        return []
+    return ["", "Not evaluated: " + "; ".join(
+        f"{_cell(s)}: {_cell(w)}" for s, w in sorted(missing.items())) + "."]
+
+
 def _unweighted_mean(values: Any) -> float | None:
     present = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     return sum(present) / len(present) if present else None
@@ -330,6 +345,7 @@ def _markdown(report: dict[str, Any], plots: list[str]) -> str:
                 "of the pooled records would differ); the mean of sites counts each "
                 "site once, as FLamby's per-client mean does.", "",
                 *_site_table(report["final"])]
+        out += _not_evaluated(report, str(report["final_round"]))
     test = report["final_test"]
     if test is not None:
         out += ["", f"## Final test: round {test['round']}'s model on each site's "
@@ -352,6 +368,15 @@ def _markdown(report: dict[str, Any], plots: list[str]) -> str:
         out += ["", f"## Every round, each site (`{report['eval_split']}` split)", ""]
         for rnd, by_site in report["rounds"].items():
             out += ["", f"Round {rnd}:", "", *_site_table(by_site)]
+    if report["eval_missing"]:
+        out += ["", "## Survivors not evaluated, and why", "",
+                "Each trained and was aggregated, but its evaluation gave no value; "
+                "it is in no evaluation table of its round.", "",
+                "| round | site | why |", "|---|---|---|"]
+        out += [f"| {rnd} | {_cell(s)} | {_cell(w)} |"
+                for rnd, sites in sorted(report["eval_missing"].items(),
+                                         key=lambda kv: int(kv[0]))
+                for s, w in sorted(sites.items())]
     out += ["", "## Rounds", "", "| round | attempt | status | seconds | cohort | survivors "
             "| dropped | reason |", "|---|---|---|---|---|---|---|---|"]
     for a in report["attempts"]:

@@ -196,6 +196,11 @@ def _eval_rows(evals: dict[str, Any], split: str) -> list[tuple[str, str, str, f
             rows.append(("*", split, name, s / n, n))
     return rows
 
+# Why a survivor is not in its round's evaluation (``Round.eval_missing``) when it did
+# answer: a result whose every metric is undefined on its data (a one-class split's
+# AUC, an all-censored split's C-index and loss) is left out, never counted as a value.
+EVAL_EMPTY = "returned no metrics (each undefined on its data)"
+
 # Why a site is missing from a committed round's survivors when it said nothing.
 SILENT_IN_TRAINING = "did not answer before the train deadline"
 # (the aggregation names why, with its stage: this is for one that does not)
@@ -399,6 +404,10 @@ class Round:
     dropped: list[str] = field(default_factory=list)
     new_weights: np.ndarray | None = None
     evals: dict[str, m.EvalResult] = field(default_factory=dict)
+    # each survivor that is not in the round's evaluation, and why: its refusal (in its
+    # own words, cut as peer_reason), an empty or refused result, a lost connection or
+    # the deadline. A refused or lost one still has its empty result in ``evals``
+    eval_missing: dict[str, str] = field(default_factory=dict)
     # the final test (module doc): survivors' test-split results, and why any is missing
     test_evals: dict[str, m.EvalResult] = field(default_factory=dict)
     test_missing: dict[str, str] = field(default_factory=dict)
@@ -601,11 +610,16 @@ class Round:
                     problem = f"n_examples = {body.n_examples} is negative"
                 self.evals[sender] = body if problem is None else \
                     m.EvalResult(self.task_id, 0, {})
+                if problem is not None:
+                    self.eval_missing[sender] = f"invalid result: {problem}"
+                elif not body.metrics:
+                    self.eval_missing[sender] = EVAL_EMPTY
                 self._done_if_evaluated()
                 if problem is not None:
                     return self._reject(sender, f"evaluation result refused: {problem}")
             elif isinstance(body, m.TaskRefused):
                 self.evals[sender] = m.EvalResult(self.task_id, 0, {})
+                self.eval_missing[sender] = peer_reason(body.reason)
                 self._done_if_evaluated()
             else:
                 return self._reject(sender, f"{type(body).__name__} during evaluation")
@@ -629,6 +643,10 @@ class Round:
             assert self._aggregation is not None
             return self._aggregated(self._aggregation.tick(now), now)
         if self.phase is Phase.EVALUATING and now >= self._deadline:
+            for s in self._eval_cohort():
+                if s not in self.evals:
+                    self.eval_missing.setdefault(
+                        s, "no evaluation result before the evaluation deadline")
             if self.final_test:
                 for s in self._eval_cohort():
                     if s not in self.test_evals:
@@ -659,6 +677,7 @@ class Round:
         if self.phase is Phase.EVALUATING and site in self._eval_cohort():
             if site not in self.evals:
                 self.evals[site] = m.EvalResult(self.task_id, 0, {})
+                self.eval_missing.setdefault(site, "connection lost during evaluation")
             if self.final_test and site not in self.test_evals:
                 self.test_missing.setdefault(site, "connection lost during the final test")
             self._done_if_evaluated()

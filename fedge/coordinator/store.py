@@ -21,6 +21,13 @@ Model weights are not stored here: they live in safetensors checkpoints beside
 the database (see :mod:`fedge.coordinator.checkpoint`); a round row is written
 only after its checkpoint file is durable, so "last committed round" always
 names a checkpoint that exists.
+
+``eval_missing`` holds, per committed round, each survivor that is not in the
+round's evaluation and why (``Round.eval_missing``). It is made at open where
+missing, outside the version, as the indexes are: a release without it opens the
+database all the same and only records no such reasons (a column of ``rounds``
+would break its positional inserts, and a version step would refuse the downgrade
+for a table that guards nothing). Rounds committed without a row have none.
 """
 
 from __future__ import annotations
@@ -141,6 +148,15 @@ _AUDIT_JOB = "CASE WHEN json_valid(detail) THEN json_extract(detail, '$.job') EN
 _INDEXES = f"""
 CREATE INDEX IF NOT EXISTS audit_by_action_job ON audit(action, ({_AUDIT_JOB}));
 """
+# outside the version too (module doc): what a release without it ignores
+_UNVERSIONED_TABLES = """
+CREATE TABLE IF NOT EXISTS eval_missing (
+    job_id TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    reasons_json TEXT NOT NULL,
+    PRIMARY KEY (job_id, round)
+);
+"""
 
 
 # How long a write waits for another connection's lock. At open it is shorter: the
@@ -257,6 +273,8 @@ class RoundRecord:
     reason: str
     # site -> why it was left out of this attempt (module doc); {} for older rows
     dropped_reasons: dict[str, str] = field(default_factory=dict)
+    # a committed round's survivor -> why it is not in the round's evaluation
+    eval_missing: dict[str, str] = field(default_factory=dict)
 
 
 class Store:
@@ -343,7 +361,7 @@ class Store:
                              f"{more} (corrupt: {CORRUPT_HINT})")
         # executescript commits implicitly, so run it outside our BEGIN.
         with self._lock:
-            self._conn.executescript(_SCHEMA + _INDEXES)
+            self._conn.executescript(_SCHEMA + _INDEXES + _UNVERSIONED_TABLES)
         with self._tx() as c:
             row = c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
             version = 1 if row is None else int(row[0])  # new: _SCHEMA just made version 1
@@ -707,12 +725,14 @@ class Store:
     def commit_round(self, job_id: str, rnd: int, *, started_at: float, cohort: list[str],
                      survivors: list[str], dropped: list[str], model_digest: str,
                      metrics: list[tuple[str, str, str, float, int]],
-                     dropped_reasons: dict[str, str] | None = None) -> None:
+                     dropped_reasons: dict[str, str] | None = None,
+                     eval_missing: dict[str, str] | None = None) -> None:
         """Record round ``rnd`` of a job as committed, with its metrics, atomically.
 
         ``metrics`` rows are (site, split, name, value, n_examples). The
         checkpoint for this round must already be durable on disk.
         ``dropped_reasons``: why each of ``dropped`` was left out (module doc).
+        ``eval_missing``: why each survivor not in the round's evaluation is not.
 
         Raises:
             StoreError: unknown job, or ``rnd`` is not the job's next round.
@@ -739,6 +759,10 @@ class Store:
                 "INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [(job_id, rnd, s, sp, n, float(v), int(k)) for s, sp, n, v, k in metrics],
             )
+            if eval_missing:
+                c.execute("INSERT OR REPLACE INTO eval_missing VALUES (?, ?, ?)",
+                          (job_id, rnd, json.dumps({str(k): str(v) for k, v
+                                                    in sorted(eval_missing.items())})))
             c.execute(
                 "UPDATE jobs SET committed_round=?, failed_attempts=0, updated_at=? WHERE job_id=?",
                 (rnd, self._clock(), job_id),
@@ -749,7 +773,8 @@ class Store:
             self._audit(c, "coordinator", "round_committed",
                         {"job": job_id, "round": rnd, "survivors": survivors,
                          "dropped": dropped, "digest": model_digest,
-                         **({"dropped_reasons": dropped_reasons} if dropped_reasons else {})})
+                         **({"dropped_reasons": dropped_reasons} if dropped_reasons else {}),
+                         **({"eval_missing": eval_missing} if eval_missing else {})})
 
     def fail_round(self, job_id: str, rnd: int, *, started_at: float, cohort: list[str],
                    reason: str, max_attempts: int | None = None,
@@ -833,6 +858,8 @@ class Store:
             rows = self._conn.execute(
                 "SELECT * FROM rounds WHERE job_id=? ORDER BY round, attempt", (job_id,)
             ).fetchall()
+            not_evaluated = {int(r[0]): json.loads(r[1]) for r in self._conn.execute(
+                "SELECT round, reasons_json FROM eval_missing WHERE job_id=?", (job_id,))}
         out = []
         for r in rows:
             dropped = json.loads(r[8])  # {site: reason}, or a list in older rows
@@ -840,7 +867,9 @@ class Store:
                        if isinstance(dropped, dict) else {})
             out.append(RoundRecord(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]),
                                    json.loads(r[7]), sorted(dropped), r[9], r[10],
-                                   {k: v for k, v in reasons.items() if v}))
+                                   {k: v for k, v in reasons.items() if v},
+                                   dict(not_evaluated.get(r[1], {}))
+                                   if r[3] == "committed" else {}))
         return out
 
     def metrics(self, job_id: str) -> list[dict[str, Any]]:

@@ -80,3 +80,64 @@ def test_a_final_test_every_site_missed_keeps_why_in_report_json_and_md(tmp_path
     assert "No site gave a result: the final model has no test metrics." in section
     assert f"Not in the final test: site-b: {NO_TEST}." in section
     assert "| **aggregate** |" not in section
+
+
+def test_survivors_not_evaluated_are_stored_with_the_round_and_listed_in_the_report(
+        tmp_path):
+    """Round logic -> SQLite -> report: site b (all censored) answered no metric and
+    site c refused (no val split); both trained, and the report says why neither is
+    in the evaluation tables."""
+    from fedge.coordinator.rounds import EVAL_EMPTY
+    from fedge.coordinator.store import Store
+    from fedge.wire import messages as m
+    from tests.coordinator.test_rounds_eval_missing import NO_VAL, evaluating
+
+    rnd = evaluating("abc")
+    rnd.receive("a", m.EvalResult(rnd.task_id, 40, {"c_index": 0.54}), 2.0)
+    rnd.receive("b", m.EvalResult(rnd.task_id, 200, {}), 2.0)
+    rnd.receive("c", m.TaskRefused(rnd.task_id, "eval", NO_VAL), 2.0)
+    store = Store(tmp_path / "state")
+    store.create_job("job1", "plan", actor="op")
+    store.commit_round("job1", 1, started_at=0.0, cohort=rnd.cohort,
+                       survivors=rnd.survivors, dropped=rnd.dropped, model_digest="d",
+                       metrics=rnd.metric_rows(), dropped_reasons=rnd.dropped_reasons(),
+                       eval_missing=rnd.eval_missing)
+    store.close()
+    store = Store(tmp_path / "state")  # read back as a restarted coordinator does
+    (record,) = store.rounds("job1")
+    assert record.eval_missing == {"b": EVAL_EMPTY, "c": NO_VAL}
+    status = {"job_id": "job1", "status": "completed", "rounds_planned": 3,
+              "committed_round": 1, "rounds": [r.__dict__ for r in store.rounds("job1")],
+              "metrics": store.metrics("job1")}
+    write_job_report(tmp_path, status)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["eval_missing"] == {"1": {"b": EVAL_EMPTY, "c": NO_VAL}}
+    md = (tmp_path / "report.md").read_text()
+    final = md[md.index("## Final round"):md.index("## Survivors not evaluated")]
+    assert f"Not evaluated: b: {EVAL_EMPTY}; c: {NO_VAL}." in final
+    section = md[md.index("## Survivors not evaluated, and why"):md.index("## Rounds")]
+    assert f"| 1 | b | {EVAL_EMPTY} |" in section and f"| 1 | c | {NO_VAL} |" in section
+
+
+def test_a_database_without_the_eval_missing_table_opens_and_reads_no_reasons(tmp_path):
+    """A database the previous release wrote (no eval_missing table) opens, gains the
+    table, keeps its rounds (with no reasons) and records reasons from then on."""
+    import sqlite3
+
+    from fedge.coordinator.store import SCHEMA_VERSION, Store
+
+    store = Store(tmp_path)
+    store.create_job("j", "plan", actor="op")
+    store.commit_round("j", 1, started_at=0.0, cohort=["a"], survivors=["a"], dropped=[],
+                       model_digest="d", metrics=[])
+    store.close()
+    conn = sqlite3.connect(tmp_path / "coordinator.sqlite3")
+    conn.execute("DROP TABLE eval_missing")
+    conn.commit()
+    conn.close()
+    again = Store(tmp_path)
+    assert again.schema_version() == SCHEMA_VERSION
+    assert again.rounds("j")[0].eval_missing == {}
+    again.commit_round("j", 2, started_at=1.0, cohort=["a"], survivors=["a"], dropped=[],
+                       model_digest="d", metrics=[], eval_missing={"a": "refused"})
+    assert [r.eval_missing for r in again.rounds("j")] == [{}, {"a": "refused"}]

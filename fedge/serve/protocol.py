@@ -18,6 +18,13 @@ output is returned as binary when its request entry says
 request's `parameters.binary_data_output` is true (what tritonclient sends by
 default). The response then carries `Inference-Header-Content-Length`.
 
+Parameters: `binary_data_size` (inputs), `binary_data` (outputs) and
+`binary_data_output` (the request) are read; other parameters are ignored,
+except those of the Triton features this server does not implement
+(`UNSUPPORTED_PARAMETERS`: classification, sequences, priority, timeout,
+shared memory), which are a 400 rather than a request served as if they were
+not there, and so is a value that is not a string, number or boolean.
+
 Non-finite numbers: the v2 protocol says nothing about them and strict JSON
 (RFC 8259) has no spelling for them. A JSON output holding NaN or an infinity
 is written `NaN`, `Infinity`, `-Infinity`, as Python's json does and as Triton
@@ -202,10 +209,47 @@ def _load_json(header: bytes, *, strict_numbers: bool = False) -> dict[str, Any]
     return doc
 
 
+# Triton request features this server does not implement, by their parameter
+# names (as tritonclient sends them), wherever they appear: refused, not ignored.
+# Ignored, a `classification` output would come back as raw scores, a sequence
+# request would run as a stateless one, a shared-memory output never be written.
+UNSUPPORTED_PARAMETERS: dict[str, str] = {
+    "classification": "Triton's classification extension",
+    "sequence_id": "Triton's sequence batching",
+    "sequence_start": "Triton's sequence batching",
+    "sequence_end": "Triton's sequence batching",
+    "priority": "Triton's request priorities",
+    "timeout": "Triton's request timeouts",
+    "shared_memory_region": "Triton's shared-memory extensions",
+    "shared_memory_byte_size": "Triton's shared-memory extensions",
+    "shared_memory_offset": "Triton's shared-memory extensions",
+}
+# "$parameter = $string : $string | $number | $boolean" (the v2 protocol)
+_PARAMETER_VALUE_TYPES = (str, int, float)  # bool is an int
+
+
 def _parameters(obj: Mapping[str, Any], where: str) -> Mapping[str, Any]:
+    """The `parameters` object of a request, input or output (`where` names it).
+
+    Raises:
+        ProtocolError(400): not an object; a parameter of a feature this server does
+            not implement (UNSUPPORTED_PARAMETERS); a value that is not a string,
+            number or boolean.
+    """
     params = obj.get("parameters", {})
     if not isinstance(params, dict):
         raise bad_request(f"{where} 'parameters' must be an object")
+    for key, value in params.items():
+        feature = UNSUPPORTED_PARAMETERS.get(key)
+        if feature is not None:
+            raise bad_request(
+                f"{where} parameter '{key}' ({feature}) is not supported by fedge serve"
+            )
+        if not isinstance(value, _PARAMETER_VALUE_TYPES):
+            raise bad_request(
+                f"{where} parameter '{key}' is {_describe(value)}, which fedge serve does "
+                "not support: a parameter value is a string, number or boolean (v2 protocol)"
+            )
     return params
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.http as triton
+from tritonclient.utils import InferenceServerException
 
 from tests.serve.conftest import N_FEATURES, RunningServer, serving
 
@@ -199,3 +200,87 @@ def test_an_encoded_slash_is_refused_by_starlette_alone_too(
 
     for r in asyncio.run(calls()):
         assert r.status_code == 404 and "encoded slash" in r.json()["error"], r.text
+
+
+# -- Triton features fedge serve does not implement: refused, not ignored -------------
+
+
+def _with(where: str, **params: Any) -> dict[str, Any]:
+    """A valid one-row request with `params` added to the request's, the input's or
+    the (one requested) output's parameters."""
+    request = _request(_rows(1), outputs=[{"name": "output"}])
+    target = {"request": request, "input": request["inputs"][0],
+              "output": request["outputs"][0]}[where]
+    target["parameters"] = params
+    return request
+
+
+@pytest.mark.parametrize(("where", "params", "named"), [
+    ("output", {"classification": 1}, "output 'output' parameter 'classification'"),
+    ("output", {"binary_data": False, "classification": 3},
+     "output 'output' parameter 'classification'"),
+    ("request", {"sequence_id": 7, "sequence_start": True, "sequence_end": False},
+     "inference request parameter 'sequence_id'"),
+    ("request", {"sequence_start": True}, "inference request parameter 'sequence_start'"),
+    ("request", {"sequence_end": True}, "inference request parameter 'sequence_end'"),
+    ("request", {"priority": 1}, "inference request parameter 'priority'"),
+    ("request", {"timeout": 1000}, "inference request parameter 'timeout'"),
+    ("input", {"shared_memory_region": "r", "shared_memory_byte_size": 156},
+     "input 'input' parameter 'shared_memory_region'"),
+    ("input", {"shared_memory_offset": 0}, "input 'input' parameter 'shared_memory_offset'"),
+    ("output", {"shared_memory_region": "r", "shared_memory_byte_size": 4},
+     "output 'output' parameter 'shared_memory_region'"),
+])
+def test_an_unsupported_triton_parameter_is_a_400_naming_it(
+    two_versions: RunningServer, where: str, params: dict[str, Any], named: str
+) -> None:
+    r = httpx.post(f"{two_versions.url}/v2/models/cox/infer", json=_with(where, **params),
+                   timeout=5)
+    assert r.status_code == 400, r.text
+    message = r.json()["error"]
+    assert named in message and "is not supported by fedge serve" in message, message
+
+
+@pytest.mark.parametrize("where", ["request", "input", "output"])
+@pytest.mark.parametrize(("value", "shown"), [({"nested": 1}, "an object"), ([1, 2], "a list"),
+                                              (None, "null")])
+def test_a_parameter_value_that_is_not_a_string_number_or_boolean_is_a_400(
+    two_versions: RunningServer, where: str, value: Any, shown: str
+) -> None:
+    r = httpx.post(f"{two_versions.url}/v2/models/cox/infer", json=_with(where, x=value),
+                   timeout=5)
+    assert r.status_code == 400, r.text
+    message = r.json()["error"]
+    assert f"parameter 'x' is {shown}" in message, message
+    assert "not support" in message and "string, number or boolean" in message
+
+
+def test_supported_and_custom_parameters_still_work(
+    two_versions: RunningServer, cox_v2: tuple[Path, torch.nn.Module]
+) -> None:
+    x = _rows(3)
+    with torch.no_grad():
+        want = cox_v2[1](torch.from_numpy(x)).numpy()
+    client = triton.InferenceServerClient(two_versions.host_port)
+    inp = triton.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)  # binary_data_size
+    # what tritonclient sends by default (binary_data_output), per-output binary_data,
+    # and a parameter of the client's own: served
+    for outputs in (None, [triton.InferRequestedOutput("output", binary_data=True)],
+                    [triton.InferRequestedOutput("output", binary_data=False)]):
+        result = client.infer("cox", [inp], outputs=outputs, request_id="r-1",
+                              parameters={"site_note": "ward 4", "retry": 0, "urgent": False})
+        np.testing.assert_allclose(result.as_numpy("output"), want, atol=1e-5)
+        assert result.get_response()["id"] == "r-1"
+    # the same features asked through tritonclient: refused, not served as if absent
+    refused = [
+        dict(outputs=[triton.InferRequestedOutput("output", class_count=1)]),
+        dict(sequence_id=5, sequence_start=True),
+        dict(priority=2),
+        dict(timeout=1000),
+    ]
+    for extra in refused:
+        with pytest.raises(InferenceServerException, match="not supported by fedge serve"):
+            client.infer("cox", [inp], **extra)  # type: ignore[arg-type]
+    # and after a refusal, the same binary request (its header remembered) still works
+    np.testing.assert_allclose(client.infer("cox", [inp]).as_numpy("output"), want, atol=1e-5)

@@ -750,8 +750,9 @@ def predict(spec: ModelSpec, flat: np.ndarray, x: np.ndarray, *,
 def evaluate(spec: ModelSpec, flat: np.ndarray, data: SiteData, split: str) -> EvalOutcome:
     """Metrics of ``flat`` on one split of this site.
 
-    survival: c_index (Harrell), loss (Cox, Breslow, per event; absent when the split has
-    no event, like c_index when no pair is comparable); binary: accuracy, balanced_accuracy,
+    survival: c_index (Harrell), loss (Cox, Breslow, per event; absent when no event's
+    risk set holds anyone else, so the partial likelihood says nothing of the model,
+    like c_index when no pair is comparable); binary: accuracy, balanced_accuracy,
     roc_auc (when both classes occur), brier, loss; multiclass: accuracy,
     balanced_accuracy, loss; regression: mse.
 
@@ -769,15 +770,17 @@ def evaluate(spec: ModelSpec, flat: np.ndarray, data: SiteData, split: str) -> E
         with contextlib.suppress(ValueError):
             metrics["c_index"] = M.concordance_index(y[:, 1], risk, y[:, 0])
         # Breslow's loss over the whole split, in O(n) memory (a large site's split
-        # would need n x n matrices). No event, no partial likelihood: a loss of 0.0
-        # would pull the sites' weighted mean towards 0 with this split's whole
-        # weight, so the key is left out.
+        # would need n x n matrices). Left out unless some event's risk set holds
+        # someone besides the subject: with no event, or with every event alone in its
+        # risk set (one death at the last time, a 1-row split), every term is 0 for any
+        # weights, and a 0.0 would pull the sites' weighted mean towards 0 with this
+        # split's whole weight.
         s = torch.from_numpy(risk)
         event = torch.from_numpy(y[:, 0].astype(np.float64))
-        log_denominator, _ = cox_risk_sets(
+        log_denominator, risk_set_size = cox_risk_sets(
             s, torch.from_numpy(y[:, 1].astype(np.float64))
         )
-        if float(event.sum()) > 0:
+        if bool(torch.any((event > 0) & (risk_set_size > 1))):
             terms = (log_denominator - s) * event
             metrics["loss"] = float(terms.sum() / event.sum())
     elif task == "binary":

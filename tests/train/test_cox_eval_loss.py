@@ -1,5 +1,5 @@
 """The Cox loss that ``evaluate`` reports: the same Breslow value as the training loss,
-in O(n) memory over a whole split."""
+in O(n) memory over a whole split, and absent when it carries no information."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from fedge.coordinator.rounds import _eval_rows
+from fedge.train import metrics as M
 from fedge.train.api import ModelSpec, build_model, evaluate, flatten
 from fedge.train.data import SiteData, Split
 from fedge.train.models import cox_risk_sets
@@ -113,3 +115,59 @@ def test_a_20000_row_survival_evaluation_needs_under_200_mib() -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     extra_mib = float(done.stdout.split()[-1])
     assert extra_mib < 200, f"evaluation of 20,000 rows raised peak RSS by {extra_mib:.0f} MiB"
+
+
+@pytest.mark.parametrize("weights", [[0.0, 0.0, 0.0], [5.0, -3.0, 0.0], [-50.0, 50.0, 1.0]])
+def test_a_split_whose_only_event_is_alone_at_the_last_time_reports_no_loss(
+    weights: list[float],
+) -> None:
+    """Every term is log-sum-exp({s_i}) - s_i = 0 whatever the weights: a 'perfect' 0.0
+    that pulled a real federation's aggregate val loss from 2.83 to 1.26."""
+    n = 50
+    x = np.random.default_rng(0).normal(size=(n, 2)).astype(np.float32)
+    y = np.stack([np.zeros(n), np.arange(1, n + 1)], 1).astype(np.float32)
+    y[-1, 0] = 1.0
+    spec = ModelSpec("cox_linear", {"in_features": 2})
+    out = evaluate(spec, np.array(weights, np.float32), _survival_site(x, y), "val")
+    assert out.n_examples == n and out.metrics == {}
+
+
+def test_a_one_row_split_with_an_event_reports_no_loss() -> None:
+    x = np.ones((1, 2), np.float32)
+    y = np.array([[1.0, 4.0]], np.float32)
+    spec = ModelSpec("cox_linear", {"in_features": 2})
+    out = evaluate(spec, flatten(build_model(spec)), _survival_site(x, y), "val")
+    assert out.n_examples == 1 and out.metrics == {}
+
+
+def test_two_deaths_tied_at_the_last_time_still_carry_a_loss() -> None:
+    """Each is in the other's risk set, so the loss depends on the weights (no pair is
+    comparable for the C-index, which is left out)."""
+    x = np.array([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]], np.float32)
+    y = np.array([[0.0, 1.0], [1.0, 9.0], [1.0, 9.0]], np.float32)
+    spec = ModelSpec("cox_linear", {"in_features": 2})
+    even = evaluate(spec, np.zeros(3, np.float32), _survival_site(x, y), "val").metrics
+    skewed = evaluate(spec, np.array([0.0, 4.0, 0.0], np.float32), _survival_site(x, y),
+                      "val").metrics
+    assert "c_index" not in even
+    assert even["loss"] == pytest.approx(np.log(2.0))
+    assert skewed["loss"] != pytest.approx(even["loss"])
+
+
+def test_the_round_aggregate_counts_only_sites_that_report_the_loss() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(40, 2)).astype(np.float32)
+    informative = np.stack([rng.random(40) < 0.5, rng.integers(1, 30, size=40)], 1)
+    informative = informative.astype(np.float32)
+    lone = np.stack([np.zeros(50), np.arange(1, 51)], 1).astype(np.float32)
+    lone[-1, 0] = 1.0
+    x50 = rng.normal(size=(50, 2)).astype(np.float32)
+    spec = ModelSpec("cox_linear", {"in_features": 2})
+    w = np.array([0.7, -0.4, 0.0], np.float32)
+    a = evaluate(spec, w, _survival_site(x, informative), "val")
+    e = evaluate(spec, w, _survival_site(x50, lone), "val")
+    assert a.metrics["loss"] > 0 and "loss" not in e.metrics
+    rows = _eval_rows({"site-a": a, "site-e": e}, "val")
+    assert ("*", "val", "loss", a.metrics["loss"], 40) in rows
+    assert not [r for r in rows if r[0] == "site-e"]
+    assert M.weighted_mean([(40, a.metrics), (50, e.metrics)])["loss"] == a.metrics["loss"]

@@ -1008,7 +1008,8 @@ class Coordinator:
             self.store.commit_round(runner.job_id, rnd.round, started_at=rnd.started_at,
                                     cohort=rnd.cohort, survivors=rnd.survivors,
                                     dropped=rnd.dropped, model_digest=digest, metrics=rows,
-                                    dropped_reasons=rnd.dropped_reasons())
+                                    dropped_reasons=rnd.dropped_reasons(),
+                                    eval_missing=rnd.eval_missing)
         except (OSError, sqlite3.Error) as exc:
             what = (f"cannot write {path}" if isinstance(exc, OSError)
                     else f"cannot write database {self.store.path}")

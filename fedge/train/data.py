@@ -18,8 +18,17 @@ Kinds:
   train_test_split.csv, centers.csv); ``site`` is the centre 0..5; the features
   are FLamby's 39 columns in FLamby's order (``FED_TCGA_BRCA_FEATURES``) unless
   ``features`` says otherwise.
-- ``images``: a folder of class sub-folders of PNG/JPEG files (optionally under
-  ``train/`` and ``test/``), converted to single-channel ``image_size`` squares.
+- ``images``: a folder of class sub-folders of PNG/JPEG/BMP/TIFF files
+  (optionally under ``train/``, ``test/`` and a validation folder ``val/``,
+  ``valid/`` or ``validation/``), converted to single-channel ``image_size``
+  squares. With ``train/``, a validation folder is the site's validation split
+  (``val_fraction`` then holds nothing out), and any other visible folder next to
+  ``train/`` is refused by name (a class folder there would otherwise be ignored).
+  Without ``train/`` (``<root>/<class>/``) there is no test split: evaluating on
+  ``test`` needs a ``test/`` folder, or ``cv_folds``. Other files in a class
+  folder (DICOM ``.dcm``, ``.webp``, no extension) are skipped with one warning
+  per load naming the count and a few of them; a class folder that holds files
+  but not one supported image is refused (convert them to PNG).
   ``classes`` is required: the class folder names in label order, the same list
   at every site, so that a class has one label across the federation whatever
   folders a site holds. A visible folder not in the list is refused by name;
@@ -42,6 +51,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import math
 import re
 import warnings
@@ -67,6 +77,8 @@ __all__ = [
 KINDS = ("tabular", "fed_tcga_brca", "images", "numpy")
 TASKS = ("survival", "binary", "multiclass", "regression")
 _SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+
+log = logging.getLogger("fedge.train")
 
 
 class DataError(ValueError):
@@ -309,6 +321,18 @@ class Standardiser:
         return {"mean": self.mean.tolist(), "scale": self.scale.tolist()}
 
 
+SPLIT_HINTS = {
+    "val": " (hold one out with the data set's val_fraction > 0, or a split column)",
+    "test": " (the data set has no test rows: a split column or train_test_split.csv)",
+}
+IMAGE_SPLIT_HINTS = {
+    "val": " (hold one out with the data set's val_fraction > 0, or put images under "
+           "<root>/val/<class>/ next to train/)",
+    "test": " (the data set has no test images: put them under <root>/test/<class>/ next to "
+            "<root>/train/<class>/, or set cv_folds)",
+}
+
+
 @dataclass
 class SiteData:
     """One site's data, ready for training: train / val / test splits."""
@@ -333,10 +357,8 @@ class SiteData:
             raise ValueError(f"split {name!r} must be 'train', 'val' or 'test'")
         part = getattr(self, name)
         if part is None or len(part) == 0:
-            hint = {
-                "val": " (hold one out with the data set's val_fraction > 0, or a split column)",
-                "test": " (the data set has no test rows: a split column or train_test_split.csv)",
-            }.get(name, "")
+            hints = IMAGE_SPLIT_HINTS if self.info.get("kind") == "images" else SPLIT_HINTS
+            hint = hints.get(name, "")
             raise ValueError(f"site {self.name!r} has no {name!r} split{hint}")
         return part
 
@@ -799,22 +821,44 @@ def _visible(path: Path) -> bool:
     return not path.name.startswith(".")
 
 
+def _image_parts(root: Path) -> list[tuple[str | None, Path]]:
+    """The split folders of an image data set: with ``<root>/train/``, each visible
+    folder next to it that names a split (``train``, ``test``, ``val``, ``valid``,
+    ``validation``: ``_SPLIT_NAMES``) with its split; without, ``[(None, root)]`` (the
+    flat layout, every image in training).
+
+    Raises: DataError: a visible folder next to ``train/`` that names no split (its
+        images would be ignored), named with the folders allowed there."""
+    if not (root / "train").is_dir():
+        return [(None, root)]
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and _visible(p))
+    other = [p.name for p in folders if p.name not in _SPLIT_NAMES]
+    if other:
+        raise DataError(root, f"folder(s) {other} next to train/ are not split folders; "
+                        f"next to train/ only {', '.join(f'{n}/' for n in _SPLIT_NAMES)} "
+                        "are read (each holding <class>/ folders): move the images into "
+                        "one of them, or move the folder out")
+    return [(_SPLIT_NAMES[p.name], p) for p in folders]
+
+
 def _load_images(spec: DatasetSpec) -> _Table:
-    """Images under ``<root>/<class>/`` (or ``<root>/{train,test}/<class>/``), labelled
-    by the class's position in ``spec.classes``.
+    """Images under ``<root>/<class>/`` (or ``<root>/<split>/<class>/``, the splits
+    ``train/``, ``test/`` and a validation folder ``val/``, ``valid/`` or
+    ``validation/``), labelled by the class's position in ``spec.classes``. Files of
+    another type are skipped, with one warning naming how many and a few of them.
 
     Raises:
         DataError: no folder, a visible class folder not among ``spec.classes``
-            (named), no image, or an image that cannot be read or scaled (named).
+            (named), a visible folder next to ``train/`` that names no split (named),
+            a class folder holding files but no supported image (named), no image, or
+            an image that cannot be read or scaled (named).
     """
     from PIL import Image, UnidentifiedImageError
 
     root = Path(spec.path)
     if not root.is_dir():
         raise DataError(root, "image folder does not exist")
-    parts = [("train", root / "train"), ("test", root / "test")]
-    if not (root / "train").is_dir():
-        parts = [(None, root)]
+    parts = _image_parts(root)
     classes = list(spec.classes)
     label_of = {name: k for k, name in enumerate(classes)}
     for _, folder in parts:
@@ -832,14 +876,22 @@ def _load_images(spec: DatasetSpec) -> _Table:
     ys: list[int] = []
     split: list[str | None] = []
     size = spec.image_size
+    skipped: list[Path] = []
     for part, folder in parts:
         for label, cls in enumerate(classes):
             cdir = folder / cls
             if not cdir.is_dir():
                 continue  # a site may hold no image of some class
-            for f in sorted(cdir.iterdir()):
-                if f.suffix.lower() not in _IMAGE_SUFFIXES or not _visible(f):
-                    continue
+            files = [f for f in sorted(cdir.iterdir()) if _visible(f) and not f.is_dir()]
+            images = [f for f in files if f.suffix.lower() in _IMAGE_SUFFIXES]
+            if files and not images:
+                kinds = sorted({f.suffix.lower() or "no extension" for f in files})
+                raise DataError(cdir, f"holds {len(files)} file(s) ({', '.join(kinds[:5])}) "
+                                "and not one supported image (PNG, JPEG, BMP, TIFF): class "
+                                f"{cls!r} would have no images here; convert them (DICOM to "
+                                "PNG, say) or move them out")
+            skipped.extend(f for f in files if f.suffix.lower() not in _IMAGE_SUFFIXES)
+            for f in images:
                 try:
                     with warnings.catch_warnings():
                         # past Pillow's pixel limit (~89 M) a warning, past twice it an
@@ -858,6 +910,11 @@ def _load_images(spec: DatasetSpec) -> _Table:
                 xs.append(arr[None, :, :])
                 ys.append(label)
                 split.append(part)
+    if skipped:
+        names = ", ".join(str(f.relative_to(root)) for f in skipped[:5])
+        log.warning("data set %r (%s): %d file(s) skipped, not a supported image (PNG, JPEG, "
+                    "BMP, TIFF): %s%s", spec.name, root, len(skipped), names,
+                    f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
     if not xs:
         raise DataError(
             root, f"no image files found in class folders {classes} "

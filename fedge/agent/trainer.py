@@ -116,6 +116,29 @@ def declared_but_refused(name: str, why: str) -> str:
     return f"data set {name!r} is declared in this appliance's agent.toml but refused: {why}"
 
 
+def check_data_fits_model(plan: Plan, data: Any) -> None:
+    """Where the site's data meets the plan: an image data set's size must be the
+    model's ``image_size``. The network pools over any size, so a mismatch would train
+    without error on images of another scale than the exported model takes (and than
+    the other sites use).
+
+    Raises: TaskRefusal: the sizes differ (naming both and where each is set)."""
+    from fedge.train.models import ModelSpec, input_shape
+
+    try:
+        want = input_shape(ModelSpec(plan.model_name, dict(plan.model_params)))
+    except (KeyError, ValueError, TypeError):
+        return  # training or evaluation names what is wrong with the model
+    x = data.train.x
+    if x.ndim == 4 and len(want) == 3 and tuple(x.shape[2:]) != tuple(want[1:]):
+        raise TaskRefusal(
+            f"data set {data.name!r} is loaded at {x.shape[2]}x{x.shape[3]} pixels at this "
+            f"site (agent.toml datasets.image_size = {x.shape[2]}) but the plan's model "
+            f"takes {want[1]}x{want[2]} (model.params.image_size = {want[1]}, what the "
+            "exported model expects): set the same image_size in the plan and in every "
+            "site's agent.toml")
+
+
 def train_config_dict(plan: Plan, seed: int) -> dict[str, Any]:
     """The plan's training recipe in ``fedge.train.api.TrainConfig`` terms.
 
@@ -262,14 +285,16 @@ class TorchTrainer:
         without DP charged at once, since its exact ``train_loss`` leaves in the
         TrainDone that follows (its ``release_privacy`` then charges nothing more).
 
-        Raises: TaskRefusal: missing data set, a plan this site cannot run, or a
-        round whose privacy ledger cannot be saved (the update is withheld).
+        Raises: TaskRefusal: missing data set, a plan this site cannot run (an image
+        size other than the model's, say), or a round whose privacy ledger cannot be
+        saved (the update is withheld).
         TrainingCancelled: ``cancel`` was set.
         """
         from fedge.train.api import ModelSpec, TrainConfig, local_train
 
         _check_cancel(cancel, "before training")
         data = self._site_data(plan.dataset)
+        check_data_fits_model(plan, data)
         try:
             spec = ModelSpec(plan.model_name, dict(plan.model_params))
             cfg = TrainConfig.from_dict(train_config_dict(plan, seed))
@@ -341,10 +366,12 @@ class TorchTrainer:
             return self._states.hold(job, state)  # one made meanwhile by another thread?
 
     def evaluate(self, plan: Plan, weights: np.ndarray, split: str) -> tuple[int, dict[str, float]]:
-        """Raises: TaskRefusal: missing data set or a model that does not fit it."""
+        """Raises: TaskRefusal: missing data set or a model that does not fit it (an
+        image size other than the model's, say)."""
         from fedge.train.api import ModelSpec, evaluate
 
         data = self._site_data(plan.dataset)
+        check_data_fits_model(plan, data)
         try:
             out = evaluate(ModelSpec(plan.model_name, dict(plan.model_params)),
                            np.asarray(weights, dtype=np.float32), data, split)

@@ -207,9 +207,13 @@ def _site_preprocessing(dataset: str, rank: int) -> dict[str, Any]:
     if rank != 1:
         return {
             "kind": "none", "in_graph": False, "dataset": dataset,
-            "input": "images as the sites' loader made them for training: single-channel, "
-                     "resized to the model's size, pixel values / 255 "
-                     "(fedge.train.data, kind 'images'); no standardisation",
+            "input": "images as the sites' loader made them for training "
+                     "(fedge.train.data, kind 'images'): single-channel (8-bit images "
+                     "through Pillow's convert('L'), ITU-R 601-2 luma "
+                     "L = 0.299 R + 0.587 G + 0.114 B, an alpha channel dropped), "
+                     "resized to the model's size with Pillow's Image.resize default "
+                     "(bicubic), 8-bit pixel values / 255, 16-bit greyscale pixel values "
+                     "/ 65535; no standardisation",
         }
     return {
         "kind": "per-site standardisation", "in_graph": False, "dataset": dataset,
@@ -336,7 +340,7 @@ def export_job(
     if preprocessing is None:
         dataset = labels["dataset"]
         props["preprocessing"] = json.dumps(_site_preprocessing(dataset, example.dim() - 1))
-        if not feature_names:
+        if not feature_names and example.dim() == 2:  # tabular rows (images have none)
             props["input_columns"] = (
                 f"the feature columns of data set {dataset!r} in the order each site's agent "
                 "config declares them ([[datasets]] features, or the file's column order); "

@@ -175,7 +175,10 @@ def test_a_resnet_small_job_exports_with_the_image_shape_it_was_trained_on(
     got = sess.run(None, {inp.name: x})[0]
     assert got.shape == (3, 3)
     prep = json.loads(read_metadata(result.path)["preprocessing"])
-    assert prep["kind"] == "none" and "pixel values / 255" in prep["input"]
+    assert prep["kind"] == "none" and "8-bit pixel values / 255" in prep["input"]
+    assert "16-bit greyscale pixel values / 65535" in prep["input"]
+    assert "bicubic" in prep["input"] and "convert('L')" in prep["input"]
+    assert "input_columns" not in read_metadata(result.path)  # no feature columns
     np.testing.assert_allclose(got, want, atol=1e-5)  # the export's own parity bound
 
 

@@ -248,6 +248,12 @@ class Agent:
         self._probe: asyncio.Future[tuple[tuple[dict[str, Any], bool, str], float]] | None = None
         self._probe_started = 0.0  # monotonic
         self._probe_overdue_logged = False
+        # The coordinator's version from its last HeartbeatAck, and the version of one
+        # that refused DatasetClasses as an unknown type (the previous release): not
+        # sent to it again until its version changes (fedge.wire.messages.DatasetClasses).
+        self._coordinator_version: str | None = None
+        self._classes_unknown_to: str | None = None
+        self._classes_refused = False
 
     # -- outgoing -------------------------------------------------------------------
 
@@ -284,10 +290,44 @@ class Agent:
             log.warning("%s: health probe still running after %.1f s; heartbeats go with "
                         "the last report until it ends", self.site, PROBE_WAIT_S)
         report, eligible, reason = self._health_verdict(time.monotonic())
+        classes = self.declared_classes()
+        if classes and not self._classes_refused:  # first: with the heartbeat they stand
+            await self.send(m.DatasetClasses(classes=classes))
         await self.send(m.Heartbeat(
             site=self.site, version=__version__, health_json=json.dumps(report, default=str),
             eligible=eligible, reason=reason, datasets=self.trainer.datasets(),
             current_task=self._busy, secagg_protocol=SECAGG_PROTOCOL))
+
+    def declared_classes(self) -> dict[str, list[str]]:
+        """Each held data set's class list in label order (agent.toml ``classes``),
+        for those that declare one."""
+        names = getattr(self.trainer, "class_names", None)
+        if names is None:  # a trainer without class lists (SyntheticTrainer)
+            return {}
+        out = {}
+        for name in self.trainer.datasets():
+            classes = names(name)
+            if classes:
+                out[name] = list(classes)
+        return out
+
+    def _classes_refusal(self, plan: Plan) -> str:
+        """Why this site cannot run ``plan`` for its class order ("" when it can): the
+        plan's ``job.classes`` differs from the list this site declares for the data
+        set (its labels would be summed mixed up with the other sites')."""
+        if not plan.classes:
+            return ""
+        own = self.declared_classes().get(plan.dataset)
+        if own is None:
+            return (f"the plan's job.classes {list(plan.classes)} names classes for data set "
+                    f"{plan.dataset!r}, which declares none at {self.site} (agent.toml "
+                    "datasets.classes)")
+        if tuple(own) != plan.classes:
+            return (f"the plan's job.classes {list(plan.classes)} differs from the classes "
+                    f"{own} that {self.site} declares for data set {plan.dataset!r} in "
+                    "agent.toml (datasets.classes, label order): its labels would be summed "
+                    "mixed up with the other sites'; fix the order in agent.toml or the plan")
+        return ""
 
     def _measure(self) -> tuple[tuple[dict[str, Any], bool, str], float]:
         """The probe's verdict and the moment it was decided: the probe decides as
@@ -345,6 +385,9 @@ class Agent:
         body, job, rnd = env.body, env.header.job, env.header.round
         if isinstance(body, m.HeartbeatAck):
             self.last_ack = time.monotonic()
+            self._coordinator_version = body.coordinator_version
+            self._classes_refused = (self._classes_unknown_to is not None
+                                     and self._classes_unknown_to == body.coordinator_version)
         elif isinstance(body, m.ControlCommit):
             self._on_control_commit(job, rnd, body)
         elif isinstance(body, m.TrainTask):
@@ -367,6 +410,15 @@ class Agent:
                 self._abandon(self.task)
                 self.task = None
         elif isinstance(body, m.Rejected):
+            if body.reason.startswith("UnknownMessageType") \
+                    and repr(m.DatasetClasses.__wire_type__) in body.reason:
+                # a coordinator before DatasetClasses: it still takes our heartbeats
+                self._classes_unknown_to = self._coordinator_version
+                self._classes_refused = True
+                log.info("%s: the coordinator (%s) does not take class lists; not sent "
+                         "until its version changes", self.site,
+                         self._coordinator_version or "version not known yet")
+                return
             log.warning("%s: coordinator rejected a message: %s", self.site,
                         codec.short(body.reason, 300))
         elif isinstance(body, m.RosterUpdate):
@@ -468,7 +520,8 @@ class Agent:
             log.info("%s: task %s for %s/%d dropped: its round was aborted while its plan "
                      "was read", self.site, codec.short(t.task_id, 80), job, rnd)
             return
-        refused = self.policy.refuse_plan(plan.secagg.enabled, plan.privacy)
+        refused = (self.policy.refuse_plan(plan.secagg.enabled, plan.privacy)
+                   or self._classes_refusal(plan))
         if refused:
             await self._refuse(job, rnd, m.TASK_TRAIN, refused, t.task_id)
             return
@@ -866,7 +919,8 @@ class Agent:
         # SCAFFOLD's c_i does not move here (module doc: the ControlCommit moves it)
         # metrics leave without noise: not on the training split under DP, and only on
         # the split the plan names or the final test (fedge.agent.guard.refuse_eval)
-        refused = refuse_eval(e.split, plan_split=plan.eval_split, privacy=plan.privacy)
+        refused = (refuse_eval(e.split, plan_split=plan.eval_split, privacy=plan.privacy)
+                   or self._classes_refusal(plan))
         if refused:
             if self._current(job, rnd):
                 self.task = None

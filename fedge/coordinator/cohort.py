@@ -11,11 +11,31 @@ for adding or removing one record, lower than today's replace-one figure
 earlier agents move their control variate when the EvalTask arrives and drop the
 ControlCommit, so their c_i would drift from the server's c. Every exclusion has a
 reason, so an operator can see why a site sat a round out.
+
+Class order. An image data set's label is the position of its class in the site's
+``classes`` list (agent.toml): two sites that list them in another order would have
+their labels summed flipped. Sites send their lists (DatasetClasses, just before
+each heartbeat, when any of its data sets declares one) and no cohort ever holds two
+orders for the job's data set:
+
+* with ``job.classes`` in the plan, a site is a candidate only if it declares
+  exactly that list; one declaring another list, or none for this data set (no
+  lists at all: none declared there, or an agent before DatasetClasses, which cannot
+  be checked and would refuse the plan's unknown key anyway) is left out, naming
+  both lists;
+* without it, if the candidates that declare a list do not all declare the same
+  one, every one of them is left out, each reason naming every list in use and
+  telling the engineer to set ``job.classes``: the coordinator cannot tell which
+  order is the intended one, and picking the majority would silently drop the
+  others. The round then waits for a cohort and fails with those reasons. When
+  they agree, a candidate that sent no lists (an older agent) is left out: its
+  order cannot be checked against theirs. When no candidate declares a list (a
+  tabular data set, or a fleet of older agents only) nothing is checked, as before.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from fedge.coordinator.store import Appliance
@@ -28,6 +48,15 @@ OLD_EPSILON_ACCOUNTING = ("reports epsilon under the accounting of fedge <0.2 (a
 OLD_CONTROL_RULE = ("moves its SCAFFOLD control variate by the rule of fedge <0.2 (at the "
                     "EvalTask, not on a ControlCommit), which lets it drift from the "
                     "server's: update the appliance")
+
+
+def _listed(classes: tuple[str, ...] | None) -> str:
+    if classes is None:
+        return "no class lists (none declared there, or an agent before DatasetClasses)"
+    if not classes:
+        return "no class list"
+    shown = ", ".join(repr(c) for c in classes[:20])
+    return f"[{shown}{', ...' if len(classes) > 20 else ''}]"
 
 
 @dataclass(frozen=True)
@@ -74,7 +103,9 @@ def select_cohort(appliances: Iterable[Appliance], *, connected: set[str], datas
                   protocols: Mapping[str, int | None] | None = None,
                   secure_protocol: int | None = None, dp: bool = False,
                   scaffold: bool = False,
-                  versions: Mapping[str, str] | None = None) -> Selection:
+                  versions: Mapping[str, str] | None = None,
+                  classes: Mapping[str, Mapping[str, Sequence[str]] | None] | None = None,
+                  job_classes: Sequence[str] = ()) -> Selection:
     """Split the fleet into candidates and excluded sites (with the reason).
 
     ``protocols``: each connected site's secure-aggregation protocol from its
@@ -89,7 +120,11 @@ def select_cohort(appliances: Iterable[Appliance], *, connected: set[str], datas
     version is before fedge 0.2 is left out (module doc); so it is for ``scaffold``, a
     SCAFFOLD job. ``versions``: each site's
     version from its heartbeats on this connection; a site missing from it is taken
-    at the version its registry record holds."""
+    at the version its registry record holds.
+
+    ``classes``: each site's class lists by data set from the DatasetClasses before
+    its last heartbeat (None or missing: none came); ``job_classes``: the plan's
+    ``job.classes`` (() when none). The rule is the module doc's "Class order"."""
     busy = busy or set()
     protocols = protocols or {}
     versions = versions or {}
@@ -118,5 +153,54 @@ def select_cohort(appliances: Iterable[Appliance], *, connected: set[str], datas
             excluded[a.site_id] = OLD_EPSILON_ACCOUNTING if dp else OLD_CONTROL_RULE
         else:
             candidates.append(a.site_id)
+    for site, reason in _class_order(candidates, dataset, classes or {},
+                                     tuple(job_classes)).items():
+        candidates.remove(site)
+        excluded[site] = reason
     enrolled = sum(1 for a in appliances if a.status == "enrolled")
     return Selection(sorted(candidates), excluded, enrolled)
+
+
+def _class_order(candidates: list[str], dataset: str,
+                 classes: Mapping[str, Mapping[str, Sequence[str]] | None],
+                 job_classes: tuple[str, ...]) -> dict[str, str]:
+    """The candidates left out so that no cohort mixes class orders for ``dataset``,
+    each with its reason (module doc, "Class order")."""
+    declared: dict[str, tuple[str, ...] | None] = {}
+    for site in candidates:
+        lists = classes.get(site)
+        declared[site] = None if lists is None else tuple(lists.get(dataset, ()))
+    if job_classes:
+        return {site: (f"declares {_listed(own)} for data set {dataset!r}, the plan's "
+                       f"job.classes is {_listed(job_classes)}: fix the order in this "
+                       "site's agent.toml (datasets.classes) or in the plan"
+                       if own is not None else
+                       f"sent {_listed(own)}: its order for data set {dataset!r} cannot be "
+                       f"checked against the plan's job.classes {_listed(job_classes)}; "
+                       "declare them in its agent.toml (datasets.classes) or update the "
+                       "appliance")
+                for site, own in declared.items() if own != job_classes}
+    orders = {own for own in declared.values() if own}
+    if not orders:
+        return {}
+    if len(orders) == 1:
+        (order,) = orders
+        return {site: (f"sent {_listed(own)}: its class order for data set {dataset!r} "
+                       f"cannot be checked against the {_listed(order)} the other sites "
+                       "declare; declare them in its agent.toml (datasets.classes) or "
+                       "update the appliance")
+                for site, own in declared.items() if own is None}
+    by_order: dict[tuple[str, ...], list[str]] = {}
+    for site, own in sorted(declared.items()):
+        if own:
+            by_order.setdefault(own, []).append(site)
+    summary = "; ".join(f"{_listed(order)} at {', '.join(sites[:EXPLAIN_SITES])}"
+                        + (f" and {len(sites) - EXPLAIN_SITES} more"
+                           if len(sites) > EXPLAIN_SITES else "")
+                        for order, sites in sorted(by_order.items()))
+    return {site: (f"declares {_listed(own)} for data set {dataset!r}, and the sites "
+                   f"disagree on its class order ({summary}): their labels would be "
+                   "summed mixed up; set job.classes in the plan to the intended order "
+                   "(sites declaring another are then left out) or make the sites' "
+                   "agent.toml datasets.classes agree")
+            for site, own in declared.items() if own}

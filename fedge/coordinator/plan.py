@@ -17,6 +17,9 @@ Example::
     seed = 42
     eval_split = "val"      # split each round's model is evaluated on: val | test | train
                             # (not train under privacy.dp / client_dp: metrics carry no noise)
+    # classes = ["benign", "malignant"]  # optional: the label order every site must
+                            # declare for job.dataset (agent.toml datasets.classes);
+                            # sites declaring another are left out and refuse the tasks
 
     [model]
     name = "cox_linear"
@@ -168,6 +171,9 @@ class Plan:
     # (check_submission); a stored plan from before that check gives its name if it
     # is a string, cut to JOB_NAME_MAX characters, else "".
     name: str = ""
+    # job.classes: the class names in label order every site's data set must declare
+    # (fedge.coordinator.cohort, fedge.agent.runtime); () when the plan names none.
+    classes: tuple[str, ...] = ()
 
     @property
     def digest(self) -> str:
@@ -262,7 +268,7 @@ def _parse_plan(text: str) -> Plan:
     dead = _table(raw, "deadlines", required=False)
     privacy = _table(raw, "privacy", required=False)
     _known(job, "job", ("dataset", "rounds", "min_clients", "seed", "max_failed_attempts", "name",
-                        "eval_split"))
+                        "eval_split", "classes"))
     _known(model, "model", ("name", "params"))
     _known(train, "train", ("epochs", "steps", "batch_size", "optimizer", "learning_rate",
                             "momentum", "weight_decay"))
@@ -279,6 +285,7 @@ def _parse_plan(text: str) -> Plan:
     name = name[:JOB_NAME_MAX] if isinstance(name, str) else ""
     if eval_split not in EVAL_SPLITS:
         raise PlanError("job.eval_split", eval_split, f"must be one of {', '.join(EVAL_SPLITS)}")
+    classes = _classes(job)
 
     model_name = _str(model, "model.name")
     if model_name not in MODEL_NAMES:
@@ -347,7 +354,39 @@ def _parse_plan(text: str) -> Plan:
         max_failed_attempts=max_failed, model_name=model_name, model_params=dict(params),
         train=tsettings, strategy=StrategySettings(sname, sparams), secagg=ssettings,
         privacy=dict(privacy), deadlines=deadlines, eval_split=eval_split, name=name,
+        classes=classes,
     )
+
+
+CLASSES_MAX = 1000  # fedge.wire.messages.CLASSES_MAX: what a site can declare
+CLASS_NAME_MAX = 255
+
+
+def _classes(job: dict[str, Any]) -> tuple[str, ...]:
+    """``job.classes``: two or more distinct, non-empty class names (at most
+    CLASSES_MAX, each at most CLASS_NAME_MAX characters, printable); () when absent.
+
+    Raises: PlanError: any other value, naming the rule broken."""
+    if "classes" not in job:
+        return ()
+    value = job["classes"]
+    rule = ("must be a list of 2 or more distinct, non-empty class names in label order, "
+            "the same list as each site's agent.toml datasets.classes")
+    if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
+        raise PlanError("job.classes", value, rule)
+    if len(value) < 2:
+        raise PlanError("job.classes", value, f"{rule} (a classifier of one class learns "
+                        "nothing)")
+    if len(value) > CLASSES_MAX:
+        raise PlanError("job.classes", f"{len(value)} names", f"{rule}; at most {CLASSES_MAX}")
+    bad = [c for c in value if not c.strip() or not c.isprintable() or len(c) > CLASS_NAME_MAX]
+    if bad:
+        raise PlanError("job.classes", value[:20], f"{rule}; {bad[0][:40]!r} is empty, not "
+                        f"printable or over {CLASS_NAME_MAX} characters")
+    repeated = sorted({c for c in value if value.count(c) > 1})
+    if repeated:
+        raise PlanError("job.classes", value[:20], f"{rule}; {repeated} appear more than once")
+    return tuple(value)
 
 
 # The keys of privacy.dp and privacy.client_dp and their rules are those of

@@ -176,6 +176,12 @@ class _Conn:
     # the data sets its last heartbeat declared (None: no heartbeat since this process
     # started); what submit_job checks a plan's job.dataset against
     datasets: tuple[str, ...] | None = None
+    # the class lists by data set that came just before its last heartbeat (None: none
+    # did: its data sets declare none, or an agent before DatasetClasses); cohort.py
+    # keeps class orders from mixing with them. ``classes_next``: a DatasetClasses
+    # waiting for the heartbeat it precedes.
+    classes: dict[str, tuple[str, ...]] | None = None
+    classes_next: dict[str, tuple[str, ...]] | None = None
 
     def seen(self, msg_id: str) -> bool:
         if msg_id in self.seen_set:
@@ -726,6 +732,12 @@ class Coordinator:
             self._heartbeat(site, body)
             self.outbox.append(Outgoing(site, m.HeartbeatAck(self.wall(), __version__)))
             return
+        if isinstance(body, m.DatasetClasses):  # just before each heartbeat; memory only
+            self._took_effect = True
+            self.conns[site].classes_next = {
+                name[:HEARTBEAT_TEXT_MAX]: tuple(classes)
+                for name, classes in list(body.classes.items())[:DATASETS_MAX]}
+            return
         if type(body).__name__ == "UpdateOutcome":
             if self.on_update_outcome is None:
                 self.store.audit(site, "update.outcome", repr(body))  # the only record
@@ -830,6 +842,7 @@ class Coordinator:
         # hundreds beating every second must not turn into hundreds of fsyncs.
         conn = self.conns[site]
         conn.secagg_protocol = hb.secagg_protocol
+        conn.classes, conn.classes_next = conn.classes_next, None
         datasets = [d[:HEARTBEAT_TEXT_MAX] for d in hb.datasets[:DATASETS_MAX]]
         conn.datasets = tuple(datasets)
         now = self.clock()
@@ -930,7 +943,9 @@ class Coordinator:
                 dp=any(runner.plan.privacy.get(k) is not None for k in ("dp", "client_dp")),
                 scaffold=runner.plan.scaffold,
                 versions={s: c.last_heartbeat[0] for s, c in self.conns.items()
-                          if c.last_heartbeat})
+                          if c.last_heartbeat},
+                classes={s: c.classes for s, c in self.conns.items()},
+                job_classes=runner.plan.classes)
             runner.selection = sel
             why = (sel.explain_missing(rnd.pinned_cohort) if rnd.pinned_cohort is not None
                    else sel.explain(runner.plan.min_clients))

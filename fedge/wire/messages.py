@@ -14,6 +14,9 @@ message            direction              meaning
 =================  =====================  ============================================
 Heartbeat          agent → coordinator    liveness + version, health, eligibility,
                                           data sets held, current task
+DatasetClasses     agent → coordinator    just before each Heartbeat: the class list
+                                          (label order) of each data set that has one
+                                          (not sent when none has)
 HeartbeatAck       coordinator → agent    liveness of the coordinator
 ControlCommit      coordinator → agent    SCAFFOLD, just before each TrainTask: the
                                           last committed round whose sum held this
@@ -94,6 +97,41 @@ class Heartbeat:
     # fedge.coordinator.rounds.SECAGG_PROTOCOL of the agent; absent from agents that
     # predate it (protocol 1)
     secagg_protocol: int = 1
+
+
+# Bounds on what one DatasetClasses may carry (the coordinator keeps it in memory).
+CLASSES_MAX = 1000  # classes per data set
+CLASS_NAME_MAX = 255  # characters per class name (a folder name)
+
+
+@message("dataset_classes")
+@dataclass(frozen=True)
+class DatasetClasses:
+    """The class list, in label order, of each data set the agent holds that declares
+    one (an image data set's ``classes`` in agent.toml); a data set without one is
+    absent. Sent just before every Heartbeat by an agent holding any such data set:
+    the coordinator takes the lists as part of the heartbeat that follows (none came:
+    none declared), and the cohort leaves out sites whose order disagrees
+    (fedge.coordinator.cohort).
+
+    A message of its own, not a Heartbeat field: the codec refuses unknown fields, so
+    a Heartbeat with a new field would be refused whole by a coordinator of the
+    previous release (same minor version, which accepts this agent), and the site
+    would never join a cohort there. Such a coordinator refuses this unknown type
+    alone (one Rejected); the agent then stops sending it until the coordinator's
+    version changes (fedge.agent.runtime)."""
+
+    classes: dict[str, list[str]]
+
+    def __post_init__(self) -> None:
+        for name, classes in self.classes.items():
+            if len(classes) > CLASSES_MAX:
+                raise ValueError(f"DatasetClasses.classes[{name[:80]!r}] lists "
+                                 f"{len(classes)} classes, over {CLASSES_MAX}")
+            long = [c for c in classes if len(c) > CLASS_NAME_MAX]
+            if long:
+                raise ValueError(f"DatasetClasses.classes[{name[:80]!r}] has a class name "
+                                 f"of {len(long[0])} characters, over {CLASS_NAME_MAX}")
 
 
 @message("heartbeat_ack")
@@ -228,8 +266,8 @@ class RosterUpdate:
 
 
 FEDERATION_MESSAGES = (
-    Heartbeat, HeartbeatAck, ControlCommit, TrainTask, TaskRefused, TrainDone, AggregateBegin,
-    PlainUpdate, EvalTask, EvalResult, RoundAbort, Rejected, RosterUpdate,
+    Heartbeat, DatasetClasses, HeartbeatAck, ControlCommit, TrainTask, TaskRefused, TrainDone,
+    AggregateBegin, PlainUpdate, EvalTask, EvalResult, RoundAbort, Rejected, RosterUpdate,
 )
 
 # The other packages define plain frozen dataclasses; they are registered here so

@@ -1,0 +1,103 @@
+"""An agent refuses a task whose plan names job.classes other than the class list its
+data set declares (agent.toml datasets.classes): its labels would be summed flipped."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+from fedge.agent.guard import PrivacyPolicy
+from fedge.agent.runtime import Agent
+from fedge.agent.trainer import SyntheticTrainer
+from fedge.coordinator.checkpoint import model_digest
+from fedge.wire import codec
+from fedge.wire import messages as m
+
+PLAN = """
+[job]
+dataset = "synthetic"
+rounds = 1
+min_clients = 2
+classes = {classes}
+[model]
+name = "linear"
+[train]
+steps = 1
+batch_size = 1
+learning_rate = 0.5
+[strategy]
+name = "fedavg"
+[secagg]
+enabled = false
+"""
+
+
+class ImageLikeTrainer(SyntheticTrainer):
+    def __init__(self, site: str, classes: tuple[str, ...] | None) -> None:
+        super().__init__(site)
+        self.classes = classes
+
+    def class_names(self, name: str) -> tuple[str, ...] | None:
+        return self.classes if name == self.dataset else None
+
+
+def _answers(agent: Agent, body: object) -> list[object]:
+    sent: list[object] = []
+
+    async def send(frames: list) -> None:
+        sent.append(codec.decode([bytes(f) for f in frames], max_bytes=1 << 24).body)
+
+    agent.send_frames = send
+    frames = [bytes(f) for f in codec.encode(body, sender="coordinator", job="j", round=1)]
+    asyncio.run(agent.handle_frames(frames))
+    return sent
+
+
+def _tasks(classes: str) -> tuple[m.TrainTask, m.EvalTask]:
+    w = np.zeros(4, np.float32)
+    plan = PLAN.format(classes=classes)
+    return (m.TrainTask(task_id="t1", plan=plan, weights=w,
+                        model_digest=bytes.fromhex(model_digest(w)), train_seed=1,
+                        quant_seed=b"\x01" * 16),
+            m.EvalTask(task_id="e1", plan=plan, weights=w, split="test"))
+
+
+def _agent(classes: tuple[str, ...] | None) -> Agent:
+    return Agent("h2", ImageLikeTrainer("h2", classes),
+                 policy=PrivacyPolicy(require_secure_aggregation=False))
+
+
+def test_train_and_eval_tasks_naming_another_class_order_are_refused_with_both_lists():
+    agent = _agent(("ring", "blob"))
+    for body in _tasks('["blob", "ring"]'):
+        (refused,) = _answers(agent, body)
+        assert isinstance(refused, m.TaskRefused)
+        assert refused.reason.startswith(
+            "the plan's job.classes ['blob', 'ring'] differs from the classes ['ring', "
+            "'blob'] that h2 declares for data set 'synthetic' in agent.toml")
+
+
+def test_a_plan_naming_classes_for_a_data_set_that_declares_none_is_refused():
+    (refused, _) = (*_answers(_agent(None), _tasks('["a", "b"]')[0]), None)
+    assert isinstance(refused, m.TaskRefused) and "declares none at h2" in refused.reason
+
+
+def test_tasks_of_the_sites_own_order_run():
+    agent = _agent(("blob", "ring"))
+    train, ev = _tasks('["blob", "ring"]')
+    assert [type(b) for b in _answers(agent, train)] == [m.TrainDone]
+    assert [type(b) for b in _answers(agent, ev)] == [m.EvalResult]
+
+
+def test_each_heartbeat_is_preceded_by_the_class_lists():
+    agent = _agent(("blob", "ring"))
+    sent: list[object] = []
+
+    async def send(frames: list) -> None:
+        sent.append(codec.decode([bytes(f) for f in frames], max_bytes=1 << 24).body)
+
+    agent.send_frames = send
+    asyncio.run(agent.heartbeat())
+    assert [type(b) for b in sent] == [m.DatasetClasses, m.Heartbeat]
+    assert sent[0].classes == {"synthetic": ["blob", "ring"]}

@@ -60,8 +60,7 @@ from fedge.train.privacy import (
     check_dp_plan,
     dp_fedavg_privatise,
     epsilon_for,
-    noisy_clipped_gradient,
-    per_example_grads,
+    private_gradient,
     secret_gaussian,
     secret_uniform,
 )
@@ -626,9 +625,8 @@ def local_train(
                     flat.grad.copy_(torch.from_numpy(secret_gaussian(flat.size, std)))
                 else:
                     xb, yb = x_all[idx], y_all[idx]
-                    grads = per_example_grads(model, terms, xb, yb, coupled=task == "survival")
-                    noisy, frac = noisy_clipped_gradient(
-                        grads,
+                    noisy, frac = private_gradient(
+                        model, terms, xb, yb, coupled=task == "survival",
                         max_grad_norm=cfg.dp.max_grad_norm,
                         noise_multiplier=cfg.dp.noise_multiplier,
                         expected_batch=q * n,

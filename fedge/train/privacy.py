@@ -74,6 +74,7 @@ __all__ = [
     "dp_fedavg_privatise",
     "epsilon_for",
     "noisy_clipped_gradient",
+    "private_gradient",
 ]
 
 
@@ -227,15 +228,74 @@ def noisy_clipped_gradient(
     from ``secret_gaussian`` (a fresh OS key unless ``noise_key`` is given). Returns
     the flat noisy gradient and the fraction of examples that were clipped.
     """
+    summed, norms = _clipped_sum(per_example, max_grad_norm)
+    return _noised(summed, norms, max_grad_norm=max_grad_norm,
+                   noise_multiplier=noise_multiplier, expected_batch=expected_batch,
+                   noise_key=noise_key)
+
+
+# Examples whose per-example gradients are computed at once (uncoupled losses): the
+# forward and backward activations of vmap grow with the examples taken together, a
+# CNN's by megabytes each, and a Poisson batch has no upper bound
+DP_CHUNK = 32
+
+
+def private_gradient(
+    model: torch.nn.Module,
+    loss_terms: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    coupled: bool,
+    max_grad_norm: float,
+    noise_multiplier: float,
+    expected_batch: float,
+    noise_key: bytes | None = None,
+    chunk: int = DP_CHUNK,
+) -> tuple[torch.Tensor, float]:
+    """`noisy_clipped_gradient` of the batch (x, y), the per-example gradients of an
+    uncoupled loss computed, clipped and summed ``chunk`` examples at a time, so that
+    memory grows with ``chunk``, not with the sampled batch. A coupled loss (Cox: one
+    record's term depends on the batch's others) is taken whole.
+
+    Raises: ValueError: chunk < 1.
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk={chunk} must be >= 1")
+    step = x.shape[0] if coupled else chunk
+    summed: torch.Tensor | None = None
+    norms = []
+    for at in range(0, x.shape[0], max(step, 1)):
+        grads = per_example_grads(model, loss_terms, x[at:at + step], y[at:at + step],
+                                  coupled=coupled)
+        part, part_norms = _clipped_sum(grads, max_grad_norm)
+        summed = part if summed is None else summed + part
+        norms.append(part_norms)
+        del grads
+    if summed is None:
+        raise ValueError("private_gradient of an empty batch")
+    return _noised(summed, torch.cat(norms), max_grad_norm=max_grad_norm,
+                   noise_multiplier=noise_multiplier, expected_batch=expected_batch,
+                   noise_key=noise_key)
+
+
+def _clipped_sum(per_example: list[torch.Tensor],
+                 max_grad_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the per-example gradients each clipped to max_grad_norm, their norms)."""
     flat = torch.cat([g.reshape(g.shape[0], -1) for g in per_example], dim=1)  # (B, P)
     norms = flat.norm(dim=1)
     factors = torch.clamp(max_grad_norm / (norms + 1e-12), max=1.0)
-    summed = (flat * factors[:, None]).sum(dim=0)
+    return (flat * factors[:, None]).sum(dim=0), norms
+
+
+def _noised(summed: torch.Tensor, norms: torch.Tensor, *, max_grad_norm: float,
+            noise_multiplier: float, expected_batch: float,
+            noise_key: bytes | None) -> tuple[torch.Tensor, float]:
     noise = torch.from_numpy(
         secret_gaussian(summed.numel(), noise_multiplier * max_grad_norm, key=noise_key)
     ).to(device=summed.device, dtype=summed.dtype)
     noisy = (summed + noise) / expected_batch
-    clipped = float((norms > max_grad_norm).float().mean()) if flat.shape[0] else 0.0
+    clipped = float((norms > max_grad_norm).float().mean()) if norms.numel() else 0.0
     return noisy, clipped
 
 

@@ -42,10 +42,12 @@ from fedge.update.files import set_aside, write_atomic, write_json
 from fedge.update.messages import (
     ERROR_NOT_FOUND,
     MAX_CHUNK,
+    TRANSPORT_FAILURE,
     UpdateAvailable,
     UpdateFetchReply,
     UpdateFetchRequest,
     UpdateOutcome,
+    transport_failure,
 )
 from fedge.update.version import SkewDecision, check_version_skew
 
@@ -65,6 +67,23 @@ _SIGNED_BY = {"root": "the console", "targets": "the console",
               "snapshot": "the coordinator", "timestamp": "the coordinator"}
 
 Roundtrip = Callable[[UpdateFetchRequest], UpdateFetchReply]
+
+# A fetch request (a (path, offset) read of a signed, hashed file: asking again is
+# harmless) is sent at most this many times before the download fails; each try waits
+# `AgentUpdateClient.reply_timeout_s` for its reply, less when the coordinator asks
+# again for the roll-out (it saw this site reconnect: the request may have died with
+# the old connection).
+FETCH_ATTEMPTS = 4
+FETCH_RETRY_PAUSE_S = 1.0  # after a send that failed at once (no link, socket replaced)
+
+
+class FetchTransportError(DownloadError):
+    """The coordinator did not answer a fetch request after `FETCH_ATTEMPTS` tries (the
+    connection lost, the link down): nothing was fetched wrong and nothing installed.
+    An outcome naming it is `retryable`, and the roll-out asks this site again."""
+
+
+assert FetchTransportError.__name__ == TRANSPORT_FAILURE  # the outcome's detail says it
 
 
 class ZmqFetcher(FetcherInterface):
@@ -452,9 +471,9 @@ class AgentUpdater:
     def reported(self, rollout_id: str) -> UpdateOutcome | None:
         """The outcome this appliance already reported for `rollout_id`, if any: a
         coordinator that asks again (it lost the answer) gets the same one, and
-        nothing is installed twice. A refusal for expired metadata is not one
-        (`retryable`): asked again, perhaps after a clock was put right, the
-        appliance tries again."""
+        nothing is installed twice. A refusal for expired metadata or a fetch the
+        connection lost is not one (`retryable`): asked again, perhaps after a clock
+        was put right or the link came back, the appliance tries again."""
         if not rollout_id:
             return None
         for doc in reversed(self._reported()):
@@ -469,7 +488,7 @@ class AgentUpdater:
 
     def note_reported(self, outcome: UpdateOutcome) -> None:
         """Remember `outcome` for `reported` (the newest REPORTED_KEEP roll-outs); a
-        `retryable` one (expired metadata) is not kept."""
+        `retryable` one (expired metadata, a fetch the connection lost) is not kept."""
         if not outcome.rollout_id or retryable(outcome):
             return
         docs = [d for d in self._reported() if d.get("rollout_id") != outcome.rollout_id]
@@ -558,10 +577,12 @@ class AgentUpdater:
 
 
 def retryable(outcome: UpdateOutcome) -> bool:
-    """Whether `outcome` is a refusal for expired metadata: worth trying again when
-    the roll-out asks again (a clock put right, the coordinator re-signing), so not
-    kept as this roll-out's final answer."""
-    return not outcome.ok and outcome.detail.startswith(EXPIRED_DETAIL)
+    """Whether `outcome` is a refusal for expired metadata, or a fetch the connection
+    lost (`FetchTransportError`): worth trying again when the roll-out asks again (a
+    clock put right, the coordinator re-signing, the link back), so not kept as this
+    roll-out's final answer."""
+    return not outcome.ok and (outcome.detail.startswith(EXPIRED_DETAIL)
+                               or transport_failure(outcome))
 
 
 def _expired_detail(updater: Updater, exc: ExpiredMetadataError) -> str:
@@ -757,15 +778,26 @@ class AgentUpdateClient:
                  models: ModelInstaller | None = None, service: Service | None = None,
                  executor: Executor | None = None, reply_timeout_s: float = 30.0,
                  health_deadline_s: float = 30.0, self_update: SelfUpdate | None = None,
-                 restart: Callable[[], None] | None = None) -> None:
+                 restart: Callable[[], None] | None = None,
+                 fetch_attempts: int = FETCH_ATTEMPTS) -> None:
+        """Raises: ValueError if reply_timeout_s is not positive or fetch_attempts < 1."""
+        if not reply_timeout_s > 0:
+            raise ValueError(f"reply_timeout_s {reply_timeout_s!r} must be > 0")
+        if fetch_attempts < 1:
+            raise ValueError(f"fetch_attempts {fetch_attempts!r} must be >= 1")
         self.updater = updater
         self._send = send
         self.models = models
         self.service = service
         self.executor = executor
         self.reply_timeout_s = reply_timeout_s
+        self.fetch_attempts = fetch_attempts
         self.health_deadline_s = health_deadline_s
         self._pending: dict[tuple[str, int], asyncio.Future[UpdateFetchReply]] = {}
+        # resolved when the coordinator asks again for a roll-out being installed: it
+        # saw this site come back, so a request in flight may have died with the old
+        # connection and is sent again at once (`_request`)
+        self._asked_again: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._busy: asyncio.Lock | None = None
         self.tasks: set[asyncio.Task[None]] = set()
@@ -815,6 +847,9 @@ class AgentUpdateClient:
                                          and self.self_update.awaiting(rid)):
                 log.info("roll-out %s asked again while its install is under way; its "
                          "outcome follows when done", rid)
+                if rid in self._inflight and self._asked_again is not None \
+                        and not self._asked_again.done():
+                    self._asked_again.set_result(None)  # resend what is unanswered
                 return
             self._inflight.add(rid)
             task = asyncio.ensure_future(self._install(body))
@@ -913,25 +948,68 @@ class AgentUpdateClient:
         await self._report(outcome)
 
     async def _request(self, req: UpdateFetchRequest) -> UpdateFetchReply:
+        """Send `req` until its reply comes: again after `reply_timeout_s` without one,
+        at once when the coordinator asks again for the roll-out (this site
+        reconnected), `fetch_attempts` times at most. A reply to an earlier try
+        answers a later one (the same (path, offset) read); a second is dropped.
+
+        Raises: FetchTransportError: no reply to any try."""
         assert self._loop is not None
+        key = (req.path, req.offset)
         fut: asyncio.Future[UpdateFetchReply] = self._loop.create_future()
-        self._pending[(req.path, req.offset)] = fut
-        await self._send(req)
+        self._pending[key] = fut
         try:
-            return await asyncio.wait_for(fut, self.reply_timeout_s)
+            why = ""
+            for attempt in range(1, self.fetch_attempts + 1):
+                if attempt > 1:
+                    log.warning("fetch %s@%d: %s; sending the request again (try %d of "
+                                "%d)", req.path, req.offset, why, attempt,
+                                self.fetch_attempts)
+                why = await self._try(req, fut)
+                if fut.done():
+                    return fut.result()
         finally:
-            self._pending.pop((req.path, req.offset), None)
+            if self._pending.get(key) is fut:
+                del self._pending[key]
+        raise FetchTransportError(
+            f"fetch {req.path}@{req.offset}: {why}, after {self.fetch_attempts} tries; "
+            "the connection to the coordinator was lost or is down (nothing installed; "
+            "asked again, this appliance tries again)")
+
+    async def _try(self, req: UpdateFetchRequest, fut: asyncio.Future[UpdateFetchReply]
+                   ) -> str:
+        """One send of `req` and the wait for `fut`; why it went unanswered ("" if not)."""
+        if self._asked_again is None or self._asked_again.done():
+            self._asked_again = asyncio.get_running_loop().create_future()
+        asked_again = self._asked_again
+        try:
+            async with asyncio.timeout(self.reply_timeout_s):
+                await self._send(req)  # waits while the link is down
+                await asyncio.wait({fut, asked_again}, return_when=asyncio.FIRST_COMPLETED)
+        except TimeoutError:
+            return f"no reply within {self.reply_timeout_s:g} s"
+        except (RuntimeError, OSError) as exc:  # NotConnected: the socket was replaced
+            await asyncio.sleep(min(FETCH_RETRY_PAUSE_S, self.reply_timeout_s))
+            return f"the request could not be sent ({exc})"
+        if fut.done():
+            return ""
+        return ("the coordinator asked for the roll-out again (this site reconnected: "
+                "the request may have been lost with the old connection)")
 
     def roundtrip(self, req: UpdateFetchRequest) -> UpdateFetchReply:
-        """Called from the executor thread: one request, one reply, or DownloadError."""
+        """Called from the executor thread: one request, its reply (sent again as
+        `_request` says), or DownloadError.
+
+        Raises: FetchTransportError (a DownloadError): no reply after every try."""
         if self._loop is None:
             raise DownloadError("update client not attached to the agent's event loop")
+        bound = self.fetch_attempts * (self.reply_timeout_s + FETCH_RETRY_PAUSE_S) + 5
         try:
             return asyncio.run_coroutine_threadsafe(self._request(req), self._loop).result(
-                self.reply_timeout_s + 1)
-        except (TimeoutError, concurrent.futures.TimeoutError) as exc:
-            raise DownloadError(f"fetch {req.path}@{req.offset}: no reply within "
-                                f"{self.reply_timeout_s:g} s") from exc
+                bound)
+        except (TimeoutError, concurrent.futures.TimeoutError) as exc:  # a stalled loop
+            raise FetchTransportError(f"fetch {req.path}@{req.offset}: no reply within "
+                                      f"{bound:g} s") from exc
 
 
 def attach_update_client(agent: Any, state_dir: Path, *, models: ModelInstaller | None = None,

@@ -61,4 +61,20 @@ class UpdateOutcome:
     detail: str
 
 
+# How the detail of an outcome begins when the agent could not fetch the update over its
+# connection (requests unanswered after its retries, the connection lost): the name of
+# the agent's exception (`fedge.agent.updates.FetchTransportError`). Nothing was
+# installed, and the roll-out asks that site again rather than stopping. Said in the
+# detail, not a new field: the codec refuses unknown fields, so an outcome with one
+# would be refused whole by the previous release's coordinator, which reads this one
+# as the failed install it always reported.
+TRANSPORT_FAILURE = "FetchTransportError"
+
+
+def transport_failure(outcome: UpdateOutcome) -> bool:
+    """Whether `outcome` says the agent could not fetch the update (`TRANSPORT_FAILURE`),
+    as opposed to a refused or failed install."""
+    return not outcome.ok and outcome.detail.startswith(f"{TRANSPORT_FAILURE}: ")
+
+
 _register_rollout()

@@ -1,5 +1,5 @@
 """Fleet roll-out of one signed target: a canary first, then the rest, one site
-at a time; stop at the first failure. Sans-I/O: the coordinator feeds it
+at a time; stop at the first failed install. Sans-I/O: the coordinator feeds it
 outcomes and the clock and sends what it returns.
 
 Transitions (state, event) -> state::
@@ -9,7 +9,15 @@ Transitions (state, event) -> state::
     rest      --ok, sites left-->     rest
     rest      --ok, none left-->      succeeded
     canary/rest --failed outcome-->   failed     (nobody else is told)
+    canary/rest --transport outcome-> unchanged  (the same site asked again at once)
     canary/rest --deadline-->         failed
+
+A failed outcome stops the roll-out: a bundle that does not verify or install, or
+software that fails its health check, is what the canary is there to catch. A
+*transport* outcome (`fedge.update.messages.transport_failure`: the agent's fetch
+requests went unanswered after its retries, its connection lost) says nothing about
+the bundle and nothing was installed: that site is asked again, and only its
+deadline stops the roll-out.
 
 The awaited site is asked again, with no change of state, whenever it reconnects
 (`reask`) and every quarter of the deadline while it stays silent (`due`): an ask
@@ -31,7 +39,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedge.update.messages import UpdateAvailable, UpdateOutcome
+from fedge.update.messages import UpdateAvailable, UpdateOutcome, transport_failure
 
 TRANSITIONS: dict[tuple[str, str], str] = {
     ("pending", "start"): "canary",
@@ -40,6 +48,8 @@ TRANSITIONS: dict[tuple[str, str], str] = {
     ("rest", "done"): "succeeded",
     ("canary", "failed"): "failed",
     ("rest", "failed"): "failed",
+    ("canary", "transport"): "canary",
+    ("rest", "transport"): "rest",
 }
 
 
@@ -104,13 +114,16 @@ class Rollout:
     def receive(self, site: str, outcome: UpdateOutcome, now: float,
                 wall: float | None = None) -> list[tuple[str, UpdateAvailable]]:
         """Feed one agent's outcome. Outcomes from sites not being waited on, or for
-        another roll-out or path, are ignored (returns []). ``wall`` as for
-        :meth:`start`."""
+        another roll-out or path, are ignored (returns []). A transport failure asks
+        the site again (module doc). ``wall`` as for :meth:`start`."""
         if (self.done or site != self.waiting_for or outcome.rollout_id != self.rollout_id
                 or outcome.path != self.path):
             return []
         self.results[site] = {"ok": outcome.ok, "rolled_back": outcome.rolled_back,
                               "detail": outcome.detail}
+        if transport_failure(outcome):
+            self._go("transport")  # the deadline keeps running from the first ask
+            return self.reask(site, now)
         if not outcome.ok:
             role = "canary" if self.state == "canary" else "site"
             self.failure = (f"{role} {site} failed to install {self.path}: {outcome.detail}; "
@@ -147,10 +160,16 @@ class Rollout:
         if self.done or now - self._waiting_since < self.deadline_s:
             return
         site = self.waiting_for
+        last = self.results.get(site or "?", {})
+        fetch = str(last.get("detail", "")) if not last.get("ok", True) else ""
         self.results[site or "?"] = {"ok": False, "rolled_back": False,
-                                     "detail": f"no outcome within {self.deadline_s:g} s"}
+                                     "detail": f"no outcome within {self.deadline_s:g} s"
+                                     + (f"; last: {fetch}" if fetch else "")}
         self.failure = (f"{site} did not report an outcome for {self.path} within "
                         f"{self.deadline_s:g} s; roll-out stopped")
+        if fetch:
+            self.failure = (f"{site} could not fetch {self.path} within "
+                            f"{self.deadline_s:g} s (last: {fetch}); roll-out stopped")
         self._go("failed")
 
     def to_state(self) -> dict[str, Any]:

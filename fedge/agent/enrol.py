@@ -25,6 +25,13 @@ under the old site can be unmasked over another survivor set under the new one.
 The same site enrolled again (the command run twice, or a renewed file after the
 console revoked and re-enrolled the site) needs no ``replace``, as before.
 
+A file of the console this appliance is enrolled with never moves its trust
+backwards or sideways: the TUF root it trusts is kept unless the file's root is a
+later version that root vouches for (an old file run again after a key rotation
+would trust the retired keys again; a file signed with the roster key alone could
+name anyone's root), and a change of the pinned coordinator (endpoint or key)
+needs ``replace``.
+
 Where: ``--state-dir DIR``, else the ``state_dir`` of the agent config given with
 ``--config`` (``fedge agent --config FILE enrol ...``, as the agent reads it),
 else /var/lib/fedge; a ``--state-dir`` and a ``--config`` naming two directories
@@ -78,8 +85,10 @@ def install_enrolment(file: Path, state_dir: Path, *, now: datetime | None = Non
     Raises:
         EnrolmentError: corrupt, expired (the message names this appliance's clock:
             a fast one expires files early) or foreign file; or `state_dir` is enrolled
-            as another site (or its enrolment state is corrupt) and not `replace`.
-            Nothing is written then.
+            as another site (or its enrolment state is corrupt) and not `replace`; or
+            the file's TUF root does not chain from the one this appliance trusts
+            (`_check_root_chains`), or it would change the pinned coordinator and not
+            `replace`. Nothing is written then.
         OSError: the state dir cannot be written.
     """
     from fedge.agent.updates import install_trusted_root
@@ -137,6 +146,12 @@ def install_enrolment(file: Path, state_dir: Path, *, now: datetime | None = Non
         tuf_repo.verify_by(root, "root", root)
     except ValueError as exc:
         raise EnrolmentError(f"enrolment file {file} is corrupt: {exc}") from exc
+    same_console = previous is not None and previous[1] == e.roster_public_key
+    keep_root = False
+    if same_console:
+        keep_root = _check_root_chains(state_dir, root, file, replace=replace)
+        _check_coordinator_pin(state_dir, e.site, e.coordinator_endpoint,
+                               e.coordinator_public_key, file, replace=replace)
     for d in (state_dir, state_dir / "keys"):
         d.mkdir(parents=True, exist_ok=True)
         os.chmod(d, 0o700)
@@ -146,7 +161,8 @@ def install_enrolment(file: Path, state_dir: Path, *, now: datetime | None = Non
     write_json(state_dir / "keys" / "coordinator.json",
                {"endpoint": e.coordinator_endpoint, "public_key": e.coordinator_public_key})
     write_atomic(state_dir / "roster.json", e.roster)
-    install_trusted_root(state_dir, e.tuf_root)
+    if not keep_root:
+        install_trusted_root(state_dir, e.tuf_root)
     write_json(existing, {
         "site": e.site, "console_id": e.console_id, "console_fingerprint": e.fingerprint(),
         "roster_public_key": e.roster_public_key.hex(), "issued": e.issued.isoformat(),
@@ -156,6 +172,98 @@ def install_enrolment(file: Path, state_dir: Path, *, now: datetime | None = Non
     return EnrolledSite(e.site, e.console_id, e.fingerprint(), e.coordinator_endpoint,
                         e.coordinator_public_key, e.curve_public, e.curve_secret,
                         e.roster_public_key, state_dir, replaced)
+
+
+def _check_root_chains(state_dir: Path, new: Any, file: Path, *, replace: bool) -> bool:
+    """Whether to keep the TUF root this appliance trusts rather than install `new`,
+    the root in an enrolment file of the console it is already enrolled with.
+
+    The trusted root moves only forward, as the update channel moves it: `new` is
+    installed when it is a later version signed by the held root's root key(s) and by
+    its own (a rotation, fedge.coordinator.updates does the same); the same root is
+    kept. An older one (the site's old file run again after a key rotation: it would
+    trust the retired keys again), another root of the same version, or a later one
+    the held root does not vouch for (a file signed with the roster key alone: it
+    would make this appliance install updates signed by whoever made that root) is
+    refused. A later version whose rotation went through versions in between that
+    this appliance never saw does not verify against the held one: the update channel
+    brings them; ``replace`` installs it anyway (the operator vouches for the file).
+
+    Raises:
+        EnrolmentError: refused (names both versions); nothing is written then.
+    """
+    from fedge.console.enrolment import EnrolmentError
+    from fedge.update import tuf_repo
+
+    path = state_dir / "tuf" / "metadata" / "root.json"
+    try:
+        held_bytes = path.read_bytes()
+    except FileNotFoundError:
+        return False
+    try:
+        held = tuf_repo.load(held_bytes, "root")
+    except ValueError as exc:
+        if replace:
+            return False
+        raise EnrolmentError(f"the trusted TUF root {path} is corrupt ({exc}); nothing "
+                             f"changed. Pass --replace to install the root of {file}") from exc
+    have, got = held.signed.version, new.signed.version
+    if got == have:
+        if held.signed_bytes == new.signed_bytes:
+            return True
+        raise EnrolmentError(
+            f"{file} carries TUF root v{got}, which is not the root v{have} this appliance "
+            "trusts (same version, other content): it is not the console's; nothing changed")
+    if got < have:
+        raise EnrolmentError(
+            f"{file} carries TUF root v{got}, older than the root v{have} this appliance "
+            "trusts (the console has rotated its keys since the file was made: an old file "
+            "would make the retired keys trusted again); nothing changed. Ask the console "
+            "for a new enrolment file (`fedge console enrol`)")
+    try:
+        tuf_repo.verify_by(held, "root", new)
+        tuf_repo.verify_by(new, "root", new)
+    except ValueError as exc:
+        if replace:
+            return False
+        raise EnrolmentError(
+            f"{file} carries TUF root v{got}, which the root v{have} this appliance trusts "
+            f"does not vouch for ({exc}); nothing changed. If the console rotated its root "
+            "key more than once since, the appliance follows on its own once connected; "
+            "pass --replace only if you are sure this file comes from your console") from exc
+    return False
+
+
+def _check_coordinator_pin(state_dir: Path, site: str, endpoint: str, public_key: str,
+                           file: Path, *, replace: bool) -> None:
+    """Refuse, without ``replace``, a file that would change the coordinator this
+    appliance is pinned to (its endpoint or CURVE key): a file signed with the roster
+    key alone could otherwise send the appliance to a coordinator of someone else's.
+
+    Raises:
+        EnrolmentError: the pin would change and not ``replace`` (names both).
+    """
+    from fedge.console.enrolment import EnrolmentError
+
+    path = state_dir / "keys" / "coordinator.json"
+    try:
+        held = json.loads(path.read_text())
+        pinned = (str(held["endpoint"]), str(held["public_key"]))
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, KeyError, TypeError):
+        pinned = ("?", "?")  # unreadable: a change all the same
+    if pinned == (endpoint, public_key) or replace:
+        return
+    changes = []
+    if pinned[0] != endpoint:
+        changes.append(f"endpoint {pinned[0]} to {endpoint}")
+    if pinned[1] != public_key:
+        changes.append(f"CURVE key {pinned[1]} to {public_key}")
+    raise EnrolmentError(
+        f"{file} would change the coordinator site {site!r} is pinned to ("
+        f"{'; '.join(changes)}); nothing changed. Pass --replace if the console moved its "
+        "coordinator")
 
 
 def _give_to_owner(state_dir: Path) -> None:
@@ -279,4 +387,7 @@ def _cmd_enrol(args: argparse.Namespace) -> int:
               "log (the budget its data has spent stays spent)")
     print(f"enrolled site {site.site} with console key {site.console_fingerprint}; "
           f"coordinator {site.coordinator_endpoint}; state in {site.state_dir}")
+    print(f"now destroy {args.file} (e.g. `shred -u {args.file}`, and any copy of it): it "
+          "holds this appliance's secret keys, and whoever has it can connect as site "
+          f"{site.site} until the console revokes it, expired or not")
     return 0

@@ -26,9 +26,14 @@ without a timestamp; the same payload gives the same bytes and the same TUF hash
 Usage::
 
     firmware/make_bundle.py --version 0.2.0 --payload DIR --out fedge-0.2.0.tar.gz \\
-        [--exec '{python}' -m fedge.cli agent run --config /etc/fedge/agent.toml] \\
+        [--exec '{python} -m fedge.cli agent run --config /etc/fedge/agent.toml'] \\
         [--env PYTHONPATH=site-packages]
     firmware/make_bundle.py --verify SLOT_DIR
+
+``--exec`` is one string, split as a POSIX shell would (quotes kept together).
+A payload holding ``site-packages/`` gets ``PYTHONPATH=site-packages`` unless
+``--env PYTHONPATH=...`` says otherwise: without it the slot's command would import
+the packaged fedge, not the bundle's.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import gzip
 import io
 import json
 import re
+import shlex
 import sys
 import tarfile
 from collections.abc import Sequence
@@ -162,8 +168,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--version")
     parser.add_argument("--payload", type=Path)
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--exec", dest="exec_argv", nargs="+", default=list(DEFAULT_EXEC))
-    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--exec", dest="exec_line", metavar="COMMAND",
+                        default=shlex.join(DEFAULT_EXEC),
+                        help="the slot's command, one string split as a shell would "
+                             "(default: %(default)s)")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment of the slot's command (a payload with "
+                             "site-packages/ gets PYTHONPATH=site-packages unless given)")
     parser.add_argument("--verify", type=Path, metavar="SLOT_DIR")
     args = parser.parse_args(argv)
     try:
@@ -180,7 +191,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not sep or not key:
                 parser.error(f"--env {item!r} must be KEY=VALUE")
             env[key] = value
-        manifest = make_bundle(args.payload, args.version, args.out, exec_argv=args.exec_argv,
+        try:
+            exec_argv = shlex.split(args.exec_line)
+        except ValueError as exc:
+            parser.error(f"--exec {args.exec_line!r}: {exc}")
+        if "PYTHONPATH" not in env and (args.payload / "site-packages").is_dir():
+            env["PYTHONPATH"] = "site-packages"
+            print("make_bundle: PYTHONPATH=site-packages (the payload's site-packages/)",
+                  file=sys.stderr)
+        manifest = make_bundle(args.payload, args.version, args.out, exec_argv=exec_argv,
                                env=env)
     except BundleError as exc:
         print(f"make_bundle: {exc}", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -182,3 +183,32 @@ def test_command_line(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, tool, "--version", "3", "--payload", str(src),
                           "--out", str(out)], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "version '3' is not" in bad.stderr
+
+
+def test_the_documented_exec_line_is_one_string_and_site_packages_gets_its_pythonpath(
+        tmp_path: Path) -> None:
+    """The usage's `--exec '{python} -m fedge.cli agent run --config …'` is taken as
+    the slot's command, and a payload with site-packages/ runs the bundle's own code:
+    PYTHONPATH=site-packages unless --env names another."""
+    src = tmp_path / "payload"
+    (src / "site-packages" / "fedge").mkdir(parents=True)
+    (src / "site-packages" / "fedge" / "__init__.py").write_text("__version__ = '9.0.0'\n")
+    tool = str(REPO / "firmware/make_bundle.py")
+
+    def bundle(*extra: str) -> dict:
+        out = tmp_path / "b.tar.gz"
+        made = subprocess.run([sys.executable, tool, "--version", "9.0.0", "--payload",
+                               str(src), "--out", str(out), *extra], capture_output=True,
+                              text=True, timeout=60)
+        assert made.returncode == 0, made.stderr
+        slot = SlotInstaller(tmp_path / f"sw{len(extra)}").unpack("9.0.0", out)
+        return json.loads((slot / "fedge-bundle.json").read_text())
+
+    made = bundle("--exec", "{python} -m fedge.cli agent run --config '/etc/my fedge/a.toml'")
+    assert made["exec"] == ["{python}", "-m", "fedge.cli", "agent", "run", "--config",
+                            "/etc/my fedge/a.toml"]
+    assert made["env"] == {"PYTHONPATH": "site-packages"}
+    assert bundle()["exec"] == ["{python}", "-m", "fedge.cli", "agent", "run", "--config",
+                                "/etc/fedge/agent.toml"]
+    assert bundle("--env", "PYTHONPATH=lib", "--env", "A=b")["env"] == {
+        "A": "b", "PYTHONPATH": "lib"}

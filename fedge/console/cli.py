@@ -196,11 +196,8 @@ def _cmd_enrol(args: argparse.Namespace) -> int:
         from fedge.console.client import AdminError
         from fedge.console.store import ConsoleError
 
-        info = store.sites()[args.site]
         try:
-            _call(args, "enrol", {"site": args.site, "curve_public": info["curve_public"],
-                                  "ed25519_public": info["ed25519_public"]},
-                  {"roster": store.roster().to_bytes()})
+            _call(args, "enrol", *store.enrol_request(args.site))
         except (AdminError, TimeoutError) as exc:
             # The identity exists and its file may already be on its way to the site:
             # keep both, and say how the coordinator gets to know it.
@@ -240,8 +237,12 @@ def _cmd_sync(args: argparse.Namespace) -> int:
                     print(f"revoked {site}")
             elif (have.get("status") != "enrolled"
                   or have.get("curve_public_z85") != info["curve_public"]):
-                _call(args, "enrol", {"site": site, "curve_public": info["curve_public"],
-                                      "ed25519_public": info["ed25519_public"]}, roster)
+                if have.get("status") == "enrolled":
+                    # revoked and enrolled anew here while the coordinator was away: it
+                    # still lets the old key in, and re-keys a site only once revoked
+                    _call(args, "revoke", {"site": site}, roster)
+                    print(f"revoked {site}'s previous key")
+                _call(args, "enrol", *store.enrol_request(site))
                 print(f"enrolled {site}")
         print(f"coordinator in sync: {len(store.active_sites())} active site(s)")
         return 0

@@ -271,6 +271,34 @@ class ConsoleStore:
         }
         self._save()
 
+    def enrol_request(self, site: str) -> tuple[dict[str, str], dict[str, bytes]]:
+        """The admin ``enrol`` op's arguments and blobs for `site`: its keys, the
+        current signed roster and the site's enrolment grant (`enrol_grant`). The
+        coordinator takes a site's keys only with both, so an operator key alone
+        cannot put a key on its allow-list.
+
+        Raises: ConsoleError if the site is not enrolled, or is revoked."""
+        info = self.state["sites"].get(site)
+        if info is None or info.get("revoked"):
+            raise ConsoleError(f"site {site!r} is not an enrolled, unrevoked site of this "
+                               "console")
+        args = {"site": site, "curve_public": str(info["curve_public"]),
+                "ed25519_public": str(info["ed25519_public"])}
+        return args, {"roster": self.roster().to_bytes(), ENROL_GRANT: self.enrol_grant(site)}
+
+    def enrol_grant(self, site: str) -> bytes:
+        """`site`'s CURVE key and identity, signed with the roster key: what binds the
+        key the coordinator lets in to the console (the signed roster names only the
+        identity). Checked by `check_enrol_grant`."""
+        info = self.state["sites"][site]
+        payload = json.dumps({"format": GRANT_FORMAT, "site": site,
+                              "curve_public": info["curve_public"],
+                              "ed25519_public": info["ed25519_public"]},
+                             sort_keys=True).encode()
+        signature = self.roster_identity().sign(payload)
+        return json.dumps({"payload": base64.b64encode(payload).decode(),
+                           "signature": signature.hex()}, sort_keys=True).encode()
+
     def revoke_site(self, site: str) -> dict[str, object]:
         """Mark `site` revoked; returns its record.
 
@@ -617,6 +645,37 @@ def _newest_only(files: Mapping[str, TargetFile]) -> dict[str, TargetFile]:
     specs = _fedge_specs(files)
     newest = {spec.path for spec in tuf_repo.newest_per_lineage(specs.values()).values()}
     return {path: tf for path, tf in files.items() if path not in specs or path in newest}
+
+
+ENROL_GRANT = "enrol_grant"  # the admin enrol op's blob holding the grant
+GRANT_FORMAT = "fedge-enrol-grant/1"
+
+
+def check_enrol_grant(grant: bytes, roster_public_key: bytes) -> dict[str, str]:
+    """The site, CURVE key and identity (hex) an enrolment grant made by
+    `ConsoleStore.enrol_grant` names, once its signature verifies under the console's
+    roster key.
+
+    Raises:
+        ValueError: malformed, of another format, or not signed by that roster key.
+    """
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    try:
+        outer = json.loads(grant)
+        payload = base64.b64decode(outer["payload"], validate=True)
+        signature = bytes.fromhex(outer["signature"])
+        Ed25519PublicKey.from_public_bytes(roster_public_key).verify(signature, payload)
+        doc = json.loads(payload)
+        if doc.get("format") != GRANT_FORMAT:
+            raise ValueError(f"format {doc.get('format')!r} is not {GRANT_FORMAT!r}")
+        return {k: str(doc[k]) for k in ("site", "curve_public", "ed25519_public")}
+    except InvalidSignature:
+        raise ValueError("the enrolment grant is not signed by the console's roster "
+                         f"key {roster_public_key.hex()[:16]}") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"the enrolment grant is malformed: {exc}") from exc
 
 
 def _check_name(name: object, *, what: str) -> str:

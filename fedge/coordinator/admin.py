@@ -237,19 +237,70 @@ class AdminService:
         return result, out
 
     def _op_enrol(self, op: Operator, args: dict, blobs: dict) -> tuple[Any, dict]:
+        """Put a site's CURVE key on the allow-list. An operator key alone is not
+        enough: the request carries the console-signed roster naming the site with
+        this identity (no older than the one in force) and the site's enrolment grant,
+        signed with the same roster key, binding the CURVE key to the site and
+        identity (`ConsoleStore.enrol_request`). An enrolled site is not re-keyed:
+        it is revoked first (`fedge console revoke`, then `enrol`)."""
         site = str(args["site"])
         curve_public = str(args["curve_public"])
+        ed25519_hex = str(args["ed25519_public"])
         known = {a["site_id"]: a for a in self.coordinator.fleet()}.get(site)
         if known and known.get("status") == "revoked" and known.get(
                 "curve_public_z85") == curve_public:
             raise ValueError(f"site {site!r} was revoked with this CURVE key; a revoked "
                              "identity cannot rejoin — enrol it with a new identity")
-        self.coordinator.enrol(site, curve_public,
-                               bytes.fromhex(str(args["ed25519_public"])),
+        if known and known.get("status") == "enrolled" and known.get(
+                "curve_public_z85") != curve_public:
+            self._audit(op, "admin.enrol.rekey_refused", {
+                "site": site, "curve_public": curve_public,
+                "enrolled_curve_public": known.get("curve_public_z85")})
+            raise ValueError(f"site {site!r} is enrolled with another CURVE key "
+                             f"({known.get('curve_public_z85')}); a site is not re-keyed "
+                             "while enrolled: revoke it first (`fedge console revoke "
+                             f"{site}`, then `fedge console enrol {site}`)")
+        self._check_console_vouches(site, curve_public, ed25519_hex, blobs)
+        self.coordinator.enrol(site, curve_public, bytes.fromhex(ed25519_hex),
                                actor=f"{ADMIN_ACTOR}:{op.name}")
         if "roster" in blobs:
             self.coordinator.set_roster(blobs["roster"], actor=f"{ADMIN_ACTOR}:{op.name}")
         return {"site": site, "status": "enrolled"}, {}
+
+    def _check_console_vouches(self, site: str, curve_public: str, ed25519_hex: str,
+                               blobs: dict) -> None:
+        """Raises: ValueError: the roster or the grant is missing, does not verify
+        under the console's roster key, or does not name this site with these keys;
+        or the roster is older than the one in force (an old roster that still named
+        a revoked identity). A coordinator not given the roster key checks nothing."""
+        from fedge.console.store import ENROL_GRANT, check_enrol_grant
+        from fedge.secagg.keys import Roster
+
+        key = self.coordinator.roster_public_key
+        if not key:
+            return
+        missing = [b for b in ("roster", ENROL_GRANT) if b not in blobs]
+        if missing:
+            raise ValueError(f"site {site!r} is enrolled only with the console's signed "
+                             f"roster and enrolment grant ({', '.join(missing)} missing): "
+                             "an operator key alone cannot enrol a key; use `fedge console "
+                             "enrol` or `fedge console sync`")
+        roster = Roster.from_bytes(blobs["roster"], key)  # RosterSignatureError: ValueError
+        if roster.entries.get(site, b"").hex() != ed25519_hex.lower():
+            raise ValueError(f"the console-signed roster (serial {roster.serial}) does not "
+                             f"name site {site!r} with identity {ed25519_hex[:16]}…")
+        if self.coordinator.roster:
+            held = Roster.from_bytes(self.coordinator.roster, key).serial
+            if roster.serial < held:
+                raise ValueError(f"roster serial {roster.serial} is older than the one in "
+                                 f"force ({held}); refused")
+        grant = check_enrol_grant(blobs[ENROL_GRANT], key)
+        wanted = {"site": site, "curve_public": curve_public,
+                  "ed25519_public": ed25519_hex.lower()}
+        if grant != wanted:
+            raise ValueError(f"the console's enrolment grant names site {grant['site']!r} "
+                             f"with CURVE key {grant['curve_public']}, not site {site!r} with "
+                             f"{curve_public}")
 
     def _op_revoke(self, op: Operator, args: dict, blobs: dict) -> tuple[Any, dict]:
         site = str(args["site"])

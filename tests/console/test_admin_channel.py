@@ -35,11 +35,7 @@ name = "fedavg"
 
 def enrol(server, site):
     _, e = create_enrolment(server.console, site, valid_for=timedelta(days=1))
-    info = server.console.sites()[site]
-    server.client("admin").call(
-        "enrol", {"site": site, "curve_public": info["curve_public"],
-                  "ed25519_public": info["ed25519_public"]},
-        {"roster": server.console.roster().to_bytes()})
+    server.client("admin").call("enrol", *server.console.enrol_request(site))
     return e
 
 

@@ -176,10 +176,8 @@ class Appliance:
         from fedge.console.enrolment import create_enrolment
 
         create_enrolment(server.console, site, valid_for=timedelta(days=1))
-        info = server.console.sites()[site]
         AdminClient.from_store(server.console, "admin", timeout_s=5).call(
-            "enrol", {"site": site, "curve_public": info["curve_public"],
-                      "ed25519_public": info["ed25519_public"]})
+            "enrol", *server.console.enrol_request(site))
         state = tmp_path / site
         install_trusted_root(state, server.console.root_bytes())
         self.updater = AgentUpdater(state, ZmqFetcher(server.updates.handle_fetch))

@@ -20,10 +20,8 @@ def test_a_push_refused_for_expired_targets_names_the_consoles_clock(tmp_path, m
     coordinator's (right) clock: the refusal says so, and what this console reads."""
     server = make_server()
     create_enrolment(server.console, "h1", valid_for=timedelta(days=1))
-    info = server.console.sites()["h1"]
     admin = AdminClient.from_store(server.console, "admin", timeout_s=5)
-    admin.call("enrol", {"site": "h1", "curve_public": info["curve_public"],
-                         "ed25519_public": info["ed25519_public"]})
+    admin.call("enrol", *server.console.enrol_request("h1"))
     slow_now = (datetime.now(UTC) - timedelta(days=100)).replace(microsecond=0)
     slow = ConsoleStore(server.console.home, clock=lambda: slow_now)
     f = tmp_path / "model.onnx"

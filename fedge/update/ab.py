@@ -39,7 +39,7 @@ import time
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from fedge.update.files import holding, remove_stale_temps
 from fedge.update.tuf_repo import is_version, version_key
@@ -696,7 +696,7 @@ class SelfUpdate:
         if p is None:
             return "none"
         attempts = int(p.get("attempts", 0)) + 1  # type: ignore[call-overload]
-        version, previous = str(p["version"]), p.get("previous")
+        version = str(p["version"])
         if self.slots.current_version() != version:
             # `stage` died (or failed) before `current` moved, or a roll-back died
             # after moving it back: the pending version is not what starts.
@@ -707,8 +707,13 @@ class SelfUpdate:
         if attempts <= self.max_attempts:
             self._write(PENDING, {**p, "attempts": attempts})
             return "trial"
-        detail = (f"version {version} did not confirm READY and a heartbeat in "
-                  f"{self.max_attempts} starts")
+        return self._roll_back(p, f"version {version} did not confirm READY and a "
+                                  f"heartbeat in {self.max_attempts} starts")
+
+    def _roll_back(self, p: dict[str, Any], detail: str) -> str:
+        """Switch back from the pending slot ``p``: to its previous slot, or (none)
+        to the packaged install; the outcome says ``detail`` and where it went."""
+        version, previous = str(p["version"]), p.get("previous")
         back = isinstance(previous, str) and (self.slots.slots / previous).is_dir()
         if back:
             detail += f"; rolled back to {previous}"
@@ -754,6 +759,18 @@ class SelfUpdate:
                                             f"install {packaged_version()} is newer (a .deb "
                                             "upgrade came first); the update is dropped"})
             (self.root / PENDING).unlink()
+            return False
+        imported = packaged_version()
+        if os.environ.get(SOFTWARE_ROOT_ENV) and imported != p["version"]:
+            # the slot's command ran, but imported another fedge (a bundle without
+            # its own code on the path, e.g. no PYTHONPATH=site-packages): the update
+            # would be reported healthy while the old code runs
+            import fedge
+
+            self._roll_back(p, f"software {p['version']}'s slot ran, but the fedge it "
+                               f"imported is version {imported} from "
+                               f"{Path(fedge.__file__).parent}, not the bundle's (does its "
+                               "fedge-bundle.json env set PYTHONPATH to its site-packages?)")
             return False
         self._write(OUTCOME, {"rollout_id": p.get("rollout_id", ""), "path": p.get("path", ""),
                               "name": p.get("name", "fedge"), "version": p["version"],

@@ -406,6 +406,9 @@ def test_software_is_one_lineage_whatever_its_target_name(tmp_path, fleet, monke
     assert SelfUpdate(root).pending()["name"] == "fedge-agent"
     monkeypatch.setenv(SOFTWARE_ROOT_ENV, str(root))  # the launcher ran the new slot
     monkeypatch.setenv(SLOT_ENV, "2.0.0")
+    import fedge
+
+    monkeypatch.setattr(fedge, "__version__", "2.0.0")  # and imported the slot's fedge
 
     async def first_ack() -> list:
         async def send(body: object) -> None:
@@ -630,7 +633,32 @@ def test_a_trial_the_launcher_did_not_run_is_dropped_not_confirmed(tmp_path, mon
     SelfUpdate(root).stage(newer, bundle(tmp_path, newer, "good"), rollout_id="r10")
     exec_current(root, ["/usr/bin/fedge", "agent"])
     assert os.environ["FEDGE_SOFTWARE_SLOT"] == newer
+    monkeypatch.setattr(fedge, "__version__", newer)  # the slot's process imports its own
     assert SelfUpdate(root).confirm() and SelfUpdate(root).take_outcome()["ok"]
+
+
+def test_a_slot_that_runs_the_packaged_fedge_is_rolled_back_not_confirmed(
+        tmp_path, monkeypatch):
+    """A bundle whose command does not put its own fedge on the path (no PYTHONPATH to
+    its site-packages) runs the packaged code under the slot's name: its first
+    heartbeat ack must not report the update healthy. It is rolled back, saying what
+    ran, and an update that does import its own fedge is still confirmed."""
+    import fedge
+    from fedge.update.ab import exec_current
+
+    root = tmp_path / "software"
+    SelfUpdate(root).stage("99.0.0", bundle(tmp_path, "99.0.0", "good"), rollout_id="r1")
+    monkeypatch.setenv("FEDGE_SOFTWARE_ROOT", "")
+    monkeypatch.setenv("FEDGE_SOFTWARE_SLOT", "")
+    exec_current(root, ["/usr/bin/fedge", "agent"])
+    assert os.environ["FEDGE_SOFTWARE_SLOT"] == "99.0.0"  # the slot runs, fedge is 0.2
+    assert not SelfUpdate(root).confirm()
+    out = SelfUpdate(root).take_outcome()
+    assert out["rollout_id"] == "r1" and not out["ok"] and out["rolled_back"]
+    assert (f"software 99.0.0's slot ran, but the fedge it imported is version "
+            f"{fedge.__version__}" in out["detail"]) and "PYTHONPATH" in out["detail"]
+    assert SelfUpdate(root).pending() is None
+    assert SlotInstaller(root).current_version() is None  # back to the packaged install
 
 
 def test_the_launcher_environment_did_not_leak_into_later_tests():

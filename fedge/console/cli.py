@@ -191,6 +191,10 @@ def _cmd_enrol(args: argparse.Namespace) -> int:
         print(f"enrolment file for {e.site}: {path} (expires {e.expires.isoformat()})")
         print(f"console key fingerprint: {e.fingerprint()} (give it to `fedge agent enrol "
               "--console-key` on site, apart from the file)")
+        print(f"{path} holds {e.site}'s secret keys, and this console keeps no other copy: "
+              "carry it to the site and destroy it once `fedge agent enrol` has installed "
+              "it (shred -u). Whoever has it, expired or not, can connect as "
+              f"{e.site} until `fedge console revoke {e.site}`")
         if args.offline:
             return 0
         from fedge.console.client import AdminError
@@ -215,7 +219,11 @@ def _cmd_enrol(args: argparse.Namespace) -> int:
 def _cmd_revoke(args: argparse.Namespace) -> int:
     def go(args: argparse.Namespace) -> int:
         store = _store(args)
+        from fedge.console.enrolment import ENROLMENTS
+
         store.revoke_site(args.site)
+        # the site's file, if `enrol` wrote it here, holds keys that are dead from now on
+        (store.home / ENROLMENTS / f"{args.site}.fedge-enrol").unlink(missing_ok=True)
         _call(args, "revoke", {"site": args.site}, {"roster": store.roster().to_bytes()})
         print(f"revoked {args.site}: connection dropped, key refused from now on")
         return 0

@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import os
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -31,6 +32,7 @@ from fedge.secagg.keys import Identity
 from fedge.update.files import check_z85_key, curve_keypair, write_json
 
 FORMAT = "fedge-enrolment/1"
+ENROLMENTS = "enrolments"  # where `console enrol` writes a file given no --out
 MAX_FILE_BYTES = 1 << 20
 
 
@@ -95,7 +97,13 @@ def create_enrolment(store: ConsoleStore, site: str, *, valid_for: timedelta,
         "tuf_root": enrolment.tuf_root.decode(),
     }, sort_keys=True).encode()
     signature = store.roster_identity().sign(payload)
-    path = Path(out) if out else store.home / "enrolments" / f"{site}.fedge-enrol"
+    if out:
+        path = Path(out)
+    else:  # inside the console home (0700), in a directory of its own no other user reads
+        folder = store.home / ENROLMENTS
+        folder.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(folder, 0o700)
+        path = folder / f"{site}.fedge-enrol"
     write_json(path, {"format": FORMAT, "payload": base64.b64encode(payload).decode(),
                       "signature": signature.hex()})
     return path, enrolment

@@ -67,6 +67,19 @@ def _optional(module: str) -> Any:
         return None
 
 
+def private_state_dir(state_dir: Path) -> None:
+    """Make a new state directory 0700, whatever the umask: it holds the database
+    (audit log, enrolled keys), the roster and the TUF relay's online keys, and a
+    coordinator run by hand (umask 022, not under the unit's UMask=0077) would
+    otherwise leave them readable by every local user. An existing one is left as it
+    is: it may be the operator's own directory (the package makes its own 0700).
+
+    Raises: OSError: the directory cannot be made."""
+    if not state_dir.exists():
+        state_dir.mkdir(parents=True, mode=0o700)
+        os.chmod(state_dir, 0o700)  # mkdir's mode goes through the umask
+
+
 def build_coordinator(cfg: CoordinatorConfig, **kwargs: Any) -> Coordinator:
     """A :class:`Coordinator` for this configuration (roster from the state dir if newer).
 
@@ -74,6 +87,7 @@ def build_coordinator(cfg: CoordinatorConfig, **kwargs: Any) -> Coordinator:
     measures its deadlines and the heartbeat timeout, as the loop below measures the
     deafness it hands to ``not_listening`` (_deaf_for), and ``time.time`` only dates
     its records, so a step of the wall clock moves no deadline."""
+    private_state_dir(Path(cfg.state_dir))
     roster = cfg.roster
     saved = cfg.state_dir / "roster.json"
     if saved.exists():
@@ -704,5 +718,5 @@ def _start_admin(cfg: CoordinatorConfig, coord: Coordinator) -> asyncio.Task[Non
 
 def run(cfg: CoordinatorConfig, *, coordinator: Coordinator | None = None) -> int:
     """Blocking entry point for ``fedge coordinator``."""
-    Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
+    private_state_dir(Path(cfg.state_dir))
     return asyncio.run(serve(cfg, coordinator=coordinator))

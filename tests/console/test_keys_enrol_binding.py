@@ -116,3 +116,27 @@ def test_sync_re_keys_a_site_revoked_and_enrolled_anew_while_the_coordinator_was
     assert keys_of(server)["h1"] == ConsoleStore(server.console.home).sites()["h1"][
         "curve_public"] != old_key
     assert old_key not in server.coordinator.store.allowed_keys()
+
+
+def test_console_enrol_says_the_file_holds_secret_keys_and_revoke_removes_its_copy(
+        make_server, capsys):
+    """With no --out the file goes to the console home's enrolments/ (0700 even under
+    umask 022); the operator is told it holds the site's secret keys and to destroy
+    it; revoking the site removes it (its keys are dead)."""
+    import os
+    import stat
+
+    server = make_server()
+    home = server.console.home
+    base = ["console", "--home", str(home), "--timeout", "5"]
+    old = os.umask(0o022)
+    try:
+        assert main([*base, "enrol", "h1"]) == 0
+    finally:
+        os.umask(old)
+    out = capsys.readouterr().out
+    file = home / "enrolments" / "h1.fedge-enrol"
+    assert f"{file} holds h1's secret keys" in out and "destroy it" in out
+    assert stat.S_IMODE((home / "enrolments").stat().st_mode) == 0o700
+    assert main([*base, "revoke", "h1"]) == 0
+    assert not file.exists()

@@ -38,3 +38,31 @@ def test_example_plans_leave_the_seed_to_submission_so_they_can_be_rerun_over_ot
 def test_example_agent_config_parses():
     cfg = load_agent_config(EXAMPLES / "agent.toml")
     assert cfg.datasets[0]["kind"] == "fed_tcga_brca"
+
+
+@pytest.mark.parametrize("path", PLANS, ids=str)
+def test_example_plans_score_rounds_on_validation_and_their_commented_options_are_accepted(
+        path):
+    """No example picks rounds on the test split, and every setting an example shows
+    commented out (`# key = value`, such as its DP line) is accepted once uncommented."""
+    import re
+
+    text = path.read_text()
+    assert parse_plan(text).eval_split == "val"
+    uncommented = re.sub(r"(?m)^# (\w+ = .*)$", r"\1", text)
+    shown = len(re.findall(r"(?m)^# \w+ = ", text))
+    plan = check_submission(uncommented)
+    if shown:
+        assert uncommented != text and plan.privacy  # the DP example lines
+
+
+def test_the_example_agent_configs_commented_image_data_set_parses_uncommented():
+    import re
+
+    from fedge.train.data import DatasetSpec
+
+    text = (EXAMPLES / "agent.toml").read_text()
+    block = text[text.index("# [[datasets]]"):]
+    cfg = tomllib.loads(re.sub(r"(?m)^# ", "", block))
+    spec = DatasetSpec.from_config(cfg["datasets"][0])
+    assert spec.kind == "images" and spec.classes == ("benign", "malignant")

@@ -96,10 +96,7 @@ class Federation:
 
     def enrol(self, site: str) -> Path:
         path, _ = create_enrolment(self.console, site, valid_for=timedelta(days=1))
-        info = self.console.sites()[site]
-        self.admin.call("enrol", {"site": site, "curve_public": info["curve_public"],
-                                  "ed25519_public": info["ed25519_public"]},
-                        {"roster": self.console.roster().to_bytes()})
+        self.admin.call("enrol", *self.console.enrol_request(site))
         state = self.tmp / site
         install_enrolment(path, state)
         (self.tmp / f"{site}.toml").write_text(

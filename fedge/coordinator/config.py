@@ -113,7 +113,7 @@ def load_config(path: str | Path) -> CoordinatorConfig:
         # Explicit keys (curve_key) win over a provision file found by default,
         # except the systemd credential, which is what the unit was given.
         if found and ("curve_key" not in raw or found[0].name == PROVISION_CREDENTIAL):
-            raw["provision"] = str(found[0])
+            raw["provision"] = str(found[0].absolute())  # not relative to `base` again
     bind = raw.get("bind", "tcp://0.0.0.0:7700")
     if not isinstance(bind, str) or "://" not in bind:
         raise ConfigError(f"coordinator config bind = {bind!r} must be a ZeroMQ endpoint "

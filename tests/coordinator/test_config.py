@@ -159,3 +159,20 @@ def test_a_tick_longer_than_a_stop_may_wait_is_refused(tmp_path):
         cfg.write_text(f'state_dir = "{tmp_path}"\ncurve_key = "k"\ntick_s = {tick}\n')
         with pytest.raises(ConfigError, match=r"tick_s = .* must be at most 5"):
             load_config(cfg)
+
+
+def test_a_relative_config_path_finds_the_provision_file_beside_it(tmp_path, monkeypatch):
+    """`fedge coordinator --config etc/coordinator.toml` from the directory above:
+    the credentials/coordinator/ provision file beside it is read where it is, not
+    under etc/ twice."""
+    kp = CurveKeyPair.generate()
+    creds = tmp_path / "etc" / "credentials" / "coordinator"
+    creds.mkdir(parents=True)
+    (creds / "coordinator-provision.json").write_text(json.dumps(
+        {"curve_public": kp.public, "curve_secret": kp.secret,
+         "roster_public_key": Identity.generate().public_bytes().hex()}))
+    (tmp_path / "etc" / "coordinator.toml").write_text('state_dir = "state"\n')
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(Path("etc/coordinator.toml"))
+    assert cfg.curve_public == kp.public

@@ -231,8 +231,16 @@ class Appliance:
             "version": self.version,
             "last_seen": self.last_seen,
             "health": self.health,
-            "eligible": self.eligible,
-            "eligibility_reason": self.eligibility_reason,
+            # what the registry's default (1) says of a site never heard from, or
+            # revoked, is no verdict: neither can join a cohort
+            "eligible": self.eligible and self.status == "enrolled"
+            and self.last_seen is not None,
+            "eligibility_reason": (
+                self.eligibility_reason if self.status == "enrolled"
+                and self.last_seen is not None
+                else "revoked" if self.status == "revoked"
+                else f"{self.status}" if self.status != "enrolled"
+                else "no health report yet (never connected)"),
             "datasets": self.datasets,
             "current_task": self.current_task,
             "enrolled_at": self.enrolled_at,

@@ -93,6 +93,27 @@ def test_heartbeat_updates_fleet_view(tmp_path):
                                datasets=[], current_task="")
 
 
+def test_the_fleet_view_calls_no_site_eligible_before_its_first_report_or_once_revoked(
+        tmp_path):
+    """The registry's eligible column defaults to 1: a site enrolled offline and never
+    heard from, and a revoked one, are shown not eligible, with why."""
+    from fedge.console.fleet import fleet_rows
+
+    store = Store(tmp_path, clock=lambda: 1234.0)
+    store.enrol("site-a", KEY_A, ED, actor="a")
+    view = store.appliance("site-a").to_dict()
+    assert view["eligible"] is False
+    assert view["eligibility_reason"] == "no health report yet (never connected)"
+    assert fleet_rows([view], now=1234.0)[0][5] == (
+        "no: no health report yet (never connected)")
+    store.record_heartbeat("site-a", version="0.2.0", health={}, eligible=True, reason="",
+                           datasets=[], current_task="")
+    assert store.appliance("site-a").to_dict()["eligible"] is True
+    store.revoke("site-a", actor="a")
+    view = store.appliance("site-a").to_dict()
+    assert (view["eligible"], view["eligibility_reason"]) == (False, "revoked")
+
+
 def test_rounds_commit_in_order_and_survive_reopen(tmp_path):
     store = Store(tmp_path)
     store.create_job("j1", "plan", actor="op")

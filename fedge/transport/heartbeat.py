@@ -12,8 +12,10 @@ from dataclasses import dataclass
 
 __all__ = ["HEARTBEAT_FRAME", "ZMTP_TIMEOUT_FLOOR", "HeartbeatConfig", "HeartbeatMonitor"]
 
-#: Default lower bound of the ZMTP heartbeat timeout (seconds): one 64 MiB frame
-#: must get through in that time, i.e. links down to ~2 MB/s.
+#: Default lower bound of the ZMTP heartbeat timeout (seconds).  libzmq restarts
+#: its timeout and TTL timers only when a whole frame has arrived, so one frame
+#: (a tensor chunk, ``fedge.wire.DEFAULT_CHUNK_BYTES`` = 1 MiB) must get through
+#: in that time: links down to ~35 KB/s.
 ZMTP_TIMEOUT_FLOOR = 30.0
 
 #: The one-frame transport heartbeat.  Wire messages always have >= 2 frames,
@@ -27,9 +29,11 @@ class HeartbeatConfig:
 
     ZMTP heartbeats (ZMQ_HEARTBEAT_IVL/TIMEOUT/TTL) run too, inside libzmq, and
     close dead TCP connections.  A ZMTP PONG waits behind the frame being
-    written, so its timeout must outlast one frame (a 64 MiB tensor chunk) on
+    written, and libzmq counts nothing short of a whole frame as hearing from
+    the peer, so its timeout must outlast one frame (a 1 MiB tensor chunk) on
     the slowest link: ``zmtp_timeout`` defaults to ``max(timeout,
-    ZMTP_TIMEOUT_FLOOR)``.  The application-level check (``timeout``) also
+    ZMTP_TIMEOUT_FLOOR)``.  A frame sent with ``chunk_bytes`` larger than the
+    default needs a correspondingly faster link.  The application-level check (``timeout``) also
     counts a connection's steady TCP progress, so it stays tight.
 
     ``timeout`` is how long the coordinator waits for a site.  A client waits

@@ -17,8 +17,10 @@ A message on the wire is a list of frames::
 
 Encoding hands out ``memoryview`` s of the arrays' own buffers (send them with
 ``copy=False``); decoding builds arrays with ``np.frombuffer`` over the frame
-buffers (receive with ``copy=False``), so a tensor is never copied by the codec.
-Decoded arrays are therefore read-only views; ``.copy()`` one to write to it.
+buffers (receive with ``copy=False``), so a tensor of one frame is never copied
+by the codec: it is a read-only view; ``.copy()`` one to write to it.  A tensor
+larger than ``chunk_bytes`` (:data:`DEFAULT_CHUNK_BYTES`) travels as several
+frames, and decoding copies those once into a fresh, writable array.
 
 Message types are frozen dataclasses registered with :func:`message`.  The
 field annotations are the schema; supported annotations are
@@ -50,6 +52,7 @@ carry them for logs.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import math
 import os
@@ -102,11 +105,15 @@ SCHEMA_VERSION = 1
 DEFAULT_MAX_BYTES = 1 << 20
 
 #: Tensors larger than this are sent as several frames of this size (see encode).
-#: libzmq's CURVE encoder holds ~2 transient copies of the frame being sent, so
-#: chunks bound the sender's overhead.  Above glibc's largest mmap threshold
-#: (32 MiB) so each received chunk is its own mapping, returned to the OS when
-#: ``decode(..., release_frames=True)`` lets it go.
-DEFAULT_CHUNK_BYTES = 64 << 20
+#: libzmq resets its ZMTP heartbeat timeout and TTL timers only when a whole
+#: frame has been received, so a frame must cross the slowest link within
+#: ``fedge.transport.heartbeat.ZMTP_TIMEOUT_FLOOR`` (30 s): 1 MiB does so down to
+#: ~35 KB/s, where one 64 MiB frame needed ~2.2 MB/s and a site on a slower link
+#: lost its connection in the middle of every model.  Small chunks also bound
+#: libzmq's CURVE buffers (~2 transient copies of the frame being sent).  Any
+#: chunk size decodes in every release (the descriptor counts the frames), and a
+#: 64 GiB tensor stays within the transport's 65536 frames per message.
+DEFAULT_CHUNK_BYTES = 1 << 20
 
 #: Upper bound for the header frame; checked before it is parsed.
 MAX_HEADER_BYTES = 4096
@@ -821,6 +828,39 @@ def _dec(node: _Node, value: Any, path: str, ctx: _DecodeContext) -> Any:
 _MAX_ARRAY_BYTES = int(np.iinfo(np.intp).max)
 
 
+#: With ``release_frames``, freed chunks are handed back to the OS after every
+#: this many bytes (see :func:`_return_freed_memory`): the receiver's peak stays
+#: within the model plus this much, at one ``malloc_trim`` per 32 MiB.
+_TRIM_EVERY_BYTES = 32 << 20
+
+
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim  # glibc only
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return typing.cast(Callable[[int], int], trim)
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def _return_freed_memory() -> None:
+    """Give the pages of freed chunks back to the OS (glibc's ``malloc_trim(0)``).
+
+    A chunk (:data:`DEFAULT_CHUNK_BYTES`) is below glibc's dynamic mmap
+    threshold once the process has freed any larger block (it rises to 32 MiB),
+    so libzmq receives it into a malloc arena, and ``free`` keeps a block in
+    the middle of an arena resident: without this, a chunked model would
+    briefly take twice its size while it is copied out.  No-op elsewhere.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 class _DecodeContext:
     """Hands out tensor frames in order as their descriptors are met."""
 
@@ -828,6 +868,7 @@ class _DecodeContext:
         self.frames = frames
         self.owner = owner  # the caller's list, emptied chunk by chunk (release_frames)
         self.used = 0
+        self.released = 0  # chunk bytes let go since the last _return_freed_memory
 
     def tensor(self, spec: Tensor, desc: Any, path: str) -> np.ndarray:
         if not (isinstance(desc, list) and len(desc) in (3, 4)):
@@ -884,13 +925,18 @@ class _DecodeContext:
         for i in range(index, index + n_frames):
             chunk = self.frames[i]
             assert chunk is not None
-            flat[offset : offset + chunk.nbytes] = np.frombuffer(chunk, dtype=np.uint8)
-            offset += chunk.nbytes
+            size = chunk.nbytes
+            flat[offset : offset + size] = np.frombuffer(chunk, dtype=np.uint8)
+            offset += size
             if self.owner is not None:
                 self.frames[i] = None
                 with contextlib.suppress(BufferError):  # still exported elsewhere
                     chunk.release()
                 self.owner[2 + i] = None
+                self.released += size
+                if self.released >= _TRIM_EVERY_BYTES:
+                    _return_freed_memory()
+                    self.released = 0
         return out.reshape(shape)
 
 

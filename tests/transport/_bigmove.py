@@ -51,6 +51,15 @@ def peak_mb() -> float:
     return _status_mb("VmHWM")
 
 
+def used_numpy_before() -> None:
+    """Free a 16 MiB array, as a coordinator or agent has long done before a model
+    arrives: glibc then raises its mmap threshold to 16 MiB, so the received chunks
+    land in malloc arenas instead of mappings of their own, and freeing one does
+    not return its pages by itself (a fresh process would hide that)."""
+    scratch = np.ones(4 << 20, dtype=np.float32)  # 16 MiB: glibc follows up to 32
+    del scratch
+
+
 def pattern(n: int) -> np.ndarray:
     w = np.arange(n, dtype=np.uint32)
     w *= np.uint32(2654435761)  # in place: no second buffer
@@ -66,6 +75,7 @@ async def recv(mb: int) -> None:
     endpoint = server.bind("tcp://127.0.0.1:0")
     print(json.dumps({"endpoint": endpoint, "server_key": server_keys.public,
                       "agent_public": agent.public, "agent_secret": agent.secret}), flush=True)
+    used_numpy_before()
     base = reset_peak()
     msg = await server.recv(timeout=120)
     t = time.perf_counter()

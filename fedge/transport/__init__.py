@@ -61,13 +61,16 @@ a large model cannot arrive, the model's bytes can).  A side whose own event
 loop stalled for more than an interval restarts its peers' timeouts on waking
 (their heartbeats may sit unread), so a stall delays the detection of a dead
 peer by one timeout and never drops a live one.  ZMTP heartbeats run
-underneath with a timeout of at least ``ZMTP_TIMEOUT_FLOOR`` (a PONG waits
-behind a whole 64 MiB frame); the server also drops a peer as soon as libzmq
-closes its connection.  ``HeartbeatMonitor`` is the sans-I/O bookkeeping
-(``seen``, ``expired(now)``, ``send_due(now)``).  ``Backoff`` gives jittered
+underneath with a timeout of at least ``ZMTP_TIMEOUT_FLOOR``; libzmq hears
+nothing from a peer until a whole frame has arrived (a PONG waits behind the
+frame being written), which is why ``fedge.wire`` sends tensors in 1 MiB frames.
+The server also drops a peer as soon as libzmq closes its connection.
+``HeartbeatMonitor`` is the sans-I/O bookkeeping (``seen``, ``expired(now)``,
+``send_due(now)``).  ``Backoff`` gives jittered
 exponential delays (``next_delay()``, ``reset()``).  Frames are sent and
 received with ``copy=False``: with ``fedge.wire`` a tensor goes from the
-sender's array to the receiver's array view without a Python-level copy.
+sender's array to the receiver without a Python-level copy, but for the one
+copy that joins a chunked tensor's frames.
 """
 
 from fedge.transport._sockopts import CURVE_FRAME_OVERHEAD, message_limit_for_model

@@ -40,7 +40,9 @@ def register(subparsers: Any) -> None:
 
     s = sub.add_parser("enrol", help="create a site's identity and enrolment file")
     s.add_argument("site")
-    s.add_argument("--valid-days", type=float, default=7.0)
+    s.add_argument("--valid-days", type=float, default=7.0,
+                   help="days the file can be installed in (default 7); it holds the "
+                        "site's secret keys whatever its age")
     s.add_argument("--out", type=Path, default=None, help="where to write the file")
     s.add_argument("--offline", action="store_true",
                    help="do not tell the coordinator now (tell it later with `sync`)")
@@ -87,7 +89,8 @@ def register(subparsers: Any) -> None:
     s.add_argument("job_id")
     s.set_defaults(func=_cmd_jobs_status)
     s = jobs.add_parser("watch", help="follow a job round by round until it ends (exit 0 "
-                        "when it completes, 1 when it fails or is cancelled)")
+                        "when it completes, 1 when it fails or is cancelled, "
+                        f"{WATCH_GAVE_UP} when --max-wait passes first)")
     s.add_argument("job_id")
     s.add_argument("--interval", type=float, default=2.0, help="seconds between polls")
     s.add_argument("--max-wait", type=float, default=None,
@@ -447,6 +450,11 @@ def _cmd_jobs_status(args: argparse.Namespace) -> int:
 
 JOB_ENDS = ("completed", "failed", "cancelled")
 RESULTS_WAIT_S = 180.0  # for the ONNX export and the report after the last round
+WATCH_GAVE_UP = 3  # `jobs watch` exit status when --max-wait passed with the job going on
+
+
+class WatchGaveUp(TimeoutError):
+    """`watch_job`'s max_wait_s passed before the job ended (it goes on)."""
 
 
 def watch_job(call: Any, job_id: str, *, interval_s: float = 2.0,
@@ -458,7 +466,7 @@ def watch_job(call: Any, job_id: str, *, interval_s: float = 2.0,
     are written. `call(op, args)` is an AdminClient's call. Returns the last status.
 
     Raises:
-        TimeoutError: the job had not ended after `max_wait_s` (its state named).
+        WatchGaveUp: the job had not ended after `max_wait_s` (its state named).
         AdminError: e.g. an unknown job.
     """
     started = time.monotonic()
@@ -511,7 +519,7 @@ def watch_job(call: Any, job_id: str, *, interval_s: float = 2.0,
             out(end_line(job_id, status))
             break
         if max_wait_s is not None and time.monotonic() - started > max_wait_s:
-            raise TimeoutError(f"job {job_id} is still {status.get('status')} (round "
+            raise WatchGaveUp(f"job {job_id} is still {status.get('status')} (round "
                                f"{status.get('committed_round')} of {planned} committed) "
                                f"after {max_wait_s:g} s")
         time.sleep(interval_s)
@@ -567,9 +575,12 @@ def _cmd_jobs_watch(args: argparse.Namespace) -> int:
         from fedge.console.client import AdminClient
 
         client = AdminClient.from_store(_store(args), args.operator, timeout_s=args.timeout)
-        status = watch_job(lambda op, a: client.call(op, a), args.job_id,
-                           interval_s=args.interval, max_wait_s=args.max_wait,
-                           out=lambda line: print(line, flush=True))
+        try:
+            status = watch_job(lambda op, a: client.call(op, a), args.job_id,
+                               interval_s=args.interval, max_wait_s=args.max_wait,
+                               out=lambda line: print(line, flush=True))
+        except WatchGaveUp as exc:  # the job goes on: not a failed job's 1
+            return _fail(str(exc), WATCH_GAVE_UP)
         return 0 if status.get("status") == "completed" else 1
 
     return _run(go, args)

@@ -72,7 +72,8 @@ class ConsoleStore:
         path = self.home / "console.json"
         if not path.exists():
             raise FileNotFoundError(f"no console at {self.home}: run "
-                                    f"`fedge console init --home {self.home}` first")
+                                    f"`fedge console --home {self.home} init --coordinator "
+                                    "tcp://HOST:PORT` first")
         try:
             self.state = json.loads(path.read_text())
         except ValueError as exc:

@@ -872,7 +872,14 @@ def _main(argv: list[str] | None = None) -> int:
     if "--" in args_in:
         cut = args_in.index("--")
         args_in, fallback = args_in[:cut], args_in[cut + 1:]
-    ap = argparse.ArgumentParser(prog="python -m fedge.update.ab")
+    ap = argparse.ArgumentParser(
+        prog="python -m fedge.update.ab",
+        usage="%(prog)s preflight --root DIR [--max-attempts N]\n"
+              "       %(prog)s exec --root DIR -- COMMAND [ARG...]",
+        description="preflight: run before every start of the agent's unit (counts a "
+                    "software update's trial starts, rolls back after --max-attempts). "
+                    "exec: run the current software slot, or COMMAND (the packaged "
+                    "install) when no slot is newer.")
     ap.add_argument("action", choices=("preflight", "exec"))
     ap.add_argument("--root", type=Path, required=True)
     ap.add_argument("--max-attempts", type=int, default=3)

@@ -306,7 +306,8 @@ def test_jobs_watch_names_a_job_that_does_not_end_and_fails_for_a_cancelled_one(
         tmp_path, make_server, capsys):
     _, base, job = submitted(tmp_path, make_server, capsys)
     watch = [*base, "--operator", "viewer", "jobs", "watch", job, "--interval", "0.1"]
-    assert main([*watch, "--max-wait", "0.5"]) == 1  # no appliance: it stays queued
+    # no appliance: it stays queued; giving up is not a failed job's 1
+    assert main([*watch, "--max-wait", "0.5"]) == 3
     got = capsys.readouterr()
     assert f"job {job} is still queued (round 0 of 1 committed) after 0.5 s" in got.err
     assert got.out.splitlines() == [f"job {job} queued: 0 job(s) ahead of it"]  # said once
@@ -315,7 +316,7 @@ def test_jobs_watch_names_a_job_that_does_not_end_and_fails_for_a_cancelled_one(
     assert main([*base, "jobs", "submit", str(plan)]) == 0
     second = capsys.readouterr().out.strip()
     assert main([*base, "--operator", "viewer", "jobs", "watch", second, "--interval", "0.1",
-                 "--max-wait", "0.3"]) == 1
+                 "--max-wait", "0.3"]) == 3
     assert capsys.readouterr().out.splitlines() == [f"job {second} queued: 1 job(s) ahead "
                                                     "of it"]
     assert main([*base, "jobs", "cancel", job]) == 0
@@ -761,3 +762,14 @@ def test_jobs_list_shows_each_jobs_name_data_set_and_model(tmp_path, make_server
         [named, "brca baseline", "queued", "0", "fed_tcga_brca", "cox_linear", "operator:admin"],
         [again, "brca baseline", "queued", "0", "fed_tcga_brca", "cox_linear", "operator:admin"],
         [unnamed, "–", "queued", "0", "fed_tcga_brca", "cox_linear", "operator:admin"]]
+
+
+def test_a_missing_console_home_names_the_command_that_makes_it_as_it_must_be_typed(
+        tmp_path, capsys):
+    home = tmp_path / "console"
+    assert main(["console", "--home", str(home), "enrol", "h1"]) == 1
+    err = capsys.readouterr().err
+    said = f"`fedge console --home {home} init --coordinator tcp://HOST:PORT`"
+    assert said in err
+    typed = said.strip("`").replace("tcp://HOST:PORT", "tcp://127.0.0.1:7700").split()[1:]
+    assert main(typed) == 0 and (home / "console.json").is_file()

@@ -6,15 +6,14 @@ in MiB, 2^20 bytes, although the RESULT keys say ``mb``):
          of one memcpy of the same bytes (np.copyto): the codec is zero-copy,
          so the ratio codec/memcpy is far below 1;
   transfer: sender -> receiver -> ack between two processes over 127.0.0.1,
-         fedge.transport + fedge.wire with CurveZMQ (encryption, ZAP, 64 MiB
+         fedge.transport + fedge.wire with CurveZMQ (encryption, ZAP, 1 MiB
          chunks, chunk-by-chunk decode), against the anchor of bare pyzmq
          ROUTER/DEALER without security sending the same bytes as one frame;
   memory: each side's peak RSS growth around the transfer, over the payload
          (the goal: at most one extra copy, i.e. receiver <= ~1.3). The sender's
-         own array is allocated before the mark and not counted, but the rest
-         is not ~0: measured 101-102 MiB at 50 MiB, 129 MiB at 100 and 200 MiB
-         (send_peak_x 2.0, 1.3, 0.65), i.e. about two copies of one chunk (the
-         payload, up to 64 MiB) while it is encrypted and sent.
+         own array is allocated before the mark and not counted; the rest is
+         about two copies of one 1 MiB chunk while it is encrypted and sent
+         (send_peak_x 0.02 at 200 MiB; 0.65 with the 64 MiB chunks before).
 
 Each transfer is the best of ``--repeats`` (the machine is shared).  Last line:
 ``RESULT curve_mb_s=... null_mb_s=... curve_vs_null=... codec_vs_memcpy=...

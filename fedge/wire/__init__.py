@@ -30,7 +30,8 @@ Public API (from :mod:`fedge.wire.codec`)::
 * ``encode(body, *, sender, job="", round=0, msg_id=None, reply_to=None,
   sent_at=None, chunk_bytes=DEFAULT_CHUNK_BYTES) -> list[bytes | memoryview]`` —
   frames ``[header, body, *tensors]``; tensors are views of the arrays, those
-  over ``chunk_bytes`` (64 MiB) split into several views.
+  over ``chunk_bytes`` (1 MiB: libzmq sees a peer alive only per whole frame)
+  split into several views.
 * ``decode(frames, *, max_bytes, release_frames=False) -> Envelope(header:
   Header, body, nbytes)`` — single-frame tensors are read-only views of their
   frame; chunked ones are copied once into a fresh array (``release_frames``

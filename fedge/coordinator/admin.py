@@ -332,9 +332,18 @@ class AdminService:
             sites = [canary, *[s for s in sites if s != canary]]
         if not sites:
             raise ValueError("no connected, enrolled appliance to roll out to")
-        snapshot = self.updates.publish(targets, blobs, root=root)
+        # The roll-out checks its deadline and sites as it is made: made before the
+        # publish, a refused push publishes nothing. Published first, the coordinator
+        # held a targets version the console (told "refused") never saved, and every
+        # later push was refused as a rollback.
+        try:
+            deadline_s = float(args.get("deadline_s", 300.0))
+        except (TypeError, ValueError):
+            raise ValueError(f"deadline_s {args.get('deadline_s')!r} is not a number of "
+                             "seconds") from None
         rollout = Rollout(f"rollout-{secrets.token_hex(4)}", path, list(sites),
-                          deadline_s=float(args.get("deadline_s", 300.0)))
+                          deadline_s=deadline_s)
+        snapshot = self.updates.publish(targets, blobs, root=root)
         self.rollouts[rollout.rollout_id] = rollout
         sends = rollout.start(self.clock(), self.wall())
         self._save(rollout)

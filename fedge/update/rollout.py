@@ -36,6 +36,7 @@ new process's ``now`` (the downtime counts against the deadline).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,8 +73,10 @@ class Rollout:
             raise ValueError("a roll-out needs at least one site (the canary)")
         if len(set(self.sites)) != len(self.sites):
             raise ValueError(f"roll-out sites {self.sites} name a site twice")
-        if self.deadline_s <= 0:
-            raise ValueError(f"deadline_s {self.deadline_s} must be > 0")
+        if not (math.isfinite(self.deadline_s) and self.deadline_s > 0):
+            # nan <= 0 is False: a NaN deadline failed every roll-out at once
+            raise ValueError(f"deadline_s {self.deadline_s} must be a finite number of "
+                             "seconds > 0")
 
     @property
     def canary(self) -> str:

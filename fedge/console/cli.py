@@ -21,17 +21,59 @@ from fedge.console.fleet import printable
 DEFAULT_HOME = Path(os.environ.get("FEDGE_CONSOLE_HOME", Path.home() / ".fedge-console"))
 
 
+# zmq takes a poll's timeout in int milliseconds; and a day is longer than any admin call
+MAX_TIMEOUT_S = 86400.0
+
+
+def _seconds(what: str, *, at_most: float = float("inf")) -> Any:
+    """An argparse type: a finite number of seconds > 0 (and <= ``at_most``). NaN
+    compares False both ways, so it passed a `<= 0` check and reached a sleep or a
+    deadline that failed at once."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} {text!r} is not a number of seconds"
+                                             ) from None
+        if not 0 < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"{what} {text} must be a finite number of "
+                                             "seconds > 0")
+        if value > at_most:
+            raise argparse.ArgumentTypeError(f"{what} {text} must be at most {at_most:g} "
+                                             "seconds")
+        return value
+
+    return parse
+
+
+def _endpoint(text: str) -> str:
+    """An argparse type: ipc://PATH or tcp://HOST:PORT with PORT in 1..65535."""
+    if text.startswith("ipc://"):
+        return text
+    if not text.startswith("tcp://"):
+        raise argparse.ArgumentTypeError(f"endpoint {text!r} must look like tcp://HOST:PORT")
+    host, _, port = text[len("tcp://"):].rpartition(":")
+    if not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"endpoint {text!r} must look like tcp://HOST:PORT")
+    if not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"endpoint {text!r}: port {int(port)} is outside "
+                                         "1..65535")
+    return text
+
+
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("console", help="operator console: enrol, fleet, jobs, updates")
     p.add_argument("--home", type=Path, default=DEFAULT_HOME,
                    help=f"console key store (default {DEFAULT_HOME}, or $FEDGE_CONSOLE_HOME)")
     p.add_argument("--operator", default="admin", help="operator key to use (default admin)")
-    p.add_argument("--timeout", type=float, default=30.0, help="admin call timeout, seconds")
+    p.add_argument("--timeout", type=_seconds("--timeout", at_most=MAX_TIMEOUT_S),
+                   default=30.0, help="admin call timeout, seconds")
     sub = p.add_subparsers(dest="console_command", metavar="COMMAND", required=True)
 
     s = sub.add_parser("init", help="create the console's keys and TUF root")
-    s.add_argument("--coordinator", required=True, help="agents' endpoint, tcp://HOST:PORT")
-    s.add_argument("--admin-endpoint", default=None,
+    s.add_argument("--coordinator", required=True, type=_endpoint,
+                   help="agents' endpoint, tcp://HOST:PORT")
+    s.add_argument("--admin-endpoint", default=None, type=_endpoint,
                    help="admin channel endpoint (default: coordinator port + 1)")
     s.add_argument("--operator-key", action="append", default=None, metavar="NAME:ROLE",
                    help="operator key to create (repeatable; default admin:admin, "
@@ -92,8 +134,9 @@ def register(subparsers: Any) -> None:
                         "when it completes, 1 when it fails or is cancelled, "
                         f"{WATCH_GAVE_UP} when --max-wait passes first)")
     s.add_argument("job_id")
-    s.add_argument("--interval", type=float, default=2.0, help="seconds between polls")
-    s.add_argument("--max-wait", type=float, default=None,
+    s.add_argument("--interval", type=_seconds("--interval", at_most=MAX_TIMEOUT_S),
+                   default=2.0, help="seconds between polls")
+    s.add_argument("--max-wait", type=_seconds("--max-wait"), default=None,
                    help="give up after this many seconds (default: wait for the end)")
     s.set_defaults(func=_cmd_jobs_watch)
     s = jobs.add_parser("cancel", help="cancel a queued or running job")
@@ -111,7 +154,8 @@ def register(subparsers: Any) -> None:
     s.add_argument("--version", required=True, help="dotted integers, e.g. 3 or 1.2.0")
     s.add_argument("--canary", default=None, help="site updated first (default: first site)")
     s.add_argument("--sites", default=None, help="comma-separated sites (default: connected)")
-    s.add_argument("--deadline", type=float, default=300.0, help="per-site seconds")
+    s.add_argument("--deadline", type=_seconds("--deadline"), default=300.0,
+                   help="per-site seconds")
     s.add_argument("--no-wait", action="store_true", help="return once the roll-out starts")
     s.set_defaults(func=_cmd_push)
 
@@ -154,6 +198,9 @@ def _cmd_init(args: argparse.Namespace) -> int:
     def go(args: argparse.Namespace) -> int:
         from fedge.console.store import DEFAULT_OPERATORS, ConsoleError, ConsoleStore
 
+        if args.admin_endpoint is None and args.coordinator.endswith(":65535"):
+            return _fail(f"--coordinator {args.coordinator}: the admin channel defaults to "
+                         "the next port, and 65535 is the last; give --admin-endpoint", 2)
         ops = DEFAULT_OPERATORS
         if args.operator_key:
             try:

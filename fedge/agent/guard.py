@@ -229,6 +229,24 @@ def refuse_threshold(policy: PrivacyPolicy, threshold: int, neighbourhood: int) 
             f"above {f}/{m}")
 
 
+def task_digest(*, job: str, round: int, plan: str | bytes, model_digest: bytes,
+                train_seed: int, server_control: np.ndarray | None = None) -> bytes:
+    """SHA-256 of what a round's update is trained from at this site (the job, its
+    round, the plan text, the global model's digest, the training seed, SCAFFOLD's c):
+    the key of RevealLog's task rule. Training is deterministic on one machine, but
+    not across thread counts, CPUs or library builds, so the update's own bytes do
+    not always tell a replayed task."""
+    h = hashlib.sha256(b"fedge/task/v1")
+    for part in (job.encode(), int(round).to_bytes(8, "big", signed=True),
+                 plan.encode() if isinstance(plan, str) else bytes(plan), model_digest,
+                 int(train_seed).to_bytes(8, "big", signed=True)):
+        h.update(len(part).to_bytes(8, "big"))
+        h.update(part)
+    if server_control is not None:
+        h.update(np.ascontiguousarray(server_control, dtype="<f4").tobytes())
+    return h.digest()
+
+
 def update_digest(update: np.ndarray, n_examples: int) -> bytes:
     """SHA-256 of an update as it is summed, before any scaling: the clipped
     Δ (and Δc) and the example count. Not the trained weights: the coordinator chooses
@@ -290,6 +308,7 @@ class RevealLog:
         self._entries: dict[str, list[str]] = {}
         self._times: dict[str, float] = {}
         self._runs: dict[str, dict[str, Any]] = {}  # digest: its job and round, if known
+        self._inputs: dict[str, list[str]] = {}  # task_digest: the survivors it went to
         self._sketch_rows = np.zeros((0, SKETCH_BUCKETS))
         self._sketch_norms = np.zeros(0)
         self._sketch_sites: list[list[str]] = []
@@ -375,6 +394,11 @@ class RevealLog:
             run = reveal_run_fields(row.get("job"), row.get("round"))
             if run:
                 self._runs[digest] = run
+        inputs = row.get("inputs")
+        if inputs is not None:
+            if not isinstance(inputs, str):
+                raise ValueError(f"bad inputs {inputs!r:.80}")
+            self._inputs[inputs] = survivors
         if "sketch" in row and same_scheme:
             sketch = np.frombuffer(base64.b64decode(row["sketch"], validate=True), dtype="<f4")
             if sketch.size != SKETCH_BUCKETS:
@@ -457,6 +481,7 @@ class RevealLog:
         lines += [_line({"digest": d, "survivors": s, "at": self._times.get(d, 0.0),
                          **self._runs.get(d, {})})
                   for d, s in self._entries.items()]
+        lines += [_line({"inputs": t, "survivors": s}) for t, s in self._inputs.items()]
         lines += [_line({"survivors": s, **self._sketch_fields(i)})
                   for i, s in enumerate(self._sketch_sites)]
         data = b"".join(lines)
@@ -508,11 +533,19 @@ class RevealLog:
 
     def check_and_record(self, digest: bytes, survivors: Sequence[str],
                          update: np.ndarray | None = None, *, job: str | None = None,
-                         round: int | None = None) -> None:
+                         round: int | None = None, inputs: bytes | None = None) -> None:
         """Allow revealing the unmasking shares of a sum over ``survivors`` that holds the
         update ``digest`` (values ``update``): recorded on disk before returning, with
         the ``job`` and ``round`` the update was trained for where given (recorded only,
         never compared: the rules are the digest's and the sketch's).
+
+        ``inputs`` (`task_digest`: what the update was trained from) is a third rule:
+        an update trained from the same task is summed over one survivor set only,
+        whatever its bytes. The digest and sketch rules assume a task trains to the
+        same update every time, which holds on one machine but not across thread
+        counts, CPUs or library builds (a resnet with Adam moved 2 % between 1 and 2
+        threads, past NEAR): a coordinator replaying a task after such a change would
+        otherwise get two sums whose difference is the site's update.
 
         Raises:
             ValueError: ``job`` is not a string or ``round`` not an integer.
@@ -523,9 +556,17 @@ class RevealLog:
         """
         key, now = digest.hex(), sorted(survivors)
         run = reveal_run_fields(job, round)
+        task = inputs.hex() if inputs is not None else None
         with self._lock:
             if self.error is not None:
                 raise RevealLogError(self.error)
+            asked = self._inputs.get(task) if task is not None else None
+            if asked is not None and asked != now:
+                raise UpdateAlreadySummed(
+                    f"an update trained from this same task (model, seed, plan) was already "
+                    f"summed over {len(asked)} sites {asked}; a second sum over {now} would "
+                    "give the coordinator the difference, whatever this machine's training "
+                    "now computes (a job re-run over other sites needs another seed)")
             earlier = self._entries.get(key)
             if earlier is not None:
                 if earlier != now:
@@ -533,8 +574,11 @@ class RevealLog:
                         f"this update was already summed over {len(earlier)} sites "
                         f"{earlier}; a second sum over {now} would give the coordinator "
                         "the difference (a job re-run over other sites needs another seed)")
-                return
+                if task is None or task in self._inputs:
+                    return
             row: dict[str, Any] = {"digest": key, "survivors": now, "at": time.time(), **run}
+            if task is not None:
+                row["inputs"] = task
             sketch, norm = None, 0.0
             if update is not None:
                 norm = float(np.linalg.norm(np.asarray(update, dtype=np.float64)))
@@ -555,6 +599,8 @@ class RevealLog:
                 self._append(row)  # OSError: nothing recorded, nothing revealed
             self._entries[key] = now
             self._times[key] = row["at"]
+            if task is not None:
+                self._inputs[task] = now
             if run:
                 self._runs[key] = run
             if sketch is not None:

@@ -327,6 +327,41 @@ def test_an_update_a_hair_from_one_already_summed_is_refused_a_new_one_is_not(
         update_digest(fresh, 100), ["a", "c"], fresh)
 
 
+def test_an_update_of_the_same_task_that_trained_differently_is_refused_over_other_sites(
+    tmp_path: Path,
+) -> None:
+    """Training repeats bit for bit on one machine only: the same task (model, seed,
+    plan) on another thread count moved a resnet's update 2 %, past the sketch's 1 %.
+    The task itself is the key: over another survivor set it is refused whatever the
+    update's bytes, over the same set it may go again, across restarts and a
+    compaction; another task is free."""
+    from fedge.agent.guard import task_digest
+
+    rng = np.random.default_rng(5)
+    update = rng.standard_normal(5000).astype(np.float32) * 0.01
+    moved = update * np.float32(1.03)  # 3 %: another digest, beyond NEAR
+    task = task_digest(job="j", round=2, plan="p", model_digest=b"\1" * 32, train_seed=7)
+    path = tmp_path / "revealed.jsonl"
+    RevealLog(path).check_and_record(update_digest(update, 9), ["a", "b", "c"], update,
+                                     inputs=task)
+    with pytest.raises(UpdateAlreadySummed, match="same task"):
+        RevealLog(path).check_and_record(update_digest(moved, 9), ["a", "c"], moved,
+                                         inputs=task)
+    RevealLog(path).check_and_record(update_digest(moved, 9), ["a", "b", "c"], moved,
+                                     inputs=task)
+    log = RevealLog(path, sketches=1)
+    assert log._rewrite_or_fail(path)  # compacted: the task rows are kept
+    with pytest.raises(UpdateAlreadySummed, match="same task"):
+        RevealLog(path).check_and_record(update_digest(moved * 2, 9), ["a", "c"],
+                                         moved * 2, inputs=task)
+    other = task_digest(job="j", round=3, plan="p", model_digest=b"\1" * 32, train_seed=7)
+    fresh = rng.standard_normal(5000).astype(np.float32) * 0.01
+    RevealLog(path).check_and_record(update_digest(fresh, 9), ["a", "c"], fresh,
+                                     inputs=other)
+    assert task != task_digest(job="j", round=2, plan="p", model_digest=b"\1" * 32,
+                               train_seed=8)
+
+
 def test_a_reveal_log_that_cannot_be_read_refuses_every_reveal_and_is_left_as_it_is(
     tmp_path: Path,
 ) -> None:

@@ -39,6 +39,7 @@ __all__ = [
     "add_gaussian_noise",
     "apply_masks",
     "buffer_pool",
+    "check_simd",
     "clip_l2",
     "dequantise",
     "info",
@@ -61,9 +62,27 @@ def info() -> dict[str, Any]:
     $FEDGE_SIMD if set and usable, else the fastest this CPU supports: "vaes",
     "vaes256", "aesni" or "portable"), ``paths`` (all usable paths, fastest first),
     ``simd_forced`` ($FEDGE_SIMD or None), ``cuda_compiled`` and ``gpus``
-    (CUDA devices visible; 0 without a driver or GPU).
+    (CUDA devices visible; 0 without a driver or GPU), and ``simd_error``: None,
+    or why a $FEDGE_SIMD that names no usable path makes every masking and
+    quantising call that names no path raise (``simd`` is then the path a call
+    naming none would have had without it, which no such call gets).
     """
-    return dict(_core.info())
+    d = dict(_core.info())
+    forced = d.get("simd_forced")
+    d["simd_error"] = None
+    if forced and forced not in d.get("paths", ()):
+        d["simd_error"] = (f"FEDGE_SIMD={forced!r} names no usable path (this CPU has: "
+                           f"{', '.join(d.get('paths', ()))}): masking and quantising "
+                           "refuse to run; unset it or name one of those")
+    return d
+
+
+def check_simd() -> None:
+    """Raise ValueError (`info`'s ``simd_error``) when $FEDGE_SIMD names no usable
+    path: a process that would mask or quantise checks this when it starts."""
+    error = info()["simd_error"]
+    if error:
+        raise ValueError(error)
 
 
 # ---------------------------------------------------------------- validation

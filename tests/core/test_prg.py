@@ -113,6 +113,7 @@ def test_env_var_forces_the_path() -> None:
         )
         assert out.returncode == 0, out.stderr
         assert out.stdout.split() == [p, p, str(expected_word)]
+    assert core.info()["simd_error"] is None or os.environ.get("FEDGE_SIMD")
 
 
 def test_env_var_naming_an_unknown_path_is_an_error() -> None:
@@ -123,6 +124,14 @@ def test_env_var_naming_an_unknown_path_is_an_error() -> None:
     )
     assert out.returncode != 0
     assert "FEDGE_SIMD='sse9'" in out.stderr
+    # info() says so, and check_simd (what the agent runs at start) refuses
+    code = ("import fedge.core as c; print(c.info()['simd_error']); c.check_simd()")
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode != 0
+    assert out.stdout.startswith("FEDGE_SIMD='sse9' names no usable path")
+    assert "ValueError: FEDGE_SIMD='sse9' names no usable path" in out.stderr
 
 
 @pytest.mark.parametrize(

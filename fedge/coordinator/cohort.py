@@ -12,6 +12,14 @@ earlier agents move their control variate when the EvalTask arrives and drop the
 ControlCommit, so their c_i would drift from the server's c. Every exclusion has a
 reason, so an operator can see why a site sat a round out.
 
+A site *sidelined* by the coordinator is left out too: an earlier attempt at the
+round failed with the site's own refusal or loss in it (it could not train, could not
+save its state, dropped out), and no heartbeat of its own has said it is eligible
+since (fedge.coordinator.service). One broken site then cannot spend every attempt a
+plan allows while the others could commit without it; once it says it is eligible it
+is a candidate again. An attempt that failed with no site's refusal or loss in it (a
+cohort that never formed) sidelines nobody.
+
 Class order. An image data set's label is the position of its class in the site's
 ``classes`` list (agent.toml): two sites that list them in another order would have
 their labels summed flipped. Sites send their lists (DatasetClasses, just before
@@ -105,7 +113,8 @@ def select_cohort(appliances: Iterable[Appliance], *, connected: set[str], datas
                   scaffold: bool = False,
                   versions: Mapping[str, str] | None = None,
                   classes: Mapping[str, Mapping[str, Sequence[str]] | None] | None = None,
-                  job_classes: Sequence[str] = ()) -> Selection:
+                  job_classes: Sequence[str] = (),
+                  sidelined: Mapping[str, str] | None = None) -> Selection:
     """Split the fleet into candidates and excluded sites (with the reason).
 
     ``protocols``: each connected site's secure-aggregation protocol from its
@@ -124,8 +133,12 @@ def select_cohort(appliances: Iterable[Appliance], *, connected: set[str], datas
 
     ``classes``: each site's class lists by data set from the DatasetClasses before
     its last heartbeat (None or missing: none came); ``job_classes``: the plan's
-    ``job.classes`` (() when none). The rule is the module doc's "Class order"."""
+    ``job.classes`` (() when none). The rule is the module doc's "Class order".
+
+    ``sidelined``: site -> why the coordinator leaves it out of the round's next
+    attempts (module doc); the reason is the exclusion's."""
     busy = busy or set()
+    sidelined = sidelined or {}
     protocols = protocols or {}
     versions = versions or {}
     appliances = list(appliances)
@@ -151,6 +164,8 @@ def select_cohort(appliances: Iterable[Appliance], *, connected: set[str], datas
         elif (dp or scaffold) and not reports_replace_one_epsilon(
                 versions.get(a.site_id, a.version)):  # the same release brought both
             excluded[a.site_id] = OLD_EPSILON_ACCOUNTING if dp else OLD_CONTROL_RULE
+        elif a.site_id in sidelined:
+            excluded[a.site_id] = sidelined[a.site_id]
         else:
             candidates.append(a.site_id)
     for site, reason in _class_order(candidates, dataset, classes or {},

@@ -31,6 +31,17 @@ exactly S (:mod:`fedge.coordinator.rounds`): it waits, up to the plan's cohort
 deadline, for every site of S, and fails naming the ones missing rather than
 start with another set.
 
+A failed attempt at a round is followed by the next no sooner than RETRY_BACKOFF_S,
+doubled for each failed attempt of the round up to RETRY_BACKOFF_MAX_S, after it
+opened, measured on ``clock`` (an attempt that waited out its cohort deadline is
+followed at once, as before); ``jobs status`` shows the pause as the phase ("retrying
+in 10 s after: ..."). The count of
+failed attempts is the database's (``jobs.failed_attempts``), so a coordinator
+restarted during the pause keeps it, and takes the pause again in full. Each site
+whose own refusal or loss is in a failed attempt is left out of the round's next
+attempts until its next heartbeat that says it is eligible
+(:mod:`fedge.coordinator.cohort`, "sidelined").
+
 A job that ends failed or cancelled after committing at least one round keeps its
 last committed global model as its result: ``final.safetensors`` is written from
 that round's checkpoint (weights only, as for a completed job; the round's file
@@ -83,6 +94,7 @@ from fedge.coordinator.rounds import (
     AggregationFactory,
     Phase,
     Round,
+    peer_reason,
     plain_factory,
 )
 from fedge.coordinator.store import SERVICE_BUSY_TIMEOUT_S, Store, StoreError, is_locked
@@ -97,6 +109,13 @@ REPLAY_WINDOW = 4096  # message ids remembered per site
 HEARTBEAT_PERSIST_S = 30.0  # an unchanged heartbeat is written to SQLite this often
 FINISH_RETRY_S = 10.0  # a job whose final checkpoint could not be written is retried this often
 LOCKED_RETRY_S = 1.0  # ... a round commit the database's lock refused, this often
+# An attempt at a round that failed is followed by the next one no sooner than this
+# after it opened, doubled with each failed attempt of the round (5, 10, 20, 40, 60,
+# 60 ... s): a fault
+# at one site (a state dir gone read-only, a full disk) would otherwise spend every
+# attempt the plan allows within milliseconds, before anyone could react to it.
+RETRY_BACKOFF_S = 5.0
+RETRY_BACKOFF_MAX_S = 60.0
 # what one heartbeat may put in the appliances table (a message may be 1 MiB, and the
 # fleet view reads every row): a health report of a few GPUs is a few KiB
 HEALTH_JSON_MAX = 64 << 10
@@ -226,6 +245,31 @@ class JobRunner:
         self.commit_error = ""
         # The fleet as the last cohort offer saw it (job_status explains a wait with it).
         self.selection: Selection | None = None
+        # After a failed attempt: the next one opens at ``retry_at`` (``clock``), which
+        # was ``retry_s`` away when it failed; ``retry_after`` is the failed attempt's
+        # reason, ``retry_attempt`` its number (job_status shows them).
+        self.retry_at = float("-inf")
+        self.retry_s = 0.0
+        self.retry_after = ""
+        self.retry_attempt = 0
+        # Sites left out of the round's next attempts because an attempt failed with their
+        # own refusal or loss in it (site -> why, as the cohort shows it), each until a
+        # heartbeat of its own says it is eligible again (module docstring of
+        # fedge.coordinator.cohort): one broken site must not spend every attempt.
+        self.sidelined: dict[str, str] = {}
+
+    def retry_later(self, attempts: int, reason: str, now: float,
+                    opened_at: float | None = None) -> None:
+        """The round's attempt number ``attempts``, opened at ``opened_at`` (None: now),
+        failed at ``now`` with ``reason``: the next opens retry_backoff_s(attempts) after
+        it opened, so an attempt that already lasted as long (a cohort deadline) is
+        followed at once, as before there was a pause, and one that failed within
+        milliseconds waits."""
+        start = now if opened_at is None else min(opened_at, now)
+        self.retry_attempt = attempts
+        self.retry_at = start + retry_backoff_s(attempts)
+        self.retry_s = max(0.0, self.retry_at - now)
+        self.retry_after = reason
 
     @property
     def finished(self) -> bool:
@@ -253,6 +297,14 @@ class JobRunner:
         except (StoreError, sqlite3.Error) as exc:  # a full disk: the round runs unrecorded
             self.coord._not_written(f"round_started of job {self.job_id}", exc)
         return self.round
+
+
+def retry_backoff_s(failed_attempts: int) -> float:
+    """The pause before the next attempt at a round after ``failed_attempts`` failed:
+    RETRY_BACKOFF_S doubled for each failed attempt after the first, at most
+    RETRY_BACKOFF_MAX_S."""
+    doublings = min(max(failed_attempts, 1) - 1, 16)
+    return min(RETRY_BACKOFF_S * 2.0 ** doublings, RETRY_BACKOFF_MAX_S)
 
 
 def coordinator_clocks(clock: Callable[[], float] | None,
@@ -508,6 +560,22 @@ class Coordinator:
                     "min_clients": self.runner.plan.min_clients, "excluded": first,
                     "more_excluded": len(sel.excluded) - len(first),
                     "summary": self.runner.round.waiting_for}
+        runner = self.runner
+        if runner is not None and runner.job_id == job_id and runner.round is None \
+                and not runner.finished and runner.retry_at > self.clock() \
+                and runner.retry_attempt:
+            # between two attempts at a round (RETRY_BACKOFF_S): the phase says when the
+            # next one opens and why the last failed
+            d["current_round"] = runner.committed + 1
+            d["phase"] = (f"retrying in {runner.retry_s:g} s after: "
+                          f"{peer_reason(runner.retry_after)}")
+            d["retry"] = {"attempt": runner.retry_attempt,
+                          "max_failed_attempts": runner.plan.max_failed_attempts,
+                          "backoff_s": runner.retry_s,
+                          "in_s": round(runner.retry_at - self.clock(), 1),
+                          "after": runner.retry_after}
+        if runner is not None and runner.job_id == job_id and runner.sidelined:
+            d["sidelined"] = dict(sorted(runner.sidelined.items()))
         if self.runner is not None and self.runner.job_id == job_id \
                 and self.runner.commit_error:
             d["commit_error"] = self.runner.commit_error  # the round is done, not committed
@@ -842,6 +910,10 @@ class Coordinator:
         # hundreds beating every second must not turn into hundreds of fsyncs.
         conn = self.conns[site]
         conn.secagg_protocol = hb.secagg_protocol
+        if hb.eligible and self.runner is not None \
+                and self.runner.sidelined.pop(site, None) is not None:
+            log.info("job %s: %s says it is eligible again; back among the round's "
+                     "candidates", self.runner.job_id, site)
         conn.classes, conn.classes_next = conn.classes_next, None
         datasets = [d[:HEARTBEAT_TEXT_MAX] for d in hb.datasets[:DATASETS_MAX]]
         conn.datasets = tuple(datasets)
@@ -925,6 +997,8 @@ class Coordinator:
                 self._finish_job(runner, now)
             return
         if runner.round is None:
+            if now < runner.retry_at:  # the pause after a failed attempt (RETRY_BACKOFF_S)
+                return
             runner.new_round(now)
         rnd = runner.round
         assert rnd is not None
@@ -937,7 +1011,7 @@ class Coordinator:
         if rnd.phase is Phase.WAITING_COHORT:
             sel = select_cohort(
                 self.store.appliances(), connected=self.connected_sites(now),
-                dataset=runner.plan.dataset,
+                dataset=runner.plan.dataset, sidelined=runner.sidelined,
                 protocols={s: c.secagg_protocol for s, c in self.conns.items()},
                 secure_protocol=SECAGG_PROTOCOL if runner.plan.secagg.enabled else None,
                 dp=any(runner.plan.privacy.get(k) is not None for k in ("dp", "client_dp")),
@@ -956,8 +1030,8 @@ class Coordinator:
 
     def fail_round_in_flight(self, reason: str) -> bool:
         """Fail the round in progress with ``reason`` (its sites are told to drop it) and
-        record the failed attempt, as for any failed round: the next tick starts the
-        round again, and a job whose rounds keep failing fails after
+        record the failed attempt, as for any failed round: the round starts again
+        after the pause (RETRY_BACKOFF_S), and a job whose rounds keep failing fails after
         ``max_failed_attempts``. For an error the coordinator cannot get past (a tick
         that raises): each attempt fails once, never in a loop. Returns whether there
         was a round to fail.
@@ -986,9 +1060,16 @@ class Coordinator:
                                              cohort=rnd.cohort, reason=reason,
                                              max_attempts=runner.plan.max_failed_attempts,
                                              dropped_reasons=rnd.dropped_reasons())
-            log.warning("job %s round %d failed (attempt %d): %s", rnd.job_id, rnd.round,
-                        attempts, reason)
             runner.round = None
+            if attempts < runner.plan.max_failed_attempts:
+                runner.retry_later(attempts, reason, now, rnd.opened_at)
+                self._sideline(runner, rnd, attempts)
+                log.warning("job %s round %d failed (attempt %d of %d; the next in %g s): %s",
+                            rnd.job_id, rnd.round, attempts, runner.plan.max_failed_attempts,
+                            runner.retry_s, reason)
+            else:
+                log.warning("job %s round %d failed (attempt %d): %s", rnd.job_id,
+                            rnd.round, attempts, reason)
             if attempts >= runner.plan.max_failed_attempts:
                 log.error("job %s failed: round %d failed %d times", rnd.job_id, rnd.round,
                           attempts)
@@ -1002,6 +1083,20 @@ class Coordinator:
                     except (StoreError, sqlite3.OperationalError) as exc:
                         self._not_written(f"the final digest of job {rnd.job_id}", exc)
                     self.on_job_completed(rnd.job_id)
+
+    def _sideline(self, runner: JobRunner, rnd: Round, attempts: int) -> None:
+        """Leave each site that refused or was lost in the failed attempt ``rnd`` out of
+        the round's next attempts, until a heartbeat of its own says it is eligible
+        (:meth:`_heartbeat`). Its failure was its own (a state dir it cannot write, a
+        crash), and a heartbeat is its word that it is fit again; the others may
+        meanwhile commit without it where min_clients allows. An attempt nobody
+        refused (a cohort that never formed) leaves nobody out."""
+        for site, why in rnd.dropped_reasons().items():
+            runner.sidelined[site] = (f"left out after attempt {attempts} at round "
+                                      f"{rnd.round} failed with it ({why}), until it "
+                                      "reports eligible again")
+            log.warning("job %s: %s is left out of round %d until its next heartbeat says "
+                        "it is eligible: %s", rnd.job_id, site, rnd.round, why)
 
     def _commit(self, runner: JobRunner, rnd: Round, now: float) -> None:
         """Commit a DONE round: its checkpoint, then its SQLite row (module docstring).
@@ -1186,6 +1281,14 @@ class Coordinator:
         self.max_message_bytes = max(self.max_message_bytes,
                                      8 * (2 * weights.size + 1) + (1 << 20))
         self.runner = JobRunner(self, job.job_id, plan, weights, strategy, job.committed_round)
+        if job.failed_attempts and not self.runner.finished:
+            # restarted between attempts: the count is the database's, and the pause
+            # before the next attempt is taken again in full (no clock reading survives
+            # a restart to say how much of it had passed)
+            failed = [r for r in self.store.rounds(job.job_id)
+                      if r.round == job.committed_round + 1 and r.status == "failed"]
+            self.runner.retry_later(job.failed_attempts,
+                                    failed[-1].reason if failed else "", now)
         if self.runner.finished:
             # killed (or failing) between committing the last round and marking the job
             # completed: finish it, do not train round plan.rounds + 1

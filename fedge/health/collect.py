@@ -24,7 +24,8 @@ import pynvml
 
 from fedge.health.report import GpuReading, HealthReport, HostReading, XidEvent
 
-__all__ = ["CLOCKS_EVENT_REASONS", "XidMonitor", "collect", "decode_clocks_event_reasons"]
+__all__ = ["CLOCKS_EVENT_REASONS", "STATE_DIR_PROBLEM", "XidMonitor", "collect",
+           "decode_clocks_event_reasons", "state_dir_problem"]
 
 log = logging.getLogger(__name__)
 
@@ -249,10 +250,50 @@ def read_host(state_dir: str | os.PathLike[str]) -> HostReading:
     )
 
 
+# The attribute of a collected HealthReport that holds why its state directory cannot
+# be written ("" when it can; absent from a report not collected here, e.g. a fixture).
+# Not a field of the report (fedge.health.report): the policy reads it where the report
+# is collected, and the verdict's reason carries it to the coordinator.
+STATE_DIR_PROBLEM = "state_dir_problem"
+PROBE_FILE = ".fedge-health-probe"
+
+
+def state_dir_problem(state_dir: str | os.PathLike[str]) -> str:
+    """Why ``state_dir`` cannot be written, or "" when it can: a small file is created
+    in it, written, fsynced and removed. A file system remounted read-only (after an I/O
+    error) or full, or a directory replaced by a file, still reports free space; this
+    is what the agent meets when it saves its privacy ledger and reveal log, and then
+    withholds the update. A directory not created yet is not probed ("").
+
+    Runs where ``collect`` runs, on the agent's health-probe thread (an fsync on a
+    failing disk may block: the heartbeats do not wait for it)."""
+    path = Path(state_dir).absolute()
+    if not os.path.lexists(path):
+        return ""
+    probe = path / f"{PROBE_FILE}-{os.getpid()}-{threading.get_ident()}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, b"fedge health probe\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
+        return f"state dir {path} cannot be written: {exc}"
+    return ""
+
+
 def collect(
     state_dir: str | os.PathLike[str], *, xid_monitor: XidMonitor | None = None
 ) -> HealthReport:
     """A fresh :class:`HealthReport` for this appliance.
+
+    The state directory is probed for writing (:func:`state_dir_problem`); the report
+    holds the outcome as its ``STATE_DIR_PROBLEM`` attribute, which the eligibility
+    policy reads.
 
     Without a driver the report's ``nvml`` says ``"no GPU (NVML: LibraryNotFound)"``
     (or the error met) and ``gpus`` is empty; the policy decides whether
@@ -287,10 +328,12 @@ def collect(
     # (XidMonitor.events): their age in the report is true across wall-clock steps
     now = time.time()
     events = xid_monitor.events(wall=now) if xid_monitor is not None else []
-    return HealthReport(
+    report = HealthReport(
         time=now, nvml=status, driver_version=driver, gpus=gpus, host=host,
         xid_events=events,
     )
+    setattr(report, STATE_DIR_PROBLEM, state_dir_problem(state_dir))
+    return report
 
 
 class XidMonitor:

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from fedge.health.collect import CLOCKS_EVENT_REASONS
+from fedge.health.collect import CLOCKS_EVENT_REASONS, STATE_DIR_PROBLEM
 from fedge.health.report import GpuReading, HealthReport
 
 __all__ = ["DEFAULT_FATAL_XIDS", "Eligibility", "EligibilityPolicy", "parse_bytes"]
@@ -114,7 +114,9 @@ class EligibilityPolicy:
         return cls(**kwargs)
 
     def decide(self, report: HealthReport, now: float | None = None) -> Eligibility:
-        """Apply every rule to ``report``; eligible only if none fails."""
+        """Apply every rule to ``report``; eligible only if none fails. A report from
+        ``collect`` also says whether its state directory could be written
+        (collect.state_dir_problem): one that cannot is not eligible."""
         now = time.time() if now is None else now
         problems: list[str] = []
         age = now - report.time
@@ -137,6 +139,9 @@ class EligibilityPolicy:
                 f"only {_gib(host.disk_free_bytes)} free on {host.state_dir} "
                 f"(policy needs {_gib(self.min_free_disk_bytes)})"
             )
+        unwritable = getattr(report, STATE_DIR_PROBLEM, "")  # collect's probe
+        if unwritable:
+            problems.append(str(unwritable))
         if host.memory_available_bytes < self.min_available_memory_bytes:
             problems.append(
                 f"only {_gib(host.memory_available_bytes)} host memory available "

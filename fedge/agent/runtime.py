@@ -69,6 +69,7 @@ from fedge.agent.guard import (
     client_dp_cohort,
     refuse_eval,
     refuse_threshold,
+    task_digest,
     update_digest,
 )
 from fedge.agent.jobstate import JobStateStore
@@ -103,6 +104,8 @@ class _Task:
     task_id: str = ""
     client_control: np.ndarray | None = None  # SCAFFOLD: c_i at the start of the round
     server_control: np.ndarray | None = None  # SCAFFOLD: c as the task brought it
+    # fedge.agent.guard.task_digest of what it trains from: the reveal log's task rule
+    inputs: bytes | None = None
     local: LocalResult | None = None
     session: Any = None
     started: float = field(default_factory=time.monotonic)
@@ -364,7 +367,10 @@ class Agent:
 
     async def handle_frames(self, frames: list[Any]) -> None:
         try:
-            env = codec.decode(frames, max_bytes=self.max_message_bytes)
+            # the list is this call's (run_agent passes a copy): a chunked model's
+            # frames are freed as they are copied, not held through training
+            env = codec.decode(frames, max_bytes=self.max_message_bytes,
+                               release_frames=isinstance(frames, list))
         except codec.WireError as exc:
             log.warning("%s: dropped a malformed message from the coordinator: %s",
                         self.site, exc)
@@ -561,7 +567,10 @@ class Agent:
                                "carries", t.task_id)
             return
         task = _Task(job, rnd, plan, weights, bytes(t.model_digest), bytes(t.quant_seed),
-                     t.task_id, kwargs.get("client_control"), kwargs.get("server_control"))
+                     t.task_id, kwargs.get("client_control"), kwargs.get("server_control"),
+                     task_digest(job=job, round=rnd, plan=t.plan,
+                                 model_digest=bytes(t.model_digest), train_seed=t.train_seed,
+                                 server_control=kwargs.get("server_control")))
         if self.task is not None:  # superseded (another TrainTask came meanwhile)
             self._abandon(self.task)
         self.task = task
@@ -881,7 +890,7 @@ class Agent:
                 f"the sum holds {n} sites: it would carry less noise than epsilon assumes")
         try:
             self.reveal_log.check_and_record(summed, survivors, update, job=task.job,
-                                             round=task.round)
+                                             round=task.round, inputs=task.inputs)
         except RevealLogError as exc:
             raise RevealRefused(str(exc)) from exc
         except OSError as exc:

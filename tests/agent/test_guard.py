@@ -167,6 +167,42 @@ def test_a_retrained_round_summed_over_other_survivors_is_refused_the_same_ones_
     np.testing.assert_array_equal(first, same)
 
 
+def test_a_replayed_task_that_trains_differently_is_still_refused_over_other_survivors(
+    tmp_path: Path,
+) -> None:
+    """Another thread count, CPU or library build trains the same task to other bits
+    (a resnet moved 2 % between 1 and 2 threads): the coordinator replays round 1's
+    task over fewer sites, each site's update comes out 5 % different, past the 1 %
+    sketch rule, and is refused all the same, because it is the same task."""
+
+    class Drifting(SyntheticTrainer):
+        runs = 0
+
+        def train(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            out = super().train(*args, **kwargs)
+            self.runs += 1
+            if self.runs > 1:  # as if on another machine: the update moves 5 %
+                w = kwargs.get("weights", args[3] if len(args) > 3 else None)
+                out.weights = (w + (out.weights - w) * np.float32(1.05)).astype(np.float32)
+            return out
+
+    fleet = Fleet(tmp=tmp_path)
+    for s, a in fleet.agents.items():
+        a.trainer = Drifting(s)
+
+    async def replay():
+        await fleet.train(SITES, "t1")
+        first = await fleet.aggregate(SITES, "t1")
+        await fleet.train(["site-a", "site-c"], "t2")
+        fewer = await fleet.aggregate(["site-a", "site-c"], "t2")
+        return first, fewer, fleet.refusals()
+
+    first, fewer, refused = run(replay())
+    assert first is not None and fewer is None
+    assert set(refused) == {"site-a", "site-c"}
+    assert all("same task" in why for why in refused.values())
+
+
 def test_the_record_survives_an_agent_restart(tmp_path: Path) -> None:
     fleet = Fleet(tmp=tmp_path)
     run(fleet.train(SITES, "t1"))

@@ -426,6 +426,7 @@ class Round:
     _held_survivors: list[str] | None = None
     _unmask_recorded: bool = False
     _record_error: str = ""
+    _training_since: float = 0.0  # when the TrainTasks were sent
 
     def __post_init__(self) -> None:
         self.weights = np.ascontiguousarray(self.weights, dtype=np.float32)
@@ -523,6 +524,7 @@ class Round:
             self.cohort = list(pinned) if pinned is not None else sorted(candidates)
             self.phase = Phase.TRAINING
             self._deadline = now + self.plan.deadlines.train_s
+            self._training_since = now
             control = (self.strategy.server_control(self.weights.size) if self.plan.scaffold
                        else None)
             self._control = control
@@ -669,7 +671,13 @@ class Round:
         if site not in self.cohort:
             return []
         if self.phase is Phase.TRAINING and site not in self.trained:
-            self.refused.setdefault(site, "connection lost during training")
+            # Say how long after the TrainTask left and how big it was: a site
+            # whose link cannot carry the model is lost at the same point every
+            # round, and "connection lost" alone sends its IT after the wrong fault.
+            self.refused.setdefault(
+                site, f"connection lost during training, "
+                f"{now - self._training_since:.0f} s after its TrainTask "
+                f"({self.weights.nbytes / 1e6:.1f} MB of weights) was sent")
             return self._answered_training(now)
         # Only the evaluation cohort counts towards DONE: a site dropped before
         # aggregation (lost() is called each tick while it stays away) was sent no

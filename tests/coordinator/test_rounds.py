@@ -149,6 +149,11 @@ def test_lost_connection_during_training_proceeds_with_the_rest():
     rnd.tick(30.0)
     assert rnd.phase is Phase.DONE
     assert rnd.dropped == ["c"] and rnd.survivors == ["a", "b"]
+    # when, and how big the model was: a link too slow for the model drops every round
+    # at the same point, which "connection lost" alone does not tell IT
+    assert rnd.dropped_reasons()["c"] == (
+        f"connection lost during training, 2 s after its TrainTask "
+        f"({rnd.weights.nbytes / 1e6:.1f} MB of weights) was sent")
 
 
 def test_outsiders_duplicates_and_wrong_phase_are_rejected_and_round_goes_on():

@@ -52,6 +52,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from fedge import instance_lock
 from fedge.agent.guard import PrivacyPolicy, PrivacyPolicyError, RevealLog
 from fedge.agent.jobstate import JobStateStore
 from fedge.agent.runtime import HEALTH_MAX_AGE_S, Agent
@@ -485,11 +486,20 @@ async def run_agent(agent: Agent, enrolled: Enrolled, *, interval_s: float, time
 
 
 def run(cfg: AgentConfig, *, connect_timeout_s: float | None = None) -> int:
-    """Blocking entry point for ``fedge agent``."""
+    """Blocking entry point for ``fedge agent``.
+
+    Raises: AgentConfigError: not enrolled (fedge.agent.process.load_enrolled), or
+        another agent runs on the state directory (its pid named)."""
     from fedge.agent.trainer import TorchTrainer
     from fedge.systemd import Notifier
 
-    enrolled = load_enrolled(cfg.state_dir)
+    enrolled = load_enrolled(cfg.state_dir)  # reads only: the directory is an appliance's
+    try:
+        # one agent per state directory (fedge.instance_lock): two took turns
+        # superseding each other's connection and shared one privacy ledger
+        instance_lock.hold(cfg.state_dir, "agent")
+    except instance_lock.InstanceLocked as exc:
+        raise AgentConfigError(str(exc)) from None
     trainer = TorchTrainer(cfg.datasets, state_dir=cfg.state_dir)
     executor: Executor = ThreadPoolExecutor(cfg.workers, thread_name_prefix=TASK_THREAD_PREFIX)
     xids = start_xid_monitor() if cfg.health else None

@@ -67,9 +67,12 @@ def _run(args: argparse.Namespace) -> int:
 
     setup_logging("fedge-coordinator")
     try:
+        # one coordinator per state directory, held before the database opens: a
+        # second one resumed the first's job and went on with it after a cancel
+        process.hold_state_dir(cfg)
         # the database opens here, before the loop: a corrupt or locked one is one line
         coord = process.build_coordinator(cfg)
-    except StoreError as exc:
+    except (StoreError, process.InstanceLocked) as exc:
         print(f"fedge coordinator: {exc}", file=sys.stderr)
         return 2
     try:

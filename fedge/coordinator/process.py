@@ -35,10 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedge import instance_lock
 from fedge.coordinator import checkpoint as ck
 from fedge.coordinator.config import CoordinatorConfig
 from fedge.coordinator.service import FINISH_RETRY_S, Coordinator, DatabaseLocked
 from fedge.coordinator.store import Store, is_locked
+from fedge.instance_lock import InstanceLocked
 from fedge.wire import messages as m
 
 log = logging.getLogger("fedge.coordinator")
@@ -78,6 +80,20 @@ def private_state_dir(state_dir: Path) -> None:
     if not state_dir.exists():
         state_dir.mkdir(parents=True, mode=0o700)
         os.chmod(state_dir, 0o700)  # mkdir's mode goes through the umask
+
+
+def hold_state_dir(cfg: CoordinatorConfig) -> None:
+    """Make the state directory if need be and hold its coordinator lock for the life
+    of this process (fedge.instance_lock).
+
+    Raises: InstanceLocked: another coordinator runs on it (its pid named), or the
+        directory cannot be made or locked (named)."""
+    try:
+        private_state_dir(Path(cfg.state_dir))
+    except OSError as exc:
+        raise InstanceLocked(f"cannot make state directory {cfg.state_dir}: "
+                             f"{exc.strerror or exc}") from None
+    instance_lock.hold(Path(cfg.state_dir), "coordinator")
 
 
 def build_coordinator(cfg: CoordinatorConfig, **kwargs: Any) -> Coordinator:
@@ -717,6 +733,8 @@ def _start_admin(cfg: CoordinatorConfig, coord: Coordinator) -> asyncio.Task[Non
 
 
 def run(cfg: CoordinatorConfig, *, coordinator: Coordinator | None = None) -> int:
-    """Blocking entry point for ``fedge coordinator``."""
-    private_state_dir(Path(cfg.state_dir))
+    """Blocking entry point for ``fedge coordinator``.
+
+    Raises: InstanceLocked: another coordinator runs on the state directory."""
+    hold_state_dir(cfg)
     return asyncio.run(serve(cfg, coordinator=coordinator))

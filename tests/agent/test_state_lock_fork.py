@@ -1,0 +1,86 @@
+"""The state directory's lock (fedge.instance_lock) belongs to the process that took
+it: a child it forked (a torch DataLoader worker) does not hold it, so a SIGKILLed
+agent whose child lives on does not keep its restart out."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedge.instance_lock import InstanceLocked, hold
+
+REPO = Path(__file__).resolve().parents[2]
+
+HOLD_AND_FORK = """
+import os, sys, time
+from pathlib import Path
+from fedge.instance_lock import hold
+hold(Path(sys.argv[1]), "agent")
+child = os.fork()
+if child == 0:
+    time.sleep(60)
+    os._exit(0)
+Path(sys.argv[2]).write_text(str(child))
+time.sleep(60)
+"""
+
+TAKE = """
+import sys
+from pathlib import Path
+from fedge.instance_lock import InstanceLocked, hold
+try:
+    hold(Path(sys.argv[1]), "agent")
+except InstanceLocked as exc:
+    print(exc)
+    sys.exit(2)
+"""
+
+
+def take(state: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", TAKE, str(state)], capture_output=True,
+                          text=True, timeout=60, cwd=REPO)
+
+
+def test_a_forked_child_outliving_its_killed_parent_does_not_hold_the_lock(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    child_file = tmp_path / "child"
+    parent = subprocess.Popen([sys.executable, "-c", HOLD_AND_FORK, str(state),
+                               str(child_file)], cwd=REPO)
+    child = None
+    try:
+        deadline = time.monotonic() + 60
+        while not child_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        child = int(child_file.read_text())
+        refused = take(state)
+        assert refused.returncode == 2
+        assert f"another agent (pid {parent.pid}) is running on state directory {state}" \
+            in refused.stdout
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(30)
+        os.kill(child, 0)  # the forked child lives on
+        assert take(state).returncode == 0
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait(30)
+        if child is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+
+
+def test_taking_it_again_in_the_same_process_is_a_no_op_and_a_bad_directory_is_named(
+        tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    assert hold(state, "test-role") == hold(state, "test-role")
+    with pytest.raises(InstanceLocked, match=r"cannot open the agent lock .*/missing/agent"):
+        hold(tmp_path / "missing", "agent")

@@ -132,7 +132,11 @@ def load_config(path: str | Path) -> AgentConfig:
     """Raises: AgentConfigError: unreadable, bad TOML, unknown key or bad value (named)."""
     p = Path(path)
     try:
-        raw = tomllib.loads(p.read_text())
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:  # binary, or UTF-16 as Windows Notepad saves it
+        byte = exc.object[exc.start]
+        raise AgentConfigError(f"agent config {p} is not UTF-8 text: byte 0x{byte:02x} at "
+                               f"offset {exc.start} cannot be decoded; save it as UTF-8") from None
     except OSError as exc:
         raise AgentConfigError(f"cannot read agent config {p}: {exc}") from exc
     except tomllib.TOMLDecodeError as exc:

@@ -32,7 +32,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from tuf.api.metadata import TargetFile
 
-from fedge.secagg.keys import Identity, Roster, check_client_id
+from fedge.secagg.keys import Identity, Roster, case_twin, check_client_id
 from fedge.update import tuf_repo
 from fedge.update.files import (
     curve_keypair,
@@ -255,7 +255,8 @@ class ConsoleStore:
     def add_site(self, site: str, curve_public: str, ed25519_public: bytes) -> None:
         """Record an enrolled site.
 
-        Raises: ConsoleError if the site is already enrolled and not revoked.
+        Raises: ConsoleError if the name breaks the site-name rule, the site is already
+        enrolled and not revoked, or an enrolled site has the same name except for case.
         """
         _check_name(site, what="site")
         existing = self.state["sites"].get(site)
@@ -263,6 +264,11 @@ class ConsoleStore:
             raise ConsoleError(f"site {site!r} is already enrolled; revoke it first to "
                                "issue a new identity (if the coordinator never took it, "
                                "`fedge console sync` sends it)")
+        twin = case_twin(site, self.active_sites())
+        if twin is not None:
+            raise ConsoleError(f"site {site!r} differs from the enrolled site {twin!r} only "
+                               "in case; site names must differ in more than case (revoke "
+                               f"{twin!r} first if this is a rename)")
         self._roster_changed()
         self.state["sites"][site] = {
             "curve_public": curve_public,

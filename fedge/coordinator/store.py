@@ -42,6 +42,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedge.secagg.errors import SecAggConfigError
+from fedge.secagg.keys import check_client_id
+
 SCHEMA_VERSION = 2
 DB_NAME = "coordinator.sqlite3"
 
@@ -526,14 +529,15 @@ class Store:
         """Register (or re-enrol a revoked) appliance.
 
         Raises:
-            StoreError: the site id is empty, the CURVE key is not 40 z85
-                characters, the Ed25519 key is not 32 bytes, or the CURVE key
-                already belongs to another site.
+            StoreError: the site id breaks the site-name rule (`check_client_id`,
+                the console's), the CURVE key is not 40 z85 characters, the
+                Ed25519 key is not 32 bytes, the CURVE key already belongs to
+                another site, or an enrolled site has the same id except for case.
         """
-        if not site_id or not site_id.replace("-", "").replace("_", "").replace(".", "").isalnum():
-            raise StoreError(
-                f"site id {site_id!r} must be non-empty letters, digits, '-', '_', '.'"
-            )
+        try:
+            check_client_id(site_id, what="site id")
+        except SecAggConfigError as exc:
+            raise StoreError(str(exc)) from None
         if len(curve_public_z85) != 40:
             raise StoreError(
                 f"CURVE public key for {site_id!r} has {len(curve_public_z85)} characters; "
@@ -553,6 +557,16 @@ class Store:
             if other is not None:
                 raise StoreError(
                     f"CURVE key {curve_public_z85} is already enrolled for site {other[0]!r}"
+                )
+            twin = c.execute(
+                "SELECT site_id FROM appliances WHERE lower(site_id) = lower(?)"
+                " AND site_id != ? AND status = 'enrolled'",
+                (site_id, site_id),
+            ).fetchone()
+            if twin is not None:
+                raise StoreError(
+                    f"site id {site_id!r} differs from the enrolled site {twin[0]!r} only in "
+                    "case; site ids must differ in more than case"
                 )
             c.execute(
                 "INSERT INTO appliances(site_id, curve_public_z85, ed25519_public, status,"

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,17 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .errors import SecAggConfigError
 
-_CLIENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
+# A site's name (its client id) is the coordinator's allow-list key, a file-name part
+# and a log field: ASCII only, so there are no look-alikes, one spelling under Unicode
+# normalisation and one meaning of "the same except for case". The console, the
+# coordinator and the round all check it with `check_client_id`.
+SITE_NAME_RULE = ("1-128 ASCII letters, digits, '-', '_', '.', starting with a letter "
+                  "or digit")
+_CLIENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# What a console let into a signed roster before the rule above: also ':' and '@', and
+# a trailing newline (an anchored re.match let it through). Such a site never got onto
+# a coordinator, but rosters naming it were signed and handed out, and must still load.
+_LEGACY_ROSTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}\n?")
 PUBLIC_KEY_BYTES = 32
 SIGNATURE_BYTES = 64
 MASK_SEED_BYTES = 16  # AES-128 key of the core's PRG
@@ -40,18 +50,33 @@ SHARE_KEY_BYTES = 32  # AES-256-GCM
 
 
 def check_client_id(client_id: object, *, what: str = "client_id") -> str:
-    """Return ``client_id`` if it is a valid client id.
+    """Return ``client_id`` if it is a valid client id (a site name): `SITE_NAME_RULE`.
 
     Raises:
-        SecAggConfigError: not a str of 1-128 characters from [A-Za-z0-9._:@-]
+        SecAggConfigError: not a str of 1-128 ASCII letters, digits, '-', '_', '.'
             starting with a letter or digit.
     """
-    if not isinstance(client_id, str) or not _CLIENT_ID.match(client_id):
-        raise SecAggConfigError(
-            f"{what} {client_id!r} is not a client id (1-128 chars of [A-Za-z0-9._:@-], "
-            "starting with a letter or digit)"
-        )
+    if not isinstance(client_id, str) or not _CLIENT_ID.fullmatch(client_id):
+        raise SecAggConfigError(f"{what} {client_id!r} is not a client id ({SITE_NAME_RULE})")
     return client_id
+
+
+def case_twin(name: str, existing: Iterable[str]) -> str | None:
+    """The name in ``existing`` that equals ``name`` except for case, if any: two sites
+    `Hospital-A` and `hospital-a` read as one to people and to case-insensitive file
+    systems, so a new name must not be one."""
+    folded = name.casefold()
+    for other in existing:
+        if other != name and other.casefold() == folded:
+            return other
+    return None
+
+
+def _check_roster_id(client_id: object) -> None:
+    """A roster entry's id: `check_client_id`, or a name an older console signed in."""
+    if not isinstance(client_id, str) or not (
+            _CLIENT_ID.fullmatch(client_id) or _LEGACY_ROSTER_ID.fullmatch(client_id)):
+        raise SecAggConfigError(f"client_id {client_id!r} is not a client id ({SITE_NAME_RULE})")
 
 
 def length_prefixed(data: bytes | str) -> bytes:
@@ -163,7 +188,7 @@ class Roster:
             raise SecAggConfigError(f"roster serial {serial!r} must be an integer >= 0")
         clean = {}
         for client_id, key in entries.items():
-            check_client_id(client_id)
+            _check_roster_id(client_id)
             if not isinstance(key, bytes) or len(key) != PUBLIC_KEY_BYTES:
                 raise SecAggConfigError(
                     f"roster key of {client_id!r} must be {PUBLIC_KEY_BYTES} bytes"
@@ -203,7 +228,7 @@ class Roster:
         if _roster_body(entries, serial) != body:
             raise RosterSignatureError("roster body is not in canonical form")
         for client_id, key in entries.items():
-            check_client_id(client_id)
+            _check_roster_id(client_id)
             if len(key) != PUBLIC_KEY_BYTES:
                 raise RosterSignatureError(f"roster key of {client_id!r} is not 32 bytes")
         return cls(entries, signature, serial)

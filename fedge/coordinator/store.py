@@ -33,6 +33,7 @@ for a table that guards nothing). Rounds committed without a row have none.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -47,6 +48,10 @@ from fedge.secagg.keys import check_client_id
 
 SCHEMA_VERSION = 2
 DB_NAME = "coordinator.sqlite3"
+# SQLite's unix VFS keeps a database's full path (symlinks resolved) in a 512-byte
+# buffer that must also hold the "-journal" suffix: a longer path fails to open with
+# only "unable to open database file", so that error names the length and this limit.
+SQLITE_PATH_LIMIT = 504
 
 APPLIANCE_STATUSES = ("enrolled", "revoked")
 JOB_STATUSES = ("queued", "running", "completed", "failed", "cancelled")
@@ -305,8 +310,9 @@ class Store:
     Raises:
         StoreError: on opening a database whose schema version is newer than
             this code's, one that is not an SQLite database or fails SQLite's
-            ``quick_check`` (corrupt), or one another process holds locked for
-            longer than OPEN_BUSY_TIMEOUT_S.
+            ``quick_check`` (corrupt), one another process holds locked for
+            longer than OPEN_BUSY_TIMEOUT_S, or one SQLite cannot open at all (a
+            path past SQLITE_PATH_LIMIT bytes is named as such).
     """
 
     def __init__(self, state_dir: str | Path, *, clock: Any = time.time,
@@ -320,10 +326,13 @@ class Store:
         self.lock_waits = 0
         self.locked_since: float | None = None
         self._busy_at = float("-inf")  # monotonic: when a write last found the lock held
-        self._conn = sqlite3.connect(
-            self.path, check_same_thread=False, isolation_level=None,
-            timeout=OPEN_BUSY_TIMEOUT_S,
-        )
+        try:
+            self._conn = sqlite3.connect(
+                self.path, check_same_thread=False, isolation_level=None,
+                timeout=OPEN_BUSY_TIMEOUT_S,
+            )
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(self._open_refused(exc)) from exc
         try:
             self._open()
         except sqlite3.DatabaseError as exc:
@@ -354,6 +363,11 @@ class Store:
                     f"{OPEN_BUSY_TIMEOUT_S:.0f} s): another coordinator on the same state "
                     f"dir, or a command still writing to it? ({exc})")
         reason = f"cannot open database {self.path}: {exc}"
+        length = len(os.fsencode(os.path.realpath(self.path)))
+        if length > SQLITE_PATH_LIMIT:
+            return (f"cannot open database {self.path}: its full path, symlinks resolved, "
+                    f"is {length} bytes, past SQLite's limit of {SQLITE_PATH_LIMIT}; give "
+                    f"the coordinator a shorter state_dir ({exc})")
         if is_corrupt(exc):
             reason += f" (corrupt: {CORRUPT_HINT})"
         return reason

@@ -647,11 +647,20 @@ def _fedge_specs(files: Mapping[str, TargetFile]) -> dict[str, tuf_repo.TargetSp
 
 def _newest_only(files: Mapping[str, TargetFile]) -> dict[str, TargetFile]:
     """`files` less every fedge target older than the newest of its lineage (targets
-    signed by an earlier console list every version ever pushed). Anything not a fedge
-    target is kept as it is."""
+    signed by an earlier console list every version ever pushed), and less every target
+    described as fedge's whose fields break today's rule (an earlier console signed a
+    version '4\n' or '٣': no appliance installs it, and the coordinator refuses a
+    targets.json listing it, so keeping it would block every later push). Anything else
+    that is not a fedge target is kept as it is."""
     specs = _fedge_specs(files)
     newest = {spec.path for spec in tuf_repo.newest_per_lineage(specs.values()).values()}
-    return {path: tf for path, tf in files.items() if path not in specs or path in newest}
+    return {path: tf for path, tf in files.items()
+            if path in newest or (path not in specs and not _fedge_described(tf))}
+
+
+def _fedge_described(tf: TargetFile) -> bool:
+    custom = tf.custom if isinstance(tf.custom, dict) else {}
+    return isinstance(custom.get("fedge"), dict)
 
 
 ENROL_GRANT = "enrol_grant"  # the admin enrol op's blob holding the grant

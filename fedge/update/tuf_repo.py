@@ -45,8 +45,11 @@ EXPIRY: Mapping[str, timedelta] = {
     "snapshot": timedelta(days=7),
     "timestamp": timedelta(days=1),
 }
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
-_VERSION = re.compile(r"^\d{1,9}(\.\d{1,9}){0,3}$")
+# Matched whole (fullmatch) and ASCII only: an anchored re.match let a trailing newline
+# into a signed path, and \d let Arabic-Indic digits into a version every appliance
+# then refuses.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
+_VERSION = re.compile(r"[0-9]{1,9}(\.[0-9]{1,9}){0,3}")
 _SERIALIZER = JSONSerializer(compact=False)
 
 Clock = Callable[[], datetime]
@@ -73,9 +76,9 @@ def version_key(version: str) -> tuple[int, ...]:
     Raises:
         ValueError: not 1-4 dot-separated integers (names the value).
     """
-    if not isinstance(version, str) or not _VERSION.match(version):
-        raise ValueError(f"target version {version!r} must be 1-4 dot-separated integers, "
-                         "e.g. '3' or '1.2.0'")
+    if not isinstance(version, str) or not _VERSION.fullmatch(version):
+        raise ValueError(f"target version {version!r} must be 1-4 dot-separated integers "
+                         "of ASCII digits 0-9, e.g. '3' or '1.2.0'")
     key = [int(p) for p in version.split(".")]
     while len(key) > 1 and key[-1] == 0:
         key.pop()
@@ -118,7 +121,7 @@ def check_target_fields(kind: object, name: object, version: object) -> None:
     """Raises: ValueError naming the field, its value and the rule."""
     if kind not in TARGET_KINDS:
         raise ValueError(f"target kind {kind!r} must be one of {', '.join(TARGET_KINDS)}")
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ValueError(f"target name {name!r} must be 1-64 characters of A-Z a-z 0-9 _ . -, "
                          "starting with a letter or digit")
     version_key(version)  # type: ignore[arg-type]
@@ -145,7 +148,7 @@ def newest_per_lineage(specs: Iterable[TargetSpec]) -> dict[tuple[str, str], Tar
 def target_path(kind: str, name: str, version: str, filename: str) -> str:
     """The TUF path of a target. Raises: ValueError for a bad field or file name."""
     check_target_fields(kind, name, version)
-    if not _NAME.match(filename):
+    if not _NAME.fullmatch(filename):
         raise ValueError(f"target file name {filename!r} must be 1-64 characters of "
                          "A-Z a-z 0-9 _ . -")
     return f"{kind}/{name}/{version}/{filename}"

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -288,9 +289,28 @@ def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
-def _cell(text: str) -> str:
-    """Text for one table cell: a site's words may hold '|' or line breaks."""
-    return " ".join(str(text).split()).replace("|", "\\|") or "–"
+def _cell(text: str, *, markers: bool = False) -> str:
+    """Text for one table cell: a site's words may hold '|', line breaks, or HTML (a
+    report rendered in a browser shows '<b>' as text, not as markup). With `markers`
+    (a name: the plan's job.name), each markdown inline marker is backslash-escaped
+    too, and a backslash where it would escape the next character (elsewhere
+    CommonMark shows a backslash as it is)."""
+    text = " ".join(str(text).split())
+    if markers:
+        text = _MARKDOWN_MARKERS.sub(lambda m: "\\" + m.group(0), text)
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return text.replace("|", "\\|") or "–"
+
+
+# Markdown's inline markers: a name is shown as the text it is, not as emphasis, a
+# link, an image or code.
+_MARKDOWN_MARKERS = re.compile(r"[`*_\[\]!~#]|\\(?=[!-/:-@\[-`{-~])")
+
+
+def _fence(text: str) -> str:
+    """A code fence longer than any run of backticks in `text`, so it cannot end early."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    return "`" * max(3, longest + 1)
 
 
 def _site_table(by_site: dict[str, Any], first: str = "site") -> list[str]:
@@ -325,7 +345,7 @@ def _unweighted_mean(values: Any) -> float | None:
 def _markdown(report: dict[str, Any], plots: list[str]) -> str:
     names = sorted(report["final"])
     state, committed = report["status"], report["committed_round"]
-    name = f" ({_cell(report['name'])})" if report.get("name") else ""
+    name = f" ({_cell(report['name'], markers=True)})" if report.get("name") else ""
     title = f"# Job {report['job_id']}{name}: {state}"
     if state in ("failed", "cancelled"):
         title += f", last committed round {committed} of {report['rounds_planned']}"
@@ -416,5 +436,6 @@ def _markdown(report: dict[str, Any], plots: list[str]) -> str:
                 + (f"{v['epsilon']:.3f}" if math.isfinite(v["epsilon"]) else "unbounded")
                 + " |" for s, v in client["sites"].items()]
     if report["plan"]:
-        out += ["", "## Plan", "", "```toml", report["plan"].strip(), "```"]
+        fence = _fence(report["plan"])
+        out += ["", "## Plan", "", f"{fence}toml", report["plan"].strip(), fence]
     return "\n".join(out) + "\n"

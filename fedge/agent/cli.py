@@ -78,6 +78,10 @@ def _privacy(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_config(args.config)
+        refused = _not_an_appliance(Path(cfg.state_dir), args.config)
+        if refused:
+            print(f"fedge agent privacy: {refused}", file=sys.stderr)
+            return 2
         ledger = PrivacyLedger.load(ledger_path(cfg.state_dir))
     except (AgentConfigError, ValueError) as exc:
         print(f"fedge agent privacy: {exc}", file=sys.stderr)
@@ -87,6 +91,27 @@ def _privacy(args: argparse.Namespace) -> int:
         return 2
     print_privacy(ledger, args.delta, reveals=read_reveals(Path(cfg.state_dir)))
     return 0
+
+
+def _not_an_appliance(state_dir: Path, config: Path) -> str | None:
+    """Why `state_dir` is no appliance's whose privacy can be told, or None.
+
+    A missing ledger reads as an empty one (nothing released), so a mistyped or
+    never-enrolled state_dir would get epsilon 0 and "every run counted". An enrolled
+    appliance that has not trained yet has an empty ledger truthfully; a state dir with
+    a ledger or a reveal log has records to show, enrolment file or not."""
+    from fedge.agent.trainer import ledger_path
+
+    if not state_dir.is_dir():
+        return (f"state_dir {state_dir} (from {config}) is not a directory: no appliance "
+                "state is there; check state_dir in the config")
+    records = (state_dir / "enrolment.json", ledger_path(state_dir),
+               state_dir / "secagg" / "revealed.jsonl", state_dir / "secagg" / "revealed.json")
+    if not any(path.exists() for path in records):
+        return (f"state_dir {state_dir} (from {config}) is not an enrolled appliance's: no "
+                f"enrolment.json, privacy ledger or reveal log there; check state_dir in "
+                "the config (an appliance is enrolled with `fedge agent enrol FILE`)")
+    return None
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -43,15 +44,87 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+SIGINT_STATUS = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
+SIGPIPE_STATUS = 141  # 128 + SIGPIPE: what `cmd | head` gives for a Unix tool
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one `fedge` command; its exit status.
+
+    Whatever the command: Ctrl-C, even while its modules are still importing, exits
+    130 without a traceback; a reader that stops reading (`| head`) ends it quietly
+    (141, as SIGPIPE ends other Unix tools); and what it printed is flushed before it
+    exits, so that buffered output it could not write (a full disk) is an error, not
+    rc 0.
+    Refused with 2 when standard output is closed (`>&-`): the command's result (a
+    job id) would be lost, and the next file opened would take descriptor 1."""
+    try:
+        if sys.stdout is None or not _open(1):
+            print("fedge: standard output (file descriptor 1) is closed, so what this "
+                  "command prints would be lost; give it one (>/dev/null to discard it)",
+                  file=sys.stderr)
+            return 2
+        try:
+            status = _command(argv)
+        except SystemExit as exc:  # argparse: --help and --version print, then exit
+            if not isinstance(exc.code, int | None):
+                raise
+            status = exc.code or 0
+        failed = _stdout_fails()
+        return status if failed is None else _unwritten(failed)
+    except KeyboardInterrupt:
+        return SIGINT_STATUS
+    except BrokenPipeError:
+        _stdout_to_devnull()
+        return SIGPIPE_STATUS
+
+
+def _command(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)
     if func is None:
         parser.print_help()
         return 2
-    result = func(args)
-    return int(result or 0)
+    return int(func(args) or 0)
+
+
+def _stdout_fails() -> OSError | None:
+    """Flush stdout: the error if what is buffered cannot be written (a broken pipe is
+    raised)."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        return exc
+    return None
+
+
+def _unwritten(exc: OSError) -> int:
+    _stdout_to_devnull()  # so that the exit does not fail on it again
+    print(f"fedge: cannot write the output: {exc.strerror or exc}", file=sys.stderr)
+    return 1
+
+
+def _open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def _stdout_to_devnull() -> None:
+    """Point descriptor 1 at /dev/null, so that the interpreter's own flush at exit
+    does not fail again on the closed pipe and print "Exception ignored"."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (in-process callers)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 if __name__ == "__main__":  # pragma: no cover

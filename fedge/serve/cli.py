@@ -30,13 +30,35 @@ def _port(text: str) -> int:
     return value
 
 
-def _seconds(text: str) -> float:
+MAX_POLL_INTERVAL_S = 3600.0  # the watcher waits this long at most between scans
+
+
+def _poll_interval(text: str) -> float:
+    """The watcher thread waits on it (threading.Event.wait): a value it cannot wait
+    on (1e10, inf) killed the thread, and new versions were never loaded."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{value} must be > 0 seconds")
+    if not 0 < value <= MAX_POLL_INTERVAL_S:
+        raise argparse.ArgumentTypeError(
+            f"{value} must be > 0 seconds and at most {MAX_POLL_INTERVAL_S:g} (an hour)")
+    return value
+
+
+def max_threads() -> int:
+    """The most onnxruntime intra-op threads a session may have: 4 per CPU. Each
+    model version's session starts that many threads, so --threads 100000 exhausted
+    the machine."""
+    return 4 * (os.cpu_count() or 1)
+
+
+def _threads(text: str) -> int:
+    value = _positive_int(text)
+    if value > max_threads():
+        raise argparse.ArgumentTypeError(
+            f"{value} is more than {max_threads()} (4 per CPU, {os.cpu_count() or 1} CPUs): "
+            "each model version's session starts that many threads")
     return value
 
 
@@ -82,14 +104,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             f"(default {DEFAULT_REPOSITORY} or $FEDGE_MODEL_REPOSITORY)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=_port, default=8000, help="0: any free port")
-    serve.add_argument("--poll-interval", type=_seconds, default=0.5,
-                       help="seconds between repository scans for new versions")
+    serve.add_argument("--poll-interval", type=_poll_interval, default=0.5,
+                       help="seconds between repository scans for new versions (at most "
+                            "3600)")
     serve.add_argument("--max-body-bytes", type=_positive_int, default=64 * 1024 * 1024)
     serve.add_argument("--max-header-bytes", type=_positive_int, default=64 * 1024,
                        help="request line and headers of one request; more gets 431 (414 for "
                             "a long URL) and the connection is closed (default 65536)")
-    serve.add_argument("--threads", type=_positive_int, default=None,
-                       help="onnxruntime intra-op threads per session (default: CPUs, max 4)")
+    serve.add_argument("--threads", type=_threads, default=None,
+                       help="onnxruntime intra-op threads per session (default: CPUs, max 4; "
+                            "at most 4 per CPU)")
     serve.add_argument("--inline-budget-ms", type=_milliseconds, default=2.0,
                        help="requests estimated (single-row time measured at load x rows) to "
                             "take longer run on a worker thread, not the event loop (default 2)")

@@ -137,6 +137,7 @@ DEFAULT_REQUEST_TIMEOUT_S = 60.0
 # JSON process's pipes, model files being loaded, the watcher's directory scans.
 FD_RESERVE = 64
 _NEVER = math.inf
+MAX_POLL_INTERVAL_S = 3600.0  # fedge.serve.cli's bound on --poll-interval
 _T = TypeVar("_T")
 # POST /v2/repository/index is served too, but not the rest of Triton's
 # model_repository extension (load/unload), so it is not advertised.
@@ -395,7 +396,14 @@ class InferenceServer:
         max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
     ):
         """Raises: ValueError for a non-positive poll interval, body or header limit,
-        connection limit or timeout, or a negative inline budget."""
+        connection limit or timeout, a poll interval over an hour (the watcher thread
+        could not wait on 1e10 or inf: it died, and no new version ever loaded), a
+        thread count below 1 or a negative inline budget."""
+        if not 0 < poll_interval <= MAX_POLL_INTERVAL_S:
+            raise ValueError(f"poll_interval {poll_interval!r} must be > 0 seconds and at "
+                             f"most {MAX_POLL_INTERVAL_S:g}")
+        if threads is not None and not threads >= 1:
+            raise ValueError(f"threads {threads!r} must be >= 1")
         if not max_body_bytes > 0:
             raise ValueError(f"max_body_bytes {max_body_bytes!r} must be > 0")
         if not max_header_bytes > 0:

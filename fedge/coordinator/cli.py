@@ -82,11 +82,19 @@ def _run(args: argparse.Namespace) -> int:
         return 2
 
 
-def _open_store(cfg: Any, command: str) -> Any:
+def _open_store(cfg: Any, command: str, *, existing: bool = False) -> Any:
     """The coordinator's database, or None after printing why it cannot be opened
-    (corrupt, locked by a running coordinator; StoreError names the file)."""
-    from fedge.coordinator.store import Store, StoreError
+    (corrupt, locked by a running coordinator; StoreError names the file). With
+    `existing`, a state directory without one is refused rather than given a new,
+    empty database: a mistyped state_dir showed an empty fleet (status), or printed
+    the id of a job no coordinator would run (submit)."""
+    from fedge.coordinator.store import DB_NAME, Store, StoreError
 
+    db = Path(cfg.state_dir) / DB_NAME
+    if existing and not db.exists():
+        print(f"fedge coordinator {command}: no coordinator database at {db}: is state_dir "
+              "right? (`fedge coordinator run` creates it)", file=sys.stderr)
+        return None
     try:
         return Store(cfg.state_dir)
     except StoreError as exc:
@@ -111,7 +119,7 @@ def _submit(args: argparse.Namespace) -> int:
     job_id = f"job-{time.strftime('%Y%m%d%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
     from fedge.coordinator.store import database_error
 
-    store = _open_store(cfg, "submit")
+    store = _open_store(cfg, "submit", existing=True)
     if store is None:
         return 2
     try:
@@ -155,7 +163,7 @@ def _status(args: argparse.Namespace) -> int:
         return 2
     from fedge.coordinator.store import StoreError, database_error
 
-    store = _open_store(cfg, "status")
+    store = _open_store(cfg, "status", existing=True)
     if store is None:
         return 2
     try:

@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import copy
+import errno
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,7 +30,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from fedge.console.store import ConsoleStore
+from fedge.console.store import ConsoleError, ConsoleStore
 from fedge.secagg.keys import Identity
 from fedge.update.files import check_z85_key, curve_keypair, write_json
 
@@ -69,34 +72,15 @@ def create_enrolment(store: ConsoleStore, site: str, *, valid_for: timedelta,
                      out: Path | None = None) -> tuple[Path, Enrolment]:
     """Create the identity of `site`, add it to the roster and write its enrolment file.
 
+    The file holds the site's only copy of its secret keys, so the site is added only
+    if the file is written: a path that cannot be written (a directory, a missing or
+    read-only folder) is refused before anything changes, and a write that fails after
+    the site was added takes it out again (its roster serial too: nothing has been sent).
+
     Raises:
-        ConsoleError: bad site name, or the site is already enrolled.
+        ConsoleError: bad site name, the site is already enrolled, or the file cannot
+            be written (names `out`; the site is then not enrolled).
     """
-    curve_public, curve_secret = curve_keypair()
-    identity = Identity.generate()
-    store.add_site(site, curve_public, identity.public_bytes())
-    now = store.clock().replace(microsecond=0)
-    enrolment = Enrolment(
-        site=site, console_id=store.console_id, issued=now, expires=now + valid_for,
-        curve_public=curve_public, curve_secret=curve_secret,
-        identity_private=identity.private_bytes(),
-        coordinator_endpoint=store.coordinator_endpoint,
-        coordinator_public_key=store.coordinator_public_key,
-        roster_public_key=store.roster_public_key(),
-        roster=store.roster().to_bytes(), tuf_root=store.root_bytes(),
-    )
-    payload = json.dumps({
-        "site": site, "console_id": enrolment.console_id,
-        "issued": now.isoformat(), "expires": enrolment.expires.isoformat(),
-        "curve_public": curve_public, "curve_secret": curve_secret,
-        "identity_private": enrolment.identity_private.hex(),
-        "coordinator_endpoint": enrolment.coordinator_endpoint,
-        "coordinator_public_key": enrolment.coordinator_public_key,
-        "roster_public_key": enrolment.roster_public_key.hex(),
-        "roster": enrolment.roster.decode(),
-        "tuf_root": enrolment.tuf_root.decode(),
-    }, sort_keys=True).encode()
-    signature = store.roster_identity().sign(payload)
     if out:
         path = Path(out)
     else:  # inside the console home (0700), in a directory of its own no other user reads
@@ -104,9 +88,70 @@ def create_enrolment(store: ConsoleStore, site: str, *, valid_for: timedelta,
         folder.mkdir(mode=0o700, exist_ok=True)
         os.chmod(folder, 0o700)
         path = folder / f"{site}.fedge-enrol"
-    write_json(path, {"format": FORMAT, "payload": base64.b64encode(payload).decode(),
-                      "signature": signature.hex()})
+    _check_writable(path)
+    curve_public, curve_secret = curve_keypair()
+    identity = Identity.generate()
+    before = copy.deepcopy(store.state)
+    store.add_site(site, curve_public, identity.public_bytes())
+    try:
+        now = store.clock().replace(microsecond=0)
+        enrolment = Enrolment(
+            site=site, console_id=store.console_id, issued=now, expires=now + valid_for,
+            curve_public=curve_public, curve_secret=curve_secret,
+            identity_private=identity.private_bytes(),
+            coordinator_endpoint=store.coordinator_endpoint,
+            coordinator_public_key=store.coordinator_public_key,
+            roster_public_key=store.roster_public_key(),
+            roster=store.roster().to_bytes(), tuf_root=store.root_bytes(),
+        )
+        payload = json.dumps({
+            "site": site, "console_id": enrolment.console_id,
+            "issued": now.isoformat(), "expires": enrolment.expires.isoformat(),
+            "curve_public": curve_public, "curve_secret": curve_secret,
+            "identity_private": enrolment.identity_private.hex(),
+            "coordinator_endpoint": enrolment.coordinator_endpoint,
+            "coordinator_public_key": enrolment.coordinator_public_key,
+            "roster_public_key": enrolment.roster_public_key.hex(),
+            "roster": enrolment.roster.decode(),
+            "tuf_root": enrolment.tuf_root.decode(),
+        }, sort_keys=True).encode()
+        signature = store.roster_identity().sign(payload)
+        write_json(path, {"format": FORMAT, "payload": base64.b64encode(payload).decode(),
+                          "signature": signature.hex()})
+    except BaseException as exc:
+        # the keys existed only here: without the file the site could never connect,
+        # and a retry would be refused as already enrolled
+        store.state = before
+        store._save()
+        if isinstance(exc, OSError):
+            raise ConsoleError(_unwritable(path, exc)) from exc
+        raise
     return path, enrolment
+
+
+def _unwritable(path: Path, exc: OSError) -> str:
+    return (f"cannot write the enrolment file {path}: {exc.strerror or exc}; nothing was "
+            "enrolled")
+
+
+def _check_writable(path: Path) -> None:
+    """Refuse, before the site is added, a `path` the enrolment file cannot be written
+    to: a directory, or a folder that does not exist or is not writable (the file is
+    written beside it first, then renamed).
+
+    Raises: ConsoleError naming `path`."""
+    folder = path.parent
+    for wrong, code in ((path.is_dir(), errno.EISDIR),
+                        (folder.exists() and not folder.is_dir(), errno.ENOTDIR)):
+        if wrong:
+            raise ConsoleError(_unwritable(path, OSError(code, os.strerror(code))))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)  # as write_json does
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
+    except OSError as exc:
+        raise ConsoleError(_unwritable(path, exc)) from exc
+    os.close(fd)
+    os.unlink(probe)
 
 
 def console_matches(key: bytes, expected: bytes | str) -> bool:

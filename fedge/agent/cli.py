@@ -25,17 +25,29 @@ from pathlib import Path
 from typing import Any
 
 
+def _connect_timeout(text: str) -> float:
+    """Seconds, finite and > 0: 0 or -1 gave up at once and blamed the coordinator
+    (exit 3), nan waited forever."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{value} must be a finite number of seconds > 0")
+    return value
+
+
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("agent", help="run the appliance agent")
     p.add_argument("--config", type=Path, help="agent config (TOML)")
-    p.add_argument("--connect-timeout", type=float, default=None,
+    p.add_argument("--connect-timeout", type=_connect_timeout, default=None,
                    help="exit with status 3 if no connection to the coordinator within S "
                         "seconds (refused, impostor or unreachable); default: retry forever")
     p.set_defaults(func=_run)
     sub = p.add_subparsers(dest="agent_command", metavar="ACTION")
     r = sub.add_parser("run", help="run the agent (what the systemd unit starts)")
     r.add_argument("--config", type=Path, default=argparse.SUPPRESS)
-    r.add_argument("--connect-timeout", type=float, default=argparse.SUPPRESS)
+    r.add_argument("--connect-timeout", type=_connect_timeout, default=argparse.SUPPRESS)
     r.set_defaults(func=_run)
     pv = sub.add_parser("privacy", help="the privacy budget (epsilon) this site has spent, "
                                         "per job and in total")

@@ -41,6 +41,10 @@ def _run(args: argparse.Namespace) -> int:
     from fedge.demo.run import DEFAULT_PLAN, DemoError, run_demo
     from fedge.demo.tcga import default_data_dir
 
+    if args.report.exists() and not args.report.is_dir():
+        print(f"fedge demo: --report {args.report} exists and is not a directory (the "
+              "report is a directory of curves, metrics.json and model.onnx)", file=sys.stderr)
+        return 2
     try:
         run_demo(
             args.data or default_data_dir(),
@@ -48,7 +52,7 @@ def _run(args: argparse.Namespace) -> int:
             plan_path=args.plan or DEFAULT_PLAN,
             rounds=args.rounds,
         )
-    except (DemoError, FederationError, ValueError) as exc:
+    except (DemoError, FederationError, ValueError, OSError) as exc:
         print(f"fedge demo: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -882,8 +882,21 @@ def _main(argv: list[str] | None = None) -> int:
                     "install) when no slot is newer.")
     ap.add_argument("action", choices=("preflight", "exec"))
     ap.add_argument("--root", type=Path, required=True)
-    ap.add_argument("--max-attempts", type=int, default=3)
+    def attempts(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+        return value
+
+    ap.add_argument("--max-attempts", type=attempts, default=3)
     args = ap.parse_args(args_in)
+    if args.root.exists() and not args.root.is_dir():
+        print(f"fedge.update.ab {args.action}: --root {args.root} is not a directory",
+              file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="fedge.update.ab: %(message)s")
     if args.action == "exec":
@@ -894,7 +907,11 @@ def _main(argv: list[str] | None = None) -> int:
             return 2
         sys.stdout.flush()
         os.execvp(command[0], command)
-    print(SelfUpdate(args.root, max_attempts=args.max_attempts).preflight())
+    try:
+        print(SelfUpdate(args.root, max_attempts=args.max_attempts).preflight())
+    except (ValueError, OSError) as exc:  # the journal keeps one line, not a traceback
+        print(f"fedge.update.ab preflight: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -70,3 +70,18 @@ def test_a_closed_stdout_is_refused_instead_of_losing_the_result(tmp_path: Path)
     assert proc.stderr.strip() == (
         "fedge: standard output (file descriptor 1) is closed, so what this command prints "
         "would be lost; give it one (>/dev/null to discard it)")
+
+
+def test_a_console_command_whose_reader_stops_reading_ends_quietly_too(tmp_path: Path) -> None:
+    """The console's own error handler took the broken pipe for a failure to report
+    (`fedge console: [Errno 32] Broken pipe`, rc 1)."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run([*FEDGE, "console", "--home", str(tmp_path / "c"), "init",
+                               "--coordinator", "tcp://127.0.0.1:7700"], stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert proc.returncode == 141, proc.stderr
+    assert proc.stderr == ""

@@ -190,6 +190,8 @@ def _errors() -> tuple[type[BaseException], ...]:
 def _run(func: Any, args: argparse.Namespace) -> int:
     try:
         return int(func(args) or 0)
+    except BrokenPipeError:
+        raise  # the reader stopped reading (`| head`): fedge.cli.main exits quietly
     except _errors() as exc:
         return _fail(str(exc))
 

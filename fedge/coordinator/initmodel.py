@@ -52,11 +52,21 @@ def main(argv: list[str]) -> int:
         print("usage: python -m fedge.coordinator.initmodel PLAN.toml OUT.npy", file=sys.stderr)
         return 2
     try:
-        weights = torch_initial_weights(parse_plan(Path(argv[0]).read_text()))
-    except (OSError, PlanError) as exc:
+        text = Path(argv[0]).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"initmodel: cannot read plan {argv[0]}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        weights = torch_initial_weights(parse_plan(text))
+    except PlanError as exc:
         print(str(exc), file=sys.stderr)
         return 2
-    np.save(argv[1], weights)
+    try:
+        with open(argv[1], "wb") as fh:  # np.save(path) would append .npy to the name
+            np.save(fh, weights)
+    except OSError as exc:
+        print(f"initmodel: cannot write {argv[1]}: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

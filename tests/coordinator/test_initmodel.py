@@ -62,3 +62,17 @@ def test_a_model_that_cannot_be_built_is_named_once_not_wrapped_twice():
     assert info.value.field == "model" and info.value.value == "mlp"
     assert message.count("plan field") == 1 and message.count("cannot be built") == 1, message
     assert "missing required parameter 'in_features'" in message
+
+
+def test_the_command_says_in_one_line_what_it_cannot_read_or_write(tmp_path, capsys):
+    plan = tmp_path / "plan.toml"
+    plan.write_text(PLAN.format(model="cox_linear"), encoding="utf-16")
+    assert main([str(plan), str(tmp_path / "w.npy")]) == 2
+    assert f"initmodel: cannot read plan {plan}: " in capsys.readouterr().err
+    plan.write_text(PLAN.format(model="cox_linear"))
+    missing = tmp_path / "no" / "such" / "w.npy"
+    assert main([str(plan), str(missing)]) == 2
+    assert f"initmodel: cannot write {missing}: " in capsys.readouterr().err
+    out = tmp_path / "w.npy"
+    assert main([str(plan), str(out)]) == 0
+    assert np.load(out).tobytes() == torch_initial_weights(parse_plan(plan.read_text())).tobytes()

@@ -492,11 +492,18 @@ async def run_agent(agent: Agent, enrolled: Enrolled, *, interval_s: float, time
 def run(cfg: AgentConfig, *, connect_timeout_s: float | None = None) -> int:
     """Blocking entry point for ``fedge agent``.
 
-    Raises: AgentConfigError: not enrolled (fedge.agent.process.load_enrolled), or
-        another agent runs on the state directory (its pid named)."""
+    Raises: AgentConfigError: not enrolled (fedge.agent.process.load_enrolled),
+        another agent runs on the state directory (its pid named), or $FEDGE_SIMD
+        names no usable path (every secure aggregation would fail: the site would
+        only drop out of each round)."""
     from fedge.agent.trainer import TorchTrainer
+    from fedge.core import check_simd
     from fedge.systemd import Notifier
 
+    try:
+        check_simd()
+    except ValueError as exc:
+        raise AgentConfigError(str(exc)) from None
     enrolled = load_enrolled(cfg.state_dir)  # reads only: the directory is an appliance's
     try:
         # one agent per state directory (fedge.instance_lock): two took turns

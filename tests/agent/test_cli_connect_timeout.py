@@ -26,3 +26,19 @@ def test_a_connect_timeout_that_is_not_positive_and_finite_is_refused(
     assert (f"--connect-timeout: {float(value)} must be a finite number of seconds > 0"
             in proc.stderr)
     assert "coordinator" not in proc.stderr.splitlines()[-1]
+
+
+def test_an_agent_whose_fedge_simd_names_no_usable_path_refuses_to_start(
+        tmp_path: Path) -> None:
+    """Every masking call would raise: the site would only drop out of every secure
+    round, silently. It is refused at start, naming the variable."""
+    import os
+
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'state_dir = "{tmp_path}"\n')
+    proc = subprocess.run([sys.executable, "-m", "fedge.cli", "agent", "run", "--config",
+                           str(cfg)], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "FEDGE_SIMD": "AVX512"})
+    assert proc.returncode == 2
+    assert "FEDGE_SIMD='AVX512' names no usable path" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -13,6 +13,7 @@ import functools
 import hashlib
 import logging
 import threading
+import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -206,7 +207,8 @@ class TorchTrainer:
                 spec = DatasetSpec.from_config(table)
             except (ValueError, TypeError) as exc:
                 name = table.get("name")
-                name = name if isinstance(name, str) and name else f"[[datasets]] #{i + 1}"
+                name = (unicodedata.normalize("NFC", name) if isinstance(name, str) and name
+                        else f"[[datasets]] #{i + 1}")
                 self.unusable[name] = str(exc)
                 log.error("data set %r in agent.toml left out, its tasks refused until the "
                           "table is fixed: %s", name, exc)
@@ -225,6 +227,7 @@ class TorchTrainer:
     def _refuse_unusable(self, name: str) -> None:
         """Raises: TaskRefusal: ``name`` is declared in agent.toml but its table is
         refused (the reason names the rule), so a task naming it says what to fix."""
+        name = unicodedata.normalize("NFC", name)
         if name in self.unusable:
             raise TaskRefusal(declared_but_refused(name, self.unusable[name]))
 
@@ -236,6 +239,7 @@ class TorchTrainer:
         Raises:
             TaskRefusal: the data set is declared but cannot be loaded (names why).
         """
+        name = unicodedata.normalize("NFC", name)  # as agent.toml names were read
         self._refuse_unusable(name)
         if name not in self._specs:
             return None
@@ -247,12 +251,13 @@ class TorchTrainer:
     def class_names(self, name: str) -> tuple[str, ...] | None:
         """The classes this site declares for data set ``name`` in label order (an
         image data set's ``classes``); None when it does not hold it or names none."""
-        spec = self._specs.get(name)
+        spec = self._specs.get(unicodedata.normalize("NFC", name))
         return (spec.classes or None) if spec is not None else None
 
     def _site_data(self, name: str) -> Any:
         from fedge.train.api import load_site_data
 
+        name = unicodedata.normalize("NFC", name)
         with self._lock:
             self._refuse_unusable(name)
             if name not in self._specs:
@@ -397,7 +402,7 @@ class SyntheticTrainer:
     def __init__(self, site: str, *, dataset: str = "synthetic", n_examples: int = 100,
                  scale: float = 0.1) -> None:
         self.site = site
-        self.dataset = dataset
+        self.dataset = unicodedata.normalize("NFC", dataset)  # as a plan's job.dataset
         self.n_examples = n_examples
         self.scale = scale
         self._seed = int.from_bytes(hashlib.sha256(site.encode()).digest()[:8], "little")

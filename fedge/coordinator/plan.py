@@ -70,6 +70,7 @@ import os
 import re
 import secrets
 import tomllib
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -275,7 +276,9 @@ def _parse_plan(text: str) -> Plan:
     _known(sec, "secagg", ("enabled", "alpha", "delta", "clip"))
     _known(dead, "deadlines", ("cohort_s", "train_s", "secagg_stage_s", "eval_s"))
 
-    dataset = _str(job, "job.dataset")
+    # NFC: the name an agent.toml declares is read so too (one spelling of 'é' whether
+    # an editor wrote it composed or not); the plan's text itself stays as given
+    dataset = unicodedata.normalize("NFC", _str(job, "job.dataset"))
     rounds = _int(job, "job.rounds", lo=1)
     min_clients = _int(job, "job.min_clients", lo=1, default=2)
     seed = _int(job, "job.seed", lo=0, default=0)
@@ -716,7 +719,8 @@ def plan_labels(text: str) -> dict[str, str]:
     def text_of(table: dict[str, Any], key: str) -> str:
         value = table.get(key, "")
         return value[:JOB_NAME_MAX] if isinstance(value, str) else ""
-    return {"name": text_of(job, "name"), "dataset": text_of(job, "dataset"),
+    return {"name": text_of(job, "name"),
+            "dataset": unicodedata.normalize("NFC", text_of(job, "dataset")),
             "model": text_of(model, "name")}
 
 

@@ -54,6 +54,7 @@ import io
 import logging
 import math
 import re
+import unicodedata
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -107,6 +108,14 @@ class DataError(ValueError):
         super().__init__(f"{where}: {message}")
 
 
+# The [[datasets]] keys that name a column of the data file (besides features).
+_COLUMN_KEYS = ("target", "event", "time", "split_column", "site_column", "id_column")
+
+
+def _nfc(text: str) -> str:
+    return unicodedata.normalize("NFC", text)
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
     """One ``[[datasets]]`` table of an agent config."""
@@ -154,7 +163,12 @@ class DatasetSpec:
             feats = values["features"]
             if not isinstance(feats, list | tuple) or not all(isinstance(f, str) for f in feats):
                 raise ValueError(f"datasets.features={feats!r} must be a list of column names")
-            values["features"] = tuple(feats)
+            values["features"] = tuple(_nfc(f) for f in feats)
+        # NFC, as headers are read and a plan's job.dataset is parsed: one spelling of
+        # 'é' whether the editor that wrote agent.toml composed it or not
+        for key in ("name", *_COLUMN_KEYS):
+            if isinstance(values.get(key), str):
+                values[key] = _nfc(values[key])
         if "classes" in values:
             names = values["classes"]
             if not isinstance(names, list | tuple) or not all(isinstance(c, str) for c in names):
@@ -396,7 +410,9 @@ def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
             rows.append((reader.line_num, fields))
     except csv.Error as exc:
         raise DataError(path, f"malformed CSV: {exc}", line=reader.line_num) from exc
-    header = [h.strip() for h in header]
+    # NFC, as agent.toml's column names are read: a header written by an editor that
+    # decomposes 'é' names the same column (and two spellings of one name are a repeat)
+    header = [_nfc(h.strip()) for h in header]
     for sep, name in ((";", "semicolon"), ("\t", "tab")):
         if len(header) == 1 and sep in header[0]:
             raise DataError(
@@ -506,7 +522,7 @@ def _read_parquet(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
         table = pq.read_table(path)
     except Exception as exc:
         raise DataError(path, f"not a readable Parquet file: {exc}") from exc
-    header = list(table.column_names)
+    header = [_nfc(h) for h in table.column_names]
     cols = [table.column(i).to_pylist() for i in range(len(header))]
     # Parquet has no text lines; "line" is the row number counting a header as line 1
     # so that messages read the same for both formats.
@@ -522,11 +538,45 @@ def _read_table(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     return _read_csv(path)
 
 
+# How many of the header's columns a missing-column error lists.
+HEADER_SHOWN = 40
+
+
 def _column_index(path: Path, header: list[str], column: str) -> int:
     try:
         return header.index(column)
     except ValueError:
-        raise DataError(path, "missing column in the header", line=1, column=column) from None
+        raise DataError(path, _missing_column(header, column), line=1,
+                        column=column) from None
+
+
+def _shown(name: str) -> str:
+    """A column name as a message shows it: ascii() where it is not plain printable
+    ASCII, so 'a\u0301ge', a Cyrillic 'а' or a zero-width space shows as what it is."""
+    return repr(name) if name.isascii() and name.isprintable() else ascii(name)
+
+
+def _loose(name: str) -> str:
+    """A name less case, width and compatibility forms and invisible format characters:
+    what makes two names look the same to a reader."""
+    folded = unicodedata.normalize("NFKC", name).casefold()
+    return "".join(c for c in folded if unicodedata.category(c) != "Cf")
+
+
+def _missing_column(header: list[str], column: str) -> str:
+    """The message for a declared ``column`` not in ``header``: the name as it is
+    (ascii()), any header column that differs from it only in how it looks, and the
+    header's columns."""
+    message = "missing column in the header"
+    if _shown(column) != repr(column):
+        message += f" (declared as {_shown(column)})"
+    near = [h for h in header if _loose(h) == _loose(column)]
+    if near:
+        message += (f"; the header's {', '.join(_shown(h) for h in near)} differs from it "
+                    "only in case, width or invisible characters")
+    listed = ", ".join(_shown(h) for h in header[:HEADER_SHOWN])
+    more = f" and {len(header) - HEADER_SHOWN} more" if len(header) > HEADER_SHOWN else ""
+    return f"{message}; the header has {listed}{more}"
 
 
 # Every value is trained on as float32: beyond this, the cast makes it inf (and the

@@ -285,18 +285,29 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
 
 def _cmd_sync(args: argparse.Namespace) -> int:
     def go(args: argparse.Namespace) -> int:
+        from fedge.console.client import AdminError
+        from fedge.secagg.errors import SecAggConfigError
+        from fedge.secagg.keys import check_client_id
+
         store = _store(args)
         fleet, _ = _call(args, "fleet")
         known = {a["site_id"]: a for a in fleet}
         roster = {"roster": store.roster().to_bytes()}
+        refused: list[str] = []
         for site, info in sorted(store.sites().items()):
             have = known.get(site, {})
             if info.get("revoked"):
                 if have and have.get("status") != "revoked":
                     _call(args, "revoke", {"site": site}, roster)
                     print(f"revoked {site}")
-            elif (have.get("status") != "enrolled"
-                  or have.get("curve_public_z85") != info["curve_public"]):
+                continue
+            if (have.get("status") == "enrolled"
+                    and have.get("curve_public_z85") == info["curve_public"]):
+                continue
+            try:
+                # a name an older console took that the coordinator never will: say so
+                # and go on, so the sites after it are still sent
+                check_client_id(site, what="site")
                 if have.get("status") == "enrolled":
                     # revoked and enrolled anew here while the coordinator was away: it
                     # still lets the old key in, and re-keys a site only once revoked
@@ -304,8 +315,14 @@ def _cmd_sync(args: argparse.Namespace) -> int:
                     print(f"revoked {site}'s previous key")
                 _call(args, "enrol", *store.enrol_request(site))
                 print(f"enrolled {site}")
-        print(f"coordinator in sync: {len(store.active_sites())} active site(s)")
-        return 0
+            except (AdminError, SecAggConfigError) as exc:
+                refused.append(site)
+                print(f"fedge console sync: {site!r} not sent: {exc} (`fedge console "
+                      f"revoke {site}` drops it from this console)", file=sys.stderr)
+        print(f"coordinator in sync: {len(store.active_sites()) - len(refused)} active "
+              f"site(s)" + (f"; {len(refused)} refused: {', '.join(map(repr, refused))}"
+                            if refused else ""))
+        return 1 if refused else 0
 
     return _run(go, args)
 

@@ -66,3 +66,24 @@ def test_a_console_holding_a_legacy_name_still_signs_rosters_and_enrols(
     create_enrolment(console, "site-b", valid_for=timedelta(days=1))
     roster = Roster.from_bytes(console.roster().to_bytes(), console.roster_public_key())
     assert set(roster.entries) == {"a:b@c", "site-b"}
+
+
+def test_sync_sends_every_other_site_past_a_legacy_name_and_says_which_it_skipped(
+        make_server, capsys) -> None:
+    """`console sync` stopped at the first site the coordinator refused, so an offline
+    site sorted after a legacy 'a:b@c' was never sent."""
+    server = make_server()
+    home = server.console.home
+    base = ["console", "--home", str(home), "--timeout", "5"]
+    assert main([*base, "enrol", "--offline", "zz-hospital"]) == 0
+    state = json.loads((home / "console.json").read_text())
+    legacy = Identity.generate().public_bytes()
+    state["sites"]["a:b@c"] = {"curve_public": "A" * 40, "ed25519_public": legacy.hex(),
+                               "enrolled": "2026-01-01T00:00:00+00:00", "revoked": False}
+    (home / "console.json").write_text(json.dumps(state))
+    capsys.readouterr()
+    assert main([*base, "sync"]) == 1  # one site could not be sent
+    got = capsys.readouterr()
+    assert "'a:b@c' not sent" in got.err and "fedge console revoke a:b@c" in got.err
+    assert "1 refused: 'a:b@c'" in got.out
+    assert [a["site_id"] for a in server.coordinator.fleet()] == ["zz-hospital"]

@@ -761,7 +761,7 @@ class SelfUpdate:
             (self.root / PENDING).unlink()
             return False
         imported = packaged_version()
-        if os.environ.get(SOFTWARE_ROOT_ENV) and imported != p["version"]:
+        if os.environ.get(SOFTWARE_ROOT_ENV) and not _same_version(imported, str(p["version"])):
             # the slot's command ran, but imported another fedge (a bundle without
             # its own code on the path, e.g. no PYTHONPATH=site-packages): the update
             # would be reported healthy while the old code runs
@@ -845,6 +845,17 @@ def packaged_version() -> str:
     import fedge
 
     return fedge.__version__
+
+
+def _same_version(a: str, b: str) -> bool:
+    """PEP 440 equality (1.2 is 1.2.0), as slots are ordered; strings that do not
+    parse are equal only as written."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return Version(a) == Version(b)
+    except InvalidVersion:
+        return a == b
 
 
 def slot_is_newer(slot_version: str, packaged: str | None = None) -> bool:

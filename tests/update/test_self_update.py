@@ -659,6 +659,11 @@ def test_a_slot_that_runs_the_packaged_fedge_is_rolled_back_not_confirmed(
             f"{fedge.__version__}" in out["detail"]) and "PYTHONPATH" in out["detail"]
     assert SelfUpdate(root).pending() is None
     assert SlotInstaller(root).current_version() is None  # back to the packaged install
+    # one version however it is spelled: target "99.1" whose fedge says "99.1.0"
+    SelfUpdate(root).stage("99.1", bundle(tmp_path, "99.1", "good"), rollout_id="r2")
+    exec_current(root, ["/usr/bin/fedge", "agent"])
+    monkeypatch.setattr(fedge, "__version__", "99.1.0")
+    assert SelfUpdate(root).confirm() and SelfUpdate(root).take_outcome()["ok"]
 
 
 def test_the_launcher_environment_did_not_leak_into_later_tests():

@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 # the descriptors held, so they are not closed (closing one would drop the lock)
 _HELD: dict[Path, int] = {}
@@ -52,6 +55,13 @@ def hold(state_dir: Path, role: str) -> Path:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as exc:
+        if exc.errno == errno.EROFS:
+            # a file system remounted read-only: nothing here can be written, so a
+            # second process could not corrupt it either; the service must still
+            # start and say so (its health verdict names the directory)
+            log.warning("state directory %s is on a read-only file system: running "
+                        "without the %s lock (%s)", state_dir, role, path)
+            return path
         raise InstanceLocked(f"cannot open the {role} lock {path}: {exc.strerror or exc}"
                              ) from None
     try:
@@ -65,9 +75,13 @@ def hold(state_dir: Path, role: str) -> Path:
                                  f"(it holds {path}); one {role} per state directory"
                                  ) from None
         raise InstanceLocked(f"cannot lock {path}: {exc.strerror or exc}") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    _HELD[key] = fd
+    _HELD[key] = fd  # held from here, whether or not the pid can be written
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError as exc:  # a full disk: the lock holds, only its pid note is missing
+        log.warning("%s lock %s taken, but this pid could not be written into it: %s",
+                    role, path, exc.strerror or exc)
     return path
 
 

@@ -84,3 +84,36 @@ def test_taking_it_again_in_the_same_process_is_a_no_op_and_a_bad_directory_is_n
     assert hold(state, "test-role") == hold(state, "test-role")
     with pytest.raises(InstanceLocked, match=r"cannot open the agent lock .*/missing/agent"):
         hold(tmp_path / "missing", "agent")
+
+
+def test_a_lock_whose_pid_cannot_be_written_still_holds_and_the_process_goes_on(
+        tmp_path: Path) -> None:
+    """A full disk (here: a file size limit of 0 bytes) made writing the pid raise out
+    of `hold`, a traceback where the agent used to start and report itself not
+    eligible. The lock is taken, the pid note is missing, a second holder is refused."""
+    code = """
+import resource, signal, sys
+from pathlib import Path
+from fedge.instance_lock import InstanceLocked, hold
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+hold(Path(sys.argv[1]), "agent")
+print("held", flush=True)
+sys.stdin.readline()
+"""
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    err = ""
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().strip()
+        if line != "held":
+            _, err = proc.communicate(timeout=30)
+        assert line == "held", err
+        with pytest.raises(InstanceLocked, match="another agent"):
+            hold(tmp_path, "agent")
+    finally:
+        if proc.returncode is None:
+            _, err = proc.communicate("\n", timeout=30)
+    assert proc.returncode == 0, err

@@ -440,8 +440,13 @@ async def run_agent(agent: Agent, enrolled: Enrolled, *, interval_s: float, time
     async def beat() -> None:
         while True:
             if client.state == "connected":
-                with contextlib.suppress(Exception):
+                try:
                     await asyncio.wait_for(agent.heartbeat(), timeout_s)
+                except TimeoutError:
+                    log.warning("%s: a heartbeat took over %g s to send", agent.site,
+                                timeout_s)
+                except Exception:  # the next beat tries again; this one is logged
+                    log.exception("%s: heartbeat not sent", agent.site)
             if (trial is not None and not updates.confirmed
                     and time.monotonic() - started > trial_confirm_s):
                 # a version that cannot reach the coordinator is not known to work:

@@ -295,7 +295,13 @@ class Agent:
         report, eligible, reason = self._health_verdict(time.monotonic())
         classes = self.declared_classes()
         if classes and not self._classes_refused:  # first: with the heartbeat they stand
-            await self.send(m.DatasetClasses(classes=classes))
+            try:
+                lists = m.DatasetClasses(classes=classes)
+            except ValueError as exc:  # beyond the wire's bounds: the heartbeat still goes
+                log.error("%s: class lists not sent (%s): this site is left out of jobs "
+                          "whose sites declare classes", self.site, exc)
+            else:
+                await self.send(lists)
         await self.send(m.Heartbeat(
             site=self.site, version=__version__, health_json=json.dumps(report, default=str),
             eligible=eligible, reason=reason, datasets=self.trainer.datasets(),

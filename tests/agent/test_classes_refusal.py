@@ -101,3 +101,29 @@ def test_each_heartbeat_is_preceded_by_the_class_lists():
     asyncio.run(agent.heartbeat())
     assert [type(b) for b in sent] == [m.DatasetClasses, m.Heartbeat]
     assert sent[0].classes == {"synthetic": ["blob", "ring"]}
+
+
+def test_class_lists_past_the_wires_bounds_are_refused_in_the_config_and_never_stop_a_heartbeat(
+):
+    """1001 classes passed the agent config and then made building DatasetClasses raise
+    inside the heartbeat, so the site sent no heartbeat at all, silently."""
+    import pytest
+
+    from fedge.train.data import DatasetSpec
+
+    many = [f"c{i}" for i in range(1001)]
+    with pytest.raises(ValueError, match="lists 1001 classes, at most 1000"):
+        DatasetSpec.from_config(dict(name="scans", kind="images", path="/x",
+                                     task="multiclass", classes=many))
+    with pytest.raises(ValueError, match="a name of 256 characters, at most 255"):
+        DatasetSpec.from_config(dict(name="scans", kind="images", path="/x",
+                                     task="binary", classes=["a", "b" * 256]))
+    agent = _agent(tuple(many))  # a trainer that bypasses the config check
+    sent: list[object] = []
+
+    async def send(frames: list) -> None:
+        sent.append(codec.decode([bytes(f) for f in frames], max_bytes=1 << 24).body)
+
+    agent.send_frames = send
+    asyncio.run(agent.heartbeat())
+    assert [type(b) for b in sent] == [m.Heartbeat]

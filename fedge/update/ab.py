@@ -760,17 +760,19 @@ class SelfUpdate:
                                             "upgrade came first); the update is dropped"})
             (self.root / PENDING).unlink()
             return False
-        imported = packaged_version()
-        if os.environ.get(SOFTWARE_ROOT_ENV) and not _same_version(imported, str(p["version"])):
+        imported = _imported_fedge()
+        slot = (self.slots.slots / str(p["version"])).resolve()
+        if os.environ.get(SOFTWARE_ROOT_ENV) and slot not in imported.parents:
             # the slot's command ran, but imported another fedge (a bundle without
             # its own code on the path, e.g. no PYTHONPATH=site-packages): the update
-            # would be reported healthy while the old code runs
-            import fedge
-
+            # would be reported healthy while the old code runs. Where the code was
+            # imported from is what tells, not fedge.__version__, which comes from
+            # installed metadata (a bundle's site-packages may carry none, and then it
+            # names the packaged install's version whatever code runs).
             self._roll_back(p, f"software {p['version']}'s slot ran, but the fedge it "
-                               f"imported is version {imported} from "
-                               f"{Path(fedge.__file__).parent}, not the bundle's (does its "
-                               "fedge-bundle.json env set PYTHONPATH to its site-packages?)")
+                               f"imported is {imported.parent}, not the slot's {slot} "
+                               "(does its fedge-bundle.json env set PYTHONPATH to its "
+                               "site-packages?)")
             return False
         self._write(OUTCOME, {"rollout_id": p.get("rollout_id", ""), "path": p.get("path", ""),
                               "name": p.get("name", "fedge"), "version": p["version"],
@@ -847,15 +849,11 @@ def packaged_version() -> str:
     return fedge.__version__
 
 
-def _same_version(a: str, b: str) -> bool:
-    """PEP 440 equality (1.2 is 1.2.0), as slots are ordered; strings that do not
-    parse are equal only as written."""
-    from packaging.version import InvalidVersion, Version
+def _imported_fedge() -> Path:
+    """The file this process imported the fedge package from, symlinks resolved."""
+    import fedge
 
-    try:
-        return Version(a) == Version(b)
-    except InvalidVersion:
-        return a == b
+    return Path(fedge.__file__).resolve()
 
 
 def slot_is_newer(slot_version: str, packaged: str | None = None) -> bool:

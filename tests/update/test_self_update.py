@@ -408,7 +408,9 @@ def test_software_is_one_lineage_whatever_its_target_name(tmp_path, fleet, monke
     monkeypatch.setenv(SLOT_ENV, "2.0.0")
     import fedge
 
-    monkeypatch.setattr(fedge, "__version__", "2.0.0")  # and imported the slot's fedge
+    # and imported the slot's fedge (its site-packages on the path)
+    monkeypatch.setattr(fedge, "__file__", str(root / "slots" / "2.0.0" / "site-packages"
+                                               / "fedge" / "__init__.py"))
 
     async def first_ack() -> list:
         async def send(body: object) -> None:
@@ -633,7 +635,9 @@ def test_a_trial_the_launcher_did_not_run_is_dropped_not_confirmed(tmp_path, mon
     SelfUpdate(root).stage(newer, bundle(tmp_path, newer, "good"), rollout_id="r10")
     exec_current(root, ["/usr/bin/fedge", "agent"])
     assert os.environ["FEDGE_SOFTWARE_SLOT"] == newer
-    monkeypatch.setattr(fedge, "__version__", newer)  # the slot's process imports its own
+    # the slot's process imports its own fedge
+    monkeypatch.setattr(fedge, "__file__", str(root / "slots" / newer / "site-packages"
+                                               / "fedge" / "__init__.py"))
     assert SelfUpdate(root).confirm() and SelfUpdate(root).take_outcome()["ok"]
 
 
@@ -655,14 +659,19 @@ def test_a_slot_that_runs_the_packaged_fedge_is_rolled_back_not_confirmed(
     assert not SelfUpdate(root).confirm()
     out = SelfUpdate(root).take_outcome()
     assert out["rollout_id"] == "r1" and not out["ok"] and out["rolled_back"]
-    assert (f"software 99.0.0's slot ran, but the fedge it imported is version "
-            f"{fedge.__version__}" in out["detail"]) and "PYTHONPATH" in out["detail"]
+    assert (f"software 99.0.0's slot ran, but the fedge it imported is "
+            f"{Path(fedge.__file__).resolve().parent}, not the slot's "
+            f"{(root / 'slots' / '99.0.0').resolve()}" in out["detail"])
+    assert "PYTHONPATH" in out["detail"]
     assert SelfUpdate(root).pending() is None
     assert SlotInstaller(root).current_version() is None  # back to the packaged install
-    # one version however it is spelled: target "99.1" whose fedge says "99.1.0"
+    # the bundle's own code runs: confirmed, whatever version its metadata (or the
+    # packaged install's, when the bundle carries none) gives fedge.__version__
     SelfUpdate(root).stage("99.1", bundle(tmp_path, "99.1", "good"), rollout_id="r2")
     exec_current(root, ["/usr/bin/fedge", "agent"])
-    monkeypatch.setattr(fedge, "__version__", "99.1.0")
+    monkeypatch.setattr(fedge, "__file__", str(root / "current" / "site-packages"
+                                               / "fedge" / "__init__.py"))
+    assert fedge.__version__ != "99.1"
     assert SelfUpdate(root).confirm() and SelfUpdate(root).take_outcome()["ok"]
 
 

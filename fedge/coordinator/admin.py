@@ -24,6 +24,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from fedge import __version__
 from fedge.console.protocol import OPS, AdminReply, AdminRequest
 from fedge.coordinator.service import coordinator_clocks
 from fedge.coordinator.store import is_locked
@@ -284,7 +285,10 @@ class AdminService:
             raise ValueError(f"site {site!r} is enrolled only with the console's signed "
                              f"roster and enrolment grant ({', '.join(missing)} missing): "
                              "an operator key alone cannot enrol a key; use `fedge console "
-                             "enrol` or `fedge console sync`")
+                             "enrol` or `fedge console sync` of this coordinator's release "
+                             f"({__version__}) or later: a console of an earlier release "
+                             "sends no grant (upgrade it, then `fedge console sync` sends "
+                             "the sites it enrolled meanwhile)")
         roster = Roster.from_bytes(blobs["roster"], key)  # RosterSignatureError: ValueError
         if roster.entries.get(site, b"").hex() != ed25519_hex.lower():
             raise ValueError(f"the console-signed roster (serial {roster.serial}) does not "

@@ -36,8 +36,10 @@ def test_an_admin_key_alone_cannot_put_a_rogue_site_on_the_allow_list(make_serve
     admin = server.client("admin")
     rogue, _ = curve_keypair()
     args = {"site": "rogue", "curve_public": rogue, "ed25519_public": ATTACKER_IDENTITY}
-    with pytest.raises(AdminError, match="operator key alone cannot enrol"):
+    with pytest.raises(AdminError, match="operator key alone cannot enrol") as refused:
         admin.call("enrol", args)
+    # what an operator whose console predates the grant reads: upgrade it, then sync
+    assert "a console of an earlier release sends no grant (upgrade it" in str(refused.value)
     roster = console_of(server).roster().to_bytes()
     with pytest.raises(AdminError, match="does not name site 'rogue'"):
         admin.call("enrol", args, {"roster": roster,

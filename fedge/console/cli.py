@@ -571,6 +571,8 @@ def watch_job(call: Any, job_id: str, *, interval_s: float = 2.0,
                 + (f"; {agg}" if agg else ""))
             for site, why in sorted((a.get("dropped_reasons") or {}).items()):
                 out(f"  dropped {printable(site)}: {printable(why)}")
+            for site, why in sorted((a.get("left_out") or {}).items()):
+                out(f"  left out {printable(site)}: {printable(why)}")
         wait = status.get("cohort_wait") or {}
         now_phase = (status.get("current_round"), status.get("phase"), wait.get("summary"))
         if status.get("phase") and now_phase != phase:

@@ -127,12 +127,16 @@ def summarise(status: dict[str, Any], plan_toml: str = "") -> dict[str, Any]:
                       "metrics": by_site([r for r in test_rows if r["round"] == test_round]),
                       "missing": missing}
     attempts = [{**a, "dropped_reasons": dict(a.get("dropped_reasons") or {}),
-                 "eval_missing": dict(a.get("eval_missing") or {})} for a in attempts]
+                 "eval_missing": dict(a.get("eval_missing") or {}),
+                 "left_out": dict(a.get("left_out") or {})} for a in attempts]
     dropped = {str(a["round"]): a["dropped_reasons"] for a in attempts
                if a.get("status") == "committed" and a["dropped_reasons"]}
     # survivors of a committed round that are not in its evaluation, and why
     not_evaluated = {str(a["round"]): a["eval_missing"] for a in attempts
                      if a.get("status") == "committed" and a["eval_missing"]}
+    # enrolled sites a committed round's cohort left out, and why
+    left_out = {str(a["round"]): a["left_out"] for a in attempts
+                if a.get("status") == "committed" and a["left_out"]}
     state = status.get("status")
     committed = status.get("committed_round")
     return {
@@ -150,6 +154,7 @@ def summarise(status: dict[str, Any], plan_toml: str = "") -> dict[str, Any]:
         "attempts": attempts,
         "dropped": dropped,
         "eval_missing": not_evaluated,
+        "left_out": left_out,
         "final_round": last,  # the round of "final" (its last with any metric)
         "final": final,
         "final_test": final_test,
@@ -396,6 +401,13 @@ def _markdown(report: dict[str, Any], plots: list[str]) -> str:
         out += [f"| {rnd} | {_cell(s)} | {_cell(w)} |"
                 for rnd, sites in sorted(report["eval_missing"].items(),
                                          key=lambda kv: int(kv[0]))
+                for s, w in sorted(sites.items())]
+    if report.get("left_out"):
+        out += ["", "## Sites left out of a round's cohort, and why", "",
+                "Enrolled, but not asked to train in that round.", "",
+                "| round | site | why |", "|---|---|---|"]
+        out += [f"| {rnd} | {_cell(s)} | {_cell(w)} |"
+                for rnd, sites in sorted(report["left_out"].items(), key=lambda kv: int(kv[0]))
                 for s, w in sorted(sites.items())]
     out += ["", "## Rounds", "", "| round | attempt | status | seconds | cohort | survivors "
             "| dropped | reason |", "|---|---|---|---|---|---|---|---|"]

@@ -408,6 +408,9 @@ class Round:
     # own words, cut as peer_reason), an empty or refused result, a lost connection or
     # the deadline. A refused or lost one still has its empty result in ``evals``
     eval_missing: dict[str, str] = field(default_factory=dict)
+    # enrolled sites the cohort left out, and why (the coordinator's selection, set
+    # when the cohort forms; committed with the round)
+    left_out: dict[str, str] = field(default_factory=dict)
     # the final test (module doc): survivors' test-split results, and why any is missing
     test_evals: dict[str, m.EvalResult] = field(default_factory=dict)
     test_missing: dict[str, str] = field(default_factory=dict)

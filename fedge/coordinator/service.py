@@ -1024,6 +1024,9 @@ class Coordinator:
             why = (sel.explain_missing(rnd.pinned_cohort) if rnd.pinned_cohort is not None
                    else sel.explain(runner.plan.min_clients))
             self._emit(rnd, rnd.offer(sel.candidates, now, why=why))
+            if rnd.phase is not Phase.WAITING_COHORT:  # the cohort formed: who was not in it
+                rnd.left_out = {s: r for s, r in sel.excluded.items()
+                                if s not in rnd.cohort and not r.startswith("status ")}
         else:
             self._emit(rnd, rnd.tick(now))
         self._after(now)
@@ -1119,7 +1122,8 @@ class Coordinator:
                                     cohort=rnd.cohort, survivors=rnd.survivors,
                                     dropped=rnd.dropped, model_digest=digest, metrics=rows,
                                     dropped_reasons=rnd.dropped_reasons(),
-                                    eval_missing=rnd.eval_missing)
+                                    eval_missing=rnd.eval_missing,
+                                    left_out=rnd.left_out)
         except (OSError, sqlite3.Error) as exc:
             what = (f"cannot write {path}" if isinstance(exc, OSError)
                     else f"cannot write database {self.store.path}")

@@ -28,6 +28,8 @@ missing, outside the version, as the indexes are: a release without it opens the
 database all the same and only records no such reasons (a column of ``rounds``
 would break its positional inserts, and a version step would refuse the downgrade
 for a table that guards nothing). Rounds committed without a row have none.
+``left_out`` is made the same way: per committed round, each enrolled site the
+cohort left out and why (a version, a class order, a health verdict, not connected).
 """
 
 from __future__ import annotations
@@ -164,6 +166,12 @@ CREATE TABLE IF NOT EXISTS eval_missing (
     reasons_json TEXT NOT NULL,
     PRIMARY KEY (job_id, round)
 );
+CREATE TABLE IF NOT EXISTS left_out (
+    job_id TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    reasons_json TEXT NOT NULL,
+    PRIMARY KEY (job_id, round)
+);
 """
 
 
@@ -291,6 +299,8 @@ class RoundRecord:
     dropped_reasons: dict[str, str] = field(default_factory=dict)
     # a committed round's survivor -> why it is not in the round's evaluation
     eval_missing: dict[str, str] = field(default_factory=dict)
+    # a committed round's enrolled site not in its cohort -> why (the cohort's exclusion)
+    left_out: dict[str, str] = field(default_factory=dict)
 
 
 class Store:
@@ -762,13 +772,15 @@ class Store:
                      survivors: list[str], dropped: list[str], model_digest: str,
                      metrics: list[tuple[str, str, str, float, int]],
                      dropped_reasons: dict[str, str] | None = None,
-                     eval_missing: dict[str, str] | None = None) -> None:
+                     eval_missing: dict[str, str] | None = None,
+                     left_out: dict[str, str] | None = None) -> None:
         """Record round ``rnd`` of a job as committed, with its metrics, atomically.
 
         ``metrics`` rows are (site, split, name, value, n_examples). The
         checkpoint for this round must already be durable on disk.
         ``dropped_reasons``: why each of ``dropped`` was left out (module doc).
         ``eval_missing``: why each survivor not in the round's evaluation is not.
+        ``left_out``: why each enrolled site not in the round's cohort was left out.
 
         Raises:
             StoreError: unknown job, or ``rnd`` is not the job's next round.
@@ -799,6 +811,10 @@ class Store:
                 c.execute("INSERT OR REPLACE INTO eval_missing VALUES (?, ?, ?)",
                           (job_id, rnd, json.dumps({str(k): str(v) for k, v
                                                     in sorted(eval_missing.items())})))
+            if left_out:
+                c.execute("INSERT OR REPLACE INTO left_out VALUES (?, ?, ?)",
+                          (job_id, rnd, json.dumps({str(k): str(v) for k, v
+                                                    in sorted(left_out.items())})))
             c.execute(
                 "UPDATE jobs SET committed_round=?, failed_attempts=0, updated_at=? WHERE job_id=?",
                 (rnd, self._clock(), job_id),
@@ -810,7 +826,8 @@ class Store:
                         {"job": job_id, "round": rnd, "survivors": survivors,
                          "dropped": dropped, "digest": model_digest,
                          **({"dropped_reasons": dropped_reasons} if dropped_reasons else {}),
-                         **({"eval_missing": eval_missing} if eval_missing else {})})
+                         **({"eval_missing": eval_missing} if eval_missing else {}),
+                         **({"left_out": left_out} if left_out else {})})
 
     def fail_round(self, job_id: str, rnd: int, *, started_at: float, cohort: list[str],
                    reason: str, max_attempts: int | None = None,
@@ -896,6 +913,8 @@ class Store:
             ).fetchall()
             not_evaluated = {int(r[0]): json.loads(r[1]) for r in self._conn.execute(
                 "SELECT round, reasons_json FROM eval_missing WHERE job_id=?", (job_id,))}
+            outside = {int(r[0]): json.loads(r[1]) for r in self._conn.execute(
+                "SELECT round, reasons_json FROM left_out WHERE job_id=?", (job_id,))}
         out = []
         for r in rows:
             dropped = json.loads(r[8])  # {site: reason}, or a list in older rows
@@ -905,6 +924,8 @@ class Store:
                                    json.loads(r[7]), sorted(dropped), r[9], r[10],
                                    {k: v for k, v in reasons.items() if v},
                                    dict(not_evaluated.get(r[1], {}))
+                                   if r[3] == "committed" else {},
+                                   dict(outside.get(r[1], {}))
                                    if r[3] == "committed" else {}))
         return out
 

@@ -42,3 +42,31 @@ def test_survivors_not_evaluated_reach_the_status_and_the_report(federation, tmp
     md = (tmp_path / "report.md").read_text()
     assert f"Not evaluated: b: {EVAL_EMPTY}; c: {NO_VAL}." in md
     assert f"| 2 | c | {NO_VAL} |" in md
+
+
+def test_sites_left_out_of_a_rounds_cohort_reach_the_status_and_the_report(
+        federation, tmp_path):
+    """An enrolled, connected site the cohort left out (here: it does not hold the data
+    set; in a mixed fleet, an agent too old for the job) was named only while a round
+    waited; a job that went on without it said nothing of it afterwards."""
+    fed = federation(["a", "b", "c"])
+    fed.agents["c"].trainer = SyntheticTrainer("c", dataset="other", n_examples=30)
+    job = run(fed, PLAN.format(rounds=2, secure="false"))
+    coord = fed.coord
+    assert coord.store.job(job).status == "completed", coord.store.job(job).error
+    status = coord.job_status(job)
+    why = "does not hold data set 'synthetic'"
+    assert [(r["round"], r["cohort"], r["left_out"]) for r in status["rounds"]] == \
+        [(n, ["a", "b"], {"c": why}) for n in (1, 2)]
+    write_job_report(tmp_path, status, coord.store.job(job).plan_toml)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["left_out"] == {str(n): {"c": why} for n in (1, 2)}
+    md = (tmp_path / "report.md").read_text()
+    assert "## Sites left out of a round's cohort, and why" in md
+    assert f"| 1 | c | {why} |" in md and f"| 2 | c | {why} |" in md
+    from fedge.console.cli import watch_job
+
+    lines: list[str] = []
+    watch_job(lambda op, a: (coord.job_status(a["job_id"]), None), job, interval_s=0,
+              out=lines.append, results_wait_s=0)
+    assert lines.count(f"  left out c: {why}") == 2

@@ -409,32 +409,3 @@ def test_a_batch_taken_in_chunks_gives_the_gradient_of_the_batch_taken_whole() -
         private_gradient(model, _cnn_terms, x, y, coupled=False, max_grad_norm=1.0,
                          noise_multiplier=1.0, expected_batch=1.0, chunk=0)
 
-
-def test_dp_sgd_memory_grows_with_the_chunk_not_with_the_sampled_batch(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """A Poisson batch of 256 64x64 images through resnet_small: the peak memory of
-    its private gradient, in a fresh process, taken in chunks of 32 against all 256
-    at once (the anchor, measured in the same run)."""
-    import json
-    import subprocess
-    import sys
-
-    script = tmp_path / "peak.py"
-    script.write_text("""
-import json, resource, sys, torch
-from fedge.train.models import ModelSpec, build_model
-from fedge.train.privacy import private_gradient
-torch.set_num_threads(1)
-model = build_model(ModelSpec("resnet_small", {"classes": 3, "width": 16}))
-x, y = torch.randn(256, 1, 64, 64), torch.randint(0, 3, (256,))
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-terms = lambda o, t: torch.nn.functional.cross_entropy(o, t, reduction="none")
-private_gradient(model, terms, x, y, coupled=False, max_grad_norm=1.0,
-                 noise_multiplier=1.0, expected_batch=256.0, chunk=int(sys.argv[1]))
-print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024))
-""")
-    grow = {}
-    for chunk in (32, 256):
-        out = subprocess.run([sys.executable, str(script), str(chunk)], capture_output=True,
-                             text=True, timeout=300, check=True)
-        grow[chunk] = json.loads(out.stdout.strip().splitlines()[-1])
-    assert grow[32] < 0.5 * grow[256], grow

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 # the descriptors held, so they are not closed (closing one would drop the lock)
 _HELD: dict[Path, int] = {}
+_HELD_TOO: list[int] = []  # a read-only hold's shared lock of the file, beside the dir's
 
 
 class InstanceLocked(RuntimeError):
@@ -45,8 +46,8 @@ def hold(state_dir: Path, role: str) -> Path:
 
     Raises:
         InstanceLocked: another process holds it, or the file cannot be opened or
-            locked (permissions, a read-only file system); the message names the
-            directory.
+            locked (permissions); the message names the directory. On a read-only
+            file system the lock is taken without writing (`_hold_read_only`).
     """
     path = Path(state_dir) / f"{role}.lock"
     key = path.absolute()
@@ -56,12 +57,9 @@ def hold(state_dir: Path, role: str) -> Path:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         if exc.errno == errno.EROFS:
-            # a file system remounted read-only: nothing here can be written, so a
-            # second process could not corrupt it either; the service must still
-            # start and say so (its health verdict names the directory)
-            log.warning("state directory %s is on a read-only file system: running "
-                        "without the %s lock (%s)", state_dir, role, path)
-            return path
+            # a file system remounted read-only: the service must still start and say
+            # so (its health verdict names the directory), but not beside another
+            return _hold_read_only(Path(state_dir), path, role, key)
         raise InstanceLocked(f"cannot open the {role} lock {path}: {exc.strerror or exc}"
                              ) from None
     try:
@@ -82,6 +80,55 @@ def hold(state_dir: Path, role: str) -> Path:
     except OSError as exc:  # a full disk: the lock holds, only its pid note is missing
         log.warning("%s lock %s taken, but this pid could not be written into it: %s",
                     role, path, exc.strerror or exc)
+    return path
+
+
+def _hold_read_only(state_dir: Path, path: Path, role: str, key: Path) -> Path:
+    """`hold` on a read-only file system, where the lock file cannot be opened for
+    writing: a holder that took it while the disk was writable still excludes this
+    process (a shared ``lockf`` of the file it holds exclusively fails), and two
+    processes starting on the read-only directory exclude each other (``flock`` of the
+    directory, which needs no write access; a forked child shares it, unlike ``lockf``).
+
+    Raises: InstanceLocked, as `hold`."""
+    fds: list[int] = []
+    try:
+        if os.path.lexists(path):
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fds.append(fd)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                    raise
+                holder = _holder(fd)
+                who = f"another {role} (pid {holder})" if holder else f"another {role}"
+                raise InstanceLocked(f"{who} is running on state directory {state_dir} "
+                                     f"(it holds {path}); one {role} per state directory"
+                                     ) from None
+        dfd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fds.append(dfd)
+        try:
+            fcntl.flock(dfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            raise InstanceLocked(f"another {role} is running on state directory "
+                                 f"{state_dir} (read-only: it holds the directory); one "
+                                 f"{role} per state directory") from None
+    except InstanceLocked:
+        for fd in fds:
+            os.close(fd)
+        raise
+    except OSError as exc:
+        for fd in fds:
+            os.close(fd)
+        raise InstanceLocked(f"cannot lock {path} on a read-only file system: "
+                             f"{exc.strerror or exc}") from None
+    log.warning("state directory %s is on a read-only file system: %s lock held without "
+                "writing %s", state_dir, role, path)
+    _HELD[key] = fds[-1]
+    _HELD_TOO.extend(fds[:-1])
     return path
 
 

@@ -117,3 +117,60 @@ sys.stdin.readline()
         if proc.returncode is None:
             _, err = proc.communicate("\n", timeout=30)
     assert proc.returncode == 0, err
+
+
+HOLD_OR_SAY = """
+import sys, time
+from pathlib import Path
+from fedge.instance_lock import InstanceLocked, hold
+try:
+    hold(Path(sys.argv[1]), "agent")
+except InstanceLocked as exc:
+    print("refused:", exc, flush=True)
+    sys.exit(0)
+print("held", flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def _read_only_view(state: Path, script: str) -> subprocess.CompletedProcess:
+    """Run `script` (bash) where ``state`` is bind-mounted read-only, in a private mount
+    namespace; skip where this machine allows none (no root, no unshare)."""
+    import shutil
+
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare(1) for a read-only bind mount")
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True, timeout=30)
+    if probe.returncode != 0:
+        pytest.skip(f"unshare -m refused here: {probe.stderr.decode()[-200:]}")
+    return subprocess.run(
+        ["unshare", "-m", "bash", "-c",
+         f"mount --bind {state} {state} && mount -o remount,ro,bind {state} && {script}"],
+        capture_output=True, text=True, timeout=120)
+
+
+def test_on_a_read_only_state_dir_a_second_agent_is_still_refused(tmp_path: Path) -> None:
+    """A file system remounted read-only cannot hold a written lock file: the lock is
+    taken without writing, and a second agent is refused all the same, whether the
+    first took its lock on the read-only directory or while it was writable."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "agent.lock").write_text("")
+    code = tmp_path / "hold.py"
+    code.write_text(HOLD_OR_SAY)
+    py = f"{sys.executable} {code} {state}"
+    both = _read_only_view(state, f"({py} 5 &) ; sleep 2; {py} 0; wait")
+    assert both.returncode == 0, both.stderr
+    assert both.stdout.splitlines()[0] == "held", both.stdout + both.stderr
+    assert both.stdout.splitlines()[1].startswith("refused: another agent is running on "
+                                                  f"state directory {state}"), both.stdout
+    first = subprocess.Popen([sys.executable, str(code), str(state), "20"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout is not None and first.stdout.readline().strip() == "held"
+        late = _read_only_view(state, f"{py} 0")
+        assert late.stdout.startswith(f"refused: another agent (pid {first.pid})"), \
+            late.stdout + late.stderr
+    finally:
+        first.kill()
+        first.wait(timeout=30)

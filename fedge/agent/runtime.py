@@ -62,7 +62,6 @@ from typing import Any
 
 import numpy as np
 
-from fedge import __version__
 from fedge.agent.guard import (
     PrivacyPolicy,
     RevealLog,
@@ -85,6 +84,7 @@ from fedge.coordinator.checkpoint import model_digest
 from fedge.coordinator.plan import Plan, PlanError, parse_plan
 from fedge.coordinator.rounds import SECAGG_PROTOCOL, context_digest
 from fedge.coordinator.secure import secagg_config
+from fedge.update.ab import running_version  # the slot the launcher runs, else fedge's
 from fedge.wire import codec
 from fedge.wire import messages as m
 
@@ -297,13 +297,15 @@ class Agent:
         if classes and not self._classes_refused:  # first: with the heartbeat they stand
             try:
                 lists = m.DatasetClasses(classes=classes)
-            except ValueError as exc:  # beyond the wire's bounds: the heartbeat still goes
+                codec.encode(lists, sender=self.site)  # its size limit, as send() checks
+            except (ValueError, codec.WireError) as exc:  # the heartbeat still goes
                 log.error("%s: class lists not sent (%s): this site is left out of jobs "
                           "whose sites declare classes", self.site, exc)
             else:
                 await self.send(lists)
         await self.send(m.Heartbeat(
-            site=self.site, version=__version__, health_json=json.dumps(report, default=str),
+            site=self.site, version=running_version(),
+            health_json=json.dumps(report, default=str),
             eligible=eligible, reason=reason, datasets=self.trainer.datasets(),
             current_task=self._busy, secagg_protocol=SECAGG_PROTOCOL))
 

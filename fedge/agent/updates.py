@@ -814,10 +814,10 @@ class AgentUpdateClient:
     def note_coordinator_version(self, coordinator_version: str) -> SkewDecision:
         """Compare with the coordinator's version (from its HeartbeatAck); log once
         per change when this appliance must update or is refused."""
-        from fedge import __version__
+        from fedge.update.ab import running_version
 
-        try:
-            decision = check_version_skew(coordinator_version, __version__)
+        try:  # the slot the launcher runs (its own code: SelfUpdate.confirm checks it)
+            decision = check_version_skew(coordinator_version, running_version())
         except ValueError as exc:
             decision = SkewDecision(False, False, str(exc))
         if decision != self.skew:

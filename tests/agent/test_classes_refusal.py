@@ -127,3 +127,43 @@ def test_class_lists_past_the_wires_bounds_are_refused_in_the_config_and_never_s
     agent.send_frames = send
     asyncio.run(agent.heartbeat())
     assert [type(b) for b in sent] == [m.Heartbeat]
+
+
+def test_class_lists_too_large_together_for_one_message_never_stop_a_heartbeat():
+    """Each data set within the bounds, five of them together over the message's 1 MiB:
+    the lists are not sent (logged), the heartbeat is."""
+
+    class FiveSets(SyntheticTrainer):
+        def datasets(self) -> list[str]:
+            return [f"set{i}" for i in range(5)]
+
+        def class_names(self, name: str) -> tuple[str, ...] | None:
+            return tuple(f"{i:04d}" + "c" * 251 for i in range(1000))
+
+    agent = Agent("h2", FiveSets("h2"), policy=PrivacyPolicy(require_secure_aggregation=False))
+    sent: list[object] = []
+
+    async def send(frames: list) -> None:
+        sent.append(codec.decode([bytes(f) for f in frames], max_bytes=1 << 24).body)
+
+    agent.send_frames = send
+    asyncio.run(agent.heartbeat())
+    assert [type(b) for b in sent] == [m.Heartbeat]
+
+
+def test_the_heartbeat_names_the_software_the_launcher_runs(monkeypatch):
+    """Under the unit's launcher a slot's fedge may carry no metadata of its own, so
+    fedge.__version__ named the packaged install's version while the slot's code ran."""
+    from fedge.update.ab import SLOT_ENV
+
+    monkeypatch.setenv(SLOT_ENV, "9.9.9")
+    agent = _agent(None)
+    sent: list[object] = []
+
+    async def send(frames: list) -> None:
+        sent.append(codec.decode([bytes(f) for f in frames], max_bytes=1 << 24).body)
+
+    agent.send_frames = send
+    asyncio.run(agent.heartbeat())
+    (beat,) = [b for b in sent if isinstance(b, m.Heartbeat)]
+    assert beat.version == "9.9.9"

@@ -540,6 +540,7 @@ def watch_job(call: Any, job_id: str, *, interval_s: float = 2.0,
     phase = None
     said_queued = False
     said_test = False
+    left_out: dict[str, str] = {}  # the last committed round's, as printed
     while True:
         status, _ = call("jobs_status", {"job_id": job_id})
         planned = status.get("rounds_planned")
@@ -571,8 +572,11 @@ def watch_job(call: Any, job_id: str, *, interval_s: float = 2.0,
                 + (f"; {agg}" if agg else ""))
             for site, why in sorted((a.get("dropped_reasons") or {}).items()):
                 out(f"  dropped {printable(site)}: {printable(why)}")
-            for site, why in sorted((a.get("left_out") or {}).items()):
-                out(f"  left out {printable(site)}: {printable(why)}")
+            now_out = dict(a.get("left_out") or {})
+            for site, why in sorted(now_out.items()):
+                if left_out.get(site) != why:  # said once, until it changes
+                    out(f"  left out {printable(site)}: {printable(why)}")
+            left_out = now_out
         wait = status.get("cohort_wait") or {}
         now_phase = (status.get("current_round"), status.get("phase"), wait.get("summary"))
         if status.get("phase") and now_phase != phase:

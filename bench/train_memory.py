@@ -75,8 +75,17 @@ def peak_mb(script: str, arg: int) -> float:
     return float(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
+# An anchor below this is no measurement (a peak that did not move: e.g. a process
+# whose earlier peak already covered the step); its ratio would read as a pass
+MIN_ANCHOR_MB = 50.0
+
+
 def main() -> int:
     dp_chunk, dp_whole = peak_mb(DP, 32), peak_mb(DP, 256)
+    if dp_whole < MIN_ANCHOR_MB:
+        raise SystemExit(f"train_memory: the whole-batch DP step raised the peak by "
+                         f"{dp_whole:.0f} MiB only (under {MIN_ANCHOR_MB:g}): no anchor, "
+                         "no ratio")
     print(f"DP-SGD step, 256 images 64x64, resnet_small: chunks of 32 +{dp_chunk:.0f} MiB, "
           f"whole batch +{dp_whole:.0f} MiB")
     cox_big, cox_small = peak_mb(COX, 20_000), peak_mb(COX, 2_000)

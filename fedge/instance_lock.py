@@ -68,10 +68,7 @@ def hold(state_dir: Path, role: str) -> Path:
         holder = _holder(fd)
         os.close(fd)
         if exc.errno in (errno.EACCES, errno.EAGAIN):
-            who = f"another {role} (pid {holder})" if holder else f"another {role}"
-            raise InstanceLocked(f"{who} is running on state directory {Path(state_dir)} "
-                                 f"(it holds {path}); one {role} per state directory"
-                                 ) from None
+            raise _locked(role, Path(state_dir), f"it holds {path}", holder) from None
         raise InstanceLocked(f"cannot lock {path}: {exc.strerror or exc}") from None
     _HELD[key] = fd  # held from here, whether or not the pid can be written
     try:
@@ -101,11 +98,7 @@ def _hold_read_only(state_dir: Path, path: Path, role: str, key: Path) -> Path:
             except OSError as exc:
                 if exc.errno not in (errno.EACCES, errno.EAGAIN):
                     raise
-                holder = _holder(fd)
-                who = f"another {role} (pid {holder})" if holder else f"another {role}"
-                raise InstanceLocked(f"{who} is running on state directory {state_dir} "
-                                     f"(it holds {path}); one {role} per state directory"
-                                     ) from None
+                raise _locked(role, state_dir, f"it holds {path}", _holder(fd)) from None
         dfd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         fds.append(dfd)
         try:
@@ -113,9 +106,7 @@ def _hold_read_only(state_dir: Path, path: Path, role: str, key: Path) -> Path:
         except OSError as exc:
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise
-            raise InstanceLocked(f"another {role} is running on state directory "
-                                 f"{state_dir} (read-only: it holds the directory); one "
-                                 f"{role} per state directory") from None
+            raise _locked(role, state_dir, "read-only: it holds the directory") from None
     except InstanceLocked:
         for fd in fds:
             os.close(fd)
@@ -130,6 +121,13 @@ def _hold_read_only(state_dir: Path, path: Path, role: str, key: Path) -> Path:
     _HELD[key] = fds[-1]
     _HELD_TOO.extend(fds[:-1])
     return path
+
+
+def _locked(role: str, state_dir: Path, how: str, holder: int | None = None
+            ) -> InstanceLocked:
+    who = f"another {role} (pid {holder})" if holder else f"another {role}"
+    return InstanceLocked(f"{who} is running on state directory {state_dir} ({how}); one "
+                          f"{role} per state directory")
 
 
 def _holder(fd: int) -> int | None:

@@ -10,7 +10,7 @@ DEFAULT_REPOSITORY = "/var/lib/fedge/models"
 DEFAULT_STATE_DIR = "/var/lib/fedge-coordinator"  # = fedge.coordinator.config.DEFAULT_STATE_DIR
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -54,7 +54,7 @@ def max_threads() -> int:
 
 
 def _threads(text: str) -> int:
-    value = _positive_int(text)
+    value = positive_int(text)
     if value > max_threads():
         raise argparse.ArgumentTypeError(
             f"{value} is more than {max_threads()} (4 per CPU, {os.cpu_count() or 1} CPUs): "
@@ -107,8 +107,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--poll-interval", type=_poll_interval, default=0.5,
                        help="seconds between repository scans for new versions (at most "
                             "3600)")
-    serve.add_argument("--max-body-bytes", type=_positive_int, default=64 * 1024 * 1024)
-    serve.add_argument("--max-header-bytes", type=_positive_int, default=64 * 1024,
+    serve.add_argument("--max-body-bytes", type=positive_int, default=64 * 1024 * 1024)
+    serve.add_argument("--max-header-bytes", type=positive_int, default=64 * 1024,
                        help="request line and headers of one request; more gets 431 (414 for "
                             "a long URL) and the connection is closed (default 65536)")
     serve.add_argument("--threads", type=_threads, default=None,
@@ -117,7 +117,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--inline-budget-ms", type=_milliseconds, default=2.0,
                        help="requests estimated (single-row time measured at load x rows) to "
                             "take longer run on a worker thread, not the event loop (default 2)")
-    serve.add_argument("--max-connections", type=_positive_int, default=1000,
+    serve.add_argument("--max-connections", type=positive_int, default=1000,
                        help="client connections open at once; one more closes the one that has "
                             "waited longest on its client (default 1000, lowered to fit the "
                             "open-file limit)")

@@ -275,15 +275,10 @@ class DatasetSpec:
         repeated = sorted({c for c in classes if classes.count(c) > 1})
         if repeated:
             raise ValueError(f"dataset {self.name!r}: datasets.classes lists {repeated} twice")
-        from fedge.wire.messages import CLASS_NAME_MAX, CLASSES_MAX
+        from fedge.wire.messages import check_class_bounds
 
-        if len(classes) > CLASSES_MAX:  # what an agent can tell the coordinator
-            raise ValueError(f"dataset {self.name!r}: datasets.classes lists "
-                             f"{len(classes)} classes, at most {CLASSES_MAX}")
-        long = [c for c in classes if len(c) > CLASS_NAME_MAX]
-        if long:
-            raise ValueError(f"dataset {self.name!r}: datasets.classes has a name of "
-                             f"{len(long[0])} characters, at most {CLASS_NAME_MAX}")
+        # what an agent can tell the coordinator (DatasetClasses)
+        check_class_bounds(classes, f"dataset {self.name!r}: datasets.classes")
         bad = [c for c in classes if not c or c.startswith(".") or "/" in c or "\\" in c]
         if bad:
             raise ValueError(

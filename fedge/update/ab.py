@@ -891,16 +891,9 @@ def _main(argv: list[str] | None = None) -> int:
                     "install) when no slot is newer.")
     ap.add_argument("action", choices=("preflight", "exec"))
     ap.add_argument("--root", type=Path, required=True)
-    def attempts(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-        return value
+    from fedge.serve.cli import positive_int
 
-    ap.add_argument("--max-attempts", type=attempts, default=3)
+    ap.add_argument("--max-attempts", type=positive_int, default=3)
     args = ap.parse_args(args_in)
     if args.root.exists() and not args.root.is_dir():
         print(f"fedge.update.ab {args.action}: --root {args.root} is not a directory",

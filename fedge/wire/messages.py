@@ -104,6 +104,17 @@ CLASSES_MAX = 1000  # classes per data set
 CLASS_NAME_MAX = 255  # characters per class name (a folder name)
 
 
+def check_class_bounds(classes: list[str] | tuple[str, ...], what: str) -> None:
+    """Raise ValueError, naming ``what``, when a class list is beyond what one
+    DatasetClasses may carry (CLASSES_MAX classes of CLASS_NAME_MAX characters)."""
+    if len(classes) > CLASSES_MAX:
+        raise ValueError(f"{what} lists {len(classes)} classes, at most {CLASSES_MAX}")
+    long = [c for c in classes if len(c) > CLASS_NAME_MAX]
+    if long:
+        raise ValueError(f"{what} has a class name of {len(long[0])} characters, at most "
+                         f"{CLASS_NAME_MAX}")
+
+
 @message("dataset_classes")
 @dataclass(frozen=True)
 class DatasetClasses:
@@ -125,13 +136,7 @@ class DatasetClasses:
 
     def __post_init__(self) -> None:
         for name, classes in self.classes.items():
-            if len(classes) > CLASSES_MAX:
-                raise ValueError(f"DatasetClasses.classes[{name[:80]!r}] lists "
-                                 f"{len(classes)} classes, over {CLASSES_MAX}")
-            long = [c for c in classes if len(c) > CLASS_NAME_MAX]
-            if long:
-                raise ValueError(f"DatasetClasses.classes[{name[:80]!r}] has a class name "
-                                 f"of {len(long[0])} characters, over {CLASS_NAME_MAX}")
+            check_class_bounds(classes, f"DatasetClasses.classes[{name[:80]!r}]")
 
 
 @message("heartbeat_ack")

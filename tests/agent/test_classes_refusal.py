@@ -115,7 +115,7 @@ def test_class_lists_past_the_wires_bounds_are_refused_in_the_config_and_never_s
     with pytest.raises(ValueError, match="lists 1001 classes, at most 1000"):
         DatasetSpec.from_config(dict(name="scans", kind="images", path="/x",
                                      task="multiclass", classes=many))
-    with pytest.raises(ValueError, match="a name of 256 characters, at most 255"):
+    with pytest.raises(ValueError, match="a class name of 256 characters, at most 255"):
         DatasetSpec.from_config(dict(name="scans", kind="images", path="/x",
                                      task="binary", classes=["a", "b" * 256]))
     agent = _agent(tuple(many))  # a trainer that bypasses the config check

@@ -411,6 +411,9 @@ class Round:
     # enrolled sites the cohort left out, and why (the coordinator's selection, set
     # when the cohort forms; committed with the round)
     left_out: dict[str, str] = field(default_factory=dict)
+    # sites a failed aggregation went without that neither refused nor were lost
+    # themselves: dropped as the protocol's consequence of others (fewer than t left)
+    lost_by_aggregation: set[str] = field(default_factory=set)
     # the final test (module doc): survivors' test-split results, and why any is missing
     test_evals: dict[str, m.EvalResult] = field(default_factory=dict)
     test_missing: dict[str, str] = field(default_factory=dict)
@@ -798,7 +801,9 @@ class Round:
                 why += (" (no site was asked to unmask: the survivor set could not be "
                         f"recorded: {self._record_error or 'not yet written'})")
             for s, left in agg.left_out.items():  # who it lost, for the attempt's record
-                self.refused.setdefault(s, left)
+                if s not in self.refused:
+                    self.refused[s] = left
+                    self.lost_by_aggregation.add(s)
             return self._fail(f"aggregation failed: {agg.failure}{why}")
         res = agg.result
         if res is None:

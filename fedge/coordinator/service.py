@@ -1095,13 +1095,18 @@ class Coordinator:
                     self.on_job_completed(rnd.job_id)
 
     def _sideline(self, runner: JobRunner, rnd: Round, attempts: int) -> None:
-        """Leave each site that refused or was lost in the failed attempt ``rnd`` out of
-        the round's next attempts, until a heartbeat of its own says it is eligible
+        """Leave each site that refused or was lost in the failed attempt ``rnd`` (not
+        one a failed aggregation dropped only because others were gone) out of the
+        round's next attempts, until a heartbeat of its own says it is eligible
         (:meth:`_heartbeat`). Its failure was its own (a state dir it cannot write, a
         crash), and a heartbeat is its word that it is fit again; the others may
         meanwhile commit without it where min_clients allows. An attempt nobody
         refused (a cohort that never formed) leaves nobody out."""
         for site, why in rnd.dropped_reasons().items():
+            if site in rnd.lost_by_aggregation:
+                # dropped because others were (fewer than t left): not its failure, and
+                # a retry opened before its next heartbeat would go on without it
+                continue
             runner.sidelined[site] = (f"left out after attempt {attempts} at round "
                                       f"{rnd.round} failed with it ({why}), until it "
                                       "reports eligible again")

@@ -34,7 +34,7 @@ def heard(fed, monkeypatch, old):
         for s, agent in fed.agents.items():
             with monkeypatch.context() as mp:
                 if s in old:
-                    mp.setattr(runtime, "__version__", "0.1.0")
+                    mp.setattr(runtime, "running_version", lambda: "0.1.0")
                 await agent.heartbeat()
     asyncio.run(go())
     while fed.inbox:

@@ -6,43 +6,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedge.coordinator.plan import parse_plan
-from fedge.coordinator.rounds import EVAL_EMPTY, Phase, Round
-from fedge.coordinator.strategies import Strategy
+from fedge.coordinator.rounds import EVAL_EMPTY, Phase
 from fedge.wire import messages as m
+from tests.coordinator.test_rounds import PLAN as ROUNDS_PLAN
+from tests.coordinator.test_rounds import new_round
 
-PLAN = """
-[job]
-dataset = "toy"
-rounds = 3
-min_clients = 2
-seed = 3
-[model]
-name = "linear"
-[train]
-epochs = 1
-batch_size = 4
-learning_rate = 0.1
-[strategy]
-name = "fedavg"
-[secagg]
-enabled = false
-clip = 2.0
-[deadlines]
-cohort_s = 5
-train_s = 10
-secagg_stage_s = 10
-eval_s = 10
-"""
-
-W0 = np.array([0.5, -1.0, 2.0], dtype=np.float32)
+# test_rounds' plan with a third round, so round 1 has no final test
+PLAN = ROUNDS_PLAN.replace("rounds = 2", "rounds = 3")
 NO_VAL = "site 'surv' has no 'val' split (hold one out with a 'split' column)"
 
 
 def evaluating(sites="abcde"):
     """Round 1 of 3 (no final test), every site trained and summed: EVALUATING."""
-    plan = parse_plan(PLAN)
-    rnd = Round("job1", 1, plan, W0, Strategy(plan.strategy), started_at=0.0)
+    rnd = new_round(PLAN)
     rnd.offer(list(sites), 0.0)
     sends = []
     for s in sites:

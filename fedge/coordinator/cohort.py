@@ -67,11 +67,25 @@ def _listed(classes: tuple[str, ...] | None) -> str:
     return f"[{shown}{', ...' if len(classes) > 20 else ''}]"
 
 
+# why a candidate is not in a retried round's cohort (Round.pinned_cohort)
+PINNED_OUT = ("not in this retry's cohort: an attempt at a round whose sum was unmasked "
+              "is retried over the same survivors only")
+
+
 @dataclass(frozen=True)
 class Selection:
     candidates: list[str]
     excluded: dict[str, str]
     enrolled: int = 0  # sites enrolled (not revoked), candidates or not
+    inactive: frozenset[str] = frozenset()  # excluded for their status (revoked)
+
+    def left_out(self, cohort: list[str]) -> dict[str, str]:
+        """Each enrolled site not in ``cohort`` and why: the excluded ones with their
+        reasons, and candidates a pinned retry did not take (PINNED_OUT)."""
+        out = {s: r for s, r in self.excluded.items()
+               if s not in cohort and s not in self.inactive}
+        out.update({s: PINNED_OUT for s in self.candidates if s not in cohort})
+        return out
 
     def excluded_first(self, limit: int = EXPLAIN_SITES) -> dict[str, str]:
         """The first ``limit`` excluded sites (by name) with their reasons."""
@@ -173,7 +187,8 @@ def select_cohort(appliances: Iterable[Appliance], *, connected: set[str], datas
         candidates.remove(site)
         excluded[site] = reason
     enrolled = sum(1 for a in appliances if a.status == "enrolled")
-    return Selection(sorted(candidates), excluded, enrolled)
+    inactive = frozenset(a.site_id for a in appliances if a.status != "enrolled")
+    return Selection(sorted(candidates), excluded, enrolled, inactive)
 
 
 def _class_order(candidates: list[str], dataset: str,

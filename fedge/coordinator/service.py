@@ -307,11 +307,6 @@ def retry_backoff_s(failed_attempts: int) -> float:
     return min(RETRY_BACKOFF_S * 2.0 ** doublings, RETRY_BACKOFF_MAX_S)
 
 
-# why a candidate is not in a retried round's cohort (Round.pinned_cohort)
-PINNED_OUT = ("not in this retry's cohort: an attempt at a round whose sum was unmasked "
-              "is retried over the same survivors only")
-
-
 def coordinator_clocks(clock: Callable[[], float] | None,
                        wall: Callable[[], float] | None
                        ) -> tuple[Callable[[], float], Callable[[], float]]:
@@ -1030,10 +1025,7 @@ class Coordinator:
                    else sel.explain(runner.plan.min_clients))
             self._emit(rnd, rnd.offer(sel.candidates, now, why=why))
             if rnd.phase is not Phase.WAITING_COHORT:  # the cohort formed: who was not in it
-                rnd.left_out = {s: r for s, r in sel.excluded.items()
-                                if s not in rnd.cohort and not r.startswith("status ")}
-                rnd.left_out.update({s: PINNED_OUT for s in sel.candidates
-                                     if s not in rnd.cohort})
+                rnd.left_out = sel.left_out(rnd.cohort)
         else:
             self._emit(rnd, rnd.tick(now))
         self._after(now)

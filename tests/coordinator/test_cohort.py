@@ -119,3 +119,12 @@ def test_a_scaffold_job_leaves_out_sites_before_fedge_0_2_which_move_c_i_their_o
     assert "update the appliance" in OLD_CONTROL_RULE
     fedavg = select_cohort(store.appliances(), connected={"new", "old"}, dataset="brca")
     assert fedavg.candidates == ["new", "old"]
+
+
+def test_the_sites_a_cohort_left_out_are_the_excluded_enrolled_ones_and_those_a_pinned_retry_did_not_take():  # noqa: E501
+    from fedge.coordinator.cohort import PINNED_OUT, Selection
+
+    sel = Selection(["a", "b", "c"], {"d": "not connected", "e": "status revoked"},
+                    enrolled=4, inactive=frozenset({"e"}))
+    assert sel.left_out(["a", "b", "c"]) == {"d": "not connected"}
+    assert sel.left_out(["a", "b"]) == {"d": "not connected", "c": PINNED_OUT}

@@ -257,6 +257,8 @@ class Agent:
         self._coordinator_version: str | None = None
         self._classes_unknown_to: str | None = None
         self._classes_refused = False
+        # the class lists last found too large to send (not tried again while unchanged)
+        self._classes_unsendable: dict[str, list[str]] | None = None
 
     # -- outgoing -------------------------------------------------------------------
 
@@ -294,15 +296,14 @@ class Agent:
                         "the last report until it ends", self.site, PROBE_WAIT_S)
         report, eligible, reason = self._health_verdict(time.monotonic())
         classes = self.declared_classes()
-        if classes and not self._classes_refused:  # first: with the heartbeat they stand
-            try:
-                lists = m.DatasetClasses(classes=classes)
-                codec.encode(lists, sender=self.site)  # its size limit, as send() checks
-            except (ValueError, codec.WireError) as exc:  # the heartbeat still goes
+        if classes and not self._classes_refused and classes != self._classes_unsendable:
+            try:  # first: with the heartbeat they stand
+                await self.send(m.DatasetClasses(classes=classes))
+            except (ValueError, codec.WireError) as exc:  # beyond the message's bounds:
+                # nothing was sent (send encodes first); said once, the heartbeat goes
+                self._classes_unsendable = classes
                 log.error("%s: class lists not sent (%s): this site is left out of jobs "
                           "whose sites declare classes", self.site, exc)
-            else:
-                await self.send(lists)
         await self.send(m.Heartbeat(
             site=self.site, version=running_version(),
             health_json=json.dumps(report, default=str),

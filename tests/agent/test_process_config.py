@@ -80,6 +80,23 @@ def test_credentials_directory_overrides_secrets(tmp_path, monkeypatch):
     assert (e.curve_public, e.curve_secret) == (other.public, other.secret)
 
 
+def test_a_bare_z85_secret_starting_with_a_brace_is_a_secret_not_json(tmp_path, monkeypatch):
+    """'{' is a z85 character: one generated secret in 85 starts with it, and such a
+    credential was read as JSON and refused (a flake of the test above in CI)."""
+    enrolled_state(tmp_path / "st")
+    for _ in range(2000):
+        other = CurveKeyPair.generate()
+        if other.secret.startswith("{"):
+            break
+    assert other.secret.startswith("{")
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "fedge_curve.key").write_text(other.secret + "\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    e = load_enrolled(tmp_path / "st")
+    assert (e.curve_public, e.curve_secret) == (other.public, other.secret)
+
+
 def test_not_enrolled_and_corrupt(tmp_path):
     with pytest.raises(AgentConfigError, match="not enrolled"):
         load_enrolled(tmp_path)

@@ -76,7 +76,8 @@ def test_a_job_completed_without_its_report_is_finished_when_the_coordinator_sta
     digest = completed_job(fed.coord_dir, "job-cut-short", EXPORT_PLAN)
     fed.start_coordinator()
     jdir = ck.job_dir(fed.coord_dir, "job-cut-short")
-    fed.wait_for(lambda: (jdir / "report.json").is_file(), 120, "the job's report")
+    # report.md is written last: its presence says the report is whole
+    fed.wait_for(lambda: (jdir / "report.md").is_file(), 120, "the job's report")
     meta = {p.key: p.value for p in onnx.load(str(jdir / "model.onnx")).metadata_props}
     assert meta["model_digest"] == digest
     assert json.loads((jdir / "report.json").read_text())["committed_round"] == 1

@@ -180,7 +180,8 @@ class SlotInstaller:
             else:
                 raise ValueError(f"bundle {name!r}: unknown type (expected .tar.gz, .whl, .deb)")
             verify_slot(tmp)
-        except (tarfile.TarError, zipfile.BadZipFile, subprocess.SubprocessError, OSError) as exc:
+        except (tarfile.TarError, zipfile.BadZipFile, subprocess.SubprocessError, OSError,
+                KeyError) as exc:  # KeyError: tarfile's hardlink to a member not there
             shutil.rmtree(tmp, ignore_errors=True)
             raise ValueError(f"bundle {bundle.name!r} cannot be unpacked: {exc}") from exc
         except ValueError:

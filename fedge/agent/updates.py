@@ -36,6 +36,8 @@ from fedge.update.ab import (
     SelfUpdate,
     Service,
     SlotInstaller,
+    UnsafeArchive,
+    extract_checked,
     running_version,
 )
 from fedge.update.files import set_aside, write_atomic, write_json
@@ -519,6 +521,11 @@ class AgentUpdater:
         self._audit(outcome)
 
     def _install_app(self, spec: tuf_repo.TargetSpec, archive: Path) -> str:
+        """Unpack the app archive into ``apps/<name>/<version>`` and switch ``current``.
+
+        Raises: ValueError: a corrupt archive, or a member that
+            `fedge.update.ab.check_members` refuses (nothing is extracted then).
+        """
         base = self.state_dir / "apps" / spec.name
         dest = base / spec.version
         tmp = base / f".{spec.version}.tmp"
@@ -526,8 +533,8 @@ class AgentUpdater:
         tmp.mkdir(parents=True)
         try:
             with tarfile.open(archive) as tar:
-                tar.extractall(tmp, filter="data")  # refuses absolute paths, .., devices
-        except (tarfile.TarError, OSError) as exc:
+                extract_checked(tar, tmp)  # regular files and directories only
+        except (tarfile.TarError, OSError, UnsafeArchive, KeyError) as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             raise ValueError(f"app {spec.name} {spec.version}: bad archive: {exc}") from exc
         shutil.rmtree(dest, ignore_errors=True)

@@ -48,6 +48,12 @@ log = logging.getLogger("fedge.update.ab")
 
 MANIFEST = "fedge-bundle.json"
 FORMAT = 1  # of the manifest's files table (firmware/make_bundle.py writes it)
+MAX_MANIFEST_BYTES = 64 << 20  # read into memory to check a bundle before unpacking it
+# An archive member's name, at most: Linux's PATH_MAX and NAME_MAX. tarfile's "data"
+# filter before CPython 3.11.13/3.12.11 is bypassed with names near PATH_MAX
+# (CVE-2025-4517); the links it needs are refused anyway (`check_members`).
+MAX_MEMBER_NAME_BYTES = 4096
+MAX_MEMBER_COMPONENT_BYTES = 255
 
 
 def sha256_file(path: Path) -> str:
@@ -64,6 +70,11 @@ def sha256_file(path: Path) -> str:
 SOFTWARE_ROOT_ENV = "FEDGE_SOFTWARE_ROOT"
 SLOT_ENV = "FEDGE_SOFTWARE_SLOT"  # the slot the launcher runs; unset for the packaged install
 AGENT_CONFIG = "/etc/fedge/agent.toml"  # what a wheel slot runs by default
+
+
+class UnsafeArchive(ValueError):
+    """An archive `check_members` refuses before extracting anything; the message
+    names the member and why."""
 
 
 class SoftwareOnTrial(ValueError):
@@ -135,11 +146,14 @@ class SlotInstaller:
     def unpack(self, version: str, bundle: Path) -> Path:
         """Unpack `bundle` (.tar.gz/.tgz/.tar, .whl, .deb) into slots/<version>.
 
-        Every archive type goes through the same member checks (tarfile's "data"
-        filter: no absolute or escaping paths or links, no device nodes, no
-        setuid/setgid bits), and a manifest that lists its files' hashes (a bundle
-        from firmware/make_bundle.py) is checked against the unpacked slot
-        (`verify_slot`) before the slot is kept.
+        A tar archive's members are checked before anything is extracted
+        (`check_members`: regular files and directories only; a .deb's data archive
+        may also hold relative symlinks that stay inside the slot), and so is a
+        manifest's table of files (a bundle from firmware/make_bundle.py) against the
+        members; tarfile's "data" filter (no escaping paths or links, no device
+        nodes, no setuid/setgid bits) is a second layer. A manifest that lists its
+        files' hashes is checked against the unpacked slot (`verify_slot`) before
+        the slot is kept.
 
         Raises:
             ValueError: bad version, unknown bundle type, unsafe or corrupt archive,
@@ -162,7 +176,7 @@ class SlotInstaller:
             name = bundle.name
             if name.endswith((".tar.gz", ".tgz", ".tar")):
                 with tarfile.open(bundle) as tar:
-                    tar.extractall(tmp, filter="data")
+                    extract_checked(tar, tmp, bundle=True)
             elif name.endswith(".whl"):
                 site = tmp / "site-packages"
                 with zipfile.ZipFile(bundle) as zf:
@@ -181,7 +195,8 @@ class SlotInstaller:
                 raise ValueError(f"bundle {name!r}: unknown type (expected .tar.gz, .whl, .deb)")
             verify_slot(tmp)
         except (tarfile.TarError, zipfile.BadZipFile, subprocess.SubprocessError, OSError,
-                KeyError) as exc:  # KeyError: tarfile's hardlink to a member not there
+                UnsafeArchive, KeyError) as exc:  # KeyError: tarfile's hardlink to a
+            # member not there (refused before extracting now; kept as a second layer)
             shutil.rmtree(tmp, ignore_errors=True)
             raise ValueError(f"bundle {bundle.name!r} cannot be unpacked: {exc}") from exc
         except ValueError:
@@ -361,8 +376,9 @@ def _unpack_deb(deb: Path, dest: Path) -> None:
     """Unpack a .deb's data archive into `dest` with the same member checks as a
     .tar.gz (`dpkg-deb -x` would keep escaping symlinks and setuid bits).
 
-    Raises: subprocess.SubprocessError (dpkg-deb failed), tarfile.TarError (refused
-        or corrupt member), OSError.
+    Raises: subprocess.SubprocessError (dpkg-deb failed), UnsafeArchive (a member
+        `check_members` refuses), tarfile.TarError (refused or corrupt member),
+        OSError.
     """
     with tempfile.TemporaryFile(dir=dest.parent) as data:
         done = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=data,
@@ -373,7 +389,191 @@ def _unpack_deb(deb: Path, dest: Path) -> None:
                 f"{done.stderr.decode(errors='replace').strip()}")
         data.seek(0)
         with tarfile.open(fileobj=data) as tar:
-            tar.extractall(dest, filter="data")
+            extract_checked(tar, dest, bundle=True, symlinks=True)
+
+
+def extract_checked(tar: tarfile.TarFile, dest: Path, *, bundle: bool = False,
+                    symlinks: bool = False) -> None:
+    """Extract `tar` into the empty directory `dest` once `check_members` (with
+    `symlinks`) accepts every member, and, for a software `bundle`, once the members
+    are what its manifest's table of files lists (`_check_listed`); tarfile's "data"
+    filter is a second layer. Nothing is written before the checks pass.
+
+    Raises: UnsafeArchive (a member refused), ValueError (a bundle whose members are
+        not what its manifest lists, or whose table is not format 1), tarfile.TarError
+        (corrupt, or refused by the filter), OSError.
+    """
+    members = tar.getmembers()
+    check_members(members, symlinks=symlinks)
+    if bundle:
+        _check_listed(tar, members)
+    tar.extractall(dest, members=members, filter="data")
+
+
+def check_members(members: list[tarfile.TarInfo], *, symlinks: bool = False) -> None:
+    """Refuse an archive from its member list alone, before anything is extracted,
+    whatever the interpreter's tarfile filter would do (the "data" filter of CPython
+    before 3.11.13/3.12.11 lets a chain of symlinks write anywhere: CVE-2025-4517).
+
+    Each member must be a regular file or a directory, with a relative name of no
+    ``..`` component, at most `MAX_MEMBER_NAME_BYTES` long and each component at most
+    `MAX_MEMBER_COMPONENT_BYTES`, and no two members may have the same name (``./a``
+    and ``a`` are the same). With `symlinks` (a .deb's data archive: Debian packages
+    hold them) a symlink is allowed too if its target is relative and, resolved
+    against the link's own directory one component at a time, never leaves the
+    archive's root nor passes through another symlink member; and no member lies
+    under a symlink member. Hardlinks, devices and FIFOs are always refused.
+
+    Raises: UnsafeArchive naming the first member refused and why.
+    """
+    allowed = ("regular files, directories and relative symlinks that stay inside"
+               if symlinks else "regular files and directories only")
+    names: dict[str, tarfile.TarInfo] = {}
+    links: dict[str, tarfile.TarInfo] = {}
+    for member in members:
+        path = _member_path(member)
+        if path in names:
+            raise UnsafeArchive(f"{member.name!r} appears twice in the archive")
+        names[path] = member
+        if member.isreg() or member.isdir():
+            continue
+        if member.issym() and symlinks:
+            links[path] = member
+            continue
+        raise UnsafeArchive(f"{member.name!r} is {_member_kind(member)}: the archive may "
+                            f"hold {allowed}")
+    for path, member in names.items():
+        parts = path.split("/")
+        for i in range(1, len(parts)):
+            under = "/".join(parts[:i])
+            if under in links:
+                raise UnsafeArchive(f"{member.name!r} lies under the symlink member "
+                                    f"{links[under].name!r}")
+    for path, member in links.items():
+        _check_link(path, member, links)
+
+
+def _member_path(member: tarfile.TarInfo) -> str:
+    """A member's name without ``.`` and empty components ("" for the root itself).
+
+    Raises: UnsafeArchive for a name that is absolute, has a ``..`` component, a NUL,
+        or is too long.
+    """
+    name = member.name
+    size = len(name.encode("utf-8", "surrogateescape"))
+    if size > MAX_MEMBER_NAME_BYTES:
+        raise UnsafeArchive(f"{name[:64]!r}... has a name of {size} bytes, more than "
+                            f"{MAX_MEMBER_NAME_BYTES}")
+    if "\0" in name:
+        raise UnsafeArchive(f"{name!r} has a NUL in its name")
+    if name.startswith("/"):
+        raise UnsafeArchive(f"{name!r} is an absolute path")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise UnsafeArchive(f"{name!r} has a '..' component")
+    for part in parts:
+        if len(part.encode("utf-8", "surrogateescape")) > MAX_MEMBER_COMPONENT_BYTES:
+            raise UnsafeArchive(f"{name[:64]!r}... has a path component longer than "
+                                f"{MAX_MEMBER_COMPONENT_BYTES} bytes")
+    if not parts and not member.isdir():
+        raise UnsafeArchive(f"{name!r} names the archive's root but is not a directory")
+    return "/".join(parts)
+
+
+def _member_kind(member: tarfile.TarInfo) -> str:
+    if member.islnk():
+        return f"a hardlink to {member.linkname!r}"
+    if member.issym():
+        return f"a symlink to {member.linkname!r}"
+    if member.ischr() or member.isblk():
+        return "a device node"
+    if member.isfifo():
+        return "a FIFO"
+    return f"of tar type {member.type!r}"
+
+
+def _check_link(path: str, member: tarfile.TarInfo, links: dict[str, tarfile.TarInfo]
+                ) -> None:
+    """`check_members`' rule for one symlink member at `path`: see there.
+
+    Raises: UnsafeArchive naming the link, its target and why.
+    """
+    target = member.linkname
+    what = f"{member.name!r} is a symlink to {target!r}"
+    if not target or "\0" in target:
+        raise UnsafeArchive(f"{what}, an empty or NUL-holding target")
+    if len(target.encode("utf-8", "surrogateescape")) > MAX_MEMBER_NAME_BYTES:
+        raise UnsafeArchive(f"{member.name!r} is a symlink whose target is longer than "
+                            f"{MAX_MEMBER_NAME_BYTES} bytes")
+    if target.startswith("/"):
+        raise UnsafeArchive(f"{what}, an absolute path")
+    where = path.split("/")[:-1]  # the link's own directory
+    for part in target.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not where:
+                raise UnsafeArchive(f"{what}, which leaves the archive's root")
+            where.pop()
+            continue
+        where.append(part)
+        through = "/".join(where)
+        if through in links:
+            raise UnsafeArchive(f"{what}, which passes through the symlink member "
+                                f"{links[through].name!r} (links to links are refused)")
+
+
+def _check_listed(tar: tarfile.TarFile, members: list[tarfile.TarInfo]) -> None:
+    """For a bundle whose manifest has a table of files (firmware/make_bundle.py),
+    refuse before extracting an archive whose members are not exactly what it lists
+    (besides directories and the top-level manifest): `verify_slot`'s rule, whose
+    hashes are checked once unpacked. Without a readable manifest or a table there is
+    nothing to compare (`verify_slot` passes such a slot too).
+
+    Raises: ValueError naming a member not listed, or a listed file missing or not a
+        regular file; as `_files_table`.
+    """
+    by_path = {_member_path(m): m for m in members}
+    top = by_path.get(MANIFEST)
+    if top is None or not top.isreg():
+        return
+    if top.size > MAX_MANIFEST_BYTES:
+        raise ValueError(f"{MANIFEST} is {top.size} bytes, more than {MAX_MANIFEST_BYTES}")
+    raw = tar.extractfile(top)
+    assert raw is not None  # a regular file
+    try:
+        manifest = json.loads(raw.read())
+    except ValueError:
+        return  # slot_command names a bad manifest when the slot is started
+    files = _files_table(manifest)
+    if files is None:
+        return
+    extra = sorted(p for p, m in by_path.items()
+                   if not m.isdir() and p not in files and p != MANIFEST)
+    if extra:
+        raise ValueError(f"files not listed in {MANIFEST}: {extra[:5]}")
+    for rel in sorted(files):
+        member = by_path.get(rel)
+        if member is None:
+            raise ValueError(f"{rel}, listed in {MANIFEST}, is missing from the bundle")
+        if not member.isreg():
+            raise ValueError(f"{rel}, listed in {MANIFEST}, is {_member_kind(member)}; a "
+                             "bundle holds regular files only")
+
+
+def _files_table(manifest: object) -> dict[str, str] | None:
+    """A manifest's table of file hashes, or None when it has none.
+
+    Raises: ValueError for a table that is not format `FORMAT`'s.
+    """
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if files is None:
+        return None
+    assert isinstance(manifest, dict)
+    if manifest.get("format") != FORMAT or not isinstance(files, dict):
+        raise ValueError(f"{MANIFEST}: format {manifest.get('format')!r} with files of type "
+                         f"{type(files).__name__}; expected format 1 and a table of hashes")
+    return files
 
 
 def verify_slot(slot: Path, *, require_manifest: bool = False) -> dict | None:
@@ -403,15 +603,12 @@ def verify_slot(slot: Path, *, require_manifest: bool = False) -> dict | None:
         if require_manifest:
             raise ValueError(f"bad or missing {MANIFEST}: {exc}") from None
         return None  # slot_command names a bad manifest when the slot is started
-    files = manifest.get("files") if isinstance(manifest, dict) else None
+    files = _files_table(manifest)
     if files is None:
         if require_manifest:
             raise ValueError(f"{MANIFEST} has no files table: nothing to check the slot "
                              "against (not a bundle from firmware/make_bundle.py)")
         return None
-    if manifest.get("format") != FORMAT or not isinstance(files, dict):
-        raise ValueError(f"{MANIFEST}: format {manifest.get('format')!r} with files of type "
-                         f"{type(files).__name__}; expected format 1 and a table of hashes")
     # First, so that no hash is read through a symlinked directory. The walk does not
     # follow links, and a link to a directory counts as an entry like any other.
     entries = []

@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import logging
 import os
 import shutil
 import sys
 import tarfile
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Executor
 from dataclasses import asdict, dataclass
 from datetime import UTC, timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 
 from packaging.version import InvalidVersion, Version
 from tuf.api.exceptions import DownloadError, DownloadHTTPError, ExpiredMetadataError
@@ -77,6 +79,14 @@ Roundtrip = Callable[[UpdateFetchRequest], UpdateFetchReply]
 # the old connection).
 FETCH_ATTEMPTS = 4
 FETCH_RETRY_PAUSE_S = 1.0  # after a send that failed at once (no link, socket replaced)
+# One download (a metadata file or a target) must end within DOWNLOAD_FLOOR_S plus
+# its signed length at DOWNLOAD_MIN_RATE: a coordinator that answers each request
+# with a byte or two (every reply in time) must not hold the agent's one install
+# lock for ever. The rate is half the ~35 KB/s a site's link needs to keep its
+# connection at all (docs: "Slow links"); the floor leaves room for a few
+# reconnections, each of which can cost FETCH_ATTEMPTS tries of a chunk.
+DOWNLOAD_MIN_RATE = 16 * 1024  # bytes per second, on average over the download
+DOWNLOAD_FLOOR_S = 300.0
 
 
 class FetchTransportError(DownloadError):
@@ -94,24 +104,62 @@ class ZmqFetcher(FetcherInterface):
     A chunk is one request and reply through the agent's and the coordinator's event
     loops, a few ms each whatever its size: the default is the largest the coordinator
     sends (MAX_CHUNK, 1 MiB). bench/updates.py --quick, same run: 64 KiB 25.7 MiB/s,
-    256 KiB 68.2, 1 MiB 107.7."""
+    256 KiB 68.2, 1 MiB 107.7.
 
-    def __init__(self, roundtrip: Roundtrip, *, chunk: int = MAX_CHUNK) -> None:
-        """Raises: ValueError if chunk is not positive."""
+    Each download has a deadline (`deadline_s`), checked after every reply: a
+    request in flight is bounded by `AgentUpdateClient.roundtrip` itself."""
+
+    def __init__(self, roundtrip: Roundtrip, *, chunk: int = MAX_CHUNK,
+                 min_rate: float = DOWNLOAD_MIN_RATE, floor_s: float = DOWNLOAD_FLOOR_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """Raises: ValueError if chunk, min_rate or floor_s is not positive."""
         if chunk <= 0:
             raise ValueError(f"chunk {chunk} must be > 0")
+        if not (min_rate > 0 and floor_s > 0):
+            raise ValueError(f"min_rate {min_rate!r} and floor_s {floor_s!r} must be > 0")
         self._roundtrip = roundtrip
         self._chunk = chunk
+        self._min_rate = min_rate
+        self._floor_s = floor_s
+        self._clock = clock
+        self._max_length: int | None = None  # of the download under way (download_file)
+
+    def deadline_s(self, length: int) -> float:
+        """How long a download of at most `length` bytes may take, in all."""
+        return self._floor_s + length / self._min_rate
+
+    @contextlib.contextmanager
+    def download_file(self, url: str, max_length: int) -> Iterator[IO[bytes]]:
+        # python-tuf passes every download's bound here (a target's signed length, a
+        # metadata file's configured maximum); `_fetch` sees only the url
+        self._max_length = max_length
+        try:
+            with super().download_file(url, max_length) as f:
+                yield f
+        finally:
+            self._max_length = None
 
     def _fetch(self, url: str) -> Iterator[bytes]:
         if not url.startswith(URL_SCHEME):
             raise DownloadError(f"url {url!r} is not a {URL_SCHEME} url")
         path = url[len(URL_SCHEME):]
-        return self._chunks(path)
+        return self._chunks(path, self._max_length)
 
-    def _chunks(self, path: str) -> Iterator[bytes]:
+    def _chunks(self, path: str, length: int | None) -> Iterator[bytes]:
+        """Raises: FetchTransportError past the deadline of a download of `length`
+        bytes at most (none when fetched outside `download_file`); DownloadError for a
+        bad reply."""
         offset = 0
+        start = self._clock()
+        deadline = None if length is None else self.deadline_s(length)
         while True:
+            if deadline is not None and self._clock() - start > deadline:
+                raise FetchTransportError(
+                    f"fetch {path}: {offset} of at most {length} bytes after "
+                    f"{self._clock() - start:.1f} s, past this download's deadline of "
+                    f"{deadline:.1f} s ({self._floor_s:g} s plus its length at "
+                    f"{self._min_rate / 1024:g} KiB/s): the coordinator or the link is "
+                    "too slow (nothing installed; asked again, this appliance tries again)")
             reply = self._roundtrip(UpdateFetchRequest(path, offset, self._chunk))
             if not isinstance(reply, UpdateFetchReply):
                 raise DownloadError(f"fetch {path}: reply is {type(reply).__name__}, "

@@ -96,6 +96,14 @@ def hold_state_dir(cfg: CoordinatorConfig) -> None:
     instance_lock.hold(Path(cfg.state_dir), "coordinator")
 
 
+RELOAD_REFUSED = ("SIGHUP received: reload is not supported; use systemctl restart "
+                  "fedge-coordinator (the configuration is read at start). Still running")
+
+
+def _reload_refused() -> None:
+    log.warning(RELOAD_REFUSED)
+
+
 def build_coordinator(cfg: CoordinatorConfig, **kwargs: Any) -> Coordinator:
     """A :class:`Coordinator` for this configuration (roster from the state dir if newer).
 
@@ -126,6 +134,7 @@ def build_coordinator(cfg: CoordinatorConfig, **kwargs: Any) -> Coordinator:
 async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
                 coordinator: Coordinator | None = None) -> int:
     """Run the coordinator until ``stop`` is set (or SIGTERM/SIGINT); returns the exit code.
+    SIGHUP is logged (RELOAD_REFUSED) and otherwise ignored.
 
     Raises:
         TransportError: the endpoint cannot be bound.
@@ -140,6 +149,10 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
     with contextlib.suppress(NotImplementedError, RuntimeError):
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        # SIGHUP's default ends the process without a word, and systemd counts a death
+        # by SIGHUP as a clean exit (Restart=on-failure does not restart it): an
+        # operator's habitual `kill -HUP` to "reload" left the federation coordinator-less
+        loop.add_signal_handler(signal.SIGHUP, _reload_refused)
     coord = coordinator or build_coordinator(cfg)
     # temp files of checkpoint writes and ONNX exports killed mid-way (their names hold
     # a pid or a random part, so no later write overwrites them)

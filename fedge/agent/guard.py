@@ -14,6 +14,12 @@ whether a round is secure, so none of those can be trusted to protect the site:
   difference is that site's update. Before this appliance reveals the shares that
   unmask a sum, it records the update's digest with the survivor set it signed; a
   later session over the same update and another survivor set is refused.
+- Evaluation: metrics leave without noise, on weights the coordinator chooses, so an
+  EvalTask's plan meets the same floor as a TrainTask's (`PrivacyPolicy.refuse_evaluation`),
+  and the agent evaluates a job it trained for only under that job's plan
+  (`plan_digest`): otherwise a coordinator could send a plan of its own, without DP,
+  naming the training split, and read the loss of chosen weights on the very records
+  DP protects (finite differences of it are the site's training gradient).
 """
 
 from __future__ import annotations
@@ -41,8 +47,8 @@ from fedge.update.files import write_atomic
 log = logging.getLogger("fedge.agent")
 
 __all__ = ["PrivacyPolicy", "PrivacyPolicyError", "RevealLog", "RevealLogError",
-           "has_dp_noise", "plain_client_dp_refusal", "refuse_eval", "refuse_threshold",
-           "update_digest"]
+           "has_dp_noise", "plain_client_dp_refusal", "plan_digest", "refuse_eval",
+           "refuse_threshold", "update_digest"]
 
 
 class PrivacyPolicyError(ValueError):
@@ -131,6 +137,27 @@ class PrivacyPolicy:
             return plain_client_dp_refusal(client_dp_cohort(privacy))
         return None
 
+    def refuse_evaluation(self, split: str, *, plan_split: str, secure: bool,
+                          privacy: Mapping[str, Any]) -> str | None:
+        """Why an EvalTask on ``split`` is refused under a plan (its ``job.eval_split``
+        ``plan_split``, ``[secagg] enabled`` ``secure``, ``[privacy]`` table
+        ``privacy``), or None.
+
+        The plan comes with the EvalTask, from the coordinator, and need not be a plan
+        this site ever trained under: it meets the floor a TrainTask's plan meets
+        (`refuse_plan`). Under ``require_dp`` the training split is never evaluated,
+        whatever the plan says: its metrics would leave without noise, outside any ε,
+        about the very records DP protects. Then `refuse_eval`'s rules."""
+        refused = self.refuse_plan(secure, privacy)
+        if refused:
+            return f"evaluation under this plan refused: {refused}"
+        if self.require_dp and split == "train":
+            return ("an evaluation on the training split was asked for, but this appliance "
+                    "requires differential privacy ([privacy] require_dp in its "
+                    "agent.toml): the metrics would leave without noise, outside any "
+                    "epsilon, about the very records DP protects")
+        return refuse_eval(split, plan_split=plan_split, privacy=privacy)
+
     def refuse_aggregation(self, *, plan_secure: bool, secure: bool, cohort: int,
                            weight_scale: float, client_dp_cohort: int | None) -> str | None:
         """Why an AggregateBegin is refused, or None. ``client_dp_cohort``: the plan's
@@ -214,6 +241,20 @@ def refuse_eval(split: str, *, plan_split: str, privacy: Mapping[str, Any]) -> s
                 f"job.eval_split is {plan_split!r} (and the last round's final test is "
                 "'test'); a coordinator cannot choose a split the plan does not name")
     return None
+
+
+def plan_digest(text: str) -> bytes:
+    """SHA-256 of a plan's content, whatever its layout: its TOML parsed and written
+    back in one canonical form (keys sorted), so comments, spacing and key order do
+    not count and every value does. What an EvalTask's plan is compared by with the
+    plan of the job this site trained for.
+
+    Raises: tomllib.TOMLDecodeError: ``text`` is not TOML."""
+    import tomllib
+
+    canonical = json.dumps(tomllib.loads(text), sort_keys=True, separators=(",", ":"),
+                           ensure_ascii=False, default=str)
+    return hashlib.sha256(b"fedge/plan/v1\n" + canonical.encode()).digest()
 
 
 def refuse_threshold(policy: PrivacyPolicy, threshold: int, neighbourhood: int) -> str | None:

@@ -27,7 +27,10 @@ The agent does not take the coordinator's word for what protects the update
 ``PrivacyPolicy``, checks the model digest of every task against the weights it
 came with, binds the model, plan, weight scale, cohort and SCAFFOLD's c into the
 masks' context (``fedge.coordinator.rounds.context_digest``), and reveals the
-shares that unmask a sum holding one update over one survivor set only. A DP-SGD
+shares that unmask a sum holding one update over one survivor set only. An EvalTask's
+plan meets the policy as a TrainTask's does, and for a job this site trained for it
+must be that job's plan (``fedge.agent.guard.plan_digest``, kept per job in
+``job_state``); its metrics leave rounded to ``METRIC_DIGITS`` significant digits. A DP-SGD
 run is charged in the site's privacy ledger, on disk, just before its update can be
 revealed (its masked input, which the other survivors can unmask without it, or a
 plain update), not when training ends.
@@ -66,7 +69,7 @@ from fedge.agent.guard import (
     PrivacyPolicy,
     RevealLog,
     client_dp_cohort,
-    refuse_eval,
+    plan_digest,
     refuse_threshold,
     task_digest,
     update_digest,
@@ -132,6 +135,10 @@ class _Arriving:
 
 
 PROBE_WAIT_S = 0.5  # longest a heartbeat waits for its health probe
+# Significant digits of the evaluation metrics that leave: a loss in float64 turned
+# finite differences of chosen weights into a gradient oracle; 6 digits are more than
+# any report shows, and cost such an oracle a step of about 1e-6 of the loss.
+METRIC_DIGITS = 6
 # How long a health verdict stands when the process names no limit: EligibilityPolicy's
 # default max_report_age_s (fedge.health is not imported where health is disabled).
 HEALTH_MAX_AGE_S = 300.0
@@ -238,6 +245,9 @@ class Agent:
         self.controls = RecentJobs(held_jobs)  # job -> _JobControls, read once a job
         # job -> task_id of the last ControlCommit taken: its TrainTask may train
         self._control_commits = RecentJobs(held_jobs)
+        # job -> plan_digest of the plan its last accepted TrainTask brought: an EvalTask
+        # for that job is run under that plan only (kept in ``job_state`` as well)
+        self._job_plans = RecentJobs(held_jobs)
         self.job_state = job_state
         # The cohort holds only appliances known to be healthy: nothing measured is no
         # verdict, so the heartbeats before the first probe returns say not eligible
@@ -575,6 +585,7 @@ class Agent:
                                "the task's model digest does not match the weights it "
                                "carries", t.task_id)
             return
+        self._keep_job_plan(job, t.plan)
         task = _Task(job, rnd, plan, weights, bytes(t.model_digest), bytes(t.quant_seed),
                      t.task_id, kwargs.get("client_control"), kwargs.get("server_control"),
                      task_digest(job=job, round=rnd, plan=t.plan,
@@ -633,6 +644,30 @@ class Agent:
         await self.send(m.TrainDone(task_id=task.task_id, n_examples=result.n_examples,
                                     metrics=result.metrics, epsilon=result.epsilon),
                         job=job, round=rnd)
+
+    def _keep_job_plan(self, job: str, text: str) -> None:
+        """Remember (in memory and in ``job_state``) that this site trains ``job``
+        under the plan ``text``: its EvalTasks must bring the same plan."""
+        digest = plan_digest(text)
+        if self._job_plans.touch(job) == digest:
+            return
+        self._job_plans.pop(job, None)
+        self._job_plans.hold(job, digest)
+        if self.job_state is not None:
+            try:
+                self.job_state.save(job, "plan", {"digest": np.frombuffer(digest, np.uint8)})
+            except OSError as exc:  # held in memory; a restart would forget it
+                log.error("%s: job %s: its plan's digest not saved: %s", self.site, job, exc)
+
+    def job_plan(self, job: str) -> bytes | None:
+        """``plan_digest`` of the plan this site last trained ``job`` under (from
+        ``job_state`` when it is no longer held in memory), or None: never trained here."""
+        held: bytes | None = self._job_plans.touch(job)
+        if held is None and self.job_state is not None:
+            saved = self.job_state.load(job, "plan").get("digest")
+            if saved is not None and saved.dtype == np.uint8 and saved.size == 32:
+                held = self._job_plans.hold(job, saved.tobytes())
+        return held
 
     def client_control(self, job: str, rnd: int) -> np.ndarray | None:
         """SCAFFOLD's c_i for round ``rnd`` of ``job`` (None: zeros, never moved).
@@ -935,10 +970,20 @@ class Agent:
             return
         assert plan is not None  # only an arriving TrainTask's parse is ever skipped
         # SCAFFOLD's c_i does not move here (module doc: the ControlCommit moves it)
-        # metrics leave without noise: not on the training split under DP, and only on
-        # the split the plan names or the final test (fedge.agent.guard.refuse_eval)
-        refused = (refuse_eval(e.split, plan_split=plan.eval_split, privacy=plan.privacy)
-                   or self._classes_refusal(plan))
+        # metrics leave without noise: the plan meets this site's floor as a TrainTask's
+        # does, the training split is not evaluated under DP (the plan's or the site's),
+        # only the split the plan names or the final test is
+        # (fedge.agent.guard.PrivacyPolicy.refuse_evaluation); and a job this site
+        # trained for is evaluated under that job's plan only, not one the coordinator
+        # writes for the occasion
+        refused = self.policy.refuse_evaluation(e.split, plan_split=plan.eval_split,
+                                                secure=plan.secagg.enabled,
+                                                privacy=plan.privacy)
+        trained_under = None if refused else self.job_plan(job)
+        if trained_under is not None and trained_under != plan_digest(e.plan):
+            refused = (f"the evaluation's plan differs from the plan this site trained job "
+                       f"{job!r} under: a job is evaluated under its own plan only")
+        refused = refused or self._classes_refusal(plan)
         if refused:
             if self._current(job, rnd):
                 self.task = None
@@ -968,5 +1013,12 @@ class Agent:
             await self._refuse(job, rnd, m.TASK_EVAL, f"evaluated {n} examples; an "
                                f"evaluation result needs 0..{m.MAX_EXAMPLES}", e.task_id)
             return
-        await self.send(m.EvalResult(task_id=e.task_id, n_examples=n, metrics=metrics),
-                        job=job, round=rnd)
+        await self.send(m.EvalResult(task_id=e.task_id, n_examples=n,
+                                     metrics=rounded_metrics(metrics)), job=job, round=rnd)
+
+
+def rounded_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """``metrics`` to ``METRIC_DIGITS`` significant digits, as they leave the site
+    (non-finite values as they are)."""
+    return {k: float(f"{v:.{METRIC_DIGITS}g}") if np.isfinite(v) else float(v)
+            for k, v in metrics.items()}

@@ -104,6 +104,10 @@ _TEMP_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789_"  # mkdtemp's, so the sweep
 PENDING = "pending.json"  # `SelfUpdate`: the version on trial and the one before it
 OUTCOME = "outcome.json"  # `SelfUpdate`: the last update's result, not yet reported
 LOCK = ".lock"  # `SlotInstaller.lock`: one change to the slot root at a time
+# `SelfUpdate.preflight`'s default (the agent unit passes no --max-attempts): starts
+# of an unconfirmed slot; the start after them rolls it back. So a broken slot needs
+# TRIAL_STARTS + 1 starts, which the unit's StartLimitBurst must leave room for.
+TRIAL_STARTS = 3
 
 
 class SlotInstaller:
@@ -788,7 +792,7 @@ class SelfUpdate:
        Whichever version runs next reports the outcome (`take_outcome`).
     """
 
-    def __init__(self, root: Path, *, max_attempts: int = 3) -> None:
+    def __init__(self, root: Path, *, max_attempts: int = TRIAL_STARTS) -> None:
         """Raises: ValueError if max_attempts < 1."""
         if max_attempts < 1:
             raise ValueError(f"max_attempts {max_attempts} must be >= 1")
@@ -1091,7 +1095,7 @@ def _main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", type=Path, required=True)
     from fedge.serve.cli import positive_int
 
-    ap.add_argument("--max-attempts", type=positive_int, default=3)
+    ap.add_argument("--max-attempts", type=positive_int, default=TRIAL_STARTS)
     args = ap.parse_args(args_in)
     if args.root.exists() and not args.root.is_dir():
         print(f"fedge.update.ab {args.action}: --root {args.root} is not a directory",

@@ -107,6 +107,7 @@ def _submit(args: argparse.Namespace) -> int:
     if cfg is None:
         return 2
     from fedge.coordinator.plan import PlanError, read_plan_file, with_seed
+    from fedge.coordinator.service import CoordinatorError
 
     try:
         text = with_seed(read_plan_file(args.plan))  # parsed; a seed if none is named
@@ -123,14 +124,36 @@ def _submit(args: argparse.Namespace) -> int:
     if store is None:
         return 2
     try:
+        warnings = _submission_warnings(store, text)
         store.create_job(job_id, text, actor=args.actor)
     except sqlite3.DatabaseError as exc:
         print(f"fedge coordinator submit: {database_error(store.path, exc)}", file=sys.stderr)
         return 2
+    except (CoordinatorError, PlanError) as exc:  # nothing was submitted
+        print(f"fedge coordinator submit: {exc}", file=sys.stderr)
+        return 2
     finally:
         store.close()
-    print(job_id)
+    print(job_id)  # alone on stdout: scripts read the id from it
+    for warning in warnings:  # queued all the same, as `fedge console jobs submit` says
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
+
+
+def _submission_warnings(store: Any, plan_text: str) -> list[str]:
+    """The console's submission checks (fedge.coordinator.service.submission_warnings:
+    a job.name already queued or running, a data set no site declares ...), from the
+    database: each enrolled site heard from with the data sets its last recorded
+    heartbeat declared.
+
+    Raises: CoordinatorError: the plan's data set is declared by none (nothing must be
+        submitted). PlanError: the plan does not parse. sqlite3.DatabaseError."""
+    from fedge.coordinator.plan import parse_plan
+    from fedge.coordinator.service import submission_warnings
+
+    declared = {a.site_id: tuple(a.datasets) for a in store.appliances()
+                if a.status == "enrolled" and a.last_seen is not None}
+    return submission_warnings(store, parse_plan(plan_text), declared)
 
 
 def _enrol(args: argparse.Namespace) -> int:

@@ -467,67 +467,17 @@ class Coordinator:
         return job_id
 
     def submission_warnings(self, plan: Plan) -> list[str]:
-        """What submitting ``plan`` now deserves to be told, from what the enrolled sites
-        declared in their heartbeats to this process (a coordinator just started, not
-        heard from any yet, knows nothing and says nothing).
-
-        A ``job.name`` that a queued or running job already has is taken, with a
-        warning naming that job (two jobs told apart by their ids only).
-
-        A ``privacy.dp.delta`` above the usual 1e-5 is taken with a warning: each site
-        refuses DP-SGD when its training records number 1/δ or more, which the plan
-        check (against ``min_site_examples``, the smallest site) cannot see.
+        """What submitting ``plan`` now deserves to be told (:func:`submission_warnings`),
+        from what the enrolled sites declared in their heartbeats to this process (a
+        coordinator just started, not heard from any yet, knows nothing and says
+        nothing).
 
         Raises:
-            CoordinatorError: no site heard from declares ``job.dataset``, at least
-                ``min_clients`` have declared theirs, and too few enrolled sites are
-                left unheard to make ``min_clients`` even if all of them held it: a job
-                that would wait ``cohort_s`` ×
-                ``max_failed_attempts`` for nothing and block the queue.
+            CoordinatorError: as :func:`submission_warnings`.
         """
-        found: list[str] = []
-        dp = plan.privacy.get("dp")
-        delta = dp.get("delta", 1e-5) if isinstance(dp, dict) else None
-        if isinstance(delta, float) and delta > 1e-5:
-            found.append(f"privacy.dp.delta = {delta:g}: each site refuses DP-SGD when its "
-                         f"training records number 1/delta = {math.ceil(1 / delta)} or "
-                         "more (such a delta allows publishing one of them outright); "
-                         "1e-5 or less suits sites of up to 100000 records")
-        if plan.name:
-            same = [j.job_id for j in self.store.jobs(status="running")
-                    + self.store.jobs(status="queued")
-                    if plan_labels(j.plan_toml)["name"] == plan.name]
-            if same:
-                found.append(f"job.name {plan.name!r} is also the name of {len(same)} "
-                             f"queued or running job(s) ({_names(same)}): tell them apart "
-                             "by their ids")
-        return found + self._dataset_warnings(plan)
-
-    def _dataset_warnings(self, plan: Plan) -> list[str]:
-        """submission_warnings' part on ``job.dataset``; raises as it does."""
-        enrolled = {a.site_id for a in self.store.appliances() if a.status == "enrolled"}
-        known = {s: c.datasets for s, c in self.conns.items()
-                 if s in enrolled and c.datasets is not None}
-        if not known:
-            return []
-        holders = sorted(s for s, ds in known.items() if plan.dataset in ds)
-        if not holders and len(known) >= plan.min_clients \
-                and len(enrolled) - len(known) < plan.min_clients:
-            raise CoordinatorError(
-                f"plan field job.dataset = {plan.dataset!r}: no enrolled site declares "
-                f"this data set; the {len(known)} site(s) heard from declare "
-                f"{_declared(known)}, and the {len(enrolled) - len(known)} not heard "
-                f"from yet could not make job.min_clients = {plan.min_clients} even if "
-                "they all held it. Nothing was submitted")
-        if len(holders) >= plan.min_clients:
-            return []
-        who = f" ({_names(holders)})" if holders else ""
-        return [f"job.dataset {plan.dataset!r} is declared by {len(holders)} of the "
-                f"{len(known)} site(s) heard from{who}, fewer than job.min_clients = "
-                f"{plan.min_clients} ({len(enrolled) - len(known)} enrolled site(s) not "
-                "heard from yet): unless more sites holding it connect, its rounds wait "
-                f"for a cohort and the job fails after {plan.max_failed_attempts} "
-                f"attempt(s) of {plan.deadlines.cohort_s:g} s"]
+        return submission_warnings(
+            self.store, plan, {s: c.datasets for s, c in self.conns.items()
+                               if c.datasets is not None})
 
     def list_jobs(self) -> list[dict[str, Any]]:
         """Every job's record, with its plan's ``name``, ``dataset`` and ``model``
@@ -1410,6 +1360,74 @@ class Coordinator:
                 throttle.close(now)
         finally:
             self.store.close()
+
+
+def submission_warnings(store: Store, plan: Plan,
+                        declared: dict[str, tuple[str, ...]]) -> list[str]:
+    """What submitting ``plan`` deserves to be told, from ``store``'s jobs and from
+    ``declared``: each site heard from, with the data sets it declared (the running
+    coordinator: the heartbeats to this process, :meth:`Coordinator.submission_warnings`;
+    ``fedge coordinator submit``: the ``appliances`` table, as last recorded). Sites
+    not enrolled in ``store`` are not counted. The console and the direct CLI say the
+    same, in the same words.
+
+    A ``job.name`` that a queued or running job already has is taken, with a warning
+    naming that job (two jobs told apart by their ids only).
+
+    A ``privacy.dp.delta`` above the usual 1e-5 is taken with a warning: each site
+    refuses DP-SGD when its training records number 1/δ or more, which the plan check
+    (against ``min_site_examples``, the smallest site) cannot see.
+
+    Raises:
+        CoordinatorError: no site heard from declares ``job.dataset``, at least
+            ``min_clients`` have declared theirs, and too few enrolled sites are left
+            unheard to make ``min_clients`` even if all of them held it: a job that
+            would wait ``cohort_s`` × ``max_failed_attempts`` for nothing and block the
+            queue.
+    """
+    found: list[str] = []
+    dp = plan.privacy.get("dp")
+    delta = dp.get("delta", 1e-5) if isinstance(dp, dict) else None
+    if isinstance(delta, float) and delta > 1e-5:
+        found.append(f"privacy.dp.delta = {delta:g}: each site refuses DP-SGD when its "
+                     f"training records number 1/delta = {math.ceil(1 / delta)} or "
+                     "more (such a delta allows publishing one of them outright); "
+                     "1e-5 or less suits sites of up to 100000 records")
+    if plan.name:
+        same = [j.job_id for j in store.jobs(status="running") + store.jobs(status="queued")
+                if plan_labels(j.plan_toml)["name"] == plan.name]
+        if same:
+            found.append(f"job.name {plan.name!r} is also the name of {len(same)} "
+                         f"queued or running job(s) ({_names(same)}): tell them apart "
+                         "by their ids")
+    return found + _dataset_warnings(store, plan, declared)
+
+
+def _dataset_warnings(store: Store, plan: Plan,
+                      declared: dict[str, tuple[str, ...]]) -> list[str]:
+    """submission_warnings' part on ``job.dataset``; raises as it does."""
+    enrolled = {a.site_id for a in store.appliances() if a.status == "enrolled"}
+    known = {s: tuple(ds) for s, ds in declared.items() if s in enrolled}
+    if not known:
+        return []
+    holders = sorted(s for s, ds in known.items() if plan.dataset in ds)
+    if not holders and len(known) >= plan.min_clients \
+            and len(enrolled) - len(known) < plan.min_clients:
+        raise CoordinatorError(
+            f"plan field job.dataset = {plan.dataset!r}: no enrolled site declares "
+            f"this data set; the {len(known)} site(s) heard from declare "
+            f"{_declared(known)}, and the {len(enrolled) - len(known)} not heard "
+            f"from yet could not make job.min_clients = {plan.min_clients} even if "
+            "they all held it. Nothing was submitted")
+    if len(holders) >= plan.min_clients:
+        return []
+    who = f" ({_names(holders)})" if holders else ""
+    return [f"job.dataset {plan.dataset!r} is declared by {len(holders)} of the "
+            f"{len(known)} site(s) heard from{who}, fewer than job.min_clients = "
+            f"{plan.min_clients} ({len(enrolled) - len(known)} enrolled site(s) not "
+            "heard from yet): unless more sites holding it connect, its rounds wait "
+            f"for a cohort and the job fails after {plan.max_failed_attempts} "
+            f"attempt(s) of {plan.deadlines.cohort_s:g} s"]
 
 
 # What the owner of a seeded plan re-run over another set of sites must do: each site

@@ -7,6 +7,13 @@ whether a round is secure, so none of those can be trusted to protect the site:
 - `PrivacyPolicy` (agent.toml ``[privacy]``): the hospital's own floor. By default a
   plan without secure aggregation is refused, and so is an aggregation cohort
   smaller than ``min_cohort``.
+- The DP floor: under ``require_dp`` a plan needs DP noise, and a run whose ε would
+  be unbounded never leaves; ``min_noise_multiplier``, ``max_epsilon`` (per job) and
+  ``max_epsilon_total`` (the whole ledger) are the hospital's own numbers. The plan
+  is checked when its task comes (`PrivacyPolicy.refuse_plan`, to spare the site a
+  training it would not release), and the site's own privacy ledger when the run is
+  charged, just before its update can leave (`PrivacyPolicy.refuse_release`): the
+  coordinator writes the plan's noise and target, the ledger is the site's.
 - `RevealLog`: an update is summed for the coordinator over one survivor set only.
   Training is deterministic under the coordinator's seeds, so a coordinator could
   ask for the same update twice (the same task again, the same round re-sent, the
@@ -47,7 +54,8 @@ from fedge.update.files import write_atomic
 log = logging.getLogger("fedge.agent")
 
 __all__ = ["PrivacyPolicy", "PrivacyPolicyError", "RevealLog", "RevealLogError",
-           "has_dp_noise", "plain_client_dp_refusal", "plan_digest", "refuse_eval",
+           "has_dp_noise", "plain_client_dp_refusal", "plan_digest", "plan_epsilon",
+           "refuse_eval",
            "refuse_threshold", "update_digest"]
 
 
@@ -79,14 +87,29 @@ class PrivacyPolicy:
 
     Whatever the policy, DP-FedAvg noise sized for a cohort (``client_dp.cohort_size``
     > 1) never goes to a plain aggregation (`plain_client_dp_refusal`).
+
+    The DP floor beyond ``require_dp`` ("some noise"): ``min_noise_multiplier``
+    (default 0): refuse a plan whose DP-SGD noise multiplier (or, without DP-SGD,
+    DP-FedAvg's) is below it. ``max_epsilon``: refuse to release an update that
+    would take its job's ε at this site above it; ``max_epsilon_total``: likewise for
+    the ε of every job this site's ledger holds. Both are measured at δ =
+    ``budget_delta`` (default 1e-5), from the site's own ledger when the run is
+    charged, and a plan without DP noise is refused under either (its ε is
+    unbounded). Under ``require_dp`` a run whose job ε would be unbounded is never
+    released, caps or not.
     """
 
     require_secure_aggregation: bool = True
     min_cohort: int = 2
     require_dp: bool = False
     max_colluders: int = 0
+    min_noise_multiplier: float = 0.0
+    max_epsilon: float | None = None
+    max_epsilon_total: float | None = None
+    budget_delta: float = 1e-5
 
-    KEYS = ("require_secure_aggregation", "min_cohort", "require_dp", "max_colluders")
+    KEYS = ("require_secure_aggregation", "min_cohort", "require_dp", "max_colluders",
+            "min_noise_multiplier", "max_epsilon", "max_epsilon_total", "budget_delta")
 
     def __post_init__(self) -> None:
         if not isinstance(self.require_secure_aggregation, bool):
@@ -102,6 +125,36 @@ class PrivacyPolicy:
         f = self.max_colluders
         if isinstance(f, bool) or not isinstance(f, int) or f < 0:
             raise PrivacyPolicyError(f"privacy.max_colluders = {f!r} must be an integer >= 0")
+        z = self.min_noise_multiplier
+        if not _number(z) or z < 0:
+            raise PrivacyPolicyError(f"privacy.min_noise_multiplier = {z!r} must be a "
+                                     "number >= 0")
+        object.__setattr__(self, "min_noise_multiplier", float(z))
+        for name in ("max_epsilon", "max_epsilon_total"):
+            cap = getattr(self, name)
+            if cap is None:
+                continue
+            if not _number(cap) or cap <= 0:
+                raise PrivacyPolicyError(f"privacy.{name} = {cap!r} must be a number > 0 "
+                                         "(or left out: no cap)")
+            object.__setattr__(self, name, float(cap))
+        d = self.budget_delta
+        if not _number(d) or not 0 < d < 1:
+            raise PrivacyPolicyError(f"privacy.budget_delta = {d!r} must be a number in "
+                                     "(0, 1)")
+        object.__setattr__(self, "budget_delta", float(d))
+
+    @property
+    def caps(self) -> list[tuple[str, float]]:
+        """The ε caps set, as (setting, value)."""
+        return [(name, cap) for name, cap in (("max_epsilon", self.max_epsilon),
+                                              ("max_epsilon_total", self.max_epsilon_total))
+                if cap is not None]
+
+    @property
+    def checks_release(self) -> bool:
+        """Whether a DP run is checked against the ledger before it is charged."""
+        return self.require_dp or bool(self.caps)
 
     @classmethod
     def from_config(cls, table: Mapping[str, Any]) -> PrivacyPolicy:
@@ -114,12 +167,15 @@ class PrivacyPolicy:
                                      f"{', '.join(cls.KEYS)}")
         return cls(**dict(table))
 
-    def refuse_plan(self, secure: bool, privacy: Mapping[str, Any] | None = None) -> str | None:
+    def refuse_plan(self, secure: bool, privacy: Mapping[str, Any] | None = None, *,
+                    rounds: int | None = None) -> str | None:
         """Why a plan is refused, or None. ``secure``: the plan's ``[secagg] enabled``;
-        ``privacy``: its ``[privacy]`` table.
+        ``privacy``: its ``[privacy]`` table; ``rounds``: its ``job.rounds``.
 
         ``require_dp`` counts a ``dp`` or ``client_dp`` table as DP only when its
-        ``noise_multiplier`` is a number > 0 (`has_dp_noise`). Whatever the policy, a
+        ``noise_multiplier`` is a number > 0 (`has_dp_noise`). The DP floor
+        (`_refuse_plan_budget`): the noise against ``min_noise_multiplier``, and the ε
+        the plan itself allows or implies against the caps. Whatever the policy, a
         plan without secure aggregation whose ``client_dp`` noise is sized for a
         cohort (cohort_size > 1) is refused (`plain_client_dp_refusal`)."""
         privacy = {} if privacy is None else privacy
@@ -133,12 +189,79 @@ class PrivacyPolicy:
             return ("this appliance requires differential privacy ([privacy] require_dp in "
                     "its agent.toml) and the plan has neither privacy.dp nor "
                     "privacy.client_dp with a noise_multiplier > 0")
+        refused = self._refuse_plan_budget(privacy, rounds)
+        if refused:
+            return refused
         if not secure:
             return plain_client_dp_refusal(client_dp_cohort(privacy))
         return None
 
+    def _refuse_plan_budget(self, privacy: Mapping[str, Any],
+                            rounds: int | None) -> str | None:
+        """Why a plan breaks the DP floor, as far as the plan alone tells, or None:
+        its noise below ``min_noise_multiplier``; no DP noise under an ε cap; or the
+        ε it allows (DP-SGD's ``target_epsilon``, when measured at a δ no smaller
+        than ``budget_delta``) or implies (DP-FedAvg over its ``rounds``) above a cap,
+        or unbounded under ``require_dp``. DP-SGD's ε depends on this site's data,
+        and the ledger holds other runs: both are checked when the run is charged
+        (`refuse_release`)."""
+        table = "dp" if isinstance(privacy.get("dp"), Mapping) else (
+            "client_dp" if isinstance(privacy.get("client_dp"), Mapping) else None)
+        if table is not None and self.min_noise_multiplier > 0:
+            z = privacy[table].get("noise_multiplier")
+            if not _number(z) or not z >= self.min_noise_multiplier:
+                return (f"the plan's privacy.{table}.noise_multiplier {z!r} is below this "
+                        f"appliance's [privacy] min_noise_multiplier = "
+                        f"{self.min_noise_multiplier:g}")
+        if not self.checks_release:
+            return None
+        if self.caps and not has_dp_noise(privacy):
+            name, cap = self.caps[0]
+            return (f"this appliance caps epsilon ([privacy] {name} = {cap:g} in its "
+                    "agent.toml) and the plan has no DP noise (neither privacy.dp nor "
+                    "privacy.client_dp with a noise_multiplier > 0): its epsilon is "
+                    "unbounded")
+        expected = plan_epsilon(privacy, rounds=rounds, delta=self.budget_delta)
+        if expected is None:
+            return None
+        epsilon, what = expected
+        if self.require_dp and not math.isfinite(epsilon):
+            return (f"this appliance requires differential privacy ([privacy] require_dp "
+                    f"in its agent.toml) and the plan's {what} is unbounded at delta "
+                    f"{self.budget_delta:g}: its noise is too small to bound anything")
+        for name, cap in self.caps:
+            if epsilon > cap:
+                return (f"the plan's {what} is {epsilon:.4g} (delta "
+                        f"{self.budget_delta:g}), above this appliance's [privacy] "
+                        f"{name} = {cap:g}")
+        return None
+
+    def refuse_release(self, *, job: str, job_epsilon: float,
+                       total_epsilon: float | None = None) -> str | None:
+        """Why a DP run may not be charged and its update released, or None:
+        ``job_epsilon`` and ``total_epsilon`` are the ε (at ``budget_delta``) this
+        site's ledger would hold with the run, for its job ``job`` and for every job
+        (None: not computed, when ``max_epsilon_total`` is not set)."""
+        delta = self.budget_delta
+        if self.require_dp and not math.isfinite(job_epsilon):
+            return (f"this appliance requires differential privacy ([privacy] require_dp "
+                    f"in its agent.toml) and releasing this update would leave job "
+                    f"{job!r}'s epsilon unbounded (delta {delta:g}): its noise is too "
+                    "small to bound anything")
+        if self.max_epsilon is not None and job_epsilon > self.max_epsilon:
+            return (f"releasing this update would take job {job!r}'s epsilon at this site "
+                    f"to {job_epsilon:.4g} (delta {delta:g}), above this appliance's "
+                    f"[privacy] max_epsilon = {self.max_epsilon:g}")
+        cap = self.max_epsilon_total
+        if cap is not None and (total_epsilon is None or total_epsilon > cap):
+            shown = "unknown" if total_epsilon is None else f"{total_epsilon:.4g}"
+            return (f"releasing this update would take this site's epsilon over every job "
+                    f"in its privacy ledger to {shown} (delta {delta:g}), above this "
+                    f"appliance's [privacy] max_epsilon_total = {cap:g}")
+        return None
+
     def refuse_evaluation(self, split: str, *, plan_split: str, secure: bool,
-                          privacy: Mapping[str, Any]) -> str | None:
+                          privacy: Mapping[str, Any], rounds: int | None = None) -> str | None:
         """Why an EvalTask on ``split`` is refused under a plan (its ``job.eval_split``
         ``plan_split``, ``[secagg] enabled`` ``secure``, ``[privacy]`` table
         ``privacy``), or None.
@@ -148,7 +271,7 @@ class PrivacyPolicy:
         (`refuse_plan`). Under ``require_dp`` the training split is never evaluated,
         whatever the plan says: its metrics would leave without noise, outside any ε,
         about the very records DP protects. Then `refuse_eval`'s rules."""
-        refused = self.refuse_plan(secure, privacy)
+        refused = self.refuse_plan(secure, privacy, rounds=rounds)
         if refused:
             return f"evaluation under this plan refused: {refused}"
         if self.require_dp and split == "train":
@@ -180,6 +303,41 @@ class PrivacyPolicy:
                     f"aggregation has {cohort} sites: the sum would carry less noise than "
                     "the plan's epsilon assumes")
         return None
+
+
+def _number(x: Any) -> bool:
+    """A finite int or float, not a bool."""
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def plan_epsilon(privacy: Mapping[str, Any], *, rounds: int | None,
+                 delta: float) -> tuple[float, str] | None:
+    """The ε a plan's ``[privacy]`` table lets its job spend at a site, at ``delta``,
+    as far as the plan alone tells, with what it is; None when it does not tell.
+
+    DP-SGD (``dp``): its ``target_epsilon``, when the plan measures it at a δ no
+    smaller than ``delta`` (then ε at ``delta`` may reach it); its actual ε depends on
+    the site's record count. DP-FedAvg (``client_dp`` alone): the client-level ε of
+    ``rounds`` releases (`fedge.train.accounting.client_epsilon_for`), unbounded
+    without noise."""
+    dp = privacy.get("dp")
+    if isinstance(dp, Mapping):
+        target, plan_delta = dp.get("target_epsilon"), dp.get("delta", 1e-5)
+        if _number(target) and _number(plan_delta) and delta <= plan_delta:
+            return float(target), (f"privacy.dp.target_epsilon (at its delta "
+                                   f"{plan_delta:g})")
+        return None
+    client_dp = privacy.get("client_dp")
+    if not isinstance(client_dp, Mapping) or isinstance(rounds, bool) \
+            or not isinstance(rounds, int) or rounds < 1:
+        return None
+    z = client_dp.get("noise_multiplier")
+    what = f"DP-FedAvg epsilon over its {rounds} round(s)"
+    if not _number(z) or z <= 0:
+        return math.inf, what
+    from fedge.train.accounting import client_epsilon_for
+
+    return client_epsilon_for(noise_multiplier=float(z), rounds=rounds, delta=delta), what
 
 
 def has_dp_noise(privacy: Mapping[str, Any]) -> bool:

@@ -33,7 +33,10 @@ must be that job's plan (``fedge.agent.guard.plan_digest``, kept per job in
 ``job_state``); its metrics leave rounded to ``METRIC_DIGITS`` significant digits. A DP-SGD
 run is charged in the site's privacy ledger, on disk, just before its update can be
 revealed (its masked input, which the other survivors can unmask without it, or a
-plain update), not when training ends.
+plain update), not when training ends; and not at all, the update withheld, when the
+ε the ledger would then hold breaks the site's DP floor (``PrivacyPolicy.
+refuse_release``: unbounded under ``require_dp``, above ``max_epsilon`` or
+``max_epsilon_total``).
 
 SCAFFOLD: the server's c stays the example-weighted mean of the sites' c_i
 (fedge.coordinator.strategies) only if each c_i moves by exactly the Δc_i that
@@ -87,6 +90,7 @@ from fedge.coordinator.checkpoint import model_digest
 from fedge.coordinator.plan import Plan, PlanError, parse_plan
 from fedge.coordinator.rounds import SECAGG_PROTOCOL, context_digest
 from fedge.coordinator.secure import secagg_config
+from fedge.train.accounting import ledger_run
 from fedge.update.ab import running_version  # the slot the launcher runs, else fedge's
 from fedge.wire import codec
 from fedge.wire import messages as m
@@ -545,7 +549,8 @@ class Agent:
             log.info("%s: task %s for %s/%d dropped: its round was aborted while its plan "
                      "was read", self.site, codec.short(t.task_id, 80), job, rnd)
             return
-        refused = (self.policy.refuse_plan(plan.secagg.enabled, plan.privacy)
+        refused = (self.policy.refuse_plan(plan.secagg.enabled, plan.privacy,
+                                           rounds=plan.rounds)
                    or self._classes_refusal(plan))
         if refused:
             await self._refuse(job, rnd, m.TASK_TRAIN, refused, t.task_id)
@@ -878,15 +883,33 @@ class Agent:
             return
         self._set_busy(f"secagg {job} round {rnd}")
 
-    @staticmethod
-    def _release_privacy(task: _Task) -> str:
+    def _release_privacy(self, task: _Task) -> str:
         """Charge the task's DP run in the site's privacy ledger, on disk, before its
         update can be revealed (``LocalResult.release_privacy``); '' when done or when
-        there is nothing to charge, else why it failed (then the update may not leave:
-        the run stays pending)."""
+        there is nothing to charge, else why it was refused or failed (then the update
+        may not leave: the run stays pending, uncounted).
+
+        Refused when the ε the ledger would hold with this run, for its job and over
+        every job, breaks the site's floor (``PrivacyPolicy.refuse_release``): the
+        plan's noise and target are the coordinator's word, the ledger is the site's."""
         assert task.local is not None
-        if task.local.release_privacy is None:
+        release = task.local.release_privacy
+        if release is None:
             return ""
+        if self.policy.checks_release:
+            run = ledger_run(release)
+            if run is None:  # a trainer whose runs this agent cannot look up
+                return ("this appliance's [privacy] DP floor (require_dp, max_epsilon, "
+                        "max_epsilon_total) cannot be checked: the trainer's run is not in "
+                        "a privacy ledger this agent can read")
+            ledger, key = run
+            job_epsilon, total_epsilon = ledger.epsilon_if_released(
+                key, self.policy.budget_delta,
+                total=self.policy.max_epsilon_total is not None)
+            refused = self.policy.refuse_release(job=key[0], job_epsilon=job_epsilon,
+                                                 total_epsilon=total_epsilon)
+            if refused:
+                return refused
         try:
             task.local.release_privacy()
         except OSError as exc:
@@ -978,7 +1001,7 @@ class Agent:
         # writes for the occasion
         refused = self.policy.refuse_evaluation(e.split, plan_split=plan.eval_split,
                                                 secure=plan.secagg.enabled,
-                                                privacy=plan.privacy)
+                                                privacy=plan.privacy, rounds=plan.rounds)
         trained_under = None if refused else self.job_plan(job)
         if trained_under is not None and trained_under != plan_digest(e.plan):
             refused = (f"the evaluation's plan differs from the plan this site trained job "

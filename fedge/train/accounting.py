@@ -46,6 +46,7 @@ __all__ = [
     "check_dp_plan",
     "client_epsilon_for",
     "epsilon_for",
+    "ledger_run",
 ]
 
 
@@ -571,6 +572,22 @@ class PrivacyLedger:
             return 0.0
         return _composed_epsilon(tuple(sorted(chosen)), float(delta))
 
+    def epsilon_if_released(self, key: EntryKey, delta: float, *,
+                            total: bool = True) -> tuple[float, float | None]:
+        """(ε of the entry ``key``'s job, ε of every job) at ``delta`` as they would
+        stand once ``key`` is released, whether it is yet or not: what a site checks
+        against its caps before it charges a run. The second is None unless ``total``.
+
+        Raises:
+            KeyError: no entry has that key.
+            ValueError: delta outside (0, 1).
+        """
+        with self._lock:
+            run = dict(self._find(key))
+            job = self.epsilon(delta, job=run["job"], including=run)
+            every = self.epsilon(delta, including=run) if total else None
+        return job, every
+
     def entry(self, key: EntryKey) -> dict[str, Any]:
         """A copy of the entry ``key``.
 
@@ -668,6 +685,22 @@ class PrivacyLedger:
             return cls.from_dict(data)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"privacy ledger {target}: not a valid ledger: {exc}") from exc
+
+
+def ledger_run(release: Any) -> tuple[PrivacyLedger, EntryKey] | None:
+    """The ledger and the entry a run's ``release`` charges, when it is
+    ``functools.partial(ledger.release, key, ...)`` (as ``fedge.agent.trainer``'s
+    ``LocalResult.release_privacy`` is); None for any other callable."""
+    if not isinstance(release, functools.partial) or len(release.args) != 1:
+        return None
+    ledger = getattr(release.func, "__self__", None)
+    if not isinstance(ledger, PrivacyLedger) \
+            or getattr(release.func, "__func__", None) is not PrivacyLedger.release:
+        return None
+    key = release.args[0]
+    if not isinstance(key, tuple) or len(key) != 3:
+        return None
+    return ledger, key
 
 
 def check_dp_plan(

@@ -418,6 +418,8 @@ class Round:
     test_evals: dict[str, m.EvalResult] = field(default_factory=dict)
     test_missing: dict[str, str] = field(default_factory=dict)
     rejected: list[tuple[str, str]] = field(default_factory=list)
+    # cohort sites the driver took out of the round (:meth:`withdraw`), and why
+    withdrawn: dict[str, str] = field(default_factory=dict)
     task_id: str = field(default_factory=lambda: secrets.token_hex(8))
     # (phase, time entered) as observed by the driver; for logs and benchmarks
     phase_log: list[tuple[str, float]] = field(default_factory=list)
@@ -558,6 +560,9 @@ class Round:
         """
         if sender not in self.cohort:
             return self._reject(sender, f"{sender} is not in the cohort of round {self.round}")
+        if sender in self.withdrawn:
+            return self._reject(sender, f"{sender} was dropped from round {self.round}: "
+                                f"{self.withdrawn[sender]}")
         task_id = getattr(body, "task_id", self.task_id)
         if task_id == self.test_task_id and self.final_test \
                 and self.phase is Phase.EVALUATING:
@@ -649,7 +654,14 @@ class Round:
             return self._end_training(now)
         if self.phase is Phase.AGGREGATING:
             assert self._aggregation is not None
-            return self._aggregated(self._aggregation.tick(now), now)
+            out: Outgoing = []
+            for site in self.withdrawn:
+                # one that had answered the stage it was withdrawn in stays out of the next
+                if site in self._agg_cohort and self.phase is Phase.AGGREGATING:
+                    out += self._aggregated(self._aggregation.refused(site, now), now)
+            if self.phase is not Phase.AGGREGATING:
+                return out
+            return out + self._aggregated(self._aggregation.tick(now), now)
         if self.phase is Phase.EVALUATING and now >= self._deadline:
             for s in self._eval_cohort():
                 if s not in self.evals:
@@ -696,6 +708,37 @@ class Round:
                 self.test_missing.setdefault(site, "connection lost during the final test")
             self._done_if_evaluated()
         return []
+
+    def withdraw(self, site: str, reason: str, now: float) -> Outgoing:
+        """Take cohort site ``site`` out of the round now, as lost, for ``reason`` (its
+        connection is contested: two machines answer for it, and neither can be counted
+        on): the round goes on with the others at once, not at a deadline, where
+        ``min_clients`` (training) or the threshold t (secure aggregation) allows. Its
+        messages are refused from now on; a train result it already gave is not used;
+        in secure aggregation it is dropped at its current stage (one that answered
+        that stage, at the next); a survivor is no longer waited for in evaluation."""
+        if site not in self.cohort or self.finished or site in self.withdrawn:
+            return []
+        self.withdrawn[site] = reason
+        out: Outgoing = [(site, m.RoundAbort(f"dropped from round {self.round}: {reason}"))]
+        if self.phase is Phase.TRAINING:
+            self.trained.pop(site, None)
+            self.refused[site] = reason
+            return out + self._answered_training(now)
+        if self.phase is Phase.AGGREGATING:
+            assert self._aggregation is not None
+            if site not in self._agg_cohort:
+                return out
+            self.refused.setdefault(site, reason)
+            return out + self._aggregated(self._aggregation.refused(site, now), now)
+        if self.phase is Phase.EVALUATING and site in self._eval_cohort():
+            if site not in self.evals:
+                self.evals[site] = m.EvalResult(self.task_id, 0, {})
+                self.eval_missing.setdefault(site, reason)
+            if self.final_test and site not in self.test_evals:
+                self.test_missing.setdefault(site, reason)
+            self._done_if_evaluated()
+        return out
 
     def abort(self, reason: str) -> Outgoing:
         """Abandon the round (job cancelled, coordinator stopping)."""

@@ -133,6 +133,11 @@ REFUSAL_KEYS = 1024
 # as contested in the fleet view (two machines holding one appliance's keys).
 SUPERSEDED_WINDOW_S = 600.0
 CONTESTED_TIMES = 3
+# A contested site is taken out of the round in flight at once (as lost) and kept out
+# of new cohorts until its key has not replaced its own connection for this long: the
+# two machines answering for it fight many times a second, and one agent restarting
+# reconnects once.
+CONTEST_QUIET_S = 60.0
 
 
 class CoordinatorError(Exception):
@@ -432,6 +437,36 @@ class Coordinator:
                             "%s", site, new_address, old_address)
         except (StoreError, sqlite3.Error) as exc:
             self._not_written(f"connection_superseded of {site}", exc)
+        contest = self.contested(site, now)
+        rnd = self.runner.round if self.runner is not None else None
+        if contest is None or rnd is None or site not in rnd.cohort or rnd.finished \
+                or site in rnd.withdrawn:
+            return
+        reason = contest_reason(contest)
+        log.warning("job %s round %d: %s is dropped from the round as lost: %s", rnd.job_id,
+                    rnd.round, site, reason)
+        try:
+            self.store.audit(SYSTEM, "contested_site_dropped",
+                             {"job": rnd.job_id, "round": rnd.round, "site": site,
+                              "reason": reason})
+        except (StoreError, sqlite3.Error) as exc:
+            self._not_written(f"contested_site_dropped of {site}", exc)
+        self._emit(rnd, rnd.withdraw(site, reason, now))
+        try:
+            self._after(now)
+        except (StoreError, sqlite3.OperationalError) as exc:  # the next tick records it
+            self._not_written(f"the end of job {rnd.job_id} round {rnd.round}", exc)
+
+    def contested_out(self, now: float) -> dict[str, str]:
+        """Each site kept out of new cohorts because its connection is contested and its
+        key replaced its own connection within the last CONTEST_QUIET_S, and why."""
+        out = {}
+        for site, (times, _) in self._superseded.items():
+            contest = self.contested(site, now)
+            if contest is not None and times and now - times[-1] < CONTEST_QUIET_S:
+                out[site] = (f"{contest_reason(contest)}; left out of new rounds until it "
+                             f"stops for {CONTEST_QUIET_S:g} s")
+        return out
 
     def contested(self, site: str, now: float) -> dict[str, Any] | None:
         """``{"times", "addresses"}`` when ``site``'s key replaced its own connection at
@@ -526,6 +561,15 @@ class Coordinator:
                           "after": runner.retry_after}
         if runner is not None and runner.job_id == job_id and runner.sidelined:
             d["sidelined"] = dict(sorted(runner.sidelined.items()))
+        if runner is not None and runner.job_id == job_id:
+            # sites whose keys two machines share: dropped from the round in flight, or
+            # kept out of new ones, each with why
+            contested = self.contested_out(self.clock())
+            if runner.round is not None:
+                contested.update({s: f"dropped from round {runner.round.round}: {why}"
+                                  for s, why in runner.round.withdrawn.items()})
+            if contested:
+                d["contested"] = dict(sorted(contested.items()))
         if self.runner is not None and self.runner.job_id == job_id \
                 and self.runner.commit_error:
             d["commit_error"] = self.runner.commit_error  # the round is done, not committed
@@ -961,7 +1005,8 @@ class Coordinator:
         if rnd.phase is Phase.WAITING_COHORT:
             sel = select_cohort(
                 self.store.appliances(), connected=self.connected_sites(now),
-                dataset=runner.plan.dataset, sidelined=runner.sidelined,
+                dataset=runner.plan.dataset,
+                sidelined={**runner.sidelined, **self.contested_out(now)},
                 protocols={s: c.secagg_protocol for s, c in self.conns.items()},
                 secure_protocol=SECAGG_PROTOCOL if runner.plan.secagg.enabled else None,
                 dp=any(runner.plan.privacy.get(k) is not None for k in ("dp", "client_dp")),
@@ -1360,6 +1405,13 @@ class Coordinator:
                 throttle.close(now)
         finally:
             self.store.close()
+
+
+def contest_reason(contest: dict[str, Any]) -> str:
+    """Why a contested site (:meth:`Coordinator.contested`) is dropped or left out."""
+    where = ", ".join(str(a) for a in contest.get("addresses", [])) or "?"
+    return (f"contested: {contest.get('times', '?')} reconnects from {where} — two "
+            "appliances share this site's keys?")
 
 
 def submission_warnings(store: Store, plan: Plan,

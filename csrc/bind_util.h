@@ -63,6 +63,15 @@ Vec<T> vec_arg(const py::buffer& b, const char* name, bool writable) {
     throw py::value_error(std::string(name) + " must be C-contiguous (stride " +
                           std::to_string(v.info.strides[0]) + " bytes)");
   }
+  // The kernels load and store whole T elements: an address that is no
+  // multiple of alignof(T) (np.frombuffer(..., offset=1) makes one) is
+  // undefined behaviour even where x86 happens to tolerate it. An empty buffer
+  // is never read, and numpy calls it aligned.
+  if (v.info.shape[0] > 0 && reinterpret_cast<uintptr_t>(v.info.ptr) % alignof(T) != 0) {
+    throw py::value_error(std::string(name) + " is not aligned: its address is not a multiple of " +
+                          std::to_string(alignof(T)) + " bytes, as a " + dtype_name<T>() +
+                          " buffer's must be; pass an aligned copy (numpy.array(" + name + "))");
+  }
   if (writable && v.info.readonly) {
     throw py::value_error(std::string(name) + " is read-only but is written in place");
   }

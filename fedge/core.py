@@ -2,7 +2,7 @@
 
 Every function checks its inputs here, naming the argument, the value and the
 rule it broke, and then calls one C++ function that releases the GIL. Arrays
-are 1-D and C-contiguous with an exact dtype: a wrong one raises instead of
+are 1-D, C-contiguous and aligned, with an exact dtype: a wrong one raises instead of
 being converted, so an array written in place is never silently copied.
 
 CPU torch tensors are accepted where an array is (as their `.numpy()` view).
@@ -142,7 +142,8 @@ def _array(obj: object, name: str, dtype: type, *, writable: bool = False) -> np
     Raises:
         TypeError: not an array (or CPU tensor numpy can view), the wrong
             dtype, or a written tensor that requires grad under grad mode.
-        ValueError: not 1-D, not C-contiguous, or read-only when written.
+        ValueError: not 1-D, not C-contiguous, misaligned, or read-only when
+            written.
     """
     if _is_torch_tensor(obj):
         if obj.is_cuda:  # type: ignore[attr-defined]
@@ -167,6 +168,13 @@ def _array(obj: object, name: str, dtype: type, *, writable: bool = False) -> np
         raise ValueError(f"{name} must be 1-D, got shape {obj.shape}")
     if not obj.flags.c_contiguous:
         raise ValueError(f"{name} must be C-contiguous (strides {obj.strides})")
+    if not obj.flags.aligned:
+        # The kernels load and store whole elements: a misaligned address
+        # (np.frombuffer(..., offset=1) makes one) is undefined behaviour in C++.
+        raise ValueError(
+            f"{name} is not aligned: its address is not a multiple of {obj.itemsize} bytes, "
+            f"as a {want.name} array's must be; pass an aligned copy (numpy.array({name}))"
+        )
     if writable and not obj.flags.writeable:
         raise ValueError(f"{name} is read-only but is written in place")
     return obj
@@ -469,8 +477,9 @@ def quantise(
         TypeError: x not float32, out not uint32 (or not on x's device, or a
             tensor that requires grad under grad mode), seed not bytes.
         ValueError: x not 1-D/contiguous or holding NaN/Inf; out of another
-            length, not contiguous, read-only or overlapping x; clip not a
-            finite number > 0; bits outside [1, 31]; seed not 16 bytes.
+            length, not contiguous, misaligned, read-only or overlapping x;
+            clip not a finite number > 0; bits outside [1, 31]; seed not 16
+            bytes.
     """
     c = _float(clip, "clip", positive=True)
     b = _int(bits, "bits", minimum=1, maximum=31)
@@ -533,8 +542,9 @@ def dequantise(total: Any, *, n_summands: int, clip: float, bits: int) -> Any:
 
     Raises:
         TypeError: total not uint32.
-        ValueError: total not 1-D/contiguous; n_summands < 1 or too large for
-            `bits` (the sum could have wrapped); clip or bits out of range.
+        ValueError: total not 1-D/contiguous/aligned; n_summands < 1 or too
+            large for `bits` (the sum could have wrapped); clip or bits out of
+            range.
     """
     n = _int(n_summands, "n_summands", minimum=1)
     c = _float(clip, "clip", positive=True)

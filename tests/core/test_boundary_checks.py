@@ -1,0 +1,118 @@
+"""What the core refuses at its boundary, in fedge.core and again in the binding.
+
+fedge.core checks every argument before the compiled core sees it, so each
+rule is also tested on `fedge._core` directly: the binding is the last line in
+front of C++ kernels that would otherwise run into undefined behaviour.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from fedge import _core, core
+
+N = 1001
+SEED = bytes(range(16))
+
+
+def _misaligned(dtype: type, n: int = N) -> np.ndarray:
+    """A writable 1-D array one byte past an aligned address, filled with 1s."""
+    a = np.frombuffer(bytearray(np.dtype(dtype).itemsize * n + 1), dtype, count=n, offset=1)
+    assert not a.flags.aligned and a.flags.writeable and a.flags.c_contiguous
+    a[:] = 1
+    return a
+
+
+def _f32(n: int = N) -> np.ndarray:
+    return np.ones(n, np.float32)
+
+
+def _u32(n: int = N) -> np.ndarray:
+    return np.ones(n, np.uint32)
+
+
+# name of the misaligned argument -> a call that passes it misaligned; the
+# same call with aligned arrays runs.
+def _calls(api: object) -> dict[str, Callable[[Callable], object]]:
+    fast = api is _core
+
+    def quantise_out(mk: Callable) -> object:
+        return api.quantise(_f32(), clip=1.0, bits=8, seed=SEED, out=mk(np.uint32))
+
+    return {
+        "apply_masks vec": lambda mk: api.apply_masks(
+            mk(np.uint32), SEED if fast else [SEED], [1]
+        ),
+        "quantise x": lambda mk: api.quantise(mk(np.float32), clip=1.0, bits=8, seed=SEED),
+        "quantise out": quantise_out,
+        "dequantise total": lambda mk: api.dequantise(
+            mk(np.uint32), n_summands=1, clip=1.0, bits=8
+        ),
+        "sgd_step params": lambda mk: api.sgd_step(mk(np.float32), _f32(), None, lr=0.1),
+        "sgd_step grads": lambda mk: api.sgd_step(_f32(), mk(np.float32), None, lr=0.1),
+        "sgd_step momentum_buf": lambda mk: api.sgd_step(
+            _f32(), _f32(), mk(np.float32), lr=0.1, momentum=0.9
+        ),
+        "sgd_step global_params": lambda mk: api.sgd_step(
+            _f32(), _f32(), None, lr=0.1, prox_mu=0.1, global_params=mk(np.float32)
+        ),
+        "sgd_step scaffold_c": lambda mk: api.sgd_step(
+            _f32(), _f32(), None, lr=0.1, scaffold_c=mk(np.float32), scaffold_ci=_f32()
+        ),
+        "sgd_step scaffold_ci": lambda mk: api.sgd_step(
+            _f32(), _f32(), None, lr=0.1, scaffold_c=_f32(), scaffold_ci=mk(np.float32)
+        ),
+        "adam_step params": lambda mk: api.adam_step(
+            mk(np.float32), _f32(), _f32(), _f32(), step=1, lr=0.1
+        ),
+        "adam_step grads": lambda mk: api.adam_step(
+            _f32(), mk(np.float32), _f32(), _f32(), step=1, lr=0.1
+        ),
+        "adam_step exp_avg": lambda mk: api.adam_step(
+            _f32(), _f32(), mk(np.float32), _f32(), step=1, lr=0.1
+        ),
+        "adam_step exp_avg_sq": lambda mk: api.adam_step(
+            _f32(), _f32(), _f32(), mk(np.float32), step=1, lr=0.1
+        ),
+        "clip_l2 vec": lambda mk: api.clip_l2(mk(np.float32), 0.5),
+        "add_gaussian_noise vec": lambda mk: api.add_gaussian_noise(
+            mk(np.float32), std=1.0, seed=SEED
+        ),
+    }
+
+
+CASES = list(_calls(core))
+
+
+@pytest.mark.parametrize("api", [core, _core], ids=["core", "_core"])
+@pytest.mark.parametrize("case", CASES)
+def test_a_misaligned_buffer_is_refused_before_any_kernel_runs(api: object, case: str) -> None:
+    """A float32/uint32 buffer at an address that is no multiple of 4 would be
+    undefined behaviour in every kernel; both layers refuse it by name, and
+    leave it untouched."""
+    call = _calls(api)[case]
+    arg = case.split()[1]
+    made: list[np.ndarray] = []
+
+    def misaligned(dtype: type) -> np.ndarray:
+        made.append(_misaligned(dtype))
+        return made[-1]
+
+    call(lambda dtype: np.ones(N, dtype))  # aligned: the call itself is valid
+    with pytest.raises(ValueError, match=rf"^{arg} is not aligned: its address is not a multiple "
+                       r"of 4 bytes"):
+        call(misaligned)
+    assert (made[0] == 1).all()
+
+
+@pytest.mark.parametrize("api", [core, _core], ids=["core", "_core"])
+def test_an_empty_buffer_at_an_odd_address_is_accepted(api: object) -> None:
+    """No element is read, and numpy itself calls such an array aligned."""
+    empty = np.frombuffer(bytearray(5), np.float32, count=0, offset=1)
+    assert empty.flags.aligned
+    assert api.clip_l2(empty, 1.0) == 0.0
+    q = api.quantise(empty, clip=1.0, bits=8, seed=SEED)
+    assert q.shape == (0,)

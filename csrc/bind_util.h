@@ -5,8 +5,10 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <initializer_list>
 #include <optional>
 #include <stdexcept>
@@ -15,6 +17,7 @@
 
 #include "aes.h"
 #include "prg.h"
+#include "quant.h"
 #include "train_item.h"
 
 namespace fedge::bind {
@@ -154,15 +157,38 @@ inline void check_disjoint(const char* function, std::initializer_list<Operand> 
   }
 }
 
-inline void check_clip(double clip) {
-  if (!(clip > 0.0) || !std::isfinite(clip)) {
-    throw py::value_error("clip must be a finite number > 0, got " + std::to_string(clip));
-  }
+// A double as "%.6g" (std::to_string prints 1e-310 as 0.000000).
+inline std::string number(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.6g", v);
+  return buf;
 }
 
 inline void check_bits(int bits) {
   if (bits < 1 || bits > 31) {
     throw py::value_error("bits must be in [1, 31], got " + std::to_string(bits));
+  }
+}
+
+// After check_bits. The scale s = (2^b - 1)/(2 clip) must be a finite number
+// > 0: a clip so large that 2 clip overflows gives s = 0 (every q is 0 and
+// dequantise returns NaN), a subnormal one s = inf (every q is 2^b - 1). A
+// sum of n_summands vectors spans 2 n_summands clip, which must be finite too.
+inline void check_clip(double clip, int bits, uint64_t n_summands = 1) {
+  if (!(clip > 0.0) || !std::isfinite(clip)) {
+    throw py::value_error("clip must be a finite number > 0, got " + number(clip));
+  }
+  const double n = static_cast<double>(n_summands);
+  const double s = quant_scale(bits, clip);
+  if (!(s > 0.0) || !std::isfinite(s) || !std::isfinite(2.0 * n * clip)) {
+    const double qmax = static_cast<double>((uint64_t(1) << bits) - 1);
+    const double lo = qmax / DBL_MAX / 2.0, hi = DBL_MAX / 2.0 / n;
+    throw py::value_error(
+        "clip=" + number(clip) + " is out of range for bits=" + std::to_string(bits) +
+        " and n_summands=" + std::to_string(n_summands) +
+        ": the scale (2^bits - 1)/(2*clip) must be a finite number > 0 and the sum's range "
+        "2*n_summands*clip finite, so clip must be within about [" + number(lo) + ", " +
+        number(hi) + "]");
   }
 }
 

@@ -130,8 +130,8 @@ void apply_masks(const py::buffer& vec, const py::bytes& seeds, const std::vecto
 py::object py_quantise(const py::buffer& x, double clip, int bits, const py::bytes& seed, int threads,
                        const std::optional<std::string>& path, const std::optional<py::buffer>& out) {
   Vec<float> v = vec_arg<float>(x, "x", false);
-  check_clip(clip);
   check_bits(bits);
+  check_clip(clip, bits);
   if (threads < 1) throw py::value_error("threads must be >= 1, got " + std::to_string(threads));
   const RoundKeys keys = key_arg(seed, "seed");
   const Path p = path_arg(path);
@@ -164,9 +164,9 @@ py::object py_quantise(const py::buffer& x, double clip, int bits, const py::byt
 py::array_t<double> py_dequantise(const py::buffer& total, uint64_t n_summands, double clip,
                                int bits) {
   Vec<uint32_t> t = vec_arg<uint32_t>(total, "total", false);
-  check_clip(clip);
   check_bits(bits);
   if (n_summands == 0) throw py::value_error("n_summands must be >= 1, got 0");
+  check_clip(clip, bits, n_summands);
   py::array_t<double> out(static_cast<py::ssize_t>(t.n));
   double* dst = out.mutable_data();
   {

@@ -61,8 +61,8 @@ void bind_cuda(py::module_& m) {
       "cuda_quantise",
       [](int device, uintptr_t stream, uintptr_t x, uintptr_t out, uint64_t n, double clip,
          int bits, const py::bytes& seed) {
-        check_clip(clip);
         check_bits(bits);
+        check_clip(clip, bits);
         const RoundKeys keys = key_arg(seed, "seed");
         py::gil_scoped_release release;
         return cuda::quantise(device, stream, device_ptr<const float>(x),
@@ -75,8 +75,9 @@ void bind_cuda(py::module_& m) {
       "cuda_dequantise",
       [](int device, uintptr_t stream, uintptr_t total, uintptr_t out, uint64_t n,
          uint64_t n_summands, double clip, int bits) {
-        check_clip(clip);
         check_bits(bits);
+        if (n_summands == 0) throw py::value_error("n_summands must be >= 1, got 0");
+        check_clip(clip, bits, n_summands);
         py::gil_scoped_release release;
         cuda::dequantise(device, stream, device_ptr<const uint32_t>(total),
                          device_ptr<double>(out), n, quant_scale(bits, clip),
@@ -141,8 +142,8 @@ void bind_cuda(py::module_& m) {
       "cuda_emulate_quantise",
       [](const py::buffer& x, double clip, int bits, const py::bytes& seed) {
         Vec<float> v = vec_arg<float>(x, "x", false);
-        check_clip(clip);
         check_bits(bits);
+        check_clip(clip, bits);
         const RoundKeys keys = key_arg(seed, "seed");
         py::array_t<uint32_t> out(static_cast<py::ssize_t>(v.n));
         uint32_t* dst = out.mutable_data();

@@ -26,7 +26,9 @@ E[dequantise(q)] = clip(x) (up to the 2^-32 resolution of u).
 
 from __future__ import annotations
 
+import math
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -202,6 +204,31 @@ def _float(value: object, name: str, *, positive: bool = False, nonneg: bool = F
     if nonneg and v < 0:
         raise ValueError(f"{name} must be >= 0, got {v}")
     return v
+
+
+def _check_clip(clip: float, bits: int, n_summands: int = 1) -> None:
+    """Refuses a clip at which the quantisation arithmetic breaks down in double.
+
+    The scale s = (2^bits - 1)/(2·clip) must be a finite number > 0: a clip so
+    large that 2·clip overflows gives s = 0 (every q is 0, dequantise returns
+    NaN), a subnormal one s = inf (every q is 2^bits - 1). A sum of n_summands
+    vectors spans 2·n_summands·clip, which must be finite too. The compiled
+    core applies the same rule.
+
+    Raises:
+        ValueError: clip outside that range, with the range for these bits and
+            n_summands.
+    """
+    qmax = float((1 << bits) - 1)
+    scale = qmax / (2.0 * clip)
+    if not (0.0 < scale < math.inf) or not math.isfinite(2.0 * n_summands * clip):
+        big = sys.float_info.max
+        raise ValueError(
+            f"clip={clip:g} is out of range for bits={bits} and n_summands={n_summands}: the "
+            "scale (2^bits - 1)/(2*clip) must be a finite number > 0 and the sum's range "
+            f"2*n_summands*clip finite, so clip must be within about "
+            f"[{qmax / big / 2.0:g}, {big / 2.0 / n_summands:g}]"
+        )
 
 
 def _seed(seed: object, name: str = "seed") -> bytes:
@@ -478,11 +505,13 @@ def quantise(
             tensor that requires grad under grad mode), seed not bytes.
         ValueError: x not 1-D/contiguous or holding NaN/Inf; out of another
             length, not contiguous, misaligned, read-only or overlapping x;
-            clip not a finite number > 0; bits outside [1, 31]; seed not 16
-            bytes.
+            clip not a finite number > 0, or so large or small that the scale
+            (2^bits - 1)/(2·clip) is 0 or infinite; bits outside [1, 31];
+            seed not 16 bytes.
     """
     c = _float(clip, "clip", positive=True)
     b = _int(bits, "bits", minimum=1, maximum=31)
+    _check_clip(c, b)
     key = _seed(seed)
     nthreads = _threads(threads)
     if _is_cuda_tensor(x):
@@ -543,8 +572,10 @@ def dequantise(total: Any, *, n_summands: int, clip: float, bits: int) -> Any:
     Raises:
         TypeError: total not uint32.
         ValueError: total not 1-D/contiguous/aligned; n_summands < 1 or too
-            large for `bits` (the sum could have wrapped); clip or bits out of
-            range.
+            large for `bits` (the sum could have wrapped); bits out of range;
+            clip not a finite number > 0, or so large or small that the scale
+            (2^bits - 1)/(2·clip) or the sum's range 2·n_summands·clip is 0 or
+            infinite.
     """
     n = _int(n_summands, "n_summands", minimum=1)
     c = _float(clip, "clip", positive=True)
@@ -554,6 +585,7 @@ def dequantise(total: Any, *, n_summands: int, clip: float, bits: int) -> Any:
             f"bits={b} with n_summands={n} can wrap the uint32 sum; use quant_bits({n})"
             f" = {quant_bits(n) if n <= 0xFFFFFFFF else 'none'}"
         )
+    _check_clip(c, b, n)
     if _is_cuda_tensor(total):
         import torch
 

@@ -7,6 +7,7 @@ front of C++ kernels that would otherwise run into undefined behaviour.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -116,3 +117,77 @@ def test_an_empty_buffer_at_an_odd_address_is_accepted(api: object) -> None:
     assert api.clip_l2(empty, 1.0) == 0.0
     q = api.quantise(empty, clip=1.0, bits=8, seed=SEED)
     assert q.shape == (0,)
+
+
+# ---------------------------------------------------------------- clip range
+
+# clip values that pass "finite and > 0" but break the double arithmetic:
+# 2*clip overflows (scale 0: all zeros, NaN on dequantise) or clip is
+# subnormal (scale inf: everything -> -clip).
+EXTREME_CLIPS = [1e308, 9e307, float(np.finfo(np.float64).max), 1e-310, 5e-324]
+
+
+@pytest.mark.parametrize("api", [core, _core], ids=["core", "_core"])
+@pytest.mark.parametrize("clip", EXTREME_CLIPS)
+def test_quantise_refuses_a_clip_whose_scale_is_zero_or_infinite(api: object, clip: float) -> None:
+    x = np.array([-1, 0, 0.5, 1], np.float32)
+    head = re.escape(f"clip={clip:g}")
+    with pytest.raises(ValueError, match=rf"^{head} is out of range for bits=8 and "
+                       r"n_summands=1: the scale \(2\^bits - 1\)/\(2\*clip\) must be a finite "
+                       r"number > 0 .* within about \[7\.0\d*e-307, 8\.98847e\+307\]$"):
+        api.quantise(x, clip=clip, bits=8, seed=SEED)
+
+
+@pytest.mark.parametrize("api", [core, _core], ids=["core", "_core"])
+@pytest.mark.parametrize("clip", EXTREME_CLIPS)
+def test_dequantise_refuses_a_clip_whose_scale_is_zero_or_infinite(
+    api: object, clip: float
+) -> None:
+    head = re.escape(f"clip={clip:g}")
+    with pytest.raises(ValueError, match=rf"^{head} is out of range for bits=8"):
+        api.dequantise(np.zeros(4, np.uint32), n_summands=1, clip=clip, bits=8)
+
+
+@pytest.mark.parametrize("api", [core, _core], ids=["core", "_core"])
+def test_dequantise_refuses_a_sum_range_beyond_double(api: object) -> None:
+    """S/s - n*clip: with 2*n*clip infinite the result would be NaN or inf."""
+    with pytest.raises(ValueError, match=r"^clip=1e\+300 is out of range for bits=1 and "
+                       r"n_summands=1000000000: .* within about "
+                       r"\[2\.78134e-309, 8\.98847e\+298\]$"):
+        api.dequantise(np.zeros(4, np.uint32), n_summands=10**9, clip=1e300, bits=1)
+    out = api.dequantise(np.zeros(4, np.uint32), n_summands=10**7, clip=1e300, bits=1)
+    assert np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("clip", [1e-290, 1e-3, 1e6, 1e300])
+def test_a_large_or_small_clip_inside_the_range_still_round_trips(clip: float) -> None:
+    """|dequantise(quantise(x)) - clip(x)| < 1/s, with s = (2^b - 1)/(2 clip)."""
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal(N) * min(clip, 1e30)).astype(np.float32)
+    for bits in (1, 8, 31):
+        q = core.quantise(x, clip=clip, bits=bits, seed=SEED)
+        back = core.dequantise(q, n_summands=1, clip=clip, bits=bits)
+        step = 2 * clip / ((1 << bits) - 1)
+        want = np.clip(x.astype(np.float64), -clip, clip)
+        assert np.isfinite(back).all()
+        assert (np.abs(back - want) <= step * (1 + 1e-9)).all(), (clip, bits)
+
+
+@pytest.mark.parametrize(
+    ("clip", "bits", "n"),
+    [(c, b, n) for c in (1e308, 8.98e307, 8.99e307, 1e-310, 3e-309, 7e-307, 1e-300)
+     for b in (1, 8, 31) for n in (1, 2, 10**9)],
+)
+def test_the_binding_and_fedge_core_draw_the_clip_line_in_the_same_place(
+    clip: float, bits: int, n: int
+) -> None:
+    def outcome(api: object) -> str:
+        try:
+            api.dequantise(np.zeros(2, np.uint32), n_summands=n, clip=clip, bits=bits)
+        except ValueError as exc:
+            return str(exc)
+        return "accepted"
+
+    # fedge.core also refuses a width the sum could wrap, before the clip rule
+    if n * ((1 << bits) - 1) <= 0xFFFFFFFF:
+        assert outcome(core) == outcome(_core)

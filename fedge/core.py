@@ -142,14 +142,22 @@ def _array(obj: object, name: str, dtype: type, *, writable: bool = False) -> np
     then calls `_tensors_written` on it after the kernel.
 
     Raises:
-        TypeError: not an array (or CPU tensor numpy can view), the wrong
-            dtype, or a written tensor that requires grad under grad mode.
+        TypeError: not an array (or dense CPU tensor numpy can view), the
+            wrong dtype (or byte order), or a written tensor that requires
+            grad under grad mode.
         ValueError: not 1-D, not C-contiguous, misaligned, or read-only when
             written.
     """
     if _is_torch_tensor(obj):
-        if obj.is_cuda:  # type: ignore[attr-defined]
+        import torch
+
+        t: Any = obj
+        if t.is_cuda:
             raise TypeError(f"{name} is a CUDA tensor but this operation runs on the CPU")
+        if t.device.type != "cpu" or t.layout != torch.strided:  # meta, sparse, ...
+            raise TypeError(
+                f"{name} must be a dense CPU tensor, got a {t.layout} tensor on {t.device}"
+            )
         if writable:
             _check_writable_tensor(obj, name)
         try:
@@ -165,6 +173,11 @@ def _array(obj: object, name: str, dtype: type, *, writable: bool = False) -> np
         raise TypeError(f"{name} must be a numpy array, got {type(obj).__name__}")
     want = np.dtype(dtype)
     if obj.dtype != want:
+        if obj.dtype.name == want.name:  # the same type in the other byte order
+            raise TypeError(
+                f"{name} must have dtype {want.name} in native byte order ({want.str}), "
+                f"got {obj.dtype.str}"
+            )
         raise TypeError(f"{name} must have dtype {want.name}, got {obj.dtype.name}")
     if obj.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {obj.shape}")

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+import torch
 
 from fedge import _core, core
 
@@ -191,3 +192,34 @@ def test_the_binding_and_fedge_core_draw_the_clip_line_in_the_same_place(
     # fedge.core also refuses a width the sum could wrap, before the clip rule
     if n * ((1 << bits) - 1) <= 0xFFFFFFFF:
         assert outcome(core) == outcome(_core)
+
+
+# ------------------------------------------------------------ type messages
+
+
+def test_a_byte_swapped_array_is_named_by_its_byte_order() -> None:
+    with pytest.raises(TypeError, match=r"^vec must have dtype uint32 in native byte order "
+                       r"\(<u4\), got >u4$"):
+        core.apply_masks(np.zeros(8, ">u4"), [SEED], [1])
+    with pytest.raises(TypeError, match=r"^x must have dtype float32 in native byte order "
+                       r"\(<f4\), got >f4$"):
+        core.quantise(np.zeros(8, ">f4"), clip=1.0, bits=8, seed=SEED)
+
+
+@pytest.mark.parametrize(
+    ("make", "words"),
+    [
+        (lambda: torch.zeros(8, device="meta"), "a torch.strided tensor on meta"),
+        (lambda: torch.zeros(8).to_sparse(), "a torch.sparse_coo tensor on cpu"),
+    ],
+    ids=["meta", "sparse"],
+)
+def test_a_float32_tensor_numpy_cannot_view_is_not_blamed_on_its_dtype(
+    make: Callable[[], torch.Tensor], words: str
+) -> None:
+    t = make()
+    assert t.dtype == torch.float32
+    with pytest.raises(TypeError, match=rf"^x must be a dense CPU tensor, got {words}$"):
+        core.quantise(t, clip=1.0, bits=8, seed=SEED)
+    with pytest.raises(TypeError, match=rf"^vec must be a dense CPU tensor, got {words}$"):
+        core.clip_l2(t, 1.0)

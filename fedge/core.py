@@ -632,9 +632,11 @@ def sgd_step(
 ) -> None:
     """One fused SGD step over flat float32 buffers, in place.
 
-    Exactly torch.optim.SGD applied to the corrected gradient
+    The same update as torch.optim.SGD, applied to the corrected gradient
     g' = g + prox_mu·(params − global_params) + (scaffold_c − scaffold_ci)
-    (FedProx and SCAFFOLD; each term only when its arrays are given).
+    (FedProx and SCAFFOLD; each term only when its arrays are given),
+    computed in double and rounded once to float32 (torch rounds each float32
+    operation, so the two agree to ~1e-6 relative, not bit for bit).
     torch starts the momentum buffer as the first gradient: pass
     `first_step=True` on the first step (with a zero buffer and dampening 0
     both conventions agree). `momentum_buf` may be None when momentum is 0.
@@ -715,7 +717,10 @@ def adam_step(
 ) -> None:
     """One Adam step (AdamW when `decoupled`), in place; `step` counts from 1.
 
-    Exactly torch.optim.Adam / torch.optim.AdamW (amsgrad off, maximize off).
+    The same update as torch.optim.Adam / torch.optim.AdamW (amsgrad off,
+    maximize off), computed in double and rounded once to float32 (torch
+    rounds each float32 operation, so the two agree to ~1e-6 relative, not
+    bit for bit).
     All arrays may instead be CUDA tensors on one device.
 
     Raises:

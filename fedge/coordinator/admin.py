@@ -8,6 +8,18 @@ only operator keys; every reply goes back to the authenticated sender.
 
 Every request, allowed or refused, is written to the coordinator's audit log
 with the operator's name.
+
+A software update restarts the agent once staged, so a roll-out's ask of a software
+target (``UpdateAvailable``) to a site in the cohort of a round in flight is held back
+until that round's attempt ends (committed, failed or cancelled:
+``Coordinator.on_round_ended``), then sent at once; the roll-out's status says
+"waiting for round N of job J to end" meanwhile, and its deadline counts from the ask
+that goes. From the ask to the site's outcome (or the roll-out's end) the site is left
+out of new cohorts (``Coordinator.updating``), so its restart falls between rounds: a
+round whose ``min_clients`` needs it waits for it in its cohort stage. The wait is
+bounded by one round's own deadlines: an ask is never held past the attempt it waits
+for, so back-to-back rounds or jobs cannot starve a roll-out. Model and app updates
+restart no agent and are never held.
 """
 
 from __future__ import annotations
@@ -107,6 +119,89 @@ class AdminService:
                 continue
             self.rollouts[rollout.rollout_id] = rollout
         self._last_refresh = float("-inf")
+        # (roll-out id, site) -> (the ask held back, why): AdminService docstring
+        self.held: dict[tuple[str, str], tuple[UpdateAvailable, str]] = {}
+        self._sync_updating()
+
+    # -- asks held back while a site is in a round ---------------------------------------
+    def _deliver(self, rollout: Rollout, site: str, msg: UpdateAvailable) -> bool:
+        """Send ``msg``, or hold it while ``site`` is in a round in flight and the update
+        restarts its agent (module docstring). Returns whether it went."""
+        busy = self._round_holding(site) if restarts_agent(rollout.path) else None
+        if busy is None:
+            self._send(site, msg)
+            return True
+        key = (rollout.rollout_id, site)
+        if key not in self.held:
+            log.info("roll-out %s: %s is in %s; its update (%s) is sent when that round "
+                     "ends", rollout.rollout_id, site, busy, rollout.path)
+            self._audit("coordinator", "update.held", {
+                "rollout_id": rollout.rollout_id, "site": site, "path": rollout.path,
+                "until": f"{busy} ends"})
+        self.held[key] = (msg, busy)
+        return False
+
+    def _round_holding(self, site: str) -> str | None:
+        holding = getattr(self.coordinator, "round_holding", None)
+        return holding(site) if holding is not None else None
+
+    def on_round_ended(self) -> None:
+        """A round's attempt ended: send the asks held for its sites now, before the
+        next round forms its cohort (which then leaves them out). Never raises."""
+        try:
+            self._release()
+        except Exception:  # a roll-out's bookkeeping must not take the round driver down
+            log.exception("sending held roll-out asks failed")
+
+    def _release(self) -> None:
+        for key, (msg, _) in list(self.held.items()):
+            rid, site = key
+            rollout = self.rollouts.get(rid)
+            if rollout is None or rollout.done or rollout.waiting_for != site:
+                del self.held[key]
+                continue
+            busy = self._round_holding(site)
+            if busy is not None:
+                self.held[key] = (msg, busy)
+                continue
+            del self.held[key]
+            # its deadline counts from the ask that goes, not the one held back
+            rebased = Rollout.from_state({**rollout.to_state(), "waiting_since": self.wall()},
+                                         now=self.clock(), wall=self.wall())
+            self.rollouts[rid] = rebased
+            self._save(rebased)
+            self._send(site, msg)
+            self._audit("coordinator", "update.released", {
+                "rollout_id": rid, "site": site, "path": rebased.path})
+            log.info("roll-out %s: %s's round ended; its update (%s) is sent now", rid,
+                     site, rebased.path)
+        self._sync_updating()
+
+    def _sync_updating(self) -> None:
+        """Tell the coordinator which sites install a software update now (asked, no
+        outcome yet): left out of new cohorts until then (module docstring)."""
+        updating = {}
+        for rollout in self.rollouts.values():
+            site = rollout.waiting_for
+            if site is None or not restarts_agent(rollout.path) \
+                    or (rollout.rollout_id, site) in self.held:
+                continue
+            updating[site] = (f"installing software update {rollout.path} (roll-out "
+                              f"{rollout.rollout_id}); left out of new rounds until it "
+                              "reports the outcome")
+        if hasattr(self.coordinator, "updating"):
+            self.coordinator.updating = updating
+
+    def rollout_view(self, rollout: Rollout) -> dict[str, Any]:
+        """What ``push`` and ``rollout_status`` answer: the roll-out, and while its ask
+        is held back, ``held``: "waiting for round N of job J to end before asking
+        SITE"."""
+        out: dict[str, Any] = dict(rollout.to_dict())
+        site = rollout.waiting_for
+        held = self.held.get((rollout.rollout_id, site)) if site is not None else None
+        if held is not None:
+            out["held"] = f"waiting for {held[1]} to end before asking {site}"
+        return out
 
     def _outbox_send(self, site: str, body: Any) -> None:
         from fedge.coordinator.service import Outgoing
@@ -352,9 +447,10 @@ class AdminService:
         sends = rollout.start(self.clock(), self.wall())
         self._save(rollout)
         for site, msg in sends:
-            self._send(site, msg)
+            self._deliver(rollout, site, msg)
+        self._sync_updating()
         self._audit(op, "update.rollout_started", {**rollout.to_dict(), "snapshot": snapshot})
-        return rollout.to_dict(), {}
+        return self.rollout_view(rollout), {}
 
     def _op_rotate_online_keys(self, op: Operator, args: dict, blobs: dict
                                ) -> tuple[Any, dict]:
@@ -388,7 +484,7 @@ class AdminService:
         rid = str(args["rollout_id"])
         if rid not in self.rollouts:
             raise ValueError(f"unknown roll-out {rid!r}")
-        return self.rollouts[rid].to_dict(), {}
+        return self.rollout_view(self.rollouts[rid]), {}
 
     def _save(self, rollout: Rollout) -> None:
         try:
@@ -414,7 +510,8 @@ class AdminService:
         if rollout.to_state() != was:
             self._save(rollout)
         for to, msg in sends:
-            self._send(to, msg)
+            self._deliver(rollout, to, msg)
+        self._sync_updating()
         if rollout.done and rollout.to_state() != was:
             self._audit("coordinator", f"update.rollout_{rollout.state}", rollout.to_dict())
 
@@ -427,9 +524,10 @@ class AdminService:
     def _reask(self, rollout: Rollout, sends: list[tuple[str, UpdateAvailable]],
                why: str) -> None:
         for to, msg in sends:
-            self._send(to, msg)
-            self._audit("coordinator", "update.reasked", {
-                "rollout_id": rollout.rollout_id, "site": to, "path": msg.path, "why": why})
+            if self._deliver(rollout, to, msg):
+                self._audit("coordinator", "update.reasked", {
+                    "rollout_id": rollout.rollout_id, "site": to, "path": msg.path,
+                    "why": why})
 
     def tick(self) -> None:
         """Roll-out deadlines; and keep the TUF timestamp fresh (once a minute)."""
@@ -442,7 +540,10 @@ class AdminService:
                                 self.updates.versions)
             except Exception:
                 log.exception("cannot re-sign the TUF timestamp")
-        for rollout in self.rollouts.values():
+        self._release()  # a round that ended without telling (a safety net)
+        for rollout in list(self.rollouts.values()):
+            if (rollout.rollout_id, rollout.waiting_for) in self.held:
+                continue  # not asked yet: its deadline counts from the ask that goes
             was = rollout.state
             rollout.tick(now)
             if rollout.state != was:
@@ -451,6 +552,13 @@ class AdminService:
                             rollout.to_dict())
             self._reask(rollout, rollout.due(now),
                         f"no outcome {rollout.reask_interval_s:g} s after the last ask")
+        self._sync_updating()
+
+
+def restarts_agent(path: str) -> bool:
+    """Whether installing the target at ``path`` (fedge.update.tuf_repo.target_path:
+    "KIND/NAME/VERSION/FILE") restarts the agent: a software update does."""
+    return path.split("/", 1)[0] == "software"
 
 
 def _provision_updates(coordinator: Any, service: AdminService, provision: dict[str, Any]

@@ -734,6 +734,7 @@ def _start_admin(cfg: CoordinatorConfig, coord: Coordinator) -> asyncio.Task[Non
     service = admin.AdminService(coord, config.operators, updates=updates)
     coord.on_update_outcome = service.on_outcome
     coord.on_site_returned = service.on_site_returned
+    coord.on_round_ended = service.on_round_ended
     if os.environ.get(KILL_AT_ENV) == KILL_ON_OUTCOME:
         def die_on_outcome(site: str, outcome: Any) -> None:
             log.warning("%s=%s: killing myself as %s reports %s", KILL_AT_ENV,

@@ -394,6 +394,12 @@ class Coordinator:
         # (first contact since this process started, or after a lost connection):
         # the admin channel asks it again for an update outcome it may have lost.
         self.on_site_returned: Callable[[str], None] = lambda site: None
+        # Called whenever a round's attempt ends (committed, failed, cancelled): the
+        # admin channel sends the roll-out asks it held back for the round's sites.
+        self.on_round_ended: Callable[[], None] = lambda: None
+        # site -> why it is left out of new cohorts while it installs a software update
+        # that restarts its agent (kept by the admin channel's roll-outs)
+        self.updating: dict[str, str] = {}
         # Called with a job id once its final checkpoint is written: a completed job's,
         # or a failed or cancelled job's last committed model (module docstring). The
         # process exports it to ONNX in a child process, then writes the report.
@@ -456,6 +462,16 @@ class Coordinator:
             self._after(now)
         except (StoreError, sqlite3.OperationalError) as exc:  # the next tick records it
             self._not_written(f"the end of job {rnd.job_id} round {rnd.round}", exc)
+
+    def round_holding(self, site: str) -> str | None:
+        """"round N of job J" while ``site`` is in the cohort of a round in flight (one
+        that formed its cohort and has not ended), else None: a site that restarts now
+        (a software update) loses that round its work and may fail the attempt."""
+        rnd = self.runner.round if self.runner is not None else None
+        if rnd is None or rnd.finished or rnd.phase is Phase.WAITING_COHORT \
+                or site not in rnd.cohort or site in rnd.withdrawn:
+            return None
+        return f"round {rnd.round} of job {rnd.job_id}"
 
     def contested_out(self, now: float) -> dict[str, str]:
         """Each site kept out of new cohorts because its connection is contested and its
@@ -651,10 +667,13 @@ class Coordinator:
         reason = f"cancelled by {actor} at {when}"
         last = None
         if self.runner is not None and self.runner.job_id == job_id:
+            ended = self.runner.round is not None
             if self.runner.round is not None:
                 self._emit(self.runner.round, self.runner.round.abort(f"job {reason}"))
             last = self.runner.last_checkpoint
             self.runner = None
+            if ended:
+                self.on_round_ended()
         digest = self.keep_last_model(job_id, job.committed_round, last)
         try:
             self.store.set_job_status(job_id, "cancelled", actor=actor, error=reason,
@@ -1006,7 +1025,7 @@ class Coordinator:
             sel = select_cohort(
                 self.store.appliances(), connected=self.connected_sites(now),
                 dataset=runner.plan.dataset,
-                sidelined={**runner.sidelined, **self.contested_out(now)},
+                sidelined={**runner.sidelined, **self.updating, **self.contested_out(now)},
                 protocols={s: c.secagg_protocol for s, c in self.conns.items()},
                 secure_protocol=SECAGG_PROTOCOL if runner.plan.secagg.enabled else None,
                 dp=any(runner.plan.privacy.get(k) is not None for k in ("dp", "client_dp")),
@@ -1046,6 +1065,13 @@ class Coordinator:
         if runner is None or runner.round is None or not runner.round.finished:
             return
         rnd = runner.round
+        try:
+            self._end_round(runner, rnd, now)
+        finally:
+            if runner.round is not rnd:  # committed or failed: the next is not formed yet
+                self.on_round_ended()
+
+    def _end_round(self, runner: JobRunner, rnd: Round, now: float) -> None:
         if rnd.phase is Phase.DONE:
             if now - runner.commit_failed_at >= runner.commit_retry_s:
                 self._commit(runner, rnd, now)

@@ -127,6 +127,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--request-timeout", type=_timeout, default=60.0,
                        help="seconds from a request's first byte to its last, headers and body "
                             "(default 60; then 408 and the connection is closed)")
+    serve.add_argument("--load-timeout", type=_timeout, default=60.0,
+                       help="seconds a new model version's check (a trial inference, timing "
+                            "runs, a batching check; run in a child process) may take; one "
+                            "that takes longer is not served (default 60)")
     serve.set_defaults(func=_serve)
 
     export = subparsers.add_parser("export", help="export a finished job's model to ONNX")
@@ -161,7 +165,7 @@ def _serve(args: argparse.Namespace) -> int:
             threads=args.threads,
             inline_budget_s=args.inline_budget_ms / 1000, max_connections=args.max_connections,
             idle_timeout_s=args.idle_timeout, request_timeout_s=args.request_timeout,
-            announce=lambda line: print(line, flush=True),
+            load_timeout_s=args.load_timeout, announce=lambda line: print(line, flush=True),
         )
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"fedge serve: {exc}", file=sys.stderr)

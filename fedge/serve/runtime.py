@@ -11,13 +11,25 @@ The previous version stays loaded for rollback and for requests that name it.
 A loaded version whose model file is no longer the one it was loaded from (its
 inode, mtime or size changed: replaced by hand) is loaded again, so the server
 never answers under a version number with a model that left the disk.
+
+The check of a new version (a smoke inference, timing runs, the batching check)
+runs first in a child process with a deadline (`load_timeout_s`, `check_in_child`):
+a valid model whose inference never ends (an ONNX `Loop` with 10^12 trips passes
+`onnx.checker`) would otherwise hold the store's lock for good, and no later
+version, nor a rollback, would ever load. A version that misses the deadline is
+killed, marked failed with the reason, and not tried again until its file changes.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import select
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -35,6 +47,12 @@ log = logging.getLogger("fedge.serve")
 KEEP_LOADED = 2  # the live version and the one before it
 SMALL_MODEL_S = 0.0001  # one row faster than this: a single intra-op thread
 SMOKE_AXIS = 32  # size of a free non-batch axis in the load check
+# A new version's check (load_model) must end within this, in its child process.
+DEFAULT_LOAD_TIMEOUT_S = 60.0
+# The child's imports (numpy, onnxruntime) do not count against the deadline: on a
+# busy host they alone can take seconds. They are bounded too.
+CHECK_START_TIMEOUT_S = 120.0
+_PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the directory holding fedge/
 
 
 FileId = tuple[int, int, int]  # inode, mtime in ns, size
@@ -153,14 +171,14 @@ class LoadedModel:
         return self._run(output_names, feeds, self._run_options)  # type: ignore[no-any-return]
 
 
-def load_model(name: str, version: int, path: Path, *, threads: int) -> LoadedModel:
-    """Load and check one version: session built, a smoke inference gives finite outputs.
+def open_session(
+    name: str, version: int, path: Path, *, threads: int
+) -> tuple[ort.InferenceSession, tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """The session of one version, and its inputs and outputs (no inference is run).
 
     Raises:
-        ModelLoadError: the file is missing, not ONNX, uses unsupported types, or its
-            smoke inference fails or gives non-finite numbers.
+        ModelLoadError: the file is missing, not ONNX, or uses unsupported types.
     """
-    loaded_file = file_id(path)  # before reading: a change meanwhile shows next time
     try:
         session = ort.InferenceSession(
             str(path), sess_options=session_options(threads), providers=["CPUExecutionProvider"]
@@ -175,6 +193,34 @@ def load_model(name: str, version: int, path: Path, *, threads: int) -> LoadedMo
                 f"{name} version {version}: tensor {spec.name!r} is {spec.datatype}, "
                 "which this server does not serve"
             )
+    return session, inputs, outputs
+
+
+@dataclass(frozen=True)
+class LoadCheck:
+    """What a version's check measured in its child process (`check_in_child`)."""
+
+    threads: int
+    row_seconds: float
+    batchable: bool
+
+
+def load_model(name: str, version: int, path: Path, *, threads: int,
+               checked: LoadCheck | None = None) -> LoadedModel:
+    """Load and check one version: session built, a smoke inference gives finite outputs.
+
+    With `checked` (the same file passed `check_in_child`), the session gets the
+    thread count found there and its timing and batching results; only the smoke
+    inference runs here (it also warms the session up for the first request).
+
+    Raises:
+        ModelLoadError: the file is missing, not ONNX, uses unsupported types, or its
+            smoke inference fails or gives non-finite numbers.
+    """
+    loaded_file = file_id(path)  # before reading: a change meanwhile shows next time
+    if checked is not None:
+        threads = checked.threads
+    session, inputs, outputs = open_session(name, version, path, threads=threads)
     # Smoke input: one row; other free axes (sequence length, image size) get a
     # size that strided convolutions and pooling accept.
     feeds = {
@@ -193,6 +239,12 @@ def load_model(name: str, version: int, path: Path, *, threads: int) -> LoadedMo
             raise ModelLoadError(
                 f"{name} version {version}: output {spec.name!r} is not finite on a zero input"
             )
+    meta = session.get_modelmeta().custom_metadata_map
+    if checked is not None:
+        return LoadedModel(
+            name, version, path, session, inputs, outputs, dict(meta), threads,
+            checked.row_seconds, checked.batchable, loaded_file,
+        )
     row_seconds = _single_row_seconds(session, feeds)
     if threads > 1 and row_seconds < SMALL_MODEL_S:
         # A model this small never gains from the intra-op pool, and waking its
@@ -202,11 +254,120 @@ def load_model(name: str, version: int, path: Path, *, threads: int) -> LoadedMo
             str(path), sess_options=session_options(1), providers=["CPUExecutionProvider"]
         )
         row_seconds = _single_row_seconds(session, feeds)
-    meta = session.get_modelmeta().custom_metadata_map
     return LoadedModel(
         name, version, path, session, inputs, outputs, dict(meta), threads, row_seconds,
         _rows_independent(session, inputs), loaded_file,
     )
+
+
+def check_in_child(name: str, version: int, path: Path, *, threads: int, timeout_s: float,
+                   started: Callable[[subprocess.Popen[bytes]], None] | None = None) -> LoadCheck:
+    """Run `load_model` on `path` in a child process; what it measured.
+
+    The deadline `timeout_s` counts from when the child has imported onnxruntime
+    (at most CHECK_START_TIMEOUT_S): the model's load and inferences, not the
+    host's import speed. The child is killed when it is missed, and dies with this
+    process (PR_SET_PDEATHSIG). `started` is given the child as soon as it runs (to
+    kill it from another thread: the check then fails).
+
+    Raises:
+        ModelLoadError: the check failed (the child's reason), missed its deadline,
+            or the child died or could not be started.
+    """
+    cmd = [sys.executable, "-c", "from fedge.serve.runtime import _child_check; _child_check()",
+           name, str(version), str(path), str(threads), str(os.getpid())]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(_PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p)
+    try:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, env=env, close_fds=True)
+    except OSError as exc:
+        raise ModelLoadError(
+            f"{name} version {version}: cannot start the process that checks it: {exc}"
+        ) from None
+    if started is not None:
+        started(proc)
+    assert proc.stdout is not None
+    out = b""
+    deadline = time.monotonic() + CHECK_START_TIMEOUT_S
+    ready = False
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                if ready:
+                    raise ModelLoadError(
+                        f"{name} version {version}: its check (a trial inference, timing runs "
+                        f"and a batching check) did not end within {timeout_s:g} s "
+                        "(--load-timeout): an inference of this model may never end"
+                    )
+                raise ModelLoadError(
+                    f"{name} version {version}: the process that checks it did not start "
+                    f"within {CHECK_START_TIMEOUT_S:g} s"
+                )
+            readable, _, _ = select.select([proc.stdout], [], [], left)
+            if not readable:
+                continue
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if not chunk:
+                break
+            out += chunk
+            if not ready and b"\n" in out:
+                ready = True
+                out = out.split(b"\n", 1)[1]
+                deadline = time.monotonic() + timeout_s
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    try:
+        result = json.loads(out)
+    except ValueError:
+        how = (f"was killed by signal {-proc.returncode}" if proc.returncode < 0
+               else f"exited with status {proc.returncode}")
+        raise ModelLoadError(
+            f"{name} version {version}: the process that checks it {how} before it gave a "
+            "result (out of memory? a crash in onnxruntime?)"
+        ) from None
+    if "error" in result:
+        raise ModelLoadError(str(result["error"]))
+    return LoadCheck(int(result["threads"]), float(result["row_seconds"]),
+                     bool(result["batchable"]))
+
+
+def _child_check() -> None:
+    """The child of `check_in_child`: argv is name, version, path, threads, parent pid.
+    Writes "ready" once imported, then one JSON line: what load_model measured, or
+    {"error": why}."""
+    name, version, path, threads, parent = sys.argv[1:6]
+    _die_with_parent(int(parent))
+    print("ready", flush=True)
+    try:
+        model = load_model(name, int(version), Path(path), threads=int(threads))
+        result: dict[str, object] = {"threads": model.threads, "row_seconds": model.row_seconds,
+                                     "batchable": model.batchable}
+    except ModelLoadError as exc:
+        result = {"error": str(exc)}
+    except Exception as exc:  # onnxruntime failing in a way load_model does not name
+        result = {"error": f"{name} version {version}: its check failed: {exc}"}
+    print(json.dumps(result), flush=True)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel kill this process when its parent dies (Linux): a check
+    spinning in a model's endless loop must not outlive a killed server."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        return
+    if os.getppid() != parent:  # it died before the prctl
+        os._exit(1)
 
 
 BATCH_CHECK_ROWS = 3
@@ -272,9 +433,22 @@ class UnknownModel(LookupError):
 class ModelStore:
     """Loaded models, swapped atomically by `sync`; `get` never blocks."""
 
-    def __init__(self, *, threads: int | None = None, keep: int = KEEP_LOADED):
+    def __init__(self, *, threads: int | None = None, keep: int = KEEP_LOADED,
+                 load_timeout_s: float | None = None):
+        """`load_timeout_s`: check each new version in a child process, which must
+        end within that many seconds (`check_in_child`); None checks it in this
+        process, with no deadline (for tests and tools that load trusted models).
+
+        Raises: ValueError for a `load_timeout_s` that is not a finite number > 0.
+        """
+        if load_timeout_s is not None and not 0 < load_timeout_s < math.inf:
+            raise ValueError(f"load_timeout_s {load_timeout_s!r} must be a finite number of "
+                             "seconds > 0")
         self.threads = threads or default_threads()
         self.keep = keep
+        self.load_timeout_s = load_timeout_s
+        self._child: subprocess.Popen[bytes] | None = None  # a check running now
+        self._closed = False
         self._models: dict[str, ModelVersions] = {}
         self._failed: dict[Path, FileId] = {}
         self.failures: dict[tuple[str, int], str] = {}  # (model, version) -> why not served
@@ -284,6 +458,14 @@ class ModelStore:
 
     def names(self) -> list[str]:
         return sorted(self._models)
+
+    def close(self) -> None:
+        """Stop loading: a check running now is killed (its version is not marked
+        failed), and later syncs load nothing new."""
+        self._closed = True
+        child = self._child
+        if child is not None and child.poll() is None:
+            child.kill()
 
     def has(self, name: str) -> bool:
         return name in self._models
@@ -380,27 +562,51 @@ class ModelStore:
             return None
         if self._failed.get(path) == stamp:
             return None  # same bytes failed before; retry only when the file changes
+        if self._closed:
+            return None
         try:
-            model = load_model(name, version, path, threads=self.threads)
+            checked = None
+            if self.load_timeout_s is not None:
+                # what fails without running the model fails here, at once (a file
+                # that is not ONNX, a string tensor), not after the child's start-up
+                open_session(name, version, path, threads=1)
+                checked = check_in_child(name, version, path, threads=self.threads,
+                                         timeout_s=self.load_timeout_s, started=self._started)
+                if file_id(path) != stamp:
+                    return None  # replaced while checked: the next scan checks the new one
+            model = load_model(name, version, path, threads=self.threads, checked=checked)
         except ModelLoadError as exc:
+            if self._closed:
+                return None  # killed by close(): not the model's fault
             self._failed[path] = stamp
             self.failures[(name, version)] = str(exc)
             log.warning("not serving %s", exc)
             if self.on_load_failure:
                 self.on_load_failure(name, version, str(exc))
             return None
+        finally:
+            self._child = None
         self._failed.pop(path, None)
         self.failures.pop((name, version), None)
         return model
 
+    def _started(self, child: subprocess.Popen[bytes]) -> None:
+        self._child = child
+        if self._closed:
+            child.kill()
+
 
 class Watcher:
-    """Polls the repository in a daemon thread and calls `store.sync` on it."""
+    """Polls the repository in a daemon thread and calls `store.sync` on it: at once
+    when started (then `on_first_sync` is called, from that thread), then every
+    `interval` seconds."""
 
-    def __init__(self, store: ModelStore, repo: ModelRepository, interval: float):
+    def __init__(self, store: ModelStore, repo: ModelRepository, interval: float,
+                 on_first_sync: Callable[[], None] | None = None):
         if not interval > 0:
             raise ValueError(f"poll interval {interval!r} must be > 0 seconds")
         self.store, self.repo, self.interval = store, repo, interval
+        self.on_first_sync = on_first_sync
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="fedge-serve-watcher", daemon=True)
 
@@ -409,12 +615,19 @@ class Watcher:
 
     def stop(self) -> None:
         self._stop.set()
+        self.store.close()  # a check under way is killed, not waited for
         if self._thread.is_alive():
             self._thread.join(timeout=5)
 
     def _loop(self) -> None:
+        self._sync()
+        if self.on_first_sync is not None and not self._stop.is_set():
+            self.on_first_sync()
         while not self._stop.wait(self.interval):
-            try:
-                self.store.sync(self.repo)
-            except Exception:  # a scan that races a deletion: try again next tick
-                log.exception("repository scan failed")
+            self._sync()
+
+    def _sync(self) -> None:
+        try:
+            self.store.sync(self.repo)
+        except Exception:  # a scan that races a deletion: try again next tick
+            log.exception("repository scan failed")

@@ -104,7 +104,13 @@ from fedge.serve.protocol import (
     parse_infer_request_file,
 )
 from fedge.serve.repository import ModelRepository
-from fedge.serve.runtime import LoadedModel, ModelStore, UnknownModel, Watcher
+from fedge.serve.runtime import (
+    DEFAULT_LOAD_TIMEOUT_S,
+    LoadedModel,
+    ModelStore,
+    UnknownModel,
+    Watcher,
+)
 from fedge.systemd import Notifier, watchdog_interval
 
 log = logging.getLogger("fedge.serve")
@@ -130,6 +136,7 @@ PARSE_APART_BYTES = DIRECT_MAX_BYTES
 # microseconds per float here).
 ENCODE_APART_ELEMENTS = 32768
 DEFAULT_MAX_CONNECTIONS = 1000
+BACKLOG = 1024  # connections the kernel accepts for the server before it takes them
 DEFAULT_IDLE_TIMEOUT_S = 30.0  # to begin a request (a fresh or a keep-alive connection)
 # From a request's first byte to its last: a 64 MiB body needs about 9 Mbit/s.
 DEFAULT_REQUEST_TIMEOUT_S = 60.0
@@ -394,11 +401,16 @@ class InferenceServer:
         idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
         request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
         max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+        load_timeout_s: float | None = DEFAULT_LOAD_TIMEOUT_S,
     ):
-        """Raises: ValueError for a non-positive poll interval, body or header limit,
-        connection limit or timeout, a poll interval over an hour (the watcher thread
-        could not wait on 1e10 or inf: it died, and no new version ever loaded), a
-        thread count below 1 or a negative inline budget."""
+        """`load_timeout_s`: seconds a new version's check may take in its child
+        process (`fedge.serve.runtime.check_in_child`); None checks it in this process
+        with no deadline.
+
+        Raises: ValueError for a non-positive poll interval, body or header limit,
+        connection limit, timeout or load timeout, a poll interval over an hour (the
+        watcher thread could not wait on 1e10 or inf: it died, and no new version ever
+        loaded), a thread count below 1 or a negative inline budget."""
         if not 0 < poll_interval <= MAX_POLL_INTERVAL_S:
             raise ValueError(f"poll_interval {poll_interval!r} must be > 0 seconds and at "
                              f"most {MAX_POLL_INTERVAL_S:g}")
@@ -417,7 +429,7 @@ class InferenceServer:
             if not 0 < seconds < _NEVER:
                 raise ValueError(f"{what} {seconds!r} must be a finite number of seconds > 0")
         self.repo = ModelRepository(repository)
-        self.store = ModelStore(threads=threads)
+        self.store = ModelStore(threads=threads, load_timeout_s=load_timeout_s)
         self.metrics = Metrics()
         self.max_body_bytes = max_body_bytes
         self.max_header_bytes = max_header_bytes
@@ -435,6 +447,8 @@ class InferenceServer:
         self._spill = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedge-spill")
         self.connections = _Connections(max_connections, idle_timeout_s, request_timeout_s,
                                         self.metrics)
+        # called on the event loop once the repository is first loaded (see _lifespan)
+        self.on_ready: Callable[[], None] | None = None
         # direct-lane requests read in the current loop step (see `submit`)
         self._batch: list[tuple[LoadedModel, InferRequest, Any]] = []
         self.store.on_swap = self._swapped
@@ -468,16 +482,21 @@ class InferenceServer:
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, _app: Starlette) -> AsyncIterator[None]:
-        self.store.sync(self.repo)
-        # Everything loaded so far lives as long as the server: keep it out of the
-        # cyclic collector's generations, and collect young objects less often, so
-        # that a request rarely pays for a full collection (the p99 tail).
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(20_000, 50, 100)
+        # The repository is first loaded on the watcher thread, not here: the event
+        # loop must not wait on a model's checks (up to load_timeout_s each) before
+        # the server answers health checks and handles SIGTERM. Until then it is
+        # live and not ready (no model loaded yet).
+        loop = asyncio.get_running_loop()
+        first_sync = asyncio.Event()
+
+        def synced() -> None:  # on the watcher thread
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(first_sync.set)
+
+        self.watcher.on_first_sync = synced
         self.watcher.start()
         notifier = Notifier()
-        notifier.ready(f"serving {len(self.store.names())} model(s) from {self.repo.root}")
+        readiness = asyncio.create_task(self._ready_after(first_sync, notifier))
         # The watchdog is fed from the event loop, so a wedged loop (the thing
         # that answers requests) is what systemd notices.
         interval = watchdog_interval()
@@ -486,6 +505,7 @@ class InferenceServer:
             yield
         finally:
             notifier.stopping("shutting down")
+            readiness.cancel()
             if pinger is not None:
                 pinger.cancel()
             self.watcher.stop()
@@ -493,6 +513,18 @@ class InferenceServer:
             if self._json_process is not None:
                 self._json_process.shutdown(wait=True, cancel_futures=True)
             self._spill.shutdown(wait=True)
+
+    async def _ready_after(self, first_sync: asyncio.Event, notifier: Notifier) -> None:
+        await first_sync.wait()
+        # Everything loaded so far lives as long as the server: keep it out of the
+        # cyclic collector's generations, and collect young objects less often, so
+        # that a request rarely pays for a full collection (the p99 tail).
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(20_000, 50, 100)
+        if self.on_ready is not None:
+            self.on_ready()
+        notifier.ready(f"serving {len(self.store.names())} model(s) from {self.repo.root}")
 
     @staticmethod
     async def _feed_watchdog(notifier: Notifier, interval: float) -> None:
@@ -1567,9 +1599,15 @@ def serve(
     idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+    load_timeout_s: float | None = DEFAULT_LOAD_TIMEOUT_S,
     announce: Callable[[str], None] = print,
 ) -> None:
-    """Bind `host:port` (0: any free port), announce the URL, serve until SIGINT/SIGTERM.
+    """Bind and listen on `host:port` (0: any free port), serve until SIGINT/SIGTERM.
+
+    The URL is announced once the server listens and has loaded its repository
+    (each new version checked within `load_timeout_s`): scripts that wait for the
+    line find the models served. Meanwhile it already answers (/v2/health/live,
+    and /v2/health/ready with 400) and stops on SIGTERM.
 
     The soft limit on open files is raised to the hard limit, and the connection
     limit lowered to fit under it (`FD_RESERVE` descriptors kept for the rest).
@@ -1604,18 +1642,19 @@ def serve(
         repository, poll_interval=poll_interval, max_body_bytes=max_body_bytes, threads=threads,
         inline_budget_s=inline_budget_s, max_connections=max_connections,
         idle_timeout_s=idle_timeout_s, request_timeout_s=request_timeout_s,
-        max_header_bytes=max_header_bytes,
+        max_header_bytes=max_header_bytes, load_timeout_s=load_timeout_s,
     )
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
+    sock.listen(BACKLOG)  # uvicorn listens again (the same backlog) when it starts
     sock.set_inheritable(True)
     bound = sock.getsockname()[1]
     loop, http = _loop_and_http(server_app)
     config = uvicorn.Config(
         server_app, loop=loop, http=http, lifespan="on", access_log=False,
-        log_level="warning", backlog=1024,
+        log_level="warning", backlog=BACKLOG,
         log_config=None,  # its records reach the root logger: the journal, under systemd
         timeout_keep_alive=idle_timeout_s,  # type: ignore[arg-type]  # a float works
         proxy_headers=False,  # nothing here reads the client address
@@ -1625,7 +1664,8 @@ def serve(
         ws="none",
     )
     shown = f"[{host}]" if ":" in host else host
-    announce(f"fedge serve listening on http://{shown}:{bound} (repository {repository})")
+    server_app.on_ready = lambda: announce(
+        f"fedge serve listening on http://{shown}:{bound} (repository {repository})")
     server = uvicorn.Server(config)
     server.run(sockets=[sock])
     if not server.started:

@@ -95,6 +95,9 @@ class AgentConfig:
     # a software update in trial that no coordinator confirms within this is given up:
     # the agent exits 75, systemd restarts it, preflight rolls back after 3 such starts
     update_trial_s: float = 600.0
+    # a software update staged while the agent works for a round restarts it once the
+    # round is over, or after this whatever it does (fedge.agent.updates.RESTART_WAIT_S)
+    update_restart_wait_s: float = 1800.0
     # the site's privacy floor ([privacy]): secure aggregation required by default
     policy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
 
@@ -125,7 +128,7 @@ class Enrolled:
 
 
 _KEYS = ("state_dir", "workers", "heartbeat", "eligibility", "datasets", "health",
-         "update_trial_s", "privacy")
+         "update_trial_s", "update_restart_wait_s", "privacy")
 
 
 def load_config(path: str | Path) -> AgentConfig:
@@ -176,12 +179,17 @@ def load_config(path: str | Path) -> AgentConfig:
     trial = raw.get("update_trial_s", 600.0)
     if isinstance(trial, bool) or not isinstance(trial, int | float) or not trial > 0:
         raise AgentConfigError(f"agent config update_trial_s = {trial!r} must be > 0")
+    restart_wait = raw.get("update_restart_wait_s", 1800.0)
+    if (isinstance(restart_wait, bool) or not isinstance(restart_wait, int | float)
+            or not restart_wait > 0):
+        raise AgentConfigError(f"agent config update_restart_wait_s = {restart_wait!r} "
+                               "must be > 0")
     try:
         policy = PrivacyPolicy.from_config(raw.get("privacy", {}))
     except PrivacyPolicyError as exc:
         raise AgentConfigError(f"agent config {p}: {exc}") from None
     return AgentConfig(state_dir, datasets, float(interval), float(timeout), workers, elig,
-                       health, float(trial), policy)
+                       health, float(trial), float(restart_wait), policy)
 
 
 def load_enrolled(state_dir: Path) -> Enrolled:
@@ -535,7 +543,8 @@ def run(cfg: AgentConfig, *, connect_timeout_s: float | None = None) -> int:
     models = SiteModels(ModelRepository(cfg.state_dir / "models"), trainer.standardisation,
                         site=enrolled.site, classes=trainer.class_names)
     try:
-        attach_update_client(agent, cfg.state_dir, models=models)
+        attach_update_client(agent, cfg.state_dir, models=models,
+                             restart_wait_s=cfg.update_restart_wait_s)
     except FileNotFoundError as exc:  # enrolled without a TUF root: no signed updates
         log.warning("signed updates disabled: %s", exc)
 

@@ -235,6 +235,10 @@ class Agent:
         self.send_frames: SendFn | None = None
         self.task: _Task | None = None
         self._arriving: list[_Arriving] = []
+        self._evaluating: list[tuple[str, int]] = []  # EvalTasks on the executor now
+        # called after each message once the agent holds no round (`held_round`): a
+        # staged software update restarts then (fedge.agent.updates)
+        self.on_idle: Callable[[], None] = lambda: None
         self.last_ack: float | None = None
         self.on_status: Callable[[str], None] = lambda text: None
         self.before_handle: Callable[[codec.Envelope], None] | None = None
@@ -407,6 +411,18 @@ class Agent:
         except Exception:  # logged here, not lost in an unawaited task; the agent goes on
             log.exception("%s: internal error handling %s from the coordinator", self.site,
                           env.header.type)
+        if self.held_round() is None:
+            self.on_idle()
+
+    def held_round(self) -> tuple[str, int] | None:
+        """The (job, round) this agent is working for: a task held from its TrainTask
+        (or its plan being read) to its evaluation, an EvalTask running; None between
+        rounds and jobs, the only time a restart loses nothing."""
+        if self.task is not None:
+            return self.task.job, self.task.round
+        for job, rnd in [*((a.job, a.round) for a in self._arriving), *self._evaluating]:
+            return job, rnd
+        return None
 
     async def handle(self, env: codec.Envelope) -> None:
         if self.before_handle is not None:
@@ -1015,6 +1031,8 @@ class Agent:
         weights = np.array(e.weights, dtype=np.float32)
         self._set_busy(f"{m.TASK_EVAL} {job} round {rnd}")
         loop = asyncio.get_running_loop()
+        evaluating = (job, rnd)
+        self._evaluating.append(evaluating)
         try:
             n, metrics = await loop.run_in_executor(
                 self.executor, lambda: self.trainer.evaluate(plan, weights, e.split))
@@ -1029,6 +1047,7 @@ class Agent:
                                "see the site's journal)", e.task_id)
             return
         finally:
+            self._evaluating.remove(evaluating)
             if self._current(job, rnd):
                 self.task = None
             self._set_busy("")

@@ -87,6 +87,19 @@ FETCH_RETRY_PAUSE_S = 1.0  # after a send that failed at once (no link, socket r
 # reconnections, each of which can cost FETCH_ATTEMPTS tries of a chunk.
 DOWNLOAD_MIN_RATE = 16 * 1024  # bytes per second, on average over the download
 DOWNLOAD_FLOOR_S = 300.0
+# A software update staged while the agent works for a round (training, secure
+# aggregation, evaluation: `fedge.agent.runtime.Agent.held_round`) restarts the agent
+# once that round is over, not at once: leaving mid-round throws the local training
+# away, or leaves a secure aggregation whose DP run was charged for an update never
+# summed. The wait is bounded (agent.toml update_restart_wait_s): one round at the
+# plan's default deadlines (train 600 s, secure aggregation 4 x 60 s, evaluation
+# 120 s) fits in it with room, and a coordinator that keeps the site in round after
+# round (one that predates holding the ask back) cannot keep it on the old version.
+RESTART_WAIT_S = 1800.0
+# Once the round is over, the agent waits this long, still idle, before leaving: its
+# last reply (the EvalResult) is queued on the socket, which a restart would drop.
+RESTART_SETTLE_S = 0.5
+IDLE_POLL_S = 5.0  # the agent also says when it becomes idle (`agent_idle`)
 
 
 class FetchTransportError(DownloadError):
@@ -834,10 +847,19 @@ class AgentUpdateClient:
                  executor: Executor | None = None, reply_timeout_s: float = 30.0,
                  health_deadline_s: float = 30.0, self_update: SelfUpdate | None = None,
                  restart: Callable[[], None] | None = None,
-                 fetch_attempts: int = FETCH_ATTEMPTS) -> None:
-        """Raises: ValueError if reply_timeout_s is not positive or fetch_attempts < 1."""
+                 fetch_attempts: int = FETCH_ATTEMPTS,
+                 held_round: Callable[[], tuple[str, int] | None] | None = None,
+                 restart_wait_s: float = RESTART_WAIT_S) -> None:
+        """`held_round`: the (job, round) the agent works for, None when idle
+        (`fedge.agent.runtime.Agent.held_round`); a staged software update restarts
+        when it is None, or after `restart_wait_s` whatever it says.
+
+        Raises: ValueError if reply_timeout_s or restart_wait_s is not positive or
+        fetch_attempts < 1."""
         if not reply_timeout_s > 0:
             raise ValueError(f"reply_timeout_s {reply_timeout_s!r} must be > 0")
+        if not restart_wait_s > 0:
+            raise ValueError(f"restart_wait_s {restart_wait_s!r} must be > 0")
         if fetch_attempts < 1:
             raise ValueError(f"fetch_attempts {fetch_attempts!r} must be >= 1")
         self.updater = updater
@@ -863,6 +885,9 @@ class AgentUpdateClient:
         # version confirms on its first HeartbeatAck (see fedge.update.ab.SelfUpdate).
         self.self_update = self_update
         self.restart = restart or _systemd_restart
+        self.held_round = held_round or (lambda: None)
+        self.restart_wait_s = restart_wait_s
+        self._idle: asyncio.Event | None = None  # set by `agent_idle` while a restart waits
         self._acked = False
         updater.fetcher = ZmqFetcher(self.roundtrip)
 
@@ -925,7 +950,8 @@ class AgentUpdateClient:
                 return
             if self.self_update is not None:
                 staged = await loop.run_in_executor(self.executor, self._stage_software, msg)
-                if staged is True:
+                if isinstance(staged, str):
+                    await self._restart_when_idle(staged)
                     return  # the restarted version reports the outcome
                 if isinstance(staged, UpdateOutcome):
                     await self._report(staged)
@@ -946,8 +972,53 @@ class AgentUpdateClient:
         self.outcomes.append(outcome)
         await self._send(outcome)
 
-    def _stage_software(self, msg: UpdateAvailable) -> bool | UpdateOutcome | None:
-        """Stage a software target for the restart; None if `msg` is not software."""
+    def agent_idle(self) -> None:
+        """The agent's word that it holds no round now: a restart waiting for that
+        checks at once (the gap between two rounds may be short)."""
+        if self._idle is not None:
+            self._idle.set()
+
+    async def _restart_when_idle(self, version: str) -> None:
+        """Restart into the staged `version` once the agent works for no round
+        (`held_round` None, still so `RESTART_SETTLE_S` later), or after
+        `restart_wait_s` whatever it works for."""
+        held = self.held_round()
+        if held is None:
+            log.warning("software %s staged; restarting into it", version)
+            self.restart()
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.restart_wait_s
+        log.warning("software %s staged; restarting after round %d of job %s ends (in "
+                    "%g s at most)", version, held[1], held[0], self.restart_wait_s)
+        while True:
+            self._idle = asyncio.Event()
+            left = deadline - loop.time()
+            if left <= 0:
+                log.warning("software %s staged %g s ago; round %d of job %s is not over: "
+                            "restarting into it now (the round goes on without this site)",
+                            version, self.restart_wait_s, held[1], held[0])
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), min(left, IDLE_POLL_S))
+            now = self.held_round()
+            if now is None:
+                await asyncio.sleep(min(RESTART_SETTLE_S, max(0.0, deadline - loop.time())))
+                now = self.held_round()
+                if now is None:
+                    log.warning("software %s staged; round %d of job %s is over: "
+                                "restarting into it", version, held[1], held[0])
+                    break
+            if now != held:
+                log.warning("software %s staged; round %d of job %s began first: restarting "
+                            "after it ends", version, now[1], now[0])
+                held = now
+        self._idle = None
+        self.restart()
+
+    def _stage_software(self, msg: UpdateAvailable) -> str | UpdateOutcome | None:
+        """Stage a software target for the restart (`_restart_when_idle`): the version
+        staged, an outcome if refused, None if `msg` is not software."""
         assert self.self_update is not None
         try:
             specs = self.updater.refresh()
@@ -969,9 +1040,7 @@ class AgentUpdateClient:
         except Exception as exc:  # refused by TUF, bad bundle: nothing switched
             return UpdateOutcome(msg.rollout_id, msg.path, False, False,
                                  f"{type(exc).__name__}: {exc}")
-        log.warning("software %s staged; restarting into it", spec.version)
-        self.restart()
-        return True
+        return str(spec.version)
 
     @property
     def confirmed(self) -> bool:
@@ -1070,7 +1139,8 @@ class AgentUpdateClient:
 def attach_update_client(agent: Any, state_dir: Path, *, models: ModelInstaller | None = None,
                          service: Service | None = None, reply_timeout_s: float = 30.0,
                          software_root: Path | None = None,
-                         restart: Callable[[], None] | None = None) -> AgentUpdateClient:
+                         restart: Callable[[], None] | None = None,
+                         restart_wait_s: float = RESTART_WAIT_S) -> AgentUpdateClient:
     """Give a `fedge.agent.runtime.Agent` signed updates: UpdateAvailable and
     UpdateFetchReply go to an `AgentUpdateClient`, everything else to the agent.
 
@@ -1079,7 +1149,9 @@ def attach_update_client(agent: Any, state_dir: Path, *, models: ModelInstaller 
     ``python -m fedge.update.ab exec`` (which sets ``FEDGE_SOFTWARE_ROOT``, also when
     it runs the packaged install: a fresh appliance takes its first update), or when
     `software_root` already has a ``current`` link. The slot root is `software_root`,
-    else the launcher's, else ``<state_dir>/software``.
+    else the launcher's, else ``<state_dir>/software``. A staged software update
+    restarts the agent once it works for no round (`Agent.held_round`), or after
+    `restart_wait_s`.
 
     Raises:
         FileNotFoundError: the appliance was never enrolled (no trusted TUF root).
@@ -1095,7 +1167,10 @@ def attach_update_client(agent: Any, state_dir: Path, *, models: ModelInstaller 
     client = AgentUpdateClient(AgentUpdater(state_dir), agent.send, models=models,
                                service=service, executor=getattr(agent, "executor", None),
                                reply_timeout_s=reply_timeout_s, self_update=self_update,
-                               restart=restart)
+                               restart=restart, held_round=getattr(agent, "held_round", None),
+                               restart_wait_s=restart_wait_s)
+    if hasattr(agent, "on_idle"):
+        agent.on_idle = client.agent_idle
     inner = agent.handle
 
     async def handle(env: Any) -> None:

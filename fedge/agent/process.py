@@ -503,8 +503,17 @@ async def run_agent(agent: Agent, enrolled: Enrolled, *, interval_s: float, time
     return code
 
 
+RELOAD_REFUSED = ("SIGHUP received: reload is not supported; use systemctl restart "
+                  "fedge-agent (the configuration is read at start). Still running")
+
+
+def _reload_refused() -> None:
+    log.warning(RELOAD_REFUSED)
+
+
 def run(cfg: AgentConfig, *, connect_timeout_s: float | None = None) -> int:
-    """Blocking entry point for ``fedge agent``.
+    """Blocking entry point for ``fedge agent``. SIGTERM and SIGINT stop it; SIGHUP is
+    logged (RELOAD_REFUSED) and otherwise ignored.
 
     Raises: AgentConfigError: not enrolled (fedge.agent.process.load_enrolled),
         another agent runs on the state directory (its pid named), or $FEDGE_SIMD
@@ -554,6 +563,11 @@ def run(cfg: AgentConfig, *, connect_timeout_s: float | None = None) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, stop.set)
+        # SIGHUP's default ends the process without a word, and systemd counts a death
+        # by SIGHUP as clean (Restart=on-failure does not restart it): an operator's
+        # habitual `kill -HUP` to "reload" left the appliance out of the federation
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGHUP, _reload_refused)
         return await run_agent(agent, enrolled, interval_s=cfg.heartbeat_interval_s,
                                timeout_s=cfg.heartbeat_timeout_s, stop=stop,
                                notifier=Notifier(), connect_timeout_s=connect_timeout_s,

@@ -243,7 +243,7 @@ class Metrics:
             "limit, the one waiting longest on its client), refused (at the limit with every "
             "connection busy, 503), malformed (400: not a valid HTTP request), "
             "headers_too_large (431, or 414 for the URL: the request line and headers over "
-            "their limit)",
+            "their limit), body_too_large (413: a declared body over the limit)",
             ["reason"], registry=self.registry,
         )
 
@@ -1163,6 +1163,20 @@ class _Direct:
         self.label = model.name
 
 
+def _declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    """The body length a request declares: its one Content-Length, if it has no
+    Transfer-Encoding; else None (the ASGI lane says what is wrong, if anything)."""
+    length: int | None = None
+    for key, value in headers:
+        if key == b"content-length":
+            if length is not None or not value.isdigit() or len(value) > 20:
+                return None
+            length = int(value)
+        elif key == b"transfer-encoding":
+            return None
+    return length
+
+
 def _direct_headers(headers: list[tuple[bytes, bytes]]) -> tuple[int, str | None] | None:
     """(Content-Length, Inference-Header-Content-Length) of a request the direct lane
     can take: a declared length, no body encoding, no `Expect`; else None."""
@@ -1225,6 +1239,14 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
 
     class _HeadTooLarge(Exception):
         """Raised from a parser callback to stop parsing a head over the limit."""
+
+    class _BodyRefused(Exception):
+        """Raised from on_headers_complete to refuse a request for its declared body
+        before any of it is read (data_received answers, and closes)."""
+
+        def __init__(self, status: int, message: str, reason: str):
+            super().__init__(message)
+            self.status, self.message, self.reason = status, message, reason
 
     class InferenceHttpProtocol(HttpToolsProtocol):
         """uvicorn's httptools protocol, answering cheap inference requests itself,
@@ -1379,6 +1401,8 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
                 self._refuse(400, f"malformed HTTP request: {exc}", "malformed")
             elif isinstance(cause, _HeadTooLarge):  # raised by on_headers_complete
                 self._refuse_head(self._head_over)
+            elif isinstance(cause, _BodyRefused):  # raised by on_headers_complete too
+                self._refuse(cause.status, cause.message, cause.reason)
             elif isinstance(cause, httptools.HttpParserInvalidURLError):
                 self._refuse(400, "malformed HTTP request: invalid URL", "malformed")
             elif isinstance(cause, UnicodeDecodeError):  # uvicorn decodes the path as ASCII
@@ -1486,6 +1510,14 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
             if size > head_limit:
                 self._head_over = size
                 raise _HeadTooLarge(size)  # httptools stops parsing; data_received answers
+            if method == b"POST":
+                declared = _declared_length(self.headers)
+                if declared is not None and declared > app.max_body_bytes:
+                    # refused before the body: answered with `connection: close`, and
+                    # the connection closed soon after (_send_refusal), not drained
+                    raise _BodyRefused(
+                        413, f"request body of {declared} bytes exceeds the limit of "
+                             f"{app.max_body_bytes} bytes", "body_too_large")
             self._direct = self._take_direct(method)
             if self._direct is None:
                 super().on_headers_complete()  # raises for a URL it cannot parse

@@ -534,6 +534,7 @@ def run(cfg: AgentConfig, *, connect_timeout_s: float | None = None) -> int:
         instance_lock.hold(cfg.state_dir, "agent")
     except instance_lock.InstanceLocked as exc:
         raise AgentConfigError(str(exc)) from None
+    remove_stale_temps_of(cfg.state_dir, health=cfg.health)
     trainer = TorchTrainer(cfg.datasets, state_dir=cfg.state_dir)
     executor: Executor = ThreadPoolExecutor(cfg.workers, thread_name_prefix=TASK_THREAD_PREFIX)
     xids = start_xid_monitor() if cfg.health else None
@@ -594,6 +595,25 @@ def run(cfg: AgentConfig, *, connect_timeout_s: float | None = None) -> int:
             sys.stderr.flush()
             os._exit(code)
     return code
+
+
+def remove_stale_temps_of(state_dir: Path, *, health: bool = True) -> list[Path]:
+    """Remove what writes killed mid-way (SIGKILL, power cut) left in the agent's state
+    directory and its ``secagg/``: the temporaries of ``write_atomic`` (a roster update,
+    the reveal log's first line or compaction) that no live writer holds, and the health
+    probe's files of processes gone. ``jobs/`` and ``privacy/`` are the trainer's
+    (TorchTrainer sweeps them); the software slots are ``fedge.update.ab``'s. Called
+    with the instance lock held, so no other agent writes here; a temporary younger
+    than ``fedge.update.files.TEMP_GRACE_S`` is left (`fedge agent enrol` may be
+    writing). Returns the paths removed."""
+    from fedge.update.files import remove_stale_temps
+
+    removed = remove_stale_temps(state_dir) + remove_stale_temps(Path(state_dir) / "secagg")
+    if health:
+        from fedge.health.collect import remove_stale_probes
+
+        removed += remove_stale_probes(state_dir)
+    return removed
 
 
 def wait_for_tasks(grace_s: float) -> bool:

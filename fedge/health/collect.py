@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import threading
 import time
 from collections import deque
@@ -284,6 +285,53 @@ def state_dir_problem(state_dir: str | os.PathLike[str]) -> str:
             os.unlink(probe)
         return f"state dir {path} cannot be written: {exc}"
     return ""
+
+
+_PROBE_NAME = re.compile(re.escape(PROBE_FILE) + r"-(\d+)-(\d+)")
+
+
+def remove_stale_probes(state_dir: str | os.PathLike[str], *,
+                        grace_s: float = 60.0) -> list[Path]:
+    """Remove the probe files of :func:`state_dir_problem` that a process killed
+    during the probe's write or fsync left in ``state_dir``: regular files named
+    ``PROBE_FILE-<pid>-<thread>`` whose pid is no live process and that were last
+    modified more than ``grace_s`` ago (their name holds a pid, so no later probe
+    replaces them). A probe of a live process (an agent, ``fedge health``) is left
+    alone. Never raises: what cannot be removed is logged. Returns the paths removed."""
+    directory = Path(state_dir)
+    try:
+        entries = [e for e in os.scandir(directory) if _PROBE_NAME.fullmatch(e.name)]
+    except OSError:  # no state dir yet, or unreadable: the probe says so
+        return []
+    removed = []
+    for entry in entries:
+        pid = int(_PROBE_NAME.fullmatch(entry.name).group(1))  # type: ignore[union-attr]
+        try:
+            if (not entry.is_file(follow_symlinks=False) or _alive(pid)
+                    or entry.stat(follow_symlinks=False).st_mtime > time.time() - grace_s):
+                continue
+            os.unlink(entry.path)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            log.warning("cannot remove stale health probe file %s: %s", entry.path, exc)
+            continue
+        removed.append(Path(entry.path))
+        log.info("removed %s, left by a health probe that did not finish", entry.path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this pid exists (one of another user's counts)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return pid > 0
+    return True
 
 
 def collect(

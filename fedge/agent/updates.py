@@ -631,17 +631,42 @@ class AgentUpdater:
                 log.warning("cannot remove the replaced app version %s: %s", path, exc)
 
     def _audit(self, outcome: InstallOutcome) -> None:
-        log = self.state_dir / "updates" / "audit.jsonl"
-        log.parent.mkdir(parents=True, exist_ok=True)
+        """Append `outcome` to ``updates/audit.jsonl``, on disk (fsynced) before the
+        outcome is reported. A line a crash cut short is ended first, so that it
+        spoils only itself (`audit_log` skips it)."""
+        path = self.state_dir / "updates" / "audit.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
         record = {"time": self.clock().isoformat(), **outcome.to_dict()}
-        with open(log, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+        line = json.dumps(record, sort_keys=True) + "\n"
+        with open(path, "a+b") as f:
+            if f.tell() > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    line = "\n" + line
+            f.write(line.encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
 
     def audit_log(self) -> list[dict[str, object]]:
-        log = self.state_dir / "updates" / "audit.jsonl"
-        if not log.exists():
+        """The audited outcomes, oldest first. A line that is not a JSON record (cut
+        short by a crash or a power cut while it was appended) is skipped and logged."""
+        path = self.state_dir / "updates" / "audit.jsonl"
+        if not path.exists():
             return []
-        return [json.loads(line) for line in log.read_text().splitlines() if line]
+        records = []
+        for number, line in enumerate(path.read_bytes().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are
+                log.warning("%s line %d is not an audit record (a write cut short?): "
+                            "skipped (%s)", path, number, exc)
+                continue
+            records.append(record)
+        return records
 
 
 def retryable(outcome: UpdateOutcome) -> bool:

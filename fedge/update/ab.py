@@ -198,6 +198,9 @@ class SlotInstaller:
             else:
                 raise ValueError(f"bundle {name!r}: unknown type (expected .tar.gz, .whl, .deb)")
             verify_slot(tmp)
+            # on disk before the slot is named: after a power cut, `current` must not
+            # point at a slot of empty or missing files (switch fsyncs only the link)
+            self._fsync_tree(tmp)
         except (tarfile.TarError, zipfile.BadZipFile, subprocess.SubprocessError, OSError,
                 UnsafeArchive, KeyError) as exc:  # KeyError: tarfile's hardlink to a
             # member not there (refused before extracting now; kept as a second layer)
@@ -209,7 +212,24 @@ class SlotInstaller:
         if dest.exists():
             shutil.rmtree(dest)
         tmp.rename(dest)
+        self._fsync(self.slots)
         return dest
+
+    @classmethod
+    def _fsync_tree(cls, top: Path) -> None:
+        """fsync every regular file and directory under `top` (symlinks are not
+        followed: a link's own entry is in its directory, fsynced). Raises: OSError."""
+        for directory, _dirs, files in os.walk(top):
+            for name in files:
+                path = os.path.join(directory, name)
+                if os.path.islink(path) or not os.path.isfile(path):
+                    continue
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            cls._fsync(Path(directory))
 
     def switch(self, version: str) -> str | None:
         """Point `current` at slots/<version> atomically; returns the version it replaced.

@@ -107,7 +107,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--poll-interval", type=_poll_interval, default=0.5,
                        help="seconds between repository scans for new versions (at most "
                             "3600)")
-    serve.add_argument("--max-body-bytes", type=positive_int, default=64 * 1024 * 1024)
+    serve.add_argument("--max-body-bytes", type=positive_int, default=64 * 1024 * 1024,
+                       help="one request's body; a larger one gets 413 (default 64 MiB)")
+    serve.add_argument("--max-buffered-body-bytes", type=positive_int, default=256 * 1024 * 1024,
+                       help="request bodies held at once, all connections together, at least "
+                            "--max-body-bytes; a request whose body does not fit gets 503 with "
+                            "Retry-After before it is read (default 256 MiB)")
     serve.add_argument("--max-header-bytes", type=positive_int, default=64 * 1024,
                        help="request line and headers of one request; more gets 431 (414 for "
                             "a long URL) and the connection is closed (default 65536)")
@@ -165,7 +170,9 @@ def _serve(args: argparse.Namespace) -> int:
             threads=args.threads,
             inline_budget_s=args.inline_budget_ms / 1000, max_connections=args.max_connections,
             idle_timeout_s=args.idle_timeout, request_timeout_s=args.request_timeout,
-            load_timeout_s=args.load_timeout, announce=lambda line: print(line, flush=True),
+            load_timeout_s=args.load_timeout,
+            max_buffered_body_bytes=args.max_buffered_body_bytes,
+            announce=lambda line: print(line, flush=True),
         )
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"fedge serve: {exc}", file=sys.stderr)

@@ -121,6 +121,10 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
+# Request bodies held at once, all connections together (see _BodyBudget): without
+# it, 1000 connections could each hold a 64 MiB body (64 GB).
+DEFAULT_MAX_BUFFERED_BODY = 256 * 1024 * 1024
+BUSY_RETRY_AFTER_S = 1  # Retry-After of a 503 for a body that does not fit now
 # A request's line and headers together. httptools and uvicorn keep appending to
 # a header value or URL that does not end, each append copying all of it so far:
 # one client sending an endless header held the event loop for seconds at a time.
@@ -232,6 +236,11 @@ class Metrics:
             buckets=(2, 4, 8, 16, 32, 64), registry=self.registry,
         )
         self.observe = self.infer.observe
+        self.buffered_body_bytes = Gauge(
+            "fedge_serve_buffered_body_bytes",
+            "Request-body bytes held now, all connections together (at most "
+            "--max-buffered-body-bytes)", registry=self.registry,
+        )
         self.open_connections = Gauge(
             "fedge_serve_open_connections", "Client connections open now",
             registry=self.registry,
@@ -243,7 +252,8 @@ class Metrics:
             "limit, the one waiting longest on its client), refused (at the limit with every "
             "connection busy, 503), malformed (400: not a valid HTTP request), "
             "headers_too_large (431, or 414 for the URL: the request line and headers over "
-            "their limit), body_too_large (413: a declared body over the limit)",
+            "their limit), body_too_large (413: a declared body over the limit), busy (503: "
+            "a body that does not fit --max-buffered-body-bytes now)",
             ["reason"], registry=self.registry,
         )
 
@@ -386,6 +396,44 @@ class _Connections:
         self._timer = loop.call_later(self.tick, self._sweep) if self.open else None
 
 
+class _BodyBudget:
+    """The request-body bytes the server holds, all connections together: a request
+    takes its declared length (or its chunks as they come) before its body is
+    read, and gives it back once answered; one that does not fit gets a 503 with
+    Retry-After and is not read. Used on the event loop only."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+
+    def fits(self, n: int) -> bool:
+        return self.used + n <= self.limit
+
+    def take(self, n: int) -> bool:
+        if self.used + n > self.limit:
+            return False
+        self.used += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.used -= n
+
+    def refusal(self) -> str:
+        return (f"the server holds as many request bodies as it may ({self.limit} bytes, all "
+                f"connections together); try again in {BUSY_RETRY_AFTER_S} s")
+
+
+class _Busy(ProtocolError):
+    """503: the body does not fit the server's body budget now (the ASGI lane)."""
+
+    def __init__(self, budget: _BodyBudget):
+        super().__init__(503, budget.refusal())
+        self.headers = {"retry-after": str(BUSY_RETRY_AFTER_S), "connection": "close"}
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (ProtocolError, (self.status, self.message))
+
+
 class InferenceServer:
     """The ASGI application: `InferenceServer(root)` is what uvicorn runs."""
 
@@ -402,15 +450,18 @@ class InferenceServer:
         request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
         max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
         load_timeout_s: float | None = DEFAULT_LOAD_TIMEOUT_S,
+        max_buffered_body_bytes: int = DEFAULT_MAX_BUFFERED_BODY,
     ):
-        """`load_timeout_s`: seconds a new version's check may take in its child
-        process (`fedge.serve.runtime.check_in_child`); None checks it in this process
-        with no deadline.
+        """`max_buffered_body_bytes`: request-body bytes held at once, all connections
+        together (`_BodyBudget`). `load_timeout_s`: seconds a new version's check may
+        take in its child process (`fedge.serve.runtime.check_in_child`); None checks
+        it in this process with no deadline.
 
         Raises: ValueError for a non-positive poll interval, body or header limit,
-        connection limit, timeout or load timeout, a poll interval over an hour (the
-        watcher thread could not wait on 1e10 or inf: it died, and no new version ever
-        loaded), a thread count below 1 or a negative inline budget."""
+        connection limit, timeout or load timeout, a body budget below the body limit
+        (a request of the largest size allowed could never be read), a poll interval
+        over an hour (the watcher thread could not wait on 1e10 or inf: it died, and no
+        new version ever loaded), a thread count below 1 or a negative inline budget."""
         if not 0 < poll_interval <= MAX_POLL_INTERVAL_S:
             raise ValueError(f"poll_interval {poll_interval!r} must be > 0 seconds and at "
                              f"most {MAX_POLL_INTERVAL_S:g}")
@@ -418,6 +469,11 @@ class InferenceServer:
             raise ValueError(f"threads {threads!r} must be >= 1")
         if not max_body_bytes > 0:
             raise ValueError(f"max_body_bytes {max_body_bytes!r} must be > 0")
+        if not max_buffered_body_bytes >= max_body_bytes:
+            raise ValueError(
+                f"max_buffered_body_bytes {max_buffered_body_bytes!r} must be at least "
+                f"max_body_bytes {max_body_bytes!r}: a request of the largest size allowed "
+                "could never be read")
         if not max_header_bytes > 0:
             raise ValueError(f"max_header_bytes {max_header_bytes!r} must be > 0")
         if not inline_budget_s >= 0:
@@ -432,6 +488,8 @@ class InferenceServer:
         self.store = ModelStore(threads=threads, load_timeout_s=load_timeout_s)
         self.metrics = Metrics()
         self.max_body_bytes = max_body_bytes
+        self.body_budget = _BodyBudget(max_buffered_body_bytes)
+        self.metrics.buffered_body_bytes.set_function(lambda: self.body_budget.used)
         self.max_header_bytes = max_header_bytes
         # one per (model, version): a model failing often hides none of another's
         self._model_failures: dict[tuple[str, int], _FailureLog] = {}
@@ -552,28 +610,42 @@ class InferenceServer:
         start = time.perf_counter()
         # unknown names share one label: a client cannot grow the metric families
         label = name if self.store.has(name) else "_unknown"
+        held = [0]  # bytes of the body budget this request holds, until it is answered
         try:
-            body = await self._read_body(scope, receive)
-            status, payload, headers = await self.infer(name, version, body, scope)
-        except _ClientGone:
-            return
-        except ProtocolError as exc:
-            status, payload, headers = exc.status, exc.body(), {"content-type": "application/json"}
-        except Exception as exc:  # a bug, not the client: the protocol's error JSON, not
-            # uvicorn's plain-text 500 with our traceback in it
-            log.exception("inference request failed")
-            status, payload = 500, error_body(f"internal error: {exc}")
-            headers = {"content-type": "application/json"}
-        raw_headers = [(k.encode(), v.encode()) for k, v in headers.items()]
-        raw_headers.append((b"content-length", str(len(payload)).encode()))
-        await send({"type": "http.response.start", "status": status, "headers": raw_headers})
-        await send({"type": "http.response.body", "body": payload})
+            try:
+                body = await self._read_body(scope, receive, held)
+                status, payload, headers = await self.infer(name, version, body, scope)
+            except _ClientGone:
+                return
+            except ProtocolError as exc:
+                status, payload = exc.status, exc.body()
+                headers = {"content-type": "application/json", **getattr(exc, "headers", {})}
+            except Exception as exc:  # a bug, not the client: the protocol's error JSON, not
+                # uvicorn's plain-text 500 with our traceback in it
+                log.exception("inference request failed")
+                status, payload = 500, error_body(f"internal error: {exc}")
+                headers = {"content-type": "application/json"}
+            raw_headers = [(k.encode(), v.encode()) for k, v in headers.items()]
+            raw_headers.append((b"content-length", str(len(payload)).encode()))
+            await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+            await send({"type": "http.response.body", "body": payload})
+        finally:
+            self.body_budget.give(held[0])
         self.metrics.observe(label, status, time.perf_counter() - start)
 
-    async def _read_body(self, scope: Scope, receive: Receive) -> bytes | list[bytes]:
+    async def _read_body(self, scope: Scope, receive: Receive,
+                         held: list[int] | None = None) -> bytes | list[bytes]:
         """The request body: bytes, or its chunks when it is large enough for the JSON
         process (joining 58 MiB held the event loop for about 50 ms here; the chunks
-        are written to a file off the loop instead, see `_parse_apart`)."""
+        are written to a file off the loop instead, see `_parse_apart`).
+
+        With `held`, the body's bytes are taken from the body budget before they are
+        read (the declared length at once, else chunk by chunk) and counted in
+        held[0]; the caller gives them back.
+
+        Raises: ProtocolError 400/413 for a bad or oversized length; _Busy (503) for a
+        body that does not fit the budget now; _ClientGone.
+        """
         limit = self.max_body_bytes
         declared = _header(scope, b"content-length")
         if declared is not None:
@@ -586,6 +658,10 @@ class InferenceServer:
                 raise ProtocolError(
                     413, f"request body of {n} bytes exceeds the limit of {limit} bytes"
                 )
+            if held is not None:
+                if not self.body_budget.take(n):
+                    raise _Busy(self.body_budget)
+                held[0] = n
         chunks: list[bytes] = []
         total = 0
         while True:
@@ -598,6 +674,10 @@ class InferenceServer:
                 raise ProtocolError(
                     413, f"request body exceeds the limit of {limit} bytes"
                 )
+            if held is not None and total > held[0]:  # chunked: no length declared
+                if not self.body_budget.take(total - held[0]):
+                    raise _Busy(self.body_budget)
+                held[0] = total
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
@@ -1151,7 +1231,7 @@ class _CoalescingTransport:
 class _Direct:
     """A direct-lane request between its headers and its last body byte."""
 
-    __slots__ = ("body", "header_length", "keep_alive", "label", "model", "start")
+    __slots__ = ("body", "header_length", "keep_alive", "label", "model", "reserved", "start")
 
     def __init__(self, model: LoadedModel, header_length: str | None, keep_alive: bool,
                  start: float):
@@ -1161,6 +1241,7 @@ class _Direct:
         self.keep_alive = keep_alive
         self.start = start
         self.label = model.name
+        self.reserved = 0  # bytes of the body budget taken for it (given back when read)
 
 
 def _declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:
@@ -1244,9 +1325,10 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
         """Raised from on_headers_complete to refuse a request for its declared body
         before any of it is read (data_received answers, and closes)."""
 
-        def __init__(self, status: int, message: str, reason: str):
+        def __init__(self, status: int, message: str, reason: str, headers: bytes = b""):
             super().__init__(message)
             self.status, self.message, self.reason = status, message, reason
+            self.headers = headers  # header lines added to the refusal
 
     class InferenceHttpProtocol(HttpToolsProtocol):
         """uvicorn's httptools protocol, answering cheap inference requests itself,
@@ -1267,7 +1349,7 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
         _head_over = 0  # the size of a head measured whole and found over the limit
         # (status, message) to answer before closing, once the responses owed for
         # the earlier requests on this connection are written
-        _refusal: tuple[int, str] | None = None
+        _refusal: tuple[int, str, bytes] | None = None  # and header lines to add
         _lingering = False  # the refusal is sent: reading what else comes until closed
         _discarded = 0  # bytes read and dropped meanwhile
 
@@ -1281,6 +1363,7 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
 
         def connection_lost(self, exc: Exception | None) -> None:
             connections.drop(self)
+            self._drop_direct()
             super().connection_lost(exc)
 
         def _wait_on_client(self, timeout_s: float) -> None:
@@ -1402,7 +1485,7 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
             elif isinstance(cause, _HeadTooLarge):  # raised by on_headers_complete
                 self._refuse_head(self._head_over)
             elif isinstance(cause, _BodyRefused):  # raised by on_headers_complete too
-                self._refuse(cause.status, cause.message, cause.reason)
+                self._refuse(cause.status, cause.message, cause.reason, cause.headers)
             elif isinstance(cause, httptools.HttpParserInvalidURLError):
                 self._refuse(400, "malformed HTTP request: invalid URL", "malformed")
             elif isinstance(cause, UnicodeDecodeError):  # uvicorn decodes the path as ASCII
@@ -1419,7 +1502,8 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
                 self._refuse(431, f"request headers exceed {head_limit} bytes",
                              "headers_too_large")
 
-        def _refuse(self, status: int, message: str, reason: str) -> None:
+        def _refuse(self, status: int, message: str, reason: str,
+                    headers: bytes = b"") -> None:
             """Answer `status` with `message` and close. The refusal is answered after
             the responses still owed for the earlier requests on this connection
             (pipelined), which keep their order; a request at fault in its body that
@@ -1428,9 +1512,9 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
             connections.note(reason)
             in_head = self._in_headers or not self._reading
             direct_body = self._direct is not None  # else self.cycle is the request's
-            self._refusal = (status, message)
+            self._refusal = (status, message, headers)
             self._reading = self._in_headers = False
-            self._direct = None
+            self._drop_direct()
             self.flow.pause_reading()
             self._since, self.deadline = None, _NEVER  # the server's turn now
             if in_head:
@@ -1475,11 +1559,11 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
             buffer before it is read (a flooder would never see its 431). A client
             that reads the response and closes ends it sooner."""
             assert self._refusal is not None
-            status, message = self._refusal
+            status, message, extra = self._refusal
             self._lingering = True
             payload = error_body(message)
             self.transport.write(b"".join([
-                STATUS_LINE[status], _default_headers(self.server_state.default_headers),
+                STATUS_LINE[status], _default_headers(self.server_state.default_headers), extra,
                 b"content-type: application/json\r\ncontent-length: ",
                 str(len(payload)).encode(), b"\r\nconnection: close\r\n\r\n", payload,
             ]))
@@ -1492,8 +1576,15 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
             now = self.loop.time()
             self._since, self.deadline = now, now + LINGER_S  # evictable meanwhile
 
+        def _drop_direct(self) -> None:
+            """Forget the direct-lane request being read, giving its body budget back."""
+            direct, self._direct = self._direct, None
+            if direct is not None:
+                app.body_budget.give(direct.reserved)
+                direct.reserved = 0
+
         def on_message_begin(self) -> None:
-            self._direct = None
+            self._drop_direct()
             self._reading = self._in_headers = True
             self.deadline = self.loop.time() + connections.request_timeout_s
             super().on_message_begin()
@@ -1518,6 +1609,9 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
                     raise _BodyRefused(
                         413, f"request body of {declared} bytes exceeds the limit of "
                              f"{app.max_body_bytes} bytes", "body_too_large")
+                if declared is not None and not app.body_budget.fits(declared):
+                    raise _BodyRefused(503, app.body_budget.refusal(), "busy",
+                                       b"retry-after: %d\r\n" % BUSY_RETRY_AFTER_S)
             self._direct = self._take_direct(method)
             if self._direct is None:
                 super().on_headers_complete()  # raises for a URL it cannot parse
@@ -1540,9 +1634,13 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
             model = app.direct_model(route[0], route[1], declared[0])
             if model is None:
                 return None
+            if not app.body_budget.take(declared[0]):
+                return None  # not reached: on_headers_complete checked that it fits
             keep_alive = (self.parser.get_http_version() != "1.0"
                           and self.parser.should_keep_alive())
-            return _Direct(model, declared[1], keep_alive, time.perf_counter())
+            direct = _Direct(model, declared[1], keep_alive, time.perf_counter())
+            direct.reserved = declared[0]
+            return direct
 
         def shutdown(self) -> None:
             if self._owed is not None:  # answer it first, then close (as uvicorn does
@@ -1568,7 +1666,7 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
                 super().on_message_complete()
                 return
             self._since, self.deadline = None, _NEVER
-            self._direct = None
+            self._drop_direct()  # parsed now, run by the end of this loop step
             self._owed = direct  # until it is answered, this connection's next request
             # takes the ASGI lane, whose task runs after the batch: responses keep order
             try:
@@ -1632,6 +1730,7 @@ def serve(
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
     load_timeout_s: float | None = DEFAULT_LOAD_TIMEOUT_S,
+    max_buffered_body_bytes: int = DEFAULT_MAX_BUFFERED_BODY,
     announce: Callable[[str], None] = print,
 ) -> None:
     """Bind and listen on `host:port` (0: any free port), serve until SIGINT/SIGTERM.
@@ -1675,6 +1774,7 @@ def serve(
         inline_budget_s=inline_budget_s, max_connections=max_connections,
         idle_timeout_s=idle_timeout_s, request_timeout_s=request_timeout_s,
         max_header_bytes=max_header_bytes, load_timeout_s=load_timeout_s,
+        max_buffered_body_bytes=max_buffered_body_bytes,
     )
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)

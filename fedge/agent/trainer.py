@@ -140,6 +140,34 @@ def check_data_fits_model(plan: Plan, data: Any) -> None:
             "site's agent.toml")
 
 
+def refuse_fitted_standardisation(plan: Plan, spec: Any, data: Any) -> None:
+    """Record-level DP-SGD (the plan's ``privacy.dp``) on a data set standardised
+    with constants fitted on its training rows (``standardise`` = "continuous", the
+    default, or "all"): replacing one record moves the mean and scale, and so every
+    other record's features and gradients, and the ε DP-SGD reports (one record
+    moves one clipped gradient) does not hold. ``"bounds"`` (public constants) and
+    ``"none"`` are fine, as are images (not standardised). DP-FedAvg alone is not
+    affected (its neighbour is a whole site's data), nor is evaluation (ε covers
+    training only).
+
+    Raises: TaskRefusal: naming the data set, the setting, why, and the fix."""
+    from fedge.train.data import FITTED_STANDARDISE_MODES
+
+    if plan.privacy.get("dp") is None or data.standardiser is None:
+        return
+    if spec.standardise in FITTED_STANDARDISE_MODES:
+        default = ", the default" if spec.standardise == "continuous" else ""
+        raise TaskRefusal(
+            f"data set {spec.name!r} is standardised at this site with constants fitted "
+            f"on its own training rows (agent.toml datasets.standardise = "
+            f"{spec.standardise!r}{default}): under the plan's privacy.dp (DP-SGD), "
+            "replacing one record would move every other record's features, so the "
+            "record-level epsilon would not hold. "
+            "Declare public constants instead: standardise = \"bounds\" with "
+            "feature_bounds = { column = [lo, hi], ... } for the continuous columns "
+            "(e.g. { age_at_index = [0, 120] }), or standardise = \"none\"")
+
+
 def train_config_dict(plan: Plan, seed: int) -> dict[str, Any]:
     """The plan's training recipe in ``fedge.train.api.TrainConfig`` terms.
 
@@ -291,8 +319,9 @@ class TorchTrainer:
         TrainDone that follows (its ``release_privacy`` then charges nothing more).
 
         Raises: TaskRefusal: missing data set, a plan this site cannot run (an image
-        size other than the model's, say), or a round whose privacy ledger cannot be
-        saved (the update is withheld).
+        size other than the model's, say; DP-SGD on a data set standardised with
+        constants fitted on its rows, `refuse_fitted_standardisation`), or a round
+        whose privacy ledger cannot be saved (the update is withheld).
         TrainingCancelled: ``cancel`` was set.
         """
         from fedge.train.api import ModelSpec, TrainConfig, local_train
@@ -300,6 +329,8 @@ class TorchTrainer:
         _check_cancel(cancel, "before training")
         data = self._site_data(plan.dataset)
         check_data_fits_model(plan, data)
+        refuse_fitted_standardisation(plan, self._specs[unicodedata.normalize(
+            "NFC", plan.dataset)], data)
         try:
             spec = ModelSpec(plan.model_name, dict(plan.model_params))
             cfg = TrainConfig.from_dict(train_config_dict(plan, seed))

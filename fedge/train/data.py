@@ -2,9 +2,28 @@
 
 An agent config lists its data sets as ``[[datasets]]`` tables; each becomes a
 ``DatasetSpec``. ``load_site_data`` reads the file(s), validates every row,
-splits off a local validation set with a fixed seed, and fits a standardiser
-on the site's own training rows only (never validation or test rows, never
-another site's data).
+splits off a local validation set with a fixed seed, and standardises the
+features: by default with a standardiser fitted on the site's own training rows
+only (never validation or test rows, never another site's data).
+
+``standardise`` says how (tabular and numpy data; images are not standardised):
+
+- ``"continuous"`` (default): z-score each column that is not all 0/1, with the
+  mean and standard deviation of the training rows;
+- ``"all"``: z-score every column likewise;
+- ``"none"``: every column as it is;
+- ``"bounds"``: public constants only. ``feature_bounds`` declares, for some
+  columns, a range [lo, hi] the hospital may publish (``age_at_index = [0, 120]``);
+  each such column is clamped to it and mapped by (x - mid) / half_width, mid =
+  (lo + hi) / 2, half_width = (hi - lo) / 2, into [-1, 1]; the other columns are
+  used as they are.
+
+Record-level DP-SGD needs ``"bounds"`` or ``"none"``: with constants fitted on the
+training rows, replacing one record moves every other record's features, so the
+sensitivity DP-SGD's ε assumes (one record moves one clipped gradient) does not
+hold. The agent refuses a DP-SGD task on a data set standardised from its data
+(``fedge.agent.trainer``). In ``"bounds"`` mode no statistic of the data is used:
+a record's features depend on that record alone.
 
 Kinds:
 
@@ -134,7 +153,11 @@ class DatasetSpec:
     id_column: str | None = None
     val_fraction: float = 0.2
     seed: int = 0
-    standardise: str = "continuous"  # "none" | "continuous" (non-binary columns) | "all"
+    # "continuous" (non-binary columns) | "all" | "none" | "bounds" (module docstring)
+    standardise: str = "continuous"
+    # standardise = "bounds": public per-column ranges, column -> (lo, hi), kept as
+    # ((column, lo, hi), ...) in declared order
+    feature_bounds: tuple[tuple[str, float, float], ...] = ()
     image_size: int = 64
     # images: the class folder names in label order (label = position in the list)
     classes: tuple[str, ...] = ()
@@ -143,6 +166,17 @@ class DatasetSpec:
     # by seed) and fold cv_fold becomes the evaluated "test" split.
     cv_folds: int = 0
     cv_fold: int = 0
+
+    def __post_init__(self) -> None:
+        """``feature_bounds`` given as a mapping (agent.toml's inline table) becomes
+        ((column, lo, hi), ...).
+
+        Raises: ValueError: a bound that is not a pair of numbers (named)."""
+        object.__setattr__(self, "feature_bounds", _bounds_triples(self.feature_bounds))
+
+    def bounds(self) -> dict[str, tuple[float, float]]:
+        """``feature_bounds`` as column -> (lo, hi)."""
+        return {col: (lo, hi) for col, lo, hi in self.feature_bounds}
 
     @classmethod
     def from_config(cls, table: Mapping[str, Any]) -> DatasetSpec:
@@ -195,10 +229,11 @@ class DatasetSpec:
                 f"datasets.cv_fold={self.cv_fold!r} must lie in 0..cv_folds-1 and "
                 f"cv_folds={self.cv_folds!r} must be >= 2 (or 0 for no cross-validation)"
             )
-        if self.standardise not in ("none", "continuous", "all"):
+        if self.standardise not in STANDARDISE_MODES:
             raise ValueError(
-                f"datasets.standardise={self.standardise!r} must be 'none', 'continuous' or 'all'"
+                f"datasets.standardise={self.standardise!r} must be one of {STANDARDISE_MODES}"
             )
+        self._validate_bounds()
         if len(set(self.features)) != len(self.features):
             repeated = sorted({f for f in self.features if self.features.count(f) > 1})
             raise ValueError(
@@ -244,6 +279,44 @@ class DatasetSpec:
             )
         if self.kind == "images":
             self._validate_classes()
+
+    def _validate_bounds(self) -> None:
+        """``feature_bounds`` goes with ``standardise = "bounds"`` (and that mode needs
+        it), names feature columns once each (checked again against the file's columns
+        for numpy data, whose names x0, x1, ... are known only when loaded), with
+        finite lo < hi.
+
+        Raises:
+            ValueError: naming the data set, the column, its bounds and the rule.
+        """
+        where = f"dataset {self.name!r}"
+        if self.feature_bounds and self.kind == "images":
+            raise ValueError(f"{where}: datasets.feature_bounds bounds table columns; images "
+                             "are not standardised and take none")
+        if self.feature_bounds and self.standardise != "bounds":
+            raise ValueError(
+                f"{where}: datasets.feature_bounds is used only with standardise = "
+                f"\"bounds\" (got standardise = {self.standardise!r}): set both, or "
+                "leave feature_bounds out")
+        if self.standardise == "bounds" and self.kind != "images" and not self.feature_bounds:
+            raise ValueError(
+                f"{where}: standardise = \"bounds\" needs datasets.feature_bounds, the "
+                "public range of each continuous column, e.g. feature_bounds = "
+                "{ age_at_index = [0, 120] } (or standardise = \"none\" to use every "
+                "column as it is)")
+        names = [col for col, _, _ in self.feature_bounds]
+        repeated = sorted({c for c in names if names.count(c) > 1})
+        if repeated:
+            raise ValueError(f"{where}: datasets.feature_bounds lists {repeated} twice")
+        for col, lo, hi in self.feature_bounds:
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+                raise ValueError(
+                    f"{where}: datasets.feature_bounds.{col} = [{lo!r}, {hi!r}] must be "
+                    "two finite numbers [lo, hi] with lo < hi")
+        known = self.features or (FED_TCGA_BRCA_FEATURES if self.kind == "fed_tcga_brca"
+                                  else None)
+        if known is not None:
+            check_bounded_columns(self, known)
 
     def _validate_classes(self) -> None:
         """An image data set declares its classes: two or more distinct folder names
@@ -299,6 +372,51 @@ class DatasetSpec:
         return {role: col for role, col in roles.items() if col is not None}
 
 
+STANDARDISE_MODES = ("continuous", "all", "none", "bounds")
+# the modes whose constants are fitted on the site's training rows
+FITTED_STANDARDISE_MODES = ("continuous", "all")
+
+
+def _bounds_triples(bounds: Any) -> tuple[tuple[str, float, float], ...]:
+    """``feature_bounds`` as ((column, lo, hi), ...), from a mapping column -> [lo, hi]
+    or from triples already.
+
+    Raises: ValueError: not a table of [lo, hi] pairs of numbers (named)."""
+    if isinstance(bounds, Mapping):
+        items = list(bounds.items())
+    elif isinstance(bounds, list | tuple) and all(
+            isinstance(t, list | tuple) and len(t) == 3 for t in bounds):
+        items = [(t[0], t[1:]) for t in bounds]
+    else:
+        raise ValueError(f"datasets.feature_bounds={bounds!r} must be a table of "
+                         "column = [lo, hi], e.g. { age_at_index = [0, 120] }")
+    out = []
+    for col, pair in items:
+        if not isinstance(col, str):
+            raise ValueError(f"datasets.feature_bounds: column {col!r} must be a name")
+        if (not isinstance(pair, list | tuple) or len(pair) != 2
+                or not all(isinstance(v, int | float) and not isinstance(v, bool)
+                           for v in pair)):
+            raise ValueError(f"datasets.feature_bounds.{col} = {pair!r} must be [lo, hi], "
+                             "two numbers")
+        out.append((_nfc(col), float(pair[0]), float(pair[1])))
+    return tuple(out)
+
+
+def check_bounded_columns(spec: DatasetSpec, features: Sequence[str]) -> None:
+    """Every column ``spec.feature_bounds`` names is one of the model's ``features``.
+
+    Raises: ValueError: naming the unknown column(s) and the features."""
+    unknown = [col for col, _, _ in spec.feature_bounds if col not in features]
+    if unknown:
+        shown = 12
+        listed = ", ".join(repr(f) for f in features[:shown])
+        more = f" and {len(features) - shown} more" if len(features) > shown else ""
+        raise ValueError(
+            f"dataset {spec.name!r}: datasets.feature_bounds names {unknown}, not a feature "
+            f"column of the data set (its features: {listed}{more})")
+
+
 @dataclass
 class Split:
     """Arrays of one split. Survival ``y`` is (n, 2) float32: [event, time]."""
@@ -312,10 +430,24 @@ class Split:
 
 @dataclass
 class Standardiser:
-    """Per-feature (x - mean) / scale, fitted on one site's training rows."""
+    """Per-feature (x - mean) / scale: fitted on one site's training rows (`fit`), or
+    from public bounds alone (`from_bounds`)."""
 
     mean: np.ndarray
     scale: np.ndarray
+
+    @classmethod
+    def from_bounds(cls, features: Sequence[str],
+                    bounds: Mapping[str, tuple[float, float]]) -> Standardiser:
+        """mean = (lo + hi) / 2 and scale = (hi - lo) / 2 for each bounded column, 0 and
+        1 for the others: no statistic of any row (the caller clamps to the bounds)."""
+        mean = np.zeros(len(features), dtype=np.float64)
+        scale = np.ones(len(features), dtype=np.float64)
+        for j, name in enumerate(features):
+            if name in bounds:
+                lo, hi = bounds[name]
+                mean[j], scale[j] = (lo + hi) / 2, (hi - lo) / 2
+        return cls(mean.astype(np.float32), scale.astype(np.float32))
 
     @classmethod
     def fit(cls, x: np.ndarray, mode: str) -> Standardiser:
@@ -1134,7 +1266,9 @@ def load_site_data(spec: DatasetSpec) -> SiteData:
     Rows marked ``test`` form the test split; rows marked ``val`` the validation
     split; otherwise ``val_fraction`` of the training rows (a permutation fixed
     by ``seed``) become validation. The standardiser is fitted on what remains
-    for training and applied to all three splits.
+    for training and applied to all three splits; under ``standardise = "bounds"``
+    every split's bounded columns are clamped to their ``feature_bounds`` and
+    mapped by those public constants alone.
 
     Raises:
         ValueError: the spec is incoherent.
@@ -1165,7 +1299,16 @@ def load_site_data(spec: DatasetSpec) -> SiteData:
         raise DataError(spec.path, f"dataset {spec.name!r}: no training rows at this site")
     std = None
     x = table.x
-    if x.ndim == 2:
+    if x.ndim == 2 and spec.standardise == "bounds":
+        check_bounded_columns(spec, table.features)  # numpy's x0, x1, ... known only now
+        bounds = spec.bounds()
+        x = x.copy()
+        for j, name in enumerate(table.features):
+            if name in bounds:
+                np.clip(x[:, j], *bounds[name], out=x[:, j])
+        std = Standardiser.from_bounds(table.features, bounds)
+        x = std.transform(x)
+    elif x.ndim == 2:
         std = Standardiser.fit(x[train_idx], spec.standardise)
         x = std.transform(x)
 

@@ -22,7 +22,7 @@ from fedge.agent.trainer import TorchTrainer
 from fedge.wire import codec
 from fedge.wire import messages as m
 from tests.agent.test_guard import RND, SITES, Fleet
-from tests.agent.test_privacy_release import DATA, DP_PLAN
+from tests.agent.test_privacy_release import BOUNDED, DATA, DP_PLAN
 
 D = 40  # cox_linear on 39 features
 # a plan the coordinator writes for the occasion: no DP, no secure aggregation, and
@@ -47,7 +47,7 @@ def fleet(tmp_path: Path):
             old = f.agents[site]
             new = Agent(site, TorchTrainer(
                 [{"name": "brca", "kind": "fed_tcga_brca", "path": str(DATA),
-                  "site": SITES.index(site)}], state_dir=tmp_path / site),
+                  "site": SITES.index(site), **BOUNDED}], state_dir=tmp_path / site),
                 identity=old.identity, roster=old.roster, roster_key=old.roster_key,
                 policy=policy, job_state=JobStateStore(tmp_path / site / "jobs"))
             new.send_frames = old.send_frames

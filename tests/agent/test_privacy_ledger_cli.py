@@ -34,7 +34,9 @@ def _trainer(tmp_path: Path) -> TorchTrainer:
     csv = tmp_path / "rows.csv"
     csv.write_text("a,b,y\n" + "".join(f"{i},{i % 3},{i % 2}\n" for i in range(64)))
     table = {"name": "rows", "kind": "tabular", "path": str(csv), "task": "binary",
-             "features": ["a", "b"], "target": "y", "val_fraction": 0.0}
+             "features": ["a", "b"], "target": "y", "val_fraction": 0.0,
+             # public constants: DP-SGD refuses ones fitted on the rows
+             "standardise": "bounds", "feature_bounds": {"a": [0, 64], "b": [0, 2]}}
     return TorchTrainer([table], state_dir=tmp_path / "state")
 
 

@@ -45,6 +45,9 @@ min_site_examples = 40
 dp = { noise_multiplier = 1.1, max_grad_norm = 1.0, delta = 1e-5, cox_per_term = true }
 """
 PLAIN_DP_PLAN = DP_PLAN.replace("enabled = true", "enabled = false")
+# DP-SGD needs public standardisation constants (fedge.agent.trainer.
+# refuse_fitted_standardisation); age is Fed-TCGA-BRCA's one continuous column
+BOUNDED = {"standardise": "bounds", "feature_bounds": {"age_at_index": [0, 120]}}
 
 
 @pytest.fixture
@@ -61,7 +64,8 @@ def fleet(tmp_path: Path):
         fleet.sent = []
         for i, (site, agent) in enumerate(fleet.agents.items()):
             agent.trainer = TorchTrainer(
-                [{"name": "brca", "kind": "fed_tcga_brca", "path": str(DATA), "site": i}],
+                [{"name": "brca", "kind": "fed_tcga_brca", "path": str(DATA), "site": i,
+                  **BOUNDED}],
                 state_dir=tmp_path / site)
 
             async def send(frames, site=site):

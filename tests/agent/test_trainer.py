@@ -75,6 +75,10 @@ def test_a_bad_dataset_table_is_left_out_naming_its_key():
     assert trainer.datasets() == [] and "kind" in trainer.unusable["x"]
 
 
+# DP-SGD needs public standardisation constants (fedge.agent.trainer.
+# refuse_fitted_standardisation); age is Fed-TCGA-BRCA's one continuous column
+BOUNDED = {"standardise": "bounds", "feature_bounds": {"age_at_index": [0, 120]}}
+
 DP_PLAN = PLAN.replace("rounds = 1", "rounds = 3").replace(
     'name = "fedprox"\nmu = 0.1\n', 'name = "fedavg"\n'
 ) + """
@@ -98,7 +102,7 @@ def test_a_site_smaller_than_the_plan_declares_refuses_before_spending_anything(
 
     plan = parse_plan(DP_PLAN.replace("min_site_examples = 100", "min_site_examples = 10000")
                       .replace("target_epsilon = 50.0", "target_epsilon = 2.5"))
-    table = {"name": "brca", "kind": "fed_tcga_brca", "path": str(DATA), "site": 0}
+    table = {"name": "brca", "kind": "fed_tcga_brca", "path": str(DATA), "site": 0, **BOUNDED}
     trainer = TorchTrainer([table], state_dir=tmp_path)
     # ε for replacing one record, recomputed by the accountant: 3 rounds of 5 steps
     spent = epsilon_for(noise_multiplier=1.5, sampling_rate=32 / 198, steps=15, delta=1e-5)
@@ -118,7 +122,7 @@ def test_privacy_spent_is_kept_on_disk_per_job_and_in_total(tmp_path):
     import subprocess
     import sys
 
-    table = {"name": "brca", "kind": "fed_tcga_brca", "path": str(DATA), "site": 0}
+    table = {"name": "brca", "kind": "fed_tcga_brca", "path": str(DATA), "site": 0, **BOUNDED}
     plan = parse_plan(DP_PLAN)
     w0 = np.zeros(40, np.float32)
     first = TorchTrainer([table], state_dir=tmp_path)
@@ -166,7 +170,7 @@ def test_a_dp_round_whose_privacy_ledger_cannot_be_saved_is_refused_naming_the_f
     without its privacy spend on disk."""
     if not DATA.exists():
         pytest.skip(f"Fed-TCGA-BRCA not found at {DATA}")
-    table = {"name": "brca", "kind": "fed_tcga_brca", "path": str(DATA), "site": 0}
+    table = {"name": "brca", "kind": "fed_tcga_brca", "path": str(DATA), "site": 0, **BOUNDED}
     (tmp_path / "privacy").write_text("not a directory\n")
     trainer = TorchTrainer([table], state_dir=tmp_path)
     ledger = tmp_path / "privacy" / "ledger.json"

@@ -133,7 +133,10 @@ def hospitals(operator: ConsoleFederation, n: int) -> list[str]:
         operator.add_appliance(site, '[eligibility]\nallow_cpu_only = true\n'
                                f'[[datasets]]\nname = "fed_tcga_brca"\n'
                                f'kind = "fed_tcga_brca"\npath = "{DATA.resolve()}"\n'
-                               f"site = {i}\n")
+                               f"site = {i}\n"
+                               # the plan is DP-SGD: public standardisation constants
+                               'standardise = "bounds"\n'
+                               "feature_bounds = { age_at_index = [0, 120] }\n")
     operator.wait_connected(set(sites))
     return sites
 

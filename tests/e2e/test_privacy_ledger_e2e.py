@@ -22,6 +22,12 @@ dp = { noise_multiplier = 1.1, max_grad_norm = 1.0, delta = 1e-5, cox_per_term =
 """
 
 
+# DP-SGD needs public standardisation constants (fedge.agent.trainer.
+# refuse_fitted_standardisation); age is Fed-TCGA-BRCA's one continuous column. The
+# fixture writes `key = json`, so the table goes in as a TOML dotted key.
+BOUNDED = {"standardise": "bounds", "feature_bounds.age_at_index": [0, 120]}
+
+
 def test_a_round_retried_after_its_first_attempt_failed_is_charged_once_per_site_summed(
         federation, brca):
     """Round 1's first attempt: all three sites train (each ledger gets a run), then
@@ -31,7 +37,7 @@ def test_a_round_retried_after_its_first_attempt_failed_is_charged_once_per_site
     lost attempt stays pending, shown apart by `fedge agent privacy`. (The ledger used
     to charge every run when it trained: site-0 paid for round 1 twice.)"""
     fed = federation(heartbeat=(0.5, 3.0))
-    sites = {f"site-{i}": brca(i) for i in range(3)}
+    sites = {f"site-{i}": {**brca(i), **BOUNDED} for i in range(3)}
     for s, ds in sites.items():
         fed.add_site(s, [ds])
     fed.enrol_in_store()

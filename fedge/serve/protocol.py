@@ -193,8 +193,14 @@ def _load_json(header: bytes, *, strict_numbers: bool = False) -> dict[str, Any]
         text = header.decode() if header[:1] == b"{" else header
         doc = json.loads(text, parse_float=parse_float)
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, or an integer
-        # literal beyond Python's 4300-digit conversion limit
-        raise bad_request(f"malformed JSON in inference request: {exc}") from None
+        # literal beyond Python's conversion limit, whose message tells the caller to
+        # call sys.set_int_max_str_digits(): a hint for programmers, not for clients
+        if isinstance(exc, (json.JSONDecodeError, UnicodeDecodeError)):
+            raise bad_request(f"malformed JSON in inference request: {exc}") from None
+        raise bad_request(
+            "malformed JSON in inference request: a number too long (integers may have "
+            f"at most {sys.get_int_max_str_digits()} digits)"
+        ) from None
     except RecursionError:
         # json's decoder recurses once per nested array or object: a client can
         # exhaust the interpreter's stack with a few kilobytes of brackets.

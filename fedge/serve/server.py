@@ -1779,8 +1779,14 @@ def serve(
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(BACKLOG)  # uvicorn listens again (the same backlog) when it starts
+    shown = f"[{host}]" if ":" in host else host
+    try:
+        sock.bind((host, port))
+        sock.listen(BACKLOG)  # uvicorn listens again (the same backlog) when it starts
+    except OSError as exc:  # in use, not this host's address, a name that does not resolve
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {shown}:{port}: "
+                                 f"{exc.strerror or exc}") from None
     sock.set_inheritable(True)
     bound = sock.getsockname()[1]
     loop, http = _loop_and_http(server_app)
@@ -1795,7 +1801,6 @@ def serve(
         # _Connections. (What a host without a WebSocket library does anyway.)
         ws="none",
     )
-    shown = f"[{host}]" if ":" in host else host
     server_app.on_ready = lambda: announce(
         f"fedge serve listening on http://{shown}:{bound} (repository {repository})")
     server = uvicorn.Server(config)

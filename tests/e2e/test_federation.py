@@ -238,7 +238,8 @@ def test_agent_sigkilled_between_scaffold_rounds_resumes_its_state_from_disk(
     codes = {name: p.stop() for name, p in fed.procs.items()}
     assert set(codes.values()) == {0}, (codes, fed.dump())
     kept = sorted(p.name.split(".", 1)[1] for p in (fed.root / "agents/site-1/jobs").iterdir())
-    assert kept == ["controls.npz", "cursors.npz"], kept
+    # the plan the site trained under (its digest: an EvalTask must carry that plan)
+    assert kept == ["controls.npz", "cursors.npz", "plan.npz"], kept
 
 
 def rounds_of(fed, job):

@@ -211,8 +211,17 @@ class TorchTrainer:
     """
 
     def __init__(self, dataset_tables: Sequence[Mapping[str, Any]], *,
-                 state_dir: Path | None = None, held_jobs: int = HELD_JOBS) -> None:
-        """Raises: ValueError: ``held_jobs`` below 1."""
+                 state_dir: Path | None = None, held_jobs: int = HELD_JOBS,
+                 max_colluders: int = 0) -> None:
+        """``max_colluders``: the site's agent.toml ``[privacy] max_colluders``, the
+        sites it assumes could collude with the coordinator; its DP-FedAvg noise share
+        is sized for the cohort less them (``fedge.train.privacy``).
+
+        Raises: ValueError: ``held_jobs`` below 1, ``max_colluders`` below 0."""
+        if isinstance(max_colluders, bool) or not isinstance(max_colluders, int) \
+                or max_colluders < 0:
+            raise ValueError(f"max_colluders={max_colluders!r} must be an integer >= 0")
+        self.max_colluders = max_colluders
         from fedge.train.accounting import PrivacyLedger
         from fedge.train.api import DatasetSpec
 
@@ -320,7 +329,8 @@ class TorchTrainer:
 
         Raises: TaskRefusal: missing data set, a plan this site cannot run (an image
         size other than the model's, say; DP-SGD on a data set standardised with
-        constants fitted on its rows, `refuse_fitted_standardisation`), or a round
+        constants fitted on its rows, `refuse_fitted_standardisation`; a DP-FedAvg
+        cohort_size not above ``max_colluders``), or a round
         whose privacy ledger cannot be saved (the update is withheld).
         TrainingCancelled: ``cancel`` was set.
         """
@@ -336,6 +346,13 @@ class TorchTrainer:
             cfg = TrainConfig.from_dict(train_config_dict(plan, seed))
         except (KeyError, ValueError, TypeError) as exc:
             raise TaskRefusal(f"plan cannot run here: {exc}") from exc
+        if cfg.client_dp is not None:
+            from fedge.train.privacy import honest_sites
+
+            try:  # DP-FedAvg noise sized for the honest sites: some must be left
+                honest_sites(cfg.client_dp, self.max_colluders)
+            except ValueError as exc:
+                raise TaskRefusal(str(exc)) from exc
         state = self._job_client_state(job)
         state.scaffold_ci = (None if client_control is None
                              else np.array(client_control, dtype=np.float32))
@@ -344,7 +361,7 @@ class TorchTrainer:
                               round=round, state=state, server_control=server_control,
                               rounds=plan.rounds,
                               min_site_examples=plan.privacy.get("min_site_examples"),
-                              cancel=cancel)
+                              cancel=cancel, max_colluders=self.max_colluders)
         except (KeyError, ValueError, TypeError, RuntimeError) as exc:
             raise TaskRefusal(f"local training failed: {type(exc).__name__}: {exc}") from exc
         # cancelled as it ended: the run is in the ledger pending (never released) and

@@ -60,6 +60,7 @@ from fedge.train.privacy import (
     check_dp_plan,
     dp_fedavg_privatise,
     epsilon_for,
+    honest_sites,
     private_gradient,
     secret_gaussian,
     secret_uniform,
@@ -477,6 +478,7 @@ def local_train(
     rounds: int | None = None,
     min_site_examples: int | None = None,
     cancel: threading.Event | None = None,
+    max_colluders: int = 0,
 ) -> TrainOutcome:
     """Train the global model on this site's training split for one round.
 
@@ -502,6 +504,10 @@ def local_train(
     (``_refuse_plan_over_budget``); every round is also refused if it alone would take
     the job's ε past the target.
 
+    ``max_colluders``: the sites of a DP-FedAvg cohort this site assumes could collude
+    with the coordinator (its agent.toml ``[privacy] max_colluders``): its noise share
+    is sized for the cohort less them (``fedge.train.privacy.dp_fedavg_share_std``).
+
     ``cancel``: checked before every step (one mini-batch): once set, the run stops
     with ``TrainingCancelled`` within one step, records nothing in the ledger, and
     leaves ``state`` (the data cursors, SCAFFOLD's c_i) as it found it.
@@ -510,13 +516,16 @@ def local_train(
         ValueError: weights of the wrong length or non-finite, model/task mismatch,
             SCAFFOLD without ``server_control`` of the right length, ``rounds`` < 1, a
             DP-SGD plan whose delta is not below 1/n for this site's n training
-            records (such a bound permits publishing a record outright), or a DP plan
+            records (such a bound permits publishing a record outright), a DP-FedAvg
+            cohort_size not above ``max_colluders`` (checked before training), or a DP plan
             whose ``target_epsilon`` this round, or with ``rounds`` the whole plan at
             this site, would exceed (``PrivacyBudgetError``).
         RuntimeError: ``device='cuda'`` without a GPU.
         TrainingCancelled: ``cancel`` was set.
     """
     cfg.validate()
+    if cfg.client_dp is not None:
+        honest_sites(cfg.client_dp, max_colluders)  # before any work
     if rounds is not None and (isinstance(rounds, bool) or not isinstance(rounds, int)
                                or rounds < 1):
         raise ValueError(f"rounds={rounds!r} must be an integer >= 1 (the plan's job.rounds)")
@@ -671,7 +680,8 @@ def local_train(
     }
     if cfg.client_dp is not None:
         update = weights - w_global.cpu().numpy()
-        private, norm = dp_fedavg_privatise(update, cfg.client_dp)  # a fresh OS key
+        private, norm = dp_fedavg_privatise(update, cfg.client_dp,  # a fresh OS key
+                                            colluders=max_colluders)
         weights = (w_global.cpu().numpy() + private).astype(np.float32)
         # the raw update's norm and the raw batches' loss are outside the mechanism:
         # only the noised weights leave the site

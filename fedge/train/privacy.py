@@ -38,6 +38,15 @@ only (a pending run whose update never left spends nothing): per round and
 cumulative, per job. DP-FedAvg is accounted client-level (one Gaussian release a
 round, q = 1, neighbours replacing one site's data).
 
+DP-FedAvg and colluding sites: each site adds its share of the noise, sized so that
+the shares of the honest sites alone carry N(0, (zS)^2). A site that assumes up to f
+of the K sites of the cohort could collude with the coordinator (agent.toml
+``[privacy] max_colluders``; they could leave their own noise out and subtract what
+they know) adds N(0, (zS)^2 / (K - f)), not / K: the K - f honest shares still sum to
+(zS)^2, so the ε accounted at z holds for it (with no colluder the sum carries more
+noise than z asks: the price of the assumption). K - f < 1 is refused
+(`honest_sites`).
+
 Plan validation: ``check_dp_plan`` is what the coordinator calls on a plan
 with a ``target_epsilon``; it raises ``PrivacyBudgetError`` with the numbers
 when the rounds asked cannot meet the target.
@@ -72,7 +81,9 @@ __all__ = [
     "calibrate_noise",
     "check_dp_plan",
     "dp_fedavg_privatise",
+    "dp_fedavg_share_std",
     "epsilon_for",
+    "honest_sites",
     "noisy_clipped_gradient",
     "private_gradient",
 ]
@@ -125,9 +136,11 @@ class ClientDPConfig:
     """Client-level DP-FedAvg (McMahan et al. 2018): clip each update, noise the sum.
 
     Under secure aggregation no one sees an individual update, so each client adds
-    its share N(0, (z*S)^2 / cohort_size); the sum carries N(0, (z*S)^2). (An update
-    seen alone carries z/sqrt(cohort_size): a cohort above 1 needs secure
-    aggregation, which the plan check and the agent's guard require.)
+    its share N(0, (z*S)^2 / cohort_size); the sum carries N(0, (z*S)^2). A site that
+    assumes f colluders adds N(0, (z*S)^2 / (cohort_size - f)) (`dp_fedavg_share_std`;
+    module docstring). (An update seen alone carries z/sqrt(cohort_size): a cohort
+    above 1 needs secure aggregation, which the plan check and the agent's guard
+    require.)
 
     Checked when made (`validate`): clip_norm > 0, noise_multiplier > 0 (without
     noise DP-FedAvg only clips: no ε), cohort_size >= 1.
@@ -338,21 +351,51 @@ def per_example_grads(
     return [g[k] for k in names]
 
 
+def honest_sites(cfg: ClientDPConfig, colluders: int) -> int:
+    """The sites of the cohort whose noise a site counts on: ``cohort_size`` less the
+    ``colluders`` it assumes (its ``[privacy] max_colluders``).
+
+    Raises: ValueError: colluders not an integer >= 0, or no honest site left (naming
+    both settings)."""
+    if isinstance(colluders, bool) or not isinstance(colluders, int) or colluders < 0:
+        raise ValueError(f"colluders={colluders!r} must be an integer >= 0")
+    honest = cfg.cohort_size - colluders
+    if honest < 1:
+        raise ValueError(
+            f"privacy.client_dp.cohort_size = {cfg.cohort_size} leaves no honest site when "
+            f"{colluders} may collude (this site's [privacy] max_colluders = {colluders}): "
+            "DP-FedAvg's noise needs cohort_size - max_colluders >= 1")
+    return honest
+
+
+def dp_fedavg_share_std(cfg: ClientDPConfig, colluders: int = 0) -> float:
+    """The standard deviation of one site's noise share: z·S / √(K - f), so that the
+    K - f honest shares alone sum to N(0, (zS)^2) (module docstring).
+
+    Raises: ValueError: as `honest_sites`."""
+    return cfg.noise_multiplier * cfg.clip_norm / math.sqrt(honest_sites(cfg, colluders))
+
+
 def dp_fedavg_privatise(
-    update: np.ndarray, cfg: ClientDPConfig, *, seed: bytes | None = None
+    update: np.ndarray, cfg: ClientDPConfig, *, colluders: int = 0,
+    seed: bytes | None = None,
 ) -> tuple[np.ndarray, float]:
-    """Clip a client's model update to ``clip_norm`` and add its noise share.
+    """Clip a client's model update to ``clip_norm`` and add its noise share,
+    N(0, (zS)^2 / (K - f)) for K = ``cohort_size`` and f = ``colluders`` (the sites
+    this one assumes could collude and leave their noise out; `dp_fedavg_share_std`).
 
     Uses the compiled core's ``clip_l2`` / ``add_gaussian_noise`` when present
     (same arithmetic in numpy otherwise). The noise key is ``seed`` or, by default,
     16 fresh bytes from the OS that nobody else holds (see the module's note on
     randomness). Returns the privatised update (a copy) and the update's norm
     before clipping.
+
+    Raises: ValueError: as `honest_sites` (no honest site left).
     """
     from fedge.train.optim import core_function
 
+    std = dp_fedavg_share_std(cfg, colluders)
     vec = np.ascontiguousarray(update, dtype=np.float32).copy()
-    std = cfg.noise_multiplier * cfg.clip_norm / math.sqrt(cfg.cohort_size)
     clip = core_function("clip_l2")
     if clip is not None:
         norm = float(clip(vec, cfg.clip_norm))

@@ -47,6 +47,19 @@ they know) adds N(0, (zS)^2 / (K - f)), not / K: the K - f honest shares still s
 noise than z asks: the price of the assumption). K - f < 1 is refused
 (`honest_sites`).
 
+DP-FedAvg's ε is an approximation: before the sum, each site clips its noised share
+elementwise to ``secagg.clip`` and rounds it stochastically onto secure
+aggregation's fixed-point grid (``fedge.agent.runtime``; the rounding keyed by the
+coordinator's ``quant_seed``). That is not post-processing of the summed Gaussian,
+so the ε accounted (a Gaussian mechanism on the sum) is exact only up to those
+per-share steps. The plan check keeps the clip at 6 standard deviations or more of a
+share sized for K sites (``fedge.coordinator.plan``): clipping touches about 2e-9 of
+a share's coordinates (some 2e-3 a round for a 10^6-parameter model; a share sized
+for K - f sites is sqrt(K / (K - f)) wider and clipped more often), and rounding
+moves each by less than one grid step. A distributed discrete Gaussian or Skellam
+mechanism with its own accounting (Kairouz et al. 2021) would close the gap. (For
+DP-SGD the same steps are post-processing of the site's own DP output, and harmless.)
+
 Plan validation: ``check_dp_plan`` is what the coordinator calls on a plan
 with a ``target_epsilon``; it raises ``PrivacyBudgetError`` with the numbers
 when the rounds asked cannot meet the target.

@@ -99,10 +99,14 @@ from fedge.coordinator.rounds import (
 )
 from fedge.coordinator.store import SERVICE_BUSY_TIMEOUT_S, Store, StoreError, is_locked
 from fedge.coordinator.strategies import Strategy
+from fedge.update.files import write_atomic
 from fedge.wire import codec
 from fedge.wire import messages as m
 
 log = logging.getLogger("fedge.coordinator")
+
+# The roster the console installed last (set_roster), kept in the state directory.
+ROSTER_FILE = "roster.json"
 
 SYSTEM = "coordinator"
 REPLAY_WINDOW = 4096  # message ids remembered per site
@@ -362,8 +366,8 @@ class Coordinator:
         self.initial_weights = initial_weights
         self._aggregation = aggregation
         self.update_handler = update_handler
-        self.roster = roster
         self.roster_public_key = roster_public_key
+        self.roster = self._roster_at_start(roster)
         self.outbox: list[Outgoing] = []
         self.conns: dict[str, _Conn] = {}
         self.runner: JobRunner | None = None
@@ -404,6 +408,42 @@ class Coordinator:
         # or a failed or cancelled job's last committed model (module docstring). The
         # process exports it to ONNX in a child process, then writes the report.
         self.on_job_completed: Callable[[str], None] = lambda job_id: None
+
+    def _roster_at_start(self, given: bytes) -> bytes:
+        """The roster to hold at start: of ``given`` (the configured roster) and the one
+        the last :meth:`set_roster` saved (state_dir/roster.json), the newer by serial
+        (the saved one on a tie) among those that verify under the roster key. One
+        that does not verify (a copy torn by a crash under a release that wrote it in
+        place, a damaged disk) is passed over with an error naming it: held, it would
+        be sent to every agent, which refuse it, and every later roster install would
+        fail on it. Without a roster key nothing can be checked, and the saved roster
+        is held as it is, as before."""
+        saved_path = self.state_dir / ROSTER_FILE
+        try:
+            saved = saved_path.read_bytes()
+        except FileNotFoundError:
+            saved = None
+        except OSError as exc:
+            log.error("saved roster %s cannot be read (%s): passed over", saved_path, exc)
+            saved = None
+        if not self.roster_public_key:
+            return saved if saved else given
+        from fedge.secagg.keys import Roster, RosterSignatureError
+
+        best: tuple[int, bytes] | None = None
+        for where, data in (("the configured roster", given), (str(saved_path), saved)):
+            if data is None or (not data and where != str(saved_path)):
+                continue  # no file / no roster configured
+            try:
+                serial = Roster.from_bytes(data, self.roster_public_key).serial
+            except RosterSignatureError as exc:
+                log.error("%s is not a valid console-signed roster (%s, %d bytes): passed "
+                          "over; the roster in force is the other one, if valid, until "
+                          "the console installs a new one", where, exc, len(data))
+                continue
+            if best is None or serial >= best[0]:
+                best = (serial, bytes(data))
+        return best[1] if best is not None else b""
 
     # -- admin API ------------------------------------------------------------------
 
@@ -720,8 +760,9 @@ class Coordinator:
                 if new.serial < held:
                     raise ValueError(f"roster serial {new.serial} is older than the one in "
                                      f"force ({held}); refused")
+        # atomic: a copy torn by a crash would be what the next start reads back
+        write_atomic(self.state_dir / ROSTER_FILE, bytes(roster_bytes))
         self.roster = bytes(roster_bytes)
-        (self.state_dir / "roster.json").write_bytes(self.roster)
         self.store.audit(actor, "set_roster", {"bytes": len(roster_bytes)})
         for site in sorted(self.connected_sites()):  # appliances follow at once
             self.outbox.append(Outgoing(site, m.RosterUpdate(self.roster)))

@@ -588,6 +588,7 @@ def check_submission(text: str) -> Plan:
         check_model_params(plan.model_name, plan.model_params)
     except ModelParamError as exc:
         raise PlanError(f"model.params.{exc.key}", exc.value, exc.rule) from None
+    _check_model_size(plan)
     dp = plan.privacy.get("dp")
     if isinstance(dp, dict) and TASK_OF_MODEL.get(plan.model_name) == "survival" \
             and dp.get("cox_per_term") is not True:
@@ -597,6 +598,94 @@ def check_submission(text: str) -> Plan:
                         f"model {plan.model_name!r} is a Cox model. {COX_DP_RULE}")
     _check_dp_release(plan)
     return plan
+
+
+# The most parameters a submitted model may have. 50 M float32 parameters are 200 MB
+# for each copy: a TrainTask carries one (SCAFFOLD two, 400 MB), well inside the
+# agents' 1 GiB message limit (fedge.agent.runtime), and the coordinator holds a few
+# copies per round (weights, strategy state, sums) besides SecAgg+'s masks, each d
+# long. The largest model in the examples, tests and bench (resnet_small, width 16)
+# has about 0.08 M; a typo such as hidden = [100000, 100000] has 10 000 M (40 GB),
+# which the coordinator's child would try to allocate when the job starts.
+MODEL_PARAMS_MAX = 50_000_000
+
+
+def model_parameter_count(name: str, params: dict[str, Any]) -> int | None:
+    """The number of parameters (weights and biases) of model ``name`` built with
+    ``params``, counted from the shapes fedge.train.models builds, without building
+    it (tests/coordinator/test_plan_limits.py holds the two together); None when a
+    required parameter is missing or not an integer (the builder names it).
+
+    Raises: KeyError: ``name`` is not a registered model."""
+    from fedge.train.model_names import MODEL_PARAMS
+
+    declared = MODEL_PARAMS[name]
+
+    def get(key: str) -> Any:
+        value = params.get(key, declared[key].default)
+        if key == "hidden":
+            ok = isinstance(value, list | tuple) and all(
+                isinstance(h, int) and not isinstance(h, bool) for h in value)
+        else:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        if not ok:
+            raise _Uncountable
+        return value
+
+    def linear(d_in: int, d_out: int) -> int:
+        return d_in * d_out + d_out
+
+    def mlp(d_in: int, hidden: list[int], d_out: int) -> int:
+        total, prev = 0, d_in
+        for h in hidden:
+            total, prev = total + linear(prev, h), h
+        return total + linear(prev, d_out)
+
+    try:
+        if name == "linear":
+            return linear(get("in_features"), get("out_features"))
+        if name == "logistic":
+            k = get("classes")
+            return linear(get("in_features"), 1 if k == 2 else k)
+        if name == "mlp":
+            return mlp(get("in_features"), get("hidden"), get("out_features"))
+        if name == "cox_linear":
+            return linear(get("in_features"), 1)
+        if name == "cox_mlp":
+            return mlp(get("in_features"), get("hidden"), 1)
+        if name == "resnet_small":
+            c, w, k = get("in_channels"), get("width"), get("classes")
+
+            def block(c_in: int, c_out: int) -> int:  # stride 2: always a 1x1 skip conv
+                return 9 * c_in * c_out + 9 * c_out * c_out + c_in * c_out + 4 * c_out
+
+            return (9 * c * w + 2 * w  # stem: conv and GroupNorm
+                    + block(w, w) + block(w, 2 * w) + block(2 * w, 4 * w)
+                    + linear(4 * w, 1 if k == 2 else k))
+    except _Uncountable:
+        return None
+    raise KeyError(name)
+
+
+class _Uncountable(Exception):
+    """A model parameter the count cannot use (missing, not an integer)."""
+
+
+def _check_model_size(plan: Plan) -> None:
+    """Raises: PlanError: the model has more than MODEL_PARAMS_MAX parameters, naming
+    the parameter that sizes it, the count and the limit."""
+    count = model_parameter_count(plan.model_name, plan.model_params)
+    if count is None or count <= MODEL_PARAMS_MAX:
+        return
+    params = plan.model_params
+    key = next((k for k in ("hidden", "width", "in_features", "in_channels", "classes",
+                            "out_features") if k in params), None)
+    where, value = (f"model.params.{key}", params[key]) if key else ("model.params", params)
+    raise PlanError(where, value,
+                    f"model {plan.model_name!r} would have {count:,} parameters "
+                    f"({count * 4 / 1e9:.3g} GB as float32), more than the limit of "
+                    f"{MODEL_PARAMS_MAX:,}: every site and the coordinator hold several "
+                    "copies and send it each round. A typo in model.params?")
 
 
 def _check_job_name(job: Any) -> None:

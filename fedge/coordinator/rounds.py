@@ -100,6 +100,8 @@ TRANSITIONS: dict[Phase, dict[str, Phase]] = {
     Phase.AGGREGATING: {
         "aggregation result": Phase.EVALUATING,
         "aggregation aborted / strategy rejected update": Phase.FAILED,
+        "the sites whose input is or may still be summed are fewer than min_clients":
+            Phase.FAILED,
         "refusals leave the unmasking impossible": Phase.FAILED,
         "pinned: the survivors asked to sign or unmask are not S": Phase.FAILED,
     },

@@ -9,6 +9,14 @@ reveal its log forbids) sends nothing more, so the session need not wait for
 its stage deadline: ``ServerSession.refuse`` drops it at once, closing a stage
 that waits only for refusers, and failing an unmasking that some secret can no
 longer complete, saying which.
+
+The plan's ``job.min_clients`` bounds every sum the coordinator can unmask, not only
+the cohort that trains: it is the configuration's ``min_clients`` (the session
+produces no sum of fewer masked inputs), and :class:`SecureAggregation` fails the
+attempt as soon as the sites whose masked input is in the sum, or may still be sent,
+fall below it (a site lost or refusing at the key stages), before any further input
+leaves a site (and its DP run is charged for it). The attempt is retried as any
+failed attempt is.
 """
 
 from __future__ import annotations
@@ -31,10 +39,17 @@ def secagg_config(plan: Plan, n: int, vector_length: int) -> SecAggConfig:
     """
     from fedge.secagg.config import SecAggConfig
 
+    # capped at n: a cohort smaller than min_clients (a round pinned to an older
+    # attempt's survivors) gets a config, and SecureAggregation fails it by name
     return SecAggConfig.derive(
         n, alpha=plan.secagg.alpha, delta=plan.secagg.delta, clip=plan.secagg.clip,
         vector_length=vector_length, stage_timeout=plan.deadlines.secagg_stage_s,
+        min_clients=min(plan.min_clients, n),
     )
+
+
+# the server stages a site dropped in before its masked input could be in the sum
+_BEFORE_INPUT = ("AdvertiseKeys", "ShareKeys", "MaskedInput")
 
 
 class SecureAggregation:
@@ -49,6 +64,7 @@ class SecureAggregation:
         self._failure: str | None = None
         self._result: AggregationResult | None = None
         self.session: Any = None
+        self.min_clients = plan.min_clients
         try:
             config = secagg_config(plan, len(cohort), dim)
             self.session = ServerSession(
@@ -58,18 +74,44 @@ class SecureAggregation:
             self._failure = f"secure aggregation cannot run over {len(cohort)} sites: {exc}"
 
     def start(self, now: float) -> list[tuple[str, Any]]:
-        return [] if self.session is None else self.session.start(now)
+        return self._checked(lambda s: s.start(now))
 
     def receive(self, sender: str, body: Any, now: float) -> list[tuple[str, Any]]:
-        return [] if self.session is None else self.session.receive(sender, body, now)
+        return self._checked(lambda s: s.receive(sender, body, now))
 
     def tick(self, now: float) -> list[tuple[str, Any]]:
-        return [] if self.session is None else self.session.tick(now)
+        return self._checked(lambda s: s.tick(now))
 
     def refused(self, sender: str, now: float) -> list[tuple[str, Any]]:
-        """``sender`` refused its part (see the module docstring and
+        """``sender`` refused its part, or was lost (see the module docstring and
         ``ServerSession.refuse``)."""
-        return [] if self.session is None else self.session.refuse(sender, now)
+        return self._checked(lambda s: s.refuse(sender, now))
+
+    def _checked(self, step: Any) -> list[tuple[str, Any]]:
+        """The session's messages from ``step(session)``, or none once the sites that
+        can still be in the sum are fewer than the plan's min_clients (module doc):
+        the failure then says so, and the next stage's requests never go."""
+        if self.session is None or self._failure is not None:
+            return []
+        out = step(self.session)
+        short = self._below_min_clients()
+        if short:
+            self._failure = short
+            return []
+        return list(out)
+
+    def _below_min_clients(self) -> str | None:
+        s = self.session
+        if s.result is not None or s.failure is not None:
+            return None  # its own outcome stands (a sum has >= min_clients inputs)
+        gone = {c: st for c, st in s.dropped.items() if st in _BEFORE_INPUT}
+        left = s.config.n - len(gone)
+        if left >= self.min_clients:
+            return None
+        why = ", ".join(f"{c} in its {st} stage" for c, st in sorted(gone.items()))
+        return (f"{left} site(s) left in secure aggregation, fewer than the plan's "
+                f"min_clients {self.min_clients}" + (f" ({why} dropped out)" if why else "")
+                + ": no sum is asked for")
 
     def postpone(self, seconds: float) -> None:
         if self.session is not None:

@@ -687,9 +687,23 @@ class Round:
             self._aggregation.postpone(seconds)
 
     def lost(self, site: str, now: float) -> Outgoing:
-        """``site``'s connection is gone: it will not answer during training or evaluation."""
+        """``site``'s connection is gone (the transport closed it, a send found it not
+        connected, or its heartbeats stopped): it will not answer. In training and
+        evaluation it is no longer waited for; in secure aggregation it is dropped at
+        its current stage at once (one that already answered that stage, at the next:
+        the driver calls this each tick while the site stays away), as a refusal is,
+        not at the stage deadline; the round goes on where the threshold t and
+        min_clients allow."""
         if site not in self.cohort:
             return []
+        if self.phase is Phase.AGGREGATING:
+            assert self._aggregation is not None
+            if site not in self._agg_cohort or site in self.withdrawn:
+                return []
+            self.refused.setdefault(site, "connection lost during secure aggregation"
+                                    if self.plan.secagg.enabled
+                                    else "connection lost during aggregation")
+            return self._aggregated(self._aggregation.refused(site, now), now)
         if self.phase is Phase.TRAINING and site not in self.trained:
             # Say how long after the TrainTask left and how big it was: a site
             # whose link cannot carry the model is lost at the same point every

@@ -38,6 +38,7 @@ import json
 import os
 import re
 import stat
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,8 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
+
+from fedge.update import files
 
 
 class CheckpointError(Exception):
@@ -145,6 +148,10 @@ def results(state_dir: str | Path, job_id: str) -> list[str]:
 TEMP_NAME = re.compile(r"\.(?P<name>.+)\.tmp-(?P<pid>[0-9]+)")
 # the ONNX export's (fedge.serve.export, tempfile.mkstemp): ".<name>.onnx.<8 random>.tmp"
 EXPORT_TEMP_NAME = re.compile(r"\.(?P<name>[^/]+\.onnx)\.[a-z0-9_]{8}\.tmp")
+# fedge.update.files.write_atomic's of a result file (the report and its plots):
+# ".<name>.<mkstemp's 8 random characters>"
+RESULT_TEMP_NAME = re.compile(
+    r"\.(?P<name>" + "|".join(re.escape(n) for n in RESULT_FILES) + r")\.[a-z0-9_]{8}")
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -180,12 +187,14 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 def remove_stale_temps(state_dir: str | Path, *, older_than: float) -> list[Path]:
-    """Remove :func:`atomic_write`'s temporary files, and the ONNX export's, in the job
-    directories that were last written before ``older_than`` (a ``time.time()``, e.g.
-    when this process started): a write killed between open and rename (the
-    coordinator SIGKILLed, its export child with it) leaves one, and its name holds a
-    pid or a random part, so no later write replaces it. Only names of those two
-    patterns are touched.
+    """Remove :func:`atomic_write`'s temporary files, the ONNX export's, and those of
+    the report's writes (``fedge.update.files.write_atomic`` of a RESULT_FILES name)
+    in the job directories that were last written before ``older_than`` (a
+    ``time.time()``, e.g. when this process started): a write killed between open and
+    rename (the coordinator SIGKILLed, its export child with it) leaves one, and its
+    name holds a pid or a random part, so no later write replaces it. Only names of
+    those three patterns are touched, and a report temporary a live writer holds
+    (its flock) is left.
 
     Returns the paths removed.
     """
@@ -195,6 +204,8 @@ def remove_stale_temps(state_dir: str | Path, *, older_than: float) -> list[Path
     except (FileNotFoundError, NotADirectoryError):
         return removed
     for d in dirs:
+        removed += files.remove_stale_temps(d, RESULT_TEMP_NAME,
+                                 grace_s=max(0.0, time.time() - older_than))
         for f in d.iterdir():
             if not (TEMP_NAME.fullmatch(f.name) or EXPORT_TEMP_NAME.fullmatch(f.name)):
                 continue

@@ -579,9 +579,12 @@ def check_submission(text: str) -> Plan:
 
     - ``job.name``, where given, is a string of at most JOB_NAME_MAX characters
       without control characters (it is printed in tables and titles).
+    - ``job.rounds`` is at most ROUNDS_MAX, and the model has at most
+      MODEL_PARAMS_MAX parameters (`model_parameter_count`).
 
     Raises: PlanError, naming the field and the rule.
     """
+    _check_rounds(text)  # first: parse_plan's DP accountant runs over every round
     plan = parse_plan(text)
     _check_job_name(tomllib.loads(text).get("job", {}))
     try:
@@ -686,6 +689,27 @@ def _check_model_size(plan: Plan) -> None:
                     f"({count * 4 / 1e9:.3g} GB as float32), more than the limit of "
                     f"{MODEL_PARAMS_MAX:,}: every site and the coordinator hold several "
                     "copies and send it each round. A typo in model.params?")
+
+
+# The most rounds a submitted job may plan. Federated benchmarks run tens to a few
+# hundred rounds (FLamby's Fed-TCGA-BRCA: 15 at most); 10000 leaves ample room while a
+# typo (1e11) would hold the queue for good, and the DP accountant that checks a
+# target epsilon composes every round (at 1e11 it runs for minutes).
+ROUNDS_MAX = 10_000
+
+
+def _check_rounds(text: str) -> None:
+    """Raises: PlanError: ``job.rounds`` is an integer above ROUNDS_MAX (any other
+    fault in it, or in the TOML, is parse_plan's to name)."""
+    try:
+        job = tomllib.loads(text).get("job")
+    except (tomllib.TOMLDecodeError, RecursionError):
+        return
+    rounds = job.get("rounds") if isinstance(job, dict) else None
+    if isinstance(rounds, int) and not isinstance(rounds, bool) and rounds > ROUNDS_MAX:
+        raise PlanError("job.rounds", rounds,
+                        f"must be <= {ROUNDS_MAX}: a job of more rounds holds the queue "
+                        "for good (a typo?)")
 
 
 def _check_job_name(job: Any) -> None:

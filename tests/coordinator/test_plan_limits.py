@@ -4,11 +4,14 @@ coordinator and the sites to hold and send (a typo in model.params.hidden)."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
 from fedge.coordinator.plan import (
     MODEL_PARAMS_MAX,
+    ROUNDS_MAX,
     PlanError,
     check_submission,
     model_parameter_count,
@@ -76,3 +79,30 @@ def test_a_huge_input_layer_names_in_features():
                          .replace(", hidden = [32]", "").replace("= 39", "= 60000000"))
     assert info.value.field == "model.params.in_features"
     assert "60,000,001 parameters" in str(info.value)
+
+
+def test_a_job_of_a_hundred_billion_rounds_gets_no_job_id(tmp_path):
+    coord = Coordinator(tmp_path, initial_weights=lambda plan: np.zeros(1, np.float32))
+    try:
+        with pytest.raises(PlanError) as info:
+            coord.submit_job(PLAN.replace("rounds = 2", "rounds = 100000000000"), actor="test")
+        assert info.value.field == "job.rounds"
+        assert info.value.value == 100000000000
+        assert f"must be <= {ROUNDS_MAX}" in str(info.value)
+        assert coord.list_jobs() == []
+        coord.submit_job(PLAN.replace("rounds = 2", f"rounds = {ROUNDS_MAX}"), actor="test")
+        assert len(coord.list_jobs()) == 1
+    finally:
+        coord.close()
+
+
+def test_huge_rounds_under_dp_are_refused_before_the_accountant_runs():
+    dp = PLAN.replace("rounds = 2", "rounds = 100000000000") + (
+        "[privacy]\nmin_site_examples = 100\n"
+        "dp = { noise_multiplier = 1.1, delta = 1e-5, target_epsilon = 8.0, "
+        "cox_per_term = true }\n")
+    started = time.monotonic()
+    with pytest.raises(PlanError) as info:
+        check_submission(dp)
+    assert info.value.field == "job.rounds"
+    assert time.monotonic() - started < 5.0

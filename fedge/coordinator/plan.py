@@ -553,7 +553,10 @@ def _float(table: dict[str, Any], dotted: str, *, lo: float | None = None,
     return value
 
 
-_JOB_HEADER = re.compile(r"^[ \t]*\[job\][ \t]*(#.*)?$", re.MULTILINE)
+_JOB_HEADER = re.compile(r"""^[ \t]*\[[ \t]*(job|"job"|'job')[ \t]*\][ \t]*(#.*)?$""",
+                         re.MULTILINE)
+# an inline job table, up to its opening brace: job = { dataset = "...", ... }
+_JOB_INLINE = re.compile(r"""^[ \t]*(job|"job"|'job')[ \t]*=[ \t]*\{""", re.MULTILINE)
 
 
 def check_submission(text: str) -> Plan:
@@ -838,7 +841,7 @@ def plan_labels(text: str) -> dict[str, str]:
 
 
 def with_seed(text: str) -> str:
-    """``text`` with ``seed = <fresh random>`` written into its [job] table when the
+    """``text`` with ``seed = <fresh random>`` written into its job table when the
     plan names no seed, so the job is reproducible from what is stored, and two jobs
     do not train bit-identical updates: sites refuse to have one update summed over
     two different survivor sets (fedge.agent.guard.RevealLog), so jobs sharing a
@@ -846,15 +849,39 @@ def with_seed(text: str) -> str:
     seed is returned unchanged. Used at submission: the plan is checked as
     `check_submission` does.
 
-    Raises: PlanError, as check_submission.
+    The seed goes under a ``[job]`` header, into an inline ``job = { ... }`` table,
+    or, for a job written as dotted keys (``job.dataset = ...``), as ``job.seed`` at
+    the top; the result is parsed again and must differ from the plan by the seed
+    alone.
+
+    Raises: PlanError, as check_submission; or ``job`` names no seed and none could
+    be written in (a layout none of the above fits), saying to use a [job] header.
     """
     check_submission(text)
-    job = tomllib.loads(text).get("job", {})
+    raw = tomllib.loads(text)
+    job = raw.get("job", {})
     if "seed" in job:
         return text
-    header = _JOB_HEADER.search(text)
-    if header is None:  # [job] written some other way (dotted keys): left to seed 0
-        return text
     seed = secrets.randbelow(2**31)
-    at = header.end()
-    return f"{text[:at]}\nseed = {seed}  # chosen at submission{text[at:]}"
+    note = "  # chosen at submission"
+    candidates = []
+    header = _JOB_HEADER.search(text)
+    if header is not None:
+        at = header.end()
+        candidates.append(f"{text[:at]}\nseed = {seed}{note}{text[at:]}")
+    inline = _JOB_INLINE.search(text)
+    if inline is not None:
+        at = inline.end()
+        candidates.append(f"{text[:at]} seed = {seed},{text[at:]}")
+    candidates.append(f"job.seed = {seed}{note}\n{text}")  # dotted keys
+    for seeded in candidates:
+        try:
+            again = tomllib.loads(seeded)
+        except (tomllib.TOMLDecodeError, RecursionError):
+            continue
+        if isinstance(again.get("job"), dict) and again["job"].pop("seed", None) == seed \
+                and again == raw:
+            return seeded
+    raise PlanError("job.seed", None,
+                    "the plan names no seed, and one could not be written into its job "
+                    "table: write the job's keys under a [job] header, or give job.seed")

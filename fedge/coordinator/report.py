@@ -266,7 +266,7 @@ def _learning_curve(path: Path, report: dict[str, Any]) -> None:
     name = f" ({label})" if label else ""
     fig.suptitle(f"job {report['job_id']}{name}: federated evaluation of the global model")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save_png(fig, path)
 
 
 def _privacy_plot(path: Path, privacy: dict[str, list[tuple[int, float]]],
@@ -285,7 +285,22 @@ def _privacy_plot(path: Path, privacy: dict[str, list[tuple[int, float]]],
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save_png(fig, path)
+
+
+def _save_png(fig: Any, path: Path) -> None:
+    """Render ``fig`` and write it as ``path`` with write_atomic (temporary file, fsync,
+    rename, directory fsync): after a power cut the plot that report.md (written
+    after it) lists is whole, never a torn or empty file under its name.
+
+    Raises:
+        OSError: the directory cannot be written.
+    """
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    write_atomic(path, buf.getvalue(), mode=0o644)
 
 
 def _fmt(v: Any) -> str:

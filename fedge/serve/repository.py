@@ -6,7 +6,8 @@ model into a hidden staging directory beside the versions, fsyncs it and then
 renames the whole directory into place, so a serving process that scans the
 repository sees either no new version or a complete one, never a half-written
 file. Files copied in by hand are handled by the server's checks instead
-(a version that does not load is skipped and retried when it changes).
+(a version that does not load is skipped and retried when it changes; one still
+being written in place is left until it has rested one poll interval).
 
 Opening a repository removes the staging directories of installs that were
 killed before their rename (``.incoming-*``, under a random name no later install
@@ -176,6 +177,12 @@ class ModelRepository:
                     os.fsync(fh.fileno())
                 # mkdtemp makes 0700; the serving process may run as another user
                 os.chmod(staging / MODEL_FILE, 0o644)
+                # its last change not a write: a server takes it as complete at once
+                # (fedge.serve.runtime, settle_s). chmod alone may fall in the same
+                # timestamp tick as the write; a modification time 1 ns earlier is
+                # below any change time the kernel gives from now on.
+                st = os.stat(staging / MODEL_FILE)
+                os.utime(staging / MODEL_FILE, ns=(st.st_atime_ns, st.st_mtime_ns - 1))
                 os.chmod(staging, 0o755)
                 _fsync_dir(staging)
                 version = self._highest_number_taken(base) + 1

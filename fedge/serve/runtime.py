@@ -18,6 +18,13 @@ a valid model whose inference never ends (an ONNX `Loop` with 10^12 trips passes
 `onnx.checker`) would otherwise hold the store's lock for good, and no later
 version, nor a rollback, would ever load. A version that misses the deadline is
 killed, marked failed with the reason, and not tried again until its file changes.
+
+A file still being written is not loaded (`settle_s`): a prefix of an ONNX file
+that ends between two fields is itself a valid model (without its metadata, say).
+A file whose last change was not a write (renamed into place, by `install` or by
+hand, chmod-ed, its times set by `cp -p` or rsync), or whose directory was renamed
+in after it was written, is taken at once; any other must have been left
+unwritten for `settle_s` first.
 """
 
 from __future__ import annotations
@@ -434,10 +441,11 @@ class ModelStore:
     """Loaded models, swapped atomically by `sync`; `get` never blocks."""
 
     def __init__(self, *, threads: int | None = None, keep: int = KEEP_LOADED,
-                 load_timeout_s: float | None = None):
+                 load_timeout_s: float | None = None, settle_s: float = 0.0):
         """`load_timeout_s`: check each new version in a child process, which must
         end within that many seconds (`check_in_child`); None checks it in this
         process, with no deadline (for tests and tools that load trusted models).
+        `settle_s`: a file still being written waits this long (module docstring).
 
         Raises: ValueError for a `load_timeout_s` that is not a finite number > 0.
         """
@@ -447,6 +455,9 @@ class ModelStore:
         self.threads = threads or default_threads()
         self.keep = keep
         self.load_timeout_s = load_timeout_s
+        self.settle_s = settle_s
+        # files seen unsettled: their id and since when (monotonic) it has not changed
+        self._unsettled: dict[Path, tuple[FileId, float]] = {}
         self._child: subprocess.Popen[bytes] | None = None  # a check running now
         self._closed = False
         self._models: dict[str, ModelVersions] = {}
@@ -562,7 +573,7 @@ class ModelStore:
             return None
         if self._failed.get(path) == stamp:
             return None  # same bytes failed before; retry only when the file changes
-        if self._closed:
+        if self._closed or not self._settled(path):
             return None
         try:
             checked = None
@@ -589,6 +600,33 @@ class ModelStore:
         self._failed.pop(path, None)
         self.failures.pop((name, version), None)
         return model
+
+    def _settled(self, path: Path) -> bool:
+        """Whether the model file at `path` is done being written, as far as its
+        times tell (module docstring)."""
+        if self.settle_s <= 0:
+            return True
+        try:
+            st = path.stat()
+            folder = path.parent.stat()
+        except OSError:
+            return False
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if (st.st_ctime_ns > st.st_mtime_ns or folder.st_ctime_ns > st.st_mtime_ns
+                or time.time_ns() - st.st_mtime_ns >= self.settle_s * 1e9):
+            self._unsettled.pop(path, None)
+            return True
+        # written within settle_s, or a clock behind the file's times: the file must
+        # stay as it is for settle_s as seen from here
+        now = time.monotonic()
+        seen = self._unsettled.get(path)
+        if seen is None or seen[0] != stamp:
+            self._unsettled[path] = (stamp, now)
+            return False
+        if now - seen[1] < self.settle_s:
+            return False
+        del self._unsettled[path]
+        return True
 
     def _started(self, child: subprocess.Popen[bytes]) -> None:
         self._child = child

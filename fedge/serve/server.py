@@ -485,7 +485,9 @@ class InferenceServer:
             if not 0 < seconds < _NEVER:
                 raise ValueError(f"{what} {seconds!r} must be a finite number of seconds > 0")
         self.repo = ModelRepository(repository)
-        self.store = ModelStore(threads=threads, load_timeout_s=load_timeout_s)
+        # a file written in place by hand must rest one scan before it loads
+        self.store = ModelStore(threads=threads, load_timeout_s=load_timeout_s,
+                                settle_s=poll_interval)
         self.metrics = Metrics()
         self.max_body_bytes = max_body_bytes
         self.body_budget = _BodyBudget(max_buffered_body_bytes)

@@ -244,6 +244,21 @@ def write_job_report(out_dir: Path, status: dict[str, Any], plan_toml: str = "")
 
 
 def _learning_curve(path: Path, report: dict[str, Any]) -> None:
+    _save_png(_learning_curve_figure(report), path)
+
+
+# The learning curve's title is wrapped to lines of at most this many characters,
+# fewer where the rendered text is still wider than the figure (wide letters): a job
+# id and a long job.name used to run off both edges of the 7-inch figure
+TITLE_FONTSIZE = 11
+TITLE_LINE_CHARS = 70
+
+
+def _learning_curve_figure(report: dict[str, Any]) -> Any:
+    """The learning curve as a matplotlib ``Figure`` (not yet saved)."""
+    import textwrap
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
@@ -261,16 +276,28 @@ def _learning_curve(path: Path, report: dict[str, Any]) -> None:
         ax.set_ylabel(f"{name} ({report['eval_split']})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
-    # "$" escaped: a name holding two would be parsed as mathtext (and may not parse)
-    label = str(report.get("name") or "").replace("$", r"\$")
+    label = str(report.get("name") or "")
     name = f" ({label})" if label else ""
-    fig.suptitle(f"job {report['job_id']}{name}: federated evaluation of the global model")
+    text = f"job {report['job_id']}{name}: federated evaluation of the global model"
+    title = fig.suptitle("", fontsize=TITLE_FONTSIZE)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    for chars in range(TITLE_LINE_CHARS, 9, -10):
+        # "$" escaped: a name holding two would be parsed as mathtext (may not parse)
+        title.set_text("\n".join(textwrap.wrap(text, chars, break_long_words=True,
+                                                break_on_hyphens=False)).replace("$", r"\$"))
+        if title.get_window_extent(renderer).width <= 0.96 * fig.bbox.width:
+            break
     fig.tight_layout()
-    _save_png(fig, path)
+    return fig
 
 
 def _privacy_plot(path: Path, privacy: dict[str, list[tuple[int, float]]],
                   bound: str = "per record") -> None:
+    _save_png(_privacy_figure(privacy, bound), path)
+
+
+def _privacy_figure(privacy: dict[str, list[tuple[int, float]]],
+                    bound: str = "per record") -> Any:
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
@@ -285,7 +312,7 @@ def _privacy_plot(path: Path, privacy: dict[str, list[tuple[int, float]]],
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    _save_png(fig, path)
+    return fig
 
 
 def _save_png(fig: Any, path: Path) -> None:

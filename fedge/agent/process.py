@@ -511,6 +511,17 @@ def _reload_refused() -> None:
     log.warning(RELOAD_REFUSED)
 
 
+def make_trainer(cfg: AgentConfig) -> Any:
+    """The site's TorchTrainer for ``cfg``: its data sets, state directory, and the
+    ``[privacy] max_colluders`` its DP-FedAvg noise share is sized for (each honest
+    share carries (zS)^2 / (K - f), so the K - f honest sites alone hold the noise
+    the plan's epsilon assumes)."""
+    from fedge.agent.trainer import TorchTrainer
+
+    return TorchTrainer(cfg.datasets, state_dir=cfg.state_dir,
+                        max_colluders=cfg.policy.max_colluders)
+
+
 def run(cfg: AgentConfig, *, connect_timeout_s: float | None = None) -> int:
     """Blocking entry point for ``fedge agent``. SIGTERM and SIGINT stop it; SIGHUP is
     logged (RELOAD_REFUSED) and otherwise ignored.
@@ -519,7 +530,6 @@ def run(cfg: AgentConfig, *, connect_timeout_s: float | None = None) -> int:
         another agent runs on the state directory (its pid named), or $FEDGE_SIMD
         names no usable path (every secure aggregation would fail: the site would
         only drop out of each round)."""
-    from fedge.agent.trainer import TorchTrainer
     from fedge.core import check_simd
     from fedge.systemd import Notifier
 
@@ -535,7 +545,7 @@ def run(cfg: AgentConfig, *, connect_timeout_s: float | None = None) -> int:
     except instance_lock.InstanceLocked as exc:
         raise AgentConfigError(str(exc)) from None
     remove_stale_temps_of(cfg.state_dir, health=cfg.health)
-    trainer = TorchTrainer(cfg.datasets, state_dir=cfg.state_dir)
+    trainer = make_trainer(cfg)
     executor: Executor = ThreadPoolExecutor(cfg.workers, thread_name_prefix=TASK_THREAD_PREFIX)
     xids = start_xid_monitor() if cfg.health else None
     agent = Agent(enrolled.site, trainer, identity=enrolled.identity, roster=enrolled.roster,

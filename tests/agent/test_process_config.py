@@ -218,3 +218,15 @@ def test_curve_credential_as_bare_z85_or_json_and_what_is_refused(tmp_path, monk
     (creds / "fedge_identity.key").write_bytes(b"short")
     with pytest.raises(AgentConfigError, match=r"identity key .*fedge_identity\.key is corrupt"):
         load_enrolled(tmp_path / "st")
+
+
+def test_the_sites_max_colluders_reaches_its_trainer(tmp_path):
+    """The DP-FedAvg share is sized for K - f honest sites only if the agent builds
+    its trainer with the policy's f (a TorchTrainer built without it sizes for K)."""
+    from fedge.agent.process import make_trainer
+
+    for f in (0, 2):
+        cfg = load_config(write(tmp_path, f'state_dir = "st"\n[privacy]\nmax_colluders = {f}\n'
+                                '[[datasets]]\nname = "x"\nkind = "numpy"\npath = "x.npz"\n'))
+        assert cfg.policy.max_colluders == f
+        assert make_trainer(cfg).max_colluders == f

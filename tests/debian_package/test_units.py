@@ -340,3 +340,26 @@ def test_the_nvidia_uvm_unit_has_only_what_loading_a_module_and_mknod_need() -> 
         assert breaking not in s, breaking
     assert "ReadOnlyPaths" not in s and "InaccessiblePaths" not in s  # /dev stays writable
     assert exposure(unit) <= 2.5
+
+
+def _bytes(value: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(value[:-1]) * units[value[-1]] if value[-1] in units else int(value)
+
+
+def _seconds(value: str) -> float:
+    return float(value[:-1]) if value.endswith("s") else float(value)
+
+
+def test_serve_memory_is_capped_above_its_own_body_budget_and_start_waits_for_slow_checks() -> None:
+    """One client could make fedge serve hold tens of GB of bodies (review servex, H2):
+    the server caps buffered bodies; the unit caps the service, so the OOM killer ends
+    fedge-serve, not the agent. READY=1 waits for the first load, whose versions each
+    get --load-timeout in a child: the start limit leaves room for several."""
+    from fedge.serve.runtime import DEFAULT_LOAD_TIMEOUT_S
+    from fedge.serve.server import DEFAULT_MAX_BUFFERED_BODY
+
+    s = unit_settings(UNITS / "fedge-serve.service")
+    high, cap = _bytes(s["MemoryHigh"][0]), _bytes(s["MemoryMax"][0])
+    assert 4 * DEFAULT_MAX_BUFFERED_BODY <= high < cap, (s["MemoryHigh"], s["MemoryMax"])
+    assert _seconds(s["TimeoutStartSec"][0]) >= 4 * DEFAULT_LOAD_TIMEOUT_S, s["TimeoutStartSec"]

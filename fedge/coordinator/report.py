@@ -254,6 +254,13 @@ TITLE_FONTSIZE = 11
 TITLE_LINE_CHARS = 70
 
 
+def _series(points: list[tuple[int, float]] | list[list[Any]], axis: list[int]) -> list[float]:
+    """A site's values on every round of ``axis``, NaN where it has none: the line
+    breaks at a round the site missed instead of running straight across it."""
+    by_round = {int(p[0]): float(p[1]) for p in points}
+    return [by_round.get(r, math.nan) for r in axis]
+
+
 def _learning_curve_figure(report: dict[str, Any]) -> Any:
     """The learning curve as a matplotlib ``Figure`` (not yet saved)."""
     import textwrap
@@ -267,10 +274,14 @@ def _learning_curve_figure(report: dict[str, Any]) -> Any:
     axes = fig.subplots(len(names), 1, squeeze=False)[:, 0]
     for ax, name in zip(axes, names, strict=True):
         c = report["curves"][name]
+        seen = set(c["rounds"]) | {int(p[0]) for pts in c["sites"].values() for p in pts}
+        axis = list(range(min(seen), max(seen) + 1)) if seen else []
         for site, points in sorted(c["sites"].items()):
-            ax.plot([p[0] for p in points], [p[1] for p in points], lw=1, alpha=0.6,
-                    label=site)
-        ax.plot(c["rounds"], c["aggregate"], "k-o", lw=2, label="size-weighted")
+            # markers: a site evaluated in one round only (the others it dropped out
+            # of) is one point, which a line alone does not draw
+            ax.plot(axis, _series(points, axis), "-o", ms=3, lw=1, alpha=0.6, label=site)
+        ax.plot(axis, _series(list(zip(c["rounds"], c["aggregate"], strict=True)), axis),
+                "k-o", lw=2, label="size-weighted")
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(f"{name} ({report['eval_split']})")

@@ -2,9 +2,13 @@
 
 - The learning curve's title fits in the figure, whatever the job's name: it used to
   be one line wider than the 7-inch figure, cut off at both edges.
+- A site evaluated in one round only is drawn (a marker), and a site's line breaks
+  at a round it missed instead of running straight across it.
   (How they are written: tests/coordinator/test_report_plot_writes.py.)"""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 from matplotlib.image import imread
@@ -48,3 +52,16 @@ def test_learning_curve_title_is_not_cut_off_at_the_edges(tmp_path):
     box, page = title.get_window_extent(renderer), fig.bbox
     assert page.x0 <= box.x0 and box.x1 <= page.x1 and box.y1 <= page.y1, (box, page)
     assert WIDE_NAME[:10] in title.get_text()
+
+
+def test_a_site_evaluated_once_is_drawn_and_lines_break_at_missing_rounds(tmp_path):
+    fig = _learning_curve_figure(summarise(_gapped_status(), PLAN.format(rounds=3)))
+    for ax in fig.axes:
+        lines = {ln.get_label(): ln for ln in ax.get_lines()}
+        for site in ("h1", "h2", "h3"):
+            assert lines[site].get_marker() not in (None, "None", "", " "), site
+        h2 = list(lines["h2"].get_ydata())
+        assert list(lines["h2"].get_xdata()) == [1, 2, 3]
+        assert not math.isnan(h2[0]) and math.isnan(h2[1]) and not math.isnan(h2[2])
+        h3 = list(lines["h3"].get_ydata())
+        assert not math.isnan(h3[0]) and all(math.isnan(v) for v in h3[1:])

@@ -1806,9 +1806,25 @@ def serve(
     server_app.on_ready = lambda: announce(
         f"fedge serve listening on http://{shown}:{bound} (repository {repository})")
     server = uvicorn.Server(config)
+    ignore_sighup()
     server.run(sockets=[sock])
     if not server.started:
         raise RuntimeError("start-up failed (the reason is logged above)")
+
+
+def ignore_sighup() -> None:
+    """SIGHUP (an operator's `kill -HUP` to "reload") is logged and ignored: left to
+    its default it ended the server at once, and systemd counts a death by SIGHUP as
+    clean, so Restart=on-failure did not start it again. Models are picked up
+    without a reload; the options are read at start."""
+    import signal
+
+    def warn(signum: int, frame: object) -> None:
+        log.warning("SIGHUP received: reload is not supported (new model versions are "
+                    "picked up by themselves; options are read at start: use systemctl "
+                    "restart fedge-serve). Still serving")
+
+    signal.signal(signal.SIGHUP, warn)
 
 
 def _open_file_limit() -> int:

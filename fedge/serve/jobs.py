@@ -199,9 +199,11 @@ def _example_input(
 def _site_preprocessing(dataset: str, rank: int) -> dict[str, Any]:
     """What a federated job's input went through before the model, truthfully.
 
-    Each site standardises its own tabular rows with constants fitted on its own
-    training split (fedge.train.data.Standardiser); those never leave the site,
-    so they are not in this graph and the serving site must apply its own.
+    Each site standardises its own tabular rows, either with constants fitted on
+    its own training split or, under ``standardise = "bounds"`` (what DP-SGD
+    requires), with public constants from its declared ``feature_bounds``
+    (fedge.train.data.Standardiser). Those never leave the site, so they are not in
+    this graph and the serving site must apply its own.
     Images are not standardised.
     """
     if rank != 1:
@@ -217,15 +219,22 @@ def _site_preprocessing(dataset: str, rank: int) -> dict[str, Any]:
         }
     return {
         "kind": "per-site standardisation", "in_graph": False, "dataset": dataset,
-        "fitted": "by each site on its own training split of the data set; the constants "
-                  "stay at the site and are not in this model",
+        "fitted": "by each site: on its own training split of the data set ('continuous', "
+                  "'all'), or from the public feature_bounds it declares ('bounds': mean "
+                  "= (lo + hi) / 2, scale = (hi - lo) / 2); the constants stay at the "
+                  "site and are not in this model",
         "transform": "(x - mean) / scale per feature (fedge.train.data.Standardiser); the "
                      "site's 'standardise' setting for the data set says which columns: "
-                     "'continuous' (default: all but 0/1 columns), 'all' or 'none'",
+                     "'continuous' (default: all but 0/1 columns), 'all', 'bounds' (the "
+                     "columns with declared feature_bounds, clamped to [lo, hi] before "
+                     "training) or 'none'",
         "input": "standardise every row with the serving site's own constants for this "
                  "data set before inference; raw values give wrong outputs. A fedge "
                  "appliance holding the data set does this for you: pushed to it, the "
-                 "model gets the site's standardisation prepended to its graph",
+                 "model gets the site's standardisation prepended to its graph. Under "
+                 "'bounds', training clamped each bounded column to [lo, hi]; the "
+                 "prepended standardisation does not clamp, so clamp raw rows to the "
+                 "same bounds for outputs consistent with training",
     }
 
 

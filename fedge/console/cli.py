@@ -529,7 +529,9 @@ def watch_job(call: Any, job_id: str, *, interval_s: float = 2.0,
     """Poll ``jobs_status`` and print each round as it commits (or an attempt as it
     fails) with its federated evaluation, and each phase of the round in progress,
     until the job ends; for a completed job, then until its results (ONNX, report)
-    are written. `call(op, args)` is an AdminClient's call. Returns the last status.
+    are written; and each site whose connection is contested (two machines holding its
+    keys: dropped from the round in flight, or kept out of new ones, with why) as that
+    changes. `call(op, args)` is an AdminClient's call. Returns the last status.
 
     Raises:
         WatchGaveUp: the job had not ended after `max_wait_s` (its state named).
@@ -541,6 +543,7 @@ def watch_job(call: Any, job_id: str, *, interval_s: float = 2.0,
     said_queued = False
     said_test = False
     left_out: dict[str, str] = {}  # the last committed round's, as printed
+    contested: dict[str, str] = {}  # jobs_status's, as last printed
     while True:
         status, _ = call("jobs_status", {"job_id": job_id})
         planned = status.get("rounds_planned")
@@ -583,6 +586,14 @@ def watch_job(call: Any, job_id: str, *, interval_s: float = 2.0,
             why = f" ({printable(wait['summary'])})" if wait.get("summary") else ""
             out(f"round {now_phase[0]}/{planned}: {now_phase[1]}{why}")
         phase = now_phase
+        now_contested = dict(status.get("contested") or {})
+        for site, why in sorted(now_contested.items()):
+            if contested.get(site) != why:  # said once, until it changes
+                out(f"  contested {printable(site)}: {printable(why)}")
+        if status.get("status") not in JOB_ENDS:  # an ended job's status lists none
+            for site in sorted(set(contested) - set(now_contested)):
+                out(f"  {printable(site)} no longer contested")
+        contested = now_contested
         test = status.get("final_test")
         if test and test.get("metrics") and not said_test:
             said_test = True
@@ -685,8 +696,12 @@ def _cmd_jobs_fetch(args: argparse.Namespace) -> int:
 
 def push(store: Any, client: Any, file: Path, *, kind: str, name: str, version: str,
          canary: str | None = None, sites: list[str] | None = None, deadline_s: float = 300.0,
-         wait: bool = True, poll_s: float = 0.5) -> dict[str, Any]:
-    """Sign `file` as a target, publish it and roll it out; wait for the end if asked.
+         wait: bool = True, poll_s: float = 0.5,
+         out: Any = None) -> dict[str, Any]:
+    """Sign `file` as a target, publish it and roll it out; wait for the end if asked,
+    passing `out` (if given) each new line of what the roll-out waits for meanwhile
+    (:func:`rollout_line`: its state, and the ask it holds back while the site is in a
+    round).
 
     Raises:
         ConsoleError: bad target fields, or software named other than "fedge".
@@ -727,10 +742,27 @@ def push(store: Any, client: Any, file: Path, *, kind: str, name: str, version: 
     if root is not None:
         store.save_root(root)
     store.save_targets(targets)  # published: the next signing builds on this version
+    said = rollout_line(rollout)
+    if wait and out is not None:
+        out(said)
     while wait and rollout["state"] not in ("succeeded", "failed"):
         time.sleep(poll_s)
         rollout, _ = client.call("rollout_status", {"rollout_id": rollout["rollout_id"]})
+        line = rollout_line(rollout)
+        if out is not None and line != said and rollout["state"] not in ("succeeded",
+                                                                          "failed"):
+            out(line)
+        said = line
     return rollout
+
+
+def rollout_line(r: dict[str, Any]) -> str:
+    """A roll-out in one line: its state, why it failed, and the ask it holds back
+    while a site is in a round ("held": "waiting for round N of job J to end before
+    asking SITE")."""
+    return (f"roll-out {r['rollout_id']} of {r['path']}: {r['state']}"
+            + (f" — {printable(r['failure'])}" if r.get("failure") else "")
+            + (f" — {printable(r['held'])}" if r.get("held") else ""))
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
@@ -742,11 +774,11 @@ def _cmd_push(args: argparse.Namespace) -> int:
         sites = [s for s in args.sites.split(",") if s] if args.sites else None
         r = push(store, client, args.file, kind=args.kind, name=args.name,
                  version=args.version, canary=args.canary, sites=sites,
-                 deadline_s=args.deadline, wait=not args.no_wait)
+                 deadline_s=args.deadline, wait=not args.no_wait,
+                 out=lambda line: print(line, flush=True))
         for site, res in r["results"].items():
             print(f"{site}: {'ok' if res['ok'] else 'FAILED'} {res['detail']}")
-        print(f"roll-out {r['rollout_id']} of {r['path']}: {r['state']}"
-              + (f" — {r['failure']}" if r["failure"] else ""))
+        print(rollout_line(r))
         print(_root_expiry_line(store))
         return 0 if r["state"] in ("succeeded", "canary", "rest") else 1
 

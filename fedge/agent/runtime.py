@@ -275,8 +275,9 @@ class Agent:
         self._coordinator_version: str | None = None
         self._classes_unknown_to: str | None = None
         self._classes_refused = False
-        # the class lists last found too large to send (not tried again while unchanged)
-        self._classes_unsendable: dict[str, list[str]] | None = None
+        # the (classes, tasks, input shapes) last found too large to send (not tried
+        # again while unchanged)
+        self._classes_unsendable: tuple[Any, ...] | None = None
 
     # -- outgoing -------------------------------------------------------------------
 
@@ -314,12 +315,16 @@ class Agent:
                         "the last report until it ends", self.site, PROBE_WAIT_S)
         report, eligible, reason = self._health_verdict(time.monotonic())
         classes = self.declared_classes()
-        if classes and not self._classes_refused and classes != self._classes_unsendable:
+        tasks, shapes = self.declared_inputs()
+        declared = (classes, tasks, shapes)
+        if any(declared) and not self._classes_refused \
+                and declared != self._classes_unsendable:
             try:  # first: with the heartbeat they stand
-                await self.send(m.DatasetClasses(classes=classes))
+                await self.send(m.DatasetClasses(classes=classes, tasks=tasks,
+                                                 input_shapes=shapes))
             except (ValueError, codec.WireError) as exc:  # beyond the message's bounds:
                 # nothing was sent (send encodes first); said once, the heartbeat goes
-                self._classes_unsendable = classes
+                self._classes_unsendable = declared
                 log.error("%s: class lists not sent (%s): this site is left out of jobs "
                           "whose sites declare classes", self.site, exc)
         await self.send(m.Heartbeat(
@@ -340,6 +345,36 @@ class Agent:
             if classes:
                 out[name] = list(classes)
         return out
+
+    def declared_inputs(self) -> tuple[dict[str, str], dict[str, list[int]]]:
+        """(task, input shape) of each held data set, as its agent.toml table declares
+        them (no data is read): the task (``datasets.task``), and the shape of one
+        example as the models take it, ``[features]`` for a table (its declared
+        ``features``; FLamby's 39 for fed_tcga_brca without them), ``[1, image_size,
+        image_size]`` for images (loaded single-channel). A numpy data set's shape is
+        known only once its file is read: absent. The coordinator refuses at submission
+        a plan whose model these rule out (fedge.coordinator.service)."""
+        from fedge.train.data import FED_TCGA_BRCA_FEATURES
+
+        # TorchTrainer's parsed [[datasets]] tables; a trainer without them
+        # (SyntheticTrainer) declares nothing
+        specs = getattr(self.trainer, "_specs", None)
+        tasks: dict[str, str] = {}
+        shapes: dict[str, list[int]] = {}
+        if not isinstance(specs, dict):
+            return tasks, shapes
+        for name in self.trainer.datasets():
+            spec = specs.get(name)
+            if spec is None:
+                continue
+            tasks[name] = spec.task
+            if spec.kind == "tabular" and spec.features:
+                shapes[name] = [len(spec.features)]
+            elif spec.kind == "fed_tcga_brca":
+                shapes[name] = [len(spec.features or FED_TCGA_BRCA_FEATURES)]
+            elif spec.kind == "images":
+                shapes[name] = [1, spec.image_size, spec.image_size]
+        return tasks, shapes
 
     def _classes_refusal(self, plan: Plan) -> str:
         """Why this site cannot run ``plan`` for its class order ("" when it can): the

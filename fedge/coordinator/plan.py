@@ -584,6 +584,7 @@ def check_submission(text: str) -> Plan:
       without control characters (it is printed in tables and titles).
     - ``job.rounds`` is at most ROUNDS_MAX, and the model has at most
       MODEL_PARAMS_MAX parameters (`model_parameter_count`).
+    - ``job.classes`` is not set for a Cox model (survival data has no classes).
 
     Raises: PlanError, naming the field and the rule.
     """
@@ -595,6 +596,10 @@ def check_submission(text: str) -> Plan:
     except ModelParamError as exc:
         raise PlanError(f"model.params.{exc.key}", exc.value, exc.rule) from None
     _check_model_size(plan)
+    if plan.classes and TASK_OF_MODEL.get(plan.model_name) == "survival":
+        raise PlanError("job.classes", list(plan.classes),
+                        f"model {plan.model_name!r} is a Cox (survival) model: job.classes "
+                        "names the class order of a classification data set; leave it out")
     dp = plan.privacy.get("dp")
     if isinstance(dp, dict) and TASK_OF_MODEL.get(plan.model_name) == "survival" \
             and dp.get("cox_per_term") is not True:
@@ -671,6 +676,23 @@ def model_parameter_count(name: str, params: dict[str, Any]) -> int | None:
     except _Uncountable:
         return None
     raise KeyError(name)
+
+
+def model_input_shape(name: str, params: dict[str, Any]) -> tuple[int, ...] | None:
+    """The shape of one example model ``name`` takes with ``params``, as
+    fedge.train.models.input_shape gives it (without torch): ``(in_features,)`` for
+    the tabular models, ``(in_channels, image_size, image_size)`` for resnet_small;
+    None when a parameter it needs is missing or not an integer (the builder names
+    it). Raises: KeyError: ``name`` is not a registered model."""
+    from fedge.train.model_names import MODEL_PARAMS
+
+    declared = MODEL_PARAMS[name]
+    keys = ("in_channels", "image_size", "image_size") if name == "resnet_small" \
+        else ("in_features",)
+    shape = tuple(params.get(k, declared[k].default) for k in keys)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in shape):
+        return None
+    return shape
 
 
 class _Uncountable(Exception):

@@ -210,6 +210,12 @@ class _Conn:
     # waiting for the heartbeat it precedes.
     classes: dict[str, tuple[str, ...]] | None = None
     classes_next: dict[str, tuple[str, ...]] | None = None
+    # what the same DatasetClasses said of each data set's task and input shape (empty:
+    # nothing, or no DatasetClasses); submission_warnings checks plans against them.
+    # ``inputs_next``: (tasks, input shapes) waiting for the heartbeat they precede.
+    tasks: dict[str, str] = field(default_factory=dict)
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    inputs_next: tuple[dict[str, str], dict[str, tuple[int, ...]]] | None = None
 
     def seen(self, msg_id: str) -> bool:
         if msg_id in self.seen_set:
@@ -545,8 +551,10 @@ class Coordinator:
         Raises:
             PlanError: the plan is invalid (names the field); nothing is stored.
             CoordinatorError: no site declares the plan's data set (a typo), named with
-                the data sets the sites do declare (:meth:`submission_warnings`);
-                nothing is stored.
+                the data sets the sites do declare; or every site holding it that
+                declared its task and input shape would refuse the model, or
+                client_dp.cohort_size is above the sites that could hold it
+                (:meth:`submission_warnings`); nothing is stored.
         """
         plan_text = with_seed(plan_text)  # parsed; a seed written in if none is named
         found = self.submission_warnings(parse_plan(plan_text))
@@ -566,9 +574,10 @@ class Coordinator:
         Raises:
             CoordinatorError: as :func:`submission_warnings`.
         """
+        heard = {s: c for s, c in self.conns.items() if c.datasets is not None}
         return submission_warnings(
-            self.store, plan, {s: c.datasets for s, c in self.conns.items()
-                               if c.datasets is not None})
+            self.store, plan, {s: c.datasets for s, c in heard.items()},
+            {s: DeclaredInputs(c.tasks, c.input_shapes) for s, c in heard.items()})
 
     def list_jobs(self) -> list[dict[str, Any]]:
         """Every job's record, with its plan's ``name``, ``dataset`` and ``model``
@@ -859,6 +868,11 @@ class Coordinator:
             self.conns[site].classes_next = {
                 name[:HEARTBEAT_TEXT_MAX]: tuple(classes)
                 for name, classes in list(body.classes.items())[:DATASETS_MAX]}
+            self.conns[site].inputs_next = (
+                {name[:HEARTBEAT_TEXT_MAX]: task
+                 for name, task in list(body.tasks.items())[:DATASETS_MAX]},
+                {name[:HEARTBEAT_TEXT_MAX]: tuple(shape)
+                 for name, shape in list(body.input_shapes.items())[:DATASETS_MAX]})
             return
         if type(body).__name__ == "UpdateOutcome":
             if self.on_update_outcome is None:
@@ -969,6 +983,7 @@ class Coordinator:
             log.info("job %s: %s says it is eligible again; back among the round's "
                      "candidates", self.runner.job_id, site)
         conn.classes, conn.classes_next = conn.classes_next, None
+        (conn.tasks, conn.input_shapes), conn.inputs_next = conn.inputs_next or ({}, {}), None
         datasets = [d[:HEARTBEAT_TEXT_MAX] for d in hb.datasets[:DATASETS_MAX]]
         conn.datasets = tuple(datasets)
         now = self.clock()
@@ -1481,8 +1496,19 @@ def contest_reason(contest: dict[str, Any]) -> str:
             "appliances share this site's keys?")
 
 
+@dataclass(frozen=True)
+class DeclaredInputs:
+    """What one site's last DatasetClasses said of its data sets: the task and the
+    input shape of each (fedge.wire.messages.DatasetClasses); empty where it said
+    nothing (an agent before these fields, a trainer without agent.toml tables)."""
+
+    tasks: dict[str, str]
+    input_shapes: dict[str, tuple[int, ...]]
+
+
 def submission_warnings(store: Store, plan: Plan,
-                        declared: dict[str, tuple[str, ...]]) -> list[str]:
+                        declared: dict[str, tuple[str, ...]],
+                        inputs: dict[str, DeclaredInputs] | None = None) -> list[str]:
     """What submitting ``plan`` deserves to be told, from ``store``'s jobs and from
     ``declared``: each site heard from, with the data sets it declared (the running
     coordinator: the heartbeats to this process, :meth:`Coordinator.submission_warnings`;
@@ -1497,12 +1523,25 @@ def submission_warnings(store: Store, plan: Plan,
     refuses DP-SGD when its training records number 1/δ or more, which the plan check
     (against ``min_site_examples``, the smallest site) cannot see.
 
+    ``inputs``: what each site heard from declared of its data sets' tasks and input
+    shapes (the running coordinator only). A plan every site holding ``job.dataset``
+    that declared them would refuse is refused here, before it waits in the queue;
+    one some of them would refuse is taken with a warning naming those.
+
     Raises:
         CoordinatorError: no site heard from declares ``job.dataset``, at least
             ``min_clients`` have declared theirs, and too few enrolled sites are left
             unheard to make ``min_clients`` even if all of them held it: a job that
             would wait ``cohort_s`` × ``max_failed_attempts`` for nothing and block the
-            queue.
+            queue. Or, for every site holding ``job.dataset`` that declared its task
+            and input shape: the model is for another task (a Cox model on data that
+            is not survival, another model on survival data, a classifier on a
+            regression target), its input shape is not the data's
+            (``model.params.in_features`` and the site's feature count), or
+            ``job.classes`` is set for a data set that is not a classification task.
+            Or ``privacy.client_dp.cohort_size`` is above the sites that could hold
+            the data set (enrolled and heard holding it, or not heard from yet). Each
+            names the field, the plan's value and the sites' values.
     """
     found: list[str] = []
     dp = plan.privacy.get("dp")
@@ -1519,7 +1558,133 @@ def submission_warnings(store: Store, plan: Plan,
             found.append(f"job.name {plan.name!r} is also the name of {len(same)} "
                          f"queued or running job(s) ({_names(same)}): tell them apart "
                          "by their ids")
-    return found + _dataset_warnings(store, plan, declared)
+    found += _dataset_warnings(store, plan, declared)
+    _check_cohort_size(store, plan, declared)
+    return found + _model_fit_warnings(store, plan, declared, inputs or {})
+
+
+def _check_cohort_size(store: Store, plan: Plan, declared: dict[str, tuple[str, ...]]) -> None:
+    """Raises: CoordinatorError: ``privacy.client_dp.cohort_size`` is above the enrolled
+    sites that hold ``job.dataset`` or have not said (each site refuses to add noise
+    sized for a cohort larger than the one it is in). A federation with no site
+    enrolled yet is not judged: a job may be queued before its sites enrol."""
+    client_dp = plan.privacy.get("client_dp")
+    cohort = client_dp.get("cohort_size") if isinstance(client_dp, dict) else None
+    if not isinstance(cohort, int) or isinstance(cohort, bool):
+        return
+    enrolled = {a.site_id for a in store.appliances() if a.status == "enrolled"}
+    if not enrolled:
+        return
+    known = {s: ds for s, ds in declared.items() if s in enrolled}
+    holders = sorted(s for s, ds in known.items() if plan.dataset in ds)
+    possible = len(holders) + len(enrolled) - len(known)
+    if cohort <= possible:
+        return
+    raise CoordinatorError(
+        f"plan field privacy.client_dp.cohort_size = {cohort}: more than the "
+        f"{possible} enrolled site(s) that could hold data set {plan.dataset!r} "
+        f"({len(enrolled)} enrolled; {len(holders)} heard from declare it"
+        f"{': ' + _names(holders) if holders else ''}; {len(enrolled) - len(known)} "
+        "not heard from yet): each site refuses DP-FedAvg noise sized for a cohort larger "
+        f"than the one it is in. Set cohort_size <= {possible}, or enrol more sites "
+        "first. Nothing was submitted")
+
+
+# The data-set tasks each model's output fits (fedge.train.api._task and
+# fedge.train.model_names.TASK_OF_MODEL; "mlp" follows the data set's task).
+_TASKS_OF_KIND = {
+    "survival": ("survival",),
+    "classification": ("binary", "multiclass"),
+    "regression": ("regression", "binary", "multiclass"),  # a logit is a real output
+    "any": ("binary", "multiclass", "regression", "survival"),
+}
+_CLASSIFICATION_TASKS = ("binary", "multiclass")
+
+
+def _model_fit_warnings(store: Store, plan: Plan, declared: dict[str, tuple[str, ...]],
+                        inputs: dict[str, DeclaredInputs]) -> list[str]:
+    """submission_warnings' part on the model against the data set's declared task
+    and input shape; raises as it does."""
+    from fedge.coordinator.plan import model_input_shape
+    from fedge.train.model_names import TASK_OF_MODEL
+
+    enrolled = {a.site_id for a in store.appliances() if a.status == "enrolled"}
+    holders = sorted(s for s, ds in declared.items()
+                     if s in enrolled and plan.dataset in ds and s in inputs)
+    tasks = {s: inputs[s].tasks[plan.dataset] for s in holders
+             if plan.dataset in inputs[s].tasks}
+    shapes = {s: tuple(inputs[s].input_shapes[plan.dataset]) for s in holders
+              if plan.dataset in inputs[s].input_shapes}
+    found: list[str] = []
+    kind = TASK_OF_MODEL.get(plan.model_name, "any")
+    fits = _TASKS_OF_KIND.get(kind, _TASKS_OF_KIND["any"])
+    known_tasks = {s: t for s, t in tasks.items()
+                   if t in _TASKS_OF_KIND["any"]}  # a task of a later release: not judged
+    misfit = {s: t for s, t in known_tasks.items() if t not in fits}
+    found += _refuse_or_warn(
+        "model.name", plan.model_name, misfit, known_tasks,
+        lambda t: f"a {t} task",
+        f"model {plan.model_name!r} is a {kind} model (survival data needs cox_linear, "
+        "cox_mlp or mlp; a Cox model needs survival data; a classifier needs binary or "
+        "multiclass labels)", plan.dataset)
+    if plan.classes:
+        misfit = {s: t for s, t in known_tasks.items() if t not in _CLASSIFICATION_TASKS}
+        found += _refuse_or_warn(
+            "job.classes", list(plan.classes), misfit, known_tasks, lambda t: f"a {t} task",
+            "job.classes names the class order of a classification data set; the sites "
+            "holding this one send no class list, and the job would wait for one",
+            plan.dataset)
+    want = model_input_shape(plan.model_name, plan.model_params)
+    if want is not None:
+        misfit_shapes = {s: sh for s, sh in shapes.items() if sh != want}
+        field, value = _shape_field(plan, want, misfit_shapes)
+        found += _refuse_or_warn(
+            field, value, misfit_shapes, shapes, _shape_text,
+            f"model {plan.model_name!r} takes {_shape_text(want)}, and each site refuses "
+            "data of another shape", plan.dataset)
+    return found
+
+
+def _shape_field(plan: Plan, want: tuple[int, ...],
+                 misfit: dict[str, tuple[int, ...]]) -> tuple[str, Any]:
+    """The plan field that sets the differing part of the model's input shape."""
+    if len(want) == 1:
+        if any(len(sh) != 1 for sh in misfit.values()):
+            return "model.name", plan.model_name
+        return "model.params.in_features", want[0]
+    if any(len(sh) != 3 for sh in misfit.values()):
+        return "model.name", plan.model_name
+    if any(sh[0] != want[0] for sh in misfit.values()):
+        return "model.params.in_channels", want[0]
+    return "model.params.image_size", want[1]
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+    if len(shape) == 1:
+        return f"{shape[0]} features"
+    if len(shape) == 3:
+        return f"{shape[0]}-channel {shape[1]}x{shape[2]} images"
+    return "examples of shape " + "x".join(str(d) for d in shape)
+
+
+def _refuse_or_warn(field: str, value: Any, misfit: dict[str, Any], declared: dict[str, Any],
+                    describe: Callable[[Any], str], rule: str, dataset: str) -> list[str]:
+    """Refuse (CoordinatorError) when every site in ``declared`` is in ``misfit``;
+    a warning when some are; [] when none is. Names the field, the plan's value and
+    each site's."""
+    if not misfit:
+        return []
+    by_value: dict[str, list[str]] = {}
+    for site, v in sorted(misfit.items()):
+        by_value.setdefault(describe(v), []).append(site)
+    sites = "; ".join(f"{what} at {_names(who)}" for what, who in sorted(by_value.items()))
+    head = (f"plan field {field} = {codec.short(value)}: data set {dataset!r} is {sites} "
+            f"(agent.toml [[datasets]]); {rule}")
+    if len(misfit) == len(declared):
+        raise CoordinatorError(f"{head}. Every site holding it that said so would refuse "
+                               "the job. Nothing was submitted")
+    return [f"{head}. Those sites will refuse its tasks; the other "
+            f"{len(declared) - len(misfit)} that said so fit it"]
 
 
 def _dataset_warnings(store: Store, plan: Plan,

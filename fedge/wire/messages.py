@@ -15,8 +15,9 @@ message            direction              meaning
 Heartbeat          agent → coordinator    liveness + version, health, eligibility,
                                           data sets held, current task
 DatasetClasses     agent → coordinator    just before each Heartbeat: the class list
-                                          (label order) of each data set that has one
-                                          (not sent when none has)
+                                          (label order) of each data set that has one,
+                                          and each data set's task and input shape
+                                          (not sent when it would be empty)
 HeartbeatAck       coordinator → agent    liveness of the coordinator
 ControlCommit      coordinator → agent    SCAFFOLD, just before each TrainTask: the
                                           last committed round whose sum held this
@@ -115,15 +116,32 @@ def check_class_bounds(classes: list[str] | tuple[str, ...], what: str) -> None:
                          f"{CLASS_NAME_MAX}")
 
 
+# Bounds on what one DatasetClasses may say of a data set's task and input shape.
+TASK_NAME_MAX = 64  # characters of a task name (fedge.train.data.TASKS are far shorter)
+INPUT_SHAPE_NDIM_MAX = 4  # (features,) or (channels, height, width)
+INPUT_DIM_MAX = (1 << 31) - 1
+
+
 @message("dataset_classes")
 @dataclass(frozen=True)
 class DatasetClasses:
-    """The class list, in label order, of each data set the agent holds that declares
-    one (an image data set's ``classes`` in agent.toml); a data set without one is
-    absent. Sent just before every Heartbeat by an agent holding any such data set:
-    the coordinator takes the lists as part of the heartbeat that follows (none came:
-    none declared), and the cohort leaves out sites whose order disagrees
-    (fedge.coordinator.cohort).
+    """What the agent's data sets declare in agent.toml, for the coordinator to check
+    plans against at submission (fedge.coordinator.service.submission_warnings) rather
+    than have the sites refuse them once queued:
+
+    - ``classes``: the class list, in label order, of each data set that declares one
+      (an image data set's ``classes``); a data set without one is absent. The cohort
+      leaves out sites whose order disagrees (fedge.coordinator.cohort).
+    - ``tasks``: each data set's task (``datasets.task``: survival, binary,
+      multiclass, regression).
+    - ``input_shapes``: the shape of one example as the models take it, ``[features]``
+      for a table, ``[channels, height, width]`` for images; a data set whose shape is
+      known only once its file is read (kind "numpy") is absent.
+
+    Sent just before every Heartbeat by an agent with anything to say here: the
+    coordinator takes it as part of the heartbeat that follows (none came: nothing
+    declared). ``tasks`` and ``input_shapes`` came after release 0.2.0, with
+    defaults, so a message without them (an agent before them) still decodes.
 
     A message of its own, not a Heartbeat field: the codec refuses unknown fields, so
     a Heartbeat with a new field would be refused whole by a coordinator of the
@@ -133,10 +151,22 @@ class DatasetClasses:
     version changes (fedge.agent.runtime)."""
 
     classes: dict[str, list[str]]
+    tasks: dict[str, str] = field(default_factory=dict)
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name, classes in self.classes.items():
             check_class_bounds(classes, f"DatasetClasses.classes[{name[:80]!r}]")
+        for name, task in self.tasks.items():
+            if not 0 < len(task) <= TASK_NAME_MAX:
+                raise ValueError(f"DatasetClasses.tasks[{name[:80]!r}] has {len(task)} "
+                                 f"characters, 1..{TASK_NAME_MAX}")
+        for name, shape in self.input_shapes.items():
+            if not 0 < len(shape) <= INPUT_SHAPE_NDIM_MAX \
+                    or not all(0 < d <= INPUT_DIM_MAX for d in shape):
+                raise ValueError(f"DatasetClasses.input_shapes[{name[:80]!r}] = "
+                                 f"{shape[:INPUT_SHAPE_NDIM_MAX + 1]} is not 1.."
+                                 f"{INPUT_SHAPE_NDIM_MAX} sizes in 1..2**31-1")
 
 
 @message("heartbeat_ack")

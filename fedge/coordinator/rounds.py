@@ -289,10 +289,13 @@ class RoundInfo:
 class PlainAggregation:
     """Sum of plain input vectors (secure aggregation disabled in the plan).
 
-    Sums in sorted site order in float64, so the result is deterministic.
+    Sums in sorted site order in float64, so the result is deterministic. A sum of
+    fewer than ``min_clients`` updates (the plan's ``job.min_clients``, capped at the
+    cohort) is not made: the attempt fails, as a secure one does, and is retried.
     """
 
-    def __init__(self, cohort: list[str], dim: int, deadline_s: float) -> None:
+    def __init__(self, cohort: list[str], dim: int, deadline_s: float,
+                 min_clients: int = 1) -> None:
         self._cohort = sorted(cohort)
         self._dim = dim
         self._deadline_s = deadline_s
@@ -301,7 +304,7 @@ class PlainAggregation:
         self._refused: set[str] = set()
         self._result: AggregationResult | None = None
         self._failure: str | None = None
-        self._min = 1
+        self._min = max(1, min(min_clients, len(cohort)))
 
     def start(self, now: float) -> Outgoing:
         self._deadline = now + self._deadline_s
@@ -347,15 +350,23 @@ class PlainAggregation:
             if len(self._vectors) >= self._min:
                 self._finish()
             else:
-                self._failure = "every site refused to send its plain update"
+                self._failure = self._short("every other site refused to send its plain "
+                                            "update")
 
     def tick(self, now: float) -> Outgoing:
         if self._result is None and self._failure is None and now >= self._deadline:
             if len(self._vectors) >= self._min:
                 self._finish()
             else:
-                self._failure = "no plain update arrived before the aggregation deadline"
+                self._failure = self._short("no other plain update arrived before the "
+                                            "aggregation deadline")
         return []
+
+    def _short(self, why: str) -> str:
+        if not self._vectors:
+            return why.replace(" other", "")
+        return (f"{len(self._vectors)} plain update(s), fewer than the plan's min_clients "
+                f"{self._min}: {why}; no sum is made")
 
     def _finish(self) -> None:
         total = np.zeros(self._dim, dtype=np.float64)
@@ -375,7 +386,8 @@ class PlainAggregation:
 
 
 def plain_factory(plan: Plan, info: RoundInfo, cohort: list[str], dim: int) -> Aggregation:
-    return PlainAggregation(cohort, dim, plan.deadlines.secagg_stage_s)
+    return PlainAggregation(cohort, dim, plan.deadlines.secagg_stage_s,
+                            min_clients=plan.min_clients)
 
 
 @dataclass

@@ -154,10 +154,11 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
         # operator's habitual `kill -HUP` to "reload" left the federation coordinator-less
         loop.add_signal_handler(signal.SIGHUP, _reload_refused)
     coord = coordinator or build_coordinator(cfg)
-    # temp files of checkpoint writes and ONNX exports killed mid-way (their names hold
-    # a pid or a random part, so no later write overwrites them)
+    # temp files of checkpoint writes, ONNX exports and report files killed mid-way
+    # (their names hold a pid or a random part, so no later write overwrites them)
     for stale in ck.remove_stale_temps(cfg.state_dir, older_than=started):
-        log.warning("removed %s, left by a checkpoint write or export that did not finish",
+        log.warning("removed %s, left by a checkpoint, export or report write that did "
+                    "not finish",
                     stale)
     notifier = Notifier()
     key_of: dict[str, str] = {}

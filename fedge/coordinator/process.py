@@ -105,17 +105,16 @@ def _reload_refused() -> None:
 
 
 def build_coordinator(cfg: CoordinatorConfig, **kwargs: Any) -> Coordinator:
-    """A :class:`Coordinator` for this configuration (roster from the state dir if newer).
+    """A :class:`Coordinator` for this configuration (the saved roster if newer and valid).
 
     Its clocks are the defaults (fedge.coordinator.service): ``time.monotonic``
     measures its deadlines and the heartbeat timeout, as the loop below measures the
     deafness it hands to ``not_listening`` (_deaf_for), and ``time.time`` only dates
     its records, so a step of the wall clock moves no deadline."""
     private_state_dir(Path(cfg.state_dir))
+    # the configured roster; the Coordinator weighs it against state_dir/roster.json
+    # (the console's last install), keeping the newest that verifies under the key
     roster = cfg.roster
-    saved = cfg.state_dir / "roster.json"
-    if saved.exists():
-        roster = saved.read_bytes()
     updates = None
     upd_mod = _optional("fedge.coordinator.updates")
     if upd_mod is not None and (cfg.state_dir / "tuf").exists():

@@ -102,3 +102,16 @@ def test_set_roster_leaves_no_partial_file_behind(setup):
         assert (conf.state_dir / ROSTER_FILE).read_bytes() == roster(4)
     finally:
         coord.store.close()
+
+
+def test_build_coordinator_falls_back_to_the_configured_roster_past_a_torn_saved_one(setup):
+    """The process passed the saved file's bytes as the configured roster, so a torn
+    saved file left the coordinator with no roster at all (nothing to weigh against)."""
+    conf, _, roster = setup
+    conf.state_dir.mkdir(parents=True, exist_ok=True)
+    (conf.state_dir / ROSTER_FILE).write_bytes(roster(2)[:40])
+    coord = build_coordinator(conf)
+    try:
+        assert coord.roster == roster(1)
+    finally:
+        coord.store.close()

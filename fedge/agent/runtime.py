@@ -358,13 +358,13 @@ class Agent:
 
         # TorchTrainer's parsed [[datasets]] tables; a trainer without them
         # (SyntheticTrainer) declares nothing
-        specs = getattr(self.trainer, "_specs", None)
+        dataset_spec = getattr(self.trainer, "dataset_spec", None)
         tasks: dict[str, str] = {}
         shapes: dict[str, list[int]] = {}
-        if not isinstance(specs, dict):
+        if dataset_spec is None:
             return tasks, shapes
         for name in self.trainer.datasets():
-            spec = specs.get(name)
+            spec = dataset_spec(name)
             if spec is None:
                 continue
             tasks[name] = spec.task

@@ -19,13 +19,16 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from fedge.agent.jobstate import JobStateStore
 from fedge.coordinator.plan import Plan
 from fedge.update.files import remove_stale_temps
+
+if TYPE_CHECKING:  # fedge.train loads only once a TorchTrainer is made
+    from fedge.train.data import DatasetSpec
 
 log = logging.getLogger("fedge.agent")
 
@@ -237,7 +240,7 @@ class TorchTrainer:
         # restarted agent trains on the rows an uninterrupted one would.
         self._job_state = (JobStateStore(Path(state_dir) / "jobs") if state_dir is not None
                            else None)
-        self._specs = {}
+        self._specs: dict[str, DatasetSpec] = {}
         self.unusable: dict[str, str] = {}  # data set name -> why its table is refused
         for i, table in enumerate(dataset_tables):
             try:
@@ -285,10 +288,16 @@ class TorchTrainer:
             return None
         return data.standardiser.mean, data.standardiser.scale, list(data.feature_names)
 
+    def dataset_spec(self, name: str) -> DatasetSpec | None:
+        """Data set ``name``'s agent.toml table as this release parsed it (no data is
+        read); None when the site does not hold it or its table was refused
+        (``unusable`` says why). ``name`` is NFC-normalised, as agent.toml names were."""
+        return self._specs.get(unicodedata.normalize("NFC", name))
+
     def class_names(self, name: str) -> tuple[str, ...] | None:
         """The classes this site declares for data set ``name`` in label order (an
         image data set's ``classes``); None when it does not hold it or names none."""
-        spec = self._specs.get(unicodedata.normalize("NFC", name))
+        spec = self.dataset_spec(name)
         return (spec.classes or None) if spec is not None else None
 
     def _site_data(self, name: str) -> Any:

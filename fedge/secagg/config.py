@@ -11,16 +11,32 @@ m = n on the complete graph, m = k + 1 on a k-regular sparse graph):
 
 A configuration that breaks one is refused with ``SecAggConfigError`` naming
 the bound and the numbers.  The graph is complete for n <= 64; above, it is a
-Harary k-regular ring with k = 2 * ceil(1.5 * log2 n) (k = 20 for n = 100) laid
-out by a permutation drawn from a seed every client recomputes from the job,
-round and cohort. The coordinator chooses those (it can try job ids until a
-layout suits it), so the bounds must hold against any colluders a site's
-neighbourhood may hold: an appliance refuses a threshold that its assumed
-colluders could split (fedge.agent.guard.refuse_threshold, ``max_colluders``).
+Harary k-regular ring laid out by a permutation drawn from a seed every client
+recomputes from the job, round and cohort.  The coordinator chooses those (it can
+try job ids until a layout suits it), so the bounds must hold against any
+colluders a site's neighbourhood may hold: an appliance refuses a threshold that
+its assumed colluders could split (fedge.agent.guard.refuse_threshold,
+``max_colluders``).
+
+Above 64 clients the dropout tolerance is per neighbourhood, not per cohort: a
+client left with fewer than t live members of its neighbourhood is pruned, which
+costs its neighbours one more, so a few dropouts close together on the ring can
+end the whole round.  The degree k is therefore sized for the dropout fraction
+(Bell et al. 2020 size k from n, the corrupted fraction, the dropout fraction and
+a failure exponent): the smallest even k >= 2 * ceil(1.5 * log2 n) such that, with
+every client dropping independently with probability max(delta,
+``SPARSE_GRAPH_DROPOUT`` = 0.2), the chance that any neighbourhood keeps fewer
+than t is at most 2^-``GRAPH_FAILURE_BITS`` = 2^-10 (exact binomial tail, union
+bound over the n neighbourhoods); the complete graph where no sparse k does it.
+With alpha = 0.1 and delta <= 0.2 that is k = 58 for n = 100, k = 60 for n = 200,
+k = 64 for n = 500 (t = 33, 34, 36); delta = 0.3 needs k = 99 (complete) for
+n = 100 and k = 208 for n = 500.  The plan's delta = 0 (no dropout assumed) thus
+still gets a graph that survives 20 % random dropouts.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Sequence
@@ -33,13 +49,71 @@ from .keys import check_client_id
 COMPLETE_GRAPH_MAX_N = 64
 MAX_COHORT = 65535  # share indices are 16-bit
 MAX_VECTOR_LENGTH = 1 << 31
+# A sparse graph is sized for at least this dropout fraction, whatever delta says:
+# delta = 0 (the plan's default) would otherwise mean a graph that loses rounds to
+# a handful of dropouts close together on the ring.
+SPARSE_GRAPH_DROPOUT = Fraction(1, 5)
+# ... and so that any neighbourhood falls below t with probability <= 2^-10 per round
+# under independent dropouts at that rate (a lost round is retried: a liveness
+# target, not a security one, which the thresholds' deterministic bounds carry).
+GRAPH_FAILURE_BITS = 10
+# Beyond this the sizing search stops (its exact tail sums grow with k): a cohort
+# that needs more neighbours and is too large for the complete graph is refused.
+MAX_SPARSE_DEGREE = 1024
 
 
 def default_degree(n: int) -> int:
-    """Neighbour count per client: n - 1 (complete) for n <= 64, else 2*ceil(1.5*log2 n)."""
+    """The fewest neighbours per client: n - 1 (complete) for n <= 64, else
+    2*ceil(1.5*log2 n) (Bell et al.'s logarithmic floor; `dropout_degree` sizes the
+    graph a round actually uses, never below this)."""
     if n <= COMPLETE_GRAPH_MAX_N:
         return n - 1
     return min(n - 1, 2 * math.ceil(1.5 * math.log2(n)))
+
+
+def dropout_degree(n: int, *, alpha: float, delta: float, semi_malicious: bool = True) -> int:
+    """Neighbour count per client, sized so a round survives dropouts (module doc).
+
+    n - 1 for n <= 64; else the smallest even k >= default_degree(n) whose
+    neighbourhoods of m = k + 1, each needing t (the smallest threshold the security
+    bound allows for m) live, all keep t with probability >= 1 - 2^-GRAPH_FAILURE_BITS
+    when each client drops independently with probability max(delta,
+    SPARSE_GRAPH_DROPOUT); n - 1 when no k < n - 1 does.  Exact integer arithmetic:
+    every client derives the same k on any platform.
+
+    Raises:
+        SecAggConfigError: alpha or delta out of range, or n - 1 > MAX_SPARSE_DEGREE
+            and no k up to it suffices.
+    """
+    return _dropout_degree(n, _exact(alpha, "alpha"), _exact(delta, "delta"),
+                           bool(semi_malicious))
+
+
+@functools.lru_cache(maxsize=1024)
+def _dropout_degree(n: int, alpha: Fraction, delta: Fraction, semi_malicious: bool) -> int:
+    if n <= COMPLETE_GRAPH_MAX_N:
+        return n - 1
+    q = max(delta, SPARSE_GRAPH_DROPOUT)
+    k = default_degree(n)
+    while k < n - 1:
+        if k > MAX_SPARSE_DEGREE:
+            raise SecAggConfigError(
+                f"no neighbour graph of up to {MAX_SPARSE_DEGREE} neighbours keeps every "
+                f"neighbourhood at its threshold through {float(q):.0%} dropouts for n={n}, "
+                f"alpha={float(alpha)}: lower the plan's [secagg] delta or alpha, or the cohort")
+        t, _ = _lower_bound(n, k, alpha, semi_malicious)
+        if _all_keep_threshold(n, k + 1, max(t, 1), q):
+            return k
+        k += 2
+    return n - 1
+
+
+def _all_keep_threshold(n: int, m: int, t: int, q: Fraction) -> bool:
+    """n * P[Binomial(m, 1 - q) < t] <= 2^-GRAPH_FAILURE_BITS, in integers."""
+    a, b = q.numerator, q.denominator  # drop: a/b, stay: (b - a)/b
+    stay = b - a
+    short = sum(math.comb(m, j) * stay**j * a ** (m - j) for j in range(t))
+    return (n * short) << GRAPH_FAILURE_BITS <= b**m
 
 
 def _exact(value: float, name: str) -> Fraction:
@@ -85,7 +159,8 @@ class SecAggConfig:
         if isinstance(n, bool) or not isinstance(n, int) or not 2 <= n <= MAX_COHORT:
             raise SecAggConfigError(f"cohort size n={n!r} must be an integer in 2..{MAX_COHORT}")
         if self.degree is None:
-            object.__setattr__(self, "degree", default_degree(n))
+            object.__setattr__(self, "degree", dropout_degree(
+                n, alpha=self.alpha, delta=self.delta, semi_malicious=self.semi_malicious))
         k = self.degree
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n - 1:
             raise SecAggConfigError(f"degree k={k!r} must be an integer in 1..n-1={n - 1}")
@@ -138,7 +213,9 @@ class SecAggConfig:
         """
         if isinstance(n, bool) or not isinstance(n, int) or not 2 <= n <= MAX_COHORT:
             raise SecAggConfigError(f"cohort size n={n!r} must be an integer in 2..{MAX_COHORT}")
-        k = default_degree(n) if degree is None else degree
+        if degree is None:
+            degree = dropout_degree(n, alpha=alpha, delta=delta, semi_malicious=semi_malicious)
+        k = degree
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n - 1:
             raise SecAggConfigError(f"degree k={k!r} must be an integer in 1..n-1={n - 1}")
         lower, _ = _lower_bound(n, k, _exact(alpha, "alpha"), semi_malicious)

@@ -284,21 +284,44 @@ class ServerSession:
         return [(cid, notice) for cid in self.cohort]
 
     def _prune(self, pool: set[str], what: str) -> None:
-        """Drop clients whose neighbourhood in ``pool`` has fewer than t members."""
+        """Drop clients whose neighbourhood in ``pool`` has fewer than t members.
+
+        The tolerance is per neighbourhood: pruning one client costs each of its
+        neighbours one more, so on a sparse graph the pruning can run round the whole
+        ring although most clients answered; the failure then names the first client
+        that fell short and how many it kept.
+
+        Raises:
+            TooFewSurvivors: fewer than t clients are left.
+        """
         t = self.config.threshold
         before = len(self._alive)
+        first: tuple[str, int] | None = None  # the first client pruned, and what it kept
         changed = True
         while changed:
             changed = False
             for cid in sorted(self._alive):
-                if len((self.neighbours[cid] | {cid}) & pool & self._alive) < t:
+                kept = len((self.neighbours[cid] | {cid}) & pool & self._alive)
+                if kept < t:
+                    first = first or (cid, kept)
                     self._drop(cid, f"fewer than t = {t} of it and its neighbours were "
                                     f"left after {what}")
                     changed = True
-        if len(self._alive) < t:
+        if len(self._alive) >= t:
+            return
+        if first is None:
             raise TooFewSurvivors(
                 f"{before} clients remain after {what}, too few for threshold {t}"
             )
+        cid, kept = first
+        m = len(self.neighbours[cid]) + 1
+        raise TooFewSurvivors(
+            f"site {cid!r} kept {kept} live of its neighbourhood of {m} (itself and its "
+            f"{m - 1} neighbours) after {what}, fewer than threshold t={t}; the threshold "
+            f"holds per neighbourhood, so pruning it cost its neighbours one each and "
+            f"pruned {before - len(self._alive)} of the {before} clients left, "
+            f"{len(self._alive)} remain"
+        )
 
     # --- stage 0: advertise keys ---------------------------------------------------
 

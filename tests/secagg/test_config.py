@@ -52,14 +52,17 @@ def test_threshold_above_dropout_bound_is_refused() -> None:
 def test_sparse_bound_is_taken_over_the_neighbourhood() -> None:
     with pytest.raises(SecAggConfigError) as err:
         SecAggConfig(n=100, threshold=11, clip=1.0, vector_length=3, alpha=0.1)
-    assert "ceil((m + alpha*m)/2) = 12 for neighbourhood size m=21 (n=100, degree k=20)" in str(
+    assert "ceil((m + alpha*m)/2) = 33 for neighbourhood size m=59 (n=100, degree k=58)" in str(
         err.value
     )
 
 
 @pytest.mark.parametrize(
     ("n", "alpha", "delta", "threshold", "degree"),
-    [(2, 0.0, 0.0, 2, 1), (10, 0.1, 0.3, 6, 9), (64, 0.1, 0.3, 36, 63), (100, 0.1, 0.3, 12, 20)],
+    [(2, 0.0, 0.0, 2, 1), (10, 0.1, 0.3, 6, 9), (64, 0.1, 0.3, 36, 63),
+     # above 64 the degree is sized for max(delta, 0.2) dropouts (config.dropout_degree)
+     (100, 0.1, 0.0, 33, 58), (200, 0.1, 0.0, 34, 60), (500, 0.1, 0.0, 36, 64),
+     (100, 0.1, 0.3, 56, 99), (500, 0.1, 0.3, 115, 208), (100, 0.0, 0.0, 21, 40)],
 )
 def test_derive_picks_the_smallest_threshold_the_bounds_allow(
     n: int, alpha: float, delta: float, threshold: int, degree: int

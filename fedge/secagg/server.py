@@ -451,6 +451,16 @@ class ServerSession:
 
     def _close_ConsistencyCheck(self) -> Outgoing:
         self._prune(set(self._signatures), "the consistency check")
+        # the prune keeps each signer's own neighbourhood at t, not the holders of a
+        # survivor's seed that went silent here, nor of a dropped site's mask key: an
+        # unmask request then would have every signer reveal, and pin the round to
+        # this survivor list, for a sum that cannot be finished
+        if short := self._short_secret(due=self._alive):
+            owner, what, can = short
+            raise TooFewSurvivors(
+                f"only {can} live sites hold shares of {owner!r}'s {what} after the "
+                f"consistency check, threshold is {self.config.threshold}: the unmasking "
+                "could not complete, so no unmask request was sent")
         dropped = sorted(self._u2 - self._u3)
         out: Outgoing = []
         for cid in sorted(self._alive):
@@ -506,20 +516,29 @@ class ServerSession:
         t = self.config.threshold
         return all(len(taken) >= t for _, _, taken in self._secrets())
 
-    def _unmask_shortfall(self) -> str | None:
-        """Why the unmasking cannot complete with the shares taken and the sites still
-        due to answer, or None. A site sends a share of each secret of itself and of
-        its neighbours (survivors' self-mask seeds, dropped sites' mask keys)."""
+    def _short_secret(self, due: set[str]) -> tuple[str, str, int] | None:
+        """The first secret that the shares taken and the sites in ``due`` cannot bring
+        to t shares, as (owner, what, shares it can have), or None. A site sends a
+        share of each secret of itself and of its neighbours (survivors' self-mask
+        seeds, dropped sites' mask keys)."""
         t = self.config.threshold
-        due = self._alive - self._replied
         for owner, what, taken in self._secrets():
             can = len(taken) + sum(1 for h in due if h == owner or owner in self.neighbours[h])
             if can < t:
-                left = sorted(c for c, stage in self.dropped.items() if stage == "Unmasking")
-                return (f"unmasking cannot complete: {len(left)} site(s) dropped out of "
-                        f"it ({', '.join(left)}), so {can} of the sites holding a share of "
-                        f"{owner!r}'s {what} remain, threshold {t}")
+                return owner, what, can
         return None
+
+    def _unmask_shortfall(self) -> str | None:
+        """Why the unmasking cannot complete with the shares taken and the sites still
+        due to answer, or None."""
+        short = self._short_secret(self._alive - self._replied)
+        if short is None:
+            return None
+        owner, what, can = short
+        left = sorted(c for c, stage in self.dropped.items() if stage == "Unmasking")
+        return (f"unmasking cannot complete: {len(left)} site(s) dropped out of "
+                f"it ({', '.join(left)}), so {can} of the sites holding a share of "
+                f"{owner!r}'s {what} remain, threshold {self.config.threshold}")
 
     def _close_Unmasking(self) -> Outgoing:
         t = self.config.threshold

@@ -1,6 +1,7 @@
 """Dropouts on the sparse neighbour graph (more than 64 sites): the graph is sized so
-dropouts close together on the ring do not end the round, and a round that does end
-says which neighbourhood fell short."""
+dropouts close together on the ring do not end the round, a round that does end says
+which neighbourhood fell short, and an unmasking that cannot complete is never asked
+for."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import hashlib
 import numpy as np
 
 from fedge.secagg import TooFewSurvivors
+from fedge.secagg import messages as msgs
 
 from .harness import Federation
 
@@ -57,3 +59,34 @@ def test_a_round_lost_to_pruning_names_the_site_that_fell_short_per_neighbourhoo
                            "(itself and its 4 neighbours) after key advertisement, fewer "
                            "than threshold t=4; the threshold holds per neighbourhood"), text
     assert text.endswith("of the 10 clients left, 0 remain"), text
+
+
+def test_an_unmasking_certain_to_fail_is_never_asked_for():
+    """Sparse graph (n = 20, degree 8, t = 5). A site X and four others of its
+    neighbourhood (the two at its ends among them) send their masked inputs, then never
+    sign the consistency check. Every signer keeps t of its own neighbourhood, so none
+    is pruned, but only t - 1 live sites hold shares of X's self-mask seed: the
+    unmasking cannot complete. The server fails the round at the consistency check,
+    naming X, and sends no UnmaskRequest: no site reveals a share, and the coordinator
+    does not pin the round to a survivor list it could never unmask."""
+    fed = Federation(20, 8, alpha=0.0, threshold=5, degree=8, delta=0.0)
+    order = ring(fed)
+    p, h, t = 10, 4, 5
+    x = order[p]
+    silent = {order[p + off] for off in (0, -h, h, -1, 2)}  # m - t + 1 = 5 of X's 9
+    assert len((fed.server.neighbours[x] | {x}) - silent) == t - 1
+    asked: list[str] = []
+
+    def watch(recipient: str, message: object) -> None:
+        if isinstance(message, msgs.UnmaskRequest):
+            asked.append(recipient)
+
+    server = fed.run({"consistency": silent}, tamper=watch)
+    assert server.result is None and isinstance(server.failure, TooFewSurvivors)
+    assert str(server.failure) == (
+        f"only 4 live sites hold shares of {x!r}'s self-mask seed after the consistency "
+        "check, threshold is 5: the unmasking could not complete, so no unmask request "
+        "was sent")
+    assert asked == []
+    assert not any(isinstance(m, msgs.UnmaskShares) for _, m in fed.sent)
+    assert server.dropped == {c: "ConsistencyCheck" for c in silent}

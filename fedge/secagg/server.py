@@ -133,6 +133,7 @@ class ServerSession:
         self._u2: set[str] = set()
         self._u3: set[str] = set()
         self._signatures: dict[str, bytes] = {}
+        self._consistency_payload: bytes | None = None
         self._seed_shares: dict[str, dict[str, bytes]] = {}
         self._key_shares: dict[str, dict[str, bytes]] = {}
 
@@ -439,11 +440,12 @@ class ServerSession:
     # --- stage 3: consistency check -------------------------------------------------
 
     def _take_ConsistencySignature(self, sender: str, msg: ConsistencySignature) -> bool:
-        payload = keys.consistency_payload(
-            sorted(self._u3), job_id=self.ctx.job_id, round_=self.ctx.round
-        )
+        if self._consistency_payload is None:  # once per stage: U3 is fixed by now
+            self._consistency_payload = keys.consistency_payload(
+                sorted(self._u3), job_id=self.ctx.job_id, round_=self.ctx.round
+            )
         if not isinstance(msg.signature, bytes) or not keys.verify_signature(
-            self.roster.public_key(sender), msg.signature, payload
+            self.roster.public_key(sender), msg.signature, self._consistency_payload
         ):
             return False
         self._signatures[sender] = msg.signature

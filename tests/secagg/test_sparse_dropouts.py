@@ -90,3 +90,28 @@ def test_an_unmasking_certain_to_fail_is_never_asked_for():
     assert asked == []
     assert not any(isinstance(m, msgs.UnmaskShares) for _, m in fed.sent)
     assert server.dropped == {c: "ConsistencyCheck" for c in silent}
+
+
+def test_the_server_builds_the_consistency_payload_once_per_round_not_per_signature(
+    monkeypatch,
+):
+    """Every signature covers the same survivor list, so the server builds the signed
+    payload once; it rebuilt it over the whole list for each of the n signatures
+    (O(n^2) a round). The real function runs; only its callers are counted."""
+    import sys
+
+    from fedge.secagg import keys
+
+    real = keys.consistency_payload
+    server_calls = []
+
+    def counted(*args, **kwargs):
+        if sys._getframe(1).f_code.co_filename.endswith("server.py"):
+            server_calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(keys, "consistency_payload", counted)
+    fed = Federation(12, 4, alpha=0.1)
+    server = fed.run()
+    assert server.result is not None, server.failure
+    assert len(server_calls) == 1

@@ -5,7 +5,12 @@ Layout: ``<state_dir>/jobs/<job_id>/round-<r>.safetensors`` and
 and ``strategy.<name>`` (float64 server-optimiser buffers, e.g. ``strategy.m``).
 Metadata (all strings): ``plan`` (the TOML text), ``round``, ``model_digest``
 (hex sha256 of the flat float32 weights' bytes), ``feature_names`` (JSON list)
-and ``metrics`` (JSON).
+and ``metrics`` (JSON). ``final.safetensors`` also says how its job ended
+(:class:`JobOutcome`): ``job_status`` (completed, cancelled or failed: the last two
+hold the last committed round's model, not the planned final one), ``job_error``
+(why it did not complete) and, for a job under differential privacy, ``epsilon``
+(JSON: the ε the coordinator's records give, :func:`recorded_epsilon`). A final
+checkpoint written before these keys existed has none of them.
 
 A write goes to a temporary file in the same directory, is fsynced, renamed
 over the target and the directory is fsynced, so a reader sees either the old
@@ -35,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import stat
@@ -54,6 +60,101 @@ class CheckpointError(Exception):
     """A checkpoint is missing, unreadable or inconsistent with its digest."""
 
 
+# how a job ends (fedge.coordinator.store's final job statuses)
+JOB_STATUSES = ("completed", "cancelled", "failed")
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """How the job whose result a ``final.safetensors`` holds ended (module docstring).
+
+    ``epsilon``: :func:`recorded_epsilon`'s summary, None for a job without DP.
+    """
+
+    status: str
+    error: str = ""
+    epsilon: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.status not in JOB_STATUSES:
+            raise ValueError(f"job status {self.status!r} is not one a job ends with: "
+                             f"{', '.join(JOB_STATUSES)}")
+
+    @property
+    def partial(self) -> bool:
+        """The model is not the planned final one: the job stopped early."""
+        return self.status != "completed"
+
+    def metadata(self) -> dict[str, str]:
+        meta = {"job_status": self.status, "job_error": self.error}
+        if self.epsilon is not None:
+            meta["epsilon"] = json.dumps(self.epsilon, sort_keys=True)
+        return meta
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str]) -> JobOutcome | None:
+        """None for a checkpoint that does not say (a round's, or an older final one).
+
+        Raises: CheckpointError: ``job_status`` or ``epsilon`` is not what
+        :meth:`metadata` writes."""
+        if "job_status" not in meta:
+            return None
+        try:
+            epsilon = json.loads(meta["epsilon"]) if "epsilon" in meta else None
+            return cls(meta["job_status"], meta.get("job_error", ""), epsilon)
+        except ValueError as exc:  # json.JSONDecodeError is one
+            raise CheckpointError(f"checkpoint job outcome is not readable: {exc}") from None
+
+
+def recorded_epsilon(plan_toml: str, metrics: list[dict[str, Any]],
+                     attempts: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The ε of a job under differential privacy, from the coordinator's records, as
+    its report gives it (fedge.coordinator.report): under ``privacy.dp`` (DP-SGD) each
+    site's cumulative record-level ε in this job as it reported it with its last
+    update (the ``privacy``/``epsilon_job`` metric rows); under ``privacy.client_dp``
+    alone (DP-FedAvg) each site's client-level ε at ``report.CLIENT_DP_DELTA`` from
+    the committed sums that held its update. ε is known per site only: ``max`` is the
+    largest over the sites (the bound the model as a whole carries), ``sites`` each
+    one; ``None`` stands for an unbounded ε (DP-FedAvg without noise).
+
+    Returns None for a job without DP, or one whose plan cannot be read."""
+    from fedge.coordinator.plan import PlanError, parse_plan
+    from fedge.coordinator.report import CLIENT_DP_DELTA, client_privacy, privacy_bound
+
+    try:
+        privacy = parse_plan(plan_toml).privacy
+    except PlanError:
+        return None
+    dp = privacy.get("dp")
+    if isinstance(dp, dict):
+        last: dict[str, tuple[int, float]] = {}
+        for r in sorted(metrics, key=lambda r: r["round"]):  # each site's last stays
+            if r["split"] == "privacy" and r["name"] == "epsilon_job" and r["site"] != "*":
+                last[r["site"]] = (int(r["round"]), float(r["value"]))
+        sites: dict[str, float | None] = {s: v for s, (_, v) in sorted(last.items())}
+        out = {"mechanism": "dp_sgd", "level": privacy_bound(plan_toml),
+               "delta": float(dp.get("delta", 1e-5)),
+               "source": "each site's cumulative DP-SGD epsilon in this job, as it "
+                         "reported it with its last committed update"}
+    elif isinstance(privacy.get("client_dp"), dict):
+        client = client_privacy(plan_toml, attempts) or {"sites": {}}
+        sites = {s: (v["epsilon"] if math.isfinite(v["epsilon"]) else None)
+                 for s, v in client["sites"].items()}
+        out = {"mechanism": "dp_fedavg", "level": "per site (client-level)",
+               "delta": CLIENT_DP_DELTA,
+               "source": "each site's client-level epsilon from the committed sums "
+                         "that held its update (its own ledger, `fedge agent privacy`, "
+                         "is the authority)"}
+    else:
+        return None
+    finite = [v for v in sites.values() if v is not None]
+    out["max"] = max(finite) if finite and len(finite) == len(sites) else None
+    out["sites"] = sites
+    out["max_is"] = ("the largest epsilon over the sites (known per site only)" if sites
+                     else "unknown: no site's epsilon is recorded")
+    return out
+
+
 @dataclass
 class Checkpoint:
     weights: np.ndarray
@@ -62,6 +163,8 @@ class Checkpoint:
     strategy_state: dict[str, np.ndarray] = field(default_factory=dict)
     feature_names: list[str] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
+    # a final checkpoint's: how its job ended (None for a round's)
+    outcome: JobOutcome | None = None
 
     @property
     def model_digest(self) -> str:
@@ -239,21 +342,24 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> str:
         "feature_names": json.dumps(list(ckpt.feature_names)),
         "metrics": json.dumps(ckpt.metrics, sort_keys=True),
     }
+    if ckpt.outcome is not None:
+        meta.update(ckpt.outcome.metadata())
     atomic_write(Path(path), st_save(tensors, metadata=meta))
     return digest
 
 
-def save_final(state_dir: str | Path, job_id: str, ckpt: Checkpoint) -> str:
+def save_final(state_dir: str | Path, job_id: str, ckpt: Checkpoint,
+               outcome: JobOutcome | None = None) -> str:
     """Write ``ckpt`` as the job's ``final.safetensors``, without its strategy state
-    (module docstring: the last committed round's checkpoint keeps that); returns
-    its model digest, the same as the round's.
+    (module docstring: the last committed round's checkpoint keeps that) and with
+    ``outcome``, how the job ended; returns its model digest, the same as the round's.
 
     Raises:
         CheckpointError: weights are not a 1-D float32 array.
         OSError: the file cannot be written.
     """
     return save_checkpoint(final_path(state_dir, job_id),
-                           dataclasses.replace(ckpt, strategy_state={}))
+                           dataclasses.replace(ckpt, strategy_state={}, outcome=outcome))
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
@@ -286,6 +392,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
                         if k.startswith("strategy.")},
         feature_names=json.loads(meta.get("feature_names", "[]")),
         metrics=json.loads(meta.get("metrics", "{}")),
+        outcome=JobOutcome.from_metadata(meta),
     )
     if ckpt.model_digest != meta["model_digest"]:
         raise CheckpointError(

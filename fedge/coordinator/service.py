@@ -672,21 +672,36 @@ class Coordinator:
         return {"round": committed, "split": FINAL_TEST_SPLIT, "metrics": by_site(rows),
                 "missing": missing}
 
+    def job_outcome(self, job_id: str, status: str, error: str = "") -> ck.JobOutcome:
+        """How job ``job_id`` ended, for its ``final.safetensors``: ``status``,
+        ``error`` and the ε its records give (fedge.coordinator.checkpoint.JobOutcome).
+
+        Raises: StoreError, sqlite3.Error: its records cannot be read."""
+        attempts = [r.__dict__ for r in self.store.rounds(job_id)]
+        return ck.JobOutcome(status, error, ck.recorded_epsilon(
+            self.store.job(job_id).plan_toml, self.store.metrics(job_id), attempts))
+
     def keep_last_model(self, job_id: str, committed: int,
-                        checkpoint: ck.Checkpoint | None = None) -> str:
+                        checkpoint: ck.Checkpoint | None = None, *,
+                        status: str = "", error: str = "") -> str:
         """Write a failed or cancelled job's last committed model as its
-        ``final.safetensors`` (module docstring); returns its digest, or "" when there
+        ``final.safetensors`` (module docstring), saying how it ended (``status`` and
+        ``error``; by default the job's in SQLite); returns its digest, or "" when there
         is none (no round committed) or it cannot be written (logged and audited: the
         job ends all the same, and ``jobs fetch`` says it has no results yet; a
         restarted coordinator writes it then, fedge.coordinator.process)."""
         if committed < 1:
             return ""
         try:
+            if not status:
+                job = self.store.job(job_id)
+                status, error = job.status, job.error
+            outcome = self.job_outcome(job_id, status, error)
             if checkpoint is None:
                 checkpoint = ck.load_checkpoint(ck.round_path(self.state_dir, job_id,
                                                               committed))
-            return ck.save_final(self.state_dir, job_id, checkpoint)
-        except (OSError, ck.CheckpointError) as exc:
+            return ck.save_final(self.state_dir, job_id, checkpoint, outcome)
+        except (OSError, ck.CheckpointError, StoreError, sqlite3.Error) as exc:
             error = f"{type(exc).__name__}: {exc}"
             log.error("job %s: its last committed model (round %d) cannot be kept as its "
                       "result: %s", job_id, committed, error)
@@ -723,7 +738,8 @@ class Coordinator:
             self.runner = None
             if ended:
                 self.on_round_ended()
-        digest = self.keep_last_model(job_id, job.committed_round, last)
+        digest = self.keep_last_model(job_id, job.committed_round, last,
+                                      status="cancelled", error=reason)
         try:
             self.store.set_job_status(job_id, "cancelled", actor=actor, error=reason,
                                       final_digest=digest)
@@ -1266,7 +1282,8 @@ class Coordinator:
                 ckpt = ck.load_checkpoint(ck.round_path(self.state_dir, runner.job_id,
                                                         runner.committed))
                 runner.last_checkpoint = ckpt
-            digest = ck.save_final(self.state_dir, runner.job_id, ckpt)
+            digest = ck.save_final(self.state_dir, runner.job_id, ckpt,
+                                   self.job_outcome(runner.job_id, "completed"))
             self.store.set_job_status(runner.job_id, "completed", actor=SYSTEM,
                                       final_digest=digest)
         except (OSError, ck.CheckpointError, StoreError, sqlite3.Error) as exc:

@@ -21,6 +21,15 @@ The `output` metadata (JSON) says what the model's output is: a classifier's
 logit(s) (no sigmoid or softmax in the graph) and its labels by number (the class
 names are declared at the sites, which the coordinator never sees), a Cox model's
 log relative risk, or a regression's value.
+
+Whether the model is the job's planned final one: `job_status` (completed,
+cancelled or failed, from the checkpoint; "unknown" for one written before fedge
+recorded it), `rounds_planned` beside `round`, `job_error`, and a `description`
+that begins "partial: the job was cancelled after round 2 of 6" when it is not.
+`privacy` (JSON) gives the plan's differential privacy (`mechanism` dp_sgd,
+dp_fedavg, both, or none; noise multiplier, clip, delta) and the epsilon the
+coordinator recorded (`epsilon`: the largest over the sites, each site's in
+`epsilon_sites`). Keys are only ever added, so older readers keep working.
 """
 
 from __future__ import annotations
@@ -289,6 +298,77 @@ def _output_description(name: str, params: dict[str, Any]) -> dict[str, Any]:
             "class_names": names_note}
 
 
+def _rounds_planned(plan_text: str) -> int | None:
+    try:
+        rounds = tomllib.loads(plan_text).get("job", {}).get("rounds")
+    except (tomllib.TOMLDecodeError, AttributeError):
+        return None
+    return rounds if isinstance(rounds, int) and not isinstance(rounds, bool) else None
+
+
+def _privacy(plan_text: str, epsilon: dict[str, Any] | None, known: bool) -> dict[str, Any]:
+    """The plan's differential privacy and the ε the coordinator recorded for it.
+
+    ``epsilon``: the checkpoint's (fedge.coordinator.checkpoint.recorded_epsilon);
+    ``known``: whether the checkpoint says how its job ended at all (one written
+    before fedge recorded that carries no ε even under DP)."""
+    from fedge.train.privacy import DPConfig
+
+    try:
+        privacy = tomllib.loads(plan_text).get("privacy") or {}
+    except tomllib.TOMLDecodeError:
+        privacy = {}
+    dp, client_dp = privacy.get("dp"), privacy.get("client_dp")
+    dp = dp if isinstance(dp, dict) else None
+    client_dp = client_dp if isinstance(client_dp, dict) else None
+    if dp is None and client_dp is None:
+        return {"mechanism": "none",
+                "meaning": "no differential privacy: the sites' updates were not noised"}
+    settings: dict[str, dict[str, Any]] = {}
+    if dp is not None:
+        defaults = DPConfig(noise_multiplier=0.0)  # the plan's defaults (fedge.train.privacy)
+        settings["dp_sgd"] = {
+            "noise_multiplier": dp.get("noise_multiplier"),
+            "clip": dp.get("max_grad_norm", defaults.max_grad_norm),
+            "delta": dp.get("delta", defaults.delta),
+            "target_epsilon": dp.get("target_epsilon"),
+            "cox_per_term": dp.get("cox_per_term", defaults.cox_per_term)}
+    if client_dp is not None:
+        settings["dp_fedavg"] = {"noise_multiplier": client_dp.get("noise_multiplier"),
+                                 "clip": client_dp.get("clip_norm"),
+                                 "cohort_size": client_dp.get("cohort_size")}
+    # the mechanism the epsilon is for (DP-SGD's when both) at the top level, the
+    # other's settings under its name
+    main = next(iter(settings))
+    out: dict[str, Any] = {"mechanism": "+".join(settings), **settings.pop(main), **settings}
+    if epsilon is not None:
+        out.update(epsilon=epsilon.get("max"), epsilon_delta=epsilon.get("delta"),
+                   epsilon_level=epsilon.get("level"),
+                   epsilon_sites=epsilon.get("sites", {}),
+                   epsilon_is=f"{epsilon.get('max_is')}; {epsilon.get('source')}")
+    else:
+        out.update(epsilon=None, epsilon_is=(
+            "not recorded: the checkpoint predates fedge recording it; the job's "
+            "report.json (privacy) has each site's" if not known else
+            "not recorded for this job; see its report.json (privacy)"))
+    return out
+
+
+def _description(job_id: str, name: str, status: str, error: str, rnd: str,
+                 planned: int | None) -> str:
+    """One line saying which model this is; "partial: ..." for a job that stopped early."""
+    of = f" of {planned}" if planned is not None else ""
+    job = f"job {job_id}" + (f" ({name})" if name else "")
+    if status in ("cancelled", "failed"):
+        why = f": {error}" if error else ""
+        return (f"partial: the job was {status} after round {rnd}{of}; this is the model "
+                f"of its last committed round, not the planned final one ({job}{why})")
+    if status == "unknown" and planned is not None and rnd.isdigit() and int(rnd) < planned:
+        return (f"partial: the job stopped after round {rnd}{of} (cancelled or failed; "
+                f"this checkpoint does not say which); {job}")
+    return f"the final model of {job}, after round {rnd}{of}"
+
+
 def export_job(
     state_dir: str | Path,
     job_id: str,
@@ -332,9 +412,20 @@ def export_job(
             raise CheckpointError(f"{ckpt} metadata 'preprocessing' is not JSON") from None
         if isinstance(prep, dict) and "mean" in prep and ("std" in prep or "scale" in prep):
             preprocessing = Standardisation(prep["mean"], prep.get("std", prep.get("scale")))
+    from fedge.coordinator.checkpoint import CheckpointError as OutcomeError
+    from fedge.coordinator.checkpoint import JobOutcome
+
+    try:
+        outcome = JobOutcome.from_metadata(meta)
+    except OutcomeError as exc:
+        raise CheckpointError(f"{ckpt}: {exc}") from None
+    planned = _rounds_planned(meta["plan"])
     props = {
         "job_id": job_id,
         "round": meta.get("round", ""),
+        "rounds_planned": "" if planned is None else str(planned),
+        "job_status": outcome.status if outcome is not None else "unknown",
+        "job_error": outcome.error if outcome is not None else "",
         "model_digest": meta.get("model_digest", ""),
         "model_name": name,
         "model_params": json.dumps(params, sort_keys=True),
@@ -345,16 +436,22 @@ def export_job(
     labels = plan_labels(meta["plan"])  # job.name and job.dataset, as `jobs list` shows them
     if labels["name"]:
         props["job_name"] = labels["name"]
+    props["description"] = _description(job_id, labels["name"], props["job_status"],
+                                        props["job_error"], props["round"], planned)
+    props["privacy"] = json.dumps(_privacy(
+        meta["plan"], outcome.epsilon if outcome is not None else None, outcome is not None))
     example = _example_input(model, name, params, feature_names, input_shape)
+    dataset = labels["dataset"]
     if preprocessing is None:
-        dataset = labels["dataset"]
         props["preprocessing"] = json.dumps(_site_preprocessing(dataset, example.dim() - 1))
-        if not feature_names and example.dim() == 2:  # tabular rows (images have none)
-            props["input_columns"] = (
-                f"the feature columns of data set {dataset!r} in the order each site's agent "
-                "config declares them ([[datasets]] features, or the file's column order); "
-                "the plan does not name them, so this model does not either"
-            )
+    if not feature_names and example.dim() == 2:  # tabular rows (images have none)
+        # feature_names stays (empty) for older readers; this says where the layout is
+        props["input_columns"] = (
+            f"the feature columns of data set {dataset!r} in the order each site's "
+            "agent.toml declares them (its [[datasets]] table's features, or else the "
+            "data file's column order); the sites do not send column names, so "
+            "feature_names is empty"
+        )
     target = Path(out) if out is not None else ckpt.with_name("model.onnx")
     try:
         return export_onnx(model, example, props, target, preprocessing=preprocessing)

@@ -55,7 +55,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from fedge import instance_lock
 from fedge.agent.guard import PrivacyPolicy, PrivacyPolicyError, RevealLog
 from fedge.agent.jobstate import JobStateStore
-from fedge.agent.runtime import HEALTH_MAX_AGE_S, Agent
+from fedge.agent.runtime import (
+    DISK_THREAD_PREFIX,
+    HEALTH_MAX_AGE_S,
+    TASK_THREAD_PREFIX,
+    Agent,
+)
 
 if TYPE_CHECKING:
     from fedge.health import EligibilityPolicy
@@ -70,7 +75,6 @@ TRIAL_UNCONFIRMED_EXIT = 75  # the unit's RestartForceExitStatus
 # ledger, cursors and update slots written, only by atomic steps already made safe
 # against a kill, and the coordinator retries the round without this site.
 STOP_GRACE_S = 5.0
-TASK_THREAD_PREFIX = "fedge-task"
 
 # Fault injection for the crash tests: a comma-separated list of wire message
 # types; the agent SIGKILLs itself on receiving one (e.g. "train_task" = dies at
@@ -547,10 +551,13 @@ def run(cfg: AgentConfig, *, connect_timeout_s: float | None = None) -> int:
     remove_stale_temps_of(cfg.state_dir, health=cfg.health)
     trainer = make_trainer(cfg)
     executor: Executor = ThreadPoolExecutor(cfg.workers, thread_name_prefix=TASK_THREAD_PREFIX)
+    # the ledger, reveal log and job state writes: off the event loop, and not behind
+    # a training on the task workers (fedge.agent.runtime's module doc)
+    disk: Executor = ThreadPoolExecutor(1, thread_name_prefix=DISK_THREAD_PREFIX)
     xids = start_xid_monitor() if cfg.health else None
     agent = Agent(enrolled.site, trainer, identity=enrolled.identity, roster=enrolled.roster,
                   roster_key=enrolled.roster_key, roster_path=enrolled.roster_path,
-                  executor=executor, health=health_probe(cfg, xids),
+                  executor=executor, disk_executor=disk, health=health_probe(cfg, xids),
                   max_report_age_s=health_max_age_s(cfg),
                   job_state=JobStateStore(cfg.state_dir / "jobs"), policy=cfg.policy,
                   reveal_log=RevealLog(cfg.state_dir / "secagg" / "revealed.jsonl",
@@ -589,6 +596,7 @@ def run(cfg: AgentConfig, *, connect_timeout_s: float | None = None) -> int:
         code = asyncio.run(main())
     finally:
         executor.shutdown(wait=False, cancel_futures=True)
+        disk.shutdown(wait=False)  # a write queued goes on; wait_for_tasks bounds it
         if xids is not None:
             xids.stop()
         if not wait_for_tasks(STOP_GRACE_S):

@@ -22,6 +22,14 @@ names), example counts, metrics, and the masked (or, if the plan disables
 secure aggregation and the site's policy allows it, plain) weighted update.
 Never data rows.
 
+Durable writes (the privacy ledger's charge, the reveal log's record, the job's plan
+digest and SCAFFOLD state) run on one thread of their own (``disk_executor``), never on
+the event loop (an fsync on a slow disk stalled the heartbeats past their timeout and
+the site dropped out of the round) and never on the task executor (busy training): one
+thread keeps them in order. A secure-aggregation message is handled there whole
+(``ClientSession.receive``, whose hooks write the ledger and the reveal log before the
+masked input or the shares leave), one message at a time per agent.
+
 The agent does not take the coordinator's word for what protects the update
 (fedge.agent.guard): it refuses plans and aggregations below the site's
 ``PrivacyPolicy``, checks the model digest of every task against the weights it
@@ -61,7 +69,7 @@ import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,6 +154,11 @@ METRIC_DIGITS = 6
 # How long a health verdict stands when the process names no limit: EligibilityPolicy's
 # default max_report_age_s (fedge.health is not imported where health is disabled).
 HEALTH_MAX_AGE_S = 300.0
+# Threads whose name starts with this run the agent's tasks; the process waits for
+# them at a stop (fedge.agent.process.wait_for_tasks). The durable-writes thread's name
+# starts with it too: a stop lets a write in progress finish.
+TASK_THREAD_PREFIX = "fedge-task"
+DISK_THREAD_PREFIX = f"{TASK_THREAD_PREFIX}-disk"
 
 
 def _in_daemon_thread(loop: asyncio.AbstractEventLoop, fn: Callable[[], Any],
@@ -171,6 +184,18 @@ def _in_daemon_thread(loop: asyncio.AbstractEventLoop, fn: Callable[[], Any],
     return fut
 
 
+_SHARED_DISK: list[Executor] = []
+_SHARED_DISK_LOCK = threading.Lock()
+
+
+def _shared_disk_executor() -> Executor:
+    """The durable-writes thread of the agents given none (made once)."""
+    with _SHARED_DISK_LOCK:
+        if not _SHARED_DISK:
+            _SHARED_DISK.append(ThreadPoolExecutor(1, thread_name_prefix=DISK_THREAD_PREFIX))
+        return _SHARED_DISK[0]
+
+
 @dataclass
 class _JobControls:
     """SCAFFOLD state of one job at this site: c_i by the round it starts, and the
@@ -189,7 +214,9 @@ class Agent:
     for ``max_report_age_s`` (the site's ``EligibilityPolicy.max_report_age_s``), and
     until ``health`` first returns the appliance says it is not eligible (without
     ``health``, always eligible). ``held_jobs``: how many jobs' SCAFFOLD c_i stay in
-    memory (the ones used last).
+    memory (the ones used last). ``disk_executor``: one thread for the durable writes
+    (module doc; its owner shuts it down); without one, the agents of this process share
+    one, made on first use (as the scale benchmark's many agents share one loop).
 
     Raises: ValueError: ``max_report_age_s`` not above 0, ``held_jobs`` below 1.
     """
@@ -212,6 +239,7 @@ class Agent:
         policy: PrivacyPolicy | None = None,
         reveal_log: RevealLog | None = None,
         held_jobs: int = HELD_JOBS,
+        disk_executor: Executor | None = None,
     ) -> None:
         self.site = site
         # The site's own floor (agent.toml [privacy]); the default requires secure
@@ -226,6 +254,10 @@ class Agent:
         self.roster_key = roster_key
         self.roster_path = roster_path
         self.executor = executor
+        self._disk = disk_executor
+        # secure-aggregation messages are handled one at a time (off the loop: their
+        # hooks fsync), in the order they came
+        self._secagg_turn = asyncio.Lock()
         if not max_report_age_s > 0:
             raise ValueError(f"max_report_age_s={max_report_age_s!r} must be > 0")
         self.health = health or (lambda: ({}, True, ""))
@@ -469,7 +501,7 @@ class Agent:
             self._classes_refused = (self._classes_unknown_to is not None
                                      and self._classes_unknown_to == body.coordinator_version)
         elif isinstance(body, m.ControlCommit):
-            self._on_control_commit(job, rnd, body)
+            await self._on_control_commit(job, rnd, body)
         elif isinstance(body, m.TrainTask):
             await self._on_train(job, rnd, body)
         elif isinstance(body, m.AggregateBegin):
@@ -552,6 +584,13 @@ class Agent:
     def _set_busy(self, text: str) -> None:
         self._busy = text
         self.on_status(text or "idle")
+
+    def _on_disk(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        """``fn(*args)`` on the durable-writes thread (module doc), in the order of the
+        calls; its result, or what it raised, as a future of the running loop."""
+        if self._disk is None:
+            self._disk = _shared_disk_executor()
+        return asyncio.get_running_loop().run_in_executor(self._disk, fn, *args)
 
     def _abandon(self, task: _Task) -> None:
         """``task`` is no longer the agent's (its round aborted, or another task took
@@ -641,7 +680,7 @@ class Agent:
                                "the task's model digest does not match the weights it "
                                "carries", t.task_id)
             return
-        self._keep_job_plan(job, t.plan)
+        plan_kept = self._keep_job_plan(job, t.plan)
         task = _Task(job, rnd, plan, weights, bytes(t.model_digest), bytes(t.quant_seed),
                      t.task_id, kwargs.get("client_control"), kwargs.get("server_control"),
                      task_digest(job=job, round=rnd, plan=t.plan,
@@ -696,24 +735,35 @@ class Agent:
                                f"trained on {result.n_examples} examples; a train result "
                                f"needs 1..{m.MAX_EXAMPLES}", t.task_id)
             return
+        if plan_kept is not None:  # the plan digest is on disk before a result leaves
+            await plan_kept
+            if self.task is not task or task.cancel.is_set():
+                return
         task.local = result
         await self.send(m.TrainDone(task_id=task.task_id, n_examples=result.n_examples,
                                     metrics=result.metrics, epsilon=result.epsilon),
                         job=job, round=rnd)
 
-    def _keep_job_plan(self, job: str, text: str) -> None:
-        """Remember (in memory and in ``job_state``) that this site trains ``job``
-        under the plan ``text``: its EvalTasks must bring the same plan."""
+    def _keep_job_plan(self, job: str, text: str) -> asyncio.Future[None] | None:
+        """Remember (in memory now, and in ``job_state`` on the durable-writes thread)
+        that this site trains ``job`` under the plan ``text``: its EvalTasks must bring
+        the same plan. Returns the write (it logs its own failure), None when none."""
         digest = plan_digest(text)
         if self._job_plans.touch(job) == digest:
-            return
+            return None
         self._job_plans.pop(job, None)
         self._job_plans.hold(job, digest)
-        if self.job_state is not None:
+        store = self.job_state
+        if store is None:
+            return None
+
+        def save() -> None:
             try:
-                self.job_state.save(job, "plan", {"digest": np.frombuffer(digest, np.uint8)})
+                store.save(job, "plan", {"digest": np.frombuffer(digest, np.uint8)})
             except OSError as exc:  # held in memory; a restart would forget it
                 log.error("%s: job %s: its plan's digest not saved: %s", self.site, job, exc)
+
+        return self._on_disk(save)
 
     def job_plan(self, job: str) -> bytes | None:
         """``plan_digest`` of the plan this site last trained ``job`` under (from
@@ -763,35 +813,45 @@ class Agent:
     def _held_pending(self, job: str) -> tuple[int, np.ndarray | None]:
         return self._job_controls(job).pending
 
-    def _save_controls(self, job: str) -> None:
-        """c_i and the pending Δc_i of ``job`` to ``job_state``. Raises: OSError."""
-        if self.job_state is None:
-            return
-        arrays = {str(r): a for r, a in self._held_controls(job).items()}
-        rnd, dc = self._held_pending(job)
+    @staticmethod
+    def _controls_arrays(controls: _JobControls) -> dict[str, np.ndarray]:
+        """What ``job_state`` keeps of one job's c_i and pending Δc_i."""
+        arrays = {str(r): a for r, a in controls.by_round.items()}
+        rnd, dc = controls.pending
         if dc is not None:
             arrays["pending"] = dc
             arrays["pending_round"] = np.array([rnd], dtype=np.int64)
-        self.job_state.save(job, "controls", arrays)
+        return arrays
 
-    def _hold_control(self, task: _Task) -> str:
+    def _save_controls(self, job: str, controls: _JobControls | None = None) -> None:
+        """c_i and the pending Δc_i of ``job`` (``controls``, else the ones held) to
+        ``job_state``. Raises: OSError."""
+        if self.job_state is None:
+            return
+        held = controls if controls is not None else self._job_controls(job)
+        self.job_state.save(job, "controls", self._controls_arrays(held))
+
+    def _hold_control(self, task: _Task, controls: _JobControls | None = None) -> str:
         """SCAFFOLD: keep the round's Δc_i, clipped to [−c, c] exactly as it goes into
         the sum (``input_vector``), as the job's pending one, on disk, before the update
         can be summed (module doc); '' when done or not SCAFFOLD, else why it could not
-        be kept (then the update may not leave: c would hold a Δc_i this c_i never gets)."""
+        be kept (then the update may not leave: c would hold a Δc_i this c_i never gets).
+        ``controls``: the job's, looked up on the event loop when this runs on the
+        durable-writes thread (``self.controls`` is the loop's)."""
         assert task.local is not None
         if task.local.delta_control is None:
             return ""
         clip = task.plan.secagg.clip
         summed = np.clip(task.local.delta_control.astype(np.float64), -clip, clip)
-        self._job_controls(task.job).pending = (task.round, summed)
+        held = controls if controls is not None else self._job_controls(task.job)
+        held.pending = (task.round, summed)
         try:
-            self._save_controls(task.job)
+            self._save_controls(task.job, held)
         except OSError as exc:
             return f"cannot record this update's SCAFFOLD control variate change ({exc})"
         return ""
 
-    def _on_control_commit(self, job: str, rnd: int, cc: m.ControlCommit) -> None:
+    async def _on_control_commit(self, job: str, rnd: int, cc: m.ControlCommit) -> None:
         """The server's c holds this site's Δc_i of round ``cc.summed_round`` and none
         later (module doc): c_i takes the pending Δc_i if it is that round's and drops
         it otherwise, and a c_i moved for a later round (by an agent that moved it when
@@ -829,13 +889,19 @@ class Agent:
         for r in [r for r in held if r > q + 1 or (keep and r < max(keep))]:
             del held[r]
             changed = True
-        if changed:
-            try:
-                self._save_controls(job)
-            except OSError as exc:  # only a restart would lose it
-                log.error("%s: job %s: SCAFFOLD c_i not saved: %s", self.site, job, exc)
         self._control_commits.pop(job, None)
         self._control_commits.hold(job, cc.task_id)
+        store = self.job_state
+        if changed and store is not None:
+            arrays = self._controls_arrays(self._job_controls(job))  # as of now, in order
+
+            def save() -> None:
+                try:
+                    store.save(job, "controls", arrays)
+                except OSError as exc:  # only a restart would lose it
+                    log.error("%s: job %s: SCAFFOLD c_i not saved: %s", self.site, job, exc)
+
+            await self._on_disk(save)
 
     @staticmethod
     def clipped_update(task: _Task) -> np.ndarray:
@@ -895,14 +961,19 @@ class Agent:
             return
         delta = self.clipped_update(task)  # once: the input vector and the reveal log's key
         vec = self.input_vector(task, a.weight_scale, delta)
+        controls = (self._job_controls(task.job) if task.local.delta_control is not None
+                    else None)  # looked up here, on the loop: the writes run off it
         if not a.secure:
             # the update itself leaves now: its DP run is charged, on disk, first, and
             # SCAFFOLD's Δc_i kept pending
-            refused = self._release_privacy(task) or self._hold_control(task)
+            refused = await self._on_disk(
+                lambda: self._release_privacy(task) or self._hold_control(task, controls))
             if refused:
                 await self._refuse(job, rnd, "aggregate", f"{refused}; the update is withheld",
                                    task.task_id)
                 return
+            if self.task is not task or task.cancel.is_set():  # aborted meanwhile: the
+                return  # run stays charged (the safe side), the update stays here
             await self.send(m.PlainUpdate(task.task_id, vec), job=job, round=rnd)
             return
         from fedge.secagg.client import ClientSession
@@ -927,7 +998,8 @@ class Agent:
                                          quantise_seed=task.quant_seed,
                                          before_reveal=lambda survivors: self._before_reveal(
                                              task, summed, update, survivors),
-                                         before_masked_input=lambda: self._before_input(task))
+                                         before_masked_input=lambda: self._before_input(
+                                             task, controls))
         except SecAggConfigError as exc:
             await self._refuse(job, rnd, "aggregate", f"secure aggregation: {exc}",
                                task.task_id)
@@ -967,7 +1039,7 @@ class Agent:
             return f"cannot record this update's privacy spend in the ledger ({exc})"
         return ""
 
-    def _before_input(self, task: _Task) -> None:
+    def _before_input(self, task: _Task, controls: _JobControls | None = None) -> None:
         """A DP run is charged in the privacy ledger, on disk, before the masked input
         leaves: from then on the other survivors can unmask it without this site (any t
         of them reveal its self-mask seed), whether or not it sends its own shares or
@@ -980,7 +1052,7 @@ class Agent:
         saved; the masked input is withheld and the run stays pending."""
         from fedge.secagg.errors import RevealRefused
 
-        refused = self._release_privacy(task) or self._hold_control(task)
+        refused = self._release_privacy(task) or self._hold_control(task, controls)
         if refused:
             raise RevealRefused(f"{refused}; the masked input is withheld")
 
@@ -1017,24 +1089,36 @@ class Agent:
                 "not revealing") from exc
 
     async def _on_secagg(self, job: str, rnd: int, body: Any) -> None:
-        task = self.task
-        if task is None or not self._current(job, rnd) or task.session is None:
-            log.info("%s: secagg message for %s/%d, which is not in progress", self.site, job,
-                     rnd)
-            return
+        """One message of the round's ClientSession, handled on the durable-writes thread
+        (its hooks write the ledger and the reveal log before anything leaves) and one
+        at a time: the next waits its turn, in the order they came, and finds the
+        session as this one left it."""
         from fedge.secagg.errors import SecAggAbort
 
-        try:
-            replies = task.session.receive(body, time.time())
-        except SecAggAbort as exc:
-            log.error("%s: secure aggregation aborted: %s: %s", self.site,
-                      type(exc).__name__, exc)
-            task.session = None
-            await self._refuse(job, rnd, "aggregate", f"{type(exc).__name__}: {exc}",
-                               task.task_id)
-            return
-        for reply in replies:
-            await self.send(reply, job=job, round=rnd)
+        async with self._secagg_turn:
+            task = self.task
+            if task is None or not self._current(job, rnd) or task.session is None:
+                log.info("%s: secagg message for %s/%d, which is not in progress", self.site,
+                         job, rnd)
+                return
+            session = task.session
+            try:
+                replies = await self._on_disk(session.receive, body, time.time())
+            except SecAggAbort as exc:
+                log.error("%s: secure aggregation aborted: %s: %s", self.site,
+                          type(exc).__name__, exc)
+                if task.session is session:
+                    task.session = None
+                if self.task is task and not task.cancel.is_set():
+                    await self._refuse(job, rnd, "aggregate", f"{type(exc).__name__}: {exc}",
+                                       task.task_id)
+                return
+            if self.task is not task or task.cancel.is_set() or task.session is not session:
+                log.info("%s: secure aggregation for %s/%d ended while a message was "
+                         "handled: its reply is not sent", self.site, job, rnd)
+                return
+            for reply in replies:
+                await self.send(reply, job=job, round=rnd)
 
     async def _on_eval(self, job: str, rnd: int, e: m.EvalTask) -> None:
         try:

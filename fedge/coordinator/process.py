@@ -39,7 +39,7 @@ from fedge import instance_lock
 from fedge.coordinator import checkpoint as ck
 from fedge.coordinator.config import CoordinatorConfig
 from fedge.coordinator.service import FINISH_RETRY_S, Coordinator, DatabaseLocked
-from fedge.coordinator.store import Store, is_locked
+from fedge.coordinator.store import HEARTBEAT_FLUSH_S, Store, is_locked
 from fedge.instance_lock import InstanceLocked
 from fedge.wire import messages as m
 
@@ -237,6 +237,7 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
     kill_at = os.environ.get(KILL_AT_ENV, "")
     preparing: asyncio.Future[None] | None = None
     tick_failed_at = float("-inf")
+    flush_failed_at = float("-inf")
     admin_watch = _AdminWatch(started_at=time.monotonic())
     # messages whose handling met a locked database before acting, oldest first
     held: collections.deque[tuple[str, Any]] = collections.deque()
@@ -318,6 +319,10 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
                     # max_failed_attempts), so the same error is not met on every tick;
                     # the coordinator goes on serving every other site and job
                     tick_failed_at = _tick_raised(coord, exc, tick_failed_at)
+            if not held and coord.store.lock_waits == waits_before:
+                # the heartbeats held since the last flush, once HEARTBEAT_FLUSH_S has
+                # passed (also when no heartbeat has come since: the last ones are written)
+                flush_failed_at = _flush_heartbeats(coord, flush_failed_at)
             if held or coord.store.lock_waits != waits_before:
                 # (a held message is tried again after it: the loop awaits meanwhile)
                 backoff_until = time.monotonic() + BUSY_BACKOFF_S
@@ -358,8 +363,29 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
             except Exception:  # said, not hidden: the channel had stopped by itself
                 log.exception("the admin channel had failed")
         await server.close()
-        coord.close()
+        try:
+            coord.close()  # writes the heartbeats still held
+        except sqlite3.Error as exc:
+            log.error("closing the database %s: %s: %s (the sites' heartbeats of the last "
+                      "%g s may not be in it)", coord.store.path, type(exc).__name__, exc,
+                      HEARTBEAT_FLUSH_S)
     return 0
+
+
+def _flush_heartbeats(coord: Coordinator, failed_at: float) -> float:
+    """Write the heartbeats the store holds, if due (store.HEARTBEAT_FLUSH_S). A write
+    that fails keeps them held for the next try; it is logged at most once per
+    FINISH_RETRY_S (a locked database is _LockReport's). Returns when a failure was
+    last logged."""
+    try:
+        coord.store.flush_heartbeats()
+    except sqlite3.OperationalError as exc:
+        if not is_locked(exc) and time.monotonic() - failed_at >= FINISH_RETRY_S:
+            log.error("the sites' heartbeats not written to the database %s (retried; next "
+                      "report in %g s): %s: %s", coord.store.path, FINISH_RETRY_S,
+                      type(exc).__name__, exc)
+            return time.monotonic()
+    return failed_at
 
 
 async def finish_job(coord: Coordinator, job_id: str) -> None:

@@ -110,7 +110,6 @@ ROSTER_FILE = "roster.json"
 
 SYSTEM = "coordinator"
 REPLAY_WINDOW = 4096  # message ids remembered per site
-HEARTBEAT_PERSIST_S = 30.0  # an unchanged heartbeat is written to SQLite this often
 FINISH_RETRY_S = 10.0  # a job whose final checkpoint could not be written is retried this often
 LOCKED_RETRY_S = 1.0  # ... a round commit the database's lock refused, this often
 # An attempt at a round that failed is followed by the next one no sooner than this
@@ -196,7 +195,6 @@ class _Conn:
     seen_ids: collections.deque[str] = field(default_factory=collections.deque)
     seen_set: set[str] = field(default_factory=set)
     last_heartbeat: tuple[Any, ...] = ()
-    persisted_at: float = float("-inf")
     # from its heartbeats (fedge.coordinator.rounds); None until this process has had
     # one: after a restart an agent's first message may be another (a late answer),
     # and the site is then "connected, waiting for its first heartbeat" (cohort.py)
@@ -364,7 +362,8 @@ class Coordinator:
     ) -> None:
         clock, wall = coordinator_clocks(clock, wall)
         self.state_dir = Path(state_dir)
-        self.store = Store(self.state_dir, clock=wall, busy_timeout_s=busy_timeout_s)
+        self.store = Store(self.state_dir, clock=wall, busy_timeout_s=busy_timeout_s,
+                           monotonic=clock)
         self.clock: Callable[[], float] = clock
         self.wall: Callable[[], float] = wall
         self.heartbeat_timeout_s = heartbeat_timeout_s
@@ -990,8 +989,9 @@ class Coordinator:
         return True
 
     def _heartbeat(self, site: str, hb: m.Heartbeat) -> None:
-        # Persist only what changed, or once per HEARTBEAT_PERSIST_S: a fleet of
-        # hundreds beating every second must not turn into hundreds of fsyncs.
+        # Every heartbeat is recorded: the store holds each site's latest in memory and
+        # writes the fleet's in one transaction every store.HEARTBEAT_FLUSH_S, so a
+        # fleet of hundreds beating every second costs no fsync per heartbeat.
         conn = self.conns[site]
         conn.secagg_protocol = hb.secagg_protocol
         if hb.eligible and self.runner is not None \
@@ -1002,13 +1002,8 @@ class Coordinator:
         (conn.tasks, conn.input_shapes), conn.inputs_next = conn.inputs_next or ({}, {}), None
         datasets = [d[:HEARTBEAT_TEXT_MAX] for d in hb.datasets[:DATASETS_MAX]]
         conn.datasets = tuple(datasets)
-        now = self.clock()
-        key = (hb.version, hb.health_json, hb.eligible, hb.reason, tuple(hb.datasets),
-               hb.current_task)
-        if key == conn.last_heartbeat and now - conn.persisted_at < HEARTBEAT_PERSIST_S:
-            return
-        conn.last_heartbeat = key
-        conn.persisted_at = now
+        conn.last_heartbeat = (hb.version, hb.health_json, hb.eligible, hb.reason,
+                               tuple(hb.datasets), hb.current_task)
         try:
             health = (_json(hb.health_json) if len(hb.health_json) <= HEALTH_JSON_MAX else
                       {"unparsable": f"health report of {len(hb.health_json)} characters, "

@@ -30,6 +30,16 @@ would break its positional inserts, and a version step would refuse the downgrad
 for a table that guards nothing). Rounds committed without a row have none.
 ``left_out`` is made the same way: per committed round, each enrolled site the
 cohort left out and why (a version, a class order, a health verdict, not connected).
+
+Heartbeats are the exception to "every write is one transaction": a fleet beating
+every second would be one fsync per heartbeat, on the coordinator's event loop. Each
+site's latest heartbeat is held in memory (:meth:`Store.record_heartbeat`) and they
+are written together, one transaction for the whole fleet, at most every
+HEARTBEAT_FLUSH_S (:meth:`Store.flush_heartbeats`) and at :meth:`Store.close`. This
+Store's own readers (``appliance``, ``appliances``) see the latest heartbeat at once;
+another process reading the database (``fedge coordinator status``, ``submit``) sees
+it at most one flush old, and a coordinator killed loses at most that much of its
+sites' last_seen and health, which the next heartbeats restore.
 """
 
 from __future__ import annotations
@@ -189,6 +199,15 @@ OPEN_BUSY_TIMEOUT_S = 5.0
 # lock, not once per write (fedge.coordinator.process backs off meanwhile).
 SERVICE_BUSY_TIMEOUT_S = 1.5
 BUSY_QUIET_S = 5.0
+# Held heartbeats are written at most this often (module doc): one transaction per
+# interval for the whole fleet, however many sites beat how often.
+HEARTBEAT_FLUSH_S = 5.0
+
+
+# a held heartbeat's columns (Store.record_heartbeat), then its site
+_HEARTBEAT_UPDATE = (
+    "UPDATE appliances SET version=?, last_seen=?, health_json=?, eligible=?,"
+    " eligibility_reason=?, datasets_json=?, current_task=? WHERE site_id=?")
 
 
 class StoreError(Exception):
@@ -308,6 +327,8 @@ class Store:
 
     ``clock``: the wall clock (``time.time``) that dates every row it writes; nothing
     here measures time with it (the lock's timers read ``time.monotonic``).
+    ``monotonic``: what measures HEARTBEAT_FLUSH_S between heartbeat flushes (the
+    coordinator passes its own clock, so its tests step it).
 
     ``busy_timeout_s``: how long a write waits for another connection's lock
     (BUSY_TIMEOUT_S for the short-lived commands; the running coordinator passes
@@ -326,7 +347,8 @@ class Store:
     """
 
     def __init__(self, state_dir: str | Path, *, clock: Any = time.time,
-                 busy_timeout_s: float = BUSY_TIMEOUT_S) -> None:
+                 busy_timeout_s: float = BUSY_TIMEOUT_S,
+                 monotonic: Any = time.monotonic) -> None:
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.state_dir / DB_NAME
@@ -336,6 +358,10 @@ class Store:
         self.lock_waits = 0
         self.locked_since: float | None = None
         self._busy_at = float("-inf")  # monotonic: when a write last found the lock held
+        # site -> its latest heartbeat's appliances columns, not yet written (module doc)
+        self._heartbeats: dict[str, tuple[Any, ...]] = {}
+        self._monotonic = monotonic
+        self._heartbeats_tried_at = monotonic()  # the last flush that wrote or failed
         try:
             self._conn = sqlite3.connect(
                 self.path, check_same_thread=False, isolation_level=None,
@@ -416,8 +442,17 @@ class Store:
                             {"from": version, "to": SCHEMA_VERSION})
 
     def close(self) -> None:
+        """Write the heartbeats still held, then close.
+
+        Raises:
+            sqlite3.Error: they could not be written (the connection is closed all the same).
+        """
         with self._lock:
-            self._conn.close()
+            try:
+                self.flush_heartbeats(force=True)
+            finally:
+                self._heartbeats.clear()
+                self._conn.close()
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -609,14 +644,19 @@ class Store:
         Raises:
             StoreError: unknown site.
         """
-        with self._tx() as c:
-            cur = c.execute(
-                "UPDATE appliances SET status='revoked', current_task='' WHERE site_id = ?",
-                (site_id,),
-            )
-            if cur.rowcount == 0:
-                raise StoreError(f"cannot revoke unknown site {site_id!r}")
-            self._audit(c, actor, "revoke", {"site": site_id})
+        with self._lock:
+            held = self._heartbeats.get(site_id)
+            with self._tx() as c:
+                if held is not None:  # first: flushed later, it would undo current_task=''
+                    c.execute(_HEARTBEAT_UPDATE, (*held, site_id))
+                cur = c.execute(
+                    "UPDATE appliances SET status='revoked', current_task='' WHERE site_id = ?",
+                    (site_id,),
+                )
+                if cur.rowcount == 0:
+                    raise StoreError(f"cannot revoke unknown site {site_id!r}")
+                self._audit(c, actor, "revoke", {"site": site_id})
+            self._heartbeats.pop(site_id, None)
         return self.appliance(site_id)
 
     def appliance(self, site_id: str) -> Appliance:
@@ -625,9 +665,9 @@ class Store:
             row = self._conn.execute(
                 "SELECT * FROM appliances WHERE site_id = ?", (site_id,)
             ).fetchone()
-        if row is None:
-            raise StoreError(f"unknown site {site_id!r}")
-        return _appliance(row)
+            if row is None:
+                raise StoreError(f"unknown site {site_id!r}")
+            return _appliance(self._with_heartbeat(row))
 
     def appliances(self, *, status: str | None = None) -> list[Appliance]:
         q = "SELECT * FROM appliances"
@@ -637,7 +677,13 @@ class Store:
             args = (status,)
         with self._lock:
             rows = self._conn.execute(q + " ORDER BY site_id", args).fetchall()
-        return [_appliance(r) for r in rows]
+            return [_appliance(self._with_heartbeat(r)) for r in rows]
+
+    def _with_heartbeat(self, row: tuple[Any, ...]) -> tuple[Any, ...]:
+        """An appliances row with its site's held heartbeat, if any, in place of the
+        written one (the caller holds the lock)."""
+        held = self._heartbeats.get(row[0])
+        return row if held is None else (*row[:4], *held, *row[11:])
 
     def site_for_key(self, curve_public_z85: str) -> str | None:
         """The enrolled (not revoked) site holding this CURVE key, if any."""
@@ -658,16 +704,48 @@ class Store:
     def record_heartbeat(self, site_id: str, *, version: str, health: dict[str, Any],
                          eligible: bool, reason: str, datasets: list[str],
                          current_task: str) -> None:
-        """Raises: StoreError: unknown site."""
-        with self._tx() as c:
-            cur = c.execute(
-                "UPDATE appliances SET version=?, last_seen=?, health_json=?, eligible=?,"
-                " eligibility_reason=?, datasets_json=?, current_task=? WHERE site_id=?",
-                (version, self._clock(), json.dumps(health, sort_keys=True, default=str),
-                 int(eligible), reason, json.dumps(sorted(datasets)), current_task, site_id),
-            )
-            if cur.rowcount == 0:
+        """Hold ``site_id``'s heartbeat (seen now) as its latest, replacing the one held;
+        this Store's readers see it at once, the database once it is flushed (module
+        doc), which this call does when HEARTBEAT_FLUSH_S has passed since the last.
+
+        Raises:
+            StoreError: unknown site (nothing is held).
+            sqlite3.OperationalError: the flush due failed (the heartbeat is held all
+                the same, and written by a later flush).
+        """
+        with self._lock:
+            known = self._conn.execute(
+                "SELECT 1 FROM appliances WHERE site_id=?", (site_id,)).fetchone()
+            if known is None:
                 raise StoreError(f"heartbeat from unknown site {site_id!r}")
+            self._heartbeats[site_id] = (
+                version, self._clock(), json.dumps(health, sort_keys=True, default=str),
+                int(eligible), reason, json.dumps(sorted(datasets)), current_task)
+            self.flush_heartbeats()
+
+    def flush_heartbeats(self, *, force: bool = False) -> int:
+        """Write every held heartbeat in one transaction, if HEARTBEAT_FLUSH_S has passed
+        since the last try (``force``: now); returns how many were written. A failed
+        write keeps them held, for the next try.
+
+        Raises:
+            sqlite3.OperationalError: the database cannot take the write now (locked,
+                disk full).
+        """
+        with self._lock:
+            now = self._monotonic()
+            if not self._heartbeats or (
+                    not force and now - self._heartbeats_tried_at < HEARTBEAT_FLUSH_S):
+                return 0
+            self._heartbeats_tried_at = now
+            held = dict(self._heartbeats)
+            with self._tx() as c:
+                c.executemany(_HEARTBEAT_UPDATE,
+                              [(*columns, site) for site, columns in held.items()])
+            for site, columns in held.items():
+                if self._heartbeats.get(site) is columns:
+                    del self._heartbeats[site]
+            return len(held)
 
     # -- operators ----------------------------------------------------------------
 

@@ -14,7 +14,8 @@ fedge-specific:
 * :func:`start_watchdog` pings from a task *on the daemon's event loop*, so the
   pings are proof that the loop runs: a loop stalled by blocking code stops
   them and systemd restarts the service (a watchdog thread would keep pinging
-  a dead daemon).
+  a dead daemon). A daemon whose loop runs while its work is stuck (a worker
+  thread that never returns) passes ``alive``: while it says no, no pings.
 * :func:`setup_logging` logs to journald under systemd and to stderr otherwise.
 * :class:`GracefulShutdown` turns SIGTERM/SIGINT into ``STOPPING=1`` plus an
   asyncio event the daemon awaits; :func:`run_service` wires all of it around a
@@ -194,16 +195,23 @@ def _positive_int(name: str, raw: str) -> int:
     return value
 
 
-async def _watchdog_loop(notifier: Notifier, period: float) -> None:
+async def _watchdog_loop(notifier: Notifier, period: float,
+                         alive: Callable[[], bool] | None) -> None:
     while True:
-        notifier.watchdog()
+        if alive is None or alive():
+            notifier.watchdog()
         await asyncio.sleep(period)
 
 
 def start_watchdog(
-    notifier: Notifier, interval: float | None = None, *, unsupervised_s: float | None = None
+    notifier: Notifier, interval: float | None = None, *, unsupervised_s: float | None = None,
+    alive: Callable[[], bool] | None = None,
 ) -> asyncio.Task[None] | None:
     """Start pinging ``WATCHDOG=1`` every ``interval/2`` s from the running loop.
+
+    ``alive``, when given, is asked before each ping: while it returns False no ping
+    goes (the daemon's loop runs but its work is stuck), so systemd restarts it once
+    ``WatchdogSec`` passes. It runs on the loop and must not block.
 
     ``interval`` defaults to :func:`watchdog_interval`. Without one (no watchdog),
     pings go out every ``unsupervised_s`` when it is given, else nothing starts; so
@@ -239,7 +247,7 @@ def start_watchdog(
     if not notifier.enabled:
         return None
     loop = asyncio.get_running_loop()
-    return loop.create_task(_watchdog_loop(notifier, period), name="sd-watchdog")
+    return loop.create_task(_watchdog_loop(notifier, period, alive), name="sd-watchdog")
 
 
 def under_systemd(environ: Mapping[str, str] | None = None) -> bool:

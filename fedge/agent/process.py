@@ -4,6 +4,7 @@ Configuration (TOML)::
 
     state_dir = "/var/lib/fedge"    # enrolment: keys/, roster.json, enrolment.json
     workers = 1                     # training/evaluation threads
+    stuck_task_grace_s = 120.0      # a task this long past its cancel or deadline: stuck
 
     [heartbeat]
     interval_s = 1.0
@@ -26,8 +27,11 @@ which win over the state dir's (`load_enrolled`).
 Under systemd: READY=1 once the enrolment is loaded and the client is connecting
 (STATUS= "connecting to ENDPOINT", then "connected to ..."), so a coordinator or
 WAN that is down at boot does not get the agent killed by TimeoutStartSec;
-WATCHDOG=1 from the event loop, also while it retries; STATUS= with the current
-task; a software update in trial is confirmed only by a heartbeat ack, i.e. a real
+WATCHDOG=1 from the event loop, also while it retries, but not while a worker
+thread is stuck (``fedge.agent.runtime.Agent.stuck_worker``: a task running
+``stuck_task_grace_s`` past its cancel or its plan's deadline), so that systemd
+restarts an agent whose training deadlocked; STATUS= with the current task; a
+software update in trial is confirmed only by a heartbeat ack, i.e. a real
 connection (fedge.agent.updates); STOPPING=1 on SIGTERM — the stage in
 progress is abandoned (the coordinator treats the site as a dropout) and the
 process exits 0.
@@ -58,6 +62,7 @@ from fedge.agent.jobstate import JobStateStore
 from fedge.agent.runtime import (
     DISK_THREAD_PREFIX,
     HEALTH_MAX_AGE_S,
+    STUCK_TASK_GRACE_S,
     TASK_THREAD_PREFIX,
     Agent,
 )
@@ -104,6 +109,9 @@ class AgentConfig:
     update_restart_wait_s: float = 1800.0
     # the site's privacy floor ([privacy]): secure aggregation required by default
     policy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
+    # a worker task running this long past its cancel or its plan's deadline is stuck:
+    # not eligible, and no more watchdog pings (fedge.agent.runtime.STUCK_TASK_GRACE_S)
+    stuck_task_grace_s: float = STUCK_TASK_GRACE_S
 
     @cached_property
     def eligibility_policy(self) -> EligibilityPolicy:
@@ -132,7 +140,7 @@ class Enrolled:
 
 
 _KEYS = ("state_dir", "workers", "heartbeat", "eligibility", "datasets", "health",
-         "update_trial_s", "update_restart_wait_s", "privacy")
+         "update_trial_s", "update_restart_wait_s", "privacy", "stuck_task_grace_s")
 
 
 def load_config(path: str | Path) -> AgentConfig:
@@ -188,12 +196,15 @@ def load_config(path: str | Path) -> AgentConfig:
             or not restart_wait > 0):
         raise AgentConfigError(f"agent config update_restart_wait_s = {restart_wait!r} "
                                "must be > 0")
+    stuck = raw.get("stuck_task_grace_s", STUCK_TASK_GRACE_S)
+    if isinstance(stuck, bool) or not isinstance(stuck, int | float) or not stuck > 0:
+        raise AgentConfigError(f"agent config stuck_task_grace_s = {stuck!r} must be > 0")
     try:
         policy = PrivacyPolicy.from_config(raw.get("privacy", {}))
     except PrivacyPolicyError as exc:
         raise AgentConfigError(f"agent config {p}: {exc}") from None
     return AgentConfig(state_dir, datasets, float(interval), float(timeout), workers, elig,
-                       health, float(trial), float(restart_wait), policy)
+                       health, float(trial), float(restart_wait), policy, float(stuck))
 
 
 def load_enrolled(state_dir: Path) -> Enrolled:
@@ -481,7 +492,20 @@ async def run_agent(agent: Agent, enrolled: Enrolled, *, interval_s: float, time
         # coordinator is unreachable too: the pings say the loop runs.
         from fedge.systemd import UNSUPERVISED_PING_S, start_watchdog
 
-        pinger = start_watchdog(notifier, unsupervised_s=UNSUPERVISED_PING_S)
+        withheld: list[str] = []
+
+        def alive() -> bool:
+            # a worker thread that never returns (a deadlocked training) leaves the loop
+            # running and the agent useless: no pings, so systemd restarts it
+            stuck = agent.stuck_worker()
+            if stuck and not withheld:
+                log.error("%s: no more watchdog pings while the worker is stuck; systemd "
+                          "restarts the agent once WatchdogSec passes", agent.site)
+                say(f"worker stuck: {stuck}")
+            withheld[:] = [stuck] if stuck else []
+            return not stuck
+
+        pinger = start_watchdog(notifier, unsupervised_s=UNSUPERVISED_PING_S, alive=alive)
         if pinger is not None:
             workers.append(pinger)
     code = 0
@@ -558,6 +582,7 @@ def run(cfg: AgentConfig, *, connect_timeout_s: float | None = None) -> int:
     agent = Agent(enrolled.site, trainer, identity=enrolled.identity, roster=enrolled.roster,
                   roster_key=enrolled.roster_key, roster_path=enrolled.roster_path,
                   executor=executor, disk_executor=disk, health=health_probe(cfg, xids),
+                  stuck_grace_s=cfg.stuck_task_grace_s,
                   max_report_age_s=health_max_age_s(cfg),
                   job_state=JobStateStore(cfg.state_dir / "jobs"), policy=cfg.policy,
                   reveal_log=RevealLog(cfg.state_dir / "secagg" / "revealed.jsonl",

@@ -17,6 +17,14 @@ queued behind it for an abandoned task does not start, and until the worker is f
 again heartbeats say ``finishing aborted train <job> round <r>``, so that the next
 job's round does not wait out a whole local training that nobody will use.
 
+A worker that does not come back is a stuck agent, though its event loop runs on
+(a torch/OpenMP or CUDA deadlock): every later task would wait behind it.
+:meth:`Agent.stuck_worker` names a training still running ``stuck_grace_s``
+(``STUCK_TASK_GRACE_S``) after it was cancelled, or any training or evaluation running
+past its plan's deadline (``train_s``, ``eval_s``) plus that grace; from then on the
+heartbeats say the site is not eligible, and the process stops its watchdog pings so
+that systemd restarts it (fedge.agent.process).
+
 What leaves the appliance: heartbeats (version, health, eligibility, data set
 names), example counts, metrics, and the masked (or, if the plan disables
 secure aggregation and the site's policy allows it, plain) weighted update.
@@ -127,6 +135,7 @@ class _Task:
     # set when the round is aborted or the task superseded: training stops within a
     # step (Trainer.train's ``cancel``), and work queued for it is skipped
     cancel: threading.Event = field(default_factory=threading.Event)
+    cancelled_at: float | None = None  # monotonic, when ``cancel`` was set
     training: bool = False  # its Trainer.train is queued or running on the executor
 
     @property
@@ -146,7 +155,24 @@ class _Arriving:
     aborted: bool = False
 
 
+@dataclass(eq=False)
+class _Running:
+    """A task running on a worker thread: what it is, since when (monotonic, from when
+    the worker took it up), the plan's deadline for it, and the round's task when it can
+    be cancelled."""
+
+    what: str
+    deadline_s: float
+    task: _Task | None = None
+    started: float = 0.0
+    thread: str = ""
+
+
 PROBE_WAIT_S = 0.5  # longest a heartbeat waits for its health probe
+# How long a worker may run on after its task was cancelled (training stops within one
+# step), or past the plan's deadline for it, before the agent counts it stuck: not
+# eligible, and no more watchdog pings (systemd restarts the agent).
+STUCK_TASK_GRACE_S = 120.0
 # Significant digits of the evaluation metrics that leave: a loss in float64 turned
 # finite differences of chosen weights into a gradient oracle; 6 digits are more than
 # any report shows, and cost such an oracle a step of about 1e-6 of the loss.
@@ -218,7 +244,11 @@ class Agent:
     (module doc; its owner shuts it down); without one, the agents of this process share
     one, made on first use (as the scale benchmark's many agents share one loop).
 
-    Raises: ValueError: ``max_report_age_s`` not above 0, ``held_jobs`` below 1.
+    ``stuck_grace_s``: how long past a cancel or a deadline a worker task may run before
+    the agent counts it stuck (:meth:`stuck_worker`).
+
+    Raises: ValueError: ``max_report_age_s`` or ``stuck_grace_s`` not above 0,
+        ``held_jobs`` below 1.
     """
 
     def __init__(
@@ -240,6 +270,7 @@ class Agent:
         reveal_log: RevealLog | None = None,
         held_jobs: int = HELD_JOBS,
         disk_executor: Executor | None = None,
+        stuck_grace_s: float = STUCK_TASK_GRACE_S,
     ) -> None:
         self.site = site
         # The site's own floor (agent.toml [privacy]); the default requires secure
@@ -262,6 +293,12 @@ class Agent:
             raise ValueError(f"max_report_age_s={max_report_age_s!r} must be > 0")
         self.health = health or (lambda: ({}, True, ""))
         self.max_report_age_s = max_report_age_s
+        if not stuck_grace_s > 0:
+            raise ValueError(f"stuck_grace_s={stuck_grace_s!r} must be > 0")
+        self.stuck_grace_s = stuck_grace_s
+        self._running: list[_Running] = []  # on the worker threads now
+        self._running_lock = threading.Lock()  # the workers add and remove themselves
+        self._stuck_logged: _Running | None = None
         self.max_message_bytes = max_message_bytes
         self.secagg_threads = secagg_threads
         self.send_frames: SendFn | None = None
@@ -346,6 +383,9 @@ class Agent:
             log.warning("%s: health probe still running after %.1f s; heartbeats go with "
                         "the last report until it ends", self.site, PROBE_WAIT_S)
         report, eligible, reason = self._health_verdict(time.monotonic())
+        stuck = self.stuck_worker()
+        if stuck:
+            eligible, reason = False, f"worker stuck: {stuck}"
         classes = self.declared_classes()
         tasks, shapes = self.declared_inputs()
         declared = (classes, tasks, shapes)
@@ -592,10 +632,65 @@ class Agent:
             self._disk = _shared_disk_executor()
         return asyncio.get_running_loop().run_in_executor(self._disk, fn, *args)
 
+    async def _on_worker(self, what: str, deadline_s: float, fn: Callable[[], Any],
+                         task: _Task | None = None) -> Any:
+        """``fn()`` on the task executor, watched from when a worker takes it up until
+        it returns (:meth:`stuck_worker`). Raises: what ``fn`` raises."""
+        entry = _Running(what, deadline_s, task)
+
+        def run() -> Any:
+            entry.started = time.monotonic()
+            entry.thread = threading.current_thread().name
+            with self._running_lock:
+                self._running.append(entry)
+            try:
+                return fn()
+            finally:
+                with self._running_lock:
+                    self._running.remove(entry)
+
+        return await asyncio.get_running_loop().run_in_executor(self.executor, run)
+
+    def stuck_worker(self, now: float | None = None) -> str:
+        """Why a worker thread counts as stuck, '' when none does: a training still
+        running ``stuck_grace_s`` after it was cancelled (it checks the cancel before
+        every step), or a training or evaluation running past its plan's deadline plus
+        ``stuck_grace_s``. Logged at ERROR once per stuck task, and once more, at
+        WARNING, if it comes back."""
+        now = time.monotonic() if now is None else now
+        grace = self.stuck_grace_s
+        with self._running_lock:
+            running = list(self._running)
+        stuck, why = None, ""
+        for e in running:
+            ran = now - e.started
+            cancelled = e.task.cancelled_at if e.task is not None else None
+            since = now - max(cancelled, e.started) if cancelled is not None else 0.0
+            if since > grace:
+                stuck, why = e, (f"{e.what} still running on {e.thread} {since:.1f} s after "
+                                 f"it was cancelled (grace {grace:g} s), {ran:.1f} s in all")
+                break
+            if ran > e.deadline_s + grace:
+                stuck, why = e, (f"{e.what} running on {e.thread} for {ran:.1f} s, past its "
+                                 f"deadline of {e.deadline_s:g} s plus {grace:g} s")
+                break
+        if stuck is not None and stuck is not self._stuck_logged:
+            self._stuck_logged = stuck
+            log.error("%s: worker stuck: %s; this site says it is not eligible until it "
+                      "returns", self.site, why)
+        elif stuck is None and self._stuck_logged is not None \
+                and self._stuck_logged not in running:
+            log.warning("%s: the stuck worker task (%s) returned", self.site,
+                        self._stuck_logged.what)
+            self._stuck_logged = None
+        return why
+
     def _abandon(self, task: _Task) -> None:
         """``task`` is no longer the agent's (its round aborted, or another task took
         its place): its training stops within a step and queued work for it is
         skipped; while its thread winds down, heartbeats say so."""
+        if task.cancelled_at is None:
+            task.cancelled_at = time.monotonic()
         task.cancel.set()
         if self.task is task:
             self._set_busy(task.finishing if task.training else "")
@@ -690,13 +785,13 @@ class Agent:
             self._abandon(self.task)
         self.task = task
         self._set_busy(f"{m.TASK_TRAIN} {job} round {rnd}")
-        loop = asyncio.get_running_loop()
         task.training = True
         try:
-            result = await loop.run_in_executor(
-                self.executor,
+            result = await self._on_worker(
+                f"{m.TASK_TRAIN} {job} round {rnd}", plan.deadlines.train_s,
                 lambda: self.trainer.train(self.site, job, plan, weights, round=rnd,
-                                           seed=t.train_seed, cancel=task.cancel, **kwargs))
+                                           seed=t.train_seed, cancel=task.cancel, **kwargs),
+                task)
         except Exception as exc:
             if task.cancel.is_set():  # abandoned meanwhile: nobody waits for an answer
                 log.info("%s: training for %s/%d stopped: its round was aborted or the task "
@@ -1149,12 +1244,12 @@ class Agent:
             return
         weights = np.array(e.weights, dtype=np.float32)
         self._set_busy(f"{m.TASK_EVAL} {job} round {rnd}")
-        loop = asyncio.get_running_loop()
         evaluating = (job, rnd)
         self._evaluating.append(evaluating)
         try:
-            n, metrics = await loop.run_in_executor(
-                self.executor, lambda: self.trainer.evaluate(plan, weights, e.split))
+            n, metrics = await self._on_worker(
+                f"{m.TASK_EVAL} {job} round {rnd}", plan.deadlines.eval_s,
+                lambda: self.trainer.evaluate(plan, weights, e.split))
         except TaskRefusal as exc:
             await self._refuse(job, rnd, m.TASK_EVAL, str(exc), e.task_id)
             return

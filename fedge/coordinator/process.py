@@ -214,7 +214,8 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
     exports: set[asyncio.Task[None]] = set()
 
     def on_job_completed(job_id: str) -> None:
-        task = loop.create_task(finish_job(coord, job_id))
+        task = loop.create_task(finish_job(coord, job_id),
+                                name=f"writing the ONNX model and report of job {job_id}")
         exports.add(task)
         task.add_done_callback(exports.discard)
 
@@ -222,13 +223,17 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
     unfinished = unfinished_jobs(coord)
     if unfinished:
         # one after the other: each export is a torch child of its own
-        task = loop.create_task(_resume_finishing(coord, unfinished))
+        task = loop.create_task(_resume_finishing(coord, unfinished),
+                                name=f"finishing {len(unfinished)} ended job(s)")
         exports.add(task)
         task.add_done_callback(exports.discard)
     admin_task = _start_admin(cfg, coord)
     log.info("coordinator listening on %s", endpoint)
     notifier.ready()
-    notifier.status(f"listening on {endpoint}")
+    # STATUS= then follows what the coordinator does (Coordinator.status_text), sent
+    # each time it changes, never again while it stays the same
+    last_status = f"listening on {endpoint}"
+    notifier.status(last_status)
     # WATCHDOG=1 from this loop at half of WatchdogSec, whatever tick_s is (a loop
     # turn waits up to tick_s for a message): the pings say the loop runs
     pinger = start_watchdog(notifier, unsupervised_s=UNSUPERVISED_PING_S)
@@ -344,10 +349,10 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
                             disconnect(site)
                             coord.peer_lost(site)
                     set_allowed(fresh)
-                job = coord.runner
-                if job is not None and job.round is not None:
-                    notifier.status(f"job {job.job_id} round {job.round.round} "
-                                    f"{job.round.phase.value}")
+            status = _status_text(coord, preparing, exports)
+            if status is not None and status != last_status:
+                last_status = status
+                notifier.status(status)
     finally:
         notifier.stopping()
         if pinger is not None:
@@ -370,6 +375,24 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
                       "%g s may not be in it)", coord.store.path, type(exc).__name__, exc,
                       HEARTBEAT_FLUSH_S)
     return 0
+
+
+def _status_text(coord: Coordinator, preparing: asyncio.Future[None] | None,
+                 exports: set[asyncio.Task[None]]) -> str | None:
+    """What STATUS= says now (Coordinator.status_text; with no job running, what this
+    loop does meanwhile: a starting model built, an ended job's export and report
+    written), or None when the database cannot say (the tick reports why)."""
+    activity = ""
+    if coord.runner is None and preparing is not None and not preparing.done():
+        job = _needs_initial_model(coord)
+        if job is not None:
+            activity = f"job {job.job_id}: building its starting model"
+    if coord.runner is None and not activity and exports:
+        activity = "idle, " + "; ".join(sorted(t.get_name() for t in exports))
+    try:
+        return coord.status_text(activity)
+    except sqlite3.Error:
+        return None
 
 
 def _flush_heartbeats(coord: Coordinator, failed_at: float) -> float:

@@ -123,6 +123,7 @@ RETRY_BACKOFF_MAX_S = 60.0
 # fleet view reads every row): a health report of a few GPUs is a few KiB
 HEALTH_JSON_MAX = 64 << 10
 HEARTBEAT_TEXT_MAX = 1000  # reason, current task: characters
+STATUS_TEXT_MAX = 400  # Coordinator.status_text: characters of systemd's STATUS=
 DATASETS_MAX = 256  # data set names kept per appliance, each cut to HEARTBEAT_TEXT_MAX
 DEFAULT_MAX_BYTES = 64 << 20
 # A key the transport refuses again and again, or an enrolled site whose messages
@@ -464,6 +465,48 @@ class Coordinator:
                 d["contested"] = contested
             out.append(d)
         return out
+
+    def status_text(self, activity: str = "") -> str:
+        """One line saying what this coordinator does now, for systemd's STATUS=
+        (fedge.coordinator.process sends it each time it changes): the job, round and
+        stage in progress and what the stage waits for, or "idle" (``activity``, when
+        given, in their place: what the process does outside this class); then how
+        many sites are connected and jobs queued. Cut to STATUS_TEXT_MAX characters.
+
+        Raises: sqlite3.Error: the jobs cannot be counted."""
+        connected, queued = len(self.connected_sites()), self.store.job_count("queued")
+        text = (f"{activity or self._activity()}; {connected} site"
+                f"{'' if connected == 1 else 's'} connected, {queued} job"
+                f"{'' if queued == 1 else 's'} queued")
+        return text if len(text) <= STATUS_TEXT_MAX else text[:STATUS_TEXT_MAX - 3] + "..."
+
+    def _activity(self) -> str:
+        runner = self.runner
+        if runner is None:
+            return "idle"
+        job = f"job {runner.job_id}"
+        if runner.finished:
+            return (f"{job}: all {runner.plan.rounds} rounds committed, keeping its "
+                    "final model" + (f" (failed: {runner.finish_error})"
+                                     if runner.finish_error else ""))
+        rnd = runner.round
+        if rnd is None:
+            return (f"{job} round {runner.committed + 1}/{runner.plan.rounds}: attempt "
+                    f"{runner.retry_attempt} failed ({runner.retry_after}), waiting to "
+                    "retry")
+        where = f"{job} round {rnd.round}/{runner.plan.rounds}"
+        if rnd.phase is Phase.WAITING_COHORT:
+            return f"{where} waiting for a cohort" + (
+                f": {rnd.waiting_for}" if rnd.waiting_for else "")
+        if rnd.phase is Phase.TRAINING:
+            return (f"{where} training: {len(rnd.trained)} of {len(rnd.cohort)} updates "
+                    "in")
+        if rnd.phase is Phase.EVALUATING:
+            return (f"{where} evaluating: {len(rnd.evals)} of {len(rnd.survivors)} "
+                    "results in")
+        if rnd.finished and runner.commit_error:
+            return f"{where} not committed yet: {runner.commit_error}"
+        return f"{where} {rnd.phase.value}"
 
     def superseded(self, site: str, old_address: str, new_address: str) -> None:
         """The transport shut ``site``'s connection from ``old_address`` because its key

@@ -813,6 +813,13 @@ class Store:
             rows = self._conn.execute(q + " ORDER BY rowid", args).fetchall()
         return [Job(*r) for r in rows]
 
+    def job_count(self, status: str) -> int:
+        """How many jobs have ``status``."""
+        with self._lock:
+            row = self._conn.execute("SELECT COUNT(*) FROM jobs WHERE status = ?",
+                                     (status,)).fetchone()
+        return int(row[0])
+
     def set_job_status(self, job_id: str, status: str, *, actor: str, error: str = "",
                        final_digest: str = "") -> None:
         """Raises: StoreError: unknown job or status."""

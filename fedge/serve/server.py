@@ -158,6 +158,8 @@ _INFER = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
 # for version 1 (nor is "١" or "²"); 20 digits bound int()'s work.
 _VERSION_TEXT = re.compile(r"[1-9][0-9]{0,19}")
 MODEL_FAILURE_LOG_INTERVAL_S = 60.0
+# how often STATUS= is checked against the repository (sent only when it changed)
+STATUS_REFRESH_S = 1.0
 # How long a connection refused for a malformed or oversized request head stays
 # open after its response, so that the client can read it (see _send_refusal),
 # and how much it reads and discards meanwhile before it stops reading.
@@ -584,7 +586,24 @@ class InferenceServer:
         gc.set_threshold(20_000, 50, 100)
         if self.on_ready is not None:
             self.on_ready()
-        notifier.ready(f"serving {len(self.store.names())} model(s) from {self.repo.root}")
+        status = self.status_text()
+        notifier.ready(status)
+        # then STATUS= follows the repository (versions loaded, swapped, removed or
+        # failing to load), sent each time it changes and never again while it stays
+        while True:
+            await asyncio.sleep(STATUS_REFRESH_S)
+            now = self.status_text()
+            if now != status:
+                status = now
+                notifier.status(status)
+
+    def status_text(self) -> str:
+        """What systemd's STATUS= says: the models and versions served now, and how many
+        versions failed to load (each retried when its file changes)."""
+        names = self.store.names()
+        versions = sum(len(self.store.versions(name)) for name in names)
+        return (f"serving {len(names)} model(s), {versions} version(s) from "
+                f"{self.repo.root}; {len(self.store.failures)} version(s) failed to load")
 
     @staticmethod
     async def _feed_watchdog(notifier: Notifier, interval: float) -> None:

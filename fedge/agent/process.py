@@ -404,21 +404,25 @@ async def run_agent(agent: Agent, enrolled: Enrolled, *, interval_s: float, time
 
     failures: list[str] = []
     endpoint = enrolled.coordinator_endpoint
+    status = AgentStatus(f"connecting to {endpoint}")
 
     def say(text: str) -> None:
         if notifier is not None:
             with contextlib.suppress(ValueError):
                 notifier.status(text)
 
+    def show_link(text: str) -> None:
+        say(status.link(text))
+
     def on_event(ev: Any) -> None:
         if ev.kind == "handshake_failed":
             log.error("%s: %s", agent.site, ev.detail)
             failures.append(ev.detail)
-            say(f"connecting to {endpoint}: handshake failed, retrying")
+            show_link(f"connecting to {endpoint}: handshake failed, retrying")
         elif ev.kind in ("connected", "disconnected", "heartbeat_timeout"):
             log.info("%s: %s %s", agent.site, ev.kind, ev.detail)
-            say(f"connected to {endpoint}" if ev.kind == "connected"
-                else f"connecting to {endpoint} ({ev.kind.replace('_', ' ')})")
+            show_link(f"connected to {endpoint}" if ev.kind == "connected"
+                      else f"connecting to {endpoint} ({ev.kind.replace('_', ' ')})")
 
     client = ClientSocket(
         CurveKeyPair(enrolled.curve_public, enrolled.curve_secret),
@@ -439,7 +443,7 @@ async def run_agent(agent: Agent, enrolled: Enrolled, *, interval_s: float, time
                 os.kill(os.getpid(), signal.SIGKILL)
         agent.before_handle = maybe_die
     if notifier is not None:
-        agent.on_status = notifier.status
+        agent.on_status = lambda text: say(status.task(text))
         # READY once the state is loaded and the client is connecting, not once
         # connected: with the coordinator or the WAN down at boot, TimeoutStartSec
         # would otherwise kill and restart the agent every two minutes. Health for a
@@ -521,7 +525,8 @@ async def run_agent(agent: Agent, enrolled: Enrolled, *, interval_s: float, time
         code = exit_code[0] if exit_code else 0
     finally:
         if notifier is not None:
-            notifier.stopping()
+            with contextlib.suppress(ValueError):
+                notifier.stopping(status.stopping(exit_code[0] if exit_code else code))
         for t in [*workers, *tasks]:
             t.cancel()
         for t in [*workers, *tasks]:
@@ -529,6 +534,39 @@ async def run_agent(agent: Agent, enrolled: Enrolled, *, interval_s: float, time
                 await t
         await client.close()
     return code
+
+
+class AgentStatus:
+    """The agent's one-line STATUS=: what it does (a task, the last refusal, or idle)
+    and its link to the coordinator, each replaced on its own change, so that a
+    reconnect in mid-training still shows the training."""
+
+    def __init__(self, link: str) -> None:
+        self._link = link
+        self._task = ""
+
+    @property
+    def text(self) -> str:
+        return f"{self._task} ({self._link})" if self._task else self._link
+
+    def link(self, text: str) -> str:
+        """The link's state changed; returns the line to show."""
+        self._link = _one_line(text)
+        return self.text
+
+    def task(self, text: str) -> str:
+        """What the agent does changed ("idle": nothing); returns the line to show."""
+        self._task = "" if text == "idle" else _one_line(text)
+        return self.text
+
+    def stopping(self, code: int) -> str:
+        """The line sent with STOPPING=1."""
+        return "stopping" + (f" (exit {code})" if code else "") + (
+            f": abandoning {self._task}" if self._task else "")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())  # STATUS= takes one line (fedge.systemd._status_line)
 
 
 RELOAD_REFUSED = ("SIGHUP received: reload is not supported; use systemctl restart "

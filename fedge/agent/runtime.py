@@ -169,6 +169,9 @@ class _Running:
 
 
 PROBE_WAIT_S = 0.5  # longest a heartbeat waits for its health probe
+# A probe slower than PROBE_WAIT_S is logged once, then summed up at most this often
+# (a slow disk made it every heartbeat: ~30 000 lines a day), and once when it recovers.
+PROBE_SLOW_LOG_S = 600.0
 # How long a worker may run on after its task was cancelled (training stops within one
 # step), or past the plan's deadline for it, before the agent counts it stuck: not
 # eligible, and no more watchdog pings (systemd restarts the agent).
@@ -338,6 +341,8 @@ class Agent:
         self._probe: asyncio.Future[tuple[tuple[dict[str, Any], bool, str], float]] | None = None
         self._probe_started = 0.0  # monotonic
         self._probe_overdue_logged = False
+        self._probe_slow = 0  # heartbeats since the last log line whose probe was late
+        self._probe_slow_logged: float | None = None  # monotonic; None: probes are in time
         # The coordinator's version from its last HeartbeatAck, and the version of one
         # that refused DatasetClasses as an unknown type (the previous release): not
         # sent to it again until its version changes (fedge.wire.messages.DatasetClasses).
@@ -379,9 +384,13 @@ class Agent:
                 self._health_cache = ({"error": str(exc)}, False,
                                       f"health probe failed: {exc}")
                 self._health_measured = time.monotonic()
+            if wait and self._probe_slow_logged is not None:
+                log.info("%s: health probe answers within %.1f s again (late %d more "
+                         "time(s) since the last report)", self.site, PROBE_WAIT_S,
+                         self._probe_slow)
+                self._probe_slow, self._probe_slow_logged = 0, None
         elif wait:
-            log.warning("%s: health probe still running after %.1f s; heartbeats go with "
-                        "the last report until it ends", self.site, PROBE_WAIT_S)
+            self._log_slow_probe(time.monotonic())
         report, eligible, reason = self._health_verdict(time.monotonic())
         stuck = self.stuck_worker()
         if stuck:
@@ -404,6 +413,22 @@ class Agent:
             health_json=json.dumps(report, default=str),
             eligible=eligible, reason=reason, datasets=self.trainer.datasets(),
             current_task=self._busy, secagg_protocol=SECAGG_PROTOCOL))
+
+    def _log_slow_probe(self, now: float) -> None:
+        """A heartbeat went without waiting for its probe: said once, then summed up
+        every ``PROBE_SLOW_LOG_S`` while it goes on."""
+        self._probe_slow += 1
+        if self._probe_slow_logged is None:
+            log.warning("%s: health probe still running after %.1f s; heartbeats go with "
+                        "the last report until it ends (said again every %.0f min while "
+                        "it goes on)", self.site, PROBE_WAIT_S, PROBE_SLOW_LOG_S / 60)
+        elif now - self._probe_slow_logged >= PROBE_SLOW_LOG_S:
+            log.warning("%s: health probe still slower than %.1f s: %d time(s) in the last "
+                        "%.0f min", self.site, PROBE_WAIT_S, self._probe_slow,
+                        (now - self._probe_slow_logged) / 60)
+        else:
+            return
+        self._probe_slow, self._probe_slow_logged = 0, now
 
     def declared_classes(self) -> dict[str, list[str]]:
         """Each held data set's class list in label order (agent.toml ``classes``),
@@ -697,6 +722,8 @@ class Agent:
 
     async def _refuse(self, job: str, rnd: int, task: str, reason: str, task_id: str) -> None:
         log.warning("%s: refusing %s for %s/%d: %s", self.site, task, job, rnd, reason)
+        if not self._busy:  # idle, but not for nothing: the status names why
+            self.on_status(f"refused {task} {job} round {rnd}: {codec.short(reason, 160)}")
         await self.send(m.TaskRefused(task_id=task_id, task=task, reason=reason), job=job,
                         round=rnd)
 

@@ -9,8 +9,9 @@ from typing import Any
 
 COLUMNS = ("site", "version", "connected", "last seen", "health", "eligible", "task")
 # How far the coordinator's clock may be past the newest "last seen" of a connected
-# appliance: the coordinator writes an unchanged heartbeat to its store every 30 s and
-# counts a site connected for its heartbeat timeout (10 s by default) after the last.
+# appliance: the coordinator writes each heartbeat to its store at most 5 s late
+# (batched: fedge.coordinator.store.HEARTBEAT_FLUSH_S) and counts a site connected
+# for its heartbeat timeout (10 s by default) after the last.
 # A console clock outside [newest, newest + this] is not the coordinator's time.
 CLOCK_SLACK_S = 120.0
 

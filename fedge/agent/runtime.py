@@ -549,8 +549,10 @@ class Agent:
     def held_round(self) -> tuple[str, int] | None:
         """The (job, round) this agent is working for: a task held from its TrainTask
         (or its plan being read) to its evaluation, an EvalTask running; None between
-        rounds and jobs, the only time a restart loses nothing."""
-        if self.task is not None:
+        rounds and jobs, the only time a restart loses nothing. A task abandoned (its
+        round aborted, superseded, or its aggregation refused by this site: nothing more
+        comes of it) is not held, though its worker may still wind down."""
+        if self.task is not None and not self.task.cancel.is_set():
             return self.task.job, self.task.round
         for job, rnd in [*((a.job, a.round) for a in self._arriving), *self._evaluating]:
             return job, rnd
@@ -719,6 +721,15 @@ class Agent:
         task.cancel.set()
         if self.task is task:
             self._set_busy(task.finishing if task.training else "")
+
+    def _give_up(self, task: _Task) -> None:
+        """This site refused ``task``'s aggregation: nothing more comes of the task (the
+        coordinator sums without it, and sends an EvalTask, which needs no task, if its
+        masked input was summed anyway), so the agent no longer holds its round
+        (:meth:`held_round`: a staged software update need not wait for it)."""
+        if self.task is task:
+            self._abandon(task)
+            self.task = None
 
     async def _refuse(self, job: str, rnd: int, task: str, reason: str, task_id: str) -> None:
         log.warning("%s: refusing %s for %s/%d: %s", self.site, task, job, rnd, reason)
@@ -1079,6 +1090,7 @@ class Agent:
         if not refused and self.site not in a.cohort:
             refused = f"the aggregation cohort does not include {self.site}"
         if refused:
+            self._give_up(task)
             await self._refuse(job, rnd, "aggregate", refused, task.task_id)
             return
         delta = self.clipped_update(task)  # once: the input vector and the reveal log's key
@@ -1091,6 +1103,7 @@ class Agent:
             refused = await self._on_disk(
                 lambda: self._release_privacy(task) or self._hold_control(task, controls))
             if refused:
+                self._give_up(task)
                 await self._refuse(job, rnd, "aggregate", f"{refused}; the update is withheld",
                                    task.task_id)
                 return
@@ -1106,6 +1119,7 @@ class Agent:
             config = secagg_config(task.plan, len(a.cohort), vec.size)
             too_low = refuse_threshold(self.policy, config.threshold, config.degree + 1)
             if too_low:
+                self._give_up(task)
                 await self._refuse(job, rnd, "aggregate", too_low, task.task_id)
                 return
             # The quantiser's rounding comes from (job seed, round, site), not from
@@ -1123,6 +1137,7 @@ class Agent:
                                          before_masked_input=lambda: self._before_input(
                                              task, controls))
         except SecAggConfigError as exc:
+            self._give_up(task)
             await self._refuse(job, rnd, "aggregate", f"secure aggregation: {exc}",
                                task.task_id)
             return
@@ -1232,6 +1247,7 @@ class Agent:
                 if task.session is session:
                     task.session = None
                 if self.task is task and not task.cancel.is_set():
+                    self._give_up(task)
                     await self._refuse(job, rnd, "aggregate", f"{type(exc).__name__}: {exc}",
                                        task.task_id)
                 return

@@ -899,6 +899,16 @@ class Round:
         out: Outgoing = [(s, m.EvalTask(task_id=self.task_id, plan=self.plan.text,
                                         weights=self.new_weights, split=self.plan.eval_split))
                          for s in self._eval_cohort()]
+        # A site of the aggregation that the sum went without (its update late or
+        # refused) gets no EvalTask: told now, or it would hold the round until its next
+        # task, and a software update staged there waits its whole restart bound.
+        left = agg.left_out
+        for s in self._agg_cohort:
+            if s not in self.survivors and s not in self.withdrawn:  # (withdrawn: told)
+                why = self.refused.get(s) or left.get(s) or SILENT_IN_AGGREGATION
+                out.append((s, m.RoundAbort(m.clip_reason(
+                    f"not summed in round {self.round} of job {self.job_id}: "
+                    f"{peer_reason(why)}"))))
         if self.final_test:
             out += [(s, m.EvalTask(task_id=self.test_task_id, plan=self.plan.text,
                                    weights=self.new_weights, split=FINAL_TEST_SPLIT))

@@ -13,7 +13,10 @@ whether a round is secure, so none of those can be trusted to protect the site:
   is checked when its task comes (`PrivacyPolicy.refuse_plan`, to spare the site a
   training it would not release), and the site's own privacy ledger when the run is
   charged, just before its update can leave (`PrivacyPolicy.refuse_release`): the
-  coordinator writes the plan's noise and target, the ledger is the site's.
+  coordinator writes the plan's noise and target, the ledger is the site's. A cap the
+  ledger meets already, before the run, refuses the task before it trains
+  (`PrivacyPolicy.refuse_spent`), and a spent ``max_epsilon_total`` makes the site not
+  eligible (`PrivacyPolicy.budget_spent`).
 - `RevealLog`: an update is summed for the coordinator over one survivor set only.
   Training is deterministic under the coordinator's seeds, so a coordinator could
   ask for the same update twice (the same task again, the same round re-sent, the
@@ -259,6 +262,44 @@ class PrivacyPolicy:
                     f"in its privacy ledger to {shown} (delta {delta:g}), above this "
                     f"appliance's [privacy] max_epsilon_total = {cap:g}")
         return None
+
+    def refuse_spent(self, *, job: str, job_epsilon: float,
+                     total_epsilon: float | None = None,
+                     without_dp: Sequence[str] = ()) -> str | None:
+        """Why a TrainTask of ``job`` is refused before it trains, its budget being spent
+        already, or None: ``job_epsilon`` and ``total_epsilon`` are the ε (at
+        ``budget_delta``) this site's ledger holds now, before the run (``total_epsilon``
+        None: not computed, when ``max_epsilon_total`` is not set); ``without_dp``: the
+        jobs whose released runs had no DP (they make the total unbounded). Any DP run
+        adds ε, so a cap the ledger meets already would refuse the release anyway
+        (`refuse_release`): the site is spared the training, and the round its place in
+        the cohort."""
+        delta = self.budget_delta
+        if self.max_epsilon is not None and job_epsilon >= self.max_epsilon:
+            return (f"privacy budget spent: job {job!r}'s epsilon at this site is already "
+                    f"{job_epsilon:.4g} (delta {delta:g}), at or above this appliance's "
+                    f"[privacy] max_epsilon = {self.max_epsilon:g}; not training")
+        spent = self.budget_spent(total_epsilon, without_dp)
+        return f"{spent}; not training" if spent else None
+
+    def budget_spent(self, total_epsilon: float | None,
+                     without_dp: Sequence[str] = ()) -> str:
+        """'privacy budget spent: ...' when the ε of every job in this site's ledger
+        (``total_epsilon``, at ``budget_delta``, before any new run) is at or above
+        ``max_epsilon_total``: no DP job can release here any more, so the site is not
+        eligible for any; '' otherwise (no such cap, or ε not computed)."""
+        cap = self.max_epsilon_total
+        if cap is None or total_epsilon is None or total_epsilon < cap:
+            return ""
+        text = (f"privacy budget spent: epsilon {total_epsilon:.4g} >= max_epsilon_total "
+                f"{cap:g} ([privacy] in agent.toml, over every job in this site's privacy "
+                f"ledger, delta {self.budget_delta:g})")
+        if not math.isfinite(total_epsilon) and without_dp:
+            shown = ", ".join(repr(j) for j in list(without_dp)[:3])
+            more = f" and {len(without_dp) - 3} more" if len(without_dp) > 3 else ""
+            text += (f": the ledger holds a released run without DP (job {shown}{more}), "
+                     "whose epsilon is unbounded, so no later run fits under this cap")
+        return text
 
     def refuse_evaluation(self, split: str, *, plan_split: str, secure: bool,
                           privacy: Mapping[str, Any], rounds: int | None = None) -> str | None:

@@ -52,7 +52,9 @@ revealed (its masked input, which the other survivors can unmask without it, or 
 plain update), not when training ends; and not at all, the update withheld, when the
 ε the ledger would then hold breaks the site's DP floor (``PrivacyPolicy.
 refuse_release``: unbounded under ``require_dp``, above ``max_epsilon`` or
-``max_epsilon_total``).
+``max_epsilon_total``). A cap that the ledger meets already, before the run, refuses the
+TrainTask at once (``PrivacyPolicy.refuse_spent``): no training for an update that could
+never leave; and a spent ``max_epsilon_total`` makes the heartbeats say not eligible.
 
 SCAFFOLD: the server's c stays the example-weighted mean of the sites' c_i
 (fedge.coordinator.strategies) only if each c_i moves by exactly the Δc_i that
@@ -352,6 +354,8 @@ class Agent:
         # the (classes, tasks, input shapes) last found too large to send (not tried
         # again while unchanged)
         self._classes_unsendable: tuple[Any, ...] | None = None
+        # (released runs in the privacy ledger, :meth:`budget_spent`'s answer for them)
+        self._budget_spent_cache: tuple[int, str] | None = None
 
     # -- outgoing -------------------------------------------------------------------
 
@@ -493,9 +497,36 @@ class Agent:
 
     def _measure(self) -> tuple[tuple[dict[str, Any], bool, str], float]:
         """The probe's verdict and the moment it was decided: the probe decides as
-        soon as it has collected, and the heartbeat that takes it up may come later."""
-        verdict = self.health()
-        return verdict, time.monotonic()
+        soon as it has collected, and the heartbeat that takes it up may come later.
+        A privacy ledger at or above ``max_epsilon_total`` makes a healthy site not
+        eligible (no DP job can release here: :meth:`budget_spent`)."""
+        report, eligible, reason = self.health()
+        if eligible:
+            spent = self.budget_spent()
+            if spent:
+                eligible, reason = False, spent
+        return (report, eligible, reason), time.monotonic()
+
+    def budget_spent(self) -> str:
+        """'privacy budget spent: epsilon X >= max_epsilon_total Y ...' when the ε of
+        every job in this site's ledger meets its ``max_epsilon_total``, else ''.
+        Computed again only when the ledger's released runs change (on the probe's
+        thread: the accountant can take seconds)."""
+        ledger = getattr(self.trainer, "privacy_ledger", None)
+        if ledger is None or self.policy.max_epsilon_total is None:
+            return ""
+        released = len(ledger.released())
+        held = self._budget_spent_cache
+        if held is None or held[0] != released:
+            try:
+                spent = self._spent(None)
+            except ValueError as exc:  # the ledger cannot be read as it stands
+                log.error("%s: privacy ledger's epsilon not computed: %s", self.site, exc)
+                return ""
+            total, without_dp = (spent[1], spent[2]) if spent is not None else (None, [])
+            held = self._budget_spent_cache = (
+                released, self.policy.budget_spent(total, without_dp))
+        return held[1]
 
     def _health_verdict(self, now: float) -> tuple[dict[str, Any], bool, str]:
         """The cached (report, eligible, reason), unless it is too old to stand.
@@ -749,6 +780,37 @@ class Agent:
             return None if arriving is not None and arriving.aborted else parse_plan(text)
         return await asyncio.get_running_loop().run_in_executor(self.executor, parse)
 
+    def _spent(self, job: str | None) -> tuple[float, float | None, list[str]] | None:
+        """(ε of ``job``, ε of every job or None when ``max_epsilon_total`` is not set,
+        jobs released without DP) as the trainer's privacy ledger holds them now, at the
+        policy's ``budget_delta``; None when no ε cap is set or the trainer keeps no
+        ledger (SyntheticTrainer). The accountant can take seconds: off the event loop."""
+        ledger = getattr(self.trainer, "privacy_ledger", None)
+        if ledger is None or not self.policy.caps:
+            return None
+        delta = self.policy.budget_delta
+        total = (ledger.epsilon(delta) if self.policy.max_epsilon_total is not None
+                 else None)
+        return (ledger.epsilon(delta, job=job) if job is not None else 0.0, total,
+                ledger.without_dp())
+
+    async def _budget_refusal(self, job: str) -> str | None:
+        """Why a TrainTask of ``job`` is refused, this site's ε caps being met already
+        by its ledger as it stands (``PrivacyPolicy.refuse_spent``), or None."""
+        if not self.policy.caps or getattr(self.trainer, "privacy_ledger", None) is None:
+            return None
+        try:
+            spent = await asyncio.get_running_loop().run_in_executor(
+                self.executor, self._spent, job)
+        except ValueError as exc:  # checked again, with the run, before it is released
+            log.error("%s: privacy ledger's epsilon not computed: %s", self.site, exc)
+            return None
+        if spent is None:
+            return None
+        job_epsilon, total, without_dp = spent
+        return self.policy.refuse_spent(job=job, job_epsilon=job_epsilon,
+                                        total_epsilon=total, without_dp=without_dp)
+
     async def _on_train(self, job: str, rnd: int, t: m.TrainTask) -> None:
         # The task is this round's before its plan is parsed: a RoundAbort that comes
         # meanwhile must stop it, or the aborted attempt would train to the end on the
@@ -761,6 +823,7 @@ class Agent:
             self._abandon(self.task)
         try:
             plan = await self._plan(t.plan, arriving)
+            spent = await self._budget_refusal(job) if plan is not None else None
         except PlanError as exc:
             if not arriving.aborted:
                 await self._refuse(job, rnd, m.TASK_TRAIN, f"unrunnable plan: {exc}",
@@ -774,7 +837,7 @@ class Agent:
             return
         refused = (self.policy.refuse_plan(plan.secagg.enabled, plan.privacy,
                                            rounds=plan.rounds)
-                   or self._classes_refusal(plan))
+                   or spent or self._classes_refusal(plan))
         if refused:
             await self._refuse(job, rnd, m.TASK_TRAIN, refused, t.task_id)
             return

@@ -264,6 +264,12 @@ class TorchTrainer:
     def datasets(self) -> list[str]:
         return sorted(self._specs)
 
+    @property
+    def privacy_ledger(self) -> Any:
+        """This site's privacy ledger (``fedge.train.accounting.PrivacyLedger``), every
+        job's runs: what the agent checks its ε caps against before a task trains."""
+        return self._ledger
+
     def _refuse_unusable(self, name: str) -> None:
         """Raises: TaskRefusal: ``name`` is declared in agent.toml but its table is
         refused (the reason names the rule), so a task naming it says what to fix."""

@@ -21,7 +21,9 @@ A worker that does not come back is a stuck agent, though its event loop runs on
 (a torch/OpenMP or CUDA deadlock): every later task would wait behind it.
 :meth:`Agent.stuck_worker` names a training still running ``stuck_grace_s``
 (``STUCK_TASK_GRACE_S``) after it was cancelled, or any training or evaluation running
-past its plan's deadline (``train_s``, ``eval_s``) plus that grace; from then on the
+past its plan's deadline (``train_s``, ``eval_s``) plus that grace, counted from when
+its data set is loaded (a first load, which cannot be cancelled, has its own bound,
+``DATA_LOAD_S``); from then on the
 heartbeats say the site is not eligible, and the process stops its watchdog pings so
 that systemd restarts it (fedge.agent.process).
 
@@ -178,6 +180,10 @@ PROBE_SLOW_LOG_S = 600.0
 # step), or past the plan's deadline for it, before the agent counts it stuck: not
 # eligible, and no more watchdog pings (systemd restarts the agent).
 STUCK_TASK_GRACE_S = 120.0
+# How long a task's first load of its data set (``load_data``, before the task's own
+# clock starts) may run before the worker counts as stuck: a large image set can take
+# many minutes, cannot be cancelled, and is lost if the agent is restarted.
+DATA_LOAD_S = 1800.0
 # Significant digits of the evaluation metrics that leave: a loss in float64 turned
 # finite differences of chosen weights into a gradient oracle; 6 digits are more than
 # any report shows, and cost such an oracle a step of about 1e-6 of the loss.
@@ -691,12 +697,26 @@ class Agent:
         return asyncio.get_running_loop().run_in_executor(self._disk, fn, *args)
 
     async def _on_worker(self, what: str, deadline_s: float, fn: Callable[[], Any],
-                         task: _Task | None = None) -> Any:
+                         task: _Task | None = None, dataset: str = "") -> Any:
         """``fn()`` on the task executor, watched from when a worker takes it up until
-        it returns (:meth:`stuck_worker`). Raises: what ``fn`` raises."""
+        it returns (:meth:`stuck_worker`). ``dataset``: loaded first (the trainer's
+        ``load_data``, where it has one), under its own bound ``DATA_LOAD_S``: the
+        plan's deadline for the task counts from when it is loaded.
+        Raises: what ``fn`` (or the load) raises."""
         entry = _Running(what, deadline_s, task)
+        load = getattr(self.trainer, "load_data", None) if dataset else None
 
         def run() -> Any:
+            if load is not None and not (task is not None and task.cancel.is_set()):
+                loading = _Running(f"loading data set {dataset!r} for {what}", DATA_LOAD_S,
+                                   None, time.monotonic(), threading.current_thread().name)
+                with self._running_lock:
+                    self._running.append(loading)
+                try:
+                    load(dataset)
+                finally:
+                    with self._running_lock:
+                        self._running.remove(loading)
             entry.started = time.monotonic()
             entry.thread = threading.current_thread().name
             with self._running_lock:
@@ -892,7 +912,7 @@ class Agent:
                 f"{m.TASK_TRAIN} {job} round {rnd}", plan.deadlines.train_s,
                 lambda: self.trainer.train(self.site, job, plan, weights, round=rnd,
                                            seed=t.train_seed, cancel=task.cancel, **kwargs),
-                task)
+                task, dataset=plan.dataset)
         except Exception as exc:
             if task.cancel.is_set():  # abandoned meanwhile: nobody waits for an answer
                 log.info("%s: training for %s/%d stopped: its round was aborted or the task "
@@ -1355,7 +1375,7 @@ class Agent:
         try:
             n, metrics = await self._on_worker(
                 f"{m.TASK_EVAL} {job} round {rnd}", plan.deadlines.eval_s,
-                lambda: self.trainer.evaluate(plan, weights, e.split))
+                lambda: self.trainer.evaluate(plan, weights, e.split), dataset=plan.dataset)
         except TaskRefusal as exc:
             await self._refuse(job, rnd, m.TASK_EVAL, str(exc), e.task_id)
             return

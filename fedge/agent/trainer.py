@@ -306,6 +306,14 @@ class TorchTrainer:
         spec = self.dataset_spec(name)
         return (spec.classes or None) if spec is not None else None
 
+    def load_data(self, name: str) -> None:
+        """Load data set ``name`` now (kept in memory) unless it is loaded already: the
+        agent does it before a task's training or evaluation, so that a slow first load
+        (a large image set) is not counted against the plan's deadline for the task.
+
+        Raises: TaskRefusal: as :meth:`_site_data`."""
+        self._site_data(name)
+
     def _site_data(self, name: str) -> Any:
         from fedge.train.api import load_site_data
 

@@ -196,6 +196,20 @@ HEALTH_MAX_AGE_S = 300.0
 # starts with it too: a stop lets a write in progress finish.
 TASK_THREAD_PREFIX = "fedge-task"
 DISK_THREAD_PREFIX = f"{TASK_THREAD_PREFIX}-disk"
+# A coordinator that refused DatasetClasses' later fields (tasks, input shapes) is sent
+# the class lists alone; the whole message is tried again after this long, since a
+# rebuilt coordinator may report the same version (one refusal an hour, not logged).
+CLASSES_ONLY_RETRY_S = 3600.0
+
+
+def _refuses_later_class_fields(reason: str) -> bool:
+    """Whether a coordinator's Rejected ``reason`` is its decoder refusing one of the
+    fields DatasetClasses gained after 0.2.0 as unknown ("UnexpectedField: body.tasks:
+    'tasks' is not a field of DatasetClasses")."""
+    refused = f"is not a field of {m.DatasetClasses.__qualname__}"
+    return refused in reason and any(
+        reason.startswith(f"{codec.UnexpectedField.__name__}: body.{name}:")
+        for name in codec.fields_added_later(m.DatasetClasses))
 
 
 def _in_daemon_thread(loop: asyncio.AbstractEventLoop, fn: Callable[[], Any],
@@ -357,6 +371,12 @@ class Agent:
         self._coordinator_version: str | None = None
         self._classes_unknown_to: str | None = None
         self._classes_refused = False
+        # The coordinator version that refused DatasetClasses' fields added after
+        # 0.2.0 (UnexpectedField: a build before them), and when (monotonic): it is sent
+        # the class lists alone, the form it reads, until its version changes or
+        # CLASSES_ONLY_RETRY_S pass; and the versions whose refusal was logged.
+        self._classes_only_for: tuple[str | None, float] | None = None
+        self._classes_only_logged: set[str | None] = set()
         # the (classes, tasks, input shapes) last found too large to send (not tried
         # again while unchanged)
         self._classes_unsendable: tuple[Any, ...] | None = None
@@ -407,6 +427,8 @@ class Agent:
             eligible, reason = False, f"worker stuck: {stuck}"
         classes = self.declared_classes()
         tasks, shapes = self.declared_inputs()
+        if self._sends_classes_only(time.monotonic()):
+            tasks, shapes = {}, {}  # left at their defaults, the codec leaves them out
         declared = (classes, tasks, shapes)
         if any(declared) and not self._classes_refused \
                 and declared != self._classes_unsendable:
@@ -595,6 +617,18 @@ class Agent:
             return job, rnd
         return None
 
+    def _sends_classes_only(self, now: float) -> bool:
+        """Whether DatasetClasses goes without its later fields: the coordinator refused
+        them, its version is still the one that did, and CLASSES_ONLY_RETRY_S have not
+        passed since."""
+        if self._classes_only_for is None:
+            return False
+        version, since = self._classes_only_for
+        if version != self._coordinator_version or now - since > CLASSES_ONLY_RETRY_S:
+            self._classes_only_for = None
+            return False
+        return True
+
     async def handle(self, env: codec.Envelope) -> None:
         if self.before_handle is not None:
             self.before_handle(env)
@@ -634,6 +668,17 @@ class Agent:
                 log.info("%s: the coordinator (%s) does not take class lists; not sent "
                          "until its version changes", self.site,
                          self._coordinator_version or "version not known yet")
+                return
+            if _refuses_later_class_fields(body.reason):
+                self._classes_only_for = (self._coordinator_version, time.monotonic())
+                logged = self._coordinator_version in self._classes_only_logged
+                self._classes_only_logged.add(self._coordinator_version)
+                log.log(logging.DEBUG if logged else logging.WARNING,
+                        "%s: the coordinator (%s) refused the data sets' tasks and input "
+                        "shapes (%s): a build before them; it is sent the class lists "
+                        "alone, and plans are not checked against the data there",
+                        self.site, self._coordinator_version or "version not known yet",
+                        codec.short(body.reason, 200))
                 return
             log.warning("%s: coordinator rejected a message: %s", self.site,
                         codec.short(body.reason, 300))

@@ -34,7 +34,10 @@ field annotations are the schema; supported annotations are
   dimensions (``Tensor("float32", ndim=2, shape=(None, 16))``).
 
 A field with a dataclass default may be absent on the wire (the default is
-used); every other field is required.  ``bool`` is not an ``int`` and an
+used); every other field is required.  Every field is written on encoding, except
+one marked :data:`ADDED_LATER` while it holds its default: a peer whose
+schema predates that field refuses it as unexpected, and this way a message that
+does not use it still reaches that peer.  ``bool`` is not an ``int`` and an
 ``int`` is not a ``float`` on the wire.  A dataclass ``__post_init__`` that
 raises ``ValueError``/``TypeError`` turns into :class:`BadField`, so a message
 type can add its own rules (ranges, lengths) and they hold for decoded input.
@@ -68,6 +71,7 @@ import msgpack
 import numpy as np
 
 __all__ = [
+    "ADDED_LATER",
     "DEFAULT_CHUNK_BYTES",
     "DEFAULT_MAX_BYTES",
     "HEADER_FIELDS",
@@ -88,6 +92,7 @@ __all__ = [
     "WireError",
     "decode",
     "encode",
+    "fields_added_later",
     "frame_nbytes",
     "lookup",
     "max_bytes_of",
@@ -271,8 +276,27 @@ class Tensor:
 # Schema nodes: small tuples built once per registered type.
 #   ("int",) ("float",) ("str",) ("bytes",) ("bool",)
 #   ("opt", node) ("list", node) ("tuple", (nodes...)) ("vtuple", node)
-#   ("dict", node) ("tensor", Tensor) ("struct", cls, {name: (node, required)})
+#   ("dict", node) ("tensor", Tensor)
+#   ("struct", cls, {name: (node, required)}, {name: default of an ADDED_LATER field})
 _Node = tuple[Any, ...]
+
+#: ``dataclasses.field`` metadata for a message field added after the message type
+#: was first released: ``field(default_factory=dict, metadata=ADDED_LATER)``.
+#: :func:`encode` leaves such a field out while it holds its default.  The previous
+#: release's decoder refuses any field it does not know (:class:`UnexpectedField`),
+#: so a message that leaves the new field at its default still decodes there; this
+#: release's decoder takes the field's absence as its default, so nothing changes
+#: between peers of this release.  The field must have a default.
+ADDED_LATER: Mapping[str, bool] = types.MappingProxyType({"fedge.wire.added_later": True})
+
+
+def fields_added_later(cls: type) -> tuple[str, ...]:
+    """The names of ``cls``'s fields marked :data:`ADDED_LATER`, in order."""
+    return tuple(f.name for f in dataclasses.fields(cls) if _added_later(f))
+
+
+def _added_later(f: dataclasses.Field[Any]) -> bool:
+    return all(f.metadata.get(k) == v for k, v in ADDED_LATER.items())
 
 _SCALARS: dict[Any, _Node] = {
     int: ("int",),
@@ -342,6 +366,7 @@ def _struct_node(cls: type, tensors: Mapping[str, Tensor] | None = None) -> _Nod
             )
         hints[name] = Annotated[np.ndarray, spec]
     fields: dict[str, tuple[_Node, bool]] = {}
+    added: dict[str, Any] = {}  # ADDED_LATER fields: omitted on encoding at this default
     for f in dataclasses.fields(cls):
         if not f.init:
             raise TypeError(f"{cls.__qualname__}.{f.name}: init=False fields are not supported")
@@ -349,7 +374,13 @@ def _struct_node(cls: type, tensors: Mapping[str, Tensor] | None = None) -> _Nod
             f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         )
         fields[f.name] = (_compile(hints[f.name], f"{cls.__qualname__}.{f.name}"), required)
-    node = ("struct", cls, fields)
+        if _added_later(f):
+            if required:
+                raise TypeError(f"{cls.__qualname__}.{f.name}: a field added later needs "
+                                "a default, for peers that do not send it")
+            added[f.name] = (f.default if f.default_factory is dataclasses.MISSING
+                             else f.default_factory())
+    node = ("struct", cls, fields, added)
     _STRUCTS[cls] = node
     return node
 
@@ -580,11 +611,26 @@ def _enc(node: _Node, value: Any, path: str, tensors: _TensorSink) -> Any:
         cls, fields = node[1], node[2]
         if type(value) is not cls:
             raise BadField(path, type(value).__name__, f"must be a {cls.__qualname__}")
-        return {
-            name: _enc(sub, getattr(value, name), f"{path}.{name}", tensors)
-            for name, (sub, _req) in fields.items()
-        }
+        added = node[3]
+        out = {}
+        for name, (sub, _req) in fields.items():
+            item = getattr(value, name)
+            if name in added and _same_default(item, added[name]):
+                continue  # a peer before the field can still read the message
+            out[name] = _enc(sub, item, f"{path}.{name}", tensors)
+        return out
     raise AssertionError(f"unknown schema node {kind!r}")  # pragma: no cover
+
+
+def _same_default(value: Any, default: Any) -> bool:
+    """``value`` is ``default`` as the wire would carry it (same type, equal): what
+    the decoder puts back when the field is absent."""
+    if type(value) is not type(default) or isinstance(value, np.ndarray):
+        return False  # an array is always written: its absence decodes to no array
+    try:
+        return bool(value == default)
+    except (ValueError, TypeError):  # a container holding arrays: written, not judged
+        return False
 
 
 def _check_shape(spec: Tensor, shape: Sequence[int], path: str) -> None:

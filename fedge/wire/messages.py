@@ -53,7 +53,7 @@ from typing import Annotated
 
 import numpy as np
 
-from fedge.wire.codec import Tensor, message
+from fedge.wire.codec import ADDED_LATER, Tensor, message
 
 F32 = Annotated[np.ndarray, Tensor("float32", 1)]
 
@@ -140,8 +140,12 @@ class DatasetClasses:
 
     Sent just before every Heartbeat by an agent with anything to say here: the
     coordinator takes it as part of the heartbeat that follows (none came: nothing
-    declared). ``tasks`` and ``input_shapes`` came after release 0.2.0, with
-    defaults, so a message without them (an agent before them) still decodes.
+    declared). ``tasks`` and ``input_shapes`` came after release 0.2.0
+    (``ADDED_LATER``): a message without them (an agent before them) still decodes,
+    and one that leaves them empty is encoded without them, the form that a
+    coordinator before them reads. Such a coordinator (one build of 0.2.0 knows
+    DatasetClasses but not these fields) refuses them as ``UnexpectedField``; the
+    agent then sends it the class lists alone (fedge.agent.runtime).
 
     A message of its own, not a Heartbeat field: the codec refuses unknown fields, so
     a Heartbeat with a new field would be refused whole by a coordinator of the
@@ -151,8 +155,8 @@ class DatasetClasses:
     version changes (fedge.agent.runtime)."""
 
     classes: dict[str, list[str]]
-    tasks: dict[str, str] = field(default_factory=dict)
-    input_shapes: dict[str, list[int]] = field(default_factory=dict)
+    tasks: dict[str, str] = field(default_factory=dict, metadata=ADDED_LATER)
+    input_shapes: dict[str, list[int]] = field(default_factory=dict, metadata=ADDED_LATER)
 
     def __post_init__(self) -> None:
         for name, classes in self.classes.items():

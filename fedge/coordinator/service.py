@@ -1579,17 +1579,20 @@ def submission_warnings(store: Store, plan: Plan,
     (against ``min_site_examples``, the smallest site) cannot see.
 
     ``inputs``: what each site heard from declared of its data sets' tasks and input
-    shapes (the running coordinator only). A plan every site holding ``job.dataset``
-    that declared them would refuse is refused here, before it waits in the queue;
-    one some of them would refuse is taken with a warning naming those.
+    shapes (the running coordinator only). A plan that every site holding
+    ``job.dataset`` declared them for, and every one of them would refuse, is refused
+    here, before it waits in the queue; one that some of them would refuse, or that
+    every site that declared would refuse while other holders said nothing (agents
+    before these declarations, in a fleet being upgraded), is taken with a warning
+    naming those sites.
 
     Raises:
         CoordinatorError: no site heard from declares ``job.dataset``, at least
             ``min_clients`` have declared theirs, and too few enrolled sites are left
             unheard to make ``min_clients`` even if all of them held it: a job that
             would wait ``cohort_s`` × ``max_failed_attempts`` for nothing and block the
-            queue. Or, for every site holding ``job.dataset`` that declared its task
-            and input shape: the model is for another task (a Cox model on data that
+            queue. Or, for every site holding ``job.dataset``, each of which declared
+            its task (or input shape): the model is for another task (a Cox model on data that
             is not survival, another model on survival data, a classifier on a
             regression target), its input shape is not the data's
             (``model.params.in_features`` and the site's feature count), or
@@ -1664,20 +1667,22 @@ def _model_fit_warnings(store: Store, plan: Plan, declared: dict[str, tuple[str,
     from fedge.train.model_names import TASK_OF_MODEL
 
     enrolled = {a.site_id for a in store.appliances() if a.status == "enrolled"}
-    holders = sorted(s for s, ds in declared.items()
-                     if s in enrolled and plan.dataset in ds and s in inputs)
+    # every enrolled site heard holding the data set, whether or not it said more: an
+    # agent before DatasetClasses.tasks/input_shapes holds it and declares nothing
+    holders = sorted(s for s, ds in declared.items() if s in enrolled and plan.dataset in ds)
     tasks = {s: inputs[s].tasks[plan.dataset] for s in holders
-             if plan.dataset in inputs[s].tasks}
+             if s in inputs and plan.dataset in inputs[s].tasks}
     shapes = {s: tuple(inputs[s].input_shapes[plan.dataset]) for s in holders
-              if plan.dataset in inputs[s].input_shapes}
+              if s in inputs and plan.dataset in inputs[s].input_shapes}
     found: list[str] = []
     kind = TASK_OF_MODEL.get(plan.model_name, "any")
     fits = _TASKS_OF_KIND.get(kind, _TASKS_OF_KIND["any"])
     known_tasks = {s: t for s, t in tasks.items()
                    if t in _TASKS_OF_KIND["any"]}  # a task of a later release: not judged
+    silent_tasks = [s for s in holders if s not in known_tasks]
     misfit = {s: t for s, t in known_tasks.items() if t not in fits}
     found += _refuse_or_warn(
-        "model.name", plan.model_name, misfit, known_tasks,
+        "model.name", plan.model_name, misfit, known_tasks, silent_tasks,
         lambda t: f"a {t} task",
         f"model {plan.model_name!r} is a {kind} model (survival data needs cox_linear, "
         "cox_mlp or mlp; a Cox model needs survival data; a classifier needs binary or "
@@ -1685,7 +1690,8 @@ def _model_fit_warnings(store: Store, plan: Plan, declared: dict[str, tuple[str,
     if plan.classes:
         misfit = {s: t for s, t in known_tasks.items() if t not in _CLASSIFICATION_TASKS}
         found += _refuse_or_warn(
-            "job.classes", list(plan.classes), misfit, known_tasks, lambda t: f"a {t} task",
+            "job.classes", list(plan.classes), misfit, known_tasks, silent_tasks,
+            lambda t: f"a {t} task",
             "job.classes names the class order of a classification data set; the sites "
             "holding this one send no class list, and the job would wait for one",
             plan.dataset)
@@ -1694,7 +1700,8 @@ def _model_fit_warnings(store: Store, plan: Plan, declared: dict[str, tuple[str,
         misfit_shapes = {s: sh for s, sh in shapes.items() if sh != want}
         field, value = _shape_field(plan, want, misfit_shapes)
         found += _refuse_or_warn(
-            field, value, misfit_shapes, shapes, _shape_text,
+            field, value, misfit_shapes, shapes, [s for s in holders if s not in shapes],
+            _shape_text,
             f"model {plan.model_name!r} takes {_shape_text(want)}, and each site refuses "
             "data of another shape", plan.dataset)
     return found
@@ -1723,10 +1730,14 @@ def _shape_text(shape: tuple[int, ...]) -> str:
 
 
 def _refuse_or_warn(field: str, value: Any, misfit: dict[str, Any], declared: dict[str, Any],
-                    describe: Callable[[Any], str], rule: str, dataset: str) -> list[str]:
-    """Refuse (CoordinatorError) when every site in ``declared`` is in ``misfit``;
-    a warning when some are; [] when none is. Names the field, the plan's value and
-    each site's."""
+                    silent: Sequence[str], describe: Callable[[Any], str], rule: str,
+                    dataset: str) -> list[str]:
+    """Refuse (CoordinatorError) when every site holding the data set declared
+    (``silent``, the holders that said nothing, is empty) and all of them, ``declared``,
+    are in ``misfit``; a warning when only some are, or when all that declared are but
+    some holders are silent (an agent before these declarations: its site may fit the
+    plan, and one upgraded site must not refuse it for them); [] when none is. Names
+    the field, the plan's value, each misfit site's, and the silent sites."""
     if not misfit:
         return []
     by_value: dict[str, list[str]] = {}
@@ -1735,11 +1746,19 @@ def _refuse_or_warn(field: str, value: Any, misfit: dict[str, Any], declared: di
     sites = "; ".join(f"{what} at {_names(who)}" for what, who in sorted(by_value.items()))
     head = (f"plan field {field} = {codec.short(value)}: data set {dataset!r} is {sites} "
             f"(agent.toml [[datasets]]); {rule}")
-    if len(misfit) == len(declared):
-        raise CoordinatorError(f"{head}. Every site holding it that said so would refuse "
-                               "the job. Nothing was submitted")
-    return [f"{head}. Those sites will refuse its tasks; the other "
-            f"{len(declared) - len(misfit)} that said so fit it"]
+    if len(misfit) == len(declared) and not silent:
+        raise CoordinatorError(f"{head}. Every site holding it would refuse the job. "
+                               "Nothing was submitted")
+    fit = len(declared) - len(misfit)
+    parts = [f"{head}. Those sites will refuse its tasks"]
+    if fit:
+        parts.append(f"the other {fit} that said so fit it")
+    if silent:
+        parts.append(f"{len(silent)} site(s) holding it did not say ({_names(silent)}: an "
+                     "agent before these declarations, or a data set whose shape is "
+                     "known only once read), so the plan is taken: "
+                     + ("it runs only if they fit it" if not fit else "they may fit it"))
+    return ["; ".join(parts)]
 
 
 def _dataset_warnings(store: Store, plan: Plan,

@@ -1097,6 +1097,14 @@ class Coordinator:
         now = self.clock() if now is None else now
         return {s for s in self.conns if self._connected(s, now)}
 
+    def _transport_lost(self, site: str) -> bool:
+        """Whether the transport reported ``site`` lost (`peer_lost`: its connection
+        closed, a send found it not connected, or no byte came from it for the
+        transport's timeout), or it never connected, rather than only silent past
+        the heartbeat timeout."""
+        c = self.conns.get(site)
+        return c is None or c.last_seen == float("-inf")
+
     def _connected(self, site: str, now: float) -> bool:
         c = self.conns.get(site)
         return c is not None and now - c.last_seen <= self.heartbeat_timeout_s
@@ -1129,8 +1137,15 @@ class Coordinator:
             self._after(now)
             return
         for site in rnd.participants:
-            if not self._connected(site, now):
-                self._emit(rnd, rnd.lost(site, now))
+            if self._connected(site, now):
+                continue
+            if rnd.phase is Phase.AGGREGATING and not self._transport_lost(site):
+                # silent past the heartbeat timeout, but not lost by the transport:
+                # in secure aggregation a site's heartbeats queue behind its own
+                # upload (a masked input of 4 bytes a coordinate on one connection),
+                # which the transport counts as life; the stage deadline decides
+                continue
+            self._emit(rnd, rnd.lost(site, now))
         if rnd.phase is Phase.WAITING_COHORT:
             sel = select_cohort(
                 self.store.appliances(), connected=self.connected_sites(now),

@@ -142,6 +142,17 @@ CONTESTED_TIMES = 3
 # two machines answering for it fight many times a second, and one agent restarting
 # reconnects once.
 CONTEST_QUIET_S = 60.0
+# ... but only when the contest is plain: its replacements came from two addresses
+# (two machines), or this many came within the window from one (two machines behind
+# one NAT fight many times a second). Three from one address can be one agent on a
+# flaky link replacing its own socket: shown as contested, not taken out.
+CONTEST_WITHDRAW_TIMES = 10
+
+
+def contest_withdraws(contest: dict[str, Any] | None) -> bool:
+    """Whether a contest (`Coordinator.contested`) takes its site out of rounds."""
+    return contest is not None and (len(contest["addresses"]) >= 2
+                                    or contest["times"] >= CONTEST_WITHDRAW_TIMES)
 
 
 class CoordinatorError(Exception):
@@ -533,8 +544,8 @@ class Coordinator:
             self._not_written(f"connection_superseded of {site}", exc)
         contest = self.contested(site, now)
         rnd = self.runner.round if self.runner is not None else None
-        if contest is None or rnd is None or site not in rnd.cohort or rnd.finished \
-                or site in rnd.withdrawn:
+        if not contest_withdraws(contest) or rnd is None or site not in rnd.cohort \
+                or rnd.finished or site in rnd.withdrawn:
             return
         reason = contest_reason(contest)
         log.warning("job %s round %d: %s is dropped from the round as lost: %s", rnd.job_id,
@@ -567,7 +578,7 @@ class Coordinator:
         out = {}
         for site, (times, _) in self._superseded.items():
             contest = self.contested(site, now)
-            if contest is not None and times and now - times[-1] < CONTEST_QUIET_S:
+            if contest_withdraws(contest) and times and now - times[-1] < CONTEST_QUIET_S:
                 out[site] = (f"{contest_reason(contest)}; left out of new rounds until it "
                              f"stops for {CONTEST_QUIET_S:g} s")
         return out

@@ -229,11 +229,19 @@ def start_server(repo: Path) -> tuple[subprocess.Popen[str], int]:
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     assert proc.stdout is not None
-    line = proc.stdout.readline()
-    m = re.search(r":(\d+) ", line)
+    # the announcement comes once the first models are loaded, after their log lines
+    seen: list[str] = []
+    m = None
+    deadline = time.monotonic() + 300
+    while m is None and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        m = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
     if not m:
         proc.kill()
-        raise SystemExit(f"fedge serve did not start: {line}{proc.stdout.read()}")
+        raise SystemExit(f"fedge serve did not start: {''.join(seen)}{proc.stdout.read()}")
     port = int(m.group(1))
     import urllib.request
 

@@ -117,10 +117,26 @@ class InProcFederation:
                 self.clock.t += advance
         raise AssertionError("federation did not reach the expected state")
 
-    async def heartbeats(self):
+    async def heartbeats(self, sites=None):
         for s, a in self.agents.items():
-            if s not in self.dead:
+            if s not in self.dead and (sites is None or s in sites):
                 await a.heartbeat()
+
+    async def pump_alive(self, *, until, advance=0.5, max_steps=2000, sites=None):
+        """pump, one step at a time, the live agents (or ``sites``) heartbeating once a
+        second of the coordinator's clock as real ones do (pump sends none by itself,
+        and a site silent past the heartbeat timeout is lost, in secure aggregation
+        only when the transport says so)."""
+        beat = float("-inf")
+        for _ in range(max_steps):
+            if until():
+                return
+            if self.clock.t - beat >= 1.0:
+                beat = self.clock.t
+                await self.heartbeats(sites)
+            steps = iter((False,))
+            await self.pump(until=lambda steps=steps: next(steps, True), advance=advance)
+        raise AssertionError("federation did not reach the expected state")
 
 
 @pytest.fixture

@@ -45,22 +45,6 @@ def history(fed, job):
     return [(r.round, r.status, r.survivors) for r in fed.coord.store.rounds(job)]
 
 
-async def pump_alive(fed, until, *, advance, max_steps=2000):
-    """fed.pump, one step at a time, the live agents heartbeating before each step as
-    real ones do every second (the in-memory federation sends none by itself, and a
-    site silent past the heartbeat timeout is lost, in secure aggregation too)."""
-    beat = float("-inf")
-    for _ in range(max_steps):
-        if until():
-            return
-        if fed.clock.t - beat >= 1.0:  # once a (monotonic) second
-            beat = fed.clock.t
-            await fed.heartbeats()
-        steps = iter((False,))
-        await fed.pump(until=lambda steps=steps: next(steps, True), advance=advance)
-    raise AssertionError("federation did not reach the expected state")
-
-
 @pytest.mark.parametrize(("rnd", "phase"), [(1, Phase.TRAINING), (1, Phase.AGGREGATING),
                                             (2, Phase.EVALUATING)])
 def test_a_step_forward_loses_no_site_and_fails_no_round(federation, rnd, phase):
@@ -115,11 +99,11 @@ def test_a_step_backward_stretches_no_deadline(federation):
         # deadline would need 3600 more. a and b heartbeat while they wait, as live
         # agents do: one silent past the heartbeat timeout is lost, in secure
         # aggregation too
-        await pump_alive(fed, lambda: not at(fed, 1, Phase.TRAINING)(), advance=1.0,
-                         max_steps=200)
+        await fed.pump_alive(until=lambda: not at(fed, 1, Phase.TRAINING)(), advance=1.0,
+                             max_steps=200)
         assert fed.clock.t - began <= 20.0 + 2.0
-        await pump_alive(fed, lambda: fed.coord.store.job(job).status != "running",
-                         advance=0.05)
+        await fed.pump_alive(until=lambda: fed.coord.store.job(job).status != "running",
+                             advance=0.05)
         return job
 
     job = asyncio.run(go())

@@ -28,35 +28,21 @@ def test_a_masked_input_in_transit_past_the_heartbeat_timeout_is_waited_for(fede
 
     fed.agents["c"].send_frames = slow_send
 
-    async def step(advance):
-        steps = iter((False,))
-        await fed.pump(until=lambda steps=steps: next(steps, True), advance=advance)
-
     async def go():
         await fed.heartbeats()
         job = fed.coord.submit_job(plan_min3(stage_s=600), actor="test")
         st = fed.coord.store
         await fed.pump(until=lambda: bool(held), max_steps=400)
-        t0 = beat = fed.clock.t
-        while fed.clock.t - t0 < 40 and not st.rounds(job):  # past the 30 s timeout
-            if fed.clock.t - beat >= 1.0:
-                beat = fed.clock.t
-                for s in ("a", "b"):
-                    await fed.agents[s].heartbeat()
-            await step(1.0)
+        t0 = fed.clock.t
+        await fed.pump_alive(  # past the 30 s heartbeat timeout; c's heartbeats queue
+            until=lambda: fed.clock.t - t0 >= 40 or bool(st.rounds(job)), advance=1.0,
+            sites=("a", "b"))
         assert not st.rounds(job), [(r.status, r.reason) for r in st.rounds(job)]
         for frames in held:  # the upload arrives, then c's queued heartbeats
             fed.inbox.append(("c", frames))
         held.clear()
         fed.agents["c"].send_frames = send
-        beat = fed.clock.t
-        for _ in range(300):
-            if st.rounds(job):
-                break
-            if fed.clock.t - beat >= 1.0:
-                beat = fed.clock.t
-                await fed.heartbeats()
-            await step(0.5)
+        await fed.pump_alive(until=lambda: bool(st.rounds(job)), max_steps=300)
         return job
 
     job = asyncio.run(go())
@@ -82,15 +68,7 @@ def test_a_site_the_transport_reports_lost_is_still_dropped_at_once(federation):
         await fed.pump(until=in_aggregation, max_steps=400)
         fed.dead.add("d")
         fed.coord.peer_lost("d")
-        beat = fed.clock.t
-        for _ in range(400):
-            if st.rounds(job):
-                break
-            if fed.clock.t - beat >= 1.0:
-                beat = fed.clock.t
-                await fed.heartbeats()
-            steps = iter((False,))
-            await fed.pump(until=lambda steps=steps: next(steps, True), advance=0.5)
+        await fed.pump_alive(until=lambda: bool(st.rounds(job)), max_steps=400)
         return job
 
     job = asyncio.run(go())

@@ -390,8 +390,7 @@ def has_dp_noise(privacy: Mapping[str, Any]) -> bool:
         if not isinstance(table, Mapping):
             continue
         z = table.get("noise_multiplier")
-        if isinstance(z, int | float) and not isinstance(z, bool) and math.isfinite(z) \
-                and z > 0:
+        if _number(z) and z > 0:
             return True
     return False
 

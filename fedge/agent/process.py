@@ -188,17 +188,15 @@ def load_config(path: str | Path) -> AgentConfig:
     health = raw.get("health", True)
     if not isinstance(health, bool):
         raise AgentConfigError(f"agent config health = {health!r} must be true or false")
-    trial = raw.get("update_trial_s", 600.0)
-    if isinstance(trial, bool) or not isinstance(trial, int | float) or not trial > 0:
-        raise AgentConfigError(f"agent config update_trial_s = {trial!r} must be > 0")
-    restart_wait = raw.get("update_restart_wait_s", 1800.0)
-    if (isinstance(restart_wait, bool) or not isinstance(restart_wait, int | float)
-            or not restart_wait > 0):
-        raise AgentConfigError(f"agent config update_restart_wait_s = {restart_wait!r} "
-                               "must be > 0")
-    stuck = raw.get("stuck_task_grace_s", STUCK_TASK_GRACE_S)
-    if isinstance(stuck, bool) or not isinstance(stuck, int | float) or not stuck > 0:
-        raise AgentConfigError(f"agent config stuck_task_grace_s = {stuck!r} must be > 0")
+    seconds = {}
+    for name, default in (("update_trial_s", 600.0), ("update_restart_wait_s", 1800.0),
+                          ("stuck_task_grace_s", STUCK_TASK_GRACE_S)):
+        v = raw.get(name, default)
+        if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0:
+            raise AgentConfigError(f"agent config {name} = {v!r} must be > 0")
+        seconds[name] = v
+    trial, restart_wait, stuck = (seconds["update_trial_s"], seconds["update_restart_wait_s"],
+                                  seconds["stuck_task_grace_s"])
     try:
         policy = PrivacyPolicy.from_config(raw.get("privacy", {}))
     except PrivacyPolicyError as exc:

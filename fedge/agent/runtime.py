@@ -80,7 +80,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -543,7 +543,7 @@ class Agent:
         ledger = getattr(self.trainer, "privacy_ledger", None)
         if ledger is None or self.policy.max_epsilon_total is None:
             return ""
-        released = len(ledger.released())
+        released = ledger.released_count()
         held = self._budget_spent_cache
         if held is None or held[0] != released:
             try:
@@ -755,24 +755,25 @@ class Agent:
             if load is not None and not (task is not None and task.cancel.is_set()):
                 loading = _Running(f"loading data set {dataset!r} for {what}", DATA_LOAD_S,
                                    None, time.monotonic(), threading.current_thread().name)
-                with self._running_lock:
-                    self._running.append(loading)
-                try:
+                with self._watched(loading):
                     load(dataset)
-                finally:
-                    with self._running_lock:
-                        self._running.remove(loading)
             entry.started = time.monotonic()
             entry.thread = threading.current_thread().name
-            with self._running_lock:
-                self._running.append(entry)
-            try:
+            with self._watched(entry):
                 return fn()
-            finally:
-                with self._running_lock:
-                    self._running.remove(entry)
 
         return await asyncio.get_running_loop().run_in_executor(self.executor, run)
+
+    @contextlib.contextmanager
+    def _watched(self, entry: _Running) -> Iterator[None]:
+        """``entry`` among the running tasks :meth:`stuck_worker` watches, meanwhile."""
+        with self._running_lock:
+            self._running.append(entry)
+        try:
+            yield
+        finally:
+            with self._running_lock:
+                self._running.remove(entry)
 
     def stuck_worker(self, now: float | None = None) -> str:
         """Why a worker thread counts as stuck, '' when none does: a training still

@@ -362,8 +362,7 @@ class TorchTrainer:
         _check_cancel(cancel, "before training")
         data = self._site_data(plan.dataset)
         check_data_fits_model(plan, data)
-        refuse_fitted_standardisation(plan, self._specs[unicodedata.normalize(
-            "NFC", plan.dataset)], data)
+        refuse_fitted_standardisation(plan, self.dataset_spec(plan.dataset), data)
         try:
             spec = ModelSpec(plan.model_name, dict(plan.model_params))
             cfg = TrainConfig.from_dict(train_config_dict(plan, seed))

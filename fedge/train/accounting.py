@@ -465,6 +465,10 @@ class PrivacyLedger:
         return [dict(e) for e in self.entries
                 if e.get("status", RELEASED) == RELEASED and _selects(e, job, None)]
 
+    def released_count(self) -> int:
+        """How many entries are counted in ε (as ``len(released())``, copying none)."""
+        return sum(1 for e in self.entries if e.get("status", RELEASED) == RELEASED)
+
     def per_loss_term(self, *, job: str | None = None) -> bool:
         """Whether any selected entry's ε is per Cox loss term: then so is their
         composition, and it is not a record-level bound."""

@@ -714,9 +714,10 @@ class Store:
                 the same, and written by a later flush).
         """
         with self._lock:
-            known = self._conn.execute(
-                "SELECT 1 FROM appliances WHERE site_id=?", (site_id,)).fetchone()
-            if known is None:
+            # a site held already was checked when first held (rows are never deleted;
+            # revoke drops what it holds), so the lookup is once per site, not per beat
+            if site_id not in self._heartbeats and self._conn.execute(
+                    "SELECT 1 FROM appliances WHERE site_id=?", (site_id,)).fetchone() is None:
                 raise StoreError(f"heartbeat from unknown site {site_id!r}")
             self._heartbeats[site_id] = (
                 version, self._clock(), json.dumps(health, sort_keys=True, default=str),

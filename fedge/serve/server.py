@@ -412,7 +412,7 @@ class _BodyBudget:
         return self.used + n <= self.limit
 
     def take(self, n: int) -> bool:
-        if self.used + n > self.limit:
+        if not self.fits(n):
             return False
         self.used += n
         return True
@@ -431,9 +431,6 @@ class _Busy(ProtocolError):
     def __init__(self, budget: _BodyBudget):
         super().__init__(503, budget.refusal())
         self.headers = {"retry-after": str(BUSY_RETRY_AFTER_S), "connection": "close"}
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (ProtocolError, (self.status, self.message))
 
 
 class InferenceServer:

@@ -136,6 +136,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="seconds a new model version's check (a trial inference, timing "
                             "runs, a batching check; run in a child process) may take; one "
                             "that takes longer is not served (default 60)")
+    serve.add_argument("--infer-timeout", type=_timeout, default=60.0,
+                       help="seconds one inference run may take; a longer one is stopped and "
+                            "answered with 504 (default 60)")
     serve.set_defaults(func=_serve)
 
     export = subparsers.add_parser("export", help="export a finished job's model to ONNX")
@@ -172,6 +175,7 @@ def _serve(args: argparse.Namespace) -> int:
             idle_timeout_s=args.idle_timeout, request_timeout_s=args.request_timeout,
             load_timeout_s=args.load_timeout,
             max_buffered_body_bytes=args.max_buffered_body_bytes,
+            infer_timeout_s=args.infer_timeout,
             announce=lambda line: print(line, flush=True),
         )
     except (OSError, ValueError, RuntimeError) as exc:

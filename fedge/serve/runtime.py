@@ -160,8 +160,10 @@ class LoadedModel:
             for s in self.inputs if s.datatype in DATATYPES
         )))
 
-    def run(self, feeds: dict[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
-        """The outputs named, in that order, for `feeds` (input name -> array).
+    def run(self, feeds: dict[str, np.ndarray], output_names: Sequence[str],
+            run_options: ort.RunOptions | None = None) -> list[np.ndarray]:
+        """The outputs named, in that order, for `feeds` (input name -> array);
+        `run_options`: this run's own (`RunDeadlines.start`), else the model's shared ones.
 
         Raises:
             ValueError: `feeds` has more or fewer entries than the model has inputs
@@ -175,7 +177,67 @@ class LoadedModel:
             raise ValueError(
                 f"{self.name} version {self.version} takes inputs {want}, got {sorted(feeds)}"
             )
-        return self._run(output_names, feeds, self._run_options)  # type: ignore[no-any-return]
+        return self._run(  # type: ignore[no-any-return]
+            output_names, feeds, self._run_options if run_options is None else run_options)
+
+
+class RunDeadlines:
+    """Stops onnxruntime runs that pass their deadline.
+
+    Each watched run has RunOptions of its own (`start`); one thread sets their
+    `terminate` flag once a run is past due, and onnxruntime then fails the run
+    between two nodes (or two iterations of a Loop) with an error. A model that
+    passed its load check can still run for days on some inputs (a Loop whose
+    trip count comes from the input): without a deadline that run would hold the
+    server's worker thread, or its event loop, for good. On the request path a
+    deadline is a dict entry under a lock (about a microsecond).
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._due: dict[int, tuple[float, ort.RunOptions]] = {}
+        self._wakes_at = math.inf  # when the thread next looks (inf: when told)
+        self._thread: threading.Thread | None = None
+
+    def start(self, seconds: float) -> ort.RunOptions:
+        """RunOptions for one run, to be stopped in `seconds`; pass them to `stop` after."""
+        options = ort.RunOptions()
+        # the stop itself is reported by the caller; onnxruntime would also log it
+        # as an error of its own on stderr (journald) for every run stopped
+        options.log_severity_level = 4
+        due = time.monotonic() + seconds
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._watch, name="fedge-run-deadlines",
+                                                daemon=True)
+                self._thread.start()
+            self._due[id(options)] = (due, options)
+            if due < self._wakes_at:
+                self._cond.notify()
+        return options
+
+    def stop(self, options: ort.RunOptions) -> None:
+        """The run with `options` is over: no deadline for it any more."""
+        with self._cond:
+            self._due.pop(id(options), None)
+
+    @property
+    def watched(self) -> int:
+        """Runs with a deadline now (for tests and metrics)."""
+        return len(self._due)
+
+    def _watch(self) -> None:
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                self._wakes_at = math.inf
+                for key, (due, options) in list(self._due.items()):
+                    if due <= now:
+                        options.terminate = True
+                        del self._due[key]
+                    else:
+                        self._wakes_at = min(self._wakes_at, due)
+                self._cond.wait(None if self._wakes_at == math.inf else self._wakes_at - now)
 
 
 def open_session(

@@ -108,6 +108,7 @@ from fedge.serve.runtime import (
     DEFAULT_LOAD_TIMEOUT_S,
     LoadedModel,
     ModelStore,
+    RunDeadlines,
     UnknownModel,
     Watcher,
 )
@@ -133,6 +134,13 @@ DEFAULT_MAX_HEADER_BYTES = 64 * 1024
 # event loop (which would stall every other client meanwhile).
 DEFAULT_INLINE_BUDGET_S = 0.002
 DIRECT_MAX_BYTES = 1024 * 1024  # larger bodies take the ASGI lane (streamed, capped)
+# One inference run, on the worker thread, is stopped past this (504): some valid
+# models run for days on some inputs (a Loop whose trip count comes from the input).
+DEFAULT_INFER_TIMEOUT_S = 60.0
+# A run on the event loop (estimated under the inline budget) that is still going
+# after this is stopped and run again on the worker thread: the loop, and with it
+# every other client, the health checks and the watchdog pings, waits no longer.
+INLINE_RUN_DEADLINE_S = 1.0
 # JSON (the whole body, or the part before the binary tensors) larger than this is
 # parsed in the JSON process; about 12 ms of the event loop's time per MiB here.
 PARSE_APART_BYTES = DIRECT_MAX_BYTES
@@ -289,6 +297,13 @@ class _FailureLog:
     def exception(self, message: str, *args: object) -> None:
         """`log.exception(message, *args)`, or only a count if one was logged recently;
         call it in an `except` block."""
+        self._log(log.exception, message, *args)
+
+    def warning(self, message: str, *args: object) -> None:
+        """`log.warning(message, *args)`, or only a count, as `exception`."""
+        self._log(log.warning, message, *args)
+
+    def _log(self, emit: Callable[..., None], message: str, *args: object) -> None:
         now = time.monotonic()
         with self._lock:
             if now < self._next:
@@ -298,7 +313,7 @@ class _FailureLog:
             self._next = now + self.interval_s
         if unlogged:
             message += f" ({unlogged} more such failures since the last one logged)"
-        log.exception(message, *args)
+        emit(message, *args)
 
 
 class _Connections:
@@ -425,6 +440,11 @@ class _BodyBudget:
                 f"connections together); try again in {BUSY_RETRY_AFTER_S} s")
 
 
+class _InlineTooSlow(Exception):
+    """A run on the event loop passed INLINE_RUN_DEADLINE_S: it is run again on the
+    worker thread (with the full --infer-timeout)."""
+
+
 class _Busy(ProtocolError):
     """503: the body does not fit the server's body budget now (the ASGI lane)."""
 
@@ -450,11 +470,14 @@ class InferenceServer:
         max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
         load_timeout_s: float | None = DEFAULT_LOAD_TIMEOUT_S,
         max_buffered_body_bytes: int = DEFAULT_MAX_BUFFERED_BODY,
+        infer_timeout_s: float = DEFAULT_INFER_TIMEOUT_S,
     ):
         """`max_buffered_body_bytes`: request-body bytes held at once, all connections
         together (`_BodyBudget`). `load_timeout_s`: seconds a new version's check may
         take in its child process (`fedge.serve.runtime.check_in_child`); None checks
-        it in this process with no deadline.
+        it in this process with no deadline. `infer_timeout_s`: seconds one inference
+        run may take before it is stopped and answered with 504 (a run on the event
+        loop is moved to the worker thread after `INLINE_RUN_DEADLINE_S` first).
 
         Raises: ValueError for a non-positive poll interval, body or header limit,
         connection limit, timeout or load timeout, a body budget below the body limit
@@ -480,7 +503,8 @@ class InferenceServer:
         if not max_connections >= 1:
             raise ValueError(f"max_connections {max_connections!r} must be >= 1")
         for what, seconds in (("idle_timeout_s", idle_timeout_s),
-                              ("request_timeout_s", request_timeout_s)):
+                              ("request_timeout_s", request_timeout_s),
+                              ("infer_timeout_s", infer_timeout_s)):
             if not 0 < seconds < _NEVER:
                 raise ValueError(f"{what} {seconds!r} must be a finite number of seconds > 0")
         self.repo = ModelRepository(repository)
@@ -495,6 +519,8 @@ class InferenceServer:
         # one per (model, version): a model failing often hides none of another's
         self._model_failures: dict[tuple[str, int], _FailureLog] = {}
         self.inline_budget_s = inline_budget_s
+        self.infer_timeout_s = infer_timeout_s
+        self.deadlines = RunDeadlines()
         self.watcher = Watcher(self.store, self.repo, poll_interval)
         # Large requests run one at a time on a worker thread: each already uses
         # every core through onnxruntime's intra-op pool, so running several at
@@ -756,19 +782,48 @@ class InferenceServer:
             reply(exc.status, exc.body(), {"content-type": "application/json"})
             return
         if not model.batchable:
-            reply(*self._settle(model, request))
+            self._settle(model, request, reply)
             return
         if not self._batch:
             asyncio.get_running_loop().call_soon(self._run_batch)
         self._batch.append((model, request, reply))
 
-    def _settle(
-        self, model: LoadedModel, request: InferRequest
-    ) -> tuple[int, bytes, dict[str, str]]:
+    def _settle(self, model: LoadedModel, request: InferRequest,
+                reply: Callable[[int, bytes, dict[str, str]], None]) -> None:
+        """Answer one direct-lane request through `reply`: run on the event loop, or,
+        when that run passes `INLINE_RUN_DEADLINE_S`, again on the worker thread."""
         try:
-            return self._respond(model, request, self._run(model, request))
+            answer = self._answer(model, request, inline=True)
+        except _InlineTooSlow:
+            self._hand_off(model, request, reply)
+            return
+        reply(*answer)
+
+    def _answer(self, model: LoadedModel, request: InferRequest,
+                inline: bool = False) -> tuple[int, bytes, dict[str, str]]:
+        try:
+            return self._respond(model, request, self._run(model, request, inline))
         except ProtocolError as exc:
             return exc.status, exc.body(), {"content-type": "application/json"}
+
+    def _hand_off(self, model: LoadedModel, request: InferRequest,
+                  reply: Callable[[int, bytes, dict[str, str]], None]) -> None:
+        """Answer a direct-lane request from the worker thread (`reply` is called on
+        the event loop once it is done)."""
+        def done(future: asyncio.Future[tuple[int, bytes, dict[str, str]]]) -> None:
+            try:
+                answer = future.result()
+            except Exception as exc:  # a bug, not the client: say so, keep serving
+                log.exception("inference request failed", exc_info=exc)
+                answer = (500, error_body(f"internal error: {exc}"),
+                          {"content-type": "application/json"})
+            try:
+                reply(*answer)
+            except Exception:  # one connection's failure is not the others'
+                log.exception("inference reply failed")
+
+        loop = asyncio.get_running_loop()
+        loop.run_in_executor(self._heavy, self._answer, model, request).add_done_callback(done)
 
     def _run_batch(self) -> None:
         pending, self._batch = self._batch, []
@@ -780,10 +835,18 @@ class InferenceServer:
             ))
             groups.setdefault(key, []).append(item)
         for group in groups.values():
-            answers = self._batched(group) if len(group) > 1 else None
+            try:
+                answers = self._batched(group) if len(group) > 1 else None
+            except _InlineTooSlow:  # each on the worker thread, not once more here
+                for model, request, reply in group:
+                    self._hand_off(model, request, reply)
+                continue
             for i, (model, request, reply) in enumerate(group):
                 try:
-                    answer = answers[i] if answers else self._settle(model, request)
+                    if answers is None:
+                        self._settle(model, request, reply)
+                        continue
+                    answer = answers[i]
                 except Exception as exc:  # a bug, not the client: say so, keep serving
                     log.exception("inference request failed")
                     answer = (500, error_body(f"internal error: {exc}"),
@@ -797,7 +860,9 @@ class InferenceServer:
         self, group: list[tuple[LoadedModel, InferRequest, Any]]
     ) -> list[tuple[int, bytes, dict[str, str]]] | None:
         """The answers of requests with one model and one signature, from one run;
-        None when that run fails (each request is then answered on its own)."""
+        None when that run fails (each request is then answered on its own).
+
+        Raises: _InlineTooSlow when the run passed `INLINE_RUN_DEADLINE_S`."""
         model, first, _ = group[0]
         rows = []
         for _, request, _ in group:
@@ -806,10 +871,12 @@ class InferenceServer:
                 return None  # inputs that disagree on the batch: not splittable by rows
             rows.append(counts.pop())
         total = sum(rows)
+        options = None
         try:
             feeds = {name: np.concatenate([r.inputs[name] for _, r, _ in group])
                      for name in first.inputs}
-            outputs = model.run(feeds, [o.name for o in first.outputs])
+            options = self.deadlines.start(self._deadline(inline=True))
+            outputs = model.run(feeds, [o.name for o in first.outputs], options)
             if any(out.ndim == 0 or out.shape[0] != total for out in outputs):
                 return None
             answers = []
@@ -819,7 +886,12 @@ class InferenceServer:
                 start += n
                 answers.append(self._respond(model, request, part))
         except Exception:
+            if options is not None and options.terminate:
+                raise _InlineTooSlow from None
             return None  # e.g. one request's input the model rejects: answer each alone
+        finally:
+            if options is not None:
+                self.deadlines.stop(options)
         self.metrics.batches.observe(len(group))
         return answers
 
@@ -843,10 +915,12 @@ class InferenceServer:
             request = self._parse(model, _joined(body), header_length)
         first = next(iter(request.inputs.values()), None)
         rows = float(first.shape[0]) if first is not None and first.ndim else 1.0
+        loop = asyncio.get_running_loop()
+        results = None
         if self.inline(model, rows):
-            results = self._run(model, request)
-        else:
-            loop = asyncio.get_running_loop()
+            with contextlib.suppress(_InlineTooSlow):  # then on the worker thread, as below
+                results = self._run(model, request, inline=True)
+        if results is None:
             results = await loop.run_in_executor(self._heavy, self._run, model, request)
         json_elements = sum(arr.size for want, arr in zip(request.outputs, results, strict=True)
                             if not want.binary)
@@ -935,19 +1009,42 @@ class InferenceServer:
                 self._json_unavailable = True
         return self._json_process
 
-    def _run(self, model: LoadedModel, request: InferRequest) -> list[Any]:
-        """Raises: ProtocolError 400 when onnxruntime rejects the input, 500 when it fails."""
+    def _deadline(self, inline: bool) -> float:
+        return min(INLINE_RUN_DEADLINE_S, self.infer_timeout_s) if inline \
+            else self.infer_timeout_s
+
+    def _run(self, model: LoadedModel, request: InferRequest, inline: bool = False) -> list[Any]:
+        """One run, stopped at its deadline (`_deadline`); `inline`: on the event loop.
+
+        Raises: ProtocolError 400 when onnxruntime rejects the input, 500 when it
+        fails, 504 when it was stopped at `infer_timeout_s`; _InlineTooSlow when an
+        inline run was stopped at `INLINE_RUN_DEADLINE_S` (run it on the worker).
+        """
+        seconds = self._deadline(inline)
+        options = self.deadlines.start(seconds)
         try:
-            return model.run(request.inputs, [o.name for o in request.outputs])
+            return model.run(request.inputs, [o.name for o in request.outputs], options)
         except InvalidArgument as exc:
             raise ProtocolError(400, f"model '{model.name}' rejected the input: {exc}") from None
         except Exception as exc:  # the model failed on a valid request: our fault, say so
+            stopped = options.terminate
+            if stopped and inline and seconds < self.infer_timeout_s:
+                raise _InlineTooSlow from None
             failures = self._model_failures.setdefault(  # atomic: loop and worker alike
                 (model.name, model.version), _FailureLog(MODEL_FAILURE_LOG_INTERVAL_S))
+            if stopped:
+                failures.warning("an inference run of %s version %d was stopped after %g s "
+                                 "(--infer-timeout)", model.name, model.version, seconds)
+                raise ProtocolError(
+                    504, f"inference in model '{model.name}' version {model.version} was "
+                         f"stopped after {seconds:g} s (the server's --infer-timeout)"
+                ) from None
             failures.exception("inference failed for %s version %d", model.name, model.version)
             raise ProtocolError(
                 500, f"inference failed in model '{model.name}' version {model.version}: {exc}"
             ) from None
+        finally:
+            self.deadlines.stop(options)
 
     @staticmethod
     def _respond(
@@ -1749,6 +1846,7 @@ def serve(
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
     load_timeout_s: float | None = DEFAULT_LOAD_TIMEOUT_S,
     max_buffered_body_bytes: int = DEFAULT_MAX_BUFFERED_BODY,
+    infer_timeout_s: float = DEFAULT_INFER_TIMEOUT_S,
     announce: Callable[[str], None] = print,
 ) -> None:
     """Bind and listen on `host:port` (0: any free port), serve until SIGINT/SIGTERM.
@@ -1792,7 +1890,7 @@ def serve(
         inline_budget_s=inline_budget_s, max_connections=max_connections,
         idle_timeout_s=idle_timeout_s, request_timeout_s=request_timeout_s,
         max_header_bytes=max_header_bytes, load_timeout_s=load_timeout_s,
-        max_buffered_body_bytes=max_buffered_body_bytes,
+        max_buffered_body_bytes=max_buffered_body_bytes, infer_timeout_s=infer_timeout_s,
     )
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)

@@ -9,6 +9,11 @@
                                                     without; pending runs apart), cross-
                                                     checked with the secure aggregation
                                                     reveal log
+    fedge agent privacy --config FILE --runs [--json]
+                                                    every training run in the ledger: when,
+                                                    job, data set, plan, round, the
+                                                    coordinator's task, status, mechanism,
+                                                    settings; ε per job
 
 Heavy imports happen inside the handlers.
 """
@@ -50,9 +55,30 @@ def register(subparsers: Any) -> None:
     r.add_argument("--connect-timeout", type=_connect_timeout, default=argparse.SUPPRESS)
     r.set_defaults(func=_run)
     pv = sub.add_parser("privacy", help="the privacy budget (epsilon) this site has spent, "
-                                        "per job and in total")
+                                        "per job and in total",
+                        description="The privacy budget (epsilon) this site has spent, per "
+                                    "job and in total, from its privacy ledger, cross-checked "
+                                    "with the secure aggregation reveal log. With --runs: "
+                                    "every training run the ledger holds, with or without DP, "
+                                    "one line each (for a data-protection officer).")
     pv.add_argument("--config", type=Path, default=argparse.SUPPRESS)
     pv.add_argument("--delta", type=float, default=1e-5, help="delta for epsilon (1e-5)")
+    pv.add_argument("--runs", action="store_true",
+                    help="list every training run in the ledger: when it was recorded and "
+                         "released (UTC), job, data set, plan digest, round, this site's "
+                         "attempt and the coordinator's task id (and attempt), status "
+                         "(released: its update left, or was about to; pending: it never "
+                         "left), mechanism (dp_sgd, dp_fedavg, none) and its settings "
+                         "(noise multiplier, sampling rate, steps, max_grad_norm or "
+                         "clip_norm, the plan's delta), then epsilon per job at --delta. "
+                         "Runs recorded by an earlier release lack the fields it did not "
+                         "record ('-'); their plan digest is the job's last plan, where "
+                         "the appliance kept it")
+    pv.add_argument("--json", action="store_true",
+                    help="with --runs (implied): the same as one JSON object: "
+                         "{delta, runs: [ledger entries], jobs: [{job, rounds, epsilon "
+                         "(null when unbounded), unbounded, datasets, plan_digests}], "
+                         "total_epsilon, total_unbounded, not_recorded}")
     pv.set_defaults(func=_privacy)
     try:
         from fedge.agent.enrol import register_enrol
@@ -101,8 +127,130 @@ def _privacy(args: argparse.Namespace) -> int:
     if not 0 < args.delta < 1:
         print(f"fedge agent privacy: --delta {args.delta} must lie in (0, 1)", file=sys.stderr)
         return 2
-    print_privacy(ledger, args.delta, reveals=read_reveals(Path(cfg.state_dir)))
+    reveals = read_reveals(Path(cfg.state_dir))
+    if getattr(args, "json", False) or getattr(args, "runs", False):
+        history = run_history(ledger, args.delta, reveals=reveals,
+                              state_dir=Path(cfg.state_dir))
+        if args.json:
+            print(json.dumps(history, indent=1, sort_keys=True))
+        else:
+            print_runs(history)
+        return 0
+    print_privacy(ledger, args.delta, reveals=reveals)
     return 0
+
+
+def run_history(ledger: Any, delta: float, *, reveals: Reveals | None = None,
+                state_dir: Path | None = None) -> dict[str, Any]:
+    """What ``fedge agent privacy --runs`` shows, as plain data (its ``--json``).
+
+    ``runs``: every ledger entry in the order recorded, as saved (fields an earlier
+    release did not record are absent). An entry without ``plan_digest`` gets its job's
+    last plan digest from ``state_dir``'s job state where it is kept there, with
+    ``plan_digest_source`` "job state" (the entry's own is "ledger"). ``jobs``: per job,
+    its released rounds, ε at ``delta`` as the privacy table gives it (None and
+    ``unbounded`` when no ε bounds it: an update left without DP, or the reveal log
+    shows one the ledger did not record), its data sets and plan digests. ``total``:
+    every job composed, likewise."""
+    from fedge.agent.jobstate import JobStateStore
+
+    reveals = reveals if reveals is not None else Reveals(Path())
+    unrecorded = _unrecorded(ledger, reveals)
+    named = {str(r.job) for r in unrecorded.named}
+    store = JobStateStore(state_dir / "jobs") if state_dir is not None else None
+    kept: dict[str, str | None] = {}
+
+    def job_plan(job: str) -> str | None:
+        if job not in kept:
+            saved = store.peek(job, "plan").get("digest") if store is not None else None
+            kept[job] = (saved.tobytes().hex() if saved is not None and saved.size == 32
+                         and saved.dtype.itemsize == 1 else None)
+        return kept[job]
+
+    runs = []
+    for entry in ledger.entries:
+        run = dict(entry)
+        if "plan_digest" in run:
+            run["plan_digest_source"] = "ledger"
+        elif job_plan(run["job"]) is not None:
+            run["plan_digest"], run["plan_digest_source"] = job_plan(run["job"]), "job state"
+        runs.append(run)
+
+    def bounded(eps: float) -> float | None:
+        return None if eps == math.inf else eps
+
+    jobs = []
+    for job in sorted({e["job"] for e in ledger.entries}):
+        eps = math.inf if job in named else ledger.epsilon(delta, job=job)
+        mine = [r for r in runs if r["job"] == job]
+        jobs.append({"job": job,
+                     "rounds": len({e["round"] for e in ledger.released(job=job)}),
+                     "epsilon": bounded(eps), "unbounded": eps == math.inf,
+                     "datasets": sorted({r["dataset"] for r in mine if "dataset" in r}),
+                     "plan_digests": sorted({r["plan_digest"] for r in mine
+                                             if "plan_digest" in r})})
+    total = math.inf if unrecorded.count else ledger.epsilon(delta)
+    return {"delta": delta, "runs": runs, "jobs": jobs, "total_epsilon": bounded(total),
+            "total_unbounded": total == math.inf, "not_recorded": unrecorded.count}
+
+
+def _settings(run: dict[str, Any]) -> str:
+    """A run's mechanism settings, as ε depends on them, in a few words."""
+    from fedge.train.accounting import DP_FEDAVG, DP_SGD, NO_DP
+
+    kind = run.get("mechanism", DP_SGD)
+    if kind == NO_DP:
+        return f"exact update, {run.get('steps', '-')} steps"
+    said = [f"z={run['noise_multiplier']:g}"]
+    if kind == DP_SGD:
+        said += [f"q={run['sampling_rate']:g}", f"steps={run['steps']}"]
+        if "max_grad_norm" in run:
+            said.append(f"C={run['max_grad_norm']:g}")
+    elif kind == DP_FEDAVG:
+        if run.get("clip_norm") is not None:
+            said.append(f"S={run['clip_norm']:g}")
+        if run.get("cohort_size") is not None:
+            said.append(f"cohort={run['cohort_size']}")
+    if "delta" in run:
+        said.append(f"delta={run['delta']:g}")
+    if "bound" in run:
+        said.append("per loss term")
+    return " ".join(said)
+
+
+def print_runs(history: dict[str, Any]) -> None:
+    """``fedge agent privacy --runs``: :func:`run_history` as a table, a run a line,
+    then ε per job and in total."""
+    print(f"{'recorded (UTC)':<20} {'released (UTC)':<20} {'job':<24} {'data set':<16} "
+          f"{'plan':<12} {'round':>5} {'att':>3} {'task (coordinator)':<24} "
+          f"{'status':<8} {'mechanism':<9} settings")
+    from_job_state = False
+    for run in history["runs"]:
+        task = run.get("task_id", "-")
+        if "task_attempt" in run:
+            task = f"{task} attempt {run['task_attempt']}"
+        plan = run.get("plan_digest", "-")[:12]
+        if run.get("plan_digest_source") == "job state":
+            plan, from_job_state = plan[:11] + "*", True
+        print(f"{run.get('at', '-'):<20} {run.get('released_at', '-'):<20} "
+              f"{run['job']:<24} {run.get('dataset', '-'):<16} {plan:<12} "
+              f"{run['round']:>5} {run['attempt']:>3} {task:<24} {run['status']:<8} "
+              f"{run.get('mechanism', '-'):<9} {_settings(run)}")
+    if from_job_state:
+        print("* plan digest not in the ledger entry (recorded by an earlier release): the "
+              "job's last plan, from this appliance's job state")
+    print(f"epsilon per job at delta {history['delta']:g} (released runs only; "
+          "unbounded: an update left without DP, or one the ledger did not record):")
+    for job in history["jobs"]:
+        eps = "unbounded" if job["unbounded"] else f"{job['epsilon']:.4f}"
+        print(f"  {job['job']:<38} {job['rounds']:>4} rounds  epsilon {eps:>10}  "
+              f"data set {', '.join(job['datasets']) or '-'}")
+    total = ("unbounded" if history["total_unbounded"]
+             else f"{history['total_epsilon']:.4f}")
+    print(f"  {'total (all jobs composed)':<38} {'':>4}         epsilon {total:>10}")
+    if history["not_recorded"]:
+        print(f"  {history['not_recorded']} update(s) revealed under secure aggregation are "
+              "not in this ledger: see `fedge agent privacy`")
 
 
 def _not_an_appliance(state_dir: Path, config: Path) -> str | None:

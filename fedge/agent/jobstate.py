@@ -12,7 +12,10 @@ Layout, under the agent's state directory::
 
 Each file is a NumPy archive (no pickles) of named arrays plus the job's name.
 Only the newest ``keep`` files of a kind stay: jobs end without telling the
-agent, and a finished job's state is never read again. A file that cannot be
+agent, and a finished job's state is never read again. The exception is
+``KEPT_FOR_GOOD``: a job's plan digest (a few hundred bytes) is what this site can
+show of the plan it trained under, long after the job ended (``fedge agent privacy
+--runs``, for entries of a ledger saved before entries carried it). A file that cannot be
 read is moved aside (``.corrupt`` suffix, nothing deleted), the error names it
 in the log, and the job goes on from fresh state, as before this store existed.
 """
@@ -33,6 +36,9 @@ from fedge.update.files import set_aside, write_atomic
 log = logging.getLogger("fedge.agent")
 
 _JOB_KEY = "__job__"
+
+# kinds never pruned: the record of what the site trained under (see the docstring)
+KEPT_FOR_GOOD = frozenset({"plan"})
 
 
 class JobStateStore:
@@ -72,6 +78,19 @@ class JobStateStore:
             return {}
         return arrays
 
+    def peek(self, job: str, kind: str) -> dict[str, np.ndarray]:
+        """As :meth:`load`, but never writes: a file that cannot be read gives {} and
+        stays where it is (for a reader beside a running agent, such as ``fedge agent
+        privacy``)."""
+        try:
+            with np.load(io.BytesIO(self.path(job, kind).read_bytes()),
+                         allow_pickle=False) as npz:
+                arrays = {name: npz[name] for name in npz.files}
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile):
+            return {}
+        owner = arrays.pop(_JOB_KEY, None)
+        return arrays if owner is not None and str(owner) == job else {}
+
     def save(self, job: str, kind: str, arrays: Mapping[str, np.ndarray]) -> None:
         """Write the arrays for (job, kind), replacing the last save. Raises: OSError."""
         if _JOB_KEY in arrays:
@@ -80,7 +99,8 @@ class JobStateStore:
         np.savez(buf, **{_JOB_KEY: np.array(job)}, **arrays)
         path = self.path(job, kind)
         write_atomic(path, buf.getvalue())
-        self._prune(kind, path)
+        if kind not in KEPT_FOR_GOOD:
+            self._prune(kind, path)
 
     def _prune(self, kind: str, current: Path) -> None:
         dated = []

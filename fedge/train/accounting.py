@@ -30,7 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+_log = logging.getLogger(__name__)
+
 __all__ = [
+    "CONTEXT_FIELDS",
     "COX_DP_RULE",
     "DP_FEDAVG",
     "DP_SGD",
@@ -218,6 +221,13 @@ def _composed_epsilon(events: tuple[tuple[str, float, float, int], ...], delta: 
         return epsilon
 
 
+def _utc_now() -> str:
+    """Now, UTC, ISO 8601 to the second: when a ledger entry was recorded or charged."""
+    import time
+
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 @contextlib.contextmanager
 def _quiet_accountant() -> Iterator[None]:
     """Silence dp_accounting's absl warnings while it runs: for some (q, sigma) its RDP
@@ -248,6 +258,16 @@ NO_DP = "none"           # neither: exact updates; any selection holding one is 
 MECHANISMS = (DP_SGD, DP_FEDAVG, NO_DP)
 
 _REQUIRED = ("job", "round", "noise_multiplier", "sampling_rate", "steps")
+
+# What an entry says of its run beyond what ε reads, so that a data-protection officer
+# can tell from the appliance alone when, on which data set, under which plan and with
+# which settings it trained (``PrivacyLedger.describe``, ``release``): ``at`` (when the
+# run was recorded, UTC ISO 8601) and ``released_at`` (when it was charged) are set by
+# the ledger; the rest by whoever trains and sends the run. ε never reads them, and an
+# entry saved before they existed simply lacks them (a release before this one reads
+# an entry's required keys only, so it loads these entries as they are).
+CONTEXT_FIELDS = ("dataset", "plan_digest", "max_grad_norm", "delta", "task_id",
+                  "task_attempt")
 
 # The saved ledger's format (``PrivacyLedger.save``). A file without a version was
 # saved by a release that recorded DP-SGD runs only: it loads ``legacy``.
@@ -332,9 +352,11 @@ def _events(chosen: list[dict[str, Any]]) -> list[tuple[str, float, float, int]]
 @dataclass
 class PrivacyLedger:
     """Every training run of one site whose update can leave it, one entry per run:
-    {job, round, attempt, status, mechanism, noise_multiplier, sampling_rate, steps}
+    {job, round, attempt, at, status, mechanism, noise_multiplier, sampling_rate, steps}
     (and ``bound`` for a Cox model's DP-SGD; ``clip_norm``, ``cohort_size`` for
-    DP-FedAvg). ``mechanism``: ``dp_sgd`` (record-level DP-SGD: ``steps``
+    DP-FedAvg; ``released_at`` once charged; what :meth:`describe` adds:
+    ``CONTEXT_FIELDS``, for the record only, never read by ε). ``mechanism``:
+    ``dp_sgd`` (record-level DP-SGD: ``steps``
     Poisson-sampled Gaussian steps at rate ``sampling_rate``), ``dp_fedavg``
     (client-level DP-FedAvg: one Gaussian release of the round's clipped update,
     ``sampling_rate`` 1 and ``steps`` 1) or ``none`` (no DP: the exact update left,
@@ -418,6 +440,7 @@ class PrivacyLedger:
                 "job": job,
                 "round": int(round),
                 "attempt": attempt,
+                "at": _utc_now(),
                 "status": PENDING if pending else RELEASED,
                 "mechanism": mechanism,
                 "noise_multiplier": 0.0 if mechanism == NO_DP else float(noise_multiplier),
@@ -429,31 +452,127 @@ class PrivacyLedger:
                 entry["cohort_size"] = None if cohort_size is None else int(cohort_size)
             if per_loss_term:
                 entry["bound"] = PER_LOSS_TERM
+            if not pending:
+                entry["released_at"] = entry["at"]
             self.entries.append(entry)
             return (job, int(round), attempt)
 
-    def release(self, key: EntryKey, *, path: str | os.PathLike[str] | None = None) -> None:
-        """Charge the run ``key``: its output is about to leave the site. With ``path``
-        the ledger is saved there (:meth:`save`: fsynced, the directory too) before
-        this returns; a save that fails leaves the entry pending and raises, and the
-        caller must then not release. A released entry stays as it is (nothing saved).
+    def describe(self, key: EntryKey, *, dataset: str | None = None,
+                 plan_digest: bytes | str | None = None,
+                 max_grad_norm: float | None = None, delta: float | None = None,
+                 task_id: str | None = None, task_attempt: int | None = None) -> None:
+        """Say of the run ``key`` what ε does not read (``CONTEXT_FIELDS``): the data
+        set it trained on, the digest of its job's plan
+        (``fedge.agent.guard.plan_digest``, kept as hex), the DP settings ε depends on
+        beyond the entry's own (DP-SGD's ``max_grad_norm`` C and the plan's ``delta``;
+        DP-FedAvg's clip is the entry's ``clip_norm``), and the coordinator's
+        ``task_id`` (and its attempt number, where the task says it; the entry's own
+        ``attempt`` numbers this site's runs of the round). A None leaves the field as
+        it is. Not saved here: the caller saves (or :meth:`release` does).
 
         Raises:
             KeyError: no entry has that key.
+            ValueError: a value of the wrong kind or out of range (named).
+        """
+        given: dict[str, Any] = {}
+        if dataset is not None:
+            if not isinstance(dataset, str) or not dataset:
+                raise ValueError(f"dataset {dataset!r} is not a name")
+            given["dataset"] = dataset
+        if plan_digest is not None:
+            text = plan_digest.hex() if isinstance(plan_digest, bytes) else plan_digest
+            if not isinstance(text, str) or len(text) != 64 \
+                    or any(c not in "0123456789abcdef" for c in text):
+                raise ValueError(f"plan_digest {plan_digest!r} is not a SHA-256 digest")
+            given["plan_digest"] = text
+        if max_grad_norm is not None:
+            if not 0 < float(max_grad_norm) < math.inf:
+                raise ValueError(f"max_grad_norm={max_grad_norm} must be > 0 and finite")
+            given["max_grad_norm"] = float(max_grad_norm)
+        if delta is not None:
+            if not 0 < float(delta) < 1:
+                raise ValueError(f"delta={delta} must lie in (0, 1)")
+            given["delta"] = float(delta)
+        if task_id is not None:
+            if not isinstance(task_id, str) or not task_id:
+                raise ValueError(f"task_id {task_id!r} is not a task id")
+            given["task_id"] = task_id
+        if task_attempt is not None:
+            if isinstance(task_attempt, bool) or not isinstance(task_attempt, int) \
+                    or task_attempt < 1:
+                raise ValueError(f"task_attempt {task_attempt!r} is not an integer >= 1")
+            given["task_attempt"] = task_attempt
+        with self._lock:
+            self._find(key).update(given)
+
+    def release(self, key: EntryKey, *, path: str | os.PathLike[str] | None = None,
+                task_id: str | None = None, task_attempt: int | None = None) -> None:
+        """Charge the run ``key``: its output is about to leave the site. With ``path``
+        the ledger is saved there (:meth:`save`: fsynced, the directory too) before
+        this returns; a save that fails leaves the entry pending and raises, and the
+        caller must then not release. The entry gets ``released_at`` (UTC ISO 8601),
+        and ``task_id`` / ``task_attempt`` as :meth:`describe` where given. A released
+        entry stays released; it is saved again only when this gives it a task id or
+        attempt it did not have (a run without DP is charged as it trains, before the
+        agent sends it). One INFO line in the log says what was charged and the job's
+        ε so far (``_log_release``).
+
+        Raises:
+            KeyError: no entry has that key.
+            ValueError: a bad ``task_id`` or ``task_attempt`` (as :meth:`describe`).
             OSError: the ledger could not be saved.
         """
         with self._lock:
             entry = self._find(key)
+            before = dict(entry)
+            self.describe(key, task_id=task_id, task_attempt=task_attempt)
             if entry["status"] == RELEASED:
+                if path is not None and entry != before:
+                    try:
+                        self.save(path)
+                    except BaseException:
+                        entry.clear()
+                        entry.update(before)
+                        raise
                 return
             entry["status"] = RELEASED
-            if path is None:
-                return
-            try:
-                self.save(path)
-            except BaseException:
-                entry["status"] = PENDING
-                raise
+            entry["released_at"] = _utc_now()
+            if path is not None:
+                try:
+                    self.save(path)
+                except BaseException:
+                    entry.clear()
+                    entry.update(before)
+                    raise
+        self._log_release(key)
+
+    def _log_release(self, key: EntryKey) -> None:
+        """The journal's line for the run ``key``, just charged: what left (or is about
+        to), from which data set, under which mechanism, and the job's ε so far at the
+        entry's ``delta`` (the plan's; 1e-5, ``fedge agent privacy``'s default, where
+        the entry has none). A run without DP says so (ε unbounded). Never raises: the
+        charge stands whatever the line says."""
+        try:
+            e = self.entry(key)
+            delta = float(e.get("delta") or 1e-5)
+            eps = self.epsilon(delta, job=e["job"])
+            said = "unbounded" if eps == math.inf else f"{eps:.4g}"
+            kind = e.get("mechanism", DP_SGD)
+            settings = ("no DP: the exact update" if kind == NO_DP else
+                        f"noise_multiplier {e['noise_multiplier']:g}"
+                        + (f", sampling_rate {e['sampling_rate']:g}, steps {e['steps']}"
+                           if kind == DP_SGD else "")
+                        + (f", max_grad_norm {e['max_grad_norm']:g}"
+                           if "max_grad_norm" in e else "")
+                        + (f", clip_norm {e['clip_norm']:g}" if e.get("clip_norm") else ""))
+            _log.info("privacy ledger: job %s round %d (attempt %d here%s) released: data set "
+                      "%s, mechanism %s (%s); the job's epsilon so far %s at delta %g",
+                      e["job"], e["round"], e["attempt"],
+                      f", task {e['task_id']}" if "task_id" in e else "",
+                      e.get("dataset", "not recorded"), kind, settings, said, delta)
+        except Exception:  # the line is for people; the ledger's record is the charge
+            _log.exception("privacy ledger: the release of %s was recorded, its log line "
+                           "failed", key)
 
     def pending(self, *, job: str | None = None) -> list[dict[str, Any]]:
         """The selected entries whose output never left the site (not counted in ε)."""

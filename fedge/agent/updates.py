@@ -63,6 +63,23 @@ TARGETS_BASE = URL_SCHEME + "targets/"
 
 REPORTED = "reported.json"  # outcomes sent to roll-outs, for a coordinator asking again
 REPORTED_KEEP = 64
+# Every outcome, installed or refused, one JSON line each (`AgentUpdater.audit_log`).
+# A coordinator decides how often this appliance refuses something (each ask is one
+# refusal at most, each retryable one again when asked again), so the file is
+# bounded: past AUDIT_ROTATE_BYTES it becomes audit.jsonl.1 (replacing the one
+# before) and a new one starts; the two hold thousands of outcomes (a line is under
+# 2 KB: a detail is cut at AUDIT_DETAIL_MAX characters), decades of roll-outs.
+AUDIT = "audit.jsonl"
+AUDIT_ROTATE_BYTES = 4 * 1024 * 1024
+AUDIT_DETAIL_MAX = 1000
+# The fields of an audit line; a line written before they all were kept lacks some
+# (read back as None: `audit_log`)
+AUDIT_FIELDS = ("time", "rollout_id", "kind", "name", "version", "path", "sha256", "ok",
+                "rolled_back", "detail", "targets_version", "targets_signed_by",
+                "root_version")
+# A software update staged for its restart: what is known of it then (sha256, who
+# signed it) for the audit line its outcome gets after the restart (`on_heartbeat_ack`)
+STAGED = "staged.json"
 # How an outcome refused for expired metadata begins (`handle_update_available`,
 # `AgentUpdater.install`): not kept as final, since a clock put right makes it pass
 EXPIRED_DETAIL = f"{ExpiredMetadataError.__name__}: "
@@ -297,8 +314,10 @@ class AgentUpdater:
 
     State under ``<state_dir>``: ``tuf/metadata/root.json`` (trusted root from
     enrolment), ``tuf/targets/`` (verified downloads, each removed once installed),
-    ``updates/installed.json`` and ``updates/audit.jsonl``; installed apps under
-    ``apps/<name>/`` (`current` and the version before it).
+    ``updates/installed.json``, ``updates/audit.jsonl`` (every outcome, installed or
+    refused, with who signed it; rotated to ``audit.jsonl.1``: AUDIT_ROTATE_BYTES) and
+    ``updates/staged.json`` (a software update awaiting its restart); installed apps
+    under ``apps/<name>/`` (`current` and the version before it).
     """
 
     def __init__(self, state_dir: Path, fetcher: FetcherInterface | None = None, *,
@@ -315,6 +334,9 @@ class AgentUpdater:
         self.clock = clock
         self._updater: Updater | None = None
         self._listed: set[str] = set()  # download names of the targets last verified
+        # who signed the targets metadata the last refresh verified (`_signed_by`); None
+        # when it verified none (refused, undeliverable, or not refreshed yet)
+        self.signers: dict[str, object] | None = None
 
     # -- verification --------------------------------------------------------------------
     def _refreshed(self) -> Updater:
@@ -350,6 +372,7 @@ class AgentUpdater:
         """
         if self.fetcher is None:
             raise DownloadError("no fetcher: attach an AgentUpdateClient or pass fetcher=")
+        self.signers = None  # until this refresh verifies targets metadata
         try:
             updater = self._refreshed()
         except DownloadHTTPError as exc:
@@ -362,6 +385,7 @@ class AgentUpdater:
             updater = self._refreshed()
         self._updater = updater
         targets = tuf_repo.load((self.metadata_dir / "targets.json").read_bytes(), "targets")
+        self.signers = self._signed_by(targets)
         self._listed = {_download_name(path) for path in targets.signed.targets}
         specs = []
         for tf in targets.signed.targets.values():
@@ -370,6 +394,23 @@ class AgentUpdater:
             except ValueError:
                 continue  # signed by the console but not a fedge target: ignore it
         return specs
+
+    def _signed_by(self, targets: Any) -> dict[str, object] | None:
+        """Who vouches for the targets metadata `targets` that python-tuf just verified:
+        its version, the ids of the targets keys (the console's offline key) whose
+        signatures on it verify under the trusted root, and that root's version. None
+        (logged) if the trusted root cannot be read back."""
+        try:
+            root = tuf_repo.load((self.metadata_dir / "root.json").read_bytes(), "root")
+            result = root.signed.get_verification_result(
+                "targets", targets.signed_bytes, targets.signatures)
+        except (OSError, ValueError) as exc:
+            log.warning("cannot tell which keys signed targets v%d: %s",
+                        targets.signed.version, exc)
+            return None
+        return {"targets_version": targets.signed.version,
+                "targets_signed_by": sorted(result.signed),
+                "root_version": root.signed.version}
 
     def pending(self) -> list[tuf_repo.TargetSpec]:
         """The newest verified target per lineage that this appliance would install
@@ -486,9 +527,10 @@ class AgentUpdater:
         return json.loads(path.read_text()) if path.exists() else {}
 
     def install(self, spec: tuf_repo.TargetSpec, *, models: ModelInstaller | None = None,
-                service: Service | None = None, health_deadline_s: float = 30.0
-                ) -> InstallOutcome:
-        """Download, verify and install `spec`; record and audit the outcome.
+                service: Service | None = None, health_deadline_s: float = 30.0,
+                rollout_id: str = "") -> InstallOutcome:
+        """Download, verify and install `spec`; record, audit and log the outcome
+        (under `rollout_id`, the roll-out that asked for it, if any).
 
         Software goes into an A/B slot and is restarted through `service`; a failed
         health check switches back to the previous slot. Never raises for a failed
@@ -527,7 +569,26 @@ class AgentUpdater:
         finally:
             self.discard_downloads(spec)
         outcome = InstallOutcome(spec.kind, spec.name, spec.version, ok, rolled_back, detail)
-        self.record(outcome)
+        self.record(outcome, rollout_id=rollout_id, path=spec.path, sha256=spec.sha256,
+                    signers=self.signers)
+        return outcome
+
+    def conclude(self, msg: UpdateAvailable, spec: tuf_repo.TargetSpec | None, ok: bool,
+                 detail: str) -> UpdateOutcome:
+        """The outcome of roll-out `msg` that ends before `install` (refused by TUF, not
+        signed, older than what is here, a bad software bundle; or nothing to do):
+        audited and logged, a refusal at WARNING, as `install` does its own. `spec`
+        is the target (verified, or only named by `msg.path`), None if not known.
+        Never raises: an audit line that cannot be written is logged, and the outcome
+        still goes to the coordinator."""
+        outcome = UpdateOutcome(msg.rollout_id, msg.path, ok, False, detail)
+        what = InstallOutcome(spec.kind if spec else "", spec.name if spec else "",
+                              spec.version if spec else "", ok, False, detail)
+        try:
+            self._audit(what, rollout_id=msg.rollout_id, path=msg.path,
+                        sha256=spec.sha256 if spec else "", signers=self.signers)
+        except OSError:
+            log.exception("cannot audit the outcome of roll-out %s", msg.rollout_id)
         return outcome
 
     # -- outcomes reported to roll-outs ------------------------------------------------
@@ -573,13 +634,18 @@ class AgentUpdater:
                       "will be found by installing", path, exc, aside.name)
             return []
 
-    def record(self, outcome: InstallOutcome) -> None:
-        """Remember a successful install as installed; audit every outcome."""
+    def record(self, outcome: InstallOutcome, *, rollout_id: str = "", path: str = "",
+               sha256: str = "", signers: dict[str, object] | None = None) -> None:
+        """Remember a successful install as installed; audit and log every outcome
+        (`_audit`: the roll-out, target path and sha256, and who signed it, if known).
+
+        Raises: OSError: installed.json or the audit line cannot be written."""
         if outcome.ok:
             installed = self.installed()
             installed[f"{outcome.kind}/{outcome.name}"] = outcome.version
             write_json(self.state_dir / "updates" / "installed.json", installed)
-        self._audit(outcome)
+        self._audit(outcome, rollout_id=rollout_id, path=path, sha256=sha256,
+                    signers=signers)
 
     def _install_app(self, spec: tuf_repo.TargetSpec, archive: Path) -> str:
         """Unpack the app archive into ``apps/<name>/<version>`` and switch ``current``.
@@ -630,15 +696,35 @@ class AgentUpdater:
             except OSError as exc:
                 log.warning("cannot remove the replaced app version %s: %s", path, exc)
 
-    def _audit(self, outcome: InstallOutcome) -> None:
-        """Append `outcome` to ``updates/audit.jsonl``, on disk (fsynced) before the
-        outcome is reported. A line a crash cut short is ended first, so that it
-        spoils only itself (`audit_log` skips it)."""
-        path = self.state_dir / "updates" / "audit.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        record = {"time": self.clock().isoformat(), **outcome.to_dict()}
+    def _audit(self, outcome: InstallOutcome, *, rollout_id: str, path: str, sha256: str,
+               signers: dict[str, object] | None) -> None:
+        """Log `outcome` (a refusal at WARNING) and append it to ``updates/audit.jsonl``
+        (fields: AUDIT_FIELDS; unknown ones null), on disk (fsynced) before the outcome
+        is reported. A line a crash cut short is ended first, so that it spoils only
+        itself (`audit_log` skips it). Past AUDIT_ROTATE_BYTES the file is rotated
+        first (`_rotate_audit`).
+
+        Raises: OSError: the line cannot be written."""
+        what = " ".join(p for p in (outcome.kind, outcome.name, outcome.version) if p) \
+            or path or "update"
+        log.log(logging.INFO if outcome.ok else logging.WARNING,
+                "update %s (roll-out %s)%s: %s", what, rollout_id or "-",
+                "" if outcome.ok else " refused", outcome.detail)
+        signed = signers or {}
+        record = {
+            "time": self.clock().isoformat(), "rollout_id": rollout_id or None,
+            "kind": outcome.kind or None, "name": outcome.name or None,
+            "version": outcome.version or None, "path": path or None,
+            "sha256": sha256 or None, "ok": outcome.ok, "rolled_back": outcome.rolled_back,
+            "detail": outcome.detail[:AUDIT_DETAIL_MAX],
+            **{k: signed.get(k) for k in ("targets_version", "targets_signed_by",
+                                          "root_version")},
+        }
         line = json.dumps(record, sort_keys=True) + "\n"
-        with open(path, "a+b") as f:
+        audit = self.state_dir / "updates" / AUDIT
+        audit.parent.mkdir(parents=True, exist_ok=True)
+        self._rotate_audit(audit)
+        with open(audit, "a+b") as f:
             if f.tell() > 0:
                 f.seek(-1, os.SEEK_END)
                 if f.read(1) != b"\n":
@@ -647,12 +733,44 @@ class AgentUpdater:
             f.flush()
             os.fsync(f.fileno())
 
+    @staticmethod
+    def _rotate_audit(audit: Path) -> None:
+        """Once `audit` holds AUDIT_ROTATE_BYTES, rename it to ``audit.jsonl.1``
+        (replacing the one rotated before) so that the next line starts a new file:
+        the two together stay under twice that, whatever a coordinator makes this
+        appliance refuse.
+
+        Raises: OSError: the rename cannot be made."""
+        try:
+            size = audit.stat().st_size
+        except FileNotFoundError:
+            return
+        if size < AUDIT_ROTATE_BYTES:
+            return
+        older = audit.with_name(AUDIT + ".1")
+        os.replace(audit, older)
+        dir_fd = os.open(audit.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        log.info("%s reached %d bytes: moved to %s, a new one begins", audit, size,
+                 older.name)
+
     def audit_log(self) -> list[dict[str, object]]:
-        """The audited outcomes, oldest first. A line that is not a JSON record (cut
-        short by a crash or a power cut while it was appended) is skipped and logged."""
-        path = self.state_dir / "updates" / "audit.jsonl"
-        if not path.exists():
-            return []
+        """The audited outcomes, oldest first (``audit.jsonl.1``, then ``audit.jsonl``),
+        each with every field of AUDIT_FIELDS: one a line written before it was kept
+        reads as None. A line that is not a JSON record (cut short by a crash or a power
+        cut while it was appended) is skipped and logged."""
+        audit = self.state_dir / "updates" / AUDIT
+        records = []
+        for path in (audit.with_name(AUDIT + ".1"), audit):
+            if path.exists():
+                records.extend(self._audit_records(path))
+        return records
+
+    @staticmethod
+    def _audit_records(path: Path) -> list[dict[str, object]]:
         records = []
         for number, line in enumerate(path.read_bytes().splitlines(), 1):
             if not line.strip():
@@ -665,6 +783,8 @@ class AgentUpdater:
                 log.warning("%s line %d is not an audit record (a write cut short?): "
                             "skipped (%s)", path, number, exc)
                 continue
+            for field in AUDIT_FIELDS:
+                record.setdefault(field, None)
             records.append(record)
         return records
 
@@ -828,31 +948,34 @@ def handle_update_available(updater: AgentUpdater, msg: UpdateAvailable, *,
     """The agent's answer to the coordinator's UpdateAvailable: verify, install, report.
 
     Blocking (python-tuf is synchronous): from asyncio, run it in an executor.
-    Never raises: every failure is an outcome with its reason. Expired metadata is
+    Never raises: every failure is an outcome with its reason. Every outcome is
+    audited (``updates/audit.jsonl``) and logged, a refusal at WARNING. Expired metadata is
     refused with this appliance's clock and the role's expiry in the reason (a wrong
     clock anywhere reads like a freeze attack), and is `retryable`.
     """
+    spec = _named_target(msg.path)  # until verified, what the path names
     try:
         specs = {s.path: s for s in updater.refresh()}
-        spec = specs.get(msg.path)
-        if spec is None:
+        verified = specs.get(msg.path)
+        if verified is None:
             # No longer listed (a newer version replaced it), or never signed: the
             # version named may still be what is installed here (a roll-out asked
             # again after a newer push: nothing to do), or older than one signed.
-            named = _named_target(msg.path)
-            refused = None if named is None else updater.refusal(named, list(specs.values()))
+            refused = None if spec is None else updater.refusal(spec, list(specs.values()))
             if refused is not None:
-                return UpdateOutcome(msg.rollout_id, msg.path, refused[0], False, refused[1])
-            return UpdateOutcome(msg.rollout_id, msg.path, False, False,
-                                 f"target {msg.path!r} is not in the verified targets metadata")
+                return updater.conclude(msg, spec, *refused)
+            return updater.conclude(
+                msg, spec, False,
+                f"target {msg.path!r} is not in the verified targets metadata")
+        spec = verified
         refused = updater.refusal(spec, list(specs.values()))
         if refused is not None:
-            return UpdateOutcome(msg.rollout_id, msg.path, refused[0], False, refused[1])
+            return updater.conclude(msg, spec, *refused)
         outcome = updater.install(spec, models=models, service=service,
-                                  health_deadline_s=health_deadline_s)
+                                  health_deadline_s=health_deadline_s,
+                                  rollout_id=msg.rollout_id)
     except Exception as exc:  # verification refused, coordinator unreachable, ...
-        return UpdateOutcome(msg.rollout_id, msg.path, False, False,
-                             f"{type(exc).__name__}: {exc}")
+        return updater.conclude(msg, spec, False, f"{type(exc).__name__}: {exc}")
     return UpdateOutcome(msg.rollout_id, msg.path, outcome.ok, outcome.rolled_back,
                          outcome.detail)
 
@@ -985,8 +1108,7 @@ class AgentUpdateClient:
                 self.executor, lambda: handle_update_available(
                     self.updater, msg, models=self.models, service=self.service,
                     health_deadline_s=self.health_deadline_s))
-            log.info("update %s: %s", msg.path, outcome.detail)
-            await self._report(outcome)
+            await self._report(outcome)  # audited and logged by handle_update_available
 
     async def _report(self, outcome: UpdateOutcome) -> None:
         """Keep `outcome` on disk (a coordinator that lost it asks again), then send it."""
@@ -1045,6 +1167,7 @@ class AgentUpdateClient:
         """Stage a software target for the restart (`_restart_when_idle`): the version
         staged, an outcome if refused, None if `msg` is not software."""
         assert self.self_update is not None
+        spec = None
         try:
             specs = self.updater.refresh()
             spec = {s.path: s for s in specs}.get(msg.path)
@@ -1055,7 +1178,11 @@ class AgentUpdateClient:
             # unpack over) the running slot.
             refused = self.updater.refusal(spec, specs)
             if refused is not None:
-                return UpdateOutcome(msg.rollout_id, msg.path, refused[0], False, refused[1])
+                return self.updater.conclude(msg, spec, *refused)
+            # what the outcome's audit line, written after the restart, says of it
+            write_json(self.updater.state_dir / "updates" / STAGED, {
+                "rollout_id": msg.rollout_id, "path": msg.path, "version": spec.version,
+                "sha256": spec.sha256, "signers": self.updater.signers})
             try:
                 bundle = self.updater.download(spec)
                 self.self_update.stage(spec.version, bundle, rollout_id=msg.rollout_id,
@@ -1063,8 +1190,12 @@ class AgentUpdateClient:
             finally:  # unpacked into its slot, or refused: not needed again
                 self.updater.discard_downloads(spec)
         except Exception as exc:  # refused by TUF, bad bundle: nothing switched
-            return UpdateOutcome(msg.rollout_id, msg.path, False, False,
-                                 f"{type(exc).__name__}: {exc}")
+            with contextlib.suppress(OSError):
+                (self.updater.state_dir / "updates" / STAGED).unlink(missing_ok=True)
+            # refused at refresh, the target not yet known: software or not, this
+            # refusal is the outcome (handle_update_available would refuse it the same)
+            return self.updater.conclude(msg, spec or _named_target(msg.path), False,
+                                         f"{type(exc).__name__}: {exc}")
         return str(spec.version)
 
     @property
@@ -1092,9 +1223,36 @@ class AgentUpdateClient:
                                 str(out.get("detail", "")))
         version = str(out.get("version", ""))
         name = str(out.get("name") or tuf_repo.SOFTWARE_NAME)  # staged before names were kept
+        staged = self._take_staged(outcome.rollout_id, version)
+        signers = staged.get("signers")
         self.updater.record(InstallOutcome("software", name, version, outcome.ok,
-                                           outcome.rolled_back, outcome.detail))
+                                           outcome.rolled_back, outcome.detail),
+                            rollout_id=outcome.rollout_id, path=outcome.path,
+                            sha256=str(staged.get("sha256") or ""),
+                            signers=signers if isinstance(signers, dict) else None)
         await self._report(outcome)
+
+    def _take_staged(self, rollout_id: str, version: str) -> dict[str, Any]:
+        """What `_stage_software` kept of the software update whose outcome this is
+        (the same roll-out and version), once; {} if nothing (staged by a release
+        that kept nothing, or unreadable: the audit line then lacks sha256 and
+        signers)."""
+        path = self.updater.state_dir / "updates" / STAGED
+        try:
+            doc = json.loads(path.read_text())
+            path.unlink()
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.warning("%s is unreadable (%s): the audit line of roll-out %s lacks its "
+                        "sha256 and signers", path, exc, rollout_id)
+            with contextlib.suppress(OSError):
+                path.unlink()
+            return {}
+        if not isinstance(doc, dict) or (doc.get("rollout_id"), doc.get("version")) != (
+                rollout_id, version):
+            return {}
+        return doc
 
     async def _request(self, req: UpdateFetchRequest) -> UpdateFetchReply:
         """Send `req` until its reply comes: again after `reply_timeout_s` without one,

@@ -9,6 +9,9 @@ Written under ``<state_dir>`` (files 0600, directories 0700)::
     tuf/metadata/root.json   trusted TUF root for signed updates
     enrolment.json           site, console id and console key fingerprint, roster public
                              key (last)
+    enrolment-history.jsonl  one line per enrolment installed, never rewritten: when, by
+                             which user, the site, console and coordinator it made this
+                             appliance, and the enrolment it replaced (`HISTORY`)
 
 A file signed by another console than the one this appliance already trusts is
 refused, as are corrupt and expired files; nothing is written then.
@@ -42,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -50,6 +54,12 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_STATE_DIR = Path("/var/lib/fedge")
+# Appended (fsynced) on every enrolment installed: `enrolment.json` holds only the
+# last, so this is what says which site, console and coordinator this appliance was
+# before a `--replace`, and when. A few lines a year: not rotated.
+HISTORY = "enrolment-history.jsonl"
+
+log = logging.getLogger("fedge.agent.enrol")
 
 
 @dataclass(frozen=True)
@@ -64,7 +74,8 @@ class EnrolledSite:
     roster_public_key: bytes
     state_dir: Path
     # what this install replaced: another site's enrolment ("site 'h1' of console
-    # key …"), installed over with `replace`; None when there was none or the same site
+    # key …") or an unreadable one, installed over with `replace`; None when there was
+    # none or the same site
     replaced: str | None = None
 
 
@@ -152,6 +163,10 @@ def install_enrolment(file: Path, state_dir: Path, *, now: datetime | None = Non
         keep_root = _check_root_chains(state_dir, root, file, replace=replace)
         _check_coordinator_pin(state_dir, e.site, e.coordinator_endpoint,
                                e.coordinator_public_key, file, replace=replace)
+    # what this appliance was, for the history line: read before anything is written
+    before = _enrolled_before(state_dir) if existing.exists() else None
+    if previous is None and existing.exists():  # corrupt, enrolled over with `replace`
+        replaced = f"an unreadable enrolment state ({existing})"
     for d in (state_dir, state_dir / "keys"):
         d.mkdir(parents=True, exist_ok=True)
         os.chmod(d, 0o700)
@@ -168,10 +183,80 @@ def install_enrolment(file: Path, state_dir: Path, *, now: datetime | None = Non
         "roster_public_key": e.roster_public_key.hex(), "issued": e.issued.isoformat(),
         "expires": e.expires.isoformat(),
     })
+    _note_enrolment(state_dir, {
+        "time": now.isoformat(), **_who(), "site": e.site, "console_id": e.console_id,
+        "console_fingerprint": e.fingerprint(),
+        "coordinator_endpoint": e.coordinator_endpoint,
+        "coordinator_public_key": e.coordinator_public_key,
+        "issued": e.issued.isoformat(), "expires": e.expires.isoformat(),
+        "tuf_root_version": root.signed.version,  # kept only when the same root
+        "replaced": replaced is not None, "replaced_enrolment": replaced,
+        "previous": before,
+    })
     _give_to_owner(state_dir)
     return EnrolledSite(e.site, e.console_id, e.fingerprint(), e.coordinator_endpoint,
                         e.coordinator_public_key, e.curve_public, e.curve_secret,
                         e.roster_public_key, state_dir, replaced)
+
+
+def _enrolled_before(state_dir: Path) -> dict[str, object] | None:
+    """What this appliance was enrolled as before this install (read before it is
+    overwritten), for its history line: site, console fingerprint, coordinator; None
+    if unreadable (a corrupt state replaced with ``replace``)."""
+    try:
+        meta = json.loads((state_dir / "enrolment.json").read_text())
+        doc: dict[str, object] = {"site": meta.get("site"),
+                                  "console_fingerprint": meta.get("console_fingerprint")}
+    except (OSError, ValueError, AttributeError):
+        return None
+    try:
+        coord = json.loads((state_dir / "keys" / "coordinator.json").read_text())
+        doc["coordinator_endpoint"] = coord.get("endpoint")
+        doc["coordinator_public_key"] = coord.get("public_key")
+    except (OSError, ValueError, AttributeError):
+        pass
+    return doc
+
+
+def _who() -> dict[str, object]:
+    """Who runs this enrolment: the user id and name, and the user sudo ran it for."""
+    uid = os.getuid()
+    try:
+        import pwd
+
+        user: str | None = pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError):
+        user = None
+    return {"uid": uid, "user": user, "sudo_user": os.environ.get("SUDO_USER")}
+
+
+def _note_enrolment(state_dir: Path, record: dict[str, object]) -> None:
+    """Append `record` to ``enrolment-history.jsonl`` (0600, fsynced; a line a crash
+    cut short is ended first) and log it at INFO. The enrolment is installed by then:
+    a line that cannot be written is logged as an error, not raised."""
+    path = state_dir / HISTORY
+    line = json.dumps(record, sort_keys=True) + "\n"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "r+b") as f:
+            end = f.seek(0, os.SEEK_END)
+            if end > 0:
+                f.seek(end - 1)
+                if f.read(1) != b"\n":
+                    line = "\n" + line
+            f.write(line.encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        log.error("enrolment of site %r installed, but %s cannot be appended: %s",
+                  record["site"], path, exc)
+        return
+    log.info("enrolled site %r (console key %s, coordinator %s) by uid %s%s%s; history "
+             "in %s", record["site"], record["console_fingerprint"],
+             record["coordinator_endpoint"], record["uid"],
+             f" (sudo by {record['sudo_user']})" if record.get("sudo_user") else "",
+             f"; replaced {record['replaced_enrolment']}" if record["replaced"] else "",
+             path)
 
 
 def _check_root_chains(state_dir: Path, new: Any, file: Path, *, replace: bool) -> bool:
@@ -386,7 +471,8 @@ def _cmd_enrol(args: argparse.Namespace) -> int:
         print(f"replaced {site.replaced}; kept this appliance's privacy ledger and reveal "
               "log (the budget its data has spent stays spent)")
     print(f"enrolled site {site.site} with console key {site.console_fingerprint}; "
-          f"coordinator {site.coordinator_endpoint}; state in {site.state_dir}")
+          f"coordinator {site.coordinator_endpoint}; state in {site.state_dir} (this "
+          f"enrolment is kept in {site.state_dir / HISTORY})")
     print(f"now destroy {args.file} (e.g. `shred -u {args.file}`, and any copy of it): it "
           "holds this appliance's secret keys, and whoever has it can connect as site "
           f"{site.site} until the console revokes it, expired or not")

@@ -541,3 +541,39 @@ sh $P/postrm purge 2>>$ERR
     assert out[1].splitlines()[1:] == masked, out[1]
     assert out[2].splitlines()[1:] == ["fedge-serve.service -> /dev/null"], out[2]
     assert out[3].splitlines()[1:] == ["fedge-serve.service -> /dev/null"], out[3]
+
+
+@needs_namespace
+def test_purge_overwrites_key_files_before_deleting_them(tmp_path: Path) -> None:
+    """Deleted without an overwrite, a key stays readable on the disk of an appliance
+    that leaves the hospital. A second hard link to each key file, made before the
+    purge, shows what the purge left in its blocks: zeros, not the key."""
+    proc = in_scratch_root(tmp_path, """
+sh $P/postinst configure '' 2>>$ERR
+mkdir -p /var/lib/fedge/keys /var/lib/fedge-coordinator /var/lib/seen /etc/fedge/credentials/coordinator
+echo agent-identity-secret > /var/lib/fedge/keys/identity.key
+echo agent-curve-secret > /var/lib/fedge-credentials/agent/curve.key
+echo coordinator-provision-secret > /var/lib/fedge-coordinator/coordinator-provision.json
+echo etc-provision-secret > /etc/fedge/credentials/coordinator/coordinator-provision.json
+mkdir -p /etc/seen
+ln /var/lib/fedge/keys/identity.key /var/lib/seen/identity
+ln /var/lib/fedge-credentials/agent/curve.key /var/lib/seen/curve
+ln /var/lib/fedge-coordinator/coordinator-provision.json /var/lib/seen/provision
+ln /etc/fedge/credentials/coordinator/coordinator-provision.json /etc/seen/provision
+echo model > /var/lib/fedge/model.onnx
+sh $P/postrm purge 2>>$ERR
+for f in /var/lib/seen/identity /var/lib/seen/curve /var/lib/seen/provision /etc/seen/provision; do
+    echo "$f: $(tr -d '\\000' < $f | wc -c) non-zero bytes, $(wc -c < $f) bytes"
+done
+for p in /var/lib/fedge /var/lib/fedge-credentials /etc/fedge/credentials; do
+    if [ -e "$p" ]; then echo "left: $p"; fi
+done
+""")
+    assert proc.returncode == 0, proc.stdout + proc.stderr + script_stderr(tmp_path)
+    lines = proc.stdout.splitlines()
+    seen = [line for line in lines if "non-zero bytes" in line]
+    assert len(seen) == 4, lines
+    for line in seen:
+        assert " 0 non-zero bytes" in line, (line, script_stderr(tmp_path))
+        assert not line.endswith(" 0 bytes"), line  # overwritten in place, not truncated
+    assert not [line for line in lines if line.startswith("left: ")], lines

@@ -268,16 +268,41 @@ def _cmd_enrol(args: argparse.Namespace) -> int:
     return _run(go, args)
 
 
+def _not_revoked_there(site: str, exc: BaseException) -> Exception:
+    """What `revoke` raises when the coordinator did not take a revocation this console
+    has already recorded: the console's own record says revoked from then on, so say
+    plainly that the coordinator, which is what lets the key in, was not told."""
+    from fedge.console.store import ConsoleError
+
+    return ConsoleError(
+        f"{exc}\n{site} is revoked in this console but NOT on the coordinator: its key "
+        f"is still accepted there; run `fedge console revoke {site}` (or `fedge console "
+        "sync`) again once the coordinator answers")
+
+
 def _cmd_revoke(args: argparse.Namespace) -> int:
     def go(args: argparse.Namespace) -> int:
-        store = _store(args)
+        from fedge.console.client import AdminError
         from fedge.console.enrolment import ENROLMENTS
 
-        store.revoke_site(args.site)
+        store = _store(args)
+        site = args.site
+        store.revoke_site(site)  # a site already revoked here stays as it was
         # the site's file, if `enrol` wrote it here, holds keys that are dead from now on
-        (store.home / ENROLMENTS / f"{args.site}.fedge-enrol").unlink(missing_ok=True)
-        _call(args, "revoke", {"site": args.site}, {"roster": store.roster().to_bytes()})
-        print(f"revoked {args.site}: connection dropped, key refused from now on")
+        (store.home / ENROLMENTS / f"{site}.fedge-enrol").unlink(missing_ok=True)
+        try:
+            _call(args, "revoke", {"site": site}, {"roster": store.roster().to_bytes()})
+        except AdminError as exc:
+            if "unknown site" not in str(exc):
+                raise _not_revoked_there(site, exc) from exc
+            # enrolled --offline and never sent: the coordinator never let its key in
+            print(f"revoked {site} in this console; the coordinator never had it (it was "
+                  "not sent: enrolled --offline and never synced), so no key of it is "
+                  "accepted there")
+            return 0
+        except TimeoutError as exc:
+            raise _not_revoked_there(site, exc) from exc
+        print(f"revoked {site}: connection dropped, key refused from now on")
         return 0
 
     return _run(go, args)

@@ -307,7 +307,9 @@ class ConsoleStore:
                            "signature": signature.hex()}, sort_keys=True).encode()
 
     def revoke_site(self, site: str) -> dict[str, object]:
-        """Mark `site` revoked; returns its record.
+        """Mark `site` revoked; returns its record. A site already revoked is left as
+        it was (its revocation time, the roster serial): revoking it again only tells
+        the coordinator again, e.g. one that was unreachable the first time.
 
         Raises: ConsoleError if the site was never enrolled.
         """
@@ -315,6 +317,8 @@ class ConsoleStore:
         if info is None:
             raise ConsoleError(f"site {site!r} is not enrolled (enrolled: "
                                f"{', '.join(sorted(self.state['sites'])) or 'none'})")
+        if info.get("revoked"):
+            return dict(info)
         self._roster_changed()
         info["revoked"] = True
         info["revoked_at"] = self.clock().isoformat()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import linecache
 import logging
 import threading
 import unicodedata
@@ -68,7 +69,83 @@ class RecentJobs(OrderedDict[str, Any]):
 
 
 class TaskRefusal(Exception):
-    """This site cannot run the task; the message is the reason sent to the coordinator."""
+    """This site cannot run the task; the message is the reason sent to the coordinator.
+
+    The coordinator keeps that reason for good (its database, audit table and the
+    job's report), so it never carries what a data file holds or where it lies: a
+    data error goes as its public form (``DataError.public``: the data set, file in
+    words, line, column and kind of problem), an unforeseen error as its type alone
+    (:func:`public_reason`); the details go to this site's journal."""
+
+
+# What an outbound reason says in place of an error's own text.
+SEE_JOURNAL = "details in this appliance's journal"
+
+
+def _raised_by_fedge(exc: BaseException) -> bool:
+    """Whether ``exc`` comes from a ``raise`` statement of fedge's own (its text made
+    from the plan, agent.toml, counts and shapes), not from a library fedge called:
+    numpy's "could not convert string to float: 'DOE^JANE'" quotes the cell it choked
+    on, and an OSError names a path. Decided on the innermost frame of its traceback
+    (a library's error raised from a line of fedge's that is not a ``raise`` is the
+    library's)."""
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    module = tb.tb_frame.f_globals.get("__name__", "")
+    if module != "fedge" and not module.startswith("fedge."):
+        return False
+    return linecache.getline(tb.tb_frame.f_code.co_filename,
+                             tb.tb_lineno).lstrip().startswith("raise ")
+
+
+def without_paths(text: str, paths: Sequence[str]) -> str:
+    """``text`` less the data set paths ``paths`` (agent.toml ``path``): a config
+    error names its data set's path for the site's own people ("dataset 'x'
+    (/srv/data/x.csv): ..."), which the coordinator is not told."""
+    for path in paths:
+        if isinstance(path, str) and path:
+            text = text.replace(f" ({path})", "")
+            if "/" in path or "\\" in path:
+                text = text.replace(path, "(its path)")
+    return text
+
+
+def public_reason(exc: BaseException, paths: Sequence[str] = ()) -> str:
+    """``exc`` as a refusal may say it to the coordinator: a ``DataError``'s public
+    form; an error of fedge's own checks with its text (less the data set ``paths``);
+    an OSError's kind (``strerror``, not the file it names); anything else as its
+    type alone, the rest in this site's journal."""
+    from fedge.train.data import DataError
+
+    if isinstance(exc, DataError):
+        return f"{exc.public} ({SEE_JOURNAL})"
+    kind = type(exc).__name__
+    if isinstance(exc, OSError):
+        return f"{kind}: {exc.strerror or 'error'} ({SEE_JOURNAL})"
+    if _raised_by_fedge(exc):
+        return f"{kind}: {without_paths(str(exc), paths)}"
+    return f"{kind} ({SEE_JOURNAL})"
+
+
+def journal_error(what: str, exc: BaseException) -> None:
+    """Log why ``what`` failed in this site's journal, at WARNING without the text
+    of a cell (a ``DataError``'s ``journal`` form; a library's error by its type, as
+    its text may quote a value), the rest at DEBUG."""
+    from fedge.train.data import DataError
+
+    if isinstance(exc, DataError):
+        log.warning("%s: %s", what, exc.journal)
+        if exc.holds_value:
+            log.debug("%s: %s", what, exc)
+    elif isinstance(exc, OSError) or _raised_by_fedge(exc):
+        log.warning("%s: %s: %s", what, type(exc).__name__, exc)
+    else:
+        log.warning("%s: %s (its text, which may quote a value of the data, is logged "
+                    "at DEBUG level)", what, type(exc).__name__)
+        log.debug("%s: %s: %s", what, type(exc).__name__, exc, exc_info=exc)
 
 
 def _check_cancel(cancel: threading.Event | None, when: str) -> None:
@@ -116,7 +193,8 @@ class Trainer(Protocol):
 
 
 def declared_but_refused(name: str, why: str) -> str:
-    """The refusal of a task naming a data set whose agent.toml table is refused."""
+    """The refusal of a task naming a data set whose agent.toml table is refused
+    (``why``: ``TorchTrainer.unusable``'s, which names no path)."""
     return f"data set {name!r} is declared in this appliance's agent.toml but refused: {why}"
 
 
@@ -241,7 +319,9 @@ class TorchTrainer:
         self._job_state = (JobStateStore(Path(state_dir) / "jobs") if state_dir is not None
                            else None)
         self._specs: dict[str, DatasetSpec] = {}
-        self.unusable: dict[str, str] = {}  # data set name -> why its table is refused
+        # data set name -> why its table is refused, as the coordinator may be told it
+        # (no path; the journal has the whole message)
+        self.unusable: dict[str, str] = {}
         for i, table in enumerate(dataset_tables):
             try:
                 spec = DatasetSpec.from_config(table)
@@ -249,7 +329,7 @@ class TorchTrainer:
                 name = table.get("name")
                 name = (unicodedata.normalize("NFC", name) if isinstance(name, str) and name
                         else f"[[datasets]] #{i + 1}")
-                self.unusable[name] = str(exc)
+                self.unusable[name] = without_paths(str(exc), [table.get("path")])
                 log.error("data set %r in agent.toml left out, its tasks refused until the "
                           "table is fixed: %s", name, exc)
                 continue
@@ -327,8 +407,15 @@ class TorchTrainer:
                 try:
                     self._data[name] = load_site_data(self._specs[name])
                 except (OSError, ValueError) as exc:
-                    raise TaskRefusal(f"data set {name!r} cannot be loaded: {exc}") from exc
+                    # the coordinator keeps the reason for good: no cell, no path
+                    journal_error(f"data set {name!r} cannot be loaded", exc)
+                    raise TaskRefusal(f"data set {name!r} cannot be loaded: "
+                                      f"{public_reason(exc, self._paths())}") from exc
             return self._data[name]
+
+    def _paths(self) -> list[str]:
+        """The data sets' paths, which no outbound reason names."""
+        return [spec.path for spec in self._specs.values()]
 
     def train(self, site: str, job: str, plan: Plan, weights: np.ndarray, *, round: int,
               seed: int, server_control: np.ndarray | None = None,
@@ -385,7 +472,9 @@ class TorchTrainer:
                               min_site_examples=plan.privacy.get("min_site_examples"),
                               cancel=cancel, max_colluders=self.max_colluders)
         except (KeyError, ValueError, TypeError, RuntimeError) as exc:
-            raise TaskRefusal(f"local training failed: {type(exc).__name__}: {exc}") from exc
+            journal_error(f"job {job} round {round}: local training failed", exc)
+            raise TaskRefusal("local training failed: "
+                              f"{public_reason(exc, self._paths())}") from exc
         # cancelled as it ended: the run is in the ledger pending (never released) and
         # the agent sends nothing
         _check_cancel(cancel, "when training ended")
@@ -451,7 +540,9 @@ class TorchTrainer:
             out = evaluate(ModelSpec(plan.model_name, dict(plan.model_params)),
                            np.asarray(weights, dtype=np.float32), data, split)
         except (KeyError, ValueError, TypeError, RuntimeError) as exc:
-            raise TaskRefusal(f"evaluation failed: {type(exc).__name__}: {exc}") from exc
+            journal_error(f"evaluation of data set {plan.dataset!r} failed", exc)
+            raise TaskRefusal("evaluation failed: "
+                              f"{public_reason(exc, self._paths())}") from exc
         return out.n_examples, {k: float(v) for k, v in out.metrics.items()}
 
 

@@ -63,7 +63,9 @@ Every problem in a file raises ``DataError`` naming the file, the line (1-based,
 the header is line 1) and the column.  A ``.npz`` has no lines, so its errors
 name the row instead (1-based, the first row of the arrays is row 1) and the
 array.  CSV must be UTF-8 text; a leading byte-order mark (as Excel writes) is
-ignored.
+ignored.  The message quotes the bad cell, for this site's own people; what may
+leave the appliance is ``DataError.public``, which names neither a value nor a
+path (a task refusal's reason: the coordinator keeps it for good).
 """
 
 from __future__ import annotations
@@ -101,8 +103,36 @@ _SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "v
 log = logging.getLogger("fedge.train")
 
 
+# Files whose name is fixed by their format (FLamby's Fed-TCGA-BRCA), so naming them
+# says nothing about a patient or about where this site keeps its data.
+_PUBLIC_FILE_NAMES = frozenset({"brca.csv", "train_test_split.csv"})
+
+# The public form of an error whose raise gave no ``problem``.
+UNSAID_PROBLEM = "unusable"
+
+
 class DataError(ValueError):
-    """A data file is unusable; ``file``, ``line`` and ``column`` say where."""
+    """A data file is unusable; ``file``, ``line`` and ``column`` say where.
+
+    It has three forms, for three readers:
+
+    - ``str(error)``, the full account for this site's own people: the path, and for
+      a bad cell the text it holds (a name typed into a numeric column, say);
+    - :attr:`journal`, the same less any text read from a cell, for this site's
+      journal at WARNING (the cell's text goes at DEBUG only);
+    - :attr:`public`, what may leave the appliance (a task refusal the coordinator
+      stores for good): which file in words that name no path ("the data file",
+      "an image file", a format's fixed file name), line or row, the column, and
+      the kind of problem. Never a value, a path or a file or folder name the site
+      chose (an image's often carries an MRN).
+
+    ``problem``: the kind of problem for :attr:`public`, text of the code's own (no
+    value, path or library message in it). ``part``: what the file is, for
+    :attr:`public`; default "the data file" (or the file's name where a format fixes
+    it). ``holds_value``: ``message`` quotes text read from a cell. ``column_public``:
+    False where the column name was read from the file's own header rather than
+    declared in agent.toml (a file without a header has a patient's row there).
+    """
 
     def __init__(
         self,
@@ -112,19 +142,48 @@ class DataError(ValueError):
         line: int | None = None,
         column: str | None = None,
         row: int | None = None,
+        problem: str = UNSAID_PROBLEM,
+        part: str | None = None,
+        holds_value: bool = False,
+        column_public: bool = True,
     ) -> None:
         self.file = str(file)
         self.line = line
         self.row = row  # for .npz arrays, which have rows but no lines
         self.column = column
-        where = self.file
-        if line is not None:
-            where += f", line {line}"
-        if row is not None:
-            where += f", row {row}"
+        self.problem = problem
+        self.holds_value = holds_value
+        if part is None:
+            name = Path(self.file).name
+            part = name if name in _PUBLIC_FILE_NAMES else "the data file"
+        self.part = part
+        self._column_public = column_public
+        super().__init__(f"{self._where(self.file, column)}: {message}")
+
+    def _where(self, what: str, column: str | None) -> str:
+        if self.line is not None:
+            what += f", line {self.line}"
+        if self.row is not None:
+            what += f", row {self.row}"
         if column is not None:
-            where += f", column {column!r}"
-        super().__init__(f"{where}: {message}")
+            what += f", column {column!r}"
+        return what
+
+    @property
+    def public(self) -> str:
+        """This error as it may leave the appliance: no value, path or file name."""
+        column = self.column if self._column_public else None
+        where = self._where(self.part, None)
+        if column is not None:
+            where += f", column {_shown(column)}"
+        return f"{where}: {self.problem}"
+
+    @property
+    def journal(self) -> str:
+        """This error for the site's journal: ``str()`` less any text read from a cell."""
+        if not self.holds_value:
+            return str(self)
+        return f"{self._where(self.file, self.column)}: {self.problem}"
 
 
 # The [[datasets]] keys that name a column of the data file (besides features).
@@ -528,14 +587,15 @@ def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
             (naming the line and, where there is one, the column).
     """
     if not path.is_file():
-        raise DataError(path, "file does not exist")
+        raise DataError(path, "file does not exist", problem="file does not exist")
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")  # Excel's "CSV UTF-8" starts with a BOM
     except UnicodeDecodeError as exc:
         raise _not_utf8(path, exc) from None
     if not text.strip():
-        raise DataError(path, "file is empty (no header line)", line=1)
+        raise DataError(path, "file is empty (no header line)", line=1,
+                        problem="file is empty (no header line)")
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     rows: list[tuple[int, list[str]]] = []
     try:
@@ -545,7 +605,8 @@ def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
                 continue
             rows.append((reader.line_num, fields))
     except csv.Error as exc:
-        raise DataError(path, f"malformed CSV: {exc}", line=reader.line_num) from exc
+        raise DataError(path, f"malformed CSV: {exc}", line=reader.line_num,
+                        problem="malformed CSV") from exc
     # NFC, as agent.toml's column names are read: a header written by an editor that
     # decomposes 'é' names the same column (and two spellings of one name are a repeat)
     header = [_nfc(h.strip()) for h in header]
@@ -557,6 +618,8 @@ def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
                 "(as Excel saves CSV in some locales); fedge reads comma-separated CSV, "
                 "so re-save it as CSV (comma delimited) or as Parquet",
                 line=1,
+                problem=f"the header is one column: this file looks {name}-separated; "
+                "fedge reads comma-separated CSV",
             )
     repeated = sorted({h for h in header if header.count(h) > 1})
     if repeated:
@@ -565,6 +628,8 @@ def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
             f"header names {repeated} more than once; each column needs its own name",
             line=1,
             column=repeated[0],
+            problem="the header names a column more than once",
+            column_public=False,
         )
     for lineno, fields in rows:
         if len(fields) != len(header):
@@ -575,9 +640,12 @@ def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
                 f"{what}: {len(fields)} fields where the header has {len(header)}",
                 line=lineno,
                 column=missing,
+                problem=f"{what}: {len(fields)} fields where the header has {len(header)}",
+                column_public=False,
             )
     if not rows:
-        raise DataError(path, "no data rows after the header", line=2)
+        raise DataError(path, "no data rows after the header", line=2,
+                        problem="no data rows after the header")
     return header, rows
 
 
@@ -589,6 +657,7 @@ def _not_utf8(path: Path, exc: UnicodeDecodeError) -> DataError:
             path,
             "not UTF-8 text: this looks like a Parquet file; name it .parquet",
             line=1,
+            problem="not UTF-8 text (it looks like a Parquet file)",
         )
     # Decode again keeping bad bytes as lone surrogates, and let the csv module
     # find the field that holds the first one, so line and column are its own.
@@ -618,6 +687,8 @@ def _not_utf8(path: Path, exc: UnicodeDecodeError) -> DataError:
         "(in Excel: CSV UTF-8)",
         line=line,
         column=column,
+        problem="not UTF-8 text",
+        column_public=False,
     )
 
 
@@ -641,30 +712,34 @@ def _read_parquet(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     try:
         import pyarrow.parquet as pq
     except ImportError as exc:  # pragma: no cover - depends on the install
-        raise DataError(path, "reading Parquet needs the 'pyarrow' package") from exc
+        raise DataError(path, "reading Parquet needs the 'pyarrow' package",
+                        problem="reading Parquet needs the 'pyarrow' package") from exc
     if not path.is_file():
-        raise DataError(path, "file does not exist")
+        raise DataError(path, "file does not exist", problem="file does not exist")
     if path.stat().st_size == 0:
-        raise DataError(path, "file is empty")
+        raise DataError(path, "file is empty", problem="file is empty")
     try:
         names = list(pq.read_schema(path).names)
     except Exception as exc:  # pyarrow raises several types for corrupt files
-        raise DataError(path, f"not a readable Parquet file: {exc}") from exc
+        raise DataError(path, f"not a readable Parquet file: {exc}",
+                        problem="not a readable Parquet file") from exc
     # before reading: pyarrow's own refusal of a repeated name does not say which
     repeated = sorted({h for h in names if names.count(h) > 1})
     if repeated:
-        raise DataError(path, f"column names {repeated} repeat", line=1, column=repeated[0])
+        raise DataError(path, f"column names {repeated} repeat", line=1, column=repeated[0],
+                        problem="a column name repeats", column_public=False)
     try:
         table = pq.read_table(path)
     except Exception as exc:
-        raise DataError(path, f"not a readable Parquet file: {exc}") from exc
+        raise DataError(path, f"not a readable Parquet file: {exc}",
+                        problem="not a readable Parquet file") from exc
     header = [_nfc(h) for h in table.column_names]
     cols = [table.column(i).to_pylist() for i in range(len(header))]
     # Parquet has no text lines; "line" is the row number counting a header as line 1
     # so that messages read the same for both formats.
     rows = [(i + 2, [_parquet_cell(c[i]) for c in cols]) for i in range(table.num_rows)]
     if not rows:
-        raise DataError(path, "no data rows", line=2)
+        raise DataError(path, "no data rows", line=2, problem="no data rows")
     return header, rows
 
 
@@ -683,7 +758,7 @@ def _column_index(path: Path, header: list[str], column: str) -> int:
         return header.index(column)
     except ValueError:
         raise DataError(path, _missing_column(header, column), line=1,
-                        column=column) from None
+                        column=column, problem="missing column in the header") from None
 
 
 def _shown(name: str) -> str:
@@ -725,20 +800,24 @@ def _numeric(path: Path, rows: list[tuple[int, list[str]]], idx: int, column: st
     for k, (lineno, fields) in enumerate(rows):
         raw = fields[idx].strip()
         if raw == "":
-            raise DataError(path, "missing value", line=lineno, column=column)
+            raise DataError(path, "missing value", line=lineno, column=column,
+                            problem="missing value")
         try:
             if "_" in raw:  # float() takes Python's digit separators: 2_50 is no number
                 raise ValueError(raw)
             value = float(raw)
         except ValueError:
             raise DataError(
-                path, f"value {raw!r} is not a number", line=lineno, column=column
+                path, f"value {raw!r} is not a number", line=lineno, column=column,
+                problem="value is not a number", holds_value=True,
             ) from None
         if not math.isfinite(value):
-            raise DataError(path, f"value {raw!r} is not finite", line=lineno, column=column)
+            raise DataError(path, f"value {raw!r} is not finite", line=lineno, column=column,
+                            problem="value is not finite", holds_value=True)
         if abs(value) > FLOAT32_MAX:  # finite here, inf once training casts it to float32
             raise DataError(path, f"value {raw!r} is outside float32's range "
-                            f"(|x| <= {FLOAT32_MAX:.4g})", line=lineno, column=column)
+                            f"(|x| <= {FLOAT32_MAX:.4g})", line=lineno, column=column,
+                            problem="value is outside float32's range", holds_value=True)
         out[k] = value
     return out
 
@@ -768,6 +847,8 @@ def _check_survival(
                 path,
                 f"event value {event[k]:g} must be 0 or 1",
                 column=event_column,
+                problem="event value must be 0 or 1",
+                holds_value=True,
                 **_at(unit, pos),
             )
         if not (math.isfinite(time[k]) and time[k] >= 0):
@@ -775,6 +856,8 @@ def _check_survival(
                 path,
                 f"time value {time[k]:g} must be a finite number >= 0",
                 column=time_column,
+                problem="time value must be a finite number >= 0",
+                holds_value=True,
                 **_at(unit, pos),
             )
 
@@ -796,12 +879,15 @@ def _check_labels(
     for k, pos in enumerate(positions):
         v = float(target[k])
         if not math.isfinite(v):
-            raise DataError(path, f"label {v:g} is not finite", column=column, **_at(unit, pos))
+            raise DataError(path, f"label {v:g} is not finite", column=column,
+                            problem="label is not finite", holds_value=True, **_at(unit, pos))
         if task in ("binary", "multiclass") and (
             v != int(v) or v < 0 or (task == "binary" and v > 1)
         ):
             rule = "0 or 1" if task == "binary" else "a non-negative integer"
-            raise DataError(path, f"label {v:g} must be {rule}", column=column, **_at(unit, pos))
+            raise DataError(path, f"label {v:g} must be {rule}", column=column,
+                            problem=f"label must be {rule}", holds_value=True,
+                            **_at(unit, pos))
     if task == "binary":
         return target.astype(np.float32), 2
     if task == "multiclass":
@@ -843,15 +929,18 @@ def _load_tabular(spec: DatasetSpec, path: Path, rows_filter: Any = None) -> _Ta
         sidx = header.index(spec.site_column)
         rows = [(ln, f) for ln, f in rows if _same_site(f[sidx], spec.site)]
         if not rows:
-            raise DataError(path, f"no row has site value {spec.site!r}", column=spec.site_column)
+            raise DataError(path, f"no row has site value {spec.site!r}", column=spec.site_column,
+                            problem="no row has this site's value (datasets.site)")
     if rows_filter is not None:
         rows = rows_filter(header, rows)
     for role, col in spec._role_columns().items():
         if col in spec.features:  # validate() catches this too, but not for defaults set here
-            raise DataError(path, f"feature column is also the {role!r} column", line=1, column=col)
+            raise DataError(path, f"feature column is also the {role!r} column", line=1,
+                            column=col, problem=f"feature column is also the {role!r} column")
     features = list(spec.features)
     if not features:  # validate() refuses this too; a header's own order is no schema
-        raise DataError(path, "no feature columns declared (datasets.features)")
+        raise DataError(path, "no feature columns declared (datasets.features)",
+                        problem="no feature columns declared (datasets.features)")
     x = np.stack(
         [_numeric(path, rows, _column_index(path, header, f), f) for f in features], axis=1
     )
@@ -879,6 +968,8 @@ def _load_tabular(spec: DatasetSpec, path: Path, rows_filter: Any = None) -> _Ta
                     f"split value {fields[pidx]!r} must be one of train, val, test",
                     line=lineno,
                     column=spec.split_column,
+                    problem="split value must be one of train, val, test",
+                    holds_value=True,
                 )
             split[k] = _SPLIT_NAMES[raw]
     return _Table(x.astype(np.float32), y, split, features, n_classes)
@@ -956,6 +1047,8 @@ def tcga_centre_of_barcodes(path: Path) -> dict[str, int]:
                 f"fold2 value {fields[fold2]!r} must look like train_<0..5> or test_<0..5>",
                 line=lineno,
                 column="fold2",
+                problem="fold2 value must look like train_<0..5> or test_<0..5>",
+                holds_value=True,
             )
         out[fields[pid].strip()] = int(centre)
     return out
@@ -1023,7 +1116,9 @@ def _image_parts(root: Path) -> list[tuple[str | None, Path]]:
         raise DataError(root, f"folder(s) {other} next to train/ are not split folders; "
                         f"next to train/ only {', '.join(f'{n}/' for n in _SPLIT_NAMES)} "
                         "are read (each holding <class>/ folders): move the images into "
-                        "one of them, or move the folder out")
+                        "one of them, or move the folder out", part="the image folder",
+                        problem="a folder next to train/ is not a split folder (train/, "
+                        "test/, val/, valid/ or validation/)")
     return [(_SPLIT_NAMES[p.name], p) for p in folders]
 
 
@@ -1043,7 +1138,8 @@ def _load_images(spec: DatasetSpec) -> _Table:
 
     root = Path(spec.path)
     if not root.is_dir():
-        raise DataError(root, "image folder does not exist")
+        raise DataError(root, "image folder does not exist", part="the image folder",
+                        problem="does not exist")
     parts = _image_parts(root)
     classes = list(spec.classes)
     label_of = {name: k for k, name in enumerate(classes)}
@@ -1057,6 +1153,8 @@ def _load_images(spec: DatasetSpec) -> _Table:
                 folder,
                 f"class folder(s) {unknown} are not among datasets.classes {classes}; "
                 "declare them (in the same place in the list at every site) or move them out",
+                part="the image folder",
+                problem="holds a class folder not among datasets.classes",
             )
     xs: list[np.ndarray] = []
     ys: list[int] = []
@@ -1075,7 +1173,9 @@ def _load_images(spec: DatasetSpec) -> _Table:
                 raise DataError(cdir, f"holds {len(files)} file(s) ({', '.join(kinds[:5])}) "
                                 "and not one supported image (PNG, JPEG, BMP, TIFF): class "
                                 f"{cls!r} would have no images here; convert them (DICOM to "
-                                "PNG, say) or move them out")
+                                "PNG, say) or move them out", part=f"class folder {cls!r}",
+                                problem="holds files but not one supported image (PNG, "
+                                "JPEG, BMP, TIFF)")
             skipped.extend(f for f in files if f.suffix.lower() not in _IMAGE_SUFFIXES)
             for f in images:
                 try:
@@ -1089,10 +1189,14 @@ def _load_images(spec: DatasetSpec) -> _Table:
                         with Image.open(f) as im:
                             arr = _grey_pixels(f, im, size)
                 except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
-                    raise DataError(f, f"image too large to load safely: {exc}") from exc
+                    raise DataError(f, f"image too large to load safely: {exc}",
+                                    part=f"an image file of class {cls!r}",
+                                    problem="image too large to load safely") from exc
                 except (UnidentifiedImageError, OSError, SyntaxError) as exc:
                     # verify() raises SyntaxError for a broken PNG chunk
-                    raise DataError(f, f"not a readable image: {exc}") from exc
+                    raise DataError(f, f"not a readable image: {exc}",
+                                    part=f"an image file of class {cls!r}",
+                                    problem="not a readable image") from exc
                 xs.append(arr[None, :, :])
                 ys.append(label)
                 split.append(part)
@@ -1104,7 +1208,8 @@ def _load_images(spec: DatasetSpec) -> _Table:
     if not xs:
         raise DataError(
             root, f"no image files found in class folders {classes} "
-            "(expected <root>/<class>/<image>.png)"
+            "(expected <root>/<class>/<image>.png)", part="the image folder",
+            problem="no image files found in the class folders",
         )
     y = np.asarray(ys, dtype=np.float32 if spec.task == "binary" else np.int64)
     return _Table(np.stack(xs), y, split, [f"pixel[{size}x{size}]"], len(classes))
@@ -1135,14 +1240,17 @@ def _grey_pixels(path: Path, im: Any, size: int) -> np.ndarray:
         if lo < 0 or hi > SIXTEEN_BIT_MAX:
             raise DataError(path, f"32-bit integer pixels (mode {im.mode}) range {lo}..{hi}, "
                             "beyond 16 bits: no fixed scale to [0, 1]; export the image as "
-                            "8- or 16-bit greyscale")
+                            "8- or 16-bit greyscale", part="an image file",
+                            problem="32-bit integer pixels beyond 16 bits: no fixed scale "
+                            "to [0, 1]")
         grey = Image.fromarray(raw.astype(np.float32) / np.float32(SIXTEEN_BIT_MAX))
         scaled = np.asarray(grey.resize((size, size)), dtype=np.float32)
         return np.clip(scaled, 0.0, 1.0)  # bicubic resampling overshoots at edges
     if im.mode == "F":
         raise DataError(path, "32-bit float pixels (mode F) have no fixed range to scale "
                         "to [0, 1]; export the image as 8- or 16-bit greyscale with the "
-                        "intensity window you want")
+                        "intensity window you want", part="an image file",
+                        problem="32-bit float pixels (mode F) have no fixed range")
     return np.asarray(im.convert("L").resize((size, size)), dtype=np.float32) / 255.0
 
 
@@ -1160,22 +1268,26 @@ def _load_numpy(spec: DatasetSpec) -> _Table:
     """
     path = Path(spec.path)
     if not path.is_file():
-        raise DataError(path, "file does not exist")
+        raise DataError(path, "file does not exist", problem="file does not exist")
     import zipfile
 
     try:
         npz = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise DataError(path, f"not a readable .npz file: {exc}") from exc
+        raise DataError(path, f"not a readable .npz file: {exc}",
+                        problem="not a readable .npz file") from exc
     if not isinstance(npz, np.lib.npyio.NpzFile):
         raise DataError(path, "a .npy file holds one array; fedge reads an .npz with "
-                        "named arrays: np.savez(path, x=..., y=...) (survival: x, event, time)")
+                        "named arrays: np.savez(path, x=..., y=...) (survival: x, event, time)",
+                        problem="a .npy file holds one array; fedge reads an .npz with "
+                        "named arrays")
     labels = ["event", "time"] if spec.task == "survival" else ["y"]
     with npz:
         keys = set(npz.files)
         for k in ["x", *labels]:
             if k not in keys:
-                raise DataError(path, f"missing array {k!r}; found {sorted(keys)}", column=k)
+                raise DataError(path, f"missing array {k!r}; found {sorted(keys)}", column=k,
+                                problem="missing array")
         arrays: dict[str, np.ndarray] = {}
         for k in ["x", *labels]:
             try:
@@ -1183,18 +1295,23 @@ def _load_numpy(spec: DatasetSpec) -> _Table:
                 if raw.dtype.kind in "cmM":
                     what = {"c": "complex numbers", "m": "time spans", "M": "dates"}
                     raise DataError(path, f"array {k!r} holds {what[raw.dtype.kind]} "
-                                    f"(dtype {raw.dtype}); it needs plain numbers", column=k)
+                                    f"(dtype {raw.dtype}); it needs plain numbers", column=k,
+                                    problem=f"array holds {what[raw.dtype.kind]}; it needs "
+                                    "plain numbers")
                 arrays[k] = np.asarray(raw, dtype=np.float64)
             except (ValueError, TypeError) as exc:
                 if isinstance(exc, DataError):
                     raise
-                raise DataError(path, f"array {k!r} is not numeric: {exc}", column=k) from exc
+                raise DataError(path, f"array {k!r} is not numeric: {exc}", column=k,
+                                problem="array is not numeric") from exc
             except (OSError, EOFError, zipfile.BadZipFile) as exc:
-                raise DataError(path, f"truncated or corrupt array: {exc}", column=k) from exc
+                raise DataError(path, f"truncated or corrupt array: {exc}", column=k,
+                                problem="truncated or corrupt array") from exc
         try:
             split_arr = npz["split"] if "split" in keys else None
         except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-            raise DataError(path, f"truncated or corrupt array: {exc}", column="split") from exc
+            raise DataError(path, f"truncated or corrupt array: {exc}", column="split",
+                            problem="truncated or corrupt array") from exc
     x = arrays["x"]
     if x.ndim == 3:  # (n, height, width): single-channel images without their channel axis
         x = x[:, None, :, :]
@@ -1204,9 +1321,11 @@ def _load_numpy(spec: DatasetSpec) -> _Table:
             f"array 'x' has shape {x.shape}; it needs one row per sample, "
             "shape (n, features) or (n, channels, height, width)",
             column="x",
+            problem=f"array has shape {x.shape}; it needs shape (n, features) or "
+            "(n, channels, height, width)",
         )
     if x.shape[0] == 0:
-        raise DataError(path, "array 'x' has no rows", column="x")
+        raise DataError(path, "array 'x' has no rows", column="x", problem="array has no rows")
     for k in labels:
         if arrays[k].shape != (x.shape[0],):
             raise DataError(
@@ -1214,10 +1333,13 @@ def _load_numpy(spec: DatasetSpec) -> _Table:
                 f"array {k!r} has shape {arrays[k].shape}; it needs one value for each of "
                 f"the {x.shape[0]} rows of 'x'",
                 column=k,
+                problem=f"array has shape {arrays[k].shape}; it needs one value for each of "
+                f"the {x.shape[0]} rows of 'x'",
             )
     bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))
     if bad.size:
-        raise DataError(path, "non-finite value", row=int(bad[0]) + 1, column="x")
+        raise DataError(path, "non-finite value", row=int(bad[0]) + 1, column="x",
+                        problem="non-finite value")
     for k in ["x", *labels]:  # finite in float64, inf as the float32 training uses
         flat = arrays[k].reshape(len(x), -1)
         beyond = np.isfinite(flat) & (np.abs(flat) > FLOAT32_MAX)
@@ -1225,7 +1347,8 @@ def _load_numpy(spec: DatasetSpec) -> _Table:
         if big.size:
             value = flat[big[0]][beyond[big[0]]][0]
             raise DataError(path, f"value {float(value)!r} is outside float32's range "
-                            f"(|x| <= {FLOAT32_MAX:.4g})", row=int(big[0]) + 1, column=k)
+                            f"(|x| <= {FLOAT32_MAX:.4g})", row=int(big[0]) + 1, column=k,
+                            problem="value is outside float32's range", holds_value=True)
     rows = range(1, x.shape[0] + 1)
     n_classes = 0
     if spec.task == "survival":
@@ -1241,6 +1364,7 @@ def _load_numpy(spec: DatasetSpec) -> _Table:
                 path,
                 f"array 'split' has shape {split_arr.shape}; it needs one value per row of 'x'",
                 column="split",
+                problem=f"array has shape {split_arr.shape}; it needs one value per row of 'x'",
             )
         for k, v in enumerate(split_arr.tolist()):
             if isinstance(v, bytes):
@@ -1251,6 +1375,8 @@ def _load_numpy(spec: DatasetSpec) -> _Table:
                     f"split value {v!r} must be train, val or test",
                     row=k + 1,
                     column="split",
+                    problem="split value must be train, val or test",
+                    holds_value=True,
                 )
             split[k] = _SPLIT_NAMES[str(v).lower()]
     names = [f"x{j}" for j in range(x.shape[1])] if x.ndim == 2 else ["x"]
@@ -1296,7 +1422,8 @@ def load_site_data(spec: DatasetSpec) -> SiteData:
         n_val = round(spec.val_fraction * perm.size)
         val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
     if train_idx.size == 0:
-        raise DataError(spec.path, f"dataset {spec.name!r}: no training rows at this site")
+        raise DataError(spec.path, f"dataset {spec.name!r}: no training rows at this site",
+                        part="the data set", problem="no training rows at this site")
     std = None
     x = table.x
     if x.ndim == 2 and spec.standardise == "bounds":

@@ -287,11 +287,14 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
 
         store = _store(args)
         site = args.site
-        store.revoke_site(site)  # a site already revoked here stays as it was
+        if site in store.sites():
+            store.revoke_site(site)  # a site already revoked here stays as it was
+        else:
+            _revoke_unknown(args, store, site)
         # the site's file, if `enrol` wrote it here, holds keys that are dead from now on
         (store.home / ENROLMENTS / f"{site}.fedge-enrol").unlink(missing_ok=True)
         try:
-            _call(args, "revoke", {"site": site}, {"roster": store.roster().to_bytes()})
+            result = _send_revoke(args, store, site)
         except AdminError as exc:
             if "unknown site" not in str(exc):
                 raise _not_revoked_there(site, exc) from exc
@@ -303,9 +306,62 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
         except TimeoutError as exc:
             raise _not_revoked_there(site, exc) from exc
         print(f"revoked {site}: connection dropped, key refused from now on")
+        if result.get("roster_refused"):
+            print(f"fedge console: warning: the coordinator kept its roster, which still "
+                  f"names {site}: {printable(result['roster_refused'])}; the revocation "
+                  "stands (its key is refused)", file=sys.stderr)
         return 0
 
     return _run(go, args)
+
+
+def _revoke_unknown(args: argparse.Namespace, store: Any, site: str) -> None:
+    """Record in this console the revocation of `site`, which it did not enrol, once
+    the coordinator lists it (else there is nothing to revoke anywhere).
+
+    Raises: ConsoleError: neither this console nor the coordinator has it, or the
+    coordinator did not answer to say."""
+    from fedge.console.store import ConsoleError
+
+    ours = ", ".join(sorted(store.sites())) or "none"
+    try:
+        fleet, _ = _call(args, "fleet")
+    except TimeoutError as exc:
+        raise ConsoleError(f"{exc}\nsite {site!r} is not enrolled in this console "
+                           f"(enrolled: {ours}), and the coordinator did not answer to say "
+                           "whether it has it: nothing was revoked") from exc
+    have = {a["site_id"]: a for a in fleet}.get(site)
+    if have is None:
+        raise ConsoleError(f"site {site!r} is not enrolled in this console (enrolled: "
+                           f"{ours}) nor on the coordinator")
+    print(f"{site} was not enrolled by this console: the coordinator has it "
+          f"({printable(have.get('status'))}) with {_keys_of(have)}; revoking it there")
+    store.revoke_unknown_site(site, str(have.get("curve_public_z85", "")),
+                              str(have.get("ed25519_public", "")))
+
+
+def _keys_of(appliance: dict[str, Any]) -> str:
+    """A coordinator fleet record's keys as an operator compares them: the CURVE key
+    the coordinator lets in (z85, as its audit log names it) and the identity's
+    fingerprint (the Ed25519 key's first 16 hex digits)."""
+    return (f"CURVE key {printable(appliance.get('curve_public_z85'))}, identity "
+            f"{printable(str(appliance.get('ed25519_public', ''))[:16])}")
+
+
+def _send_revoke(args: argparse.Namespace, store: Any, site: str) -> dict[str, Any]:
+    """The admin ``revoke`` of `site`, with this console's roster. A coordinator
+    holding a roster of a higher serial (signed by a copy of this console's roster key
+    that enrolled sites) keeps it and says its serial: the roster is sent once more
+    numbered above it, so that the roster in force no longer names the site.
+
+    Raises: AdminError, TimeoutError (from the call)."""
+    result, _ = _call(args, "revoke", {"site": site}, {"roster": store.roster().to_bytes()})
+    held = result.get("roster_serial") if isinstance(result, dict) else None
+    if isinstance(result, dict) and result.get("roster_refused") and isinstance(held, int):
+        store.raise_roster_serial(held + 1)
+        result, _ = _call(args, "revoke", {"site": site},
+                          {"roster": store.roster().to_bytes()})
+    return result if isinstance(result, dict) else {}
 
 
 def _cmd_sync(args: argparse.Namespace) -> int:
@@ -344,9 +400,27 @@ def _cmd_sync(args: argparse.Namespace) -> int:
                 refused.append(site)
                 print(f"fedge console sync: {site!r} not sent: {exc} (`fedge console "
                       f"revoke {site}` drops it from this console)", file=sys.stderr)
-        print(f"coordinator in sync: {len(store.active_sites()) - len(refused)} active "
-              f"site(s)" + (f"; {len(refused)} refused: {', '.join(map(repr, refused))}"
-                            if refused else ""))
+        # Sites the coordinator lets in that this console never enrolled (a copy of its
+        # home did, another console, the coordinator's host command): named with their
+        # keys for the operator to judge, never revoked here unasked.
+        unknown = [a for a in fleet if a["site_id"] not in store.sites()
+                   and a.get("status") == "enrolled"]
+        for a in unknown:
+            print(f"fedge console sync: warning: the coordinator has site "
+                  f"{printable(a['site_id'])} enrolled, which this console did not enrol "
+                  f"({_keys_of(a)}); if nobody here expected it, revoke it: `fedge console "
+                  f"revoke {printable(a['site_id'])}`", file=sys.stderr)
+        active = len(store.active_sites()) - len(refused)
+        if unknown:
+            print(f"coordinator NOT in sync: it has this console's {active} active site(s) "
+                  f"and {len(unknown)} this console did not enrol: "
+                  f"{', '.join(printable(a['site_id']) for a in unknown)}"
+                  + (f"; {len(refused)} refused: {', '.join(map(repr, refused))}"
+                     if refused else ""))
+        else:
+            print(f"coordinator in sync: {active} active site(s)"
+                  + (f"; {len(refused)} refused: {', '.join(map(repr, refused))}"
+                     if refused else ""))
         return 1 if refused else 0
 
     return _run(go, args)
@@ -440,6 +514,14 @@ def _cmd_rotate_offline(args: argparse.Namespace) -> int:
             versions, pending = done
             print(f"new {' and '.join(pending.roles)} key(s) in force; the retired ones are "
                   f"refused by every appliance from its next refresh: {versions}")
+            # signing keys only: a copy of this console's home still holds the roster
+            # and operator keys, and whatever it enrolled stays enrolled
+            print("this does not undo what a copy of the retired keys did: sites enrolled "
+                  "meanwhile by a copy of this console's home stay enrolled (the roster "
+                  "and operator keys are not rotated, so a copy can still enrol more). "
+                  "Check `fedge console sync` (it names sites this console did not enrol) "
+                  "or `fedge console fleet`, and revoke each one: `fedge console revoke "
+                  "SITE`")
         return 0
 
     return _run(go, args)

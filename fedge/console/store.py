@@ -325,6 +325,33 @@ class ConsoleStore:
         self._save()
         return dict(info)
 
+    def revoke_unknown_site(self, site: str, curve_public: str,
+                            ed25519_public_hex: str) -> dict[str, object]:
+        """Record the revocation of a site the coordinator lists that this console did
+        not enrol (a copy of this console's home, another console or the coordinator's
+        host command enrolled it): its keys as the coordinator holds them, marked
+        ``not_enrolled_here``. The roster serial grows, so the roster sent with the
+        revocation replaces one that named it. A site this console knows is
+        `revoke_site`'s; returns the record."""
+        if site in self.state["sites"]:
+            return self.revoke_site(site)
+        self._roster_changed()
+        now = self.clock().isoformat()
+        self.state["sites"][site] = {"curve_public": curve_public,
+                                     "ed25519_public": ed25519_public_hex,
+                                     "enrolled": None, "not_enrolled_here": True,
+                                     "revoked": True, "revoked_at": now}
+        self._save()
+        return dict(self.state["sites"][site])
+
+    def raise_roster_serial(self, serial: int) -> None:
+        """Make the next roster's serial at least `serial`: the coordinator holds a
+        roster of a higher serial than this console's (signed by a copy of its roster
+        key), which it would keep over this console's older-numbered one."""
+        if serial > self.roster_serial:
+            self.state["roster_serial"] = int(serial)
+            self._save()
+
     # -- signed updates ------------------------------------------------------------------
     def sign_targets(
         self, new: Iterable[tuple[str, str, str, str, bytes]], *, now: datetime | None = None,

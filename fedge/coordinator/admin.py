@@ -402,11 +402,34 @@ class AdminService:
                              f"{curve_public}")
 
     def _op_revoke(self, op: Operator, args: dict, blobs: dict) -> tuple[Any, dict]:
+        """Revoke any site the coordinator lists (the console may not have enrolled
+        it: a copy of its home did), then install the roster sent with it. A roster
+        older than the one in force (which a copy of the console's roster key signed)
+        does not undo the revocation: the reply says it was refused, and the serial in
+        force (``roster_serial``), so the console can send one numbered above it."""
         site = str(args["site"])
         self.coordinator.revoke(site, actor=f"{ADMIN_ACTOR}:{op.name}")
+        result: dict[str, Any] = {"site": site, "status": "revoked"}
         if "roster" in blobs:
-            self.coordinator.set_roster(blobs["roster"], actor=f"{ADMIN_ACTOR}:{op.name}")
-        return {"site": site, "status": "revoked"}, {}
+            try:
+                self.coordinator.set_roster(blobs["roster"],
+                                            actor=f"{ADMIN_ACTOR}:{op.name}")
+            except ValueError as exc:
+                result["roster_refused"] = str(exc)
+                result["roster_serial"] = self._roster_serial()
+        return result, {}
+
+    def _roster_serial(self) -> int | None:
+        """The serial of the roster in force, if there is one and it verifies."""
+        from fedge.secagg.keys import Roster
+
+        key, held = self.coordinator.roster_public_key, self.coordinator.roster
+        if not key or not held:
+            return None
+        try:
+            return Roster.from_bytes(held, key).serial
+        except ValueError:
+            return None
 
     def _op_push(self, op: Operator, args: dict, blobs: dict) -> tuple[Any, dict]:
         if self.updates is None:

@@ -585,13 +585,16 @@ class Store:
 
     def enrol(self, site_id: str, curve_public_z85: str, ed25519_public: bytes, *,
               actor: str) -> Appliance:
-        """Register (or re-enrol a revoked) appliance.
+        """Register (or re-enrol a revoked) appliance. A revoked site comes back only
+        with a new CURVE key: the one it was revoked with stays refused, whichever
+        path enrols it (the admin channel, the host command `fedge coordinator enrol`).
 
         Raises:
             StoreError: the site id breaks the site-name rule (`check_client_id`,
                 the console's), the CURVE key is not 40 z85 characters, the
                 Ed25519 key is not 32 bytes, the CURVE key already belongs to
-                another site, or an enrolled site has the same id except for case.
+                another site, the site was revoked with this CURVE key, or an
+                enrolled site has the same id except for case.
         """
         try:
             check_client_id(site_id, what="site id")
@@ -609,6 +612,17 @@ class Store:
             )
         now = self._clock()
         with self._tx() as c:
+            revoked = c.execute(
+                "SELECT 1 FROM appliances WHERE site_id = ? AND curve_public_z85 = ?"
+                " AND status = 'revoked'",
+                (site_id, curve_public_z85),
+            ).fetchone()
+            if revoked is not None:
+                raise StoreError(
+                    f"site {site_id!r} was revoked with this CURVE key ({curve_public_z85});"
+                    " a revoked key cannot be enrolled again: enrol the site with a new "
+                    f"identity (`fedge console enrol {site_id}`)"
+                )
             other = c.execute(
                 "SELECT site_id FROM appliances WHERE curve_public_z85 = ? AND site_id != ?",
                 (curve_public_z85, site_id),

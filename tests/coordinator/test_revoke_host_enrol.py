@@ -1,0 +1,42 @@
+"""The host command `fedge coordinator enrol` keeps the rule the admin channel has: a
+site revoked with a CURVE key does not come back with that key (audit s14 L6). The
+rule is in Store.enrol, so every path to the registry has it. Real process, real
+SQLite."""
+
+from __future__ import annotations
+
+from fedge.coordinator.store import Store
+from fedge.secagg.keys import Identity
+from fedge.transport import CurveKeyPair
+from tests.coordinator.test_cli_one_per_state_dir import config, fedge
+
+
+def test_the_host_enrol_command_refuses_a_revoked_key_and_takes_a_new_one(tmp_path):
+    state = tmp_path / "state"
+    cfg = config(tmp_path, "c", state)
+    stolen, fresh = CurveKeyPair.generate(), CurveKeyPair.generate()
+    identity = Identity.generate().public_bytes()
+    store = Store(state)
+    store.enrol("h2", stolen.public, identity, actor="operator:admin")
+    store.revoke("h2", actor="operator:admin")
+    store.close()
+
+    out = fedge("coordinator", "enrol", "--config", str(cfg), "--site", "h2",
+                "--curve-public", stolen.public, "--ed25519-public", identity.hex())
+    assert out.returncode == 2, out
+    assert (f"site 'h2' was revoked with this CURVE key ({stolen.public}); a revoked key "
+            "cannot be enrolled again") in out.stderr
+    store = Store(state)
+    a = store.appliance("h2")
+    assert (a.status, a.curve_public_z85) == ("revoked", stolen.public)
+    assert stolen.public not in store.allowed_keys()
+    store.close()
+
+    # a new identity re-enrols the site, as the console's revoke-then-enrol does
+    new_identity = Identity.generate().public_bytes()
+    out = fedge("coordinator", "enrol", "--config", str(cfg), "--site", "h2",
+                "--curve-public", fresh.public, "--ed25519-public", new_identity.hex())
+    assert out.returncode == 0, out
+    store = Store(state)
+    assert store.allowed_keys() == {fresh.public}
+    store.close()

@@ -33,7 +33,10 @@ backwards or sideways: the TUF root it trusts is kept unless the file's root is 
 later version that root vouches for (an old file run again after a key rotation
 would trust the retired keys again; a file signed with the roster key alone could
 name anyone's root), and a change of the pinned coordinator (endpoint or key)
-needs ``replace``.
+needs ``replace``. Nor does it take a roster older (by serial) than the one in
+force here, which may no longer name a revoked site, even with ``replace``; and a
+file of the same site issued before the enrolment installed here (its keys may have
+been revoked since) needs ``replace`` (`_check_not_older`).
 
 Where: ``--state-dir DIR``, else the ``state_dir`` of the agent config given with
 ``--config`` (``fedge agent --config FILE enrol ...``, as the agent reads it),
@@ -44,6 +47,7 @@ are refused.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -163,6 +167,9 @@ def install_enrolment(file: Path, state_dir: Path, *, now: datetime | None = Non
         keep_root = _check_root_chains(state_dir, root, file, replace=replace)
         _check_coordinator_pin(state_dir, e.site, e.coordinator_endpoint,
                                e.coordinator_public_key, file, replace=replace)
+        _check_not_older(state_dir, file, roster, e.roster_public_key, e.site, e.issued,
+                         same_site=previous is not None and previous[0] == e.site,
+                         replace=replace)
     # what this appliance was, for the history line: read before anything is written
     before = _enrolled_before(state_dir) if existing.exists() else None
     if previous is None and existing.exists():  # corrupt, enrolled over with `replace`
@@ -257,6 +264,57 @@ def _note_enrolment(state_dir: Path, record: dict[str, object]) -> None:
              f" (sudo by {record['sudo_user']})" if record.get("sudo_user") else "",
              f"; replaced {record['replaced_enrolment']}" if record["replaced"] else "",
              path)
+
+
+def _check_not_older(state_dir: Path, file: Path, roster: Any, roster_key: bytes, site: str,
+                     issued: datetime, *, same_site: bool, replace: bool) -> None:
+    """Refuse a file of the console this appliance is enrolled with that is older than
+    what it holds, before anything is written.
+
+    Its roster must not be older (a lower serial) than the roster in force here, which
+    the coordinator's RosterUpdates keep current: the console bumps the serial on every
+    enrolment and revocation, so an older one can name a revoked site (a site's own
+    file run again after another site was revoked would trust that site's identity
+    again). Refused even with ``replace``: the console never goes back to an older
+    roster. A held roster that is missing or does not verify is not compared (the
+    file's replaces it).
+
+    A file of the same site issued before the enrolment installed here (a copy from
+    before the console revoked and re-enrolled the site) would put back keys the
+    coordinator refuses: refused unless ``replace``.
+
+    Raises:
+        EnrolmentError: refused (names both serials, both issue dates).
+    """
+    from fedge.console.enrolment import EnrolmentError
+    from fedge.secagg.keys import Roster
+
+    held_serial: int | None = None
+    path = state_dir / "roster.json"
+    with contextlib.suppress(OSError, ValueError):  # missing, or does not verify
+        held_serial = Roster.from_bytes(path.read_bytes(), roster_key).serial
+    held_issued: datetime | None = None
+    try:
+        held_issued = datetime.fromisoformat(
+            json.loads((state_dir / "enrolment.json").read_text())["issued"])
+        older = same_site and issued < held_issued
+    except (OSError, ValueError, KeyError, TypeError):  # an enrolment.json without it
+        older = False
+    dates = (f"{file} was issued {issued.isoformat()}, before the enrolment of site "
+             f"{site!r} installed here (issued {held_issued.isoformat()})"
+             if older and held_issued is not None else "")
+    if held_serial is not None and roster.serial < held_serial:
+        raise EnrolmentError(
+            f"{file} carries roster serial {roster.serial}, older than the roster serial "
+            f"{held_serial} this appliance holds ({path}): the console has enrolled or "
+            "revoked sites since the file was made, and an older roster can trust a "
+            f"revoked site again{'; ' + dates if dates else ''}; nothing changed. The "
+            "enrolment installed here is the newer one; if its keys are lost, ask the "
+            "console for a new enrolment file (`fedge console enrol`)")
+    if older and not replace:
+        raise EnrolmentError(
+            f"{dates}: it would put back keys the console may have revoked since; nothing "
+            "changed. Pass --replace only to go back to this file's keys on purpose")
 
 
 def _check_root_chains(state_dir: Path, new: Any, file: Path, *, replace: bool) -> bool:

@@ -1300,7 +1300,10 @@ class Agent:
             if refused:
                 return refused
         try:
-            task.local.release_privacy()
+            if ledger_run(release) is not None:  # the coordinator's task id, in the entry
+                release(task_id=task.task_id or None)
+            else:
+                release()
         except OSError as exc:
             return f"cannot record this update's privacy spend in the ledger ({exc})"
         return ""

@@ -494,6 +494,13 @@ class TorchTrainer:
             # trained and never left, even after a crash); it is charged on release.
             # Without DP its exact train_loss leaves in TrainDone: charged now.
             exact = self._ledger.entry(out.ledger_key).get("mechanism") == NO_DP
+            from fedge.agent.guard import plan_digest
+
+            # what a data-protection officer asks of the run (fedge agent privacy --runs)
+            self._ledger.describe(
+                out.ledger_key, dataset=plan.dataset, plan_digest=plan_digest(plan.text),
+                max_grad_norm=None if cfg.dp is None else cfg.dp.max_grad_norm,
+                delta=None if cfg.dp is None else cfg.dp.delta)
             with self._lock:
                 try:
                     if exact:

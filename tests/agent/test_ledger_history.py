@@ -23,6 +23,7 @@ import pytest
 from fedge.agent.guard import PrivacyPolicy, plan_digest
 from fedge.agent.jobstate import JobStateStore
 from fedge.agent.trainer import ledger_path
+from fedge.coordinator.plan import parse_plan
 from fedge.train.accounting import DP_FEDAVG, NO_DP, PrivacyLedger
 from fedge.wire import messages as m
 from tests.agent.test_guard import JOB, RND, SITES
@@ -228,6 +229,11 @@ def test_a_plain_round_is_recorded_logged_and_listed_on_the_appliance(
     assert (entry["job"], entry["round"], entry["mechanism"], entry["status"]) == (
         JOB, RND, NO_DP, "released")
     assert ISO.match(entry["at"]) and ISO.match(entry["released_at"])
+    # the trainer says what it trained on and under which plan; the agent, for which
+    # of the coordinator's tasks the update left
+    assert entry["dataset"] == parse_plan(PLAIN_PLAN).dataset
+    assert entry["plan_digest"] == plan_digest(PLAIN_PLAN).hex()
+    assert entry["task_id"] == "t1"
     lines = [r.getMessage() for r in caplog.records
              if r.levelno == logging.INFO and "privacy ledger" in r.getMessage()]
     assert len(lines) == 1, lines
@@ -239,3 +245,18 @@ def test_a_plain_round_is_recorded_logged_and_listed_on_the_appliance(
     (run,) = json.loads(proc.stdout)["runs"]
     assert (run["job"], run["round"], run["mechanism"]) == (JOB, RND, "none")
     assert run["plan_digest"] == plan_digest(PLAIN_PLAN).hex()
+
+
+def test_a_dp_run_records_its_data_set_plan_and_dp_settings_as_it_trains(
+        fleet, tmp_path) -> None:  # noqa: F811 (the fixture)
+    """A DP-SGD run is on disk pending as soon as it trained, already saying on what,
+    under which plan and with which clipping bound and delta (what ε depends on)."""
+    f = fleet(PrivacyPolicy(require_secure_aggregation=False))
+    site = SITES[0]
+    asyncio.run(f.train([site], "t9", plan=DP_PLAN))
+    (entry,) = PrivacyLedger.load(ledger_path(tmp_path / site)).entries
+    assert entry["status"] == "pending" and entry["mechanism"] == "dp_sgd"
+    assert entry["dataset"] == parse_plan(DP_PLAN).dataset
+    assert entry["plan_digest"] == plan_digest(DP_PLAN).hex()
+    assert (entry["max_grad_norm"], entry["delta"]) == (1.0, 1e-5)
+    assert "task_id" not in entry  # not released: no task has sent it yet

@@ -698,30 +698,32 @@ class Round:
         if self.phase is Phase.AGGREGATING and self._aggregation is not None:
             self._aggregation.postpone(seconds)
 
-    def lost(self, site: str, now: float) -> Outgoing:
+    def lost(self, site: str, now: float, reason: str | None = None) -> Outgoing:
         """``site``'s connection is gone (the transport closed it, a send found it not
         connected, or its heartbeats stopped): it will not answer. In training and
         evaluation it is no longer waited for; in secure aggregation it is dropped at
         its current stage at once (one that already answered that stage, at the next:
         the driver calls this each tick while the site stays away), as a refusal is,
         not at the stage deadline; the round goes on where the threshold t and
-        min_clients allow."""
+        min_clients allow. ``reason``, when the connection was closed on purpose
+        (the operator revoked the site), is recorded in place of "connection lost
+        during <stage>"."""
         if site not in self.cohort:
             return []
         if self.phase is Phase.AGGREGATING:
             assert self._aggregation is not None
             if site not in self._agg_cohort or site in self.withdrawn:
                 return []
-            self.refused.setdefault(site, "connection lost during secure aggregation"
-                                    if self.plan.secagg.enabled
-                                    else "connection lost during aggregation")
+            self.refused.setdefault(site, reason or (
+                "connection lost during secure aggregation" if self.plan.secagg.enabled
+                else "connection lost during aggregation"))
             return self._aggregated(self._aggregation.refused(site, now), now)
         if self.phase is Phase.TRAINING and site not in self.trained:
             # Say how long after the TrainTask left and how big it was: a site
             # whose link cannot carry the model is lost at the same point every
             # round, and "connection lost" alone sends its IT after the wrong fault.
             self.refused.setdefault(
-                site, f"connection lost during training, "
+                site, reason or f"connection lost during training, "
                 f"{now - self._training_since:.0f} s after its TrainTask "
                 f"({self.weights.nbytes / 1e6:.1f} MB of weights) was sent")
             return self._answered_training(now)
@@ -731,9 +733,11 @@ class Round:
         if self.phase is Phase.EVALUATING and site in self._eval_cohort():
             if site not in self.evals:
                 self.evals[site] = m.EvalResult(self.task_id, 0, {})
-                self.eval_missing.setdefault(site, "connection lost during evaluation")
+                self.eval_missing.setdefault(site, reason or "connection lost during "
+                                             "evaluation")
             if self.final_test and site not in self.test_evals:
-                self.test_missing.setdefault(site, "connection lost during the final test")
+                self.test_missing.setdefault(site, reason or "connection lost during the "
+                                             "final test")
             self._done_if_evaluated()
         return []
 

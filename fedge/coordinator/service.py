@@ -821,7 +821,8 @@ class Coordinator:
         self.conns.pop(site, None)
         self.on_disconnect(site)
         if self.runner is not None and self.runner.round is not None:
-            self._emit(self.runner.round, self.runner.round.lost(site, self.clock()))
+            self._emit(self.runner.round, self.runner.round.lost(
+                site, self.clock(), reason=f"revoked by {actor}"))
 
     def set_roster(self, roster_bytes: bytes, actor: str = "console") -> None:
         """Install a new console-signed roster (checked against the roster key if known).

@@ -11,6 +11,7 @@ from fedge.coordinator.store import SCHEMA_VERSION, Store, StoreError
 
 KEY_A = "A" * 40
 KEY_B = "B" * 40
+KEY_C = "C" * 40
 ED = bytes(range(32))
 
 
@@ -43,9 +44,13 @@ def test_enrol_revoke_and_allow_list(tmp_path):
     assert store.appliance("site-a").status == "revoked"
     actions = [(e["actor"], e["action"]) for e in store.audit_log()]
     assert actions == [("alice", "enrol"), ("alice", "enrol"), ("bob", "revoke")]
-    # re-enrolment after revocation restores access
-    store.enrol("site-a", KEY_A, ED, actor="alice")
-    assert store.site_for_key(KEY_A) == "site-a"
+    # the revoked key cannot come back; the site returns with a new identity
+    with pytest.raises(StoreError, match="was revoked with this CURVE key"):
+        store.enrol("site-a", KEY_A, ED, actor="alice")
+    assert store.site_for_key(KEY_A) is None
+    store.enrol("site-a", KEY_C, ED, actor="alice")
+    assert store.site_for_key(KEY_C) == "site-a"
+    assert store.site_for_key(KEY_A) is None
 
 
 @pytest.mark.parametrize(

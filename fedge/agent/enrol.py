@@ -8,7 +8,8 @@ Written under ``<state_dir>`` (files 0600, directories 0700)::
     roster.json              the console-signed roster at enrolment time
     tuf/metadata/root.json   trusted TUF root for signed updates
     enrolment.json           site, console id and console key fingerprint, roster public
-                             key (last)
+                             key, the file's issue and expiry dates, the CURVE public key
+                             (last)
     enrolment-history.jsonl  one line per enrolment installed, never rewritten: when, by
                              which user, the site, console and coordinator it made this
                              appliance, and the enrolment it replaced (`HISTORY`)
@@ -37,6 +38,11 @@ needs ``replace``. Nor does it take a roster older (by serial) than the one in
 force here, which may no longer name a revoked site, even with ``replace``; and a
 file of the same site issued before the enrolment installed here (its keys may have
 been revoked since) needs ``replace`` (`_check_not_older`).
+
+The agent loads its two secrets from the systemd credentials first (README.Debian,
+Credentials): where those hold other keys than the ones installed, the command says
+so and prints the commands that move the new ones into place
+(`credentials_not_enrolled`), or the agent would keep connecting with the old keys.
 
 Where: ``--state-dir DIR``, else the ``state_dir`` of the agent config given with
 ``--config`` (``fedge agent --config FILE enrol ...``, as the agent reads it),
@@ -189,6 +195,9 @@ def install_enrolment(file: Path, state_dir: Path, *, now: datetime | None = Non
         "site": e.site, "console_id": e.console_id, "console_fingerprint": e.fingerprint(),
         "roster_public_key": e.roster_public_key.hex(), "issued": e.issued.isoformat(),
         "expires": e.expires.isoformat(),
+        # what the agent checks the key it loads against: keys/curve.json is shredded
+        # once moved into the credentials directory (README.Debian, Credentials)
+        "curve_public": e.curve_public,
     })
     _note_enrolment(state_dir, {
         "time": now.isoformat(), **_who(), "site": e.site, "console_id": e.console_id,
@@ -204,6 +213,47 @@ def install_enrolment(file: Path, state_dir: Path, *, now: datetime | None = Non
     return EnrolledSite(e.site, e.console_id, e.fingerprint(), e.coordinator_endpoint,
                         e.coordinator_public_key, e.curve_public, e.curve_secret,
                         e.roster_public_key, state_dir, replaced)
+
+
+def credentials_not_enrolled(site: EnrolledSite, *,
+                             places: list[tuple[Path, str]] | None = None) -> list[str]:
+    """The systemd credentials the agent loads before the state dir's keys
+    (fedge.agent.process.load_enrolled) that are not the keys `site` just installed:
+    one line each, naming the file and what it holds (or why it cannot be read). Empty
+    when there are none, or they are the enrolled keys.
+
+    `places`: (directory, name prefix) pairs to look in; by default
+    ``$CREDENTIALS_DIRECTORY`` (``fedge_curve.key``, ``fedge_identity.key``) where set,
+    and the unit's source, CREDENTIALS_SOURCE (``curve.key``, ``identity.key``)."""
+    from fedge.agent.process import CREDENTIALS_SOURCE, SECRETS, _curve_key
+    from fedge.secagg.keys import Identity
+
+    if places is None:
+        places = []
+        if os.environ.get("CREDENTIALS_DIRECTORY"):
+            places.append((Path(os.environ["CREDENTIALS_DIRECTORY"]), "fedge_"))
+        places.append((Path(CREDENTIALS_SOURCE), ""))
+    enrolled_identity = Identity.load(site.state_dir / SECRETS["identity"][0]).public_bytes()
+    found = []
+    for directory, prefix in places:
+        for which, (_, name) in SECRETS.items():
+            path = directory / f"{prefix}{name}"
+            try:
+                if not path.exists():
+                    continue
+                if which == "curve":
+                    held = _curve_key(path)[0]
+                    if held != site.curve_public:
+                        found.append(f"{path}: CURVE key {held}, not the enrolled "
+                                     f"{site.curve_public}")
+                elif Identity.load(path).public_bytes() != enrolled_identity:
+                    found.append(f"{path}: another identity key than the enrolled one")
+            except OSError as exc:
+                found.append(f"{path}: cannot be read to compare "
+                             f"({exc.strerror or exc}); run this as root")
+            except ValueError as exc:  # AgentConfigError is one
+                found.append(f"{path}: not a key ({exc})")
+    return found
 
 
 def _enrolled_before(state_dir: Path) -> dict[str, object] | None:
@@ -531,7 +581,33 @@ def _cmd_enrol(args: argparse.Namespace) -> int:
     print(f"enrolled site {site.site} with console key {site.console_fingerprint}; "
           f"coordinator {site.coordinator_endpoint}; state in {site.state_dir} (this "
           f"enrolment is kept in {site.state_dir / HISTORY})")
+    stale = credentials_not_enrolled(site)
+    if stale:
+        _warn_credentials(site, stale)
     print(f"now destroy {args.file} (e.g. `shred -u {args.file}`, and any copy of it): it "
           "holds this appliance's secret keys, and whoever has it can connect as site "
           f"{site.site} until the console revokes it, expired or not")
     return 0
+
+
+def _warn_credentials(site: EnrolledSite, stale: list[str]) -> None:
+    """Say on stderr that the agent would go on loading other keys than those just
+    enrolled, and how to move these into place (README.Debian, Credentials)."""
+    from fedge.agent.process import CREDENTIALS_SOURCE, SECRETS
+
+    curve, identity = (site.state_dir / SECRETS[w][0] for w in ("curve", "identity"))
+    lines = [
+        "fedge agent enrol: WARNING: the agent loads its keys from the systemd credentials "
+        "before the state dir's, and these are not the keys just enrolled:",
+        *(f"  {line}" for line in stale),
+        f"so it would keep connecting with them (refused by the coordinator once the "
+        f"console revoked them). As root, move the enrolled keys into {CREDENTIALS_SOURCE}"
+        " and restart the agent:",
+        f"  install -o root -g root -m 0600 {curve} "
+        f"{CREDENTIALS_SOURCE}/{SECRETS['curve'][1]}",
+        f"  install -o root -g root -m 0600 {identity} "
+        f"{CREDENTIALS_SOURCE}/{SECRETS['identity'][1]}",
+        f"  shred -u {curve} {identity}",
+        "  systemctl restart fedge-agent",
+    ]
+    print("\n".join(lines), file=sys.stderr)

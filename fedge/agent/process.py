@@ -243,8 +243,42 @@ def load_enrolled(state_dir: Path) -> Enrolled:
     endpoint, coordinator_key = _read(sd, coord_file, coordinator)
     roster_file = sd / "roster.json"
     roster = _read(sd, roster_file, lambda path: Roster.from_bytes(path.read_bytes(), roster_key))
+    _say_if_not_enrolled(sd, meta, site, curve_file, curve_public, identity_file,
+                         identity.public_bytes(), roster.entries.get(site))
     return Enrolled(site, curve_public, curve_secret, endpoint, coordinator_key, identity,
                     roster, roster_key, roster_file)
+
+
+def _say_if_not_enrolled(sd: Path, meta: dict[str, Any], site: str, curve_file: Path,
+                         curve_public: str, identity_file: Path, identity_public: bytes,
+                         roster_entry: bytes | None) -> None:
+    """Warn when the keys loaded are not the ones `fedge agent enrol` installed last (a
+    re-enrolment whose new keys were not moved into the credentials directory: the
+    coordinator refuses the old ones once revoked), naming the key used and where the
+    enrolled one is. The enrolled CURVE key is enrolment.json's ``curve_public``
+    (``keys/curve.json``'s for an enrolment made before it was kept there); the
+    enrolled identity is the roster's entry for this site."""
+    enrolled, where = meta.get("curve_public"), sd / "enrolment.json"
+    own = sd / SECRETS["curve"][0]
+    if not isinstance(enrolled, str) and own != curve_file:
+        where = own
+        try:
+            enrolled = json.loads(own.read_text()).get("public")
+        except (OSError, ValueError, AttributeError):
+            enrolled = None
+    if isinstance(enrolled, str) and enrolled != curve_public:
+        log.warning("using the CURVE key %s from %s, which is not the key enrolled last "
+                    "(%s, in %s): the coordinator refuses a key the console revoked. If "
+                    "this appliance was enrolled again, move the enrolled keys into %s "
+                    "(the commands `fedge agent enrol` printed; README.Debian, "
+                    "Credentials) and restart", curve_public, curve_file, enrolled, where,
+                    CREDENTIALS_SOURCE)
+    if roster_entry is not None and roster_entry != identity_public:
+        log.warning("using the identity key in %s, which is not the identity the roster "
+                    "(%s) holds for site %r: secure aggregation will not accept it. If "
+                    "this appliance was enrolled again, move %s into %s as well",
+                    identity_file, sd / "roster.json", site, sd / SECRETS["identity"][0],
+                    CREDENTIALS_SOURCE)
 
 
 _T = TypeVar("_T")

@@ -550,7 +550,11 @@ def _state_dir(args: argparse.Namespace) -> Path:
 
 def _cmd_enrol(args: argparse.Namespace) -> int:
     from fedge.console.enrolment import EnrolmentError
+    from fedge.systemd import setup_logging
 
+    # as `fedge agent run` does: the enrolment's INFO line (`_note_enrolment`) goes to
+    # the journal under systemd, else to stderr; without a handler it went nowhere
+    setup_logging("fedge-agent")
     try:
         state_dir = _state_dir(args)
     except ValueError as exc:

@@ -14,6 +14,13 @@
                                                     job, data set, plan, round, the
                                                     coordinator's task, status, mechanism,
                                                     settings; ε per job
+    fedge agent audit [--config FILE | --state-dir DIR] [--json] [--since DATE]
+                                                    the appliance's own audit trail, for a
+                                                    DPO or security officer: every update
+                                                    outcome (updates/audit.jsonl, .1) and
+                                                    every enrolment installed
+                                                    (enrolment-history.jsonl), oldest first;
+                                                    reads only
 
 Heavy imports happen inside the handlers.
 """
@@ -26,6 +33,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +88,30 @@ def register(subparsers: Any) -> None:
                          "(null when unbounded), unbounded, datasets, plan_digests}], "
                          "total_epsilon, total_unbounded, not_recorded}")
     pv.set_defaults(func=_privacy)
+    au = sub.add_parser(
+        "audit", help="the appliance's audit trail: update outcomes and enrolments",
+        description="The appliance's own audit trail, oldest first (newest last): every "
+                    "signed-update outcome, installed or refused, with the roll-out, what "
+                    "it was and who signed it (updates/audit.jsonl and its rotated "
+                    "audit.jsonl.1), then every enrolment installed, with when, by whom, "
+                    "which site, console and coordinator, and what it replaced "
+                    "(enrolment-history.jsonl). Reads only: safe beside a running agent. "
+                    "State dir: --state-dir, else the state_dir of --config, else "
+                    "/var/lib/fedge.")
+    au.add_argument("--config", type=Path, default=argparse.SUPPRESS, metavar="FILE",
+                    help="agent config (TOML): its state_dir")
+    au.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
+                    help="agent state directory; refused if --config names another")
+    au.add_argument("--since", type=_since, default=None, metavar="DATE",
+                    help="only what happened from DATE on (YYYY-MM-DD, or an ISO time; "
+                         "UTC unless it says otherwise). Lines that cannot be read (a write "
+                         "cut short) are shown whatever their date")
+    au.add_argument("--json", action="store_true",
+                    help="the same as one JSON object: {state_dir, since, updates: {files, "
+                         "records}, enrolments: {file, records}}; every record has every "
+                         "field (null where a line written by an earlier release lacks "
+                         "it), a line that cannot be read is {unreadable: why}")
+    au.set_defaults(func=_audit)
     try:
         from fedge.agent.enrol import register_enrol
     except ModuleNotFoundError:  # pragma: no cover - console engineer's module absent
@@ -104,6 +136,229 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as exc:  # a [[datasets]] table fedge.train refuses
         print(f"fedge agent: invalid configuration: {exc}", file=sys.stderr)
         return 2
+
+
+def _since(text: str) -> datetime:
+    """--since: a date (midnight UTC) or an ISO time (UTC unless it names its zone)."""
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date (YYYY-MM-DD) or an ISO "
+                                         "time (YYYY-MM-DDTHH:MM[:SS][+HH:MM])") from None
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from fedge.agent.enrol import _state_dir
+
+    try:
+        state_dir = _state_dir(args)
+    except ValueError as exc:  # AgentConfigError is one
+        print(f"fedge agent audit: {exc}", file=sys.stderr)
+        return 2
+    where = (f" (from {args.config})" if getattr(args, "config", None) is not None
+             and args.state_dir is None else "")
+    try:
+        trail = read_audit_trail(state_dir, since=args.since)
+    except AuditUnreadable as exc:
+        print(f"fedge agent audit: {exc}", file=sys.stderr)
+        return 2
+    if trail is None:
+        print(f"fedge agent audit: {state_dir}{where} holds no appliance's records: no "
+              "enrolment.json, enrolment history or update audit there; check the state "
+              "dir (an appliance is enrolled with `fedge agent enrol FILE`)", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(trail, indent=1, sort_keys=True))
+    else:
+        print_audit(trail)
+    return 0
+
+
+class AuditUnreadable(Exception):
+    """A record file of the audit trail exists but cannot be read (names it)."""
+
+
+def _read_snapshot(paths: list[Path]) -> list[bytes | None]:
+    """Each file's bytes (None where there is none), every file opened before any is
+    read, and a file renamed onto the next between two opens (the update audit's
+    rotation, by the running agent) read once: a file is left out when an earlier one
+    of `paths` is the same file.
+
+    Raises: AuditUnreadable: a file exists but cannot be opened or read (names it)."""
+    import os
+
+    fds: list[int | None] = []
+    try:
+        for path in paths:
+            try:
+                fds.append(os.open(path, os.O_RDONLY))
+            except FileNotFoundError:
+                fds.append(None)
+            except OSError as exc:
+                raise AuditUnreadable(f"{path} cannot be read: {exc.strerror or exc}") from exc
+        seen: set[tuple[int, int]] = set()
+        out: list[bytes | None] = []
+        for path, fd in zip(paths, fds, strict=True):
+            if fd is None:
+                out.append(None)
+                continue
+            try:
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino) in seen:
+                    out.append(None)
+                    continue
+                seen.add((st.st_dev, st.st_ino))
+                with os.fdopen(os.dup(fd), "rb") as f:
+                    out.append(f.read())
+            except OSError as exc:  # a directory in its place: IsADirectoryError
+                raise AuditUnreadable(f"{path} cannot be read: {exc.strerror or exc}") from exc
+        return out
+    finally:
+        for fd in fds:
+            if fd is not None:
+                os.close(fd)
+
+
+def _records(data: bytes, name: str, fields: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The JSON lines of `data`, each with every field of `fields` (None where a line
+    an earlier release wrote lacks it); a line that is no JSON object (a write cut
+    short by a crash or a power cut, or one being written now) is ``{"unreadable":
+    why}``, its fields None."""
+    records: list[dict[str, Any]] = []
+    for number, line in enumerate(data.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are
+            record = {"unreadable": f"{name} line {number} is not a record (a write cut "
+                                   f"short, or being written): {exc}"}
+        records.append({field: record.get(field) for field in fields}
+                       | {k: v for k, v in record.items() if k not in fields})
+    return records
+
+
+def _at(record: dict[str, Any]) -> datetime | None:
+    try:
+        when = datetime.fromisoformat(str(record["time"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
+def read_audit_trail(state_dir: Path, *, since: datetime | None = None
+                     ) -> dict[str, Any] | None:
+    """What ``fedge agent audit`` shows, as plain data (its ``--json``): the update
+    outcomes (``updates/audit.jsonl.1`` then ``audit.jsonl``, fields
+    fedge.agent.updates.AUDIT_FIELDS) and the enrolments installed
+    (``enrolment-history.jsonl``, fields fedge.agent.enrol.HISTORY_FIELDS), each in
+    the order written (oldest first), from `since` on (a line without a readable time
+    is kept). Reads only, never creates or rotates anything; None when `state_dir`
+    holds none of these files nor an ``enrolment.json``.
+
+    Raises: AuditUnreadable: a file exists but cannot be read (names it)."""
+    from fedge.agent.enrol import HISTORY, HISTORY_FIELDS
+    from fedge.agent.updates import AUDIT, AUDIT_FIELDS
+
+    current = state_dir / "updates" / AUDIT
+    rotated = current.with_name(AUDIT + ".1")
+    history = state_dir / HISTORY
+    # the current audit file first: renamed to .1 by the agent after it is opened, it
+    # is the same file as the .1 opened next, and read once (_read_snapshot)
+    now, older, enrolments = _read_snapshot([current, rotated, history])
+    if (now, older, enrolments) == (None, None, None) \
+            and not (state_dir / "enrolment.json").exists():
+        return None
+
+    def kept(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if since is None:
+            return records
+        return [r for r in records if (when := _at(r)) is None or when >= since]
+
+    updates: list[dict[str, Any]] = []
+    files = []
+    for path, data in ((rotated, older), (current, now)):
+        if data is not None:
+            files.append(str(path))
+            updates += _records(data, path.name, AUDIT_FIELDS)
+    return {"state_dir": str(state_dir), "since": since.isoformat() if since else None,
+            "updates": {"files": files, "records": kept(updates)},
+            "enrolments": {"file": str(history) if enrolments is not None else None,
+                           "records": kept(_records(enrolments or b"", history.name,
+                                                    HISTORY_FIELDS))}}
+
+
+def _shown(value: Any) -> str:
+    return "-" if value is None or value == "" or value == [] else str(value)
+
+
+def _time(record: dict[str, Any]) -> str:
+    when = _at(record)
+    if when is None:
+        return _shown(record.get("time"))
+    return when.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def print_audit(trail: dict[str, Any]) -> None:
+    """``fedge agent audit``: :func:`read_audit_trail` as two tables, a record a line,
+    oldest first; '-' for what a line does not hold (written by an earlier release)."""
+    since = f" since {trail['since']}" if trail["since"] else ""
+    updates = trail["updates"]
+    if not updates["files"]:
+        print(f"update outcomes: none recorded ({trail['state_dir']}/updates/audit.jsonl "
+              "does not exist: no update was offered to this appliance, or only before "
+              "they were audited)")
+    else:
+        print(f"update outcomes{since} ({', '.join(updates['files'])}), oldest first:")
+        print(f"  {'time (UTC)':<19} {'roll-out':<16} {'update':<32} {'outcome':<11} "
+              f"{'signed by (targets version, key ids)':<40} detail")
+        for r in updates["records"]:
+            if "unreadable" in r:
+                print(f"  {'-':<19} {'-':<16} {'-':<32} {'unreadable':<11} {'-':<40} "
+                      f"{r['unreadable']}")
+                continue
+            what = " ".join(str(r[k]) for k in ("kind", "name", "version") if r[k]) \
+                or _shown(r["path"])
+            outcome = ("rolled back" if r["rolled_back"] else "ok" if r["ok"] is True
+                       else "refused" if r["ok"] is False else "-")
+            signed = "-"
+            if r["targets_version"] is not None or r["targets_signed_by"]:
+                keys = ",".join(str(k)[:16] for k in r["targets_signed_by"] or []) or "-"
+                signed = (f"targets v{_shown(r['targets_version'])} root "
+                          f"v{_shown(r['root_version'])} {keys}")
+            print(f"  {_time(r):<19} {_shown(r['rollout_id']):<16} {what:<32} "
+                  f"{outcome:<11} {signed:<40} {_shown(r['detail'])}")
+        if not updates["records"]:
+            print("  (none)")
+    enrolments = trail["enrolments"]
+    if enrolments["file"] is None:
+        print(f"enrolments: none recorded ({trail['state_dir']}/enrolment-history.jsonl "
+              "does not exist: enrolled by a release before it was kept, or never)")
+        return
+    print(f"enrolments{since} ({enrolments['file']}), oldest first:")
+    print(f"  {'time (UTC)':<19} {'by':<20} {'site':<16} {'console key':<20} "
+          f"{'coordinator':<28} {'file valid (UTC)':<35} replaced")
+    for r in enrolments["records"]:
+        if "unreadable" in r:
+            print(f"  {'-':<19} {'-':<20} {'-':<16} {'-':<20} {'-':<28} {'-':<35} "
+                  f"{r['unreadable']}")
+            continue
+        by = _shown(r["user"] if r["user"] is not None else r["uid"])
+        if r["sudo_user"]:
+            by += f" (sudo {r['sudo_user']})"
+        valid = f"{_time({'time': r['issued']})} to {_time({'time': r['expires']})}"
+        if r["issued"] is None and r["expires"] is None:
+            valid = "-"
+        replaced = (_shown(r["replaced_enrolment"]) if r["replaced"]
+                    else "no" if r["replaced"] is False else "-")
+        print(f"  {_time(r):<19} {by:<20} {_shown(r['site']):<16} "
+              f"{_shown(r['console_fingerprint']):<20} {_shown(r['coordinator_endpoint']):<28}"
+              f" {valid:<35} {replaced}")
+    if not enrolments["records"]:
+        print("  (none)")
 
 
 def _privacy(args: argparse.Namespace) -> int:

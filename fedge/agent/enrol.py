@@ -68,6 +68,11 @@ DEFAULT_STATE_DIR = Path("/var/lib/fedge")
 # last, so this is what says which site, console and coordinator this appliance was
 # before a `--replace`, and when. A few lines a year: not rotated.
 HISTORY = "enrolment-history.jsonl"
+# The fields of a history line (`install_enrolment`), as `fedge agent audit` shows them
+HISTORY_FIELDS = ("time", "uid", "user", "sudo_user", "site", "console_id",
+                  "console_fingerprint", "coordinator_endpoint", "coordinator_public_key",
+                  "issued", "expires", "tuf_root_version", "replaced", "replaced_enrolment",
+                  "previous")
 
 log = logging.getLogger("fedge.agent.enrol")
 

@@ -550,7 +550,8 @@ def test_purge_overwrites_key_files_before_deleting_them(tmp_path: Path) -> None
     purge, shows what the purge left in its blocks: zeros, not the key."""
     proc = in_scratch_root(tmp_path, """
 sh $P/postinst configure '' 2>>$ERR
-mkdir -p /var/lib/fedge/keys /var/lib/fedge-coordinator /var/lib/seen /etc/fedge/credentials/coordinator
+mkdir -p /var/lib/fedge/keys /var/lib/fedge-coordinator /var/lib/seen
+mkdir -p /etc/fedge/credentials/coordinator
 echo agent-identity-secret > /var/lib/fedge/keys/identity.key
 echo agent-curve-secret > /var/lib/fedge-credentials/agent/curve.key
 echo coordinator-provision-secret > /var/lib/fedge-coordinator/coordinator-provision.json

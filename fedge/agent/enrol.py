@@ -39,6 +39,16 @@ force here, which may no longer name a revoked site, even with ``replace``; and 
 file of the same site issued before the enrolment installed here (its keys may have
 been revoked since) needs ``replace`` (`_check_not_older`).
 
+Run as root into a state dir another user owns (the documented ``sudo fedge agent
+enrol`` into /var/lib/fedge, the fedge user's), everything read from or written into
+it is done by a child dropped to that user (`fedge.as_owner`): a symlink that user
+planted there (``keys``, ``enrolment-history.jsonl``) reaches nothing it could not
+write itself, and the files are its own with no chown afterwards. Root reads only the
+enrolment file and the credentials. Nor is a missing ``keys/coordinator.json`` in an
+enrolled state dir taken as "no pinned coordinator" (``replace`` needed), and what the
+history line copies from the old enrolment (``previous``) must look like what enrolment
+writes (`_enrolled_before`).
+
 The agent loads its two secrets from the systemd credentials first (README.Debian,
 Credentials): where those hold other keys than the ones installed, the command says
 so and prints the commands that move the new ones into place
@@ -57,6 +67,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -92,6 +103,9 @@ class EnrolledSite:
     # key …") or an unreadable one, installed over with `replace`; None when there was
     # none or the same site
     replaced: str | None = None
+    # the Ed25519 identity's public key, when known (`install_enrolment`): compared with
+    # the credentials without reading the state dir again as root
+    identity_public: bytes | None = None
 
 
 def _site_of(site: str, roster_public_key: bytes) -> str:
@@ -118,6 +132,7 @@ def install_enrolment(file: Path, state_dir: Path, *, now: datetime | None = Non
         OSError: the state dir cannot be written.
     """
     from fedge.agent.updates import install_trusted_root
+    from fedge.as_owner import owner_to_act_as, run_as
     from fedge.console.enrolment import EnrolmentError, EnrolmentExpired, read_enrolment
     from fedge.secagg.keys import Identity, Roster
     from fedge.update import tuf_repo
@@ -126,22 +141,26 @@ def install_enrolment(file: Path, state_dir: Path, *, now: datetime | None = Non
     state_dir = Path(state_dir)
     now = now or datetime.now(UTC)
     existing = state_dir / "enrolment.json"
+    # Run as root into a state dir the service user owns (the package's /var/lib/fedge):
+    # everything read from or written into it is done as that user (fedge.as_owner),
+    # so a symlink it planted there gains it nothing. The enrolment file, which may be
+    # root's alone, is read here.
+    owner = owner_to_act_as(state_dir)
+    held = run_as(owner, lambda: _held_enrolment(existing), what="reading " + str(existing))
     previous: tuple[str, bytes] | None = None
-    if existing.exists():
-        try:
-            meta = json.loads(existing.read_text())
-            previous = str(meta["site"]), bytes.fromhex(meta["roster_public_key"])
-        except (ValueError, KeyError, TypeError) as exc:
-            if expected_console is None:
-                raise EnrolmentError(
-                    f"existing enrolment state {existing} is corrupt ({exc}); pass "
-                    "--console-key to say which console to trust, and --replace to enrol "
-                    "over it") from exc
-            if not replace:
-                raise EnrolmentError(
-                    f"existing enrolment state {existing} is corrupt ({exc}): which site "
-                    "this appliance is cannot be told; nothing changed. Pass --replace to "
-                    f"enrol {file} over it") from exc
+    if held["previous"] is not None:
+        previous = str(held["previous"][0]), bytes.fromhex(held["previous"][1])
+    elif held["corrupt"] is not None:
+        if expected_console is None:
+            raise EnrolmentError(
+                f"existing enrolment state {existing} is corrupt ({held['corrupt']}); pass "
+                "--console-key to say which console to trust, and --replace to enrol "
+                "over it")
+        if not replace:
+            raise EnrolmentError(
+                f"existing enrolment state {existing} is corrupt ({held['corrupt']}): which "
+                "site this appliance is cannot be told; nothing changed. Pass --replace to "
+                f"enrol {file} over it")
     try:
         if expected_console is None and previous is not None:
             e = read_enrolment(Path(file), now=now, expected_console=previous[1],
@@ -172,52 +191,73 @@ def install_enrolment(file: Path, state_dir: Path, *, now: datetime | None = Non
         tuf_repo.verify_by(root, "root", root)
     except ValueError as exc:
         raise EnrolmentError(f"enrolment file {file} is corrupt: {exc}") from exc
-    same_console = previous is not None and previous[1] == e.roster_public_key
-    keep_root = False
-    if same_console:
-        keep_root = _check_root_chains(state_dir, root, file, replace=replace)
-        _check_coordinator_pin(state_dir, e.site, e.coordinator_endpoint,
-                               e.coordinator_public_key, file, replace=replace)
-        _check_not_older(state_dir, file, roster, e.roster_public_key, e.site, e.issued,
-                         same_site=previous is not None and previous[0] == e.site,
-                         replace=replace)
-    # what this appliance was, for the history line: read before anything is written
-    before = _enrolled_before(state_dir) if existing.exists() else None
-    if previous is None and existing.exists():  # corrupt, enrolled over with `replace`
+    if previous is None and held["exists"]:  # corrupt, enrolled over with `replace`
         replaced = f"an unreadable enrolment state ({existing})"
-    for d in (state_dir, state_dir / "keys"):
-        d.mkdir(parents=True, exist_ok=True)
-        os.chmod(d, 0o700)
-    write_json(state_dir / "keys" / "curve.json",
-               {"public": e.curve_public, "secret": e.curve_secret})
-    identity.save(state_dir / "keys" / "identity.key")
-    write_json(state_dir / "keys" / "coordinator.json",
-               {"endpoint": e.coordinator_endpoint, "public_key": e.coordinator_public_key})
-    write_atomic(state_dir / "roster.json", e.roster)
-    if not keep_root:
-        install_trusted_root(state_dir, e.tuf_root)
-    write_json(existing, {
-        "site": e.site, "console_id": e.console_id, "console_fingerprint": e.fingerprint(),
-        "roster_public_key": e.roster_public_key.hex(), "issued": e.issued.isoformat(),
-        "expires": e.expires.isoformat(),
-        # what the agent checks the key it loads against: keys/curve.json is shredded
-        # once moved into the credentials directory (README.Debian, Credentials)
-        "curve_public": e.curve_public,
-    })
-    _note_enrolment(state_dir, {
-        "time": now.isoformat(), **_who(), "site": e.site, "console_id": e.console_id,
-        "console_fingerprint": e.fingerprint(),
-        "coordinator_endpoint": e.coordinator_endpoint,
-        "coordinator_public_key": e.coordinator_public_key,
-        "issued": e.issued.isoformat(), "expires": e.expires.isoformat(),
-        "tuf_root_version": root.signed.version,  # kept only when the same root
-        "replaced": replaced is not None, "replaced_enrolment": replaced,
-        "previous": before,
-    })
-    _give_to_owner(state_dir)
+    who = _who()  # here: the child's uid is the owner's
+
+    def write() -> None:
+        same_console = previous is not None and previous[1] == e.roster_public_key
+        keep_root = False
+        if same_console:
+            keep_root = _check_root_chains(state_dir, root, file, replace=replace)
+            _check_coordinator_pin(state_dir, e.site, e.coordinator_endpoint,
+                                   e.coordinator_public_key, file, replace=replace)
+            _check_not_older(state_dir, file, roster, e.roster_public_key, e.site,
+                             e.issued, same_site=previous is not None
+                             and previous[0] == e.site, replace=replace)
+        # what this appliance was, for the history line: read before anything is written
+        before = _enrolled_before(state_dir) if held["exists"] else None
+        for d in (state_dir, state_dir / "keys"):
+            d.mkdir(parents=True, exist_ok=True)
+            os.chmod(d, 0o700)
+        write_json(state_dir / "keys" / "curve.json",
+                   {"public": e.curve_public, "secret": e.curve_secret})
+        identity.save(state_dir / "keys" / "identity.key")
+        write_json(state_dir / "keys" / "coordinator.json",
+                   {"endpoint": e.coordinator_endpoint,
+                    "public_key": e.coordinator_public_key})
+        write_atomic(state_dir / "roster.json", e.roster)
+        if not keep_root:
+            install_trusted_root(state_dir, e.tuf_root)
+        write_json(existing, {
+            "site": e.site, "console_id": e.console_id,
+            "console_fingerprint": e.fingerprint(),
+            "roster_public_key": e.roster_public_key.hex(), "issued": e.issued.isoformat(),
+            "expires": e.expires.isoformat(),
+            # what the agent checks the key it loads against: keys/curve.json is
+            # shredded once moved into the credentials directory (README.Debian,
+            # Credentials)
+            "curve_public": e.curve_public,
+        })
+        _note_enrolment(state_dir, {
+            "time": now.isoformat(), **who, "site": e.site, "console_id": e.console_id,
+            "console_fingerprint": e.fingerprint(),
+            "coordinator_endpoint": e.coordinator_endpoint,
+            "coordinator_public_key": e.coordinator_public_key,
+            "issued": e.issued.isoformat(), "expires": e.expires.isoformat(),
+            "tuf_root_version": root.signed.version,  # kept only when the same root
+            "replaced": replaced is not None, "replaced_enrolment": replaced,
+            "previous": before,
+        })
+
+    run_as(owner, write, what=f"enrolling into {state_dir}", raises=(EnrolmentError,))
     return EnrolledSite(e.site, e.console_id, e.fingerprint(), e.coordinator_endpoint,
                         e.coordinator_public_key, e.curve_public, e.curve_secret,
-                        e.roster_public_key, state_dir, replaced)
+                        e.roster_public_key, state_dir, replaced, identity.public_bytes())
+
+
+def _held_enrolment(existing: Path) -> dict[str, Any]:
+    """What `existing` (enrolment.json) says this appliance is, as JSON for `run_as`:
+    "exists", "previous" ([site, roster public key hex] or None) and "corrupt" (why it
+    cannot be read, or None)."""
+    if not existing.exists():
+        return {"exists": False, "previous": None, "corrupt": None}
+    try:
+        meta = json.loads(existing.read_text())
+        previous = [str(meta["site"]), bytes.fromhex(meta["roster_public_key"]).hex()]
+    except (ValueError, KeyError, TypeError) as exc:
+        return {"exists": True, "previous": None, "corrupt": str(exc)}
+    return {"exists": True, "previous": previous, "corrupt": None}
 
 
 def credentials_not_enrolled(site: EnrolledSite, *,
@@ -238,7 +278,8 @@ def credentials_not_enrolled(site: EnrolledSite, *,
         if os.environ.get("CREDENTIALS_DIRECTORY"):
             places.append((Path(os.environ["CREDENTIALS_DIRECTORY"]), "fedge_"))
         places.append((Path(CREDENTIALS_SOURCE), ""))
-    enrolled_identity = Identity.load(site.state_dir / SECRETS["identity"][0]).public_bytes()
+    enrolled_identity = (site.identity_public if site.identity_public is not None else
+                         Identity.load(site.state_dir / SECRETS["identity"][0]).public_bytes())
     found = []
     for directory, prefix in places:
         for which, (_, name) in SECRETS.items():
@@ -264,7 +305,11 @@ def credentials_not_enrolled(site: EnrolledSite, *,
 def _enrolled_before(state_dir: Path) -> dict[str, object] | None:
     """What this appliance was enrolled as before this install (read before it is
     overwritten), for its history line: site, console fingerprint, coordinator; None
-    if unreadable (a corrupt state replaced with ``replace``)."""
+    if unreadable (a corrupt state replaced with ``replace``).
+
+    These files are the service user's to write: a value that is not what enrolment
+    writes there (a site name, a hex fingerprint, an endpoint, a Z85 key; `_PREVIOUS`)
+    is recorded as None, not copied into the history line."""
     try:
         meta = json.loads((state_dir / "enrolment.json").read_text())
         doc: dict[str, object] = {"site": meta.get("site"),
@@ -277,7 +322,18 @@ def _enrolled_before(state_dir: Path) -> dict[str, object] | None:
         doc["coordinator_public_key"] = coord.get("public_key")
     except (OSError, ValueError, AttributeError):
         pass
-    return doc
+    return {k: v if isinstance(v, str) and _PREVIOUS[k].fullmatch(v) else None
+            for k, v in doc.items()}
+
+
+# What a history line's "previous" may hold, read back from the state dir
+_PREVIOUS = {
+    "site": re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}"),  # secagg.keys, legacy too
+    "console_fingerprint": re.compile(r"[0-9a-f]{16,64}"),
+    "coordinator_endpoint": re.compile(r"[a-z]{2,8}://[A-Za-z0-9._:\[\]*%-]{1,253}"),
+    # Z85 (zmq's alphabet), 40 characters: a CURVE key
+    "coordinator_public_key": re.compile(r"[0-9A-Za-z.:+=^!/*?&<>()\[\]{}@%$#-]{40}"),
+}
 
 
 def _who() -> dict[str, object]:
@@ -448,7 +504,14 @@ def _check_coordinator_pin(state_dir: Path, site: str, endpoint: str, public_key
         held = json.loads(path.read_text())
         pinned = (str(held["endpoint"]), str(held["public_key"]))
     except FileNotFoundError:
-        return
+        # enrolled (enrolment.json read), so it was written: removing it must not be a
+        # way round the pin
+        if replace:
+            return
+        raise EnrolmentError(
+            f"{path} is missing, but {state_dir} is enrolled as site {site!r}: the "
+            f"coordinator it is pinned to cannot be compared with the one {file} names "
+            f"({endpoint}); nothing changed. Pass --replace to pin that one") from None
     except (OSError, ValueError, KeyError, TypeError):
         pinned = ("?", "?")  # unreadable: a change all the same
     if pinned == (endpoint, public_key) or replace:
@@ -462,24 +525,6 @@ def _check_coordinator_pin(state_dir: Path, site: str, endpoint: str, public_key
         f"{file} would change the coordinator site {site!r} is pinned to ("
         f"{'; '.join(changes)}); nothing changed. Pass --replace if the console moved its "
         "coordinator")
-
-
-def _give_to_owner(state_dir: Path) -> None:
-    """Run as root (as hospital IT does, with sudo) into a state directory the service
-    user owns (the package's /var/lib/fedge, owned by fedge): hand what root wrote
-    there to that user, or the agent, running as fedge, could not read its own keys.
-    (systemd's StateDirectory= does not re-own files inside a directory whose top is
-    already owned by the right user.) Modes stay as written (0600/0700)."""
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        return
-    top = state_dir.stat()
-    if top.st_uid == 0:
-        return
-    for root, dirs, files in os.walk(state_dir):
-        for name in [*dirs, *files]:
-            path = os.path.join(root, name)
-            if os.lstat(path).st_uid == 0:
-                os.chown(path, top.st_uid, top.st_gid, follow_symlinks=False)
 
 
 def load_enrolled(state_dir: Path) -> EnrolledSite:

@@ -51,9 +51,12 @@ def owner_to_act_as(path: str | os.PathLike[str]) -> Owner | None:
 
 
 def run_as(owner: Owner | None, fn: Callable[[], Any], *, what: str,
-           raises: tuple[type[Exception], ...] = ()) -> Any:
+           raises: tuple[type[Exception], ...] = (), umask: int | None = 0o077) -> Any:
     """Run `fn` (no arguments, returning a JSON value) as `owner` in a forked child
     and return what it returned; with `owner` None, just call it here.
+
+    `umask`: the child's; None keeps this process's (files meant to be shared, such as
+    a model repository's, keep the modes they had when root wrote them).
 
     The exceptions named in `raises` (by class name; their message), and OSError (its
     errno, text and file name), are raised again here.
@@ -82,7 +85,8 @@ def run_as(owner: Owner | None, fn: Callable[[], Any], *, what: str,
                 os.setuid(uid)
                 if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):
                     raise OSError(f"could not drop to uid {uid} gid {gid}")
-                os.umask(0o077)
+                if umask is not None:
+                    os.umask(umask)
                 answer = {"value": fn()}
             except OSError as exc:
                 answer = {"oserror": [exc.errno, exc.strerror or str(exc),

@@ -34,9 +34,11 @@ coordinator recorded (`epsilon`: the largest over the sites, each site's in
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
+import tempfile
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
@@ -453,7 +455,24 @@ def export_job(
             "feature_names is empty"
         )
     target = Path(out) if out is not None else ckpt.with_name("model.onnx")
+    # Run as root where the output's directory (or one on the way) is another user's
+    # (the coordinator's jobs/<id>/, the fedge user's): exported into a directory of
+    # root's, then copied into place as that user (fedge.as_owner), so a symlink that
+    # user planted gets root to write nothing anywhere.
+    from fedge.as_owner import owner_to_act_as, run_as
+    from fedge.update.files import write_atomic
+
+    owner = owner_to_act_as(target)
     try:
-        return export_onnx(model, example, props, target, preprocessing=preprocessing)
+        if owner is None:
+            return export_onnx(model, example, props, target, preprocessing=preprocessing)
+        with tempfile.TemporaryDirectory(prefix="fedge-export-") as private:
+            result = export_onnx(model, example, props, Path(private) / "model.onnx",
+                                 preprocessing=preprocessing)
+            data = result.path.read_bytes()
+        # 0644 as export_onnx writes it: servers may run as another user
+        run_as(owner, lambda: write_atomic(target, data, mode=0o644),
+               what=f"writing {target}", umask=None)
+        return dataclasses.replace(result, path=target)
     except OSError as exc:
         raise ExportError(f"cannot write {target}: {exc.strerror or exc}") from None

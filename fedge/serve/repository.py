@@ -155,6 +155,9 @@ class ModelRepository:
             FileNotFoundError: `model` is a path that does not exist.
             OSError: the repository cannot be written, or INSTALL_ATTEMPTS version
                 numbers were all taken meanwhile; nothing is installed.
+
+        Run as root into a repository (or a directory on the way to it) another user
+        owns, the files are written by a child run as that user, and are that user's.
         """
         check_model_name(name)
         data = model if isinstance(model, bytes) else Path(model).read_bytes()
@@ -165,7 +168,17 @@ class ModelRepository:
             raise ValueError(
                 f"refusing to install {name!r}: not a valid ONNX model ({exc})"
             ) from None
+        # Run as root (`sudo fedge export --install`) into a repository another user
+        # owns (the fedge user's models/): written as that user (fedge.as_owner), so a
+        # models/<name> symlink it planted gets root to create nothing anywhere.
+        from fedge.as_owner import owner_to_act_as, run_as
 
+        version: int = run_as(owner_to_act_as(self.root), lambda: self._place(name, data),
+                              what=f"installing {name!r} into {self.root}", umask=None)
+        return version
+
+    def _place(self, name: str, data: bytes) -> int:
+        """Write checked model bytes as the next version of `name` (`install`)."""
         base = self.root / name
         base.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=base))

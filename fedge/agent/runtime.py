@@ -107,6 +107,7 @@ from fedge.agent.trainer import (
     declared_but_refused,
 )
 from fedge.coordinator.checkpoint import model_digest
+from fedge.coordinator.cohort import LEDGER_RELEASED
 from fedge.coordinator.plan import Plan, PlanError, parse_plan
 from fedge.coordinator.rounds import SECAGG_PROTOCOL, context_digest
 from fedge.coordinator.secure import secagg_config
@@ -440,11 +441,34 @@ class Agent:
                 self._classes_unsendable = declared
                 log.error("%s: class lists not sent (%s): this site is left out of jobs "
                           "whose sites declare classes", self.site, exc)
+        released = self._ledger_released()
+        if released is not None:  # the coordinator's check for a ledger rolled back
+            report = {**report, LEDGER_RELEASED: released}
         await self.send(m.Heartbeat(
             site=self.site, version=running_version(),
             health_json=json.dumps(report, default=str),
             eligible=eligible, reason=reason, datasets=self.trainer.datasets(),
             current_task=self._busy, secagg_protocol=SECAGG_PROTOCOL))
+
+    def _ledger_released(self) -> int | None:
+        """The released runs in this site's privacy ledger, for the heartbeat's health
+        report (fedge.coordinator.cohort, LEDGER_RELEASED): the coordinator keeps the
+        most it has seen and leaves the site out of jobs when it reports fewer (its
+        disk restored from an older backup). None without a ledger, or while a release
+        is being saved (a save that fails takes the entry back: the count read then
+        could fall again), so that heartbeat goes without it."""
+        ledger = getattr(self.trainer, "privacy_ledger", None)
+        if ledger is None:
+            return None
+        lock = getattr(ledger, "_lock", None)
+        if lock is None:
+            return int(ledger.released_count())
+        if not lock.acquire(blocking=False):
+            return None
+        try:
+            return int(ledger.released_count())
+        finally:
+            lock.release()
 
     def _log_slow_probe(self, now: float) -> None:
         """A heartbeat went without waiting for its probe: said once, then summed up

@@ -1,7 +1,8 @@
 """`fedge console …`: the operator's commands.
 
-init, enrol SITE, revoke SITE, fleet [--json], jobs submit/list/status/watch/cancel/fetch,
-push (sign a model/app/software target, publish, roll out: canary first).
+init, enrol SITE, revoke SITE, ledger-ack SITE, fleet [--json],
+jobs submit/list/status/watch/cancel/fetch, push (sign a model/app/software target,
+publish, roll out: canary first).
 Heavy modules (zmq, the codec) load inside the handlers.
 """
 
@@ -93,6 +94,12 @@ def register(subparsers: Any) -> None:
     s = sub.add_parser("revoke", help="revoke a site: its connection drops, it cannot rejoin")
     s.add_argument("site")
     s.set_defaults(func=_cmd_revoke)
+
+    s = sub.add_parser("ledger-ack",
+                       help="accept the lower count of a site whose privacy ledger was "
+                            "rolled back (restored from a backup): it may join jobs again")
+    s.add_argument("site")
+    s.set_defaults(func=_cmd_ledger_ack)
 
     s = sub.add_parser("sync", help="tell the coordinator every enrolment, revocation and "
                        "the current roster (after --offline enrolments)")
@@ -310,6 +317,19 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
             print(f"fedge console: warning: the coordinator kept its roster, which still "
                   f"names {site}: {printable(result['roster_refused'])}; the revocation "
                   "stands (its key is refused)", file=sys.stderr)
+        return 0
+
+    return _run(go, args)
+
+
+def _cmd_ledger_ack(args: argparse.Namespace) -> int:
+    def go(args: argparse.Namespace) -> int:
+        result, _ = _call(args, "ledger_ack", {"site": args.site})
+        print(printable(
+            f"accepted {result['site']}'s privacy ledger at {result['now']} released runs "
+            f"(it had reported {result['was']}): it may join jobs again. The runs it no "
+            "longer lists were spent all the same: its max_epsilon_total no longer "
+            "bounds what it has released"))
         return 0
 
     return _run(go, args)

@@ -112,6 +112,13 @@ def fleet_rows(fleet: Sequence[dict[str, Any]], *, now: float | None = None) -> 
         status = a.get("status", "")
         eligible = "yes" if a.get("eligible") else "no"
         reason = a.get("eligibility_reason") or ""
+        ledger = a.get("privacy_ledger")
+        if isinstance(ledger, dict) and ledger.get("rolled_back") is True:
+            # the coordinator's full reason is in --json and `jobs watch`
+            eligible, reason = "no", (
+                f"PRIVACY LEDGER ROLLED BACK ({ledger.get('released_now', '?')} released "
+                f"runs, {ledger.get('released_mark', '?')} before): `fedge console "
+                f"ledger-ack {a.get('site_id', '?')}` or restore the newer ledger")
         rows.append([printable(cell) for cell in (
             str(a.get("site_id", "?")) + (" (revoked)" if status == "revoked" else ""),
             str(a.get("version") or "-"),

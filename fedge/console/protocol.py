@@ -27,6 +27,8 @@ OPS: dict[str, frozenset[str]] = {
     "jobs_cancel": frozenset({ROLE_ADMIN}),
     "enrol": frozenset({ROLE_ADMIN}),
     "revoke": frozenset({ROLE_ADMIN}),
+    # accept a site's rolled-back privacy ledger: the role that may revoke it
+    "ledger_ack": frozenset({ROLE_ADMIN}),
     "push": frozenset({ROLE_ADMIN}),
     "rotate_online_keys": frozenset({ROLE_ADMIN}),
     "rotate_offline_keys": frozenset({ROLE_ADMIN}),

@@ -419,6 +419,13 @@ class AdminService:
                 result["roster_serial"] = self._roster_serial()
         return result, {}
 
+    def _op_ledger_ack(self, op: Operator, args: dict, blobs: dict) -> tuple[Any, dict]:
+        """Accept the lower released-run count of a site whose privacy ledger was rolled
+        back (fedge.coordinator.cohort): it may join cohorts again. Audited with the
+        operator's name (``privacy_ledger_accepted``)."""
+        return self.coordinator.ledger_ack(str(args["site"]),
+                                           actor=f"{ADMIN_ACTOR}:{op.name}"), {}
+
     def _roster_serial(self) -> int | None:
         """The serial of the roster in force, if there is one and it verifies."""
         from fedge.secagg.keys import Roster

@@ -20,6 +20,16 @@ plan allows while the others could commit without it; once it says it is eligibl
 is a candidate again. An attempt that failed with no site's refusal or loss in it (a
 cohort that never formed) sidelines nobody.
 
+A site whose privacy ledger was rolled back is left out of every new cohort, of
+every job (DP or not: a run without DP spends the site's budget too). Its
+heartbeats' health report carries the number of released runs in its ledger
+(``LEDGER_RELEASED``); entries are only ever added, so a count below the most it
+reported before means its ledger (and its secure-aggregation reveal log, on the same
+disk) went back to an older copy, and its ``max_epsilon_total`` cannot be trusted
+(fedge.coordinator.store, ``note_ledger_released``). It is a candidate again once it
+reports that many again (the newer ledger restored) or once the coordinator's
+operator accepts the lower count (``fedge console ledger-ack SITE``).
+
 Class order. An image data set's label is the position of its class in the site's
 ``classes`` list (agent.toml): two sites that list them in another order would have
 their labels summed flipped. Sites send their lists (DatasetClasses, just before
@@ -48,6 +58,23 @@ from dataclasses import dataclass
 
 from fedge.coordinator.store import Appliance
 from fedge.update.version import reports_replace_one_epsilon
+
+# The key of the agent's health report (Heartbeat.health_json) that holds the number
+# of released runs in its privacy ledger: a field of the JSON, not of the message, so
+# that agents and coordinators from before it still take each other's heartbeats
+# (the codec refuses a Heartbeat with a field it does not know).
+LEDGER_RELEASED = "privacy_ledger_released"
+
+
+def ledger_rollback_notice(site: str, now: int, was: int) -> str:
+    """What the site is told (a Rejected; an agent's journal shows 300 characters of
+    it) when its privacy ledger holds ``now`` released runs, fewer than the ``was`` it
+    reported before."""
+    return (f"{site}'s privacy ledger holds {now} released runs, fewer than the {was} it "
+            "reported (restored from a backup?): left out of every job until the newer "
+            "privacy/ and secagg/ are restored or the coordinator's operator runs "
+            f"`fedge console ledger-ack {site}`")
+
 
 EXPLAIN_SITES = 5  # sites named in a cohort shortfall; the rest are counted
 WAITING_FOR_HEARTBEAT = "connected, waiting for its first heartbeat"
@@ -165,6 +192,8 @@ def select_cohort(appliances: Iterable[Appliance], *, connected: set[str], datas
             excluded[a.site_id] = "not connected"
         elif a.site_id in protocols and protocols[a.site_id] is None:
             excluded[a.site_id] = WAITING_FOR_HEARTBEAT
+        elif a.ledger_rollback:
+            excluded[a.site_id] = a.ledger_rollback
         elif not a.eligible:
             excluded[a.site_id] = f"not eligible: {a.eligibility_reason or 'no reason given'}"
         elif dataset not in a.datasets:

@@ -87,7 +87,12 @@ import numpy as np
 from fedge import __version__
 from fedge.coordinator import checkpoint as ck
 from fedge.coordinator.auditlimit import AuditThrottle
-from fedge.coordinator.cohort import Selection, select_cohort
+from fedge.coordinator.cohort import (
+    LEDGER_RELEASED,
+    Selection,
+    ledger_rollback_notice,
+    select_cohort,
+)
 from fedge.coordinator.plan import Plan, PlanError, parse_plan, plan_labels, with_seed
 from fedge.coordinator.rounds import (
     SECAGG_PROTOCOL,
@@ -97,7 +102,14 @@ from fedge.coordinator.rounds import (
     peer_reason,
     plain_factory,
 )
-from fedge.coordinator.store import SERVICE_BUSY_TIMEOUT_S, Store, StoreError, is_locked
+from fedge.coordinator.store import (
+    LEDGER_ROLLED_BACK,
+    SERVICE_BUSY_TIMEOUT_S,
+    Store,
+    StoreError,
+    is_locked,
+    ledger_rollback_reason,
+)
 from fedge.coordinator.strategies import Strategy
 from fedge.update.files import write_atomic
 from fedge.wire import codec
@@ -123,6 +135,10 @@ RETRY_BACKOFF_MAX_S = 60.0
 # fleet view reads every row): a health report of a few GPUs is a few KiB
 HEALTH_JSON_MAX = 64 << 10
 HEARTBEAT_TEXT_MAX = 1000  # reason, current task: characters
+# A site whose privacy ledger stays rolled back is told again this often (clock seconds)
+LEDGER_NOTICE_S = 600.0
+# the most released runs a heartbeat may report (exact in a float64, fits INTEGER)
+LEDGER_COUNT_MAX = 1 << 53
 STATUS_TEXT_MAX = 400  # Coordinator.status_text: characters of systemd's STATUS=
 DATASETS_MAX = 256  # data set names kept per appliance, each cut to HEARTBEAT_TEXT_MAX
 DEFAULT_MAX_BYTES = 64 << 20
@@ -226,6 +242,9 @@ class _Conn:
     tasks: dict[str, str] = field(default_factory=dict)
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     inputs_next: tuple[dict[str, str], dict[str, tuple[int, ...]]] | None = None
+    # when (clock) the site was last told its privacy ledger was rolled back; -inf:
+    # not on this connection (Coordinator._ledger_count)
+    ledger_told_at: float = float("-inf")
 
     def seen(self, msg_id: str) -> bool:
         if msg_id in self.seen_set:
@@ -824,6 +843,19 @@ class Coordinator:
             self._emit(self.runner.round, self.runner.round.lost(
                 site, self.clock(), reason=f"revoked by {actor}"))
 
+    def ledger_ack(self, site: str, actor: str = "console") -> dict[str, Any]:
+        """Accept the lower released-run count of ``site``, whose privacy ledger was
+        rolled back (fedge.coordinator.cohort): it is a candidate again, and the
+        audit log says who accepted it. Returns {"site", "was", "now"}.
+
+        Raises:
+            StoreError: unknown site, or its ledger is not flagged as rolled back.
+        """
+        was, now = self.store.ledger_ack(site, actor=actor)
+        log.info("%s accepted %s's privacy ledger at %d released runs (it had reported "
+                    "%d): a candidate again", actor, site, now, was)
+        return {"site": site, "was": was, "now": now}
+
     def set_roster(self, roster_bytes: bytes, actor: str = "console") -> None:
         """Install a new console-signed roster (checked against the roster key if known).
 
@@ -894,6 +926,8 @@ class Coordinator:
                          f"{codec.short(env.header.sender)} is not the authenticated {site!r}")
             return
         conn.last_seen = now
+        if returning:  # a site back (restarted, perhaps restored) is told anew
+            conn.ledger_told_at = float("-inf")
         self._took_effect = False
         try:
             self.handle(site, env, now)
@@ -1070,8 +1104,47 @@ class Coordinator:
                 current_task=hb.current_task[:HEARTBEAT_TEXT_MAX])
         except StoreError as exc:
             self._reject(site, "unknown_site", str(exc))
+            return
         except sqlite3.OperationalError as exc:  # a full disk: the site is still answered
             self._not_written(f"heartbeat of {site}", exc)
+        self._ledger_count(site, health.get(LEDGER_RELEASED))
+
+    def _ledger_count(self, site: str, released: Any) -> None:
+        """Compare the released runs ``site``'s privacy ledger holds (its health report's
+        LEDGER_RELEASED; absent from agents before it, and those keeping no ledger: then
+        nothing is compared) with the most it reported before (fedge.coordinator.cohort,
+        the store's ``note_ledger_released``): fewer is a ledger restored from an older
+        copy. Said once in the log and the audit log, and to the site, in a Rejected (the
+        one message whose free text every agent's journal shows), when flagged and again
+        each time it comes back or LEDGER_NOTICE_S pass while it stays so."""
+        if isinstance(released, bool) or not isinstance(released, int) \
+                or not 0 <= released <= LEDGER_COUNT_MAX:
+            return
+        try:
+            events = self.store.note_ledger_released(site, released)
+        except sqlite3.OperationalError as exc:  # held in memory; written at its next report
+            self._not_written(f"privacy-ledger count of {site}", exc)
+            events = []
+        for e in events:
+            if e.action == LEDGER_ROLLED_BACK:
+                log.warning("%s (left out of every new cohort)",
+                            ledger_rollback_reason(site, e.now, e.was))
+            else:
+                log.info("%s's privacy ledger holds %d released runs again, its mark %d: "
+                         "back among the candidates", site, e.now, e.was)
+        try:
+            appliance = self.store.appliance(site)
+        except StoreError:
+            return
+        conn = self.conns.get(site)
+        now = self.clock()
+        if not appliance.ledger_rollback or conn is None \
+                or now - conn.ledger_told_at < LEDGER_NOTICE_S:
+            return
+        conn.ledger_told_at = now
+        assert appliance.ledger_rolled_back_to is not None and appliance.ledger_mark is not None
+        self.outbox.append(Outgoing(site, m.Rejected(ledger_rollback_notice(
+            site, appliance.ledger_rolled_back_to, appliance.ledger_mark))))
 
     def _reject(self, site: str, action: str, reason: str, *,
                 close_after: bool = False) -> None:

@@ -16,6 +16,12 @@ refused or was lost), in the site's own words where it gave any. Rows written
 before it did hold a plain list of the dropped sites, read with no reasons. Schema
 version 2 added ``unmask_sets``: a version-1 database is migrated at open, and a
 release that knows only version 1 then refuses it (a downgrade cannot open it).
+Schema version 3 added ``ledger_marks``: per site, the most released runs its privacy
+ledger has reported (the heartbeat's health report, ``privacy_ledger_released``), and
+when it last reported fewer (``rolled_back_to``): an appliance restored from an older
+backup (:meth:`Store.note_ledger_released`). It is a version step, not an unversioned
+table, because it guards the sites' privacy caps: a release that knows nothing of it
+would let a rolled-back site train again, so it must refuse the database instead.
 
 Model weights are not stored here: they live in safetensors checkpoints beside
 the database (see :mod:`fedge.coordinator.checkpoint`); a round row is written
@@ -58,7 +64,7 @@ from typing import Any
 from fedge.secagg.errors import SecAggConfigError
 from fedge.secagg.keys import check_client_id
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DB_NAME = "coordinator.sqlite3"
 # SQLite's unix VFS keeps a database's full path (symlinks resolved) in a 512-byte
 # buffer that must also hold the "-journal" suffix: a longer path fails to open with
@@ -154,6 +160,12 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
             survivors_json TEXT NOT NULL,
             recorded_at REAL NOT NULL,
             PRIMARY KEY (job_id, round))""",),
+    # each site's privacy-ledger high-water mark (module doc; Store.note_ledger_released)
+    3: ("""CREATE TABLE IF NOT EXISTS ledger_marks (
+            site_id TEXT PRIMARY KEY,
+            released INTEGER NOT NULL,
+            rolled_back_to INTEGER,
+            updated_at REAL NOT NULL)""",),
 }
 
 # The job an audit entry is about: its JSON detail's "job", NULL for any other detail.
@@ -256,8 +268,23 @@ class Appliance:
     datasets: list[str]
     current_task: str
     enrolled_at: float
+    # the most released runs this site's privacy ledger has reported (None: it never
+    # reported any), and how many it holds now when that is fewer: its ledger went back
+    # (Store.note_ledger_released); None when it has not
+    ledger_mark: int | None = None
+    ledger_rolled_back_to: int | None = None
+
+    @property
+    def ledger_rollback(self) -> str:
+        """Why this site is left out of every new cohort, its privacy ledger holding
+        fewer released runs than it reported before; "" when it does not."""
+        if self.ledger_rolled_back_to is None or self.ledger_mark is None:
+            return ""
+        return ledger_rollback_reason(self.site_id, self.ledger_rolled_back_to,
+                                      self.ledger_mark)
 
     def to_dict(self) -> dict[str, Any]:
+        rollback = self.ledger_rollback if self.status == "enrolled" else ""
         return {
             "site_id": self.site_id,
             "curve_public_z85": self.curve_public_z85,
@@ -269,9 +296,10 @@ class Appliance:
             # what the registry's default (1) says of a site never heard from, or
             # revoked, is no verdict: neither can join a cohort
             "eligible": self.eligible and self.status == "enrolled"
-            and self.last_seen is not None,
+            and self.last_seen is not None and not rollback,
             "eligibility_reason": (
-                self.eligibility_reason if self.status == "enrolled"
+                rollback if rollback
+                else self.eligibility_reason if self.status == "enrolled"
                 and self.last_seen is not None
                 else "revoked" if self.status == "revoked"
                 else f"{self.status}" if self.status != "enrolled"
@@ -279,7 +307,41 @@ class Appliance:
             "datasets": self.datasets,
             "current_task": self.current_task,
             "enrolled_at": self.enrolled_at,
+            # absent for a site whose agent never reported its ledger (one before the
+            # field, or one keeping none)
+            **({} if self.ledger_mark is None else {"privacy_ledger": {
+                "released_mark": self.ledger_mark,
+                "released_now": (self.ledger_mark if self.ledger_rolled_back_to is None
+                                 else self.ledger_rolled_back_to),
+                "rolled_back": self.ledger_rolled_back_to is not None}}),
         }
+
+
+# the audit actions of a site's privacy-ledger mark (Store.note_ledger_released, ledger_ack)
+LEDGER_ROLLED_BACK = "privacy_ledger_rolled_back"
+LEDGER_CAUGHT_UP = "privacy_ledger_caught_up"
+LEDGER_ACCEPTED = "privacy_ledger_accepted"
+
+
+def ledger_rollback_reason(site: str, now: int, was: int) -> str:
+    """Why ``site`` is left out of every new cohort: its ledger holds ``now`` released
+    runs, fewer than the ``was`` it reported before."""
+    return (f"{site}'s privacy ledger holds {now} released runs, fewer than the {was} it "
+            "reported before (restored from a backup?): its privacy budget cannot be "
+            "trusted; the site's operator must restore the newer ledger, or the "
+            f"coordinator's operator runs `fedge console ledger-ack {site}` to accept the "
+            "lower count")
+
+
+@dataclass(frozen=True)
+class LedgerEvent:
+    """A change of a site's privacy-ledger state worth saying (Store.note_ledger_released):
+    ``action`` LEDGER_ROLLED_BACK (it reported ``now`` released runs, fewer than the
+    mark ``was``) or LEDGER_CAUGHT_UP (it reports ``now`` >= ``was`` again)."""
+    site: str
+    action: str
+    was: int
+    now: int
 
 
 @dataclass(frozen=True)
@@ -362,6 +424,11 @@ class Store:
         self._heartbeats: dict[str, tuple[Any, ...]] = {}
         self._monotonic = monotonic
         self._heartbeats_tried_at = monotonic()  # the last flush that wrote or failed
+        # site -> (its privacy-ledger mark, the fewer runs it reports now or None), as
+        # ledger_marks holds them once written; site -> the change not written yet (a
+        # locked database) with the events it is, written by the site's next report
+        self._ledger_marks: dict[str, tuple[int, int | None]] = {}
+        self._ledger_unwritten: dict[str, list[LedgerEvent]] = {}
         try:
             self._conn = sqlite3.connect(
                 self.path, check_same_thread=False, isolation_level=None,
@@ -440,6 +507,10 @@ class Store:
             if row is not None and version < SCHEMA_VERSION:
                 self._audit(c, "coordinator", "schema_migrated",
                             {"from": version, "to": SCHEMA_VERSION})
+            self._ledger_marks = {
+                str(r[0]): (int(r[1]), None if r[2] is None else int(r[2]))
+                for r in c.execute(
+                    "SELECT site_id, released, rolled_back_to FROM ledger_marks")}
 
     def close(self) -> None:
         """Write the heartbeats still held, then close.
@@ -681,7 +752,7 @@ class Store:
             ).fetchone()
             if row is None:
                 raise StoreError(f"unknown site {site_id!r}")
-            return _appliance(self._with_heartbeat(row))
+            return _appliance(self._with_heartbeat(row), self._ledger_marks.get(site_id))
 
     def appliances(self, *, status: str | None = None) -> list[Appliance]:
         q = "SELECT * FROM appliances"
@@ -691,7 +762,8 @@ class Store:
             args = (status,)
         with self._lock:
             rows = self._conn.execute(q + " ORDER BY site_id", args).fetchall()
-            return [_appliance(self._with_heartbeat(r)) for r in rows]
+            return [_appliance(self._with_heartbeat(r), self._ledger_marks.get(r[0]))
+                    for r in rows]
 
     def _with_heartbeat(self, row: tuple[Any, ...]) -> tuple[Any, ...]:
         """An appliances row with its site's held heartbeat, if any, in place of the
@@ -761,6 +833,77 @@ class Store:
                 if self._heartbeats.get(site) is columns:
                     del self._heartbeats[site]
             return len(held)
+
+    # -- privacy-ledger marks ------------------------------------------------------
+
+    def note_ledger_released(self, site_id: str, released: int) -> list[LedgerEvent]:
+        """``site_id``'s heartbeat says its privacy ledger holds ``released`` released
+        runs. Entries are only ever added to a ledger, so the count never goes down on
+        the appliance; fewer than the site's mark (the most it has reported) is a
+        ledger rolled back, by a restore from a backup, and the site is flagged
+        (``Appliance.ledger_rollback``) until it reports the mark again (the newer
+        ledger restored: it clears by itself) or an operator accepts the lower count
+        (:meth:`ledger_ack`). Each change is written with its audit rows in one
+        transaction; an unchanged count writes nothing. Returns the events to say
+        (flagged, caught up), usually none.
+
+        The change holds in memory at once, so the flag keeps the site out of cohorts
+        even while the database refuses the write; that is retried at its next report.
+
+        Raises:
+            sqlite3.OperationalError: the write failed (locked, disk full).
+        """
+        with self._lock:
+            held = self._ledger_marks.get(site_id)
+            new, event = _ledger_step(site_id, held, released)
+            if new == held and site_id not in self._ledger_unwritten:
+                return []
+            self._ledger_marks[site_id] = new
+            events = self._ledger_unwritten.setdefault(site_id, [])
+            if event is not None:
+                events.append(event)
+            with self._tx() as c:
+                self._write_mark(c, site_id, new)
+                for e in events:
+                    self._audit(c, "coordinator", e.action,
+                                {"site": site_id, "was": e.was, "now": e.now})
+            del self._ledger_unwritten[site_id]
+            return events
+
+    def ledger_ack(self, site_id: str, *, actor: str) -> tuple[int, int]:
+        """Accept the lower count of a site whose privacy ledger was rolled back: its
+        mark becomes the count it reports now, the flag goes, and the audit log says
+        who accepted it. Returns (the old mark, the new).
+
+        Raises:
+            StoreError: unknown site, or one whose ledger is not flagged as rolled back.
+        """
+        with self._lock:
+            self.appliance(site_id)  # unknown: StoreError
+            held = self._ledger_marks.get(site_id)
+            if held is None or held[1] is None:
+                raise StoreError(
+                    f"site {site_id!r}'s privacy ledger is not flagged as rolled back "
+                    + ("(it has not reported its ledger)" if held is None else
+                       f"(it reports {held[0]} released runs, its most so far)")
+                    + ": nothing to accept")
+            was, now = held
+            new = (now, None)
+            with self._tx() as c:
+                self._write_mark(c, site_id, new)
+                self._audit(c, actor, LEDGER_ACCEPTED,
+                            {"site": site_id, "was": was, "now": now})
+            self._ledger_marks[site_id] = new
+            self._ledger_unwritten.pop(site_id, None)
+            return was, now
+
+    def _write_mark(self, c: sqlite3.Connection, site_id: str,
+                    mark: tuple[int, int | None]) -> None:
+        c.execute("INSERT INTO ledger_marks(site_id, released, rolled_back_to, updated_at)"
+                  " VALUES (?, ?, ?, ?) ON CONFLICT(site_id) DO UPDATE SET"
+                  " released=excluded.released, rolled_back_to=excluded.rolled_back_to,"
+                  " updated_at=excluded.updated_at",
+                  (site_id, mark[0], mark[1], self._clock()))
 
     # -- operators ----------------------------------------------------------------
 
@@ -1066,10 +1209,28 @@ class Store:
         return [json.loads(r[0]) for r in rows]
 
 
-def _appliance(row: tuple[Any, ...]) -> Appliance:
+def _ledger_step(site: str, held: tuple[int, int | None] | None, released: int
+                 ) -> tuple[tuple[int, int | None], LedgerEvent | None]:
+    """A site's (mark, rolled back to) after it reports ``released`` runs, and the event
+    that is (Store.note_ledger_released)."""
+    if held is None:  # its first report: the mark starts there
+        return (released, None), None
+    mark, rolled_back_to = held
+    if released >= mark:
+        event = (None if rolled_back_to is None
+                 else LedgerEvent(site, LEDGER_CAUGHT_UP, mark, released))
+        return (released, None), event
+    if rolled_back_to is None:
+        return (mark, released), LedgerEvent(site, LEDGER_ROLLED_BACK, mark, released)
+    return (mark, released), None  # still behind: its count now is kept for the reason
+
+
+def _appliance(row: tuple[Any, ...], mark: tuple[int, int | None] | None) -> Appliance:
     return Appliance(
         site_id=row[0], curve_public_z85=row[1], ed25519_public=bytes(row[2]), status=row[3],
         version=row[4], last_seen=row[5], health=json.loads(row[6]), eligible=bool(row[7]),
         eligibility_reason=row[8], datasets=json.loads(row[9]), current_task=row[10],
         enrolled_at=row[11],
+        ledger_mark=None if mark is None else mark[0],
+        ledger_rolled_back_to=None if mark is None else mark[1],
     )

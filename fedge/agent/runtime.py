@@ -107,7 +107,6 @@ from fedge.agent.trainer import (
     declared_but_refused,
 )
 from fedge.coordinator.checkpoint import model_digest
-from fedge.coordinator.cohort import LEDGER_RELEASED
 from fedge.coordinator.plan import Plan, PlanError, parse_plan
 from fedge.coordinator.rounds import SECAGG_PROTOCOL, context_digest
 from fedge.coordinator.secure import secagg_config
@@ -115,6 +114,7 @@ from fedge.train.accounting import ledger_run
 from fedge.update.ab import running_version  # the slot the launcher runs, else fedge's
 from fedge.wire import codec
 from fedge.wire import messages as m
+from fedge.wire.messages import HEALTH_LEDGER_RELEASED as LEDGER_RELEASED
 
 log = logging.getLogger("fedge.agent")
 

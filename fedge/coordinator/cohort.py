@@ -58,12 +58,9 @@ from dataclasses import dataclass
 
 from fedge.coordinator.store import Appliance
 from fedge.update.version import reports_replace_one_epsilon
+from fedge.wire.messages import HEALTH_LEDGER_RELEASED
 
-# The key of the agent's health report (Heartbeat.health_json) that holds the number
-# of released runs in its privacy ledger: a field of the JSON, not of the message, so
-# that agents and coordinators from before it still take each other's heartbeats
-# (the codec refuses a Heartbeat with a field it does not know).
-LEDGER_RELEASED = "privacy_ledger_released"
+LEDGER_RELEASED = HEALTH_LEDGER_RELEASED  # fedge.wire.messages: the wire's own name
 
 
 def ledger_rollback_notice(site: str, now: int, was: int) -> str:

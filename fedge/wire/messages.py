@@ -100,6 +100,13 @@ class Heartbeat:
     secagg_protocol: int = 1
 
 
+# The key of the agent's health report (Heartbeat.health_json) that holds the number
+# of released runs in its privacy ledger: a field of the JSON, not of the message, so
+# that agents and coordinators from before it still take each other's heartbeats
+# (the codec refuses a Heartbeat with a field it does not know).
+HEALTH_LEDGER_RELEASED = "privacy_ledger_released"
+
+
 # Bounds on what one DatasetClasses may carry (the coordinator keeps it in memory).
 CLASSES_MAX = 1000  # classes per data set
 CLASS_NAME_MAX = 255  # characters per class name (a folder name)

@@ -811,8 +811,12 @@ def _cmd_jobs_fetch(args: argparse.Namespace) -> int:
 
         result, blobs = _call(args, "jobs_fetch", {"job_id": args.job_id})
         out = args.out / args.job_id
+        # the operator's umask decides who else may read them (models trained on
+        # patient data, per-site metrics and epsilon): as `cp` or a new file would
+        mask = os.umask(0o077)
+        os.umask(mask)
         for name, data in blobs.items():
-            write_atomic(out / Path(name).name, data, mode=0o644)
+            write_atomic(out / Path(name).name, data, mode=0o666 & ~mask)
             print(out / Path(name).name)
         if isinstance(result, dict) and result.get("note"):  # a failed/cancelled job's
             print(f"note: {printable(result['note'])}")

@@ -6,9 +6,12 @@ and why. Through the real CLI, a real coordinator and its SQLite store."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 
 import numpy as np
+import pytest
 from safetensors.numpy import load_file
 
 from fedge.cli import main
@@ -125,3 +128,27 @@ def test_a_job_whose_directory_the_operator_removed_says_so(tmp_path, make_serve
     err = capsys.readouterr().err
     assert f"job {job} (cancelled) has no results any more: its directory " in err
     assert "was removed from the coordinator" in err
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o077, 0o600), (0o022, 0o644)])
+def test_fetched_results_follow_the_operators_umask(tmp_path, make_server, capsys, umask,
+                                                    mode):
+    """A model trained on patient data and the report's per-site metrics are not made
+    readable by every local user when the operator's umask says otherwise."""
+    server = make_server()
+    coord = server.coordinator
+    base = ["console", "--home", str(server.console.home), "--timeout", "5"]
+    job = _submit(tmp_path, server, base, capsys)
+    _commit(coord, job, 1)
+    coord.on_job_completed = lambda j: write_job_report(
+        ck.job_dir(coord.state_dir, j), coord.job_status(j), coord.store.job(j).plan_toml)
+    assert main([*base, "jobs", "cancel", job]) == 0
+    old = os.umask(umask)
+    try:
+        assert main([*base, "jobs", "fetch", job, "--out", str(tmp_path / "r")]) == 0
+    finally:
+        os.umask(old)
+    files = list((tmp_path / "r" / job).iterdir())
+    assert {p.name for p in files} >= {"final.safetensors", "report.md", "report.json"}
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == \
+        {p.name: mode for p in files}

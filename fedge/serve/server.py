@@ -1451,6 +1451,8 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
 
         _direct: _Direct | None = None
         _owed: _Direct | None = None  # a direct-lane request not answered yet
+        # an ASGI request that arrived behind `_owed` waits in `pipeline` for its answer
+        _deferred = False
         # loop time by which the client must act; _NEVER while the server owes it
         deadline: float = _NEVER
         # loop time by which a client that stopped reading its responses must read on
@@ -1783,7 +1785,9 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
             self._since, self.deadline = None, _NEVER
             self._drop_direct()  # parsed now, run by the end of this loop step
             self._owed = direct  # until it is answered, this connection's next request
-            # takes the ASGI lane, whose task runs after the batch: responses keep order
+            # takes the ASGI lane and waits in the pipeline (_start_asgi_task): an answer
+            # may come seconds later, from the worker thread (InferenceServer._hand_off),
+            # and responses keep their order
             try:
                 app.submit(direct, functools.partial(self._reply, direct))
             except Exception as exc:  # a bug, not the client: say so, keep serving
@@ -1791,9 +1795,18 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
                 self._reply(direct, 500, error_body(f"internal error: {exc}"),
                             {"content-type": "application/json"})
 
+        def _start_asgi_task(self, cycle: Any, asgi: Any) -> None:
+            if self._owed is not None:  # its response comes after the one owed
+                self._deferred = True
+                self.flow.pause_reading()
+                self.pipeline.appendleft((cycle, asgi))
+                return
+            super()._start_asgi_task(cycle, asgi)
+
         def _reply(self, direct: _Direct, status: int, payload: bytes,
                    headers: dict[str, str]) -> None:
             self._owed = None
+            deferred, self._deferred = self._deferred, False
             if self.transport.is_closing():
                 return  # the client left meanwhile
             out = [STATUS_LINE[status], _default_headers(self.server_state.default_headers)]
@@ -1807,10 +1820,10 @@ def _loop_and_http(app: InferenceServer) -> tuple[str, Any]:
             app.metrics.observe(direct.label, status, time.perf_counter() - direct.start)
             if not direct.keep_alive:
                 self.transport.close()
-            elif self.cycle is None or self.cycle.response_complete:
-                # what uvicorn does after an ASGI response: count it, arm the
-                # keep-alive timeout (cancelled by the next request's bytes), and
-                # send a refusal that was waiting for this response
+            elif deferred or self.cycle is None or self.cycle.response_complete:
+                # what uvicorn does after an ASGI response: count it, start the
+                # request waiting behind it, or arm the keep-alive timeout (cancelled
+                # by the next request's bytes), and send a refusal that was waiting
                 self._unset_keepalive_if_required()
                 self.on_response_complete()
             else:  # a pipelined ASGI request is under way; its end arms the timeout

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import re
+import socket
 import time
 from pathlib import Path
 
@@ -184,3 +186,38 @@ def test_a_burst_sharing_a_batch_with_a_poisoned_request_is_answered(tmp_path: P
                     assert r.status_code == 504, r.text
                 else:
                     np.testing.assert_allclose(_sums(r), x.sum(axis=1), rtol=1e-5, atol=1e-4)
+
+
+def _post_bytes(body: dict[str, object]) -> bytes:
+    data = json.dumps(body).encode()
+    return (b"POST /v2/models/cox/infer HTTP/1.1\r\nHost: t\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(data)) + data
+
+
+def test_pipelined_requests_behind_a_run_moved_to_the_worker_keep_their_order(
+    tmp_path: Path,
+) -> None:
+    """HTTP/1.1 answers in request order: a request pipelined behind one whose run was
+    moved off the event loop waits for it, or a client would take the second
+    request's predictions (another patient's) as the first's."""
+    onnx_path = input_driven_loop(tmp_path / "slow.onnx")
+    with serving(tmp_path / "repo", "--infer-timeout", str(TIMEOUT_S), cox=onnx_path) as server:
+        host, port = server.host_port.split(":")
+        ordinary = _rows(3, 7)
+        with socket.create_connection((host, int(port)), timeout=60) as sock:
+            sock.sendall(_post_bytes(_body(_rows(2, 2, poison=True)))
+                         + _post_bytes(_body(ordinary))
+                         + b"GET /v2/health/live HTTP/1.1\r\nHost: t\r\n\r\n")
+            data = b""
+            deadline = time.monotonic() + 60
+            while data.count(b"HTTP/1.1 ") < 3 and time.monotonic() < deadline:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        statuses = re.findall(rb"HTTP/1\.1 (\d{3})", data)
+        assert statuses == [b"504", b"200", b"200"], data[:500]
+        second = data.split(b"HTTP/1.1 ")[2]
+        payload = json.loads(second.split(b"\r\n\r\n", 1)[1])
+        np.testing.assert_allclose(payload["outputs"][0]["data"], ordinary.sum(axis=1),
+                                   rtol=1e-5, atol=1e-4)

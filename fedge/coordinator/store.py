@@ -22,6 +22,12 @@ when it last reported fewer (``rolled_back_to``): an appliance restored from an 
 backup (:meth:`Store.note_ledger_released`). It is a version step, not an unversioned
 table, because it guards the sites' privacy caps: a release that knows nothing of it
 would let a rolled-back site train again, so it must refuse the database instead.
+The same step added ``revoked_keys``: every CURVE key a site was ever revoked with
+(an appliances row holds only the site's current key, so a site revoked, then
+re-enrolled with a new key, would otherwise forget the old one). The step records the
+keys of the sites revoked when it runs; :meth:`Store.enrol` refuses any key in it, for
+any site. A version step for the same reason: a release without it would take a
+revoked key back.
 
 Model weights are not stored here: they live in safetensors checkpoints beside
 the database (see :mod:`fedge.coordinator.checkpoint`); a round row is written
@@ -161,11 +167,20 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
             recorded_at REAL NOT NULL,
             PRIMARY KEY (job_id, round))""",),
     # each site's privacy-ledger high-water mark (module doc; Store.note_ledger_released)
+    # and every CURVE key a site was revoked with (module doc; Store.enrol, Store.revoke):
+    # the sites revoked before the table existed bring their key, with no time
     3: ("""CREATE TABLE IF NOT EXISTS ledger_marks (
             site_id TEXT PRIMARY KEY,
             released INTEGER NOT NULL,
             rolled_back_to INTEGER,
-            updated_at REAL NOT NULL)""",),
+            updated_at REAL NOT NULL)""",
+        """CREATE TABLE IF NOT EXISTS revoked_keys (
+            curve_public_z85 TEXT PRIMARY KEY,
+            site_id TEXT NOT NULL,
+            revoked_at REAL)""",
+        """INSERT OR IGNORE INTO revoked_keys(curve_public_z85, site_id, revoked_at)
+            SELECT curve_public_z85, site_id, NULL FROM appliances
+            WHERE status = 'revoked'"""),
 }
 
 # The job an audit entry is about: its JSON detail's "job", NULL for any other detail.
@@ -657,15 +672,19 @@ class Store:
     def enrol(self, site_id: str, curve_public_z85: str, ed25519_public: bytes, *,
               actor: str) -> Appliance:
         """Register (or re-enrol a revoked) appliance. A revoked site comes back only
-        with a new CURVE key: the one it was revoked with stays refused, whichever
-        path enrols it (the admin channel, the host command `fedge coordinator enrol`).
+        with a new CURVE key: every key any site was revoked with stays refused
+        (``revoked_keys``), whichever path enrols it (the admin channel, the host
+        command `fedge coordinator enrol`). An enrolled site is not re-keyed: it is
+        revoked first, as the admin channel requires (there is no override there, so
+        none here). Enrolling an enrolled site with its own key again is allowed.
 
         Raises:
             StoreError: the site id breaks the site-name rule (`check_client_id`,
                 the console's), the CURVE key is not 40 z85 characters, the
                 Ed25519 key is not 32 bytes, the CURVE key already belongs to
-                another site, the site was revoked with this CURVE key, or an
-                enrolled site has the same id except for case.
+                another site, the CURVE key was revoked (for this site or another),
+                the site is enrolled with another CURVE key, or an enrolled site
+                has the same id except for case.
         """
         try:
             check_client_id(site_id, what="site id")
@@ -684,15 +703,28 @@ class Store:
         now = self._clock()
         with self._tx() as c:
             revoked = c.execute(
-                "SELECT 1 FROM appliances WHERE site_id = ? AND curve_public_z85 = ?"
-                " AND status = 'revoked'",
-                (site_id, curve_public_z85),
+                "SELECT site_id FROM revoked_keys WHERE curve_public_z85 = ?",
+                (curve_public_z85,),
             ).fetchone()
             if revoked is not None:
+                whose = (f"site {site_id!r} was revoked with this CURVE key"
+                         if revoked[0] == site_id else
+                         f"this CURVE key was revoked (site {revoked[0]!r})")
                 raise StoreError(
-                    f"site {site_id!r} was revoked with this CURVE key ({curve_public_z85});"
-                    " a revoked key cannot be enrolled again: enrol the site with a new "
-                    f"identity (`fedge console enrol {site_id}`)"
+                    f"{whose} ({curve_public_z85}); a revoked key cannot be enrolled "
+                    f"again: enrol the site with a new identity (`fedge console enrol "
+                    f"{site_id}`)"
+                )
+            held = c.execute(
+                "SELECT curve_public_z85 FROM appliances WHERE site_id = ?"
+                " AND status = 'enrolled'",
+                (site_id,),
+            ).fetchone()
+            if held is not None and held[0] != curve_public_z85:
+                raise StoreError(
+                    f"site {site_id!r} is enrolled with another CURVE key ({held[0]}); a "
+                    "site is not re-keyed while enrolled: revoke it first (`fedge console "
+                    f"revoke {site_id}`, then `fedge console enrol {site_id}`)"
                 )
             other = c.execute(
                 "SELECT site_id FROM appliances WHERE curve_public_z85 = ? AND site_id != ?",
@@ -740,6 +772,12 @@ class Store:
                 )
                 if cur.rowcount == 0:
                     raise StoreError(f"cannot revoke unknown site {site_id!r}")
+                # kept apart from the row, which a re-enrolment re-keys (Store.enrol)
+                c.execute(
+                    "INSERT OR IGNORE INTO revoked_keys(curve_public_z85, site_id, revoked_at)"
+                    " SELECT curve_public_z85, site_id, ? FROM appliances WHERE site_id = ?",
+                    (self._clock(), site_id),
+                )
                 self._audit(c, actor, "revoke", {"site": site_id})
             self._heartbeats.pop(site_id, None)
         return self.appliance(site_id)

@@ -26,7 +26,7 @@ def test_enrol_refuses_a_site_id_differing_from_an_enrolled_one_only_in_case(tmp
                                          "'hospital-a' only in case"):
         store.enrol("Hospital-A", "B" * 40, ED, actor="a")
     assert [a.site_id for a in store.appliances()] == ["hospital-a"]
-    store.enrol("hospital-a", "C" * 40, ED, actor="a")  # the same name re-enrols
+    store.enrol("hospital-a", "A" * 40, ED, actor="a")  # the same name re-enrols (same key)
     store.revoke("hospital-a", actor="a")
     store.enrol("Hospital-A", "B" * 40, ED, actor="a")  # a rename after a revoke
     assert {a.site_id: a.status for a in store.appliances()} == {

@@ -179,6 +179,7 @@ def test_a_version_1_database_is_migrated_at_open_and_keeps_its_rows(tmp_path):
     conn = sqlite3.connect(tmp_path / "coordinator.sqlite3")
     conn.execute("DROP TABLE unmask_sets")
     conn.execute("DROP TABLE ledger_marks")
+    conn.execute("DROP TABLE revoked_keys")
     conn.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
     conn.commit()
     conn.close()
@@ -186,7 +187,7 @@ def test_a_version_1_database_is_migrated_at_open_and_keeps_its_rows(tmp_path):
     assert again.schema_version() == SCHEMA_VERSION == 3
     tables = {row[0] for row in again._conn.execute(
         "SELECT name FROM sqlite_master WHERE type='table'")}
-    assert {"unmask_sets", "ledger_marks"} <= tables
+    assert {"unmask_sets", "ledger_marks", "revoked_keys"} <= tables
     assert again.job("j1").plan_toml == "plan"
     again.record_unmask_set("j1", 1, ["b", "a"])
     assert again.unmask_set("j1", 1) == ["a", "b"]

@@ -981,7 +981,8 @@ class Agent:
             result = await self._on_worker(
                 f"{m.TASK_TRAIN} {job} round {rnd}", plan.deadlines.train_s,
                 lambda: self.trainer.train(self.site, job, plan, weights, round=rnd,
-                                           seed=t.train_seed, cancel=task.cancel, **kwargs),
+                                           seed=t.train_seed, cancel=task.cancel,
+                                           task_id=t.task_id or None, **kwargs),
                 task, dataset=plan.dataset)
         except Exception as exc:
             if task.cancel.is_set():  # abandoned meanwhile: nobody waits for an answer

@@ -183,9 +183,12 @@ class Trainer(Protocol):
     def train(self, site: str, job: str, plan: Plan, weights: np.ndarray, *, round: int,
               seed: int, server_control: np.ndarray | None = None,
               client_control: np.ndarray | None = None,
-              cancel: threading.Event | None = None) -> LocalResult:
+              cancel: threading.Event | None = None,
+              task_id: str | None = None) -> LocalResult:
         """``cancel``: set when the task's round is aborted or superseded; training
-        checks it every step and raises ``TrainingCancelled``."""
+        checks it every step and raises ``TrainingCancelled``. ``task_id``: the
+        coordinator's task, for the privacy ledger's entry of a run charged as it
+        trains (one without DP), so that the round's one save records it."""
         ...
 
     def evaluate(self, plan: Plan, weights: np.ndarray, split: str) -> tuple[int, dict[str, float]]:
@@ -420,7 +423,8 @@ class TorchTrainer:
     def train(self, site: str, job: str, plan: Plan, weights: np.ndarray, *, round: int,
               seed: int, server_control: np.ndarray | None = None,
               client_control: np.ndarray | None = None,
-              cancel: threading.Event | None = None) -> LocalResult:
+              cancel: threading.Event | None = None,
+              task_id: str | None = None) -> LocalResult:
         """SCAFFOLD plans need ``server_control`` (c); ``client_control`` is this site's
         c_i at the start of the round (None: zeros). The agent owns c_i, so a retried
         round starts from the same c_i.
@@ -435,7 +439,8 @@ class TorchTrainer:
         DP-FedAvg or none), and saved: a DP run pending, charged by the result's
         ``release_privacy`` (the agent calls it before the update can leave); a run
         without DP charged at once, since its exact ``train_loss`` leaves in the
-        TrainDone that follows (its ``release_privacy`` then charges nothing more).
+        TrainDone that follows (its ``release_privacy`` then charges nothing more);
+        that entry gets ``task_id`` now, so the agent's release saves nothing again.
 
         Raises: TaskRefusal: missing data set, a plan this site cannot run (an image
         size other than the model's, say; DP-SGD on a data set standardised with
@@ -503,8 +508,9 @@ class TorchTrainer:
                 delta=None if cfg.dp is None else cfg.dp.delta)
             with self._lock:
                 try:
-                    if exact:
-                        self._ledger.release(out.ledger_key, path=self._ledger_path)
+                    if exact:  # with the task id: the round's only save of the ledger
+                        self._ledger.release(out.ledger_key, path=self._ledger_path,
+                                             task_id=task_id or None)
                     elif self._ledger_path is not None:
                         self._ledger.save(self._ledger_path)
                 except OSError as exc:  # disk full: no update leaves without its record
@@ -588,7 +594,8 @@ class SyntheticTrainer:
     def train(self, site: str, job: str, plan: Plan, weights: np.ndarray, *, round: int,
               seed: int, server_control: np.ndarray | None = None,
               client_control: np.ndarray | None = None,
-              cancel: threading.Event | None = None) -> LocalResult:
+              cancel: threading.Event | None = None,
+              task_id: str | None = None) -> LocalResult:
         """Raises: TaskRefusal: the plan asks for another data set, or SCAFFOLD
         without a server control variate of length d. TrainingCancelled: ``cancel``
         was set."""

@@ -18,6 +18,7 @@ the ε reported is an upper bound.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import json
@@ -148,12 +149,46 @@ def _grid(scale: float, steps: int) -> float:
     return max(_FINEST_GRID, min(scale / 300, math.sqrt(1e-3 * scale / max(steps, 1))))
 
 
-@functools.lru_cache(maxsize=4096)
+# _composed_epsilon's answers, newest last: a plan check or a noise calibration asks
+# for the same compositions many times, and a release's log line reads the one its
+# training computed (_cached_epsilon) rather than run the accountant again
+_EPSILONS: collections.OrderedDict[tuple[Any, float], float] = collections.OrderedDict()
+_EPSILONS_HELD = 4096
+_EPSILONS_LOCK = threading.Lock()
+
+
+def _cached_epsilon(events: tuple[tuple[str, float, float, int], ...],
+                    delta: float) -> float | None:
+    """``_composed_epsilon(events, delta)`` where it was computed and is still held,
+    else None (nothing is computed)."""
+    with _EPSILONS_LOCK:
+        return _EPSILONS.get((events, float(delta)))
+
+
 def _composed_epsilon(events: tuple[tuple[str, float, float, int], ...], delta: float) -> float:
     """ε at ``delta`` of the composition of ``events`` (``PrivacyLedger.events``'s
     tuples, sorted), for replacing one record (or, for DP-FedAvg, one site's data),
-    from dp_accounting's PLD accountant (pessimistic: an upper bound). Cached: a plan
-    check or a noise calibration asks for the same compositions many times.
+    from dp_accounting's PLD accountant (pessimistic: an upper bound). Cached (the
+    last ``_EPSILONS_HELD`` compositions asked for).
+    """
+    key = (events, float(delta))
+    with _EPSILONS_LOCK:
+        held = _EPSILONS.get(key)
+        if held is not None:
+            _EPSILONS.move_to_end(key)
+            return held
+    epsilon = _accounted_epsilon(events, float(delta))
+    with _EPSILONS_LOCK:
+        _EPSILONS[key] = epsilon
+        _EPSILONS.move_to_end(key)
+        while len(_EPSILONS) > _EPSILONS_HELD:
+            _EPSILONS.popitem(last=False)
+    return epsilon
+
+
+def _accounted_epsilon(events: tuple[tuple[str, float, float, int], ...],
+                       delta: float) -> float:
+    """``_composed_epsilon``'s computation, uncached.
 
     Events:
         ``(DP_SGD, z, q, steps)``: ``steps`` Poisson-sampled (rate q) Gaussian steps
@@ -550,13 +585,25 @@ class PrivacyLedger:
         """The journal's line for the run ``key``, just charged: what left (or is about
         to), from which data set, under which mechanism, and the job's ε so far at the
         entry's ``delta`` (the plan's; 1e-5, ``fedge agent privacy``'s default, where
-        the entry has none). A run without DP says so (ε unbounded). Never raises: the
-        charge stands whatever the line says."""
+        the entry has none). A job that released a run without DP says so (ε
+        unbounded). Nothing when the logger does not take INFO.
+
+        The accountant is not run for the line (tens of milliseconds a release, growing
+        with the steps): the ε is the one already composed for these runs, as training
+        computes it for a DP-SGD run (``fedge.train.api.local_train``) and the agent's
+        DP floor for the runs it checks; where none was, the line points to ``fedge
+        agent privacy``. Never raises: the charge stands whatever the line says."""
+        if not _log.isEnabledFor(logging.INFO):
+            return
         try:
             e = self.entry(key)
             delta = float(e.get("delta") or 1e-5)
-            eps = self.epsilon(delta, job=e["job"])
-            said = "unbounded" if eps == math.inf else f"{eps:.4g}"
+            if self.without_dp(job=e["job"]):
+                said = "unbounded"
+            else:
+                eps = _cached_epsilon(tuple(sorted(self.events(job=e["job"]))), delta)
+                said = ("not computed for this line (`fedge agent privacy` shows it)"
+                        if eps is None else "unbounded" if eps == math.inf else f"{eps:.4g}")
             kind = e.get("mechanism", DP_SGD)
             settings = ("no DP: the exact update" if kind == NO_DP else
                         f"noise_multiplier {e['noise_multiplier']:g}"

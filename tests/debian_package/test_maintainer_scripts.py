@@ -553,6 +553,7 @@ sh $P/postinst configure '' 2>>$ERR
 mkdir -p /var/lib/fedge/keys /var/lib/fedge-coordinator /var/lib/seen
 mkdir -p /etc/fedge/credentials/coordinator
 echo agent-identity-secret > /var/lib/fedge/keys/identity.key
+chown -R fedge:fedge /var/lib/fedge/keys  # as the agent writes them
 echo agent-curve-secret > /var/lib/fedge-credentials/agent/curve.key
 echo coordinator-provision-secret > /var/lib/fedge-coordinator/coordinator-provision.json
 echo etc-provision-secret > /etc/fedge/credentials/coordinator/coordinator-provision.json

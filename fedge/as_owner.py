@@ -16,6 +16,14 @@ user's).
 
 The child's credentials change, so the kernel makes it non-dumpable: the service
 user cannot ptrace it, only kill it, which `run_as` reports as an error.
+
+Only a process with no other thread forks: the command-line entry points (`fedge
+agent enrol`, `fedge export --install` / `--out`) run none. A child forked beside
+threads (the agent's event loop executor, ZeroMQ's, torch's) holds a copy of every
+lock they held at that instant, and the Python it runs can hang on one. A process
+running threads as root (an agent run as root in a container, installing a model
+into a repository another uid owns) is refused with the owner named: run it as that
+user, or install from the command line.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -63,13 +72,22 @@ def run_as(owner: Owner | None, fn: Callable[[], Any], *, what: str,
 
     Raises:
         OSError: `fn` raised it, or the child could not drop to `owner` or died without
-            an answer (killed: names the signal).
+            an answer (killed: names the signal); or this process runs other threads
+            (module doc: it does not fork then; names the owner, and nothing runs).
         RuntimeError: `fn` raised anything else (its traceback is on stderr).
         any class in `raises`: `fn` raised it.
     """
     if owner is None:
         return fn()
     uid, gid = owner
+    threads = threading.active_count()
+    if threads > 1:
+        raise OSError(
+            f"{what}: the directory (or one on the way to it) belongs to uid {uid}, so "
+            f"root writes there only as that user, from a child it forks; this process "
+            f"runs {threads} threads, and a child forked beside them can hang on a lock "
+            f"one of them held, so it does not fork: run this process as uid {uid}, or "
+            "do it from the command line (`fedge export --install`), which runs none")
     for stream in (sys.stdout, sys.stderr):
         stream.flush()  # or the child's exit would not, but a buffered line would twice
     r, w = os.pipe()

@@ -153,11 +153,17 @@ class ModelRepository:
             ValueError: invalid model name, or bytes that are not a valid ONNX model
                 (the message names the checker's complaint); nothing is installed.
             FileNotFoundError: `model` is a path that does not exist.
-            OSError: the repository cannot be written, or INSTALL_ATTEMPTS version
-                numbers were all taken meanwhile; nothing is installed.
+            OSError: the repository cannot be written, INSTALL_ATTEMPTS version
+                numbers were all taken meanwhile, or this process runs threads as
+                root and the repository is another user's (named); nothing is
+                installed.
 
         Run as root into a repository (or a directory on the way to it) another user
-        owns, the files are written by a child run as that user, and are that user's.
+        owns, the files are written by a child run as that user, and are that user's;
+        only from a process with no other thread (the command line's `fedge export
+        --install`): a process running threads as root (an agent run as root, whose
+        updater installs models) is refused with an OSError naming the owner, and
+        nothing is written (``fedge.as_owner``).
         """
         check_model_name(name)
         data = model if isinstance(model, bytes) else Path(model).read_bytes()

@@ -88,6 +88,12 @@ def untouched(target: Path) -> bool:
             and target.stat().st_mode & 0o777 == 0o755)
 
 
+# in-process installs as root fork: pytest-timeout's thread method would be a second
+# thread, which run_as refuses to fork beside (fedge.as_owner); SIGALRM needs none
+NO_THREAD_TIMEOUT = pytest.mark.timeout(300, method="signal")
+
+
+@NO_THREAD_TIMEOUT
 def test_root_install_into_the_owners_repository_is_the_owners(
         user, base, cox_v1: tuple[Path, torch.nn.Module]) -> None:
     repo_dir = owned_dir(base / "models", user)
@@ -102,6 +108,7 @@ def test_root_install_into_the_owners_repository_is_the_owners(
     assert installed.read_bytes() == cox_v1[0].read_bytes()
 
 
+@NO_THREAD_TIMEOUT
 def test_root_install_does_not_follow_a_model_symlink_the_owner_planted(
         user, base, cox_v1: tuple[Path, torch.nn.Module]) -> None:
     repo_dir = owned_dir(base / "models", user)

@@ -797,7 +797,22 @@ class InferenceServer:
         except _InlineTooSlow:
             self._hand_off(model, request, reply)
             return
-        reply(*answer)
+        self._safe_reply(reply, answer)
+
+    @staticmethod
+    def _safe_reply(reply: Callable[[int, bytes, dict[str, str]], None],
+                    answer: tuple[int, bytes, dict[str, str]] | BaseException) -> None:
+        """`reply(*answer)`; an exception instead of an answer (a bug, not the client)
+        is logged and answered 500, and a reply that fails is logged: one request's
+        failure is not the others'."""
+        if isinstance(answer, BaseException):
+            log.error("inference request failed", exc_info=answer)
+            answer = (500, error_body(f"internal error: {answer}"),
+                      {"content-type": "application/json"})
+        try:
+            reply(*answer)
+        except Exception:
+            log.exception("inference reply failed")
 
     def _answer(self, model: LoadedModel, request: InferRequest,
                 inline: bool = False) -> tuple[int, bytes, dict[str, str]]:
@@ -811,16 +826,7 @@ class InferenceServer:
         """Answer a direct-lane request from the worker thread (`reply` is called on
         the event loop once it is done)."""
         def done(future: asyncio.Future[tuple[int, bytes, dict[str, str]]]) -> None:
-            try:
-                answer = future.result()
-            except Exception as exc:  # a bug, not the client: say so, keep serving
-                log.exception("inference request failed", exc_info=exc)
-                answer = (500, error_body(f"internal error: {exc}"),
-                          {"content-type": "application/json"})
-            try:
-                reply(*answer)
-            except Exception:  # one connection's failure is not the others'
-                log.exception("inference reply failed")
+            self._safe_reply(reply, future.exception() or future.result())
 
         loop = asyncio.get_running_loop()
         loop.run_in_executor(self._heavy, self._answer, model, request).add_done_callback(done)
@@ -842,19 +848,13 @@ class InferenceServer:
                     self._hand_off(model, request, reply)
                 continue
             for i, (model, request, reply) in enumerate(group):
+                if answers is not None:
+                    self._safe_reply(reply, answers[i])
+                    continue
                 try:
-                    if answers is None:
-                        self._settle(model, request, reply)
-                        continue
-                    answer = answers[i]
+                    self._settle(model, request, reply)
                 except Exception as exc:  # a bug, not the client: say so, keep serving
-                    log.exception("inference request failed")
-                    answer = (500, error_body(f"internal error: {exc}"),
-                              {"content-type": "application/json"})
-                try:
-                    reply(*answer)
-                except Exception:  # one connection's failure is not the others'
-                    log.exception("inference reply failed")
+                    self._safe_reply(reply, exc)
 
     def _batched(
         self, group: list[tuple[LoadedModel, InferRequest, Any]]

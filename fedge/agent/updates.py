@@ -570,7 +570,7 @@ class AgentUpdater:
             self.discard_downloads(spec)
         outcome = InstallOutcome(spec.kind, spec.name, spec.version, ok, rolled_back, detail)
         self.record(outcome, rollout_id=rollout_id, path=spec.path, sha256=spec.sha256,
-                    signers=self.signers)
+                    signers=self.signers)  # never raises: what is installed stays the outcome
         return outcome
 
     def conclude(self, msg: UpdateAvailable, spec: tuf_repo.TargetSpec | None, ok: bool,
@@ -584,11 +584,8 @@ class AgentUpdater:
         outcome = UpdateOutcome(msg.rollout_id, msg.path, ok, False, detail)
         what = InstallOutcome(spec.kind if spec else "", spec.name if spec else "",
                               spec.version if spec else "", ok, False, detail)
-        try:
-            self._audit(what, rollout_id=msg.rollout_id, path=msg.path,
-                        sha256=spec.sha256 if spec else "", signers=self.signers)
-        except OSError:
-            log.exception("cannot audit the outcome of roll-out %s", msg.rollout_id)
+        self._audit_or_log(what, rollout_id=msg.rollout_id, path=msg.path,
+                           sha256=spec.sha256 if spec else "", signers=self.signers)
         return outcome
 
     # -- outcomes reported to roll-outs ------------------------------------------------
@@ -639,13 +636,37 @@ class AgentUpdater:
         """Remember a successful install as installed; audit and log every outcome
         (`_audit`: the roll-out, target path and sha256, and who signed it, if known).
 
-        Raises: OSError: installed.json or the audit line cannot be written."""
+        Never raises: the outcome is what happened, and goes to the coordinator as it
+        is. installed.json or an audit line that cannot be written (a full disk) is
+        logged at ERROR, naming the file and what it does not hold."""
         if outcome.ok:
-            installed = self.installed()
-            installed[f"{outcome.kind}/{outcome.name}"] = outcome.version
-            write_json(self.state_dir / "updates" / "installed.json", installed)
-        self._audit(outcome, rollout_id=rollout_id, path=path, sha256=sha256,
-                    signers=signers)
+            where = self.state_dir / "updates" / "installed.json"
+            try:
+                installed = self.installed()
+                installed[f"{outcome.kind}/{outcome.name}"] = outcome.version
+                write_json(where, installed)
+            except (OSError, ValueError) as exc:  # ValueError: unreadable JSON
+                log.error("%s %s %s is installed, but %s cannot be written (%s): it does "
+                          "not list it, so a roll-out of this version asks to install it "
+                          "again", outcome.kind, outcome.name, outcome.version, where, exc)
+        self._audit_or_log(outcome, rollout_id=rollout_id, path=path, sha256=sha256,
+                           signers=signers)
+
+    def _audit_or_log(self, outcome: InstallOutcome, *, rollout_id: str, path: str,
+                      sha256: str, signers: dict[str, object] | None) -> None:
+        """`_audit`, with a line that cannot be written logged at ERROR (the file, and
+        the outcome it lacks) instead of raised: an audit that fails never changes
+        what the coordinator is told."""
+        try:
+            self._audit(outcome, rollout_id=rollout_id, path=path, sha256=sha256,
+                        signers=signers)
+        except OSError as exc:
+            what = " ".join(p for p in (outcome.kind, outcome.name, outcome.version) if p) \
+                or path or "update"
+            log.error("cannot append to %s (%s): the audit trail lacks the outcome of "
+                      "roll-out %s, %s %s: %s", self.state_dir / "updates" / AUDIT, exc,
+                      rollout_id or "-", what, "installed" if outcome.ok else "refused",
+                      outcome.detail[:AUDIT_DETAIL_MAX])
 
     def _install_app(self, spec: tuf_repo.TargetSpec, archive: Path) -> str:
         """Unpack the app archive into ``apps/<name>/<version>`` and switch ``current``.
@@ -1225,6 +1246,8 @@ class AgentUpdateClient:
         name = str(out.get("name") or tuf_repo.SOFTWARE_NAME)  # staged before names were kept
         staged = self._take_staged(outcome.rollout_id, version)
         signers = staged.get("signers")
+        # never raises (an audit line the disk has no room for is logged): the outcome,
+        # taken from disk above, is reported whatever the audit
         self.updater.record(InstallOutcome("software", name, version, outcome.ok,
                                            outcome.rolled_back, outcome.detail),
                             rollout_id=outcome.rollout_id, path=outcome.path,

@@ -158,6 +158,8 @@ def _audit(args: argparse.Namespace) -> int:
         return 2
     where = (f" (from {args.config})" if getattr(args, "config", None) is not None
              and args.state_dir is None else "")
+    from fedge.agent.updates import AuditUnreadable
+
     try:
         trail = read_audit_trail(state_dir, since=args.since)
     except AuditUnreadable as exc:
@@ -173,51 +175,6 @@ def _audit(args: argparse.Namespace) -> int:
     else:
         print_audit(trail)
     return 0
-
-
-class AuditUnreadable(Exception):
-    """A record file of the audit trail exists but cannot be read (names it)."""
-
-
-def _read_snapshot(paths: list[Path]) -> list[bytes | None]:
-    """Each file's bytes (None where there is none), every file opened before any is
-    read, and a file renamed onto the next between two opens (the update audit's
-    rotation, by the running agent) read once: a file is left out when an earlier one
-    of `paths` is the same file.
-
-    Raises: AuditUnreadable: a file exists but cannot be opened or read (names it)."""
-    import os
-
-    fds: list[int | None] = []
-    try:
-        for path in paths:
-            try:
-                fds.append(os.open(path, os.O_RDONLY))
-            except FileNotFoundError:
-                fds.append(None)
-            except OSError as exc:
-                raise AuditUnreadable(f"{path} cannot be read: {exc.strerror or exc}") from exc
-        seen: set[tuple[int, int]] = set()
-        out: list[bytes | None] = []
-        for path, fd in zip(paths, fds, strict=True):
-            if fd is None:
-                out.append(None)
-                continue
-            try:
-                st = os.fstat(fd)
-                if (st.st_dev, st.st_ino) in seen:
-                    out.append(None)
-                    continue
-                seen.add((st.st_dev, st.st_ino))
-                with os.fdopen(os.dup(fd), "rb") as f:
-                    out.append(f.read())
-            except OSError as exc:  # a directory in its place: IsADirectoryError
-                raise AuditUnreadable(f"{path} cannot be read: {exc.strerror or exc}") from exc
-        return out
-    finally:
-        for fd in fds:
-            if fd is not None:
-                os.close(fd)
 
 
 def _records(data: bytes, name: str, fields: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -259,16 +216,17 @@ def read_audit_trail(state_dir: Path, *, since: datetime | None = None
     is kept). Reads only, never creates or rotates anything; None when `state_dir`
     holds none of these files nor an ``enrolment.json``.
 
-    Raises: AuditUnreadable: a file exists but cannot be read (names it)."""
+    Raises: fedge.agent.updates.AuditUnreadable: a file exists but cannot be read
+        (names it)."""
     from fedge.agent.enrol import HISTORY, HISTORY_FIELDS
-    from fedge.agent.updates import AUDIT, AUDIT_FIELDS
+    from fedge.agent.updates import AUDIT, AUDIT_FIELDS, read_snapshot
 
     current = state_dir / "updates" / AUDIT
     rotated = current.with_name(AUDIT + ".1")
     history = state_dir / HISTORY
     # the current audit file first: renamed to .1 by the agent after it is opened, it
-    # is the same file as the .1 opened next, and read once (_read_snapshot)
-    now, older, enrolments = _read_snapshot([current, rotated, history])
+    # is the same file as the .1 opened next, and read once (read_snapshot)
+    now, older, enrolments = read_snapshot([current, rotated, history])
     if (now, older, enrolments) == (None, None, None) \
             and not (state_dir / "enrolment.json").exists():
         return None

@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 import tarfile
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Executor
@@ -72,6 +73,11 @@ REPORTED_KEEP = 64
 AUDIT = "audit.jsonl"
 AUDIT_ROTATE_BYTES = 4 * 1024 * 1024
 AUDIT_DETAIL_MAX = 1000
+# One audit writer at a time in this process: an install thread's line and the event
+# loop's (`on_heartbeat_ack`) may come together, and two that both see the file past
+# AUDIT_ROTATE_BYTES would both rotate it (the second rename fails, or puts a file of
+# a few lines in place of audit.jsonl.1). Module-wide: any updater on the state dir.
+_AUDIT_LOCK = threading.Lock()
 # The fields of an audit line; a line written before they all were kept lacks some
 # (read back as None: `audit_log`)
 AUDIT_FIELDS = ("time", "rollout_id", "kind", "name", "version", "path", "sha256", "ok",
@@ -744,15 +750,16 @@ class AgentUpdater:
         line = json.dumps(record, sort_keys=True) + "\n"
         audit = self.state_dir / "updates" / AUDIT
         audit.parent.mkdir(parents=True, exist_ok=True)
-        self._rotate_audit(audit)
-        with open(audit, "a+b") as f:
-            if f.tell() > 0:
-                f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n":
-                    line = "\n" + line
-            f.write(line.encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
+        with _AUDIT_LOCK:  # the rotation and the append, as one
+            self._rotate_audit(audit)
+            with open(audit, "a+b") as f:
+                if f.tell() > 0:
+                    f.seek(-1, os.SEEK_END)
+                    if f.read(1) != b"\n":
+                        line = "\n" + line
+                f.write(line.encode("utf-8"))
+                f.flush()
+                os.fsync(f.fileno())
 
     @staticmethod
     def _rotate_audit(audit: Path) -> None:
@@ -782,18 +789,24 @@ class AgentUpdater:
         """The audited outcomes, oldest first (``audit.jsonl.1``, then ``audit.jsonl``),
         each with every field of AUDIT_FIELDS: one a line written before it was kept
         reads as None. A line that is not a JSON record (cut short by a crash or a power
-        cut while it was appended) is skipped and logged."""
+        cut while it was appended) is skipped and logged. Safe while the agent rotates
+        the file (`read_snapshot`: no record read twice, none lost between the two).
+
+        Raises: AuditUnreadable: a file exists but cannot be read (names it)."""
         audit = self.state_dir / "updates" / AUDIT
+        rotated = audit.with_name(AUDIT + ".1")
+        # the current file first: renamed to .1 after it is opened, it is read once
+        now, older = read_snapshot([audit, rotated])
         records = []
-        for path in (audit.with_name(AUDIT + ".1"), audit):
-            if path.exists():
-                records.extend(self._audit_records(path))
+        for path, data in ((rotated, older), (audit, now)):
+            if data is not None:
+                records.extend(self._audit_records(path, data))
         return records
 
     @staticmethod
-    def _audit_records(path: Path) -> list[dict[str, object]]:
+    def _audit_records(path: Path, data: bytes) -> list[dict[str, object]]:
         records = []
-        for number, line in enumerate(path.read_bytes().splitlines(), 1):
+        for number, line in enumerate(data.splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -808,6 +821,49 @@ class AgentUpdater:
                 record.setdefault(field, None)
             records.append(record)
         return records
+
+
+class AuditUnreadable(OSError):
+    """A record file of the audit trail exists but cannot be read (names it)."""
+
+
+def read_snapshot(paths: list[Path]) -> list[bytes | None]:
+    """Each file's bytes (None where there is none), every file opened before any is
+    read, and a file renamed onto the next between two opens (the update audit's
+    rotation, by the running agent) read once: a file is left out when an earlier one
+    of `paths` is the same file. Give the current audit file before its ``.1``.
+
+    Raises: AuditUnreadable: a file exists but cannot be opened or read (names it)."""
+    fds: list[int | None] = []
+    try:
+        for path in paths:
+            try:
+                fds.append(os.open(path, os.O_RDONLY))
+            except FileNotFoundError:
+                fds.append(None)
+            except OSError as exc:
+                raise AuditUnreadable(f"{path} cannot be read: {exc.strerror or exc}") from exc
+        seen: set[tuple[int, int]] = set()
+        out: list[bytes | None] = []
+        for path, fd in zip(paths, fds, strict=True):
+            if fd is None:
+                out.append(None)
+                continue
+            try:
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino) in seen:
+                    out.append(None)
+                    continue
+                seen.add((st.st_dev, st.st_ino))
+                with os.fdopen(os.dup(fd), "rb") as f:
+                    out.append(f.read())
+            except OSError as exc:  # a directory in its place: IsADirectoryError
+                raise AuditUnreadable(f"{path} cannot be read: {exc.strerror or exc}") from exc
+        return out
+    finally:
+        for fd in fds:
+            if fd is not None:
+                os.close(fd)
 
 
 def retryable(outcome: UpdateOutcome) -> bool:

@@ -1132,19 +1132,15 @@ class Coordinator:
             else:
                 log.info("%s's privacy ledger holds %d released runs again, its mark %d: "
                          "back among the candidates", site, e.now, e.was)
-        try:
-            appliance = self.store.appliance(site)
-        except StoreError:
-            return
+        flag = self.store.ledger_flag(site)
         conn = self.conns.get(site)
         now = self.clock()
-        if not appliance.ledger_rollback or conn is None \
-                or now - conn.ledger_told_at < LEDGER_NOTICE_S:
+        if flag is None or conn is None or now - conn.ledger_told_at < LEDGER_NOTICE_S:
             return
         conn.ledger_told_at = now
-        assert appliance.ledger_rolled_back_to is not None and appliance.ledger_mark is not None
+        mark, rolled_back_to = flag
         self.outbox.append(Outgoing(site, m.Rejected(ledger_rollback_notice(
-            site, appliance.ledger_rolled_back_to, appliance.ledger_mark))))
+            site, rolled_back_to, mark))))
 
     def _reject(self, site: str, action: str, reason: str, *,
                 close_after: bool = False) -> None:

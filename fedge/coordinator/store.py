@@ -444,6 +444,8 @@ class Store:
         # locked database) with the events it is, written by the site's next report
         self._ledger_marks: dict[str, tuple[int, int | None]] = {}
         self._ledger_unwritten: dict[str, list[LedgerEvent]] = {}
+        # marks that only rose (no event): written with the next heartbeat flush
+        self._ledger_rose: set[str] = set()
         try:
             self._conn = sqlite3.connect(
                 self.path, check_same_thread=False, isolation_level=None,
@@ -859,14 +861,18 @@ class Store:
         """
         with self._lock:
             now = self._monotonic()
-            if not self._heartbeats or (
+            if not (self._heartbeats or self._ledger_rose) or (
                     not force and now - self._heartbeats_tried_at < HEARTBEAT_FLUSH_S):
                 return 0
             self._heartbeats_tried_at = now
             held = dict(self._heartbeats)
+            rose = set(self._ledger_rose)
             with self._tx() as c:
                 c.executemany(_HEARTBEAT_UPDATE,
                               [(*columns, site) for site, columns in held.items()])
+                for site in rose:
+                    self._write_mark(c, site, self._ledger_marks[site])
+            self._ledger_rose -= rose
             for site, columns in held.items():
                 if self._heartbeats.get(site) is columns:
                     del self._heartbeats[site]
@@ -881,9 +887,11 @@ class Store:
         ledger rolled back, by a restore from a backup, and the site is flagged
         (``Appliance.ledger_rollback``) until it reports the mark again (the newer
         ledger restored: it clears by itself) or an operator accepts the lower count
-        (:meth:`ledger_ack`). Each change is written with its audit rows in one
-        transaction; an unchanged count writes nothing. Returns the events to say
-        (flagged, caught up), usually none.
+        (:meth:`ledger_ack`). A flag set or cleared is written with its audit rows in
+        one transaction at once; a mark that only rose (each site once a round) is
+        written with the next heartbeat flush (HEARTBEAT_FLUSH_S: a coordinator killed
+        meanwhile keeps a lower mark, which flags nothing); an unchanged count writes
+        nothing. Returns the events to say (flagged, caught up), usually none.
 
         The change holds in memory at once, so the flag keeps the site out of cohorts
         even while the database refuses the write; that is retried at its next report.
@@ -897,6 +905,10 @@ class Store:
             if new == held and site_id not in self._ledger_unwritten:
                 return []
             self._ledger_marks[site_id] = new
+            if event is None and site_id not in self._ledger_unwritten:
+                self._ledger_rose.add(site_id)
+                return []
+            self._ledger_rose.discard(site_id)  # written below, whole
             events = self._ledger_unwritten.setdefault(site_id, [])
             if event is not None:
                 events.append(event)
@@ -907,6 +919,12 @@ class Store:
                                 {"site": site_id, "was": e.was, "now": e.now})
             del self._ledger_unwritten[site_id]
             return events
+
+    def ledger_flag(self, site_id: str) -> tuple[int, int] | None:
+        """(the mark, the count it fell to) while ``site_id``'s ledger is flagged as
+        rolled back, else None; from memory (asked on every heartbeat)."""
+        held = self._ledger_marks.get(site_id)
+        return None if held is None or held[1] is None else (held[0], held[1])
 
     def ledger_ack(self, site_id: str, *, actor: str) -> tuple[int, int]:
         """Accept the lower count of a site whose privacy ledger was rolled back: its

@@ -176,3 +176,38 @@ def test_a_version_2_database_gains_the_ledger_marks_at_open(tmp_path):
     a = reopened.appliance("site-a")
     assert (a.ledger_mark, a.ledger_rolled_back_to) == (2, 1)
     reopened.close()
+
+
+def _stored_marks(state_dir) -> dict[str, tuple[int, int | None]]:
+    with sqlite3.connect(state_dir / "coordinator.sqlite3") as conn:
+        return {r[0]: (r[1], r[2]) for r in conn.execute(
+            "SELECT site_id, released, rolled_back_to FROM ledger_marks")}
+
+
+def test_a_mark_that_only_rises_is_written_with_the_heartbeats_not_per_report(tmp_path):
+    """Each site's count rises once a round: a synchronous transaction each (500 sites:
+    500 fsyncs a round on the event loop) is what the heartbeat batching removed. A
+    rise waits for the next heartbeat flush; a flag is written at once."""
+    clock = Clock()
+    coord = coordinator(tmp_path, clock)
+    enrol(coord)
+    coord.store.flush_heartbeats(force=True)
+    for released in (1, 2, 3):
+        beat(coord, "site-a", released)
+    assert _stored_marks(tmp_path) == {}  # held: no transaction per report
+    assert coord.store.ledger_flag("site-a") is None
+    coord.store.flush_heartbeats(force=True)
+    assert _stored_marks(tmp_path) == {"site-a": (3, None)}
+    beat(coord, "site-a", 4)
+    beat(coord, "site-a", 2)  # rolled back: flagged and written at once, mark and all
+    assert _stored_marks(tmp_path) == {"site-a": (4, 2)}
+    assert coord.store.ledger_flag("site-a") == (4, 2)
+    beat(coord, "site-b", 7)
+    coord.store.close()  # a rise still held is written at close
+    assert _stored_marks(tmp_path) == {"site-a": (4, 2), "site-b": (7, None)}
+    again = coordinator(tmp_path, clock)
+    assert again.store.ledger_flag("site-a") == (4, 2)
+    beat(again, "site-a", 2)
+    beat(again, "site-b", 7)
+    assert cohort(again).candidates == ["site-b"]  # site-a still flagged after a restart
+    again.store.close()

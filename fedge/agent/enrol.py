@@ -68,6 +68,7 @@ import json
 import logging
 import os
 import re
+import stat
 import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -136,7 +137,7 @@ def install_enrolment(file: Path, state_dir: Path, *, now: datetime | None = Non
     from fedge.console.enrolment import EnrolmentError, EnrolmentExpired, read_enrolment
     from fedge.secagg.keys import Identity, Roster
     from fedge.update import tuf_repo
-    from fedge.update.files import write_atomic, write_json
+    from fedge.update.files import remove_stale_temps, write_atomic, write_json
 
     state_dir = Path(state_dir)
     now = now or datetime.now(UTC)
@@ -210,6 +211,9 @@ def install_enrolment(file: Path, state_dir: Path, *, now: datetime | None = Non
         for d in (state_dir, state_dir / "keys"):
             d.mkdir(parents=True, exist_ok=True)
             os.chmod(d, 0o700)
+        # what an enrolment killed mid-write left: secret keys in keys/ first
+        remove_stale_key_temps(state_dir / "keys")
+        remove_stale_temps(state_dir)
         write_json(state_dir / "keys" / "curve.json",
                    {"public": e.curve_public, "secret": e.curve_secret})
         identity.save(state_dir / "keys" / "identity.key")
@@ -244,6 +248,75 @@ def install_enrolment(file: Path, state_dir: Path, *, now: datetime | None = Non
     return EnrolledSite(e.site, e.console_id, e.fingerprint(), e.coordinator_endpoint,
                         e.coordinator_public_key, e.curve_public, e.curve_secret,
                         e.roster_public_key, state_dir, replaced, identity.public_bytes())
+
+
+# Identity.save's temporary (the identity's private key); write_atomic's are
+# fedge.update.files.ATOMIC_TEMP_NAME (".curve.json.XXXXXXXX" holds the CURVE secret)
+IDENTITY_TEMP = "identity.key.tmp"
+
+
+def remove_stale_key_temps(keys_dir: Path) -> list[Path]:
+    """Overwrite with zeros, then remove, the temporaries that an enrolment killed
+    mid-write (SIGKILL, power cut) left in `keys_dir`: write_atomic's that no live
+    writer holds (``.curve.json.XXXXXXXX`` holds the CURVE secret key,
+    ``.coordinator.json.*``) and Identity.save's ``identity.key.tmp``. Overwritten
+    first because they hold secrets: once the keys are moved into the credentials
+    directory and shredded (README.Debian), no copy must stay behind, nor be carried
+    by a backup of the state dir.
+
+    Called by an enrolment before it writes (in the child that writes as the state
+    dir's owner) and at agent start. No grace period, unlike
+    `fedge.update.files.remove_stale_temps`: only an enrolment writes here, and one
+    running at the same moment would lose its temporary and fail, saying so, never
+    install half a key. Not a symlink, not another name. Never raises: what cannot be
+    removed is logged. Returns the paths removed."""
+    import fcntl
+
+    from fedge.update.files import ATOMIC_TEMP_NAME
+
+    try:
+        names = [e.name for e in os.scandir(keys_dir)
+                 if e.name == IDENTITY_TEMP or ATOMIC_TEMP_NAME.fullmatch(e.name)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except OSError as exc:
+        log.warning("cannot look for stale key temporaries in %s: %s", keys_dir, exc)
+        return []
+    removed: list[Path] = []
+    for name in names:
+        path = Path(keys_dir) / name
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except FileNotFoundError:  # renamed into place meanwhile
+            continue
+        except OSError as exc:  # a symlink (ELOOP), a directory: not ours to remove
+            log.warning("cannot check stale key temporary %s: %s", path, exc)
+            continue
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):  # O_NONBLOCK: a FIFO did not hang the open
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # its writer is alive
+                continue
+            if st.st_ino != os.lstat(path).st_ino:  # renamed into place and replaced
+                continue
+            zeros = b"\0" * st.st_size
+            while zeros:
+                zeros = zeros[os.pwrite(fd, zeros, st.st_size - len(zeros)):]
+            os.fsync(fd)
+            path.unlink()
+            removed.append(path)
+            log.info("overwrote and removed %s, left by an enrolment that did not finish",
+                     path)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            log.warning("cannot remove stale key temporary %s: %s", path, exc)
+        finally:
+            os.close(fd)
+    return removed
 
 
 def _held_enrolment(existing: Path) -> dict[str, Any]:

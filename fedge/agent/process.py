@@ -714,14 +714,18 @@ def remove_stale_temps_of(state_dir: Path, *, health: bool = True) -> list[Path]
     """Remove what writes killed mid-way (SIGKILL, power cut) left in the agent's state
     directory and its ``secagg/``: the temporaries of ``write_atomic`` (a roster update,
     the reveal log's first line or compaction) that no live writer holds, and the health
-    probe's files of processes gone. ``jobs/`` and ``privacy/`` are the trainer's
+    probe's files of processes gone; and in ``keys/`` what an enrolment killed mid-write
+    left, overwritten first (secret keys: `fedge.agent.enrol.remove_stale_key_temps`).
+    ``jobs/`` and ``privacy/`` are the trainer's
     (TorchTrainer sweeps them); the software slots are ``fedge.update.ab``'s. Called
     with the instance lock held, so no other agent writes here; a temporary younger
     than ``fedge.update.files.TEMP_GRACE_S`` is left (`fedge agent enrol` may be
     writing). Returns the paths removed."""
+    from fedge.agent.enrol import remove_stale_key_temps
     from fedge.update.files import remove_stale_temps
 
     removed = remove_stale_temps(state_dir) + remove_stale_temps(Path(state_dir) / "secagg")
+    removed += remove_stale_key_temps(Path(state_dir) / "keys")
     if health:
         from fedge.health.collect import remove_stale_probes
 

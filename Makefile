@@ -56,9 +56,10 @@ demo: deps
 	$(VENV)/bin/fedge demo
 
 bench: deps
-	@for b in bench/*.py; do \
+	@failed=""; for b in bench/*.py; do \
 	  case $$b in bench/_*|bench/gpu_check.py) continue;; esac; \
-	  echo "== $$b"; $(PY) $$b; done
+	  echo "== $$b"; $(PY) $$b || failed="$$failed $$b"; done; \
+	  if [ -n "$$failed" ]; then echo "bench: failed:$$failed" >&2; exit 1; fi
 
 # The Debian package: dist/fedge_VERSION_amd64.deb (packaging/build_deb.py; the
 # staging venv is cached in build/deb). DEB_VERSION=0.2.0-2 to override.

@@ -198,6 +198,9 @@ def timed_round(n: int, d: int, fraction: float, x: np.ndarray, seed: int) -> di
     raise RuntimeError(f"20 rounds of n={n} at {fraction:.0%} dropouts all ended")
 
 
+FLOWER_TIMEOUT_S = 1800
+
+
 def run_flower(py: Path, n: int, sizes: list[int], server_sizes: list[int], threshold: int,
                degree: int) -> dict | None:
     """Flower's figures from its driver, or None (the reason on stderr)."""
@@ -206,10 +209,15 @@ def run_flower(py: Path, n: int, sizes: list[int], server_sizes: list[int], thre
         "threshold": threshold, "measure_clients": 2 if n <= 10 else 1,
         "validate": n <= 10, "drop_fractions": [0.0, DELTA], "seed": 1,
     }
-    proc = subprocess.run(
-        [str(py), str(REPO / "bench" / "_flwr_driver.py"), json.dumps(args)],
-        capture_output=True, text=True, timeout=400,
-    )
+    try:  # about 6 minutes on a quiet 2-core machine at n=100; more on a busy one
+        proc = subprocess.run(
+            [str(py), str(REPO / "bench" / "_flwr_driver.py"), json.dumps(args)],
+            capture_output=True, text=True, timeout=FLOWER_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:
+        print(f"Flower driver did not finish within {FLOWER_TIMEOUT_S} s (a busy machine?): "
+              "no Flower figures this run", file=sys.stderr, flush=True)
+        return None
     if proc.returncode != 0:
         print(f"Flower driver failed (exit {proc.returncode}): {proc.stderr[-2000:]}",
               file=sys.stderr, flush=True)

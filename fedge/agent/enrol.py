@@ -214,25 +214,31 @@ def install_enrolment(file: Path, state_dir: Path, *, now: datetime | None = Non
         # what an enrolment killed mid-write left: secret keys in keys/ first
         remove_stale_key_temps(state_dir / "keys")
         remove_stale_temps(state_dir)
-        write_json(state_dir / "keys" / "curve.json",
-                   {"public": e.curve_public, "secret": e.curve_secret})
-        identity.save(state_dir / "keys" / "identity.key")
-        write_json(state_dir / "keys" / "coordinator.json",
-                   {"endpoint": e.coordinator_endpoint,
-                    "public_key": e.coordinator_public_key})
-        write_atomic(state_dir / "roster.json", e.roster)
+        with _writing(state_dir / "keys" / "curve.json"):
+            write_json(state_dir / "keys" / "curve.json",
+                       {"public": e.curve_public, "secret": e.curve_secret})
+        with _writing(state_dir / "keys" / "identity.key"):
+            identity.save(state_dir / "keys" / "identity.key")
+        with _writing(state_dir / "keys" / "coordinator.json"):
+            write_json(state_dir / "keys" / "coordinator.json",
+                       {"endpoint": e.coordinator_endpoint,
+                        "public_key": e.coordinator_public_key})
+        with _writing(state_dir / "roster.json"):
+            write_atomic(state_dir / "roster.json", e.roster)
         if not keep_root:
-            install_trusted_root(state_dir, e.tuf_root)
-        write_json(existing, {
-            "site": e.site, "console_id": e.console_id,
-            "console_fingerprint": e.fingerprint(),
-            "roster_public_key": e.roster_public_key.hex(), "issued": e.issued.isoformat(),
-            "expires": e.expires.isoformat(),
-            # what the agent checks the key it loads against: keys/curve.json is
-            # shredded once moved into the credentials directory (README.Debian,
-            # Credentials)
-            "curve_public": e.curve_public,
-        })
+            with _writing(state_dir / "tuf" / "metadata" / "root.json"):
+                install_trusted_root(state_dir, e.tuf_root)
+        with _writing(existing):
+            write_json(existing, {
+                "site": e.site, "console_id": e.console_id,
+                "console_fingerprint": e.fingerprint(),
+                "roster_public_key": e.roster_public_key.hex(), "issued": e.issued.isoformat(),
+                "expires": e.expires.isoformat(),
+                # what the agent checks the key it loads against: keys/curve.json is
+                # shredded once moved into the credentials directory (README.Debian,
+                # Credentials)
+                "curve_public": e.curve_public,
+            })
         _note_enrolment(state_dir, {
             "time": now.isoformat(), **who, "site": e.site, "console_id": e.console_id,
             "console_fingerprint": e.fingerprint(),
@@ -244,10 +250,35 @@ def install_enrolment(file: Path, state_dir: Path, *, now: datetime | None = Non
             "previous": before,
         })
 
-    run_as(owner, write, what=f"enrolling into {state_dir}", raises=(EnrolmentError,))
+    try:
+        run_as(owner, write, what=f"enrolling into {state_dir}", raises=(EnrolmentError,))
+    except OSError as exc:
+        if exc.errno is not None:  # a write that failed (names its file: _writing)
+            raise
+        # the child ended without an answer (killed): perhaps after it wrote it all
+        raise OSError(f"{exc}; the enrolment may have been installed before it ended: "
+                      f"`fedge agent audit --state-dir {state_dir}` lists the enrolments "
+                      "installed (this one last, if it was), and running this enrolment "
+                      "again is safe") from exc
     return EnrolledSite(e.site, e.console_id, e.fingerprint(), e.coordinator_endpoint,
                         e.coordinator_public_key, e.curve_public, e.curve_secret,
                         e.roster_public_key, state_dir, replaced, identity.public_bytes())
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Any:
+    """Name `path` in an OSError raised while it is written (a full disk's ENOSPC
+    names no file), and say what that leaves.
+
+    Raises: OSError: the same errno, its text naming `path`."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno is None:
+            raise
+        raise OSError(exc.errno, f"{exc.strerror or exc}: writing {path}; this enrolment "
+                      "is not complete (what it wrote before stays): once the cause is "
+                      "put right, run it again") from exc
 
 
 # Identity.save's temporary (the identity's private key); write_atomic's are

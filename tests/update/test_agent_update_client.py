@@ -144,7 +144,8 @@ def test_a_coordinator_naming_an_older_signed_model_or_app_gets_a_refusal_not_a_
 def test_an_outcome_that_cannot_be_kept_on_disk_still_reaches_the_coordinator(
         fleet, tmp_path, make_onnx, caplog):
     """The appliance's updates/ directory cannot be written (here: a file stands in its
-    place): the install fails, the outcome saying so is still sent, and the failure to
+    place): the model installs, the outcome saying so is still sent (a record that
+    cannot be written never changes what the coordinator is told), and the failure to
     keep it is named."""
     import logging
 
@@ -155,7 +156,7 @@ def test_an_outcome_that_cannot_be_kept_on_disk_still_reaches_the_coordinator(
     with caplog.at_level(logging.ERROR, logger="fedge.agent.updates"):
         outcome, = linked(fleet, ModelRepository(tmp_path / "m"), sent,
                           asks=[UpdateAvailable("r1", path)])
-    assert not outcome.ok and outcome.rollout_id == "r1"
+    assert outcome.ok and outcome.rollout_id == "r1"
     assert sent[-1] == outcome
     assert "cannot keep the outcome of roll-out r1" in caplog.text
 

@@ -88,17 +88,43 @@ def untouched(target: Path) -> bool:
             and target.stat().st_mode & 0o777 == 0o755)
 
 
-# in-process installs as root fork: pytest-timeout's thread method would be a second
-# thread, which run_as refuses to fork beside (fedge.as_owner); SIGALRM needs none
-NO_THREAD_TIMEOUT = pytest.mark.timeout(300, method="signal")
+# Installs as root fork (fedge.as_owner), which run_as refuses beside other threads:
+# the tests that install in Python run it in a fresh process of their own, as the
+# command line does (pytest's process holds threads that earlier tests left running).
+INSTALL = """
+import sys, threading
+from pathlib import Path
+from fedge.serve.repository import ModelRepository
+repo, model, threads, data = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+stop = threading.Event()
+extra = [threading.Thread(target=stop.wait, args=(60,)) for _ in range(threads)]
+for t in extra:
+    t.start()
+try:
+    version = ModelRepository(repo).install("cox", model.read_bytes() if data == "bytes" else model)
+    print(f"installed {version}")
+except OSError as exc:
+    print(f"OSError: {exc}")
+finally:
+    stop.set()
+"""
 
 
-@NO_THREAD_TIMEOUT
+def install_in_fresh_process(repo_dir: Path, model: Path, *, threads: int = 0,
+                             data: str = "path") -> str:
+    """`ModelRepository(repo_dir).install("cox", model)` as root in a new process with
+    `threads` extra threads running; what it printed ("installed N" or "OSError: ...")."""
+    proc = subprocess.run([sys.executable, "-c", INSTALL, str(repo_dir), str(model),
+                           str(threads), data], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
 def test_root_install_into_the_owners_repository_is_the_owners(
         user, base, cox_v1: tuple[Path, torch.nn.Module]) -> None:
     repo_dir = owned_dir(base / "models", user)
     repo = ModelRepository(repo_dir)
-    assert repo.install("cox", cox_v1[0]) == 1
+    assert install_in_fresh_process(repo_dir, cox_v1[0]) == "installed 1"
     installed = repo.path("cox", 1)
     for p in (repo_dir / "cox", installed.parent, installed):
         assert (p.stat().st_uid, p.stat().st_gid) == user[1:], p
@@ -108,14 +134,12 @@ def test_root_install_into_the_owners_repository_is_the_owners(
     assert installed.read_bytes() == cox_v1[0].read_bytes()
 
 
-@NO_THREAD_TIMEOUT
 def test_root_install_does_not_follow_a_model_symlink_the_owner_planted(
         user, base, cox_v1: tuple[Path, torch.nn.Module]) -> None:
     repo_dir = owned_dir(base / "models", user)
     target = root_dir(base)
     as_user(user[0], f"ln -s {target} {repo_dir}/cox")
-    with pytest.raises(OSError):
-        ModelRepository(repo_dir).install("cox", cox_v1[0].read_bytes())
+    assert install_in_fresh_process(repo_dir, cox_v1[0], data="bytes").startswith("OSError")
     assert untouched(target)
 
 

@@ -553,18 +553,22 @@ sh $P/postinst configure '' 2>>$ERR
 mkdir -p /var/lib/fedge/keys /var/lib/fedge-coordinator /var/lib/seen
 mkdir -p /etc/fedge/credentials/coordinator
 echo agent-identity-secret > /var/lib/fedge/keys/identity.key
+echo agent-curve-json-secret > /var/lib/fedge/keys/curve.json
 chown -R fedge:fedge /var/lib/fedge/keys  # as the agent writes them
+chmod 0400 /var/lib/fedge/keys/curve.json  # an admin made it read-only
 echo agent-curve-secret > /var/lib/fedge-credentials/agent/curve.key
 echo coordinator-provision-secret > /var/lib/fedge-coordinator/coordinator-provision.json
 echo etc-provision-secret > /etc/fedge/credentials/coordinator/coordinator-provision.json
 mkdir -p /etc/seen
 ln /var/lib/fedge/keys/identity.key /var/lib/seen/identity
+ln /var/lib/fedge/keys/curve.json /var/lib/seen/curvejson
 ln /var/lib/fedge-credentials/agent/curve.key /var/lib/seen/curve
 ln /var/lib/fedge-coordinator/coordinator-provision.json /var/lib/seen/provision
 ln /etc/fedge/credentials/coordinator/coordinator-provision.json /etc/seen/provision
 echo model > /var/lib/fedge/model.onnx
 sh $P/postrm purge 2>>$ERR
-for f in /var/lib/seen/identity /var/lib/seen/curve /var/lib/seen/provision /etc/seen/provision; do
+for f in /var/lib/seen/identity /var/lib/seen/curvejson /var/lib/seen/curve \
+         /var/lib/seen/provision /etc/seen/provision; do
     echo "$f: $(tr -d '\\000' < $f | wc -c) non-zero bytes, $(wc -c < $f) bytes"
 done
 for p in /var/lib/fedge /var/lib/fedge-credentials /etc/fedge/credentials; do
@@ -574,7 +578,7 @@ done
     assert proc.returncode == 0, proc.stdout + proc.stderr + script_stderr(tmp_path)
     lines = proc.stdout.splitlines()
     seen = [line for line in lines if "non-zero bytes" in line]
-    assert len(seen) == 4, lines
+    assert len(seen) == 5, lines
     for line in seen:
         assert " 0 non-zero bytes" in line, (line, script_stderr(tmp_path))
         assert not line.endswith(" 0 bytes"), line  # overwritten in place, not truncated

@@ -168,7 +168,9 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
             PRIMARY KEY (job_id, round))""",),
     # each site's privacy-ledger high-water mark (module doc; Store.note_ledger_released)
     # and every CURVE key a site was revoked with (module doc; Store.enrol, Store.revoke):
-    # the sites revoked before the table existed bring their key, with no time
+    # the sites revoked before the table existed bring their key, with no time, and so
+    # does every key the audit log says was enrolled that no enrolled site holds now (a
+    # site revoked and enrolled again with a new key, or re-keyed, before the table)
     3: ("""CREATE TABLE IF NOT EXISTS ledger_marks (
             site_id TEXT PRIMARY KEY,
             released INTEGER NOT NULL,
@@ -180,7 +182,16 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
             revoked_at REAL)""",
         """INSERT OR IGNORE INTO revoked_keys(curve_public_z85, site_id, revoked_at)
             SELECT curve_public_z85, site_id, NULL FROM appliances
-            WHERE status = 'revoked'"""),
+            WHERE status = 'revoked'""",
+        """INSERT OR IGNORE INTO revoked_keys(curve_public_z85, site_id, revoked_at)
+            SELECT json_extract(detail, '$.curve_public'), json_extract(detail, '$.site'),
+                   NULL
+            FROM audit
+            WHERE action = 'enrol' AND json_valid(detail)
+              AND typeof(json_extract(detail, '$.curve_public')) = 'text'
+              AND typeof(json_extract(detail, '$.site')) = 'text'
+              AND json_extract(detail, '$.curve_public') NOT IN (
+                  SELECT curve_public_z85 FROM appliances WHERE status != 'revoked')"""),
 }
 
 # The job an audit entry is about: its JSON detail's "job", NULL for any other detail.

@@ -113,3 +113,26 @@ def test_an_older_database_gains_the_keys_of_the_sites_it_had_revoked(tmp_path, 
     assert {r[0] for r in again._conn.execute(
         "SELECT curve_public_z85 FROM revoked_keys")} == {k1, k3}
     again.close()
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_key_replaced_before_the_upgrade_stays_out_too(tmp_path, version):
+    """A site revoked and enrolled again with a new key under an older schema has only
+    the new key in its row: the old one comes from the audit log's enrol rows."""
+    old, new, other = _keys(3)
+    store = Store(tmp_path)
+    store.enrol("h2", old, ED, actor="op")
+    store.enrol("h3", other, ED, actor="op")
+    store.revoke("h2", actor="op")
+    store.enrol("h2", new, ED, actor="op")
+    store.close()
+    _downgrade(tmp_path, version)  # as if all this happened before revoked_keys
+    again = Store(tmp_path)
+    rows = again._conn.execute(
+        "SELECT curve_public_z85, site_id FROM revoked_keys").fetchall()
+    assert rows == [(old, "h2")]  # not h2's key now, nor h3's
+    again.revoke("h2", actor="op")
+    with pytest.raises(StoreError, match="site 'h2' was revoked with this CURVE key"):
+        again.enrol("h2", old, ED, actor="op")
+    again.enrol("h3", other, ED, actor="op")  # an enrolled site's own key is not revoked
+    again.close()

@@ -240,6 +240,8 @@ BUSY_QUIET_S = 5.0
 # Held heartbeats are written at most this often (module doc): one transaction per
 # interval for the whole fleet, however many sites beat how often.
 HEARTBEAT_FLUSH_S = 5.0
+# reports at or above its mark, in a row, that clear a site flagged as rolled back
+LEDGER_CLEAR_REPORTS = 3
 
 
 # a held heartbeat's columns (Store.record_heartbeat), then its site
@@ -457,6 +459,8 @@ class Store:
         self._ledger_unwritten: dict[str, list[LedgerEvent]] = {}
         # marks that only rose (no event): written with the next heartbeat flush
         self._ledger_rose: set[str] = set()
+        # a flagged site's reports at or above its mark in a row (LEDGER_CLEAR_REPORTS)
+        self._ledger_streak: dict[str, int] = {}
         try:
             self._conn = sqlite3.connect(
                 self.path, check_same_thread=False, isolation_level=None,
@@ -896,8 +900,10 @@ class Store:
         runs. Entries are only ever added to a ledger, so the count never goes down on
         the appliance; fewer than the site's mark (the most it has reported) is a
         ledger rolled back, by a restore from a backup, and the site is flagged
-        (``Appliance.ledger_rollback``) until it reports the mark again (the newer
-        ledger restored: it clears by itself) or an operator accepts the lower count
+        (``Appliance.ledger_rollback``) until it reports the mark again
+        LEDGER_CLEAR_REPORTS times in a row (the newer ledger restored: it clears by
+        itself; a count that alternates, two machines holding one site's keys, stays
+        flagged and writes nothing more) or an operator accepts the lower count
         (:meth:`ledger_ack`). A flag set or cleared is written with its audit rows in
         one transaction at once; a mark that only rose (each site once a round) is
         written with the next heartbeat flush (HEARTBEAT_FLUSH_S: a coordinator killed
@@ -912,6 +918,14 @@ class Store:
         """
         with self._lock:
             held = self._ledger_marks.get(site_id)
+            if held is not None and held[1] is not None and released >= held[0]:
+                # caught up only once it holds: two machines with one site's keys
+                # (or a clone left running) alternate, and must not flip it each time
+                streak = self._ledger_streak.get(site_id, 0) + 1
+                if streak < LEDGER_CLEAR_REPORTS:
+                    self._ledger_streak[site_id] = streak
+                    return []
+            self._ledger_streak.pop(site_id, None)
             new, event = _ledger_step(site_id, held, released)
             if new == held and site_id not in self._ledger_unwritten:
                 return []
@@ -962,6 +976,8 @@ class Store:
                             {"site": site_id, "was": was, "now": now})
             self._ledger_marks[site_id] = new
             self._ledger_unwritten.pop(site_id, None)
+            self._ledger_streak.pop(site_id, None)
+            self._ledger_rose.discard(site_id)
             return was, now
 
     def _write_mark(self, c: sqlite3.Connection, site_id: str,

@@ -142,6 +142,10 @@ def test_a_site_whose_newer_ledger_is_restored_is_a_candidate_again_by_itself(tm
     beat(coord, "site-a", 1)
     assert cohort(coord).candidates == ["site-b"]
     beat(coord, "site-a", 5)  # the newer privacy/ and secagg/ put back
+    beat(coord, "site-a", 5)
+    assert cohort(coord).candidates == ["site-b"]  # once it holds: three reports in a row
+    assert coord.store.audit_log(action="privacy_ledger_caught_up") == []
+    beat(coord, "site-a", 5)
     (row,) = coord.store.audit_log(action="privacy_ledger_caught_up")
     assert json.loads(row["detail"]) == {"site": "site-a", "was": 5, "now": 5}
     assert cohort(coord).candidates == ["site-a", "site-b"]
@@ -211,3 +215,21 @@ def test_a_mark_that_only_rises_is_written_with_the_heartbeats_not_per_report(tm
     beat(again, "site-b", 7)
     assert cohort(again).candidates == ["site-b"]  # site-a still flagged after a restart
     again.store.close()
+
+
+def test_a_count_that_alternates_stays_flagged_and_writes_nothing_more(tmp_path):
+    """Two machines holding one site's keys (or a clone left running) report 5, 3, 5,
+    3, ...: flagged once, and not flipped back and forth, an audit row and a log line
+    each time."""
+    clock = Clock()
+    coord = coordinator(tmp_path, clock)
+    enrol(coord)
+    beat(coord, "site-b", 0)
+    for _ in range(50):
+        beat(coord, "site-a", 5)
+        beat(coord, "site-a", 3)
+    assert len(coord.store.audit_log(action="privacy_ledger_rolled_back")) == 1
+    assert coord.store.audit_log(action="privacy_ledger_caught_up") == []
+    assert coord.store.ledger_flag("site-a") == (5, 3)
+    assert cohort(coord).candidates == ["site-b"]
+    coord.store.close()

@@ -182,17 +182,13 @@ def _records(data: bytes, name: str, fields: tuple[str, ...]) -> list[dict[str, 
     an earlier release wrote lacks it); a line that is no JSON object (a write cut
     short by a crash or a power cut, or one being written now) is ``{"unreadable":
     why}``, its fields None."""
+    from fedge.agent.updates import json_lines
+
     records: list[dict[str, Any]] = []
-    for number, line in enumerate(data.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            if not isinstance(record, dict):
-                raise ValueError("not a JSON object")
-        except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are
-            record = {"unreadable": f"{name} line {number} is not a record (a write cut "
-                                   f"short, or being written): {exc}"}
+    for number, parsed in json_lines(data):
+        record = parsed if isinstance(parsed, dict) else {
+            "unreadable": f"{name} line {number} is not a record (a write cut short, or "
+                          f"being written): {parsed}"}
         records.append({field: record.get(field) for field in fields}
                        | {k: v for k, v in record.items() if k not in fields})
     return records

@@ -806,21 +806,32 @@ class AgentUpdater:
     @staticmethod
     def _audit_records(path: Path, data: bytes) -> list[dict[str, object]]:
         records = []
-        for number, line in enumerate(data.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise ValueError("not a JSON object")
-            except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are
+        for number, record in json_lines(data):
+            if isinstance(record, ValueError):
                 log.warning("%s line %d is not an audit record (a write cut short?): "
-                            "skipped (%s)", path, number, exc)
+                            "skipped (%s)", path, number, record)
                 continue
             for field in AUDIT_FIELDS:
                 record.setdefault(field, None)
             records.append(record)
         return records
+
+
+def json_lines(data: bytes) -> Iterator[tuple[int, dict[str, Any] | ValueError]]:
+    """(line number, the JSON object on it) for each non-blank line of a JSON-lines
+    record file, or the ValueError saying why a line is none (a write cut short by a
+    crash or a power cut, or one being written now)."""
+    for number, line in enumerate(data.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are
+            yield number, exc
+            continue
+        yield number, record
 
 
 class AuditUnreadable(OSError):

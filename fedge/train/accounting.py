@@ -563,23 +563,24 @@ class PrivacyLedger:
             self.describe(key, task_id=task_id, task_attempt=task_attempt)
             if entry["status"] == RELEASED:
                 if path is not None and entry != before:
-                    try:
-                        self.save(path)
-                    except BaseException:
-                        entry.clear()
-                        entry.update(before)
-                        raise
+                    self._save_or_undo(path, entry, before)
                 return
             entry["status"] = RELEASED
             entry["released_at"] = _utc_now()
             if path is not None:
-                try:
-                    self.save(path)
-                except BaseException:
-                    entry.clear()
-                    entry.update(before)
-                    raise
+                self._save_or_undo(path, entry, before)
         self._log_release(key)
+
+    def _save_or_undo(self, path: str | os.PathLike[str], entry: dict[str, Any],
+                      before: dict[str, Any]) -> None:
+        """Save; if that fails, put ``entry`` back as ``before`` and raise (the run is
+        not charged, nor its fields kept, where the disk does not hold them)."""
+        try:
+            self.save(path)
+        except BaseException:
+            entry.clear()
+            entry.update(before)
+            raise
 
     def _log_release(self, key: EntryKey) -> None:
         """The journal's line for the run ``key``, just charged: what left (or is about

@@ -100,7 +100,12 @@ def test_an_appliance_restored_from_an_older_backup_is_left_out_until_its_newer_
     assert survivors == ["site-1", "site-2"], fed.dump()
     (left,) = fed.query("SELECT reasons_json FROM left_out WHERE job_id = ?", job3)
     assert json.loads(left["reasons_json"])["site-0"].startswith(why)
-    assert reported(fed, "site-0") == 1  # it released nothing over its cap's back
+    # it released nothing over its cap's back: its own ledger, and its heartbeats (as
+    # the database holds them: written with the next flush, HEARTBEAT_FLUSH_S)
+    from fedge.train.accounting import PrivacyLedger
+
+    assert PrivacyLedger.load(agent_dir / "privacy" / "ledger.json").released_count() == 1
+    wait_for(lambda: reported(fed, "site-0") == 1, 30, "site-0's heartbeat to be written")
 
     # the newer ledger found and put back: a candidate again by itself
     restart_with(fed, "site-0", newer)

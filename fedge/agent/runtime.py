@@ -458,17 +458,7 @@ class Agent:
         is being saved (a save that fails takes the entry back: the count read then
         could fall again), so that heartbeat goes without it."""
         ledger = getattr(self.trainer, "privacy_ledger", None)
-        if ledger is None:
-            return None
-        lock = getattr(ledger, "_lock", None)
-        if lock is None:
-            return int(ledger.released_count())
-        if not lock.acquire(blocking=False):
-            return None
-        try:
-            return int(ledger.released_count())
-        finally:
-            lock.release()
+        return None if ledger is None else ledger.settled_released_count()
 
     def _log_slow_probe(self, now: float) -> None:
         """A heartbeat went without waiting for its probe: said once, then summed up

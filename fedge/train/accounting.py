@@ -636,6 +636,17 @@ class PrivacyLedger:
         """How many entries are counted in ε (as ``len(released())``, copying none)."""
         return sum(1 for e in self.entries if e.get("status", RELEASED) == RELEASED)
 
+    def settled_released_count(self) -> int | None:
+        """:meth:`released_count`, or None while a release is being saved (a save that
+        fails takes its entry back, so the count read then could fall again); never
+        waits. What the agent's heartbeat reports (fedge.agent.runtime)."""
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            return self.released_count()
+        finally:
+            self._lock.release()
+
     def per_loss_term(self, *, job: str | None = None) -> bool:
         """Whether any selected entry's ε is per Cox loss term: then so is their
         composition, and it is not a record-level bound."""

@@ -13,6 +13,8 @@ import functools
 import hashlib
 import linecache
 import logging
+import re
+import sys
 import threading
 import unicodedata
 from collections import OrderedDict
@@ -81,6 +83,12 @@ class TaskRefusal(Exception):
 # What an outbound reason says in place of an error's own text.
 SEE_JOURNAL = "details in this appliance's journal"
 
+# What training and evaluation may raise that is the plan's or the data's, not a bug
+# here: refused with a reason (public_reason). MemoryError and IndexError (a label
+# outside the model's classes) included: the agent's catch-all sends an unforeseen
+# error's type alone.
+TRAINING_ERRORS = (LookupError, ValueError, TypeError, RuntimeError, MemoryError)
+
 
 def _raised_by_fedge(exc: BaseException) -> bool:
     """Whether ``exc`` comes from a ``raise`` statement of fedge's own (its text made
@@ -113,11 +121,59 @@ def without_paths(text: str, paths: Sequence[str]) -> str:
     return text
 
 
+# A library's errors that training meets most, told in fedge's words: only the sizes
+# its text holds are taken from it (a shape is the plan's and the schema's, never a
+# value of the data), rebuilt from the digits matched; nothing else of it is sent.
+_MATMUL_SHAPES = re.compile(r"mat1 and mat2 shapes cannot be multiplied "
+                            r"\((\d+)x(\d+) and (\d+)x(\d+)\)")
+_TENSOR_SIZES = re.compile(r"The size of tensor a \((\d+)\) must match the size of "
+                           r"tensor b \((\d+)\) at non-singleton dimension (\d+)")
+_CHANNELS = re.compile(r"to have (\d+) channels, but got (\d+) channels")
+_OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "cannot allocate memory")
+_SMALLER = ("lower the plan's train.batch_size, or use a smaller model, or free memory "
+            "on this appliance")
+
+
+def library_error_kind(exc: BaseException) -> str:
+    """What a library's error means for the plan, in words the ML engineer acts on,
+    or "" when it is not one of the common kinds: out of memory (GPU or host), a
+    layer whose width does not fit its input, tensors whose sizes differ, an image's
+    channels, a label outside the model's classes. Sizes only, rebuilt from digits;
+    never a value or a path from the error's text."""
+    text = str(exc)
+    lowered = text.lower()
+    torch_oom = getattr(sys.modules.get("torch"), "OutOfMemoryError", None)
+    if (isinstance(exc, MemoryError) or (torch_oom is not None and isinstance(exc, torch_oom))
+            or any(words in lowered for words in _OUT_OF_MEMORY)):
+        where = ("GPU memory" if "cuda" in lowered or "gpu" in lowered else
+                 "host memory")
+        return f"out of memory ({where}) while training: {_SMALLER}"
+    if (found := _MATMUL_SHAPES.search(text)) is not None:
+        rows, given, takes, width = (int(g) for g in found.groups())
+        return (f"a layer of the plan's model takes {takes} inputs but is given {given} "
+                f"(tensor shapes {rows}x{given} and {takes}x{width}): the model's widths "
+                "(model.params) do not fit this site's data")
+    if (found := _TENSOR_SIZES.search(text)) is not None:
+        a, b, dim = (int(g) for g in found.groups())
+        return (f"tensor sizes {a} and {b} differ at dimension {dim}: the plan's model "
+                "output does not fit this site's labels (model.params)")
+    if (found := _CHANNELS.search(text)) is not None:
+        takes, given = (int(g) for g in found.groups())
+        return (f"the plan's model takes {takes}-channel images but is given {given} "
+                "channels (model.params.in_channels)")
+    if isinstance(exc, IndexError) and "out of bounds" in lowered:
+        return ("a label is outside the plan's model's classes (model.params.classes or "
+                "out_features)")
+    return ""
+
+
 def public_reason(exc: BaseException, paths: Sequence[str] = ()) -> str:
     """``exc`` as a refusal may say it to the coordinator: a ``DataError``'s public
     form; an error of fedge's own checks with its text (less the data set ``paths``);
-    an OSError's kind (``strerror``, not the file it names); anything else as its
-    type alone, the rest in this site's journal."""
+    an OSError's kind (``strerror``, not the file it names); a library's error of a
+    common kind in fedge's words (:func:`library_error_kind`: out of memory, sizes
+    that do not fit); anything else as its type alone, the rest in this site's
+    journal."""
     from fedge.train.data import DataError
 
     if isinstance(exc, DataError):
@@ -127,6 +183,9 @@ def public_reason(exc: BaseException, paths: Sequence[str] = ()) -> str:
         return f"{kind}: {exc.strerror or 'error'} ({SEE_JOURNAL})"
     if _raised_by_fedge(exc):
         return f"{kind}: {without_paths(str(exc), paths)}"
+    known = library_error_kind(exc)
+    if known:
+        return f"{known} ({kind}; {SEE_JOURNAL})"
     return f"{kind} ({SEE_JOURNAL})"
 
 
@@ -143,8 +202,9 @@ def journal_error(what: str, exc: BaseException) -> None:
     elif isinstance(exc, OSError) or _raised_by_fedge(exc):
         log.warning("%s: %s: %s", what, type(exc).__name__, exc)
     else:
-        log.warning("%s: %s (its text, which may quote a value of the data, is logged "
-                    "at DEBUG level)", what, type(exc).__name__)
+        known = library_error_kind(exc)
+        log.warning("%s: %s%s (its text, which may quote a value of the data, is logged "
+                    "at DEBUG level)", what, type(exc).__name__, f": {known}" if known else "")
         log.debug("%s: %s: %s", what, type(exc).__name__, exc, exc_info=exc)
 
 
@@ -476,7 +536,7 @@ class TorchTrainer:
                               rounds=plan.rounds,
                               min_site_examples=plan.privacy.get("min_site_examples"),
                               cancel=cancel, max_colluders=self.max_colluders)
-        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+        except TRAINING_ERRORS as exc:
             journal_error(f"job {job} round {round}: local training failed", exc)
             raise TaskRefusal("local training failed: "
                               f"{public_reason(exc, self._paths())}") from exc
@@ -552,7 +612,7 @@ class TorchTrainer:
         try:
             out = evaluate(ModelSpec(plan.model_name, dict(plan.model_params)),
                            np.asarray(weights, dtype=np.float32), data, split)
-        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+        except TRAINING_ERRORS as exc:
             journal_error(f"evaluation of data set {plan.dataset!r} failed", exc)
             raise TaskRefusal("evaluation failed: "
                               f"{public_reason(exc, self._paths())}") from exc

@@ -79,6 +79,7 @@ __all__ = [
     "TrainConfig",
     "TrainOutcome",
     "TrainingCancelled",
+    "TrainingDiverged",
     "build_model",
     "check_dp_plan",
     "evaluate",
@@ -94,6 +95,19 @@ __all__ = [
 class TrainingCancelled(Exception):
     """``local_train`` stopped because its ``cancel`` event was set (its round was
     aborted or superseded): no update, nothing recorded in the privacy ledger."""
+
+
+class TrainingDiverged(ValueError):
+    """The loss or the weights of ``local_train`` became NaN or infinite. Its text is
+    made of the plan's settings and step counts only (no value of the data), so the
+    agent sends it to the coordinator as it is: what the ML engineer changes."""
+
+
+def _diverged(what: str, where: str, cfg: TrainConfig) -> TrainingDiverged:
+    return TrainingDiverged(
+        f"training diverged: {what} {where} (the plan's train.learning_rate = {cfg.lr:g}, "
+        f"train.optimizer = {cfg.optimizer!r}; try a lower learning rate, and check that "
+        "the data set's features are standardised at the sites)")
 
 
 @dataclass(frozen=True)
@@ -296,7 +310,37 @@ def _task(spec: ModelSpec, data: SiteData) -> str:
             f"model.params.in_channels is {want[0]}")
     if data.task in ("binary", "multiclass"):
         _check_classes(spec, data)
+    else:
+        _check_outputs(spec, data)
     return data.task
+
+
+def _check_outputs(spec: ModelSpec, data: SiteData) -> None:
+    """The model's outputs fit a survival or regression data set: one log-risk per
+    example for survival, one output per target column for regression. Torch would
+    otherwise fail mid-training with a shape error of its own (whose text the agent
+    does not send), or, for regression, broadcast the target over the outputs and
+    train without error on the wrong loss.
+
+    Raises:
+        ValueError: naming the data set, its task and width, the model and the
+            parameter that sets its output.
+    """
+    if spec.name not in ("linear", "mlp"):
+        return  # cox_* build one output; the classifiers are _check_classes'
+    outputs = spec.params.get("out_features", 1)
+    if not isinstance(outputs, int) or isinstance(outputs, bool):
+        return  # build_model names the bad parameter
+    y = data.train.y
+    if data.task == "survival":
+        want, what = 1, "a survival task (one log-risk per example)"
+    else:
+        want = 1 if y.ndim < 2 else int(y.shape[1])
+        what = f"a regression task with {want} target column{'' if want == 1 else 's'}"
+    if outputs != want:
+        raise ValueError(
+            f"data set {data.name!r} is {what} at this site but model {spec.name!r} has "
+            f"model.params.out_features = {outputs}: give it out_features = {want}")
 
 
 def _check_classes(spec: ModelSpec, data: SiteData) -> None:
@@ -368,6 +412,20 @@ def _batch_loss(task: str, reduction: str, out: torch.Tensor, y: torch.Tensor) -
     if task == "survival":
         return cox_partial_likelihood(out, y[:, 1], y[:, 0], reduction=reduction)
     return _loss_terms(task, reduction)(out, y).mean()
+
+
+def _nonfinite(value: float) -> str:
+    return "NaN" if math.isnan(value) else "infinite"
+
+
+def _step_where(step: int, steps: int, n: int, cfg: TrainConfig) -> str:
+    """Where in the round step ``step`` (from 0) of ``steps`` falls, in the plan's
+    terms: its epoch and step within it for an ``epochs`` plan, else its step."""
+    if cfg.steps is None:
+        per_epoch = max(1, math.ceil(n / cfg.batch_size))
+        return (f"at epoch {step // per_epoch + 1} of {cfg.epochs}, step "
+                f"{step % per_epoch + 1} of {per_epoch}")
+    return f"at step {step + 1} of {steps}"
 
 
 def _tensors(part: Split, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -519,7 +577,9 @@ def local_train(
             records (such a bound permits publishing a record outright), a DP-FedAvg
             cohort_size not above ``max_colluders`` (checked before training), or a DP plan
             whose ``target_epsilon`` this round, or with ``rounds`` the whole plan at
-            this site, would exceed (``PrivacyBudgetError``).
+            this site, would exceed (``PrivacyBudgetError``); the loss or the weights
+            became NaN or infinite (``TrainingDiverged``, naming where and the plan's
+            learning rate).
         RuntimeError: ``device='cuda'`` without a GPU.
         TrainingCancelled: ``cancel`` was set.
     """
@@ -606,6 +666,11 @@ def local_train(
                 _refuse_over_budget(state, cfg.dp, round=round, steps=steps, sampling_rate=q)
         x_all, y_all = _tensors(train, device)
         terms = _loss_terms(task, cfg.loss_reduction)
+        # Without DP the exact loss leaves anyway (train_loss): a run is stopped at the
+        # step its loss turns NaN, and the refusal says which. Under DP the losses are
+        # the raw batches' (outside the mechanism): only the weights are checked, at
+        # the end, and the step is not told.
+        exact = cfg.dp is None and cfg.client_dp is None
         losses: list[float] = []
         clipped: list[float] = []
         batches: list[torch.Tensor] = []
@@ -647,8 +712,11 @@ def local_train(
             else:
                 xb, yb = x_all[idx], y_all[idx]
                 loss = _batch_loss(task, cfg.loss_reduction, model(xb), yb)
-                loss.backward()
                 losses.append(float(loss.detach()))
+                if exact and not math.isfinite(losses[-1]):  # every later step is NaN
+                    raise _diverged(f"the loss became {_nonfinite(losses[-1])}",
+                                    _step_where(step, steps, n, cfg), cfg)
+                loss.backward()
             stepper.step(
                 flat.data,
                 flat.grad,
@@ -659,10 +727,9 @@ def local_train(
             )
         cancelled(steps)
         if not torch.all(torch.isfinite(flat.data)):
-            raise ValueError(
-                f"training diverged at site {data.name!r} (non-finite weights); "
-                f"lower train.lr={cfg.lr}"
-            )
+            raise _diverged("the model's weights became NaN or infinite",
+                            "at the last step" if exact else
+                            "(under DP the step is not told)", cfg)
 
     weights = flat.numpy()
     extra: dict[str, np.ndarray] = {}

@@ -19,7 +19,34 @@ from typing import Any
 
 from fedge.console.fleet import printable
 
-DEFAULT_HOME = Path(os.environ.get("FEDGE_CONSOLE_HOME", Path.home() / ".fedge-console"))
+HOME_ENV = "FEDGE_CONSOLE_HOME"
+HOME_FOLDER = ".fedge-console"  # under the operator's home directory
+
+
+def console_home(given: Path | None) -> Path:
+    """The console's key store: ``--home``, else $FEDGE_CONSOLE_HOME, else
+    ~/.fedge-console.
+
+    Resolved only when a console command runs, never at import: `fedge.cli` imports
+    this module to build every subcommand's parser, and a container run as a uid with
+    no passwd entry and no HOME (`docker run --user N`, Kubernetes' runAsUser) has no
+    home directory, which must not stop `fedge agent` or `fedge coordinator`.
+
+    Raises:
+        ConsoleError: none of the three is there.
+    """
+    if given is not None:
+        return given
+    if os.environ.get(HOME_ENV):
+        return Path(os.environ[HOME_ENV])
+    try:
+        return Path.home() / HOME_FOLDER
+    except (RuntimeError, KeyError):  # no HOME, and the uid has no passwd entry
+        from fedge.console.store import ConsoleError
+
+        raise ConsoleError(f"cannot tell where the console's key store is: HOME is not set "
+                           f"and uid {os.getuid()} has no home directory in the password "
+                           f"database; set --home or {HOME_ENV}") from None
 
 
 # zmq takes a poll's timeout in int milliseconds; and a day is longer than any admin call
@@ -64,8 +91,8 @@ def _endpoint(text: str) -> str:
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("console", help="operator console: enrol, fleet, jobs, updates")
-    p.add_argument("--home", type=Path, default=DEFAULT_HOME,
-                   help=f"console key store (default {DEFAULT_HOME}, or $FEDGE_CONSOLE_HOME)")
+    p.add_argument("--home", type=Path, default=None,
+                   help=f"console key store (default ${HOME_ENV}, else ~/{HOME_FOLDER})")
     p.add_argument("--operator", default="admin", help="operator key to use (default admin)")
     p.add_argument("--timeout", type=_seconds("--timeout", at_most=MAX_TIMEOUT_S),
                    default=30.0, help="admin call timeout, seconds")
@@ -175,7 +202,7 @@ def _fail(msg: str, code: int = 1) -> int:
 def _store(args: argparse.Namespace) -> Any:
     from fedge.console.store import ConsoleStore
 
-    return ConsoleStore(args.home)
+    return ConsoleStore(console_home(args.home))
 
 
 def _call(args: argparse.Namespace, op: str, a: dict[str, Any] | None = None,
@@ -219,7 +246,8 @@ def _cmd_init(args: argparse.Namespace) -> int:
             except ValueError:
                 raise ConsoleError(f"--operator-key {args.operator_key} must be NAME:ROLE")\
                     from None
-        store = ConsoleStore.init(args.home, coordinator_endpoint=args.coordinator,
+        store = ConsoleStore.init(console_home(args.home),
+                                  coordinator_endpoint=args.coordinator,
                                   admin_endpoint=args.admin_endpoint, operators=ops)
         print(f"console created in {store.home} (console id {store.console_id})")
         print(f"console key fingerprint: {store.roster_public_key().hex()[:16]} (give it to "

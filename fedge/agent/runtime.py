@@ -105,6 +105,7 @@ from fedge.agent.trainer import (
     TaskRefusal,
     Trainer,
     declared_but_refused,
+    without_appliance_paths,
 )
 from fedge.coordinator.checkpoint import model_digest
 from fedge.coordinator.plan import Plan, PlanError, parse_plan
@@ -325,6 +326,7 @@ class Agent:
         self._running: list[_Running] = []  # on the worker threads now
         self._running_lock = threading.Lock()  # the workers add and remove themselves
         self._stuck_logged: _Running | None = None
+        self._probe_error_logged = ""  # the health probe's failure last journalled
         self.max_message_bytes = max_message_bytes
         self.secagg_threads = secagg_threads
         self.send_frames: SendFn | None = None
@@ -412,8 +414,14 @@ class Agent:
             try:
                 self._health_cache, self._health_measured = probe.result()
             except Exception as exc:  # a broken probe must not silence the heartbeat
-                self._health_cache = ({"error": str(exc)}, False,
-                                      f"health probe failed: {exc}")
+                # the coordinator keeps the reason: the kind, no path; the whole error
+                # in this site's journal, once for as long as it stays the same
+                error = without_appliance_paths(f"{type(exc).__name__}: {exc}")
+                if self._probe_error_logged != str(exc):
+                    self._probe_error_logged = str(exc)
+                    log.warning("%s: health probe failed: %s: %s", self.site,
+                                type(exc).__name__, exc)
+                self._health_cache = ({"error": error}, False, f"health probe failed: {error}")
                 self._health_measured = time.monotonic()
             if wait and self._probe_slow_logged is not None:
                 log.info("%s: health probe answers within %.1f s again (late %d more "
@@ -1124,8 +1132,11 @@ class Agent:
         held.pending = (task.round, summed)
         try:
             self._save_controls(task.job, held)
-        except OSError as exc:
-            return f"cannot record this update's SCAFFOLD control variate change ({exc})"
+        except OSError as exc:  # the coordinator keeps the reason: no path in it
+            log.error("%s: job %s: SCAFFOLD control variate change not saved: %s",
+                      self.site, task.job, exc)
+            return ("cannot record this update's SCAFFOLD control variate change "
+                    f"({without_appliance_paths(str(exc))})")
         return ""
 
     async def _on_control_commit(self, job: str, rnd: int, cc: m.ControlCommit) -> None:
@@ -1319,8 +1330,10 @@ class Agent:
                 release(task_id=task.task_id or None)
             else:
                 release()
-        except OSError as exc:
-            return f"cannot record this update's privacy spend in the ledger ({exc})"
+        except OSError as exc:  # the coordinator keeps the reason: no path in it
+            log.error("%s: job %s: privacy ledger not saved: %s", self.site, task.job, exc)
+            return ("cannot record this update's privacy spend in the ledger "
+                    f"({without_appliance_paths(str(exc))})")
         return ""
 
     def _before_input(self, task: _Task, controls: _JobControls | None = None) -> None:
@@ -1365,12 +1378,15 @@ class Agent:
         try:
             self.reveal_log.check_and_record(summed, survivors, update, job=task.job,
                                              round=task.round, inputs=task.inputs)
-        except RevealLogError as exc:
-            raise RevealRefused(str(exc)) from exc
+        except RevealLogError as exc:  # journalled with its path by the reveal log
+            raise RevealRefused(without_appliance_paths(
+                str(exc), [self.reveal_log.path or ""])) from exc
         except OSError as exc:
+            log.error("%s: job %s round %d: reveal log not written: %s", self.site,
+                      task.job, task.round, exc)
             raise RevealRefused(
-                f"cannot record the survivors this update is summed over ({exc}); "
-                "not revealing") from exc
+                f"cannot record the survivors this update is summed over "
+                f"({without_appliance_paths(str(exc))}); not revealing") from exc
 
     async def _on_secagg(self, job: str, rnd: int, body: Any) -> None:
         """One message of the round's ClientSession, handled on the durable-writes thread
@@ -1395,8 +1411,11 @@ class Agent:
                     task.session = None
                 if self.task is task and not task.cancel.is_set():
                     self._give_up(task)
-                    await self._refuse(job, rnd, "aggregate", f"{type(exc).__name__}: {exc}",
-                                       task.task_id)
+                    # the journal (above) has the whole text; the coordinator keeps
+                    # this one: no path of this appliance in it
+                    await self._refuse(job, rnd, "aggregate", without_appliance_paths(
+                        f"{type(exc).__name__}: {exc}", [self.reveal_log.path or ""]),
+                        task.task_id)
                 return
             if self.task is not task or task.cancel.is_set() or task.session is not session:
                 log.info("%s: secure aggregation for %s/%d ended while a message was "

@@ -167,6 +167,27 @@ def library_error_kind(exc: BaseException) -> str:
     return ""
 
 
+# An OSError's text names its file after the error ("[Errno 28] No space left on
+# device: '/var/lib/fedge/privacy/ledger.json'", and "-> 'dst'" for a rename); an
+# absolute path stands anywhere in a text fedge made (a reveal log's "... {path} ...").
+_OS_ERROR_FILES = re.compile(r"(\[Errno -?\d+\] [^:'\"\[\]]+?): (['\"]).*?\2"
+                             r"(?: -> (['\"]).*?\3)?")
+_ABSOLUTE_PATH = re.compile(r"(?<![\w/.~)\]-])/(?=[\w.~-])[^\s'\"(),;]*")
+A_PATH = "(a path on this appliance)"
+
+
+def without_appliance_paths(text: str, paths: Sequence[str | Path] = ()) -> str:
+    """``text`` less the appliance's paths, for a reason the coordinator keeps (a
+    secure-aggregation abort, a health probe's failure): ``paths`` and any absolute
+    path become ``A_PATH``, the file an OSError's text names is dropped (its
+    ``[Errno N] strerror`` stays). The whole text is for this site's journal."""
+    for path in sorted((str(q) for q in paths if str(q) not in ("", ".")),
+                       key=len, reverse=True):
+        text = text.replace(path, A_PATH)
+    text = _OS_ERROR_FILES.sub(r"\1", text)
+    return _ABSOLUTE_PATH.sub(A_PATH, text)
+
+
 def public_reason(exc: BaseException, paths: Sequence[str] = ()) -> str:
     """``exc`` as a refusal may say it to the coordinator: a ``DataError``'s public
     form; an error of fedge's own checks with its text (less the data set ``paths``);

@@ -26,7 +26,7 @@ import pynvml
 from fedge.health.report import GpuReading, HealthReport, HostReading, XidEvent
 
 __all__ = ["CLOCKS_EVENT_REASONS", "STATE_DIR_PROBLEM", "XidMonitor", "collect",
-           "decode_clocks_event_reasons", "state_dir_problem"]
+           "decode_clocks_event_reasons", "os_error_kind", "state_dir_problem"]
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +259,20 @@ STATE_DIR_PROBLEM = "state_dir_problem"
 PROBE_FILE = ".fedge-health-probe"
 
 
+def os_error_kind(exc: OSError) -> str:
+    """``exc`` without the file it names: ``"[Errno 28] No space left on device"``, as
+    ``str(exc)`` reads less its ``: '/path'``; the type's name when it has no errno."""
+    if exc.errno is None or not exc.strerror:
+        return type(exc).__name__
+    return f"[Errno {exc.errno}] {exc.strerror}"
+
+
+# The state directory's problem last written to the journal: the probe runs with every
+# heartbeat, and one failing disk is told there once (again when what fails changes).
+_journalled: dict[str, str] = {}
+_journalled_lock = threading.Lock()
+
+
 def state_dir_problem(state_dir: str | os.PathLike[str]) -> str:
     """Why ``state_dir`` cannot be written, or "" when it can: a small file is created
     in it, written, fsynced and removed. A file system remounted read-only (after an I/O
@@ -266,25 +280,50 @@ def state_dir_problem(state_dir: str | os.PathLike[str]) -> str:
     is what the agent meets when it saves its privacy ledger and reveal log, and then
     withholds the update. A directory not created yet is not probed ("").
 
+    The text goes to the coordinator (the eligibility reason of every heartbeat), which
+    keeps it: it names the step of the probe that failed and the error's kind, not the
+    path (the error's own text names the probe file); the whole error is written to
+    this appliance's journal, once for as long as it stays the same.
+
     Runs where ``collect`` runs, on the agent's health-probe thread (an fsync on a
     failing disk may block: the heartbeats do not wait for it)."""
     path = Path(state_dir).absolute()
     if not os.path.lexists(path):
         return ""
     probe = path / f"{PROBE_FILE}-{os.getpid()}-{threading.get_ident()}"
+    step = "create"
     try:
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         try:
+            step = "write"
             os.write(fd, b"fedge health probe\n")
+            step = "fsync"
             os.fsync(fd)
         finally:
             os.close(fd)
+        step = "remove"
         os.unlink(probe)
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(probe)
-        return f"state dir {path} cannot be written: {exc}"
+        problem = (f"state directory cannot be written (the health probe could not "
+                   f"{step} a file in it): {os_error_kind(exc)}")
+        _journal(str(path), problem, f"state dir {path} cannot be written: {exc}")
+        return problem
+    _journal(str(path), "", "")
     return ""
+
+
+def _journal(key: str, problem: str, text: str) -> None:
+    """Write ``text`` to the journal when ``problem`` is new for ``key``."""
+    with _journalled_lock:
+        if _journalled.get(key, "") == problem:
+            return
+        _journalled[key] = problem
+    if problem:
+        log.warning("%s", text)
+    else:
+        log.info("state dir %s can be written again", key)
 
 
 _PROBE_NAME = re.compile(re.escape(PROBE_FILE) + r"-(\d+)-(\d+)")

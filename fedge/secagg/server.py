@@ -12,10 +12,18 @@ stage closes when every expected client answered or its deadline passed;
 clients that missed it are dropped for the round.  A message from a
 dropped client, from outside the cohort, for another job/round, or one that
 does not fit its stage is discarded (counted in ``discarded``), never
-fatal.  The server needs no honest client to stay correct, but a client that
-lies about shares makes the result garbage (semi-honest clients, as in
-Bonawitz et al.); a reconstructed mask key that does not match its signed
-public key fails the round.
+fatal.  The server needs no honest client to stay correct.
+
+A client may lie about the shares it reveals.  The unmasking waits for every
+site asked (until its deadline; then t shares of each secret suffice) and checks
+that all the shares of a secret lie on one polynomial of degree t - 1
+(``shamir.recover``): false shares are left out and their senders named
+(``false_shares``, in the result and in any failure) when the shares that agree
+outnumber them by t; otherwise the round fails, naming the secret and its
+holders, rather than remove a wrong mask.  A secret with exactly t shares
+cannot be checked (any t values fit some polynomial): a site that answers alone
+for its part of a secret can still make the sum garbage unseen.  A reconstructed
+mask key that does not match its signed public key fails the round.
 
 The round ends with ``done`` true and either ``result`` (the float64 sum of the
 survivors' dequantised inputs) or ``failure`` (a ``SecAggAbort``); on failure
@@ -25,9 +33,9 @@ ever exposed.
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -62,6 +70,8 @@ from .messages import (
     UnmaskShares,
 )
 
+log = logging.getLogger(__name__)
+
 # stage -> (message type it collects, stage after it closes).  A stage that
 # cannot continue goes to "Failed"; "Completed" and "Failed" are terminal.
 SERVER_TRANSITIONS: dict[str, tuple[str, str]] = {
@@ -83,6 +93,8 @@ class SecAggResult:
     total: np.ndarray
     survivors: list[str]
     dropped: list[str]
+    # holder -> the secrets it sent a false share of (left out: the sum is right)
+    false_shares: dict[str, list[str]] = field(default_factory=dict)
 
 
 class ServerSession:
@@ -136,6 +148,8 @@ class ServerSession:
         self._consistency_payload: bytes | None = None
         self._seed_shares: dict[str, dict[str, bytes]] = {}
         self._key_shares: dict[str, dict[str, bytes]] = {}
+        # holder -> the secrets whose share from it did not fit the others (unmasking)
+        self.false_shares: dict[str, list[str]] = {}
 
     @property
     def done(self) -> bool:
@@ -256,13 +270,13 @@ class ServerSession:
         return out
 
     def _stage_complete(self) -> bool:
-        if self.stage == "Unmasking":
-            return self._alive <= self._replied or self._can_reconstruct()
+        # the unmasking too waits for every site asked, not the first t of each
+        # secret: the shares beyond t are what exposes a false one (module doc)
         return self._alive <= self._replied
 
     def _close_stage(self, now: float) -> Outgoing:
         for cid in sorted(self._alive - self._replied):
-            if self.stage != "Unmasking":  # unmasking needs only t answers
+            if self.stage != "Unmasking":  # at its deadline unmasking needs only t answers
                 self._drop(cid, "no answer before the stage deadline")
         try:
             out = getattr(self, "_close_" + self.stage)()
@@ -514,10 +528,6 @@ class ServerSession:
                 + [(c, "mask key", self._key_shares.get(c, {}))
                    for c in self._needed_key_owners()])
 
-    def _can_reconstruct(self) -> bool:
-        t = self.config.threshold
-        return all(len(taken) >= t for _, _, taken in self._secrets())
-
     def _short_secret(self, due: set[str]) -> tuple[str, str, int] | None:
         """The first secret that the shares taken and the sites in ``due`` cannot bring
         to t shares, as (owner, what, shares it can have), or None. A site sends a
@@ -543,14 +553,22 @@ class ServerSession:
                 f"{owner!r}'s {what} remain, threshold {self.config.threshold}")
 
     def _close_Unmasking(self) -> Outgoing:
-        t = self.config.threshold
+        try:
+            return self._unmask()
+        except ReconstructionFailed as exc:
+            if self.false_shares:
+                raise ReconstructionFailed(f"{exc}; {self._false_shares_text()}") from exc
+            raise
+
+    def _unmask(self) -> Outgoing:
         seeds: list[bytes] = []
         signs: list[int] = []
         for owner in sorted(self._u3):
-            seeds.append(_combine(self._seed_shares.get(owner, {}).values(), t, 16, owner))
+            seeds.append(self._recover(owner, "self-mask seed",
+                                       self._seed_shares.get(owner, {}), 16))
             signs.append(-1)
         for owner in self._needed_key_owners():
-            raw = _combine(self._key_shares.get(owner, {}).values(), t, 32, owner)
+            raw = self._recover(owner, "mask key", self._key_shares.get(owner, {}), 32)
             try:
                 matches = keys.x25519_public_from_private(raw) == self._adverts[owner].mask_public
             except ValueError:
@@ -581,16 +599,42 @@ class ServerSession:
             total, n_summands=len(self._u3), clip=self.config.clip, bits=self.config.bits
         )
         survivors = sorted(self._u3)
+        if self.false_shares:
+            log.warning("job %s round %d: secure aggregation summed without false shares: "
+                        "%s", self.ctx.job_id, self.ctx.round, self._false_shares_text())
         self.result = SecAggResult(
             total=summed,
             survivors=survivors,
             dropped=[c for c in self.cohort if c not in self._u3],
+            false_shares={h: list(w) for h, w in sorted(self.false_shares.items())},
         )
         return []
 
+    def _recover(self, owner: str, what: str, taken: dict[str, bytes], length: int) -> bytes:
+        """``owner``'s ``what`` from the shares ``taken`` (holder -> share), every one
+        checked (``shamir.recover``); the holders of shares that did not fit go to
+        ``false_shares``.
 
-def _combine(shares: Iterable[bytes], t: int, length: int, owner: str) -> bytes:
-    try:
-        return shamir.combine(shares, t, length)
-    except ValueError as exc:
-        raise ReconstructionFailed(f"cannot recover the secret of {owner!r}: {exc}") from exc
+        Raises:
+            ReconstructionFailed: fewer than t shares; the shares disagree and too few
+                agree to tell which are false; the value does not fit ``length`` bytes.
+        """
+        t = self.config.threshold
+        try:
+            secret, false_xs = shamir.recover(taken.values(), t, length)
+        except shamir.InconsistentShares as exc:
+            raise ReconstructionFailed(
+                f"cannot recover the secret of {owner!r} ({what}): its shares from "
+                f"{', '.join(sorted(taken))} disagree: {exc}; one or more of them sent a "
+                "false share") from exc
+        except ValueError as exc:
+            raise ReconstructionFailed(f"cannot recover the secret of {owner!r}: {exc}") from exc
+        holder_of = {self.index[h]: h for h in taken}
+        for x in false_xs:
+            self.false_shares.setdefault(holder_of[x], []).append(f"{owner}'s {what}")
+        return secret
+
+    def _false_shares_text(self) -> str:
+        named = "; ".join(f"{h} (of {', '.join(w)})" for h, w in sorted(self.false_shares.items()))
+        return (f"false unmasking shares, left out, came from {len(self.false_shares)} "
+                f"site(s): {named}")

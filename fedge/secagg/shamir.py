@@ -7,9 +7,16 @@ element and one polynomial; no chunking, no bias.  A share is the pair
 ``SHARE_BYTES`` bytes: x as 2 big-endian bytes, then f(x) as 66.
 
 Coefficients come from ``secrets`` (the OS CSPRNG).  Reconstruction uses
-Lagrange interpolation at 0 over exactly ``threshold`` shares; the weights for
-one set of x's are cached because the server reconstructs many secrets over
-the same survivor set.
+Lagrange interpolation at 0 over ``threshold`` shares; the weights for one set
+of x's are cached because the server reconstructs many secrets over the same
+survivor set.
+
+A holder may lie. ``recover`` checks every share it is given against the
+polynomial the first ``threshold`` of them define: with k > t shares a false
+share is seen, and with k >= t + 2e shares up to e false ones are found and
+left out (Berlekamp-Welch decoding of the Reed-Solomon code the shares form).
+With exactly t shares any t values lie on some polynomial of degree t - 1, so
+a false share cannot be seen at all.
 """
 
 from __future__ import annotations
@@ -68,16 +75,58 @@ def share_x(share: bytes) -> int:
     return _decode(share)[0]
 
 
-def combine(shares: Iterable[bytes], threshold: int, secret_length: int) -> bytes:
-    """Recover a ``secret_length``-byte secret from at least ``threshold`` shares.
+class InconsistentShares(ValueError):
+    """The shares of one secret do not lie on one polynomial of degree t - 1, and
+    too few of them agree to tell the false ones from the true (``xs``: the x of
+    every share given)."""
 
-    The ``threshold`` shares with the smallest x are interpolated; extra shares
-    are ignored.
+    def __init__(self, message: str, xs: tuple[int, ...]) -> None:
+        super().__init__(message)
+        self.xs = xs
+
+
+def combine(shares: Iterable[bytes], threshold: int, secret_length: int) -> bytes:
+    """Recover a ``secret_length``-byte secret from at least ``threshold`` shares,
+    every one of which must lie on the same polynomial (``recover``, which also
+    finds false shares).
 
     Raises:
         ValueError: fewer than ``threshold`` shares; a malformed share; two shares
-            with the same x; the interpolated value does not fit ``secret_length``
-            bytes (inconsistent shares).
+            with the same x; the shares disagree (InconsistentShares, or a ValueError
+            naming the x's that disagree); the recovered value does not fit
+            ``secret_length`` bytes.
+    """
+    secret, false_xs = recover(shares, threshold, secret_length)
+    if false_xs:
+        raise ValueError(f"shares are inconsistent: the shares at x = "
+                         f"{', '.join(map(str, false_xs))} disagree with the others")
+    return secret
+
+
+def recover(shares: Iterable[bytes], threshold: int,
+            secret_length: int) -> tuple[bytes, tuple[int, ...]]:
+    """Recover a ``secret_length``-byte secret from at least ``threshold`` shares,
+    checking every share: returns (secret, the x's of the shares that do not lie on
+    the secret's polynomial, ascending; empty when all agree).
+
+    With k shares and threshold t, false shares are found when the others still
+    outnumber them by t (k - f - f >= t for f false shares): the polynomial that
+    agrees with that many shares is the only one that can, so this assumes at most
+    (k - t) / 2 of the holders lie. More liars, acting together, could make a
+    polynomial of their own win and have true holders named; a lone liar cannot.
+    With exactly t shares (k = t) nothing can be checked: any t values lie on one
+    polynomial of degree t - 1, and a false share gives a false secret unseen.
+
+    The check costs (k - t) * t field multiplications per secret, with the weights
+    for one set of x's cached; the decoding that finds false shares (only when some
+    share disagrees) solves one linear system of about k unknowns.
+
+    Raises:
+        ValueError: fewer than ``threshold`` shares; a malformed share; two shares
+            with the same x; the recovered value does not fit ``secret_length``
+            bytes (inconsistent shares, when they cannot be checked).
+        InconsistentShares: the shares disagree and too few agree to say which
+            are false.
     """
     points: dict[int, int] = {}
     for share in shares:
@@ -89,9 +138,23 @@ def combine(shares: Iterable[bytes], threshold: int, secret_length: int) -> byte
         raise ValueError(f"threshold {threshold} must be at least 1")
     if len(points) < threshold:
         raise ValueError(f"{len(points)} shares given, threshold {threshold} needed")
-    xs = tuple(sorted(points)[:threshold])
-    weights = _lagrange_at_zero(xs)
-    value = sum(w * points[x] for w, x in zip(weights, xs, strict=True)) % PRIME
+    xs = tuple(sorted(points))
+    base, rest = xs[:threshold], xs[threshold:]
+    false_xs: tuple[int, ...] = ()
+    if rest:
+        extension = _extension_weights(base, rest)
+        if any(sum(w * points[b] for w, b in zip(row, base, strict=True)) % PRIME != points[x]
+               for row, x in zip(extension, rest, strict=True)):
+            polynomial = _decode_errors(points, threshold)
+            false_xs = tuple(x for x in xs if _evaluate(polynomial, x) != points[x])
+            value = polynomial[0]
+            return _fit(value, secret_length), false_xs
+    weights = _lagrange_at_zero(base)
+    value = sum(w * points[x] for w, x in zip(weights, base, strict=True)) % PRIME
+    return _fit(value, secret_length), false_xs
+
+
+def _fit(value: int, secret_length: int) -> bytes:
     if value.bit_length() > 8 * secret_length:
         raise ValueError(
             f"shares are inconsistent: the recovered value does not fit {secret_length} bytes"
@@ -146,3 +209,121 @@ def _lagrange_at_zero(xs: tuple[int, ...]) -> tuple[int, ...]:
                 den = den * (xj - xi) % PRIME
         weights.append(num * pow(den, -1, PRIME) % PRIME)
     return tuple(weights)
+
+
+@lru_cache(maxsize=256)
+def _extension_weights(base: tuple[int, ...],
+                       others: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    """For each x in ``others``, the weights that give f(x) from f at ``base``
+    (Lagrange basis of ``base`` evaluated at x)."""
+    inverse_den = []
+    for i, xi in enumerate(base):
+        den = 1
+        for j, xj in enumerate(base):
+            if i != j:
+                den = den * (xi - xj) % PRIME
+        inverse_den.append(pow(den, -1, PRIME))
+    rows = []
+    for x in others:
+        diffs = [(x - b) % PRIME for b in base]
+        prefix = [1]
+        for d in diffs:
+            prefix.append(prefix[-1] * d % PRIME)
+        suffix = [1]
+        for d in reversed(diffs):
+            suffix.append(suffix[-1] * d % PRIME)
+        suffix.reverse()
+        rows.append(tuple(prefix[i] * suffix[i + 1] % PRIME * inverse_den[i] % PRIME
+                          for i in range(len(base))))
+    return tuple(rows)
+
+
+def _evaluate(coefficients: list[int], x: int) -> int:
+    y = 0
+    for c in reversed(coefficients):  # Horner
+        y = (y * x + c) % PRIME
+    return y
+
+
+def _decode_errors(points: Mapping[int, int], threshold: int) -> list[int]:
+    """The polynomial of degree < ``threshold`` (coefficients, constant first) that
+    the shares ``points`` (x -> y) agree with, all but at most (k - t) // 2 of them
+    (Berlekamp-Welch: find E monic of degree e and Q of degree < t + e with
+    Q(x) = y E(x) at every share; then f = Q / E).
+
+    Raises:
+        InconsistentShares: no such polynomial (too many shares disagree to decide).
+    """
+    xs = tuple(sorted(points))
+    k, t = len(xs), threshold
+    e = (k - t) // 2
+    why = (f"the {k} shares do not lie on one polynomial of degree {t - 1}, and too few "
+           "agree to tell the false ones (they are found only when the shares that agree "
+           f"outnumber those that do not by t = {t})")
+    if e == 0:
+        raise InconsistentShares(why, xs)
+    # unknowns: q_0 .. q_{t+e-1}, then e_0 .. e_{e-1}; row: sum q_j x^j - y sum e_j x^j
+    # = y x^e
+    rows = []
+    for x in xs:
+        y = points[x]
+        powers = [1]
+        for _ in range(t + e):
+            powers.append(powers[-1] * x % PRIME)
+        rows.append(powers[:t + e] + [-y * p % PRIME for p in powers[:e]]
+                    + [y * powers[e] % PRIME])
+    solution = _solve(rows, t + 2 * e)
+    if solution is None:
+        raise InconsistentShares(why, xs)
+    q, err = solution[:t + e], [*solution[t + e:], 1]
+    f, remainder = _divide(q, err)
+    if any(remainder) or (len(f) > t and any(f[t:])):
+        raise InconsistentShares(why, xs)
+    f = (f + [0] * t)[:t]
+    wrong = sum(1 for x in xs if _evaluate(f, x) != points[x])
+    if k - 2 * wrong < t:
+        raise InconsistentShares(why, xs)
+    return f
+
+
+def _solve(rows: list[list[int]], unknowns: int) -> list[int] | None:
+    """A solution of the augmented system ``rows`` mod PRIME (free unknowns 0), or
+    None when it has none."""
+    rows = [list(r) for r in rows]
+    pivots = []
+    r = 0
+    for c in range(unknowns):
+        pivot = next((i for i in range(r, len(rows)) if rows[i][c]), None)
+        if pivot is None:
+            continue
+        rows[r], rows[pivot] = rows[pivot], rows[r]
+        inverse = pow(rows[r][c], -1, PRIME)
+        rows[r] = [v * inverse % PRIME for v in rows[r]]
+        for i in range(len(rows)):
+            if i != r and rows[i][c]:
+                factor = rows[i][c]
+                rows[i] = [(a - factor * b) % PRIME for a, b in zip(rows[i], rows[r],
+                                                                   strict=True)]
+        pivots.append(c)
+        r += 1
+    if any(row[unknowns] for row in rows[r:]):
+        return None
+    solution = [0] * unknowns
+    for i, c in enumerate(pivots):
+        solution[c] = rows[i][unknowns]
+    return solution
+
+
+def _divide(numerator: list[int], denominator: list[int]) -> tuple[list[int], list[int]]:
+    """(quotient, remainder) of two polynomials mod PRIME, coefficients constant
+    first; ``denominator`` is monic."""
+    remainder = list(numerator)
+    d = len(denominator) - 1
+    quotient = [0] * max(len(remainder) - d, 1)
+    for i in range(len(remainder) - 1, d - 1, -1):
+        c = remainder[i]
+        if c:
+            quotient[i - d] = c
+            for j, dc in enumerate(denominator):
+                remainder[i - d + j] = (remainder[i - d + j] - c * dc) % PRIME
+    return quotient, remainder[:d]

@@ -156,9 +156,11 @@ def test_lying_client_shares_for_a_dropped_peer_fail_the_round_not_the_sum() -> 
         if sender == gone and isinstance(reply, msgs.MaskedInput):
             dropped_gone["done"] = True
             return []  # gone drops before its masked input arrives
+        if sender == "site-003" and isinstance(reply, msgs.UnmaskShares):
+            return []  # silent: at the deadline exactly t = 3 shares, nothing to check against
         return lie(sender, reply)
 
-    # site-000..002 answer first, so the server combines x = 1, 2, 3: the liar's among them
+    # site-000..002 answer, so the server combines x = 1, 2, 3: the liar's among them
     server = _drive(fed, mangle)
     assert dropped_gone["done"]
     assert server.result is None
@@ -177,7 +179,8 @@ def test_a_share_that_recovers_a_wrong_but_well_formed_key_fails_the_round() -> 
 
     fed = Federation(5, 16, alpha=0.0, threshold=3, delta=0.4)
     gone, liar = "site-004", "site-001"
-    # site-000..002 answer first, so the server combines their x = 1, 2, 3
+    # site-000..002 answer (site-003 stays silent: with a fourth share the server
+    # would see the lie), so the server combines their x = 1, 2, 3
     first = ("site-000", "site-001", "site-002")
     assert all(gone in fed.server.neighbours[c] for c in first)
     xs = tuple(sorted(fed.server.index[c] for c in first))
@@ -187,6 +190,8 @@ def test_a_share_that_recovers_a_wrong_but_well_formed_key_fails_the_round() -> 
     def mangle(sender: str, reply: object) -> list[tuple[str, object]]:
         if sender == gone and isinstance(reply, msgs.MaskedInput):
             return []  # gone drops before its masked input arrives
+        if sender == "site-003" and isinstance(reply, msgs.UnmaskShares):
+            return []
         if sender == liar and isinstance(reply, msgs.UnmaskShares):
             real = reply.mask_key_shares[gone]
             _, y = shamir._decode(real)

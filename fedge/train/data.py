@@ -576,6 +576,32 @@ class SiteData:
 # CSV / Parquet
 
 
+# Other separators a spreadsheet saves "CSV" with, and when: ';' where the decimal
+# mark is a comma (Excel in much of Europe), tab ("Text (Tab delimited)").
+_OTHER_SEPARATORS = (
+    (";", "semicolon", "as Excel saves CSV where the decimal mark is a comma"),
+    ("\t", "tab", "as a spreadsheet saves 'Text (Tab delimited)'"),
+)
+
+
+def _separator_hint(header: list[str]) -> tuple[str, str] | None:
+    """(local, public) text saying which other separator a CSV file seems to use, when
+    its header, read with commas, holds semicolons or tabs; else None.
+
+    Given only alongside a refusal the header explains (one column, a missing
+    declared column, rows of another length): a comma-separated file whose column
+    names hold a ';' is fine, and the file is never read with a guessed separator."""
+    count, sep, name, why = max((sum(h.count(sep) for h in header), sep, name, why)
+                                for sep, name, why in _OTHER_SEPARATORS)
+    if count == 0:
+        return None
+    return (f"the header holds {count} {name}(s) ({sep!r}): this file looks {name}-separated "
+            f"({why}); fedge reads comma-separated CSV with decimal points, so re-save it "
+            "as CSV (comma delimited) or as Parquet",
+            f"the header holds {name}s: the file looks {name}-separated; fedge reads "
+            "comma-separated CSV")
+
+
 def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """Header and (line number, fields) rows; checks shape row by row.
 
@@ -584,7 +610,8 @@ def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
 
     Raises:
         DataError: missing, empty, not UTF-8, malformed, truncated or ragged
-            (naming the line and, where there is one, the column).
+            (naming the line and, where there is one, the column), a repeated
+            column name; and where the file looks separated by ';' or tabs, saying so.
     """
     if not path.is_file():
         raise DataError(path, "file does not exist", problem="file does not exist")
@@ -610,17 +637,10 @@ def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     # NFC, as agent.toml's column names are read: a header written by an editor that
     # decomposes 'é' names the same column (and two spellings of one name are a repeat)
     header = [_nfc(h.strip()) for h in header]
-    for sep, name in ((";", "semicolon"), ("\t", "tab")):
-        if len(header) == 1 and sep in header[0]:
-            raise DataError(
-                path,
-                f"the header is one column {header[0]!r}: this file looks {name}-separated "
-                "(as Excel saves CSV in some locales); fedge reads comma-separated CSV, "
-                "so re-save it as CSV (comma delimited) or as Parquet",
-                line=1,
-                problem=f"the header is one column: this file looks {name}-separated; "
-                "fedge reads comma-separated CSV",
-            )
+    hint = _separator_hint(header)
+    if len(header) == 1 and hint is not None:
+        raise DataError(path, f"the header is one column {header[0]!r}; {hint[0]}", line=1,
+                        problem=f"the header is one column; {hint[1]}")
     repeated = sorted({h for h in header if header.count(h) > 1})
     if repeated:
         raise DataError(
@@ -635,12 +655,13 @@ def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
         if len(fields) != len(header):
             missing = header[len(fields)] if len(fields) < len(header) else None
             what = "truncated row" if len(fields) < len(header) else "extra fields"
+            said = f"{what}: {len(fields)} fields where the header has {len(header)}"
             raise DataError(
                 path,
-                f"{what}: {len(fields)} fields where the header has {len(header)}",
+                said if hint is None else f"{said}; {hint[0]}",
                 line=lineno,
                 column=missing,
-                problem=f"{what}: {len(fields)} fields where the header has {len(header)}",
+                problem=said if hint is None else f"{said}; {hint[1]}",
                 column_public=False,
             )
     if not rows:
@@ -743,8 +764,12 @@ def _read_parquet(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     return header, rows
 
 
+def _is_parquet(path: Path) -> bool:
+    return path.suffix.lower() in (".parquet", ".pq")
+
+
 def _read_table(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
-    if path.suffix.lower() in (".parquet", ".pq"):
+    if _is_parquet(path):
         return _read_parquet(path)
     return _read_csv(path)
 
@@ -757,8 +782,12 @@ def _column_index(path: Path, header: list[str], column: str) -> int:
     try:
         return header.index(column)
     except ValueError:
-        raise DataError(path, _missing_column(header, column), line=1,
-                        column=column, problem="missing column in the header") from None
+        pass
+    message, problem = _missing_column(header, column), "missing column in the header"
+    hint = None if _is_parquet(path) else _separator_hint(header)
+    if hint is not None:
+        message, problem = f"{message}; {hint[0]}", f"{problem}; {hint[1]}"
+    raise DataError(path, message, line=1, column=column, problem=problem)
 
 
 def _shown(name: str) -> str:

@@ -602,16 +602,27 @@ def _separator_hint(header: list[str]) -> tuple[str, str] | None:
             "comma-separated CSV")
 
 
+def _unnamed_empty(header: list[str], rows: list[tuple[int, list[str]]]) -> set[int]:
+    """The columns with no name in the header and no text in any row: what Excel
+    writes for once-formatted cells right of the data (",," on every line)."""
+    return {j for j, h in enumerate(header) if not h
+            and all(j >= len(f) or not f[j].strip() for _, f in rows)}
+
+
 def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """Header and (line number, fields) rows; checks shape row by row.
 
     Lines are counted as the csv module counts them (only CR, LF and CRLF end a
     line), so a U+2028 or form feed inside a cell does not shift later numbers.
+    Columns with no name in the header and nothing in any row (Excel's trailing
+    ",,") are dropped; one unnamed column that holds values (pandas' index) is kept
+    as any undeclared column is, two or more are refused.
 
     Raises:
         DataError: missing, empty, not UTF-8, malformed, truncated or ragged
-            (naming the line and, where there is one, the column), a repeated
-            column name; and where the file looks separated by ';' or tabs, saying so.
+            (naming the line and, where there is one, the column), unnamed
+            columns that hold values, a repeated column name; and where the file
+            looks separated by ';' or tabs, saying so.
     """
     if not path.is_file():
         raise DataError(path, "file does not exist", problem="file does not exist")
@@ -641,6 +652,20 @@ def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     if len(header) == 1 and hint is not None:
         raise DataError(path, f"the header is one column {header[0]!r}; {hint[0]}", line=1,
                         problem=f"the header is one column; {hint[1]}")
+    dropped = _unnamed_empty(header, rows)
+    unnamed = [j + 1 for j, h in enumerate(header) if not h and j not in dropped]
+    if len(unnamed) > 1:
+        raise DataError(
+            path,
+            f"{len(unnamed)} columns have no name in the header (columns "
+            f"{', '.join(map(str, unnamed))}, counting from 1) but hold values; name them "
+            "or delete them",
+            line=1,
+            problem=f"{len(unnamed)} columns have no name in the header but hold values",
+        )
+    if dropped:
+        header = [h for j, h in enumerate(header) if j not in dropped]
+        rows = [(ln, [c for j, c in enumerate(f) if j not in dropped]) for ln, f in rows]
     repeated = sorted({h for h in header if header.count(h) > 1})
     if repeated:
         raise DataError(

@@ -634,6 +634,11 @@ def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     if not text.strip():
         raise DataError(path, "file is empty (no header line)", line=1,
                         problem="file is empty (no header line)")
+    # The whole file is in memory already, so no cell can be longer than it: the csv
+    # module's default limit (131072 characters) only refused files with a long
+    # free-text column (a report) that no model reads. Process-wide, and only raised.
+    if csv.field_size_limit() < len(text):
+        csv.field_size_limit(len(text))
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     rows: list[tuple[int, list[str]]] = []
     try:

@@ -770,10 +770,13 @@ def _read_parquet(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     if path.stat().st_size == 0:
         raise DataError(path, "file is empty", problem="file is empty")
     try:
-        names = list(pq.read_schema(path).names)
+        schema_names = list(pq.read_schema(path).names)
     except Exception as exc:  # pyarrow raises several types for corrupt files
         raise DataError(path, f"not a readable Parquet file: {exc}",
                         problem="not a readable Parquet file") from exc
+    # as a CSV header is read: spaces around a name dropped ('age ' from a SAS or
+    # pandas export names the column 'age'), NFC
+    names = [_nfc(h.strip()) for h in schema_names]
     # before reading: pyarrow's own refusal of a repeated name does not say which
     repeated = sorted({h for h in names if names.count(h) > 1})
     if repeated:
@@ -784,7 +787,7 @@ def _read_parquet(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     except Exception as exc:
         raise DataError(path, f"not a readable Parquet file: {exc}",
                         problem="not a readable Parquet file") from exc
-    header = [_nfc(h) for h in table.column_names]
+    header = [_nfc(h.strip()) for h in table.column_names]
     cols = [table.column(i).to_pylist() for i in range(len(header))]
     # Parquet has no text lines; "line" is the row number counting a header as line 1
     # so that messages read the same for both formats.

@@ -63,9 +63,11 @@ Every problem in a file raises ``DataError`` naming the file, the line (1-based,
 the header is line 1) and the column.  A ``.npz`` has no lines, so its errors
 name the row instead (1-based, the first row of the arrays is row 1) and the
 array.  CSV must be UTF-8 text; a leading byte-order mark (as Excel writes) is
-ignored.  The message quotes the bad cell, for this site's own people; what may
-leave the appliance is ``DataError.public``, which names neither a value nor a
-path (a task refusal's reason: the coordinator keeps it for good).
+ignored.  A CSV cell TRUE or FALSE (any case, as spreadsheets write booleans) reads
+as 1 or 0, as a Parquet boolean does.  The message quotes the bad cell, for this
+site's own people; what may leave the appliance is ``DataError.public``, which names
+neither a value nor a path (a task refusal's reason: the coordinator keeps it for
+good).
 """
 
 from __future__ import annotations
@@ -857,6 +859,12 @@ def _missing_column(header: list[str], column: str) -> str:
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
+# A spreadsheet's boolean cells, as Excel and LibreOffice write them into CSV: 1 and 0,
+# as a Parquet boolean column reads (``_parquet_cell``), so an event or a binary label
+# kept as TRUE/FALSE loads the same from either format.
+_BOOLEAN_CELLS = {"true": 1.0, "false": 0.0}
+
+
 def _numeric(path: Path, rows: list[tuple[int, list[str]]], idx: int, column: str) -> np.ndarray:
     out = np.empty(len(rows), dtype=np.float64)
     for k, (lineno, fields) in enumerate(rows):
@@ -864,6 +872,9 @@ def _numeric(path: Path, rows: list[tuple[int, list[str]]], idx: int, column: st
         if raw == "":
             raise DataError(path, "missing value", line=lineno, column=column,
                             problem="missing value")
+        if raw.casefold() in _BOOLEAN_CELLS:
+            out[k] = _BOOLEAN_CELLS[raw.casefold()]
+            continue
         try:
             if "_" in raw:  # float() takes Python's digit separators: 2_50 is no number
                 raise ValueError(raw)

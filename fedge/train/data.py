@@ -52,10 +52,11 @@ Kinds:
   at every site, so that a class has one label across the federation whatever
   folders a site holds. A visible folder not in the list is refused by name;
   folders and files whose names start with a dot (``.ipynb_checkpoints``, macOS's
-  ``._x.png``) are ignored. 8-bit images are scaled by 1/255; 16-bit greyscale
-  (Pillow's ``I;16`` modes, and ``I`` with values in 0..65535, as some readers
-  give 16-bit files) by 1/65535; 32-bit float images (``F``) and ``I`` images
-  beyond 16 bits have no fixed range and are refused.
+  ``._x.png``) are ignored, and so are Windows' ``Thumbs.db`` and ``desktop.ini``
+  and the ``__MACOSX`` folder of a zip made on a Mac. 8-bit images are scaled by
+  1/255; 16-bit greyscale (Pillow's ``I;16`` modes, and ``I`` with values in
+  0..65535, as some readers give 16-bit files) by 1/65535; 32-bit float images
+  (``F``) and ``I`` images beyond 16 bits have no fixed range and are refused.
 - ``numpy``: an ``.npz`` with ``x`` and ``y`` (or ``event`` and ``time``), and an
   optional ``split`` array of strings.
 
@@ -1168,9 +1169,17 @@ def _load_fed_tcga_brca(spec: DatasetSpec) -> _Table:
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 
+# What an operating system leaves in folders of its own accord, ignored like dot-files:
+# Windows' thumbnail cache and folder settings, the folder macOS's zip puts its
+# resource forks in (``__MACOSX/<class>/._x.png``). Windows names are case-blind.
+_SYSTEM_LITTER = frozenset({"thumbs.db", "desktop.ini", "__macosx"})
+
+
 def _visible(path: Path) -> bool:
-    """Not a dot-file or dot-folder (``.ipynb_checkpoints``, ``.DS_Store``, ``._x.png``)."""
-    return not path.name.startswith(".")
+    """Not a dot-file or dot-folder (``.ipynb_checkpoints``, ``.DS_Store``, ``._x.png``),
+    nor what Windows or macOS's zip leave behind (``Thumbs.db``, ``desktop.ini``,
+    ``__MACOSX``)."""
+    return not path.name.startswith(".") and path.name.casefold() not in _SYSTEM_LITTER
 
 
 def _image_parts(root: Path) -> list[tuple[str | None, Path]]:

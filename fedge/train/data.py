@@ -1299,6 +1299,24 @@ def _load_images(spec: DatasetSpec) -> _Table:
 
 SIXTEEN_BIT_MAX = 65535.0
 
+EXIF_ORIENTATION = 0x0112
+
+
+def _upright(im: Any) -> Any:
+    """``im`` turned as its EXIF Orientation (2..8) says; as it is without one.
+
+    Pillow's ImageOps.exif_transpose does this too, but also rewrites the EXIF block it
+    keeps (which can fail on a camera's malformed one); only the pixels are used here."""
+    from PIL import Image
+
+    turn = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+            4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+            6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
+    orientation = im.getexif().get(EXIF_ORIENTATION, 1)
+    method = turn.get(orientation) if isinstance(orientation, int) else None
+    return im if method is None else im.transpose(method)
+
 
 def _grey_pixels(path: Path, im: Any, size: int) -> np.ndarray:
     """One image as a ``size`` x ``size`` float32 greyscale array in [0, 1].
@@ -1311,11 +1329,16 @@ def _grey_pixels(path: Path, im: Any, size: int) -> np.ndarray:
     to scale by, and a per-image min-max would make intensities incomparable
     between images, so they are refused.
 
+    The pixels are turned first as the EXIF Orientation tag says (a phone's or a
+    dermatoscope's JPEG stores them sideways and says so), so that the model sees
+    what a viewer shows, whichever way each camera stores them.
+
     Raises:
         DataError: a mode without a fixed range (names the file and the mode).
     """
     from PIL import Image
 
+    im = _upright(im)
     if im.mode.startswith("I;16") or im.mode == "I":
         raw = np.asarray(im)
         lo, hi = (int(raw.min()), int(raw.max())) if raw.size else (0, 0)

@@ -41,6 +41,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Awaitable, Callable, Mapping
 
 __all__ = [
@@ -270,6 +271,16 @@ def under_systemd(environ: Mapping[str, str] | None = None) -> bool:
 _HANDLER_MARK = "_fedge_systemd_handler"
 
 
+class UtcFormatter(logging.Formatter):
+    """Time stamps in UTC with a 'Z' (2026-11-30T17:58:12.554Z): the ledger, the audit
+    and the enrolment times are UTC, and a host-local time with no offset cannot be
+    set beside them (journald keeps its own time stamps)."""
+
+    converter = time.gmtime
+    default_time_format = "%Y-%m-%dT%H:%M:%S"
+    default_msec_format = "%s.%03dZ"
+
+
 def setup_logging(
     name: str, level: int | str = logging.INFO, environ: Mapping[str, str] | None = None
 ) -> logging.Logger:
@@ -277,7 +288,8 @@ def setup_logging(
 
     Under systemd the records go to journald (``systemd.journal.JournalHandler``
     with ``SYSLOG_IDENTIFIER=name``, levels mapped to syslog priorities);
-    otherwise to stderr with timestamps. Calling it again replaces the handler.
+    otherwise to stderr with UTC timestamps (``UtcFormatter``). Calling it again
+    replaces the handler.
 
     Raises:
         ValueError: ``name`` is empty or ``level`` is not a logging level.
@@ -305,7 +317,7 @@ def setup_logging(
     else:
         handler = logging.StreamHandler(sys.stderr)
         fmt = f"%(asctime)s {name}[%(process)d] %(levelname)s %(name)s: %(message)s"
-        handler.setFormatter(logging.Formatter(fmt))
+        handler.setFormatter(UtcFormatter(fmt))
     setattr(handler, _HANDLER_MARK, True)
     root.addHandler(handler)
     root.setLevel(level)

@@ -7,6 +7,7 @@ demo runs.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -37,14 +38,24 @@ def register(subparsers: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from fedge.demo.loopback import FederationError
-    from fedge.demo.run import DEFAULT_PLAN, DemoError, run_demo
-    from fedge.demo.tcga import default_data_dir
-
     if args.report.exists() and not args.report.is_dir():
         print(f"fedge demo: --report {args.report} exists and is not a directory (the "
               "report is a directory of curves, metrics.json and model.onnx)", file=sys.stderr)
         return 2
+    # before the heavy imports and the federation: the default is relative, so run from
+    # a folder the user cannot write (/, a system folder) it fails here, and says where
+    try:
+        args.report.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"fedge demo: cannot create the report folder {_where(args.report)}: "
+              f"{exc.strerror or exc}; give --report DIR, a folder you can write",
+              file=sys.stderr)
+        return 1
+
+    from fedge.demo.loopback import FederationError
+    from fedge.demo.run import DEFAULT_PLAN, DemoError, run_demo
+    from fedge.demo.tcga import default_data_dir
+
     try:
         run_demo(
             args.data or default_data_dir(),
@@ -56,3 +67,13 @@ def _run(args: argparse.Namespace) -> int:
         print(f"fedge demo: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _where(path: Path) -> str:
+    """``path``, and for a relative one the folder it is relative to."""
+    if path.is_absolute():
+        return str(path)
+    try:
+        return f"{path} (relative to the current directory, {os.getcwd()})"
+    except OSError:  # the current directory was removed
+        return f"{path} (relative to the current directory)"

@@ -712,7 +712,8 @@ class TorchTrainer:
         size other than the model's, say; DP-SGD on a data set standardised with
         constants fitted on its rows, `refuse_fitted_standardisation`; a DP-FedAvg
         cohort_size not above ``max_colluders``), or a round
-        whose privacy ledger cannot be saved (the update is withheld).
+        whose privacy ledger cannot be saved (the update is withheld; the reason
+        gives the error's kind, the journal the ledger's path too).
         TrainingCancelled: ``cancel`` was set.
         """
         from fedge.train.api import ModelSpec, TrainConfig, local_train
@@ -780,8 +781,14 @@ class TorchTrainer:
                     elif self._ledger_path is not None:
                         self._ledger.save(self._ledger_path)
                 except OSError as exc:  # disk full: no update leaves without its record
-                    raise TaskRefusal(f"privacy ledger {self._ledger_path} cannot be "
-                                      f"saved: {exc}; the update is withheld") from exc
+                    log.error("job %s round %d: privacy ledger %s cannot be saved: %s; the "
+                              "update is withheld", job, round, self._ledger_path, exc)
+                    # the coordinator keeps the reason: the kind of error, not the path
+                    kind = (f"[Errno {exc.errno}] {exc.strerror}" if exc.errno is not None
+                            and exc.strerror else without_appliance_paths(
+                                str(exc) or type(exc).__name__, [self._ledger_path or ""]))
+                    raise TaskRefusal(f"the privacy ledger cannot be saved: {kind} "
+                                      f"({SEE_JOURNAL}); the update is withheld") from exc
             release = functools.partial(self._ledger.release, out.ledger_key,
                                         path=self._ledger_path)
         return LocalResult(np.ascontiguousarray(out.weights, dtype=np.float32), out.n_examples,

@@ -162,25 +162,31 @@ def test_privacy_spent_is_kept_on_disk_per_job_and_in_total(tmp_path):
     assert lines[at + 1].split() == ["job-a", "round", "2", "attempt", "1"]
 
 
-def test_a_dp_round_whose_privacy_ledger_cannot_be_saved_is_refused_naming_the_file(
-        tmp_path):
+def test_a_dp_round_whose_privacy_ledger_cannot_be_saved_is_refused_with_its_error_kind(
+        tmp_path, caplog):
     """The ledger cannot be written (here a plain file where its directory belongs; a
     full disk fails the same way, with an OSError): the round is refused with one line
-    naming the ledger, so the coordinator drops the site at once, and no update leaves
-    without its privacy spend on disk."""
+    naming the ledger and the kind of error, so the coordinator drops the site at once,
+    and no update leaves without its privacy spend on disk. The coordinator keeps the
+    reason, so the ledger's path is in this appliance's journal only."""
+    import errno
+    import logging
+
     if not DATA.exists():
         pytest.skip(f"Fed-TCGA-BRCA not found at {DATA}")
     table = {"name": "brca", "kind": "fed_tcga_brca", "path": str(DATA), "site": 0, **BOUNDED}
     (tmp_path / "privacy").write_text("not a directory\n")
     trainer = TorchTrainer([table], state_dir=tmp_path)
     ledger = tmp_path / "privacy" / "ledger.json"
-    with pytest.raises(TaskRefusal) as info:
+    with caplog.at_level(logging.ERROR, logger="fedge.agent"), \
+            pytest.raises(TaskRefusal) as info:
         trainer.train("site-0", "job-a", parse_plan(DP_PLAN), np.zeros(40, np.float32),
                       round=1, seed=1)
-    reason = str(info.value)
-    assert reason.startswith(f"privacy ledger {ledger} cannot be saved: ")
-    assert reason.endswith("; the update is withheld") and "File exists" in reason
-    assert "\n" not in reason
+    assert str(info.value) == (
+        f"the privacy ledger cannot be saved: [Errno {errno.EEXIST}] File exists "
+        "(details in this appliance's journal); the update is withheld")
+    assert f"privacy ledger {ledger} cannot be saved: " in caplog.text
+    assert "File exists" in caplog.text
 
 
 def test_a_corrupt_privacy_ledger_is_named_not_reset(tmp_path):

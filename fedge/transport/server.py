@@ -11,7 +11,8 @@ open connections shut at once (its TCP socket is shut down, the peer's next
 reconnect is refused by ZAP) and messages still queued from it are dropped.
 
 Every refusal (unknown or revoked key, failed handshake) is reported to
-``on_refused(Refusal(...))`` for the audit log.  Each peer is known by the
+``on_refused(Refusal(...))`` for the audit log; the log gets the first of each
+kind and peer, and a summary of the rest (:class:`RefusalLog`).  Each peer is known by the
 libzmq routing id of its connection and, through ZAP's User-Id, by its CURVE
 public key; :meth:`send` takes either.  One key has one connection: when a
 key's new connection speaks, its older one is shut.  Heartbeats: a one-frame
@@ -58,7 +59,7 @@ from fedge.transport.errors import KeyFileError, NotConnected, TransportError
 from fedge.transport.heartbeat import HEARTBEAT_FRAME, HeartbeatConfig, HeartbeatMonitor
 from fedge.transport.keys import CurveKeyPair, check_public_key
 
-__all__ = ["MAX_FRAMES_PER_MESSAGE", "Incoming", "Peer", "Refusal", "ServerSocket"]
+__all__ = ["MAX_FRAMES_PER_MESSAGE", "Incoming", "Peer", "Refusal", "RefusalLog", "ServerSocket"]
 
 log = logging.getLogger("fedge.transport.server")
 
@@ -70,6 +71,75 @@ MAX_FRAMES_PER_MESSAGE = 1 << 16
 
 def _nbytes(incoming: Incoming) -> int:
     return sum(len(f) for f in incoming.frames)
+
+
+class RefusalLog:
+    """Which refusals get a log line of their own, and the summary of the rest.
+
+    Anyone who can reach the port, with no key at all, makes a refusal per
+    attempt (hundreds a second): a WARNING for each would flood the journal,
+    and journald's rate limit would then drop the coordinator's real lines.
+    So the first refusal of each (kind, who) is logged in full, at most
+    ``full_per_interval`` of them per ``interval`` seconds (a flood of random
+    keys is all "first"), and again after ``remind_s``; the others are
+    counted, and :meth:`summary` gives one line per ``interval`` at most.
+    Memory is bounded: at most ``max_tracked`` (kind, who) pairs are kept, the
+    oldest forgotten first (a forgotten one is logged in full again).  Pure:
+    the caller passes the time.
+    """
+
+    def __init__(self, *, interval: float = 60.0, full_per_interval: int = 5,
+                 remind_s: float = 3600.0, max_tracked: int = 1024) -> None:
+        if not interval > 0 or full_per_interval < 1 or max_tracked < 1:
+            raise ValueError(f"RefusalLog(interval={interval!r}, full_per_interval="
+                             f"{full_per_interval!r}, max_tracked={max_tracked!r}): "
+                             "each must be positive")
+        self.interval = interval
+        self.full_per_interval = full_per_interval
+        self.remind_s = remind_s
+        self.max_tracked = max_tracked
+        self._logged: dict[tuple[str, str], float] = {}  # (kind, who) -> logged at
+        self._window_start: float | None = None
+        self._full = 0  # full lines in this window
+        self._counted: dict[str, int] = {}  # kind -> refusals not logged in this window
+        self._who: dict[str, None] = {}  # distinct peers among them (bounded)
+
+    def refused(self, kind: str, who: str, now: float) -> bool:
+        """A refusal happened: whether it gets its own line (else it is counted)."""
+        if self._window_start is None:
+            self._window_start = now
+        pair = (kind, who)
+        at = self._logged.get(pair)
+        if (at is None or now - at >= self.remind_s) and self._full < self.full_per_interval:
+            self._full += 1
+            self._logged.pop(pair, None)
+            self._logged[pair] = now
+            while len(self._logged) > self.max_tracked:
+                del self._logged[next(iter(self._logged))]
+            return True
+        self._counted[kind] = self._counted.get(kind, 0) + 1
+        if len(self._who) < self.max_tracked:
+            self._who[who] = None
+        return False
+
+    def summary(self, now: float) -> str | None:
+        """Once ``interval`` has passed since the window began: the line for the
+        refusals counted in it (None if there were none), and a new window."""
+        if self._window_start is None or now - self._window_start < self.interval:
+            return None
+        elapsed = now - self._window_start
+        counted, who = self._counted, len(self._who)
+        self._window_start = None
+        self._full = 0
+        self._counted = {}
+        self._who = {}
+        if not counted:
+            return None
+        total = sum(counted.values())
+        kinds = ", ".join(f"{k}: {n}" for k, n in sorted(counted.items()))
+        peers = f"{who}+" if who >= self.max_tracked else str(who)
+        return (f"{total} more refused connection(s) in the last {elapsed:.0f} s, not "
+                f"logged one by one ({kinds}; from {peers} distinct key(s) or address(es))")
 
 
 @dataclass(frozen=True)
@@ -145,6 +215,8 @@ class ServerSocket:
     ``queue_size`` messages and ``queue_bytes`` bytes (a larger message is
     let in when the queue is empty); while it is full the reader waits and
     libzmq holds up to ``RCVHWM`` messages per peer before TCP pushes back.
+    ``refusal_log`` decides which refusals are logged one by one (default
+    :class:`RefusalLog`'s: a summary line a minute for the rest).
 
     Raises (constructor):
         KeyFileError: ``keypair`` has no secret key or an allowed key is not Z85.
@@ -164,6 +236,7 @@ class ServerSocket:
         zap_domain: str = "fedge",
         queue_size: int = 4096,
         queue_bytes: int = 256 << 20,
+        refusal_log: RefusalLog | None = None,
     ) -> None:
         if keypair.secret is None:
             raise KeyFileError("ServerSocket needs the server's secret key")
@@ -179,6 +252,7 @@ class ServerSocket:
         self._max_message_bytes = check_max_message_bytes(max_message_bytes)
         self.zap_domain = zap_domain
         self._monitor = HeartbeatMonitor(self.heartbeat)
+        self._refusal_log = refusal_log or RefusalLog()
         self._peers: dict[bytes, _PeerState] = {}
         self._by_key: dict[str, bytes] = {}
         self._ctx: zmq.asyncio.Context | None = None
@@ -311,7 +385,10 @@ class ServerSocket:
                    if st.peer.public_key not in new]
         for peer in dropped:
             self.disconnect(peer)
-            self._refuse(peer.public_key, peer.address, "revoked: key removed from the allow-list")
+            # the operator's doing, not a peer's: always logged
+            self._refuse(peer.public_key, peer.address,
+                         "revoked: key removed from the allow-list", kind="revoked key",
+                         throttle=False)
         if removed:
             self._purge_queue()
         return dropped
@@ -334,18 +411,30 @@ class ServerSocket:
         if z85_key in self._allowed:
             return True
         address = self._auth.current_address if self._auth else None
-        reason = ("revoked: key removed from the allow-list" if z85_key in self._revoked
+        revoked = z85_key in self._revoked
+        reason = ("revoked: key removed from the allow-list" if revoked
                   else "unknown key: not in the allow-list of enrolled appliances")
-        self._refuse(z85_key, address, reason)
+        self._refuse(z85_key, address, reason, kind="revoked key" if revoked else "unknown key")
         return False
 
-    def _refuse(self, key: str | None, address: str | None, reason: str) -> None:
-        log.warning("refused key=%s address=%s: %s", key, address, reason)
+    def _refuse(self, key: str | None, address: str | None, reason: str, *, kind: str,
+                throttle: bool = True) -> None:
+        """Report a refusal to ``on_refused`` (every one) and to the log (throttled
+        by :class:`RefusalLog`: a peer without a key must not flood the journal)."""
+        now = time.monotonic()
+        if not throttle or self._refusal_log.refused(kind, key or address or "", now):
+            log.warning("refused key=%s address=%s: %s", key, address, reason)
+        self._log_refusal_summary(now)
         if self.on_refused is not None:
             try:
                 self.on_refused(Refusal(key, address, reason))
             except Exception:  # an audit-log failure must not kill the ZAP handler
                 log.exception("on_refused callback failed")
+
+    def _log_refusal_summary(self, now: float) -> None:
+        line = self._refusal_log.summary(now)
+        if line is not None:
+            log.warning("%s", line)
 
     # ------------------------------------------------------------------ peers
 
@@ -550,7 +639,7 @@ class ServerSocket:
                 self._refuse(
                     peer.public_key, peer.address,
                     f"oversize: a message of {nbytes} bytes in {nframes} frames, {rule}; "
-                    "dropped and disconnected",
+                    "dropped and disconnected", kind="oversize message",
                 )
                 self.disconnect(peer)
                 self._report_lost(peer)
@@ -636,6 +725,7 @@ class ServerSocket:
                             "silence meanwhile is not held against them", now - self._last_tick)
                 self._woke_at = now
             self._last_tick = now
+            self._log_refusal_summary(now)
             for key, (peer, until) in list(self._pending_lost.items()):
                 if now >= until:
                     del self._pending_lost[key]
@@ -686,6 +776,7 @@ class ServerSocket:
                         None, None,
                         f"CURVE handshake failed ({name.lower()}, code {value}): the client "
                         "does not hold a key pair for our public key or speaks another protocol",
+                        kind="failed handshake",
                     )
         except (zmq.ZMQError, asyncio.CancelledError):
             pass

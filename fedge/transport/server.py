@@ -73,6 +73,16 @@ def _nbytes(incoming: Incoming) -> int:
     return sum(len(f) for f in incoming.frames)
 
 
+def _who(key: str | None, address: str | None) -> str:
+    """A refused peer as the log names it: what is known of it, and what is not."""
+    if key is None and address is None:
+        # libzmq's handshake-failure event carries an error code, not the peer
+        return ("a client whose CURVE handshake failed (no key presented; ZeroMQ does "
+                "not report its address)")
+    where = f"at {address}" if address else "(address not reported)"
+    return f"a client {where} with CURVE key {key}" if key else f"a client {where}"
+
+
 class RefusalLog:
     """Which refusals get a log line of their own, and the summary of the rest.
 
@@ -423,7 +433,7 @@ class ServerSocket:
         by :class:`RefusalLog`: a peer without a key must not flood the journal)."""
         now = time.monotonic()
         if not throttle or self._refusal_log.refused(kind, key or address or "", now):
-            log.warning("refused key=%s address=%s: %s", key, address, reason)
+            log.warning("refused %s: %s", _who(key, address), reason)
         self._log_refusal_summary(now)
         if self.on_refused is not None:
             try:

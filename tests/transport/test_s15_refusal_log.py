@@ -144,3 +144,29 @@ def test_refusal_log_keeps_a_bounded_number_of_peers() -> None:
     assert rl.refused("unknown key", "K0", 0.5)  # forgotten: logged again
     with pytest.raises(ValueError, match="interval"):
         RefusalLog(interval=0)
+
+
+def test_a_refusal_line_names_what_is_known_of_the_peer_and_says_what_is_not(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    refusals: list[Refusal] = []
+
+    async def main() -> None:
+        keys = CurveKeyPair.generate()
+        server = ServerSocket(keys, allowed=[], on_refused=refusals.append)
+        endpoint = server.bind("tcp://127.0.0.1:0")
+        try:
+            await knock(endpoint, keys.public, refusals, 1, batch=1)
+            await knock(endpoint, CurveKeyPair.generate().public, refusals, 1, batch=1)
+        finally:
+            await server.close()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+    lines = refusal_lines(caplog)
+    stranger = next(r.public_key for r in refusals if r.public_key is not None)
+    assert any(line.startswith(f"refused a client at 127.0.0.1 with CURVE key {stranger}: "
+                               "unknown key") for line in lines), lines
+    failed = [line for line in lines if "handshake failed" in line]
+    assert failed and all("None" not in line for line in lines), lines
+    assert failed[0].startswith("refused a client whose CURVE handshake failed (no key "
+                                "presented; ZeroMQ does not report its address): "), failed

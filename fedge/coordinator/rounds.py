@@ -172,9 +172,21 @@ PEER_REASON_HEAD = PEER_REASON_TAIL = 160
 PEER_REASON_CHARS = PEER_REASON_HEAD + 1 + PEER_REASON_TAIL
 
 
+def printable(text: object) -> str:
+    """``str(text)`` with every control character (a newline, ESC, BEL) shown escaped
+    as Python writes it (``\\n``, ``\\x1b``): what a site wrote can then be logged,
+    stored and shown without forging a second log line or driving a terminal."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
 def peer_reason(reason: str) -> str:
-    """A site's reason as the coordinator keeps it: whole when it fits in
-    PEER_REASON_CHARS, else its start and its end around "…"."""
+    """A site's reason as the coordinator keeps it: control characters escaped
+    (:func:`printable`), then whole when it fits in PEER_REASON_CHARS, else its start
+    and its end around "…"."""
+    reason = printable(reason)
     if len(reason) <= PEER_REASON_CHARS:
         return reason
     return reason[:PEER_REASON_HEAD] + "…" + reason[-PEER_REASON_TAIL:]

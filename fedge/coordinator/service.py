@@ -101,6 +101,7 @@ from fedge.coordinator.rounds import (
     Round,
     peer_reason,
     plain_factory,
+    printable,
 )
 from fedge.coordinator.store import (
     LEDGER_ROLLED_BACK,
@@ -997,7 +998,7 @@ class Coordinator:
             if m.is_secagg(body) or isinstance(body, m.EvalResult):
                 # late answers to a round that already closed (stage deadline passed)
                 log.info("late %s from %s for %s/%d ignored", env.header.type, site,
-                         env.header.job, env.header.round)
+                         printable(env.header.job), env.header.round)
                 return
             where = f"job {env.header.job!r} round {env.header.round}"
             self._reject(site, "stale_message", f"{env.header.type} for {where}, "
@@ -1156,7 +1157,7 @@ class Coordinator:
         try:
             if self._rejections.event((site, action, kind), site, action, reason,
                                       self.clock()):
-                log.warning("rejected message from %s: %s", site, reason)
+                log.warning("rejected message from %s: %s", site, printable(reason))
         except (StoreError, sqlite3.Error) as exc:  # a full disk: the answer still goes
             self._not_written(f"{action} of a message from {site}", exc)
         self.outbox.append(Outgoing(site, m.Rejected(reason), close_after=close_after))
@@ -1295,10 +1296,10 @@ class Coordinator:
                 self._sideline(runner, rnd, attempts)
                 log.warning("job %s round %d failed (attempt %d of %d; the next in %g s): %s",
                             rnd.job_id, rnd.round, attempts, runner.plan.max_failed_attempts,
-                            runner.retry_s, reason)
+                            runner.retry_s, printable(reason))
             else:
                 log.warning("job %s round %d failed (attempt %d): %s", rnd.job_id,
-                            rnd.round, attempts, reason)
+                            rnd.round, attempts, printable(reason))
             if attempts >= runner.plan.max_failed_attempts:
                 log.error("job %s failed: round %d failed %d times", rnd.job_id, rnd.round,
                           attempts)
@@ -1330,7 +1331,7 @@ class Coordinator:
                                       f"{rnd.round} failed with it ({why}), until it "
                                       "reports eligible again")
             log.warning("job %s: %s is left out of round %d until its next heartbeat says "
-                        "it is eligible: %s", rnd.job_id, site, rnd.round, why)
+                        "it is eligible: %s", rnd.job_id, site, rnd.round, printable(why))
 
     def _commit(self, runner: JobRunner, rnd: Round, now: float) -> None:
         """Commit a DONE round: its checkpoint, then its SQLite row (module docstring).

@@ -851,7 +851,9 @@ class Agent:
             self.task = None
 
     async def _refuse(self, job: str, rnd: int, task: str, reason: str, task_id: str) -> None:
-        log.warning("%s: refusing %s for %s/%d: %s", self.site, task, job, rnd, reason)
+        # the reason may quote the coordinator's plan or messages: escaped for the log
+        log.warning("%s: refusing %s for %s/%d: %s", self.site, task, job, rnd,
+                    codec.printable(reason))
         if not self._busy:  # idle, but not for nothing: the status names why
             self.on_status(f"refused {task} {job} round {rnd}: {codec.short(reason, 160)}")
         await self.send(m.TaskRefused(task_id=task_id, task=task, reason=reason), job=job,
@@ -1406,7 +1408,7 @@ class Agent:
                 replies = await self._on_disk(session.receive, body, time.time())
             except SecAggAbort as exc:
                 log.error("%s: secure aggregation aborted: %s: %s", self.site,
-                          type(exc).__name__, exc)
+                          type(exc).__name__, codec.printable(exc))
                 if task.session is session:
                     task.session = None
                 if self.task is task and not task.cancel.is_set():

@@ -188,6 +188,20 @@ def short(value: Any, limit: int = _REPR_LIMIT) -> str:
 _short = short  # the name this module's errors use
 
 
+def printable(text: object) -> str:
+    """``str(text)`` with each character that is not printable (a line break, ESC,
+    BEL) written escaped as Python writes it (``\\n``, ``\\x1b``), whole otherwise:
+    for logging a peer's text unquoted without letting it forge a second log line
+    or drive the reader's terminal. Never raises."""
+    try:
+        text = str(text)
+    except Exception:  # a peer's object whose __str__ raises
+        return f"<{type(text).__name__}>"
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
 class WireError(ValueError):
     """A message that cannot be encoded or was refused on decoding.
 
@@ -774,6 +788,14 @@ _HEADER_TYPES: dict[str, tuple[str, int | None]] = {
 }
 
 
+# Ids the sending side makes (job-YYYYmmddHHMMSS-hex, hex message ids) and each side
+# logs as they are: a line break or an ESC in one would let the peer forge log lines
+# or drive the reader's terminal. (``sender`` is only compared with the
+# authenticated name, and quoted with ``short`` where it differs; ``type`` must be
+# a registered name.)
+_PRINTABLE_HEADER_FIELDS = frozenset({"job", "msg_id", "reply_to"})
+
+
 def _check_header(h: Header) -> None:
     for name, (kind, limit) in _HEADER_TYPES.items():
         v = getattr(h, name)
@@ -788,6 +810,9 @@ def _check_header(h: Header) -> None:
             raise BadField(path, v, "must be a str or None")
         if limit is not None and isinstance(v, str) and len(v) > limit:
             raise BadField(path, v, f"must be at most {limit} characters")
+        if name in _PRINTABLE_HEADER_FIELDS and isinstance(v, str) and not v.isprintable():
+            raise BadField(path, v, "must be printable (no line breaks or control "
+                           "characters)")
     if not 0 <= h.round < (1 << 63):
         raise BadField("header.round", h.round, "must be in 0..2**63-1")
     if not h.msg_id:

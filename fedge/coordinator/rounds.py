@@ -41,6 +41,11 @@ obtains the example-weighted mean update, whatever the common scale.
 Under DP-FedAvg (plan ``privacy.client_dp``) every agent sends w_i = min(1, c)
 instead, so the result is the unweighted mean its noise shares are sized for.
 
+What a site says of itself is checked where the coordinator can check it. A
+masked input can carry any offset unseen: the unmasked sum must hold the total
+weight the counts give, and no coordinate beyond the clip (:func:`sum_problem`), or
+the attempt fails.
+
 SCAFFOLD (plan strategy ``scaffold``): the task carries the server control
 variate c, and each input is concat(w_i·Δ_i, w_i·Δc_i, [w_i]) (2d + 1 values,
 Δc_i clipped like Δ_i), so c's update is also learnt from sums alone. c stays the
@@ -100,6 +105,7 @@ TRANSITIONS: dict[Phase, dict[str, Phase]] = {
     Phase.AGGREGATING: {
         "aggregation result": Phase.EVALUATING,
         "aggregation aborted / strategy rejected update": Phase.FAILED,
+        "the sum's total weight or a coordinate is out of its honest bounds": Phase.FAILED,
         "the sites whose input is or may still be summed are fewer than min_clients":
             Phase.FAILED,
         "refusals leave the unmasking impossible": Phase.FAILED,
@@ -249,6 +255,63 @@ def metrics_problem(metrics: dict[str, float], epsilon: float) -> str | None:
             return f"metric {name} = {value} is not a finite number"
     if not (epsilon >= 0 and not math.isnan(epsilon)):
         return f"epsilon = {epsilon} is not a number >= 0"
+    return None
+
+
+# Relative error of one input's weight w_i (and of w_i·Δ_i) as the sum holds it:
+# Agent.input_vector writes float32 (2^-24), of a float64 weight_scale·n_i that was
+# rounded once already; 2^-22 bounds both with room.
+INPUT_RELATIVE_ERROR = 2.0 ** -22
+
+
+def quantisation_step(clip: float, cohort: int) -> float:
+    """The largest error secure aggregation's quantiser adds to one coordinate of one
+    site's input, for an aggregation cohort of ``cohort`` sites: it rounds
+    stochastically (floor(y + u), u in [0, 1): less than one step away) to
+    b = quant_bits(cohort) bits over [−clip, clip] (SecAggConfig.bits), one step
+    being 2·clip/(2^b − 1)."""
+    from fedge.core import quant_bits
+
+    return 2.0 * clip / ((1 << quant_bits(cohort)) - 1)
+
+
+def sum_problem(total: np.ndarray, *, expected_weight: float, summands: int, clip: float,
+                step: float) -> str | None:
+    """Why ``total`` (concat(Σ w_i·Δ_i, [Σ w_i]), as unmasked) cannot be the sum of
+    ``summands`` honest inputs whose weights add up to ``expected_weight``, or None.
+
+    An honest sum's last coordinate is Σ w_i, which the coordinator knows (each w_i
+    comes from the site's TrainDone count and the weight scale it sent); and every
+    other coordinate is within clip·Σ w_i, since each agent clips Δ_i coordinate-wise
+    to [−clip, clip] (``Agent.clipped_update``): no honest weighted mean exceeds the
+    clip. Each bound allows for rounding exactly, so an honest sum is never refused:
+    ``step`` per coordinate and site (:func:`quantisation_step`; 0 for a plain sum),
+    INPUT_RELATIVE_ERROR on each weight, and float64 summing and dequantising (below
+    summands·clip·2^-51, counted as clip·2^-40 a site).
+
+    A masked input looks uniform, and a site can add any offset to it unseen: these
+    bounds are what an offset cannot pass. Within them a site can still move the mean
+    anywhere inside [−clip, clip] on every coordinate, and nothing here says which
+    site did.
+    """
+    per_site = step + clip * 2.0 ** -40
+    total_weight = float(total[-1])
+    slack = summands * per_site + expected_weight * INPUT_RELATIVE_ERROR
+    if not abs(total_weight - expected_weight) <= slack:
+        return (f"the sum's total weight is {total_weight:.9g}, not the {expected_weight:.9g} "
+                f"the survivors' example counts give (rounding allows {slack:.3g}): a "
+                "site's masked input was altered")
+    values = np.abs(np.asarray(total[:-1], dtype=np.float64))
+    if not values.size:
+        return None
+    bound = clip * expected_weight * (1.0 + INPUT_RELATIVE_ERROR) + summands * per_site
+    worst = int(np.argmax(values))
+    if not float(values[worst]) <= bound:  # (NaN: refused too)
+        mean = float(total[worst]) / total_weight if total_weight > 0 else math.inf
+        return (f"the mean update's coordinate {worst} is {mean:.6g}, beyond the clip "
+                f"{clip:g} that bounds every site's update (the sum's "
+                f"{float(values[worst]):.6g} is above the {bound:.6g} its total weight and "
+                "rounding allow): a site's masked input was altered")
     return None
 
 
@@ -461,6 +524,11 @@ class Round:
     _unmask_recorded: bool = False
     _record_error: str = ""
     _training_since: float = 0.0  # when the TrainTasks were sent
+    _weight_scale: float = 0.0  # as AggregateBegin told the aggregation cohort
+    # what the driver audits and acts on, taken as it reads them (:meth:`take_findings`):
+    # (action, detail): "aggregate_out_of_bounds", the unmasked sum no honest inputs
+    # can make
+    findings: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.weights = np.ascontiguousarray(self.weights, dtype=np.float32)
@@ -524,6 +592,11 @@ class Round:
         self._unmask_recorded = True
         held, self._held = self._held, []
         return held
+
+    def take_findings(self) -> list[tuple[str, dict[str, Any]]]:
+        """The :attr:`findings` not taken yet (each is handed out once)."""
+        found, self.findings = self.findings, []
+        return found
 
     def unmask_not_recorded(self, why: str) -> None:
         """Recording :attr:`unmask_pending` failed for now (``why``): the requests stay
@@ -820,6 +893,7 @@ class Round:
         self._agg_cohort = done
         n_max = max(self.trained[s].n_examples for s in done)
         scale = weight_scale(self.plan.secagg.clip, n_max)
+        self._weight_scale = scale
         self.phase = Phase.AGGREGATING
         bound = RoundInfo(self.job_id, self.round, context_digest(
             self.digest, self.plan.text, scale, done, self._control))
@@ -897,6 +971,12 @@ class Round:
             return []
         d = self.weights.size
         total_weight = float(res.total[-1])
+        problem = self._sum_problem(res)
+        if problem is not None:
+            self.findings.append(("aggregate_out_of_bounds", {
+                "job": self.job_id, "round": self.round, "site": "",
+                "survivors": sorted(res.survivors), "reason": problem}))
+            return self._fail(f"aggregate rejected: {problem}")
         try:
             avg = mean_update(res.total[:d], total_weight)
             if self.plan.scaffold:
@@ -930,6 +1010,23 @@ class Round:
                                    weights=self.new_weights, split=FINAL_TEST_SPLIT))
                     for s in self._eval_cohort()]
         return out
+
+    def _sum_problem(self, res: AggregationResult) -> str | None:
+        """Why the unmasked sum ``res`` cannot be the survivors' honest inputs, or None
+        (:func:`sum_problem`, with the total weight their TrainDone counts give)."""
+        k = len(res.survivors)
+        if k == 0:
+            return None  # mean_update refuses the empty sum by its weight
+        c = float(self.plan.secagg.clip)
+        if self.plan.privacy.get("client_dp") is not None:
+            expected = k * min(1.0, c)  # DP-FedAvg: w_i = min(1, c) (module doc)
+        else:
+            expected = sum(self._weight_scale * self.trained[s].n_examples
+                           for s in res.survivors)
+        step = (quantisation_step(c, len(self._agg_cohort)) if self.plan.secagg.enabled
+                else 0.0)
+        return sum_problem(res.total, expected_weight=expected, summands=k, clip=c,
+                           step=step)
 
     def _eval_cohort(self) -> list[str]:
         return self.survivors

@@ -1600,8 +1600,24 @@ class Coordinator:
             rnd.phase_log.append((rnd.phase.value, self.clock()))
         for site, body in out:
             self.outbox.append(Outgoing(site, body, rnd.job_id, rnd.round))
+        runner = self.runner
+        if runner is not None and runner.round is rnd:
+            for action, detail in rnd.take_findings():
+                self._finding(runner, action, detail)
         if rnd.unmask_pending is not None:
             self._record_unmask(rnd)
+
+    def _finding(self, runner: JobRunner, action: str, detail: dict[str, Any]) -> None:
+        """Act on what a round found a site doing (``Round.findings``): log it and audit
+        it (best effort: a full disk costs the row, not the action)."""
+        log.warning("job %s round %s: %s%s: %s", runner.job_id, detail.get("round"),
+                    action.replace("_", " "),
+                    f" ({printable(detail['site'])})" if detail.get("site") else "",
+                    printable(detail.get("reason", "")))
+        try:
+            self.store.audit(SYSTEM, action, detail)
+        except (StoreError, sqlite3.Error) as exc:
+            self._not_written(f"{action} of job {runner.job_id}", exc)
 
     def _record_unmask(self, rnd: Round) -> None:
         """Make the survivor set of the round's held unmask requests durable, then send

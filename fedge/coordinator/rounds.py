@@ -41,8 +41,10 @@ obtains the example-weighted mean update, whatever the common scale.
 Under DP-FedAvg (plan ``privacy.client_dp``) every agent sends w_i = min(1, c)
 instead, so the result is the unweighted mean its noise shares are sized for.
 
-What a site says of itself is checked where the coordinator can check it. A
-masked input can carry any offset unseen: the unmasked sum must hold the total
+What a site says of itself is checked where the coordinator can check it. Its
+TrainDone count weighs its input: a count more than MAX_EXAMPLES_OVER_MEDIAN times
+the median of its round's leaves it out of the sum (:func:`example_count_outliers`).
+A masked input can carry any offset unseen: the unmasked sum must hold the total
 weight the counts give, and no coordinate beyond the clip (:func:`sum_problem`), or
 the attempt fails.
 
@@ -64,8 +66,9 @@ import enum
 import hashlib
 import math
 import secrets
+import statistics
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -198,17 +201,58 @@ def peer_reason(reason: str) -> str:
     return reason[:PEER_REASON_HEAD] + "…" + reason[-PEER_REASON_TAIL:]
 
 
+# A site's example count (TrainDone's, EvalResult's) is its own word, and it decides
+# its weight: a count this many times the median of its round's counts leaves the
+# site out of the sum (training) or out of the size-weighted metric (evaluation).
+# Why 100: the federations fedge serves differ by one order of magnitude at most
+# (Fed-TCGA-BRCA's centres: 51 to 311; Fed-Heart-Disease's: 30 to 199), so 100x
+# leaves an honest site room; and it keeps every honest weight far above the
+# quantiser's step. With n_max <= 100·median, at least half of the k sites (those at
+# or above the median) weigh >= min(1, c)/100 each, so Σw >= k·min(1, c)/200, while
+# the sum's rounding is below k quantisation steps 2c/(2^b − 1): the weighted mean
+# then carries a rounding error below 400/(2^b − 1) of the clip, 1e-4 even at
+# 1000 sites (b = 22). Without the bound one site reporting 2**40 examples put every
+# other weight below one step, and the round committed rounding noise.
+# A median is that of the round's own sites: of two, it is their mean, which neither
+# can exceed 100-fold, so a cohort of two is never judged (nor falsely refused).
+MAX_EXAMPLES_OVER_MEDIAN = 100
+
+
+def example_count_outliers(counts: Mapping[str, int]) -> dict[str, str]:
+    """The sites whose count is more than MAX_EXAMPLES_OVER_MEDIAN times the median of
+    ``counts``, each with why (naming its count and the median)."""
+    if len(counts) < 2:
+        return {}
+    median = statistics.median(counts.values())
+    shown = f"{median:g}" if median != int(median) else str(int(median))
+    return {site: (f"reported {n} examples, more than {MAX_EXAMPLES_OVER_MEDIAN}x the "
+                   f"median {shown} of this round's sites")
+            for site, n in sorted(counts.items()) if n > MAX_EXAMPLES_OVER_MEDIAN * median}
+
+
 FINAL_TEST_SPLIT = "test"  # the split of the last round's final test (module doc)
+
+
+def eval_count_outliers(evals: Mapping[str, Any]) -> dict[str, str]:
+    """The results of one split's evaluation left out of its size-weighted metric (site
+    "*"), each with why: a count far above the median of the counts that would be
+    weighed (MAX_EXAMPLES_OVER_MEDIAN); one site claiming 2**40 examples would
+    otherwise be the federation's figure. Its own rows are kept."""
+    return example_count_outliers({site: ev.n_examples for site, ev in evals.items()
+                                   if ev.metrics and ev.n_examples > 0})
 
 
 def _eval_rows(evals: dict[str, Any], split: str) -> list[tuple[str, str, str, float, int]]:
     """Metric rows of one split's evaluations: each site's, then each metric's
-    size-weighted aggregate as site "*"."""
+    size-weighted aggregate as site "*" (without :func:`eval_count_outliers`)."""
     rows = []
     sums: dict[str, tuple[float, int]] = {}
+    outliers = eval_count_outliers(evals)
     for site, ev in sorted(evals.items()):
         for name, value in sorted(ev.metrics.items()):
             rows.append((site, split, name, float(value), ev.n_examples))
+            if site in outliers:
+                continue
             s, n = sums.get(name, (0.0, 0))
             sums[name] = (s + float(value) * ev.n_examples, n + ev.n_examples)
     for name, (s, n) in sorted(sums.items()):
@@ -526,8 +570,9 @@ class Round:
     _training_since: float = 0.0  # when the TrainTasks were sent
     _weight_scale: float = 0.0  # as AggregateBegin told the aggregation cohort
     # what the driver audits and acts on, taken as it reads them (:meth:`take_findings`):
-    # (action, detail): "aggregate_out_of_bounds", the unmasked sum no honest inputs
-    # can make
+    # (action, detail) with detail["site"] the site concerned. "example_count_outlier":
+    # a TrainDone's count left its site out of the sum; "aggregate_out_of_bounds": the
+    # unmasked sum no honest inputs can make
     findings: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -875,6 +920,14 @@ class Round:
     # -- transitions -------------------------------------------------------------------
 
     def _end_training(self, now: float) -> Outgoing:
+        # a site whose count dwarfs the others' would put their weights below the
+        # quantiser's step (MAX_EXAMPLES_OVER_MEDIAN): it is left out of the sum
+        for site, why in example_count_outliers(
+                {s: t.n_examples for s, t in self.trained.items()}).items():
+            del self.trained[site]
+            self.refused[site] = why
+            self.findings.append(("example_count_outlier", {
+                "job": self.job_id, "round": self.round, "site": site, "reason": why}))
         done = sorted(self.trained)
         if self.pinned_cohort is not None and done != self.pinned_cohort:
             for s in self.pinned_cohort:
@@ -905,7 +958,8 @@ class Round:
             for s in done
         ]
         # Sites that did not finish training are told to drop the round.
-        out += [(s, m.RoundAbort("not in the aggregation cohort"))
+        out += [(s, m.RoundAbort("not in the aggregation cohort"
+                                 + (f": {self.refused[s]}" if s in self.refused else "")))
                 for s in self.cohort if s not in done]
         return out + self._aggregated(self._aggregation.start(now), now)
 

@@ -99,6 +99,7 @@ from fedge.coordinator.rounds import (
     AggregationFactory,
     Phase,
     Round,
+    eval_count_outliers,
     peer_reason,
     plain_factory,
     printable,
@@ -1387,6 +1388,11 @@ class Coordinator:
                            in itertools.pairwise(marks))
         log.info("job %s round %d committed (%s), survivors %s; %s", runner.job_id,
                  rnd.round, digest[:12], rnd.survivors, phases)
+        for split, evals in ((runner.plan.eval_split, rnd.evals), ("test", rnd.test_evals)):
+            for site, why in eval_count_outliers(evals).items():
+                self._finding(runner, "eval_count_outlier", {
+                    "job": runner.job_id, "round": rnd.round, "site": site, "split": split,
+                    "reason": f"not in the size-weighted {split} metrics: {why}"})
         if rnd.final_test:  # which survivors are not in the final test, and why
             try:
                 self.store.audit(SYSTEM, "final_test", {

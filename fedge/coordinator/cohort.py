@@ -18,7 +18,11 @@ save its state, dropped out), and no heartbeat of its own has said it is eligibl
 since (fedge.coordinator.service). One broken site then cannot spend every attempt a
 plan allows while the others could commit without it; once it says it is eligible it
 is a candidate again. An attempt that failed with no site's refusal or loss in it (a
-cohort that never formed) sidelines nobody.
+cohort that never formed) sidelines nobody. Both sites of a tampered-share accusation
+(one site refused the aggregation saying another's share to it was tampered with) are
+sidelined for the rest of the job, whatever their heartbeats say: going on without
+the accuser would let a tamperer shrink the sum, and a false accuser loses itself and
+one other from one job (fedge.coordinator.rounds, ``Round._accusation``).
 
 A site whose privacy ledger was rolled back is left out of every new cohort, of
 every job (DP or not: a run without DP spends the site's budget too). Its

@@ -46,7 +46,8 @@ TrainDone count weighs its input: a count more than MAX_EXAMPLES_OVER_MEDIAN tim
 the median of its round's leaves it out of the sum (:func:`example_count_outliers`).
 A masked input can carry any offset unseen: the unmasked sum must hold the total
 weight the counts give, and no coordinate beyond the clip (:func:`sum_problem`), or
-the attempt fails.
+the attempt fails. A site that refuses the aggregation because a peer's share to it
+was tampered with fails the attempt (:meth:`Round._accusation`).
 
 SCAFFOLD (plan strategy ``scaffold``): the task carries the server control
 variate c, and each input is concat(w_i·Δ_i, w_i·Δc_i, [w_i]) (2d + 1 values,
@@ -65,6 +66,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import math
+import re
 import secrets
 import statistics
 import struct
@@ -109,6 +111,7 @@ TRANSITIONS: dict[Phase, dict[str, Phase]] = {
         "aggregation result": Phase.EVALUATING,
         "aggregation aborted / strategy rejected update": Phase.FAILED,
         "the sum's total weight or a coordinate is out of its honest bounds": Phase.FAILED,
+        "a site refused: a peer's share to it was tampered with": Phase.FAILED,
         "the sites whose input is or may still be summed are fewer than min_clients":
             Phase.FAILED,
         "refusals leave the unmasking impossible": Phase.FAILED,
@@ -229,6 +232,10 @@ def example_count_outliers(counts: Mapping[str, int]) -> dict[str, str]:
                    f"median {shown} of this round's sites")
             for site, n in sorted(counts.items()) if n > MAX_EXAMPLES_OVER_MEDIAN * median}
 
+
+# how an agent's refusal starts when a peer's share to it did not authenticate
+# (fedge.secagg.errors.TamperedShare, as fedge.agent.runtime words a SecAggAbort)
+TAMPERED_SHARE = "TamperedShare: "
 
 FINAL_TEST_SPLIT = "test"  # the split of the last round's final test (module doc)
 
@@ -571,8 +578,10 @@ class Round:
     _weight_scale: float = 0.0  # as AggregateBegin told the aggregation cohort
     # what the driver audits and acts on, taken as it reads them (:meth:`take_findings`):
     # (action, detail) with detail["site"] the site concerned. "example_count_outlier":
-    # a TrainDone's count left its site out of the sum; "aggregate_out_of_bounds": the
-    # unmasked sum no honest inputs can make
+    # a TrainDone's count left its site out of the sum; "share_accusation": a site
+    # refused the aggregation saying a peer's share to it was tampered with (detail
+    # "accused"): the attempt failed, and the driver leaves both out of the job's later
+    # rounds; "aggregate_out_of_bounds": the unmasked sum no honest inputs can make
     findings: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -747,6 +756,9 @@ class Round:
                 # not at its stage deadline, so a refusal that leaves the unmasking
                 # impossible fails the attempt at once (naming the refusal).
                 self.refused.setdefault(sender, peer_reason(body.reason))
+                accused = self._accused(sender, body.reason)
+                if accused is not None:
+                    return self._accusation(sender, accused, now)
                 return self._aggregated(self._aggregation.refused(sender, now), now)
             return self._aggregated(self._aggregation.receive(sender, body, now), now)
         if self.phase is Phase.EVALUATING:
@@ -1081,6 +1093,36 @@ class Round:
                 else 0.0)
         return sum_problem(res.total, expected_weight=expected, summands=k, clip=c,
                            step=step)
+
+    def _accused(self, sender: str, reason: str) -> str | None:
+        """The site of the aggregation cohort that ``sender``'s refusal says sent it a
+        tampered share (the agent's SecAggAbort ``TamperedShare: share ... from
+        'site' ...``), or None."""
+        if not reason.startswith(TAMPERED_SHARE):
+            return None
+        for site in self._agg_cohort:
+            if site != sender and re.match(
+                    rf"{TAMPERED_SHARE}share (ciphertext |plaintext )?from {re.escape(repr(site))}"
+                    r"[ ,:]", reason):
+                return site
+        return None
+
+    def _accusation(self, accuser: str, accused: str, now: float) -> Outgoing:
+        """``accuser`` refused the aggregation saying ``accused`` sent it a tampered
+        share. Going on without the accuser is what the tampering buys (a sum over
+        fewer sites: of three, the tamperer could cancel its own input and read the
+        third site's update), so the attempt fails; the driver leaves both out of the
+        job's later rounds (``findings``). A false accuser loses itself and one other
+        from one job; it cannot make a sum smaller."""
+        self.refused.setdefault(accused, f"accused by {accuser} of sending it a tampered "
+                                "share")
+        self.findings.append(("share_accusation", {
+            "job": self.job_id, "round": self.round, "site": accuser, "accused": accused,
+            "reason": self.refused[accuser]}))
+        return self._fail(
+            f"{accuser} refused the aggregation: a share {accused} sent it was tampered "
+            f"with ({self.refused[accuser]}); the attempt fails rather than sum without "
+            f"{accuser}, and both are left out of this job's later rounds")
 
     def _eval_cohort(self) -> list[str]:
         return self.survivors

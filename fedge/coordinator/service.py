@@ -303,6 +303,10 @@ class JobRunner:
         # heartbeat of its own says it is eligible again (module docstring of
         # fedge.coordinator.cohort): one broken site must not spend every attempt.
         self.sidelined: dict[str, str] = {}
+        # Sites left out of every later round of this job, whatever their heartbeats
+        # say (site -> why): both ends of a tampered-share accusation (Round's
+        # "share_accusation" finding), rebuilt from the audit log when the job resumes.
+        self.excluded: dict[str, str] = {}
 
     def retry_later(self, attempts: int, reason: str, now: float,
                     opened_at: float | None = None) -> None:
@@ -1233,7 +1237,8 @@ class Coordinator:
             sel = select_cohort(
                 self.store.appliances(), connected=self.connected_sites(now),
                 dataset=runner.plan.dataset,
-                sidelined={**runner.sidelined, **self.updating, **self.contested_out(now)},
+                sidelined={**runner.sidelined, **runner.excluded, **self.updating,
+                           **self.contested_out(now)},
                 protocols={s: c.secagg_protocol for s, c in self.conns.items()},
                 secure_protocol=SECAGG_PROTOCOL if runner.plan.secagg.enabled else None,
                 dp=any(runner.plan.privacy.get(k) is not None for k in ("dp", "client_dp")),
@@ -1524,6 +1529,8 @@ class Coordinator:
         self.max_message_bytes = max(self.max_message_bytes,
                                      8 * (2 * weights.size + 1) + (1 << 20))
         self.runner = JobRunner(self, job.job_id, plan, weights, strategy, job.committed_round)
+        for row in self.store.audit_log(action="share_accusation", job=job.job_id):
+            self._exclude(self.runner, _json(row["detail"]))
         if job.failed_attempts and not self.runner.finished:
             # restarted between attempts: the count is the database's, and the pause
             # before the next attempt is taken again in full (no clock reading survives
@@ -1614,8 +1621,11 @@ class Coordinator:
             self._record_unmask(rnd)
 
     def _finding(self, runner: JobRunner, action: str, detail: dict[str, Any]) -> None:
-        """Act on what a round found a site doing (``Round.findings``): log it and audit
-        it (best effort: a full disk costs the row, not the action)."""
+        """Act on what a round found a site doing (``Round.findings``): log it, audit it
+        (best effort: a full disk costs the row, not the action) and, for a tampered-share
+        accusation, leave the accuser and the accused out of the job's later rounds."""
+        if action == "share_accusation":
+            self._exclude(runner, detail)
         log.warning("job %s round %s: %s%s: %s", runner.job_id, detail.get("round"),
                     action.replace("_", " "),
                     f" ({printable(detail['site'])})" if detail.get("site") else "",
@@ -1624,6 +1634,17 @@ class Coordinator:
             self.store.audit(SYSTEM, action, detail)
         except (StoreError, sqlite3.Error) as exc:
             self._not_written(f"{action} of job {runner.job_id}", exc)
+
+    @staticmethod
+    def _exclude(runner: JobRunner, accusation: dict[str, Any]) -> None:
+        """Leave both sites of a tampered-share accusation (an audited
+        "share_accusation" detail) out of the job's later rounds."""
+        accuser, accused = str(accusation.get("site", "")), str(accusation.get("accused", ""))
+        why = (f"left out of job {runner.job_id}'s later rounds: {accuser} said a share "
+               f"{accused} sent it in round {accusation.get('round')} was tampered with")
+        for site in (accuser, accused):
+            if site:
+                runner.excluded.setdefault(site, why)
 
     def _record_unmask(self, rnd: Round) -> None:
         """Make the survivor set of the round's held unmask requests durable, then send

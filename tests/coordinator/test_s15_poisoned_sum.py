@@ -158,3 +158,15 @@ def test_sum_bounds_hold_for_honest_quantised_inputs_at_their_edges():
             pushed[-1] += 2 * allowed
             assert sum_problem(pushed, expected_weight=expected, summands=k, clip=clip,
                                step=step) is not None
+
+
+@pytest.mark.parametrize("secure", [True, False])
+def test_dp_fedavg_sums_commit(federation, secure):
+    """DP-FedAvg weighs every site min(1, c) whatever its count: Σw is k·min(1, c)."""
+    sites = {"a": 311, "b": 51, "c": 196}
+    fed = federation(list(sites), dim=DIM, n_examples=sites)
+    text = plan(rounds=2, secure=secure, clip=3.0) + (
+        "[privacy]\nclient_dp = { clip_norm = 1.0, noise_multiplier = 0.5, cohort_size = 1 }\n")
+    job = run_job(fed, text)
+    assert fed.coord.store.job(job).status == "completed", fed.coord.store.job(job)
+    assert not audited(fed, "aggregate_out_of_bounds", job)

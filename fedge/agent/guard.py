@@ -74,9 +74,14 @@ class PrivacyPolicy:
     and any plain (unmasked) aggregation. ``require_dp``: refuse a plan without
     DP-SGD or DP-FedAvg with a noise multiplier > 0 (across rounds, only DP bounds
     what a malicious coordinator learns of one site). ``min_cohort``: refuse to send a masked
-    update to a secure aggregation over fewer sites than this (2 at least: a sum over
-    one site is that site's update). A plain update, where a policy allows one, is
-    seen by the coordinator alone whatever the cohort.
+    update to a secure aggregation over fewer sites than this, and to reveal the shares
+    that unmask a sum of fewer survivors (`min_cohort_refusal`). In a sum of k inputs,
+    k - 1 peers that pool their own inputs (or one that subtracts its own) recover this
+    site's update from the sum the coordinator publishes: the default 3 keeps at least
+    one other site's update in any sum this site is part of, against one malicious
+    peer; 2 (the least: a sum over one site is that site's update) must be set
+    explicitly. A plain update, where a policy allows one, is seen by the coordinator
+    alone whatever the cohort.
 
     ``max_colluders``: how many enrolled sites this hospital assumes could collude
     with the coordinator (0: none, the default threat model). The coordinator can
@@ -103,7 +108,7 @@ class PrivacyPolicy:
     """
 
     require_secure_aggregation: bool = True
-    min_cohort: int = 2
+    min_cohort: int = 3
     require_dp: bool = False
     max_colluders: int = 0
     min_noise_multiplier: float = 0.0
@@ -322,6 +327,19 @@ class PrivacyPolicy:
                     "epsilon, about the very records DP protects")
         return refuse_eval(split, plan_split=plan_split, privacy=privacy)
 
+    def min_cohort_refusal(self, sites: int, what: str = "a sum") -> str | None:
+        """Why ``what`` over ``sites`` sites is refused under ``min_cohort``, or None:
+        the reason says what the floor protects and how a hospital lowers it."""
+        if sites >= self.min_cohort:
+            return None
+        if sites < 2:
+            return (f"{what} over {sites} site(s) is below this appliance's min_cohort "
+                    f"{self.min_cohort}: a sum over one site is that site's update")
+        return (f"{what} over {sites} site(s) is below this appliance's min_cohort "
+                f"{self.min_cohort}: in a sum of {sites}, the other {sites - 1} site(s) "
+                f"together can recover this site's update from it; to accept that, set "
+                f"min_cohort = {sites} in [privacy] of this appliance's agent.toml")
+
     def refuse_aggregation(self, *, plan_secure: bool, secure: bool, cohort: int,
                            weight_scale: float, client_dp_cohort: int | None) -> str | None:
         """Why an AggregateBegin is refused, or None. ``client_dp_cohort``: the plan's
@@ -335,8 +353,7 @@ class PrivacyPolicy:
             if refused:
                 return refused
         if secure and cohort < self.min_cohort:  # a plain update is seen alone anyway
-            return (f"an aggregation over {cohort} site(s) is below this appliance's "
-                    f"min_cohort {self.min_cohort}")
+            return self.min_cohort_refusal(cohort, "an aggregation")
         if not (np.isfinite(weight_scale) and 0.0 < weight_scale <= 1.0):
             return f"weight_scale {weight_scale!r} must lie in (0, 1]"
         if client_dp_cohort is not None and client_dp_cohort > cohort:

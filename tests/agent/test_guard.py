@@ -41,6 +41,9 @@ SITES = ["site-a", "site-b", "site-c"]
 D = 8
 JOB, RND = "job1", 1
 SCALE = 0.0025
+# min_cohort 2 (the default is 3): the tests that use it check another rule (the
+# reveal log, DP-FedAvg's cohort) on a sum of two, which the default would refuse first
+SUMS_OF_TWO = PrivacyPolicy(min_cohort=2)
 
 
 class Fleet:
@@ -127,7 +130,7 @@ def run(coro):
 
 
 def test_a_second_sum_of_the_same_update_over_fewer_sites_is_refused(tmp_path: Path) -> None:
-    fleet = Fleet(tmp=tmp_path)
+    fleet = Fleet(policy=SUMS_OF_TWO, tmp=tmp_path)
 
     async def attack():
         await fleet.train(SITES, "t1")
@@ -186,7 +189,7 @@ def test_a_replayed_task_that_trains_differently_is_still_refused_over_other_sur
                 out.weights = (w + (out.weights - w) * np.float32(1.05)).astype(np.float32)
             return out
 
-    fleet = Fleet(tmp=tmp_path)
+    fleet = Fleet(policy=SUMS_OF_TWO, tmp=tmp_path)
     for s, a in fleet.agents.items():
         a.trainer = Drifting(s)
 
@@ -604,7 +607,7 @@ def test_a_threshold_one_colluder_could_split_is_refused_where_the_site_assumes_
 def test_a_model_moved_by_a_hair_does_not_buy_a_second_sum() -> None:
     """The coordinator asks again with the global model changed in its sixth digit: the
     same seeds give every site a new-looking but near-equal update."""
-    fleet = Fleet()
+    fleet = Fleet(policy=SUMS_OF_TWO)
 
     async def attack():
         await fleet.train(SITES, "t1")
@@ -638,7 +641,7 @@ def test_min_cohort_counts_the_sites_summed_not_the_sites_invited() -> None:
 
 
 def test_dp_fedavg_noise_for_three_is_not_revealed_in_a_sum_of_two() -> None:
-    fleet = Fleet()
+    fleet = Fleet(policy=SUMS_OF_TWO)
     plan = SECURE + "[privacy.client_dp]\nclip_norm = 1.0\nnoise_multiplier = 0.5\n" \
                     "cohort_size = 3\n"
 

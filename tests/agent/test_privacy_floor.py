@@ -122,7 +122,7 @@ def test_max_epsilon_total_counts_every_job_in_the_sites_ledger(fleet, tmp_path:
                    sampling_rate=16 / 125, steps=3)
     ledger_path(tmp_path / "site-b").parent.mkdir(parents=True)
     earlier.save(ledger_path(tmp_path / "site-b"))
-    f = fleet(PrivacyPolicy(max_epsilon_total=2.5))
+    f = fleet(PrivacyPolicy(max_epsilon_total=2.5, min_cohort=2))
 
     async def round_():
         await f.train(SITES, "t1", plan=DP_PLAN)

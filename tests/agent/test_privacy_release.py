@@ -138,7 +138,7 @@ def test_a_round_aborted_before_its_inputs_spends_nothing_and_its_retry_is_charg
 def test_a_site_whose_update_is_not_summed_is_not_charged(fleet) -> None:
     """site-c trains and is never asked to aggregate (the coordinator went on without
     it): its run stays pending; the two summed sites are charged."""
-    f = fleet()
+    f = fleet(PrivacyPolicy(min_cohort=2))  # a sum of two (default min_cohort 3)
 
     async def round_without_c():
         await f.train(SITES, "t1", plan=DP_PLAN)
@@ -184,7 +184,7 @@ def test_one_site_that_cannot_charge_its_run_is_left_out_of_the_sum_uncharged(
     goes on over site-b and site-c (above the threshold) without it, and site-a, whose
     update is in no sum, is not charged. Had it sent the input, the other two could
     have unmasked it without site-a's shares: the charge comes before the input."""
-    f = fleet()
+    f = fleet(PrivacyPolicy(min_cohort=2))  # a sum of two (default min_cohort 3)
     real_save = PrivacyLedger.save
 
     def a_full(self, path):

@@ -106,10 +106,16 @@ def test_a_name_in_a_numeric_cell_reaches_the_coordinator_as_line_and_column_onl
     def ds(i: int, path: Path) -> dict[str, object]:
         return {"name": "fed_tcga_brca", "kind": "fed_tcga_brca", "path": str(path), "site": i}
 
-    fed = LoopbackFederation(tmp_path / "fed", {"site-0": [ds(0, bad_dir)],
-                                                "site-1": [ds(1, TCGA)],
-                                                "site-2": [ds(2, TCGA)]},
-                             heartbeat=(0.5, 5.0))
+    class SumsOfTwo(LoopbackFederation):  # site-0 refuses: sites 1 and 2 sum alone
+        def _agent_config(self, site: str) -> Path:
+            cfg = super()._agent_config(site)
+            cfg.write_text(cfg.read_text().replace("[privacy]\n", "[privacy]\nmin_cohort = 2\n"))
+            return cfg
+
+    fed = SumsOfTwo(tmp_path / "fed", {"site-0": [ds(0, bad_dir)],
+                                       "site-1": [ds(1, TCGA)],
+                                       "site-2": [ds(2, TCGA)]},
+                    heartbeat=(0.5, 5.0))
     try:
         fed.start(120)
         job = fed.submit(plan(rounds=1, min_clients=2, train_s=30, stage_s=5))

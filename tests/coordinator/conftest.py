@@ -16,8 +16,9 @@ from fedge.coordinator.service import Coordinator
 from fedge.secagg.keys import Identity, Roster
 from fedge.wire import codec
 
-# these agents run plans with and without secure aggregation
-PLAIN_OK = PrivacyPolicy(require_secure_aggregation=False)
+# these agents run plans with and without secure aggregation, and sum in pairs (the
+# default min_cohort is 3; many tests here run two-site federations)
+PLAIN_OK = PrivacyPolicy(require_secure_aggregation=False, min_cohort=2)
 
 
 class Clock:

@@ -131,6 +131,7 @@ def hospitals(operator: ConsoleFederation, n: int) -> list[str]:
     sites = [f"hospital-{i}" for i in range(n)]
     for i, site in enumerate(sites):
         operator.add_appliance(site, '[eligibility]\nallow_cpu_only = true\n'
+                               "[privacy]\nmin_cohort = 2\n"  # a revoke leaves two
                                f'[[datasets]]\nname = "fed_tcga_brca"\n'
                                f'kind = "fed_tcga_brca"\npath = "{DATA.resolve()}"\n'
                                f"site = {i}\n"

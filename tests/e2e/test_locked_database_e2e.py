@@ -79,7 +79,7 @@ def test_a_write_lock_held_by_another_process_neither_freezes_the_loop_nor_loses
             for s in sites:
                 if s == "site-3":
                     cfg = fed.write_agent(s)
-                    cfg.write_text(cfg.read_text() + "[privacy]\nmin_cohort = 10\n")
+                    cfg.write_text(cfg.read_text().replace("min_cohort = 2", "min_cohort = 10"))
                     fed.procs[s] = Proc(s, [sys.executable, "-m", "fedge.cli", "agent",
                                             "--config", str(cfg)],
                                         fed.root / f"agent-{s}.log", fed.env)

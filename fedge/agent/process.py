@@ -88,6 +88,99 @@ STOP_GRACE_S = 5.0
 KILL_ON_ENV = "FEDGE_TEST_KILL_ON"
 
 
+# The link to the coordinator in the log (LinkLog): a handshake failure with the same
+# cause (wrong coordinator key, appliance not enrolled) is said once, then reminded of
+# with a count every LINK_REMIND_S; an outage of another kind is said at INFO, then at
+# WARNING once it has lasted OUTAGE_WARN_S, again every OUTAGE_REPEAT_S, and its length
+# when the link is back.
+LINK_REMIND_S = 300.0
+OUTAGE_WARN_S = 300.0
+OUTAGE_REPEAT_S = 3600.0
+
+
+def _duration(seconds: float) -> str:
+    """``seconds`` for a log line: "42 s", "5 min", "2 h 5 min"."""
+    s = int(seconds)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min"
+    return f"{s // 3600} h {s % 3600 // 60} min"
+
+
+class LinkLog:
+    """What the agent logs of its link to the coordinator: the transport's events in,
+    (level, line) pairs out. Pure: the caller passes the time.
+
+    A wrong coordinator key or an unenrolled appliance fails every attempt (every 30 s
+    once backed off) for as long as nobody fixes it: the cause is logged once at ERROR,
+    then once every ``remind_s`` with the count of attempts since. A coordinator that is
+    down or unreachable gives one INFO line when the link goes, a WARNING once it has
+    been gone ``warn_s`` and every ``repeat_s`` after (hospital IT should hear of it
+    without reading INFO lines), and an INFO line saying how long it was gone when it
+    is back. The outage counts from ``now`` at construction too: an agent that never
+    connects is warned of.
+    """
+
+    def __init__(self, site: str, endpoint: str, retry_s: float, now: float, *,
+                 remind_s: float = LINK_REMIND_S, warn_s: float = OUTAGE_WARN_S,
+                 repeat_s: float = OUTAGE_REPEAT_S) -> None:
+        self.site, self.endpoint, self.retry_s = site, endpoint, retry_s
+        self.remind_s, self.warn_s, self.repeat_s = remind_s, warn_s, repeat_s
+        self._down_since: float | None = now
+        self._lost = False  # the link was up once: its return is worth a line
+        self._warned_at: float | None = None  # the outage's last WARNING
+        self._failure: str | None = None  # the handshake failure in force
+        self._failure_logged_at = 0.0
+        self._failure_repeats = 0  # attempts failing so since it was last logged
+
+    def event(self, kind: str, detail: str, now: float) -> list[tuple[int, str]]:
+        """A ClientEvent's kind and detail: the lines to log."""
+        if kind == "connected":
+            lines = [(logging.INFO, f"{self.site}: connected {detail}")]
+            if self._down_since is not None and (self._lost or self._warned_at is not None):
+                lines = [(logging.INFO, f"{self.site}: connected {detail} after "
+                          f"{_duration(now - self._down_since)} without a connection")]
+            self._down_since = self._warned_at = self._failure = None
+            self._failure_repeats = 0
+            self._lost = True
+            return lines
+        if kind in ("disconnected", "heartbeat_timeout"):
+            if self._down_since is None:
+                self._down_since = now
+            return [(logging.INFO, f"{self.site}: {kind} {detail}")]
+        if kind == "handshake_failed":
+            if self._down_since is None:
+                self._down_since = now
+            if detail != self._failure:
+                self._failure, self._failure_logged_at = detail, now
+                self._failure_repeats = 0
+                return [(logging.ERROR, f"{self.site}: {detail}")]
+            self._failure_repeats += 1
+            if now - self._failure_logged_at < self.remind_s:
+                return []
+            since = now - self._failure_logged_at
+            lines = [(logging.ERROR, f"{self.site}: {detail} (still so: "
+                      f"{self._failure_repeats} more failed attempt(s) in the last "
+                      f"{_duration(since)}; retrying every {self.retry_s:g} s)")]
+            self._failure_logged_at, self._failure_repeats = now, 0
+            return lines
+        return []
+
+    def tick(self, now: float) -> list[tuple[int, str]]:
+        """The clock: the outage's WARNING when it is due."""
+        if self._down_since is None or self._failure is not None:
+            return []  # connected, or a handshake failure that has its own lines
+        down = now - self._down_since
+        if down < self.warn_s or (self._warned_at is not None
+                                  and now - self._warned_at < self.repeat_s):
+            return []
+        self._warned_at = now
+        return [(logging.WARNING, f"{self.site}: no connection to the coordinator at "
+                 f"{self.endpoint} for {_duration(down)}; still retrying every "
+                 f"{self.retry_s:g} s at most")]
+
+
 class AgentConfigError(ValueError):
     """An invalid agent configuration or enrolment state; names the key or file."""
 
@@ -434,7 +527,6 @@ async def run_agent(agent: Agent, enrolled: Enrolled, *, interval_s: float, time
     from fedge.transport import Backoff, ClientSocket, CurveKeyPair, HandshakeFailed
     from fedge.transport import HeartbeatConfig as TransportHeartbeat
 
-    failures: list[str] = []
     endpoint = enrolled.coordinator_endpoint
     status = AgentStatus(f"connecting to {endpoint}")
 
@@ -446,13 +538,19 @@ async def run_agent(agent: Agent, enrolled: Enrolled, *, interval_s: float, time
     def show_link(text: str) -> None:
         say(status.link(text))
 
+    retry_s = min(30.0, 10 * timeout_s)
+    link_log = LinkLog(agent.site, endpoint, retry_s, time.monotonic(),
+                       remind_s=LINK_REMIND_S, warn_s=OUTAGE_WARN_S, repeat_s=OUTAGE_REPEAT_S)
+
+    def say_link(lines: list[tuple[int, str]]) -> None:
+        for level, text in lines:
+            log.log(level, "%s", text)
+
     def on_event(ev: Any) -> None:
+        say_link(link_log.event(ev.kind, ev.detail, time.monotonic()))
         if ev.kind == "handshake_failed":
-            log.error("%s: %s", agent.site, ev.detail)
-            failures.append(ev.detail)
             show_link(f"connecting to {endpoint}: handshake failed, retrying")
         elif ev.kind in ("connected", "disconnected", "heartbeat_timeout"):
-            log.info("%s: %s %s", agent.site, ev.kind, ev.detail)
             show_link(f"connected to {endpoint}" if ev.kind == "connected"
                       else f"connecting to {endpoint} ({ev.kind.replace('_', ' ')})")
 
@@ -460,7 +558,7 @@ async def run_agent(agent: Agent, enrolled: Enrolled, *, interval_s: float, time
         CurveKeyPair(enrolled.curve_public, enrolled.curve_secret),
         enrolled.coordinator_public_key, enrolled.coordinator_endpoint,
         heartbeat=TransportHeartbeat(interval_s, timeout_s),
-        backoff=Backoff(0.1, min(30.0, 10 * timeout_s)), on_event=on_event,
+        backoff=Backoff(0.1, retry_s), on_event=on_event,
         max_message_bytes=agent.max_message_bytes)
     client.start()
     agent.send_frames = client.send
@@ -499,6 +597,7 @@ async def run_agent(agent: Agent, enrolled: Enrolled, *, interval_s: float, time
 
     async def beat() -> None:
         while True:
+            say_link(link_log.tick(time.monotonic()))
             if client.state == "connected":
                 try:
                     await asyncio.wait_for(agent.heartbeat(), timeout_s)

@@ -158,7 +158,9 @@ class ClientSocket:
                 replace = action
             elif isinstance(action, Report):
                 event = action.event
-                log.info("transport client: %s %s", event.kind, event.detail)
+                # DEBUG: the owner (on_event) logs what matters once, at its level
+                # (the agent's LinkLog); an INFO echo here tripled every failure
+                log.debug("transport client: %s %s", event.kind, event.detail)
                 if self.on_event is not None:
                     try:
                         self.on_event(event)

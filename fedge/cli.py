@@ -32,6 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
         "console, ONNX serving.",
     )
     parser.add_argument("--version", action="version", version=f"fedge {__version__}")
+    parser.add_argument(
+        "--log-level", metavar="LEVEL", type=_log_level_option, default=None,
+        help="log level of the daemons (agent run, coordinator run, serve): DEBUG, INFO, "
+        "WARNING or ERROR; overrides $FEDGE_LOG_LEVEL; default INFO. DEBUG writes detail "
+        "the journal otherwise lacks, a data cell's value among it",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _ROLE_MODULES:
         try:
@@ -79,6 +85,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return SIGPIPE_STATUS
 
 
+def _log_level_option(value: str) -> str:
+    from fedge.systemd import log_level
+
+    try:
+        log_level(value, what="--log-level")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value.strip().upper()
+
+
 def _command(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -86,6 +102,18 @@ def _command(argv: Sequence[str] | None) -> int:
     if func is None:
         parser.print_help()
         return 2
+    from fedge.systemd import LOG_LEVEL_ENV, log_level
+
+    if args.log_level is not None:
+        # the daemons' setup_logging reads it, as it reads the unit's Environment=
+        os.environ[LOG_LEVEL_ENV] = args.log_level
+    elif os.environ.get(LOG_LEVEL_ENV, "").strip():
+        # refused here, by name, rather than as a traceback from a daemon's start
+        try:
+            log_level(os.environ[LOG_LEVEL_ENV], what=f"${LOG_LEVEL_ENV}")
+        except ValueError as exc:
+            print(f"fedge: {exc}", file=sys.stderr)
+            return 2
     return int(func(args) or 0)
 
 

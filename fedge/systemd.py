@@ -16,7 +16,8 @@ fedge-specific:
   them and systemd restarts the service (a watchdog thread would keep pinging
   a dead daemon). A daemon whose loop runs while its work is stuck (a worker
   thread that never returns) passes ``alive``: while it says no, no pings.
-* :func:`setup_logging` logs to journald under systemd and to stderr otherwise.
+* :func:`setup_logging` logs to journald under systemd and to stderr otherwise,
+  at INFO unless ``FEDGE_LOG_LEVEL`` (:data:`LOG_LEVEL_ENV`) says otherwise.
 * :class:`GracefulShutdown` turns SIGTERM/SIGINT into ``STOPPING=1`` plus an
   asyncio event the daemon awaits; :func:`run_service` wires all of it around a
   daemon's main coroutine and returns exit status 0 after a clean stop.
@@ -45,8 +46,11 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 
 __all__ = [
+    "LOG_LEVELS",
+    "LOG_LEVEL_ENV",
     "GracefulShutdown",
     "Notifier",
+    "log_level",
     "run_service",
     "setup_logging",
     "start_watchdog",
@@ -281,26 +285,53 @@ class UtcFormatter(logging.Formatter):
     default_msec_format = "%s.%03dZ"
 
 
+#: The environment variable that sets the daemons' log level (a systemd drop-in's
+#: ``Environment=FEDGE_LOG_LEVEL=DEBUG``); INFO when unset or empty. DEBUG writes
+#: detail the journal otherwise lacks, a data cell's value among it (docs/security.md).
+LOG_LEVEL_ENV = "FEDGE_LOG_LEVEL"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def log_level(value: int | str, *, what: str = "log level") -> int:
+    """The logging level named by ``value`` (one of :data:`LOG_LEVELS`, any case) or
+    given as a number.
+
+    Raises:
+        ValueError: not one of them; the message names ``what`` (the variable or
+            option it came from), the value and the levels there are.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    name = value.strip().upper() if isinstance(value, str) else None
+    if name not in LOG_LEVELS:
+        raise ValueError(f"{what} {value!r} is not a log level: give one of "
+                         f"{', '.join(LOG_LEVELS)} (INFO when unset)")
+    return int(getattr(logging, name))
+
+
 def setup_logging(
-    name: str, level: int | str = logging.INFO, environ: Mapping[str, str] | None = None
+    name: str, level: int | str | None = None, environ: Mapping[str, str] | None = None
 ) -> logging.Logger:
     """Configure the root logger once for daemon ``name``; return ``logging.getLogger(name)``.
 
     Under systemd the records go to journald (``systemd.journal.JournalHandler``
     with ``SYSLOG_IDENTIFIER=name``, levels mapped to syslog priorities);
     otherwise to stderr with UTC timestamps (``UtcFormatter``). Calling it again
-    replaces the handler.
+    replaces the handler. ``level`` None: ``$FEDGE_LOG_LEVEL`` (:data:`LOG_LEVEL_ENV`)
+    when set and not empty, else INFO.
 
     Raises:
-        ValueError: ``name`` is empty or ``level`` is not a logging level.
+        ValueError: ``name`` is empty, or ``level`` or ``$FEDGE_LOG_LEVEL`` is not a
+            log level (named, with the levels there are).
     """
     if not name:
         raise ValueError("setup_logging needs a non-empty daemon name")
-    if isinstance(level, str):
-        resolved = logging.getLevelName(level.upper())
-        if not isinstance(resolved, int):
-            raise ValueError(f"log level {level!r} is not one of DEBUG, INFO, WARNING, ERROR")
-        level = resolved
+    if level is None:
+        env = os.environ if environ is None else environ
+        from_env = env.get(LOG_LEVEL_ENV, "")
+        level = (log_level(from_env, what=LOG_LEVEL_ENV) if from_env.strip()
+                 else logging.INFO)
+    level = log_level(level)
     root = logging.getLogger()
     for old in [h for h in root.handlers if getattr(h, _HANDLER_MARK, False)]:
         root.removeHandler(old)

@@ -465,16 +465,47 @@ def _curve_key(path: Path) -> tuple[str, str]:
     return derived, str(secret)
 
 
-def _unreadable(sd: Path, exc: OSError) -> str:
-    who = ""
-    if hasattr(os, "geteuid"):
-        import pwd
-
+def data_not_found(datasets: list[dict[str, Any]]) -> list[str]:
+    """What is wrong with each configured data set's path that can be seen without
+    reading the data: missing, not reachable, or not readable by this user. One line
+    per data set, naming it and the path (which stays in the site's own journal), so
+    that hospital IT hears of it when the agent starts, not when a job fails on it.
+    Never raises."""
+    lines = []
+    for d in datasets:
+        name, path = d.get("name"), d.get("path")
+        if not isinstance(path, str) or not path:
+            continue  # a table fedge.train refuses, by name, when it loads it
+        what = f"data set {name!r}: its path {path}"
         try:
-            who = f" as user {pwd.getpwuid(os.geteuid()).pw_name}"
-        except KeyError:
-            who = f" as uid {os.geteuid()}"
-    return (f"enrolment state under {sd} cannot be read{who}: {exc.strerror or exc}: "
+            st = os.stat(path)
+        except FileNotFoundError:
+            lines.append(f"{what} does not exist")
+            continue
+        except OSError as exc:
+            lines.append(f"{what} cannot be reached{_as_user()}: {exc.strerror or exc}")
+            continue
+        import stat
+
+        need = os.R_OK | (os.X_OK if stat.S_ISDIR(st.st_mode) else 0)
+        if not os.access(path, need):
+            lines.append(f"{what} cannot be read{_as_user()}: permission denied")
+    return lines
+
+
+def _as_user() -> str:
+    if not hasattr(os, "geteuid"):
+        return ""
+    import pwd
+
+    try:
+        return f" as user {pwd.getpwuid(os.geteuid()).pw_name}"
+    except KeyError:
+        return f" as uid {os.geteuid()}"
+
+
+def _unreadable(sd: Path, exc: OSError) -> str:
+    return (f"enrolment state under {sd} cannot be read{_as_user()}: {exc.strerror or exc}: "
             f"{exc.filename or ''}; the files must belong to the user the agent runs as "
             f"(e.g. chown -R fedge: {sd})")
 
@@ -734,6 +765,9 @@ def run(cfg: AgentConfig, *, connect_timeout_s: float | None = None) -> int:
         check_simd()
     except ValueError as exc:
         raise AgentConfigError(str(exc)) from None
+    for line in data_not_found(cfg.datasets):
+        log.warning("%s; every job on it is refused until that is fixed (the data sets' "
+                    "paths are checked when the agent starts, and by each job)", line)
     enrolled = load_enrolled(cfg.state_dir)  # reads only: the directory is an appliance's
     try:
         # one agent per state directory (fedge.instance_lock): two took turns

@@ -1460,7 +1460,8 @@ class Agent:
         try:
             n, metrics = await self._on_worker(
                 f"{m.TASK_EVAL} {job} round {rnd}", plan.deadlines.eval_s,
-                lambda: self.trainer.evaluate(plan, weights, e.split), dataset=plan.dataset)
+                lambda: self.trainer.evaluate(plan, weights, e.split, job=job),
+                dataset=plan.dataset)
         except TaskRefusal as exc:
             await self._refuse(job, rnd, m.TASK_EVAL, str(exc), e.task_id)
             return

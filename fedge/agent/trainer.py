@@ -394,7 +394,10 @@ class Trainer(Protocol):
         trains (one without DP), so that the round's one save records it."""
         ...
 
-    def evaluate(self, plan: Plan, weights: np.ndarray, split: str) -> tuple[int, dict[str, float]]:
+    def evaluate(self, plan: Plan, weights: np.ndarray, split: str, *,
+                 job: str | None = None) -> tuple[int, dict[str, float]]:
+        """``job``: the job whose model this is; it is evaluated on the version of the
+        data that job trains on (a re-export read since is not), as TorchTrainer does."""
         ...
 
 
@@ -904,6 +907,7 @@ class SyntheticTrainer:
         return LocalResult(new, self.n_examples, {"loss": loss},
                            delta_control=(ci_new - ci).astype(np.float32))
 
-    def evaluate(self, plan: Plan, weights: np.ndarray, split: str) -> tuple[int, dict[str, float]]:
+    def evaluate(self, plan: Plan, weights: np.ndarray, split: str, *,
+                 job: str | None = None) -> tuple[int, dict[str, float]]:
         w = np.asarray(weights, dtype=np.float32)
         return self.n_examples, {"loss": float(np.mean((w - self.target(w.size)) ** 2))}

@@ -16,13 +16,13 @@ NO_VAL = "site 'surv' has no 'val' split (hold one out with a 'split' column)"
 
 
 class NoValSplit(SyntheticTrainer):
-    def evaluate(self, plan, weights, split):
+    def evaluate(self, plan, weights, split, *, job=None):
         raise TaskRefusal(NO_VAL)
 
 
 class AllCensored(SyntheticTrainer):
-    def evaluate(self, plan, weights, split):
-        n, _ = super().evaluate(plan, weights, split)
+    def evaluate(self, plan, weights, split, *, job=None):
+        n, _ = super().evaluate(plan, weights, split, job=job)
         return n, {}
 
 

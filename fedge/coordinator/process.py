@@ -178,7 +178,7 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
     def on_peer_lost(peer: Any) -> None:
         site = coord.store.site_for_key(peer.public_key)
         if site is not None:
-            coord.peer_lost(site)
+            coord.peer_lost(site, peer.address)
 
     def on_superseded(old: Any, new: Any) -> None:
         site = coord.store.site_for_key(new.public_key)
@@ -244,8 +244,9 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
     tick_failed_at = float("-inf")
     flush_failed_at = float("-inf")
     admin_watch = _AdminWatch(started_at=time.monotonic())
-    # messages whose handling met a locked database before acting, oldest first
-    held: collections.deque[tuple[str, Any]] = collections.deque()
+    # messages whose handling met a locked database before acting, oldest first:
+    # (site, frames, the address of its connection)
+    held: collections.deque[tuple[str, Any, str]] = collections.deque()
     held_since: float | None = None  # since when no new message has been taken for them
     lock = _LockReport(coord.store)
     backoff_until = float("-inf")
@@ -284,8 +285,9 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
                 if site is None:
                     coord.refused(msg.peer.public_key, "message from a key not enrolled")
                     server.disconnect(msg.peer)
-                elif (locked := _handle(coord, site, msg.frames)) is not None:
-                    held.append((site, msg.frames))
+                elif (locked := _handle(coord, site, msg.frames,
+                                        msg.peer.address)) is not None:
+                    held.append((site, msg.frames, msg.peer.address))
                     held_since = time.monotonic()
                     log.info("%s from %s met the database locked before it took effect: "
                              "held, and handled again once the lock is free (no newer "
@@ -347,7 +349,7 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
                     for site, key in list(key_of.items()):
                         if key not in fresh:
                             disconnect(site)
-                            coord.peer_lost(site)
+                            coord.peer_lost(site, why="its key is no longer enrolled")
                     set_allowed(fresh)
             status = _status_text(coord, preparing, exports)
             if status is not None and status != last_status:
@@ -599,11 +601,13 @@ def _deaf_for(coord: Coordinator, heard_at: float, entered: float, timeout: floa
     return now
 
 
-def _handle(coord: Coordinator, site: str, frames: Any) -> DatabaseLocked | None:
-    """Hand one message to the coordinator; the DatabaseLocked when it was handed back
-    because the database is locked, to be handled again later, else None."""
+def _handle(coord: Coordinator, site: str, frames: Any,
+            address: str = "") -> DatabaseLocked | None:
+    """Hand one message, from ``site``'s connection at ``address``, to the
+    coordinator; the DatabaseLocked when it was handed back because the database is
+    locked, to be handled again later, else None."""
     try:
-        coord.handle_frames(site, frames)
+        coord.handle_frames(site, frames, address)
     except DatabaseLocked as exc:
         return exc
     except sqlite3.DatabaseError as exc:

@@ -165,6 +165,24 @@ CONTEST_QUIET_S = 60.0
 # one NAT fight many times a second). Three from one address can be one agent on a
 # flaky link replacing its own socket: shown as contested, not taken out.
 CONTEST_WITHDRAW_TIMES = 10
+# A site's connection is logged at INFO when it changes (connected; lost by the
+# transport; silent past the heartbeat timeout; revoked), at once for the first
+# LINK_LOG_BURST changes in a window of LINK_LOG_WINDOW_S (clock seconds). A site whose
+# link flaps faster has the rest counted and said in one line, with the state it is
+# in, when the window ends: LINK_LOG_BURST lines a minute per site at most, whatever
+# it does (a restart is two changes, a lost connection and its return two more).
+LINK_LOG_WINDOW_S = 60.0
+LINK_LOG_BURST = 4
+# How often (clock seconds) tick looks for connected sites gone silent past the
+# heartbeat timeout (a pass over every site it has logged as connected).
+LINK_CHECK_S = 1.0
+# A site's answers to a task that may arrive after the task's attempt ended (its round
+# failed, was aborted, or moved on): logged at INFO and dropped, not rejected
+# (Coordinator._late_answer). Masked inputs and evaluation results already are.
+LATE_ANSWERS = (m.TaskRefused, m.TrainDone, m.PlainUpdate)
+# Sites named, each with why, in the INFO line of who a cohort left out; the rest are
+# counted (``jobs status`` and the report name them all).
+LEFT_OUT_LOGGED = 10
 
 
 def contest_withdraws(contest: dict[str, Any] | None) -> bool:
@@ -262,6 +280,16 @@ class _Conn:
         if msg_id in self.seen_set:
             self.seen_set.discard(msg_id)
             self.seen_ids.remove(msg_id)
+
+
+@dataclass
+class _Link:
+    """What the journal was told of one site's connection (LINK_LOG_WINDOW_S)."""
+    up: bool  # connected, as last noted
+    why: str  # the last change, as a line says it ("connected from 10.0.0.7")
+    window_at: float = float("-inf")  # when (clock) the window of its lines opened
+    said: int = 0  # lines in that window
+    unsaid: int = 0  # changes in it not logged one by one
 
 
 class JobRunner:
@@ -430,6 +458,10 @@ class Coordinator:
         self._superseded: dict[str, tuple[collections.deque[float], set[str]]] = {}
         # (job, error, when) of the last start of a job that failed on its checkpoint
         self._resume_failure: tuple[str, str, float] | None = None
+        # site -> what the journal was told of its connection (:meth:`_link_changed`),
+        # for each site that connected since this process started
+        self._links: dict[str, _Link] = {}
+        self._links_checked_at = float("-inf")  # (clock) the last look for silent sites
         # Called with the new allow-list whenever enrolment changes (transport hook).
         self.on_allow_list: Callable[[set[str]], None] = lambda keys: None
         # Called with a site whose connection must be dropped at once (revocation).
@@ -635,10 +667,14 @@ class Coordinator:
                 (:meth:`submission_warnings`); nothing is stored.
         """
         plan_text = with_seed(plan_text)  # parsed; a seed written in if none is named
-        found = self.submission_warnings(parse_plan(plan_text))
+        plan = parse_plan(plan_text)
+        found = self.submission_warnings(plan)
         job_id = f"job-{time.strftime('%Y%m%d%H%M%S', time.gmtime(self.wall()))}-" \
                  f"{secrets.token_hex(3)}"
         self.store.create_job(job_id, plan_text, actor=actor)
+        log.info("job %s queued by %s: data set %r, %d round(s)%s", job_id,
+                 printable(actor), plan.dataset, plan.rounds,
+                 f" ({len(found)} warning(s) given)" if found else "")
         if warnings is not None:
             warnings.extend(found)
         return job_id
@@ -825,6 +861,10 @@ class Coordinator:
             if digest:
                 ck.final_path(self.state_dir, job_id).unlink(missing_ok=True)
             raise
+        log.info("job %s %s (%s)", job_id, printable(reason),
+                 f"its round {job.committed_round} model is kept as its result" if digest
+                 else "no model kept: no round committed" if job.committed_round < 1
+                 else "its last committed model could not be kept")
         self.forget_rounds(job_id)
         if digest:
             self.on_job_completed(job_id)
@@ -844,6 +884,8 @@ class Coordinator:
         self.store.revoke(site, actor=actor)
         self.on_allow_list(self.store.allowed_keys())
         self.conns.pop(site, None)
+        self._link_changed(site, False, f"disconnected: revoked by {printable(actor)}",
+                           self.clock())
         self.on_disconnect(site)
         if self.runner is not None and self.runner.round is not None:
             self._emit(self.runner.round, self.runner.round.lost(
@@ -900,8 +942,10 @@ class Coordinator:
         except (StoreError, sqlite3.Error) as exc:  # a full disk must not stop the transport
             self._not_written(f"connection_refused of {curve_public_z85}", exc)
 
-    def handle_frames(self, site: str, frames: Sequence[Any]) -> None:
-        """One multipart message from the authenticated ``site``.
+    def handle_frames(self, site: str, frames: Sequence[Any], address: str = "") -> None:
+        """One multipart message from the authenticated ``site`` (``address``: its
+        connection's, as the transport reports it, for the journal's line saying the
+        site connected).
 
         Anything malformed, oversized, replayed, spoofed or out of place is
         refused: logged in the audit trail, answered with ``Rejected``, and
@@ -931,6 +975,10 @@ class Coordinator:
             self._reject(site, "spoofed_sender", f"header sender "
                          f"{codec.short(env.header.sender)} is not the authenticated {site!r}")
             return
+        if conn.last_seen in (now, float("-inf")):  # new, or lost by the transport
+            came = "connected" + (f" from {printable(address)}" if address else "")
+        else:
+            came = f"heard from again after {now - conn.last_seen:.0f} s of silence"
         conn.last_seen = now
         if returning:  # a site back (restarted, perhaps restored) is told anew
             conn.ledger_told_at = float("-inf")
@@ -953,6 +1001,7 @@ class Coordinator:
                          f"{str(exc)[:200]}")
             return
         if returning and self._connected(site, now):  # not refused (version) meanwhile
+            self._link_changed(site, True, came, now)
             if self.roster:  # it may have missed roster changes while away
                 self.outbox.append(Outgoing(site, m.RosterUpdate(self.roster)))
             self.on_site_returned(site)
@@ -1005,6 +1054,10 @@ class Coordinator:
                 log.info("late %s from %s for %s/%d ignored", env.header.type, site,
                          printable(env.header.job), env.header.round)
                 return
+            if isinstance(body, LATE_ANSWERS) and self._ran(env.header.job,
+                                                           env.header.round):
+                self._late_answer(site, env, now)
+                return
             where = f"job {env.header.job!r} round {env.header.round}"
             self._reject(site, "stale_message", f"{env.header.type} for {where}, "
                          "which is not the round in progress")
@@ -1032,6 +1085,40 @@ class Coordinator:
         except (StoreError, sqlite3.OperationalError) as exc:  # the next tick records it
             self._not_written(f"the end of job {rnd.job_id} round {rnd.round}", exc)
 
+    def _ran(self, job: str, round: int) -> bool:
+        """Whether round ``round`` of job ``job`` has been open: a round of the job
+        running, up to the one in progress or next, or of an ended job up to the one
+        after its last committed (its failed attempts)."""
+        runner = self.runner
+        if runner is not None and runner.job_id == job:
+            return 1 <= round <= runner.committed + 1
+        try:
+            ended = self.store.job(job)
+        except StoreError:
+            return False
+        return ended.status in ("completed", "failed", "cancelled") \
+            and 1 <= round <= ended.committed_round + 1
+
+    def _late_answer(self, site: str, env: codec.Envelope, now: float) -> None:
+        """A site's answer to a task of an attempt that has ended (its deadline passed,
+        the attempt failed or was aborted): a race every federation meets, not a fault.
+        Nothing is answered; logged at INFO and audited as ``late_answer`` once per
+        site and round (then counted, as the rejections are: a site cannot flood with
+        them)."""
+        body = env.body
+        why = (f": {peer_reason(m.clip_reason(body.reason))}"
+               if isinstance(body, m.TaskRefused) else "")
+        job = printable(env.header.job)
+        try:
+            if self._rejections.event((site, "late_answer", env.header.job, env.header.round),
+                                      site, "late_answer",
+                                      {"job": env.header.job, "round": env.header.round,
+                                       "type": env.header.type}, now):
+                log.info("late %s from %s for job %s round %d, whose attempt had ended: "
+                         "ignored%s", env.header.type, site, job, env.header.round, why)
+        except (StoreError, sqlite3.Error) as exc:
+            self._not_written(f"late_answer of {site}", exc)
+
     def not_listening(self, seconds: float) -> None:
         """The process took no message for ``seconds`` (they waited in ZeroMQ while the
         database was locked, or its loop did not run: paused, swapped out, busy): the
@@ -1049,8 +1136,13 @@ class Coordinator:
         if self.runner is not None and self.runner.round is not None:
             self.runner.round.postpone(seconds)
 
-    def peer_lost(self, site: str) -> None:
-        """The transport lost ``site`` (heartbeat timeout or disconnect)."""
+    def peer_lost(self, site: str, address: str = "", *,
+                  why: str = "its connection closed or went silent") -> None:
+        """The transport lost ``site`` (heartbeat timeout or disconnect), or the process
+        dropped it (``why``); ``address``: the connection's, as the transport reports
+        it."""
+        self._link_changed(site, False, f"disconnected: {why}"
+                           + (f" ({printable(address)})" if address else ""), self.clock())
         conn = self.conns.get(site)
         if conn is not None and conn.last_seen != float("-inf"):
             conn.last_seen = float("-inf")  # keeps its replay window
@@ -1076,6 +1168,8 @@ class Coordinator:
             # connection is dropped after it (fedge.coordinator.process._drain)
             self._reject(site, "version_refused", decision.reason, close_after=True)
             self.conns.pop(site, None)
+            self._link_changed(site, False, "disconnected: its agent's version is refused",
+                               self.clock())
             return False
         conn = self.conns.get(site)
         if decision.update_required and (conn is None
@@ -1178,6 +1272,58 @@ class Coordinator:
                       "%g s): %s: %s", what, self.store.path, FINISH_RETRY_S,
                       type(exc).__name__, exc)
 
+    def _link_changed(self, site: str, up: bool, why: str, now: float) -> None:
+        """``site`` connected (``up``) or went away, ``why`` saying how: one INFO line,
+        unless LINK_LOG_BURST were logged in its window (LINK_LOG_WINDOW_S); then the
+        change is counted, and :meth:`_say_links` says where the site stands when the
+        window ends. A site not connected since this process started has nothing to
+        lose."""
+        link = self._links.get(site)
+        if link is None:
+            if not up:
+                return
+            link = self._links[site] = _Link(up=False, why="")
+        if link.up == up:
+            return
+        link.up, link.why = up, why
+        if now - link.window_at >= LINK_LOG_WINDOW_S:
+            self._say_link(site, link, now)  # a new window, and the last one's count
+        elif link.said < LINK_LOG_BURST:
+            link.said += 1
+            log.info("site %s %s", site, why)
+        else:
+            link.unsaid += 1
+
+    @staticmethod
+    def _say_link(site: str, link: _Link, now: float) -> None:
+        """Say where ``site`` stands, with the changes its last window held back, and
+        open a new window."""
+        held = ""
+        if link.unsaid:
+            held = (f" (its connection changed {link.unsaid} more time(s) in the "
+                    f"{now - link.window_at:.0f} s before, not logged one by one)")
+        log.info("site %s %s%s", site, link.why, held)
+        link.window_at, link.said, link.unsaid = now, 1, 0
+
+    def _say_links(self, now: float) -> None:
+        """Note the sites gone silent past the heartbeat timeout that the transport
+        has not reported lost, and say the changes held back (LINK_LOG_WINDOW_S)."""
+        if now - self._links_checked_at < LINK_CHECK_S:
+            return
+        self._links_checked_at = now
+        rnd = self.runner.round if self.runner is not None else None
+        uploading = (set(rnd.participants) if rnd is not None
+                     and rnd.phase is Phase.AGGREGATING else set())
+        for site, link in list(self._links.items()):
+            if link.up and not self._connected(site, now) and not (
+                    site in uploading and not self._transport_lost(site)):
+                # (a site uploading its masked input is silent behind it: tick's rule)
+                self._link_changed(site, False, "not heard from for over "
+                                   f"{self.heartbeat_timeout_s:g} s: counted as "
+                                   "disconnected", now)
+            if link.unsaid and now - link.window_at >= LINK_LOG_WINDOW_S:
+                self._say_link(site, link, now)
+
     # -- driving --------------------------------------------------------------------
 
     def connected_sites(self, now: float | None = None) -> set[str]:
@@ -1205,6 +1351,7 @@ class Coordinator:
                     throttle.flush(now)
                 except (StoreError, sqlite3.Error) as exc:  # counted; flushed when it can be
                     self._not_written(f"a summary of {throttle.verb} events", exc)
+        self._say_links(now)
         if self.runner is None:
             self._start_next_job(now)
             if self.runner is None:
@@ -1253,6 +1400,10 @@ class Coordinator:
             self._emit(rnd, rnd.offer(sel.candidates, now, why=why))
             if rnd.phase is not Phase.WAITING_COHORT:  # the cohort formed: who was not in it
                 rnd.left_out = sel.left_out(rnd.cohort)
+                if rnd.left_out:
+                    log.info("job %s round %d: cohort of %d formed; left out: %s",
+                             rnd.job_id, rnd.round, len(rnd.cohort),
+                             _left_out_text(rnd.left_out))
         else:
             self._emit(rnd, rnd.tick(now))
         self._after(now)
@@ -1432,6 +1583,8 @@ class Coordinator:
                                    self.job_outcome(runner.job_id, "completed"))
             self.store.set_job_status(runner.job_id, "completed", actor=SYSTEM,
                                       final_digest=digest)
+            log.info("job %s completed: %d round(s) committed; final model %s",
+                     runner.job_id, runner.committed, digest[:12])
         except (OSError, ck.CheckpointError, StoreError, sqlite3.Error) as exc:
             error = f"{type(exc).__name__}: {exc}"
             log.error("job %s: all %d rounds committed but finishing failed (retried in "
@@ -1522,9 +1675,13 @@ class Coordinator:
         self._resume_failure = None
         if job.status == "queued":
             self.store.set_job_status(job.job_id, "running", actor=SYSTEM)
+            log.info("job %s started: data set %r, %d round(s), min_clients %d",
+                     job.job_id, plan.dataset, plan.rounds, plan.min_clients)
         else:
             self.store.audit(SYSTEM, "job_resumed",
                              {"job": job.job_id, "from_round": job.committed_round})
+            log.info("job %s resumed after round %d of %d", job.job_id,
+                     job.committed_round, plan.rounds)
         # room for the longest aggregation input (SCAFFOLD: 2d + 1 values)
         self.max_message_bytes = max(self.max_message_bytes,
                                      8 * (2 * weights.size + 1) + (1 << 20))
@@ -1946,6 +2103,17 @@ def remedy_first(failure: str, refusals: dict[str, str]) -> str:
     return (f"{RESEED_REMEDY}: this plan's seed was run before over another set of sites, "
             f"and {_names(summed)} refused to have the same update summed again over "
             f"this one. {failure}")
+
+
+def _left_out_text(left_out: dict[str, str], limit: int = LEFT_OUT_LOGGED) -> str:
+    """Who a cohort left out and why, for one log line: the first ``limit`` sites by
+    name, each reason as a site's text is kept (:func:`peer_reason`: escaped, its
+    middle cut when long: a reason may be a heartbeat's), the rest counted."""
+    first = sorted(left_out)[:limit]
+    text = "; ".join(f"{site} ({peer_reason(left_out[site])})" for site in first)
+    if len(left_out) > len(first):
+        text += f"; and {len(left_out) - len(first)} more (jobs status names them)"
+    return text
 
 
 def _names(sites: Sequence[str], limit: int = 5) -> str:

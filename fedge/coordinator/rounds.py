@@ -47,7 +47,10 @@ the median of its round's leaves it out of the sum (:func:`example_count_outlier
 A masked input can carry any offset unseen: the unmasked sum must hold the total
 weight the counts give, and no coordinate beyond the clip (:func:`sum_problem`), or
 the attempt fails. A site that refuses the aggregation because a peer's share to it
-was tampered with fails the attempt (:meth:`Round._accusation`).
+was tampered with fails the attempt (:meth:`Round._accusation`). A survivor's unmasking
+share that SecAgg+ found false (left out of a sum that still commits,
+``AggregationResult.false_shares``) is audited as "false_unmask_share", naming its
+sender and whose secret it was a share of (:meth:`Round._false_share_findings`).
 
 SCAFFOLD (plan strategy ``scaffold``): the task carries the server control
 variate c, and each input is concat(w_i·Δ_i, w_i·Δc_i, [w_i]) (2d + 1 values,
@@ -371,6 +374,9 @@ class AggregationResult:
     total: np.ndarray  # float64[d+1]: Σ w_i·Δ_i, Σ w_i (SCAFFOLD [2d+1]: then Σ w_i·Δc_i)
     survivors: list[str]
     dropped: list[str]
+    # survivor -> the secrets ("<site>'s self-mask seed") it sent a false unmasking
+    # share of, which the sum was recovered without (SecAgg+ only)
+    false_shares: dict[str, list[str]] = field(default_factory=dict)
 
 
 class Aggregation(Protocol):
@@ -581,7 +587,9 @@ class Round:
     # a TrainDone's count left its site out of the sum; "share_accusation": a site
     # refused the aggregation saying a peer's share to it was tampered with (detail
     # "accused"): the attempt failed, and the driver leaves both out of the job's later
-    # rounds; "aggregate_out_of_bounds": the unmasked sum no honest inputs can make
+    # rounds; "aggregate_out_of_bounds": the unmasked sum no honest inputs can make;
+    # "false_unmask_share": a survivor's unmasking share did not fit the others of its
+    # secret and was left out of the sum (:meth:`_false_share_findings`)
     findings: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -1035,6 +1043,7 @@ class Round:
         res = agg.result
         if res is None:
             return []
+        self._false_share_findings(res)
         d = self.weights.size
         total_weight = float(res.total[-1])
         problem = self._sum_problem(res)
@@ -1076,6 +1085,23 @@ class Round:
                                    weights=self.new_weights, split=FINAL_TEST_SPLIT))
                     for s in self._eval_cohort()]
         return out
+
+    def _false_share_findings(self, res: AggregationResult) -> None:
+        """A "false_unmask_share" finding for each survivor the aggregation found
+        sending a false unmasking share: "site" the sender, "secrets" what it was a
+        share of, "owners" whose. The sum is right without it, so the round goes on;
+        the finding is not proof against the sender alone (shares are not verifiable:
+        the secret's owner may have dealt it a false one), so nobody is left out."""
+        for sender, secrets_of in sorted(res.false_shares.items()):
+            owners = sorted({s for s in self._agg_cohort for what in secrets_of
+                             if what.startswith(f"{s}'s ")})
+            self.findings.append(("false_unmask_share", {
+                "job": self.job_id, "round": self.round, "site": sender,
+                "secrets": list(secrets_of), "owners": owners,
+                "reason": (f"{sender}'s unmasking share of {', '.join(secrets_of)} did not "
+                           "fit the other shares and was left out of the sum: "
+                           f"{sender} altered it, or {' or '.join(owners) or 'its owner'} "
+                           "dealt it a false one")}))
 
     def _sum_problem(self, res: AggregationResult) -> str | None:
         """Why the unmasked sum ``res`` cannot be the survivors' honest inputs, or None

@@ -17,6 +17,11 @@ attempt as soon as the sites whose masked input is in the sum, or may still be s
 fall below it (a site lost or refusing at the key stages), before any further input
 leaves a site (and its DP run is charged for it). The attempt is retried as any
 failed attempt is.
+
+A committed sum carries the senders of any false unmasking shares the session found
+and left out (``SecAggResult.false_shares`` as ``AggregationResult.false_shares``):
+the round audits them ("false_unmask_share"). A sum that fails names them in its
+failure.
 """
 
 from __future__ import annotations
@@ -131,7 +136,9 @@ class SecureAggregation:
         s = self.session
         if self._result is None and s is not None and s.result is not None:
             r = s.result
-            self._result = AggregationResult(r.total, list(r.survivors), list(r.dropped))
+            self._result = AggregationResult(
+                r.total, list(r.survivors), list(r.dropped),
+                {h: list(w) for h, w in r.false_shares.items()})
         return self._result
 
     @property

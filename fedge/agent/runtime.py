@@ -1369,9 +1369,9 @@ class Agent:
 
         plan = task.plan
         n = len(set(survivors))
-        if n < self.policy.min_cohort:
-            raise TooFewSurvivors(f"a sum over {n} sites is below this appliance's "
-                                  f"min_cohort {self.policy.min_cohort}")
+        too_few = self.policy.min_cohort_refusal(n, "a sum")  # says how to allow it
+        if too_few:
+            raise TooFewSurvivors(too_few)
         client_dp = plan.privacy.get("client_dp")
         if isinstance(client_dp, dict) and int(client_dp.get("cohort_size", 0)) > n:
             raise TooFewSurvivors(

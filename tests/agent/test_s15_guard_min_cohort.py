@@ -101,7 +101,7 @@ def test_by_default_a_site_does_not_unmask_a_sum_shrunk_to_itself_and_one_other(
     assert record.status == "failed"
     assert not final.exists()
     assert not any(r.status == "committed" for r in rounds)
-    assert "a: TooFewSurvivors: a sum over 2 sites is below this appliance's min_cohort 3" \
+    assert "a: TooFewSurvivors: a sum over 2 site(s) is below this appliance's min_cohort 3" \
         in record.error
 
 

@@ -15,7 +15,9 @@ does not fit its stage is discarded (counted in ``discarded``), never
 fatal.  The server needs no honest client to stay correct.
 
 A client may lie about the shares it reveals.  The unmasking waits for every
-site asked (until its deadline; then t shares of each secret suffice) and checks
+site asked, but not for long once it could finish: when every secret has t
+shares it waits ``UNMASK_GRACE_S`` more for the others (or to its deadline, if
+that comes first), then closes with what it has.  It checks
 that all the shares of a secret lie on one polynomial of degree t - 1
 (``shamir.recover``): false shares are left out and their senders named
 (``false_shares``, in the result and in any failure) when the shares that agree
@@ -85,6 +87,14 @@ SERVER_TERMINAL_STAGES = ("Completed", "Failed")
 
 Outgoing = list[tuple[str, object]]
 
+# Seconds the unmasking still waits, once every secret has t shares, for the sites
+# asked that have not answered: their shares beyond t are what exposes a false one
+# (module doc).  Honest answers to one UnmaskRequest arrive within a round trip of
+# one another (milliseconds on a LAN, well under a second on a WAN), so 2 s takes
+# them in; a connected but wedged site then holds the round 2 s, not the stage
+# deadline.  A share arriving after the grace is not checked (nor needed).
+UNMASK_GRACE_S = 2.0
+
 
 @dataclass(frozen=True)
 class SecAggResult:
@@ -138,6 +148,7 @@ class ServerSession:
         self.discarded = 0
         self._alive: set[str] = set(self.cohort)
         self._replied: set[str] = set()
+        self._grace_started = False  # unmasking: every secret has t shares (UNMASK_GRACE_S)
         self._adverts: dict[str, KeyAdvertisement] = {}
         self._ciphertexts: dict[str, dict[str, bytes]] = {}
         self._total: np.ndarray | None = None
@@ -220,7 +231,12 @@ class ServerSession:
             return self._drop_now(sender, f"its {expected} was refused (malformed, or not "
                                           "what this stage allows)", now)
         self._replied.add(sender)
-        return self._close_stage(now) if self._stage_complete() else []
+        if self._stage_complete():
+            return self._close_stage(now)
+        if self.stage == "Unmasking" and not self._grace_started and self._can_reconstruct():
+            self._grace_started = True
+            self.deadline = min(self.deadline, now + UNMASK_GRACE_S)
+        return []
 
     def refuse(self, sender: str, now: float) -> Outgoing:
         """``sender`` has said it will send nothing more this round (its own abort, a
@@ -241,6 +257,7 @@ class ServerSession:
         self.stage = stage
         self.deadline = now + self.config.stage_timeout
         self._replied = set()
+        self._grace_started = False
 
     def _drop(self, cid: str, why: str) -> None:
         if cid in self._alive:
@@ -271,12 +288,13 @@ class ServerSession:
 
     def _stage_complete(self) -> bool:
         # the unmasking too waits for every site asked, not the first t of each
-        # secret: the shares beyond t are what exposes a false one (module doc)
+        # secret: the shares beyond t are what exposes a false one (module doc);
+        # receive() brings its deadline to UNMASK_GRACE_S after the t-th
         return self._alive <= self._replied
 
     def _close_stage(self, now: float) -> Outgoing:
         for cid in sorted(self._alive - self._replied):
-            if self.stage != "Unmasking":  # at its deadline unmasking needs only t answers
+            if self.stage != "Unmasking":  # at its deadline or grace unmasking needs only t
                 self._drop(cid, "no answer before the stage deadline")
         try:
             out = getattr(self, "_close_" + self.stage)()
@@ -527,6 +545,10 @@ class ServerSession:
         return ([(c, "self-mask seed", self._seed_shares.get(c, {})) for c in sorted(self._u3)]
                 + [(c, "mask key", self._key_shares.get(c, {}))
                    for c in self._needed_key_owners()])
+
+    def _can_reconstruct(self) -> bool:
+        t = self.config.threshold
+        return all(len(taken) >= t for _, _, taken in self._secrets())
 
     def _short_secret(self, due: set[str]) -> tuple[str, str, int] | None:
         """The first secret that the shares taken and the sites in ``due`` cannot bring

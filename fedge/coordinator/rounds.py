@@ -42,15 +42,20 @@ Under DP-FedAvg (plan ``privacy.client_dp``) every agent sends w_i = min(1, c)
 instead, so the result is the unweighted mean its noise shares are sized for.
 
 What a site says of itself is checked where the coordinator can check it. Its
-TrainDone count weighs its input: a count more than MAX_EXAMPLES_OVER_MEDIAN times
-the median of its round's leaves it out of the sum (:func:`example_count_outliers`).
-A masked input can carry any offset unseen: the unmasked sum must hold the total
-weight the counts give, and no coordinate beyond the clip (:func:`sum_problem`), or
-the attempt fails. A site that refuses the aggregation because a peer's share to it
-was tampered with fails the attempt (:meth:`Round._accusation`). A survivor's unmasking
-share that SecAgg+ found false (left out of a sum that still commits,
-``AggregationResult.false_shares``) is audited as "false_unmask_share", naming its
-sender and whose secret it was a share of (:meth:`Round._false_share_findings`).
+TrainDone count weighs its input, and nothing can check the count: a false one lets
+the site's update dominate the mean, as an offset on its masked input can. A masked
+input can carry any offset unseen: the unmasked sum must hold the total weight the
+counts give, and no coordinate beyond the clip (:func:`sum_problem`), or the attempt
+fails; that bound is what a false count cannot pass either, so a count is never a
+reason to leave a site out. One more than MAX_EXAMPLES_OVER_MEDIAN times the median
+of its round's is audited ("example_count_outlier"; not under DP-FedAvg, where counts
+weigh nothing) and summed. In the size-weighted evaluation metric (site "*") such a
+count is capped at that multiple of the median (:func:`eval_weights`). A site that
+refuses the aggregation because a peer's share to it was tampered with fails the
+attempt (:meth:`Round._accusation`). A survivor's unmasking share that SecAgg+ found
+false (left out of a sum that still commits, ``AggregationResult.false_shares``) is
+audited as "false_unmask_share", naming its sender and whose secret it was a share of
+(:meth:`Round._false_share_findings`).
 
 SCAFFOLD (plan strategy ``scaffold``): the task carries the server control
 variate c, and each input is concat(w_i·Δ_i, w_i·Δc_i, [w_i]) (2d + 1 values,
@@ -208,31 +213,46 @@ def peer_reason(reason: str) -> str:
 
 
 # A site's example count (TrainDone's, EvalResult's) is its own word, and it decides
-# its weight: a count this many times the median of its round's counts leaves the
-# site out of the sum (training) or out of the size-weighted metric (evaluation).
+# its weight. In training nothing the coordinator could do with it adds protection:
+# the weight is computed by the agent (w_i = weight_scale·n_i), and a false count
+# (up to the wire's 2**40) lets one site's update dominate the mean, yet still within
+# the clip on every coordinate (sum_problem), where an offset on its masked input can
+# move the mean anyway. Leaving such a site out would only cost honest federations
+# their largest site (a university hospital beside small clinics; under DP-FedAvg a
+# cohort below client_dp.cohort_size). So a TrainDone count more than this many times
+# the median of its round's is audited and logged ("example_count_outlier"), and summed.
+# In evaluation the coordinator does the weighing itself: a count above this multiple
+# of the median of the counts weighed is weighed as that multiple (eval_weights), so an
+# honest site at 150x still counts, at 100x, and one claiming 2**40 cannot decide the
+# federation's figure.
 # Why 100: the federations fedge serves differ by one order of magnitude at most
-# (Fed-TCGA-BRCA's centres: 51 to 311; Fed-Heart-Disease's: 30 to 199), so 100x
-# leaves an honest site room; and it keeps every honest weight far above the
-# quantiser's step. With n_max <= 100·median, at least half of the k sites (those at
-# or above the median) weigh >= min(1, c)/100 each, so Σw >= k·min(1, c)/200, while
-# the sum's rounding is below k quantisation steps 2c/(2^b − 1): the weighted mean
-# then carries a rounding error below 400/(2^b − 1) of the clip, 1e-4 even at
-# 1000 sites (b = 22). Without the bound one site reporting 2**40 examples put every
-# other weight below one step, and the round committed rounding noise.
+# (Fed-TCGA-BRCA's centres: 51 to 311; Fed-Heart-Disease's: 30 to 199), so 100x leaves
+# an honest site room before it is audited or capped.
 # A median is that of the round's own sites: of two, it is their mean, which neither
-# can exceed 100-fold, so a cohort of two is never judged (nor falsely refused).
+# can exceed 100-fold, so a pair is never flagged nor capped.
 MAX_EXAMPLES_OVER_MEDIAN = 100
+
+
+def count_median(counts: Mapping[str, int]) -> float | None:
+    """The median of ``counts`` that MAX_EXAMPLES_OVER_MEDIAN multiplies, or None for
+    fewer than two (a lone count is judged against nothing)."""
+    if len(counts) < 2:
+        return None
+    return float(statistics.median(counts.values()))
+
+
+def _shown(median: float) -> str:
+    return str(int(median)) if median == int(median) else f"{median:g}"
 
 
 def example_count_outliers(counts: Mapping[str, int]) -> dict[str, str]:
     """The sites whose count is more than MAX_EXAMPLES_OVER_MEDIAN times the median of
     ``counts``, each with why (naming its count and the median)."""
-    if len(counts) < 2:
+    median = count_median(counts)
+    if median is None:
         return {}
-    median = statistics.median(counts.values())
-    shown = f"{median:g}" if median != int(median) else str(int(median))
     return {site: (f"reported {n} examples, more than {MAX_EXAMPLES_OVER_MEDIAN}x the "
-                   f"median {shown} of this round's sites")
+                   f"median {_shown(median)} of this round's sites")
             for site, n in sorted(counts.items()) if n > MAX_EXAMPLES_OVER_MEDIAN * median}
 
 
@@ -243,28 +263,48 @@ TAMPERED_SHARE = "TamperedShare: "
 FINAL_TEST_SPLIT = "test"  # the split of the last round's final test (module doc)
 
 
+def _weighed_counts(evals: Mapping[str, Any]) -> dict[str, int]:
+    """The counts one split's size-weighted metric weighs: results with metrics."""
+    return {site: ev.n_examples for site, ev in evals.items()
+            if ev.metrics and ev.n_examples > 0}
+
+
+def eval_weights(evals: Mapping[str, Any]) -> dict[str, int]:
+    """Each weighed result's weight in its split's size-weighted metric (site "*"):
+    its count, capped at MAX_EXAMPLES_OVER_MEDIAN times the median of the counts
+    weighed (a median of two or more is a whole number or a half, so the cap is
+    whole). One site claiming 2**40 examples would otherwise be the federation's
+    figure."""
+    counts = _weighed_counts(evals)
+    median = count_median(counts)
+    if median is None:
+        return counts
+    cap = round(MAX_EXAMPLES_OVER_MEDIAN * median)
+    return {site: min(n, cap) for site, n in counts.items()}
+
+
 def eval_count_outliers(evals: Mapping[str, Any]) -> dict[str, str]:
-    """The results of one split's evaluation left out of its size-weighted metric (site
-    "*"), each with why: a count far above the median of the counts that would be
-    weighed (MAX_EXAMPLES_OVER_MEDIAN); one site claiming 2**40 examples would
-    otherwise be the federation's figure. Its own rows are kept."""
-    return example_count_outliers({site: ev.n_examples for site, ev in evals.items()
-                                   if ev.metrics and ev.n_examples > 0})
+    """The results of one split's evaluation whose weight in the size-weighted metric
+    :func:`eval_weights` capped, each with why and the weight it got. Their own rows
+    keep their count as sent."""
+    weights = eval_weights(evals)
+    return {site: f"{why}: weighed as {weights[site]}"
+            for site, why in example_count_outliers(_weighed_counts(evals)).items()}
 
 
 def _eval_rows(evals: dict[str, Any], split: str) -> list[tuple[str, str, str, float, int]]:
-    """Metric rows of one split's evaluations: each site's, then each metric's
-    size-weighted aggregate as site "*" (without :func:`eval_count_outliers`)."""
+    """Metric rows of one split's evaluations: each site's (its count as sent), then
+    each metric's size-weighted aggregate as site "*", weighed by :func:`eval_weights`
+    (its count the sum of those weights)."""
     rows = []
     sums: dict[str, tuple[float, int]] = {}
-    outliers = eval_count_outliers(evals)
+    weights = eval_weights(evals)
     for site, ev in sorted(evals.items()):
         for name, value in sorted(ev.metrics.items()):
             rows.append((site, split, name, float(value), ev.n_examples))
-            if site in outliers:
-                continue
+            w = weights.get(site, 0)
             s, n = sums.get(name, (0.0, 0))
-            sums[name] = (s + float(value) * ev.n_examples, n + ev.n_examples)
+            sums[name] = (s + float(value) * w, n + w)
     for name, (s, n) in sorted(sums.items()):
         if n > 0:
             rows.append(("*", split, name, s / n, n))
@@ -582,9 +622,13 @@ class Round:
     _record_error: str = ""
     _training_since: float = 0.0  # when the TrainTasks were sent
     _weight_scale: float = 0.0  # as AggregateBegin told the aggregation cohort
+    # the sites that refused to train (TaskRefused); the others in ``refused`` before
+    # the aggregation were lost, withdrawn, or sent a result the round refused
+    _declined: set[str] = field(default_factory=set)
     # what the driver audits and acts on, taken as it reads them (:meth:`take_findings`):
     # (action, detail) with detail["site"] the site concerned. "example_count_outlier":
-    # a TrainDone's count left its site out of the sum; "share_accusation": a site
+    # a TrainDone's count far above the round's median (summed all the same, see
+    # MAX_EXAMPLES_OVER_MEDIAN); "share_accusation": a site
     # refused the aggregation saying a peer's share to it was tampered with (detail
     # "accused"): the attempt failed, and the driver leaves both out of the job's later
     # rounds; "aggregate_out_of_bounds": the unmasked sum no honest inputs can make;
@@ -752,6 +796,7 @@ class Round:
                     return self._reject(sender, "task refused after its train result; "
                                         "the train result stands")
                 self.refused.setdefault(sender, peer_reason(body.reason))
+                self._declined.add(sender)
             else:
                 return self._reject(sender, f"{type(body).__name__} during training")
             return self._answered_training(now)
@@ -940,14 +985,7 @@ class Round:
     # -- transitions -------------------------------------------------------------------
 
     def _end_training(self, now: float) -> Outgoing:
-        # a site whose count dwarfs the others' would put their weights below the
-        # quantiser's step (MAX_EXAMPLES_OVER_MEDIAN): it is left out of the sum
-        for site, why in example_count_outliers(
-                {s: t.n_examples for s, t in self.trained.items()}).items():
-            del self.trained[site]
-            self.refused[site] = why
-            self.findings.append(("example_count_outlier", {
-                "job": self.job_id, "round": self.round, "site": site, "reason": why}))
+        self._flag_count_outliers()
         done = sorted(self.trained)
         if self.pinned_cohort is not None and done != self.pinned_cohort:
             for s in self.pinned_cohort:
@@ -982,6 +1020,22 @@ class Round:
                                  + (f": {self.refused[s]}" if s in self.refused else "")))
                 for s in self.cohort if s not in done]
         return out + self._aggregated(self._aggregation.start(now), now)
+
+    def _flag_count_outliers(self) -> None:
+        """An "example_count_outlier" finding for each trained site whose count is more
+        than MAX_EXAMPLES_OVER_MEDIAN times the median of the round's: audited, and
+        summed all the same (the comment above MAX_EXAMPLES_OVER_MEDIAN says why).
+        Under DP-FedAvg a count weighs nothing (w_i = min(1, c)): nothing to flag."""
+        if self.plan.privacy.get("client_dp") is not None:
+            return
+        counts = {s: t.n_examples for s, t in self.trained.items()}
+        median = count_median(counts)
+        for site, why in example_count_outliers(counts).items():
+            self.findings.append(("example_count_outlier", {
+                "job": self.job_id, "round": self.round, "site": site,
+                "count": counts[site],
+                "median": int(median) if median == int(median) else median,
+                "reason": f"{why}: summed, its update weighing that much in the mean"}))
 
     def _aggregated(self, out: Outgoing, now: float) -> Outgoing:
         """What the aggregation sends, checked (:meth:`_from_aggregation`), then the
@@ -1025,13 +1079,20 @@ class Round:
             # (an agent refusing to reveal), not the protocol's consequence of it
             # (those that refused to train first: often the first cause, and their
             # remedy, e.g. a missing column, is what the operator can act on)
+            # (the words "refused" only for what a site said: a lost connection, a
+            # withdrawal or a train result the round refused is not the site's refusal)
             said = [f"{s}: {self.refused[s]}" for s in self._agg_cohort if s in self.refused]
-            before = [f"{s}: {r}" for s, r in sorted(self.refused.items())
-                      if s not in self._agg_cohort]
-            why = f" ({len(said)} site(s) refused: {'; '.join(said)})" if said else ""
-            if before:
-                why += (f" ({len(before)} site(s) had refused to train: "
-                        f"{'; '.join(before)})")
+            before = [s for s in sorted(self.refused) if s not in self._agg_cohort]
+            declined = [f"{s}: {self.refused[s]}" for s in before if s in self._declined]
+            missing = [f"{s}: {self.refused[s]}" for s in before if s not in self._declined]
+            why = (f" ({len(said)} site(s) of the aggregation refused or were lost: "
+                   f"{'; '.join(said)})" if said else "")
+            if declined:
+                why += (f" ({len(declined)} site(s) had refused to train: "
+                        f"{'; '.join(declined)})")
+            if missing:
+                why += (f" ({len(missing)} other site(s) were not in the aggregation: "
+                        f"{'; '.join(missing)})")
             if self._held and not self._unmask_recorded:
                 why += (" (no site was asked to unmask: the survivor set could not be "
                         f"recorded: {self._record_error or 'not yet written'})")

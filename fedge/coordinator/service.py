@@ -335,6 +335,9 @@ class JobRunner:
         # say (site -> why): both ends of a tampered-share accusation (Round's
         # "share_accusation" finding), rebuilt from the audit log when the job resumes.
         self.excluded: dict[str, str] = {}
+        # Sites already audited as "example_count_outlier" in this job: an honest large
+        # site is one every round, and once (per coordinator run) says it.
+        self.count_outliers: set[str] = set()
 
     def retry_later(self, attempts: int, reason: str, now: float,
                     opened_at: float | None = None) -> None:
@@ -1548,7 +1551,7 @@ class Coordinator:
             for site, why in eval_count_outliers(evals).items():
                 self._finding(runner, "eval_count_outlier", {
                     "job": runner.job_id, "round": rnd.round, "site": site, "split": split,
-                    "reason": f"not in the size-weighted {split} metrics: {why}"})
+                    "reason": f"capped in the size-weighted {split} metrics: {why}"})
         if rnd.final_test:  # which survivors are not in the final test, and why
             try:
                 self.store.audit(SYSTEM, "final_test", {
@@ -1780,9 +1783,14 @@ class Coordinator:
     def _finding(self, runner: JobRunner, action: str, detail: dict[str, Any]) -> None:
         """Act on what a round found a site doing (``Round.findings``): log it, audit it
         (best effort: a full disk costs the row, not the action) and, for a tampered-share
-        accusation, leave the accuser and the accused out of the job's later rounds."""
+        accusation, leave the accuser and the accused out of the job's later rounds. An
+        "example_count_outlier" is told once per site and job (JobRunner.count_outliers)."""
         if action == "share_accusation":
             self._exclude(runner, detail)
+        if action == "example_count_outlier":
+            if detail.get("site") in runner.count_outliers:
+                return
+            runner.count_outliers.add(str(detail.get("site")))
         log.warning("job %s round %s: %s%s: %s", runner.job_id, detail.get("round"),
                     action.replace("_", " "),
                     f" ({printable(detail['site'])})" if detail.get("site") else "",

@@ -1291,8 +1291,9 @@ class Agent:
                                          quantise_seed=task.quant_seed,
                                          before_reveal=lambda survivors: self._before_reveal(
                                              task, summed, update, survivors),
-                                         before_masked_input=lambda: self._before_input(
-                                             task, controls))
+                                         before_masked_input=lambda max_summed: (
+                                             self._before_input(task, controls,
+                                                                max_summed)))
         except SecAggConfigError as exc:
             self._give_up(task)
             await self._refuse(job, rnd, "aggregate", f"secure aggregation: {exc}",
@@ -1338,19 +1339,40 @@ class Agent:
                     f"({without_appliance_paths(str(exc))})")
         return ""
 
-    def _before_input(self, task: _Task, controls: _JobControls | None = None) -> None:
+    def _before_input(self, task: _Task, controls: _JobControls | None = None,
+                      max_summed: int | None = None) -> None:
         """A DP run is charged in the privacy ledger, on disk, before the masked input
         leaves: from then on the other survivors can unmask it without this site (any t
         of them reveal its self-mask seed), whether or not it sends its own shares or
         stays connected. A round that fails after this was charged: the safe side.
 
+        First, a sum that :meth:`_before_reveal` would refuse whoever survives is
+        refused here, before anything is charged: ``max_summed`` (the most inputs the
+        sum can hold, ``ClientSession``) below the site's ``min_cohort`` or, under
+        DP-FedAvg, below the cohort the noise was drawn for. Sites that dropped before
+        sharing keys would otherwise cost ε in a round that cannot commit.
+
         SCAFFOLD's Δc_i is kept pending (:meth:`_hold_control`) here too: once the input
         left, it can be summed without this site.
 
-        Raises: RevealRefused (a SecAggAbort): the ledger (or the pending Δc_i) cannot be
-        saved; the masked input is withheld and the run stays pending."""
-        from fedge.secagg.errors import RevealRefused
+        Raises: TooFewSurvivors (a SecAggAbort): too few sites shared keys; nothing
+        charged. RevealRefused (a SecAggAbort): the ledger (or the pending Δc_i) cannot
+        be saved; the masked input is withheld and the run stays pending."""
+        from fedge.secagg.errors import RevealRefused, TooFewSurvivors
 
+        if max_summed is not None:
+            too_few = self.policy.min_cohort_refusal(max_summed, "a sum")
+            client_dp = task.plan.privacy.get("client_dp")
+            dp_cohort = (int(client_dp.get("cohort_size", 0))
+                         if isinstance(client_dp, dict) else 0)
+            if not too_few and dp_cohort > max_summed:
+                too_few = (f"DP-FedAvg noise was drawn for a cohort of {dp_cohort} but a sum "
+                           f"can hold at most {max_summed} sites: it would carry less noise "
+                           "than epsilon assumes")
+            if too_few:
+                # kept short: the coordinator keeps 320 characters of a site's reason
+                raise TooFewSurvivors(f"{too_few}; at most {max_summed} sites shared keys: "
+                                      "masked input withheld, privacy spend not charged")
         refused = self._release_privacy(task) or self._hold_control(task, controls)
         if refused:
             raise RevealRefused(f"{refused}; the masked input is withheld")

@@ -94,11 +94,15 @@ class ClientSession:
     has passed and before any share leaves: it may raise a ``SecAggAbort`` (the
     session then aborts, revealing nothing), e.g. ``UpdateAlreadySummed`` when the
     caller knows this input was already summed over another survivor set.
-    ``before_masked_input()`` is called once the masked input is formed and before it
-    leaves: past that point the input can be unmasked without this client (any t
-    survivors reveal its self-mask seed), so it is the caller's last chance to record
+    ``before_masked_input(max_summed)`` is called once the masked input is formed and
+    before it leaves: past that point the input can be unmasked without this client (any
+    t survivors reveal its self-mask seed), so it is the caller's last chance to record
     what the input releases (a DP run's privacy spend) or to withhold it by raising a
-    ``SecAggAbort``.
+    ``SecAggAbort``.  ``max_summed`` is the most inputs, this one included, that the sum
+    can hold: the sites of its neighbourhood that shared keys with it, plus the cohort
+    members outside its neighbourhood (whether those shared keys is not seen here).  On
+    a complete graph (small cohorts) it is exact up to later dropouts; the survivor
+    count at ``before_reveal`` can only be smaller.
 
     Raises (on construction):
         SecAggConfigError: ``client_id`` not in the roster, or the input vector has the
@@ -117,7 +121,7 @@ class ClientSession:
         threads: int = 1,
         quantise_seed: bytes | None = None,
         before_reveal: Callable[[list[str]], None] | None = None,
-        before_masked_input: Callable[[], None] | None = None,
+        before_masked_input: Callable[[int], None] | None = None,
     ) -> None:
         keys.check_client_id(client_id)
         if client_id not in roster:
@@ -457,7 +461,8 @@ class R2MaskedInput(ClientState):
         )
         s._input = None
         if s.before_masked_input is not None:
-            s.before_masked_input()
+            unseen = set(s.cohort) - s.neighbours - {me}  # may be summed, not seen here
+            s.before_masked_input(len(s.shared) + len(unseen))
         return [MaskedInput(job_id=ctx.job_id, round=ctx.round, client_id=me, masked=masked)]
 
 

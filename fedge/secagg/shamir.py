@@ -117,9 +117,12 @@ def recover(shares: Iterable[bytes], threshold: int,
     With exactly t shares (k = t) nothing can be checked: any t values lie on one
     polynomial of degree t - 1, and a false share gives a false secret unseen.
 
-    The check costs (k - t) * t field multiplications per secret, with the weights
-    for one set of x's cached; the decoding that finds false shares (only when some
-    share disagrees) solves one linear system of about k unknowns.
+    The check costs about t * t / 2 field multiplications per secret (the Newton
+    form of the polynomial through the first t shares,
+    :func:`_newton_coefficients`) and (k - t) * t multiplications by small
+    integers (the other shares, and x = 0, checked against it), whatever set of x's
+    each secret has; the decoding that finds false shares (only when some share
+    disagrees) solves one linear system of about k unknowns.
 
     Raises:
         ValueError: fewer than ``threshold`` shares; a malformed share; two shares
@@ -142,13 +145,13 @@ def recover(shares: Iterable[bytes], threshold: int,
     base, rest = xs[:threshold], xs[threshold:]
     false_xs: tuple[int, ...] = ()
     if rest:
-        extension = _extension_weights(base, rest)
-        if any(sum(w * points[b] for w, b in zip(row, base, strict=True)) % PRIME != points[x]
-               for row, x in zip(extension, rest, strict=True)):
+        newton = _newton_coefficients(points, base)
+        if any(_newton_at(newton, base, x) != points[x] for x in rest):
             polynomial = _decode_errors(points, threshold)
             false_xs = tuple(x for x in xs if _evaluate(polynomial, x) != points[x])
             value = polynomial[0]
             return _fit(value, secret_length), false_xs
+        return _fit(_newton_at(newton, base, 0), secret_length), false_xs
     weights = _lagrange_at_zero(base)
     value = sum(w * points[x] for w, x in zip(weights, base, strict=True)) % PRIME
     return _fit(value, secret_length), false_xs
@@ -211,31 +214,29 @@ def _lagrange_at_zero(xs: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(weights)
 
 
-@lru_cache(maxsize=256)
-def _extension_weights(base: tuple[int, ...],
-                       others: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
-    """For each x in ``others``, the weights that give f(x) from f at ``base``
-    (Lagrange basis of ``base`` evaluated at x)."""
-    inverse_den = []
-    for i, xi in enumerate(base):
-        den = 1
-        for j, xj in enumerate(base):
-            if i != j:
-                den = den * (xi - xj) % PRIME
-        inverse_den.append(pow(den, -1, PRIME))
-    rows = []
-    for x in others:
-        diffs = [(x - b) % PRIME for b in base]
-        prefix = [1]
-        for d in diffs:
-            prefix.append(prefix[-1] * d % PRIME)
-        suffix = [1]
-        for d in reversed(diffs):
-            suffix.append(suffix[-1] * d % PRIME)
-        suffix.reverse()
-        rows.append(tuple(prefix[i] * suffix[i + 1] % PRIME * inverse_den[i] % PRIME
-                          for i in range(len(base))))
-    return tuple(rows)
+@lru_cache(maxsize=8192)
+def _inverse(d: int) -> int:
+    """1/d in the field, for the small differences of share indices x."""
+    return pow(d % PRIME, -1, PRIME)
+
+
+def _newton_coefficients(points: Mapping[int, int], base: tuple[int, ...]) -> list[int]:
+    """The divided differences of the points at ``base``: the polynomial through
+    them in Newton form, c0 + c1 (x - b0) + c2 (x - b0)(x - b1) + ..."""
+    c = [points[x] for x in base]
+    for j in range(1, len(base)):
+        for i in range(len(base) - 1, j - 1, -1):
+            c[i] = (c[i] - c[i - 1]) * _inverse(base[i] - base[i - j]) % PRIME
+    return c
+
+
+def _newton_at(c: list[int], base: tuple[int, ...], x: int) -> int:
+    """The Newton-form polynomial ``c`` over ``base`` at ``x``: the factors
+    (x - b) are small integers, so the value is reduced once, at the end."""
+    y = c[-1]
+    for j in range(len(c) - 2, -1, -1):
+        y = y * (x - base[j]) + c[j]
+    return y % PRIME
 
 
 def _evaluate(coefficients: list[int], x: int) -> int:

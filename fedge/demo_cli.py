@@ -44,6 +44,7 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     # before the heavy imports and the federation: the default is relative, so run from
     # a folder the user cannot write (/, a system folder) it fails here, and says where
+    created = not args.report.exists()
     try:
         args.report.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -65,6 +66,11 @@ def _run(args: argparse.Namespace) -> int:
         )
     except (DemoError, FederationError, ValueError, OSError) as exc:
         print(f"fedge demo: {exc}", file=sys.stderr)
+        if created:  # made above for this run, and still empty: leave nothing behind
+            try:
+                args.report.rmdir()
+            except OSError:
+                pass
         return 1
     return 0
 

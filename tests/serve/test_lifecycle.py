@@ -77,9 +77,10 @@ def test_the_log_says_which_version_is_served_and_why_one_is_not(
     # journald under systemd; here, one timestamped line per record on stderr
     pid = server.process.pid
     log = server.log()
-    assert re.search(rf"^\S+ \S+ fedge-serve\[{pid}\] INFO fedge.serve: serving cox version 1$",
+    stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"  # UTC, fedge.systemd
+    assert re.search(rf"^{stamp} fedge-serve\[{pid}\] INFO fedge.serve: serving cox version 1$",
                      log, re.M), log
-    assert re.search(rf"^\S+ \S+ fedge-serve\[{pid}\] WARNING fedge.serve: not serving cox "
+    assert re.search(rf"^{stamp} fedge-serve\[{pid}\] WARNING fedge.serve: not serving cox "
                      r"version 2: cannot load", log, re.M), log
 
 

@@ -417,6 +417,9 @@ class AggregationResult:
     # survivor -> the secrets ("<site>'s self-mask seed") it sent a false unmasking
     # share of, which the sum was recovered without (SecAgg+ only)
     false_shares: dict[str, list[str]] = field(default_factory=dict)
+    # each of those -> the secrets recovered after it was found false, whose share
+    # from it was left out unchecked (one decoding per liar, fedge.secagg.server)
+    unused_shares: dict[str, list[str]] = field(default_factory=dict)
 
 
 class Aggregation(Protocol):
@@ -1156,13 +1159,16 @@ class Round:
         for sender, secrets_of in sorted(res.false_shares.items()):
             owners = sorted({s for s in self._agg_cohort for what in secrets_of
                              if what.startswith(f"{s}'s ")})
+            n_unused = len(res.unused_shares.get(sender, ()))
+            unused = (f"; its shares of the {n_unused} secret(s) recovered after that were "
+                      "not used" if n_unused else "")
             self.findings.append(("false_unmask_share", {
                 "job": self.job_id, "round": self.round, "site": sender,
                 "secrets": list(secrets_of), "owners": owners,
                 "reason": (f"{sender}'s unmasking share of {', '.join(secrets_of)} did not "
                            "fit the other shares and was left out of the sum: "
                            f"{sender} altered it, or {' or '.join(owners) or 'its owner'} "
-                           "dealt it a false one")}))
+                           "dealt it a false one" + unused)}))
 
     def _sum_problem(self, res: AggregationResult) -> str | None:
         """Why the unmasked sum ``res`` cannot be the survivors' honest inputs, or None

@@ -138,7 +138,8 @@ class SecureAggregation:
             r = s.result
             self._result = AggregationResult(
                 r.total, list(r.survivors), list(r.dropped),
-                {h: list(w) for h, w in r.false_shares.items()})
+                {h: list(w) for h, w in r.false_shares.items()},
+                {h: list(w) for h, w in r.unused_shares.items()})
         return self._result
 
     @property

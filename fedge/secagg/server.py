@@ -22,10 +22,15 @@ that all the shares of a secret lie on one polynomial of degree t - 1
 (``shamir.recover``): false shares are left out and their senders named
 (``false_shares``, in the result and in any failure) when the shares that agree
 outnumber them by t; otherwise the round fails, naming the secret and its
-holders, rather than remove a wrong mask.  A secret with exactly t shares
-cannot be checked (any t values fit some polynomial): a site that answers alone
-for its part of a secret can still make the sum garbage unseen.  A reconstructed
-mask key that does not match its signed public key fails the round.
+holders, rather than remove a wrong mask. A holder found false in one secret has
+its shares of the secrets recovered after it left out (``unused_shares``) while
+more than t others remain: finding a false share costs a Berlekamp-Welch decoding
+(a linear system of about k unknowns, in Python, on the coordinator's event loop),
+so a holder lying on every share it holds costs one decoding, not one per secret.
+A secret with exactly t shares cannot be checked (any t values fit some
+polynomial): a site that answers alone for its part of a secret can still make
+the sum garbage unseen.  A reconstructed mask key that does not match its
+signed public key fails the round.
 
 The round ends with ``done`` true and either ``result`` (the float64 sum of the
 survivors' dequantised inputs) or ``failure`` (a ``SecAggAbort``); on failure
@@ -105,6 +110,9 @@ class SecAggResult:
     dropped: list[str]
     # holder -> the secrets it sent a false share of (left out: the sum is right)
     false_shares: dict[str, list[str]] = field(default_factory=dict)
+    # holder (one of false_shares) -> the secrets recovered after it was found false,
+    # whose share from it was left out unchecked (ServerSession.unused_shares)
+    unused_shares: dict[str, list[str]] = field(default_factory=dict)
 
 
 class ServerSession:
@@ -161,6 +169,8 @@ class ServerSession:
         self._key_shares: dict[str, dict[str, bytes]] = {}
         # holder -> the secrets whose share from it did not fit the others (unmasking)
         self.false_shares: dict[str, list[str]] = {}
+        # holder found false -> the later secrets its share was left out of, unchecked
+        self.unused_shares: dict[str, list[str]] = {}
 
     @property
     def done(self) -> bool:
@@ -629,6 +639,7 @@ class ServerSession:
             survivors=survivors,
             dropped=[c for c in self.cohort if c not in self._u3],
             false_shares={h: list(w) for h, w in sorted(self.false_shares.items())},
+            unused_shares={h: list(w) for h, w in sorted(self.unused_shares.items())},
         )
         return []
 
@@ -637,11 +648,23 @@ class ServerSession:
         checked (``shamir.recover``); the holders of shares that did not fit go to
         ``false_shares``.
 
+        The shares of a holder already in ``false_shares`` are left out (recorded in
+        ``unused_shares``) when more than t others remain, so that the others can
+        still be checked: each false share found costs a decoding (module doc), and
+        one liar is decoded once per round, not once per secret it holds a share of.
+        With t others or fewer every share is used, as for any secret.
+
         Raises:
             ReconstructionFailed: fewer than t shares; the shares disagree and too few
                 agree to tell which are false; the value does not fit ``length`` bytes.
         """
         t = self.config.threshold
+        trusted = {h: s for h, s in taken.items() if h not in self.false_shares}
+        left_out = sorted(set(taken) - set(trusted))
+        if left_out and len(trusted) > t:
+            for h in left_out:
+                self.unused_shares.setdefault(h, []).append(f"{owner}'s {what}")
+            taken = trusted
         try:
             secret, false_xs = shamir.recover(taken.values(), t, length)
         except shamir.InconsistentShares as exc:
@@ -658,5 +681,7 @@ class ServerSession:
 
     def _false_shares_text(self) -> str:
         named = "; ".join(f"{h} (of {', '.join(w)})" for h, w in sorted(self.false_shares.items()))
+        unused = "; ".join(f"{h}'s shares of {len(w)} secret(s) recovered later were not used"
+                           for h, w in sorted(self.unused_shares.items()))
         return (f"false unmasking shares, left out, came from {len(self.false_shares)} "
-                f"site(s): {named}")
+                f"site(s): {named}" + (f" ({unused})" if unused else ""))

@@ -28,8 +28,9 @@ heartbeats say the site is not eligible, and the process stops its watchdog ping
 that systemd restarts it (fedge.agent.process).
 
 What leaves the appliance: heartbeats (version, health, eligibility, data set
-names), example counts, metrics, and the masked (or, if the plan disables
-secure aggregation and the site's policy allows it, plain) weighted update.
+names, the privacy ledger's released-run count, the policy's min_cohort), example
+counts, metrics, and the masked (or, if the plan disables secure aggregation and the
+site's policy allows it, plain) weighted update.
 Never data rows.
 
 Durable writes (the privacy ledger's charge, the reveal log's record, the job's plan
@@ -116,6 +117,7 @@ from fedge.update.ab import running_version  # the slot the launcher runs, else 
 from fedge.wire import codec
 from fedge.wire import messages as m
 from fedge.wire.messages import HEALTH_LEDGER_RELEASED as LEDGER_RELEASED
+from fedge.wire.messages import HEALTH_MIN_COHORT
 
 log = logging.getLogger("fedge.agent")
 
@@ -452,6 +454,9 @@ class Agent:
         released = self._ledger_released()
         if released is not None:  # the coordinator's check for a ledger rolled back
             report = {**report, LEDGER_RELEASED: released}
+        # the privacy floor, so the coordinator invites this site only to rounds of at
+        # least that many sites, not to train for a sum it would then refuse
+        report = {**report, HEALTH_MIN_COHORT: self.policy.min_cohort}
         await self.send(m.Heartbeat(
             site=self.site, version=running_version(),
             health_json=json.dumps(report, default=str),

@@ -34,6 +34,19 @@ disk) went back to an older copy, and its ``max_epsilon_total`` cannot be truste
 reports that many again (the newer ledger restored) or once the coordinator's
 operator accepts the lower count (``fedge console ledger-ack SITE``).
 
+Privacy floors. A site refuses to send its masked input into, or unmask, a secure sum
+of fewer sites than its ``min_cohort`` ([privacy] of its agent.toml; a sum of k lets
+the other k - 1 recover its update), but it can tell only once it has trained. Its
+heartbeats' health report carries that floor (``MIN_COHORT``; agents before it send
+none, and are taken to have none), and for a secure job a candidate whose floor is
+above the sites the round would have is left out before anyone trains, saying so.
+Leaving it out shrinks the round, so this repeats until every floor left is met: the
+largest cohort whose every site accepts it (a retry pinned to its survivors has those
+sites, never more). It is judged once the candidates make ``min_clients`` (before, the
+round waits for more anyway, and more may come). A round left below ``min_clients``
+waits and fails with that reason, as for any site left out; the agent's own check
+stays the guarantee.
+
 Class order. An image data set's label is the position of its class in the site's
 ``classes`` list (agent.toml): two sites that list them in another order would have
 their labels summed flipped. Sites send their lists (DatasetClasses, just before
@@ -59,12 +72,48 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from fedge.coordinator.store import Appliance
 from fedge.update.version import reports_replace_one_epsilon
-from fedge.wire.messages import HEALTH_LEDGER_RELEASED
+from fedge.wire.messages import HEALTH_LEDGER_RELEASED, HEALTH_MIN_COHORT
 
 LEDGER_RELEASED = HEALTH_LEDGER_RELEASED  # fedge.wire.messages: the wire's own name
+MIN_COHORT = HEALTH_MIN_COHORT
+
+
+def privacy_floor(health: Mapping[str, Any]) -> int | None:
+    """The fewest sites ``health``'s site lets a secure sum hold (its ``min_cohort``,
+    the report's MIN_COHORT), or None when the report does not say: an agent before
+    the key, or a value that is not an integer (nothing is assumed of it then)."""
+    floor = health.get(MIN_COHORT)
+    if isinstance(floor, bool) or not isinstance(floor, int):
+        return None
+    return floor
+
+
+def over_floor(floors: Mapping[str, int | None], sites: Iterable[str], *,
+               others: int = 0) -> dict[str, tuple[int, int]]:
+    """The sites of ``sites`` that would refuse a secure sum over them (module doc,
+    "Privacy floors"): site -> (its floor, the sites the sum held when it was left
+    out). ``others``: sites that could be in the sum too, of floors not known (not
+    heard from yet). Sites with no floor in ``floors`` are never left out."""
+    pool = set(sites)
+    out: dict[str, tuple[int, int]] = {}
+    while True:
+        held = len(pool) + others
+        over = {s: f for s in pool if (f := floors.get(s)) is not None and f > held}
+        if not over:
+            return out
+        out.update({s: (f, held) for s, f in over.items()})
+        pool -= over.keys()
+
+
+def floor_reason(floor: int, held: int) -> str:
+    """Why a site is left out of a round of ``held`` sites under its privacy floor."""
+    return (f"its privacy floor min_cohort {floor} exceeds this round's {held} site(s): "
+            "it would train, then refuse the secure sum; lower min_cohort in [privacy] of "
+            "its agent.toml or add sites")
 
 
 def ledger_rollback_notice(site: str, now: int, was: int) -> str:
@@ -156,7 +205,8 @@ def select_cohort(appliances: Iterable[Appliance], *, connected: set[str], datas
                   versions: Mapping[str, str] | None = None,
                   classes: Mapping[str, Mapping[str, Sequence[str]] | None] | None = None,
                   job_classes: Sequence[str] = (),
-                  sidelined: Mapping[str, str] | None = None) -> Selection:
+                  sidelined: Mapping[str, str] | None = None,
+                  pinned: Sequence[str] | None = None, min_clients: int = 0) -> Selection:
     """Split the fleet into candidates and excluded sites (with the reason).
 
     ``protocols``: each connected site's secure-aggregation protocol from its
@@ -166,7 +216,10 @@ def select_cohort(appliances: Iterable[Appliance], *, connected: set[str], datas
     ``protocols`` speaks protocol 1 (an agent from before the field existed).
     ``secure_protocol``: for a secure job, the secure-aggregation protocol the
     coordinator speaks; a site whose protocol differs is left out, as its masks would
-    not cancel with the others'.
+    not cancel with the others'. It also leaves out a site whose privacy floor (its
+    heartbeats' MIN_COHORT) the round cannot meet: ``pinned``, the sites of a retry
+    pinned to them, or else every candidate, once they make ``min_clients`` (until
+    then the round waits for more sites anyway; module doc, "Privacy floors").
     ``dp``: the job is DP (``privacy.dp`` or ``privacy.client_dp``); a site whose
     version is before fedge 0.2 is left out (module doc); so it is for ``scaffold``, a
     SCAFFOLD job. ``versions``: each site's
@@ -216,6 +269,16 @@ def select_cohort(appliances: Iterable[Appliance], *, connected: set[str], datas
                                      tuple(job_classes)).items():
         candidates.remove(site)
         excluded[site] = reason
+    if secure_protocol is not None:
+        floors = {a.site_id: privacy_floor(a.health) for a in appliances}
+        if pinned is None:
+            below = over_floor(floors, candidates) if len(candidates) >= min_clients else {}
+        else:  # the retry has exactly these sites, so a floor above them is not met
+            below = {s: (f, len(pinned)) for s in candidates if s in pinned
+                     and (f := floors.get(s)) is not None and f > len(pinned)}
+        for site, (floor, held) in below.items():
+            candidates.remove(site)
+            excluded[site] = floor_reason(floor, held)
     enrolled = sum(1 for a in appliances if a.status == "enrolled")
     inactive = frozenset(a.site_id for a in appliances if a.status != "enrolled")
     return Selection(sorted(candidates), excluded, enrolled, inactive)

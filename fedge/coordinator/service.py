@@ -91,6 +91,8 @@ from fedge.coordinator.cohort import (
     LEDGER_RELEASED,
     Selection,
     ledger_rollback_notice,
+    over_floor,
+    privacy_floor,
     select_cohort,
 )
 from fedge.coordinator.plan import Plan, PlanError, parse_plan, plan_labels, with_seed
@@ -1396,7 +1398,8 @@ class Coordinator:
                 versions={s: c.last_heartbeat[0] for s, c in self.conns.items()
                           if c.last_heartbeat},
                 classes={s: c.classes for s, c in self.conns.items()},
-                job_classes=runner.plan.classes)
+                job_classes=runner.plan.classes, pinned=rnd.pinned_cohort,
+                min_clients=runner.plan.min_clients)
             runner.selection = sel
             why = (sel.explain_missing(rnd.pinned_cohort) if rnd.pinned_cohort is not None
                    else sel.explain(runner.plan.min_clients))
@@ -1883,6 +1886,11 @@ def submission_warnings(store: Store, plan: Plan,
     refuses DP-SGD when its training records number 1/δ or more, which the plan check
     (against ``min_site_examples``, the smallest site) cannot see.
 
+    A secure plan whose sum cannot hold as many sites as some site holding
+    ``job.dataset`` asks for (its ``min_cohort``, from its last heartbeat) is taken with
+    a warning naming each such site and its floor: those sites are left out of its
+    rounds before they train (fedge.coordinator.cohort, "Privacy floors").
+
     ``inputs``: what each site heard from declared of its data sets' tasks and input
     shapes (the running coordinator only). A plan that every site holding
     ``job.dataset`` declared them for, and every one of them would refuse, is refused
@@ -1922,8 +1930,45 @@ def submission_warnings(store: Store, plan: Plan,
                          f"queued or running job(s) ({_names(same)}): tell them apart "
                          "by their ids")
     found += _dataset_warnings(store, plan, declared)
+    found += _privacy_floor_warnings(store, plan, declared)
     _check_cohort_size(store, plan, declared)
     return found + _model_fit_warnings(store, plan, declared, inputs or {})
+
+
+def _privacy_floor_warnings(store: Store, plan: Plan,
+                            declared: dict[str, tuple[str, ...]]) -> list[str]:
+    """A warning when a secure plan's sum can never hold as many sites as some site
+    holding ``job.dataset`` asks for (its min_cohort, from its last heartbeat's health
+    report; fedge.coordinator.cohort, "Privacy floors"): the sites that could be in it
+    are those heard holding the data set and the enrolled ones not heard from yet.
+    Those sites are left out of its rounds; [] when none is, or the plan is plain."""
+    if not plan.secagg.enabled:
+        return []
+    enrolled = {a.site_id: a for a in store.appliances() if a.status == "enrolled"}
+    holders = sorted(s for s, ds in declared.items()
+                     if s in enrolled and plan.dataset in ds)
+    unheard = sum(1 for s in enrolled if s not in declared)
+    below = over_floor({s: privacy_floor(enrolled[s].health) for s in holders}, holders,
+                       others=unheard)
+    if not below:
+        return []
+    sites = _names([f"{s} (min_cohort {floor}, in a sum of at most {held})"
+                    for s, (floor, held) in sorted(below.items())])
+    left = len(holders) + unheard - len(below)
+    text = (f"secagg.enabled: {sites} refuse a secure sum of fewer sites than their "
+            f"[privacy] min_cohort, and this job's can hold at most "
+            f"{len(holders) + unheard} ({len(holders)} heard from hold data set "
+            f"{plan.dataset!r}, {unheard} enrolled site(s) not heard from yet): they are "
+            "left out of its rounds, ")
+    if left < plan.min_clients:
+        text += (f"leaving {left} site(s), fewer than job.min_clients = {plan.min_clients}: "
+                 f"its rounds wait for a cohort and the job fails after "
+                 f"{plan.max_failed_attempts} attempt(s) of {plan.deadlines.cohort_s:g} s")
+    else:
+        text += f"leaving {left} site(s)"
+    return [text + ". Lower min_cohort in [privacy] of their agent.toml (in a sum of k "
+            "sites the other k - 1 can recover a site's update) or enrol more sites "
+            "holding the data set"]
 
 
 def _check_cohort_size(store: Store, plan: Plan, declared: dict[str, tuple[str, ...]]) -> None:

@@ -106,6 +106,14 @@ class Heartbeat:
 # (the codec refuses a Heartbeat with a field it does not know).
 HEALTH_LEDGER_RELEASED = "privacy_ledger_released"
 
+# The key of the health report that holds the site's privacy floor: the fewest sites
+# it lets a secure sum hold ([privacy] min_cohort, fedge.agent.guard.PrivacyPolicy), so
+# that the coordinator leaves it out of a round too small for it before it trains, and
+# warns at submission (fedge.coordinator.cohort). Absent from agents before it: the
+# coordinator then assumes no floor (the agent's own check still refuses, after
+# training). A field of the JSON, not of the message, for the reason above.
+HEALTH_MIN_COHORT = "privacy_min_cohort"
+
 
 # Bounds on what one DatasetClasses may carry (the coordinator keeps it in memory).
 CLASSES_MAX = 1000  # classes per data set

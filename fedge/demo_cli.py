@@ -7,6 +7,7 @@ demo runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -67,10 +68,8 @@ def _run(args: argparse.Namespace) -> int:
     except (DemoError, FederationError, ValueError, OSError) as exc:
         print(f"fedge demo: {exc}", file=sys.stderr)
         if created:  # made above for this run, and still empty: leave nothing behind
-            try:
+            with contextlib.suppress(OSError):
                 args.report.rmdir()
-            except OSError:
-                pass
         return 1
     return 0
 

@@ -52,9 +52,11 @@ of its round's is audited ("example_count_outlier"; not under DP-FedAvg, where c
 weigh nothing) and summed. In the size-weighted evaluation metric (site "*") such a
 count is capped at that multiple of the median (:func:`eval_weights`). A site that
 refuses the aggregation because a peer's share to it was tampered with fails the
-attempt (:meth:`Round._accusation`). A survivor's unmasking share that SecAgg+ found
-false (left out of a sum that still commits, ``AggregationResult.false_shares``) is
-audited as "false_unmask_share", naming its sender and whose secret it was a share of
+attempt (:meth:`Round._accusation`), if it says so while its own input can still be
+summed; later the same words are a plain refusal (:meth:`Round._accused`). A
+survivor's unmasking share that SecAgg+ found false (left out of a sum that still
+commits, ``AggregationResult.false_shares``) is audited as "false_unmask_share",
+naming its sender and whose secret it was a share of
 (:meth:`Round._false_share_findings`).
 
 SCAFFOLD (plan strategy ``scaffold``): the task carries the server control
@@ -432,6 +434,11 @@ class Aggregation(Protocol):
         """``sender`` gave up its part (TaskRefused): it will send nothing more. The
         aggregation goes on without it when it can, and fails at once when it cannot."""
         ...
+    def awaits_input(self, sender: str) -> bool:
+        """Whether ``sender``'s input (its masked input, its plain update) has not come
+        and can still come into the sum: a refusal that says a peer's share was
+        tampered with is an accusation only then (``Round._accused``)."""
+        ...
     def postpone(self, seconds: float) -> None:
         """The coordinator took no message for ``seconds``: its deadline moves on."""
         ...
@@ -502,6 +509,11 @@ class PlainAggregation:
             self._refused.add(sender)
             self._close_if_answered()
         return []
+
+    def awaits_input(self, sender: str) -> bool:
+        return (sender in self._cohort and sender not in self._vectors
+                and sender not in self._refused
+                and self._result is None and self._failure is None)
 
     def postpone(self, seconds: float) -> None:
         self._deadline += seconds
@@ -1190,8 +1202,19 @@ class Round:
     def _accused(self, sender: str, reason: str) -> str | None:
         """The site of the aggregation cohort that ``sender``'s refusal says sent it a
         tampered share (the agent's SecAggAbort ``TamperedShare: share ... from
-        'site' ...``), or None."""
+        'site' ...``), or None.
+
+        Only while ``sender``'s masked input has not come and can still be summed
+        (``Aggregation.awaits_input``): an honest agent finds a tampered share when it
+        opens the shares relayed to it, before its masked input leaves. Later (at the
+        consistency check, at unmasking, after its input or after the input stage
+        closed without it) the text is not an accusation, and the refusal is a plain
+        one: once unmasking was asked for, the survivors are pinned, and an accusation
+        would fail every retry, and the job, with one message, naming an honest site."""
         if not reason.startswith(TAMPERED_SHARE):
+            return None
+        assert self._aggregation is not None
+        if not self._aggregation.awaits_input(sender):
             return None
         for site in self._agg_cohort:
             if site != sender and re.match(

@@ -92,6 +92,12 @@ class SecureAggregation:
         ``ServerSession.refuse``)."""
         return self._checked(lambda s: s.refuse(sender, now))
 
+    def awaits_input(self, sender: str) -> bool:
+        """Whether ``sender``'s masked input can still come into the sum
+        (``ServerSession.awaits_masked_input``)."""
+        return (self.session is not None and self._failure is None
+                and self.session.awaits_masked_input(sender))
+
     def _checked(self, step: Any) -> list[tuple[str, Any]]:
         """The session's messages from ``step(session)``, or none once the sites that
         can still be in the sum are fewer than the plan's min_clients (module doc):

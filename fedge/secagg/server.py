@@ -89,6 +89,8 @@ SERVER_TRANSITIONS: dict[str, tuple[str, str]] = {
     "Unmasking": ("UnmaskShares", "Completed"),
 }
 SERVER_TERMINAL_STAGES = ("Completed", "Failed")
+# the stages in which a masked input not yet taken may still come into the sum
+_BEFORE_INPUT_CLOSES = ("AdvertiseKeys", "ShareKeys", "MaskedInput")
 
 Outgoing = list[tuple[str, object]]
 
@@ -260,6 +262,13 @@ class ServerSession:
                 or sender in self._replied):
             return []
         return self._drop_now(sender, "it refused its part", now)
+
+    def awaits_masked_input(self, client: str) -> bool:
+        """Whether ``client``'s masked input can still come into the sum: the server
+        has not taken it, is still collecting masked inputs (the stages up to
+        MaskedInput), and has not dropped ``client``. Never raises."""
+        return (self.stage in _BEFORE_INPUT_CLOSES and client in self._alive
+                and client not in self._u3)
 
     # --- stage bookkeeping --------------------------------------------------------
 

@@ -13,7 +13,8 @@ as with any refusal: the others' shares unmask the sum.
 
 from __future__ import annotations
 
-from fedge.secagg.messages import ConsistencySignature, UnmaskShares
+from fedge.secagg.messages import ConsistencySignature, MaskedInput, UnmaskShares
+from fedge.wire import codec
 from fedge.wire import messages as m
 from tests.coordinator.test_s15_tamper import audited, plan, run_job, tamper
 
@@ -55,4 +56,40 @@ def test_a_forged_accusation_at_the_consistency_check_is_a_plain_refusal(federat
     job = run_job(fed, plan(attempts=3))
     st = fed.coord.store
     assert st.job(job).status == "completed", st.job(job).error
+    assert audited(fed, "share_accusation", job) == []
+
+
+def test_withholding_the_masked_input_then_accusing_at_unmasking_accuses_nobody(
+        federation):
+    """m keeps its masked input back (the input stage closes without it), then sends
+    the forged refusal while the others unmask: the input can no longer be summed, so
+    this is no accusation either, and the round commits over the other four."""
+    fed = federation(["a", "b", "c", "h", "m"])
+    held = {}
+
+    async def m_sends(frames):
+        env = codec.decode([bytes(f) for f in frames], max_bytes=1 << 30)
+        if hasattr(env.body, "task_id"):
+            held["task"] = env.body.task_id
+        if isinstance(env.body, MaskedInput):
+            held["header"] = env.header  # withheld
+            return
+        fed.inbox.append(("m", [bytes(f) for f in frames]))
+    fed.agents["m"].send_frames = m_sends
+    a_sends = fed.agents["a"].send_frames
+
+    async def a_then_m(frames):
+        env = codec.decode([bytes(f) for f in frames], max_bytes=1 << 30)
+        if isinstance(env.body, UnmaskShares) and "header" in held:
+            refusal = m.TaskRefused(task_id=held["task"], task="train", reason=FORGED)
+            fed.inbox.append(("m", [bytes(f) for f in codec.encode(
+                refusal, sender="m", job=held["header"].job, round=held["header"].round)]))
+        await a_sends(frames)
+    fed.agents["a"].send_frames = a_then_m
+    job = run_job(fed, plan(attempts=3))
+    st = fed.coord.store
+    assert "header" in held
+    assert st.job(job).status == "completed", st.job(job).error
+    (first,) = st.rounds(job)
+    assert first.survivors == ["a", "b", "c", "h"]
     assert audited(fed, "share_accusation", job) == []

@@ -18,6 +18,7 @@ from fedge.coordinator.checkpoint import model_digest
 from fedge.coordinator.plan import parse_plan
 from fedge.wire import codec
 from fedge.wire import messages as m
+from fedge.wire.messages import HEALTH_MIN_COHORT
 
 # these agents run plans with and without secure aggregation
 PLAIN_OK = PrivacyPolicy(require_secure_aggregation=False)
@@ -73,7 +74,8 @@ def test_heartbeat_reports_version_health_and_datasets():
     asyncio.run(agent.heartbeat())
     (hb,) = link.bodies(m.Heartbeat)
     assert hb.site == "site-a" and hb.datasets == ["synthetic"]
-    assert json.loads(hb.health_json) == {"gpu_temp_c": 40}
+    # the probe's report, and the privacy floor (the coordinator's cohort check)
+    assert json.loads(hb.health_json) == {"gpu_temp_c": 40, HEALTH_MIN_COHORT: 3}
     assert (hb.eligible, hb.reason) == (False, "GPU too hot")
     assert link.sent[0].header.sender == "site-a"
 
@@ -114,7 +116,7 @@ def test_before_the_first_health_probe_returns_the_appliance_is_not_eligible(mon
         release.set()
     for hb in link.bodies(m.Heartbeat):
         assert (hb.eligible, hb.reason) == (False, "health not measured yet")
-        assert json.loads(hb.health_json) == {}
+        assert json.loads(hb.health_json) == {HEALTH_MIN_COHORT: 3}  # no probe report
 
 
 async def _until_the_probe_returns(agent, timeout=5.0):
@@ -170,7 +172,8 @@ def test_a_health_probe_stuck_past_the_report_age_limit_makes_the_appliance_inel
         match = re.fullmatch(r"health probe has not returned for ([0-9.]+) s \(limit 0.5 s\): "
                              r"a hung NVML call\?", hb.reason)
         assert match and float(match.group(1)) > limit, hb.reason
-        assert json.loads(hb.health_json) == {"gpus": 1}  # the last report, for the fleet view
+        # the last report, for the fleet view
+        assert json.loads(hb.health_json) == {"gpus": 1, HEALTH_MIN_COHORT: 3}
     assert hbs[5].reason == "eligible: 1 GPU(s) healthy"
 
 

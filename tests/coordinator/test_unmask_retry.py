@@ -202,12 +202,21 @@ def test_a_refusal_that_leaves_enough_shares_does_not_end_the_unmasking(federati
 def test_a_site_refusing_its_part_is_not_waited_for_until_the_stage_deadline(federation):
     """d refuses the aggregation (below its min_cohort) as it begins: once a, b, c have
     advertised their keys nothing is left to wait for, so the stage closes then and the
-    round goes on without d, instead of after secagg_stage_s."""
+    round goes on without d, instead of after secagg_stage_s. d's floor rises only once
+    it is invited: one its heartbeats report leaves it out of the cohort first
+    (tests/coordinator/test_s15_site_floor_federation.py)."""
     reference = federation(["a", "b", "c"])
     ref_job = run(reference, plan(rounds=1))
     fed = federation(["a", "b", "c", "d"])
-    fed.agents["d"].policy = PrivacyPolicy(require_secure_aggregation=False, min_cohort=10)
     sent = record_sends(fed)
+    record = fed.kill_hook
+
+    def raise_floor_of_d(site, body):
+        if site == "d" and isinstance(body, m.TrainTask):
+            fed.agents["d"].policy = PrivacyPolicy(require_secure_aggregation=False,
+                                                   min_cohort=10)
+        return record(site, body)
+    fed.kill_hook = raise_floor_of_d
     job = run(fed, plan(rounds=1))
     assert fed.coord.store.job(job).status == "completed", fed.coord.store.job(job).error
     abc = ["a", "b", "c"]

@@ -62,7 +62,9 @@ class Pings:
 
 def test_a_write_lock_held_by_another_process_neither_freezes_the_loop_nor_loses_the_round(
         federation, brca):
-    """site-3 refuses every aggregation (its min_cohort is 10): in round 2 its refusal
+    """site-3 refuses every aggregation (its max_colluders is 10: no threshold of a
+    four-site round passes it, and the coordinator, told a site's min_cohort but not
+    this, cannot leave it out before it trains): in round 2 its refusal
     meets the lock, is held (no newer message is taken meanwhile) and handled once the
     lock is gone, and the round goes on without it."""
     fed, sites = _coordinated(federation, brca, 4)
@@ -79,7 +81,8 @@ def test_a_write_lock_held_by_another_process_neither_freezes_the_loop_nor_loses
             for s in sites:
                 if s == "site-3":
                     cfg = fed.write_agent(s)
-                    cfg.write_text(cfg.read_text().replace("min_cohort = 2", "min_cohort = 10"))
+                    cfg.write_text(cfg.read_text().replace("min_cohort = 2",
+                                                            "min_cohort = 2\nmax_colluders = 10"))
                     fed.procs[s] = Proc(s, [sys.executable, "-m", "fedge.cli", "agent",
                                             "--config", str(cfg)],
                                         fed.root / f"agent-{s}.log", fed.env)

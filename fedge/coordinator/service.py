@@ -1055,9 +1055,11 @@ class Coordinator:
         if rnd is None or rnd.finished or env.header.job != rnd.job_id \
                 or env.header.round != rnd.round:
             if m.is_secagg(body) or isinstance(body, m.EvalResult):
-                # late answers to a round that already closed (stage deadline passed)
-                log.info("late %s from %s for %s/%d ignored", env.header.type, site,
-                         printable(env.header.job), env.header.round)
+                # late answers to a round that already closed (stage deadline passed):
+                # logged (and audited) once per site, job and round, then counted, as
+                # the rejections are; a site naming a new job in each cannot flood the
+                # journal either (AuditThrottle takes 60 new keys a minute, then one)
+                self._late_message(site, env, now)
                 return
             if isinstance(body, LATE_ANSWERS) and self._ran(env.header.job,
                                                            env.header.round):
@@ -1103,6 +1105,21 @@ class Coordinator:
             return False
         return ended.status in ("completed", "failed", "cancelled") \
             and 1 <= round <= ended.committed_round + 1
+
+    def _late_message(self, site: str, env: codec.Envelope, now: float) -> None:
+        """A SecAgg message or an evaluation result for a round that is not in progress
+        (its stage deadline passed, or it names no round this coordinator runs): ignored,
+        logged at INFO and audited as ``late_message`` the first time for its site, job
+        and round, then counted (:class:`AuditThrottle`)."""
+        try:
+            if self._rejections.event((site, "late_message", env.header.job, env.header.round),
+                                      site, "late_message",
+                                      {"job": env.header.job, "round": env.header.round,
+                                       "type": env.header.type}, now):
+                log.info("late %s from %s for %s/%d ignored", env.header.type, site,
+                         printable(env.header.job), env.header.round)
+        except (StoreError, sqlite3.Error) as exc:
+            self._not_written(f"late_message of {site}", exc)
 
     def _late_answer(self, site: str, env: codec.Envelope, now: float) -> None:
         """A site's answer to a task of an attempt that has ended (its deadline passed,

@@ -1,6 +1,6 @@
 """`fedge console …`: the operator's commands.
 
-init, enrol SITE, revoke SITE, ledger-ack SITE, fleet [--json],
+init, enrol SITE, revoke SITE, ledger-ack SITE, fleet [--json], audit [filters],
 jobs submit/list/status/watch/cancel/fetch, push (sign a model/app/software target,
 publish, roll out: canary first).
 Heavy modules (zmq, the codec) load inside the handlers.
@@ -152,6 +152,11 @@ def register(subparsers: Any) -> None:
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=_cmd_fleet)
 
+    s = sub.add_parser("audit", help="the coordinator's audit log: security events, "
+                       "operators' actions, update outcomes (newest --limit, oldest first)")
+    add_audit_filters(s)
+    s.set_defaults(func=_cmd_audit)
+
     jobs = sub.add_parser("jobs", help="federation jobs").add_subparsers(
         dest="jobs_command", metavar="COMMAND", required=True)
     s = jobs.add_parser("submit", help="submit a plan (TOML): prints the job id, and on "
@@ -192,6 +197,87 @@ def register(subparsers: Any) -> None:
                    help="per-site seconds")
     s.add_argument("--no-wait", action="store_true", help="return once the roll-out starts")
     s.set_defaults(func=_cmd_push)
+
+
+def add_audit_filters(s: argparse.ArgumentParser) -> None:
+    """The audit commands' filters (`fedge console audit`, `fedge coordinator audit`)."""
+    from fedge.console.protocol import AUDIT_DEFAULT_LIMIT, AUDIT_MAX_LIMIT
+
+    def limit(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            n = 0
+        if not 1 <= n <= AUDIT_MAX_LIMIT:
+            raise argparse.ArgumentTypeError(
+                f"--limit {text!r} is not a whole number from 1 to {AUDIT_MAX_LIMIT}")
+        return n
+
+    def since(text: str) -> float:
+        from fedge.console.audit import parse_since
+
+        try:
+            return parse_since(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    s.add_argument("--action", action="append", default=None, metavar="ACTION",
+                   help="only this action, exactly (repeatable, or a comma list), e.g. "
+                        "revoke, share_accusation, admin.denied")
+    s.add_argument("--job", default=None, help="only entries about this job")
+    s.add_argument("--site", default=None,
+                   help="only what this site did and what was found about it")
+    s.add_argument("--actor", default=None,
+                   help="only this actor, exactly (operator:NAME, coordinator, a site)")
+    s.add_argument("--since", type=since, default=None, metavar="DATE|TIME",
+                   help="from this UTC date (YYYY-MM-DD) or ISO time on")
+    s.add_argument("--limit", type=limit, default=AUDIT_DEFAULT_LIMIT,
+                   help=f"the newest N entries that match (default {AUDIT_DEFAULT_LIMIT}, "
+                        f"at most {AUDIT_MAX_LIMIT})")
+    s.add_argument("--json", action="store_true",
+                   help="one JSON object a line, detail parsed, for scripts")
+
+
+def print_audit(entries: list[dict[str, Any]], as_json: bool) -> None:
+    """The audit commands' output: a table (control characters escaped) or JSON lines."""
+    from fedge.console.audit import COLUMNS, audit_rows, json_line
+    from fedge.console.fleet import format_table
+
+    if as_json:
+        for entry in entries:
+            print(json_line(entry))
+    else:
+        print(format_table(audit_rows(entries), COLUMNS))
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    def go(args: argparse.Namespace) -> int:
+        from fedge.console.client import AdminError
+
+        query: dict[str, Any] = {"limit": args.limit}
+        for name in ("action", "job", "site", "actor", "since"):
+            if getattr(args, name) is not None:
+                query[name] = getattr(args, name)
+        try:
+            result, _ = _call(args, "audit", query)
+        except AdminError as exc:
+            if not str(exc).startswith("unknown op 'audit'"):
+                raise
+            return _fail("the coordinator predates `audit` (it answered: unknown op "
+                         "'audit'): upgrade it, or read its audit log on the coordinator "
+                         "host with `fedge coordinator audit --config FILE`")
+        entries = result.get("entries") or []
+        print_audit(entries, args.json)
+        if result.get("more"):
+            print(f"note: more entries match; these are the newest {len(entries)} "
+                  "(narrow with --since/--action, or raise --limit)", file=sys.stderr)
+        elif result.get("older_unread"):
+            print(f"note: only the newest {result.get('looked_at')} audit entries were "
+                  "looked at; for older ones run `fedge coordinator audit` on the "
+                  "coordinator host", file=sys.stderr)
+        return 0
+
+    return _run(go, args)
 
 
 def _fail(msg: str, code: int = 1) -> int:

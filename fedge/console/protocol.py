@@ -23,6 +23,8 @@ OPS: dict[str, frozenset[str]] = {
     "rollout_status": frozenset({ROLE_ADMIN, ROLE_VIEWER}),
     "whoami": frozenset({ROLE_ADMIN, ROLE_VIEWER}),
     "update_versions": frozenset({ROLE_ADMIN, ROLE_VIEWER}),
+    # the coordinator's audit log, for the security officer (a viewer key will do)
+    "audit": frozenset({ROLE_ADMIN, ROLE_VIEWER}),
     "jobs_submit": frozenset({ROLE_ADMIN}),
     "jobs_cancel": frozenset({ROLE_ADMIN}),
     "enrol": frozenset({ROLE_ADMIN}),
@@ -33,6 +35,12 @@ OPS: dict[str, frozenset[str]] = {
     "rotate_online_keys": frozenset({ROLE_ADMIN}),
     "rotate_offline_keys": frozenset({ROLE_ADMIN}),
 }
+
+# ``audit``: entries answered by default and at most, and how many of the newest
+# entries one request looks at (its work on the coordinator's event loop: tens of ms)
+AUDIT_DEFAULT_LIMIT = 200
+AUDIT_MAX_LIMIT = 10_000
+AUDIT_SCAN_ENTRIES = 100_000
 
 ADMIN_MAX_BYTES = 256 << 20  # a software bundle or a fetched model travels in one message
 

@@ -37,7 +37,14 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedge import __version__
-from fedge.console.protocol import OPS, AdminReply, AdminRequest
+from fedge.console.protocol import (
+    AUDIT_DEFAULT_LIMIT,
+    AUDIT_MAX_LIMIT,
+    AUDIT_SCAN_ENTRIES,
+    OPS,
+    AdminReply,
+    AdminRequest,
+)
 from fedge.coordinator.service import coordinator_clocks
 from fedge.coordinator.store import is_locked
 from fedge.update import tuf_repo
@@ -50,6 +57,12 @@ log = logging.getLogger("fedge.coordinator.admin")
 ADMIN_ACTOR = "operator"
 ADMIN_ZAP_DOMAIN = "fedge-admin"
 TIMESTAMP_CHECK_S = 60.0
+# ``audit``'s details in one reply, at most: JSON may escape a byte into six, and the
+# reply must stay under ADMIN_MAX_BYTES
+AUDIT_REPLY_BYTES = 32 << 20
+# ops that only read: not audited themselves (an operator's reads would bury the rest)
+READ_OPS = frozenset({"fleet", "jobs_list", "jobs_status", "rollout_status", "whoami",
+                      "update_versions", "audit"})
 
 
 @dataclass(frozen=True)
@@ -256,13 +269,66 @@ class AdminService:
         except Exception as exc:  # CoordinatorError, StoreError, PlanError, ValueError ...
             self._audit(op, f"admin.{req.op}.failed", {"error": str(exc)})
             return _error(f"{req.op}: {exc}")
-        if req.op not in ("fleet", "jobs_list", "jobs_status", "rollout_status", "whoami",
-                          "update_versions"):
+        if req.op not in READ_OPS:
             self._audit(op, f"admin.{req.op}", {k: v for k, v in args.items() if k != "plan"})
         return AdminReply(True, json.dumps(result, default=str), "", blobs)
 
     def _op_whoami(self, op: Operator, args: dict, blobs: dict) -> tuple[Any, dict]:
         return {"name": op.name, "role": op.role}, {}
+
+    def _op_audit(self, op: Operator, args: dict, blobs: dict) -> tuple[Any, dict]:
+        """The newest ``limit`` audit entries that match, oldest first, each with its
+        detail parsed when it is JSON. Arguments (all optional): ``action`` (a name, a
+        comma list or a list of them), ``job``, ``site`` (its own entries and those
+        about it), ``actor`` (exactly), ``since`` (a Unix time, or text
+        `fedge.console.audit.parse_since` reads), ``limit`` (1..AUDIT_MAX_LIMIT).
+
+        Only the newest AUDIT_SCAN_ENTRIES entries are looked at: the query runs on
+        the event loop. The reply says whether more matched (``more``) and whether
+        older entries were left unread (``older_unread``: `fedge coordinator audit` on
+        the coordinator host reads them all).
+
+        Raises: ValueError naming the argument and its value."""
+        from fedge.console.audit import parse_detail, parse_since, split_actions
+
+        actions = args.get("action")
+        if actions is not None and not isinstance(actions, str) and not (
+                isinstance(actions, list) and all(isinstance(a, str) for a in actions)):
+            raise ValueError(f"action {short(actions)} is not a name or a list of names")
+        actions = split_actions(actions)
+        filters: dict[str, str | None] = {}
+        for name in ("job", "site", "actor"):
+            value = args.get(name)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{name} {short(value)} is not text")
+            filters[name] = value
+        since = args.get("since")
+        if isinstance(since, str):
+            since = parse_since(since)
+        elif since is not None and (isinstance(since, bool)
+                                    or not isinstance(since, int | float)):
+            raise ValueError(f"since {short(since)} is not a Unix time or an ISO time")
+        limit = args.get("limit", AUDIT_DEFAULT_LIMIT)
+        if isinstance(limit, bool) or not isinstance(limit, int) \
+                or not 1 <= limit <= AUDIT_MAX_LIMIT:
+            raise ValueError(f"limit {short(limit)} is not a whole number from 1 to "
+                             f"{AUDIT_MAX_LIMIT}")
+        store = self.coordinator.store
+        rows = store.audit_log(actions=actions, since=since, limit=limit + 1,
+                               scan=AUDIT_SCAN_ENTRIES, **filters)
+        more = len(rows) > limit
+        rows = rows[1:] if more else rows
+        size = 0
+        for keep in range(len(rows) - 1, -1, -1):  # the newest first, to the byte budget
+            size += len(rows[keep]["detail"]) + len(rows[keep]["actor"]) + 64
+            if size > AUDIT_REPLY_BYTES:
+                rows, more = rows[keep + 1:], True
+                break
+        span = store.audit_id_span()
+        older_unread = span is not None and span[0] <= span[1] - AUDIT_SCAN_ENTRIES
+        return {"entries": [{**r, "detail": parse_detail(r["detail"])} for r in rows],
+                "more": more, "older_unread": older_unread,
+                "looked_at": AUDIT_SCAN_ENTRIES}, {}
 
     def _op_update_versions(self, op: Operator, args: dict, blobs: dict) -> tuple[Any, dict]:
         """The TUF metadata versions this coordinator relays (root, targets, ...)."""

@@ -4,6 +4,7 @@
     fedge coordinator submit --config FILE PLAN      queue a job plan (TOML)
     fedge coordinator enrol --config FILE --site S --curve-public Z85 --ed25519-public HEX
     fedge coordinator status --config FILE [JOB]     fleet and jobs as JSON
+    fedge coordinator audit --config FILE [filters]  the audit log, read-only
 
 Heavy imports happen inside the handlers.
 """
@@ -42,6 +43,13 @@ def register(subparsers: Any) -> None:
     st.add_argument("--config", type=Path, default=argparse.SUPPRESS)
     st.add_argument("job", nargs="?")
     st.set_defaults(func=_status)
+    from fedge.console.cli import add_audit_filters
+
+    a = sub.add_parser("audit", help="read the audit log (read-only: safe while the "
+                       "coordinator runs)")
+    a.add_argument("--config", type=Path, default=argparse.SUPPRESS)
+    add_audit_filters(a)
+    a.set_defaults(func=_audit)
 
 
 def _config(args: argparse.Namespace) -> Any:
@@ -206,4 +214,43 @@ def _status(args: argparse.Namespace) -> int:
     finally:
         store.close()
     print(json.dumps(out, indent=2, default=str))
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    """Print the audit log from the database, opened read-only (SQLite ``mode=ro``):
+    nothing is created, migrated or locked, and a running coordinator's writes (WAL)
+    go on meanwhile. Unlike `fedge console audit`, the whole log is looked at."""
+    cfg = _config(args)
+    if cfg is None:
+        return 2
+    from fedge.console.audit import parse_detail, split_actions
+    from fedge.console.cli import print_audit
+    from fedge.coordinator.store import DB_NAME, database_error, read_audit
+
+    db = Path(cfg.state_dir) / DB_NAME
+    if not db.is_file():
+        print(f"fedge coordinator audit: no coordinator database at {db}: is state_dir "
+              "right? (`fedge coordinator run` creates it)", file=sys.stderr)
+        return 2
+    try:
+        conn = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=5.0)
+    except sqlite3.Error as exc:
+        print(f"fedge coordinator audit: cannot open {db} read-only: {exc}", file=sys.stderr)
+        return 2
+    try:
+        rows = read_audit(conn, actions=split_actions(args.action), job=args.job,
+                          site=args.site, actor=args.actor, since=args.since,
+                          limit=args.limit + 1)
+    except sqlite3.Error as exc:
+        print(f"fedge coordinator audit: {database_error(db, exc)}", file=sys.stderr)
+        return 2
+    finally:
+        conn.close()
+    more = len(rows) > args.limit
+    entries = [{**r, "detail": parse_detail(r["detail"])} for r in rows[int(more):]]
+    print_audit(entries, args.json)
+    if more:
+        print(f"note: more entries match; these are the newest {len(entries)} (narrow "
+              "with --since/--action, or raise --limit)", file=sys.stderr)
     return 0

@@ -61,7 +61,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -280,6 +280,62 @@ def database_error(path: Path, exc: sqlite3.Error) -> str:
     if is_corrupt(exc):
         return f"database {path} is corrupt: {exc} ({CORRUPT_HINT})"
     return f"database {path}: {type(exc).__name__}: {exc}"
+
+
+# A detail's field, NULL when the detail is not JSON (as _AUDIT_JOB).
+def _audit_field(name: str) -> str:
+    return f"CASE WHEN json_valid(detail) THEN json_extract(detail, '$.{name}') END"
+
+
+def read_audit(conn: sqlite3.Connection, *, actions: Sequence[str] = (),
+               job: str | None = None, site: str | None = None, actor: str | None = None,
+               since: float | None = None, limit: int = 1000,
+               scan: int | None = None) -> list[dict[str, Any]]:
+    """The newest ``limit`` audit entries that match, oldest first: ``actions`` (any
+    of them, exactly), ``job`` (a JSON detail's "job"), ``site`` (the actor, or a JSON
+    detail's "site" or "accused": what a site did and what was found about it),
+    ``actor`` (exactly: "operator:NAME", "coordinator", a site), ``since`` (a Unix
+    time: entries written at or after it). ``scan`` bounds the work: only the newest
+    ``scan`` entries are looked at, whatever matches (the admin channel answers on the
+    coordinator's event loop). Takes a connection, not a Store: `fedge coordinator
+    audit` reads a database opened read-only.
+
+    Without ``scan``, ``actions`` (and ``job``) are read from the index
+    audit_by_action_job, and any other query walks the table from the newest entry
+    back to the ``limit``-th match: the whole table when fewer match.
+
+    Raises: sqlite3.Error."""
+    where: list[str] = []
+    args: list[Any] = []
+    if scan is not None:
+        # the newest `scan` ids, walked by rowid: "+action" keeps SQLite off the index,
+        # whose matches for a frequent action (late_message) grow without bound
+        newest = conn.execute("SELECT coalesce(max(id), 0) FROM audit").fetchone()[0]
+        where.append("id > ?")
+        args.append(newest - scan)
+    if actions:
+        column = "+action" if scan is not None else "action"
+        where.append(f"{column} IN ({', '.join('?' * len(actions))})")
+        args += list(actions)
+    if job is not None:
+        where.append(f"{_AUDIT_JOB} = ?")
+        args.append(job)
+    if site is not None:
+        where.append(f"(actor = ? OR {_audit_field('site')} = ? "
+                     f"OR {_audit_field('accused')} = ?)")
+        args += [site, site, site]
+    if actor is not None:
+        where.append("actor = ?")
+        args.append(actor)
+    if since is not None:
+        where.append("time >= ?")
+        args.append(since)
+    q = "SELECT id, time, actor, action, detail FROM audit"
+    if where:
+        q += " WHERE " + " AND ".join(where)
+    rows = conn.execute(q + " ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
+    return [{"id": r[0], "time": r[1], "actor": r[2], "action": r[3], "detail": r[4]}
+            for r in reversed(rows)]
 
 
 @dataclass(frozen=True)
@@ -662,27 +718,21 @@ class Store:
             self._audit(c, actor, action, detail)
 
     def audit_log(self, *, action: str | None = None, job: str | None = None,
-                  limit: int = 1000) -> list[dict[str, Any]]:
-        """The newest ``limit`` entries, oldest first; ``action`` and ``job`` (the
-        ``job`` of a JSON detail) select."""
-        q = "SELECT id, time, actor, action, detail FROM audit"
-        where: list[str] = []
-        args: tuple[Any, ...] = ()
-        if action is not None:
-            where.append("action = ?")
-            args += (action,)
-        if job is not None:
-            where.append(f"{_AUDIT_JOB} = ?")
-            args += (job,)
-        if where:
-            q += " WHERE " + " AND ".join(where)
-        q += " ORDER BY id DESC LIMIT ?"
+                  limit: int = 1000, actions: Sequence[str] = (), site: str | None = None,
+                  actor: str | None = None, since: float | None = None,
+                  scan: int | None = None) -> list[dict[str, Any]]:
+        """The newest ``limit`` entries, oldest first (:func:`read_audit`: ``action``
+        and ``actions`` together are the actions asked for)."""
+        wanted = (*actions, *(() if action is None else (action,)))
         with self._lock:
-            rows = self._conn.execute(q, (*args, limit)).fetchall()
-        return [
-            {"id": r[0], "time": r[1], "actor": r[2], "action": r[3], "detail": r[4]}
-            for r in reversed(rows)
-        ]
+            return read_audit(self._conn, actions=wanted, job=job, site=site, actor=actor,
+                              since=since, limit=limit, scan=scan)
+
+    def audit_id_span(self) -> tuple[int, int] | None:
+        """The oldest and newest audit entry's id; None when there is none."""
+        with self._lock:
+            row = self._conn.execute("SELECT min(id), max(id) FROM audit").fetchone()
+        return None if row[0] is None else (int(row[0]), int(row[1]))
 
     # -- appliances ---------------------------------------------------------------
 

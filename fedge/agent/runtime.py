@@ -77,6 +77,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import inspect
 import json
 import logging
 import threading
@@ -161,6 +163,16 @@ class _Arriving:
     job: str
     round: int
     aborted: bool = False
+
+
+def _takes_job(load: Callable[..., Any]) -> bool:
+    """Whether a trainer's ``load_data`` takes the task's ``job`` (TorchTrainer's does,
+    so that a job's later rounds skip the look at its source); one that takes the data
+    set's name alone (a test's or a benchmark's trainer) is called with that."""
+    try:
+        return "job" in inspect.signature(load).parameters
+    except (TypeError, ValueError):  # no signature to read: called as before
+        return False
 
 
 @dataclass(eq=False)
@@ -769,14 +781,19 @@ class Agent:
         return asyncio.get_running_loop().run_in_executor(self._disk, fn, *args)
 
     async def _on_worker(self, what: str, deadline_s: float, fn: Callable[[], Any],
-                         task: _Task | None = None, dataset: str = "") -> Any:
+                         task: _Task | None = None, dataset: str = "",
+                         job: str | None = None) -> Any:
         """``fn()`` on the task executor, watched from when a worker takes it up until
-        it returns (:meth:`stuck_worker`). ``dataset``: loaded first (the trainer's
-        ``load_data``, where it has one), under its own bound ``DATA_LOAD_S``: the
-        plan's deadline for the task counts from when it is loaded.
+        it returns (:meth:`stuck_worker`). ``dataset``: loaded first, as job ``job``
+        uses it (the trainer's ``load_data``, where it has one: a job that holds its
+        version already costs nothing there, neither a look at the source nor a
+        re-read), under its own bound ``DATA_LOAD_S``: the plan's deadline for the task
+        counts from when it is loaded.
         Raises: what ``fn`` (or the load) raises."""
         entry = _Running(what, deadline_s, task)
         load = getattr(self.trainer, "load_data", None) if dataset else None
+        if load is not None and job is not None and _takes_job(load):
+            load = functools.partial(load, job=job)
 
         def run() -> Any:
             if load is not None and not (task is not None and task.cancel.is_set()):
@@ -988,7 +1005,7 @@ class Agent:
                 lambda: self.trainer.train(self.site, job, plan, weights, round=rnd,
                                            seed=t.train_seed, cancel=task.cancel,
                                            task_id=t.task_id or None, **kwargs),
-                task, dataset=plan.dataset)
+                task, dataset=plan.dataset, job=job)
         except Exception as exc:
             if task.cancel.is_set():  # abandoned meanwhile: nobody waits for an answer
                 log.info("%s: training for %s/%d stopped: its round was aborted or the task "
@@ -1488,7 +1505,7 @@ class Agent:
             n, metrics = await self._on_worker(
                 f"{m.TASK_EVAL} {job} round {rnd}", plan.deadlines.eval_s,
                 lambda: self.trainer.evaluate(plan, weights, e.split, job=job),
-                dataset=plan.dataset)
+                dataset=plan.dataset, job=job)
         except TaskRefusal as exc:
             await self._refuse(job, rnd, m.TASK_EVAL, str(exc), e.task_id)
             return

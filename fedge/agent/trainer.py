@@ -127,10 +127,11 @@ def source_version(path: str | Path) -> SourceVersion:
     dot-entry, which the loader skips, is skipped; so are the folders' own times,
     which a dot-file moves), one ``stat`` each: about 30 ms for 5,000 images,
     measured on ext4 with a warm page cache on a busy 2-core machine, the ``stat``
-    calls most of it; taken when a task loads the data set, never during a job's
-    later rounds. Kept as their count, the newest times and a digest of them all:
-    an image replaced, added, removed or renamed is a new version. "missing":
-    nothing at ``path`` (loading it then says why)."""
+    calls most of it; taken when a job's first task loads the data set (or a task of a
+    job no longer held, or a task of no job), never during a held job's later rounds.
+    Kept as their count, the newest times and a digest of them all: an image replaced,
+    added, removed or renamed is a new version. "missing": nothing at ``path``
+    (loading it then says why)."""
     try:
         top = os.stat(path)
     except OSError:
@@ -608,14 +609,19 @@ class TorchTrainer:
         spec = self.dataset_spec(name)
         return (spec.classes or None) if spec is not None else None
 
-    def load_data(self, name: str) -> None:
-        """Load data set ``name``'s newest version now (kept in memory) unless it is
-        loaded already: the agent does it before a task's training or evaluation, so
-        that a slow first load (a large image set, or its re-export) is not counted
-        against the plan's deadline for the task.
+    def load_data(self, name: str, job: str | None = None) -> None:
+        """Load data set ``name`` as job ``job`` uses it (:meth:`_site_data`) now, kept in
+        memory: the agent does it before a task's training or evaluation, so that a slow
+        first load (a large image set, or its re-export) is not counted against the
+        plan's deadline for the task. A job that holds its version already costs
+        nothing here: its source is neither looked at (a folder's walk, one ``stat`` per
+        image) nor read again, whatever happened to it; so a re-export that lands
+        mid-job is read by the first task of a job that begins later, not by the
+        running job's next round, which would not use it. Without ``job``: the
+        newest version.
 
         Raises: TaskRefusal: as :meth:`_site_data`."""
-        self._site_data(name)
+        self._site_data(name, job)
 
     def _site_data(self, name: str, job: str | None = None) -> Any:
         """Data set ``name`` as job ``job`` uses it: the version it began on while the

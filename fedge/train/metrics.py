@@ -58,23 +58,60 @@ def concordance_index(time: object, risk: object, event: object) -> float:
     _same_length(time=t, risk=r, event=e)
     if not np.all((e == 0) | (e == 1)):
         raise ValueError("event must contain only 0 and 1")
-    died = np.flatnonzero(e == 1)
-    if died.size == 0:
+    died = e == 1
+    if not np.any(died):
         raise ValueError("concordance_index: no observed event, so no comparable pair")
-    # Vectorised over the dead subjects in blocks (n <= ~1e4 in practice).
-    concordant = 0.0
-    comparable = 0
-    for start in range(0, died.size, 512):
-        idx = died[start : start + 512]
-        ti = t[idx][:, None]
-        later = (t[None, :] > ti) | ((t[None, :] == ti) & (e[None, :] == 0))
-        ri = r[idx][:, None]
-        concordant += float(np.sum(later & (ri > r[None, :])))
-        concordant += 0.5 * float(np.sum(later & (ri == r[None, :])))
-        comparable += int(np.sum(later))
+    # Counted in O(n log n), so that a site's whole split is scored within eval_s
+    # (the pairwise form took 129 s at 320k rows). Each subject gets a place in
+    # time, 2 * rank(time) + 1 if censored: j is comparable with a death i exactly
+    # when place_j > place_i (a later time, or the same time and censored).
+    n = t.size
+    _, t_rank = np.unique(t, return_inverse=True)
+    place = 2 * t_rank.astype(np.int64) + (~died)
+    _, r_rank = np.unique(r, return_inverse=True)
+    r_rank = r_rank.astype(np.int64)
+    died_place = place[died]
+    at_or_before = np.cumsum(np.bincount(place))
+    comparable = int(np.sum(n - at_or_before[died_place]))
     if comparable == 0:
         raise ValueError("concordance_index: no comparable pair (all events tie the last time)")
-    return concordant / comparable
+    # Tied risks: equal risk and a later place, a range of the sorted (risk, place) keys.
+    span = int(place.max()) + 1
+    cells = np.sort(r_rank * span + place)
+    died_r = r_rank[died]
+    tied = int(np.sum(np.searchsorted(cells, (died_r + 1) * span, side="left")
+                      - np.searchsorted(cells, died_r * span + died_place, side="right")))
+    # Concordant: later place, lower risk. In place order with equal places by rising
+    # risk, no lower risk follows within a place, so position order stands for place.
+    order = np.argsort(place * (int(r_rank.max()) + 1) + r_rank)
+    concordant = _later_and_lower(r_rank[order], died[order])
+    # Integer counts, then the same float arithmetic as the pairwise definition.
+    return (concordant + 0.5 * tied) / comparable
+
+
+def _later_and_lower(values: np.ndarray, counted: np.ndarray) -> int:
+    """Number of pairs p < q with ``counted[p]`` and ``values[q] < values[p]``.
+
+    A bottom-up merge sort of non-negative integer ``values``: merging the blocks
+    [s, s + w) and [s + w, s + 2w), a left element moves right by the number of
+    right elements smaller than it (the stable sort keeps equal ones behind it).
+    Each level is one stable argsort of runs already sorted, so O(n log n) in all.
+    """
+    n = values.size
+    width = int(values.max()) + 1 if n else 1
+    slot = np.arange(n, dtype=np.int64)
+    new_slot = np.empty(n, dtype=np.int64)
+    total = 0
+    w = 1
+    while w < n:
+        order = np.argsort((slot // (2 * w)) * width + values, kind="stable")
+        new_slot[order] = slot
+        left = counted & (((slot // w) & 1) == 0)
+        total += int(np.sum(new_slot[left] - slot[left]))
+        values = values[order]
+        counted = counted[order]
+        w *= 2
+    return total
 
 
 def accuracy(y_true: object, y_pred: object) -> float:
@@ -117,17 +154,18 @@ def roc_auc(y_true: object, score: object) -> float:
     n_neg = y.size - n_pos
     if n_pos == 0 or n_neg == 0:
         raise ValueError(f"roc_auc needs both classes, got {n_pos} positive and {n_neg} negative")
-    # Average ranks handle ties exactly.
+    # Average ranks handle ties exactly: a run of equal scores at sorted positions
+    # first..last (0-based) all rank 0.5 * (first + last) + 1.
     order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(s.size, dtype=np.float64)
     sorted_s = s[order]
-    i = 0
-    while i < s.size:
-        j = i
-        while j + 1 < s.size and sorted_s[j + 1] == sorted_s[i]:
-            j += 1
-        ranks[order[i : j + 1]] = 0.5 * (i + j) + 1.0
-        i = j + 1
+    starts_run = np.empty(s.size, dtype=bool)
+    starts_run[0] = True
+    np.not_equal(sorted_s[1:], sorted_s[:-1], out=starts_run[1:])
+    first = np.flatnonzero(starts_run)
+    last = np.append(first[1:], s.size) - 1
+    run = np.cumsum(starts_run) - 1
+    ranks = np.empty(s.size, dtype=np.float64)
+    ranks[order] = (0.5 * (first + last) + 1.0)[run]
     return float((np.sum(ranks[y == 1]) - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 

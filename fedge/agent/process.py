@@ -5,6 +5,7 @@ Configuration (TOML)::
     state_dir = "/var/lib/fedge"    # enrolment: keys/, roster.json, enrolment.json
     workers = 1                     # training/evaluation threads
     stuck_task_grace_s = 120.0      # a task this long past its cancel or deadline: stuck
+    data_load_s = 1800.0            # a data set's load before a task (its own deadline)
 
     [heartbeat]
     interval_s = 1.0
@@ -60,6 +61,7 @@ from fedge import instance_lock
 from fedge.agent.guard import PrivacyPolicy, PrivacyPolicyError, RevealLog
 from fedge.agent.jobstate import JobStateStore
 from fedge.agent.runtime import (
+    DATA_LOAD_S,
     DISK_THREAD_PREFIX,
     HEALTH_MAX_AGE_S,
     STUCK_TASK_GRACE_S,
@@ -205,6 +207,10 @@ class AgentConfig:
     # a worker task running this long past its cancel or its plan's deadline is stuck:
     # not eligible, and no more watchdog pings (fedge.agent.runtime.STUCK_TASK_GRACE_S)
     stuck_task_grace_s: float = STUCK_TASK_GRACE_S
+    # a data set's load before a task (not counted against the plan's train_s/eval_s)
+    # may run this long, plus stuck_task_grace_s, before the worker is stuck: a large
+    # image set's first load takes long (fedge.agent.runtime.DATA_LOAD_S)
+    data_load_s: float = DATA_LOAD_S
 
     @cached_property
     def eligibility_policy(self) -> EligibilityPolicy:
@@ -233,7 +239,8 @@ class Enrolled:
 
 
 _KEYS = ("state_dir", "workers", "heartbeat", "eligibility", "datasets", "health",
-         "update_trial_s", "update_restart_wait_s", "privacy", "stuck_task_grace_s")
+         "update_trial_s", "update_restart_wait_s", "privacy", "stuck_task_grace_s",
+         "data_load_s")
 
 
 def load_config(path: str | Path) -> AgentConfig:
@@ -283,7 +290,8 @@ def load_config(path: str | Path) -> AgentConfig:
         raise AgentConfigError(f"agent config health = {health!r} must be true or false")
     seconds = {}
     for name, default in (("update_trial_s", 600.0), ("update_restart_wait_s", 1800.0),
-                          ("stuck_task_grace_s", STUCK_TASK_GRACE_S)):
+                          ("stuck_task_grace_s", STUCK_TASK_GRACE_S),
+                          ("data_load_s", DATA_LOAD_S)):
         v = raw.get(name, default)
         if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0:
             raise AgentConfigError(f"agent config {name} = {v!r} must be > 0")
@@ -295,7 +303,8 @@ def load_config(path: str | Path) -> AgentConfig:
     except PrivacyPolicyError as exc:
         raise AgentConfigError(f"agent config {p}: {exc}") from None
     return AgentConfig(state_dir, datasets, float(interval), float(timeout), workers, elig,
-                       health, float(trial), float(restart_wait), policy, float(stuck))
+                       health, float(trial), float(restart_wait), policy, float(stuck),
+                       float(seconds["data_load_s"]))
 
 
 def load_enrolled(state_dir: Path) -> Enrolled:
@@ -785,7 +794,7 @@ def run(cfg: AgentConfig, *, connect_timeout_s: float | None = None) -> int:
     agent = Agent(enrolled.site, trainer, identity=enrolled.identity, roster=enrolled.roster,
                   roster_key=enrolled.roster_key, roster_path=enrolled.roster_path,
                   executor=executor, disk_executor=disk, health=health_probe(cfg, xids),
-                  stuck_grace_s=cfg.stuck_task_grace_s,
+                  stuck_grace_s=cfg.stuck_task_grace_s, data_load_s=cfg.data_load_s,
                   max_report_age_s=health_max_age_s(cfg),
                   job_state=JobStateStore(cfg.state_dir / "jobs"), policy=cfg.policy,
                   reveal_log=RevealLog(cfg.state_dir / "secagg" / "revealed.jsonl",

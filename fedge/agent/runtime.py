@@ -23,7 +23,8 @@ A worker that does not come back is a stuck agent, though its event loop runs on
 (``STUCK_TASK_GRACE_S``) after it was cancelled, or any training or evaluation running
 past its plan's deadline (``train_s``, ``eval_s``) plus that grace, counted from when
 its data set is loaded (a first load, which cannot be cancelled, has its own bound,
-``DATA_LOAD_S``); from then on the
+``data_load_s``, agent.toml's, ``DATA_LOAD_S`` by default; past half of it a WARNING
+names the setting); from then on the
 heartbeats say the site is not eligible, and the process stops its watchdog pings so
 that systemd restarts it (fedge.agent.process).
 
@@ -179,13 +180,16 @@ def _takes_job(load: Callable[..., Any]) -> bool:
 class _Running:
     """A task running on a worker thread: what it is, since when (monotonic, from when
     the worker took it up), the plan's deadline for it, and the round's task when it can
-    be cancelled."""
+    be cancelled. ``setting``: the agent.toml key that sets ``deadline_s``, for a bound
+    the site sets itself (a data set's load: ``data_load_s``), warned of at half."""
 
     what: str
     deadline_s: float
     task: _Task | None = None
     started: float = 0.0
     thread: str = ""
+    setting: str = ""
+    half_warned: bool = False
 
 
 PROBE_WAIT_S = 0.5  # longest a heartbeat waits for its health probe
@@ -197,8 +201,10 @@ PROBE_SLOW_LOG_S = 600.0
 # eligible, and no more watchdog pings (systemd restarts the agent).
 STUCK_TASK_GRACE_S = 120.0
 # How long a task's first load of its data set (``load_data``, before the task's own
-# clock starts) may run before the worker counts as stuck: a large image set can take
-# many minutes, cannot be cancelled, and is lost if the agent is restarted.
+# clock starts) may run, plus the stuck grace, before the worker counts as stuck: a large
+# image set can take many minutes (500k images of 512x512 about 50 min, measured
+# single-threaded), cannot be cancelled, and is lost if the agent is restarted. The
+# default of agent.toml's ``data_load_s``.
 DATA_LOAD_S = 1800.0
 # Significant digits of the evaluation metrics that leave: a loss in float64 turned
 # finite differences of chosen weights into a gradient oracle; 6 digits are more than
@@ -286,10 +292,11 @@ class Agent:
     one, made on first use (as the scale benchmark's many agents share one loop).
 
     ``stuck_grace_s``: how long past a cancel or a deadline a worker task may run before
-    the agent counts it stuck (:meth:`stuck_worker`).
+    the agent counts it stuck (:meth:`stuck_worker`). ``data_load_s``: a data set's load
+    before a task's own deadline (agent.toml ``data_load_s``; None: ``DATA_LOAD_S``).
 
-    Raises: ValueError: ``max_report_age_s`` or ``stuck_grace_s`` not above 0,
-        ``held_jobs`` below 1.
+    Raises: ValueError: ``max_report_age_s``, ``stuck_grace_s`` or ``data_load_s`` not
+        above 0, ``held_jobs`` below 1.
     """
 
     def __init__(
@@ -312,6 +319,7 @@ class Agent:
         held_jobs: int = HELD_JOBS,
         disk_executor: Executor | None = None,
         stuck_grace_s: float = STUCK_TASK_GRACE_S,
+        data_load_s: float | None = None,
     ) -> None:
         self.site = site
         # The site's own floor (agent.toml [privacy]); the default requires secure
@@ -337,6 +345,10 @@ class Agent:
         if not stuck_grace_s > 0:
             raise ValueError(f"stuck_grace_s={stuck_grace_s!r} must be > 0")
         self.stuck_grace_s = stuck_grace_s
+        data_load_s = DATA_LOAD_S if data_load_s is None else data_load_s
+        if not data_load_s > 0:
+            raise ValueError(f"data_load_s={data_load_s!r} must be > 0")
+        self.data_load_s = data_load_s
         self._running: list[_Running] = []  # on the worker threads now
         self._running_lock = threading.Lock()  # the workers add and remove themselves
         self._stuck_logged: _Running | None = None
@@ -787,7 +799,7 @@ class Agent:
         it returns (:meth:`stuck_worker`). ``dataset``: loaded first, as job ``job``
         uses it (the trainer's ``load_data``, where it has one: a job that holds its
         version already costs nothing there, neither a look at the source nor a
-        re-read), under its own bound ``DATA_LOAD_S``: the plan's deadline for the task
+        re-read), under its own bound ``data_load_s``: the plan's deadline for the task
         counts from when it is loaded.
         Raises: what ``fn`` (or the load) raises."""
         entry = _Running(what, deadline_s, task)
@@ -797,8 +809,9 @@ class Agent:
 
         def run() -> Any:
             if load is not None and not (task is not None and task.cancel.is_set()):
-                loading = _Running(f"loading data set {dataset!r} for {what}", DATA_LOAD_S,
-                                   None, time.monotonic(), threading.current_thread().name)
+                loading = _Running(f"loading data set {dataset!r} for {what}",
+                                   self.data_load_s, None, time.monotonic(),
+                                   threading.current_thread().name, setting="data_load_s")
                 with self._watched(loading):
                     load(dataset)
             entry.started = time.monotonic()
@@ -827,8 +840,18 @@ class Agent:
         WARNING, if it comes back."""
         now = time.monotonic() if now is None else now
         grace = self.stuck_grace_s
-        with self._running_lock:
+        with self._running_lock:  # the heartbeats and the watchdog's thread both ask
             running = list(self._running)
+            halfway = [e for e in running if e.setting and not e.half_warned
+                       and now - e.started > e.deadline_s / 2]
+            for e in halfway:
+                e.half_warned = True
+        for e in halfway:  # a bound the site sets itself: said while there is time
+            log.warning("%s: %s has run %.0f s, past half of its limit (agent.toml %s = "
+                        "%g s): past the limit plus %g s the agent counts itself stuck and "
+                        "systemd restarts it, the load lost; raise %s if it needs longer",
+                        self.site, e.what, now - e.started, e.setting, e.deadline_s, grace,
+                        e.setting)
         stuck, why = None, ""
         for e in running:
             ran = now - e.started
@@ -841,6 +864,8 @@ class Agent:
             if ran > e.deadline_s + grace:
                 stuck, why = e, (f"{e.what} running on {e.thread} for {ran:.1f} s, past its "
                                  f"deadline of {e.deadline_s:g} s plus {grace:g} s")
+                if e.setting:
+                    why += f" (agent.toml {e.setting} sets that deadline)"
                 break
         if stuck is not None and stuck is not self._stuck_logged:
             self._stuck_logged = stuck

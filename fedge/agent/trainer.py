@@ -18,6 +18,7 @@ import re
 import stat
 import sys
 import threading
+import time
 import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -171,6 +172,16 @@ def source_version(path: str | Path) -> SourceVersion:
                           f"{st.st_mtime_ns}\0{st.st_ctime_ns}\n".encode(errors="replace"))
     return SourceVersion("folder", size=entries, modified_ns=modified, changed_ns=changed,
                          digest=digest.hexdigest())
+
+
+def describe_size(data: Any) -> str:
+    """How much a loaded data set (``fedge.train.data.SiteData``) holds, in words: its
+    examples (images or rows) and their splits; no value, no path."""
+    splits = [(part, len(split)) for part in ("train", "val", "test")
+              if (split := getattr(data, part, None)) is not None]
+    unit = "images" if getattr(data, "info", {}).get("kind") == "images" else "rows"
+    return (f"{sum(n for _, n in splits)} {unit} ("
+            + ", ".join(f"{part} {n}" for part, n in splits) + ")")
 
 
 @dataclass
@@ -663,6 +674,7 @@ class TorchTrainer:
         if earlier is not None and earlier.source == source:
             return earlier
         self._data.pop(name, None)  # held on by the jobs that began on it, if any
+        started = time.monotonic()
         for _ in range(self.LOAD_TRIES):
             try:
                 data = load_site_data(spec)
@@ -681,6 +693,10 @@ class TorchTrainer:
             raise TaskRefusal(f"data set {name!r} cannot be loaded: it changed while it was "
                               "read, each time (is it being exported now?); a later task "
                               "reads it once it is still")
+        # how long a load takes, so that IT can size agent.toml's data_load_s (the
+        # agent counts itself stuck past it and systemd restarts it, the load lost)
+        log.info("data set %r loaded in %.1f s: %s", name, time.monotonic() - started,
+                 describe_size(data))
         if earlier is not None:
             log.info("data set %r re-read: its %s changed since it was loaded (%s); jobs "
                      "that began on the earlier version keep it for their remaining rounds",

@@ -73,14 +73,17 @@ good).
 
 from __future__ import annotations
 
+import array
+import codecs
 import csv
 import io
 import logging
 import math
+import operator
 import re
 import unicodedata
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
@@ -605,15 +608,33 @@ def _separator_hint(header: list[str]) -> tuple[str, str] | None:
             "comma-separated CSV")
 
 
-def _unnamed_empty(header: list[str], rows: list[tuple[int, list[str]]]) -> set[int]:
-    """The columns with no name in the header and no text in any row: what Excel
-    writes for once-formatted cells right of the data (",," on every line)."""
-    return {j for j, h in enumerate(header) if not h
-            and all(j >= len(f) or not f[j].strip() for _, f in rows)}
+def _whole_file_is_blank(path: Path) -> bool:
+    """The file's text is only white space (read a block at a time)."""
+    with path.open(encoding="utf-8-sig", newline="") as text:
+        return all(not block.strip() for block in iter(lambda: text.read(1 << 20), ""))
 
 
-def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
-    """Header and (line number, fields) rows; checks shape row by row.
+def _utf8_refusal(path: Path) -> DataError | None:
+    """The refusal of a file with a byte that is not UTF-8 (naming its line and column),
+    else None. The check reads a block at a time; only a refusal reads the file whole."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with path.open("rb") as raw:
+            for block in iter(lambda: raw.read(1 << 20), b""):
+                decoder.decode(block)
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        try:
+            path.read_bytes().decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            return _not_utf8(path, exc)
+    return None
+
+
+class _CsvRows:
+    """A CSV file read once, a row at a time: the header when opened, then each
+    non-blank row as (line, fields), without the file or its rows ever held whole
+    (a site's extract can be millions of rows of which a model reads a few columns).
 
     Lines are counted as the csv module counts them (only CR, LF and CRLF end a
     line), so a U+2028 or form feed inside a cell does not shift later numbers.
@@ -621,74 +642,127 @@ def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     ",,") are dropped; one unnamed column that holds values (pandas' index) is kept
     as any undeclared column is, two or more are refused.
 
-    Raises:
-        DataError: missing, empty, not UTF-8, malformed, truncated or ragged
-            (naming the line and, where there is one, the column), unnamed
-            columns that hold values, a repeated column name; and where the file
-            looks separated by ';' or tabs, saying so.
+    Refusals come in the order a reader of the whole file gives them: a byte that is
+    not UTF-8 anywhere in the file, then malformed CSV (both raised while rows are
+    read), then, from :meth:`finish` once the last row is read, an empty file, a
+    one-column header that looks separated by ';' or tabs, unnamed columns that hold
+    values, a repeated column name, the first row of another length, no rows.
     """
-    if not path.is_file():
-        raise DataError(path, "file does not exist", problem="file does not exist")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")  # Excel's "CSV UTF-8" starts with a BOM
-    except UnicodeDecodeError as exc:
-        raise _not_utf8(path, exc) from None
-    if not text.strip():
-        raise DataError(path, "file is empty (no header line)", line=1,
-                        problem="file is empty (no header line)")
-    # The whole file is in memory already, so no cell can be longer than it: the csv
-    # module's default limit (131072 characters) only refused files with a long
-    # free-text column (a report) that no model reads. Process-wide, and only raised.
-    if csv.field_size_limit() < len(text):
-        csv.field_size_limit(len(text))
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
-    rows: list[tuple[int, list[str]]] = []
-    try:
-        header = next(reader)
-        for fields in reader:
-            if not fields or all(not f.strip() for f in fields):
+
+    def __init__(self, path: Path) -> None:
+        """Open ``path`` and read its header.
+
+        Raises:
+            DataError: the file does not exist, is not UTF-8 or is malformed CSV
+                (naming the line and, for a byte that is not UTF-8, the column).
+        """
+        if not path.is_file():
+            raise DataError(path, "file does not exist", problem="file does not exist")
+        self.path = path
+        # No cell can be longer than the file: the csv module's default limit (131072
+        # characters) only refused files with a long free-text column (a report) that no
+        # model reads. Process-wide, and only raised.
+        size = path.stat().st_size
+        if csv.field_size_limit() < size:
+            csv.field_size_limit(size)
+        # Excel's "CSV UTF-8" starts with a byte-order mark: utf-8-sig drops it
+        self._text = path.open(encoding="utf-8-sig", newline="")
+        self._reader = csv.reader(self._text, strict=True)
+        self._records = self._read()
+        first = next(self._records, None)
+        self._blank_header = first is None or all(not h.strip() for h in first)
+        # NFC, as agent.toml's column names are read: a header written by an editor that
+        # decomposes 'é' names the same column (and two spellings of one name are a repeat)
+        self.header = [_nfc(h.strip()) for h in first or []]
+        self._unnamed = [j for j, h in enumerate(self.header) if not h]
+        self._dropped: set[int] = set(self._unnamed)  # unnamed, with no text in any row yet
+        self._first_line_of_length: dict[int, int] = {}  # lengths other than the header's
+        self.count = 0  # non-blank rows
+
+    def _read(self) -> Iterator[list[str]]:
+        try:
+            yield from self._reader
+        except UnicodeDecodeError:
+            refusal = _utf8_refusal(self.path)
+            if refusal is None:  # pragma: no cover - the file changed while read
+                raise DataError(self.path, "not UTF-8 text", problem="not UTF-8 text") from None
+            raise refusal from None
+        except csv.Error as exc:
+            line = self._reader.line_num
+            refusal = _utf8_refusal(self.path)  # a bad byte further on is said first
+            if refusal is not None:
+                raise refusal from None
+            raise DataError(self.path, f"malformed CSV: {exc}", line=line,
+                            problem="malformed CSV") from exc
+        finally:
+            self._text.close()
+
+    def __iter__(self) -> Iterator[tuple[int, list[str]]]:
+        """(line, fields) for each row that is not blank, fields as the file has them
+        (no column dropped, a ragged row as it is: :meth:`finish` refuses it)."""
+        width, reader = len(self.header), self._reader
+        lengths, unseen = self._first_line_of_length, self._dropped
+        for fields in self._records:
+            if not fields or (not fields[0].strip() and not "".join(fields).strip()):
                 continue
-            rows.append((reader.line_num, fields))
-    except csv.Error as exc:
-        raise DataError(path, f"malformed CSV: {exc}", line=reader.line_num,
-                        problem="malformed CSV") from exc
-    # NFC, as agent.toml's column names are read: a header written by an editor that
-    # decomposes 'é' names the same column (and two spellings of one name are a repeat)
-    header = [_nfc(h.strip()) for h in header]
-    hint = _separator_hint(header)
-    if len(header) == 1 and hint is not None:
-        raise DataError(path, f"the header is one column {header[0]!r}; {hint[0]}", line=1,
-                        problem=f"the header is one column; {hint[1]}")
-    dropped = _unnamed_empty(header, rows)
-    unnamed = [j + 1 for j, h in enumerate(header) if not h and j not in dropped]
-    if len(unnamed) > 1:
-        raise DataError(
-            path,
-            f"{len(unnamed)} columns have no name in the header (columns "
-            f"{', '.join(map(str, unnamed))}, counting from 1) but hold values; name them "
-            "or delete them",
-            line=1,
-            problem=f"{len(unnamed)} columns have no name in the header but hold values",
-        )
-    if dropped:
-        header = [h for j, h in enumerate(header) if j not in dropped]
-        rows = [(ln, [c for j, c in enumerate(f) if j not in dropped]) for ln, f in rows]
-    repeated = sorted({h for h in header if header.count(h) > 1})
-    if repeated:
-        raise DataError(
-            path,
-            f"header names {repeated} more than once; each column needs its own name",
-            line=1,
-            column=repeated[0],
-            problem="the header names a column more than once",
-            column_public=False,
-        )
-    for lineno, fields in rows:
-        if len(fields) != len(header):
-            missing = header[len(fields)] if len(fields) < len(header) else None
-            what = "truncated row" if len(fields) < len(header) else "extra fields"
-            said = f"{what}: {len(fields)} fields where the header has {len(header)}"
+            self.count += 1
+            if len(fields) != width:
+                lengths.setdefault(len(fields), reader.line_num)
+            if unseen:
+                unseen -= {j for j in unseen if j < len(fields) and fields[j].strip()}
+            yield reader.line_num, fields
+
+    def finish(self) -> tuple[list[str], list[int]]:
+        """Once every row is read: the header less the dropped columns, and where
+        each of its columns is in a row's fields.
+
+        Raises:
+            DataError: an empty file, unnamed columns that hold values, a repeated
+                column name, a row of another length than the header (naming its
+                line and, for a truncated row, the first missing column), no data
+                rows; and where the file looks separated by ';' or tabs, saying so.
+        """
+        path, header = self.path, self.header
+        if self.count == 0 and self._blank_header and _whole_file_is_blank(path):
+            raise DataError(path, "file is empty (no header line)", line=1,
+                            problem="file is empty (no header line)")
+        hint = _separator_hint(header)
+        if len(header) == 1 and hint is not None:
+            raise DataError(path, f"the header is one column {header[0]!r}; {hint[0]}", line=1,
+                            problem=f"the header is one column; {hint[1]}")
+        dropped = self._dropped
+        unnamed = [j + 1 for j in self._unnamed if j not in dropped]
+        if len(unnamed) > 1:
+            raise DataError(
+                path,
+                f"{len(unnamed)} columns have no name in the header (columns "
+                f"{', '.join(map(str, unnamed))}, counting from 1) but hold values; name them "
+                "or delete them",
+                line=1,
+                problem=f"{len(unnamed)} columns have no name in the header but hold values",
+            )
+        kept = [j for j in range(len(header)) if j not in dropped]
+        header = [header[j] for j in kept]
+        repeated = sorted({h for h in header if header.count(h) > 1})
+        if repeated:
+            raise DataError(
+                path,
+                f"header names {repeated} more than once; each column needs its own name",
+                line=1,
+                column=repeated[0],
+                problem="the header names a column more than once",
+                column_public=False,
+            )
+        # A row's length less the dropped columns it reaches: Excel's trailing ",," may
+        # be missing from a row without harm
+        by_line = sorted(self._first_line_of_length.items(), key=lambda item: item[1])
+        for length, lineno in by_line:
+            got = length - sum(1 for j in dropped if j < length)
+            if got == len(header):
+                continue
+            missing = header[got] if got < len(header) else None
+            what = "truncated row" if got < len(header) else "extra fields"
+            said = f"{what}: {got} fields where the header has {len(header)}"
             raise DataError(
                 path,
                 said if hint is None else f"{said}; {hint[0]}",
@@ -697,9 +771,42 @@ def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
                 problem=said if hint is None else f"{said}; {hint[1]}",
                 column_public=False,
             )
-    if not rows:
-        raise DataError(path, "no data rows after the header", line=2,
-                        problem="no data rows after the header")
+        if self.count == 0:
+            raise DataError(path, "no data rows after the header", line=2,
+                            problem="no data rows after the header")
+        return header, kept
+
+    def position(self, name: str | None) -> int | None:
+        """Where the column ``name`` is in a row's fields, for filtering rows as they are
+        read; None where the header lacks it (:func:`_column_index` refuses that).
+
+        Raises:
+            DataError: as :meth:`finish`, where ``name`` is empty and the header has
+                several unnamed columns (which one stays is known only once every row
+                is read, so the file is read through once first).
+        """
+        at = [j for j, h in enumerate(self.header) if h == name]
+        if len(at) > 1 and name == "":
+            first = _CsvRows(self.path)
+            for _ in first:
+                pass
+            at = [j for j in at if j not in first._dropped]
+        return at[0] if at else None  # a repeated name is refused by finish()
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """Header and (line number, fields) rows of a small CSV file of a fixed format
+    (FLamby's train_test_split.csv), held whole; a site's own tables are read by
+    ``_csv_columns`` instead.
+
+    Raises:
+        DataError: as :class:`_CsvRows`.
+    """
+    table = _CsvRows(path)
+    rows = list(table)
+    header, kept = table.finish()
+    if len(kept) != len(table.header):
+        rows = [(lineno, [fields[j] for j in kept]) for lineno, fields in rows]
     return header, rows
 
 
@@ -753,61 +860,8 @@ def _first_surrogate(fields: list[str]) -> int | None:
     return None
 
 
-def _parquet_cell(value: Any) -> str:
-    # booleans as 1/0 so an event or binary-label column of bools reads as numbers
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    return str(value)
-
-
-def _read_parquet(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        raise DataError(path, "reading Parquet needs the 'pyarrow' package",
-                        problem="reading Parquet needs the 'pyarrow' package") from exc
-    if not path.is_file():
-        raise DataError(path, "file does not exist", problem="file does not exist")
-    if path.stat().st_size == 0:
-        raise DataError(path, "file is empty", problem="file is empty")
-    try:
-        schema_names = list(pq.read_schema(path).names)
-    except Exception as exc:  # pyarrow raises several types for corrupt files
-        raise DataError(path, f"not a readable Parquet file: {exc}",
-                        problem="not a readable Parquet file") from exc
-    # as a CSV header is read: spaces around a name dropped ('age ' from a SAS or
-    # pandas export names the column 'age'), NFC
-    names = [_nfc(h.strip()) for h in schema_names]
-    # before reading: pyarrow's own refusal of a repeated name does not say which
-    repeated = sorted({h for h in names if names.count(h) > 1})
-    if repeated:
-        raise DataError(path, f"column names {repeated} repeat", line=1, column=repeated[0],
-                        problem="a column name repeats", column_public=False)
-    try:
-        table = pq.read_table(path)
-    except Exception as exc:
-        raise DataError(path, f"not a readable Parquet file: {exc}",
-                        problem="not a readable Parquet file") from exc
-    header = [_nfc(h.strip()) for h in table.column_names]
-    cols = [table.column(i).to_pylist() for i in range(len(header))]
-    # Parquet has no text lines; "line" is the row number counting a header as line 1
-    # so that messages read the same for both formats.
-    rows = [(i + 2, [_parquet_cell(c[i]) for c in cols]) for i in range(table.num_rows)]
-    if not rows:
-        raise DataError(path, "no data rows", line=2, problem="no data rows")
-    return header, rows
-
-
 def _is_parquet(path: Path) -> bool:
     return path.suffix.lower() in (".parquet", ".pq")
-
-
-def _read_table(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
-    if _is_parquet(path):
-        return _read_parquet(path)
-    return _read_csv(path)
 
 
 # How many of the header's columns a missing-column error lists.
@@ -865,35 +919,357 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 # kept as TRUE/FALSE loads the same from either format.
 _BOOLEAN_CELLS = {"true": 1.0, "false": 0.0}
 
+def _number(path: Path, lineno: int, column: str, cell: str) -> float:
+    """One cell of a numeric column as a number: a decimal (float()'s syntax less '_'),
+    or TRUE/FALSE (any case) as 1/0.
 
-def _numeric(path: Path, rows: list[tuple[int, list[str]]], idx: int, column: str) -> np.ndarray:
-    out = np.empty(len(rows), dtype=np.float64)
-    for k, (lineno, fields) in enumerate(rows):
-        raw = fields[idx].strip()
-        if raw == "":
-            raise DataError(path, "missing value", line=lineno, column=column,
-                            problem="missing value")
-        if raw.casefold() in _BOOLEAN_CELLS:
-            out[k] = _BOOLEAN_CELLS[raw.casefold()]
-            continue
+    Raises:
+        DataError: the cell is empty, not a number, not finite, or beyond float32's
+            range (naming the line and column; the message quotes the cell).
+    """
+    raw = cell.strip()
+    if raw == "":
+        raise DataError(path, "missing value", line=lineno, column=column,
+                        problem="missing value")
+    if raw.casefold() in _BOOLEAN_CELLS:
+        return _BOOLEAN_CELLS[raw.casefold()]
+    try:
+        if "_" in raw:  # float() takes Python's digit separators: 2_50 is no number
+            raise ValueError(raw)
+        value = float(raw)
+    except ValueError:
+        raise DataError(
+            path, f"value {raw!r} is not a number", line=lineno, column=column,
+            problem="value is not a number", holds_value=True,
+        ) from None
+    if not math.isfinite(value):
+        raise DataError(path, f"value {raw!r} is not finite", line=lineno, column=column,
+                        problem="value is not finite", holds_value=True)
+    if abs(value) > FLOAT32_MAX:  # finite here, inf once training casts it to float32
+        raise DataError(path, f"value {raw!r} is outside float32's range "
+                        f"(|x| <= {FLOAT32_MAX:.4g})", line=lineno, column=column,
+                        problem="value is outside float32's range", holds_value=True)
+    return value
+
+
+class _Numbers:
+    """One declared numeric column, converted a block of rows at a time as the file is
+    read, kept as ``dtype`` (float32 for features: what training casts them to anyway).
+
+    A bad cell is not raised at once: the first one is kept as :attr:`error`, and the
+    caller raises it when it comes to this column, so that a file's refusals stay in the
+    order of the file's checks, then the declared columns' order (``_load_tabular``).
+    """
+
+    def __init__(self, path: Path, column: str, dtype: type) -> None:
+        self.path, self.column, self.dtype = path, column, dtype
+        self.error: DataError | None = None
+        self._blocks: list[np.ndarray] = []
+
+    def add_cells(self, lines: Sequence[int], cells: Sequence[str]) -> None:
+        """Convert one block of cells (``_number``'s rules), ``lines`` their lines."""
+        if self.error is not None:
+            return
+        # float() on the cell as it is, then a check of the whole block, is the same as
+        # _number on every cell wherever it passes (float() strips what str.strip()
+        # strips, and takes no TRUE/FALSE or empty cell); any other block goes cell by
+        # cell, to convert TRUE/FALSE or to name the first bad cell
         try:
-            if "_" in raw:  # float() takes Python's digit separators: 2_50 is no number
-                raise ValueError(raw)
-            value = float(raw)
+            values = np.fromiter(map(float, cells), np.float64, len(cells))
+            fast = "_" not in "".join(cells) and bool(np.all(np.abs(values) <= FLOAT32_MAX))
         except ValueError:
-            raise DataError(
-                path, f"value {raw!r} is not a number", line=lineno, column=column,
-                problem="value is not a number", holds_value=True,
-            ) from None
-        if not math.isfinite(value):
-            raise DataError(path, f"value {raw!r} is not finite", line=lineno, column=column,
-                            problem="value is not finite", holds_value=True)
-        if abs(value) > FLOAT32_MAX:  # finite here, inf once training casts it to float32
-            raise DataError(path, f"value {raw!r} is outside float32's range "
-                            f"(|x| <= {FLOAT32_MAX:.4g})", line=lineno, column=column,
-                            problem="value is outside float32's range", holds_value=True)
-        out[k] = value
-    return out
+            fast = False
+        if not fast:
+            values = np.empty(len(cells), np.float64)
+            for k, (lineno, cell) in enumerate(zip(lines, cells, strict=True)):
+                try:
+                    values[k] = _number(self.path, lineno, self.column, cell)
+                except DataError as exc:
+                    self.error, self._blocks = exc, []
+                    return
+        self._blocks.append(values.astype(self.dtype, copy=False))
+
+    def add_values(self, values: np.ndarray) -> None:
+        """A block already converted and checked (a Parquet number column)."""
+        if self.error is None:
+            self._blocks.append(values.astype(self.dtype, copy=False))
+
+    def values(self) -> np.ndarray:
+        """The column.
+
+        Raises:
+            DataError: its first bad cell."""
+        if self.error is not None:
+            raise self.error
+        if not self._blocks:
+            return np.empty(0, self.dtype)
+        return np.concatenate(self._blocks)
+
+
+class _SplitNames:
+    """A declared split column, read as ``_Numbers`` reads numbers: each cell's split
+    name (train, val or test, as ``_SPLIT_NAMES`` spells them), or its first bad cell."""
+
+    def __init__(self, path: Path, column: str) -> None:
+        self.path, self.column = path, column
+        self.error: DataError | None = None
+        self.names: list[str | None] = []
+
+    def add_cells(self, lines: Sequence[int], cells: Sequence[str]) -> None:
+        if self.error is not None:
+            return
+        for lineno, cell in zip(lines, cells, strict=True):
+            name = _SPLIT_NAMES.get(cell.strip().lower())
+            if name is None:
+                self.error = DataError(
+                    self.path,
+                    f"split value {cell!r} must be one of train, val, test",
+                    line=lineno,
+                    column=self.column,
+                    problem="split value must be one of train, val, test",
+                    holds_value=True,
+                )
+                return
+            self.names.append(name)
+
+
+@dataclass
+class _Declared:
+    """A table's declared columns, read: what ``_load_tabular`` checks, in its order."""
+
+    header: list[str]  # every column of the file, as ``_column_index`` lists them
+    lines: np.ndarray  # the line of each row kept (Parquet: row number + 1)
+    site_rows: int  # rows with this site's value (every row without a site column)
+    numbers: dict[str, _Numbers]
+    split: _SplitNames | None
+    ids: list[str]  # the id column's cells, where the caller filters on it
+
+
+def _numeric_roles(spec: DatasetSpec) -> dict[str, type]:
+    """The columns read as numbers, with the dtype each is kept as."""
+    roles: dict[str, type] = {f: np.float32 for f in spec.features}
+    labels = (spec.event, spec.time) if spec.task == "survival" else (spec.target,)
+    roles.update({c: np.float64 for c in labels if c is not None})
+    return roles
+
+
+# Rows converted at a time: the declared cells of one block are all the text a CSV
+# load holds at once (a few MB), and numpy's per-block work stays small beside it.
+_BLOCK_ROWS = 4096
+
+
+def _csv_columns(spec: DatasetSpec, path: Path,
+                 keep_id: Callable[[str], bool] | None) -> _Declared:
+    """Read a CSV table's declared columns in one pass, keeping no other cell: rows
+    without this site's value, or whose id ``keep_id`` refuses, are skipped.
+
+    Raises:
+        DataError: as :class:`_CsvRows` (a bad cell is not raised here but kept,
+            ``_Numbers``)."""
+    table = _CsvRows(path)
+    header = table.header
+    roles = _numeric_roles(spec)
+    # by position in the fields: a repeated or unnamed name may be at several (finish()
+    # refuses the first, and keeps one of the second)
+    numbers = {j: _Numbers(path, h, roles[h]) for j, h in enumerate(header) if h in roles}
+    splits = {j: _SplitNames(path, h) for j, h in enumerate(header) if h == spec.split_column}
+    site_at = table.position(spec.site_column) if spec.site_column is not None else None
+    id_at = table.position(spec.id_column) if keep_id is not None else None
+    wanted = sorted({*numbers, *splits, *([id_at] if id_at is not None else [])})
+    width = max(wanted, default=-1) + 1
+    pick = operator.itemgetter(*wanted) if len(wanted) > 1 else (
+        (lambda fields: (fields[wanted[0]],)) if wanted else (lambda fields: ()))
+    same_site: dict[str, bool] = {}
+    lines = array.array("q")
+    block_lines: list[int] = []
+    block: list[tuple[str, ...]] = []
+    ids: list[str] = []
+    site_rows = 0
+
+    def flush() -> None:
+        cells = list(zip(*block, strict=True)) if block else [() for _ in wanted]
+        for k, j in enumerate(wanted):
+            if j in numbers:
+                numbers[j].add_cells(block_lines, cells[k])
+            if j in splits:
+                splits[j].add_cells(block_lines, cells[k])
+            if j == id_at:
+                ids.extend(cell.strip() for cell in cells[k])
+        lines.extend(block_lines)
+        block_lines.clear()
+        block.clear()
+
+    for lineno, fields in table:
+        if len(fields) < width:  # a ragged row: finish() refuses it
+            fields = fields + [""] * (width - len(fields))
+        if site_at is not None:
+            cell = fields[site_at] if site_at < len(fields) else ""
+            kept = same_site.get(cell)
+            if kept is None:
+                kept = same_site[cell] = _same_site(cell, spec.site)
+            if not kept:
+                continue
+        site_rows += 1
+        if id_at is not None and keep_id is not None and not keep_id(fields[id_at].strip()):
+            continue
+        block_lines.append(lineno)
+        block.append(pick(fields))
+        if len(block) == _BLOCK_ROWS:
+            flush()
+    flush()
+    header, kept_at = table.finish()
+    # each declared column by name, from the one position finish() kept for it
+    kept_set = set(kept_at)
+    return _Declared(
+        header=header,
+        lines=np.array(lines, dtype=np.int64),
+        site_rows=site_rows,
+        numbers={c.column: c for j, c in numbers.items() if j in kept_set},
+        split=next((s for j, s in splits.items() if j in kept_set), None),
+        ids=ids,
+    )
+
+
+def _parquet_cell(value: Any) -> str:
+    # booleans as 1/0 so an event or binary-label column of bools reads as numbers
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return str(value)
+
+
+def _parquet_cells(column: Any) -> Iterator[list[str]]:
+    """A Parquet column's cells as text (``_parquet_cell``), a block at a time."""
+    for chunk in column.chunks:
+        for start in range(0, len(chunk), _BLOCK_ROWS):
+            yield [_parquet_cell(v) for v in chunk.slice(start, _BLOCK_ROWS).to_pylist()]
+
+
+def _parquet_numbers(column: Any, lines: np.ndarray, numbers: _Numbers) -> None:
+    """Fill ``numbers`` from a Parquet column, as ``_number`` reads each cell's text
+    (``_parquet_cell``): a column of integers, floats or booleans is converted whole
+    (their text reads back as the same double), any other type cell by cell."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    kind = column.type
+    if not (pa.types.is_integer(kind) or pa.types.is_boolean(kind)
+            or pa.types.is_float32(kind) or pa.types.is_float64(kind)):
+        start = 0
+        for cells in _parquet_cells(column):
+            numbers.add_cells(lines[start:start + len(cells)].tolist(), cells)
+            start += len(cells)
+        return
+    missing = pc.is_null(column).to_numpy(zero_copy_only=False) if column.null_count else None
+    if missing is not None:
+        column = pc.fill_null(column, False if pa.types.is_boolean(kind) else 0)
+    values = column.to_numpy().astype(np.float64)
+    bad = ~(np.abs(values) <= FLOAT32_MAX)  # NaN, inf, beyond float32
+    if missing is not None:
+        bad |= missing
+    if bad.any():
+        k = int(bad.argmax())
+        cell = "" if missing is not None and missing[k] else _parquet_cell(column[k].as_py())
+        numbers.add_cells([int(lines[k])], [cell])  # keeps the refusal of that cell
+        return
+    numbers.add_values(values)
+
+
+def _parquet_columns(spec: DatasetSpec, path: Path,
+                     keep_id: Callable[[str], bool] | None) -> _Declared:
+    """Read a Parquet table's declared columns, one at a time, and no other; rows
+    without this site's value, or whose id ``keep_id`` refuses, are left out.
+
+    Parquet has no text lines; a row's "line" is its row number counting a header as
+    line 1, so that messages read the same for both formats.
+
+    Raises:
+        DataError: pyarrow missing, the file missing, empty or unreadable, a repeated
+            column name, no rows (a bad cell is not raised here but kept, ``_Numbers``).
+    """
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise DataError(path, "reading Parquet needs the 'pyarrow' package",
+                        problem="reading Parquet needs the 'pyarrow' package") from exc
+    if not path.is_file():
+        raise DataError(path, "file does not exist", problem="file does not exist")
+    if path.stat().st_size == 0:
+        raise DataError(path, "file is empty", problem="file is empty")
+    try:
+        schema_names = list(pq.read_schema(path).names)
+        parquet = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises several types for corrupt files
+        raise DataError(path, f"not a readable Parquet file: {exc}",
+                        problem="not a readable Parquet file") from exc
+    # as a CSV header is read: spaces around a name dropped ('age ' from a SAS or
+    # pandas export names the column 'age'), NFC
+    header = [_nfc(h.strip()) for h in schema_names]
+    # before reading: pyarrow's own refusal of a repeated name does not say which
+    repeated = sorted({h for h in header if header.count(h) > 1})
+    if repeated:
+        raise DataError(path, f"column names {repeated} repeat", line=1, column=repeated[0],
+                        problem="a column name repeats", column_public=False)
+
+    def read(name: str | None) -> Any:
+        """The column ``name`` (declared), or None where the file has none."""
+        if name not in header:
+            return None
+        try:
+            table = parquet.read(columns=[schema_names[header.index(name)]])
+        except Exception as exc:
+            raise DataError(path, f"not a readable Parquet file: {exc}",
+                            problem="not a readable Parquet file") from exc
+        return table.column(0)
+
+    rows = parquet.metadata.num_rows
+    if rows == 0:
+        raise DataError(path, "no data rows", line=2, problem="no data rows")
+    keep = np.ones(rows, dtype=bool)
+    site = read(spec.site_column) if spec.site_column is not None else None
+    if site is not None:
+        same_site: dict[str, bool] = {}
+        flags: list[bool] = []
+        for cells in _parquet_cells(site):
+            for cell in cells:
+                kept = same_site.get(cell)
+                if kept is None:
+                    kept = same_site[cell] = _same_site(cell, spec.site)
+                flags.append(kept)
+        keep = np.array(flags, dtype=bool)
+        del flags, site
+    site_rows = int(keep.sum())
+    ids: list[str] = []
+    id_column = read(spec.id_column) if keep_id is not None else None
+    if keep_id is not None and id_column is not None:
+        every_id = [cell.strip() for cells in _parquet_cells(id_column) for cell in cells]
+        for k, pid in enumerate(every_id):
+            if keep[k] and not keep_id(pid):
+                keep[k] = False
+        ids = [pid for k, pid in enumerate(every_id) if keep[k]]
+    positions = np.flatnonzero(keep)
+    lines = positions + 2
+    every_row = positions.size == rows
+
+    def kept_rows(column: Any) -> Any:
+        return column if every_row else column.take(positions)
+
+    numbers: dict[str, _Numbers] = {}
+    for name, dtype in _numeric_roles(spec).items():
+        column = read(name)
+        if column is not None:
+            numbers[name] = _Numbers(path, name, dtype)
+            _parquet_numbers(kept_rows(column), lines, numbers[name])
+    split = None
+    column = read(spec.split_column) if spec.split_column is not None else None
+    if column is not None:
+        split = _SplitNames(path, header[header.index(spec.split_column)])
+        start = 0
+        for cells in _parquet_cells(kept_rows(column)):
+            split.add_cells(lines[start:start + len(cells)].tolist(), cells)
+            start += len(cells)
+    return _Declared(header, lines, site_rows, numbers, split, ids)
 
 
 def _at(unit: str, position: int) -> dict[str, int]:
@@ -915,7 +1291,9 @@ def _check_survival(
     Raises:
         DataError: at the first bad value, naming its line (or row) and column.
     """
-    for k, pos in enumerate(positions):
+    bad = ~((event == 0.0) | (event == 1.0)) | ~(np.isfinite(time) & (time >= 0))
+    for k in range(int(bad.argmax()) if bad.any() else bad.size, bad.size):
+        pos = int(positions[k])
         if event[k] not in (0.0, 1.0):
             raise DataError(
                 path,
@@ -950,7 +1328,13 @@ def _check_labels(
         DataError: a label that is not finite, or not 0/1 (binary) or a
             non-negative integer (multiclass), naming its line (or row) and column.
     """
-    for k, pos in enumerate(positions):
+    good = np.isfinite(target)
+    if task in ("binary", "multiclass"):
+        good &= (target == np.floor(target)) & (target >= 0)
+        if task == "binary":
+            good &= target <= 1
+    for k in range(int(good.argmin()) if not good.all() else good.size, good.size):
+        pos = int(positions[k])
         v = float(target[k])
         if not math.isfinite(v):
             raise DataError(path, f"label {v:g} is not finite", column=column,
@@ -976,6 +1360,8 @@ class _Table:
     split: list[str | None]
     features: list[str]
     n_classes: int = 0
+    # the id column's cells of the rows kept, where the loader filtered on it
+    ids: list[str] = field(default_factory=list)
 
 
 # a plain decimal number: no leading zeros (007 is a code, not 7), no exponent, no _
@@ -994,19 +1380,30 @@ def _same_site(cell: str, site: str | int | None) -> bool:
     return False
 
 
-def _load_tabular(spec: DatasetSpec, path: Path, rows_filter: Any = None) -> _Table:
-    header, rows = _read_table(path)
+def _load_tabular(spec: DatasetSpec, path: Path,
+                  keep_id: Callable[[str], bool] | None = None) -> _Table:
+    """Read, check and convert a CSV or Parquet table's declared columns.
+
+    ``keep_id``: keep only the rows whose ``id_column`` cell (stripped) it accepts; their
+    ids are returned in ``_Table.ids``.
+
+    Raises:
+        DataError: the file's problems (``_CsvRows``, ``_parquet_columns``); then a
+            missing split, site or id column; no row with this site's value; a feature
+            that is also a label or bookkeeping column; no features; then, column by
+            column in declared order (features, then event and time, or target), a
+            missing column or the column's first bad cell; then bad survival values or
+            labels; then the first bad split value.
+    """
+    read = _parquet_columns if _is_parquet(path) else _csv_columns
+    table = read(spec, path, keep_id)
+    header = table.header
     for col in (spec.split_column, spec.site_column, spec.id_column):
         if col is not None:
             _column_index(path, header, col)
-    if spec.site_column is not None:
-        sidx = header.index(spec.site_column)
-        rows = [(ln, f) for ln, f in rows if _same_site(f[sidx], spec.site)]
-        if not rows:
-            raise DataError(path, f"no row has site value {spec.site!r}", column=spec.site_column,
-                            problem="no row has this site's value (datasets.site)")
-    if rows_filter is not None:
-        rows = rows_filter(header, rows)
+    if spec.site_column is not None and table.site_rows == 0:
+        raise DataError(path, f"no row has site value {spec.site!r}", column=spec.site_column,
+                        problem="no row has this site's value (datasets.site)")
     for role, col in spec._role_columns().items():
         if col in spec.features:  # validate() catches this too, but not for defaults set here
             raise DataError(path, f"feature column is also the {role!r} column", line=1,
@@ -1015,38 +1412,32 @@ def _load_tabular(spec: DatasetSpec, path: Path, rows_filter: Any = None) -> _Ta
     if not features:  # validate() refuses this too; a header's own order is no schema
         raise DataError(path, "no feature columns declared (datasets.features)",
                         problem="no feature columns declared (datasets.features)")
-    x = np.stack(
-        [_numeric(path, rows, _column_index(path, header, f), f) for f in features], axis=1
-    )
+
+    def column(name: str) -> np.ndarray:
+        _column_index(path, header, name)
+        return table.numbers.pop(name).values()  # dropped here: x holds it now
+
+    lines = table.lines
+    x = np.empty((lines.size, len(features)), dtype=np.float32)
+    for j, name in enumerate(features):
+        x[:, j] = column(name)
     n_classes = 0
     if spec.task == "survival":
         assert spec.event is not None and spec.time is not None
-        event = _numeric(path, rows, _column_index(path, header, spec.event), spec.event)
-        time = _numeric(path, rows, _column_index(path, header, spec.time), spec.time)
-        lines = [ln for ln, _ in rows]
+        event = column(spec.event)
+        time = column(spec.time)
         _check_survival(path, lines, event, time, spec.event, spec.time)
         y = np.stack([event, time], axis=1).astype(np.float32)
     else:
         assert spec.target is not None
-        tidx = _column_index(path, header, spec.target)
-        target = _numeric(path, rows, tidx, spec.target)
-        y, n_classes = _check_labels(path, [ln for ln, _ in rows], target, spec.task, spec.target)
-    split: list[str | None] = [None] * len(rows)
-    if spec.split_column is not None:
-        pidx = header.index(spec.split_column)
-        for k, (lineno, fields) in enumerate(rows):
-            raw = fields[pidx].strip().lower()
-            if raw not in _SPLIT_NAMES:
-                raise DataError(
-                    path,
-                    f"split value {fields[pidx]!r} must be one of train, val, test",
-                    line=lineno,
-                    column=spec.split_column,
-                    problem="split value must be one of train, val, test",
-                    holds_value=True,
-                )
-            split[k] = _SPLIT_NAMES[raw]
-    return _Table(x.astype(np.float32), y, split, features, n_classes)
+        target = column(spec.target)
+        y, n_classes = _check_labels(path, lines, target, spec.task, spec.target)
+    split: list[str | None] = [None] * lines.size
+    if table.split is not None:
+        if table.split.error is not None:
+            raise table.split.error
+        split = table.split.names
+    return _Table(x, y, split, features, n_classes, ids=table.ids)
 
 
 # ---------------------------------------------------------------------------
@@ -1140,10 +1531,6 @@ def _load_fed_tcga_brca(spec: DatasetSpec) -> _Table:
         fold_of[fields[pid].strip()] = fields[fold2].strip().partition("_")[0]
     site = int(spec.site)  # validated
 
-    def keep(hdr: list[str], data: list[tuple[int, list[str]]]) -> list[tuple[int, list[str]]]:
-        i = hdr.index("pid")
-        return [(ln, f) for ln, f in data if centre_of.get(f[i].strip()) == site]
-
     inner = replace(
         spec,
         kind="tabular",
@@ -1153,13 +1540,11 @@ def _load_fed_tcga_brca(spec: DatasetSpec) -> _Table:
         id_column="pid",
         features=spec.features or FED_TCGA_BRCA_FEATURES,
     )
-    table = _load_tabular(inner, root / "brca.csv", rows_filter=keep)
-    # re-read the ids in the kept order to attach the split
-    hdr, data = _read_csv(root / "brca.csv")
-    i = hdr.index("pid")
-    ids = [f[i].strip() for _, f in keep(hdr, data)]
-    table.split = [_SPLIT_NAMES[fold_of[p]] for p in ids]
+    table = _load_tabular(inner, root / "brca.csv",
+                          keep_id=lambda pid: centre_of.get(pid) == site)
+    table.split = [_SPLIT_NAMES[fold_of[p]] for p in table.ids]
     return table
+
 
 
 # ---------------------------------------------------------------------------

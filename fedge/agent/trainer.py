@@ -140,6 +140,8 @@ def source_version(path: str | Path) -> SourceVersion:
     if not stat.S_ISDIR(top.st_mode):
         return SourceVersion("file", (top.st_dev, top.st_ino), top.st_size,
                              top.st_mtime_ns, top.st_ctime_ns)
+    from fedge.train.data import _SYSTEM_LITTER  # what the loader ignores, as it says
+
     digest = hashlib.blake2b(digest_size=16)
     entries, modified, changed = 0, 0, 0
     pending = [(os.fspath(path), "", 1)]
@@ -147,7 +149,10 @@ def source_version(path: str | Path) -> SourceVersion:
         folder, relative, depth = pending.pop()
         try:
             with os.scandir(folder) as found:
-                listing = sorted((e for e in found if not e.name.startswith(".")),
+                # what the loader ignores (dot-files, Thumbs.db, desktop.ini,
+                # __MACOSX) is no change: Explorer's thumbnail view is no new export
+                listing = sorted((e for e in found if not e.name.startswith(".")
+                                  and e.name.casefold() not in _SYSTEM_LITTER),
                                  key=lambda e: e.name)
         except OSError as exc:  # the loader says what; a new error is a new version
             digest.update(f"{relative}\0unreadable {exc.errno}\n".encode(errors="replace"))

@@ -75,15 +75,18 @@ from __future__ import annotations
 
 import array
 import codecs
+import collections
 import csv
 import io
 import logging
 import math
 import operator
+import os
 import re
 import unicodedata
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
@@ -1362,6 +1365,10 @@ class _Table:
     n_classes: int = 0
     # the id column's cells of the rows kept, where the loader filtered on it
     ids: list[str] = field(default_factory=list)
+    # the train, val and test rows, where the loader placed them itself (the images:
+    # each split's rows together, so that the splits are views of x); else the split
+    # is made from ``split`` (``_split_rows``)
+    parts: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
 
 # a plain decimal number: no leading zeros (007 is a code, not 7), no exponent, no _
@@ -1595,14 +1602,18 @@ def _load_images(spec: DatasetSpec) -> _Table:
     ``validation/``), labelled by the class's position in ``spec.classes``. Files of
     another type are skipped, with one warning naming how many and a few of them.
 
+    The images are decoded ``IMAGE_DECODE_WORKERS`` at a time straight into one array,
+    the rows of each split together (train, then validation, then test: ``_Table.parts``)
+    so that the splits are views of it rather than copies. What is loaded, and what is
+    refused first, is what reading the files one by one in the order listed (split
+    folder, class in ``spec.classes`` order, file name) gives.
+
     Raises:
         DataError: no folder, a visible class folder not among ``spec.classes``
             (named), a visible folder next to ``train/`` that names no split (named),
             a class folder holding files but no supported image (named), no image, or
             an image that cannot be read or scaled (named).
     """
-    from PIL import Image, UnidentifiedImageError
-
     root = Path(spec.path)
     if not root.is_dir():
         raise DataError(root, "image folder does not exist", part="the image folder",
@@ -1623,11 +1634,64 @@ def _load_images(spec: DatasetSpec) -> _Table:
                 part="the image folder",
                 problem="holds a class folder not among datasets.classes",
             )
-    xs: list[np.ndarray] = []
-    ys: list[int] = []
-    split: list[str | None] = []
+    listed = _image_files(parts, classes)
+    images = listed.images
     size = spec.image_size
-    skipped: list[Path] = []
+    if listed.refusal is not None:
+        # read one by one, every image listed before the class folder would have been
+        # read (and an unreadable one refused) before that folder was refused
+        _decode_images(images, None, None, size)
+        raise listed.refusal
+    if images:
+        rows = _split_rows(spec, listed.split)
+        # after the three splits, the rows in none (a test/ folder's, when cv_folds makes
+        # the test split of training images): read all the same, as they always were
+        unused = np.ones(len(images), dtype=bool)
+        for idx in rows:
+            unused[idx] = False
+        order = np.concatenate([*rows, np.flatnonzero(unused)])
+        slot = np.empty(len(images), dtype=np.int64)
+        slot[order] = np.arange(order.size)
+        x = np.empty((len(images), 1, size, size), dtype=np.float32)
+        _decode_images(images, slot, x, size)
+    if listed.skipped:
+        skipped = listed.skipped
+        names = ", ".join(str(f.relative_to(root)) for f in skipped[:5])
+        log.warning("data set %r (%s): %d file(s) skipped, not a supported image (PNG, JPEG, "
+                    "BMP, TIFF): %s%s", spec.name, root, len(skipped), names,
+                    f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+    if not images:
+        raise DataError(
+            root, f"no image files found in class folders {classes} "
+            "(expected <root>/<class>/<image>.png)", part="the image folder",
+            problem="no image files found in the class folders",
+        )
+    labels = np.asarray(listed.labels, dtype=np.float32 if spec.task == "binary" else np.int64)
+    ends = np.cumsum([idx.size for idx in rows])
+    return _Table(x, labels[order], [listed.split[i] for i in order],
+                  [f"pixel[{size}x{size}]"], len(classes),
+                  parts=(np.arange(0, ends[0]), np.arange(ends[0], ends[1]),
+                         np.arange(ends[1], ends[2])))
+
+
+@dataclass
+class _ImageFiles:
+    """The images of a folder in the order the loader reads them, each with its class
+    (``images``), label and split folder; the files skipped as not images; and the
+    refusal of the first class folder holding files but no image, where one does
+    (``images`` then ends with the images listed before it)."""
+
+    images: list[tuple[Path, str]] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    split: list[str | None] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
+    refusal: DataError | None = None
+
+
+def _image_files(parts: list[tuple[str | None, Path]], classes: list[str]) -> _ImageFiles:
+    """The image files under each split folder's class folders: split folders as
+    ``parts`` lists them, classes in declared order, files sorted by name."""
+    listed = _ImageFiles()
     for part, folder in parts:
         for label, cls in enumerate(classes):
             cdir = folder / cls
@@ -1637,49 +1701,117 @@ def _load_images(spec: DatasetSpec) -> _Table:
             images = [f for f in files if f.suffix.lower() in _IMAGE_SUFFIXES]
             if files and not images:
                 kinds = sorted({f.suffix.lower() or "no extension" for f in files})
-                raise DataError(cdir, f"holds {len(files)} file(s) ({', '.join(kinds[:5])}) "
-                                "and not one supported image (PNG, JPEG, BMP, TIFF): class "
-                                f"{cls!r} would have no images here; convert them (DICOM to "
-                                "PNG, say) or move them out", part=f"class folder {cls!r}",
-                                problem="holds files but not one supported image (PNG, "
-                                "JPEG, BMP, TIFF)")
-            skipped.extend(f for f in files if f.suffix.lower() not in _IMAGE_SUFFIXES)
+                listed.refusal = DataError(
+                    cdir, f"holds {len(files)} file(s) ({', '.join(kinds[:5])}) and not one "
+                    f"supported image (PNG, JPEG, BMP, TIFF): class {cls!r} would have no "
+                    "images here; convert them (DICOM to PNG, say) or move them out",
+                    part=f"class folder {cls!r}", problem="holds files but not one "
+                    "supported image (PNG, JPEG, BMP, TIFF)")
+                return listed
+            listed.skipped.extend(f for f in files if f.suffix.lower() not in _IMAGE_SUFFIXES)
             for f in images:
-                try:
-                    with warnings.catch_warnings():
-                        # past Pillow's pixel limit (~89 M) a warning, past twice it an
-                        # error: either way far beyond a training image, and a file
-                        # made to exhaust memory (a decompression bomb)
-                        warnings.simplefilter("error", Image.DecompressionBombWarning)
-                        with Image.open(f) as im:
-                            im.verify()  # every chunk's CRC, the pixel data's included
-                        with Image.open(f) as im:
-                            arr = _grey_pixels(f, im, size)
-                except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
-                    raise DataError(f, f"image too large to load safely: {exc}",
-                                    part=f"an image file of class {cls!r}",
-                                    problem="image too large to load safely") from exc
-                except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-                    # verify() raises SyntaxError for a broken PNG chunk
-                    raise DataError(f, f"not a readable image: {exc}",
-                                    part=f"an image file of class {cls!r}",
-                                    problem="not a readable image") from exc
-                xs.append(arr[None, :, :])
-                ys.append(label)
-                split.append(part)
-    if skipped:
-        names = ", ".join(str(f.relative_to(root)) for f in skipped[:5])
-        log.warning("data set %r (%s): %d file(s) skipped, not a supported image (PNG, JPEG, "
-                    "BMP, TIFF): %s%s", spec.name, root, len(skipped), names,
-                    f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
-    if not xs:
-        raise DataError(
-            root, f"no image files found in class folders {classes} "
-            "(expected <root>/<class>/<image>.png)", part="the image folder",
-            problem="no image files found in the class folders",
-        )
-    y = np.asarray(ys, dtype=np.float32 if spec.task == "binary" else np.int64)
-    return _Table(np.stack(xs), y, split, [f"pixel[{size}x{size}]"], len(classes))
+                listed.images.append((f, cls))
+                listed.labels.append(label)
+                listed.split.append(part)
+    return listed
+
+
+# Images decoded at once. Pillow lets go of the GIL while it decodes, converts and
+# resizes, so threads overlap on as many cores; each holds one image at its full size.
+IMAGE_DECODE_WORKERS = min(4, os.cpu_count() or 1)
+
+
+def _decode_images(images: Sequence[tuple[Path, str]], slot: np.ndarray | None,
+                   out: np.ndarray | None, size: int) -> None:
+    """Decode ``images[i]`` into ``out[slot[i], 0]`` (only check that it decodes where
+    ``out`` is None), ``IMAGE_DECODE_WORKERS`` at a time, a bounded number of files
+    ahead of the first not yet done.
+
+    Raises:
+        DataError: the first image, in ``images`` order, that reading them one by one
+            refuses, with that refusal (``_decode_image``'s).
+    """
+    from PIL import Image
+
+    workers = max(1, IMAGE_DECODE_WORKERS)
+    ahead: collections.deque[tuple[int, Future[bool]]] = collections.deque()
+    # Pillow warns of a decompression bomb from the worker threads: the filter that makes
+    # it an error is the process's, set here around all of them rather than per image
+    with warnings.catch_warnings(), \
+            ThreadPoolExecutor(workers, thread_name_prefix="fedge-images") as pool:
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            for i, (path, _) in enumerate(images):
+                row = 0 if slot is None else int(slot[i])
+                ahead.append((i, pool.submit(_decode_at_once, path, out, row, size)))
+                if len(ahead) >= 4 * workers:
+                    _finish_image(images, slot, out, size, *ahead.popleft())
+            while ahead:
+                _finish_image(images, slot, out, size, *ahead.popleft())
+        finally:
+            for _, later in ahead:
+                later.cancel()
+
+
+def _finish_image(images: Sequence[tuple[Path, str]], slot: np.ndarray | None,
+                  out: np.ndarray | None, size: int, i: int, decoded: Future[bool]) -> None:
+    """Wait for image ``i``; one its worker could not decode is read again the way
+    the loader always read one, which refuses it in the words it always used."""
+    if not decoded.result():
+        path, cls = images[i]
+        pixels = _decode_image(path, cls, size)
+        if out is not None and slot is not None:
+            out[slot[i], 0] = pixels
+
+
+def _decode_at_once(path: Path, out: np.ndarray | None, row: int, size: int) -> bool:
+    """``path``'s pixels into ``out[row, 0]``, the file read once: every chunk checked
+    (``verify``), then decoded, from the same bytes. False where either fails (the
+    caller reads the file again to say why, in ``_decode_image``'s words)."""
+    from PIL import Image
+
+    try:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as im:
+            im.verify()
+        with Image.open(io.BytesIO(data)) as im:
+            pixels = _grey_pixels(path, im, size)
+        if out is not None:
+            out[row, 0] = pixels
+    except Exception:  # _decode_image reads it again and names what is wrong
+        return False
+    return True
+
+
+def _decode_image(path: Path, cls: str, size: int) -> np.ndarray:
+    """One image file of class ``cls``, checked and decoded from its path.
+
+    Raises:
+        DataError: the image is too large to load safely, is not a readable image (a
+            chunk's CRC fails, say), or has no fixed range (``_grey_pixels``), naming
+            the file.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            # past Pillow's pixel limit (~89 M) a warning, past twice it an
+            # error: either way far beyond a training image, and a file
+            # made to exhaust memory (a decompression bomb)
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.verify()  # every chunk's CRC, the pixel data's included
+            with Image.open(path) as im:
+                return _grey_pixels(path, im, size)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise DataError(path, f"image too large to load safely: {exc}",
+                        part=f"an image file of class {cls!r}",
+                        problem="image too large to load safely") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        # verify() raises SyntaxError for a broken PNG chunk
+        raise DataError(path, f"not a readable image: {exc}",
+                        part=f"an image file of class {cls!r}",
+                        problem="not a readable image") from exc
 
 
 SIXTEEN_BIT_MAX = 65535.0
@@ -1876,6 +2008,31 @@ def _load_numpy(spec: DatasetSpec) -> _Table:
 # ---------------------------------------------------------------------------
 
 
+def _split_rows(spec: DatasetSpec,
+                split: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The train, val and test rows (ascending) of rows marked ``split`` (None is
+    train), as ``load_site_data`` documents: ``cv_folds`` and ``val_fraction``
+    applied."""
+    marks = np.array([s or "train" for s in split])
+    train_idx = np.flatnonzero(marks == "train")
+    val_idx = np.flatnonzero(marks == "val")
+    test_idx = np.flatnonzero(marks == "test")
+    if spec.cv_folds:
+        fold = np.random.default_rng(spec.seed).permutation(train_idx.size) % spec.cv_folds
+        train_idx, test_idx = train_idx[fold != spec.cv_fold], train_idx[fold == spec.cv_fold]
+    if val_idx.size == 0 and spec.val_fraction > 0:
+        rng = np.random.default_rng(spec.seed)
+        perm = rng.permutation(train_idx)
+        n_val = round(spec.val_fraction * perm.size)
+        val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    return train_idx, val_idx, test_idx
+
+
+def _consecutive(idx: np.ndarray) -> bool:
+    """Ascending row numbers without a gap (or none)."""
+    return idx.size == 0 or int(idx[-1]) - int(idx[0]) + 1 == idx.size
+
+
 def load_site_data(spec: DatasetSpec) -> SiteData:
     """Load one declared data set, split it and standardise it.
 
@@ -1899,18 +2056,8 @@ def load_site_data(spec: DatasetSpec) -> SiteData:
         "numpy": lambda: _load_numpy(spec),
     }
     table = loaders[spec.kind]()
-    split = np.array([s or "train" for s in table.split])
-    train_idx = np.flatnonzero(split == "train")
-    val_idx = np.flatnonzero(split == "val")
-    test_idx = np.flatnonzero(split == "test")
-    if spec.cv_folds:
-        fold = np.random.default_rng(spec.seed).permutation(train_idx.size) % spec.cv_folds
-        train_idx, test_idx = train_idx[fold != spec.cv_fold], train_idx[fold == spec.cv_fold]
-    if val_idx.size == 0 and spec.val_fraction > 0:
-        rng = np.random.default_rng(spec.seed)
-        perm = rng.permutation(train_idx)
-        n_val = round(spec.val_fraction * perm.size)
-        val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    train_idx, val_idx, test_idx = (table.parts if table.parts is not None
+                                    else _split_rows(spec, table.split))
     if train_idx.size == 0:
         raise DataError(spec.path, f"dataset {spec.name!r}: no training rows at this site",
                         part="the data set", problem="no training rows at this site")
@@ -1929,8 +2076,16 @@ def load_site_data(spec: DatasetSpec) -> SiteData:
         std = Standardiser.fit(x[train_idx], spec.standardise)
         x = std.transform(x)
 
+    # rows that lie together (the images, placed so) are views, not copies, when
+    # every row is in some split (else x's rows in none would be kept alive)
+    placed = (sum(idx.size for idx in (train_idx, val_idx, test_idx)) == x.shape[0]
+              and all(_consecutive(idx) for idx in (train_idx, val_idx, test_idx)))
+
     def part(idx: np.ndarray) -> Split | None:
-        return Split(x[idx], table.y[idx]) if idx.size else None
+        if not idx.size:
+            return None
+        rows = slice(int(idx[0]), int(idx[-1]) + 1) if placed else idx
+        return Split(x[rows], table.y[rows])
 
     train = part(train_idx)
     assert train is not None

@@ -18,34 +18,9 @@ from fedge.agent.guard import PrivacyPolicy
 from fedge.agent.process import load_config
 from fedge.coordinator import checkpoint
 from fedge.secagg import messages as smsgs
-from tests.coordinator.conftest import InProcFederation
+from tests.coordinator.conftest import InProcFederation, synthetic_secure_plan
 
-PLAN = """
-[job]
-dataset = "synthetic"
-rounds = 1
-min_clients = 2
-max_failed_attempts = 1
-seed = 11
-[model]
-name = "linear"
-[train]
-epochs = 1
-batch_size = 1
-learning_rate = 0.5
-[strategy]
-name = "fedavg"
-[secagg]
-enabled = true
-alpha = 0.1
-delta = 0.25
-clip = 1.0
-[deadlines]
-cohort_s = 5
-train_s = 5
-secagg_stage_s = 3
-eval_s = 3
-"""
+PLAN = synthetic_secure_plan(secagg_stage_s=3)
 
 
 def test_the_default_min_cohort_is_three_and_two_is_allowed_explicitly(tmp_path: Path) -> None:

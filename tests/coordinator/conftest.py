@@ -21,6 +21,38 @@ from fedge.wire import codec
 PLAIN_OK = PrivacyPolicy(require_secure_aggregation=False, min_cohort=2)
 
 
+def synthetic_secure_plan(*, secagg_stage_s: float) -> str:
+    """A one-round secure FedAvg plan over the synthetic data set (min_clients 2, delta
+    0.25, seed 11, short deadlines) with the given secure-aggregation stage deadline:
+    the plan of the session-15 tests that shrink, stall or poison a secure sum."""
+    return f"""
+[job]
+dataset = "synthetic"
+rounds = 1
+min_clients = 2
+max_failed_attempts = 1
+seed = 11
+[model]
+name = "linear"
+[train]
+epochs = 1
+batch_size = 1
+learning_rate = 0.5
+[strategy]
+name = "fedavg"
+[secagg]
+enabled = true
+alpha = 0.1
+delta = 0.25
+clip = 1.0
+[deadlines]
+cohort_s = 5
+train_s = 5
+secagg_stage_s = {secagg_stage_s:g}
+eval_s = 3
+"""
+
+
 class Clock:
     def __init__(self) -> None:
         self.t = 1_000_000.0

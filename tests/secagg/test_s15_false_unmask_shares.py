@@ -22,7 +22,7 @@ from fedge.coordinator import checkpoint
 from fedge.secagg import ReconstructionFailed, shamir
 from fedge.secagg import messages as msgs
 from fedge.wire import codec
-from tests.coordinator.conftest import InProcFederation
+from tests.coordinator.conftest import InProcFederation, synthetic_secure_plan
 
 from .harness import Federation
 
@@ -169,32 +169,7 @@ def test_unmask_at_its_deadline_needs_only_t_answers() -> None:
 
 # --- the coordinator, with real agents --------------------------------------------
 
-PLAN = """
-[job]
-dataset = "synthetic"
-rounds = 1
-min_clients = 2
-max_failed_attempts = 1
-seed = 11
-[model]
-name = "linear"
-[train]
-epochs = 1
-batch_size = 1
-learning_rate = 0.5
-[strategy]
-name = "fedavg"
-[secagg]
-enabled = true
-alpha = 0.1
-delta = 0.25
-clip = 1.0
-[deadlines]
-cohort_s = 5
-train_s = 5
-secagg_stage_s = 3
-eval_s = 3
-"""
+PLAN = synthetic_secure_plan(secagg_stage_s=3)
 
 
 def _run(fed: InProcFederation) -> str:

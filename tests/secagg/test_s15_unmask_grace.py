@@ -19,7 +19,7 @@ import numpy as np
 from fedge.secagg import messages as msgs
 from fedge.secagg.server import UNMASK_GRACE_S
 from fedge.wire import codec
-from tests.coordinator.conftest import InProcFederation
+from tests.coordinator.conftest import InProcFederation, synthetic_secure_plan
 
 from .harness import Federation
 from .test_s15_false_unmask_shares import VICTIM, _shifted
@@ -83,32 +83,7 @@ def test_a_false_share_arriving_within_the_grace_is_still_found_and_left_out() -
     assert fed.server.result.false_shares == {liar: [f"{VICTIM}'s self-mask seed"]}
 
 
-PLAN = """
-[job]
-dataset = "synthetic"
-rounds = 1
-min_clients = 2
-max_failed_attempts = 1
-seed = 11
-[model]
-name = "linear"
-[train]
-epochs = 1
-batch_size = 1
-learning_rate = 0.5
-[strategy]
-name = "fedavg"
-[secagg]
-enabled = true
-alpha = 0.1
-delta = 0.25
-clip = 1.0
-[deadlines]
-cohort_s = 5
-train_s = 5
-secagg_stage_s = 30
-eval_s = 3
-"""
+PLAN = synthetic_secure_plan(secagg_stage_s=30)
 
 
 def test_a_connected_site_that_never_unmasks_holds_the_round_seconds_not_the_deadline(

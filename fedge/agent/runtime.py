@@ -79,7 +79,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import inspect
 import json
 import logging
 import threading
@@ -164,16 +163,6 @@ class _Arriving:
     job: str
     round: int
     aborted: bool = False
-
-
-def _takes_job(load: Callable[..., Any]) -> bool:
-    """Whether a trainer's ``load_data`` takes the task's ``job`` (TorchTrainer's does,
-    so that a job's later rounds skip the look at its source); one that takes the data
-    set's name alone (a test's or a benchmark's trainer) is called with that."""
-    try:
-        return "job" in inspect.signature(load).parameters
-    except (TypeError, ValueError):  # no signature to read: called as before
-        return False
 
 
 @dataclass(eq=False)
@@ -804,7 +793,7 @@ class Agent:
         Raises: what ``fn`` (or the load) raises."""
         entry = _Running(what, deadline_s, task)
         load = getattr(self.trainer, "load_data", None) if dataset else None
-        if load is not None and job is not None and _takes_job(load):
+        if load is not None and job is not None:
             load = functools.partial(load, job=job)
 
         def run() -> Any:

@@ -36,7 +36,7 @@ class HeldLoad(SyntheticTrainer):
         self.loading = threading.Event()
         self.release = threading.Event()
 
-    def load_data(self, name: str) -> None:
+    def load_data(self, name: str, job: str | None = None) -> None:
         self.loading.set()
         assert self.release.wait(WAIT_S)
 

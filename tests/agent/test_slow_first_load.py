@@ -30,7 +30,7 @@ class SlowFirstLoad(SyntheticTrainer):
         self.lock = threading.Lock()
         self.loading = threading.Event()
 
-    def load_data(self, name: str) -> None:
+    def load_data(self, name: str, job: str | None = None) -> None:
         with self.lock:
             if name not in self.loaded:
                 self.loading.set()

@@ -7,6 +7,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from fedge.text import printable
+
 COLUMNS = ("site", "version", "connected", "last seen", "health", "eligible", "task")
 # How far the coordinator's clock may be past the newest "last seen" of a connected
 # appliance: the coordinator writes each heartbeat to its store at most 5 s late
@@ -49,15 +51,6 @@ def health_summary(health: Any) -> str:
     if isinstance(xids, list) and xids:
         parts.append(f"{len(xids)} XID")
     return ", ".join(parts)
-
-
-def printable(value: Any) -> str:
-    """``str(value)`` with control characters shown escaped, so text an appliance
-    sent (an eligibility reason, a version) cannot drive the operator's terminal."""
-    text = str(value)
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 def _ago(ts: Any, now: float) -> str:

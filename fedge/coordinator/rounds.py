@@ -90,6 +90,7 @@ from fedge.coordinator.checkpoint import model_digest
 from fedge.coordinator.plan import Plan
 from fedge.coordinator.strategies import Strategy, StrategyError, mean_update
 from fedge.secagg.keys import length_prefixed
+from fedge.text import printable
 from fedge.wire import messages as m
 from fedge.wire.codec import short
 
@@ -192,16 +193,6 @@ MAX_METRICS = 64
 # "... a job re-run over other sites needs another seed").
 PEER_REASON_HEAD = PEER_REASON_TAIL = 160
 PEER_REASON_CHARS = PEER_REASON_HEAD + 1 + PEER_REASON_TAIL
-
-
-def printable(text: object) -> str:
-    """``str(text)`` with every control character (a newline, ESC, BEL) shown escaped
-    as Python writes it (``\\n``, ``\\x1b``): what a site wrote can then be logged,
-    stored and shown without forging a second log line or driving a terminal."""
-    text = str(text)
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 def peer_reason(reason: str) -> str:

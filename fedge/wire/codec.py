@@ -70,6 +70,8 @@ from typing import Annotated, Any, TypeVar, Union
 import msgpack
 import numpy as np
 
+from fedge.text import printable  # noqa: F401  (codec.printable: its callers' name)
+
 __all__ = [
     "ADDED_LATER",
     "DEFAULT_CHUNK_BYTES",
@@ -186,20 +188,6 @@ def short(value: Any, limit: int = _REPR_LIMIT) -> str:
 
 
 _short = short  # the name this module's errors use
-
-
-def printable(text: object) -> str:
-    """``str(text)`` with each character that is not printable (a line break, ESC,
-    BEL) written escaped as Python writes it (``\\n``, ``\\x1b``), whole otherwise:
-    for logging a peer's text unquoted without letting it forge a second log line
-    or drive the reader's terminal. Never raises."""
-    try:
-        text = str(text)
-    except Exception:  # a peer's object whose __str__ raises
-        return f"<{type(text).__name__}>"
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 class WireError(ValueError):

@@ -1,0 +1,18 @@
+"""Text a peer wrote, made safe to log, store and show."""
+
+from __future__ import annotations
+
+
+def printable(text: object) -> str:
+    """``str(text)`` with each character that is not printable (a line break, ESC,
+    BEL) written escaped as Python writes it (``\\n``, ``\\x1b``), whole otherwise:
+    for logging or showing a peer's text (a site's reason, a job name, an
+    appliance's version) without letting it forge a second log line or drive the
+    reader's terminal. Never raises."""
+    try:
+        text = str(text)
+    except Exception:  # a peer's object whose __str__ raises
+        return f"<{type(text).__name__}>"
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)

@@ -95,9 +95,33 @@ def _log_level_option(value: str) -> str:
     return value.strip().upper()
 
 
+# Options whose value is a Z85 CURVE key: 40 characters from an alphabet holding '-',
+# so about one key in 85 begins with '-', and argparse takes such a value for an option
+# ("--curve-public: expected one argument"). A 40-character value after one of these
+# is joined to it (`--curve-public=KEY`), which argparse reads whatever it begins with.
+_Z85_KEY_OPTIONS = frozenset({"--curve-public"})
+Z85_KEY_CHARS = 40
+
+
+def join_key_values(argv: Sequence[str]) -> list[str]:
+    """`argv` with each Z85-key option joined to its 40-character value."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if (arg in _Z85_KEY_OPTIONS and i + 1 < len(argv)
+                and len(argv[i + 1]) == Z85_KEY_CHARS):
+            out.append(f"{arg}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
 def _command(argv: Sequence[str] | None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(join_key_values(sys.argv[1:] if argv is None else argv))
     func = getattr(args, "func", None)
     if func is None:
         parser.print_help()

@@ -40,3 +40,40 @@ def test_the_host_enrol_command_refuses_a_revoked_key_and_takes_a_new_one(tmp_pa
     store = Store(state)
     assert store.allowed_keys() == {fresh.public}
     store.close()
+
+
+def _key_beginning_with_dash() -> CurveKeyPair:
+    # about one CURVE key in 85 begins with '-' (a Z85 character); 3,000 tries miss
+    # with probability (84/85)**3000, about 1e-16
+    for _ in range(3000):
+        kp = CurveKeyPair.generate()
+        if kp.public.startswith("-"):
+            return kp
+    raise AssertionError("no key beginning with '-' in 3000 tries")
+
+
+def test_the_host_enrol_command_takes_a_curve_key_that_begins_with_a_dash(tmp_path):
+    # CI found it: argparse read such a key as an option ("--curve-public: expected
+    # one argument"), so about one appliance in 85 could not be enrolled this way
+    state = tmp_path / "state"
+    cfg = config(tmp_path, "c", state)
+    key = _key_beginning_with_dash()
+    identity = Identity.generate().public_bytes()
+    out = fedge("coordinator", "enrol", "--config", str(cfg), "--site", "h3",
+                "--curve-public", key.public, "--ed25519-public", identity.hex())
+    assert out.returncode == 0, out
+    store = Store(state)
+    assert store.allowed_keys() == {key.public}
+    assert store.appliance("h3").curve_public_z85 == key.public
+    store.close()
+
+
+def test_a_missing_curve_key_is_still_named():
+    from fedge.cli import join_key_values
+
+    # only a 40-character value is joined: a forgotten value stays argparse's error
+    assert join_key_values(["enrol", "--curve-public", "--site", "h"]) == [
+        "enrol", "--curve-public", "--site", "h"]
+    key = "-" + "a" * 39
+    assert join_key_values(["--curve-public", key, "--site", "h"]) == [
+        f"--curve-public={key}", "--site", "h"]

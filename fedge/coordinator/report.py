@@ -27,6 +27,7 @@ worker thread of the coordinator's process.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -287,7 +288,7 @@ def _learning_curve_figure(report: dict[str, Any]) -> Any:
         ax.set_ylabel(f"{name} ({report['eval_split']})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
-    label = str(report.get("name") or "")
+    label = _drawable(str(report.get("name") or ""))
     name = f" ({label})" if label else ""
     text = f"job {report['job_id']}{name}: federated evaluation of the global model"
     title = fig.suptitle("", fontsize=TITLE_FONTSIZE)
@@ -300,6 +301,25 @@ def _learning_curve_figure(report: dict[str, Any]) -> Any:
             break
     fig.tight_layout()
     return fig
+
+
+def _drawable(text: str) -> str:
+    """``text`` with each character the plots' font has no glyph for (the default
+    DejaVu Sans has no CJK) written as its ``\\uXXXX`` escape: drawn, it would be an
+    empty box. report.md and report.json keep the name as it is."""
+    charmap = _font_charmap()
+    return "".join(c if ord(c) in charmap or not c.isprintable()
+                   else f"\\u{ord(c):04x}" if ord(c) <= 0xFFFF else f"\\U{ord(c):08x}"
+                   for c in text)
+
+
+@functools.cache
+def _font_charmap() -> frozenset[int]:
+    """The code points the plots' default font draws."""
+    from matplotlib.font_manager import FontProperties, findfont
+    from matplotlib.ft2font import FT2Font
+
+    return frozenset(FT2Font(findfont(FontProperties())).get_charmap())
 
 
 def _privacy_plot(path: Path, privacy: dict[str, list[tuple[int, float]]],
@@ -361,8 +381,8 @@ def _cell(text: str, *, markers: bool = False) -> str:
 
 
 # Markdown's inline markers: a name is shown as the text it is, not as emphasis, a
-# link, an image or code.
-_MARKDOWN_MARKERS = re.compile(r"[`*_\[\]!~#]|\\(?=[!-/:-@\[-`{-~])")
+# link, an image, code, or maths ('$x$' on GitHub and GitLab).
+_MARKDOWN_MARKERS = re.compile(r"[`*_\[\]!~#$]|\\(?=[!-/:-@\[-`{-~])")
 
 
 def _fence(text: str) -> str:

@@ -445,6 +445,11 @@ def _markdown(report: dict[str, Any], plots: list[str]) -> str:
                 *_site_table(report["final"])]
         out += _not_evaluated(report, str(report["final_round"]))
     test = report["final_test"]
+    if test is None and state in ("failed", "cancelled") and committed:
+        # the sites score the final model on test after the last planned round only
+        out += ["", f"**Not scored on the final test:** the job {state} before its last "
+                f"round, so its last committed model (round {committed}) was never "
+                f"evaluated on the sites' `{FINAL_TEST_SPLIT}` split."]
     if test is not None:
         out += ["", f"## Final test: round {test['round']}'s model on each site's "
                 f"`{FINAL_TEST_SPLIT}` split", ""]

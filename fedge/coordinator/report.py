@@ -56,18 +56,54 @@ def _plan_settings(plan_toml: str) -> tuple[str | None, float | None]:
     return plan.eval_split, delta
 
 
+# Why a site that evaluated gives no value for a metric: the evaluator
+# (fedge.train.api.evaluate) leaves a metric out, never NaN, when its data cannot
+# define it. The site sends no reason; these are the only ways it leaves one out.
+UNDEFINED_WHY = {
+    "roc_auc": "undefined on its data (roc_auc needs both classes in the split)",
+    "c_index": "undefined on its data (no comparable pair: no event, or every event "
+               "ties the last time)",
+    "loss": "undefined on its data (no event's risk set holds anyone else)",
+}
+NO_VALUE_WHY = "its evaluation gave no value for this metric"
+
+
 def by_site(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Metric rows of one round and split as
-    {metric: {"aggregate": value, "sites": {site: value}, "n_examples": {...}}}."""
+    {metric: {"aggregate": value, "sites": {site: value}, "n_examples": {...},
+    "missing": {site: why}}}: "missing" names each site that gave the split's other
+    metrics but no (finite) value for this one, so its aggregate leaves the site out."""
     out: dict[str, Any] = {}
+    evaluated: set[str] = set()
     for r in rows:
         entry = out.setdefault(r["name"], {"aggregate": None, "sites": {}, "n_examples": {}})
         if r["site"] == AGGREGATE:
             entry["aggregate"] = r["value"]
         else:
+            evaluated.add(r["site"])
             entry["sites"][r["site"]] = r["value"]
             entry["n_examples"][r["site"]] = r.get("n_examples")
+    for name, entry in out.items():
+        entry["missing"] = {
+            s: (UNDEFINED_WHY.get(name, NO_VALUE_WHY) if s not in entry["sites"]
+                else "its value is not a finite number")
+            for s in sorted(evaluated) if not _finite(entry["sites"].get(s))}
     return {name: out[name] for name in sorted(out)}
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, int | float) and math.isfinite(v)
+
+
+def _examples(rows: list[dict[str, Any]], splits: list[str]) -> dict[str, dict[str, int]]:
+    """Each site's examples per split (train, the rounds' evaluation split, test), as it
+    last reported them."""
+    out: dict[str, dict[str, int]] = {}
+    for r in sorted(rows, key=lambda r: r["round"]):
+        n = r.get("n_examples")
+        if r["site"] != AGGREGATE and r["split"] in splits and isinstance(n, int):
+            out.setdefault(r["site"], {})[r["split"]] = n
+    return {s: out[s] for s in sorted(out)}
 
 
 def summarise(status: dict[str, Any], plan_toml: str = "") -> dict[str, Any]:
@@ -159,6 +195,9 @@ def summarise(status: dict[str, Any], plan_toml: str = "") -> dict[str, Any]:
         "final_round": last,  # the round of "final" (its last with any metric)
         "final": final,
         "final_test": final_test,
+        # each site's examples per split as it last reported them: {site: {split: n}}
+        "examples": _examples(rows, ["train", *([split] if split else []),
+                                     FINAL_TEST_SPLIT]),
         "rounds": {str(k): v for k, v in per_round.items()},
         "curves": curves,
         "privacy": {s: v for s, v in sorted(privacy.items())},
@@ -392,18 +431,46 @@ def _fence(text: str) -> str:
 
 
 def _site_table(by_site: dict[str, Any], first: str = "site") -> list[str]:
+    """One row per site and the aggregates, a last column with each site's examples in
+    this split, and a note under it for each metric whose aggregate leaves a site out."""
     names = list(by_site)
-    sites = sorted({s for n in names for s in by_site[n]["sites"]})
-    out = [f"| {first} | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    missing = {n: by_site[n].get("missing") or {} for n in names}
+    sites = sorted({s for n in names for s in (*by_site[n]["sites"], *missing[n])})
+    counts: dict[str, int] = {}
+    for n in names:
+        for s, k in (by_site[n].get("n_examples") or {}).items():
+            if isinstance(k, int):
+                counts[s] = max(counts.get(s, 0), k)
+    n_col = [" examples |"] if counts else []
+    out = [f"| {first} | " + " | ".join(names) + " |" + "".join(n_col),
+           "|---|" + "---|" * (len(names) + len(n_col))]
     for s in sites:
         out.append(f"| {s} | " + " | ".join(_fmt(by_site[n]["sites"].get(s))
-                                             for n in names) + " |")
+                                             for n in names) + " |"
+                   + (f" {_fmt(counts.get(s))} |" if counts else ""))
     out.append("| **aggregate** | " + " | ".join(_fmt(by_site[n]["aggregate"])
-                                                 for n in names) + " |")
+                                                 for n in names) + " |"
+               + (f" {sum(counts.values())} |" if counts else ""))
     if len(sites) > 1:  # each site counted once, as FLamby's per-client mean does
         out.append("| mean of sites | " + " | ".join(
-            _fmt(_unweighted_mean(by_site[n]["sites"].values())) for n in names) + " |")
-    return out
+            _fmt(_unweighted_mean(by_site[n]["sites"].values())) for n in names) + " |"
+            + (" – |" if counts else ""))
+    notes = [f"{n}: the aggregate and the mean of sites cover {len(sites) - len(missing[n])}"
+             f" of {len(sites)} sites; no value from " + "; ".join(
+                 f"{_cell(s)}: {_cell(w)}" for s, w in sorted(missing[n].items())) + "."
+             for n in names if missing[n]]
+    return out + (["", *(f"- {line}" for line in notes)] if notes else [])
+
+
+def _with_counts(final: dict[str, Any], last_round: dict[str, Any] | None) -> dict[str, Any]:
+    """The final round's values with that round's example counts and left-out sites
+    (report.json's "final" keeps its own shape; its round's table has them)."""
+    last_round = last_round or {}
+    return {name: {**entry,
+                   "n_examples": {s: n for s, n in (last_round.get(name) or {}).get(
+                       "n_examples", {}).items() if s in entry["sites"]},
+                   "missing": dict((last_round.get(name) or {}).get("missing") or {})}
+            for name, entry in final.items()}
 
 
 def _not_evaluated(report: dict[str, Any], rnd: str) -> list[str]:
@@ -442,7 +509,8 @@ def _markdown(report: dict[str, Any], plots: list[str]) -> str:
                 "The aggregate weighs each site by its examples (a C-index or an AUC "
                 "of the pooled records would differ); the mean of sites counts each "
                 "site once, as FLamby's per-client mean does.", "",
-                *_site_table(report["final"])]
+                *_site_table(_with_counts(report["final"],
+                                          report["rounds"].get(str(report["final_round"]))))]
         out += _not_evaluated(report, str(report["final_round"]))
     test = report["final_test"]
     if test is None and state in ("failed", "cancelled") and committed:
@@ -471,6 +539,15 @@ def _markdown(report: dict[str, Any], plots: list[str]) -> str:
         out += ["", f"## Every round, each site (`{report['eval_split']}` split)", ""]
         for rnd, by_site in report["rounds"].items():
             out += ["", f"Round {rnd}:", "", *_site_table(by_site)]
+    if report.get("examples"):
+        splits = [sp for sp in ("train", report["eval_split"], FINAL_TEST_SPLIT)
+                  if sp and any(sp in v for v in report["examples"].values())]
+        splits = list(dict.fromkeys(splits))
+        out += ["", "## Examples per site", "",
+                "Each site's rows in each split, as it last reported them.", "",
+                "| site | " + " | ".join(splits) + " |", "|---|" + "---|" * len(splits)]
+        out += [f"| {s} | " + " | ".join(_fmt(v.get(sp)) for sp in splits) + " |"
+                for s, v in report["examples"].items()]
     if report["eval_missing"]:
         out += ["", "## Survivors not evaluated, and why", "",
                 "Each trained and was aggregated, but its evaluation gave no value; "

@@ -98,7 +98,9 @@ def _log_level_option(value: str) -> str:
 # Options whose value is a Z85 CURVE key: 40 characters from an alphabet holding '-',
 # so about one key in 85 begins with '-', and argparse takes such a value for an option
 # ("--curve-public: expected one argument"). A 40-character value after one of these
-# is joined to it (`--curve-public=KEY`), which argparse reads whatever it begins with.
+# is joined to it (`--curve-public=KEY`), which argparse reads whatever it begins with;
+# the parsers that take one do not accept abbreviations (`--curve KEY` would not be
+# joined).
 _Z85_KEY_OPTIONS = frozenset({"--curve-public"})
 Z85_KEY_CHARS = 40
 
@@ -110,8 +112,8 @@ def join_key_values(argv: Sequence[str]) -> list[str]:
     while i < len(argv):
         arg = argv[i]
         if (arg in _Z85_KEY_OPTIONS and i + 1 < len(argv)
-                and len(argv[i + 1]) == Z85_KEY_CHARS):
-            out.append(f"{arg}={argv[i + 1]}")
+                and len(argv[i + 1].strip()) == Z85_KEY_CHARS):  # pasted with a space
+            out.append(f"{arg}={argv[i + 1].strip()}")
             i += 2
             continue
         out.append(arg)

@@ -2,7 +2,7 @@
 
     fedge coordinator [run] --config FILE            run (until SIGTERM)
     fedge coordinator submit --config FILE PLAN      queue a job plan (TOML)
-    fedge coordinator enrol --config FILE --site S --curve-public Z85 --ed25519-public HEX
+    fedge coordinator enrol --config FILE --site S --curve-public 'Z85' --ed25519-public HEX
     fedge coordinator status --config FILE [JOB]     fleet and jobs as JSON
     fedge coordinator audit --config FILE [filters]  the audit log, read-only
 
@@ -32,10 +32,12 @@ def register(subparsers: Any) -> None:
     s.add_argument("plan", type=Path, help="job plan (TOML)")
     s.add_argument("--actor", default="cli")
     s.set_defaults(func=_submit)
-    e = sub.add_parser("enrol", help="enrol an appliance directly in the registry")
+    e = sub.add_parser("enrol", help="enrol an appliance directly in the registry",
+                       allow_abbrev=False)  # see fedge.cli.join_key_values
     e.add_argument("--config", type=Path, default=argparse.SUPPRESS)
     e.add_argument("--site", required=True)
-    e.add_argument("--curve-public", required=True, help="the appliance's CURVE key (z85)")
+    e.add_argument("--curve-public", required=True,
+                   help="the appliance's CURVE key (z85; quote it: it may hold $, &, (, ...)")
     e.add_argument("--ed25519-public", required=True, help="its Ed25519 identity key (hex)")
     e.add_argument("--actor", default="cli")
     e.set_defaults(func=_enrol)

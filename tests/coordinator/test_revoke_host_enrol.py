@@ -77,3 +77,22 @@ def test_a_missing_curve_key_is_still_named():
     key = "-" + "a" * 39
     assert join_key_values(["--curve-public", key, "--site", "h"]) == [
         f"--curve-public={key}", "--site", "h"]
+
+
+def test_a_key_pasted_with_a_space_is_enrolled_and_an_abbreviated_option_is_refused(
+        tmp_path):
+    # flaky-review s16 L1: `--curve KEY` (argparse's abbreviation) and ' KEY ' escaped
+    # the join, so a key beginning with '-' still failed that way
+    state = tmp_path / "state"
+    cfg = config(tmp_path, "c", state)
+    key = _key_beginning_with_dash()
+    identity = Identity.generate().public_bytes()
+    out = fedge("coordinator", "enrol", "--config", str(cfg), "--site", "h4",
+                "--curve", key.public, "--ed25519-public", identity.hex())
+    assert out.returncode == 2 and "--curve" in out.stderr, out
+    out = fedge("coordinator", "enrol", "--config", str(cfg), "--site", "h4",
+                "--curve-public", f"{key.public} ", "--ed25519-public", identity.hex())
+    assert out.returncode == 0, out
+    store = Store(state)
+    assert store.allowed_keys() == {key.public}
+    store.close()

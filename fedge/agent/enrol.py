@@ -68,6 +68,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import stat
 import sys
 from dataclasses import dataclass
@@ -742,10 +743,16 @@ def _cmd_enrol(args: argparse.Namespace) -> int:
     stale = credentials_not_enrolled(site)
     if stale:
         _warn_credentials(site, stale)
-    print(f"now destroy {args.file} (e.g. `shred -u {args.file}`, and any copy of it): it "
-          "holds this appliance's secret keys, and whoever has it can connect as site "
-          f"{site.site} until the console revokes it, expired or not")
+    print(f"now destroy {args.file} (e.g. `shred -u {shell_quoted(args.file)}`, and any "
+          "copy of it): it holds this appliance's secret keys, and whoever has it can "
+          f"connect as site {site.site} until the console revokes it, expired or not")
     return 0
+
+
+def shell_quoted(path: Path | str) -> str:
+    """`path` as one shell word, for a command printed to be pasted: a state dir or an
+    enrolment file's name may hold a space or '$'."""
+    return shlex.quote(str(path))
 
 
 def _warn_credentials(site: EnrolledSite, stale: list[str]) -> None:
@@ -754,6 +761,9 @@ def _warn_credentials(site: EnrolledSite, stale: list[str]) -> None:
     from fedge.agent.process import CREDENTIALS_SOURCE, SECRETS
 
     curve, identity = (site.state_dir / SECRETS[w][0] for w in ("curve", "identity"))
+    q = shell_quoted
+    curve_to, identity_to = (f"{CREDENTIALS_SOURCE}/{SECRETS[w][1]}"
+                             for w in ("curve", "identity"))
     lines = [
         "fedge agent enrol: WARNING: the agent loads its keys from the systemd credentials "
         "before the state dir's, and these are not the keys just enrolled:",
@@ -761,11 +771,9 @@ def _warn_credentials(site: EnrolledSite, stale: list[str]) -> None:
         f"so it would keep connecting with them (refused by the coordinator once the "
         f"console revoked them). As root, move the enrolled keys into {CREDENTIALS_SOURCE}"
         " and restart the agent:",
-        f"  install -o root -g root -m 0600 {curve} "
-        f"{CREDENTIALS_SOURCE}/{SECRETS['curve'][1]}",
-        f"  install -o root -g root -m 0600 {identity} "
-        f"{CREDENTIALS_SOURCE}/{SECRETS['identity'][1]}",
-        f"  shred -u {curve} {identity}",
+        f"  install -o root -g root -m 0600 {q(curve)} {q(curve_to)}",
+        f"  install -o root -g root -m 0600 {q(identity)} {q(identity_to)}",
+        f"  shred -u {q(curve)} {q(identity)}",
         "  systemctl restart fedge-agent",
     ]
     print("\n".join(lines), file=sys.stderr)

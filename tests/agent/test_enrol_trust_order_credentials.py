@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -117,3 +118,30 @@ def test_the_agent_at_start_says_which_key_it_uses_and_where_the_enrolled_one_is
     with caplog.at_level(logging.WARNING, logger="fedge.agent"):
         load_enrolled(state)
     assert [r for r in caplog.records if r.levelno == logging.WARNING] == []
+
+
+def test_the_printed_commands_work_pasted_when_paths_hold_a_space_or_a_dollar(tmp_path):
+    # flaky-review s16 L2: the commands were printed with the paths bare, so pasting
+    # `shred -u Site A.fedge-enrol` shredded nothing (or another file)
+    odd = tmp_path / "IT share $HOME"
+    odd.mkdir()
+    _, state, creds, new = reenrolled(odd)
+    pasted = odd / "h2 new $USER.fedge-enrol"
+    new.rename(pasted)
+    r = fedge("agent", "enrol", "--state-dir", str(state), str(pasted),
+              env={"CREDENTIALS_DIRECTORY": str(creds)})
+    assert r.returncode == 0, r.stderr
+    lines = [line.strip() for line in r.stderr.splitlines()]
+    install = [shlex.split(line) for line in lines if line.startswith("install ")]
+    assert [argv[-2:] for argv in install] == [
+        [str(state / "keys" / "curve.json"), f"{SOURCE}/curve.key"],
+        [str(state / "keys" / "identity.key"), f"{SOURCE}/identity.key"]]
+    shred = next(shlex.split(line) for line in lines if line.startswith("shred "))
+    assert shred == ["shred", "-u", str(state / "keys" / "curve.json"),
+                     str(state / "keys" / "identity.key")]
+    # the enrolment file's own shred command, pasted into a shell, removes that file
+    said = r.stdout.split("(e.g. `", 1)[1].split("`", 1)[0]
+    assert said.startswith("shred -u ")
+    done = subprocess.run(["bash", "-c", said], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert not pasted.exists()

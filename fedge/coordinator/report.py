@@ -294,6 +294,46 @@ TITLE_FONTSIZE = 11
 TITLE_LINE_CHARS = 70
 
 
+# A site's name in a plot's legend is cut to this many characters (a name may hold
+# 128; report.md has it whole), and the legend sits right of the axes, off the data.
+LEGEND_NAME_CHARS = 24
+# Colours of matplotlib's default cycle; past them a site gets the next line style
+# and marker, so up to 40 sites are each drawn in their own (colour, style) pair.
+_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown",
+            "tab:pink", "tab:gray", "tab:olive", "tab:cyan")
+_STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))
+
+
+def site_styles(n: int) -> list[dict[str, str]]:
+    """``n`` distinct line styles (colour, dashes, marker) for ``ax.plot``, in order."""
+    return [{"color": _COLOURS[i % len(_COLOURS)],
+             "linestyle": _STYLES[i // len(_COLOURS) % len(_STYLES)][0],
+             "marker": _STYLES[i // len(_COLOURS) % len(_STYLES)][1]} for i in range(n)]
+
+
+def legend_label(name: str) -> str:
+    """A site's name for a legend: at most LEGEND_NAME_CHARS characters."""
+    return name if len(name) <= LEGEND_NAME_CHARS else name[:LEGEND_NAME_CHARS - 1] + "…"
+
+
+def legend_outside(ax: Any) -> None:
+    """The legend right of the axes, where it covers no point (inside, it hid a site's
+    only point in a 1-round job)."""
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+
+
+def round_axis(ax: Any, rounds: list[int]) -> None:
+    """Whole-number round ticks. A job of one or two rounds gets a tick on each and half
+    a round of margin: MaxNLocator alone gave 0.95..1.05 and no label on round 1."""
+    from matplotlib.ticker import MaxNLocator
+
+    if rounds and max(rounds) - min(rounds) < 2:
+        ax.set_xticks(list(range(min(rounds), max(rounds) + 1)))
+        ax.set_xlim(min(rounds) - 0.5, max(rounds) + 0.5)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def _series(points: list[tuple[int, float]] | list[list[Any]], axis: list[int]) -> list[float]:
     """A site's values on every round of ``axis``, NaN where it has none: the line
     breaks at a round the site missed instead of running straight across it."""
@@ -307,7 +347,6 @@ def _learning_curve_figure(report: dict[str, Any]) -> Any:
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
 
     names = sorted(report["curves"])
     fig = Figure(figsize=(7, 3.2 * len(names)))
@@ -316,17 +355,19 @@ def _learning_curve_figure(report: dict[str, Any]) -> Any:
         c = report["curves"][name]
         seen = set(c["rounds"]) | {int(p[0]) for pts in c["sites"].values() for p in pts}
         axis = list(range(min(seen), max(seen) + 1)) if seen else []
-        for site, points in sorted(c["sites"].items()):
+        for (site, points), style in zip(sorted(c["sites"].items()),
+                                         site_styles(len(c["sites"])), strict=True):
             # markers: a site evaluated in one round only (the others it dropped out
             # of) is one point, which a line alone does not draw
-            ax.plot(axis, _series(points, axis), "-o", ms=3, lw=1, alpha=0.6, label=site)
+            ax.plot(axis, _series(points, axis), ms=3, lw=1, alpha=0.6,
+                    label=legend_label(site), **style)
         ax.plot(axis, _series(list(zip(c["rounds"], c["aggregate"], strict=True)), axis),
                 "k-o", lw=2, label="size-weighted")
         ax.set_xlabel("round")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        round_axis(ax, axis)
         ax.set_ylabel(f"{name} ({report['eval_split']})")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
+        legend_outside(ax)
     label = _drawable(str(report.get("name") or ""))
     name = f" ({label})" if label else ""
     text = f"job {report['job_id']}{name}: federated evaluation of the global model"
@@ -369,18 +410,19 @@ def _privacy_plot(path: Path, privacy: dict[str, list[tuple[int, float]]],
 def _privacy_figure(privacy: dict[str, list[tuple[int, float]]],
                     bound: str = "per record") -> Any:
     from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(7, 3.5))
     ax = fig.subplots()
-    for site, points in privacy.items():
-        ax.plot([p[0] for p in points], [p[1] for p in points], "-o", label=site)
+    for (site, points), style in zip(privacy.items(), site_styles(len(privacy)),
+                                     strict=True):
+        ax.plot([p[0] for p in points], [p[1] for p in points], label=legend_label(site),
+                **style)
     ax.set_xlabel("round")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    round_axis(ax, sorted({int(p[0]) for pts in privacy.values() for p in pts}))
     ax.set_ylabel("cumulative epsilon in this job (DP-SGD)")
     ax.set_title(f"epsilon {bound}", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    legend_outside(ax)
     fig.tight_layout()
     return fig
 

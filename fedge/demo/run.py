@@ -83,39 +83,53 @@ def _test_cindex(plan: dict[str, Any], weights: np.ndarray, centres: list[Any]) 
     }
 
 
-def _plots(report: Path, curve: list[dict[str, Any]]) -> list[str]:
-    import matplotlib
+def _learning_curve_figure(curve: list[dict[str, Any]]) -> Any:
+    """The validation C-index per round, size-weighted and per centre, as a matplotlib
+    ``Figure`` (object API, not yet saved): each centre's line has markers, so a
+    1-round demo still shows every centre; whole-number round ticks; the legend right
+    of the axes, off the data."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from fedge.coordinator.report import legend_outside, round_axis, site_styles
 
     rounds = [c["round"] for c in curve]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig = Figure(figsize=(8, 4.2))
+    ax = fig.subplots()
     ax.plot(rounds, [c["weighted"] for c in curve], "k-o", lw=2, label="size-weighted")
-    for i in range(CENTRES):
+    for i, style in enumerate(site_styles(CENTRES)):
         site = f"centre-{i}"
         values = [c["sites"].get(site, np.nan) for c in curve]
         # a small centre's validation rows may hold no comparable pair (no event):
         # its C-index is undefined every round, and the legend says so
         label = site if np.isfinite(values).any() else f"{site} (no C-index: no comparable pair)"
-        ax.plot(rounds, values, lw=1, alpha=0.7, label=label)
+        ax.plot(rounds, values, lw=1, ms=4, alpha=0.7, label=label, **style)
     ax.set_xlabel("round")
+    round_axis(ax, rounds)
     ax.set_ylabel("validation C-index (federated evaluation)")
     ax.set_title("Fed-TCGA-BRCA: global Cox model, per centre")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    legend_outside(ax)
     fig.tight_layout()
-    fig.savefig(report / "learning_curve.png", dpi=110)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    return fig
+
+
+def _plots(report: Path, curve: list[dict[str, Any]]) -> list[str]:
+    from matplotlib.figure import Figure
+
+    from fedge.coordinator.report import round_axis
+
+    _learning_curve_figure(curve).savefig(report / "learning_curve.png", dpi=110)
+    fig = Figure(figsize=(7, 4.2))
+    ax = fig.subplots()
+    rounds = [c["round"] for c in curve]
     loss = [c.get("loss", np.nan) for c in curve]
     ax.plot(rounds, loss, "b-o")
     ax.set_xlabel("round")
+    round_axis(ax, rounds)
     ax.set_ylabel("Cox partial-likelihood loss (validation, weighted)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(report / "loss_curve.png", dpi=110)
-    plt.close(fig)
     return ["learning_curve.png", "loss_curve.png"]
 
 

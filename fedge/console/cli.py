@@ -184,6 +184,11 @@ def register(subparsers: Any) -> None:
     s = jobs.add_parser("fetch", help="download a job's results (final model, ONNX, report)")
     s.add_argument("job_id")
     s.add_argument("--out", type=Path, default=Path("."))
+    s.add_argument("--wait", type=_wait_seconds, default=RESULTS_WAIT_S,
+                   help="seconds to wait for an ended job's ONNX export and report, "
+                   "written after the job is marked ended (0: do not wait); if they are "
+                   "not all written by then, what there is is fetched and the exit "
+                   f"status is {FETCH_NOT_READY}")
     s.set_defaults(func=_cmd_jobs_fetch)
 
     s = sub.add_parser("push", help="sign and roll out an update: canary first, then the rest")
@@ -757,6 +762,8 @@ def _cmd_jobs_status(args: argparse.Namespace) -> int:
 
 JOB_ENDS = ("completed", "failed", "cancelled")
 RESULTS_WAIT_S = 180.0  # for the ONNX export and the report after the last round
+FETCH_POLL_S = 1.0  # `jobs fetch`'s poll of jobs_status while the results are written
+FETCH_NOT_READY = 3  # `jobs fetch` exit status: results still being written after --wait
 WATCH_GAVE_UP = 3  # `jobs watch` exit status when --max-wait passed with the job going on
 
 
@@ -923,7 +930,7 @@ def _cmd_jobs_fetch(args: argparse.Namespace) -> int:
     def go(args: argparse.Namespace) -> int:
         from fedge.update.files import write_atomic
 
-        result, blobs = _call(args, "jobs_fetch", {"job_id": args.job_id})
+        result, blobs = _fetch_when_written(args)
         out = args.out / args.job_id
         # the operator's umask decides who else may read them (models trained on
         # patient data, per-site metrics and epsilon): as `cp` or a new file would
@@ -932,11 +939,58 @@ def _cmd_jobs_fetch(args: argparse.Namespace) -> int:
         for name, data in blobs.items():
             write_atomic(out / Path(name).name, data, mode=0o666 & ~mask)
             print(out / Path(name).name)
-        if isinstance(result, dict) and result.get("note"):  # a failed/cancelled job's
-            print(f"note: {printable(result['note'])}")
+        if isinstance(result, dict) and result.get("note"):  # a failed/cancelled job's,
+            print(f"note: {printable(result['note'])}")  # or a failed export or report
+        if isinstance(result, dict) and result.get("still_writing"):
+            return _fail(f"job {args.job_id}: only part of its results fetched "
+                         f"({', '.join(map(printable, result['still_writing']))} still "
+                         "being written); fetch again in a few seconds", FETCH_NOT_READY)
         return 0
 
     return _run(go, args)
+
+
+def _fetch_when_written(args: argparse.Namespace) -> tuple[Any, dict[str, bytes]]:
+    """`jobs_fetch`, once the job's results are all written: the coordinator exports
+    the model and writes the report after it marks the job ended, so a fetch right
+    after `jobs status` says completed finds them still being written. Waits up to
+    ``args.wait`` seconds for report.md (written last), polling `jobs_status` (not
+    audited, unlike each fetch); then fetches what there is: the reply's
+    ``still_writing`` names what is not there yet, its note says so, or names the
+    export's or report's failure the coordinator recorded.
+
+    Raises: AdminError: the coordinator refused (unknown job, no results).
+    TimeoutError: no answer."""
+    from fedge.console.client import AdminClient
+
+    client = AdminClient.from_store(_store(args), args.operator, timeout_s=args.timeout)
+    end = time.monotonic() + args.wait
+    result, blobs = client.call("jobs_fetch", {"job_id": args.job_id,
+                                               "pending_ok": args.wait > 0})
+    if not (isinstance(result, dict) and result.get("pending")):
+        return result, blobs
+    print(f"job {args.job_id} {printable(result.get('status'))}: its results are still "
+          f"being written ({', '.join(map(printable, result['pending']))} not yet); "
+          f"waiting up to {args.wait:g} s (--wait)", file=sys.stderr, flush=True)
+    while time.monotonic() < end:
+        time.sleep(min(FETCH_POLL_S, max(0.0, end - time.monotonic())))
+        status, _ = client.call("jobs_status", {"job_id": args.job_id})
+        if "report.md" in status.get("results", []):
+            break
+    return client.call("jobs_fetch", {"job_id": args.job_id})
+
+
+def _wait_seconds(text: str) -> float:
+    """An argparse type: `jobs fetch --wait`, a finite number of seconds >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--wait {text!r} is not a number of seconds"
+                                         ) from None
+    if not 0 <= value <= MAX_TIMEOUT_S:
+        raise argparse.ArgumentTypeError(f"--wait {text} must be from 0 to "
+                                         f"{MAX_TIMEOUT_S:g} seconds")
+    return value
 
 
 def push(store: Any, client: Any, file: Path, *, kind: str, name: str, version: str,

@@ -47,6 +47,7 @@ from fedge.console.protocol import (
 )
 from fedge.coordinator.service import coordinator_clocks
 from fedge.coordinator.store import is_locked
+from fedge.text import printable
 from fedge.update import tuf_repo
 from fedge.update.messages import UpdateAvailable, UpdateOutcome
 from fedge.update.rollout import Rollout
@@ -63,6 +64,13 @@ AUDIT_REPLY_BYTES = 32 << 20
 # ops that only read: not audited themselves (an operator's reads would bury the rest)
 READ_OPS = frozenset({"fleet", "jobs_list", "jobs_status", "rollout_status", "whoami",
                       "update_versions", "audit"})
+# what fedge.coordinator.process records of an ended job's export and report, each
+# attempt (finish_job, again at a restart: job_finish_resumed); report.md comes last
+FINISH_ACTIONS = ("job_finish_resumed", "model_exported", "model_export_kept",
+                  "model_export_failed", "report_written", "report_failed")
+REPORT_FILES = ("report.json", "report.md")
+# a recorded failure's reason, at most, in a fetch's note
+FINISH_REASON_CHARS = 300
 
 
 @dataclass(frozen=True)
@@ -387,16 +395,65 @@ class AdminService:
                     "results yet: its last committed model and report are being written "
                     "(if they never come, the coordinator's audit log says why)")
             raise ValueError(f"job {job_id} ({state}) has no results yet")
+        finishing = state == "completed" or (ended and committed > 0)
+        report_failed = export_failed = ""
+        if finishing:
+            report_failed, export_failed = self._finish_failures(job_id)
+        writing: list[str] = []
+        if finishing and "report.md" not in out and not report_failed:
+            # the coordinator exports the model and writes the report after it marks
+            # the job ended (fedge.coordinator.process finish_job), report.md last
+            writing = [n for n in ("model.onnx", *REPORT_FILES) if n not in out]
+            if args.get("pending_ok"):  # a console that waits, then asks again
+                return {"job_id": job_id, "status": state, "pending": writing}, {}
         result: dict[str, Any] = {"job_id": job_id, "files": sorted(out), "status": state,
                                   "committed_round": committed, "rounds_planned": planned}
+        onnx = "" if "model.onnx" in out or writing else (
+            f"; no ONNX export: it failed ({export_failed})" if export_failed
+            else "; no ONNX export (not written, or not yet: fetch again later)")
+        notes = []
         if ended:
-            result["note"] = (
+            notes.append(
                 f"job {job_id} {state} after {committed} of {planned} round(s){error}: "
                 f"this is a {state} job's last committed model (round {committed}) and its "
-                "report, not a finished training"
-                + ("" if "model.onnx" in out else "; no ONNX export (not written, or not "
-                   "yet: fetch again later)"))
+                f"report, not a finished training{onnx}")
+        elif finishing and (onnx or report_failed or writing):
+            notes.append(f"job {job_id} completed{onnx}")
+        if writing:
+            result["still_writing"] = writing  # the console exits non-zero
+            notes.append(
+                f"its results are still being written ({', '.join(writing)} not yet): "
+                f"fetch again in a few seconds (`fedge console jobs watch {job_id}` says "
+                "when they are ready; if they never come, the coordinator's audit log "
+                "says why)")
+        if report_failed:
+            notes.append(f"its report could not be written ({report_failed}); a restart "
+                         "of the coordinator tries again")
+        if notes:
+            result["note"] = "; ".join(notes)
         return result, out
+
+    def _finish_failures(self, job_id: str) -> tuple[str, str]:
+        """Why the report and why the ONNX export of an ended job failed, as the
+        coordinator recorded (fedge.coordinator.process: ``report_failed``,
+        ``model_export_failed``); "" for each that has not failed since it was last
+        tried (a restart tries an unfinished job again: ``job_finish_resumed``)."""
+        from fedge.console.audit import parse_detail
+
+        rows = self.coordinator.store.audit_log(actions=FINISH_ACTIONS, job=job_id, limit=50)
+        report = export = ""
+        for row in rows:  # oldest first: the last word on each stands
+            action = row["action"]
+            detail = parse_detail(row["detail"])
+            reason = "" if action not in ("report_failed", "model_export_failed") else (
+                printable(detail.get("reason") if isinstance(detail, dict) else detail)
+                or "no reason recorded")[:FINISH_REASON_CHARS]
+            if action in ("report_failed", "report_written", "job_finish_resumed"):
+                report = reason
+            if action in ("model_export_failed", "model_exported", "model_export_kept",
+                          "job_finish_resumed"):
+                export = reason
+        return report, export
 
     def _op_enrol(self, op: Operator, args: dict, blobs: dict) -> tuple[Any, dict]:
         """Put a site's CURVE key on the allow-list. An operator key alone is not

@@ -74,6 +74,6 @@ def test_a_named_jobs_report_carries_its_name_in_the_title(federation):
     assert asyncio.run(write_report(fed.coord, job)) is True
     jdir = ck.job_dir(fed.coord.state_dir, job)
     md = (jdir / "report.md").read_text()
-    assert md.startswith(f"# Job {job} (sbp $\\q$ \\| try 2): completed\n")
+    assert md.startswith(f"# Job {job} (sbp \\$\\q\\$ \\| try 2): completed\n")
     assert json.loads((jdir / "report.json").read_text())["name"] == "sbp $\\q$ | try 2"
     assert (jdir / "learning_curve.png").read_bytes()[:8] == PNG

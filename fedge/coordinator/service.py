@@ -109,6 +109,7 @@ from fedge.coordinator.rounds import (
 from fedge.coordinator.store import (
     LEDGER_ROLLED_BACK,
     SERVICE_BUSY_TIMEOUT_S,
+    CancelledAttempt,
     Store,
     StoreError,
     is_locked,
@@ -836,7 +837,10 @@ class Coordinator:
         committed model as its result (module docstring). Who cancelled it and when
         (the wall clock, UTC) is the job's ``error``: "cancelled by operator:alice at
         2026-11-30T05:53:19Z", what its owner sees in ``jobs watch``, ``jobs status``
-        and report.md; its round's sites are told the same.
+        and report.md; its round's sites are told the same. A round attempt whose
+        cohort had been asked to train is recorded as "cancelled" (its cohort, which
+        sites had trained): its sites may have released an update, and spent privacy
+        budget, in it.
 
         Raises: CoordinatorError: unknown job or already finished."""
         try:
@@ -849,10 +853,13 @@ class Coordinator:
         when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.wall()))
         reason = f"cancelled by {actor} at {when}"
         last = None
+        cut_short = None
         if self.runner is not None and self.runner.job_id == job_id:
-            ended = self.runner.round is not None
-            if self.runner.round is not None:
-                self._emit(self.runner.round, self.runner.round.abort(f"job {reason}"))
+            rnd = self.runner.round
+            ended = rnd is not None
+            if rnd is not None:
+                cut_short = _cancelled_attempt(rnd, reason)
+                self._emit(rnd, rnd.abort(f"job {reason}"))
             last = self.runner.last_checkpoint
             self.runner = None
             if ended:
@@ -861,7 +868,7 @@ class Coordinator:
                                       status="cancelled", error=reason)
         try:
             self.store.set_job_status(job_id, "cancelled", actor=actor, error=reason,
-                                      final_digest=digest)
+                                      final_digest=digest, cancelled_attempt=cut_short)
         except BaseException:  # still running: no result may stand beside it
             if digest:
                 ck.final_path(self.state_dir, job_id).unlink(missing_ok=True)
@@ -2173,6 +2180,32 @@ def remedy_first(failure: str, refusals: dict[str, str]) -> str:
     return (f"{RESEED_REMEDY}: this plan's seed was run before over another set of sites, "
             f"and {_names(summed)} refused to have the same update summed again over "
             f"this one. {failure}")
+
+
+# what a round was doing when its job's cancel cut it short, for the attempt's reason
+_CUT_SHORT_IN = {Phase.TRAINING: "training", Phase.AGGREGATING: "being summed",
+                 Phase.EVALUATING: "being evaluated", Phase.DONE: "waiting to be committed",
+                 Phase.FAILED: "failing"}
+
+
+def _cancelled_attempt(rnd: Round, reason: str) -> CancelledAttempt | None:
+    """The attempt ``rnd`` that its job's cancel cuts short (``reason``: "cancelled by
+    ..."), as the rounds table keeps it; None before its cohort was asked to train (no
+    site did anything in it). Its reason says which sites had trained: each may have
+    released its update (and, under DP, spent ε in its own ledger) with no model to
+    show for it."""
+    if not rnd.cohort:
+        return None
+    trained = sorted(rnd.trained)
+    return CancelledAttempt(
+        round=rnd.round, started_at=rnd.started_at, cohort=list(rnd.cohort),
+        reason=m.clip_reason(
+            f"job {reason} while the round was {_CUT_SHORT_IN.get(rnd.phase, 'open')}; "
+            f"{len(trained)} of {len(rnd.cohort)} site(s) had trained"
+            + (f" ({_names(trained)}): an update a site released is charged in its "
+               "own privacy ledger (`fedge agent privacy`) though no model came of it"
+               if trained else "")),
+        dropped_reasons=dict(sorted(rnd.refused.items())))
 
 
 def _left_out_text(left_out: dict[str, str], limit: int = LEFT_OUT_LOGGED) -> str:

@@ -79,7 +79,9 @@ SQLITE_PATH_LIMIT = 504
 
 APPLIANCE_STATUSES = ("enrolled", "revoked")
 JOB_STATUSES = ("queued", "running", "completed", "failed", "cancelled")
-ROUND_STATUSES = ("committed", "failed")
+# "cancelled": the attempt in progress when its job was cancelled (never retried, and
+# not counted among the job's failed attempts)
+ROUND_STATUSES = ("committed", "failed", "cancelled")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -466,6 +468,19 @@ class RoundRecord:
     eval_missing: dict[str, str] = field(default_factory=dict)
     # a committed round's enrolled site not in its cohort -> why (the cohort's exclusion)
     left_out: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CancelledAttempt:
+    """The attempt at round ``round`` in progress when its job was cancelled, as
+    :meth:`Store.set_job_status` records it (status "cancelled"): its cohort had been
+    asked to train, so sites may have trained and released an update in it."""
+    round: int
+    started_at: float
+    cohort: list[str]
+    reason: str
+    # each cohort site that had refused or been lost by then, and why
+    dropped_reasons: dict[str, str] = field(default_factory=dict)
 
 
 class Store:
@@ -1116,11 +1131,29 @@ class Store:
         return int(row[0])
 
     def set_job_status(self, job_id: str, status: str, *, actor: str, error: str = "",
-                       final_digest: str = "") -> None:
-        """Raises: StoreError: unknown job or status."""
+                       final_digest: str = "",
+                       cancelled_attempt: CancelledAttempt | None = None) -> None:
+        """``cancelled_attempt`` (only with status "cancelled"): the round attempt the
+        cancel cut short, recorded in the same transaction as a "cancelled" row of the
+        rounds table (its cohort, no survivors), so the report and ``jobs status`` show
+        it; it does not count among the job's failed attempts.
+
+        Raises: StoreError: unknown job or status."""
         if status not in JOB_STATUSES:
             raise StoreError(f"job status {status!r} is not one of {JOB_STATUSES}")
+        if cancelled_attempt is not None and status != "cancelled":
+            raise StoreError(f"a cancelled attempt cannot be recorded with job status "
+                             f"{status!r}")
         with self._tx() as c:
+            if cancelled_attempt is not None:
+                a = cancelled_attempt
+                c.execute(
+                    "INSERT INTO rounds VALUES (?, ?, ?, 'cancelled', ?, ?, ?, '[]', ?, '', ?)",
+                    (job_id, a.round, self._next_attempt(c, job_id, a.round), a.started_at,
+                     self._clock(), json.dumps(list(a.cohort)),
+                     json.dumps(dict(a.dropped_reasons)), a.reason))
+                self._audit(c, actor, "round_cancelled",
+                            {"job": job_id, "round": a.round, "reason": a.reason})
             self._set_job_status(c, job_id, status, actor=actor, error=error,
                                  final_digest=final_digest)
 

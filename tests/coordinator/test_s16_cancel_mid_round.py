@@ -1,0 +1,62 @@
+"""A job cancelled while a round is in progress keeps that attempt in its records
+(review s16 L1): the rounds table, `jobs status` and report.md show it as
+"cancelled", with its cohort and which sites had trained, since those sites may
+have released an update (and spent privacy budget) in it. Real coordinator, agents,
+codec and SQLite store in memory (tests/coordinator/conftest.py)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fedge.coordinator.report import write_job_report
+from fedge.coordinator.rounds import Phase
+from fedge.wire import messages as m
+from tests.coordinator.test_federation_inproc import plan
+
+
+def test_a_round_cut_short_by_a_cancel_is_recorded_as_a_cancelled_attempt(federation,
+                                                                          tmp_path):
+    fed = federation(["a", "b", "c"])
+    coord, st = fed.coord, fed.coord.store
+
+    def in_round_2_two_trained() -> bool:
+        rnd = coord.runner.round if coord.runner is not None else None
+        return (rnd is not None and rnd.round == 2 and rnd.phase is Phase.TRAINING
+                and sorted(rnd.trained) == ["a", "b"])
+
+    async def go():
+        await fed.heartbeats()
+        job = coord.submit_job(plan(rounds=3, secure="false"), actor="test")
+        await fed.pump(until=lambda: st.job(job).committed_round >= 1)
+        # c never answers round 2's task: the round waits in training for it
+        fed.kill_hook = lambda site, body: site == "c" and isinstance(body, m.TrainTask)
+        await fed.pump(until=in_round_2_two_trained)
+        return job
+
+    job = asyncio.run(go())
+    started = coord.runner.round.started_at
+    coord.cancel_job(job, actor="operator:alice")
+    assert st.job(job).status == "cancelled"
+
+    attempts = st.rounds(job)
+    assert [(a.round, a.attempt, a.status) for a in attempts] == \
+        [(1, 1, "committed"), (2, 1, "cancelled")]
+    cut = attempts[-1]
+    assert cut.cohort == ["a", "b", "c"] and cut.survivors == []
+    assert cut.started_at == started
+    assert cut.reason.startswith(f"job {st.job(job).error} while the round was training; "
+                                 "2 of 3 site(s) had trained (a, b): an update a site "
+                                 "released is charged in its own privacy ledger")
+    # the cancel is not one of the job's failed attempts
+    assert st.job(job).failed_attempts == 0
+    assert any(e["action"] == "round_cancelled" and e["actor"] == "operator:alice"
+               for e in st.audit_log(job=job))
+
+    status = coord.job_status(job)  # what `jobs status` shows
+    assert [(r["round"], r["status"]) for r in status["rounds"]] == \
+        [(1, "committed"), (2, "cancelled")]
+    write_job_report(tmp_path, status, st.job(job).plan_toml)
+    md = (tmp_path / "report.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| 2 | 1 | cancelled |"))
+    assert "| 3 | 0 |" in row and "2 of 3 site(s) had trained (a, b)" in row
+

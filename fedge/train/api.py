@@ -40,7 +40,7 @@ import torch
 
 from fedge.train import metrics as M
 from fedge.train.accounting import DP_FEDAVG, DP_SGD, NO_DP
-from fedge.train.data import DatasetSpec, SiteData, Split, load_site_data
+from fedge.train.data import TASKS, DatasetSpec, SiteData, Split, load_site_data
 from fedge.train.models import (
     TASK_OF_MODEL,
     ModelSpec,
@@ -293,12 +293,54 @@ def _seed(*parts: object) -> int:
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
 
 
+# The data-set tasks each kind of model (TASK_OF_MODEL) trains on here, with the loss
+# of the data set's task: a survival model only on survival data (its loss needs
+# times and events); a classifier only on labels, since on a regression target it
+# would train as a regression under the classifier's name, and its exported model
+# would say its output is a logit; a regression model also on labels (its outputs
+# serve as the logits). The coordinator's submit check holds the same table
+# (fedge.coordinator.service._TASKS_OF_KIND).
+_TASKS_OF_KIND: dict[str, tuple[str, ...]] = {
+    "survival": ("survival",),
+    "classification": ("binary", "multiclass"),
+    "regression": ("regression", "binary", "multiclass"),
+    "any": TASKS,
+}
+_KIND_WORDS = {
+    "survival": "a Cox (survival) model, whose output is a log-risk",
+    "classification": "a classifier, whose output is logits over class labels",
+    "regression": "a regression model, whose output is the predicted value",
+}
+_TASK_NEEDS = {"survival": "a Cox model", "regression": "a model of the target value",
+               "binary": "a classifier", "multiclass": "a classifier"}
+
+
+def _models_for_task(task: str) -> list[str]:
+    """The models made for a data set of ``task``: those whose kind is the task's own
+    (a classifier for binary or multiclass labels), then mlp, which follows the data
+    set's task."""
+    family = "classification" if task in ("binary", "multiclass") else task
+    return [m for m, kind in TASK_OF_MODEL.items() if kind == family] \
+        + [m for m, kind in TASK_OF_MODEL.items() if kind == "any"]
+
+
 def _task(spec: ModelSpec, data: SiteData) -> str:
+    """The task ``spec`` trains for on ``data``: the data set's, once the model's kind,
+    input shape and outputs are found to fit it.
+
+    Raises:
+        ValueError: naming the data set, its task, the model and what it is, and the
+            models made for that task; or the input or output parameter that does
+            not fit the site's data.
+    """
     kind = TASK_OF_MODEL[spec.name]
-    if kind == "survival" and data.task != "survival":
-        raise ValueError(f"model {spec.name!r} is a survival model; data set task is {data.task!r}")
-    if data.task == "survival" and kind not in ("survival", "any"):
-        raise ValueError(f"data set is a survival task; model {spec.name!r} is not a Cox model")
+    if data.task not in _TASKS_OF_KIND[kind]:
+        use = _models_for_task(data.task)
+        raise ValueError(
+            f"data set {data.name!r} is a {data.task} task at this site but model "
+            f"{spec.name!r} is {_KIND_WORDS[kind]}, not {_TASK_NEEDS[data.task]}: it would "
+            f"train on the wrong loss. For a {data.task} data set use model.name = "
+            + ", ".join(repr(m) for m in use[:-1]) + f" or {use[-1]!r}")
     want, x = input_shape(spec), data.train.x
     if x.ndim == 2 and len(want) == 1 and x.shape[1] != want[0]:
         raise ValueError(
@@ -327,7 +369,7 @@ def _check_outputs(spec: ModelSpec, data: SiteData) -> None:
             parameter that sets its output.
     """
     if spec.name not in ("linear", "mlp"):
-        return  # cox_* build one output; the classifiers are _check_classes'
+        return  # cox_* build one output; a classifier never gets here (_task)
     outputs = spec.params.get("out_features", 1)
     if not isinstance(outputs, int) or isinstance(outputs, bool):
         return  # build_model names the bad parameter

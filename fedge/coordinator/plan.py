@@ -585,6 +585,8 @@ def check_submission(text: str) -> Plan:
     - ``job.rounds`` is at most ROUNDS_MAX, and the model has at most
       MODEL_PARAMS_MAX parameters (`model_parameter_count`).
     - ``job.classes`` is not set for a Cox model (survival data has no classes).
+    - ``train.momentum`` is 0 (or left out) unless ``train.optimizer = "sgd"``: the
+      sites' Adam does not read it, so it would be silently ignored.
 
     Raises: PlanError, naming the field and the rule.
     """
@@ -596,6 +598,12 @@ def check_submission(text: str) -> Plan:
     except ModelParamError as exc:
         raise PlanError(f"model.params.{exc.key}", exc.value, exc.rule) from None
     _check_model_size(plan)
+    if plan.train.momentum != 0.0 and plan.train.optimizer != "sgd":
+        raise PlanError("train.momentum", plan.train.momentum,
+                        f"applies to optimizer = \"sgd\" only: with train.optimizer = "
+                        f"{plan.train.optimizer!r} it would be ignored (Adam's own momentum "
+                        "is its beta1 = 0.9, fixed). Leave train.momentum out, or use "
+                        "optimizer = \"sgd\"")
     if plan.classes and TASK_OF_MODEL.get(plan.model_name) == "survival":
         raise PlanError("job.classes", list(plan.classes),
                         f"model {plan.model_name!r} is a Cox (survival) model: job.classes "

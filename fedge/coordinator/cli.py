@@ -152,18 +152,22 @@ def _submit(args: argparse.Namespace) -> int:
 
 def _submission_warnings(store: Any, plan_text: str) -> list[str]:
     """The console's submission checks (fedge.coordinator.service.submission_warnings:
-    a job.name already queued or running, a data set no site declares ...), from the
-    database: each enrolled site heard from with the data sets its last recorded
-    heartbeat declared.
+    a job.name already queued or running, a data set no site declares, a model that
+    does not fit the data sets' declared task or input shape ...), from the database:
+    each enrolled site heard from with the data sets its last recorded heartbeat
+    declared, and what it declared of their tasks and shapes (``declared_inputs``).
 
-    Raises: CoordinatorError: the plan's data set is declared by none (nothing must be
-        submitted). PlanError: the plan does not parse. sqlite3.DatabaseError."""
+    Raises: CoordinatorError: the plan's data set is declared by none, or every site
+        holding it would refuse the model (nothing must be submitted). PlanError: the
+        plan does not parse. sqlite3.DatabaseError."""
     from fedge.coordinator.plan import parse_plan
-    from fedge.coordinator.service import submission_warnings
+    from fedge.coordinator.service import DeclaredInputs, submission_warnings
 
     declared = {a.site_id: tuple(a.datasets) for a in store.appliances()
                 if a.status == "enrolled" and a.last_seen is not None}
-    return submission_warnings(store, parse_plan(plan_text), declared)
+    recorded = store.declared_inputs()
+    inputs = {s: DeclaredInputs.from_record(recorded[s]) for s in declared if s in recorded}
+    return submission_warnings(store, parse_plan(plan_text), declared, inputs)
 
 
 def _enrol(args: argparse.Namespace) -> int:

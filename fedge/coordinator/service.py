@@ -1230,7 +1230,8 @@ class Coordinator:
                 site, version=hb.version, health=health, eligible=hb.eligible,
                 reason=hb.reason[:HEARTBEAT_TEXT_MAX],
                 datasets=datasets,
-                current_task=hb.current_task[:HEARTBEAT_TEXT_MAX])
+                current_task=hb.current_task[:HEARTBEAT_TEXT_MAX],
+                inputs=DeclaredInputs(conn.tasks, conn.input_shapes).to_record())
         except StoreError as exc:
             self._reject(site, "unknown_site", str(exc))
             return
@@ -1892,6 +1893,24 @@ class DeclaredInputs:
     tasks: dict[str, str]
     input_shapes: dict[str, tuple[int, ...]]
 
+    def to_record(self) -> dict[str, Any]:
+        """As the store keeps it (Store.declared_inputs): a JSON object."""
+        return {"tasks": dict(self.tasks),
+                "input_shapes": {k: list(v) for k, v in self.input_shapes.items()}}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> DeclaredInputs:
+        """From :meth:`to_record`'s object, as read back; what does not read (a later
+        release's field, a damaged value) is left out, as a site that said nothing."""
+        tasks = record.get("tasks")
+        shapes = record.get("input_shapes")
+        return cls(
+            {str(k): v for k, v in (tasks.items() if isinstance(tasks, dict) else ())
+             if isinstance(v, str)},
+            {str(k): tuple(v) for k, v in (shapes.items() if isinstance(shapes, dict) else ())
+             if isinstance(v, list) and v
+             and all(isinstance(d, int) and not isinstance(d, bool) for d in v)})
+
 
 def submission_warnings(store: Store, plan: Plan,
                         declared: dict[str, tuple[str, ...]],
@@ -1916,12 +1935,13 @@ def submission_warnings(store: Store, plan: Plan,
     rounds before they train (fedge.coordinator.cohort, "Privacy floors").
 
     ``inputs``: what each site heard from declared of its data sets' tasks and input
-    shapes (the running coordinator only). A plan that every site holding
-    ``job.dataset`` declared them for, and every one of them would refuse, is refused
-    here, before it waits in the queue; one that some of them would refuse, or that
-    every site that declared would refuse while other holders said nothing (agents
-    before these declarations, in a fleet being upgraded), is taken with a warning
-    naming those sites.
+    shapes (the running coordinator: its heartbeats' DatasetClasses; ``fedge
+    coordinator submit``: the ``declared_inputs`` table, as last recorded). A plan
+    that every site holding ``job.dataset`` declared them for, and every one of them
+    would refuse, is refused here, before it waits in the queue; one that some of
+    them would refuse, or that every site that declared would refuse while other
+    holders said nothing (agents before these declarations, in a fleet being
+    upgraded), is taken with a warning naming those sites.
 
     Raises:
         CoordinatorError: no site heard from declares ``job.dataset``, at least

@@ -42,6 +42,10 @@ would break its positional inserts, and a version step would refuse the downgrad
 for a table that guards nothing). Rounds committed without a row have none.
 ``left_out`` is made the same way: per committed round, each enrolled site the
 cohort left out and why (a version, a class order, a health verdict, not connected).
+``declared_inputs`` is made the same way: per site, what its last heartbeat's
+DatasetClasses said of its data sets (their tasks and input shapes, as a JSON object),
+so that ``fedge coordinator submit``, another process, checks a plan's model against
+them as the running coordinator does.
 
 Heartbeats are the exception to "every write is one transaction": a fleet beating
 every second would be one fsync per heartbeat, on the coordinator's event loop. Each
@@ -221,6 +225,10 @@ CREATE TABLE IF NOT EXISTS left_out (
     round INTEGER NOT NULL,
     reasons_json TEXT NOT NULL,
     PRIMARY KEY (job_id, round)
+);
+CREATE TABLE IF NOT EXISTS declared_inputs (
+    site_id TEXT PRIMARY KEY,
+    inputs_json TEXT NOT NULL
 );
 """
 
@@ -521,6 +529,10 @@ class Store:
         self._busy_at = float("-inf")  # monotonic: when a write last found the lock held
         # site -> its latest heartbeat's appliances columns, not yet written (module doc)
         self._heartbeats: dict[str, tuple[Any, ...]] = {}
+        # site -> what its latest heartbeat declared of its data sets (JSON), not yet
+        # written; site -> the JSON last written (unchanged declarations are not rewritten)
+        self._inputs: dict[str, str] = {}
+        self._inputs_written: dict[str, str] = {}
         self._monotonic = monotonic
         self._heartbeats_tried_at = monotonic()  # the last flush that wrote or failed
         # site -> (its privacy-ledger mark, the fewer runs it reports now or None), as
@@ -626,6 +638,7 @@ class Store:
                 self.flush_heartbeats(force=True)
             finally:
                 self._heartbeats.clear()
+                self._inputs.clear()
                 self._conn.close()
 
     @contextmanager
@@ -866,6 +879,7 @@ class Store:
                 )
                 self._audit(c, actor, "revoke", {"site": site_id})
             self._heartbeats.pop(site_id, None)
+            self._inputs.pop(site_id, None)
         return self.appliance(site_id)
 
     def appliance(self, site_id: str) -> Appliance:
@@ -913,10 +927,12 @@ class Store:
 
     def record_heartbeat(self, site_id: str, *, version: str, health: dict[str, Any],
                          eligible: bool, reason: str, datasets: list[str],
-                         current_task: str) -> None:
+                         current_task: str, inputs: dict[str, Any] | None = None) -> None:
         """Hold ``site_id``'s heartbeat (seen now) as its latest, replacing the one held;
         this Store's readers see it at once, the database once it is flushed (module
         doc), which this call does when HEARTBEAT_FLUSH_S has passed since the last.
+        ``inputs``: what the DatasetClasses before it declared of the site's data sets
+        (a JSON object, :meth:`declared_inputs`; {} for nothing); None keeps the last.
 
         Raises:
             StoreError: unknown site (nothing is held).
@@ -932,6 +948,12 @@ class Store:
             self._heartbeats[site_id] = (
                 version, self._clock(), json.dumps(health, sort_keys=True, default=str),
                 int(eligible), reason, json.dumps(sorted(datasets)), current_task)
+            if inputs is not None:
+                text = json.dumps(inputs, sort_keys=True)
+                if text != self._inputs_written.get(site_id):
+                    self._inputs[site_id] = text
+                else:
+                    self._inputs.pop(site_id, None)
             self.flush_heartbeats()
 
     def flush_heartbeats(self, *, force: bool = False) -> int:
@@ -950,17 +972,42 @@ class Store:
                 return 0
             self._heartbeats_tried_at = now
             held = dict(self._heartbeats)
+            inputs = dict(self._inputs)
             rose = set(self._ledger_rose)
             with self._tx() as c:
                 c.executemany(_HEARTBEAT_UPDATE,
                               [(*columns, site) for site, columns in held.items()])
+                c.executemany("INSERT OR REPLACE INTO declared_inputs VALUES (?, ?)",
+                              sorted(inputs.items()))
                 for site in rose:
                     self._write_mark(c, site, self._ledger_marks[site])
             self._ledger_rose -= rose
             for site, columns in held.items():
                 if self._heartbeats.get(site) is columns:
                     del self._heartbeats[site]
+            for site, text in inputs.items():
+                self._inputs_written[site] = text
+                if self._inputs.get(site) is text:
+                    del self._inputs[site]
             return len(held)
+
+    def declared_inputs(self) -> dict[str, dict[str, Any]]:
+        """What each site's last heartbeat declared of its data sets (the JSON object
+        its ``record_heartbeat`` was given), held or written; a site never heard from
+        since this table existed, or whose record does not read, is absent."""
+        with self._lock:
+            rows = dict(self._conn.execute(
+                "SELECT site_id, inputs_json FROM declared_inputs").fetchall())
+            rows.update(self._inputs)
+        out = {}
+        for site, text in rows.items():
+            try:
+                value = json.loads(text)
+            except ValueError:
+                continue
+            if isinstance(value, dict):
+                out[str(site)] = value
+        return out
 
     # -- privacy-ledger marks ------------------------------------------------------
 

@@ -103,6 +103,13 @@ STRATEGY_DEFAULTS: dict[str, float] = {
 }
 
 
+# Differential privacy is not a strategy: said where a plan names one as if it were
+_DP_IS_PRIVACY = ("; differential privacy is set in the [privacy] table with any of "
+                  "these strategies, not as one: DP-FedAvg is privacy.client_dp = "
+                  "{ clip_norm, noise_multiplier, cohort_size }, DP-SGD is privacy.dp = "
+                  "{ noise_multiplier, delta, ... }")
+
+
 class PlanError(ValueError):
     """An invalid job plan; ``field`` is the dotted TOML path of the culprit."""
 
@@ -317,7 +324,8 @@ def _parse_plan(text: str) -> Plan:
 
     sname = _str(strat, "strategy.name")
     if sname not in STRATEGIES:
-        raise PlanError("strategy.name", sname, f"must be one of {', '.join(STRATEGIES)}")
+        raise PlanError("strategy.name", sname, f"must be one of {', '.join(STRATEGIES)}"
+                        + (_DP_IS_PRIVACY if "dp" in sname.lower() else ""))
     allowed = STRATEGY_PARAMS[sname]
     sparams: dict[str, float] = {}
     for key, value in strat.items():

@@ -711,6 +711,28 @@ def model_input_shape(name: str, params: dict[str, Any]) -> tuple[int, ...] | No
     return shape
 
 
+def check_required_model_params(plan: Plan) -> None:
+    """Refuse a plan whose model leaves out a parameter that has no default
+    (fedge.train.model_names.MODEL_PARAMS, ``default=None``: ``in_features`` of the
+    tabular models), which the coordinator's starting model and every site's build
+    would otherwise refuse only once the job has started.
+
+    Not part of `check_submission`: a coordinator given its starting weights
+    (``initial_weights``, as tests and in-process federations do) never builds the
+    model from the plan, and its plans may leave the widths out.
+
+    Raises: PlanError: naming model.params.<key>, the model and the rule."""
+    from fedge.train.model_names import MODEL_PARAMS
+
+    for key, param in MODEL_PARAMS[plan.model_name].items():
+        if param.default is None and key not in plan.model_params:
+            what = (" (the number of feature columns of the data set at each site)"
+                    if key == "in_features" else "")
+            raise PlanError(f"model.params.{key}", None,
+                            f"required by model {plan.model_name!r}, which has no default "
+                            f"for it{what}; give it in model.params ({param.rule})")
+
+
 class _Uncountable(Exception):
     """A model parameter the count cannot use (missing, not an integer)."""
 

@@ -284,19 +284,21 @@ def _output_description(name: str, params: dict[str, Any]) -> dict[str, Any]:
         return {"kind": "log relative risk", "task": "survival",
                 "meaning": "the Cox model's linear predictor per example: higher means a "
                            "higher hazard; not a probability, and no baseline hazard"}
-    if task == "regression":
-        return {"kind": "value", "task": "regression",
-                "meaning": f"{model_param(name, params, 'out_features')} predicted target "
-                           "value(s) per "
-                           "example, in the units the sites trained on"}
+    # "linear" and "mlp" train on what the data set declares (fedge.train.api's table):
+    # the same graph gives logits on labels and values on a regression target, and the
+    # export cannot see which (the sites' tasks stay at the sites), so it says both
     k = model_param(name, params, "out_features")
+    survival = ("; for a survival data set the Cox model's linear predictor (log relative "
+                "risk: higher means a higher hazard; not a probability)"
+                if task == "any" else "")
     return {"kind": "raw", "task": "as the data set declares it",
             "meaning": f"{k} raw output(s) per example: for a classification data set "
                        + ("the log-odds of label 1 (sigmoid gives its probability)" if k == 1
                           else f"one logit per label 0..{k - 1} (softmax gives the "
                                "probabilities)")
-                       + "; for a regression data set the predicted value(s); no sigmoid "
-                         "or softmax is in the graph",
+                       + "; for a regression data set the predicted value(s), in the units "
+                         "the sites trained on" + survival + "; no sigmoid or softmax is "
+                         "in the graph",
             "class_names": names_note}
 
 

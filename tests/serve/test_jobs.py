@@ -200,7 +200,7 @@ def test_job_ids_cannot_escape_the_state_dir(state_dir: Path) -> None:
 @pytest.mark.parametrize(("name", "key", "said"), [
     ("logistic", "classes", '"classes": 5'),
     ("resnet_small", "classes", '"classes": 5'),
-    ("linear", "out_features", "5 predicted target value(s)"),
+    ("linear", "out_features", "5 raw output(s)"),
     ("mlp", "out_features", "5 raw output(s)"),
 ])
 def test_the_output_description_takes_a_plan_default_from_the_model_s_parameters(
@@ -226,3 +226,27 @@ def test_a_named_jobs_model_carries_its_name_and_an_unnamed_one_no_name(tmp_path
         "job_name"] == "brca risk, run 2"
     assert "job_name" not in read_metadata(
         final_path(tmp_path, "job-plain").with_name("model.onnx"))
+
+
+def test_a_linear_model_trained_on_labels_is_not_described_as_a_regression_value(
+        tmp_path: Path) -> None:
+    # planmatrix s16: "linear" trains on binary and multiclass data sets too (a logit
+    # under cross-entropy), and its exported metadata said kind "value", task
+    # "regression": whoever serves it would never apply the sigmoid
+    plan = PLAN.replace('name = "cox_mlp"', 'name = "linear"').replace(
+        ", hidden = [8]", "")
+    model = build_model(ModelSpec("linear", {"in_features": 39}))
+    ckpt = Checkpoint(weights=flatten(model).astype(np.float32), round=3, plan=plan,
+                      feature_names=FEATURES)
+    save_checkpoint(final_path(tmp_path, "job-l"), ckpt)
+    export_job(tmp_path, "job-l")
+    output = json.loads(read_metadata(final_path(tmp_path, "job-l").with_name("model.onnx"))[
+        "output"])
+    assert output["kind"] == "raw" and output["task"] == "as the data set declares it"
+    assert "log-odds of label 1 (sigmoid gives its probability)" in output["meaning"]
+    assert "for a regression data set the predicted value(s)" in output["meaning"]
+    assert "survival" not in output["meaning"]  # linear is not a Cox model
+    from fedge.serve.jobs import _output_description
+
+    mlp = json.dumps(_output_description("mlp", {"in_features": 3}))
+    assert "for a survival data set the Cox model's linear predictor" in mlp

@@ -44,7 +44,9 @@ Example::
     enabled = true
     alpha = 0.1
     delta = 0.0
-    clip = 1.0
+    clip = 1.0              # bounds each coordinate of every site's update to [-clip,
+                            # clip], secure aggregation on or off: a clip small beside
+                            # one round's weight change slows or stops training unsaid
 
     [privacy]               # passed through to fedge.train (DP-SGD, DP-FedAvg)
     min_site_examples = 100 # smallest site's training rows: bounds the sampling rate

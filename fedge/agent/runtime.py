@@ -213,14 +213,20 @@ DISK_THREAD_PREFIX = f"{TASK_THREAD_PREFIX}-disk"
 CLASSES_ONLY_RETRY_S = 3600.0
 
 
-def _refuses_later_class_fields(reason: str) -> bool:
-    """Whether a coordinator's Rejected ``reason`` is its decoder refusing one of the
-    fields DatasetClasses gained after 0.2.0 as unknown ("UnexpectedField: body.tasks:
-    'tasks' is not a field of DatasetClasses")."""
+def _refuses_later_class_fields(reason: str) -> tuple[str, ...]:
+    """The fields to send DatasetClasses without when a coordinator's Rejected
+    ``reason`` is its decoder refusing one of those it gained after 0.2.0 as unknown
+    ("UnexpectedField: body.tasks: 'tasks' is not a field of DatasetClasses"): that
+    field and every one added after it (a build that lacks one lacks the later ones);
+    () for any other reason."""
     refused = f"is not a field of {m.DatasetClasses.__qualname__}"
-    return refused in reason and any(
-        reason.startswith(f"{codec.UnexpectedField.__name__}: body.{name}:")
-        for name in codec.fields_added_later(m.DatasetClasses))
+    later = codec.fields_added_later(m.DatasetClasses)
+    if refused not in reason:
+        return ()
+    for i, name in enumerate(later):
+        if reason.startswith(f"{codec.UnexpectedField.__name__}: body.{name}:"):
+            return later[i:]
+    return ()
 
 
 def _in_daemon_thread(loop: asyncio.AbstractEventLoop, fn: Callable[[], Any],
@@ -389,12 +395,13 @@ class Agent:
         self._coordinator_version: str | None = None
         self._classes_unknown_to: str | None = None
         self._classes_refused = False
-        # The coordinator version that refused DatasetClasses' fields added after
-        # 0.2.0 (UnexpectedField: a build before them), and when (monotonic): it is sent
-        # the class lists alone, the form it reads, until its version changes or
-        # CLASSES_ONLY_RETRY_S pass; and the versions whose refusal was logged.
-        self._classes_only_for: tuple[str | None, float] | None = None
-        self._classes_only_logged: set[str | None] = set()
+        # The coordinator version that refused one of DatasetClasses' fields added after
+        # 0.2.0 (UnexpectedField: a build before it), when (monotonic), and the fields
+        # it is sent without (that one and the later ones), the form it reads, until
+        # its version changes or CLASSES_ONLY_RETRY_S pass; and the (version, fields)
+        # whose refusal was logged.
+        self._classes_only_for: tuple[str | None, float, tuple[str, ...]] | None = None
+        self._classes_only_logged: set[tuple[str | None, tuple[str, ...]]] = set()
         # the (classes, tasks, input shapes) last found too large to send (not tried
         # again while unchanged)
         self._classes_unsendable: tuple[Any, ...] | None = None
@@ -449,16 +456,15 @@ class Agent:
         stuck = self.stuck_worker()
         if stuck:
             eligible, reason = False, f"worker stuck: {stuck}"
-        classes = self.declared_classes()
-        tasks, shapes = self.declared_inputs()
-        if self._sends_classes_only(time.monotonic()):
-            tasks, shapes = {}, {}  # left at their defaults, the codec leaves them out
-        declared = (classes, tasks, shapes)
+        later = dict(zip(("tasks", "input_shapes"), self.declared_inputs(), strict=True),
+                     standardise=self.declared_standardise())
+        for name in self._fields_left_out(time.monotonic()):
+            later[name] = {}  # left at its default, the codec leaves it out
+        declared = (self.declared_classes(), *later.values())
         if any(declared) and not self._classes_refused \
                 and declared != self._classes_unsendable:
             try:  # first: with the heartbeat they stand
-                await self.send(m.DatasetClasses(classes=classes, tasks=tasks,
-                                                 input_shapes=shapes))
+                await self.send(m.DatasetClasses(classes=declared[0], **later))
             except (ValueError, codec.WireError) as exc:  # beyond the message's bounds:
                 # nothing was sent (send encodes first); said once, the heartbeat goes
                 self._classes_unsendable = declared
@@ -544,6 +550,31 @@ class Agent:
             elif spec.kind == "images":
                 shapes[name] = [1, spec.image_size, spec.image_size]
         return tasks, shapes
+
+    def declared_standardise(self) -> dict[str, str]:
+        """How each held data set's features are standardised here (agent.toml
+        ``datasets.standardise``; images: "none", they are not), for the coordinator
+        to refuse at submission a DP-SGD plan that this site would refuse for
+        constants fitted on its own rows (:func:`fedge.agent.trainer.
+        refuse_fitted_standardisation`). A numpy data set with a fitted mode is
+        absent: whether it is standardised is known only once its file is read (a
+        table is; images are not)."""
+        from fedge.train.data import FITTED_STANDARDISE_MODES
+
+        dataset_spec = getattr(self.trainer, "dataset_spec", None)
+        out: dict[str, str] = {}
+        if dataset_spec is None:  # SyntheticTrainer: declares nothing
+            return out
+        for name in self.trainer.datasets():
+            spec = dataset_spec(name)
+            if spec is None:
+                continue
+            if spec.kind == "images":
+                out[name] = "none"
+            elif spec.kind in ("tabular", "fed_tcga_brca") \
+                    or spec.standardise not in FITTED_STANDARDISE_MODES:
+                out[name] = spec.standardise
+        return out
 
     def _classes_refusal(self, plan: Plan) -> str:
         """Why this site cannot run ``plan`` for its class order ("" when it can): the
@@ -657,17 +688,17 @@ class Agent:
             return job, rnd
         return None
 
-    def _sends_classes_only(self, now: float) -> bool:
-        """Whether DatasetClasses goes without its later fields: the coordinator refused
-        them, its version is still the one that did, and CLASSES_ONLY_RETRY_S have not
-        passed since."""
+    def _fields_left_out(self, now: float) -> tuple[str, ...]:
+        """The later fields DatasetClasses goes without: those the coordinator refused
+        (one, and the ones added after it), while its version is still the one that
+        did and CLASSES_ONLY_RETRY_S have not passed since; () otherwise."""
         if self._classes_only_for is None:
-            return False
-        version, since = self._classes_only_for
+            return ()
+        version, since, fields = self._classes_only_for
         if version != self._coordinator_version or now - since > CLASSES_ONLY_RETRY_S:
             self._classes_only_for = None
-            return False
-        return True
+            return ()
+        return fields
 
     async def handle(self, env: codec.Envelope) -> None:
         if self.before_handle is not None:
@@ -709,16 +740,23 @@ class Agent:
                          "until its version changes", self.site,
                          self._coordinator_version or "version not known yet")
                 return
-            if _refuses_later_class_fields(body.reason):
-                self._classes_only_for = (self._coordinator_version, time.monotonic())
-                logged = self._coordinator_version in self._classes_only_logged
-                self._classes_only_logged.add(self._coordinator_version)
+            fields = _refuses_later_class_fields(body.reason)
+            if fields:
+                self._classes_only_for = (self._coordinator_version, time.monotonic(),
+                                          fields)
+                key = (self._coordinator_version, fields)
+                logged = key in self._classes_only_logged
+                self._classes_only_logged.add(key)
+                if fields != ("standardise",):
+                    what = ("the data sets' tasks and input shapes", "it is sent the class "
+                            "lists alone, and plans are not checked against the data there")
+                else:
+                    what = ("the data sets' standardisation", "it is sent the rest, and "
+                            "DP-SGD plans are not checked against it there")
                 log.log(logging.DEBUG if logged else logging.WARNING,
-                        "%s: the coordinator (%s) refused the data sets' tasks and input "
-                        "shapes (%s): a build before them; it is sent the class lists "
-                        "alone, and plans are not checked against the data there",
+                        "%s: the coordinator (%s) refused %s (%s): a build before them; %s",
                         self.site, self._coordinator_version or "version not known yet",
-                        codec.short(body.reason, 200))
+                        what[0], codec.short(body.reason, 200), what[1])
                 return
             log.warning("%s: coordinator rejected a message: %s", self.site,
                         codec.short(body.reason, 300))

@@ -259,12 +259,13 @@ class _Conn:
     # waiting for the heartbeat it precedes.
     classes: dict[str, tuple[str, ...]] | None = None
     classes_next: dict[str, tuple[str, ...]] | None = None
-    # what the same DatasetClasses said of each data set's task and input shape (empty:
-    # nothing, or no DatasetClasses); submission_warnings checks plans against them.
-    # ``inputs_next``: (tasks, input shapes) waiting for the heartbeat they precede.
+    # what the same DatasetClasses said of each data set's task, input shape and
+    # standardisation (empty: nothing, or no DatasetClasses); submission_warnings checks
+    # plans against them. ``inputs_next``: them, waiting for the heartbeat they precede.
     tasks: dict[str, str] = field(default_factory=dict)
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    inputs_next: tuple[dict[str, str], dict[str, tuple[int, ...]]] | None = None
+    standardise: dict[str, str] = field(default_factory=dict)
+    inputs_next: tuple[dict[str, str], dict[str, tuple[int, ...]], dict[str, str]] | None = None
     # when (clock) the site was last told its privacy ledger was rolled back; -inf:
     # not on this connection (Coordinator._ledger_count)
     ledger_told_at: float = float("-inf")
@@ -697,7 +698,8 @@ class Coordinator:
         heard = {s: c for s, c in self.conns.items() if c.datasets is not None}
         return submission_warnings(
             self.store, plan, {s: c.datasets for s, c in heard.items()},
-            {s: DeclaredInputs(c.tasks, c.input_shapes) for s, c in heard.items()})
+            {s: DeclaredInputs(c.tasks, c.input_shapes, c.standardise)
+             for s, c in heard.items()})
 
     def list_jobs(self) -> list[dict[str, Any]]:
         """Every job's record, with its plan's ``name``, ``dataset`` and ``model``
@@ -1043,7 +1045,9 @@ class Coordinator:
                 {name[:HEARTBEAT_TEXT_MAX]: task
                  for name, task in list(body.tasks.items())[:DATASETS_MAX]},
                 {name[:HEARTBEAT_TEXT_MAX]: tuple(shape)
-                 for name, shape in list(body.input_shapes.items())[:DATASETS_MAX]})
+                 for name, shape in list(body.input_shapes.items())[:DATASETS_MAX]},
+                {name[:HEARTBEAT_TEXT_MAX]: mode
+                 for name, mode in list(body.standardise.items())[:DATASETS_MAX]})
             return
         if type(body).__name__ == "UpdateOutcome":
             if self.on_update_outcome is None:
@@ -1217,7 +1221,8 @@ class Coordinator:
             log.info("job %s: %s says it is eligible again; back among the round's "
                      "candidates", self.runner.job_id, site)
         conn.classes, conn.classes_next = conn.classes_next, None
-        (conn.tasks, conn.input_shapes), conn.inputs_next = conn.inputs_next or ({}, {}), None
+        (conn.tasks, conn.input_shapes, conn.standardise), conn.inputs_next = \
+            conn.inputs_next or ({}, {}, {}), None
         datasets = [d[:HEARTBEAT_TEXT_MAX] for d in hb.datasets[:DATASETS_MAX]]
         conn.datasets = tuple(datasets)
         conn.last_heartbeat = (hb.version, hb.health_json, hb.eligible, hb.reason,
@@ -1231,7 +1236,8 @@ class Coordinator:
                 reason=hb.reason[:HEARTBEAT_TEXT_MAX],
                 datasets=datasets,
                 current_task=hb.current_task[:HEARTBEAT_TEXT_MAX],
-                inputs=DeclaredInputs(conn.tasks, conn.input_shapes).to_record())
+                inputs=DeclaredInputs(conn.tasks, conn.input_shapes,
+                                      conn.standardise).to_record())
         except StoreError as exc:
             self._reject(site, "unknown_site", str(exc))
             return
@@ -1886,17 +1892,20 @@ def contest_reason(contest: dict[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class DeclaredInputs:
-    """What one site's last DatasetClasses said of its data sets: the task and the
-    input shape of each (fedge.wire.messages.DatasetClasses); empty where it said
-    nothing (an agent before these fields, a trainer without agent.toml tables)."""
+    """What one site's last DatasetClasses said of its data sets: the task, the
+    input shape and the standardisation of each (fedge.wire.messages.DatasetClasses);
+    empty where it said nothing (an agent before these fields, a trainer without
+    agent.toml tables)."""
 
     tasks: dict[str, str]
     input_shapes: dict[str, tuple[int, ...]]
+    standardise: dict[str, str] = field(default_factory=dict)
 
     def to_record(self) -> dict[str, Any]:
         """As the store keeps it (Store.declared_inputs): a JSON object."""
         return {"tasks": dict(self.tasks),
-                "input_shapes": {k: list(v) for k, v in self.input_shapes.items()}}
+                "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
+                "standardise": dict(self.standardise)}
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> DeclaredInputs:
@@ -1904,12 +1913,15 @@ class DeclaredInputs:
         release's field, a damaged value) is left out, as a site that said nothing."""
         tasks = record.get("tasks")
         shapes = record.get("input_shapes")
+        modes = record.get("standardise")
         return cls(
             {str(k): v for k, v in (tasks.items() if isinstance(tasks, dict) else ())
              if isinstance(v, str)},
             {str(k): tuple(v) for k, v in (shapes.items() if isinstance(shapes, dict) else ())
              if isinstance(v, list) and v
-             and all(isinstance(d, int) and not isinstance(d, bool) for d in v)})
+             and all(isinstance(d, int) and not isinstance(d, bool) for d in v)},
+            {str(k): v for k, v in (modes.items() if isinstance(modes, dict) else ())
+             if isinstance(v, str)})
 
 
 def submission_warnings(store: Store, plan: Plan,
@@ -1955,8 +1967,12 @@ def submission_warnings(store: Store, plan: Plan,
             (``model.params.in_features`` and the site's feature count), or
             ``job.classes`` is set for a data set that is not a classification task.
             Or ``privacy.client_dp.cohort_size`` is above the sites that could hold
-            the data set (enrolled and heard holding it, or not heard from yet). Each
-            names the field, the plan's value and the sites' values.
+            the data set (enrolled and heard holding it, or not heard from yet). Or
+            the plan asks for DP-SGD (``privacy.dp``) and every site holding
+            ``job.dataset`` declared that it standardises it with constants fitted on
+            its own rows (``datasets.standardise`` "continuous", the default, or
+            "all"), which each of them refuses under DP-SGD. Each names the field,
+            the plan's value and the sites' values.
     """
     found: list[str] = []
     dp = plan.privacy.get("dp")
@@ -1976,7 +1992,45 @@ def submission_warnings(store: Store, plan: Plan,
     found += _dataset_warnings(store, plan, declared)
     found += _privacy_floor_warnings(store, plan, declared)
     _check_cohort_size(store, plan, declared)
-    return found + _model_fit_warnings(store, plan, declared, inputs or {})
+    return found + _model_fit_warnings(store, plan, declared, inputs or {}) \
+        + _dp_standardise_warnings(store, plan, declared, inputs or {})
+
+
+# What a site says when it refuses DP-SGD on a data set standardised with constants
+# fitted on its own rows (fedge.agent.trainer.refuse_fitted_standardisation), and the fix
+DP_FITTED_STANDARDISE_RULE = (
+    "under the plan's privacy.dp (DP-SGD), replacing one record would move every other "
+    "record's features, so the record-level epsilon would not hold, and each such site "
+    "refuses to train. Declare public constants instead in their agent.toml: "
+    "standardise = \"bounds\" with feature_bounds = { column = [lo, hi], ... } for the "
+    "continuous columns (e.g. { age_at_index = [0, 120] }), or standardise = \"none\"")
+
+
+def _dp_standardise_warnings(store: Store, plan: Plan, declared: dict[str, tuple[str, ...]],
+                             inputs: dict[str, DeclaredInputs]) -> list[str]:
+    """submission_warnings' part on a DP-SGD plan (``privacy.dp``) against how the
+    sites holding ``job.dataset`` standardise it: each site whose standardisation is
+    fitted on its own training rows (datasets.standardise "continuous", the default, or
+    "all": fedge.train.data.FITTED_STANDARDISE_MODES) refuses its tasks. Refused when
+    every holder declared and every one is such a site (no round could train);
+    otherwise a warning naming them (those sites are left out; the others may still
+    make min_clients), as for the model's fit (:func:`_refuse_or_warn`)."""
+    from fedge.train.data import FITTED_STANDARDISE_MODES
+
+    dp = plan.privacy.get("dp")
+    if dp is None:
+        return []
+    enrolled = {a.site_id for a in store.appliances() if a.status == "enrolled"}
+    holders = sorted(s for s, ds in declared.items() if s in enrolled and plan.dataset in ds)
+    modes = {s: inputs[s].standardise[plan.dataset] for s in holders
+             if s in inputs and plan.dataset in inputs[s].standardise}
+    fitted = {s: mode for s, mode in modes.items() if mode in FITTED_STANDARDISE_MODES}
+    return _refuse_or_warn(
+        "privacy.dp", dp, fitted, modes, [s for s in holders if s not in modes],
+        lambda mode: ("standardised with constants fitted on each site's own training "
+                      f"rows (datasets.standardise = {mode!r}"
+                      + (", the default)" if mode == "continuous" else ")")),
+        DP_FITTED_STANDARDISE_RULE, plan.dataset)
 
 
 def _privacy_floor_warnings(store: Store, plan: Plan,

@@ -132,7 +132,9 @@ def check_class_bounds(classes: list[str] | tuple[str, ...], what: str) -> None:
 
 
 # Bounds on what one DatasetClasses may say of a data set's task and input shape.
-TASK_NAME_MAX = 64  # characters of a task name (fedge.train.data.TASKS are far shorter)
+# characters of a task name or a standardise mode (fedge.train.data.TASKS and
+# STANDARDISE_MODES are far shorter)
+TASK_NAME_MAX = 64
 INPUT_SHAPE_NDIM_MAX = 4  # (features,) or (channels, height, width)
 INPUT_DIM_MAX = (1 << 31) - 1
 
@@ -152,15 +154,23 @@ class DatasetClasses:
     - ``input_shapes``: the shape of one example as the models take it, ``[features]``
       for a table, ``[channels, height, width]`` for images; a data set whose shape is
       known only once its file is read (kind "numpy") is absent.
+    - ``standardise``: how each data set's features are standardised at the site
+      (``datasets.standardise``, fedge.train.data.STANDARDISE_MODES): "continuous"
+      and "all" with constants fitted on the site's own training rows
+      (FITTED_STANDARDISE_MODES, which the site refuses under DP-SGD), "bounds" and
+      "none" not; images are not standardised ("none"). A data set whose features
+      are known only once read (kind "numpy") with a fitted mode is absent.
 
     Sent just before every Heartbeat by an agent with anything to say here: the
     coordinator takes it as part of the heartbeat that follows (none came: nothing
-    declared). ``tasks`` and ``input_shapes`` came after release 0.2.0
-    (``ADDED_LATER``): a message without them (an agent before them) still decodes,
-    and one that leaves them empty is encoded without them, the form that a
-    coordinator before them reads. Such a coordinator (one build of 0.2.0 knows
-    DatasetClasses but not these fields) refuses them as ``UnexpectedField``; the
-    agent then sends it the class lists alone (fedge.agent.runtime).
+    declared). ``tasks`` and ``input_shapes`` came after release 0.2.0, and
+    ``standardise`` after them (``ADDED_LATER``, in that order): a message without
+    them (an agent before them) still decodes, and one that leaves them empty is
+    encoded without them, the form that a coordinator before them reads. Such a
+    coordinator (one build of 0.2.0 knows DatasetClasses but not tasks and input
+    shapes; the builds before standardise know those but not it) refuses the first
+    it does not know as ``UnexpectedField``; the agent then sends it the message
+    without that field and those added after it (fedge.agent.runtime).
 
     A message of its own, not a Heartbeat field: the codec refuses unknown fields, so
     a Heartbeat with a new field would be refused whole by a coordinator of the
@@ -172,6 +182,7 @@ class DatasetClasses:
     classes: dict[str, list[str]]
     tasks: dict[str, str] = field(default_factory=dict, metadata=ADDED_LATER)
     input_shapes: dict[str, list[int]] = field(default_factory=dict, metadata=ADDED_LATER)
+    standardise: dict[str, str] = field(default_factory=dict, metadata=ADDED_LATER)
 
     def __post_init__(self) -> None:
         for name, classes in self.classes.items():
@@ -186,6 +197,10 @@ class DatasetClasses:
                 raise ValueError(f"DatasetClasses.input_shapes[{name[:80]!r}] = "
                                  f"{shape[:INPUT_SHAPE_NDIM_MAX + 1]} is not 1.."
                                  f"{INPUT_SHAPE_NDIM_MAX} sizes in 1..2**31-1")
+        for name, mode in self.standardise.items():
+            if not 0 < len(mode) <= TASK_NAME_MAX:
+                raise ValueError(f"DatasetClasses.standardise[{name[:80]!r}] has "
+                                 f"{len(mode)} characters, 1..{TASK_NAME_MAX}")
 
 
 @message("heartbeat_ack")

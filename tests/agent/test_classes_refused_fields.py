@@ -116,7 +116,8 @@ def test_a_coordinator_of_another_version_is_sent_the_whole_message_again():
     asyncio.run(agent.heartbeat())
     assert sent[0] == m.DatasetClasses(classes={"scans": ["a", "b", "c"]},
                                        tasks={"brca": "survival", "scans": "multiclass"},
-                                       input_shapes={"brca": [39], "scans": [1, 48, 48]})
+                                       input_shapes={"brca": [39], "scans": [1, 48, 48]},
+                                       standardise={"brca": "continuous", "scans": "none"})
 
 
 def test_the_whole_message_is_tried_again_later_and_a_repeated_refusal_is_not_logged_again(

@@ -53,7 +53,8 @@ def test_a_site_with_only_a_table_now_declares_it():
     sent = _sent_by_heartbeat(Agent("h1", TorchTrainer(TABLES[:1])))
     assert [type(b) for b in sent] == [m.DatasetClasses, m.Heartbeat]
     assert sent[0] == m.DatasetClasses(classes={}, tasks={"brca": "survival"},
-                                       input_shapes={"brca": [39]})
+                                       input_shapes={"brca": [39]},
+                                       standardise={"brca": "continuous"})
 
 
 def test_a_trainer_without_agent_toml_tables_sends_the_heartbeat_alone():

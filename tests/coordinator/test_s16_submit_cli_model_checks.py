@@ -92,7 +92,8 @@ def test_declared_inputs_outlive_the_coordinator_and_follow_the_latest_heartbeat
     try:
         assert store.declared_inputs() == {
             s: {"tasks": {"fed_tcga_brca": "survival"},
-                "input_shapes": {"fed_tcga_brca": [39]}} for s in SITES}
+                "input_shapes": {"fed_tcga_brca": [39]},
+                "standardise": {"fed_tcga_brca": "continuous"}} for s in SITES}
         # a later heartbeat declaring nothing (an agent downgraded) replaces it
         store.record_heartbeat("hospital-0", version="0.3.0", health={}, eligible=True,
                                reason="", datasets=["fed_tcga_brca"], current_task="",

@@ -56,7 +56,8 @@ def test_later_fields_that_say_something_are_sent_and_refused_by_the_previous_bu
 
 
 def test_only_fields_marked_added_later_are_left_out_at_their_default():
-    assert codec.fields_added_later(m.DatasetClasses) == ("tasks", "input_shapes")
+    assert codec.fields_added_later(m.DatasetClasses) == \
+        ("tasks", "input_shapes", "standardise")
     # a field with a default but not marked is still written (EvalResult.metrics)
     assert not codec.fields_added_later(m.EvalResult)
     body = msgpack.unpackb(_frames(m.EvalResult(task_id="e", n_examples=1))[1], raw=False)

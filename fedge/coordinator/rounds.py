@@ -510,6 +510,11 @@ class PlainAggregation:
         self._deadline += seconds
 
     @property
+    def deadline(self) -> float:
+        """When (the round's clock) the plain updates not in by then are gone without."""
+        return self._deadline
+
+    @property
     def threshold(self) -> int:
         return 1
 
@@ -566,6 +571,19 @@ class PlainAggregation:
 def plain_factory(plan: Plan, info: RoundInfo, cohort: list[str], dim: int) -> Aggregation:
     return PlainAggregation(cohort, dim, plan.deadlines.secagg_stage_s,
                             min_clients=plan.min_clients)
+
+
+@dataclass(frozen=True)
+class RoundProgress:
+    """Where a round in flight stands (:meth:`Round.progress`)."""
+
+    phase: str
+    stage: str  # the secure aggregation's stage while aggregating ("": none)
+    cohort: list[str]
+    reported: list[str]  # answered the phase: update, aggregation input, evaluation
+    waiting_for: list[str]  # cohort sites still awaited in the phase
+    dropped: dict[str, str]  # cohort sites that will send nothing more, and why
+    deadline: float | None  # when the phase ends, on the round's clock
 
 
 @dataclass
@@ -715,6 +733,50 @@ class Round:
         held, the driver tries again; if the stage deadline passes first, the failure
         says why nobody was asked."""
         self._record_error = why
+
+    def progress(self) -> RoundProgress:
+        """Where the round in flight stands (``jobs status``): in training, who sent its
+        update; in aggregation, whose input is in (the secure aggregation's stage
+        named); in evaluation, who answered everything asked (the final test too, in
+        the last round); each cohort site that will send nothing more with why; the
+        phase's deadline on the round's clock (None: none known). Before the cohort
+        forms, nobody is reported or waited for: the deadline is the cohort's."""
+        phase = self.phase
+        cohort = list(self.cohort)
+        gone = {s: why for s, why in self.dropped_reasons().items() if s in cohort}
+        gone.update(self.withdrawn)
+        reported: list[str] = []
+        stage = ""
+        deadline: float | None = self._deadline
+        if phase is Phase.TRAINING:
+            reported = sorted(s for s in self.trained if s not in gone)
+        elif phase is Phase.AGGREGATING:
+            agg = self._aggregation
+            session = getattr(agg, "session", None)  # SecureAggregation's ServerSession
+            stage = str(getattr(session, "stage", ""))
+            deadline = getattr(session if session is not None else agg, "deadline", None)
+            gone.update(agg.left_out if agg is not None else {})
+            # whose input is in the sum (past the masked-input stage: every site left)
+            reported = sorted(s for s in self._agg_cohort if s not in gone
+                              and agg is not None and not agg.awaits_input(s))
+        elif phase is Phase.EVALUATING:
+            # a survivor refused, lost or invalid in evaluation has its empty result in
+            # ``evals``: it is gone, not reported
+            gone.update({s: f"in evaluation: {why}" for s, why in self.eval_missing.items()
+                         if why != EVAL_EMPTY})
+            answered = [s for s in self._eval_cohort() if s in self.evals
+                        and (not self.final_test or s in self.test_evals
+                             or s in self.test_missing)]
+            reported = sorted(s for s in answered if s not in gone)
+        elif phase is not Phase.WAITING_COHORT:  # DONE, FAILED: nothing is awaited
+            deadline = None
+        pool = {Phase.TRAINING: cohort, Phase.AGGREGATING: self._agg_cohort,
+                Phase.EVALUATING: self._eval_cohort()}.get(phase, [])
+        waiting = sorted(s for s in pool if s not in reported and s not in gone)
+        if deadline is not None and not math.isfinite(deadline):
+            deadline = None
+        return RoundProgress(phase.value, stage, cohort, reported, waiting,
+                             dict(sorted(gone.items())), deadline)
 
     # -- inputs ----------------------------------------------------------------------
 

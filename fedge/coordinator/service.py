@@ -724,6 +724,7 @@ class Coordinator:
         if self.runner is not None and self.runner.job_id == job_id and self.runner.round:
             d["current_round"] = self.runner.round.round
             d["phase"] = self.runner.round.phase.value
+            d.update(self._round_progress(self.runner.round))
             sel = self.runner.selection
             if self.runner.round.phase is Phase.WAITING_COHORT and sel is not None:
                 first = sel.excluded_first()
@@ -770,6 +771,21 @@ class Coordinator:
         d["final_checkpoint"] = str(final) if final.exists() else ""
         d["results"] = ck.results(self.state_dir, job_id)
         return d
+
+    def _round_progress(self, rnd: Round) -> dict[str, Any]:
+        """The round in flight as ``jobs status`` shows it (:meth:`Round.progress`):
+        ``cohort``, ``reported`` (answered the phase), ``waiting_for`` (still awaited),
+        ``dropped_out`` (cohort sites that will send nothing more: why), ``stage`` (the
+        secure aggregation's, while aggregating), ``round_started_at`` and
+        ``phase_deadline_at`` (epoch seconds, the wall clock's; None: no deadline
+        known). The deadline is measured on ``clock`` and shown as the time of day it
+        falls at now."""
+        p = rnd.progress()
+        deadline = None if p.deadline is None else \
+            round(self.wall() + (p.deadline - self.clock()), 3)
+        return {"cohort": p.cohort, "reported": p.reported, "waiting_for": p.waiting_for,
+                "dropped_out": p.dropped, "stage": p.stage, "round_started_at": rnd.started_at,
+                "phase_deadline_at": deadline}
 
     def _final_test(self, job_id: str, metrics: list[dict[str, Any]], committed: int,
                     planned: int) -> dict[str, Any] | None:

@@ -34,8 +34,8 @@ start with another set.
 A failed attempt at a round is followed by the next no sooner than RETRY_BACKOFF_S,
 doubled for each failed attempt of the round up to RETRY_BACKOFF_MAX_S, after it
 opened, measured on ``clock`` (an attempt that waited out its cohort deadline is
-followed at once, as before); ``jobs status`` shows the pause as the phase ("retrying
-in 10 s after: ..."). The count of
+followed at once, as before); ``jobs status`` shows the pause as the phase "retrying",
+and its ``retry`` says when the next attempt opens and why the last failed. The count of
 failed attempts is the database's (``jobs.failed_attempts``), so a coordinator
 restarted during the pause keeps it, and takes the pause again in full. Each site
 whose own refusal or loss is in a failed attempt is left out of the round's next
@@ -737,16 +737,20 @@ class Coordinator:
         if runner is not None and runner.job_id == job_id and runner.round is None \
                 and not runner.finished and runner.retry_at > self.clock() \
                 and runner.retry_attempt:
-            # between two attempts at a round (RETRY_BACKOFF_S): the phase says when the
-            # next one opens and why the last failed
+            # between two attempts at a round (RETRY_BACKOFF_S): the phase is the word
+            # "retrying"; ``retry`` says when the next one opens (``retry_at``, epoch
+            # seconds; ``in_s`` from now) and why the last failed
             d["current_round"] = runner.committed + 1
-            d["phase"] = (f"retrying in {runner.retry_s:g} s after: "
-                          f"{peer_reason(runner.retry_after)}")
+            d["phase"] = "retrying"
+            in_s = runner.retry_at - self.clock()
             d["retry"] = {"attempt": runner.retry_attempt,
                           "max_failed_attempts": runner.plan.max_failed_attempts,
                           "backoff_s": runner.retry_s,
-                          "in_s": round(runner.retry_at - self.clock(), 1),
-                          "after": runner.retry_after}
+                          "in_s": round(in_s, 1),
+                          "retry_at": round(self.wall() + in_s, 3),
+                          "after": runner.retry_after,
+                          "summary": f"next attempt in {in_s:.0f} s after: "
+                                     f"{peer_reason(runner.retry_after)}"}
         if runner is not None and runner.job_id == job_id and runner.sidelined:
             d["sidelined"] = dict(sorted(runner.sidelined.items()))
         if runner is not None and runner.job_id == job_id:

@@ -144,8 +144,12 @@ def test_the_next_attempt_waits_a_doubling_pause_shown_as_the_phase_and_kept_ove
         assert 0 < due - clock.t <= RETRY_BACKOFF_S
         status = fed.coord.job_status(job)
         assert status["current_round"] == 1
-        assert status["phase"].startswith(f"retrying in {due - clock.t:g} s after: ")
-        assert "cannot record this update's privacy spend" in status["phase"]
+        assert status["phase"] == "retrying"
+        assert status["retry"]["in_s"] == round(due - clock.t, 1)
+        assert status["retry"]["retry_at"] == round(due, 3)  # one clock stands for both
+        assert status["retry"]["summary"].startswith(
+            f"next attempt in {due - clock.t:.0f} s after: ")
+        assert "cannot record this update's privacy spend" in status["retry"]["summary"]
         assert status["retry"]["attempt"] == 1 and status["retry"]["max_failed_attempts"] == 3
         assert "c" in status["sidelined"]
         clock.t = due - 0.01
@@ -177,7 +181,8 @@ def test_the_next_attempt_waits_a_doubling_pause_shown_as_the_phase_and_kept_ove
         assert coord.runner is not None and coord.runner.round is None
         status = coord.job_status(job)
         assert status["status"] == "running" and status["failed_attempts"] == 2
-        assert status["phase"].startswith(f"retrying in {2 * RETRY_BACKOFF_S:g} s after: ")
+        assert status["phase"] == "retrying"
+        assert status["retry"]["in_s"] == 2 * RETRY_BACKOFF_S
         clock.t = restarted_at + 2 * RETRY_BACKOFF_S - 0.01
         await settle(fed)
         assert coord.runner.round is None
@@ -204,6 +209,6 @@ def test_an_attempt_that_waited_out_its_cohort_deadline_is_followed_at_once(fede
         fed.coord.tick()
         assert fed.coord.runner.round is not None
         assert "phase" in fed.coord.job_status(job)
-        assert not fed.coord.job_status(job)["phase"].startswith("retrying")
+        assert fed.coord.job_status(job)["phase"] != "retrying"
 
     asyncio.run(go())

@@ -166,17 +166,27 @@ def register(subparsers: Any) -> None:
     s = jobs.add_parser("list", help="all jobs")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_cmd_jobs_list)
-    s = jobs.add_parser("status", help="a job with per-round metrics")
+    s = jobs.add_parser("status", help="a job with per-round metrics (JSON)")
     s.add_argument("job_id")
+    s.add_argument("--json", action="store_true",
+                   help="accepted for scripts written as for `jobs list --json`: the "
+                        "status is always JSON")
     s.set_defaults(func=_cmd_jobs_status)
     s = jobs.add_parser("watch", help="follow a job round by round until it ends (exit 0 "
                         "when it completes, 1 when it fails or is cancelled, "
-                        f"{WATCH_GAVE_UP} when --max-wait passes first)")
+                        f"{WATCH_UNKNOWN_JOB} for an unknown job, {WATCH_GAVE_UP} when "
+                        f"--max-wait passes first, {WATCH_NO_ANSWER} when the coordinator "
+                        "could not be asked)",
+                        epilog=WATCH_EXIT_STATUSES,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("job_id")
+    s.add_argument("--timestamps", action="store_true",
+                   help="begin each line with the UTC time it was printed (HH:MM:SSZ)")
     s.add_argument("--interval", type=_seconds("--interval", at_most=MAX_TIMEOUT_S),
                    default=2.0, help="seconds between polls")
     s.add_argument("--max-wait", type=_seconds("--max-wait"), default=None,
-                   help="give up after this many seconds (default: wait for the end)")
+                   help="give up after this many seconds (default: wait for the end, "
+                        "through any time the coordinator does not answer)")
     s.set_defaults(func=_cmd_jobs_watch)
     s = jobs.add_parser("cancel", help="cancel a queued or running job")
     s.add_argument("job_id")
@@ -732,23 +742,44 @@ def _cmd_jobs_list(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(jobs, indent=2, sort_keys=True, default=str))
             return 0
-        print(format_table(job_rows(jobs), JOB_COLUMNS))
+        # jobs_list's records do not say what blocks a running job (they are the
+        # database's); its jobs_status does: asked of each running job (one, mostly)
+        blocked: dict[str, str] = {}
+        for j in jobs:
+            if isinstance(j, dict) and j.get("status") == "running":
+                status, _ = _call(args, "jobs_status", {"job_id": j.get("job_id")})
+                why = blocked_reason(status)
+                if why:
+                    blocked[str(j.get("job_id"))] = _shorten(why, LIST_BLOCKED_CHARS)
+        print(format_table(job_rows(jobs, blocked), JOB_COLUMNS))
         return 0
 
     return _run(go, args)
 
 
 JOB_COLUMNS = ("job", "name", "status", "round", "data set", "model", "submitted by")
+LIST_BLOCKED_CHARS = 70  # `jobs list`'s "blocked: …" note; `jobs status` has it whole
 
 
-def job_rows(jobs: list[dict[str, Any]]) -> list[list[str]]:
+def job_rows(jobs: list[dict[str, Any]],
+             blocked: dict[str, str] | None = None) -> list[list[str]]:
     """`jobs list`'s table rows (JOB_COLUMNS) from ``jobs_list``'s records; a job
-    without a name (or a coordinator too old to send one) shows "–"."""
+    without a name (or a coordinator too old to send one) shows "–"; a job named in
+    ``blocked`` shows its status as "running (blocked: why)"."""
     def cell(value: Any) -> str:
         return printable(value) if value not in (None, "") else "–"
-    return [[cell(j.get("job_id")), cell(j.get("name")), cell(j.get("status")),
+
+    def state(j: dict[str, Any]) -> str:
+        why = (blocked or {}).get(str(j.get("job_id")))
+        return cell(j.get("status")) + (f" (blocked: {printable(why)})" if why else "")
+
+    return [[cell(j.get("job_id")), cell(j.get("name")), state(j),
              cell(j.get("committed_round")), cell(j.get("dataset")), cell(j.get("model")),
              cell(j.get("submitted_by", j.get("actor")))] for j in jobs]
+
+
+def _shorten(text: str, at_most: int) -> str:
+    return text if len(text) <= at_most else text[:at_most - 1] + "…"
 
 
 def _cmd_jobs_status(args: argparse.Namespace) -> int:
@@ -764,11 +795,50 @@ JOB_ENDS = ("completed", "failed", "cancelled")
 RESULTS_WAIT_S = 180.0  # for the ONNX export and the report after the last round
 FETCH_POLL_S = 1.0  # `jobs fetch`'s poll of jobs_status while the results are written
 FETCH_NOT_READY = 3  # `jobs fetch` exit status: results still being written after --wait
-WATCH_GAVE_UP = 3  # `jobs watch` exit status when --max-wait passed with the job going on
+# `jobs watch` exit statuses besides 0 (completed), 1 (failed or cancelled) and 130
+WATCH_UNKNOWN_JOB = 2  # the coordinator has no such job: a wrong id, as argparse's 2
+WATCH_GAVE_UP = 3  # --max-wait passed with the job going on
+WATCH_NO_ANSWER = 4  # the coordinator could not be asked: it says nothing of the job
+WATCH_EXIT_STATUSES = f"""exit status:
+  0    the job completed (and its results were written, or the wait for them ended)
+  1    the job failed or was cancelled
+  {WATCH_UNKNOWN_JOB}    the coordinator has no job of that id (or the command line is wrong)
+  {WATCH_GAVE_UP}    --max-wait passed with the job still queued or running: it goes on
+  {WATCH_NO_ANSWER}    the coordinator could not be asked: it did not answer before
+       --max-wait passed, or refused the request (operator key or role), or this
+       console's key store could not be read; nothing is known of the job
+  130  Ctrl-C: the job goes on
+
+A coordinator that does not answer within --timeout (restarting, a network outage)
+does not end the watch: it says "coordinator unreachable since TIME: why" once, asks
+again every --interval, and says "coordinator reachable again" when it answers; it
+gives up only when --max-wait passes ({WATCH_NO_ANSWER})."""
+# what keeps a job from going on, in jobs_status (the coordinator retries each)
+BLOCKERS = (("resume_error", "cannot resume"),
+            ("commit_error", "round done but not committed"),
+            ("finish_error", "final checkpoint not written"))
 
 
 class WatchGaveUp(TimeoutError):
     """`watch_job`'s max_wait_s passed before the job ended (it goes on)."""
+
+
+class WatchUnreachable(Exception):
+    """`watch_job`'s max_wait_s passed while the coordinator did not answer."""
+
+
+def blocked_reason(status: dict[str, Any]) -> str:
+    """What jobs_status says keeps a job from going on, in a few words and the
+    coordinator's error ("cannot resume: checkpoint … is not valid safetensors"); ""
+    when nothing does."""
+    return "; ".join(f"{what}: {printable(status[key])}" for key, what in BLOCKERS
+                     if status.get(key))
+
+
+def _utc(t: float, fmt: str = "%Y-%m-%dT%H:%M:%SZ") -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(t, UTC).strftime(fmt)
 
 
 def watch_job(call: Any, job_id: str, *, interval_s: float = 2.0,
@@ -777,34 +847,76 @@ def watch_job(call: Any, job_id: str, *, interval_s: float = 2.0,
     """Poll ``jobs_status`` and print each round as it commits (or an attempt as it
     fails) with its federated evaluation, and each phase of the round in progress,
     until the job ends; for a completed job, then until its results (ONNX, report)
-    are written; and each site whose connection is contested (two machines holding its
-    keys: dropped from the round in flight, or kept out of new ones, with why) as that
-    changes. `call(op, args)` is an AdminClient's call. Returns the last status.
+    are written. Also printed as they appear or change: while queued, how many jobs
+    are ahead (and whether the one ahead is blocked), then "started"; each site whose
+    connection is contested (two machines holding its keys: dropped from the round in
+    flight, or kept out of new ones, with why) or that is sidelined (left out after it
+    failed an attempt); the pause before the next attempt at a round; and what blocks
+    the job (resume_error, commit_error, finish_error: BLOCKERS). A coordinator that
+    does not answer is asked again every `interval_s` (said once, and when it answers
+    again). `call(op, args)` is an AdminClient's call. Returns the last status.
 
     Raises:
         WatchGaveUp: the job had not ended after `max_wait_s` (its state named).
-        AdminError: e.g. an unknown job.
+        WatchUnreachable: `max_wait_s` passed with the coordinator not answering.
+        AdminError: the coordinator refused, e.g. an unknown job.
     """
     started = time.monotonic()
+    unreachable: list[tuple[float, str]] = []  # since when (time.time()), and why
+
+    def ask(op: str, a: dict[str, Any], until: float | None = None) -> Any:
+        """``call(op, a)``, asked again every interval_s while no reply comes. Returns
+        None once `until` (monotonic) passes without one.
+
+        Raises: WatchUnreachable: no `until`, and max_wait_s passed without a reply."""
+        while True:
+            asked_at = time.time()
+            try:
+                reply = call(op, a)
+            except TimeoutError as exc:
+                if not unreachable:
+                    unreachable.append((asked_at, printable(exc)))
+                    out(f"coordinator unreachable since {_utc(asked_at)}: {printable(exc)}")
+                now = time.monotonic()
+                if until is not None and now >= until:
+                    return None
+                if until is None and max_wait_s is not None and now - started > max_wait_s:
+                    since, why = unreachable[0]
+                    raise WatchUnreachable(
+                        f"job {job_id}: the coordinator has not answered since "
+                        f"{_utc(since)} ({why}); gave up after --max-wait {max_wait_s:g} s "
+                        "(the job's state is not known)") from None
+                time.sleep(interval_s)
+                continue
+            if unreachable:
+                since, _ = unreachable.pop()
+                out(f"coordinator reachable again (unreachable since {_utc(since)}, "
+                    f"{time.time() - since:.0f} s)")
+            return reply
+
     seen: set[tuple[int, int]] = set()
     phase = None
-    said_queued = False
+    said_queued: str | None = None  # the queue line last printed
     said_test = False
     left_out: dict[str, str] = {}  # the last committed round's, as printed
     contested: dict[str, str] = {}  # jobs_status's, as last printed
+    sidelined: dict[str, str] = {}  # jobs_status's, as last printed
+    blockers: dict[str, str] = {}  # jobs_status's BLOCKERS, as last printed
+    retry: tuple[Any, ...] | None = None  # (round, attempt) of the pause last printed
     while True:
-        status, _ = call("jobs_status", {"job_id": job_id})
+        status, _ = ask("jobs_status", {"job_id": job_id})
         planned = status.get("rounds_planned")
         eval_split = status.get("eval_split")
-        if status.get("status") == "queued" and not said_queued:
-            said_queued = True  # jobs run one at a time: say what it waits for, once
-            jobs, _ = call("jobs_list", {})
-            ahead = [j for j in jobs if isinstance(j, dict) and j.get("job_id") != job_id
-                     and j.get("status") in ("queued", "running")
-                     and j.get("submitted_at", 0) <= status.get("submitted_at", 0)]
-            running = [j["job_id"] for j in ahead if j.get("status") == "running"]
-            out(f"job {job_id} queued: {len(ahead)} job(s) ahead of it"
-                + (f" (running: {', '.join(running)})" if running else ""))
+        going_on = status.get("status") not in JOB_ENDS  # an ended job's lists are empty
+        if status.get("status") == "queued":
+            # jobs run one at a time: say what it waits for, again when that changes
+            line = _queue_line(ask, job_id, status)
+            if line != said_queued:
+                out(line)
+            said_queued = line
+        elif said_queued is not None and status.get("status") == "running":
+            out(f"job {job_id} started")
+            said_queued = None
         for a in status.get("rounds", []):
             if (a["round"], a["attempt"]) in seen:
                 continue
@@ -830,29 +942,45 @@ def watch_job(call: Any, job_id: str, *, interval_s: float = 2.0,
             left_out = now_out
         wait = status.get("cohort_wait") or {}
         now_phase = (status.get("current_round"), status.get("phase"), wait.get("summary"))
-        if status.get("phase") and now_phase != phase:
+        pause = status.get("retry") if isinstance(status.get("retry"), dict) else None
+        if pause is not None:  # between attempts: said by the pause's own line
+            now_retry = (status.get("current_round"), pause.get("attempt"))
+            if now_retry != retry:
+                in_s = pause.get("in_s")
+                out(f"round {now_retry[0]}/{planned}: {pause.get('attempt')} failed "
+                    f"attempt(s) of at most {pause.get('max_failed_attempts')}; the next "
+                    "opens" + (f" in {in_s:.0f} s" if isinstance(in_s, int | float)
+                               else " soon"))
+            retry = now_retry
+        elif status.get("phase") and now_phase != phase:
             why = f" ({printable(wait['summary'])})" if wait.get("summary") else ""
-            out(f"round {now_phase[0]}/{planned}: {now_phase[1]}{why}")
+            out(f"round {now_phase[0]}/{planned}: {printable(now_phase[1])}{why}")
         phase = now_phase
-        now_contested = dict(status.get("contested") or {})
-        for site, why in sorted(now_contested.items()):
-            if contested.get(site) != why:  # said once, until it changes
-                out(f"  contested {printable(site)}: {printable(why)}")
-        if status.get("status") not in JOB_ENDS:  # an ended job's status lists none
-            for site in sorted(set(contested) - set(now_contested)):
-                out(f"  {printable(site)} no longer contested")
-        contested = now_contested
+        contested = _say_changes(out, "contested", dict(status.get("contested") or {}),
+                                 contested, going_on)
+        sidelined = _say_changes(out, "sidelined", dict(status.get("sidelined") or {}),
+                                 sidelined, going_on)
+        now_blockers = {k: str(status[k]) for k, _ in BLOCKERS if status.get(k)}
+        for key, what in BLOCKERS:
+            if key in now_blockers and blockers.get(key) != now_blockers[key]:
+                out(f"job {job_id} blocked: {what}: {printable(now_blockers[key])} (the "
+                    "coordinator tries again; jobs queued behind it wait)")
+            elif key in blockers and key not in now_blockers and going_on:
+                out(f"job {job_id} no longer blocked ({what}: cleared)")
+        blockers = now_blockers
         test = status.get("final_test")
         if test and test.get("metrics") and not said_test:
             said_test = True
             out(final_test_line(test))
-        if status.get("status") in JOB_ENDS:
+        if not going_on:
             out(end_line(job_id, status))
             break
         if max_wait_s is not None and time.monotonic() - started > max_wait_s:
             raise WatchGaveUp(f"job {job_id} is still {status.get('status')} (round "
-                               f"{status.get('committed_round')} of {planned} committed) "
-                               f"after {max_wait_s:g} s")
+                              f"{status.get('committed_round')} of {planned} committed) "
+                              f"after {max_wait_s:g} s"
+                              + (f"; blocked: {blocked_reason(status)}"
+                                 if blocked_reason(status) else ""))
         time.sleep(interval_s)
     committed = int(status.get("committed_round") or 0)
     if status["status"] != "completed" and committed == 0:
@@ -862,7 +990,9 @@ def watch_job(call: Any, job_id: str, *, interval_s: float = 2.0,
     end = time.monotonic() + results_wait_s
     while "report.md" not in status.get("results", []) and time.monotonic() < end:
         time.sleep(interval_s)
-        status, _ = call("jobs_status", {"job_id": job_id})
+        reply = ask("jobs_status", {"job_id": job_id}, until=end)
+        if reply is not None:
+            status = reply[0]
     results = status.get("results", [])
     partial = "" if status["status"] == "completed" else (
         f"; a {status['status']} job's last committed model, round {committed} of {planned}")
@@ -873,6 +1003,46 @@ def watch_job(call: Any, job_id: str, *, interval_s: float = 2.0,
         out(f"no report after {results_wait_s:g} s (the coordinator's audit log says why); "
             f"results so far: {', '.join(results) or 'none'}")
     return status
+
+
+def _say_changes(out: Any, what: str, now: dict[str, str], said: dict[str, str],
+                 going_on: bool) -> dict[str, str]:
+    """`watch_job`'s lines for a jobs_status list of sites with why ("contested",
+    "sidelined"): each site once, until its why changes; and a site gone from it while
+    the job goes on (an ended job's status lists none). Returns `now`."""
+    for site, why in sorted(now.items()):
+        if said.get(site) != why:
+            out(f"  {what} {printable(site)}: {printable(why)}")
+    if going_on:
+        for site in sorted(set(said) - set(now)):
+            out(f"  {printable(site)} no longer {what}")
+    return now
+
+
+def _queue_line(ask: Any, job_id: str, status: dict[str, Any]) -> str:
+    """A queued job's place: how many queued or running jobs were submitted before it,
+    the running one, and what blocks the one ahead (BLOCKERS) when something does."""
+    jobs, _ = ask("jobs_list", {})
+    ahead = [j for j in jobs if isinstance(j, dict) and j.get("job_id") != job_id
+             and j.get("status") in ("queued", "running")
+             and j.get("submitted_at", 0) <= status.get("submitted_at", 0)]
+    running = [str(j["job_id"]) for j in ahead if j.get("status") == "running"]
+    line = f"job {job_id} queued: {len(ahead)} job(s) ahead of it"
+    # the coordinator starts the running job, else the first queued: that one's
+    # blocker holds this one too
+    head = running[:1] or [str(j["job_id"]) for j in sorted(
+        (j for j in ahead if j.get("status") == "queued"),
+        key=lambda j: j.get("submitted_at", 0))][:1]
+    why = ""
+    if head:
+        head_status, _ = ask("jobs_status", {"job_id": head[0]})
+        why = blocked_reason(head_status)
+    if running:
+        line += f" (running: {', '.join(running)}"
+        line += f"; {running[0]} is blocked: {why})" if why else ")"
+    elif why:
+        line += f" ({head[0]} is blocked: {why})"
+    return line
 
 
 def end_line(job_id: str, status: dict[str, Any]) -> str:
@@ -903,15 +1073,30 @@ def final_test_line(test: dict[str, Any]) -> str:
 
 def _cmd_jobs_watch(args: argparse.Namespace) -> int:
     def go(args: argparse.Namespace) -> int:
-        from fedge.console.client import AdminClient
+        from fedge.console.client import AdminClient, AdminError
 
-        client = AdminClient.from_store(_store(args), args.operator, timeout_s=args.timeout)
+        def out(line: str) -> None:
+            stamp = _utc(time.time(), "%H:%M:%SZ ") if args.timestamps else ""
+            print(stamp + line, flush=True)
+
         try:
+            client = AdminClient.from_store(_store(args), args.operator,
+                                            timeout_s=args.timeout)
             status = watch_job(lambda op, a: client.call(op, a), args.job_id,
-                               interval_s=args.interval, max_wait_s=args.max_wait,
-                               out=lambda line: print(line, flush=True))
+                               interval_s=args.interval, max_wait_s=args.max_wait, out=out)
         except WatchGaveUp as exc:  # the job goes on: not a failed job's 1
             return _fail(str(exc), WATCH_GAVE_UP)
+        except WatchUnreachable as exc:
+            return _fail(str(exc), WATCH_NO_ANSWER)
+        except AdminError as exc:
+            if "unknown job" in str(exc):
+                return _fail(f"{exc} (`fedge console jobs list` lists the jobs it has)",
+                             WATCH_UNKNOWN_JOB)
+            return _fail(f"{exc} (nothing is known of job {args.job_id})", WATCH_NO_ANSWER)
+        except BrokenPipeError:
+            raise  # the reader stopped reading (`| head`): fedge.cli.main exits quietly
+        except _errors() as exc:  # the key store: no console here, unknown operator
+            return _fail(str(exc), WATCH_NO_ANSWER)
         return 0 if status.get("status") == "completed" else 1
 
     return _run(go, args)

@@ -325,7 +325,7 @@ def test_jobs_watch_names_a_job_that_does_not_end_and_fails_for_a_cancelled_one(
     assert re.fullmatch(rf"job {job} cancelled by operator:admin at "
                         r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ",
                         capsys.readouterr().out.splitlines()[-1])
-    assert main([*base, "jobs", "watch", "job-nope"]) == 1
+    assert main([*base, "jobs", "watch", "job-nope"]) == 2  # not a failed job's 1
     assert "job-nope" in capsys.readouterr().err
 
 

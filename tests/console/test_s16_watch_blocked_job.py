@@ -62,12 +62,11 @@ def _cannot_resume(server, job: str) -> str:
 def test_a_job_that_cannot_resume_is_said_blocked_by_watch_list_and_the_queue(
         tmp_path, make_server, capsys):
     server = make_server()
-    (tmp_path / "3").mkdir()
-    base, blocked = _submitted(tmp_path / "3", server, capsys)
+    base, ended = _submitted(tmp_path, server, capsys)
+    server.call_in_loop(lambda: server.coordinator.store.set_job_status(
+        ended, "cancelled", actor="test"))  # an ended job: not ahead of any
     plan = tmp_path / "three.toml"
     plan.write_text(PLAN.replace("rounds = 1", "rounds = 3"))
-    server.call_in_loop(lambda: server.coordinator.store.set_job_status(
-        blocked, "cancelled", actor="test"))  # only its id's spot is wanted: one running
     assert main([*base, "jobs", "submit", str(plan)]) == 0
     job = capsys.readouterr().out.strip()
     assert main([*base, "jobs", "submit", str(plan)]) == 0

@@ -110,6 +110,7 @@ from fedge.coordinator.store import (
     LEDGER_ROLLED_BACK,
     SERVICE_BUSY_TIMEOUT_S,
     CancelledAttempt,
+    InterruptedAttempt,
     Store,
     StoreError,
     is_locked,
@@ -1735,6 +1736,7 @@ class Coordinator:
             log.info("job %s started: data set %r, %d round(s), min_clients %d",
                      job.job_id, plan.dataset, plan.rounds, plan.min_clients)
         else:
+            self._record_interrupted(job.job_id, job.committed_round)
             self.store.audit(SYSTEM, "job_resumed",
                              {"job": job.job_id, "from_round": job.committed_round})
             log.info("job %s resumed after round %d of %d", job.job_id,
@@ -1825,6 +1827,8 @@ class Coordinator:
     def _emit(self, rnd: Round, out: list[tuple[str, Any]]) -> None:
         if not rnd.phase_log or rnd.phase_log[-1][0] != rnd.phase.value:
             rnd.phase_log.append((rnd.phase.value, self.clock()))
+            if rnd.phase in _IN_FLIGHT:
+                self._record_phase(rnd)
         for site, body in out:
             self.outbox.append(Outgoing(site, body, rnd.job_id, rnd.round))
         runner = self.runner
@@ -1833,6 +1837,59 @@ class Coordinator:
                 self._finding(runner, action, detail)
         if rnd.unmask_pending is not None:
             self._record_unmask(rnd)
+
+    def _record_phase(self, rnd: Round) -> None:
+        """Audit ``round_phase``: the attempt ``rnd`` entered its current phase, with its
+        cohort (in aggregation and evaluation, the sites that had trained). What a
+        coordinator restarted before the attempt ended knows of it
+        (:meth:`_record_interrupted`). Best effort: a full disk costs the record."""
+        detail: dict[str, Any] = {"job": rnd.job_id, "round": rnd.round,
+                                  "phase": rnd.phase.value, "started_at": rnd.started_at,
+                                  "cohort": list(rnd.cohort)}
+        if rnd.phase is not Phase.TRAINING:
+            detail["trained"] = sorted(rnd.trained)
+        try:
+            self.store.audit(SYSTEM, "round_phase", detail)
+        except (StoreError, sqlite3.Error) as exc:
+            self._not_written(f"round_phase of job {rnd.job_id} round {rnd.round}", exc)
+
+    def _record_interrupted(self, job_id: str, committed: int) -> None:
+        """A coordinator resuming job ``job_id`` records the attempt at round
+        ``committed + 1`` the last one left in flight (its last record is a
+        ``round_phase``: its cohort had been asked to train, and no end was recorded)
+        as "interrupted" (Store.interrupted_round): its sites may have trained and
+        released an update in it. An attempt whose cohort had not formed is not
+        recorded, as for a cancel.
+
+        Raises: StoreError, sqlite3.Error: the database cannot be read or written (the
+        resume is retried)."""
+        ends = ("round_started", "round_phase", "round_committed", "round_failed",
+                "round_cancelled", "round_interrupted")
+        last = self.store.audit_log(actions=ends, job=job_id, limit=1)
+        if not last or last[-1]["action"] != "round_phase":
+            return
+        detail = _json(last[-1]["detail"])
+        if detail.get("round") != committed + 1 or not detail.get("cohort"):
+            return
+        phase = Phase(str(detail.get("phase")))
+        cohort = [str(s) for s in detail.get("cohort", [])]
+        trained = [str(s) for s in detail.get("trained", [])]
+        newest = self.store.audit_log(limit=1)
+        ended_at = float(newest[-1]["time"]) if newest else float(last[-1]["time"])
+        said = (f"; {len(trained)} of {len(cohort)} site(s) had trained ({_names(trained)})"
+                if phase is not Phase.TRAINING else
+                f"; its cohort ({_names(cohort)}) had been asked to train")
+        reason = m.clip_reason(
+            f"the coordinator stopped (restarted) while the round was "
+            f"{_CUT_SHORT_IN.get(phase, 'open')}{said}: the round is started again; an "
+            "update a site released in this attempt is charged in its own privacy ledger "
+            "(`fedge agent privacy`) though no model came of it")
+        self.store.interrupted_round(job_id, InterruptedAttempt(
+            round=committed + 1, started_at=float(detail.get("started_at", ended_at)),
+            ended_at=max(ended_at, float(detail.get("started_at", ended_at))),
+            cohort=cohort, reason=reason))
+        log.warning("job %s round %d attempt cut short by the coordinator's stop: %s",
+                    job_id, committed + 1, printable(reason))
 
     def _finding(self, runner: JobRunner, action: str, detail: dict[str, Any]) -> None:
         """Act on what a round found a site doing (``Round.findings``): log it, audit it
@@ -2275,6 +2332,10 @@ def remedy_first(failure: str, refusals: dict[str, str]) -> str:
             f"and {_names(summed)} refused to have the same update summed again over "
             f"this one. {failure}")
 
+
+# the phases of an attempt whose cohort was asked to train and that has not ended: a
+# coordinator stopped in one records the attempt as interrupted when it resumes the job
+_IN_FLIGHT = (Phase.TRAINING, Phase.AGGREGATING, Phase.EVALUATING)
 
 # what a round was doing when its job's cancel cut it short, for the attempt's reason
 _CUT_SHORT_IN = {Phase.TRAINING: "training", Phase.AGGREGATING: "being summed",

@@ -83,9 +83,11 @@ SQLITE_PATH_LIMIT = 504
 
 APPLIANCE_STATUSES = ("enrolled", "revoked")
 JOB_STATUSES = ("queued", "running", "completed", "failed", "cancelled")
+# "interrupted": the attempt in progress when the coordinator stopped, recorded when
+# a restarted coordinator resumes the job (not counted among its failed attempts)
 # "cancelled": the attempt in progress when its job was cancelled (never retried, and
 # not counted among the job's failed attempts)
-ROUND_STATUSES = ("committed", "failed", "cancelled")
+ROUND_STATUSES = ("committed", "failed", "cancelled", "interrupted")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -489,6 +491,21 @@ class CancelledAttempt:
     reason: str
     # each cohort site that had refused or been lost by then, and why
     dropped_reasons: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class InterruptedAttempt:
+    """The attempt at round ``round`` in progress when the coordinator stopped (killed,
+    restarted), as a restarted coordinator resuming the job records it
+    (:meth:`Store.interrupted_round`, status "interrupted"): its cohort had been asked
+    to train, so sites may have trained and released an update in it."""
+    round: int
+    started_at: float
+    # the last the database heard of the coordinator before it stopped (a lower bound:
+    # when it stopped is written nowhere)
+    ended_at: float
+    cohort: list[str]
+    reason: str
 
 
 class Store:
@@ -1323,6 +1340,23 @@ class Store:
                 self._set_job_status(c, job_id, "failed", actor="coordinator",
                                      error=f"round {rnd} failed {attempts} times; last: {reason}")
         return attempts
+
+    def interrupted_round(self, job_id: str, attempt: InterruptedAttempt) -> None:
+        """Record the attempt the coordinator's stop cut short as an "interrupted" row of
+        the rounds table (its cohort, no survivors), audited ``round_interrupted``; it
+        does not count among the job's failed attempts.
+
+        Raises: StoreError: unknown job."""
+        with self._tx() as c:
+            if c.execute("SELECT 1 FROM jobs WHERE job_id=?", (job_id,)).fetchone() is None:
+                raise StoreError(f"unknown job {job_id!r}")
+            c.execute(
+                "INSERT INTO rounds VALUES (?, ?, ?, 'interrupted', ?, ?, ?, '[]', '{}', '', ?)",
+                (job_id, attempt.round, self._next_attempt(c, job_id, attempt.round),
+                 attempt.started_at, attempt.ended_at, json.dumps(list(attempt.cohort)),
+                 attempt.reason))
+            self._audit(c, "coordinator", "round_interrupted",
+                        {"job": job_id, "round": attempt.round, "reason": attempt.reason})
 
     def record_unmask_set(self, job_id: str, rnd: int, survivors: list[str]) -> None:
         """Record, before any site is asked to unmask it, that round ``rnd``'s sum is over

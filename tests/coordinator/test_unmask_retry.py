@@ -120,13 +120,15 @@ def test_a_round_unmasked_before_a_crash_waits_for_all_its_survivors_and_names_t
     st = fed.coord.store
     assert asked == [], "a round pinned to a, b, c, d asked a, b, c alone"
     assert "waiting for d (not connected)" in waiting
-    failed = st.rounds(job)[1]
+    failed = st.rounds(job)[2]
     assert "round 2's update was already unmasked over ['a', 'b', 'c', 'd']" in failed.reason
     assert "a sum over another set would reveal a difference" in failed.reason
     assert "waiting for d (not connected)" in failed.reason
     assert st.job(job).status == "completed", st.job(job).error
-    assert history(fed, job) == [(1, "committed", sites, sites), (2, "failed", [], []),
-                                 (2, "committed", sites, sites), (3, "committed", sites, sites)]
+    # the attempt the crash cut short is recorded as interrupted (review s16 L1)
+    assert history(fed, job) == [(1, "committed", sites, sites), (2, "interrupted", sites, []),
+                                 (2, "failed", [], []), (2, "committed", sites, sites),
+                                 (3, "committed", sites, sites)]
     assert final_weights(fed, job) == final_weights(reference, ref_job)
     # the survivor set was recorded before the unmask requests left, and is dropped
     # when its round commits: it guards nothing once the round cannot run again
@@ -156,8 +158,8 @@ def test_a_retry_of_an_unmasked_round_never_starts_with_a_superset_either(federa
     st = fed.coord.store
     assert st.job(job).status == "completed", st.job(job).error
     abc, abce = ["a", "b", "c"], ["a", "b", "c", "e"]
-    assert history(fed, job) == [(1, "committed", abc, abc), (2, "committed", abc, abc),
-                                 (3, "committed", abce, abce)]
+    assert history(fed, job) == [(1, "committed", abc, abc), (2, "interrupted", abc, []),
+                                 (2, "committed", abc, abc), (3, "committed", abce, abce)]
 
 
 def test_refusals_that_leave_the_unmasking_impossible_fail_the_attempt_at_once(federation):

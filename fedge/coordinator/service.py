@@ -1690,12 +1690,14 @@ class Coordinator:
         """Start (or resume from its last committed round) the oldest running, else
         queued, job.
 
-        A plan that does not parse fails the job. A checkpoint that cannot be read
-        (truncated or bit-flipped by a crash, unreadable for a moment, restored
-        from a backup later) does not: the job stays as it is, the error is logged
-        and audited as ``job_resume_failed`` (once per distinct error), shown in
-        job_status as ``resume_error``, and the start is tried again every
-        FINISH_RETRY_S, so putting the file back resumes the job. Until then the
+        A plan that does not parse fails the job, and so does a queued one that the
+        submission checks (:meth:`submission_warnings`) now refuse, with their words:
+        what the sites declared may have come in since it was submitted. A checkpoint
+        that cannot be read (truncated or bit-flipped by a crash, unreadable for a
+        moment, restored from a backup later) does not: the job stays as it is, the
+        error is logged and audited as ``job_resume_failed`` (once per distinct
+        error), shown in job_status as ``resume_error``, and the start is tried again
+        every FINISH_RETRY_S, so putting the file back resumes the job. Until then the
         jobs queued behind it wait; cancelling it lets them run.
         """
         jobs = self.store.jobs(status="running") or self.store.jobs(status="queued")
@@ -1709,6 +1711,11 @@ class Coordinator:
         last: ck.Checkpoint | None = None
         try:
             plan = parse_plan(job.plan_toml)
+            if job.status == "queued":
+                # what the sites declared may have come after the submit (a plan queued
+                # before any heartbeat was checked against nothing): checked again now,
+                # before any site trains
+                self.submission_warnings(plan)
             if job.committed_round == 0:
                 weights = self._round0(job.job_id, plan)
                 strategy = Strategy(plan.strategy)
@@ -1724,6 +1731,11 @@ class Coordinator:
         except PlanError as exc:
             log.error("job %s failed: %s", job.job_id, exc)
             self.store.set_job_status(job.job_id, "failed", actor=SYSTEM, error=str(exc))
+            return
+        except CoordinatorError as exc:
+            error = f"refused when it was to start, by the submission checks: {exc}"
+            log.error("job %s failed: %s", job.job_id, printable(error))
+            self.store.set_job_status(job.job_id, "failed", actor=SYSTEM, error=error)
             return
         except ck.CheckpointError as exc:
             self._cannot_resume(job.job_id, job.committed_round, str(exc), now)

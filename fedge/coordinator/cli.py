@@ -159,15 +159,20 @@ def _submission_warnings(store: Any, plan_text: str) -> list[str]:
 
     Raises: CoordinatorError: the plan's data set is declared by none, or every site
         holding it would refuse the model (nothing must be submitted). PlanError: the
-        plan does not parse. sqlite3.DatabaseError."""
-    from fedge.coordinator.plan import parse_plan
+        plan does not parse, or its model leaves out a parameter that has no default
+        (plan.check_required_model_params). sqlite3.DatabaseError."""
+    from fedge.coordinator.plan import check_required_model_params, parse_plan
     from fedge.coordinator.service import DeclaredInputs, submission_warnings
 
+    plan = parse_plan(plan_text)
+    # the coordinator process builds the job's starting model from the plan
+    # (torch_initial_weights): a parameter the model has no default for is refused now
+    check_required_model_params(plan)
     declared = {a.site_id: tuple(a.datasets) for a in store.appliances()
                 if a.status == "enrolled" and a.last_seen is not None}
     recorded = store.declared_inputs()
     inputs = {s: DeclaredInputs.from_record(recorded[s]) for s in declared if s in recorded}
-    return submission_warnings(store, parse_plan(plan_text), declared, inputs)
+    return submission_warnings(store, plan, declared, inputs)
 
 
 def _enrol(args: argparse.Namespace) -> int:

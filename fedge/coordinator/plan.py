@@ -721,7 +721,9 @@ def check_required_model_params(plan: Plan) -> None:
 
     Not part of `check_submission`: a coordinator given its starting weights
     (``initial_weights``, as tests and in-process federations do) never builds the
-    model from the plan, and its plans may leave the widths out.
+    model from the plan, and its plans may leave the widths out. Called at submit by
+    Coordinator.submit_job where the coordinator builds it (torch_initial_weights,
+    the console's path) and by `fedge coordinator submit`.
 
     Raises: PlanError: naming model.params.<key>, the model and the rule."""
     from fedge.train.model_names import MODEL_PARAMS

@@ -95,7 +95,14 @@ from fedge.coordinator.cohort import (
     privacy_floor,
     select_cohort,
 )
-from fedge.coordinator.plan import Plan, PlanError, parse_plan, plan_labels, with_seed
+from fedge.coordinator.plan import (
+    Plan,
+    PlanError,
+    check_required_model_params,
+    parse_plan,
+    plan_labels,
+    with_seed,
+)
 from fedge.coordinator.rounds import (
     SECAGG_PROTOCOL,
     AggregationFactory,
@@ -667,7 +674,10 @@ class Coordinator:
         ``warnings``.
 
         Raises:
-            PlanError: the plan is invalid (names the field); nothing is stored.
+            PlanError: the plan is invalid (names the field), or, where this coordinator
+                builds the starting model from the plan (``torch_initial_weights``), its
+                model leaves out a parameter that has no default
+                (plan.check_required_model_params); nothing is stored.
             CoordinatorError: no site declares the plan's data set (a typo), named with
                 the data sets the sites do declare; or every site holding it that
                 declared its task and input shape would refuse the model, or
@@ -676,6 +686,11 @@ class Coordinator:
         """
         plan_text = with_seed(plan_text)  # parsed; a seed written in if none is named
         plan = parse_plan(plan_text)
+        if self.initial_weights is torch_initial_weights:
+            # this coordinator builds the starting model from the plan: a parameter the
+            # model has no default for is refused now, not when the job starts (one
+            # given its starting weights never builds the model, and may leave it out)
+            check_required_model_params(plan)
         found = self.submission_warnings(plan)
         job_id = f"job-{time.strftime('%Y%m%d%H%M%S', time.gmtime(self.wall()))}-" \
                  f"{secrets.token_hex(3)}"

@@ -20,6 +20,7 @@ rounds = 1
 min_clients = 2
 [model]
 name = "linear"
+params = {{ in_features = 8 }}
 [train]
 steps = 1
 batch_size = 1

@@ -2247,6 +2247,21 @@ def _model_fit_warnings(store: Store, plan: Plan, declared: dict[str, tuple[str,
             "job.classes names the class order of a classification data set; the sites "
             "holding this one send no class list, and the job would wait for one",
             plan.dataset)
+    outputs = _class_outputs(plan) if kind != "survival" else None
+    if outputs is not None:
+        param, value, logits = outputs
+        # fedge.train.api._check_classes, the sites' rule: one logit for binary labels,
+        # one per class (at least two) for multiclass ones
+        misfit = {s: t for s, t in known_tasks.items()
+                  if (t == "binary" and logits != 1) or (t == "multiclass" and logits < 2)}
+        one = "classes = 2" if plan.model_name in ("logistic", "resnet_small") \
+            else "out_features = 1"
+        found += _refuse_or_warn(
+            param, value, misfit,
+            known_tasks, silent_tasks, lambda t: f"a {t} task",
+            f"model {plan.model_name!r} has {logits} output(s); a binary model has one "
+            f"logit ({one}), a multiclass one an output per class (at least 2)",
+            plan.dataset)
     want = model_input_shape(plan.model_name, plan.model_params)
     if want is not None:
         misfit_shapes = {s: sh for s, sh in shapes.items() if sh != want}
@@ -2257,6 +2272,23 @@ def _model_fit_warnings(store: Store, plan: Plan, declared: dict[str, tuple[str,
             f"model {plan.model_name!r} takes {_shape_text(want)}, and each site refuses "
             "data of another shape", plan.dataset)
     return found
+
+
+def _class_outputs(plan: Plan) -> tuple[str, int, int] | None:
+    """(the plan field that sets the model's number of outputs, its value, the number
+    of logits it builds) as the sites count them (fedge.train.api._check_classes):
+    ``classes`` for logistic and resnet_small (2 classes build one logit),
+    ``out_features`` (default 1) for the others; None where it is not an integer (the
+    model's build names it)."""
+    if plan.model_name in ("logistic", "resnet_small"):
+        k = plan.model_params.get("classes", 2)
+        if not isinstance(k, int) or isinstance(k, bool):
+            return None
+        return "model.params.classes", k, 1 if k == 2 else k
+    k = plan.model_params.get("out_features", 1)
+    if not isinstance(k, int) or isinstance(k, bool):
+        return None
+    return "model.params.out_features", k, k
 
 
 def _shape_field(plan: Plan, want: tuple[int, ...],

@@ -923,7 +923,9 @@ def watch_job(call: Any, job_id: str, *, interval_s: float = 2.0,
             seen.add((a["round"], a["attempt"]))
             secs = a["ended_at"] - a["started_at"]
             if a["status"] != "committed":
-                out(f"round {a['round']} attempt {a['attempt']} failed after {secs:.1f} s: "
+                # failed; or cut short: cancelled, interrupted (a coordinator restart)
+                ended = "failed" if a["status"] == "failed" else f"was {a['status']}"
+                out(f"round {a['round']} attempt {a['attempt']} {ended} after {secs:.1f} s: "
                     f"{a['reason']}")
                 continue
             agg = ", ".join(f"{m['split']} {m['name']} {m['value']:.4f}"

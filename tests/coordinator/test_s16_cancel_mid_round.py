@@ -60,3 +60,30 @@ def test_a_round_cut_short_by_a_cancel_is_recorded_as_a_cancelled_attempt(federa
     row = next(line for line in md.splitlines() if line.startswith("| 2 | 1 | cancelled |"))
     assert "| 3 | 0 |" in row and "2 of 3 site(s) had trained (a, b)" in row
 
+
+
+def test_jobs_watch_says_the_cut_round_was_cancelled_not_failed(federation):
+    # the console printed every attempt that was not committed as "failed after"
+    from fedge.console.cli import watch_job
+
+    fed = federation(["a", "b", "c"])
+    coord, st = fed.coord, fed.coord.store
+
+    async def go():
+        await fed.heartbeats()
+        job = coord.submit_job(plan(rounds=3, secure="false"), actor="test")
+        await fed.pump(until=lambda: st.job(job).committed_round >= 1)
+        fed.kill_hook = lambda site, body: site == "c" and isinstance(body, m.TrainTask)
+        await fed.pump(until=lambda: coord.runner is not None
+                       and coord.runner.round is not None and coord.runner.round.round == 2
+                       and coord.runner.round.phase is Phase.TRAINING)
+        return job
+
+    job = asyncio.run(go())
+    coord.cancel_job(job, actor="operator:alice")
+    lines: list[str] = []
+    status = watch_job(lambda op, args: (coord.job_status(job), {}), job, interval_s=0,
+                       out=lines.append, results_wait_s=0)  # no export in memory
+    assert status["status"] == "cancelled"
+    cut = next(line for line in lines if line.startswith("round 2 attempt 1 "))
+    assert cut.startswith("round 2 attempt 1 was cancelled after ") and "failed" not in cut

@@ -2419,7 +2419,8 @@ def _cancelled_attempt(rnd: Round, reason: str) -> CancelledAttempt | None:
             + (f" ({_names(trained)}): an update a site released is charged in its "
                "own privacy ledger (`fedge agent privacy`) though no model came of it"
                if trained else "")),
-        dropped_reasons=dict(sorted(rnd.refused.items())))
+        dropped_reasons=dict(sorted(rnd.refused.items())),
+        survivors=list(rnd.survivors))  # non-empty once the sum was formed
 
 
 def _left_out_text(left_out: dict[str, str], limit: int = LEFT_OUT_LOGGED) -> str:

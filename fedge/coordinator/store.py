@@ -491,6 +491,9 @@ class CancelledAttempt:
     reason: str
     # each cohort site that had refused or been lost by then, and why
     dropped_reasons: dict[str, str] = field(default_factory=dict)
+    # the sites whose updates the round's sum held, when it was formed before the
+    # cancel (the round was being evaluated): a release each (report.client_privacy)
+    survivors: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -1212,9 +1215,9 @@ class Store:
             if cancelled_attempt is not None:
                 a = cancelled_attempt
                 c.execute(
-                    "INSERT INTO rounds VALUES (?, ?, ?, 'cancelled', ?, ?, ?, '[]', ?, '', ?)",
+                    "INSERT INTO rounds VALUES (?, ?, ?, 'cancelled', ?, ?, ?, ?, ?, '', ?)",
                     (job_id, a.round, self._next_attempt(c, job_id, a.round), a.started_at,
-                     self._clock(), json.dumps(list(a.cohort)),
+                     self._clock(), json.dumps(list(a.cohort)), json.dumps(list(a.survivors)),
                      json.dumps(dict(a.dropped_reasons)), a.reason))
                 self._audit(c, actor, "round_cancelled",
                             {"job": job_id, "round": a.round, "reason": a.reason})

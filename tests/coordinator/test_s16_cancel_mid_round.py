@@ -87,3 +87,36 @@ def test_jobs_watch_says_the_cut_round_was_cancelled_not_failed(federation):
     assert status["status"] == "cancelled"
     cut = next(line for line in lines if line.startswith("round 2 attempt 1 "))
     assert cut.startswith("round 2 attempt 1 was cancelled after ") and "failed" not in cut
+
+
+def test_a_round_cancelled_after_its_sum_was_formed_keeps_its_survivors(federation):
+    # diff review s16 L3: the cancelled row had no survivors, so the coordinator's
+    # DP-FedAvg count (report.client_privacy: one release per survivor per attempt)
+    # left out a release the sites had made, its sum formed before the cancel
+    from fedge.coordinator.report import client_privacy
+
+    fed = federation(["a", "b", "c"])
+    coord, st = fed.coord, fed.coord.store
+
+    async def go():
+        await fed.heartbeats()
+        job = coord.submit_job(plan(rounds=3, secure="false"), actor="test")
+        await fed.pump(until=lambda: st.job(job).committed_round >= 1)
+        # c never answers round 2's evaluation: the round waits, its sum formed
+        fed.kill_hook = lambda site, body: site == "c" and isinstance(body, m.EvalTask)
+        await fed.pump(until=lambda: coord.runner is not None
+                       and coord.runner.round is not None and coord.runner.round.round == 2
+                       and coord.runner.round.phase is Phase.EVALUATING)
+        return job
+
+    job = asyncio.run(go())
+    coord.cancel_job(job, actor="operator:alice")
+    cut = st.rounds(job)[-1]
+    assert (cut.round, cut.status, cut.survivors) == (2, "cancelled", ["a", "b", "c"])
+    # the job's plan with DP-FedAvg set: what the report would count for such a job
+    dp_plan = plan(rounds=3, secure="false") + (
+        "\n[privacy]\nclient_dp = { clip_norm = 1.0, noise_multiplier = 1.0, "
+        "cohort_size = 1 }\n")
+    counted = client_privacy(dp_plan, coord.job_status(job)["rounds"])
+    assert counted is not None
+    assert {s: v["releases"] for s, v in counted["sites"].items()} == {"a": 2, "b": 2, "c": 2}

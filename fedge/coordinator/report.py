@@ -311,15 +311,73 @@ def site_styles(n: int) -> list[dict[str, str]]:
              "marker": _STYLES[i // len(_COLOURS) % len(_STYLES)][1]} for i in range(n)]
 
 
+# A cut name keeps this many of its last characters: names of one federation often
+# differ only at the end ("...-site-07"), which a cut after the head left out
+LEGEND_NAME_TAIL = 8
+
+
 def legend_label(name: str) -> str:
-    """A site's name for a legend: at most LEGEND_NAME_CHARS characters."""
-    return name if len(name) <= LEGEND_NAME_CHARS else name[:LEGEND_NAME_CHARS - 1] + "…"
+    """A site's name for a legend: at most LEGEND_NAME_CHARS characters, a longer one
+    as its head, "…" and its last LEGEND_NAME_TAIL characters."""
+    if len(name) <= LEGEND_NAME_CHARS:
+        return name
+    return name[:LEGEND_NAME_CHARS - LEGEND_NAME_TAIL - 1] + "…" + name[-LEGEND_NAME_TAIL:]
 
 
-def legend_outside(ax: Any) -> None:
+def legend_outside(ax: Any, ncol: int = 1) -> Any:
     """The legend right of the axes, where it covers no point (inside, it hid a site's
-    only point in a 1-round job)."""
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    only point in a 1-round job), in ``ncol`` columns."""
+    return ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                     borderaxespad=0.0, ncol=ncol)
+
+
+# A legend column holds at most this many entries; more sites get more columns (one
+# column of 18 ran off the bottom of a 3.2-inch panel), and the figure widens for them
+LEGEND_ROWS = 16
+# Past this many sites their (colour, style) pairs would repeat, and the legend could
+# not tell them apart: each site is then a thin grey line under one legend entry
+# (report.md has every site's values)
+SITE_KEY_MAX = len(_COLOURS) * len(_STYLES)
+# The axes keep at least this width (inches) beside a legend of several columns
+AXES_MIN_WIDTH = 4.5
+
+
+def plot_sites(ax: Any, series: dict[str, tuple[list[Any], list[float]]],
+               **kw: Any) -> int:
+    """Each site's line in ``series`` (site: its x and y values) on ``ax``: up to
+    SITE_KEY_MAX sites each in its own style and legend entry, more all in grey under
+    one entry. Returns the number of legend entries drawn."""
+    if len(series) <= SITE_KEY_MAX:
+        for (site, (x, ys)), style in zip(series.items(), site_styles(len(series)),
+                                          strict=True):
+            ax.plot(x, ys, label=legend_label(site), **style, **kw)
+        return len(series)
+    for i, (x, ys) in enumerate(series.values()):
+        ax.plot(x, ys, color="0.55", linestyle="-", marker=".", **kw,
+                label=f"each of the {len(series)} sites" if i == 0 else "_nolegend_")
+    return 1
+
+
+def legend_columns(entries: int) -> int:
+    """Columns for a legend of ``entries``: at most LEGEND_ROWS in each."""
+    return max(1, math.ceil(entries / LEGEND_ROWS))
+
+
+def fit_legends(fig: Any, width: float, panel_height: float) -> None:
+    """Size ``fig`` (one column of panels, each with a legend_outside) so that every
+    legend lies inside it: at least ``width`` wide, wider where a legend of several
+    columns needs it beside AXES_MIN_WIDTH of axes, each panel at least
+    ``panel_height`` tall and taller than its legend."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    boxes = [ax.get_legend().get_window_extent(renderer) for ax in fig.axes
+             if ax.get_legend() is not None]
+    legend_w = max((b.width for b in boxes), default=0.0) / fig.dpi
+    legend_h = max((b.height for b in boxes), default=0.0) / fig.dpi
+    # about an inch of tick labels and y label left of the axes, a little between
+    fig.set_size_inches(max(width, AXES_MIN_WIDTH + legend_w + 1.3),
+                        max(panel_height, legend_h + 1.2) * len(fig.axes))
 
 
 def round_axis(ax: Any, rounds: list[int]) -> None:
@@ -355,19 +413,18 @@ def _learning_curve_figure(report: dict[str, Any]) -> Any:
         c = report["curves"][name]
         seen = set(c["rounds"]) | {int(p[0]) for pts in c["sites"].values() for p in pts}
         axis = list(range(min(seen), max(seen) + 1)) if seen else []
-        for (site, points), style in zip(sorted(c["sites"].items()),
-                                         site_styles(len(c["sites"])), strict=True):
-            # markers: a site evaluated in one round only (the others it dropped out
-            # of) is one point, which a line alone does not draw
-            ax.plot(axis, _series(points, axis), ms=3, lw=1, alpha=0.6,
-                    label=legend_label(site), **style)
+        # markers: a site evaluated in one round only (the others it dropped out of)
+        # is one point, which a line alone does not draw
+        entries = plot_sites(ax, {site: (axis, _series(points, axis)) for site, points
+                                  in sorted(c["sites"].items())}, ms=3, lw=1, alpha=0.6)
         ax.plot(axis, _series(list(zip(c["rounds"], c["aggregate"], strict=True)), axis),
                 "k-o", lw=2, label="size-weighted")
         ax.set_xlabel("round")
         round_axis(ax, axis)
         ax.set_ylabel(f"{name} ({report['eval_split']})")
         ax.grid(alpha=0.3)
-        legend_outside(ax)
+        legend_outside(ax, legend_columns(entries + 1))
+    fit_legends(fig, 7, 3.2)
     label = _drawable(str(report.get("name") or ""))
     name = f" ({label})" if label else ""
     text = f"job {report['job_id']}{name}: federated evaluation of the global model"
@@ -413,16 +470,15 @@ def _privacy_figure(privacy: dict[str, list[tuple[int, float]]],
 
     fig = Figure(figsize=(7, 3.5))
     ax = fig.subplots()
-    for (site, points), style in zip(privacy.items(), site_styles(len(privacy)),
-                                     strict=True):
-        ax.plot([p[0] for p in points], [p[1] for p in points], label=legend_label(site),
-                **style)
+    entries = plot_sites(ax, {site: ([p[0] for p in points], [p[1] for p in points])
+                              for site, points in privacy.items()})
     ax.set_xlabel("round")
     round_axis(ax, sorted({int(p[0]) for pts in privacy.values() for p in pts}))
     ax.set_ylabel("cumulative epsilon in this job (DP-SGD)")
     ax.set_title(f"epsilon {bound}", fontsize=9)
     ax.grid(alpha=0.3)
-    legend_outside(ax)
+    legend_outside(ax, legend_columns(entries))
+    fit_legends(fig, 7, 3.5)
     fig.tight_layout()
     return fig
 

@@ -546,9 +546,15 @@ def _site_table(by_site: dict[str, Any], first: str = "site") -> list[str]:
         out.append(f"| {s} | " + " | ".join(_fmt(by_site[n]["sites"].get(s))
                                              for n in names) + " |"
                    + (f" {_fmt(counts.get(s))} |" if counts else ""))
+    # the aggregate row's examples: the sum of the site rows' for the sites each
+    # metric's aggregate covers (a site without a finite value is left out of it), one
+    # number where every metric's is the same, else "–" and a note with each metric's
+    weighed = {n: sum(counts.get(s, 0) for s in sites if s not in missing[n]) for n in names}
+    same = len(set(weighed.values())) == 1
     out.append("| **aggregate** | " + " | ".join(_fmt(by_site[n]["aggregate"])
                                                  for n in names) + " |"
-               + (f" {sum(counts.values())} |" if counts else ""))
+               + ((f" {next(iter(weighed.values()))} |" if same else " – |")
+                  if counts else ""))
     if len(sites) > 1:  # each site counted once, as FLamby's per-client mean does
         out.append("| mean of sites | " + " | ".join(
             _fmt(_unweighted_mean(by_site[n]["sites"].values())) for n in names) + " |"
@@ -557,6 +563,9 @@ def _site_table(by_site: dict[str, Any], first: str = "site") -> list[str]:
              f" of {len(sites)} sites; no value from " + "; ".join(
                  f"{_cell(s)}: {_cell(w)}" for s, w in sorted(missing[n].items())) + "."
              for n in names if missing[n]]
+    if counts and not same:
+        notes.append("the aggregates cover different sites, so their examples differ by "
+                     "metric: " + "; ".join(f"{n}: {k}" for n, k in weighed.items()) + ".")
     return out + (["", *(f"- {line}" for line in notes)] if notes else [])
 
 

@@ -442,10 +442,11 @@ def _learning_curve_figure(report: dict[str, Any]) -> Any:
 
 def _drawable(text: str) -> str:
     """``text`` with each character the plots' font has no glyph for (the default
-    DejaVu Sans has no CJK) written as its ``\\uXXXX`` escape: drawn, it would be an
-    empty box. report.md and report.json keep the name as it is."""
+    DejaVu Sans has no CJK), and each one not printable (an ESC of a terminal colour
+    code, a line break), written as its ``\\uXXXX`` escape: drawn, it would be an
+    empty box, or nothing. report.md and report.json keep the name as it is."""
     charmap = _font_charmap()
-    return "".join(c if ord(c) in charmap or not c.isprintable()
+    return "".join(c if ord(c) in charmap and c.isprintable()
                    else f"\\u{ord(c):04x}" if ord(c) <= 0xFFFF else f"\\U{ord(c):08x}"
                    for c in text)
 

@@ -793,7 +793,7 @@ def _cmd_jobs_status(args: argparse.Namespace) -> int:
 
 JOB_ENDS = ("completed", "failed", "cancelled")
 RESULTS_WAIT_S = 180.0  # for the ONNX export and the report after the last round
-FETCH_POLL_S = 1.0  # `jobs fetch`'s poll of jobs_status while the results are written
+FETCH_POLL_S = 1.0  # `jobs fetch`'s poll (jobs_fetch, pending_ok) while they are written
 FETCH_NOT_READY = 3  # `jobs fetch` exit status: results still being written after --wait
 # `jobs watch` exit statuses besides 0 (completed), 1 (failed or cancelled) and 130
 WATCH_UNKNOWN_JOB = 2  # the coordinator has no such job: a wrong id, as argparse's 2
@@ -1141,10 +1141,14 @@ def _fetch_when_written(args: argparse.Namespace) -> tuple[Any, dict[str, bytes]
     """`jobs_fetch`, once the job's results are all written: the coordinator exports
     the model and writes the report after it marks the job ended, so a fetch right
     after `jobs status` says completed finds them still being written. Waits up to
-    ``args.wait`` seconds for report.md (written last), polling `jobs_status` (not
-    audited, unlike each fetch); then fetches what there is: the reply's
-    ``still_writing`` names what is not there yet, its note says so, or names the
-    export's or report's failure the coordinator recorded.
+    ``args.wait`` seconds for report.md (written last), asking `jobs_fetch` with
+    ``pending_ok`` again each FETCH_POLL_S: it answers "pending" (and nothing else)
+    until report.md is there or the coordinator records that the report failed, so
+    a failure recorded during the wait ends it at once (`jobs_status` says nothing of
+    one: polling it, the console sat out the whole wait). Then fetches what there
+    is: the reply's ``still_writing`` names what is not there yet, its note says so,
+    or names the export's or report's failure the coordinator recorded. Each ask is
+    one `admin.jobs_fetch` line in the audit log.
 
     Raises: AdminError: the coordinator refused (unknown job, no results).
     TimeoutError: no answer."""
@@ -1161,9 +1165,10 @@ def _fetch_when_written(args: argparse.Namespace) -> tuple[Any, dict[str, bytes]
           f"waiting up to {args.wait:g} s (--wait)", file=sys.stderr, flush=True)
     while time.monotonic() < end:
         time.sleep(min(FETCH_POLL_S, max(0.0, end - time.monotonic())))
-        status, _ = client.call("jobs_status", {"job_id": args.job_id})
-        if "report.md" in status.get("results", []):
-            break
+        result, blobs = client.call("jobs_fetch", {"job_id": args.job_id,
+                                                   "pending_ok": True})
+        if not (isinstance(result, dict) and result.get("pending")):
+            return result, blobs
     return client.call("jobs_fetch", {"job_id": args.job_id})
 
 

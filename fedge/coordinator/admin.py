@@ -277,7 +277,7 @@ class AdminService:
         except Exception as exc:  # CoordinatorError, StoreError, PlanError, ValueError ...
             self._audit(op, f"admin.{req.op}.failed", {"error": str(exc)})
             return _error(f"{req.op}: {exc}")
-        if req.op not in READ_OPS:
+        if req.op not in READ_OPS and not _pending_only(req.op, result):
             self._audit(op, f"admin.{req.op}", {k: v for k, v in args.items() if k != "plan"})
         return AdminReply(True, json.dumps(result, default=str), "", blobs)
 
@@ -403,12 +403,13 @@ class AdminService:
         if finishing and "report.md" not in out and not report_failed:
             # the coordinator exports the model and writes the report after it marks
             # the job ended (fedge.coordinator.process finish_job), report.md last
-            writing = [n for n in ("model.onnx", *REPORT_FILES) if n not in out]
+            writing = [n for n in (*(() if export_failed else ("model.onnx",)),
+                                   *REPORT_FILES) if n not in out]
             if args.get("pending_ok"):  # a console that waits, then asks again
                 return {"job_id": job_id, "status": state, "pending": writing}, {}
         result: dict[str, Any] = {"job_id": job_id, "files": sorted(out), "status": state,
                                   "committed_round": committed, "rounds_planned": planned}
-        onnx = "" if "model.onnx" in out or writing else (
+        onnx = "" if "model.onnx" in out or "model.onnx" in writing else (
             f"; no ONNX export: it failed ({export_failed})" if export_failed
             else "; no ONNX export (not written, or not yet: fetch again later)")
         notes = []
@@ -757,6 +758,13 @@ def _check_newest(spec: tuf_repo.TargetSpec, listed: dict[str, Any]) -> None:
                 f"target {spec.path!r} is {spec.kind} {spec.name} {spec.version}, but the "
                 f"signed targets also list {other.version} ({other_path!r}): only the newest "
                 "version of a target is rolled out (an older one would roll appliances back)")
+
+
+def _pending_only(op: str, result: Any) -> bool:
+    """A ``jobs_fetch`` answered "still being written" to a console that waits: it gave
+    nothing, and the console asks again each second, so it is not audited (as reads
+    are not); the fetch that hands the files over is."""
+    return op == "jobs_fetch" and isinstance(result, dict) and "pending" in result
 
 
 def _error(message: str) -> AdminReply:

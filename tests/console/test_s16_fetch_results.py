@@ -160,3 +160,40 @@ def test_a_report_that_failed_is_named_and_the_model_still_fetched(
     assert {p.name for p in (out / job).iterdir()} == {"final.safetensors", "model.onnx"}
     assert printed[-1] == (f"note: job {job} completed; its report could not be written "
                            f"({reason}); a restart of the coordinator tries again")
+
+
+def test_an_export_failed_before_the_report_is_written_is_named_not_listed_as_pending(
+        tmp_path, make_server, capsys):
+    # diff review s16 (helper note): with the export failed and the report not yet
+    # written, still_writing named model.onnx (never coming) and the note that the
+    # export failed was dropped
+    from fedge.coordinator.process import export_final_model
+
+    server = make_server()
+    _, job = _completed(tmp_path, server, capsys, np.zeros(7, np.float32))
+    fut = asyncio.run_coroutine_threadsafe(
+        export_final_model(server.coordinator, job), server.loop)  # no report after it
+    fut.result(timeout=120)
+    (failed,) = server.coordinator.store.audit_log(action="model_export_failed", job=job)
+    reason = json.loads(failed["detail"])["reason"]
+    result, _ = server.client("viewer").call("jobs_fetch", {"job_id": job})
+    assert result["still_writing"] == ["report.json", "report.md"]
+    assert f"no ONNX export: it failed ({reason})" in result["note"]
+
+
+def test_a_waiting_fetchs_pending_asks_are_not_audited(tmp_path, make_server, capsys):
+    # a console waiting for the results asks jobs_fetch each second: only the fetch
+    # that hands the files over is an audit entry, not one a second while it waits
+    server = make_server()
+    base, job = _completed(tmp_path, server, capsys,
+                           np.array([0.3, -0.2, 0.1, 0.0], np.float32))
+    client = server.client("viewer")
+    for _ in range(3):
+        result, blobs = client.call("jobs_fetch", {"job_id": job, "pending_ok": True})
+        assert result["pending"] and not blobs
+    finishing = _finish(server, job, after_s=1.5)
+    assert main([*base, "--operator", "viewer", "jobs", "fetch", job, "--out",
+                 str(tmp_path / "r")]) == 0
+    finishing.result(timeout=120)
+    fetches = server.coordinator.store.audit_log(action="admin.jobs_fetch", job=None)
+    assert len(fetches) == 1, fetches

@@ -903,6 +903,7 @@ def watch_job(call: Any, job_id: str, *, interval_s: float = 2.0,
     sidelined: dict[str, str] = {}  # jobs_status's, as last printed
     blockers: dict[str, str] = {}  # jobs_status's BLOCKERS, as last printed
     retry: tuple[Any, ...] | None = None  # (round, attempt) of the pause last printed
+    dropped_out: dict[str, str] = {}  # the round in flight's, as last said
     while True:
         status, _ = ask("jobs_status", {"job_id": job_id})
         planned = status.get("rounds_planned")
@@ -943,7 +944,8 @@ def watch_job(call: Any, job_id: str, *, interval_s: float = 2.0,
                     out(f"  left out {printable(site)}: {printable(why)}")
             left_out = now_out
         wait = status.get("cohort_wait") or {}
-        now_phase = (status.get("current_round"), status.get("phase"), wait.get("summary"))
+        now_phase = (status.get("current_round"), status.get("phase"), wait.get("summary"),
+                     progress_key(status))
         pause = status.get("retry") if isinstance(status.get("retry"), dict) else None
         if pause is not None:  # between attempts: said by the pause's own line
             now_retry = (status.get("current_round"), pause.get("attempt"))
@@ -956,8 +958,14 @@ def watch_job(call: Any, job_id: str, *, interval_s: float = 2.0,
             retry = now_retry
         elif status.get("phase") and now_phase != phase:
             why = f" ({printable(wait['summary'])})" if wait.get("summary") else ""
-            out(f"round {now_phase[0]}/{planned}: {printable(now_phase[1])}{why}")
+            out(f"round {now_phase[0]}/{planned}: {printable(now_phase[1])}{why}"
+                + progress_text(status))
         phase = now_phase
+        gone = {str(k): str(v) for k, v in dict(status.get("dropped_out") or {}).items()}
+        for site, why in sorted(gone.items()):
+            if dropped_out.get(site) != why:
+                out(f"  {printable(site)} will send nothing more this round: {printable(why)}")
+        dropped_out = gone if going_on else {}
         contested = _say_changes(out, "contested", dict(status.get("contested") or {}),
                                  contested, going_on)
         sidelined = _say_changes(out, "sidelined", dict(status.get("sidelined") or {}),
@@ -1005,6 +1013,33 @@ def watch_job(call: Any, job_id: str, *, interval_s: float = 2.0,
         out(f"no report after {results_wait_s:g} s (the coordinator's audit log says why); "
             f"results so far: {', '.join(results) or 'none'}")
     return status
+
+
+def progress_key(status: dict[str, Any]) -> tuple[Any, ...]:
+    """What of the round in flight's progress (``jobs_status``: stage, reported,
+    waiting_for) makes `jobs watch` say its phase again when it changes."""
+    return (status.get("stage") or "", tuple(status.get("reported") or ()),
+            tuple(status.get("waiting_for") or ()))
+
+
+def progress_text(status: dict[str, Any], now: float | None = None) -> str:
+    """"; 2 of 3 in, waiting for hospital-c (deadline in 563 s)" for a round in
+    training, aggregation or evaluation (a coordinator before these fields: "")."""
+    waiting = [str(s) for s in status.get("waiting_for") or ()]
+    reported = [str(s) for s in status.get("reported") or ()]
+    if not waiting and not reported:
+        return ""
+    stage = f" {printable(status['stage'])}" if status.get("stage") else ""
+    text = f";{stage} {len(reported)} of {len(reported) + len(waiting)} in"
+    if waiting:
+        names = ", ".join(printable(s) for s in waiting[:5])
+        more = f" and {len(waiting) - 5} more" if len(waiting) > 5 else ""
+        text += f", waiting for {names}{more}"
+    deadline = status.get("phase_deadline_at")
+    if isinstance(deadline, int | float) and waiting:
+        left = deadline - (time.time() if now is None else now)
+        text += f" (deadline in {max(0.0, left):.0f} s)"
+    return text
 
 
 def _say_changes(out: Any, what: str, now: dict[str, str], said: dict[str, str],

@@ -458,7 +458,11 @@ def refuse_fitted_standardisation(plan: Plan, spec: Any, data: Any) -> None:
     training only).
 
     Raises: TaskRefusal: naming the data set, the setting, why, and the fix."""
-    from fedge.train.data import FITTED_STANDARDISE_MODES
+    from fedge.train.data import (
+        DP_FITTED_STANDARDISE_FIX,
+        DP_FITTED_STANDARDISE_WHY,
+        FITTED_STANDARDISE_MODES,
+    )
 
     if plan.privacy.get("dp") is None or data.standardiser is None:
         return
@@ -467,12 +471,8 @@ def refuse_fitted_standardisation(plan: Plan, spec: Any, data: Any) -> None:
         raise TaskRefusal(
             f"data set {spec.name!r} is standardised at this site with constants fitted "
             f"on its own training rows (agent.toml datasets.standardise = "
-            f"{spec.standardise!r}{default}): under the plan's privacy.dp (DP-SGD), "
-            "replacing one record would move every other record's features, so the "
-            "record-level epsilon would not hold. "
-            "Declare public constants instead: standardise = \"bounds\" with "
-            "feature_bounds = { column = [lo, hi], ... } for the continuous columns "
-            "(e.g. { age_at_index = [0, 120] }), or standardise = \"none\"")
+            f"{spec.standardise!r}{default}): {DP_FITTED_STANDARDISE_WHY}. "
+            f"Declare public constants instead: {DP_FITTED_STANDARDISE_FIX}")
 
 
 def train_config_dict(plan: Plan, seed: int) -> dict[str, Any]:

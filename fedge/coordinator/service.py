@@ -2100,16 +2100,6 @@ def submission_warnings(store: Store, plan: Plan,
         + _dp_standardise_warnings(store, plan, declared, inputs or {})
 
 
-# What a site says when it refuses DP-SGD on a data set standardised with constants
-# fitted on its own rows (fedge.agent.trainer.refuse_fitted_standardisation), and the fix
-DP_FITTED_STANDARDISE_RULE = (
-    "under the plan's privacy.dp (DP-SGD), replacing one record would move every other "
-    "record's features, so the record-level epsilon would not hold, and each such site "
-    "refuses to train. Declare public constants instead in their agent.toml: "
-    "standardise = \"bounds\" with feature_bounds = { column = [lo, hi], ... } for the "
-    "continuous columns (e.g. { age_at_index = [0, 120] }), or standardise = \"none\"")
-
-
 def _dp_standardise_warnings(store: Store, plan: Plan, declared: dict[str, tuple[str, ...]],
                              inputs: dict[str, DeclaredInputs]) -> list[str]:
     """submission_warnings' part on a DP-SGD plan (``privacy.dp``) against how the
@@ -2119,7 +2109,15 @@ def _dp_standardise_warnings(store: Store, plan: Plan, declared: dict[str, tuple
     every holder declared and every one is such a site (no round could train);
     otherwise a warning naming them (those sites are left out; the others may still
     make min_clients), as for the model's fit (:func:`_refuse_or_warn`)."""
-    from fedge.train.data import FITTED_STANDARDISE_MODES
+    from fedge.train.data import (
+        DP_FITTED_STANDARDISE_FIX,
+        DP_FITTED_STANDARDISE_WHY,
+        FITTED_STANDARDISE_MODES,
+    )
+
+    # in the words of a site's own refusal (fedge.agent.trainer), and the fix
+    rule = (f"{DP_FITTED_STANDARDISE_WHY}, and each such site refuses to train. Declare "
+            f"public constants instead in their agent.toml: {DP_FITTED_STANDARDISE_FIX}")
 
     dp = plan.privacy.get("dp")
     if dp is None:
@@ -2134,7 +2132,7 @@ def _dp_standardise_warnings(store: Store, plan: Plan, declared: dict[str, tuple
         lambda mode: ("standardised with constants fitted on each site's own training "
                       f"rows (datasets.standardise = {mode!r}"
                       + (", the default)" if mode == "continuous" else ")")),
-        DP_FITTED_STANDARDISE_RULE, plan.dataset)
+        rule, plan.dataset)
 
 
 def _privacy_floor_warnings(store: Store, plan: Plan,

@@ -443,6 +443,14 @@ class DatasetSpec:
 STANDARDISE_MODES = ("continuous", "all", "none", "bounds")
 # the modes whose constants are fitted on the site's training rows
 FITTED_STANDARDISE_MODES = ("continuous", "all")
+# why DP-SGD refuses them, and the fix: the site's refusal (fedge.agent.trainer) and
+# the coordinator's at submit (fedge.coordinator.service) say the same
+DP_FITTED_STANDARDISE_WHY = ("under the plan's privacy.dp (DP-SGD), replacing one record "
+                             "would move every other record's features, so the "
+                             "record-level epsilon would not hold")
+DP_FITTED_STANDARDISE_FIX = ("standardise = \"bounds\" with feature_bounds = { column = "
+                             "[lo, hi], ... } for the continuous columns (e.g. { "
+                             "age_at_index = [0, 120] }), or standardise = \"none\"")
 
 
 def _bounds_triples(bounds: Any) -> tuple[tuple[str, float, float], ...]:

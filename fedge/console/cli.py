@@ -53,19 +53,20 @@ def console_home(given: Path | None) -> Path:
 MAX_TIMEOUT_S = 86400.0
 
 
-def _seconds(what: str, *, at_most: float = float("inf")) -> Any:
-    """An argparse type: a finite number of seconds > 0 (and <= ``at_most``). NaN
-    compares False both ways, so it passed a `<= 0` check and reached a sleep or a
-    deadline that failed at once."""
+def _seconds(what: str, *, at_most: float = float("inf"), zero: bool = False) -> Any:
+    """An argparse type: a finite number of seconds > 0 (>= 0 with ``zero``; and <=
+    ``at_most``). NaN compares False both ways, so it passed a `<= 0` check and reached
+    a sleep or a deadline that failed at once."""
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{what} {text!r} is not a number of seconds"
                                              ) from None
-        if not 0 < value < float("inf"):
+        low_ok = value >= 0 if zero else value > 0  # False for NaN
+        if not low_ok or value == float("inf"):
             raise argparse.ArgumentTypeError(f"{what} {text} must be a finite number of "
-                                             "seconds > 0")
+                                             f"seconds {'>=' if zero else '>'} 0")
         if value > at_most:
             raise argparse.ArgumentTypeError(f"{what} {text} must be at most {at_most:g} "
                                              "seconds")
@@ -194,7 +195,8 @@ def register(subparsers: Any) -> None:
     s = jobs.add_parser("fetch", help="download a job's results (final model, ONNX, report)")
     s.add_argument("job_id")
     s.add_argument("--out", type=Path, default=Path("."))
-    s.add_argument("--wait", type=_wait_seconds, default=RESULTS_WAIT_S,
+    s.add_argument("--wait", type=_seconds("--wait", at_most=MAX_TIMEOUT_S, zero=True),
+                   default=RESULTS_WAIT_S,
                    help="seconds to wait for an ended job's ONNX export and report, "
                    "written after the job is marked ended (0: do not wait); if they are "
                    "not all written by then, what there is is fetched and the exit "
@@ -1205,19 +1207,6 @@ def _fetch_when_written(args: argparse.Namespace) -> tuple[Any, dict[str, bytes]
         if not (isinstance(result, dict) and result.get("pending")):
             return result, blobs
     return client.call("jobs_fetch", {"job_id": args.job_id})
-
-
-def _wait_seconds(text: str) -> float:
-    """An argparse type: `jobs fetch --wait`, a finite number of seconds >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--wait {text!r} is not a number of seconds"
-                                         ) from None
-    if not 0 <= value <= MAX_TIMEOUT_S:
-        raise argparse.ArgumentTypeError(f"--wait {text} must be from 0 to "
-                                         f"{MAX_TIMEOUT_S:g} seconds")
-    return value
 
 
 def push(store: Any, client: Any, file: Path, *, kind: str, name: str, version: str,

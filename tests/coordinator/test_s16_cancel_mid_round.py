@@ -7,11 +7,31 @@ codec and SQLite store in memory (tests/coordinator/conftest.py)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from fedge.coordinator.report import write_job_report
-from fedge.coordinator.rounds import Phase
+from fedge.coordinator.rounds import Phase, Round
 from fedge.wire import messages as m
 from tests.coordinator.test_federation_inproc import plan
+
+
+def _in_round_2(fed, stalled_by: type, until: Callable[[Round], bool]) -> str:
+    """A 3-round job whose round 1 committed and whose round 2 waits, c never
+    answering its ``stalled_by`` message, until ``until`` holds of the round. Its id."""
+    coord, st = fed.coord, fed.coord.store
+
+    async def go():
+        await fed.heartbeats()
+        job = coord.submit_job(plan(rounds=3, secure="false"), actor="test")
+        await fed.pump(until=lambda: st.job(job).committed_round >= 1)
+        fed.kill_hook = lambda site, body: site == "c" and isinstance(body, stalled_by)
+        await fed.pump(until=lambda: coord.runner is not None
+                       and coord.runner.round is not None and coord.runner.round.round == 2
+                       and until(coord.runner.round))
+        return job
+
+    return asyncio.run(go())
+
 
 
 def test_a_round_cut_short_by_a_cancel_is_recorded_as_a_cancelled_attempt(federation,
@@ -19,21 +39,9 @@ def test_a_round_cut_short_by_a_cancel_is_recorded_as_a_cancelled_attempt(federa
     fed = federation(["a", "b", "c"])
     coord, st = fed.coord, fed.coord.store
 
-    def in_round_2_two_trained() -> bool:
-        rnd = coord.runner.round if coord.runner is not None else None
-        return (rnd is not None and rnd.round == 2 and rnd.phase is Phase.TRAINING
-                and sorted(rnd.trained) == ["a", "b"])
-
-    async def go():
-        await fed.heartbeats()
-        job = coord.submit_job(plan(rounds=3, secure="false"), actor="test")
-        await fed.pump(until=lambda: st.job(job).committed_round >= 1)
-        # c never answers round 2's task: the round waits in training for it
-        fed.kill_hook = lambda site, body: site == "c" and isinstance(body, m.TrainTask)
-        await fed.pump(until=in_round_2_two_trained)
-        return job
-
-    job = asyncio.run(go())
+    # c never answers round 2's task: the round waits in training for it
+    job = _in_round_2(fed, m.TrainTask, lambda rnd: rnd.phase is Phase.TRAINING
+                      and sorted(rnd.trained) == ["a", "b"])
     started = coord.runner.round.started_at
     coord.cancel_job(job, actor="operator:alice")
     assert st.job(job).status == "cancelled"
@@ -61,25 +69,13 @@ def test_a_round_cut_short_by_a_cancel_is_recorded_as_a_cancelled_attempt(federa
     assert "| 3 | 0 |" in row and "2 of 3 site(s) had trained (a, b)" in row
 
 
-
 def test_jobs_watch_says_the_cut_round_was_cancelled_not_failed(federation):
     # the console printed every attempt that was not committed as "failed after"
     from fedge.console.cli import watch_job
 
     fed = federation(["a", "b", "c"])
-    coord, st = fed.coord, fed.coord.store
-
-    async def go():
-        await fed.heartbeats()
-        job = coord.submit_job(plan(rounds=3, secure="false"), actor="test")
-        await fed.pump(until=lambda: st.job(job).committed_round >= 1)
-        fed.kill_hook = lambda site, body: site == "c" and isinstance(body, m.TrainTask)
-        await fed.pump(until=lambda: coord.runner is not None
-                       and coord.runner.round is not None and coord.runner.round.round == 2
-                       and coord.runner.round.phase is Phase.TRAINING)
-        return job
-
-    job = asyncio.run(go())
+    coord = fed.coord
+    job = _in_round_2(fed, m.TrainTask, lambda rnd: rnd.phase is Phase.TRAINING)
     coord.cancel_job(job, actor="operator:alice")
     lines: list[str] = []
     status = watch_job(lambda op, args: (coord.job_status(job), {}), job, interval_s=0,
@@ -98,18 +94,8 @@ def test_a_round_cancelled_after_its_sum_was_formed_keeps_its_survivors(federati
     fed = federation(["a", "b", "c"])
     coord, st = fed.coord, fed.coord.store
 
-    async def go():
-        await fed.heartbeats()
-        job = coord.submit_job(plan(rounds=3, secure="false"), actor="test")
-        await fed.pump(until=lambda: st.job(job).committed_round >= 1)
-        # c never answers round 2's evaluation: the round waits, its sum formed
-        fed.kill_hook = lambda site, body: site == "c" and isinstance(body, m.EvalTask)
-        await fed.pump(until=lambda: coord.runner is not None
-                       and coord.runner.round is not None and coord.runner.round.round == 2
-                       and coord.runner.round.phase is Phase.EVALUATING)
-        return job
-
-    job = asyncio.run(go())
+    # c never answers round 2's evaluation: the round waits, its sum formed
+    job = _in_round_2(fed, m.EvalTask, lambda rnd: rnd.phase is Phase.EVALUATING)
     coord.cancel_job(job, actor="operator:alice")
     cut = st.rounds(job)[-1]
     assert (cut.round, cut.status, cut.survivors) == (2, "cancelled", ["a", "b", "c"])

@@ -9,27 +9,7 @@ from fedge.coordinator.plan import (
     PlanError,
     parse_plan,
 )
-
-PLAN = """
-[job]
-dataset = "cls"
-rounds = 2
-seed = 1
-[model]
-name = "{model}"
-params = {{ {params} }}
-[train]
-steps = 2
-batch_size = 8
-{train}
-[strategy]
-name = "{strategy}"
-"""
-
-
-def _plan(*, model: str = "logistic", params: str = "in_features = 4, classes = 2",
-          train: str = "", strategy: str = "fedavg") -> str:
-    return PLAN.format(model=model, params=params, train=train, strategy=strategy)
+from tests.coordinator.test_s16_plan_momentum import _plan
 
 
 @pytest.mark.parametrize("name", ["dp-fedavg", "DP-FedAvg", "dpfedavg", "dp_sgd", "dpsgd"])

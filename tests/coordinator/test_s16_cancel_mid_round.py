@@ -33,7 +33,6 @@ def _in_round_2(fed, stalled_by: type, until: Callable[[Round], bool]) -> str:
     return asyncio.run(go())
 
 
-
 def test_a_round_cut_short_by_a_cancel_is_recorded_as_a_cancelled_attempt(federation,
                                                                           tmp_path):
     fed = federation(["a", "b", "c"])

@@ -439,6 +439,12 @@ class Aggregation(Protocol):
         refusal included): what the attempt's record tells the operator."""
         ...
     @property
+    def answered(self) -> list[str]:
+        """The cohort sites whose answer to the aggregation's current step is in: their
+        plain update; in secure aggregation, their message of the session's current
+        stage (``jobs status``: the others not left out are still awaited)."""
+        ...
+    @property
     def threshold(self) -> int:
         """t, as AggregateBegin tells the sites (1 for a plain sum)."""
         ...
@@ -515,6 +521,10 @@ class PlainAggregation:
         return self._deadline
 
     @property
+    def answered(self) -> list[str]:
+        return sorted(self._vectors)
+
+    @property
     def threshold(self) -> int:
         return 1
 
@@ -580,8 +590,8 @@ class RoundProgress:
     phase: str
     stage: str  # the secure aggregation's stage while aggregating ("": none)
     cohort: list[str]
-    reported: list[str]  # answered the phase: update, aggregation input, evaluation
-    waiting_for: list[str]  # cohort sites still awaited in the phase
+    reported: list[str]  # answered the phase (while aggregating: its current stage)
+    waiting_for: list[str]  # cohort sites still awaited in the phase (or stage)
     dropped: dict[str, str]  # cohort sites that will send nothing more, and why
     deadline: float | None  # when the phase ends, on the round's clock
 
@@ -736,11 +746,12 @@ class Round:
 
     def progress(self) -> RoundProgress:
         """Where the round in flight stands (``jobs status``): in training, who sent its
-        update; in aggregation, whose input is in (the secure aggregation's stage
-        named); in evaluation, who answered everything asked (the final test too, in
-        the last round); each cohort site that will send nothing more with why; the
-        phase's deadline on the round's clock (None: none known). Before the cohort
-        forms, nobody is reported or waited for: the deadline is the cohort's."""
+        update; in aggregation, who answered its current step (a secure aggregation's
+        stage, named, with that stage's deadline); in evaluation, who answered
+        everything asked (the final test too, in the last round); each cohort site
+        that will send nothing more with why; the phase's deadline on the round's
+        clock (None: none known). Before the cohort forms, nobody is reported or
+        waited for: the deadline is the cohort's."""
         phase = self.phase
         cohort = list(self.cohort)
         gone = {s: why for s, why in self.dropped_reasons().items() if s in cohort}
@@ -756,9 +767,10 @@ class Round:
             stage = str(getattr(session, "stage", ""))
             deadline = getattr(session if session is not None else agg, "deadline", None)
             gone.update(agg.left_out if agg is not None else {})
-            # whose input is in the sum (past the masked-input stage: every site left)
-            reported = sorted(s for s in self._agg_cohort if s not in gone
-                              and agg is not None and not agg.awaits_input(s))
+            # who answered the current step (a secure aggregation's stage: its masked
+            # input, then its consistency signature, then its unmasking shares)
+            reported = sorted(s for s in (agg.answered if agg is not None else ())
+                              if s in self._agg_cohort and s not in gone)
         elif phase is Phase.EVALUATING:
             # a survivor refused, lost or invalid in evaluation has its empty result in
             # ``evals``: it is gone, not reported

@@ -98,6 +98,14 @@ class SecureAggregation:
         return (self.session is not None and self._failure is None
                 and self.session.awaits_masked_input(sender))
 
+    @property
+    def answered(self) -> list[str]:
+        """The sites whose answer to the session's current stage is in
+        (``ServerSession.answered``); none once the aggregation failed."""
+        if self.session is None or self._failure is not None:
+            return []
+        return self.session.answered
+
     def _checked(self, step: Any) -> list[tuple[str, Any]]:
         """The session's messages from ``step(session)``, or none once the sites that
         can still be in the sum are fewer than the plan's min_clients (module doc):

@@ -263,6 +263,13 @@ class ServerSession:
             return []
         return self._drop_now(sender, "it refused its part", now)
 
+    @property
+    def answered(self) -> list[str]:
+        """The clients whose answer to the current stage is in, sorted (read-only: what
+        ``jobs status`` reports); none before the start and once the round is over.
+        The stage still waits for the others alive (those not in ``dropped``)."""
+        return [] if self.done or self.stage == "Idle" else sorted(self._replied)
+
     def awaits_masked_input(self, client: str) -> bool:
         """Whether ``client``'s masked input can still come into the sum: the server
         has not taken it, is still collecting masked inputs (the stages up to

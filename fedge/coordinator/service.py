@@ -1901,7 +1901,9 @@ class Coordinator:
         phase = Phase(str(detail.get("phase")))
         cohort = [str(s) for s in detail.get("cohort", [])]
         trained = [str(s) for s in detail.get("trained", [])]
-        newest = self.store.audit_log(limit=1)
+        # the last the database heard before this process started: not an entry this
+        # process wrote (a job_resume_failed, a site's stale message) since
+        newest = self.store.audit_log(limit=1, until_id=self.store.audit_id_at_open)
         ended_at = float(newest[-1]["time"]) if newest else float(last[-1]["time"])
         said = (f"; {len(trained)} of {len(cohort)} site(s) had trained ({_names(trained)})"
                 if phase is not Phase.TRAINING else

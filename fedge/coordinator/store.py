@@ -302,15 +302,16 @@ def _audit_field(name: str) -> str:
 def read_audit(conn: sqlite3.Connection, *, actions: Sequence[str] = (),
                job: str | None = None, site: str | None = None, actor: str | None = None,
                since: float | None = None, limit: int = 1000,
-               scan: int | None = None) -> list[dict[str, Any]]:
+               scan: int | None = None, until_id: int | None = None) -> list[dict[str, Any]]:
     """The newest ``limit`` audit entries that match, oldest first: ``actions`` (any
     of them, exactly), ``job`` (a JSON detail's "job"), ``site`` (the actor, or a JSON
     detail's "site" or "accused": what a site did and what was found about it),
     ``actor`` (exactly: "operator:NAME", "coordinator", a site), ``since`` (a Unix
-    time: entries written at or after it). ``scan`` bounds the work: only the newest
-    ``scan`` entries are looked at, whatever matches (the admin channel answers on the
-    coordinator's event loop). Takes a connection, not a Store: `fedge coordinator
-    audit` reads a database opened read-only.
+    time: entries written at or after it), ``until_id`` (entries with an id at most
+    it: those written up to a given one, e.g. ``Store.audit_id_at_open``). ``scan``
+    bounds the work: only the newest ``scan`` entries are looked at, whatever matches
+    (the admin channel answers on the coordinator's event loop). Takes a connection,
+    not a Store: `fedge coordinator audit` reads a database opened read-only.
 
     Without ``scan``, ``actions`` (and ``job``) are read from the index
     audit_by_action_job, and any other query walks the table from the newest entry
@@ -342,6 +343,9 @@ def read_audit(conn: sqlite3.Connection, *, actions: Sequence[str] = (),
     if since is not None:
         where.append("time >= ?")
         args.append(since)
+    if until_id is not None:
+        where.append("id <= ?")
+        args.append(until_id)
     q = "SELECT id, time, actor, action, detail FROM audit"
     if where:
         q += " WHERE " + " AND ".join(where)
@@ -564,6 +568,7 @@ class Store:
         self._ledger_rose: set[str] = set()
         # a flagged site's reports at or above its mark in a row (LEDGER_CLEAR_REPORTS)
         self._ledger_streak: dict[str, int] = {}
+        self.audit_id_at_open = 0  # set by _open (the newest entry before it)
         try:
             self._conn = sqlite3.connect(
                 self.path, check_same_thread=False, isolation_level=None,
@@ -639,6 +644,10 @@ class Store:
             c.execute("INSERT INTO meta(key, value) VALUES ('schema_version', ?) "
                       "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
                       (str(SCHEMA_VERSION),))
+            # the newest entry written before this Store opened (0: none), by an
+            # earlier process: what a coordinator knows of its predecessor's last act
+            self.audit_id_at_open = int(
+                c.execute("SELECT coalesce(max(id), 0) FROM audit").fetchone()[0])
             if row is not None and version < SCHEMA_VERSION:
                 self._audit(c, "coordinator", "schema_migrated",
                             {"from": version, "to": SCHEMA_VERSION})
@@ -768,13 +777,14 @@ class Store:
     def audit_log(self, *, action: str | None = None, job: str | None = None,
                   limit: int = 1000, actions: Sequence[str] = (), site: str | None = None,
                   actor: str | None = None, since: float | None = None,
-                  scan: int | None = None) -> list[dict[str, Any]]:
+                  scan: int | None = None,
+                  until_id: int | None = None) -> list[dict[str, Any]]:
         """The newest ``limit`` entries, oldest first (:func:`read_audit`: ``action``
         and ``actions`` together are the actions asked for)."""
         wanted = (*actions, *(() if action is None else (action,)))
         with self._lock:
             return read_audit(self._conn, actions=wanted, job=job, site=site, actor=actor,
-                              since=since, limit=limit, scan=scan)
+                              since=since, limit=limit, scan=scan, until_id=until_id)
 
     # min and max in one SELECT make SQLite scan the whole table (its quick path takes
     # one aggregate alone): two subqueries read one row each, whatever the log's size

@@ -1867,7 +1867,8 @@ class Coordinator:
 
     def _record_phase(self, rnd: Round) -> None:
         """Audit ``round_phase``: the attempt ``rnd`` entered its current phase, with its
-        cohort (in aggregation and evaluation, the sites that had trained). What a
+        cohort (in aggregation and evaluation, the sites that had trained; in
+        evaluation, the sum's survivors: each released its update in it). What a
         coordinator restarted before the attempt ended knows of it
         (:meth:`_record_interrupted`). Best effort: a full disk costs the record."""
         detail: dict[str, Any] = {"job": rnd.job_id, "round": rnd.round,
@@ -1875,6 +1876,8 @@ class Coordinator:
                                   "cohort": list(rnd.cohort)}
         if rnd.phase is not Phase.TRAINING:
             detail["trained"] = sorted(rnd.trained)
+        if rnd.phase is Phase.EVALUATING:
+            detail["survivors"] = sorted(rnd.survivors)
         try:
             self.store.audit(SYSTEM, "round_phase", detail)
         except (StoreError, sqlite3.Error) as exc:
@@ -1901,6 +1904,8 @@ class Coordinator:
         phase = Phase(str(detail.get("phase")))
         cohort = [str(s) for s in detail.get("cohort", [])]
         trained = [str(s) for s in detail.get("trained", [])]
+        # the sum's, once formed (being evaluated): a release each (report.client_privacy)
+        survivors = [str(s) for s in detail.get("survivors", [])]
         # the last the database heard before this process started: not an entry this
         # process wrote (a job_resume_failed, a site's stale message) since
         newest = self.store.audit_log(limit=1, until_id=self.store.audit_id_at_open)
@@ -1916,7 +1921,7 @@ class Coordinator:
         self.store.interrupted_round(job_id, InterruptedAttempt(
             round=committed + 1, started_at=float(detail.get("started_at", ended_at)),
             ended_at=max(ended_at, float(detail.get("started_at", ended_at))),
-            cohort=cohort, reason=reason))
+            cohort=cohort, reason=reason, survivors=survivors))
         log.warning("job %s round %d attempt cut short by the coordinator's stop: %s",
                     job_id, committed + 1, printable(reason))
 

@@ -513,6 +513,9 @@ class InterruptedAttempt:
     ended_at: float
     cohort: list[str]
     reason: str
+    # the sites whose updates the round's sum held, when it was formed before the stop
+    # (the round was being evaluated): a release each (report.client_privacy)
+    survivors: list[str] = field(default_factory=list)
 
 
 class Store:
@@ -1212,8 +1215,8 @@ class Store:
                        cancelled_attempt: CancelledAttempt | None = None) -> None:
         """``cancelled_attempt`` (only with status "cancelled"): the round attempt the
         cancel cut short, recorded in the same transaction as a "cancelled" row of the
-        rounds table (its cohort, no survivors), so the report and ``jobs status`` show
-        it; it does not count among the job's failed attempts.
+        rounds table (its cohort; its survivors if its sum had been formed), so the
+        report and ``jobs status`` show it; it does not count among the job's failed attempts.
 
         Raises: StoreError: unknown job or status."""
         if status not in JOB_STATUSES:
@@ -1356,18 +1359,19 @@ class Store:
 
     def interrupted_round(self, job_id: str, attempt: InterruptedAttempt) -> None:
         """Record the attempt the coordinator's stop cut short as an "interrupted" row of
-        the rounds table (its cohort, no survivors), audited ``round_interrupted``; it
-        does not count among the job's failed attempts.
+        the rounds table (its cohort; its survivors if its sum had been formed),
+        audited ``round_interrupted``; it does not count among the job's failed
+        attempts.
 
         Raises: StoreError: unknown job."""
         with self._tx() as c:
             if c.execute("SELECT 1 FROM jobs WHERE job_id=?", (job_id,)).fetchone() is None:
                 raise StoreError(f"unknown job {job_id!r}")
             c.execute(
-                "INSERT INTO rounds VALUES (?, ?, ?, 'interrupted', ?, ?, ?, '[]', '{}', '', ?)",
+                "INSERT INTO rounds VALUES (?, ?, ?, 'interrupted', ?, ?, ?, ?, '{}', '', ?)",
                 (job_id, attempt.round, self._next_attempt(c, job_id, attempt.round),
                  attempt.started_at, attempt.ended_at, json.dumps(list(attempt.cohort)),
-                 attempt.reason))
+                 json.dumps(list(attempt.survivors)), attempt.reason))
             self._audit(c, "coordinator", "round_interrupted",
                         {"job": job_id, "round": attempt.round, "reason": attempt.reason})
 

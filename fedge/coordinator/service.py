@@ -135,6 +135,10 @@ ROSTER_FILE = "roster.json"
 
 SYSTEM = "coordinator"
 REPLAY_WINDOW = 4096  # message ids remembered per site
+# the last sentence of a submission check's refusal at submit; at a queued job's start
+# the job was submitted, and the coordinator says instead that it did not start it
+NOTHING_SUBMITTED = "Nothing was submitted"
+NOT_STARTED = "The job was not started"
 FINISH_RETRY_S = 10.0  # a job whose final checkpoint could not be written is retried this often
 LOCKED_RETRY_S = 1.0  # ... a round commit the database's lock refused, this often
 # An attempt at a round that failed is followed by the next one no sooner than this
@@ -1748,7 +1752,9 @@ class Coordinator:
             self.store.set_job_status(job.job_id, "failed", actor=SYSTEM, error=str(exc))
             return
         except CoordinatorError as exc:
-            error = f"refused when it was to start, by the submission checks: {exc}"
+            why = str(exc).removesuffix(NOTHING_SUBMITTED).rstrip()
+            error = (f"refused when it was to start, by the submission checks: {why} "
+                     f"{NOT_STARTED}")
             log.error("job %s failed: %s", job.job_id, printable(error))
             self.store.set_job_status(job.job_id, "failed", actor=SYSTEM, error=error)
             return
@@ -2202,7 +2208,7 @@ def _check_cohort_size(store: Store, plan: Plan, declared: dict[str, tuple[str, 
         f"{': ' + _names(holders) if holders else ''}; {len(enrolled) - len(known)} "
         "not heard from yet): each site refuses DP-FedAvg noise sized for a cohort larger "
         f"than the one it is in. Set cohort_size <= {possible}, or enrol more sites "
-        "first. Nothing was submitted")
+        f"first. {NOTHING_SUBMITTED}")
 
 
 # The data-set tasks each model's output fits (fedge.train.api._task and
@@ -2337,7 +2343,7 @@ def _refuse_or_warn(field: str, value: Any, misfit: dict[str, Any], declared: di
             f"(agent.toml [[datasets]]); {rule}")
     if len(misfit) == len(declared) and not silent:
         raise CoordinatorError(f"{head}. Every site holding it would refuse the job. "
-                               "Nothing was submitted")
+                               f"{NOTHING_SUBMITTED}")
     fit = len(declared) - len(misfit)
     parts = [f"{head}. Those sites will refuse its tasks"]
     if fit:
@@ -2365,7 +2371,7 @@ def _dataset_warnings(store: Store, plan: Plan,
             f"this data set; the {len(known)} site(s) heard from declare "
             f"{_declared(known)}, and the {len(enrolled) - len(known)} not heard "
             f"from yet could not make job.min_clients = {plan.min_clients} even if "
-            "they all held it. Nothing was submitted")
+            f"they all held it. {NOTHING_SUBMITTED}")
     if len(holders) >= plan.min_clients:
         return []
     who = f" ({_names(holders)})" if holders else ""

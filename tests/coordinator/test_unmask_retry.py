@@ -125,8 +125,10 @@ def test_a_round_unmasked_before_a_crash_waits_for_all_its_survivors_and_names_t
     assert "a sum over another set would reveal a difference" in failed.reason
     assert "waiting for d (not connected)" in failed.reason
     assert st.job(job).status == "completed", st.job(job).error
-    # the attempt the crash cut short is recorded as interrupted (review s16 L1)
-    assert history(fed, job) == [(1, "committed", sites, sites), (2, "interrupted", sites, []),
+    # the attempt the crash cut short is recorded as interrupted (review s16 L1), with
+    # the survivors of its sum, formed and revealed before the crash (diffreview2 L2)
+    assert history(fed, job) == [(1, "committed", sites, sites),
+                                 (2, "interrupted", sites, sites),
                                  (2, "failed", [], []), (2, "committed", sites, sites),
                                  (3, "committed", sites, sites)]
     assert final_weights(fed, job) == final_weights(reference, ref_job)
@@ -158,7 +160,7 @@ def test_a_retry_of_an_unmasked_round_never_starts_with_a_superset_either(federa
     st = fed.coord.store
     assert st.job(job).status == "completed", st.job(job).error
     abc, abce = ["a", "b", "c"], ["a", "b", "c", "e"]
-    assert history(fed, job) == [(1, "committed", abc, abc), (2, "interrupted", abc, []),
+    assert history(fed, job) == [(1, "committed", abc, abc), (2, "interrupted", abc, abc),
                                  (2, "committed", abc, abc), (3, "committed", abce, abce)]
 
 

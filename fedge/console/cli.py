@@ -909,7 +909,6 @@ def watch_job(call: Any, job_id: str, *, interval_s: float = 2.0,
     sidelined: dict[str, str] = {}  # jobs_status's, as last printed
     blockers: dict[str, str] = {}  # jobs_status's BLOCKERS, as last printed
     retry: tuple[Any, ...] | None = None  # (round, attempt) of the pause last printed
-    dropped_out: dict[str, str] = {}  # the round in flight's, as last said
     while True:
         status, _ = ask("jobs_status", {"job_id": job_id})
         planned = status.get("rounds_planned")
@@ -970,11 +969,6 @@ def watch_job(call: Any, job_id: str, *, interval_s: float = 2.0,
             out(f"round {now_phase[0]}/{planned}: {printable(now_phase[1])}{why}"
                 + progress_text(status))
         phase = now_phase
-        gone = {str(k): str(v) for k, v in dict(status.get("dropped_out") or {}).items()}
-        for site, why in sorted(gone.items()):
-            if dropped_out.get(site) != why:
-                out(f"  {printable(site)} will send nothing more this round: {printable(why)}")
-        dropped_out = gone if going_on else {}
         contested = _say_changes(out, "contested", dict(status.get("contested") or {}),
                                  contested, going_on)
         sidelined = _say_changes(out, "sidelined", dict(status.get("sidelined") or {}),
@@ -1028,26 +1022,35 @@ def progress_key(status: dict[str, Any]) -> tuple[Any, ...]:
     """What of the round in flight's progress (``jobs_status``: stage, reported,
     waiting_for) makes `jobs watch` say its phase again when it changes."""
     return (status.get("stage") or "", tuple(status.get("reported") or ()),
-            tuple(status.get("waiting_for") or ()))
+            tuple(status.get("waiting_for") or ()),
+            tuple(sorted(dict(status.get("dropped_out") or {}))))
 
 
 def progress_text(status: dict[str, Any], now: float | None = None) -> str:
-    """"; 2 of 3 in, waiting for hospital-c (deadline in 563 s)" for a round in
-    training, aggregation or evaluation (a coordinator before these fields: "")."""
+    """"; 2 of 3 in, waiting for hospital-c (deadline in 563 s); out: hospital-d"
+    for a round in training, aggregation or evaluation (a coordinator before these
+    fields: ""). The sites out of the round (``dropped_out``) are named only: why is
+    said once the attempt ends (and at once for a contested site)."""
     waiting = [str(s) for s in status.get("waiting_for") or ()]
     reported = [str(s) for s in status.get("reported") or ()]
+    gone = sorted(str(s) for s in dict(status.get("dropped_out") or {}))
     if not waiting and not reported:
         return ""
+
+    def names(sites: list[str]) -> str:
+        more = f" and {len(sites) - 5} more" if len(sites) > 5 else ""
+        return ", ".join(printable(s) for s in sites[:5]) + more
+
     stage = f" {printable(status['stage'])}" if status.get("stage") else ""
     text = f";{stage} {len(reported)} of {len(reported) + len(waiting)} in"
     if waiting:
-        names = ", ".join(printable(s) for s in waiting[:5])
-        more = f" and {len(waiting) - 5} more" if len(waiting) > 5 else ""
-        text += f", waiting for {names}{more}"
+        text += f", waiting for {names(waiting)}"
     deadline = status.get("phase_deadline_at")
     if isinstance(deadline, int | float) and waiting:
         left = deadline - (time.time() if now is None else now)
         text += f" (deadline in {max(0.0, left):.0f} s)"
+    if gone:
+        text += f"; out: {names(gone)}"
     return text
 
 

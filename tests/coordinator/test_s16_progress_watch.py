@@ -49,4 +49,7 @@ def test_the_progress_text_names_at_most_five_and_counts_the_rest():
     assert progress_text(status, now=940.0) == (
         "; MaskedInput 1 of 8 in, waiting for b, c, d, e, f and 2 more (deadline in 60 s)")
     assert progress_text({"reported": ["a", "b"], "waiting_for": []}) == "; 2 of 2 in"
+    assert progress_text({"reported": ["a"], "waiting_for": [],
+                          "dropped_out": {"c": "lost", "b": "refused"}}) == (
+        "; 1 of 1 in; out: b, c")  # why: once the attempt ends
     assert progress_text({}) == ""  # a coordinator before these fields

@@ -61,8 +61,10 @@ def test_coordinator_killed_after_the_reveal_retries_the_round_over_the_same_sur
     attempts = [(r["status"], json.loads(r["cohort_json"]), json.loads(r["survivors_json"]))
                 for r in rs if r["round"] == 2]
     # never a cohort other than S: no attempt with site-0..2 alone (whose reveal they
-    # would refuse), and the round summed over S
-    assert attempts == [("committed", everyone, everyone)], (attempts, fed.dump())
+    # would refuse), and the round summed over S; the attempt the kill cut short is
+    # recorded as interrupted, with the survivors of its revealed sum
+    assert attempts == [("interrupted", everyone, everyone),
+                        ("committed", everyone, everyone)], (attempts, fed.dump())
     a = ck.load_checkpoint(ck.final_path(fed.coord_dir, uninterrupted)).weights
     b = ck.load_checkpoint(ck.final_path(fed.coord_dir, interrupted)).weights
     assert a.tobytes() == b.tobytes()

@@ -838,13 +838,30 @@ class AuditUnreadable(OSError):
     """A record file of the audit trail exists but cannot be read (names it)."""
 
 
+SNAPSHOT_TRIES = 20  # read_snapshot's opens, while rotations keep overtaking them
+
+
 def read_snapshot(paths: list[Path]) -> list[bytes | None]:
     """Each file's bytes (None where there is none), every file opened before any is
     read, and a file renamed onto the next between two opens (the update audit's
     rotation, by the running agent) read once: a file is left out when an earlier one
     of `paths` is the same file. Give the current audit file before its ``.1``.
 
+    Two rotations between two opens would pair the current file with a newer ``.1``
+    (its records after the current one's): the opens are made again while a file
+    opened is neither at one of `paths` any more nor the same as a later one opened
+    (at most SNAPSHOT_TRIES times; an agent rotates once per AUDIT_ROTATE_BYTES).
+
     Raises: AuditUnreadable: a file exists but cannot be opened or read (names it)."""
+    for _ in range(SNAPSHOT_TRIES - 1):
+        fds = _open_all(paths)
+        if _consistent(paths, fds):
+            return _read_once(paths, fds)
+        _close_all(fds)
+    return _read_once(paths, _open_all(paths))
+
+
+def _open_all(paths: list[Path]) -> list[int | None]:
     fds: list[int | None] = []
     try:
         for path in paths:
@@ -854,6 +871,41 @@ def read_snapshot(paths: list[Path]) -> list[bytes | None]:
                 fds.append(None)
             except OSError as exc:
                 raise AuditUnreadable(f"{path} cannot be read: {exc.strerror or exc}") from exc
+    except BaseException:
+        _close_all(fds)
+        raise
+    return fds
+
+
+def _close_all(fds: list[int | None]) -> None:
+    for fd in fds:
+        if fd is not None:
+            os.close(fd)
+
+
+def _consistent(paths: list[Path], fds: list[int | None]) -> bool:
+    """Whether each file opened but the last is still at one of `paths`, or is a later
+    one opened (renamed onto the next path between the two opens): no file was
+    rotated away twice between the opens (what becomes of the last after its open
+    does not matter; a check made late may also find an earlier one rotated twice
+    since, and the opens are made again for nothing)."""
+    def ident(st: os.stat_result) -> tuple[int, int]:
+        return st.st_dev, st.st_ino
+
+    there = set()
+    for path in paths:
+        try:
+            there.add(ident(os.stat(path)))
+        except OSError:
+            continue
+    opened = [ident(os.fstat(fd)) if fd is not None else None for fd in fds]
+    return all(o is None or o in there or o in opened[i + 1:]
+               for i, o in enumerate(opened[:-1]))
+
+
+def _read_once(paths: list[Path], fds: list[int | None]) -> list[bytes | None]:
+    """read_snapshot's reading of the files `fds` opened (closed after)."""
+    try:
         seen: set[tuple[int, int]] = set()
         out: list[bytes | None] = []
         for path, fd in zip(paths, fds, strict=True):
@@ -872,9 +924,7 @@ def read_snapshot(paths: list[Path]) -> list[bytes | None]:
                 raise AuditUnreadable(f"{path} cannot be read: {exc.strerror or exc}") from exc
         return out
     finally:
-        for fd in fds:
-            if fd is not None:
-                os.close(fd)
+        _close_all(fds)
 
 
 def retryable(outcome: UpdateOutcome) -> bool:

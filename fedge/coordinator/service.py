@@ -2211,14 +2211,6 @@ def _check_cohort_size(store: Store, plan: Plan, declared: dict[str, tuple[str, 
         f"first. {NOTHING_SUBMITTED}")
 
 
-# The data-set tasks each model's output fits (fedge.train.api._task and
-# fedge.train.model_names.TASK_OF_MODEL; "mlp" follows the data set's task).
-_TASKS_OF_KIND = {
-    "survival": ("survival",),
-    "classification": ("binary", "multiclass"),
-    "regression": ("regression", "binary", "multiclass"),  # a logit is a real output
-    "any": ("binary", "multiclass", "regression", "survival"),
-}
 _CLASSIFICATION_TASKS = ("binary", "multiclass")
 
 
@@ -2227,7 +2219,7 @@ def _model_fit_warnings(store: Store, plan: Plan, declared: dict[str, tuple[str,
     """submission_warnings' part on the model against the data set's declared task
     and input shape; raises as it does."""
     from fedge.coordinator.plan import model_input_shape
-    from fedge.train.model_names import TASK_OF_MODEL
+    from fedge.train.model_names import TASK_OF_MODEL, TASKS_OF_KIND
 
     enrolled = {a.site_id for a in store.appliances() if a.status == "enrolled"}
     # every enrolled site heard holding the data set, whether or not it said more: an
@@ -2239,9 +2231,9 @@ def _model_fit_warnings(store: Store, plan: Plan, declared: dict[str, tuple[str,
               if s in inputs and plan.dataset in inputs[s].input_shapes}
     found: list[str] = []
     kind = TASK_OF_MODEL.get(plan.model_name, "any")
-    fits = _TASKS_OF_KIND.get(kind, _TASKS_OF_KIND["any"])
+    fits = TASKS_OF_KIND.get(kind, TASKS_OF_KIND["any"])
     known_tasks = {s: t for s, t in tasks.items()
-                   if t in _TASKS_OF_KIND["any"]}  # a task of a later release: not judged
+                   if t in TASKS_OF_KIND["any"]}  # a task of a later release: not judged
     silent_tasks = [s for s in holders if s not in known_tasks]
     misfit = {s: t for s, t in known_tasks.items() if t not in fits}
     found += _refuse_or_warn(

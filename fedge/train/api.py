@@ -40,7 +40,8 @@ import torch
 
 from fedge.train import metrics as M
 from fedge.train.accounting import DP_FEDAVG, DP_SGD, NO_DP
-from fedge.train.data import TASKS, DatasetSpec, SiteData, Split, load_site_data
+from fedge.train.data import DatasetSpec, SiteData, Split, load_site_data
+from fedge.train.model_names import TASKS_OF_KIND
 from fedge.train.models import (
     TASK_OF_MODEL,
     ModelSpec,
@@ -293,19 +294,6 @@ def _seed(*parts: object) -> int:
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
 
 
-# The data-set tasks each kind of model (TASK_OF_MODEL) trains on here, with the loss
-# of the data set's task: a survival model only on survival data (its loss needs
-# times and events); a classifier only on labels, since on a regression target it
-# would train as a regression under the classifier's name, and its exported model
-# would say its output is a logit; a regression model also on labels (its outputs
-# serve as the logits). The coordinator's submit check holds the same table
-# (fedge.coordinator.service._TASKS_OF_KIND).
-_TASKS_OF_KIND: dict[str, tuple[str, ...]] = {
-    "survival": ("survival",),
-    "classification": ("binary", "multiclass"),
-    "regression": ("regression", "binary", "multiclass"),
-    "any": TASKS,
-}
 _KIND_WORDS = {
     "survival": "a Cox (survival) model, whose output is a log-risk",
     "classification": "a classifier, whose output is logits over class labels",
@@ -334,7 +322,7 @@ def _task(spec: ModelSpec, data: SiteData) -> str:
             not fit the site's data.
     """
     kind = TASK_OF_MODEL[spec.name]
-    if data.task not in _TASKS_OF_KIND[kind]:
+    if data.task not in TASKS_OF_KIND[kind]:
         use = _models_for_task(data.task)
         raise ValueError(
             f"data set {data.name!r} is a {data.task} task at this site but model "

@@ -17,6 +17,7 @@ from typing import Any, Literal
 __all__ = [
     "MODEL_NAMES",
     "MODEL_PARAMS",
+    "TASKS_OF_KIND",
     "TASK_OF_MODEL",
     "ModelParam",
     "ModelParamError",
@@ -36,6 +37,20 @@ TASK_OF_MODEL: dict[str, str] = {
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(TASK_OF_MODEL)
+
+# The data-set tasks (fedge.train.data.TASKS) each kind of model above trains on, with
+# the loss of the data set's task: a survival model only on survival data (its loss
+# needs times and events); a classifier only on labels (on a regression target it
+# would train as a regression under the classifier's name, and its exported model
+# would say its output is a logit); a regression model also on labels (its outputs
+# serve as the logits). The sites refuse the rest before training (fedge.train.api),
+# the coordinator at submit (fedge.coordinator.service).
+TASKS_OF_KIND: dict[str, tuple[str, ...]] = {
+    "survival": ("survival",),
+    "classification": ("binary", "multiclass"),
+    "regression": ("regression", "binary", "multiclass"),
+    "any": ("survival", "binary", "multiclass", "regression"),
+}
 
 
 @dataclass(frozen=True)

@@ -17,22 +17,8 @@ import onnxruntime as ort
 from fedge.cli import main
 from fedge.coordinator import checkpoint as ck
 from fedge.coordinator.process import finish_job
+from tests.console.test_s16_watch_exit_codes import PLAN  # one round, cox_linear on 3
 
-PLAN = """
-[job]
-dataset = "fed_tcga_brca"
-rounds = 1
-min_clients = 2
-[model]
-name = "cox_linear"
-params = { in_features = 3 }
-[train]
-epochs = 1
-batch_size = 32
-learning_rate = 0.01
-[strategy]
-name = "fedavg"
-"""
 RESULTS = {"final.safetensors", "model.onnx", "report.json", "report.md"}
 
 

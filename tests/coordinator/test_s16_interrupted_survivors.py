@@ -14,25 +14,17 @@ from fedge.coordinator.report import client_privacy
 from fedge.coordinator.rounds import Phase
 from fedge.wire import messages as m
 from tests.coordinator.test_federation_inproc import plan
+from tests.coordinator.test_s16_progress_restart_mid_round import run_into_round_2
 
 
 def test_an_attempt_interrupted_while_evaluated_keeps_its_sums_survivors(federation):
     fed = federation(["a", "b", "c"])
 
-    def round_2_evaluated() -> bool:
-        rnd = fed.coord.runner.round if fed.coord.runner is not None else None
-        return rnd is not None and rnd.round == 2 and rnd.phase is Phase.EVALUATING
-
-    async def first():
-        await fed.heartbeats()
-        job = fed.coord.submit_job(plan(rounds=2, secure="true"), actor="test")
-        await fed.pump(until=lambda: fed.coord.store.job(job).committed_round >= 1)
-        # c never answers round 2's evaluation: the round waits there, its sum formed
-        fed.kill_hook = lambda site, body: site == "c" and isinstance(body, m.EvalTask)
-        await fed.pump(until=round_2_evaluated)
-        return job
-
-    job = asyncio.run(first())
+    # c never answers round 2's evaluation (it answers round 1's): the round waits
+    # there, its sum formed
+    fed.kill_hook = lambda site, body: (site == "c" and isinstance(body, m.EvalTask)
+                                        and fed.coord.runner.round.round == 2)
+    job = run_into_round_2(fed, Phase.EVALUATING, secure="true")
     assert fed.coord.runner.round.survivors == ["a", "b", "c"]
     fed.clock.t += 3.0  # the coordinator is down a while
     coord = fed.restart()
@@ -66,17 +58,7 @@ def test_an_attempt_interrupted_while_evaluated_keeps_its_sums_survivors(federat
 def test_an_attempt_interrupted_before_its_sum_keeps_no_survivors(federation):
     fed = federation(["a", "b", "c"])
 
-    def round_2_summing() -> bool:
-        rnd = fed.coord.runner.round if fed.coord.runner is not None else None
-        return rnd is not None and rnd.round == 2 and rnd.phase is Phase.AGGREGATING
-
-    async def first():
-        await fed.heartbeats()
-        job = fed.coord.submit_job(plan(rounds=2, secure="true"), actor="test")
-        await fed.pump(until=round_2_summing)
-        return job
-
-    job = asyncio.run(first())
+    job = run_into_round_2(fed, Phase.AGGREGATING, secure="true")
     coord = fed.restart()
     st = coord.store
 

@@ -15,21 +15,27 @@ from fedge.coordinator.rounds import Phase
 from tests.coordinator.test_federation_inproc import plan
 
 
+def run_into_round_2(fed, phase: Phase, *, secure: str) -> str:
+    """A 2-round job submitted and run until its round 2 is in ``phase`` (a kill_hook
+    set beforehand holds it there). Its id."""
+    def there() -> bool:
+        rnd = fed.coord.runner.round if fed.coord.runner is not None else None
+        return rnd is not None and rnd.round == 2 and rnd.phase is phase
+
+    async def first():
+        await fed.heartbeats()
+        job = fed.coord.submit_job(plan(rounds=2, secure=secure), actor="test")
+        await fed.pump(until=there)
+        return job
+
+    return asyncio.run(first())
+
+
 def test_an_attempt_cut_short_by_a_restart_is_recorded_as_interrupted(federation,
                                                                       tmp_path):
     fed = federation(["a", "b", "c"])
 
-    def in_round_2_summing() -> bool:
-        rnd = fed.coord.runner.round if fed.coord.runner is not None else None
-        return rnd is not None and rnd.round == 2 and rnd.phase is Phase.AGGREGATING
-
-    async def first():
-        await fed.heartbeats()
-        job = fed.coord.submit_job(plan(rounds=2, secure="false"), actor="test")
-        await fed.pump(until=in_round_2_summing)
-        return job
-
-    job = asyncio.run(first())
+    job = run_into_round_2(fed, Phase.AGGREGATING, secure="false")
     started = fed.coord.runner.round.started_at
     fed.clock.t += 3.0  # the coordinator is down a while
     coord = fed.restart()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from fedge.transport.heartbeat import HeartbeatConfig
+from fedge.transport.heartbeat import ZMTP_TIMEOUT_FLOOR, HeartbeatConfig
 
 #: Bytes CurveZMQ adds to a frame on the wire ("\x07MESSAGE", nonce, MAC, flags),
 #: which ZMQ_MAXMSGSIZE counts; rounded up.
@@ -21,6 +23,18 @@ CURVE_FRAME_OVERHEAD = 64
 #: long coordinator stall into a crash.  Bigger messages are bounded by the
 #: server's reader (whole-message limit) and its byte-bounded queue instead.
 RCVHWM = 1000
+
+#: The largest ZMQ_HEARTBEAT_TTL libzmq takes, in milliseconds: it keeps the TTL
+#: in deciseconds in a uint16 (options.cpp), so 65535 * 100 + 99 ms; above it
+#: setsockopt fails with EINVAL.  ``apply_common`` sets the TTL (and
+#: ZMQ_HEARTBEAT_TIMEOUT) to ``max(timeout_s, ZMTP_TIMEOUT_FLOOR)`` in ms.
+HEARTBEAT_TTL_MAX_MS = 65535 * 100 + 99
+#: The largest heartbeat ``timeout_s`` the sockets can be given (6553.599 s).
+HEARTBEAT_TTL_MAX_S = HEARTBEAT_TTL_MAX_MS / 1000
+#: ZMQ_HEARTBEAT_IVL and ZMQ_HEARTBEAT_TIMEOUT are C ints of milliseconds.
+HEARTBEAT_IVL_MAX_MS = 2**31 - 1
+#: The largest heartbeat ``interval_s`` the sockets can be given (2147483.647 s).
+HEARTBEAT_IVL_MAX_S = HEARTBEAT_IVL_MAX_MS / 1000
 
 EVENT_NAMES = {
     getattr(zmq, n): n.removeprefix("EVENT_") for n in dir(zmq) if n.startswith("EVENT_")
@@ -64,6 +78,47 @@ def check_endpoint(endpoint: object) -> str:
             f"endpoint {endpoint!r} must be tcp://HOST:PORT with PORT in 1..65535"
         )
     return endpoint
+
+
+def check_heartbeat(
+    interval_s: object, timeout_s: object, *, section: str = "[heartbeat]"
+) -> tuple[float, float]:
+    """A config's ``[heartbeat] interval_s, timeout_s`` as floats, if the sockets take them.
+
+    Checked here, at load, because a value libzmq refuses only fails when the
+    socket is made, inside the client's supervisor task, where nobody sees it.
+
+    Raises:
+        ValueError: a value that is not a finite number of seconds, not > 0,
+            above what libzmq holds (``HEARTBEAT_IVL_MAX_S``,
+            ``HEARTBEAT_TTL_MAX_S``), or a timeout not above the interval;
+            the message names ``section`` and the key, e.g.
+            "[heartbeat] timeout_s = 7000 is above 6553.599 s, the most
+            ZeroMQ's heartbeat TTL holds".
+    """
+    values: dict[str, float] = {}
+    for key, v in (("interval_s", interval_s), ("timeout_s", timeout_s)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"{section} {key} = {v!r} must be a number of seconds, like 5.0")
+        if not math.isfinite(v) or not v > 0:
+            raise ValueError(f"{section} {key} = {v!r} must be a number of seconds > 0")
+        values[key] = float(v)
+    interval, timeout = values["interval_s"], values["timeout_s"]
+    if int(interval * 1000) > HEARTBEAT_IVL_MAX_MS:
+        raise ValueError(
+            f"{section} interval_s = {interval_s!r} is above {HEARTBEAT_IVL_MAX_S} s, the most "
+            "ZeroMQ's heartbeat interval (a C int of milliseconds) holds"
+        )
+    if int(max(timeout, ZMTP_TIMEOUT_FLOOR) * 1000) > HEARTBEAT_TTL_MAX_MS:
+        raise ValueError(
+            f"{section} timeout_s = {timeout_s!r} is above {HEARTBEAT_TTL_MAX_S} s, the most "
+            "ZeroMQ's heartbeat TTL holds"
+        )
+    if not timeout > interval:
+        raise ValueError(
+            f"{section} timeout_s = {timeout_s!r} must exceed interval_s = {interval_s!r}"
+        )
+    return interval, timeout
 
 
 def check_max_message_bytes(value: int | None) -> int | None:

@@ -87,7 +87,9 @@ def load_config(path: str | Path) -> CoordinatorConfig:
     """
     p = Path(path)
     try:
-        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        # utf-8-sig: a byte-order mark, as Windows editors save UTF-8, is dropped (it
+        # was "Invalid statement (at line 1, column 1)")
+        raw = tomllib.loads(p.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError as exc:  # binary, or UTF-16 as Windows Notepad saves it
         byte = exc.object[exc.start]
         raise ConfigError(f"coordinator config {p} is not UTF-8 text: byte 0x{byte:02x} at "

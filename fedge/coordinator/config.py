@@ -42,6 +42,7 @@ from __future__ import annotations
 import json
 import os
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,15 +99,18 @@ def load_config(path: str | Path) -> CoordinatorConfig:
         raise ConfigError(f"cannot read coordinator config {p}: {exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"coordinator config {p} is not valid TOML: {exc}") from exc
+    def bad(rule: str) -> ConfigError:
+        """An error naming this file, then the key and the rule."""
+        return ConfigError(f"coordinator config {p}: {rule}")
+
     for key in raw:
         if key not in _KEYS:
-            raise ConfigError(f"coordinator config key {key!r} is unknown; known: "
-                              f"{', '.join(_KEYS)}")
+            raise bad(f"key {key!r} is unknown; known: {', '.join(_KEYS)}")
     base = p.parent
 
     def rel(v: Any, key: str) -> Path:
         if not isinstance(v, str) or not v:
-            raise ConfigError(f"coordinator config {key} = {v!r} must be a non-empty path")
+            raise bad(f"{key} = {v!r} must be a non-empty path")
         q = Path(v)
         return q if q.is_absolute() else base / q
 
@@ -122,19 +126,18 @@ def load_config(path: str | Path) -> CoordinatorConfig:
             raw["provision"] = str(found[0].absolute())  # not relative to `base` again
     bind = raw.get("bind", "tcp://0.0.0.0:7700")
     if not isinstance(bind, str) or "://" not in bind:
-        raise ConfigError(f"coordinator config bind = {bind!r} must be a ZeroMQ endpoint "
-                          "like tcp://0.0.0.0:7700")
+        raise bad(f"bind = {bind!r} must be a ZeroMQ endpoint like tcp://0.0.0.0:7700")
     hb = raw.get("heartbeat", {})
     if not isinstance(hb, dict) or set(hb) - {"interval_s", "timeout_s"}:
-        raise ConfigError(f"coordinator config [heartbeat] = {hb!r} takes interval_s, timeout_s")
-    interval = _pos(hb.get("interval_s", 1.0), "heartbeat.interval_s")
-    timeout = _pos(hb.get("timeout_s", 5.0), "heartbeat.timeout_s")
+        raise bad(f"[heartbeat] = {hb!r} takes interval_s, timeout_s")
+    interval = _pos(hb.get("interval_s", 1.0), "[heartbeat] interval_s", bad)
+    timeout = _pos(hb.get("timeout_s", 5.0), "[heartbeat] timeout_s", bad)
     if timeout <= interval:
-        raise ConfigError(f"heartbeat.timeout_s = {timeout} must exceed interval_s = {interval}")
-    tick_s = _pos(raw.get("tick_s", 0.05), "tick_s")
+        raise bad(f"[heartbeat] timeout_s = {timeout:g} must exceed interval_s = {interval:g}")
+    tick_s = _pos(raw.get("tick_s", 0.05), "tick_s", bad)
     if tick_s > MAX_TICK_S:  # a loop turn waits tick_s: SIGTERM would wait that long too
-        raise ConfigError(f"tick_s = {tick_s!r} must be at most {MAX_TICK_S:g} (each loop turn "
-                          "waits that long; a stop would too, past systemd's TimeoutStopSec)")
+        raise bad(f"tick_s = {tick_s!r} must be at most {MAX_TICK_S:g} (each loop turn waits "
+                  "that long; a stop would too, past systemd's TimeoutStopSec)")
     provision: dict[str, Any] = {}
     if "provision" in raw:
         pp = rel(raw["provision"], "provision")
@@ -144,8 +147,7 @@ def load_config(path: str | Path) -> CoordinatorConfig:
             roster = provision.get("roster", "").encode()
             roster_pk = bytes.fromhex(provision["roster_public_key"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ConfigError(f"provision file {pp} is unreadable or lacks a field: "
-                              f"{exc}") from exc
+            raise bad(f"provision file {pp} is unreadable or lacks a field: {exc}") from exc
     else:
         for key in ("curve_key", "roster_public_key"):
             if key not in raw:
@@ -157,24 +159,24 @@ def load_config(path: str | Path) -> CoordinatorConfig:
         try:
             kp = load_keypair(rel(raw["curve_key"], "curve_key"))
         except (KeyFileError, OSError) as exc:
-            raise ConfigError(f"coordinator config curve_key: {exc}") from exc
+            raise bad(f"curve_key: {exc}") from exc
         curve_public, curve_secret = kp.public, kp.secret or ""
         try:
             roster_pk = bytes.fromhex(raw["roster_public_key"])
         except (ValueError, TypeError) as exc:
-            raise ConfigError(f"coordinator config roster_public_key = "
-                              f"{raw['roster_public_key']!r} must be hex") from exc
+            raise bad(f"roster_public_key = {raw['roster_public_key']!r} must be "
+                      "hex") from exc
         roster = b""
         if "roster" in raw:
             try:
                 roster = rel(raw["roster"], "roster").read_bytes()
             except OSError as exc:
-                raise ConfigError(f"coordinator config roster: {exc}") from exc
+                raise bad(f"roster: {exc}") from exc
     if len(roster_pk) != 32:
-        raise ConfigError(f"roster public key has {len(roster_pk)} bytes, must have 32")
+        raise bad(f"the roster public key has {len(roster_pk)} bytes, must have 32")
     admin = raw.get("admin", {})
     if not isinstance(admin, dict):
-        raise ConfigError(f"coordinator config [admin] = {admin!r} must be a table")
+        raise bad(f"[admin] = {admin!r} must be a table")
     if "admin" in raw and not admin:  # an empty [admin] turns the channel on too, at
         admin = {"enabled": True}     # the provision file's admin_endpoint
     return CoordinatorConfig(
@@ -196,7 +198,7 @@ def provision_candidates(config: Path, state_dir: Path) -> list[Path]:
     return found
 
 
-def _pos(v: Any, key: str) -> float:
+def _pos(v: Any, key: str, bad: Callable[[str], ConfigError]) -> float:
     if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0:
-        raise ConfigError(f"coordinator config {key} = {v!r} must be a number > 0")
+        raise bad(f"{key} = {v!r} must be a number > 0")
     return float(v)

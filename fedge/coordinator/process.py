@@ -193,7 +193,8 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
     try:
         endpoint = server.bind(cfg.bind)
     except TransportError as exc:
-        log.error("cannot bind %s: %s", cfg.bind, exc)
+        # the TransportError names the endpoint and libzmq's reason
+        log.error("%s%s", exc, f" (bind in {cfg.path})" if cfg.path else "")
         return 1
     (cfg.state_dir / "endpoint").write_text(endpoint + "\n")
     allowed = coord.store.allowed_keys()

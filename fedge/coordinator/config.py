@@ -53,6 +53,7 @@ PROVISION_FILE = "coordinator-provision.json"  # as `fedge console init` names i
 # The .deb's StateDirectory=fedge-coordinator; also `fedge export`'s default.
 DEFAULT_STATE_DIR = "/var/lib/fedge-coordinator"
 MAX_TICK_S = 5.0
+DEFAULT_BIND = "tcp://0.0.0.0:7700"
 
 
 class ConfigError(ValueError):
@@ -124,9 +125,7 @@ def load_config(path: str | Path) -> CoordinatorConfig:
         # except the systemd credential, which is what the unit was given.
         if found and ("curve_key" not in raw or found[0].name == PROVISION_CREDENTIAL):
             raw["provision"] = str(found[0].absolute())  # not relative to `base` again
-    bind = raw.get("bind", "tcp://0.0.0.0:7700")
-    if not isinstance(bind, str) or "://" not in bind:
-        raise bad(f"bind = {bind!r} must be a ZeroMQ endpoint like tcp://0.0.0.0:7700")
+    bind = _bind_endpoint(raw.get("bind", DEFAULT_BIND), "bind", bad)
     hb = raw.get("heartbeat", {})
     if not isinstance(hb, dict) or set(hb) - {"interval_s", "timeout_s"}:
         raise bad(f"[heartbeat] = {hb!r} takes interval_s, timeout_s")
@@ -196,6 +195,27 @@ def provision_candidates(config: Path, state_dir: Path) -> list[Path]:
     found.append(Path(config).parent / "credentials" / "coordinator" / PROVISION_FILE)
     found.append(state_dir / PROVISION_FILE)
     return found
+
+
+def _bind_endpoint(value: Any, key: str, bad: Callable[[str], ConfigError]) -> str:
+    """An endpoint to bind: what a client may connect to (``tcp://HOST:PORT``, PORT in
+    1..65535, or ``ipc://PATH``), or port 0 or ``*``: any free port (the coordinator
+    writes the one it got to ``<state_dir>/endpoint``). libzmq took a port out of range
+    modulo 65536 (``:99999`` listened on 34463, ``:-1`` on 65535).
+
+    Raises: ConfigError naming ``key`` and the rule."""
+    from fedge.transport._sockopts import check_endpoint
+
+    if isinstance(value, str) and value.startswith("tcp://"):
+        host, sep, port = value[len("tcp://"):].rpartition(":")
+        if sep and host and port in ("0", "*"):
+            return value
+    try:
+        return check_endpoint(value)
+    except ValueError:
+        raise bad(f"{key} = {value!r} must be a ZeroMQ endpoint like {DEFAULT_BIND}: "
+                  "tcp://HOST:PORT with PORT in 1..65535 (0 or * for any free port), or "
+                  "ipc://PATH") from None
 
 
 def _pos(v: Any, key: str, bad: Callable[[str], ConfigError]) -> float:

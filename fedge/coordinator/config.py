@@ -16,7 +16,8 @@
     timeout_s = 5.0
 
     [admin]                                     # optional: the operators' channel
-    endpoint = "tcp://127.0.0.1:7701"
+    endpoint = "tcp://127.0.0.1:7701"           # default: the provision's admin_endpoint
+    enabled = true                              # false: off, as without the table
 
 Relative paths are relative to the configuration file's directory.
 
@@ -141,8 +142,9 @@ def load_config(path: str | Path) -> CoordinatorConfig:
         raise bad(f"tick_s = {tick_s!r} must be at most {MAX_TICK_S:g} (each loop turn waits "
                   "that long; a stop would too, past systemd's TimeoutStopSec)")
     provision: dict[str, Any] = {}
+    provision_file: Path | None = None
     if "provision" in raw:
-        pp = rel(raw["provision"], "provision")
+        pp = provision_file = rel(raw["provision"], "provision")
         try:
             provision = json.loads(pp.read_text())
             curve_public, curve_secret = provision["curve_public"], provision["curve_secret"]
@@ -176,11 +178,7 @@ def load_config(path: str | Path) -> CoordinatorConfig:
                 raise bad(f"roster: {exc}") from exc
     if len(roster_pk) != 32:
         raise bad(f"the roster public key has {len(roster_pk)} bytes, must have 32")
-    admin = raw.get("admin", {})
-    if not isinstance(admin, dict):
-        raise bad(f"[admin] = {admin!r} must be a table")
-    if "admin" in raw and not admin:  # an empty [admin] turns the channel on too, at
-        admin = {"enabled": True}     # the provision file's admin_endpoint
+    admin = _admin(raw, provision, provision_file, bind, bad)
     return CoordinatorConfig(
         state_dir=state_dir, bind=bind, curve_public=curve_public, curve_secret=curve_secret,
         roster=roster, roster_public_key=roster_pk, heartbeat_interval_s=interval,
@@ -198,6 +196,66 @@ def provision_candidates(config: Path, state_dir: Path) -> list[Path]:
     found.append(Path(config).parent / "credentials" / "coordinator" / PROVISION_FILE)
     found.append(state_dir / PROVISION_FILE)
     return found
+
+
+_ADMIN_KEYS = ("endpoint", "enabled")
+
+
+def _admin(raw: dict[str, Any], provision: dict[str, Any], provision_file: Path | None,
+           bind: str, bad: Callable[[str], ConfigError]) -> dict[str, Any]:
+    """The ``[admin]`` table as `CoordinatorConfig.admin`: empty when the channel is off
+    (no table, or ``enabled = false``), else ``enabled`` and the endpoint it binds (its
+    own, else the provision file's ``admin_endpoint``) when there is one.
+
+    Raises: ConfigError: not a table, an unknown key (a misspelt ``endpiont`` bound the
+        provision file's endpoint instead), a value of the wrong type, no provision file
+        (its operators' keys are the channel's allow-list), or the endpoint ``bind``
+        takes (each named)."""
+    if "admin" not in raw:
+        return {}
+    table = raw["admin"]
+    if not isinstance(table, dict):
+        raise bad(f"[admin] = {table!r} must be a table")
+    for key in table:
+        if key not in _ADMIN_KEYS:
+            raise bad(f"[admin] key {key!r} is unknown; known: {', '.join(_ADMIN_KEYS)}")
+    enabled = table.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise bad(f"[admin] enabled = {enabled!r} must be true or false")
+    if not enabled:
+        return {}
+    admin: dict[str, Any] = {"enabled": True}
+    if provision_file is None:
+        raise bad("[admin] needs a provision file (the console's coordinator-provision.json: "
+                  "its operators' keys are who may use the channel); set provision, or "
+                  "remove [admin]")
+    if not isinstance(provision.get("operators"), dict):
+        raise bad(f"[admin]: provision file {provision_file} has no operators table")
+    if "endpoint" in table:
+        endpoint = _bind_endpoint(table["endpoint"], "[admin] endpoint", bad)
+    elif "admin_endpoint" in provision:
+        endpoint = _bind_endpoint(provision["admin_endpoint"],
+                                  f"admin_endpoint in provision file {provision_file} (for "
+                                  "[admin], which names no endpoint)", bad)
+    else:
+        return admin  # the process says there is none (an older provision file)
+    if _same_port(endpoint, bind):
+        raise bad(f"[admin] endpoint {endpoint} takes the port of bind = {bind!r}: the "
+                  "admin channel needs a port of its own (console init: bind's port + 1)")
+    admin["endpoint"] = endpoint
+    return admin
+
+
+def _same_port(a: str, b: str) -> bool:
+    """Whether two tcp:// endpoints would bind one port of one address (a wildcard
+    host takes the port on every address); port 0 or * is any free port."""
+    if not (a.startswith("tcp://") and b.startswith("tcp://")):
+        return a == b
+    host_a, _, port_a = a[len("tcp://"):].rpartition(":")
+    host_b, _, port_b = b[len("tcp://"):].rpartition(":")
+    wild = {"*", "0.0.0.0", "[::]", "::"}
+    return (port_a == port_b and port_a not in ("0", "*")
+            and (host_a == host_b or host_a in wild or host_b in wild))
 
 
 def _bind_endpoint(value: Any, key: str, bad: Callable[[str], ConfigError]) -> str:

@@ -773,7 +773,7 @@ def _watch_admin(cfg: CoordinatorConfig, coord: Coordinator,
 
 
 def _start_admin(cfg: CoordinatorConfig, coord: Coordinator) -> asyncio.Task[None] | None:
-    if not cfg.admin:
+    if not cfg.admin or cfg.admin.get("enabled") is False:  # [admin] enabled = false
         return None
     admin = _optional("fedge.coordinator.admin")
     if admin is None:

@@ -55,6 +55,9 @@ PROVISION_FILE = "coordinator-provision.json"  # as `fedge console init` names i
 DEFAULT_STATE_DIR = "/var/lib/fedge-coordinator"
 MAX_TICK_S = 5.0
 DEFAULT_BIND = "tcp://0.0.0.0:7700"
+# What `fedge agent enrol` and a running agent leave in the agent's state directory
+# (fedge.agent.enrol, fedge.instance_lock): never in a coordinator's.
+AGENT_STATE_FILES = ("enrolment.json", "agent.lock")
 
 
 class ConfigError(ValueError):
@@ -119,6 +122,12 @@ def load_config(path: str | Path) -> CoordinatorConfig:
     state_dir = rel(raw.get("state_dir", os.environ.get("STATE_DIRECTORY",
                                                         DEFAULT_STATE_DIR)),
                     "state_dir")
+    agents = [name for name in AGENT_STATE_FILES if (state_dir / name).exists()]
+    if agents:  # it started half-configured there ("update relay disabled: no TUF ...")
+        raise bad(f"state_dir = {str(state_dir)!r} is an appliance agent's state directory "
+                  f"(it holds {' and '.join(agents)}): the coordinator needs its own "
+                  f"({DEFAULT_STATE_DIR} by default); in one directory the two would "
+                  "overwrite each other's roster.json and tuf/")
     candidates = provision_candidates(p, state_dir)
     if "provision" not in raw:
         found = [c for c in candidates if c.is_file()]

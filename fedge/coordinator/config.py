@@ -78,6 +78,9 @@ class CoordinatorConfig:
     admin: dict[str, Any] = field(default_factory=dict)
     provision: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    # what is allowed but probably wrong (`endpoint_warnings`): logged at start, printed
+    # by `fedge coordinator check`
+    warnings: tuple[str, ...] = ()
 
 
 _KEYS = ("state_dir", "bind", "provision", "curve_key", "roster", "roster_public_key",
@@ -193,6 +196,7 @@ def load_config(path: str | Path) -> CoordinatorConfig:
         roster=roster, roster_public_key=roster_pk, heartbeat_interval_s=interval,
         heartbeat_timeout_s=timeout, tick_s=tick_s,
         admin=admin, provision=provision, path=p,
+        warnings=endpoint_warnings(p, bind, "bind" in raw, admin, provision, provision_file),
     )
 
 
@@ -253,6 +257,40 @@ def _admin(raw: dict[str, Any], provision: dict[str, Any], provision_file: Path 
                   "admin channel needs a port of its own (console init: bind's port + 1)")
     admin["endpoint"] = endpoint
     return admin
+
+
+def endpoint_warnings(path: Path, bind: str, bind_set: bool, admin: dict[str, Any],
+                      provision: dict[str, Any], provision_file: Path | None) -> tuple[str, ...]:
+    """The endpoints bound on a port other than the one the provision file tells the
+    appliances (``endpoint``: what `fedge console enrol` gave them to connect to) or the
+    console (``admin_endpoint``). Warnings, not refusals: behind NAT or a port forward
+    the port dialled may differ from the one bound. The packaged coordinator.toml leaves
+    bind at its default, port 7700, whatever port the console was initialised with."""
+    found = []
+    for key, bound, told, whom, how in (
+            ("bind", bind, provision.get("endpoint"), "the appliances",
+             "were enrolled to connect to"),
+            ("[admin] endpoint", admin.get("endpoint"), provision.get("admin_endpoint"),
+             "the console", "connects to")):
+        port, told_port = _port(bound), _port(told)
+        if port is None or told_port is None or port in ("0", "*") or port == told_port:
+            continue
+        what = (f"bind is not set in {path}, so it is {DEFAULT_BIND}"
+                if key == "bind" and not bind_set else f"{key} = {bound!r} in {path}")
+        suggested = f"{bound.rpartition(':')[0]}:{told_port}"
+        found.append(f"{what}, port {port}; but {told}, the endpoint {whom} {how} "
+                     f"(provision file {provision_file}), has port {told_port}. Unless a NAT "
+                     f"or port forward maps port {told_port} to {port}, {whom} will not reach "
+                     f"it: set {key} = {suggested!r}")
+    return tuple(found)
+
+
+def _port(endpoint: object) -> str | None:
+    """The port of a tcp:// endpoint, else None."""
+    if not isinstance(endpoint, str) or not endpoint.startswith("tcp://"):
+        return None
+    _, sep, port = endpoint.rpartition(":")
+    return port if sep else None
 
 
 def _same_port(a: str, b: str) -> bool:

@@ -31,7 +31,7 @@ import signal
 import sqlite3
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -177,10 +177,24 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
     def on_refused(refusal: Any) -> None:
         coord.refused(refusal.public_key or "", f"{refusal.reason} (from {refusal.address})")
 
+    flapping = _Flapping()
+
     def on_peer_lost(peer: Any) -> None:
         site = coord.store.site_for_key(peer.public_key)
-        if site is not None:
-            coord.peer_lost(site, peer.address)
+        if site is None:
+            return
+        silent = _silent_for(coord, site)
+        if silent is None or silent < cfg.heartbeat_timeout_s:
+            coord.peer_lost(site, peer.address)  # closed (or silence not measured here)
+            return
+        coord.peer_lost(site, peer.address, why=_went_silent(cfg, silent))
+        times = flapping.went_silent(site, time.monotonic())
+        if times is not None:
+            log.warning("site %s went silent %d times in %.0f s, coming back each time: an "
+                        "agent sending its heartbeats less often than this coordinator's "
+                        "%s does that. Its agent.toml's [heartbeat] interval_s must be "
+                        "shorter (default 1.0)", site, times, flapping.window_s,
+                        _timeout_setting(cfg))
 
     def on_superseded(old: Any, new: Any) -> None:
         site = coord.store.site_for_key(new.public_key)
@@ -721,6 +735,59 @@ async def _drain(coord: Coordinator, server: Any, key_of: dict[str, str], codec:
         except Exception as exc:
             log.error("%s for %s could not be sent: %s: %s", kind, out.site,
                       type(exc).__name__, codec.short(str(exc), 300))
+
+
+def _silent_for(coord: Coordinator, site: str) -> float | None:
+    """How long nothing has come from ``site``, by the Coordinator's clock (each message
+    handled sets it); None when it has not been heard from on this connection."""
+    conn = coord.conns.get(site)
+    if conn is None or conn.last_seen == float("-inf"):
+        return None
+    return coord.clock() - conn.last_seen
+
+
+def _timeout_setting(cfg: CoordinatorConfig) -> str:
+    where = f" in {cfg.path}" if cfg.path is not None else ""
+    return f"[heartbeat] timeout_s = {cfg.heartbeat_timeout_s:g}{where}"
+
+
+def _went_silent(cfg: CoordinatorConfig, silent: float) -> str:
+    """Why a site the transport lost after ``silent`` seconds without a word is gone:
+    the setting it was held to, and the agent's that must be below it (a site whose
+    heartbeats came less often only flapped, 'connected' then 'went silent', and
+    nobody said why)."""
+    return (f"went silent: nothing came from it for {silent:.1f} s, past "
+            f"{_timeout_setting(cfg)}; its agent's [heartbeat] interval_s must be shorter")
+
+
+FLAP_COUNT = 3  # a site that went silent this many times ...
+FLAP_WINDOW_S = 600.0  # ... within this long, coming back in between, is warned of once
+
+
+@dataclass
+class _Flapping:
+    """The sites that keep going silent and coming back (a heartbeat interval longer
+    than the timeout does that): each is warned of once per process."""
+
+    window_s: float = FLAP_WINDOW_S
+    count: int = FLAP_COUNT
+    silences: dict[str, collections.deque[float]] = field(default_factory=dict)
+    warned: set[str] = field(default_factory=set)
+
+    def went_silent(self, site: str, now: float) -> int | None:
+        """Record that ``site`` went silent at ``now``; the number of times in the
+        window when that makes it one to warn of (the first time), else None."""
+        if site in self.warned:
+            return None
+        times = self.silences.setdefault(site, collections.deque())
+        times.append(now)
+        while times and times[0] < now - self.window_s:
+            times.popleft()
+        if len(times) < self.count:
+            return None
+        self.warned.add(site)
+        del self.silences[site]
+        return self.count
 
 
 ADMIN_RESTART_S = 5.0  # a failed admin channel is started again after this, at first

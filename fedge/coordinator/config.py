@@ -162,8 +162,16 @@ def load_config(path: str | Path) -> CoordinatorConfig:
             curve_public, curve_secret = provision["curve_public"], provision["curve_secret"]
             roster = provision.get("roster", "").encode()
             roster_pk = bytes.fromhex(provision["roster_public_key"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise bad(f"provision file {pp} is unreadable or lacks a field: {exc}") from exc
+        from fedge.transport import CurveKeyPair, KeyFileError
+
+        try:  # here, not as a traceback from the socket at start
+            CurveKeyPair(curve_public, curve_secret)
+        except KeyFileError as exc:
+            raise bad(f"provision file {pp}: its curve_public and curve_secret must be the "
+                      f"coordinator's CURVE key pair, as `fedge console init` wrote them: "
+                      f"{exc}") from None
     else:
         for key in ("curve_key", "roster_public_key"):
             if key not in raw:

@@ -90,9 +90,14 @@ _KEYS = ("state_dir", "bind", "provision", "curve_key", "roster", "roster_public
 def load_config(path: str | Path) -> CoordinatorConfig:
     """Read and check a coordinator configuration.
 
+    What is allowed but probably wrong is in the result's ``warnings``
+    (`endpoint_warnings`).
+
     Raises:
-        ConfigError: unreadable file, bad TOML, unknown key, missing keys, bad values,
-            unreadable key/roster/provision files (each named).
+        ConfigError: unreadable file, bad TOML, unknown key, missing keys, bad values
+            (an endpoint out of range, heartbeats libzmq cannot hold, a bad [admin]
+            table), unreadable key/roster/provision files, a state_dir that is an
+            agent's; each message names this file, then the key and the rule.
     """
     p = Path(path)
     try:
@@ -107,6 +112,7 @@ def load_config(path: str | Path) -> CoordinatorConfig:
         raise ConfigError(f"cannot read coordinator config {p}: {exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"coordinator config {p} is not valid TOML: {exc}") from exc
+
     def bad(rule: str) -> ConfigError:
         """An error naming this file, then the key and the rule."""
         return ConfigError(f"coordinator config {p}: {rule}")

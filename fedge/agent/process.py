@@ -245,6 +245,8 @@ _KEYS = ("state_dir", "workers", "heartbeat", "eligibility", "datasets", "health
 
 def load_config(path: str | Path) -> AgentConfig:
     """Raises: AgentConfigError: unreadable, bad TOML, unknown key or bad value (named)."""
+    from fedge.agent.trainer import check_dataset_tables
+
     p = Path(path)
     try:
         raw = tomllib.loads(p.read_text(encoding="utf-8"))
@@ -279,6 +281,10 @@ def load_config(path: str | Path) -> AgentConfig:
     datasets = raw.get("datasets", [])
     if not isinstance(datasets, list) or not all(isinstance(d, dict) for d in datasets):
         raise AgentConfigError("agent config datasets must be [[datasets]] tables")
+    try:
+        check_dataset_tables(datasets)  # before a path is read as one
+    except ValueError as exc:
+        raise AgentConfigError(f"agent config {exc} (in {p})") from None
     for d in datasets:
         if "path" in d and not Path(d["path"]).is_absolute():
             d["path"] = str(p.parent / d["path"])

@@ -502,6 +502,29 @@ def train_config_dict(plan: Plan, seed: int) -> dict[str, Any]:
     return cfg
 
 
+def check_dataset_tables(tables: Sequence[Mapping[str, Any]]) -> None:
+    """What agent.toml's ``[[datasets]]`` tables must get right for the agent to start:
+    each value's type and range (``DatasetSpec.check_values``).
+    A table that breaks a rule between keys is not refused here: ``TorchTrainer`` leaves
+    it out and refuses its tasks, naming why.
+
+    Raises:
+        ValueError: naming the table (its place in the file and its name) and the key.
+    """
+    from fedge.train.data import DatasetSpec
+
+    for i, table in enumerate(tables):
+        try:
+            DatasetSpec.check_values(table)
+        except ValueError as exc:
+            raise ValueError(f"{_dataset_table(i, table)}: {exc}") from None
+
+
+def _dataset_table(i: int, table: Mapping[str, Any]) -> str:
+    named = f" (name = {table['name']!r})" if "name" in table else ""
+    return f"[[datasets]] table {i + 1}{named}"
+
+
 def ledger_path(state_dir: Path) -> Path:
     """Where an agent keeps its privacy ledger (``fedge agent privacy`` reads it)."""
     return Path(state_dir) / "privacy" / "ledger.json"

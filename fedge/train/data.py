@@ -203,6 +203,43 @@ def _nfc(text: str) -> str:
     return unicodedata.normalize("NFC", text)
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_text(v: Any) -> bool:
+    return isinstance(v, str) and bool(v.strip())
+
+
+def _is_names(v: Any) -> bool:
+    return isinstance(v, list | tuple) and all(isinstance(x, str) for x in v)
+
+
+# The [[datasets]] keys whose default, None, says "not given".
+_UNSET_BY_NONE = frozenset((*_COLUMN_KEYS, "site"))
+
+# [[datasets]] key -> (accepts the value, the rule it says when not): DatasetSpec.check_values
+_VALUE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "name": (_is_text, "a non-empty string, the name a plan's job.dataset gives"),
+    "kind": (lambda v: isinstance(v, str), f"a string, one of {KINDS}"),
+    "path": (_is_text, "a non-empty string, the data's file or folder"),
+    "task": (lambda v: isinstance(v, str), f"a string, one of {TASKS}"),
+    "features": (_is_names, "a list of column names"),
+    **{k: (lambda v: isinstance(v, str), "a string, a column name") for k in _COLUMN_KEYS},
+    "site": (lambda v: _is_int(v) or isinstance(v, str),
+             "an integer (a fed_tcga_brca centre) or a string (a site_column value)"),
+    "val_fraction": (lambda v: isinstance(v, int | float) and not isinstance(v, bool)
+                     and 0 <= v < 1, "a number in [0, 1), like 0.2"),
+    "seed": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "standardise": (lambda v: isinstance(v, str), "a string, like \"continuous\""),
+    "image_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1, in pixels"),
+    "classes": (_is_names, "a list of folder names"),
+    "cv_folds": (lambda v: _is_int(v) and (v == 0 or v >= 2),
+                 "an integer >= 2 (or 0 for no cross-validation)"),
+    "cv_fold": (lambda v: _is_int(v) and v >= 0, "an integer >= 0, below cv_folds"),
+}
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
     """One ``[[datasets]]`` table of an agent config."""
@@ -260,25 +297,44 @@ class DatasetSpec:
         for key in ("name", "kind", "path"):
             if key not in table:
                 raise ValueError(f"datasets: missing required key {key!r}")
+        cls.check_values(table)
         values = dict(table)
         if "features" in values:
-            feats = values["features"]
-            if not isinstance(feats, list | tuple) or not all(isinstance(f, str) for f in feats):
-                raise ValueError(f"datasets.features={feats!r} must be a list of column names")
-            values["features"] = tuple(_nfc(f) for f in feats)
+            values["features"] = tuple(_nfc(f) for f in values["features"])
         # NFC, as headers are read and a plan's job.dataset is parsed: one spelling of
         # 'é' whether the editor that wrote agent.toml composed it or not
         for key in ("name", *_COLUMN_KEYS):
             if isinstance(values.get(key), str):
                 values[key] = _nfc(values[key])
         if "classes" in values:
-            names = values["classes"]
-            if not isinstance(names, list | tuple) or not all(isinstance(c, str) for c in names):
-                raise ValueError(f"datasets.classes={names!r} must be a list of folder names")
-            values["classes"] = tuple(names)
+            values["classes"] = tuple(values["classes"])
         spec = cls(**values)
         spec.validate()
         return spec
+
+    @classmethod
+    def check_values(cls, table: Mapping[str, Any]) -> None:
+        """The type and range of each value a ``[[datasets]]`` table gives, before
+        anything is made of them. Checked when agent.toml is loaded (the agent refuses
+        to start), because a value of the wrong type otherwise fails far from the file:
+        ``name = 7`` broke every heartbeat (names are sorted and normalised),
+        ``seed = "abc"`` or ``image_size = "64"`` the first task, ``path = ""`` read the
+        config's own folder. Unknown keys, missing ones and the rules between keys
+        (kind, task, columns, classes) are ``from_config``'s and ``validate``'s: a table
+        they refuse is left out and its tasks refused, so that a key or rule of another
+        release (after an upgrade or a rollback) does not stop the appliance.
+
+        Raises:
+            ValueError: ``datasets.KEY = VALUE must be RULE``, for the first key broken.
+        """
+        for key, value in table.items():
+            rule = _VALUE_RULES.get(key)
+            if value is None and key in _UNSET_BY_NONE:
+                continue  # from code (TOML has no null): the default, unset
+            if rule is not None and not rule[0](value):
+                raise ValueError(f"datasets.{key} = {value!r} must be {rule[1]}")
+        if "feature_bounds" in table:
+            _bounds_triples(table["feature_bounds"])  # names the column and the pair
 
     def validate(self) -> None:
         """Check the declared schema is coherent.

@@ -504,12 +504,13 @@ def train_config_dict(plan: Plan, seed: int) -> dict[str, Any]:
 
 def check_dataset_tables(tables: Sequence[Mapping[str, Any]]) -> None:
     """What agent.toml's ``[[datasets]]`` tables must get right for the agent to start:
-    each value's type and range (``DatasetSpec.check_values``).
+    each value's type and range (``DatasetSpec.check_values``) and a name of its own.
     A table that breaks a rule between keys is not refused here: ``TorchTrainer`` leaves
     it out and refuses its tasks, naming why.
 
     Raises:
-        ValueError: naming the table (its place in the file and its name) and the key.
+        ValueError: naming the table (its place in the file and its name) and the key,
+            or the two tables that share a name.
     """
     from fedge.train.data import DatasetSpec
 
@@ -518,11 +519,30 @@ def check_dataset_tables(tables: Sequence[Mapping[str, Any]]) -> None:
             DatasetSpec.check_values(table)
         except ValueError as exc:
             raise ValueError(f"{_dataset_table(i, table)}: {exc}") from None
+    _check_dataset_names_unique(tables)
 
 
 def _dataset_table(i: int, table: Mapping[str, Any]) -> str:
     named = f" (name = {table['name']!r})" if "name" in table else ""
     return f"[[datasets]] table {i + 1}{named}"
+
+
+def _check_dataset_names_unique(tables: Sequence[Mapping[str, Any]]) -> None:
+    """Raises: ValueError: two tables whose names are one (NFC, as plans' names are
+    read), naming both: one of them would be trained on, unsaid which."""
+    first: dict[str, int] = {}
+    for i, table in enumerate(tables):
+        name = table.get("name")
+        if not isinstance(name, str):
+            continue
+        name = unicodedata.normalize("NFC", name)
+        if name in first:
+            j = first[name]
+            raise ValueError(
+                f"{_dataset_table(j, tables[j])} and {_dataset_table(i, table)} have one "
+                "name; each data set needs a name of its own, the name a plan's "
+                "job.dataset gives")
+        first[name] = i
 
 
 def ledger_path(state_dir: Path) -> Path:
@@ -553,7 +573,9 @@ class TorchTrainer:
         sites it assumes could collude with the coordinator; its DP-FedAvg noise share
         is sized for the cohort less them (``fedge.train.privacy``).
 
-        Raises: ValueError: ``held_jobs`` below 1, ``max_colluders`` below 0."""
+        Raises: ValueError: ``held_jobs`` below 1, ``max_colluders`` below 0, two
+            tables of one name (naming both; agent.toml's loader refuses them first)."""
+        _check_dataset_names_unique(dataset_tables)
         if isinstance(max_colluders, bool) or not isinstance(max_colluders, int) \
                 or max_colluders < 0:
             raise ValueError(f"max_colluders={max_colluders!r} must be an integer >= 0")

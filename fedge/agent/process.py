@@ -246,6 +246,7 @@ _KEYS = ("state_dir", "workers", "heartbeat", "eligibility", "datasets", "health
 def load_config(path: str | Path) -> AgentConfig:
     """Raises: AgentConfigError: unreadable, bad TOML, unknown key or bad value (named)."""
     from fedge.agent.trainer import check_dataset_tables
+    from fedge.transport._sockopts import check_heartbeat
 
     p = Path(path)
     try:
@@ -269,12 +270,13 @@ def load_config(path: str | Path) -> AgentConfig:
     hb = raw.get("heartbeat", {})
     if not isinstance(hb, dict) or set(hb) - {"interval_s", "timeout_s"}:
         raise AgentConfigError(f"agent config [heartbeat] = {hb!r} takes interval_s, timeout_s")
-    interval, timeout = hb.get("interval_s", 1.0), hb.get("timeout_s", 5.0)
-    for name, v in (("interval_s", interval), ("timeout_s", timeout)):
-        if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0:
-            raise AgentConfigError(f"agent config heartbeat.{name} = {v!r} must be > 0")
-    if timeout <= interval:
-        raise AgentConfigError(f"heartbeat.timeout_s = {timeout} must exceed interval_s")
+    try:
+        # what the sockets take, here rather than in the client's task, where a value
+        # libzmq refuses left the agent never connecting, and saying nothing
+        interval, timeout = check_heartbeat(hb.get("interval_s", 1.0),
+                                            hb.get("timeout_s", 5.0))
+    except ValueError as exc:
+        raise AgentConfigError(f"agent config {exc} (in {p})") from None
     workers = raw.get("workers", 1)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise AgentConfigError(f"agent config workers = {workers!r} must be an integer >= 1")
@@ -570,7 +572,13 @@ async def run_agent(agent: Agent, enrolled: Enrolled, *, interval_s: float, time
     start runs a software update in trial and no heartbeat ack confirms it within
     ``trial_confirm_s``.
     """
-    from fedge.transport import Backoff, ClientSocket, CurveKeyPair, HandshakeFailed
+    from fedge.transport import (
+        Backoff,
+        ClientSocket,
+        CurveKeyPair,
+        HandshakeFailed,
+        NotConnected,
+    )
     from fedge.transport import HeartbeatConfig as TransportHeartbeat
 
     endpoint = enrolled.coordinator_endpoint
@@ -694,7 +702,7 @@ async def run_agent(agent: Agent, enrolled: Enrolled, *, interval_s: float, time
         if connect_timeout_s is not None:
             try:
                 await client.wait_connected(connect_timeout_s)
-            except (HandshakeFailed, TimeoutError) as exc:
+            except (HandshakeFailed, TimeoutError, NotConnected) as exc:
                 log.error("%s: no connection to the coordinator: %s", agent.site, exc)
                 code = 3
                 return code

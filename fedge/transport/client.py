@@ -91,6 +91,9 @@ class ClientSocket:
         self._conn = ClientConnection(self.heartbeat, self.backoff, endpoint=endpoint,
                                       server_key=self.server_key, progress_bytes=PROGRESS_BYTES)
         self._started = False
+        # why the supervisor task ended, if it failed: it makes every socket, so nothing
+        # connects after it (a heartbeat option libzmq refused once went unseen)
+        self._failure: BaseException | None = None
 
     @property
     def state(self) -> str:
@@ -124,6 +127,17 @@ class ClientSocket:
         self._ctx = zmq.asyncio.Context()
         self._started = True
         self._supervisor = asyncio.ensure_future(self._supervise())
+        self._supervisor.add_done_callback(self._supervisor_done)
+
+    def _supervisor_done(self, task: asyncio.Future[None]) -> None:
+        """Log a failed supervisor, and wake whoever waits to connect or send."""
+        if task.cancelled() or task.exception() is None:
+            return
+        self._failure = task.exception()
+        log.error("transport client: no more connections to %s: %s: %s", self.endpoint,
+                  type(self._failure).__name__, self._failure, exc_info=self._failure)
+        self._changed.set()
+        self._changed = asyncio.Event()
 
     async def close(self) -> None:
         """Stop reconnecting and close the socket; pending sends are dropped."""
@@ -177,7 +191,7 @@ class ClientSocket:
         Raises:
             HandshakeFailed: a handshake failed while waiting (refused or impostor).
             TimeoutError: not connected within ``timeout`` seconds.
-            NotConnected: the socket was closed.
+            NotConnected: the socket was closed, or no socket could be made (names why).
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -185,6 +199,7 @@ class ClientSocket:
         while True:
             if self.state == "connected":
                 return
+            self._raise_if_failed()
             if self.failures != failures and self.last_failure is not None:
                 raise self.last_failure
             if self.state == "closed":
@@ -198,6 +213,14 @@ class ClientSocket:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), remaining)
 
+    def _raise_if_failed(self) -> None:
+        """Raises: NotConnected: the supervisor failed (names its exception)."""
+        if self._failure is not None:
+            raise NotConnected(
+                f"no connection to {self.endpoint} can be made: "
+                f"{type(self._failure).__name__}: {self._failure}"
+            ) from self._failure
+
     # ------------------------------------------------------------------ I/O
 
     async def send(self, frames: Sequence[Any], timeout: float | None = None) -> None:
@@ -206,11 +229,12 @@ class ClientSocket:
         Raises:
             TimeoutError: not sent within ``timeout`` seconds.
             NotConnected: the socket is closed or was replaced while sending
-                (the message may not have been delivered).
+                (the message may not have been delivered), or no socket could be made.
         """
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
+            self._raise_if_failed()
             sock = self._sock
             if self.state == "closed":
                 raise NotConnected("ClientSocket is closed")

@@ -250,7 +250,7 @@ def load_config(path: str | Path) -> AgentConfig:
 
     p = Path(path)
     try:
-        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        raw = tomllib.loads(p.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError as exc:  # binary, or UTF-16 as Windows Notepad saves it
         byte = exc.object[exc.start]
         raise AgentConfigError(f"agent config {p} is not UTF-8 text: byte 0x{byte:02x} at "

@@ -310,9 +310,14 @@ def load_config(path: str | Path) -> AgentConfig:
         policy = PrivacyPolicy.from_config(raw.get("privacy", {}))
     except PrivacyPolicyError as exc:
         raise AgentConfigError(f"agent config {p}: {exc}") from None
-    return AgentConfig(state_dir, datasets, float(interval), float(timeout), workers, elig,
-                       health, float(trial), float(restart_wait), policy, float(stuck),
-                       float(seconds["data_load_s"]))
+    cfg = AgentConfig(state_dir, datasets, float(interval), float(timeout), workers, elig,
+                      health, float(trial), float(restart_wait), policy, float(stuck),
+                      float(seconds["data_load_s"]))
+    try:
+        cfg.eligibility_policy  # noqa: B018 - parsed (and kept) now, health on or off
+    except ValueError as exc:
+        raise AgentConfigError(f"agent config [eligibility] {exc} (in {p})") from None
+    return cfg
 
 
 def load_enrolled(state_dir: Path) -> Enrolled:

@@ -244,11 +244,21 @@ _KEYS = ("state_dir", "workers", "heartbeat", "eligibility", "datasets", "health
 
 
 def load_config(path: str | Path) -> AgentConfig:
-    """Raises: AgentConfigError: unreadable, bad TOML, unknown key or bad value (named)."""
+    """Read and check agent.toml: everything a value of it can get wrong is found here,
+    before the enrolment is read or the state directory locked, and the message names
+    the file, the table and the key. A UTF-8 byte-order mark (Windows Notepad's) is
+    skipped.
+
+    Raises: AgentConfigError: unreadable, bad TOML, unknown key or bad value (named).
+    """
     from fedge.agent.trainer import check_dataset_tables
     from fedge.transport._sockopts import check_heartbeat
 
     p = Path(path)
+
+    def refused(what: str) -> AgentConfigError:
+        return AgentConfigError(f"agent config {what} (in {p})")
+
     try:
         raw = tomllib.loads(p.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError as exc:  # binary, or UTF-16 as Windows Notepad saves it
@@ -261,62 +271,67 @@ def load_config(path: str | Path) -> AgentConfig:
         raise AgentConfigError(f"agent config {p} is not valid TOML: {exc}") from exc
     for key in raw:
         if key not in _KEYS:
-            raise AgentConfigError(f"agent config key {key!r} is unknown; known: "
-                                   f"{', '.join(_KEYS)}")
+            raise refused(f"key {key!r} is unknown; known: {', '.join(_KEYS)}")
     sd = raw.get("state_dir", os.environ.get("STATE_DIRECTORY", "/var/lib/fedge"))
     if not isinstance(sd, str) or not sd:
-        raise AgentConfigError(f"agent config state_dir = {sd!r} must be a path")
+        raise refused(f"state_dir = {sd!r} must be a path")
     state_dir = Path(sd) if Path(sd).is_absolute() else p.parent / sd
     hb = raw.get("heartbeat", {})
     if not isinstance(hb, dict) or set(hb) - {"interval_s", "timeout_s"}:
-        raise AgentConfigError(f"agent config [heartbeat] = {hb!r} takes interval_s, timeout_s")
+        raise refused(f"[heartbeat] = {hb!r} takes interval_s, timeout_s")
     try:
         # what the sockets take, here rather than in the client's task, where a value
         # libzmq refuses left the agent never connecting, and saying nothing
         interval, timeout = check_heartbeat(hb.get("interval_s", 1.0),
                                             hb.get("timeout_s", 5.0))
     except ValueError as exc:
-        raise AgentConfigError(f"agent config {exc} (in {p})") from None
+        raise refused(str(exc)) from None
     workers = raw.get("workers", 1)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise AgentConfigError(f"agent config workers = {workers!r} must be an integer >= 1")
+        raise refused(f"workers = {workers!r} must be an integer >= 1")
     datasets = raw.get("datasets", [])
     if not isinstance(datasets, list) or not all(isinstance(d, dict) for d in datasets):
-        raise AgentConfigError("agent config datasets must be [[datasets]] tables")
+        raise refused("datasets must be [[datasets]] tables")
     try:
         check_dataset_tables(datasets)  # before a path is read as one
     except ValueError as exc:
-        raise AgentConfigError(f"agent config {exc} (in {p})") from None
+        raise refused(str(exc)) from None
     for d in datasets:
         if "path" in d and not Path(d["path"]).is_absolute():
             d["path"] = str(p.parent / d["path"])
     elig = raw.get("eligibility", {})
     if not isinstance(elig, dict):
-        raise AgentConfigError(f"agent config [eligibility] = {elig!r} must be a table")
+        raise refused(f"[eligibility] = {elig!r} must be a table")
     health = raw.get("health", True)
     if not isinstance(health, bool):
-        raise AgentConfigError(f"agent config health = {health!r} must be true or false")
+        raise refused(f"health = {health!r} must be true or false")
     seconds = {}
     for name, default in (("update_trial_s", 600.0), ("update_restart_wait_s", 1800.0),
                           ("stuck_task_grace_s", STUCK_TASK_GRACE_S),
                           ("data_load_s", DATA_LOAD_S)):
         v = raw.get(name, default)
         if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0:
-            raise AgentConfigError(f"agent config {name} = {v!r} must be > 0")
+            raise refused(f"{name} = {v!r} must be > 0, a number of seconds like {default:g}")
         seconds[name] = v
     trial, restart_wait, stuck = (seconds["update_trial_s"], seconds["update_restart_wait_s"],
                                   seconds["stuck_task_grace_s"])
+    if not trial > interval:
+        # run_agent looks at the trial once a heartbeat interval, after that beat's send:
+        # shorter, and no ack could ever confirm a software update, which is rolled back
+        raise refused(f"update_trial_s = {trial!r} must exceed [heartbeat] interval_s = "
+                      f"{interval:g}: a software update in trial is confirmed by a heartbeat "
+                      "ack, and none could come in time")
     try:
         policy = PrivacyPolicy.from_config(raw.get("privacy", {}))
     except PrivacyPolicyError as exc:
         raise AgentConfigError(f"agent config {p}: {exc}") from None
-    cfg = AgentConfig(state_dir, datasets, float(interval), float(timeout), workers, elig,
-                      health, float(trial), float(restart_wait), policy, float(stuck),
+    cfg = AgentConfig(state_dir, datasets, interval, timeout, workers, elig, health,
+                      float(trial), float(restart_wait), policy, float(stuck),
                       float(seconds["data_load_s"]))
     try:
         cfg.eligibility_policy  # noqa: B018 - parsed (and kept) now, health on or off
     except ValueError as exc:
-        raise AgentConfigError(f"agent config [eligibility] {exc} (in {p})") from None
+        raise refused(f"[eligibility] {exc}") from None
     return cfg
 
 
@@ -352,8 +367,13 @@ def load_enrolled(state_dir: Path) -> Enrolled:
     coord_file = sd / "keys" / "coordinator.json"
 
     def coordinator(path: Path) -> tuple[str, str]:
+        # checked here, so that a hand-edited file is named (not found by the socket)
+        from fedge.transport import check_public_key
+        from fedge.transport._sockopts import check_endpoint
+
         doc = json.loads(path.read_text())
-        return str(doc["endpoint"]), str(doc["public_key"])
+        return (check_endpoint(doc["endpoint"]),
+                check_public_key(doc["public_key"], what="public_key"))
 
     endpoint, coordinator_key = _read(sd, coord_file, coordinator)
     roster_file = sd / "roster.json"

@@ -24,6 +24,7 @@ without systemd); `SystemdService` drives a systemd unit whose ExecStart runs
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -69,6 +70,10 @@ def sha256_file(path: Path) -> str:
 # slot or the packaged install: the agent under it can update itself.
 SOFTWARE_ROOT_ENV = "FEDGE_SOFTWARE_ROOT"
 SLOT_ENV = "FEDGE_SOFTWARE_SLOT"  # the slot the launcher runs; unset for the packaged install
+# Set by `exec_current` to the version on trial when it ran the version before it
+# instead, the trial's start not being countable (`SelfUpdate.preflight`'s "deferred"):
+# `SelfUpdate.confirm` then leaves the trial for a later start.
+DEFERRED_ENV = "FEDGE_SOFTWARE_TRIAL_DEFERRED"
 AGENT_CONFIG = "/etc/fedge/agent.toml"  # what a wheel slot runs by default
 
 
@@ -108,6 +113,10 @@ LOCK = ".lock"  # `SlotInstaller.lock`: one change to the slot root at a time
 # of an unconfirmed slot; the start after them rolls it back. So a broken slot needs
 # TRIAL_STARTS + 1 starts, which the unit's StartLimitBurst must leave room for.
 TRIAL_STARTS = 3
+# What a state file that cannot be written fails with: a read-only file system (ext4's
+# errors=remount-ro), a full disk or quota, files of another user.
+UNWRITABLE = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM,
+                        errno.EFBIG})
 
 
 class SlotInstaller:
@@ -904,14 +913,60 @@ class SelfUpdate:
             for doc in (self._read(PENDING), self._read(OUTCOME)))
 
     def preflight(self) -> str:
-        """Run before every start. Returns "none", "trial" or "rolled_back".
+        """Run before every start. Returns "none", "trial", "rolled_back" or "deferred".
 
         Rolling back goes to the previous slot, or, when there is none (the first
         update of a packaged install), removes ``current`` so that `exec_current`
         runs the packaged install again.
+
+        When the slot root cannot be written (`UNWRITABLE`: read-only, full, another
+        user's), nothing can be recorded: with no trial pending that is "none" (the
+        agent starts, and reports itself not eligible); with a trial pending this
+        start cannot be counted, so it must not run the trial's version, or a broken
+        one would restart uncounted until systemd gives up. Then "deferred":
+        `exec_current` runs the version before it (`fallback_version`), and the trial
+        goes on at the first start that can count it.
+
+        Raises: OSError other than `UNWRITABLE` (e.g. EIO); one of those too when the
+            pending record itself cannot be read.
         """
-        with self.slots.lock():
-            return self._preflight()
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(self.slots.lock())
+            except OSError as exc:
+                if exc.errno not in UNWRITABLE:
+                    raise
+                # unlocked: what cannot be written here cannot change under us either
+                return self._cannot_record(exc)
+            try:
+                return self._preflight()
+            except OSError as exc:
+                if exc.errno not in UNWRITABLE:
+                    raise
+                return self._cannot_record(exc)
+        raise AssertionError("unreachable")  # pragma: no cover (mypy: ExitStack may swallow)
+
+    def _cannot_record(self, exc: OSError) -> str:
+        """`preflight` where ``exc`` (one of `UNWRITABLE`) stopped a write: "none" or
+        "deferred", said in one log line. Raises: OSError reading pending.json."""
+        why = f"{exc.strerror or exc}: {exc.filename or self.root}"
+        p = self.pending()
+        if p is None:
+            log.info("no software update pending; %s cannot be written (%s): nothing to "
+                     "record, the agent starts", self.root, why)
+            return "none"
+        version, current = str(p.get("version")), self.slots.current_version()
+        if current != version:
+            log.warning("pending software %s is not the current slot (%s): nothing to try; "
+                        "its record stays, as %s cannot be written (%s)", version, current,
+                        self.root, why)
+            return "none"
+        log.error("software %s is on trial, but this start cannot be counted: %s cannot be "
+                  "written (%s). The trial's version is not started uncounted: %s runs "
+                  "instead, and the trial goes on at the first start after the file system "
+                  "can be written again", version, self.root, why,
+                  _version_words(fallback_version(self.root, p)))
+        return "deferred"
 
     def _preflight(self) -> str:
         p = self.pending()
@@ -964,7 +1019,22 @@ class SelfUpdate:
         confirmed only if it is what runs (``FEDGE_SOFTWARE_SLOT``): when the launcher
         ran the packaged install instead (a .deb upgrade newer than the staged slot
         landed meanwhile), the update is dropped and reported as superseded, never
-        marked healthy unrun."""
+        marked healthy unrun. When the launcher deferred the trial (``DEFERRED_ENV``:
+        its start could not be counted), the record is left for a later start.
+
+        With nothing pending, nothing is locked or written (a read-only slot root is
+        no error then).
+
+        Raises: OSError: the outcome or the slot root's lock cannot be written (a full
+            or read-only disk); the trial stays pending, so a later call may confirm it.
+        """
+        p = self.pending()
+        if p is None:
+            return False
+        if os.environ.get(DEFERRED_ENV) == str(p.get("version")):
+            log.debug("software %s's trial was deferred by the launcher: not confirmed by "
+                      "this start", p.get("version"))
+            return False
         with self.slots.lock():
             return self._confirm()
 
@@ -1006,7 +1076,12 @@ class SelfUpdate:
         return True
 
     def take_outcome(self) -> dict[str, object] | None:
-        """The last update's outcome, once (for reporting to the coordinator)."""
+        """The last update's outcome, once (for reporting to the coordinator).
+
+        Raises: OSError: there is one, but the lock or its removal failed (a read-only
+            disk); it stays for a later call."""
+        if not (self.root / OUTCOME).exists():  # nothing to lock for (read-only is fine)
+            return None
         with self.slots.lock():
             out = self._read(OUTCOME)
             if out is not None:
@@ -1028,6 +1103,11 @@ def exec_current(root: Path, fallback: list[str]) -> list[str]:
     Either way ``FEDGE_SOFTWARE_ROOT`` (`SOFTWARE_ROOT_ENV`) names `root`, so the
     agent knows it runs under this launcher and may stage its own first update.
 
+    A ``current`` slot on trial whose record cannot be written (a read-only or full
+    disk: preflight could not count this start, and said "deferred") is not run: the
+    version before it is (`fallback_version`), with ``DEFERRED_ENV`` naming the trial,
+    so that a broken update cannot restart uncounted until systemd gives up.
+
     Returns the argv it would run (after updating ``os.environ``); `_main` execs it.
 
     Raises: HealthCheckFailed for a ``current`` slot with a bad manifest (systemd
@@ -1038,6 +1118,7 @@ def exec_current(root: Path, fallback: list[str]) -> list[str]:
         raise ValueError("exec needs a fallback command after --")
     os.environ[SOFTWARE_ROOT_ENV] = str(Path(root).absolute())
     os.environ.pop(SLOT_ENV, None)  # set below only when a slot runs
+    os.environ.pop(DEFERRED_ENV, None)
     current = Path(root) / "current"
     if not current.is_dir():
         log.info("no software slot under %s: running the packaged install %s", root,
@@ -1050,12 +1131,61 @@ def exec_current(root: Path, fallback: list[str]) -> list[str]:
         log.warning("software slot %s is not newer than the packaged install %s: "
                     "running the packaged install", slot, packaged_version())
         return list(fallback)
-    log.info("running software slot %s (newer than the packaged install %s)", slot,
-             packaged_version())
+    deferred = _uncountable_trial(Path(root), slot)
+    if deferred is not None:
+        doc, exc = deferred
+        back = fallback_version(Path(root), doc)
+        log.error("software %s is on trial, but %s cannot be written (%s: %s): its start "
+                  "cannot be counted, so %s runs instead; the trial goes on at the first "
+                  "start after the file system can be written again", slot, root,
+                  exc.strerror or exc, exc.filename or root, _version_words(back))
+        os.environ[DEFERRED_ENV] = slot
+        if back is None:
+            return list(fallback)
+        current, slot = Path(root) / "slots" / back, back
+    else:
+        log.info("running software slot %s (newer than the packaged install %s)", slot,
+                 packaged_version())
     argv, extra = slot_command(current)
     os.environ.update(extra)
     os.environ[SLOT_ENV] = slot
     return argv
+
+
+def _uncountable_trial(root: Path, slot: str) -> tuple[dict[str, Any], OSError] | None:
+    """When `slot` is on trial (pending.json names it) and its record cannot be written
+    (one of `UNWRITABLE`, or any other error), so that `SelfUpdate.preflight` could not
+    have counted this start: the record and the error; else None. The record is written
+    back as it is: the write preflight did (or failed to do) just before."""
+    from fedge.update.files import write_json
+
+    try:
+        doc = json.loads((root / PENDING).read_text())
+    except (OSError, ValueError):  # none, or preflight's to deal with
+        return None
+    if not isinstance(doc, dict) or doc.get("version") != slot:
+        return None
+    try:
+        write_json(root / PENDING, doc)
+    except OSError as exc:  # UNWRITABLE, or worse (EIO): uncountable either way
+        return doc, exc
+    return None
+
+
+def fallback_version(root: Path, pending: dict[str, Any]) -> str | None:
+    """What runs while a trial is deferred: the slot it would roll back to (its
+    ``previous``) when that slot is there and newer than the packaged install, else
+    None, the packaged install (as `exec_current` would choose between them)."""
+    previous = pending.get("previous")
+    if (isinstance(previous, str) and (Path(root) / "slots" / previous).is_dir()
+            and slot_is_newer(previous)):
+        return previous
+    return None
+
+
+def _version_words(version: str | None) -> str:
+    return (f"software slot {version}" if version is not None
+            else f"the packaged install {packaged_version()}")
 
 
 def running_version() -> str:

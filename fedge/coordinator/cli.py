@@ -71,6 +71,16 @@ def _run(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if cfg is None:
         return 2
+    from fedge.core import check_simd
+
+    try:
+        # a $FEDGE_SIMD naming no usable path: every secure round's unmasking would fail
+        # ("FEDGE_SIMD='avx9' is not a PRG path") while the coordinator ran on, as the
+        # agent refuses to start for it. Checked before anything is locked or made.
+        check_simd()
+    except ValueError as exc:
+        print(f"fedge coordinator: {exc}", file=sys.stderr)
+        return 2
     from fedge.coordinator import process
     from fedge.coordinator.store import StoreError, database_error
     from fedge.systemd import setup_logging

@@ -870,18 +870,9 @@ def _start_admin(cfg: CoordinatorConfig, coord: Coordinator) -> asyncio.Task[Non
 
 
 def run(cfg: CoordinatorConfig, *, coordinator: Coordinator | None = None) -> int:
-    """Blocking entry point for ``fedge coordinator``. Returns 2, having said why on
-    stderr, when $FEDGE_SIMD names no usable path (`check_simd`): every secure round's
-    unmasking would fail ("FEDGE_SIMD='avx9' is not a PRG path") while the coordinator
-    ran on, as the agent refuses to start for it.
+    """Blocking entry point for ``fedge coordinator`` (fedge.coordinator.cli, which
+    checks $FEDGE_SIMD first, before the state directory is locked or made).
 
     Raises: InstanceLocked: another coordinator runs on the state directory."""
-    from fedge.core import check_simd
-
-    try:
-        check_simd()
-    except ValueError as exc:
-        print(f"fedge coordinator: {exc}", file=sys.stderr)
-        return 2
     hold_state_dir(cfg)
     return asyncio.run(serve(cfg, coordinator=coordinator))

@@ -265,6 +265,8 @@ def assemble(venv_root: Path, pkg: Path, version: str) -> None:
     doc = pkg / "usr/share/doc/fedge"
     _copy(PACKAGING / "debian" / "copyright", doc / "copyright", 0o644)
     _copy(PACKAGING / "debian" / "README.Debian", doc / "README.Debian", 0o644)
+    # every setting of the conffiles, with its default and rule (README.Debian, Files)
+    _copy(REPO / "docs" / "configuration.md", doc / "configuration.md", 0o644)
     (doc / "changelog.Debian.gz").write_bytes(changelog(version))
     _copy(PACKAGING / "debian" / "lintian-overrides",
           pkg / "usr/share/lintian/overrides/fedge", 0o644)

@@ -98,7 +98,8 @@ def test_deb_is_named_and_described_as_debian_expects(debs: tuple[Path, Path]) -
     for path in ("./usr/bin/fedge -> ../lib/fedge/bin/fedge",
                  *(f"./lib/systemd/system/{unit}" for unit in UNITS),
                  "./etc/fedge/agent.toml", "./etc/fedge/serve.env",
-                 "./usr/share/doc/fedge/copyright"):
+                 "./usr/share/doc/fedge/copyright",
+                 "./usr/share/doc/fedge/configuration.md"):
         assert path in contents, path
     assert "build/deb" not in contents
     print(f"package size: {v1.stat().st_size / 2**20:.1f} MiB")

@@ -12,7 +12,6 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from fedge import __version__
 
@@ -48,117 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.register(sub)
-    _add_check_commands(sub)
     return parser
-
-
-def _add_check_commands(sub: argparse._SubParsersAction) -> None:
-    """`fedge coordinator check` and `fedge agent check`: the configuration checked as
-    `run` checks it at start, without starting (a restart was the only full check, and
-    it abandons a round in flight)."""
-    for role, func in (("coordinator", _check_coordinator), ("agent", _check_agent)):
-        parser = sub.choices.get(role)
-        actions = _subcommands(parser) if parser is not None else None
-        if actions is None:
-            continue
-        c = actions.add_parser(
-            "check", help=f"check a {role} config as `run` does at start, then exit: 0 "
-            "and 'ok: FILE' (warnings on stderr), or 2 and why",
-            description=f"Check the {role} configuration as `fedge {role} run` does before "
-            "it " + ("listens" if role == "coordinator" else
-                     "connects (its enrolment files read, its data sets' paths looked "
-                     "at)") + ", without starting: nothing is locked, made or written, so "
-            f"it may run beside the running {role}. Run it as the user the service runs "
-            "as: what that user cannot read, start cannot either.")
-        c.add_argument("--config", type=Path, default=argparse.SUPPRESS)
-        c.set_defaults(func=func)
-
-
-def _subcommands(parser: argparse.ArgumentParser) -> argparse._SubParsersAction | None:
-    """The parser's subcommands (argparse has no public handle on them)."""
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return action
-    return None
-
-
-def _checked(config: Path, warnings: list[str]) -> int:
-    for warning in warnings:
-        print(f"warning: {warning}", file=sys.stderr)
-    print(f"ok: {config}")
-    return 0
-
-
-def _check_coordinator(args: argparse.Namespace) -> int:
-    """What `fedge coordinator run` refuses before it listens: the config
-    (fedge.coordinator.config.load_config) and $FEDGE_SIMD (process.run); its
-    warnings (CoordinatorConfig.warnings)."""
-    if getattr(args, "config", None) is None:
-        print("fedge coordinator check: --config FILE is required", file=sys.stderr)
-        return 2
-    from fedge.coordinator.config import ConfigError, load_config
-    from fedge.core import check_simd
-
-    try:
-        cfg = load_config(args.config)
-        check_simd()
-    except (ConfigError, ValueError) as exc:
-        print(f"fedge coordinator: {exc}", file=sys.stderr)
-        return 2
-    return _checked(args.config, list(cfg.warnings))
-
-
-def _check_agent(args: argparse.Namespace) -> int:
-    """What `fedge agent run` refuses before it connects (fedge.agent.process.run):
-    the config, $FEDGE_SIMD, the enrolment files; and what it warns of: data sets whose
-    path cannot be read, tables fedge.train leaves out, keys that are not the ones
-    enrolled last. The agent's lock is not taken."""
-    if getattr(args, "config", None) is None:
-        print("fedge agent check: --config FILE is required", file=sys.stderr)
-        return 2
-    import logging
-
-    from fedge.agent.process import (
-        AgentConfigError,
-        data_not_found,
-        health_max_age_s,
-        load_config,
-        load_enrolled,
-    )
-    from fedge.core import check_simd
-    from fedge.train.data import DatasetSpec
-
-    warned: list[str] = []
-
-    class Collect(logging.Handler):  # what start would log as a warning
-        def emit(self, record: logging.LogRecord) -> None:
-            warned.append(record.getMessage())
-
-    agent_log = logging.getLogger("fedge.agent")
-    collect = Collect(logging.WARNING)
-    agent_log.addHandler(collect)
-    propagate, agent_log.propagate = agent_log.propagate, False
-    try:
-        cfg = load_config(args.config)
-        check_simd()
-        health_max_age_s(cfg)  # the [eligibility] table
-        warnings = [f"{line}; every job on it is refused until that is fixed"
-                    for line in data_not_found(cfg.datasets)]
-        for i, table in enumerate(cfg.datasets):
-            try:
-                DatasetSpec.from_config(table)
-            except (ValueError, TypeError) as exc:
-                warnings.append(f"data set {table.get('name', f'#{i + 1}')!r} in "
-                                f"{args.config} is left out, its tasks refused until the "
-                                f"table is fixed: {exc}")
-        load_enrolled(cfg.state_dir)
-    except (AgentConfigError, ValueError) as exc:
-        print(f"fedge agent: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        agent_log.removeHandler(collect)
-        agent_log.propagate = propagate
-    return _checked(args.config, warnings + warned)
 
 
 SIGINT_STATUS = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C

@@ -21,6 +21,11 @@
                                                     every enrolment installed
                                                     (enrolment-history.jsonl), oldest first;
                                                     reads only
+    fedge agent check --config FILE                 check the config, the enrolment
+                                                    files and the data sets as run does
+                                                    at start, then exit ('ok: FILE', 0;
+                                                    or why, 2); takes no lock, writes
+                                                    nothing
 
 Heavy imports happen inside the handlers.
 """
@@ -112,6 +117,16 @@ def register(subparsers: Any) -> None:
                          "field (null where a line written by an earlier release lacks "
                          "it), a line that cannot be read is {unreadable: why}")
     au.set_defaults(func=_audit)
+    c = sub.add_parser(
+        "check", help="check an agent config as `run` does at start, then exit: 0 and "
+        "'ok: FILE' (warnings on stderr), or 2 and why",
+        description="Check the agent configuration as `fedge agent run` does before it "
+        "connects (its enrolment files read, its data sets' paths looked at), without "
+        "starting: nothing is locked, made or written, so it may run beside the running "
+        "agent. Run it as the user the service runs as: what that user cannot read, start "
+        "cannot either.")
+    c.add_argument("--config", type=Path, default=argparse.SUPPRESS)
+    c.set_defaults(func=_check)
     try:
         from fedge.agent.enrol import register_enrol
     except ModuleNotFoundError:  # pragma: no cover - console engineer's module absent
@@ -136,6 +151,62 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as exc:  # a [[datasets]] table fedge.train refuses
         print(f"fedge agent: invalid configuration: {exc}", file=sys.stderr)
         return 2
+
+
+def _check(args: argparse.Namespace) -> int:
+    """What `fedge agent run` refuses before it connects (fedge.agent.process.run):
+    the config, $FEDGE_SIMD, the enrolment files; and what it warns of: data sets whose
+    path cannot be read, tables fedge.train leaves out, keys that are not the ones
+    enrolled last. The agent's lock is not taken."""
+    if getattr(args, "config", None) is None:
+        print("fedge agent check: --config FILE is required", file=sys.stderr)
+        return 2
+    import logging
+
+    from fedge.agent.process import (
+        AgentConfigError,
+        data_not_found,
+        health_max_age_s,
+        load_config,
+        load_enrolled,
+    )
+    from fedge.core import check_simd
+    from fedge.train.data import DatasetSpec
+
+    warned: list[str] = []
+
+    class Collect(logging.Handler):  # what start would log as a warning
+        def emit(self, record: logging.LogRecord) -> None:
+            warned.append(record.getMessage())
+
+    agent_log = logging.getLogger("fedge.agent")
+    collect = Collect(logging.WARNING)
+    agent_log.addHandler(collect)
+    propagate, agent_log.propagate = agent_log.propagate, False
+    try:
+        cfg = load_config(args.config)
+        check_simd()
+        health_max_age_s(cfg)  # the [eligibility] table
+        warnings = [f"{line}; every job on it is refused until that is fixed"
+                    for line in data_not_found(cfg.datasets)]
+        for i, table in enumerate(cfg.datasets):
+            try:
+                DatasetSpec.from_config(table)
+            except (ValueError, TypeError) as exc:
+                warnings.append(f"data set {table.get('name', f'#{i + 1}')!r} in "
+                                f"{args.config} is left out, its tasks refused until the "
+                                f"table is fixed: {exc}")
+        load_enrolled(cfg.state_dir)
+    except (AgentConfigError, ValueError) as exc:
+        print(f"fedge agent: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        agent_log.removeHandler(collect)
+        agent_log.propagate = propagate
+    for warning in warnings + warned:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"ok: {args.config}")
+    return 0
 
 
 def _since(text: str) -> datetime:

@@ -1175,6 +1175,10 @@ class AgentUpdateClient:
         self.restart_wait_s = restart_wait_s
         self._idle: asyncio.Event | None = None  # set by `agent_idle` while a restart waits
         self._acked = False
+        # the first ack's confirm and outcome are on disk (`on_heartbeat_ack`); the
+        # last failure's text, so that a disk that stays full is logged once
+        self._settled = False
+        self._settle_error: str | None = None
         updater.fetcher = ZmqFetcher(self.roundtrip)
 
     def note_coordinator_version(self, coordinator_version: str) -> SkewDecision:
@@ -1343,17 +1347,37 @@ class AgentUpdateClient:
 
     async def on_heartbeat_ack(self) -> None:
         """First ack after start: a pending software update is healthy — keep it —
-        and whatever outcome the last update left is reported now."""
-        if self._acked or self.self_update is None:
+        and whatever outcome the last update left is reported now. Until that is on
+        disk (a full or read-only disk refuses it: logged in one line naming the slot
+        root), each later ack tries again; `confirmed` is set by the first ack
+        whatever became of it."""
+        if self.self_update is None:
             return
         self._acked = True
+        if self._settled:
+            return
         if self._busy is None:
             self._busy = asyncio.Lock()
         async with self._busy:  # not beside an install (the slot root's lock is the floor)
-            # in a thread: the confirm removes old software slots (a bundled venv is a
-            # GB of small files), which must not stall the loop's heartbeats and messages
-            await asyncio.to_thread(self.self_update.confirm)
-        out = self.self_update.take_outcome()
+            if self._settled:  # an ack that waited on the lock behind the one that did it
+                return
+            root = self.self_update.root
+            try:
+                # in a thread: the confirm removes old software slots (a bundled venv is
+                # a GB of small files), which must not stall heartbeats and messages
+                await asyncio.to_thread(self.self_update.confirm)
+                out = self.self_update.take_outcome()
+            except OSError as exc:
+                text = f"{exc.strerror or exc}: {exc.filename or root}"
+                (log.error if text != self._settle_error else log.debug)(
+                    "software update: cannot record this start's confirmation or take the "
+                    "last update's outcome in %s (%s); tried again at the next heartbeat "
+                    "ack", root, text)
+                self._settle_error = text
+                return
+            self._settled = True
+            if self._settle_error is not None:
+                log.info("software update: recorded in %s after all", root)
         if out is None:
             return
         outcome = UpdateOutcome(str(out.get("rollout_id", "")), str(out.get("path", "")),

@@ -153,6 +153,8 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
         # operator's habitual `kill -HUP` to "reload" left the federation coordinator-less
         loop.add_signal_handler(signal.SIGHUP, _reload_refused)
     coord = coordinator or build_coordinator(cfg)
+    if cfg.path is not None:  # named where a site is counted disconnected for its silence
+        coord.config_path = cfg.path
     for warning in cfg.warnings:  # e.g. bind on another port than the appliances dial
         log.warning("%s", warning)
     # temp files of checkpoint writes, ONNX exports and report files killed mid-way

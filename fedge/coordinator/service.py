@@ -451,6 +451,9 @@ class Coordinator:
         self.clock: Callable[[], float] = clock
         self.wall: Callable[[], float] = wall
         self.heartbeat_timeout_s = heartbeat_timeout_s
+        # the config file heartbeat_timeout_s came from, named where a site is counted
+        # disconnected for it (fedge.coordinator.process.serve sets it); None: unnamed
+        self.config_path: Path | None = None
         self.max_message_bytes = max_message_bytes
         self.initial_weights = initial_weights
         self._aggregation = aggregation
@@ -1394,8 +1397,10 @@ class Coordinator:
             if link.up and not self._connected(site, now) and not (
                     site in uploading and not self._transport_lost(site)):
                 # (a site uploading its masked input is silent behind it: tick's rule)
+                where = f" in {self.config_path}" if self.config_path is not None else ""
                 self._link_changed(site, False, "not heard from for over "
-                                   f"{self.heartbeat_timeout_s:g} s: counted as "
+                                   f"{self.heartbeat_timeout_s:g} s ([heartbeat] timeout_s "
+                                   f"= {self.heartbeat_timeout_s:g}{where}): counted as "
                                    "disconnected", now)
             if link.unsaid and now - link.window_at >= LINK_LOG_WINDOW_S:
                 self._say_link(site, link, now)

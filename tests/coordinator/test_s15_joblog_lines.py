@@ -87,7 +87,8 @@ def test_a_site_connecting_and_going_away_is_logged_once_each(federation, caplog
         "site a disconnected: its connection closed or went silent (10.0.0.7)"]
     assert lines(caplog, "site b") == [
         "site b connected",
-        "site b not heard from for over 30 s: counted as disconnected",
+        "site b not heard from for over 30 s ([heartbeat] timeout_s = 30): counted as "
+        "disconnected",
         "site b heard from again after 32 s of silence"]
 
 

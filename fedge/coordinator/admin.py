@@ -410,7 +410,8 @@ class AdminService:
         result: dict[str, Any] = {"job_id": job_id, "files": sorted(out), "status": state,
                                   "committed_round": committed, "rounds_planned": planned}
         onnx = "" if "model.onnx" in out or "model.onnx" in writing else (
-            f"; no ONNX export: it failed ({export_failed})" if export_failed
+            f"; no ONNX export: it failed ({export_failed}); a restart of the coordinator "
+            "tries it again (and writes the report again after it)" if export_failed
             else "; no ONNX export (not written, or not yet: fetch again later)")
         notes = []
         if ended:

@@ -449,16 +449,21 @@ async def finish_job(coord: Coordinator, job_id: str) -> None:
 
 
 REPORT_FILES = ("report.md", "report.json")
+# what finish_job leaves beside an ended job's final model (unfinished_jobs)
+RESULT_FILES = ("model.onnx", *REPORT_FILES)
 
 
 def unfinished_jobs(coord: Coordinator) -> list[str]:
     """Ended jobs whose results are not all written: a coordinator stopped (or killed)
     between the job's last commit and the end of finish_job (the report is written
-    last). A failed or cancelled job that committed a round has its last committed
-    model as its result; one that committed nothing has none. A job whose directory
-    is gone is not one: every ended job with a result has one (its final or last
-    committed checkpoint is written before its status), so the operator deleted it
-    (packaging/debian/README.Debian), and there is nothing left to finish it from."""
+    last), or one whose ONNX export failed (a full disk, say) while its smaller report
+    was written: its export is tried again at each start until it is there, and the
+    report written again after it. A failed or cancelled job that committed a round
+    has its last committed model as its result; one that committed nothing has none.
+    A job whose directory is gone is not one: every ended job with a result has one
+    (its final or last committed checkpoint is written before its status), so the
+    operator deleted it (packaging/debian/README.Debian), and there is nothing left to
+    finish it from."""
     out = []
     for status in ("completed", "failed", "cancelled"):
         for job in coord.store.jobs(status=status):
@@ -466,7 +471,7 @@ def unfinished_jobs(coord: Coordinator) -> list[str]:
                 continue
             if not ck.job_dir(coord.state_dir, job.job_id).is_dir():
                 continue
-            if not set(REPORT_FILES) <= set(ck.results(coord.state_dir, job.job_id)):
+            if not set(RESULT_FILES) <= set(ck.results(coord.state_dir, job.job_id)):
                 out.append(job.job_id)
     return out
 
@@ -484,8 +489,7 @@ async def _resume_finishing(coord: Coordinator, job_ids: list[str]) -> None:
         # killed before its old round checkpoints went (service: they go before the
         # export and report, whose absence brings the job here)
         coord.forget_rounds(job_id)
-        missing = [n for n in ("model.onnx", *REPORT_FILES)
-                   if n not in ck.results(coord.state_dir, job_id)]
+        missing = [n for n in RESULT_FILES if n not in ck.results(coord.state_dir, job_id)]
         coord.store.audit("coordinator", "job_finish_resumed",
                           {"job": job_id, "missing": missing})
         log.info("job %s (%s) without %s: finishing it now", job_id, job.status,

@@ -125,7 +125,9 @@ def test_an_export_that_failed_is_named_not_awaited(tmp_path, make_server, capsy
     assert not (out / job / "model.onnx").exists()
     reason = json.loads(failed["detail"])["reason"]
     assert reason
-    assert printed[-1] == f"note: job {job} completed; no ONNX export: it failed ({reason})"
+    assert printed[-1] == (f"note: job {job} completed; no ONNX export: it failed ({reason}); "
+                           "a restart of the coordinator tries it again (and writes the "
+                           "report again after it)")
 
 
 def test_a_report_that_failed_is_named_and_the_model_still_fetched(

@@ -10,6 +10,7 @@ NVML error on one metric lands in ``GpuReading.errors`` under the metric name.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -273,16 +274,27 @@ _journalled: dict[str, str] = {}
 _journalled_lock = threading.Lock()
 
 
+# The directories under the state directory that a round writes: the privacy ledger
+# (fedge.agent.trainer.ledger_path), the SecAgg reveal log (secagg/revealed.jsonl) and
+# the job state (jobs/). One that the agent's user cannot write (e.g. left by a `sudo
+# fedge agent run`) lets the top of the state dir pass the probe while every round the
+# site is picked for is refused.
+ROUND_DIRS = ("privacy", "secagg", "jobs")
+
+
 def state_dir_problem(state_dir: str | os.PathLike[str]) -> str:
-    """Why ``state_dir`` cannot be written, or "" when it can: a small file is created
-    in it, written, fsynced and removed. A file system remounted read-only (after an I/O
+    """Why ``state_dir``, or one of the directories under it that a round writes
+    (`ROUND_DIRS`), cannot be written, or "" when they can: a small file is created in
+    each, written, fsynced and removed. A file system remounted read-only (after an I/O
     error) or full, or a directory replaced by a file, still reports free space; this
     is what the agent meets when it saves its privacy ledger and reveal log, and then
-    withholds the update. A directory not created yet is not probed ("").
+    withholds the update. A directory not created yet is not probed (the agent makes it
+    when first needed, in a directory the probe found writable).
 
     The text goes to the coordinator (the eligibility reason of every heartbeat), which
-    keeps it: it names the step of the probe that failed and the error's kind, not the
-    path (the error's own text names the probe file); the whole error is written to
+    keeps it: it names the directory under the state dir (``privacy/``; not the state
+    dir's own path), the step of the probe that failed and the error's kind; the whole
+    error, with the path (and, for permissions, the chown that mends it), is written to
     this appliance's journal, once for as long as it stays the same.
 
     Runs where ``collect`` runs, on the agent's health-probe thread (an fsync on a
@@ -290,7 +302,30 @@ def state_dir_problem(state_dir: str | os.PathLike[str]) -> str:
     path = Path(state_dir).absolute()
     if not os.path.lexists(path):
         return ""
-    probe = path / f"{PROBE_FILE}-{os.getpid()}-{threading.get_ident()}"
+    for sub in ("", *ROUND_DIRS):
+        directory = path / sub if sub else path
+        if sub and not os.path.lexists(directory):
+            continue
+        step, exc = _probe(directory)
+        if exc is None:
+            continue
+        what = f"state directory's {sub}/" if sub else "state directory"
+        problem = (f"{what} cannot be written (the health probe could not {step} a file "
+                   f"in it): {os_error_kind(exc)}")
+        hint = ""
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            hint = (f"; the state directory must belong to the user the agent runs as "
+                    f"(e.g. chown -R fedge: {path})")
+        _journal(str(path), problem, f"state dir {directory} cannot be written: {exc}{hint}")
+        return problem
+    _journal(str(path), "", "")
+    return ""
+
+
+def _probe(directory: Path) -> tuple[str, OSError | None]:
+    """Create, write, fsync and remove a small file in ``directory``: the step that
+    failed and its error, or (``"remove"``, None) when none did."""
+    probe = directory / f"{PROBE_FILE}-{os.getpid()}-{threading.get_ident()}"
     step = "create"
     try:
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
@@ -306,12 +341,8 @@ def state_dir_problem(state_dir: str | os.PathLike[str]) -> str:
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(probe)
-        problem = (f"state directory cannot be written (the health probe could not "
-                   f"{step} a file in it): {os_error_kind(exc)}")
-        _journal(str(path), problem, f"state dir {path} cannot be written: {exc}")
-        return problem
-    _journal(str(path), "", "")
-    return ""
+        return step, exc
+    return step, None
 
 
 def _journal(key: str, problem: str, text: str) -> None:
@@ -332,16 +363,19 @@ _PROBE_NAME = re.compile(re.escape(PROBE_FILE) + r"-(\d+)-(\d+)")
 def remove_stale_probes(state_dir: str | os.PathLike[str], *,
                         grace_s: float = 60.0) -> list[Path]:
     """Remove the probe files of :func:`state_dir_problem` that a process killed
-    during the probe's write or fsync left in ``state_dir``: regular files named
-    ``PROBE_FILE-<pid>-<thread>`` whose pid is no live process and that were last
-    modified more than ``grace_s`` ago (their name holds a pid, so no later probe
-    replaces them). A probe of a live process (an agent, ``fedge health``) is left
-    alone. Never raises: what cannot be removed is logged. Returns the paths removed."""
-    directory = Path(state_dir)
-    try:
-        entries = [e for e in os.scandir(directory) if _PROBE_NAME.fullmatch(e.name)]
-    except OSError:  # no state dir yet, or unreadable: the probe says so
-        return []
+    during the probe's write or fsync left in ``state_dir`` or a directory under it
+    that it probes (`ROUND_DIRS`): regular files named ``PROBE_FILE-<pid>-<thread>``
+    whose pid is no live process and that were last modified more than ``grace_s``
+    ago (their name holds a pid, so no later probe replaces them). A probe of a live
+    process (an agent, ``fedge health``) is left alone. Never raises: what cannot be
+    removed is logged. Returns the paths removed."""
+    entries: list[os.DirEntry[str]] = []
+    for sub in ("", *ROUND_DIRS):
+        try:
+            entries += [e for e in os.scandir(Path(state_dir) / sub)
+                        if _PROBE_NAME.fullmatch(e.name)]
+        except OSError:  # no such directory yet, or unreadable: the probe says so
+            continue
     removed = []
     for entry in entries:
         pid = int(_PROBE_NAME.fullmatch(entry.name).group(1))  # type: ignore[union-attr]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import functools
 import json
 import logging
@@ -44,6 +45,7 @@ __all__ = [
     "PENDING",
     "PER_LOSS_TERM",
     "RELEASED",
+    "LedgerUnreadable",
     "PrivacyBudgetError",
     "PrivacyLedger",
     "calibrate_noise",
@@ -56,6 +58,33 @@ __all__ = [
 
 class PrivacyBudgetError(ValueError):
     """A plan's privacy target cannot be met; the message carries the numbers."""
+
+
+class LedgerUnreadable(ValueError):
+    """A saved privacy ledger that cannot be read (permissions, I/O): read as empty it
+    would forget the budget spent, so nothing that needs it may go on. The message
+    names the file, the user and how to mend it; ``path`` and ``error`` hold them."""
+
+    def __init__(self, path: Path, error: OSError) -> None:
+        self.path, self.error = Path(path), error
+        hint = ""
+        if error.errno in (errno.EACCES, errno.EPERM):
+            hint = (f"; it and its directory must belong to the user the agent runs as "
+                    f"(e.g. chown -R fedge: {self.path.parent})")
+        super().__init__(f"privacy ledger {self.path} cannot be read{_as_user()}: "
+                         f"{error.strerror or error}{hint}")
+
+
+def _as_user() -> str:
+    """The words " as user NAME" for this process's effective user ("" without one)."""
+    if not hasattr(os, "geteuid"):
+        return ""
+    import pwd
+
+    try:
+        return f" as user {pwd.getpwuid(os.geteuid()).pw_name}"
+    except KeyError:
+        return f" as uid {os.geteuid()}"
 
 
 # Why DP-SGD on a Cox model needs the plan's explicit consent (fedge.train.privacy's
@@ -855,13 +884,19 @@ class PrivacyLedger:
         ``legacy`` (:meth:`from_dict`).
 
         Raises:
+            LedgerUnreadable: the file (or its directory) cannot be read, e.g. it
+                belongs to another user (names the file and the chown that mends it).
             ValueError: the file is not a ledger (names the file and the problem).
         """
         target = Path(path)
-        if not target.exists():
-            return cls()
         try:
-            data = json.loads(target.read_text(encoding="utf-8"))
+            text = target.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return cls()
+        except OSError as exc:  # EACCES of the file or its directory, EIO: never "empty"
+            raise LedgerUnreadable(target, exc) from exc
+        try:
+            data = json.loads(text)
             if not isinstance(data, dict) or "entries" not in data:
                 raise ValueError("no entries")
             return cls.from_dict(data)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import importlib
 import logging
 import os
@@ -260,6 +261,7 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
     max_bytes = coord.max_message_bytes
     kill_at = os.environ.get(KILL_AT_ENV, "")
     preparing: asyncio.Future[None] | None = None
+    disk_wait = _DiskWait()
     tick_failed_at = float("-inf")
     flush_failed_at = float("-inf")
     admin_watch = _AdminWatch(started_at=time.monotonic())
@@ -314,11 +316,15 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
                 del msg
             if held or coord.store.lock_waits != waits_before:
                 pass  # backing off: no tick while a message is held or a write waited
-            elif coord.runner is None and _needs_initial_model(coord) is not None:
+            elif coord.runner is None and (upcoming := _needs_initial_model(coord)) \
+                    is not None:
                 # the next job's starting model is built in a child process; the
-                # loop keeps serving heartbeats meanwhile
+                # loop keeps serving heartbeats meanwhile (and while it waits for a
+                # disk that could not take it)
                 if preparing is None:
-                    preparing = asyncio.ensure_future(_prepare_initial_model(coord))
+                    if disk_wait.due(upcoming.job_id, time.monotonic()):
+                        preparing = asyncio.ensure_future(
+                            _prepare_initial_model(coord, disk_wait))
                 elif preparing.done():
                     if not preparing.cancelled() and preparing.exception() is not None:
                         log.error("preparing the next job's starting model failed",
@@ -370,7 +376,7 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
                             disconnect(site)
                             coord.peer_lost(site, why="its key is no longer enrolled")
                     set_allowed(fresh)
-            status = _status_text(coord, preparing, exports)
+            status = _status_text(coord, preparing, exports, disk_wait)
             if status is not None and status != last_status:
                 last_status = status
                 notifier.status(status)
@@ -399,15 +405,24 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
 
 
 def _status_text(coord: Coordinator, preparing: asyncio.Future[None] | None,
-                 exports: set[asyncio.Task[None]]) -> str | None:
+                 exports: set[asyncio.Task[None]],
+                 disk_wait: _DiskWait | None = None) -> str | None:
     """What STATUS= says now (Coordinator.status_text; with no job running, what this
-    loop does meanwhile: a starting model built, an ended job's export and report
-    written), or None when the database cannot say (the tick reports why)."""
+    loop does meanwhile: a starting model built, or waiting for the disk, an ended
+    job's export and report written), or None when the database cannot say (the tick
+    reports why)."""
     activity = ""
-    if coord.runner is None and preparing is not None and not preparing.done():
-        job = _needs_initial_model(coord)
-        if job is not None:
+    building = preparing is not None and not preparing.done()
+    waiting = disk_wait is not None and disk_wait.job_id
+    if coord.runner is None and (building or waiting):
+        try:
+            job = _needs_initial_model(coord)
+        except sqlite3.Error:
+            return None
+        if job is not None and building:
             activity = f"job {job.job_id}: building its starting model"
+        elif job is not None and disk_wait is not None:
+            activity = disk_wait.activity(job.job_id)
     if coord.runner is None and not activity and exports:
         activity = "idle, " + "; ".join(sorted(t.get_name() for t in exports))
     try:
@@ -574,18 +589,70 @@ def _needs_initial_model(coord: Coordinator) -> Any:
     return jobs[0]
 
 
-async def _prepare_initial_model(coord: Coordinator) -> None:
+# What a disk says when it cannot take a write for now: full, over quota, remounted
+# read-only, failing. A job's starting model that meets one waits for the disk (as a
+# round's commit and a job's finish do), rather than failing the job for good: on a
+# full disk every queued job behind it would fail the same way, one after another.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
+
+
+def is_disk_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is the disk refusing a write for now (DISK_ERRNOS)."""
+    return isinstance(exc, OSError) and exc.errno in DISK_ERRNOS
+
+
+@dataclass
+class _DiskWait:
+    """The next job whose starting model the disk could not take: tried again every
+    FINISH_RETRY_S; said once when it begins to wait (and again if the cause
+    changes), and once when its model is written."""
+
+    job_id: str = ""
+    why: str = ""
+    since: float = 0.0
+    retry_at: float = float("-inf")
+
+    def due(self, job_id: str, now: float) -> bool:
+        """Whether ``job_id``'s starting model may be tried now."""
+        return job_id != self.job_id or now >= self.retry_at
+
+    def failed(self, job_id: str, path: Path, exc: OSError, now: float) -> None:
+        why = f"{path}: {exc.strerror or exc}"
+        if (job_id, why) != (self.job_id, self.why):
+            log.error("job %s waits: its starting model cannot be written to %s; tried "
+                      "again every %g s, the job left queued", job_id, why, FINISH_RETRY_S)
+            if job_id != self.job_id:
+                self.since = now
+        self.job_id, self.why, self.retry_at = job_id, why, now + FINISH_RETRY_S
+
+    def done(self, job_id: str, path: Path, now: float) -> None:
+        if job_id == self.job_id:
+            log.warning("job %s: its starting model %s written after %.0f s waiting for "
+                        "the disk", job_id, path, now - self.since)
+        self.job_id, self.why, self.retry_at = "", "", float("-inf")
+
+    def activity(self, job_id: str) -> str:
+        """What STATUS= says while ``job_id`` waits ("" when it does not)."""
+        if job_id != self.job_id:
+            return ""
+        return f"job {job_id}: its starting model waits for the disk ({self.why})"
+
+
+async def _prepare_initial_model(coord: Coordinator, wait: _DiskWait | None = None) -> None:
     """Build the next job's starting model in a child and write its round-0 checkpoint.
 
     A job whose model cannot be built, or whose directory cannot be written, is
     marked failed with the reason (audited): left queued, it would be retried on
-    every tick and hold up every job behind it.
+    every tick and hold up every job behind it. Except where the disk refuses the
+    write for now (is_disk_error: full, read-only): the job stays queued, and
+    ``wait`` says when to try again (FINISH_RETRY_S) and says it once.
     """
     import subprocess
 
     from fedge.coordinator.initmodel import initial_weights_subprocess
     from fedge.coordinator.plan import PlanError, parse_plan
 
+    wait = wait if wait is not None else _DiskWait()
     job = _needs_initial_model(coord)
     if job is None:
         return
@@ -597,12 +664,18 @@ async def _prepare_initial_model(coord: Coordinator) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         weights = await loop.run_in_executor(None, initial_weights_subprocess, plan)
         ck.save_checkpoint(path, ck.Checkpoint(weights=weights, round=0, plan=plan.text))
+        wait.done(job.job_id, path, time.monotonic())
         return
     except PlanError as exc:
         reason = str(exc)
     except subprocess.TimeoutExpired as exc:
         reason = f"building the starting model timed out after {exc.timeout:.0f} s"
-    except (OSError, ck.CheckpointError) as exc:
+    except OSError as exc:
+        if is_disk_error(exc):
+            wait.failed(job.job_id, path, exc, time.monotonic())
+            return
+        reason = f"cannot prepare the starting model {path}: {exc}"
+    except ck.CheckpointError as exc:
         reason = f"cannot prepare the starting model {path}: {exc}"
     log.error("job %s failed: %s", job.job_id, reason)
     coord.store.set_job_status(job.job_id, "failed", actor="coordinator", error=reason)

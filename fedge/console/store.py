@@ -38,7 +38,7 @@ from fedge.update.files import (
     curve_keypair,
     ed25519_pem,
     load_ed25519,
-    save_ed25519,
+    remove_stale_temps,
     write_atomic,
     write_json,
 )
@@ -55,6 +55,52 @@ ROOT_RENEW_BEFORE = timedelta(days=30)
 
 class ConsoleError(ValueError):
     """A console operation was refused; the message names what and why."""
+
+
+def _admin_endpoint(coordinator_endpoint: str, admin_endpoint: str | None) -> str:
+    """The admin endpoint `init` records: as given, else the coordinator's next port.
+
+    Raises: ConsoleError for an endpoint that is not tcp://HOST:PORT (or ipc://)."""
+    if not (isinstance(coordinator_endpoint, str)
+            and coordinator_endpoint.startswith(("tcp://", "ipc://"))):
+        raise ConsoleError(f"coordinator endpoint {coordinator_endpoint!r} must look like "
+                           "tcp://HOST:PORT")
+    if admin_endpoint is not None:
+        return admin_endpoint
+    host, _, port = coordinator_endpoint.rpartition(":")
+    if not port.isdigit():
+        raise ConsoleError(f"coordinator endpoint {coordinator_endpoint!r} has no port; "
+                           "give the admin endpoint explicitly")
+    return f"{host}:{int(port) + 1}"
+
+
+def _check_operators(operators: Sequence[tuple[str, str]]) -> None:
+    """Raises: ConsoleError for a bad operator name or role, or a name given twice."""
+    seen = set()
+    for name, role in operators:
+        _check_name(name, what="operator name")
+        if role not in ROLES:
+            raise ConsoleError(f"operator {name!r} role {role!r} must be one of "
+                               f"{', '.join(ROLES)}")
+        if name in seen:
+            raise ConsoleError(f"operator name {name!r} given twice")
+        seen.add(name)
+
+
+def _write(path: Path, data: bytes) -> None:
+    """`write_atomic`, 0600. Raises: OSError naming `path` (a write's ENOSPC names no
+    file of itself)."""
+    try:
+        write_atomic(path, data)
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = str(path)
+        raise
+
+
+def _write_json(path: Path, obj: object) -> None:
+    """`write_json`, 0600. Raises: OSError naming `path`, TypeError."""
+    _write(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 class ConsoleStore:
@@ -95,56 +141,67 @@ class ConsoleStore:
     ) -> ConsoleStore:
         """Create every key and the first TUF metadata.
 
+        console.json is written last, once everything else (the provision file too) is
+        on disk: a home without it holds no console, whatever an init cut short (a
+        full disk) left there, and init starts afresh in it. A console.json left
+        without its coordinator-provision.json (an init cut short by a release that
+        wrote console.json first) is finished: the provision file is written from it,
+        when the console was never used (no site enrolled, no key rotated) and the
+        endpoints and operators asked for are its own.
+
         Raises:
             ConsoleError: `home` already holds a console, the endpoint is not
-                tcp://host:port, or an operator name/role is invalid.
+                tcp://host:port, an operator name/role is invalid, or a file cannot be
+                written (named, with the error; rerunning init after freeing space
+                starts afresh).
         """
         home = Path(home)
         if (home / "console.json").exists():
-            raise ConsoleError(f"{home} already holds a console; refusing to overwrite its keys")
-        if not (isinstance(coordinator_endpoint, str)
-                and coordinator_endpoint.startswith(("tcp://", "ipc://"))):
-            raise ConsoleError(f"coordinator endpoint {coordinator_endpoint!r} must look like "
-                               "tcp://HOST:PORT")
-        if admin_endpoint is None:
-            host, _, port = coordinator_endpoint.rpartition(":")
-            if not port.isdigit():
-                raise ConsoleError(f"coordinator endpoint {coordinator_endpoint!r} has no port; "
-                                   "give the admin endpoint explicitly")
-            admin_endpoint = f"{host}:{int(port) + 1}"
-        seen = set()
-        for name, role in operators:
-            _check_name(name, what="operator name")
-            if role not in ROLES:
-                raise ConsoleError(f"operator {name!r} role {role!r} must be one of "
-                                   f"{', '.join(ROLES)}")
-            if name in seen:
-                raise ConsoleError(f"operator name {name!r} given twice")
-            seen.add(name)
+            return cls._finish_init(home, coordinator_endpoint, admin_endpoint, operators,
+                                    clock)
+        admin_endpoint = _admin_endpoint(coordinator_endpoint, admin_endpoint)
+        _check_operators(operators)
+        try:
+            return cls._init(home, coordinator_endpoint, admin_endpoint, operators, clock)
+        except OSError as exc:
+            raise ConsoleError(f"console init in {home} did not finish: cannot write "
+                               f"{exc.filename or home}: "
+                               f"{exc.strerror or exc}. Nothing in {home} is in use yet: free "
+                               "space (or mend the permissions) and run init again, which "
+                               "starts afresh") from exc
+
+    @classmethod
+    def _init(cls, home: Path, coordinator_endpoint: str, admin_endpoint: str,
+              operators: Sequence[tuple[str, str]], clock: tuf_repo.Clock) -> ConsoleStore:
+        """`init`'s writes, console.json last. Raises: OSError naming the file."""
         home.mkdir(parents=True, exist_ok=True)
         os.chmod(home, 0o700)
         keys = home / "keys"
         keys.mkdir(mode=0o700, exist_ok=True)
+        for directory in (home, keys, home / "tuf"):  # what an init cut short left
+            remove_stale_temps(directory)
         roster = Identity.generate()
-        roster.save(keys / "roster.key")
+        _write(keys / "roster.key", roster.private_bytes())
         tuf_keys = {role: Ed25519PrivateKey.generate() for role in tuf_repo.ROLE_NAMES}
         for role, key in tuf_keys.items():
-            save_ed25519(keys / f"tuf-{role}.pem", key)
+            _write(keys / f"tuf-{role}.pem", ed25519_pem(key))
         coord_pub, coord_sec = curve_keypair()
-        write_json(keys / "coordinator.curve.json", {"public": coord_pub, "secret": coord_sec})
+        _write_json(keys / "coordinator.curve.json", {"public": coord_pub, "secret": coord_sec})
         ops = {}
         for name, role in operators:
             pub, sec = curve_keypair()
-            write_json(keys / f"operator-{name}.curve.json",
-                       {"name": name, "role": role, "public": pub, "secret": sec})
+            _write_json(keys / f"operator-{name}.curve.json",
+                        {"name": name, "role": role, "public": pub, "secret": sec})
             ops[name] = {"role": role, "public_key": pub}
         now = clock()
         root = tuf_repo.create_root(tuf_keys["root"], tuf_keys["targets"], tuf_keys["snapshot"],
                                     tuf_keys["timestamp"], now=now)
         targets = tuf_repo.create_targets(tuf_keys["targets"], {}, version=1, now=now)
-        write_atomic(home / "tuf" / "1.root.json", tuf_repo.to_bytes(root))
-        write_atomic(home / "tuf" / "targets.json", tuf_repo.to_bytes(targets))
-        state = {
+        _write(home / "tuf" / "1.root.json", tuf_repo.to_bytes(root))
+        _write(home / "tuf" / "targets.json", tuf_repo.to_bytes(targets))
+        store = cls.__new__(cls)
+        store.home, store.clock = home, clock
+        store.state = {
             "format": FORMAT,
             "console_id": secrets.token_hex(8),
             "created": now.isoformat(),
@@ -154,9 +211,43 @@ class ConsoleStore:
             "sites": {},
             "root_version": 1,
         }
-        write_json(home / "console.json", state)
+        _write_json(home / "coordinator-provision.json", store.provision())
+        _write_json(home / "console.json", store.state)  # the console exists from here
+        return cls(home, clock=clock)
+
+    @classmethod
+    def _finish_init(cls, home: Path, coordinator_endpoint: str, admin_endpoint: str | None,
+                     operators: Sequence[tuple[str, str]],
+                     clock: tuf_repo.Clock) -> ConsoleStore:
+        """`init` on a home that holds console.json: see there. Raises: ConsoleError."""
+        refused = f"{home} already holds a console; refusing to overwrite its keys"
+        provision = home / "coordinator-provision.json"
+        if provision.exists():
+            raise ConsoleError(refused)
         store = cls(home, clock=clock)
-        store.write_provision_file()
+        if store.state["sites"] or store.state.get("root_version") != 1 \
+                or store.pending_rotation_path.exists():
+            raise ConsoleError(f"{refused} (its {provision.name} is not there, but sites "
+                               "were enrolled or keys rotated since its init: it is in use)")
+        cut_short = (f"{home} holds a console whose init did not finish: console.json, but "
+                     f"no {provision.name}")
+        try:
+            asked = (coordinator_endpoint, _admin_endpoint(coordinator_endpoint,
+                                                           admin_endpoint))
+        except ConsoleError as exc:
+            raise ConsoleError(f"{cut_short}; {exc}") from None
+        own = (store.coordinator_endpoint, store.admin_endpoint)
+        own_ops = sorted((n, str(o["role"])) for n, o in store.state["operators"].items())
+        if asked != own or sorted(operators) != own_ops:
+            raise ConsoleError(
+                f"{cut_short}, for coordinator {own[0]} (admin {own[1]}, operators "
+                f"{', '.join(f'{n}:{r}' for n, r in own_ops)}). It was never used: run "
+                f"init again with those to finish it, or remove {home} to start afresh")
+        try:
+            store.write_provision_file()
+        except OSError as exc:
+            raise ConsoleError(f"{cut_short}; finishing it: cannot write {provision}: "
+                               f"{exc.strerror or exc}") from exc
         return store
 
     # -- keys and metadata -----------------------------------------------------------------

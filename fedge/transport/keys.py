@@ -13,6 +13,8 @@ derives the stated public key, and says which of those failed and how to fix it.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import re
 import stat
@@ -107,17 +109,35 @@ curve
 
 
 def _write_private(path: Path, text: str, mode: int, *, overwrite: bool) -> None:
+    """Write ``text`` to ``path`` with ``mode``, atomically: all of it, or nothing (a
+    short write, e.g. under a file-size limit, is written on or fails; a failed write
+    leaves neither a truncated key at ``path`` nor the temporary).
+
+    Raises: KeyFileError (``path`` exists and not ``overwrite``); OSError naming
+        ``path`` (a full disk, a file-size limit, permissions)."""
     if path.exists() and not overwrite:
         raise KeyFileError(f"{path} exists; refusing to overwrite a key (pass overwrite=True)")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    data = memoryview(text.encode("ascii"))
     try:
-        os.fchmod(fd, mode)  # umask must not loosen or tighten what we ask
-        os.write(fd, text.encode("ascii"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        try:
+            os.fchmod(fd, mode)  # umask must not loosen or tighten what we ask
+            while data:  # os.write may write less than asked (RLIMIT_FSIZE, a signal)
+                written = os.write(fd, data)
+                if written <= 0:
+                    raise OSError(errno.EIO, "the key file took no more bytes")
+                data = data[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(exc, OSError) and exc.filename is None:
+            exc.filename = str(path)  # a write's ENOSPC names no file of itself
+        raise
 
 
 def save_keypair(directory: str | Path, name: str, keypair: CurveKeyPair, *,
@@ -126,9 +146,15 @@ def save_keypair(directory: str | Path, name: str, keypair: CurveKeyPair, *,
 
     Returns (public file, secret file).
 
+    A file that cannot be written whole (a full disk, a file-size limit) fails the
+    call, leaving no truncated key and no temporary; when the public file fails after
+    a new secret file was written, that secret file is removed too (not a pair, and
+    it would refuse the retry as existing).
+
     Raises:
         KeyFileError: ``keypair`` has no secret, a file exists and ``overwrite``
             is false, or ``name`` is not a plain file name.
+        OSError: a file cannot be written; names it.
     """
     if keypair.secret is None:
         raise KeyFileError("save_keypair needs a key pair with its secret key")
@@ -145,12 +171,18 @@ def save_keypair(directory: str | Path, name: str, keypair: CurveKeyPair, *,
         + pub_line + f'    secret-key = "{keypair.secret}"\n',
         0o600, overwrite=overwrite,
     )
-    _write_private(
-        public_path,
-        _HEADER.format(kind="Public", note="Exchange securely, or use a secure mechanism "
-                       "to verify the contents of this file after exchange.") + pub_line,
-        0o644, overwrite=overwrite,
-    )
+    try:
+        _write_private(
+            public_path,
+            _HEADER.format(kind="Public", note="Exchange securely, or use a secure mechanism "
+                           "to verify the contents of this file after exchange.") + pub_line,
+            0o644, overwrite=overwrite,
+        )
+    except OSError:
+        if not overwrite:  # the secret file is this call's own: a pair or nothing
+            with contextlib.suppress(OSError):
+                secret_path.unlink()
+        raise
     return public_path, secret_path
 
 

@@ -137,13 +137,16 @@ def _run(args: argparse.Namespace) -> int:
         return 2
 
 
-def _open_store(cfg: Any, command: str, *, existing: bool = False) -> Any:
+def _open_store(cfg: Any, command: str, *, existing: bool = False,
+                read_only: bool = False) -> Any:
     """The coordinator's database, or None after printing why it cannot be opened
     (corrupt, locked by a running coordinator; StoreError names the file). With
     `existing`, a state directory without one is refused rather than given a new,
     empty database: a mistyped state_dir showed an empty fleet (status), or printed
-    the id of a job no coordinator would run (submit)."""
-    from fedge.coordinator.store import DB_NAME, Store, StoreError
+    the id of a job no coordinator would run (submit). With `read_only` (a command
+    that only reads), it is opened read-only (Store's read_only: on a full or
+    read-only disk too), read-write only where it must first be brought up to date."""
+    from fedge.coordinator.store import DB_NAME, Store, StoreError, StoreNeedsWrite
 
     db = Path(cfg.state_dir) / DB_NAME
     if existing and not db.exists():
@@ -151,6 +154,11 @@ def _open_store(cfg: Any, command: str, *, existing: bool = False) -> Any:
               "right? (`fedge coordinator run` creates it)", file=sys.stderr)
         return None
     try:
+        if read_only:
+            try:
+                return Store(cfg.state_dir, read_only=True)
+            except StoreNeedsWrite:
+                pass  # an older release's database: migrated as before
         return Store(cfg.state_dir)
     except StoreError as exc:
         print(f"fedge coordinator {command}: {exc}", file=sys.stderr)
@@ -250,7 +258,7 @@ def _status(args: argparse.Namespace) -> int:
         return 2
     from fedge.coordinator.store import StoreError, database_error
 
-    store = _open_store(cfg, "status", existing=True)
+    store = _open_store(cfg, "status", existing=True, read_only=True)
     if store is None:
         return 2
     try:
@@ -274,15 +282,17 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    """Print the audit log from the database, opened read-only (SQLite ``mode=ro``):
-    nothing is created, migrated or locked, and a running coordinator's writes (WAL)
-    go on meanwhile. Unlike `fedge console audit`, the whole log is looked at."""
+    """Print the audit log from the database, opened read-only (store.open_read_only:
+    SQLite ``mode=ro``, or ``immutable=1`` where a full or read-only disk cannot take
+    the -shm file and no coordinator runs): nothing is created, migrated or locked, and
+    a running coordinator's writes (WAL) go on meanwhile. Unlike `fedge console audit`,
+    the whole log is looked at."""
     cfg = _config(args)
     if cfg is None:
         return 2
     from fedge.console.audit import parse_detail, split_actions
     from fedge.console.cli import print_audit
-    from fedge.coordinator.store import DB_NAME, database_error, read_audit
+    from fedge.coordinator.store import DB_NAME, database_error, open_read_only, read_audit
 
     db = Path(cfg.state_dir) / DB_NAME
     if not db.is_file():
@@ -290,9 +300,9 @@ def _audit(args: argparse.Namespace) -> int:
               "right? (`fedge coordinator run` creates it)", file=sys.stderr)
         return 2
     try:
-        conn = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=5.0)
+        conn = open_read_only(db)
     except sqlite3.Error as exc:
-        print(f"fedge coordinator audit: cannot open {db} read-only: {exc}", file=sys.stderr)
+        print(f"fedge coordinator audit: {database_error(db, exc)}", file=sys.stderr)
         return 2
     try:
         rows = read_audit(conn, actions=split_actions(args.action), job=args.job,

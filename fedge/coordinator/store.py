@@ -60,6 +60,8 @@ sites' last_seen and health, which the next heartbeats restore.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import sqlite3
@@ -288,10 +290,121 @@ def is_locked(exc: BaseException) -> bool:
 
 def database_error(path: Path, exc: sqlite3.Error) -> str:
     """One line naming the database file and what SQLite said about it; for a corrupt
-    one, also what the operator can do."""
+    one, also what the operator can do; for a disk error on a full or read-only file
+    system, that (disk_note)."""
     if is_corrupt(exc):
         return f"database {path} is corrupt: {exc} ({CORRUPT_HINT})"
-    return f"database {path}: {type(exc).__name__}: {exc}"
+    return f"database {path}: {type(exc).__name__}: {exc}{disk_note(path.parent, exc)}"
+
+
+# A file system with less than this left (for the caller) is called full: SQLite needs
+# room for its -wal and its 32 KiB -shm to open a database in WAL mode at all.
+FULL_BELOW_BYTES = 1 << 20
+# what SQLite says when the disk refuses it: "disk I/O error", "database or disk is
+# full", "unable to open database file", "attempt to write a readonly database"
+_DISK_CODES = (sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL, sqlite3.SQLITE_CANTOPEN,
+               sqlite3.SQLITE_READONLY)
+
+
+def disk_note(directory: Path, exc: sqlite3.Error | None = None) -> str:
+    """Why SQLite's "disk I/O error" (and the like) may be the disk's: "; the file
+    system holding DIR is full (N bytes free)" or "... is mounted read-only"; "" when
+    ``exc`` is no such error or the file system is neither (os.statvfs)."""
+    if exc is not None:
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code is None or code & 0xFF not in _DISK_CODES:
+            return ""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return ""
+    if st.f_flag & os.ST_RDONLY:
+        return f"; the file system holding {directory} is mounted read-only"
+    free = st.f_bavail * st.f_frsize
+    if free < FULL_BELOW_BYTES:
+        return f"; the file system holding {directory} is full ({free} bytes free)"
+    if st.f_files and st.f_favail == 0:
+        return f"; the file system holding {directory} has no free inodes"
+    return ""
+
+
+def coordinator_running(state_dir: Path) -> bool:
+    """Whether a coordinator holds ``state_dir``'s lock (fedge.instance_lock: a
+    ``lockf`` of coordinator.lock, or on a read-only file system a ``flock`` of the
+    directory), tested without taking it. Not for the process that holds it: closing
+    the test's descriptor would drop a POSIX lock this process held on the file."""
+    lock = Path(state_dir) / "coordinator.lock"
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        fd = -1
+    except OSError:
+        return True  # cannot tell: taken as running
+    if fd >= 0:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EAGAIN):
+                return True
+            raise
+        finally:
+            os.close(fd)
+    try:
+        dfd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return True
+    try:
+        fcntl.flock(dfd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return True
+        raise
+    finally:
+        os.close(dfd)
+    return False
+
+
+def open_read_only(path: Path) -> sqlite3.Connection:
+    """``path`` opened read-only (SQLite ``mode=ro``): nothing is created, migrated or
+    locked for writing, and a running coordinator's writes go on meanwhile. Where that
+    cannot be opened because SQLite cannot make the -shm file beside it (a full disk,
+    a read-only file system, after a clean stop removed it), it is opened as
+    ``immutable=1`` (no -shm, no locks), but only where that reads what is there: no
+    -wal file holding writes (a clean stop leaves none) and no coordinator running on
+    the directory (coordinator_running), whose writes immutable would not see.
+
+    Raises:
+        sqlite3.Error: it cannot be read either way (the first error).
+    """
+    uri = path.resolve().as_uri()
+    conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=OPEN_BUSY_TIMEOUT_S)
+    try:
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return conn
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        if is_locked(exc) or is_corrupt(exc):
+            raise
+        wal = path.with_name(path.name + "-wal")
+        try:
+            pending = wal.stat().st_size > 0
+        except FileNotFoundError:
+            pending = False
+        if pending or coordinator_running(path.parent):
+            raise
+        first = exc
+    conn = sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True)
+    try:
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.DatabaseError:
+        conn.close()
+        raise first from None
+    return conn
+
+
+class StoreNeedsWrite(Exception):
+    """A database opened read-only that this release must bring up to date (an older
+    schema version, or a table made at open missing) before it can read it."""
 
 
 # A detail's field, NULL when the detail is not JSON (as _AUDIT_JOB).
@@ -534,6 +647,11 @@ class Store:
     ``locked_since`` says since when (monotonic) writes have been failing so, None
     once one succeeds.
 
+    ``read_only``: opened with :func:`open_read_only` for a command that only reads
+    (``fedge coordinator status``): nothing is made or written, so it reads on a full
+    or read-only disk too; raises StoreNeedsWrite where the database must first be
+    brought up to date (an older release's), and the state directory is not made.
+
     Raises:
         StoreError: on opening a database whose schema version is newer than
             this code's, one that is not an SQLite database or fails SQLite's
@@ -544,9 +662,10 @@ class Store:
 
     def __init__(self, state_dir: str | Path, *, clock: Any = time.time,
                  busy_timeout_s: float = BUSY_TIMEOUT_S,
-                 monotonic: Any = time.monotonic) -> None:
+                 monotonic: Any = time.monotonic, read_only: bool = False) -> None:
         self.state_dir = Path(state_dir)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        if not read_only:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.state_dir / DB_NAME
         self._clock = clock
         self._lock = threading.RLock()
@@ -572,6 +691,9 @@ class Store:
         # a flagged site's reports at or above its mark in a row (LEDGER_CLEAR_REPORTS)
         self._ledger_streak: dict[str, int] = {}
         self.audit_id_at_open = 0  # set by _open (the newest entry before it)
+        if read_only:
+            self._open_read_only()
+            return
         try:
             self._conn = sqlite3.connect(
                 self.path, check_same_thread=False, isolation_level=None,
@@ -616,7 +738,53 @@ class Store:
                     f"the coordinator a shorter state_dir ({exc})")
         if is_corrupt(exc):
             reason += f" (corrupt: {CORRUPT_HINT})"
-        return reason
+        return reason + disk_note(self.state_dir, exc)
+
+    def _open_read_only(self) -> None:
+        """``read_only``: the database opened with open_read_only (nothing created,
+        migrated or written; on a full or read-only disk too), checked as _open checks
+        it.
+
+        Raises:
+            StoreError: as the class says. StoreNeedsWrite: this release must bring the
+                database up to date first (a read-write open does).
+        """
+        if not self.path.is_file():
+            raise StoreError(f"cannot open database {self.path}: no such file")
+        try:
+            conn = open_read_only(self.path)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(self._open_refused(exc)) from exc
+        conn.isolation_level = None
+        self._conn = conn
+        try:
+            problems = [str(r[0]) for r in conn.execute("PRAGMA quick_check").fetchall()]
+            if problems != ["ok"]:
+                first = " ".join(problems[0].split())
+                more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+                raise StoreError(f"cannot open database {self.path}: quick_check found "
+                                 f"{first}{more} (corrupt: {CORRUPT_HINT})")
+            tables = {str(r[0]) for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+            row = conn.execute("SELECT value FROM meta WHERE key='schema_version'"
+                               ).fetchone() if "meta" in tables else None
+            if row is not None and int(row[0]) > SCHEMA_VERSION:
+                raise StoreError(
+                    f"database {self.path} has schema version {row[0]}, newer than this "
+                    f"fedge's {SCHEMA_VERSION}; upgrade fedge before opening it")
+            needed = {"eval_missing", "left_out", "declared_inputs", "ledger_marks"}
+            if row is None or int(row[0]) < SCHEMA_VERSION or not needed <= tables:
+                raise StoreNeedsWrite(f"database {self.path} is to be brought up to date")
+            self._ledger_marks = {
+                str(r[0]): (int(r[1]), None if r[2] is None else int(r[2]))
+                for r in conn.execute(
+                    "SELECT site_id, released, rolled_back_to FROM ledger_marks")}
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise StoreError(self._open_refused(exc)) from exc
+        except BaseException:
+            conn.close()
+            raise
 
     def _open(self) -> None:
         self._conn.execute("PRAGMA journal_mode=WAL")

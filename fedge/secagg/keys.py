@@ -30,6 +30,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from fedge.update.files import write_atomic
+
 from .errors import SecAggConfigError
 
 # A site's name (its client id) is the coordinator's allow-list key, a file-name part
@@ -125,16 +127,26 @@ class Identity:
         return self._key.sign(data)
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the private key (32 raw bytes) to ``path`` with mode 0600, atomically."""
+        """Write the private key (32 raw bytes) to ``path`` with mode 0600, atomically:
+        all of it or nothing. A write the disk takes only part of (a file-size limit)
+        or none of (a full disk) fails the call and leaves neither a truncated key at
+        ``path`` nor the temporary; the temporary is 0600 from its creation.
+
+        Written by `fedge.update.files.write_atomic`: its temporary
+        (``.<name>.XXXXXXXX``) is held while written, so the sweep of what a killed
+        enrolment left (`fedge.agent.enrol.remove_stale_key_temps`) knows it.
+
+        Raises:
+            OSError: ``path`` cannot be written; names it (a write's ENOSPC or EFBIG
+                names no file of itself).
+        """
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.write(fd, self.private_bytes())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+            write_atomic(path, self.private_bytes(), mode=0o600)
+        except OSError as exc:
+            if exc.filename is None:
+                exc.filename = str(path)
+            raise
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Identity:

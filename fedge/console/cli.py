@@ -1170,9 +1170,15 @@ def _cmd_jobs_fetch(args: argparse.Namespace) -> int:
         # patient data, per-site metrics and epsilon): as `cp` or a new file would
         mask = os.umask(0o077)
         os.umask(mask)
-        for name, data in blobs.items():
-            write_atomic(out / Path(name).name, data, mode=0o666 & ~mask)
-            print(out / Path(name).name)
+        for i, (name, data) in enumerate(blobs.items()):
+            path = out / Path(name).name
+            try:
+                write_atomic(path, data, mode=0o666 & ~mask)
+            except OSError as exc:  # a full disk's error names no file
+                return _fail(f"job {args.job_id}: cannot write {path}: "
+                             f"{exc.strerror or exc} ({i} of {len(blobs)} result file(s) "
+                             f"written to {out})")
+            print(path)
         if isinstance(result, dict) and result.get("note"):  # a failed/cancelled job's,
             print(f"note: {printable(result['note'])}")  # or a failed export or report
         if isinstance(result, dict) and result.get("still_writing"):

@@ -40,7 +40,7 @@ from fedge import instance_lock
 from fedge.coordinator import checkpoint as ck
 from fedge.coordinator.config import CoordinatorConfig
 from fedge.coordinator.service import FINISH_RETRY_S, Coordinator, DatabaseLocked
-from fedge.coordinator.store import HEARTBEAT_FLUSH_S, Store, is_locked
+from fedge.coordinator.store import HEARTBEAT_FLUSH_S, Store, database_error, is_locked
 from fedge.instance_lock import InstanceLocked
 from fedge.wire import messages as m
 
@@ -342,7 +342,10 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
                             time.monotonic() - tick_failed_at >= FINISH_RETRY_S:
                         tick_failed_at = time.monotonic()
                         log.error("coordinator tick failed, retried every tick (next report "
-                                  "in %g s): %s: %s", FINISH_RETRY_S, type(exc).__name__, exc)
+                                  "in %g s): %s", FINISH_RETRY_S,
+                                  database_error(coord.store.path, exc)
+                                  if isinstance(exc, sqlite3.Error)
+                                  else f"{type(exc).__name__}: {exc}")
                 except sqlite3.DatabaseError:
                     raise
                 except Exception as exc:
@@ -540,8 +543,12 @@ async def write_report(coord: Coordinator, job_id: str) -> bool:
     try:
         files = await asyncio.to_thread(write_job_report, out, status, plan_toml)
     except Exception as exc:  # a report must not take the coordinator down
-        coord.store.audit("coordinator", "report_failed", {"job": job_id, "reason": str(exc)})
-        log.exception("job %s: report failed", job_id)
+        reason = str(exc)
+        if isinstance(exc, OSError) and exc.filename is None:
+            # a write's own error names no file (ENOSPC): the directory is named here
+            reason = f"cannot write the report in {out}: {type(exc).__name__}: {exc}"
+        coord.store.audit("coordinator", "report_failed", {"job": job_id, "reason": reason})
+        log.error("job %s: report failed: %s", job_id, reason, exc_info=exc)
         return False
     coord.store.audit("coordinator", "report_written", {"job": job_id, "files": files})
     log.info("job %s report written to %s (%s)", job_id, out, ", ".join(files))

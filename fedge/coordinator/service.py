@@ -120,6 +120,7 @@ from fedge.coordinator.store import (
     InterruptedAttempt,
     Store,
     StoreError,
+    database_error,
     is_locked,
     ledger_rollback_reason,
 )
@@ -480,6 +481,10 @@ class Coordinator:
         self._superseded: dict[str, tuple[collections.deque[float], set[str]]] = {}
         # (job, error, when) of the last start of a job that failed on its checkpoint
         self._resume_failure: tuple[str, str, float] | None = None
+        # the round whose unmasking's survivor set the database refused to record, and
+        # why: its unmask requests wait, and a failure meanwhile is recorded led by that
+        # (_record_unmask, _end_round)
+        self._unmask_unrecorded: tuple[Round, str] | None = None
         # site -> what the journal was told of its connection (:meth:`_link_changed`),
         # for each site that connected since this process started
         self._links: dict[str, _Link] = {}
@@ -1525,11 +1530,16 @@ class Coordinator:
             # the attempt and, at the plan's limit, the job's end in one transaction: a
             # write refused here leaves both to the next tick, never one without the other
             reason = remedy_first(rnd.failure, rnd.refused)
+            unrecorded = self._unmask_unrecorded
+            if unrecorded is not None and unrecorded[0] is rnd:
+                reason = unrecorded_first(reason, unrecorded[1])
             attempts = self.store.fail_round(rnd.job_id, rnd.round, started_at=rnd.started_at,
                                              cohort=rnd.cohort, reason=reason,
                                              max_attempts=runner.plan.max_failed_attempts,
                                              dropped_reasons=rnd.dropped_reasons())
             runner.round = None
+            if unrecorded is not None and unrecorded[0] is rnd:
+                self._unmask_unrecorded = None
             if attempts < runner.plan.max_failed_attempts:
                 runner.retry_later(attempts, reason, now, rnd.opened_at)
                 self._sideline(runner, rnd, attempts)
@@ -1668,7 +1678,13 @@ class Coordinator:
             log.info("job %s completed: %d round(s) committed; final model %s",
                      runner.job_id, runner.committed, digest[:12])
         except (OSError, ck.CheckpointError, StoreError, sqlite3.Error) as exc:
-            error = f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, OSError):  # its text may name no file (a write's ENOSPC)
+                error = (f"cannot write {ck.final_path(self.state_dir, runner.job_id)}: "
+                         f"{type(exc).__name__}: {exc}")
+            elif isinstance(exc, sqlite3.Error):
+                error = database_error(self.store.path, exc)
+            else:  # a CheckpointError names its file, a StoreError its job
+                error = f"{type(exc).__name__}: {exc}"
             log.error("job %s: all %d rounds committed but finishing failed (retried in "
                       "%g s): %s", runner.job_id, runner.committed, FINISH_RETRY_S, error)
             runner.finish_failed_at = now
@@ -1981,10 +1997,14 @@ class Coordinator:
             self._emit(rnd, rnd.discard(str(exc)))
             return
         except sqlite3.OperationalError as exc:
-            rnd.unmask_not_recorded(f"database {self.store.path}: {exc}")
+            why = database_error(self.store.path, exc)
+            rnd.unmask_not_recorded(why)
+            self._unmask_unrecorded = (rnd, why)
             self._not_written(f"the survivor set of job {rnd.job_id} round {rnd.round}'s "
                               "unmasking (its unmask requests wait for it)", exc)
             return
+        if self._unmask_unrecorded is not None and self._unmask_unrecorded[0] is rnd:
+            self._unmask_unrecorded = None
         self._emit(rnd, rnd.unmask_recorded())
 
     def aggregation_factory(self, plan: Plan) -> AggregationFactory:
@@ -2398,6 +2418,17 @@ def remedy_first(failure: str, refusals: dict[str, str]) -> str:
     return (f"{RESEED_REMEDY}: this plan's seed was run before over another set of sites, "
             f"and {_names(summed)} refused to have the same update summed again over "
             f"this one. {failure}")
+
+
+def unrecorded_first(failure: str, why: str) -> str:
+    """A failed attempt's reason as it is recorded when the survivor set of its
+    unmasking could not be recorded (``why``: the database's error): that first, then
+    ``failure``, its consequence (the stage deadline passed with nobody asked to
+    unmask: "ReconstructionFailed: ... 0 shares given"), without the round's own note
+    of the cause at its end (rounds.Round._check_aggregation), said first here."""
+    told = f" (no site was asked to unmask: the survivor set could not be recorded: {why})"
+    return (f"the survivor set of this attempt's unmasking could not be recorded ({why}), "
+            f"so no site was asked to unmask: {failure.replace(told, '')}")
 
 
 # the phases of an attempt whose cohort was asked to train and that has not ended: a

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 
 import zmq
@@ -129,10 +130,44 @@ def check_max_message_bytes(value: int | None) -> int | None:
     return value
 
 
+def enable_ipv6(sock: zmq.Socket) -> None:
+    """ZMQ_IPV6 on: libzmq's default is off, and then it resolves every address as
+    IPv4 only, so ``tcp://[::1]:P`` could not be bound ("No such device"), a client
+    never reached an IPv6 address, and ``tcp://*:P`` listened on IPv4 alone.
+
+    With it on, ``tcp://*:P`` (and ``tcp://[::]:P``) listens on IPv6 and IPv4 (an
+    IPv6 socket with IPV6_V6ONLY off); ``tcp://0.0.0.0:P`` still listens on IPv4
+    alone. On a kernel without IPv6, where socket(AF_INET6) fails with
+    EAFNOSUPPORT, libzmq opens an IPv4 socket instead, binding and connecting
+    (libzmq src/tcp_listener.cpp ``set_address`` and src/tcp.cpp
+    ``tcp_open_socket``: "IPv6 address family not supported, try automatic
+    downgrade to IPv4"), so IPv4-only hosts work as before. A name is resolved
+    for IPv6 with AI_V4MAPPED: its AAAA addresses if it has any, else its A
+    addresses as IPv4-mapped ones; libzmq dials only the first.
+    """
+    sock.setsockopt(zmq.IPV6, 1)
+
+
+def plain_endpoint(endpoint: str) -> str:
+    """A bound endpoint as libzmq reports it with ZMQ_IPV6 on, IPv4-mapped addresses
+    written as IPv4 (``tcp://[::ffff:127.0.0.1]:P`` -> ``tcp://127.0.0.1:P``), so the
+    endpoint file and the log say what was configured."""
+    if endpoint.startswith("tcp://[::ffff:") and "]:" in endpoint:
+        inner, _, port = endpoint[len("tcp://["):].partition("]:")
+        try:
+            v4 = ipaddress.IPv6Address(inner).ipv4_mapped
+        except ValueError:
+            return endpoint
+        if v4 is not None:
+            return f"tcp://{v4}:{port}"
+    return endpoint
+
+
 def apply_common(
     sock: zmq.Socket, heartbeat: HeartbeatConfig, max_message_bytes: int | None
 ) -> None:
     sock.linger = 0
+    enable_ipv6(sock)
     sock.setsockopt(zmq.RCVHWM, RCVHWM)
     sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(heartbeat.interval * 1000)))
     zmtp_ms = int(heartbeat.effective_zmtp_timeout * 1000)

@@ -11,6 +11,7 @@ whose application is stuck is still found out.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import socket
 import struct
@@ -75,3 +76,24 @@ def peername_of(fd: int | None) -> Any:
             return s.getpeername()
         except OSError:
             return None
+
+
+def plain_ip(address: str) -> str:
+    """An IP address as a person writes it: an IPv4-mapped IPv6 address (what an IPv6
+    socket with IPV6_V6ONLY off reports for an IPv4 peer, ``::ffff:127.0.0.1``) as the
+    IPv4 address; anything else unchanged."""
+    if not address.startswith("::ffff:"):
+        return address
+    try:
+        v4 = ipaddress.IPv6Address(address).ipv4_mapped
+    except ValueError:
+        return address
+    return str(v4) if v4 is not None else address
+
+
+def peer_ip(fd: int | None) -> str | None:
+    """The remote IP address of socket ``fd`` (`plain_ip`), or ``None``.  Never raises."""
+    name = peername_of(fd)
+    if not isinstance(name, tuple) or not name or not isinstance(name[0], str):
+        return None
+    return plain_ip(name[0])

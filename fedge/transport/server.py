@@ -51,10 +51,11 @@ from fedge.transport._sockopts import (
     apply_common,
     check_max_message_bytes,
     parse_event,
+    plain_endpoint,
     send_nowait,
     set_max_message_bytes,
 )
-from fedge.transport._tcp import PROGRESS_BYTES, bytes_received, peername_of
+from fedge.transport._tcp import PROGRESS_BYTES, bytes_received, peername_of, plain_ip
 from fedge.transport.errors import KeyFileError, NotConnected, TransportError
 from fedge.transport.heartbeat import HEARTBEAT_FRAME, HeartbeatConfig, HeartbeatMonitor
 from fedge.transport.keys import CurveKeyPair, check_public_key
@@ -190,7 +191,7 @@ class _Authenticator(AsyncioAuthenticator):
 
     async def handle_zap_message(self, msg: list[bytes]) -> None:
         self.current_address = (
-            msg[3].decode("utf-8", "replace") if len(msg) > 3 else None
+            plain_ip(msg[3].decode("utf-8", "replace")) if len(msg) > 3 else None
         )
         try:
             await super().handle_zap_message(msg)
@@ -325,7 +326,8 @@ class ServerSocket:
             self._ctx = None
             raise TransportError(f"cannot bind {endpoint}: {exc}") from None
         self._sock = sock
-        self.endpoint = sock.last_endpoint.decode()
+        # with ZMQ_IPV6 on, libzmq reports 127.0.0.1 as [::ffff:127.0.0.1]
+        self.endpoint = plain_endpoint(sock.last_endpoint.decode())
         self._tasks = [
             asyncio.ensure_future(self._watch(monitor)),
             asyncio.ensure_future(self._heartbeats()),
@@ -512,7 +514,7 @@ class ServerSocket:
         if st is None:
             try:
                 key = first.get("User-Id")
-                address = first.get("Peer-Address")
+                address = plain_ip(first.get("Peer-Address"))
             except zmq.ZMQError:
                 return None
             fd: int | None

@@ -130,7 +130,8 @@ def install_enrolment(file: Path, state_dir: Path, *, now: datetime | None = Non
             as another site (or its enrolment state is corrupt) and not `replace`; or
             the file's TUF root does not chain from the one this appliance trusts
             (`_check_root_chains`), or it would change the pinned coordinator and not
-            `replace`. Nothing is written then.
+            `replace`, or it names a coordinator endpoint that cannot be dialled
+            (`fedge.transport._sockopts.check_endpoint`). Nothing is written then.
         OSError: the state dir cannot be written.
     """
     from fedge.agent.updates import install_trusted_root
@@ -174,6 +175,15 @@ def install_enrolment(file: Path, state_dir: Path, *, now: datetime | None = Non
         raise EnrolmentError(f"{exc}, or check this appliance's clock (it reads "
                              f"{now.replace(microsecond=0).isoformat()}): one that is fast "
                              "makes a file expire early") from exc
+    from fedge.transport._sockopts import check_endpoint
+
+    try:  # here, not as an agent that can never connect (libzmq refuses it at start)
+        check_endpoint(e.coordinator_endpoint)
+    except ValueError as exc:
+        raise EnrolmentError(
+            f"enrolment file {file} names a coordinator this appliance cannot dial: {exc}; "
+            "nothing changed. The console was initialised with it (fedge console init "
+            "--coordinator): it must issue the file for a valid endpoint") from None
     replaced = None
     if previous is not None and previous != (e.site, e.roster_public_key):
         replaced = _site_of(*previous)

@@ -75,6 +75,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("fedge.agent")
 
 TRIAL_UNCONFIRMED_EXIT = 75  # the unit's RestartForceExitStatus
+# No socket to the coordinator can be made (run_agent): as a configuration error does
+SOCKET_FAILED_EXIT = 2
 # How long a stop waits for a task already running on a worker thread (training,
 # evaluation, an update being staged) before the process leaves without it: well
 # inside the unit's TimeoutStopSec=90s, so `systemctl stop` and an upgrade's restart
@@ -595,7 +597,10 @@ async def run_agent(agent: Agent, enrolled: Enrolled, *, interval_s: float, time
     Returns 3 when the coordinator is an impostor (wrong key) or refuses this
     appliance and ``connect_timeout_s`` passes without a connection; 75 when this
     start runs a software update in trial and no heartbeat ack confirms it within
-    ``trial_confirm_s``.
+    ``trial_confirm_s``; 2 (`SOCKET_FAILED_EXIT`) when no socket to the coordinator
+    can be made any more (libzmq refused the endpoint or an option, or no file
+    descriptor was left): said in one ERROR line, where it had left an agent running
+    without a connection and logging only, minutes later, "still retrying".
     """
     from fedge.transport import (
         Backoff,
@@ -633,11 +638,20 @@ async def run_agent(agent: Agent, enrolled: Enrolled, *, interval_s: float, time
             show_link(f"connected to {endpoint}" if ev.kind == "connected"
                       else f"connecting to {endpoint} ({ev.kind.replace('_', ' ')})")
 
+    exit_code: list[int] = []
+
+    def on_failure(exc: BaseException) -> None:
+        log.error("%s: no connection to the coordinator at %s can be made: %s: %s; the "
+                  "agent stops (exit %d)", agent.site, endpoint, type(exc).__name__, exc,
+                  SOCKET_FAILED_EXIT)
+        exit_code.append(SOCKET_FAILED_EXIT)
+        stop.set()
+
     client = ClientSocket(
         CurveKeyPair(enrolled.curve_public, enrolled.curve_secret),
         enrolled.coordinator_public_key, enrolled.coordinator_endpoint,
         heartbeat=TransportHeartbeat(interval_s, timeout_s),
-        backoff=Backoff(0.1, retry_s), on_event=on_event,
+        backoff=Backoff(0.1, retry_s), on_event=on_event, on_failure=on_failure,
         max_message_bytes=agent.max_message_bytes)
     client.start()
     agent.send_frames = client.send
@@ -672,7 +686,6 @@ async def run_agent(agent: Agent, enrolled: Enrolled, *, interval_s: float, time
     trial = (updates.self_update.pending() if updates is not None
              and updates.self_update is not None else None)
     started = time.monotonic()
-    exit_code: list[int] = []
 
     async def beat() -> None:
         while True:
@@ -728,6 +741,9 @@ async def run_agent(agent: Agent, enrolled: Enrolled, *, interval_s: float, time
             try:
                 await client.wait_connected(connect_timeout_s)
             except (HandshakeFailed, TimeoutError, NotConnected) as exc:
+                if client.failure is not None:  # said by on_failure
+                    code = SOCKET_FAILED_EXIT
+                    return code
                 log.error("%s: no connection to the coordinator: %s", agent.site, exc)
                 code = 3
                 return code

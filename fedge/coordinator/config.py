@@ -322,22 +322,25 @@ def _same_port(a: str, b: str) -> bool:
 def _bind_endpoint(value: Any, key: str, bad: Callable[[str], ConfigError]) -> str:
     """An endpoint to bind: what a client may connect to (``tcp://HOST:PORT``, PORT in
     1..65535, or ``ipc://PATH``), or port 0 or ``*``: any free port (the coordinator
-    writes the one it got to ``<state_dir>/endpoint``). libzmq took a port out of range
-    modulo 65536 (``:99999`` listened on 34463, ``:-1`` on 65535).
+    writes the one it got to ``<state_dir>/endpoint``), or HOST ``*``: every address,
+    IPv6 and IPv4 (`fedge.transport._sockopts.check_endpoint`, ``bind=True``). libzmq
+    took a port out of range modulo 65536 (``:99999`` listened on 34463, ``:-1`` on
+    65535); an IPv6 address is written in brackets (``tcp://[::1]:7700``).
 
     Raises: ConfigError naming ``key`` and the rule."""
-    from fedge.transport._sockopts import check_endpoint
+    from fedge.transport._sockopts import check_endpoint, host_problem
 
-    if isinstance(value, str) and value.startswith("tcp://"):
-        host, sep, port = value[len("tcp://"):].rpartition(":")
-        if sep and host and port in ("0", "*"):
-            return value
     try:
-        return check_endpoint(value)
+        return check_endpoint(value, bind=True)
     except ValueError:
-        raise bad(f"{key} = {value!r} must be a ZeroMQ endpoint like {DEFAULT_BIND}: "
-                  "tcp://HOST:PORT with PORT in 1..65535 (0 or * for any free port), or "
-                  "ipc://PATH") from None
+        pass
+    problem = None
+    if isinstance(value, str) and value.startswith("tcp://"):
+        host = value[len("tcp://"):].rpartition(":")[0]
+        problem = host_problem(host, bind=True) if host else None
+    raise bad(f"{key} = {value!r} must be a ZeroMQ endpoint like {DEFAULT_BIND}: "
+              "tcp://HOST:PORT with PORT in 1..65535 (0 or * for any free port), or "
+              "ipc://PATH" + (f"; {problem}" if problem else ""))
 
 
 def _pos(v: Any, key: str, bad: Callable[[str], ConfigError]) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import re
 
 import zmq
 import zmq.asyncio
@@ -61,8 +62,14 @@ def message_limit_for_model(n_params: int, itemsize: int = 4, *, headroom: int =
     return n_params * itemsize + headroom
 
 
-def check_endpoint(endpoint: object) -> str:
-    """A connectable ZeroMQ endpoint: ``tcp://HOST:PORT`` or ``ipc://PATH``.
+def check_endpoint(endpoint: object, *, bind: bool = False) -> str:
+    """A ZeroMQ endpoint fedge can dial: ``tcp://HOST:PORT`` or ``ipc://PATH``.
+
+    HOST is a host name (`host_problem`: labels of letters, digits, '-' and '_', split
+    by '.'), an IPv4 address, or an IPv6 address in brackets (``tcp://[::1]:7700``).
+    With ``bind``, HOST may also be ``*`` (every address) and PORT ``0`` or ``*`` (any
+    free port). libzmq refuses other text only when a socket connects (EINVAL, inside
+    the agent's connection task) or resolves it, so it is refused here, at the edge.
 
     Raises:
         ValueError: anything else, naming the endpoint and the rule.
@@ -74,11 +81,70 @@ def check_endpoint(endpoint: object) -> str:
     if not endpoint.startswith("tcp://"):
         raise ValueError(f"endpoint {endpoint!r} must be tcp://HOST:PORT or ipc://PATH")
     host, sep, port = endpoint[len("tcp://"):].rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    any_port = bind and port in ("0", "*")
+    if not sep or not host or not (any_port or (port.isdigit() and 0 < int(port) < 65536)):
         raise ValueError(
             f"endpoint {endpoint!r} must be tcp://HOST:PORT with PORT in 1..65535"
         )
+    problem = host_problem(host, bind=bind)
+    if problem is not None:
+        raise ValueError(f"endpoint {endpoint!r}: {problem}")
     return endpoint
+
+
+_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+
+
+def host_problem(host: str, *, bind: bool = False) -> str | None:
+    """What is wrong with HOST of ``tcp://HOST:PORT``, or None.
+
+    Host names are LDH labels (RFC 1123; '_' taken too, as resolvers and libzmq take
+    it) of 1..63 characters, 253 in all; a name that is not ASCII must be written in
+    its IDNA (``xn--``) form, which the message gives: libzmq takes ASCII only.
+    """
+    if host == "*":
+        return None if bind else "host '*' (every address) is for binding; name the host to dial"
+    if "/" in host:
+        return (f"host {host!r} holds a '/': the endpoint is tcp://HOST:PORT alone, "
+                "without another scheme (https://) or a path")
+    if host.startswith("["):
+        inner = host[1:-1] if host.endswith("]") else None
+        try:
+            if inner is None:
+                raise ValueError
+            ipaddress.IPv6Address(inner)
+        except ValueError:
+            return (f"host {host!r} is not an IPv6 address in brackets, like "
+                    "tcp://[2001:db8::1]:7700")
+        return None
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return (f"host {host!r} holds a ':': write tcp://HOST:PORT with one port, and "
+                    "an IPv6 address in brackets (tcp://[2001:db8::1]:7700)")
+        return (f"the IPv6 address {host} must be in brackets: "
+                f"tcp://[{host}]:PORT")
+    if re.fullmatch(r"[0-9.]+", host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            return f"host {host!r} is not an IPv4 address (four numbers 0..255, like 192.0.2.10)"
+        return None
+    if not host.isascii():
+        try:
+            ascii_form = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            return (f"host name {host!r} is not ASCII and has no IDNA form: ZeroMQ takes "
+                    "ASCII names only")
+        return (f"host name {host!r} is not ASCII, and ZeroMQ takes ASCII names only: "
+                f"write its IDNA form, {ascii_form}")
+    name = host[:-1] if host.endswith(".") else host
+    if len(name) > 253 or not all(_LABEL.fullmatch(label) for label in name.split(".")):
+        return (f"host {host!r} is not a host name (labels of letters, digits and '-', "
+                "each 1..63 characters, split by '.'), an IPv4 address, or an IPv6 "
+                "address in brackets")
+    return None
 
 
 def check_heartbeat(

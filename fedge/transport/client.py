@@ -55,6 +55,10 @@ class ClientSocket:
 
     ``server_key``: the coordinator's public key (Z85), pinned.
     ``on_event(ClientEvent)`` is called from the event loop.
+    ``on_failure(exc)``, when given, is called (from the event loop) if no socket can
+    be made any more (the supervisor task died: libzmq refused an option or the
+    endpoint, or the process is out of file descriptors); its owner says so, and
+    this module logs it at DEBUG only. Without it, the failure is logged at ERROR.
 
     Raises (constructor):
         KeyFileError: ``keypair`` without secret, or ``server_key`` not a Z85 key.
@@ -71,6 +75,7 @@ class ClientSocket:
         heartbeat: HeartbeatConfig | None = None,
         backoff: Backoff | None = None,
         on_event: Callable[[ClientEvent], None] | None = None,
+        on_failure: Callable[[BaseException], None] | None = None,
         max_message_bytes: int | None = None,
         queue_size: int = 256,
     ) -> None:
@@ -82,6 +87,7 @@ class ClientSocket:
         self.heartbeat = heartbeat or HeartbeatConfig()
         self.backoff = backoff or Backoff()
         self.on_event = on_event
+        self.on_failure = on_failure
         self._max_message_bytes = check_max_message_bytes(max_message_bytes)
         self._queue: asyncio.Queue[list[zmq.Frame] | None] = asyncio.Queue(queue_size)
         self._ctx: zmq.asyncio.Context | None = None
@@ -103,6 +109,11 @@ class ClientSocket:
     @property
     def last_failure(self) -> HandshakeFailed | None:
         return self._conn.last_failure
+
+    @property
+    def failure(self) -> BaseException | None:
+        """Why no socket can be made any more (the supervisor task died), if so."""
+        return self._failure
 
     @property
     def failures(self) -> int:
@@ -134,10 +145,17 @@ class ClientSocket:
         if task.cancelled() or task.exception() is None:
             return
         self._failure = task.exception()
-        log.error("transport client: no more connections to %s: %s: %s", self.endpoint,
-                  type(self._failure).__name__, self._failure, exc_info=self._failure)
+        owned = self.on_failure is not None
+        log.log(logging.DEBUG if owned else logging.ERROR,
+                "transport client: no more connections to %s: %s: %s", self.endpoint,
+                type(self._failure).__name__, self._failure, exc_info=self._failure)
         self._changed.set()
         self._changed = asyncio.Event()
+        if self.on_failure is not None:
+            try:
+                self.on_failure(self._failure)
+            except Exception:
+                log.exception("on_failure callback failed")
 
     async def close(self) -> None:
         """Stop reconnecting and close the socket; pending sends are dropped."""

@@ -16,8 +16,16 @@
     timeout_s = 5.0
 
     [admin]                                     # optional: the operators' channel
-    endpoint = "tcp://127.0.0.1:7701"           # default: the provision's admin_endpoint
+    endpoint = "tcp://127.0.0.1:7701"           # default: see below
     enabled = true                              # false: off, as without the table
+
+Without ``[admin] endpoint`` the channel listens on the port of the provision file's
+``admin_endpoint`` (what the console dials) at the host of ``bind`` (where the
+appliances' listener is, 0.0.0.0 by default), not at that endpoint's host: the name
+the console dials may not resolve on the coordinator's own host, or be no address of
+it (split DNS, NAT), and libzmq binds only local addresses. A loopback
+``admin_endpoint`` (the console runs on this host) is bound as it is. The channel is
+CurveZMQ with the operators' keys only (`default_admin_endpoint`).
 
 Relative paths are relative to the configuration file's directory.
 
@@ -261,9 +269,10 @@ def _admin(raw: dict[str, Any], provision: dict[str, Any], provision_file: Path 
     if "endpoint" in table:
         endpoint = _bind_endpoint(table["endpoint"], "[admin] endpoint", bad)
     elif "admin_endpoint" in provision:
-        endpoint = _bind_endpoint(provision["admin_endpoint"],
-                                  f"admin_endpoint in provision file {provision_file} (for "
-                                  "[admin], which names no endpoint)", bad)
+        told = _bind_endpoint(provision["admin_endpoint"],
+                              f"admin_endpoint in provision file {provision_file} (for "
+                              "[admin], which names no endpoint)", bad)
+        endpoint = default_admin_endpoint(told, bind)
     else:
         return admin  # the process says there is none (an older provision file)
     if _same_port(endpoint, bind):
@@ -271,6 +280,25 @@ def _admin(raw: dict[str, Any], provision: dict[str, Any], provision_file: Path 
                   "admin channel needs a port of its own (console init: bind's port + 1)")
     admin["endpoint"] = endpoint
     return admin
+
+
+def default_admin_endpoint(told: str, bind: str) -> str:
+    """Where the admin channel listens when ``[admin]`` names no endpoint: the port of
+    ``told`` (the provision file's ``admin_endpoint``, what the console dials) at the
+    host of ``bind``. ``told``'s host is the coordinator's name as the console's
+    network sees it: on the coordinator itself it may not resolve, or resolve to an
+    address it does not have (split DNS, NAT), and the channel then failed to bind and
+    restarted every 20 s while `fedge coordinator check` said ok. ``bind``'s host is
+    one the coordinator binds anyway. ``told`` is kept when it is loopback (the console
+    runs on this host: the channel stays local) or either is not tcp://."""
+    from fedge.transport._sockopts import is_loopback_host
+
+    if not (told.startswith("tcp://") and bind.startswith("tcp://")):
+        return told
+    told_host, _, port = told[len("tcp://"):].rpartition(":")
+    if is_loopback_host(told_host):
+        return told
+    return f"{bind.rpartition(':')[0]}:{port}"
 
 
 def endpoint_warnings(path: Path, bind: str, bind_set: bool, admin: dict[str, Any],

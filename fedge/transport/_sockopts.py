@@ -147,6 +147,23 @@ def host_problem(host: str, *, bind: bool = False) -> str | None:
     return None
 
 
+def is_loopback_host(host: str) -> bool:
+    """Whether HOST of ``tcp://HOST:PORT`` is this machine itself whoever dials it: a
+    loopback address (127.0.0.0/8, ::1, in brackets or not) or ``localhost`` (and
+    names under it, RFC 6761). Nothing is resolved."""
+    name = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    name = name.rstrip(".").lower()
+    if name in ("localhost", "ip6-localhost", "ip6-loopback", "localhost.localdomain") \
+            or name.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(name.partition("%")[0])
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return bool(address.is_loopback or (mapped is not None and mapped.is_loopback))
+
+
 def check_heartbeat(
     interval_s: object, timeout_s: object, *, section: str = "[heartbeat]"
 ) -> tuple[float, float]:

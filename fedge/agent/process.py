@@ -42,10 +42,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -100,6 +102,11 @@ KILL_ON_ENV = "FEDGE_TEST_KILL_ON"
 LINK_REMIND_S = 300.0
 OUTAGE_WARN_S = 300.0
 OUTAGE_REPEAT_S = 3600.0
+# The coordinator's name, while the agent is not connected (`watch_coordinator_name`):
+# looked up off the event loop every NAME_CHECK_S, each lookup given up after
+# RESOLVE_TIMEOUT_S (its thread is left to end by itself; glibc bounds it).
+NAME_CHECK_S = 30.0
+RESOLVE_TIMEOUT_S = 10.0
 
 
 def _duration(seconds: float) -> str:
@@ -135,6 +142,9 @@ class LinkLog:
         self._lost = False  # the link was up once: its return is worth a line
         self._warned_at: float | None = None  # the outage's last WARNING
         self._failure: str | None = None  # the handshake failure in force
+        # what is known to keep the link down (the coordinator's name does not
+        # resolve): said in the outage's WARNING
+        self.cause: str | None = None
         self._failure_logged_at = 0.0
         self._failure_repeats = 0  # attempts failing so since it was last logged
 
@@ -180,9 +190,113 @@ class LinkLog:
                                   and now - self._warned_at < self.repeat_s):
             return []
         self._warned_at = now
+        cause = f" ({self.cause})" if self.cause else ""
         return [(logging.WARNING, f"{self.site}: no connection to the coordinator at "
-                 f"{self.endpoint} for {_duration(down)}; still retrying every "
+                 f"{self.endpoint} for {_duration(down)}{cause}; still retrying every "
                  f"{self.retry_s:g} s at most")]
+
+
+def coordinator_name(endpoint: str) -> tuple[str, int] | None:
+    """The host name and port of ``tcp://NAME:PORT``; None when the host is an IP
+    address (nothing to resolve) or the endpoint is not tcp://."""
+    if not endpoint.startswith("tcp://"):
+        return None
+    host, _, port = endpoint[len("tcp://"):].rpartition(":")
+    if host.startswith("[") or not port.isdigit():
+        return None
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        return host, int(port)
+
+
+def _lookup(host: str, port: int) -> tuple[list[str], str | None]:
+    """getaddrinfo for both families: (addresses in its order, None) or ([], why)."""
+    from fedge.transport._tcp import plain_ip
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        return [], exc.strerror or str(exc)
+    except (OSError, UnicodeError) as exc:
+        return [], str(exc)
+    addresses = list(dict.fromkeys(plain_ip(str(info[4][0])) for info in infos))
+    return (addresses, None) if addresses else ([], "no address")
+
+
+def resolve_name(host: str, port: int, timeout_s: float = RESOLVE_TIMEOUT_S
+                 ) -> tuple[list[str], str | None]:
+    """`_lookup` in a daemon thread, given up after ``timeout_s`` (a DNS server that
+    does not answer): ([], "no answer within T s") then. Never raises."""
+    result: list[tuple[list[str], str | None]] = []
+    worker = threading.Thread(target=lambda: result.append(_lookup(host, port)),
+                              name="fedge-resolve", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    return result[0] if result else ([], f"no answer within {timeout_s:g} s")
+
+
+async def resolve_name_async(host: str, port: int, timeout_s: float = RESOLVE_TIMEOUT_S
+                             ) -> tuple[list[str], str | None]:
+    """`resolve_name` without blocking the event loop. Never raises."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[tuple[list[str], str | None]] = loop.create_future()
+
+    def work() -> None:
+        result = _lookup(host, port)
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(result))
+
+    threading.Thread(target=work, name="fedge-resolve", daemon=True).start()
+    try:
+        return await asyncio.wait_for(asyncio.shield(done), timeout_s)
+    except TimeoutError:
+        return [], f"no answer within {timeout_s:g} s"
+
+
+class NameLog:
+    """What the agent logs of the coordinator's name: once at WARNING when it does not
+    resolve, once at INFO when it does again (or the agent connected). Pure."""
+
+    def __init__(self, site: str, name: str) -> None:
+        self.site, self.name = site, name
+        self.failing: str | None = None  # why it does not resolve, while it does not
+
+    def looked_up(self, addresses: list[str], error: str | None) -> list[tuple[int, str]]:
+        if error is not None:
+            first, self.failing = self.failing is None, error
+            if not first:
+                return []
+            return [(logging.WARNING, f"{self.site}: the coordinator's name {self.name} "
+                     f"does not resolve ({error}); still trying")]
+        if self.failing is None:
+            return []
+        self.failing = None
+        return [(logging.INFO, f"{self.site}: the coordinator's name {self.name} resolves "
+                 f"again, to {', '.join(addresses)}")]
+
+    def connected(self) -> list[tuple[int, str]]:
+        if self.failing is None:
+            return []
+        self.failing = None
+        return [(logging.INFO, f"{self.site}: the coordinator's name {self.name} resolves "
+                 "again")]
+
+
+def coordinator_endpoint_warnings(endpoint: str, *, resolve_timeout_s: float =
+                                  RESOLVE_TIMEOUT_S) -> list[str]:
+    """What `fedge agent check` should say of the enrolled coordinator endpoint: its
+    name does not resolve here (looked up, at most ``resolve_timeout_s``)."""
+    found = []
+    name = coordinator_name(endpoint)
+    if name is not None:
+        _, error = resolve_name(*name, timeout_s=resolve_timeout_s)
+        if error is not None:
+            found.append(f"the coordinator's name {name[0]} (from {endpoint}, the enrolled "
+                         f"coordinator endpoint) does not resolve here ({error}): the agent "
+                         "cannot connect until it does (DNS, or /etc/hosts)")
+    return found
 
 
 class AgentConfigError(ValueError):
@@ -630,7 +744,13 @@ async def run_agent(agent: Agent, enrolled: Enrolled, *, interval_s: float, time
         for level, text in lines:
             log.log(level, "%s", text)
 
+    name = coordinator_name(endpoint)
+    name_log = NameLog(agent.site, name[0]) if name is not None else None
+
     def on_event(ev: Any) -> None:
+        if ev.kind == "connected" and name_log is not None:
+            say_link(name_log.connected())
+            link_log.cause = None
         say_link(link_log.event(ev.kind, ev.detail, time.monotonic()))
         if ev.kind == "handshake_failed":
             show_link(f"connecting to {endpoint}: handshake failed, retrying")
@@ -712,7 +832,29 @@ async def run_agent(agent: Agent, enrolled: Enrolled, *, interval_s: float, time
                 return
             await asyncio.sleep(interval_s)
 
+    async def watch_coordinator_name() -> None:
+        """While not connected, look the coordinator's name up now and then: libzmq
+        says nothing of a name that does not resolve (it only retries)."""
+        assert name is not None and name_log is not None
+        while True:
+            if client.state != "connected":
+                addresses, error = await resolve_name_async(*name,
+                                                            timeout_s=RESOLVE_TIMEOUT_S)
+                if client.state != "connected":
+                    was_failing = name_log.failing is not None
+                    say_link(name_log.looked_up(addresses, error))
+                    if error is not None:
+                        link_log.cause = f"its name {name[0]} does not resolve: {error}"
+                        show_link(f"connecting to {endpoint}: the name {name[0]} does not "
+                                  "resolve")
+                    elif was_failing:
+                        link_log.cause = None
+                        show_link(f"connecting to {endpoint}")
+            await asyncio.sleep(NAME_CHECK_S)
+
     workers = [asyncio.ensure_future(receive()), asyncio.ensure_future(beat())]
+    if name is not None:
+        workers.append(asyncio.ensure_future(watch_coordinator_name()))
     if notifier is not None:
         # WATCHDOG=1 from this loop at half of WatchdogSec, whatever heartbeat.interval_s
         # is (a slow heartbeat once meant a watchdog restart loop), and while the

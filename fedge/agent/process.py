@@ -748,10 +748,13 @@ async def run_agent(agent: Agent, enrolled: Enrolled, *, interval_s: float, time
     name_log = NameLog(agent.site, name[0]) if name is not None else None
 
     def on_event(ev: Any) -> None:
+        detail = ev.detail
         if ev.kind == "connected" and name_log is not None:
             say_link(name_log.connected())
             link_log.cause = None
-        say_link(link_log.event(ev.kind, ev.detail, time.monotonic()))
+            if client.peer_address:  # which of the name's addresses was reached
+                detail = f"{detail} ({client.peer_address})"
+        say_link(link_log.event(ev.kind, detail, time.monotonic()))
         if ev.kind == "handshake_failed":
             show_link(f"connecting to {endpoint}: handshake failed, retrying")
         elif ev.kind in ("connected", "disconnected", "heartbeat_timeout"):

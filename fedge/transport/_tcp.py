@@ -90,10 +90,3 @@ def plain_ip(address: str) -> str:
         return address
     return str(v4) if v4 is not None else address
 
-
-def peer_ip(fd: int | None) -> str | None:
-    """The remote IP address of socket ``fd`` (`plain_ip`), or ``None``.  Never raises."""
-    name = peername_of(fd)
-    if not isinstance(name, tuple) or not name or not isinstance(name[0], str):
-        return None
-    return plain_ip(name[0])

@@ -33,7 +33,7 @@ from fedge.transport._sockopts import (
     parse_event,
     send_nowait,
 )
-from fedge.transport._tcp import PROGRESS_BYTES, bytes_received, peername_of
+from fedge.transport._tcp import PROGRESS_BYTES, bytes_received, peername_of, plain_ip
 from fedge.transport.backoff import Backoff
 from fedge.transport.connection import (
     ClientConnection,
@@ -88,6 +88,7 @@ class ClientSocket:
         self.backoff = backoff or Backoff()
         self.on_event = on_event
         self.on_failure = on_failure
+        self._peer: str | None = None  # the coordinator's IP on the current connection
         self._max_message_bytes = check_max_message_bytes(max_message_bytes)
         self._queue: asyncio.Queue[list[zmq.Frame] | None] = asyncio.Queue(queue_size)
         self._ctx: zmq.asyncio.Context | None = None
@@ -109,6 +110,12 @@ class ClientSocket:
     @property
     def last_failure(self) -> HandshakeFailed | None:
         return self._conn.last_failure
+
+    @property
+    def peer_address(self) -> str | None:
+        """The IP address the current (or last) TCP connection reached, IPv4-mapped
+        written as IPv4; None before one. What a name in the endpoint resolved to."""
+        return self._peer
 
     @property
     def failure(self) -> BaseException | None:
@@ -356,6 +363,8 @@ class ClientSocket:
                     pending = asyncio.ensure_future(monitor.recv_multipart())
                     if name == "CONNECTED":  # value: the TCP connection's fd
                         fd, peer = value, peername_of(value)
+                        if isinstance(peer, tuple) and peer and isinstance(peer[0], str):
+                            self._peer = plain_ip(peer[0])
                     replace = self._apply(self._conn.event(name.lower(), now, value), sock)
                     if replace is not None:
                         return replace

@@ -750,6 +750,9 @@ def _cmd_enrol(args: argparse.Namespace) -> int:
     print(f"enrolled site {site.site} with console key {site.console_fingerprint}; "
           f"coordinator {site.coordinator_endpoint}; state in {site.state_dir} (this "
           f"enrolment is kept in {site.state_dir / HISTORY})")
+    loopback = loopback_coordinator(site.coordinator_endpoint)
+    if loopback is not None:
+        print(f"fedge agent enrol: warning: {loopback}", file=sys.stderr)
     stale = credentials_not_enrolled(site)
     if stale:
         _warn_credentials(site, stale)
@@ -757,6 +760,24 @@ def _cmd_enrol(args: argparse.Namespace) -> int:
           "copy of it): it holds this appliance's secret keys, and whoever has it can "
           f"connect as site {site.site} until the console revokes it, expired or not")
     return 0
+
+
+def loopback_coordinator(endpoint: str) -> str | None:
+    """Why a coordinator endpoint on loopback (``tcp://localhost:P``, 127.x, ::1: what
+    ``fedge console init --coordinator`` was given on the console's own machine) is
+    probably wrong for this appliance, or None. Nothing is resolved."""
+    from fedge.transport._sockopts import is_loopback_host
+
+    if not endpoint.startswith("tcp://"):
+        return None
+    host = endpoint[len("tcp://"):].rpartition(":")[0]
+    if not is_loopback_host(host):
+        return None
+    return (f"the coordinator endpoint {endpoint} is a loopback address: the agent will "
+            "dial this machine itself. Unless the coordinator runs here, the console must "
+            "be initialised with the address the appliances reach the coordinator at "
+            "(fedge console init --coordinator tcp://HOST:PORT) and issue this "
+            "appliance's enrolment file again")
 
 
 def shell_quoted(path: Path | str) -> str:

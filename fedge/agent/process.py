@@ -286,9 +286,13 @@ class NameLog:
 
 def coordinator_endpoint_warnings(endpoint: str, *, resolve_timeout_s: float =
                                   RESOLVE_TIMEOUT_S) -> list[str]:
-    """What `fedge agent check` should say of the enrolled coordinator endpoint: its
-    name does not resolve here (looked up, at most ``resolve_timeout_s``)."""
-    found = []
+    """What `fedge agent check` should say of the enrolled coordinator endpoint: it is
+    loopback (`fedge.agent.enrol.loopback_coordinator`), or its name does not resolve
+    here (looked up, at most ``resolve_timeout_s``)."""
+    from fedge.agent.enrol import loopback_coordinator
+
+    loopback = loopback_coordinator(endpoint)
+    found = [loopback] if loopback is not None else []
     name = coordinator_name(endpoint)
     if name is not None:
         _, error = resolve_name(*name, timeout_s=resolve_timeout_s)

@@ -1880,7 +1880,6 @@ def serve(
             directory.
         RuntimeError: the application failed to start (e.g. an unreadable repository).
     """
-    import socket
 
     import uvicorn
 
@@ -1905,19 +1904,8 @@ def serve(
         max_header_bytes=max_header_bytes, load_timeout_s=load_timeout_s,
         max_buffered_body_bytes=max_buffered_body_bytes, infer_timeout_s=infer_timeout_s,
     )
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    shown = f"[{host}]" if ":" in host else host
-    try:
-        sock.bind((host, port))
-        sock.listen(BACKLOG)  # uvicorn listens again (the same backlog) when it starts
-    except OSError as exc:  # in use, not this host's address, a name that does not resolve
-        sock.close()
-        raise OSError(exc.errno, f"cannot listen on {shown}:{port}: "
-                                 f"{exc.strerror or exc}") from None
-    sock.set_inheritable(True)
-    bound = sock.getsockname()[1]
+    socks, shown, on = listening_sockets(host, port)
+    bound = socks[0].getsockname()[1]
     loop, http = _loop_and_http(server_app)
     config = uvicorn.Config(
         server_app, loop=loop, http=http, lifespan="on", access_log=False,
@@ -1931,12 +1919,75 @@ def serve(
         ws="none",
     )
     server_app.on_ready = lambda: announce(
-        f"fedge serve listening on http://{shown}:{bound} (repository {repository})")
+        f"fedge serve listening on http://{shown}:{bound}{on} (repository {repository})")
     server = uvicorn.Server(config)
     ignore_sighup()
-    server.run(sockets=[sock])
+    server.run(sockets=socks)
     if not server.started:
         raise RuntimeError("start-up failed (the reason is logged above)")
+
+
+def listening_sockets(host: str, port: int) -> tuple[list[Any], str, str]:
+    """Listening TCP sockets for ``--host`` and ``--port`` (0: any free port, the same on
+    every address): the sockets, the host as a URL shows it, and, for a name, " on
+    ADDRESSES" for the announcement.
+
+    ``host`` is an IP address, an IPv6 one in brackets or not (``[::1]`` was looked up
+    as a name, "cannot listen on [[::1]]"), or a name: every address it resolves to,
+    IPv4 and IPv6, is listened on (a name was resolved for IPv4 only, so
+    ``--host localhost`` did not answer on ::1).
+
+    Raises:
+        OSError: an address cannot be bound (in use, not this host's), or the name does
+            not resolve; the message names host and port, and the address for a name.
+    """
+    import ipaddress
+    import socket
+
+    literal = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    shown = f"[{literal}]" if ":" in literal else literal
+    try:
+        ipaddress.ip_address(literal.partition("%")[0])
+        is_name = False
+    except ValueError:
+        is_name = True
+    try:
+        infos = socket.getaddrinfo(literal, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        errno = getattr(exc, "errno", None)
+        raise OSError(errno, f"cannot listen on {shown}:{port}: "
+                             f"{getattr(exc, 'strerror', None) or exc}") from None
+    addresses: dict[tuple[int, str], Any] = {}
+    for family, _, _, _, sockaddr in infos:
+        if family in (socket.AF_INET, socket.AF_INET6):
+            addresses.setdefault((family, str(sockaddr[0])), sockaddr)
+    socks: list[Any] = []
+    try:
+        for (family, address), sockaddr in addresses.items():
+            where = f"{shown}:{port}" + (f" (address {address})" if is_name else "")
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and len(addresses) > 1:
+                # its IPv4 twin listens itself: a dual-stack socket would take its port
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind((address, port, *sockaddr[2:]))
+                sock.listen(BACKLOG)  # uvicorn listens again (the same backlog)
+            except OSError as exc:  # in use, not this host's address
+                raise OSError(exc.errno, f"cannot listen on {where}: "
+                                         f"{exc.strerror or exc}") from None
+            sock.set_inheritable(True)
+            port = port or sock.getsockname()[1]  # any free port: the same on each
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    on = ""
+    if is_name:
+        on = " on " + ", ".join(f"[{a}]" if ":" in a else a for _, a in addresses)
+    return socks, shown, on
 
 
 def ignore_sighup() -> None:

@@ -124,7 +124,9 @@ def register(subparsers: Any) -> None:
         "connects (its enrolment files read, its data sets' paths looked at), without "
         "starting: nothing is locked, made or written, so it may run beside the running "
         "agent. Run it as the user the service runs as: what that user cannot read, start "
-        "cannot either.")
+        "cannot either; the secret keys in the unit's credentials source "
+        "(/var/lib/fedge-credentials/agent, root's) it then says of but does not read: run "
+        "it as root as well to check them too.")
     c.add_argument("--config", type=Path, default=argparse.SUPPRESS)
     c.set_defaults(func=_check)
     try:
@@ -155,9 +157,11 @@ def _run(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     """What `fedge agent run` refuses before it connects (fedge.agent.process.run):
-    the config, $FEDGE_SIMD, the enrolment files; and what it warns of: data sets whose
-    path cannot be read, tables fedge.train leaves out, keys that are not the ones
-    enrolled last. The agent's lock is not taken."""
+    the config, $FEDGE_SIMD, the enrolment files, the secret keys where the unit
+    takes them from (fedge.agent.process.check_enrolled); and what it warns of: data
+    sets whose path cannot be read, tables fedge.train leaves out, keys that are not
+    the ones enrolled last, secret keys in the unit's credentials source that this
+    user cannot read. The agent's lock is not taken."""
     if getattr(args, "config", None) is None:
         print("fedge agent check: --config FILE is required", file=sys.stderr)
         return 2
@@ -165,10 +169,10 @@ def _check(args: argparse.Namespace) -> int:
 
     from fedge.agent.process import (
         AgentConfigError,
+        check_enrolled,
         data_not_found,
         health_max_age_s,
         load_config,
-        load_enrolled,
     )
     from fedge.core import check_simd
     from fedge.train.data import DatasetSpec
@@ -196,7 +200,10 @@ def _check(args: argparse.Namespace) -> int:
                 warnings.append(f"data set {table.get('name', f'#{i + 1}')!r} in "
                                 f"{args.config} is left out, its tasks refused until the "
                                 f"table is fixed: {exc}")
-        load_enrolled(cfg.state_dir)
+        # the secret keys where the unit will take them from, its LoadCredential=
+        # source among them (root's: said, not read, when this is not root)
+        _, unread = check_enrolled(cfg.state_dir)
+        warnings += unread
     except (AgentConfigError, ValueError) as exc:
         print(f"fedge agent: {exc}", file=sys.stderr)
         return 2

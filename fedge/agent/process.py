@@ -462,9 +462,32 @@ def load_enrolled(state_dir: Path) -> Enrolled:
     Raises:
         AgentConfigError: not enrolled, or a file is missing or corrupt (named).
     """
+    return _load_enrolled(Path(state_dir), _secret_file)
+
+
+def check_enrolled(state_dir: Path) -> tuple[Enrolled, list[str]]:
+    """`load_enrolled` for ``fedge agent check``, which runs outside the unit (no
+    ``$CREDENTIALS_DIRECTORY``): each secret is also looked for where the unit's
+    LoadCredential= takes it from, CREDENTIALS_SOURCE, as the next start will get it.
+    Read and checked there when this user can read it (root); when it is root's
+    (the documented layout: the keys moved there and shredded from ``keys/``), it is
+    left unread and said in the warning returned, and the `Enrolled` returned lacks
+    it (``curve_secret`` "", ``identity`` None). Returns it and those warnings.
+
+    Raises:
+        AgentConfigError: as `load_enrolled`; a secret found nowhere names every place
+            looked at, the unit's source among them.
+    """
+    sd = Path(state_dir)
+    unread: dict[str, bool] = {}  # which secret -> whether it is known to be there
+    enrolled = _load_enrolled(sd, lambda sd, which: _secret_file(sd, which, unread))
+    return enrolled, [_unread_secrets(sd, unread)] if unread else []
+
+
+def _load_enrolled(sd: Path, secret_file: Callable[[Path, str], Path | None]) -> Enrolled:
+    """`load_enrolled`, each secret found by ``secret_file`` (None: left unread)."""
     from fedge.secagg.keys import Identity, Roster
 
-    sd = Path(state_dir)
     try:
         meta = json.loads((sd / "enrolment.json").read_text())
     except FileNotFoundError as exc:
@@ -480,10 +503,12 @@ def load_enrolled(state_dir: Path) -> Enrolled:
         site, roster_key = str(meta["site"]), bytes.fromhex(meta["roster_public_key"])
     except (KeyError, ValueError, TypeError) as exc:
         raise AgentConfigError(_corrupt(sd / "enrolment.json", exc)) from exc
-    curve_file = _secret_file(sd, "curve")
-    curve_public, curve_secret = _read(sd, curve_file, _curve_key, "CURVE key ")
-    identity_file = _secret_file(sd, "identity")
-    identity = _read(sd, identity_file, Identity.load, "identity key ")
+    curve_file = secret_file(sd, "curve")
+    curve_public, curve_secret = (_read(sd, curve_file, _curve_key, "CURVE key ")
+                                  if curve_file is not None else ("", ""))
+    identity_file = secret_file(sd, "identity")
+    identity = (_read(sd, identity_file, Identity.load, "identity key ")
+                if identity_file is not None else None)
     coord_file = sd / "keys" / "coordinator.json"
 
     def coordinator(path: Path) -> tuple[str, str]:
@@ -499,20 +524,35 @@ def load_enrolled(state_dir: Path) -> Enrolled:
     roster_file = sd / "roster.json"
     roster = _read(sd, roster_file, lambda path: Roster.from_bytes(path.read_bytes(), roster_key))
     _say_if_not_enrolled(sd, meta, site, curve_file, curve_public, identity_file,
-                         identity.public_bytes(), roster.entries.get(site))
+                         identity.public_bytes() if identity is not None else None,
+                         roster.entries.get(site))
     return Enrolled(site, curve_public, curve_secret, endpoint, coordinator_key, identity,
                     roster, roster_key, roster_file)
 
 
-def _say_if_not_enrolled(sd: Path, meta: dict[str, Any], site: str, curve_file: Path,
-                         curve_public: str, identity_file: Path, identity_public: bytes,
-                         roster_entry: bytes | None) -> None:
+def _say_if_not_enrolled(sd: Path, meta: dict[str, Any], site: str, curve_file: Path | None,
+                         curve_public: str, identity_file: Path | None,
+                         identity_public: bytes | None, roster_entry: bytes | None) -> None:
     """Warn when the keys loaded are not the ones `fedge agent enrol` installed last (a
     re-enrolment whose new keys were not moved into the credentials directory: the
     coordinator refuses the old ones once revoked), naming the key used and where the
     enrolled one is. The enrolled CURVE key is enrolment.json's ``curve_public``
     (``keys/curve.json``'s for an enrolment made before it was kept there); the
-    enrolled identity is the roster's entry for this site."""
+    enrolled identity is the roster's entry for this site. A key left unread (file
+    None: `check_enrolled`) is not compared."""
+    if curve_file is not None:
+        _say_if_curve_not_enrolled(sd, meta, curve_file, curve_public)
+    if (identity_file is not None and roster_entry is not None
+            and roster_entry != identity_public):
+        log.warning("using the identity key in %s, which is not the identity the roster "
+                    "(%s) holds for site %r: secure aggregation will not accept it. If "
+                    "this appliance was enrolled again, move %s into %s as well",
+                    identity_file, sd / "roster.json", site, sd / SECRETS["identity"][0],
+                    CREDENTIALS_SOURCE)
+
+
+def _say_if_curve_not_enrolled(sd: Path, meta: dict[str, Any], curve_file: Path,
+                               curve_public: str) -> None:
     enrolled, where = meta.get("curve_public"), sd / "enrolment.json"
     own = sd / SECRETS["curve"][0]
     if not isinstance(enrolled, str) and own != curve_file:
@@ -527,12 +567,6 @@ def _say_if_not_enrolled(sd: Path, meta: dict[str, Any], site: str, curve_file: 
                     "this appliance was enrolled again, move the enrolled keys into %s "
                     "(the commands `fedge agent enrol` printed; README.Debian, "
                     "Credentials) and restart", curve_public, curve_file, enrolled, where,
-                    CREDENTIALS_SOURCE)
-    if roster_entry is not None and roster_entry != identity_public:
-        log.warning("using the identity key in %s, which is not the identity the roster "
-                    "(%s) holds for site %r: secure aggregation will not accept it. If "
-                    "this appliance was enrolled again, move %s into %s as well",
-                    identity_file, sd / "roster.json", site, sd / SECRETS["identity"][0],
                     CREDENTIALS_SOURCE)
 
 
@@ -572,11 +606,19 @@ SECRETS = {"curve": ("keys/curve.json", "curve.key"),
 CREDENTIALS_SOURCE = "/var/lib/fedge-credentials/agent"
 
 
-def _secret_file(sd: Path, which: str) -> Path:
+def _secret_file(sd: Path, which: str, unread: dict[str, bool] | None = None
+                 ) -> Path | None:
     """The file holding secret `which`: the systemd credential when there is one,
     else the state dir's.
 
-    Raises: AgentConfigError naming both places when neither exists.
+    With `unread` (``fedge agent check``, outside the unit: `check_enrolled`), as the
+    next start under the unit will find it: between the two, the unit's source
+    (CREDENTIALS_SOURCE, which LoadCredential= makes that credential of). There,
+    a key this user cannot read is not returned: None, and ``unread[which]`` set to
+    True when it is there (the unit takes it, not the state dir's), False when
+    it may be (the directory cannot be searched; the state dir has none).
+
+    Raises: AgentConfigError naming every place looked at when none holds it.
     """
     state_name, cred_name = SECRETS[which]
     looked = []
@@ -589,11 +631,42 @@ def _secret_file(sd: Path, which: str) -> Path:
     else:
         looked.append(f"$CREDENTIALS_DIRECTORY/fedge_{cred_name} (CREDENTIALS_DIRECTORY "
                       "is not set: the agent is not running under its unit)")
+    in_source: bool | None = False
+    if unread is not None:
+        source = Path(CREDENTIALS_SOURCE) / cred_name
+        try:
+            os.stat(source)
+            in_source = True
+        except (FileNotFoundError, NotADirectoryError):
+            looked.append(str(source))
+        except OSError:  # the directory is root's (0700): whether it holds it is unknown
+            in_source = None
+        if in_source and os.access(source, os.R_OK):
+            return source
+        if in_source:
+            unread[which] = True
+            return None
     own = sd / state_name
     if own.exists():
         return own
+    if unread is not None and in_source is None:
+        unread[which] = False
+        return None
     looked.append(str(own))
     raise AgentConfigError(f"appliance {which} key not found: looked at {' and '.join(looked)}")
+
+
+def _unread_secrets(sd: Path, unread: dict[str, bool]) -> str:
+    """The warning of `check_enrolled` for the secrets it left unread."""
+    names = {"curve": "the CURVE secret key is", "identity": "the identity key is"}
+    keys, them = (("the secret keys are", "them") if len(unread) > 1 else
+                  (names[next(iter(unread))], "it"))
+    source = f"{CREDENTIALS_SOURCE} (root's; the unit hands them over as credentials)"
+    if all(unread.values()):
+        return (f"{keys} in {source}: not read by this check; run it as root to check "
+                f"{them} too")
+    return (f"{keys} not in {sd / 'keys'}, so the unit must take {them} from {source}, "
+            f"which this check cannot read{_as_user()}; run it as root to check {them} too")
 
 
 def _curve_key(path: Path) -> tuple[str, str]:

@@ -316,23 +316,29 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
                 del msg
             if held or coord.store.lock_waits != waits_before:
                 pass  # backing off: no tick while a message is held or a write waited
-            elif coord.runner is None and (upcoming := _needs_initial_model(coord)) \
-                    is not None:
-                # the next job's starting model is built in a child process; the
-                # loop keeps serving heartbeats meanwhile (and while it waits for a
-                # disk that could not take it)
-                if preparing is None:
-                    if disk_wait.due(upcoming.job_id, time.monotonic()):
-                        preparing = asyncio.ensure_future(
-                            _prepare_initial_model(coord, disk_wait))
-                elif preparing.done():
-                    if not preparing.cancelled() and preparing.exception() is not None:
-                        log.error("preparing the next job's starting model failed",
-                                  exc_info=preparing.exception())
-                    preparing = None
             else:
                 try:
-                    coord.tick()
+                    upcoming = _needs_initial_model(coord) if coord.runner is None \
+                        else None
+                    if upcoming is not None:
+                        # the next job's starting model is built in a child process,
+                        # and waits for a disk that could not take it; the loop ticks
+                        # meanwhile (silence checks, refusal summaries) without
+                        # starting the job, and keeps serving heartbeats
+                        if preparing is None:
+                            if disk_wait.due(upcoming.job_id, time.monotonic()):
+                                preparing = asyncio.ensure_future(
+                                    _prepare_initial_model(coord, disk_wait))
+                        elif preparing.done():
+                            if not preparing.cancelled() and \
+                                    preparing.exception() is not None:
+                                log.error("preparing the next job's starting model failed",
+                                          exc_info=preparing.exception())
+                            preparing = None
+                    if upcoming is None:
+                        coord.tick()
+                    else:
+                        coord.tick(start_next=False)
                 except (OSError, sqlite3.OperationalError) as exc:
                     # a full disk (SQLITE_FULL, ENOSPC) fails this tick's writes; the
                     # next tick retries them. A corrupt database is no OperationalError:

@@ -1428,8 +1428,13 @@ class Coordinator:
         c = self.conns.get(site)
         return c is not None and now - c.last_seen <= self.heartbeat_timeout_s
 
-    def tick(self) -> None:
-        """Advance deadlines, notice lost connections, start and finish rounds."""
+    def tick(self, *, start_next: bool = True) -> None:
+        """Advance deadlines, notice lost connections, start and finish rounds.
+
+        ``start_next=False``: with no job running, none is started (the process loop
+        builds the next one's starting model in a child meanwhile, or waits for a disk
+        that could not take it); the rest (the silence checks, the summaries of refused
+        events) goes on as on every tick."""
         now = self.clock()
         for throttle in (self._refusals, self._rejections):
             if throttle.pending:
@@ -1439,7 +1444,8 @@ class Coordinator:
                     self._not_written(f"a summary of {throttle.verb} events", exc)
         self._say_links(now)
         if self.runner is None:
-            self._start_next_job(now)
+            if start_next:
+                self._start_next_job(now)
             if self.runner is None:
                 return
         runner = self.runner

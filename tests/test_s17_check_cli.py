@@ -63,8 +63,12 @@ def test_coordinator_check_refuses_what_start_refuses_with_exit_2(tmp_path, text
     assert line.startswith("fedge coordinator: ") and error in line, line
 
 
-def agent_config(tmp_path, text=""):
+def agent_config(tmp_path, text="", coordinator="tcp://192.0.2.7:7000"):
+    """An enrolled state dir "st" (its coordinator `coordinator`: enrolled_state's
+    tcp://127.0.0.1:1 is loopback, which check warns of) and its agent.toml."""
     enrolled_state(tmp_path / "st")
+    coord = tmp_path / "st" / "keys" / "coordinator.json"
+    coord.write_text(json.dumps(json.loads(coord.read_text()) | {"endpoint": coordinator}))
     data = tmp_path / "data.npz"
     data.write_bytes(b"")
     cfg = tmp_path / "agent.toml"
@@ -131,3 +135,33 @@ def test_agent_check_names_the_keys_not_enrolled_last(tmp_path):
     (warning,) = out.stderr.splitlines()
     assert warning.startswith("warning: using the CURVE key ") and \
         "which is not the key enrolled last" in warning, warning
+
+
+def test_agent_check_warns_of_a_coordinator_name_that_does_not_resolve(tmp_path):
+    """The agent would start and never connect, libzmq retrying the name in silence
+    (s17 endpoints M3): check says so at once."""
+    cfg = agent_config(tmp_path, coordinator="tcp://fl-coordinator.invalid:7000")
+    out = fedge("agent", "check", "--config", str(cfg))
+    assert (out.returncode, out.stdout) == (0, f"ok: {cfg}\n"), out.stderr
+    (warning,) = out.stderr.splitlines()
+    assert warning.startswith(
+        "warning: the coordinator's name fl-coordinator.invalid (from "
+        "tcp://fl-coordinator.invalid:7000, the enrolled coordinator endpoint) does not "
+        "resolve here ("), warning
+    assert warning.endswith("): the agent cannot connect until it does (DNS, or /etc/hosts)")
+
+
+@pytest.mark.parametrize("coordinator", ["tcp://127.0.0.1:7000", "tcp://localhost:7000"])
+def test_agent_check_warns_of_a_coordinator_on_loopback(tmp_path, coordinator):
+    """An enrolment file made by `fedge console init --coordinator tcp://localhost:P`
+    on the console's machine: every appliance dials itself (s17 endpoints L3)."""
+    cfg = agent_config(tmp_path, coordinator=coordinator)
+    out = fedge("agent", "check", "--config", str(cfg))
+    assert (out.returncode, out.stdout) == (0, f"ok: {cfg}\n"), out.stderr
+    (warning,) = out.stderr.splitlines()
+    assert warning == (
+        f"warning: the coordinator endpoint {coordinator} is a loopback address: the agent "
+        "will dial this machine itself. Unless the coordinator runs here, the console must "
+        "be initialised with the address the appliances reach the coordinator at (fedge "
+        "console init --coordinator tcp://HOST:PORT) and issue this appliance's enrolment "
+        "file again"), warning

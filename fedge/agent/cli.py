@@ -161,7 +161,9 @@ def _check(args: argparse.Namespace) -> int:
     takes them from (fedge.agent.process.check_enrolled); and what it warns of: data
     sets whose path cannot be read, tables fedge.train leaves out, keys that are not
     the ones enrolled last, secret keys in the unit's credentials source that this
-    user cannot read. The agent's lock is not taken."""
+    user cannot read, a coordinator endpoint on loopback or whose name does not
+    resolve here (fedge.agent.process.coordinator_endpoint_warnings). The agent's
+    lock is not taken."""
     if getattr(args, "config", None) is None:
         print("fedge agent check: --config FILE is required", file=sys.stderr)
         return 2
@@ -170,6 +172,7 @@ def _check(args: argparse.Namespace) -> int:
     from fedge.agent.process import (
         AgentConfigError,
         check_enrolled,
+        coordinator_endpoint_warnings,
         data_not_found,
         health_max_age_s,
         load_config,
@@ -202,8 +205,11 @@ def _check(args: argparse.Namespace) -> int:
                                 f"table is fixed: {exc}")
         # the secret keys where the unit will take them from, its LoadCredential=
         # source among them (root's: said, not read, when this is not root)
-        _, unread = check_enrolled(cfg.state_dir)
+        enrolled, unread = check_enrolled(cfg.state_dir)
         warnings += unread
+        # on loopback, or a name that does not resolve here (looked up, at most
+        # RESOLVE_TIMEOUT_S): the agent would start, and never connect
+        warnings += coordinator_endpoint_warnings(enrolled.coordinator_endpoint)
     except (AgentConfigError, ValueError) as exc:
         print(f"fedge agent: {exc}", file=sys.stderr)
         return 2

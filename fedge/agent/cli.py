@@ -151,7 +151,11 @@ def _run(args: argparse.Namespace) -> int:
         print(f"fedge agent: {exc}", file=sys.stderr)
         return 2
     except ValueError as exc:  # a [[datasets]] table fedge.train refuses
-        print(f"fedge agent: invalid configuration: {exc}", file=sys.stderr)
+        from fedge.train.accounting import LedgerUnreadable
+
+        # a ledger the agent's user cannot read is the state dir's owner, not the config
+        what = "" if isinstance(exc, LedgerUnreadable) else "invalid configuration: "
+        print(f"fedge agent: {what}{exc}", file=sys.stderr)
         return 2
 
 

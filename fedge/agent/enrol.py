@@ -292,8 +292,10 @@ def _writing(path: Path) -> Any:
                       "put right, run it again") from exc
 
 
-# Identity.save's temporary (the identity's private key); write_atomic's are
-# fedge.update.files.ATOMIC_TEMP_NAME (".curve.json.XXXXXXXX" holds the CURVE secret)
+# The identity key's temporary as an older release's Identity.save wrote it (before
+# 60f211d; it holds the identity's private key), still swept. Identity.save now writes
+# through write_atomic, whose temporaries are fedge.update.files.ATOMIC_TEMP_NAME
+# (".identity.key.XXXXXXXX"; ".curve.json.XXXXXXXX" holds the CURVE secret)
 IDENTITY_TEMP = "identity.key.tmp"
 
 
@@ -301,7 +303,8 @@ def remove_stale_key_temps(keys_dir: Path) -> list[Path]:
     """Overwrite with zeros, then remove, the temporaries that an enrolment killed
     mid-write (SIGKILL, power cut) left in `keys_dir`: write_atomic's that no live
     writer holds (``.curve.json.XXXXXXXX`` holds the CURVE secret key,
-    ``.coordinator.json.*``) and Identity.save's ``identity.key.tmp``. Overwritten
+    ``.identity.key.XXXXXXXX`` Identity.save's identity key, ``.coordinator.json.*``)
+    and ``identity.key.tmp``, an older release's Identity.save temporary. Overwritten
     first because they hold secrets: once the keys are moved into the credentials
     directory and shredded (README.Debian), no copy must stay behind, nor be carried
     by a backup of the state dir.

@@ -39,13 +39,13 @@ class AdminClient:
         import zmq
 
         from fedge.console.protocol import AdminReply, AdminRequest
-        from fedge.transport._sockopts import enable_ipv6
+        from fedge.transport._sockopts import set_ipv6
         from fedge.wire import codec
 
         ctx = zmq.Context.instance()
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
-        enable_ipv6(sock)  # a coordinator at tcp://[::1]:P, or a name with AAAA records
+        set_ipv6(sock, self.endpoint, bind=False)  # IPv6 for tcp://[ADDRESS]:P only
         sock.curve_serverkey = self.server_public_key.encode("ascii")
         sock.curve_publickey = self.public_key.encode("ascii")
         sock.curve_secretkey = self.secret_key.encode("ascii")

@@ -825,11 +825,11 @@ async def serve_admin(coordinator: Any, config: AdminConfig, *, updates: Any | N
             return z85_key.decode("ascii") in service.operators
 
     auth.configure_curve_callback(ADMIN_ZAP_DOMAIN, credentials_provider=_Operators())
-    from fedge.transport._sockopts import enable_ipv6
+    from fedge.transport._sockopts import set_ipv6
 
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
-    enable_ipv6(sock)  # tcp://[::1]:P binds; tcp://*:P takes IPv6 and IPv4
+    set_ipv6(sock, config.endpoint, bind=True)  # tcp://* dual-stack, tcp://[ADDRESS]:P
     sock.curve_server = True
     sock.curve_publickey = config.server_public_key.encode("ascii")
     sock.curve_secretkey = config.server_secret_key.encode("ascii")

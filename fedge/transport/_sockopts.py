@@ -213,28 +213,39 @@ def check_max_message_bytes(value: int | None) -> int | None:
     return value
 
 
-def enable_ipv6(sock: zmq.Socket) -> None:
-    """ZMQ_IPV6 on: libzmq's default is off, and then it resolves every address as
-    IPv4 only, so ``tcp://[::1]:P`` could not be bound ("No such device"), a client
-    never reached an IPv6 address, and ``tcp://*:P`` listened on IPv4 alone.
+def ipv6_for(endpoint: str, *, bind: bool) -> bool:
+    """Whether a socket for ``endpoint`` gets ZMQ_IPV6: a client only for an IPv6
+    address in brackets (``tcp://[2001:db8::1]:P``); a listening socket (``bind``) also
+    for ``*``, every address, which then listens on IPv6 and IPv4 (an IPv6 socket with
+    IPV6_V6ONLY off; ``tcp://[::]:P`` the same). Not for a name, an IPv4 address or
+    ``0.0.0.0`` (nor ``ipc://``): those keep libzmq's default, IPv4.
 
-    With it on, ``tcp://*:P`` (and ``tcp://[::]:P``) listens on IPv6 and IPv4 (an
-    IPv6 socket with IPV6_V6ONLY off); ``tcp://0.0.0.0:P`` still listens on IPv4
-    alone. On a kernel without IPv6, where socket(AF_INET6) fails with
-    EAFNOSUPPORT, libzmq opens an IPv4 socket instead, binding and connecting
-    (libzmq src/tcp_listener.cpp ``set_address`` and src/tcp.cpp
-    ``tcp_open_socket``: "IPv6 address family not supported, try automatic
-    downgrade to IPv4"), so IPv4-only hosts work as before. A name is resolved
-    for IPv6 with AI_V4MAPPED: its AAAA addresses if it has any, else its A
-    addresses as IPv4-mapped ones; libzmq dials only the first.
+    Why not on for every socket: with ZMQ_IPV6 on libzmq resolves a name for IPv6
+    (AI_V4MAPPED: its AAAA addresses if it has any) and dials or binds only the first
+    address. A name with AAAA and A records -- ``localhost`` with Debian's /etc/hosts
+    (``::1 localhost``) -- then reached ::1 alone, and a coordinator bound as packaged,
+    ``tcp://0.0.0.0:7700`` (IPv4), was never reached. With it off a name is resolved
+    for IPv4 alone, as before 64749ed; a coordinator with IPv6 alone is dialled at its
+    address in brackets. With it off libzmq cannot bind or dial an IPv6 address ("No
+    such device"), hence on for those. On a kernel without IPv6 libzmq opens an IPv4 socket
+    for ``*`` instead (libzmq src/tcp_listener.cpp ``set_address``, src/tcp.cpp
+    ``tcp_open_socket``: "try automatic downgrade to IPv4").
     """
-    sock.setsockopt(zmq.IPV6, 1)
+    if not endpoint.startswith("tcp://"):
+        return False
+    host = endpoint[len("tcp://"):].rpartition(":")[0]
+    return host.startswith("[") or (bind and host == "*")
+
+
+def set_ipv6(sock: zmq.Socket, endpoint: str, *, bind: bool) -> None:
+    """ZMQ_IPV6 as `ipv6_for` says, set before ``sock`` binds or connects ``endpoint``."""
+    sock.setsockopt(zmq.IPV6, 1 if ipv6_for(endpoint, bind=bind) else 0)
 
 
 def plain_endpoint(endpoint: str) -> str:
     """A bound endpoint as libzmq reports it with ZMQ_IPV6 on, IPv4-mapped addresses
-    written as IPv4 (``tcp://[::ffff:127.0.0.1]:P`` -> ``tcp://127.0.0.1:P``), so the
-    endpoint file and the log say what was configured."""
+    written as IPv4 (``tcp://[::ffff:127.0.0.1]:P``, bound as such -> ``tcp://127.0.0.1:P``),
+    so the endpoint file and the log say what was configured."""
     if endpoint.startswith("tcp://[::ffff:") and "]:" in endpoint:
         inner, _, port = endpoint[len("tcp://["):].partition("]:")
         try:
@@ -250,7 +261,6 @@ def apply_common(
     sock: zmq.Socket, heartbeat: HeartbeatConfig, max_message_bytes: int | None
 ) -> None:
     sock.linger = 0
-    enable_ipv6(sock)
     sock.setsockopt(zmq.RCVHWM, RCVHWM)
     sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(heartbeat.interval * 1000)))
     zmtp_ms = int(heartbeat.effective_zmtp_timeout * 1000)

@@ -32,6 +32,7 @@ from fedge.transport._sockopts import (
     check_max_message_bytes,
     parse_event,
     send_nowait,
+    set_ipv6,
 )
 from fedge.transport._tcp import PROGRESS_BYTES, bytes_received, peername_of, plain_ip
 from fedge.transport.backoff import Backoff
@@ -313,6 +314,7 @@ class ClientSocket:
         sock.setsockopt(zmq.RECONNECT_IVL, max(1, int(self.backoff.initial * 1000)))
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, max(1, int(self.backoff.maximum * 1000)))
         apply_common(sock, self.heartbeat, self._max_message_bytes)
+        set_ipv6(sock, self.endpoint, bind=False)  # IPv6 for tcp://[ADDRESS]:P only
         monitor = sock.get_monitor_socket(
             zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
             | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL

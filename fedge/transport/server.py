@@ -53,6 +53,7 @@ from fedge.transport._sockopts import (
     parse_event,
     plain_endpoint,
     send_nowait,
+    set_ipv6,
     set_max_message_bytes,
 )
 from fedge.transport._tcp import PROGRESS_BYTES, bytes_received, peername_of, plain_ip
@@ -311,6 +312,7 @@ class ServerSocket:
         sock.zap_domain = self.zap_domain.encode()
         sock.router_mandatory = 1
         apply_common(sock, self.heartbeat, self._max_message_bytes)
+        set_ipv6(sock, endpoint, bind=True)  # tcp://* dual-stack, tcp://[ADDRESS]:P
         monitor = sock.get_monitor_socket(
             zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
             | zmq.EVENT_DISCONNECTED
@@ -326,7 +328,7 @@ class ServerSocket:
             self._ctx = None
             raise TransportError(f"cannot bind {endpoint}: {exc}") from None
         self._sock = sock
-        # with ZMQ_IPV6 on, libzmq reports 127.0.0.1 as [::ffff:127.0.0.1]
+        # an IPv4-mapped address bound in brackets is written as IPv4 (tcp://127.0.0.1:P)
         self.endpoint = plain_endpoint(sock.last_endpoint.decode())
         self._tasks = [
             asyncio.ensure_future(self._watch(monitor)),

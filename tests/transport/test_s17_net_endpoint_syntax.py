@@ -13,7 +13,7 @@ import pytest
 import zmq
 
 from fedge.transport import ClientSocket, CurveKeyPair
-from fedge.transport._sockopts import check_endpoint, enable_ipv6
+from fedge.transport._sockopts import check_endpoint, set_ipv6
 
 
 @pytest.mark.parametrize(("endpoint", "says"), [
@@ -51,7 +51,7 @@ def test_those_refused_are_what_libzmq_refuses_at_connect(endpoint) -> None:
     """Why they must be refused early: the agent's socket fails only when it connects."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
-    enable_ipv6(sock)
+    set_ipv6(sock, endpoint, bind=False)  # as ClientSocket does
     try:
         with pytest.raises(zmq.ZMQError) as err:
             sock.connect(endpoint)
@@ -71,7 +71,7 @@ def test_an_endpoint_libzmq_takes_is_taken(endpoint) -> None:
     assert check_endpoint(endpoint) == endpoint
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
-    enable_ipv6(sock)
+    set_ipv6(sock, endpoint, bind=False)  # as ClientSocket does
     try:
         sock.connect(endpoint)  # no EINVAL (nothing listens: it only tries)
     finally:

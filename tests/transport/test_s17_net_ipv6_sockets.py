@@ -3,9 +3,10 @@
 Every check took ``tcp://[::1]:P``, but no socket set ZMQ_IPV6 and libzmq's default
 is off: binding ``tcp://[::1]:P`` failed "No such device", ``tcp://*:P`` listened on
 IPv4 alone, and a client dialling an IPv6 address never connected and said nothing.
-Now every fedge socket has it on: a wildcard bind takes IPv6 and IPv4, and an IPv4
-bind is still reported (endpoint, peer addresses) as IPv4. Real ZeroMQ + CURVE on
-loopback.
+Now a socket for an IPv6 address in brackets, and a listening one for ``*``, has it
+on (test_s17_v6_socket_family: not for names or IPv4): a wildcard bind takes IPv6
+and IPv4, and an IPv4 bind is still reported (endpoint, peer addresses) as IPv4.
+Real ZeroMQ + CURVE on loopback.
 """
 
 from __future__ import annotations

@@ -788,7 +788,11 @@ async def run_agent(agent: Agent, enrolled: Enrolled, *, interval_s: float, time
     Returns 3 when the coordinator is an impostor (wrong key) or refuses this
     appliance and ``connect_timeout_s`` passes without a connection; 75 when this
     start runs a software update in trial and no heartbeat ack confirms it within
-    ``trial_confirm_s``; 2 (`SOCKET_FAILED_EXIT`) when no socket to the coordinator
+    ``trial_confirm_s`` (not while the launcher deferred the trial, running the version
+    before it: this process then leaves with 75, through the update client's restart,
+    once the slot root can be written again and no round is in hand:
+    `fedge.agent.updates.AgentUpdateClient.resume_deferred_trial`); 2
+    (`SOCKET_FAILED_EXIT`) when no socket to the coordinator
     can be made any more (libzmq refused the endpoint or an option, or no file
     descriptor was left): said in one ERROR line, where it had left an agent running
     without a connection and logging only, minutes later, "still retrying".
@@ -883,8 +887,15 @@ async def run_agent(agent: Agent, enrolled: Enrolled, *, interval_s: float, time
             t.add_done_callback(tasks.discard)
 
     updates = getattr(agent, "update_client", None)
-    trial = (updates.self_update.pending() if updates is not None
-             and updates.self_update is not None else None)
+    self_update = updates.self_update if updates is not None else None
+    trial = self_update.pending() if self_update is not None else None
+    deferred = self_update.deferred_trial() if trial is not None else None
+    if deferred is not None:
+        # The launcher runs the version before the trial (its start could not be
+        # counted: the slot root cannot be written). No ack confirms the trial here,
+        # so its timer would only restart this version every trial_confirm_s; the
+        # trial is resumed, by a restart, once the slot root can be written again.
+        trial = None
     started = time.monotonic()
 
     async def beat() -> None:
@@ -933,6 +944,8 @@ async def run_agent(agent: Agent, enrolled: Enrolled, *, interval_s: float, time
             await asyncio.sleep(NAME_CHECK_S)
 
     workers = [asyncio.ensure_future(receive()), asyncio.ensure_future(beat())]
+    if deferred is not None:
+        workers.append(asyncio.ensure_future(updates.resume_deferred_trial(deferred)))
     if name is not None:
         workers.append(asyncio.ensure_future(watch_coordinator_name()))
     if notifier is not None:

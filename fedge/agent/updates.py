@@ -123,6 +123,11 @@ RESTART_WAIT_S = 1800.0
 # last reply (the EvalResult) is queued on the socket, which a restart would drop.
 RESTART_SETTLE_S = 0.5
 IDLE_POLL_S = 5.0  # the agent also says when it becomes idle (`agent_idle`)
+# While the unit's launcher runs the version before a software update on trial, the
+# trial deferred because the slot root could not be written (a full or read-only
+# disk: its start could not be counted), the agent looks this often whether it can be
+# written again, and then restarts into the trial (`resume_deferred_trial`).
+DEFERRED_CHECK_S = 60.0
 
 
 class FetchTransportError(DownloadError):
@@ -1267,26 +1272,28 @@ class AgentUpdateClient:
         if self._idle is not None:
             self._idle.set()
 
-    async def _restart_when_idle(self, version: str) -> None:
+    async def _restart_when_idle(self, version: str, why: str | None = None) -> None:
         """Restart into the staged `version` once the agent works for no round
         (`held_round` None, still so `RESTART_SETTLE_S` later), or after
-        `restart_wait_s` whatever it works for."""
+        `restart_wait_s` whatever it works for. `why` begins each log line (default
+        "software VERSION staged")."""
+        what = why or f"software {version} staged"
         held = self.held_round()
         if held is None:
-            log.warning("software %s staged; restarting into it", version)
+            log.warning("%s; restarting into it", what)
             self.restart()
             return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.restart_wait_s
-        log.warning("software %s staged; restarting after round %d of job %s ends (in "
-                    "%g s at most)", version, held[1], held[0], self.restart_wait_s)
+        log.warning("%s; restarting after round %d of job %s ends (in %g s at most)", what,
+                    held[1], held[0], self.restart_wait_s)
         while True:
             self._idle = asyncio.Event()
             left = deadline - loop.time()
             if left <= 0:
-                log.warning("software %s staged %g s ago; round %d of job %s is not over: "
-                            "restarting into it now (the round goes on without this site)",
-                            version, self.restart_wait_s, held[1], held[0])
+                log.warning("%s; %g s later, round %d of job %s is not over: restarting "
+                            "into it now (the round goes on without this site)", what,
+                            self.restart_wait_s, held[1], held[0])
                 break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), min(left, IDLE_POLL_S))
@@ -1295,15 +1302,52 @@ class AgentUpdateClient:
                 await asyncio.sleep(min(RESTART_SETTLE_S, max(0.0, deadline - loop.time())))
                 now = self.held_round()
                 if now is None:
-                    log.warning("software %s staged; round %d of job %s is over: "
-                                "restarting into it", version, held[1], held[0])
+                    log.warning("%s; round %d of job %s is over: restarting into it", what,
+                                held[1], held[0])
                     break
             if now != held:
-                log.warning("software %s staged; round %d of job %s began first: restarting "
-                            "after it ends", version, now[1], now[0])
+                log.warning("%s; round %d of job %s began first: restarting after it ends",
+                            what, now[1], now[0])
                 held = now
         self._idle = None
         self.restart()
+
+    async def resume_deferred_trial(self, version: str, *, every_s: float | None = None
+                                    ) -> None:
+        """While this process runs the version before `version`, whose trial the
+        launcher deferred (`SelfUpdate.deferred_trial`: its slot root could not be
+        written, so its start could not be counted), look every `every_s` (default
+        `DEFERRED_CHECK_S`), off the event loop, whether a start could count it now
+        (`SelfUpdate.trial_countable`); once one can, restart as after a staged
+        update (`_restart_when_idle`: once the round in hand is over), so that the
+        next start goes on with the trial. Nothing else would: `confirm` leaves a
+        deferred trial alone, so the agent ran the old version until someone
+        restarted it, refusing every push meanwhile as "on trial". Returns, without
+        restarting, if `version` is no longer on trial."""
+        assert self.self_update is not None
+        root = self.self_update.root
+        every = DEFERRED_CHECK_S if every_s is None else every_s
+        said: str | None = None
+        while True:
+            await asyncio.sleep(every)
+            try:
+                countable = await asyncio.to_thread(self.self_update.trial_countable,
+                                                    version)
+            except OSError as exc:
+                text = f"{exc.strerror or exc}: {exc.filename or root}"
+                if text != said:
+                    log.info("software %s's trial stays deferred: %s cannot be written "
+                             "(%s); looked at again every %g s", version, root, text, every)
+                said = text
+                continue
+            if not countable:
+                log.info("software %s is no longer on trial in %s: no deferred trial to "
+                         "resume", version, root)
+                return
+            break
+        await self._restart_when_idle(
+            version, f"software {version}'s trial, deferred while {root} could not be "
+                     "written, can go on: it can be written again")
 
     def _stage_software(self, msg: UpdateAvailable) -> str | UpdateOutcome | None:
         """Stage a software target for the restart (`_restart_when_idle`): the version

@@ -1038,6 +1038,36 @@ class SelfUpdate:
         with self.slots.lock():
             return self._confirm()
 
+    def deferred_trial(self) -> str | None:
+        """The version on trial whose start the launcher deferred for this process
+        (``DEFERRED_ENV``: `preflight` said "deferred", the slot root could not be
+        written), while pending.json still has it on trial; else None. This process
+        runs the version before it, and `confirm` leaves the trial alone.
+
+        Raises: OSError reading pending.json."""
+        version = os.environ.get(DEFERRED_ENV)
+        if not version:
+            return None
+        p = self.pending()
+        return version if p is not None and str(p.get("version")) == version else None
+
+    def trial_countable(self, version: str) -> bool:
+        """Whether a start now could count `version`'s deferred trial: under the slot
+        root's lock, its record is written back as it is, the write `preflight` and
+        `exec_current` make first (a few hundred bytes, so cheap to try every minute).
+        False when `version` is no longer on trial, or no longer the current slot:
+        nothing to resume.
+
+        Raises: OSError: the slot root still cannot be written (`UNWRITABLE`: a full
+            or read-only disk, another user's files), or worse (EIO)."""
+        with self.slots.lock():
+            p = self.pending()
+            if (p is None or str(p.get("version")) != version
+                    or self.slots.current_version() != version):
+                return False
+            self._write(PENDING, p)
+        return True
+
     def _confirm(self) -> bool:
         p = self.pending()
         if p is None or self.slots.current_version() != p["version"]:

@@ -19,13 +19,13 @@
     endpoint = "tcp://127.0.0.1:7701"           # default: see below
     enabled = true                              # false: off, as without the table
 
-Without ``[admin] endpoint`` the channel listens on the port of the provision file's
-``admin_endpoint`` (what the console dials) at the host of ``bind`` (where the
-appliances' listener is, 0.0.0.0 by default), not at that endpoint's host: the name
-the console dials may not resolve on the coordinator's own host, or be no address of
-it (split DNS, NAT), and libzmq binds only local addresses. A loopback
-``admin_endpoint`` (the console runs on this host) is bound as it is. The channel is
-CurveZMQ with the operators' keys only (`default_admin_endpoint`).
+Without ``[admin] endpoint`` the channel listens at the provision file's
+``admin_endpoint`` (what the console dials) as written, when its host is an address of
+this host or a name that resolves here to one (loopback included: the console runs on
+this host). Otherwise -- the name the console dials does not resolve on the
+coordinator, or is no address of it (split DNS, NAT) -- the configuration is refused,
+naming the line to add: ``endpoint = "tcp://0.0.0.0:PORT"`` (every interface) or the
+address to listen on (`admin_default`). It is never widened silently.
 
 Relative paths are relative to the configuration file's directory.
 
@@ -104,8 +104,10 @@ def load_config(path: str | Path) -> CoordinatorConfig:
     Raises:
         ConfigError: unreadable file, bad TOML, unknown key, missing keys, bad values
             (an endpoint out of range, heartbeats libzmq cannot hold, a bad [admin]
-            table), unreadable key/roster/provision files, a state_dir that is an
-            agent's; each message names this file, then the key and the rule.
+            table, an [admin] without an endpoint whose provision file's admin_endpoint
+            this host cannot listen at), unreadable key/roster/provision files, a
+            state_dir that is an agent's; each message names this file, then the key
+            and the rule.
     """
     p = Path(path)
     try:
@@ -212,13 +214,14 @@ def load_config(path: str | Path) -> CoordinatorConfig:
                 raise bad(f"roster: {exc}") from exc
     if len(roster_pk) != 32:
         raise bad(f"the roster public key has {len(roster_pk)} bytes, must have 32")
-    admin = _admin(raw, provision, provision_file, bind, bad)
+    admin, admin_warnings = _admin(raw, provision, provision_file, bind, bad)
     return CoordinatorConfig(
         state_dir=state_dir, bind=bind, curve_public=curve_public, curve_secret=curve_secret,
         roster=roster, roster_public_key=roster_pk, heartbeat_interval_s=interval,
         heartbeat_timeout_s=timeout, tick_s=tick_s,
         admin=admin, provision=provision, path=p,
-        warnings=endpoint_warnings(p, bind, "bind" in raw, admin, provision, provision_file),
+        warnings=(*endpoint_warnings(p, bind, "bind" in raw, admin, provision,
+                                     provision_file), *admin_warnings),
     )
 
 
@@ -237,17 +240,20 @@ _ADMIN_KEYS = ("endpoint", "enabled")
 
 
 def _admin(raw: dict[str, Any], provision: dict[str, Any], provision_file: Path | None,
-           bind: str, bad: Callable[[str], ConfigError]) -> dict[str, Any]:
+           bind: str, bad: Callable[[str], ConfigError]
+           ) -> tuple[dict[str, Any], tuple[str, ...]]:
     """The ``[admin]`` table as `CoordinatorConfig.admin`: empty when the channel is off
     (no table, or ``enabled = false``), else ``enabled`` and the endpoint it binds (its
-    own, else the provision file's ``admin_endpoint``) when there is one.
+    own, else the provision file's ``admin_endpoint``: `admin_default`) when there is
+    one; and the warnings of `admin_default`.
 
     Raises: ConfigError: not a table, an unknown key (a misspelt ``endpiont`` bound the
         provision file's endpoint instead), a value of the wrong type, no provision file
-        (its operators' keys are the channel's allow-list), or the endpoint ``bind``
-        takes (each named)."""
+        (its operators' keys are the channel's allow-list), a provision file's
+        admin_endpoint this host cannot listen at (`admin_default`), or the endpoint
+        ``bind`` takes (each named)."""
     if "admin" not in raw:
-        return {}
+        return {}, ()
     table = raw["admin"]
     if not isinstance(table, dict):
         raise bad(f"[admin] = {table!r} must be a table")
@@ -258,8 +264,9 @@ def _admin(raw: dict[str, Any], provision: dict[str, Any], provision_file: Path 
     if not isinstance(enabled, bool):
         raise bad(f"[admin] enabled = {enabled!r} must be true or false")
     if not enabled:
-        return {}
+        return {}, ()
     admin: dict[str, Any] = {"enabled": True}
+    warnings: tuple[str, ...] = ()
     if provision_file is None:
         raise bad("[admin] needs a provision file (the console's coordinator-provision.json: "
                   "its operators' keys are who may use the channel); set provision, or "
@@ -269,36 +276,57 @@ def _admin(raw: dict[str, Any], provision: dict[str, Any], provision_file: Path 
     if "endpoint" in table:
         endpoint = _bind_endpoint(table["endpoint"], "[admin] endpoint", bad)
     elif "admin_endpoint" in provision:
-        told = _bind_endpoint(provision["admin_endpoint"],
-                              f"admin_endpoint in provision file {provision_file} (for "
-                              "[admin], which names no endpoint)", bad)
-        endpoint = default_admin_endpoint(told, bind)
+        endpoint = _bind_endpoint(provision["admin_endpoint"],
+                                  f"admin_endpoint in provision file {provision_file} (for "
+                                  "[admin], which names no endpoint)", bad)
+        try:
+            warnings = admin_default(endpoint, provision_file)
+        except ValueError as exc:
+            raise bad(str(exc)) from None
     else:
-        return admin  # the process says there is none (an older provision file)
+        return admin, ()  # the process says there is none (an older provision file)
     if _same_port(endpoint, bind):
         raise bad(f"[admin] endpoint {endpoint} takes the port of bind = {bind!r}: the "
                   "admin channel needs a port of its own (console init: bind's port + 1)")
     admin["endpoint"] = endpoint
-    return admin
+    return admin, warnings
 
 
-def default_admin_endpoint(told: str, bind: str) -> str:
-    """Where the admin channel listens when ``[admin]`` names no endpoint: the port of
-    ``told`` (the provision file's ``admin_endpoint``, what the console dials) at the
-    host of ``bind``. ``told``'s host is the coordinator's name as the console's
-    network sees it: on the coordinator itself it may not resolve, or resolve to an
-    address it does not have (split DNS, NAT), and the channel then failed to bind and
-    restarted every 20 s while `fedge coordinator check` said ok. ``bind``'s host is
-    one the coordinator binds anyway. ``told`` is kept when it is loopback (the console
-    runs on this host: the channel stays local) or either is not tcp://."""
-    from fedge.transport._sockopts import is_loopback_host
+def admin_default(told: str, provision_file: Path | None) -> tuple[str, ...]:
+    """Whether the admin channel may listen at ``told``, the provision file's
+    ``admin_endpoint``, when ``[admin]`` names no endpoint of its own: ``told``'s host
+    must be an address of this host, or a name that resolves here (bounded lookup) to
+    one, as libzmq will bind it (`fedge.transport._sockopts.listen_address`). That
+    name is what the console dials: on the coordinator it may not resolve, or be no
+    address of it (split DNS, NAT); the channel then failed to bind and restarted every
+    20 s while `fedge coordinator check` said ok. It is not widened to every interface
+    instead (a976330 did): an upgrade would have moved a channel from one address to
+    all of them unasked. Returns a warning when a name that is not loopback's resolves
+    to a loopback address (Debian's /etc/hosts gives the host's own name 127.0.1.1):
+    only this host reaches the channel then.
 
-    if not (told.startswith("tcp://") and bind.startswith("tcp://")):
-        return told
-    told_host, _, port = told[len("tcp://"):].rpartition(":")
-    if is_loopback_host(told_host):
-        return told
-    return f"{bind.rpartition(':')[0]}:{port}"
+    Raises: ValueError: one line naming ``told``, why, and the line to add to [admin].
+    """
+    from fedge.transport._sockopts import is_loopback_host, listen_address
+
+    if not told.startswith("tcp://"):
+        return ()
+    host, _, port = told[len("tcp://"):].rpartition(":")
+    add = (f'endpoint = "tcp://0.0.0.0:{port}" (every interface) or endpoint = '
+           f'"tcp://ADDRESS:{port}" with the address of this host to listen at')
+    try:
+        address = listen_address(told)
+    except ValueError as exc:
+        raise ValueError(
+            f"[admin] names no endpoint, and this host cannot listen at the provision "
+            f"file's admin_endpoint {told} (what the console dials; provision file "
+            f"{provision_file}): {exc}. Add under [admin]: {add}") from None
+    if address is None or is_loopback_host(host) or not is_loopback_host(address):
+        return ()
+    return (f"[admin] names no endpoint, so the admin channel listens at the provision "
+            f"file's admin_endpoint {told} (provision file {provision_file}), and {host} "
+            f"resolves here to {address}, a loopback address: only this host reaches it. "
+            f"Where the console runs on another host, add under [admin]: {add}",)
 
 
 def endpoint_warnings(path: Path, bind: str, bind_set: bool, admin: dict[str, Any],

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import math
 import re
+import socket
+import threading
 
 import zmq
 import zmq.asyncio
@@ -240,6 +243,76 @@ def ipv6_for(endpoint: str, *, bind: bool) -> bool:
 def set_ipv6(sock: zmq.Socket, endpoint: str, *, bind: bool) -> None:
     """ZMQ_IPV6 as `ipv6_for` says, set before ``sock`` binds or connects ``endpoint``."""
     sock.setsockopt(zmq.IPV6, 1 if ipv6_for(endpoint, bind=bind) else 0)
+
+
+#: How long `listen_address` waits for a name to resolve (a DNS server that does not
+#: answer) before it says so.
+NAME_LOOKUP_S = 5.0
+
+
+def listen_address(endpoint: str, *, timeout_s: float = NAME_LOOKUP_S) -> str | None:
+    """The address a socket listening at ``endpoint`` (``tcp://HOST:PORT``) takes on
+    this host, found as libzmq finds it: HOST resolved for the family `ipv6_for` gives
+    it (a name: IPv4; its first address is the one bound), then tried with a throwaway
+    socket bound to (address, 0). None for ``*`` (every address) and ``ipc://``. A
+    name's lookup runs in a daemon thread, given up after ``timeout_s``. The port is
+    not tried: another process may hold it now and not at start.
+
+    Raises:
+        ValueError: why not, naming HOST: "fl.example does not resolve here (Name or
+            service not known)", "203.0.113.7 is not an address of this host",
+            "fl.example resolves here to 203.0.113.7, which is not an address of
+            this host".
+    """
+    if not endpoint.startswith("tcp://"):
+        return None
+    host = endpoint[len("tcp://"):].rpartition(":")[0]
+    if host == "*":
+        return None
+    bracketed = host.startswith("[") and host.endswith("]")
+    name = host[1:-1] if bracketed else host
+    family = socket.AF_INET6 if ipv6_for(endpoint, bind=True) else socket.AF_INET
+    try:
+        ipaddress.ip_address(name.partition("%")[0])
+        literal = True
+    except ValueError:
+        literal = False
+    flags = socket.AI_PASSIVE | (socket.AI_NUMERICHOST if literal else 0)
+    found: list[list[tuple] | str] = []
+
+    def lookup() -> None:
+        try:
+            found.append(socket.getaddrinfo(name, 0, family, socket.SOCK_STREAM, 0, flags))
+        except socket.gaierror as exc:
+            found.append(exc.strerror or str(exc))
+        except (OSError, UnicodeError) as exc:
+            found.append(str(exc))
+
+    if literal:
+        lookup()
+    else:
+        worker = threading.Thread(target=lookup, name="fedge-resolve", daemon=True)
+        worker.start()
+        worker.join(timeout_s)
+    if not found:
+        raise ValueError(f"{host} does not resolve here (no answer within {timeout_s:g} s)")
+    infos = found[0]
+    if isinstance(infos, str) or not infos:
+        why = infos or "no address"
+        if literal:
+            raise ValueError(f"{host} cannot be listened on here ({why})")
+        raise ValueError(f"{host} does not resolve here ({why})")
+    sockaddr = infos[0][4]
+    address = str(sockaddr[0])
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind(sockaddr)
+    except OSError as exc:
+        said = host if literal else f"{host} resolves here to {address}, which"
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise ValueError(f"{said} is not an address of this host") from None
+        raise ValueError(f"{said} cannot be listened on: {exc.strerror or exc}") from None
+    return address
 
 
 def plain_endpoint(endpoint: str) -> str:

@@ -767,13 +767,21 @@ def job_rows(jobs: list[dict[str, Any]],
              blocked: dict[str, str] | None = None) -> list[list[str]]:
     """`jobs list`'s table rows (JOB_COLUMNS) from ``jobs_list``'s records; a job
     without a name (or a coordinator too old to send one) shows "–"; a job named in
-    ``blocked`` shows its status as "running (blocked: why)"."""
+    ``blocked`` shows its status as "running (blocked: why)"; a queued job whose record
+    has ``start_wait`` (its starting model waits for the disk) as "queued (waiting:
+    why)"."""
     def cell(value: Any) -> str:
         return printable(value) if value not in (None, "") else "–"
 
     def state(j: dict[str, Any]) -> str:
         why = (blocked or {}).get(str(j.get("job_id")))
-        return cell(j.get("status")) + (f" (blocked: {printable(why)})" if why else "")
+        if why:
+            return cell(j.get("status")) + f" (blocked: {printable(why)})"
+        waits = j.get("start_wait")
+        if waits:
+            return cell(j.get("status")) + \
+                f" (waiting: {printable(_shorten(str(waits), LIST_BLOCKED_CHARS))})"
+        return cell(j.get("status"))
 
     return [[cell(j.get("job_id")), cell(j.get("name")), state(j),
              cell(j.get("committed_round")), cell(j.get("dataset")), cell(j.get("model")),
@@ -821,7 +829,8 @@ gives up only when --max-wait passes ({WATCH_NO_ANSWER})."""
 # what keeps a job from going on, in jobs_status (the coordinator retries each)
 BLOCKERS = (("resume_error", "cannot resume"),
             ("commit_error", "round done but not committed"),
-            ("finish_error", "final checkpoint not written"))
+            ("finish_error", "final checkpoint not written"),
+            ("start_wait", "waiting for the disk"))
 
 
 class WatchGaveUp(TimeoutError):
@@ -857,9 +866,10 @@ def watch_job(call: Any, job_id: str, *, interval_s: float = 2.0,
     connection is contested (two machines holding its keys: dropped from the round in
     flight, or kept out of new ones, with why) or that is sidelined (left out after it
     failed an attempt); the pause before the next attempt at a round; and what blocks
-    the job (resume_error, commit_error, finish_error: BLOCKERS). A coordinator that
-    does not answer is asked again every `interval_s` (said once, and when it answers
-    again). `call(op, args)` is an AdminClient's call. Returns the last status.
+    the job (resume_error, commit_error, finish_error, start_wait: BLOCKERS). A
+    coordinator that does not answer is asked again every `interval_s` (said once, and
+    when it answers again). `call(op, args)` is an AdminClient's call. Returns the last
+    status.
 
     Raises:
         WatchGaveUp: the job had not ended after `max_wait_s` (its state named).

@@ -621,9 +621,11 @@ class _DiskWait:
     changes), and once when its model is written."""
 
     job_id: str = ""
-    why: str = ""
+    why: str = ""  # "PATH: CAUSE"
     since: float = 0.0
     retry_at: float = float("-inf")
+    path: Path | None = None
+    cause: str = ""
 
     def due(self, job_id: str, now: float) -> bool:
         """Whether ``job_id``'s starting model may be tried now."""
@@ -637,6 +639,7 @@ class _DiskWait:
             if job_id != self.job_id:
                 self.since = now
         self.job_id, self.why, self.retry_at = job_id, why, now + FINISH_RETRY_S
+        self.path, self.cause = path, exc.strerror or str(exc)
 
     def done(self, job_id: str, path: Path, now: float) -> None:
         if job_id == self.job_id:
@@ -649,6 +652,11 @@ class _DiskWait:
         if job_id != self.job_id:
             return ""
         return f"job {job_id}: its starting model waits for the disk ({self.why})"
+
+    def reason(self) -> str:
+        """Why the job waits, as jobs_list and jobs_status say it (Coordinator.
+        start_wait): the cause first, which a list cut short keeps."""
+        return f"{self.cause}: its starting model cannot be written to {self.path}"
 
 
 async def _prepare_initial_model(coord: Coordinator, wait: _DiskWait | None = None) -> None:
@@ -678,6 +686,7 @@ async def _prepare_initial_model(coord: Coordinator, wait: _DiskWait | None = No
         weights = await loop.run_in_executor(None, initial_weights_subprocess, plan)
         ck.save_checkpoint(path, ck.Checkpoint(weights=weights, round=0, plan=plan.text))
         wait.done(job.job_id, path, time.monotonic())
+        coord.start_wait = None
         return
     except PlanError as exc:
         reason = str(exc)
@@ -686,6 +695,7 @@ async def _prepare_initial_model(coord: Coordinator, wait: _DiskWait | None = No
     except OSError as exc:
         if is_disk_error(exc):
             wait.failed(job.job_id, path, exc, time.monotonic())
+            coord.start_wait = (job.job_id, wait.reason())  # jobs list and status say it
             return
         reason = f"cannot prepare the starting model {path}: {exc}"
     except ck.CheckpointError as exc:

@@ -481,6 +481,10 @@ class Coordinator:
         self._superseded: dict[str, tuple[collections.deque[float], set[str]]] = {}
         # (job, error, when) of the last start of a job that failed on its checkpoint
         self._resume_failure: tuple[str, str, float] | None = None
+        # (job, why) of the next job whose starting model the disk could not take: it
+        # waits, queued (fedge.coordinator.process sets and clears it); jobs_list and
+        # jobs_status show why as ``start_wait``
+        self.start_wait: tuple[str, str] | None = None
         # the round whose unmasking's survivor set the database refused to record, and
         # why: its unmask requests wait, and a failure meanwhile is recorded led by that
         # (_record_unmask, _end_round)
@@ -731,8 +735,22 @@ class Coordinator:
 
     def list_jobs(self) -> list[dict[str, Any]]:
         """Every job's record, with its plan's ``name``, ``dataset`` and ``model``
-        (plan.plan_labels: "" where the plan has none)."""
-        return [{**j.to_dict(), **plan_labels(j.plan_toml)} for j in self.store.jobs()]
+        (plan.plan_labels: "" where the plan has none), and, for the job whose starting
+        model waits for the disk, why (``start_wait``)."""
+        out = []
+        for j in self.store.jobs():
+            d = {**j.to_dict(), **plan_labels(j.plan_toml)}
+            if (why := self._start_wait(j.job_id, j.status)):
+                d["start_wait"] = why
+            out.append(d)
+        return out
+
+    def _start_wait(self, job_id: str, status: str) -> str:
+        """Why ``job_id``'s starting model waits for the disk ("" when it does not)."""
+        wait = self.start_wait
+        if wait is None or wait[0] != job_id or status not in ("queued", "running"):
+            return ""
+        return wait[1]
 
     def job_status(self, job_id: str) -> dict[str, Any]:
         """Raises: CoordinatorError: unknown job."""
@@ -799,6 +817,8 @@ class Coordinator:
                 d["finish_error"] = self.runner.finish_error
         if self._resume_failure is not None and self._resume_failure[0] == job_id:
             d["resume_error"] = self._resume_failure[1]  # retried every FINISH_RETRY_S
+        if (why := self._start_wait(job_id, job.status)):
+            d["start_wait"] = why  # its starting model waits for the disk (retried)
         final = ck.final_path(self.state_dir, job_id)
         d["final_checkpoint"] = str(final) if final.exists() else ""
         d["results"] = ck.results(self.state_dir, job_id)

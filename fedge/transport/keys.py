@@ -40,10 +40,12 @@ _Z85_ALPHABET = frozenset(
 )
 
 
-def check_public_key(value: object, *, what: str = "public key") -> str:
+def check_public_key(value: object, *, what: str = "public key", secret: bool = False) -> str:
     """Validate a Z85 CURVE key (40 characters, 32 bytes) and return it as str.
 
-    Accepts str or ASCII bytes.
+    Accepts str or ASCII bytes. The message quotes the start of a public key; of a
+    ``secret`` one, nothing: only its length and where it holds what Z85 has not (the
+    message reaches terminals and the journal).
 
     Raises:
         KeyFileError: wrong type, length or alphabet.
@@ -52,15 +54,23 @@ def check_public_key(value: object, *, what: str = "public key") -> str:
         try:
             value = value.decode("ascii")
         except UnicodeDecodeError:
-            raise KeyFileError(f"{what} {value[:8]!r}... is not ASCII Z85 text") from None
+            shown = "" if secret else f" {value[:8]!r}..."
+            raise KeyFileError(f"{what}{shown} is not ASCII Z85 text") from None
     if not isinstance(value, str):
         raise KeyFileError(f"{what} must be a Z85 str, got {type(value).__name__}")
     if len(value) != 40:
+        if secret:
+            raise KeyFileError(f"{what} has {len(value)} characters; a Z85 CURVE key has 40 "
+                               "(a secret key is not shown)")
         raise KeyFileError(
             f"{what} {value[:12]!r}{'...' if len(value) > 12 else ''} has {len(value)} "
             "characters; a Z85 CURVE key has 40"
         )
     bad = sorted(set(value) - _Z85_ALPHABET)
+    if bad and secret:
+        at = [i + 1 for i, c in enumerate(value) if c not in _Z85_ALPHABET]
+        raise KeyFileError(f"{what} holds characters that are not Z85 at position(s) "
+                           f"{', '.join(map(str, at))} of 40 (a secret key is not shown)")
     if bad:
         raise KeyFileError(f"{what} {value[:8]!r}... holds non-Z85 characters {bad!r}")
     return value
@@ -76,7 +86,7 @@ class CurveKeyPair:
     def __post_init__(self) -> None:
         check_public_key(self.public, what="public key")
         if self.secret is not None:
-            check_public_key(self.secret, what="secret key")
+            check_public_key(self.secret, what="secret key", secret=True)
             derived = zmq.curve_public(self.secret.encode("ascii")).decode("ascii")
             if derived != self.public:
                 raise KeyFileError(
@@ -238,7 +248,7 @@ def load_keypair(path: str | Path) -> CurveKeyPair:
     if "secret" not in keys:
         raise KeyFileError(f"key file {p} has no secret-key line; is it the public .key file?")
     public = check_public_key(keys["public"], what=f"public-key in {p}")
-    secret = check_public_key(keys["secret"], what=f"secret-key in {p}")
+    secret = check_public_key(keys["secret"], what=f"secret-key in {p}", secret=True)
     try:
         return CurveKeyPair(public, secret)
     except KeyFileError as exc:

@@ -17,7 +17,8 @@ from tests.coordinator.test_s17_config_bom import provision
 @pytest.mark.parametrize(("field", "value", "error"), [
     ("curve_public", 12345, "public key must be a Z85 str, got int"),
     ("curve_public", CurveKeyPair.generate().public, "secret key does not belong to"),
-    ("curve_secret", "short", "secret key 'short' has 5 characters"),
+    ("curve_secret", "short", "secret key has 5 characters; a Z85 CURVE key has 40 (a "
+                              "secret key is not shown)"),
     ("roster", 7, "is unreadable or lacks a field"),
 ])
 def test_a_provision_file_with_a_bad_key_pair_is_refused_naming_it(tmp_path, field, value,

@@ -25,8 +25,10 @@ restart no agent and are never held.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
+import os
 import secrets
 import sqlite3
 from collections.abc import Callable
@@ -410,8 +412,8 @@ class AdminService:
         result: dict[str, Any] = {"job_id": job_id, "files": sorted(out), "status": state,
                                   "committed_round": committed, "rounds_planned": planned}
         onnx = "" if "model.onnx" in out or "model.onnx" in writing else (
-            f"; no ONNX export: it failed ({export_failed}); a restart of the coordinator "
-            "tries it again (and writes the report again after it)" if export_failed
+            f"; no ONNX export: it failed ({export_failed}); "
+            f"{self._export_retry(job_id, export_failed)}" if export_failed
             else "; no ONNX export (not written, or not yet: fetch again later)")
         notes = []
         if ended:
@@ -434,6 +436,21 @@ class AdminService:
         if notes:
             result["note"] = "; ".join(notes)
         return result, out
+
+    def _export_retry(self, job_id: str, reason: str) -> str:
+        """What gets a failed export done: the coordinator's next start tries it again,
+        which helps where the cause may pass (`export_may_pass`: the disk, memory);
+        otherwise it fails the same way (a diverged model's NaN weights, which the
+        parity check refuses), and `fedge export` (fedge.serve.cli: the job's final
+        checkpoint to jobs/<job>/model.onnx, with the same parity check) is run by hand
+        once the cause is fixed."""
+        if export_may_pass(reason):
+            return ("a restart of the coordinator tries it again (and writes the report "
+                    "again after it)")
+        return ("a restart of the coordinator tries it again, which helps only where the "
+                "disk or memory was the cause: fix the cause, then run `fedge export --job "
+                f"{job_id} --state-dir {self.coordinator.state_dir}` on the coordinator's "
+                "host, which writes the job's model.onnx")
 
     def _finish_failures(self, job_id: str) -> tuple[str, str]:
         """Why the report and why the ONNX export of an ended job failed, as the
@@ -796,6 +813,23 @@ async def _answer(sock: Any, service: AdminService, frames: list[Any], codec: An
         raise
     except Exception:
         log.exception("an admin request could not be answered; dropped")
+
+
+#: What a recorded export failure (`fedge export`'s last line on stderr, or the
+#: coordinator's own words) holds when its cause may pass, so that the export tried
+#: again at the next start can succeed: an OSError (the disk full, over quota,
+#: read-only or failing), memory (a MemoryError; the OOM killer leaves no output), the
+#: time it was given.
+EXPORT_PASSING_CAUSES = (
+    *(os.strerror(e) for e in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO,
+                               errno.ENOMEM)),
+    "OSError", "[Errno", "MemoryError", "timed out after", "no output",
+)
+
+
+def export_may_pass(reason: str) -> bool:
+    """Whether a recorded export failure's cause may pass (EXPORT_PASSING_CAUSES)."""
+    return any(cause in reason for cause in EXPORT_PASSING_CAUSES)
 
 
 async def serve_admin(coordinator: Any, config: AdminConfig, *, updates: Any | None = None,

@@ -211,17 +211,54 @@ def coordinator_name(endpoint: str) -> tuple[str, int] | None:
         return host, int(port)
 
 
-def _lookup(host: str, port: int) -> tuple[list[str], str | None]:
-    """getaddrinfo for both families: (addresses in its order, None) or ([], why)."""
+class IPv6Only(str):
+    """A `resolve_name` error: the name has IPv6 addresses and no IPv4 one. The agent
+    never reaches it: its socket resolves a name for IPv4 alone (ZMQ_IPV6 is on only
+    for an IPv6 address in brackets: fedge.transport._sockopts.ipv6_for). The text
+    follows "the coordinator's name X": "has only IPv6 addresses (A, B), and a name is
+    dialled over IPv4: enrol with its address in brackets, tcp://[A]:P"."""
+
+
+def _name_trouble(error: str) -> str:
+    """What follows "the coordinator's name X" for a `resolve_name` error: "does not
+    resolve (why)", or an `IPv6Only`'s text."""
+    return str(error) if isinstance(error, IPv6Only) else f"does not resolve ({error})"
+
+
+# getaddrinfo's answers for a name with no address of the family asked for (glibc:
+# EAI_NONAME from /etc/hosts, EAI_NODATA from DNS); a temporary failure is not one
+_NO_SUCH_ADDRESS = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME),
+                    getattr(socket, "EAI_ADDRFAMILY", socket.EAI_NONAME)}
+
+
+def _addresses(host: str, port: int, family: socket.AddressFamily) -> list[str]:
     from fedge.transport._tcp import plain_ip
 
+    infos = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)
+    return list(dict.fromkeys(plain_ip(str(info[4][0])) for info in infos))
+
+
+def _lookup(host: str, port: int) -> tuple[list[str], str | None]:
+    """getaddrinfo for IPv4, as the agent's socket resolves the name it dials (libzmq
+    without ZMQ_IPV6): (addresses in its order, None) or ([], why). A name with no IPv4
+    address is looked up for IPv6 too, to say so when it has only those (why is then
+    an `IPv6Only`): counting it resolved would hide that the agent cannot reach it."""
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        addresses = _addresses(host, port, socket.AF_INET)
     except socket.gaierror as exc:
-        return [], exc.strerror or str(exc)
+        if exc.errno not in _NO_SUCH_ADDRESS:
+            return [], exc.strerror or str(exc)
+        try:
+            ipv6 = _addresses(host, port, socket.AF_INET6)
+        except (OSError, UnicodeError):
+            ipv6 = []
+        if not ipv6:
+            return [], exc.strerror or str(exc)
+        return [], IPv6Only(
+            f"has only IPv6 addresses ({', '.join(ipv6)}), and a name is dialled over "
+            f"IPv4: enrol with its address in brackets, tcp://[{ipv6[0]}]:{port}")
     except (OSError, UnicodeError) as exc:
         return [], str(exc)
-    addresses = list(dict.fromkeys(plain_ip(str(info[4][0])) for info in infos))
     return (addresses, None) if addresses else ([], "no address")
 
 
@@ -257,7 +294,8 @@ async def resolve_name_async(host: str, port: int, timeout_s: float = RESOLVE_TI
 
 class NameLog:
     """What the agent logs of the coordinator's name: once at WARNING when it does not
-    resolve, once at INFO when it does again (or the agent connected). Pure."""
+    resolve (for IPv4: `_lookup`), once at INFO when it does again (or the agent
+    connected). Pure."""
 
     def __init__(self, site: str, name: str) -> None:
         self.site, self.name = site, name
@@ -269,7 +307,7 @@ class NameLog:
             if not first:
                 return []
             return [(logging.WARNING, f"{self.site}: the coordinator's name {self.name} "
-                     f"does not resolve ({error}); still trying")]
+                     f"{_name_trouble(error)}; still trying")]
         if self.failing is None:
             return []
         self.failing = None
@@ -288,7 +326,8 @@ def coordinator_endpoint_warnings(endpoint: str, *, resolve_timeout_s: float =
                                   RESOLVE_TIMEOUT_S) -> list[str]:
     """What `fedge agent check` should say of the enrolled coordinator endpoint: it is
     loopback (`fedge.agent.enrol.loopback_coordinator`), or its name does not resolve
-    here (looked up, at most ``resolve_timeout_s``)."""
+    here for IPv4, as the agent's socket resolves it (looked up, at most
+    ``resolve_timeout_s``; a name with IPv6 addresses alone is said to be one)."""
     from fedge.agent.enrol import loopback_coordinator
 
     loopback = loopback_coordinator(endpoint)
@@ -296,7 +335,10 @@ def coordinator_endpoint_warnings(endpoint: str, *, resolve_timeout_s: float =
     name = coordinator_name(endpoint)
     if name is not None:
         _, error = resolve_name(*name, timeout_s=resolve_timeout_s)
-        if error is not None:
+        if isinstance(error, IPv6Only):
+            found.append(f"the coordinator's name {name[0]} (from {endpoint}, the enrolled "
+                         f"coordinator endpoint) {error}")
+        elif error is not None:
             found.append(f"the coordinator's name {name[0]} (from {endpoint}, the enrolled "
                          f"coordinator endpoint) does not resolve here ({error}): the agent "
                          "cannot connect until it does (DNS, or /etc/hosts)")
@@ -934,7 +976,11 @@ async def run_agent(agent: Agent, enrolled: Enrolled, *, interval_s: float, time
                 if client.state != "connected":
                     was_failing = name_log.failing is not None
                     say_link(name_log.looked_up(addresses, error))
-                    if error is not None:
+                    if isinstance(error, IPv6Only):
+                        link_log.cause = f"its name {name[0]} {error}"
+                        show_link(f"connecting to {endpoint}: the name {name[0]} has only "
+                                  "IPv6 addresses")
+                    elif error is not None:
                         link_log.cause = f"its name {name[0]} does not resolve: {error}"
                         show_link(f"connecting to {endpoint}: the name {name[0]} does not "
                                   "resolve")

@@ -211,18 +211,38 @@ def curve_keypair() -> tuple[str, str]:
     return public.decode("ascii"), secret.decode("ascii")
 
 
-def check_z85_key(value: object, *, what: str) -> str:
-    """Check a 40-character Z85 CURVE key.
+def check_z85_key(value: object, *, what: str, secret: bool = True) -> str:
+    """Check a 40-character Z85 CURVE key (an enrolment file's keys).
+
+    The value is not quoted, whole or in part, unless ``secret=False`` (a public key):
+    an enrolment file's ``curve_secret`` reached the terminal. The message says its
+    length, or the positions of what is not Z85 (`fedge.transport.keys.
+    check_public_key`'s words for a secret key).
 
     Raises:
-        ValueError: not a 40-character Z85 string (names `what`).
+        ValueError: not a str of 40 Z85 characters, or one whose 5-character groups
+            do not decode to 32 bits each (names `what`).
     """
+    import struct
+
     import zmq.utils.z85 as z85
 
-    if not isinstance(value, str) or len(value) != 40:
-        raise ValueError(f"{what} must be a 40-character Z85 string, got {value!r:.60}")
-    try:
-        z85.decode(value.encode("ascii"))
-    except (ValueError, KeyError, UnicodeEncodeError) as exc:
-        raise ValueError(f"{what} {value!r} is not valid Z85: {exc}") from exc
+    from fedge.transport.keys import check_public_key
+
+    if not isinstance(value, str):  # check_public_key takes bytes too; a JSON value not
+        raise ValueError(f"{what} must be a Z85 str, got {type(value).__name__}")
+    check_public_key(value, what=what, secret=secret)
+    # Z85's alphabet, yet "%%%%%" is 84 * 85^4 + ... > 2^32: libzmq refuses such a key
+    over = []
+    for i in range(0, 40, 5):
+        try:
+            z85.decode(value[i:i + 5].encode("ascii"))
+        except (ValueError, struct.error):
+            over.append(f"{i + 1}-{i + 5}")
+    if over:
+        shown, hidden = ("", " (a secret key is not shown)") if secret else (
+            f" {value[:8]!r}...", "")
+        raise ValueError(f"{what}{shown} is not a Z85 CURVE key: its 5 characters at "
+                         f"position(s) {', '.join(over)} of 40 encode more than 32 bits"
+                         f"{hidden}")
     return value

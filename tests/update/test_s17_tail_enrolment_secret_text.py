@@ -35,15 +35,15 @@ def shown(secret: str, said: str) -> bool:
     return any(secret[i:i + 4] in said for i in range(len(secret) - 3))
 
 
-def enrolment_with(tmp: Path, mangle: Any) -> tuple[Path, str]:
-    """A real enrolment file whose payload's curve_secret is ``mangle``d (its signature
-    no longer verifies: the keys are checked first), and the secret it had."""
+def enrolment_with(tmp: Path, mangle: Any, key: str = "curve_secret") -> tuple[Path, str]:
+    """A real enrolment file whose payload's ``key`` (curve_secret) is ``mangle``d (its
+    signature no longer verifies: the keys are checked first), and the value it had."""
     console = ConsoleStore.init(tmp / "console", coordinator_endpoint="tcp://192.0.2.7:7000")
     path, _ = create_enrolment(console, "h1", valid_for=timedelta(days=1))
     doc = json.loads(path.read_text())
     payload = json.loads(base64.b64decode(doc["payload"]))
-    secret = payload["curve_secret"]
-    payload["curve_secret"] = mangle(secret)
+    secret = payload[key]
+    payload[key] = mangle(secret)
     doc["payload"] = base64.b64encode(json.dumps(payload).encode()).decode()
     path.write_text(json.dumps(doc))
     return path, secret
@@ -77,3 +77,16 @@ def test_a_value_of_the_wrong_type_is_named_by_its_type():
     with pytest.raises(ValueError) as err:
         check_z85_key(12345678, what="curve_secret")
     assert str(err.value) == "curve_secret must be a Z85 str, got int"
+
+
+@pytest.mark.parametrize("key", ["curve_public", "coordinator_public_key"])
+def test_a_malformed_public_key_is_quoted_and_not_called_secret(tmp_path, key):
+    """Public keys may be shown (they help find the typo); they are not said to be
+    secret keys."""
+    path, public = enrolment_with(tmp_path, lambda s: s[:9] + "~" + s[10:], key)
+    done = subprocess.run([sys.executable, "-m", "fedge.cli", "agent", "enrol", str(path),
+                           "--state-dir", str(tmp_path / "st")], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done
+    assert key in done.stderr and HIDDEN not in done.stderr, done.stderr
+    assert shown(public[:9], done.stderr), done.stderr

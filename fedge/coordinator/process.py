@@ -320,6 +320,12 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
                 try:
                     upcoming = _needs_initial_model(coord) if coord.runner is None \
                         else None
+                    if disk_wait.job_id and (upcoming is None
+                                             or upcoming.job_id != disk_wait.job_id):
+                        # the job that waited is no longer next (cancelled): its model
+                        # is dropped, and the next one, if any, tried at once
+                        disk_wait.forget()
+                        coord.start_wait = None
                     if upcoming is not None:
                         # the next job's starting model is built in a child process,
                         # and waits for a disk that could not take it; the loop ticks
@@ -614,11 +620,24 @@ def is_disk_error(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in DISK_ERRNOS
 
 
+# A starting model the disk refused is tried again after FINISH_RETRY_S, then after
+# twice the last pause each time it fails again, up to this: a disk that stays
+# read-only or failing (EROFS, EIO) is not written to every few seconds for days.
+DISK_WAIT_MAX_S = 300.0
+
+
 @dataclass
 class _DiskWait:
-    """The next job whose starting model the disk could not take: tried again every
-    FINISH_RETRY_S; said once when it begins to wait (and again if the cause
-    changes), and once when its model is written."""
+    """The next job whose starting model the disk could not take, and when to try
+    again: FINISH_RETRY_S after the first failure, then each pause twice the last, up
+    to DISK_WAIT_MAX_S; and, once the model's size is known, not before the disk has
+    that much free (os.statvfs, looked at every FINISH_RETRY_S): on a full disk a try
+    would only fill it again for a moment, taking the room the database's writes need.
+    (A quota, EDQUOT, is not what statvfs says is free; a read-only or failing disk
+    has room: those are tried after the pause alone.) The model built is kept for the
+    next try, so its torch child runs once per job, not at each try. Said once when
+    the job begins to wait (and again if the cause changes), and once when its model
+    is written."""
 
     job_id: str = ""
     why: str = ""  # "PATH: CAUSE"
@@ -626,26 +645,58 @@ class _DiskWait:
     retry_at: float = float("-inf")
     path: Path | None = None
     cause: str = ""
+    pause: float = 0.0  # before the next try, doubled at each failure
+    needed: int = 0  # bytes the model needs on the disk (0: not known)
+    cause_errno: int | None = None  # the last failure's: only ENOSPC waits for room
+    weights: Any = None  # the model built for job_id, kept for the next try
 
     def due(self, job_id: str, now: float) -> bool:
         """Whether ``job_id``'s starting model may be tried now."""
-        return job_id != self.job_id or now >= self.retry_at
+        if job_id != self.job_id:
+            return True
+        if now < self.retry_at:
+            return False
+        if self.needed and self.path is not None and self.cause_errno == errno.ENOSPC:
+            free = _free_bytes(self.path)
+            if free is not None and free < self.needed:
+                self.retry_at = now + FINISH_RETRY_S  # no try: the disk is looked at again
+                return False
+        return True
 
-    def failed(self, job_id: str, path: Path, exc: OSError, now: float) -> None:
+    def failed(self, job_id: str, path: Path, exc: OSError, now: float, *,
+               weights: Any = None, needed: int = 0) -> None:
         why = f"{path}: {exc.strerror or exc}"
         if (job_id, why) != (self.job_id, self.why):
+            room = (", and not before the disk has room for it"
+                    if exc.errno == errno.ENOSPC else "")
             log.error("job %s waits: its starting model cannot be written to %s; tried "
-                      "again every %g s, the job left queued", job_id, why, FINISH_RETRY_S)
-            if job_id != self.job_id:
-                self.since = now
-        self.job_id, self.why, self.retry_at = job_id, why, now + FINISH_RETRY_S
-        self.path, self.cause = path, exc.strerror or str(exc)
+                      "again in %g s, then at twice the last pause each time (up to %g s)%s; "
+                      "the job left queued", job_id, why, FINISH_RETRY_S, DISK_WAIT_MAX_S,
+                      room)
+        if job_id != self.job_id:
+            self.since, self.pause = now, FINISH_RETRY_S
+        else:
+            self.pause = min(max(self.pause, FINISH_RETRY_S) * 2, DISK_WAIT_MAX_S)
+        self.job_id, self.why, self.retry_at = job_id, why, now + self.pause
+        self.path, self.cause, self.cause_errno = path, exc.strerror or str(exc), exc.errno
+        if weights is not None:
+            self.weights, self.needed = weights, needed
+
+    def model(self, job_id: str) -> Any:
+        """The starting model built for ``job_id`` at an earlier try, or None."""
+        return self.weights if job_id == self.job_id else None
 
     def done(self, job_id: str, path: Path, now: float) -> None:
         if job_id == self.job_id:
             log.warning("job %s: its starting model %s written after %.0f s waiting for "
                         "the disk", job_id, path, now - self.since)
+        self.forget()
+
+    def forget(self) -> None:
+        """No job waits (its model written, or it is no longer the next to start)."""
         self.job_id, self.why, self.retry_at = "", "", float("-inf")
+        self.path, self.cause, self.pause, self.needed, self.weights = None, "", 0.0, 0, None
+        self.cause_errno = None
 
     def activity(self, job_id: str) -> str:
         """What STATUS= says while ``job_id`` waits ("" when it does not)."""
@@ -659,14 +710,29 @@ class _DiskWait:
         return f"{self.cause}: its starting model cannot be written to {self.path}"
 
 
+def _free_bytes(path: Path) -> int | None:
+    """The bytes free to this process on the disk that holds ``path`` (its nearest
+    existing directory), or None when it cannot be asked."""
+    where = path.parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        st = os.statvfs(where)
+    except OSError:
+        return None
+    # root may use the blocks reserved for it; anyone else only f_bavail
+    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+
+
 async def _prepare_initial_model(coord: Coordinator, wait: _DiskWait | None = None) -> None:
     """Build the next job's starting model in a child and write its round-0 checkpoint.
 
     A job whose model cannot be built, or whose directory cannot be written, is
     marked failed with the reason (audited): left queued, it would be retried on
     every tick and hold up every job behind it. Except where the disk refuses the
-    write for now (is_disk_error: full, read-only): the job stays queued, and
-    ``wait`` says when to try again (FINISH_RETRY_S) and says it once.
+    write for now (is_disk_error: full, read-only): the job stays queued, shown so in
+    jobs_list and jobs_status (Coordinator.start_wait), and ``wait`` keeps the model
+    built, says when to try again and says it once.
     """
     import subprocess
 
@@ -679,11 +745,15 @@ async def _prepare_initial_model(coord: Coordinator, wait: _DiskWait | None = No
         return
     loop = asyncio.get_running_loop()
     path = ck.round_path(coord.state_dir, job.job_id, 0)
+    weights = wait.model(job.job_id)
+    plan_text = job.plan_toml
     try:
         plan = parse_plan(job.plan_toml)
+        plan_text = plan.text
         # the job's directory first: one that cannot be made fails before torch starts
         path.parent.mkdir(parents=True, exist_ok=True)
-        weights = await loop.run_in_executor(None, initial_weights_subprocess, plan)
+        if weights is None:
+            weights = await loop.run_in_executor(None, initial_weights_subprocess, plan)
         ck.save_checkpoint(path, ck.Checkpoint(weights=weights, round=0, plan=plan.text))
         wait.done(job.job_id, path, time.monotonic())
         coord.start_wait = None
@@ -694,7 +764,11 @@ async def _prepare_initial_model(coord: Coordinator, wait: _DiskWait | None = No
         reason = f"building the starting model timed out after {exc.timeout:.0f} s"
     except OSError as exc:
         if is_disk_error(exc):
-            wait.failed(job.job_id, path, exc, time.monotonic())
+            # what the checkpoint takes, near enough: the weights and the plan
+            needed = (weights.nbytes + len(plan_text.encode()) + CHECKPOINT_OVERHEAD
+                      if weights is not None else 0)
+            wait.failed(job.job_id, path, exc, time.monotonic(), weights=weights,
+                        needed=needed)
             coord.start_wait = (job.job_id, wait.reason())  # jobs list and status say it
             return
         reason = f"cannot prepare the starting model {path}: {exc}"
@@ -702,6 +776,11 @@ async def _prepare_initial_model(coord: Coordinator, wait: _DiskWait | None = No
         reason = f"cannot prepare the starting model {path}: {exc}"
     log.error("job %s failed: %s", job.job_id, reason)
     coord.store.set_job_status(job.job_id, "failed", actor="coordinator", error=reason)
+
+
+# a checkpoint's header and metadata beyond its weights and plan (safetensors' JSON
+# header, the digest, the metrics), rounded up
+CHECKPOINT_OVERHEAD = 64 << 10
 
 
 def _deaf_for(coord: Coordinator, heard_at: float, entered: float, timeout: float) -> float:

@@ -53,7 +53,7 @@ def test_a_queued_job_waits_for_room_for_its_starting_model(tmp_path, caplog, mo
             stop = asyncio.Event()
             served = asyncio.create_task(process.serve(_config(coord), stop=stop,
                                                        coordinator=coord))
-            # two tries at least (each builds the model, ~2 s, then cannot write it)
+            # the first try builds the model (~2 s) and cannot write it; it waits
             assert await _until(lambda: len(waits()) >= 1, 30), caplog.text
             await asyncio.sleep(3.0)
             during = [(coord.store.job(j).status, coord.store.job(j).error)
@@ -74,7 +74,9 @@ def test_a_queued_job_waits_for_room_for_its_starting_model(tmp_path, caplog, mo
     assert started
     (line,) = waits()
     assert line == (f"job {first} waits: its starting model cannot be written to {round0}: "
-                    "No space left on device; tried again every 0.5 s, the job left queued")
+                    "No space left on device; tried again in 0.5 s, then at twice the last "
+                    "pause each time (up to 300 s), and not before the disk has room for it; "
+                    "the job left queued")
     written = [r.getMessage() for r in caplog.records if "waiting for the disk" in
                r.getMessage()]
     assert len(written) == 1 and written[0].startswith(

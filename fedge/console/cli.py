@@ -87,7 +87,15 @@ def _endpoint(text: str) -> str:
     if not 1 <= int(port) <= 65535:
         raise argparse.ArgumentTypeError(f"endpoint {text!r}: port {int(port)} is outside "
                                          "1..65535")
-    return text
+    # the host as agents and the console can dial it (ad59ba1): a non-ASCII name, a URL,
+    # a space or an unbracketed IPv6 address were taken here, written into every
+    # enrolment file, and refused only by libzmq at the appliance's connect
+    from fedge.transport._sockopts import check_endpoint
+
+    try:
+        return check_endpoint(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def register(subparsers: Any) -> None:
@@ -357,6 +365,15 @@ def _cmd_init(args: argparse.Namespace) -> int:
               "`fedge agent enrol --console-key` on each appliance)")
         print(f"coordinator provisioning file: {store.home / 'coordinator-provision.json'}")
         print(_root_expiry_line(store))
+        from fedge.transport._sockopts import is_loopback_host
+
+        if args.coordinator.startswith("tcp://") and is_loopback_host(
+                args.coordinator[len("tcp://"):].rpartition(":")[0]):
+            print(f"fedge console init: warning: --coordinator {args.coordinator} is a "
+                  "loopback address: every enrolment file this console issues tells the "
+                  "appliance to dial itself; unless the coordinator and the appliances "
+                  "share this machine, run init again (in a new --home) with the address "
+                  "the appliances reach the coordinator at", file=sys.stderr)
         return 0
 
     return _run(go, args)

@@ -1,6 +1,9 @@
-"""Text a peer wrote, made safe to log, store and show."""
+"""Text for messages: what a peer wrote, made safe to log, store and show; who this
+process runs as."""
 
 from __future__ import annotations
+
+import os
 
 
 def printable(text: object) -> str:
@@ -16,3 +19,16 @@ def printable(text: object) -> str:
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+def as_user() -> str:
+    """The words " as user NAME" for this process's effective user (" as uid N" without
+    a passwd entry, "" without users at all): for "... cannot be read as user fedge"."""
+    if not hasattr(os, "geteuid"):
+        return ""
+    import pwd
+
+    try:
+        return f" as user {pwd.getpwuid(os.geteuid()).pw_name}"
+    except KeyError:
+        return f" as uid {os.geteuid()}"

@@ -70,6 +70,7 @@ from fedge.agent.runtime import (
     TASK_THREAD_PREFIX,
     Agent,
 )
+from fedge.text import as_user as _as_user
 
 if TYPE_CHECKING:
     from fedge.health import EligibilityPolicy
@@ -770,15 +771,6 @@ def data_not_found(datasets: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _as_user() -> str:
-    if not hasattr(os, "geteuid"):
-        return ""
-    import pwd
-
-    try:
-        return f" as user {pwd.getpwuid(os.geteuid()).pw_name}"
-    except KeyError:
-        return f" as uid {os.geteuid()}"
 
 
 def _unreadable(sd: Path, exc: OSError) -> str:

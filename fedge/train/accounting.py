@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedge.text import as_user as _as_user
+
 _log = logging.getLogger(__name__)
 
 __all__ = [
@@ -75,16 +77,6 @@ class LedgerUnreadable(ValueError):
                          f"{error.strerror or error}{hint}")
 
 
-def _as_user() -> str:
-    """The words " as user NAME" for this process's effective user ("" without one)."""
-    if not hasattr(os, "geteuid"):
-        return ""
-    import pwd
-
-    try:
-        return f" as user {pwd.getpwuid(os.geteuid()).pw_name}"
-    except KeyError:
-        return f" as uid {os.geteuid()}"
 
 
 # Why DP-SGD on a Cox model needs the plan's explicit consent (fedge.train.privacy's

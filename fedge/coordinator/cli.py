@@ -66,14 +66,17 @@ def register(subparsers: Any) -> None:
     c.set_defaults(func=_check)
 
 
-def _config(args: argparse.Namespace) -> Any:
+def _config(args: argparse.Namespace, *, admin: bool = False) -> Any:
+    """The configuration, or None after saying why on stderr. Only ``admin`` (run, which
+    serves the admin channel) looks up where the channel can listen (up to
+    NAME_LOOKUP_S of DNS); status, audit, submit and enrol do not use it."""
     from fedge.coordinator.config import ConfigError, load_config
 
     if getattr(args, "config", None) is None:
         print("fedge coordinator: --config FILE is required", file=sys.stderr)
         return None
     try:
-        return load_config(args.config)
+        return load_config(args.config, admin_lookup=admin)
     except ConfigError as exc:
         print(f"fedge coordinator: {exc}", file=sys.stderr)
         return None
@@ -82,8 +85,8 @@ def _config(args: argparse.Namespace) -> Any:
 def _check(args: argparse.Namespace) -> int:
     """What `fedge coordinator run` refuses before it listens: the config
     (fedge.coordinator.config.load_config) and $FEDGE_SIMD (_run); its warnings
-    (CoordinatorConfig.warnings). A restart was the only full check, and it abandons
-    a round in flight."""
+    (CoordinatorConfig.warnings), and an admin channel run leaves off (admin_off). A
+    restart was the only full check, and it abandons a round in flight."""
     if getattr(args, "config", None) is None:
         print("fedge coordinator check: --config FILE is required", file=sys.stderr)
         return 2
@@ -98,12 +101,14 @@ def _check(args: argparse.Namespace) -> int:
         return 2
     for warning in cfg.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    if cfg.admin_off:  # run goes on without the channel, as it is told here
+        print(f"warning: {cfg.admin_off}", file=sys.stderr)
     print(f"ok: {args.config}")
     return 0
 
 
 def _run(args: argparse.Namespace) -> int:
-    cfg = _config(args)
+    cfg = _config(args, admin=True)
     if cfg is None:
         return 2
     from fedge.core import check_simd

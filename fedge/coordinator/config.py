@@ -23,9 +23,12 @@ Without ``[admin] endpoint`` the channel listens at the provision file's
 ``admin_endpoint`` (what the console dials) as written, when its host is an address of
 this host or a name that resolves here to one (loopback included: the console runs on
 this host). Otherwise -- the name the console dials does not resolve on the
-coordinator, or is no address of it (split DNS, NAT) -- the configuration is refused,
-naming the line to add: ``endpoint = "tcp://0.0.0.0:PORT"`` (every interface) or the
-address to listen on (`admin_default`). It is never widened silently.
+coordinator, or is no address of it (split DNS, NAT) -- the channel stays off and
+``admin_off`` says why, naming the line to add: ``endpoint = "tcp://0.0.0.0:PORT"``
+(every interface) or the address to listen on (`admin_default`). The coordinator
+serves the federation all the same (an upgrade must not stop a coordinator whose
+channel could not bind before either); `fedge coordinator run` logs it as an ERROR
+at start and `fedge coordinator check` warns of it. It is never widened silently.
 
 Relative paths are relative to the configuration file's directory.
 
@@ -89,23 +92,28 @@ class CoordinatorConfig:
     # what is allowed but probably wrong (`endpoint_warnings`): logged at start, printed
     # by `fedge coordinator check`
     warnings: tuple[str, ...] = ()
+    # why [admin] asks for a channel this host cannot listen at (`admin_default`), which
+    # therefore stays off ("" when none): an ERROR at start, a warning of check's
+    admin_off: str = ""
 
 
 _KEYS = ("state_dir", "bind", "provision", "curve_key", "roster", "roster_public_key",
          "tick_s", "heartbeat", "admin")
 
 
-def load_config(path: str | Path) -> CoordinatorConfig:
+def load_config(path: str | Path, *, admin_lookup: bool = True) -> CoordinatorConfig:
     """Read and check a coordinator configuration.
 
     What is allowed but probably wrong is in the result's ``warnings``
-    (`endpoint_warnings`).
+    (`endpoint_warnings`); an admin channel that cannot listen where [admin] asks, in
+    ``admin_off`` (`admin_default`). ``admin_lookup=False`` skips that look-up (up to
+    NAME_LOOKUP_S of DNS) for the commands that do not serve the channel (status,
+    audit, submit, enrol): the provision file's admin_endpoint is then taken unchecked.
 
     Raises:
         ConfigError: unreadable file, bad TOML, unknown key, missing keys, bad values
             (an endpoint out of range, heartbeats libzmq cannot hold, a bad [admin]
-            table, an [admin] without an endpoint whose provision file's admin_endpoint
-            this host cannot listen at), unreadable key/roster/provision files, a
+            table), unreadable key/roster/provision files, a
             state_dir that is an agent's; each message names this file, then the key
             and the rule.
     """
@@ -214,7 +222,8 @@ def load_config(path: str | Path) -> CoordinatorConfig:
                 raise bad(f"roster: {exc}") from exc
     if len(roster_pk) != 32:
         raise bad(f"the roster public key has {len(roster_pk)} bytes, must have 32")
-    admin, admin_warnings = _admin(raw, provision, provision_file, bind, bad)
+    admin, admin_warnings, admin_off = _admin(raw, provision, provision_file, bind, bad,
+                                              lookup=admin_lookup)
     return CoordinatorConfig(
         state_dir=state_dir, bind=bind, curve_public=curve_public, curve_secret=curve_secret,
         roster=roster, roster_public_key=roster_pk, heartbeat_interval_s=interval,
@@ -222,6 +231,7 @@ def load_config(path: str | Path) -> CoordinatorConfig:
         admin=admin, provision=provision, path=p,
         warnings=(*endpoint_warnings(p, bind, "bind" in raw, admin, provision,
                                      provision_file), *admin_warnings),
+        admin_off=admin_off,
     )
 
 
@@ -240,20 +250,21 @@ _ADMIN_KEYS = ("endpoint", "enabled")
 
 
 def _admin(raw: dict[str, Any], provision: dict[str, Any], provision_file: Path | None,
-           bind: str, bad: Callable[[str], ConfigError]
-           ) -> tuple[dict[str, Any], tuple[str, ...]]:
+           bind: str, bad: Callable[[str], ConfigError], *, lookup: bool = True
+           ) -> tuple[dict[str, Any], tuple[str, ...], str]:
     """The ``[admin]`` table as `CoordinatorConfig.admin`: empty when the channel is off
-    (no table, or ``enabled = false``), else ``enabled`` and the endpoint it binds (its
-    own, else the provision file's ``admin_endpoint``: `admin_default`) when there is
-    one; and the warnings of `admin_default`.
+    (no table, ``enabled = false``, or a provision file's ``admin_endpoint`` this host
+    cannot listen at), else ``enabled`` and the endpoint it binds (its own, else the
+    provision file's ``admin_endpoint``: `admin_default`, unless not ``lookup``) when
+    there is one; the warnings of `admin_default`; and why the channel is off although
+    [admin] asks for it ("" when it is not: `CoordinatorConfig.admin_off`).
 
     Raises: ConfigError: not a table, an unknown key (a misspelt ``endpiont`` bound the
         provision file's endpoint instead), a value of the wrong type, no provision file
-        (its operators' keys are the channel's allow-list), a provision file's
-        admin_endpoint this host cannot listen at (`admin_default`), or the endpoint
-        ``bind`` takes (each named)."""
+        (its operators' keys are the channel's allow-list), or the endpoint ``bind``
+        takes (each named)."""
     if "admin" not in raw:
-        return {}, ()
+        return {}, (), ""
     table = raw["admin"]
     if not isinstance(table, dict):
         raise bad(f"[admin] = {table!r} must be a table")
@@ -264,7 +275,7 @@ def _admin(raw: dict[str, Any], provision: dict[str, Any], provision_file: Path 
     if not isinstance(enabled, bool):
         raise bad(f"[admin] enabled = {enabled!r} must be true or false")
     if not enabled:
-        return {}, ()
+        return {}, (), ""
     admin: dict[str, Any] = {"enabled": True}
     warnings: tuple[str, ...] = ()
     if provision_file is None:
@@ -279,17 +290,21 @@ def _admin(raw: dict[str, Any], provision: dict[str, Any], provision_file: Path 
         endpoint = _bind_endpoint(provision["admin_endpoint"],
                                   f"admin_endpoint in provision file {provision_file} (for "
                                   "[admin], which names no endpoint)", bad)
-        try:
-            warnings = admin_default(endpoint, provision_file)
-        except ValueError as exc:
-            raise bad(str(exc)) from None
     else:
-        return admin, ()  # the process says there is none (an older provision file)
+        return admin, (), ""  # the process says there is none (an older provision file)
     if _same_port(endpoint, bind):
         raise bad(f"[admin] endpoint {endpoint} takes the port of bind = {bind!r}: the "
                   "admin channel needs a port of its own (console init: bind's port + 1)")
+    if "endpoint" not in table and lookup:
+        try:
+            warnings = admin_default(endpoint, provision_file)
+        except ValueError as exc:
+            # not refused: at ca3e257 such a coordinator served the federation while the
+            # channel failed to bind; refusing made an upgrade stop every site's training
+            return {}, (), (f"{bad(str(exc))}. The admin channel is off: the console "
+                            "cannot reach this coordinator until it is fixed")
     admin["endpoint"] = endpoint
-    return admin, warnings
+    return admin, warnings, ""
 
 
 def admin_default(told: str, provision_file: Path | None) -> tuple[str, ...]:

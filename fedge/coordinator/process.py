@@ -248,11 +248,15 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
         exports.add(task)
         task.add_done_callback(exports.discard)
     admin_task = _start_admin(cfg, coord)
+    if cfg.admin_off:  # once, not retried: the address is not this host's (NAT, split DNS)
+        log.error("%s", cfg.admin_off)
     log.info("coordinator listening on %s", endpoint)
     notifier.ready()
     # STATUS= then follows what the coordinator does (Coordinator.status_text), sent
     # each time it changes, never again while it stays the same
-    last_status = f"listening on {endpoint}"
+    last_status = f"listening on {endpoint}" + (
+        "; admin channel off: the console cannot reach it (see the log)"
+        if cfg.admin_off else "")
     notifier.status(last_status)
     # WATCHDOG=1 from this loop at half of WatchdogSec, whatever tick_s is (a loop
     # turn waits up to tick_s for a message): the pings say the loop runs

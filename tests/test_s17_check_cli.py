@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.agent.test_process_config import enrolled_state
-from tests.coordinator.test_s17_config_bom import provision
+from tests.coordinator.test_s17_coord_config_bom import provision
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -18,7 +18,7 @@ import pytest
 from fedge.coordinator.config import ConfigError, load_config
 from fedge.secagg.keys import Identity
 from fedge.transport import CurveKeyPair, save_keypair
-from tests.coordinator.test_s17_config_bom import provision
+from tests.coordinator.test_s17_coord_config_bom import provision
 
 REPO = Path(__file__).resolve().parents[2]
 BIND = 'bind = "tcp://127.0.0.1:27710"\n'

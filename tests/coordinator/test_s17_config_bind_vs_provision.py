@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fedge.coordinator.config import load_config
 from tests.coordinator.test_s17_config_admin import free_port
-from tests.coordinator.test_s17_config_bom import provision
+from tests.coordinator.test_s17_coord_config_bom import provision
 
 REPO = Path(__file__).resolve().parents[2]
 

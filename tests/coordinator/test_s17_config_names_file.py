@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.coordinator.test_s17_config_bom import provision
+from tests.coordinator.test_s17_coord_config_bom import provision
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -11,7 +11,7 @@ import pytest
 
 from fedge.coordinator.config import ConfigError, load_config
 from fedge.transport import CurveKeyPair
-from tests.coordinator.test_s17_config_bom import provision
+from tests.coordinator.test_s17_coord_config_bom import provision
 
 
 @pytest.mark.parametrize(("field", "value", "error"), [

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from fedge.coordinator.store import DB_NAME, Store, coordinator_running
-from tests.coordinator.test_s17_config_bom import provision
+from tests.coordinator.test_s17_coord_config_bom import provision
 from tests.update.test_audit_crash_full_disk import fill, small_disk
 
 REPO = Path(__file__).resolve().parents[2]

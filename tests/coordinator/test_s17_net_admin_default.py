@@ -32,7 +32,7 @@ import pytest
 from fedge.console.client import AdminClient
 from fedge.console.store import ConsoleStore
 from fedge.coordinator.config import load_config
-from tests.coordinator.test_s17_config_bom import provision
+from tests.coordinator.test_s17_coord_config_bom import provision
 from tests.coordinator.test_s17_v6_dual_stack_localhost import in_namespace, namespaces_permitted
 from tests.transport.test_s17_net_ipv6_sockets import needs_ipv6
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from fedge.transport import CurveKeyPair, KeyFileError, check_public_key, load_keypair
-from tests.coordinator.test_s17_config_bom import provision
+from tests.coordinator.test_s17_coord_config_bom import provision
 
 REPO = Path(__file__).resolve().parents[2]
 

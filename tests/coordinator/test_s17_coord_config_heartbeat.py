@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from fedge.coordinator.config import ConfigError, load_config
-from tests.coordinator.test_s17_config_bom import provision
+from tests.coordinator.test_s17_coord_config_bom import provision
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -883,8 +883,8 @@ class PrivacyLedger:
         target = Path(path)
         try:
             text = target.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return cls()
+        except (FileNotFoundError, NotADirectoryError):  # no ledger there (a plain file
+            return cls()  # where privacy/ belongs holds none): empty; its save then fails
         except OSError as exc:  # EACCES of the file or its directory, EIO: never "empty"
             raise LedgerUnreadable(target, exc) from exc
         try:

@@ -48,7 +48,7 @@ from fedge.console.protocol import (
     AdminRequest,
 )
 from fedge.coordinator.service import coordinator_clocks
-from fedge.coordinator.store import is_locked
+from fedge.coordinator.store import DISK_ERRNOS, is_locked
 from fedge.text import printable
 from fedge.update import tuf_repo
 from fedge.update.messages import UpdateAvailable, UpdateOutcome
@@ -821,8 +821,7 @@ async def _answer(sock: Any, service: AdminService, frames: list[Any], codec: An
 #: read-only or failing), memory (a MemoryError; the OOM killer leaves no output), the
 #: time it was given.
 EXPORT_PASSING_CAUSES = (
-    *(os.strerror(e) for e in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO,
-                               errno.ENOMEM)),
+    *(os.strerror(e) for e in sorted((*DISK_ERRNOS, errno.ENOMEM))),
     "OSError", "[Errno", "MemoryError", "timed out after", "no output",
 )
 

@@ -40,7 +40,13 @@ from fedge import instance_lock
 from fedge.coordinator import checkpoint as ck
 from fedge.coordinator.config import CoordinatorConfig
 from fedge.coordinator.service import FINISH_RETRY_S, Coordinator, DatabaseLocked
-from fedge.coordinator.store import HEARTBEAT_FLUSH_S, Store, database_error, is_locked
+from fedge.coordinator.store import (
+    DISK_ERRNOS,
+    HEARTBEAT_FLUSH_S,
+    Store,
+    database_error,
+    is_locked,
+)
 from fedge.instance_lock import InstanceLocked
 from fedge.wire import messages as m
 
@@ -616,7 +622,6 @@ def _needs_initial_model(coord: Coordinator) -> Any:
 # read-only, failing. A job's starting model that meets one waits for the disk (as a
 # round's commit and a job's finish do), rather than failing the job for good: on a
 # full disk every queued job behind it would fail the same way, one after another.
-DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
 
 
 def is_disk_error(exc: BaseException) -> bool:

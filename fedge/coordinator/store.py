@@ -76,6 +76,10 @@ from typing import Any
 from fedge.secagg.errors import SecAggConfigError
 from fedge.secagg.keys import check_client_id
 
+# The disk refusing a write for now (full, over quota, read-only, failing): what the
+# coordinator waits out (a queued job's starting model) or retries (an export).
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
+
 SCHEMA_VERSION = 3
 DB_NAME = "coordinator.sqlite3"
 # SQLite's unix VFS keeps a database's full path (symlinks resolved) in a 512-byte

@@ -49,8 +49,13 @@ core: deps
 lint: deps
 	$(VENV)/bin/ruff check fedge tests bench
 
+# The suite on TEST_WORKERS processes (pytest-xdist; a test file stays on one worker,
+# so its module fixtures are built once), then the Debian package's tests alone: they
+# install into / (dpkg, adduser) and purge again, which no other test should overlap.
+TEST_WORKERS ?= 2
 test: deps lint
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile --ignore=tests/debian_package tests
+	$(PY) -m pytest -q -ra tests/debian_package
 
 demo: deps
 	$(VENV)/bin/fedge demo

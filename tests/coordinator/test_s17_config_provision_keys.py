@@ -20,7 +20,7 @@ from tests.coordinator.test_s17_coord_config_bom import provision
     ("curve_secret", "short", "secret key has 5 characters; a Z85 CURVE key has 40 (a "
                               "secret key is not shown)"),
     ("roster", 7, "is unreadable or lacks a field"),
-])
+], ids=["public-not-a-string", "public-of-another-pair", "secret-too-short", "roster-not-a-path"])
 def test_a_provision_file_with_a_bad_key_pair_is_refused_naming_it(tmp_path, field, value,
                                                                     error):
     prov = provision(tmp_path)

@@ -65,7 +65,11 @@ the header is line 1) and the column.  A ``.npz`` has no lines, so its errors
 name the row instead (1-based, the first row of the arrays is row 1) and the
 array.  CSV must be UTF-8 text; a leading byte-order mark (as Excel writes) is
 ignored.  A CSV cell TRUE or FALSE (any case, as spreadsheets write booleans) reads
-as 1 or 0, as a Parquet boolean does.  The message quotes the bad cell, for this
+as 1 or 0, as a Parquet boolean does.  Numbers have a decimal point and no thousands
+separator: a text column whose cells with a dot all look like thousands grouped by one
+('1.234', '2.071') beside whole numbers under 1000 is refused, as a German or Swiss
+export converted to commas has it (read as decimals, each would be 1000 times too
+small).  The message quotes the bad cell, for this
 site's own people; what may leave the appliance is ``DataError.public``, which names
 neither a value nor a path (a task refusal's reason: the coordinator keeps it for
 good).
@@ -675,6 +679,45 @@ def _separator_hint(header: list[str]) -> tuple[str, str] | None:
             "comma-separated CSV")
 
 
+def _not_a_file(path: Path) -> DataError | None:
+    """The refusal of a data path that is not a regular file, saying what it is: a
+    directory, something else that exists (a named pipe, device or socket), or nothing
+    (a broken symbolic link too); else None."""
+    if path.is_file():
+        return None
+    if path.is_dir():
+        said = "is a directory, not a file"
+    elif path.exists():
+        said = "is not a regular file (a named pipe, device or socket)"
+    else:
+        said = "file does not exist"
+    return DataError(path, said, problem=said)
+
+
+# What a file given as CSV is, where its first bytes say it is no text: (magic, local
+# text, public text). A Parquet file fails as not UTF-8 and is named there (``_not_utf8``).
+_FOREIGN_FORMATS = (
+    (b"PK\x03\x04",
+     "not CSV text: this is an Excel workbook (.xlsx) or another zip file; save it from "
+     "the spreadsheet as CSV UTF-8 (comma delimited), or as Parquet",
+     "not CSV text (it is an Excel workbook or another zip file)"),
+    (b"\x1f\x8b",
+     "not CSV text: this is a gzip file; decompress it (gunzip) and name the .csv inside",
+     "not CSV text (it is a gzip file)"),
+)
+
+
+def _foreign_format(path: Path) -> DataError | None:
+    """The refusal of a file given as CSV that is an Excel workbook (a zip) or a gzip
+    file, from its first bytes; else None."""
+    with path.open("rb") as raw:
+        start = raw.read(4)
+    for magic, said, problem in _FOREIGN_FORMATS:
+        if start.startswith(magic):
+            return DataError(path, said, line=1, problem=problem)
+    return None
+
+
 def _whole_file_is_blank(path: Path) -> bool:
     """The file's text is only white space (read a block at a time)."""
     with path.open(encoding="utf-8-sig", newline="") as text:
@@ -706,25 +749,34 @@ class _CsvRows:
     Lines are counted as the csv module counts them (only CR, LF and CRLF end a
     line), so a U+2028 or form feed inside a cell does not shift later numbers.
     Columns with no name in the header and nothing in any row (Excel's trailing
-    ",,") are dropped; one unnamed column that holds values (pandas' index) is kept
-    as any undeclared column is, two or more are refused.
+    ",,") are dropped; an unnamed first column that holds values (pandas' index) is
+    kept as any undeclared column is; any other unnamed column that holds values is
+    refused (a decimal comma in an unquoted cell, '24,5', makes one).
 
     Refusals come in the order a reader of the whole file gives them: a byte that is
     not UTF-8 anywhere in the file, then malformed CSV (both raised while rows are
-    read), then, from :meth:`finish` once the last row is read, an empty file, a
-    one-column header that looks separated by ';' or tabs, unnamed columns that hold
-    values, a repeated column name, the first row of another length, no rows.
+    read), then, from :meth:`finish` once the last row is read, an empty file, Excel's
+    'sep=' first line, a one-column header that looks separated by ';' or tabs, unnamed
+    columns that hold values, a repeated column name, the first row of another length,
+    no rows. Where line 1 looks like a data row (``_looks_like_data``: a file exported
+    without its header), a refusal the header explains says so, and quotes line 1 in
+    its local message only (``holds_value``). Before any of these, a path that is not a
+    regular file, an Excel workbook (a zip) or a gzip file is refused as what it is.
     """
 
     def __init__(self, path: Path) -> None:
         """Open ``path`` and read its header.
 
         Raises:
-            DataError: the file does not exist, is not UTF-8 or is malformed CSV
+            DataError: the file does not exist, is a directory or no regular file,
+                is an Excel workbook or gzip file, is not UTF-8 or is malformed CSV
                 (naming the line and, for a byte that is not UTF-8, the column).
         """
-        if not path.is_file():
-            raise DataError(path, "file does not exist", problem="file does not exist")
+        refusal = _not_a_file(path)
+        if refusal is None:
+            refusal = _foreign_format(path)
+        if refusal is not None:
+            raise refusal
         self.path = path
         # No cell can be longer than the file: the csv module's default limit (131072
         # characters) only refused files with a long free-text column (a report) that no
@@ -743,6 +795,7 @@ class _CsvRows:
         self.header = [_nfc(h.strip()) for h in first or []]
         self._unnamed = [j for j, h in enumerate(self.header) if not h]
         self._dropped: set[int] = set(self._unnamed)  # unnamed, with no text in any row yet
+        self._valued_at: dict[int, int] = {}  # an unnamed column: the line of its first text
         self._first_line_of_length: dict[int, int] = {}  # lengths other than the header's
         self.count = 0  # non-blank rows
 
@@ -776,7 +829,11 @@ class _CsvRows:
             if len(fields) != width:
                 lengths.setdefault(len(fields), reader.line_num)
             if unseen:
-                unseen -= {j for j in unseen if j < len(fields) and fields[j].strip()}
+                found = {j for j in unseen if j < len(fields) and fields[j].strip()}
+                if found:
+                    unseen -= found
+                    for j in found:
+                        self._valued_at[j] = reader.line_num
             yield reader.line_num, fields
 
     def finish(self) -> tuple[list[str], list[int]]:
@@ -793,12 +850,23 @@ class _CsvRows:
         if self.count == 0 and self._blank_header and _whole_file_is_blank(path):
             raise DataError(path, "file is empty (no header line)", line=1,
                             problem="file is empty (no header line)")
+        if _EXCEL_SEP_LINE.fullmatch(",".join(header).strip()):
+            said = ("line 1 is Excel's 'sep=' line: remove it, or re-save as CSV UTF-8 "
+                    "(comma delimited)")
+            raise DataError(path, f"{said} (it reads {','.join(header)!r})", line=1,
+                            problem=said)
         hint = _separator_hint(header)
+        data_row = _looks_like_data(header)
         if len(header) == 1 and hint is not None:
+            if data_row:
+                raise _header_is_data(path, header, said="the header is one column", hint=hint)
             raise DataError(path, f"the header is one column {header[0]!r}; {hint[0]}", line=1,
                             problem=f"the header is one column; {hint[1]}")
         dropped = self._dropped
         unnamed = [j + 1 for j in self._unnamed if j not in dropped]
+        if unnamed and data_row and (len(unnamed) > 1 or unnamed[0] != 1):
+            raise _header_is_data(path, header, hint=hint,
+                                  said="a column has no name in the header but holds values")
         if len(unnamed) > 1:
             raise DataError(
                 path,
@@ -808,16 +876,35 @@ class _CsvRows:
                 line=1,
                 problem=f"{len(unnamed)} columns have no name in the header but hold values",
             )
+        if unnamed and unnamed[0] != 1:
+            # pandas writes its index as a first column with no name; another unnamed
+            # column with values is a column its header misses (a decimal comma in an
+            # unquoted cell splits it in two: '24,5' reads as 24 and an unnamed 5)
+            said = (f"column {unnamed[0]} (counting from 1) has no name in the header but "
+                    "holds values")
+            hint_more = ("; name it or delete it (a decimal comma in an unquoted cell, "
+                         "'24,5', splits that cell into two columns: save with decimal "
+                         "points)")
+            raise DataError(
+                path,
+                f"{said}, first on this line{hint_more}",
+                line=self._valued_at[unnamed[0] - 1],
+                problem="a column other than the first has no name in the header but holds "
+                        "values",
+            )
         kept = [j for j in range(len(header)) if j not in dropped]
         header = [header[j] for j in kept]
         repeated = sorted({h for h in header if header.count(h) > 1})
         if repeated:
+            said = "the header names a column more than once"
+            if data_row:
+                raise _header_is_data(path, header, said=said, hint=hint)
             raise DataError(
                 path,
                 f"header names {repeated} more than once; each column needs its own name",
                 line=1,
                 column=repeated[0],
-                problem="the header names a column more than once",
+                problem=said,
                 column_public=False,
             )
         # A row's length less the dropped columns it reaches: Excel's trailing ",," may
@@ -830,6 +917,8 @@ class _CsvRows:
             missing = header[got] if got < len(header) else None
             what = "truncated row" if got < len(header) else "extra fields"
             said = f"{what}: {got} fields where the header has {len(header)}"
+            if data_row:
+                raise _header_is_data(path, header, said=said, hint=hint, line=lineno)
             raise DataError(
                 path,
                 said if hint is None else f"{said}; {hint[0]}",
@@ -934,14 +1023,69 @@ def _is_parquet(path: Path) -> bool:
 # How many of the header's columns a missing-column error lists.
 HEADER_SHOWN = 40
 
+# Excel's first line naming the separator ("sep=;", "sep=,"), as the csv module splits it.
+_EXCEL_SEP_LINE = re.compile(r"sep=.?", re.IGNORECASE)
+# A date as a cell holds one: 2020-01-02, 01.02.2020, 1/2/20.
+_DATE_CELL = re.compile(r"[0-9]{1,4}([-./])[0-9]{1,2}\1[0-9]{1,4}")
+
+
+def _reads_as_number(text: str) -> bool:
+    """``text`` is what ``_number`` reads as a number (TRUE/FALSE included), or a date."""
+    if text.casefold() in _BOOLEAN_CELLS or _DATE_CELL.fullmatch(text):
+        return True
+    if "_" in text:
+        return False
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _looks_like_data(header: Sequence[str]) -> bool:
+    """Line 1, read as a header, looks like a data row (a table exported without its
+    header, whose first patient's row is read as one): at least half of its names (split
+    at ';' and tabs too, as a file of another separator has them) are numbers, booleans
+    or dates. Column names 0, 1, 2, ... in a run (pandas' default names, or years) are
+    a header."""
+    names = [n.strip() for h in header for n in re.split(r"[;\t]", h) if n.strip()]
+    numeric = [n for n in names if _reads_as_number(n)]
+    if not numeric or 2 * len(numeric) < len(names):
+        return False
+    if len(numeric) == len(names) > 1 and all(n.isdigit() and n.isascii() for n in names):
+        first = int(names[0])
+        if [int(n) for n in names] == list(range(first, first + len(names))):
+            return False
+    return True
+
+
+def _header_is_data(path: Path, header: Sequence[str], *, said: str,
+                    hint: tuple[str, str] | None, line: int = 1,
+                    column: str | None = None) -> DataError:
+    """The refusal of a file whose line 1 looks like a data row (``_looks_like_data``),
+    found by ``said`` (a missing column, a repeated name, a row of another length). The
+    names of line 1 are a patient's cells: only the local message (DEBUG) lists them."""
+    problem = (f"{said}: line 1 looks like a data row, not a header; the file needs a "
+               "header row naming its columns")
+    listed = ", ".join(_shown(h) for h in header[:HEADER_SHOWN])
+    more = f" and {len(header) - HEADER_SHOWN} more" if len(header) > HEADER_SHOWN else ""
+    message = f"{problem}; line 1 has {listed}{more}"
+    if hint is not None:
+        message, problem = f"{message}; {hint[0]}", f"{problem}; {hint[1]}"
+    return DataError(path, message, line=line, column=column, problem=problem,
+                     holds_value=True)
+
 
 def _column_index(path: Path, header: list[str], column: str) -> int:
     try:
         return header.index(column)
     except ValueError:
         pass
-    message, problem = _missing_column(header, column), "missing column in the header"
     hint = None if _is_parquet(path) else _separator_hint(header)
+    if _looks_like_data(header):
+        raise _header_is_data(path, header, said="missing column in the header", hint=hint,
+                              column=column)
+    message, problem = _missing_column(header, column), "missing column in the header"
     if hint is not None:
         message, problem = f"{message}; {hint[0]}", f"{problem}; {hint[1]}"
     raise DataError(path, message, line=1, column=column, problem=problem)
@@ -1019,6 +1163,76 @@ def _number(path: Path, lineno: int, column: str, cell: str) -> float:
     return value
 
 
+# A cell as a German or Swiss locale writes an integer of 1000 or more: a dot between
+# groups of three digits, the first group never 0 ("1.234" = 1234, "12.500.000").
+_GROUPED_CELL = re.compile(r"\s*-?[1-9][0-9]{0,2}(?:\.[0-9]{3})+\s*")
+# ``_Numbers`` joins a block's cells with NUL to look at them at once: no cell that reads
+# as a number holds one.
+_ANY_INTEGER_CELL = re.compile(r"(?:^|\x00)\s*[-+]?[0-9]+\s*(?=\x00|$)")
+_WIDE_INTEGER_CELL = re.compile(r"(?:^|\x00)\s*[-+]?0*[1-9][0-9]{3,}\s*(?=\x00|$)")
+_DOTTED_CELL = re.compile(r"[^\x00]*\.[^\x00]*")
+
+
+class _Grouping:
+    """Whether a text column of numbers looks written with a thousands separator that
+    is a dot (a German or Swiss export whose ';' was turned into ','): each such cell
+    reads as a decimal 1000 times too small ('1.234' as 1.234), and nothing else fails.
+
+    The column looks so when it holds at least two cells of that shape (``_GROUPED_CELL``)
+    and a plain integer, and no cell with a dot of another shape (24.5, 0.512, 1.5e3) nor
+    an integer of four digits or more written without a separator (a file that writes
+    1234 has no thousands separator). A column of decimals with exactly three places
+    whose other values are whole numbers under 1000 matches too; such a file loads from
+    Parquet.
+    """
+
+    def __init__(self) -> None:
+        self.settled = False  # a cell says the column has no thousands separator
+        self.grouped = 0  # cells of the grouped shape
+        self.first: tuple[int, str] | None = None  # (line, cell) of the first of them
+        self.integer = False  # a plain integer cell (under 1000)
+
+    def add(self, lines: Sequence[int], cells: Sequence[str], values: np.ndarray) -> None:
+        """Look at one block of cells that all read as numbers, ``values``."""
+        if self.settled:
+            return
+        joined = "\x00".join(cells)
+        # only a value of 1000 or more can be an integer written with four digits or more
+        if (values.size and float(np.abs(values).max()) >= 1000
+                and _WIDE_INTEGER_CELL.search(joined)):
+            self.settled = True
+            return
+        if "." in joined:
+            for match in _DOTTED_CELL.finditer(joined):
+                if not _GROUPED_CELL.fullmatch(match.group()):
+                    self.settled = True
+                    return
+                if self.first is None:
+                    k = joined.count("\x00", 0, match.start())
+                    self.first = (lines[k], cells[k].strip())
+                self.grouped += 1
+        if not self.integer and _ANY_INTEGER_CELL.search(joined):
+            self.integer = True
+
+    def refusal(self, path: Path, column: str) -> DataError | None:
+        """The refusal of a column that looks written with a thousands dot, else None."""
+        if self.settled or self.grouped < 2 or not self.integer or self.first is None:
+            return None
+        line, cell = self.first
+        problem = ("the values look like numbers with a thousands separator (a dot); re-save "
+                   "the file with no thousands separator and a decimal point")
+        return DataError(
+            path,
+            f"the values look like numbers with a thousands separator (a dot): {cell!r} "
+            f"here and {self.grouped - 1} more cell(s) of that shape, beside whole numbers, "
+            "would read as decimals 1000 times too small; re-save the file with no "
+            "thousands separator and a decimal point (in Excel: Format Cells, Number, "
+            "'Use 1000 Separator' off), or, if they are decimals with three places, save "
+            "the table as Parquet",
+            line=line, column=column, problem=problem, holds_value=True,
+        )
+
+
 class _Numbers:
     """One declared numeric column, converted a block of rows at a time as the file is
     read, kept as ``dtype`` (float32 for features: what training casts them to anyway).
@@ -1026,12 +1240,15 @@ class _Numbers:
     A bad cell is not raised at once: the first one is kept as :attr:`error`, and the
     caller raises it when it comes to this column, so that a file's refusals stay in the
     order of the file's checks, then the declared columns' order (``_load_tabular``).
+    Once every cell reads as a number, a text column that looks written with a
+    thousands dot (``_Grouping``) is refused too; typed Parquet numbers are not text.
     """
 
     def __init__(self, path: Path, column: str, dtype: type) -> None:
         self.path, self.column, self.dtype = path, column, dtype
         self.error: DataError | None = None
         self._blocks: list[np.ndarray] = []
+        self._grouping = _Grouping()
 
     def add_cells(self, lines: Sequence[int], cells: Sequence[str]) -> None:
         """Convert one block of cells (``_number``'s rules), ``lines`` their lines."""
@@ -1054,6 +1271,7 @@ class _Numbers:
                 except DataError as exc:
                     self.error, self._blocks = exc, []
                     return
+        self._grouping.add(lines, cells, values)
         self._blocks.append(values.astype(self.dtype, copy=False))
 
     def add_values(self, values: np.ndarray) -> None:
@@ -1068,6 +1286,9 @@ class _Numbers:
             DataError: its first bad cell."""
         if self.error is not None:
             raise self.error
+        grouped = self._grouping.refusal(self.path, self.column)
+        if grouped is not None:
+            raise grouped
         if not self._blocks:
             return np.empty(0, self.dtype)
         return np.concatenate(self._blocks)
@@ -1260,8 +1481,9 @@ def _parquet_columns(spec: DatasetSpec, path: Path,
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise DataError(path, "reading Parquet needs the 'pyarrow' package",
                         problem="reading Parquet needs the 'pyarrow' package") from exc
-    if not path.is_file():
-        raise DataError(path, "file does not exist", problem="file does not exist")
+    refusal = _not_a_file(path)
+    if refusal is not None:
+        raise refusal
     if path.stat().st_size == 0:
         raise DataError(path, "file is empty", problem="file is empty")
     try:
@@ -1953,8 +2175,9 @@ def _load_numpy(spec: DatasetSpec) -> _Table:
             naming the array and the 1-based row.
     """
     path = Path(spec.path)
-    if not path.is_file():
-        raise DataError(path, "file does not exist", problem="file does not exist")
+    refusal = _not_a_file(path)
+    if refusal is not None:
+        raise refusal
     import zipfile
 
     try:

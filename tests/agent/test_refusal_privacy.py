@@ -218,7 +218,8 @@ def test_a_bad_cell_is_told_by_line_and_column_and_its_value_only_at_debug(tmp_p
 @pytest.mark.parametrize("text, public", [
     # a file without a header: its first row is a patient's, so no column name of it
     ("1,DOE,1\n2,DOE,0\n", "the data file, line 1: the header names a column more "
-                           "than once"),
+                           "than once: line 1 looks like a data row, not a header; the "
+                           "file needs a header row naming its columns"),
     ("age,size,y\n50,2\n", "the data file, line 2: truncated row: 2 fields where the "
                            "header has 3"),
     ("age,size,y\n50,2,7\n60,3,0\n", "the data file, line 2, column 'y': label must be "

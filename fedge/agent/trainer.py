@@ -198,6 +198,107 @@ class DataVersion:
     data: Any
 
 
+# A source whose newest modification is younger than this when a read of it begins
+# may be an export still being written (read_source).
+RECENT_WRITE_S = 2.0
+# What a reason says of a source that was being written while it was read.
+EXPORT_ADVICE = ("an export must be written under a temporary name and renamed into place "
+                 "once it is complete")
+
+
+class SourceChanging(Exception):
+    """A data set's source changed while it was read, on each read tried: an export
+    being written in place (:func:`read_source`). ``error``: the last read's error, None
+    when each read loaded but the source changed meanwhile. Its text names no path and
+    no value, so a refusal may send it."""
+
+    def __init__(self, text: str, error: BaseException | None = None) -> None:
+        super().__init__(text)
+        self.error = error
+
+
+def _recent(source: SourceVersion, began_ns: int) -> float:
+    """How long after ``began_ns`` (a read's start, ``time.time_ns``) ``source``'s
+    newest modification is RECENT_WRITE_S old, in seconds, at most RECENT_WRITE_S; 0
+    when it was that old already, or when it lies more than that in the future (a
+    clock set apart, not a write)."""
+    if source.kind == "missing":
+        return 0.0
+    age = (began_ns - source.modified_ns) / 1e9
+    if not -RECENT_WRITE_S < age < RECENT_WRITE_S:
+        return 0.0
+    return min(RECENT_WRITE_S, RECENT_WRITE_S - age)
+
+
+def read_source(spec: DatasetSpec, tries: int = 2, *,
+                source: SourceVersion | None = None) -> DataVersion:
+    """Load data set ``spec`` with fedge.train's loader (``load_site_data``), as a
+    task's first load of it does, and the version of its source read
+    (:func:`source_version`, taken before the read and after it; ``source``: the one
+    taken just before, if any). What a task loads and what ``fedge agent check`` reads
+    alike.
+
+    A source that changed during a read (an export still being written) is read again,
+    up to ``tries`` reads in all, whether that read loaded or failed: a file written in
+    place fails ("truncated row") while its last row is half written. A read that
+    fails on a source unchanged by it, but modified under RECENT_WRITE_S before the
+    read began, is looked at again once that modification is RECENT_WRITE_S old (a
+    pause of at most that): changed by then, it was being written, and is read again;
+    unchanged, the loader's error is the source's. A read that loads from a source so
+    recently modified, and unchanged after it, is kept, and said at WARNING (the data
+    set named, as the trainer's other load lines name it; not its path, nor a value):
+    a writer between two writes leaves a file that reads as whole (a row cut inside its
+    last field), and a job keeps the version it began on for all its rounds.
+
+    Raises:
+        SourceChanging: the source changed during each read (``error``: the last
+            read's, where it failed).
+        OSError, ValueError: the loader's error (``DataError`` among them) on a source
+            that did not change.
+    """
+    from fedge.train.data import load_site_data
+
+    source = source_version(spec.path) if source is None else source
+    error: BaseException | None = None
+    for attempt in range(1, tries + 1):
+        again = "; read again" if attempt < tries else ""
+        began = time.time_ns()
+        try:
+            data = load_site_data(spec)
+        except (OSError, ValueError) as exc:
+            after = source_version(spec.path)
+            pause = _recent(source, began)
+            if after == source and pause > 0:  # a writer between two writes?
+                time.sleep(pause)
+                after = source_version(spec.path)
+            if after == source:
+                raise
+            log.warning("data set %r changed while it was read (%s), and the read failed "
+                        "(%s)%s", spec.name, after.differences(source), type(exc).__name__,
+                        again)
+            source, error = after, exc
+            continue
+        after = source_version(spec.path)
+        if after == source:
+            if _recent(source, began) > 0:
+                log.warning("data set %r: its %s was modified %.1f s "
+                            "before it was read: if it was still being written, what was "
+                            "read is part of it, and a job that begins on it keeps it for "
+                            "all its rounds (%s)", spec.name, source.kind,
+                            max(0.0, (began - source.modified_ns) / 1e9), EXPORT_ADVICE)
+            return DataVersion(source, data)
+        log.warning("data set %r changed while it was read (%s)%s", spec.name,
+                    after.differences(source), again)
+        source, error = after, None
+    what = f"its {source.kind}" if source.kind != "missing" else "its source"
+    if error is None:
+        raise SourceChanging(f"{what} changed while it was read, each time: it is being "
+                             f"written now ({EXPORT_ADVICE}); a later task reads it again")
+    raise SourceChanging(f"{what} was being written while it was read (it changed during "
+                         f"the read{', each time' if tries > 1 else ''}): {EXPORT_ADVICE}; "
+                         "a later task reads it again", error)
+
+
 @dataclass
 class HeldJob:
     """What the trainer holds for one job: its ``ClientState`` (made when it first
@@ -716,8 +817,6 @@ class TorchTrainer:
         once. Called with ``self._lock`` held.
 
         Raises: TaskRefusal: it cannot be loaded, or kept changing while it was read."""
-        from fedge.train.api import load_site_data
-
         spec = self._specs[name]
         source = source_version(spec.path)
         earlier = self._data.get(name)
@@ -725,24 +824,21 @@ class TorchTrainer:
             return earlier
         self._data.pop(name, None)  # held on by the jobs that began on it, if any
         started = time.monotonic()
-        for _ in range(self.LOAD_TRIES):
-            try:
-                data = load_site_data(spec)
-            except (OSError, ValueError) as exc:
-                # the coordinator keeps the reason for good: no cell, no path
-                journal_error(f"data set {name!r} cannot be loaded", exc)
-                raise TaskRefusal(f"data set {name!r} cannot be loaded: "
-                                  f"{public_reason(exc, self._paths())}") from exc
-            after = source_version(spec.path)
-            if after == source:
-                break
-            log.warning("data set %r changed while it was read (%s): read again", name,
-                        after.differences(source))
-            source = after
-        else:
-            raise TaskRefusal(f"data set {name!r} cannot be loaded: it changed while it was "
-                              "read, each time (is it being exported now?); a later task "
-                              "reads it once it is still")
+        try:
+            version = read_source(spec, self.LOAD_TRIES, source=source)
+        except SourceChanging as exc:
+            # being written: said so (no path), and the read's error, if any, as above
+            if exc.error is None:
+                raise TaskRefusal(f"data set {name!r} cannot be loaded: {exc}") from exc
+            journal_error(f"data set {name!r} cannot be loaded", exc.error)
+            raise TaskRefusal(f"data set {name!r} cannot be loaded: "
+                              f"{public_reason(exc.error, self._paths())}; {exc}") from exc.error
+        except (OSError, ValueError) as exc:
+            # the coordinator keeps the reason for good: no cell, no path
+            journal_error(f"data set {name!r} cannot be loaded", exc)
+            raise TaskRefusal(f"data set {name!r} cannot be loaded: "
+                              f"{public_reason(exc, self._paths())}") from exc
+        source, data = version.source, version.data
         # how long a load takes, so that IT can size agent.toml's data_load_s (the
         # agent counts itself stuck past it and systemd restarts it, the load lost)
         log.info("data set %r loaded in %.1f s: %s", name, time.monotonic() - started,
@@ -752,7 +848,7 @@ class TorchTrainer:
                      "that began on the earlier version keep it for their remaining rounds",
                      name, source.kind if source.kind != "missing" else "source",
                      source.differences(earlier.source))
-        self._data[name] = version = DataVersion(source, data)
+        self._data[name] = version
         return version
 
     def _paths(self) -> list[str]:

@@ -21,11 +21,11 @@
                                                     every enrolment installed
                                                     (enrolment-history.jsonl), oldest first;
                                                     reads only
-    fedge agent check --config FILE                 check the config, the enrolment
-                                                    files and the data sets as run does
-                                                    at start, then exit ('ok: FILE', 0;
-                                                    or why, 2); takes no lock, writes
-                                                    nothing
+    fedge agent check --config FILE                 check the config and the enrolment
+                                                    files as run does at start, and read
+                                                    each data set as a task does, then
+                                                    exit ('ok: FILE', 0; or why, 2);
+                                                    takes no lock, writes nothing
 
 Heavy imports happen inside the handlers.
 """
@@ -121,9 +121,12 @@ def register(subparsers: Any) -> None:
         "check", help="check an agent config as `run` does at start, then exit: 0 and "
         "'ok: FILE' (warnings on stderr), or 2 and why",
         description="Check the agent configuration as `fedge agent run` does before it "
-        "connects (its enrolment files read, its data sets' paths looked at), without "
-        "starting: nothing is locked, made or written, so it may run beside the running "
-        "agent. Run it as the user the service runs as: what that user cannot read, start "
+        "connects (its enrolment files read), without starting, then read each data set "
+        "as a task's first load reads it (the same loader and settings): 'ok' with its "
+        "rows and columns, or the loader's error; a data set that cannot be used exits 2. "
+        "A large data set takes a while to read. Nothing is locked, made or written, so "
+        "it may run beside the running agent. Run it as the user the service runs as: "
+        "what that user cannot read, start "
         "cannot either; the secret keys in the unit's credentials source "
         "(/var/lib/fedge-credentials/agent, root's) it then says of but does not read: run "
         "it as root as well to check them too.")
@@ -162,12 +165,13 @@ def _run(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     """What `fedge agent run` refuses before it connects (fedge.agent.process.run):
     the config, $FEDGE_SIMD, the enrolment files, the secret keys where the unit
-    takes them from (fedge.agent.process.check_enrolled); and what it warns of: data
-    sets whose path cannot be read, tables fedge.train leaves out, keys that are not
-    the ones enrolled last, secret keys in the unit's credentials source that this
-    user cannot read, a coordinator endpoint on loopback or whose name does not
-    resolve here (fedge.agent.process.coordinator_endpoint_warnings). The agent's
-    lock is not taken."""
+    takes them from (fedge.agent.process.check_enrolled); and what it warns of: keys
+    that are not the ones enrolled last, secret keys in the unit's credentials source
+    that this user cannot read, a coordinator endpoint on loopback or whose name does
+    not resolve here (fedge.agent.process.coordinator_endpoint_warnings). Then each
+    data set read as a task reads it (fedge.agent.process.check_data_sets): one that
+    cannot be used (its path, its table, its contents) exits 2 after all are read.
+    The agent's lock is not taken."""
     if getattr(args, "config", None) is None:
         print("fedge agent check: --config FILE is required", file=sys.stderr)
         return 2
@@ -175,14 +179,13 @@ def _check(args: argparse.Namespace) -> int:
 
     from fedge.agent.process import (
         AgentConfigError,
+        check_data_sets,
         check_enrolled,
         coordinator_endpoint_warnings,
-        data_not_found,
         health_max_age_s,
         load_config,
     )
     from fedge.core import check_simd
-    from fedge.train.data import DatasetSpec
 
     warned: list[str] = []
 
@@ -198,19 +201,10 @@ def _check(args: argparse.Namespace) -> int:
         cfg = load_config(args.config)
         check_simd()
         health_max_age_s(cfg)  # the [eligibility] table
-        warnings = [f"{line}; every job on it is refused until that is fixed"
-                    for line in data_not_found(cfg.datasets)]
-        for i, table in enumerate(cfg.datasets):
-            try:
-                DatasetSpec.from_config(table)
-            except (ValueError, TypeError) as exc:
-                warnings.append(f"data set {table.get('name', f'#{i + 1}')!r} in "
-                                f"{args.config} is left out, its tasks refused until the "
-                                f"table is fixed: {exc}")
         # the secret keys where the unit will take them from, its LoadCredential=
         # source among them (root's: said, not read, when this is not root)
         enrolled, unread = check_enrolled(cfg.state_dir)
-        warnings += unread
+        warnings = list(unread)
         # on loopback, or a name that does not resolve here (looked up, at most
         # RESOLVE_TIMEOUT_S): the agent would start, and never connect
         warnings += coordinator_endpoint_warnings(enrolled.coordinator_endpoint)
@@ -222,6 +216,14 @@ def _check(args: argparse.Namespace) -> int:
         agent_log.propagate = propagate
     for warning in warnings + warned:
         print(f"warning: {warning}", file=sys.stderr)
+    # each data set's contents, as a task reads them: a path that is a folder, a
+    # ';'-separated or decimal-comma table, found here rather than by the first job
+    failed = check_data_sets(cfg, args.config)
+    if failed:
+        print(f"fedge agent: {failed} of {len(cfg.datasets)} data sets in {args.config} "
+              "cannot be used (said above); every job on them is refused until that is "
+              "fixed", file=sys.stderr)
+        return 2
     print(f"ok: {args.config}")
     return 0
 

@@ -749,8 +749,14 @@ def data_not_found(datasets: list[dict[str, Any]]) -> list[str]:
     per data set, naming it and the path (which stays in the site's own journal), so
     that hospital IT hears of it when the agent starts, not when a job fails on it.
     Never raises."""
-    lines = []
+    return [line for line in _data_not_found_each(datasets) if line is not None]
+
+
+def _data_not_found_each(datasets: list[dict[str, Any]]) -> list[str | None]:
+    """`data_not_found`'s line for each data set in turn, None where there is none."""
+    lines: list[str | None] = []
     for d in datasets:
+        lines.append(None)
         name, path = d.get("name"), d.get("path")
         if not isinstance(path, str) or not path:
             continue  # a table fedge.train refuses, by name, when it loads it
@@ -758,19 +764,100 @@ def data_not_found(datasets: list[dict[str, Any]]) -> list[str]:
         try:
             st = os.stat(path)
         except FileNotFoundError:
-            lines.append(f"{what} does not exist")
+            lines[-1] = f"{what} does not exist"
             continue
         except OSError as exc:
-            lines.append(f"{what} cannot be reached{_as_user()}: {exc.strerror or exc}")
+            lines[-1] = f"{what} cannot be reached{_as_user()}: {exc.strerror or exc}"
             continue
         import stat
 
         need = os.R_OK | (os.X_OK if stat.S_ISDIR(st.st_mode) else 0)
         if not os.access(path, need):
-            lines.append(f"{what} cannot be read{_as_user()}: permission denied")
+            lines[-1] = f"{what} cannot be read{_as_user()}: permission denied"
     return lines
 
 
+def check_data_sets(cfg: AgentConfig, config: str | Path, *, out: Any = None,
+                    err: Any = None) -> int:
+    """``fedge agent check``'s look at the data sets: each ``[[datasets]]`` table of
+    ``cfg`` read as a task's first load of it reads it (its agent.toml table parsed by
+    ``DatasetSpec.from_config`` and loaded by ``fedge.agent.trainer.read_source``, the
+    trainer's own: fedge.train's loader, the table's standardise, features and split
+    settings, an export being written read again), one after another, each dropped
+    before the next is read. For each, "reading data set NAME (PATH)…" on ``err``
+    first (a large table, an image set, takes a while), then ``ok:`` with its rows,
+    splits and columns and the time taken on ``out``, or ``error:`` and why on ``err``:
+    the table refused, the path missing or unreadable by this user (`data_not_found`),
+    or the loader's error in full (its path, line, column, and the value it names:
+    this is the site's own terminal; nothing of it goes anywhere else). What the read
+    logs at WARNING (an export modified just before it was read) is said there as
+    ``warning:``; so is a read that took over half of ``data_load_s``. Reads only: the
+    loader writes no cache, and no trainer is made (no ledger, no job state, no state
+    directory touched). Returns how many data sets cannot be used."""
+    from fedge.agent.trainer import SourceChanging, describe_size, read_source
+    from fedge.train.data import DatasetSpec
+
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
+    missing = {}
+    for d, line in zip(cfg.datasets, _data_not_found_each(cfg.datasets), strict=True):
+        if line is not None:
+            missing[id(d)] = line
+
+    class Say(logging.Handler):  # the read's warnings, said where they happen
+        def emit(self, record: logging.LogRecord) -> None:
+            print(f"warning: {record.getMessage()}", file=err, flush=True)
+
+    agent_log = logging.getLogger("fedge.agent")
+    say = Say(logging.WARNING)
+    agent_log.addHandler(say)
+    propagate, agent_log.propagate = agent_log.propagate, False
+    failed = 0
+    try:
+        for i, table in enumerate(cfg.datasets):
+            name = table.get("name", f"#{i + 1}")
+            if id(table) in missing:
+                print(f"error: {missing[id(table)]}; every job on it is refused until that "
+                      "is fixed", file=err, flush=True)
+                failed += 1
+                continue
+            try:
+                spec = DatasetSpec.from_config(table)
+            except (ValueError, TypeError) as exc:
+                print(f"error: data set {name!r} in {config} is left out, its tasks refused "
+                      f"until the table is fixed: {exc}", file=err, flush=True)
+                failed += 1
+                continue
+            print(f"reading data set {spec.name!r} ({spec.path})…", file=err, flush=True)
+            started = time.monotonic()
+            try:
+                data = read_source(spec).data
+            except SourceChanging as exc:
+                why = str(exc) if exc.error is None else f"{exc.error}; {exc}"
+            except Exception as exc:  # the loader's error, whatever it is
+                why = str(exc) if isinstance(exc, OSError | ValueError) else \
+                    f"{type(exc).__name__}: {exc}"
+            else:
+                took = time.monotonic() - started
+                x = data.train.x
+                columns = (f"{x.shape[1]} feature column{'s' if x.shape[1] != 1 else ''}"
+                           if x.ndim == 2 else "each " + "x".join(map(str, x.shape[1:])))
+                print(f"data set {spec.name!r}: ok: {describe_size(data)}, {columns}; "
+                      f"read in {took:.1f} s", file=out, flush=True)
+                del data, x
+                if took > cfg.data_load_s / 2:
+                    print(f"warning: data set {spec.name!r} took {took:.0f} s to read, over "
+                          f"half of data_load_s = {cfg.data_load_s:g} s (agent.toml): a "
+                          "task's load past it counts the agent stuck, and it is restarted, "
+                          "the load lost; raise data_load_s", file=err, flush=True)
+                continue
+            print(f"error: data set {spec.name!r} cannot be loaded: {why}",
+                  file=err, flush=True)
+            failed += 1
+    finally:
+        agent_log.removeHandler(say)
+        agent_log.propagate = propagate
+    return failed
 
 
 def _unreadable(sd: Path, exc: OSError) -> str:

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.agent.test_process_config import enrolled_state
@@ -69,8 +72,11 @@ def agent_config(tmp_path, text="", coordinator="tcp://192.0.2.7:7000"):
     enrolled_state(tmp_path / "st")
     coord = tmp_path / "st" / "keys" / "coordinator.json"
     coord.write_text(json.dumps(json.loads(coord.read_text()) | {"endpoint": coordinator}))
-    data = tmp_path / "data.npz"
-    data.write_bytes(b"")
+    data = tmp_path / "data.npz"  # check reads it as a task does: a real one, a minute old
+    np.savez(data, x=np.arange(20, dtype=np.float32).reshape(10, 2),
+             event=np.array([0, 1] * 5), time=np.arange(1.0, 11.0))
+    old = time.time() - 60
+    os.utime(data, (old, old))
     cfg = tmp_path / "agent.toml"
     cfg.write_text(f'state_dir = "st"\nhealth = false\n[[datasets]]\nname = "x"\n'
                    f'kind = "numpy"\npath = "data.npz"\n{text}')
@@ -81,18 +87,22 @@ def test_agent_check_of_a_good_config_says_ok_and_takes_no_lock(tmp_path):
     cfg = agent_config(tmp_path)
     before = sorted(p.name for p in (tmp_path / "st").rglob("*"))
     out = fedge("agent", "check", "--config", str(cfg))
-    assert (out.returncode, out.stdout, out.stderr) == (0, f"ok: {cfg}\n", "")
+    assert (out.returncode, out.stderr) == (0, f"reading data set 'x' ({tmp_path / 'data.npz'})…\n")
+    assert re.fullmatch(r"data set 'x': ok: 10 rows \(train 8, val 2\), 2 feature columns; "
+                        rf"read in \d+\.\d s\nok: {re.escape(str(cfg))}\n", out.stdout), out.stdout
     assert sorted(p.name for p in (tmp_path / "st").rglob("*")) == before  # no agent.lock
 
 
-def test_agent_check_warns_of_a_data_set_it_cannot_find(tmp_path):
+def test_agent_check_refuses_a_data_set_it_cannot_find(tmp_path):
     cfg = agent_config(tmp_path)
     (tmp_path / "data.npz").unlink()
     out = fedge("agent", "check", "--config", str(cfg))
-    assert out.returncode == 0 and out.stdout == f"ok: {cfg}\n", out.stderr
-    (warning,) = out.stderr.splitlines()
-    assert warning == (f"warning: data set 'x': its path {tmp_path / 'data.npz'} does not "
-                       "exist; every job on it is refused until that is fixed"), warning
+    assert out.returncode == 1 and out.stdout == "", out.stderr
+    assert out.stderr.splitlines() == [
+        f"error: data set 'x': its path {tmp_path / 'data.npz'} does not exist; every job "
+        "on it is refused until that is fixed",
+        f"fedge agent: 1 of 1 data sets in {cfg} cannot be used (said above): the agent "
+        "starts, but refuses every job on them until that is fixed"], out.stderr
 
 
 def test_agent_check_refuses_an_appliance_not_enrolled(tmp_path):
@@ -132,7 +142,7 @@ def test_agent_check_names_the_keys_not_enrolled_last(tmp_path):
                                | {"curve_public": CurveKeyPair.generate().public}))
     out = fedge("agent", "check", "--config", str(cfg))
     assert out.returncode == 0, out.stderr
-    (warning,) = out.stderr.splitlines()
+    (warning,) = [x for x in out.stderr.splitlines() if x.startswith("warning: ")]
     assert warning.startswith("warning: using the CURVE key ") and \
         "which is not the key enrolled last" in warning, warning
 
@@ -142,8 +152,8 @@ def test_agent_check_warns_of_a_coordinator_name_that_does_not_resolve(tmp_path)
     (s17 endpoints M3): check says so at once."""
     cfg = agent_config(tmp_path, coordinator="tcp://fl-coordinator.invalid:7000")
     out = fedge("agent", "check", "--config", str(cfg))
-    assert (out.returncode, out.stdout) == (0, f"ok: {cfg}\n"), out.stderr
-    (warning,) = out.stderr.splitlines()
+    assert (out.returncode, out.stdout.splitlines()[-1]) == (0, f"ok: {cfg}"), out.stderr
+    (warning,) = [x for x in out.stderr.splitlines() if x.startswith("warning: ")]
     assert warning.startswith(
         "warning: the coordinator's name fl-coordinator.invalid (from "
         "tcp://fl-coordinator.invalid:7000, the enrolled coordinator endpoint) does not "
@@ -157,8 +167,8 @@ def test_agent_check_warns_of_a_coordinator_on_loopback(tmp_path, coordinator):
     on the console's machine: every appliance dials itself (s17 endpoints L3)."""
     cfg = agent_config(tmp_path, coordinator=coordinator)
     out = fedge("agent", "check", "--config", str(cfg))
-    assert (out.returncode, out.stdout) == (0, f"ok: {cfg}\n"), out.stderr
-    (warning,) = out.stderr.splitlines()
+    assert (out.returncode, out.stdout.splitlines()[-1]) == (0, f"ok: {cfg}"), out.stderr
+    (warning,) = [x for x in out.stderr.splitlines() if x.startswith("warning: ")]
     assert warning == (
         f"warning: the coordinator endpoint {coordinator} is a loopback address: the agent "
         "will dial this machine itself. Unless the coordinator runs here, the console must "

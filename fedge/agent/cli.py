@@ -24,7 +24,9 @@
     fedge agent check --config FILE                 check the config and the enrolment
                                                     files as run does at start, and read
                                                     each data set as a task does, then
-                                                    exit ('ok: FILE', 0; or why, 2);
+                                                    exit ('ok: FILE', 0; a data set
+                                                    that cannot be used, 1; or why
+                                                    start would fail, 2);
                                                     takes no lock, writes nothing
 
 Heavy imports happen inside the handlers.
@@ -119,11 +121,13 @@ def register(subparsers: Any) -> None:
     au.set_defaults(func=_audit)
     c = sub.add_parser(
         "check", help="check an agent config as `run` does at start, then exit: 0 and "
-        "'ok: FILE' (warnings on stderr), or 2 and why",
+        "'ok: FILE' (warnings on stderr); 1 if a data set cannot be used; 2 and why "
+        "start would fail",
         description="Check the agent configuration as `fedge agent run` does before it "
         "connects (its enrolment files read), without starting, then read each data set "
         "as a task's first load reads it (the same loader and settings): 'ok' with its "
-        "rows and columns, or the loader's error; a data set that cannot be used exits 2. "
+        "rows and columns, or the loader's error; a data set that cannot be used exits 1 "
+        "(the agent starts, and refuses every job on it). "
         "A large data set takes a while to read. Nothing is locked, made or written, so "
         "it may run beside the running agent. Run it as the user the service runs as: "
         "what that user cannot read, start "
@@ -170,7 +174,8 @@ def _check(args: argparse.Namespace) -> int:
     that this user cannot read, a coordinator endpoint on loopback or whose name does
     not resolve here (fedge.agent.process.coordinator_endpoint_warnings). Then each
     data set read as a task reads it (fedge.agent.process.check_data_sets): one that
-    cannot be used (its path, its table, its contents) exits 2 after all are read.
+    cannot be used (its path, its table, its contents) exits 1 after all are read:
+    the agent would start, and refuse every job on it (2 is for what start refuses).
     The agent's lock is not taken."""
     if getattr(args, "config", None) is None:
         print("fedge agent check: --config FILE is required", file=sys.stderr)
@@ -221,9 +226,9 @@ def _check(args: argparse.Namespace) -> int:
     failed = check_data_sets(cfg, args.config)
     if failed:
         print(f"fedge agent: {failed} of {len(cfg.datasets)} data sets in {args.config} "
-              "cannot be used (said above); every job on them is refused until that is "
-              "fixed", file=sys.stderr)
-        return 2
+              "cannot be used (said above): the agent starts, but refuses every job on "
+              "them until that is fixed", file=sys.stderr)
+        return 1
     print(f"ok: {args.config}")
     return 0
 

@@ -6,8 +6,9 @@ heard of it when a job was refused.
 Now each data set is read with the trainer's own reading (fedge.agent.trainer.
 read_source: fedge.train's loader, the table's settings): "reading data set NAME
 (PATH)…" first, then "ok" with its rows, splits and columns, or the loader's whole
-error (the site's own terminal); any data set that cannot be used exits 2, after all
-are read. Nothing is written. The real CLI, in a subprocess; what the loader says of
+error (the site's own terminal); any data set that cannot be used exits 1 (the
+agent would start: 2 is for what start refuses), after all are read. Nothing is
+written. The real CLI, in a subprocess; what the loader says of
 each bad file is taken from the loader itself, in this process, so that the test holds
 whatever words fedge.train uses."""
 
@@ -104,7 +105,7 @@ def test_each_data_set_that_cannot_be_used_is_named_with_why_and_check_exits_2(t
     cfg = appliance(tmp_path, "".join(table(n, p) for n, p in bad.items())
                     + table("gone", tmp_path / "gone.csv") + table("good", good) + nofeatures)
     out = fedge("agent", "check", "--config", str(cfg))
-    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert out.returncode == 1, (out.stdout, out.stderr)
     lines = out.stderr.splitlines()
     failed = 2  # gone, nofeat
     for name, path in bad.items():
@@ -125,7 +126,8 @@ def test_each_data_set_that_cannot_be_used_is_named_with_why_and_check_exits_2(t
                      out.stdout, re.M), out.stdout
     assert "ok: " + str(cfg) not in out.stdout
     assert lines[-1] == (f"fedge agent: {failed} of 6 data sets in {cfg} cannot be used (said "
-                         "above); every job on them is refused until that is fixed")
+                         "above): the agent starts, but refuses every job on them until "
+                         "that is fixed")
 
 
 def test_a_read_slower_than_half_of_data_load_s_is_warned_of(tmp_path):

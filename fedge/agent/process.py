@@ -799,10 +799,6 @@ def check_data_sets(cfg: AgentConfig, config: str | Path, *, out: Any = None,
 
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
-    missing = {}
-    for d, line in zip(cfg.datasets, _data_not_found_each(cfg.datasets), strict=True):
-        if line is not None:
-            missing[id(d)] = line
 
     class Say(logging.Handler):  # the read's warnings, said where they happen
         def emit(self, record: logging.LogRecord) -> None:
@@ -814,10 +810,11 @@ def check_data_sets(cfg: AgentConfig, config: str | Path, *, out: Any = None,
     propagate, agent_log.propagate = agent_log.propagate, False
     failed = 0
     try:
-        for i, table in enumerate(cfg.datasets):
+        found = _data_not_found_each(cfg.datasets)
+        for i, (table, missing) in enumerate(zip(cfg.datasets, found, strict=True)):
             name = table.get("name", f"#{i + 1}")
-            if id(table) in missing:
-                print(f"error: {missing[id(table)]}; every job on it is refused until that "
+            if missing is not None:
+                print(f"error: {missing}; every job on it is refused until that "
                       "is fixed", file=err, flush=True)
                 failed += 1
                 continue

@@ -695,8 +695,10 @@ def _not_a_file(path: Path) -> DataError | None:
 
 
 # What a file given as CSV is, where its first bytes say it is no text: (magic, local
-# text, public text). A Parquet file fails as not UTF-8 and is named there (``_not_utf8``).
+# text, public text). Each fails as not UTF-8, and is named there (``_not_utf8``).
 _FOREIGN_FORMATS = (
+    (b"PAR1", "not UTF-8 text: this looks like a Parquet file; name it .parquet",
+     "not UTF-8 text (it looks like a Parquet file)"),
     (b"PK\x03\x04",
      "not CSV text: this is an Excel workbook (.xlsx) or another zip file; save it from "
      "the spreadsheet as CSV UTF-8 (comma delimited), or as Parquet",
@@ -705,17 +707,6 @@ _FOREIGN_FORMATS = (
      "not CSV text: this is a gzip file; decompress it (gunzip) and name the .csv inside",
      "not CSV text (it is a gzip file)"),
 )
-
-
-def _foreign_format(path: Path) -> DataError | None:
-    """The refusal of a file given as CSV that is an Excel workbook (a zip) or a gzip
-    file, from its first bytes; else None."""
-    with path.open("rb") as raw:
-        start = raw.read(4)
-    for magic, said, problem in _FOREIGN_FORMATS:
-        if start.startswith(magic):
-            return DataError(path, said, line=1, problem=problem)
-    return None
 
 
 def _whole_file_is_blank(path: Path) -> bool:
@@ -761,7 +752,8 @@ class _CsvRows:
     no rows. Where line 1 looks like a data row (``_looks_like_data``: a file exported
     without its header), a refusal the header explains says so, and quotes line 1 in
     its local message only (``holds_value``). Before any of these, a path that is not a
-    regular file, an Excel workbook (a zip) or a gzip file is refused as what it is.
+    regular file is refused as what it is; a Parquet, zip (.xlsx) or gzip file given as
+    CSV is not UTF-8, and named as what it is there (``_not_utf8``).
     """
 
     def __init__(self, path: Path) -> None:
@@ -769,12 +761,10 @@ class _CsvRows:
 
         Raises:
             DataError: the file does not exist, is a directory or no regular file,
-                is an Excel workbook or gzip file, is not UTF-8 or is malformed CSV
+                is not UTF-8 (an Excel workbook or gzip file named) or is malformed CSV
                 (naming the line and, for a byte that is not UTF-8, the column).
         """
         refusal = _not_a_file(path)
-        if refusal is None:
-            refusal = _foreign_format(path)
         if refusal is not None:
             raise refusal
         self.path = path
@@ -969,13 +959,9 @@ def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
 def _not_utf8(path: Path, exc: UnicodeDecodeError) -> DataError:
     """A DataError naming the line and column of the first byte that is not UTF-8."""
     data = exc.object  # the bytes after any BOM; exc.start indexes into them
-    if isinstance(data, bytes | bytearray) and data.startswith(b"PAR1"):
-        return DataError(
-            path,
-            "not UTF-8 text: this looks like a Parquet file; name it .parquet",
-            line=1,
-            problem="not UTF-8 text (it looks like a Parquet file)",
-        )
+    for magic, said, problem in _FOREIGN_FORMATS:  # a Parquet, zip (.xlsx) or gzip file
+        if isinstance(data, bytes | bytearray) and data.startswith(magic):
+            return DataError(path, said, line=1, problem=problem)
     # Decode again keeping bad bytes as lone surrogates, and let the csv module
     # find the field that holds the first one, so line and column are its own.
     line, column = None, None

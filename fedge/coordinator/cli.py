@@ -7,7 +7,9 @@
     fedge coordinator audit --config FILE [filters]  the audit log, read-only
     fedge coordinator check --config FILE            check the config as run does at
                                                      start, then exit ('ok: FILE', 0; or
-                                                     why, 2); locks and writes nothing
+                                                     why: 2 where run stops, 1 where its
+                                                     jobs would fail); locks and writes
+                                                     nothing
 
 Heavy imports happen inside the handlers.
 """
@@ -57,11 +59,15 @@ def register(subparsers: Any) -> None:
     a.set_defaults(func=_audit)
     c = sub.add_parser(
         "check", help="check a coordinator config as `run` does at start, then exit: 0 "
-        "and 'ok: FILE' (warnings on stderr), or 2 and why",
+        "and 'ok: FILE' (warnings on stderr), 2 and why run would stop, or 1 and why its "
+        "jobs would fail",
         description="Check the coordinator configuration as `fedge coordinator run` does "
-        "before it listens, without starting: nothing is locked, made or written, so it "
-        "may run beside the running coordinator. Run it as the user the service runs as: "
-        "what that user cannot read, start cannot either.")
+        "before it listens, and what run then meets: the ports it listens at (free, or "
+        "held by the running coordinator of this state directory), the addresses (this "
+        "host's), the state directory (writable by this user). Without starting: nothing "
+        "is locked, made or written, no port is listened at, so it may run beside the "
+        "running coordinator. Run it as the user the service runs as: what that user "
+        "cannot read or write, run cannot either.")
     c.add_argument("--config", type=Path, default=argparse.SUPPRESS)
     c.set_defaults(func=_check)
 
@@ -85,12 +91,18 @@ def _config(args: argparse.Namespace, *, admin: bool = False) -> Any:
 def _check(args: argparse.Namespace) -> int:
     """What `fedge coordinator run` refuses before it listens: the config
     (fedge.coordinator.config.load_config) and $FEDGE_SIMD (_run); its warnings
-    (CoordinatorConfig.warnings), and an admin channel run leaves off (admin_off). A
-    restart was the only full check, and it abandons a round in flight."""
+    (CoordinatorConfig.warnings), and an admin channel run leaves off (admin_off). Then
+    what run meets at start that the file does not say (config.start_check): a port
+    another process holds, a bind host that is no address of this host, a state
+    directory this user cannot write (run stops: exit 2, each said); a jobs/ it cannot
+    write (run starts, each job fails: exit 1); an admin channel that cannot listen
+    (run serves without it: a warning); a port held by the running coordinator of
+    this state directory (what a restart frees: a note). A restart was the only full
+    check, and it abandons a round in flight."""
     if getattr(args, "config", None) is None:
         print("fedge coordinator check: --config FILE is required", file=sys.stderr)
         return 2
-    from fedge.coordinator.config import ConfigError, load_config
+    from fedge.coordinator.config import ConfigError, load_config, start_check
     from fedge.core import check_simd
 
     try:
@@ -99,10 +111,20 @@ def _check(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"fedge coordinator: {exc}", file=sys.stderr)
         return 2
-    for warning in cfg.warnings:
+    # nothing bound but for an instant, never listening; nothing locked or written
+    found = start_check(cfg)
+    for problem in (*found.refused, *found.jobs):
+        print(f"fedge coordinator: {problem}", file=sys.stderr)
+    for warning in (*cfg.warnings, *found.warnings):
         print(f"warning: {warning}", file=sys.stderr)
     if cfg.admin_off:  # run goes on without the channel, as it is told here
         print(f"warning: {cfg.admin_off}", file=sys.stderr)
+    for note in found.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if found.refused:
+        return 2
+    if found.jobs:
+        return 1
     print(f"ok: {args.config}")
     return 0
 

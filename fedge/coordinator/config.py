@@ -418,3 +418,315 @@ def _pos(v: Any, key: str, bad: Callable[[str], ConfigError]) -> float:
     if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0:
         raise bad(f"{key} = {v!r} must be a number > 0")
     return float(v)
+
+
+# ---------------------------------------------------------------- what check sees too
+
+@dataclass(frozen=True)
+class StartCheck:
+    """What `fedge coordinator run` would meet at start beyond the file itself
+    (`start_check`), each a line naming the key, the path or port, and why:
+
+    ``refused``: run would stop (exit 2 from check): the endpoint ``bind`` names
+    cannot be listened at (the port is another process's, the host is no address of
+    this host, a port below 1024 without the privilege), or the state directory, its
+    lock, its database or its endpoint file cannot be written by this user.
+    ``jobs``: run starts, but no job's checkpoints or outputs can be written (the
+    state directory's ``jobs/``, exit 1). ``warnings``: run serves the federation, but
+    the admin channel cannot listen where it is told (it is retried, with a log line
+    each time). ``notes``: a port held by the running coordinator of this state
+    directory: what a restart frees, no problem."""
+
+    refused: tuple[str, ...] = ()
+    jobs: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+
+
+def start_check(cfg: CoordinatorConfig) -> StartCheck:
+    """What run would meet at start that the configuration does not say by itself, seen
+    without starting, locking or writing anything: the listen endpoints (``bind``, and
+    the admin channel's where it is on), each tried as libzmq binds it
+    (`try_listen`: a socket bound and closed at once, never listening), and the state
+    directory as this user may use it (`state_dir_problems`). Check runs beside the
+    running coordinator: a port held by the process holding this state directory's
+    lock (`lock_holder`, tested without taking it) is a note, not a problem."""
+    holder = lock_holder(Path(cfg.state_dir))
+    refused: list[str] = []
+    warnings: list[str] = []
+    notes: list[str] = []
+    where = f" in {cfg.path}" if cfg.path is not None else ""
+    endpoints = [(f"bind = {cfg.bind!r}{where}", cfg.bind, refused,
+                  "the coordinator cannot listen for the appliances there and stops")]
+    admin = cfg.admin.get("endpoint")
+    if admin:
+        endpoints.append((f"the admin channel's endpoint {admin}{where}", admin, warnings,
+                          "the coordinator serves the federation, but the admin channel "
+                          "fails to start (retried, and logged as an ERROR each time): the "
+                          "console cannot reach it"))
+    for what, endpoint, found, then in endpoints:
+        trouble, note = listen_problem(endpoint, cfg.state_dir, holder)
+        if trouble:
+            found.append(f"{what}: {trouble}: {then}")
+        if note:
+            notes.append(f"{what}: {note}")
+    stops, jobs = state_dir_problems(Path(cfg.state_dir))
+    return StartCheck(tuple(refused + stops), tuple(jobs), tuple(warnings), tuple(notes))
+
+
+def listen_problem(endpoint: str, state_dir: Path, holder: int | None
+                   ) -> tuple[str, str]:
+    """Why run cannot listen at ``endpoint`` ("" when it can), and a note when its port
+    is held by the running coordinator ``holder`` (`lock_holder` of ``state_dir``):
+    a restart frees it. A port the process holding it does not tell this user (its
+    /proc/PID/fd unreadable: another user's) is taken as the coordinator's when one
+    holds the lock, else named as held by an unknown process."""
+    import errno
+
+    if endpoint.startswith("ipc://"):
+        parent = Path(endpoint[len("ipc://"):]).parent
+        if not os.access(parent, os.W_OK | os.X_OK):
+            return (f"the socket's directory {parent} does not exist or cannot be written"
+                    f"{_as_user()}"), ""
+        return "", ""
+    from fedge.transport._sockopts import listen_address
+
+    try:
+        address = listen_address(endpoint)  # None for '*'
+    except ValueError as exc:
+        return f"this host cannot listen there: {exc}", ""
+    port = endpoint.rpartition(":")[2]
+    if port in ("0", "*"):
+        return "", ""  # any free port: the one got is written to <state_dir>/endpoint
+    error = try_listen(address, int(port))
+    if error is None:
+        return "", ""
+    if error.errno == errno.EADDRINUSE:
+        holders, complete = port_holders(int(port))
+        lock = f"it holds {state_dir}'s lock"
+        if holder is not None and (holder in holders or (not holders and not complete)):
+            pid = f" (pid {holder})" if holder else ""
+            return "", f"port {port} is in use by the running coordinator{pid}; {lock}"
+        if holders:
+            who = "; ".join(f"pid {pid} ({what})" for pid, what in sorted(holders.items()))
+            return f"port {port} is in use by another process: {who}", ""
+        unseen = "" if complete else f" (which one is not shown{_as_user()}: run check as root)"
+        return f"port {port} is in use by another process{unseen}", ""
+    if error.errno == errno.EADDRNOTAVAIL:
+        return f"{address} is not an address of this host", ""
+    if error.errno == errno.EACCES:
+        return (f"port {port} is below 1024, which only a privileged process may listen at"
+                f" (refused{_as_user()}); use a port of 1024 or above"), ""
+    return f"cannot listen at port {port}: {error.strerror or error}", ""
+
+
+def try_listen(address: str | None, port: int) -> OSError | None:
+    """Bind (``address``, ``port``) as libzmq binds a tcp:// listener, then close at
+    once, never listening (no connection can come in): SO_REUSEADDR on, as libzmq sets
+    it, so a port left in TIME_WAIT is free, as it is to libzmq; an IPv6 socket with
+    IPV6_V6ONLY off (``address`` None, host ``*``: every address, IPv6 and IPv4; an
+    IPv4 one on a kernel without IPv6, as libzmq falls back). Linux refuses the bind
+    when any socket listens on the port at that address or the wildcard. The error,
+    or None when it binds."""
+    import socket
+
+    if address is None:
+        candidates = [(socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")]
+    else:
+        candidates = [(socket.AF_INET6 if ":" in address else socket.AF_INET, address)]
+    for family, host in candidates:
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:
+            if family == socket.AF_INET6 and address is None:
+                continue  # no IPv6 here: libzmq listens on IPv4 alone
+            raise
+        with sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                return exc
+        return None
+    return None
+
+
+def port_holders(port: int) -> tuple[dict[int, str], bool]:
+    """The processes with a socket listening on TCP ``port`` (any address, IPv4 or
+    IPv6: /proc/net/tcp, tcp6), each pid with its command line, shortened; and whether
+    every process could be looked at (another user's /proc/PID/fd is root's to read).
+    Empty, False where /proc says nothing (not Linux)."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            # local_address HEX:PORT, state 0A: LISTEN, inode
+            if len(fields) > 9 and fields[3] == "0A" and \
+                    int(fields[1].rpartition(":")[2], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    if not inodes:
+        return {}, False
+    found: dict[int, str] = {}
+    complete = True
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return {}, False
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except FileNotFoundError:
+            continue  # ended meanwhile
+        except OSError:
+            complete = False
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link in inodes:
+                found[pid] = _command_of(pid)
+                break
+    return found, complete
+
+
+def _command_of(pid: int) -> str:
+    """PID's command line, shortened, printable (a process's own text: fedge.text)."""
+    from fedge.text import printable
+
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+        text = " ".join(a.decode(errors="replace") for a in raw.split(b"\0") if a)
+    except OSError:
+        text = ""
+    if not text:
+        try:
+            text = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            text = "?"
+    text = printable(text)
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+def lock_holder(state_dir: Path) -> int | None:
+    """The pid of the coordinator holding ``state_dir``'s lock (fedge.instance_lock: a
+    ``lockf`` of coordinator.lock, or on a read-only file system a ``flock`` of the
+    directory), 0 when it is held by a process whose pid is not known here, None when
+    none holds it. Tested without taking it (fcntl F_GETLK, /proc/locks), so a
+    coordinator starting meanwhile is not kept out, unlike a test lock
+    (store.coordinator_running takes a shared one for a moment)."""
+    import fcntl
+    import struct
+    import sys
+
+    lock = state_dir / "coordinator.lock"
+    if sys.platform == "linux":
+        try:
+            fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            fd = -1  # none, or not readable: whoever cannot read it cannot start either
+        if fd >= 0:
+            try:
+                fmt = "hhqqi"  # struct flock: l_type, l_whence, l_start, l_len, l_pid
+                asked = struct.pack(fmt, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+                kind, _, _, _, pid = struct.unpack(fmt, fcntl.fcntl(fd, fcntl.F_GETLK, asked))
+            except OSError:
+                kind, pid = fcntl.F_UNLCK, 0
+            finally:
+                os.close(fd)  # this process holds no lock on it to lose
+            if kind != fcntl.F_UNLCK:
+                return max(pid, 0)
+    try:
+        st = os.stat(state_dir)
+        text = Path("/proc/locks").read_text()
+    except OSError:
+        return None
+    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in text.splitlines():  # "1: FLOCK  ADVISORY  WRITE PID MAJ:MIN:INODE 0 EOF"
+        fields = line.split()
+        if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == device:
+            return int(fields[4]) if fields[4].isdigit() else 0
+    return None
+
+
+def state_dir_problems(state_dir: Path) -> tuple[list[str], list[str]]:
+    """What of the state directory this user (the service user, running check) cannot
+    use as run uses it, looked at without writing (``os.access``: mode bits, ACLs, a
+    read-only mount): first what stops run at start -- the directory itself (or, where
+    it does not exist yet, the directory it is made in), its lock (coordinator.lock),
+    the database and its -wal and -shm files, the endpoint file written once it
+    listens; then ``jobs/``, where every job's checkpoints and outputs go (run starts,
+    and each job fails)."""
+    from fedge.coordinator.store import DB_NAME
+
+    user = _as_user() or " as this user"
+    why = (f"`fedge coordinator run`{user} would stop at start; give the service user the "
+           "directory (chown -R), or point state_dir at one it owns")
+
+    def cannot(path: Path, what: str, need: int) -> str | None:
+        if os.access(path, need):
+            return None
+        ro = ""
+        try:
+            if os.statvfs(path).f_flag & os.ST_RDONLY:
+                ro = ", on a read-only file system"
+        except OSError:
+            pass
+        try:
+            st = os.stat(path)
+            mode = f" (mode {st.st_mode & 0o7777:04o}, owner {_owner(st.st_uid)}{ro})"
+        except OSError:
+            mode = ro and f" ({ro[2:]})"
+        return f"{what} {path}{mode} cannot be written{user}"
+
+    if not state_dir.exists():
+        parent = state_dir.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            return [f"state_dir {state_dir} cannot be made: {parent} is not a directory"], []
+        said = cannot(parent, f"state_dir {state_dir} does not exist, and the directory it "
+                      "would be made in,", os.W_OK | os.X_OK)
+        return ([f"{said}: {why}"] if said else []), []
+    if not state_dir.is_dir():
+        return [f"state_dir {state_dir} is not a directory"], []
+    stops: list[str] = []
+    said = cannot(state_dir, "state_dir", os.R_OK | os.W_OK | os.X_OK)
+    if said:
+        stops.append(f"{said}: {why}")
+    for name in ("coordinator.lock", DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", "endpoint"):
+        path = state_dir / name
+        if os.path.lexists(path):
+            said = cannot(path, "its file", os.R_OK | os.W_OK)
+            if said:
+                stops.append(f"{said}: {why}")
+    jobs = state_dir / "jobs"
+    found: list[str] = []
+    if jobs.is_dir():
+        said = cannot(jobs, "the job directory", os.R_OK | os.W_OK | os.X_OK)
+        if said:
+            found.append(f"{said}: `fedge coordinator run` starts, but no job's checkpoints "
+                         "and outputs can be written: each job fails")
+    return stops, found
+
+
+def _as_user() -> str:
+    from fedge.text import as_user
+
+    return as_user()
+
+
+def _owner(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"

@@ -17,6 +17,16 @@ queued behind it for an abandoned task does not start, and until the worker is f
 again heartbeats say ``finishing aborted train <job> round <r>``, so that the next
 job's round does not wait out a whole local training that nobody will use.
 
+What the heartbeats' ``current_task`` (the fleet table's TASK) says follows the site
+through its round, not just its last task: ``train <job> round <r>`` while it trains,
+``awaiting aggregation …`` once its train result left, ``secagg <stage> …`` at each
+stage of its secure aggregation (``SECAGG_STAGES``), ``awaiting evaluation …`` once its
+update (masked input and shares, or plain) has all left, ``eval …`` while it evaluates,
+and nothing once the round is over for it (evaluated, aborted, or given up). Each text
+is set before the message that moves the round on leaves, so the coordinator's answer
+never finds the text before it; setting it is an assignment (and a STATUS= line), the
+heartbeats' own timer is untouched.
+
 A worker that does not come back is a stuck agent, though its event loop runs on
 (a torch/OpenMP or CUDA deadlock): every later task would wait behind it.
 :meth:`Agent.stuck_worker` names a training still running ``stuck_grace_s``
@@ -211,6 +221,21 @@ DISK_THREAD_PREFIX = f"{TASK_THREAD_PREFIX}-disk"
 # the class lists alone; the whole message is tried again after this long, since a
 # rebuilt coordinator may report the same version (one refusal an hour, not logged).
 CLASSES_ONLY_RETRY_S = 3600.0
+# What ``current_task`` says at each state of the round's secure-aggregation client
+# (fedge.secagg.client.CLIENT_TRANSITIONS): the stage the round is in for this site.
+# Its terminal states say AWAITING_EVALUATION (Completed: the shares left) or nothing
+# (Aborted: the task is given up).
+SECAGG_STAGES = {
+    "R0AdvertiseKeys": "advertise keys",
+    "R1ShareKeys": "share keys",
+    "R2MaskedInput": "masked input",
+    "R3ConsistencyCheck": "consistency check",
+    "R4Unmasking": "unmasking",
+}
+# ``current_task`` between this site's train result and its aggregation, and between
+# its update leaving and its EvalTask (or the RoundAbort of a sum without it)
+AWAITING_AGGREGATION = "awaiting aggregation"
+AWAITING_EVALUATION = "awaiting evaluation"
 
 
 def _refuses_later_class_fields(reason: str) -> tuple[str, ...]:
@@ -1101,6 +1126,8 @@ class Agent:
             if self.task is not task or task.cancel.is_set():
                 return
         task.local = result
+        # before it leaves: the AggregateBegin it brings must find the text it replaces
+        self._set_busy(f"{AWAITING_AGGREGATION} {job} round {rnd}")
         await self.send(m.TrainDone(task_id=task.task_id, n_examples=result.n_examples,
                                     metrics=result.metrics, epsilon=result.epsilon),
                         job=job, round=rnd)
@@ -1340,6 +1367,7 @@ class Agent:
                 return
             if self.task is not task or task.cancel.is_set():  # aborted meanwhile: the
                 return  # run stays charged (the safe side), the update stays here
+            self._set_busy(f"{AWAITING_EVALUATION} {job} round {rnd}")
             await self.send(m.PlainUpdate(task.task_id, vec), job=job, round=rnd)
             return
         from fedge.secagg.client import ClientSession
@@ -1373,7 +1401,19 @@ class Agent:
             await self._refuse(job, rnd, "aggregate", f"secure aggregation: {exc}",
                                task.task_id)
             return
-        self._set_busy(f"secagg {job} round {rnd}")
+        self._secagg_status(task)
+
+    def _secagg_status(self, task: _Task) -> None:
+        """``current_task`` from the stage ``task``'s secure-aggregation session is in
+        (SECAGG_STAGES; once it completed, the site awaits its evaluation)."""
+        state = getattr(task.session, "state", "")
+        stage = SECAGG_STAGES.get(state)
+        if stage is not None:
+            self._set_busy(f"secagg {stage} {task.job} round {task.round}")
+        elif state == "Completed":
+            self._set_busy(f"{AWAITING_EVALUATION} {task.job} round {task.round}")
+        elif state == "Aborted":  # the coordinator's RoundFailed: nothing more to do
+            self._set_busy("")
 
     def _release_privacy(self, task: _Task) -> str:
         """Charge the task's DP run in the site's privacy ledger, on disk, before its
@@ -1519,6 +1559,7 @@ class Agent:
                 log.info("%s: secure aggregation for %s/%d ended while a message was "
                          "handled: its reply is not sent", self.site, job, rnd)
                 return
+            self._secagg_status(task)  # before the replies: the next stage answers them
             for reply in replies:
                 await self.send(reply, job=job, round=rnd)
 
@@ -1550,7 +1591,8 @@ class Agent:
             await self._refuse(job, rnd, m.TASK_EVAL, refused, e.task_id)
             return
         weights = np.array(e.weights, dtype=np.float32)
-        self._set_busy(f"{m.TASK_EVAL} {job} round {rnd}")
+        said = f"{m.TASK_EVAL} {job} round {rnd}"
+        self._set_busy(said)
         evaluating = (job, rnd)
         self._evaluating.append(evaluating)
         try:
@@ -1572,7 +1614,11 @@ class Agent:
             self._evaluating.remove(evaluating)
             if self._current(job, rnd):
                 self.task = None
-            self._set_busy("")
+            if self._busy == said:  # else a task that came meanwhile: its text stands
+                # the round's other evaluation (its final test) still queued or running
+                # is what the site does now; with none, the round is over for it
+                self._set_busy(f"{m.TASK_EVAL} {self._evaluating[-1][0]} round "
+                               f"{self._evaluating[-1][1]}" if self._evaluating else "")
         if not 0 <= n <= m.MAX_EXAMPLES:  # EvalResult's own range
             await self._refuse(job, rnd, m.TASK_EVAL, f"evaluated {n} examples; an "
                                f"evaluation result needs 0..{m.MAX_EXAMPLES}", e.task_id)

@@ -10,6 +10,10 @@ from typing import Any
 from fedge.text import printable
 
 COLUMNS = ("site", "version", "connected", "last seen", "health", "eligible", "task")
+# TASK is what the site's last heartbeat said it was doing. The registry keeps that
+# text after the site goes (killed, powered off, its link down), and shown beside "no"
+# it read as work in progress; a site not connected shows "-" there (``--json`` keeps
+# the last heartbeat's ``current_task``, with "last seen" saying how old it is).
 # How far the coordinator's clock may be past the newest "last seen" of a connected
 # appliance: the coordinator writes each heartbeat to its store at most 5 s late
 # (batched: fedge.coordinator.store.HEARTBEAT_FLUSH_S) and counts a site connected
@@ -98,7 +102,8 @@ def reference_time(fleet: Sequence[dict[str, Any]], now: float | None = None
 
 def fleet_rows(fleet: Sequence[dict[str, Any]], *, now: float | None = None) -> list[list[str]]:
     """One row of `COLUMNS` per appliance; "last seen" counted from `reference_time`
-    (this console's clock, `now`, unless that is found off the coordinator's)."""
+    (this console's clock, `now`, unless that is found off the coordinator's); TASK
+    "-" for a site not connected (its last heartbeat's task is not what it does now)."""
     now, _ = reference_time(fleet, now)
     rows = []
     for a in fleet:
@@ -119,7 +124,7 @@ def fleet_rows(fleet: Sequence[dict[str, Any]], *, now: float | None = None) -> 
             _ago(a.get("last_seen"), now),
             health_summary(a.get("health")),
             f"{eligible}: {reason}" if reason else eligible,
-            str(a.get("current_task") or "-"),
+            str(a.get("current_task") or "-") if a.get("connected") else "-",
         )])
     return rows
 

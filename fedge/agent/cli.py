@@ -176,7 +176,10 @@ def _check(args: argparse.Namespace) -> int:
     data set read as a task reads it (fedge.agent.process.check_data_sets): one that
     cannot be used (its path, its table, its contents) exits 1 after all are read:
     the agent would start, and refuse every job on it (2 is for what start refuses).
-    The agent's lock is not taken."""
+    The state directory as this user may write it (fedge.agent.process.
+    state_dir_problems): its lock it cannot take stops start (2); the rest (the
+    privacy ledger, job state, updates) fails each job (1). The agent's lock is not
+    taken; nothing is written."""
     if getattr(args, "config", None) is None:
         print("fedge agent check: --config FILE is required", file=sys.stderr)
         return 2
@@ -189,6 +192,7 @@ def _check(args: argparse.Namespace) -> int:
         coordinator_endpoint_warnings,
         health_max_age_s,
         load_config,
+        state_dir_problems,
     )
     from fedge.core import check_simd
 
@@ -221,6 +225,13 @@ def _check(args: argparse.Namespace) -> int:
         agent_log.propagate = propagate
     for warning in warnings + warned:
         print(f"warning: {warning}", file=sys.stderr)
+    # the ledger, job state and updates live there: run as the service user, check
+    # says what it cannot write (without writing)
+    stops, unwritable = state_dir_problems(cfg.state_dir)
+    for problem in stops + unwritable:
+        print(f"fedge agent: {problem}", file=sys.stderr)
+    if stops:
+        return 2
     # each data set's contents, as a task reads them: a path that is a folder, a
     # ';'-separated or decimal-comma table, found here rather than by the first job
     failed = check_data_sets(cfg, args.config)
@@ -228,6 +239,8 @@ def _check(args: argparse.Namespace) -> int:
         print(f"fedge agent: {failed} of {len(cfg.datasets)} data sets in {args.config} "
               "cannot be used (said above): the agent starts, but refuses every job on "
               "them until that is fixed", file=sys.stderr)
+        return 1
+    if unwritable:
         return 1
     print(f"ok: {args.config}")
     return 0

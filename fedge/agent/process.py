@@ -863,6 +863,71 @@ def _unreadable(sd: Path, exc: OSError) -> str:
             f"(e.g. chown -R fedge: {sd})")
 
 
+# What the agent writes under its state directory once it runs: its lock, the job
+# state of a task (resumed after a restart), the secure-aggregation reveal log, the
+# privacy ledger (each job's ε), installed models, the signed updates' TUF metadata and
+# their records; each directory as it exists (made by the agent where it does not)
+STATE_WRITTEN = ("jobs", "secagg", "privacy", "models", "tuf", "updates")
+STATE_FILES_WRITTEN = ("agent.lock", "roster.json", "privacy/ledger.json",
+                       "secagg/revealed.jsonl")
+
+
+def state_dir_problems(state_dir: Path) -> tuple[list[str], list[str]]:
+    """What of the agent's state directory this user (the service user, running
+    ``fedge agent check``) cannot write as the agent writes it, looked at without
+    writing (``os.access``: mode bits, ACLs, a read-only mount), each naming the path,
+    its mode and owner, and the user: first what stops ``fedge agent run`` at start
+    (its lock, ``agent.lock``, cannot be opened or made: fedge.instance_lock), then
+    what it starts with, and each job or update then fails on: the directory itself,
+    `STATE_WRITTEN`'s directories, `STATE_FILES_WRITTEN`'s files."""
+    sd = Path(state_dir)
+    user = _as_user() or " as this user"
+
+    def cannot(path: Path, what: str, need: int) -> str | None:
+        if os.access(path, need):
+            return None
+        ro = ""
+        with contextlib.suppress(OSError):
+            if os.statvfs(path).f_flag & os.ST_RDONLY:
+                ro = ", on a read-only file system"
+        try:
+            st = os.stat(path)
+            mode = f" (mode {st.st_mode & 0o7777:04o}, owner {_owner(st.st_uid)}{ro})"
+        except OSError:
+            mode = ro and f" ({ro[2:]})"
+        return f"{what} {path}{mode} cannot be written{user}"
+
+    fix = f"give the agent's user the directory (e.g. chown -R fedge: {sd})"
+    lock = sd / "agent.lock"
+    dir_said = cannot(sd, "state_dir", os.R_OK | os.W_OK | os.X_OK)
+    lock_said = (cannot(lock, "its lock", os.R_OK | os.W_OK) if os.path.lexists(lock)
+                 else dir_said)
+    if lock_said:  # instance_lock.hold opens it O_RDWR | O_CREAT
+        return [f"{lock_said}: `fedge agent run`{user} would stop at start (it cannot "
+                f"take its lock there); {fix}"], []
+    said = [dir_said] if dir_said else []
+    for name in STATE_WRITTEN:
+        path = sd / name
+        if path.is_dir():
+            said.append(cannot(path, "its directory", os.R_OK | os.W_OK | os.X_OK))
+    for name in STATE_FILES_WRITTEN[1:]:
+        path = sd / name
+        if os.path.lexists(path):
+            said.append(cannot(path, "its file", os.R_OK | os.W_OK))
+    return [], [f"{line}: the agent starts, but a job's state, the privacy ledger, the "
+                f"reveal log and signed updates cannot be written there: each job or "
+                f"update on it fails; {fix}" for line in said if line]
+
+
+def _owner(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
 def health_probe(cfg: AgentConfig, xid_monitor: Any = None) -> Any:
     """(report dict, eligible, reason) from fedge.health, or a constant when disabled.
     ``xid_monitor`` (a started ``fedge.health.XidMonitor``) adds the GPUs' XID events,

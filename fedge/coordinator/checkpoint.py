@@ -113,9 +113,11 @@ def recorded_epsilon(plan_toml: str, metrics: list[dict[str, Any]],
     site's cumulative record-level ε in this job as it reported it with its last
     update (the ``privacy``/``epsilon_job`` metric rows); under ``privacy.client_dp``
     alone (DP-FedAvg) each site's client-level ε at ``report.CLIENT_DP_DELTA`` from
-    the committed sums that held its update. ε is known per site only: ``max`` is the
-    largest over the sites (the bound the model as a whole carries), ``sites`` each
-    one; ``None`` stands for an unbounded ε (DP-FedAvg without noise).
+    the unmasked sums that held its update (every attempt's whose sum was formed:
+    committed, failed after the sum, cancelled or interrupted). ε is known per site
+    only: ``max`` is the largest over the sites (the bound the model as a whole
+    carries), ``sites`` each one; ``None`` stands for an unbounded ε (DP-FedAvg
+    without noise).
 
     Returns None for a job without DP, or one whose plan cannot be read."""
     from fedge.coordinator.plan import PlanError, parse_plan
@@ -142,9 +144,9 @@ def recorded_epsilon(plan_toml: str, metrics: list[dict[str, Any]],
                  for s, v in client["sites"].items()}
         out = {"mechanism": "dp_fedavg", "level": "per site (client-level)",
                "delta": CLIENT_DP_DELTA,
-               "source": "each site's client-level epsilon from the committed sums "
-                         "that held its update (its own ledger, `fedge agent privacy`, "
-                         "is the authority)"}
+               "source": "each site's client-level epsilon from the unmasked sums "
+                         "that held its update, committed or not (its own ledger, "
+                         "`fedge agent privacy`, is the authority)"}
     else:
         return None
     finite = [v for v in sites.values() if v is not None]

@@ -19,7 +19,9 @@ Files::
     privacy.png          each site's cumulative epsilon per round (DP-SGD jobs only)
 
 A DP-FedAvg job's sites send no epsilon (its plan names no delta): its report gives
-each site's client-level epsilon at CLIENT_DP_DELTA from the sums that held its update.
+each site's client-level epsilon at CLIENT_DP_DELTA from the sums that held its update:
+every attempt whose sum was unmasked, committed or not (a sum rejected out of bounds, or
+cut short by a failure, a cancel or a restart, was learned all the same).
 
 Plotting uses matplotlib's object API (no pyplot state), so it may run in a
 worker thread of the coordinator's process.
@@ -216,7 +218,9 @@ CLIENT_DP_DELTA = 1e-5
 def client_privacy(plan_toml: str, attempts: list[dict[str, Any]]) -> dict[str, Any] | None:
     """A DP-FedAvg job's (``privacy.client_dp`` without ``privacy.dp``) client-level
     epsilon per site at CLIENT_DP_DELTA, from the coordinator's side: each round
-    attempt whose sum held the site's update (it survived to the sum) is one release.
+    attempt whose sum held the site's update (it survived to the sum) is one release,
+    whatever the attempt's status: a failed attempt's too, when its sum was unmasked
+    before it failed (the coordinator learned it; its row keeps the sum's survivors).
     None for other jobs (with ``privacy.dp`` too, the sites report DP-SGD's epsilon,
     the bound they record).
 

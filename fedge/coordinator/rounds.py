@@ -205,6 +205,16 @@ def peer_reason(reason: str) -> str:
     return reason[:PEER_REASON_HEAD] + "…" + reason[-PEER_REASON_TAIL:]
 
 
+def grouped_reasons(reasons: dict[str, str]) -> str:
+    """``{site: reason}`` as one text, the sites that gave the same reason together:
+    "a, b: reason; c: other", in the order of each reason's first site by name, so a
+    reason every site of a large cohort gave is said once, not once per site."""
+    by_reason: dict[str, list[str]] = {}
+    for site, why in sorted(reasons.items()):
+        by_reason.setdefault(why, []).append(site)
+    return "; ".join(f"{', '.join(sites)}: {why}" for why, sites in by_reason.items())
+
+
 # A site's example count (TrainDone's, EvalResult's) is its own word, and it decides
 # its weight. In training nothing the coordinator could do with it adds protection:
 # the weight is computed by the agent (w_i = weight_scale·n_i), and a false count
@@ -621,6 +631,11 @@ class Round:
     trained: dict[str, m.TrainDone] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)
     survivors: list[str] = field(default_factory=list)
+    # the sites whose updates the unmasked sum held, once the aggregation gave it: the
+    # coordinator learned that sum even if it then rejected it (out of bounds, the
+    # strategy's refusal) or the attempt failed later, so each released its update in
+    # it (report.client_privacy counts one release per attempt); [] before the sum
+    summed: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
     new_weights: np.ndarray | None = None
     evals: dict[str, m.EvalResult] = field(default_factory=dict)
@@ -697,6 +712,20 @@ class Round:
         return {s: self.refused.get(s) or (left.get(s, SILENT_IN_AGGREGATION)
                                            if s in self.trained else SILENT_IN_TRAINING)
                 for s in self.dropped}
+
+    @property
+    def unanimous_refusal(self) -> str | None:
+        """The reason, when this failed attempt failed because every site of its cohort
+        refused to train it (TaskRefused) in the same words: none trained, none was
+        lost, withdrawn or refused a result; None otherwise. The driver fails the job at
+        once when the attempt before it at the round ended the same way (service
+        module doc): a plan every site refuses alike is not retried for nothing."""
+        if self.phase is not Phase.FAILED or not self.cohort or self.trained \
+                or self.withdrawn or self._declined != set(self.cohort) \
+                or set(self.refused) != set(self.cohort):
+            return None
+        reasons = {self.refused[s] for s in self.cohort}
+        return reasons.pop() if len(reasons) == 1 else None
 
     @property
     def info(self) -> RoundInfo:
@@ -1076,7 +1105,7 @@ class Round:
             for s in self.cohort:
                 if s not in self.trained:
                     self.refused.setdefault(s, SILENT_IN_TRAINING)
-            reasons = "; ".join(f"{s}: {r}" for s, r in sorted(self.refused.items()))
+            reasons = grouped_reasons(self.refused)
             return self._fail(
                 f"{len(done)} of {len(self.cohort)} sites trained, below min_clients "
                 f"{self.plan.min_clients}" + (f" ({reasons})" if reasons else "")
@@ -1138,11 +1167,12 @@ class Round:
                 survivors = sorted(body.survivors)
                 if self.pinned_cohort is not None and survivors != self.pinned_cohort:
                     gone = [s for s in self.pinned_cohort if s not in survivors]
-                    said = [f"{s}: {self.refused[s]}" for s in gone if s in self.refused]
+                    said = grouped_reasons({s: self.refused[s] for s in gone
+                                            if s in self.refused})
                     return self._fail(
                         f"{already_unmasked(self.round, self.pinned_cohort)}; this attempt's "
                         f"survivors are {survivors} ({', '.join(gone)} dropped out of secure "
-                        f"aggregation{': ' + '; '.join(said) if said else ''}): not asked "
+                        f"aggregation{': ' + said if said else ''}): not asked "
                         "to unmask")
                 if isinstance(body, UnmaskRequest) and not self._unmask_recorded:
                     self._held_survivors = survivors
@@ -1161,18 +1191,18 @@ class Round:
             # remedy, e.g. a missing column, is what the operator can act on)
             # (the words "refused" only for what a site said: a lost connection, a
             # withdrawal or a train result the round refused is not the site's refusal)
-            said = [f"{s}: {self.refused[s]}" for s in self._agg_cohort if s in self.refused]
+            said = {s: self.refused[s] for s in self._agg_cohort if s in self.refused}
             before = [s for s in sorted(self.refused) if s not in self._agg_cohort]
-            declined = [f"{s}: {self.refused[s]}" for s in before if s in self._declined]
-            missing = [f"{s}: {self.refused[s]}" for s in before if s not in self._declined]
+            declined = {s: self.refused[s] for s in before if s in self._declined}
+            missing = {s: self.refused[s] for s in before if s not in self._declined}
             why = (f" ({len(said)} site(s) of the aggregation refused or were lost: "
-                   f"{'; '.join(said)})" if said else "")
+                   f"{grouped_reasons(said)})" if said else "")
             if declined:
                 why += (f" ({len(declined)} site(s) had refused to train: "
-                        f"{'; '.join(declined)})")
+                        f"{grouped_reasons(declined)})")
             if missing:
                 why += (f" ({len(missing)} other site(s) were not in the aggregation: "
-                        f"{'; '.join(missing)})")
+                        f"{grouped_reasons(missing)})")
             if self._held and not self._unmask_recorded:
                 why += (" (no site was asked to unmask: the survivor set could not be "
                         f"recorded: {self._record_error or 'not yet written'})")
@@ -1184,6 +1214,7 @@ class Round:
         res = agg.result
         if res is None:
             return []
+        self.summed = sorted(res.survivors)  # learned now, whatever is made of it
         self._false_share_findings(res)
         d = self.weights.size
         total_weight = float(res.total[-1])

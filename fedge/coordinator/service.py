@@ -40,7 +40,13 @@ failed attempts is the database's (``jobs.failed_attempts``), so a coordinator
 restarted during the pause keeps it, and takes the pause again in full. Each site
 whose own refusal or loss is in a failed attempt is left out of the round's next
 attempts until its next heartbeat that says it is eligible
-(:mod:`fedge.coordinator.cohort`, "sidelined").
+(:mod:`fedge.coordinator.cohort`, "sidelined"). One exception to the count: an attempt
+that failed because every site of its cohort refused to train it in the same words,
+after the attempt before it at the round ended alike (same cohort, same words), fails
+the job at once (:meth:`Coordinator._refused_twice`), in the transaction that records
+the attempt: such a plan (a data set no site holds, a policy every site applies) is
+refused again at every retry. A partial refusal, or reasons that differ between
+attempts, keep the retries.
 
 A job that ends failed or cancelled after committing at least one round keeps its
 last committed global model as its result: ``final.safetensors`` is written from
@@ -1559,14 +1565,17 @@ class Coordinator:
             unrecorded = self._unmask_unrecorded
             if unrecorded is not None and unrecorded[0] is rnd:
                 reason = unrecorded_first(reason, unrecorded[1])
+            refused_twice = self._refused_twice(runner, rnd, reason)
             attempts = self.store.fail_round(rnd.job_id, rnd.round, started_at=rnd.started_at,
                                              cohort=rnd.cohort, reason=reason,
                                              max_attempts=runner.plan.max_failed_attempts,
-                                             dropped_reasons=rnd.dropped_reasons())
+                                             dropped_reasons=rnd.dropped_reasons(),
+                                             survivors=rnd.summed, job_error=refused_twice)
             runner.round = None
             if unrecorded is not None and unrecorded[0] is rnd:
                 self._unmask_unrecorded = None
-            if attempts < runner.plan.max_failed_attempts:
+            ended = bool(refused_twice) or attempts >= runner.plan.max_failed_attempts
+            if not ended:
                 runner.retry_later(attempts, reason, now, rnd.opened_at)
                 self._sideline(runner, rnd, attempts)
                 log.warning("job %s round %d failed (attempt %d of %d; the next in %g s): %s",
@@ -1575,9 +1584,12 @@ class Coordinator:
             else:
                 log.warning("job %s round %d failed (attempt %d): %s", rnd.job_id,
                             rnd.round, attempts, printable(reason))
-            if attempts >= runner.plan.max_failed_attempts:
+            if refused_twice:
+                log.error("job %s failed: %s", rnd.job_id, printable(refused_twice))
+            elif ended:
                 log.error("job %s failed: round %d failed %d times", rnd.job_id, rnd.round,
                           attempts)
+            if ended:
                 self.runner = None
                 digest = self.keep_last_model(rnd.job_id, runner.committed,
                                               runner.last_checkpoint)
@@ -1588,6 +1600,37 @@ class Coordinator:
                     except (StoreError, sqlite3.OperationalError) as exc:
                         self._not_written(f"the final digest of job {rnd.job_id}", exc)
                     self.on_job_completed(rnd.job_id)
+
+    def _refused_twice(self, runner: JobRunner, rnd: Round, reason: str) -> str:
+        """The job's error when the failed attempt ``rnd`` (recorded with ``reason``)
+        and the attempt before it at the same round each failed because every site of
+        the same cohort refused to train in the same words (Round.unanimous_refusal):
+        a plan every site refuses alike (a data set none holds, a policy all share) is
+        refused again at every retry, and the ML engineer would wait out
+        max_failed_attempts backoffs for nothing. "" otherwise (a partial refusal,
+        another reason, a site lost or trained, another cohort, an attempt between
+        them that was not a failure): the retries go on as before. The attempt before
+        is the database's row, so a coordinator restarted in between still sees it.
+
+        Raises: StoreError, sqlite3.Error: the database cannot be read (the attempt's
+        end is retried at the next tick, as for its write)."""
+        why = rnd.unanimous_refusal
+        if why is None or runner.plan.max_failed_attempts <= 2:
+            return ""  # (at 2 or fewer, the count ends the job as soon)
+        cohort = sorted(rnd.cohort)
+        before = [r for r in self.store.rounds(rnd.job_id) if r.round == rnd.round]
+        if not before:
+            return ""
+        last = before[-1]
+        if last.status != "failed" or sorted(last.cohort) != cohort or last.survivors \
+                or last.reason != reason or last.dropped_reasons != {s: why for s in cohort}:
+            return ""
+        return m.clip_reason(
+            f"round {rnd.round}: every site of its cohort ({_names(cohort, limit=20)}) "
+            f"refused to train it, in attempts {last.attempt} and {last.attempt + 1} "
+            f"alike: {why}; the job was not retried further (max_failed_attempts is "
+            f"{runner.plan.max_failed_attempts}): every site refused it twice in the same "
+            "words")
 
     def _sideline(self, runner: JobRunner, rnd: Round, attempts: int) -> None:
         """Leave each site that refused or was lost in the failed attempt ``rnd`` (not

@@ -1496,13 +1496,21 @@ class Store:
 
     def fail_round(self, job_id: str, rnd: int, *, started_at: float, cohort: list[str],
                    reason: str, max_attempts: int | None = None,
-                   dropped_reasons: dict[str, str] | None = None) -> int:
+                   dropped_reasons: dict[str, str] | None = None,
+                   survivors: Sequence[str] = (), job_error: str = "") -> int:
         """Record a failed attempt at round ``rnd``; returns the job's failed-attempt count.
         ``dropped_reasons``: each site that refused or was lost, and why (module doc).
+        ``survivors``: the sites whose updates the attempt's sum held when the sum was
+        unmasked before the attempt failed (rejected out of bounds, by the strategy, or
+        its evaluation cut short): the coordinator learned it, a release each
+        (report.client_privacy); empty when no sum was formed.
 
         With ``max_attempts``, a count that reaches it marks the job failed in the same
         transaction ("round r failed n times; last: reason"), so a write failing in
         between can neither lose the job's end nor count one attempt twice.
+        ``job_error`` (not empty): the job is marked failed in the same transaction with
+        that error whatever the count (an attempt the coordinator will not retry: every
+        site refused the round twice in the same words).
 
         Raises:
             StoreError: unknown job.
@@ -1510,9 +1518,10 @@ class Store:
         with self._tx() as c:
             attempt = self._next_attempt(c, job_id, rnd)
             c.execute(
-                "INSERT INTO rounds VALUES (?, ?, ?, 'failed', ?, ?, ?, '[]', ?, '', ?)",
+                "INSERT INTO rounds VALUES (?, ?, ?, 'failed', ?, ?, ?, ?, ?, '', ?)",
                 (job_id, rnd, attempt, started_at, self._clock(), json.dumps(cohort),
-                 json.dumps(dict(dropped_reasons or {})), reason),
+                 json.dumps(sorted(survivors)), json.dumps(dict(dropped_reasons or {})),
+                 reason),
             )
             cur = c.execute(
                 "UPDATE jobs SET failed_attempts=failed_attempts+1, updated_at=? WHERE job_id=?",
@@ -1521,10 +1530,14 @@ class Store:
             if cur.rowcount == 0:
                 raise StoreError(f"unknown job {job_id!r}")
             self._audit(c, "coordinator", "round_failed",
-                        {"job": job_id, "round": rnd, "reason": reason})
+                        {"job": job_id, "round": rnd, "reason": reason,
+                         **({"survivors": sorted(survivors)} if survivors else {})})
             row = c.execute("SELECT failed_attempts FROM jobs WHERE job_id=?", (job_id,)).fetchone()
             attempts = int(row[0])
-            if max_attempts is not None and attempts >= max_attempts:
+            if job_error:
+                self._set_job_status(c, job_id, "failed", actor="coordinator",
+                                     error=job_error)
+            elif max_attempts is not None and attempts >= max_attempts:
                 self._set_job_status(c, job_id, "failed", actor="coordinator",
                                      error=f"round {rnd} failed {attempts} times; last: {reason}")
         return attempts

@@ -69,7 +69,14 @@ as 1 or 0, as a Parquet boolean does.  Numbers have a decimal point and no thous
 separator: a text column whose cells with a dot all look like thousands grouped by one
 ('1.234', '2.071') beside whole numbers under 1000 is refused, as a German or Swiss
 export converted to commas has it (read as decimals, each would be 1000 times too
-small).  The message quotes the bad cell, for this
+small).  So is a column holding a day.month date with the day's leading zero ('01.02',
+1 February, as a spreadsheet whose decimal mark is a comma writes a number typed '1.2'),
+unless a cell of another zero-padded shape ('01.50', '007') shows it written zero-padded;
+a whole date ('01.02.2024') is no number, and said to look like a date.  A cell of a
+record that a quoted line break spans several lines of is named by the line it starts
+on.  A path that does not exist, where its folder holds a name that differs from it only
+in Unicode normalisation (macOS writes names decomposed, NFD), is refused saying so: it
+is not opened by the other spelling.  The message quotes the bad cell, for this
 site's own people; what may leave the appliance is ``DataError.public``, which names
 neither a value nor a path (a task refusal's reason: the coordinator keeps it for
 good).
@@ -682,7 +689,8 @@ def _separator_hint(header: list[str]) -> tuple[str, str] | None:
 def _not_a_file(path: Path) -> DataError | None:
     """The refusal of a data path that is not a regular file, saying what it is: a
     directory, something else that exists (a named pipe, device or socket), or nothing
-    (a broken symbolic link too); else None."""
+    (a broken symbolic link too; ``_spelt_otherwise`` says where a folder holds its
+    name spelt another way); else None."""
     if path.is_file():
         return None
     if path.is_dir():
@@ -691,7 +699,49 @@ def _not_a_file(path: Path) -> DataError | None:
         said = "is not a regular file (a named pipe, device or socket)"
     else:
         said = "file does not exist"
+        twin = _spelt_otherwise(path)
+        if twin is not None:
+            return DataError(path, f"{said}; {twin[0]}", problem=f"{said}; {twin[1]}")
     return DataError(path, said, problem=said)
+
+
+def _form(name: str) -> str:
+    """Which Unicode normal form ``name`` is in, as a message says it."""
+    for form in ("NFC", "NFD"):
+        if unicodedata.is_normalized(form, name):
+            return form
+    return "neither NFC nor NFD"
+
+
+def _spelt_otherwise(path: Path) -> tuple[str, str] | None:
+    """(local, public) text saying that the folder of the first part of ``path`` that
+    does not exist holds a name equal to that part once both are NFC, else None.
+
+    macOS writes names decomposed (NFD: 'u' and a combining diaeresis for 'ü'), and a
+    name typed into agent.toml is mostly composed (NFC): the two look the same, and
+    Linux, comparing bytes, finds no file. The path is not opened by the other spelling:
+    which of two spellings is meant is for the site to say. The public text names no
+    path."""
+    missing = path
+    while not os.path.lexists(missing.parent) and missing.parent != missing.parent.parent:
+        missing = missing.parent
+    folder, name = missing.parent, _nfc(missing.name)
+    try:
+        with os.scandir(folder) as entries:
+            found = sorted(e.name for e in entries
+                           if e.name != missing.name and _nfc(e.name) == name)
+    except OSError:  # not a folder, or not readable: nothing to say
+        return None
+    if not found:
+        return None
+    entry = found[0]
+    return (f"the folder {str(folder)!r} holds {entry!a} ({_form(entry)}), a name that "
+            f"differs from {missing.name!a} (as given, {_form(missing.name)}) only in Unicode "
+            "normalisation (a name made on a Mac is decomposed): rename it, or copy its "
+            "spelling into agent.toml",
+            f"{'its folder' if missing == path else 'a folder on its path'} holds a name "
+            "that differs only in Unicode normalisation (a name made on a Mac is "
+            "decomposed): rename it, or copy its spelling into agent.toml")
 
 
 # What a file given as CSV is, where its first bytes say it is no text: (magic, local
@@ -738,7 +788,11 @@ class _CsvRows:
     (a site's extract can be millions of rows of which a model reads a few columns).
 
     Lines are counted as the csv module counts them (only CR, LF and CRLF end a
-    line), so a U+2028 or form feed inside a cell does not shift later numbers.
+    line), so a U+2028 or form feed inside a cell does not shift later numbers. A
+    record whose quoted cell holds a line break spans several lines: it is numbered
+    by the line it starts on (the csv module's count is the line it ends on), and a
+    cell of it by the line that cell starts on (``_cell_line``), so that a refusal
+    points where an editor shows the bad cell.
     Columns with no name in the header and nothing in any row (Excel's trailing
     ",,") are dropped; an unnamed first column that holds values (pandas' index) is
     kept as any undeclared column is; any other unnamed column that holds values is
@@ -777,6 +831,7 @@ class _CsvRows:
         # Excel's "CSV UTF-8" starts with a byte-order mark: utf-8-sig drops it
         self._text = path.open(encoding="utf-8-sig", newline="")
         self._reader = csv.reader(self._text, strict=True)
+        self._end = 0  # the line the last record read ends on (:meth:`__iter__`)
         self._records = self._read()
         first = next(self._records, None)
         self._blank_header = first is None or all(not h.strip() for h in first)
@@ -788,6 +843,10 @@ class _CsvRows:
         self._valued_at: dict[int, int] = {}  # an unnamed column: the line of its first text
         self._first_line_of_length: dict[int, int] = {}  # lengths other than the header's
         self.count = 0  # non-blank rows
+        # the header's last line (the next record starts on the line after), and how many
+        # rows so far span more than one line (a quoted cell with a line break)
+        self._end = self._reader.line_num
+        self.spanning = 0
 
     def _read(self) -> Iterator[list[str]]:
         try:
@@ -798,33 +857,42 @@ class _CsvRows:
                 raise DataError(self.path, "not UTF-8 text", problem="not UTF-8 text") from None
             raise refusal from None
         except csv.Error as exc:
-            line = self._reader.line_num
+            line, start = self._reader.line_num, self._end + 1
             refusal = _utf8_refusal(self.path)  # a bad byte further on is said first
             if refusal is not None:
                 raise refusal from None
-            raise DataError(self.path, f"malformed CSV: {exc}", line=line,
-                            problem="malformed CSV") from exc
+            said = f"malformed CSV: {exc}"
+            if start < line:  # where its record began: an unclosed quote opens there
+                said += (f" (in the record that starts on line {start}: a quote opened there "
+                         "and not closed runs on to this line)")
+            raise DataError(self.path, said, line=line, problem="malformed CSV") from exc
         finally:
             self._text.close()
 
     def __iter__(self) -> Iterator[tuple[int, list[str]]]:
         """(line, fields) for each row that is not blank, fields as the file has them
-        (no column dropped, a ragged row as it is: :meth:`finish` refuses it)."""
+        (no column dropped, a ragged row as it is: :meth:`finish` refuses it). The line
+        is the one the row starts on; where it spans more than one, :attr:`spanning`
+        has grown by one before it is given (``_cell_line`` finds a cell's line)."""
         width, reader = len(self.header), self._reader
         lengths, unseen = self._first_line_of_length, self._dropped
         for fields in self._records:
+            start, end = self._end + 1, reader.line_num
+            self._end = end
             if not fields or (not fields[0].strip() and not "".join(fields).strip()):
                 continue
             self.count += 1
+            if end != start:
+                self.spanning += 1
             if len(fields) != width:
-                lengths.setdefault(len(fields), reader.line_num)
+                lengths.setdefault(len(fields), start)
             if unseen:
                 found = {j for j in unseen if j < len(fields) and fields[j].strip()}
                 if found:
                     unseen -= found
                     for j in found:
-                        self._valued_at[j] = reader.line_num
-            yield reader.line_num, fields
+                        self._valued_at[j] = _cell_line(start, fields, j)
+            yield start, fields
 
     def finish(self) -> tuple[list[str], list[int]]:
         """Once every row is read: the header less the dropped columns, and where
@@ -938,6 +1006,16 @@ class _CsvRows:
                 pass
             at = [j for j in at if j not in first._dropped]
         return at[0] if at else None  # a repeated name is refused by finish()
+
+
+# A line break as the csv module's source (a file opened with newline="") splits lines.
+_LINE_BREAK = re.compile(r"\r\n?|\n")
+
+
+def _cell_line(start: int, fields: Sequence[str], j: int) -> int:
+    """The line field ``j`` of a row starting on line ``start`` starts on: the row's
+    line plus the line breaks quoted in the fields before it."""
+    return start + sum(len(_LINE_BREAK.findall(f)) for f in fields[:j] if "\n" in f or "\r" in f)
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
@@ -1135,9 +1213,11 @@ def _number(path: Path, lineno: int, column: str, cell: str) -> float:
             raise ValueError(raw)
         value = float(raw)
     except ValueError:
+        # 01.02.2024, 1/2/24, 2024-02-01: an export's date column declared as a feature
+        said = " (it looks like a date)" if _DATE_CELL.fullmatch(raw) else ""
         raise DataError(
-            path, f"value {raw!r} is not a number", line=lineno, column=column,
-            problem="value is not a number", holds_value=True,
+            path, f"value {raw!r} is not a number{said}", line=lineno, column=column,
+            problem=f"value is not a number{said}", holds_value=True,
         ) from None
     if not math.isfinite(value):
         raise DataError(path, f"value {raw!r} is not finite", line=lineno, column=column,
@@ -1219,6 +1299,92 @@ class _Grouping:
         )
 
 
+# A date as a spreadsheet writes day and month where the decimal mark is a comma
+# ("dd.mm"), with the day's leading zero: 01.01 to 09.12. Read as a number it is 1.01 to
+# 9.12, so only cells of a value in [_DAY_MONTH_LOW, _DAY_MONTH_HIGH) are looked at.
+_DAY_MONTH_CELL = re.compile(r"\s*0([1-9])\.(0[1-9]|1[0-2])\s*")
+_DAY_MONTH_LOW, _DAY_MONTH_HIGH = 1.01, 9.125
+# A cell written with a 0 before another digit, in a block's cells joined by NUL after a
+# NUL put first.
+_ZERO_LED_CELL = re.compile(r"\x000[0-9][^\x00]*")
+# Blocks with more cells valued like such a date than this are searched whole by one
+# regex (a column of values from 1 to 9, a lab value); fewer are looked at one by one.
+_DAY_MONTH_ONE_BY_ONE = 256
+_MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August",
+           "September", "October", "November", "December")
+
+
+class _DayMonth:
+    """Whether a text column of numbers holds dates written day.month ('01.02' for
+    1 February), as a spreadsheet whose decimal mark is a comma writes a number typed
+    with a point ('1.2') once it has made it a date: each reads as a number (1.02), and
+    nothing else fails.
+
+    The column holds them when a cell is such a date with its day's leading zero (01.01
+    to 09.12, ``_DAY_MONTH_CELL``: no writer of numbers puts a 0 before another digit),
+    and no cell written with a leading zero has another shape (01.50, 03.5, 007: a
+    column written zero-padded, as '%05.2f' does, whose 01.02 is the number 1.02). A
+    day from 10 on ('31.12') has no mark of a date: a decimal with two places looks the
+    same, and it loads as one. 0.5 and 12.50 have no leading zero before a digit.
+
+    Only cells valued from 1.01 to 9.12 can be such a date, and the cells of a block
+    with none of them are not looked at (a column of ages, of 0/1 flags): a zero-padded
+    column pads those values too, so it is seen as one there.
+    """
+
+    def __init__(self) -> None:
+        self.padded = False  # a cell with a leading zero of another shape: no dates
+        self.dates = 0  # cells of the day.month shape
+        self.first: tuple[int, str] | None = None  # (line, cell) of the first of them
+
+    def add(self, lines: Sequence[int], cells: Sequence[str], values: np.ndarray) -> None:
+        """Look at one block of cells that all read as numbers, ``values``."""
+        if self.padded:
+            return
+        near = np.flatnonzero((values >= _DAY_MONTH_LOW) & (values < _DAY_MONTH_HIGH))
+        if near.size == 0:
+            return
+        if near.size <= _DAY_MONTH_ONE_BY_ONE:
+            led = [(k, cells[k]) for k in near.tolist() if cells[k][:1] == "0"]
+        else:
+            joined = "\x00" + "\x00".join(cells)
+            led = [(-1, m.group()[1:]) for m in _ZERO_LED_CELL.finditer(joined)]
+            if led and self.first is None:  # the first one's row, counted once
+                first = _ZERO_LED_CELL.search(joined)
+                assert first is not None
+                led[0] = (joined.count("\x00", 0, first.start()), led[0][1])
+        for k, cell in led:
+            if not _DAY_MONTH_CELL.fullmatch(cell):
+                self.padded = True
+                return
+            if self.first is None:
+                self.first = (lines[k], cell.strip())
+            self.dates += 1
+
+    def refusal(self, path: Path, column: str) -> DataError | None:
+        """The refusal of a column that holds day.month dates, else None."""
+        if self.padded or self.first is None:
+            return None
+        line, cell = self.first
+        match = _DAY_MONTH_CELL.fullmatch(cell)
+        assert match is not None
+        date = f"{match.group(1)} {_MONTHS[int(match.group(2)) - 1]}"
+        problem = ("the values look like dates (day.month with a leading zero), not numbers: "
+                   "a spreadsheet whose decimal mark is a comma turns a number typed with a "
+                   "point into a date")
+        more = f", as do {self.dates - 1} more cell(s)" if self.dates > 1 else ""
+        return DataError(
+            path,
+            f"{cell!r} looks like a date (day.month: {date}), not a number{more}; a "
+            "spreadsheet whose decimal mark is a comma turns a number typed with a point "
+            "('1.2') into a date, and each would load as a number (1.02): take the "
+            "column's values again from the system that holds them, or format the column "
+            "as Number and retype them (a column written zero-padded, where a cell such as "
+            "01.50 or 007 shows it, loads as it is)",
+            line=line, column=column, problem=problem, holds_value=True,
+        )
+
+
 class _Numbers:
     """One declared numeric column, converted a block of rows at a time as the file is
     read, kept as ``dtype`` (float32 for features: what training casts them to anyway).
@@ -1227,7 +1393,8 @@ class _Numbers:
     caller raises it when it comes to this column, so that a file's refusals stay in the
     order of the file's checks, then the declared columns' order (``_load_tabular``).
     Once every cell reads as a number, a text column that looks written with a
-    thousands dot (``_Grouping``) is refused too; typed Parquet numbers are not text.
+    thousands dot (``_Grouping``), or that holds day.month dates (``_DayMonth``), is
+    refused too; typed Parquet numbers are not text.
     """
 
     def __init__(self, path: Path, column: str, dtype: type) -> None:
@@ -1235,11 +1402,21 @@ class _Numbers:
         self.error: DataError | None = None
         self._blocks: list[np.ndarray] = []
         self._grouping = _Grouping()
+        self._dates = _DayMonth()
+        self._rows = 0  # cells added
+        # a cell's line where it is not its row's (a CSV row spanning lines): by position
+        self._moved: dict[int, int] = {}
 
-    def add_cells(self, lines: Sequence[int], cells: Sequence[str]) -> None:
-        """Convert one block of cells (``_number``'s rules), ``lines`` their lines."""
+    def add_cells(self, lines: Sequence[int], cells: Sequence[str],
+                  moved: Mapping[int, int] | None = None) -> None:
+        """Convert one block of cells (``_number``'s rules), ``lines`` their lines;
+        ``moved``: the block's cells whose line is not their row's, by position in the
+        block (:meth:`lines`)."""
         if self.error is not None:
             return
+        if moved:
+            self._moved.update((self._rows + k, line) for k, line in moved.items())
+        self._rows += len(cells)
         # float() on the cell as it is, then a check of the whole block, is the same as
         # _number on every cell wherever it passes (float() strips what str.strip()
         # strips, and takes no TRUE/FALSE or empty cell); any other block goes cell by
@@ -1258,6 +1435,7 @@ class _Numbers:
                     self.error, self._blocks = exc, []
                     return
         self._grouping.add(lines, cells, values)
+        self._dates.add(lines, cells, values)
         self._blocks.append(values.astype(self.dtype, copy=False))
 
     def add_values(self, values: np.ndarray) -> None:
@@ -1275,9 +1453,21 @@ class _Numbers:
         grouped = self._grouping.refusal(self.path, self.column)
         if grouped is not None:
             raise grouped
+        dated = self._dates.refusal(self.path, self.column)
+        if dated is not None:
+            raise dated
         if not self._blocks:
             return np.empty(0, self.dtype)
         return np.concatenate(self._blocks)
+
+    def lines(self, rows: np.ndarray) -> np.ndarray:
+        """The line of each of the column's cells, given its rows' lines."""
+        if not self._moved:
+            return rows
+        at = rows.copy()
+        for k, line in self._moved.items():
+            at[k] = line
+        return at
 
 
 class _SplitNames:
@@ -1357,21 +1547,33 @@ def _csv_columns(spec: DatasetSpec, path: Path,
     lines = array.array("q")
     block_lines: list[int] = []
     block: list[tuple[str, ...]] = []
+    # the block's rows that span lines (a quoted cell with a line break), by position:
+    # the line each wanted cell starts on
+    spans: dict[int, list[int]] = {}
+    spanning = 0
     ids: list[str] = []
     site_rows = 0
 
     def flush() -> None:
         cells = list(zip(*block, strict=True)) if block else [() for _ in wanted]
         for k, j in enumerate(wanted):
+            at: Sequence[int] = block_lines
+            moved = {r: cell_lines[k] for r, cell_lines in spans.items()
+                     if cell_lines[k] != block_lines[r]}
+            if moved:
+                at = list(block_lines)
+                for r, line in moved.items():
+                    at[r] = line
             if j in numbers:
-                numbers[j].add_cells(block_lines, cells[k])
+                numbers[j].add_cells(at, cells[k], moved)
             if j in splits:
-                splits[j].add_cells(block_lines, cells[k])
+                splits[j].add_cells(at, cells[k])
             if j == id_at:
                 ids.extend(cell.strip() for cell in cells[k])
         lines.extend(block_lines)
         block_lines.clear()
         block.clear()
+        spans.clear()
 
     for lineno, fields in table:
         if len(fields) < width:  # a ragged row: finish() refuses it
@@ -1386,6 +1588,9 @@ def _csv_columns(spec: DatasetSpec, path: Path,
         site_rows += 1
         if id_at is not None and keep_id is not None and not keep_id(fields[id_at].strip()):
             continue
+        if table.spanning != spanning:  # this row, or one skipped since the last kept
+            spanning = table.spanning
+            spans[len(block)] = [_cell_line(lineno, fields, j) for j in wanted]
         block_lines.append(lineno)
         block.append(pick(fields))
         if len(block) == _BLOCK_ROWS:
@@ -1560,8 +1765,11 @@ def _check_survival(
     event_column: str,
     time_column: str,
     unit: str = "line",
+    time_positions: Sequence[int] | None = None,
 ) -> None:
-    """Every event is 0 or 1 and every time a finite number >= 0.
+    """Every event is 0 or 1 and every time a finite number >= 0. ``positions``: each
+    row's line (or row); ``time_positions``: each time cell's, where it differs (a CSV
+    row spanning lines).
 
     Raises:
         DataError: at the first bad value, naming its line (or row) and column.
@@ -1585,7 +1793,7 @@ def _check_survival(
                 column=time_column,
                 problem="time value must be a finite number >= 0",
                 holds_value=True,
-                **_at(unit, pos),
+                **_at(unit, pos if time_positions is None else int(time_positions[k])),
             )
 
 
@@ -1692,25 +1900,28 @@ def _load_tabular(spec: DatasetSpec, path: Path,
         raise DataError(path, "no feature columns declared (datasets.features)",
                         problem="no feature columns declared (datasets.features)")
 
-    def column(name: str) -> np.ndarray:
+    def column(name: str) -> tuple[np.ndarray, np.ndarray]:
+        """The column's values and each cell's line."""
         _column_index(path, header, name)
-        return table.numbers.pop(name).values()  # dropped here: x holds it now
+        numbers = table.numbers.pop(name)  # dropped here: x holds it now
+        return numbers.values(), numbers.lines(lines)
 
     lines = table.lines
     x = np.empty((lines.size, len(features)), dtype=np.float32)
     for j, name in enumerate(features):
-        x[:, j] = column(name)
+        x[:, j] = column(name)[0]
     n_classes = 0
     if spec.task == "survival":
         assert spec.event is not None and spec.time is not None
-        event = column(spec.event)
-        time = column(spec.time)
-        _check_survival(path, lines, event, time, spec.event, spec.time)
+        event, event_lines = column(spec.event)
+        time, time_lines = column(spec.time)
+        _check_survival(path, event_lines, event, time, spec.event, spec.time,
+                        time_positions=time_lines)
         y = np.stack([event, time], axis=1).astype(np.float32)
     else:
         assert spec.target is not None
-        target = column(spec.target)
-        y, n_classes = _check_labels(path, lines, target, spec.task, spec.target)
+        target, target_lines = column(spec.target)
+        y, n_classes = _check_labels(path, target_lines, target, spec.task, spec.target)
     split: list[str | None] = [None] * lines.size
     if table.split is not None:
         if table.split.error is not None:
@@ -1888,6 +2099,10 @@ def _load_images(spec: DatasetSpec) -> _Table:
     """
     root = Path(spec.path)
     if not root.is_dir():
+        twin = None if root.exists() else _spelt_otherwise(root)
+        if twin is not None:
+            raise DataError(root, f"image folder does not exist; {twin[0]}",
+                            part="the image folder", problem=f"does not exist; {twin[1]}")
         raise DataError(root, "image folder does not exist", part="the image folder",
                         problem="does not exist")
     parts = _image_parts(root)

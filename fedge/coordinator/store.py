@@ -45,7 +45,7 @@ cohort left out and why (a version, a class order, a health verdict, not connect
 ``declared_inputs`` is made the same way: per site, what its last heartbeat's
 DatasetClasses said of its data sets (their tasks and input shapes, as a JSON object),
 so that ``fedge coordinator submit``, another process, checks a plan's model against
-them as the running coordinator does.
+them as the running coordinator does. A site's row is deleted with its revocation.
 
 Heartbeats are the exception to "every write is one transaction": a fleet beating
 every second would be one fsync per heartbeat, on the coordinator's event loop. Each
@@ -1082,9 +1082,14 @@ class Store:
                     " SELECT curve_public_z85, site_id, ? FROM appliances WHERE site_id = ?",
                     (self._clock(), site_id),
                 )
+                # what it declared of its data sets is not the fleet's any more (a site
+                # enrolled again under the name declares its own with its heartbeats)
+                c.execute("DELETE FROM declared_inputs WHERE site_id = ?", (site_id,))
                 self._audit(c, actor, "revoke", {"site": site_id})
             self._heartbeats.pop(site_id, None)
             self._inputs.pop(site_id, None)
+            # or a re-enrolled site's first declaration, the same as before, is not written
+            self._inputs_written.pop(site_id, None)
         return self.appliance(site_id)
 
     def appliance(self, site_id: str) -> Appliance:

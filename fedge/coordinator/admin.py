@@ -67,9 +67,12 @@ AUDIT_REPLY_BYTES = 32 << 20
 READ_OPS = frozenset({"fleet", "jobs_list", "jobs_status", "rollout_status", "whoami",
                       "update_versions", "audit"})
 # what fedge.coordinator.process records of an ended job's export and report, each
-# attempt (finish_job, again at a restart: job_finish_resumed); report.md comes last
+# attempt (finish_job, again at a restart: job_finish_resumed); report.md comes last.
+# model_export_skipped: an export given up on (export_given_up) was not tried again.
 FINISH_ACTIONS = ("job_finish_resumed", "model_exported", "model_export_kept",
-                  "model_export_failed", "report_written", "report_failed")
+                  "model_export_failed", "model_export_skipped", "report_written",
+                  "report_failed")
+EXPORT_OUTCOMES = ("model_exported", "model_export_kept", "model_export_failed")
 REPORT_FILES = ("report.json", "report.md")
 # a recorded failure's reason, at most, in a fetch's note
 FINISH_REASON_CHARS = 300
@@ -353,7 +356,23 @@ class AdminService:
         return self.coordinator.list_jobs(), {}
 
     def _op_jobs_status(self, op: Operator, args: dict, blobs: dict) -> tuple[Any, dict]:
-        return self.coordinator.job_status(str(args["job_id"])), {}
+        """The Coordinator's job_status; for an ended job whose ONNX export failed (and
+        is not there since), ``onnx_export``: ``{"failed": why, "retry": what gets it
+        done}`` (the same words as ``jobs fetch``'s note)."""
+        job_id = str(args["job_id"])
+        status = self.coordinator.job_status(job_id)
+        committed = int(status.get("committed_round") or 0)
+        if status.get("status") == "completed" or (
+                status.get("status") in ("failed", "cancelled") and committed > 0):
+            from fedge.coordinator import checkpoint as ck
+
+            if "model.onnx" not in ck.results(self.coordinator.state_dir, job_id):
+                _, export_failed = self._finish_failures(job_id)
+                if export_failed:
+                    status = {**status, "onnx_export": {
+                        "failed": export_failed,
+                        "retry": self._export_retry(job_id, export_failed)}}
+        return status, {}
 
     def _op_jobs_submit(self, op: Operator, args: dict, blobs: dict) -> tuple[Any, dict]:
         """``{"job_id", "warnings"}``: what the operator should know about the job
@@ -443,14 +462,21 @@ class AdminService:
         otherwise it fails the same way (a diverged model's NaN weights, which the
         parity check refuses), and `fedge export` (fedge.serve.cli: the job's final
         checkpoint to jobs/<job>/model.onnx, with the same parity check) is run by hand
-        once the cause is fixed."""
+        once the cause is fixed. An export that failed the same way EXPORT_GIVE_UP_AFTER
+        times (`export_given_up`) is not tried again at a start: by hand only."""
+        by_hand = (f"fix the cause, then run `fedge export --job {job_id} --state-dir "
+                   f"{self.coordinator.state_dir}` on the coordinator's host, which writes "
+                   "the job's model.onnx")
+        job = self.coordinator.store.job(job_id)
+        given_up = export_given_up(self.coordinator.store, job_id, job.final_digest)
+        if given_up:
+            return (f"it failed {given_up[1]} times the same way for this model, so the "
+                    f"coordinator no longer tries it at its start: {by_hand}")
         if export_may_pass(reason):
             return ("a restart of the coordinator tries it again (and writes the report "
                     "again after it)")
         return ("a restart of the coordinator tries it again, which helps only where the "
-                "disk or memory was the cause: fix the cause, then run `fedge export --job "
-                f"{job_id} --state-dir {self.coordinator.state_dir}` on the coordinator's "
-                "host, which writes the job's model.onnx")
+                f"disk or memory was the cause: {by_hand}")
 
     def _finish_failures(self, job_id: str) -> tuple[str, str]:
         """Why the report and why the ONNX export of an ended job failed, as the
@@ -464,13 +490,14 @@ class AdminService:
         for row in rows:  # oldest first: the last word on each stands
             action = row["action"]
             detail = parse_detail(row["detail"])
-            reason = "" if action not in ("report_failed", "model_export_failed") else (
+            reason = "" if action not in ("report_failed", "model_export_failed",
+                                          "model_export_skipped") else (
                 printable(detail.get("reason") if isinstance(detail, dict) else detail)
                 or "no reason recorded")[:FINISH_REASON_CHARS]
             if action in ("report_failed", "report_written", "job_finish_resumed"):
                 report = reason
-            if action in ("model_export_failed", "model_exported", "model_export_kept",
-                          "job_finish_resumed"):
+            if action in ("model_export_failed", "model_export_skipped", "model_exported",
+                          "model_export_kept", "job_finish_resumed"):
                 export = reason
         return report, export
 
@@ -829,6 +856,49 @@ EXPORT_PASSING_CAUSES = (
 def export_may_pass(reason: str) -> bool:
     """Whether a recorded export failure's cause may pass (EXPORT_PASSING_CAUSES)."""
     return any(cause in reason for cause in EXPORT_PASSING_CAUSES)
+
+
+#: How many times an ended job's ONNX export may fail the same way before the coordinator
+#: stops trying it at each start (`export_given_up`): its first try, at the job's end,
+#: and one more at a start. A diverged model's NaN weights fail the parity check at
+#: every start, each costing a torch child and a failure in the audit log, for ever.
+EXPORT_GIVE_UP_AFTER = 2
+
+
+def export_given_up(store: Any, job_id: str, final_digest: str) -> tuple[str, int] | None:
+    """(the reason, how many times) when ``job_id``'s ONNX export has failed
+    EXPORT_GIVE_UP_AFTER times or more in a row (since its last export written or kept)
+    the same way: the same reason word for word (`fedge export`'s last line), for the
+    same final model (``final_digest``), under this fedge version, for a cause that does
+    not pass (`export_may_pass`: not the disk, memory or time, which stay tried at each
+    start). None otherwise: tried again at the next start. An upgraded fedge, or a
+    failure recorded before failures named their model and version, is tried again.
+
+    Raises: sqlite3.Error: the audit log cannot be read."""
+    from fedge.console.audit import parse_detail
+
+    rows = store.audit_log(actions=EXPORT_OUTCOMES, job=job_id, limit=50)
+    last: tuple[Any, Any, Any] | None = None
+    times = 0
+    for row in reversed(rows):  # newest first, back to the last export written or kept
+        if row["action"] != "model_export_failed":
+            break
+        detail = parse_detail(row["detail"])
+        if not isinstance(detail, dict):
+            break
+        this = (detail.get("reason"), detail.get("final_digest"), detail.get("version"))
+        if last is None:
+            last = this
+        if this != last:
+            break
+        times += 1
+    if last is None or times < EXPORT_GIVE_UP_AFTER:
+        return None
+    reason, digest, version = last
+    if not isinstance(reason, str) or export_may_pass(reason) or not final_digest \
+            or digest != final_digest or version != __version__:
+        return None
+    return reason, times
 
 
 async def serve_admin(coordinator: Any, config: AdminConfig, *, updates: Any | None = None,

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedge import instance_lock
+from fedge import __version__, instance_lock
 from fedge.coordinator import checkpoint as ck
 from fedge.coordinator.config import CoordinatorConfig
 from fedge.coordinator.service import FINISH_RETRY_S, Coordinator, DatabaseLocked
@@ -44,6 +44,7 @@ from fedge.coordinator.store import (
     DISK_ERRNOS,
     HEARTBEAT_FLUSH_S,
     Store,
+    StoreError,
     database_error,
     is_locked,
 )
@@ -477,15 +478,45 @@ async def finish_job(coord: Coordinator, job_id: str) -> None:
     report), both beside the final checkpoint for ``fedge console jobs fetch``.
 
     Safe to run again for a job it has finished, wholly or in part: a ``model.onnx``
-    that loads and names the job's final model is kept, not exported again.
+    that loads and names the job's final model is kept, not exported again; an export
+    that failed the same way for this model already (``admin.export_given_up``: a cause
+    that does not pass) is not tried again (audited ``model_export_skipped``).
     """
     out = ck.final_path(coord.state_dir, job_id).with_name("model.onnx")
-    if await asyncio.to_thread(_is_export_of, out, coord.store.job(job_id).final_digest):
+    final_digest = coord.store.job(job_id).final_digest
+    if await asyncio.to_thread(_is_export_of, out, final_digest):
         coord.store.audit("coordinator", "model_export_kept", {"job": job_id, "path": str(out)})
         log.info("job %s: %s is already its final model's export", job_id, out)
+    elif (given_up := _export_given_up(coord, job_id, final_digest)) is not None:
+        coord.store.audit("coordinator", "model_export_skipped",
+                          {"job": job_id, "reason": given_up[0], "times": given_up[1],
+                           "final_digest": final_digest})
+        log.warning("%s", _given_up_text(coord, job_id, given_up))
     else:
         await export_final_model(coord, job_id)
     await write_report(coord, job_id)
+
+
+def _export_given_up(coord: Coordinator, job_id: str, final_digest: str
+                     ) -> tuple[str, int] | None:
+    """fedge.coordinator.admin.export_given_up for ``job_id``; None (tried again) when
+    the audit log cannot be read."""
+    from fedge.coordinator.admin import export_given_up
+
+    try:
+        return export_given_up(coord.store, job_id, final_digest)
+    except sqlite3.Error as exc:
+        log.warning("job %s: its earlier export failures cannot be read (%s): the export "
+                    "is tried", job_id, exc)
+        return None
+
+
+def _given_up_text(coord: Coordinator, job_id: str, given_up: tuple[str, int]) -> str:
+    reason, times = given_up
+    return (f"job {job_id}: its ONNX export failed {times} times the same way for its "
+            f"final model ({reason}); not tried again at this start. Fix the cause, then "
+            f"run `fedge export --job {job_id} --state-dir {coord.state_dir}` on this host, "
+            "which writes the job's model.onnx")
 
 
 REPORT_FILES = ("report.md", "report.json")
@@ -503,7 +534,13 @@ def unfinished_jobs(coord: Coordinator) -> list[str]:
     A job whose directory is gone is not one: every ended job with a result has one
     (its final or last committed checkpoint is written before its status), so the
     operator deleted it (packaging/debian/README.Debian), and there is nothing left to
-    finish it from."""
+    finish it from.
+
+    Nor is a job whose export alone is missing and has failed the same way for its final
+    model EXPORT_GIVE_UP_AFTER times (``admin.export_given_up``: a parity check that
+    refuses NaN weights, not a full disk): tried at every start, it only failed again.
+    A WARNING says so and names the command that writes it by hand; `jobs fetch` and
+    `jobs status` say the same."""
     out = []
     for status in ("completed", "failed", "cancelled"):
         for job in coord.store.jobs(status=status):
@@ -511,8 +548,15 @@ def unfinished_jobs(coord: Coordinator) -> list[str]:
                 continue
             if not ck.job_dir(coord.state_dir, job.job_id).is_dir():
                 continue
-            if not set(RESULT_FILES) <= set(ck.results(coord.state_dir, job.job_id)):
-                out.append(job.job_id)
+            missing = set(RESULT_FILES) - set(ck.results(coord.state_dir, job.job_id))
+            if not missing:
+                continue
+            if missing == {"model.onnx"}:
+                given_up = _export_given_up(coord, job.job_id, job.final_digest)
+                if given_up is not None:
+                    log.warning("%s", _given_up_text(coord, job.job_id, given_up))
+                    continue
+            out.append(job.job_id)
     return out
 
 
@@ -603,7 +647,15 @@ async def export_final_model(coord: Coordinator, job_id: str, *,
         log.info("job %s exported to %s", job_id, out)
         return True
     reason = (err.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
-    coord.store.audit("coordinator", "model_export_failed", {"job": job_id, "reason": reason})
+    # the model and the version it failed for: the same failure for the same model
+    # twice is not tried again at each start (admin.export_given_up)
+    try:
+        final_digest = coord.store.job(job_id).final_digest
+    except StoreError:  # a checkpoint exported without its job's record (no digest)
+        final_digest = ""
+    coord.store.audit("coordinator", "model_export_failed", {
+        "job": job_id, "reason": reason, "final_digest": final_digest,
+        "version": __version__})
     log.warning("job %s: ONNX export failed: %s", job_id, reason)
     return False
 

@@ -140,3 +140,24 @@ def test_a_plan_refused_alike_by_two_sites_of_four_commits_and_watch_says_it_onc
     lines = watched(fed, job)
     dropped = [line for line in lines if line.startswith("  dropped ")]
     assert dropped == [f"  dropped c, d: {NO_COLUMN}"], lines
+
+
+def test_the_attempt_before_is_the_databases_so_a_restart_between_them_changes_nothing(
+        federation):
+    fed = federation(["a", "b", "c"])
+    refusing(fed, ["a", "b", "c"], lambda n: NO_COLUMN)
+    text = PLAN.format(min_clients=2).replace("max_failed_attempts = 3",
+                                              "max_failed_attempts = 5")
+
+    async def go():
+        await fed.heartbeats()
+        job = fed.coord.submit_job(text, actor="test")
+        await fed.pump_alive(until=lambda: fed.coord.store.job(job).failed_attempts == 1)
+        fed.restart()  # in the pause before attempt 2
+        await fed.pump_alive(until=lambda: fed.coord.store.job(job).status
+                             in ("completed", "failed"), max_steps=6000)
+        return job
+    job = asyncio.run(go())
+    row = fed.coord.store.job(job)
+    assert row.status == "failed" and row.failed_attempts == 2, row
+    assert row.error.endswith("every site refused it twice in the same words")

@@ -162,8 +162,11 @@ def test_an_attempt_failed_after_its_eval_tasks_moves_no_c_i(federation):
     st = fed.coord.store
     assert st.job(job).status == "completed", st.job(job).error
     rounds = st.rounds(job)
+    # the failed attempt's sum had been formed (its EvalTasks left): its row keeps the
+    # sum's survivors, a release each (report.client_privacy)
     assert [(r.round, r.status, r.survivors) for r in rounds] == [
-        (1, "failed", []), (1, "committed", ["a", "b"]), (2, "committed", ["a", "b", "c"])]
+        (1, "failed", ["a", "b", "c"]), (1, "committed", ["a", "b"]),
+        (2, "committed", ["a", "b", "c"])]
     # c's round-1 update of the failed attempt was dropped at round 2's ControlCommit
     w, c, ci = reference(fed, 2, absent={1: {"c"}})
     np.testing.assert_allclose(

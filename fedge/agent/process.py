@@ -908,7 +908,7 @@ def state_dir_problems(state_dir: Path) -> tuple[list[str], list[str]]:
     said = [dir_said] if dir_said else []
     for name in STATE_WRITTEN:
         path = sd / name
-        if path.is_dir():
+        if os.path.isdir(path):
             said.append(cannot(path, "its directory", os.R_OK | os.W_OK | os.X_OK))
     for name in STATE_FILES_WRITTEN[1:]:
         path = sd / name

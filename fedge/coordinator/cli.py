@@ -5,7 +5,7 @@
     fedge coordinator enrol --config FILE --site S --curve-public 'Z85' --ed25519-public HEX
     fedge coordinator status --config FILE [JOB]     fleet and jobs as JSON
     fedge coordinator audit --config FILE [filters]  the audit log, read-only
-    fedge coordinator check --config FILE            check the config as run does at
+    fedge coordinator check --config FILE [--user U] check the config as run does at
                                                      start, then exit ('ok: FILE', 0; or
                                                      why: 2 where run stops, 1 where its
                                                      jobs would fail); locks and writes
@@ -69,6 +69,10 @@ def register(subparsers: Any) -> None:
         "running coordinator. Run it as the user the service runs as: what that user "
         "cannot read or write, run cannot either.")
     c.add_argument("--config", type=Path, default=argparse.SUPPRESS)
+    c.add_argument("--user", metavar="NAME",
+                   help="as root: look at the state directory as user NAME (the one the "
+                   "service runs as, fedge as packaged) would use it; check runs as root "
+                   "to read the provision file, and root may write anywhere")
     c.set_defaults(func=_check)
 
 
@@ -111,8 +115,29 @@ def _check(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"fedge coordinator: {exc}", file=sys.stderr)
         return 2
+    owner = None
+    if getattr(args, "user", None):
+        import os
+        import pwd
+
+        try:
+            entry = pwd.getpwnam(args.user)
+        except KeyError:
+            print(f"fedge coordinator check: --user {args.user}: no such user",
+                  file=sys.stderr)
+            return 2
+        if entry.pw_uid != os.geteuid():
+            if os.geteuid() != 0:
+                print(f"fedge coordinator check: --user {args.user} needs root (or run "
+                      f"check as {args.user})", file=sys.stderr)
+                return 2
+            owner = (entry.pw_uid, entry.pw_gid)
     # nothing bound but for an instant, never listening; nothing locked or written
-    found = start_check(cfg)
+    try:
+        found = start_check(cfg, owner=owner)
+    except OSError as exc:  # the child dropped to --user's (named)
+        print(f"fedge coordinator check: {exc}", file=sys.stderr)
+        return 2
     for problem in (*found.refused, *found.jobs):
         print(f"fedge coordinator: {problem}", file=sys.stderr)
     for warning in (*cfg.warnings, *found.warnings):

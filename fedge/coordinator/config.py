@@ -443,14 +443,31 @@ class StartCheck:
     notes: tuple[str, ...] = ()
 
 
-def start_check(cfg: CoordinatorConfig) -> StartCheck:
+def start_check(cfg: CoordinatorConfig, *, owner: tuple[int, int] | None = None
+                ) -> StartCheck:
     """What run would meet at start that the configuration does not say by itself, seen
     without starting, locking or writing anything: the listen endpoints (``bind``, and
     the admin channel's where it is on), each tried as libzmq binds it
     (`try_listen`: a socket bound and closed at once, never listening), and the state
     directory as this user may use it (`state_dir_problems`). Check runs beside the
     running coordinator: a port held by the process holding this state directory's
-    lock (`lock_holder`, tested without taking it) is a note, not a problem."""
+    lock (`lock_holder`, tested without taking it) is a note, not a problem.
+
+    ``owner`` (uid, gid): the state directory is looked at as that user, from a child
+    process dropped to it (fedge.as_owner.run_as; this process must be root): the
+    service user, where check runs as root to read the provision file.
+
+    Raises: OSError: the child could not be run as ``owner`` (named)."""
+    import importlib
+
+    from fedge.as_owner import run_as
+
+    for module in ("pwd", "stat", "fedge.coordinator.store", "fedge.text"):
+        importlib.import_module(module)  # here: the child may not read the modules
+
+    # first, before a name's lookup may leave a thread behind (run_as forks)
+    stops, jobs = run_as(owner, lambda: state_dir_problems(Path(cfg.state_dir)),
+                         what=f"looking at state_dir {cfg.state_dir}", umask=None)
     holder = lock_holder(Path(cfg.state_dir))
     refused: list[str] = []
     warnings: list[str] = []
@@ -470,7 +487,6 @@ def start_check(cfg: CoordinatorConfig) -> StartCheck:
             found.append(f"{what}: {trouble}: {then}")
         if note:
             notes.append(f"{what}: {note}")
-    stops, jobs = state_dir_problems(Path(cfg.state_dir))
     return StartCheck(tuple(refused + stops), tuple(jobs), tuple(warnings), tuple(notes))
 
 
@@ -686,21 +702,39 @@ def state_dir_problems(state_dir: Path) -> tuple[list[str], list[str]]:
             mode = ro and f" ({ro[2:]})"
         return f"{what} {path}{mode} cannot be written{user}"
 
-    if not state_dir.exists():
-        parent = state_dir.parent
-        while not parent.exists() and parent != parent.parent:
-            parent = parent.parent
-        if not parent.is_dir():
+    import stat
+
+    def unreachable(path: Path, exc: OSError) -> list[str]:
+        return [f"state_dir {state_dir} cannot be reached{user}: {exc.strerror or exc}: "
+                f"{path}: {why}"]
+
+    try:
+        top = os.stat(state_dir)
+    except FileNotFoundError:
+        parent = state_dir.parent  # run makes it, and the directories on the way
+        while True:
+            try:
+                top = os.stat(parent)
+                break
+            except FileNotFoundError:
+                if parent == parent.parent:
+                    raise
+                parent = parent.parent
+            except OSError as exc:
+                return unreachable(parent, exc), []
+        if not stat.S_ISDIR(top.st_mode):
             return [f"state_dir {state_dir} cannot be made: {parent} is not a directory"], []
         said = cannot(parent, f"state_dir {state_dir} does not exist, and the directory it "
                       "would be made in,", os.W_OK | os.X_OK)
         return ([f"{said}: {why}"] if said else []), []
-    if not state_dir.is_dir():
+    except OSError as exc:  # a directory on the way this user cannot search
+        return unreachable(state_dir, exc), []
+    if not stat.S_ISDIR(top.st_mode):
         return [f"state_dir {state_dir} is not a directory"], []
     stops: list[str] = []
     said = cannot(state_dir, "state_dir", os.R_OK | os.W_OK | os.X_OK)
-    if said:
-        stops.append(f"{said}: {why}")
+    if said:  # what is in it is the same user's to fix, and may not be seen
+        return [f"{said}: {why}"], []
     for name in ("coordinator.lock", DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", "endpoint"):
         path = state_dir / name
         if os.path.lexists(path):
@@ -709,7 +743,7 @@ def state_dir_problems(state_dir: Path) -> tuple[list[str], list[str]]:
                 stops.append(f"{said}: {why}")
     jobs = state_dir / "jobs"
     found: list[str] = []
-    if jobs.is_dir():
+    if os.path.isdir(jobs):
         said = cannot(jobs, "the job directory", os.R_OK | os.W_OK | os.X_OK)
         if said:
             found.append(f"{said}: `fedge coordinator run` starts, but no job's checkpoints "

@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -243,3 +244,50 @@ def test_a_jobs_dir_the_user_cannot_write_exits_1(tmp_path) -> None:
         f"fedge coordinator: the job directory {jobs} (mode 0500, owner {user()}) cannot be "
         f"written as user {user()}: `fedge coordinator run` starts, but no job's "
         "checkpoints and outputs can be written: each job fails\n")
+
+
+def nobody() -> object:
+    import pwd
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root: --user looks as another user")
+    try:
+        return pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no user nobody")
+
+
+def test_root_looks_at_the_state_dir_as_the_service_user_with_user(request, tmp_path
+                                                                   ) -> None:
+    """The documented `sudo fedge coordinator check` runs as root (the provision file is
+    root's), and root writes anywhere: --user NAME looks as the service user does."""
+    entry = nobody()
+    # nobody may reach st, as the unit's user reaches /var/lib (pytest's tmp_path is
+    # under root's 0700 directory)
+    base = Path(tempfile.mkdtemp(prefix="s19-check-user-"))
+    request.addfinalizer(lambda: shutil.rmtree(base))
+    base.chmod(0o755)
+    cfg = config(base, f"tcp://127.0.0.1:{free_port()}")
+    state = base / "st"
+    state.mkdir(mode=0o700)
+    done = fedge("check", "--config", str(cfg))
+    assert (done.returncode, done.stdout, done.stderr) == (0, f"ok: {cfg}\n", "")
+    done = fedge("check", "--config", str(cfg), "--user", "nobody")
+    assert (done.returncode, done.stdout) == (2, ""), done.stderr
+    assert done.stderr == (
+        f"fedge coordinator: state_dir {state} (mode 0700, owner root) cannot be written "
+        "as user nobody: `fedge coordinator run` as user nobody would stop at start; give "
+        "the service user the directory (chown -R), or point state_dir at one it owns\n")
+    os.chown(state, entry.pw_uid, entry.pw_gid)
+    done = fedge("check", "--config", str(cfg), "--user", "nobody")
+    assert (done.returncode, done.stdout, done.stderr) == (0, f"ok: {cfg}\n", "")
+    unreached = tmp_path / "st"  # under pytest's directory, root's and 0700
+    cfg.write_text(cfg.read_text().replace('state_dir = "st"', f'state_dir = "{unreached}"'))
+    done = fedge("check", "--config", str(cfg), "--user", "nobody")
+    assert (done.returncode, done.stdout) == (2, ""), done.stderr
+    assert done.stderr.startswith(
+        f"fedge coordinator: state_dir {unreached} cannot be reached as user nobody: "
+        f"Permission denied: {unreached}: "), done.stderr
+    done = fedge("check", "--config", str(cfg), "--user", "no-such-user-s19")
+    assert (done.returncode, done.stderr) == (
+        2, "fedge coordinator check: --user no-such-user-s19: no such user\n")

@@ -66,8 +66,9 @@ def register(subparsers: Any) -> None:
         "held by the running coordinator of this state directory), the addresses (this "
         "host's), the state directory (writable by this user). Without starting: nothing "
         "is locked, made or written, no port is listened at, so it may run beside the "
-        "running coordinator. Run it as the user the service runs as: what that user "
-        "cannot read or write, run cannot either.")
+        "running coordinator. What the service's user cannot read or write, run cannot "
+        "either: run it as that user, or as root (the provision file is root's) with "
+        "--user and that user's name.")
     c.add_argument("--config", type=Path, default=argparse.SUPPRESS)
     c.add_argument("--user", metavar="NAME",
                    help="as root: look at the state directory as user NAME (the one the "

@@ -18,7 +18,7 @@ maintainer scripts from ``packaging/debian``, handed to ``dpkg-deb
 
 Usage::
 
-    packaging/build_deb.py [--version 0.2.0-1] [--out dist] [--work build/deb]
+    packaging/build_deb.py [--version 0.3.0-1] [--out dist] [--work build/deb]
                            [--compress zstd|gzip|xz|none] [--level N]
 
 Prints the path of the .deb on its last line.
@@ -27,6 +27,8 @@ Prints the path of the .deb on its last line.
 from __future__ import annotations
 
 import argparse
+import datetime
+import email.utils
 import gzip
 import hashlib
 import io
@@ -36,8 +38,10 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import textwrap
 import time
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -235,14 +239,144 @@ def _installed_size_kib(root: Path) -> int:
     return total
 
 
+# What changed, for hospital IT and the ML engineer: shipped as the upstream
+# changelog (/usr/share/doc/fedge/changelog.gz), and the source of the package's
+# changelog.Debian.gz (:func:`debian_changelog`), so that `apt changelog`-style
+# reading of an installed package says what this version brought.
+CHANGELOG = REPO / "CHANGELOG.md"
+_RELEASE = re.compile(r"^## (\S+) \((\d{4}-\d{2}-\d{2})\)\s*$")
+# lintian flags changelog lines over 80 columns (debian-changelog-line-too-long)
+CHANGELOG_WIDTH = 78
+
+
+@dataclass
+class Release:
+    """One ``## VERSION (DATE)`` section of CHANGELOG.md: its groups in order, each
+    ``(title, items)``; the text before the first ``###`` is the group titled ""."""
+
+    version: str
+    date: datetime.date
+    groups: list[tuple[str, list[str]]]
+
+
+def read_changelog(text: str, source: str = "CHANGELOG.md") -> list[Release]:
+    """The releases of a CHANGELOG.md text, newest first as written.
+
+    Within a release, a ``- `` line starts an item and indented lines continue it;
+    any other text makes a paragraph item; a blank line ends either. Text before
+    the first release is the file's preamble and is left out.
+
+    Raises:
+        BuildError: a release heading whose date is not a date, a version given twice,
+            or a release with nothing in it (each names ``source`` and the line).
+    """
+    releases: list[Release] = []
+    item: list[str] | None = None
+
+    def close() -> None:
+        nonlocal item
+        if item is not None:
+            releases[-1].groups[-1][1].append(" ".join(item))
+        item = None
+
+    for n, line in enumerate(text.splitlines(), 1):
+        heading = _RELEASE.match(line)
+        if heading is None and line.startswith("## "):
+            raise BuildError(f"{source} line {n}: {line!r} is not a release heading "
+                             "'## VERSION (YYYY-MM-DD)'")
+        if heading is not None:
+            close()
+            version, day = heading.groups()
+            try:
+                date = datetime.date.fromisoformat(day)
+            except ValueError:
+                raise BuildError(
+                    f"{source} line {n}: {day!r} is not a date (YYYY-MM-DD)") from None
+            if any(r.version == version for r in releases):
+                raise BuildError(f"{source} line {n}: release {version} is given twice")
+            releases.append(Release(version, date, [("", [])]))
+            continue
+        if not releases:
+            continue  # the preamble
+        stripped = line.strip()
+        if line.startswith("### "):
+            close()
+            releases[-1].groups.append((line[4:].strip(), []))
+        elif not stripped:
+            close()
+        elif line.startswith("- "):
+            close()
+            item = [stripped[2:].strip()]
+        elif item is not None:
+            item.append(stripped)
+        else:
+            item = [stripped]
+    close()
+    for r in releases:
+        r.groups = [(title, items) for title, items in r.groups if items]
+        if not r.groups:
+            raise BuildError(f"{source}: release {r.version} says nothing")
+    return releases
+
+
+def upstream_of(version: str) -> str:
+    """The upstream part of a Debian version: no epoch, no Debian revision."""
+    upstream = version.split(":", 1)[-1]
+    return upstream.rpartition("-")[0] if "-" in upstream else upstream
+
+
+def _debian_text(text: str) -> str:
+    return text.replace("`", "")
+
+
+def debian_changelog(version: str, changelog_md: Path = CHANGELOG) -> str:
+    """The package's debian/changelog: one entry per release of ``changelog_md``
+    from ``version``'s upstream release down, the first one named ``version``, the
+    older ones ``<release>-1``; each dated by its release's date.
+
+    Raises:
+        BuildError: ``changelog_md`` cannot be read, does not parse
+            (:func:`read_changelog`), or has no section for ``version``'s upstream
+            version (a package must say what its version changed).
+    """
+    try:
+        text = changelog_md.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise BuildError(f"cannot read {changelog_md}: {exc.strerror or exc}") from exc
+    releases = read_changelog(text, str(changelog_md))
+    upstream = upstream_of(version)
+    names = [r.version for r in releases]
+    if upstream not in names:
+        raise BuildError(
+            f"{changelog_md} has no section for {upstream} (the package version "
+            f"{version}; it has {', '.join(names) or 'none'}): add '## {upstream} "
+            "(YYYY-MM-DD)' saying what this version changed before packaging it")
+    entries = []
+    for r in releases[names.index(upstream):]:
+        lines = [f"fedge ({version if r.version == upstream else f'{r.version}-1'}) "
+                 "stable; urgency=medium", ""]
+        for title, items in r.groups:
+            if title:
+                lines += textwrap.wrap(_debian_text(title) + ":", CHANGELOG_WIDTH,
+                                       initial_indent="  * ", subsequent_indent="    ")
+                indent = ("    - ", "      ")
+            else:
+                indent = ("  * ", "    ")
+            for it in items:
+                lines += textwrap.wrap(_debian_text(it), CHANGELOG_WIDTH,
+                                       initial_indent=indent[0],
+                                       subsequent_indent=indent[1],
+                                       break_long_words=False, break_on_hyphens=False)
+        midnight = datetime.datetime.combine(r.date, datetime.time(0, 0),
+                                         tzinfo=datetime.UTC)
+        lines += ["", f" -- {MAINTAINER}  {email.utils.format_datetime(midnight)}"]
+        entries.append("\n".join(lines) + "\n")
+    return "\n".join(entries)
+
+
 def changelog(version: str) -> bytes:
-    date = time.strftime("%a, %d %b %Y %H:%M:%S +0000", time.gmtime(_epoch()))
-    text = (
-        f"fedge ({version}) stable; urgency=medium\n\n"
-        "  * Package built from the fedge source tree by packaging/build_deb.py.\n\n"
-        f" -- {MAINTAINER}  {date}\n"
-    )
-    return gzip.compress(text.encode(), compresslevel=9, mtime=0)
+    """changelog.Debian.gz: :func:`debian_changelog`, gzipped as lintian wants it."""
+    return gzip.compress(debian_changelog(version).encode(), compresslevel=9, mtime=0)
 
 
 def _epoch() -> int:
@@ -268,6 +402,8 @@ def assemble(venv_root: Path, pkg: Path, version: str) -> None:
     # every setting of the conffiles, with its default and rule (README.Debian, Files)
     _copy(REPO / "docs" / "configuration.md", doc / "configuration.md", 0o644)
     (doc / "changelog.Debian.gz").write_bytes(changelog(version))
+    (doc / "changelog.gz").write_bytes(
+        gzip.compress(CHANGELOG.read_bytes(), compresslevel=9, mtime=0))
     _copy(PACKAGING / "debian" / "lintian-overrides",
           pkg / "usr/share/lintian/overrides/fedge", 0o644)
 
@@ -374,6 +510,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         version = check_version(args.version or f"{upstream_version()}-1")
     except ValueError as exc:
+        parser.error(str(exc))
+    try:  # before minutes of building: a version without release notes is not packaged
+        debian_changelog(version)
+    except BuildError as exc:
         parser.error(str(exc))
     if not Path(SYSTEM_PYTHON).exists():
         parser.error(f"{SYSTEM_PYTHON} is missing: install python3 and python3-venv")

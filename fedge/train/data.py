@@ -1046,15 +1046,18 @@ def _not_utf8(path: Path, exc: UnicodeDecodeError) -> DataError:
     try:
         text = bytes(data).decode("utf-8", errors="surrogateescape")
         reader = csv.reader(io.StringIO(text, newline=""))
-        header = [h.strip() for h in next(reader)]
+        names = next(reader)
+        header = [h.strip() for h in names]
         first = _first_surrogate(header)
         if first is not None:
-            line = reader.line_num
+            line = _cell_line(1, names, first)
         else:
+            end = reader.line_num  # where a record ends; the next starts on the line after
             for fields in reader:
+                start, end = end + 1, reader.line_num
                 first = _first_surrogate(fields)
                 if first is not None:
-                    line = reader.line_num
+                    line = _cell_line(start, fields, first)
                     column = header[first] if first < len(header) else None
                     break
     except (csv.Error, StopIteration):

@@ -110,3 +110,13 @@ def test_a_quote_never_closed_names_the_record_it_opens(tmp_path: Path) -> None:
                       "record that starts on line 5: a quote opened there and not closed "
                       "runs on to this line)")
     assert e.public == "the data file, line 7: malformed CSV"
+
+
+def test_a_byte_that_is_not_utf8_names_the_line_of_its_cell(tmp_path: Path) -> None:
+    """Latin-1 'ä' (0xe4) in a cell before a note that spans lines 3 to 5."""
+    path = tmp_path / "n.csv"
+    path.write_bytes(b'alter,kalium,y,note\r\n61,4.5,1,x\r\n62,K\xe4,0,"a\r\nb\r\nc"\r\n')
+    os.utime(path, (time.time() - 3600,) * 2)
+    with pytest.raises(DataError) as err:
+        read_source(_spec(path))
+    assert (err.value.line, err.value.column) == (3, "kalium")

@@ -138,10 +138,17 @@ def _export(
 ) -> list[str]:
     """The final model in ONNX: ``model.onnx`` on standardised features, and one
     ``model-centre-<i>.onnx`` per centre with that centre's own standardisation folded
-    into the graph, so each appliance serves raw features."""
+    into the graph, so each appliance serves raw features.
+
+    Each file's metadata says what ``fedge export`` says of a federated job's model
+    (fedge.serve.jobs): its output, its feature names in input order, and for
+    ``model.onnx`` that each site standardises its own rows (``per-site
+    standardisation``), so that an appliance it is pushed to prepends its own
+    constants instead of serving raw rows to a model trained on standardised ones."""
     try:
         from fedge.serve import export_onnx
         from fedge.serve.export import Standardisation
+        from fedge.serve.jobs import _output_description, _site_preprocessing
     except ImportError:
         return []
     import torch
@@ -153,12 +160,20 @@ def _export(
     load_flat(model, weights)
     model.eval()
     n_in = int(spec.params["in_features"])
-    meta = {"model": spec.name, "dataset": "fed_tcga_brca", "model_digest": digest}
+    dataset = str(plan["job"]["dataset"])
+    names = [list(c.feature_names) for c in centres]
+    if any(n != names[0] for n in names):  # one loader, one column order: a bug if not
+        raise DemoError("the centres' feature columns differ; the demo's data cannot be "
+                        "one federated model's input")
+    meta = {"model": spec.name, "dataset": dataset, "model_digest": digest,
+            "feature_names": json.dumps(names[0]),
+            "output": json.dumps(_output_description(spec.name, dict(spec.params)))}
     export_onnx(
         model,
         torch.zeros(2, n_in),
-        {**meta, "inputs": "standardised features"},
+        {**meta, "inputs": "features standardised by each centre with its own constants"},
         report / "model.onnx",
+        preprocessing=_site_preprocessing(dataset, 1),
     )
     files = ["model.onnx"]
     for i, c in enumerate(centres):

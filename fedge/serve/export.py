@@ -16,6 +16,14 @@ The written file carries its provenance in `metadata_props` (all strings):
 `fedge_version`, `exporter`, `parity_max_abs_diff`, `parity_tolerance`,
 `parity_rtol` and `parity_batch`, which export_onnx adds itself.
 
+`preprocessing` has no default: every caller says what the model's input must go
+through, a `Standardisation` folded into the graph, or a description (a dict with a
+`kind`: `{"kind": "none"}` for inputs taken as they are, fedge.serve.jobs's
+`per-site standardisation` for a federated tabular model), as the `preprocessing=`
+argument or the `preprocessing` metadata entry. A default of "none" once labelled a
+model trained on standardised rows as taking raw ones (the demo's model.onnx): an
+appliance installing it served it on raw rows, its risk scores 30-60 times too large.
+
 Parity tolerance: for each output, max |onnxruntime - pytorch| <= atol + rtol *
 max |pytorch| over the held-out batch (atol `parity_tolerance`, default 1e-5;
 rtol `parity_rtol`, default 1e-5). Both compute in float32 but not in the same
@@ -42,6 +50,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -183,6 +192,64 @@ def _validate_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
+def _described_preprocessing(
+    props: Mapping[str, str], preprocessing: Standardisation | Mapping[str, Any] | None
+) -> str | None:
+    """The `preprocessing` metadata (JSON) a caller stated as a description, checked;
+    None when `preprocessing` is a `Standardisation` (export_onnx describes it once it
+    knows where it went).
+
+    Raises: ValueError: not stated, stated twice, not an object with a str `kind`, or
+        a description claiming a standardisation the graph would not hold."""
+    stated = "preprocessing" in props
+    if isinstance(preprocessing, Standardisation):
+        if stated:
+            raise ValueError(
+                "preprocessing is given twice, as a Standardisation to fold into the graph "
+                "and as metadata['preprocessing']; the metadata would not describe the graph"
+            )
+        return None
+    if preprocessing is None:
+        if not stated:
+            raise ValueError(
+                "export_onnx needs the model's preprocessing stated: a Standardisation to "
+                "fold into the graph, or a description such as {'kind': 'none'} (inputs "
+                "taken as they are) or fedge.serve.jobs's per-site standardisation, as "
+                "preprocessing= or metadata['preprocessing']; there is no default, since a "
+                "wrong one makes a server feed the model what it was not trained on"
+            )
+        text = props["preprocessing"]
+        try:
+            prep = json.loads(text)
+        except json.JSONDecodeError:
+            raise ValueError(
+                f"metadata['preprocessing'] {text[:80]!r} is not JSON") from None
+        where = "metadata['preprocessing']"
+    elif isinstance(preprocessing, Mapping):
+        if stated:
+            raise ValueError(
+                "preprocessing is given twice, as preprocessing= and as "
+                "metadata['preprocessing']; give one")
+        prep, where = dict(preprocessing), "preprocessing"
+        try:
+            text = json.dumps(prep)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"preprocessing {prep!r} cannot be written as JSON: {exc}") from None
+    else:
+        raise TypeError(
+            f"preprocessing is {type(preprocessing).__name__}; expected a Standardisation "
+            "or a dict describing the input")
+    if not isinstance(prep, dict) or not isinstance(prep.get("kind"), str) or not prep["kind"]:
+        raise ValueError(
+            f"{where} must be a JSON object with a non-empty str 'kind' (e.g. "
+            f"{{'kind': 'none'}}); got {text[:80]!r}")
+    if prep["kind"] == "standardise":
+        raise ValueError(
+            f"{where} says kind 'standardise', which only a Standardisation folded into "
+            "the graph may claim: pass preprocessing=Standardisation(mean, std)")
+    return text
+
+
 def _held_out_batch(example: torch.Tensor) -> torch.Tensor:
     """A batch the tracer never saw: another size, fresh values on the example's scale."""
     gen = torch.Generator().manual_seed(20240611)
@@ -202,7 +269,7 @@ def export_onnx(
     path: str | os.PathLike[str],
     *,
     held_out: torch.Tensor | None = None,
-    preprocessing: Standardisation | None = None,
+    preprocessing: Standardisation | Mapping[str, Any] | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
     rtol: float = DEFAULT_RTOL,
     opset: int = DEFAULT_OPSET,
@@ -217,12 +284,19 @@ def export_onnx(
     <= `tolerance` + `rtol` * the output's largest magnitude (see the module's
     docstring).
 
+    `preprocessing` must be stated (module docstring): a `Standardisation` to fold
+    into the graph, or a description of what the input must go through (a dict
+    with a str `kind`, written as JSON), given here or as `metadata["preprocessing"]`
+    (JSON), not both.
+
     Raises:
         TypeError: `example_input`/`held_out` not tensors, metadata values not str,
             or the model returns something other than tensors.
         ValueError: opset < 17, tolerance or rtol not a finite non-negative number, an empty
             or batchless example, a reserved metadata key, a held-out batch whose
-            trailing shape differs from the example's.
+            trailing shape differs from the example's; preprocessing not stated, stated
+            twice, not a JSON object with a str `kind`, or a description claiming a
+            standardisation in the graph (only a `Standardisation` puts one there).
         ExportRefused: an ONNX graph's output differs from PyTorch's by more than
             that (or is not finite); nothing is written at `path`.
         onnx.checker.ValidationError: the exported graph is invalid.
@@ -249,6 +323,10 @@ def export_onnx(
             f"{tuple(example_input.shape)} beyond the batch axis"
         )
     held_out = held_out.to(example_input.dtype)
+    described = _described_preprocessing(props, preprocessing)
+    if described is not None:
+        props["preprocessing"] = described
+        preprocessing = None
 
     path = Path(path)
     was_training = model.training
@@ -297,10 +375,8 @@ def export_onnx(
                 prep_where = where
                 break
             if preprocessing is not None:
-                assert prep_where is not None
-                props.setdefault("preprocessing", json.dumps(preprocessing.describe(prep_where)))
-            else:
-                props.setdefault("preprocessing", json.dumps({"kind": "none"}))
+                assert prep_where is not None and "preprocessing" not in props
+                props["preprocessing"] = json.dumps(preprocessing.describe(prep_where))
 
             props.update(
                 fedge_version=__version__,

@@ -743,9 +743,17 @@ class TorchTrainer:
     def standardisation(self, name: str, *, job: str | None = None
                         ) -> tuple[Any, Any, list[str]] | None:
         """This site's standardiser for data set ``name`` (mean, scale, feature names),
-        fitted on its training split exactly as training uses it: as job ``job`` uses
-        it, while that job is held; otherwise as the data set's newest version does.
+        fitted on its training split exactly as training uses it: as job ``job`` trained
+        with it, while that job is held (one of the ``held_jobs`` used last, since the
+        agent started); otherwise as the data set's newest version does.
         None when the site does not hold the data set or it is not tabular.
+
+        A model pushed to the appliance asks with its ``job_id`` (SiteModels): a
+        re-export of the data set since the job began would otherwise scale the served
+        rows with other constants than training's. Asking holds no job: the install of
+        a finished job's model must not push a running job's state out of memory.
+        The constants of a job no longer held are not kept (the job state on disk has
+        the data cursor, not the standardiser): the newest version's are used, logged.
 
         Raises:
             TaskRefusal: the data set is declared but cannot be loaded (names why).
@@ -754,7 +762,17 @@ class TorchTrainer:
         self._refuse_unusable(name)
         if name not in self._specs:
             return None
-        data = self._site_data(name, job)
+        held_version = None
+        if job is not None:
+            with self._lock:
+                held = self._states.get(job)
+                held_version = held.data.get(name) if held is not None else None
+            if held_version is None:
+                log.info("data set %r: job %s's version of it is not held here (the job "
+                         "is not one of the %d used last since the agent started); its "
+                         "newest version's standardisation is used", name, job,
+                         self._states.held)
+        data = held_version.data if held_version is not None else self._site_data(name)
         if data.standardiser is None:
             return None
         return data.standardiser.mean, data.standardiser.scale, list(data.feature_names)

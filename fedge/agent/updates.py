@@ -241,9 +241,16 @@ class ModelInstaller(Protocol):
     def install(self, model_name: str, onnx: bytes | Path) -> object: ...
 
 
-# data set -> (mean, scale, feature names) of this site's standardiser; None when the
-# site does not hold the data set. May raise when the data set cannot be loaded.
-SiteStandardisation = Callable[[str], "tuple[Any, Any, list[str]] | None"]
+class SiteStandardisation(Protocol):
+    """data set (, job) -> (mean, scale, feature names) of this site's standardiser, as
+    job ``job`` trained with it where the site still holds that (fedge.agent.trainer's
+    ``TorchTrainer.standardisation``); None when the site does not hold the data set.
+    May raise when the data set cannot be loaded."""
+
+    def __call__(self, dataset: str, *, job: str | None = None
+                 ) -> tuple[Any, Any, list[str]] | None: ...
+
+
 # data set -> the class names this site declares for it, in label order; None when the
 # site does not hold it or names no classes (a table's integer labels)
 SiteClasses = Callable[[str], "tuple[str, ...] | None"]
@@ -259,8 +266,10 @@ class SiteModels:
     other model is installed as it comes.
 
     A model that needs a data set this site does not hold, or whose features differ
-    from the site's, is refused (the install outcome says why); the version already
-    serving keeps serving.
+    from the site's (other names, or another order), is refused (the install outcome
+    says why); the version already serving keeps serving. A model that names no
+    features (a federated one) gets the site's names, in the order its prepended
+    standardisation takes them (fedge.serve.sitelocal.standardise_onnx).
     """
 
     def __init__(self, repository: ModelInstaller, standardisation: SiteStandardisation,
@@ -285,7 +294,11 @@ class SiteModels:
         dataset = needs_site_standardisation(metadata)
         if dataset is None:
             return self.repository.install(model_name, data)
-        found = self.standardisation(dataset)
+        # the constants the model's job trained with, where the trainer still holds the
+        # version of the data set the job began on (a re-export since would scale the
+        # served rows otherwise than training did); else the newest version's
+        job = metadata.get("job_id") or None
+        found = self.standardisation(dataset, job=job)
         if found is None:
             raise ValueError(
                 f"model {model_name!r} expects each site's own standardisation of data set "

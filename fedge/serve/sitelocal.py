@@ -131,14 +131,18 @@ def standardise_onnx(
 
     ``feature_names`` (the site's column order) is compared with the model's
     ``feature_names`` metadata when the model names its features: a different order or
-    set would standardise the wrong columns. ``provenance`` is merged into the new
-    ``preprocessing`` metadata (site, data set).
+    set would standardise the wrong columns, and is refused. A model that names none
+    (every federated one: the sites never send their column names) gets the site's
+    written into its ``feature_names`` (and ``input_columns`` says so): the
+    standardisation now in its graph fixes what column j is. ``provenance`` is merged
+    into the new ``preprocessing`` metadata (site, data set).
 
     Raises:
         SiteStandardisationError: not an ONNX model; no input, or an input that is not
             a float tensor whose last axis has len(mean) features; mean and scale of
             different lengths, or not finite, or a scale <= 0; feature names that
-            differ from the model's; the new graph's outputs differ from the old one's.
+            differ from the model's, or not one per feature; the new graph's outputs differ
+            from the old one's.
     """
     try:
         proto = onnx.load_from_string(data)
@@ -178,16 +182,34 @@ def standardise_onnx(
             f"rows of {mean_v.size} features"
         )
     meta = _metadata(proto)
-    if feature_names is not None:
+    site_names = [str(n) for n in feature_names] if feature_names else []
+    if site_names and len(site_names) != mean_v.size:
+        raise SiteStandardisationError(
+            f"this site names {len(site_names)} features but its standardisation has "
+            f"{mean_v.size} values"
+        )
+    if site_names:
         try:
             model_names = json.loads(meta.get("feature_names", "[]"))
         except json.JSONDecodeError:
             model_names = []
-        if model_names and list(model_names) != list(feature_names):
+        if model_names and list(model_names) != site_names:
             raise SiteStandardisationError(
                 f"the model's features {model_names} are not this site's "
-                f"{list(feature_names)} (same names, same order)"
+                f"{site_names} (same names, same order)"
             )
+        if not model_names:
+            # A federated model names no features (the sites never send theirs), yet
+            # the graph now standardises column j with this site's constants for its
+            # column j: the site's names are the order a client must send, and fedge
+            # serve shows them (parameters.feature_names of the model's config).
+            _set_metadata(proto, "feature_names", json.dumps(site_names))
+            if "input_columns" in meta:
+                _set_metadata(proto, "input_columns", (
+                    "this site's feature columns, in the order feature_names lists them "
+                    "(its agent.toml's [[datasets]] features, or else the data file's "
+                    "column order), written by the site when it installed the model; "
+                    "the prepended standardisation takes column j to be feature_names[j]"))
 
     taken = {n for node in graph.node for n in (*node.input, *node.output)}
     taken |= {i.name for i in graph.input} | {o.name for o in graph.output} | initialisers

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Any
 
 DEFAULT_REPOSITORY = "/var/lib/fedge/models"
 DEFAULT_STATE_DIR = "/var/lib/fedge-coordinator"  # = fedge.coordinator.config.DEFAULT_STATE_DIR
@@ -155,6 +156,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="also install the result as a new version in this repository")
     export.add_argument("--name", default=None,
                         help="model name for --install (default: the job id)")
+    export.add_argument("--agent-config", metavar="FILE", default=None,
+                        help="for --install of a federated tabular model: the agent.toml of "
+                             "a site holding its data set, whose standardisation is "
+                             "prepended to the graph as an appliance does when the model is "
+                             "pushed to it (without it such a model is not installed)")
     export.set_defaults(func=_export)
 
 
@@ -186,7 +192,16 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     """Exit status 2 when the export or the install is refused (the one line on
-    stderr says why; nothing is written), 0 when done."""
+    stderr says why; the install writes nothing), 0 when done.
+
+    A federated tabular model was trained on rows each site standardised with its own
+    constants, which are not in the graph (fedge.serve.jobs); installed as it is, a
+    server would feed it the raw rows a hospital's application sends and answer with
+    wrong outputs, silently. So ``--install`` of such a model needs ``--agent-config``
+    (a site's agent.toml holding the data set): the model is installed as an appliance
+    installs a pushed one (fedge.agent.updates.SiteModels: that site's standardisation
+    prepended, its feature names and class names written). Without it the install is
+    refused, naming the ways that work; the exported file is written all the same."""
     from fedge.serve.errors import ExportRefused
     from fedge.serve.jobs import ExportError, export_job
     from fedge.serve.repository import ModelRepository
@@ -199,13 +214,60 @@ def _export(args: argparse.Namespace) -> int:
     print(f"wrote {result.path} (opset {result.opset}, sha256 {result.sha256[:16]}…, "
           f"parity max abs diff {result.parity_max_abs_diff:.3g} on {result.parity_batch} rows)")
     if args.install:
+        name = args.name or args.job
+        # ValueError: the repository's checks; with --agent-config also an invalid
+        # agent.toml (AgentConfigError), a model the site's features do not fit
+        # (SiteStandardisationError) and a data set that cannot be loaded (TaskRefusal)
+        refused: tuple[type[Exception], ...] = (ValueError,)
         try:
-            version = ModelRepository(args.install).install(args.name or args.job, result.path)
-        except ValueError as exc:
-            print(f"fedge export: {exc}", file=sys.stderr)
-            return 2
+            installer: Any = ModelRepository(args.install)
+            if args.agent_config is not None:
+                from fedge.agent.trainer import TaskRefusal
+
+                refused = (ValueError, TaskRefusal)
+                installer = _site_installer(installer, args.agent_config)
+            else:
+                refusal = _needs_a_site(result.metadata, result.path, name)
+                if refusal:
+                    print(f"fedge export: {refusal}", file=sys.stderr)
+                    return 2
+            version = installer.install(name, result.path)
         except OSError as exc:
             print(f"fedge export: cannot install into {args.install}: {exc}", file=sys.stderr)
             return 2
-        print(f"installed {args.name or args.job} version {version} in {args.install}")
+        except refused as exc:
+            print(f"fedge export: {name!r} not installed: {exc}", file=sys.stderr)
+            return 2
+        print(f"installed {name} version {version} in {args.install}")
     return 0
+
+
+def _needs_a_site(metadata: dict[str, str], path: object, name: str) -> str | None:
+    """Why the exported model cannot be installed without a site's standardisation,
+    naming what works instead; None when it can be (images, constants in the graph)."""
+    from fedge.serve.sitelocal import needs_site_standardisation
+
+    dataset = needs_site_standardisation(metadata)
+    if dataset is None:
+        return None
+    return (f"not installed: model {name!r} was trained on rows of data set {dataset!r} "
+            "that each site standardised with its own constants, which are not in the "
+            "graph; served as it is, raw rows give wrong outputs. Install it with a "
+            "site's standardisation: push it to the sites (fedge console push "
+            f"{path} --kind model --name {name} --version N; each appliance prepends "
+            "its own), or on a host holding the data set add --agent-config "
+            "/etc/fedge/agent.toml (that site's agent config) to this command")
+
+
+def _site_installer(repository: Any, agent_config: str) -> Any:
+    """The appliance's installer (fedge.agent.updates.SiteModels) over ``repository``,
+    with the data sets of the agent config at ``agent_config``.
+
+    Raises: AgentConfigError (a ValueError): the file cannot be read or is invalid."""
+    from fedge.agent.process import load_config
+    from fedge.agent.trainer import TorchTrainer
+    from fedge.agent.updates import SiteModels
+
+    cfg = load_config(agent_config)
+    trainer = TorchTrainer(cfg.datasets)  # no state_dir: reads the data sets, writes nothing
+    return SiteModels(repository, trainer.standardisation, classes=trainer.class_names)

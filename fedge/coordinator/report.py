@@ -263,8 +263,96 @@ def privacy_bound(plan_toml: str) -> str:
         else "per record"
 
 
+# The job's ONNX model beside its report (fedge.coordinator.process export_final_model)
+MODEL_FILE = "model.onnx"
+# The dtype of the exported model's input: fedge.serve.jobs.export_job builds the model
+# with fedge.train.models.build_model (``.float()``) and traces it on float32 rows
+MODEL_INPUT_DTYPE = "float32"
+# The name of the exported model's batch axis (fedge.serve.export: dynamic_axes)
+BATCH_AXIS = "batch"
+MODEL_FILE_AUTHORITY = (
+    f"the metadata of {MODEL_FILE} (its `output` and `preprocessing` entries, and "
+    "`feature_names` or `input_columns` for the column order): written by the same "
+    "export from the same plan, it is the authority")
+
+
+def model_file(out_dir: Path, status: dict[str, Any], plan_toml: str) -> dict[str, Any]:
+    """What the job's ``model.onnx`` takes and returns, and whether it is there.
+
+    The export (fedge.serve.jobs.export_job, run by the coordinator before it writes
+    this report: fedge.coordinator.process finish_job) writes what the model's input
+    needs and what its output means into the file's metadata (``preprocessing``,
+    ``output``), from the plan's model and data set. This derives the same from the
+    plan with the same functions (``_site_preprocessing``, ``_output_description``,
+    and the model's input shape as fedge.coordinator.plan.model_input_shape gives it
+    without torch), so a report can say it even when the export failed; the file's
+    metadata stays the authority. A report is written after the export was tried
+    (or skipped, having failed the same way before: admin.export_given_up), so a
+    ``model.onnx`` absent from ``out_dir`` then is an export that failed: ``export``
+    names the command that writes it by hand, and ``status["onnx_export"]`` (the
+    ``{"failed": why, "retry": what gets it done}`` that ``jobs status`` gives) the
+    reason, where the caller has it.
+
+    Never raises for a plan it cannot read: ``input`` and ``output`` are then None and
+    ``unknown`` says why (the file's metadata says what they are).
+    """
+    from fedge.coordinator.plan import model_input_shape, plan_labels
+    from fedge.serve.jobs import (
+        CheckpointError,
+        _output_description,
+        _site_preprocessing,
+        model_spec_from_plan,
+    )
+    from fedge.train.model_names import ModelParamError
+
+    job_id = str(status.get("job_id") or "")
+    out_dir = Path(out_dir)
+    present = (out_dir / MODEL_FILE).is_file()
+    entry: dict[str, Any] = {"file": MODEL_FILE, "present": present,
+                             "round": status.get("committed_round"),
+                             "authority": MODEL_FILE_AUTHORITY,
+                             "model": None, "input": None, "output": None, "unknown": "",
+                             "export": None}
+    try:
+        name, params = model_spec_from_plan(plan_toml)
+        shape = model_input_shape(name, params)
+        if shape is None:
+            raise ValueError(f"model {name!r}: a parameter its input shape needs is "
+                             "missing or not an integer")
+        dataset = plan_labels(plan_toml)["dataset"]
+        entry["model"] = {"name": name, "params": params}
+        entry["input"] = {
+            "dtype": MODEL_INPUT_DTYPE, "shape": [BATCH_AXIS, *shape],
+            # a tabular model's rows have this many features; an image model has none
+            "features": shape[0] if len(shape) == 1 else None,
+            "dataset": dataset,
+            # fedge.serve.jobs.export_job: the rank of one example is its shape's length
+            "preprocessing": _site_preprocessing(dataset, len(shape)),
+        }
+        entry["output"] = _output_description(name, params)
+    except (CheckpointError, KeyError, ModelParamError, ValueError) as exc:
+        entry["model"] = entry["input"] = entry["output"] = None
+        entry["unknown"] = (f"the job's plan does not say ({exc}); " if plan_toml else
+                            "no plan was given to the report; ") + MODEL_FILE_AUTHORITY
+    if not present:
+        # ck.job_dir: <state_dir>/jobs/<job>, the directory the report is written in
+        state_dir = str(out_dir.parent.parent) if out_dir.parent.name == "jobs" \
+            and out_dir.name == job_id else "STATE_DIR"
+        recorded = status.get("onnx_export")
+        recorded = recorded if isinstance(recorded, dict) else {}
+        entry["export"] = {
+            "failed": str(recorded.get("failed") or ""),
+            "retry": str(recorded.get("retry") or ""),
+            "command": f"fedge export --job {job_id} --state-dir {state_dir}",
+        }
+    return entry
+
+
 def write_job_report(out_dir: Path, status: dict[str, Any], plan_toml: str = "") -> list[str]:
     """Write the report files into `out_dir` (the job's directory); returns their names.
+
+    Written after the job's ONNX export was tried (fedge.coordinator.process
+    finish_job): its "model_file" (`model_file`) says whether ``model.onnx`` is there.
 
     Raises:
         ValueError: as `summarise`. OSError: the directory cannot be written.
@@ -278,6 +366,7 @@ def write_job_report(out_dir: Path, status: dict[str, Any], plan_toml: str = "")
     if report["privacy"]:
         _privacy_plot(out_dir / "privacy.png", report["privacy"], report["privacy_bound"])
         written.append("privacy.png")
+    report["model_file"] = model_file(out_dir, status, plan_toml)
     write_atomic(out_dir / "report.json",
                  (json.dumps(report, indent=2, sort_keys=True, default=str) + "\n").encode(),
                  mode=0o644)
@@ -599,6 +688,69 @@ def _unweighted_mean(values: Any) -> float | None:
     return sum(present) / len(present) if present else None
 
 
+def _sentence(text: str) -> str:
+    """``text`` (a description fedge wrote) as a sentence of report.md: one line,
+    capitalised, ending in a full stop."""
+    text = _cell(text).rstrip()
+    return text[:1].upper() + text[1:] + ("" if text.endswith(".") else ".")
+
+
+def _sentences(description: dict[str, Any], keys: dict[str, str]) -> str:
+    """The description's str entries ``keys`` (each after its lead-in), as sentences."""
+    return " ".join(_sentence(lead + description[k]) for k, lead in keys.items()
+                    if isinstance(description.get(k), str) and description[k])
+
+
+def _model_file_section(report: dict[str, Any]) -> list[str]:
+    """report.md's "Model file": what model.onnx takes and returns (`model_file`), or
+    that it is absent and the command that writes it."""
+    entry = report.get("model_file")
+    if not entry:  # a summary written without its directory (summarise alone)
+        return []
+    partial = report["status"] != "completed"
+    which = (f"the job's last committed model (round {entry['round']}), not a finished "
+             "training" if partial else f"the job's final model (round {entry['round']})")
+    out = ["", "## Model file", ""]
+    export = entry.get("export")
+    if export is None:
+        out += [f"`{MODEL_FILE}`, beside this report: {which}.", ""]
+    else:
+        why = f": {_cell(export['failed'])}" if export.get("failed") else (
+            " (the audit log's model_export_failed and model_export_skipped records, and "
+            "`jobs status`, say why)")
+        retry = export.get("retry") or ""
+        # jobs status's retry names the command where it is the way (a cause that
+        # does not pass); a restart's retry does not, and the command is said here
+        out += [f"**`{MODEL_FILE}` is absent: its ONNX export failed{why}.**"
+                + (f" {_sentence(retry)}" if retry else "")
+                + (" Written, it holds " if export["command"] in retry else
+                   f" Once the cause is fixed, `{export['command']}`, run on the "
+                   "coordinator's host, writes it: ")
+                + f"{which}, with what follows in its metadata.", ""]
+    if entry.get("input") is None or entry.get("output") is None:
+        return [*out, "What it takes and returns: "
+                      f"{entry.get('unknown') or MODEL_FILE_AUTHORITY}."]
+    inp, output = entry["input"], entry["output"]
+    shape = ", ".join(str(d) for d in inp["shape"])
+    rows = (f"each row the {inp['features']} features of data set "
+            f"`{_cell(inp['dataset'], markers=True)}`, in the order of its metadata's "
+            "`feature_names` or `input_columns`" if inp.get("features") is not None
+            else f"images of data set `{_cell(inp['dataset'], markers=True)}`")
+    prep = inp.get("preprocessing") or {}
+    where = "not in the graph" if prep.get("in_graph") is False else "in the graph"
+    out += [f"- **Input**: one {inp['dtype']} tensor of shape [{shape}] (`{BATCH_AXIS}`: "
+            f"any number of examples); {rows}.",
+            f"- **Preprocessing** ({_cell(prep.get('kind') or 'unstated')}, {where}): "
+            + _sentences(prep, {"input": "", "transform": "Transform: ",
+                                "fitted": "Fitted "}),
+            f"- **Output** ({_cell(output.get('kind') or 'unstated')}"
+            + (f", {_cell(output['task'])}" if output.get("task") else "") + "): "
+            + _sentences(output, {"meaning": "", "class_names": ""}),
+            "", f"Derived from the job's plan as the export derives it; "
+                f"{MODEL_FILE_AUTHORITY}."]
+    return out
+
+
 def _markdown(report: dict[str, Any], plots: list[str]) -> str:
     names = sorted(report["final"])
     state, committed = report["status"], report["committed_round"]
@@ -647,6 +799,7 @@ def _markdown(report: dict[str, Any], plots: list[str]) -> str:
         if test["missing"]:
             out += ["", "Not in the final test: " + "; ".join(
                 f"{s}: {_cell(w)}" for s, w in sorted(test["missing"].items())) + "."]
+    out += _model_file_section(report)
     if len(report["rounds"]) > 1 or (report["rounds"] and not names):
         out += ["", f"## Every round, each site (`{report['eval_split']}` split)", ""]
         for rnd, by_site in report["rounds"].items():

@@ -325,8 +325,11 @@ _REQUIRED = ("job", "round", "noise_multiplier", "sampling_rate", "steps")
 CONTEXT_FIELDS = ("dataset", "plan_digest", "max_grad_norm", "delta", "task_id",
                   "task_attempt")
 
-# The saved ledger's format (``PrivacyLedger.save``). A file without a version was
-# saved by a release that recorded DP-SGD runs only: it loads ``legacy``.
+# The saved ledger's format (``PrivacyLedger.save``). Two releases saved a file without
+# a version: those before 0.2, which recorded DP-SGD runs only, and 0.2.0, which
+# recorded every run as this one does. Their entries tell them apart
+# (``_before_mechanisms``): a ledger holding an entry of a release before 0.2 loads
+# ``legacy``, one 0.2.0 started does not.
 LEDGER_VERSION = 2
 
 # (job, round, attempt): one run of one round's mechanism at this site
@@ -389,6 +392,29 @@ def _normalised(entries: Any) -> list[dict[str, Any]]:
     return out
 
 
+def _before_mechanisms(entries: Any) -> int:
+    """How many of the first ``entries`` of a ledger saved without a version (as read,
+    before :func:`_normalised`) were recorded by a release before 0.2, which recorded a
+    run only if it used DP-SGD: the count up to the last such entry (0: none).
+
+    0.2.0 saved no version either, but recorded every run with its ``mechanism``, written
+    before ``noise_multiplier``, ``sampling_rate`` and ``steps`` (its ``record``). An
+    entry of a release before 0.2 has no ``mechanism``, or, where 0.2.0 loaded and saved
+    it again, one its load added after the entry's own keys (after ``steps``): JSON
+    keeps the order keys were written in. Releases only append entries, so a ledger an
+    earlier release began and 0.2.0 carried on holds the earlier one's entries first.
+    """
+    if not isinstance(entries, list):
+        return 0
+    last = 0
+    for i, e in enumerate(entries):
+        keys = list(e) if isinstance(e, Mapping) else []
+        if "mechanism" not in keys or ("steps" in keys
+                                       and keys.index("mechanism") > keys.index("steps")):
+            last = i + 1
+    return last
+
+
 def _events(chosen: list[dict[str, Any]]) -> list[tuple[str, float, float, int]]:
     """``PrivacyLedger.events`` of the entries ``chosen``."""
     steps: dict[tuple[str, float, float], int] = {}
@@ -434,16 +460,21 @@ class PrivacyLedger:
     never removed. A ledger saved before statuses existed loads with every entry
     released; one saved before mechanisms existed, with every entry DP-SGD.
 
-    Upgrades. :meth:`save` writes format ``LEDGER_VERSION`` (2); a file without a
-    ``version`` was saved by a release that recorded a run only if it used DP-SGD (and
-    computed its ε add-or-remove, about half the replace-one ε computed here). Such a
-    ledger is ``legacy``: its first ``legacy_entries`` entries were recorded by that
-    release, and runs it trained without DP-SGD (exact updates, DP-FedAvg) are not in
-    it. Both are kept in every later save, so the ledger says so for good.
-    ``complete_since``: when this ledger began recording every run (its first save by a
-    release that does; None before that). A run released before then without DP-SGD
-    is not in it: ``fedge agent privacy`` counts those it can from the secure
-    aggregation reveal log.
+    Upgrades. :meth:`save` writes format ``LEDGER_VERSION`` (2). A file without a
+    ``version`` was saved by 0.2.0 or by a release before 0.2. One whose entries a
+    release before 0.2 recorded (:func:`_before_mechanisms`) recorded a run only if it
+    used DP-SGD (and computed its ε add-or-remove, about half the replace-one ε
+    computed here): such a ledger is ``legacy``, its first ``legacy_entries`` entries
+    were recorded by that release, and runs it trained without DP-SGD (exact updates,
+    DP-FedAvg) are not in it. Both are kept in every later save, so the ledger says so
+    for good. One 0.2.0 started (every entry its own) is not legacy: that release
+    recorded every run and computed ε as this one does. A file without a version or
+    entries, which neither saved, loads legacy with no legacy entries (the safe side:
+    runs may be missing). ``complete_since``: when this ledger began recording every
+    run (its first save by a release that does; None before that; 0, the epoch, for
+    one 0.2.0 started, complete from its start, which it kept no time of). A run
+    released before then without DP-SGD is not in it: ``fedge agent privacy`` counts
+    those it can from the secure aggregation reveal log.
 
     ε is for replacing one record (DP-SGD) or one site's data (DP-FedAvg), the site's
     record count being released with its updates (the module docstring).
@@ -819,7 +850,9 @@ class PrivacyLedger:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> PrivacyLedger:
         """The ledger ``d`` (:meth:`to_dict`'s form, or an earlier release's
-        ``{"entries": [...]}``, which loads ``legacy`` with every entry legacy).
+        ``{"entries": [...]}``: one a release before 0.2 began loads ``legacy`` with its
+        entries legacy, one 0.2.0 began loads complete from its start; the class
+        docstring, Upgrades).
 
         Raises: ValueError: an unknown version, a bad ``legacy``, ``legacy_entries`` or
             ``complete_since``, or as :func:`_normalised` (a bad or repeated entry)."""
@@ -827,8 +860,12 @@ class PrivacyLedger:
             raise ValueError(f"a ledger is a table, not a {type(d).__name__}")
         entries = _normalised(d.get("entries", []))
         version = d.get("version")
-        if version is None:  # a release that recorded DP-SGD runs only
-            return cls(entries=entries, legacy=True, legacy_entries=len(entries))
+        if version is None:  # 0.2.0, or a release before 0.2 (DP-SGD runs only)
+            earlier = _before_mechanisms(d.get("entries", []))
+            if earlier or not entries:
+                return cls(entries=entries, legacy=True, legacy_entries=earlier)
+            # 0.2.0 recorded every run from the ledger's first: no reveal predates it
+            return cls(entries=entries, complete_since=0.0)
         if version != LEDGER_VERSION or isinstance(version, bool):
             raise ValueError(f"version {version!r}: this release reads {LEDGER_VERSION} "
                              "(a ledger saved by a later release)")
@@ -872,8 +909,9 @@ class PrivacyLedger:
     def load(cls, path: str | os.PathLike[str]) -> PrivacyLedger:
         """Read a saved ledger; a missing file is an empty ledger. Entries saved without
         a status (earlier releases) are released: never less spend after an upgrade. A
-        file saved without a version (a release that recorded DP-SGD runs only) loads
-        ``legacy`` (:meth:`from_dict`).
+        file saved without a version loads ``legacy`` where a release before 0.2 (which
+        recorded DP-SGD runs only) recorded entries of it, not where 0.2.0 began it
+        (:meth:`from_dict`).
 
         Raises:
             LedgerUnreadable: the file (or its directory) cannot be read, e.g. it

@@ -147,6 +147,9 @@ def _listed(classes: tuple[str, ...] | None) -> str:
 # why a candidate is not in a retried round's cohort (Round.pinned_cohort)
 PINNED_OUT = ("not in this retry's cohort: an attempt at a round whose sum was unmasked "
               "is retried over the same survivors only")
+# why a candidate is not in the cohort of an attempt that failed before one formed
+NO_COHORT = ("a candidate, but no cohort formed: the attempt failed while waiting for its "
+             "cohort (its failure says why)")
 
 
 @dataclass(frozen=True)
@@ -155,13 +158,26 @@ class Selection:
     excluded: dict[str, str]
     enrolled: int = 0  # sites enrolled (not revoked), candidates or not
     inactive: frozenset[str] = frozenset()  # excluded for their status (revoked)
+    # the sites of a retry pinned to them (select_cohort's ``pinned``); None: not pinned
+    pinned: tuple[str, ...] | None = None
 
     def left_out(self, cohort: list[str]) -> dict[str, str]:
         """Each enrolled site not in ``cohort`` and why: the excluded ones with their
-        reasons, and candidates a pinned retry did not take (PINNED_OUT)."""
+        reasons, candidates a pinned retry did not take (PINNED_OUT) and, when the
+        attempt failed before a cohort formed (``cohort`` empty), the other candidates
+        (NO_COHORT).
+
+        A round takes every candidate unless it is pinned (Round.offer), so a candidate
+        outside a cohort that formed was left out by a pinned retry. Outside an empty
+        one it was left out by nothing but the failure, unless a pinned retry would not
+        have taken it either (not among ``pinned``)."""
         out = {s: r for s, r in self.excluded.items()
                if s not in cohort and s not in self.inactive}
-        out.update({s: PINNED_OUT for s in self.candidates if s not in cohort})
+        for s in self.candidates:
+            if s in cohort:
+                continue
+            pinned_out = bool(cohort) or (self.pinned is not None and s not in self.pinned)
+            out[s] = PINNED_OUT if pinned_out else NO_COHORT
         return out
 
     def excluded_first(self, limit: int = EXPLAIN_SITES) -> dict[str, str]:
@@ -281,7 +297,8 @@ def select_cohort(appliances: Iterable[Appliance], *, connected: set[str], datas
             excluded[site] = floor_reason(floor, held)
     enrolled = sum(1 for a in appliances if a.status == "enrolled")
     inactive = frozenset(a.site_id for a in appliances if a.status != "enrolled")
-    return Selection(sorted(candidates), excluded, enrolled, inactive)
+    return Selection(sorted(candidates), excluded, enrolled, inactive,
+                     None if pinned is None else tuple(pinned))
 
 
 def _class_order(candidates: list[str], dataset: str,

@@ -279,7 +279,8 @@ def main() -> int:
         for name, (spec, shape) in MODELS.items():
             model = build_model(spec).eval()
             path = Path(tmp) / f"{name}.onnx"
-            export_onnx(model, torch.randn(2, *shape), {"job_id": "bench"}, path)
+            export_onnx(model, torch.randn(2, *shape), {"job_id": "bench"}, path,
+                        preprocessing={"kind": "none"})
             repo.install(name, path)
             for batch in (1, 64):
                 t_ort, t_torch = in_process(model, path, shape, batch, budget, threads)
@@ -292,7 +293,8 @@ def main() -> int:
         # the registry's other Cox model (one hidden layer), in-process only
         mlp = build_model(ModelSpec("cox_mlp", {"in_features": 39, "hidden": [32]})).eval()
         mlp_path = Path(tmp) / "cox_mlp.onnx"
-        export_onnx(mlp, torch.randn(2, 39), {"job_id": "bench"}, mlp_path)
+        export_onnx(mlp, torch.randn(2, 39), {"job_id": "bench"}, mlp_path,
+                    preprocessing={"kind": "none"})
         t_ort, t_torch = in_process(mlp, mlp_path, (39,), 1, budget, threads)
         results["ort_vs_torch_cox_mlp_b1"] = t_torch / t_ort
         print(f"cox_mlp batch 1: onnxruntime {t_ort * 1e6:9.1f} us  torch eager "

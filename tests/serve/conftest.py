@@ -39,7 +39,8 @@ class ShiftedCox(torch.nn.Module):
 
 def export_cox(path: Path, *, seed: int = 0, offset: float = 0.0) -> tuple[Path, torch.nn.Module]:
     model = ShiftedCox(seed, offset).eval()
-    export_onnx(model, torch.randn(4, N_FEATURES), {"job_id": f"job-{seed}"}, path)
+    export_onnx(model, torch.randn(4, N_FEATURES), {"job_id": f"job-{seed}"}, path,
+                preprocessing={"kind": "none"})
     return path, model
 
 

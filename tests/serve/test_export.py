@@ -21,6 +21,7 @@ META = {
     "feature_names": json.dumps([f"f{i}" for i in range(5)]),
     "metrics": json.dumps({"c_index": 0.74}),
 }
+NONE = {"kind": "none"}  # preprocessing has no default: inputs taken as they are
 
 
 def _mlp() -> torch.nn.Module:
@@ -39,7 +40,8 @@ class SignBranch(torch.nn.Module):
 
 def test_export_writes_opset_17_with_dynamic_batch_and_provenance(tmp_path: Path) -> None:
     model = _mlp()
-    result = export_onnx(model, torch.randn(3, 5), META, tmp_path / "m.onnx")
+    result = export_onnx(model, torch.randn(3, 5), META, tmp_path / "m.onnx",
+                         preprocessing=NONE)
     proto = onnx.load(str(result.path))
     onnx.checker.check_model(proto)
     assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
@@ -66,7 +68,7 @@ def test_parity_failure_is_refused_with_the_numbers_and_writes_nothing(tmp_path:
     held_out = -torch.ones(3, 4)  # takes the other branch
     refusal = r"max \|onnxruntime - pytorch\| = 3 .*batch of 3.*1e-05"
     with pytest.raises(ExportRefused, match=refusal) as err:
-        export_onnx(SignBranch(), positive, {}, target, held_out=held_out)
+        export_onnx(SignBranch(), positive, {}, target, held_out=held_out, preprocessing=NONE)
     assert err.value.max_abs_diff == pytest.approx(3.0)
     assert err.value.tolerance == 1e-5
     assert not target.exists()
@@ -97,7 +99,7 @@ def test_large_outputs_are_compared_relative_to_their_magnitude(tmp_path: Path) 
     torch.manual_seed(0)
     model = torch.nn.Linear(39, 1)
     example = torch.randn(4, 39) * 1000
-    result = export_onnx(model, example, META, tmp_path / "raw.onnx")
+    result = export_onnx(model, example, META, tmp_path / "raw.onnx", preprocessing=NONE)
     assert 1e-5 < result.parity_max_abs_diff <= 1e-5 + 1e-5 * 3000
     props = read_metadata(result.path)
     assert (props["parity_tolerance"], props["parity_rtol"]) == ("1e-05", "1e-05")
@@ -107,7 +109,8 @@ def test_large_outputs_are_compared_relative_to_their_magnitude(tmp_path: Path) 
     positive = torch.rand(4, 39) * 1000
     with pytest.raises(ExportRefused, match=r"in output 'output' .* exceeds the tolerance "
                                             r"1e-05 \+ 1e-05 x max \|pytorch\|") as err:
-        export_onnx(OffOnOneBranch(), positive, {}, target, held_out=-positive)
+        export_onnx(OffOnOneBranch(), positive, {}, target, held_out=-positive,
+                    preprocessing=NONE)
     with torch.no_grad():
         largest = float(OffOnOneBranch()(-positive).abs().max())
     assert err.value.max_abs_diff > 5 * 1e-5 * largest
@@ -200,7 +203,7 @@ def test_standardisation_of_other_models_stays_in_the_graph(tmp_path: Path) -> N
 
 def test_training_mode_is_restored(tmp_path: Path) -> None:
     model = _mlp().train()
-    export_onnx(model, torch.randn(2, 5), {}, tmp_path / "m.onnx")
+    export_onnx(model, torch.randn(2, 5), {}, tmp_path / "m.onnx", preprocessing=NONE)
     assert model.training
 
 
@@ -221,7 +224,7 @@ def test_bad_arguments_name_what_was_wrong(
     tmp_path: Path, kwargs: dict, error: type[Exception], needle: str
 ) -> None:
     args = {"model": _mlp(), "example_input": torch.randn(2, 5), "metadata": {},
-            "path": tmp_path / "m.onnx", **kwargs}
+            "path": tmp_path / "m.onnx", "preprocessing": NONE, **kwargs}
     with pytest.raises(error, match=needle):
         export_onnx(**args)
     assert not (tmp_path / "m.onnx").exists()

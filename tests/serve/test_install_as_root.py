@@ -143,6 +143,25 @@ def test_root_install_does_not_follow_a_model_symlink_the_owner_planted(
     assert untouched(target)
 
 
+def site_config(root: Path) -> Path:
+    """An agent.toml (root's) holding data set fed_tcga_brca in the checkpoint's 39
+    columns, for `--install --agent-config`."""
+    names = [f"feature_{i}" for i in range(39)]
+    rng = np.random.default_rng(11)
+    root.mkdir(parents=True)
+    csv = root / "rows.csv"
+    rows = [",".join([*names, "relapse"])]
+    rows += [",".join([*(f"{v:.3f}" for v in rng.normal(50, 10, 39)), str(i % 2)])
+             for i in range(40)]
+    csv.write_text("\n".join(rows) + "\n")
+    config = root / "agent.toml"
+    config.write_text(
+        f'state_dir = "{root / "state"}"\n\n[[datasets]]\nname = "fed_tcga_brca"\n'
+        f'kind = "tabular"\npath = "{csv}"\ntask = "binary"\ntarget = "relapse"\n'
+        f"features = {names!r}\n".replace("'", '"'))
+    return config
+
+
 @pytest.fixture
 def job_state(user, base) -> Path:
     """A coordinator state dir of the user's holding job-a's final checkpoint."""
@@ -179,8 +198,10 @@ def test_root_export_and_install_do_not_follow_symlinks_the_owner_planted(
 
     repo_dir = owned_dir(base / "models", user)
     as_user(user[0], f"ln -s {target} {repo_dir}/brca")
+    # a federated tabular model installs with a site's standardisation only
     r = export("--job", "job-a", "--state-dir", str(job_state),
-               "--install", str(repo_dir), "--name", "brca")
+               "--install", str(repo_dir), "--name", "brca",
+               "--agent-config", str(site_config(base / "site")))
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert "cannot install" in r.stderr
     assert untouched(target)

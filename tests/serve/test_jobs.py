@@ -51,14 +51,19 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=120)
 
 
-def test_cli_exports_and_installs_the_jobs_final_model(state_dir: Path, tmp_path: Path) -> None:
+def test_cli_exports_the_jobs_final_model_and_does_not_install_it_raw(
+    state_dir: Path, tmp_path: Path
+) -> None:
+    """A federated tabular model installs only with a site's standardisation
+    (--agent-config; tests/serve/test_s19_export_install.py): the export is written and
+    the install refused."""
     out = tmp_path / "out" / "brca.onnx"
     repo = tmp_path / "models"
     proc = _run_cli("export", "--job", "job-a", "--state-dir", str(state_dir), "--out", str(out),
                     "--install", str(repo), "--name", "brca")
-    assert proc.returncode == 0, proc.stderr
-    assert "installed brca version 1" in proc.stdout
-    assert ModelRepository(repo).versions("brca") == [1]
+    assert proc.returncode == 2, proc.stderr
+    assert f"wrote {out}" in proc.stdout and "not installed" in proc.stderr
+    assert ModelRepository(repo).versions("brca") == []
 
     meta = read_metadata(out)
     flat = _trained_flat()

@@ -1520,9 +1520,10 @@ class Coordinator:
             if rnd.phase is not Phase.WAITING_COHORT:  # the cohort formed: who was not in it
                 rnd.left_out = sel.left_out(rnd.cohort)
                 if rnd.left_out:
-                    log.info("job %s round %d: cohort of %d formed; left out: %s",
-                             rnd.job_id, rnd.round, len(rnd.cohort),
-                             _left_out_text(rnd.left_out))
+                    formed = (f"cohort of {len(rnd.cohort)} formed" if rnd.cohort
+                              else "no cohort formed")  # failed waiting for one
+                    log.info("job %s round %d: %s; left out: %s", rnd.job_id, rnd.round,
+                             formed, _left_out_text(rnd.left_out))
         else:
             self._emit(rnd, rnd.tick(now))
         self._after(now)

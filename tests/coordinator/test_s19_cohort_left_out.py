@@ -47,7 +47,7 @@ def test_a_first_attempt_that_never_formed_a_cohort_gives_no_pinned_reason(
     assert rnd.phase.value == "failed"
     assert rnd.left_out == {"a": NO_COHORT, "b": "not connected"}
     (line,) = _left_out_lines(caplog)
-    assert f"job {job} round 1: cohort of 0 formed; left out: a ({NO_COHORT}); b (not " \
+    assert f"job {job} round 1: no cohort formed; left out: a ({NO_COHORT}); b (not " \
            "connected)" in line
     assert "retry" not in line and "unmasked" not in line
 

@@ -108,7 +108,7 @@ def test_a_version_without_release_notes_is_refused_before_building(tmp_path) ->
     ("## 0.3.0 (2026-12-01)\n- x\n## 0.3.0 (2026-12-02)\n- y\n",
      "line 3: release 0.3.0 is given twice"),
     ("## 0.3.0 (2026-12-01)\n\n### Nothing\n", "release 0.3.0 says nothing"),
-])
+], ids=["bad-date", "no-date", "twice", "empty"])
 def test_a_malformed_changelog_is_named(build_deb, text: str, error: str) -> None:
     with pytest.raises(build_deb.BuildError, match=r"^CHANGELOG\.md") as exc:
         build_deb.read_changelog(text)

@@ -9,8 +9,10 @@ weights, counts and metrics — never rows.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
+import json
 import linecache
 import logging
 import os
@@ -29,7 +31,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from fedge.agent.jobstate import JobStateStore
+from fedge.agent.jobstate import (
+    STANDARDISATION,
+    JobStateStore,
+    TrainedStandardisation,
+    standardisation_arrays,
+    standardisations,
+)
 from fedge.coordinator.plan import Plan
 from fedge.update.files import remove_stale_temps
 
@@ -744,16 +752,22 @@ class TorchTrainer:
                         ) -> tuple[Any, Any, list[str]] | None:
         """This site's standardiser for data set ``name`` (mean, scale, feature names),
         fitted on its training split exactly as training uses it: as job ``job`` trained
-        with it, while that job is held (one of the ``held_jobs`` used last, since the
-        agent started); otherwise as the data set's newest version does.
-        None when the site does not hold the data set or it is not tabular.
+        with it, from the version of the data set it holds while that job is held (one
+        of the ``held_jobs`` used last), else from the job's state on disk (kind
+        ``standardisation``, written when the job took its version of the data set:
+        after an agent restart or the job's eviction from memory); otherwise, and for no
+        job, as the data set's newest version does. None when the site does not hold
+        the data set or it is not tabular.
 
         A model pushed to the appliance asks with its ``job_id`` (SiteModels): a
         re-export of the data set since the job began would otherwise scale the served
         rows with other constants than training's. Asking holds no job: the install of
-        a finished job's model must not push a running job's state out of memory.
-        The constants of a job no longer held are not kept (the job state on disk has
-        the data cursor, not the standardiser): the newest version's are used, logged.
+        a finished job's model must not push a running job's state out of memory. A job
+        whose constants are neither held nor on disk (a trainer without a state
+        directory; a job whose state was pruned, being older than the newest 32 trained,
+        or written by a release before these were kept) gets the newest version's,
+        logged. The constants on disk are read, never written here (an unreadable file
+        is logged and left where it is).
 
         Raises:
             TaskRefusal: the data set is declared but cannot be loaded (names why).
@@ -762,11 +776,16 @@ class TorchTrainer:
         self._refuse_unusable(name)
         if name not in self._specs:
             return None
-        held_version = None
+        held_version: DataVersion | None = None
+        saved: TrainedStandardisation | None = None
         if job is not None:
             with self._lock:
                 held = self._states.get(job)
                 held_version = held.data.get(name) if held is not None else None
+                saved = (self._saved_standardisation(name, job) if held_version is None
+                         else None)
+            if saved is not None:
+                return saved.mean, saved.scale, list(saved.feature_names)
             if held_version is None:
                 log.info("data set %r: job %s's version of it is not held here (the job "
                          "is not one of the %d used last since the agent started); its "
@@ -776,6 +795,73 @@ class TorchTrainer:
         if data.standardiser is None:
             return None
         return data.standardiser.mean, data.standardiser.scale, list(data.feature_names)
+
+    def _saved_standardisation(self, name: str, job: str) -> TrainedStandardisation | None:
+        """The constants job ``job`` trained with on data set ``name`` as its state on
+        disk keeps them (:meth:`_keep_standardisation`); None when there are none or
+        they cannot be read (then logged, the file left as it is). Called with
+        ``self._lock`` held, so that no write of the job's state is under way."""
+        if self._job_state is None:
+            return None
+        path = self._job_state.path(job, STANDARDISATION)
+        arrays = self._job_state.peek(job, STANDARDISATION)
+        if not arrays:
+            if path.exists():
+                log.error("job %s: its standardisation constants in %s cannot be read (or "
+                          "belong to another job); the file is left as it is", job, path)
+            return None
+        try:
+            saved = standardisations(arrays).get(name)
+        except ValueError as exc:
+            log.error("job %s: its standardisation constants in %s cannot be used: %s; "
+                      "the file is left as it is", job, path, exc)
+            return None
+        if saved is None:
+            return None
+        now = source_version(self._specs[name].path)
+        try:
+            fields = json.loads(saved.source)
+            then = SourceVersion(**{**fields, "inode": tuple(fields.get("inode", (0, 0)))})
+            since = (f"; the data set's {now.kind} has changed since ("
+                     f"{now.differences(then)})" if now != then else
+                     "; the data set's source has not changed since")
+        except (ValueError, TypeError):
+            since = ""
+        log.info("data set %r: job %s is not held here (not one of the %d used last since "
+                 "the agent started); the standardisation it trained with, kept in its job "
+                 "state on disk, is used%s", name, job, self._states.held, since)
+        return saved
+
+    def _keep_standardisation(self, name: str, job: str, version: DataVersion) -> None:
+        """Keep on disk the standardisation job ``job`` now trains with on data set
+        ``name`` (``version``'s, the version it just took), for the install of its model
+        after a restart (:meth:`standardisation`). Written when the job takes a version,
+        the point from which its constants are final: it keeps that version for all its
+        rounds while held, and one it takes again (after a restart, or its eviction
+        from memory) replaces them, as its later rounds train with the new ones.
+        Nothing for a data set without a standardiser (images). Kept at this site only,
+        never sent (statistics of its patients' rows): the job state's file mode (0600).
+        A failed write is logged; the task goes on (only a model installed after a
+        restart would get the newest version's constants, logged then). Called with
+        ``self._lock`` held."""
+        std = version.data.standardiser
+        if self._job_state is None or std is None:
+            return
+        try:
+            kept = TrainedStandardisation(
+                name, std.mean, std.scale, tuple(version.data.feature_names),
+                json.dumps(dataclasses.asdict(version.source)))
+            try:
+                entries = standardisations(self._job_state.peek(job, STANDARDISATION))
+            except ValueError:  # replaced whole: what could not be read is of no use
+                entries = {}
+            entries.pop(name, None)
+            self._job_state.save(job, STANDARDISATION,
+                                 standardisation_arrays({**entries, name: kept}))
+        except (OSError, ValueError) as exc:
+            log.error("job %s: the standardisation of data set %r it trains with is not "
+                      "kept on disk (%s); a model of this job installed after an agent "
+                      "restart gets the data set's newest version's", job, name, exc)
 
     def dataset_spec(self, name: str) -> DatasetSpec | None:
         """Data set ``name``'s agent.toml table as this release parsed it (no data is
@@ -823,6 +909,7 @@ class TorchTrainer:
             version = self._newest(name)
             if job is not None:
                 self._states.hold(job, held if held is not None else HeldJob()).data[name] = version
+                self._keep_standardisation(name, job, version)
             return version.data
 
     # A load during which the source changed (an export still being written) is
@@ -944,6 +1031,12 @@ class TorchTrainer:
                 self._job_state.save(job, "cursors", state.cursor_arrays())
             except OSError as exc:  # the update stands; only a restart would lose it
                 log.error("job %s: data cursor not saved: %s", job, exc)
+        if self._job_state is not None:
+            try:  # pruned as the jobs trained last, as the cursors are
+                self._job_state.touch(job, STANDARDISATION)
+            except OSError as exc:
+                log.warning("job %s: its kept standardisation not marked as used: %s",
+                            job, exc)
         if out.local_metrics:  # for this hospital's journal only; never sent
             log.info("job %s round %d: %s (kept at this site)", job, round,
                      ", ".join(f"{k}={v:.4g}" for k, v in sorted(out.local_metrics.items())))

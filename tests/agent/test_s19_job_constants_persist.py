@@ -21,7 +21,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from fedge.agent.jobstate import STANDARDISATION, JobStateStore, standardisations
+from fedge.agent.jobstate import JobStateStore
 from fedge.agent.trainer import TorchTrainer
 from fedge.agent.updates import SiteModels
 from fedge.coordinator.plan import parse_plan
@@ -50,6 +50,8 @@ learning_rate = 0.3
 [strategy]
 name = "fedavg"
 """)
+# the job state kind of the constants (fedge.agent.jobstate.STANDARDISATION)
+STANDARDISATION = "standardisation"
 FALLBACK = "its newest version's standardisation is used"
 
 
@@ -199,6 +201,8 @@ def test_unreadable_constants_fall_back_logged_and_stay_where_they_are(
 
 def test_the_kept_constants_are_bounded_as_the_other_job_state(tmp_path: Path) -> None:
     """One file per job, the newest ``keep`` of them (by the job trained last)."""
+    from fedge.agent.jobstate import standardisations
+
     store = JobStateStore(tmp_path / "jobs", keep=2)
     trainer = TorchTrainer([_table(tmp_path / "rows.csv")], state_dir=tmp_path)
     trainer._job_state = store

@@ -361,17 +361,9 @@ class AdminService:
         done}`` (the same words as ``jobs fetch``'s note)."""
         job_id = str(args["job_id"])
         status = self.coordinator.job_status(job_id)
-        committed = int(status.get("committed_round") or 0)
-        if status.get("status") == "completed" or (
-                status.get("status") in ("failed", "cancelled") and committed > 0):
-            from fedge.coordinator import checkpoint as ck
-
-            if "model.onnx" not in ck.results(self.coordinator.state_dir, job_id):
-                _, export_failed = self._finish_failures(job_id)
-                if export_failed:
-                    status = {**status, "onnx_export": {
-                        "failed": export_failed,
-                        "retry": self._export_retry(job_id, export_failed)}}
+        failure = onnx_export_failure(self.coordinator, job_id, status)
+        if failure is not None:
+            status = {**status, "onnx_export": failure}
         return status, {}
 
     def _op_jobs_submit(self, op: Operator, args: dict, blobs: dict) -> tuple[Any, dict]:
@@ -457,49 +449,10 @@ class AdminService:
         return result, out
 
     def _export_retry(self, job_id: str, reason: str) -> str:
-        """What gets a failed export done: the coordinator's next start tries it again,
-        which helps where the cause may pass (`export_may_pass`: the disk, memory);
-        otherwise it fails the same way (a diverged model's NaN weights, which the
-        parity check refuses), and `fedge export` (fedge.serve.cli: the job's final
-        checkpoint to jobs/<job>/model.onnx, with the same parity check) is run by hand
-        once the cause is fixed. An export that failed the same way EXPORT_GIVE_UP_AFTER
-        times (`export_given_up`) is not tried again at a start: by hand only."""
-        by_hand = (f"fix the cause, then run `fedge export --job {job_id} --state-dir "
-                   f"{self.coordinator.state_dir}` on the coordinator's host, which writes "
-                   "the job's model.onnx")
-        job = self.coordinator.store.job(job_id)
-        given_up = export_given_up(self.coordinator.store, job_id, job.final_digest)
-        if given_up:
-            return (f"it failed {given_up[1]} times the same way for this model, so the "
-                    f"coordinator no longer tries it at its start: {by_hand}")
-        if export_may_pass(reason):
-            return ("a restart of the coordinator tries it again (and writes the report "
-                    "again after it)")
-        return ("a restart of the coordinator tries it again, which helps only where the "
-                f"disk or memory was the cause: {by_hand}")
+        return export_retry(self.coordinator, job_id, reason)
 
     def _finish_failures(self, job_id: str) -> tuple[str, str]:
-        """Why the report and why the ONNX export of an ended job failed, as the
-        coordinator recorded (fedge.coordinator.process: ``report_failed``,
-        ``model_export_failed``); "" for each that has not failed since it was last
-        tried (a restart tries an unfinished job again: ``job_finish_resumed``)."""
-        from fedge.console.audit import parse_detail
-
-        rows = self.coordinator.store.audit_log(actions=FINISH_ACTIONS, job=job_id, limit=50)
-        report = export = ""
-        for row in rows:  # oldest first: the last word on each stands
-            action = row["action"]
-            detail = parse_detail(row["detail"])
-            reason = "" if action not in ("report_failed", "model_export_failed",
-                                          "model_export_skipped") else (
-                printable(detail.get("reason") if isinstance(detail, dict) else detail)
-                or "no reason recorded")[:FINISH_REASON_CHARS]
-            if action in ("report_failed", "report_written", "job_finish_resumed"):
-                report = reason
-            if action in ("model_export_failed", "model_export_skipped", "model_exported",
-                          "model_export_kept", "job_finish_resumed"):
-                export = reason
-        return report, export
+        return finish_failures(self.coordinator, job_id)
 
     def _op_enrol(self, op: Operator, args: dict, blobs: dict) -> tuple[Any, dict]:
         """Put a site's CURVE key on the allow-list. An operator key alone is not
@@ -856,6 +809,75 @@ EXPORT_PASSING_CAUSES = (
 def export_may_pass(reason: str) -> bool:
     """Whether a recorded export failure's cause may pass (EXPORT_PASSING_CAUSES)."""
     return any(cause in reason for cause in EXPORT_PASSING_CAUSES)
+
+
+def export_retry(coordinator: Any, job_id: str, reason: str) -> str:
+    """What gets a failed export done: the coordinator's next start tries it again,
+    which helps where the cause may pass (`export_may_pass`: the disk, memory);
+    otherwise it fails the same way (a diverged model's NaN weights, which the
+    parity check refuses), and `fedge export` (fedge.serve.cli: the job's final
+    checkpoint to jobs/<job>/model.onnx, with the same parity check) is run by hand
+    once the cause is fixed. An export that failed the same way EXPORT_GIVE_UP_AFTER
+    times (`export_given_up`) is not tried again at a start: by hand only."""
+    by_hand = (f"fix the cause, then run `fedge export --job {job_id} --state-dir "
+               f"{coordinator.state_dir}` on the coordinator's host, which writes "
+               "the job's model.onnx")
+    job = coordinator.store.job(job_id)
+    given_up = export_given_up(coordinator.store, job_id, job.final_digest)
+    if given_up:
+        return (f"it failed {given_up[1]} times the same way for this model, so the "
+                f"coordinator no longer tries it at its start: {by_hand}")
+    if export_may_pass(reason):
+        return ("a restart of the coordinator tries it again (and writes the report "
+                "again after it)")
+    return ("a restart of the coordinator tries it again, which helps only where the "
+            f"disk or memory was the cause: {by_hand}")
+
+def finish_failures(coordinator: Any, job_id: str) -> tuple[str, str]:
+    """Why the report and why the ONNX export of an ended job failed, as the
+    coordinator recorded (fedge.coordinator.process: ``report_failed``,
+    ``model_export_failed``); "" for each that has not failed since it was last
+    tried (a restart tries an unfinished job again: ``job_finish_resumed``)."""
+    from fedge.console.audit import parse_detail
+
+    rows = coordinator.store.audit_log(actions=FINISH_ACTIONS, job=job_id, limit=50)
+    report = export = ""
+    for row in rows:  # oldest first: the last word on each stands
+        action = row["action"]
+        detail = parse_detail(row["detail"])
+        reason = "" if action not in ("report_failed", "model_export_failed",
+                                      "model_export_skipped") else (
+            printable(detail.get("reason") if isinstance(detail, dict) else detail)
+            or "no reason recorded")[:FINISH_REASON_CHARS]
+        if action in ("report_failed", "report_written", "job_finish_resumed"):
+            report = reason
+        if action in ("model_export_failed", "model_export_skipped", "model_exported",
+                      "model_export_kept", "job_finish_resumed"):
+            export = reason
+    return report, export
+
+
+
+def onnx_export_failure(coordinator: Any, job_id: str, status: dict[str, Any]
+                        ) -> dict[str, str] | None:
+    """``{"failed": why, "retry": what gets it done}`` for an ended job with a model
+    (``status``: its Coordinator.job_status) whose ONNX export failed and is not there
+    since: ``jobs status``'s ``onnx_export`` (the same words as ``jobs fetch``'s note),
+    and what the job's report says of its absent model.onnx. None otherwise.
+
+    Raises: sqlite3.Error: the audit log cannot be read."""
+    committed = int(status.get("committed_round") or 0)
+    if not (status.get("status") == "completed" or (
+            status.get("status") in ("failed", "cancelled") and committed > 0)):
+        return None
+    from fedge.coordinator import checkpoint as ck
+
+    if "model.onnx" in ck.results(coordinator.state_dir, job_id):
+        return None
+    _, export_failed = finish_failures(coordinator, job_id)
+    if not export_failed:
+        return None
+    return {"failed": export_failed, "retry": export_retry(coordinator, job_id, export_failed)}
 
 
 #: How many times an ended job's ONNX export may fail the same way before the coordinator

@@ -601,11 +601,21 @@ def _is_export_of(path: Path, final_digest: str) -> bool:
 async def write_report(coord: Coordinator, job_id: str) -> bool:
     """The job's report from the coordinator's records, written in a worker thread
     (the loop keeps serving). Audited either way; a failure leaves the job completed."""
+    from fedge.coordinator.admin import onnx_export_failure
     from fedge.coordinator.report import write_job_report
 
     status = coord.job_status(job_id)
     plan_toml = coord.store.job(job_id).plan_toml
     out = ck.job_dir(coord.state_dir, job_id)
+    # report.md's "Model file" says why model.onnx is absent, in jobs status's words
+    try:
+        failure = onnx_export_failure(coord, job_id, status)
+    except sqlite3.Error as exc:
+        log.warning("job %s: its export's failures cannot be read (%s): the report names "
+                    "none", job_id, exc)
+        failure = None
+    if failure is not None:
+        status = {**status, "onnx_export": failure}
     try:
         files = await asyncio.to_thread(write_job_report, out, status, plan_toml)
     except Exception as exc:  # a report must not take the coordinator down

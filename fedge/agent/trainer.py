@@ -701,7 +701,9 @@ class TorchTrainer:
         self._ledger = (PrivacyLedger.load(self._ledger_path) if self._ledger_path
                         else PrivacyLedger())
         # Each job's place in its stream of shuffled epochs, kept on disk too, so a
-        # restarted agent trains on the rows an uninterrupted one would.
+        # restarted agent trains on the rows an uninterrupted one would; and the
+        # standardisation it trains with, so its model installed after a restart is
+        # served with it (statistics of the site's rows: kept here, never sent).
         self._job_state = (JobStateStore(Path(state_dir) / "jobs") if state_dir is not None
                            else None)
         self._specs: dict[str, DatasetSpec] = {}
@@ -752,12 +754,12 @@ class TorchTrainer:
                         ) -> tuple[Any, Any, list[str]] | None:
         """This site's standardiser for data set ``name`` (mean, scale, feature names),
         fitted on its training split exactly as training uses it: as job ``job`` trained
-        with it, from the version of the data set it holds while that job is held (one
-        of the ``held_jobs`` used last), else from the job's state on disk (kind
-        ``standardisation``, written when the job took its version of the data set:
-        after an agent restart or the job's eviction from memory); otherwise, and for no
-        job, as the data set's newest version does. None when the site does not hold
-        the data set or it is not tabular.
+        with it: from the version of the data set it holds while that job is held (one
+        of the ``held_jobs`` used last); after an agent restart or the job's eviction
+        from memory, from the job's state on disk (kind ``standardisation``, written when
+        the job took its version of the data set, :meth:`_keep_standardisation`);
+        otherwise, and for no job, as the data set's newest version does. None when the
+        site does not hold the data set or it is not tabular.
 
         A model pushed to the appliance asks with its ``job_id`` (SiteModels): a
         re-export of the data set since the job began would otherwise scale the served

@@ -243,9 +243,10 @@ class ModelInstaller(Protocol):
 
 class SiteStandardisation(Protocol):
     """data set (, job) -> (mean, scale, feature names) of this site's standardiser, as
-    job ``job`` trained with it where the site still holds that (fedge.agent.trainer's
-    ``TorchTrainer.standardisation``); None when the site does not hold the data set.
-    May raise when the data set cannot be loaded."""
+    job ``job`` trained with it: held in memory, or kept in the job's state on disk
+    (which an agent restart keeps; fedge.agent.trainer's ``TorchTrainer.standardisation``),
+    else the data set's newest version's, logged; None when the site does not hold the
+    data set. May raise when the data set cannot be loaded."""
 
     def __call__(self, dataset: str, *, job: str | None = None
                  ) -> tuple[Any, Any, list[str]] | None: ...
@@ -294,9 +295,9 @@ class SiteModels:
         dataset = needs_site_standardisation(metadata)
         if dataset is None:
             return self.repository.install(model_name, data)
-        # the constants the model's job trained with, where the trainer still holds the
-        # version of the data set the job began on (a re-export since would scale the
-        # served rows otherwise than training did); else the newest version's
+        # the constants the model's job trained with, held by the trainer or kept in the
+        # job's state on disk (a re-export since would scale the served rows otherwise
+        # than training did); else, where neither has them, the newest version's
         job = metadata.get("job_id") or None
         found = self.standardisation(dataset, job=job)
         if found is None:

@@ -219,9 +219,11 @@ def test_a_restarted_trainer_resumes_the_epoch_stream_from_disk(tmp_path):
     np.testing.assert_array_equal(run([before, before, after]), uninterrupted)
     forgetful = TorchTrainer([table])
     assert not np.array_equal(run([memory, memory, forgetful]), uninterrupted)
-    saved = list((tmp_path / "jobs").iterdir())
-    assert [p.name.split(".", 1)[1] for p in saved] == ["cursors.npz"]
-    assert saved[0].stat().st_mode & 0o777 == 0o600
+    saved = sorted((tmp_path / "jobs").iterdir(), key=lambda p: p.name.split(".", 1)[1])
+    # the data cursor, and the standardisation the job trains with (kept for the
+    # install of its model after a restart)
+    assert [p.name.split(".", 1)[1] for p in saved] == ["cursors.npz", "standardisation.npz"]
+    assert {p.stat().st_mode & 0o777 for p in saved} == {0o600}
 
 
 def test_the_trainer_holds_its_last_jobs_states_and_a_dropped_job_resumes_from_disk(

@@ -67,7 +67,7 @@ bench: deps
 	  if [ -n "$$failed" ]; then echo "bench: failed:$$failed" >&2; exit 1; fi
 
 # The Debian package: dist/fedge_VERSION_amd64.deb (packaging/build_deb.py; the
-# staging venv is cached in build/deb). DEB_VERSION=0.2.0-2 to override.
+# staging venv is cached in build/deb). DEB_VERSION=0.3.0-2 to override.
 DEB_VERSION ?=
 deb: deps
 	$(PY) packaging/build_deb.py --out dist $(if $(DEB_VERSION),--version $(DEB_VERSION))

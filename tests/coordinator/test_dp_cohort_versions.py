@@ -1,7 +1,10 @@
 """A DP job and agents one minor behind the coordinator, over the in-memory federation:
 the skew rule accepts them (update required), the fleet view shows their version, and
 a DP job gives them no cohort seat, as they report ε under the accounting of fedge <0.2
-(add-or-remove), lower than today's replace-one figure."""
+(add-or-remove), lower than today's replace-one figure.
+
+Agents before 0.2 reach only a 0.2 coordinator (from 0.3 the skew rule refuses them
+outright), so the coordinator here runs as 0.2.0 and its current agents as 0.2.0."""
 
 from __future__ import annotations
 
@@ -28,13 +31,27 @@ DP = "[privacy]\ndp = { noise_multiplier = 1.0 }\n"
 CLIENT_DP = "[privacy]\nclient_dp = { clip_norm = 1.0, noise_multiplier = 0.5, cohort_size = 1 }\n"
 
 
+# the last coordinator release that accepts agents before 0.2 (one minor behind)
+COORDINATOR = "0.2.0"
+
+
+@pytest.fixture
+def federation(federation, monkeypatch):
+    """The in-memory federation with its coordinator built as release COORDINATOR."""
+    from fedge.coordinator import service
+
+    monkeypatch.setattr(service, "__version__", COORDINATOR)
+    return federation
+
+
 def heard(fed, monkeypatch, old):
-    """Every agent beats; those in ``old`` as fedge 0.1.0 (one minor behind)."""
+    """Every agent beats as fedge COORDINATOR; those in ``old`` as 0.1.0 (one minor
+    behind)."""
     async def go():
         for s, agent in fed.agents.items():
             with monkeypatch.context() as mp:
-                if s in old:
-                    mp.setattr(runtime, "running_version", lambda: "0.1.0")
+                version = "0.1.0" if s in old else COORDINATOR
+                mp.setattr(runtime, "running_version", lambda v=version: v)
                 await agent.heartbeat()
     asyncio.run(go())
     while fed.inbox:
@@ -52,7 +69,7 @@ def test_a_dp_job_gives_no_seat_to_an_agent_before_0_2(federation, monkeypatch, 
     heard(fed, monkeypatch, old={"c"})
     coord = fed.coord
     versions = {f["site_id"]: f["version"] for f in coord.fleet()}
-    assert versions == {"a": fedge.__version__, "b": fedge.__version__, "c": "0.1.0"}
+    assert versions == {"a": COORDINATOR, "b": COORDINATOR, "c": "0.1.0"}
     assert [a["actor"] for a in coord.store.audit_log(action="version_update_required")] \
         == ["c"]
     # all three are needed: the job waits, naming why c is not a candidate

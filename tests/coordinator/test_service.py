@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 
+from fedge import __version__
 from fedge.coordinator.plan import PlanError
 from fedge.coordinator.service import CoordinatorError
 from fedge.coordinator.store import StoreError
@@ -114,7 +115,7 @@ def test_a_heartbeat_with_health_nested_past_the_parsers_depth_is_kept_not_fatal
     """One enrolled site's odd health JSON (60 000 nested arrays) must not raise out of
     the coordinator's message loop, which would end it for every site."""
     fed = federation(["a", "b"])
-    hb = m.Heartbeat(site="a", version="0.1.0", health_json="[" * 60_000, eligible=True,
+    hb = m.Heartbeat(site="a", version=__version__, health_json="[" * 60_000, eligible=True,
                      reason="", datasets=["synthetic"], current_task="")
     fed.coord.handle_frames("a", [bytes(f) for f in codec.encode(hb, sender="a")])
     row = fed.coord.store.appliance("a")
@@ -133,7 +134,7 @@ def test_an_internal_error_handling_one_message_is_refused_and_audited_not_raise
         raise KeyError("boom")
 
     fed.coord._heartbeat = broken
-    hb = m.Heartbeat(site="a", version="0.1.0", health_json="{}", eligible=True, reason="",
+    hb = m.Heartbeat(site="a", version=__version__, health_json="{}", eligible=True, reason="",
                      datasets=[], current_task="")
     fed.coord.handle_frames("a", [bytes(f) for f in codec.encode(hb, sender="a")])
     [entry] = fed.coord.store.audit_log(action="internal_error")
@@ -162,7 +163,7 @@ def test_a_site_is_reported_as_returned_on_first_contact_and_after_a_lost_connec
     returned: list[str] = []
     fed.coord.on_site_returned = returned.append
 
-    def beat(site, *, named=None, version="0.1.0"):
+    def beat(site, *, named=None, version=__version__):
         hb = m.Heartbeat(site=named or site, version=version, health_json="{}",
                          eligible=True, reason="", datasets=[], current_task="")
         fed.coord.handle_frames(site, [bytes(f) for f in codec.encode(hb, sender=site)])

@@ -1122,8 +1122,19 @@ class Agent:
                                f"needs 1..{m.MAX_EXAMPLES}", t.task_id)
             return
         if plan_kept is not None:  # the plan digest is on disk before a result leaves
-            await plan_kept
+            not_kept = await plan_kept
             if self.task is not task or task.cancel.is_set():
+                return
+            if not_kept:
+                # without it on disk, a restart would forget which plan this update
+                # was trained under, and evaluate the job under another: withheld, as
+                # a SCAFFOLD control that cannot be kept is (_hold_control). Forgotten
+                # in memory too, so the next TrainTask tries the write again.
+                if self._job_plans.touch(job) == plan_digest(t.plan):
+                    self._job_plans.pop(job, None)
+                self.task = None
+                self._set_busy("")
+                await self._refuse(job, rnd, m.TASK_TRAIN, not_kept, t.task_id)
                 return
         task.local = result
         # before it leaves: the AggregateBegin it brings must find the text it replaces
@@ -1132,10 +1143,12 @@ class Agent:
                                     metrics=result.metrics, epsilon=result.epsilon),
                         job=job, round=rnd)
 
-    def _keep_job_plan(self, job: str, text: str) -> asyncio.Future[None] | None:
+    def _keep_job_plan(self, job: str, text: str) -> asyncio.Future[str] | None:
         """Remember (in memory now, and in ``job_state`` on the durable-writes thread)
         that this site trains ``job`` under the plan ``text``: its EvalTasks must bring
-        the same plan. Returns the write (it logs its own failure), None when none."""
+        the same plan. Returns the write, None when none: its result is '' once the
+        digest is on disk, else why it could not be kept (logged; the update trained
+        under it may then not leave: a restart would forget the plan)."""
         digest = plan_digest(text)
         if self._job_plans.touch(job) == digest:
             return None
@@ -1145,11 +1158,16 @@ class Agent:
         if store is None:
             return None
 
-        def save() -> None:
+        def save() -> str:
             try:
                 store.save(job, "plan", {"digest": np.frombuffer(digest, np.uint8)})
-            except OSError as exc:  # held in memory; a restart would forget it
+            except OSError as exc:  # a restart would forget it: the update is withheld
                 log.error("%s: job %s: its plan's digest not saved: %s", self.site, job, exc)
+                # the coordinator keeps the reason: no path in it
+                return ("cannot record the plan this job is trained under (its "
+                        "evaluations are held to it, also after a restart): "
+                        f"{without_appliance_paths(str(exc))}")
+            return ""
 
         return self._on_disk(save)
 

@@ -925,7 +925,13 @@ class Round:
             return self._aggregated(self._aggregation.receive(sender, body, now), now)
         if self.phase is Phase.EVALUATING:
             if m.is_secagg(body):
-                return []  # a share that arrived after the unmask stage closed: harmless
+                # a share that arrived after the unmask stage closed is harmless and not
+                # answered; the finished session still refuses, by name, one that names
+                # another site, job or round (fedge.coordinator.secure)
+                assert self._aggregation is not None
+                return self._from_aggregation(
+                    [(s, b) for s, b in self._aggregation.receive(sender, body, now)
+                     if isinstance(b, m.Rejected)])
             if sender not in self._eval_cohort():
                 if isinstance(body, m.TaskRefused):
                     return []  # a dropped site giving up late: it is out already
@@ -1158,18 +1164,23 @@ class Round:
         """The aggregation's messages as they may go: a pinned round's consistency check
         or unmask request listing survivors other than S fails the attempt instead (and
         none of them goes); unmask requests are held until the driver has recorded
-        their survivor set (:attr:`unmask_pending`)."""
+        their survivor set (:attr:`unmask_pending`). A message of the site's that the
+        aggregation refused (its ``Rejected``, sent before anything else) is noted in
+        ``rejected``, as the round's own refusals are, so the coordinator audits it."""
         from fedge.secagg.messages import ConsistencyRequest, UnmaskRequest
 
         passed: Outgoing = []
         for site, body in out:
+            if isinstance(body, m.Rejected):
+                self.rejected.append((site, body.reason))
             if isinstance(body, ConsistencyRequest | UnmaskRequest):
                 survivors = sorted(body.survivors)
                 if self.pinned_cohort is not None and survivors != self.pinned_cohort:
                     gone = [s for s in self.pinned_cohort if s not in survivors]
                     said = grouped_reasons({s: self.refused[s] for s in gone
                                             if s in self.refused})
-                    return self._fail(
+                    refusals = [(s, b) for s, b in passed if isinstance(b, m.Rejected)]
+                    return refusals + self._fail(
                         f"{already_unmasked(self.round, self.pinned_cohort)}; this attempt's "
                         f"survivors are {survivors} ({', '.join(gone)} dropped out of secure "
                         f"aggregation{': ' + said if said else ''}): not asked "

@@ -18,6 +18,14 @@ fall below it (a site lost or refusing at the key stages), before any further in
 leaves a site (and its DP run is charged for it). The attempt is retried as any
 failed attempt is.
 
+A message the session discards that no honest site sends (a body naming another
+site, job or round, a malformed one, the wrong message for the stage, a second
+answer: ``ServerSession.discards``) is answered ``Rejected`` with the session's
+reason, before anything else the session sends; the round notes it in
+``Round.rejected`` and the coordinator audits it ("rejected_message", throttled).
+The expected ones (a dropped site's late answer, anything once the session is over)
+stay quiet.
+
 A committed sum carries the senders of any false unmasking shares the session found
 and left out (``SecAggResult.false_shares`` as ``AggregationResult.false_shares``):
 the round audits them ("false_unmask_share"). A sum that fails names them in its
@@ -30,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedge.coordinator.plan import Plan
 from fedge.coordinator.rounds import Aggregation, AggregationFactory, AggregationResult, RoundInfo
+from fedge.wire import messages as m
 
 if TYPE_CHECKING:
     from fedge.coordinator.service import Coordinator
@@ -82,7 +91,13 @@ class SecureAggregation:
         return self._checked(lambda s: s.start(now))
 
     def receive(self, sender: str, body: Any, now: float) -> list[tuple[str, Any]]:
-        return self._checked(lambda s: s.receive(sender, body, now))
+        out = self._checked(lambda s: s.receive(sender, body, now))
+        if self.session is None or not self.session.discards:
+            return out
+        # what the session discarded and noted goes first: a stage the message closed
+        # may fail the attempt, and the failure sends nothing after it
+        return [(site, m.Rejected(m.clip_reason(why)))
+                for site, why in self.session.take_discards()] + out
 
     def tick(self, now: float) -> list[tuple[str, Any]]:
         return self._checked(lambda s: s.tick(now))

@@ -1167,11 +1167,25 @@ class Coordinator:
         self._took_effect = True
         self._emit(rnd, rnd.receive(site, body, now))
         try:
+            # the round's refusals (secure aggregation's discards among them) are logged
+            # and audited as the coordinator's own: the first of each kind per site and
+            # round in full, then counted (AuditThrottle), so a site repeating a bad
+            # message cannot flood the audit log; each is answered all the same. The
+            # kind is the reason without the words a site chose or that count (quoted
+            # values, numbers, ids): a spoofed client_id is one kind, whatever it names,
+            # and not the kind of a second answer
             for rsite, reason in rnd.rejected[before:]:
-                self.store.audit(rsite, "rejected_message",
-                                 {"job": rnd.job_id, "round": rnd.round, "reason": reason})
-        except (StoreError, sqlite3.OperationalError) as exc:
+                kind = " ".join(w for w in reason[:160].split()
+                                if not any(c.isdigit() or c in "'\"" for c in w))
+                key = (rsite, "rejected_message", rnd.job_id, rnd.round, kind)
+                if self._rejections.event(key, rsite, "rejected_message",
+                                          {"job": rnd.job_id, "round": rnd.round,
+                                           "reason": reason}, now):
+                    log.warning("rejected message from %s in job %s round %d: %s", rsite,
+                                rnd.job_id, rnd.round, printable(reason))
+        except (StoreError, sqlite3.Error) as exc:
             self._not_written(f"rejected_message of {site}", exc)
+        del rnd.rejected[before:]  # audited or counted: a flood must not grow the round
         try:
             self._after(now)
         except (StoreError, sqlite3.OperationalError) as exc:  # the next tick records it

@@ -14,6 +14,22 @@ dropped client, from outside the cohort, for another job/round, or one that
 does not fit its stage is discarded (counted in ``discarded``), never
 fatal.  The server needs no honest client to stay correct.
 
+A discarded message no honest client sends is also noted in ``discards`` as
+(sender, why), for the caller to answer and audit (the coordinator answers it
+``Rejected`` and audits it, throttled): a body whose ``client_id`` is not its
+sender, or whose job or round is not the session's, or that fails
+``check_fields``, whatever the session's state; and, from a client still due to
+answer the current stage, the wrong message type for the stage or a second
+answer to it. Two cases stay quiet (counted only): anything once the round is
+over (or before it starts), and a well-formed message from a client already
+dropped, the answer of a site that missed its stage deadline arriving late,
+which is how a slow link looks. A message for an earlier round is the caller's
+to route by its header (the coordinator never passes one here): one that
+reaches the session is noted. The why names the message type and the field or
+stage that was wrong, never a vector, a share or key material. A client dropped
+at a stage deadline after such a message is dropped naming it ("its MaskedInput
+was discarded (...)"), not as silent.
+
 A client may lie about the shares it reveals.  The unmasking waits for every
 site asked, but not for long once it could finish: when every secret has t
 shares it waits ``UNMASK_GRACE_S`` more for the others (or to its deadline, if
@@ -40,6 +56,7 @@ ever exposed.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 from dataclasses import dataclass, field
@@ -102,6 +119,12 @@ Outgoing = list[tuple[str, object]]
 # deadline.  A share arriving after the grace is not checked (nor needed).
 UNMASK_GRACE_S = 2.0
 
+# ServerSession.discards keeps the newest this many not yet taken by the caller: a
+# session nobody drains must not grow with a hostile client's flood
+DISCARDS_KEPT = 256
+# characters of a client-chosen string (a client_id, a job id) a discard reason quotes
+QUOTED_MAX = 64
+
 
 @dataclass(frozen=True)
 class SecAggResult:
@@ -156,6 +179,13 @@ class ServerSession:
         self._why: dict[str, str] = {}  # client -> why it was dropped
         self._failed_in = ""  # the stage the round failed in
         self.discarded = 0
+        # (sender, why) of each discarded message no honest client sends (module doc),
+        # oldest first, for the caller to answer and audit: take_discards()
+        self.discards: collections.deque[tuple[str, str]] = collections.deque(
+            maxlen=DISCARDS_KEPT)
+        # client still due to answer the stage -> what its first discarded message in
+        # this stage was (its drop at the deadline names it)
+        self._sent_wrong: dict[str, str] = {}
         self._alive: set[str] = set(self.cohort)
         self._replied: set[str] = set()
         self._grace_started = False  # unmasking: every secret has t shares (UNMASK_GRACE_S)
@@ -219,14 +249,12 @@ class ServerSession:
         locked database) takes the answers that waited for it before it ticks,
         and must not hold its own deafness against them."""
         if self.done or self.stage == "Idle":
-            self.discarded += 1
-            return []
+            return self._discard(sender, message, None)
         expected, _ = SERVER_TRANSITIONS[self.stage]
         try:
             msgs.check_fields(message)
-        except SecAggAbort:
-            self.discarded += 1
-            return []
+        except SecAggAbort as exc:
+            return self._discard(sender, message, str(exc))
         if (
             type(message).__name__ != expected
             or sender not in self._alive
@@ -235,11 +263,14 @@ class ServerSession:
             or getattr(message, "job_id", None) != self.ctx.job_id
             or getattr(message, "round", None) != self.ctx.round
         ):
-            self.discarded += 1
-            return []
+            return self._discard(sender, message, None)
         accepted = getattr(self, "_take_" + expected)(sender, message)
         if not accepted:
             self.discarded += 1
+            self.discards.append((sender, f"secure aggregation discarded {expected} from "
+                                          f"{sender}: not what the {self.stage} stage allows "
+                                          f"(malformed, or inconsistent with the round); "
+                                          f"{sender} is dropped from it"))
             return self._drop_now(sender, f"its {expected} was refused (malformed, or not "
                                           "what this stage allows)", now)
         self._replied.add(sender)
@@ -249,6 +280,57 @@ class ServerSession:
             self._grace_started = True
             self.deadline = min(self.deadline, now + UNMASK_GRACE_S)
         return []
+
+    def take_discards(self) -> list[tuple[str, str]]:
+        """The (sender, why) of the discarded messages noted since the last call
+        (module doc), oldest first; the session forgets them. Never raises."""
+        out = list(self.discards)
+        self.discards.clear()
+        return out
+
+    def _discard(self, sender: str, message: object, malformed: str | None) -> Outgoing:
+        """Count ``message`` as discarded and note why, unless it is a quiet case
+        (module doc). Only this path builds the reason: an accepted message costs
+        nothing here."""
+        self.discarded += 1
+        why = self._discard_reason(sender, message, malformed)
+        if why is not None:
+            kind = type(message).__name__
+            self.discards.append(
+                (sender, f"secure aggregation discarded {kind} from {sender}: {why}"))
+            if sender in self._alive and sender not in self._replied and not self.done:
+                self._sent_wrong.setdefault(sender, f"its {kind} was discarded ({why})")
+        return []
+
+    def _discard_reason(self, sender: str, message: object,
+                        malformed: str | None) -> str | None:
+        """Why ``message`` from ``sender`` was not taken, or None when that is expected
+        and stays quiet: the round is over (or not begun), or ``sender`` was dropped
+        and this is its late answer. A body naming another client, job or round, and a
+        malformed one, are never quiet."""
+        if malformed is not None:
+            return malformed
+        if sender not in self.index:
+            return f"{_quoted(sender)} is not in the cohort of this round"
+        if not hasattr(message, "client_id"):  # a server's message, or no secagg one
+            return f"{type(message).__name__} is not a message a site sends"
+        client_id = getattr(message, "client_id", None)
+        if client_id != sender:
+            return f"its client_id {_quoted(client_id)} is not the sender {sender!r}"
+        job_id = getattr(message, "job_id", None)
+        if job_id != self.ctx.job_id:
+            return f"it names job {_quoted(job_id)}, not this round's {self.ctx.job_id!r}"
+        round_ = getattr(message, "round", None)
+        if round_ != self.ctx.round:
+            return f"it names round {_quoted(round_)}, not round {self.ctx.round}"
+        if self.done or self.stage == "Idle" or sender not in self._alive:
+            return None  # a round over, or a dropped site's late answer: expected
+        expected, _ = SERVER_TRANSITIONS[self.stage]
+        if type(message).__name__ != expected:
+            return f"the {self.stage} stage takes {expected}"
+        if sender in self._replied:
+            return f"{sender} already answered the {self.stage} stage; its first answer stands"
+        return None
 
     def refuse(self, sender: str, now: float) -> Outgoing:
         """``sender`` has said it will send nothing more this round (its own abort, a
@@ -283,6 +365,7 @@ class ServerSession:
         self.stage = stage
         self.deadline = now + self.config.stage_timeout
         self._replied = set()
+        self._sent_wrong = {}
         self._grace_started = False
 
     def _drop(self, cid: str, why: str) -> None:
@@ -309,7 +392,10 @@ class ServerSession:
                for cid, stage in sorted(self.dropped.items())}
         if self._failed_in == "Unmasking":
             for cid in sorted(self._alive - self._replied):
-                out[cid] = "asked to unmask, no answer before the round failed"
+                wrong = self._sent_wrong.get(cid)
+                out[cid] = ("asked to unmask, no answer before the round failed" if wrong
+                            is None else f"asked to unmask, {wrong}, and no valid answer "
+                            "came before the round failed")
         return out
 
     def _stage_complete(self) -> bool:
@@ -321,7 +407,9 @@ class ServerSession:
     def _close_stage(self, now: float) -> Outgoing:
         for cid in sorted(self._alive - self._replied):
             if self.stage != "Unmasking":  # at its deadline or grace unmasking needs only t
-                self._drop(cid, "no answer before the stage deadline")
+                wrong = self._sent_wrong.get(cid)
+                self._drop(cid, "no answer before the stage deadline" if wrong is None else
+                           f"{wrong}, and no valid answer came before the stage deadline")
         try:
             out = getattr(self, "_close_" + self.stage)()
         except SecAggAbort as exc:
@@ -701,3 +789,13 @@ class ServerSession:
                            for h, w in sorted(self.unused_shares.items()))
         return (f"false unmasking shares, left out, came from {len(self.false_shares)} "
                 f"site(s): {named}" + (f" ({unused})" if unused else ""))
+
+
+def _quoted(value: object) -> str:
+    """``value`` (a field a client chose) as a discard reason quotes it: a string cut
+    to QUOTED_MAX characters, a number or None as is, anything else by its type."""
+    if isinstance(value, str):
+        return repr(value) if len(value) <= QUOTED_MAX else repr(value[:QUOTED_MAX]) + "..."
+    if value is None or isinstance(value, int | float):
+        return repr(value)
+    return f"a {type(value).__name__}"

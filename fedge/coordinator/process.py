@@ -239,21 +239,34 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
     coord.on_allow_list = set_allowed
     coord.on_disconnect = disconnect
     exports: set[asyncio.Task[None]] = set()
+    finish_again = _FinishAgain()
+    given_up_said: set[str] = set()  # jobs whose export given up was said (unfinished_jobs)
+
+    def finishing(work: Any, name: str) -> None:
+        task = loop.create_task(work, name=name)
+        exports.add(task)
+        task.add_done_callback(finished)
+
+    def finished(task: asyncio.Task[None]) -> None:
+        exports.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # said, not left to "Task exception was never retrieved" at exit; what it
+            # did not write is looked for again (finish_again)
+            log.error("%s failed: %s: %s; tried again while the coordinator runs",
+                      task.get_name(), type(exc).__name__, exc, exc_info=exc)
+        if not task.cancelled():
+            finish_again.finished(time.monotonic())
 
     def on_job_completed(job_id: str) -> None:
-        task = loop.create_task(finish_job(coord, job_id),
-                                name=f"writing the ONNX model and report of job {job_id}")
-        exports.add(task)
-        task.add_done_callback(exports.discard)
+        finishing(finish_job(coord, job_id),
+                  f"writing the ONNX model and report of job {job_id}")
 
     coord.on_job_completed = on_job_completed
-    unfinished = unfinished_jobs(coord)
+    unfinished = unfinished_jobs(coord, said=given_up_said)
     if unfinished:
         # one after the other: each export is a torch child of its own
-        task = loop.create_task(_resume_finishing(coord, unfinished),
-                                name=f"finishing {len(unfinished)} ended job(s)")
-        exports.add(task)
-        task.add_done_callback(exports.discard)
+        finishing(_resume_finishing(coord, unfinished),
+                  f"finishing {len(unfinished)} ended job(s)")
     admin_task = _start_admin(cfg, coord)
     if cfg.admin_off:  # once, not retried: the address is not this host's (NAT, split DNS)
         log.error("%s", cfg.admin_off)
@@ -391,6 +404,11 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
                 max_bytes = coord.max_message_bytes
                 server.set_max_message_bytes(max_bytes)
             await _drain(coord, server, key_of, codec)
+            if not exports and finish_again.due(time.monotonic()):
+                again = _look_again(coord, finish_again, given_up_said)
+                if again:
+                    finishing(_resume_finishing(coord, again),
+                              f"finishing {len(again)} ended job(s) again")
             admin_task = _watch_admin(cfg, coord, admin_task, admin_watch)
             now = time.monotonic()
             if now - last_refresh > ALLOW_LIST_REFRESH_S:
@@ -481,17 +499,22 @@ async def finish_job(coord: Coordinator, job_id: str) -> None:
     that loads and names the job's final model is kept, not exported again; an export
     that failed the same way for this model already (``admin.export_given_up``: a cause
     that does not pass) is not tried again (audited ``model_export_skipped``).
+
+    Each outcome is logged first, then audited (`_audit`): on a full disk the audit
+    record is what is lost, not the log line, nor the report after a failed export.
+    What it could not write is finished again while the coordinator runs (serve's
+    `_FinishAgain`), and at its next start (unfinished_jobs).
     """
     out = ck.final_path(coord.state_dir, job_id).with_name("model.onnx")
     final_digest = coord.store.job(job_id).final_digest
     if await asyncio.to_thread(_is_export_of, out, final_digest):
-        coord.store.audit("coordinator", "model_export_kept", {"job": job_id, "path": str(out)})
         log.info("job %s: %s is already its final model's export", job_id, out)
+        _audit(coord, job_id, "model_export_kept", {"job": job_id, "path": str(out)})
     elif (given_up := _export_given_up(coord, job_id, final_digest)) is not None:
-        coord.store.audit("coordinator", "model_export_skipped",
-                          {"job": job_id, "reason": given_up[0], "times": given_up[1],
-                           "final_digest": final_digest})
         log.warning("%s", _given_up_text(coord, job_id, given_up))
+        _audit(coord, job_id, "model_export_skipped",
+               {"job": job_id, "reason": given_up[0], "times": given_up[1],
+                "final_digest": final_digest})
     else:
         await export_final_model(coord, job_id)
     await write_report(coord, job_id)
@@ -524,7 +547,18 @@ REPORT_FILES = ("report.md", "report.json")
 RESULT_FILES = ("model.onnx", *REPORT_FILES)
 
 
-def unfinished_jobs(coord: Coordinator) -> list[str]:
+def _audit(coord: Coordinator, job_id: str, action: str, detail: dict[str, Any]) -> None:
+    """Audit ``action`` of an ended job's finish, after its log line said it: a database
+    that cannot take the record now (a full disk) costs the record, logged, never the
+    finish (as the Coordinator's records: service ``_not_written``)."""
+    try:
+        coord.store.audit("coordinator", action, detail)
+    except (StoreError, sqlite3.Error) as exc:
+        log.error("%s of job %s not written to the database %s: %s: %s", action, job_id,
+                  coord.store.path, type(exc).__name__, exc)
+
+
+def unfinished_jobs(coord: Coordinator, *, said: set[str] | None = None) -> list[str]:
     """Ended jobs whose results are not all written: a coordinator stopped (or killed)
     between the job's last commit and the end of finish_job (the report is written
     last), or one whose ONNX export failed (a full disk, say) while its smaller report
@@ -539,7 +573,8 @@ def unfinished_jobs(coord: Coordinator) -> list[str]:
     Nor is a job whose export alone is missing and has failed the same way for its final
     model EXPORT_GIVE_UP_AFTER times (``admin.export_given_up``: a parity check that
     refuses NaN weights, not a full disk): tried at every start, it only failed again.
-    A WARNING says so and names the command that writes it by hand; `jobs fetch` and
+    A WARNING says so and names the command that writes it by hand (once per job
+    in ``said``, when given: the jobs it was said of are added); `jobs fetch` and
     `jobs status` say the same."""
     out = []
     for status in ("completed", "failed", "cancelled"):
@@ -554,7 +589,10 @@ def unfinished_jobs(coord: Coordinator) -> list[str]:
             if missing == {"model.onnx"}:
                 given_up = _export_given_up(coord, job.job_id, job.final_digest)
                 if given_up is not None:
-                    log.warning("%s", _given_up_text(coord, job.job_id, given_up))
+                    if said is None or job.job_id not in said:
+                        log.warning("%s", _given_up_text(coord, job.job_id, given_up))
+                    if said is not None:
+                        said.add(job.job_id)
                     continue
             out.append(job.job_id)
     return out
@@ -562,26 +600,83 @@ def unfinished_jobs(coord: Coordinator) -> list[str]:
 
 async def _resume_finishing(coord: Coordinator, job_ids: list[str]) -> None:
     for job_id in job_ids:
-        job = coord.store.job(job_id)
-        if job.status != "completed" and not ck.final_path(coord.state_dir, job_id).is_file():
-            # ended before its last committed model was kept as its result (a kill
-            # between the status and the file, or a write that failed): keep it now
-            digest = coord.keep_last_model(job_id, job.committed_round)
-            if not digest:
-                continue  # logged and audited; the next start tries again
-            coord.store.set_final_digest(job_id, digest)
-        # killed before its old round checkpoints went (service: they go before the
-        # export and report, whose absence brings the job here)
-        coord.forget_rounds(job_id)
-        missing = [n for n in RESULT_FILES if n not in ck.results(coord.state_dir, job_id)]
-        coord.store.audit("coordinator", "job_finish_resumed",
-                          {"job": job_id, "missing": missing})
-        log.info("job %s (%s) without %s: finishing it now", job_id, job.status,
-                 ", ".join(missing))
         try:
-            await finish_job(coord, job_id)
+            await _resume_finishing_one(coord, job_id)
         except Exception:  # one job's records must not keep the others unfinished
             log.exception("job %s: finishing failed", job_id)
+
+
+async def _resume_finishing_one(coord: Coordinator, job_id: str) -> None:
+    job = coord.store.job(job_id)
+    if job.status != "completed" and not ck.final_path(coord.state_dir, job_id).is_file():
+        # ended before its last committed model was kept as its result (a kill
+        # between the status and the file, or a write that failed): keep it now
+        digest = coord.keep_last_model(job_id, job.committed_round)
+        if not digest:
+            return  # logged and audited; tried again later
+        coord.store.set_final_digest(job_id, digest)
+    # killed before its old round checkpoints went (service: they go before the
+    # export and report, whose absence brings the job here)
+    coord.forget_rounds(job_id)
+    missing = [n for n in RESULT_FILES if n not in ck.results(coord.state_dir, job_id)]
+    log.info("job %s (%s) without %s: finishing it now", job_id, job.status,
+             ", ".join(missing))
+    _audit(coord, job_id, "job_finish_resumed", {"job": job_id, "missing": missing})
+    await finish_job(coord, job_id)
+
+
+# An ended job whose results are not all written while the coordinator runs (its
+# export or report met a full or failing disk) is finished again: FINISH_RETRY_S after
+# a finish ends, then after twice the last pause each time some are still missing, up
+# to this: each export is a torch child of its own, not to be started every few
+# seconds for days on a disk that stays read-only. A restart still tries at once.
+FINISH_AGAIN_MAX_S = 600.0
+
+
+@dataclass
+class _FinishAgain:
+    """When serve next looks for ended jobs whose results are not all written
+    (unfinished_jobs), to finish them again without a restart: a pause after each
+    finish ends (whatever its outcome, which a full disk may have kept from the audit
+    log), FINISH_RETRY_S at first, doubled each time one is found, up to
+    FINISH_AGAIN_MAX_S; back to FINISH_RETRY_S once none is. Nothing is looked for
+    while a finish runs, nor after one until its pause has passed: no tight loop."""
+
+    at: float | None = None  # when to look; None: not until a finish ends
+    pause: float = 0.0  # 0: the next is FINISH_RETRY_S
+
+    def finished(self, now: float) -> None:
+        """A finish task ended."""
+        self.pause = self.pause or FINISH_RETRY_S
+        self.at = now + self.pause
+
+    def due(self, now: float) -> bool:
+        return self.at is not None and now >= self.at
+
+    def looked(self, found: bool) -> None:
+        """What the look found: jobs to finish again (the next pause doubles), or none."""
+        self.at = None
+        self.pause = min(2 * self.pause, FINISH_AGAIN_MAX_S) if found else 0.0
+
+
+def _look_again(coord: Coordinator, finish_again: _FinishAgain,
+                given_up_said: set[str]) -> list[str]:
+    """The ended jobs to finish again now (serve, once finish_again is due); [] when
+    none or the database cannot say (looked at again after the pause, logged)."""
+    try:
+        again = unfinished_jobs(coord, said=given_up_said)
+    except sqlite3.Error as exc:
+        finish_again.looked(True)
+        finish_again.finished(time.monotonic())
+        log.warning("ended jobs whose results are not all written cannot be looked up (%s); "
+                    "looked at again in %g s", database_error(coord.store.path, exc),
+                    finish_again.pause)
+        return []
+    finish_again.looked(bool(again))
+    if again:
+        log.info("ended job(s) %s: results not all written; finishing again (if still "
+                 "not, looked at again %g s after)", ", ".join(again), finish_again.pause)
+    return again
 
 
 def _is_export_of(path: Path, final_digest: str) -> bool:
@@ -623,11 +718,11 @@ async def write_report(coord: Coordinator, job_id: str) -> bool:
         if isinstance(exc, OSError) and exc.filename is None:
             # a write's own error names no file (ENOSPC): the directory is named here
             reason = f"cannot write the report in {out}: {type(exc).__name__}: {exc}"
-        coord.store.audit("coordinator", "report_failed", {"job": job_id, "reason": reason})
         log.error("job %s: report failed: %s", job_id, reason, exc_info=exc)
+        _audit(coord, job_id, "report_failed", {"job": job_id, "reason": reason})
         return False
-    coord.store.audit("coordinator", "report_written", {"job": job_id, "files": files})
     log.info("job %s report written to %s (%s)", job_id, out, ", ".join(files))
+    _audit(coord, job_id, "report_written", {"job": job_id, "files": files})
     return True
 
 
@@ -653,8 +748,8 @@ async def export_final_model(coord: Coordinator, job_id: str, *,
         await proc.wait()
         err = f"timed out after {timeout_s:.0f} s".encode()
     if proc.returncode == 0 and out.exists():
-        coord.store.audit("coordinator", "model_exported", {"job": job_id, "path": str(out)})
         log.info("job %s exported to %s", job_id, out)
+        _audit(coord, job_id, "model_exported", {"job": job_id, "path": str(out)})
         return True
     reason = (err.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
     # the model and the version it failed for: the same failure for the same model
@@ -663,10 +758,10 @@ async def export_final_model(coord: Coordinator, job_id: str, *,
         final_digest = coord.store.job(job_id).final_digest
     except StoreError:  # a checkpoint exported without its job's record (no digest)
         final_digest = ""
-    coord.store.audit("coordinator", "model_export_failed", {
+    log.warning("job %s: ONNX export failed: %s", job_id, reason)
+    _audit(coord, job_id, "model_export_failed", {
         "job": job_id, "reason": reason, "final_digest": final_digest,
         "version": __version__})
-    log.warning("job %s: ONNX export failed: %s", job_id, reason)
     return False
 
 
@@ -965,7 +1060,9 @@ async def _drain(coord: Coordinator, server: Any, key_of: dict[str, str], codec:
         if key is None:
             try:
                 key = coord.store.appliance(out.site).curve_public_z85
-            except Exception:
+            except Exception as exc:  # not enrolled (any more), or the database failed
+                log.warning("%s for %s not sent: its key cannot be looked up: %s: %s",
+                            kind, out.site, type(exc).__name__, codec.short(str(exc), 300))
                 continue
         if out.close_after:
             # the connection this goes to, by its routing id (a reconnection of the

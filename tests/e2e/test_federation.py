@@ -241,8 +241,9 @@ def test_agent_sigkilled_between_scaffold_rounds_resumes_its_state_from_disk(
     # younger than TEMP_GRACE_S at the restart, it is swept at a later one)
     kept = sorted(p.name.split(".", 1)[1] for p in (fed.root / "agents/site-1/jobs").iterdir()
                   if not p.name.startswith("."))
-    # the plan the site trained under (its digest: an EvalTask must carry that plan)
-    assert kept == ["controls.npz", "cursors.npz", "plan.npz"], kept
+    # the plan the site trained under (its digest: an EvalTask must carry that plan),
+    # and the standardisation constants it trained with (what an install prepends)
+    assert kept == ["controls.npz", "cursors.npz", "plan.npz", "standardisation.npz"], kept
 
 
 def rounds_of(fed, job):

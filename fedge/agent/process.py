@@ -80,6 +80,12 @@ log = logging.getLogger("fedge.agent")
 TRIAL_UNCONFIRMED_EXIT = 75  # the unit's RestartForceExitStatus
 # No socket to the coordinator can be made (run_agent): as a configuration error does
 SOCKET_FAILED_EXIT = 2
+# One of the agent's event-loop tasks (receiving the coordinator's messages, sending
+# heartbeats, watching the coordinator's name, resuming a deferred trial, the watchdog
+# pings) ended on an error (run_agent): the process would otherwise run on without it,
+# its watchdog fed, a site that looks alive but no longer beats or hears. EX_SOFTWARE;
+# the unit's Restart=on-failure restarts it after RestartSec, within its start limit.
+WORKER_FAILED_EXIT = 70
 # How long a stop waits for a task already running on a worker thread (training,
 # evaluation, an update being staged) before the process leaves without it: well
 # inside the unit's TimeoutStopSec=90s, so `systemctl stop` and an upgrade's restart
@@ -978,7 +984,12 @@ async def run_agent(agent: Agent, enrolled: Enrolled, *, interval_s: float, time
     (`SOCKET_FAILED_EXIT`) when no socket to the coordinator
     can be made any more (libzmq refused the endpoint or an option, or no file
     descriptor was left): said in one ERROR line, where it had left an agent running
-    without a connection and logging only, minutes later, "still retrying".
+    without a connection and logging only, minutes later, "still retrying"; 70
+    (`WORKER_FAILED_EXIT`) when one of its own tasks on the loop (receiving, the
+    heartbeats, the name watch, a deferred trial's resumption, the watchdog pings) ends
+    on an error: logged at ERROR naming the task, with its traceback, and no watchdog
+    ping goes after it (the exception was kept until the stop, where it was dropped,
+    and a dead heartbeat task left a process that looked alive).
     """
     from fedge.transport import (
         Backoff,
@@ -1130,11 +1141,29 @@ async def run_agent(agent: Agent, enrolled: Enrolled, *, interval_s: float, time
                         show_link(f"connecting to {endpoint}")
             await asyncio.sleep(NAME_CHECK_S)
 
-    workers = [asyncio.ensure_future(receive()), asyncio.ensure_future(beat())]
+    dead: list[str] = []  # the tasks that ended on an error
+
+    def worker_done(task: asyncio.Future[Any]) -> None:
+        if task.cancelled() or (exc := task.exception()) is None:
+            return
+        what = task.get_name() if isinstance(task, asyncio.Task) else repr(task)
+        log.error("%s: %s stopped on an error: %s: %s; the agent stops (exit %d) so that "
+                  "systemd restarts it", agent.site, what, type(exc).__name__, exc,
+                  WORKER_FAILED_EXIT, exc_info=exc)
+        dead.append(what)
+        exit_code.append(WORKER_FAILED_EXIT)
+        stop.set()
+
+    loop = asyncio.get_running_loop()
+    workers: list[asyncio.Future[Any]] = [
+        loop.create_task(receive(), name="receiving the coordinator's messages"),
+        loop.create_task(beat(), name="sending heartbeats")]
     if deferred is not None:
-        workers.append(asyncio.ensure_future(updates.resume_deferred_trial(deferred)))
+        workers.append(loop.create_task(updates.resume_deferred_trial(deferred),
+                                        name=f"resuming software {deferred}'s trial"))
     if name is not None:
-        workers.append(asyncio.ensure_future(watch_coordinator_name()))
+        workers.append(loop.create_task(watch_coordinator_name(),
+                                        name=f"watching the coordinator's name {name[0]}"))
     if notifier is not None:
         # WATCHDOG=1 from this loop at half of WatchdogSec, whatever heartbeat.interval_s
         # is (a slow heartbeat once meant a watchdog restart loop), and while the
@@ -1144,6 +1173,8 @@ async def run_agent(agent: Agent, enrolled: Enrolled, *, interval_s: float, time
         withheld: list[str] = []
 
         def alive() -> bool:
+            if dead:  # a task of the loop failed: stopping (worker_done), no more pings
+                return False
             # a worker thread that never returns (a deadlocked training) leaves the loop
             # running and the agent useless: no pings, so systemd restarts it
             stuck = agent.stuck_worker()
@@ -1156,7 +1187,10 @@ async def run_agent(agent: Agent, enrolled: Enrolled, *, interval_s: float, time
 
         pinger = start_watchdog(notifier, unsupervised_s=UNSUPERVISED_PING_S, alive=alive)
         if pinger is not None:
+            pinger.set_name("pinging systemd's watchdog")
             workers.append(pinger)
+    for worker in workers:
+        worker.add_done_callback(worker_done)
     code = 0
     try:
         if connect_timeout_s is not None:

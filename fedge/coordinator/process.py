@@ -65,6 +65,11 @@ BUSY_BACKOFF_S = 0.5
 # coordinator SIGKILLs itself when a round reaches that phase. "update.outcome": it
 # SIGKILLs itself as an agent's update outcome arrives, before recording it.
 KILL_AT_ENV = "FEDGE_TEST_KILL_AT"
+# One of the socket's own tasks (its reader, heartbeats, connection monitor) ended on
+# an error (ServerSocket.on_failure): the coordinator would take no message any more
+# while it looked alive. EX_SOFTWARE; the unit's Restart=on-failure restarts it after
+# RestartSec, within its start limit.
+TRANSPORT_FAILED_EXIT = 70
 KILL_ON_OUTCOME = "update.outcome"
 
 
@@ -140,7 +145,10 @@ def build_coordinator(cfg: CoordinatorConfig, **kwargs: Any) -> Coordinator:
 
 async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
                 coordinator: Coordinator | None = None) -> int:
-    """Run the coordinator until ``stop`` is set (or SIGTERM/SIGINT); returns the exit code.
+    """Run the coordinator until ``stop`` is set (or SIGTERM/SIGINT); returns the exit code:
+    0, 1 when the endpoint cannot be bound, TRANSPORT_FAILED_EXIT (70) when one of the
+    socket's own tasks failed (said at ERROR with its traceback: the coordinator would
+    otherwise have taken no message any more while it looked alive).
     SIGHUP is logged (RELOAD_REFUSED) and otherwise ignored.
 
     Raises:
@@ -188,6 +196,14 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
         coord.refused(refusal.public_key or "", f"{refusal.reason} (from {refusal.address})")
 
     flapping = _Flapping()
+    exit_code: list[int] = []
+
+    def on_transport_failure(exc: BaseException) -> None:
+        log.error("the coordinator's socket no longer works (%s): %s: %s; the coordinator "
+                  "stops (exit %d) so that systemd restarts it", server.endpoint,
+                  type(exc).__name__, exc, TRANSPORT_FAILED_EXIT, exc_info=exc)
+        exit_code.append(TRANSPORT_FAILED_EXIT)
+        stop.set()
 
     def on_peer_lost(peer: Any) -> None:
         site = coord.store.site_for_key(peer.public_key)
@@ -215,7 +231,7 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
         CurveKeyPair(cfg.curve_public, cfg.curve_secret), allowed=coord.store.allowed_keys(),
         on_refused=on_refused, on_peer_lost=on_peer_lost, on_superseded=on_superseded,
         heartbeat=HeartbeatConfig(cfg.heartbeat_interval_s, cfg.heartbeat_timeout_s),
-        max_message_bytes=coord.max_message_bytes)
+        max_message_bytes=coord.max_message_bytes, on_failure=on_transport_failure)
     try:
         endpoint = server.bind(cfg.bind)
     except TransportError as exc:
@@ -324,6 +340,10 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
                 except TimeoutError:
                     heard_at = _deaf_for(coord, heard_at, entered, timeout)
                     break
+                except TransportError:
+                    if server.failure is None:
+                        raise
+                    break  # said by on_transport_failure, which stops the loop
                 heard_at = _deaf_for(coord, heard_at, entered, timeout)
                 timeout = 0.0005
                 site = site_of(msg.peer.public_key)
@@ -445,7 +465,7 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
             log.error("closing the database %s: %s: %s (the sites' heartbeats of the last "
                       "%g s may not be in it)", coord.store.path, type(exc).__name__, exc,
                       HEARTBEAT_FLUSH_S)
-    return 0
+    return exit_code[0] if exit_code else 0
 
 
 def _status_text(coord: Coordinator, preparing: asyncio.Future[None] | None,

@@ -229,6 +229,13 @@ class ServerSocket:
     libzmq holds up to ``RCVHWM`` messages per peer before TCP pushes back.
     ``refusal_log`` decides which refusals are logged one by one (default
     :class:`RefusalLog`'s: a summary line a minute for the rest).
+    ``on_failure(exc)``, when given, is called (from the event loop) if one of the
+    socket's own tasks (the reader, the heartbeats, the connection monitor) ends on
+    an error: the socket no longer does its work, and its owner should stop (a
+    daemon, so that systemd restarts it); this module then logs it at DEBUG only,
+    else at ERROR. Either way :attr:`failure` holds it, and :meth:`recv` raises
+    :class:`TransportError` naming it (a ``recv`` waiting is woken): a dead reader
+    had left the owner waiting on an empty queue for ever, deaf but alive.
 
     Raises (constructor):
         KeyFileError: ``keypair`` has no secret key or an allowed key is not Z85.
@@ -249,6 +256,7 @@ class ServerSocket:
         queue_size: int = 4096,
         queue_bytes: int = 256 << 20,
         refusal_log: RefusalLog | None = None,
+        on_failure: Callable[[BaseException], None] | None = None,
     ) -> None:
         if keypair.secret is None:
             raise KeyFileError("ServerSocket needs the server's secret key")
@@ -260,6 +268,9 @@ class ServerSocket:
         self.on_refused = on_refused
         self.on_peer_lost = on_peer_lost
         self.on_superseded = on_superseded
+        self.on_failure = on_failure
+        self.failure: BaseException | None = None  # what ended one of its tasks
+        self._failed_task = ""  # which one
         self.heartbeat = heartbeat or HeartbeatConfig()
         self._max_message_bytes = check_max_message_bytes(max_message_bytes)
         self.zap_domain = zap_domain
@@ -330,12 +341,41 @@ class ServerSocket:
         self._sock = sock
         # an IPv4-mapped address bound in brackets is written as IPv4 (tcp://127.0.0.1:P)
         self.endpoint = plain_endpoint(sock.last_endpoint.decode())
+        loop = asyncio.get_running_loop()
         self._tasks = [
-            asyncio.ensure_future(self._watch(monitor)),
-            asyncio.ensure_future(self._heartbeats()),
-            asyncio.ensure_future(self._read(sock)),
+            loop.create_task(self._watch(monitor), name="connection monitor"),
+            loop.create_task(self._heartbeats(), name="heartbeats"),
+            loop.create_task(self._read(sock), name="reader"),
         ]
+        for task in self._tasks:
+            task.add_done_callback(self._task_done)
         return self.endpoint
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        """One of the socket's tasks ended: on an error (not a close), keep it as
+        :attr:`failure`, wake ``recv``, say it and tell ``on_failure``."""
+        if task.cancelled() or self._closed or (exc := task.exception()) is None:
+            return
+        if self.failure is None:
+            self.failure, self._failed_task = exc, task.get_name()
+        owned = self.on_failure is not None
+        log.log(logging.DEBUG if owned else logging.ERROR,
+                "transport server on %s: its %s stopped on an error: %s: %s", self.endpoint,
+                task.get_name(), type(exc).__name__, exc, exc_info=exc)
+        with contextlib.suppress(asyncio.QueueFull):  # full: no recv waits
+            self._queue.put_nowait(None)
+        if self.on_failure is not None:
+            try:
+                self.on_failure(exc)
+            except Exception:
+                log.exception("on_failure callback failed")
+
+    def _raise_failure(self) -> None:
+        if self.failure is not None:
+            raise TransportError(
+                f"the server socket on {self.endpoint} no longer works: its "
+                f"{self._failed_task} stopped on an error: {type(self.failure).__name__}: "
+                f"{self.failure}")
 
     async def close(self) -> None:
         """Stop tasks, close the socket and the context (pending sends are dropped).
@@ -613,11 +653,14 @@ class ServerSocket:
         Raises:
             TimeoutError: nothing arrived within ``timeout`` seconds.
             NotConnected: the socket is not bound or was closed.
+            TransportError: one of the socket's tasks failed (:attr:`failure`).
         """
         self._socket()
+        self._raise_failure()
         item = await asyncio.wait_for(self._queue.get(), timeout)
-        if item is None:  # close() woke us
+        if item is None:  # close() or a failed task woke us
             self._queue.put_nowait(None)  # and any other waiter
+            self._raise_failure()
             raise NotConnected("ServerSocket was closed")
         self._queued_bytes -= _nbytes(item)
         self._room.set()

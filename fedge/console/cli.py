@@ -872,12 +872,12 @@ def _utc(t: float, fmt: str = "%Y-%m-%dT%H:%M:%SZ") -> str:
     return datetime.fromtimestamp(t, UTC).strftime(fmt)
 
 
-def _by_reason(reasons: dict[str, str]) -> list[tuple[list[str], str]]:
+def by_reason(reasons: dict[str, str]) -> list[tuple[list[str], str]]:
     """``{site: reason}`` grouped: each reason once with the sites that gave it, in the
     order of each reason's first site by name (a reason every site of a cohort gave,
     a shared outage or a data set none holds, is one line, not one per site). A failed
-    attempt's reason comes grouped so from the coordinator
-    (fedge.coordinator.rounds.grouped_reasons)."""
+    attempt's reason comes grouped so from the coordinator, which groups with this
+    (fedge.coordinator.rounds.grouped_reasons: this module imports nothing heavy)."""
     by: dict[str, list[str]] = {}
     for site, why in sorted(reasons.items()):
         by.setdefault(str(why), []).append(str(site))
@@ -983,7 +983,7 @@ def watch_job(call: Any, job_id: str, *, interval_s: float = 2.0,
             out(f"round {a['round']}/{planned} committed in {secs:.1f} s: "
                 f"{len(a['survivors'])} of {len(a['cohort'])} site(s)"
                 + (f"; {agg}" if agg else ""))
-            for sites, why in _by_reason(dict(a.get("dropped_reasons") or {})):
+            for sites, why in by_reason(dict(a.get("dropped_reasons") or {})):
                 out(f"  dropped {', '.join(printable(s) for s in sites)}: {printable(why)}")
             now_out = dict(a.get("left_out") or {})
             for site, why in sorted(now_out.items()):

@@ -86,6 +86,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from fedge.console.cli import by_reason
 from fedge.coordinator.checkpoint import model_digest
 from fedge.coordinator.plan import Plan
 from fedge.coordinator.strategies import Strategy, StrategyError, mean_update
@@ -208,11 +209,10 @@ def peer_reason(reason: str) -> str:
 def grouped_reasons(reasons: dict[str, str]) -> str:
     """``{site: reason}`` as one text, the sites that gave the same reason together:
     "a, b: reason; c: other", in the order of each reason's first site by name, so a
-    reason every site of a large cohort gave is said once, not once per site."""
-    by_reason: dict[str, list[str]] = {}
-    for site, why in sorted(reasons.items()):
-        by_reason.setdefault(why, []).append(site)
-    return "; ".join(f"{', '.join(sites)}: {why}" for why, sites in by_reason.items())
+    reason every site of a large cohort gave is said once, not once per site (the
+    grouping is the console's, :func:`fedge.console.cli.by_reason`, which shows a
+    status's reasons so)."""
+    return "; ".join(f"{', '.join(sites)}: {why}" for sites, why in by_reason(reasons))
 
 
 # A site's example count (TrainDone's, EvalResult's) is its own word, and it decides
@@ -425,14 +425,39 @@ class AggregationResult:
     unused_shares: dict[str, list[str]] = field(default_factory=dict)
 
 
+# Round.rejected's kinds for the round's own refusals (an aggregation's come with its
+# Refusal): fixed codes, by which the coordinator counts a site's repeated refusals
+REJECTION_KINDS = (
+    "not_in_cohort",   # the sender is not in the cohort of the round, or of its phase
+    "withdrawn",       # the sender was taken out of the round
+    "other_task",      # the message names a task other than the current attempt's
+    "duplicate",       # a second answer to the same task
+    "invalid_result",  # a result whose figures are refused
+    "wrong_phase",     # a message the round's phase does not take
+)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """An aggregation's refusal of a site's message, among what it sends: the round
+    notes it in ``Round.rejected`` and sends the site ``m.Rejected(reason)`` in its
+    place (a Refusal never goes on the wire). ``kind`` is a fixed code for what was
+    wrong ("wrong_shape", a SecAgg discard's ``Discard.kind``): the coordinator counts
+    repeats by it, never by the reason, which may quote what the site sent."""
+
+    kind: str
+    reason: str
+
+
 class Aggregation(Protocol):
     """What the round needs from an aggregation protocol (plain or SecAgg+)."""
 
     def start(self, now: float) -> Outgoing: ...
     def receive(self, sender: str, body: Any, now: float) -> Outgoing:
         """Take ``sender``'s message. One it refuses (a plain update of the wrong shape,
-        a SecAgg message no honest site sends) is answered ``m.Rejected(why)``, which
-        the round notes in ``rejected`` for the coordinator to audit."""
+        a SecAgg message no honest site sends) is answered with a :class:`Refusal`,
+        which the round notes in ``rejected`` for the coordinator to audit and sends
+        as ``m.Rejected``."""
         ...
     def tick(self, now: float) -> Outgoing: ...
     def refused(self, sender: str, now: float) -> Outgoing:
@@ -509,8 +534,9 @@ class PlainAggregation:
         vec = np.asarray(body.vector)
         if vec.shape != (self._dim,) or not np.all(np.isfinite(vec)):
             self._vectors.pop(sender, None)
-            return [(sender, m.Rejected(f"plain update of shape {vec.shape} or non-finite; "
-                                        f"expected finite float32[{self._dim}]"))]
+            return [(sender, Refusal("wrong_shape",
+                                     f"plain update of shape {vec.shape} or non-finite; "
+                                     f"expected finite float32[{self._dim}]"))]
         self._vectors.setdefault(sender, vec.astype(np.float64))
         self._close_if_answered()
         return []
@@ -656,7 +682,10 @@ class Round:
     # the final test (module doc): survivors' test-split results, and why any is missing
     test_evals: dict[str, m.EvalResult] = field(default_factory=dict)
     test_missing: dict[str, str] = field(default_factory=dict)
-    rejected: list[tuple[str, str]] = field(default_factory=list)
+    # (site, reason, kind) of each message refused, for the coordinator to audit; kind
+    # is a fixed code (REJECTION_KINDS, or an aggregation's Refusal.kind), never the
+    # site's text, so that repeats are counted by it
+    rejected: list[tuple[str, str, str]] = field(default_factory=list)
     # cohort sites the driver took out of the round (:meth:`withdraw`), and why
     withdrawn: dict[str, str] = field(default_factory=dict)
     task_id: str = field(default_factory=lambda: secrets.token_hex(8))
@@ -877,46 +906,54 @@ class Round:
         :class:`~fedge.wire.messages.Rejected`; the round goes on.
         """
         if sender not in self.cohort:
-            return self._reject(sender, f"{sender} is not in the cohort of round {self.round}")
+            return self._reject(sender, "not_in_cohort",
+                                f"{sender} is not in the cohort of round {self.round}")
         if sender in self.withdrawn:
-            return self._reject(sender, f"{sender} was dropped from round {self.round}: "
+            return self._reject(sender, "withdrawn",
+                                f"{sender} was dropped from round {self.round}: "
                                 f"{self.withdrawn[sender]}")
         task_id = getattr(body, "task_id", self.task_id)
         if task_id == self.test_task_id and self.final_test \
                 and self.phase is Phase.EVALUATING:
             return self._receive_test(sender, body)
         if task_id != self.task_id:
-            return self._reject(sender, f"{type(body).__name__} for task {short(task_id)}, "
+            return self._reject(sender, "other_task",
+                                f"{type(body).__name__} for task {short(task_id)}, "
                                 f"not the current attempt {self.task_id}")
         if self.phase is Phase.TRAINING:
             if isinstance(body, m.TrainDone):
                 if sender in self.trained or sender in self.refused:
-                    return self._reject(sender, "duplicate train result")
+                    return self._reject(sender, "duplicate", "duplicate train result")
                 if body.n_examples <= 0:
                     self.refused[sender] = f"reported {body.n_examples} training examples"
-                    return (self._reject(sender, "train result with no examples")
+                    return (self._reject(sender, "invalid_result",
+                                         "train result with no examples")
                             + self._answered_training(now))
                 problem = metrics_problem(body.metrics, body.epsilon)
                 if problem is not None:
                     self.refused[sender] = f"invalid train result: {problem}"
-                    return (self._reject(sender, f"train result refused: {problem}")
+                    return (self._reject(sender, "invalid_result",
+                                         f"train result refused: {problem}")
                             + self._answered_training(now))
                 self.trained[sender] = body
             elif isinstance(body, m.TaskRefused):
                 if sender in self.trained:
                     # counted once, as trained: a site must not stand for two answers
                     # and end training before an honest site still at work
-                    return self._reject(sender, "task refused after its train result; "
+                    return self._reject(sender, "duplicate",
+                                        "task refused after its train result; "
                                         "the train result stands")
                 self.refused.setdefault(sender, peer_reason(body.reason))
                 self._declined.add(sender)
             else:
-                return self._reject(sender, f"{type(body).__name__} during training")
+                return self._reject(sender, "wrong_phase",
+                                    f"{type(body).__name__} during training")
             return self._answered_training(now)
         if self.phase is Phase.AGGREGATING:
             assert self._aggregation is not None
             if sender not in self._agg_cohort:
-                return self._reject(sender, f"{sender} is not in the aggregation cohort")
+                return self._reject(sender, "not_in_cohort",
+                                    f"{sender} is not in the aggregation cohort")
             if isinstance(body, m.TaskRefused):
                 # The agent gave up on its part: a dropout the aggregation learns of now,
                 # not at its stage deadline, so a refusal that leaves the unmasking
@@ -935,17 +972,18 @@ class Round:
                 assert self._aggregation is not None
                 return self._from_aggregation(
                     [(s, b) for s, b in self._aggregation.receive(sender, body, now)
-                     if isinstance(b, m.Rejected)])
+                     if isinstance(b, Refusal)])
             if sender not in self._eval_cohort():
                 if isinstance(body, m.TaskRefused):
                     return []  # a dropped site giving up late: it is out already
                 # only survivors were sent the new model: anything else would be counted
                 # in place of a survivor's result and weighted into the round's metrics
-                return self._reject(sender, f"{type(body).__name__} from {sender}, which is "
+                return self._reject(sender, "not_in_cohort",
+                                    f"{type(body).__name__} from {sender}, which is "
                                     f"not in the evaluation cohort of round {self.round}")
             if isinstance(body, m.EvalResult):
                 if sender in self.evals:
-                    return self._reject(sender, "duplicate evaluation result")
+                    return self._reject(sender, "duplicate", "duplicate evaluation result")
                 problem = metrics_problem(body.metrics, 0.0)
                 if problem is None and body.n_examples < 0:
                     problem = f"n_examples = {body.n_examples} is negative"
@@ -957,15 +995,18 @@ class Round:
                     self.eval_missing[sender] = EVAL_EMPTY
                 self._done_if_evaluated()
                 if problem is not None:
-                    return self._reject(sender, f"evaluation result refused: {problem}")
+                    return self._reject(sender, "invalid_result",
+                                        f"evaluation result refused: {problem}")
             elif isinstance(body, m.TaskRefused):
                 self.evals[sender] = m.EvalResult(self.task_id, 0, {})
                 self.eval_missing[sender] = peer_reason(body.reason)
                 self._done_if_evaluated()
             else:
-                return self._reject(sender, f"{type(body).__name__} during evaluation")
+                return self._reject(sender, "wrong_phase",
+                                    f"{type(body).__name__} during evaluation")
             return []
-        return self._reject(sender, f"{type(body).__name__} in phase {self.phase.value}")
+        return self._reject(sender, "wrong_phase",
+                            f"{type(body).__name__} in phase {self.phase.value}")
 
     def tick(self, now: float) -> Outgoing:
         """Advance deadlines."""
@@ -1169,14 +1210,17 @@ class Round:
         or unmask request listing survivors other than S fails the attempt instead (and
         none of them goes); unmask requests are held until the driver has recorded
         their survivor set (:attr:`unmask_pending`). A message of the site's that the
-        aggregation refused (its ``Rejected``, sent before anything else) is noted in
-        ``rejected``, as the round's own refusals are, so the coordinator audits it."""
+        aggregation refused (its :class:`Refusal`, sent before anything else) is noted
+        in ``rejected``, as the round's own refusals are, so the coordinator audits it,
+        and goes as ``m.Rejected``."""
         from fedge.secagg.messages import ConsistencyRequest, UnmaskRequest
 
         passed: Outgoing = []
         for site, body in out:
-            if isinstance(body, m.Rejected):
-                self.rejected.append((site, body.reason))
+            if isinstance(body, Refusal):
+                reason = m.clip_reason(body.reason)
+                self.rejected.append((site, reason, body.kind))
+                body = m.Rejected(reason)
             if isinstance(body, ConsistencyRequest | UnmaskRequest):
                 survivors = sorted(body.survivors)
                 if self.pinned_cohort is not None and survivors != self.pinned_cohort:
@@ -1359,10 +1403,11 @@ class Round:
         if sender not in self._eval_cohort():
             if isinstance(body, m.TaskRefused):
                 return []
-            return self._reject(sender, f"{type(body).__name__} from {sender}, which is "
+            return self._reject(sender, "not_in_cohort",
+                                f"{type(body).__name__} from {sender}, which is "
                                 f"not in the final test of round {self.round}")
         if sender in self.test_evals or sender in self.test_missing:
-            return self._reject(sender, "duplicate final test result")
+            return self._reject(sender, "duplicate", "duplicate final test result")
         out: Outgoing = []
         if isinstance(body, m.EvalResult):
             problem = metrics_problem(body.metrics, 0.0)
@@ -1370,11 +1415,13 @@ class Round:
                 self.test_evals[sender] = body
             else:
                 self.test_missing[sender] = f"invalid result: {problem}"
-                out = self._reject(sender, f"final test result refused: {problem}")
+                out = self._reject(sender, "invalid_result",
+                                   f"final test result refused: {problem}")
         elif isinstance(body, m.TaskRefused):
             self.test_missing[sender] = peer_reason(body.reason)
         else:
-            return self._reject(sender, f"{type(body).__name__} during the final test")
+            return self._reject(sender, "wrong_phase",
+                                f"{type(body).__name__} during the final test")
         self._done_if_evaluated()
         return out
 
@@ -1422,9 +1469,12 @@ class Round:
         self.new_weights = None
         return [(s, m.RoundAbort(reason)) for s in self.cohort]
 
-    def _reject(self, sender: str, reason: str) -> Outgoing:
+    def _reject(self, sender: str, kind: str, reason: str) -> Outgoing:
+        """``sender``'s message refused: noted in ``rejected`` (``kind``, one of
+        REJECTION_KINDS) and answered ``m.Rejected(reason)``."""
+        assert kind in REJECTION_KINDS, kind
         reason = m.clip_reason(reason)
-        self.rejected.append((sender, reason))
+        self.rejected.append((sender, reason, kind))
         return [(sender, m.Rejected(reason))]
 
     # -- results ----------------------------------------------------------------------

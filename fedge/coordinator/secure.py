@@ -21,8 +21,9 @@ failed attempt is.
 A message the session discards that no honest site sends (a body naming another
 site, job or round, a malformed one, the wrong message for the stage, a second
 answer: ``ServerSession.discards``) is answered ``Rejected`` with the session's
-reason, before anything else the session sends; the round notes it in
-``Round.rejected`` and the coordinator audits it ("rejected_message", throttled).
+reason, before anything else the session sends (a ``Refusal`` carrying the
+session's kind of discard); the round notes it in ``Round.rejected`` and the
+coordinator audits it ("rejected_message", throttled by that kind).
 The expected ones (a dropped site's late answer, anything once the session is over)
 stay quiet.
 
@@ -37,8 +38,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from fedge.coordinator.plan import Plan
-from fedge.coordinator.rounds import Aggregation, AggregationFactory, AggregationResult, RoundInfo
-from fedge.wire import messages as m
+from fedge.coordinator.rounds import (
+    Aggregation,
+    AggregationFactory,
+    AggregationResult,
+    Refusal,
+    RoundInfo,
+)
 
 if TYPE_CHECKING:
     from fedge.coordinator.service import Coordinator
@@ -96,8 +102,7 @@ class SecureAggregation:
             return out
         # what the session discarded and noted goes first: a stage the message closed
         # may fail the attempt, and the failure sends nothing after it
-        return [(site, m.Rejected(m.clip_reason(why)))
-                for site, why in self.session.take_discards()] + out
+        return [(d.sender, Refusal(d.kind, d.why)) for d in self.session.take_discards()] + out
 
     def tick(self, now: float) -> list[tuple[str, Any]]:
         return self._checked(lambda s: s.tick(now))

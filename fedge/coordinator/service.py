@@ -1171,12 +1171,10 @@ class Coordinator:
             # and audited as the coordinator's own: the first of each kind per site and
             # round in full, then counted (AuditThrottle), so a site repeating a bad
             # message cannot flood the audit log; each is answered all the same. The
-            # kind is the reason without the words a site chose or that count (quoted
-            # values, numbers, ids): a spoofed client_id is one kind, whatever it names,
-            # and not the kind of a second answer
-            for rsite, reason in rnd.rejected[before:]:
-                kind = " ".join(w for w in reason[:160].split()
-                                if not any(c.isdigit() or c in "'\"" for c in w))
+            # kind is the round's fixed code for what was wrong (Round.rejected), never
+            # the reason's text, which quotes what the site sent: a spoofed client_id
+            # is one kind, whatever it names, and not the kind of a second answer
+            for rsite, reason, kind in rnd.rejected[before:]:
                 key = (rsite, "rejected_message", rnd.job_id, rnd.round, kind)
                 if self._rejections.event(key, rsite, "rejected_message",
                                           {"job": rnd.job_id, "round": rnd.round,

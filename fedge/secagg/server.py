@@ -14,9 +14,10 @@ dropped client, from outside the cohort, for another job/round, or one that
 does not fit its stage is discarded (counted in ``discarded``), never
 fatal.  The server needs no honest client to stay correct.
 
-A discarded message no honest client sends is also noted in ``discards`` as
-(sender, why), for the caller to answer and audit (the coordinator answers it
-``Rejected`` and audits it, throttled): a body whose ``client_id`` is not its
+A discarded message no honest client sends is also noted in ``discards`` as a
+:class:`Discard` (sender, kind, why), for the caller to answer and audit (the
+coordinator answers it ``Rejected`` and audits it, throttled by the kind, one of
+``DISCARD_KINDS``: a fixed code, never text the client chose): a body whose ``client_id`` is not its
 sender, or whose job or round is not the session's, or that fails
 ``check_fields``, whatever the session's state; and, from a client still due to
 answer the current stage, the wrong message type for the stage or a second
@@ -60,6 +61,7 @@ import collections
 import logging
 import os
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -124,6 +126,30 @@ UNMASK_GRACE_S = 2.0
 DISCARDS_KEPT = 256
 # characters of a client-chosen string (a client_id, a job id) a discard reason quotes
 QUOTED_MAX = 64
+# Discard.kind: what was wrong with a discarded message, a fixed code. A caller that
+# counts repeats by kind (the coordinator's audit throttle) keys by this, never by the
+# reason's text, which quotes what the client chose (a client_id, a job id): a client
+# varying it would otherwise make each message a new kind.
+DISCARD_KINDS = (
+    "malformed",        # fails check_fields (a field of the wrong type or size, no secagg message)
+    "outsider",         # its sender is not in the cohort of the round
+    "not_from_a_site",  # a message only the server sends
+    "spoofed_client",   # its client_id is not its sender
+    "other_job",        # it names another job
+    "other_round",      # it names another round
+    "wrong_stage",      # not the message the current stage takes
+    "second_answer",    # its sender already answered the stage
+    "refused_input",    # the stage's message, not taken (inconsistent with the round)
+)
+
+
+class Discard(NamedTuple):
+    """A discarded message no honest client sends (module doc): its sender, what was
+    wrong as one of DISCARD_KINDS, and why in words (which may quote the client)."""
+
+    sender: str
+    kind: str
+    why: str
 
 
 @dataclass(frozen=True)
@@ -179,9 +205,9 @@ class ServerSession:
         self._why: dict[str, str] = {}  # client -> why it was dropped
         self._failed_in = ""  # the stage the round failed in
         self.discarded = 0
-        # (sender, why) of each discarded message no honest client sends (module doc),
-        # oldest first, for the caller to answer and audit: take_discards()
-        self.discards: collections.deque[tuple[str, str]] = collections.deque(
+        # each discarded message no honest client sends (module doc), oldest first,
+        # for the caller to answer and audit: take_discards()
+        self.discards: collections.deque[Discard] = collections.deque(
             maxlen=DISCARDS_KEPT)
         # client still due to answer the stage -> what its first discarded message in
         # this stage was (its drop at the deadline names it)
@@ -267,10 +293,11 @@ class ServerSession:
         accepted = getattr(self, "_take_" + expected)(sender, message)
         if not accepted:
             self.discarded += 1
-            self.discards.append((sender, f"secure aggregation discarded {expected} from "
-                                          f"{sender}: not what the {self.stage} stage allows "
-                                          f"(malformed, or inconsistent with the round); "
-                                          f"{sender} is dropped from it"))
+            self.discards.append(Discard(
+                sender, "refused_input",
+                f"secure aggregation discarded {expected} from {sender}: not what the "
+                f"{self.stage} stage allows (malformed, or inconsistent with the round); "
+                f"{sender} is dropped from it"))
             return self._drop_now(sender, f"its {expected} was refused (malformed, or not "
                                           "what this stage allows)", now)
         self._replied.add(sender)
@@ -281,9 +308,9 @@ class ServerSession:
             self.deadline = min(self.deadline, now + UNMASK_GRACE_S)
         return []
 
-    def take_discards(self) -> list[tuple[str, str]]:
-        """The (sender, why) of the discarded messages noted since the last call
-        (module doc), oldest first; the session forgets them. Never raises."""
+    def take_discards(self) -> list[Discard]:
+        """The discarded messages noted since the last call (module doc), oldest
+        first; the session forgets them. Never raises."""
         out = list(self.discards)
         self.discards.clear()
         return out
@@ -293,43 +320,47 @@ class ServerSession:
         (module doc). Only this path builds the reason: an accepted message costs
         nothing here."""
         self.discarded += 1
-        why = self._discard_reason(sender, message, malformed)
-        if why is not None:
-            kind = type(message).__name__
-            self.discards.append(
-                (sender, f"secure aggregation discarded {kind} from {sender}: {why}"))
+        noted = self._discard_reason(sender, message, malformed)
+        if noted is not None:
+            kind, why = noted
+            name = type(message).__name__
+            self.discards.append(Discard(
+                sender, kind, f"secure aggregation discarded {name} from {sender}: {why}"))
             if sender in self._alive and sender not in self._replied and not self.done:
-                self._sent_wrong.setdefault(sender, f"its {kind} was discarded ({why})")
+                self._sent_wrong.setdefault(sender, f"its {name} was discarded ({why})")
         return []
 
     def _discard_reason(self, sender: str, message: object,
-                        malformed: str | None) -> str | None:
-        """Why ``message`` from ``sender`` was not taken, or None when that is expected
-        and stays quiet: the round is over (or not begun), or ``sender`` was dropped
-        and this is its late answer. A body naming another client, job or round, and a
-        malformed one, are never quiet."""
+                        malformed: str | None) -> tuple[str, str] | None:
+        """(kind, why) ``message`` from ``sender`` was not taken (kind: one of
+        DISCARD_KINDS), or None when that is expected and stays quiet: the round is
+        over (or not begun), or ``sender`` was dropped and this is its late answer. A
+        body naming another client, job or round, and a malformed one, are never quiet."""
         if malformed is not None:
-            return malformed
+            return "malformed", malformed
         if sender not in self.index:
-            return f"{_quoted(sender)} is not in the cohort of this round"
+            return "outsider", f"{_quoted(sender)} is not in the cohort of this round"
         if not hasattr(message, "client_id"):  # a server's message, or no secagg one
-            return f"{type(message).__name__} is not a message a site sends"
+            return "not_from_a_site", f"{type(message).__name__} is not a message a site sends"
         client_id = getattr(message, "client_id", None)
         if client_id != sender:
-            return f"its client_id {_quoted(client_id)} is not the sender {sender!r}"
+            return ("spoofed_client",
+                    f"its client_id {_quoted(client_id)} is not the sender {sender!r}")
         job_id = getattr(message, "job_id", None)
         if job_id != self.ctx.job_id:
-            return f"it names job {_quoted(job_id)}, not this round's {self.ctx.job_id!r}"
+            return ("other_job",
+                    f"it names job {_quoted(job_id)}, not this round's {self.ctx.job_id!r}")
         round_ = getattr(message, "round", None)
         if round_ != self.ctx.round:
-            return f"it names round {_quoted(round_)}, not round {self.ctx.round}"
+            return "other_round", f"it names round {_quoted(round_)}, not round {self.ctx.round}"
         if self.done or self.stage == "Idle" or sender not in self._alive:
             return None  # a round over, or a dropped site's late answer: expected
         expected, _ = SERVER_TRANSITIONS[self.stage]
         if type(message).__name__ != expected:
-            return f"the {self.stage} stage takes {expected}"
+            return "wrong_stage", f"the {self.stage} stage takes {expected}"
         if sender in self._replied:
-            return f"{sender} already answered the {self.stage} stage; its first answer stands"
+            return ("second_answer",
+                    f"{sender} already answered the {self.stage} stage; its first answer stands")
         return None
 
     def refuse(self, sender: str, now: float) -> Outgoing:

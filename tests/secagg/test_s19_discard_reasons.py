@@ -3,8 +3,8 @@
 The server used to count a discarded message and nothing else: a MaskedInput from
 site-001 claiming client_id "site-000", or naming another round, left no trace, and
 site-001 was later "dropped ... no answer before the stage deadline". Now each
-discard no honest client causes is noted in ``ServerSession.discards`` (sender, why),
-for the coordinator to answer and audit, and a site dropped after one is dropped
+discard no honest client causes is noted in ``ServerSession.discards`` (sender, a
+fixed kind, why), for the coordinator to answer and audit, and a site dropped after one is dropped
 naming it. The expected ones (a dropped site's late answer, anything after the end)
 stay quiet. Real ClientSessions and ServerSession (tests/secagg/harness.Federation).
 """
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from fedge.secagg import messages as msgs
-from fedge.secagg.server import DISCARDS_KEPT, ServerSession
+from fedge.secagg.server import DISCARD_KINDS, DISCARDS_KEPT, Discard, ServerSession
 
 from .harness import Federation
 
@@ -47,24 +47,25 @@ def _federation() -> Federation:
     return Federation(5, 16, alpha=0.0, threshold=3, delta=0.2)
 
 
-# (id, how site-001's MaskedInput is changed, the reason after HEAD)
+# (id, how site-001's MaskedInput is changed, the kind, the reason after HEAD)
 INSTEAD_OF_ITS_INPUT = [
     ("spoofed_client_id", lambda r: dataclasses.replace(r, client_id="site-000"),
-     "its client_id 'site-000' is not the sender 'site-001'"),
+     "spoofed_client", "its client_id 'site-000' is not the sender 'site-001'"),
     ("other_round", lambda r: dataclasses.replace(r, round=r.round + 1),
-     "it names round 4, not round 3"),
+     "other_round", "it names round 4, not round 3"),
     ("other_job", lambda r: dataclasses.replace(r, job_id="job-other"),
-     "it names job 'job-other', not this round's 'job-brca'"),
+     "other_job", "it names job 'job-other', not this round's 'job-brca'"),
     ("long_client_id", lambda r: dataclasses.replace(r, client_id="x" * 100_000),
-     f"its client_id {'x' * 64!r}... is not the sender 'site-001'"),
+     "spoofed_client", f"its client_id {'x' * 64!r}... is not the sender 'site-001'"),
     ("malformed", lambda r: dataclasses.replace(r, masked=r.masked.tolist()),
-     "MaskedInput.masked should be "),
+     "malformed", "MaskedInput.masked should be "),
 ]
 
 
-@pytest.mark.parametrize("mangled, why", [(c[1], c[2]) for c in INSTEAD_OF_ITS_INPUT],
+@pytest.mark.parametrize("mangled, kind, why", [c[1:] for c in INSTEAD_OF_ITS_INPUT],
                          ids=[c[0] for c in INSTEAD_OF_ITS_INPUT])
-def test_a_bad_masked_input_is_noted_with_why_and_its_sender_dropped_naming_it(mangled, why):
+def test_a_bad_masked_input_is_noted_with_why_and_its_sender_dropped_naming_it(
+        mangled, kind, why):
     fed = _federation()
 
     def mangle(sender, reply):
@@ -76,8 +77,8 @@ def test_a_bad_masked_input_is_noted_with_why_and_its_sender_dropped_naming_it(m
     assert server.result is not None, server.failure
     assert server.result.survivors == [c for c in fed.ids if c != BAD]
     np.testing.assert_array_equal(server.result.total, fed.expected_sum(server.result.survivors))
-    [(sender, reason)] = server.take_discards()
-    assert sender == BAD
+    [(sender, noted_kind, reason)] = server.take_discards()
+    assert (sender, noted_kind) == (BAD, kind)
     assert reason.startswith(HEAD + why), reason
     assert len(reason) < 300  # names fields; never the vector, a share or a key
     assert server.take_discards() == []  # taken once
@@ -106,10 +107,11 @@ def test_the_wrong_message_for_the_stage_and_a_second_answer_are_noted():
     server = _drive(fed, mangle)
     assert server.result is not None and "site-002" in server.result.survivors
     assert server.take_discards() == [
-        (BAD, f"secure aggregation discarded KeyAdvertisement from {BAD}: the ShareKeys "
-              "stage takes EncryptedShares"),
-        ("site-002", "secure aggregation discarded MaskedInput from site-002: site-002 "
-                     "already answered the MaskedInput stage; its first answer stands"),
+        Discard(BAD, "wrong_stage", f"secure aggregation discarded KeyAdvertisement from "
+                f"{BAD}: the ShareKeys stage takes EncryptedShares"),
+        Discard("site-002", "second_answer", "secure aggregation discarded MaskedInput "
+                "from site-002: site-002 already answered the MaskedInput stage; its "
+                "first answer stands"),
     ]
     assert server.left_out == {BAD: (
         "dropped out of secure aggregation in its ShareKeys stage: its KeyAdvertisement "
@@ -140,7 +142,7 @@ def test_a_late_answer_of_a_dropped_site_and_one_after_the_end_stay_quiet():
     assert server.left_out == {BAD: "dropped out of secure aggregation in its MaskedInput "
                                     "stage: no answer before the stage deadline"}
     assert server.take_discards() == [
-        (BAD, f"{HEAD}its client_id 'site-003' is not the sender 'site-001'")]
+        (BAD, "spoofed_client", f"{HEAD}its client_id 'site-003' is not the sender 'site-001'")]
     before = server.discarded
     assert server.receive("site-002", answered["site-002"], 99.0) == []  # after the end
     assert server.discarded == before + 1 and server.take_discards() == []
@@ -156,13 +158,32 @@ def test_an_outsider_is_noted_and_the_notes_kept_are_bounded():
     assert server.receive("mallory", dataclasses.replace(advert, client_id="mallory"),
                           0.0) == []
     assert server.take_discards() == [
-        ("mallory", "secure aggregation discarded KeyAdvertisement from mallory: 'mallory' "
-                    "is not in the cohort of this round")]
+        ("mallory", "outsider", "secure aggregation discarded KeyAdvertisement from "
+                                "mallory: 'mallory' is not in the cohort of this round")]
     for i in range(DISCARDS_KEPT + 10):
         assert server.receive(f"mallory-{i}", "hello", 0.0) == []
     assert server.discarded == DISCARDS_KEPT + 11
     kept = server.take_discards()
     assert len(kept) == DISCARDS_KEPT
-    assert kept[-1] == (f"mallory-{DISCARDS_KEPT + 9}",
+    assert kept[-1] == (f"mallory-{DISCARDS_KEPT + 9}", "malformed",
                         f"secure aggregation discarded str from mallory-{DISCARDS_KEPT + 9}: "
                         "str is not a secagg message")
+
+
+def test_a_spoofed_client_id_is_one_kind_whatever_it_names():
+    """The kind is a fixed code, never the client's text: a client_id of several words
+    (which a kind made of the reason's words kept in part) is still "spoofed_client"."""
+    fed = _federation()
+
+    def mangle(sender, reply):
+        if sender == BAD and isinstance(reply, msgs.MaskedInput):
+            return [(sender, dataclasses.replace(reply, client_id=f"x {w} y"))
+                    for w in ("aaa", "bbb", "ccc")] + [(sender, reply)]
+        return [(sender, reply)]
+
+    server = _drive(fed, mangle)
+    assert server.result is not None and BAD in server.result.survivors
+    noted = server.take_discards()
+    assert [(d.sender, d.kind) for d in noted] == [(BAD, "spoofed_client")] * 3
+    assert "'x bbb y'" in noted[1].why
+    assert set(DISCARD_KINDS) >= {d.kind for d in noted}

@@ -1310,9 +1310,6 @@ _DAY_MONTH_LOW, _DAY_MONTH_HIGH = 1.01, 9.125
 # A cell written with a 0 before another digit, in a block's cells joined by NUL after a
 # NUL put first.
 _ZERO_LED_CELL = re.compile(r"\x000[0-9][^\x00]*")
-# Blocks with more cells valued like such a date than this are searched whole by one
-# regex (a column of values from 1 to 9, a lab value); fewer are looked at one by one.
-_DAY_MONTH_ONE_BY_ONE = 256
 _MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August",
            "September", "October", "November", "December")
 
@@ -1332,7 +1329,10 @@ class _DayMonth:
 
     Only cells valued from 1.01 to 9.12 can be such a date, and the cells of a block
     with none of them are not looked at (a column of ages, of 0/1 flags): a zero-padded
-    column pads those values too, so it is seen as one there.
+    column pads those values too, so it is seen as one there. A block with one is
+    searched whole, every cell written with a leading zero (00.50 beside 01.02 shows the
+    padding as 01.50 does), however few such values it has: how a column is judged
+    does not depend on how many of its cells lie from 1.01 to 9.12.
     """
 
     def __init__(self) -> None:
@@ -1344,18 +1344,17 @@ class _DayMonth:
         """Look at one block of cells that all read as numbers, ``values``."""
         if self.padded:
             return
-        near = np.flatnonzero((values >= _DAY_MONTH_LOW) & (values < _DAY_MONTH_HIGH))
-        if near.size == 0:
+        if not np.any((values >= _DAY_MONTH_LOW) & (values < _DAY_MONTH_HIGH)):
             return
-        if near.size <= _DAY_MONTH_ONE_BY_ONE:
-            led = [(k, cells[k]) for k in near.tolist() if cells[k][:1] == "0"]
-        else:
-            joined = "\x00" + "\x00".join(cells)
-            led = [(-1, m.group()[1:]) for m in _ZERO_LED_CELL.finditer(joined)]
-            if led and self.first is None:  # the first one's row, counted once
-                first = _ZERO_LED_CELL.search(joined)
-                assert first is not None
-                led[0] = (joined.count("\x00", 0, first.start()), led[0][1])
+        # every cell of the block, not only those valued like a date: a padding zero
+        # shows on any of them (00.50). One regex over the cells joined costs less than
+        # a Python loop over them.
+        joined = "\x00" + "\x00".join(cells)
+        led = [(-1, m.group()[1:]) for m in _ZERO_LED_CELL.finditer(joined)]
+        if led and self.first is None:  # the first one's row, counted once
+            first = _ZERO_LED_CELL.search(joined)
+            assert first is not None
+            led[0] = (joined.count("\x00", 0, first.start()), led[0][1])
         for k, cell in led:
             if not _DAY_MONTH_CELL.fullmatch(cell):
                 self.padded = True

@@ -833,6 +833,7 @@ def export_retry(coordinator: Any, job_id: str, reason: str) -> str:
     return ("a restart of the coordinator tries it again, which helps only where the "
             f"disk or memory was the cause: {by_hand}")
 
+
 def finish_failures(coordinator: Any, job_id: str) -> tuple[str, str]:
     """Why the report and why the ONNX export of an ended job failed, as the
     coordinator recorded (fedge.coordinator.process: ``report_failed``,
@@ -855,7 +856,6 @@ def finish_failures(coordinator: Any, job_id: str) -> tuple[str, str]:
                       "model_export_kept", "job_finish_resumed"):
             export = reason
     return report, export
-
 
 
 def onnx_export_failure(coordinator: Any, job_id: str, status: dict[str, Any]

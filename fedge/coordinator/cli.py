@@ -71,9 +71,11 @@ def register(subparsers: Any) -> None:
         "--user and that user's name.")
     c.add_argument("--config", type=Path, default=argparse.SUPPRESS)
     c.add_argument("--user", metavar="NAME",
-                   help="as root: look at the state directory as user NAME (the one the "
-                   "service runs as, fedge as packaged) would use it; check runs as root "
-                   "to read the provision file, and root may write anywhere")
+                   help="as root: load the configuration, and look at the state directory, "
+                   "as user NAME (the one the service runs as, fedge as packaged) would; "
+                   "the provision file in credentials/coordinator/ beside the config, "
+                   "root's, is handed to it as the unit hands it to the service "
+                   "(LoadCredential=); root may read and write anywhere")
     c.set_defaults(func=_check)
 
 
@@ -103,20 +105,21 @@ def _check(args: argparse.Namespace) -> int:
     write (run starts, each job fails: exit 1); an admin channel that cannot listen
     (run serves without it: a warning); a port held by the running coordinator of
     this state directory (what a restart frees: a note). A restart was the only full
-    check, and it abandons a round in flight."""
+    check, and it abandons a round in flight.
+
+    With ``--user NAME`` (as root, for the service's user) the configuration is loaded
+    as NAME too, from a child dropped to it (`_load_as`), and the provision file is
+    taken as the unit hands it over (config.unit_credential): a provision file NAME
+    cannot read, where the service does not get it as a credential either, made run
+    stop with a PermissionError at every start while this said ok."""
     if getattr(args, "config", None) is None:
         print("fedge coordinator check: --config FILE is required", file=sys.stderr)
         return 2
-    from fedge.coordinator.config import ConfigError, load_config, start_check
+    from fedge.coordinator.config import ConfigError, load_config, start_check, unit_credential
     from fedge.core import check_simd
 
-    try:
-        cfg = load_config(args.config)
-        check_simd()
-    except (ConfigError, ValueError) as exc:
-        print(f"fedge coordinator: {exc}", file=sys.stderr)
-        return 2
     owner = None
+    credential = None
     if getattr(args, "user", None):
         import os
         import pwd
@@ -133,6 +136,24 @@ def _check(args: argparse.Namespace) -> int:
                       f"check as {args.user})", file=sys.stderr)
                 return 2
             owner = (entry.pw_uid, entry.pw_gid)
+        # outside the unit: the provision file as LoadCredential= hands it over
+        credential = unit_credential(args.config)
+    try:
+        if owner is not None:  # before anything here may start a thread (run_as forks)
+            _load_as(owner, args.config, credential)
+        cfg = load_config(args.config, credential=credential)
+        check_simd()
+    except (ConfigError, ValueError) as exc:
+        print(f"fedge coordinator: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the child dropped to --user's (named)
+        print(f"fedge coordinator check: {exc}", file=sys.stderr)
+        return 2
+    if credential is not None and cfg.provision_file is not None \
+            and cfg.provision_file.absolute() == credential.source.absolute():
+        print(f"note: provision file {credential.source}: the service gets it as "
+              "$CREDENTIALS_DIRECTORY/fedge_coordinator-provision.json (the unit's "
+              "LoadCredential=); checked as that", file=sys.stderr)
     # nothing bound but for an instant, never listening; nothing locked or written
     try:
         found = start_check(cfg, owner=owner)
@@ -153,6 +174,30 @@ def _check(args: argparse.Namespace) -> int:
         return 1
     print(f"ok: {args.config}")
     return 0
+
+
+def _load_as(owner: tuple[int, int], config: Path, credential: Any) -> None:
+    """Load the configuration (config.load_config) as ``owner``, from a child dropped
+    to it (fedge.as_owner.run_as; this process is root), with ``credential``
+    (config.unit_credential) as the unit's: what the service's user cannot read, run
+    cannot either. The admin channel's name look-up is left to the caller's own load.
+
+    Raises: ConfigError: as load_config, as that user. OSError: the child could not be
+        run as ``owner`` (named)."""
+    import importlib
+
+    from fedge.as_owner import run_as
+    from fedge.coordinator.config import ConfigError, load_config
+
+    # here: the child may not read the modules (utf_8_sig: the config's codec)
+    for module in ("pwd", "stat", "encodings.utf_8_sig", "fedge.text", "fedge.transport",
+                   "fedge.transport._sockopts"):
+        importlib.import_module(module)
+
+    def load() -> None:
+        load_config(config, admin_lookup=False, credential=credential)
+
+    run_as(owner, load, what=f"loading {config}", raises=(ConfigError,), umask=None)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -47,6 +47,23 @@ at (`provision_candidates`):
 2. ``credentials/coordinator/coordinator-provision.json`` beside the configuration
    file: where that credential comes from, read by an admin shell running as root;
 3. ``<state_dir>/coordinator-provision.json``.
+
+The first that is there wins (`find_provision`); an explicit ``curve_key`` wins over
+the last two, not over the credential, which is what the unit was given. Not every
+user may look at every candidate: the second is root's (the package makes
+/etc/fedge/credentials/ and credentials/coordinator/ root's, 0700), and the service
+runs as user fedge, which gets it as the first. A candidate this user cannot look at
+or read is passed over, as one that is not there, and named in the error only when no
+candidate is usable (not a PermissionError's traceback at every start, as when each
+candidate was tested whether an earlier one held a provision file or not). Where a
+later one is used while an earlier one could not be looked at, outside the unit, that
+is a warning: root would have used the earlier one.
+
+`fedge coordinator check --user NAME`, run as root outside the unit, loads the
+configuration as user NAME too, from a child dropped to it, and hands it the provision
+file as the unit would (`unit_credential`: read by root from the credential's source,
+the second candidate): what NAME cannot read, the service cannot either, and what root
+alone can read reaches the service through LoadCredential=.
 """
 
 from __future__ import annotations
@@ -76,6 +93,17 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class UnitCredential:
+    """The provision file as the unit would hand it to the service, seen from outside
+    the unit (`unit_credential`): ``source``, where LoadCredential= takes it from (the
+    second of `provision_candidates`); ``text``, what it holds, read by this process
+    (root), or None when there is none there (the service then gets no credential)."""
+
+    source: Path
+    text: str | None
+
+
+@dataclass(frozen=True)
 class CoordinatorConfig:
     state_dir: Path
     bind: str
@@ -95,13 +123,17 @@ class CoordinatorConfig:
     # why [admin] asks for a channel this host cannot listen at (`admin_default`), which
     # therefore stays off ("" when none): an ERROR at start, a warning of check's
     admin_off: str = ""
+    # where the provision file was read (None: curve_key); with a `UnitCredential`, its
+    # source
+    provision_file: Path | None = None
 
 
 _KEYS = ("state_dir", "bind", "provision", "curve_key", "roster", "roster_public_key",
          "tick_s", "heartbeat", "admin")
 
 
-def load_config(path: str | Path, *, admin_lookup: bool = True) -> CoordinatorConfig:
+def load_config(path: str | Path, *, admin_lookup: bool = True,
+                credential: UnitCredential | None = None) -> CoordinatorConfig:
     """Read and check a coordinator configuration.
 
     What is allowed but probably wrong is in the result's ``warnings``
@@ -110,12 +142,16 @@ def load_config(path: str | Path, *, admin_lookup: bool = True) -> CoordinatorCo
     NAME_LOOKUP_S of DNS) for the commands that do not serve the channel (status,
     audit, submit, enrol): the provision file's admin_endpoint is then taken unchecked.
 
+    ``credential`` (`unit_credential`; check --user, outside the unit): the provision
+    file the unit would hand over as ``$CREDENTIALS_DIRECTORY``'s, taken as that.
+
     Raises:
         ConfigError: unreadable file, bad TOML, unknown key, missing keys, bad values
             (an endpoint out of range, heartbeats libzmq cannot hold, a bad [admin]
-            table), unreadable key/roster/provision files, a
-            state_dir that is an agent's; each message names this file, then the key
-            and the rule.
+            table), unreadable key/roster/provision files, no provision file this user
+            may read where one is looked for by default (those it may not look at
+            named), a state_dir that is an agent's; each message names this file, then
+            the key and the rule.
     """
     p = Path(path)
     try:
@@ -149,19 +185,29 @@ def load_config(path: str | Path, *, admin_lookup: bool = True) -> CoordinatorCo
     state_dir = rel(raw.get("state_dir", os.environ.get("STATE_DIRECTORY",
                                                         DEFAULT_STATE_DIR)),
                     "state_dir")
-    agents = [name for name in AGENT_STATE_FILES if (state_dir / name).exists()]
+    # a state_dir this user cannot reach is start_check's to say (it was a traceback)
+    agents = [name for name in AGENT_STATE_FILES if _lexists(state_dir / name)]
     if agents:  # it started half-configured there ("update relay disabled: no TUF ...")
         raise bad(f"state_dir = {str(state_dir)!r} is an appliance agent's state directory "
                   f"(it holds {' and '.join(agents)}): the coordinator needs its own "
                   f"({DEFAULT_STATE_DIR} by default); in one directory the two would "
                   "overwrite each other's roster.json and tuf/")
     candidates = provision_candidates(p, state_dir)
+    found = FoundProvision(None, False, (), ())
+    given: str | None = None  # the text of `credential`, where it is the one taken
+    late = ""  # a provision file used while an earlier candidate could not be looked at
     if "provision" not in raw:
-        found = [c for c in candidates if c.is_file()]
+        found = find_provision(candidates, credential)
         # Explicit keys (curve_key) win over a provision file found by default,
         # except the systemd credential, which is what the unit was given.
-        if found and ("curve_key" not in raw or found[0].name == PROVISION_CREDENTIAL):
-            raw["provision"] = str(found[0].absolute())  # not relative to `base` again
+        if found.path is not None and ("curve_key" not in raw or found.credential):
+            raw["provision"] = str(found.path.absolute())  # not relative to `base` again
+            if credential is not None and found.path == credential.source:
+                given = credential.text
+            if found.passed_over and not os.environ.get("CREDENTIALS_DIRECTORY"):
+                late = (f"provision file {found.path} is used, but {found.unusable()}, "
+                        "and comes first: where it holds one, root (and the service, as "
+                        "its credential) would use that one instead")
     bind = _bind_endpoint(raw.get("bind", DEFAULT_BIND), "bind", bad)
     hb = raw.get("heartbeat", {})
     if not isinstance(hb, dict) or set(hb) - {"interval_s", "timeout_s"}:
@@ -182,7 +228,7 @@ def load_config(path: str | Path, *, admin_lookup: bool = True) -> CoordinatorCo
     if "provision" in raw:
         pp = provision_file = rel(raw["provision"], "provision")
         try:
-            provision = json.loads(pp.read_text())
+            provision = json.loads(given if given is not None else pp.read_text())
             curve_public, curve_secret = provision["curve_public"], provision["curve_secret"]
             roster = provision.get("roster", "").encode()
             roster_pk = bytes.fromhex(provision["roster_public_key"])
@@ -199,9 +245,8 @@ def load_config(path: str | Path, *, admin_lookup: bool = True) -> CoordinatorCo
     else:
         for key in ("curve_key", "roster_public_key"):
             if key not in raw:
-                raise ConfigError(
-                    f"coordinator config {p} needs {key!r} (or a 'provision' file); no "
-                    f"provision file at {', '.join(str(c) for c in candidates)}")
+                raise ConfigError(f"coordinator config {p} needs {key!r} (or a "
+                                  f"'provision' file); {found.none_usable(p)}")
         from fedge.transport import KeyFileError, load_keypair
 
         try:
@@ -229,21 +274,143 @@ def load_config(path: str | Path, *, admin_lookup: bool = True) -> CoordinatorCo
         roster=roster, roster_public_key=roster_pk, heartbeat_interval_s=interval,
         heartbeat_timeout_s=timeout, tick_s=tick_s,
         admin=admin, provision=provision, path=p,
-        warnings=(*endpoint_warnings(p, bind, "bind" in raw, admin, provision,
+        warnings=(*([late] if late else []),
+                  *endpoint_warnings(p, bind, "bind" in raw, admin, provision,
                                      provision_file), *admin_warnings),
-        admin_off=admin_off,
+        admin_off=admin_off, provision_file=provision_file,
     )
 
 
+def _lexists(path: Path) -> bool:
+    """Whether ``path`` is there; False where this user cannot look (Path.exists
+    raises PermissionError for that on Python 3.11)."""
+    try:
+        os.lstat(path)
+    except OSError:
+        return False
+    return True
+
+
 def provision_candidates(config: Path, state_dir: Path) -> list[Path]:
-    """Where a configuration without ``provision`` finds one, first match wins."""
+    """Where a configuration without ``provision`` finds one, first match wins
+    (`find_provision`)."""
     found = []
     creds = os.environ.get("CREDENTIALS_DIRECTORY")
     if creds:
         found.append(Path(creds) / PROVISION_CREDENTIAL)
-    found.append(Path(config).parent / "credentials" / "coordinator" / PROVISION_FILE)
+    found.append(credential_source(config))
     found.append(state_dir / PROVISION_FILE)
     return found
+
+
+def credential_source(config: str | Path) -> Path:
+    """Where the unit's LoadCredential= takes the provision file from: credentials/
+    coordinator/ beside the configuration file (the unit's
+    /etc/fedge/credentials/coordinator, beside /etc/fedge/coordinator.toml)."""
+    return Path(config).parent / "credentials" / "coordinator" / PROVISION_FILE
+
+
+@dataclass(frozen=True)
+class FoundProvision:
+    """What `find_provision` found: ``path``, the first usable candidate (None: none
+    is); ``credential``, whether it is the unit's credential (real, or a
+    `UnitCredential`); ``passed_over``, each candidate before it (every one, where none
+    is usable) this user could not look at or read, with why (strerror); ``looked``,
+    every candidate looked at; ``known_absent``: the `UnitCredential` source, which
+    root saw holds none."""
+
+    path: Path | None
+    credential: bool
+    passed_over: tuple[tuple[Path, str], ...]
+    looked: tuple[Path, ...]
+    known_absent: Path | None = None
+
+    def unusable(self) -> str:
+        """Those passed over, and why: "X cannot be read as user fedge (permission
+        denied)"."""
+        return "; ".join(f"{path} cannot be read{_as_user()} ({why.lower()})"
+                         for path, why in self.passed_over)
+
+    def none_usable(self, config: Path) -> str:
+        """Why no candidate is usable, naming each: the error's end."""
+        absent = [str(c) for c in self.looked if c not in {p for p, _ in self.passed_over}]
+        said = f"no provision file at {', '.join(absent)}" if absent else ""
+        if not self.passed_over:
+            return said
+        creds = os.environ.get("CREDENTIALS_DIRECTORY")
+        if creds:
+            where = (f"which holds no {PROVISION_CREDENTIAL} (the unit's LoadCredential= "
+                     "source holds no provision file, or is another directory)")
+        else:
+            where = ("which is not set here (not under the unit): check it as root, as the "
+                     f"service user: `sudo fedge coordinator check --config {config} "
+                     f"--user {_user_name()}`")
+        return ((said + "; " if said else "") + f"{self.unusable()}: the service takes "
+                f"the provision file from $CREDENTIALS_DIRECTORY ({PROVISION_CREDENTIAL}, "
+                f"the unit's LoadCredential=fedge:{credential_source(config).parent}), "
+                + where)
+
+
+def find_provision(candidates: list[Path], credential: UnitCredential | None = None
+                   ) -> FoundProvision:
+    """The first of ``candidates`` (`provision_candidates`) that is a file this user
+    may read. One it cannot look at (a directory on the way it may not search: the
+    root-only credentials/coordinator/ as user fedge) or read is passed over, as one
+    that is not there, and said (`FoundProvision`). ``credential``: outside the unit,
+    the provision file the unit would hand over, taken first as the unit's credential
+    is; where it has none, its source is known to hold none."""
+    import stat
+
+    passed: list[tuple[Path, str]] = []
+    looked: list[Path] = []
+    if credential is not None and not os.environ.get("CREDENTIALS_DIRECTORY"):
+        if credential.text is not None:
+            return FoundProvision(credential.source, True, (), (credential.source,))
+    else:
+        credential = None
+    for c in candidates:
+        looked.append(c)
+        if credential is not None and c == credential.source:
+            continue  # root saw none there
+        try:
+            st = os.stat(c)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as exc:
+            passed.append((c, exc.strerror or str(exc)))
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            continue  # as Path.is_file: not a provision file
+        if not os.access(c, os.R_OK):
+            passed.append((c, os.strerror(13)))  # EACCES: "Permission denied"
+            continue
+        return FoundProvision(c, c.name == PROVISION_CREDENTIAL, tuple(passed), tuple(looked))
+    return FoundProvision(None, False, tuple(passed), tuple(looked),
+                          credential.source if credential is not None else None)
+
+
+def unit_credential(config: str | Path) -> UnitCredential | None:
+    """The provision file the unit would hand the service as
+    ``$CREDENTIALS_DIRECTORY/fedge_coordinator-provision.json``, read from its source
+    (`credential_source`) by this process: for `fedge coordinator check --user`, run
+    as root outside the unit, so that the service user's view of the configuration
+    (loaded in a child dropped to that user) has it as the service has it. None under
+    the unit (``$CREDENTIALS_DIRECTORY`` set: that one is used) and where this user
+    cannot tell (the source cannot be looked at or read: not root); its ``text`` None
+    where the source holds none (the service gets no credential)."""
+    import stat
+
+    if os.environ.get("CREDENTIALS_DIRECTORY"):
+        return None
+    source = credential_source(config)
+    try:
+        if not stat.S_ISREG(os.stat(source).st_mode):
+            return UnitCredential(source, None)  # systemd hands over regular files
+        return UnitCredential(source, source.read_text())
+    except (FileNotFoundError, NotADirectoryError):
+        return UnitCredential(source, None)
+    except (OSError, ValueError):  # not this user's to read; or not text: said later
+        return None
 
 
 _ADMIN_KEYS = ("endpoint", "enabled")
@@ -755,6 +922,16 @@ def _as_user() -> str:
     from fedge.text import as_user
 
     return as_user()
+
+
+def _user_name() -> str:
+    """This process's user's name (the service user's, as packaged, where unknown)."""
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return "fedge"
 
 
 def _owner(uid: int) -> str:

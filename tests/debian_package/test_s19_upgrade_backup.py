@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from debian_package import test_deb
+from debian_package import test_deb, test_maintainer_scripts
 from fedge.coordinator import upgrade_backup
 from fedge.coordinator.store import DB_NAME, Store
 
@@ -277,3 +277,64 @@ def test_installed_postinst_fails_before_any_restart_when_the_copy_cannot_be_mad
     postinst = Path(POSTINST).read_text()
     assert postinst.index("backup_coordinator_database\n        fi") < postinst.index(
         "migrate_coordinator_state\n") < postinst.index("deb-systemd-invoke try-restart")
+
+
+WRAP_SYSTEMCTL = """BIN=$(dirname "$(command -v systemctl)")
+mv "$BIN/systemctl" "$BIN/systemctl.stub"
+cat > "$BIN/systemctl" <<'EOS'
+#!/bin/sh
+# what the copy was when the coordinator was (re)started
+for arg in "$@"; do
+    case $arg in try-restart|restart|start)
+        if [ -e /var/lib/fedge-coordinator/coordinator.sqlite3.pre-0.3.0 ]; then
+            echo "copy made before: $*" >> "$LOG"
+        else
+            echo "no copy before: $*" >> "$LOG"
+        fi ;;
+    esac
+done
+exec "$(dirname "$0")/systemctl.stub" "$@"
+EOS
+chmod 755 "$BIN/systemctl"
+"""
+
+
+@deb_test
+@test_maintainer_scripts.needs_namespace
+@pytest.mark.parametrize("copy_fails", [False, True], ids=["copied", "copy-fails"])
+def test_under_systemd_the_copy_is_made_before_the_running_coordinator_restarts(
+        installed: pwd.struct_passwd, tmp_path: Path, copy_fails: bool) -> None:
+    """r4's upgrade under systemd: a running coordinator, postinst configure 0.2.0-1.
+    The copy exists when try-restart runs; when it cannot be made, configure fails
+    with no restart at all (the coordinator stays as it was, still running)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    make_schema_2(src)
+    proc = test_maintainer_scripts.in_scratch_root(tmp_path, f"""
+sh $P/postinst configure '' 2>>$ERR
+install -d -o fedge -g fedge -m 0700 /var/lib/fedge-coordinator
+install -o fedge -g fedge -m 0600 {src / DB_NAME} /var/lib/fedge-coordinator/{DB_NAME}
+{"chmod 0500 /var/lib/fedge-coordinator" if copy_fails else ""}
+touch $ACTIVE/fedge-coordinator.service
+{WRAP_SYSTEMCTL}
+: > $LOG
+rc=0
+sh $P/postinst configure 0.2.0-1 2>>$ERR || rc=$?
+echo "rc=$rc"
+if [ -e $ACTIVE/fedge-coordinator.service ]; then echo "active after"; fi
+""", systemd=True)
+    err = test_maintainer_scripts.script_stderr(tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr + err
+    out = proc.stdout.splitlines()
+    calls = (tmp_path / "systemctl.log").read_text().splitlines()
+    assert "active after" in out, (out, calls, err)
+    if copy_fails:
+        assert "rc=1" in out, (out, err)
+        assert not any("restart" in c or c.startswith("start") for c in calls), calls
+        assert "fedge-coordinator was not restarted and fedge is left unconfigured" in err
+    else:
+        assert "rc=0" in out, (out, err)
+        restarts = [c for c in calls if c.startswith(("copy made before:", "no copy before:"))]
+        assert restarts and all(c.startswith("copy made before:") for c in restarts), calls
+        assert any("try-restart" in c and "fedge-coordinator.service" in c
+                   for c in restarts), calls

@@ -200,7 +200,7 @@ def downgrade_note(db: Path, dest: Path) -> str | None:
         where = f"there is no copy from before 0.3.0 ({dest})"
     return (f"{db} is at schema version {version}: fedge releases before 0.3.0 refuse "
             f"it and fedge-coordinator will not start after this downgrade; {where}. "
-            "See /usr/share/doc/fedge/README.Debian, Going back to 0.2")
+            "See /usr/share/doc/fedge/README.Debian, Going back to 0.2.0")
 
 
 def run_as_owner(action: str, db: Path) -> subprocess.CompletedProcess[str]:

@@ -1143,7 +1143,7 @@ class Coordinator:
                 # late answers to a round that already closed (stage deadline passed):
                 # logged (and audited) once per site, job and round, then counted, as
                 # the rejections are; a site naming a new job in each cannot flood the
-                # journal either (AuditThrottle takes 60 new keys a minute, then one)
+                # journal either (a job or round never run is one key per site)
                 self._late_message(site, env, now)
                 return
             if isinstance(body, LATE_ANSWERS) and self._ran(env.header.job,
@@ -1207,10 +1207,15 @@ class Coordinator:
         """A SecAgg message or an evaluation result for a round that is not in progress
         (its stage deadline passed, or it names no round this coordinator runs): ignored,
         logged at INFO and audited as ``late_message`` the first time for its site, job
-        and round, then counted (:class:`AuditThrottle`)."""
+        and round, then counted (:class:`AuditThrottle`). A job and round this
+        coordinator never ran are one key per site, whatever they name: a site naming a
+        new one in each message would otherwise take every new key the throttle audits
+        in a minute, and another site's first rejection would only be counted."""
+        job, round_ = env.header.job, env.header.round
         try:
-            if self._rejections.event((site, "late_message", env.header.job, env.header.round),
-                                      site, "late_message",
+            key = (site, "late_message", job, round_) if self._ran(job, round_) \
+                else (site, "late_message", None, 0)
+            if self._rejections.event(key, site, "late_message",
                                       {"job": env.header.job, "round": env.header.round,
                                        "type": env.header.type}, now):
                 log.info("late %s from %s for %s/%d ignored", env.header.type, site,
@@ -1371,10 +1376,12 @@ class Coordinator:
         with), then at most one summary row a minute (a site sending malformed messages
         in a loop must not cost a fsync'd row each)."""
         # the kind: the error class a wire error names ("OversizeMessage: ..."), so each
-        # kind of malformation is audited once in full; replays etc. have one kind each
+        # kind of malformation is audited once in full; replays etc. have one kind each.
+        # Only a head that is one name: any other reason may quote what the site sent
+        # before its first colon (a job id), and varying it must not make a new kind
         reason = m.clip_reason(reason)  # it may quote what the site sent
         head, sep, _ = reason[:80].partition(":")
-        kind = head if sep else ""
+        kind = head if sep and head.isidentifier() else ""
         try:
             if self._rejections.event((site, action, kind), site, action, reason,
                                       self.clock()):

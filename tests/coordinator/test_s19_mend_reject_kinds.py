@@ -95,3 +95,37 @@ def test_every_rejection_of_a_round_has_a_fixed_kind():
     assert site == "a" and isinstance(refusal, Refusal) and refusal.kind == "wrong_shape"
     for kind in (*REJECTION_KINDS, *DISCARD_KINDS):
         assert kind.isidentifier() and kind.islower()
+
+
+def _from(fed, site: str, body: object, job: str, round_: int = 1) -> None:
+    fed.coord.handle_frames(site, [bytes(f) for f in codec.encode(
+        body, sender=site, job=job, round=round_)])
+
+
+def test_jobs_a_site_names_do_not_take_the_keys_of_other_sites(federation):
+    """Outside a round, "m" sends 200 evaluation results (late_message) and 200 plain
+    updates (stale_message), each naming a new job that never ran, with a colon in it
+    (a stale message's kind was the reason's text up to its first colon, which quotes
+    the job). Each kind of m's is audited once in full, then counted; "a"'s first
+    stale message that minute is still audited in full."""
+    import asyncio
+
+    fed = federation(["a", "b", "m"], dim=8)
+    asyncio.run(fed.heartbeats())
+    for i in range(SPOOFS):
+        _from(fed, "m", m.EvalResult(task_id="x", n_examples=1, metrics={}), f"j{i}:x")
+        _from(fed, "m", m.PlainUpdate("x", np.zeros(3, np.float32)), f"j{i}:x", i + 1)
+    _from(fed, "a", m.PlainUpdate("x", np.zeros(3, np.float32)), "job-a")
+    rows = fed.coord.store.audit_log()
+    said = [(r["actor"], r["action"]) for r in rows
+            if r["action"] in ("late_message", "stale_message")]
+    assert said == [("m", "late_message"), ("m", "stale_message"),
+                    ("a", "stale_message")], len(said)
+    [a_row] = [r for r in rows if r["actor"] == "a" and r["action"] == "stale_message"]
+    assert "job 'job-a' round 1" in a_row["detail"]
+    fed.clock.t += 61.0
+    fed.coord.tick()
+    counted = [r for r in fed.coord.store.audit_log() if r["actor"] == "m"
+               and r["action"] in ("late_message", "stale_message")
+               and "repeated" in r["detail"]]
+    assert len(counted) == 2, counted

@@ -14,6 +14,11 @@ systemd credentials) and hands data to the child in memory (fork) and takes its
 answer back as JSON over a pipe (never pickle: the child's side is the other
 user's).
 
+`fedge coordinator check --user NAME` uses it too, to look as the service would: its
+child takes NAME's supplementary groups (``groups_of``), as systemd's ``User=NAME``
+gives them to the service (initgroups), so what NAME may write only through a group
+is not reported as denied.
+
 The child's credentials change, so the kernel makes it non-dumpable: the service
 user cannot ptrace it, only kill it, which `run_as` reports as an error.
 
@@ -60,12 +65,18 @@ def owner_to_act_as(path: str | os.PathLike[str]) -> Owner | None:
 
 
 def run_as(owner: Owner | None, fn: Callable[[], Any], *, what: str,
-           raises: tuple[type[Exception], ...] = (), umask: int | None = 0o077) -> Any:
+           raises: tuple[type[Exception], ...] = (), umask: int | None = 0o077,
+           groups_of: str | None = None) -> Any:
     """Run `fn` (no arguments, returning a JSON value) as `owner` in a forked child
     and return what it returned; with `owner` None, just call it here.
 
     `umask`: the child's; None keeps this process's (files meant to be shared, such as
     a model repository's, keep the modes they had when root wrote them).
+
+    `groups_of`: a user name, whose supplementary groups the child takes (its
+    ``getgrouplist``, looked up here, before the fork), as a service run as that user
+    (systemd's ``User=``) has them; None (the writers, acting for a directory's owner):
+    none at all, so nothing a group of root's, or any group, could write is reached.
 
     The exceptions named in `raises` (by class name; their message), and OSError (its
     errno, text and file name), are raised again here.
@@ -73,7 +84,8 @@ def run_as(owner: Owner | None, fn: Callable[[], Any], *, what: str,
     Raises:
         OSError: `fn` raised it, or the child could not drop to `owner` or died without
             an answer (killed: names the signal); or this process runs other threads
-            (module doc: it does not fork then; names the owner, and nothing runs).
+            (module doc: it does not fork then; names the owner, and nothing runs); or
+            `groups_of`'s groups could not be looked up (named; nothing runs).
         RuntimeError: `fn` raised anything else (its traceback is on stderr).
         any class in `raises`: `fn` raised it.
     """
@@ -88,6 +100,13 @@ def run_as(owner: Owner | None, fn: Callable[[], Any], *, what: str,
             f"runs {threads} threads, and a child forked beside them can hang on a lock "
             f"one of them held, so it does not fork: run this process as uid {uid}, or "
             "do it from the command line (`fedge export --install`), which runs none")
+    groups: list[int] = []
+    if groups_of is not None:
+        try:
+            groups = os.getgrouplist(groups_of, gid)
+        except (OSError, KeyError) as exc:
+            raise OSError(f"{what}: the groups of user {groups_of} cannot be looked up: "
+                          f"{exc}") from None
     for stream in (sys.stdout, sys.stderr):
         stream.flush()  # or the child's exit would not, but a buffered line would twice
     r, w = os.pipe()
@@ -98,11 +117,12 @@ def run_as(owner: Owner | None, fn: Callable[[], Any], *, what: str,
             os.close(r)
             answer: dict[str, Any]
             try:
-                os.setgroups([])
+                os.setgroups(groups)
                 os.setgid(gid)  # as root: real, effective and saved
                 os.setuid(uid)
-                if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):
-                    raise OSError(f"could not drop to uid {uid} gid {gid}")
+                if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid) \
+                        or set(os.getgroups()) - {gid} != set(groups) - {gid}:
+                    raise OSError(f"could not drop to uid {uid} gid {gid} groups {groups}")
                 if umask is not None:
                     os.umask(umask)
                 answer = {"value": fn()}

@@ -886,28 +886,16 @@ def state_dir_problems(state_dir: Path) -> tuple[list[str], list[str]]:
     (its lock, ``agent.lock``, cannot be opened or made: fedge.instance_lock), then
     what it starts with, and each job or update then fails on: the directory itself,
     `STATE_WRITTEN`'s directories, `STATE_FILES_WRITTEN`'s files."""
+    from fedge.access import cannot_write
+
     sd = Path(state_dir)
     user = _as_user() or " as this user"
 
-    def cannot(path: Path, what: str, need: int) -> str | None:
-        if os.access(path, need):
-            return None
-        ro = ""
-        with contextlib.suppress(OSError):
-            if os.statvfs(path).f_flag & os.ST_RDONLY:
-                ro = ", on a read-only file system"
-        try:
-            st = os.stat(path)
-            mode = f" (mode {st.st_mode & 0o7777:04o}, owner {_owner(st.st_uid)}{ro})"
-        except OSError:
-            mode = ro and f" ({ro[2:]})"
-        return f"{what} {path}{mode} cannot be written{user}"
-
     fix = f"give the agent's user the directory (e.g. chown -R fedge: {sd})"
     lock = sd / "agent.lock"
-    dir_said = cannot(sd, "state_dir", os.R_OK | os.W_OK | os.X_OK)
-    lock_said = (cannot(lock, "its lock", os.R_OK | os.W_OK) if os.path.lexists(lock)
-                 else dir_said)
+    dir_said = cannot_write(sd, "state_dir", os.R_OK | os.W_OK | os.X_OK, user)
+    lock_said = (cannot_write(lock, "its lock", os.R_OK | os.W_OK, user)
+                 if os.path.lexists(lock) else dir_said)
     if lock_said:  # instance_lock.hold opens it O_RDWR | O_CREAT
         return [f"{lock_said}: `fedge agent run`{user} would stop at start (it cannot "
                 f"take its lock there); {fix}"], []
@@ -915,23 +903,15 @@ def state_dir_problems(state_dir: Path) -> tuple[list[str], list[str]]:
     for name in STATE_WRITTEN:
         path = sd / name
         if os.path.isdir(path):
-            said.append(cannot(path, "its directory", os.R_OK | os.W_OK | os.X_OK))
+            said.append(cannot_write(path, "its directory", os.R_OK | os.W_OK | os.X_OK,
+                                     user))
     for name in STATE_FILES_WRITTEN[1:]:
         path = sd / name
         if os.path.lexists(path):
-            said.append(cannot(path, "its file", os.R_OK | os.W_OK))
+            said.append(cannot_write(path, "its file", os.R_OK | os.W_OK, user))
     return [], [f"{line}: the agent starts, but a job's state, the privacy ledger, the "
                 f"reveal log and signed updates cannot be written there: each job or "
                 f"update on it fails; {fix}" for line in said if line]
-
-
-def _owner(uid: int) -> str:
-    import pwd
-
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return f"uid {uid}"
 
 
 def health_probe(cfg: AgentConfig, xid_monitor: Any = None) -> Any:

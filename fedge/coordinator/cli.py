@@ -111,7 +111,9 @@ def _check(args: argparse.Namespace) -> int:
     as NAME too, from a child dropped to it (`_load_as`), and the provision file is
     taken as the unit hands it over (config.unit_credential): a provision file NAME
     cannot read, where the service does not get it as a credential either, made run
-    stop with a PermissionError at every start while this said ok."""
+    stop with a PermissionError at every start while this said ok. Both children
+    hold NAME's supplementary groups, as the unit's User= gives them to the service:
+    without them a state directory NAME writes through a group was said unwritable."""
     if getattr(args, "config", None) is None:
         print("fedge coordinator check: --config FILE is required", file=sys.stderr)
         return 2
@@ -119,6 +121,7 @@ def _check(args: argparse.Namespace) -> int:
     from fedge.core import check_simd
 
     owner = None
+    name = None
     credential = None
     if getattr(args, "user", None):
         import os
@@ -136,11 +139,12 @@ def _check(args: argparse.Namespace) -> int:
                       f"check as {args.user})", file=sys.stderr)
                 return 2
             owner = (entry.pw_uid, entry.pw_gid)
+            name = entry.pw_name
         # outside the unit: the provision file as LoadCredential= hands it over
         credential = unit_credential(args.config)
     try:
         if owner is not None:  # before anything here may start a thread (run_as forks)
-            _load_as(owner, args.config, credential)
+            _load_as(owner, args.config, credential, groups_of=name)
         cfg = load_config(args.config, credential=credential)
         check_simd()
     except (ConfigError, ValueError) as exc:
@@ -156,7 +160,7 @@ def _check(args: argparse.Namespace) -> int:
               "LoadCredential=); checked as that", file=sys.stderr)
     # nothing bound but for an instant, never listening; nothing locked or written
     try:
-        found = start_check(cfg, owner=owner)
+        found = start_check(cfg, owner=owner, groups_of=name)
     except OSError as exc:  # the child dropped to --user's (named)
         print(f"fedge coordinator check: {exc}", file=sys.stderr)
         return 2
@@ -176,9 +180,11 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_as(owner: tuple[int, int], config: Path, credential: Any) -> None:
+def _load_as(owner: tuple[int, int], config: Path, credential: Any, *,
+             groups_of: str | None = None) -> None:
     """Load the configuration (config.load_config) as ``owner``, from a child dropped
-    to it (fedge.as_owner.run_as; this process is root), with ``credential``
+    to it (fedge.as_owner.run_as; this process is root) with the supplementary groups
+    of user ``groups_of`` (as systemd's User= gives them), with ``credential``
     (config.unit_credential) as the unit's: what the service's user cannot read, run
     cannot either. The admin channel's name look-up is left to the caller's own load.
 
@@ -197,7 +203,8 @@ def _load_as(owner: tuple[int, int], config: Path, credential: Any) -> None:
     def load() -> None:
         load_config(config, admin_lookup=False, credential=credential)
 
-    run_as(owner, load, what=f"loading {config}", raises=(ConfigError,), umask=None)
+    run_as(owner, load, what=f"loading {config}", raises=(ConfigError,), umask=None,
+           groups_of=groups_of)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -610,8 +610,8 @@ class StartCheck:
     notes: tuple[str, ...] = ()
 
 
-def start_check(cfg: CoordinatorConfig, *, owner: tuple[int, int] | None = None
-                ) -> StartCheck:
+def start_check(cfg: CoordinatorConfig, *, owner: tuple[int, int] | None = None,
+                groups_of: str | None = None) -> StartCheck:
     """What run would meet at start that the configuration does not say by itself, seen
     without starting, locking or writing anything: the listen endpoints (``bind``, and
     the admin channel's where it is on), each tried as libzmq binds it
@@ -622,19 +622,23 @@ def start_check(cfg: CoordinatorConfig, *, owner: tuple[int, int] | None = None
 
     ``owner`` (uid, gid): the state directory is looked at as that user, from a child
     process dropped to it (fedge.as_owner.run_as; this process must be root): the
-    service user, where check runs as root to read the provision file.
+    service user, where check runs as root to read the provision file. ``groups_of``:
+    that user's name, whose supplementary groups the child takes, as systemd's ``User=``
+    gives them to the service: a state directory it may write through a group is not
+    reported as denied.
 
     Raises: OSError: the child could not be run as ``owner`` (named)."""
     import importlib
 
     from fedge.as_owner import run_as
 
-    for module in ("pwd", "stat", "fedge.coordinator.store", "fedge.text"):
+    for module in ("pwd", "stat", "fedge.access", "fedge.coordinator.store", "fedge.text"):
         importlib.import_module(module)  # here: the child may not read the modules
 
     # first, before a name's lookup may leave a thread behind (run_as forks)
     stops, jobs = run_as(owner, lambda: state_dir_problems(Path(cfg.state_dir)),
-                         what=f"looking at state_dir {cfg.state_dir}", umask=None)
+                         what=f"looking at state_dir {cfg.state_dir}", umask=None,
+                         groups_of=groups_of)
     holder = lock_holder(Path(cfg.state_dir))
     refused: list[str] = []
     warnings: list[str] = []
@@ -847,27 +851,12 @@ def state_dir_problems(state_dir: Path) -> tuple[list[str], list[str]]:
     the database and its -wal and -shm files, the endpoint file written once it
     listens; then ``jobs/``, where every job's checkpoints and outputs go (run starts,
     and each job fails)."""
+    from fedge.access import cannot_write
     from fedge.coordinator.store import DB_NAME
 
     user = _as_user() or " as this user"
     why = (f"`fedge coordinator run`{user} would stop at start; give the service user the "
            "directory (chown -R), or point state_dir at one it owns")
-
-    def cannot(path: Path, what: str, need: int) -> str | None:
-        if os.access(path, need):
-            return None
-        ro = ""
-        try:
-            if os.statvfs(path).f_flag & os.ST_RDONLY:
-                ro = ", on a read-only file system"
-        except OSError:
-            pass
-        try:
-            st = os.stat(path)
-            mode = f" (mode {st.st_mode & 0o7777:04o}, owner {_owner(st.st_uid)}{ro})"
-        except OSError:
-            mode = ro and f" ({ro[2:]})"
-        return f"{what} {path}{mode} cannot be written{user}"
 
     import stat
 
@@ -891,27 +880,28 @@ def state_dir_problems(state_dir: Path) -> tuple[list[str], list[str]]:
                 return unreachable(parent, exc), []
         if not stat.S_ISDIR(top.st_mode):
             return [f"state_dir {state_dir} cannot be made: {parent} is not a directory"], []
-        said = cannot(parent, f"state_dir {state_dir} does not exist, and the directory it "
-                      "would be made in,", os.W_OK | os.X_OK)
+        said = cannot_write(parent, f"state_dir {state_dir} does not exist, and the "
+                            "directory it would be made in,", os.W_OK | os.X_OK, user)
         return ([f"{said}: {why}"] if said else []), []
     except OSError as exc:  # a directory on the way this user cannot search
         return unreachable(state_dir, exc), []
     if not stat.S_ISDIR(top.st_mode):
         return [f"state_dir {state_dir} is not a directory"], []
     stops: list[str] = []
-    said = cannot(state_dir, "state_dir", os.R_OK | os.W_OK | os.X_OK)
+    said = cannot_write(state_dir, "state_dir", os.R_OK | os.W_OK | os.X_OK, user)
     if said:  # what is in it is the same user's to fix, and may not be seen
         return [f"{said}: {why}"], []
     for name in ("coordinator.lock", DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", "endpoint"):
         path = state_dir / name
         if os.path.lexists(path):
-            said = cannot(path, "its file", os.R_OK | os.W_OK)
+            said = cannot_write(path, "its file", os.R_OK | os.W_OK, user)
             if said:
                 stops.append(f"{said}: {why}")
     jobs = state_dir / "jobs"
     found: list[str] = []
     if os.path.isdir(jobs):
-        said = cannot(jobs, "the job directory", os.R_OK | os.W_OK | os.X_OK)
+        said = cannot_write(jobs, "the job directory", os.R_OK | os.W_OK | os.X_OK,
+                            user)
         if said:
             found.append(f"{said}: `fedge coordinator run` starts, but no job's checkpoints "
                          "and outputs can be written: each job fails")
@@ -932,12 +922,3 @@ def _user_name() -> str:
         return pwd.getpwuid(os.geteuid()).pw_name
     except KeyError:
         return "fedge"
-
-
-def _owner(uid: int) -> str:
-    import pwd
-
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return f"uid {uid}"

@@ -1,5 +1,5 @@
 """Text for messages: what a peer wrote, made safe to log, store and show; who this
-process runs as."""
+process runs as; sites grouped by the reason they share."""
 
 from __future__ import annotations
 
@@ -32,3 +32,15 @@ def as_user() -> str:
         return f" as user {pwd.getpwuid(os.geteuid()).pw_name}"
     except KeyError:
         return f" as uid {os.geteuid()}"
+
+
+def by_reason(reasons: dict[str, str]) -> list[tuple[list[str], str]]:
+    """``{site: reason}`` grouped: each reason once with the sites that gave it, in the
+    order of each reason's first site by name (a reason every site of a cohort gave,
+    a shared outage or a data set none holds, is one line, not one per site). The
+    coordinator groups a failed attempt's reason with this
+    (fedge.coordinator.rounds.grouped_reasons), and the console its dropped sites."""
+    by: dict[str, list[str]] = {}
+    for site, why in sorted(reasons.items()):
+        by.setdefault(str(why), []).append(str(site))
+    return [(sites, why) for why, sites in by.items()]

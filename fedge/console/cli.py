@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fedge.console.fleet import printable
+from fedge.text import by_reason
 
 HOME_ENV = "FEDGE_CONSOLE_HOME"
 HOME_FOLDER = ".fedge-console"  # under the operator's home directory
@@ -870,18 +871,6 @@ def _utc(t: float, fmt: str = "%Y-%m-%dT%H:%M:%SZ") -> str:
     from datetime import UTC, datetime
 
     return datetime.fromtimestamp(t, UTC).strftime(fmt)
-
-
-def by_reason(reasons: dict[str, str]) -> list[tuple[list[str], str]]:
-    """``{site: reason}`` grouped: each reason once with the sites that gave it, in the
-    order of each reason's first site by name (a reason every site of a cohort gave,
-    a shared outage or a data set none holds, is one line, not one per site). A failed
-    attempt's reason comes grouped so from the coordinator, which groups with this
-    (fedge.coordinator.rounds.grouped_reasons: this module imports nothing heavy)."""
-    by: dict[str, list[str]] = {}
-    for site, why in sorted(reasons.items()):
-        by.setdefault(str(why), []).append(str(site))
-    return [(sites, why) for why, sites in by.items()]
 
 
 def watch_job(call: Any, job_id: str, *, interval_s: float = 2.0,

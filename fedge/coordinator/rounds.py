@@ -86,12 +86,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fedge.console.cli import by_reason
 from fedge.coordinator.checkpoint import model_digest
 from fedge.coordinator.plan import Plan
 from fedge.coordinator.strategies import Strategy, StrategyError, mean_update
 from fedge.secagg.keys import length_prefixed
-from fedge.text import printable
+from fedge.text import by_reason, printable
 from fedge.wire import messages as m
 from fedge.wire.codec import short
 
@@ -209,9 +208,8 @@ def peer_reason(reason: str) -> str:
 def grouped_reasons(reasons: dict[str, str]) -> str:
     """``{site: reason}`` as one text, the sites that gave the same reason together:
     "a, b: reason; c: other", in the order of each reason's first site by name, so a
-    reason every site of a large cohort gave is said once, not once per site (the
-    grouping is the console's, :func:`fedge.console.cli.by_reason`, which shows a
-    status's reasons so)."""
+    reason every site of a large cohort gave is said once, not once per site
+    (:func:`fedge.text.by_reason`, which the console shows a status's reasons with)."""
     return "; ".join(f"{', '.join(sites)}: {why}" for sites, why in by_reason(reasons))
 
 

@@ -377,8 +377,10 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
                         # starting the job, and keeps serving heartbeats
                         if preparing is None:
                             if disk_wait.due(upcoming.job_id, time.monotonic()):
-                                preparing = asyncio.ensure_future(
-                                    _prepare_initial_model(coord, disk_wait))
+                                preparing = loop.create_task(
+                                    _prepare_initial_model(coord, disk_wait),
+                                    name="building the starting model of job "
+                                         f"{upcoming.job_id}")
                         elif preparing.done():
                             if not preparing.cancelled() and \
                                     preparing.exception() is not None:
@@ -446,6 +448,12 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
                 notifier.status(status)
     finally:
         notifier.stopping()
+        # a finish (its export child) or a starting model's build still running is cut
+        # short now, its child killed and awaited: left to asyncio.run's own
+        # cancellation, after this returns, the child outlived the loop and wrote into
+        # the job directory with the database closed, its outcome never audited. What
+        # it did not write brings the job back at the next start (unfinished_jobs).
+        await _cut_short([*exports, *([preparing] if preparing is not None else [])])
         if pinger is not None:
             pinger.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -466,6 +474,19 @@ async def serve(cfg: CoordinatorConfig, *, stop: asyncio.Event | None = None,
                       "%g s may not be in it)", coord.store.path, type(exc).__name__, exc,
                       HEARTBEAT_FLUSH_S)
     return exit_code[0] if exit_code else 0
+
+
+async def _cut_short(tasks: list[asyncio.Future[None]]) -> None:
+    """Cancel ``tasks`` (serve's finishes and its starting model's build, at a stop)
+    and wait for their end: an export kills its child at once (export_final_model), so
+    the stop stays prompt. A task that had already ended is only collected here (its
+    outcome was said by serve's ``finished``)."""
+    running = [t for t in tasks if not t.done()]
+    for task in running:
+        log.info("%s: cut short by the stop; what it did not write is done at the next "
+                 "start", task.get_name() if isinstance(task, asyncio.Task) else task)
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _status_text(coord: Coordinator, preparing: asyncio.Future[None] | None,
@@ -732,7 +753,7 @@ async def write_report(coord: Coordinator, job_id: str) -> bool:
     if failure is not None:
         status = {**status, "onnx_export": failure}
     try:
-        files = await asyncio.to_thread(write_job_report, out, status, plan_toml)
+        files = await _thread_to_its_end(write_job_report, out, status, plan_toml)
     except Exception as exc:  # a report must not take the coordinator down
         reason = str(exc)
         if isinstance(exc, OSError) and exc.filename is None:
@@ -744,6 +765,20 @@ async def write_report(coord: Coordinator, job_id: str) -> bool:
     log.info("job %s report written to %s (%s)", job_id, out, ", ".join(files))
     _audit(coord, job_id, "report_written", {"job": job_id, "files": files})
     return True
+
+
+async def _thread_to_its_end(fn: Any, *args: Any) -> Any:
+    """``asyncio.to_thread(fn, *args)``, except that a cancellation (a stop: serve's
+    _cut_short) waits for the thread's end before it goes on: a thread is not stopped
+    by it, and would write on after serve returned. For short writes (a report)."""
+    work = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        await asyncio.wait([work])
+        if not work.cancelled():
+            work.exception()  # retrieved: the cancellation is what is said
+        raise
 
 
 async def export_final_model(coord: Coordinator, job_id: str, *,
@@ -767,6 +802,13 @@ async def export_final_model(coord: Coordinator, job_id: str, *,
         proc.kill()
         await proc.wait()
         err = f"timed out after {timeout_s:.0f} s".encode()
+    except BaseException:
+        # cancelled (the coordinator stops: serve's _cut_short): the child goes now, and
+        # is waited for, so that it writes nothing after the coordinator is gone. Not
+        # audited as a failure (it would count towards admin.export_given_up): the job
+        # stays without model.onnx, so its next start exports it again (unfinished_jobs)
+        await _kill_child(proc)
+        raise
     if proc.returncode == 0 and out.exists():
         log.info("job %s exported to %s", job_id, out)
         _audit(coord, job_id, "model_exported", {"job": job_id, "path": str(out)})
@@ -783,6 +825,16 @@ async def export_final_model(coord: Coordinator, job_id: str, *,
         "job": job_id, "reason": reason, "final_digest": final_digest,
         "version": __version__})
     return False
+
+
+async def _kill_child(proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL ``proc`` if it still runs, and wait for its end: reaped while the loop
+    runs, it leaves no transport for a closed loop's ``__del__`` ("Event loop is
+    closed") and writes nothing after its coordinator is gone."""
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+    await proc.wait()
 
 
 def _needs_initial_model(coord: Coordinator) -> Any:

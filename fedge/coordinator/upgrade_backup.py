@@ -21,12 +21,27 @@ name is never replaced, so a second run, or a backup the administrator put there
 is kept as it is.
 
 Everything that opens a database runs as the database file's owner (the fedge user),
-in a child process with no supplementary groups and umask 077: opening a WAL
-database makes ``-shm``/``-wal`` files beside it, which root would make root's (the
-coordinator could then not open its own database), and a directory the fedge user
-owns is one where root should not create files by path (that user could put a
-symbolic link in the way). So the copy is the fedge user's, mode 0600, as the
-database is.
+in a child process with that user's primary group (from the user database, not the
+file's group), no supplementary groups and umask 077: opening a WAL database makes
+``-shm``/``-wal`` files beside it, which root would make root's (the coordinator
+could then not open its own database), and a directory the fedge user owns is one
+where root should not create files by path (that user could put a symbolic link in
+the way). So the copy is the fedge user's, mode 0600, as the database is.
+
+Root itself never opens a database or writes in the state directory, and never runs
+the child as root: the postinst runs this as root over directories the fedge user
+owns, and a compromised coordinator runs as that user. The owner comes from
+``lstat`` (never following a link), taken just before that database's child starts,
+so a database swapped meanwhile for a symbolic link to a file of root's is seen as
+the link. A ``coordinator.sqlite3`` that is a symbolic link, or that belongs to root
+(or to a user whose primary group is root's, or to a uid with no user), is not
+opened: ``backup`` names it and why, says what to do, and fails, unless the copy's
+name already exists (an administrator's own copy: kept, as always). The packaged
+coordinator runs as user fedge and makes no such database; one of root's there is
+someone's own setup, whose copy only its administrator can make safely. The child,
+now the owner, looks again (``O_NOFOLLOW``) and refuses a link before SQLite opens
+the database by path: a link swapped in after that leads only where the owner can
+read and write anyway.
 
 Which databases: the ``state_dir`` that ``/etc/fedge/coordinator.toml`` names (the
 package's default, ``/var/lib/fedge-coordinator``, where it names none), and
@@ -34,16 +49,19 @@ package's default, ``/var/lib/fedge-coordinator``, where it names none), and
 where postinst leaves it when moving it is ambiguous.
 
 Exit status of ``backup``: 0 when every database below version 3 has its copy (made
-now or before) or there is none; 1 when a copy could not be made (each failure named
-on stderr), and the package's postinst then does not restart the coordinator.
-``downgrade-note`` always exits 0: it only informs.
+now or before) or there is none; 1 when a copy could not be made or a database was
+not opened (above; each named on stderr), and the package's postinst then does not
+restart the coordinator. ``downgrade-note`` always exits 0: it only informs (a
+database it did not open is named, as not checked).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import pwd
 import sqlite3
+import stat
 import subprocess
 import sys
 import tomllib
@@ -71,6 +89,16 @@ class BackupError(Exception):
     """A copy that could not be made; the message names the database and why."""
 
 
+class Refused(BackupError):
+    """A database this does not open (the module docstring): ``why`` names it and the
+    reason, ``fix`` what the administrator can do (empty when nothing but looking)."""
+
+    def __init__(self, why: str, fix: str = "") -> None:
+        super().__init__(why)
+        self.why = why
+        self.fix = fix
+
+
 def state_dirs(config: Path = CONFIG) -> list[Path]:
     """The directories that may hold a coordinator database, most likely first.
 
@@ -92,6 +120,26 @@ def state_dirs(config: Path = CONFIG) -> list[Path]:
         if d not in found:
             found.append(d)
     return found
+
+
+def _check_regular(db: Path) -> None:
+    """In the child, as the owner: ``db`` is a regular file, not a symbolic link
+    (SQLite's ``mode=ro`` would follow one). Raises OSError, or BackupError naming a
+    link or another kind of file."""
+    try:
+        # O_NONBLOCK: a FIFO put there does not hang the open
+        fd = os.open(db, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if os.path.islink(db):
+            raise BackupError(f"{db} is now a symbolic link (to {os.readlink(db)}): "
+                              "not opened") from exc
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(mode):
+        raise BackupError(f"{db} is not a regular file: not opened")
 
 
 def _connect_ro(db: Path) -> sqlite3.Connection:
@@ -126,7 +174,10 @@ def copy_database(db: Path, dest: Path) -> str:
         return (f"kept the existing {dest} (the coordinator database from before 0.3.0; "
                 "fedge 0.2.0 needs it to go back)")
     try:
+        _check_regular(db)
         src = _connect_ro(db)
+    except OSError as exc:
+        raise BackupError(f"cannot open {db}: {exc.strerror or exc}") from exc
     except sqlite3.Error as exc:
         raise BackupError(f"cannot open {db}: {exc}") from exc
     try:
@@ -183,12 +234,13 @@ def downgrade_note(db: Path, dest: Path) -> str | None:
     version 3 or later; None when it is not (or cannot be read: nothing to warn of
     for certain). Runs as the database's owner (:func:`backup_one`)."""
     try:
+        _check_regular(db)
         conn = _connect_ro(db)
         try:
             version = schema_version(conn)
         finally:
             conn.close()
-    except sqlite3.Error:
+    except (OSError, BackupError, sqlite3.Error):
         return None
     if version < ONE_WAY_SCHEMA:
         return None
@@ -203,13 +255,68 @@ def downgrade_note(db: Path, dest: Path) -> str | None:
             "See /usr/share/doc/fedge/README.Debian, Going back to 0.2.0")
 
 
-def run_as_owner(action: str, db: Path) -> subprocess.CompletedProcess[str]:
+def owner_credentials(db: Path) -> dict[str, object] | None:
+    """``subprocess.run``'s user/group/extra_groups for ``db``'s child: its owner, that
+    user's primary group, no supplementary groups; {} when this process is not root
+    (the child runs as this user); None when ``db`` is gone. From ``lstat``, taken
+    now, just before the child starts: see the module docstring.
+
+    Raises:
+        Refused: ``db`` is a symbolic link or no regular file, or, as root, belongs
+            to root, to a user whose primary group is root's or to a uid with no user.
+        OSError: ``db`` cannot be looked at.
+    """
+    try:
+        st = os.lstat(db)
+    except FileNotFoundError:
+        return None
+    chown = (f"with fedge-coordinator stopped, chown {db} (and its -wal and -shm, if "
+             "there) to the user fedge-coordinator runs as")
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            target = os.readlink(db)
+        except OSError as exc:
+            target = f"unreadable: {exc.strerror}"
+        raise Refused(f"{db} is a symbolic link (to {target}), and a link in the "
+                      "coordinator's state directory is not followed (its owner could "
+                      "point it at a file of root's)",
+                      "replace the link with the database it leads to")
+    if not stat.S_ISREG(st.st_mode):
+        raise Refused(f"{db} is not a regular file")
+    if os.geteuid() != 0:
+        return {}
+    if st.st_uid == 0:
+        raise Refused(
+            f"{db} belongs to root, and a database is opened only as its owner, never "
+            "as root (the files SQLite makes beside it would be root's, and the "
+            "directory's owner could lead root's writes elsewhere with a link); the "
+            "packaged fedge-coordinator runs as user fedge and makes no database of "
+            "root's", chown)
+    try:
+        user = pwd.getpwuid(st.st_uid)
+    except KeyError:
+        raise Refused(f"{db} belongs to uid {st.st_uid}, which has no entry in the user "
+                      "database, and a database is opened only as its owner, with that "
+                      "user's primary group", chown) from None
+    if user.pw_gid == 0:
+        raise Refused(f"{db} belongs to user {user.pw_name}, whose primary group is root "
+                      "(gid 0), and a database is opened only as its owner with that "
+                      "user's primary group, never with root's", chown)
+    return {"user": st.st_uid, "group": user.pw_gid, "extra_groups": []}
+
+
+def run_as_owner(action: str, db: Path) -> subprocess.CompletedProcess[str] | None:
     """This module's ``action`` for one database, in a child process as the database
-    file's owner (see the module docstring), with no supplementary groups, umask 077."""
-    st = db.stat()
-    who: dict[str, object] = {}
-    if os.geteuid() == 0:
-        who = {"user": st.st_uid, "group": st.st_gid, "extra_groups": []}
+    file's owner (:func:`owner_credentials`; the module docstring), umask 077; None
+    when ``db`` is gone.
+
+    Raises:
+        Refused: the child would not run as the owner (:func:`owner_credentials`).
+        OSError: ``db`` cannot be looked at, or the child not started.
+    """
+    who = owner_credentials(db)
+    if who is None:
+        return None
     return subprocess.run(
         [sys.executable, "-I", "-B", "-m", MODULE, action, str(db)],
         capture_output=True, text=True, umask=0o077, cwd="/", check=False,
@@ -217,13 +324,20 @@ def run_as_owner(action: str, db: Path) -> subprocess.CompletedProcess[str]:
 
 
 def databases(dirs: list[Path]) -> list[Path]:
-    """Each ``<dir>/coordinator.sqlite3`` that is a regular file, once."""
+    """Each ``<dir>/coordinator.sqlite3`` that is a regular file or a symbolic link
+    (named and refused later, :func:`owner_credentials`), once. A look only: which
+    user to be is decided again just before each one's child starts."""
     found: list[Path] = []
     seen: set[str] = set()
     for d in dirs:
         db = d / DB_NAME
-        if db.is_file() and not db.is_symlink():
-            real = os.path.realpath(db)
+        try:
+            mode = os.lstat(db).st_mode
+        except OSError:
+            continue
+        if stat.S_ISREG(mode) or stat.S_ISLNK(mode):
+            # the directory's real path: the same database through a linked state_dir
+            real = os.path.join(os.path.realpath(d), DB_NAME)
             if real not in seen:
                 seen.add(real)
                 found.append(db)
@@ -260,11 +374,34 @@ def main(argv: list[str] | None = None) -> int:
     failed = False
     for db in databases(args.state_dir or state_dirs(args.config)):
         child = "copy-one" if args.action == "backup" else "note-one"
+        dest = db.with_name(db.name + SUFFIX)
         try:
             proc = run_as_owner(child, db)
+        except Refused as exc:
+            if args.action == "downgrade-note":
+                print(f"{db} was not checked for schema version 3 (which fedge releases "
+                      f"before 0.3.0 refuse): {exc.why}", file=sys.stderr)
+            elif os.path.lexists(dest):  # an lstat: root opens nothing there
+                print(f"kept the existing {dest} (the coordinator database from before "
+                      "0.3.0; fedge 0.2.0 needs it to go back); not opened: "
+                      f"{exc.why}", file=sys.stderr)
+            else:
+                own = f"put your own copy at {dest}"
+                fix = f"{exc.fix}, or {own}" if exc.fix else own
+                print(f"could not back up the coordinator database: {exc.why}: {fix}",
+                      file=sys.stderr)
+                failed = True
+            continue
         except OSError as exc:
-            print(f"could not back up the coordinator database {db}: {exc}", file=sys.stderr)
-            failed = True
+            if args.action == "downgrade-note":
+                print(f"{db} was not checked for schema version 3 (which fedge releases "
+                      f"before 0.3.0 refuse): {exc}", file=sys.stderr)
+            else:
+                print(f"could not back up the coordinator database {db}: {exc}",
+                      file=sys.stderr)
+                failed = True
+            continue
+        if proc is None:  # gone since it was found: nothing to copy, nothing migrated
             continue
         text = (proc.stdout + proc.stderr).strip()
         if text:

@@ -11,17 +11,24 @@ install the real package (test_deb's `debs` fixture) and run its installed
 maintainer scripts as dpkg would on an upgrade from 0.2.0-1, against a schema-2
 database the fedge user owns. A schema-2 database is made as 0.2.0 left it: the
 current Store's, with what migration step 3 adds taken away again.
+
+Run as root, the module's tests put the database in a directory of nobody's and make
+it nobody's (``state``, ``own``), as the fedge user's is: the module opens a database
+only as its owner and never as root (test_s19_upgrade_backup_race.py).
 """
 
 from __future__ import annotations
 
 import os
 import pwd
+import shutil
 import sqlite3
 import stat
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -31,6 +38,65 @@ from fedge.coordinator import upgrade_backup
 from fedge.coordinator.store import DB_NAME, Store
 
 BACKUP = DB_NAME + ".pre-0.3.0"
+
+
+@contextmanager
+def reachable_base() -> Iterator[Path]:
+    """As root: a directory nobody can reach (tmp_path's parents are root's, 0700),
+    with ``venv/bin/python``, an interpreter nobody can run (this one is under /root)
+    that imports this fedge (a .pth): the module's child, as nobody, runs the
+    parent's interpreter, as the package's runs /usr/lib/fedge/bin/python3."""
+    if not Path("/usr/bin/python3").exists():
+        pytest.skip("no /usr/bin/python3 here, for an interpreter nobody can run")
+    base = Path(tempfile.mkdtemp(prefix="fedge-upgrade-backup-"))
+    try:
+        base.chmod(0o755)
+        subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip",
+                        str(base / "venv")], check=True, timeout=120)
+        source = Path(upgrade_backup.__file__).parents[2]  # the fedge under test
+        for site in (base / "venv" / "lib").glob("python3*/site-packages"):
+            (site / "fedge-under-test.pth").write_text(f"{source}\n")
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def interpreter(state_dir: Path) -> str:
+    """The interpreter to run the module with for ``state_dir``: the one
+    ``reachable_base`` made above it, where there is one; else this one."""
+    python = state_dir.parent / "venv" / "bin" / "python"
+    return str(python) if python.exists() else sys.executable
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Iterator[Path]:
+    """The state directory for a run of the module: tmp_path, this user's; as root, a
+    directory of nobody's (``own`` makes what the test put there nobody's) in a
+    ``reachable_base``, as the fedge user's is."""
+    if os.geteuid() != 0:
+        yield tmp_path
+        return
+    user = nobody()
+    with reachable_base() as base:
+        d = base / "state"
+        d.mkdir(mode=0o700)
+        os.chown(d, user.pw_uid, user.pw_gid)
+        yield d
+
+
+def nobody() -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no user nobody here, to own the database as the fedge user does")
+
+
+def own(d: Path) -> None:
+    """As root: everything in ``d`` becomes nobody's, with nobody's group."""
+    if os.geteuid() == 0:
+        user = nobody()
+        for p in (d, *d.rglob("*")):
+            os.chown(p, user.pw_uid, user.pw_gid, follow_symlinks=False)
 
 
 def make_schema_2(state_dir: Path, sites: int = 2) -> Path:
@@ -64,29 +130,31 @@ def version(db: Path) -> int:
         conn.close()
 
 
-def backup(*dirs: Path) -> subprocess.CompletedProcess[str]:
+def backup(*dirs: Path, action: str = "backup") -> subprocess.CompletedProcess[str]:
     args = [a for d in dirs for a in ("--state-dir", str(d))]
-    return subprocess.run([sys.executable, "-m", "fedge.coordinator.upgrade_backup", "backup",
-                           *args], capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run([interpreter(dirs[0]), "-m", "fedge.coordinator.upgrade_backup",
+                           action, *args], capture_output=True, text=True, timeout=120,
+                          check=False)
 
 
-def test_copy_is_the_last_commit_while_a_writer_holds_the_database(tmp_path: Path) -> None:
+def test_copy_is_the_last_commit_while_a_writer_holds_the_database(state: Path) -> None:
     """A coordinator writing meanwhile: the copy is the database at its last commit
     (WAL: the open write transaction neither blocks the copy nor is in it), one file,
     mode 0600, and the store then migrates the original and leaves the copy alone."""
-    db = make_schema_2(tmp_path)
+    db = make_schema_2(state)
     before = dump(db)
     writer = sqlite3.connect(db, isolation_level=None, timeout=5)
     writer.execute("PRAGMA journal_mode=WAL")
     writer.execute("BEGIN IMMEDIATE")
     writer.execute("INSERT INTO audit(time, actor, action, detail) VALUES (1, 'x', 'y', 'z')")
+    own(state)  # -wal and -shm too, as the coordinator's are
     try:
-        proc = backup(tmp_path)
+        proc = backup(state)
     finally:
         writer.execute("ROLLBACK")
         writer.close()
     assert proc.returncode == 0, proc.stderr
-    copy = tmp_path / BACKUP
+    copy = state / BACKUP
     assert proc.stderr.strip() == (
         f"saved the coordinator database (schema version 2) as {copy}: fedge 0.2.0 needs it "
         "to go back, as 0.3.0 migrates the database at its first start")
@@ -95,31 +163,34 @@ def test_copy_is_the_last_commit_while_a_writer_holds_the_database(tmp_path: Pat
     conn = sqlite3.connect(copy)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
     conn.close()
-    assert sorted(p.name for p in tmp_path.iterdir() if "pre-0.3.0" in p.name) == [BACKUP]
-    Store(tmp_path).close()  # 0.3.0's first start
+    assert sorted(p.name for p in state.iterdir() if "pre-0.3.0" in p.name) == [BACKUP]
+    Store(state).close()  # 0.3.0's first start
     assert version(db) == 3 and version(copy) == 2 and dump(copy) == before
 
 
-def test_a_second_run_keeps_the_first_copy(tmp_path: Path) -> None:
-    db = make_schema_2(tmp_path)
-    assert backup(tmp_path).returncode == 0
-    copy = tmp_path / BACKUP
+def test_a_second_run_keeps_the_first_copy(state: Path) -> None:
+    db = make_schema_2(state)
+    own(state)
+    assert backup(state).returncode == 0
+    copy = state / BACKUP
     first, inode = dump(copy), copy.stat().st_ino
     conn = sqlite3.connect(db, isolation_level=None)
     conn.execute("INSERT INTO audit(time, actor, action, detail) VALUES (2, 'x', 'later', '')")
     conn.close()
-    proc = backup(tmp_path)
+    own(state)
+    proc = backup(state)
     assert proc.returncode == 0, proc.stderr
     assert "kept the existing" in proc.stderr and str(copy) in proc.stderr
     assert copy.stat().st_ino == inode and dump(copy) == first
 
 
-def test_a_database_already_at_schema_3_gets_no_copy(tmp_path: Path) -> None:
-    Store(tmp_path).close()
-    proc = backup(tmp_path)
+def test_a_database_already_at_schema_3_gets_no_copy(state: Path) -> None:
+    Store(state).close()
+    own(state)
+    proc = backup(state)
     assert proc.returncode == 0, proc.stderr
     assert "already at schema version 3" in proc.stderr
-    assert not (tmp_path / BACKUP).exists()
+    assert not (state / BACKUP).exists()
 
 
 def test_no_database_no_copy_and_no_word(tmp_path: Path) -> None:
@@ -128,13 +199,14 @@ def test_no_database_no_copy_and_no_word(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_copy_that_cannot_be_made_fails_and_leaves_nothing(tmp_path: Path) -> None:
-    (tmp_path / DB_NAME).write_bytes(b"not SQLite at all" * 100)
-    proc = backup(tmp_path)
+def test_a_copy_that_cannot_be_made_fails_and_leaves_nothing(state: Path) -> None:
+    (state / DB_NAME).write_bytes(b"not SQLite at all" * 100)
+    own(state)
+    proc = backup(state)
     assert proc.returncode == 1
-    assert f"could not back up the coordinator database: cannot copy {tmp_path / DB_NAME}" in (
+    assert f"could not back up the coordinator database: cannot copy {state / DB_NAME}" in (
         proc.stderr)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [DB_NAME]
+    assert sorted(p.name for p in state.iterdir()) == [DB_NAME]
 
 
 def test_state_dirs_follow_coordinator_toml(tmp_path: Path) -> None:
@@ -147,19 +219,19 @@ def test_state_dirs_follow_coordinator_toml(tmp_path: Path) -> None:
         Path("/var/lib/fedge-coordinator"), Path("/var/lib/fedge")]
 
 
-def test_downgrade_note_names_the_copy_only_at_schema_3(tmp_path: Path) -> None:
+def test_downgrade_note_names_the_copy_only_at_schema_3(state: Path) -> None:
     def note() -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "fedge.coordinator.upgrade_backup", "downgrade-note",
-             "--state-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
-    make_schema_2(tmp_path)
+        return backup(state, action="downgrade-note")
+    make_schema_2(state)
+    own(state)
     assert (note().returncode, note().stderr) == (0, "")
-    assert backup(tmp_path).returncode == 0
-    Store(tmp_path).close()
+    assert backup(state).returncode == 0
+    Store(state).close()
+    own(state)
     proc = note()
     assert proc.returncode == 0
     assert "is at schema version 3: fedge releases before 0.3.0 refuse it" in proc.stderr
-    assert f"the copy from before 0.3.0 is {tmp_path / BACKUP}" in proc.stderr
+    assert f"the copy from before 0.3.0 is {state / BACKUP}" in proc.stderr
 
 
 # -- the installed package's maintainer scripts -------------------------------------

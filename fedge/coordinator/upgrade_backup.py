@@ -164,7 +164,7 @@ def schema_version(conn: sqlite3.Connection) -> int:
 
 def copy_database(db: Path, dest: Path) -> str:
     """Make ``dest``, a consistent copy of ``db``, unless it exists; returns the line
-    for the administrator. Runs as the database's owner (:func:`backup_one`).
+    for the administrator. Runs as the database's owner (:func:`run_as_owner`).
 
     Raises:
         BackupError: the database could not be read, the copy not written or it did
@@ -232,7 +232,7 @@ def copy_database(db: Path, dest: Path) -> str:
 def downgrade_note(db: Path, dest: Path) -> str | None:
     """The warning for a downgrade to a release before 0.3 when ``db`` is at schema
     version 3 or later; None when it is not (or cannot be read: nothing to warn of
-    for certain). Runs as the database's owner (:func:`backup_one`)."""
+    for certain). Runs as the database's owner (:func:`run_as_owner`)."""
     try:
         _check_regular(db)
         conn = _connect_ro(db)

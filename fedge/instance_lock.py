@@ -137,3 +137,43 @@ def _holder(fd: int) -> int | None:
     except (OSError, UnicodeDecodeError):
         return None
     return int(text) if text.isdigit() else None
+
+
+def lock_holder(state_dir: Path, role: str = "coordinator") -> int | None:
+    """The pid of the ``role`` holding ``state_dir``'s lock (`hold`: a ``lockf`` of
+    ``<role>.lock``, or on a read-only file system a ``flock`` of the directory), 0
+    when it is held by a process whose pid is not known here, None when none holds it.
+    Tested without taking it (fcntl F_GETLK, /proc/locks), so a process starting
+    meanwhile is not kept out, unlike a test lock (store.coordinator_running takes a
+    shared one for a moment). `fedge coordinator check` asks it of a port's holder."""
+    import struct
+    import sys
+
+    lock = Path(state_dir) / f"{role}.lock"
+    if sys.platform == "linux":
+        try:
+            fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            fd = -1  # none, or not readable: whoever cannot read it cannot start either
+        if fd >= 0:
+            try:
+                fmt = "hhqqi"  # struct flock: l_type, l_whence, l_start, l_len, l_pid
+                asked = struct.pack(fmt, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+                kind, _, _, _, pid = struct.unpack(fmt, fcntl.fcntl(fd, fcntl.F_GETLK, asked))
+            except OSError:
+                kind, pid = fcntl.F_UNLCK, 0
+            finally:
+                os.close(fd)  # this process holds no lock on it to lose
+            if kind != fcntl.F_UNLCK:
+                return max(pid, 0)
+    try:
+        st = os.stat(state_dir)
+        text = Path("/proc/locks").read_text()
+    except OSError:
+        return None
+    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in text.splitlines():  # "1: FLOCK  ADVISORY  WRITE PID MAJ:MIN:INODE 0 EOF"
+        fields = line.split()
+        if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == device:
+            return int(fields[4]) if fields[4].isdigit() else 0
+    return None

@@ -618,7 +618,7 @@ def start_check(cfg: CoordinatorConfig, *, owner: tuple[int, int] | None = None,
     (`try_listen`: a socket bound and closed at once, never listening), and the state
     directory as this user may use it (`state_dir_problems`). Check runs beside the
     running coordinator: a port held by the process holding this state directory's
-    lock (`lock_holder`, tested without taking it) is a note, not a problem.
+    lock (fedge.instance_lock.lock_holder, tested without taking it) is a note, not a problem.
 
     ``owner`` (uid, gid): the state directory is looked at as that user, from a child
     process dropped to it (fedge.as_owner.run_as; this process must be root): the
@@ -631,6 +631,7 @@ def start_check(cfg: CoordinatorConfig, *, owner: tuple[int, int] | None = None,
     import importlib
 
     from fedge.as_owner import run_as
+    from fedge.instance_lock import lock_holder
 
     for module in ("pwd", "stat", "fedge.access", "fedge.coordinator.store", "fedge.text"):
         importlib.import_module(module)  # here: the child may not read the modules
@@ -800,47 +801,6 @@ def _command_of(pid: int) -> str:
             text = "?"
     text = printable(text)
     return text if len(text) <= 100 else text[:97] + "..."
-
-
-def lock_holder(state_dir: Path) -> int | None:
-    """The pid of the coordinator holding ``state_dir``'s lock (fedge.instance_lock: a
-    ``lockf`` of coordinator.lock, or on a read-only file system a ``flock`` of the
-    directory), 0 when it is held by a process whose pid is not known here, None when
-    none holds it. Tested without taking it (fcntl F_GETLK, /proc/locks), so a
-    coordinator starting meanwhile is not kept out, unlike a test lock
-    (store.coordinator_running takes a shared one for a moment)."""
-    import fcntl
-    import struct
-    import sys
-
-    lock = state_dir / "coordinator.lock"
-    if sys.platform == "linux":
-        try:
-            fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            fd = -1  # none, or not readable: whoever cannot read it cannot start either
-        if fd >= 0:
-            try:
-                fmt = "hhqqi"  # struct flock: l_type, l_whence, l_start, l_len, l_pid
-                asked = struct.pack(fmt, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
-                kind, _, _, _, pid = struct.unpack(fmt, fcntl.fcntl(fd, fcntl.F_GETLK, asked))
-            except OSError:
-                kind, pid = fcntl.F_UNLCK, 0
-            finally:
-                os.close(fd)  # this process holds no lock on it to lose
-            if kind != fcntl.F_UNLCK:
-                return max(pid, 0)
-    try:
-        st = os.stat(state_dir)
-        text = Path("/proc/locks").read_text()
-    except OSError:
-        return None
-    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    for line in text.splitlines():  # "1: FLOCK  ADVISORY  WRITE PID MAJ:MIN:INODE 0 EOF"
-        fields = line.split()
-        if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == device:
-            return int(fields[4]) if fields[4].isdigit() else 0
-    return None
 
 
 def state_dir_problems(state_dir: Path) -> tuple[list[str], list[str]]:

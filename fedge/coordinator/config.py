@@ -76,6 +76,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedge.text import as_user
+
 # systemd LoadCredential= name of the console's provision file (packaging/systemd)
 PROVISION_CREDENTIAL = "fedge_coordinator-provision.json"
 PROVISION_FILE = "coordinator-provision.json"  # as `fedge console init` names it
@@ -328,7 +330,7 @@ class FoundProvision:
     def unusable(self) -> str:
         """Those passed over, and why: "X cannot be read as user fedge (permission
         denied)"."""
-        return "; ".join(f"{path} cannot be read{_as_user()} ({why.lower()})"
+        return "; ".join(f"{path} cannot be read{as_user()} ({why.lower()})"
                          for path, why in self.passed_over)
 
     def none_usable(self, config: Path) -> str:
@@ -675,7 +677,7 @@ def listen_problem(endpoint: str, state_dir: Path, holder: int | None
         parent = Path(endpoint[len("ipc://"):]).parent
         if not os.access(parent, os.W_OK | os.X_OK):
             return (f"the socket's directory {parent} does not exist or cannot be written"
-                    f"{_as_user()}"), ""
+                    f"{as_user()}"), ""
         return "", ""
     from fedge.transport._sockopts import listen_address
 
@@ -698,13 +700,13 @@ def listen_problem(endpoint: str, state_dir: Path, holder: int | None
         if holders:
             who = "; ".join(f"pid {pid} ({what})" for pid, what in sorted(holders.items()))
             return f"port {port} is in use by another process: {who}", ""
-        unseen = "" if complete else f" (which one is not shown{_as_user()}: run check as root)"
+        unseen = "" if complete else f" (which one is not shown{as_user()}: run check as root)"
         return f"port {port} is in use by another process{unseen}", ""
     if error.errno == errno.EADDRNOTAVAIL:
         return f"{address} is not an address of this host", ""
     if error.errno == errno.EACCES:
         return (f"port {port} is below 1024, which only a privileged process may listen at"
-                f" (refused{_as_user()}); use a port of 1024 or above"), ""
+                f" (refused{as_user()}); use a port of 1024 or above"), ""
     return f"cannot listen at port {port}: {error.strerror or error}", ""
 
 
@@ -814,7 +816,7 @@ def state_dir_problems(state_dir: Path) -> tuple[list[str], list[str]]:
     from fedge.access import cannot_write
     from fedge.coordinator.store import DB_NAME
 
-    user = _as_user() or " as this user"
+    user = as_user() or " as this user"
     why = (f"`fedge coordinator run`{user} would stop at start; give the service user the "
            "directory (chown -R), or point state_dir at one it owns")
 
@@ -866,12 +868,6 @@ def state_dir_problems(state_dir: Path) -> tuple[list[str], list[str]]:
             found.append(f"{said}: `fedge coordinator run` starts, but no job's checkpoints "
                          "and outputs can be written: each job fails")
     return stops, found
-
-
-def _as_user() -> str:
-    from fedge.text import as_user
-
-    return as_user()
 
 
 def _user_name() -> str:
